@@ -1,0 +1,105 @@
+//! Memory accounting for QLoRA: NF4 sizes exactly as bitsandbytes stores them, LoRA adapter
+//! sizes as PEFT shapes them, and AdamW state. Activations are not included: they depend on
+//! tokens per step and are measured, not estimated.
+
+use super::{ArchSpec, Component, ParamInfo};
+
+/// Bytes bitsandbytes uses for one 4-bit parameter of `n` elements.
+/// codes: ceil(n/2) u8; absmax: u8 per block + nested f32 per 256 blocks + 256-entry f32 map
+/// (double quant) or f32 per block; plus the 16-entry code map.
+pub fn nf4_bytes(n: usize, blocksize: usize, double_quant: bool) -> u64 {
+    let blocks = n.div_ceil(blocksize) as u64;
+    let codes = n.div_ceil(2) as u64;
+    let stats = if double_quant {
+        blocks + 4 * blocks.div_ceil(256) + 4 * 256 + 4
+    } else {
+        4 * blocks
+    };
+    codes + stats + 4 * 16
+}
+
+/// Which LoRA adapters a run trains (PEFT `target_modules` / `target_parameters`).
+#[derive(Debug, Clone)]
+pub struct LoraPlan {
+    pub r: usize,
+    /// Module names such as `q_proj`, or `all-linear`.
+    pub modules: Vec<String>,
+    /// Parameter names such as `mlp.experts.gate_up_proj`.
+    pub parameters: Vec<String>,
+}
+
+impl LoraPlan {
+    fn targets_module(&self, p: &ParamInfo) -> bool {
+        if !p.quantized || p.component == Component::Experts || !p.name.ends_with(".weight") {
+            return false;
+        }
+        let module = p
+            .name
+            .trim_end_matches(".weight")
+            .rsplit('.')
+            .next()
+            .unwrap_or_default();
+        self.modules
+            .iter()
+            .any(|m| m == "all-linear" || m == module)
+    }
+
+    fn targets_parameter(&self, p: &ParamInfo) -> bool {
+        p.component == Component::Experts
+            && self.parameters.iter().any(|t| p.name.ends_with(t.as_str()))
+    }
+
+    /// Trainable LoRA parameters: `r·(in+out)` per linear target; `r·E·(in+out)` per 3-D expert
+    /// parameter (PEFT gives every expert its own rank-r pair).
+    pub fn lora_params(&self, spec: &ArchSpec) -> (u64, u64) {
+        let (mut linear, mut experts) = (0u64, 0u64);
+        for p in spec.params() {
+            if self.targets_module(&p) {
+                linear += (self.r * (p.shape[0] + p.shape[1])) as u64;
+            } else if self.targets_parameter(&p) {
+                experts += (self.r * p.shape[0] * (p.shape[1] + p.shape[2])) as u64;
+            }
+        }
+        (linear, experts)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MemoryEstimate {
+    /// NF4 codes and statistics of every quantized parameter.
+    pub nf4_weights: u64,
+    /// Embeddings, norms, routers, biases and lm_head in the compute dtype.
+    pub dense_weights: u64,
+    pub lora_params_linear: u64,
+    pub lora_params_experts: u64,
+    /// fp32 LoRA weights, their gradients and two fp32 AdamW moments: 16 bytes per parameter.
+    pub lora_and_optimizer: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.nf4_weights + self.dense_weights + self.lora_and_optimizer
+    }
+}
+
+pub fn estimate(
+    spec: &ArchSpec,
+    blocksize: usize,
+    double_quant: bool,
+    compute_dtype_bytes: u64,
+    lora: &LoraPlan,
+) -> MemoryEstimate {
+    let mut est = MemoryEstimate::default();
+    for p in spec.params() {
+        if p.quantized {
+            est.nf4_weights += nf4_bytes(p.numel(), blocksize, double_quant);
+        } else {
+            est.dense_weights += p.numel() as u64 * compute_dtype_bytes;
+        }
+    }
+    let (linear, experts) = lora.lora_params(spec);
+    est.lora_params_linear = linear;
+    est.lora_params_experts = experts;
+    est.lora_and_optimizer = 16 * (linear + experts);
+    est
+}

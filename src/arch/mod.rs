@@ -1,0 +1,12 @@
+//! Architectures as data: `ArchSpec` from config.json and the canonical parameter list.
+
+mod memory;
+mod params;
+mod spec;
+
+pub use memory::{estimate, nf4_bytes, LoraPlan, MemoryEstimate};
+pub use params::{down_name, gate_up_name, Component, ParamInfo};
+pub use spec::{
+    ArchSpec, ModelType, QkNorm, RopeSpec, RouterSpec, SharedExpertSpec, SpecError,
+    SUPPORTED_MODEL_TYPES,
+};

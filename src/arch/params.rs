@@ -1,0 +1,157 @@
+//! The canonical parameter list of a model: every tensor with its transformers v5 runtime
+//! name, shape and role. Synthesis writes it, the checkpoint reader checks against it,
+//! `inspect` counts it, and quantization decides from `Component` what becomes NF4.
+
+use super::spec::{ArchSpec, QkNorm};
+
+/// What a tensor is, for accounting and for the quantize-or-not decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Component {
+    Embedding,
+    LmHead,
+    Norm,
+    /// q/k/v/o projections (and their biases).
+    Attention,
+    Router,
+    /// The fused expert parameters `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`.
+    Experts,
+    /// qwen2_moe shared expert projections and its sigmoid gate.
+    SharedExpert,
+    /// MLP of dense (non-MoE) layers.
+    DenseMlp,
+}
+
+impl Component {
+    pub fn label(self) -> &'static str {
+        match self {
+            Component::Embedding => "embeddings",
+            Component::LmHead => "lm_head",
+            Component::Norm => "norms",
+            Component::Attention => "attention",
+            Component::Router => "routers",
+            Component::Experts => "experts",
+            Component::SharedExpert => "shared experts",
+            Component::DenseMlp => "dense MLPs",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamInfo {
+    /// transformers v5 runtime name, e.g. `model.layers.0.mlp.experts.gate_up_proj`.
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub component: Component,
+    /// Frozen NF4 in QLoRA: every `nn.Linear`-equivalent weight (attention, experts, shared
+    /// expert and dense projections). Embeddings, norms, routers, biases and `lm_head` stay in
+    /// the compute dtype, as bitsandbytes leaves them.
+    pub quantized: bool,
+    /// Fraction of this tensor used per token (top_k / E for routed experts, 1 otherwise).
+    pub active_fraction: f64,
+}
+
+impl ParamInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Canonical names of one layer's expert parameters.
+pub fn gate_up_name(layer: usize) -> String {
+    format!("model.layers.{layer}.mlp.experts.gate_up_proj")
+}
+
+pub fn down_name(layer: usize) -> String {
+    format!("model.layers.{layer}.mlp.experts.down_proj")
+}
+
+impl ArchSpec {
+    /// All parameters in a fixed order (embedding, layers in order, final norm, lm_head).
+    pub fn params(&self) -> Vec<ParamInfo> {
+        let h = self.hidden_size;
+        let mut out = Vec::new();
+        let mut push = |name: String, shape: Vec<usize>, component: Component, quantized: bool| {
+            out.push(ParamInfo {
+                name,
+                shape,
+                component,
+                quantized,
+                active_fraction: 1.0,
+            })
+        };
+        push(
+            "model.embed_tokens.weight".into(),
+            vec![self.vocab_size, h],
+            Component::Embedding,
+            false,
+        );
+        for l in 0..self.num_layers {
+            let p = format!("model.layers.{l}");
+            push(format!("{p}.input_layernorm.weight"), vec![h], Component::Norm, false);
+            let a = format!("{p}.self_attn");
+            let (qd, kvd) = (self.q_dim(), self.kv_dim());
+            for (proj, out_dim, in_dim) in [("q", qd, h), ("k", kvd, h), ("v", kvd, h), ("o", h, qd)] {
+                push(format!("{a}.{proj}_proj.weight"), vec![out_dim, in_dim], Component::Attention, true);
+                let has_bias = if proj == "o" { self.o_bias } else { self.qkv_bias };
+                if has_bias {
+                    push(format!("{a}.{proj}_proj.bias"), vec![out_dim], Component::Attention, false);
+                }
+            }
+            match self.qk_norm {
+                QkNorm::None => {}
+                QkNorm::PerHead => {
+                    push(format!("{a}.q_norm.weight"), vec![self.head_dim], Component::Norm, false);
+                    push(format!("{a}.k_norm.weight"), vec![self.head_dim], Component::Norm, false);
+                }
+                QkNorm::FullProjection => {
+                    push(format!("{a}.q_norm.weight"), vec![qd], Component::Norm, false);
+                    push(format!("{a}.k_norm.weight"), vec![kvd], Component::Norm, false);
+                }
+            }
+            push(format!("{p}.post_attention_layernorm.weight"), vec![h], Component::Norm, false);
+            if self.moe_layers[l] {
+                let (e, i) = (self.num_experts, self.expert_intermediate_size);
+                push(format!("{p}.mlp.gate.weight"), vec![e, h], Component::Router, false);
+                push(gate_up_name(l), vec![e, 2 * i, h], Component::Experts, true);
+                push(down_name(l), vec![e, h, i], Component::Experts, true);
+                if let Some(shared) = self.shared_expert {
+                    let si = shared.intermediate_size;
+                    let s = format!("{p}.mlp.shared_expert");
+                    push(format!("{s}.gate_proj.weight"), vec![si, h], Component::SharedExpert, true);
+                    push(format!("{s}.up_proj.weight"), vec![si, h], Component::SharedExpert, true);
+                    push(format!("{s}.down_proj.weight"), vec![h, si], Component::SharedExpert, true);
+                    if shared.gated {
+                        push(format!("{p}.mlp.shared_expert_gate.weight"), vec![1, h], Component::SharedExpert, false);
+                    }
+                }
+            } else {
+                let di = self.dense_intermediate_size;
+                push(format!("{p}.mlp.gate_proj.weight"), vec![di, h], Component::DenseMlp, true);
+                push(format!("{p}.mlp.up_proj.weight"), vec![di, h], Component::DenseMlp, true);
+                push(format!("{p}.mlp.down_proj.weight"), vec![h, di], Component::DenseMlp, true);
+            }
+        }
+        push("model.norm.weight".into(), vec![h], Component::Norm, false);
+        if !self.tie_word_embeddings {
+            push("lm_head.weight".into(), vec![self.vocab_size, h], Component::LmHead, false);
+        }
+        let routed = self.router.top_k as f64 / self.num_experts as f64;
+        for p in out.iter_mut().filter(|p| p.component == Component::Experts) {
+            p.active_fraction = routed;
+        }
+        out
+    }
+
+    pub fn total_params(&self) -> u64 {
+        self.params().iter().map(|p| p.numel() as u64).sum()
+    }
+
+    /// Parameters touched per token: routed experts count `top_k` of `E`; embeddings and
+    /// `lm_head` count in full, as the published "active" figures do.
+    pub fn active_params(&self) -> u64 {
+        self.params()
+            .iter()
+            .map(|p| (p.numel() as f64 * p.active_fraction).round() as u64)
+            .sum()
+    }
+}

@@ -1,0 +1,174 @@
+//! On-disk expert layouts and their mapping to the canonical one.
+//!
+//! Canonical (transformers v5 runtime), per MoE layer `l`:
+//!   `model.layers.{l}.mlp.experts.gate_up_proj [E, 2I, H]` — rows `0..I` gate, `I..2I` up
+//!   `model.layers.{l}.mlp.experts.down_proj    [E, H, I]`
+//! On disk we meet:
+//!   Fused     — exactly the canonical names (a v5 checkpoint saved without reverting).
+//!   PerExpert — the hub layout: `mlp.experts.{e}.{gate,up,down}_proj.weight` ([I,H], [I,H], [H,I]).
+//!   Mixtral   — `block_sparse_moe.experts.{e}.{w1,w3,w2}.weight` (w1 gate, w3 up, w2 down) and the
+//!               router at `block_sparse_moe.gate.weight` (canonical `mlp.gate.weight`).
+
+use super::{CheckpointError, ModelDir};
+use candle_core::{DType, Device, Tensor};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertLayout {
+    Fused,
+    PerExpert,
+    Mixtral,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertParam {
+    GateUp,
+    Down,
+}
+
+impl ExpertParam {
+    /// `model.layers.{l}.mlp.experts.gate_up_proj` → `(l, GateUp)`.
+    pub fn parse(canonical: &str) -> Option<(usize, ExpertParam)> {
+        let rest = canonical.strip_prefix("model.layers.")?;
+        let (layer, tail) = rest.split_once('.')?;
+        let which = match tail {
+            "mlp.experts.gate_up_proj" => ExpertParam::GateUp,
+            "mlp.experts.down_proj" => ExpertParam::Down,
+            _ => return None,
+        };
+        Some((layer.parse().ok()?, which))
+    }
+
+    pub fn canonical_name(self, layer: usize) -> String {
+        match self {
+            ExpertParam::GateUp => crate::arch::gate_up_name(layer),
+            ExpertParam::Down => crate::arch::down_name(layer),
+        }
+    }
+}
+
+impl ExpertLayout {
+    pub fn label(self) -> &'static str {
+        match self {
+            ExpertLayout::Fused => "fused (transformers v5: mlp.experts.gate_up_proj / down_proj)",
+            ExpertLayout::PerExpert => "per-expert (hub: mlp.experts.{e}.gate_proj/up_proj/down_proj)",
+            ExpertLayout::Mixtral => "per-expert Mixtral (block_sparse_moe.experts.{e}.w1/w3/w2)",
+        }
+    }
+
+    /// On-disk name of a non-expert canonical parameter.
+    pub fn disk_name(self, canonical: &str) -> String {
+        match self {
+            ExpertLayout::Mixtral => canonical.replace(".mlp.gate.", ".block_sparse_moe.gate."),
+            _ => canonical.to_string(),
+        }
+    }
+
+    /// On-disk names of the tensors that make up one canonical parameter.
+    pub fn disk_names(self, canonical: &str, num_experts: usize) -> Vec<String> {
+        match ExpertParam::parse(canonical) {
+            Some((layer, which)) if self != ExpertLayout::Fused => (0..num_experts)
+                .flat_map(|e| self.expert_parts(layer, which, e))
+                .collect(),
+            _ => vec![self.disk_name(canonical)],
+        }
+    }
+
+    /// On-disk tensors of expert `e`, in the order they are stacked into the canonical rows.
+    fn expert_parts(self, layer: usize, which: ExpertParam, e: usize) -> Vec<String> {
+        let (prefix, gate, up, down) = match self {
+            ExpertLayout::Mixtral => (
+                format!("model.layers.{layer}.block_sparse_moe.experts.{e}"),
+                "w1",
+                "w3",
+                "w2",
+            ),
+            _ => (
+                format!("model.layers.{layer}.mlp.experts.{e}"),
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ),
+        };
+        match which {
+            ExpertParam::GateUp => vec![format!("{prefix}.{gate}.weight"), format!("{prefix}.{up}.weight")],
+            ExpertParam::Down => vec![format!("{prefix}.{down}.weight")],
+        }
+    }
+}
+
+/// Looks at the first MoE layer to tell the layouts apart.
+pub(super) fn detect(dir: &ModelDir) -> Result<ExpertLayout, CheckpointError> {
+    let Some(layer) = dir.spec.moe_layers.iter().position(|m| *m) else {
+        return Ok(ExpertLayout::Fused);
+    };
+    let candidates = [
+        (ExpertLayout::Fused, ExpertParam::GateUp.canonical_name(layer)),
+        (ExpertLayout::PerExpert, format!("model.layers.{layer}.mlp.experts.0.gate_proj.weight")),
+        (ExpertLayout::Mixtral, format!("model.layers.{layer}.block_sparse_moe.experts.0.w1.weight")),
+    ];
+    for (layout, name) in &candidates {
+        if dir.locate(name).is_some() {
+            return Ok(*layout);
+        }
+    }
+    Err(CheckpointError::Format {
+        path: dir.root.display().to_string(),
+        problem: format!(
+            "no expert weights found for layer {layer}: expected one of {}",
+            candidates.iter().map(|(_, n)| format!("'{n}'")).collect::<Vec<_>>().join(", ")
+        ),
+    })
+}
+
+pub(super) fn read_experts(
+    dir: &ModelDir,
+    layout: ExpertLayout,
+    layer: usize,
+    which: ExpertParam,
+    range: std::ops::Range<usize>,
+) -> Result<Tensor, CheckpointError> {
+    let spec = &dir.spec;
+    let (h, i) = (spec.hidden_size, spec.expert_intermediate_size);
+    let per_expert: [usize; 2] = match which {
+        ExpertParam::GateUp => [2 * i, h],
+        ExpertParam::Down => [h, i],
+    };
+    let n = range.end - range.start;
+    let out_shape = [n, per_expert[0], per_expert[1]];
+    if layout == ExpertLayout::Fused {
+        let name = which.canonical_name(layer);
+        let (_, dtype, shape) = dir.raw(&name, Some(0..0))?;
+        dir.check_shape(&name, &shape, &[spec.num_experts, per_expert[0], per_expert[1]])?;
+        let expert_bytes = per_expert[0] * per_expert[1] * dtype.size_in_bytes();
+        let (bytes, _, _) = dir.raw(&name, Some(range.start * expert_bytes..range.end * expert_bytes))?;
+        return Ok(Tensor::from_raw_buffer(bytes, dtype, &out_shape, &Device::Cpu)?);
+    }
+    let mut buffer: Vec<u8> = Vec::new();
+    let mut dtype: Option<DType> = None;
+    for e in range {
+        let parts = layout.expert_parts(layer, which, e);
+        let rows = per_expert[0] / parts.len();
+        for name in &parts {
+            let (bytes, dt, shape) = dir.raw(name, None)?;
+            dir.check_shape(name, &shape, &[rows, per_expert[1]])?;
+            match dtype {
+                None => {
+                    dtype = Some(dt);
+                    buffer.reserve(n * per_expert[0] * per_expert[1] * dt.size_in_bytes());
+                }
+                Some(first) if first != dt => {
+                    return Err(CheckpointError::Format {
+                        path: dir.root.display().to_string(),
+                        problem: format!(
+                            "expert tensors of layer {layer} mix dtypes ({first:?} and {dt:?} in '{name}')"
+                        ),
+                    })
+                }
+                Some(_) => {}
+            }
+            buffer.extend_from_slice(bytes);
+        }
+    }
+    let dtype = dtype.unwrap_or(DType::F32);
+    Ok(Tensor::from_raw_buffer(&buffer, dtype, &out_shape, &Device::Cpu)?)
+}

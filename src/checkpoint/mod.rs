@@ -1,0 +1,308 @@
+//! Reading Hugging Face checkpoints: `config.json` → `ArchSpec`, memory-mapped safetensors
+//! (one file or sharded with an index), and every on-disk expert layout mapped to the one
+//! canonical layout (DESIGN decision 5): `gate_up_proj [E, 2I, H]` (gate rows first) and
+//! `down_proj [E, H, I]`, under transformers v5 runtime names.
+
+mod layout;
+mod shard;
+
+pub use layout::{ExpertLayout, ExpertParam};
+pub use shard::Shard;
+
+use crate::arch::{ArchSpec, ParamInfo, SpecError};
+use candle_core::{DType, Device, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {problem}")]
+    Format { path: String, problem: String },
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("{0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+
+/// An opened model directory. Weights are optional: `inspect` works from `config.json` alone.
+pub struct ModelDir {
+    pub root: PathBuf,
+    pub spec: ArchSpec,
+    pub config_json: serde_json::Value,
+    shards: Vec<Shard>,
+    /// On-disk tensor name → index into `shards`.
+    locations: HashMap<String, usize>,
+    layout: Option<ExpertLayout>,
+}
+
+impl ModelDir {
+    pub fn open(root: &Path) -> Result<ModelDir, CheckpointError> {
+        if !root.is_dir() {
+            return Err(CheckpointError::Format {
+                path: root.display().to_string(),
+                problem: "model directory does not exist (give a Hugging Face model directory or synth://<arch>/<preset>)".into(),
+            });
+        }
+        let config_path = root.join("config.json");
+        if !config_path.is_file() {
+            return Err(CheckpointError::Format {
+                path: root.display().to_string(),
+                problem: "no config.json: not a Hugging Face model directory".into(),
+            });
+        }
+        let text = std::fs::read_to_string(&config_path).map_err(|source| CheckpointError::Io {
+            path: config_path.display().to_string(),
+            source,
+        })?;
+        let config_json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| CheckpointError::Format {
+                path: config_path.display().to_string(),
+                problem: format!("not valid JSON: {e}"),
+            })?;
+        let spec = ArchSpec::from_json(&config_json, &config_path.display().to_string())?;
+        let (shards, locations) = open_weights(root)?;
+        let mut dir = ModelDir {
+            root: root.to_path_buf(),
+            spec,
+            config_json,
+            shards,
+            locations,
+            layout: None,
+        };
+        if dir.has_weights() {
+            dir.layout = Some(layout::detect(&dir)?);
+        }
+        Ok(dir)
+    }
+
+    pub fn has_weights(&self) -> bool {
+        !self.shards.is_empty()
+    }
+
+    pub fn layout(&self) -> Option<ExpertLayout> {
+        self.layout
+    }
+
+    pub fn shards(&self) -> &[Shard] {
+        &self.shards
+    }
+
+    /// The shard holding an on-disk tensor name.
+    pub fn locate(&self, disk_name: &str) -> Option<&Shard> {
+        self.locations.get(disk_name).map(|&i| &self.shards[i])
+    }
+
+    fn require_layout(&self) -> Result<ExpertLayout, CheckpointError> {
+        self.layout.ok_or_else(|| CheckpointError::Format {
+            path: self.root.display().to_string(),
+            problem: "no weights in this directory (only config.json): cannot read tensors".into(),
+        })
+    }
+
+    /// A non-expert parameter by canonical name, in its on-disk dtype, on the CPU. Expert
+    /// parameters are read whole through `read_experts`.
+    pub fn read(&self, canonical: &str) -> Result<Tensor, CheckpointError> {
+        let layout = self.require_layout()?;
+        let info = self.param_info(canonical)?;
+        if let Some((layer, which)) = ExpertParam::parse(canonical) {
+            return self.read_experts(layer, which, 0..self.spec.num_experts);
+        }
+        let disk = layout.disk_name(canonical);
+        let (bytes, dtype, shape) = self.raw(&disk, None)?;
+        self.check_shape(&disk, &shape, &info.shape)?;
+        Ok(Tensor::from_raw_buffer(bytes, dtype, &shape, &Device::Cpu)?)
+    }
+
+    /// Experts `[range.start, range.end)` of one layer's expert parameter in the canonical
+    /// layout: `GateUp → [n, 2I, H]`, `Down → [n, H, I]`. Reads only those experts' bytes.
+    pub fn read_experts(
+        &self,
+        layer: usize,
+        which: ExpertParam,
+        range: std::ops::Range<usize>,
+    ) -> Result<Tensor, CheckpointError> {
+        let layout = self.require_layout()?;
+        if range.start >= range.end || range.end > self.spec.num_experts {
+            return Err(CheckpointError::Format {
+                path: self.root.display().to_string(),
+                problem: format!(
+                    "expert range {range:?} is outside 0..{} experts",
+                    self.spec.num_experts
+                ),
+            });
+        }
+        if !self.spec.moe_layers.get(layer).copied().unwrap_or(false) {
+            return Err(CheckpointError::Format {
+                path: self.root.display().to_string(),
+                problem: format!("layer {layer} is not an MoE layer"),
+            });
+        }
+        layout::read_experts(self, layout, layer, which, range)
+    }
+
+    fn param_info(&self, canonical: &str) -> Result<ParamInfo, CheckpointError> {
+        self.spec
+            .params()
+            .into_iter()
+            .find(|p| p.name == canonical)
+            .ok_or_else(|| CheckpointError::Format {
+                path: self.root.display().to_string(),
+                problem: format!("'{canonical}' is not a parameter of this {} model", self.spec.model_type.as_str()),
+            })
+    }
+
+    /// Bytes, dtype and shape of an on-disk tensor (optionally a byte sub-range).
+    pub(crate) fn raw(
+        &self,
+        disk_name: &str,
+        within: Option<std::ops::Range<usize>>,
+    ) -> Result<(&[u8], DType, Vec<usize>), CheckpointError> {
+        let shard = self.locate(disk_name).ok_or_else(|| CheckpointError::Format {
+            path: self.root.display().to_string(),
+            problem: format!("tensor '{disk_name}' is missing from the checkpoint"),
+        })?;
+        let info = shard.info(disk_name).ok_or_else(|| CheckpointError::Format {
+            path: shard.path.display().to_string(),
+            problem: format!("tensor '{disk_name}' is listed in the index but not in this file"),
+        })?;
+        let dtype = shard::candle_dtype(&shard.path, disk_name, info.dtype)?;
+        let shape = info.shape.clone();
+        Ok((shard.bytes(disk_name, within)?, dtype, shape))
+    }
+
+    pub(crate) fn check_shape(
+        &self,
+        disk_name: &str,
+        found: &[usize],
+        expected: &[usize],
+    ) -> Result<(), CheckpointError> {
+        if found != expected {
+            let path = self
+                .locate(disk_name)
+                .map(|s| s.path.display().to_string())
+                .unwrap_or_else(|| self.root.display().to_string());
+            return Err(CheckpointError::Format {
+                path,
+                problem: format!(
+                    "tensor '{disk_name}' has shape {found:?} but config.json implies {expected:?}"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// On-disk bytes per tensor name (for `inspect`), summed by canonical parameter.
+    pub fn disk_bytes(&self) -> Result<BTreeMap<String, u64>, CheckpointError> {
+        let layout = self.require_layout()?;
+        let mut out = BTreeMap::new();
+        for p in self.spec.params() {
+            let mut total = 0u64;
+            for disk in layout.disk_names(&p.name, self.spec.num_experts) {
+                let shard = self.locate(&disk).ok_or_else(|| CheckpointError::Format {
+                    path: self.root.display().to_string(),
+                    problem: format!("tensor '{disk}' is missing from the checkpoint"),
+                })?;
+                if let Some(info) = shard.info(&disk) {
+                    total += (info.data_offsets.1 - info.data_offsets.0) as u64;
+                }
+            }
+            out.insert(p.name, total);
+        }
+        Ok(out)
+    }
+
+    /// Forget recorded reads (see `Shard::reads`).
+    pub fn clear_reads(&self) {
+        self.shards.iter().for_each(Shard::clear_reads);
+    }
+
+    /// Total bytes handed out by all shards since the last `clear_reads`.
+    pub fn bytes_read(&self) -> usize {
+        self.shards
+            .iter()
+            .flat_map(|s| s.reads())
+            .map(|r| r.len())
+            .sum()
+    }
+}
+
+fn open_weights(root: &Path) -> Result<(Vec<Shard>, HashMap<String, usize>), CheckpointError> {
+    let index_path = root.join(INDEX_FILE);
+    let single = root.join(SINGLE_FILE);
+    let mut shards = Vec::new();
+    let mut locations = HashMap::new();
+    if index_path.is_file() {
+        let shown = index_path.display().to_string();
+        let text = std::fs::read_to_string(&index_path).map_err(|source| CheckpointError::Io {
+            path: shown.clone(),
+            source,
+        })?;
+        let index: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| CheckpointError::Format {
+                path: shown.clone(),
+                problem: format!("not valid JSON: {e}"),
+            })?;
+        let map = index
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| CheckpointError::Format {
+                path: shown.clone(),
+                problem: "no 'weight_map' object".into(),
+            })?;
+        let mut files: BTreeMap<String, usize> = BTreeMap::new();
+        for file in map.values() {
+            let file = file.as_str().ok_or_else(|| CheckpointError::Format {
+                path: shown.clone(),
+                problem: "weight_map values must be file names".into(),
+            })?;
+            let next = files.len();
+            files.entry(file.to_string()).or_insert(next);
+        }
+        // Open in file-name order so shard indices do not depend on JSON order.
+        let mut ordered: Vec<&String> = files.keys().collect();
+        ordered.sort();
+        let mut file_index = HashMap::new();
+        for name in ordered {
+            if name.contains('/') || name.contains("..") {
+                return Err(CheckpointError::Format {
+                    path: shown.clone(),
+                    problem: format!("shard name '{name}' must be a plain file name"),
+                });
+            }
+            let path = root.join(name);
+            if !path.is_file() {
+                return Err(CheckpointError::Format {
+                    path: shown.clone(),
+                    problem: format!("lists shard '{name}', which is missing: the download is incomplete"),
+                });
+            }
+            file_index.insert(name.clone(), shards.len());
+            shards.push(Shard::open(&path)?);
+        }
+        for (tensor, file) in map {
+            let i = file_index[file.as_str().unwrap_or_default()];
+            if shards[i].info(tensor).is_none() {
+                return Err(CheckpointError::Format {
+                    path: shards[i].path.display().to_string(),
+                    problem: format!("index lists tensor '{tensor}' in this file, but it is not there"),
+                });
+            }
+            locations.insert(tensor.clone(), i);
+        }
+    } else if single.is_file() {
+        let shard = Shard::open(&single)?;
+        for name in shard.names() {
+            locations.insert(name.clone(), 0);
+        }
+        shards.push(shard);
+    }
+    Ok((shards, locations))
+}

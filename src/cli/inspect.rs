@@ -1,0 +1,141 @@
+//! `moeq inspect`: what a model directory holds and what QLoRA training of it will need.
+//! Works from config.json alone (weights absent) and from full checkpoints.
+
+use super::{human_bytes, human_count, CliError};
+use crate::arch::{estimate, ArchSpec, Component, LoraPlan};
+use crate::checkpoint::{CheckpointError, ModelDir};
+use crate::config::{TargetModules, TrainConfig};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct InspectArgs {
+    /// A Hugging Face model directory (config.json, optionally safetensors weights).
+    dir: PathBuf,
+    /// Take LoRA targets, rank and quantization settings from this training config.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+struct Settings {
+    lora: LoraPlan,
+    blocksize: usize,
+    double_quant: bool,
+    source: String,
+}
+
+fn settings(config: Option<&PathBuf>) -> Result<Settings, CliError> {
+    let Some(path) = config else {
+        return Ok(Settings {
+            lora: LoraPlan {
+                r: 16,
+                modules: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
+                parameters: ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"].map(String::from).to_vec(),
+            },
+            blocksize: 64,
+            double_quant: true,
+            source: "defaults: r=16 on q/k/v/o and both expert parameters; pass --config for a run's settings".into(),
+        });
+    };
+    let outcome = TrainConfig::from_file(path).map_err(CliError::input)?;
+    let c = outcome.config;
+    let modules = match &c.lora_target_modules {
+        TargetModules::AllLinear => vec!["all-linear".to_string()],
+        TargetModules::Named(m) => m.clone(),
+    };
+    Ok(Settings {
+        lora: LoraPlan { r: c.lora_r, modules, parameters: c.lora_target_parameters.clone() },
+        blocksize: c.quant_blocksize,
+        double_quant: c.bnb_4bit_use_double_quant,
+        source: format!("from {}", path.display()),
+    })
+}
+
+pub fn run(args: InspectArgs) -> Result<(), CliError> {
+    let settings = settings(args.config.as_ref())?;
+    let dir = ModelDir::open(&args.dir).map_err(|e| match e {
+        CheckpointError::Io { .. } => CliError::failed(e),
+        other => CliError::input(other),
+    })?;
+    print!("{}", report(&dir, &settings).map_err(CliError::input)?);
+    Ok(())
+}
+
+fn report(dir: &ModelDir, s: &Settings) -> Result<String, CheckpointError> {
+    let spec: &ArchSpec = &dir.spec;
+    let mut o = String::new();
+    let arch = spec.architectures.first().map(String::as_str).unwrap_or("-");
+    let _ = writeln!(o, "model       {} ({}, {arch})", dir.root.display(), spec.model_type.as_str());
+    let dense = spec.num_layers - spec.num_moe_layers();
+    let _ = writeln!(
+        o,
+        "shape       {} layers ({} MoE, {dense} dense), hidden {}, heads {}/{} x {}, vocab {}, tied embeddings: {}",
+        spec.num_layers, spec.num_moe_layers(), spec.hidden_size, spec.num_heads, spec.num_kv_heads,
+        spec.head_dim, spec.vocab_size, spec.tie_word_embeddings
+    );
+    let shared = spec
+        .shared_expert
+        .map(|x| format!("I={} with sigmoid gate", x.intermediate_size))
+        .unwrap_or_else(|| "none".into());
+    let _ = writeln!(
+        o,
+        "experts     {} per MoE layer, top-{} ({}), expert I={}; shared expert: {shared}",
+        spec.num_experts,
+        spec.router.top_k,
+        if spec.router.renormalize { "renormalised" } else { "not renormalised" },
+        spec.expert_intermediate_size
+    );
+    let _ = writeln!(
+        o,
+        "attention   q/k norm {:?}, qkv bias {}, rope theta {} ({}), max positions {}",
+        spec.qk_norm, spec.qkv_bias, spec.rope.theta, spec.rope.rope_type, spec.max_position_embeddings
+    );
+    let _ = writeln!(
+        o,
+        "parameters  {} total, {} active per token",
+        human_count(spec.total_params()),
+        human_count(spec.active_params())
+    );
+    let on_disk: Option<BTreeMap<String, u64>> = if dir.has_weights() {
+        let layout = dir.layout().map(|l| l.label()).unwrap_or("-");
+        let dtype = spec.torch_dtype.as_deref().unwrap_or("unknown dtype");
+        let _ = writeln!(o, "weights     {} shard(s), {dtype}, expert layout {layout}", dir.shards().len());
+        Some(dir.disk_bytes()?)
+    } else {
+        let _ = writeln!(o, "weights     none (config.json only): sizes below are computed for bf16");
+        None
+    };
+    let mut by_component: BTreeMap<Component, (u64, u64)> = BTreeMap::new();
+    for p in spec.params() {
+        let bytes = match &on_disk {
+            Some(map) => map.get(&p.name).copied().unwrap_or(0),
+            None => 2 * p.numel() as u64,
+        };
+        let entry = by_component.entry(p.component).or_default();
+        entry.0 += p.numel() as u64;
+        entry.1 += bytes;
+    }
+    let _ = writeln!(o, "\ncomponent        parameters        bytes");
+    for (c, (n, b)) in &by_component {
+        let _ = writeln!(o, "  {:<14} {:>10} {:>12}", c.label(), human_count(*n), human_bytes(*b));
+    }
+    let est = estimate(spec, s.blocksize, s.double_quant, 2, &s.lora);
+    let _ = writeln!(
+        o,
+        "\nQLoRA memory estimate (NF4 blocksize {}, double quant {}, compute bf16; {})",
+        s.blocksize, s.double_quant, s.source
+    );
+    let _ = writeln!(o, "  NF4 frozen weights           {:>12}", human_bytes(est.nf4_weights));
+    let _ = writeln!(o, "  bf16 embeddings/norms/router {:>12}", human_bytes(est.dense_weights));
+    let _ = writeln!(
+        o,
+        "  LoRA r={} ({} linear + {} expert params), fp32 + grads + AdamW {:>10}",
+        s.lora.r,
+        human_count(est.lora_params_linear),
+        human_count(est.lora_params_experts),
+        human_bytes(est.lora_and_optimizer)
+    );
+    let _ = writeln!(o, "  total before activations     {:>12}", human_bytes(est.total()));
+    Ok(o)
+}

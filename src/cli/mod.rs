@@ -1,0 +1,108 @@
+//! The `moeq` command line. Each subcommand lives in its own file; this one parses arguments,
+//! sets up logging, and turns errors into one line and an exit code:
+//! 0 success, 1 failure while working, 2 bad input (flags, config, data, checkpoint files).
+
+mod gpu_check;
+mod inspect;
+mod synth;
+mod train;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(name = "moeq", version, about = "QLoRA fine-tuning of Mixture-of-Experts language models")]
+pub struct Cli {
+    /// Log filter (e.g. `info`, `debug`, `moeq=trace`); overrides RUST_LOG.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Train LoRA adapters on a frozen NF4 base (default config: the embedded tiny-cpu.yaml).
+    Train(train::TrainArgs),
+    /// Write a deterministic random-init Hugging Face checkpoint.
+    Synth(synth::SynthArgs),
+    /// Describe a model directory: architecture, parameters, layout, memory estimate.
+    Inspect(inspect::InspectArgs),
+    /// Run the CUDA ops against their CPU references (needs a build with --features cuda).
+    GpuCheck(gpu_check::GpuCheckArgs),
+}
+
+/// An error at the binary's edge: the one-line message and the exit code it maps to.
+#[derive(Debug)]
+pub enum CliError {
+    /// The user's input is wrong: exit 2.
+    Input(String),
+    /// Work failed: exit 1.
+    Failed(String),
+}
+
+impl CliError {
+    pub fn input(e: impl std::fmt::Display) -> CliError {
+        CliError::Input(e.to_string())
+    }
+
+    pub fn failed(e: impl std::fmt::Display) -> CliError {
+        CliError::Failed(e.to_string())
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => train::run(args, cli.log_level.as_deref()),
+        Command::Synth(args) => with_logging(cli.log_level.as_deref(), || synth::run(args)),
+        Command::Inspect(args) => with_logging(cli.log_level.as_deref(), || inspect::run(args)),
+        Command::GpuCheck(args) => with_logging(cli.log_level.as_deref(), || gpu_check::run(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError::Input(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(2)
+        }
+        Err(CliError::Failed(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn with_logging(
+    level: Option<&str>,
+    f: impl FnOnce() -> Result<(), CliError>,
+) -> Result<(), CliError> {
+    let _guard = crate::util::logging::init(crate::util::logging::LogSetup {
+        level,
+        rank: None,
+        file: None,
+    })
+    .map_err(CliError::Input)?;
+    f()
+}
+
+/// Human-readable byte counts (decimal units, as disk and GPU specs use).
+pub fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    match b {
+        x if x >= 1e12 => format!("{:.2} TB", x / 1e12),
+        x if x >= 1e9 => format!("{:.2} GB", x / 1e9),
+        x if x >= 1e6 => format!("{:.2} MB", x / 1e6),
+        x if x >= 1e3 => format!("{:.2} kB", x / 1e3),
+        x => format!("{x:.0} B"),
+    }
+}
+
+pub fn human_count(n: u64) -> String {
+    let n = n as f64;
+    match n {
+        x if x >= 1e9 => format!("{:.2}B", x / 1e9),
+        x if x >= 1e6 => format!("{:.2}M", x / 1e6),
+        x if x >= 1e3 => format!("{:.1}k", x / 1e3),
+        x => format!("{x:.0}"),
+    }
+}

@@ -1,0 +1,16 @@
+//! moeq: QLoRA fine-tuning of Mixture-of-Experts language models.
+//!
+//! Module map (dependencies point one way, see DESIGN):
+//! - `config`: the YAML training config, validated before any work starts.
+//! - `checkpoint`: reading Hugging Face checkpoints (config.json, safetensors, expert layouts).
+//! - `arch`: architecture specs built from config.json, parameter accounting.
+//! - `synth`: deterministic synthetic checkpoints and tokenizers.
+//! - `ops`: custom ops with a CPU reference and a CUDA implementation.
+//! - `util`: logging and progress reporting.
+pub mod config;
+pub mod arch;
+pub mod checkpoint;
+pub mod cli;
+pub mod ops;
+pub mod synth;
+pub mod util;

@@ -1,0 +1,116 @@
+//! Comparison of an op on a device against its reference on the CPU, forward and backward, on
+//! random data. `moeq gpu-check` runs it on CUDA; the CPU test suite runs the same code on the
+//! CPU so the machinery itself is exercised in CI.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use std::fmt;
+
+#[derive(Debug, Clone)]
+pub struct Comparison {
+    pub what: String,
+    pub max_abs: f32,
+    /// Largest |got − want| / (atol + rtol·|want|); ≤ 1 passes.
+    pub worst_ratio: f32,
+    pub rtol: f32,
+    pub atol: f32,
+}
+
+impl Comparison {
+    pub fn passed(&self) -> bool {
+        self.worst_ratio <= 1.0 && self.worst_ratio.is_finite()
+    }
+}
+
+impl fmt::Display for Comparison {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:<5} {:<32} max|diff| {:.3e}  worst/tol {:.3}  (rtol {:.1e}, atol {:.1e})",
+            if self.passed() { "PASS" } else { "FAIL" },
+            self.what,
+            self.max_abs,
+            self.worst_ratio,
+            self.rtol,
+            self.atol
+        )
+    }
+}
+
+pub fn compare(what: &str, got: &Tensor, want: &Tensor, rtol: f32, atol: f32) -> Result<Comparison> {
+    let got: Vec<f32> = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let want: Vec<f32> = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    if got.len() != want.len() {
+        candle_core::bail!("{what}: {} values vs {} in the reference", got.len(), want.len());
+    }
+    let (mut max_abs, mut worst) = (0f32, 0f32);
+    for (g, w) in got.iter().zip(&want) {
+        let d = (g - w).abs();
+        max_abs = max_abs.max(d);
+        let ratio = if d.is_nan() { f32::INFINITY } else { d / (atol + rtol * w.abs()) };
+        worst = worst.max(ratio);
+    }
+    Ok(Comparison { what: what.to_string(), max_abs, worst_ratio: worst, rtol, atol })
+}
+
+/// Tolerance for a result computed in f32 and rounded once to `dtype`, against an f32
+/// reference: one unit in the last place of the storage type (the two sides may round an f32
+/// value that differs in its last bit to neighbouring storage values), and a few f32 ulps
+/// for f32 (CUDA's `expf` and Rust's `exp` differ by up to 2 ulp).
+pub fn rounding_tolerance(dtype: DType) -> (f32, f32) {
+    match dtype {
+        DType::BF16 => (1.0 / 128.0, 1e-6),
+        DType::F16 => (1.0 / 1024.0, 1e-6),
+        _ => (1e-5, 1e-7),
+    }
+}
+
+/// SwiGLU on `device` in each dtype vs the primitive-op reference on the CPU in f32.
+fn check_swiglu(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
+    // Random normal inputs scaled to cover silu's curved region and tails; never zeros.
+    let shape = (257, 384);
+    let gate = (Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * 3.0)?.to_dtype(dtype)?;
+    let up = Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?.to_dtype(dtype)?;
+    let upstream = Tensor::randn(0f32, 1.0, shape, &Device::Cpu)?.to_dtype(dtype)?;
+
+    let g_dev = Var::from_tensor(&gate.to_device(device)?)?;
+    let u_dev = Var::from_tensor(&up.to_device(device)?)?;
+    let out = super::swiglu(g_dev.as_tensor(), u_dev.as_tensor())?;
+    let grads = (out.to_dtype(DType::F32)? * upstream.to_device(device)?.to_dtype(DType::F32)?)?
+        .sum_all()?
+        .backward()?;
+
+    let g_ref = Var::from_tensor(&gate.to_dtype(DType::F32)?)?;
+    let u_ref = Var::from_tensor(&up.to_dtype(DType::F32)?)?;
+    let out_ref = super::swiglu::swiglu_reference(g_ref.as_tensor(), u_ref.as_tensor())?;
+    let grads_ref = (&out_ref * upstream.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+
+    let (rtol, atol) = rounding_tolerance(dtype);
+    let name = |part: &str| format!("swiglu {dtype:?} {part}");
+    let missing = || candle_core::Error::Msg("swiglu: missing gradient".into());
+    Ok(vec![
+        compare(&name("forward"), &out, &out_ref, rtol, atol)?,
+        compare(
+            &name("d_gate"),
+            grads.get(g_dev.as_tensor()).ok_or_else(missing)?,
+            grads_ref.get(g_ref.as_tensor()).ok_or_else(missing)?,
+            // The gradient goes through several rounded tensor ops in `dtype`; allow two ulps.
+            2.0 * rtol,
+            atol,
+        )?,
+        compare(
+            &name("d_up"),
+            grads.get(u_dev.as_tensor()).ok_or_else(missing)?,
+            grads_ref.get(u_ref.as_tensor()).ok_or_else(missing)?,
+            2.0 * rtol,
+            atol,
+        )?,
+    ])
+}
+
+pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
+    let mut out = Vec::new();
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        out.extend(check_swiglu(device, dtype)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,4 @@
+//! PTX of `kernels/*.cu`, compiled by build.rs when the `cuda` feature is on.
+
+#[cfg(feature = "cuda")]
+pub const SWIGLU: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));

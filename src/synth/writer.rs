@@ -1,0 +1,346 @@
+//! Streams a synthetic checkpoint to disk. Safetensors headers are computed up front from the
+//! shapes, then values are generated chunk by chunk (one expert projection or one ordinary
+//! tensor per chunk, a few chunks in parallel) and appended in order.
+
+use super::{config_json, tokenizer, SynthError};
+use crate::arch::{ArchSpec, Component, ModelType};
+use crate::util::progress::Progress;
+use half::{bf16, f16};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskLayout {
+    /// As on the Hugging Face hub: one tensor per expert and projection (Mixtral: w1/w3/w2).
+    Hub,
+    /// transformers v5 fused `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]`.
+    Fused,
+}
+
+impl DiskLayout {
+    pub fn parse(s: &str) -> Result<DiskLayout, String> {
+        match s {
+            "hub" => Ok(DiskLayout::Hub),
+            "fused" => Ok(DiskLayout::Fused),
+            _ => Err(format!("layout must be 'hub' or 'fused', got '{s}'")),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskLayout::Hub => "hub",
+            DiskLayout::Fused => "fused",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
+    pub model_type: ModelType,
+    pub preset: String,
+    pub layers: Option<usize>,
+    pub layout: DiskLayout,
+    pub seed: u64,
+    /// `bfloat16`, `float16` or `float32`.
+    pub dtype: String,
+    /// Only config.json and the tokenizer files (for `inspect` of huge shapes).
+    pub config_only: bool,
+    /// Upper bound of one shard file in bytes (a single larger tensor gets its own shard).
+    pub shard_bytes: u64,
+    /// Replace an existing, non-empty output directory.
+    pub force: bool,
+}
+
+impl Default for SynthOptions {
+    fn default() -> Self {
+        SynthOptions {
+            model_type: ModelType::Qwen3Moe,
+            preset: "tiny".into(),
+            layers: None,
+            layout: DiskLayout::Hub,
+            seed: 0,
+            dtype: "bfloat16".into(),
+            config_only: false,
+            shard_bytes: 2_000_000_000,
+            force: false,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct SynthReport {
+    pub dir: PathBuf,
+    pub tensors: usize,
+    pub shards: usize,
+    pub bytes: u64,
+}
+
+/// One run of values from one seeded stream.
+#[derive(Debug, Clone)]
+struct Chunk {
+    key: String,
+    numel: usize,
+    /// Norm weights are `1 + N(0, std)`, everything else `N(0, std)`.
+    norm: bool,
+}
+
+struct DiskTensor {
+    name: String,
+    shape: Vec<usize>,
+    chunks: Vec<Chunk>,
+}
+
+fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
+    let mut out = Vec::new();
+    let mixtral = spec.model_type == ModelType::Mixtral;
+    for p in spec.params() {
+        let norm = p.component == Component::Norm;
+        if p.component != Component::Experts {
+            let name = if mixtral && layout == DiskLayout::Hub {
+                p.name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+            } else {
+                p.name.clone()
+            };
+            out.push(DiskTensor {
+                name,
+                shape: p.shape.clone(),
+                chunks: vec![Chunk { key: p.name.clone(), numel: p.numel(), norm }],
+            });
+            continue;
+        }
+        let (e_count, rows, cols) = (p.shape[0], p.shape[1], p.shape[2]);
+        let gate_up = p.name.ends_with("gate_up_proj");
+        let parts: &[&str] = if gate_up { &["gate", "up"] } else { &["down"] };
+        let part_rows = rows / parts.len();
+        let chunk = |e: usize, part: &str| Chunk {
+            key: format!("{}#{e}#{part}", p.name),
+            numel: part_rows * cols,
+            norm: false,
+        };
+        match layout {
+            DiskLayout::Fused => out.push(DiskTensor {
+                name: p.name.clone(),
+                shape: p.shape.clone(),
+                chunks: (0..e_count)
+                    .flat_map(|e| parts.iter().map(move |part| chunk(e, part)))
+                    .collect(),
+            }),
+            DiskLayout::Hub => {
+                let layer_prefix = p.name.trim_end_matches(if gate_up { "gate_up_proj" } else { "down_proj" });
+                for e in 0..e_count {
+                    for part in parts {
+                        let name = if mixtral {
+                            let w = match *part { "gate" => "w1", "up" => "w3", _ => "w2" };
+                            let base = layer_prefix.replace(".mlp.experts.", ".block_sparse_moe.experts.");
+                            format!("{base}{e}.{w}.weight")
+                        } else {
+                            format!("{layer_prefix}{e}.{part}_proj.weight")
+                        };
+                        out.push(DiskTensor {
+                            name,
+                            shape: vec![part_rows, cols],
+                            chunks: vec![chunk(e, part)],
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn stream(seed: u64, key: &str) -> ChaCha8Rng {
+    let mut h = Sha256::new();
+    h.update(seed.to_le_bytes());
+    h.update(key.as_bytes());
+    ChaCha8Rng::from_seed(h.finalize().into())
+}
+
+fn generate(seed: u64, chunk: &Chunk, std: f32, dtype: &str) -> Vec<u8> {
+    let mut rng = stream(seed, &chunk.key);
+    let base = if chunk.norm { 1.0 } else { 0.0 };
+    let values = (0..chunk.numel).map(|_| {
+        let z: f32 = StandardNormal.sample(&mut rng);
+        base + std * z
+    });
+    match dtype {
+        "float32" => values.flat_map(f32::to_le_bytes).collect(),
+        "float16" => values.flat_map(|v| f16::from_f32(v).to_le_bytes()).collect(),
+        _ => values.flat_map(|v| bf16::from_f32(v).to_le_bytes()).collect(),
+    }
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> SynthError + '_ {
+    move |source| SynthError::Io { path: path.display().to_string(), source }
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<(), SynthError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| SynthError::Usage(e.to_string()))?;
+    std::fs::write(path, text + "\n").map_err(io_err(path))
+}
+
+fn prepare_out(out: &Path, force: bool) -> Result<PathBuf, SynthError> {
+    if out.exists() {
+        let empty = out.read_dir().map(|mut d| d.next().is_none()).unwrap_or(false);
+        if !empty && !force {
+            return Err(SynthError::Usage(format!(
+                "{}: already exists and is not empty (choose another --out or pass --force)",
+                out.display()
+            )));
+        }
+    }
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "synth".into());
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+    Ok(tmp)
+}
+
+pub fn write(opts: &SynthOptions, out: &Path) -> Result<SynthReport, SynthError> {
+    let dtype = match opts.dtype.as_str() {
+        "bfloat16" | "bf16" => "bfloat16",
+        "float16" | "f16" => "float16",
+        "float32" | "f32" => "float32",
+        other => {
+            return Err(SynthError::Usage(format!(
+                "dtype must be bfloat16, float16 or float32, got '{other}'"
+            )))
+        }
+    };
+    let config = config_json(opts.model_type, &opts.preset, opts.layers, dtype)?;
+    let spec = ArchSpec::from_json(&config, "config.json")?;
+    let tmp = prepare_out(out, opts.force)?;
+    let result = write_into(opts, &tmp, &config, &spec, dtype);
+    match result {
+        Ok(mut report) => {
+            if out.exists() {
+                std::fs::remove_dir_all(out).map_err(io_err(out))?;
+            }
+            std::fs::rename(&tmp, out).map_err(io_err(out))?;
+            report.dir = out.to_path_buf();
+            Ok(report)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn write_into(
+    opts: &SynthOptions,
+    dir: &Path,
+    config: &Value,
+    spec: &ArchSpec,
+    dtype: &str,
+) -> Result<SynthReport, SynthError> {
+    write_json(&dir.join("config.json"), config)?;
+    let tok = tokenizer::build(spec.max_position_embeddings);
+    write_json(&dir.join("tokenizer.json"), &tok.json)?;
+    write_json(&dir.join("tokenizer_config.json"), &tok.config)?;
+    if opts.config_only {
+        return Ok(SynthReport { dir: dir.to_path_buf(), tensors: 0, shards: 0, bytes: 0 });
+    }
+    let elem = if dtype == "float32" { 4 } else { 2 };
+    let st_dtype = match dtype { "float32" => "F32", "float16" => "F16", _ => "BF16" };
+    let tensors = plan(spec, opts.layout);
+
+    // Group tensors into shards by size, in order.
+    let mut shards: Vec<Vec<&DiskTensor>> = vec![vec![]];
+    let mut current = 0u64;
+    for t in &tensors {
+        let bytes = (t.shape.iter().product::<usize>() * elem) as u64;
+        if current > 0 && current + bytes > opts.shard_bytes {
+            shards.push(vec![]);
+            current = 0;
+        }
+        current += bytes;
+        if let Some(last) = shards.last_mut() {
+            last.push(t);
+        }
+    }
+    let total: u64 = tensors.iter().map(|t| (t.shape.iter().product::<usize>() * elem) as u64).sum();
+    let progress = Progress::new(total, "writing synthetic weights");
+    let n = shards.len();
+    let mut weight_map = Map::new();
+    for (k, shard) in shards.iter().enumerate() {
+        let file = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
+        };
+        write_shard(&dir.join(&file), shard, opts.seed, spec.initializer_range as f32, dtype, st_dtype, elem, &progress)?;
+        for t in shard {
+            weight_map.insert(t.name.clone(), file.clone().into());
+        }
+    }
+    progress.finish();
+    if n > 1 {
+        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        write_json(&dir.join(crate::checkpoint::INDEX_FILE), &index)?;
+    }
+    Ok(SynthReport { dir: dir.to_path_buf(), tensors: tensors.len(), shards: n, bytes: total })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_shard(
+    path: &Path,
+    tensors: &[&DiskTensor],
+    seed: u64,
+    std: f32,
+    dtype: &str,
+    st_dtype: &str,
+    elem: usize,
+    progress: &Progress,
+) -> Result<(), SynthError> {
+    let mut header = Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0usize;
+    for t in tensors {
+        let bytes = t.shape.iter().product::<usize>() * elem;
+        header.insert(
+            t.name.clone(),
+            json!({"dtype": st_dtype, "shape": t.shape, "data_offsets": [offset, offset + bytes]}),
+        );
+        offset += bytes;
+    }
+    let mut header_bytes = serde_json::to_vec(&Value::Object(header)).map_err(|e| SynthError::Usage(e.to_string()))?;
+    while header_bytes.len() % 8 != 0 {
+        header_bytes.push(b' ');
+    }
+    let file = File::create(path).map_err(io_err(path))?;
+    let mut w = BufWriter::with_capacity(1 << 22, file);
+    w.write_all(&(header_bytes.len() as u64).to_le_bytes()).map_err(io_err(path))?;
+    w.write_all(&header_bytes).map_err(io_err(path))?;
+
+    let chunks: Vec<&Chunk> = tensors.iter().flat_map(|t| t.chunks.iter()).collect();
+    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 16);
+    for window in chunks.chunks(workers) {
+        let generated: Vec<Vec<u8>> = std::thread::scope(|s| {
+            let handles: Vec<_> = window
+                .iter()
+                .map(|c| s.spawn(move || generate(seed, c, std, dtype)))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+        });
+        for (bytes, chunk) in generated.iter().zip(window) {
+            if bytes.len() != chunk.numel * elem {
+                return Err(SynthError::Usage(format!("generation of '{}' failed", chunk.key)));
+            }
+            w.write_all(bytes).map_err(io_err(path))?;
+            progress.inc(bytes.len() as u64);
+        }
+    }
+    w.flush().map_err(io_err(path))?;
+    Ok(())
+}

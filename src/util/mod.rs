@@ -1,0 +1,4 @@
+//! Logging and progress reporting shared by every command.
+
+pub mod logging;
+pub mod progress;
