@@ -23,7 +23,10 @@ fn main() {
         .collect();
     sources.sort();
     for src in sources {
-        let stem = src.file_stem().and_then(|s| s.to_str()).expect("utf-8 kernel name");
+        let stem = src
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("utf-8 kernel name");
         let ptx = out.join(format!("{stem}.ptx"));
         let status = Command::new(&nvcc)
             .args(["--ptx", "-O3", "-std=c++17"])

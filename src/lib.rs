@@ -7,10 +7,10 @@
 //! - `synth`: deterministic synthetic checkpoints and tokenizers.
 //! - `ops`: custom ops with a CPU reference and a CUDA implementation.
 //! - `util`: logging and progress reporting.
-pub mod config;
 pub mod arch;
 pub mod checkpoint;
 pub mod cli;
+pub mod config;
 pub mod ops;
 pub mod synth;
 pub mod util;

@@ -87,53 +87,144 @@ impl ArchSpec {
         );
         for l in 0..self.num_layers {
             let p = format!("model.layers.{l}");
-            push(format!("{p}.input_layernorm.weight"), vec![h], Component::Norm, false);
+            push(
+                format!("{p}.input_layernorm.weight"),
+                vec![h],
+                Component::Norm,
+                false,
+            );
             let a = format!("{p}.self_attn");
             let (qd, kvd) = (self.q_dim(), self.kv_dim());
-            for (proj, out_dim, in_dim) in [("q", qd, h), ("k", kvd, h), ("v", kvd, h), ("o", h, qd)] {
-                push(format!("{a}.{proj}_proj.weight"), vec![out_dim, in_dim], Component::Attention, true);
-                let has_bias = if proj == "o" { self.o_bias } else { self.qkv_bias };
+            for (proj, out_dim, in_dim) in
+                [("q", qd, h), ("k", kvd, h), ("v", kvd, h), ("o", h, qd)]
+            {
+                push(
+                    format!("{a}.{proj}_proj.weight"),
+                    vec![out_dim, in_dim],
+                    Component::Attention,
+                    true,
+                );
+                let has_bias = if proj == "o" {
+                    self.o_bias
+                } else {
+                    self.qkv_bias
+                };
                 if has_bias {
-                    push(format!("{a}.{proj}_proj.bias"), vec![out_dim], Component::Attention, false);
+                    push(
+                        format!("{a}.{proj}_proj.bias"),
+                        vec![out_dim],
+                        Component::Attention,
+                        false,
+                    );
                 }
             }
             match self.qk_norm {
                 QkNorm::None => {}
                 QkNorm::PerHead => {
-                    push(format!("{a}.q_norm.weight"), vec![self.head_dim], Component::Norm, false);
-                    push(format!("{a}.k_norm.weight"), vec![self.head_dim], Component::Norm, false);
+                    push(
+                        format!("{a}.q_norm.weight"),
+                        vec![self.head_dim],
+                        Component::Norm,
+                        false,
+                    );
+                    push(
+                        format!("{a}.k_norm.weight"),
+                        vec![self.head_dim],
+                        Component::Norm,
+                        false,
+                    );
                 }
                 QkNorm::FullProjection => {
-                    push(format!("{a}.q_norm.weight"), vec![qd], Component::Norm, false);
-                    push(format!("{a}.k_norm.weight"), vec![kvd], Component::Norm, false);
+                    push(
+                        format!("{a}.q_norm.weight"),
+                        vec![qd],
+                        Component::Norm,
+                        false,
+                    );
+                    push(
+                        format!("{a}.k_norm.weight"),
+                        vec![kvd],
+                        Component::Norm,
+                        false,
+                    );
                 }
             }
-            push(format!("{p}.post_attention_layernorm.weight"), vec![h], Component::Norm, false);
+            push(
+                format!("{p}.post_attention_layernorm.weight"),
+                vec![h],
+                Component::Norm,
+                false,
+            );
             if self.moe_layers[l] {
                 let (e, i) = (self.num_experts, self.expert_intermediate_size);
-                push(format!("{p}.mlp.gate.weight"), vec![e, h], Component::Router, false);
+                push(
+                    format!("{p}.mlp.gate.weight"),
+                    vec![e, h],
+                    Component::Router,
+                    false,
+                );
                 push(gate_up_name(l), vec![e, 2 * i, h], Component::Experts, true);
                 push(down_name(l), vec![e, h, i], Component::Experts, true);
                 if let Some(shared) = self.shared_expert {
                     let si = shared.intermediate_size;
                     let s = format!("{p}.mlp.shared_expert");
-                    push(format!("{s}.gate_proj.weight"), vec![si, h], Component::SharedExpert, true);
-                    push(format!("{s}.up_proj.weight"), vec![si, h], Component::SharedExpert, true);
-                    push(format!("{s}.down_proj.weight"), vec![h, si], Component::SharedExpert, true);
+                    push(
+                        format!("{s}.gate_proj.weight"),
+                        vec![si, h],
+                        Component::SharedExpert,
+                        true,
+                    );
+                    push(
+                        format!("{s}.up_proj.weight"),
+                        vec![si, h],
+                        Component::SharedExpert,
+                        true,
+                    );
+                    push(
+                        format!("{s}.down_proj.weight"),
+                        vec![h, si],
+                        Component::SharedExpert,
+                        true,
+                    );
                     if shared.gated {
-                        push(format!("{p}.mlp.shared_expert_gate.weight"), vec![1, h], Component::SharedExpert, false);
+                        push(
+                            format!("{p}.mlp.shared_expert_gate.weight"),
+                            vec![1, h],
+                            Component::SharedExpert,
+                            false,
+                        );
                     }
                 }
             } else {
                 let di = self.dense_intermediate_size;
-                push(format!("{p}.mlp.gate_proj.weight"), vec![di, h], Component::DenseMlp, true);
-                push(format!("{p}.mlp.up_proj.weight"), vec![di, h], Component::DenseMlp, true);
-                push(format!("{p}.mlp.down_proj.weight"), vec![h, di], Component::DenseMlp, true);
+                push(
+                    format!("{p}.mlp.gate_proj.weight"),
+                    vec![di, h],
+                    Component::DenseMlp,
+                    true,
+                );
+                push(
+                    format!("{p}.mlp.up_proj.weight"),
+                    vec![di, h],
+                    Component::DenseMlp,
+                    true,
+                );
+                push(
+                    format!("{p}.mlp.down_proj.weight"),
+                    vec![h, di],
+                    Component::DenseMlp,
+                    true,
+                );
             }
         }
         push("model.norm.weight".into(), vec![h], Component::Norm, false);
         if !self.tie_word_embeddings {
-            push("lm_head.weight".into(), vec![self.vocab_size, h], Component::LmHead, false);
+            push(
+                "lm_head.weight".into(),
+                vec![self.vocab_size, h],
+                Component::LmHead,
+                false,
+            );
         }
         let routed = self.router.top_k as f64 / self.num_experts as f64;
         for p in out.iter_mut().filter(|p| p.component == Component::Experts) {

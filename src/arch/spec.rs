@@ -379,7 +379,11 @@ impl ArchSpec {
             }
         };
         let experts_key = match row.experts_alias {
-            Some(alias) if cfg.present(row.experts_key).is_none() && cfg.present(alias).is_some() => alias,
+            Some(alias)
+                if cfg.present(row.experts_key).is_none() && cfg.present(alias).is_some() =>
+            {
+                alias
+            }
             _ => row.experts_key,
         };
         let num_experts = cfg.usize_req(experts_key)?;
@@ -543,7 +547,10 @@ fn rope_spec(cfg: &Cfg, default_theta: f64) -> Result<RopeSpec, SpecError> {
                 if !KINDS.contains(&kind) {
                     return Err(cfg.err(
                         key,
-                        format!("has unsupported rope type {v} (supported: {})", KINDS.join(", ")),
+                        format!(
+                            "has unsupported rope type {v} (supported: {})",
+                            KINDS.join(", ")
+                        ),
                     ));
                 }
                 spec.rope_type = kind.to_string();
@@ -560,11 +567,9 @@ fn rope_spec(cfg: &Cfg, default_theta: f64) -> Result<RopeSpec, SpecError> {
                 );
             }
             "original_max_position_embeddings" => {
-                spec.original_max_position_embeddings = Some(
-                    v.as_u64()
-                        .ok_or_else(|| cfg.err(key, "original_max_position_embeddings must be an integer"))?
-                        as usize,
-                );
+                spec.original_max_position_embeddings = Some(v.as_u64().ok_or_else(|| {
+                    cfg.err(key, "original_max_position_embeddings must be an integer")
+                })? as usize);
             }
             _ => {
                 spec.extra.insert(k.clone(), v.clone());
@@ -573,7 +578,10 @@ fn rope_spec(cfg: &Cfg, default_theta: f64) -> Result<RopeSpec, SpecError> {
     }
     spec.theta = theta;
     if spec.rope_type != "default" && spec.factor.is_none() {
-        return Err(cfg.err(key, format!("rope type '{}' needs a 'factor'", spec.rope_type)));
+        return Err(cfg.err(
+            key,
+            format!("rope type '{}' needs a 'factor'", spec.rope_type),
+        ));
     }
     Ok(spec)
 }

@@ -50,7 +50,9 @@ impl ExpertLayout {
     pub fn label(self) -> &'static str {
         match self {
             ExpertLayout::Fused => "fused (transformers v5: mlp.experts.gate_up_proj / down_proj)",
-            ExpertLayout::PerExpert => "per-expert (hub: mlp.experts.{e}.gate_proj/up_proj/down_proj)",
+            ExpertLayout::PerExpert => {
+                "per-expert (hub: mlp.experts.{e}.gate_proj/up_proj/down_proj)"
+            }
             ExpertLayout::Mixtral => "per-expert Mixtral (block_sparse_moe.experts.{e}.w1/w3/w2)",
         }
     }
@@ -90,7 +92,10 @@ impl ExpertLayout {
             ),
         };
         match which {
-            ExpertParam::GateUp => vec![format!("{prefix}.{gate}.weight"), format!("{prefix}.{up}.weight")],
+            ExpertParam::GateUp => vec![
+                format!("{prefix}.{gate}.weight"),
+                format!("{prefix}.{up}.weight"),
+            ],
             ExpertParam::Down => vec![format!("{prefix}.{down}.weight")],
         }
     }
@@ -102,9 +107,18 @@ pub(super) fn detect(dir: &ModelDir) -> Result<ExpertLayout, CheckpointError> {
         return Ok(ExpertLayout::Fused);
     };
     let candidates = [
-        (ExpertLayout::Fused, ExpertParam::GateUp.canonical_name(layer)),
-        (ExpertLayout::PerExpert, format!("model.layers.{layer}.mlp.experts.0.gate_proj.weight")),
-        (ExpertLayout::Mixtral, format!("model.layers.{layer}.block_sparse_moe.experts.0.w1.weight")),
+        (
+            ExpertLayout::Fused,
+            ExpertParam::GateUp.canonical_name(layer),
+        ),
+        (
+            ExpertLayout::PerExpert,
+            format!("model.layers.{layer}.mlp.experts.0.gate_proj.weight"),
+        ),
+        (
+            ExpertLayout::Mixtral,
+            format!("model.layers.{layer}.block_sparse_moe.experts.0.w1.weight"),
+        ),
     ];
     for (layout, name) in &candidates {
         if dir.locate(name).is_some() {
@@ -115,7 +129,11 @@ pub(super) fn detect(dir: &ModelDir) -> Result<ExpertLayout, CheckpointError> {
         path: dir.root.display().to_string(),
         problem: format!(
             "no expert weights found for layer {layer}: expected one of {}",
-            candidates.iter().map(|(_, n)| format!("'{n}'")).collect::<Vec<_>>().join(", ")
+            candidates
+                .iter()
+                .map(|(_, n)| format!("'{n}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     })
 }
@@ -138,10 +156,22 @@ pub(super) fn read_experts(
     if layout == ExpertLayout::Fused {
         let name = which.canonical_name(layer);
         let (_, dtype, shape) = dir.raw(&name, Some(0..0))?;
-        dir.check_shape(&name, &shape, &[spec.num_experts, per_expert[0], per_expert[1]])?;
+        dir.check_shape(
+            &name,
+            &shape,
+            &[spec.num_experts, per_expert[0], per_expert[1]],
+        )?;
         let expert_bytes = per_expert[0] * per_expert[1] * dtype.size_in_bytes();
-        let (bytes, _, _) = dir.raw(&name, Some(range.start * expert_bytes..range.end * expert_bytes))?;
-        return Ok(Tensor::from_raw_buffer(bytes, dtype, &out_shape, &Device::Cpu)?);
+        let (bytes, _, _) = dir.raw(
+            &name,
+            Some(range.start * expert_bytes..range.end * expert_bytes),
+        )?;
+        return Ok(Tensor::from_raw_buffer(
+            bytes,
+            dtype,
+            &out_shape,
+            &Device::Cpu,
+        )?);
     }
     let mut buffer: Vec<u8> = Vec::new();
     let mut dtype: Option<DType> = None;
@@ -170,5 +200,10 @@ pub(super) fn read_experts(
         }
     }
     let dtype = dtype.unwrap_or(DType::F32);
-    Ok(Tensor::from_raw_buffer(&buffer, dtype, &out_shape, &Device::Cpu)?)
+    Ok(Tensor::from_raw_buffer(
+        &buffer,
+        dtype,
+        &out_shape,
+        &Device::Cpu,
+    )?)
 }

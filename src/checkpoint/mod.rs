@@ -155,7 +155,10 @@ impl ModelDir {
             .find(|p| p.name == canonical)
             .ok_or_else(|| CheckpointError::Format {
                 path: self.root.display().to_string(),
-                problem: format!("'{canonical}' is not a parameter of this {} model", self.spec.model_type.as_str()),
+                problem: format!(
+                    "'{canonical}' is not a parameter of this {} model",
+                    self.spec.model_type.as_str()
+                ),
             })
     }
 
@@ -165,14 +168,20 @@ impl ModelDir {
         disk_name: &str,
         within: Option<std::ops::Range<usize>>,
     ) -> Result<(&[u8], DType, Vec<usize>), CheckpointError> {
-        let shard = self.locate(disk_name).ok_or_else(|| CheckpointError::Format {
-            path: self.root.display().to_string(),
-            problem: format!("tensor '{disk_name}' is missing from the checkpoint"),
-        })?;
-        let info = shard.info(disk_name).ok_or_else(|| CheckpointError::Format {
-            path: shard.path.display().to_string(),
-            problem: format!("tensor '{disk_name}' is listed in the index but not in this file"),
-        })?;
+        let shard = self
+            .locate(disk_name)
+            .ok_or_else(|| CheckpointError::Format {
+                path: self.root.display().to_string(),
+                problem: format!("tensor '{disk_name}' is missing from the checkpoint"),
+            })?;
+        let info = shard
+            .info(disk_name)
+            .ok_or_else(|| CheckpointError::Format {
+                path: shard.path.display().to_string(),
+                problem: format!(
+                    "tensor '{disk_name}' is listed in the index but not in this file"
+                ),
+            })?;
         let dtype = shard::candle_dtype(&shard.path, disk_name, info.dtype)?;
         let shape = info.shape.clone();
         Ok((shard.bytes(disk_name, within)?, dtype, shape))
@@ -281,7 +290,9 @@ fn open_weights(root: &Path) -> Result<(Vec<Shard>, HashMap<String, usize>), Che
             if !path.is_file() {
                 return Err(CheckpointError::Format {
                     path: shown.clone(),
-                    problem: format!("lists shard '{name}', which is missing: the download is incomplete"),
+                    problem: format!(
+                        "lists shard '{name}', which is missing: the download is incomplete"
+                    ),
                 });
             }
             file_index.insert(name.clone(), shards.len());
@@ -292,7 +303,9 @@ fn open_weights(root: &Path) -> Result<(Vec<Shard>, HashMap<String, usize>), Che
             if shards[i].info(tensor).is_none() {
                 return Err(CheckpointError::Format {
                     path: shards[i].path.display().to_string(),
-                    problem: format!("index lists tensor '{tensor}' in this file, but it is not there"),
+                    problem: format!(
+                        "index lists tensor '{tensor}' in this file, but it is not there"
+                    ),
                 });
             }
             locations.insert(tensor.clone(), i);

@@ -79,7 +79,11 @@ impl Shard {
 
     /// Raw little-endian bytes of `name`, restricted to the byte range `within` of that
     /// tensor's data (pass `None` for the whole tensor).
-    pub fn bytes(&self, name: &str, within: Option<Range<usize>>) -> Result<&[u8], CheckpointError> {
+    pub fn bytes(
+        &self,
+        name: &str,
+        within: Option<Range<usize>>,
+    ) -> Result<&[u8], CheckpointError> {
         let info = self.info(name).ok_or_else(|| CheckpointError::Format {
             path: self.path.display().to_string(),
             problem: format!("tensor '{name}' is not in this file"),

@@ -28,7 +28,9 @@ pub fn run(args: GpuCheckArgs) -> Result<(), CliError> {
     }
     println!("{} passed, {} failed", results.len() - failed, failed);
     if failed > 0 {
-        return Err(CliError::Failed(format!("gpu-check: {failed} comparison(s) out of tolerance")));
+        return Err(CliError::Failed(format!(
+            "gpu-check: {failed} comparison(s) out of tolerance"
+        )));
     }
     Ok(())
 }

@@ -45,7 +45,11 @@ fn settings(config: Option<&PathBuf>) -> Result<Settings, CliError> {
         TargetModules::Named(m) => m.clone(),
     };
     Ok(Settings {
-        lora: LoraPlan { r: c.lora_r, modules, parameters: c.lora_target_parameters.clone() },
+        lora: LoraPlan {
+            r: c.lora_r,
+            modules,
+            parameters: c.lora_target_parameters.clone(),
+        },
         blocksize: c.quant_blocksize,
         double_quant: c.bnb_4bit_use_double_quant,
         source: format!("from {}", path.display()),
@@ -65,8 +69,17 @@ pub fn run(args: InspectArgs) -> Result<(), CliError> {
 fn report(dir: &ModelDir, s: &Settings) -> Result<String, CheckpointError> {
     let spec: &ArchSpec = &dir.spec;
     let mut o = String::new();
-    let arch = spec.architectures.first().map(String::as_str).unwrap_or("-");
-    let _ = writeln!(o, "model       {} ({}, {arch})", dir.root.display(), spec.model_type.as_str());
+    let arch = spec
+        .architectures
+        .first()
+        .map(String::as_str)
+        .unwrap_or("-");
+    let _ = writeln!(
+        o,
+        "model       {} ({}, {arch})",
+        dir.root.display(),
+        spec.model_type.as_str()
+    );
     let dense = spec.num_layers - spec.num_moe_layers();
     let _ = writeln!(
         o,
@@ -83,13 +96,21 @@ fn report(dir: &ModelDir, s: &Settings) -> Result<String, CheckpointError> {
         "experts     {} per MoE layer, top-{} ({}), expert I={}; shared expert: {shared}",
         spec.num_experts,
         spec.router.top_k,
-        if spec.router.renormalize { "renormalised" } else { "not renormalised" },
+        if spec.router.renormalize {
+            "renormalised"
+        } else {
+            "not renormalised"
+        },
         spec.expert_intermediate_size
     );
     let _ = writeln!(
         o,
         "attention   q/k norm {:?}, qkv bias {}, rope theta {} ({}), max positions {}",
-        spec.qk_norm, spec.qkv_bias, spec.rope.theta, spec.rope.rope_type, spec.max_position_embeddings
+        spec.qk_norm,
+        spec.qkv_bias,
+        spec.rope.theta,
+        spec.rope.rope_type,
+        spec.max_position_embeddings
     );
     let _ = writeln!(
         o,
@@ -100,10 +121,17 @@ fn report(dir: &ModelDir, s: &Settings) -> Result<String, CheckpointError> {
     let on_disk: Option<BTreeMap<String, u64>> = if dir.has_weights() {
         let layout = dir.layout().map(|l| l.label()).unwrap_or("-");
         let dtype = spec.torch_dtype.as_deref().unwrap_or("unknown dtype");
-        let _ = writeln!(o, "weights     {} shard(s), {dtype}, expert layout {layout}", dir.shards().len());
+        let _ = writeln!(
+            o,
+            "weights     {} shard(s), {dtype}, expert layout {layout}",
+            dir.shards().len()
+        );
         Some(dir.disk_bytes()?)
     } else {
-        let _ = writeln!(o, "weights     none (config.json only): sizes below are computed for bf16");
+        let _ = writeln!(
+            o,
+            "weights     none (config.json only): sizes below are computed for bf16"
+        );
         None
     };
     let mut by_component: BTreeMap<Component, (u64, u64)> = BTreeMap::new();
@@ -118,7 +146,13 @@ fn report(dir: &ModelDir, s: &Settings) -> Result<String, CheckpointError> {
     }
     let _ = writeln!(o, "\ncomponent        parameters        bytes");
     for (c, (n, b)) in &by_component {
-        let _ = writeln!(o, "  {:<14} {:>10} {:>12}", c.label(), human_count(*n), human_bytes(*b));
+        let _ = writeln!(
+            o,
+            "  {:<14} {:>10} {:>12}",
+            c.label(),
+            human_count(*n),
+            human_bytes(*b)
+        );
     }
     let est = estimate(spec, s.blocksize, s.double_quant, 2, &s.lora);
     let _ = writeln!(
@@ -126,8 +160,16 @@ fn report(dir: &ModelDir, s: &Settings) -> Result<String, CheckpointError> {
         "\nQLoRA memory estimate (NF4 blocksize {}, double quant {}, compute bf16; {})",
         s.blocksize, s.double_quant, s.source
     );
-    let _ = writeln!(o, "  NF4 frozen weights           {:>12}", human_bytes(est.nf4_weights));
-    let _ = writeln!(o, "  bf16 embeddings/norms/router {:>12}", human_bytes(est.dense_weights));
+    let _ = writeln!(
+        o,
+        "  NF4 frozen weights           {:>12}",
+        human_bytes(est.nf4_weights)
+    );
+    let _ = writeln!(
+        o,
+        "  bf16 embeddings/norms/router {:>12}",
+        human_bytes(est.dense_weights)
+    );
     let _ = writeln!(
         o,
         "  LoRA r={} ({} linear + {} expert params), fp32 + grads + AdamW {:>10}",
@@ -136,6 +178,10 @@ fn report(dir: &ModelDir, s: &Settings) -> Result<String, CheckpointError> {
         human_count(est.lora_params_experts),
         human_bytes(est.lora_and_optimizer)
     );
-    let _ = writeln!(o, "  total before activations     {:>12}", human_bytes(est.total()));
+    let _ = writeln!(
+        o,
+        "  total before activations     {:>12}",
+        human_bytes(est.total())
+    );
     Ok(o)
 }

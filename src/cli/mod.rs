@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(name = "moeq", version, about = "QLoRA fine-tuning of Mixture-of-Experts language models")]
+#[command(
+    name = "moeq",
+    version,
+    about = "QLoRA fine-tuning of Mixture-of-Experts language models"
+)]
 pub struct Cli {
     /// Log filter (e.g. `info`, `debug`, `moeq=trace`); overrides RUST_LOG.
     #[arg(long, global = true)]

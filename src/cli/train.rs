@@ -30,7 +30,8 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
     for w in &outcome.warnings {
         tracing::warn!("{w}");
     }
-    let model_dir = crate::synth::resolve_base_model(&config.base_model).map_err(CliError::input)?;
+    let model_dir =
+        crate::synth::resolve_base_model(&config.base_model).map_err(CliError::input)?;
     let dir = ModelDir::open(&model_dir).map_err(|e| match e {
         CheckpointError::Io { .. } => CliError::failed(e),
         other => CliError::input(other),

@@ -36,20 +36,40 @@ impl fmt::Display for Comparison {
     }
 }
 
-pub fn compare(what: &str, got: &Tensor, want: &Tensor, rtol: f32, atol: f32) -> Result<Comparison> {
+pub fn compare(
+    what: &str,
+    got: &Tensor,
+    want: &Tensor,
+    rtol: f32,
+    atol: f32,
+) -> Result<Comparison> {
     let got: Vec<f32> = got.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let want: Vec<f32> = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     if got.len() != want.len() {
-        candle_core::bail!("{what}: {} values vs {} in the reference", got.len(), want.len());
+        candle_core::bail!(
+            "{what}: {} values vs {} in the reference",
+            got.len(),
+            want.len()
+        );
     }
     let (mut max_abs, mut worst) = (0f32, 0f32);
     for (g, w) in got.iter().zip(&want) {
         let d = (g - w).abs();
         max_abs = max_abs.max(d);
-        let ratio = if d.is_nan() { f32::INFINITY } else { d / (atol + rtol * w.abs()) };
+        let ratio = if d.is_nan() {
+            f32::INFINITY
+        } else {
+            d / (atol + rtol * w.abs())
+        };
         worst = worst.max(ratio);
     }
-    Ok(Comparison { what: what.to_string(), max_abs, worst_ratio: worst, rtol, atol })
+    Ok(Comparison {
+        what: what.to_string(),
+        max_abs,
+        worst_ratio: worst,
+        rtol,
+        atol,
+    })
 }
 
 /// Tolerance for a result computed in f32 and rounded once to `dtype`, against an f32
@@ -82,7 +102,9 @@ fn check_swiglu(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
     let g_ref = Var::from_tensor(&gate.to_dtype(DType::F32)?)?;
     let u_ref = Var::from_tensor(&up.to_dtype(DType::F32)?)?;
     let out_ref = super::swiglu::swiglu_reference(g_ref.as_tensor(), u_ref.as_tensor())?;
-    let grads_ref = (&out_ref * upstream.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+    let grads_ref = (&out_ref * upstream.to_dtype(DType::F32)?)?
+        .sum_all()?
+        .backward()?;
 
     let (rtol, atol) = rounding_tolerance(dtype);
     let name = |part: &str| format!("swiglu {dtype:?} {part}");

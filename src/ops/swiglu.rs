@@ -13,12 +13,7 @@ fn silu_mul(g: f32, u: f32) -> f32 {
     g / (1.0 + (-g).exp()) * u
 }
 
-fn cpu_apply<T: Copy>(
-    g: &[T],
-    u: &[T],
-    to: impl Fn(T) -> f32,
-    from: impl Fn(f32) -> T,
-) -> Vec<T> {
+fn cpu_apply<T: Copy>(g: &[T], u: &[T], to: impl Fn(T) -> f32, from: impl Fn(f32) -> T) -> Vec<T> {
     g.iter()
         .zip(u)
         .map(|(&g, &u)| from(silu_mul(to(g), to(u))))
@@ -45,9 +40,12 @@ impl CustomOp2 for SwiGlu {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = match (s1, s2) {
-            (CpuStorage::F32(g), CpuStorage::F32(u)) => {
-                CpuStorage::F32(cpu_apply(contiguous(g, l1)?, contiguous(u, l2)?, |x| x, |x| x))
-            }
+            (CpuStorage::F32(g), CpuStorage::F32(u)) => CpuStorage::F32(cpu_apply(
+                contiguous(g, l1)?,
+                contiguous(u, l2)?,
+                |x| x,
+                |x| x,
+            )),
             (CpuStorage::BF16(g), CpuStorage::BF16(u)) => CpuStorage::BF16(cpu_apply(
                 contiguous(g, l1)?,
                 contiguous(u, l2)?,
@@ -87,7 +85,8 @@ impl CustomOp2 for SwiGlu {
             u: &CudaSlice<T>,
             l2: &Layout,
         ) -> Result<CudaSlice<T>> {
-            let (Some((g0, g1)), Some((u0, _))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+            let (Some((g0, g1)), Some((u0, _))) =
+                (l1.contiguous_offsets(), l2.contiguous_offsets())
             else {
                 candle_core::bail!("swiglu: inputs must be contiguous")
             };

@@ -54,8 +54,12 @@ pub fn config_json(
         .as_object_mut()
         .ok_or_else(|| SynthError::Usage("preset config is not an object".into()))?;
     obj.insert("model_type".into(), model_type.as_str().into());
-    obj.insert("architectures".into(), serde_json::json!([model_type.architecture_class()]));
-    obj.entry("vocab_size").or_insert(tokenizer::VOCAB_SIZE.into());
+    obj.insert(
+        "architectures".into(),
+        serde_json::json!([model_type.architecture_class()]),
+    );
+    obj.entry("vocab_size")
+        .or_insert(tokenizer::VOCAB_SIZE.into());
     obj.insert("hidden_act".into(), "silu".into());
     obj.insert("initializer_range".into(), 0.02.into());
     obj.insert("bos_token_id".into(), tok.endoftext_id.into());
@@ -72,7 +76,10 @@ pub fn config_json(
         }
     }
     // Fail here, not in a later reader, if a preset ever disagrees with the spec parser.
-    ArchSpec::from_json(&cfg, &format!("synth preset {}/{preset}", model_type.as_str()))?;
+    ArchSpec::from_json(
+        &cfg,
+        &format!("synth preset {}/{preset}", model_type.as_str()),
+    )?;
     Ok(cfg)
 }
 
@@ -93,9 +100,13 @@ impl SynthUri {
                 "base_model '{uri}': {why} (expected synth://<arch>/<preset>?seed=N[&layers=L][&layout=hub|fused])"
             ))
         };
-        let rest = uri.strip_prefix("synth://").ok_or_else(|| usage("not a synth:// reference"))?;
+        let rest = uri
+            .strip_prefix("synth://")
+            .ok_or_else(|| usage("not a synth:// reference"))?;
         let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (arch, preset) = path.split_once('/').ok_or_else(|| usage("missing '/<preset>'"))?;
+        let (arch, preset) = path
+            .split_once('/')
+            .ok_or_else(|| usage("missing '/<preset>'"))?;
         let model_type = parse_model_type(arch)?;
         presets::find(model_type, preset)?;
         let mut out = SynthUri {
@@ -106,7 +117,9 @@ impl SynthUri {
             layout: DiskLayout::Hub,
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').ok_or_else(|| usage(&format!("'{pair}' is not key=value")))?;
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| usage(&format!("'{pair}' is not key=value")))?;
             match k {
                 "seed" => out.seed = v.parse().map_err(|_| usage("seed must be an integer"))?,
                 "layers" => {
@@ -141,7 +154,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(dir).join("moeq");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("moeq")
 }
 

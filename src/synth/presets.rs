@@ -14,19 +14,58 @@ pub struct Preset {
 }
 
 pub const PRESETS: &[Preset] = &[
-    Preset { name: "tiny", model_type: ModelType::Qwen3Moe, config: tiny_qwen3 },
-    Preset { name: "tiny", model_type: ModelType::Qwen2Moe, config: tiny_qwen2 },
-    Preset { name: "tiny", model_type: ModelType::Mixtral, config: tiny_mixtral },
-    Preset { name: "tiny", model_type: ModelType::Olmoe, config: tiny_olmoe },
-    Preset { name: "qwen3-30b-a3b", model_type: ModelType::Qwen3Moe, config: qwen3_30b_a3b },
-    Preset { name: "qwen3-235b-a22b", model_type: ModelType::Qwen3Moe, config: qwen3_235b_a22b },
-    Preset { name: "qwen1.5-moe-a2.7b", model_type: ModelType::Qwen2Moe, config: qwen15_moe_a27b },
-    Preset { name: "mixtral-8x7b", model_type: ModelType::Mixtral, config: mixtral_8x7b },
-    Preset { name: "olmoe-1b-7b", model_type: ModelType::Olmoe, config: olmoe_1b_7b },
+    Preset {
+        name: "tiny",
+        model_type: ModelType::Qwen3Moe,
+        config: tiny_qwen3,
+    },
+    Preset {
+        name: "tiny",
+        model_type: ModelType::Qwen2Moe,
+        config: tiny_qwen2,
+    },
+    Preset {
+        name: "tiny",
+        model_type: ModelType::Mixtral,
+        config: tiny_mixtral,
+    },
+    Preset {
+        name: "tiny",
+        model_type: ModelType::Olmoe,
+        config: tiny_olmoe,
+    },
+    Preset {
+        name: "qwen3-30b-a3b",
+        model_type: ModelType::Qwen3Moe,
+        config: qwen3_30b_a3b,
+    },
+    Preset {
+        name: "qwen3-235b-a22b",
+        model_type: ModelType::Qwen3Moe,
+        config: qwen3_235b_a22b,
+    },
+    Preset {
+        name: "qwen1.5-moe-a2.7b",
+        model_type: ModelType::Qwen2Moe,
+        config: qwen15_moe_a27b,
+    },
+    Preset {
+        name: "mixtral-8x7b",
+        model_type: ModelType::Mixtral,
+        config: mixtral_8x7b,
+    },
+    Preset {
+        name: "olmoe-1b-7b",
+        model_type: ModelType::Olmoe,
+        config: olmoe_1b_7b,
+    },
 ];
 
 pub fn find(model_type: ModelType, name: &str) -> Result<&'static Preset, SynthError> {
-    if let Some(p) = PRESETS.iter().find(|p| p.model_type == model_type && p.name == name) {
+    if let Some(p) = PRESETS
+        .iter()
+        .find(|p| p.model_type == model_type && p.name == name)
+    {
         return Ok(p);
     }
     let valid: Vec<&str> = PRESETS

@@ -110,7 +110,11 @@ fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
             out.push(DiskTensor {
                 name,
                 shape: p.shape.clone(),
-                chunks: vec![Chunk { key: p.name.clone(), numel: p.numel(), norm }],
+                chunks: vec![Chunk {
+                    key: p.name.clone(),
+                    numel: p.numel(),
+                    norm,
+                }],
             });
             continue;
         }
@@ -132,12 +136,19 @@ fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
                     .collect(),
             }),
             DiskLayout::Hub => {
-                let layer_prefix = p.name.trim_end_matches(if gate_up { "gate_up_proj" } else { "down_proj" });
+                let layer_prefix =
+                    p.name
+                        .trim_end_matches(if gate_up { "gate_up_proj" } else { "down_proj" });
                 for e in 0..e_count {
                     for part in parts {
                         let name = if mixtral {
-                            let w = match *part { "gate" => "w1", "up" => "w3", _ => "w2" };
-                            let base = layer_prefix.replace(".mlp.experts.", ".block_sparse_moe.experts.");
+                            let w = match *part {
+                                "gate" => "w1",
+                                "up" => "w3",
+                                _ => "w2",
+                            };
+                            let base =
+                                layer_prefix.replace(".mlp.experts.", ".block_sparse_moe.experts.");
                             format!("{base}{e}.{w}.weight")
                         } else {
                             format!("{layer_prefix}{e}.{part}_proj.weight")
@@ -171,13 +182,20 @@ fn generate(seed: u64, chunk: &Chunk, std: f32, dtype: &str) -> Vec<u8> {
     });
     match dtype {
         "float32" => values.flat_map(f32::to_le_bytes).collect(),
-        "float16" => values.flat_map(|v| f16::from_f32(v).to_le_bytes()).collect(),
-        _ => values.flat_map(|v| bf16::from_f32(v).to_le_bytes()).collect(),
+        "float16" => values
+            .flat_map(|v| f16::from_f32(v).to_le_bytes())
+            .collect(),
+        _ => values
+            .flat_map(|v| bf16::from_f32(v).to_le_bytes())
+            .collect(),
     }
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> SynthError + '_ {
-    move |source| SynthError::Io { path: path.display().to_string(), source }
+    move |source| SynthError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 fn write_json(path: &Path, value: &Value) -> Result<(), SynthError> {
@@ -187,7 +205,10 @@ fn write_json(path: &Path, value: &Value) -> Result<(), SynthError> {
 
 fn prepare_out(out: &Path, force: bool) -> Result<PathBuf, SynthError> {
     if out.exists() {
-        let empty = out.read_dir().map(|mut d| d.next().is_none()).unwrap_or(false);
+        let empty = out
+            .read_dir()
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(false);
         if !empty && !force {
             return Err(SynthError::Usage(format!(
                 "{}: already exists and is not empty (choose another --out or pass --force)",
@@ -195,9 +216,15 @@ fn prepare_out(out: &Path, force: bool) -> Result<PathBuf, SynthError> {
             )));
         }
     }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "synth".into());
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_else(|| "synth".into());
     let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
@@ -249,10 +276,19 @@ fn write_into(
     write_json(&dir.join("tokenizer.json"), &tok.json)?;
     write_json(&dir.join("tokenizer_config.json"), &tok.config)?;
     if opts.config_only {
-        return Ok(SynthReport { dir: dir.to_path_buf(), tensors: 0, shards: 0, bytes: 0 });
+        return Ok(SynthReport {
+            dir: dir.to_path_buf(),
+            tensors: 0,
+            shards: 0,
+            bytes: 0,
+        });
     }
     let elem = if dtype == "float32" { 4 } else { 2 };
-    let st_dtype = match dtype { "float32" => "F32", "float16" => "F16", _ => "BF16" };
+    let st_dtype = match dtype {
+        "float32" => "F32",
+        "float16" => "F16",
+        _ => "BF16",
+    };
     let tensors = plan(spec, opts.layout);
 
     // Group tensors into shards by size, in order.
@@ -269,7 +305,10 @@ fn write_into(
             last.push(t);
         }
     }
-    let total: u64 = tensors.iter().map(|t| (t.shape.iter().product::<usize>() * elem) as u64).sum();
+    let total: u64 = tensors
+        .iter()
+        .map(|t| (t.shape.iter().product::<usize>() * elem) as u64)
+        .sum();
     let progress = Progress::new(total, "writing synthetic weights");
     let n = shards.len();
     let mut weight_map = Map::new();
@@ -279,7 +318,16 @@ fn write_into(
         } else {
             format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
         };
-        write_shard(&dir.join(&file), shard, opts.seed, spec.initializer_range as f32, dtype, st_dtype, elem, &progress)?;
+        write_shard(
+            &dir.join(&file),
+            shard,
+            opts.seed,
+            spec.initializer_range as f32,
+            dtype,
+            st_dtype,
+            elem,
+            &progress,
+        )?;
         for t in shard {
             weight_map.insert(t.name.clone(), file.clone().into());
         }
@@ -289,7 +337,12 @@ fn write_into(
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         write_json(&dir.join(crate::checkpoint::INDEX_FILE), &index)?;
     }
-    Ok(SynthReport { dir: dir.to_path_buf(), tensors: tensors.len(), shards: n, bytes: total })
+    Ok(SynthReport {
+        dir: dir.to_path_buf(),
+        tensors: tensors.len(),
+        shards: n,
+        bytes: total,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -314,28 +367,39 @@ fn write_shard(
         );
         offset += bytes;
     }
-    let mut header_bytes = serde_json::to_vec(&Value::Object(header)).map_err(|e| SynthError::Usage(e.to_string()))?;
+    let mut header_bytes =
+        serde_json::to_vec(&Value::Object(header)).map_err(|e| SynthError::Usage(e.to_string()))?;
     while header_bytes.len() % 8 != 0 {
         header_bytes.push(b' ');
     }
     let file = File::create(path).map_err(io_err(path))?;
     let mut w = BufWriter::with_capacity(1 << 22, file);
-    w.write_all(&(header_bytes.len() as u64).to_le_bytes()).map_err(io_err(path))?;
+    w.write_all(&(header_bytes.len() as u64).to_le_bytes())
+        .map_err(io_err(path))?;
     w.write_all(&header_bytes).map_err(io_err(path))?;
 
     let chunks: Vec<&Chunk> = tensors.iter().flat_map(|t| t.chunks.iter()).collect();
-    let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 16);
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 16);
     for window in chunks.chunks(workers) {
         let generated: Vec<Vec<u8>> = std::thread::scope(|s| {
             let handles: Vec<_> = window
                 .iter()
                 .map(|c| s.spawn(move || generate(seed, c, std, dtype)))
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_default()).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
         });
         for (bytes, chunk) in generated.iter().zip(window) {
             if bytes.len() != chunk.numel * elem {
-                return Err(SynthError::Usage(format!("generation of '{}' failed", chunk.key)));
+                return Err(SynthError::Usage(format!(
+                    "generation of '{}' failed",
+                    chunk.key
+                )));
             }
             w.write_all(bytes).map_err(io_err(path))?;
             progress.inc(bytes.len() as u64);

@@ -22,7 +22,9 @@ pub fn init(setup: LogSetup) -> Result<Option<tracing::span::EnteredSpan>, Strin
     let filter = |level: Option<&str>| -> Result<EnvFilter, String> {
         match level {
             Some(l) => EnvFilter::try_new(l).map_err(|e| format!("--log-level '{l}': {e}")),
-            None => Ok(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))),
+            None => {
+                Ok(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+            }
         }
     };
     let stderr_layer = fmt::layer()
@@ -32,8 +34,9 @@ pub fn init(setup: LogSetup) -> Result<Option<tracing::span::EnteredSpan>, Strin
     let file_layer = match setup.file {
         Some(path) => {
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| format!("{}: cannot create log directory: {e}", parent.display()))?;
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    format!("{}: cannot create log directory: {e}", parent.display())
+                })?;
             }
             let file = OpenOptions::new()
                 .create(true)

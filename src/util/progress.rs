@@ -49,7 +49,9 @@ impl Progress {
             bar.inc(delta);
             return;
         }
-        let Ok(mut last) = self.last_log.lock() else { return };
+        let Ok(mut last) = self.last_log.lock() else {
+            return;
+        };
         if last.elapsed() >= LOG_EVERY {
             *last = Instant::now();
             let pct = 100.0 * done as f64 / self.total.max(1) as f64;

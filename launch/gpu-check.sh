@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# GPU checks for moeq: build and pack here, run on a GPU machine.
+#
+#   launch/gpu-check.sh build   # on the build machine: cargo build --features cuda,nccl, strip,
+#                               # xz into .device/ (git-ignored; carry it to the GPU machine)
+#   launch/gpu-check.sh run     # on the GPU machine, repository root: unpack .device/, run
+#                               # `moeq gpu-check` (CUDA ops vs CPU references), log to $OUT
+#
+# build needs nvcc (CUDA 13.0 or older than the GPU machine's driver) on PATH; on a machine
+# without a CUDA toolkit, MOEQ_CUDA_ENV names a script that prints the export lines for one
+# (e.g. ../shared/gpu/cuda-build-env.sh). MOEQ_PROFILE picks the cargo profile (default dev:
+# checks need correctness, not speed; benchmarks use release).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=${1:?usage: launch/gpu-check.sh build|run}
+profile=${MOEQ_PROFILE:-dev}
+
+case "$mode" in
+build)
+  if [ -n "${MOEQ_CUDA_ENV:-}" ]; then eval "$(bash "$MOEQ_CUDA_ENV")"; fi
+  export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/moeq-target-cuda}
+  cargo build --profile "$profile" --features cuda,nccl --bin moeq
+  dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
+  mkdir -p .device
+  strip -o .device/moeq "$CARGO_TARGET_DIR/$dir/moeq"
+  xz -f -T2 .device/moeq
+  ls -la .device/
+  ;;
+run)
+  OUT=${OUT:-/tmp/moeq-gpu-out}
+  mkdir -p "$OUT"
+  SP=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
+  if [ -d "$SP" ]; then
+    export LD_LIBRARY_PATH=$SP/cu13/lib:$SP/nccl/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+  fi
+  for f in .device/*.xz; do [ -e "$f" ] && xz -dkf "$f"; done
+  chmod +x .device/moeq
+  { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } | tee "$OUT/gpu.txt"
+  .device/moeq gpu-check 2>&1 | tee "$OUT/gpu-check.log"
+  ;;
+*)
+  echo "usage: launch/gpu-check.sh build|run" >&2
+  exit 2
+  ;;
+esac

@@ -1,0 +1,448 @@
+//! YAML text to [`TrainConfig`]: syntax, key set, then each field.
+
+use super::fields::{describe, invalid, one_of, quote_word, Bounds, Fields};
+use super::keys::{
+    lookup, suggest_key, DATASET_KEYS, IGNORED_AXOLOTL_KEYS, IGNORED_DATASET_KEYS, SUPPORTED_KEYS,
+    UNSUPPORTED_AXOLOTL_KEYS,
+};
+use super::types::*;
+use super::{validate, yaml, ConfigError, ConfigOutcome, DatasetConfig, TrainConfig};
+use serde_yaml::{Mapping, Value};
+use std::path::PathBuf;
+
+type R<T> = Result<T, ConfigError>;
+
+const QUANT_BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+
+pub(crate) fn parse(text: &str, origin: &str) -> R<ConfigOutcome> {
+    let mut root: Value = serde_yaml::from_str(text).map_err(|e| yaml::error(origin, text, &e))?;
+    root.apply_merge()
+        .map_err(|e| yaml::error(origin, text, &e))?;
+    let map = match &root {
+        Value::Mapping(m) if !m.is_empty() => m,
+        Value::Null | Value::Mapping(_) => {
+            return Err(invalid(
+                origin,
+                "the config is empty; it needs at least base_model and datasets",
+            ))
+        }
+        other => {
+            return Err(invalid(
+                origin,
+                format!(
+                    "the top level must be a mapping of keys such as 'base_model: ...', got {}",
+                    describe(other)
+                ),
+            ))
+        }
+    };
+
+    let mut warnings = Vec::new();
+    check_keys(
+        origin,
+        "",
+        map,
+        &KeySet {
+            supported: SUPPORTED_KEYS,
+            ignored: IGNORED_AXOLOTL_KEYS,
+            unsupported: UNSUPPORTED_AXOLOTL_KEYS,
+            readme_what: "keys",
+        },
+        &mut warnings,
+    )?;
+    let f = Fields::new(origin, String::new(), map);
+    if !f.present("base_model") {
+        return Err(f.missing("base_model", "a model directory or synth://<arch>/<preset>"));
+    }
+    if !f.present("datasets") {
+        return Err(f.missing("datasets", "a list of entries with 'path' and 'type'"));
+    }
+    let config = build(&f, &mut warnings)?;
+    validate::check(&config, &f, &mut warnings)?;
+    Ok(ConfigOutcome { config, warnings })
+}
+
+struct KeySet {
+    supported: &'static [(&'static str, &'static str)],
+    ignored: &'static [(&'static str, &'static str)],
+    unsupported: &'static [(&'static str, &'static str)],
+    /// Completes "see README.md for the supported ...".
+    readme_what: &'static str,
+}
+
+/// Whether an unsupported key asks for something. Blank, false and empty
+/// values are how axolotl templates leave a feature off.
+fn is_set(v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => false,
+        Value::String(s) => !s.trim().is_empty(),
+        Value::Sequence(s) => !s.is_empty(),
+        Value::Mapping(m) => !m.is_empty(),
+        _ => true,
+    }
+}
+
+/// Rejects unknown and unsupported keys and warns about ignored ones, in
+/// file order so the first complaint is the first one in the file.
+fn check_keys(
+    origin: &str,
+    prefix: &str,
+    map: &Mapping,
+    set: &KeySet,
+    warnings: &mut Vec<String>,
+) -> R<()> {
+    for (k, v) in map {
+        let Value::String(key) = k else {
+            let place = match prefix.trim_end_matches('.') {
+                "" => String::new(),
+                p => format!(" in '{p}'"),
+            };
+            return Err(invalid(
+                origin,
+                format!("every key{place} must be a string, got {}", describe(k)),
+            ));
+        };
+        if lookup(set.supported, key).is_some() {
+            continue;
+        }
+        if let Some(reason) = lookup(set.ignored, key) {
+            if !v.is_null() {
+                warnings.push(format!(
+                    "{origin}: key '{prefix}{key}' is accepted for axolotl compatibility but ignored by moeq ({reason})"
+                ));
+            }
+            continue;
+        }
+        if let Some(why) = lookup(set.unsupported, key) {
+            if is_set(v) {
+                return Err(invalid(
+                    origin,
+                    format!("key '{prefix}{key}' is not supported: {why}"),
+                ));
+            }
+            continue;
+        }
+        let near = suggest_key(key, set.supported, &[set.ignored, set.unsupported]);
+        let shown = quote_word(&format!("{prefix}{key}"));
+        let msg = match near {
+            Some(n) => format!("unknown key {shown} (did you mean '{n}'?)"),
+            None => format!(
+                "unknown key {shown} (see README.md for the supported {})",
+                set.readme_what
+            ),
+        };
+        return Err(invalid(origin, msg));
+    }
+    Ok(())
+}
+
+fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
+    let base_model = f.string("base_model")?.unwrap_or_default();
+    check_synth_model(f, &base_model)?;
+
+    let adapter = f.choice::<Adapter>("adapter")?.unwrap_or(Adapter::Qlora);
+    let lora_r = f.usize_min("lora_r", 1)?.unwrap_or(16);
+    let lora_target_linear = f.bool("lora_target_linear")?.unwrap_or(false);
+    let mut lora_target_modules = target_modules(f)?;
+    if lora_target_linear {
+        lora_target_modules = TargetModules::AllLinear;
+    }
+
+    let fp16 = f.bool("fp16")?.unwrap_or(false);
+    if fp16 {
+        return Err(f.err(
+            "fp16",
+            "must be false: moeq trains in bf16 or f32 (use bf16: true, false or auto)",
+        ));
+    }
+
+    Ok(TrainConfig {
+        base_model,
+        tokenizer_config: f.string("tokenizer_config")?.map(PathBuf::from),
+        device: device(f)?,
+        load_in_4bit: f.bool("load_in_4bit")?.unwrap_or(adapter == Adapter::Qlora),
+        bnb_4bit_quant_type: f.choice("bnb_4bit_quant_type")?.unwrap_or(QuantType::Nf4),
+        bnb_4bit_use_double_quant: f.bool("bnb_4bit_use_double_quant")?.unwrap_or(true),
+        bnb_4bit_compute_dtype: f.choice("bnb_4bit_compute_dtype")?,
+        quant_blocksize: quant_blocksize(f)?,
+        adapter,
+        lora_r,
+        lora_alpha: f
+            .number("lora_alpha", Bounds::POSITIVE)?
+            .unwrap_or(2.0 * lora_r as f64),
+        lora_dropout: f.number("lora_dropout", Bounds::UNIT)?.unwrap_or(0.0),
+        lora_target_modules,
+        lora_target_linear,
+        lora_target_parameters: f.string_list("lora_target_parameters")?.unwrap_or_default(),
+        peft_use_rslora: f.bool("peft_use_rslora")?.unwrap_or(false),
+        datasets: datasets(f, warnings)?,
+        chat_template: f.string("chat_template")?,
+        val_set_size: val_set_size(f)?,
+        sequence_len: f.usize_min("sequence_len", 16)?.unwrap_or(2048),
+        sample_packing: f.bool("sample_packing")?.unwrap_or(false),
+        pad_to_sequence_len: f.bool("pad_to_sequence_len")?.unwrap_or(false),
+        train_on_inputs: f.bool("train_on_inputs")?.unwrap_or(false),
+        skip_bad_samples: f.bool("skip_bad_samples")?.unwrap_or(false),
+        max_consecutive_skipped_steps: f
+            .usize_min("max_consecutive_skipped_steps", 1)?
+            .unwrap_or(10),
+        micro_batch_size: f.usize_min("micro_batch_size", 1)?.unwrap_or(1),
+        gradient_accumulation_steps: f.usize_min("gradient_accumulation_steps", 1)?.unwrap_or(1),
+        num_epochs: f.number("num_epochs", Bounds::POSITIVE)?.unwrap_or(1.0),
+        max_steps: f.usize_min("max_steps", 1)?,
+        learning_rate: f
+            .number("learning_rate", Bounds::UNIT_POSITIVE)?
+            .unwrap_or(2e-4),
+        lr_scheduler: f.choice("lr_scheduler")?.unwrap_or(LrScheduler::Cosine),
+        warmup_steps: f.usize_min("warmup_steps", 0)?,
+        warmup_ratio: f.number("warmup_ratio", Bounds::UNIT)?,
+        optimizer: optimizer(f)?,
+        weight_decay: f
+            .number("weight_decay", Bounds::NON_NEGATIVE)?
+            .unwrap_or(0.0),
+        adam_beta1: f.number("adam_beta1", Bounds::UNIT)?.unwrap_or(0.9),
+        adam_beta2: f.number("adam_beta2", Bounds::UNIT)?.unwrap_or(0.999),
+        adam_epsilon: f.number("adam_epsilon", Bounds::POSITIVE)?.unwrap_or(1e-8),
+        max_grad_norm: f
+            .number("max_grad_norm", Bounds::NON_NEGATIVE)?
+            .unwrap_or(1.0),
+        bf16: bf16(f)?,
+        fp16,
+        gradient_checkpointing: f.bool("gradient_checkpointing")?.unwrap_or(true),
+        output_dir: f
+            .string("output_dir")?
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("./outputs/moeq")),
+        save_steps: f.usize_min("save_steps", 1)?,
+        save_total_limit: f.usize_min("save_total_limit", 1)?,
+        logging_steps: f.usize_min("logging_steps", 1)?.unwrap_or(1),
+        eval_steps: f.usize_min("eval_steps", 1)?,
+        seed: f.u64_min("seed", 0)?.unwrap_or(42),
+        resume_from_checkpoint: resume_from(f)?,
+        expert_parallel: f.bool("expert_parallel")?.unwrap_or(true),
+        collective_timeout_s: f.u64_min("collective_timeout_s", 1)?.unwrap_or(120),
+    })
+}
+
+/// Catches a malformed synth:// address here rather than after the run has
+/// started; the synth module owns the meaning of arch and preset.
+fn check_synth_model(f: &Fields, base_model: &str) -> R<()> {
+    let Some(rest) = base_model.strip_prefix("synth://") else {
+        return Ok(());
+    };
+    let body = rest.split('?').next().unwrap_or_default();
+    let mut parts = body.split('/');
+    let ok = matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(p), None) if !a.is_empty() && !p.is_empty());
+    if ok {
+        Ok(())
+    } else {
+        Err(f.err(
+            "base_model",
+            format!(
+                "must look like synth://<arch>/<preset>?seed=N, got {}",
+                quote_word(base_model)
+            ),
+        ))
+    }
+}
+
+fn target_modules(f: &Fields) -> R<TargetModules> {
+    let Some(names) = f.string_list("lora_target_modules")? else {
+        return Ok(TargetModules::Named(
+            ["q_proj", "k_proj", "v_proj", "o_proj"]
+                .map(String::from)
+                .to_vec(),
+        ));
+    };
+    if names.iter().any(|n| n == "all-linear") {
+        if names.len() > 1 {
+            return Err(f.err(
+                "lora_target_modules",
+                "cannot combine all-linear with other module names",
+            ));
+        }
+        return Ok(TargetModules::AllLinear);
+    }
+    Ok(TargetModules::Named(names))
+}
+
+fn device(f: &Fields) -> R<Device> {
+    let Some(v) = f.get("device") else {
+        return Ok(Device::Auto);
+    };
+    let parsed = match v {
+        Value::String(s) => match s.as_str() {
+            "auto" => Some(Device::Auto),
+            "cpu" => Some(Device::Cpu),
+            "cuda" => Some(Device::Cuda(None)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .map(|n| Device::Cuda(Some(n))),
+        },
+        _ => None,
+    };
+    parsed.ok_or_else(|| f.err("device", one_of(&["auto", "cpu", "cuda", "cuda:N"], v)))
+}
+
+fn quant_blocksize(f: &Fields) -> R<usize> {
+    let Some(n) = f.usize_min("quant_blocksize", 0)? else {
+        return Ok(64);
+    };
+    if QUANT_BLOCKSIZES.contains(&n) {
+        Ok(n)
+    } else {
+        let list = QUANT_BLOCKSIZES.map(|b| b.to_string()).join(", ");
+        Err(f.err("quant_blocksize", format!("must be one of {list}; got {n}")))
+    }
+}
+
+fn val_set_size(f: &Fields) -> R<ValSetSize> {
+    let Some(v) = f.get("val_set_size") else {
+        return Ok(ValSetSize::Fraction(0.0));
+    };
+    let Value::Number(n) = v else {
+        return Err(f.err(
+            "val_set_size",
+            format!("must be a number, got {}", describe(v)),
+        ));
+    };
+    if let Some(u) = n.as_u64() {
+        return match usize::try_from(u) {
+            Ok(0) => Ok(ValSetSize::Fraction(0.0)),
+            Ok(c) => Ok(ValSetSize::Count(c)),
+            Err(_) => Err(f.err("val_set_size", format!("is too large, got {n}"))),
+        };
+    }
+    match n.as_f64() {
+        Some(x) if n.is_f64() && (0.0..1.0).contains(&x) => Ok(ValSetSize::Fraction(x)),
+        _ => Err(f.err(
+            "val_set_size",
+            format!("must be a fraction in [0, 1) or a record count of at least 1, got {n}"),
+        )),
+    }
+}
+
+fn optimizer(f: &Fields) -> R<Optimizer> {
+    match f.choice::<Optimizer>("optimizer") {
+        Ok(o) => Ok(o.unwrap_or(Optimizer::AdamW)),
+        Err(ConfigError::Invalid {
+            origin,
+            mut message,
+        }) => {
+            if matches!(f.get("optimizer"), Some(Value::String(s)) if s.contains("adam")) {
+                message.push_str(" (moeq has one optimizer: AdamW with fp32 state)");
+            }
+            Err(ConfigError::Invalid { origin, message })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn bf16(f: &Fields) -> R<Bf16Mode> {
+    match f.get("bf16") {
+        None => Ok(Bf16Mode::Auto),
+        Some(Value::Bool(true)) => Ok(Bf16Mode::Enabled),
+        Some(Value::Bool(false)) => Ok(Bf16Mode::Disabled),
+        Some(Value::String(s)) if s == "auto" => Ok(Bf16Mode::Auto),
+        Some(v) => {
+            let got = match v {
+                Value::String(s) => quote_word(s),
+                other => describe(other),
+            };
+            Err(f.err("bf16", format!("must be true, false or auto; got {got}")))
+        }
+    }
+}
+
+/// `true` is accepted as Hugging Face's spelling of "the latest checkpoint".
+fn resume_from(f: &Fields) -> R<Option<ResumeFrom>> {
+    match f.get("resume_from_checkpoint") {
+        None | Some(Value::Bool(false)) => Ok(None),
+        Some(Value::Bool(true)) => Ok(Some(ResumeFrom::Auto)),
+        Some(Value::String(s)) if s == "auto" => Ok(Some(ResumeFrom::Auto)),
+        Some(_) => Ok(f
+            .string("resume_from_checkpoint")?
+            .map(|p| ResumeFrom::Path(PathBuf::from(p)))),
+    }
+}
+
+fn datasets(f: &Fields, warnings: &mut Vec<String>) -> R<Vec<DatasetConfig>> {
+    let Some(v) = f.get("datasets") else {
+        return Ok(Vec::new());
+    };
+    let Value::Sequence(items) = v else {
+        return Err(f.err(
+            "datasets",
+            format!(
+                "must be a list of entries with 'path' and 'type', got {}",
+                describe(v)
+            ),
+        ));
+    };
+    if items.is_empty() {
+        return Err(f.err("datasets", "must list at least one dataset"));
+    }
+    let set = KeySet {
+        supported: DATASET_KEYS,
+        ignored: IGNORED_DATASET_KEYS,
+        unsupported: &[],
+        readme_what: "dataset keys",
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let Value::Mapping(m) = item else {
+            return Err(f.err(
+                &format!("datasets[{i}]"),
+                format!(
+                    "must be a mapping with 'path' and 'type', got {}",
+                    describe(item)
+                ),
+            ));
+        };
+        let prefix = format!("datasets[{i}].");
+        check_keys(f.origin(), &prefix, m, &set, warnings)?;
+        let d = Fields::new(f.origin(), prefix, m);
+        let path = d
+            .string("path")?
+            .ok_or_else(|| d.missing("path", "a data file, a directory or synth://<task>"))?;
+        if path
+            .strip_prefix("synth://")
+            .is_some_and(|t| t.split('?').next().unwrap_or_default().is_empty())
+        {
+            return Err(d.err(
+                "path",
+                format!(
+                    "must look like synth://<task>?n=N, got {}",
+                    quote_word(&path)
+                ),
+            ));
+        }
+        let ds_type = d.choice::<DatasetType>("type")?.ok_or_else(|| {
+            d.missing(
+                "type",
+                "one of completion, alpaca, chat_template, input_output",
+            )
+        })?;
+        out.push(DatasetConfig {
+            path,
+            ds_type,
+            split: d.string("split")?,
+            field: d.string("field")?.unwrap_or_else(|| "text".to_string()),
+            field_messages: d
+                .string("field_messages")?
+                .unwrap_or_else(|| "messages".to_string()),
+            message_property_mappings: d
+                .string_map("message_property_mappings")?
+                .unwrap_or_default(),
+            roles_to_train: d
+                .string_list("roles_to_train")?
+                .unwrap_or_else(|| vec!["assistant".to_string()]),
+            train_on_eos: d.choice("train_on_eos")?.unwrap_or(TrainOnEos::Turn),
+            chat_template: d.string("chat_template")?,
+            name: d.string("name")?,
+            data_files: d.string_list("data_files")?,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,262 @@
+//! Synthetic checkpoints: tokenizer round trips, preset shapes against published totals,
+//! `synth://` resolution, and the `moeq synth` / `moeq inspect` commands end to end.
+
+use moeq::arch::{ArchSpec, ModelType};
+use moeq::synth::{self, config_json, tokenizer, DiskLayout, SynthUri};
+use std::process::Command;
+
+#[test]
+fn tokenizer_is_a_real_byte_level_bpe_that_round_trips() {
+    let tok = tokenizer::build(2048);
+    let text = serde_json::to_string(&tok.json).unwrap();
+    let t = tokenizers::Tokenizer::from_bytes(text.as_bytes()).expect("tokenizers loads it");
+    assert_eq!(t.get_vocab_size(true), tokenizer::VOCAB_SIZE);
+    let samples = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Reverse the letters: planet -> tenalp",
+        "  leading spaces, tabs\tand\nnew lines\r\n",
+        "unicode: naïve café, 日本語, emoji 🙂, math ∑∫",
+        "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n",
+        "",
+    ];
+    for s in samples {
+        let enc = t.encode(s, false).unwrap();
+        let ids = enc.get_ids();
+        assert!(ids.iter().all(|&i| (i as usize) < tokenizer::VOCAB_SIZE));
+        let back = t.decode(ids, false).unwrap();
+        assert_eq!(back, s, "round trip of {s:?}");
+    }
+    // Merges were learned: common English compresses below one token per byte.
+    let enc = t
+        .encode("the history of the market and the robot", false)
+        .unwrap();
+    assert!(enc.get_ids().len() < 20, "{} tokens", enc.get_ids().len());
+    // Special tokens are single ids.
+    let enc = t.encode("<|im_start|>", false).unwrap();
+    assert_eq!(enc.get_ids(), &[tok.im_start_id]);
+}
+
+#[test]
+fn tokenizer_is_deterministic() {
+    let a = serde_json::to_string(&tokenizer::build(128).json).unwrap();
+    let b = serde_json::to_string(&tokenizer::build(128).json).unwrap();
+    assert_eq!(a, b);
+}
+
+fn spec(arch: ModelType, preset: &str) -> ArchSpec {
+    ArchSpec::from_json(
+        &config_json(arch, preset, None, "bfloat16").unwrap(),
+        "preset",
+    )
+    .unwrap()
+}
+
+#[test]
+fn real_presets_match_published_parameter_counts() {
+    // (arch, preset, total B, active B, tolerance on each in B). Published figures are
+    // rounded to 0.1B; the tolerance covers the rounding and, for Mixtral, whether the
+    // embeddings are counted in "active".
+    let cases = [
+        (ModelType::Qwen3Moe, "qwen3-30b-a3b", 30.5, 3.3, 0.2),
+        (ModelType::Qwen3Moe, "qwen3-235b-a22b", 235.0, 22.0, 1.0),
+        (ModelType::Qwen2Moe, "qwen1.5-moe-a2.7b", 14.3, 2.7, 0.2),
+        (ModelType::Mixtral, "mixtral-8x7b", 46.7, 12.9, 0.2),
+        (ModelType::Olmoe, "olmoe-1b-7b", 6.9, 1.3, 0.2),
+    ];
+    for (arch, preset, total, active, tol) in cases {
+        let s = spec(arch, preset);
+        let t = s.total_params() as f64 / 1e9;
+        let a = s.active_params() as f64 / 1e9;
+        assert!(
+            (t - total).abs() <= tol,
+            "{preset}: total {t:.3}B vs {total}B"
+        );
+        assert!(
+            (a - active).abs() <= tol,
+            "{preset}: active {a:.3}B vs {active}B"
+        );
+    }
+}
+
+#[test]
+fn presets_are_checked_against_the_arch() {
+    let err = config_json(ModelType::Mixtral, "qwen3-30b-a3b", None, "bfloat16").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "unknown preset 'qwen3-30b-a3b' for mixtral: choose one of tiny, mixtral-8x7b ('qwen3-30b-a3b' is a qwen3_moe preset: use --arch qwen3_moe)"
+    );
+    let s = ArchSpec::from_json(
+        &config_json(ModelType::Qwen3Moe, "qwen3-30b-a3b", Some(12), "bfloat16").unwrap(),
+        "x",
+    )
+    .unwrap();
+    assert_eq!(s.num_layers, 12);
+}
+
+#[test]
+fn synth_uri_parses_and_rejects() {
+    let u = SynthUri::parse("synth://qwen3_moe/tiny?seed=3&layers=1&layout=fused").unwrap();
+    assert_eq!(u.model_type, ModelType::Qwen3Moe);
+    assert_eq!(
+        (u.seed, u.layers, u.layout),
+        (3, Some(1), DiskLayout::Fused)
+    );
+    let err = SynthUri::parse("synth://qwen3_moe/tiny?sed=3")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "base_model 'synth://qwen3_moe/tiny?sed=3': unknown parameter 'sed' (expected synth://<arch>/<preset>?seed=N[&layers=L][&layout=hub|fused])"
+    );
+    let err = SynthUri::parse("synth://llama/tiny")
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe)"
+    );
+}
+
+#[test]
+fn synth_uri_resolves_into_the_cache_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::env::set_var("MOEQ_CACHE_DIR", tmp.path());
+    let dir = synth::resolve_base_model("synth://olmoe/tiny?seed=9").unwrap();
+    assert!(dir.starts_with(tmp.path()));
+    assert!(dir.join("model.safetensors").is_file());
+    let stamp = std::fs::metadata(dir.join("model.safetensors"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let again = synth::resolve_base_model("synth://olmoe/tiny?seed=9").unwrap();
+    assert_eq!(dir, again);
+    assert_eq!(
+        stamp,
+        std::fs::metadata(again.join("model.safetensors"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    );
+    // No partial directories are left next to it.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.parent().unwrap())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
+
+fn moeq(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_moeq"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn inspect_from_config_only_reports_qwen3_30b_sizes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("q30");
+    let (code, _, err) = moeq(&[
+        "synth",
+        "--arch",
+        "qwen3_moe",
+        "--preset",
+        "qwen3-30b-a3b",
+        "--config-only",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.join("tokenizer.json").is_file() && out.join("tokenizer_config.json").is_file());
+    assert!(!out.join("model.safetensors").exists());
+    let (code, stdout, err) = moeq(&["inspect", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        stdout.contains("parameters  30.53B total, 3.35B active per token"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("weights     none (config.json only)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("NF4 frozen weights"), "{stdout}");
+}
+
+#[test]
+fn inspect_full_checkpoint_reports_layout_and_disk_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("m");
+    let (code, _, err) = moeq(&[
+        "synth",
+        "--arch",
+        "mixtral",
+        "--layout",
+        "hub",
+        "--shard-size-mb",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, stdout, err) = moeq(&["inspect", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        stdout.contains("expert layout per-expert Mixtral"),
+        "{stdout}"
+    );
+    // 2 layers × 4 experts × 3 × 64 × 64 bf16 values.
+    assert!(
+        stdout.contains("experts             98.3k    196.61 kB"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn synth_refuses_to_overwrite_without_force() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("keep.txt"), "x").unwrap();
+    let (code, _, err) = moeq(&[
+        "synth",
+        "--arch",
+        "qwen3_moe",
+        "--out",
+        tmp.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        err.trim(),
+        format!(
+            "error: {}: already exists and is not empty (choose another --out or pass --force)",
+            tmp.path().display()
+        )
+    );
+    assert!(tmp.path().join("keep.txt").is_file());
+}
+
+#[test]
+fn inspect_of_a_missing_directory_exits_2() {
+    let (code, stdout, err) = moeq(&["inspect", "/nonexistent/model"]);
+    assert_eq!(code, 2);
+    assert!(stdout.is_empty());
+    assert_eq!(
+        err.trim(),
+        "error: /nonexistent/model: model directory does not exist (give a Hugging Face model directory or synth://<arch>/<preset>)"
+    );
+}
+
+#[test]
+fn swiglu_custom_op_matches_its_reference_on_the_cpu() {
+    // The same comparison `moeq gpu-check` runs on CUDA; here both sides are CPU code paths
+    // (the custom op's loop vs candle primitive ops), forward and backward.
+    let results = moeq::ops::check::run_all(&candle_core::Device::Cpu).unwrap();
+    assert_eq!(results.len(), 9);
+    for r in results {
+        assert!(r.passed(), "{r}");
+    }
+}
