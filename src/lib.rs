@@ -12,5 +12,6 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod ops;
+pub mod quant;
 pub mod synth;
 pub mod util;

@@ -20,7 +20,8 @@ pub fn run(_args: GpuCheckArgs) -> Result<(), CliError> {
 #[cfg(feature = "cuda")]
 pub fn run(args: GpuCheckArgs) -> Result<(), CliError> {
     let device = candle_core::Device::new_cuda(args.device).map_err(CliError::failed)?;
-    let results = crate::ops::check::run_all(&device).map_err(CliError::failed)?;
+    let mut results = crate::ops::check::run_all(&device).map_err(CliError::failed)?;
+    results.extend(crate::quant::gpu_check::run_all(&device).map_err(CliError::failed)?);
     let mut failed = 0;
     for r in &results {
         println!("{r}");

@@ -2,6 +2,7 @@
 //! sets up logging, and turns errors into one line and an exit code:
 //! 0 success, 1 failure while working, 2 bad input (flags, config, data, checkpoint files).
 
+mod gpu_bench;
 mod gpu_check;
 mod inspect;
 mod synth;
@@ -34,6 +35,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Run the CUDA ops against their CPU references (needs a build with --features cuda).
     GpuCheck(gpu_check::GpuCheckArgs),
+    /// Measure CUDA kernel throughput against device copy bandwidth (needs --features cuda).
+    GpuBench(gpu_bench::GpuBenchArgs),
 }
 
 /// An error at the binary's edge: the one-line message and the exit code it maps to.
@@ -62,6 +65,7 @@ pub fn main() -> ExitCode {
         Command::Synth(args) => with_logging(cli.log_level.as_deref(), || synth::run(args)),
         Command::Inspect(args) => with_logging(cli.log_level.as_deref(), || inspect::run(args)),
         Command::GpuCheck(args) => with_logging(cli.log_level.as_deref(), || gpu_check::run(args)),
+        Command::GpuBench(args) => with_logging(cli.log_level.as_deref(), || gpu_bench::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

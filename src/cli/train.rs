@@ -21,10 +21,11 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
     }
     .map_err(CliError::input)?;
     let config = outcome.config;
+    let log_file = config.output_dir.join("moeq.log");
     let _guard = crate::util::logging::init(crate::util::logging::LogSetup {
         level: log_level,
         rank: None,
-        file: None,
+        file: Some(&log_file),
     })
     .map_err(CliError::input)?;
     for w in &outcome.warnings {

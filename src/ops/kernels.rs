@@ -2,3 +2,6 @@
 
 #[cfg(feature = "cuda")]
 pub const SWIGLU: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
+
+#[cfg(feature = "cuda")]
+pub const NF4: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));

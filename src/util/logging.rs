@@ -2,6 +2,7 @@
 //! line once there are ranks, and a copy of the log in the run's output directory.
 
 use std::fs::OpenOptions;
+use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::Mutex;
 use tracing_subscriber::layer::SubscriberExt;
@@ -29,6 +30,7 @@ pub fn init(setup: LogSetup) -> Result<Option<tracing::span::EnteredSpan>, Strin
     };
     let stderr_layer = fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .with_filter(filter(setup.level)?);
     let file_layer = match setup.file {

@@ -1,0 +1,160 @@
+//! `moeq gpu-check` for quantization: the CUDA kernels against the CPU reference on random
+//! data, which must agree byte for byte (tolerance 0): packed codes, absmax, dequantized
+//! values, and the nested absmax reconstruction.
+
+use super::{cuda, nested, quantize_4bit, QuantKind, QuantSettings};
+use crate::ops::check::{compare, Comparison};
+use candle_core::{DType, Device, Result, Tensor};
+
+fn exact(what: String, got: &Tensor, want: &Tensor) -> Result<Comparison> {
+    compare(
+        &what,
+        &got.to_dtype(DType::F32)?,
+        &want.to_dtype(DType::F32)?,
+        0.0,
+        0.0,
+    )
+}
+
+fn bytes_of(t: &Tensor) -> Result<Vec<u8>> {
+    let t = t.to_device(&Device::Cpu)?;
+    Ok(match t.dtype() {
+        DType::F32 => t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::BF16 => t
+            .flatten_all()?
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F16 => t
+            .flatten_all()?
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        _ => t.flatten_all()?.to_vec1::<u8>()?,
+    })
+}
+
+/// Compares bit patterns (as u8 values), so NaN or -0.0 differences are caught too.
+fn same_bits(what: String, got: &Tensor, want: &Tensor) -> Result<Comparison> {
+    let (g, w) = (bytes_of(got)?, bytes_of(want)?);
+    let g = Tensor::from_vec(
+        g.iter().map(|&b| b as f32).collect::<Vec<_>>(),
+        g.len(),
+        &Device::Cpu,
+    )?;
+    let w = Tensor::from_vec(
+        w.iter().map(|&b| b as f32).collect::<Vec<_>>(),
+        w.len(),
+        &Device::Cpu,
+    )?;
+    exact(what, &g, &w)
+}
+
+fn check_one(
+    device: &Device,
+    n: usize,
+    dtype: DType,
+    settings: QuantSettings,
+) -> Result<Vec<Comparison>> {
+    // Normal data with per-row scale changes and one all-zero block; never all zeros.
+    let mut x = (Tensor::randn(0f32, 1.0, n, &Device::Cpu)? * 0.05)?;
+    if n > 3 * settings.blocksize {
+        let zeros = Tensor::zeros(settings.blocksize, DType::F32, &Device::Cpu)?;
+        x = x.slice_assign(&[settings.blocksize..2 * settings.blocksize], &zeros)?;
+    }
+    let x = x.to_dtype(dtype)?;
+    let label = format!(
+        "nf4-kernels {:?} n={n} {} bs={}",
+        dtype,
+        settings.kind.as_str(),
+        settings.blocksize
+    );
+    let (packed_gpu, absmax_gpu) = cuda::quantize(&x.to_device(device)?, &settings)?;
+    let (packed_cpu, absmax_cpu) = match dtype {
+        DType::BF16 => quantize_4bit(
+            &x.to_vec1::<half::bf16>()?,
+            settings.blocksize,
+            settings.kind,
+        ),
+        DType::F16 => quantize_4bit(
+            &x.to_vec1::<half::f16>()?,
+            settings.blocksize,
+            settings.kind,
+        ),
+        _ => quantize_4bit(&x.to_vec1::<f32>()?, settings.blocksize, settings.kind),
+    };
+    let packed_cpu_t = Tensor::from_vec(packed_cpu.clone(), packed_cpu.len(), &Device::Cpu)?;
+    let absmax_cpu_t = Tensor::from_vec(absmax_cpu.clone(), absmax_cpu.len(), &Device::Cpu)?;
+    let mut out = vec![
+        same_bits(format!("{label} codes"), &packed_gpu, &packed_cpu_t)?,
+        same_bits(format!("{label} absmax"), &absmax_gpu, &absmax_cpu_t)?,
+    ];
+    let deq_gpu = cuda::dequantize(
+        &packed_gpu,
+        &absmax_gpu,
+        &[n],
+        settings.kind,
+        settings.blocksize,
+        dtype,
+    )?;
+    let deq_cpu = Tensor::from_vec(
+        super::dequantize_4bit(
+            &packed_cpu,
+            &absmax_cpu,
+            n,
+            settings.blocksize,
+            settings.kind,
+        ),
+        n,
+        &Device::Cpu,
+    )?
+    .to_dtype(dtype)?;
+    out.push(same_bits(
+        format!("{label} dequantized"),
+        &deq_gpu,
+        &deq_cpu,
+    )?);
+    if settings.double_quant {
+        let nested = nested::quantize_absmax(&absmax_cpu);
+        let codes = Tensor::from_vec(nested.codes.clone(), nested.codes.len(), device)?;
+        let na = Tensor::from_vec(
+            nested.nested_absmax.clone(),
+            nested.nested_absmax.len(),
+            device,
+        )?;
+        let gpu = cuda::dequantize_absmax(&codes, &na, nested.offset)?;
+        let cpu = nested::dequantize_absmax(&nested);
+        let cpu = Tensor::from_vec(cpu.clone(), cpu.len(), &Device::Cpu)?;
+        out.push(same_bits(format!("{label} nested absmax"), &gpu, &cpu)?);
+    }
+    Ok(out)
+}
+
+pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
+    let mut out = Vec::new();
+    for (n, dtype) in [
+        (1 << 20, DType::BF16),
+        (123_457, DType::F32),
+        (4097, DType::F16),
+        (8 * 1536 * 2048, DType::BF16),
+    ] {
+        for kind in [QuantKind::Nf4, QuantKind::Fp4] {
+            for blocksize in [32, 64, 128, 256, 4096] {
+                let settings = QuantSettings {
+                    kind,
+                    blocksize,
+                    double_quant: true,
+                };
+                out.extend(check_one(device, n, dtype, settings)?);
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,145 @@
+//! 4-bit quantization of frozen weights, bit-exact with bitsandbytes (NF4 and FP4, blocksizes
+//! 32…4096, optional double quantization of the block scales). The format is the folder:
+//! `codebook` (code books and scalar quantizers), `rcp` (the GPU reciprocal), `blockwise`
+//! (4-bit codes and absmax), `nested` (double quantization), `sharded` (world-size independent
+//! statistics for expert parallelism). Nothing here knows about models.
+
+pub mod blockwise;
+pub mod codebook;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod gpu_check;
+pub mod nested;
+pub mod rcp;
+pub mod sharded;
+
+pub use blockwise::{dequantize_4bit, quantize_4bit, QuantInput};
+pub use nested::{NestedAbsmax, NESTED_BLOCKSIZE};
+
+pub const BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantKind {
+    Nf4,
+    Fp4,
+}
+
+impl QuantKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QuantKind::Nf4 => "nf4",
+            QuantKind::Fp4 => "fp4",
+        }
+    }
+
+    /// The 16-entry code book bitsandbytes stores as `quant_map`.
+    pub fn code(self) -> [f32; 16] {
+        std::array::from_fn(|i| match self {
+            QuantKind::Nf4 => codebook::nf4_value(i as u8),
+            QuantKind::Fp4 => codebook::fp4_value(i as u8),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantSettings {
+    pub kind: QuantKind,
+    pub blocksize: usize,
+    /// bitsandbytes `compress_statistics` / `bnb_4bit_use_double_quant`.
+    pub double_quant: bool,
+}
+
+impl Default for QuantSettings {
+    /// NF4, blocksize 64, double quantization: the QLoRA paper's recommendation.
+    fn default() -> Self {
+        QuantSettings {
+            kind: QuantKind::Nf4,
+            blocksize: 64,
+            double_quant: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum QuantError {
+    #[error("quantization blocksize {0} is not supported (use one of 32, 64, 128, 256, 512, 1024, 2048, 4096)")]
+    Blocksize(usize),
+    #[error("{name}: {problem}")]
+    Layout { name: String, problem: String },
+}
+
+impl QuantSettings {
+    pub fn validate(&self) -> Result<(), QuantError> {
+        if !BLOCKSIZES.contains(&self.blocksize) {
+            return Err(QuantError::Blocksize(self.blocksize));
+        }
+        Ok(())
+    }
+}
+
+/// The block scales of a quantized parameter, as bitsandbytes stores them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Absmax {
+    Plain(Vec<f32>),
+    Nested(NestedAbsmax),
+}
+
+impl Absmax {
+    /// The f32 scales dequantization multiplies by.
+    pub fn values(&self) -> Vec<f32> {
+        match self {
+            Absmax::Plain(v) => v.clone(),
+            Absmax::Nested(n) => nested::dequantize_absmax(n),
+        }
+    }
+}
+
+/// One bitsandbytes 4-bit parameter: packed codes of the row-major flattened tensor plus
+/// its statistics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantizedParam {
+    pub shape: Vec<usize>,
+    pub settings: QuantSettings,
+    pub packed: Vec<u8>,
+    pub absmax: Absmax,
+}
+
+impl QuantizedParam {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Quantizes a whole tensor on one process.
+    pub fn quantize<T: QuantInput>(
+        x: &[T],
+        shape: &[usize],
+        settings: QuantSettings,
+    ) -> Result<QuantizedParam, QuantError> {
+        settings.validate()?;
+        let (packed, raw) = quantize_4bit(x, settings.blocksize, settings.kind);
+        let absmax = if settings.double_quant {
+            Absmax::Nested(nested::quantize_absmax(&raw))
+        } else {
+            Absmax::Plain(raw)
+        };
+        Ok(QuantizedParam {
+            shape: shape.to_vec(),
+            settings,
+            packed,
+            absmax,
+        })
+    }
+
+    /// Dequantized values in f32 (round to the storage dtype with RNE if needed).
+    pub fn dequantize(&self) -> Vec<f32> {
+        dequantize_4bit(
+            &self.packed,
+            &self.absmax.values(),
+            self.numel(),
+            self.settings.blocksize,
+            self.settings.kind,
+        )
+    }
+}

@@ -1,0 +1,73 @@
+//! Double quantization of the absmax array (`compress_statistics=True`):
+//! `offset = mean(absmax)`, then `absmax − offset` is quantized blockwise (blocksize 256) to
+//! 8-bit codes of the signed dynamic map, each 256-block keeping its own f32 absmax.
+//!
+//! These statistics span the whole parameter. With expert parallelism each rank quantizes
+//! only its experts' 4-bit codes, then every rank computes this from the all-gathered absmax
+//! in global order — so the stored bytes do not depend on the world size.
+
+use super::codebook::{dynamic_map, quantize_8bit};
+use super::rcp::{mul_ftz, rcp_approx_ftz};
+
+pub const NESTED_BLOCKSIZE: usize = 256;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NestedAbsmax {
+    /// Mean of the absmax array, subtracted before quantizing.
+    pub offset: f32,
+    /// One 8-bit code per 4-bit block.
+    pub codes: Vec<u8>,
+    /// One f32 absmax per 256 codes.
+    pub nested_absmax: Vec<f32>,
+}
+
+/// Mean of the absmax array: summed in f64 in index order, rounded once to f32. bitsandbytes
+/// uses `torch.mean` on the GPU, whose reduction order differs; both round the same exact
+/// value, and the results agree to within an ulp or two (golden tests check).
+pub fn mean_offset(absmax: &[f32]) -> f32 {
+    if absmax.is_empty() {
+        return 0.0;
+    }
+    let sum: f64 = absmax.iter().map(|&a| a as f64).sum();
+    (sum / absmax.len() as f64) as f32
+}
+
+pub fn quantize_absmax(absmax: &[f32]) -> NestedAbsmax {
+    quantize_absmax_with_offset(absmax, mean_offset(absmax))
+}
+
+/// Nested quantization with a given offset (tests pin bitsandbytes' own offset this way).
+pub fn quantize_absmax_with_offset(absmax: &[f32], offset: f32) -> NestedAbsmax {
+    let code = dynamic_map();
+    let shifted: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
+    let nested_absmax: Vec<f32> = shifted
+        .chunks(NESTED_BLOCKSIZE)
+        .map(|block| block.iter().fold(0f32, |m, v| m.max(v.abs())))
+        .collect();
+    let codes = shifted
+        .chunks(NESTED_BLOCKSIZE)
+        .zip(&nested_absmax)
+        .flat_map(|(block, &nabs)| {
+            let recip = rcp_approx_ftz(nabs);
+            block
+                .iter()
+                .map(move |&v| quantize_8bit(&code, mul_ftz(v, recip)))
+        })
+        .collect();
+    NestedAbsmax {
+        offset,
+        codes,
+        nested_absmax,
+    }
+}
+
+/// The absmax values the 4-bit dequantization uses: `f32(code8 · nested_absmax) + offset`,
+/// two roundings.
+pub fn dequantize_absmax(n: &NestedAbsmax) -> Vec<f32> {
+    let code = dynamic_map();
+    n.codes
+        .iter()
+        .enumerate()
+        .map(|(i, &q)| mul_ftz(code[q as usize], n.nested_absmax[i / NESTED_BLOCKSIZE]) + n.offset)
+        .collect()
+}

@@ -1,0 +1,166 @@
+//! The CPU quantizer against golden data from the real bitsandbytes 0.50.2 CUDA path
+//! (tests/fixtures/nf4/gen_golden.py, run on an H100): packed codes, absmax, nested codes and
+//! nested absmax byte for byte; the offset within 2 ulp (torch's mean reduces in a different
+//! order; see nested.rs); nested codes bit-exact given bitsandbytes' own offset; dequantized
+//! values byte for byte.
+
+use half::{bf16, f16};
+use moeq::quant::codebook::dynamic_map;
+use moeq::quant::nested::{dequantize_absmax, mean_offset, quantize_absmax_with_offset};
+use moeq::quant::{dequantize_4bit, quantize_4bit, QuantKind};
+use safetensors::SafeTensors;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+const DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/nf4");
+
+struct Golden {
+    bytes: Vec<u8>,
+    meta: Value,
+}
+
+fn golden() -> Golden {
+    let bytes = std::fs::read(format!("{DIR}/nf4_golden.safetensors")).expect("fixture present");
+    let meta =
+        serde_json::from_str(&std::fs::read_to_string(format!("{DIR}/nf4_golden.json")).unwrap())
+            .unwrap();
+    Golden { bytes, meta }
+}
+
+fn raw<'a>(st: &'a SafeTensors, key: &str) -> &'a [u8] {
+    st.tensor(key)
+        .unwrap_or_else(|_| panic!("missing {key}"))
+        .data()
+}
+
+fn f32s(st: &SafeTensors, key: &str) -> Vec<f32> {
+    raw(st, key)
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Quantize the case input as its own dtype; returns (packed, raw absmax, dequantize-to-bytes).
+/// Dequantizes the case's codes with given f32 scales into the case dtype's bytes.
+type Dequantizer = Box<dyn Fn(&[f32]) -> Vec<u8>>;
+
+fn run_case(st: &SafeTensors, case: &Value) -> (Vec<u8>, Vec<f32>, Dequantizer) {
+    let bs = case["blocksize"].as_u64().unwrap() as usize;
+    let kind = match case["quant_type"].as_str().unwrap() {
+        "nf4" => QuantKind::Nf4,
+        _ => QuantKind::Fp4,
+    };
+    let input = raw(st, case["input"].as_str().unwrap());
+    macro_rules! quant {
+        ($t:ty, $from:expr, $to:expr) => {{
+            let x: Vec<$t> = input
+                .chunks_exact(std::mem::size_of::<$t>())
+                .map($from)
+                .collect();
+            let n = x.len();
+            let (packed, absmax) = quantize_4bit(&x, bs, kind);
+            let p2 = packed.clone();
+            let deq: Dequantizer = Box::new(move |scales: &[f32]| {
+                dequantize_4bit(&p2, scales, n, bs, kind)
+                    .into_iter()
+                    .flat_map($to)
+                    .collect()
+            });
+            (packed, absmax, deq)
+        }};
+    }
+    match case["dtype"].as_str().unwrap() {
+        "float32" => quant!(
+            f32,
+            |c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+            |v: f32| v.to_le_bytes()
+        ),
+        "bfloat16" => quant!(bf16, |c| bf16::from_le_bytes([c[0], c[1]]), |v: f32| {
+            bf16::from_f32(v).to_le_bytes()
+        }),
+        "float16" => quant!(f16, |c| f16::from_le_bytes([c[0], c[1]]), |v: f32| {
+            f16::from_f32(v).to_le_bytes()
+        }),
+        other => panic!("dtype {other}"),
+    }
+}
+
+#[test]
+fn code_books_match_bitsandbytes() {
+    let g = golden();
+    let st = SafeTensors::deserialize(&g.bytes).unwrap();
+    assert_eq!(bits(&f32s(&st, "dynamic_map")), bits(&dynamic_map()));
+    assert_eq!(bits(&f32s(&st, "nf4_code")), bits(&QuantKind::Nf4.code()));
+    assert_eq!(bits(&f32s(&st, "fp4_code")), bits(&QuantKind::Fp4.code()));
+}
+
+#[test]
+fn quantization_matches_bitsandbytes_byte_for_byte() {
+    let g = golden();
+    let st = SafeTensors::deserialize(&g.bytes).unwrap();
+    let cases = g.meta["cases"].as_array().unwrap();
+    assert!(cases.len() >= 200, "{} cases", cases.len());
+    let mut failures = Vec::new();
+    for case in cases {
+        let key = case["key"].as_str().unwrap();
+        let (packed, absmax, dequantize) = run_case(&st, case);
+        let want_packed = raw(&st, &format!("{key}.packed"));
+        let bad = packed
+            .iter()
+            .zip(want_packed)
+            .filter(|(a, b)| a != b)
+            .count();
+        if bad > 0 || packed.len() != want_packed.len() {
+            failures.push(format!(
+                "{key}: {bad} of {} packed bytes differ",
+                want_packed.len()
+            ));
+        }
+        let scales = if case["nested"].as_bool().unwrap() {
+            assert_eq!(
+                bits(&absmax),
+                bits(&f32s(&st, &format!("{key}.raw_absmax"))),
+                "{key}: absmax"
+            );
+            let offset = f32::from_bits(case["offset_bits"].as_u64().unwrap() as u32);
+            let ours = mean_offset(&absmax);
+            let ulps = (ours.to_bits() as i64 - offset.to_bits() as i64).abs();
+            assert!(
+                ulps <= 2,
+                "{key}: offset {ours} vs bitsandbytes {offset} ({ulps} ulp)"
+            );
+            let nested = quantize_absmax_with_offset(&absmax, offset);
+            if nested.codes != raw(&st, &format!("{key}.absmax")) {
+                failures.push(format!("{key}: nested absmax codes differ"));
+            }
+            assert_eq!(
+                bits(&nested.nested_absmax),
+                bits(&f32s(&st, &format!("{key}.nested_absmax"))),
+                "{key}"
+            );
+            dequantize_absmax(&nested)
+        } else {
+            assert_eq!(
+                bits(&absmax),
+                bits(&f32s(&st, &format!("{key}.absmax"))),
+                "{key}: absmax"
+            );
+            absmax
+        };
+        let deq = dequantize(&scales);
+        let digest = format!("{:x}", Sha256::digest(&deq));
+        if digest != case["dequant_sha256"].as_str().unwrap() {
+            failures.push(format!("{key}: dequantized values differ"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failures:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
