@@ -11,10 +11,6 @@ use candle_core::{bail, CudaDevice, CudaStorage, DType, Result, Storage, Tensor}
 
 const MODULE: &str = "moeq_nf4";
 
-fn func(dev: &CudaDevice, name: &str) -> Result<candle_core::cuda_backend::CudaFunc> {
-    dev.get_or_load_custom_func(name, MODULE, crate::ops::kernels::NF4)
-}
-
 fn wrap<T: candle_core::cuda_backend::CudaDType + DeviceRepr>(
     slice: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
     dev: &CudaDevice,
@@ -60,10 +56,8 @@ pub fn quantize(x: &Tensor, settings: &QuantSettings) -> Result<(Tensor, Tensor)
     let (n64, bs32) = (n as u64, bs as i32);
     macro_rules! launch {
         ($slice:expr, $suffix:literal) => {{
-            let f = func(
-                &dev,
-                &format!("quantize_{}_{}", kind_name(settings.kind), $suffix),
-            )?;
+            let name = format!("quantize_{}_{}", kind_name(settings.kind), $suffix);
+            let f = dev.get_or_load_custom_func(&name, MODULE, crate::ops::kernels::NF4)?;
             let src = $slice.slice(off..off + n);
             let mut b = f.builder();
             b.arg(&src);
@@ -117,7 +111,8 @@ pub fn dequantize(
     macro_rules! launch {
         ($t:ty, $suffix:literal) => {{
             let out = dev.alloc_zeros::<$t>(n)?;
-            let f = func(&dev, &format!("dequantize_{}_{}", kind_name(kind), $suffix))?;
+            let name = format!("dequantize_{}_{}", kind_name(kind), $suffix);
+            let f = dev.get_or_load_custom_func(&name, MODULE, crate::ops::kernels::NF4)?;
             let mut b = f.builder();
             b.arg(&codes);
             b.arg(&scales);
@@ -157,7 +152,7 @@ pub fn dequantize_absmax(codes: &Tensor, nested_absmax: &Tensor, offset: f32) ->
     let q = q.slice(ql.start_offset()..ql.start_offset() + n);
     let na = na.slice(nl.start_offset()..);
     let out = dev.alloc_zeros::<f32>(n)?;
-    let f = func(&dev, "dequantize_absmax")?;
+    let f = dev.get_or_load_custom_func("dequantize_absmax", MODULE, crate::ops::kernels::NF4)?;
     let n64 = n as u64;
     let mut b = f.builder();
     b.arg(&q);

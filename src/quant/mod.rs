@@ -34,11 +34,12 @@ impl QuantKind {
         }
     }
 
-    /// The 16-entry code book bitsandbytes stores as `quant_map`.
+    /// The 16-entry code book bitsandbytes stores as `quant_map` (`get_4bit_type`). Its FP4
+    /// entry 8 is +0.0, while the dequantize kernel computes −0.0 for that code.
     pub fn code(self) -> [f32; 16] {
         std::array::from_fn(|i| match self {
             QuantKind::Nf4 => codebook::nf4_value(i as u8),
-            QuantKind::Fp4 => codebook::fp4_value(i as u8),
+            QuantKind::Fp4 => codebook::fp4_value(i as u8) + 0.0,
         })
     }
 }
