@@ -65,6 +65,60 @@ __device__ __forceinline__ unsigned char quantize_fp4(float x) {
   return c + sign;
 }
 
+// Table-driven coder for the vectorised kernel (fewer instructions than the trees, no
+// divergence). The scaled value's range is cut into 1024 equal cells — s ∈ [−1, 1] for NF4
+// (index ⌊(s+1)·512⌋), |s| ∈ [0, 1] for FP4 (index ⌊|s|·1024⌋) — each holding at most one
+// threshold. A cell stores how many thresholds lie below it and the threshold inside it (or
+// +inf); code = below + (s > inside), i.e. the number of thresholds strictly below s, as the
+// trees compute. The FP4 index is exact (power-of-two scaling); for NF4, s+1 rounds by at
+// most 1.2e-7, and no threshold lies within 2e-5 of a cell edge, so a value rounded into the
+// neighbouring cell still counts the same thresholds. NaN indexes cell 0 and fails the
+// comparison: code 0, as in the trees.
+constexpr int LUT_CELLS = 1024;
+
+struct CodeLut {
+  unsigned char below[LUT_CELLS];
+  float inside[LUT_CELLS];
+};
+
+template <bool NF4>
+__device__ void build_lut(CodeLut& lut) {
+  const float nf4[15] = {-0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f, -0.33967943489551544f,
+                         -0.23460740596055984f, -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f,
+                         0.1202552504837513f, 0.2035212516784668f, 0.2920137718319893f, 0.3893125355243683f,
+                         0.5016634166240692f, 0.6427869200706482f, 0.8614784181118011f};
+  const float fp4[7] = {0.00260417f, 0.0859375f, 0.20833333f, 0.29166667f, 0.4166667f, 0.583333f, 0.8333333f};
+  for (int c = threadIdx.x; c < LUT_CELLS; c += blockDim.x) {
+    const float lo = NF4 ? c * (2.0f / LUT_CELLS) - 1.0f : c * (1.0f / LUT_CELLS);
+    const float hi = NF4 ? (c + 1) * (2.0f / LUT_CELLS) - 1.0f : (c + 1) * (1.0f / LUT_CELLS);
+    unsigned char below = 0;
+    float inside = __int_as_float(0x7f800000);
+    const int count = NF4 ? 15 : 7;
+    for (int k = 0; k < count; k++) {
+      const float t = NF4 ? nf4[k] : fp4[k];
+      below += t < lo;
+      if (t >= lo && t < hi) inside = t;
+    }
+    lut.below[c] = below;
+    lut.inside[c] = inside;
+  }
+}
+
+__device__ __forceinline__ unsigned char quantize_nf4_lut(const CodeLut& lut, float s) {
+  int c = __float2int_rd((s + 1.0f) * (LUT_CELLS / 2));
+  c = min(max(c, 0), LUT_CELLS - 1);
+  return lut.below[c] + (s > lut.inside[c]);
+}
+
+__device__ __forceinline__ unsigned char quantize_fp4_lut(const CodeLut& lut, float s) {
+  const unsigned char sign = s < 0 ? 0b1000 : 0;
+  const float a = fabsf(s);
+  int c = __float2int_rd(a * LUT_CELLS);
+  c = min(max(c, 0), LUT_CELLS - 1);
+  const int k = lut.below[c] + (a > lut.inside[c]);
+  return ((0x32547610u >> (4 * k)) & 0xf) + sign;
+}
+
 __constant__ float NF4_CODE[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
     -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
@@ -129,6 +183,132 @@ __device__ void dequantize_bytes(const unsigned char* __restrict__ packed, const
   }
 }
 
+// Vectorised quantization of full blocks: each lane loads 16 bytes (8 bf16/f16 or 4 f32) at a
+// time and stores the matching 4 (or 2) packed bytes in one store. A group of
+// G = min(32, bs/V) lanes owns a block; max|x| is reduced with shuffles, then the group reads
+// the block again (from L1) to code it. Requires x 16-byte aligned and bs a multiple of V;
+// the host runs the scalar kernel above for a partial last block.
+template <typename T> struct VecOf;
+template <> struct VecOf<float> { static constexpr int N = 4; };
+template <> struct VecOf<__nv_bfloat16> { static constexpr int N = 8; };
+template <> struct VecOf<__half> { static constexpr int N = 8; };
+
+template <bool NF4, typename T>
+__device__ __forceinline__ unsigned int code_vector(const CodeLut& lut, const uint4 raw, const float scale) {
+  constexpr int V = VecOf<T>::N;
+  const T* e = reinterpret_cast<const T*>(&raw);
+  unsigned int word = 0;
+#pragma unroll
+  for (int k = 0; k < V; k += 2) {
+    const float hi = mul_ftz(to_f32(e[k]), scale);
+    const float lo = mul_ftz(to_f32(e[k + 1]), scale);
+    const unsigned int q = NF4 ? (quantize_nf4_lut(lut, hi) << 4) | quantize_nf4_lut(lut, lo)
+                               : (quantize_fp4_lut(lut, hi) << 4) | quantize_fp4_lut(lut, lo);
+    word |= q << (8 * (k / 2));
+  }
+  return word;
+}
+
+template <typename T>
+__device__ __forceinline__ float vector_absmax(const uint4 raw, float m) {
+  constexpr int V = VecOf<T>::N;
+  const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int k = 0; k < V; k++) m = fmaxf(m, fabsf(to_f32(e[k])));
+  return m;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_codes(unsigned char* dst, unsigned int word) {
+  if (VecOf<T>::N == 8) *reinterpret_cast<unsigned int*>(dst) = word;
+  else *reinterpret_cast<unsigned short*>(dst) = (unsigned short)word;
+}
+
+// Up to CACHE vectors per lane stay in registers between the max and the coding pass (every
+// blocksize up to 256 for bf16/f16, 128 for f32); larger blocks read the block again (L1).
+constexpr int CACHE = 4;
+
+template <bool NF4, typename T>
+__device__ void quantize_full_blocks(const T* __restrict__ x, unsigned char* __restrict__ packed,
+                                     float* __restrict__ absmax, const size_t nblocks, const int bs) {
+  constexpr int V = VecOf<T>::N;
+  __shared__ CodeLut lut;
+  build_lut<NF4>(lut);
+  __syncthreads();
+  const int vecs = bs / V;
+  const int group = vecs < 32 ? vecs : 32;
+  const int per_lane = vecs / group;
+  const int lane = threadIdx.x & 31;
+  const int sub = lane / group;
+  const int glane = lane % group;
+  const int per_warp = 32 / group;
+  const size_t warps = (size_t)gridDim.x * (blockDim.x / 32);
+  const size_t warp = (size_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  for (size_t base = warp * per_warp; base < nblocks; base += warps * per_warp) {
+    const size_t b = base + sub;
+    const bool valid = b < nblocks;
+    const uint4* src = reinterpret_cast<const uint4*>(x + b * bs);
+    uint4 regs[CACHE];
+    float m = 0.0f;
+    if (valid) {
+      if (per_lane <= CACHE) {
+#pragma unroll
+        for (int j = 0; j < CACHE; j++)
+          if (j < per_lane) {
+            regs[j] = src[glane + j * group];
+            m = vector_absmax<T>(regs[j], m);
+          }
+      } else {
+        for (int v = glane; v < vecs; v += group) m = vector_absmax<T>(src[v], m);
+      }
+    }
+    for (int off = group / 2; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off, group));
+    if (!valid) continue;
+    if (glane == 0) absmax[b] = m;
+    const float scale = rcp_approx_ftz(m);
+    unsigned char* dst = packed + b * bs / 2;
+    if (per_lane <= CACHE) {
+#pragma unroll
+      for (int j = 0; j < CACHE; j++)
+        if (j < per_lane) {
+          const int v = glane + j * group;
+          store_codes<T>(dst + v * V / 2, code_vector<NF4, T>(lut, regs[j], scale));
+        }
+    } else {
+      for (int v = glane; v < vecs; v += group) store_codes<T>(dst + v * V / 2, code_vector<NF4, T>(lut, src[v], scale));
+    }
+  }
+}
+
+// Vectorised dequantization: each thread turns 4 packed bytes into 8 outputs (16 or 32 bytes
+// stored as 16-byte vectors). Requires n_vec a multiple of 8 and aligned pointers; the host
+// runs the scalar kernel for the tail.
+template <bool NF4, typename T>
+__device__ void dequantize_vec(const unsigned int* __restrict__ packed, const float* __restrict__ absmax,
+                               T* __restrict__ out, const size_t n_vec, const int bs) {
+  // The 16-entry table in shared memory: constant memory serialises a warp whose lanes read
+  // different entries, which is every warp here.
+  __shared__ float lut[16];
+  if (threadIdx.x < 16) lut[threadIdx.x] = code_value<NF4>((unsigned char)threadIdx.x);
+  __syncthreads();
+  const size_t words = n_vec / 8;
+  for (size_t w = blockIdx.x * (size_t)blockDim.x + threadIdx.x; w < words; w += (size_t)gridDim.x * blockDim.x) {
+    const unsigned int q = packed[w];
+    const float scale = absmax[(w * 8) / bs];
+    T vals[8];
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+      const unsigned char byte = (q >> (8 * k)) & 0xff;
+      vals[2 * k] = from_f32<T>(mul_ftz(lut[byte >> 4], scale));
+      vals[2 * k + 1] = from_f32<T>(mul_ftz(lut[byte & 0x0f], scale));
+    }
+    uint4* dst = reinterpret_cast<uint4*>(out + w * 8);
+    const uint4* v = reinterpret_cast<const uint4*>(vals);
+#pragma unroll
+    for (int k = 0; k < (int)(8 * sizeof(T) / 16); k++) dst[k] = v[k];
+  }
+}
+
 // Nested statistics back to f32 absmax: f32(code8[q] * nested[i / 256]) + offset.
 extern "C" __global__ void dequantize_absmax(const unsigned char* __restrict__ q, const float* __restrict__ code8,
                                              const float* __restrict__ nested, const float offset,
@@ -160,3 +340,27 @@ DEQUANT(dequantize_nf4_f16, __half, true)
 DEQUANT(dequantize_fp4_f32, float, false)
 DEQUANT(dequantize_fp4_bf16, __nv_bfloat16, false)
 DEQUANT(dequantize_fp4_f16, __half, false)
+
+#define QUANT_VEC(NAME, T, NF4)                                                                           \
+  extern "C" __global__ void NAME(const T* x, unsigned char* packed, float* absmax, const size_t nblocks, \
+                                  const int bs) {                                                        \
+    quantize_full_blocks<NF4, T>(x, packed, absmax, nblocks, bs);                                        \
+  }
+#define DEQUANT_VEC(NAME, T, NF4)                                                                         \
+  extern "C" __global__ void NAME(const unsigned int* packed, const float* absmax, T* out, const size_t n, \
+                                  const int bs) {                                                        \
+    dequantize_vec<NF4, T>(packed, absmax, out, n, bs);                                                  \
+  }
+
+QUANT_VEC(quantize_vec_nf4_f32, float, true)
+QUANT_VEC(quantize_vec_nf4_bf16, __nv_bfloat16, true)
+QUANT_VEC(quantize_vec_nf4_f16, __half, true)
+QUANT_VEC(quantize_vec_fp4_f32, float, false)
+QUANT_VEC(quantize_vec_fp4_bf16, __nv_bfloat16, false)
+QUANT_VEC(quantize_vec_fp4_f16, __half, false)
+DEQUANT_VEC(dequantize_vec_nf4_f32, float, true)
+DEQUANT_VEC(dequantize_vec_nf4_bf16, __nv_bfloat16, true)
+DEQUANT_VEC(dequantize_vec_nf4_f16, __half, true)
+DEQUANT_VEC(dequantize_vec_fp4_f32, float, false)
+DEQUANT_VEC(dequantize_vec_fp4_bf16, __nv_bfloat16, false)
+DEQUANT_VEC(dequantize_vec_fp4_f16, __half, false)

@@ -48,31 +48,59 @@ pub fn quantize(x: &Tensor, settings: &QuantSettings) -> Result<(Tensor, Tensor)
     };
     let dev = cs.device().clone();
     let off = layout.start_offset();
-    let packed = dev.alloc_zeros::<u8>(n.div_ceil(2))?;
-    let absmax = dev.alloc_zeros::<f32>(nblocks)?;
-    // One group of min(32, bs/2) lanes per block.
-    let lanes_per_block = (bs / 2).min(32);
-    let cfg = grid(nblocks * lanes_per_block, 256);
-    let (n64, bs32) = (n as u64, bs as i32);
+    // SAFETY: the kernels below write every byte of both (full blocks + tail).
+    let mut packed = unsafe { dev.alloc::<u8>(n.div_ceil(2))? };
+    let mut absmax = unsafe { dev.alloc::<f32>(nblocks)? };
+    let kind = kind_name(settings.kind);
+    let bs32 = bs as i32;
     macro_rules! launch {
-        ($slice:expr, $suffix:literal) => {{
-            let name = format!("quantize_{}_{}", kind_name(settings.kind), $suffix);
-            let f = dev.get_or_load_custom_func(&name, MODULE, crate::ops::kernels::NF4)?;
-            let src = $slice.slice(off..off + n);
-            let mut b = f.builder();
-            b.arg(&src);
-            b.arg(&packed);
-            b.arg(&absmax);
-            b.arg(&n64);
-            b.arg(&bs32);
-            // SAFETY: argument types and order match `QUANT(...)` in kernels/nf4.cu.
-            unsafe { b.launch(cfg) }.w()?;
+        ($slice:expr, $suffix:literal, $elem:expr) => {{
+            // Full blocks through the vectorised kernel when the input is 16-byte aligned
+            // (device allocations are; a view may not be), the rest through the scalar one.
+            let aligned = (off * $elem) % 16 == 0;
+            let full = if aligned { n / bs } else { 0 };
+            if full > 0 {
+                let name = format!("quantize_vec_{kind}_{}", $suffix);
+                let f = dev.get_or_load_custom_func(&name, MODULE, crate::ops::kernels::NF4)?;
+                let src = $slice.slice(off..off + full * bs);
+                let nb = full as u64;
+                let mut b = f.builder();
+                b.arg(&src);
+                b.arg(&mut packed);
+                b.arg(&mut absmax);
+                b.arg(&nb);
+                b.arg(&bs32);
+                let lanes = (bs / (16 / $elem)).min(32);
+                // Each CTA first builds its code table in shared memory: a bounded, grid-stride
+                // grid (≈ 8 resident CTAs per SM on an H100) amortises that over many blocks.
+                let mut cfg = grid(full * lanes, 256);
+                cfg.grid_dim.0 = cfg.grid_dim.0.min(1024);
+                // SAFETY: argument types and order match `QUANT_VEC(...)` in kernels/nf4.cu.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            let start = full * bs;
+            if start < n {
+                let name = format!("quantize_{kind}_{}", $suffix);
+                let f = dev.get_or_load_custom_func(&name, MODULE, crate::ops::kernels::NF4)?;
+                let src = $slice.slice(off + start..off + n);
+                let mut pk = packed.slice_mut(start / 2..);
+                let mut am = absmax.slice_mut(full..);
+                let rest = (n - start) as u64;
+                let mut b = f.builder();
+                b.arg(&src);
+                b.arg(&mut pk);
+                b.arg(&mut am);
+                b.arg(&rest);
+                b.arg(&bs32);
+                // SAFETY: argument types and order match `QUANT(...)` in kernels/nf4.cu.
+                unsafe { b.launch(grid((nblocks - full) * (bs / 2).min(32), 256)) }.w()?;
+            }
         }};
     }
     match &cs.slice {
-        S::F32(s) => launch!(s, "f32"),
-        S::BF16(s) => launch!(s, "bf16"),
-        S::F16(s) => launch!(s, "f16"),
+        S::F32(s) => launch!(s, "f32", 4),
+        S::BF16(s) => launch!(s, "bf16", 2),
+        S::F16(s) => launch!(s, "f16", 2),
         _ => bail!(
             "quantize: input must be f32, bf16 or f16, got {:?}",
             x.dtype()
@@ -106,21 +134,45 @@ pub fn dequantize(
     let dev = pk.device().clone();
     let codes = codes.slice(pl.start_offset()..pl.start_offset() + n.div_ceil(2));
     let scales = scales.slice(al.start_offset()..al.start_offset() + n.div_ceil(blocksize));
-    let cfg = grid(n.div_ceil(2), 256);
-    let (n64, bs32) = (n as u64, blocksize as i32);
+    let bs32 = blocksize as i32;
+    let kind = kind_name(kind);
+    // 8 outputs per thread from 4 packed bytes when the codes are 4-byte aligned; a scalar
+    // pass redoes the block holding the tail (identical values, simpler indexing).
+    let n_vec = if pl.start_offset() % 4 == 0 { n / 8 * 8 } else { 0 };
+    let tail_start = n_vec / blocksize * blocksize;
     macro_rules! launch {
         ($t:ty, $suffix:literal) => {{
-            let out = dev.alloc_zeros::<$t>(n)?;
-            let name = format!("dequantize_{}_{}", kind_name(kind), $suffix);
-            let f = dev.get_or_load_custom_func(&name, MODULE, crate::ops::kernels::NF4)?;
-            let mut b = f.builder();
-            b.arg(&codes);
-            b.arg(&scales);
-            b.arg(&out);
-            b.arg(&n64);
-            b.arg(&bs32);
-            // SAFETY: argument types and order match `DEQUANT(...)` in kernels/nf4.cu.
-            unsafe { b.launch(cfg) }.w()?;
+            // SAFETY: every element is written by the kernels below.
+            let mut out = unsafe { dev.alloc::<$t>(n)? };
+            if n_vec > 0 {
+                let name = format!("dequantize_vec_{kind}_{}", $suffix);
+                let f = dev.get_or_load_custom_func(&name, MODULE, crate::ops::kernels::NF4)?;
+                let nv = n_vec as u64;
+                let mut b = f.builder();
+                b.arg(&codes);
+                b.arg(&scales);
+                b.arg(&mut out);
+                b.arg(&nv);
+                b.arg(&bs32);
+                // SAFETY: argument types and order match `DEQUANT_VEC(...)` in kernels/nf4.cu.
+                unsafe { b.launch(grid(n_vec / 8, 256)) }.w()?;
+            }
+            if n_vec < n {
+                let name = format!("dequantize_{kind}_{}", $suffix);
+                let f = dev.get_or_load_custom_func(&name, MODULE, crate::ops::kernels::NF4)?;
+                let c = codes.slice(tail_start / 2..);
+                let sc = scales.slice(tail_start / blocksize..);
+                let mut o = out.slice_mut(tail_start..);
+                let rest = (n - tail_start) as u64;
+                let mut b = f.builder();
+                b.arg(&c);
+                b.arg(&sc);
+                b.arg(&mut o);
+                b.arg(&rest);
+                b.arg(&bs32);
+                // SAFETY: argument types and order match `DEQUANT(...)` in kernels/nf4.cu.
+                unsafe { b.launch(grid((n - tail_start).div_ceil(2), 256)) }.w()?;
+            }
             wrap(out, &dev, shape)
         }};
     }
