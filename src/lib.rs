@@ -11,6 +11,7 @@ pub mod arch;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod ops;
 pub mod quant;
 pub mod synth;

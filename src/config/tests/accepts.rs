@@ -28,7 +28,7 @@ fn embedded_default_parses_cleanly() {
     );
     assert_eq!(c.datasets.len(), 1);
     assert_eq!(c.datasets[0].path, "synth://reverse?n=4000");
-    assert_eq!(c.datasets[0].ds_type, DatasetType::Completion);
+    assert_eq!(c.datasets[0].ds_type, DatasetType::InputOutput);
     assert_eq!(c.val_set_size, ValSetSize::Fraction(0.05));
     assert_eq!(
         (c.sequence_len, c.sample_packing, c.micro_batch_size),

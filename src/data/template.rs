@@ -1,0 +1,315 @@
+//! Chat templates rendered the way transformers' `apply_chat_template` does.
+//!
+//! transformers compiles templates in a sandboxed Jinja2 environment with
+//! `trim_blocks` and `lstrip_blocks`, the `loopcontrols` extension, a
+//! `tojson` filter that is Python's `json.dumps` (no HTML escaping, `", "` and
+//! `": "` separators, non-ASCII kept), and the globals `raise_exception` and
+//! `strftime_now`. The special tokens (`bos_token`, `eos_token`, `pad_token`,
+//! `unk_token`) are template variables; a token the tokenizer lacks is
+//! undefined, which renders as nothing. minijinja with the same settings, plus
+//! minijinja-contrib's pycompat (`.strip()`, `.startswith()`, `.split()`…),
+//! renders the published templates byte for byte (tests/data_chat_fixtures.rs).
+//!
+//! `{% generation %}…{% endgeneration %}` (transformers' assistant-mask
+//! extension) is supported: each block is rewritten to an empty `filter`
+//! block pair that emits a private-use marker character, so whitespace control
+//! stays that of a block tag; the markers are removed after rendering and
+//! their byte offsets become the generation spans.
+
+use super::error::DataError;
+use super::tokenizer::TokenizerBundle;
+use minijinja::value::{Serde, Value};
+use minijinja::{Environment, Error, ErrorKind};
+use serde_json::Value as Json;
+use std::cell::RefCell;
+
+const GEN_OPEN: char = '\u{F0001}';
+const GEN_CLOSE: char = '\u{F0002}';
+
+/// ChatML, for `chat_template: chatml` (the Qwen family's format).
+pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
+thread_local! {
+    /// The message of the last `raise_exception` call on this thread, so a
+    /// raised error reads as the template author wrote it.
+    static RAISED: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// A compiled chat template.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    /// Whether the template marks assistant output with `{% generation %}`.
+    pub has_generation: bool,
+}
+
+/// One rendering: the text and, for templates with `{% generation %}`, the
+/// byte spans of the generation blocks in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendered {
+    pub text: String,
+    pub generation: Vec<(usize, usize)>,
+}
+
+/// Rewrites `{%- generation -%}` / `{% endgeneration %}` (any whitespace
+/// control) into filter blocks that emit the markers.
+fn rewrite_generation(source: &str) -> (String, bool) {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    let mut found = false;
+    while let Some(at) = rest.find("{%") {
+        out.push_str(&rest[..at]);
+        let tag = &rest[at..];
+        let Some(end) = tag.find("%}") else {
+            out.push_str(tag);
+            return (out, found);
+        };
+        let inner = &tag[2..end];
+        let left = if inner.starts_with(['-', '+']) {
+            &inner[..1]
+        } else {
+            ""
+        };
+        let right = if inner.ends_with(['-', '+']) {
+            &inner[inner.len() - 1..]
+        } else {
+            ""
+        };
+        let word = inner[left.len()..inner.len() - right.len()].trim();
+        let filter = match word {
+            "generation" => Some("moeq_generation_open"),
+            "endgeneration" => Some("moeq_generation_close"),
+            _ => None,
+        };
+        match filter {
+            Some(f) => {
+                found = true;
+                out.push_str(&format!("{{%{left} filter {f} %}}{{% endfilter {right}%}}"));
+            }
+            None => out.push_str(&tag[..end + 2]),
+        }
+        rest = &tag[end + 2..];
+    }
+    out.push_str(rest);
+    (out, found)
+}
+
+/// Python's `json.dumps(v, ensure_ascii=False, indent=indent)`.
+fn py_json(v: &Json, indent: Option<usize>, depth: usize, out: &mut String) {
+    let (item_sep, newline) = match indent {
+        Some(n) => (",", Some(" ".repeat(n))),
+        None => (", ", None),
+    };
+    let open = |out: &mut String, d: usize| {
+        if let Some(pad) = &newline {
+            out.push('\n');
+            out.push_str(&pad.repeat(d));
+        }
+    };
+    match v {
+        Json::Array(items) if !items.is_empty() => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                open(out, depth + 1);
+                py_json(item, indent, depth + 1, out);
+            }
+            open(out, depth);
+            out.push(']');
+        }
+        Json::Object(map) if !map.is_empty() => {
+            out.push('{');
+            for (i, (k, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                open(out, depth + 1);
+                out.push_str(&Json::String(k.clone()).to_string());
+                out.push_str(": ");
+                py_json(item, indent, depth + 1, out);
+            }
+            open(out, depth);
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    let _: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let mut out = String::new();
+    py_json(&json, indent, 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+impl ChatTemplate {
+    /// Compiles `source`; `origin` names where it came from in errors.
+    pub fn compile(source: &str, origin: &str) -> Result<ChatTemplate, DataError> {
+        let (source, has_generation) = rewrite_generation(source);
+        let mut env = Environment::new();
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .build()
+            .map_err(|e| DataError::ChatTemplate {
+                origin: origin.to_string(),
+                problem: e.to_string(),
+            })?;
+        env.set_syntax(syntax);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_filter("tojson", tojson);
+        env.add_filter("moeq_generation_open", |_: String| GEN_OPEN.to_string());
+        env.add_filter("moeq_generation_close", |_: String| GEN_CLOSE.to_string());
+        env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
+            RAISED.with(|r| *r.borrow_mut() = Some(msg.clone()));
+            Err(Error::new(ErrorKind::InvalidOperation, msg))
+        });
+        env.add_function("strftime_now", |fmt: String| {
+            chrono::Local::now().format(&fmt).to_string()
+        });
+        env.add_template_owned("chat_template", source)
+            .map_err(|e| DataError::ChatTemplate {
+                origin: origin.to_string(),
+                problem: format!("the chat template does not compile: {e}"),
+            })?;
+        Ok(ChatTemplate {
+            env,
+            has_generation,
+        })
+    }
+
+    /// Renders `messages` (JSON objects with at least `role`) as
+    /// `apply_chat_template(messages, tokenize=False, ...)` would. `extra`
+    /// holds further template variables (e.g. `tools`). Errors are one line.
+    pub fn render(
+        &self,
+        messages: &[Json],
+        add_generation_prompt: bool,
+        tok: &TokenizerBundle,
+        extra: &serde_json::Map<String, Json>,
+    ) -> Result<Rendered, String> {
+        let mut ctx = extra.clone();
+        ctx.insert("messages".into(), Json::Array(messages.to_vec()));
+        ctx.insert(
+            "add_generation_prompt".into(),
+            Json::Bool(add_generation_prompt),
+        );
+        let specials = [
+            ("bos_token", tok.bos.as_ref()),
+            ("eos_token", Some(&tok.eos)),
+            ("pad_token", Some(&tok.pad)),
+            ("unk_token", tok.unk.as_ref()),
+        ];
+        for (name, t) in specials {
+            if let Some(t) = t {
+                ctx.insert(name.into(), Json::String(t.text.clone()));
+            }
+        }
+        RAISED.with(|r| r.borrow_mut().take());
+        let template = self
+            .env
+            .get_template("chat_template")
+            .map_err(|e| e.to_string())?;
+        let raw = template
+            .render(Value::from(Serde(&Json::Object(ctx))))
+            .map_err(|e| match RAISED.with(|r| r.borrow_mut().take()) {
+                Some(msg) => format!("the template raised '{msg}'"),
+                None => {
+                    let line = e
+                        .line()
+                        .map(|l| format!(" at template line {l}"))
+                        .unwrap_or_default();
+                    format!("{}{line}", e.detail().unwrap_or(&e.kind().to_string()))
+                }
+            })?;
+        Ok(split_markers(&raw))
+    }
+}
+
+/// Removes the generation markers and returns their spans.
+fn split_markers(raw: &str) -> Rendered {
+    if !raw.contains([GEN_OPEN, GEN_CLOSE]) {
+        return Rendered {
+            text: raw.to_string(),
+            generation: Vec::new(),
+        };
+    }
+    let mut text = String::with_capacity(raw.len());
+    let mut generation = Vec::new();
+    let mut open = None;
+    for c in raw.chars() {
+        match c {
+            GEN_OPEN => open = Some(text.len()),
+            GEN_CLOSE => {
+                if let Some(start) = open.take() {
+                    generation.push((start, text.len()));
+                }
+            }
+            _ => text.push(c),
+        }
+    }
+    Rendered { text, generation }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generation_tags_become_filter_blocks() {
+        let (s, found) = rewrite_generation("a{%- generation %}b{% endgeneration -%}c{% if x %}");
+        assert!(found);
+        assert_eq!(
+            s,
+            "a{%- filter moeq_generation_open %}{% endfilter %}b{% filter moeq_generation_close %}{% endfilter -%}c{% if x %}"
+        );
+    }
+
+    #[test]
+    fn python_json_formatting() {
+        let v: Json = serde_json::json!({"b": [1, 2.5, "é\n"], "a": {}, "c": []});
+        let mut out = String::new();
+        py_json(&v, None, 0, &mut out);
+        assert_eq!(out, r#"{"b": [1, 2.5, "é\n"], "a": {}, "c": []}"#);
+        let mut out = String::new();
+        py_json(&serde_json::json!({"a": [1]}), Some(2), 0, &mut out);
+        assert_eq!(out, "{\n  \"a\": [\n    1\n  ]\n}");
+    }
+
+    #[test]
+    fn transformers_globals() {
+        let tmp = std::env::temp_dir().join(format!("moeq-template-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let t = crate::synth::tokenizer::build(64);
+        std::fs::write(tmp.join("tokenizer.json"), t.json.to_string()).unwrap();
+        std::fs::write(tmp.join("tokenizer_config.json"), t.config.to_string()).unwrap();
+        let tok = TokenizerBundle::load(&tmp, None).unwrap();
+        let source = "{{ strftime_now('%Y') }}|{{ messages[0].content.strip().upper() }}|{{ eos_token }}|{{ bos_token }}|{{ messages | tojson }}";
+        let t = ChatTemplate::compile(source, "t").unwrap();
+        let msgs = vec![serde_json::json!({"role": "user", "content": " hi <é> "})];
+        let out = t
+            .render(&msgs, false, &tok, &Default::default())
+            .unwrap()
+            .text;
+        let (year, rest) = out.split_once('|').unwrap();
+        assert!(year.len() == 4 && year.starts_with("20"), "{year}");
+        assert_eq!(
+            rest,
+            r#"HI <É>|<|endoftext|>||[{"role": "user", "content": " hi <é> "}]"#
+        );
+        std::fs::remove_dir_all(&tmp).ok();
+    }
+
+    #[test]
+    fn markers_are_removed() {
+        let r = split_markers("x\u{F0001}yz\u{F0002}w");
+        assert_eq!(r.text, "xyzw");
+        assert_eq!(r.generation, vec![(1, 3)]);
+    }
+}
