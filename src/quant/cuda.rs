@@ -138,7 +138,11 @@ pub fn dequantize(
     let kind = kind_name(kind);
     // 8 outputs per thread from 4 packed bytes when the codes are 4-byte aligned; a scalar
     // pass redoes the block holding the tail (identical values, simpler indexing).
-    let n_vec = if pl.start_offset() % 4 == 0 { n / 8 * 8 } else { 0 };
+    let n_vec = if pl.start_offset() % 4 == 0 {
+        n / 8 * 8
+    } else {
+        0
+    };
     let tail_start = n_vec / blocksize * blocksize;
     macro_rules! launch {
         ($t:ty, $suffix:literal) => {{

@@ -142,17 +142,38 @@ fn check_one(
 fn threshold_values() -> Vec<f32> {
     #[allow(clippy::excessive_precision)]
     let mut points: Vec<f32> = vec![
-        0.8614784181118011, 0.6427869200706482, 0.5016634166240692, 0.3893125355243683,
-        0.2920137718319893, 0.2035212516784668, 0.1202552504837513, 0.03979014977812767,
-        -0.045525018125772476, -0.13791173323988914, -0.23460740596055984, -0.33967943489551544,
-        -0.4599952697753906, -0.6106329262256622, -0.8480964004993439, 0.29166667, 0.583333,
-        0.8333333, 0.4166667, 0.0859375, 0.20833333, 0.00260417,
+        0.8614784181118011,
+        0.6427869200706482,
+        0.5016634166240692,
+        0.3893125355243683,
+        0.2920137718319893,
+        0.2035212516784668,
+        0.1202552504837513,
+        0.03979014977812767,
+        -0.045525018125772476,
+        -0.13791173323988914,
+        -0.23460740596055984,
+        -0.33967943489551544,
+        -0.4599952697753906,
+        -0.6106329262256622,
+        -0.8480964004993439,
+        0.29166667,
+        0.583333,
+        0.8333333,
+        0.4166667,
+        0.0859375,
+        0.20833333,
+        0.00260417,
     ];
     points.extend(QuantKind::Nf4.code());
     points.extend(QuantKind::Fp4.code());
     let mut values = Vec::new();
     for p in points {
-        for v in [p, f32::from_bits(p.to_bits() + 1), f32::from_bits(p.to_bits().wrapping_sub(1))] {
+        for v in [
+            p,
+            f32::from_bits(p.to_bits() + 1),
+            f32::from_bits(p.to_bits().wrapping_sub(1)),
+        ] {
             values.extend([v, -v]);
         }
     }
@@ -171,12 +192,20 @@ fn check_thresholds(device: &Device) -> Result<Vec<Comparison>> {
     let values = threshold_values();
     let mut out = Vec::new();
     for kind in [QuantKind::Nf4, QuantKind::Fp4] {
-        let settings = QuantSettings { kind, blocksize: 64, double_quant: false };
+        let settings = QuantSettings {
+            kind,
+            blocksize: 64,
+            double_quant: false,
+        };
         let x = Tensor::from_vec(values.clone(), values.len(), device)?;
         let (gpu, _) = cuda::quantize(&x, &settings)?;
         let (cpu, _) = quantize_4bit(&values, 64, kind);
         let cpu = Tensor::from_vec(cpu.clone(), cpu.len(), &Device::Cpu)?;
-        out.push(same_bits(format!("nf4-kernels thresholds {} codes", kind.as_str()), &gpu, &cpu)?);
+        out.push(same_bits(
+            format!("nf4-kernels thresholds {} codes", kind.as_str()),
+            &gpu,
+            &cpu,
+        )?);
     }
     Ok(out)
 }
