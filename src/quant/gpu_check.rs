@@ -66,8 +66,12 @@ fn check_one(
     // Normal data with per-row scale changes and one all-zero block; never all zeros.
     let mut x = (Tensor::randn(0f32, 1.0, n, &Device::Cpu)? * 0.05)?;
     if n > 3 * settings.blocksize {
-        let zeros = Tensor::zeros(settings.blocksize, DType::F32, &Device::Cpu)?;
-        x = x.slice_assign(&[settings.blocksize..2 * settings.blocksize], &zeros)?;
+        let bs = settings.blocksize;
+        let zeros = Tensor::zeros(bs, DType::F32, &Device::Cpu)?;
+        x = Tensor::cat(
+            &[x.narrow(0, 0, bs)?, zeros, x.narrow(0, 2 * bs, n - 2 * bs)?],
+            0,
+        )?;
     }
     let x = x.to_dtype(dtype)?;
     let label = format!(
