@@ -5,6 +5,7 @@
 
 mod layout;
 mod shard;
+pub mod writer;
 
 pub use layout::{ExpertLayout, ExpertParam};
 pub use shard::Shard;

@@ -4,15 +4,16 @@
 
 use super::{config_json, tokenizer, SynthError};
 use crate::arch::{ArchSpec, Component, ModelType};
+use crate::checkpoint::writer::{
+    group_into_shards, shard_name, write_index, StreamWriter, TensorDecl,
+};
 use crate::util::progress::Progress;
 use half::{bf16, f16};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use std::fs::File;
-use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -284,48 +285,25 @@ fn write_into(
         });
     }
     let elem = if dtype == "float32" { 4 } else { 2 };
-    let st_dtype = match dtype {
-        "float32" => "F32",
-        "float16" => "F16",
-        _ => "BF16",
-    };
     let tensors = plan(spec, opts.layout);
-
-    // Group tensors into shards by size, in order.
-    let mut shards: Vec<Vec<&DiskTensor>> = vec![vec![]];
-    let mut current = 0u64;
-    for t in &tensors {
-        let bytes = (t.shape.iter().product::<usize>() * elem) as u64;
-        if current > 0 && current + bytes > opts.shard_bytes {
-            shards.push(vec![]);
-            current = 0;
-        }
-        current += bytes;
-        if let Some(last) = shards.last_mut() {
-            last.push(t);
-        }
-    }
-    let total: u64 = tensors
+    let sizes: Vec<u64> = tensors
         .iter()
         .map(|t| (t.shape.iter().product::<usize>() * elem) as u64)
-        .sum();
+        .collect();
+    let total: u64 = sizes.iter().sum();
+    let shards = group_into_shards(&sizes, opts.shard_bytes);
     let progress = Progress::new(total, "writing synthetic weights");
     let n = shards.len();
     let mut weight_map = Map::new();
-    for (k, shard) in shards.iter().enumerate() {
-        let file = if n == 1 {
-            "model.safetensors".to_string()
-        } else {
-            format!("model-{:05}-of-{:05}.safetensors", k + 1, n)
-        };
+    for (k, range) in shards.iter().enumerate() {
+        let file = shard_name(k, n);
+        let shard: Vec<&DiskTensor> = tensors[range.clone()].iter().collect();
         write_shard(
             &dir.join(&file),
-            shard,
+            &shard,
             opts.seed,
             spec.initializer_range as f32,
             dtype,
-            st_dtype,
-            elem,
             &progress,
         )?;
         for t in shard {
@@ -334,8 +312,7 @@ fn write_into(
     }
     progress.finish();
     if n > 1 {
-        let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-        write_json(&dir.join(crate::checkpoint::INDEX_FILE), &index)?;
+        write_index(dir, total, &weight_map).map_err(io_err(dir))?;
     }
     Ok(SynthReport {
         dir: dir.to_path_buf(),
@@ -345,39 +322,24 @@ fn write_into(
     })
 }
 
-#[allow(clippy::too_many_arguments)]
 fn write_shard(
     path: &Path,
     tensors: &[&DiskTensor],
     seed: u64,
     std: f32,
     dtype: &str,
-    st_dtype: &str,
-    elem: usize,
     progress: &Progress,
 ) -> Result<(), SynthError> {
-    let mut header = Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut offset = 0usize;
-    for t in tensors {
-        let bytes = t.shape.iter().product::<usize>() * elem;
-        header.insert(
-            t.name.clone(),
-            json!({"dtype": st_dtype, "shape": t.shape, "data_offsets": [offset, offset + bytes]}),
-        );
-        offset += bytes;
-    }
-    let mut header_bytes =
-        serde_json::to_vec(&Value::Object(header)).map_err(|e| SynthError::Usage(e.to_string()))?;
-    while header_bytes.len() % 8 != 0 {
-        header_bytes.push(b' ');
-    }
-    let file = File::create(path).map_err(io_err(path))?;
-    let mut w = BufWriter::with_capacity(1 << 22, file);
-    w.write_all(&(header_bytes.len() as u64).to_le_bytes())
-        .map_err(io_err(path))?;
-    w.write_all(&header_bytes).map_err(io_err(path))?;
-
+    let st_dtype = match dtype {
+        "float32" => "F32",
+        "float16" => "F16",
+        _ => "BF16",
+    };
+    let decls: Vec<TensorDecl> = tensors
+        .iter()
+        .map(|t| TensorDecl::new(t.name.clone(), st_dtype, t.shape.clone()))
+        .collect();
+    let mut w = StreamWriter::create(path, &decls).map_err(io_err(path))?;
     let chunks: Vec<&Chunk> = tensors.iter().flat_map(|t| t.chunks.iter()).collect();
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -394,17 +356,10 @@ fn write_shard(
                 .map(|h| h.join().unwrap_or_default())
                 .collect()
         });
-        for (bytes, chunk) in generated.iter().zip(window) {
-            if bytes.len() != chunk.numel * elem {
-                return Err(SynthError::Usage(format!(
-                    "generation of '{}' failed",
-                    chunk.key
-                )));
-            }
-            w.write_all(bytes).map_err(io_err(path))?;
+        for bytes in &generated {
+            w.write(bytes).map_err(io_err(path))?;
             progress.inc(bytes.len() as u64);
         }
     }
-    w.flush().map_err(io_err(path))?;
-    Ok(())
+    w.finish().map_err(io_err(path))
 }
