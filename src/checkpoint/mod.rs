@@ -3,7 +3,10 @@
 //! canonical layout (DESIGN decision 5): `gate_up_proj [E, 2I, H]` (gate rows first) and
 //! `down_proj [E, H, I]`, under transformers v5 runtime names.
 
+pub mod bnb;
+pub mod frozen;
 mod layout;
+pub mod prequantized;
 mod shard;
 pub mod writer;
 

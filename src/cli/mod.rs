@@ -5,6 +5,7 @@
 mod gpu_bench;
 mod gpu_check;
 mod inspect;
+mod quantize;
 mod synth;
 mod train;
 
@@ -31,6 +32,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Write a deterministic random-init Hugging Face checkpoint.
     Synth(synth::SynthArgs),
+    /// Write a pre-quantized (bitsandbytes 4-bit) checkpoint that train loads directly.
+    Quantize(quantize::QuantizeArgs),
     /// Describe a model directory: architecture, parameters, layout, memory estimate.
     Inspect(inspect::InspectArgs),
     /// Run the CUDA ops against their CPU references (needs a build with --features cuda).
@@ -63,6 +66,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train::run(args, cli.log_level.as_deref()),
         Command::Synth(args) => with_logging(cli.log_level.as_deref(), || synth::run(args)),
+        Command::Quantize(args) => with_logging(cli.log_level.as_deref(), || quantize::run(args)),
         Command::Inspect(args) => with_logging(cli.log_level.as_deref(), || inspect::run(args)),
         Command::GpuCheck(args) => with_logging(cli.log_level.as_deref(), || gpu_check::run(args)),
         Command::GpuBench(args) => with_logging(cli.log_level.as_deref(), || gpu_bench::run(args)),

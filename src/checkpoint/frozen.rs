@@ -1,0 +1,348 @@
+//! Loading the frozen base: every `nn.Linear`-equivalent weight (attention, experts, shared
+//! expert, dense MLP) becomes a bitsandbytes 4-bit parameter as it is read; embeddings,
+//! norms, routers, biases and `lm_head` stay dense. Expert parameters are read and quantized
+//! one expert at a time and the bf16 copy is dropped at once, so peak memory is the NF4 total
+//! plus about one expert slice. A rank owning experts `[e0, e1)` quantizes only those; the
+//! parameter-wide statistics come from the absmax of all experts, gathered in global order
+//! (`StatsGather`), so the bytes do not depend on the world size.
+//! A pre-quantized checkpoint (`moeq quantize` output) is read as it is.
+
+use super::{bnb, CheckpointError, ExpertParam, ModelDir};
+use crate::arch::Component;
+use crate::quant::sharded::{check_expert_alignment, global_absmax, quantize_slice, SliceQuant};
+use crate::quant::{QuantInput, QuantSettings, QuantizedParam};
+use crate::util::progress::Progress;
+use candle_core::{DType, Tensor};
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+pub enum Frozen {
+    /// Packed codes of the whole parameter, or for an expert parameter of the owned experts
+    /// only (`experts`); statistics always cover the whole parameter.
+    Quantized {
+        param: QuantizedParam,
+        experts: Option<Range<usize>>,
+    },
+    /// Kept in the checkpoint's dtype, on the CPU.
+    Dense(Tensor),
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct LoadReport {
+    /// Bytes of unquantized weights read from the checkpoint.
+    pub bytes_read: u64,
+    /// Bytes of 4-bit codes and statistics produced or read.
+    pub quantized_bytes: u64,
+    pub dense_bytes: u64,
+    pub seconds: f64,
+    /// Peak device memory used by quantization, when it ran on a GPU.
+    pub peak_device_bytes: Option<u64>,
+}
+
+pub struct FrozenBase {
+    /// By transformers v5 runtime name, in name order.
+    pub tensors: BTreeMap<String, Frozen>,
+    pub settings: QuantSettings,
+    pub report: LoadReport,
+}
+
+/// Quantizes one contiguous slice of a parameter: on the CPU, or uploaded to a GPU.
+pub trait SliceQuantizer {
+    fn quantize(
+        &mut self,
+        name: &str,
+        x: &Tensor,
+        start: usize,
+        total: usize,
+        settings: &QuantSettings,
+    ) -> Result<SliceQuant, String>;
+
+    fn peak_device_bytes(&self) -> Option<u64> {
+        None
+    }
+}
+
+/// All-gathers a parameter's per-block absmax across ranks, in global block order. A single
+/// process already holds everything.
+pub trait StatsGather {
+    fn gather(&mut self, name: &str, local: Vec<f32>) -> Result<Vec<f32>, String>;
+}
+
+pub struct SingleProcess;
+
+impl StatsGather for SingleProcess {
+    fn gather(&mut self, _name: &str, local: Vec<f32>) -> Result<Vec<f32>, String> {
+        Ok(local)
+    }
+}
+
+pub struct CpuQuantizer;
+
+fn slice_of<T: QuantInput + candle_core::WithDType>(
+    name: &str,
+    x: &Tensor,
+    start: usize,
+    total: usize,
+    settings: &QuantSettings,
+) -> Result<SliceQuant, String> {
+    let v: Vec<T> = x
+        .flatten_all()
+        .and_then(|t| t.to_vec1())
+        .map_err(|e| e.to_string())?;
+    quantize_slice(name, &v, start, total, settings).map_err(|e| e.to_string())
+}
+
+impl SliceQuantizer for CpuQuantizer {
+    fn quantize(
+        &mut self,
+        name: &str,
+        x: &Tensor,
+        start: usize,
+        total: usize,
+        settings: &QuantSettings,
+    ) -> Result<SliceQuant, String> {
+        match x.dtype() {
+            DType::BF16 => slice_of::<half::bf16>(name, x, start, total, settings),
+            DType::F16 => slice_of::<half::f16>(name, x, start, total, settings),
+            DType::F32 => slice_of::<f32>(name, x, start, total, settings),
+            other => Err(format!("{name}: cannot quantize dtype {other:?}")),
+        }
+    }
+}
+
+fn err(dir: &ModelDir, problem: String) -> CheckpointError {
+    CheckpointError::Format {
+        path: dir.root.display().to_string(),
+        problem,
+    }
+}
+
+/// The quantization settings a pre-quantized checkpoint was written with, from its
+/// config.json `quantization_config` (None for an ordinary checkpoint).
+pub fn prequantized(dir: &ModelDir) -> Option<QuantSettings> {
+    let q = dir.config_json.get("quantization_config")?;
+    if q.get("quant_method")?.as_str()? != "bitsandbytes" || !q.get("load_in_4bit")?.as_bool()? {
+        return None;
+    }
+    let kind = match q.get("bnb_4bit_quant_type").and_then(|v| v.as_str()) {
+        Some("fp4") => crate::quant::QuantKind::Fp4,
+        _ => crate::quant::QuantKind::Nf4,
+    };
+    let double_quant = q
+        .get("bnb_4bit_use_double_quant")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    // transformers' config has no blocksize: each parameter's quant_state carries it.
+    let first = dir.spec.params().into_iter().find(|p| p.quantized)?;
+    let blocksize = bnb::read(dir, &first.name)
+        .map(|q| q.settings.blocksize)
+        .unwrap_or(64);
+    Some(QuantSettings {
+        kind,
+        blocksize,
+        double_quant,
+    })
+}
+
+/// Loads the frozen base. `experts` restricts expert parameters to the owned experts
+/// (None: all). Progress is reported by bytes read.
+pub fn load(
+    dir: &ModelDir,
+    settings: QuantSettings,
+    experts: Option<Range<usize>>,
+    quantizer: &mut dyn SliceQuantizer,
+    gather: &mut dyn StatsGather,
+) -> Result<FrozenBase, CheckpointError> {
+    let started = std::time::Instant::now();
+    let spec = &dir.spec;
+    let owned = experts.unwrap_or(0..spec.num_experts);
+    if owned.start > owned.end || owned.end > spec.num_experts {
+        return Err(err(
+            dir,
+            format!("owned experts {owned:?} outside 0..{}", spec.num_experts),
+        ));
+    }
+    let pre = prequantized(dir);
+    if let Some(pre) = pre {
+        if pre != settings {
+            return Err(err(
+                dir,
+                format!(
+                    "checkpoint is pre-quantized with {} blocksize {} double_quant {}, but the run asks for {} blocksize {} double_quant {} (re-run moeq quantize with those settings, or change the config)",
+                    pre.kind.as_str(), pre.blocksize, pre.double_quant, settings.kind.as_str(), settings.blocksize, settings.double_quant
+                ),
+            ));
+        }
+    }
+    let params = spec.params();
+    let total_bytes: u64 = params.iter().map(|p| p.numel() as u64 * 2).sum();
+    let progress = Progress::new(total_bytes, "loading and quantizing the frozen base");
+    let mut report = LoadReport::default();
+    let mut tensors = BTreeMap::new();
+    for p in &params {
+        let frozen = if !p.quantized {
+            let t = dir.read(&p.name)?;
+            report.bytes_read += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+            report.dense_bytes += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+            Frozen::Dense(t)
+        } else if pre.is_some() {
+            let mut param = bnb::read(dir, &p.name)?;
+            if param.shape != p.shape {
+                return Err(err(
+                    dir,
+                    format!(
+                        "'{}' has shape {:?} but config.json implies {:?}",
+                        p.name, param.shape, p.shape
+                    ),
+                ));
+            }
+            let experts = if p.component == Component::Experts && owned != (0..spec.num_experts) {
+                let per_expert_bytes = p.shape[1] * p.shape[2] / 2;
+                param.packed = param.packed
+                    [owned.start * per_expert_bytes..owned.end * per_expert_bytes]
+                    .to_vec();
+                Some(owned.clone())
+            } else {
+                None
+            };
+            report.quantized_bytes += quantized_size(&param);
+            Frozen::Quantized { param, experts }
+        } else if let (Component::Experts, Some((layer, which))) =
+            (p.component, ExpertParam::parse(&p.name))
+        {
+            let per_expert = p.shape[1] * p.shape[2];
+            check_expert_alignment(&p.name, per_expert, &settings)
+                .map_err(|e| err(dir, e.to_string()))?;
+            let mut slices = Vec::with_capacity(owned.len());
+            for e in owned.clone() {
+                let x = dir.read_experts(layer, which, e..e + 1)?;
+                report.bytes_read += (x.elem_count() * x.dtype().size_in_bytes()) as u64;
+                progress.inc(2 * per_expert as u64);
+                slices.push(
+                    quantizer
+                        .quantize(&p.name, &x, e * per_expert, p.numel(), &settings)
+                        .map_err(|e| err(dir, e))?,
+                );
+            }
+            let local: Vec<f32> = slices
+                .iter()
+                .flat_map(|s| s.absmax.iter().copied())
+                .collect();
+            let all = gather.gather(&p.name, local).map_err(|e| err(dir, e))?;
+            let param = QuantizedParam {
+                shape: p.shape.clone(),
+                settings,
+                packed: slices.into_iter().flat_map(|s| s.packed).collect(),
+                absmax: global_absmax(all, &settings),
+            };
+            report.quantized_bytes += quantized_size(&param);
+            let full = owned == (0..spec.num_experts);
+            Frozen::Quantized {
+                param,
+                experts: (!full).then(|| owned.clone()),
+            }
+        } else {
+            let x = dir.read(&p.name)?;
+            report.bytes_read += (x.elem_count() * x.dtype().size_in_bytes()) as u64;
+            let slice = quantizer
+                .quantize(&p.name, &x, 0, p.numel(), &settings)
+                .map_err(|e| err(dir, e))?;
+            let param = QuantizedParam {
+                shape: p.shape.clone(),
+                settings,
+                packed: slice.packed,
+                absmax: global_absmax(slice.absmax, &settings),
+            };
+            report.quantized_bytes += quantized_size(&param);
+            Frozen::Quantized {
+                param,
+                experts: None,
+            }
+        };
+        if !(p.component == Component::Experts && pre.is_none()) {
+            progress.inc(p.numel() as u64 * 2);
+        }
+        tensors.insert(p.name.clone(), frozen);
+    }
+    progress.finish();
+    report.seconds = started.elapsed().as_secs_f64();
+    report.peak_device_bytes = quantizer.peak_device_bytes();
+    Ok(FrozenBase {
+        tensors,
+        settings,
+        report,
+    })
+}
+
+/// Bytes of codes plus statistics of a quantized parameter.
+pub fn quantized_size(q: &QuantizedParam) -> u64 {
+    let stats = match &q.absmax {
+        crate::quant::Absmax::Plain(a) => 4 * a.len(),
+        crate::quant::Absmax::Nested(n) => n.codes.len() + 4 * n.nested_absmax.len() + 4 + 4 * 256,
+    };
+    (q.packed.len() + stats + 4 * 16) as u64
+}
+
+/// Quantizes slices on a GPU: upload, `kernels/nf4.cu`, download. Tracks the peak device
+/// memory in use (driver view, relative to when it was created).
+#[cfg(feature = "cuda")]
+pub struct CudaQuantizer {
+    device: candle_core::Device,
+    baseline: u64,
+    peak: u64,
+}
+
+#[cfg(feature = "cuda")]
+impl CudaQuantizer {
+    pub fn new(ordinal: usize) -> Result<CudaQuantizer, String> {
+        let device = candle_core::Device::new_cuda(ordinal).map_err(|e| e.to_string())?;
+        let baseline = Self::used()?;
+        Ok(CudaQuantizer {
+            device,
+            baseline,
+            peak: 0,
+        })
+    }
+
+    fn used() -> Result<u64, String> {
+        let (free, total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+            .map_err(|e| e.to_string())?;
+        Ok((total - free) as u64)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl SliceQuantizer for CudaQuantizer {
+    fn quantize(
+        &mut self,
+        name: &str,
+        x: &Tensor,
+        start: usize,
+        total: usize,
+        settings: &QuantSettings,
+    ) -> Result<SliceQuant, String> {
+        let run = || -> candle_core::Result<SliceQuant> {
+            let dev = x.flatten_all()?.to_device(&self.device)?;
+            let (packed, absmax) = crate::quant::cuda::quantize(&dev, settings)?;
+            self.device.synchronize()?;
+            let used = Self::used().map_err(candle_core::Error::Msg)?;
+            self.peak = self.peak.max(used.saturating_sub(self.baseline));
+            Ok(SliceQuant {
+                elements: start..start + x.elem_count(),
+                packed: packed.to_vec1()?,
+                absmax: absmax.to_vec1()?,
+            })
+        };
+        if start % settings.blocksize != 0 {
+            return Err(format!(
+                "{name}: slice at {start} is not on a block boundary"
+            ));
+        }
+        let _ = total;
+        run().map_err(|e| format!("{name}: {e}"))
+    }
+
+    fn peak_device_bytes(&self) -> Option<u64> {
+        Some(self.peak)
+    }
+}

@@ -1,0 +1,163 @@
+//! `moeq quantize`: write a pre-quantized checkpoint (bitsandbytes 4-bit format, transformers
+//! v5 names) that `moeq train` loads without quantizing again: quantize once, train many times.
+
+use super::{human_bytes, CliError};
+use crate::checkpoint::frozen::{self, CpuQuantizer, SingleProcess, SliceQuantizer};
+use crate::checkpoint::{prequantized, CheckpointError, ModelDir};
+use crate::quant::{QuantKind, QuantSettings};
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct QuantizeArgs {
+    /// Source model directory (Hugging Face layout, bf16/f16/f32 weights).
+    #[arg(long)]
+    model: PathBuf,
+    /// Output directory (must not exist, or pass --force).
+    #[arg(long)]
+    out: PathBuf,
+    /// nf4 or fp4 (as `bnb_4bit_quant_type`).
+    #[arg(long, default_value = "nf4", value_parser = parse_kind)]
+    quant_type: QuantKind,
+    /// Values per absmax block (as `quant_blocksize`).
+    #[arg(long, default_value_t = 64)]
+    blocksize: usize,
+    /// Quantize the block scales too (as `bnb_4bit_use_double_quant`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    double_quant: bool,
+    /// `cpu`, or `cuda` / `cuda:N` (needs a CUDA build).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Largest output shard, in MB.
+    #[arg(long, default_value_t = 4000)]
+    shard_size_mb: u64,
+    /// Replace OUT if it exists.
+    #[arg(long)]
+    force: bool,
+}
+
+fn parse_kind(s: &str) -> Result<QuantKind, String> {
+    match s {
+        "nf4" => Ok(QuantKind::Nf4),
+        "fp4" => Ok(QuantKind::Fp4),
+        _ => Err(format!("must be nf4 or fp4, got '{s}'")),
+    }
+}
+
+fn quantizer(device: &str) -> Result<Box<dyn SliceQuantizer>, CliError> {
+    if device == "cpu" {
+        return Ok(Box::new(CpuQuantizer));
+    }
+    let ordinal = match device.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| {
+                CliError::Input(format!("--device '{device}': use cpu, cuda or cuda:N"))
+            })?,
+        None => {
+            return Err(CliError::Input(format!(
+                "--device '{device}': use cpu, cuda or cuda:N"
+            )))
+        }
+    };
+    #[cfg(feature = "cuda")]
+    {
+        Ok(Box::new(
+            frozen::CudaQuantizer::new(ordinal).map_err(CliError::failed)?,
+        ))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = ordinal;
+        Err(CliError::Input(format!(
+            "--device {device}: this moeq was built without CUDA; rebuild with --features cuda or use --device cpu"
+        )))
+    }
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), if available.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+pub fn run(args: QuantizeArgs) -> Result<(), CliError> {
+    let settings = QuantSettings {
+        kind: args.quant_type,
+        blocksize: args.blocksize,
+        double_quant: args.double_quant,
+    };
+    settings.validate().map_err(CliError::input)?;
+    if args.out.exists() && !args.force {
+        return Err(CliError::Input(format!(
+            "{}: already exists (choose another --out or pass --force)",
+            args.out.display()
+        )));
+    }
+    let started = std::time::Instant::now();
+    let input_err = |e: CheckpointError| match e {
+        CheckpointError::Io { .. } => CliError::failed(e),
+        other => CliError::input(other),
+    };
+    let dir = ModelDir::open(&args.model).map_err(input_err)?;
+    if !dir.has_weights() {
+        return Err(CliError::Input(format!(
+            "{}: no weights to quantize (only config.json)",
+            args.model.display()
+        )));
+    }
+    if frozen::prequantized(&dir).is_some() {
+        return Err(CliError::Input(format!(
+            "{}: already a pre-quantized checkpoint",
+            args.model.display()
+        )));
+    }
+    let mut q = quantizer(&args.device)?;
+    let base =
+        frozen::load(&dir, settings, None, q.as_mut(), &mut SingleProcess).map_err(input_err)?;
+    if args.force && args.out.exists() {
+        std::fs::remove_dir_all(&args.out)
+            .map_err(|e| CliError::Failed(format!("{}: {e}", args.out.display())))?;
+    }
+    let written = prequantized::write(
+        &dir,
+        &base,
+        &args.out,
+        args.shard_size_mb.max(1) * 1_000_000,
+    )
+    .map_err(input_err)?;
+    let r = &base.report;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "quantized {} → {} ({} {}, blocksize {}, double quant {}) on {}",
+        args.model.display(),
+        args.out.display(),
+        human_bytes(r.bytes_read),
+        dir.spec.torch_dtype.as_deref().unwrap_or("weights"),
+        settings.blocksize,
+        settings.double_quant,
+        args.device
+    );
+    println!(
+        "written {} (4-bit {} + dense {}) in {secs:.1} s ({:.2} GB/s of weights read; quantization {:.1} s)",
+        human_bytes(written),
+        human_bytes(r.quantized_bytes),
+        human_bytes(r.dense_bytes),
+        r.bytes_read as f64 / secs / 1e9,
+        r.seconds
+    );
+    if let Some(rss) = peak_rss_bytes() {
+        println!("peak host memory {}", human_bytes(rss));
+    }
+    if let Some(gpu) = r.peak_device_bytes {
+        println!(
+            "peak GPU memory {} (4-bit total {})",
+            human_bytes(gpu),
+            human_bytes(r.quantized_bytes)
+        );
+    }
+    Ok(())
+}

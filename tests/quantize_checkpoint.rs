@@ -1,0 +1,318 @@
+//! Loading with quantization, pre-quantized checkpoints (`moeq quantize`), and world-size
+//! independence at load time.
+
+use moeq::arch::ModelType;
+use moeq::checkpoint::frozen::{
+    self, CpuQuantizer, Frozen, FrozenBase, SingleProcess, StatsGather,
+};
+use moeq::checkpoint::ModelDir;
+use moeq::quant::{QuantKind, QuantSettings};
+use moeq::synth::{self, DiskLayout, SynthOptions};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+fn synth_into(dir: &Path, arch: ModelType, layout: DiskLayout) -> ModelDir {
+    let opts = SynthOptions {
+        model_type: arch,
+        layout,
+        seed: 3,
+        shard_bytes: 150_000,
+        ..SynthOptions::default()
+    };
+    synth::write(&opts, dir).unwrap();
+    ModelDir::open(dir).unwrap()
+}
+
+fn load(dir: &ModelDir, settings: QuantSettings) -> FrozenBase {
+    frozen::load(dir, settings, None, &mut CpuQuantizer, &mut SingleProcess).unwrap()
+}
+
+/// Bytes that identify a frozen tensor completely.
+fn fingerprint(f: &Frozen) -> Vec<u8> {
+    match f {
+        Frozen::Quantized { param, experts } => {
+            let mut v = format!("{:?}{:?}{:?}", param.shape, param.settings, experts).into_bytes();
+            v.extend(&param.packed);
+            v.extend(format!("{:?}", param.absmax).into_bytes());
+            v
+        }
+        Frozen::Dense(t) => {
+            let t = t
+                .to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap();
+            t.to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .flat_map(|x| x.to_bits().to_le_bytes())
+                .collect()
+        }
+    }
+}
+
+fn fingerprints(base: &FrozenBase) -> BTreeMap<String, Vec<u8>> {
+    base.tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), fingerprint(v)))
+        .collect()
+}
+
+fn moeq(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_moeq"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn quantized_checkpoint_loads_back_identically_for_every_arch() {
+    for arch in [
+        ModelType::Qwen3Moe,
+        ModelType::Qwen2Moe,
+        ModelType::Mixtral,
+        ModelType::Olmoe,
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = synth_into(&tmp.path().join("src"), arch, DiskLayout::Hub);
+        let settings = QuantSettings::default();
+        let direct = load(&src, settings);
+        let out = tmp.path().join("nf4");
+        let (code, _, err) = moeq(&[
+            "quantize",
+            "--model",
+            src.root.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--shard-size-mb",
+            "1",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let pre = ModelDir::open(&out).unwrap();
+        assert_eq!(frozen::prequantized(&pre), Some(settings));
+        let loaded = load(&pre, settings);
+        assert_eq!(fingerprints(&direct), fingerprints(&loaded), "{arch:?}");
+        assert!(direct
+            .tensors
+            .values()
+            .any(|f| matches!(f, Frozen::Quantized { .. })));
+    }
+}
+
+#[test]
+fn output_uses_v5_names_and_bitsandbytes_keys() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = synth_into(&tmp.path().join("src"), ModelType::Mixtral, DiskLayout::Hub);
+    let out = tmp.path().join("nf4");
+    let (code, stdout, err) = moeq(&[
+        "quantize",
+        "--model",
+        src.root.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("peak host memory"), "{stdout}");
+    let pre = ModelDir::open(&out).unwrap();
+    let p = "model.layers.1.mlp.experts.gate_up_proj";
+    for suffix in [
+        "",
+        ".absmax",
+        ".quant_map",
+        ".nested_absmax",
+        ".nested_quant_map",
+        ".quant_state.bitsandbytes__nf4",
+    ] {
+        assert!(pre.locate(&format!("{p}{suffix}")).is_some(), "{p}{suffix}");
+    }
+    assert!(pre
+        .locate("model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4")
+        .is_some());
+    assert!(pre.locate("model.layers.0.mlp.gate.weight").is_some());
+    assert!(pre
+        .locate("model.layers.0.block_sparse_moe.gate.weight")
+        .is_none());
+    let shard = pre.locate(p).unwrap();
+    let info = shard.info(p).unwrap();
+    assert_eq!(info.shape, vec![4 * 128 * 64 / 2, 1]);
+    let state = shard
+        .bytes(&format!("{p}.quant_state.bitsandbytes__nf4"), None)
+        .unwrap();
+    let json = std::str::from_utf8(state).unwrap();
+    assert!(
+        json.starts_with(r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [4, 128, 64], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": "#),
+        "{json}"
+    );
+}
+
+#[test]
+fn hub_and_fused_sources_quantize_to_the_same_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = synth_into(
+        &tmp.path().join("hub"),
+        ModelType::Qwen3Moe,
+        DiskLayout::Hub,
+    );
+    let fused = synth_into(
+        &tmp.path().join("fused"),
+        ModelType::Qwen3Moe,
+        DiskLayout::Fused,
+    );
+    for (dir, name) in [(&hub, "a"), (&fused, "b")] {
+        let out = tmp.path().join(name);
+        let (code, _, err) = moeq(&[
+            "quantize",
+            "--model",
+            dir.root.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let a = std::fs::read(tmp.path().join("a/model.safetensors")).unwrap();
+    let b = std::fs::read(tmp.path().join("b/model.safetensors")).unwrap();
+    assert!(a == b, "pre-quantized files differ between source layouts");
+}
+
+/// A gather that returns what every simulated rank produced, in rank order.
+struct Recorded(BTreeMap<String, Vec<Vec<f32>>>);
+
+impl StatsGather for Recorded {
+    fn gather(&mut self, name: &str, _local: Vec<f32>) -> Result<Vec<f32>, String> {
+        Ok(self.0[name].concat())
+    }
+}
+
+struct Recorder<'a>(&'a mut BTreeMap<String, Vec<Vec<f32>>>);
+
+impl StatsGather for Recorder<'_> {
+    fn gather(&mut self, name: &str, local: Vec<f32>) -> Result<Vec<f32>, String> {
+        self.0
+            .entry(name.to_string())
+            .or_default()
+            .push(local.clone());
+        Ok(local)
+    }
+}
+
+#[test]
+fn loading_on_any_number_of_ranks_gives_the_single_process_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = synth_into(tmp.path(), ModelType::Olmoe, DiskLayout::Hub);
+    let settings = QuantSettings {
+        kind: QuantKind::Nf4,
+        blocksize: 64,
+        double_quant: true,
+    };
+    let whole = load(&dir, settings);
+    let experts = dir.spec.num_experts;
+    for ranks in [1, 2, 3, 4, 8] {
+        let plan: Vec<_> = (0..ranks)
+            .map(|r| r * experts / ranks..(r + 1) * experts / ranks)
+            .collect();
+        // Round 1: each rank's local absmax (what the all-gather would send).
+        let mut sent = BTreeMap::new();
+        for r in &plan {
+            frozen::load(
+                &dir,
+                settings,
+                Some(r.clone()),
+                &mut CpuQuantizer,
+                &mut Recorder(&mut sent),
+            )
+            .unwrap();
+        }
+        // Round 2: every rank receives all of them.
+        for r in &plan {
+            let rank = frozen::load(
+                &dir,
+                settings,
+                Some(r.clone()),
+                &mut CpuQuantizer,
+                &mut Recorded(sent.clone()),
+            )
+            .unwrap();
+            for (name, f) in &rank.tensors {
+                match (f, &whole.tensors[name]) {
+                    (
+                        Frozen::Quantized {
+                            param,
+                            experts: Some(owned),
+                        },
+                        Frozen::Quantized { param: w, .. },
+                    ) => {
+                        let per = w.packed.len() / experts;
+                        assert_eq!(
+                            param.packed,
+                            w.packed[owned.start * per..owned.end * per],
+                            "{name} ranks={ranks}"
+                        );
+                        assert_eq!(param.absmax, w.absmax, "{name} ranks={ranks}: statistics");
+                    }
+                    (a, b) => assert_eq!(fingerprint(a), fingerprint(b), "{name} ranks={ranks}"),
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn mismatching_settings_for_a_prequantized_checkpoint_are_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = synth_into(
+        &tmp.path().join("src"),
+        ModelType::Qwen3Moe,
+        DiskLayout::Fused,
+    );
+    let out = tmp.path().join("nf4");
+    let (code, _, err) = moeq(&[
+        "quantize",
+        "--model",
+        src.root.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--blocksize",
+        "128",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let pre = ModelDir::open(&out).unwrap();
+    let err = frozen::load(
+        &pre,
+        QuantSettings::default(),
+        None,
+        &mut CpuQuantizer,
+        &mut SingleProcess,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}: checkpoint is pre-quantized with nf4 blocksize 128 double_quant true, but the run asks for nf4 blocksize 64 double_quant true (re-run moeq quantize with those settings, or change the config)",
+            out.display()
+        )
+    );
+    let (code, _, err) = moeq(&[
+        "quantize",
+        "--model",
+        out.to_str().unwrap(),
+        "--out",
+        tmp.path().join("x").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        err.trim(),
+        format!(
+            "error: {}: already a pre-quantized checkpoint",
+            out.display()
+        )
+    );
+    assert!(!tmp.path().join("x").exists());
+}
