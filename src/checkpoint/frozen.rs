@@ -321,7 +321,7 @@ impl SliceQuantizer for CudaQuantizer {
         total: usize,
         settings: &QuantSettings,
     ) -> Result<SliceQuant, String> {
-        let run = || -> candle_core::Result<SliceQuant> {
+        let mut run = || -> candle_core::Result<SliceQuant> {
             let dev = x.flatten_all()?.to_device(&self.device)?;
             let (packed, absmax) = crate::quant::cuda::quantize(&dev, settings)?;
             self.device.synchronize()?;
