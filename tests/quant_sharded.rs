@@ -186,3 +186,31 @@ fn zero_blocks_and_odd_tails_follow_bitsandbytes() {
     assert_eq!(q.packed[0], 0xff); // 0.5 / 0.5 = 1.0 → code 15 twice
     assert_eq!(*q.packed.last().unwrap(), 0xf7);
 }
+
+#[test]
+fn tensor_ops_match_the_reference_functions() {
+    use candle_core::{DType, Device, Tensor};
+    let x = random_experts(3, 40, 64, 9);
+    let t = Tensor::from_vec(x.clone(), (3, 40, 64), &Device::Cpu).unwrap();
+    let settings = QuantSettings::default();
+    let (packed, absmax) = moeq::quant::op::quantize(&t, &settings).unwrap();
+    let (want_packed, want_absmax) = moeq::quant::quantize_4bit(&x, 64, QuantKind::Nf4);
+    assert_eq!(packed.to_vec1::<u8>().unwrap(), want_packed);
+    assert_eq!(absmax.to_vec1::<f32>().unwrap(), want_absmax);
+    let deq = moeq::quant::op::dequantize(
+        &packed,
+        &absmax,
+        &[3, 40, 64],
+        QuantKind::Nf4,
+        64,
+        DType::BF16,
+    )
+    .unwrap();
+    assert_eq!(deq.dims(), &[3, 40, 64]);
+    let want: Vec<bf16> =
+        moeq::quant::dequantize_4bit(&want_packed, &want_absmax, x.len(), 64, QuantKind::Nf4)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+    assert_eq!(deq.flatten_all().unwrap().to_vec1::<bf16>().unwrap(), want);
+}

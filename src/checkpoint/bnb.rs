@@ -19,6 +19,7 @@ use crate::quant::codebook::dynamic_map;
 use crate::quant::{
     Absmax, NestedAbsmax, QuantKind, QuantSettings, QuantizedParam, NESTED_BLOCKSIZE,
 };
+use std::borrow::Cow;
 
 /// Python's `repr(float)`: shortest round-trip digits, positional for 1e-4 ≤ |x| < 1e16,
 /// otherwise `d.ddde-05` style.
@@ -103,52 +104,43 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// The tensors bitsandbytes stores for one quantized parameter, with their bytes.
-pub fn entries(name: &str, q: &QuantizedParam, dtype_name: &str) -> Vec<(TensorDecl, Vec<u8>)> {
+/// The tensors bitsandbytes stores for one quantized parameter, with their bytes (the
+/// packed codes borrowed, not copied: they are most of a checkpoint).
+pub fn entries<'a>(
+    name: &str,
+    q: &'a QuantizedParam,
+    dtype_name: &str,
+) -> Vec<(TensorDecl, Cow<'a, [u8]>)> {
+    let decl = |suffix: &str, dtype: &'static str, len: usize| {
+        TensorDecl::new(format!("{name}{suffix}"), dtype, vec![len])
+    };
     let mut out = vec![(
         TensorDecl::new(name, "U8", vec![q.packed.len(), 1]),
-        q.packed.clone(),
+        Cow::Borrowed(q.packed.as_slice()),
     )];
     match &q.absmax {
-        Absmax::Plain(a) => out.push((
-            TensorDecl::new(format!("{name}.absmax"), "F32", vec![a.len()]),
-            f32_bytes(a),
-        )),
+        Absmax::Plain(a) => out.push((decl(".absmax", "F32", a.len()), Cow::Owned(f32_bytes(a)))),
         Absmax::Nested(n) => out.push((
-            TensorDecl::new(format!("{name}.absmax"), "U8", vec![n.codes.len()]),
-            n.codes.clone(),
+            decl(".absmax", "U8", n.codes.len()),
+            Cow::Borrowed(n.codes.as_slice()),
         )),
     }
-    out.push((
-        TensorDecl::new(format!("{name}.quant_map"), "F32", vec![16]),
-        f32_bytes(&q.settings.kind.code()),
-    ));
+    let code = q.settings.kind.code();
+    out.push((decl(".quant_map", "F32", 16), Cow::Owned(f32_bytes(&code))));
     if let Absmax::Nested(n) = &q.absmax {
+        let len = n.nested_absmax.len();
         out.push((
-            TensorDecl::new(
-                format!("{name}.nested_absmax"),
-                "F32",
-                vec![n.nested_absmax.len()],
-            ),
-            f32_bytes(&n.nested_absmax),
+            decl(".nested_absmax", "F32", len),
+            Cow::Owned(f32_bytes(&n.nested_absmax)),
         ));
         out.push((
-            TensorDecl::new(format!("{name}.nested_quant_map"), "F32", vec![256]),
-            f32_bytes(&dynamic_map()),
+            decl(".nested_quant_map", "F32", 256),
+            Cow::Owned(f32_bytes(&dynamic_map())),
         ));
     }
     let json = quant_state_json(q, dtype_name).into_bytes();
-    out.push((
-        TensorDecl::new(
-            format!(
-                "{name}.quant_state.bitsandbytes__{}",
-                q.settings.kind.as_str()
-            ),
-            "U8",
-            vec![json.len()],
-        ),
-        json,
-    ));
+    let key = format!(".quant_state.bitsandbytes__{}", q.settings.kind.as_str());
+    out.push((decl(&key, "U8", json.len()), Cow::Owned(json)));
     out
 }
 

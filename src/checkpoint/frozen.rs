@@ -263,6 +263,7 @@ pub fn load(
             progress.inc(p.numel() as u64 * 2);
         }
         tensors.insert(p.name.clone(), frozen);
+        crate::util::mem::sample_peak();
     }
     progress.finish();
     report.seconds = started.elapsed().as_secs_f64();

@@ -59,6 +59,11 @@ fn dense_bytes(t: &candle_core::Tensor) -> Result<Vec<u8>, CheckpointError> {
     })
 }
 
+enum Data<'a> {
+    Bytes(std::borrow::Cow<'a, [u8]>),
+    Dense(&'a candle_core::Tensor),
+}
+
 /// Writes `base` (loaded from `src`) to `out`. Returns the bytes written.
 pub fn write(
     src: &ModelDir,
@@ -71,11 +76,17 @@ pub fn write(
         .torch_dtype
         .clone()
         .unwrap_or_else(|| "bfloat16".into());
-    // Every output tensor with its bytes, per frozen parameter, in name order.
-    let mut groups: Vec<Vec<(TensorDecl, Vec<u8>)>> = Vec::new();
+    // Every output tensor with its bytes, per frozen parameter, in name order. 4-bit codes are
+    // borrowed; a dense tensor's bytes are made only when its shard is written.
+    let mut groups: Vec<Vec<(TensorDecl, Data)>> = Vec::new();
     for (name, frozen) in &base.tensors {
         match frozen {
-            Frozen::Quantized { param, experts: None } => groups.push(bnb::entries(name, param, &weights_dtype)),
+            Frozen::Quantized { param, experts: None } => groups.push(
+                bnb::entries(name, param, &weights_dtype)
+                    .into_iter()
+                    .map(|(d, b)| (d, Data::Bytes(b)))
+                    .collect(),
+            ),
             Frozen::Quantized { experts: Some(r), .. } => {
                 return Err(CheckpointError::Format {
                     path: out.display().to_string(),
@@ -83,7 +94,7 @@ pub fn write(
                 })
             }
             Frozen::Dense(t) => {
-                groups.push(vec![(TensorDecl::new(name.clone(), st_dtype(t.dtype()), t.dims().to_vec()), dense_bytes(t)?)])
+                groups.push(vec![(TensorDecl::new(name.clone(), st_dtype(t.dtype()), t.dims().to_vec()), Data::Dense(t))])
             }
         }
     }
@@ -117,8 +128,13 @@ pub fn write(
                 .map(|(d, _)| d.clone())
                 .collect();
             let mut w = StreamWriter::create(&path, &decls).map_err(io(&path))?;
-            for (decl, bytes) in groups[range.clone()].iter().flatten() {
-                w.write(bytes).map_err(io(&path))?;
+            for (decl, data) in groups[range.clone()].iter().flatten() {
+                match data {
+                    Data::Bytes(b) => w.write(b),
+                    Data::Dense(t) => w.write(&dense_bytes(t)?),
+                }
+                .map_err(io(&path))?;
+                crate::util::mem::sample_peak();
                 weight_map.insert(decl.name.clone(), file.clone().into());
             }
             w.finish().map_err(io(&path))?;

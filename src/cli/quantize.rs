@@ -76,14 +76,6 @@ fn quantizer(device: &str) -> Result<Box<dyn SliceQuantizer>, CliError> {
     }
 }
 
-/// Peak resident memory of this process (Linux `VmHWM`), if available.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
-}
-
 pub fn run(args: QuantizeArgs) -> Result<(), CliError> {
     let settings = QuantSettings {
         kind: args.quant_type,
@@ -149,9 +141,14 @@ pub fn run(args: QuantizeArgs) -> Result<(), CliError> {
         r.bytes_read as f64 / secs / 1e9,
         r.seconds
     );
-    if let Some(rss) = peak_rss_bytes() {
-        println!("peak host memory {}", human_bytes(rss));
-    }
+    let anon = crate::util::mem::peak_anon_bytes();
+    let rss = crate::util::mem::peak_rss_bytes().unwrap_or(0);
+    println!(
+        "peak host memory {} allocated (sampled RssAnon; the 4-bit result is {}), {} resident including mapped checkpoint pages",
+        human_bytes(anon),
+        human_bytes(r.quantized_bytes + r.dense_bytes),
+        human_bytes(rss)
+    );
     if let Some(gpu) = r.peak_device_bytes {
         println!(
             "peak GPU memory {} (4-bit total {})",

@@ -122,12 +122,33 @@ pub fn dequantize(
     blocksize: usize,
     dtype: DType,
 ) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
     let (pk, pl) = packed.storage_and_layout();
     let (am, al) = absmax.storage_and_layout();
     let (Storage::Cuda(pk), Storage::Cuda(am)) = (&*pk, &*am) else {
         bail!("dequantize: tensors must be on a CUDA device")
     };
+    let out = dequantize_storage(pk, pl, am, al, shape, kind, blocksize, dtype)?;
+    Ok(Tensor::from_storage(
+        Storage::Cuda(out),
+        shape,
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+/// `dequantize` on storages (the CustomOp's `cuda_fwd`).
+#[allow(clippy::too_many_arguments)]
+pub fn dequantize_storage(
+    pk: &CudaStorage,
+    pl: &candle_core::Layout,
+    am: &CudaStorage,
+    al: &candle_core::Layout,
+    shape: &[usize],
+    kind: QuantKind,
+    blocksize: usize,
+    dtype: DType,
+) -> Result<CudaStorage> {
+    let n: usize = shape.iter().product();
     let (S::U8(codes), S::F32(scales)) = (&pk.slice, &am.slice) else {
         bail!("dequantize: packed must be u8 and absmax f32")
     };
@@ -177,7 +198,7 @@ pub fn dequantize(
                 // SAFETY: argument types and order match `DEQUANT(...)` in kernels/nf4.cu.
                 unsafe { b.launch(grid((n - tail_start).div_ceil(2), 256)) }.w()?;
             }
-            wrap(out, &dev, shape)
+            CudaStorage::wrap_cuda_slice(out, dev.clone())
         }};
     }
     Ok(match dtype {

@@ -100,7 +100,7 @@ fn check_one(
         same_bits(format!("{label} codes"), &packed_gpu, &packed_cpu_t)?,
         same_bits(format!("{label} absmax"), &absmax_gpu, &absmax_cpu_t)?,
     ];
-    let deq_gpu = cuda::dequantize(
+    let deq_gpu = super::op::dequantize(
         &packed_gpu,
         &absmax_gpu,
         &[n],

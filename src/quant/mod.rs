@@ -11,6 +11,7 @@ pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod gpu_check;
 pub mod nested;
+pub mod op;
 pub mod rcp;
 pub mod sharded;
 

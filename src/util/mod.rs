@@ -1,4 +1,5 @@
 //! Logging and progress reporting shared by every command.
 
 pub mod logging;
+pub mod mem;
 pub mod progress;

@@ -1,0 +1,36 @@
+//! Host memory accounting for load-time claims. `VmHWM` (peak RSS) counts the pages of the
+//! memory-mapped checkpoint that were read, which are page cache, not allocations; the
+//! anonymous resident set (`RssAnon`) is what the process itself holds, so its peak is
+//! sampled at the points where it can be highest (after each tensor is loaded or written).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+static PEAK_ANON: AtomicU64 = AtomicU64::new(0);
+
+fn status_kb(key: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Current anonymous resident memory, in bytes (Linux).
+pub fn rss_anon_bytes() -> Option<u64> {
+    status_kb("RssAnon:").map(|kb| kb * 1024)
+}
+
+/// Peak resident set including mapped file pages, in bytes (Linux).
+pub fn peak_rss_bytes() -> Option<u64> {
+    status_kb("VmHWM:").map(|kb| kb * 1024)
+}
+
+/// Records the current anonymous resident memory if it is a new peak.
+pub fn sample_peak() {
+    if let Some(now) = rss_anon_bytes() {
+        PEAK_ANON.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+/// Largest sampled anonymous resident memory (0 if never sampled or not on Linux).
+pub fn peak_anon_bytes() -> u64 {
+    PEAK_ANON.load(Ordering::Relaxed)
+}
