@@ -1,4 +1,4 @@
-//! `moeq train`: validate the config, resolve the base model, then train. The trainer itself
+//! `moeq train`: validate the config, resolve the base model, prepare the data, then train. The trainer itself
 //! arrives with the trainer work; until then this command stops with a clear error after the
 //! checks it can already do, and never pretends to train.
 
@@ -50,7 +50,14 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
         dir.spec.model_type.as_str(),
         dir.spec.num_layers
     );
+    let tok = crate::data::TokenizerBundle::load(&model_dir, config.tokenizer_config.as_deref())
+        .map_err(CliError::input)?;
+    let data = crate::data::prepare(&config, &tok).map_err(CliError::input)?;
+    for w in &data.warnings {
+        tracing::warn!("{w}");
+    }
+    tracing::info!("{}", data.stats.summary());
     Err(CliError::Failed(
-        "moeq train: the trainer is not built yet (config and base model were checked; no training was done)".into(),
+        "moeq train: the trainer is not built yet (config, base model and data were checked; no training was done)".into(),
     ))
 }
