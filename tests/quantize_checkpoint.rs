@@ -1,6 +1,9 @@
 //! Loading with quantization, pre-quantized checkpoints (`moeq quantize`), and world-size
 //! independence at load time.
 
+mod common;
+use common::moeq;
+
 use moeq::arch::ModelType;
 use moeq::checkpoint::frozen::{
     self, CpuQuantizer, Frozen, FrozenBase, SingleProcess, StatsGather,
@@ -10,7 +13,6 @@ use moeq::quant::{QuantKind, QuantSettings};
 use moeq::synth::{self, DiskLayout, SynthOptions};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 
 fn synth_into(dir: &Path, arch: ModelType, layout: DiskLayout) -> ModelDir {
     let opts = SynthOptions {
@@ -57,18 +59,6 @@ fn fingerprints(base: &FrozenBase) -> BTreeMap<String, Vec<u8>> {
         .iter()
         .map(|(k, v)| (k.clone(), fingerprint(v)))
         .collect()
-}
-
-fn moeq(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_moeq"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
 }
 
 #[test]

@@ -1,9 +1,11 @@
 //! Synthetic checkpoints: tokenizer round trips, preset shapes against published totals,
 //! `synth://` resolution, and the `moeq synth` / `moeq inspect` commands end to end.
 
+mod common;
+use common::moeq;
+
 use moeq::arch::{ArchSpec, ModelType};
 use moeq::synth::{self, config_json, tokenizer, DiskLayout, SynthUri};
-use std::process::Command;
 
 #[test]
 fn tokenizer_is_a_real_byte_level_bpe_that_round_trips() {
@@ -144,18 +146,6 @@ fn synth_uri_resolves_into_the_cache_once() {
         .filter(|e| e.file_name().to_string_lossy().contains("partial"))
         .collect();
     assert!(leftovers.is_empty());
-}
-
-fn moeq(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_moeq"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
-    )
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! rounding to the storage dtype; backward is expressed in tensor ops so it runs on every
 //! device and keeps gradients flowing to both inputs.
 
+use crate::ops::contiguous_slice;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
@@ -20,13 +21,6 @@ fn cpu_apply<T: Copy>(g: &[T], u: &[T], to: impl Fn(T) -> f32, from: impl Fn(f32
         .collect()
 }
 
-fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => candle_core::bail!("swiglu: inputs must be contiguous"),
-    }
-}
-
 impl CustomOp2 for SwiGlu {
     fn name(&self) -> &'static str {
         "swiglu"
@@ -41,20 +35,20 @@ impl CustomOp2 for SwiGlu {
     ) -> Result<(CpuStorage, Shape)> {
         let out = match (s1, s2) {
             (CpuStorage::F32(g), CpuStorage::F32(u)) => CpuStorage::F32(cpu_apply(
-                contiguous(g, l1)?,
-                contiguous(u, l2)?,
+                contiguous_slice(g, l1, "swiglu")?,
+                contiguous_slice(u, l2, "swiglu")?,
                 |x| x,
                 |x| x,
             )),
             (CpuStorage::BF16(g), CpuStorage::BF16(u)) => CpuStorage::BF16(cpu_apply(
-                contiguous(g, l1)?,
-                contiguous(u, l2)?,
+                contiguous_slice(g, l1, "swiglu")?,
+                contiguous_slice(u, l2, "swiglu")?,
                 bf16::to_f32,
                 bf16::from_f32,
             )),
             (CpuStorage::F16(g), CpuStorage::F16(u)) => CpuStorage::F16(cpu_apply(
-                contiguous(g, l1)?,
-                contiguous(u, l2)?,
+                contiguous_slice(g, l1, "swiglu")?,
+                contiguous_slice(u, l2, "swiglu")?,
                 f16::to_f32,
                 f16::from_f32,
             )),

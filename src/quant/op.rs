@@ -4,6 +4,7 @@
 //! `cuda_fwd`. Frozen weights get no gradient, so there is no backward.
 
 use super::{dequantize_4bit, quantize_4bit, QuantKind, QuantSettings};
+use crate::ops::contiguous_slice;
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
@@ -46,13 +47,6 @@ struct Dequantize {
     dtype: DType,
 }
 
-fn contiguous<'a, T>(s: &'a [T], l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s[a..b]),
-        None => bail!("dequantize: inputs must be contiguous"),
-    }
-}
-
 impl CustomOp2 for Dequantize {
     fn name(&self) -> &'static str {
         "dequantize_4bit"
@@ -70,8 +64,8 @@ impl CustomOp2 for Dequantize {
         };
         let n: usize = self.shape.iter().product();
         let v = dequantize_4bit(
-            contiguous(packed, l1)?,
-            contiguous(absmax, l2)?,
+            contiguous_slice(packed, l1, "dequantize")?,
+            contiguous_slice(absmax, l2, "dequantize")?,
             n,
             self.blocksize,
             self.kind,
