@@ -66,19 +66,21 @@ __device__ __forceinline__ unsigned char quantize_fp4(float x) {
 }
 
 // Table-driven coder for the vectorised kernel (fewer instructions than the trees, no
-// divergence). The scaled value's range is cut into 1024 equal cells — s ∈ [−1, 1] for NF4
-// (index ⌊(s+1)·512⌋), |s| ∈ [0, 1] for FP4 (index ⌊|s|·1024⌋) — each holding at most one
-// threshold. A cell stores how many thresholds lie below it and the threshold inside it (or
-// +inf); code = below + (s > inside), i.e. the number of thresholds strictly below s, as the
-// trees compute. The FP4 index is exact (power-of-two scaling); for NF4, s+1 rounds by at
-// most 1.2e-7, and no threshold lies within 2e-5 of a cell edge, so a value rounded into the
-// neighbouring cell still counts the same thresholds. NaN indexes cell 0 and fails the
-// comparison: code 0, as in the trees.
-constexpr int LUT_CELLS = 1024;
+// divergence). The scaled value's range is cut into 256 equal cells — s ∈ [−1, 1] for NF4
+// (index ⌊(s+1)·128⌋), |s| ∈ [0, 1] for FP4 (index ⌊|s|·256⌋) — each holding at most one
+// threshold. A cell stores how many thresholds lie below it; with the sorted thresholds t
+// (padded with +inf), code = below + (s > t[below]): the number of thresholds strictly below
+// s, as the trees compute (a cell without a threshold has t[below] ≥ its upper edge > s). The
+// FP4 index is exact (power-of-two scaling); for NF4, s+1 rounds by at most 1.2e-7 and no
+// threshold lies within 2.3e-4 of a cell edge, so a value rounded into the neighbouring cell
+// still counts the same thresholds. NaN indexes cell 0 and fails the comparison: code 0, as
+// in the trees. The 256-byte table keeps shared-memory bank conflicts low; t[] has 16
+// entries, read conflict-free.
+constexpr int LUT_CELLS = 256;
 
 struct CodeLut {
   unsigned char below[LUT_CELLS];
-  float inside[LUT_CELLS];
+  float t[16];
 };
 
 template <bool NF4>
@@ -88,26 +90,22 @@ __device__ void build_lut(CodeLut& lut) {
                          0.1202552504837513f, 0.2035212516784668f, 0.2920137718319893f, 0.3893125355243683f,
                          0.5016634166240692f, 0.6427869200706482f, 0.8614784181118011f};
   const float fp4[7] = {0.00260417f, 0.0859375f, 0.20833333f, 0.29166667f, 0.4166667f, 0.583333f, 0.8333333f};
+  const int count = NF4 ? 15 : 7;
+  if (threadIdx.x < 16) lut.t[threadIdx.x] = threadIdx.x < count ? (NF4 ? nf4[threadIdx.x] : fp4[threadIdx.x])
+                                                                  : __int_as_float(0x7f800000);
   for (int c = threadIdx.x; c < LUT_CELLS; c += blockDim.x) {
     const float lo = NF4 ? c * (2.0f / LUT_CELLS) - 1.0f : c * (1.0f / LUT_CELLS);
-    const float hi = NF4 ? (c + 1) * (2.0f / LUT_CELLS) - 1.0f : (c + 1) * (1.0f / LUT_CELLS);
     unsigned char below = 0;
-    float inside = __int_as_float(0x7f800000);
-    const int count = NF4 ? 15 : 7;
-    for (int k = 0; k < count; k++) {
-      const float t = NF4 ? nf4[k] : fp4[k];
-      below += t < lo;
-      if (t >= lo && t < hi) inside = t;
-    }
+    for (int k = 0; k < count; k++) below += (NF4 ? nf4[k] : fp4[k]) < lo;
     lut.below[c] = below;
-    lut.inside[c] = inside;
   }
 }
 
 __device__ __forceinline__ unsigned char quantize_nf4_lut(const CodeLut& lut, float s) {
   int c = __float2int_rd((s + 1.0f) * (LUT_CELLS / 2));
   c = min(max(c, 0), LUT_CELLS - 1);
-  return lut.below[c] + (s > lut.inside[c]);
+  const int below = lut.below[c];
+  return below + (s > lut.t[below]);
 }
 
 __device__ __forceinline__ unsigned char quantize_fp4_lut(const CodeLut& lut, float s) {
@@ -115,7 +113,8 @@ __device__ __forceinline__ unsigned char quantize_fp4_lut(const CodeLut& lut, fl
   const float a = fabsf(s);
   int c = __float2int_rd(a * LUT_CELLS);
   c = min(max(c, 0), LUT_CELLS - 1);
-  const int k = lut.below[c] + (a > lut.inside[c]);
+  const int below = lut.below[c];
+  const int k = below + (a > lut.t[below]);
   return ((0x32547610u >> (4 * k)) & 0xf) + sign;
 }
 
