@@ -191,9 +191,10 @@ fn empty_after_masking() {
     );
     let io = r#"{"segments": [{"text": "all prompt", "label": false}]}"#;
     let (e, p) = err(tmp.path(), &tok, "b.jsonl", io, "input_output");
-    assert!(e.starts_with(&format!(
-        "{p}:1: no token counts towards the loss after masking"
-    )));
+    assert_eq!(
+        e,
+        format!("{p}:1: no token counts towards the loss after masking (the record has no trained turn; check roles_to_train or set train_on_inputs: true)")
+    );
 }
 
 #[test]
@@ -358,4 +359,84 @@ fn chat_template_missing_or_unknown() {
     )
     .unwrap();
     assert_eq!(r.train.len(), 1);
+}
+
+/// `file` with raw bytes (not necessarily UTF-8) as one completion dataset.
+fn run_bytes(
+    dir: &Path,
+    tok: &TokenizerBundle,
+    file: &str,
+    bytes: &[u8],
+    extra: &str,
+) -> (Result<PreparedData, DataError>, String) {
+    let p = dir.join(file);
+    std::fs::write(&p, bytes).unwrap();
+    let cfg = config(&format!(
+        "sequence_len: 256\n{extra}datasets:\n  - path: {}\n    type: completion\n",
+        p.display()
+    ));
+    (prepare(&cfg, tok), p.display().to_string())
+}
+
+#[test]
+fn invalid_utf8_is_a_bad_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = synth_bundle(tmp.path());
+    let text = b"{\"text\": \"one\"}\n{\"text\": \"t\xe9\xff\"}\r\n{\"text\": \"two\"}\n";
+    let (r, p) = run_bytes(tmp.path(), &tok, "a.jsonl", text, "");
+    assert_eq!(
+        r.err().unwrap().to_string(),
+        format!("{p}:2: not valid UTF-8 (bad byte at column 12; re-encode the file as UTF-8)")
+    );
+    let (r, p) = run_bytes(
+        tmp.path(),
+        &tok,
+        "a.jsonl",
+        text,
+        "skip_bad_samples: true\n",
+    );
+    let out = r.unwrap();
+    assert_eq!((out.train.len(), out.stats.skipped_bad), (2, 1));
+    assert_eq!(
+        out.warnings,
+        vec![format!("{p}: skipped 1 of 3 records as bad (skip_bad_samples: true); first: {p}:2: not valid UTF-8 (bad byte at column 12; re-encode the file as UTF-8)")]
+    );
+    // a .json array is one document: the file fails, at the bad byte
+    let array = b"[{\"text\": \"one\"},\n {\"text\": \"\xff\"}]";
+    let (r, p) = run_bytes(
+        tmp.path(),
+        &tok,
+        "b.json",
+        array,
+        "skip_bad_samples: true\n",
+    );
+    assert_eq!(
+        r.err().unwrap().to_string(),
+        format!("{p}: not valid UTF-8 at byte 29 (the file cannot be read; re-encode it as UTF-8)")
+    );
+}
+
+#[test]
+fn invalid_strftime_format_is_a_template_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = synth_bundle(tmp.path());
+    let p = write(
+        tmp.path(),
+        "t.jinja",
+        "{{ strftime_now('%Q') }}{% for m in messages %}{{ m.content }}{% endfor %}",
+    );
+    let chat = r#"{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}"#;
+    let r = run(
+        tmp.path(),
+        &tok,
+        "a.jsonl",
+        chat,
+        "chat_template",
+        &format!("chat_template: {}\n", p.display()),
+    );
+    let data = tmp.path().join("a.jsonl").display().to_string();
+    assert_eq!(
+        r.err().unwrap().to_string(),
+        format!("{data}:1: chat template failed: strftime_now('%Q'): not a valid strftime format (use chrono's specifiers, e.g. '%d %b %Y') at template line 1")
+    );
 }

@@ -403,3 +403,148 @@ fn train_on_eos_and_roles_to_train() {
         (tf(&[1, 0, 1, 0]), tf(&[1, 0, 1, 0]))
     );
 }
+
+#[test]
+fn cache_keys_on_the_template_file_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = synth_bundle(tmp.path());
+    let cache = tmp.path().join("cache");
+    let rec = json!({"messages": [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+    ]});
+    let p = write(tmp.path(), "chat.jsonl", &rec.to_string());
+    let t = write(tmp.path(), "t.jinja", moeq::data::CHATML);
+    let cfg = config(&format!(
+        "val_set_size: 0\nchat_template: {}\ndatasets:\n  - path: {}\n    type: chat_template\n",
+        t.display(),
+        p.display()
+    ));
+    let first = prepare_cached(&cfg, &tok, &cache).unwrap();
+    assert!(!first.stats.from_cache);
+    assert!(prepare_cached(&cfg, &tok, &cache).unwrap().stats.from_cache);
+    // same path, new text: the samples must be rebuilt
+    write(
+        tmp.path(),
+        "t.jinja",
+        &format!("{{{{ 'x y ' }}}}{}", moeq::data::CHATML),
+    );
+    let changed = prepare_cached(&cfg, &tok, &cache).unwrap();
+    assert!(!changed.stats.from_cache, "new template text, new key");
+    assert_eq!(
+        changed.train[0].len(),
+        first.train[0].len() + tok.encode_plain("x y ").unwrap().len()
+    );
+}
+
+#[test]
+fn generation_templates_warn_about_ignored_mask_settings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = synth_bundle(tmp.path());
+    let rec = json!({"messages": [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+    ]});
+    let p = write(tmp.path(), "chat.jsonl", &rec.to_string());
+    let t = write(
+        tmp.path(),
+        "gen.jinja",
+        "{% for m in messages %}{{ m.role }}: {% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}\n{% endfor %}",
+    );
+    let run = |extra: &str| {
+        let yaml = format!(
+            "chat_template: {}\ndatasets:\n  - path: {}\n    type: chat_template\n{extra}",
+            t.display(),
+            p.display()
+        );
+        prepare(&config(&yaml), &tok).unwrap().warnings
+    };
+    assert_eq!(run(""), Vec::<String>::new());
+    assert_eq!(
+        run("    roles_to_train: [assistant, user]\n    train_on_eos: all\n"),
+        vec![format!("{}: roles_to_train: [assistant, user] and train_on_eos: all ignored: the chat template marks what is trained with {{% generation %}} blocks (remove the setting, or use a template without generation blocks)", p.display())]
+    );
+    assert_eq!(
+        run("    train_on_eos: none\n"),
+        vec![format!("{}: train_on_eos: none ignored: the chat template marks what is trained with {{% generation %}} blocks (remove the setting, or use a template without generation blocks)", p.display())]
+    );
+}
+
+#[test]
+fn zero_width_tokens_are_labelled_like_char_to_token() {
+    use moeq::data::spans_to_labels;
+    // " ab": a whitespace token trimmed to (1,1), then "ab" at [1,3); span [1,3)
+    let ids = [5, 6];
+    assert_eq!(
+        spans_to_labels(&ids, &[(1, 1), (1, 3)], &[(1, 3)]),
+        vec![IGNORE_INDEX, 6]
+    );
+    // zero-width right after the span, and at the very start of the text
+    assert_eq!(
+        spans_to_labels(&[5, 6, 7], &[(0, 0), (0, 2), (2, 2)], &[(0, 2)]),
+        vec![IGNORE_INDEX, 6, IGNORE_INDEX]
+    );
+    // strictly inside a span it sits between marked tokens, as transformers marks it
+    assert_eq!(
+        spans_to_labels(&[5, 6, 7], &[(0, 2), (2, 2), (2, 4)], &[(0, 4)]),
+        vec![5, 6, 7]
+    );
+}
+
+#[test]
+fn a_corrupt_cache_is_rebuilt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = synth_bundle(tmp.path());
+    let cache = tmp.path().join("cache");
+    let p = write(
+        tmp.path(),
+        "c.jsonl",
+        "{\"text\": \"a b c\"}\n{\"text\": \"d\"}\n",
+    );
+    let cfg = config(&format!(
+        "val_set_size: 0\ndatasets:\n  - path: {}\n    type: completion\n",
+        p.display()
+    ));
+    let fresh = prepare_cached(&cfg, &tok, &cache).unwrap();
+    let file = std::fs::read_dir(&cache)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let good = std::fs::read(&file).unwrap();
+    // layout: MOEQDATA, u32 version, u64 header length, header JSON, samples
+    let header_len = u64::from_le_bytes(good[12..20].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&good[20..20 + header_len]).unwrap();
+    let samples = good[20 + header_len..].to_vec();
+    let with_header = |header: &serde_json::Value, samples: &[u8]| {
+        let h = serde_json::to_vec(header).unwrap();
+        let mut out = good[..12].to_vec();
+        out.extend_from_slice(&(h.len() as u64).to_le_bytes());
+        out.extend_from_slice(&h);
+        out.extend_from_slice(samples);
+        out
+    };
+    let mut first_len_huge = samples.clone();
+    first_len_huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    header["count"] = json!(1u64 << 60);
+    let corrupt = [
+        with_header(&header, &samples),
+        with_header(
+            &json!({"datasets": [], "warnings": [], "count": 2}),
+            &first_len_huge,
+        ),
+        good[..good.len() - 3].to_vec(),
+        b"MOEQDATA".to_vec(),
+    ];
+    for (k, bytes) in corrupt.iter().enumerate() {
+        std::fs::write(&file, bytes).unwrap();
+        let again = prepare_cached(&cfg, &tok, &cache).unwrap();
+        assert!(!again.stats.from_cache, "corrupt file {k} is ignored");
+        assert_eq!(again.train, fresh.train);
+        assert!(
+            prepare_cached(&cfg, &tok, &cache).unwrap().stats.from_cache,
+            "and rewritten"
+        );
+    }
+}

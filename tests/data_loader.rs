@@ -328,3 +328,145 @@ fn steps_for_fractional_epochs() {
     assert_eq!(l.steps_in_epochs(2.0), 40);
     assert_eq!(l.steps_in_epochs(1.5), 30);
 }
+
+#[test]
+fn samples_are_validated() {
+    let err = |data: Vec<Sample>| {
+        Loader::resume(
+            data,
+            opts(false),
+            DataCursor {
+                epoch: 0,
+                position: 0,
+            },
+        )
+        .err()
+        .unwrap()
+        .to_string()
+    };
+    let mut data = samples(6);
+    data[2] = Sample {
+        input_ids: vec![],
+        labels: vec![],
+    };
+    assert_eq!(
+        err(data),
+        "data loader: sample 2 has no tokens; drop empty samples before loading (prepare() never makes them)"
+    );
+    let mut data = samples(6);
+    data[4].labels.pop();
+    assert_eq!(
+        err(data),
+        "data loader: sample 4 has 8 labels for 9 input_ids; labels must be aligned with input_ids, one per token (IGNORE_INDEX where not trained)"
+    );
+    let mut data = samples(6);
+    data[0].labels.push(IGNORE_INDEX);
+    assert_eq!(
+        Loader::new(data, opts(false)).err().unwrap().to_string(),
+        "data loader: sample 0 has 4 labels for 3 input_ids; labels must be aligned with input_ids, one per token (IGNORE_INDEX where not trained)"
+    );
+}
+
+#[test]
+fn dropped_rows_are_counted() {
+    let data = samples(45);
+    let with = |micro_batch_size: usize, world_size: usize| LoaderOptions {
+        micro_batch_size,
+        world_size,
+        ..opts(false)
+    };
+    // 45 rows in steps of 2, 4 and 6 rows
+    let l = Loader::new(data.clone(), with(2, 1)).unwrap();
+    assert_eq!((l.steps_per_epoch(), l.dropped_rows_per_epoch()), (22, 1));
+    let l = Loader::new(data.clone(), with(2, 2)).unwrap();
+    assert_eq!((l.steps_per_epoch(), l.dropped_rows_per_epoch()), (11, 1));
+    let l = Loader::new(data.clone(), with(3, 2)).unwrap();
+    assert_eq!((l.steps_per_epoch(), l.dropped_rows_per_epoch()), (7, 3));
+    let l = Loader::new(data, with(3, 2).for_eval()).unwrap();
+    assert_eq!((l.steps_per_epoch(), l.dropped_rows_per_epoch()), (8, 0));
+}
+
+#[test]
+fn padding_positions_count_from_zero() {
+    for (packing, pad_to_sequence_len) in [(false, false), (false, true), (true, true)] {
+        let data = samples(20);
+        let mut l = Loader::new(
+            data.clone(),
+            LoaderOptions {
+                pad_to_sequence_len,
+                ..opts(packing)
+            },
+        )
+        .unwrap();
+        for _ in 0..l.steps_per_epoch() {
+            let b = l.next_batch();
+            let mut padded = 0;
+            for r in 0..b.batch_size {
+                let mut want: Vec<u32> = Vec::new();
+                for &len in &b.seq_lens[r] {
+                    want.extend(0..len as u32);
+                }
+                let pad = b.seq_len - want.len();
+                padded += pad;
+                want.extend(0..pad as u32);
+                let row = r * b.seq_len..(r + 1) * b.seq_len;
+                assert_eq!(&b.position_ids[row.clone()], &want[..], "row {r}");
+                let tail = row.end - pad..row.end;
+                assert!(b.input_ids[tail.clone()].iter().all(|&i| i == 7));
+                assert!(b.labels[tail].iter().all(|&l| l == IGNORE_INDEX));
+            }
+            if pad_to_sequence_len {
+                assert!(padded > 0, "rows shorter than sequence_len are padded");
+            }
+        }
+    }
+}
+
+#[test]
+fn two_ranks_resume_exactly() {
+    for packing in [false, true] {
+        let data = samples(45);
+        let rank = |r: usize| LoaderOptions {
+            rank: r,
+            world_size: 2,
+            ..opts(packing)
+        };
+        let mut straight: Vec<Loader> = (0..2)
+            .map(|r| Loader::new(data.clone(), rank(r)).unwrap())
+            .collect();
+        let per_epoch = straight[0].steps_per_epoch();
+        assert!(per_epoch >= 3, "{per_epoch}");
+        let steps = 2 * per_epoch + 3;
+        let all: Vec<[Batch; 2]> = (0..steps)
+            .map(|_| [straight[0].next_batch(), straight[1].next_batch()])
+            .collect();
+        for cut in [1, per_epoch - 1, per_epoch, per_epoch + 2] {
+            let mut first: Vec<Loader> = (0..2)
+                .map(|r| Loader::new(data.clone(), rank(r)).unwrap())
+                .collect();
+            for pair in &all[..cut] {
+                for r in 0..2 {
+                    assert_eq!(&first[r].next_batch(), &pair[r]);
+                }
+            }
+            assert_eq!(
+                first[0].cursor(),
+                first[1].cursor(),
+                "one cursor for all ranks"
+            );
+            let cursor = first[0].cursor();
+            let mut resumed: Vec<Loader> = (0..2)
+                .map(|r| Loader::resume(data.clone(), rank(r), cursor).unwrap())
+                .collect();
+            for (k, pair) in all[cut..].iter().enumerate() {
+                for r in 0..2 {
+                    assert_eq!(
+                        &resumed[r].next_batch(),
+                        &pair[r],
+                        "packing {packing}, cut {cut}, batch {k}, rank {r}"
+                    );
+                }
+            }
+        }
+    }
+}

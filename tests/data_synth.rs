@@ -64,35 +64,60 @@ fn embedded_default_prepares_the_reverse_task() {
     assert!(out.val.iter().all(|v| !out.train.contains(v)));
 }
 
+/// What three predictors of the held-out batches get right, computed from
+/// `input_ids` alone (never the labels): one that reverses the prompt, one
+/// that knows only the format (where the answer ends, so where EOS goes) and
+/// one that repeats its input token.
 #[test]
 fn held_out_accuracy_separates_learning_from_chance() {
     let tmp = tempfile::tempdir().unwrap();
     let tok = synth_bundle(tmp.path());
     let cfg = TrainConfig::embedded_default().unwrap().config;
     let out = prepare(&cfg, &tok).unwrap();
+    let colon = tok.encode_plain(":").unwrap();
+    assert_eq!(colon.len(), 1);
+    let (colon, eos) = (colon[0], tok.eos.id);
     let opts = LoaderOptions::from_config(&cfg, tok.pad.id, 0, 1).for_eval();
     let mut eval = Loader::new(out.val.clone(), opts).unwrap();
-    let (mut perfect, mut previous, mut total) = (0, 0, 0);
+    let (mut reverser, mut format_only, mut previous, mut total) = (0, 0, 0, 0);
     for _ in 0..eval.steps_per_epoch() {
         let b = eval.next_batch();
         assert_eq!(b.batch_size, 8);
         assert!(b.seq_len <= 128);
-        // a model that reverses: argmax = the label wherever there is one
-        let oracle: Vec<u32> = b
-            .labels
-            .iter()
-            .zip(&b.input_ids)
-            .map(|(&l, &i)| if l >= 0 { l as u32 } else { i })
-            .collect();
-        let (c, n) = label_accuracy(&oracle, &b.labels);
-        perfect += c;
+        let mut reversed = b.input_ids.clone();
+        let mut eos_only = vec![colon; b.input_ids.len()];
+        for (r, lens) in b.seq_lens.iter().enumerate() {
+            let mut at = r * b.seq_len;
+            for &len in lens {
+                let ids = &b.input_ids[at..at + len];
+                let c = ids.iter().position(|&i| i == colon).unwrap();
+                for t in c..len {
+                    let k = t - c;
+                    reversed[at + t] = if k < c { ids[c - 1 - k] } else { eos };
+                    if k == c {
+                        eos_only[at + t] = eos;
+                    }
+                }
+                at += len;
+            }
+        }
+        let (c, n) = label_accuracy(&reversed, &b.labels);
+        reverser += c;
         total += n;
-        // a model that repeats its input token: right only by accident
+        format_only += label_accuracy(&eos_only, &b.labels).0;
         previous += label_accuracy(&b.input_ids, &b.labels).0;
     }
     let targets: usize = out.val.iter().map(|s| s.num_targets()).sum();
     assert_eq!(total, targets, "every held-out target is evaluated once");
-    assert_eq!(perfect, total);
+    assert_eq!(
+        reverser, total,
+        "the labels are the reversed prompt, then EOS"
+    );
+    assert_eq!(
+        format_only,
+        out.val.len(),
+        "one EOS per sample, nothing else"
+    );
     assert!(
         (previous as f64) < 0.05 * total as f64,
         "{previous} of {total}"

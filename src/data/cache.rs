@@ -1,6 +1,8 @@
 //! Tokenized samples cached on disk, keyed by everything that shapes them:
-//! the tokenizer files and template, each dataset entry, the bytes of every
-//! data file, `sequence_len`, `train_on_inputs`, `skip_bad_samples`. The
+//! the tokenizer files, each dataset entry and the text of its chat template
+//! (read from its file, plus today's date when the template calls
+//! `strftime_now`), the bytes of every data file, `sequence_len`,
+//! `train_on_inputs`, `skip_bad_samples`. The
 //! validation split and packing are recomputed (they are cheap), so changing
 //! `val_set_size` or `seed` reuses the cache.
 //!
@@ -11,11 +13,11 @@
 //! ignored and rebuilt.
 
 use super::error::DataError;
-use super::prepare::{Built, DatasetStats};
+use super::prepare::{template_source, Built, DatasetStats};
 use super::source::dataset_files;
 use super::tokenizer::TokenizerBundle;
 use super::Sample;
-use crate::config::TrainConfig;
+use crate::config::{DatasetType, TrainConfig};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::io::Write;
@@ -40,14 +42,21 @@ pub(crate) fn key(config: &TrainConfig, tok: &TokenizerBundle) -> Result<String,
     };
     put(format!("moeq data cache v{VERSION}").as_bytes());
     put(tok.fingerprint.as_bytes());
-    put(config.chat_template.as_deref().unwrap_or("").as_bytes());
     put(&(config.sequence_len as u64).to_le_bytes());
     put(&[
         u8::from(config.train_on_inputs),
         u8::from(config.skip_bad_samples),
     ]);
     for (i, ds) in config.datasets.iter().enumerate() {
-        put(serde_json::to_string(ds).unwrap_or_default().as_bytes());
+        // Tagged, so the Debug fallback can never collide with a JSON form.
+        match serde_json::to_string(ds) {
+            Ok(json) => put(format!("json:{json}").as_bytes()),
+            Err(_) => put(format!("debug:{ds:?}").as_bytes()),
+        }
+        if ds.ds_type == DatasetType::ChatTemplate {
+            let (source, _) = template_source(i, ds, config, tok)?;
+            put(template_key(&source, &today()).as_bytes());
+        }
         if ds.path.starts_with("synth://") {
             continue;
         }
@@ -63,6 +72,20 @@ pub(crate) fn key(config: &TrainConfig, tok: &TokenizerBundle) -> Result<String,
     Ok(format!("{:x}", h.finalize()))
 }
 
+/// What of a template's source shapes its renderings: the text, and the date
+/// when the template formats the current time (`strftime_now`).
+fn template_key(source: &str, today: &str) -> String {
+    if source.contains("strftime_now") {
+        format!("{source}\0date:{today}")
+    } else {
+        source.to_string()
+    }
+}
+
+fn today() -> String {
+    chrono::Local::now().format("%Y-%m-%d").to_string()
+}
+
 pub(crate) fn load(path: &Path) -> Option<Built> {
     let bytes = std::fs::read(path).ok()?;
     let mut r = Reader {
@@ -74,9 +97,15 @@ pub(crate) fn load(path: &Path) -> Option<Built> {
     }
     let header_len = r.u64()? as usize;
     let header: Header = serde_json::from_slice(r.take(header_len)?).ok()?;
-    let mut samples = Vec::with_capacity(header.count);
+    // `count` and each length come from the file: bound them by the bytes
+    // left (4 per sample header, 8 per token) so a corrupt file is ignored,
+    // never a huge allocation.
+    let mut samples = Vec::with_capacity(header.count.min(r.left() / 4));
     for _ in 0..header.count {
         let len = r.u32()? as usize;
+        if len.checked_mul(8)? > r.left() {
+            return None;
+        }
         let input_ids = (0..len).map(|_| r.u32()).collect::<Option<Vec<u32>>>()?;
         let labels = (0..len)
             .map(|_| r.u32().map(|v| v as i32))
@@ -103,7 +132,10 @@ pub(crate) fn store(path: &Path, built: &Built) -> Result<(), DataError> {
         warnings: built.warnings.clone(),
         count: built.samples.len(),
     })
-    .unwrap_or_default();
+    .map_err(|e| DataError::Read {
+        path: path.display().to_string(),
+        reason: format!("cannot serialize the cache header: {e}"),
+    })?;
     let mut out = Vec::new();
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -137,11 +169,38 @@ impl<'a> Reader<'a> {
         Some(s)
     }
 
+    fn left(&self) -> usize {
+        self.bytes.len().saturating_sub(self.at)
+    }
+
     fn u32(&mut self) -> Option<u32> {
         Some(u32::from_le_bytes(self.take(4)?.try_into().ok()?))
     }
 
     fn u64(&mut self) -> Option<u64> {
         Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::template_key;
+
+    #[test]
+    fn templates_that_read_the_clock_key_on_the_date() {
+        let plain = "{{ messages[0].content }}";
+        assert_eq!(
+            template_key(plain, "2026-01-01"),
+            template_key(plain, "2026-01-02")
+        );
+        let dated = "{{ strftime_now('%d %b %Y') }}{{ messages[0].content }}";
+        assert_ne!(
+            template_key(dated, "2026-01-01"),
+            template_key(dated, "2026-01-02")
+        );
+        assert_ne!(
+            template_key(dated, "2026-01-01"),
+            template_key(plain, "2026-01-01")
+        );
     }
 }

@@ -86,6 +86,33 @@ impl ChatFormat<'_> {
         })
     }
 
+    /// With `{% generation %}` blocks the template alone says what is
+    /// trained (as in transformers), so `roles_to_train` and `train_on_eos`
+    /// do nothing: a warning when either is set to something else than its
+    /// default, once per dataset.
+    pub fn ignored_settings_warning(&self) -> Option<String> {
+        if !self.template.has_generation || self.train_on_inputs {
+            return None;
+        }
+        let mut set = Vec::new();
+        if self.ds.roles_to_train != ["assistant"] {
+            set.push(format!(
+                "roles_to_train: [{}]",
+                self.ds.roles_to_train.join(", ")
+            ));
+        }
+        if self.ds.train_on_eos != TrainOnEos::Turn {
+            set.push(format!("train_on_eos: {}", self.ds.train_on_eos));
+        }
+        (!set.is_empty()).then(|| {
+            format!(
+                "{}: {} ignored: the chat template marks what is trained with {{% generation %}} blocks (remove the setting, or use a template without generation blocks)",
+                self.ds.path,
+                set.join(" and ")
+            )
+        })
+    }
+
     /// Reads the message list, applying `message_property_mappings` and the
     /// usual role aliases (ShareGPT's `human`/`gpt`).
     fn conversation(&self, record: &Map<String, Json>) -> Result<Conversation, RecordProblem> {

@@ -10,6 +10,9 @@ use std::fmt;
 pub enum RecordProblem {
     /// The line is not valid JSON.
     MalformedJson { column: usize, detail: String },
+    /// The line has bytes that are not UTF-8; `column` is the 1-based
+    /// character where the first bad byte sits.
+    NotUtf8 { column: usize },
     /// Valid JSON, but not an object.
     NotAnObject { found: &'static str },
     /// A required field is absent; `hint` names the config key that chooses it.
@@ -45,6 +48,10 @@ impl fmt::Display for RecordProblem {
             MalformedJson { column, detail } => write!(
                 f,
                 "malformed JSON at column {column}: {detail} (each line must be one complete JSON object)"
+            ),
+            NotUtf8 { column } => write!(
+                f,
+                "not valid UTF-8 (bad byte at column {column}; re-encode the file as UTF-8)"
             ),
             NotAnObject { found } => {
                 write!(f, "expected a JSON object with the record's fields, found {found}")
@@ -96,6 +103,12 @@ pub enum DataError {
         column: usize,
         detail: String,
     },
+    /// A `.json` array file with bytes that are not UTF-8 (one document, so
+    /// no record of it can be read).
+    #[error(
+        "{file}: not valid UTF-8 at byte {offset} (the file cannot be read; re-encode it as UTF-8)"
+    )]
+    NotUtf8File { file: String, offset: usize },
     /// A dataset with no records at all.
     #[error("{path}: empty dataset: no records (add records, or remove the entry from datasets)")]
     EmptyDataset { path: String },

@@ -6,13 +6,18 @@
 //! `[r·B, (r+1)·B)` of each step, so ranks read disjoint rows. The plan
 //! depends on nothing but the samples, the options and the epoch, so a
 //! [`DataCursor`] (epoch, rows consumed by all ranks together) restores the
-//! exact stream, also on a different number of ranks (the rows are the same;
-//! only how a step is split changes).
+//! exact stream on the same number of ranks and micro-batch size. On another
+//! number of ranks the rows and their order are the same, but how a step is
+//! split changes, and with `drop_last` so does the epoch's tail: the rows
+//! past the last whole step of `micro_batch_size × world_size` are skipped,
+//! and that count depends on the step size.
 //!
-//! The last partial step of an epoch is dropped with `drop_last`. Without
-//! it, the step is completed with filler rows (padding only, no labels), so
-//! every rank still runs the same number of steps: collectives stay in step
-//! and nothing is counted twice.
+//! The last partial step of an epoch is dropped with `drop_last` (always on
+//! for training, see [`LoaderOptions::from_config`]);
+//! [`Loader::dropped_rows_per_epoch`] says how many rows that leaves unread,
+//! for the log. Without it, the step is completed with filler rows (padding
+//! only, no labels), so every rank still runs the same number of steps:
+//! collectives stay in step and nothing is counted twice.
 //!
 //! A batch row holds one or more samples back to back, then padding. Position
 //! ids restart at 0 for each sample; `seq_lens` gives each row's sample
@@ -168,6 +173,21 @@ impl Loader {
         if samples.is_empty() {
             return err("no samples to load".to_string());
         }
+        if let Some(k) = samples.iter().position(Sample::is_empty) {
+            return err(format!(
+                "sample {k} has no tokens; drop empty samples before loading (prepare() never makes them)"
+            ));
+        }
+        if let Some(k) = samples
+            .iter()
+            .position(|s| s.labels.len() != s.input_ids.len())
+        {
+            return err(format!(
+                "sample {k} has {} labels for {} input_ids; labels must be aligned with input_ids, one per token (IGNORE_INDEX where not trained)",
+                samples[k].labels.len(),
+                samples[k].input_ids.len()
+            ));
+        }
         if let Some(long) = samples.iter().position(|s| s.len() > opts.sequence_len) {
             return err(format!(
                 "sample {long} has {} tokens, more than sequence_len {}; prepare() with the same sequence_len",
@@ -219,6 +239,13 @@ impl Loader {
         } else {
             self.rows.len()
         }
+    }
+
+    /// Rows (packed sequences, or samples without packing) of the current
+    /// epoch that `drop_last` leaves unread, all ranks together: the last
+    /// partial step. With packing, another epoch's count can differ.
+    pub fn dropped_rows_per_epoch(&self) -> usize {
+        self.rows.len() - self.usable_rows()
     }
 
     /// Steps in the current epoch (the same on every rank). With packing,

@@ -76,7 +76,10 @@ impl Sample {
 /// Labels for `ids` whose tokens span `offsets` (byte ranges of the text):
 /// a token is trained when it overlaps one of `spans`, as transformers'
 /// assistant mask marks every token from the one holding a span's first
-/// character to the one holding its last.
+/// character to the one holding its last. A zero-width token `(a, a)` (a
+/// `trim_offsets` tokenizer's trimmed whitespace) holds no character, so
+/// `char_to_token` never returns it: it is trained only when it lies strictly
+/// inside a span, between two tokens that are marked.
 pub fn spans_to_labels(
     ids: &[u32],
     offsets: &[(usize, usize)],
@@ -85,9 +88,13 @@ pub fn spans_to_labels(
     ids.iter()
         .zip(offsets)
         .map(|(&id, &(a, b))| {
-            let hit = spans
-                .iter()
-                .any(|&(s, e)| s < e && a < e && s < b.max(a + 1));
+            let hit = spans.iter().any(|&(s, e)| {
+                if a < b {
+                    s < e && a < e && s < b
+                } else {
+                    s < a && a < e
+                }
+            });
             if hit {
                 id as i32
             } else {

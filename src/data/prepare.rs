@@ -139,14 +139,26 @@ enum Format {
 }
 
 /// The template a chat_template dataset uses: its own, else the top-level
-/// one, else the tokenizer's. A value is a name (`tokenizer_default`,
-/// `chatml`), Jinja source, or a path to a .jinja file.
+/// one, else the tokenizer's.
 fn resolve_template(
     i: usize,
     ds: &DatasetConfig,
     config: &TrainConfig,
     tok: &TokenizerBundle,
 ) -> Result<ChatTemplate, DataError> {
+    let (source, origin) = template_source(i, ds, config, tok)?;
+    ChatTemplate::compile(&source, &origin)
+}
+
+/// The Jinja source of dataset `i`'s template and where it was chosen. A
+/// value is a name (`tokenizer_default`, `chatml`), Jinja source, or a path
+/// to a .jinja file (read here, so the cache keys on its text).
+pub(crate) fn template_source(
+    i: usize,
+    ds: &DatasetConfig,
+    config: &TrainConfig,
+    tok: &TokenizerBundle,
+) -> Result<(String, String), DataError> {
     let (choice, origin) = match (&ds.chat_template, &config.chat_template) {
         (Some(t), _) => (Some(t.as_str()), format!("datasets[{i}].chat_template")),
         (None, Some(t)) => (Some(t.as_str()), "chat_template".to_string()),
@@ -180,7 +192,7 @@ fn resolve_template(
             })
         }
     };
-    ChatTemplate::compile(&source, &origin)
+    Ok((source, origin))
 }
 
 fn build_dataset(
@@ -205,6 +217,9 @@ fn build_dataset(
         }),
         _ => None,
     };
+    if let Some(w) = chat.as_ref().and_then(ChatFormat::ignored_settings_warning) {
+        built.warnings.push(w);
+    }
     let format_one = |fields: &Map<String, Json>| match &format {
         Format::Completion => formats::completion(tok, fields, &ds.field),
         Format::Alpaca => formats::alpaca(tok, fields, config.train_on_inputs),

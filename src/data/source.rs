@@ -142,27 +142,48 @@ fn object(v: Json) -> Result<Map<String, Json>, RecordProblem> {
     }
 }
 
-/// Reads every record of one file.
+/// Reads every record of one file. JSON Lines are decoded line by line, so
+/// a line that is not UTF-8 is one bad record (skippable), not a bad file.
 pub fn read_records(path: &Path) -> Result<Vec<Record>, DataError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| DataError::Read {
+    let bytes = std::fs::read(path).map_err(|e| DataError::Read {
         path: file.clone(),
         reason: e.to_string(),
     })?;
-    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&bytes);
     let is_json = path.extension().is_some_and(|e| e == "json");
-    if is_json && text.trim_start().starts_with('[') {
+    if is_json && bytes.trim_ascii_start().starts_with(b"[") {
+        let text = std::str::from_utf8(bytes).map_err(|e| DataError::NotUtf8File {
+            file: file.clone(),
+            offset: e.valid_up_to(),
+        })?;
         return read_array(&file, text);
     }
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
         let at = Location {
             file: file.clone(),
             line: i + 1,
         };
+        let line = match std::str::from_utf8(raw) {
+            Ok(line) => line,
+            Err(e) => {
+                let column = raw[..e.valid_up_to()]
+                    .iter()
+                    .filter(|&&b| b & 0xC0 != 0x80)
+                    .count()
+                    + 1;
+                out.push(Record {
+                    at,
+                    fields: Err(RecordProblem::NotUtf8 { column }),
+                });
+                continue;
+            }
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
         let fields = match serde_json::from_str::<Json>(line) {
             Ok(v) => object(v),
             Err(e) => Err(RecordProblem::MalformedJson {

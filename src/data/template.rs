@@ -59,7 +59,9 @@ fn rewrite_generation(source: &str) -> (String, bool) {
     while let Some(at) = rest.find("{%") {
         out.push_str(&rest[..at]);
         let tag = &rest[at..];
-        let Some(end) = tag.find("%}") else {
+        // The closing `%}` is searched after the opening `{%`, so `{%}` is
+        // an unclosed tag (minijinja reports it), never a backwards slice.
+        let Some(end) = tag[2..].find("%}").map(|e| e + 2) else {
             out.push_str(tag);
             return (out, found);
         };
@@ -69,12 +71,13 @@ fn rewrite_generation(source: &str) -> (String, bool) {
         } else {
             ""
         };
+        let inner = &inner[left.len()..];
         let right = if inner.ends_with(['-', '+']) {
             &inner[inner.len() - 1..]
         } else {
             ""
         };
-        let word = inner[left.len()..inner.len() - right.len()].trim();
+        let word = inner[..inner.len() - right.len()].trim();
         let filter = match word {
             "generation" => Some("moeq_generation_open"),
             "endgeneration" => Some("moeq_generation_close"),
@@ -170,8 +173,18 @@ impl ChatTemplate {
             RAISED.with(|r| *r.borrow_mut() = Some(msg.clone()));
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
-        env.add_function("strftime_now", |fmt: String| {
-            chrono::Local::now().format(&fmt).to_string()
+        // chrono reports a bad format as a fmt error (to_string() would
+        // panic on it): a template error instead.
+        env.add_function("strftime_now", |fmt: String| -> Result<String, Error> {
+            use std::fmt::Write;
+            let mut out = String::new();
+            write!(out, "{}", chrono::Local::now().format(&fmt)).map_err(|_| {
+                Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("strftime_now('{fmt}'): not a valid strftime format (use chrono's specifiers, e.g. '%d %b %Y')"),
+                )
+            })?;
+            Ok(out)
         });
         env.add_template_owned("chat_template", source)
             .map_err(|e| DataError::ChatTemplate {
@@ -269,6 +282,25 @@ mod tests {
             s,
             "a{%- filter moeq_generation_open %}{% endfilter %}b{% filter moeq_generation_close %}{% endfilter -%}c{% if x %}"
         );
+    }
+
+    #[test]
+    fn degenerate_tags_do_not_panic() {
+        for source in ["{%}", "{%-%}", "{%+%}", "{%-}", "a{%%}b", "{%- -%}"] {
+            let (s, found) = rewrite_generation(source);
+            assert_eq!((s.as_str(), found), (source, false));
+            let err = ChatTemplate::compile(source, "t")
+                .err()
+                .map(|e| e.to_string());
+            assert!(
+                err.as_deref()
+                    .is_some_and(|e| e.starts_with("t: the chat template does not compile: ")),
+                "{source}: {err:?}"
+            );
+        }
+        let (s, found) = rewrite_generation("{%-generation-%}");
+        assert!(found);
+        assert_eq!(s, "{%- filter moeq_generation_open %}{% endfilter -%}");
     }
 
     #[test]
