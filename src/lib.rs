@@ -5,6 +5,9 @@
 //! - `checkpoint`: reading Hugging Face checkpoints (config.json, safetensors, expert layouts).
 //! - `arch`: architecture specs built from config.json, parameter accounting.
 //! - `synth`: deterministic synthetic checkpoints and tokenizers.
+//! - `quant`: 4-bit quantization bit-exact with bitsandbytes (CPU reference and CUDA).
+//! - `data`: tokenizer, dataset formats, chat templates, masking, packing, the loader.
+//! - `train`: optimizer and learning-rate schedules (the training loop comes next).
 //! - `ops`: custom ops with a CPU reference and a CUDA implementation.
 //! - `util`: logging and progress reporting.
 pub mod arch;
@@ -15,4 +18,5 @@ pub mod data;
 pub mod ops;
 pub mod quant;
 pub mod synth;
+pub mod train;
 pub mod util;
