@@ -241,11 +241,13 @@ fn inspect_of_a_missing_directory_exits_2() {
 }
 
 #[test]
-fn swiglu_custom_op_matches_its_reference_on_the_cpu() {
-    // The same comparison `moeq gpu-check` runs on CUDA; here both sides are CPU code paths
-    // (the custom op's loop vs candle primitive ops), forward and backward.
+fn custom_ops_match_their_references_on_the_cpu() {
+    // The comparisons `moeq gpu-check` runs on CUDA. On the CPU, SwiGLU compares the custom
+    // op's loop with candle primitive ops (forward and backward); the nf4_linear entries run
+    // the same CPU path on both sides, so here they only exercise the harness (the op itself
+    // is tested against its reference in tests/nf4_linear.rs).
     let results = moeq::ops::check::run_all(&candle_core::Device::Cpu).unwrap();
-    assert_eq!(results.len(), 9);
+    assert_eq!(results.len(), 13);
     for r in results {
         assert!(r.passed(), "{r}");
     }

@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod kernels;
+pub mod nf4_linear;
 pub mod swiglu;
 
 pub use swiglu::swiglu;
