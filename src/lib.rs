@@ -7,6 +7,7 @@
 //! - `synth`: deterministic synthetic checkpoints and tokenizers.
 //! - `quant`: 4-bit quantization bit-exact with bitsandbytes (CPU reference and CUDA).
 //! - `data`: tokenizer, dataset formats, chat templates, masking, packing, the loader.
+//! - `lora`: LoRA adapters with PEFT shapes, initialisation and file format.
 //! - `train`: optimizer and learning-rate schedules (the training loop comes next).
 //! - `ops`: custom ops with a CPU reference and a CUDA implementation.
 //! - `util`: logging and progress reporting.
@@ -15,6 +16,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod lora;
 pub mod ops;
 pub mod quant;
 pub mod synth;

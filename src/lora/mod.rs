@@ -1,0 +1,168 @@
+//! LoRA adapters with PEFT's shapes, initialisation and names (FORMATS.md):
+//! - linear target `[out, in]`: `A [r, in]`, `B [out, r]`, `y = base(x) + s·B(A(x))`;
+//! - 3-D expert parameter `[E, out, in]` (`target_parameters`, PEFT `ParamWrapper`):
+//!   `A [r·E, in]` with expert-major rows (`A_e = A[e·r..(e+1)·r]`) and `B [out, r·E]` with
+//!   expert-minor columns (`B_e = B[:, e::E]`); `ΔW_e = s·B_e·A_e`, never materialised.
+//! `s = alpha/r`, or `alpha/√r` with rsLoRA. A is Kaiming-uniform (a=√5, i.e. U(±1/√in)),
+//! B is zero, so training starts from the base model exactly. Values are drawn from a ChaCha
+//! stream per adapter name, so initialisation does not depend on iteration order.
+
+pub mod peft;
+
+use crate::arch::{ArchSpec, Component};
+use candle_core::{Device, Result, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Uniform};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSettings {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub use_rslora: bool,
+    /// Module names (`q_proj`…) or `all-linear`.
+    pub target_modules: Vec<String>,
+    /// Parameter suffixes such as `mlp.experts.gate_up_proj`.
+    pub target_parameters: Vec<String>,
+}
+
+impl LoraSettings {
+    pub fn scaling(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+/// Adapter of one linear weight.
+pub struct LinearLora {
+    pub a: Var,
+    pub b: Var,
+}
+
+/// Adapter of one 3-D expert parameter.
+pub struct ExpertLora {
+    pub a: Var,
+    pub b: Var,
+    pub num_experts: usize,
+    pub r: usize,
+}
+
+impl ExpertLora {
+    /// `A_e [r, in]`.
+    pub fn expert_a(&self, e: usize) -> Result<Tensor> {
+        self.a.as_tensor().narrow(0, e * self.r, self.r)
+    }
+
+    /// `B_e [out, r]`: columns `e, e+E, e+2E, …`.
+    pub fn expert_b(&self, e: usize) -> Result<Tensor> {
+        let cols: Vec<u32> = (0..self.r)
+            .map(|k| (e + k * self.num_experts) as u32)
+            .collect();
+        let idx = Tensor::new(cols.as_slice(), self.b.device())?;
+        self.b.as_tensor().index_select(&idx, 1)
+    }
+}
+
+/// All adapters of a model, by the base tensor they adapt (transformers v5 names).
+pub struct Adapters {
+    pub settings: LoraSettings,
+    /// Keyed by the module path, e.g. `model.layers.0.self_attn.q_proj`.
+    pub linear: BTreeMap<String, LinearLora>,
+    /// Keyed by the parameter path, e.g. `model.layers.0.mlp.experts.gate_up_proj`.
+    pub experts: BTreeMap<String, ExpertLora>,
+}
+
+fn stream(seed: u64, name: &str) -> ChaCha8Rng {
+    let mut h = Sha256::new();
+    h.update(seed.to_le_bytes());
+    h.update(b"lora/");
+    h.update(name.as_bytes());
+    ChaCha8Rng::from_seed(h.finalize().into())
+}
+
+/// Kaiming-uniform with a=√5 on an `[rows, fan_in]` matrix: U(−1/√fan_in, 1/√fan_in).
+fn kaiming(seed: u64, name: &str, rows: usize, fan_in: usize, device: &Device) -> Result<Var> {
+    let bound = 1.0 / (fan_in as f32).sqrt();
+    let dist = Uniform::new(-bound, bound).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let mut rng = stream(seed, name);
+    let v: Vec<f32> = (0..rows * fan_in).map(|_| dist.sample(&mut rng)).collect();
+    Var::from_vec(v, (rows, fan_in), device)
+}
+
+fn module_of(param: &str) -> &str {
+    param
+        .strip_suffix(".weight")
+        .unwrap_or(param)
+        .rsplit('.')
+        .next()
+        .unwrap_or_default()
+}
+
+impl Adapters {
+    /// Adapters for every targeted weight of `spec`, initialised as PEFT does.
+    pub fn new(
+        spec: &ArchSpec,
+        settings: LoraSettings,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Adapters> {
+        let r = settings.r;
+        let all_linear = settings.target_modules.iter().any(|m| m == "all-linear");
+        let mut linear = BTreeMap::new();
+        let mut experts = BTreeMap::new();
+        for p in spec.params() {
+            if !p.quantized || (p.component != Component::Experts && !p.name.ends_with(".weight")) {
+                continue;
+            }
+            if p.component == Component::Experts {
+                if settings
+                    .target_parameters
+                    .iter()
+                    .any(|t| p.name.ends_with(t.as_str()))
+                {
+                    let (e, out, inp) = (p.shape[0], p.shape[1], p.shape[2]);
+                    let a = kaiming(seed, &format!("{}.lora_A", p.name), r * e, inp, device)?;
+                    let b = Var::zeros((out, r * e), candle_core::DType::F32, device)?;
+                    experts.insert(
+                        p.name.clone(),
+                        ExpertLora {
+                            a,
+                            b,
+                            num_experts: e,
+                            r,
+                        },
+                    );
+                }
+                continue;
+            }
+            let module = module_of(&p.name);
+            if all_linear || settings.target_modules.iter().any(|m| m == module) {
+                let path = p.name.trim_end_matches(".weight").to_string();
+                let (out, inp) = (p.shape[0], p.shape[1]);
+                let a = kaiming(seed, &format!("{path}.lora_A"), r, inp, device)?;
+                let b = Var::zeros((out, r), candle_core::DType::F32, device)?;
+                linear.insert(path, LinearLora { a, b });
+            }
+        }
+        Ok(Adapters {
+            settings,
+            linear,
+            experts,
+        })
+    }
+
+    /// Trainable variables by PEFT tensor name, sorted.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        peft::named_tensors(self).into_iter().collect()
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}
