@@ -3,6 +3,7 @@
 //! - 3-D expert parameter `[E, out, in]` (`target_parameters`, PEFT `ParamWrapper`):
 //!   `A [r·E, in]` with expert-major rows (`A_e = A[e·r..(e+1)·r]`) and `B [out, r·E]` with
 //!   expert-minor columns (`B_e = B[:, e::E]`); `ΔW_e = s·B_e·A_e`, never materialised.
+//!
 //! `s = alpha/r`, or `alpha/√r` with rsLoRA. A is Kaiming-uniform (a=√5, i.e. U(±1/√in)),
 //! B is zero, so training starts from the base model exactly. Values are drawn from a ChaCha
 //! stream per adapter name, so initialisation does not depend on iteration order.
