@@ -125,3 +125,83 @@ fn state_round_trips() {
         .to_string();
     assert!(err.contains("optimizer state lacks 'w.exp_avg'"), "{err}");
 }
+
+#[test]
+fn chunked_cross_entropy_matches_autograd_on_full_logits() {
+    use moeq::train::loss::chunked_cross_entropy;
+    let dev = Device::Cpu;
+    let (n, h, v) = (23, 16, 37);
+    let hidden = Tensor::randn(0f32, 1.0, (n, h), &dev).unwrap();
+    let head = Tensor::randn(0f32, 0.5, (v, h), &dev).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let labels: Vec<i32> = (0..n)
+        .map(|i| {
+            if i % 4 == 0 {
+                -100
+            } else {
+                rng.random_range(0..v as i32)
+            }
+        })
+        .collect();
+    for chunk in [1, 5, 23, 64] {
+        let out = chunked_cross_entropy(&hidden, &head, &labels, chunk).unwrap();
+        // Reference: full logits, log-softmax, mean NLL over labelled rows, autograd.
+        let hv = Var::from_tensor(&hidden).unwrap();
+        let logits = hv.as_tensor().matmul(&head.t().unwrap()).unwrap();
+        let logp = candle_nn::ops::log_softmax(&logits, 1).unwrap();
+        let rows: Vec<u32> = (0..n as u32)
+            .filter(|&i| labels[i as usize] != -100)
+            .collect();
+        let tg: Vec<u32> = rows.iter().map(|&i| labels[i as usize] as u32).collect();
+        let picked = logp
+            .index_select(&Tensor::new(rows.as_slice(), &dev).unwrap(), 0)
+            .unwrap()
+            .gather(
+                &Tensor::new(tg.as_slice(), &dev)
+                    .unwrap()
+                    .unsqueeze(1)
+                    .unwrap(),
+                1,
+            )
+            .unwrap();
+        let loss = (picked.sum_all().unwrap().neg().unwrap() / rows.len() as f64).unwrap();
+        let grads = loss.backward().unwrap();
+        let want = loss.to_scalar::<f32>().unwrap();
+        assert!(
+            (out.loss - want).abs() <= 1e-5 * want.abs(),
+            "chunk {chunk}: {} vs {want}",
+            out.loss
+        );
+        assert_eq!(out.labelled, rows.len());
+        let g_ref = grads.get(hv.as_tensor()).unwrap();
+        let diff = (&out.grad_h - g_ref)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        // f32 softmax and matmul in a different association: a few ulps of O(1/n) values.
+        assert!(diff <= 1e-6, "chunk {chunk}: grad diff {diff}");
+        let ignored_row = out
+            .grad_h
+            .get(0)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(ignored_row, 0.0);
+    }
+    let err = chunked_cross_entropy(&hidden, &head, &vec![40; n], 8)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("label 40 outside the vocabulary of 37"),
+        "{err}"
+    );
+}

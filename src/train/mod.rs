@@ -2,6 +2,7 @@
 //! saving arrive with the trainer.
 
 pub mod adamw;
+pub mod loss;
 pub mod schedule;
 
 pub use adamw::{AdamW, AdamWConfig};
