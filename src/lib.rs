@@ -8,7 +8,8 @@
 //! - `quant`: 4-bit quantization bit-exact with bitsandbytes (CPU reference and CUDA).
 //! - `data`: tokenizer, dataset formats, chat templates, masking, packing, the loader.
 //! - `lora`: LoRA adapters with PEFT shapes, initialisation and file format.
-//! - `train`: optimizer and learning-rate schedules (the training loop comes next).
+//! - `train`: optimizer, learning-rate schedules, chunked loss (the training loop comes next).
+//! - `dist`: rank and master resolution from flags, torchrun and SLURM.
 //! - `ops`: custom ops with a CPU reference and a CUDA implementation.
 //! - `util`: logging and progress reporting.
 pub mod arch;
@@ -16,6 +17,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod lora;
 pub mod ops;
 pub mod quant;
