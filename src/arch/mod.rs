@@ -1,9 +1,12 @@
 //! Architectures as data: `ArchSpec` from config.json and the canonical parameter list.
 
+mod layers;
 mod memory;
+pub mod model;
 mod params;
 mod spec;
 
+pub use model::{Inputs, LayerStats, LoraCtx, Model};
 pub use memory::{estimate, nf4_bytes, LoraPlan, MemoryEstimate};
 pub use params::{down_name, gate_up_name, Component, ParamInfo};
 pub use spec::{

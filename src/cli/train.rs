@@ -1,6 +1,5 @@
-//! `moeq train`: validate the config, resolve the base model, prepare the data, then train. The trainer itself
-//! arrives with the trainer work; until then this command stops with a clear error after the
-//! checks it can already do, and never pretends to train.
+//! `moeq train`: validate the config, resolve the base model, prepare the data, then train
+//! (`train::trainer`) and write the PEFT adapter into `output_dir`.
 
 use super::CliError;
 use crate::checkpoint::{CheckpointError, ModelDir};
@@ -57,7 +56,21 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
         tracing::warn!("{w}");
     }
     tracing::info!("{}", data.stats.summary());
-    Err(CliError::Failed(
-        "moeq train: the trainer is not built yet (config, base model and data were checked; no training was done)".into(),
-    ))
+    let summary = crate::train::trainer::train(&config, &dir, &data, tok.pad.id).map_err(|e| match e {
+        crate::train::trainer::TrainError::Input(m) => CliError::Input(m),
+        crate::train::trainer::TrainError::Failed(m) => CliError::Failed(m),
+    })?;
+    let mut line = format!(
+        "trained {} steps in {:.1} s: loss {:.4} -> {:.4}",
+        summary.steps, summary.seconds, summary.first_loss, summary.last_loss
+    );
+    if let Some(e) = summary.eval {
+        line += &format!(
+            "; validation loss {:.4}, token accuracy {:.1}%",
+            e.loss,
+            100.0 * e.accuracy
+        );
+    }
+    tracing::info!("{line}; adapter in {}", summary.adapter_dir.display());
+    Ok(())
 }

@@ -2,8 +2,11 @@
 //! with a backward pass, tested against each other.
 
 pub mod check;
+pub mod experts;
 pub mod kernels;
 pub mod nf4_linear;
+pub mod norm;
+pub mod rope;
 pub mod swiglu;
 
 pub use swiglu::swiglu;
@@ -18,5 +21,61 @@ pub fn contiguous_slice<'a, T>(
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s[a..b]),
         None => candle_core::bail!("{op}: inputs must be contiguous"),
+    }
+}
+
+/// A custom op's input storage as a tensor (no graph), so an op can be written with candle's
+/// own kernels on whichever device it runs.
+pub(crate) fn tensor_of(
+    storage: candle_core::Storage,
+    layout: &candle_core::Layout,
+    op: &str,
+) -> candle_core::Result<candle_core::Tensor> {
+    match layout.contiguous_offsets() {
+        Some((0, _)) => Ok(candle_core::Tensor::from_storage(
+            storage,
+            layout.shape().clone(),
+            candle_core::op::BackpropOp::none(),
+            false,
+        )),
+        _ => candle_core::bail!("{op}: input must be contiguous and start at offset 0"),
+    }
+}
+
+/// `y` as a tensor that owns exactly its elements, row-major from offset 0.
+fn owned(y: candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    let exact = y.layout().contiguous_offsets() == Some((0, y.elem_count()));
+    if exact {
+        Ok(y)
+    } else {
+        y.force_contiguous()
+    }
+}
+
+/// The CPU storage of a result computed inside a custom op.
+pub(crate) fn cpu_result(
+    y: candle_core::Tensor,
+    op: &str,
+) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    let y = owned(y)?;
+    let (storage, _) = y.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(out) => Ok((out.clone(), y.shape().clone())),
+        _ => candle_core::bail!("{op}: CPU result is not on the CPU"),
+    }
+}
+
+/// The CUDA storage of a result computed inside a custom op.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_result(
+    y: candle_core::Tensor,
+    op: &str,
+) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+    use candle_core::backend::BackendStorage;
+    let y = owned(y)?;
+    let (storage, layout) = y.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cuda(out) => Ok((out.try_clone(layout)?, y.shape().clone())),
+        _ => candle_core::bail!("{op}: CUDA result is not on the GPU"),
     }
 }

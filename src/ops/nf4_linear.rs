@@ -5,7 +5,6 @@
 //! 4-bit codes, never a bf16/f32 copy of the weight (DESIGN decision 2).
 
 use crate::quant::{op::dequantize, QuantKind, QuantizedParam};
-use candle_core::op::BackpropOp;
 use candle_core::{
     bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor,
 };
@@ -59,30 +58,14 @@ fn forward(x: &Tensor, w: &Nf4Weight) -> Result<Tensor> {
     x.broadcast_matmul(&wt)
 }
 
-fn tensor_of(storage: Storage, layout: &Layout) -> Result<Tensor> {
-    match layout.contiguous_offsets() {
-        Some((0, _)) => Ok(Tensor::from_storage(
-            storage,
-            layout.shape().clone(),
-            BackpropOp::none(),
-            false,
-        )),
-        _ => bail!("nf4_linear: input must be contiguous"),
-    }
-}
-
 impl CustomOp1 for Nf4Linear {
     fn name(&self) -> &'static str {
         "nf4_linear"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let y = forward(&tensor_of(Storage::Cpu(s.clone()), l)?, &self.0)?;
-        let (storage, _) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(out) => Ok((out.clone(), y.shape().clone())),
-            _ => bail!("nf4_linear: CPU result is not on the CPU"),
-        }
+        let x = super::tensor_of(Storage::Cpu(s.clone()), l, "nf4_linear")?;
+        super::cpu_result(forward(&x, &self.0)?, "nf4_linear")
     }
 
     #[cfg(feature = "cuda")]
@@ -92,15 +75,8 @@ impl CustomOp1 for Nf4Linear {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
-        let y = forward(&tensor_of(Storage::Cuda(s.try_clone(l)?), l)?, &self.0)?;
-        let (storage, _) = y.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(out) => Ok((
-                out.try_clone(&Layout::contiguous(y.shape()))?,
-                y.shape().clone(),
-            )),
-            _ => bail!("nf4_linear: CUDA result is not on the GPU"),
-        }
+        let x = super::tensor_of(Storage::Cuda(s.try_clone(l)?), l, "nf4_linear")?;
+        super::cuda_result(forward(&x, &self.0)?, "nf4_linear")
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {

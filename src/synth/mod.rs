@@ -132,11 +132,12 @@ impl SynthUri {
         Ok(out)
     }
 
-    /// Directory name inside the cache: one per distinct checkpoint.
+    /// Directory name inside the cache: one per distinct checkpoint (and generator version,
+    /// so a cache written by an older moeq is not mistaken for the current weights).
     fn cache_name(&self) -> String {
         let layers = self.layers.map(|l| format!("-L{l}")).unwrap_or_default();
         format!(
-            "{}-{}-seed{}{layers}-{}",
+            "{}-{}-seed{}{layers}-{}-g{GENERATOR_VERSION}",
             self.model_type.as_str(),
             self.preset,
             self.seed,
@@ -144,6 +145,9 @@ impl SynthUri {
         )
     }
 }
+
+/// Bumped whenever the same preset and seed produce different weights.
+const GENERATOR_VERSION: u32 = 2;
 
 /// Where synthesized checkpoints are cached: `$MOEQ_CACHE_DIR`, else `$XDG_CACHE_HOME/moeq`,
 /// else `~/.cache/moeq`.

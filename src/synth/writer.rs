@@ -89,6 +89,8 @@ struct Chunk {
     numel: usize,
     /// Norm weights are `1 + N(0, std)`, everything else `N(0, std)`.
     norm: bool,
+    /// A standard deviation of its own (the output head), instead of `initializer_range`.
+    std: Option<f32>,
 }
 
 struct DiskTensor {
@@ -102,6 +104,12 @@ fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
     let mixtral = spec.model_type == ModelType::Mixtral;
     for p in spec.params() {
         let norm = p.component == Component::Norm;
+        // The output head gets std 1/√H (when larger than initializer_range), so logits of
+        // unit-RMS hidden states have unit scale, as a trained model's do; with 0.02 a tiny
+        // model's logits could barely move away from uniform, whatever the adapters learn.
+        let head = p.component == Component::LmHead
+            || (p.component == Component::Embedding && spec.tie_word_embeddings);
+        let head_std = (1.0 / (spec.hidden_size as f64).sqrt()).max(spec.initializer_range) as f32;
         if p.component != Component::Experts {
             let name = if mixtral && layout == DiskLayout::Hub {
                 p.name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
@@ -115,6 +123,7 @@ fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
                     key: p.name.clone(),
                     numel: p.numel(),
                     norm,
+                    std: head.then_some(head_std),
                 }],
             });
             continue;
@@ -127,6 +136,7 @@ fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
             key: format!("{}#{e}#{part}", p.name),
             numel: part_rows * cols,
             norm: false,
+            std: None,
         };
         match layout {
             DiskLayout::Fused => out.push(DiskTensor {
@@ -177,6 +187,7 @@ fn stream(seed: u64, key: &str) -> ChaCha8Rng {
 fn generate(seed: u64, chunk: &Chunk, std: f32, dtype: &str) -> Vec<u8> {
     let mut rng = stream(seed, &chunk.key);
     let base = if chunk.norm { 1.0 } else { 0.0 };
+    let std = chunk.std.unwrap_or(std);
     let values = (0..chunk.numel).map(|_| {
         let z: f32 = StandardNormal.sample(&mut rng);
         base + std * z

@@ -1,9 +1,12 @@
-//! Training: optimizer and learning-rate schedule so far; the loop, per-layer recompute and
-//! saving arrive with the trainer.
+//! Training: the loop (`trainer`), per-layer recompute (`step`), optimizer, schedules, the
+//! chunked loss and run setup.
 
 pub mod adamw;
 pub mod loss;
 pub mod schedule;
+pub mod setup;
+pub mod step;
+pub mod trainer;
 
 pub use adamw::{AdamW, AdamWConfig};
 pub use schedule::Schedule;

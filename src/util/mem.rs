@@ -34,3 +34,30 @@ pub fn sample_peak() {
 pub fn peak_anon_bytes() -> u64 {
     PEAK_ANON.load(Ordering::Relaxed)
 }
+
+static PEAK_GPU: AtomicU64 = AtomicU64::new(0);
+
+/// Device memory in use on the current GPU (driver view: everything allocated on the device,
+/// including allocator pools), in bytes; None without CUDA.
+pub fn gpu_used_bytes(device: &candle_core::Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        let _ = device.synchronize();
+        let (free, total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
+        return Some((total - free) as u64);
+    }
+    let _ = device;
+    None
+}
+
+/// Records the device memory in use if it is a new peak.
+pub fn sample_gpu_peak(device: &candle_core::Device) {
+    if let Some(now) = gpu_used_bytes(device) {
+        PEAK_GPU.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+/// Largest sampled device memory in use (0 if never sampled).
+pub fn peak_gpu_bytes() -> u64 {
+    PEAK_GPU.load(Ordering::Relaxed)
+}

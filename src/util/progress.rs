@@ -73,3 +73,39 @@ impl Progress {
         );
     }
 }
+
+/// Progress of a run in steps: a bar with a message (loss, lr) and ETA on a terminal; the
+/// trainer logs its own lines otherwise.
+pub struct Steps {
+    bar: Option<ProgressBar>,
+}
+
+impl Steps {
+    pub fn new(total: u64, label: &str) -> Steps {
+        let bar = (std::io::stderr().is_terminal() && total > 0).then(|| {
+            let bar = ProgressBar::new(total);
+            let style = ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} {msg} {per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_prefix(label.to_string());
+            bar
+        });
+        Steps { bar }
+    }
+
+    pub fn set(&self, pos: u64, msg: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_position(pos);
+            bar.set_message(msg.to_string());
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,269 @@
+//! A decoder layer: pre-norm attention and pre-norm MLP (dense SwiGLU or MoE), each added to
+//! the residual stream. Shapes are token-major, `N = B·S`.
+
+use super::model::{Inputs, LayerStats, LoraCtx};
+use super::{ArchSpec, QkNorm};
+use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
+use crate::ops::nf4_linear::{nf4_linear, Nf4Weight};
+use crate::ops::norm::{rms_norm, softmax_last};
+use crate::ops::rope::apply_rope;
+use crate::ops::swiglu;
+use candle_core::{DType, Result, Tensor, D};
+use rand::{Rng, SeedableRng};
+
+/// A frozen 4-bit projection with its module path (the LoRA key) and optional bias.
+pub struct Proj {
+    pub name: String,
+    pub w: Nf4Weight,
+    pub bias: Option<Tensor>,
+}
+
+pub struct Attention {
+    pub q: Proj,
+    pub k: Proj,
+    pub v: Proj,
+    pub o: Proj,
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
+}
+
+pub struct Moe {
+    /// [E, H]
+    pub router: Tensor,
+    pub gate_up_name: String,
+    pub down_name: String,
+    pub gate_up: ExpertWeights,
+    pub down: ExpertWeights,
+    /// Global index of the first held expert.
+    pub first_expert: usize,
+    /// gate, up, down of the shared expert, and its sigmoid gate [1, H].
+    pub shared: Option<([Proj; 3], Option<Tensor>)>,
+}
+
+pub enum Mlp {
+    /// gate, up, down
+    Dense([Proj; 3]),
+    Moe(Moe),
+}
+
+pub struct Layer {
+    pub input_norm: Tensor,
+    pub post_norm: Tensor,
+    pub attn: Attention,
+    pub mlp: Mlp,
+}
+
+/// Inverted-dropout mask [N, in] (values 0 or 1/(1−p)), drawn from a stream keyed by the
+/// run seed, the pass and the module, so forward and recompute see the same mask.
+fn dropout_mask(x: &Tensor, p: f64, key: (u64, u64), module: &str) -> Result<Tensor> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(key.0.to_le_bytes());
+    h.update(key.1.to_le_bytes());
+    h.update(b"lora_dropout/");
+    h.update(module.as_bytes());
+    let mut rng = rand_chacha::ChaCha8Rng::from_seed(h.finalize().into());
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let v: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+        .collect();
+    Tensor::from_vec(v, x.shape(), x.device())?.to_dtype(x.dtype())
+}
+
+impl Proj {
+    /// x: [N, in] → [N, out] = x·Wᵀ (+ b) (+ s·B(A(dropout(x)))).
+    pub fn forward(&self, x: &Tensor, lora: &LoraCtx) -> Result<Tensor> {
+        let mut y = nf4_linear(x, &self.w)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(l) = lora.adapters.linear.get(&self.name) {
+            let s = &lora.adapters.settings;
+            let xin = match lora.dropout {
+                Some(key) if s.dropout > 0.0 => (x * dropout_mask(x, s.dropout, key, &self.name)?)?,
+                _ => x.clone(),
+            };
+            let a = lora.weight(&l.a).to_dtype(x.dtype())?;
+            let b = lora.weight(&l.b).to_dtype(x.dtype())?;
+            let delta = xin.matmul(&a.t()?)?.matmul(&b.t()?)?;
+            y = (y + (delta * s.scaling())?)?;
+        }
+        Ok(y)
+    }
+}
+
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}
+
+/// gate, up, down: x [N, H] → down(silu(gate(x)) · up(x)) [N, H].
+fn swiglu_mlp(p: &[Proj; 3], x: &Tensor, lora: &LoraCtx) -> Result<Tensor> {
+    let g = p[0].forward(x, lora)?;
+    let u = p[1].forward(x, lora)?;
+    p[2].forward(&swiglu(&g, &u)?, lora)
+}
+
+impl Attention {
+    /// x [N, H] → [N, H].
+    fn forward(&self, spec: &ArchSpec, x: &Tensor, inputs: &Inputs, lora: &LoraCtx) -> Result<Tensor> {
+        let (b, s) = (inputs.batch, inputs.seq);
+        let (nh, kvh, hd) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
+        let eps = spec.rms_norm_eps;
+        let mut q = self.q.forward(x, lora)?; // [N, nh·hd]
+        let mut k = self.k.forward(x, lora)?; // [N, kvh·hd]
+        let mut v = self.v.forward(x, lora)?;
+        if spec.qk_norm == QkNorm::FullProjection {
+            if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+                q = rms_norm(&q, qn, eps)?;
+                k = rms_norm(&k, kn, eps)?;
+            }
+        }
+        if let Some(c) = spec.clip_qkv {
+            q = q.clamp(-c, c)?;
+            k = k.clamp(-c, c)?;
+            v = v.clamp(-c, c)?;
+        }
+        let n = b * s;
+        let mut q = q.reshape((n, nh, hd))?;
+        let mut k = k.reshape((n, kvh, hd))?;
+        let v = v.reshape((n, kvh, hd))?;
+        if spec.qk_norm == QkNorm::PerHead {
+            if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+                q = rms_norm(&q, qn, eps)?;
+                k = rms_norm(&k, kn, eps)?;
+            }
+        }
+        let (cos, sin) = &inputs.rope;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+        // Grouped-query attention without repeating k/v: query head h uses kv head h / rep,
+        // so the rep query heads of one kv head are stacked along the row dimension.
+        let rep = nh / kvh;
+        let q = q.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?; // [B, nh, S, hd]
+        let q = q.reshape((b, kvh, rep * s, hd))?;
+        let k = k.reshape((b, s, kvh, hd))?.transpose(1, 2)?.contiguous()?; // [B, kvh, S, hd]
+        let v = v.reshape((b, s, kvh, hd))?.transpose(1, 2)?.contiguous()?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?; // [B, kvh, rep·S, S]
+        let scores = scores
+            .reshape((b, nh, s, s))?
+            .to_dtype(DType::F32)?
+            .broadcast_add(&inputs.mask)?;
+        let probs = softmax_last(&scores)?.to_dtype(x.dtype())?;
+        let probs = probs.reshape((b, kvh, rep * s, s))?;
+        let ctx = probs.matmul(&v)?; // [B, kvh, rep·S, hd]
+        let ctx = ctx
+            .reshape((b, nh, s, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((n, nh * hd))?;
+        self.o.forward(&ctx, lora)
+    }
+}
+
+/// Routing of one micro-batch: for each held expert, which (token, slot) pairs it serves.
+struct Routing {
+    /// Token of each routed row, rows sorted by expert then token: [M] u32.
+    tokens: Tensor,
+    /// Position of each row in the flattened [N, k] routing weights: [M] u32.
+    slots: Tensor,
+    /// Rows per held expert.
+    counts: Vec<usize>,
+    /// Tokens per global expert.
+    per_expert: Vec<u64>,
+}
+
+fn route(indices: &[Vec<u32>], num_experts: usize, held: std::ops::Range<usize>, device: &candle_core::Device) -> Result<Routing> {
+    let mut rows: Vec<Vec<(u32, u32)>> = vec![Vec::new(); num_experts];
+    for (t, choice) in indices.iter().enumerate() {
+        for (j, &e) in choice.iter().enumerate() {
+            rows[e as usize].push((t as u32, (t * choice.len() + j) as u32));
+        }
+    }
+    let per_expert = rows.iter().map(|r| r.len() as u64).collect();
+    let mut tokens = Vec::new();
+    let mut slots = Vec::new();
+    let mut counts = Vec::with_capacity(held.len());
+    for e in held {
+        counts.push(rows[e].len());
+        for &(t, s) in &rows[e] {
+            tokens.push(t);
+            slots.push(s);
+        }
+    }
+    let m = tokens.len();
+    Ok(Routing {
+        tokens: Tensor::from_vec(tokens, m, device)?,
+        slots: Tensor::from_vec(slots, m, device)?,
+        counts,
+        per_expert,
+    })
+}
+
+impl Moe {
+    /// x [N, H] → [N, H]: routed experts (weighted by the router) plus the shared expert.
+    fn forward(&self, spec: &ArchSpec, x: &Tensor, lora: &LoraCtx) -> Result<(Tensor, Vec<u64>)> {
+        let (n, h) = x.dims2()?;
+        let k = spec.router.top_k;
+        // Router in f32: softmax over all experts, then top-k, then (optionally) renormalise.
+        let logits = x.matmul(&self.router.t()?)?.to_dtype(DType::F32)?; // [N, E]
+        let probs = softmax_last(&logits)?;
+        let top = probs.detach().arg_sort_last_dim(false)?.narrow(1, 0, k)?.contiguous()?; // [N, k]
+        let mut weights = probs.gather(&top, 1)?; // [N, k], differentiable w.r.t. x
+        if spec.router.renormalize {
+            weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
+        }
+        let weights = weights.to_dtype(x.dtype())?;
+        let num_experts = self.router.dim(0)?;
+        let held = self.first_expert..self.first_expert + self.gate_up.experts.len();
+        let routing = route(&top.to_vec2::<u32>()?, num_experts, held, x.device())?;
+
+        let xs = x.index_select(&routing.tokens, 0)?; // [M, H] sorted by expert
+        let ad = lora.adapters;
+        let r = ad.settings.r;
+        let s = ad.settings.scaling();
+        let mut gu = grouped_nf4(&xs, &self.gate_up, &routing.counts)?; // [M, 2I]
+        if let Some(l) = ad.experts.get(&self.gate_up_name) {
+            let delta = grouped_lora(&xs, &lora.weight(&l.a), &lora.weight(&l.b), &routing.counts, self.first_expert, r, s)?;
+            gu = (gu + delta)?;
+        }
+        let i = self.gate_up.out_features / 2;
+        let act = swiglu(&gu.narrow(1, 0, i)?, &gu.narrow(1, i, i)?)?; // [M, I]
+        let mut y = grouped_nf4(&act, &self.down, &routing.counts)?; // [M, H]
+        if let Some(l) = ad.experts.get(&self.down_name) {
+            let delta = grouped_lora(&act, &lora.weight(&l.a), &lora.weight(&l.b), &routing.counts, self.first_expert, r, s)?;
+            y = (y + delta)?;
+        }
+        let w = weights.flatten_all()?.index_select(&routing.slots, 0)?; // [M]
+        let y = y.broadcast_mul(&w.unsqueeze(1)?)?;
+        let mut out = Tensor::zeros((n, h), DType::F32, x.device())?
+            .index_add(&routing.tokens, &y.to_dtype(DType::F32)?, 0)?
+            .to_dtype(x.dtype())?;
+        if let Some((mlp, gate)) = &self.shared {
+            let mut shared = swiglu_mlp(mlp, x, lora)?;
+            if let Some(g) = gate {
+                shared = shared.broadcast_mul(&sigmoid(&x.matmul(&g.t()?)?)?)?;
+            }
+            out = (out + shared)?;
+        }
+        Ok((out, routing.per_expert))
+    }
+}
+
+impl Layer {
+    /// x [N, H] → [N, H].
+    pub fn forward(&self, spec: &ArchSpec, x: &Tensor, inputs: &Inputs, lora: &LoraCtx) -> Result<(Tensor, LayerStats)> {
+        let eps = spec.rms_norm_eps;
+        let h = rms_norm(x, &self.input_norm, eps)?;
+        let x = (x + self.attn.forward(spec, &h, inputs, lora)?)?;
+        let h = rms_norm(&x, &self.post_norm, eps)?;
+        let (m, stats) = match &self.mlp {
+            Mlp::Dense(p) => (swiglu_mlp(p, &h, lora)?, LayerStats::default()),
+            Mlp::Moe(moe) => {
+                let (m, per_expert) = moe.forward(spec, &h, lora)?;
+                (m, LayerStats { expert_tokens: per_expert })
+            }
+        };
+        Ok(((x + m)?, stats))
+    }
+}

@@ -1,0 +1,290 @@
+//! The model: one implementation for every `ArchSpec` (DESIGN decision 6).
+//!
+//! Frozen weights: attention, shared-expert, dense-MLP and expert projections are 4-bit
+//! (`Nf4Weight`, used through `nf4_linear` / `grouped_nf4`); embeddings, norms, router and
+//! `lm_head` are dense in the compute dtype (bf16 on a GPU, f32 on the CPU). LoRA adapters
+//! come in through `LoraCtx`, either live (gradients flow into them) or detached.
+//!
+//! Activations are token-major: a micro-batch of B rows × S tokens is `x: [N = B·S, H]`.
+
+use super::layers::{Attention, Layer, Mlp, Moe, Proj};
+use super::ArchSpec;
+use crate::checkpoint::frozen::{Frozen, FrozenBase};
+use crate::lora::Adapters;
+use crate::ops::experts::ExpertWeights;
+use crate::ops::nf4_linear::Nf4Weight;
+use crate::ops::norm::rms_norm;
+use crate::ops::rope::Rope;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use std::sync::Arc;
+
+/// How LoRA enters a forward pass.
+pub struct LoraCtx<'a> {
+    pub adapters: &'a Adapters,
+    /// Gradients flow into the adapter `Var`s (the recompute pass); otherwise detached.
+    pub live: bool,
+    /// Dropout on linear targets: (seed, pass) keys the masks, so the recompute of a layer
+    /// draws the same masks as its forward. None: no dropout (evaluation).
+    pub dropout: Option<(u64, u64)>,
+}
+
+impl LoraCtx<'_> {
+    pub fn weight(&self, v: &Var) -> Tensor {
+        if self.live {
+            v.as_tensor().clone()
+        } else {
+            v.as_tensor().detach()
+        }
+    }
+}
+
+/// Per-micro-batch inputs shared by every layer.
+pub struct Inputs {
+    /// [N] u32
+    pub input_ids: Tensor,
+    /// cos, sin: [N, 1, head_dim] in the compute dtype.
+    pub rope: (Tensor, Tensor),
+    /// [B, 1, S, S] f32: 0 where attention is allowed (same packed sample, not in the
+    /// future), −inf elsewhere.
+    pub mask: Tensor,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// What a layer's forward reports besides its output.
+#[derive(Default, Clone)]
+pub struct LayerStats {
+    /// Tokens routed to each global expert (empty for dense layers).
+    pub expert_tokens: Vec<u64>,
+}
+
+pub struct Model {
+    pub spec: ArchSpec,
+    pub dtype: DType,
+    pub device: Device,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    final_norm: Tensor,
+    lm_head: Tensor,
+    rope: Rope,
+}
+
+struct Weights<'a> {
+    base: &'a FrozenBase,
+    dtype: DType,
+    device: &'a Device,
+}
+
+impl Weights<'_> {
+    fn dense(&self, name: &str) -> Result<Tensor> {
+        match self.base.tensors.get(name) {
+            Some(Frozen::Dense(t)) => t.to_device(self.device)?.to_dtype(self.dtype),
+            Some(Frozen::Quantized { .. }) => candle_core::bail!("{name}: expected a dense tensor"),
+            None => candle_core::bail!("{name}: missing from the checkpoint"),
+        }
+    }
+
+    fn dense_opt(&self, name: &str) -> Result<Option<Tensor>> {
+        match self.base.tensors.get(name) {
+            None => Ok(None),
+            Some(_) => self.dense(name).map(Some),
+        }
+    }
+
+    fn quantized(&self, name: &str) -> Result<Nf4Weight> {
+        match self.base.tensors.get(name) {
+            Some(Frozen::Quantized { param, .. }) => Nf4Weight::from_param(param, self.device),
+            Some(Frozen::Dense(_)) => candle_core::bail!("{name}: expected a 4-bit weight"),
+            None => candle_core::bail!("{name}: missing from the checkpoint"),
+        }
+    }
+
+    fn proj(&self, module: &str, bias: bool) -> Result<Proj> {
+        Ok(Proj {
+            name: module.to_string(),
+            w: self.quantized(&format!("{module}.weight"))?,
+            bias: if bias {
+                Some(self.dense(&format!("{module}.bias"))?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// A 3-D expert parameter `[E, out, in]` split into one 4-bit weight per held expert.
+    fn experts(&self, name: &str) -> Result<(ExpertWeights, usize)> {
+        let Some(Frozen::Quantized { param, experts }) = self.base.tensors.get(name) else {
+            candle_core::bail!("{name}: missing 4-bit expert parameter");
+        };
+        let [num, out, inp] = param.shape[..] else {
+            candle_core::bail!("{name}: expected [E, out, in], got {:?}", param.shape);
+        };
+        let held = experts.clone().unwrap_or(0..num);
+        let per = out * inp;
+        let bs = param.settings.blocksize;
+        if per % bs != 0 || per % 2 != 0 {
+            candle_core::bail!("{name}: one expert ({per} values) is not a whole number of {bs}-blocks");
+        }
+        let scales = param.absmax.values();
+        let mut ws = Vec::with_capacity(held.len());
+        for (local, e) in held.clone().enumerate() {
+            let packed = &param.packed[local * per / 2..(local + 1) * per / 2];
+            let absmax = &scales[e * per / bs..(e + 1) * per / bs];
+            ws.push(Nf4Weight {
+                packed: Tensor::from_slice(packed, packed.len(), self.device)?,
+                absmax: Tensor::from_slice(absmax, absmax.len(), self.device)?,
+                out_features: out,
+                in_features: inp,
+                kind: param.settings.kind,
+                blocksize: bs,
+            });
+        }
+        Ok((
+            ExpertWeights {
+                experts: Arc::new(ws),
+                out_features: out,
+                in_features: inp,
+            },
+            held.start,
+        ))
+    }
+}
+
+impl Model {
+    /// Builds the model on `device` from a loaded frozen base.
+    pub fn new(spec: &ArchSpec, base: &FrozenBase, dtype: DType, device: &Device, max_positions: usize) -> Result<Model> {
+        if spec.hidden_act != "silu" {
+            candle_core::bail!("hidden_act '{}' is not supported (moeq implements silu)", spec.hidden_act);
+        }
+        let w = Weights { base, dtype, device };
+        let mut layers = Vec::with_capacity(spec.num_layers);
+        for l in 0..spec.num_layers {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            let attn = Attention {
+                q: w.proj(&format!("{a}.q_proj"), spec.qkv_bias)?,
+                k: w.proj(&format!("{a}.k_proj"), spec.qkv_bias)?,
+                v: w.proj(&format!("{a}.v_proj"), spec.qkv_bias)?,
+                o: w.proj(&format!("{a}.o_proj"), spec.o_bias)?,
+                q_norm: w.dense_opt(&format!("{a}.q_norm.weight"))?,
+                k_norm: w.dense_opt(&format!("{a}.k_norm.weight"))?,
+            };
+            let mlp = if spec.moe_layers[l] {
+                let (gate_up, first) = w.experts(&super::gate_up_name(l))?;
+                let (down, _) = w.experts(&super::down_name(l))?;
+                let shared = match spec.shared_expert {
+                    None => None,
+                    Some(s) => Some((
+                        [
+                            w.proj(&format!("{p}.mlp.shared_expert.gate_proj"), false)?,
+                            w.proj(&format!("{p}.mlp.shared_expert.up_proj"), false)?,
+                            w.proj(&format!("{p}.mlp.shared_expert.down_proj"), false)?,
+                        ],
+                        if s.gated {
+                            Some(w.dense(&format!("{p}.mlp.shared_expert_gate.weight"))?)
+                        } else {
+                            None
+                        },
+                    )),
+                };
+                Mlp::Moe(Moe {
+                    router: w.dense(&format!("{p}.mlp.gate.weight"))?,
+                    gate_up_name: super::gate_up_name(l),
+                    down_name: super::down_name(l),
+                    gate_up,
+                    down,
+                    first_expert: first,
+                    shared,
+                })
+            } else {
+                Mlp::Dense([
+                    w.proj(&format!("{p}.mlp.gate_proj"), false)?,
+                    w.proj(&format!("{p}.mlp.up_proj"), false)?,
+                    w.proj(&format!("{p}.mlp.down_proj"), false)?,
+                ])
+            };
+            layers.push(Layer {
+                input_norm: w.dense(&format!("{p}.input_layernorm.weight"))?,
+                post_norm: w.dense(&format!("{p}.post_attention_layernorm.weight"))?,
+                attn,
+                mlp,
+            });
+        }
+        let embed = w.dense("model.embed_tokens.weight")?;
+        let lm_head = if spec.tie_word_embeddings {
+            embed.clone()
+        } else {
+            w.dense("lm_head.weight")?
+        };
+        Ok(Model {
+            spec: spec.clone(),
+            dtype,
+            device: device.clone(),
+            rope: Rope::new(&spec.rope, spec.head_dim, max_positions, device)?,
+            embed,
+            layers,
+            final_norm: w.dense("model.norm.weight")?,
+            lm_head,
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// `lm_head` weight [V, H] in the compute dtype.
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Device inputs of a micro-batch of `batch` rows × `seq` tokens.
+    pub fn inputs(&self, ids: &[u32], positions: &[u32], segments: &[u32], batch: usize, seq: usize) -> Result<Inputs> {
+        let n = batch * seq;
+        if ids.len() != n || positions.len() != n || segments.len() != n {
+            candle_core::bail!("model inputs: expected {n} tokens ({batch} × {seq})");
+        }
+        if let Some(&p) = positions.iter().max() {
+            if p as usize >= self.rope.max_positions {
+                candle_core::bail!("position {p} beyond the {} positions the model was set up for", self.rope.max_positions);
+            }
+        }
+        if let Some(&t) = ids.iter().find(|&&t| t as usize >= self.spec.vocab_size) {
+            candle_core::bail!("token id {t} outside the vocabulary of {}", self.spec.vocab_size);
+        }
+        let mut mask = vec![f32::NEG_INFINITY; batch * seq * seq];
+        for b in 0..batch {
+            let seg = &segments[b * seq..(b + 1) * seq];
+            for i in 0..seq {
+                let row = &mut mask[(b * seq + i) * seq..(b * seq + i + 1) * seq];
+                for j in 0..=i {
+                    if seg[j] == seg[i] {
+                        row[j] = 0.0;
+                    }
+                }
+            }
+        }
+        let pos = Tensor::new(positions, &self.device)?;
+        Ok(Inputs {
+            input_ids: Tensor::new(ids, &self.device)?,
+            rope: self.rope.tables(&pos, self.dtype)?,
+            mask: Tensor::from_vec(mask, (batch, 1, seq, seq), &self.device)?,
+            batch,
+            seq,
+        })
+    }
+
+    /// ids → x: [N, H].
+    pub fn embed(&self, inputs: &Inputs) -> Result<Tensor> {
+        self.embed.index_select(&inputs.input_ids, 0)
+    }
+
+    /// Decoder layer `l`: x [N, H] → [N, H].
+    pub fn layer(&self, l: usize, x: &Tensor, inputs: &Inputs, lora: &LoraCtx) -> Result<(Tensor, LayerStats)> {
+        self.layers[l].forward(&self.spec, x, inputs, lora)
+    }
+
+    /// Final RMSNorm: x [N, H] → [N, H].
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(x, &self.final_norm, self.spec.rms_norm_eps)
+    }
+}

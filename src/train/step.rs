@@ -1,0 +1,181 @@
+//! One micro-batch through the model with explicit per-layer recompute (DESIGN decision 3).
+//!
+//! Forward: LoRA detached, no graph; only each layer's input `x_l [N, H]` is kept.
+//! Head: final norm + chunked cross-entropy give `dL/dx_L` without the batch's logits.
+//! Backward, layer by layer in reverse: recompute layer `l` from a leaf copy of `x_l` with live
+//! LoRA `Var`s, backprop `sum(out · g)` (g = dL/dout, a constant), read `dL/dx_l` and the
+//! layer's adapter gradients, drop the graph. Peak activation memory: the L saved inputs plus
+//! one layer's graph.
+
+use crate::arch::{Inputs, LoraCtx, Model};
+use crate::data::{Batch, IGNORE_INDEX};
+use crate::lora::Adapters;
+use crate::train::loss::chunked_cross_entropy;
+use candle_core::{DType, Result, Tensor, Var, D};
+use std::collections::BTreeMap;
+
+/// Tokens per cross-entropy chunk: about 64 M logits (256 MB in f32) at a time.
+pub fn loss_chunk(vocab: usize) -> usize {
+    (64 * 1024 * 1024 / vocab.max(1)).max(1)
+}
+
+/// What a micro-batch contributes to the step's metrics.
+#[derive(Debug, Default, Clone)]
+pub struct MicroStats {
+    /// Sum of per-token losses over labelled tokens.
+    pub loss_sum: f64,
+    pub labelled: usize,
+    /// Non-padding tokens.
+    pub tokens: usize,
+    /// [layer][global expert] tokens routed (empty rows for dense layers).
+    pub expert_tokens: Vec<Vec<u64>>,
+}
+
+pub fn inputs(model: &Model, batch: &Batch) -> Result<Inputs> {
+    model.inputs(
+        &batch.input_ids,
+        &batch.position_ids,
+        &batch.segment_ids(),
+        batch.batch_size,
+        batch.seq_len,
+    )
+}
+
+fn real_tokens(batch: &Batch) -> usize {
+    batch.seq_lens.iter().flatten().sum()
+}
+
+/// Adds `grad` into `acc[name]`.
+fn accumulate(acc: &mut BTreeMap<String, Tensor>, name: &str, grad: &Tensor) -> Result<()> {
+    let g = grad.to_dtype(DType::F32)?;
+    let sum = match acc.remove(name) {
+        Some(prev) => (prev + g)?,
+        None => g,
+    };
+    acc.insert(name.to_string(), sum);
+    Ok(())
+}
+
+/// Forward and backward of one micro-batch. The loss is normalised by `denom` labelled
+/// tokens (all micro-batches of the optimizer step together), so accumulated gradients
+/// equal those of one big batch. Adds the adapter gradients into `grads` (by PEFT name).
+pub fn forward_backward(
+    model: &Model,
+    adapters: &Adapters,
+    batch: &Batch,
+    denom: usize,
+    dropout_key: Option<(u64, u64)>,
+    grads: &mut BTreeMap<String, Tensor>,
+) -> Result<MicroStats> {
+    let inputs = inputs(model, batch)?;
+    let frozen = LoraCtx {
+        adapters,
+        live: false,
+        dropout: dropout_key,
+    };
+    let layers = model.num_layers();
+    let mut saved = Vec::with_capacity(layers);
+    let mut expert_tokens = Vec::with_capacity(layers);
+    let mut x = model.embed(&inputs)?;
+    for l in 0..layers {
+        let (out, stats) = model.layer(l, &x, &inputs, &frozen)?;
+        saved.push(x);
+        expert_tokens.push(stats.expert_tokens);
+        x = out;
+    }
+
+    // Head: dL/dx_L through the final norm.
+    let leaf = Var::from_tensor(&x)?;
+    let normed = model.final_norm(leaf.as_tensor())?;
+    let ce = chunked_cross_entropy(&normed.detach(), model.lm_head(), &batch.labels, loss_chunk(model.spec.vocab_size))?;
+    let scale = ce.labelled as f64 / denom.max(1) as f64;
+    let grad_normed = (ce.grad_h * scale)?;
+    let g = normed.mul(&grad_normed)?.sum_all()?.backward()?;
+    let mut g_out = g
+        .get(leaf.as_tensor())
+        .cloned()
+        .ok_or_else(|| candle_core::Error::Msg("no gradient reached the last hidden state".into()))?;
+
+    let vars = adapters.vars();
+    let live = LoraCtx {
+        adapters,
+        live: true,
+        dropout: dropout_key,
+    };
+    for l in (0..layers).rev() {
+        let leaf = Var::from_tensor(&saved[l])?;
+        let (out, _) = model.layer(l, leaf.as_tensor(), &inputs, &live)?;
+        let store = out.mul(&g_out)?.sum_all()?.backward()?;
+        for (name, v) in &vars {
+            if let Some(gv) = store.get(v.as_tensor()) {
+                accumulate(grads, name, gv)?;
+            }
+        }
+        g_out = store
+            .get(leaf.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached the input of layer {l}")))?;
+        saved.pop();
+    }
+    Ok(MicroStats {
+        loss_sum: ce.loss as f64 * ce.labelled as f64,
+        labelled: ce.labelled,
+        tokens: real_tokens(batch),
+        expert_tokens,
+    })
+}
+
+/// Evaluation of one micro-batch: summed loss, labelled tokens and correct argmax
+/// predictions, a vocabulary chunk of tokens at a time.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EvalStats {
+    pub loss_sum: f64,
+    pub labelled: usize,
+    pub correct: usize,
+}
+
+/// Final hidden states after the final norm: [N, H], no graph.
+pub fn hidden(model: &Model, adapters: &Adapters, inputs: &Inputs) -> Result<Tensor> {
+    let ctx = LoraCtx {
+        adapters,
+        live: false,
+        dropout: None,
+    };
+    let mut x = model.embed(inputs)?;
+    for l in 0..model.num_layers() {
+        x = model.layer(l, &x, inputs, &ctx)?.0;
+    }
+    model.final_norm(&x)
+}
+
+pub fn evaluate(model: &Model, adapters: &Adapters, batch: &Batch) -> Result<EvalStats> {
+    let inputs = inputs(model, batch)?;
+    let h = hidden(model, adapters, &inputs)?;
+    let w = model.lm_head().to_dtype(DType::F32)?;
+    let chunk = loss_chunk(model.spec.vocab_size);
+    let mut out = EvalStats::default();
+    let n = batch.labels.len();
+    for start in (0..n).step_by(chunk) {
+        let len = chunk.min(n - start);
+        let labels = &batch.labels[start..start + len];
+        if labels.iter().all(|&l| l == IGNORE_INDEX) {
+            continue;
+        }
+        let logits = h.narrow(0, start, len)?.to_dtype(DType::F32)?.matmul(&w.t()?)?; // [len, V]
+        let max = logits.max_keepdim(D::Minus1)?;
+        let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
+        let targets: Vec<u32> = labels.iter().map(|&l| l.max(0) as u32).collect();
+        let targets = Tensor::from_vec(targets, (len, 1), h.device())?;
+        let nll: Vec<f32> = (lse - logits.gather(&targets, 1)?)?.flatten_all()?.to_vec1()?;
+        let argmax: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
+        for (i, &label) in labels.iter().enumerate() {
+            if label == IGNORE_INDEX {
+                continue;
+            }
+            out.loss_sum += nll[i] as f64;
+            out.labelled += 1;
+            out.correct += usize::from(argmax[i] == label as u32);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,304 @@
+//! The training loop on one device: micro-batches with gradient accumulation, per-layer
+//! recompute (`step`), global-norm clipping, AdamW with fp32 state, the LR schedule,
+//! metrics (`output_dir/metrics.jsonl`), periodic validation and PEFT adapter saves.
+
+use super::setup;
+use super::step::{evaluate, forward_backward, EvalStats, MicroStats};
+use super::{AdamW, AdamWConfig, Schedule};
+use crate::arch::Model;
+use crate::checkpoint::ModelDir;
+use crate::config::TrainConfig;
+use crate::data::{Loader, LoaderOptions, PreparedData, Sample};
+use crate::lora::{peft, Adapters};
+use candle_core::backprop::GradStore;
+use candle_core::{Device, Tensor};
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// The input (config, model, data) cannot be trained on.
+    #[error("{0}")]
+    Input(String),
+    /// Training failed while running.
+    #[error("{0}")]
+    Failed(String),
+}
+
+fn failed(e: impl std::fmt::Display) -> TrainError {
+    TrainError::Failed(e.to_string())
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: usize,
+    pub first_loss: f64,
+    pub last_loss: f64,
+    pub eval: Option<EvalResult>,
+    pub seconds: f64,
+    pub adapter_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub tokens: usize,
+}
+
+/// Peak dense bf16 tensor-core FLOP/s of the GPU, for MFU; None when unknown.
+fn peak_flops(device: &Device) -> Option<f64> {
+    if !device.is_cuda() {
+        return None;
+    }
+    // H100/H200 SXM dense bf16. Other GPUs: set MOEQ_PEAK_TFLOPS.
+    let tflops = std::env::var("MOEQ_PEAK_TFLOPS")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(989.0);
+    Some(tflops * 1e12)
+}
+
+/// FLOPs per trained token with a frozen base and full recompute: 6·N_active (forward,
+/// recompute, input gradient) plus attention (3 passes × 2 matmuls × 2·S·d per layer, causal
+/// half counted in full as the kernel computes it).
+pub fn flops_per_token(spec: &crate::arch::ArchSpec, seq: usize) -> f64 {
+    let n_active = spec.active_params() as f64 - (spec.vocab_size * spec.hidden_size) as f64;
+    let attn = 3.0 * 2.0 * 2.0 * (seq * spec.num_heads * spec.head_dim * spec.num_layers) as f64;
+    6.0 * n_active + attn
+}
+
+struct Metrics {
+    file: std::fs::File,
+}
+
+impl Metrics {
+    fn create(dir: &Path) -> Result<Metrics, TrainError> {
+        let path = dir.join("metrics.jsonl");
+        let file = std::fs::File::create(&path).map_err(|e| failed(format!("{}: {e}", path.display())))?;
+        Ok(Metrics { file })
+    }
+
+    fn write(&mut self, v: &Value) -> Result<(), TrainError> {
+        writeln!(self.file, "{v}").map_err(failed)?;
+        self.file.flush().map_err(failed)
+    }
+}
+
+pub fn eval_set(model: &Model, adapters: &Adapters, samples: &[Sample], opts: &LoaderOptions) -> Result<EvalResult, TrainError> {
+    let mut loader = Loader::new(samples.to_vec(), opts.for_eval()).map_err(|e| failed(e.to_string()))?;
+    let mut total = EvalStats::default();
+    for _ in 0..loader.steps_per_epoch() {
+        let batch = loader.next_batch();
+        let s = evaluate(model, adapters, &batch).map_err(failed)?;
+        total.loss_sum += s.loss_sum;
+        total.labelled += s.labelled;
+        total.correct += s.correct;
+    }
+    let n = total.labelled.max(1) as f64;
+    Ok(EvalResult {
+        loss: total.loss_sum / n,
+        accuracy: total.correct as f64 / n,
+        tokens: total.labelled,
+    })
+}
+
+/// Writes the adapter into `dir` atomically: a temporary sibling, then a rename.
+pub fn save_adapter(adapters: &Adapters, base_model: &str, dir: &Path) -> Result<(), TrainError> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    peft::save(adapters, base_model, &tmp).map_err(|e| failed(format!("{}: {e}", tmp.display())))?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| failed(format!("{}: {e}", dir.display())))
+}
+
+/// Trains `config` on the already-opened base model with prepared data.
+pub fn train(config: &TrainConfig, dir: &ModelDir, data: &PreparedData, pad_id: u32) -> Result<Summary, TrainError> {
+    let started = Instant::now();
+    let device = setup::device(&config.device).map_err(TrainError::Input)?;
+    let dtype = setup::compute_dtype(config.bf16, &device);
+    let spec = &dir.spec;
+    tracing::info!("device {:?}, compute dtype {:?}", device, dtype);
+    if data.train.is_empty() {
+        return Err(TrainError::Input("no training samples: check `datasets` and `val_set_size`".into()));
+    }
+    let settings = setup::quant_settings(config);
+    let base = setup::load_base(dir, settings, &device).map_err(TrainError::Input)?;
+    tracing::info!(
+        "frozen base: {:.1} MB 4-bit + {:.1} MB dense in {:.1} s",
+        base.report.quantized_bytes as f64 / 1e6,
+        base.report.dense_bytes as f64 / 1e6,
+        base.report.seconds
+    );
+    let model = Model::new(spec, &base, dtype, &device, config.sequence_len + 1).map_err(|e| TrainError::Input(e.to_string()))?;
+    drop(base);
+    let adapters = Adapters::new(spec, setup::lora_settings(config), config.seed, &device).map_err(failed)?;
+    if adapters.linear.is_empty() && adapters.experts.is_empty() {
+        return Err(TrainError::Input(
+            "no LoRA targets matched: set lora_target_modules (q_proj, k_proj, …) and/or lora_target_parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj)".into(),
+        ));
+    }
+    tracing::info!(
+        "LoRA: {} linear and {} expert adapters, {} trainable parameters",
+        adapters.linear.len(),
+        adapters.experts.len(),
+        adapters.num_params()
+    );
+
+    let opts = LoaderOptions::from_config(config, pad_id, 0, 1);
+    let mut loader = Loader::new(data.train.clone(), opts.clone()).map_err(|e| TrainError::Input(e.to_string()))?;
+    let gas = config.gradient_accumulation_steps.max(1);
+    let total_steps = match config.max_steps {
+        Some(s) => s,
+        None => loader.steps_in_epochs(config.num_epochs).div_ceil(gas),
+    };
+    let warmup = config
+        .warmup_steps
+        .unwrap_or_else(|| (config.warmup_ratio.unwrap_or(0.0) * total_steps as f64).ceil() as usize);
+    let schedule = Schedule {
+        kind: config.lr_scheduler,
+        peak_lr: config.learning_rate,
+        warmup_steps: warmup,
+        total_steps,
+    };
+    let mut opt = AdamW::new(
+        adapters.vars(),
+        AdamWConfig {
+            beta1: config.adam_beta1,
+            beta2: config.adam_beta2,
+            eps: config.adam_epsilon,
+            weight_decay: config.weight_decay,
+        },
+    )
+    .map_err(failed)?;
+    std::fs::create_dir_all(&config.output_dir).map_err(|e| failed(format!("{}: {e}", config.output_dir.display())))?;
+    let mut metrics = Metrics::create(&config.output_dir)?;
+    let flops_tok = flops_per_token(spec, config.sequence_len);
+    let peak = peak_flops(&device);
+    let progress = crate::util::progress::Steps::new(total_steps as u64, "train");
+
+    let vars = adapters.vars();
+    let (mut first_loss, mut last_loss) = (None, 0.0);
+    let (mut window_loss, mut window_steps, mut window_tokens) = (0.0, 0usize, 0usize);
+    let mut window_start = Instant::now();
+    let mut last_eval = None;
+    for step in 0..total_steps {
+        let batches: Vec<_> = (0..gas).map(|_| loader.next_batch()).collect();
+        let denom: usize = batches.iter().map(|b| b.num_targets()).sum();
+        let mut grads = BTreeMap::new();
+        let mut stats = MicroStats::default();
+        for (micro, batch) in batches.iter().enumerate() {
+            let key = Some((config.seed, (step * gas + micro) as u64));
+            let s = forward_backward(&model, &adapters, batch, denom, key, &mut grads).map_err(failed)?;
+            stats.loss_sum += s.loss_sum;
+            stats.labelled += s.labelled;
+            stats.tokens += s.tokens;
+            if stats.expert_tokens.is_empty() {
+                stats.expert_tokens = s.expert_tokens;
+            } else {
+                for (acc, add) in stats.expert_tokens.iter_mut().zip(&s.expert_tokens) {
+                    for (a, b) in acc.iter_mut().zip(add) {
+                        *a += b;
+                    }
+                }
+            }
+        }
+        crate::util::mem::sample_gpu_peak(&device);
+        // Global gradient norm in f64 over names in sorted order (deterministic).
+        let mut sq = 0f64;
+        for g in grads.values() {
+            sq += g.sqr().map_err(failed)?.sum_all().map_err(failed)?.to_scalar::<f32>().map_err(failed)? as f64;
+        }
+        let grad_norm = sq.sqrt();
+        if !grad_norm.is_finite() {
+            return Err(failed(format!("step {}: gradient norm is {grad_norm} (loss {:.4}); lower learning_rate or check the data", step + 1, stats.loss_sum / stats.labelled.max(1) as f64)));
+        }
+        let clip = if config.max_grad_norm > 0.0 && grad_norm > config.max_grad_norm {
+            config.max_grad_norm / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+        let mut store = GradStore::default();
+        for (name, v) in &vars {
+            if let Some(g) = grads.get(name) {
+                let g: Tensor = if clip < 1.0 { (g * clip).map_err(failed)? } else { g.clone() };
+                store.insert(v.as_tensor(), g);
+            }
+        }
+        let lr = schedule.lr(step);
+        opt.step(&store, lr).map_err(failed)?;
+
+        let loss = stats.loss_sum / stats.labelled.max(1) as f64;
+        first_loss.get_or_insert(loss);
+        last_loss = loss;
+        window_loss += loss;
+        window_steps += 1;
+        window_tokens += stats.tokens;
+        let done = step + 1;
+        progress.set(done as u64, &format!("loss {loss:.4} lr {lr:.2e}"));
+        if done % config.logging_steps.max(1) == 0 || done == total_steps {
+            let secs = window_start.elapsed().as_secs_f64().max(1e-9);
+            let tps = window_tokens as f64 / secs;
+            let mut rec = json!({
+                "step": done,
+                "loss": window_loss / window_steps as f64,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens_per_s": tps,
+                "epoch": loader.cursor().epoch,
+                "elapsed_s": started.elapsed().as_secs_f64(),
+                "expert_tokens": stats.expert_tokens,
+            });
+            if let Some(p) = peak {
+                rec["mfu"] = json!(tps * flops_tok / p);
+                rec["peak_gpu_mem_gb"] = json!(crate::util::mem::peak_gpu_bytes() as f64 / 1e9);
+            }
+            tracing::info!(
+                "step {done}/{total_steps} loss {:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {tps:.0} tok/s",
+                window_loss / window_steps as f64
+            );
+            metrics.write(&rec)?;
+            (window_loss, window_steps, window_tokens) = (0.0, 0, 0);
+            window_start = Instant::now();
+        }
+        let eval_due = config.eval_steps.is_some_and(|e| e > 0 && done % e == 0) || done == total_steps;
+        if eval_due && !data.val.is_empty() {
+            let r = eval_set(&model, &adapters, &data.val, &opts)?;
+            tracing::info!("step {done}: validation loss {:.4}, token accuracy {:.1}% over {} targets", r.loss, 100.0 * r.accuracy, r.tokens);
+            metrics.write(&json!({"step": done, "eval_loss": r.loss, "eval_accuracy": r.accuracy, "eval_tokens": r.tokens}))?;
+            last_eval = Some(r);
+        }
+        if config.save_steps.is_some_and(|s| s > 0 && done % s == 0) && done != total_steps {
+            let dir = config.output_dir.join(format!("checkpoint-{done}"));
+            save_adapter(&adapters, &config.base_model, &dir)?;
+            tracing::info!("saved adapter to {}", dir.display());
+        }
+    }
+    progress.finish();
+    // The final adapter goes into output_dir itself, as axolotl/PEFT users expect.
+    let files = ["adapter_config.json", "adapter_model.safetensors"];
+    let tmp = config.output_dir.join(".final-adapter.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    peft::save(&adapters, &config.base_model, &tmp).map_err(|e| failed(format!("{}: {e}", tmp.display())))?;
+    for f in files {
+        std::fs::rename(tmp.join(f), config.output_dir.join(f)).map_err(failed)?;
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    tracing::info!("saved adapter to {}", config.output_dir.display());
+    Ok(Summary {
+        steps: total_steps,
+        first_loss: first_loss.unwrap_or(0.0),
+        last_loss,
+        eval: last_eval,
+        seconds: started.elapsed().as_secs_f64(),
+        adapter_dir: config.output_dir.clone(),
+    })
+}
