@@ -202,13 +202,20 @@ fn route(indices: &[Vec<u32>], num_experts: usize, held: std::ops::Range<usize>,
 
 impl Moe {
     /// x [N, H] → [N, H]: routed experts (weighted by the router) plus the shared expert.
-    fn forward(&self, spec: &ArchSpec, x: &Tensor, lora: &LoraCtx) -> Result<(Tensor, Vec<u64>)> {
+    fn forward(&self, spec: &ArchSpec, x: &Tensor, lora: &LoraCtx, recorded: &mut Option<Tensor>) -> Result<(Tensor, Vec<u64>)> {
         let (n, h) = x.dims2()?;
         let k = spec.router.top_k;
         // Router in f32: softmax over all experts, then top-k, then (optionally) renormalise.
         let logits = x.matmul(&self.router.t()?)?.to_dtype(DType::F32)?; // [N, E]
         let probs = softmax_last(&logits)?;
-        let top = probs.detach().arg_sort_last_dim(false)?.narrow(1, 0, k)?.contiguous()?; // [N, k]
+        let top = match recorded {
+            Some(t) => t.clone(),
+            None => {
+                let t = probs.detach().arg_sort_last_dim(false)?.narrow(1, 0, k)?.contiguous()?; // [N, k]
+                *recorded = Some(t.clone());
+                t
+            }
+        };
         let mut weights = probs.gather(&top, 1)?; // [N, k], differentiable w.r.t. x
         if spec.router.renormalize {
             weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
@@ -252,7 +259,7 @@ impl Moe {
 
 impl Layer {
     /// x [N, H] → [N, H].
-    pub fn forward(&self, spec: &ArchSpec, x: &Tensor, inputs: &Inputs, lora: &LoraCtx) -> Result<(Tensor, LayerStats)> {
+    pub fn forward(&self, index: usize, spec: &ArchSpec, x: &Tensor, inputs: &Inputs, lora: &LoraCtx) -> Result<(Tensor, LayerStats)> {
         let eps = spec.rms_norm_eps;
         let h = rms_norm(x, &self.input_norm, eps)?;
         let x = (x + self.attn.forward(spec, &h, inputs, lora)?)?;
@@ -260,7 +267,8 @@ impl Layer {
         let (m, stats) = match &self.mlp {
             Mlp::Dense(p) => (swiglu_mlp(p, &h, lora)?, LayerStats::default()),
             Mlp::Moe(moe) => {
-                let (m, per_expert) = moe.forward(spec, &h, lora)?;
+                let mut routes = inputs.routes.borrow_mut();
+                let (m, per_expert) = moe.forward(spec, &h, lora, &mut routes[index])?;
                 (m, LayerStats { expert_tokens: per_expert })
             }
         };

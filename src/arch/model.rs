@@ -49,6 +49,10 @@ pub struct Inputs {
     pub mask: Tensor,
     pub batch: usize,
     pub seq: usize,
+    /// Top-k expert choices [N, k] per layer, recorded by the first pass over these inputs and
+    /// replayed by later ones: the recompute routes exactly as the forward did (routing is
+    /// piecewise constant, so replaying changes no gradient), without sorting again.
+    pub routes: std::cell::RefCell<Vec<Option<Tensor>>>,
 }
 
 /// What a layer's forward reports besides its output.
@@ -270,6 +274,7 @@ impl Model {
             mask: Tensor::from_vec(mask, (batch, 1, seq, seq), &self.device)?,
             batch,
             seq,
+            routes: std::cell::RefCell::new(vec![None; self.layers.len()]),
         })
     }
 
@@ -280,7 +285,7 @@ impl Model {
 
     /// Decoder layer `l`: x [N, H] → [N, H].
     pub fn layer(&self, l: usize, x: &Tensor, inputs: &Inputs, lora: &LoraCtx) -> Result<(Tensor, LayerStats)> {
-        self.layers[l].forward(&self.spec, x, inputs, lora)
+        self.layers[l].forward(l, &self.spec, x, inputs, lora)
     }
 
     /// Final RMSNorm: x [N, H] → [N, H].

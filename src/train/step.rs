@@ -149,8 +149,12 @@ pub fn hidden(model: &Model, adapters: &Adapters, inputs: &Inputs) -> Result<Ten
 }
 
 pub fn evaluate(model: &Model, adapters: &Adapters, batch: &Batch) -> Result<EvalStats> {
-    let inputs = inputs(model, batch)?;
-    let h = hidden(model, adapters, &inputs)?;
+    evaluate_inputs(model, adapters, &inputs(model, batch)?, batch)
+}
+
+/// `evaluate` on prepared inputs (which replay the routing of their first pass).
+pub fn evaluate_inputs(model: &Model, adapters: &Adapters, inputs: &Inputs, batch: &Batch) -> Result<EvalStats> {
+    let h = hidden(model, adapters, inputs)?;
     let w = model.lm_head().to_dtype(DType::F32)?;
     let chunk = loss_chunk(model.spec.vocab_size);
     let mut out = EvalStats::default();

@@ -1,0 +1,97 @@
+//! `moeq train` end to end on the CPU: the embedded default learns its task, runs are
+//! deterministic, and bad LoRA targets are refused.
+
+mod common;
+use common::moeq;
+use serde_json::Value;
+use std::path::Path;
+
+const DEFAULT: &str = include_str!("../configs/tiny-cpu.yaml");
+
+/// The default config with `output_dir` in `dir` and top-level keys replaced by `extra`'s.
+fn config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let overridden: Vec<&str> = extra.lines().filter_map(|l| l.split(':').next()).collect();
+    let kept: Vec<&str> = DEFAULT
+        .lines()
+        .filter(|l| !overridden.iter().any(|k| l.starts_with(&format!("{k}:"))))
+        .collect();
+    let text = kept.join("\n").replace("output_dir: outputs/tiny-cpu", &format!("output_dir: {}", dir.join("out").display()));
+    assert!(text.contains(&dir.display().to_string()), "default config has an output_dir line");
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, format!("{text}\n{extra}\n")).unwrap();
+    path
+}
+
+fn metrics(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Acceptance: the embedded default (300 steps) lowers the training loss by at least half and
+/// reaches a held-out token accuracy far above chance (9.1%: uniform over the 10 symbols and
+/// EOS) within 5 minutes on 2 cores, and leaves a PEFT adapter plus the periodic checkpoints.
+#[test]
+fn default_config_learns_the_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "");
+    let started = std::time::Instant::now();
+    let (code, _, err) = moeq(&["train", "--config", cfg.to_str().unwrap()]);
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(code, 0, "{err}");
+    assert!(secs < 300.0, "took {secs:.0} s");
+    let m = metrics(dir.path());
+    let losses: Vec<f64> = m.iter().filter_map(|r| r["loss"].as_f64()).collect();
+    let (first, last) = (losses[0], *losses.last().unwrap());
+    assert!(last <= 0.5 * first, "training loss {first:.3} -> {last:.3}");
+    let acc = m.iter().filter_map(|r| r["eval_accuracy"].as_f64()).last().unwrap();
+    assert!(acc >= 0.4, "held-out accuracy {acc:.3}");
+    for r in m.iter().filter(|r| r.get("loss").is_some()) {
+        for key in ["step", "lr", "grad_norm", "tokens_per_s", "expert_tokens"] {
+            assert!(r.get(key).is_some(), "metrics record without {key}: {r}");
+        }
+    }
+    let out = dir.path().join("out");
+    for f in ["adapter_config.json", "adapter_model.safetensors", "checkpoint-100/adapter_model.safetensors", "checkpoint-200/adapter_config.json"] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    eprintln!("default config: {secs:.1} s, loss {first:.3} -> {last:.3}, held-out accuracy {acc:.3}");
+}
+
+fn losses_of(extra: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), extra);
+    let (code, _, err) = moeq(&["train", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    metrics(dir.path())
+        .iter()
+        .filter_map(|r| r.get("loss").map(|l| l.to_string()))
+        .collect()
+}
+
+#[test]
+fn same_seed_same_losses_bit_for_bit() {
+    let short = "max_steps: 6\nwarmup_steps: 2\nlogging_steps: 1\neval_steps: 100\nsave_steps: 100\nlora_dropout: 0.1\ngradient_accumulation_steps: 2";
+    let a = losses_of(short);
+    let b = losses_of(short);
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b, "same seed, different losses");
+    let c = losses_of(&format!("{short}\nseed: 1"));
+    assert_ne!(a, c, "another seed gave the same losses");
+}
+
+#[test]
+fn lora_targets_that_match_nothing_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = DEFAULT
+        .replace("output_dir: outputs/tiny-cpu", &format!("output_dir: {}", dir.path().join("out").display()))
+        .replace("lora_target_modules: [q_proj, k_proj, v_proj, o_proj]", "lora_target_modules: [c_attn]")
+        .replace("lora_target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]", "lora_target_parameters: []");
+    let cfg = dir.path().join("c.yaml");
+    std::fs::write(&cfg, text).unwrap();
+    let (code, _, err) = moeq(&["train", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no LoRA targets matched"), "{err}");
+}

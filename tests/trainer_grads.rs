@@ -1,0 +1,217 @@
+//! The trainer's gradients on tiny models of every architecture, on the CPU in f32:
+//! - every LoRA tensor (attention, dense MLP, shared expert, experts) gets a non-zero gradient;
+//! - per-layer recompute gives the gradients of one full autograd graph;
+//! - the gradients agree with central finite differences of the loss.
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use moeq::arch::{Inputs, LoraCtx, Model, ModelType};
+use moeq::checkpoint::frozen::{self, CpuQuantizer, SingleProcess};
+use moeq::checkpoint::ModelDir;
+use moeq::data::{Batch, IGNORE_INDEX};
+use moeq::lora::{Adapters, LoraSettings};
+use moeq::quant::QuantSettings;
+use moeq::synth::{self, SynthOptions};
+use moeq::train::step::{evaluate_inputs, forward_backward, inputs};
+use rand::{Rng, SeedableRng};
+use std::collections::BTreeMap;
+
+const ARCHS: [ModelType; 4] = [
+    ModelType::Qwen3Moe,
+    ModelType::Qwen2Moe,
+    ModelType::Mixtral,
+    ModelType::Olmoe,
+];
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    model: Model,
+    adapters: Adapters,
+}
+
+/// A tiny f32 checkpoint of `arch`, quantized to NF4, with adapters on every target and
+/// random B (PEFT starts B at zero, which would leave A without a gradient).
+fn setup(arch: ModelType) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = SynthOptions {
+        model_type: arch,
+        seed: 11,
+        dtype: "float32".into(),
+        ..SynthOptions::default()
+    };
+    synth::write(&opts, dir.path()).unwrap();
+    let md = ModelDir::open(dir.path()).unwrap();
+    let base = frozen::load(&md, QuantSettings::default(), None, &mut CpuQuantizer, &mut SingleProcess).unwrap();
+    let model = Model::new(&md.spec, &base, DType::F32, &Device::Cpu, 64).unwrap();
+    let settings = LoraSettings {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_rslora: false,
+        target_modules: vec!["all-linear".into()],
+        target_parameters: vec!["mlp.experts.gate_up_proj".into(), "mlp.experts.down_proj".into()],
+    };
+    let adapters = Adapters::new(&md.spec, settings, 5, &Device::Cpu).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    for (name, v) in adapters.vars() {
+        if name.contains("lora_B") {
+            let vals: Vec<f32> = (0..v.elem_count()).map(|_| rng.random_range(-0.1..0.1)).collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    Setup { _dir: dir, model, adapters }
+}
+
+/// Two rows of 16 tokens; the first packs two samples (10 + 6), the second is one sample of
+/// 13 tokens and 3 of padding. Random tokens and labels, some ignored.
+fn batch(vocab: usize, seed: u64) -> Batch {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let seq_lens = vec![vec![10, 6], vec![13]];
+    let (b, s) = (2, 16);
+    let mut input_ids = Vec::new();
+    let mut labels = Vec::new();
+    let mut position_ids = Vec::new();
+    for lens in &seq_lens {
+        let mut used = 0;
+        for &len in lens {
+            for p in 0..len {
+                input_ids.push(rng.random_range(0..vocab as u32));
+                position_ids.push(p as u32);
+                let last = p + 1 == len;
+                labels.push(if last || rng.random_bool(0.2) { IGNORE_INDEX } else { rng.random_range(0..vocab as i32) });
+            }
+            used += len;
+        }
+        for p in 0..s - used {
+            input_ids.push(0);
+            position_ids.push(p as u32);
+            labels.push(IGNORE_INDEX);
+        }
+    }
+    Batch { input_ids, labels, position_ids, seq_lens, batch_size: b, seq_len: s }
+}
+
+fn grads_of(s: &Setup, b: &Batch) -> BTreeMap<String, Tensor> {
+    let mut grads = BTreeMap::new();
+    forward_backward(&s.model, &s.adapters, b, b.num_targets(), None, &mut grads).unwrap();
+    grads
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
+
+#[test]
+fn every_lora_tensor_gets_a_gradient() {
+    for arch in ARCHS {
+        let s = setup(arch);
+        let b = batch(s.model.spec.vocab_size, 1);
+        let grads = grads_of(&s, &b);
+        let vars = s.adapters.vars();
+        assert!(vars.len() >= 10, "{arch:?}: only {} adapter tensors", vars.len());
+        for (name, v) in &vars {
+            let g = grads.get(name).unwrap_or_else(|| panic!("{arch:?}: {name} got no gradient"));
+            assert_eq!(g.dims(), v.dims(), "{name}");
+            assert!(max_abs(g) > 0.0, "{arch:?}: {name} has an all-zero gradient");
+        }
+        // Each kind of target is present for the architectures that have it.
+        let has = |part: &str| vars.iter().any(|(n, _)| n.contains(part));
+        assert!(has("self_attn.q_proj") && has("self_attn.o_proj") && has("mlp.experts"), "{arch:?}");
+        if arch == ModelType::Qwen2Moe {
+            assert!(has("shared_expert.up_proj") && has("mlp.gate_proj"), "shared expert and dense MLP");
+        }
+    }
+}
+
+/// Loss of the batch from one autograd graph through every layer (live LoRA, full logits).
+fn full_graph_loss(s: &Setup, b: &Batch) -> Tensor {
+    let inp = inputs(&s.model, b).unwrap();
+    let ctx = LoraCtx { adapters: &s.adapters, live: true, dropout: None };
+    let mut x = s.model.embed(&inp).unwrap();
+    for l in 0..s.model.num_layers() {
+        x = s.model.layer(l, &x, &inp, &ctx).unwrap().0;
+    }
+    let h = s.model.final_norm(&x).unwrap();
+    let logits = h.matmul(&s.model.lm_head().t().unwrap()).unwrap(); // [N, V]
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
+    let (rows, targets): (Vec<u32>, Vec<u32>) = b
+        .labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l != IGNORE_INDEX)
+        .map(|(i, &l)| (i as u32, l as u32))
+        .unzip();
+    let n = rows.len();
+    let rows = Tensor::new(rows.as_slice(), &Device::Cpu).unwrap();
+    let targets = Tensor::from_vec(targets, (n, 1), &Device::Cpu).unwrap();
+    let picked = logp.index_select(&rows, 0).unwrap().gather(&targets, 1).unwrap();
+    (picked.sum_all().unwrap().neg().unwrap() / n as f64).unwrap()
+}
+
+/// Recompute reorders nothing but the graph: gradients equal the full graph's up to f32
+/// summation order (chunked vs whole-vocabulary softmax): relative 1e-4 of the tensor's scale.
+#[test]
+fn recompute_matches_one_full_graph() {
+    for arch in ARCHS {
+        let s = setup(arch);
+        let b = batch(s.model.spec.vocab_size, 2);
+        let grads = grads_of(&s, &b);
+        let store = full_graph_loss(&s, &b).backward().unwrap();
+        for (name, v) in s.adapters.vars() {
+            let want = store.get(v.as_tensor()).unwrap();
+            let got = &grads[&name];
+            let err = max_abs(&(got - want).unwrap());
+            let scale = max_abs(want);
+            assert!(err <= 1e-4 * scale + 1e-9, "{arch:?} {name}: max error {err:e}, scale {scale:e}");
+        }
+    }
+}
+
+fn loss_of(s: &Setup, inp: &Inputs, b: &Batch) -> f64 {
+    let e = evaluate_inputs(&s.model, &s.adapters, inp, b).unwrap();
+    e.loss_sum / e.labelled as f64
+}
+
+/// Central differences along a random unit direction per tensor, in f32, at three step sizes.
+/// Top-k routing is piecewise constant, and tiny random routers have near-ties, so the
+/// routing of the unperturbed point is replayed at θ ± εd (what the trainer's recompute does
+/// too); each step size must then agree with the gradient. Tolerance: 3% of |g·d| + 2e-3
+/// (truncation error O(ε²) and the f32 rounding of the loss, ~1e-6, over 2ε).
+#[test]
+fn gradients_match_finite_differences() {
+    for arch in ARCHS {
+        let s = setup(arch);
+        let b = batch(s.model.spec.vocab_size, 3);
+        let grads = grads_of(&s, &b);
+        let inp = inputs(&s.model, &b).unwrap();
+        loss_of(&s, &inp, &b); // records the routing
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let vars: Vec<(String, Var)> = s.adapters.vars();
+        // Both adapter matrices of an attention, an MLP and both expert targets of layer 0.
+        let picked: Vec<&(String, Var)> = vars
+            .iter()
+            .filter(|(n, _)| n.contains("layers.0.") && (n.contains("q_proj") || n.contains("v_proj") || n.contains("mlp.experts") || n.contains("down_proj")))
+            .collect();
+        assert!(picked.len() >= 6, "{arch:?}: {} tensors picked", picked.len());
+        for (name, v) in picked {
+            let orig = v.as_tensor().copy().unwrap();
+            let d: Vec<f32> = (0..v.elem_count()).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let norm = d.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let d = (Tensor::from_vec(d, v.shape(), &Device::Cpu).unwrap() / norm as f64).unwrap();
+            let analytic: f64 = (&grads[name] * &d).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+            let mut agree = 0;
+            let mut seen = Vec::new();
+            for eps in [1e-2, 3e-3, 1e-3] {
+                v.set(&(&orig + (&d * eps).unwrap()).unwrap()).unwrap();
+                let plus = loss_of(&s, &inp, &b);
+                v.set(&(&orig - (&d * eps).unwrap()).unwrap()).unwrap();
+                let minus = loss_of(&s, &inp, &b);
+                v.set(&orig).unwrap();
+                let numeric = (plus - minus) / (2.0 * eps);
+                seen.push(numeric);
+                agree += usize::from((numeric - analytic).abs() <= 0.03 * analytic.abs() + 2e-3);
+            }
+            assert!(agree == 3, "{arch:?} {name}: finite differences {seen:?} vs gradient {analytic:.6}");
+        }
+    }
+}
+
