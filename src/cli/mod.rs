@@ -2,6 +2,7 @@
 //! sets up logging, and turns errors into one line and an exit code:
 //! 0 success, 1 failure while working, 2 bad input (flags, config, data, checkpoint files).
 
+mod eval;
 mod gpu_bench;
 mod gpu_check;
 mod inspect;
@@ -30,6 +31,8 @@ pub struct Cli {
 pub enum Command {
     /// Train LoRA adapters on a frozen NF4 base (default config: the embedded tiny-cpu.yaml).
     Train(train::TrainArgs),
+    /// Loss and perplexity of a model (+ adapter) on JSONL data; can dump logits.
+    Eval(eval::EvalArgs),
     /// Write a deterministic random-init Hugging Face checkpoint.
     Synth(synth::SynthArgs),
     /// Write a pre-quantized (bitsandbytes 4-bit) checkpoint that train loads directly.
@@ -65,6 +68,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train::run(args, cli.log_level.as_deref()),
+        Command::Eval(args) => with_logging(cli.log_level.as_deref(), || eval::run(args)),
         Command::Synth(args) => with_logging(cli.log_level.as_deref(), || synth::run(args)),
         Command::Quantize(args) => with_logging(cli.log_level.as_deref(), || quantize::run(args)),
         Command::Inspect(args) => with_logging(cli.log_level.as_deref(), || inspect::run(args)),
@@ -116,5 +120,52 @@ pub fn human_count(n: u64) -> String {
         x if x >= 1e6 => format!("{:.2}M", x / 1e6),
         x if x >= 1e3 => format!("{:.1}k", x / 1e3),
         x => format!("{x:.0}"),
+    }
+}
+
+/// The quantization settings of a frozen base, as flags (`moeq eval`, `moeq quantize`), with
+/// the same defaults as the config keys: NF4, blocksize 64, double quantization on.
+#[derive(clap::Args, Debug, Clone)]
+pub struct QuantFlags {
+    /// nf4 or fp4 (as `bnb_4bit_quant_type`).
+    #[arg(long, default_value = "nf4")]
+    quant_type: String,
+    /// Values per absmax block (as `quant_blocksize`).
+    #[arg(long, default_value_t = 64)]
+    blocksize: usize,
+    /// Quantize the block scales too (as `bnb_4bit_use_double_quant`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    double_quant: bool,
+}
+
+impl QuantFlags {
+    pub fn settings(&self) -> Result<crate::quant::QuantSettings, CliError> {
+        let kind = match self.quant_type.as_str() {
+            "nf4" => crate::quant::QuantKind::Nf4,
+            "fp4" => crate::quant::QuantKind::Fp4,
+            other => return Err(CliError::Input(format!("--quant-type '{other}': must be nf4 or fp4"))),
+        };
+        let s = crate::quant::QuantSettings {
+            kind,
+            blocksize: self.blocksize,
+            double_quant: self.double_quant,
+        };
+        s.validate().map_err(CliError::input)?;
+        Ok(s)
+    }
+}
+
+/// `cpu`, `cuda`, `cuda:N` or `auto` as a config device.
+pub fn parse_device(s: &str) -> Result<crate::config::Device, CliError> {
+    use crate::config::Device as D;
+    match s {
+        "auto" => Ok(D::Auto),
+        "cpu" => Ok(D::Cpu),
+        "cuda" => Ok(D::Cuda(None)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(|n| D::Cuda(Some(n)))
+            .ok_or_else(|| CliError::Input(format!("--device '{s}': use cpu, cuda, cuda:N or auto"))),
     }
 }

@@ -4,7 +4,6 @@
 use super::{human_bytes, CliError};
 use crate::checkpoint::frozen::{self, CpuQuantizer, SingleProcess, SliceQuantizer};
 use crate::checkpoint::{prequantized, CheckpointError, ModelDir};
-use crate::quant::{QuantKind, QuantSettings};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -15,15 +14,8 @@ pub struct QuantizeArgs {
     /// Output directory (must not exist, or pass --force).
     #[arg(long)]
     out: PathBuf,
-    /// nf4 or fp4 (as `bnb_4bit_quant_type`).
-    #[arg(long, default_value = "nf4", value_parser = parse_kind)]
-    quant_type: QuantKind,
-    /// Values per absmax block (as `quant_blocksize`).
-    #[arg(long, default_value_t = 64)]
-    blocksize: usize,
-    /// Quantize the block scales too (as `bnb_4bit_use_double_quant`).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    double_quant: bool,
+    #[command(flatten)]
+    quant: super::QuantFlags,
     /// `cpu`, or `cuda` / `cuda:N` (needs a CUDA build).
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -33,14 +25,6 @@ pub struct QuantizeArgs {
     /// Replace OUT if it exists.
     #[arg(long)]
     force: bool,
-}
-
-fn parse_kind(s: &str) -> Result<QuantKind, String> {
-    match s {
-        "nf4" => Ok(QuantKind::Nf4),
-        "fp4" => Ok(QuantKind::Fp4),
-        _ => Err(format!("must be nf4 or fp4, got '{s}'")),
-    }
 }
 
 fn quantizer(device: &str) -> Result<Box<dyn SliceQuantizer>, CliError> {
@@ -77,12 +61,7 @@ fn quantizer(device: &str) -> Result<Box<dyn SliceQuantizer>, CliError> {
 }
 
 pub fn run(args: QuantizeArgs) -> Result<(), CliError> {
-    let settings = QuantSettings {
-        kind: args.quant_type,
-        blocksize: args.blocksize,
-        double_quant: args.double_quant,
-    };
-    settings.validate().map_err(CliError::input)?;
+    let settings = args.quant.settings()?;
     if args.out.exists() && !args.force {
         return Err(CliError::Input(format!(
             "{}: already exists (choose another --out or pass --force)",
