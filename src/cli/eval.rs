@@ -26,6 +26,10 @@ pub struct EvalArgs {
     /// Write the logits as one f32 tensor `logits` [lines, tokens, vocab] (equal-length lines).
     #[arg(long)]
     dump_logits: Option<PathBuf>,
+    /// Write the gradients of the mean loss (all lines together) w.r.t. every adapter tensor,
+    /// f32, by PEFT name (needs --adapter).
+    #[arg(long)]
+    dump_grads: Option<PathBuf>,
     /// `cpu`, `cuda`, `cuda:N` or `auto`.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -102,6 +106,11 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
         None => Adapters::new(spec, LoraSettings { r: 1, alpha: 1.0, dropout: 0.0, use_rslora: false, target_modules: vec![], target_parameters: vec![] }, 0, &device)
             .map_err(CliError::failed)?,
     };
+    if args.dump_grads.is_some() && args.adapter.is_none() {
+        return Err(CliError::Input("--dump-grads needs --adapter (the gradients are the adapter's)".into()));
+    }
+    let total_predicted: usize = lines.iter().map(|l| l.len() - 1).sum();
+    let mut grads = std::collections::BTreeMap::new();
     let mut loss_sum = 0f64;
     let mut predicted = 0usize;
     let mut dump = Vec::new();
@@ -117,6 +126,9 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
             batch_size: 1,
             seq_len: n,
         };
+        if args.dump_grads.is_some() {
+            step::forward_backward(&model, &adapters, &batch, total_predicted, None, &mut grads).map_err(CliError::failed)?;
+        }
         let inputs = step::inputs(&model, &batch).map_err(CliError::failed)?;
         if args.dump_logits.is_some() {
             let h = step::hidden(&model, &adapters, &inputs).map_err(CliError::failed)?;
@@ -136,6 +148,18 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
         let bytes: Vec<u8> = dump.iter().flat_map(|x| x.to_le_bytes()).collect();
         let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &bytes).map_err(CliError::failed)?;
         safetensors::serialize_to_file([("logits", view)], None, path).map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))?;
+    }
+    if let Some(path) = &args.dump_grads {
+        let mut data = Vec::new();
+        for (name, g) in &grads {
+            let v: Vec<f32> = g.flatten_all().and_then(|t| t.to_vec1()).map_err(CliError::failed)?;
+            data.push((name.clone(), g.dims().to_vec(), v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()));
+        }
+        let views: Vec<(String, safetensors::tensor::TensorView)> = data
+            .iter()
+            .map(|(n, shape, bytes)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).map_err(CliError::failed)?)))
+            .collect::<Result<_, CliError>>()?;
+        safetensors::serialize_to_file(views, None, path).map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))?;
     }
     let loss = loss_sum / predicted.max(1) as f64;
     println!(

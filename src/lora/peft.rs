@@ -65,10 +65,22 @@ pub fn named_tensors(a: &Adapters) -> BTreeMap<String, Var> {
 /// `adapter_config.json` contents.
 pub fn adapter_config(a: &Adapters, base_model: &str) -> Value {
     let s = &a.settings;
+    // Only the module names that matched: PEFT ≥ 0.21 rewrites `gate_proj`/`up_proj`/
+    // `down_proj` that name no module of a fused-expert model (qwen3_moe, olmoe…) into expert
+    // targets with a doubled rank, which would not be this adapter.
     let modules: Value = if s.target_modules.iter().any(|m| m == "all-linear") {
         json!("all-linear")
     } else {
-        json!(s.target_modules)
+        let matched: std::collections::BTreeSet<&str> = a
+            .linear
+            .keys()
+            .filter_map(|path| path.rsplit('.').next())
+            .collect();
+        json!(s
+            .target_modules
+            .iter()
+            .filter(|m| matched.contains(m.as_str()))
+            .collect::<Vec<_>>())
     };
     // Inserted in key order (serde_json keeps insertion order here): sorted, as PEFT's
     // `json.dumps(..., sort_keys=True)` writes them.

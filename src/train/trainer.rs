@@ -146,6 +146,16 @@ pub fn train(config: &TrainConfig, dir: &ModelDir, data: &PreparedData, pad_id: 
             "no LoRA targets matched: set lora_target_modules (q_proj, k_proj, …) and/or lora_target_parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj)".into(),
         ));
     }
+    for m in &adapters.settings.target_modules {
+        if m != "all-linear" && !adapters.linear.keys().any(|p| p.rsplit('.').next() == Some(m.as_str())) {
+            let hint = if ["gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"].contains(&m.as_str()) && spec.num_experts > 0 {
+                " (the experts of this model are fused 3-D parameters: target them with lora_target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj])"
+            } else {
+                ""
+            };
+            tracing::warn!("lora_target_modules: '{m}' matches no module of this {} model{hint}", spec.model_type.as_str());
+        }
+    }
     tracing::info!(
         "LoRA: {} linear and {} expert adapters, {} trainable parameters",
         adapters.linear.len(),
