@@ -215,3 +215,15 @@ fn gradients_match_finite_differences() {
     }
 }
 
+
+/// The device-vs-CPU machinery of `moeq gpu-check` (ops and the whole training step), run on
+/// the CPU: f32 must agree with itself and bf16 within the stated tolerances.
+#[test]
+fn gpu_check_machinery_on_the_cpu() {
+    let mut results = moeq::train::check::run_all(&Device::Cpu).unwrap();
+    results.extend(moeq::ops::check::run_all(&Device::Cpu).unwrap());
+    assert!(results.len() >= 16 + 30);
+    for r in &results {
+        assert!(r.passed(), "{r}");
+    }
+}

@@ -22,6 +22,7 @@ pub fn run(args: GpuCheckArgs) -> Result<(), CliError> {
     let device = candle_core::Device::new_cuda(args.device).map_err(CliError::failed)?;
     let mut results = crate::ops::check::run_all(&device).map_err(CliError::failed)?;
     results.extend(crate::quant::gpu_check::run_all(&device).map_err(CliError::failed)?);
+    results.extend(crate::train::check::run_all(&device).map_err(CliError::failed)?);
     let mut failed = 0;
     for r in &results {
         println!("{r}");

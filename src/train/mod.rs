@@ -2,6 +2,7 @@
 //! chunked loss and run setup.
 
 pub mod adamw;
+pub mod check;
 pub mod loss;
 pub mod schedule;
 pub mod setup;

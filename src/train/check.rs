@@ -1,0 +1,110 @@
+//! The whole training step on a device vs the CPU: for a tiny synthesized model of each
+//! architecture, loss and every LoRA gradient of one micro-batch (per-layer recompute), on
+//! `device` in f32 and bf16 against the CPU in f32. Run by `moeq gpu-check`; the CPU test
+//! suite runs it on the CPU to exercise the machinery.
+
+use super::step::forward_backward;
+use crate::arch::{Model, ModelType};
+use crate::checkpoint::frozen::{self, CpuQuantizer, SingleProcess};
+use crate::checkpoint::ModelDir;
+use crate::data::{Batch, IGNORE_INDEX};
+use crate::lora::{Adapters, LoraSettings};
+use crate::ops::check::{compare, Comparison};
+use crate::quant::QuantSettings;
+use candle_core::{DType, Device, Result, Tensor};
+use std::collections::BTreeMap;
+
+fn err(e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(e.to_string())
+}
+
+/// Two rows of 24 tokens, the first packing two samples; deterministic pseudo-random ids.
+fn batch(vocab: usize) -> Batch {
+    let seq_lens = vec![vec![14, 10], vec![20]];
+    let mut input_ids = Vec::new();
+    let mut labels = Vec::new();
+    let mut position_ids = Vec::new();
+    let mut k = 1u64;
+    let mut next = || {
+        k = k.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (k >> 33) as usize
+    };
+    for lens in &seq_lens {
+        let used: usize = lens.iter().sum();
+        for &len in lens {
+            for p in 0..len {
+                input_ids.push((next() % vocab) as u32);
+                position_ids.push(p as u32);
+                labels.push(if p + 1 == len { IGNORE_INDEX } else { (next() % vocab) as i32 });
+            }
+        }
+        for p in 0..24 - used {
+            input_ids.push(0);
+            position_ids.push(p as u32);
+            labels.push(IGNORE_INDEX);
+        }
+    }
+    Batch { input_ids, labels, position_ids, seq_lens, batch_size: 2, seq_len: 24 }
+}
+
+fn step(dir: &ModelDir, device: &Device, dtype: DType, b: &Batch) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    let base = frozen::load(dir, QuantSettings::default(), None, &mut CpuQuantizer, &mut SingleProcess).map_err(err)?;
+    let model = Model::new(&dir.spec, &base, dtype, device, 32)?;
+    let settings = LoraSettings {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_rslora: false,
+        target_modules: vec!["all-linear".into()],
+        target_parameters: vec!["mlp.experts.gate_up_proj".into(), "mlp.experts.down_proj".into()],
+    };
+    let adapters = Adapters::new(&dir.spec, settings, 3, device)?;
+    // B random (deterministic), so A gets gradients too.
+    for (name, v) in adapters.vars() {
+        if name.contains("lora_B") {
+            let n = v.elem_count();
+            let vals: Vec<f32> = (0..n).map(|i| (((i * 2654435761) % 2001) as f32 / 1000.0 - 1.0) * 0.05).collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), device)?)?;
+        }
+    }
+    let mut grads = BTreeMap::new();
+    let s = forward_backward(&model, &adapters, b, b.num_targets(), None, &mut grads)?;
+    let grads = grads.into_iter().map(|(k, g)| Ok((k, g.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+    Ok((s.loss_sum / s.labelled as f64, grads))
+}
+
+/// Per architecture and dtype: the loss and the worst LoRA gradient tensor, against the CPU in
+/// the same dtype. f32: 1e-4 of each tensor's scale (cuBLAS vs CPU accumulation order through
+/// the layers and the recompute). bf16: 5e-2 of scale (both sides round to bf16 after every
+/// op, but from f32 accumulations in different orders, so roundings differ by an ulp, 0.4%,
+/// here and there through a few dozen ops). bf16 is not compared with f32: top-k routing
+/// flips between the two for near-tied tokens, which moves expert gradients by O(1).
+pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
+    let mut out = Vec::new();
+    for arch in [ModelType::Qwen3Moe, ModelType::Qwen2Moe, ModelType::Mixtral, ModelType::Olmoe] {
+        let tmp = std::env::temp_dir().join(format!("moeq-train-check-{}-{}", arch.as_str(), std::process::id()));
+        let opts = crate::synth::SynthOptions { model_type: arch, seed: 5, dtype: "float32".into(), force: true, ..Default::default() };
+        crate::synth::write(&opts, &tmp).map_err(err)?;
+        let dir = ModelDir::open(&tmp).map_err(err)?;
+        let b = batch(dir.spec.vocab_size);
+        for (dtype, k) in [(DType::F32, 1e-4f32), (DType::BF16, 5e-2)] {
+            let (loss_ref, grads_ref) = step(&dir, &Device::Cpu, dtype, &b)?;
+            let (loss, grads) = step(&dir, device, dtype, &b)?;
+            let l = Tensor::new(&[loss as f32], &Device::Cpu)?;
+            let lr = Tensor::new(&[loss_ref as f32], &Device::Cpu)?;
+            out.push(compare(&format!("train step {} {dtype:?} loss", arch.as_str()), &l, &lr, k, 0.0)?);
+            let mut worst: Option<Comparison> = None;
+            for (name, want) in &grads_ref {
+                let got = grads.get(name).ok_or_else(|| err(format!("{name}: no gradient on the device")))?;
+                let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                let c = compare(&format!("train step {} {dtype:?} grads (worst of {})", arch.as_str(), grads_ref.len()), got, want, 0.0, k * scale)?;
+                if worst.as_ref().is_none_or(|w| c.worst_ratio > w.worst_ratio) {
+                    worst = Some(c);
+                }
+            }
+            out.extend(worst);
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    Ok(out)
+}
