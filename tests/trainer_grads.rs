@@ -40,7 +40,14 @@ fn setup(arch: ModelType) -> Setup {
     };
     synth::write(&opts, dir.path()).unwrap();
     let md = ModelDir::open(dir.path()).unwrap();
-    let base = frozen::load(&md, QuantSettings::default(), None, &mut CpuQuantizer, &mut SingleProcess).unwrap();
+    let base = frozen::load(
+        &md,
+        QuantSettings::default(),
+        None,
+        &mut CpuQuantizer,
+        &mut SingleProcess,
+    )
+    .unwrap();
     let model = Model::new(&md.spec, &base, DType::F32, &Device::Cpu, 64).unwrap();
     let settings = LoraSettings {
         r: 4,
@@ -48,17 +55,27 @@ fn setup(arch: ModelType) -> Setup {
         dropout: 0.0,
         use_rslora: false,
         target_modules: vec!["all-linear".into()],
-        target_parameters: vec!["mlp.experts.gate_up_proj".into(), "mlp.experts.down_proj".into()],
+        target_parameters: vec![
+            "mlp.experts.gate_up_proj".into(),
+            "mlp.experts.down_proj".into(),
+        ],
     };
     let adapters = Adapters::new(&md.spec, settings, 5, &Device::Cpu).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
     for (name, v) in adapters.vars() {
         if name.contains("lora_B") {
-            let vals: Vec<f32> = (0..v.elem_count()).map(|_| rng.random_range(-0.1..0.1)).collect();
-            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap()).unwrap();
+            let vals: Vec<f32> = (0..v.elem_count())
+                .map(|_| rng.random_range(-0.1..0.1))
+                .collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+                .unwrap();
         }
     }
-    Setup { _dir: dir, model, adapters }
+    Setup {
+        _dir: dir,
+        model,
+        adapters,
+    }
 }
 
 /// Two rows of 16 tokens; the first packs two samples (10 + 6), the second is one sample of
@@ -77,7 +94,11 @@ fn batch(vocab: usize, seed: u64) -> Batch {
                 input_ids.push(rng.random_range(0..vocab as u32));
                 position_ids.push(p as u32);
                 let last = p + 1 == len;
-                labels.push(if last || rng.random_bool(0.2) { IGNORE_INDEX } else { rng.random_range(0..vocab as i32) });
+                labels.push(if last || rng.random_bool(0.2) {
+                    IGNORE_INDEX
+                } else {
+                    rng.random_range(0..vocab as i32)
+                });
             }
             used += len;
         }
@@ -87,7 +108,14 @@ fn batch(vocab: usize, seed: u64) -> Batch {
             labels.push(IGNORE_INDEX);
         }
     }
-    Batch { input_ids, labels, position_ids, seq_lens, batch_size: b, seq_len: s }
+    Batch {
+        input_ids,
+        labels,
+        position_ids,
+        seq_lens,
+        batch_size: b,
+        seq_len: s,
+    }
 }
 
 fn grads_of(s: &Setup, b: &Batch) -> BTreeMap<String, Tensor> {
@@ -97,7 +125,14 @@ fn grads_of(s: &Setup, b: &Batch) -> BTreeMap<String, Tensor> {
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 #[test]
@@ -107,17 +142,32 @@ fn every_lora_tensor_gets_a_gradient() {
         let b = batch(s.model.spec.vocab_size, 1);
         let grads = grads_of(&s, &b);
         let vars = s.adapters.vars();
-        assert!(vars.len() >= 10, "{arch:?}: only {} adapter tensors", vars.len());
+        assert!(
+            vars.len() >= 10,
+            "{arch:?}: only {} adapter tensors",
+            vars.len()
+        );
         for (name, v) in &vars {
-            let g = grads.get(name).unwrap_or_else(|| panic!("{arch:?}: {name} got no gradient"));
+            let g = grads
+                .get(name)
+                .unwrap_or_else(|| panic!("{arch:?}: {name} got no gradient"));
             assert_eq!(g.dims(), v.dims(), "{name}");
-            assert!(max_abs(g) > 0.0, "{arch:?}: {name} has an all-zero gradient");
+            assert!(
+                max_abs(g) > 0.0,
+                "{arch:?}: {name} has an all-zero gradient"
+            );
         }
         // Each kind of target is present for the architectures that have it.
         let has = |part: &str| vars.iter().any(|(n, _)| n.contains(part));
-        assert!(has("self_attn.q_proj") && has("self_attn.o_proj") && has("mlp.experts"), "{arch:?}");
+        assert!(
+            has("self_attn.q_proj") && has("self_attn.o_proj") && has("mlp.experts"),
+            "{arch:?}"
+        );
         if arch == ModelType::Qwen2Moe {
-            assert!(has("shared_expert.up_proj") && has("mlp.gate_proj"), "shared expert and dense MLP");
+            assert!(
+                has("shared_expert.up_proj") && has("mlp.gate_proj"),
+                "shared expert and dense MLP"
+            );
         }
     }
 }
@@ -125,7 +175,11 @@ fn every_lora_tensor_gets_a_gradient() {
 /// Loss of the batch from one autograd graph through every layer (live LoRA, full logits).
 fn full_graph_loss(s: &Setup, b: &Batch) -> Tensor {
     let inp = inputs(&s.model, b).unwrap();
-    let ctx = LoraCtx { adapters: &s.adapters, live: true, dropout: None };
+    let ctx = LoraCtx {
+        adapters: &s.adapters,
+        live: true,
+        dropout: None,
+    };
     let mut x = s.model.embed(&inp).unwrap();
     for l in 0..s.model.num_layers() {
         x = s.model.layer(l, &x, &inp, &ctx).unwrap().0;
@@ -143,7 +197,11 @@ fn full_graph_loss(s: &Setup, b: &Batch) -> Tensor {
     let n = rows.len();
     let rows = Tensor::new(rows.as_slice(), &Device::Cpu).unwrap();
     let targets = Tensor::from_vec(targets, (n, 1), &Device::Cpu).unwrap();
-    let picked = logp.index_select(&rows, 0).unwrap().gather(&targets, 1).unwrap();
+    let picked = logp
+        .index_select(&rows, 0)
+        .unwrap()
+        .gather(&targets, 1)
+        .unwrap();
     (picked.sum_all().unwrap().neg().unwrap() / n as f64).unwrap()
 }
 
@@ -161,7 +219,10 @@ fn recompute_matches_one_full_graph() {
             let got = &grads[&name];
             let err = max_abs(&(got - want).unwrap());
             let scale = max_abs(want);
-            assert!(err <= 1e-4 * scale + 1e-9, "{arch:?} {name}: max error {err:e}, scale {scale:e}");
+            assert!(
+                err <= 1e-4 * scale + 1e-9,
+                "{arch:?} {name}: max error {err:e}, scale {scale:e}"
+            );
         }
     }
 }
@@ -189,15 +250,32 @@ fn gradients_match_finite_differences() {
         // Both adapter matrices of an attention, an MLP and both expert targets of layer 0.
         let picked: Vec<&(String, Var)> = vars
             .iter()
-            .filter(|(n, _)| n.contains("layers.0.") && (n.contains("q_proj") || n.contains("v_proj") || n.contains("mlp.experts") || n.contains("down_proj")))
+            .filter(|(n, _)| {
+                n.contains("layers.0.")
+                    && (n.contains("q_proj")
+                        || n.contains("v_proj")
+                        || n.contains("mlp.experts")
+                        || n.contains("down_proj"))
+            })
             .collect();
-        assert!(picked.len() >= 6, "{arch:?}: {} tensors picked", picked.len());
+        assert!(
+            picked.len() >= 6,
+            "{arch:?}: {} tensors picked",
+            picked.len()
+        );
         for (name, v) in picked {
             let orig = v.as_tensor().copy().unwrap();
-            let d: Vec<f32> = (0..v.elem_count()).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let d: Vec<f32> = (0..v.elem_count())
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
             let norm = d.iter().map(|x| x * x).sum::<f32>().sqrt();
             let d = (Tensor::from_vec(d, v.shape(), &Device::Cpu).unwrap() / norm as f64).unwrap();
-            let analytic: f64 = (&grads[name] * &d).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+            let analytic: f64 = (&grads[name] * &d)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
             let mut agree = 0;
             let mut seen = Vec::new();
             for eps in [1e-2, 3e-3, 1e-3] {
@@ -210,11 +288,13 @@ fn gradients_match_finite_differences() {
                 seen.push(numeric);
                 agree += usize::from((numeric - analytic).abs() <= 0.03 * analytic.abs() + 2e-3);
             }
-            assert!(agree == 3, "{arch:?} {name}: finite differences {seen:?} vs gradient {analytic:.6}");
+            assert!(
+                agree == 3,
+                "{arch:?} {name}: finite differences {seen:?} vs gradient {analytic:.6}"
+            );
         }
     }
 }
-
 
 /// The device-vs-CPU machinery of `moeq gpu-check` (ops and the whole training step), run on
 /// the CPU: f32 must agree with itself and bf16 within the stated tolerances.

@@ -105,7 +105,13 @@ fn swiglu_mlp(p: &[Proj; 3], x: &Tensor, lora: &LoraCtx) -> Result<Tensor> {
 
 impl Attention {
     /// x [N, H] → [N, H].
-    fn forward(&self, spec: &ArchSpec, x: &Tensor, inputs: &Inputs, lora: &LoraCtx) -> Result<Tensor> {
+    fn forward(
+        &self,
+        spec: &ArchSpec,
+        x: &Tensor,
+        inputs: &Inputs,
+        lora: &LoraCtx,
+    ) -> Result<Tensor> {
         let (b, s) = (inputs.batch, inputs.seq);
         let (nh, kvh, hd) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
         let eps = spec.rms_norm_eps;
@@ -173,7 +179,12 @@ struct Routing {
     per_expert: Vec<u64>,
 }
 
-fn route(indices: &[Vec<u32>], num_experts: usize, held: std::ops::Range<usize>, device: &candle_core::Device) -> Result<Routing> {
+fn route(
+    indices: &[Vec<u32>],
+    num_experts: usize,
+    held: std::ops::Range<usize>,
+    device: &candle_core::Device,
+) -> Result<Routing> {
     let mut rows: Vec<Vec<(u32, u32)>> = vec![Vec::new(); num_experts];
     for (t, choice) in indices.iter().enumerate() {
         for (j, &e) in choice.iter().enumerate() {
@@ -202,7 +213,13 @@ fn route(indices: &[Vec<u32>], num_experts: usize, held: std::ops::Range<usize>,
 
 impl Moe {
     /// x [N, H] → [N, H]: routed experts (weighted by the router) plus the shared expert.
-    fn forward(&self, spec: &ArchSpec, x: &Tensor, lora: &LoraCtx, recorded: &mut Option<Tensor>) -> Result<(Tensor, Vec<u64>)> {
+    fn forward(
+        &self,
+        spec: &ArchSpec,
+        x: &Tensor,
+        lora: &LoraCtx,
+        recorded: &mut Option<Tensor>,
+    ) -> Result<(Tensor, Vec<u64>)> {
         let (n, h) = x.dims2()?;
         let k = spec.router.top_k;
         // Router in f32: softmax over all experts, then top-k, then (optionally) renormalise.
@@ -211,7 +228,11 @@ impl Moe {
         let top = match recorded {
             Some(t) => t.clone(),
             None => {
-                let t = probs.detach().arg_sort_last_dim(false)?.narrow(1, 0, k)?.contiguous()?; // [N, k]
+                let t = probs
+                    .detach()
+                    .arg_sort_last_dim(false)?
+                    .narrow(1, 0, k)?
+                    .contiguous()?; // [N, k]
                 *recorded = Some(t.clone());
                 t
             }
@@ -231,14 +252,30 @@ impl Moe {
         let s = ad.settings.scaling();
         let mut gu = grouped_nf4(&xs, &self.gate_up, &routing.counts)?; // [M, 2I]
         if let Some(l) = ad.experts.get(&self.gate_up_name) {
-            let delta = grouped_lora(&xs, &lora.weight(&l.a), &lora.weight(&l.b), &routing.counts, self.first_expert, r, s)?;
+            let delta = grouped_lora(
+                &xs,
+                &lora.weight(&l.a),
+                &lora.weight(&l.b),
+                &routing.counts,
+                self.first_expert,
+                r,
+                s,
+            )?;
             gu = (gu + delta)?;
         }
         let i = self.gate_up.out_features / 2;
         let act = swiglu(&gu.narrow(1, 0, i)?, &gu.narrow(1, i, i)?)?; // [M, I]
         let mut y = grouped_nf4(&act, &self.down, &routing.counts)?; // [M, H]
         if let Some(l) = ad.experts.get(&self.down_name) {
-            let delta = grouped_lora(&act, &lora.weight(&l.a), &lora.weight(&l.b), &routing.counts, self.first_expert, r, s)?;
+            let delta = grouped_lora(
+                &act,
+                &lora.weight(&l.a),
+                &lora.weight(&l.b),
+                &routing.counts,
+                self.first_expert,
+                r,
+                s,
+            )?;
             y = (y + delta)?;
         }
         let w = weights.flatten_all()?.index_select(&routing.slots, 0)?; // [M]
@@ -259,7 +296,14 @@ impl Moe {
 
 impl Layer {
     /// x [N, H] → [N, H].
-    pub fn forward(&self, index: usize, spec: &ArchSpec, x: &Tensor, inputs: &Inputs, lora: &LoraCtx) -> Result<(Tensor, LayerStats)> {
+    pub fn forward(
+        &self,
+        index: usize,
+        spec: &ArchSpec,
+        x: &Tensor,
+        inputs: &Inputs,
+        lora: &LoraCtx,
+    ) -> Result<(Tensor, LayerStats)> {
         let eps = spec.rms_norm_eps;
         let h = rms_norm(x, &self.input_norm, eps)?;
         let x = (x + self.attn.forward(spec, &h, inputs, lora)?)?;
@@ -269,7 +313,12 @@ impl Layer {
             Mlp::Moe(moe) => {
                 let mut routes = inputs.routes.borrow_mut();
                 let (m, per_expert) = moe.forward(spec, &h, lora, &mut routes[index])?;
-                (m, LayerStats { expert_tokens: per_expert })
+                (
+                    m,
+                    LayerStats {
+                        expert_tokens: per_expert,
+                    },
+                )
             }
         };
         Ok(((x + m)?, stats))

@@ -6,8 +6,8 @@ pub mod model;
 mod params;
 mod spec;
 
-pub use model::{Inputs, LayerStats, LoraCtx, Model};
 pub use memory::{estimate, nf4_bytes, LoraPlan, MemoryEstimate};
+pub use model::{Inputs, LayerStats, LoraCtx, Model};
 pub use params::{down_name, gate_up_name, Component, ParamInfo};
 pub use spec::{
     ArchSpec, ModelType, QkNorm, RopeSpec, RouterSpec, SharedExpertSpec, SpecError,

@@ -127,7 +127,9 @@ impl Weights<'_> {
         let per = out * inp;
         let bs = param.settings.blocksize;
         if per % bs != 0 || per % 2 != 0 {
-            candle_core::bail!("{name}: one expert ({per} values) is not a whole number of {bs}-blocks");
+            candle_core::bail!(
+                "{name}: one expert ({per} values) is not a whole number of {bs}-blocks"
+            );
         }
         let scales = param.absmax.values();
         let mut ws = Vec::with_capacity(held.len());
@@ -156,11 +158,24 @@ impl Weights<'_> {
 
 impl Model {
     /// Builds the model on `device` from a loaded frozen base.
-    pub fn new(spec: &ArchSpec, base: &FrozenBase, dtype: DType, device: &Device, max_positions: usize) -> Result<Model> {
+    pub fn new(
+        spec: &ArchSpec,
+        base: &FrozenBase,
+        dtype: DType,
+        device: &Device,
+        max_positions: usize,
+    ) -> Result<Model> {
         if spec.hidden_act != "silu" {
-            candle_core::bail!("hidden_act '{}' is not supported (moeq implements silu)", spec.hidden_act);
+            candle_core::bail!(
+                "hidden_act '{}' is not supported (moeq implements silu)",
+                spec.hidden_act
+            );
         }
-        let w = Weights { base, dtype, device };
+        let w = Weights {
+            base,
+            dtype,
+            device,
+        };
         let mut layers = Vec::with_capacity(spec.num_layers);
         for l in 0..spec.num_layers {
             let p = format!("model.layers.{l}");
@@ -242,18 +257,31 @@ impl Model {
     }
 
     /// Device inputs of a micro-batch of `batch` rows × `seq` tokens.
-    pub fn inputs(&self, ids: &[u32], positions: &[u32], segments: &[u32], batch: usize, seq: usize) -> Result<Inputs> {
+    pub fn inputs(
+        &self,
+        ids: &[u32],
+        positions: &[u32],
+        segments: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<Inputs> {
         let n = batch * seq;
         if ids.len() != n || positions.len() != n || segments.len() != n {
             candle_core::bail!("model inputs: expected {n} tokens ({batch} × {seq})");
         }
         if let Some(&p) = positions.iter().max() {
             if p as usize >= self.rope.max_positions {
-                candle_core::bail!("position {p} beyond the {} positions the model was set up for", self.rope.max_positions);
+                candle_core::bail!(
+                    "position {p} beyond the {} positions the model was set up for",
+                    self.rope.max_positions
+                );
             }
         }
         if let Some(&t) = ids.iter().find(|&&t| t as usize >= self.spec.vocab_size) {
-            candle_core::bail!("token id {t} outside the vocabulary of {}", self.spec.vocab_size);
+            candle_core::bail!(
+                "token id {t} outside the vocabulary of {}",
+                self.spec.vocab_size
+            );
         }
         let mut mask = vec![f32::NEG_INFINITY; batch * seq * seq];
         for b in 0..batch {
@@ -284,7 +312,13 @@ impl Model {
     }
 
     /// Decoder layer `l`: x [N, H] → [N, H].
-    pub fn layer(&self, l: usize, x: &Tensor, inputs: &Inputs, lora: &LoraCtx) -> Result<(Tensor, LayerStats)> {
+    pub fn layer(
+        &self,
+        l: usize,
+        x: &Tensor,
+        inputs: &Inputs,
+        lora: &LoraCtx,
+    ) -> Result<(Tensor, LayerStats)> {
         self.layers[l].forward(l, &self.spec, x, inputs, lora)
     }
 

@@ -42,7 +42,8 @@ pub struct EvalArgs {
 
 fn read_lines(args: &EvalArgs, dir: &std::path::Path) -> Result<Vec<Vec<u32>>, CliError> {
     let path = &args.data;
-    let text = std::fs::read_to_string(path).map_err(|e| CliError::Input(format!("{}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| CliError::Input(format!("{}: {e}", path.display())))?;
     let mut tok: Option<TokenizerBundle> = None;
     let mut lines = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -50,27 +51,46 @@ fn read_lines(args: &EvalArgs, dir: &std::path::Path) -> Result<Vec<Vec<u32>>, C
             continue;
         }
         let at = format!("{}:{}", path.display(), i + 1);
-        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| CliError::Input(format!("{at}: not valid JSON: {e}")))?;
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| CliError::Input(format!("{at}: not valid JSON: {e}")))?;
         let ids: Vec<u32> = if let Some(ids) = v.get("input_ids") {
             ids.as_array()
-                .and_then(|a| a.iter().map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok())).collect::<Option<Vec<u32>>>())
-                .ok_or_else(|| CliError::Input(format!("{at}: 'input_ids' must be a list of token ids")))?
+                .and_then(|a| {
+                    a.iter()
+                        .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+                        .collect::<Option<Vec<u32>>>()
+                })
+                .ok_or_else(|| {
+                    CliError::Input(format!("{at}: 'input_ids' must be a list of token ids"))
+                })?
         } else if let Some(t) = v.get("text").and_then(|t| t.as_str()) {
             if tok.is_none() {
                 tok = Some(TokenizerBundle::load(dir, None).map_err(CliError::input)?);
             }
-            let bundle = tok.as_ref().ok_or_else(|| CliError::Failed("tokenizer".into()))?;
-            bundle.encode(t, true).map_err(|e| CliError::Input(format!("{at}: {e}")))?.0
+            let bundle = tok
+                .as_ref()
+                .ok_or_else(|| CliError::Failed("tokenizer".into()))?;
+            bundle
+                .encode(t, true)
+                .map_err(|e| CliError::Input(format!("{at}: {e}")))?
+                .0
         } else {
-            return Err(CliError::Input(format!("{at}: each line needs 'input_ids' (a list of ids) or 'text'")));
+            return Err(CliError::Input(format!(
+                "{at}: each line needs 'input_ids' (a list of ids) or 'text'"
+            )));
         };
         if ids.len() < 2 {
-            return Err(CliError::Input(format!("{at}: a line needs at least 2 tokens to predict one")));
+            return Err(CliError::Input(format!(
+                "{at}: a line needs at least 2 tokens to predict one"
+            )));
         }
         lines.push(ids);
     }
     if lines.is_empty() {
-        return Err(CliError::Input(format!("{}: no lines to evaluate", path.display())));
+        return Err(CliError::Input(format!(
+            "{}: no lines to evaluate",
+            path.display()
+        )));
     }
     Ok(lines)
 }
@@ -83,19 +103,33 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
     let dir = ModelDir::open(&args.model).map_err(input_err)?;
     let lines = read_lines(&args, &args.model)?;
     let spec = &dir.spec;
-    if let Some(bad) = lines.iter().flatten().find(|&&t| t as usize >= spec.vocab_size) {
-        return Err(CliError::Input(format!("{}: token id {bad} outside the vocabulary of {}", args.data.display(), spec.vocab_size)));
+    if let Some(bad) = lines
+        .iter()
+        .flatten()
+        .find(|&&t| t as usize >= spec.vocab_size)
+    {
+        return Err(CliError::Input(format!(
+            "{}: token id {bad} outside the vocabulary of {}",
+            args.data.display(),
+            spec.vocab_size
+        )));
     }
     let seq_max = lines.iter().map(|l| l.len()).max().unwrap_or(0);
     if args.dump_logits.is_some() && lines.iter().any(|l| l.len() != seq_max) {
-        return Err(CliError::Input("--dump-logits needs lines of equal length".into()));
+        return Err(CliError::Input(
+            "--dump-logits needs lines of equal length".into(),
+        ));
     }
     let device = setup::device(&super::parse_device(&args.device)?).map_err(CliError::Input)?;
     let dtype = match args.dtype.as_str() {
         "auto" => setup::compute_dtype(crate::config::Bf16Mode::Auto, &device),
         "f32" => DType::F32,
         "bf16" => DType::BF16,
-        other => return Err(CliError::Input(format!("--dtype '{other}': use auto, f32 or bf16"))),
+        other => {
+            return Err(CliError::Input(format!(
+                "--dtype '{other}': use auto, f32 or bf16"
+            )))
+        }
     };
     let settings = args.quant.settings()?;
     let base = setup::load_base(&dir, settings, &device).map_err(CliError::Input)?;
@@ -103,11 +137,25 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
     drop(base);
     let adapters = match &args.adapter {
         Some(a) => peft::load(a, spec, &device).map_err(CliError::Input)?,
-        None => Adapters::new(spec, LoraSettings { r: 1, alpha: 1.0, dropout: 0.0, use_rslora: false, target_modules: vec![], target_parameters: vec![] }, 0, &device)
-            .map_err(CliError::failed)?,
+        None => Adapters::new(
+            spec,
+            LoraSettings {
+                r: 1,
+                alpha: 1.0,
+                dropout: 0.0,
+                use_rslora: false,
+                target_modules: vec![],
+                target_parameters: vec![],
+            },
+            0,
+            &device,
+        )
+        .map_err(CliError::failed)?,
     };
     if args.dump_grads.is_some() && args.adapter.is_none() {
-        return Err(CliError::Input("--dump-grads needs --adapter (the gradients are the adapter's)".into()));
+        return Err(CliError::Input(
+            "--dump-grads needs --adapter (the gradients are the adapter's)".into(),
+        ));
     }
     let total_predicted: usize = lines.iter().map(|l| l.len() - 1).sum();
     let mut grads = std::collections::BTreeMap::new();
@@ -127,7 +175,8 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
             seq_len: n,
         };
         if args.dump_grads.is_some() {
-            step::forward_backward(&model, &adapters, &batch, total_predicted, None, &mut grads).map_err(CliError::failed)?;
+            step::forward_backward(&model, &adapters, &batch, total_predicted, None, &mut grads)
+                .map_err(CliError::failed)?;
         }
         let inputs = step::inputs(&model, &batch).map_err(CliError::failed)?;
         if args.dump_logits.is_some() {
@@ -139,27 +188,48 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
                 .map_err(CliError::failed)?;
             dump.extend(logits);
         }
-        let s = step::evaluate_inputs(&model, &adapters, &inputs, &batch).map_err(CliError::failed)?;
+        let s =
+            step::evaluate_inputs(&model, &adapters, &inputs, &batch).map_err(CliError::failed)?;
         loss_sum += s.loss_sum;
         predicted += s.labelled;
     }
     if let Some(path) = &args.dump_logits {
         let shape = vec![lines.len(), seq_max, spec.vocab_size];
         let bytes: Vec<u8> = dump.iter().flat_map(|x| x.to_le_bytes()).collect();
-        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &bytes).map_err(CliError::failed)?;
-        safetensors::serialize_to_file([("logits", view)], None, path).map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))?;
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &bytes)
+            .map_err(CliError::failed)?;
+        safetensors::serialize_to_file([("logits", view)], None, path)
+            .map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))?;
     }
     if let Some(path) = &args.dump_grads {
         let mut data = Vec::new();
         for (name, g) in &grads {
-            let v: Vec<f32> = g.flatten_all().and_then(|t| t.to_vec1()).map_err(CliError::failed)?;
-            data.push((name.clone(), g.dims().to_vec(), v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()));
+            let v: Vec<f32> = g
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .map_err(CliError::failed)?;
+            data.push((
+                name.clone(),
+                g.dims().to_vec(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>(),
+            ));
         }
         let views: Vec<(String, safetensors::tensor::TensorView)> = data
             .iter()
-            .map(|(n, shape, bytes)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes).map_err(CliError::failed)?)))
+            .map(|(n, shape, bytes)| {
+                Ok((
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(
+                        safetensors::Dtype::F32,
+                        shape.clone(),
+                        bytes,
+                    )
+                    .map_err(CliError::failed)?,
+                ))
+            })
             .collect::<Result<_, CliError>>()?;
-        safetensors::serialize_to_file(views, None, path).map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))?;
+        safetensors::serialize_to_file(views, None, path)
+            .map_err(|e| CliError::Failed(format!("{}: {e}", path.display())))?;
     }
     let loss = loss_sum / predicted.max(1) as f64;
     println!(

@@ -143,7 +143,11 @@ impl QuantFlags {
         let kind = match self.quant_type.as_str() {
             "nf4" => crate::quant::QuantKind::Nf4,
             "fp4" => crate::quant::QuantKind::Fp4,
-            other => return Err(CliError::Input(format!("--quant-type '{other}': must be nf4 or fp4"))),
+            other => {
+                return Err(CliError::Input(format!(
+                    "--quant-type '{other}': must be nf4 or fp4"
+                )))
+            }
         };
         let s = crate::quant::QuantSettings {
             kind,
@@ -166,6 +170,8 @@ pub fn parse_device(s: &str) -> Result<crate::config::Device, CliError> {
             .strip_prefix("cuda:")
             .and_then(|n| n.parse().ok())
             .map(|n| D::Cuda(Some(n)))
-            .ok_or_else(|| CliError::Input(format!("--device '{s}': use cpu, cuda, cuda:N or auto"))),
+            .ok_or_else(|| {
+                CliError::Input(format!("--device '{s}': use cpu, cuda, cuda:N or auto"))
+            }),
     }
 }

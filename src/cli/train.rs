@@ -56,10 +56,11 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
         tracing::warn!("{w}");
     }
     tracing::info!("{}", data.stats.summary());
-    let summary = crate::train::trainer::train(&config, &dir, &data, tok.pad.id).map_err(|e| match e {
-        crate::train::trainer::TrainError::Input(m) => CliError::Input(m),
-        crate::train::trainer::TrainError::Failed(m) => CliError::Failed(m),
-    })?;
+    let summary =
+        crate::train::trainer::train(&config, &dir, &data, tok.pad.id).map_err(|e| match e {
+            crate::train::trainer::TrainError::Input(m) => CliError::Input(m),
+            crate::train::trainer::TrainError::Failed(m) => CliError::Failed(m),
+        })?;
     let mut line = format!(
         "trained {} steps in {:.1} s: loss {:.4} -> {:.4}",
         summary.steps, summary.seconds, summary.first_loss, summary.last_loss

@@ -135,42 +135,60 @@ pub fn load(
     device: &candle_core::Device,
 ) -> Result<Adapters, String> {
     let cfg_path = dir.join("adapter_config.json");
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
-    let cfg: Value = serde_json::from_str(&text).map_err(|e| format!("{}: not valid JSON: {e}", cfg_path.display()))?;
+    let text =
+        std::fs::read_to_string(&cfg_path).map_err(|e| format!("{}: {e}", cfg_path.display()))?;
+    let cfg: Value = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: not valid JSON: {e}", cfg_path.display()))?;
     let field = |k: &str| cfg.get(k).filter(|v| !v.is_null());
     let bad = |k: &str, why: &str| format!("{}: '{k}' {why}", cfg_path.display());
     if field("peft_type").and_then(|v| v.as_str()) != Some("LORA") {
         return Err(bad("peft_type", "must be \"LORA\""));
     }
     for k in ["rank_pattern", "alpha_pattern"] {
-        if field(k).and_then(|v| v.as_object()).is_some_and(|m| !m.is_empty()) {
-            return Err(bad(k, "is not supported (one rank and alpha for every target)"));
+        if field(k)
+            .and_then(|v| v.as_object())
+            .is_some_and(|m| !m.is_empty())
+        {
+            return Err(bad(
+                k,
+                "is not supported (one rank and alpha for every target)",
+            ));
         }
     }
     if field("use_dora").and_then(|v| v.as_bool()) == Some(true) {
         return Err(bad("use_dora", "is not supported"));
     }
-    let r = field("r").and_then(|v| v.as_u64()).ok_or_else(|| bad("r", "must be a positive integer"))? as usize;
+    let r = field("r")
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| bad("r", "must be a positive integer"))? as usize;
     let alpha = field("lora_alpha").and_then(|v| v.as_f64()).unwrap_or(8.0);
     let strings = |v: Option<&Value>| -> Vec<String> {
         match v {
             Some(Value::String(s)) => vec![s.clone()],
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect(),
             _ => Vec::new(),
         }
     };
     let settings = super::LoraSettings {
         r,
         alpha,
-        dropout: field("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0),
-        use_rslora: field("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false),
+        dropout: field("lora_dropout")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.0),
+        use_rslora: field("use_rslora")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false),
         target_modules: strings(field("target_modules")),
         target_parameters: strings(field("target_parameters")),
     };
     let adapters = Adapters::new(spec, settings, 0, device).map_err(|e| e.to_string())?;
     let st_path = dir.join("adapter_model.safetensors");
     let bytes = std::fs::read(&st_path).map_err(|e| format!("{}: {e}", st_path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| format!("{}: {e}", st_path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| format!("{}: {e}", st_path.display()))?;
     let ours = named_tensors(&adapters);
     let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
     names.sort();
@@ -181,17 +199,31 @@ pub fn load(
         };
         let view = st.tensor(name).map_err(|e| e.to_string())?;
         if view.shape() != var.dims() {
-            return Err(format!("{}: '{name}' has shape {:?}, the model needs {:?} (r = {r})", st_path.display(), view.shape(), var.dims()));
+            return Err(format!(
+                "{}: '{name}' has shape {:?}, the model needs {:?} (r = {r})",
+                st_path.display(),
+                view.shape(),
+                var.dims()
+            ));
         }
-        let t = candle_core::Tensor::from_raw_buffer(view.data(), dtype_of(view.dtype())?, view.shape(), &candle_core::Device::Cpu)
-            .and_then(|t| t.to_dtype(candle_core::DType::F32))
-            .and_then(|t| t.to_device(device))
-            .map_err(|e| format!("{}: '{name}': {e}", st_path.display()))?;
+        let t = candle_core::Tensor::from_raw_buffer(
+            view.data(),
+            dtype_of(view.dtype())?,
+            view.shape(),
+            &candle_core::Device::Cpu,
+        )
+        .and_then(|t| t.to_dtype(candle_core::DType::F32))
+        .and_then(|t| t.to_device(device))
+        .map_err(|e| format!("{}: '{name}': {e}", st_path.display()))?;
         var.set(&t).map_err(|e| e.to_string())?;
     }
-    let have: std::collections::BTreeSet<String> = names.iter().map(|n| n.replace(".default.", ".")).collect();
+    let have: std::collections::BTreeSet<String> =
+        names.iter().map(|n| n.replace(".default.", ".")).collect();
     if let Some(missing) = ours.keys().find(|k| !have.contains(*k)) {
-        return Err(format!("{}: no tensor '{missing}' although adapter_config.json targets it", st_path.display()));
+        return Err(format!(
+            "{}: no tensor '{missing}' although adapter_config.json targets it",
+            st_path.display()
+        ));
     }
     Ok(adapters)
 }
@@ -201,6 +233,8 @@ fn dtype_of(d: safetensors::Dtype) -> Result<candle_core::DType, String> {
         safetensors::Dtype::F32 => Ok(candle_core::DType::F32),
         safetensors::Dtype::BF16 => Ok(candle_core::DType::BF16),
         safetensors::Dtype::F16 => Ok(candle_core::DType::F16),
-        other => Err(format!("adapter tensors must be f32, bf16 or f16, found {other:?}")),
+        other => Err(format!(
+            "adapter tensors must be f32, bf16 or f16, found {other:?}"
+        )),
     }
 }

@@ -186,7 +186,11 @@ fn check_nf4_linear(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
 }
 
 fn max_scale(t: &Tensor) -> Result<f32> {
-    t.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    t.to_dtype(DType::F32)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()
 }
 
 /// Runs `f` on the CPU in f32 and on `device` in `dtype` over the same random inputs, and
@@ -210,7 +214,9 @@ fn device_vs_cpu(
         let out = f(&ts)?;
         // A fixed upstream gradient: the same values on both sides.
         let n = out.elem_count();
-        let up: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+        let up: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+            .collect();
         let up = Tensor::from_vec(up, out.shape(), dev)?;
         let grads = (out.to_dtype(DType::F32)? * up)?.sum_all()?.backward()?;
         let gs = vars
@@ -219,7 +225,9 @@ fn device_vs_cpu(
                 grads
                     .get(v.as_tensor())
                     .cloned()
-                    .ok_or_else(|| candle_core::Error::Msg(format!("{what}: an input got no gradient")))
+                    .ok_or_else(|| {
+                        candle_core::Error::Msg(format!("{what}: an input got no gradient"))
+                    })
                     .and_then(|g| g.to_device(&Device::Cpu))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -227,9 +235,21 @@ fn device_vs_cpu(
     };
     let (out, grads) = run(device, dtype)?;
     let (out_ref, grads_ref) = run(&Device::Cpu, DType::F32)?;
-    let mut v = vec![compare(&format!("{what} {dtype:?} forward"), &out, &out_ref, rtol, k * max_scale(&out_ref)?)?];
+    let mut v = vec![compare(
+        &format!("{what} {dtype:?} forward"),
+        &out,
+        &out_ref,
+        rtol,
+        k * max_scale(&out_ref)?,
+    )?];
     for (i, (g, r)) in grads.iter().zip(&grads_ref).enumerate() {
-        v.push(compare(&format!("{what} {dtype:?} d_input{i}"), g, r, rtol, k * max_scale(r)?)?);
+        v.push(compare(
+            &format!("{what} {dtype:?} d_input{i}"),
+            g,
+            r,
+            rtol,
+            k * max_scale(r)?,
+        )?);
     }
     Ok(v)
 }
@@ -242,12 +262,24 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
     use super::experts::{grouped_lora, grouped_nf4, ExpertWeights};
     use super::nf4_linear::Nf4Weight;
     use crate::quant::{QuantSettings, QuantizedParam};
-    let (rtol, k) = if dtype == DType::F32 { (1e-5, 1e-5) } else { (2e-2, 2e-2) };
+    let (rtol, k) = if dtype == DType::F32 {
+        (1e-5, 1e-5)
+    } else {
+        (2e-2, 2e-2)
+    };
     let cpu = &Device::Cpu;
     let mut out = Vec::new();
     let x = Tensor::randn(0f32, 1.0, (67, 96), cpu)?;
     let w = (Tensor::randn(0f32, 0.2, 96, cpu)? + 1.0)?;
-    out.extend(device_vs_cpu("rms_norm", device, dtype, &[x, w], &|t| super::norm::rms_norm(&t[0], &t[1], 1e-6), rtol, k)?);
+    out.extend(device_vs_cpu(
+        "rms_norm",
+        device,
+        dtype,
+        &[x, w],
+        &|t| super::norm::rms_norm(&t[0], &t[1], 1e-6),
+        rtol,
+        k,
+    )?);
     let q = Tensor::randn(0f32, 1.0, (67, 4, 32), cpu)?;
     let positions: Vec<u32> = (0..67u32).map(|i| (i * 37) % 200).collect();
     let spec = crate::arch::RopeSpec {
@@ -276,7 +308,8 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
     let params: Vec<QuantizedParam> = (0..counts.len())
         .map(|_| {
             let w: Vec<f32> = Tensor::randn(0f32, 0.05, 96 * 64, cpu)?.to_vec1()?;
-            QuantizedParam::quantize(&w, &[96, 64], QuantSettings::default()).map_err(|e| candle_core::Error::Msg(e.to_string()))
+            QuantizedParam::quantize(&w, &[96, 64], QuantSettings::default())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
         })
         .collect::<Result<_>>()?;
     let xs = Tensor::randn(0f32, 1.0, (51, 64), cpu)?;
@@ -284,10 +317,17 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         "grouped_nf4",
         device,
         dtype,
-        &[xs.clone()],
+        std::slice::from_ref(&xs),
         &|t| {
-            let ws = params.iter().map(|p| Nf4Weight::from_param(p, t[0].device())).collect::<Result<Vec<_>>>()?;
-            let ew = ExpertWeights { experts: std::sync::Arc::new(ws), out_features: 96, in_features: 64 };
+            let ws = params
+                .iter()
+                .map(|p| Nf4Weight::from_param(p, t[0].device()))
+                .collect::<Result<Vec<_>>>()?;
+            let ew = ExpertWeights {
+                experts: std::sync::Arc::new(ws),
+                out_features: 96,
+                in_features: 64,
+            };
             grouped_nf4(&t[0], &ew, &counts)
         },
         rtol,
@@ -295,7 +335,15 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
     )?);
     let a = Tensor::randn(0f32, 0.1, (4 * 5, 64), cpu)?;
     let b = Tensor::randn(0f32, 0.1, (96, 4 * 5), cpu)?;
-    out.extend(device_vs_cpu("grouped_lora", device, dtype, &[xs, a, b], &|t| grouped_lora(&t[0], &t[1], &t[2], &counts, 0, 4, 2.0), rtol, k)?);
+    out.extend(device_vs_cpu(
+        "grouped_lora",
+        device,
+        dtype,
+        &[xs, a, b],
+        &|t| grouped_lora(&t[0], &t[1], &t[2], &counts, 0, 4, 2.0),
+        rtol,
+        k,
+    )?);
     Ok(out)
 }
 

@@ -98,7 +98,10 @@ pub fn grouped_nf4(x: &Tensor, weights: &ExpertWeights, counts: &[usize]) -> Res
         );
     }
     if counts.iter().sum::<usize>() != m {
-        candle_core::bail!("grouped_nf4: counts sum to {} for {m} rows", counts.iter().sum::<usize>());
+        candle_core::bail!(
+            "grouped_nf4: counts sum to {} for {m} rows",
+            counts.iter().sum::<usize>()
+        );
     }
     if m == 0 {
         return Tensor::zeros((0, weights.out_features), x.dtype(), x.device());
@@ -111,7 +114,11 @@ pub fn grouped_nf4(x: &Tensor, weights: &ExpertWeights, counts: &[usize]) -> Res
 
 /// The reference: dequantize each expert and multiply with candle's ops (gradients flow to
 /// x through ordinary autograd).
-pub fn grouped_nf4_reference(x: &Tensor, weights: &ExpertWeights, counts: &[usize]) -> Result<Tensor> {
+pub fn grouped_nf4_reference(
+    x: &Tensor,
+    weights: &ExpertWeights,
+    counts: &[usize],
+) -> Result<Tensor> {
     per_group(x, counts, &weights.experts, |xg, w| {
         xg.matmul(&w.dequantize(xg.dtype())?.t()?)
     })

@@ -26,7 +26,9 @@ fn batch(vocab: usize) -> Batch {
     let mut position_ids = Vec::new();
     let mut k = 1u64;
     let mut next = || {
-        k = k.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        k = k
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (k >> 33) as usize
     };
     for lens in &seq_lens {
@@ -35,7 +37,11 @@ fn batch(vocab: usize) -> Batch {
             for p in 0..len {
                 input_ids.push((next() % vocab) as u32);
                 position_ids.push(p as u32);
-                labels.push(if p + 1 == len { IGNORE_INDEX } else { (next() % vocab) as i32 });
+                labels.push(if p + 1 == len {
+                    IGNORE_INDEX
+                } else {
+                    (next() % vocab) as i32
+                });
             }
         }
         for p in 0..24 - used {
@@ -44,11 +50,30 @@ fn batch(vocab: usize) -> Batch {
             labels.push(IGNORE_INDEX);
         }
     }
-    Batch { input_ids, labels, position_ids, seq_lens, batch_size: 2, seq_len: 24 }
+    Batch {
+        input_ids,
+        labels,
+        position_ids,
+        seq_lens,
+        batch_size: 2,
+        seq_len: 24,
+    }
 }
 
-fn step(dir: &ModelDir, device: &Device, dtype: DType, b: &Batch) -> Result<(f64, BTreeMap<String, Tensor>)> {
-    let base = frozen::load(dir, QuantSettings::default(), None, &mut CpuQuantizer, &mut SingleProcess).map_err(err)?;
+fn step(
+    dir: &ModelDir,
+    device: &Device,
+    dtype: DType,
+    b: &Batch,
+) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    let base = frozen::load(
+        dir,
+        QuantSettings::default(),
+        None,
+        &mut CpuQuantizer,
+        &mut SingleProcess,
+    )
+    .map_err(err)?;
     let model = Model::new(&dir.spec, &base, dtype, device, 32)?;
     let settings = LoraSettings {
         r: 4,
@@ -56,20 +81,28 @@ fn step(dir: &ModelDir, device: &Device, dtype: DType, b: &Batch) -> Result<(f64
         dropout: 0.0,
         use_rslora: false,
         target_modules: vec!["all-linear".into()],
-        target_parameters: vec!["mlp.experts.gate_up_proj".into(), "mlp.experts.down_proj".into()],
+        target_parameters: vec![
+            "mlp.experts.gate_up_proj".into(),
+            "mlp.experts.down_proj".into(),
+        ],
     };
     let adapters = Adapters::new(&dir.spec, settings, 3, device)?;
     // B random (deterministic), so A gets gradients too.
     for (name, v) in adapters.vars() {
         if name.contains("lora_B") {
             let n = v.elem_count();
-            let vals: Vec<f32> = (0..n).map(|i| (((i * 2654435761) % 2001) as f32 / 1000.0 - 1.0) * 0.05).collect();
+            let vals: Vec<f32> = (0..n)
+                .map(|i| (((i * 2654435761) % 2001) as f32 / 1000.0 - 1.0) * 0.05)
+                .collect();
             v.set(&Tensor::from_vec(vals, v.shape(), device)?)?;
         }
     }
     let mut grads = BTreeMap::new();
     let s = forward_backward(&model, &adapters, b, b.num_targets(), None, &mut grads)?;
-    let grads = grads.into_iter().map(|(k, g)| Ok((k, g.to_device(&Device::Cpu)?))).collect::<Result<_>>()?;
+    let grads = grads
+        .into_iter()
+        .map(|(k, g)| Ok((k, g.to_device(&Device::Cpu)?)))
+        .collect::<Result<_>>()?;
     Ok((s.loss_sum / s.labelled as f64, grads))
 }
 
@@ -81,9 +114,24 @@ fn step(dir: &ModelDir, device: &Device, dtype: DType, b: &Batch) -> Result<(f64
 /// flips between the two for near-tied tokens, which moves expert gradients by O(1).
 pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
     let mut out = Vec::new();
-    for arch in [ModelType::Qwen3Moe, ModelType::Qwen2Moe, ModelType::Mixtral, ModelType::Olmoe] {
-        let tmp = std::env::temp_dir().join(format!("moeq-train-check-{}-{}", arch.as_str(), std::process::id()));
-        let opts = crate::synth::SynthOptions { model_type: arch, seed: 5, dtype: "float32".into(), force: true, ..Default::default() };
+    for arch in [
+        ModelType::Qwen3Moe,
+        ModelType::Qwen2Moe,
+        ModelType::Mixtral,
+        ModelType::Olmoe,
+    ] {
+        let tmp = std::env::temp_dir().join(format!(
+            "moeq-train-check-{}-{}",
+            arch.as_str(),
+            std::process::id()
+        ));
+        let opts = crate::synth::SynthOptions {
+            model_type: arch,
+            seed: 5,
+            dtype: "float32".into(),
+            force: true,
+            ..Default::default()
+        };
         crate::synth::write(&opts, &tmp).map_err(err)?;
         let dir = ModelDir::open(&tmp).map_err(err)?;
         let b = batch(dir.spec.vocab_size);
@@ -92,12 +140,30 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
             let (loss, grads) = step(&dir, device, dtype, &b)?;
             let l = Tensor::new(&[loss as f32], &Device::Cpu)?;
             let lr = Tensor::new(&[loss_ref as f32], &Device::Cpu)?;
-            out.push(compare(&format!("train step {} {dtype:?} loss", arch.as_str()), &l, &lr, k, 0.0)?);
+            out.push(compare(
+                &format!("train step {} {dtype:?} loss", arch.as_str()),
+                &l,
+                &lr,
+                k,
+                0.0,
+            )?);
             let mut worst: Option<Comparison> = None;
             for (name, want) in &grads_ref {
-                let got = grads.get(name).ok_or_else(|| err(format!("{name}: no gradient on the device")))?;
+                let got = grads
+                    .get(name)
+                    .ok_or_else(|| err(format!("{name}: no gradient on the device")))?;
                 let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-                let c = compare(&format!("train step {} {dtype:?} grads (worst of {})", arch.as_str(), grads_ref.len()), got, want, 0.0, k * scale)?;
+                let c = compare(
+                    &format!(
+                        "train step {} {dtype:?} grads (worst of {})",
+                        arch.as_str(),
+                        grads_ref.len()
+                    ),
+                    got,
+                    want,
+                    0.0,
+                    k * scale,
+                )?;
                 if worst.as_ref().is_none_or(|w| c.worst_ratio > w.worst_ratio) {
                     worst = Some(c);
                 }

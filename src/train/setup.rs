@@ -17,7 +17,8 @@ pub fn device(choice: &crate::config::Device) -> Result<Device, String> {
             if !cfg!(feature = "cuda") {
                 return Err("device: cuda needs a moeq built with --features cuda (this build is CPU-only); set `device: cpu`".into());
             }
-            Device::new_cuda(ordinal.unwrap_or(0)).map_err(|e| format!("device: cuda:{}: {e}", ordinal.unwrap_or(0)))
+            Device::new_cuda(ordinal.unwrap_or(0))
+                .map_err(|e| format!("device: cuda:{}: {e}", ordinal.unwrap_or(0)))
         }
         D::Auto => {
             if cfg!(feature = "cuda") {
@@ -65,7 +66,11 @@ pub fn lora_settings(c: &TrainConfig) -> LoraSettings {
 }
 
 /// Loads and quantizes the frozen base, on the GPU when the model runs there.
-pub fn load_base(dir: &ModelDir, settings: QuantSettings, device: &Device) -> Result<FrozenBase, String> {
+pub fn load_base(
+    dir: &ModelDir,
+    settings: QuantSettings,
+    device: &Device,
+) -> Result<FrozenBase, String> {
     let mut gather = SingleProcess;
     match device {
         #[cfg(feature = "cuda")]
@@ -77,6 +82,7 @@ pub fn load_base(dir: &ModelDir, settings: QuantSettings, device: &Device) -> Re
             let mut q = frozen::CudaQuantizer::new(ordinal).map_err(|e| e.to_string())?;
             frozen::load(dir, settings, None, &mut q, &mut gather).map_err(|e| e.to_string())
         }
-        _ => frozen::load(dir, settings, None, &mut CpuQuantizer, &mut gather).map_err(|e| e.to_string()),
+        _ => frozen::load(dir, settings, None, &mut CpuQuantizer, &mut gather)
+            .map_err(|e| e.to_string()),
     }
 }

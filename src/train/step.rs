@@ -87,14 +87,18 @@ pub fn forward_backward(
     // Head: dL/dx_L through the final norm.
     let leaf = Var::from_tensor(&x)?;
     let normed = model.final_norm(leaf.as_tensor())?;
-    let ce = chunked_cross_entropy(&normed.detach(), model.lm_head(), &batch.labels, loss_chunk(model.spec.vocab_size))?;
+    let ce = chunked_cross_entropy(
+        &normed.detach(),
+        model.lm_head(),
+        &batch.labels,
+        loss_chunk(model.spec.vocab_size),
+    )?;
     let scale = ce.labelled as f64 / denom.max(1) as f64;
     let grad_normed = (ce.grad_h * scale)?;
     let g = normed.mul(&grad_normed)?.sum_all()?.backward()?;
-    let mut g_out = g
-        .get(leaf.as_tensor())
-        .cloned()
-        .ok_or_else(|| candle_core::Error::Msg("no gradient reached the last hidden state".into()))?;
+    let mut g_out = g.get(leaf.as_tensor()).cloned().ok_or_else(|| {
+        candle_core::Error::Msg("no gradient reached the last hidden state".into())
+    })?;
 
     let vars = adapters.vars();
     let live = LoraCtx {
@@ -111,10 +115,9 @@ pub fn forward_backward(
                 accumulate(grads, name, gv)?;
             }
         }
-        g_out = store
-            .get(leaf.as_tensor())
-            .cloned()
-            .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached the input of layer {l}")))?;
+        g_out = store.get(leaf.as_tensor()).cloned().ok_or_else(|| {
+            candle_core::Error::Msg(format!("no gradient reached the input of layer {l}"))
+        })?;
         saved.pop();
     }
     Ok(MicroStats {
@@ -153,7 +156,12 @@ pub fn evaluate(model: &Model, adapters: &Adapters, batch: &Batch) -> Result<Eva
 }
 
 /// `evaluate` on prepared inputs (which replay the routing of their first pass).
-pub fn evaluate_inputs(model: &Model, adapters: &Adapters, inputs: &Inputs, batch: &Batch) -> Result<EvalStats> {
+pub fn evaluate_inputs(
+    model: &Model,
+    adapters: &Adapters,
+    inputs: &Inputs,
+    batch: &Batch,
+) -> Result<EvalStats> {
     let h = hidden(model, adapters, inputs)?;
     let w = model.lm_head().to_dtype(DType::F32)?;
     let chunk = loss_chunk(model.spec.vocab_size);
@@ -165,12 +173,22 @@ pub fn evaluate_inputs(model: &Model, adapters: &Adapters, inputs: &Inputs, batc
         if labels.iter().all(|&l| l == IGNORE_INDEX) {
             continue;
         }
-        let logits = h.narrow(0, start, len)?.to_dtype(DType::F32)?.matmul(&w.t()?)?; // [len, V]
+        let logits = h
+            .narrow(0, start, len)?
+            .to_dtype(DType::F32)?
+            .matmul(&w.t()?)?; // [len, V]
         let max = logits.max_keepdim(D::Minus1)?;
-        let lse = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
+        let lse = (logits
+            .broadcast_sub(&max)?
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .log()?
+            + &max)?;
         let targets: Vec<u32> = labels.iter().map(|&l| l.max(0) as u32).collect();
         let targets = Tensor::from_vec(targets, (len, 1), h.device())?;
-        let nll: Vec<f32> = (lse - logits.gather(&targets, 1)?)?.flatten_all()?.to_vec1()?;
+        let nll: Vec<f32> = (lse - logits.gather(&targets, 1)?)?
+            .flatten_all()?
+            .to_vec1()?;
         let argmax: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
         for (i, &label) in labels.iter().enumerate() {
             if label == IGNORE_INDEX {

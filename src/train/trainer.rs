@@ -79,7 +79,8 @@ struct Metrics {
 impl Metrics {
     fn create(dir: &Path) -> Result<Metrics, TrainError> {
         let path = dir.join("metrics.jsonl");
-        let file = std::fs::File::create(&path).map_err(|e| failed(format!("{}: {e}", path.display())))?;
+        let file =
+            std::fs::File::create(&path).map_err(|e| failed(format!("{}: {e}", path.display())))?;
         Ok(Metrics { file })
     }
 
@@ -89,8 +90,14 @@ impl Metrics {
     }
 }
 
-pub fn eval_set(model: &Model, adapters: &Adapters, samples: &[Sample], opts: &LoaderOptions) -> Result<EvalResult, TrainError> {
-    let mut loader = Loader::new(samples.to_vec(), opts.for_eval()).map_err(|e| failed(e.to_string()))?;
+pub fn eval_set(
+    model: &Model,
+    adapters: &Adapters,
+    samples: &[Sample],
+    opts: &LoaderOptions,
+) -> Result<EvalResult, TrainError> {
+    let mut loader =
+        Loader::new(samples.to_vec(), opts.for_eval()).map_err(|e| failed(e.to_string()))?;
     let mut total = EvalStats::default();
     for _ in 0..loader.steps_per_epoch() {
         let batch = loader.next_batch();
@@ -110,10 +117,14 @@ pub fn eval_set(model: &Model, adapters: &Adapters, samples: &[Sample], opts: &L
 /// Writes the adapter into `dir` atomically: a temporary sibling, then a rename.
 pub fn save_adapter(adapters: &Adapters, base_model: &str, dir: &Path) -> Result<(), TrainError> {
     let parent = dir.parent().unwrap_or(Path::new("."));
-    let name = dir.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
     let tmp = parent.join(format!(".{name}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
-    peft::save(adapters, base_model, &tmp).map_err(|e| failed(format!("{}: {e}", tmp.display())))?;
+    peft::save(adapters, base_model, &tmp)
+        .map_err(|e| failed(format!("{}: {e}", tmp.display())))?;
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
     }
@@ -121,14 +132,21 @@ pub fn save_adapter(adapters: &Adapters, base_model: &str, dir: &Path) -> Result
 }
 
 /// Trains `config` on the already-opened base model with prepared data.
-pub fn train(config: &TrainConfig, dir: &ModelDir, data: &PreparedData, pad_id: u32) -> Result<Summary, TrainError> {
+pub fn train(
+    config: &TrainConfig,
+    dir: &ModelDir,
+    data: &PreparedData,
+    pad_id: u32,
+) -> Result<Summary, TrainError> {
     let started = Instant::now();
     let device = setup::device(&config.device).map_err(TrainError::Input)?;
     let dtype = setup::compute_dtype(config.bf16, &device);
     let spec = &dir.spec;
     tracing::info!("device {:?}, compute dtype {:?}", device, dtype);
     if data.train.is_empty() {
-        return Err(TrainError::Input("no training samples: check `datasets` and `val_set_size`".into()));
+        return Err(TrainError::Input(
+            "no training samples: check `datasets` and `val_set_size`".into(),
+        ));
     }
     let settings = setup::quant_settings(config);
     let base = setup::load_base(dir, settings, &device).map_err(TrainError::Input)?;
@@ -138,22 +156,35 @@ pub fn train(config: &TrainConfig, dir: &ModelDir, data: &PreparedData, pad_id: 
         base.report.dense_bytes as f64 / 1e6,
         base.report.seconds
     );
-    let model = Model::new(spec, &base, dtype, &device, config.sequence_len + 1).map_err(|e| TrainError::Input(e.to_string()))?;
+    let model = Model::new(spec, &base, dtype, &device, config.sequence_len + 1)
+        .map_err(|e| TrainError::Input(e.to_string()))?;
     drop(base);
-    let adapters = Adapters::new(spec, setup::lora_settings(config), config.seed, &device).map_err(failed)?;
+    let adapters =
+        Adapters::new(spec, setup::lora_settings(config), config.seed, &device).map_err(failed)?;
     if adapters.linear.is_empty() && adapters.experts.is_empty() {
         return Err(TrainError::Input(
             "no LoRA targets matched: set lora_target_modules (q_proj, k_proj, …) and/or lora_target_parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj)".into(),
         ));
     }
     for m in &adapters.settings.target_modules {
-        if m != "all-linear" && !adapters.linear.keys().any(|p| p.rsplit('.').next() == Some(m.as_str())) {
-            let hint = if ["gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"].contains(&m.as_str()) && spec.num_experts > 0 {
+        if m != "all-linear"
+            && !adapters
+                .linear
+                .keys()
+                .any(|p| p.rsplit('.').next() == Some(m.as_str()))
+        {
+            let hint = if ["gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"]
+                .contains(&m.as_str())
+                && spec.num_experts > 0
+            {
                 " (the experts of this model are fused 3-D parameters: target them with lora_target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj])"
             } else {
                 ""
             };
-            tracing::warn!("lora_target_modules: '{m}' matches no module of this {} model{hint}", spec.model_type.as_str());
+            tracing::warn!(
+                "lora_target_modules: '{m}' matches no module of this {} model{hint}",
+                spec.model_type.as_str()
+            );
         }
     }
     tracing::info!(
@@ -164,15 +195,16 @@ pub fn train(config: &TrainConfig, dir: &ModelDir, data: &PreparedData, pad_id: 
     );
 
     let opts = LoaderOptions::from_config(config, pad_id, 0, 1);
-    let mut loader = Loader::new(data.train.clone(), opts.clone()).map_err(|e| TrainError::Input(e.to_string()))?;
+    let mut loader = Loader::new(data.train.clone(), opts.clone())
+        .map_err(|e| TrainError::Input(e.to_string()))?;
     let gas = config.gradient_accumulation_steps.max(1);
     let total_steps = match config.max_steps {
         Some(s) => s,
         None => loader.steps_in_epochs(config.num_epochs).div_ceil(gas),
     };
-    let warmup = config
-        .warmup_steps
-        .unwrap_or_else(|| (config.warmup_ratio.unwrap_or(0.0) * total_steps as f64).ceil() as usize);
+    let warmup = config.warmup_steps.unwrap_or_else(|| {
+        (config.warmup_ratio.unwrap_or(0.0) * total_steps as f64).ceil() as usize
+    });
     let schedule = Schedule {
         kind: config.lr_scheduler,
         peak_lr: config.learning_rate,
@@ -189,7 +221,8 @@ pub fn train(config: &TrainConfig, dir: &ModelDir, data: &PreparedData, pad_id: 
         },
     )
     .map_err(failed)?;
-    std::fs::create_dir_all(&config.output_dir).map_err(|e| failed(format!("{}: {e}", config.output_dir.display())))?;
+    std::fs::create_dir_all(&config.output_dir)
+        .map_err(|e| failed(format!("{}: {e}", config.output_dir.display())))?;
     let mut metrics = Metrics::create(&config.output_dir)?;
     let flops_tok = flops_per_token(spec, config.sequence_len);
     let peak = peak_flops(&device);
@@ -207,7 +240,8 @@ pub fn train(config: &TrainConfig, dir: &ModelDir, data: &PreparedData, pad_id: 
         let mut stats = MicroStats::default();
         for (micro, batch) in batches.iter().enumerate() {
             let key = Some((config.seed, (step * gas + micro) as u64));
-            let s = forward_backward(&model, &adapters, batch, denom, key, &mut grads).map_err(failed)?;
+            let s = forward_backward(&model, &adapters, batch, denom, key, &mut grads)
+                .map_err(failed)?;
             stats.loss_sum += s.loss_sum;
             stats.labelled += s.labelled;
             stats.tokens += s.tokens;
@@ -225,7 +259,13 @@ pub fn train(config: &TrainConfig, dir: &ModelDir, data: &PreparedData, pad_id: 
         // Global gradient norm in f64 over names in sorted order (deterministic).
         let mut sq = 0f64;
         for g in grads.values() {
-            sq += g.sqr().map_err(failed)?.sum_all().map_err(failed)?.to_scalar::<f32>().map_err(failed)? as f64;
+            sq += g
+                .sqr()
+                .map_err(failed)?
+                .sum_all()
+                .map_err(failed)?
+                .to_scalar::<f32>()
+                .map_err(failed)? as f64;
         }
         let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
@@ -239,7 +279,11 @@ pub fn train(config: &TrainConfig, dir: &ModelDir, data: &PreparedData, pad_id: 
         let mut store = GradStore::default();
         for (name, v) in &vars {
             if let Some(g) = grads.get(name) {
-                let g: Tensor = if clip < 1.0 { (g * clip).map_err(failed)? } else { g.clone() };
+                let g: Tensor = if clip < 1.0 {
+                    (g * clip).map_err(failed)?
+                } else {
+                    g.clone()
+                };
                 store.insert(v.as_tensor(), g);
             }
         }
@@ -279,10 +323,16 @@ pub fn train(config: &TrainConfig, dir: &ModelDir, data: &PreparedData, pad_id: 
             (window_loss, window_steps, window_tokens) = (0.0, 0, 0);
             window_start = Instant::now();
         }
-        let eval_due = config.eval_steps.is_some_and(|e| e > 0 && done % e == 0) || done == total_steps;
+        let eval_due =
+            config.eval_steps.is_some_and(|e| e > 0 && done % e == 0) || done == total_steps;
         if eval_due && !data.val.is_empty() {
             let r = eval_set(&model, &adapters, &data.val, &opts)?;
-            tracing::info!("step {done}: validation loss {:.4}, token accuracy {:.1}% over {} targets", r.loss, 100.0 * r.accuracy, r.tokens);
+            tracing::info!(
+                "step {done}: validation loss {:.4}, token accuracy {:.1}% over {} targets",
+                r.loss,
+                100.0 * r.accuracy,
+                r.tokens
+            );
             metrics.write(&json!({"step": done, "eval_loss": r.loss, "eval_accuracy": r.accuracy, "eval_tokens": r.tokens}))?;
             last_eval = Some(r);
         }
@@ -297,7 +347,8 @@ pub fn train(config: &TrainConfig, dir: &ModelDir, data: &PreparedData, pad_id: 
     let files = ["adapter_config.json", "adapter_model.safetensors"];
     let tmp = config.output_dir.join(".final-adapter.tmp");
     let _ = std::fs::remove_dir_all(&tmp);
-    peft::save(&adapters, &config.base_model, &tmp).map_err(|e| failed(format!("{}: {e}", tmp.display())))?;
+    peft::save(&adapters, &config.base_model, &tmp)
+        .map_err(|e| failed(format!("{}: {e}", tmp.display())))?;
     for f in files {
         std::fs::rename(tmp.join(f), config.output_dir.join(f)).map_err(failed)?;
     }

@@ -43,7 +43,8 @@ pub fn gpu_used_bytes(device: &candle_core::Device) -> Option<u64> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
         let _ = device.synchronize();
-        let (free, total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
+        let (free, total) =
+            candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
         return Some((total - free) as u64);
     }
     let _ = device;
