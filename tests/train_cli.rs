@@ -121,3 +121,21 @@ fn lora_targets_that_match_nothing_are_refused() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("no LoRA targets matched"), "{err}");
 }
+
+#[test]
+fn save_total_limit_keeps_the_newest_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "max_steps: 7\nwarmup_steps: 1\nsave_steps: 2\neval_steps: 7\nsave_total_limit: 2");
+    let (code, _, err) = moeq(&["train", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let out = dir.path().join("out");
+    let mut kept: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["checkpoint-4", "checkpoint-6"]);
+    assert!(out.join("adapter_model.safetensors").is_file());
+}

@@ -131,6 +131,28 @@ pub fn save_adapter(adapters: &Adapters, base_model: &str, dir: &Path) -> Result
     std::fs::rename(&tmp, dir).map_err(|e| failed(format!("{}: {e}", dir.display())))
 }
 
+/// Keeps the newest `limit` `checkpoint-N` directories of `dir`, removing older ones.
+fn prune_checkpoints(dir: &Path, limit: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut steps: Vec<(usize, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let n = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    steps.sort();
+    let excess = steps.len().saturating_sub(limit);
+    for (_, path) in steps.into_iter().take(excess) {
+        if let Err(e) = std::fs::remove_dir_all(&path) {
+            tracing::warn!("save_total_limit: cannot remove {}: {e}", path.display());
+        }
+    }
+}
+
 /// Trains `config` on the already-opened base model with prepared data.
 pub fn train(
     config: &TrainConfig,
@@ -146,6 +168,11 @@ pub fn train(
     if data.train.is_empty() {
         return Err(TrainError::Input(
             "no training samples: check `datasets` and `val_set_size`".into(),
+        ));
+    }
+    if !config.load_in_4bit {
+        return Err(TrainError::Input(
+            "load_in_4bit: false (a 16-bit frozen base, `adapter: lora`) is not supported yet: set `load_in_4bit: true` and `adapter: qlora`".into(),
         ));
     }
     let settings = setup::quant_settings(config);
@@ -340,6 +367,9 @@ pub fn train(
             let dir = config.output_dir.join(format!("checkpoint-{done}"));
             save_adapter(&adapters, &config.base_model, &dir)?;
             tracing::info!("saved adapter to {}", dir.display());
+            if let Some(limit) = config.save_total_limit {
+                prune_checkpoints(&config.output_dir, limit);
+            }
         }
     }
     progress.finish();
