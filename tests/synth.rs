@@ -245,9 +245,10 @@ fn custom_ops_match_their_references_on_the_cpu() {
     // The comparisons `moeq gpu-check` runs on CUDA. On the CPU, SwiGLU compares the custom
     // op's loop with candle primitive ops (forward and backward); the nf4_linear entries run
     // the same CPU path on both sides, so here they only exercise the harness (the op itself
-    // is tested against its reference in tests/nf4_linear.rs).
+    // is tested against its reference in tests/nf4_linear.rs). RMSNorm, RoPE and the grouped
+    // expert ops compare bf16 against the f32 reference within the stated bf16 tolerance.
     let results = moeq::ops::check::run_all(&candle_core::Device::Cpu).unwrap();
-    assert_eq!(results.len(), 13);
+    assert_eq!(results.len(), 35);
     for r in results {
         assert!(r.passed(), "{r}");
     }

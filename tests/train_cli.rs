@@ -125,7 +125,10 @@ fn lora_targets_that_match_nothing_are_refused() {
 #[test]
 fn save_total_limit_keeps_the_newest_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), "max_steps: 7\nwarmup_steps: 1\nsave_steps: 2\neval_steps: 7\nsave_total_limit: 2");
+    let cfg = config(
+        dir.path(),
+        "max_steps: 7\nwarmup_steps: 1\nsave_steps: 2\neval_steps: 7\nsave_total_limit: 2",
+    );
     let (code, _, err) = moeq(&["train", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let out = dir.path().join("out");
