@@ -262,6 +262,14 @@ pub fn write(opts: &SynthOptions, out: &Path) -> Result<SynthReport, SynthError>
     let result = write_into(opts, &tmp, &config, &spec, dtype);
     match result {
         Ok(mut report) => {
+            // Without --force, an `out` that exists now was finished by a concurrent writer of
+            // the same checkpoint (the synth:// cache, several ranks or tests): keep it, since
+            // another process may already be reading it.
+            if !opts.force && out.join("config.json").is_file() {
+                let _ = std::fs::remove_dir_all(&tmp);
+                report.dir = out.to_path_buf();
+                return Ok(report);
+            }
             if out.exists() {
                 std::fs::remove_dir_all(out).map_err(io_err(out))?;
             }
