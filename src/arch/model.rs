@@ -49,10 +49,10 @@ pub struct Inputs {
     pub mask: Tensor,
     pub batch: usize,
     pub seq: usize,
-    /// Top-k expert choices [N, k] per layer, recorded by the first pass over these inputs and
-    /// replayed by later ones: the recompute routes exactly as the forward did (routing is
-    /// piecewise constant, so replaying changes no gradient), without sorting again.
-    pub routes: std::cell::RefCell<Vec<Option<Tensor>>>,
+    /// Routing per MoE layer, recorded by the first pass over these inputs and replayed by
+    /// later ones: the recompute routes exactly as the forward did (routing is piecewise
+    /// constant, so replaying changes no gradient), without sorting or copying to the host again.
+    pub routes: std::cell::RefCell<Vec<Option<std::rc::Rc<super::layers::Routing>>>>,
 }
 
 /// What a layer's forward reports besides its output.
@@ -239,7 +239,13 @@ impl Model {
             spec: spec.clone(),
             dtype,
             device: device.clone(),
-            rope: Rope::new(&spec.rope, spec.head_dim, max_positions, device)?,
+            rope: Rope::new(
+                &spec.rope,
+                spec.head_dim,
+                spec.max_position_embeddings,
+                max_positions,
+                device,
+            )?,
             embed,
             layers,
             final_norm: w.dense("model.norm.weight")?,

@@ -577,6 +577,16 @@ fn rope_spec(cfg: &Cfg, default_theta: f64) -> Result<RopeSpec, SpecError> {
         }
     }
     spec.theta = theta;
+    // A top-level original_max_position_embeddings (Phi-3 style) takes priority, as in
+    // transformers' `standardize_rope_params`.
+    if let Some(v) = cfg.present("original_max_position_embeddings") {
+        if ["llama3", "yarn", "longrope"].contains(&spec.rope_type.as_str()) {
+            spec.original_max_position_embeddings =
+                Some(v.as_u64().ok_or_else(|| {
+                    cfg.err("original_max_position_embeddings", "must be an integer")
+                })? as usize);
+        }
+    }
     if spec.rope_type != "default" && spec.factor.is_none() {
         return Err(cfg.err(
             key,

@@ -295,7 +295,7 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         dtype,
         &[q],
         &|t| {
-            let rope = super::rope::Rope::new(&spec, 32, 256, t[0].device())?;
+            let rope = super::rope::Rope::new(&spec, 32, 256, 256, t[0].device())?;
             let pos = Tensor::new(positions.as_slice(), t[0].device())?;
             let (c, s) = rope.tables(&pos, t[0].dtype())?;
             super::rope::apply_rope(&t[0], &c, &s)

@@ -1,6 +1,7 @@
 //! Rotary position embeddings, transformers' `rotate_half` convention (the two halves of a
 //! head are the rotated pairs): `x·cos + rotate_half(x)·sin`, `rotate_half([a, b]) = [−b, a]`.
-//! Tables are computed once per model in f32 for positions `0..max`, gathered per token by
+//! Scaled variants (linear, dynamic, yarn, llama3) change the frequencies and, for yarn, the
+//! cos/sin scale. Tables are computed once per model in f32 for positions `0..max`, gathered per token by
 //! position id (positions restart inside packed rows), and applied with primitive ops so the
 //! gradient reaches q and k.
 
@@ -14,27 +15,111 @@ pub struct Rope {
     pub max_positions: usize,
 }
 
-/// The inverse frequencies for `head_dim`, with the configured scaling.
-fn inv_freq(spec: &RopeSpec, head_dim: usize) -> Result<(Vec<f64>, f64)> {
+/// A number from the rope parameters beyond `factor`, or `default` when absent or null.
+fn param(spec: &RopeSpec, key: &str, default: Option<f64>) -> Result<f64> {
+    match spec.extra.get(key).and_then(|v| v.as_f64()).or(default) {
+        Some(v) => Ok(v),
+        None => candle_core::bail!(
+            "rope type '{}' needs '{key}' in rope_parameters",
+            spec.rope_type
+        ),
+    }
+}
+
+/// The inverse frequencies for `head_dim` with the configured scaling, and the factor cos/sin
+/// are multiplied by, as transformers computes them (`modeling_rope_utils.py`). `model_max` is
+/// config.json's `max_position_embeddings`, `positions` the table length this run needs.
+pub fn inv_freq(
+    spec: &RopeSpec,
+    head_dim: usize,
+    model_max: usize,
+    positions: usize,
+) -> Result<(Vec<f64>, f64)> {
+    let dim = head_dim as f64;
     let base: Vec<f64> = (0..head_dim / 2)
-        .map(|i| 1.0 / spec.theta.powf((2 * i) as f64 / head_dim as f64))
+        .map(|i| 1.0 / spec.theta.powf((2 * i) as f64 / dim))
         .collect();
+    let factor = spec.factor.unwrap_or(1.0);
+    let original_max = spec.original_max_position_embeddings.unwrap_or(model_max) as f64;
     match spec.rope_type.as_str() {
         "default" => Ok((base, 1.0)),
-        "linear" => {
-            let f = spec.factor.unwrap_or(1.0);
-            Ok((base.into_iter().map(|x| x / f).collect(), 1.0))
+        "linear" => Ok((base.into_iter().map(|x| x / factor).collect(), 1.0)),
+        // Dynamic NTK changes the frequencies only for a batch longer than the model's
+        // maximum, and then per batch; within the maximum it is the default rope.
+        "dynamic" if positions <= model_max => Ok((base, 1.0)),
+        "dynamic" => candle_core::bail!(
+            "rope type 'dynamic' beyond max_position_embeddings ({model_max}) changes the frequencies per batch, which moeq does not implement: set sequence_len <= {model_max}"
+        ),
+        "yarn" => {
+            let mscale = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+            let attention = match spec.extra.get("attention_factor").and_then(|v| v.as_f64()) {
+                Some(a) => a,
+                None => match (param(spec, "mscale", Some(0.0))?, param(spec, "mscale_all_dim", Some(0.0))?) {
+                    (m, all) if m != 0.0 && all != 0.0 => mscale(factor, m) / mscale(factor, all),
+                    _ => mscale(factor, 1.0),
+                },
+            };
+            let beta_fast = param(spec, "beta_fast", Some(32.0))?;
+            let beta_slow = param(spec, "beta_slow", Some(1.0))?;
+            let truncate = spec.extra.get("truncate").and_then(|v| v.as_bool()).unwrap_or(true);
+            let correction_dim = |rotations: f64| {
+                dim * (original_max / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * spec.theta.ln())
+            };
+            let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+            if truncate {
+                (low, high) = (low.floor(), high.ceil());
+            }
+            let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+            if low == high {
+                high += 0.001;
+            }
+            let freq = base
+                .iter()
+                .enumerate()
+                .map(|(i, &extrapolation)| {
+                    let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                    let keep = 1.0 - ramp; // share of the unscaled frequency
+                    extrapolation / factor * (1.0 - keep) + extrapolation * keep
+                })
+                .collect();
+            Ok((freq, attention))
+        }
+        "llama3" => {
+            let low_freq_factor = param(spec, "low_freq_factor", None)?;
+            let high_freq_factor = param(spec, "high_freq_factor", None)?;
+            let (low_wavelen, high_wavelen) = (original_max / low_freq_factor, original_max / high_freq_factor);
+            let freq = base
+                .into_iter()
+                .map(|f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen < high_wavelen {
+                        f
+                    } else if wavelen > low_wavelen {
+                        f / factor
+                    } else {
+                        let smooth = (original_max / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                })
+                .collect();
+            Ok((freq, 1.0))
         }
         other => candle_core::bail!(
-            "rope type '{other}' is not implemented yet (supported: default, linear); \
-             remove rope_scaling from config.json to train at the native context length"
+            "rope type '{other}' is not implemented (supported: default, linear, dynamic, yarn, llama3)"
         ),
     }
 }
 
 impl Rope {
-    pub fn new(spec: &RopeSpec, head_dim: usize, max: usize, device: &Device) -> Result<Rope> {
-        let (freq, scale) = inv_freq(spec, head_dim)?;
+    /// Tables for positions `0..max` of a model whose config.json says `model_max` positions.
+    pub fn new(
+        spec: &RopeSpec,
+        head_dim: usize,
+        model_max: usize,
+        max: usize,
+        device: &Device,
+    ) -> Result<Rope> {
+        let (freq, scale) = inv_freq(spec, head_dim, model_max, max)?;
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(max * head_dim);
         let mut sin = Vec::with_capacity(max * head_dim);
@@ -67,4 +152,78 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (a, b) = (x.narrow(2, 0, hd / 2)?, x.narrow(2, hd / 2, hd / 2)?);
     let rotated = Tensor::cat(&[&b.neg()?, &a], 2)?;
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+#[cfg(test)]
+mod tests {
+    //! Properties of the scaled frequencies that follow from their definitions; the exact
+    //! values are checked against transformers on the GPU machine (verify_hf.py --rope).
+    use super::*;
+
+    fn spec(kind: &str, factor: f64, extra: serde_json::Value) -> RopeSpec {
+        RopeSpec {
+            theta: 10000.0,
+            rope_type: kind.into(),
+            factor: Some(factor),
+            original_max_position_embeddings: Some(256),
+            extra: extra.as_object().cloned().unwrap_or_default(),
+        }
+    }
+
+    #[test]
+    fn scaled_frequencies() {
+        let (base, s) =
+            inv_freq(&spec("default", 1.0, serde_json::json!({})), 64, 2048, 512).unwrap();
+        assert_eq!(s, 1.0);
+        let (lin, _) =
+            inv_freq(&spec("linear", 4.0, serde_json::json!({})), 64, 2048, 512).unwrap();
+        assert!(lin
+            .iter()
+            .zip(&base)
+            .all(|(l, b)| (l * 4.0 - b).abs() <= 1e-15 * b));
+        // llama3: wavelengths shorter than original/high_freq_factor keep their frequency,
+        // longer than original/low_freq_factor are divided by the factor, between: blended.
+        let l3 = spec(
+            "llama3",
+            8.0,
+            serde_json::json!({"low_freq_factor": 1.0, "high_freq_factor": 4.0}),
+        );
+        let (f, s) = inv_freq(&l3, 64, 2048, 512).unwrap();
+        assert_eq!(s, 1.0);
+        for (x, b) in f.iter().zip(&base) {
+            let wavelen = 2.0 * std::f64::consts::PI / b;
+            if wavelen < 64.0 {
+                assert_eq!(x, b);
+            } else if wavelen > 256.0 {
+                assert!((x * 8.0 - b).abs() <= 1e-15 * b);
+            } else {
+                assert!(*x < *b && *x > b / 8.0);
+            }
+        }
+        // yarn: the first (fast) dimensions extrapolate, the last interpolate, attention
+        // factor 0.1·ln(factor) + 1.
+        let (y, s) = inv_freq(&spec("yarn", 4.0, serde_json::json!({})), 64, 2048, 512).unwrap();
+        assert!((s - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-15);
+        assert_eq!(y[0], base[0]);
+        assert!((y[31] * 4.0 - base[31]).abs() <= 1e-15 * base[31]);
+        assert!(
+            inv_freq(
+                &spec("yarn", 4.0, serde_json::json!({"attention_factor": 1.5})),
+                64,
+                2048,
+                512
+            )
+            .unwrap()
+            .1 == 1.5
+        );
+        // dynamic: the default rope up to the model's maximum, refused beyond.
+        let dynamic = spec("dynamic", 2.0, serde_json::json!({}));
+        assert_eq!(inv_freq(&dynamic, 64, 2048, 2048).unwrap().0, base);
+        assert!(inv_freq(&dynamic, 64, 2048, 4096)
+            .unwrap_err()
+            .to_string()
+            .contains("sequence_len <= 2048"));
+        let e = inv_freq(&spec("llama3", 8.0, serde_json::json!({})), 64, 2048, 512).unwrap_err();
+        assert!(e.to_string().contains("needs 'low_freq_factor'"), "{e}");
+    }
 }
