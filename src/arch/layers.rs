@@ -10,6 +10,7 @@ use crate::ops::rope::apply_rope;
 use crate::ops::swiglu;
 use candle_core::{DType, Result, Tensor, D};
 use rand::{Rng, SeedableRng};
+use std::rc::Rc;
 
 /// A frozen 4-bit projection with its module path (the LoRA key) and optional bias.
 pub struct Proj {
@@ -167,8 +168,12 @@ impl Attention {
     }
 }
 
-/// Routing of one micro-batch: for each held expert, which (token, slot) pairs it serves.
-struct Routing {
+/// Routing of one micro-batch through one MoE layer: the top-k choices and, for each held
+/// expert, which (token, slot) pairs it serves. Built once per micro-batch (one device→host
+/// copy of the choices) and shared by the forward and the recompute.
+pub struct Routing {
+    /// Top-k expert choices [N, k] u32.
+    top: Tensor,
     /// Token of each routed row, rows sorted by expert then token: [M] u32.
     tokens: Tensor,
     /// Position of each row in the flattened [N, k] routing weights: [M] u32.
@@ -179,12 +184,9 @@ struct Routing {
     per_expert: Vec<u64>,
 }
 
-fn route(
-    indices: &[Vec<u32>],
-    num_experts: usize,
-    held: std::ops::Range<usize>,
-    device: &candle_core::Device,
-) -> Result<Routing> {
+fn route(top: Tensor, num_experts: usize, held: std::ops::Range<usize>) -> Result<Routing> {
+    let device = top.device().clone();
+    let indices = top.to_vec2::<u32>()?;
     let mut rows: Vec<Vec<(u32, u32)>> = vec![Vec::new(); num_experts];
     for (t, choice) in indices.iter().enumerate() {
         for (j, &e) in choice.iter().enumerate() {
@@ -204,8 +206,9 @@ fn route(
     }
     let m = tokens.len();
     Ok(Routing {
-        tokens: Tensor::from_vec(tokens, m, device)?,
-        slots: Tensor::from_vec(slots, m, device)?,
+        top,
+        tokens: Tensor::from_vec(tokens, m, &device)?,
+        slots: Tensor::from_vec(slots, m, &device)?,
         counts,
         per_expert,
     })
@@ -218,33 +221,32 @@ impl Moe {
         spec: &ArchSpec,
         x: &Tensor,
         lora: &LoraCtx,
-        recorded: &mut Option<Tensor>,
+        recorded: &mut Option<Rc<Routing>>,
     ) -> Result<(Tensor, Vec<u64>)> {
         let (n, h) = x.dims2()?;
         let k = spec.router.top_k;
         // Router in f32: softmax over all experts, then top-k, then (optionally) renormalise.
         let logits = x.matmul(&self.router.t()?)?.to_dtype(DType::F32)?; // [N, E]
         let probs = softmax_last(&logits)?;
-        let top = match recorded {
-            Some(t) => t.clone(),
+        let routing = match recorded {
+            Some(r) => r.clone(),
             None => {
-                let t = probs
+                let top = probs
                     .detach()
                     .arg_sort_last_dim(false)?
                     .narrow(1, 0, k)?
                     .contiguous()?; // [N, k]
-                *recorded = Some(t.clone());
-                t
+                let held = self.first_expert..self.first_expert + self.gate_up.experts.len();
+                let r = Rc::new(route(top, self.router.dim(0)?, held)?);
+                *recorded = Some(r.clone());
+                r
             }
         };
-        let mut weights = probs.gather(&top, 1)?; // [N, k], differentiable w.r.t. x
+        let mut weights = probs.gather(&routing.top, 1)?; // [N, k], differentiable w.r.t. x
         if spec.router.renormalize {
             weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
         }
         let weights = weights.to_dtype(x.dtype())?;
-        let num_experts = self.router.dim(0)?;
-        let held = self.first_expert..self.first_expert + self.gate_up.experts.len();
-        let routing = route(&top.to_vec2::<u32>()?, num_experts, held, x.device())?;
 
         let xs = x.index_select(&routing.tokens, 0)?; // [M, H] sorted by expert
         let ad = lora.adapters;
@@ -290,7 +292,7 @@ impl Moe {
             }
             out = (out + shared)?;
         }
-        Ok((out, routing.per_expert))
+        Ok((out, routing.per_expert.clone()))
     }
 }
 

@@ -179,8 +179,8 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
                 .map_err(CliError::failed)?;
         }
         let inputs = step::inputs(&model, &batch).map_err(CliError::failed)?;
+        let h = step::hidden(&model, &adapters, &inputs).map_err(CliError::failed)?;
         if args.dump_logits.is_some() {
-            let h = step::hidden(&model, &adapters, &inputs).map_err(CliError::failed)?;
             let logits = h
                 .to_dtype(DType::F32)
                 .and_then(|h| h.matmul(&model.lm_head().to_dtype(DType::F32)?.t()?))
@@ -188,8 +188,7 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
                 .map_err(CliError::failed)?;
             dump.extend(logits);
         }
-        let s =
-            step::evaluate_inputs(&model, &adapters, &inputs, &batch).map_err(CliError::failed)?;
+        let s = step::evaluate_hidden(&model, &h, &batch).map_err(CliError::failed)?;
         loss_sum += s.loss_sum;
         predicted += s.labelled;
     }

@@ -162,7 +162,11 @@ pub fn evaluate_inputs(
     inputs: &Inputs,
     batch: &Batch,
 ) -> Result<EvalStats> {
-    let h = hidden(model, adapters, inputs)?;
+    evaluate_hidden(model, &hidden(model, adapters, inputs)?, batch)
+}
+
+/// Loss and accuracy of `batch` from its final hidden states h [N, H].
+pub fn evaluate_hidden(model: &Model, h: &Tensor, batch: &Batch) -> Result<EvalStats> {
     let w = model.lm_head().to_dtype(DType::F32)?;
     let chunk = loss_chunk(model.spec.vocab_size);
     let mut out = EvalStats::default();

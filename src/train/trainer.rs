@@ -283,17 +283,18 @@ pub fn train(
             }
         }
         crate::util::mem::sample_gpu_peak(&device);
-        // Global gradient norm in f64 over names in sorted order (deterministic).
-        let mut sq = 0f64;
-        for g in grads.values() {
-            sq += g
-                .sqr()
-                .map_err(failed)?
-                .sum_all()
-                .map_err(failed)?
-                .to_scalar::<f32>()
-                .map_err(failed)? as f64;
-        }
+        // Global gradient norm: per-tensor sums of squares in name order, one host copy.
+        let squares = grads
+            .values()
+            .map(|g| g.sqr()?.sum_all())
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(failed)?;
+        let sq: f64 = Tensor::stack(&squares, 0)
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(failed)?
+            .iter()
+            .map(|&x| x as f64)
+            .sum();
         let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
             return Err(failed(format!("step {}: gradient norm is {grad_norm} (loss {:.4}); lower learning_rate or check the data", step + 1, stats.loss_sum / stats.labelled.max(1) as f64)));
