@@ -1,6 +1,10 @@
-//! Distribution: who this process is (rank, world, master) — launcher, rendezvous,
-//! communicators and expert dispatch come with the distributed work.
+//! Distribution: who this process is (`env`), the rendezvous store (`store`), collectives
+//! (`comm`), and the launcher's logic (`launch`).
 
+pub mod comm;
 pub mod env;
+pub mod launch;
+pub mod store;
 
+pub use comm::{Communicator, Solo, TcpComm};
 pub use env::{expand_hostlist, resolve, DistEnv, DistError, EnvSource, RankFlags};
