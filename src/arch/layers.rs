@@ -1,7 +1,7 @@
 //! A decoder layer: pre-norm attention and pre-norm MLP (dense SwiGLU or MoE), each added to
 //! the residual stream. Shapes are token-major, `N = B·S`.
 
-use super::model::{Inputs, LayerStats, LoraCtx};
+use super::model::{Inputs, LayerStats, LoraCtx, Parallel};
 use super::{ArchSpec, QkNorm};
 use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
 use crate::ops::nf4_linear::{nf4_linear, Nf4Weight};
@@ -182,6 +182,8 @@ pub struct Routing {
     counts: Vec<usize>,
     /// Tokens per global expert.
     per_expert: Vec<u64>,
+    /// With expert parallelism: the row exchange with the experts' owners.
+    dispatch: Option<crate::dist::dispatch::Dispatch>,
 }
 
 fn route(top: Tensor, num_experts: usize, held: std::ops::Range<usize>) -> Result<Routing> {
@@ -211,16 +213,19 @@ fn route(top: Tensor, num_experts: usize, held: std::ops::Range<usize>) -> Resul
         slots: Tensor::from_vec(slots, m, &device)?,
         counts,
         per_expert,
+        dispatch: None,
     })
 }
 
 impl Moe {
     /// x [N, H] → [N, H]: routed experts (weighted by the router) plus the shared expert.
+    /// With `parallel`, this rank's routed rows go to their experts' owners and come back.
     fn forward(
         &self,
         spec: &ArchSpec,
         x: &Tensor,
         lora: &LoraCtx,
+        parallel: Option<&Parallel>,
         recorded: &mut Option<Rc<Routing>>,
     ) -> Result<(Tensor, Vec<u64>)> {
         let (n, h) = x.dims2()?;
@@ -236,8 +241,25 @@ impl Moe {
                     .arg_sort_last_dim(false)?
                     .narrow(1, 0, k)?
                     .contiguous()?; // [N, k]
-                let held = self.first_expert..self.first_expert + self.gate_up.experts.len();
-                let r = Rc::new(route(top, self.router.dim(0)?, held)?);
+                let num_experts = self.router.dim(0)?;
+                let r = match parallel {
+                    None => {
+                        let held =
+                            self.first_expert..self.first_expert + self.gate_up.experts.len();
+                        route(top, num_experts, held)?
+                    }
+                    Some(p) => {
+                        let mut r = route(top, num_experts, 0..num_experts)?;
+                        r.dispatch = Some(crate::dist::dispatch::Dispatch::plan(
+                            p.comm.as_ref(),
+                            &r.counts,
+                            &p.expert_ranges,
+                            x.device(),
+                        )?);
+                        r
+                    }
+                };
+                let r = Rc::new(r);
                 *recorded = Some(r.clone());
                 r
             }
@@ -249,37 +271,20 @@ impl Moe {
         let weights = weights.to_dtype(x.dtype())?;
 
         let xs = x.index_select(&routing.tokens, 0)?; // [M, H] sorted by expert
-        let ad = lora.adapters;
-        let r = ad.settings.r;
-        let s = ad.settings.scaling();
-        let mut gu = grouped_nf4(&xs, &self.gate_up, &routing.counts)?; // [M, 2I]
-        if let Some(l) = ad.experts.get(&self.gate_up_name) {
-            let delta = grouped_lora(
-                &xs,
-                &lora.weight(&l.a),
-                &lora.weight(&l.b),
-                &routing.counts,
-                self.first_expert,
-                r,
-                s,
-            )?;
-            gu = (gu + delta)?;
-        }
-        let i = self.gate_up.out_features / 2;
-        let act = swiglu(&gu.narrow(1, 0, i)?, &gu.narrow(1, i, i)?)?; // [M, I]
-        let mut y = grouped_nf4(&act, &self.down, &routing.counts)?; // [M, H]
-        if let Some(l) = ad.experts.get(&self.down_name) {
-            let delta = grouped_lora(
-                &act,
-                &lora.weight(&l.a),
-                &lora.weight(&l.b),
-                &routing.counts,
-                self.first_expert,
-                r,
-                s,
-            )?;
-            y = (y + delta)?;
-        }
+        let y = match (&routing.dispatch, parallel) {
+            (Some(d), Some(p)) => {
+                let xr = d.dispatch(&p.comm, &xs)?; // [R, H] grouped by local expert
+                                                    // A rank that receives nothing still takes part in the backward's exchange,
+                                                    // so its (empty) output stays connected to its input.
+                let yr = if xr.dim(0)? == 0 {
+                    (xr * 0.0)?
+                } else {
+                    self.experts(&xr, &d.local_counts, lora)?
+                };
+                d.combine(&p.comm, &yr)? // [M, H] in xs order
+            }
+            _ => self.experts(&xs, &routing.counts, lora)?,
+        };
         let w = weights.flatten_all()?.index_select(&routing.slots, 0)?; // [M]
         let y = y.broadcast_mul(&w.unsqueeze(1)?)?;
         let mut out = Tensor::zeros((n, h), DType::F32, x.device())?
@@ -294,6 +299,36 @@ impl Moe {
         }
         Ok((out, routing.per_expert.clone()))
     }
+
+    /// The held experts on their rows: xs [M, H] grouped by held expert, `counts[e]` rows
+    /// each → [M, H]. Expert adapters hold the same experts as the weights (local index 0 is
+    /// `first_expert`).
+    fn experts(&self, xs: &Tensor, counts: &[usize], lora: &LoraCtx) -> Result<Tensor> {
+        let ad = lora.adapters;
+        let r = ad.settings.r;
+        let s = ad.settings.scaling();
+        let mut gu = grouped_nf4(xs, &self.gate_up, counts)?; // [M, 2I]
+        if let Some(l) = ad.experts.get(&self.gate_up_name) {
+            let delta = grouped_lora(xs, &lora.weight(&l.a), &lora.weight(&l.b), counts, 0, r, s)?;
+            gu = (gu + delta)?;
+        }
+        let i = self.gate_up.out_features / 2;
+        let act = swiglu(&gu.narrow(1, 0, i)?, &gu.narrow(1, i, i)?)?; // [M, I]
+        let mut y = grouped_nf4(&act, &self.down, counts)?; // [M, H]
+        if let Some(l) = ad.experts.get(&self.down_name) {
+            let delta = grouped_lora(
+                &act,
+                &lora.weight(&l.a),
+                &lora.weight(&l.b),
+                counts,
+                0,
+                r,
+                s,
+            )?;
+            y = (y + delta)?;
+        }
+        Ok(y)
+    }
 }
 
 impl Layer {
@@ -305,6 +340,7 @@ impl Layer {
         x: &Tensor,
         inputs: &Inputs,
         lora: &LoraCtx,
+        parallel: Option<&Parallel>,
     ) -> Result<(Tensor, LayerStats)> {
         let eps = spec.rms_norm_eps;
         let h = rms_norm(x, &self.input_norm, eps)?;
@@ -314,7 +350,7 @@ impl Layer {
             Mlp::Dense(p) => (swiglu_mlp(p, &h, lora)?, LayerStats::default()),
             Mlp::Moe(moe) => {
                 let mut routes = inputs.routes.borrow_mut();
-                let (m, per_expert) = moe.forward(spec, &h, lora, &mut routes[index])?;
+                let (m, per_expert) = moe.forward(spec, &h, lora, parallel, &mut routes[index])?;
                 (
                     m,
                     LayerStats {

@@ -38,6 +38,12 @@ impl LoraCtx<'_> {
     }
 }
 
+/// Expert parallelism: the ranks' collectives and which experts each rank owns.
+pub struct Parallel {
+    pub comm: Arc<dyn crate::dist::Communicator>,
+    pub expert_ranges: Vec<std::ops::Range<usize>>,
+}
+
 /// Per-micro-batch inputs shared by every layer.
 pub struct Inputs {
     /// [N] u32
@@ -71,6 +77,8 @@ pub struct Model {
     final_norm: Tensor,
     lm_head: Tensor,
     rope: Rope,
+    /// Set when experts are spread over ranks (world size > 1).
+    parallel: Option<Parallel>,
 }
 
 struct Weights<'a> {
@@ -250,7 +258,34 @@ impl Model {
             layers,
             final_norm: w.dense("model.norm.weight")?,
             lm_head,
+            parallel: None,
         })
+    }
+
+    /// Spreads the experts over `comm`'s ranks: this model must hold exactly the experts
+    /// `expert_ranges[rank]`. With one rank the model stays as it is.
+    pub fn with_parallel(mut self, comm: Arc<dyn crate::dist::Communicator>) -> Result<Model> {
+        if comm.world_size() == 1 {
+            return Ok(self);
+        }
+        let ranges = crate::dist::dispatch::expert_ranges(self.spec.num_experts, comm.world_size());
+        let mine = ranges[comm.rank()].clone();
+        for layer in &self.layers {
+            if let Mlp::Moe(m) = &layer.mlp {
+                let held = m.first_expert..m.first_expert + m.gate_up.experts.len();
+                if held != mine {
+                    candle_core::bail!(
+                        "rank {} holds experts {held:?} but owns {mine:?}",
+                        comm.rank()
+                    );
+                }
+            }
+        }
+        self.parallel = Some(Parallel {
+            comm,
+            expert_ranges: ranges,
+        });
+        Ok(self)
     }
 
     pub fn num_layers(&self) -> usize {
@@ -325,7 +360,7 @@ impl Model {
         inputs: &Inputs,
         lora: &LoraCtx,
     ) -> Result<(Tensor, LayerStats)> {
-        self.layers[l].forward(l, &self.spec, x, inputs, lora)
+        self.layers[l].forward(l, &self.spec, x, inputs, lora, self.parallel.as_ref())
     }
 
     /// Final RMSNorm: x [N, H] → [N, H].

@@ -347,3 +347,59 @@ impl SliceQuantizer for CudaQuantizer {
         Some(self.peak)
     }
 }
+
+fn sha_hex(parts: &[&[u8]]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Digests of the 4-bit codes and statistics, to compare loads across world sizes: per
+/// quantized parameter `{"stats": sha}` plus `{"codes": sha}`, or for expert parameters
+/// `{"experts": {"<global expert>": sha}}` over the experts held. Dense tensors are left out.
+pub fn digest(base: &FrozenBase) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (name, t) in &base.tensors {
+        let Frozen::Quantized { param, experts } = t else {
+            continue;
+        };
+        let stats: Vec<u8> = match &param.absmax {
+            crate::quant::Absmax::Plain(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            crate::quant::Absmax::Nested(n) => {
+                let mut b = n.offset.to_le_bytes().to_vec();
+                b.extend_from_slice(&n.codes);
+                b.extend(n.nested_absmax.iter().flat_map(|x| x.to_le_bytes()));
+                b
+            }
+        };
+        let mut entry = serde_json::Map::new();
+        entry.insert("stats".into(), sha_hex(&[&stats]).into());
+        match experts {
+            Some(range) if param.shape.len() == 3 => {
+                let per = param.shape[1] * param.shape[2] / 2;
+                let mut by_expert = serde_json::Map::new();
+                for (local, e) in range.clone().enumerate() {
+                    let codes = &param.packed[local * per..(local + 1) * per];
+                    by_expert.insert(e.to_string(), sha_hex(&[codes]).into());
+                }
+                entry.insert("experts".into(), by_expert.into());
+            }
+            _ if param.shape.len() == 3 => {
+                let per = param.shape[1] * param.shape[2] / 2;
+                let mut by_expert = serde_json::Map::new();
+                for (e, codes) in param.packed.chunks(per.max(1)).enumerate() {
+                    by_expert.insert(e.to_string(), sha_hex(&[codes]).into());
+                }
+                entry.insert("experts".into(), by_expert.into());
+            }
+            _ => {
+                entry.insert("codes".into(), sha_hex(&[&param.packed]).into());
+            }
+        }
+        out.insert(name.clone(), entry.into());
+    }
+    out.into()
+}

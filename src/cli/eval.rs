@@ -132,7 +132,14 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
         }
     };
     let settings = args.quant.settings()?;
-    let base = setup::load_base(&dir, settings, &device).map_err(CliError::Input)?;
+    let base = setup::load_base(
+        &dir,
+        settings,
+        &device,
+        None,
+        &mut crate::checkpoint::frozen::SingleProcess,
+    )
+    .map_err(CliError::Input)?;
     let model = Model::new(spec, &base, dtype, &device, seq_max).map_err(CliError::input)?;
     drop(base);
     let adapters = match &args.adapter {

@@ -6,6 +6,7 @@ mod eval;
 mod gpu_bench;
 mod gpu_check;
 mod inspect;
+mod nccl_check;
 mod quantize;
 mod synth;
 mod train;
@@ -43,6 +44,9 @@ pub enum Command {
     GpuCheck(gpu_check::GpuCheckArgs),
     /// Measure CUDA kernel throughput against device copy bandwidth (needs --features cuda).
     GpuBench(gpu_bench::GpuBenchArgs),
+    /// Compare every NCCL collective with the CPU collective on random data, on every rank
+    /// (run alone, or under moeq-launch; needs a build with --features nccl).
+    NcclCheck(nccl_check::NcclCheckArgs),
 }
 
 /// An error at the binary's edge: the one-line message and the exit code it maps to.
@@ -74,6 +78,9 @@ pub fn main() -> ExitCode {
         Command::Inspect(args) => with_logging(cli.log_level.as_deref(), || inspect::run(args)),
         Command::GpuCheck(args) => with_logging(cli.log_level.as_deref(), || gpu_check::run(args)),
         Command::GpuBench(args) => with_logging(cli.log_level.as_deref(), || gpu_bench::run(args)),
+        Command::NcclCheck(args) => {
+            with_logging(cli.log_level.as_deref(), || nccl_check::run(args))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

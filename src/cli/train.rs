@@ -20,11 +20,17 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
     }
     .map_err(CliError::input)?;
     let config = outcome.config;
+    let env = crate::dist::resolve(&crate::dist::RankFlags::default(), &|k| {
+        std::env::var(k).ok()
+    })
+    .map_err(CliError::input)?;
+    let multi = env.world_size > 1;
+    // Rank 0 keeps the run's log file; every rank logs to stderr with its rank.
     let log_file = config.output_dir.join("moeq.log");
     let _guard = crate::util::logging::init(crate::util::logging::LogSetup {
         level: log_level,
-        rank: None,
-        file: Some(&log_file),
+        rank: multi.then_some(env.rank),
+        file: (env.rank == 0).then_some(log_file.as_path()),
     })
     .map_err(CliError::input)?;
     for w in &outcome.warnings {
@@ -56,11 +62,31 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
         tracing::warn!("{w}");
     }
     tracing::info!("{}", data.stats.summary());
-    let summary =
-        crate::train::trainer::train(&config, &dir, &data, tok.pad.id).map_err(|e| match e {
-            crate::train::trainer::TrainError::Input(m) => CliError::Input(m),
-            crate::train::trainer::TrainError::Failed(m) => CliError::Failed(m),
-        })?;
+    let job = if multi {
+        Some(crate::dist::job::Job::join(&env).map_err(CliError::failed)?)
+    } else {
+        None
+    };
+    let ctx = match &job {
+        Some(j) => j.rank_ctx(&config).map_err(CliError::failed)?,
+        None => crate::train::trainer::RankCtx::solo(),
+    };
+    let result = crate::train::trainer::train_ranks(&config, &dir, &data, tok.pad.id, &ctx);
+    if let Err(e) = &result {
+        // The other ranks stop with this as the cause instead of waiting for a timeout.
+        ctx.comm.abort(&e.to_string());
+    }
+    drop(ctx);
+    if let Some(j) = job {
+        j.finish();
+    }
+    let summary = result.map_err(|e| match e {
+        crate::train::trainer::TrainError::Input(m) => CliError::Input(m),
+        crate::train::trainer::TrainError::Failed(m) => CliError::Failed(m),
+    })?;
+    if env.rank != 0 {
+        return Ok(());
+    }
     let mut line = format!(
         "trained {} steps in {:.1} s: loss {:.4} -> {:.4}",
         summary.steps, summary.seconds, summary.first_loss, summary.last_loss

@@ -114,38 +114,56 @@ fn check_split(x: &Tensor, send: &[usize], recv: &[usize], world: usize) -> Resu
     Ok(())
 }
 
+/// Element types the collectives carry, with their little-endian encoding.
+trait Wire: candle_core::WithDType {
+    const WIDTH: usize;
+    fn put(self, out: &mut Vec<u8>);
+    fn get(b: &[u8]) -> Self;
+}
+
+macro_rules! wire {
+    ($($t:ty),*) => {$(
+        impl Wire for $t {
+            const WIDTH: usize = std::mem::size_of::<$t>();
+            fn put(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn get(b: &[u8]) -> Self {
+                let mut w = [0u8; std::mem::size_of::<$t>()];
+                w.copy_from_slice(b);
+                <$t>::from_le_bytes(w)
+            }
+        }
+    )*};
+}
+wire!(f32, f64, half::bf16, half::f16, u32, i64, u8);
+
+fn encode_as<T: Wire>(x: &Tensor) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(x.elem_count() * T::WIDTH);
+    for v in x.to_vec1::<T>()? {
+        v.put(&mut out);
+    }
+    Ok(out)
+}
+
+fn decode_as<T: Wire>(b: &[u8], shape: &[usize], device: &Device) -> Result<Tensor> {
+    let v: Vec<T> = b.chunks_exact(T::WIDTH).map(T::get).collect();
+    Tensor::from_vec(v, shape, device)
+}
+
 /// Raw little-endian bytes of a tensor (contiguous, on the host).
 pub fn tensor_bytes(x: &Tensor) -> Result<Vec<u8>> {
     let x = x.to_device(&Device::Cpu)?.flatten_all()?;
-    Ok(match x.dtype() {
-        DType::F32 => x
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::BF16 => x
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F16 => x
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::U32 => x
-            .to_vec1::<u32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::I64 => x
-            .to_vec1::<i64>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::U8 => x.to_vec1::<u8>()?,
+    match x.dtype() {
+        DType::F32 => encode_as::<f32>(&x),
+        DType::F64 => encode_as::<f64>(&x),
+        DType::BF16 => encode_as::<half::bf16>(&x),
+        DType::F16 => encode_as::<half::f16>(&x),
+        DType::U32 => encode_as::<u32>(&x),
+        DType::I64 => encode_as::<i64>(&x),
+        DType::U8 => encode_as::<u8>(&x),
         other => candle_core::bail!("collectives: dtype {other:?} is not supported"),
-    })
+    }
 }
 
 /// The inverse of `tensor_bytes`.
@@ -162,43 +180,16 @@ pub fn tensor_from_bytes(
             b.len()
         );
     }
-    fn words<const W: usize>(b: &[u8]) -> impl Iterator<Item = [u8; W]> + '_ {
-        b.chunks_exact(W).map(|c| c.try_into().unwrap_or([0; W]))
-    }
-    let t = match dtype {
-        DType::F32 => Tensor::from_vec(
-            words::<4>(b).map(f32::from_le_bytes).collect::<Vec<_>>(),
-            shape,
-            device,
-        )?,
-        DType::BF16 => Tensor::from_vec(
-            words::<2>(b)
-                .map(half::bf16::from_le_bytes)
-                .collect::<Vec<_>>(),
-            shape,
-            device,
-        )?,
-        DType::F16 => Tensor::from_vec(
-            words::<2>(b)
-                .map(half::f16::from_le_bytes)
-                .collect::<Vec<_>>(),
-            shape,
-            device,
-        )?,
-        DType::U32 => Tensor::from_vec(
-            words::<4>(b).map(u32::from_le_bytes).collect::<Vec<_>>(),
-            shape,
-            device,
-        )?,
-        DType::I64 => Tensor::from_vec(
-            words::<8>(b).map(i64::from_le_bytes).collect::<Vec<_>>(),
-            shape,
-            device,
-        )?,
-        DType::U8 => Tensor::from_vec(b.to_vec(), shape, device)?,
+    match dtype {
+        DType::F32 => decode_as::<f32>(b, shape, device),
+        DType::F64 => decode_as::<f64>(b, shape, device),
+        DType::BF16 => decode_as::<half::bf16>(b, shape, device),
+        DType::F16 => decode_as::<half::f16>(b, shape, device),
+        DType::U32 => decode_as::<u32>(b, shape, device),
+        DType::I64 => decode_as::<i64>(b, shape, device),
+        DType::U8 => decode_as::<u8>(b, shape, device),
         other => candle_core::bail!("collectives: dtype {other:?} is not supported"),
-    };
-    Ok(t)
+    }
 }
 
 /// The CPU collective: chunks go through the rank-0 store (a star; fine for tests and tiny

@@ -1,9 +1,13 @@
 //! Distribution: who this process is (`env`), the rendezvous store (`store`), collectives
-//! (`comm`), and the launcher's logic (`launch`).
+//! (`comm`; `nccl` with the `nccl` feature), and the launcher's logic (`launch`).
 
 pub mod comm;
+pub mod dispatch;
 pub mod env;
+pub mod job;
 pub mod launch;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod store;
 
 pub use comm::{Communicator, Solo, TcpComm};

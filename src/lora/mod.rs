@@ -46,16 +46,22 @@ pub struct LinearLora {
     pub b: Var,
 }
 
-/// Adapter of one 3-D expert parameter.
+/// Adapter of one 3-D expert parameter, for the experts `first..first + num_experts` this
+/// rank holds (all of them with one rank): `a [r·num_experts, in]`, `b [out, r·num_experts]`
+/// in PEFT's layout over the held experts.
 pub struct ExpertLora {
     pub a: Var,
     pub b: Var,
     pub num_experts: usize,
     pub r: usize,
+    /// Global index of the first held expert.
+    pub first: usize,
+    /// Experts of the whole parameter.
+    pub total: usize,
 }
 
 impl ExpertLora {
-    /// `A_e [r, in]`.
+    /// `A_e [r, in]` of held expert `e` (local index).
     pub fn expert_a(&self, e: usize) -> Result<Tensor> {
         self.a.as_tensor().narrow(0, e * self.r, self.r)
     }
@@ -113,6 +119,18 @@ impl Adapters {
         seed: u64,
         device: &Device,
     ) -> Result<Adapters> {
+        Self::for_experts(spec, settings, seed, device, 0..spec.num_experts)
+    }
+
+    /// As `new`, with expert adapters for the experts `held` only; their values are the
+    /// rows/columns of the whole-parameter initialisation, so any split starts identically.
+    pub fn for_experts(
+        spec: &ArchSpec,
+        settings: LoraSettings,
+        seed: u64,
+        device: &Device,
+        held: std::ops::Range<usize>,
+    ) -> Result<Adapters> {
         let r = settings.r;
         let all_linear = settings.target_modules.iter().any(|m| m == "all-linear");
         let mut linear = BTreeMap::new();
@@ -128,15 +146,29 @@ impl Adapters {
                     .any(|t| p.name.ends_with(t.as_str()))
                 {
                     let (e, out, inp) = (p.shape[0], p.shape[1], p.shape[2]);
+                    if held.end > e {
+                        candle_core::bail!("{}: experts {held:?} outside 0..{e}", p.name);
+                    }
                     let a = kaiming(seed, &format!("{}.lora_A", p.name), r * e, inp, device)?;
-                    let b = Var::zeros((out, r * e), candle_core::DType::F32, device)?;
+                    let a = if held.len() == e {
+                        a
+                    } else {
+                        Var::from_tensor(&a.as_tensor().narrow(
+                            0,
+                            held.start * r,
+                            held.len() * r,
+                        )?)?
+                    };
+                    let b = Var::zeros((out, r * held.len()), candle_core::DType::F32, device)?;
                     experts.insert(
                         p.name.clone(),
                         ExpertLora {
                             a,
                             b,
-                            num_experts: e,
+                            num_experts: held.len(),
                             r,
+                            first: held.start,
+                            total: e,
                         },
                     );
                 }
@@ -165,5 +197,87 @@ impl Adapters {
 
     pub fn num_params(&self) -> usize {
         self.vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Trainable parameters of the whole model: held expert adapters counted for all experts.
+    pub fn num_params_global(&self) -> usize {
+        let linear: usize = self
+            .linear
+            .values()
+            .map(|l| l.a.elem_count() + l.b.elem_count())
+            .sum();
+        let experts: usize = self
+            .experts
+            .values()
+            .map(|e| (e.a.elem_count() + e.b.elem_count()) / e.num_experts.max(1) * e.total)
+            .sum();
+        linear + experts
+    }
+
+    /// PEFT names of the expert adapters (held by their owner, not replicated).
+    pub fn expert_var_names(&self) -> std::collections::BTreeSet<String> {
+        let ids: std::collections::HashSet<_> = self
+            .experts
+            .values()
+            .flat_map(|e| [e.a.as_tensor().id(), e.b.as_tensor().id()])
+            .collect();
+        self.vars()
+            .into_iter()
+            .filter(|(_, v)| ids.contains(&v.as_tensor().id()))
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    /// The whole adapter on every rank: expert adapters all-gathered from their owners in
+    /// global expert order (the others are replicated already). Every rank must call it.
+    pub fn gathered(&self, comm: &dyn crate::dist::Communicator) -> Result<Adapters> {
+        let linear = self
+            .linear
+            .iter()
+            .map(|(k, l)| {
+                Ok((
+                    k.clone(),
+                    LinearLora {
+                        a: Var::from_tensor(l.a.as_tensor())?,
+                        b: Var::from_tensor(l.b.as_tensor())?,
+                    },
+                ))
+            })
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let mut experts = BTreeMap::new();
+        for (k, e) in &self.experts {
+            let a = Tensor::cat(&comm.all_gather(e.a.as_tensor())?, 0)?;
+            // B's columns are expert-minor: gather [E_held, out, r] blocks, then back.
+            let out = e.b.dim(0)?;
+            let b_local =
+                e.b.as_tensor()
+                    .reshape((out, e.r, e.num_experts))?
+                    .permute((2, 0, 1))?
+                    .contiguous()?;
+            let b = Tensor::cat(&comm.all_gather(&b_local)?, 0)?; // [E, out, r]
+            if b.dim(0)? != e.total || a.dim(0)? != e.total * e.r {
+                candle_core::bail!("{k}: gathered {} experts of {}", b.dim(0)?, e.total);
+            }
+            let b = b
+                .permute((1, 2, 0))?
+                .contiguous()?
+                .reshape((out, e.r * e.total))?;
+            experts.insert(
+                k.clone(),
+                ExpertLora {
+                    a: Var::from_tensor(&a)?,
+                    b: Var::from_tensor(&b)?,
+                    num_experts: e.total,
+                    r: e.r,
+                    first: 0,
+                    total: e.total,
+                },
+            );
+        }
+        Ok(Adapters {
+            settings: self.settings.clone(),
+            linear,
+            experts,
+        })
     }
 }

@@ -1,7 +1,7 @@
 //! From a validated config to the pieces a run needs: the compute device and dtype, the
 //! quantization settings, the frozen base on the device, and LoRA settings.
 
-use crate::checkpoint::frozen::{self, CpuQuantizer, FrozenBase, SingleProcess};
+use crate::checkpoint::frozen::{self, CpuQuantizer, FrozenBase};
 use crate::checkpoint::ModelDir;
 use crate::config::{Bf16Mode, QuantType, TargetModules, TrainConfig};
 use crate::lora::LoraSettings;
@@ -10,24 +10,48 @@ use candle_core::{DType, Device};
 
 /// The device a config asks for. `auto` is the first GPU in a CUDA build that sees one.
 pub fn device(choice: &crate::config::Device) -> Result<Device, String> {
+    device_for_rank(choice, 0)
+}
+
+/// The device of the rank with `local_rank` on its node: `cuda`/`auto` without an ordinal
+/// take GPU `local_rank` of those visible (GPU 0 when each rank sees only its own, as under
+/// `srun --gpus-per-task=1`).
+pub fn device_for_rank(
+    choice: &crate::config::Device,
+    local_rank: usize,
+) -> Result<Device, String> {
     use crate::config::Device as D;
+    let ordinal =
+        |given: Option<usize>| given.unwrap_or_else(|| local_rank % visible_gpus().max(1));
     match choice {
         D::Cpu => Ok(Device::Cpu),
-        D::Cuda(ordinal) => {
+        D::Cuda(given) => {
             if !cfg!(feature = "cuda") {
                 return Err("device: cuda needs a moeq built with --features cuda (this build is CPU-only); set `device: cpu`".into());
             }
-            Device::new_cuda(ordinal.unwrap_or(0))
-                .map_err(|e| format!("device: cuda:{}: {e}", ordinal.unwrap_or(0)))
+            let o = ordinal(*given);
+            Device::new_cuda(o).map_err(|e| format!("device: cuda:{o}: {e}"))
         }
         D::Auto => {
-            if cfg!(feature = "cuda") {
-                if let Ok(d) = Device::new_cuda(0) {
+            if cfg!(feature = "cuda") && visible_gpus() > 0 {
+                if let Ok(d) = Device::new_cuda(ordinal(None)) {
                     return Ok(d);
                 }
             }
             Ok(Device::Cpu)
         }
+    }
+}
+
+/// GPUs this process sees (0 in a CPU build).
+pub fn visible_gpus() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        cudarc::driver::CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        0
     }
 }
 
@@ -65,13 +89,31 @@ pub fn lora_settings(c: &TrainConfig) -> LoraSettings {
     }
 }
 
-/// Loads and quantizes the frozen base, on the GPU when the model runs there.
+/// All-gathers quantization statistics over the ranks' collectives.
+pub struct CommGather<'a>(pub &'a dyn crate::dist::Communicator);
+
+impl frozen::StatsGather for CommGather<'_> {
+    fn gather(&mut self, name: &str, local: Vec<f32>) -> Result<Vec<f32>, String> {
+        let n = local.len();
+        let t = candle_core::Tensor::from_vec(local, n, &Device::Cpu).map_err(|e| e.to_string())?;
+        let parts = self.0.all_gather(&t).map_err(|e| format!("{name}: {e}"))?;
+        let mut all = Vec::new();
+        for p in parts {
+            all.extend(p.to_vec1::<f32>().map_err(|e| e.to_string())?);
+        }
+        Ok(all)
+    }
+}
+
+/// Loads and quantizes the frozen base, on the GPU when the model runs there. `experts`
+/// limits expert parameters to the owned experts; `gather` all-gathers their statistics.
 pub fn load_base(
     dir: &ModelDir,
     settings: QuantSettings,
     device: &Device,
+    experts: Option<std::ops::Range<usize>>,
+    gather: &mut dyn frozen::StatsGather,
 ) -> Result<FrozenBase, String> {
-    let mut gather = SingleProcess;
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
@@ -80,9 +122,9 @@ pub fn load_base(
                 _ => 0,
             };
             let mut q = frozen::CudaQuantizer::new(ordinal).map_err(|e| e.to_string())?;
-            frozen::load(dir, settings, None, &mut q, &mut gather).map_err(|e| e.to_string())
+            frozen::load(dir, settings, experts, &mut q, gather).map_err(|e| e.to_string())
         }
-        _ => frozen::load(dir, settings, None, &mut CpuQuantizer, &mut gather)
+        _ => frozen::load(dir, settings, experts, &mut CpuQuantizer, gather)
             .map_err(|e| e.to_string()),
     }
 }

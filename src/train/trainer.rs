@@ -9,6 +9,7 @@ use crate::arch::Model;
 use crate::checkpoint::ModelDir;
 use crate::config::TrainConfig;
 use crate::data::{Loader, LoaderOptions, PreparedData, Sample};
+use crate::dist::Communicator;
 use crate::lora::{peft, Adapters};
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
@@ -16,6 +17,7 @@ use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
@@ -153,15 +155,126 @@ fn prune_checkpoints(dir: &Path, limit: usize) {
     }
 }
 
-/// Trains `config` on the already-opened base model with prepared data.
+/// Where this process stands in the job: its collectives and its GPU slot on the node.
+pub struct RankCtx {
+    pub comm: Arc<dyn Communicator>,
+    pub local_rank: usize,
+}
+
+impl RankCtx {
+    pub fn solo() -> RankCtx {
+        RankCtx {
+            comm: Arc::new(crate::dist::Solo),
+            local_rank: 0,
+        }
+    }
+}
+
+/// Trains `config` on the already-opened base model with prepared data, in one process.
 pub fn train(
     config: &TrainConfig,
     dir: &ModelDir,
     data: &PreparedData,
     pad_id: u32,
 ) -> Result<Summary, TrainError> {
+    train_ranks(config, dir, data, pad_id, &RankCtx::solo())
+}
+
+/// Sums host values over the ranks (f64; identical on every rank).
+fn sum_over_ranks(comm: &dyn Communicator, v: Vec<f64>) -> Result<Vec<f64>, TrainError> {
+    if comm.world_size() == 1 {
+        return Ok(v);
+    }
+    let n = v.len();
+    let t = Tensor::from_vec(v, n, &Device::Cpu).map_err(failed)?;
+    comm.all_reduce_sum(&t)
+        .and_then(|t| t.to_vec1::<f64>())
+        .map_err(failed)
+}
+
+/// Elements per all-reduce bucket of replicated gradients.
+const BUCKET: usize = 16 << 20;
+
+/// Sums the replicated adapters' gradients over the ranks: flattened in name order into
+/// buckets of about `BUCKET` elements, one all-reduce per bucket.
+fn all_reduce_grads(
+    comm: &dyn Communicator,
+    grads: &mut BTreeMap<String, Tensor>,
+    names: &[String],
+) -> candle_core::Result<()> {
+    let mut bucket: Vec<&String> = Vec::new();
+    let mut size = 0;
+    for (i, name) in names.iter().enumerate() {
+        bucket.push(name);
+        size += grads[name].elem_count();
+        if size >= BUCKET || i + 1 == names.len() {
+            let flat = bucket
+                .iter()
+                .map(|n| grads[*n].flatten_all())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let summed = comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
+            let mut at = 0;
+            for n in bucket.drain(..) {
+                let g = &grads[n];
+                let k = g.elem_count();
+                let part = summed.narrow(0, at, k)?.reshape(g.dims())?;
+                grads.insert(n.clone(), part);
+                at += k;
+            }
+            size = 0;
+        }
+    }
+    Ok(())
+}
+
+/// Sum of squares of each gradient in `names` order, one host copy.
+fn squares(grads: &BTreeMap<String, Tensor>, names: &[String]) -> candle_core::Result<f64> {
+    if names.is_empty() {
+        return Ok(0.0);
+    }
+    let sq = names
+        .iter()
+        .map(|n| grads[n].sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&sq, 0)?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|&x| x as f64)
+        .sum())
+}
+
+/// Writes the NF4 digests of this rank's frozen base into `dir` (`MOEQ_NF4_DIGEST`), to compare
+/// loads across world sizes.
+fn write_digest(
+    dir: &Path,
+    base: &crate::checkpoint::frozen::FrozenBase,
+    rank: usize,
+    world: usize,
+) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
+    let path = dir.join(format!("nf4-rank{rank}-of-{world}.json"));
+    let text =
+        serde_json::to_string_pretty(&crate::checkpoint::frozen::digest(base)).map_err(failed)?;
+    std::fs::write(&path, text).map_err(|e| failed(format!("{}: {e}", path.display())))
+}
+
+/// Trains on every rank of `ctx`: data parallel over the ranks (each its own micro-batches),
+/// experts spread over them (each rank loads, quantizes and trains the adapters of its own
+/// experts; tokens travel to them), replicated adapters' gradients summed over the ranks.
+/// Rank 0 writes metrics and adapters. With one rank this is the single-process trainer.
+pub fn train_ranks(
+    config: &TrainConfig,
+    dir: &ModelDir,
+    data: &PreparedData,
+    pad_id: u32,
+    ctx: &RankCtx,
+) -> Result<Summary, TrainError> {
     let started = Instant::now();
-    let device = setup::device(&config.device).map_err(TrainError::Input)?;
+    let comm = &ctx.comm;
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let lead = rank == 0;
+    let device =
+        setup::device_for_rank(&config.device, ctx.local_rank).map_err(TrainError::Input)?;
     let dtype = setup::compute_dtype(config.bf16, &device);
     let spec = &dir.spec;
     tracing::info!("device {:?}, compute dtype {:?}", device, dtype);
@@ -176,25 +289,60 @@ pub fn train(
         ));
     }
     let settings = setup::quant_settings(config);
-    let base = setup::load_base(dir, settings, &device).map_err(TrainError::Input)?;
+    let held = crate::dist::dispatch::expert_ranges(spec.num_experts, world)[rank].clone();
+    let base = if world > 1 {
+        tracing::info!(
+            "rank {rank} of {world}: experts {}..{} of {}",
+            held.start,
+            held.end,
+            spec.num_experts
+        );
+        setup::load_base(
+            dir,
+            settings,
+            &device,
+            Some(held.clone()),
+            &mut setup::CommGather(comm.as_ref()),
+        )
+    } else {
+        setup::load_base(
+            dir,
+            settings,
+            &device,
+            None,
+            &mut crate::checkpoint::frozen::SingleProcess,
+        )
+    }
+    .map_err(TrainError::Input)?;
     tracing::info!(
         "frozen base: {:.1} MB 4-bit + {:.1} MB dense in {:.1} s",
         base.report.quantized_bytes as f64 / 1e6,
         base.report.dense_bytes as f64 / 1e6,
         base.report.seconds
     );
+    if let Some(d) = std::env::var_os("MOEQ_NF4_DIGEST") {
+        write_digest(Path::new(&d), &base, rank, world)?;
+    }
     let model = Model::new(spec, &base, dtype, &device, config.sequence_len + 1)
+        .and_then(|m| m.with_parallel(comm.clone()))
         .map_err(|e| TrainError::Input(e.to_string()))?;
     drop(base);
-    let adapters =
-        Adapters::new(spec, setup::lora_settings(config), config.seed, &device).map_err(failed)?;
+    let adapters = Adapters::for_experts(
+        spec,
+        setup::lora_settings(config),
+        config.seed,
+        &device,
+        held,
+    )
+    .map_err(failed)?;
     if adapters.linear.is_empty() && adapters.experts.is_empty() {
         return Err(TrainError::Input(
             "no LoRA targets matched: set lora_target_modules (q_proj, k_proj, …) and/or lora_target_parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj)".into(),
         ));
     }
     for m in &adapters.settings.target_modules {
-        if m != "all-linear"
+        if lead
+            && m != "all-linear"
             && !adapters
                 .linear
                 .keys()
@@ -215,13 +363,14 @@ pub fn train(
         }
     }
     tracing::info!(
-        "LoRA: {} linear and {} expert adapters, {} trainable parameters",
+        "LoRA: {} linear and {} expert adapters, {} trainable parameters ({} on this rank)",
         adapters.linear.len(),
         adapters.experts.len(),
+        adapters.num_params_global(),
         adapters.num_params()
     );
 
-    let opts = LoaderOptions::from_config(config, pad_id, 0, 1);
+    let opts = LoaderOptions::from_config(config, pad_id, rank, world);
     let mut loader = Loader::new(data.train.clone(), opts.clone())
         .map_err(|e| TrainError::Input(e.to_string()))?;
     let gas = config.gradient_accumulation_steps.max(1);
@@ -229,6 +378,13 @@ pub fn train(
         Some(s) => s,
         None => loader.steps_in_epochs(config.num_epochs).div_ceil(gas),
     };
+    if total_steps == 0 {
+        return Err(TrainError::Input(format!(
+            "no whole training step: {} rows of training data, but one step takes micro_batch_size {} × {world} ranks; lower micro_batch_size or add data",
+            loader.steps_per_epoch(),
+            config.micro_batch_size
+        )));
+    }
     let warmup = config.warmup_steps.unwrap_or_else(|| {
         (config.warmup_ratio.unwrap_or(0.0) * total_steps as f64).ceil() as usize
     });
@@ -248,25 +404,36 @@ pub fn train(
         },
     )
     .map_err(failed)?;
-    std::fs::create_dir_all(&config.output_dir)
-        .map_err(|e| failed(format!("{}: {e}", config.output_dir.display())))?;
-    let mut metrics = Metrics::create(&config.output_dir)?;
+    let mut metrics = if lead {
+        std::fs::create_dir_all(&config.output_dir)
+            .map_err(|e| failed(format!("{}: {e}", config.output_dir.display())))?;
+        Some(Metrics::create(&config.output_dir)?)
+    } else {
+        None
+    };
     let flops_tok = flops_per_token(spec, config.sequence_len);
     let peak = peak_flops(&device);
-    let progress = crate::util::progress::Steps::new(total_steps as u64, "train");
+    let progress =
+        crate::util::progress::Steps::new(if lead { total_steps as u64 } else { 0 }, "train");
 
     let vars = adapters.vars();
+    let expert_names = adapters.expert_var_names();
+    let (replicated, owned): (Vec<String>, Vec<String>) = vars
+        .iter()
+        .map(|(n, _)| n.clone())
+        .partition(|n| world == 1 || !expert_names.contains(n));
     let (mut first_loss, mut last_loss) = (None, 0.0);
     let (mut window_loss, mut window_steps, mut window_tokens) = (0.0, 0usize, 0usize);
     let mut window_start = Instant::now();
     let mut last_eval = None;
     for step in 0..total_steps {
         let batches: Vec<_> = (0..gas).map(|_| loader.next_batch()).collect();
-        let denom: usize = batches.iter().map(|b| b.num_targets()).sum();
+        let local_denom: usize = batches.iter().map(|b| b.num_targets()).sum();
+        let denom = sum_over_ranks(comm.as_ref(), vec![local_denom as f64])?[0] as usize;
         let mut grads = BTreeMap::new();
         let mut stats = MicroStats::default();
         for (micro, batch) in batches.iter().enumerate() {
-            let key = Some((config.seed, (step * gas + micro) as u64));
+            let key = Some((config.seed, ((step * gas + micro) * world + rank) as u64));
             let s = forward_backward(&model, &adapters, batch, denom, key, &mut grads)
                 .map_err(failed)?;
             stats.loss_sum += s.loss_sum;
@@ -282,19 +449,38 @@ pub fn train(
                 }
             }
         }
+        if world > 1 {
+            // An adapter no token reached still takes part (zero gradient), as the whole
+            // parameter would in one process.
+            for (name, v) in &vars {
+                if !grads.contains_key(name) {
+                    grads.insert(name.clone(), v.as_tensor().zeros_like().map_err(failed)?);
+                }
+            }
+            all_reduce_grads(comm.as_ref(), &mut grads, &replicated).map_err(failed)?;
+            // Global loss, token counts and expert load.
+            let mut v = vec![stats.loss_sum, stats.labelled as f64, stats.tokens as f64];
+            v.extend(stats.expert_tokens.iter().flatten().map(|&c| c as f64));
+            let g = sum_over_ranks(comm.as_ref(), v)?;
+            stats.loss_sum = g[0];
+            stats.labelled = g[1] as usize;
+            stats.tokens = g[2] as usize;
+            let mut at = 3;
+            for row in stats.expert_tokens.iter_mut() {
+                for c in row.iter_mut() {
+                    *c = g[at] as u64;
+                    at += 1;
+                }
+            }
+        }
         crate::util::mem::sample_gpu_peak(&device);
-        // Global gradient norm: per-tensor sums of squares in name order, one host copy.
-        let squares = grads
-            .values()
-            .map(|g| g.sqr()?.sum_all())
-            .collect::<candle_core::Result<Vec<_>>>()
-            .map_err(failed)?;
-        let sq: f64 = Tensor::stack(&squares, 0)
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(failed)?
-            .iter()
-            .map(|&x| x as f64)
-            .sum();
+        // Global gradient norm: replicated gradients (equal on every rank) plus every rank's
+        // own expert gradients.
+        let sq = squares(&grads, &replicated).map_err(failed)?
+            + sum_over_ranks(
+                comm.as_ref(),
+                vec![squares(&grads, &owned).map_err(failed)?],
+            )?[0];
         let grad_norm = sq.sqrt();
         if !grad_norm.is_finite() {
             return Err(failed(format!("step {}: gradient norm is {grad_norm} (loss {:.4}); lower learning_rate or check the data", step + 1, stats.loss_sum / stats.labelled.max(1) as f64)));
@@ -337,17 +523,22 @@ pub fn train(
                 "tokens_per_s": tps,
                 "epoch": loader.cursor().epoch,
                 "elapsed_s": started.elapsed().as_secs_f64(),
+                "world_size": world,
                 "expert_tokens": stats.expert_tokens,
             });
             if let Some(p) = peak {
-                rec["mfu"] = json!(tps * flops_tok / p);
+                rec["mfu"] = json!(tps * flops_tok / (p * world as f64));
                 rec["peak_gpu_mem_gb"] = json!(crate::util::mem::peak_gpu_bytes() as f64 / 1e9);
             }
-            tracing::info!(
-                "step {done}/{total_steps} loss {:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {tps:.0} tok/s",
-                window_loss / window_steps as f64
-            );
-            metrics.write(&rec)?;
+            if lead {
+                tracing::info!(
+                    "step {done}/{total_steps} loss {:.4} lr {lr:.3e} grad_norm {grad_norm:.3} {tps:.0} tok/s",
+                    window_loss / window_steps as f64
+                );
+            }
+            if let Some(m) = metrics.as_mut() {
+                m.write(&rec)?;
+            }
             (window_loss, window_steps, window_tokens) = (0.0, 0, 0);
             window_start = Instant::now();
         }
@@ -355,36 +546,61 @@ pub fn train(
             config.eval_steps.is_some_and(|e| e > 0 && done % e == 0) || done == total_steps;
         if eval_due && !data.val.is_empty() {
             let r = eval_set(&model, &adapters, &data.val, &opts)?;
-            tracing::info!(
-                "step {done}: validation loss {:.4}, token accuracy {:.1}% over {} targets",
-                r.loss,
-                100.0 * r.accuracy,
-                r.tokens
-            );
-            metrics.write(&json!({"step": done, "eval_loss": r.loss, "eval_accuracy": r.accuracy, "eval_tokens": r.tokens}))?;
+            let g = sum_over_ranks(
+                comm.as_ref(),
+                vec![
+                    r.loss * r.tokens as f64,
+                    r.accuracy * r.tokens as f64,
+                    r.tokens as f64,
+                ],
+            )?;
+            let n = g[2].max(1.0);
+            let r = EvalResult {
+                loss: g[0] / n,
+                accuracy: g[1] / n,
+                tokens: g[2] as usize,
+            };
+            if lead {
+                tracing::info!(
+                    "step {done}: validation loss {:.4}, token accuracy {:.1}% over {} targets",
+                    r.loss,
+                    100.0 * r.accuracy,
+                    r.tokens
+                );
+            }
+            if let Some(m) = metrics.as_mut() {
+                m.write(&json!({"step": done, "eval_loss": r.loss, "eval_accuracy": r.accuracy, "eval_tokens": r.tokens}))?;
+            }
             last_eval = Some(r);
         }
         if config.save_steps.is_some_and(|s| s > 0 && done % s == 0) && done != total_steps {
-            let dir = config.output_dir.join(format!("checkpoint-{done}"));
-            save_adapter(&adapters, &config.base_model, &dir)?;
-            tracing::info!("saved adapter to {}", dir.display());
-            if let Some(limit) = config.save_total_limit {
-                prune_checkpoints(&config.output_dir, limit);
+            let full = whole_adapter(&adapters, comm.as_ref())?;
+            if lead {
+                let dir = config.output_dir.join(format!("checkpoint-{done}"));
+                save_adapter(full.as_ref().unwrap_or(&adapters), &config.base_model, &dir)?;
+                tracing::info!("saved adapter to {}", dir.display());
+                if let Some(limit) = config.save_total_limit {
+                    prune_checkpoints(&config.output_dir, limit);
+                }
             }
         }
     }
     progress.finish();
-    // The final adapter goes into output_dir itself, as axolotl/PEFT users expect.
-    let files = ["adapter_config.json", "adapter_model.safetensors"];
-    let tmp = config.output_dir.join(".final-adapter.tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    peft::save(&adapters, &config.base_model, &tmp)
-        .map_err(|e| failed(format!("{}: {e}", tmp.display())))?;
-    for f in files {
-        std::fs::rename(tmp.join(f), config.output_dir.join(f)).map_err(failed)?;
+    let full = whole_adapter(&adapters, comm.as_ref())?;
+    if lead {
+        // The final adapter goes into output_dir itself, as axolotl/PEFT users expect.
+        let files = ["adapter_config.json", "adapter_model.safetensors"];
+        let tmp = config.output_dir.join(".final-adapter.tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        peft::save(full.as_ref().unwrap_or(&adapters), &config.base_model, &tmp)
+            .map_err(|e| failed(format!("{}: {e}", tmp.display())))?;
+        for f in files {
+            std::fs::rename(tmp.join(f), config.output_dir.join(f)).map_err(failed)?;
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+        tracing::info!("saved adapter to {}", config.output_dir.display());
     }
-    let _ = std::fs::remove_dir_all(&tmp);
-    tracing::info!("saved adapter to {}", config.output_dir.display());
+    comm.barrier().map_err(failed)?;
     Ok(Summary {
         steps: total_steps,
         first_loss: first_loss.unwrap_or(0.0),
@@ -393,4 +609,16 @@ pub fn train(
         seconds: started.elapsed().as_secs_f64(),
         adapter_dir: config.output_dir.clone(),
     })
+}
+
+/// The whole adapter when experts are spread over ranks (every rank must call this); None
+/// with one rank, where `adapters` already is the whole adapter.
+fn whole_adapter(
+    adapters: &Adapters,
+    comm: &dyn Communicator,
+) -> Result<Option<Adapters>, TrainError> {
+    if comm.world_size() == 1 {
+        return Ok(None);
+    }
+    adapters.gathered(comm).map(Some).map_err(failed)
 }
