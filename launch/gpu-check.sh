@@ -54,7 +54,7 @@ run | nccl)
   echo "== nccl-check, $n processes on $gpus GPU(s), MASTER_PORT=$port" | tee -a "$OUT/nccl-check.log"
   pids=()
   for r in $(seq 0 $(( n - 1 ))); do
-    RANK=$r LOCAL_RANK=$r WORLD_SIZE=$n LOCAL_WORLD_SIZE=$n MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
+    NCCL_DEBUG=${NCCL_DEBUG:-WARN} RANK=$r LOCAL_RANK=$r WORLD_SIZE=$n LOCAL_WORLD_SIZE=$n MASTER_ADDR=127.0.0.1 MASTER_PORT=$port \
       timeout 180 .device/moeq nccl-check > "$OUT/nccl-rank$r.log" 2>&1 &
     pids+=($!)
   done

@@ -20,7 +20,7 @@ use std::process::Command;
 const DEFAULT: &str = include_str!("../configs/tiny-cpu.yaml");
 const GLOBAL_ROWS: usize = 12;
 
-fn config(dir: &Path, world: usize) -> PathBuf {
+fn config(dir: &Path, world: usize, extra: &str) -> PathBuf {
     let text = DEFAULT
         .replace("output_dir: outputs/tiny-cpu", &format!("output_dir: {}", dir.join("out").display()))
         .replace("max_steps: 300", "max_steps: 20")
@@ -32,18 +32,22 @@ fn config(dir: &Path, world: usize) -> PathBuf {
         .replace("warmup_steps: 20", "warmup_steps: 2")
         // Rows padded to the full length in every run, so the per-expert counts (which
         // include padding rows) can be compared too.
-        + "pad_to_sequence_len: true\n";
+        + "pad_to_sequence_len: true\n"
+        + extra;
     assert!(text.contains("max_steps: 20") && text.contains("save_steps: 10"));
     let path = dir.join("config.yaml");
     std::fs::write(&path, text).unwrap();
     path
 }
 
-/// Runs `world` ranks; returns the run directory.
-fn run(root: &Path, world: usize) -> PathBuf {
-    let dir = root.join(format!("w{world}"));
+/// Runs `world` ranks with `extra` config lines; returns the run directory.
+fn run(root: &Path, world: usize, extra: &str) -> PathBuf {
+    let dir = root.join(format!(
+        "w{world}{}",
+        if extra.is_empty() { "" } else { "-x" }
+    ));
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = config(&dir, world);
+    let cfg = config(&dir, world, extra);
     let out = Command::new(env!("CARGO_BIN_EXE_moeq-launch"))
         .args([
             "--nproc",
@@ -151,7 +155,7 @@ fn nf4(dir: &Path, world: usize) -> BTreeMap<String, (String, BTreeMap<String, S
 #[test]
 fn one_to_four_ranks_train_like_one_process() {
     let root = tempfile::tempdir().unwrap();
-    let one = run(root.path(), 1);
+    let one = run(root.path(), 1, "");
     let base_losses = losses(&one);
     assert_eq!(base_losses.len(), 20);
     assert!(base_losses[19] < base_losses[0], "{base_losses:?}");
@@ -161,7 +165,7 @@ fn one_to_four_ranks_train_like_one_process() {
         "expert parameters digested per expert"
     );
     for world in [2, 3, 4] {
-        let dir = run(root.path(), world);
+        let dir = run(root.path(), world, "");
         assert_eq!(
             nf4(&dir, world),
             base_nf4,
@@ -198,5 +202,103 @@ fn one_to_four_ranks_train_like_one_process() {
         };
         assert_eq!(last(&dir)["expert_tokens"], last(&one)["expert_tokens"]);
         assert_eq!(last(&dir)["world_size"], world);
+    }
+    // Data parallel only: every rank holds all experts, expert gradients are summed too.
+    let dir = run(root.path(), 2, "expert_parallel: false\n");
+    for (step, (a, b)) in losses(&dir).iter().zip(&base_losses).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs(),
+            "expert_parallel false, step {}: loss {a} vs {b}",
+            step + 1
+        );
+    }
+    assert_adapters_close(
+        &dir.join("out/adapter_model.safetensors"),
+        &one.join("out/adapter_model.safetensors"),
+        "expert_parallel false",
+    );
+}
+
+/// `moeq train` started directly by SLURM (`srun`, one task per GPU) finds its rank, the world
+/// and the master from SLURM's variables alone; without MOEQ_JOB_TOKEN the store's token is
+/// derived from the job id. Same for torchrun's variables. Two tasks here, as two processes.
+#[test]
+fn ranks_started_by_srun_or_torchrun_find_each_other() {
+    let root = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for (launcher, vars) in [
+        (
+            "srun",
+            vec![
+                ("SLURM_PROCID", "{r}"),
+                ("SLURM_LOCALID", "{r}"),
+                ("SLURM_NTASKS", "2"),
+                ("SLURM_NTASKS_PER_NODE", "2"),
+                ("SLURM_NODEID", "0"),
+                ("SLURM_JOB_NODELIST", "localhost"),
+                ("SLURM_JOB_ID", "4242"),
+            ],
+        ),
+        (
+            "torchrun",
+            vec![
+                ("RANK", "{r}"),
+                ("LOCAL_RANK", "{r}"),
+                ("WORLD_SIZE", "2"),
+                ("LOCAL_WORLD_SIZE", "2"),
+                ("MASTER_ADDR", "127.0.0.1"),
+                ("TORCHELASTIC_RUN_ID", "run-7"),
+            ],
+        ),
+    ] {
+        let dir = root.path().join(launcher);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = config(&dir, 2, "");
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("max_steps: 20", "max_steps: 3")
+            .replace("save_steps: 10", "save_steps: 100")
+            .replace("eval_steps: 20", "eval_steps: 3");
+        std::fs::write(&cfg, text).unwrap();
+        let children: Vec<_> = (0..2)
+            .map(|r| {
+                let mut c = Command::new(env!("CARGO_BIN_EXE_moeq"));
+                c.args(["train", "--config"]).arg(&cfg);
+                for k in [
+                    "RANK",
+                    "WORLD_SIZE",
+                    "LOCAL_RANK",
+                    "LOCAL_WORLD_SIZE",
+                    "MOEQ_JOB_TOKEN",
+                    "SLURM_PROCID",
+                    "TORCHELASTIC_RUN_ID",
+                ] {
+                    c.env_remove(k);
+                }
+                for (k, v) in &vars {
+                    c.env(k, v.replace("{r}", &r.to_string()));
+                }
+                c.env("MASTER_PORT", port.to_string());
+                c.stderr(std::process::Stdio::piped());
+                c.spawn().unwrap()
+            })
+            .collect();
+        for (r, ch) in children.into_iter().enumerate() {
+            let out = ch.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{launcher} rank {r}:\n{err}");
+            assert!(
+                err.contains(&format!("joined the job as rank {r} of 2")),
+                "{err}"
+            );
+            assert!(err.contains("MOEQ_JOB_TOKEN is not set"), "{err}");
+        }
+        let l = losses(&dir);
+        assert_eq!(l.len(), 3, "{launcher}");
+        assert!(dir.join("out/adapter_model.safetensors").exists());
     }
 }

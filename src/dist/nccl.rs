@@ -46,10 +46,12 @@ fn nccl_err(what: &str, e: cudarc::nccl::result::NcclError) -> candle_core::Erro
             std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
         }
     };
-    candle_core::Error::Msg(format!(
-        "NCCL {what}: {:?} ({text}); rerun with NCCL_DEBUG=WARN for NCCL's own account",
-        e.0
-    ))
+    let debug = if text.contains("NCCL_DEBUG") {
+        ""
+    } else {
+        "; rerun with NCCL_DEBUG=WARN for NCCL's own account"
+    };
+    candle_core::Error::Msg(format!("NCCL {what}: {:?} ({text}){debug}", e.0))
 }
 
 fn cuda_err(what: &str, e: cudarc::driver::DriverError) -> candle_core::Error {
@@ -249,9 +251,15 @@ impl NcclComm {
         ctx.bind_to_thread()
             .map_err(|e| cuda_err("binding the context", e))?;
         let comm = Comm::from_rank(stream.stream.clone(), rank, world, id).map_err(|e| {
+            // NCCL refuses two ranks of one communicator on the same GPU.
+            let hint = if e.0 == cudarc::nccl::sys::ncclResult_t::ncclInvalidUsage {
+                "; two ranks on one GPU? Each rank needs its own (check LOCAL_RANK and CUDA_VISIBLE_DEVICES)"
+            } else {
+                ""
+            };
             nccl_err(
                 &format!(
-                    "ncclCommInitRank (rank {rank} of {world}, GPU {})",
+                    "ncclCommInitRank (rank {rank} of {world}, GPU {}{hint})",
                     ctx.ordinal()
                 ),
                 e,

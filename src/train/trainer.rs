@@ -289,8 +289,15 @@ pub fn train_ranks(
         ));
     }
     let settings = setup::quant_settings(config);
-    let held = crate::dist::dispatch::expert_ranges(spec.num_experts, world)[rank].clone();
-    let base = if world > 1 {
+    // Expert parallelism spreads the experts over the ranks; without it (`expert_parallel:
+    // false`) every rank holds all experts and only the data is split.
+    let ep = world > 1 && config.expert_parallel && spec.num_experts > 0;
+    let held = if ep {
+        crate::dist::dispatch::expert_ranges(spec.num_experts, world)[rank].clone()
+    } else {
+        0..spec.num_experts
+    };
+    let base = if ep {
         tracing::info!(
             "rank {rank} of {world}: experts {}..{} of {}",
             held.start,
@@ -324,7 +331,13 @@ pub fn train_ranks(
         write_digest(Path::new(&d), &base, rank, world)?;
     }
     let model = Model::new(spec, &base, dtype, &device, config.sequence_len + 1)
-        .and_then(|m| m.with_parallel(comm.clone()))
+        .and_then(|m| {
+            if ep {
+                m.with_parallel(comm.clone())
+            } else {
+                Ok(m)
+            }
+        })
         .map_err(|e| TrainError::Input(e.to_string()))?;
     drop(base);
     let adapters = Adapters::for_experts(
@@ -421,7 +434,7 @@ pub fn train_ranks(
     let (replicated, owned): (Vec<String>, Vec<String>) = vars
         .iter()
         .map(|(n, _)| n.clone())
-        .partition(|n| world == 1 || !expert_names.contains(n));
+        .partition(|n| !ep || !expert_names.contains(n));
     let (mut first_loss, mut last_loss) = (None, 0.0);
     let (mut window_loss, mut window_steps, mut window_tokens) = (0.0, 0usize, 0usize);
     let mut window_start = Instant::now();
@@ -574,7 +587,7 @@ pub fn train_ranks(
             last_eval = Some(r);
         }
         if config.save_steps.is_some_and(|s| s > 0 && done % s == 0) && done != total_steps {
-            let full = whole_adapter(&adapters, comm.as_ref())?;
+            let full = whole_adapter(&adapters, comm.as_ref(), ep)?;
             if lead {
                 let dir = config.output_dir.join(format!("checkpoint-{done}"));
                 save_adapter(full.as_ref().unwrap_or(&adapters), &config.base_model, &dir)?;
@@ -586,7 +599,7 @@ pub fn train_ranks(
         }
     }
     progress.finish();
-    let full = whole_adapter(&adapters, comm.as_ref())?;
+    let full = whole_adapter(&adapters, comm.as_ref(), ep)?;
     if lead {
         // The final adapter goes into output_dir itself, as axolotl/PEFT users expect.
         let files = ["adapter_config.json", "adapter_model.safetensors"];
@@ -612,12 +625,13 @@ pub fn train_ranks(
 }
 
 /// The whole adapter when experts are spread over ranks (every rank must call this); None
-/// with one rank, where `adapters` already is the whole adapter.
+/// otherwise, where `adapters` already is the whole adapter.
 fn whole_adapter(
     adapters: &Adapters,
     comm: &dyn Communicator,
+    ep: bool,
 ) -> Result<Option<Adapters>, TrainError> {
-    if comm.world_size() == 1 {
+    if !ep {
         return Ok(None);
     }
     adapters.gathered(comm).map(Some).map_err(failed)
