@@ -40,23 +40,29 @@ fn config(dir: &Path, world: usize, extra: &str) -> PathBuf {
     path
 }
 
-/// Runs `world` ranks with `extra` config lines; returns the run directory.
+/// Runs `world` ranks through moeq-launch (world 0: one plain process, no launcher) with
+/// `extra` config lines; returns the run directory.
 fn run(root: &Path, world: usize, extra: &str) -> PathBuf {
     let dir = root.join(format!(
         "w{world}{}",
         if extra.is_empty() { "" } else { "-x" }
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = config(&dir, world, extra);
-    let out = Command::new(env!("CARGO_BIN_EXE_moeq-launch"))
-        .args([
+    let cfg = config(&dir, world.max(1), extra);
+    let mut cmd = if world == 0 {
+        Command::new(env!("CARGO_BIN_EXE_moeq"))
+    } else {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_moeq-launch"));
+        c.args([
             "--nproc",
             &world.to_string(),
             "--",
             env!("CARGO_BIN_EXE_moeq"),
-            "train",
-            "--config",
-        ])
+        ]);
+        c
+    };
+    let out = cmd
+        .args(["train", "--config"])
         .arg(&cfg)
         .env("MOEQ_NF4_DIGEST", dir.join("nf4"))
         .env_remove("RANK")
@@ -66,6 +72,13 @@ fn run(root: &Path, world: usize, extra: &str) -> PathBuf {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "world {world} failed:\n{err}");
     dir
+}
+
+/// Rank 0's log says whether it joined a job.
+fn joined(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("out/moeq.log"))
+        .unwrap()
+        .contains("joined the job as rank 0")
 }
 
 fn losses(dir: &Path) -> Vec<f64> {
@@ -155,7 +168,8 @@ fn nf4(dir: &Path, world: usize) -> BTreeMap<String, (String, BTreeMap<String, S
 #[test]
 fn one_to_four_ranks_train_like_one_process() {
     let root = tempfile::tempdir().unwrap();
-    let one = run(root.path(), 1, "");
+    let one = run(root.path(), 0, "");
+    assert!(!joined(&one));
     let base_losses = losses(&one);
     assert_eq!(base_losses.len(), 20);
     assert!(base_losses[19] < base_losses[0], "{base_losses:?}");
@@ -164,7 +178,8 @@ fn one_to_four_ranks_train_like_one_process() {
         base_nf4.values().any(|(_, e)| e.len() == 8),
         "expert parameters digested per expert"
     );
-    for world in [2, 3, 4] {
+    // One rank through the launcher takes the distributed path too (exchanges with itself).
+    for world in [1, 2, 3, 4] {
         let dir = run(root.path(), world, "");
         assert_eq!(
             nf4(&dir, world),
@@ -196,12 +211,12 @@ fn one_to_four_ranks_train_like_one_process() {
                 .unwrap()
                 .lines()
                 .map(|l| serde_json::from_str::<Value>(l).unwrap())
-                .filter(|v| v["loss"].is_number())
-                .last()
+                .rfind(|v| v["loss"].is_number())
                 .unwrap()
         };
         assert_eq!(last(&dir)["expert_tokens"], last(&one)["expert_tokens"]);
         assert_eq!(last(&dir)["world_size"], world);
+        assert!(joined(&dir), "world {world}: rank 0 joined a job");
     }
     // Data parallel only: every rank holds all experts, expert gradients are summed too.
     let dir = run(root.path(), 2, "expert_parallel: false\n");

@@ -24,7 +24,8 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
         std::env::var(k).ok()
     })
     .map_err(CliError::input)?;
-    let multi = env.world_size > 1;
+    // Started by a launcher (moeq-launch, torchrun, srun): join the job, even with one rank.
+    let multi = env.source != crate::dist::EnvSource::Single;
     // Rank 0 keeps the run's log file; every rank logs to stderr with its rank.
     let log_file = config.output_dir.join("moeq.log");
     let _guard = crate::util::logging::init(crate::util::logging::LogSetup {

@@ -110,6 +110,7 @@ impl Job {
         Ok(RankCtx {
             comm,
             local_rank: self.env.local_rank,
+            joined: true,
         })
     }
 

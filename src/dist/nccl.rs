@@ -169,6 +169,10 @@ macro_rules! by_dtype {
                 type $t = f32;
                 $body
             }
+            DType::F64 => {
+                type $t = f64;
+                $body
+            }
             DType::BF16 => {
                 type $t = half::bf16;
                 $body
@@ -190,7 +194,7 @@ macro_rules! by_dtype {
                 $body
             }
             other => candle_core::bail!(
-                "{}: dtype {other:?} is not supported by the NCCL communicator (F32, BF16, F16, U32, I64, U8)",
+                "{}: dtype {other:?} is not supported by the NCCL communicator (F32, F64, BF16, F16, U32, I64, U8)",
                 $what
             ),
         }

@@ -159,6 +159,9 @@ fn prune_checkpoints(dir: &Path, limit: usize) {
 pub struct RankCtx {
     pub comm: Arc<dyn Communicator>,
     pub local_rank: usize,
+    /// Started as part of a job (launcher, torchrun, srun): the distributed path runs even
+    /// with one rank, so its collectives are exercised the same way on any world size.
+    pub joined: bool,
 }
 
 impl RankCtx {
@@ -166,6 +169,7 @@ impl RankCtx {
         RankCtx {
             comm: Arc::new(crate::dist::Solo),
             local_rank: 0,
+            joined: false,
         }
     }
 }
@@ -182,9 +186,6 @@ pub fn train(
 
 /// Sums host values over the ranks (f64; identical on every rank).
 fn sum_over_ranks(comm: &dyn Communicator, v: Vec<f64>) -> Result<Vec<f64>, TrainError> {
-    if comm.world_size() == 1 {
-        return Ok(v);
-    }
     let n = v.len();
     let t = Tensor::from_vec(v, n, &Device::Cpu).map_err(failed)?;
     comm.all_reduce_sum(&t)
@@ -291,7 +292,8 @@ pub fn train_ranks(
     let settings = setup::quant_settings(config);
     // Expert parallelism spreads the experts over the ranks; without it (`expert_parallel:
     // false`) every rank holds all experts and only the data is split.
-    let ep = world > 1 && config.expert_parallel && spec.num_experts > 0;
+    let distributed = ctx.joined || world > 1;
+    let ep = distributed && config.expert_parallel && spec.num_experts > 0;
     let held = if ep {
         crate::dist::dispatch::expert_ranges(spec.num_experts, world)[rank].clone()
     } else {
@@ -462,7 +464,7 @@ pub fn train_ranks(
                 }
             }
         }
-        if world > 1 {
+        if distributed {
             // An adapter no token reached still takes part (zero gradient), as the whole
             // parameter would in one process.
             for (name, v) in &vars {

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Distributed paths on a GPU machine (one GPU is enough), repository root, after
+# `launch/gpu-check.sh build` on the build machine:
+#   1. `moeq nccl-check`: every NCCL collective against the CPU collective (one rank).
+#   2. The trainer on one GPU twice: a plain process, and one rank that joins a job (RANK=0,
+#      WORLD_SIZE=1) and so runs the distributed path through NCCL (dispatch/combine
+#      all-to-all, gradient all-reduce, statistics all-gather). The losses must agree.
+#   3. torchrun compatibility: `torchrun --nproc-per-node 2 --no-python moeq train` on the CPU
+#      (CPU collective), against one CPU process with the same global batch.
+# Logs and metrics go to $OUT; the comparison lines are printed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/moeq-gpu-out}
+mkdir -p "$OUT"
+SP=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
+if [ -d "$SP" ]; then
+  export LD_LIBRARY_PATH=$SP/cu13/lib:$SP/nccl/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+fi
+for f in .device/*.xz; do [ -e "$f" ] && xz -dkf "$f"; done
+chmod +x .device/moeq
+export NCCL_NVLS_ENABLE=0 MOEQ_CACHE_DIR=${MOEQ_CACHE_DIR:-/tmp/moeq-cache}
+PY=${PYTHON:-/opt/torch/.venv/bin/python}
+work=/tmp/moeq-dist
+rm -rf "$work" && mkdir -p "$work"
+status=0
+
+echo "== 1. nccl-check (one rank)"
+timeout 180 .device/moeq nccl-check > "$OUT/nccl-check.log" 2>&1 || status=1
+grep -E "PASS|FAIL|passed" "$OUT/nccl-check.log" | tail -20
+
+# config NAME DEVICE MBS STEPS: the embedded default with another device, batch and length.
+config() {
+  sed -e "s|output_dir: outputs/tiny-cpu|output_dir: $work/$1|" -e "s/device: cpu/device: $2/" \
+    -e "s/micro_batch_size: 8/micro_batch_size: $3/" -e "s/max_steps: 300/max_steps: $4/" \
+    -e 's/logging_steps: 10/logging_steps: 1/' -e 's/save_steps: 100/save_steps: 1000/' \
+    configs/tiny-cpu.yaml > "$work/$1.yaml"
+  echo "pad_to_sequence_len: true" >> "$work/$1.yaml"
+}
+compare() { # compare A B TOL: per-step losses of two runs
+  "$PY" - "$work/$1/metrics.jsonl" "$work/$2/metrics.jsonl" "$3" "$1 vs $2" <<'PY'
+import json, sys
+a, b, tol, what = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+la = [json.loads(l)["loss"] for l in open(a) if '"loss"' in l]
+lb = [json.loads(l)["loss"] for l in open(b) if '"loss"' in l]
+worst = max(abs(x - y) / abs(y) for x, y in zip(la, lb))
+ok = len(la) == len(lb) and worst <= tol
+print(f"{'PASS' if ok else 'FAIL'}  {what}: {len(la)} steps, loss {lb[0]:.4f} -> {lb[-1]:.4f}, max relative difference {worst:.2e} (tol {tol:g})")
+sys.exit(0 if ok else 1)
+PY
+}
+
+echo "== 2. trainer on one GPU: plain vs one rank through NCCL"
+config gpu-plain cuda 8 60
+config gpu-nccl cuda 8 60
+sed -i "s|$work/gpu-plain|$work/gpu-nccl|" "$work/gpu-nccl.yaml"
+.device/moeq train --config "$work/gpu-plain.yaml" > "$OUT/gpu-plain.log" 2>&1 || status=1
+RANK=0 LOCAL_RANK=0 WORLD_SIZE=1 MASTER_ADDR=127.0.0.1 MASTER_PORT=$(( 20000 + RANDOM % 20000 )) MOEQ_JOB_TOKEN=gpu-dist \
+  timeout 300 .device/moeq train --config "$work/gpu-nccl.yaml" > "$OUT/gpu-nccl.log" 2>&1 || status=1
+grep -E "joined|trained|error" "$OUT/gpu-plain.log" "$OUT/gpu-nccl.log" | cut -c1-220
+# bf16 on the GPU: the distributed path adds the same numbers in the same order; allow bf16 noise.
+compare gpu-nccl gpu-plain 1e-2 || status=1
+cp "$work/gpu-nccl/metrics.jsonl" "$OUT/gpu-nccl-metrics.jsonl" 2>/dev/null || true
+
+echo "== 3. torchrun --no-python, 2 ranks on the CPU vs one process"
+config cpu-one cpu 8 20
+config cpu-torchrun cpu 4 20
+TORCHRUN=${TORCHRUN:-$(dirname "$PY")/torchrun}
+.device/moeq train --config "$work/cpu-one.yaml" > "$OUT/cpu-one.log" 2>&1 || status=1
+timeout 300 "$TORCHRUN" --nproc-per-node 2 --master-port $(( 20000 + RANDOM % 20000 )) --no-python \
+  .device/moeq train --config "$work/cpu-torchrun.yaml" > "$OUT/cpu-torchrun.log" 2>&1 || status=1
+grep -E "joined|trained|error" "$OUT/cpu-torchrun.log" | cut -c1-220 | head -6
+compare cpu-torchrun cpu-one 1e-5 || status=1
+echo "gpu-dist status $status"
+exit "$status"
