@@ -62,8 +62,8 @@ compare gpu-nccl gpu-plain 1e-2 || status=1
 cp "$work/gpu-nccl/metrics.jsonl" "$OUT/gpu-nccl-metrics.jsonl" 2>/dev/null || true
 
 echo "== 3. torchrun --no-python, 2 ranks on the CPU vs one process"
-config cpu-one cpu 8 20
-config cpu-torchrun cpu 4 20
+config cpu-one cpu 8 30
+config cpu-torchrun cpu 4 30
 TORCHRUN=${TORCHRUN:-$(dirname "$PY")/torchrun}
 .device/moeq train --config "$work/cpu-one.yaml" > "$OUT/cpu-one.log" 2>&1 || status=1
 timeout 300 "$TORCHRUN" --nproc-per-node 2 --master-port $(( 20000 + RANDOM % 20000 )) --no-python \
