@@ -60,7 +60,67 @@ pub struct ExpertLora {
     pub total: usize,
 }
 
+/// `A [r·E, in]` (expert-major rows) or `B [out, r·E]` (expert-minor columns) of an expert
+/// adapter, or a tensor of the same layout (its optimizer moments).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertPart {
+    A,
+    B,
+}
+
 impl ExpertLora {
+    /// The whole-parameter tensor (all experts) from this rank's part `local` of layout
+    /// `part`, all-gathered in global expert order. Every rank must call it.
+    pub fn gather(
+        &self,
+        part: ExpertPart,
+        local: &Tensor,
+        comm: &dyn crate::dist::Communicator,
+    ) -> Result<Tensor> {
+        let full = match part {
+            ExpertPart::A => Tensor::cat(&comm.all_gather(local)?, 0)?,
+            ExpertPart::B => {
+                // Columns are expert-minor: gather [E_held, out, r] blocks, then back.
+                let out = local.dim(0)?;
+                let blocks = local
+                    .reshape((out, self.r, self.num_experts))?
+                    .permute((2, 0, 1))?
+                    .contiguous()?;
+                Tensor::cat(&comm.all_gather(&blocks)?, 0)? // [E, out, r]
+                    .permute((1, 2, 0))?
+                    .contiguous()?
+                    .reshape((out, self.r * self.total))?
+            }
+        };
+        let n = match part {
+            ExpertPart::A => full.dim(0)?,
+            ExpertPart::B => full.dim(1)?,
+        };
+        if n != self.r * self.total {
+            candle_core::bail!(
+                "expert adapter: gathered {} of {} rows/columns",
+                n,
+                self.r * self.total
+            );
+        }
+        Ok(full)
+    }
+
+    /// This rank's part of a whole-parameter tensor of layout `part` (the inverse of `gather`).
+    pub fn local(&self, part: ExpertPart, full: &Tensor) -> Result<Tensor> {
+        let (r, first, held) = (self.r, self.first, self.num_experts);
+        match part {
+            ExpertPart::A => full.narrow(0, first * r, held * r)?.contiguous(),
+            ExpertPart::B => {
+                let out = full.dim(0)?;
+                full.reshape((out, r, self.total))?
+                    .narrow(2, first, held)?
+                    .contiguous()?
+                    .reshape((out, r * held))
+            }
+        }
+    }
+
     /// `A_e [r, in]` of held expert `e` (local index).
     pub fn expert_a(&self, e: usize) -> Result<Tensor> {
         self.a.as_tensor().narrow(0, e * self.r, self.r)
@@ -228,6 +288,23 @@ impl Adapters {
             .collect()
     }
 
+    /// Which part of which expert adapter each expert variable is, by PEFT name.
+    pub fn expert_parts(&self) -> BTreeMap<String, (&ExpertLora, ExpertPart)> {
+        let vars = self.vars();
+        let mut out = BTreeMap::new();
+        for e in self.experts.values() {
+            for (part, v) in [(ExpertPart::A, &e.a), (ExpertPart::B, &e.b)] {
+                if let Some((name, _)) = vars
+                    .iter()
+                    .find(|(_, w)| w.as_tensor().id() == v.as_tensor().id())
+                {
+                    out.insert(name.clone(), (e, part));
+                }
+            }
+        }
+        out
+    }
+
     /// The whole adapter on every rank: expert adapters all-gathered from their owners in
     /// global expert order (the others are replicated already). Every rank must call it.
     pub fn gathered(&self, comm: &dyn crate::dist::Communicator) -> Result<Adapters> {
@@ -246,22 +323,8 @@ impl Adapters {
             .collect::<Result<BTreeMap<_, _>>>()?;
         let mut experts = BTreeMap::new();
         for (k, e) in &self.experts {
-            let a = Tensor::cat(&comm.all_gather(e.a.as_tensor())?, 0)?;
-            // B's columns are expert-minor: gather [E_held, out, r] blocks, then back.
-            let out = e.b.dim(0)?;
-            let b_local =
-                e.b.as_tensor()
-                    .reshape((out, e.r, e.num_experts))?
-                    .permute((2, 0, 1))?
-                    .contiguous()?;
-            let b = Tensor::cat(&comm.all_gather(&b_local)?, 0)?; // [E, out, r]
-            if b.dim(0)? != e.total || a.dim(0)? != e.total * e.r {
-                candle_core::bail!("{k}: gathered {} experts of {}", b.dim(0)?, e.total);
-            }
-            let b = b
-                .permute((1, 2, 0))?
-                .contiguous()?
-                .reshape((out, e.r * e.total))?;
+            let a = e.gather(ExpertPart::A, e.a.as_tensor(), comm)?;
+            let b = e.gather(ExpertPart::B, e.b.as_tensor(), comm)?;
             experts.insert(
                 k.clone(),
                 ExpertLora {

@@ -102,28 +102,41 @@ pub fn adapter_config(a: &Adapters, base_model: &str) -> Value {
     json!(m)
 }
 
-/// Writes the adapter into `dir` (created if needed).
-pub fn save(a: &Adapters, base_model: &str, dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let tensors = named_tensors(a);
+/// Writes f32 tensors (any device) into a safetensors file, in name order; synced.
+pub fn write_f32(
+    path: &Path,
+    tensors: &BTreeMap<String, candle_core::Tensor>,
+) -> std::io::Result<()> {
     let decls: Vec<TensorDecl> = tensors
         .iter()
-        .map(|(name, v)| TensorDecl::new(name.clone(), "F32", v.dims().to_vec()))
+        .map(|(name, t)| TensorDecl::new(name.clone(), "F32", t.dims().to_vec()))
         .collect();
-    let mut w = StreamWriter::create(&dir.join("adapter_model.safetensors"), &decls)?;
-    for v in tensors.values() {
-        let values: Vec<f32> = v
-            .as_tensor()
-            .flatten_all()
+    let mut w = StreamWriter::create(path, &decls)?;
+    for t in tensors.values() {
+        let values: Vec<f32> = t
+            .to_dtype(candle_core::DType::F32)
+            .and_then(|t| t.flatten_all())
             .and_then(|t| t.to_vec1())
             .map_err(std::io::Error::other)?;
         let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
         w.write(&bytes)?;
     }
-    w.finish()?;
+    w.finish()
+}
+
+/// Writes the adapter into `dir` (created if needed); files are synced.
+pub fn save(a: &Adapters, base_model: &str, dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tensors: BTreeMap<String, candle_core::Tensor> = named_tensors(a)
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect();
+    write_f32(&dir.join("adapter_model.safetensors"), &tensors)?;
     let text = serde_json::to_string_pretty(&adapter_config(a, base_model))
         .map_err(std::io::Error::other)?;
-    std::fs::write(dir.join("adapter_config.json"), text + "\n")
+    let path = dir.join("adapter_config.json");
+    std::fs::write(&path, text + "\n")?;
+    std::fs::File::open(&path)?.sync_all()
 }
 
 /// Reads a PEFT LoRA adapter (written by moeq or by PEFT) for a model of `spec`: the settings

@@ -3,6 +3,7 @@
 
 pub mod adamw;
 pub mod check;
+pub mod checkpoint;
 pub mod loss;
 pub mod schedule;
 pub mod setup;

@@ -2,6 +2,7 @@
 //! recompute (`step`), global-norm clipping, AdamW with fp32 state, the LR schedule,
 //! metrics (`output_dir/metrics.jsonl`), periodic validation and PEFT adapter saves.
 
+use super::checkpoint;
 use super::setup;
 use super::step::{evaluate, forward_backward, EvalStats, MicroStats};
 use super::{AdamW, AdamWConfig, Schedule};
@@ -79,10 +80,16 @@ struct Metrics {
 }
 
 impl Metrics {
-    fn create(dir: &Path) -> Result<Metrics, TrainError> {
+    /// A new `metrics.jsonl`, or, when resuming, the existing one continued.
+    fn create(dir: &Path, append: bool) -> Result<Metrics, TrainError> {
         let path = dir.join("metrics.jsonl");
-        let file =
-            std::fs::File::create(&path).map_err(|e| failed(format!("{}: {e}", path.display())))?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(&path)
+            .map_err(|e| failed(format!("{}: {e}", path.display())))?;
         Ok(Metrics { file })
     }
 
@@ -114,45 +121,6 @@ pub fn eval_set(
         accuracy: total.correct as f64 / n,
         tokens: total.labelled,
     })
-}
-
-/// Writes the adapter into `dir` atomically: a temporary sibling, then a rename.
-pub fn save_adapter(adapters: &Adapters, base_model: &str, dir: &Path) -> Result<(), TrainError> {
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.tmp"));
-    let _ = std::fs::remove_dir_all(&tmp);
-    peft::save(adapters, base_model, &tmp)
-        .map_err(|e| failed(format!("{}: {e}", tmp.display())))?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| failed(format!("{}: {e}", dir.display())))
-}
-
-/// Keeps the newest `limit` `checkpoint-N` directories of `dir`, removing older ones.
-fn prune_checkpoints(dir: &Path, limit: usize) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    let mut steps: Vec<(usize, PathBuf)> = entries
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().to_string();
-            let n = name.strip_prefix("checkpoint-")?.parse().ok()?;
-            Some((n, e.path()))
-        })
-        .collect();
-    steps.sort();
-    let excess = steps.len().saturating_sub(limit);
-    for (_, path) in steps.into_iter().take(excess) {
-        if let Err(e) = std::fs::remove_dir_all(&path) {
-            tracing::warn!("save_total_limit: cannot remove {}: {e}", path.display());
-        }
-    }
 }
 
 /// Where this process stands in the job: its collectives and its GPU slot on the node.
@@ -386,8 +354,12 @@ pub fn train_ranks(
     );
 
     let opts = LoaderOptions::from_config(config, pad_id, rank, world);
-    let mut loader = Loader::new(data.train.clone(), opts.clone())
-        .map_err(|e| TrainError::Input(e.to_string()))?;
+    let resume = resume_point(config, spec, lead)?;
+    let mut loader = match &resume {
+        Some(r) => Loader::resume(data.train.clone(), opts.clone(), r.state.cursor),
+        None => Loader::new(data.train.clone(), opts.clone()),
+    }
+    .map_err(|e| TrainError::Input(e.to_string()))?;
     let gas = config.gradient_accumulation_steps.max(1);
     let total_steps = match config.max_steps {
         Some(s) => s,
@@ -419,10 +391,21 @@ pub fn train_ranks(
         },
     )
     .map_err(failed)?;
+    let start_step = match &resume {
+        Some(r) => restore(r, &adapters, &mut opt, config, world)?,
+        None => 0,
+    };
+    if start_step >= total_steps && resume.is_some() {
+        return Err(TrainError::Input(format!(
+            "resume_from_checkpoint: the checkpoint is at step {start_step}, and this run has {total_steps} steps: nothing left to train (raise max_steps, or start a new output_dir)"
+        )));
+    }
+    let mut tokens_seen = resume.as_ref().map_or(0, |r| r.state.tokens_seen);
+    drop(resume);
     let mut metrics = if lead {
         std::fs::create_dir_all(&config.output_dir)
             .map_err(|e| failed(format!("{}: {e}", config.output_dir.display())))?;
-        Some(Metrics::create(&config.output_dir)?)
+        Some(Metrics::create(&config.output_dir, start_step > 0)?)
     } else {
         None
     };
@@ -441,7 +424,8 @@ pub fn train_ranks(
     let (mut window_loss, mut window_steps, mut window_tokens) = (0.0, 0usize, 0usize);
     let mut window_start = Instant::now();
     let mut last_eval = None;
-    for step in 0..total_steps {
+    progress.set(start_step as u64, "");
+    for step in start_step..total_steps {
         let batches: Vec<_> = (0..gas).map(|_| loader.next_batch()).collect();
         let local_denom: usize = batches.iter().map(|b| b.num_targets()).sum();
         let denom = sum_over_ranks(comm.as_ref(), vec![local_denom as f64])?[0] as usize;
@@ -525,6 +509,7 @@ pub fn train_ranks(
         window_loss += loss;
         window_steps += 1;
         window_tokens += stats.tokens;
+        tokens_seen += stats.tokens as u64;
         let done = step + 1;
         progress.set(done as u64, &format!("loss {loss:.4} lr {lr:.2e}"));
         if done % config.logging_steps.max(1) == 0 || done == total_steps {
@@ -589,15 +574,20 @@ pub fn train_ranks(
             last_eval = Some(r);
         }
         if config.save_steps.is_some_and(|s| s > 0 && done % s == 0) && done != total_steps {
-            let full = whole_adapter(&adapters, comm.as_ref(), ep)?;
-            if lead {
-                let dir = config.output_dir.join(format!("checkpoint-{done}"));
-                save_adapter(full.as_ref().unwrap_or(&adapters), &config.base_model, &dir)?;
-                tracing::info!("saved adapter to {}", dir.display());
-                if let Some(limit) = config.save_total_limit {
-                    prune_checkpoints(&config.output_dir, limit);
-                }
-            }
+            let state = checkpoint::TrainerState {
+                step: done,
+                tokens_seen,
+                cursor: loader.cursor(),
+                world_size: world,
+                micro_batch_size: config.micro_batch_size,
+                gradient_accumulation_steps: gas,
+                seed: config.seed,
+                model_type: spec.model_type.as_str().to_string(),
+                num_layers: spec.num_layers,
+                num_experts: spec.num_experts,
+                hidden_size: spec.hidden_size,
+            };
+            save_checkpoint(config, &adapters, &opt, &state, comm.as_ref(), ep)?;
         }
     }
     progress.finish();
@@ -637,4 +627,167 @@ fn whole_adapter(
         return Ok(None);
     }
     adapters.gathered(comm).map(Some).map_err(failed)
+}
+
+/// The checkpoint to resume from: `MOEQ_RESUME_FROM_CHECKPOINT` (set by moeq-launch on a
+/// restart) or `resume_from_checkpoint`; `auto` is the newest complete checkpoint of
+/// output_dir, or none. Rank 0 removes incomplete ones first.
+fn resume_point(
+    config: &TrainConfig,
+    spec: &crate::arch::ArchSpec,
+    lead: bool,
+) -> Result<Option<checkpoint::Loaded>, TrainError> {
+    use crate::config::ResumeFrom;
+    let wanted = match std::env::var("MOEQ_RESUME_FROM_CHECKPOINT") {
+        Ok(v) if v == "auto" => Some(ResumeFrom::Auto),
+        Ok(v) if !v.is_empty() => Some(ResumeFrom::Path(PathBuf::from(v))),
+        _ => config.resume_from_checkpoint.clone(),
+    };
+    if lead {
+        for p in checkpoint::clean_incomplete(&config.output_dir) {
+            tracing::warn!("removed {}: an interrupted checkpoint write", p.display());
+        }
+    }
+    let dir = match wanted {
+        None => return Ok(None),
+        Some(ResumeFrom::Path(p)) => p,
+        Some(ResumeFrom::Auto) => match checkpoint::newest_complete(&config.output_dir) {
+            Some(p) => p,
+            None => {
+                tracing::info!(
+                    "resume_from_checkpoint: auto, but {} has no complete checkpoint: starting from step 0",
+                    config.output_dir.display()
+                );
+                return Ok(None);
+            }
+        },
+    };
+    let loaded = checkpoint::read(&dir, spec).map_err(TrainError::Input)?;
+    tracing::info!(
+        "resuming from {} (step {})",
+        dir.display(),
+        loaded.state.step
+    );
+    Ok(Some(loaded))
+}
+
+/// Puts a checkpoint's adapter and optimizer state into this rank's adapters (expert parts
+/// re-partitioned by global expert index) and returns the step to continue from.
+fn restore(
+    r: &checkpoint::Loaded,
+    adapters: &Adapters,
+    opt: &mut AdamW,
+    config: &TrainConfig,
+    world: usize,
+) -> Result<usize, TrainError> {
+    let bad =
+        |m: String| TrainError::Input(format!("resume_from_checkpoint: {}: {m}", r.dir.display()));
+    let parts = adapters.expert_parts();
+    let vars = adapters.vars();
+    let names: Vec<&String> = vars.iter().map(|(n, _)| n).collect();
+    let saved: Vec<&String> = r.adapter.keys().collect();
+    if names != saved {
+        let missing: Vec<_> = names
+            .iter()
+            .filter(|n| !r.adapter.contains_key(**n))
+            .take(3)
+            .collect();
+        let extra: Vec<_> = saved
+            .iter()
+            .filter(|n| !names.contains(n))
+            .take(3)
+            .collect();
+        return Err(bad(format!(
+            "its adapter does not match this config's LoRA targets (missing {missing:?}, unexpected {extra:?}): keep lora_target_modules/lora_target_parameters as they were"
+        )));
+    }
+    let local = |name: &str, full: &Tensor| -> Result<Tensor, TrainError> {
+        match parts.get(name) {
+            Some((e, part)) => e.local(*part, full).map_err(failed),
+            None => Ok(full.clone()),
+        }
+    };
+    let mut moments = std::collections::HashMap::new();
+    for (name, v) in &vars {
+        let t = local(name, &r.adapter[name])?;
+        if t.dims() != v.dims() {
+            return Err(bad(format!(
+                "'{name}' has shape {:?}, this run's adapter {:?} (lora_r differs?)",
+                r.adapter[name].dims(),
+                v.dims()
+            )));
+        }
+        v.set(&t.to_device(v.device()).map_err(failed)?)
+            .map_err(failed)?;
+        for suffix in ["exp_avg", "exp_avg_sq"] {
+            let key = format!("{name}.{suffix}");
+            let m = r
+                .moments
+                .get(&key)
+                .ok_or_else(|| bad(format!("optimizer state lacks '{key}'")))?;
+            moments.insert(key, local(name, m)?);
+        }
+    }
+    opt.load_state(r.state.step, &moments)
+        .map_err(|e| bad(e.to_string()))?;
+    let rows = world * config.micro_batch_size * config.gradient_accumulation_steps.max(1);
+    if rows != r.state.global_rows() {
+        tracing::warn!(
+            "resume: this run reads {rows} rows per step ({world} ranks × micro_batch_size {} × gradient_accumulation_steps {}), the checkpoint was written with {} — the data order continues, but steps now mean other batches",
+            config.micro_batch_size,
+            config.gradient_accumulation_steps,
+            r.state.global_rows()
+        );
+    }
+    Ok(r.state.step)
+}
+
+/// Writes `checkpoint-<step>` (every rank must call this): whole adapter and optimizer state
+/// gathered, files written by rank 0, marker after a barrier, then `save_total_limit`.
+fn save_checkpoint(
+    config: &TrainConfig,
+    adapters: &Adapters,
+    opt: &AdamW,
+    state: &checkpoint::TrainerState,
+    comm: &dyn Communicator,
+    ep: bool,
+) -> Result<(), TrainError> {
+    let full = whole_adapter(adapters, comm, ep)?;
+    let parts = adapters.expert_parts();
+    let mut moments = BTreeMap::new();
+    for (key, t) in opt.state() {
+        let name = key.rsplit_once('.').map_or(key.as_str(), |(n, _)| n);
+        let name = name.strip_suffix(".exp_avg").unwrap_or(name);
+        let whole = match (ep, parts.get(name)) {
+            (true, Some((e, part))) => e.gather(*part, &t, comm).map_err(failed)?,
+            _ => t,
+        };
+        moments.insert(key, whole);
+    }
+    let lead = comm.rank() == 0;
+    let written = if lead {
+        let yaml = serde_yaml::to_string(config).map_err(failed)?;
+        Some(
+            checkpoint::write_files(
+                &config.output_dir,
+                full.as_ref().unwrap_or(adapters),
+                &moments,
+                state,
+                &config.base_model,
+                &yaml,
+            )
+            .map_err(TrainError::Failed)?,
+        )
+    } else {
+        None
+    };
+    comm.barrier().map_err(failed)?;
+    if let Some(dir) = written {
+        checkpoint::mark_complete(&dir).map_err(TrainError::Failed)?;
+        tracing::info!("saved checkpoint {}", dir.display());
+        if let Some(limit) = config.save_total_limit {
+            checkpoint::prune(&config.output_dir, limit);
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,253 @@
+//! Resumable checkpoints (DESIGN decision 13): `output_dir/checkpoint-<step>/` holds
+//! - the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`), whole: expert
+//!   adapters gathered from their owners, so it is keyed by global expert index;
+//! - `optimizer.safetensors`: AdamW's fp32 moments `<PEFT name>.exp_avg` / `.exp_avg_sq`, in
+//!   the same whole-parameter layout;
+//! - `trainer_state.json`: step, optimizer step, tokens seen, the data cursor, the world size
+//!   and batch shape it was written with, and what model it belongs to;
+//! - `config.yaml`: the resolved config;
+//! - `COMPLETE`: the marker, written last.
+//!
+//! Rank 0 writes everything into `.checkpoint-<step>.tmp/`, syncs it, renames it, and after a
+//! barrier (every rank has passed the step) writes the marker. A directory without the marker
+//! is not a checkpoint: it is ignored and cleaned up. Dropout masks are keyed by (seed, step),
+//! so no random-number state needs saving.
+
+use crate::arch::ArchSpec;
+use crate::data::DataCursor;
+use crate::lora::{peft, Adapters};
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const MARKER: &str = "COMPLETE";
+const STATE: &str = "trainer_state.json";
+const OPTIMIZER: &str = "optimizer.safetensors";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: usize,
+    pub tokens_seen: u64,
+    pub cursor: DataCursor,
+    pub world_size: usize,
+    pub micro_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub seed: u64,
+    pub model_type: String,
+    pub num_layers: usize,
+    pub num_experts: usize,
+    pub hidden_size: usize,
+}
+
+impl TrainerState {
+    /// Rows of data one optimizer step reads, all ranks together.
+    pub fn global_rows(&self) -> usize {
+        self.world_size * self.micro_batch_size * self.gradient_accumulation_steps
+    }
+}
+
+/// What a checkpoint restores.
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub state: TrainerState,
+    /// Adapter tensors by PEFT name, whole.
+    pub adapter: BTreeMap<String, Tensor>,
+    /// Optimizer moments by `<PEFT name>.exp_avg` / `.exp_avg_sq`, whole.
+    pub moments: BTreeMap<String, Tensor>,
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> String {
+    format!("{}: {e}", path.display())
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    std::fs::write(path, bytes).map_err(|e| io(path, e))?;
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io(path, e))
+}
+
+pub fn path_for(output_dir: &Path, step: usize) -> PathBuf {
+    output_dir.join(format!("checkpoint-{step}"))
+}
+
+/// Writes everything but the marker into `checkpoint-<step>` (via a temporary directory and a
+/// rename). `adapters` and `moments` are whole (gathered).
+pub fn write_files(
+    output_dir: &Path,
+    adapters: &Adapters,
+    moments: &BTreeMap<String, Tensor>,
+    state: &TrainerState,
+    base_model: &str,
+    config_yaml: &str,
+) -> Result<PathBuf, String> {
+    let dir = path_for(output_dir, state.step);
+    let tmp = output_dir.join(format!(".checkpoint-{}.tmp", state.step));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    peft::save(adapters, base_model, &tmp).map_err(|e| io(&tmp, e))?;
+    peft::write_f32(&tmp.join(OPTIMIZER), moments).map_err(|e| io(&tmp.join(OPTIMIZER), e))?;
+    let text = serde_json::to_string_pretty(state).map_err(|e| e.to_string())?;
+    write_synced(&tmp.join(STATE), text.as_bytes())?;
+    write_synced(&tmp.join("config.yaml"), config_yaml.as_bytes())?;
+    sync_dir(&tmp);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
+    }
+    std::fs::rename(&tmp, &dir).map_err(|e| io(&dir, e))?;
+    sync_dir(output_dir);
+    Ok(dir)
+}
+
+/// Marks a checkpoint written by `write_files` complete.
+pub fn mark_complete(dir: &Path) -> Result<(), String> {
+    write_synced(&dir.join(MARKER), b"ok\n")?;
+    sync_dir(dir);
+    Ok(())
+}
+
+pub fn is_complete(dir: &Path) -> bool {
+    dir.join(MARKER).is_file()
+}
+
+/// `checkpoint-<step>` directories of `output_dir`, by step.
+fn listed(output_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(usize, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let n = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The newest complete checkpoint of `output_dir`.
+pub fn newest_complete(output_dir: &Path) -> Option<PathBuf> {
+    listed(output_dir)
+        .into_iter()
+        .rev()
+        .find(|(_, p)| is_complete(p))
+        .map(|(_, p)| p)
+}
+
+/// Removes checkpoints without their marker and temporary directories left by an interrupted
+/// write. Returns what was removed.
+pub fn clean_incomplete(output_dir: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    for (_, p) in listed(output_dir) {
+        if !is_complete(&p) && std::fs::remove_dir_all(&p).is_ok() {
+            removed.push(p);
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(output_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if name.starts_with(".checkpoint-")
+                && name.ends_with(".tmp")
+                && std::fs::remove_dir_all(e.path()).is_ok()
+            {
+                removed.push(e.path());
+            }
+        }
+    }
+    removed
+}
+
+/// Keeps the newest `limit` complete checkpoints.
+pub fn prune(output_dir: &Path, limit: usize) {
+    let complete: Vec<PathBuf> = listed(output_dir)
+        .into_iter()
+        .filter(|(_, p)| is_complete(p))
+        .map(|(_, p)| p)
+        .collect();
+    let excess = complete.len().saturating_sub(limit);
+    for path in complete.into_iter().take(excess) {
+        // The marker goes first: a half-removed checkpoint is never taken for a complete one.
+        let _ = std::fs::remove_file(path.join(MARKER));
+        if let Err(e) = std::fs::remove_dir_all(&path) {
+            tracing::warn!("save_total_limit: cannot remove {}: {e}", path.display());
+        }
+    }
+}
+
+fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, String> {
+    let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| io(path, format!("not a readable safetensors file: {e}")))?;
+    let mut out = BTreeMap::new();
+    for (name, t) in st.tensors() {
+        if t.dtype() != safetensors::Dtype::F32 {
+            return Err(io(
+                path,
+                format!("'{name}' is {:?}, expected F32", t.dtype()),
+            ));
+        }
+        let v: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let tensor =
+            Tensor::from_vec(v, t.shape(), &candle_core::Device::Cpu).map_err(|e| io(path, e))?;
+        out.insert(name, tensor);
+    }
+    Ok(out)
+}
+
+/// Reads a complete checkpoint and checks that it belongs to a model of `spec`.
+pub fn read(dir: &Path, spec: &ArchSpec) -> Result<Loaded, String> {
+    if !dir.is_dir() {
+        return Err(format!(
+            "resume_from_checkpoint: {} does not exist (use `auto` for the newest checkpoint of output_dir)",
+            dir.display()
+        ));
+    }
+    if !is_complete(dir) {
+        return Err(format!(
+            "resume_from_checkpoint: {} has no {MARKER} marker: it was not written completely (pick an older checkpoint, or `auto`)",
+            dir.display()
+        ));
+    }
+    let state_path = dir.join(STATE);
+    let text = std::fs::read_to_string(&state_path).map_err(|e| io(&state_path, e))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| io(&state_path, format!("unreadable: {e}")))?;
+    let mine = (
+        spec.model_type.as_str().to_string(),
+        spec.num_layers,
+        spec.num_experts,
+        spec.hidden_size,
+    );
+    let theirs = (
+        state.model_type.clone(),
+        state.num_layers,
+        state.num_experts,
+        state.hidden_size,
+    );
+    if mine != theirs {
+        return Err(format!(
+            "resume_from_checkpoint: {} was written for a {} model with {} layers, {} experts, hidden size {}; this run's base model is a {} with {} layers, {} experts, hidden size {} (point base_model at the checkpoint's model, or start without resuming)",
+            dir.display(), theirs.0, theirs.1, theirs.2, theirs.3, mine.0, mine.1, mine.2, mine.3
+        ));
+    }
+    Ok(Loaded {
+        dir: dir.to_path_buf(),
+        adapter: read_tensors(&dir.join("adapter_model.safetensors"))?,
+        moments: read_tensors(&dir.join(OPTIMIZER))?,
+        state,
+    })
+}

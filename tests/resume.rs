@@ -1,0 +1,198 @@
+//! Checkpoints and resume with real processes: a run killed (SIGKILL) after its step-20
+//! checkpoint and resumed (`resume_from_checkpoint: auto`) ends exactly where an
+//! uninterrupted 40-step run ends — losses and final adapter bit for bit — with 1 rank and
+//! with 2 ranks; a 2-rank checkpoint resumed with 1 and with 4 ranks (same global batch,
+//! experts re-partitioned by global index) follows the 2-rank run within 1e-5 relative
+//! (summation order differs between world sizes, as in tests/dist_train.rs).
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+const DEFAULT: &str = include_str!("../configs/tiny-cpu.yaml");
+const GLOBAL_ROWS: usize = 12;
+
+fn config(dir: &Path, world: usize) -> PathBuf {
+    let text = DEFAULT
+        .replace(
+            "output_dir: outputs/tiny-cpu",
+            &format!("output_dir: {}", dir.join("out").display()),
+        )
+        .replace("max_steps: 300", "max_steps: 40")
+        .replace(
+            "micro_batch_size: 8",
+            &format!("micro_batch_size: {}", GLOBAL_ROWS / world),
+        )
+        .replace("sequence_len: 128", "sequence_len: 64")
+        .replace("logging_steps: 10", "logging_steps: 1")
+        .replace("eval_steps: 100", "eval_steps: 40")
+        .replace("save_steps: 100", "save_steps: 20")
+        .replace("warmup_steps: 20", "warmup_steps: 4")
+        + "pad_to_sequence_len: true\nresume_from_checkpoint: auto\n";
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn start(dir: &Path, world: usize) -> Child {
+    let cfg = config(dir, world);
+    let mut c = if world == 1 {
+        Command::new(env!("CARGO_BIN_EXE_moeq"))
+    } else {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_moeq-launch"));
+        c.args([
+            "--nproc",
+            &world.to_string(),
+            "--",
+            env!("CARGO_BIN_EXE_moeq"),
+        ]);
+        c
+    };
+    c.args(["train", "--config"])
+        .arg(cfg)
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn finish(child: Child, what: &str) {
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{what}:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Starts a run and kills it (SIGKILL; with the launcher, its ranks die with it) as soon as
+/// its step-20 checkpoint is complete.
+fn run_killed_after_checkpoint(dir: &Path, world: usize) {
+    let mut child = start(dir, world);
+    let marker = dir.join("out/checkpoint-20/COMPLETE");
+    let started = Instant::now();
+    while !marker.exists() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its checkpoint"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "killed before the end");
+    // Children of the launcher go with it.
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// Loss per step from metrics.jsonl; a resumed run appends, so later records win.
+fn losses(dir: &Path) -> Vec<f64> {
+    let mut by_step = std::collections::BTreeMap::new();
+    for l in std::fs::read_to_string(dir.join("out/metrics.jsonl"))
+        .unwrap()
+        .lines()
+    {
+        let v: Value = serde_json::from_str(l).unwrap();
+        if let (Some(s), Some(loss)) = (v["step"].as_u64(), v["loss"].as_f64()) {
+            by_step.insert(s, loss);
+        }
+    }
+    by_step.into_values().collect()
+}
+
+fn adapter_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("out/adapter_model.safetensors")).unwrap()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+fn straight_and_resumed(root: &Path, world: usize) -> (PathBuf, PathBuf) {
+    let straight = root.join(format!("straight{world}"));
+    let resumed = root.join(format!("resumed{world}"));
+    std::fs::create_dir_all(&straight).unwrap();
+    std::fs::create_dir_all(&resumed).unwrap();
+    finish(start(&straight, world), "straight run");
+    run_killed_after_checkpoint(&resumed, world);
+    (straight, resumed)
+}
+
+#[test]
+fn resumed_runs_end_where_uninterrupted_runs_end() {
+    let root = tempfile::tempdir().unwrap();
+    for world in [1, 2] {
+        let (straight, resumed) = straight_and_resumed(root.path(), world);
+        let interrupted = root.path().join(format!("interrupted{world}"));
+        copy_dir(&resumed, &interrupted);
+        finish(start(&resumed, world), "resumed run");
+        let (a, b) = (losses(&straight), losses(&resumed));
+        assert_eq!(a.len(), 40);
+        assert_eq!(a, b, "world {world}: losses of the resumed run");
+        assert_eq!(
+            adapter_bytes(&straight),
+            adapter_bytes(&resumed),
+            "world {world}: final adapter"
+        );
+        let log = std::fs::read_to_string(resumed.join("out/moeq.log")).unwrap();
+        assert!(
+            log.contains("resuming from") && log.contains("(step 20)"),
+            "{log}"
+        );
+        if world == 2 {
+            // The 2-rank checkpoint on 1 and 4 ranks: the same global batch of 12 rows.
+            for other in [1, 4] {
+                let dir = root.path().join(format!("w2-on-{other}"));
+                copy_dir(&interrupted, &dir);
+                finish(start(&dir, other), "resumed on another world size");
+                let c = losses(&dir);
+                assert_eq!(c.len(), 40);
+                for (step, (x, y)) in c.iter().zip(&a).enumerate().skip(20) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * y.abs(),
+                        "2 ranks resumed on {other}, step {}: {x} vs {y}",
+                        step + 1
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn incomplete_checkpoints_are_ignored_and_removed() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("run");
+    std::fs::create_dir_all(&dir).unwrap();
+    run_killed_after_checkpoint(&dir, 1);
+    // A later checkpoint whose write was interrupted: files but no marker, and a temporary dir.
+    let fake = dir.join("out/checkpoint-30");
+    copy_dir(&dir.join("out/checkpoint-20"), &fake);
+    std::fs::remove_file(fake.join("COMPLETE")).unwrap();
+    std::fs::write(fake.join("adapter_model.safetensors"), b"truncated").unwrap();
+    std::fs::create_dir_all(dir.join("out/.checkpoint-35.tmp")).unwrap();
+    finish(start(&dir, 1), "resume past an incomplete checkpoint");
+    assert!(!fake.exists(), "the incomplete checkpoint was removed");
+    assert!(!dir.join("out/.checkpoint-35.tmp").exists());
+    let log = std::fs::read_to_string(dir.join("out/moeq.log")).unwrap();
+    assert!(
+        log.contains("(step 20)"),
+        "resumed from the complete one: {log}"
+    );
+    assert_eq!(losses(&dir).len(), 40);
+}
