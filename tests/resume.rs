@@ -196,3 +196,73 @@ fn incomplete_checkpoints_are_ignored_and_removed() {
     );
     assert_eq!(losses(&dir).len(), 40);
 }
+
+/// PIDs of the processes whose parent is `pid` and whose environment has `RANK=<rank>`.
+fn rank_pid(launcher: u32, rank: usize) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // Field 4 (after the parenthesised name) is the parent pid.
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid != Some(launcher) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let want = format!("RANK={rank}");
+        if env.split(|&b| b == 0).any(|kv| kv == want.as_bytes()) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// A rank killed with SIGKILL mid-run: the launcher names it, stops the other rank, restarts
+/// the group (`--max-restarts 1`), which resumes from the last complete checkpoint, and the
+/// job ends with the adapter of an uninterrupted run, bit for bit.
+#[test]
+fn a_killed_rank_restarts_the_group_from_the_last_checkpoint() {
+    let root = tempfile::tempdir().unwrap();
+    let straight = root.path().join("straight");
+    std::fs::create_dir_all(&straight).unwrap();
+    finish(start(&straight, 2), "straight run");
+
+    let dir = root.path().join("restarted");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = config(&dir, 2);
+    let child = Command::new(env!("CARGO_BIN_EXE_moeq-launch"))
+        .args(["--nproc", "2", "--max-restarts", "1", "--grace-seconds", "5", "--"])
+        .arg(env!("CARGO_BIN_EXE_moeq"))
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let marker = dir.join("out/checkpoint-20/COMPLETE");
+    let started = Instant::now();
+    while !marker.exists() {
+        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pid = rank_pid(child.id(), 1).expect("rank 1 is running");
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("rank 1 failed first"), "{err}");
+    assert!(err.contains("restarting the group"), "{err}");
+    assert!(err.contains("resuming from"), "{err}");
+    assert_eq!(
+        adapter_bytes(&straight),
+        adapter_bytes(&dir),
+        "final adapter after the restart"
+    );
+    assert_eq!(losses(&straight), losses(&dir));
+}
