@@ -235,7 +235,15 @@ fn a_killed_rank_restarts_the_group_from_the_last_checkpoint() {
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = config(&dir, 2);
     let child = Command::new(env!("CARGO_BIN_EXE_moeq-launch"))
-        .args(["--nproc", "2", "--max-restarts", "1", "--grace-seconds", "5", "--"])
+        .args([
+            "--nproc",
+            "2",
+            "--max-restarts",
+            "1",
+            "--grace-seconds",
+            "5",
+            "--",
+        ])
         .arg(env!("CARGO_BIN_EXE_moeq"))
         .args(["train", "--config"])
         .arg(&cfg)
@@ -248,7 +256,10 @@ fn a_killed_rank_restarts_the_group_from_the_last_checkpoint() {
     let marker = dir.join("out/checkpoint-20/COMPLETE");
     let started = Instant::now();
     while !marker.exists() {
-        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let pid = rank_pid(child.id(), 1).expect("rank 1 is running");

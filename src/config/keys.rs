@@ -75,7 +75,7 @@ pub const SUPPORTED_KEYS: &[(&str, &str)] = &[
     ),
     (
         "max_consecutive_skipped_steps",
-        "stop after this many consecutive skipped steps, >= 1 (10)",
+        "stop after this many consecutive steps skipped for a non-finite loss or gradient, >= 1 (10)",
     ),
     (
         "micro_batch_size",

@@ -78,11 +78,5 @@ pub(crate) fn check(
             ));
         }
     }
-    if f.present("max_consecutive_skipped_steps") && !c.skip_bad_samples {
-        warn(
-            "key 'max_consecutive_skipped_steps' has no effect unless skip_bad_samples is true"
-                .into(),
-        );
-    }
     Ok(())
 }

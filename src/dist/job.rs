@@ -92,8 +92,13 @@ impl Job {
     /// This rank's communicator for the trainer.
     pub fn rank_ctx(&self, config: &TrainConfig) -> Result<RankCtx, String> {
         let mut client = self.client()?;
+        super::store::WATCH.set_rank(self.env.rank);
         client
-            .start_heartbeat(&self.token, Duration::from_secs(5))
+            .start_heartbeat(
+                &self.token,
+                Duration::from_secs(1),
+                Some(&super::store::WATCH),
+            )
             .map_err(|e| e.to_string())?;
         let comm: Arc<dyn Communicator> = self.communicator(config, client)?;
         tracing::info!(

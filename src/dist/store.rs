@@ -415,10 +415,15 @@ async fn connection(mut s: tokio::net::TcpStream, shared: Arc<Shared>) {
                 break;
             }
             Some(Op::Heartbeat) => {
+                let mut st = shared.state();
                 if rank != OBSERVER {
-                    shared.state().last_seen.insert(rank, Instant::now());
+                    st.last_seen.insert(rank, Instant::now());
                 }
-                Ok(vec![])
+                // The reply carries the job's failure, so a rank stuck elsewhere learns it.
+                match &st.failed {
+                    Some(msg) => Err(msg.clone()),
+                    None => Ok(vec![]),
+                }
             }
             Some(op) => match handle(&shared, rank, op, fields) {
                 Handled::Now(r) => r,
@@ -501,7 +506,25 @@ fn handle(shared: &Shared, rank: u32, op: Op, f: Vec<Vec<u8>>) -> Handled {
             } else {
                 format!("rank {rank}")
             };
-            st.fail(format!("{who} failed: {msg}"));
+            // Name who the pending collectives still wait for: with a hung rank, that is it.
+            let mut waiting: Vec<(u64, String, Vec<usize>)> = st
+                .exchanges
+                .iter()
+                .map(|(seq, p)| {
+                    let missing = (0..p.chunks.len())
+                        .filter(|&r| p.chunks[r].is_none())
+                        .collect();
+                    (*seq, p.name.clone(), missing)
+                })
+                .collect();
+            waiting.sort();
+            let pending = match waiting.first() {
+                Some((seq, name, missing)) => {
+                    format!(" (collective #{seq} '{name}' is still waiting for ranks {missing:?})")
+                }
+                None => String::new(),
+            };
+            st.fail(format!("{who} failed: {msg}{pending}"));
             Handled::Now(Ok(vec![]))
         }
         Op::Exchange => exchange(shared, &mut st, rank, f),
@@ -803,8 +826,18 @@ impl StoreClient {
         let _ = self.stream.read(&mut len);
     }
 
-    /// Starts a thread that sends a heartbeat every `every` on its own connection.
-    pub fn start_heartbeat(&mut self, token: &str, every: Duration) -> Result<(), StoreError> {
+    /// Starts a thread that sends a heartbeat every `every` on its own connection. With
+    /// `watch`, the thread is also the rank's watchdog: when the job has failed (the store
+    /// answers a heartbeat with the first cause), when the store is gone, or when this rank
+    /// made no progress within the watch's limit (it reports that to the store first), it
+    /// prints the cause and ends the process with exit code 1 — the main thread may be stuck
+    /// in a collective that will never complete.
+    pub fn start_heartbeat(
+        &mut self,
+        token: &str,
+        every: Duration,
+        watch: Option<&'static Watch>,
+    ) -> Result<(), StoreError> {
         let (mut s, _) = connect_once(&self.addr, token, self.rank, MAX_FRAME)?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
@@ -813,10 +846,40 @@ impl StoreClient {
             .name("moeq-heartbeat".into())
             .spawn(move || {
                 while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                    if s.write_all(&encode(Op::Heartbeat as u8, &[])).is_err()
-                        || read_reply(&mut s, &addr, MAX_FRAME, "a heartbeat", 30.0).is_err()
-                    {
-                        return;
+                    let sent = s.write_all(&encode(Op::Heartbeat as u8, &[]));
+                    let reply = sent
+                        .map_err(|e| StoreError::Connection {
+                            addr: addr.clone(),
+                            problem: e.to_string(),
+                        })
+                        .and_then(|_| read_reply(&mut s, &addr, MAX_FRAME, "a heartbeat", 30.0));
+                    if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    match (reply, watch) {
+                        (Ok(_), Some(w)) => {
+                            if let Some(stalled) = w.stalled() {
+                                let msg = format!(
+                                    "no progress for {:.0} s (stuck in a collective or a kernel)",
+                                    stalled.as_secs_f64()
+                                );
+                                let _ = s.write_all(&encode(Op::Fail as u8, &[msg.as_bytes()]));
+                                let cause =
+                                    read_reply(&mut s, &addr, MAX_FRAME, "a failure report", 5.0)
+                                        .and_then(|_| {
+                                            let _ = s.write_all(&encode(Op::Heartbeat as u8, &[]));
+                                            read_reply(&mut s, &addr, MAX_FRAME, "a heartbeat", 5.0)
+                                        });
+                                match cause {
+                                    Err(StoreError::Remote(first)) => w.exit(&first),
+                                    _ => w.exit(&format!("rank {}: {msg}", w.rank())),
+                                }
+                            }
+                        }
+                        (Ok(_), None) => {}
+                        (Err(StoreError::Remote(msg)), Some(w)) => w.exit(&msg),
+                        (Err(e), Some(w)) => w.exit(&format!("lost the rendezvous store: {e}")),
+                        (Err(_), None) => return,
                     }
                     let until = Instant::now() + every;
                     while Instant::now() < until && !flag.load(std::sync::atomic::Ordering::Relaxed)
@@ -848,5 +911,67 @@ impl Drop for StoreClient {
             let mut len = [0u8; 4];
             let _ = self.stream.read(&mut len);
         }
+    }
+}
+
+/// A rank's progress clock, read by its heartbeat thread (see `StoreClient::start_heartbeat`).
+/// The trainer calls `progress` as it completes work and sets the allowed gap with `limit`.
+pub struct Watch {
+    rank: std::sync::atomic::AtomicUsize,
+    /// Milliseconds since `origin` at the last progress.
+    last_ms: std::sync::atomic::AtomicU64,
+    /// Allowed gap in milliseconds; 0: not watching.
+    limit_ms: std::sync::atomic::AtomicU64,
+    origin: std::sync::OnceLock<Instant>,
+}
+
+/// This process's watch.
+pub static WATCH: Watch = Watch {
+    rank: std::sync::atomic::AtomicUsize::new(0),
+    last_ms: std::sync::atomic::AtomicU64::new(0),
+    limit_ms: std::sync::atomic::AtomicU64::new(0),
+    origin: std::sync::OnceLock::new(),
+};
+
+impl Watch {
+    fn now_ms(&self) -> u64 {
+        self.origin.get_or_init(Instant::now).elapsed().as_millis() as u64
+    }
+
+    pub fn set_rank(&self, rank: usize) {
+        self.rank.store(rank, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn rank(&self) -> usize {
+        self.rank.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Work completed now.
+    pub fn progress(&self) {
+        self.last_ms
+            .store(self.now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// From now on, a gap longer than `limit` between progress calls is a hang.
+    pub fn limit(&self, limit: Duration) {
+        self.progress();
+        self.limit_ms.store(
+            limit.as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// The gap since the last progress, when it exceeds the limit.
+    fn stalled(&self) -> Option<Duration> {
+        let limit = self.limit_ms.load(std::sync::atomic::Ordering::Relaxed);
+        let gap = self
+            .now_ms()
+            .saturating_sub(self.last_ms.load(std::sync::atomic::Ordering::Relaxed));
+        (limit > 0 && gap > limit).then(|| Duration::from_millis(gap))
+    }
+
+    fn exit(&self, msg: &str) -> ! {
+        eprintln!("error: rank {}: job stopped: {msg}", self.rank());
+        std::process::exit(1)
     }
 }

@@ -27,8 +27,10 @@ const OPTIMIZER: &str = "optimizer.safetensors";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainerState {
-    /// Optimizer steps done.
+    /// Training steps done (the next step to run).
     pub step: usize,
+    /// Updates the optimizer applied (fewer than `step` when steps were skipped).
+    pub optimizer_step: usize,
     pub tokens_seen: u64,
     pub cursor: DataCursor,
     pub world_size: usize,

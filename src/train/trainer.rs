@@ -111,6 +111,7 @@ pub fn eval_set(
     for _ in 0..loader.steps_per_epoch() {
         let batch = loader.next_batch();
         let s = evaluate(model, adapters, &batch).map_err(failed)?;
+        crate::dist::store::WATCH.progress();
         total.loss_sum += s.loss_sum;
         total.labelled += s.labelled;
         total.correct += s.correct;
@@ -424,6 +425,27 @@ pub fn train_ranks(
     let (mut window_loss, mut window_steps, mut window_tokens) = (0.0, 0usize, 0usize);
     let mut window_start = Instant::now();
     let mut last_eval = None;
+    let trainer_state =
+        |step: usize, optimizer_step: usize, tokens_seen: u64, cursor| checkpoint::TrainerState {
+            step,
+            optimizer_step,
+            tokens_seen,
+            cursor,
+            world_size: world,
+            micro_batch_size: config.micro_batch_size,
+            gradient_accumulation_steps: gas,
+            seed: config.seed,
+            model_type: spec.model_type.as_str().to_string(),
+            num_layers: spec.num_layers,
+            num_experts: spec.num_experts,
+            hidden_size: spec.hidden_size,
+        };
+    let (mut skipped, mut consecutive_skips) = (0usize, 0usize);
+    let injected_nonfinite = injected_nonfinite_steps()?;
+    // Watchdog (multi-process jobs): the first step may include warm-up, later ones not.
+    let watch = &crate::dist::store::WATCH;
+    let steady = std::time::Duration::from_secs(config.collective_timeout_s);
+    watch.limit(steady.max(std::time::Duration::from_secs(300)));
     progress.set(start_step as u64, "");
     for step in start_step..total_steps {
         let batches: Vec<_> = (0..gas).map(|_| loader.next_batch()).collect();
@@ -435,6 +457,7 @@ pub fn train_ranks(
             let key = Some((config.seed, ((step * gas + micro) * world + rank) as u64));
             let s = forward_backward(&model, &adapters, batch, denom, key, &mut grads)
                 .map_err(failed)?;
+            watch.progress();
             stats.loss_sum += s.loss_sum;
             stats.labelled += s.labelled;
             stats.tokens += s.tokens;
@@ -481,8 +504,39 @@ pub fn train_ranks(
                 vec![squares(&grads, &owned).map_err(failed)?],
             )?[0];
         let grad_norm = sq.sqrt();
-        if !grad_norm.is_finite() {
-            return Err(failed(format!("step {}: gradient norm is {grad_norm} (loss {:.4}); lower learning_rate or check the data", step + 1, stats.loss_sum / stats.labelled.max(1) as f64)));
+        if injected_nonfinite.contains(&(step + 1)) {
+            stats.loss_sum = f64::NAN;
+        }
+        if !grad_norm.is_finite() || !stats.loss_sum.is_finite() {
+            // Skipped: no update; the batch is consumed. Every rank sees the same global
+            // numbers, so all skip together.
+            let done = step + 1;
+            skipped += 1;
+            consecutive_skips += 1;
+            let loss = stats.loss_sum / stats.labelled.max(1) as f64;
+            tracing::warn!(
+                "step {done}: non-finite loss ({loss}) or gradient norm ({grad_norm}): step skipped ({consecutive_skips} in a row, max_consecutive_skipped_steps {})",
+                config.max_consecutive_skipped_steps
+            );
+            if let Some(m) = metrics.as_mut() {
+                m.write(&json!({"step": done, "skipped": true, "skipped_steps": skipped}))?;
+            }
+            if consecutive_skips >= config.max_consecutive_skipped_steps {
+                // Adapters and optimizer are as the last good step left them.
+                let state = trainer_state(done, opt.steps(), tokens_seen, loader.cursor());
+                save_checkpoint(config, &adapters, &opt, &state, comm.as_ref(), ep)?;
+                return Err(failed(format!(
+                    "{consecutive_skips} consecutive steps (up to step {done}) had a non-finite loss or gradient: stopped; the last good state (optimizer step {}) is in {}; lower learning_rate, set max_grad_norm, or check the data",
+                    opt.steps(),
+                    checkpoint::path_for(&config.output_dir, done).display()
+                )));
+            }
+            progress.set(done as u64, "skipped");
+            continue;
+        }
+        consecutive_skips = 0;
+        if step == start_step {
+            watch.limit(steady);
         }
         let clip = if config.max_grad_norm > 0.0 && grad_norm > config.max_grad_norm {
             config.max_grad_norm / (grad_norm + 1e-6)
@@ -524,6 +578,7 @@ pub fn train_ranks(
                 "epoch": loader.cursor().epoch,
                 "elapsed_s": started.elapsed().as_secs_f64(),
                 "world_size": world,
+                "skipped_steps": skipped,
                 "expert_tokens": stats.expert_tokens,
             });
             if let Some(p) = peak {
@@ -574,19 +629,7 @@ pub fn train_ranks(
             last_eval = Some(r);
         }
         if config.save_steps.is_some_and(|s| s > 0 && done % s == 0) && done != total_steps {
-            let state = checkpoint::TrainerState {
-                step: done,
-                tokens_seen,
-                cursor: loader.cursor(),
-                world_size: world,
-                micro_batch_size: config.micro_batch_size,
-                gradient_accumulation_steps: gas,
-                seed: config.seed,
-                model_type: spec.model_type.as_str().to_string(),
-                num_layers: spec.num_layers,
-                num_experts: spec.num_experts,
-                hidden_size: spec.hidden_size,
-            };
+            let state = trainer_state(done, opt.steps(), tokens_seen, loader.cursor());
             save_checkpoint(config, &adapters, &opt, &state, comm.as_ref(), ep)?;
         }
     }
@@ -728,7 +771,7 @@ fn restore(
             moments.insert(key, local(name, m)?);
         }
     }
-    opt.load_state(r.state.step, &moments)
+    opt.load_state(r.state.optimizer_step, &moments)
         .map_err(|e| bad(e.to_string()))?;
     let rows = world * config.micro_batch_size * config.gradient_accumulation_steps.max(1);
     if rows != r.state.global_rows() {
@@ -790,4 +833,22 @@ fn save_checkpoint(
         }
     }
     Ok(())
+}
+
+/// Fault injection for tests of the numerics guard: `MOEQ_INJECT_NONFINITE=3,5` makes steps
+/// 3 and 5 (1-based) report a NaN loss, as an overflow would.
+fn injected_nonfinite_steps() -> Result<Vec<usize>, TrainError> {
+    let Ok(v) = std::env::var("MOEQ_INJECT_NONFINITE") else {
+        return Ok(Vec::new());
+    };
+    v.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.trim().parse().map_err(|_| {
+                TrainError::Input(format!(
+                    "MOEQ_INJECT_NONFINITE='{v}': expected step numbers like 3,5"
+                ))
+            })
+        })
+        .collect()
 }

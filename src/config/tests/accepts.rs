@@ -272,7 +272,6 @@ fn cross_field_warnings() {
             "t.yaml: key 'gradient_checkpointing' is false, but moeq always recomputes activations per layer; the \
              setting has no effect",
             "t.yaml: key 'eval_steps' (100) is larger than max_steps (50), so no evaluation runs during training",
-            "t.yaml: key 'max_consecutive_skipped_steps' has no effect unless skip_bad_samples is true",
         ]
     );
 }
