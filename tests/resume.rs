@@ -37,6 +37,10 @@ fn config(dir: &Path, world: usize) -> PathBuf {
 
 fn start(dir: &Path, world: usize) -> Child {
     let cfg = config(dir, world);
+    start_with(dir, world, &cfg)
+}
+
+fn start_with(dir: &Path, world: usize, cfg: &Path) -> Child {
     let mut c = if world == 1 {
         Command::new(env!("CARGO_BIN_EXE_moeq"))
     } else {
@@ -54,17 +58,26 @@ fn start(dir: &Path, world: usize) -> Child {
         .env_remove("RANK")
         .env_remove("WORLD_SIZE")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        // To a file: a pipe nobody reads while the run is killed could fill and stall it.
+        .stderr(stderr_file(dir))
         .spawn()
         .unwrap()
 }
 
-fn finish(child: Child, what: &str) {
-    let out = child.wait_with_output().unwrap();
+fn stderr_file(dir: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("stderr.log"))
+        .unwrap()
+}
+
+fn finish(mut child: Child, dir: &Path, what: &str) {
+    let status = child.wait().unwrap();
     assert!(
-        out.status.success(),
+        status.success(),
         "{what}:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
     );
 }
 
@@ -128,7 +141,7 @@ fn straight_and_resumed(root: &Path, world: usize) -> (PathBuf, PathBuf) {
     let resumed = root.join(format!("resumed{world}"));
     std::fs::create_dir_all(&straight).unwrap();
     std::fs::create_dir_all(&resumed).unwrap();
-    finish(start(&straight, world), "straight run");
+    finish(start(&straight, world), &straight, "straight run");
     run_killed_after_checkpoint(&resumed, world);
     (straight, resumed)
 }
@@ -140,7 +153,7 @@ fn resumed_runs_end_where_uninterrupted_runs_end() {
         let (straight, resumed) = straight_and_resumed(root.path(), world);
         let interrupted = root.path().join(format!("interrupted{world}"));
         copy_dir(&resumed, &interrupted);
-        finish(start(&resumed, world), "resumed run");
+        finish(start(&resumed, world), &resumed, "resumed run");
         let (a, b) = (losses(&straight), losses(&resumed));
         assert_eq!(a.len(), 40);
         assert_eq!(a, b, "world {world}: losses of the resumed run");
@@ -159,7 +172,7 @@ fn resumed_runs_end_where_uninterrupted_runs_end() {
             for other in [1, 4] {
                 let dir = root.path().join(format!("w2-on-{other}"));
                 copy_dir(&interrupted, &dir);
-                finish(start(&dir, other), "resumed on another world size");
+                finish(start(&dir, other), &dir, "resumed on another world size");
                 let c = losses(&dir);
                 assert_eq!(c.len(), 40);
                 for (step, (x, y)) in c.iter().zip(&a).enumerate().skip(20) {
@@ -186,7 +199,7 @@ fn incomplete_checkpoints_are_ignored_and_removed() {
     std::fs::remove_file(fake.join("COMPLETE")).unwrap();
     std::fs::write(fake.join("adapter_model.safetensors"), b"truncated").unwrap();
     std::fs::create_dir_all(dir.join("out/.checkpoint-35.tmp")).unwrap();
-    finish(start(&dir, 1), "resume past an incomplete checkpoint");
+    finish(start(&dir, 1), &dir, "resume past an incomplete checkpoint");
     assert!(!fake.exists(), "the incomplete checkpoint was removed");
     assert!(!dir.join("out/.checkpoint-35.tmp").exists());
     let log = std::fs::read_to_string(dir.join("out/moeq.log")).unwrap();
@@ -229,7 +242,7 @@ fn a_killed_rank_restarts_the_group_from_the_last_checkpoint() {
     let root = tempfile::tempdir().unwrap();
     let straight = root.path().join("straight");
     std::fs::create_dir_all(&straight).unwrap();
-    finish(start(&straight, 2), "straight run");
+    finish(start(&straight, 2), &straight, "straight run");
 
     let dir = root.path().join("restarted");
     std::fs::create_dir_all(&dir).unwrap();
@@ -276,4 +289,95 @@ fn a_killed_rank_restarts_the_group_from_the_last_checkpoint() {
         "final adapter after the restart"
     );
     assert_eq!(losses(&straight), losses(&dir));
+}
+
+/// Every directory that looks complete must read completely: the adapter and the optimizer
+/// state parse as safetensors with every tensor's bytes, the state parses as JSON.
+fn assert_complete_ones_are_whole(out: &Path) -> usize {
+    let mut complete = 0;
+    for e in std::fs::read_dir(out).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.starts_with("checkpoint-") || !e.path().join("COMPLETE").exists() {
+            continue;
+        }
+        complete += 1;
+        for f in ["adapter_model.safetensors", "optimizer.safetensors"] {
+            let bytes = std::fs::read(e.path().join(f)).unwrap();
+            let st = safetensors::SafeTensors::deserialize(&bytes)
+                .unwrap_or_else(|err| panic!("{name}/{f} is marked complete but corrupt: {err}"));
+            assert!(st.len() > 0, "{name}/{f}");
+        }
+        let state = std::fs::read_to_string(e.path().join("trainer_state.json")).unwrap();
+        let v: Value = serde_json::from_str(&state).unwrap();
+        assert_eq!(
+            v["step"].as_u64().map(|s| format!("checkpoint-{s}")),
+            Some(name.clone())
+        );
+        serde_json::from_str::<Value>(
+            &std::fs::read_to_string(e.path().join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+    }
+    complete
+}
+
+/// SIGKILL at 20 random moments of a run that checkpoints every step: never a checkpoint that
+/// looks complete but is not, and each restart resumes from the newest complete one.
+#[test]
+fn kill_during_checkpoint_writes_never_leaves_a_corrupt_complete_checkpoint() {
+    use rand::{Rng, SeedableRng};
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("run");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = config(&dir, 1);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("save_steps: 20", "save_steps: 1")
+        .replace("max_steps: 40", "max_steps: 400")
+        + "save_total_limit: 3\n";
+    std::fs::write(&cfg, text).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20);
+    let mut newest_before = 0u64;
+    for kill in 0..20 {
+        let mut child = start_with(&dir, 1, &cfg);
+        let wait = Duration::from_millis(rng.random_range(600..2500));
+        std::thread::sleep(wait);
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "kill {kill}: the run ended early"
+        );
+        child.kill().unwrap();
+        let _ = child.wait();
+        let out = dir.join("out");
+        assert_complete_ones_are_whole(&out);
+        let newest = std::fs::read_dir(&out)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().join("COMPLETE").exists())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .strip_prefix("checkpoint-")?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or(0);
+        assert!(newest >= newest_before, "kill {kill}: progress went back");
+        if newest_before > 0 {
+            let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap();
+            assert!(
+                log.contains(&format!(
+                    "checkpoint-{newest_before} (step {newest_before})"
+                )),
+                "kill {kill}: the run did not resume from checkpoint-{newest_before}"
+            );
+        }
+        newest_before = newest;
+    }
+    assert!(
+        newest_before > 0,
+        "no checkpoint was completed in 20 runs: {}",
+        std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default()
+    );
 }
