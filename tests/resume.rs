@@ -305,7 +305,7 @@ fn assert_complete_ones_are_whole(out: &Path) -> usize {
             let bytes = std::fs::read(e.path().join(f)).unwrap();
             let st = safetensors::SafeTensors::deserialize(&bytes)
                 .unwrap_or_else(|err| panic!("{name}/{f} is marked complete but corrupt: {err}"));
-            assert!(st.len() > 0, "{name}/{f}");
+            assert!(!st.is_empty(), "{name}/{f}");
         }
         let state = std::fs::read_to_string(e.path().join("trainer_state.json")).unwrap();
         let v: Value = serde_json::from_str(&state).unwrap();
