@@ -37,6 +37,7 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
     for w in &outcome.warnings {
         tracing::warn!("{w}");
     }
+    crate::train::trainer::check_output_dir(&config.output_dir).map_err(CliError::Input)?;
     let model_dir =
         crate::synth::resolve_base_model(&config.base_model).map_err(CliError::input)?;
     let dir = ModelDir::open(&model_dir).map_err(|e| match e {
@@ -56,8 +57,25 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
         dir.spec.model_type.as_str(),
         dir.spec.num_layers
     );
+    if config.sequence_len > dir.spec.max_position_embeddings {
+        return Err(CliError::Input(format!(
+            "sequence_len {} is beyond this model's max_position_embeddings {} ({}): lower sequence_len, or use a model configured for longer contexts",
+            config.sequence_len,
+            dir.spec.max_position_embeddings,
+            model_dir.join("config.json").display()
+        )));
+    }
     let tok = crate::data::TokenizerBundle::load(&model_dir, config.tokenizer_config.as_deref())
         .map_err(CliError::input)?;
+    // Ids past the embedding table would fail mid-run: the tokenizer must fit the model.
+    let tok_vocab = tok.tokenizer.get_vocab_size(true);
+    if tok_vocab > dir.spec.vocab_size {
+        return Err(CliError::Input(format!(
+            "the tokenizer has {tok_vocab} tokens (with added tokens) but the model's vocab_size is {}: the tokenizer does not belong to {} (set tokenizer_config to the model's tokenizer)",
+            dir.spec.vocab_size,
+            model_dir.display()
+        )));
+    }
     let data = crate::data::prepare(&config, &tok).map_err(CliError::input)?;
     for w in &data.warnings {
         tracing::warn!("{w}");

@@ -404,8 +404,13 @@ pub fn train_ranks(
     let mut tokens_seen = resume.as_ref().map_or(0, |r| r.state.tokens_seen);
     drop(resume);
     let mut metrics = if lead {
-        std::fs::create_dir_all(&config.output_dir)
-            .map_err(|e| failed(format!("{}: {e}", config.output_dir.display())))?;
+        std::fs::create_dir_all(&config.output_dir).map_err(|e| {
+            TrainError::Input(format!(
+                "output_dir {}: cannot create it: {e} (choose a writable output_dir)",
+                config.output_dir.display()
+            ))
+        })?;
+        crate::util::logging::open_log_file().map_err(TrainError::Input)?;
         Some(Metrics::create(&config.output_dir, start_step > 0)?)
     } else {
         None
@@ -851,4 +856,36 @@ fn injected_nonfinite_steps() -> Result<Vec<usize>, TrainError> {
             })
         })
         .collect()
+}
+
+/// Checks, without leaving anything behind, that `output_dir` can be created and written:
+/// a run should not load a model for minutes and then fail to save.
+pub fn check_output_dir(dir: &Path) -> Result<(), String> {
+    let shown = dir.display();
+    let mut existing = dir;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    if !existing.is_dir() {
+        return Err(format!(
+            "output_dir {shown}: {} is not a directory (choose another output_dir)",
+            existing.display()
+        ));
+    }
+    let probe = existing.join(format!(".moeq-write-probe-{}", std::process::id()));
+    let written =
+        std::fs::write(&probe, b"probe").and_then(|_| std::fs::File::open(&probe)?.sync_all());
+    let _ = std::fs::remove_file(&probe);
+    written.map_err(|e| {
+        format!(
+            "output_dir {shown}: cannot write in {}: {e} (choose a writable output_dir with free space)",
+            existing.display()
+        )
+    })
 }

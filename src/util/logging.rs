@@ -4,7 +4,7 @@
 use std::fs::OpenOptions;
 use std::io::IsTerminal;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{fmt, EnvFilter, Layer};
@@ -13,7 +13,8 @@ pub struct LogSetup<'a> {
     /// Overrides `RUST_LOG` when given (e.g. `debug`, `moeq=trace`).
     pub level: Option<&'a str>,
     pub rank: Option<usize>,
-    /// Also append the log here (no colours).
+    /// Also append the log here (no colours) once `open_log_file` is called: a run that
+    /// stops on bad input leaves no file behind. Lines logged before are kept and written first.
     pub file: Option<&'a Path>,
 }
 
@@ -35,19 +36,13 @@ pub fn init(setup: LogSetup) -> Result<Option<tracing::span::EnteredSpan>, Strin
         .with_filter(filter(setup.level)?);
     let file_layer = match setup.file {
         Some(path) => {
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| {
-                    format!("{}: cannot create log directory: {e}", parent.display())
-                })?;
-            }
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|e| format!("{}: cannot open log file: {e}", path.display()))?;
+            let mut d = deferred();
+            d.path = Some(path.to_path_buf());
+            d.buf.clear();
+            d.file = None;
             Some(
                 fmt::layer()
-                    .with_writer(Mutex::new(file))
+                    .with_writer(|| DeferredWriter)
                     .with_ansi(false)
                     .with_target(false)
                     .with_filter(filter(setup.level)?),
@@ -63,4 +58,73 @@ pub fn init(setup: LogSetup) -> Result<Option<tracing::span::EnteredSpan>, Strin
     Ok(setup
         .rank
         .map(|rank| tracing::info_span!("rank", rank).entered()))
+}
+
+/// Lines kept in memory before the log file is opened, at most this many bytes.
+const BUFFER_LIMIT: usize = 8 << 20;
+
+#[derive(Default)]
+struct Deferred {
+    path: Option<std::path::PathBuf>,
+    buf: Vec<u8>,
+    file: Option<std::fs::File>,
+}
+
+static DEFERRED: Mutex<Deferred> = Mutex::new(Deferred {
+    path: None,
+    buf: Vec::new(),
+    file: None,
+});
+
+fn deferred() -> MutexGuard<'static, Deferred> {
+    DEFERRED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct DeferredWriter;
+
+impl std::io::Write for DeferredWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let mut guard = deferred();
+        let d = &mut *guard;
+        if let Some(f) = d.file.as_mut() {
+            f.write_all(bytes)?;
+        } else if d.path.is_some() && d.buf.len() + bytes.len() <= BUFFER_LIMIT {
+            d.buf.extend_from_slice(bytes);
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match deferred().file.as_mut() {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Opens the log file given to `init` (appending; its directory is created) and writes the
+/// lines logged so far. A no-op without a log file.
+pub fn open_log_file() -> Result<(), String> {
+    use std::io::Write;
+    let mut d = deferred();
+    let Some(path) = d.path.clone() else {
+        return Ok(());
+    };
+    if d.file.is_some() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("{}: cannot create log directory: {e}", parent.display()))?;
+    }
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| format!("{}: cannot open log file: {e}", path.display()))?;
+    let buf = std::mem::take(&mut d.buf);
+    file.write_all(&buf)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    d.file = Some(file);
+    Ok(())
 }
