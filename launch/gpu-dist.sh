@@ -7,6 +7,8 @@
 #      all-to-all, gradient all-reduce, statistics all-gather). The losses must agree.
 #   3. torchrun compatibility: `torchrun --nproc-per-node 2 --no-python moeq train` on the CPU
 #      (CPU collective), against one CPU process with the same global batch.
+#   4. Resume on the GPU: a run killed (SIGKILL) after its step-20 checkpoint and resumed ends
+#      with the losses of an uninterrupted run (bf16: within 1e-2, reported exactly).
 # Logs and metrics go to $OUT; the comparison lines are printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,8 +42,14 @@ compare() { # compare A B TOL: per-step losses of two runs
   "$PY" - "$work/$1/metrics.jsonl" "$work/$2/metrics.jsonl" "$3" "$1 vs $2" <<'PY'
 import json, sys
 a, b, tol, what = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
-la = [json.loads(l)["loss"] for l in open(a) if '"loss"' in l]
-lb = [json.loads(l)["loss"] for l in open(b) if '"loss"' in l]
+def losses(path):  # by step; a resumed run appends, later records win
+    by_step = {}
+    for l in open(path):
+        r = json.loads(l)
+        if "loss" in r:
+            by_step[r["step"]] = r["loss"]
+    return [by_step[k] for k in sorted(by_step)]
+la, lb = losses(a), losses(b)
 worst = max(abs(x - y) / abs(y) for x, y in zip(la, lb))
 ok = len(la) == len(lb) and worst <= tol
 print(f"{'PASS' if ok else 'FAIL'}  {what}: {len(la)} steps, loss {lb[0]:.4f} -> {lb[-1]:.4f}, max relative difference {worst:.2e} (tol {tol:g})")
@@ -70,5 +78,20 @@ timeout 300 "$TORCHRUN" --nproc-per-node 2 --master-port $(( 20000 + RANDOM % 20
   .device/moeq train --config "$work/cpu-torchrun.yaml" > "$OUT/cpu-torchrun.log" 2>&1 || status=1
 grep -E "joined|trained|error" "$OUT/cpu-torchrun.log" | cut -c1-220 | head -6
 compare cpu-torchrun cpu-one 1e-5 || status=1
+echo "== 4. one GPU: killed after the step-20 checkpoint and resumed, vs uninterrupted"
+for name in gpu-straight gpu-resumed; do
+  config $name cuda 8 60
+  sed -i 's/save_steps: 1000/save_steps: 20/' "$work/$name.yaml"
+done
+echo "resume_from_checkpoint: auto" >> "$work/gpu-resumed.yaml"
+.device/moeq train --config "$work/gpu-straight.yaml" > "$OUT/gpu-straight.log" 2>&1 || status=1
+.device/moeq train --config "$work/gpu-resumed.yaml" > "$OUT/gpu-resumed.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 600); do [ -e "$work/gpu-resumed/checkpoint-20/COMPLETE" ] && break; sleep 0.1; done
+kill -9 $pid 2>/dev/null || true; wait $pid 2>/dev/null || true
+echo "killed at step $(grep -c '"loss"' "$work/gpu-resumed/metrics.jsonl")"
+.device/moeq train --config "$work/gpu-resumed.yaml" >> "$OUT/gpu-resumed.log" 2>&1 || status=1
+grep -E "resuming|trained|error" "$OUT/gpu-resumed.log" | cut -c1-200
+compare gpu-resumed gpu-straight 1e-2 || status=1
 echo "gpu-dist status $status"
 exit "$status"

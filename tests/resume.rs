@@ -239,18 +239,24 @@ fn rank_pid(launcher: u32, rank: usize) -> Option<i32> {
 /// job ends with the adapter of an uninterrupted run, bit for bit.
 #[test]
 fn a_killed_rank_restarts_the_group_from_the_last_checkpoint() {
+    for world in [2, 4] {
+        killed_rank_restart(world);
+    }
+}
+
+fn killed_rank_restart(world: usize) {
     let root = tempfile::tempdir().unwrap();
     let straight = root.path().join("straight");
     std::fs::create_dir_all(&straight).unwrap();
-    finish(start(&straight, 2), &straight, "straight run");
+    finish(start(&straight, world), &straight, "straight run");
 
     let dir = root.path().join("restarted");
     std::fs::create_dir_all(&dir).unwrap();
-    let cfg = config(&dir, 2);
+    let cfg = config(&dir, world);
     let child = Command::new(env!("CARGO_BIN_EXE_moeq-launch"))
         .args([
             "--nproc",
-            "2",
+            &world.to_string(),
             "--max-restarts",
             "1",
             "--grace-seconds",
@@ -279,7 +285,7 @@ fn a_killed_rank_restarts_the_group_from_the_last_checkpoint() {
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
+    assert!(out.status.success(), "world {world}: {err}");
     assert!(err.contains("rank 1 failed first"), "{err}");
     assert!(err.contains("restarting the group"), "{err}");
     assert!(err.contains("resuming from"), "{err}");
