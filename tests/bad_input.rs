@@ -561,6 +561,45 @@ fn every_bad_input_exits_2_with_one_clear_line_and_writes_nothing() {
             ));
         }
     }
-    let _ = std::fs::remove_dir_all(model_src());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// output_dir on a read-only and on a nearly full filesystem (tmpfs mounts). Needs the
+/// privilege to mount, which the CI container has; without it the test says so and returns.
+#[test]
+fn output_dir_on_a_read_only_or_full_filesystem() {
+    for (opts, expect) in [
+        ("ro,size=1m", "cannot write in"),
+        ("size=64k", "MB free on its filesystem"),
+    ] {
+        let root = tempfile::tempdir().unwrap();
+        let mnt = root.path().join("mnt");
+        std::fs::create_dir_all(&mnt).unwrap();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(&mnt)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!(
+                "cannot mount a tmpfs here (no privilege): read-only/full output_dir not checked"
+            );
+            return;
+        }
+        let mut s = Setup::new(root.path());
+        s.set("output_dir", &mnt.join("out").display().to_string());
+        let (code, err) = s.run();
+        let leftover: Vec<_> = std::fs::read_dir(&mnt)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        let _ = Command::new("umount").arg(&mnt).status();
+        assert_eq!(code, 2, "{opts}: {err}");
+        let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
+        assert_eq!(errors.len(), 1, "{err}");
+        assert!(errors[0].contains(expect), "{opts}: {}", errors[0]);
+        assert!(leftover.is_empty(), "{opts}: left {leftover:?}");
+    }
 }

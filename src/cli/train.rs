@@ -37,7 +37,6 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
     for w in &outcome.warnings {
         tracing::warn!("{w}");
     }
-    crate::train::trainer::check_output_dir(&config.output_dir).map_err(CliError::Input)?;
     let model_dir =
         crate::synth::resolve_base_model(&config.base_model).map_err(CliError::input)?;
     let dir = ModelDir::open(&model_dir).map_err(|e| match e {
@@ -57,6 +56,11 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
         dir.spec.model_type.as_str(),
         dir.spec.num_layers
     );
+    crate::train::trainer::check_output_dir(
+        &config.output_dir,
+        crate::train::trainer::output_bytes_needed(&config, &dir.spec),
+    )
+    .map_err(CliError::Input)?;
     if config.sequence_len > dir.spec.max_position_embeddings {
         return Err(CliError::Input(format!(
             "sequence_len {} is beyond this model's max_position_embeddings {} ({}): lower sequence_len, or use a model configured for longer contexts",
