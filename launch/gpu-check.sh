@@ -31,14 +31,7 @@ build)
   ls -la .device/
   ;;
 run | nccl)
-  OUT=${OUT:-/tmp/moeq-gpu-out}
-  mkdir -p "$OUT"
-  SP=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
-  if [ -d "$SP" ]; then
-    export LD_LIBRARY_PATH=$SP/cu13/lib:$SP/nccl/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-  fi
-  for f in .device/*.xz; do [ -e "$f" ] && xz -dkf "$f"; done
-  chmod +x .device/moeq
+  source launch/device-env.sh
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } | tee "$OUT/gpu.txt"
   if [ "$mode" = run ]; then
     .device/moeq gpu-check 2>&1 | tee "$OUT/gpu-check.log"

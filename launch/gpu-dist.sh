@@ -12,14 +12,7 @@
 # Logs and metrics go to $OUT; the comparison lines are printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/moeq-gpu-out}
-mkdir -p "$OUT"
-SP=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
-if [ -d "$SP" ]; then
-  export LD_LIBRARY_PATH=$SP/cu13/lib:$SP/nccl/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-fi
-for f in .device/*.xz; do [ -e "$f" ] && xz -dkf "$f"; done
-chmod +x .device/moeq
+source launch/device-env.sh
 export NCCL_NVLS_ENABLE=0 MOEQ_CACHE_DIR=${MOEQ_CACHE_DIR:-/tmp/moeq-cache}
 PY=${PYTHON:-/opt/torch/.venv/bin/python}
 work=/tmp/moeq-dist

@@ -5,15 +5,8 @@
 # Prepare on the build machine: MOEQ_PROFILE=release launch/gpu-check.sh build
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/moeq-gpu-out}
+source launch/device-env.sh
 config=${1:-configs/qwen3-30b-a3b-12l-h100.yaml}
-mkdir -p "$OUT"
-SP=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
-if [ -d "$SP" ]; then
-  export LD_LIBRARY_PATH=$SP/cu13/lib:$SP/nccl/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-fi
-for f in .device/*.xz; do [ -e "$f" ] && xz -dkf "$f"; done
-chmod +x .device/moeq
 export MOEQ_CACHE_DIR=${MOEQ_CACHE_DIR:-/tmp/moeq-cache}
 out_dir=$(sed -n 's/^output_dir: *//p' "$config")
 status=0

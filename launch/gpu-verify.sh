@@ -7,14 +7,7 @@
 # Run (repository root of the GPU machine): launch/gpu-verify.sh [arch ...]; logs go to $OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/moeq-gpu-out}
-mkdir -p "$OUT"
-SP=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
-if [ -d "$SP" ]; then
-  export LD_LIBRARY_PATH=$SP/cu13/lib:$SP/nccl/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
-fi
-for f in .device/*.xz; do [ -e "$f" ] && xz -dkf "$f"; done
-chmod +x .device/moeq
+source launch/device-env.sh
 export MOEQ_CACHE_DIR=$OUT/cache
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } | tee "$OUT/gpu.txt"
 status=0

@@ -1,0 +1,11 @@
+# Sourced by the scripts that run on the GPU machine (repository root): $OUT exists, the CUDA
+# and NCCL libraries of the machine's PyTorch wheels are on the library path, and the binary
+# carried in .device/ (launch/gpu-check.sh build) is unpacked.
+OUT=${OUT:-/tmp/moeq-gpu-out}
+mkdir -p "$OUT"
+SP=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
+if [ -d "$SP" ]; then
+  export LD_LIBRARY_PATH=$SP/cu13/lib:$SP/nccl/lib:/usr/local/nvidia/lib64:${LD_LIBRARY_PATH:-}
+fi
+for f in .device/*.xz; do [ -e "$f" ] && xz -dkf "$f"; done
+chmod +x .device/moeq
