@@ -374,3 +374,31 @@ fn exchange_counts_transposes_the_count_matrix() {
         }
     }
 }
+
+#[test]
+fn a_rank_that_never_joins_fails_the_job_with_its_number() {
+    let mut opts = StoreOptions::new(3, TOKEN);
+    opts.join_timeout = Duration::from_millis(500);
+    let s = StoreServer::start("127.0.0.1:0", opts).unwrap();
+    let mut c0 = client(&s, 0);
+    let _c1 = client(&s, 1);
+    let started = Instant::now();
+    let msg = c0.barrier("start").unwrap_err().to_string();
+    assert!(msg.contains("ranks [2] did not join"), "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn leaving_without_finishing_is_a_failure_and_finishing_is_not() {
+    let s = server(2);
+    let mut c0 = client(&s, 0);
+    let mut c1 = client(&s, 1);
+    c1.finish();
+    drop(c1);
+    c0.set("still", b"fine").unwrap();
+    assert!(s.failure().is_none(), "{:?}", s.failure());
+    let c1 = client(&s, 1);
+    drop(c1); // an error path: no finish
+    let msg = c0.barrier("after").unwrap_err().to_string();
+    assert!(msg.contains("rank 1 stopped before finishing"), "{msg}");
+}

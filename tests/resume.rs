@@ -199,9 +199,17 @@ fn incomplete_checkpoints_are_ignored_and_removed() {
     std::fs::remove_file(fake.join("COMPLETE")).unwrap();
     std::fs::write(fake.join("adapter_model.safetensors"), b"truncated").unwrap();
     std::fs::create_dir_all(dir.join("out/.checkpoint-35.tmp")).unwrap();
+    // Another tool's checkpoint in the same output_dir is not moeq's to remove.
+    let foreign = dir.join("out/checkpoint-99");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("pytorch_model.bin"), b"not ours").unwrap();
     finish(start(&dir, 1), &dir, "resume past an incomplete checkpoint");
     assert!(!fake.exists(), "the incomplete checkpoint was removed");
     assert!(!dir.join("out/.checkpoint-35.tmp").exists());
+    assert!(
+        foreign.join("pytorch_model.bin").exists(),
+        "a foreign checkpoint was removed"
+    );
     let log = std::fs::read_to_string(dir.join("out/moeq.log")).unwrap();
     assert!(
         log.contains("(step 20)"),

@@ -277,7 +277,7 @@ impl Moe {
                                                     // A rank that receives nothing still takes part in the backward's exchange,
                                                     // so its (empty) output stays connected to its input.
                 let yr = if xr.dim(0)? == 0 {
-                    (xr * 0.0)?
+                    xr.clone() // [0, H]: no rows, but the same node
                 } else {
                     self.experts(&xr, &d.local_counts, lora)?
                 };

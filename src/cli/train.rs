@@ -95,9 +95,10 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
         None => crate::train::trainer::RankCtx::solo(),
     };
     let result = crate::train::trainer::train_ranks(&config, &dir, &data, tok.pad.id, &ctx);
-    if let Err(e) = &result {
+    match &result {
         // The other ranks stop with this as the cause instead of waiting for a timeout.
-        ctx.comm.abort(&e.to_string());
+        Err(e) => ctx.comm.abort(&e.to_string()),
+        Ok(_) => ctx.comm.finish(),
     }
     drop(ctx);
     if let Some(j) = job {

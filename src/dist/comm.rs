@@ -26,6 +26,8 @@ pub trait Communicator: Send + Sync {
     fn barrier(&self) -> Result<()>;
     /// Tells the other ranks this one failed, so they stop with `msg` as the cause.
     fn abort(&self, _msg: &str) {}
+    /// This rank finished its work: leaving now is not a failure.
+    fn finish(&self) {}
 
     /// Host values `send[d]` for rank d → what each rank sent here, in rank order (the
     /// per-expert token counts before a dispatch).
@@ -221,9 +223,9 @@ impl TcpComm {
 
     /// Every rank's raw bytes of `x` together with its first dimension.
     fn gather_bytes(&self, name: &str, x: &Tensor) -> Result<Vec<Vec<u8>>> {
+        // One chunk: the store hands it to every rank.
         let bytes = tensor_bytes(x)?;
-        let chunks: Vec<&[u8]> = vec![bytes.as_slice(); self.world];
-        self.exchange(name, &chunks)
+        self.exchange(name, &[bytes.as_slice()])
     }
 }
 
@@ -237,20 +239,38 @@ impl Communicator for TcpComm {
     }
 
     fn all_reduce_sum(&self, x: &Tensor) -> Result<Tensor> {
-        let parts = self.gather_bytes("all_reduce", x)?;
-        let mut acc: Option<Tensor> = None;
-        for b in parts {
-            let t =
-                tensor_from_bytes(&b, x.dtype(), x.dims(), &Device::Cpu)?.to_dtype(DType::F32)?;
-            acc = Some(match acc {
-                None => t,
-                Some(a) => (a + t)?,
-            });
+        // In pieces, so a frame (and the store's reply of every rank's piece) stays small.
+        const PIECE: usize = 1 << 20;
+        let flat = x.flatten_all()?;
+        let n = flat.elem_count();
+        // f64 (host statistics) is summed in f64, everything else in f32.
+        let acc_dtype = if x.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let mut out = Vec::new();
+        for start in (0..n.max(1)).step_by(PIECE) {
+            let len = PIECE.min(n - start.min(n));
+            let piece = flat.narrow(0, start.min(n), len)?;
+            let mut acc: Option<Tensor> = None;
+            for b in self.gather_bytes("all_reduce", &piece)? {
+                let t =
+                    tensor_from_bytes(&b, x.dtype(), &[len], &Device::Cpu)?.to_dtype(acc_dtype)?;
+                acc = Some(match acc {
+                    None => t,
+                    Some(a) => (a + t)?,
+                });
+            }
+            match acc {
+                Some(a) => out.push(a),
+                None => candle_core::bail!("all_reduce: no ranks"),
+            }
         }
-        match acc {
-            Some(a) => a.to_dtype(x.dtype())?.to_device(x.device()),
-            None => candle_core::bail!("all_reduce: no ranks"),
-        }
+        Tensor::cat(&out, 0)?
+            .to_dtype(x.dtype())?
+            .reshape(x.dims())?
+            .to_device(x.device())
     }
 
     fn all_gather(&self, x: &Tensor) -> Result<Vec<Tensor>> {
@@ -278,8 +298,7 @@ impl Communicator for TcpComm {
         } else {
             Vec::new()
         };
-        let chunks: Vec<&[u8]> = vec![bytes.as_slice(); self.world];
-        let got = self.exchange("broadcast", &chunks)?;
+        let got = self.exchange("broadcast", &[bytes.as_slice()])?;
         tensor_from_bytes(&got[root], x.dtype(), x.dims(), &Device::Cpu)?.to_device(x.device())
     }
 
@@ -314,7 +333,12 @@ impl Communicator for TcpComm {
     }
 
     fn abort(&self, msg: &str) {
-        let mut c = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        let c = self.client.lock().unwrap_or_else(|p| p.into_inner());
         c.fail(msg);
+    }
+
+    fn finish(&self) {
+        let mut c = self.client.lock().unwrap_or_else(|p| p.into_inner());
+        c.finish();
     }
 }

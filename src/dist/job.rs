@@ -69,6 +69,7 @@ impl Job {
         let server = if env.rank == 0 {
             let mut opts = StoreOptions::new(env.world_size, &token);
             opts.heartbeat_timeout = secs("MOEQ_HEARTBEAT_TIMEOUT", 60)?;
+            opts.join_timeout = secs("MOEQ_RENDEZVOUS_TIMEOUT", 300)?;
             Some(StoreServer::start(&addr, opts).map_err(|e| e.to_string())?)
         } else {
             None

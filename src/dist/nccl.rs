@@ -608,7 +608,12 @@ impl Communicator for NcclComm {
     /// Marks the job failed in the store, so the other ranks (and the launcher) stop with
     /// `msg`. Collectives already blocked inside NCCL on other ranks are not interrupted.
     fn abort(&self, msg: &str) {
-        let mut s = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        let s = self.store.lock().unwrap_or_else(|p| p.into_inner());
         s.fail(msg);
+    }
+
+    fn finish(&self) {
+        let mut s = self.store.lock().unwrap_or_else(|p| p.into_inner());
+        s.finish();
     }
 }

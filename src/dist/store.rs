@@ -104,6 +104,8 @@ pub struct StoreOptions {
     pub max_frame: usize,
     /// A rank whose last heartbeat is older than this fails the job.
     pub heartbeat_timeout: Duration,
+    /// Every rank must have connected within this time of the store's start.
+    pub join_timeout: Duration,
 }
 
 impl StoreOptions {
@@ -113,6 +115,7 @@ impl StoreOptions {
             token: token.to_string(),
             max_frame: MAX_FRAME,
             heartbeat_timeout: Duration::from_secs(60),
+            join_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -134,6 +137,8 @@ struct State {
     /// Last heartbeat of the ranks that send them.
     last_seen: HashMap<u32, Instant>,
     left: Vec<bool>,
+    /// Ranks that have connected.
+    joined: std::collections::BTreeSet<u32>,
 }
 
 impl State {
@@ -234,7 +239,13 @@ impl StoreServer {
         while Instant::now() < deadline {
             {
                 let st = self.shared.state();
-                if st.failed.is_some() || st.left.iter().all(|&l| l) {
+                if st.left.iter().all(|&l| l) {
+                    return;
+                }
+                if st.failed.is_some() {
+                    drop(st);
+                    // Long enough for every rank's next heartbeat to fetch the cause.
+                    std::thread::sleep(Duration::from_secs(3));
                     return;
                 }
             }
@@ -275,9 +286,20 @@ async fn serve(
         let shared = shared.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let started = Instant::now();
             loop {
                 tick.tick().await;
                 let mut st = shared.state();
+                let world = shared.opts.world_size;
+                if st.joined.len() < world && started.elapsed() > shared.opts.join_timeout {
+                    let missing: Vec<usize> = (0..world)
+                        .filter(|r| !st.joined.contains(&(*r as u32)))
+                        .collect();
+                    st.fail(format!(
+                        "ranks {missing:?} did not join within {} s (did they fail to start? MOEQ_RENDEZVOUS_TIMEOUT sets the limit)",
+                        shared.opts.join_timeout.as_secs()
+                    ));
+                }
                 let limit = shared.opts.heartbeat_timeout;
                 let stale = st
                     .last_seen
@@ -365,6 +387,9 @@ async fn connection(mut s: tokio::net::TcpStream, shared: Arc<Shared>) {
                     )
                     .await;
                     return;
+                }
+                if rank != OBSERVER {
+                    shared.state().joined.insert(rank);
                 }
                 let world = (shared.opts.world_size as u64).to_le_bytes().to_vec();
                 if !reply(&mut s, Ok(vec![world])).await {
@@ -546,7 +571,11 @@ fn exchange(shared: &Shared, st: &mut State, rank: u32, f: Vec<Vec<u8>>) -> Hand
     ) else {
         return Handled::Reject("exchange: expected sequence number and name".into());
     };
-    let chunks: Vec<Vec<u8>> = f.into_iter().skip(2).collect();
+    let mut chunks: Vec<Vec<u8>> = f.into_iter().skip(2).collect();
+    // One chunk is for every rank (all-gather, broadcast): sent once, copied here.
+    if chunks.len() == 1 && world > 1 {
+        chunks = vec![chunks[0].clone(); world];
+    }
     if chunks.len() != world {
         return Handled::Reject(format!(
             "exchange: {} chunks for a world of {world}",
@@ -600,6 +629,9 @@ pub struct StoreClient {
     addr: String,
     rank: u32,
     world: usize,
+    token: String,
+    /// Set by `finish`: dropping the client then says goodbye instead of reporting a failure.
+    clean: bool,
     seq: u64,
     timeout: Duration,
     max_frame: usize,
@@ -707,6 +739,8 @@ impl StoreClient {
                     return Ok(StoreClient {
                         stream,
                         world,
+                        token: token.to_string(),
+                        clean: false,
                         addr: addr.to_string(),
                         rank,
                         seq: 0,
@@ -816,14 +850,18 @@ impl StoreClient {
         self.world
     }
 
-    /// Tells the store (and so every rank) that this rank failed.
-    pub fn fail(&mut self, msg: &str) {
-        let _ = self.stream.set_read_timeout(Some(Duration::from_secs(5)));
-        let _ = self
-            .stream
-            .write_all(&encode(Op::Fail as u8, &[msg.as_bytes()]));
-        let mut len = [0u8; 4];
-        let _ = self.stream.read(&mut len);
+    /// Tells the store (and so every rank) that this rank failed, on a connection of its own
+    /// (the main one may be waiting in a collective).
+    pub fn fail(&self, msg: &str) {
+        if let Ok((mut s, _)) = connect_once(&self.addr, &self.token, self.rank, MAX_FRAME) {
+            let _ = s.write_all(&encode(Op::Fail as u8, &[msg.as_bytes()]));
+            let _ = read_reply(&mut s, &self.addr, MAX_FRAME, "a failure report", 5.0);
+        }
+    }
+
+    /// This rank's work is done: dropping the client is a goodbye, not a failure.
+    pub fn finish(&mut self) {
+        self.clean = true;
     }
 
     /// Starts a thread that sends a heartbeat every `every` on its own connection. With
@@ -901,7 +939,15 @@ impl StoreClient {
 
 impl Drop for StoreClient {
     fn drop(&mut self) {
-        // A clean goodbye: the store does not count this rank as dead.
+        // Without `finish` (an error, a panic) leaving is a failure: the other ranks must not
+        // wait for this one. Observers just leave.
+        if !self.clean && self.rank != OBSERVER {
+            self.fail(&format!(
+                "rank {} stopped before finishing its work",
+                self.rank
+            ));
+        }
+        // A goodbye: the store does not count this rank as dead.
         if let Some((stop, t)) = self.heartbeat.take() {
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             let _ = t.join();
@@ -959,6 +1005,18 @@ impl Watch {
             limit.as_millis() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+    }
+
+    /// Stops watching (long I/O); returns the limit to give back to `resume`.
+    pub fn pause(&self) -> u64 {
+        self.limit_ms.swap(0, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Watches again with the limit `pause` returned, from now.
+    pub fn resume(&self, limit_ms: u64) {
+        self.progress();
+        self.limit_ms
+            .store(limit_ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The gap since the last progress, when it exceeds the limit.

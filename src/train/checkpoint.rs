@@ -22,6 +22,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub const MARKER: &str = "COMPLETE";
+/// Written first into every checkpoint moeq writes: only directories carrying it are cleaned
+/// up when incomplete (another tool's `checkpoint-N` in output_dir is left alone).
+const OURS: &str = ".moeq-checkpoint";
 const STATE: &str = "trainer_state.json";
 const OPTIMIZER: &str = "optimizer.safetensors";
 
@@ -95,6 +98,7 @@ pub fn write_files(
     let tmp = output_dir.join(format!(".checkpoint-{}.tmp", state.step));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    write_synced(&tmp.join(OURS), b"")?;
     peft::save(adapters, base_model, &tmp).map_err(|e| io(&tmp, e))?;
     peft::write_f32(&tmp.join(OPTIMIZER), moments).map_err(|e| io(&tmp.join(OPTIMIZER), e))?;
     let text = serde_json::to_string_pretty(state).map_err(|e| e.to_string())?;
@@ -151,7 +155,7 @@ pub fn newest_complete(output_dir: &Path) -> Option<PathBuf> {
 pub fn clean_incomplete(output_dir: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     for (_, p) in listed(output_dir) {
-        if !is_complete(&p) && std::fs::remove_dir_all(&p).is_ok() {
+        if p.join(OURS).exists() && !is_complete(&p) && std::fs::remove_dir_all(&p).is_ok() {
             removed.push(p);
         }
     }
@@ -169,13 +173,15 @@ pub fn clean_incomplete(output_dir: &Path) -> Vec<PathBuf> {
     removed
 }
 
-/// Keeps the newest `limit` complete checkpoints.
-pub fn prune(output_dir: &Path, limit: usize) {
+/// Keeps the newest `limit` complete checkpoints, and always `keep` (the one just written,
+/// which may be older than others left by an earlier run).
+pub fn prune(output_dir: &Path, limit: usize, keep: &Path) {
     let complete: Vec<PathBuf> = listed(output_dir)
         .into_iter()
-        .filter(|(_, p)| is_complete(p))
+        .filter(|(_, p)| is_complete(p) && p.join(OURS).exists() && p != keep)
         .map(|(_, p)| p)
         .collect();
+    let limit = limit.saturating_sub(1);
     let excess = complete.len().saturating_sub(limit);
     for path in complete.into_iter().take(excess) {
         // The marker goes first: a half-removed checkpoint is never taken for a complete one.

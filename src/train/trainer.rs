@@ -396,6 +396,25 @@ pub fn train_ranks(
         Some(r) => restore(r, &adapters, &mut opt, config, world)?,
         None => 0,
     };
+    // Every rank must continue from the same step (output_dir on a filesystem they share).
+    let steps = comm
+        .all_gather(&Tensor::new(&[start_step as f64], &Device::Cpu).map_err(failed)?)
+        .and_then(|v| {
+            v.iter()
+                .map(|t| t.to_vec1::<f64>())
+                .collect::<candle_core::Result<Vec<_>>>()
+        })
+        .map_err(failed)?;
+    if let Some((r, s)) = steps
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s[0] as usize != start_step)
+    {
+        return Err(TrainError::Input(format!(
+            "resume: rank {rank} continues from step {start_step} but rank {r} from step {}: output_dir must be on a filesystem every rank sees the same way",
+            s[0]
+        )));
+    }
     if start_step >= total_steps && resume.is_some() {
         return Err(TrainError::Input(format!(
             "resume_from_checkpoint: the checkpoint is at step {start_step}, and this run has {total_steps} steps: nothing left to train (raise max_steps, or start a new output_dir)"
@@ -450,6 +469,8 @@ pub fn train_ranks(
     // Watchdog (multi-process jobs): the first step may include warm-up, later ones not.
     let watch = &crate::dist::store::WATCH;
     let steady = std::time::Duration::from_secs(config.collective_timeout_s);
+    // Every rank has loaded before the clocks start.
+    comm.barrier().map_err(failed)?;
     watch.limit(steady.max(std::time::Duration::from_secs(300)));
     progress.set(start_step as u64, "");
     for step in start_step..total_steps {
@@ -500,6 +521,9 @@ pub fn train_ranks(
                 }
             }
         }
+        if step == start_step {
+            watch.limit(steady);
+        }
         crate::util::mem::sample_gpu_peak(&device);
         // Global gradient norm: replicated gradients (equal on every rank) plus every rank's
         // own expert gradients.
@@ -540,9 +564,6 @@ pub fn train_ranks(
             continue;
         }
         consecutive_skips = 0;
-        if step == start_step {
-            watch.limit(steady);
-        }
         let clip = if config.max_grad_norm > 0.0 && grad_norm > config.max_grad_norm {
             config.max_grad_norm / (grad_norm + 1e-6)
         } else {
@@ -686,10 +707,16 @@ fn resume_point(
     lead: bool,
 ) -> Result<Option<checkpoint::Loaded>, TrainError> {
     use crate::config::ResumeFrom;
+    let configured = config.resume_from_checkpoint.clone();
     let wanted = match std::env::var("MOEQ_RESUME_FROM_CHECKPOINT") {
-        Ok(v) if v == "auto" => Some(ResumeFrom::Auto),
+        // A restart: the newest checkpoint of this run, else what the config asked for.
+        Ok(v) if v == "auto" => match (checkpoint::newest_complete(&config.output_dir), configured)
+        {
+            (None, Some(c)) => Some(c),
+            _ => Some(ResumeFrom::Auto),
+        },
         Ok(v) if !v.is_empty() => Some(ResumeFrom::Path(PathBuf::from(v))),
-        _ => config.resume_from_checkpoint.clone(),
+        _ => configured,
     };
     if lead {
         for p in checkpoint::clean_incomplete(&config.output_dir) {
@@ -800,6 +827,9 @@ fn save_checkpoint(
     comm: &dyn Communicator,
     ep: bool,
 ) -> Result<(), TrainError> {
+    // Writing gigabytes may take longer than a collective may: no stall limit meanwhile.
+    let watch = &crate::dist::store::WATCH;
+    let paused = watch.pause();
     let full = whole_adapter(adapters, comm, ep)?;
     let parts = adapters.expert_parts();
     let mut moments = BTreeMap::new();
@@ -834,9 +864,10 @@ fn save_checkpoint(
         checkpoint::mark_complete(&dir).map_err(TrainError::Failed)?;
         tracing::info!("saved checkpoint {}", dir.display());
         if let Some(limit) = config.save_total_limit {
-            checkpoint::prune(&config.output_dir, limit);
+            checkpoint::prune(&config.output_dir, limit, &dir);
         }
     }
+    watch.resume(paused);
     Ok(())
 }
 
