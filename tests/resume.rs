@@ -167,6 +167,13 @@ fn resumed_runs_end_where_uninterrupted_runs_end() {
             log.contains("resuming from") && log.contains("(step 20)"),
             "{log}"
         );
+        // The steps logged after the checkpoint by the killed run are replaced, not repeated.
+        let records = std::fs::read_to_string(resumed.join("out/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"loss\""))
+            .count();
+        assert_eq!(records, 40, "world {world}: one loss record per step");
         if world == 2 {
             // The 2-rank checkpoint on 1 and 4 ranks: the same global batch of 12 rows.
             for other in [1, 4] {

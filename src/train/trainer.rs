@@ -80,9 +80,29 @@ struct Metrics {
 }
 
 impl Metrics {
-    /// A new `metrics.jsonl`, or, when resuming, the existing one continued.
-    fn create(dir: &Path, append: bool) -> Result<Metrics, TrainError> {
+    /// A new `metrics.jsonl`, or, when resuming from step `from`, the existing one without the
+    /// records of the steps after `from` (they are trained again), continued.
+    fn create(dir: &Path, from: usize) -> Result<Metrics, TrainError> {
         let path = dir.join("metrics.jsonl");
+        let append = from > 0;
+        if append {
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                let kept: String = text
+                    .lines()
+                    .filter(|l| {
+                        serde_json::from_str::<Value>(l)
+                            .ok()
+                            .and_then(|v| v["step"].as_u64())
+                            .is_some_and(|s| s as usize <= from)
+                    })
+                    .map(|l| format!("{l}\n"))
+                    .collect();
+                let tmp = dir.join(".metrics.jsonl.tmp");
+                std::fs::write(&tmp, kept)
+                    .and_then(|_| std::fs::rename(&tmp, &path))
+                    .map_err(|e| failed(format!("{}: {e}", path.display())))?;
+            }
+        }
         let file = std::fs::OpenOptions::new()
             .create(true)
             .write(true)
@@ -430,7 +450,7 @@ pub fn train_ranks(
             ))
         })?;
         crate::util::logging::open_log_file().map_err(TrainError::Input)?;
-        Some(Metrics::create(&config.output_dir, start_step > 0)?)
+        Some(Metrics::create(&config.output_dir, start_step)?)
     } else {
         None
     };
