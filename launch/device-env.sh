@@ -1,6 +1,6 @@
 # Sourced by the scripts that run on the GPU machine (repository root): $OUT exists, the CUDA
 # and NCCL libraries of the machine's PyTorch wheels are on the library path, and the binary
-# carried in .device/ (launch/gpu-check.sh build) is unpacked.
+# carried in .device/ (launch/gpu-check.sh build: moeq and moeq-launch) is unpacked.
 OUT=${OUT:-/tmp/moeq-gpu-out}
 mkdir -p "$OUT"
 SP=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
@@ -9,3 +9,4 @@ if [ -d "$SP" ]; then
 fi
 for f in .device/*.xz; do [ -e "$f" ] && xz -dkf "$f"; done
 chmod +x .device/moeq
+[ -e .device/moeq-launch ] && chmod +x .device/moeq-launch || true

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks for moeq: build and pack here, run on a GPU machine.
 #
-#   launch/gpu-check.sh build   # on the build machine: cargo build --features cuda,nccl, strip,
-#                               # xz into .device/ (git-ignored; carry it to the GPU machine)
+#   launch/gpu-check.sh build   # on the build machine: cargo build --features cuda,nccl (moeq and
+#                               # moeq-launch), strip, xz into .device/ (git-ignored; carry it)
 #   launch/gpu-check.sh run     # on the GPU machine, repository root: unpack .device/, run
 #                               # `moeq gpu-check` (CUDA ops vs CPU references), log to $OUT
 #   launch/gpu-check.sh nccl [N] # on the GPU machine: `moeq nccl-check` (NCCL collectives vs
@@ -23,11 +23,13 @@ case "$mode" in
 build)
   if [ -n "${MOEQ_CUDA_ENV:-}" ]; then eval "$(bash "$MOEQ_CUDA_ENV")"; fi
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/moeq-target-cuda}
-  cargo build --profile "$profile" --features cuda,nccl --bin moeq
+  cargo build --profile "$profile" --features cuda,nccl --bin moeq --bin moeq-launch
   dir=$([ "$profile" = dev ] && echo debug || echo "$profile")
   mkdir -p .device
-  strip -o .device/moeq "$CARGO_TARGET_DIR/$dir/moeq"
-  xz -f -T2 .device/moeq
+  for bin in moeq moeq-launch; do
+    strip -o ".device/$bin" "$CARGO_TARGET_DIR/$dir/$bin"
+    xz -f -T2 ".device/$bin"
+  done
   ls -la .device/
   ;;
 run | nccl)
