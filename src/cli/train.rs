@@ -56,9 +56,9 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
         dir.spec.model_type.as_str(),
         dir.spec.num_layers
     );
-    crate::train::trainer::check_output_dir(
+    crate::train::output::check_output_dir(
         &config.output_dir,
-        crate::train::trainer::output_bytes_needed(&config, &dir.spec),
+        crate::train::output::output_bytes_needed(&config, &dir.spec),
     )
     .map_err(CliError::Input)?;
     if config.sequence_len > dir.spec.max_position_embeddings {

@@ -1,8 +1,12 @@
 //! The training loop on one device: micro-batches with gradient accumulation, per-layer
 //! recompute (`step`), global-norm clipping, AdamW with fp32 state, the LR schedule,
-//! metrics (`output_dir/metrics.jsonl`), periodic validation and PEFT adapter saves.
+//! metrics (`output_dir/metrics.jsonl`), periodic validation and PEFT adapter saves, on one
+//! rank or many. Collective helpers are in `ranks`, checkpoint save/resume in `resume`, the
+//! output directory checks in `output`.
 
 use super::checkpoint;
+use super::ranks::{all_reduce_grads, squares, sum_over_ranks, whole_adapter};
+use super::resume::{restore, resume_point, save_checkpoint};
 use super::setup;
 use super::step::{evaluate, forward_backward, EvalStats, MicroStats};
 use super::{AdamW, AdamWConfig, Schedule};
@@ -31,7 +35,7 @@ pub enum TrainError {
     Failed(String),
 }
 
-fn failed(e: impl std::fmt::Display) -> TrainError {
+pub(crate) fn failed(e: impl std::fmt::Display) -> TrainError {
     TrainError::Failed(e.to_string())
 }
 
@@ -171,66 +175,6 @@ pub fn train(
     pad_id: u32,
 ) -> Result<Summary, TrainError> {
     train_ranks(config, dir, data, pad_id, &RankCtx::solo())
-}
-
-/// Sums host values over the ranks (f64; identical on every rank).
-fn sum_over_ranks(comm: &dyn Communicator, v: Vec<f64>) -> Result<Vec<f64>, TrainError> {
-    let n = v.len();
-    let t = Tensor::from_vec(v, n, &Device::Cpu).map_err(failed)?;
-    comm.all_reduce_sum(&t)
-        .and_then(|t| t.to_vec1::<f64>())
-        .map_err(failed)
-}
-
-/// Elements per all-reduce bucket of replicated gradients.
-const BUCKET: usize = 16 << 20;
-
-/// Sums the replicated adapters' gradients over the ranks: flattened in name order into
-/// buckets of about `BUCKET` elements, one all-reduce per bucket.
-fn all_reduce_grads(
-    comm: &dyn Communicator,
-    grads: &mut BTreeMap<String, Tensor>,
-    names: &[String],
-) -> candle_core::Result<()> {
-    let mut bucket: Vec<&String> = Vec::new();
-    let mut size = 0;
-    for (i, name) in names.iter().enumerate() {
-        bucket.push(name);
-        size += grads[name].elem_count();
-        if size >= BUCKET || i + 1 == names.len() {
-            let flat = bucket
-                .iter()
-                .map(|n| grads[*n].flatten_all())
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let summed = comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
-            let mut at = 0;
-            for n in bucket.drain(..) {
-                let g = &grads[n];
-                let k = g.elem_count();
-                let part = summed.narrow(0, at, k)?.reshape(g.dims())?;
-                grads.insert(n.clone(), part);
-                at += k;
-            }
-            size = 0;
-        }
-    }
-    Ok(())
-}
-
-/// Sum of squares of each gradient in `names` order, one host copy.
-fn squares(grads: &BTreeMap<String, Tensor>, names: &[String]) -> candle_core::Result<f64> {
-    if names.is_empty() {
-        return Ok(0.0);
-    }
-    let sq = names
-        .iter()
-        .map(|n| grads[n].sqr()?.sum_all())
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&sq, 0)?
-        .to_vec1::<f32>()?
-        .iter()
-        .map(|&x| x as f64)
-        .sum())
 }
 
 /// Writes the NF4 digests of this rank's frozen base into `dir` (`MOEQ_NF4_DIGEST`), to compare
@@ -705,192 +649,6 @@ pub fn train_ranks(
     })
 }
 
-/// The whole adapter when experts are spread over ranks (every rank must call this); None
-/// otherwise, where `adapters` already is the whole adapter.
-fn whole_adapter(
-    adapters: &Adapters,
-    comm: &dyn Communicator,
-    ep: bool,
-) -> Result<Option<Adapters>, TrainError> {
-    if !ep {
-        return Ok(None);
-    }
-    adapters.gathered(comm).map(Some).map_err(failed)
-}
-
-/// The checkpoint to resume from: `MOEQ_RESUME_FROM_CHECKPOINT` (set by moeq-launch on a
-/// restart) or `resume_from_checkpoint`; `auto` is the newest complete checkpoint of
-/// output_dir, or none. Rank 0 removes incomplete ones first.
-fn resume_point(
-    config: &TrainConfig,
-    spec: &crate::arch::ArchSpec,
-    lead: bool,
-) -> Result<Option<checkpoint::Loaded>, TrainError> {
-    use crate::config::ResumeFrom;
-    let configured = config.resume_from_checkpoint.clone();
-    let wanted = match std::env::var("MOEQ_RESUME_FROM_CHECKPOINT") {
-        // A restart: the newest checkpoint of this run, else what the config asked for.
-        Ok(v) if v == "auto" => match (checkpoint::newest_complete(&config.output_dir), configured)
-        {
-            (None, Some(c)) => Some(c),
-            _ => Some(ResumeFrom::Auto),
-        },
-        Ok(v) if !v.is_empty() => Some(ResumeFrom::Path(PathBuf::from(v))),
-        _ => configured,
-    };
-    if lead {
-        for p in checkpoint::clean_incomplete(&config.output_dir) {
-            tracing::warn!("removed {}: an interrupted checkpoint write", p.display());
-        }
-    }
-    let dir = match wanted {
-        None => return Ok(None),
-        Some(ResumeFrom::Path(p)) => p,
-        Some(ResumeFrom::Auto) => match checkpoint::newest_complete(&config.output_dir) {
-            Some(p) => p,
-            None => {
-                tracing::info!(
-                    "resume_from_checkpoint: auto, but {} has no complete checkpoint: starting from step 0",
-                    config.output_dir.display()
-                );
-                return Ok(None);
-            }
-        },
-    };
-    let loaded = checkpoint::read(&dir, spec).map_err(TrainError::Input)?;
-    tracing::info!(
-        "resuming from {} (step {})",
-        dir.display(),
-        loaded.state.step
-    );
-    Ok(Some(loaded))
-}
-
-/// Puts a checkpoint's adapter and optimizer state into this rank's adapters (expert parts
-/// re-partitioned by global expert index) and returns the step to continue from.
-fn restore(
-    r: &checkpoint::Loaded,
-    adapters: &Adapters,
-    opt: &mut AdamW,
-    config: &TrainConfig,
-    world: usize,
-) -> Result<usize, TrainError> {
-    let bad =
-        |m: String| TrainError::Input(format!("resume_from_checkpoint: {}: {m}", r.dir.display()));
-    let parts = adapters.expert_parts();
-    let vars = adapters.vars();
-    let names: Vec<&String> = vars.iter().map(|(n, _)| n).collect();
-    let saved: Vec<&String> = r.adapter.keys().collect();
-    if names != saved {
-        let missing: Vec<_> = names
-            .iter()
-            .filter(|n| !r.adapter.contains_key(**n))
-            .take(3)
-            .collect();
-        let extra: Vec<_> = saved
-            .iter()
-            .filter(|n| !names.contains(n))
-            .take(3)
-            .collect();
-        return Err(bad(format!(
-            "its adapter does not match this config's LoRA targets (missing {missing:?}, unexpected {extra:?}): keep lora_target_modules/lora_target_parameters as they were"
-        )));
-    }
-    let local = |name: &str, full: &Tensor| -> Result<Tensor, TrainError> {
-        match parts.get(name) {
-            Some((e, part)) => e.local(*part, full).map_err(failed),
-            None => Ok(full.clone()),
-        }
-    };
-    let mut moments = std::collections::HashMap::new();
-    for (name, v) in &vars {
-        let t = local(name, &r.adapter[name])?;
-        if t.dims() != v.dims() {
-            return Err(bad(format!(
-                "'{name}' has shape {:?}, this run's adapter {:?} (lora_r differs?)",
-                r.adapter[name].dims(),
-                v.dims()
-            )));
-        }
-        v.set(&t.to_device(v.device()).map_err(failed)?)
-            .map_err(failed)?;
-        for suffix in ["exp_avg", "exp_avg_sq"] {
-            let key = format!("{name}.{suffix}");
-            let m = r
-                .moments
-                .get(&key)
-                .ok_or_else(|| bad(format!("optimizer state lacks '{key}'")))?;
-            moments.insert(key, local(name, m)?);
-        }
-    }
-    opt.load_state(r.state.optimizer_step, &moments)
-        .map_err(|e| bad(e.to_string()))?;
-    let rows = world * config.micro_batch_size * config.gradient_accumulation_steps.max(1);
-    if rows != r.state.global_rows() {
-        tracing::warn!(
-            "resume: this run reads {rows} rows per step ({world} ranks × micro_batch_size {} × gradient_accumulation_steps {}), the checkpoint was written with {} — the data order continues, but steps now mean other batches",
-            config.micro_batch_size,
-            config.gradient_accumulation_steps,
-            r.state.global_rows()
-        );
-    }
-    Ok(r.state.step)
-}
-
-/// Writes `checkpoint-<step>` (every rank must call this): whole adapter and optimizer state
-/// gathered, files written by rank 0, marker after a barrier, then `save_total_limit`.
-fn save_checkpoint(
-    config: &TrainConfig,
-    adapters: &Adapters,
-    opt: &AdamW,
-    state: &checkpoint::TrainerState,
-    comm: &dyn Communicator,
-    ep: bool,
-) -> Result<(), TrainError> {
-    // Writing gigabytes may take longer than a collective may: no stall limit meanwhile.
-    let watch = &crate::dist::store::WATCH;
-    let paused = watch.pause();
-    let full = whole_adapter(adapters, comm, ep)?;
-    let parts = adapters.expert_parts();
-    let mut moments = BTreeMap::new();
-    for (key, t) in opt.state() {
-        let name = key.rsplit_once('.').map_or(key.as_str(), |(n, _)| n);
-        let name = name.strip_suffix(".exp_avg").unwrap_or(name);
-        let whole = match (ep, parts.get(name)) {
-            (true, Some((e, part))) => e.gather(*part, &t, comm).map_err(failed)?,
-            _ => t,
-        };
-        moments.insert(key, whole);
-    }
-    let lead = comm.rank() == 0;
-    let written = if lead {
-        let yaml = serde_yaml::to_string(config).map_err(failed)?;
-        Some(
-            checkpoint::write_files(
-                &config.output_dir,
-                full.as_ref().unwrap_or(adapters),
-                &moments,
-                state,
-                &config.base_model,
-                &yaml,
-            )
-            .map_err(TrainError::Failed)?,
-        )
-    } else {
-        None
-    };
-    comm.barrier().map_err(failed)?;
-    if let Some(dir) = written {
-        checkpoint::mark_complete(&dir).map_err(TrainError::Failed)?;
-        tracing::info!("saved checkpoint {}", dir.display());
-        if let Some(limit) = config.save_total_limit {
-            checkpoint::prune(&config.output_dir, limit, &dir);
-        }
-    }
-    watch.resume(paused);
-    Ok(())
-}
-
 /// Fault injection for tests of the numerics guard: `MOEQ_INJECT_NONFINITE=3,5` makes steps
 /// 3 and 5 (1-based) report a NaN loss, as an overflow would.
 fn injected_nonfinite_steps() -> Result<Vec<usize>, TrainError> {
@@ -907,75 +665,4 @@ fn injected_nonfinite_steps() -> Result<Vec<usize>, TrainError> {
             })
         })
         .collect()
-}
-
-/// Checks, without leaving anything behind, that `output_dir` can be created and written and
-/// that its filesystem has `needed` bytes free: a run should not load a model for minutes and
-/// then fail to save.
-pub fn check_output_dir(dir: &Path, needed: u64) -> Result<(), String> {
-    let shown = dir.display();
-    let mut existing = dir;
-    while !existing.exists() {
-        match existing.parent() {
-            Some(p) if !p.as_os_str().is_empty() => existing = p,
-            _ => {
-                existing = Path::new(".");
-                break;
-            }
-        }
-    }
-    if !existing.is_dir() {
-        return Err(format!(
-            "output_dir {shown}: {} is not a directory (choose another output_dir)",
-            existing.display()
-        ));
-    }
-    let probe = existing.join(format!(".moeq-write-probe-{}", std::process::id()));
-    let written =
-        std::fs::write(&probe, b"probe").and_then(|_| std::fs::File::open(&probe)?.sync_all());
-    let _ = std::fs::remove_file(&probe);
-    written.map_err(|e| {
-        format!(
-            "output_dir {shown}: cannot write in {}: {e} (choose a writable output_dir with free space)",
-            existing.display()
-        )
-    })?;
-    if let Some(free) = free_bytes(existing) {
-        if free < needed {
-            return Err(format!(
-                "output_dir {shown}: {:.1} MB free on its filesystem, but a checkpoint and the adapter need about {:.1} MB (free some space or choose another output_dir)",
-                free as f64 / 1e6,
-                needed as f64 / 1e6
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Bytes available to this user on the filesystem holding `dir`.
-fn free_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
-}
-
-/// Bytes a run writes into output_dir at most at once: one checkpoint (adapter and two fp32
-/// moments) being written next to the kept ones and the final adapter, plus logs.
-pub fn output_bytes_needed(config: &TrainConfig, spec: &crate::arch::ArchSpec) -> u64 {
-    let plan = crate::arch::LoraPlan {
-        r: config.lora_r,
-        modules: setup::lora_settings(config).target_modules,
-        parameters: config.lora_target_parameters.clone(),
-    };
-    let (linear, experts) = plan.lora_params(spec);
-    let adapter = (linear + experts) * 4;
-    let keep = if config.save_steps.is_some() {
-        config.save_total_limit.unwrap_or(1).max(1) as u64 + 1
-    } else {
-        0
-    };
-    adapter * (1 + 3 * keep) + (1 << 20)
 }

@@ -1,0 +1,84 @@
+//! The trainer's collectives over the ranks: host statistics, replicated gradients, the whole
+//! adapter from its owners.
+
+use super::trainer::{failed, TrainError};
+use crate::dist::Communicator;
+use crate::lora::Adapters;
+use candle_core::{Device, Tensor};
+use std::collections::BTreeMap;
+
+/// Sums host values over the ranks (f64; identical on every rank).
+pub(crate) fn sum_over_ranks(comm: &dyn Communicator, v: Vec<f64>) -> Result<Vec<f64>, TrainError> {
+    let n = v.len();
+    let t = Tensor::from_vec(v, n, &Device::Cpu).map_err(failed)?;
+    comm.all_reduce_sum(&t)
+        .and_then(|t| t.to_vec1::<f64>())
+        .map_err(failed)
+}
+
+/// Elements per all-reduce bucket of replicated gradients.
+const BUCKET: usize = 16 << 20;
+
+/// Sums the replicated adapters' gradients over the ranks: flattened in name order into
+/// buckets of about `BUCKET` elements, one all-reduce per bucket.
+pub(crate) fn all_reduce_grads(
+    comm: &dyn Communicator,
+    grads: &mut BTreeMap<String, Tensor>,
+    names: &[String],
+) -> candle_core::Result<()> {
+    let mut bucket: Vec<&String> = Vec::new();
+    let mut size = 0;
+    for (i, name) in names.iter().enumerate() {
+        bucket.push(name);
+        size += grads[name].elem_count();
+        if size >= BUCKET || i + 1 == names.len() {
+            let flat = bucket
+                .iter()
+                .map(|n| grads[*n].flatten_all())
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let summed = comm.all_reduce_sum(&Tensor::cat(&flat, 0)?)?;
+            let mut at = 0;
+            for n in bucket.drain(..) {
+                let g = &grads[n];
+                let k = g.elem_count();
+                let part = summed.narrow(0, at, k)?.reshape(g.dims())?;
+                grads.insert(n.clone(), part);
+                at += k;
+            }
+            size = 0;
+        }
+    }
+    Ok(())
+}
+
+/// Sum of squares of each gradient in `names` order, one host copy.
+pub(crate) fn squares(
+    grads: &BTreeMap<String, Tensor>,
+    names: &[String],
+) -> candle_core::Result<f64> {
+    if names.is_empty() {
+        return Ok(0.0);
+    }
+    let sq = names
+        .iter()
+        .map(|n| grads[n].sqr()?.sum_all())
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(Tensor::stack(&sq, 0)?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|&x| x as f64)
+        .sum())
+}
+
+/// The whole adapter when experts are spread over ranks (every rank must call this); None
+/// otherwise, where `adapters` already is the whole adapter.
+pub(crate) fn whole_adapter(
+    adapters: &Adapters,
+    comm: &dyn Communicator,
+    ep: bool,
+) -> Result<Option<Adapters>, TrainError> {
+    if !ep {
+        return Ok(None);
+    }
+    adapters.gathered(comm).map(Some).map_err(failed)
+}
