@@ -69,9 +69,26 @@ impl Dispatch {
             .iter()
             .map(|c| c.iter().sum::<u64>() as usize)
             .collect();
-        // from[s][e]: rows source s sends to local expert e.
-        let from = comm.exchange_counts(&send_counts)?;
+        // from[s][e]: rows source s sends to local expert e. The ownership plan fixes how many
+        // counts go each way (rank d owns ranges[d].len() experts), so one exchange suffices.
         let local = ranges[comm.rank()].len();
+        let flat: Vec<i64> = send_counts.iter().flatten().map(|&c| c as i64).collect();
+        let n = flat.len();
+        let got = comm
+            .all_to_all(
+                &Tensor::from_vec(flat, n, &candle_core::Device::Cpu)?,
+                &ranges.iter().map(|r| r.len()).collect::<Vec<_>>(),
+                &vec![local; world],
+            )?
+            .to_vec1::<i64>()?;
+        let from: Vec<Vec<u64>> = (0..world)
+            .map(|s| {
+                got[s * local..(s + 1) * local]
+                    .iter()
+                    .map(|&c| c as u64)
+                    .collect()
+            })
+            .collect();
         let recv: Vec<usize> = from
             .iter()
             .map(|c| c.iter().sum::<u64>() as usize)
