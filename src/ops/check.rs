@@ -110,17 +110,24 @@ fn check_swiglu(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
     let bwd_rtol = (2.0 * rtol).max(1e-4);
     let name = |part: &str| format!("swiglu {dtype:?} {part}");
     let missing = || candle_core::Error::Msg("swiglu: missing gradient".into());
+    let d_gate_ref = grads_ref.get(g_ref.as_tensor()).ok_or_else(missing)?;
+    // d_gate = upstream · up · silu'(gate), and silu' crosses zero (gate ≈ −1.28): there the
+    // result is a cancellation of O(1) terms whose ulps do not shrink with it. So besides the
+    // relative part, an absolute part of 1e-6 of the tensor's largest magnitude (f32; the
+    // inputs are random and unseeded, and an elementwise bound alone failed at 1.3× tol).
+    let scale = d_gate_ref.abs()?.max_all()?.to_scalar::<f32>()?;
+    let bwd_atol = atol.max(1e-6 * scale);
     Ok(vec![
         compare(&name("forward"), &out, &out_ref, rtol, atol)?,
         compare(
             &name("d_gate"),
             grads.get(g_dev.as_tensor()).ok_or_else(missing)?,
-            grads_ref.get(g_ref.as_tensor()).ok_or_else(missing)?,
+            d_gate_ref,
             // The gradient composes ~6 rounded elementwise ops (exp, recip, products) whose
             // device implementations differ by an ulp or two each: two storage ulps, and at
             // least 1e-4 relative in f32 where those ulps add up (measured 2.9e-6 abs on H100).
             bwd_rtol,
-            atol,
+            bwd_atol,
         )?,
         compare(
             &name("d_up"),
