@@ -244,8 +244,7 @@ impl Moe {
                 let num_experts = self.router.dim(0)?;
                 let r = match parallel {
                     None => {
-                        let held =
-                            self.first_expert..self.first_expert + self.gate_up.experts.len();
+                        let held = self.first_expert..self.first_expert + self.gate_up.num_experts;
                         route(top, num_experts, held)?
                     }
                     Some(p) => {

@@ -123,7 +123,7 @@ impl Weights<'_> {
         })
     }
 
-    /// A 3-D expert parameter `[E, out, in]` split into one 4-bit weight per held expert.
+    /// The held experts of a 3-D expert parameter `[E, out, in]` as one stacked 4-bit weight.
     fn experts(&self, name: &str) -> Result<(ExpertWeights, usize)> {
         let Some(Frozen::Quantized { param, experts }) = self.base.tensors.get(name) else {
             candle_core::bail!("{name}: missing 4-bit expert parameter");
@@ -140,24 +140,19 @@ impl Weights<'_> {
             );
         }
         let scales = param.absmax.values();
-        let mut ws = Vec::with_capacity(held.len());
-        for (local, e) in held.clone().enumerate() {
-            let packed = &param.packed[local * per / 2..(local + 1) * per / 2];
-            let absmax = &scales[e * per / bs..(e + 1) * per / bs];
-            ws.push(Nf4Weight {
+        let (lo, hi) = (held.start, held.end);
+        // The codes of the held experts only (a rank loads only its slices), scales of all.
+        let packed = &param.packed[..held.len() * per / 2];
+        let absmax = &scales[lo * per / bs..hi * per / bs];
+        Ok((
+            ExpertWeights {
                 packed: Tensor::from_slice(packed, packed.len(), self.device)?,
                 absmax: Tensor::from_slice(absmax, absmax.len(), self.device)?,
+                num_experts: held.len(),
                 out_features: out,
                 in_features: inp,
                 kind: param.settings.kind,
                 blocksize: bs,
-            });
-        }
-        Ok((
-            ExpertWeights {
-                experts: Arc::new(ws),
-                out_features: out,
-                in_features: inp,
             },
             held.start,
         ))
@@ -269,7 +264,7 @@ impl Model {
         let mine = ranges[comm.rank()].clone();
         for layer in &self.layers {
             if let Mlp::Moe(m) = &layer.mlp {
-                let held = m.first_expert..m.first_expert + m.gate_up.experts.len();
+                let held = m.first_expert..m.first_expert + m.gate_up.num_experts;
                 if held != mine {
                     candle_core::bail!(
                         "rank {} holds experts {held:?} but owns {mine:?}",

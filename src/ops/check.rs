@@ -330,11 +330,7 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
                 .iter()
                 .map(|p| Nf4Weight::from_param(p, t[0].device()))
                 .collect::<Result<Vec<_>>>()?;
-            let ew = ExpertWeights {
-                experts: std::sync::Arc::new(ws),
-                out_features: 96,
-                in_features: 64,
-            };
+            let ew = ExpertWeights::stack(&ws)?;
             grouped_nf4(&t[0], &ew, &counts)
         },
         rtol,
@@ -348,6 +344,52 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         dtype,
         &[xs, a, b],
         &|t| grouped_lora(&t[0], &t[1], &t[2], &counts, 0, 4, 2.0),
+        rtol,
+        k,
+    )?);
+    // The grouped GEMM at a size where cuBLAS picks tensor-core kernels: 16 experts
+    // [384, 256] in chunks of 5 (the last one short), rows per expert 0..=96 at random.
+    let counts: Vec<usize> = Tensor::rand(0f32, 97.0, 16, cpu)?
+        .to_vec1::<f32>()?
+        .iter()
+        .enumerate()
+        .map(|(i, v)| if i % 7 == 3 { 0 } else { *v as usize })
+        .collect();
+    let rows: usize = counts.iter().sum();
+    let params: Vec<QuantizedParam> = (0..counts.len())
+        .map(|_| {
+            let w: Vec<f32> = Tensor::randn(0f32, 0.05, 384 * 256, cpu)?.to_vec1()?;
+            QuantizedParam::quantize(&w, &[384, 256], QuantSettings::default())
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
+        })
+        .collect::<Result<_>>()?;
+    let xs = Tensor::randn(0f32, 1.0, (rows, 256), cpu)?;
+    let chunk = 5 * 384 * 256 * dtype.size_in_bytes();
+    out.extend(device_vs_cpu(
+        "grouped_nf4 16×[384,256] chunks",
+        device,
+        dtype,
+        std::slice::from_ref(&xs),
+        &|t| {
+            let ws = params
+                .iter()
+                .map(|p| Nf4Weight::from_param(p, t[0].device()))
+                .collect::<Result<Vec<_>>>()?;
+            let ew = ExpertWeights::stack(&ws)?;
+            super::experts::grouped_nf4_chunked(&t[0], &ew, &counts, chunk)
+        },
+        rtol,
+        k,
+    )?);
+    // LoRA r 16 over experts 3..19 of 20 (a rank's slice).
+    let a = Tensor::randn(0f32, 0.1, (16 * 20, 256), cpu)?;
+    let b = Tensor::randn(0f32, 0.1, (384, 16 * 20), cpu)?;
+    out.extend(device_vs_cpu(
+        "grouped_lora 16 of 20 experts r16",
+        device,
+        dtype,
+        &[xs, a, b],
+        &|t| grouped_lora(&t[0], &t[1], &t[2], &counts, 3, 16, 2.0),
         rtol,
         k,
     )?);

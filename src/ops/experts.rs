@@ -4,53 +4,148 @@
 //! first `counts[0]` rows go to local expert 0, the next `counts[1]` to expert 1, and so on.
 //! - `grouped_nf4`: `y[g] = x[g] · dequant(W_e)ᵀ` as one autograd node; its backward
 //!   re-dequantizes (`dL/dx[g] = dL/dy[g] · dequant(W_e)`) and gives the frozen weight nothing.
+//!   Experts are dequantized a chunk at a time (at most `DEQUANT_CHUNK_BYTES` of weights), and
+//!   each chunk's products are one grouped GEMM (`grouped_gemm`): one launch per chunk instead
+//!   of one dequantize and one GEMM per expert.
 //! - `grouped_lora`: split LoRA `s · (x[g] · A_eᵀ) · B_eᵀ` with PEFT's 3-D layout
-//!   (`A [r·E, in]` expert-major, `B [out, r·E]` expert-minor); `B_e·A_e` is never formed.
+//!   (`A [r·E, in]` expert-major, `B [out, r·E]` expert-minor); `B_e·A_e` is never formed. One
+//!   autograd node whose backward is four grouped GEMMs (dX, dA, dB and the rank-r hidden).
 //!
-//! One host loop over experts issues the per-expert kernels; the data never leaves the
-//! device. A single grouped GEMM launch is performance work on top of this reference.
+//! `*_reference` are the per-expert loops with candle's autograd that the ops are tested
+//! against.
 
+use super::grouped_gemm::{grouped_gemm, Gemm, Product};
 use super::nf4_linear::Nf4Weight;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
-use std::sync::Arc;
+use crate::quant::{op::dequantize, QuantKind};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
+use std::ops::Range;
 
-/// The frozen 4-bit weights `[out, in]` of the experts this rank holds, in expert order.
+/// Dequantized weights of one grouped GEMM call stay under this size (bf16: 256 MiB = 40
+/// experts of Qwen3-30B-A3B's gate_up, so a layer's 128 take 4 calls). Never a bf16 copy of
+/// all experts at once (DESIGN).
+pub const DEQUANT_CHUNK_BYTES: usize = 256 << 20;
+
+/// The frozen 4-bit weights `[out, in]` of the experts this rank holds, in expert order, as
+/// one buffer of codes and one of block scales (nested statistics already expanded).
 #[derive(Clone)]
 pub struct ExpertWeights {
-    pub experts: Arc<Vec<Nf4Weight>>,
+    /// Packed codes, expert-major: `[E · out·in / 2]` u8.
+    pub packed: Tensor,
+    /// Block scales, expert-major: `[E · out·in / blocksize]` f32.
+    pub absmax: Tensor,
+    pub num_experts: usize,
     pub out_features: usize,
     pub in_features: usize,
+    pub kind: QuantKind,
+    pub blocksize: usize,
 }
 
-/// Applies `f` to each expert's rows of `x` and stacks the results in the same order.
-fn per_group(
-    x: &Tensor,
-    counts: &[usize],
-    weights: &[Nf4Weight],
-    f: impl Fn(&Tensor, &Nf4Weight) -> Result<Tensor>,
-) -> Result<Tensor> {
-    let mut parts = Vec::new();
-    let mut start = 0;
-    for (w, &n) in weights.iter().zip(counts) {
-        if n > 0 {
-            parts.push(f(&x.narrow(0, start, n)?, w)?);
-            start += n;
+impl ExpertWeights {
+    /// Stacks per-expert weights of one shape (each a whole number of blocks).
+    pub fn stack(experts: &[Nf4Weight]) -> Result<ExpertWeights> {
+        let Some(first) = experts.first() else {
+            candle_core::bail!("ExpertWeights: no experts")
+        };
+        let per = first.out_features * first.in_features;
+        for w in experts {
+            if (w.out_features, w.in_features, w.kind, w.blocksize)
+                != (
+                    first.out_features,
+                    first.in_features,
+                    first.kind,
+                    first.blocksize,
+                )
+                || per % w.blocksize != 0
+            {
+                candle_core::bail!("ExpertWeights: experts differ in shape or quantization");
+            }
         }
+        let packed: Vec<Tensor> = experts.iter().map(|w| w.packed.clone()).collect();
+        let absmax: Vec<Tensor> = experts.iter().map(|w| w.absmax.clone()).collect();
+        Ok(ExpertWeights {
+            packed: Tensor::cat(&packed, 0)?,
+            absmax: Tensor::cat(&absmax, 0)?,
+            num_experts: experts.len(),
+            out_features: first.out_features,
+            in_features: first.in_features,
+            kind: first.kind,
+            blocksize: first.blocksize,
+        })
     }
-    Tensor::cat(&parts, 0)
+
+    /// Experts `range` (local indices) dequantized: `[n, out, in]` in `dtype`.
+    pub fn dequantize(&self, range: Range<usize>, dtype: DType) -> Result<Tensor> {
+        let per = self.out_features * self.in_features;
+        let n = range.len();
+        let packed = self.packed.narrow(0, range.start * per / 2, n * per / 2)?;
+        let absmax = self.absmax.narrow(
+            0,
+            range.start * per / self.blocksize,
+            n * per / self.blocksize,
+        )?;
+        let shape = [n, self.out_features, self.in_features];
+        dequantize(&packed, &absmax, &shape, self.kind, self.blocksize, dtype)
+    }
+}
+
+/// `y[g] = x[g] · W_eᵀ` (`transpose`, x `[M, in]` → `[M, out]`) or `x[g] · W_e` (x `[M, out]`
+/// → `[M, in]`), experts dequantized `chunk_bytes` at a time.
+fn expert_matmul(
+    x: &Tensor,
+    w: &ExpertWeights,
+    counts: &[usize],
+    transpose: bool,
+    chunk_bytes: usize,
+) -> Result<Tensor> {
+    let m = x.dim(0)?;
+    let (k, n) = if transpose {
+        (w.in_features, w.out_features)
+    } else {
+        (w.out_features, w.in_features)
+    };
+    let per = w.out_features * w.in_features;
+    let chunk = (chunk_bytes / (per * x.dtype().size_in_bytes())).max(1);
+    let gemm = if transpose {
+        Gemm::nt(1.0)
+    } else {
+        Gemm::nn(1.0)
+    };
+    let mut parts = Vec::new();
+    let mut row = 0;
+    for lo in (0..counts.len()).step_by(chunk) {
+        let hi = (lo + chunk).min(counts.len());
+        let rows: usize = counts[lo..hi].iter().sum();
+        if rows == 0 {
+            continue;
+        }
+        let wd = w.dequantize(lo..hi, x.dtype())?;
+        let mut products = Vec::with_capacity(hi - lo);
+        let mut r = 0;
+        for (e, &c) in counts.iter().enumerate().take(hi).skip(lo) {
+            if c > 0 {
+                products.push(Product {
+                    a: (row + r) * k,
+                    b: (e - lo) * per,
+                    c: r * n,
+                    m: c,
+                    n,
+                    k,
+                });
+                r += c;
+            }
+        }
+        parts.push(grouped_gemm(x, &wd, rows * n, &products, gemm)?);
+        row += rows;
+    }
+    Tensor::cat(&parts, 0)?.reshape((m, n))
 }
 
 struct GroupedNf4 {
     weights: ExpertWeights,
     counts: Vec<usize>,
-}
-
-impl GroupedNf4 {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        per_group(x, &self.counts, &self.weights.experts, |xg, w| {
-            xg.matmul(&w.dequantize(xg.dtype())?.t()?)
-        })
-    }
+    chunk_bytes: usize,
 }
 
 impl CustomOp1 for GroupedNf4 {
@@ -60,7 +155,8 @@ impl CustomOp1 for GroupedNf4 {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = super::tensor_of(Storage::Cpu(s.clone()), l, "grouped_nf4")?;
-        super::cpu_result(self.forward(&x)?, "grouped_nf4")
+        let y = expert_matmul(&x, &self.weights, &self.counts, true, self.chunk_bytes)?;
+        super::cpu_result(y, "grouped_nf4")
     }
 
     #[cfg(feature = "cuda")]
@@ -71,15 +167,17 @@ impl CustomOp1 for GroupedNf4 {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         let x = super::tensor_of(Storage::Cuda(s.try_clone(l)?), l, "grouped_nf4")?;
-        super::cuda_result(self.forward(&x)?, "grouped_nf4")
+        let y = expert_matmul(&x, &self.weights, &self.counts, true, self.chunk_bytes)?;
+        super::cuda_result(y, "grouped_nf4")
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let g = per_group(
+        let g = expert_matmul(
             &grad.contiguous()?,
+            &self.weights,
             &self.counts,
-            &self.weights.experts,
-            |gg, w| gg.matmul(&w.dequantize(gg.dtype())?),
+            false,
+            self.chunk_bytes,
         )?;
         Ok(Some(g.to_dtype(x.dtype())?))
     }
@@ -87,12 +185,23 @@ impl CustomOp1 for GroupedNf4 {
 
 /// x: [M, in] sorted by local expert, `counts[e]` rows each → [M, out].
 pub fn grouped_nf4(x: &Tensor, weights: &ExpertWeights, counts: &[usize]) -> Result<Tensor> {
+    grouped_nf4_chunked(x, weights, counts, DEQUANT_CHUNK_BYTES)
+}
+
+/// `grouped_nf4` dequantizing at most `chunk_bytes` of weights per grouped GEMM (tests use a
+/// small value to exercise several chunks).
+pub fn grouped_nf4_chunked(
+    x: &Tensor,
+    weights: &ExpertWeights,
+    counts: &[usize],
+    chunk_bytes: usize,
+) -> Result<Tensor> {
     let (m, inp) = x.dims2()?;
-    if inp != weights.in_features || counts.len() != weights.experts.len() {
+    if inp != weights.in_features || counts.len() != weights.num_experts {
         candle_core::bail!(
             "grouped_nf4: input [{m}, {inp}] with {} groups, weights [{} × {}, {}]",
             counts.len(),
-            weights.experts.len(),
+            weights.num_experts,
             weights.out_features,
             weights.in_features
         );
@@ -109,7 +218,25 @@ pub fn grouped_nf4(x: &Tensor, weights: &ExpertWeights, counts: &[usize]) -> Res
     x.contiguous()?.apply_op1(GroupedNf4 {
         weights: weights.clone(),
         counts: counts.to_vec(),
+        chunk_bytes,
     })
+}
+
+/// Applies `f` to each expert's rows of `x` and stacks the results in the same order.
+fn per_group(
+    x: &Tensor,
+    counts: &[usize],
+    f: impl Fn(&Tensor, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    for (e, &n) in counts.iter().enumerate() {
+        if n > 0 {
+            parts.push(f(&x.narrow(0, start, n)?, e)?);
+            start += n;
+        }
+    }
+    Tensor::cat(&parts, 0)
 }
 
 /// The reference: dequantize each expert and multiply with candle's ops (gradients flow to
@@ -119,9 +246,216 @@ pub fn grouped_nf4_reference(
     weights: &ExpertWeights,
     counts: &[usize],
 ) -> Result<Tensor> {
-    per_group(x, counts, &weights.experts, |xg, w| {
-        xg.matmul(&w.dequantize(xg.dtype())?.t()?)
+    per_group(x, counts, |xg, e| {
+        let w = weights.dequantize(e..e + 1, xg.dtype())?.squeeze(0)?;
+        xg.matmul(&w.t()?)
     })
+}
+
+/// PEFT's 3-D LoRA factors in x's dtype: A as `[E, r, in]`, B as `[E, out, r]` (B's columns
+/// are expert-minor: column k·E + e belongs to expert e).
+fn lora_factors(a: &Tensor, b: &Tensor, r: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let (num_experts, inp, out) = (a.dim(0)? / r, a.dim(1)?, b.dim(0)?);
+    let a3 = a.to_dtype(dtype)?.reshape((num_experts, r, inp))?;
+    let b3 = b
+        .to_dtype(dtype)?
+        .reshape((out, r, num_experts))?
+        .permute((2, 0, 1))?
+        .contiguous()?;
+    Ok((a3, b3))
+}
+
+struct GroupedLora {
+    counts: Vec<usize>,
+    first: usize,
+    r: usize,
+    scaling: f64,
+}
+
+impl GroupedLora {
+    /// (global expert, first row, rows) of each local expert that has rows.
+    fn groups(&self) -> Vec<(usize, usize, usize)> {
+        let mut start = 0;
+        let mut v = Vec::with_capacity(self.counts.len());
+        for (i, &n) in self.counts.iter().enumerate() {
+            if n > 0 {
+                v.push((self.first + i, start, n));
+                start += n;
+            }
+        }
+        v
+    }
+
+    /// Products of one kind over the groups: `f(expert, first row, rows)`.
+    fn products(&self, f: impl Fn(usize, usize, usize) -> Product) -> Vec<Product> {
+        self.groups()
+            .into_iter()
+            .map(|(e, s, n)| f(e, s, n))
+            .collect()
+    }
+
+    /// The rank-r hidden `h = x · A_eᵀ` ([M·r] flat) of x [M, in].
+    fn hidden(&self, x: &Tensor, a3: &Tensor) -> Result<Tensor> {
+        let (m, inp) = x.dims2()?;
+        let r = self.r;
+        let ps = self.products(|e, s, n| Product {
+            a: s * inp,
+            b: e * r * inp,
+            c: s * r,
+            m: n,
+            n: r,
+            k: inp,
+        });
+        grouped_gemm(x, a3, m * r, &ps, Gemm::nt(1.0))
+    }
+
+    fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (a3, b3) = lora_factors(a, b, self.r, x.dtype())?;
+        let h = self.hidden(x, &a3)?;
+        let (m, out, r) = (x.dim(0)?, b.dim(0)?, self.r);
+        let ps = self.products(|e, s, n| Product {
+            a: s * r,
+            b: e * out * r,
+            c: s * out,
+            m: n,
+            n: out,
+            k: r,
+        });
+        grouped_gemm(&h, &b3, m * out, &ps, Gemm::nt(self.scaling))?.reshape((m, out))
+    }
+}
+
+impl CustomOp3 for GroupedLora {
+    fn name(&self) -> &'static str {
+        "grouped_lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let t = |s: &CpuStorage, l: &Layout| {
+            super::tensor_of(Storage::Cpu(s.clone()), l, "grouped_lora")
+        };
+        let y = self.forward(&t(s1, l1)?, &t(s2, l2)?, &t(s3, l3)?)?;
+        super::cpu_result(y, "grouped_lora")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let t = |s: &candle_core::CudaStorage, l: &Layout| {
+            super::tensor_of(Storage::Cuda(s.try_clone(l)?), l, "grouped_lora")
+        };
+        let y = self.forward(&t(s1, l1)?, &t(s2, l2)?, &t(s3, l3)?)?;
+        super::cuda_result(y, "grouped_lora")
+    }
+
+    /// With `h = x·A_eᵀ` and `dy` per group: `dh = s·dy·B_e`, `dB_e = s·dyᵀ·h`,
+    /// `dA_e = dhᵀ·x`, `dx = dh·A_e`; experts without rows get zero gradients.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.to_dtype(x.dtype())?.contiguous()?;
+        let (a3, b3) = lora_factors(a, b, self.r, x.dtype())?;
+        let h = self.hidden(x, &a3)?;
+        let (m, inp) = x.dims2()?;
+        let (out, r, num_experts) = (b.dim(0)?, self.r, a.dim(0)? / self.r);
+        let s = self.scaling;
+        let dh = grouped_gemm(
+            &dy,
+            &b3,
+            m * r,
+            &self.products(|e, st, n| Product {
+                a: st * out,
+                b: e * out * r,
+                c: st * r,
+                m: n,
+                n: r,
+                k: out,
+            }),
+            Gemm::nn(s),
+        )?;
+        let db3 = grouped_gemm(
+            &dy,
+            &h,
+            num_experts * out * r,
+            &self.products(|e, st, n| Product {
+                a: st * out,
+                b: st * r,
+                c: e * out * r,
+                m: out,
+                n: r,
+                k: n,
+            }),
+            Gemm::tn(s),
+        )?;
+        let da3 = grouped_gemm(
+            &dh,
+            x,
+            num_experts * r * inp,
+            &self.products(|e, st, n| Product {
+                a: st * r,
+                b: st * inp,
+                c: e * r * inp,
+                m: r,
+                n: inp,
+                k: n,
+            }),
+            Gemm::tn(1.0),
+        )?;
+        let dx = grouped_gemm(
+            &dh,
+            &a3,
+            m * inp,
+            &self.products(|e, st, n| Product {
+                a: st * r,
+                b: e * r * inp,
+                c: st * inp,
+                m: n,
+                n: inp,
+                k: r,
+            }),
+            Gemm::nn(1.0),
+        )?;
+        let db = db3
+            .reshape((num_experts, out, r))?
+            .permute((1, 2, 0))?
+            .reshape((out, r * num_experts))?;
+        Ok((
+            Some(dx.reshape((m, inp))?),
+            Some(da3.reshape((r * num_experts, inp))?.to_dtype(a.dtype())?),
+            Some(db.to_dtype(b.dtype())?),
+        ))
+    }
+}
+
+/// A tensor that owns its elements from offset 0 (custom ops read storages whole); keeps the
+/// autograd link.
+fn at_offset_zero(t: &Tensor) -> Result<Tensor> {
+    if t.layout().contiguous_offsets() == Some((0, t.elem_count())) {
+        Ok(t.clone())
+    } else {
+        t.force_contiguous()
+    }
 }
 
 /// Split LoRA of a 3-D expert parameter for the local experts `first..first+counts.len()`.
@@ -138,27 +472,49 @@ pub fn grouped_lora(
     let (m, inp) = x.dims2()?;
     let out = b.dim(0)?;
     let num_experts = a.dim(0)? / r;
+    if a.dims2()? != (r * num_experts, inp) || b.dims2()? != (out, r * num_experts) {
+        candle_core::bail!(
+            "grouped_lora: x {:?}, A {:?}, B {:?} with r {r}",
+            x.dims(),
+            a.dims(),
+            b.dims()
+        );
+    }
+    if first + counts.len() > num_experts || counts.iter().sum::<usize>() != m {
+        candle_core::bail!(
+            "grouped_lora: experts {first}..{} of {num_experts}, counts sum to {} for {m} rows",
+            first + counts.len(),
+            counts.iter().sum::<usize>()
+        );
+    }
     if m == 0 {
         return Tensor::zeros((0, out), x.dtype(), x.device());
     }
-    let a3 = a.to_dtype(x.dtype())?.reshape((num_experts, r, inp))?;
-    // B's columns are expert-minor: column k·E + e belongs to expert e.
-    let b3 = b
-        .to_dtype(x.dtype())?
-        .reshape((out, r, num_experts))?
-        .permute((2, 0, 1))?
-        .contiguous()?; // [E, out, r]
-    let mut parts = Vec::new();
-    let mut start = 0;
-    for (i, &n) in counts.iter().enumerate() {
-        if n == 0 {
-            continue;
-        }
+    at_offset_zero(x)?.apply_op3(
+        &at_offset_zero(a)?,
+        &at_offset_zero(b)?,
+        GroupedLora {
+            counts: counts.to_vec(),
+            first,
+            r,
+            scaling,
+        },
+    )
+}
+
+/// The reference: a loop over experts with candle's autograd.
+pub fn grouped_lora_reference(
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    counts: &[usize],
+    first: usize,
+    r: usize,
+    scaling: f64,
+) -> Result<Tensor> {
+    let (a3, b3) = lora_factors(a, b, r, x.dtype())?;
+    per_group(x, counts, |xg, i| {
         let e = first + i;
-        let xg = x.narrow(0, start, n)?;
-        let h = xg.matmul(&a3.get(e)?.t()?)?; // [n, r]
-        parts.push(h.matmul(&b3.get(e)?.t()?)?); // [n, out]
-        start += n;
-    }
-    Tensor::cat(&parts, 0)? * scaling
+        xg.matmul(&a3.get(e)?.t()?)?.matmul(&b3.get(e)?.t()?)
+    })? * scaling
 }

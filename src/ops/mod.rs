@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod experts;
+pub mod grouped_gemm;
 pub mod kernels;
 pub mod nf4_linear;
 pub mod norm;

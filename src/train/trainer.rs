@@ -564,6 +564,7 @@ pub fn train_ranks(
                 "loss": window_loss / window_steps as f64,
                 "lr": lr,
                 "grad_norm": grad_norm,
+                "tokens": window_tokens,
                 "tokens_per_s": tps,
                 "epoch": loader.cursor().epoch,
                 "elapsed_s": started.elapsed().as_secs_f64(),

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The seed stack (transformers + bitsandbytes + PEFT, launch/bench/seed_stack.py) and moeq
+# (configs/bench/*.yaml) on one GPU, same shapes and settings, in one command. GPU machine,
+# repository root, .device/ carried (MOEQ_CUDA_ENV=... launch/gpu-check.sh build; bitsandbytes:
+# ../shared/gpu/fetch-bnb.sh .device/py):
+#
+#   OUT=/tmp/out bash launch/bench/side-by-side.sh [both|seed|moeq] [micro-batch sizes...]
+#
+# Each run's device memory is sampled by nvidia-smi every 100 ms (the driver's view, the same
+# for both stacks); launch/bench/report.py turns the results into the BENCHMARKS.md table
+# ($OUT/table.md). Logs and raw results are packed into $OUT/bench-logs.tar.gz.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source launch/device-env.sh
+export PYTHONPATH=$PWD/.device/py
+export MOEQ_CACHE_DIR=${MOEQ_CACHE_DIR:-/tmp/moeq-cache}
+which=${1:-both}
+shift || true
+mbs_list=${*:-1 4}
+runs=$OUT/runs
+mkdir -p "$runs"
+
+# sampled NAME CMD...: runs CMD with its output in $runs/NAME.log and the GPU memory in use
+# sampled into $runs/NAME.mem (MiB, one line per 100 ms).
+sampled() {
+  local name=$1
+  shift
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$runs/$name.mem" &
+  local smi=$! rc=0
+  "$@" > "$runs/$name.log" 2>&1 || rc=$?
+  kill "$smi" 2>/dev/null
+  wait "$smi" 2>/dev/null
+  echo "$name: exit $rc, $(tail -1 "$runs/$name.log" | cut -c1-160)"
+  return 0
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$runs/gpu.txt"
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits > "$runs/idle.mem"
+date -u +%Y-%m-%d > "$runs/date.txt"
+python3 launch/bench/seed_stack.py --matmul-only --out "$runs/matmul.json" > /dev/null
+for mbs in $mbs_list; do
+  if [ "$which" != moeq ]; then
+    sampled "seed-mbs$mbs" python3 launch/bench/seed_stack.py --mbs "$mbs" --out "$runs/seed-mbs$mbs.json"
+  fi
+  if [ "$which" != seed ]; then
+    for cfg in attn-lora expert-lora; do
+      src=configs/bench/qwen3-30b-a3b-12l-$cfg.yaml
+      conf=$runs/moeq-$cfg-mbs$mbs.yaml
+      sed "s/^micro_batch_size:.*/micro_batch_size: $mbs/" "$src" > "$conf"
+      dir=$(sed -n 's/^output_dir: *//p' "$conf")
+      rm -rf "$dir"
+      sampled "moeq-$cfg-mbs$mbs" .device/moeq train --config "$conf"
+      cp "$dir/metrics.jsonl" "$runs/moeq-$cfg-mbs$mbs.jsonl" 2>/dev/null || true
+    done
+  fi
+done
+python3 launch/bench/report.py "$runs" | tee "$OUT/table.md"
+tar -czf "$OUT/bench-logs.tar.gz" -C "$OUT" runs && rm -rf "$runs"

@@ -1,0 +1,317 @@
+//! Many independent matrix products in one call: `C_g = α · op(A_g) · op(B_g)`, each operand a
+//! row-major block of a flat buffer. On CUDA this is one cuBLAS grouped GEMM launch
+//! (`cublasGemmGroupedBatchedEx`, f32 accumulation); on the CPU a loop of candle matmuls, which
+//! is the reference the GPU path is checked against (`moeq gpu-check`).
+//!
+//! The expert projections use it with one product per expert over that expert's rows of a
+//! token matrix sorted by expert (DESIGN: "grouped expert GEMMs over tokens sorted by expert").
+
+use candle_core::{bail, Device, Result, Tensor};
+
+/// One product in row-major terms: `C[m, n] = op(A)[m, k] · op(B)[k, n]`, where `op(A)` is A
+/// stored `[m, k]`, or `[k, m]` transposed; likewise B (`[k, n]` or `[n, k]`). The offsets are
+/// element offsets of each stored block in its flat buffer; rows are stored without padding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Product {
+    pub a: usize,
+    pub b: usize,
+    pub c: usize,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+/// How every product of one call reads its operands.
+#[derive(Clone, Copy, Debug)]
+pub struct Gemm {
+    /// A is stored `[k, m]`.
+    pub trans_a: bool,
+    /// B is stored `[n, k]`.
+    pub trans_b: bool,
+    pub alpha: f64,
+}
+
+impl Gemm {
+    /// `A · Bᵀ` (a token block times a weight stored `[out, in]`).
+    pub fn nt(alpha: f64) -> Gemm {
+        Gemm {
+            trans_a: false,
+            trans_b: true,
+            alpha,
+        }
+    }
+
+    /// `A · B`.
+    pub fn nn(alpha: f64) -> Gemm {
+        Gemm {
+            trans_a: false,
+            trans_b: false,
+            alpha,
+        }
+    }
+
+    /// `Aᵀ · B` (a weight gradient: rows of both operands summed over).
+    pub fn tn(alpha: f64) -> Gemm {
+        Gemm {
+            trans_a: true,
+            trans_b: false,
+            alpha,
+        }
+    }
+}
+
+/// Checks that every product stays inside its buffers and that no two products write the same
+/// elements of C (the CUDA path reads raw pointers, so this guards memory safety).
+fn validate(products: &[Product], a_len: usize, b_len: usize, c_len: usize) -> Result<()> {
+    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(products.len());
+    for p in products {
+        let fits = |off: usize, size: usize, len: usize| {
+            off.checked_add(size).is_some_and(|end| end <= len)
+        };
+        if !fits(p.a, p.m * p.k, a_len) || !fits(p.b, p.k * p.n, b_len) {
+            bail!("grouped_gemm: {p:?} reads outside its operands ({a_len}, {b_len} elements)");
+        }
+        if !fits(p.c, p.m * p.n, c_len) {
+            bail!("grouped_gemm: {p:?} writes outside the {c_len}-element output");
+        }
+        if p.m * p.n > 0 {
+            spans.push((p.c, p.c + p.m * p.n));
+        }
+    }
+    spans.sort_unstable();
+    if spans.windows(2).any(|w| w[1].0 < w[0].1) {
+        bail!("grouped_gemm: two products write overlapping parts of the output");
+    }
+    Ok(())
+}
+
+/// `C` (flat, `c_len` elements, in the inputs' dtype) with every product written and every
+/// element no product covers zero. `a` and `b` are flattened; both must have one dtype.
+pub fn grouped_gemm(
+    a: &Tensor,
+    b: &Tensor,
+    c_len: usize,
+    products: &[Product],
+    gemm: Gemm,
+) -> Result<Tensor> {
+    if a.dtype() != b.dtype() {
+        bail!(
+            "grouped_gemm: operands in {:?} and {:?}",
+            a.dtype(),
+            b.dtype()
+        );
+    }
+    validate(products, a.elem_count(), b.elem_count(), c_len)?;
+    let a = a.flatten_all()?.contiguous()?;
+    let b = b.flatten_all()?.contiguous()?;
+    match a.device() {
+        Device::Cpu => cpu(&a, &b, c_len, products, gemm),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::grouped_gemm(&a, &b, c_len, products, gemm),
+        _ => bail!("grouped_gemm: unsupported device"),
+    }
+}
+
+/// The reference: one candle matmul per product, assembled in output order with zeros between.
+fn cpu(a: &Tensor, b: &Tensor, c_len: usize, products: &[Product], gemm: Gemm) -> Result<Tensor> {
+    let block = |t: &Tensor, off: usize, rows: usize, cols: usize, trans: bool| -> Result<Tensor> {
+        let s = t.narrow(0, off, rows * cols)?.reshape((rows, cols))?;
+        if trans {
+            s.t()
+        } else {
+            Ok(s)
+        }
+    };
+    let mut order: Vec<&Product> = products.iter().filter(|p| p.m * p.n > 0).collect();
+    order.sort_unstable_by_key(|p| p.c);
+    let zeros = |n: usize| Tensor::zeros(n, a.dtype(), a.device());
+    let mut parts = Vec::with_capacity(2 * order.len() + 1);
+    let mut at = 0;
+    for p in order {
+        if p.c > at {
+            parts.push(zeros(p.c - at)?);
+        }
+        let c = if p.k == 0 {
+            zeros(p.m * p.n)?
+        } else {
+            let (ar, ac) = if gemm.trans_a { (p.k, p.m) } else { (p.m, p.k) };
+            let (br, bc) = if gemm.trans_b { (p.n, p.k) } else { (p.k, p.n) };
+            let prod = block(a, p.a, ar, ac, gemm.trans_a)?.matmul(&block(
+                b,
+                p.b,
+                br,
+                bc,
+                gemm.trans_b,
+            )?)?;
+            (prod * gemm.alpha)?.flatten_all()?
+        };
+        parts.push(c);
+        at = p.c + p.m * p.n;
+    }
+    if at < c_len {
+        parts.push(zeros(c_len - at)?);
+    }
+    Tensor::cat(&parts, 0)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{Gemm, Product};
+    use candle_core::{bail, DType, Result, Storage, Tensor};
+    use cudarc::cublas::sys;
+    use cudarc::driver::{DevicePtr, DevicePtrMut};
+
+    /// Pointers into the three buffers and the per-group arguments of one cuBLAS call, in its
+    /// column-major terms: row-major `C = op(A)·op(B)` is column-major `Cᵀ = op(B)ᵀ·op(A)ᵀ`,
+    /// so cuBLAS's first operand is our B and its second our A.
+    struct Call {
+        transa: Vec<sys::cublasOperation_t>,
+        transb: Vec<sys::cublasOperation_t>,
+        m: Vec<i32>,
+        n: Vec<i32>,
+        k: Vec<i32>,
+        lda: Vec<i32>,
+        ldb: Vec<i32>,
+        ldc: Vec<i32>,
+        alpha: Vec<f32>,
+        beta: Vec<f32>,
+        ptrs: Vec<u64>,
+    }
+
+    fn dim(v: usize) -> Result<i32> {
+        i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("grouped_gemm: {v} > i32")))
+    }
+
+    fn call(products: &[&Product], gemm: Gemm, elem: usize, base: (u64, u64, u64)) -> Result<Call> {
+        use sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+        let g = products.len();
+        let mut c = Call {
+            transa: vec![
+                if gemm.trans_b {
+                    CUBLAS_OP_T
+                } else {
+                    CUBLAS_OP_N
+                };
+                g
+            ],
+            transb: vec![
+                if gemm.trans_a {
+                    CUBLAS_OP_T
+                } else {
+                    CUBLAS_OP_N
+                };
+                g
+            ],
+            m: Vec::with_capacity(g),
+            n: Vec::with_capacity(g),
+            k: Vec::with_capacity(g),
+            lda: Vec::with_capacity(g),
+            ldb: Vec::with_capacity(g),
+            ldc: Vec::with_capacity(g),
+            alpha: vec![gemm.alpha as f32; g],
+            beta: vec![0.0; g],
+            ptrs: vec![0; 3 * g],
+        };
+        for (i, p) in products.iter().enumerate() {
+            c.m.push(dim(p.n)?);
+            c.n.push(dim(p.m)?);
+            c.k.push(dim(p.k)?);
+            // Leading dimension = the stored row length of each row-major block.
+            c.lda.push(dim(if gemm.trans_b { p.k } else { p.n })?);
+            c.ldb.push(dim(if gemm.trans_a { p.m } else { p.k })?);
+            c.ldc.push(dim(p.n)?);
+            c.ptrs[i] = base.1 + (p.b * elem) as u64;
+            c.ptrs[g + i] = base.0 + (p.a * elem) as u64;
+            c.ptrs[2 * g + i] = base.2 + (p.c * elem) as u64;
+        }
+        Ok(c)
+    }
+
+    pub(super) fn grouped_gemm(
+        a: &Tensor,
+        b: &Tensor,
+        c_len: usize,
+        products: &[Product],
+        gemm: Gemm,
+    ) -> Result<Tensor> {
+        let dev = match a.device() {
+            candle_core::Device::Cuda(d) => d.clone(),
+            _ => bail!("grouped_gemm: not a CUDA tensor"),
+        };
+        let live: Vec<&Product> = products.iter().filter(|p| p.m * p.n * p.k > 0).collect();
+        let covered: usize = live.iter().map(|p| p.m * p.n).sum();
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        let (Storage::Cuda(sa), Storage::Cuda(sb)) = (&*sa, &*sb) else {
+            bail!("grouped_gemm: operands not on the GPU")
+        };
+        let stream = dev.cuda_stream();
+        macro_rules! run {
+            ($t:ty, $data_type:expr) => {{
+                let elem = std::mem::size_of::<$t>();
+                // Every element no product writes must read as zero.
+                let mut out = if covered == c_len {
+                    // SAFETY: the products cover every element (they do not overlap: validate).
+                    unsafe { dev.alloc::<$t>(c_len)? }
+                } else {
+                    dev.alloc_zeros::<$t>(c_len)?
+                };
+                if !live.is_empty() {
+                    let va = sa.as_cuda_slice::<$t>()?.slice(la.start_offset()..);
+                    let vb = sb.as_cuda_slice::<$t>()?.slice(lb.start_offset()..);
+                    let (pa, _ga) = va.device_ptr(&stream);
+                    let (pb, _gb) = vb.device_ptr(&stream);
+                    let (pc, _gc) = out.device_ptr_mut(&stream);
+                    let c = call(&live, gemm, elem, (pa, pb, pc))?;
+                    let table = dev.clone_htod(&c.ptrs)?;
+                    let (pt, _gt) = table.device_ptr(&stream);
+                    let g = live.len();
+                    let group_size = vec![1i32; g];
+                    let blas = dev.cublas_handle();
+                    // SAFETY: `validate` checked every block against its buffer; the host
+                    // arrays outlive the call, and the pointer table is freed in stream order.
+                    let status = unsafe {
+                        sys::cublasGemmGroupedBatchedEx(
+                            *blas.handle(),
+                            c.transa.as_ptr(),
+                            c.transb.as_ptr(),
+                            c.m.as_ptr(),
+                            c.n.as_ptr(),
+                            c.k.as_ptr(),
+                            c.alpha.as_ptr() as *const _,
+                            pt as *const *const core::ffi::c_void,
+                            $data_type,
+                            c.lda.as_ptr(),
+                            (pt + (8 * g) as u64) as *const *const core::ffi::c_void,
+                            $data_type,
+                            c.ldb.as_ptr(),
+                            c.beta.as_ptr() as *const _,
+                            (pt + (16 * g) as u64) as *const *mut core::ffi::c_void,
+                            $data_type,
+                            c.ldc.as_ptr(),
+                            g as i32,
+                            group_size.as_ptr(),
+                            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        )
+                    };
+                    if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                        bail!("grouped_gemm: cublasGemmGroupedBatchedEx failed: {status:?}");
+                    }
+                }
+                candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match a.dtype() {
+            DType::BF16 => run!(half::bf16, sys::cudaDataType_t::CUDA_R_16BF),
+            DType::F16 => run!(half::f16, sys::cudaDataType_t::CUDA_R_16F),
+            DType::F32 => run!(f32, sys::cudaDataType_t::CUDA_R_32F),
+            other => bail!("grouped_gemm: {other:?} not supported on CUDA"),
+        };
+        Ok(Tensor::from_storage(
+            Storage::Cuda(out),
+            c_len,
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
+    }
+}

@@ -1,0 +1,226 @@
+//! The grouped expert ops against their references on random data (CPU; `moeq gpu-check`
+//! compares the CUDA versions with these): `grouped_gemm` against a float64 triple loop for
+//! every transpose combination, with empty groups, gaps in the output and zero-length sums;
+//! `grouped_nf4` (chunked) and `grouped_lora` (explicit backward) against per-expert loops with
+//! candle's autograd, forward and every gradient.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use moeq::ops::experts::{
+    grouped_lora, grouped_lora_reference, grouped_nf4_chunked, grouped_nf4_reference, ExpertWeights,
+};
+use moeq::ops::grouped_gemm::{grouped_gemm, Gemm, Product};
+use moeq::ops::nf4_linear::Nf4Weight;
+use moeq::quant::{QuantSettings, QuantizedParam};
+use rand::{Rng, SeedableRng};
+
+fn rand_vec(rng: &mut impl Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// Largest |a − b| over the largest |b|.
+fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+    assert!(scale > 0.0, "reference is all zeros");
+    let diff = a
+        .iter()
+        .zip(&b)
+        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(diff.is_finite());
+    diff / scale
+}
+
+#[test]
+fn grouped_gemm_matches_a_float64_loop_for_every_layout() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+        // Five products of different shapes, one with k = 0 (its output must read zero) and
+        // one with m = 0; outputs placed out of order with gaps between them.
+        let shapes = [(3, 5, 7), (0, 4, 2), (6, 2, 9), (4, 3, 0), (1, 8, 5)];
+        let (mut a_len, mut b_len) = (0, 0);
+        let mut products = Vec::new();
+        let mut c_at = [40usize, 0, 60, 20, 100];
+        for (i, &(m, n, k)) in shapes.iter().enumerate() {
+            products.push(Product {
+                a: a_len,
+                b: b_len,
+                c: c_at[i],
+                m,
+                n,
+                k,
+            });
+            a_len += m * k + 3;
+            b_len += k * n + 1;
+        }
+        c_at.sort_unstable();
+        let c_len = 120;
+        let a = rand_vec(&mut rng, a_len);
+        let b = rand_vec(&mut rng, b_len);
+        let alpha = 1.5;
+        let gemm = Gemm {
+            trans_a,
+            trans_b,
+            alpha,
+        };
+        let got = grouped_gemm(
+            &Tensor::new(a.as_slice(), &Device::Cpu).unwrap(),
+            &Tensor::new(b.as_slice(), &Device::Cpu).unwrap(),
+            c_len,
+            &products,
+            gemm,
+        )
+        .unwrap();
+        let mut want = vec![0f64; c_len];
+        for p in &products {
+            for i in 0..p.m {
+                for j in 0..p.n {
+                    let mut s = 0f64;
+                    for l in 0..p.k {
+                        let av = if trans_a {
+                            a[p.a + l * p.m + i]
+                        } else {
+                            a[p.a + i * p.k + l]
+                        };
+                        let bv = if trans_b {
+                            b[p.b + j * p.k + l]
+                        } else {
+                            b[p.b + l * p.n + j]
+                        };
+                        s += av as f64 * bv as f64;
+                    }
+                    want[p.c + i * p.n + j] = alpha * s;
+                }
+            }
+        }
+        let want: Vec<f32> = want.into_iter().map(|v| v as f32).collect();
+        let err = rel_err(&got, &Tensor::new(want.as_slice(), &Device::Cpu).unwrap());
+        // f32 sums of at most 9 products against f64: a few f32 ulps.
+        assert!(err < 1e-6, "({trans_a}, {trans_b}): {err}");
+    }
+}
+
+#[test]
+fn grouped_gemm_refuses_overlaps_and_out_of_bounds_blocks() {
+    let a = Tensor::ones(16, DType::F32, &Device::Cpu).unwrap();
+    let p = |c, m| Product {
+        a: 0,
+        b: 0,
+        c,
+        m,
+        n: 2,
+        k: 2,
+    };
+    let err = |ps: &[Product], c_len| {
+        grouped_gemm(&a, &a, c_len, ps, Gemm::nn(1.0))
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err(&[p(0, 2), p(2, 1)], 8).contains("overlapping"));
+    assert!(err(&[p(6, 2)], 8).contains("outside"));
+    let wide = Product {
+        a: 10,
+        b: 0,
+        c: 0,
+        m: 2,
+        n: 2,
+        k: 4,
+    };
+    assert!(err(&[wide], 8).contains("outside"));
+}
+
+fn quantized_experts(rng: &mut impl Rng, n: usize, out: usize, inp: usize) -> ExpertWeights {
+    let ws: Vec<Nf4Weight> = (0..n)
+        .map(|_| {
+            let w: Vec<f32> = rand_vec(rng, out * inp).iter().map(|v| v * 0.1).collect();
+            let q = QuantizedParam::quantize(&w, &[out, inp], QuantSettings::default()).unwrap();
+            Nf4Weight::from_param(&q, &Device::Cpu).unwrap()
+        })
+        .collect();
+    ExpertWeights::stack(&ws).unwrap()
+}
+
+/// Output and gradients of `sum(f(inputs) · upstream)` for each input.
+fn run(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) -> (Tensor, Vec<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&ts).unwrap();
+    // A fixed upstream gradient, the same on both sides.
+    let n = y.elem_count();
+    let up: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
+        .collect();
+    let up = Tensor::from_vec(up, y.shape(), &Device::Cpu).unwrap();
+    let grads = (&y * up).unwrap().sum_all().unwrap().backward().unwrap();
+    let gs = vars
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).expect("no gradient").clone())
+        .collect();
+    (y, gs)
+}
+
+#[test]
+fn grouped_nf4_in_chunks_matches_the_per_expert_reference() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let (out, inp) = (48, 64);
+    let w = quantized_experts(&mut rng, 7, out, inp);
+    let counts = [5usize, 0, 9, 1, 0, 12, 3];
+    let m: usize = counts.iter().sum();
+    let x = Tensor::from_vec(rand_vec(&mut rng, m * inp), (m, inp), &Device::Cpu).unwrap();
+    let (y_ref, g_ref) = run(std::slice::from_ref(&x), |t| {
+        grouped_nf4_reference(&t[0], &w, &counts)
+    });
+    // One expert's f32 weights are 12 KB: chunks of 1, 2 and 3 experts, and all at once.
+    for chunk_bytes in [1, 2 * 12288, 3 * 12288, 1 << 30] {
+        let (y, g) = run(std::slice::from_ref(&x), |t| {
+            grouped_nf4_chunked(&t[0], &w, &counts, chunk_bytes)
+        });
+        // Same f32 products, possibly another summation order in the matmul: 1e-6 of scale.
+        assert!(rel_err(&y, &y_ref) < 1e-6, "forward, chunk {chunk_bytes}");
+        assert!(rel_err(&g[0], &g_ref[0]) < 1e-6, "d_x, chunk {chunk_bytes}");
+    }
+}
+
+#[test]
+fn grouped_lora_matches_the_autograd_reference() {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(13);
+    let (out, inp, r, num_experts) = (40, 24, 4, 9);
+    // Local experts 2..8 of 9 (a rank's slice), two of them without rows.
+    let (first, counts) = (2, [4usize, 0, 7, 2, 0, 11]);
+    let m: usize = counts.iter().sum();
+    let x = Tensor::from_vec(rand_vec(&mut rng, m * inp), (m, inp), &Device::Cpu).unwrap();
+    let a = Tensor::from_vec(
+        rand_vec(&mut rng, r * num_experts * inp),
+        (r * num_experts, inp),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let b = Tensor::from_vec(
+        rand_vec(&mut rng, out * r * num_experts),
+        (out, r * num_experts),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let inputs = [x, a, b];
+    let (y, g) = run(&inputs, |t| {
+        grouped_lora(&t[0], &t[1], &t[2], &counts, first, r, 2.0)
+    });
+    let (y_ref, g_ref) = run(&inputs, |t| {
+        grouped_lora_reference(&t[0], &t[1], &t[2], &counts, first, r, 2.0)
+    });
+    // f32 with other association of the same sums (explicit formulas vs autograd): 1e-5.
+    assert!(rel_err(&y, &y_ref) < 1e-5);
+    for (i, name) in ["d_x", "d_A", "d_B"].iter().enumerate() {
+        let e = rel_err(&g[i], &g_ref[i]);
+        assert!(e < 1e-5, "{name}: {e}");
+    }
+    // Experts outside the slice and experts without rows get exactly zero.
+    let da: Vec<Vec<f32>> = g[1].to_vec2().unwrap();
+    for e in [0, 1, 3, 6, 8] {
+        assert!(da[e * r..(e + 1) * r].iter().flatten().all(|v| *v == 0.0));
+    }
+}
