@@ -2,7 +2,10 @@
 """Turns the results of launch/bench/side-by-side.sh (a runs/ folder) into the markdown table of
 BENCHMARKS.md: tokens/s (median over the steps after the warm-up), MFU against the bf16 matmul
 rate measured in the same command (and against 989 TFLOP/s), and peak GPU memory as the driver
-saw it (nvidia-smi every 100 ms, minus the idle baseline), for both stacks with one FLOP count.
+saw it (total − free), for both stacks with one FLOP count. moeq: nvidia-smi every 100 ms over
+the whole run (load and quantization included) minus the idle baseline; seed stack: sampled
+every 50 ms by the script during training only (its bf16 random init before quantization is an
+artifact of the benchmark: a checkpoint load quantizes tensor by tensor).
 
     python3 launch/bench/report.py RUNS_DIR
 """
@@ -28,6 +31,10 @@ def peak_mib(path, idle):
     except OSError:
         return None
     return (max(vals) - idle) if vals else None
+
+
+def mib_to_gb(mib):
+    return None if mib is None else mib * 1.048576 / 1e3
 
 
 def moeq_row(path):
@@ -60,7 +67,7 @@ def main():
             run=f"seed stack, LoRA q/k/v/o (experts: {r.get('experts_implementation')})",
             mbs=r["mbs"], tokens_per_step=r["tokens_per_step"], oom=r.get("oom"),
             tokens_per_s=r.get("tokens_per_s"),
-            peak_mib=peak_mib(os.path.join(runs, name + ".mem"), idle),
+            peak_gb=r.get("peak_gpu_mem_gb_driver"),
             own=f"reserved {r['peak_reserved_gb']:.2f} GB" if r.get("peak_reserved_gb") else "",
             losses=[round(v, 3) for v in r.get("losses", [])],
         ))
@@ -73,7 +80,7 @@ def main():
             run=f"moeq, LoRA {targets}", mbs=int(m.group(2)),
             tokens_per_step=r and r["tokens_per_step"], oom=r is None,
             tokens_per_s=r and r["tokens_per_s"],
-            peak_mib=peak_mib(os.path.join(runs, name + ".mem"), idle),
+            peak_gb=mib_to_gb(peak_mib(os.path.join(runs, name + ".mem"), idle)),
             own=f"sampled per step {r['own_peak_gb']:.2f} GB" if r else "",
             losses=r["losses"] if r else [],
         ))
@@ -85,10 +92,10 @@ def main():
     for r in sorted(rows, key=lambda r: (r["mbs"], r["run"])):
         if r["oom"] or not r["tokens_per_s"]:
             print(f"| {r['run']} | {r['mbs']} | - | failed / out of memory | - | - | "
-                  f"{(r['peak_mib'] or 0) / 1e3 * 1.048576:.2f} | {r['own']} | - |")
+                  f"{r['peak_gb'] or 0:.2f} | {r['own']} | - |")
             continue
         tps = r["tokens_per_s"]
-        mem = f"{r['peak_mib'] * 1.048576 / 1e3:.2f}" if r["peak_mib"] is not None else "-"
+        mem = f"{r['peak_gb']:.2f}" if r["peak_gb"] is not None else "-"
         print(f"| {r['run']} | {r['mbs']} | {r['tokens_per_step']:.0f} | {tps:,.0f} | "
               f"{tps * fpt / (matmul * 1e12):.2%} | {tps * fpt / (PEAK_TFLOPS * 1e12):.2%} | "
               f"{mem} | {r['own']} | {r['losses'][0]} → {r['losses'][-1]} |")

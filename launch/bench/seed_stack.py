@@ -29,6 +29,7 @@ import json
 import math
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -220,16 +221,8 @@ def build(args, device, result):
     return model, cfg
 
 
-def train(model, cfg, args, device, result):
-    result["oom_phase"] = "train"
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0,
-                            fused=device.type == "cuda")
-    gen = torch.Generator(device=device).manual_seed(1234)
+def run_steps(model, opt, gen, cfg, args, device, result):
     tokens = args.mbs * args.seq
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    driver_peak = 0.0
     for step in range(args.steps):
         ids = torch.randint(0, cfg.vocab_size, (args.mbs, args.seq), device=device, generator=gen)
         sync(device)
@@ -243,11 +236,50 @@ def train(model, cfg, args, device, result):
         result["step_s"].append(dt)
         result["tokens_per_s_all"].append(tokens / dt)
         result["losses"].append(loss.item())
-        if device.type == "cuda":
-            driver_peak = max(driver_peak, driver_used_gb(device))
-            result["peak_gpu_mem_gb_driver"] = driver_peak
         print(f"step {step}: {dt:.3f}s {tokens / dt:.0f} tok/s loss {result['losses'][-1]:.4f}",
               file=sys.stderr)
+
+
+class DriverPeak:
+    """Largest device memory in use (driver view: total - free) sampled every 50 ms from a
+    background thread while training runs, so peaks inside a step count, not only the state
+    between steps. The bf16 build before quantization is left out: a real checkpoint load
+    quantizes tensor by tensor and never holds the whole bf16 model."""
+
+    def __init__(self, device):
+        self.device, self.peak, self.stop = device, 0.0, threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, driver_used_gb(self.device))
+            self.stop.wait(0.05)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+        self.peak = max(self.peak, driver_used_gb(self.device))
+
+
+def train(model, cfg, args, device, result):
+    result["oom_phase"] = "train"
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.999), weight_decay=0.0,
+                            fused=device.type == "cuda")
+    gen = torch.Generator(device=device).manual_seed(1234)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        with DriverPeak(device) as sampler:
+            try:
+                run_steps(model, opt, gen, cfg, args, device, result)
+            finally:
+                result["peak_gpu_mem_gb_driver"] = sampler.peak
+    else:
+        run_steps(model, opt, gen, cfg, args, device, result)
     result["oom_phase"] = None
 
     tps = statistics.median(result["tokens_per_s_all"][args.warmup:])

@@ -8,6 +8,7 @@ use crate::ops::nf4_linear::{nf4_linear, Nf4Weight};
 use crate::ops::norm::{rms_norm, softmax_last};
 use crate::ops::rope::apply_rope;
 use crate::ops::swiglu;
+use crate::util::phases::timed;
 use candle_core::{DType, Result, Tensor, D};
 use rand::{Rng, SeedableRng};
 use std::rc::Rc;
@@ -231,43 +232,48 @@ impl Moe {
         let (n, h) = x.dims2()?;
         let k = spec.router.top_k;
         // Router in f32: softmax over all experts, then top-k, then (optionally) renormalise.
-        let logits = x.matmul(&self.router.t()?)?.to_dtype(DType::F32)?; // [N, E]
-        let probs = softmax_last(&logits)?;
-        let routing = match recorded {
-            Some(r) => r.clone(),
-            None => {
-                let top = probs
-                    .detach()
-                    .arg_sort_last_dim(false)?
-                    .narrow(1, 0, k)?
-                    .contiguous()?; // [N, k]
-                let num_experts = self.router.dim(0)?;
-                let r = match parallel {
-                    None => {
-                        let held = self.first_expert..self.first_expert + self.gate_up.num_experts;
-                        route(top, num_experts, held)?
-                    }
-                    Some(p) => {
-                        let mut r = route(top, num_experts, 0..num_experts)?;
-                        r.dispatch = Some(crate::dist::dispatch::Dispatch::plan(
-                            p.comm.as_ref(),
-                            &r.counts,
-                            &p.expert_ranges,
-                            x.device(),
-                        )?);
-                        r
-                    }
-                };
-                let r = Rc::new(r);
-                *recorded = Some(r.clone());
-                r
+        let dev = x.device();
+        let routed = timed("moe: router + routing", dev, || -> Result<_> {
+            let logits = x.matmul(&self.router.t()?)?.to_dtype(DType::F32)?; // [N, E]
+            let probs = softmax_last(&logits)?;
+            let routing = match recorded {
+                Some(r) => r.clone(),
+                None => {
+                    let top = probs
+                        .detach()
+                        .arg_sort_last_dim(false)?
+                        .narrow(1, 0, k)?
+                        .contiguous()?; // [N, k]
+                    let num_experts = self.router.dim(0)?;
+                    let r = match parallel {
+                        None => {
+                            let held =
+                                self.first_expert..self.first_expert + self.gate_up.num_experts;
+                            route(top, num_experts, held)?
+                        }
+                        Some(p) => {
+                            let mut r = route(top, num_experts, 0..num_experts)?;
+                            r.dispatch = Some(crate::dist::dispatch::Dispatch::plan(
+                                p.comm.as_ref(),
+                                &r.counts,
+                                &p.expert_ranges,
+                                x.device(),
+                            )?);
+                            r
+                        }
+                    };
+                    let r = Rc::new(r);
+                    *recorded = Some(r.clone());
+                    r
+                }
+            };
+            let mut weights = probs.gather(&routing.top, 1)?; // [N, k], differentiable w.r.t. x
+            if spec.router.renormalize {
+                weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
             }
-        };
-        let mut weights = probs.gather(&routing.top, 1)?; // [N, k], differentiable w.r.t. x
-        if spec.router.renormalize {
-            weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
-        }
-        let weights = weights.to_dtype(x.dtype())?;
+            Ok((routing, weights.to_dtype(x.dtype())?))
+        })?;
+        let (routing, weights) = routed;
 
         let xs = x.index_select(&routing.tokens, 0)?; // [M, H] sorted by expert
         let y = match (&routing.dispatch, parallel) {
@@ -282,7 +288,9 @@ impl Moe {
                 };
                 d.combine(&p.comm, &yr)? // [M, H] in xs order
             }
-            _ => self.experts(&xs, &routing.counts, lora)?,
+            _ => timed("moe: experts", dev, || {
+                self.experts(&xs, &routing.counts, lora)
+            })?,
         };
         let w = weights.flatten_all()?.index_select(&routing.slots, 0)?; // [M]
         let y = y.broadcast_mul(&w.unsqueeze(1)?)?;
@@ -342,22 +350,39 @@ impl Layer {
         parallel: Option<&Parallel>,
     ) -> Result<(Tensor, LayerStats)> {
         let eps = spec.rms_norm_eps;
-        let h = rms_norm(x, &self.input_norm, eps)?;
-        let x = (x + self.attn.forward(spec, &h, inputs, lora)?)?;
-        let h = rms_norm(&x, &self.post_norm, eps)?;
-        let (m, stats) = match &self.mlp {
-            Mlp::Dense(p) => (swiglu_mlp(p, &h, lora)?, LayerStats::default()),
-            Mlp::Moe(moe) => {
-                let mut routes = inputs.routes.borrow_mut();
-                let (m, per_expert) = moe.forward(spec, &h, lora, parallel, &mut routes[index])?;
-                (
-                    m,
-                    LayerStats {
-                        expert_tokens: per_expert,
-                    },
-                )
-            }
-        };
+        let dev = x.device();
+        let pass = if lora.live { "recompute" } else { "forward" };
+        let x = timed(phase("attention", pass), dev, || {
+            let h = rms_norm(x, &self.input_norm, eps)?;
+            x + self.attn.forward(spec, &h, inputs, lora)?
+        })?;
+        let (m, stats) = timed(phase("mlp", pass), dev, || -> Result<_> {
+            let h = rms_norm(&x, &self.post_norm, eps)?;
+            Ok(match &self.mlp {
+                Mlp::Dense(p) => (swiglu_mlp(p, &h, lora)?, LayerStats::default()),
+                Mlp::Moe(moe) => {
+                    let mut routes = inputs.routes.borrow_mut();
+                    let (m, per_expert) =
+                        moe.forward(spec, &h, lora, parallel, &mut routes[index])?;
+                    (
+                        m,
+                        LayerStats {
+                            expert_tokens: per_expert,
+                        },
+                    )
+                }
+            })
+        })?;
         Ok(((x + m)?, stats))
+    }
+}
+
+/// A static phase name for `timed` ("attention forward", "mlp recompute", ...).
+fn phase(part: &str, pass: &str) -> &'static str {
+    match (part, pass) {
+        ("attention", "forward") => "attention forward",
+        ("attention", _) => "attention recompute",
+        ("mlp", "forward") => "mlp forward",
+        _ => "mlp recompute",
     }
 }

@@ -11,6 +11,7 @@ use crate::arch::{Inputs, LoraCtx, Model};
 use crate::data::{Batch, IGNORE_INDEX};
 use crate::lora::Adapters;
 use crate::train::loss::chunked_cross_entropy;
+use crate::util::phases::timed;
 use candle_core::{DType, Result, Tensor, Var, D};
 use std::collections::BTreeMap;
 
@@ -39,6 +40,11 @@ pub fn inputs(model: &Model, batch: &Batch) -> Result<Inputs> {
         batch.batch_size,
         batch.seq_len,
     )
+}
+
+/// The device the model computes on.
+fn batch_device(model: &Model) -> candle_core::Device {
+    model.lm_head().device().clone()
 }
 
 fn real_tokens(batch: &Batch) -> usize {
@@ -76,7 +82,8 @@ pub fn forward_backward(
     let layers = model.num_layers();
     let mut saved = Vec::with_capacity(layers);
     let mut expert_tokens = Vec::with_capacity(layers);
-    let mut x = model.embed(&inputs)?;
+    let device = batch_device(model);
+    let mut x = timed("embed", &device, || model.embed(&inputs))?;
     for l in 0..layers {
         let (out, stats) = model.layer(l, &x, &inputs, &frozen)?;
         saved.push(x);
@@ -87,12 +94,14 @@ pub fn forward_backward(
     // Head: dL/dx_L through the final norm.
     let leaf = Var::from_tensor(&x)?;
     let normed = model.final_norm(leaf.as_tensor())?;
-    let ce = chunked_cross_entropy(
-        &normed.detach(),
-        model.lm_head(),
-        &batch.labels,
-        loss_chunk(model.spec.vocab_size),
-    )?;
+    let ce = timed("head + cross-entropy", &device, || {
+        chunked_cross_entropy(
+            &normed.detach(),
+            model.lm_head(),
+            &batch.labels,
+            loss_chunk(model.spec.vocab_size),
+        )
+    })?;
     let scale = ce.labelled as f64 / denom.max(1) as f64;
     let grad_normed = (ce.grad_h * scale)?;
     let g = normed.mul(&grad_normed)?.sum_all()?.backward()?;
@@ -109,12 +118,17 @@ pub fn forward_backward(
     for l in (0..layers).rev() {
         let leaf = Var::from_tensor(&saved[l])?;
         let (out, _) = model.layer(l, leaf.as_tensor(), &inputs, &live)?;
-        let store = out.mul(&g_out)?.sum_all()?.backward()?;
-        for (name, v) in &vars {
-            if let Some(gv) = store.get(v.as_tensor()) {
-                accumulate(grads, name, gv)?;
+        let store = timed("layer backward (autograd)", &device, || {
+            out.mul(&g_out)?.sum_all()?.backward()
+        })?;
+        timed("gradient accumulation", &device, || -> Result<()> {
+            for (name, v) in &vars {
+                if let Some(gv) = store.get(v.as_tensor()) {
+                    accumulate(grads, name, gv)?;
+                }
             }
-        }
+            Ok(())
+        })?;
         g_out = store.get(leaf.as_tensor()).cloned().ok_or_else(|| {
             candle_core::Error::Msg(format!("no gradient reached the input of layer {l}"))
         })?;

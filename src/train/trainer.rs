@@ -16,6 +16,7 @@ use crate::config::TrainConfig;
 use crate::data::{Loader, LoaderOptions, PreparedData, Sample};
 use crate::dist::Communicator;
 use crate::lora::{peft, Adapters};
+use crate::util::phases::timed;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use serde_json::{json, Value};
@@ -491,7 +492,8 @@ pub fn train_ranks(
         crate::util::mem::sample_gpu_peak(&device);
         // Global gradient norm: replicated gradients (equal on every rank) plus every rank's
         // own expert gradients.
-        let sq = squares(&grads, &replicated).map_err(failed)?
+        let sq = timed("gradient norm", &device, || squares(&grads, &replicated))
+            .map_err(failed)?
             + sum_over_ranks(
                 comm.as_ref(),
                 vec![squares(&grads, &owned).map_err(failed)?],
@@ -545,7 +547,7 @@ pub fn train_ranks(
             }
         }
         let lr = schedule.lr(step);
-        opt.step(&store, lr).map_err(failed)?;
+        timed("optimizer", &device, || opt.step(&store, lr)).map_err(failed)?;
 
         let loss = stats.loss_sum / stats.labelled.max(1) as f64;
         first_loss.get_or_insert(loss);
@@ -625,6 +627,9 @@ pub fn train_ranks(
         }
     }
     progress.finish();
+    if let Some(r) = crate::util::phases::report(total_steps - start_step) {
+        tracing::info!("{r}");
+    }
     let full = whole_adapter(&adapters, comm.as_ref(), ep)?;
     if lead {
         // The final adapter goes into output_dir itself, as axolotl/PEFT users expect.

@@ -2,4 +2,5 @@
 
 pub mod logging;
 pub mod mem;
+pub mod phases;
 pub mod progress;
