@@ -3,10 +3,12 @@
 
 use super::model::{Inputs, LayerStats, LoraCtx, Parallel};
 use super::{ArchSpec, QkNorm};
+use crate::ops::attn_softmax::masked_softmax;
 use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
 use crate::ops::nf4_linear::{nf4_linear, Nf4Weight};
 use crate::ops::norm::{rms_norm, softmax_last};
 use crate::ops::rope::apply_rope;
+use crate::ops::routing::{combine_rows, gather_rows, RowOrder};
 use crate::ops::swiglu;
 use crate::util::phases::timed;
 use candle_core::{DType, Result, Tensor, D};
@@ -152,12 +154,8 @@ impl Attention {
         let k = k.reshape((b, s, kvh, hd))?.transpose(1, 2)?.contiguous()?; // [B, kvh, S, hd]
         let v = v.reshape((b, s, kvh, hd))?.transpose(1, 2)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?; // [B, kvh, rep·S, S]
-        let scores = scores
-            .reshape((b, nh, s, s))?
-            .to_dtype(DType::F32)?
-            .broadcast_add(&inputs.mask)?;
-        let probs = softmax_last(&scores)?.to_dtype(x.dtype())?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, nh, s, s))?; // [B, nh, S, S]
+        let probs = masked_softmax(&scores, &inputs.segments, scale)?;
         let probs = probs.reshape((b, kvh, rep * s, s))?;
         let ctx = probs.matmul(&v)?; // [B, kvh, rep·S, hd]
         let ctx = ctx
@@ -175,10 +173,8 @@ impl Attention {
 pub struct Routing {
     /// Top-k expert choices [N, k] u32.
     top: Tensor,
-    /// Token of each routed row, rows sorted by expert then token: [M] u32.
-    tokens: Tensor,
-    /// Position of each row in the flattened [N, k] routing weights: [M] u32.
-    slots: Tensor,
+    /// The routed rows (sorted by expert then token) and their inverse.
+    order: RowOrder,
     /// Rows per held expert.
     counts: Vec<usize>,
     /// Tokens per global expert.
@@ -207,11 +203,10 @@ fn route(top: Tensor, num_experts: usize, held: std::ops::Range<usize>) -> Resul
             slots.push(s);
         }
     }
-    let m = tokens.len();
+    let k = indices.first().map_or(1, |c| c.len());
     Ok(Routing {
         top,
-        tokens: Tensor::from_vec(tokens, m, &device)?,
-        slots: Tensor::from_vec(slots, m, &device)?,
+        order: RowOrder::new(tokens, slots, k, &device)?,
         counts,
         per_expert,
         dispatch: None,
@@ -229,7 +224,6 @@ impl Moe {
         parallel: Option<&Parallel>,
         recorded: &mut Option<Rc<Routing>>,
     ) -> Result<(Tensor, Vec<u64>)> {
-        let (n, h) = x.dims2()?;
         let k = spec.router.top_k;
         // Router in f32: softmax over all experts, then top-k, then (optionally) renormalise.
         let dev = x.device();
@@ -271,11 +265,11 @@ impl Moe {
             if spec.router.renormalize {
                 weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
             }
-            Ok((routing, weights.to_dtype(x.dtype())?))
+            Ok((routing, weights))
         })?;
         let (routing, weights) = routed;
 
-        let xs = x.index_select(&routing.tokens, 0)?; // [M, H] sorted by expert
+        let xs = gather_rows(x, &routing.order)?; // [M, H] sorted by expert
         let y = match (&routing.dispatch, parallel) {
             (Some(d), Some(p)) => {
                 let xr = d.dispatch(&p.comm, &xs)?; // [R, H] grouped by local expert
@@ -292,11 +286,8 @@ impl Moe {
                 self.experts(&xs, &routing.counts, lora)
             })?,
         };
-        let w = weights.flatten_all()?.index_select(&routing.slots, 0)?; // [M]
-        let y = y.broadcast_mul(&w.unsqueeze(1)?)?;
-        let mut out = Tensor::zeros((n, h), DType::F32, x.device())?
-            .index_add(&routing.tokens, &y.to_dtype(DType::F32)?, 0)?
-            .to_dtype(x.dtype())?;
+        // Each token's k rows weighted by its (f32) routing weights and summed in f32.
+        let mut out = combine_rows(&y, &weights, &routing.order)?; // [N, H]
         if let Some((mlp, gate)) = &self.shared {
             let mut shared = swiglu_mlp(mlp, x, lora)?;
             if let Some(g) = gate {

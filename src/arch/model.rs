@@ -50,9 +50,9 @@ pub struct Inputs {
     pub input_ids: Tensor,
     /// cos, sin: [N, 1, head_dim] in the compute dtype.
     pub rope: (Tensor, Tensor),
-    /// [B, 1, S, S] f32: 0 where attention is allowed (same packed sample, not in the
-    /// future), −inf elsewhere.
-    pub mask: Tensor,
+    /// [B, S] u32: the packed sample of each position; a query attends to the keys of its
+    /// own sample up to itself.
+    pub segments: Tensor,
     pub batch: usize,
     pub seq: usize,
     /// Routing per MoE layer, recorded by the first pass over these inputs and replayed by
@@ -316,23 +316,11 @@ impl Model {
                 self.spec.vocab_size
             );
         }
-        let mut mask = vec![f32::NEG_INFINITY; batch * seq * seq];
-        for b in 0..batch {
-            let seg = &segments[b * seq..(b + 1) * seq];
-            for i in 0..seq {
-                let row = &mut mask[(b * seq + i) * seq..(b * seq + i + 1) * seq];
-                for j in 0..=i {
-                    if seg[j] == seg[i] {
-                        row[j] = 0.0;
-                    }
-                }
-            }
-        }
         let pos = Tensor::new(positions, &self.device)?;
         Ok(Inputs {
             input_ids: Tensor::new(ids, &self.device)?,
             rope: self.rope.tables(&pos, self.dtype)?,
-            mask: Tensor::from_vec(mask, (batch, 1, seq, seq), &self.device)?,
+            segments: Tensor::from_slice(segments, (batch, seq), &self.device)?,
             batch,
             seq,
             routes: std::cell::RefCell::new(vec![None; self.layers.len()]),

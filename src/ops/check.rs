@@ -269,7 +269,7 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
     use super::experts::{grouped_lora, grouped_nf4, ExpertWeights};
     use super::nf4_linear::Nf4Weight;
     use crate::quant::{QuantSettings, QuantizedParam};
-    let (rtol, k) = if dtype == DType::F32 {
+    let (rtol, k_tol) = if dtype == DType::F32 {
         (1e-5, 1e-5)
     } else {
         (2e-2, 2e-2)
@@ -285,7 +285,7 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         &[x, w],
         &|t| super::norm::rms_norm(&t[0], &t[1], 1e-6),
         rtol,
-        k,
+        k_tol,
     )?);
     let q = Tensor::randn(0f32, 1.0, (67, 4, 32), cpu)?;
     let positions: Vec<u32> = (0..67u32).map(|i| (i * 37) % 200).collect();
@@ -308,7 +308,7 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
             super::rope::apply_rope(&t[0], &c, &s)
         },
         rtol,
-        k,
+        k_tol,
     )?);
     // Five experts [96, 64], one of them without tokens.
     let counts = [10usize, 0, 7, 30, 4];
@@ -334,7 +334,7 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
             grouped_nf4(&t[0], &ew, &counts)
         },
         rtol,
-        k,
+        k_tol,
     )?);
     let a = Tensor::randn(0f32, 0.1, (4 * 5, 64), cpu)?;
     let b = Tensor::randn(0f32, 0.1, (96, 4 * 5), cpu)?;
@@ -345,7 +345,7 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         &[xs, a, b],
         &|t| grouped_lora(&t[0], &t[1], &t[2], &counts, 0, 4, 2.0),
         rtol,
-        k,
+        k_tol,
     )?);
     // The grouped GEMM at a size where cuBLAS picks tensor-core kernels: 16 experts
     // [384, 256] in chunks of 5 (the last one short), rows per expert 0..=96 at random.
@@ -379,7 +379,57 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
             super::experts::grouped_nf4_chunked(&t[0], &ew, &counts, chunk)
         },
         rtol,
-        k,
+        k_tol,
+    )?);
+    // Masked attention softmax: 2 × 4 heads × 300 positions (more than one block's 256
+    // threads per row), batch 0 packed as samples of 120, 100 and 80 tokens.
+    let seg: Vec<u32> = (0..600u32)
+        .map(|p| match p {
+            120..220 => 1,
+            220..300 => 2,
+            _ => 0,
+        })
+        .collect();
+    let scores = (Tensor::randn(0f32, 1.0, (2, 4, 300, 300), cpu)? * 3.0)?;
+    out.extend(device_vs_cpu(
+        "masked_softmax",
+        device,
+        dtype,
+        &[scores],
+        &|t| {
+            let segments = Tensor::from_slice(&seg, (2, 300), t[0].device())?;
+            super::attn_softmax::masked_softmax(&t[0], &segments, 0.125)
+        },
+        rtol,
+        k_tol,
+    )?);
+    // Routing gathers: 300 tokens, top-4 of 16 experts (token t picks t·7+j·5 mod 16, distinct
+    // for j < 4), rows sorted by expert; gather, an elementwise stand-in for the experts,
+    // combine.
+    let (n, k) = (300usize, 4usize);
+    let mut rows: Vec<(u32, u32, u32)> = (0..n)
+        .flat_map(|t| {
+            (0..k).map(move |j| (((t * 7 + j * 5) % 16) as u32, t as u32, (t * k + j) as u32))
+        })
+        .collect();
+    rows.sort_unstable();
+    let tokens: Vec<u32> = rows.iter().map(|r| r.1).collect();
+    let slots: Vec<u32> = rows.iter().map(|r| r.2).collect();
+    let xr = Tensor::randn(0f32, 1.0, (n, 128), cpu)?;
+    let wr = Tensor::rand(0f32, 1.0, (n, k), cpu)?;
+    out.extend(device_vs_cpu(
+        "routing gather/combine",
+        device,
+        dtype,
+        &[xr, wr],
+        &|t| {
+            use super::routing::{combine_rows, gather_rows, RowOrder};
+            let order = RowOrder::new(tokens.clone(), slots.clone(), k, t[0].device())?;
+            let y = gather_rows(&t[0], &order)?.sin()?;
+            combine_rows(&y, &t[1], &order)
+        },
+        rtol,
+        k_tol,
     )?);
     // LoRA r 16 over experts 3..19 of 20 (a rank's slice).
     let a = Tensor::randn(0f32, 0.1, (16 * 20, 256), cpu)?;
@@ -391,7 +441,7 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         &[xs, a, b],
         &|t| grouped_lora(&t[0], &t[1], &t[2], &counts, 3, 16, 2.0),
         rtol,
-        k,
+        k_tol,
     )?);
     Ok(out)
 }

@@ -448,16 +448,6 @@ impl CustomOp3 for GroupedLora {
     }
 }
 
-/// A tensor that owns its elements from offset 0 (custom ops read storages whole); keeps the
-/// autograd link.
-fn at_offset_zero(t: &Tensor) -> Result<Tensor> {
-    if t.layout().contiguous_offsets() == Some((0, t.elem_count())) {
-        Ok(t.clone())
-    } else {
-        t.force_contiguous()
-    }
-}
-
 /// Split LoRA of a 3-D expert parameter for the local experts `first..first+counts.len()`.
 /// x: [M, in] sorted as for `grouped_nf4`; a: [r·E, in]; b: [out, r·E] → [M, out] (× scaling).
 pub fn grouped_lora(
@@ -490,9 +480,9 @@ pub fn grouped_lora(
     if m == 0 {
         return Tensor::zeros((0, out), x.dtype(), x.device());
     }
-    at_offset_zero(x)?.apply_op3(
-        &at_offset_zero(a)?,
-        &at_offset_zero(b)?,
+    super::at_offset_zero(x)?.apply_op3(
+        &super::at_offset_zero(a)?,
+        &super::at_offset_zero(b)?,
         GroupedLora {
             counts: counts.to_vec(),
             first,

@@ -5,3 +5,6 @@ pub const SWIGLU: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
 
 #[cfg(feature = "cuda")]
 pub const NF4: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
+
+#[cfg(feature = "cuda")]
+pub const ATTN_SOFTMAX: &str = include_str!(concat!(env!("OUT_DIR"), "/attn_softmax.ptx"));

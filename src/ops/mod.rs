@@ -1,6 +1,7 @@
 //! Custom ops with a CPU reference and a CUDA implementation (kernels in `kernels/`), each
 //! with a backward pass, tested against each other.
 
+pub mod attn_softmax;
 pub mod check;
 pub mod experts;
 pub mod grouped_gemm;
@@ -8,6 +9,7 @@ pub mod kernels;
 pub mod nf4_linear;
 pub mod norm;
 pub mod rope;
+pub mod routing;
 pub mod swiglu;
 
 pub use swiglu::swiglu;
@@ -40,6 +42,16 @@ pub(crate) fn tensor_of(
             false,
         )),
         _ => candle_core::bail!("{op}: input must be contiguous and start at offset 0"),
+    }
+}
+
+/// A tensor whose storage starts at offset 0, contiguous (custom ops read storages from their
+/// start); copies only when needed and keeps the autograd link.
+pub(crate) fn at_offset_zero(t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    if t.layout().contiguous_offsets() == Some((0, t.elem_count())) {
+        Ok(t.clone())
+    } else {
+        t.force_contiguous()
     }
 }
 

@@ -548,6 +548,9 @@ pub fn train_ranks(
         }
         let lr = schedule.lr(step);
         timed("optimizer", &device, || opt.step(&store, lr)).map_err(failed)?;
+        if step == start_step {
+            crate::util::phases::reset();
+        }
 
         let loss = stats.loss_sum / stats.labelled.max(1) as f64;
         first_loss.get_or_insert(loss);
@@ -627,7 +630,7 @@ pub fn train_ranks(
         }
     }
     progress.finish();
-    if let Some(r) = crate::util::phases::report(total_steps - start_step) {
+    if let Some(r) = crate::util::phases::report(total_steps - start_step - 1) {
         tracing::info!("{r}");
     }
     let full = whole_adapter(&adapters, comm.as_ref(), ep)?;

@@ -33,6 +33,11 @@ pub fn timed<T>(phase: &'static str, device: &Device, f: impl FnOnce() -> T) -> 
     out
 }
 
+/// Forgets the times so far (the first step, with its one-time kernel loading, is left out).
+pub fn reset() {
+    TOTALS.lock().unwrap_or_else(|e| e.into_inner()).clear();
+}
+
 /// The table of phases, longest first, with time per optimizer step over `steps` steps; None
 /// when profiling is off.
 pub fn report(steps: usize) -> Option<String> {

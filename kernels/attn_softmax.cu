@@ -1,0 +1,89 @@
+// Masked softmax of attention scores, forward and backward, one block per score row.
+// Layout: scores/probs/grads [B, H, S, S] contiguous, row r = (b·H + h)·S + i; segments [B, S]
+// u32. Query i sees key j when j <= i and segments[b, j] == segments[b, i] (causal attention
+// within packed sequences); every other probability is 0.
+//   forward:  p[j] = exp(scale·s[j] − m) / Σ exp(scale·s[l] − m) over visible l (f32)
+//   backward: ds[j] = scale · p[j] · (dp[j] − Σ_l p[l]·dp[l])
+// Keys after i are never visible, so only j <= i is read. Launch: grid B·H·S, block 256.
+// CPU twin: src/ops/attn_softmax.rs (masked_softmax_cpu, masked_softmax_bwd_cpu).
+#include "common.cuh"
+
+constexpr int THREADS = 256;
+
+// Sum (or max) over the block; every thread gets the result.
+template <bool MAX>
+__device__ float block_reduce(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffff, v, o);
+    v = MAX ? fmaxf(v, w) : v + w;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // shared may still be read from a previous reduction
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = lane < THREADS / 32 ? shared[lane] : (MAX ? -INFINITY : 0.0f);
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffff, v, o);
+    v = MAX ? fmaxf(v, w) : v + w;
+  }
+  return v;
+}
+
+template <typename T>
+__device__ void masked_softmax_fwd(const T* scores, const uint32_t* segments, T* probs, const int heads,
+                                   const int seq, const float scale) {
+  __shared__ float shared[THREADS / 32];
+  const size_t row = blockIdx.x;
+  const int i = row % seq;
+  const size_t b = row / ((size_t)heads * seq);
+  const T* s = scores + row * seq;
+  T* p = probs + row * seq;
+  const uint32_t* seg = segments + b * seq;
+  const uint32_t mine = seg[i];
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j <= i; j += THREADS) {
+    if (seg[j] == mine) m = fmaxf(m, scale * to_f32(s[j]));
+  }
+  m = block_reduce<true>(m, shared);
+  float sum = 0.0f;
+  for (int j = threadIdx.x; j <= i; j += THREADS) {
+    if (seg[j] == mine) sum += expf(scale * to_f32(s[j]) - m);
+  }
+  const float inv = 1.0f / block_reduce<false>(sum, shared);
+  for (int j = threadIdx.x; j < seq; j += THREADS) {
+    const bool visible = j <= i && seg[j] == mine;
+    p[j] = from_f32<T>(visible ? expf(scale * to_f32(s[j]) - m) * inv : 0.0f);
+  }
+}
+
+template <typename T>
+__device__ void masked_softmax_bwd(const T* probs, const T* dprobs, T* dscores, const int seq, const float scale) {
+  __shared__ float shared[THREADS / 32];
+  const size_t row = blockIdx.x;
+  const int i = row % seq;
+  const T* p = probs + row * seq;
+  const T* dp = dprobs + row * seq;
+  T* ds = dscores + row * seq;
+  float dot = 0.0f;
+  for (int j = threadIdx.x; j <= i; j += THREADS) dot += to_f32(p[j]) * to_f32(dp[j]);
+  dot = block_reduce<false>(dot, shared);
+  for (int j = threadIdx.x; j < seq; j += THREADS) {
+    const float pj = j <= i ? to_f32(p[j]) : 0.0f;
+    ds[j] = from_f32<T>(j <= i ? scale * pj * (to_f32(dp[j]) - dot) : 0.0f);
+  }
+}
+
+#define SOFTMAX_KERNELS(T, SUFFIX)                                                                    \
+  extern "C" __global__ void masked_softmax_fwd_##SUFFIX(const T* s, const uint32_t* seg, T* p,      \
+                                                         const int heads, const int seq,             \
+                                                         const float scale) {                        \
+    masked_softmax_fwd(s, seg, p, heads, seq, scale);                                               \
+  }                                                                                                   \
+  extern "C" __global__ void masked_softmax_bwd_##SUFFIX(const T* p, const T* dp, T* ds, const int seq, \
+                                                         const float scale) {                        \
+    masked_softmax_bwd(p, dp, ds, seq, scale);                                                      \
+  }
+
+SOFTMAX_KERNELS(float, f32)
+SOFTMAX_KERNELS(__nv_bfloat16, bf16)
+SOFTMAX_KERNELS(__half, f16)

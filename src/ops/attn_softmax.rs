@@ -1,0 +1,301 @@
+//! Masked softmax of attention scores as one op with its own backward (`kernels/attn_softmax.cu`
+//! on CUDA, the loops below on the CPU): scores `[B, H, S, S]` in the compute dtype → probabilities
+//! in the same dtype, scaled, masked and normalised in f32 in one pass. Query `i` sees key `j`
+//! when `j ≤ i` and both are in the same packed sequence (`segments [B, S]`), as the additive
+//! mask of the primitive-op version did; no mask tensor and no f32 copy of the scores exist.
+//! Backward: `dS = scale · P ⊙ (dP − rowsum(P ⊙ dP))` from the saved probabilities.
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor,
+};
+
+fn visible(seg: &[u32], i: usize, j: usize) -> bool {
+    j <= i && seg[j] == seg[i]
+}
+
+/// Row-wise reference on f32 values: `f(row, segments of its batch, i, out)`.
+fn for_rows(dims: (usize, usize, usize), n: usize, mut f: impl FnMut(usize, usize, usize)) {
+    let (b, h, s) = dims;
+    debug_assert_eq!(n, b * h * s * s);
+    for row in 0..b * h * s {
+        f(row, row / (h * s), row % s);
+    }
+}
+
+fn dims4(t: &Tensor) -> Result<(usize, usize, usize)> {
+    let (b, h, s, s2) = t.dims4()?;
+    if s != s2 {
+        candle_core::bail!("masked_softmax: scores [{b}, {h}, {s}, {s2}] are not square");
+    }
+    Ok((b, h, s))
+}
+
+/// The CPU forward in f32.
+fn masked_softmax_cpu(scores: &Tensor, segments: &[Vec<u32>], scale: f32) -> Result<Tensor> {
+    let dims = dims4(scores)?;
+    let s = dims.2;
+    let x: Vec<f32> = scores.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut p = vec![0f32; x.len()];
+    for_rows(dims, x.len(), |row, b, i| {
+        let seg = &segments[b];
+        let xs = &x[row * s..(row + 1) * s];
+        let m = (0..=i)
+            .filter(|&j| visible(seg, i, j))
+            .map(|j| scale * xs[j])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = (0..=i)
+            .filter(|&j| visible(seg, i, j))
+            .map(|j| (scale * xs[j] - m).exp())
+            .sum();
+        for j in 0..=i {
+            if visible(seg, i, j) {
+                p[row * s + j] = (scale * xs[j] - m).exp() / sum;
+            }
+        }
+    });
+    Tensor::from_vec(p, scores.shape(), scores.device())?.to_dtype(scores.dtype())
+}
+
+/// The CPU backward in f32.
+fn masked_softmax_bwd_cpu(p: &Tensor, dp: &Tensor, scale: f32) -> Result<Tensor> {
+    let dims = dims4(p)?;
+    let s = dims.2;
+    let pv: Vec<f32> = p.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let dv: Vec<f32> = dp.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut ds = vec![0f32; pv.len()];
+    for_rows(dims, pv.len(), |row, _, i| {
+        let r = row * s;
+        let dot: f32 = (0..=i).map(|j| pv[r + j] * dv[r + j]).sum();
+        for j in 0..=i {
+            ds[r + j] = scale * pv[r + j] * (dv[r + j] - dot);
+        }
+    });
+    Tensor::from_vec(ds, p.shape(), p.device())?.to_dtype(p.dtype())
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
+    use candle_core::{Result, Storage, Tensor};
+
+    fn suffix(t: &Tensor) -> Result<&'static str> {
+        Ok(match t.dtype() {
+            candle_core::DType::F32 => "f32",
+            candle_core::DType::BF16 => "bf16",
+            candle_core::DType::F16 => "f16",
+            other => candle_core::bail!("masked_softmax: {other:?} not supported"),
+        })
+    }
+
+    /// Runs `name_<dtype>(a, b, out, ints..., scale)` with one block per row; returns the
+    /// output in a's shape and dtype.
+    fn launch(
+        name: &str,
+        a: &Tensor,
+        b: &Tensor,
+        rows: usize,
+        ints: &[i32],
+        scale: &f32,
+    ) -> Result<Tensor> {
+        let candle_core::Device::Cuda(dev) = a.device() else {
+            candle_core::bail!("masked_softmax: not on CUDA")
+        };
+        let n = a.elem_count();
+        let func = dev.get_or_load_custom_func(
+            &format!("{name}_{}", suffix(a)?),
+            "moeq_attn_softmax",
+            crate::ops::kernels::ATTN_SOFTMAX,
+        )?;
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        let (Storage::Cuda(sa), Storage::Cuda(sb)) = (&*sa, &*sb) else {
+            candle_core::bail!("masked_softmax: not on CUDA")
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        macro_rules! run {
+            ($x:expr, $y:expr, $wrap:path) => {{
+                let x = $x.slice(la.start_offset()..la.start_offset() + n);
+                let y = $y.slice(lb.start_offset()..);
+                // SAFETY: the kernel writes every element of the output.
+                let out = unsafe { dev.alloc(n)? };
+                let mut args = func.builder();
+                args.arg(&x);
+                args.arg(&y);
+                args.arg(&out);
+                for v in ints {
+                    args.arg(v);
+                }
+                args.arg(scale);
+                // SAFETY: arguments match kernels/attn_softmax.cu.
+                unsafe { args.launch(cfg) }.w()?;
+                $wrap(out)
+            }};
+        }
+        let slice = match (&sa.slice, &sb.slice) {
+            (S::F32(x), S::U32(y)) => run!(x, y, S::F32),
+            (S::BF16(x), S::U32(y)) => run!(x, y, S::BF16),
+            (S::F16(x), S::U32(y)) => run!(x, y, S::F16),
+            (S::F32(x), S::F32(y)) => run!(x, y, S::F32),
+            (S::BF16(x), S::BF16(y)) => run!(x, y, S::BF16),
+            (S::F16(x), S::F16(y)) => run!(x, y, S::F16),
+            _ => candle_core::bail!("masked_softmax: unexpected operand dtypes"),
+        };
+        let storage = candle_core::CudaStorage {
+            slice,
+            device: dev.clone(),
+        };
+        Ok(Tensor::from_storage(
+            Storage::Cuda(storage),
+            a.shape().clone(),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
+    }
+
+    pub fn forward(scores: &Tensor, segments: &Tensor, heads: usize, scale: f32) -> Result<Tensor> {
+        let (b, h, s, _) = scores.dims4()?;
+        let ints = [heads as i32, s as i32];
+        launch(
+            "masked_softmax_fwd",
+            scores,
+            segments,
+            b * h * s,
+            &ints,
+            &scale,
+        )
+    }
+
+    pub fn backward(p: &Tensor, dp: &Tensor, scale: f32) -> Result<Tensor> {
+        let (b, h, s, _) = p.dims4()?;
+        launch("masked_softmax_bwd", p, dp, b * h * s, &[s as i32], &scale)
+    }
+}
+
+struct MaskedSoftmax {
+    /// `[B, S]` u32 on the scores' device.
+    segments: Tensor,
+    scale: f32,
+}
+
+impl MaskedSoftmax {
+    fn cpu_segments(&self) -> Result<Vec<Vec<u32>>> {
+        self.segments
+            .to_device(&candle_core::Device::Cpu)?
+            .to_vec2()
+    }
+}
+
+impl CustomOp1 for MaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "masked_softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = super::tensor_of(Storage::Cpu(s.clone()), l, "masked_softmax")?;
+        let p = masked_softmax_cpu(&x, &self.cpu_segments()?, self.scale)?;
+        super::cpu_result(p, "masked_softmax")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let x = super::tensor_of(Storage::Cuda(s.try_clone(l)?), l, "masked_softmax")?;
+        let heads = x.dim(1)?;
+        let p = cuda::forward(&x, &self.segments, heads, self.scale)?;
+        super::cuda_result(p, "masked_softmax")
+    }
+
+    fn bwd(&self, _x: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let grad = super::at_offset_zero(&grad.to_dtype(probs.dtype())?)?;
+        let ds =
+            super::at_offset_zero(probs)?.apply_op2_no_bwd(&grad, &MaskedSoftmaxBwd(self.scale))?;
+        Ok(Some(ds))
+    }
+}
+
+/// (probabilities, their gradient) → the scores' gradient.
+struct MaskedSoftmaxBwd(f32);
+
+impl CustomOp2 for MaskedSoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "masked_softmax_bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = super::tensor_of(Storage::Cpu(s1.clone()), l1, "masked_softmax_bwd")?;
+        let dp = super::tensor_of(Storage::Cpu(s2.clone()), l2, "masked_softmax_bwd")?;
+        super::cpu_result(
+            masked_softmax_bwd_cpu(&p, &dp, self.0)?,
+            "masked_softmax_bwd",
+        )
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let p = super::tensor_of(Storage::Cuda(s1.try_clone(l1)?), l1, "masked_softmax_bwd")?;
+        let dp = super::tensor_of(Storage::Cuda(s2.try_clone(l2)?), l2, "masked_softmax_bwd")?;
+        super::cuda_result(cuda::backward(&p, &dp, self.0)?, "masked_softmax_bwd")
+    }
+}
+
+/// `softmax(scale · scores + mask)` over the last dimension with the causal, per-sequence mask
+/// of `segments [B, S]` (u32, on the scores' device): `[B, H, S, S]` → same shape and dtype.
+pub fn masked_softmax(scores: &Tensor, segments: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, _, s) = dims4(scores)?;
+    if segments.dims2()? != (b, s) || segments.dtype() != DType::U32 {
+        candle_core::bail!(
+            "masked_softmax: segments {:?} {:?} for scores {:?}",
+            segments.dims(),
+            segments.dtype(),
+            scores.dims()
+        );
+    }
+    super::at_offset_zero(scores)?.apply_op1(MaskedSoftmax {
+        segments: segments.clone(),
+        scale: scale as f32,
+    })
+}
+
+/// The primitive-op version (additive −∞ mask, f32 softmax) the op is tested against.
+pub fn masked_softmax_reference(
+    scores: &Tensor,
+    segments: &[Vec<u32>],
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, _, s) = dims4(scores)?;
+    let mut mask = vec![f32::NEG_INFINITY; b * s * s];
+    for (bi, seg) in segments.iter().enumerate() {
+        for i in 0..s {
+            for j in 0..=i {
+                if visible(seg, i, j) {
+                    mask[(bi * s + i) * s + j] = 0.0;
+                }
+            }
+        }
+    }
+    let mask = Tensor::from_vec(mask, (b, 1, s, s), scores.device())?;
+    let x = (scores.to_dtype(DType::F32)? * scale)?.broadcast_add(&mask)?;
+    super::norm::softmax_last(&x)?.to_dtype(scores.dtype())
+}

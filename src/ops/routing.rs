@@ -1,0 +1,198 @@
+//! Moving token rows into expert order and back as gathers, never scatter-adds.
+//!
+//! Top-k routing sends every token `t` to `k` experts; the routed rows are sorted by expert, row
+//! `r` holding token `tokens[r]` for its slot `slots[r]` (= t·k + j, the position of the choice in
+//! the flattened `[N, k]` routing weights), and `inv[t·k + j]` is the row of each slot. Both
+//! directions (and both backwards) are then gathers with `k` terms per token: no atomics, and
+//! full parallelism over the output (candle's `index_add` runs one thread per column and loops
+//! over all rows: tens of milliseconds per layer at Qwen3-30B-A3B size).
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor,
+};
+
+/// The routing permutation of one micro-batch through one MoE layer.
+#[derive(Clone)]
+pub struct RowOrder {
+    /// Token of each routed row: `[M]` u32.
+    pub tokens: Tensor,
+    /// Slot (t·k + j) of each routed row: `[M]` u32.
+    pub slots: Tensor,
+    /// Routed row of each slot: `[N·k]` u32.
+    pub inv: Tensor,
+    pub k: usize,
+}
+
+impl RowOrder {
+    /// From the host-side row order (`tokens[r]`, `slots[r]`); every slot must occur once.
+    pub fn new(
+        tokens: Vec<u32>,
+        slots: Vec<u32>,
+        k: usize,
+        device: &candle_core::Device,
+    ) -> Result<RowOrder> {
+        let m = slots.len();
+        let mut inv = vec![u32::MAX; m];
+        for (r, &s) in slots.iter().enumerate() {
+            match inv.get_mut(s as usize) {
+                Some(v) if *v == u32::MAX => *v = r as u32,
+                _ => candle_core::bail!("routing: slot {s} repeated or out of range for {m} rows"),
+            }
+        }
+        if k == 0 || m % k != 0 {
+            candle_core::bail!("routing: {m} rows are not whole tokens of {k} slots");
+        }
+        Ok(RowOrder {
+            tokens: Tensor::from_vec(tokens, m, device)?,
+            slots: Tensor::from_vec(slots, m, device)?,
+            inv: Tensor::from_vec(inv, m, device)?,
+            k,
+        })
+    }
+}
+
+/// `Σ_j src[idx[t·k + j]]` over the k rows of each token: src `[M, H]` → `[M / k, H]`, summed
+/// in f32 and returned in `dtype`, each term optionally weighted by `w [N, k]`.
+fn gather_sum(
+    src: &Tensor,
+    idx: &Tensor,
+    k: usize,
+    w: Option<&Tensor>,
+    dtype: DType,
+) -> Result<Tensor> {
+    let (m, h) = src.dims2()?;
+    let rows = src
+        .index_select(idx, 0)?
+        .to_dtype(DType::F32)?
+        .reshape((m / k, k, h))?;
+    let rows = match w {
+        Some(w) => rows.broadcast_mul(&w.to_dtype(DType::F32)?.unsqueeze(2)?)?,
+        None => rows,
+    };
+    rows.sum(1)?.to_dtype(dtype)
+}
+
+/// `xs[r] = x[tokens[r]]`; backward: `dx[t] = Σ_j dxs[inv[t·k + j]]`.
+struct GatherRows(RowOrder);
+
+impl GatherRows {
+    fn fwd(&self, x: &Tensor) -> Result<Tensor> {
+        x.index_select(&self.0.tokens, 0)
+    }
+}
+
+impl CustomOp1 for GatherRows {
+    fn name(&self) -> &'static str {
+        "gather_rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = super::tensor_of(Storage::Cpu(s.clone()), l, "gather_rows")?;
+        super::cpu_result(self.fwd(&x)?, "gather_rows")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let x = super::tensor_of(Storage::Cuda(s.try_clone(l)?), l, "gather_rows")?;
+        super::cuda_result(self.fwd(&x)?, "gather_rows")
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let g = gather_sum(&grad.contiguous()?, &self.0.inv, self.0.k, None, x.dtype())?;
+        Ok(Some(g))
+    }
+}
+
+/// `out[t] = Σ_j w[t, j] · y[inv[t·k + j]]`; backward: `dy[r] = w[slot r] · dout[tokens[r]]`,
+/// `dw[t, j] = ⟨dout[t], y[inv[t·k + j]]⟩` (f32 sums).
+struct CombineRows(RowOrder);
+
+impl CombineRows {
+    fn fwd(&self, y: &Tensor, w: &Tensor) -> Result<Tensor> {
+        gather_sum(y, &self.0.inv, self.0.k, Some(w), y.dtype())
+    }
+}
+
+impl CustomOp2 for CombineRows {
+    fn name(&self) -> &'static str {
+        "combine_rows"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let y = super::tensor_of(Storage::Cpu(s1.clone()), l1, "combine_rows")?;
+        let w = super::tensor_of(Storage::Cpu(s2.clone()), l2, "combine_rows")?;
+        super::cpu_result(self.fwd(&y, &w)?, "combine_rows")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let y = super::tensor_of(Storage::Cuda(s1.try_clone(l1)?), l1, "combine_rows")?;
+        let w = super::tensor_of(Storage::Cuda(s2.try_clone(l2)?), l2, "combine_rows")?;
+        super::cuda_result(self.fwd(&y, &w)?, "combine_rows")
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let o = &self.0;
+        let (m, h) = y.dims2()?;
+        let grad = grad.to_dtype(DType::F32)?.contiguous()?; // [N, H]
+        let w_rows = w
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .index_select(&o.slots, 0)?; // [M]
+        let dy = grad
+            .index_select(&o.tokens, 0)?
+            .broadcast_mul(&w_rows.unsqueeze(1)?)?
+            .to_dtype(y.dtype())?;
+        let y_tok = y
+            .index_select(&o.inv, 0)?
+            .to_dtype(DType::F32)?
+            .reshape((m / o.k, o.k, h))?; // [N, k, H]
+        let dw = y_tok
+            .broadcast_mul(&grad.unsqueeze(1)?)?
+            .sum(2)?
+            .to_dtype(w.dtype())?; // [N, k]
+        Ok((Some(dy), Some(dw)))
+    }
+}
+
+/// x `[N, H]` → the routed rows `[N·k, H]` in `order`.
+pub fn gather_rows(x: &Tensor, order: &RowOrder) -> Result<Tensor> {
+    super::at_offset_zero(x)?.apply_op1(GatherRows(order.clone()))
+}
+
+/// Routed rows y `[N·k, H]` weighted by `w [N, k]` and summed per token → `[N, H]` in y's dtype.
+pub fn combine_rows(y: &Tensor, w: &Tensor, order: &RowOrder) -> Result<Tensor> {
+    let (m, _) = y.dims2()?;
+    if w.dims2()? != (m / order.k, order.k) || m != order.inv.dim(0)? {
+        candle_core::bail!(
+            "combine_rows: {m} rows with weights {:?} for k {}",
+            w.dims(),
+            order.k
+        );
+    }
+    super::at_offset_zero(y)?.apply_op2(&super::at_offset_zero(w)?, CombineRows(order.clone()))
+}
