@@ -14,6 +14,11 @@ pub struct GpuBenchArgs {
     elements: usize,
     #[arg(long, default_value_t = 20)]
     iters: usize,
+    /// Instead: the expert projections of one Qwen3-30B-A3B MoE layer (128 experts, top-8,
+    /// hidden 2048, expert width 768) for this many tokens, next to a dense bf16 GEMM of the
+    /// same FLOPs.
+    #[arg(long)]
+    experts: Option<usize>,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -30,6 +35,9 @@ pub fn run(args: GpuBenchArgs) -> Result<(), CliError> {
     use std::time::Instant;
 
     let dev = Device::new_cuda(args.device).map_err(CliError::failed)?;
+    if let Some(tokens) = args.experts {
+        return experts(&dev, tokens, args.iters);
+    }
     let n = args.elements;
     let x = Tensor::randn(0f32, 0.02, n, &dev)
         .and_then(|t| t.to_dtype(DType::BF16))
@@ -79,6 +87,157 @@ pub fn run(args: GpuBenchArgs) -> Result<(), CliError> {
             d_s * 1e3,
             100.0 * d_bw / copy_bw
         );
+    }
+    Ok(())
+}
+
+/// Time per call of `f` (median of `iters` after 3 warm-up calls), device synchronized.
+#[cfg(feature = "cuda")]
+fn median_time(
+    dev: &candle_core::Device,
+    iters: usize,
+    f: &dyn Fn() -> candle_core::Result<()>,
+) -> Result<f64, CliError> {
+    for _ in 0..3 {
+        f().map_err(CliError::failed)?;
+    }
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        dev.synchronize().map_err(CliError::failed)?;
+        let t = std::time::Instant::now();
+        f().map_err(CliError::failed)?;
+        dev.synchronize().map_err(CliError::failed)?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// The expert projections of one MoE layer at Qwen3-30B-A3B shapes for `tokens` tokens with
+/// a uniform random top-8 routing: each piece on its own, with TFLOP/s.
+#[cfg(feature = "cuda")]
+fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(), CliError> {
+    use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
+    use crate::ops::grouped_gemm::{grouped_gemm, Gemm, Product};
+    use crate::quant::{QuantKind, QuantSettings};
+    use candle_core::{DType, Tensor};
+    use rand::{Rng, SeedableRng};
+    let f = CliError::failed;
+    let (e, k, h, i) = (128usize, 8usize, 2048usize, 768usize);
+    let m = tokens * k;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut counts = vec![0usize; e];
+    for _ in 0..tokens {
+        let mut chosen = Vec::with_capacity(k);
+        while chosen.len() < k {
+            let c = rng.random_range(0..e);
+            if !chosen.contains(&c) {
+                chosen.push(c);
+            }
+        }
+        for c in chosen {
+            counts[c] += 1;
+        }
+    }
+    let settings = QuantSettings {
+        kind: QuantKind::Nf4,
+        blocksize: 64,
+        double_quant: false,
+    };
+    let weights = |out: usize, inp: usize| -> candle_core::Result<ExpertWeights> {
+        let w = Tensor::randn(0f32, 0.02, e * out * inp, dev)?.to_dtype(DType::BF16)?;
+        let (packed, absmax) = crate::quant::cuda::quantize(&w, &settings)?;
+        Ok(ExpertWeights {
+            packed,
+            absmax,
+            num_experts: e,
+            out_features: out,
+            in_features: inp,
+            kind: QuantKind::Nf4,
+            blocksize: 64,
+        })
+    };
+    let gate_up = weights(2 * i, h).map_err(f)?;
+    let down = weights(h, i).map_err(f)?;
+    let bf = |t: candle_core::Result<Tensor>| t.and_then(|t| t.to_dtype(DType::BF16));
+    let x = bf(Tensor::randn(0f32, 1.0, (m, h), dev)).map_err(f)?;
+    let act = bf(Tensor::randn(0f32, 1.0, (m, i), dev)).map_err(f)?;
+    let dense_w = bf(Tensor::randn(0f32, 0.02, (2 * i, h), dev)).map_err(f)?;
+    let a = Tensor::randn(0f32, 0.02, (16 * e, h), dev).map_err(f)?;
+    let b = Tensor::randn(0f32, 0.02, (2 * i, 16 * e), dev).map_err(f)?;
+    let wd = gate_up.dequantize(0..e, DType::BF16).map_err(f)?;
+    let mut products = Vec::new();
+    let mut row = 0;
+    for (ex, &c) in counts.iter().enumerate() {
+        if c > 0 {
+            products.push(Product {
+                a: row * h,
+                b: ex * 2 * i * h,
+                c: row * 2 * i,
+                m: c,
+                n: 2 * i,
+                k: h,
+            });
+            row += c;
+        }
+    }
+    let gu_flops = 2.0 * (m * h * 2 * i) as f64;
+    let rows: Vec<(&str, f64, f64)> = vec![
+        (
+            "dense bf16 GEMM [M, 2048] x [2048, 1536] (same FLOPs)",
+            gu_flops,
+            median_time(dev, iters, &|| x.matmul(&dense_w.t()?).map(|_| ()))?,
+        ),
+        (
+            "dequantize 128 gate_up experts (bf16)",
+            0.0,
+            median_time(dev, iters, &|| {
+                gate_up.dequantize(0..e, DType::BF16).map(|_| ())
+            })?,
+        ),
+        (
+            "grouped GEMM gate_up on dequantized weights (one call)",
+            gu_flops,
+            median_time(dev, iters, &|| {
+                grouped_gemm(&x, &wd, m * 2 * i, &products, Gemm::nt(1.0)).map(|_| ())
+            })?,
+        ),
+        (
+            "grouped_nf4 gate_up (chunked dequantize + grouped GEMM)",
+            gu_flops,
+            median_time(dev, iters, &|| {
+                grouped_nf4(&x, &gate_up, &counts).map(|_| ())
+            })?,
+        ),
+        (
+            "grouped_nf4 down",
+            gu_flops / 2.0,
+            median_time(dev, iters, &|| {
+                grouped_nf4(&act, &down, &counts).map(|_| ())
+            })?,
+        ),
+        (
+            "grouped_lora gate_up r16 forward",
+            2.0 * (m * 16 * (h + 2 * i)) as f64,
+            median_time(dev, iters, &|| {
+                grouped_lora(&x, &a, &b, &counts, 0, 16, 2.0).map(|_| ())
+            })?,
+        ),
+    ];
+    println!(
+        "expert projections of one layer: {tokens} tokens x top-{k} = {m} rows over {e} experts (min {} max {} per expert)",
+        counts.iter().min().unwrap_or(&0),
+        counts.iter().max().unwrap_or(&0)
+    );
+    println!("| op | time ms | TFLOP/s |");
+    println!("|---|---|---|");
+    for (name, flops, secs) in rows {
+        let rate = if flops > 0.0 {
+            format!("{:.0}", flops / secs / 1e12)
+        } else {
+            "-".into()
+        };
+        println!("| {name} | {:.3} | {rate} |", secs * 1e3);
     }
     Ok(())
 }

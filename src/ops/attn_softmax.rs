@@ -215,6 +215,7 @@ impl CustomOp1 for MaskedSoftmax {
     }
 
     fn bwd(&self, _x: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _t = crate::util::phases::Span::start("bwd: attention softmax", probs.device());
         let grad = super::at_offset_zero(&grad.to_dtype(probs.dtype())?)?;
         let ds =
             super::at_offset_zero(probs)?.apply_op2_no_bwd(&grad, &MaskedSoftmaxBwd(self.scale))?;

@@ -172,6 +172,7 @@ impl CustomOp1 for GroupedNf4 {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _t = crate::util::phases::Span::start("bwd: grouped_nf4", x.device());
         let g = expert_matmul(
             &grad.contiguous()?,
             &self.weights,
@@ -374,6 +375,7 @@ impl CustomOp3 for GroupedLora {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _t = crate::util::phases::Span::start("bwd: grouped_lora", x.device());
         let dy = dy.to_dtype(x.dtype())?.contiguous()?;
         let (a3, b3) = lora_factors(a, b, self.r, x.dtype())?;
         let h = self.hidden(x, &a3)?;

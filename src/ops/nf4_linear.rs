@@ -80,6 +80,7 @@ impl CustomOp1 for Nf4Linear {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _t = crate::util::phases::Span::start("bwd: nf4_linear", x.device());
         let w = self.0.dequantize(grad.dtype())?;
         Ok(Some(grad.broadcast_matmul(&w)?.to_dtype(x.dtype())?))
     }

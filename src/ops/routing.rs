@@ -103,6 +103,7 @@ impl CustomOp1 for GatherRows {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _t = crate::util::phases::Span::start("bwd: routing gather", x.device());
         let g = gather_sum(&grad.contiguous()?, &self.0.inv, self.0.k, None, x.dtype())?;
         Ok(Some(g))
     }
@@ -156,6 +157,7 @@ impl CustomOp2 for CombineRows {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _t = crate::util::phases::Span::start("bwd: routing combine", y.device());
         let o = &self.0;
         let (m, h) = y.dims2()?;
         let grad = grad.to_dtype(DType::F32)?.contiguous()?; // [N, H]

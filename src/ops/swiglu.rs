@@ -124,6 +124,7 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _t = crate::util::phases::Span::start("bwd: swiglu", gate.device());
         let dtype = gate.dtype();
         let (g, u, dy) = (
             gate.to_dtype(DType::F32)?,

@@ -36,15 +36,17 @@ pub fn chunked_cross_entropy(
     {
         candle_core::bail!("cross-entropy: label {bad} outside the vocabulary of {vocab}");
     }
-    let w = lm_head.to_dtype(DType::F32)?;
+    // The head's products run in the compute dtype with the logits then taken to f32, as
+    // transformers does (bf16 logits upcast for the loss); only f32 runs get f32 products.
+    let w = lm_head.to_dtype(h.dtype())?;
     let denom = labelled.max(1) as f64;
     let mut loss = 0f64;
     let mut grads = Vec::new();
     let chunk = chunk.max(1);
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
-        let hc = h.narrow(0, start, len)?.to_dtype(DType::F32)?;
-        let logits = hc.matmul(&w.t()?)?; // [len, V] f32, freed after this chunk
+        let hc = h.narrow(0, start, len)?;
+        let logits = hc.matmul(&w.t()?)?.to_dtype(DType::F32)?; // [len, V], freed after this chunk
         let max = logits.max_keepdim(D::Minus1)?;
         let shifted = logits.broadcast_sub(&max)?;
         let sum_exp = shifted.exp()?.sum_keepdim(D::Minus1)?;
@@ -71,7 +73,7 @@ pub fn chunked_cross_entropy(
             1,
         )?;
         let dlogits = ((probs - onehot)?.broadcast_mul(&mask)? / denom)?;
-        grads.push(dlogits.matmul(&w)?.to_dtype(h.dtype())?);
+        grads.push(dlogits.to_dtype(h.dtype())?.matmul(&w)?);
     }
     let grad_h = if grads.is_empty() {
         h.zeros_like()?

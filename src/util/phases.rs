@@ -25,12 +25,45 @@ pub fn timed<T>(phase: &'static str, device: &Device, f: impl FnOnce() -> T) -> 
     let start = Instant::now();
     let out = f();
     let _ = device.synchronize();
-    let secs = start.elapsed().as_secs_f64();
+    add(phase, start.elapsed().as_secs_f64());
+    out
+}
+
+/// A timed region that ends when dropped (for code that returns early with `?`).
+pub struct Span {
+    phase: &'static str,
+    device: Device,
+    start: Option<Instant>,
+}
+
+impl Span {
+    pub fn start(phase: &'static str, device: &Device) -> Span {
+        let start = enabled().then(|| {
+            let _ = device.synchronize();
+            Instant::now()
+        });
+        Span {
+            phase,
+            device: device.clone(),
+            start,
+        }
+    }
+}
+
+impl Drop for Span {
+    fn drop(&mut self) {
+        if let Some(start) = self.start {
+            let _ = self.device.synchronize();
+            add(self.phase, start.elapsed().as_secs_f64());
+        }
+    }
+}
+
+fn add(phase: &'static str, secs: f64) {
     let mut t = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
     let e = t.entry(phase).or_insert((0.0, 0));
     e.0 += secs;
     e.1 += 1;
-    out
 }
 
 /// Forgets the times so far (the first step, with its one-time kernel loading, is left out).
