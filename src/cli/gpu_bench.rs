@@ -31,10 +31,10 @@ pub fn run(_args: GpuBenchArgs) -> Result<(), CliError> {
 #[cfg(feature = "cuda")]
 pub fn run(args: GpuBenchArgs) -> Result<(), CliError> {
     use crate::quant::{cuda, QuantKind, QuantSettings};
-    use candle_core::{DType, Device, Tensor};
+    use candle_core::{DType, Tensor};
     use std::time::Instant;
 
-    let dev = Device::new_cuda(args.device).map_err(CliError::failed)?;
+    let dev = crate::train::setup::cuda_device(args.device).map_err(CliError::failed)?;
     if let Some(tokens) = args.experts {
         return experts(&dev, tokens, args.iters);
     }

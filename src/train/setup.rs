@@ -30,17 +30,24 @@ pub fn device_for_rank(
                 return Err("device: cuda needs a moeq built with --features cuda (this build is CPU-only); set `device: cpu`".into());
             }
             let o = ordinal(*given);
-            Device::new_cuda(o).map_err(|e| format!("device: cuda:{o}: {e}"))
+            cuda_device(o).map_err(|e| format!("device: cuda:{o}: {e}"))
         }
         D::Auto => {
             if cfg!(feature = "cuda") && visible_gpus() > 0 {
-                if let Ok(d) = Device::new_cuda(ordinal(None)) {
+                if let Ok(d) = cuda_device(ordinal(None)) {
                     return Ok(d);
                 }
             }
             Ok(Device::Cpu)
         }
     }
+}
+
+/// GPU `ordinal` with its allocator keeping freed memory (`util::mem::keep_freed_gpu_memory`).
+pub fn cuda_device(ordinal: usize) -> candle_core::Result<Device> {
+    let d = Device::new_cuda(ordinal)?;
+    crate::util::mem::keep_freed_gpu_memory(&d)?;
+    Ok(d)
 }
 
 /// GPUs this process sees (0 in a CPU build).

@@ -62,3 +62,34 @@ pub fn sample_gpu_peak(device: &candle_core::Device) {
 pub fn peak_gpu_bytes() -> u64 {
     PEAK_GPU.load(Ordering::Relaxed)
 }
+
+/// Makes the device's stream-ordered allocator keep freed memory for reuse instead of returning
+/// it to the driver at every synchronization (the default release threshold is 0). The trainer
+/// synchronizes at least once per MoE layer (routing), and re-mapping gigabytes of attention
+/// scores after each one costs milliseconds; PyTorch's caching allocator keeps memory likewise.
+/// The driver's "in use" figure therefore includes the pool, which is what the process holds.
+pub fn keep_freed_gpu_memory(device: &candle_core::Device) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let cu_device = d.cuda_stream().context().cu_device();
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut threshold: u64 = u64::MAX;
+        // SAFETY: plain driver calls on a valid device handle; the attribute takes a u64.
+        let status = unsafe {
+            match sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) {
+                sys::CUresult::CUDA_SUCCESS => sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut threshold as *mut u64 as *mut std::ffi::c_void,
+                ),
+                other => other,
+            }
+        };
+        if status != sys::CUresult::CUDA_SUCCESS {
+            candle_core::bail!("setting the CUDA memory pool's release threshold: {status:?}");
+        }
+    }
+    let _ = device;
+    Ok(())
+}
