@@ -23,3 +23,46 @@ extern "C" __global__ void swiglu_fwd_bf16(const __nv_bfloat16* g, const __nv_bf
 extern "C" __global__ void swiglu_fwd_f16(const __half* g, const __half* u, __half* o, const size_t n) {
   swiglu_fwd(g, u, o, n);
 }
+
+// Packed SwiGLU over the fused gate_up projection: gu [rows, 2·half] holds gate in columns
+// [0, half) and up in [half, 2·half); out [rows, half] = silu(gate) · up.
+// Backward: dgu = [dy·up·σ(g)·(1 + g·(1 − σ(g))), dy·silu(g)] in the same packed layout.
+// CPU twin: src/ops/swiglu.rs (packed_cpu, packed_bwd_cpu).
+template <typename T>
+__device__ void swiglu_packed_fwd(const T* gu, T* out, const size_t rows, const size_t half) {
+  const size_t n = rows * half;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t r = i / half, c = i % half;
+    const float g = to_f32(gu[r * 2 * half + c]);
+    const float u = to_f32(gu[r * 2 * half + half + c]);
+    out[i] = from_f32<T>(g / (1.0f + expf(-g)) * u);
+  }
+}
+
+template <typename T>
+__device__ void swiglu_packed_bwd(const T* gu, const T* dy, T* dgu, const size_t rows, const size_t half) {
+  const size_t n = rows * half;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t r = i / half, c = i % half;
+    const float g = to_f32(gu[r * 2 * half + c]);
+    const float u = to_f32(gu[r * 2 * half + half + c]);
+    const float d = to_f32(dy[i]);
+    const float sig = 1.0f / (1.0f + expf(-g));
+    dgu[r * 2 * half + c] = from_f32<T>(d * u * sig * (1.0f + g * (1.0f - sig)));
+    dgu[r * 2 * half + half + c] = from_f32<T>(d * g * sig);
+  }
+}
+
+#define PACKED(T, SUFFIX)                                                                             \
+  extern "C" __global__ void swiglu_packed_fwd_##SUFFIX(const T* gu, T* out, const size_t rows,      \
+                                                        const size_t half) {                         \
+    swiglu_packed_fwd(gu, out, rows, half);                                                         \
+  }                                                                                                   \
+  extern "C" __global__ void swiglu_packed_bwd_##SUFFIX(const T* gu, const T* dy, T* dgu,            \
+                                                        const size_t rows, const size_t half) {      \
+    swiglu_packed_bwd(gu, dy, dgu, rows, half);                                                     \
+  }
+
+PACKED(float, f32)
+PACKED(__nv_bfloat16, bf16)
+PACKED(__half, f16)

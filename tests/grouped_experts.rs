@@ -290,3 +290,24 @@ fn routing_gathers_match_index_select_and_index_add_with_autograd() {
     let err = RowOrder::new(vec![0, 1], vec![0, 0], 2, cpu).err().unwrap();
     assert!(err.to_string().contains("repeated"), "{err}");
 }
+
+#[test]
+fn packed_swiglu_matches_the_primitive_op_reference() {
+    use moeq::ops::swiglu::{swiglu_packed, swiglu_packed_reference};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(19);
+    let (rows, half) = (23, 40);
+    // Gate values over silu's curved region and tails.
+    let gu: Vec<f32> = rand_vec(&mut rng, rows * 2 * half)
+        .iter()
+        .map(|v| v * 6.0)
+        .collect();
+    let gu = Tensor::from_vec(gu, (rows, 2 * half), &Device::Cpu).unwrap();
+    let (y, g) = run(std::slice::from_ref(&gu), |t| swiglu_packed(&t[0]));
+    let (y_ref, g_ref) = run(std::slice::from_ref(&gu), |t| {
+        swiglu_packed_reference(&t[0])
+    });
+    assert_eq!(y.dims(), &[rows, half]);
+    // f32, the same formula in another arrangement: a few ulps of the largest value.
+    assert!(rel_err(&y, &y_ref) < 1e-6);
+    assert!(rel_err(&g[0], &g_ref[0]) < 1e-6);
+}

@@ -10,6 +10,7 @@ use crate::ops::norm::{rms_norm, softmax_last};
 use crate::ops::rope::apply_rope;
 use crate::ops::routing::{combine_rows, gather_rows, RowOrder};
 use crate::ops::swiglu;
+use crate::ops::swiglu::swiglu_packed;
 use crate::util::phases::timed;
 use candle_core::{DType, Result, Tensor, D};
 use rand::{Rng, SeedableRng};
@@ -119,9 +120,14 @@ impl Attention {
         let (b, s) = (inputs.batch, inputs.seq);
         let (nh, kvh, hd) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
         let eps = spec.rms_norm_eps;
-        let mut q = self.q.forward(x, lora)?; // [N, nh·hd]
-        let mut k = self.k.forward(x, lora)?; // [N, kvh·hd]
-        let mut v = self.v.forward(x, lora)?;
+        let dev = x.device();
+        let (mut q, mut k, mut v) = timed("attn: q/k/v projections", dev, || -> Result<_> {
+            Ok((
+                self.q.forward(x, lora)?, // [N, nh·hd]
+                self.k.forward(x, lora)?, // [N, kvh·hd]
+                self.v.forward(x, lora)?,
+            ))
+        })?;
         if spec.qk_norm == QkNorm::FullProjection {
             if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
                 q = rms_norm(&q, qn, eps)?;
@@ -154,8 +160,12 @@ impl Attention {
         let k = k.reshape((b, s, kvh, hd))?.transpose(1, 2)?.contiguous()?; // [B, kvh, S, hd]
         let v = v.reshape((b, s, kvh, hd))?.transpose(1, 2)?.contiguous()?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = q.matmul(&k.t()?)?.reshape((b, nh, s, s))?; // [B, nh, S, S]
-        let probs = masked_softmax(&scores, &inputs.segments, scale)?;
+        let scores = timed("attn: q·kᵀ", dev, || {
+            q.matmul(&k.t()?)?.reshape((b, nh, s, s))
+        })?; // [B, nh, S, S]
+        let probs = timed("attn: softmax", dev, || {
+            masked_softmax(&scores, &inputs.segments, scale)
+        })?;
         let probs = probs.reshape((b, kvh, rep * s, s))?;
         let ctx = probs.matmul(&v)?; // [B, kvh, rep·S, hd]
         let ctx = ctx
@@ -163,7 +173,7 @@ impl Attention {
             .transpose(1, 2)?
             .contiguous()?
             .reshape((n, nh * hd))?;
-        self.o.forward(&ctx, lora)
+        timed("attn: o projection", dev, || self.o.forward(&ctx, lora))
     }
 }
 
@@ -269,7 +279,7 @@ impl Moe {
         })?;
         let (routing, weights) = routed;
 
-        let xs = gather_rows(x, &routing.order)?; // [M, H] sorted by expert
+        let xs = timed("moe: gather rows", dev, || gather_rows(x, &routing.order))?; // [M, H] by expert
         let y = match (&routing.dispatch, parallel) {
             (Some(d), Some(p)) => {
                 let xr = d.dispatch(&p.comm, &xs)?; // [R, H] grouped by local expert
@@ -287,7 +297,9 @@ impl Moe {
             })?,
         };
         // Each token's k rows weighted by its (f32) routing weights and summed in f32.
-        let mut out = combine_rows(&y, &weights, &routing.order)?; // [N, H]
+        let mut out = timed("moe: combine rows", dev, || {
+            combine_rows(&y, &weights, &routing.order)
+        })?; // [N, H]
         if let Some((mlp, gate)) = &self.shared {
             let mut shared = swiglu_mlp(mlp, x, lora)?;
             if let Some(g) = gate {
@@ -310,8 +322,7 @@ impl Moe {
             let delta = grouped_lora(xs, &lora.weight(&l.a), &lora.weight(&l.b), counts, 0, r, s)?;
             gu = (gu + delta)?;
         }
-        let i = self.gate_up.out_features / 2;
-        let act = swiglu(&gu.narrow(1, 0, i)?, &gu.narrow(1, i, i)?)?; // [M, I]
+        let act = swiglu_packed(&gu)?; // [M, I]
         let mut y = grouped_nf4(&act, &self.down, counts)?; // [M, H]
         if let Some(l) = ad.experts.get(&self.down_name) {
             let delta = grouped_lora(

@@ -381,6 +381,17 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         rtol,
         k_tol,
     )?);
+    // Packed SwiGLU over a fused gate_up [rows, 2·I].
+    let gu = (Tensor::randn(0f32, 1.0, (257, 2 * 192), cpu)? * 3.0)?;
+    out.extend(device_vs_cpu(
+        "swiglu_packed",
+        device,
+        dtype,
+        &[gu],
+        &|t| super::swiglu::swiglu_packed(&t[0]),
+        rtol,
+        k_tol,
+    )?);
     // Masked attention softmax: 2 × 4 heads × 300 positions (more than one block's 256
     // threads per row), batch 0 packed as samples of 120, 100 and 80 tokens.
     let seg: Vec<u32> = (0..600u32)

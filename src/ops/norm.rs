@@ -6,6 +6,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let _t = crate::util::phases::Span::start("rms_norm", x.device());
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let var = xf.sqr()?.mean_keepdim(D::Minus1)?;

@@ -158,3 +158,209 @@ pub fn swiglu_reference(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     let sig = (gate.neg()?.exp()? + 1.0)?.recip()?;
     (gate * sig)?.mul(up)
 }
+
+/// SwiGLU over a fused gate_up projection `[rows, 2·I]` (gate in the first half, as in
+/// transformers' fused experts) → `[rows, I]`, forward and backward each one pass (CUDA kernels
+/// in `kernels/swiglu.cu`): no narrow copies, and the gradient comes back packed.
+pub fn swiglu_packed(gu: &Tensor) -> Result<Tensor> {
+    let (_, two_i) = gu.dims2()?;
+    if two_i % 2 != 0 {
+        candle_core::bail!("swiglu_packed: {two_i} columns do not split into gate and up");
+    }
+    super::at_offset_zero(gu)?.apply_op1(Packed)
+}
+
+/// The primitive-op reference of `swiglu_packed`.
+pub fn swiglu_packed_reference(gu: &Tensor) -> Result<Tensor> {
+    let half = gu.dim(1)? / 2;
+    swiglu_reference(&gu.narrow(1, 0, half)?, &gu.narrow(1, half, half)?)
+}
+
+/// f32 rows of the packed op on the CPU: `fwd` → out `[rows, I]`; with `dy`, → dgu.
+fn packed_cpu(gu: &Tensor, dy: Option<&Tensor>) -> Result<Tensor> {
+    let (rows, two_i) = gu.dims2()?;
+    let half = two_i / 2;
+    let v: Vec<f32> = gu.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let out = match dy {
+        None => {
+            let mut out = Vec::with_capacity(rows * half);
+            for r in 0..rows {
+                for c in 0..half {
+                    out.push(silu_mul(v[r * two_i + c], v[r * two_i + half + c]));
+                }
+            }
+            Tensor::from_vec(out, (rows, half), gu.device())?
+        }
+        Some(dy) => {
+            let d: Vec<f32> = dy.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let mut out = vec![0f32; rows * two_i];
+            for r in 0..rows {
+                for c in 0..half {
+                    let (g, u, d) = (v[r * two_i + c], v[r * two_i + half + c], d[r * half + c]);
+                    let sig = 1.0 / (1.0 + (-g).exp());
+                    out[r * two_i + c] = d * u * sig * (1.0 + g * (1.0 - sig));
+                    out[r * two_i + half + c] = d * g * sig;
+                }
+            }
+            Tensor::from_vec(out, (rows, two_i), gu.device())?
+        }
+    };
+    out.to_dtype(gu.dtype())
+}
+
+/// Runs `swiglu_packed_{fwd,bwd}_<dtype>` (`inputs` then the output, rows, half).
+#[cfg(feature = "cuda")]
+fn packed_cuda(gu: &Tensor, dy: Option<&Tensor>) -> Result<Tensor> {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
+    use candle_core::Storage;
+    let candle_core::Device::Cuda(dev) = gu.device() else {
+        candle_core::bail!("swiglu_packed: not on CUDA")
+    };
+    let (rows, two_i) = gu.dims2()?;
+    let half = two_i / 2;
+    let (pass, n_out, shape) = match dy {
+        None => ("fwd", rows * half, Shape::from((rows, half))),
+        Some(_) => ("bwd", rows * two_i, Shape::from((rows, two_i))),
+    };
+    let suffix = match gu.dtype() {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => candle_core::bail!("swiglu_packed: {other:?} not supported"),
+    };
+    let func = dev.get_or_load_custom_func(
+        &format!("swiglu_packed_{pass}_{suffix}"),
+        "moeq_swiglu",
+        super::kernels::SWIGLU,
+    )?;
+    let (sg, lg) = gu.storage_and_layout();
+    let dy_guard = dy.map(|t| t.storage_and_layout());
+    let Storage::Cuda(sg) = &*sg else {
+        candle_core::bail!("swiglu_packed: not on CUDA")
+    };
+    let cfg = LaunchConfig::for_num_elems((rows * half).min(1 << 30) as u32);
+    macro_rules! run {
+        ($g:expr, $variant:path, $wrap:path) => {{
+            let g = $g.slice(lg.start_offset()..lg.start_offset() + rows * two_i);
+            // SAFETY: the kernel writes every output element.
+            let out = unsafe { dev.alloc(n_out)? };
+            let mut b = func.builder();
+            b.arg(&g);
+            let d = match &dy_guard {
+                Some((s, l)) => match &**s {
+                    Storage::Cuda(c) => match &c.slice {
+                        $variant(d) => {
+                            Some(d.slice(l.start_offset()..l.start_offset() + rows * half))
+                        }
+                        _ => candle_core::bail!("swiglu_packed: gradient dtype differs"),
+                    },
+                    _ => candle_core::bail!("swiglu_packed: gradient not on CUDA"),
+                },
+                None => None,
+            };
+            if let Some(d) = &d {
+                b.arg(d);
+            }
+            b.arg(&out);
+            b.arg(&rows);
+            b.arg(&half);
+            // SAFETY: arguments match kernels/swiglu.cu.
+            unsafe { b.launch(cfg) }.w()?;
+            $wrap(out)
+        }};
+    }
+    let slice = match &sg.slice {
+        S::F32(g) => run!(g, S::F32, S::F32),
+        S::BF16(g) => run!(g, S::BF16, S::BF16),
+        S::F16(g) => run!(g, S::F16, S::F16),
+        _ => candle_core::bail!("swiglu_packed: unsupported dtype"),
+    };
+    let storage = candle_core::CudaStorage {
+        slice,
+        device: dev.clone(),
+    };
+    Ok(Tensor::from_storage(
+        Storage::Cuda(storage),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+struct Packed;
+
+impl candle_core::CustomOp1 for Packed {
+    fn name(&self) -> &'static str {
+        "swiglu_packed"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let gu = super::tensor_of(candle_core::Storage::Cpu(s.clone()), l, "swiglu_packed")?;
+        super::cpu_result(packed_cpu(&gu, None)?, "swiglu_packed")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let gu = super::tensor_of(
+            candle_core::Storage::Cuda(s.try_clone(l)?),
+            l,
+            "swiglu_packed",
+        )?;
+        super::cuda_result(packed_cuda(&gu, None)?, "swiglu_packed")
+    }
+
+    fn bwd(&self, gu: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _t = crate::util::phases::Span::start("bwd: swiglu", gu.device());
+        let dy = super::at_offset_zero(&grad.to_dtype(gu.dtype())?)?;
+        Ok(Some(gu.apply_op2_no_bwd(&dy, &PackedBwd)?))
+    }
+}
+
+/// (gu, dy) → dgu.
+struct PackedBwd;
+
+impl CustomOp2 for PackedBwd {
+    fn name(&self) -> &'static str {
+        "swiglu_packed_bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let gu = super::tensor_of(candle_core::Storage::Cpu(s1.clone()), l1, "swiglu_packed")?;
+        let dy = super::tensor_of(candle_core::Storage::Cpu(s2.clone()), l2, "swiglu_packed")?;
+        super::cpu_result(packed_cpu(&gu, Some(&dy))?, "swiglu_packed_bwd")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let t = |s: &candle_core::CudaStorage, l: &Layout| {
+            super::tensor_of(
+                candle_core::Storage::Cuda(s.try_clone(l)?),
+                l,
+                "swiglu_packed",
+            )
+        };
+        super::cuda_result(
+            packed_cuda(&t(s1, l1)?, Some(&t(s2, l2)?))?,
+            "swiglu_packed_bwd",
+        )
+    }
+}
