@@ -8,3 +8,6 @@ pub const NF4: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
 
 #[cfg(feature = "cuda")]
 pub const ATTN_SOFTMAX: &str = include_str!(concat!(env!("OUT_DIR"), "/attn_softmax.ptx"));
+
+#[cfg(feature = "cuda")]
+pub const ROUTING: &str = include_str!(concat!(env!("OUT_DIR"), "/routing.ptx"));

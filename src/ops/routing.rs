@@ -52,8 +52,23 @@ impl RowOrder {
 }
 
 /// `Σ_j src[idx[t·k + j]]` over the k rows of each token: src `[M, H]` → `[M / k, H]`, summed
-/// in f32 and returned in `dtype`, each term optionally weighted by `w [N, k]`.
+/// in f32 and returned in `dtype`, each term optionally weighted by `w [N, k]`. One kernel on
+/// CUDA (f32 weights); candle ops otherwise (the reference).
 fn gather_sum(
+    src: &Tensor,
+    idx: &Tensor,
+    k: usize,
+    w: Option<&Tensor>,
+    dtype: DType,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if src.device().is_cuda() && src.dtype() == dtype && w.is_none_or(|w| w.dtype() == DType::F32) {
+        return cuda::gather_sum(src, idx, k, w);
+    }
+    gather_sum_reference(src, idx, k, w, dtype)
+}
+
+fn gather_sum_reference(
     src: &Tensor,
     idx: &Tensor,
     k: usize,
@@ -159,6 +174,12 @@ impl CustomOp2 for CombineRows {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let _t = crate::util::phases::Span::start("bwd: routing combine", y.device());
         let o = &self.0;
+        #[cfg(feature = "cuda")]
+        if y.device().is_cuda() && w.dtype() == DType::F32 {
+            let grad = super::at_offset_zero(&grad.to_dtype(y.dtype())?)?;
+            let (dy, dw) = cuda::combine_bwd(&grad, y, w, o)?;
+            return Ok((Some(dy), Some(dw)));
+        }
         let (m, h) = y.dims2()?;
         let grad = grad.to_dtype(DType::F32)?.contiguous()?; // [N, H]
         let w_rows = w
@@ -197,4 +218,159 @@ pub fn combine_rows(y: &Tensor, w: &Tensor, order: &RowOrder) -> Result<Tensor> 
         );
     }
     super::at_offset_zero(y)?.apply_op2(&super::at_offset_zero(w)?, CombineRows(order.clone()))
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::RowOrder;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::{DType, Layout, Result, Storage, Tensor};
+
+    type Guard<'a> = (candle_core::StorageRef<'a>, &'a Layout);
+
+    /// The CUDA elements of a guarded tensor from its start offset.
+    fn view<'a, T: CudaDType>(g: &'a Guard<'_>) -> Result<CudaView<'a, T>> {
+        let Storage::Cuda(c) = &*g.0 else {
+            candle_core::bail!("routing: tensor not on CUDA")
+        };
+        Ok(c.as_cuda_slice::<T>()?.slice(g.1.start_offset()..))
+    }
+
+    fn suffix(dtype: DType) -> Result<&'static str> {
+        Ok(match dtype {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            other => candle_core::bail!("routing: {other:?} not supported"),
+        })
+    }
+
+    fn wrap<T: CudaDType>(
+        out: CudaSlice<T>,
+        dev: &candle_core::CudaDevice,
+        shape: (usize, usize),
+    ) -> Tensor {
+        Tensor::from_storage(
+            Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())),
+            shape,
+            candle_core::op::BackpropOp::none(),
+            false,
+        )
+    }
+
+    pub fn gather_sum(src: &Tensor, idx: &Tensor, k: usize, w: Option<&Tensor>) -> Result<Tensor> {
+        let candle_core::Device::Cuda(dev) = src.device() else {
+            candle_core::bail!("routing: not on CUDA")
+        };
+        let (m, h) = src.dims2()?;
+        let tokens = m / k;
+        let name = if w.is_some() {
+            "gather_sum_weighted"
+        } else {
+            "gather_sum"
+        };
+        let func = dev.get_or_load_custom_func(
+            &format!("{name}_{}", suffix(src.dtype())?),
+            "moeq_routing",
+            crate::ops::kernels::ROUTING,
+        )?;
+        let (src, idx) = (src.contiguous()?, idx.contiguous()?);
+        let w = w.map(|w| w.contiguous()).transpose()?;
+        let (gs, gi) = (src.storage_and_layout(), idx.storage_and_layout());
+        let gw = w.as_ref().map(|w| w.storage_and_layout());
+        let cfg = LaunchConfig::for_num_elems((tokens * h).min(1 << 30) as u32);
+        let ki = k as i32;
+        macro_rules! run {
+            ($t:ty) => {{
+                let s = view::<$t>(&gs)?;
+                let i = view::<u32>(&gi)?;
+                let wv = match &gw {
+                    Some(g) => Some(view::<f32>(g)?),
+                    None => None,
+                };
+                // SAFETY: the kernel writes every output element.
+                let out = unsafe { dev.alloc::<$t>(tokens * h)? };
+                let mut b = func.builder();
+                b.arg(&s);
+                b.arg(&i);
+                if let Some(wv) = &wv {
+                    b.arg(wv);
+                }
+                b.arg(&out);
+                b.arg(&tokens);
+                b.arg(&ki);
+                b.arg(&h);
+                // SAFETY: arguments match kernels/routing.cu.
+                unsafe { b.launch(cfg) }.w()?;
+                wrap(out, dev, (tokens, h))
+            }};
+        }
+        Ok(match src.dtype() {
+            DType::F32 => run!(f32),
+            DType::BF16 => run!(half::bf16),
+            DType::F16 => run!(half::f16),
+            other => candle_core::bail!("routing: {other:?} not supported"),
+        })
+    }
+
+    pub fn combine_bwd(
+        dout: &Tensor,
+        y: &Tensor,
+        w: &Tensor,
+        o: &RowOrder,
+    ) -> Result<(Tensor, Tensor)> {
+        let candle_core::Device::Cuda(dev) = y.device() else {
+            candle_core::bail!("routing: not on CUDA")
+        };
+        let (m, h) = y.dims2()?;
+        let func = dev.get_or_load_custom_func(
+            &format!("combine_bwd_{}", suffix(y.dtype())?),
+            "moeq_routing",
+            crate::ops::kernels::ROUTING,
+        )?;
+        let (y, w) = (y.contiguous()?, w.contiguous()?);
+        let (gd, gy, gw) = (
+            dout.storage_and_layout(),
+            y.storage_and_layout(),
+            w.storage_and_layout(),
+        );
+        let (gt, gsl) = (o.tokens.storage_and_layout(), o.slots.storage_and_layout());
+        let cfg = LaunchConfig {
+            grid_dim: (m as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: every slot is some row's (RowOrder::new checked), so every dw is written.
+        let dw = unsafe { dev.alloc::<f32>(m)? };
+        macro_rules! run {
+            ($t:ty) => {{
+                let (d, yv, wv) = (view::<$t>(&gd)?, view::<$t>(&gy)?, view::<f32>(&gw)?);
+                let (tv, sv) = (view::<u32>(&gt)?, view::<u32>(&gsl)?);
+                // SAFETY: the kernel writes every row of dy.
+                let dy = unsafe { dev.alloc::<$t>(m * h)? };
+                let mut b = func.builder();
+                b.arg(&d);
+                b.arg(&yv);
+                b.arg(&wv);
+                b.arg(&tv);
+                b.arg(&sv);
+                b.arg(&dy);
+                b.arg(&dw);
+                b.arg(&h);
+                // SAFETY: arguments match kernels/routing.cu.
+                unsafe { b.launch(cfg) }.w()?;
+                wrap(dy, dev, (m, h))
+            }};
+        }
+        let dy = match y.dtype() {
+            DType::F32 => run!(f32),
+            DType::BF16 => run!(half::bf16),
+            DType::F16 => run!(half::f16),
+            other => candle_core::bail!("routing: {other:?} not supported"),
+        };
+        Ok((dy, wrap(dw, dev, (m / o.k, o.k))))
+    }
 }

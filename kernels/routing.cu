@@ -1,0 +1,68 @@
+// Routing gathers (src/ops/routing.rs has the CPU twins as candle ops).
+// gather_sum[_weighted]: out[t, c] = Σ_{j<k} w[t·k+j] · src[idx[t·k+j], c] (w = 1 unweighted),
+//   f32 accumulation, one rounding; src [M, h], idx/w [tokens·k], out [tokens, h]. Grid-stride.
+// combine_bwd: one block per routed row r (token t = tokens[r], slot s = slots[r]):
+//   dy[r, c] = w[s] · dout[t, c];  dw[s] = Σ_c dout[t, c] · y[r, c]  (f32).
+#include "common.cuh"
+
+template <typename T, bool WEIGHTED>
+__device__ void gather_sum(const T* src, const uint32_t* idx, const float* w, T* out, const size_t tokens,
+                           const int k, const size_t h) {
+  const size_t n = tokens * h;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t t = i / h, c = i % h;
+    float acc = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      const size_t slot = t * k + j;
+      const float v = to_f32(src[(size_t)idx[slot] * h + c]);
+      acc += WEIGHTED ? w[slot] * v : v;
+    }
+    out[i] = from_f32<T>(acc);
+  }
+}
+
+constexpr int THREADS = 256;
+
+template <typename T>
+__device__ void combine_bwd(const T* dout, const T* y, const float* w, const uint32_t* tokens,
+                            const uint32_t* slots, T* dy, float* dw, const size_t h) {
+  __shared__ float shared[THREADS / 32];
+  const size_t r = blockIdx.x;
+  const size_t t = tokens[r], s = slots[r];
+  const float wv = w[s];
+  float dot = 0.0f;
+  for (size_t c = threadIdx.x; c < h; c += THREADS) {
+    const float d = to_f32(dout[t * h + c]);
+    dy[r * h + c] = from_f32<T>(wv * d);
+    dot += d * to_f32(y[r * h + c]);
+  }
+  for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, o);
+  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = dot;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float sum = 0.0f;
+    for (int i = 0; i < THREADS / 32; ++i) sum += shared[i];
+    dw[s] = sum;
+  }
+}
+
+#define ROUTING_KERNELS(T, SUFFIX)                                                                    \
+  extern "C" __global__ void gather_sum_##SUFFIX(const T* src, const uint32_t* idx, T* out,          \
+                                                 const size_t tokens, const int k, const size_t h) { \
+    gather_sum<T, false>(src, idx, nullptr, out, tokens, k, h);                                     \
+  }                                                                                                   \
+  extern "C" __global__ void gather_sum_weighted_##SUFFIX(const T* src, const uint32_t* idx,         \
+                                                          const float* w, T* out,                    \
+                                                          const size_t tokens, const int k,          \
+                                                          const size_t h) {                          \
+    gather_sum<T, true>(src, idx, w, out, tokens, k, h);                                            \
+  }                                                                                                   \
+  extern "C" __global__ void combine_bwd_##SUFFIX(const T* dout, const T* y, const float* w,         \
+                                                  const uint32_t* tokens, const uint32_t* slots,     \
+                                                  T* dy, float* dw, const size_t h) {                \
+    combine_bwd(dout, y, w, tokens, slots, dy, dw, h);                                              \
+  }
+
+ROUTING_KERNELS(float, f32)
+ROUTING_KERNELS(__nv_bfloat16, bf16)
+ROUTING_KERNELS(__half, f16)
