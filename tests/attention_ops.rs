@@ -1,6 +1,6 @@
-//! The fused masked softmax of attention scores against the primitive-op version (additive
-//! −∞ mask, f32 softmax) with candle's autograd, on random scores with packed sequences and
-//! padding: forward and the gradient of the scores.
+//! Fused attention-path ops against their primitive-op versions with candle's autograd: the
+//! masked softmax of attention scores (additive −∞ mask, f32 softmax) on random scores with
+//! packed sequences and padding, and RMSNorm with a frozen weight.
 
 use candle_core::{DType, Device, Tensor, Var};
 use moeq::ops::attn_softmax::{masked_softmax, masked_softmax_reference};
@@ -73,4 +73,42 @@ fn masked_softmax_matches_the_additive_mask_reference() {
     assert_eq!(p4[1][2][3][4], 0.0, "token 3 sees the future");
     assert!(p4[1][2][3][0] > 0.0);
     assert_eq!(p.dtype(), DType::F32);
+}
+
+#[test]
+fn rms_norm_matches_the_primitive_op_reference() {
+    use moeq::ops::norm::{rms_norm, rms_norm_reference};
+    let cpu = &Device::Cpu;
+    let x = (Tensor::randn(0f32, 1.0, (2, 7, 96), cpu).unwrap() * 3.0).unwrap();
+    let w = (Tensor::randn(0f32, 0.2, 96, cpu).unwrap() + 1.0).unwrap();
+    let upstream = Tensor::randn(0f32, 1.0, (2, 7, 96), cpu).unwrap();
+    let run = |ours: bool| {
+        let v = Var::from_tensor(&x).unwrap();
+        let y = if ours {
+            rms_norm(v.as_tensor(), &w, 1e-6).unwrap()
+        } else {
+            rms_norm_reference(v.as_tensor(), &w, 1e-6).unwrap()
+        };
+        let g = (&y * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        (y, g.get(v.as_tensor()).unwrap().clone())
+    };
+    let ((y, g), (y_ref, g_ref)) = (run(true), run(false));
+    let max = |t: &Tensor| -> f32 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    // f32 throughout; the backward is the closed form vs autograd's chain: a few ulps of scale.
+    assert!(max(&(&y - &y_ref).unwrap()) <= 1e-6 * max(&y_ref));
+    assert!(max(&(&g - &g_ref).unwrap()) <= 1e-5 * max(&g_ref));
 }

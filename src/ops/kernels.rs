@@ -11,3 +11,6 @@ pub const ATTN_SOFTMAX: &str = include_str!(concat!(env!("OUT_DIR"), "/attn_soft
 
 #[cfg(feature = "cuda")]
 pub const ROUTING: &str = include_str!(concat!(env!("OUT_DIR"), "/routing.ptx"));
+
+#[cfg(feature = "cuda")]
+pub const RMS_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));

@@ -1,12 +1,204 @@
 //! RMSNorm as transformers computes it: in f32, `x · rsqrt(mean(x²) + eps)`, rounded back to
 //! the input dtype, then multiplied by the weight.
-//! x: [.., D], w: [D] → [.., D] in x's dtype. Built from candle primitive ops, so it has a
-//! backward on every device (candle-nn's `rms_norm` records none; DESIGN pitfalls).
+//! x: [.., D], w: [D] → [.., D] in x's dtype. One op with its own backward
+//! (`kernels/rms_norm.cu` on CUDA, candle ops on the CPU); the weight is frozen (norms are not
+//! trained), so only x gets a gradient. `rms_norm_reference` is the primitive-op version it is
+//! tested against (candle-nn's `rms_norm` records no backward; DESIGN pitfalls).
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, D,
+};
 
+struct RmsNorm {
+    /// [D] in x's dtype, on x's device.
+    w: Tensor,
+    eps: f64,
+}
+
+/// dx of RMSNorm with a frozen weight from primitive ops: g = dy·w, n = x·r,
+/// dx = r·(g − n·mean(g·n)), in f32.
+fn rms_norm_bwd_ops(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
+    let xf = x.to_dtype(DType::F32)?;
+    let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let n = xf.broadcast_mul(&r)?;
+    let g = dy
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let mean_gn = (&g * &n)?.mean_keepdim(D::Minus1)?;
+    (g - n.broadcast_mul(&mean_gn)?)?
+        .broadcast_mul(&r)?
+        .to_dtype(x.dtype())
+}
+
+#[cfg(feature = "cuda")]
+fn rms_norm_cuda(x: &Tensor, w: &Tensor, dy: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
+    let candle_core::Device::Cuda(dev) = x.device() else {
+        candle_core::bail!("rms_norm: not on CUDA")
+    };
+    let d = x.dim(D::Minus1)?;
+    let rows = x.elem_count() / d.max(1);
+    let suffix = match x.dtype() {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => candle_core::bail!("rms_norm: {other:?} not supported"),
+    };
+    let pass = if dy.is_some() { "bwd" } else { "fwd" };
+    let func = dev.get_or_load_custom_func(
+        &format!("rms_norm_{pass}_{suffix}"),
+        "moeq_rms_norm",
+        super::kernels::RMS_NORM,
+    )?;
+    let gx = x.storage_and_layout();
+    let gw = w.storage_and_layout();
+    let gd = dy.map(|t| t.storage_and_layout());
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let eps32 = eps as f32;
+    macro_rules! run {
+        ($variant:path) => {{
+            let view = |g: &(candle_core::StorageRef<'_>, &Layout), n: usize| -> Result<_> {
+                match &*g.0 {
+                    Storage::Cuda(c) => match &c.slice {
+                        $variant(v) => Ok(v.slice(g.1.start_offset()..g.1.start_offset() + n)),
+                        _ => candle_core::bail!("rms_norm: operands differ in dtype"),
+                    },
+                    _ => candle_core::bail!("rms_norm: not on CUDA"),
+                }
+            };
+            let (xv, wv) = (view(&gx, rows * d)?, view(&gw, d)?);
+            let dv = match &gd {
+                Some(g) => Some(view(g, rows * d)?),
+                None => None,
+            };
+            // SAFETY: the kernel writes every row.
+            let out = unsafe { dev.alloc(rows * d)? };
+            let mut b = func.builder();
+            b.arg(&xv);
+            b.arg(&wv);
+            if let Some(dv) = &dv {
+                b.arg(dv);
+            }
+            b.arg(&out);
+            b.arg(&d);
+            b.arg(&eps32);
+            // SAFETY: arguments match kernels/rms_norm.cu.
+            unsafe { b.launch(cfg) }.w()?;
+            $variant(out)
+        }};
+    }
+    let slice = match x.dtype() {
+        DType::F32 => run!(S::F32),
+        DType::BF16 => run!(S::BF16),
+        _ => run!(S::F16),
+    };
+    Ok(Tensor::from_storage(
+        Storage::Cuda(candle_core::CudaStorage {
+            slice,
+            device: dev.clone(),
+        }),
+        x.shape().clone(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms_norm"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = super::tensor_of(Storage::Cpu(s.clone()), l, "rms_norm")?;
+        super::cpu_result(rms_norm_reference(&x, &self.w, self.eps)?, "rms_norm")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let x = super::tensor_of(Storage::Cuda(s.try_clone(l)?), l, "rms_norm")?;
+        super::cuda_result(rms_norm_cuda(&x, &self.w, None, self.eps)?, "rms_norm")
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let _t = crate::util::phases::Span::start("bwd: rms_norm", x.device());
+        let dy = super::at_offset_zero(&dy.to_dtype(x.dtype())?)?;
+        let bwd = RmsNormBwd {
+            w: self.w.clone(),
+            eps: self.eps,
+        };
+        Ok(Some(x.apply_op2_no_bwd(&dy, &bwd)?))
+    }
+}
+
+/// (x, dy) → dx.
+struct RmsNormBwd {
+    w: Tensor,
+    eps: f64,
+}
+
+impl CustomOp2 for RmsNormBwd {
+    fn name(&self) -> &'static str {
+        "rms_norm_bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = super::tensor_of(Storage::Cpu(s1.clone()), l1, "rms_norm_bwd")?;
+        let dy = super::tensor_of(Storage::Cpu(s2.clone()), l2, "rms_norm_bwd")?;
+        super::cpu_result(
+            rms_norm_bwd_ops(&x, &self.w, &dy, self.eps)?,
+            "rms_norm_bwd",
+        )
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let x = super::tensor_of(Storage::Cuda(s1.try_clone(l1)?), l1, "rms_norm_bwd")?;
+        let dy = super::tensor_of(Storage::Cuda(s2.try_clone(l2)?), l2, "rms_norm_bwd")?;
+        super::cuda_result(
+            rms_norm_cuda(&x, &self.w, Some(&dy), self.eps)?,
+            "rms_norm_bwd",
+        )
+    }
+}
+
+/// RMSNorm of x with a frozen weight (no gradient for `w`).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let _t = crate::util::phases::Span::start("rms_norm", x.device());
+    let d = x.dim(D::Minus1)?;
+    if w.dims() != [d] {
+        candle_core::bail!("rms_norm: weight {:?} for {d} features", w.dims());
+    }
+    let w = super::at_offset_zero(&w.to_dtype(x.dtype())?.detach())?;
+    super::at_offset_zero(x)?.apply_op1(RmsNorm { w, eps })
+}
+
+/// The primitive-op RMSNorm (gradients to x and w through candle's autograd).
+pub fn rms_norm_reference(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let var = xf.sqr()?.mean_keepdim(D::Minus1)?;

@@ -1,0 +1,69 @@
+// RMSNorm as transformers computes it, one block per row of x [rows, d]:
+//   r = rsqrt(mean(x²) + eps);  n = x·r (f32) rounded to T;  y = n · w, rounded to T.
+// Backward (the weight is frozen: only dx):  g = dy·w;  dx = r · (g − n · mean(g·n))  (f32).
+// CPU twin: src/ops/norm.rs (rms_norm_cpu, rms_norm_bwd_cpu).
+#include "common.cuh"
+
+constexpr int THREADS = 256;
+
+__device__ float block_sum(float v, float* shared) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = lane < THREADS / 32 ? shared[lane] : 0.0f;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+  return v;
+}
+
+template <typename T>
+__device__ void rms_norm_fwd(const T* x, const T* w, T* y, const size_t d, const float eps) {
+  __shared__ float shared[THREADS / 32];
+  const T* xr = x + blockIdx.x * d;
+  T* yr = y + blockIdx.x * d;
+  float ss = 0.0f;
+  for (size_t c = threadIdx.x; c < d; c += THREADS) {
+    const float v = to_f32(xr[c]);
+    ss += v * v;
+  }
+  const float r = rsqrtf(block_sum(ss, shared) / d + eps);
+  for (size_t c = threadIdx.x; c < d; c += THREADS) {
+    const float n = to_f32(from_f32<T>(to_f32(xr[c]) * r));
+    yr[c] = from_f32<T>(n * to_f32(w[c]));
+  }
+}
+
+template <typename T>
+__device__ void rms_norm_bwd(const T* x, const T* w, const T* dy, T* dx, const size_t d, const float eps) {
+  __shared__ float shared[THREADS / 32];
+  const size_t off = blockIdx.x * d;
+  float ss = 0.0f, gn = 0.0f;
+  for (size_t c = threadIdx.x; c < d; c += THREADS) {
+    const float v = to_f32(x[off + c]);
+    ss += v * v;
+  }
+  const float r = rsqrtf(block_sum(ss, shared) / d + eps);
+  for (size_t c = threadIdx.x; c < d; c += THREADS) {
+    gn += to_f32(dy[off + c]) * to_f32(w[c]) * to_f32(x[off + c]) * r;
+  }
+  const float mean_gn = block_sum(gn, shared) / d;
+  for (size_t c = threadIdx.x; c < d; c += THREADS) {
+    const float n = to_f32(x[off + c]) * r;
+    dx[off + c] = from_f32<T>(r * (to_f32(dy[off + c]) * to_f32(w[c]) - n * mean_gn));
+  }
+}
+
+#define RMS_KERNELS(T, SUFFIX)                                                                       \
+  extern "C" __global__ void rms_norm_fwd_##SUFFIX(const T* x, const T* w, T* y, const size_t d,    \
+                                                   const float eps) {                               \
+    rms_norm_fwd(x, w, y, d, eps);                                                                 \
+  }                                                                                                  \
+  extern "C" __global__ void rms_norm_bwd_##SUFFIX(const T* x, const T* w, const T* dy, T* dx,      \
+                                                   const size_t d, const float eps) {               \
+    rms_norm_bwd(x, w, dy, dx, d, eps);                                                            \
+  }
+
+RMS_KERNELS(float, f32)
+RMS_KERNELS(__nv_bfloat16, bf16)
+RMS_KERNELS(__half, f16)
