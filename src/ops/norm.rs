@@ -64,18 +64,20 @@ fn rms_norm_cuda(x: &Tensor, w: &Tensor, dy: Option<&Tensor>, eps: f64) -> Resul
     let eps32 = eps as f32;
     macro_rules! run {
         ($variant:path) => {{
-            let view = |g: &(candle_core::StorageRef<'_>, &Layout), n: usize| -> Result<_> {
-                match &*g.0 {
-                    Storage::Cuda(c) => match &c.slice {
-                        $variant(v) => Ok(v.slice(g.1.start_offset()..g.1.start_offset() + n)),
-                        _ => candle_core::bail!("rms_norm: operands differ in dtype"),
-                    },
-                    _ => candle_core::bail!("rms_norm: not on CUDA"),
-                }
-            };
-            let (xv, wv) = (view(&gx, rows * d)?, view(&gw, d)?);
+            macro_rules! view {
+                ($g:expr, $n:expr) => {
+                    match &*$g.0 {
+                        Storage::Cuda(c) => match &c.slice {
+                            $variant(v) => v.slice($g.1.start_offset()..$g.1.start_offset() + $n),
+                            _ => candle_core::bail!("rms_norm: operands differ in dtype"),
+                        },
+                        _ => candle_core::bail!("rms_norm: not on CUDA"),
+                    }
+                };
+            }
+            let (xv, wv) = (view!(gx, rows * d), view!(gw, d));
             let dv = match &gd {
-                Some(g) => Some(view(g, rows * d)?),
+                Some(g) => Some(view!(g, rows * d)),
                 None => None,
             };
             // SAFETY: the kernel writes every row.
