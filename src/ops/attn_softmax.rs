@@ -5,7 +5,9 @@
 //! mask of the primitive-op version did; no mask tensor and no f32 copy of the scores exist.
 //! Backward: `dS = scale · P ⊙ (dP − rowsum(P ⊙ dP))` from the saved probabilities.
 
-use candle_core::{CustomOp1, CustomOp2, DType, Result, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor,
+};
 
 fn visible(seg: &[u32], i: usize, j: usize) -> bool {
     j <= i && seg[j] == seg[i]
@@ -181,16 +183,10 @@ struct MaskedSoftmax {
 }
 
 impl MaskedSoftmax {
-    fn fwd(&self, x: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda() {
-            return cuda::forward(x, &self.segments, x.dim(1)?, self.scale);
-        }
-        let segments = self
-            .segments
+    fn cpu_segments(&self) -> Result<Vec<Vec<u32>>> {
+        self.segments
             .to_device(&candle_core::Device::Cpu)?
-            .to_vec2()?;
-        masked_softmax_cpu(x, &segments, self.scale)
+            .to_vec2()
     }
 }
 
@@ -199,7 +195,24 @@ impl CustomOp1 for MaskedSoftmax {
         "masked_softmax"
     }
 
-    super::tensor_forward!(1, "masked_softmax", fwd);
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = super::tensor_of(Storage::Cpu(s.clone()), l, "masked_softmax")?;
+        let p = masked_softmax_cpu(&x, &self.cpu_segments()?, self.scale)?;
+        super::cpu_result(p, "masked_softmax")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let x = super::tensor_of(Storage::Cuda(s.try_clone(l)?), l, "masked_softmax")?;
+        let heads = x.dim(1)?;
+        let p = cuda::forward(&x, &self.segments, heads, self.scale)?;
+        super::cuda_result(p, "masked_softmax")
+    }
 
     fn bwd(&self, _x: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let _t = crate::util::phases::Span::start("bwd: attention softmax", probs.device());
@@ -213,22 +226,39 @@ impl CustomOp1 for MaskedSoftmax {
 /// (probabilities, their gradient) → the scores' gradient.
 struct MaskedSoftmaxBwd(f32);
 
-impl MaskedSoftmaxBwd {
-    fn fwd(&self, p: &Tensor, dp: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if p.device().is_cuda() {
-            return cuda::backward(p, dp, self.0);
-        }
-        masked_softmax_bwd_cpu(p, dp, self.0)
-    }
-}
-
 impl CustomOp2 for MaskedSoftmaxBwd {
     fn name(&self) -> &'static str {
         "masked_softmax_bwd"
     }
 
-    super::tensor_forward!(2, "masked_softmax_bwd", fwd);
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let p = super::tensor_of(Storage::Cpu(s1.clone()), l1, "masked_softmax_bwd")?;
+        let dp = super::tensor_of(Storage::Cpu(s2.clone()), l2, "masked_softmax_bwd")?;
+        super::cpu_result(
+            masked_softmax_bwd_cpu(&p, &dp, self.0)?,
+            "masked_softmax_bwd",
+        )
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let p = super::tensor_of(Storage::Cuda(s1.try_clone(l1)?), l1, "masked_softmax_bwd")?;
+        let dp = super::tensor_of(Storage::Cuda(s2.try_clone(l2)?), l2, "masked_softmax_bwd")?;
+        super::cuda_result(cuda::backward(&p, &dp, self.0)?, "masked_softmax_bwd")
+    }
 }
 
 /// `softmax(scale · scores + mask)` over the last dimension with the causal, per-sequence mask
