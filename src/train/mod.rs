@@ -5,6 +5,7 @@ pub mod adamw;
 pub mod check;
 pub mod checkpoint;
 pub mod loss;
+mod metrics;
 pub mod output;
 mod ranks;
 mod resume;

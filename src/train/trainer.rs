@@ -5,6 +5,7 @@
 //! output directory checks in `output`.
 
 use super::checkpoint;
+use super::metrics::{flops_per_token, peak_flops, Metrics};
 use super::ranks::{all_reduce_grads, squares, sum_over_ranks, whole_adapter};
 use super::resume::{restore, resume_point, save_checkpoint};
 use super::setup;
@@ -19,9 +20,8 @@ use crate::lora::{peft, Adapters};
 use crate::util::phases::timed;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -56,72 +56,6 @@ pub struct EvalResult {
     pub loss: f64,
     pub accuracy: f64,
     pub tokens: usize,
-}
-
-/// Peak dense bf16 tensor-core FLOP/s of the GPU, for MFU; None when unknown.
-fn peak_flops(device: &Device) -> Option<f64> {
-    if !device.is_cuda() {
-        return None;
-    }
-    // H100/H200 SXM dense bf16. Other GPUs: set MOEQ_PEAK_TFLOPS.
-    let tflops = std::env::var("MOEQ_PEAK_TFLOPS")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(989.0);
-    Some(tflops * 1e12)
-}
-
-/// FLOPs per trained token with a frozen base and full recompute: 6·N_active (forward,
-/// recompute, input gradient) plus attention (3 passes × 2 matmuls × 2·S·d per layer, causal
-/// half counted in full as the kernel computes it).
-pub fn flops_per_token(spec: &crate::arch::ArchSpec, seq: usize) -> f64 {
-    let n_active = spec.active_params() as f64 - (spec.vocab_size * spec.hidden_size) as f64;
-    let attn = 3.0 * 2.0 * 2.0 * (seq * spec.num_heads * spec.head_dim * spec.num_layers) as f64;
-    6.0 * n_active + attn
-}
-
-struct Metrics {
-    file: std::fs::File,
-}
-
-impl Metrics {
-    /// A new `metrics.jsonl`, or, when resuming from step `from`, the existing one without the
-    /// records of the steps after `from` (they are trained again), continued.
-    fn create(dir: &Path, from: usize) -> Result<Metrics, TrainError> {
-        let path = dir.join("metrics.jsonl");
-        let append = from > 0;
-        if append {
-            if let Ok(text) = std::fs::read_to_string(&path) {
-                let kept: String = text
-                    .lines()
-                    .filter(|l| {
-                        serde_json::from_str::<Value>(l)
-                            .ok()
-                            .and_then(|v| v["step"].as_u64())
-                            .is_some_and(|s| s as usize <= from)
-                    })
-                    .map(|l| format!("{l}\n"))
-                    .collect();
-                let tmp = dir.join(".metrics.jsonl.tmp");
-                std::fs::write(&tmp, kept)
-                    .and_then(|_| std::fs::rename(&tmp, &path))
-                    .map_err(|e| failed(format!("{}: {e}", path.display())))?;
-            }
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .append(append)
-            .truncate(!append)
-            .open(&path)
-            .map_err(|e| failed(format!("{}: {e}", path.display())))?;
-        Ok(Metrics { file })
-    }
-
-    fn write(&mut self, v: &Value) -> Result<(), TrainError> {
-        writeln!(self.file, "{v}").map_err(failed)?;
-        self.file.flush().map_err(failed)
-    }
 }
 
 pub fn eval_set(
