@@ -1,10 +1,12 @@
 // Masked softmax of attention scores, forward and backward, one block per score row.
-// Layout: scores/probs/grads [B, H, S, S] contiguous, row r = (b·H + h)·S + i; segments [B, S]
-// u32. Query i sees key j when j <= i and segments[b, j] == segments[b, i] (causal attention
-// within packed sequences); every other probability is 0.
+// Layout: a block of query rows against a prefix of the keys: scores/probs/grads [B, H, C, K]
+// contiguous, row r = (b·H + h)·C + c is query position i = q0 + c and sees keys 0..K; segments
+// [B, S] u32 with K <= S. Query i sees key j when j <= i and segments[b, j] == segments[b, i]
+// (causal attention within packed sequences); every other probability is 0. The whole square
+// case is C = K = S, q0 = 0.
 //   forward:  p[j] = exp(scale·s[j] − m) / Σ exp(scale·s[l] − m) over visible l (f32)
 //   backward: ds[j] = scale · p[j] · (dp[j] − Σ_l p[l]·dp[l])
-// Keys after i are never visible, so only j <= i is read. Launch: grid B·H·S, block 256.
+// Keys after i are never visible, so only j <= i is read. Launch: grid B·H·C, block 256.
 // CPU twin: src/ops/attn_softmax.rs (masked_softmax_cpu, masked_softmax_bwd_cpu).
 #include "common.cuh"
 
@@ -31,13 +33,14 @@ __device__ float block_reduce(float v, float* shared) {
 
 template <typename T>
 __device__ void masked_softmax_fwd(const T* scores, const uint32_t* segments, T* probs, const int heads,
-                                   const int seq, const float scale) {
+                                   const int rows, const int keys, const int seq, const int q0,
+                                   const float scale) {
   __shared__ float shared[THREADS / 32];
   const size_t row = blockIdx.x;
-  const int i = row % seq;
-  const size_t b = row / ((size_t)heads * seq);
-  const T* s = scores + row * seq;
-  T* p = probs + row * seq;
+  const int i = q0 + row % rows;
+  const size_t b = row / ((size_t)heads * rows);
+  const T* s = scores + row * keys;
+  T* p = probs + row * keys;
   const uint32_t* seg = segments + b * seq;
   const uint32_t mine = seg[i];
   float m = -INFINITY;
@@ -50,24 +53,25 @@ __device__ void masked_softmax_fwd(const T* scores, const uint32_t* segments, T*
     if (seg[j] == mine) sum += expf(scale * to_f32(s[j]) - m);
   }
   const float inv = 1.0f / block_reduce<false>(sum, shared);
-  for (int j = threadIdx.x; j < seq; j += THREADS) {
+  for (int j = threadIdx.x; j < keys; j += THREADS) {
     const bool visible = j <= i && seg[j] == mine;
     p[j] = from_f32<T>(visible ? expf(scale * to_f32(s[j]) - m) * inv : 0.0f);
   }
 }
 
 template <typename T>
-__device__ void masked_softmax_bwd(const T* probs, const T* dprobs, T* dscores, const int seq, const float scale) {
+__device__ void masked_softmax_bwd(const T* probs, const T* dprobs, T* dscores, const int rows, const int keys,
+                                   const int q0, const float scale) {
   __shared__ float shared[THREADS / 32];
   const size_t row = blockIdx.x;
-  const int i = row % seq;
-  const T* p = probs + row * seq;
-  const T* dp = dprobs + row * seq;
-  T* ds = dscores + row * seq;
+  const int i = q0 + row % rows;
+  const T* p = probs + row * keys;
+  const T* dp = dprobs + row * keys;
+  T* ds = dscores + row * keys;
   float dot = 0.0f;
   for (int j = threadIdx.x; j <= i; j += THREADS) dot += to_f32(p[j]) * to_f32(dp[j]);
   dot = block_reduce<false>(dot, shared);
-  for (int j = threadIdx.x; j < seq; j += THREADS) {
+  for (int j = threadIdx.x; j < keys; j += THREADS) {
     const float pj = j <= i ? to_f32(p[j]) : 0.0f;
     ds[j] = from_f32<T>(j <= i ? scale * pj * (to_f32(dp[j]) - dot) : 0.0f);
   }
@@ -75,13 +79,15 @@ __device__ void masked_softmax_bwd(const T* probs, const T* dprobs, T* dscores, 
 
 #define SOFTMAX_KERNELS(T, SUFFIX)                                                                    \
   extern "C" __global__ void masked_softmax_fwd_##SUFFIX(const T* s, const uint32_t* seg, T* p,      \
-                                                         const int heads, const int seq,             \
+                                                         const int heads, const int rows,            \
+                                                         const int keys, const int seq, const int q0, \
                                                          const float scale) {                        \
-    masked_softmax_fwd(s, seg, p, heads, seq, scale);                                               \
+    masked_softmax_fwd(s, seg, p, heads, rows, keys, seq, q0, scale);                               \
   }                                                                                                   \
-  extern "C" __global__ void masked_softmax_bwd_##SUFFIX(const T* p, const T* dp, T* ds, const int seq, \
+  extern "C" __global__ void masked_softmax_bwd_##SUFFIX(const T* p, const T* dp, T* ds, const int rows, \
+                                                         const int keys, const int q0,               \
                                                          const float scale) {                        \
-    masked_softmax_bwd(p, dp, ds, seq, scale);                                                      \
+    masked_softmax_bwd(p, dp, ds, rows, keys, q0, scale);                                           \
   }
 
 SOFTMAX_KERNELS(float, f32)

@@ -112,3 +112,81 @@ fn rms_norm_matches_the_primitive_op_reference() {
     assert!(max(&(&y - &y_ref).unwrap()) <= 1e-6 * max(&y_ref));
     assert!(max(&(&g - &g_ref).unwrap()) <= 1e-5 * max(&g_ref));
 }
+
+#[test]
+fn blocked_attention_matches_the_whole_matrix_reference() {
+    use moeq::ops::attention::{attention, attention_reference};
+    let cpu = &Device::Cpu;
+    // 6 query heads over 2 kv heads (groups of 3), 37 positions; batch 0 packs samples of 11,
+    // 20 and 4 tokens and 2 padding positions, batch 1 is one sample.
+    let (b, s, nh, kvh, hd) = (2, 37, 6, 2, 8);
+    let seg0: Vec<u32> = (0..s as u32)
+        .map(|p| match p {
+            0..11 => 0,
+            11..31 => 1,
+            31..35 => 2,
+            _ => 3,
+        })
+        .collect();
+    let segments = vec![seg0, vec![0u32; s]];
+    let seg_t = Tensor::from_vec(segments.concat(), (b, s), cpu).unwrap();
+    let q = (Tensor::randn(0f32, 1.0, (b, s, nh, hd), cpu).unwrap() * 2.0).unwrap();
+    let k = (Tensor::randn(0f32, 1.0, (b, s, kvh, hd), cpu).unwrap() * 2.0).unwrap();
+    let v = Tensor::randn(0f32, 1.0, (b, s, kvh, hd), cpu).unwrap();
+    let upstream = Tensor::randn(0f32, 1.0, (b, s, nh, hd), cpu).unwrap();
+    let scale = 1.0 / (hd as f64).sqrt();
+    // None: the reference; Some(c): blocks of c query positions (all, uneven, one).
+    let run = |block: Option<usize>| {
+        let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
+        let [vq, vk, vv] = vars.each_ref().map(|x| x.as_tensor());
+        let y = match block {
+            Some(c) => attention(vq, vk, vv, &seg_t, scale, c).unwrap(),
+            None => attention_reference(vq, vk, vv, &segments, scale).unwrap(),
+        };
+        let g = (&y * &upstream)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grads = vars.map(|x| g.get(x.as_tensor()).unwrap().clone());
+        (y, grads)
+    };
+    let max = |t: &Tensor| -> f32 {
+        t.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    let (y_ref, g_ref) = run(None);
+    for c in [37, 8, 5, 1] {
+        let (y, g) = run(Some(c));
+        assert_eq!(y.dims(), &[b, s, nh, hd]);
+        // f32 throughout; sums of ≤ 37 products reordered by the blocking: a few ulps of scale.
+        assert!(
+            max(&(&y - &y_ref).unwrap()) <= 1e-5 * max(&y_ref),
+            "block {c}: output"
+        );
+        for (name, (g, r)) in ["q", "k", "v"].iter().zip(g.iter().zip(&g_ref)) {
+            assert!(max(r) > 0.1, "d{name} is not trivially small");
+            let err = max(&(g - r).unwrap());
+            assert!(err <= 1e-5 * max(r), "block {c}: d{name} off by {err}");
+        }
+    }
+    // Nothing crosses a sample boundary: output rows of sample 1 ignore sample 0's values.
+    let v2 = v
+        .slice_assign(
+            &[0..1, 0..11, 0..kvh, 0..hd],
+            &Tensor::zeros((1, 11, kvh, hd), DType::F32, cpu).unwrap(),
+        )
+        .unwrap();
+    let y2 = attention(&q, &k, &v2, &seg_t, scale, 5).unwrap();
+    let (y1, _) = run(Some(5));
+    let tail = |t: &Tensor| t.narrow(0, 0, 1).unwrap().narrow(1, 11, 26).unwrap();
+    assert_eq!(max(&(tail(&y1) - tail(&y2)).unwrap()), 0.0);
+    assert!(max(&(y1.narrow(1, 0, 11).unwrap() - y2.narrow(1, 0, 11).unwrap()).unwrap()) > 0.0);
+}

@@ -3,7 +3,7 @@
 
 use super::model::{Inputs, LayerStats, LoraCtx, Parallel};
 use super::{ArchSpec, QkNorm};
-use crate::ops::attn_softmax::masked_softmax;
+use crate::ops::attention::{attention, query_block};
 use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
 use crate::ops::nf4_linear::{nf4_linear, Nf4Weight};
 use crate::ops::norm::{rms_norm, softmax_last};
@@ -152,27 +152,18 @@ impl Attention {
         let (cos, sin) = &inputs.rope;
         let q = apply_rope(&q, cos, sin)?;
         let k = apply_rope(&k, cos, sin)?;
-        // Grouped-query attention without repeating k/v: query head h uses kv head h / rep,
-        // so the rep query heads of one kv head are stacked along the row dimension.
-        let rep = nh / kvh;
-        let q = q.reshape((b, s, nh, hd))?.transpose(1, 2)?.contiguous()?; // [B, nh, S, hd]
-        let q = q.reshape((b, kvh, rep * s, hd))?;
-        let k = k.reshape((b, s, kvh, hd))?.transpose(1, 2)?.contiguous()?; // [B, kvh, S, hd]
-        let v = v.reshape((b, s, kvh, hd))?.transpose(1, 2)?.contiguous()?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = timed("attn: q·kᵀ", dev, || {
-            q.matmul(&k.t()?)?.reshape((b, nh, s, s))
-        })?; // [B, nh, S, S]
-        let probs = timed("attn: softmax", dev, || {
-            masked_softmax(&scores, &inputs.segments, scale)
-        })?;
-        let probs = probs.reshape((b, kvh, rep * s, s))?;
-        let ctx = probs.matmul(&v)?; // [B, kvh, rep·S, hd]
-        let ctx = ctx
-            .reshape((b, nh, s, hd))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((n, nh * hd))?;
+        let block = query_block(b, nh, s, q.dtype());
+        let ctx = timed("attn: attention", dev, || {
+            attention(
+                &q.reshape((b, s, nh, hd))?,
+                &k.reshape((b, s, kvh, hd))?,
+                &v.reshape((b, s, kvh, hd))?,
+                &inputs.segments,
+                1.0 / (hd as f64).sqrt(),
+                block,
+            )
+        })?
+        .reshape((n, nh * hd))?;
         timed("attn: o projection", dev, || self.o.forward(&ctx, lora))
     }
 }

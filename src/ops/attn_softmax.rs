@@ -13,32 +13,57 @@ fn visible(seg: &[u32], i: usize, j: usize) -> bool {
     j <= i && seg[j] == seg[i]
 }
 
-/// Row-wise reference on f32 values: `f(row, segments of its batch, i, out)`.
-fn for_rows(dims: (usize, usize, usize), n: usize, mut f: impl FnMut(usize, usize, usize)) {
-    let (b, h, s) = dims;
-    debug_assert_eq!(n, b * h * s * s);
-    for row in 0..b * h * s {
-        f(row, row / (h * s), row % s);
-    }
+/// A block of score rows: `[B, H, C, K]`, query positions `q0..q0 + C` against keys `0..K`.
+#[derive(Clone, Copy)]
+struct Block {
+    b: usize,
+    h: usize,
+    rows: usize,
+    keys: usize,
+    q0: usize,
 }
 
-fn dims4(t: &Tensor) -> Result<(usize, usize, usize)> {
-    let (b, h, s, s2) = t.dims4()?;
-    if s != s2 {
-        candle_core::bail!("masked_softmax: scores [{b}, {h}, {s}, {s2}] are not square");
+impl Block {
+    fn of(t: &Tensor, q0: usize) -> Result<Self> {
+        let (b, h, rows, keys) = t.dims4()?;
+        if q0 + rows > keys {
+            candle_core::bail!(
+                "masked_softmax: queries {q0}..{} need more than the {keys} keys of scores {:?}",
+                q0 + rows,
+                t.dims()
+            );
+        }
+        Ok(Block {
+            b,
+            h,
+            rows,
+            keys,
+            q0,
+        })
     }
-    Ok((b, h, s))
+
+    /// Calls `f(row, batch, query position)` for every score row.
+    fn for_rows(&self, mut f: impl FnMut(usize, usize, usize)) {
+        for row in 0..self.b * self.h * self.rows {
+            f(row, row / (self.h * self.rows), self.q0 + row % self.rows);
+        }
+    }
 }
 
 /// The CPU forward in f32.
-fn masked_softmax_cpu(scores: &Tensor, segments: &[Vec<u32>], scale: f32) -> Result<Tensor> {
-    let dims = dims4(scores)?;
-    let s = dims.2;
+fn masked_softmax_cpu(
+    scores: &Tensor,
+    segments: &[Vec<u32>],
+    q0: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let blk = Block::of(scores, q0)?;
+    let kk = blk.keys;
     let x: Vec<f32> = scores.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let mut p = vec![0f32; x.len()];
-    for_rows(dims, x.len(), |row, b, i| {
+    blk.for_rows(|row, b, i| {
         let seg = &segments[b];
-        let xs = &x[row * s..(row + 1) * s];
+        let xs = &x[row * kk..(row + 1) * kk];
         let m = (0..=i)
             .filter(|&j| visible(seg, i, j))
             .map(|j| scale * xs[j])
@@ -49,7 +74,7 @@ fn masked_softmax_cpu(scores: &Tensor, segments: &[Vec<u32>], scale: f32) -> Res
             .sum();
         for j in 0..=i {
             if visible(seg, i, j) {
-                p[row * s + j] = (scale * xs[j] - m).exp() / sum;
+                p[row * kk + j] = (scale * xs[j] - m).exp() / sum;
             }
         }
     });
@@ -57,14 +82,14 @@ fn masked_softmax_cpu(scores: &Tensor, segments: &[Vec<u32>], scale: f32) -> Res
 }
 
 /// The CPU backward in f32.
-fn masked_softmax_bwd_cpu(p: &Tensor, dp: &Tensor, scale: f32) -> Result<Tensor> {
-    let dims = dims4(p)?;
-    let s = dims.2;
+fn masked_softmax_bwd_cpu(p: &Tensor, dp: &Tensor, q0: usize, scale: f32) -> Result<Tensor> {
+    let blk = Block::of(p, q0)?;
+    let kk = blk.keys;
     let pv: Vec<f32> = p.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let dv: Vec<f32> = dp.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let mut ds = vec![0f32; pv.len()];
-    for_rows(dims, pv.len(), |row, _, i| {
-        let r = row * s;
+    blk.for_rows(|row, _, i| {
+        let r = row * kk;
         let dot: f32 = (0..=i).map(|j| pv[r + j] * dv[r + j]).sum();
         for j in 0..=i {
             ds[r + j] = scale * pv[r + j] * (dv[r + j] - dot);
@@ -75,6 +100,7 @@ fn masked_softmax_bwd_cpu(p: &Tensor, dp: &Tensor, scale: f32) -> Result<Tensor>
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use super::Block;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::{Result, Storage, Tensor};
@@ -157,22 +183,78 @@ mod cuda {
         ))
     }
 
-    pub fn forward(scores: &Tensor, segments: &Tensor, heads: usize, scale: f32) -> Result<Tensor> {
-        let (b, h, s, _) = scores.dims4()?;
-        let ints = [heads as i32, s as i32];
-        launch(
-            "masked_softmax_fwd",
-            scores,
-            segments,
-            b * h * s,
-            &ints,
-            &scale,
-        )
+    pub fn forward(scores: &Tensor, segments: &Tensor, q0: usize, scale: f32) -> Result<Tensor> {
+        let blk = Block::of(scores, q0)?;
+        let seq = segments.dim(1)?;
+        let ints = [blk.h, blk.rows, blk.keys, seq, q0].map(|v| v as i32);
+        let rows = blk.b * blk.h * blk.rows;
+        launch("masked_softmax_fwd", scores, segments, rows, &ints, &scale)
     }
 
-    pub fn backward(p: &Tensor, dp: &Tensor, scale: f32) -> Result<Tensor> {
-        let (b, h, s, _) = p.dims4()?;
-        launch("masked_softmax_bwd", p, dp, b * h * s, &[s as i32], &scale)
+    pub fn backward(p: &Tensor, dp: &Tensor, q0: usize, scale: f32) -> Result<Tensor> {
+        let blk = Block::of(p, q0)?;
+        let ints = [blk.rows, blk.keys, q0].map(|v| v as i32);
+        let rows = blk.b * blk.h * blk.rows;
+        launch("masked_softmax_bwd", p, dp, rows, &ints, &scale)
+    }
+}
+
+/// `(B, H, S)` of square scores `[B, H, S, S]`.
+fn dims4(t: &Tensor) -> Result<(usize, usize, usize)> {
+    let (b, h, s, s2) = t.dims4()?;
+    if s != s2 {
+        candle_core::bail!("masked_softmax: scores [{b}, {h}, {s}, {s2}] are not square");
+    }
+    Ok((b, h, s))
+}
+
+fn cpu_segments(segments: &Tensor) -> Result<Vec<Vec<u32>>> {
+    segments.to_device(&candle_core::Device::Cpu)?.to_vec2()
+}
+
+/// The masked softmax of a block of scores `[B, H, C, K]` (queries `q0..q0 + C`, keys `0..K`,
+/// contiguous from offset 0) on the scores' device, without autograd.
+pub(crate) fn softmax_block(
+    scores: &Tensor,
+    segments: &Tensor,
+    q0: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let blk = Block::of(scores, q0)?;
+    let (sb, seq) = segments.dims2()?;
+    if sb != blk.b || blk.keys > seq || segments.dtype() != DType::U32 {
+        candle_core::bail!(
+            "masked_softmax: segments {:?} {:?} for scores {:?}",
+            segments.dims(),
+            segments.dtype(),
+            scores.dims()
+        );
+    }
+    match scores.device() {
+        candle_core::Device::Cpu => masked_softmax_cpu(scores, &cpu_segments(segments)?, q0, scale),
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => cuda::forward(scores, segments, q0, scale),
+        #[allow(unreachable_patterns)]
+        d => candle_core::bail!("masked_softmax: device {d:?} not supported"),
+    }
+}
+
+/// The scores' gradient of [`softmax_block`] from its probabilities and their gradient (same
+/// shape, contiguous from offset 0), without autograd.
+pub(crate) fn softmax_block_bwd(p: &Tensor, dp: &Tensor, q0: usize, scale: f32) -> Result<Tensor> {
+    if p.dims() != dp.dims() || p.dtype() != dp.dtype() {
+        candle_core::bail!(
+            "masked_softmax_bwd: probs {:?} vs grads {:?}",
+            p.dims(),
+            dp.dims()
+        );
+    }
+    match p.device() {
+        candle_core::Device::Cpu => masked_softmax_bwd_cpu(p, dp, q0, scale),
+        #[cfg(feature = "cuda")]
+        candle_core::Device::Cuda(_) => cuda::backward(p, dp, q0, scale),
+        #[allow(unreachable_patterns)]
+        d => candle_core::bail!("masked_softmax: device {d:?} not supported"),
     }
 }
 
@@ -182,14 +264,6 @@ struct MaskedSoftmax {
     scale: f32,
 }
 
-impl MaskedSoftmax {
-    fn cpu_segments(&self) -> Result<Vec<Vec<u32>>> {
-        self.segments
-            .to_device(&candle_core::Device::Cpu)?
-            .to_vec2()
-    }
-}
-
 impl CustomOp1 for MaskedSoftmax {
     fn name(&self) -> &'static str {
         "masked_softmax"
@@ -197,7 +271,7 @@ impl CustomOp1 for MaskedSoftmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = super::tensor_of(Storage::Cpu(s.clone()), l, "masked_softmax")?;
-        let p = masked_softmax_cpu(&x, &self.cpu_segments()?, self.scale)?;
+        let p = softmax_block(&x, &self.segments, 0, self.scale)?;
         super::cpu_result(p, "masked_softmax")
     }
 
@@ -209,8 +283,7 @@ impl CustomOp1 for MaskedSoftmax {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
         let x = super::tensor_of(Storage::Cuda(s.try_clone(l)?), l, "masked_softmax")?;
-        let heads = x.dim(1)?;
-        let p = cuda::forward(&x, &self.segments, heads, self.scale)?;
+        let p = softmax_block(&x, &self.segments, 0, self.scale)?;
         super::cuda_result(p, "masked_softmax")
     }
 
@@ -240,10 +313,7 @@ impl CustomOp2 for MaskedSoftmaxBwd {
     ) -> Result<(CpuStorage, Shape)> {
         let p = super::tensor_of(Storage::Cpu(s1.clone()), l1, "masked_softmax_bwd")?;
         let dp = super::tensor_of(Storage::Cpu(s2.clone()), l2, "masked_softmax_bwd")?;
-        super::cpu_result(
-            masked_softmax_bwd_cpu(&p, &dp, self.0)?,
-            "masked_softmax_bwd",
-        )
+        super::cpu_result(softmax_block_bwd(&p, &dp, 0, self.0)?, "masked_softmax_bwd")
     }
 
     #[cfg(feature = "cuda")]
@@ -257,7 +327,7 @@ impl CustomOp2 for MaskedSoftmaxBwd {
         use candle_core::backend::BackendStorage;
         let p = super::tensor_of(Storage::Cuda(s1.try_clone(l1)?), l1, "masked_softmax_bwd")?;
         let dp = super::tensor_of(Storage::Cuda(s2.try_clone(l2)?), l2, "masked_softmax_bwd")?;
-        super::cuda_result(cuda::backward(&p, &dp, self.0)?, "masked_softmax_bwd")
+        super::cuda_result(softmax_block_bwd(&p, &dp, 0, self.0)?, "masked_softmax_bwd")
     }
 }
 

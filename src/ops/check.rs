@@ -418,6 +418,26 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         rtol,
         k_tol,
     )?);
+    // Blocked attention over the same packing: 8 query heads on 2 kv heads, head size 64, in
+    // blocks of 64 query positions (the last one 44) and as one block.
+    let qkv = [8usize, 2, 2]
+        .iter()
+        .map(|&h| Tensor::randn(0f32, 1.0, (2, 300, h, 64), cpu))
+        .collect::<Result<Vec<_>>>()?;
+    for block in [64, 300] {
+        out.extend(device_vs_cpu(
+            &format!("attention (blocks of {block})"),
+            device,
+            dtype,
+            &qkv,
+            &|t| {
+                let segments = Tensor::from_slice(&seg, (2, 300), t[0].device())?;
+                super::attention::attention(&t[0], &t[1], &t[2], &segments, 0.125, block)
+            },
+            rtol,
+            k_tol,
+        )?);
+    }
     // Routing gathers: 300 tokens, top-4 of 16 experts (token t picks t·7+j·5 mod 16, distinct
     // for j < 4), rows sorted by expert; gather, an elementwise stand-in for the experts,
     // combine.

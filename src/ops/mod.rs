@@ -1,6 +1,7 @@
 //! Custom ops with a CPU reference and a CUDA implementation (kernels in `kernels/`), each
 //! with a backward pass, tested against each other.
 
+pub mod attention;
 pub mod attn_softmax;
 pub mod check;
 pub mod experts;

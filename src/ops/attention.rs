@@ -1,0 +1,246 @@
+//! Causal attention over packed sequences in blocks of query rows, as one op with its own
+//! backward: `softmax(scale·q·kᵀ + mask)·v` with grouped-query heads, never holding more than one
+//! block's scores. A block of `C` query positions `q0..q1` only meets keys `0..q1` (later keys
+//! are masked), so the scores are `[B, H, C, q1]` and the causal half of the work is skipped.
+//! Forward keeps nothing but its inputs; backward recomputes each block's probabilities and
+//! runs `dP = dO·vᵀ`, `dS = softmax_bwd(P, dP)`, `dq = dS·k`, `dk += dSᵀ·q`, `dv += Pᵀ·dO`
+//! (the FlashAttention recurrence, with cuBLAS GEMMs and the masked-softmax kernels between).
+//! The same code runs on the CPU; the primitive-op version it is tested against is
+//! [`attention_reference`].
+
+use super::attn_softmax::{masked_softmax_reference, softmax_block, softmax_block_bwd};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+
+/// Bytes of one block's scores the block size is chosen for (each of the backward's four
+/// block tensors is this large).
+const BLOCK_SCORE_BYTES: usize = 256 << 20;
+
+/// Query rows per block: as many as fit [`BLOCK_SCORE_BYTES`] of scores against all `s` keys,
+/// at most 256 (smaller blocks skip more of the masked half) and at least 16.
+pub fn query_block(batch: usize, heads: usize, s: usize, dtype: DType) -> usize {
+    let per_row = (batch * heads * s * dtype.size_in_bytes()).max(1);
+    (BLOCK_SCORE_BYTES / per_row).clamp(16, 256).min(s.max(1))
+}
+
+struct BlockedAttention {
+    /// `[B, S]` u32 on the inputs' device.
+    segments: Tensor,
+    scale: f32,
+    block: usize,
+}
+
+/// Shapes of one call: batch, positions, query heads, kv heads, head size.
+struct Dims {
+    b: usize,
+    s: usize,
+    nh: usize,
+    kvh: usize,
+    hd: usize,
+}
+
+impl Dims {
+    fn of(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Self> {
+        let (b, s, nh, hd) = q.dims4()?;
+        let (kb, ks, kvh, khd) = k.dims4()?;
+        if (kb, ks, khd) != (b, s, hd) || v.dims() != k.dims() || kvh == 0 || nh % kvh != 0 {
+            candle_core::bail!(
+                "attention: q {:?}, k {:?}, v {:?} are not [B, S, heads, head_dim] with kv heads dividing query heads",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
+        }
+        Ok(Dims { b, s, nh, kvh, hd })
+    }
+
+    fn rep(&self) -> usize {
+        self.nh / self.kvh
+    }
+}
+
+/// Rows `q0..q0 + c` of `x [B, S, nh, hd]` as `[B, kvh, rep·c, hd]`: the `rep` query heads of
+/// one kv head stacked along the rows, so one batched GEMM serves a whole group.
+fn query_rows(x: &Tensor, d: &Dims, q0: usize, c: usize) -> Result<Tensor> {
+    x.reshape((d.b, d.s, d.kvh, d.rep(), d.hd))?
+        .narrow(1, q0, c)?
+        .permute((0, 2, 3, 1, 4))?
+        .contiguous()?
+        .reshape((d.b, d.kvh, d.rep() * c, d.hd))
+}
+
+/// The inverse of [`query_rows`] for a block's result: `[B, kvh, rep·c, hd]` → `[B, c, nh, hd]`.
+fn block_rows(y: &Tensor, d: &Dims, c: usize) -> Result<Tensor> {
+    y.reshape((d.b, d.kvh, d.rep(), c, d.hd))?
+        .permute((0, 3, 1, 2, 4))?
+        .contiguous()?
+        .reshape((d.b, c, d.nh, d.hd))
+}
+
+impl BlockedAttention {
+    /// `(q0, c)` of every block.
+    fn blocks(&self, s: usize) -> impl Iterator<Item = (usize, usize)> {
+        let c = self.block;
+        (0..s).step_by(c).map(move |q0| (q0, c.min(s - q0)))
+    }
+
+    /// Keys (or values) `0..q1` as `[B, kvh, q1, hd]` from `[B, kvh, S, hd]`.
+    fn prefix(kv: &Tensor, q1: usize) -> Result<Tensor> {
+        kv.narrow(2, 0, q1)?.contiguous()
+    }
+
+    /// One block's probabilities `[B, kvh, rep·c, q1]` from its queries and key prefix.
+    fn probs(&self, d: &Dims, qc: &Tensor, kc: &Tensor, q0: usize, c: usize) -> Result<Tensor> {
+        let q1 = q0 + c;
+        let scores = qc.matmul(&kc.t()?)?.reshape((d.b, d.nh, c, q1))?;
+        softmax_block(&scores, &self.segments, q0, self.scale)?.reshape((
+            d.b,
+            d.kvh,
+            d.rep() * c,
+            q1,
+        ))
+    }
+
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let d = Dims::of(q, k, v)?;
+        let kt = k.transpose(1, 2)?.contiguous()?; // [B, kvh, S, hd]
+        let vt = v.transpose(1, 2)?.contiguous()?;
+        let mut out = Vec::new();
+        for (q0, c) in self.blocks(d.s) {
+            let q1 = q0 + c;
+            let qc = query_rows(q, &d, q0, c)?;
+            let p = self.probs(&d, &qc, &Self::prefix(&kt, q1)?, q0, c)?;
+            out.push(block_rows(&p.matmul(&Self::prefix(&vt, q1)?)?, &d, c)?);
+        }
+        Tensor::cat(&out, 1)
+    }
+
+    fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, dout: &Tensor) -> Result<[Tensor; 3]> {
+        let d = Dims::of(q, k, v)?;
+        let dout = dout.to_dtype(q.dtype())?;
+        let kt = k.transpose(1, 2)?.contiguous()?;
+        let vt = v.transpose(1, 2)?.contiguous()?;
+        let mut dq = Vec::new();
+        let mut dk = Tensor::zeros((d.b, d.kvh, d.s, d.hd), DType::F32, q.device())?;
+        let mut dv = dk.clone();
+        for (q0, c) in self.blocks(d.s) {
+            let q1 = q0 + c;
+            let qc = query_rows(q, &d, q0, c)?;
+            let kc = Self::prefix(&kt, q1)?;
+            let vc = Self::prefix(&vt, q1)?;
+            let p = self.probs(&d, &qc, &kc, q0, c)?;
+            let doc = query_rows(&dout, &d, q0, c)?;
+            let dp = doc.matmul(&vc.t()?)?.reshape((d.b, d.nh, c, q1))?;
+            let ds = softmax_block_bwd(&p.reshape((d.b, d.nh, c, q1))?, &dp, q0, self.scale)?
+                .reshape((d.b, d.kvh, d.rep() * c, q1))?;
+            dq.push(block_rows(&ds.matmul(&kc)?, &d, c)?);
+            let pad = |t: Tensor| t.to_dtype(DType::F32)?.pad_with_zeros(2, 0, d.s - q1);
+            dk = (dk + pad(ds.t()?.matmul(&qc)?)?)?;
+            dv = (dv + pad(p.t()?.matmul(&doc)?)?)?;
+        }
+        let back = |t: Tensor| t.transpose(1, 2)?.to_dtype(q.dtype())?.contiguous();
+        Ok([Tensor::cat(&dq, 1)?, back(dk)?, back(dv)?])
+    }
+}
+
+impl CustomOp3 for BlockedAttention {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let t =
+            |s: &CpuStorage, l: &Layout| super::tensor_of(Storage::Cpu(s.clone()), l, "attention");
+        let y = self.forward(&t(s1, l1)?, &t(s2, l2)?, &t(s3, l3)?)?;
+        super::cpu_result(y, "attention")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let t = |s: &candle_core::CudaStorage, l: &Layout| {
+            super::tensor_of(Storage::Cuda(s.try_clone(l)?), l, "attention")
+        };
+        let y = self.forward(&t(s1, l1)?, &t(s2, l2)?, &t(s3, l3)?)?;
+        super::cuda_result(y, "attention")
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _t = crate::util::phases::Span::start("bwd: attention", q.device());
+        let [dq, dk, dv] = self.backward(q, k, v, dout)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// Causal attention within packed sequences: q `[B, S, nh, hd]`, k and v `[B, S, kvh, hd]`
+/// (query head `h` uses kv head `h / (nh / kvh)`), `segments [B, S]` u32 on the same device →
+/// `[B, S, nh, hd]`, computed `block` query positions at a time (see [`query_block`]).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &Tensor,
+    scale: f64,
+    block: usize,
+) -> Result<Tensor> {
+    let d = Dims::of(q, k, v)?;
+    if segments.dims2()? != (d.b, d.s) || segments.dtype() != DType::U32 || block == 0 {
+        candle_core::bail!(
+            "attention: segments {:?} {:?} (block {block}) for q {:?}",
+            segments.dims(),
+            segments.dtype(),
+            q.dims()
+        );
+    }
+    let op = BlockedAttention {
+        segments: segments.clone(),
+        scale: scale as f32,
+        block,
+    };
+    let z = super::at_offset_zero;
+    z(q)?.apply_op3(&z(k)?, &z(v)?, op)
+}
+
+/// The primitive-op version the op is tested against: the whole `[B, nh, S, S]` score matrix,
+/// the additive-mask softmax of [`masked_softmax_reference`] and k/v repeated per query head,
+/// differentiated by candle's autograd. `segments` as rows of u32.
+pub fn attention_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[Vec<u32>],
+    scale: f64,
+) -> Result<Tensor> {
+    let d = Dims::of(q, k, v)?;
+    let heads = |t: &Tensor| -> Result<Tensor> {
+        let t = t.transpose(1, 2)?.contiguous()?; // [B, kvh, S, hd]
+        let idx: Vec<u32> = (0..d.nh).map(|h| (h / d.rep()) as u32).collect();
+        t.index_select(&Tensor::new(idx, t.device())?, 1)
+    };
+    let qt = q.transpose(1, 2)?.contiguous()?; // [B, nh, S, hd]
+    let scores = qt.matmul(&heads(k)?.t()?)?;
+    let p = masked_softmax_reference(&scores, segments, scale)?;
+    p.matmul(&heads(v)?)?.transpose(1, 2)?.contiguous()
+}
