@@ -195,12 +195,39 @@ impl StatsGather for Recorder<'_> {
 fn loading_on_any_number_of_ranks_gives_the_single_process_bytes() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = synth_into(tmp.path(), ModelType::Olmoe, DiskLayout::Hub);
+    ranks_match_the_single_process(&dir);
+    // Weights drawn at load time: each rank draws only its experts.
+    ranks_match_the_single_process(&generated(
+        &tmp.path().join("generated"),
+        ModelType::Olmoe,
+        3,
+    ));
+}
+
+/// A config-only synth directory whose weights are drawn at load time with `seed`.
+fn generated(dir: &Path, arch: ModelType, seed: u64) -> ModelDir {
+    synth::write(
+        &SynthOptions {
+            model_type: arch,
+            config_only: true,
+            ..SynthOptions::default()
+        },
+        dir,
+    )
+    .unwrap();
+    let mut d = ModelDir::open(dir).unwrap();
+    assert!(!d.has_weights());
+    d.generate_weights(seed);
+    d
+}
+
+fn ranks_match_the_single_process(dir: &ModelDir) {
     let settings = QuantSettings {
         kind: QuantKind::Nf4,
         blocksize: 64,
         double_quant: true,
     };
-    let whole = load(&dir, settings);
+    let whole = load(dir, settings);
     let experts = dir.spec.num_experts;
     for ranks in [1, 2, 3, 4, 8] {
         let plan: Vec<_> = (0..ranks)
@@ -210,7 +237,7 @@ fn loading_on_any_number_of_ranks_gives_the_single_process_bytes() {
         let mut sent = BTreeMap::new();
         for r in &plan {
             frozen::load(
-                &dir,
+                dir,
                 settings,
                 Some(r.clone()),
                 &mut CpuQuantizer,
@@ -221,7 +248,7 @@ fn loading_on_any_number_of_ranks_gives_the_single_process_bytes() {
         // Round 2: every rank receives all of them.
         for r in &plan {
             let rank = frozen::load(
-                &dir,
+                dir,
                 settings,
                 Some(r.clone()),
                 &mut CpuQuantizer,
@@ -305,4 +332,75 @@ fn mismatching_settings_for_a_prequantized_checkpoint_are_an_error() {
         )
     );
     assert!(!tmp.path().join("x").exists());
+}
+
+/// `synth://…&init=device` draws the weights at load time with the counter-based generator:
+/// deterministic, with the synth writer's scales (N(0, 0.02), norms 1 + N(0, 0.02), head
+/// N(0, 1/√H)), a different stream per seed, and the same frozen base for every architecture
+/// shape the loader knows.
+#[test]
+fn generated_weights_have_the_synth_scales_and_are_deterministic() {
+    use moeq::checkpoint::generated::draw;
+    let settings = QuantSettings {
+        kind: QuantKind::Nf4,
+        blocksize: 64,
+        double_quant: true,
+    };
+    for arch in [ModelType::Qwen3Moe, ModelType::Mixtral, ModelType::Qwen2Moe] {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = generated(&tmp.path().join("a"), arch, 3);
+        let b = generated(&tmp.path().join("b"), arch, 3);
+        let c = generated(&tmp.path().join("c"), arch, 4);
+        let fa = fingerprints(&load(&a, settings));
+        assert_eq!(fa, fingerprints(&load(&b, settings)), "{arch:?}");
+        let fc = fingerprints(&load(&c, settings));
+        assert!(
+            fa.iter().all(|(k, v)| fc[k] != *v),
+            "{arch:?}: seed 4 repeats a tensor"
+        );
+    }
+    // Moments of 2^20 draws: standard error of the mean 0.001·std, of the std 0.0007·std;
+    // the bounds are ~10 standard errors (bf16 rounding adds < 0.4% relative per value).
+    let cpu = &candle_core::Device::Cpu;
+    for (std, offset) in [(0.02f32, 0.0f32), (0.02, 1.0), (0.125, 0.0)] {
+        let v: Vec<f32> = draw(11, 1 << 20, std, offset, cpu)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+        let sd = (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+        assert!(
+            (mean - offset as f64).abs() < 0.01 * std as f64,
+            "mean {mean}"
+        );
+        assert!((sd / std as f64 - 1.0).abs() < 0.01, "std {sd} for {std}");
+        let tail = v
+            .iter()
+            .filter(|&&x| (x - offset).abs() > 3.0 * std)
+            .count() as f64
+            / n;
+        assert!((tail - 0.0027).abs() < 0.0005, "3-sigma tail {tail}");
+    }
+    // A prefix of a stream is the same values however much of it is drawn.
+    let long = draw(5, 1000, 1.0, 0.0, cpu).unwrap();
+    let short = draw(5, 10, 1.0, 0.0, cpu).unwrap();
+    let diff = (long
+        .narrow(0, 0, 10)
+        .unwrap()
+        .to_dtype(candle_core::DType::F32)
+        .unwrap()
+        - short.to_dtype(candle_core::DType::F32).unwrap())
+    .unwrap();
+    assert_eq!(
+        diff.abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
 }

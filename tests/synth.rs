@@ -108,8 +108,23 @@ fn synth_uri_parses_and_rejects() {
         .to_string();
     assert_eq!(
         err,
-        "base_model 'synth://qwen3_moe/tiny?sed=3': unknown parameter 'sed' (expected synth://<arch>/<preset>?seed=N[&layers=L][&layout=hub|fused])"
+        "base_model 'synth://qwen3_moe/tiny?sed=3': unknown parameter 'sed' (expected synth://<arch>/<preset>?seed=N[&layers=L][&layout=hub|fused][&init=disk|device])"
     );
+    let u = SynthUri::parse("synth://qwen3_moe/qwen3-30b-a3b?seed=5&init=device").unwrap();
+    assert!(u.generated);
+    assert_eq!(
+        synth::generated_seed("synth://olmoe/tiny?init=device&seed=7").unwrap(),
+        Some(7)
+    );
+    assert_eq!(
+        synth::generated_seed("synth://olmoe/tiny?seed=7").unwrap(),
+        None
+    );
+    assert_eq!(synth::generated_seed("/models/olmoe").unwrap(), None);
+    assert!(SynthUri::parse("synth://olmoe/tiny?init=gpu")
+        .unwrap_err()
+        .to_string()
+        .contains("init must be 'disk' or 'device', got 'gpu'"));
     let err = SynthUri::parse("synth://llama/tiny")
         .unwrap_err()
         .to_string();
@@ -139,6 +154,11 @@ fn synth_uri_resolves_into_the_cache_once() {
             .modified()
             .unwrap()
     );
+    // init=device: config and tokenizer only, the weights are drawn at load time.
+    let cfg = synth::resolve_base_model("synth://olmoe/tiny?seed=9&init=device").unwrap();
+    assert_ne!(cfg, dir);
+    assert!(cfg.join("config.json").is_file() && cfg.join("tokenizer.json").is_file());
+    assert!(!cfg.join("model.safetensors").exists());
     // No partial directories are left next to it.
     let leftovers: Vec<_> = std::fs::read_dir(dir.parent().unwrap())
         .unwrap()
@@ -248,7 +268,7 @@ fn custom_ops_match_their_references_on_the_cpu() {
     // is tested against its reference in tests/nf4_linear.rs). RMSNorm, RoPE and the grouped
     // expert ops compare bf16 against the f32 reference within the stated bf16 tolerance.
     let results = moeq::ops::check::run_all(&candle_core::Device::Cpu).unwrap();
-    assert_eq!(results.len(), 75);
+    assert_eq!(results.len(), 77);
     for r in results {
         assert!(r.passed(), "{r}");
     }

@@ -51,16 +51,32 @@ def moeq_row(path):
     }
 
 
+def load_line(log):
+    """moeq's summary of loading the frozen base ("frozen base: ... in N s"), if it got there."""
+    try:
+        lines = [ln for ln in open(log) if "frozen base:" in ln]
+    except OSError:
+        return None
+    return lines[-1].split("INFO", 1)[-1].strip() if lines else None
+
+
 def main():
     runs = sys.argv[1]
     matmul = json.load(open(os.path.join(runs, "matmul.json")))["matmul_tflops"]
     idle = int(open(os.path.join(runs, "idle.mem")).read().split()[0])
     gpu = open(os.path.join(runs, "gpu.txt")).read().strip()
     date = open(os.path.join(runs, "date.txt")).read().strip()
-    layers, seq = 12, 2048
+    seq = 2048
+    for layers, prefix in ((12, "moeq"), (48, "moeq48")):
+        table(runs, matmul, idle, gpu, date, layers, seq, prefix)
+
+
+def table(runs, matmul, idle, gpu, date, layers, seq, prefix):
     fpt = flops_per_token(SimpleNamespace(**FULL_SHAPE, num_hidden_layers=layers), seq)
     rows = []
-    for path in sorted(glob.glob(os.path.join(runs, "seed-mbs*.json"))):
+    loads = []
+    seeds = sorted(glob.glob(os.path.join(runs, "seed-mbs*.json"))) if layers == 12 else []
+    for path in seeds:
         r = json.load(open(path))
         name = os.path.basename(path)[: -len(".json")]
         rows.append(dict(
@@ -71,9 +87,12 @@ def main():
             own=f"reserved {r['peak_reserved_gb']:.2f} GB" if r.get("peak_reserved_gb") else "",
             losses=[round(v, 3) for v in r.get("losses", [])],
         ))
-    for path in sorted(glob.glob(os.path.join(runs, "moeq-*-mbs*.jsonl"))):
+    for path in sorted(glob.glob(os.path.join(runs, f"{prefix}-*-mbs*.jsonl"))):
         name = os.path.basename(path)[: -len(".jsonl")]
-        m = re.match(r"moeq-(.*)-mbs(\d+)", name)
+        m = re.match(prefix + r"-(.*)-mbs(\d+)", name)
+        line = load_line(os.path.join(runs, name + ".log"))
+        if line:
+            loads.append(f"{name}: {line}")
         r = moeq_row(path)
         targets = "q/k/v/o" if m.group(1) == "attn-lora" else "q/k/v/o + experts"
         rows.append(dict(
@@ -84,6 +103,8 @@ def main():
             own=f"sampled per step {r['own_peak_gb']:.2f} GB" if r else "",
             losses=r["losses"] if r else [],
         ))
+    if not rows:
+        return
     print(f"{gpu}, {date}; bf16 matmul 8192³ measured {matmul:.0f} TFLOP/s; "
           f"{layers} layers, sequence {seq}, {fpt / 1e9:.2f} GFLOP/token\n")
     print("| run | micro-batch | tokens/step | tokens/s | MFU (measured peak) | MFU (989) "
@@ -99,6 +120,10 @@ def main():
         print(f"| {r['run']} | {r['mbs']} | {r['tokens_per_step']:.0f} | {tps:,.0f} | "
               f"{tps * fpt / (matmul * 1e12):.2%} | {tps * fpt / (PEAK_TFLOPS * 1e12):.2%} | "
               f"{mem} | {r['own']} | {r['losses'][0]} → {r['losses'][-1]} |")
+    print()
+    for line in loads:
+        print(f"- {line}")
+    print()
 
 
 if __name__ == "__main__":

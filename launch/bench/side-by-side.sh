@@ -4,7 +4,10 @@
 # repository root, .device/ carried (MOEQ_CUDA_ENV=... launch/gpu-check.sh build; bitsandbytes:
 # ../shared/gpu/fetch-bnb.sh .device/py):
 #
-#   OUT=/tmp/out bash launch/bench/side-by-side.sh [both|seed|moeq] [micro-batch sizes...]
+#   OUT=/tmp/out bash launch/bench/side-by-side.sh [both|seed|moeq|full] [micro-batch sizes...]
+#
+# `full` runs moeq alone at full depth (configs/bench/qwen3-30b-a3b-48l-*.yaml, weights drawn on
+# the GPU), reported in a table of its own.
 #
 # Each run's device memory is sampled by nvidia-smi every 100 ms (the driver's view, the same
 # for both stacks); launch/bench/report.py turns the results into the BENCHMARKS.md table
@@ -39,10 +42,19 @@ nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits > "$runs/idle.m
 date -u +%Y-%m-%d > "$runs/date.txt"
 python3 launch/bench/seed_stack.py --matmul-only --out "$runs/matmul.json" > /dev/null
 for mbs in $mbs_list; do
-  if [ "$which" != moeq ]; then
+  if [ "$which" = both ] || [ "$which" = seed ]; then
     sampled "seed-mbs$mbs" python3 launch/bench/seed_stack.py --mbs "$mbs" --out "$runs/seed-mbs$mbs.json"
   fi
-  if [ "$which" != seed ]; then
+  if [ "$which" = full ]; then
+    for cfg in attn-lora expert-lora; do
+      conf=$runs/moeq48-$cfg-mbs$mbs.yaml
+      sed "s/^micro_batch_size:.*/micro_batch_size: $mbs/" configs/bench/qwen3-30b-a3b-48l-$cfg.yaml > "$conf"
+      dir=$(sed -n 's/^output_dir: *//p' "$conf")
+      rm -rf "$dir"
+      sampled "moeq48-$cfg-mbs$mbs" .device/moeq train --config "$conf"
+      cp "$dir/metrics.jsonl" "$runs/moeq48-$cfg-mbs$mbs.jsonl" 2>/dev/null || true
+    done
+  elif [ "$which" != seed ]; then
     for cfg in attn-lora expert-lora; do
       src=configs/bench/qwen3-30b-a3b-12l-$cfg.yaml
       conf=$runs/moeq-$cfg-mbs$mbs.yaml

@@ -60,6 +60,11 @@ pub trait SliceQuantizer {
     fn peak_device_bytes(&self) -> Option<u64> {
         None
     }
+
+    /// Where weights drawn at load time (`ModelDir::generate_weights`) are best generated.
+    fn device(&self) -> candle_core::Device {
+        candle_core::Device::Cpu
+    }
 }
 
 /// All-gathers a parameter's per-block absmax across ranks, in global block order. A single
@@ -180,12 +185,24 @@ pub fn load(
     let mut report = LoadReport::default();
     let mut tensors = BTreeMap::new();
     for p in &params {
+        // The bf16 values of `p` (experts: `experts`), read or drawn on `device`.
+        let read = |experts: Option<Range<usize>>, device: &candle_core::Device| match (
+            dir.generated(),
+            experts,
+        ) {
+            (Some(g), e) => g.param(spec, p, e.unwrap_or(0..0), device),
+            (None, Some(e)) => match ExpertParam::parse(&p.name) {
+                Some((layer, which)) => dir.read_experts(layer, which, e),
+                None => Err(err(dir, format!("'{}' is not an expert parameter", p.name))),
+            },
+            (None, None) => dir.read(&p.name),
+        };
         let frozen = if !p.quantized {
-            let t = dir.read(&p.name)?;
+            let t = read(None, &candle_core::Device::Cpu)?;
             report.bytes_read += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
             report.dense_bytes += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
             Frozen::Dense(t)
-        } else if pre.is_some() {
+        } else if pre.is_some() && dir.generated().is_none() {
             let mut param = bnb::read(dir, &p.name)?;
             if param.shape != p.shape {
                 return Err(err(
@@ -207,15 +224,13 @@ pub fn load(
             };
             report.quantized_bytes += quantized_size(&param);
             Frozen::Quantized { param, experts }
-        } else if let (Component::Experts, Some((layer, which))) =
-            (p.component, ExpertParam::parse(&p.name))
-        {
+        } else if p.component == Component::Experts {
             let per_expert = p.shape[1] * p.shape[2];
             check_expert_alignment(&p.name, per_expert, &settings)
                 .map_err(|e| err(dir, e.to_string()))?;
             let mut slices = Vec::with_capacity(owned.len());
             for e in owned.clone() {
-                let x = dir.read_experts(layer, which, e..e + 1)?;
+                let x = read(Some(e..e + 1), &quantizer.device())?;
                 report.bytes_read += (x.elem_count() * x.dtype().size_in_bytes()) as u64;
                 progress.inc(2 * per_expert as u64);
                 slices.push(
@@ -242,7 +257,7 @@ pub fn load(
                 experts: (!full).then(|| owned.clone()),
             }
         } else {
-            let x = dir.read(&p.name)?;
+            let x = read(None, &quantizer.device())?;
             report.bytes_read += (x.elem_count() * x.dtype().size_in_bytes()) as u64;
             let slice = quantizer
                 .quantize(&p.name, &x, 0, p.numel(), &settings)
@@ -345,6 +360,10 @@ impl SliceQuantizer for CudaQuantizer {
 
     fn peak_device_bytes(&self) -> Option<u64> {
         Some(self.peak)
+    }
+
+    fn device(&self) -> candle_core::Device {
+        self.device.clone()
     }
 }
 

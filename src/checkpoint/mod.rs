@@ -5,6 +5,7 @@
 
 pub mod bnb;
 pub mod frozen;
+pub mod generated;
 mod layout;
 pub mod prequantized;
 mod shard;
@@ -45,6 +46,8 @@ pub struct ModelDir {
     /// On-disk tensor name → index into `shards`.
     locations: HashMap<String, usize>,
     layout: Option<ExpertLayout>,
+    /// Weights drawn at load time instead of read (`synth://…?init=device`).
+    generated: Option<generated::GeneratedWeights>,
 }
 
 impl ModelDir {
@@ -80,6 +83,7 @@ impl ModelDir {
             shards,
             locations,
             layout: None,
+            generated: None,
         };
         if dir.has_weights() {
             dir.layout = Some(layout::detect(&dir)?);
@@ -89,6 +93,15 @@ impl ModelDir {
 
     pub fn has_weights(&self) -> bool {
         !self.shards.is_empty()
+    }
+
+    /// Draw the frozen weights at load time (see [`generated`]) instead of reading them.
+    pub fn generate_weights(&mut self, seed: u64) {
+        self.generated = Some(generated::GeneratedWeights { seed });
+    }
+
+    pub fn generated(&self) -> Option<generated::GeneratedWeights> {
+        self.generated
     }
 
     pub fn layout(&self) -> Option<ExpertLayout> {

@@ -39,11 +39,14 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
     }
     let model_dir =
         crate::synth::resolve_base_model(&config.base_model).map_err(CliError::input)?;
-    let dir = ModelDir::open(&model_dir).map_err(|e| match e {
+    let mut dir = ModelDir::open(&model_dir).map_err(|e| match e {
         CheckpointError::Io { .. } => CliError::failed(e),
         other => CliError::input(other),
     })?;
-    if !dir.has_weights() {
+    if let Some(seed) = crate::synth::generated_seed(&config.base_model).map_err(CliError::input)? {
+        tracing::info!("frozen weights are drawn at load time (init=device, seed {seed})");
+        dir.generate_weights(seed);
+    } else if !dir.has_weights() {
         return Err(CliError::Input(format!(
             "{}: no safetensors weights (model.safetensors or {}) to train from",
             model_dir.display(),

@@ -493,5 +493,19 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
     for dtype in [DType::F32, DType::BF16] {
         out.extend(check_model_ops(device, dtype)?);
     }
+    // Generated frozen weights (checkpoint::generated): the counter-based normal stream on the
+    // device against its CPU twin, 3·10^6 values across several launch blocks. Both round the
+    // same f32 formula to bf16; ln/cos may differ in the last f32 bit, which moves a value by at
+    // most one bf16 step (≤ 2^-7 relative) when it sits on a rounding boundary.
+    for (key, std, offset) in [(7u64, 0.02f32, 0.0f32), (u64::MAX - 3, 0.02, 1.0)] {
+        let draw = |d: &Device| crate::checkpoint::generated::draw(key, 3_000_001, std, offset, d);
+        out.push(compare(
+            &format!("generated weights N({offset}, {std}) key {key}"),
+            &draw(device)?,
+            &draw(&Device::Cpu)?,
+            1.0 / 128.0,
+            0.0,
+        )?);
+    }
     Ok(out)
 }

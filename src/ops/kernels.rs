@@ -14,3 +14,6 @@ pub const ROUTING: &str = include_str!(concat!(env!("OUT_DIR"), "/routing.ptx"))
 
 #[cfg(feature = "cuda")]
 pub const RMS_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
+
+#[cfg(feature = "cuda")]
+pub const RANDOM: &str = include_str!(concat!(env!("OUT_DIR"), "/random.ptx"));

@@ -9,7 +9,7 @@
 
 mod presets;
 pub mod tokenizer;
-mod writer;
+pub(crate) mod writer;
 
 pub use presets::{Preset, PRESETS};
 pub use writer::{DiskLayout, SynthOptions, SynthReport};
@@ -83,7 +83,9 @@ pub fn config_json(
     Ok(cfg)
 }
 
-/// A parsed `synth://<arch>/<preset>?seed=N[&layers=L][&layout=hub|fused]` reference.
+/// A parsed `synth://<arch>/<preset>?seed=N[&layers=L][&layout=hub|fused][&init=disk|device]`
+/// reference. `init=device` writes only config.json and the tokenizer; the trainer draws the
+/// weights where it quantizes them (`checkpoint::generated`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SynthUri {
     pub model_type: ModelType,
@@ -91,13 +93,15 @@ pub struct SynthUri {
     pub seed: u64,
     pub layers: Option<usize>,
     pub layout: DiskLayout,
+    /// Weights drawn at load time instead of written to the cache.
+    pub generated: bool,
 }
 
 impl SynthUri {
     pub fn parse(uri: &str) -> Result<SynthUri, SynthError> {
         let usage = |why: &str| {
             SynthError::Usage(format!(
-                "base_model '{uri}': {why} (expected synth://<arch>/<preset>?seed=N[&layers=L][&layout=hub|fused])"
+                "base_model '{uri}': {why} (expected synth://<arch>/<preset>?seed=N[&layers=L][&layout=hub|fused][&init=disk|device])"
             ))
         };
         let rest = uri
@@ -115,6 +119,7 @@ impl SynthUri {
             seed: 0,
             layers: None,
             layout: DiskLayout::Hub,
+            generated: false,
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair
@@ -126,6 +131,17 @@ impl SynthUri {
                     out.layers = Some(v.parse().map_err(|_| usage("layers must be an integer"))?)
                 }
                 "layout" => out.layout = DiskLayout::parse(v).map_err(|e| usage(&e))?,
+                "init" => {
+                    out.generated = match v {
+                        "disk" => false,
+                        "device" => true,
+                        _ => {
+                            return Err(usage(&format!(
+                                "init must be 'disk' or 'device', got '{v}'"
+                            )))
+                        }
+                    }
+                }
                 other => return Err(usage(&format!("unknown parameter '{other}'"))),
             }
         }
@@ -136,6 +152,14 @@ impl SynthUri {
     /// so a cache written by an older moeq is not mistaken for the current weights).
     fn cache_name(&self) -> String {
         let layers = self.layers.map(|l| format!("-L{l}")).unwrap_or_default();
+        if self.generated {
+            // Config and tokenizer only: the same for every seed and layout.
+            return format!(
+                "{}-{}{layers}-config-g{GENERATOR_VERSION}",
+                self.model_type.as_str(),
+                self.preset
+            );
+        }
         format!(
             "{}-{}-seed{}{layers}-{}-g{GENERATOR_VERSION}",
             self.model_type.as_str(),
@@ -182,6 +206,7 @@ pub fn resolve_base_model(base_model: &str) -> Result<PathBuf, SynthError> {
         layers: uri.layers,
         layout: uri.layout,
         seed: uri.seed,
+        config_only: uri.generated,
         ..SynthOptions::default()
     };
     match writer::write(&opts, &dir) {
@@ -190,6 +215,16 @@ pub fn resolve_base_model(base_model: &str) -> Result<PathBuf, SynthError> {
         Err(_) if dir.join("config.json").is_file() => Ok(dir),
         Err(e) => Err(e),
     }
+}
+
+/// The seed to draw the weights with when `base_model` asks for them at load time
+/// (`synth://…&init=device`), else None.
+pub fn generated_seed(base_model: &str) -> Result<Option<u64>, SynthError> {
+    if !base_model.starts_with("synth://") {
+        return Ok(None);
+    }
+    let uri = SynthUri::parse(base_model)?;
+    Ok(uri.generated.then_some(uri.seed))
 }
 
 pub fn write(opts: &SynthOptions, out: &Path) -> Result<SynthReport, SynthError> {

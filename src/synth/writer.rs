@@ -3,7 +3,7 @@
 //! tensor per chunk, a few chunks in parallel) and appended in order.
 
 use super::{config_json, tokenizer, SynthError};
-use crate::arch::{ArchSpec, Component, ModelType};
+use crate::arch::{ArchSpec, Component, ModelType, ParamInfo};
 use crate::checkpoint::writer::{
     group_into_shards, shard_name, write_index, StreamWriter, TensorDecl,
 };
@@ -14,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,13 +85,13 @@ pub struct SynthReport {
 
 /// One run of values from one seeded stream.
 #[derive(Debug, Clone)]
-struct Chunk {
-    key: String,
-    numel: usize,
+pub(crate) struct Chunk {
+    /// The stream key: the canonical name, and for experts `#<expert>#<gate|up|down>`.
+    pub key: String,
+    pub numel: usize,
     /// Norm weights are `1 + N(0, std)`, everything else `N(0, std)`.
-    norm: bool,
-    /// A standard deviation of its own (the output head), instead of `initializer_range`.
-    std: Option<f32>,
+    pub norm: bool,
+    pub std: f32,
 }
 
 struct DiskTensor {
@@ -99,17 +100,46 @@ struct DiskTensor {
     chunks: Vec<Chunk>,
 }
 
-fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
-    let mut out = Vec::new();
-    let mixtral = spec.model_type == ModelType::Mixtral;
-    for p in spec.params() {
-        let norm = p.component == Component::Norm;
+/// The chunks of canonical parameter `p` in its canonical layout: the whole tensor, or for an
+/// expert parameter those of `experts`, expert by expert (gate rows before up rows).
+pub(crate) fn chunks_of(spec: &ArchSpec, p: &ParamInfo, experts: Range<usize>) -> Vec<Chunk> {
+    let std = spec.initializer_range as f32;
+    if p.component != Component::Experts {
         // The output head gets std 1/√H (when larger than initializer_range), so logits of
         // unit-RMS hidden states have unit scale, as a trained model's do; with 0.02 a tiny
         // model's logits could barely move away from uniform, whatever the adapters learn.
         let head = p.component == Component::LmHead
             || (p.component == Component::Embedding && spec.tie_word_embeddings);
         let head_std = (1.0 / (spec.hidden_size as f64).sqrt()).max(spec.initializer_range) as f32;
+        return vec![Chunk {
+            key: p.name.clone(),
+            numel: p.numel(),
+            norm: p.component == Component::Norm,
+            std: if head { head_std } else { std },
+        }];
+    }
+    let (rows, cols) = (p.shape[1], p.shape[2]);
+    let parts: &[&str] = if p.name.ends_with("gate_up_proj") {
+        &["gate", "up"]
+    } else {
+        &["down"]
+    };
+    experts
+        .flat_map(|e| {
+            parts.iter().map(move |part| Chunk {
+                key: format!("{}#{e}#{part}", p.name),
+                numel: rows / parts.len() * cols,
+                norm: false,
+                std,
+            })
+        })
+        .collect()
+}
+
+fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
+    let mut out = Vec::new();
+    let mixtral = spec.model_type == ModelType::Mixtral;
+    for p in spec.params() {
         if p.component != Component::Experts {
             let name = if mixtral && layout == DiskLayout::Hub {
                 p.name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
@@ -119,57 +149,43 @@ fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
             out.push(DiskTensor {
                 name,
                 shape: p.shape.clone(),
-                chunks: vec![Chunk {
-                    key: p.name.clone(),
-                    numel: p.numel(),
-                    norm,
-                    std: head.then_some(head_std),
-                }],
+                chunks: chunks_of(spec, &p, 0..0),
             });
             continue;
         }
         let (e_count, rows, cols) = (p.shape[0], p.shape[1], p.shape[2]);
         let gate_up = p.name.ends_with("gate_up_proj");
-        let parts: &[&str] = if gate_up { &["gate", "up"] } else { &["down"] };
-        let part_rows = rows / parts.len();
-        let chunk = |e: usize, part: &str| Chunk {
-            key: format!("{}#{e}#{part}", p.name),
-            numel: part_rows * cols,
-            norm: false,
-            std: None,
-        };
+        let part_rows = if gate_up { rows / 2 } else { rows };
         match layout {
             DiskLayout::Fused => out.push(DiskTensor {
                 name: p.name.clone(),
                 shape: p.shape.clone(),
-                chunks: (0..e_count)
-                    .flat_map(|e| parts.iter().map(move |part| chunk(e, part)))
-                    .collect(),
+                chunks: chunks_of(spec, &p, 0..e_count),
             }),
             DiskLayout::Hub => {
                 let layer_prefix =
                     p.name
                         .trim_end_matches(if gate_up { "gate_up_proj" } else { "down_proj" });
-                for e in 0..e_count {
-                    for part in parts {
-                        let name = if mixtral {
-                            let w = match *part {
-                                "gate" => "w1",
-                                "up" => "w3",
-                                _ => "w2",
-                            };
-                            let base =
-                                layer_prefix.replace(".mlp.experts.", ".block_sparse_moe.experts.");
-                            format!("{base}{e}.{w}.weight")
-                        } else {
-                            format!("{layer_prefix}{e}.{part}_proj.weight")
+                for (i, chunk) in chunks_of(spec, &p, 0..e_count).into_iter().enumerate() {
+                    let e = if gate_up { i / 2 } else { i };
+                    let part = chunk.key.rsplit('#').next().unwrap_or_default();
+                    let name = if mixtral {
+                        let w = match part {
+                            "gate" => "w1",
+                            "up" => "w3",
+                            _ => "w2",
                         };
-                        out.push(DiskTensor {
-                            name,
-                            shape: vec![part_rows, cols],
-                            chunks: vec![chunk(e, part)],
-                        });
-                    }
+                        let base =
+                            layer_prefix.replace(".mlp.experts.", ".block_sparse_moe.experts.");
+                        format!("{base}{e}.{w}.weight")
+                    } else {
+                        format!("{layer_prefix}{e}.{part}_proj.weight")
+                    };
+                    out.push(DiskTensor {
+                        name,
+                        shape: vec![part_rows, cols],
+                        chunks: vec![chunk],
+                    });
                 }
             }
         }
@@ -177,20 +193,20 @@ fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
     out
 }
 
-fn stream(seed: u64, key: &str) -> ChaCha8Rng {
+/// The seed of chunk `key`'s stream.
+pub(crate) fn stream_seed(seed: u64, key: &str) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(seed.to_le_bytes());
     h.update(key.as_bytes());
-    ChaCha8Rng::from_seed(h.finalize().into())
+    h.finalize().into()
 }
 
-fn generate(seed: u64, chunk: &Chunk, std: f32, dtype: &str) -> Vec<u8> {
-    let mut rng = stream(seed, &chunk.key);
+fn generate(seed: u64, chunk: &Chunk, dtype: &str) -> Vec<u8> {
+    let mut rng = ChaCha8Rng::from_seed(stream_seed(seed, &chunk.key));
     let base = if chunk.norm { 1.0 } else { 0.0 };
-    let std = chunk.std.unwrap_or(std);
     let values = (0..chunk.numel).map(|_| {
         let z: f32 = StandardNormal.sample(&mut rng);
-        base + std * z
+        base + chunk.std * z
     });
     match dtype {
         "float32" => values.flat_map(f32::to_le_bytes).collect(),
@@ -317,14 +333,7 @@ fn write_into(
     for (k, range) in shards.iter().enumerate() {
         let file = shard_name(k, n);
         let shard: Vec<&DiskTensor> = tensors[range.clone()].iter().collect();
-        write_shard(
-            &dir.join(&file),
-            &shard,
-            opts.seed,
-            spec.initializer_range as f32,
-            dtype,
-            &progress,
-        )?;
+        write_shard(&dir.join(&file), &shard, opts.seed, dtype, &progress)?;
         for t in shard {
             weight_map.insert(t.name.clone(), file.clone().into());
         }
@@ -345,7 +354,6 @@ fn write_shard(
     path: &Path,
     tensors: &[&DiskTensor],
     seed: u64,
-    std: f32,
     dtype: &str,
     progress: &Progress,
 ) -> Result<(), SynthError> {
@@ -368,7 +376,7 @@ fn write_shard(
         let generated: Vec<Vec<u8>> = std::thread::scope(|s| {
             let handles: Vec<_> = window
                 .iter()
-                .map(|c| s.spawn(move || generate(seed, c, std, dtype)))
+                .map(|c| s.spawn(move || generate(seed, c, dtype)))
                 .collect();
             handles
                 .into_iter()
