@@ -9,7 +9,7 @@
 //! [`attention_reference`].
 
 use super::attn_softmax::{masked_softmax_reference, softmax_block, softmax_block_bwd};
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CustomOp3, DType, Result, Tensor};
 
 /// Bytes of one block's scores the block size is chosen for (each of the backward's four
 /// block tensors is this large).
@@ -147,38 +147,7 @@ impl CustomOp3 for BlockedAttention {
         "attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let t =
-            |s: &CpuStorage, l: &Layout| super::tensor_of(Storage::Cpu(s.clone()), l, "attention");
-        let y = self.forward(&t(s1, l1)?, &t(s2, l2)?, &t(s3, l3)?)?;
-        super::cpu_result(y, "attention")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let t = |s: &candle_core::CudaStorage, l: &Layout| {
-            super::tensor_of(Storage::Cuda(s.try_clone(l)?), l, "attention")
-        };
-        let y = self.forward(&t(s1, l1)?, &t(s2, l2)?, &t(s3, l3)?)?;
-        super::cuda_result(y, "attention")
-    }
+    super::tensor_forward!(3, "attention", forward);
 
     fn bwd(
         &self,

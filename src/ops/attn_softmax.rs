@@ -5,9 +5,7 @@
 //! mask of the primitive-op version did; no mask tensor and no f32 copy of the scores exist.
 //! Backward: `dS = scale · P ⊙ (dP − rowsum(P ⊙ dP))` from the saved probabilities.
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CustomOp1, CustomOp2, DType, Result, Tensor};
 
 fn visible(seg: &[u32], i: usize, j: usize) -> bool {
     j <= i && seg[j] == seg[i]
@@ -264,28 +262,18 @@ struct MaskedSoftmax {
     scale: f32,
 }
 
+impl MaskedSoftmax {
+    fn fwd(&self, x: &Tensor) -> Result<Tensor> {
+        softmax_block(x, &self.segments, 0, self.scale)
+    }
+}
+
 impl CustomOp1 for MaskedSoftmax {
     fn name(&self) -> &'static str {
         "masked_softmax"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = super::tensor_of(Storage::Cpu(s.clone()), l, "masked_softmax")?;
-        let p = softmax_block(&x, &self.segments, 0, self.scale)?;
-        super::cpu_result(p, "masked_softmax")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let x = super::tensor_of(Storage::Cuda(s.try_clone(l)?), l, "masked_softmax")?;
-        let p = softmax_block(&x, &self.segments, 0, self.scale)?;
-        super::cuda_result(p, "masked_softmax")
-    }
+    super::tensor_forward!(1, "masked_softmax", fwd);
 
     fn bwd(&self, _x: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let _t = crate::util::phases::Span::start("bwd: attention softmax", probs.device());
@@ -299,36 +287,18 @@ impl CustomOp1 for MaskedSoftmax {
 /// (probabilities, their gradient) → the scores' gradient.
 struct MaskedSoftmaxBwd(f32);
 
+impl MaskedSoftmaxBwd {
+    fn fwd(&self, p: &Tensor, dp: &Tensor) -> Result<Tensor> {
+        softmax_block_bwd(p, dp, 0, self.0)
+    }
+}
+
 impl CustomOp2 for MaskedSoftmaxBwd {
     fn name(&self) -> &'static str {
         "masked_softmax_bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let p = super::tensor_of(Storage::Cpu(s1.clone()), l1, "masked_softmax_bwd")?;
-        let dp = super::tensor_of(Storage::Cpu(s2.clone()), l2, "masked_softmax_bwd")?;
-        super::cpu_result(softmax_block_bwd(&p, &dp, 0, self.0)?, "masked_softmax_bwd")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let p = super::tensor_of(Storage::Cuda(s1.try_clone(l1)?), l1, "masked_softmax_bwd")?;
-        let dp = super::tensor_of(Storage::Cuda(s2.try_clone(l2)?), l2, "masked_softmax_bwd")?;
-        super::cuda_result(softmax_block_bwd(&p, &dp, 0, self.0)?, "masked_softmax_bwd")
-    }
+    super::tensor_forward!(2, "masked_softmax_bwd", fwd);
 }
 
 /// `softmax(scale · scores + mask)` over the last dimension with the causal, per-sequence mask

@@ -17,9 +17,7 @@
 use super::grouped_gemm::{grouped_gemm, Gemm, Product};
 use super::nf4_linear::Nf4Weight;
 use crate::quant::{op::dequantize, QuantKind};
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CustomOp1, CustomOp3, DType, Result, Tensor};
 use std::ops::Range;
 
 /// Dequantized weights of one grouped GEMM call stay under this size (bf16: 256 MiB = 40
@@ -148,28 +146,18 @@ struct GroupedNf4 {
     chunk_bytes: usize,
 }
 
+impl GroupedNf4 {
+    fn fwd(&self, x: &Tensor) -> Result<Tensor> {
+        expert_matmul(x, &self.weights, &self.counts, true, self.chunk_bytes)
+    }
+}
+
 impl CustomOp1 for GroupedNf4 {
     fn name(&self) -> &'static str {
         "grouped_nf4"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = super::tensor_of(Storage::Cpu(s.clone()), l, "grouped_nf4")?;
-        let y = expert_matmul(&x, &self.weights, &self.counts, true, self.chunk_bytes)?;
-        super::cpu_result(y, "grouped_nf4")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let x = super::tensor_of(Storage::Cuda(s.try_clone(l)?), l, "grouped_nf4")?;
-        let y = expert_matmul(&x, &self.weights, &self.counts, true, self.chunk_bytes)?;
-        super::cuda_result(y, "grouped_nf4")
-    }
+    super::tensor_forward!(1, "grouped_nf4", fwd);
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let _t = crate::util::phases::Span::start("bwd: grouped_nf4", x.device());
@@ -331,42 +319,8 @@ impl CustomOp3 for GroupedLora {
         "grouped_lora"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let t = |s: &CpuStorage, l: &Layout| {
-            super::tensor_of(Storage::Cpu(s.clone()), l, "grouped_lora")
-        };
-        let y = self.forward(&t(s1, l1)?, &t(s2, l2)?, &t(s3, l3)?)?;
-        super::cpu_result(y, "grouped_lora")
-    }
+    super::tensor_forward!(3, "grouped_lora", forward);
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let t = |s: &candle_core::CudaStorage, l: &Layout| {
-            super::tensor_of(Storage::Cuda(s.try_clone(l)?), l, "grouped_lora")
-        };
-        let y = self.forward(&t(s1, l1)?, &t(s2, l2)?, &t(s3, l3)?)?;
-        super::cuda_result(y, "grouped_lora")
-    }
-
-    /// With `h = x·A_eᵀ` and `dy` per group: `dh = s·dy·B_e`, `dB_e = s·dyᵀ·h`,
-    /// `dA_e = dhᵀ·x`, `dx = dh·A_e`; experts without rows get zero gradients.
     fn bwd(
         &self,
         x: &Tensor,

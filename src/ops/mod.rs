@@ -28,6 +28,99 @@ pub fn contiguous_slice<'a, T>(
     }
 }
 
+/// `cpu_fwd` and `cuda_fwd` of a custom op whose forward is written with tensors: the input
+/// storages become tensors (no graph), `self.$method(inputs...) -> Result<Tensor>` runs on their
+/// device (dispatching itself where the CPU and CUDA paths differ), and its result becomes the
+/// op's storage. Arity 1, 2 or 3, as the op's `CustomOpN`.
+macro_rules! tensor_forward {
+    (1, $name:literal, $method:ident) => {
+        fn cpu_fwd(
+            &self,
+            s: &candle_core::CpuStorage,
+            l: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            let x = $crate::ops::tensor_of(candle_core::Storage::Cpu(s.clone()), l, $name)?;
+            $crate::ops::cpu_result(self.$method(&x)?, $name)
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s: &candle_core::CudaStorage,
+            l: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            use candle_core::backend::BackendStorage;
+            let x = $crate::ops::tensor_of(candle_core::Storage::Cuda(s.try_clone(l)?), l, $name)?;
+            $crate::ops::cuda_result(self.$method(&x)?, $name)
+        }
+    };
+    (2, $name:literal, $method:ident) => {
+        fn cpu_fwd(
+            &self,
+            s1: &candle_core::CpuStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::CpuStorage,
+            l2: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            let t = |s: &candle_core::CpuStorage, l| {
+                $crate::ops::tensor_of(candle_core::Storage::Cpu(s.clone()), l, $name)
+            };
+            $crate::ops::cpu_result(self.$method(&t(s1, l1)?, &t(s2, l2)?)?, $name)
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s1: &candle_core::CudaStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::CudaStorage,
+            l2: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            use candle_core::backend::BackendStorage;
+            let t = |s: &candle_core::CudaStorage, l| {
+                $crate::ops::tensor_of(candle_core::Storage::Cuda(s.try_clone(l)?), l, $name)
+            };
+            $crate::ops::cuda_result(self.$method(&t(s1, l1)?, &t(s2, l2)?)?, $name)
+        }
+    };
+    (3, $name:literal, $method:ident) => {
+        fn cpu_fwd(
+            &self,
+            s1: &candle_core::CpuStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::CpuStorage,
+            l2: &candle_core::Layout,
+            s3: &candle_core::CpuStorage,
+            l3: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            let t = |s: &candle_core::CpuStorage, l| {
+                $crate::ops::tensor_of(candle_core::Storage::Cpu(s.clone()), l, $name)
+            };
+            let y = self.$method(&t(s1, l1)?, &t(s2, l2)?, &t(s3, l3)?)?;
+            $crate::ops::cpu_result(y, $name)
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s1: &candle_core::CudaStorage,
+            l1: &candle_core::Layout,
+            s2: &candle_core::CudaStorage,
+            l2: &candle_core::Layout,
+            s3: &candle_core::CudaStorage,
+            l3: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            use candle_core::backend::BackendStorage;
+            let t = |s: &candle_core::CudaStorage, l| {
+                $crate::ops::tensor_of(candle_core::Storage::Cuda(s.try_clone(l)?), l, $name)
+            };
+            let y = self.$method(&t(s1, l1)?, &t(s2, l2)?, &t(s3, l3)?)?;
+            $crate::ops::cuda_result(y, $name)
+        }
+    };
+}
+pub(crate) use tensor_forward;
+
 /// A custom op's input storage as a tensor (no graph), so an op can be written with candle's
 /// own kernels on whichever device it runs.
 pub(crate) fn tensor_of(

@@ -5,9 +5,7 @@
 //! 4-bit codes, never a bf16/f32 copy of the weight (DESIGN decision 2).
 
 use crate::quant::{op::dequantize, QuantKind, QuantizedParam};
-use candle_core::{
-    bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{bail, CustomOp1, DType, Device, Result, Tensor};
 
 /// A frozen 4-bit weight `[out, in]` on a device: packed codes and f32 block scales (nested
 /// statistics already expanded).
@@ -58,26 +56,18 @@ fn forward(x: &Tensor, w: &Nf4Weight) -> Result<Tensor> {
     x.broadcast_matmul(&wt)
 }
 
+impl Nf4Linear {
+    fn fwd(&self, x: &Tensor) -> Result<Tensor> {
+        forward(x, &self.0)
+    }
+}
+
 impl CustomOp1 for Nf4Linear {
     fn name(&self) -> &'static str {
         "nf4_linear"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = super::tensor_of(Storage::Cpu(s.clone()), l, "nf4_linear")?;
-        super::cpu_result(forward(&x, &self.0)?, "nf4_linear")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let x = super::tensor_of(Storage::Cuda(s.try_clone(l)?), l, "nf4_linear")?;
-        super::cuda_result(forward(&x, &self.0)?, "nf4_linear")
-    }
+    super::tensor_forward!(1, "nf4_linear", fwd);
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let _t = crate::util::phases::Span::start("bwd: nf4_linear", x.device());

@@ -5,9 +5,7 @@
 //! trained), so only x gets a gradient. `rms_norm_reference` is the primitive-op version it is
 //! tested against (candle-nn's `rms_norm` records no backward; DESIGN pitfalls).
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor, D,
-};
+use candle_core::{CustomOp1, CustomOp2, DType, Result, Tensor, D};
 
 struct RmsNorm {
     /// [D] in x's dtype, on x's device.
@@ -36,6 +34,7 @@ fn rms_norm_bwd_ops(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Ten
 fn rms_norm_cuda(x: &Tensor, w: &Tensor, dy: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
+    use candle_core::Storage;
     let candle_core::Device::Cuda(dev) = x.device() else {
         candle_core::bail!("rms_norm: not on CUDA")
     };
@@ -112,26 +111,22 @@ fn rms_norm_cuda(x: &Tensor, w: &Tensor, dy: Option<&Tensor>, eps: f64) -> Resul
     ))
 }
 
+impl RmsNorm {
+    fn fwd(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return rms_norm_cuda(x, &self.w, None, self.eps);
+        }
+        rms_norm_reference(x, &self.w, self.eps)
+    }
+}
+
 impl CustomOp1 for RmsNorm {
     fn name(&self) -> &'static str {
         "rms_norm"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = super::tensor_of(Storage::Cpu(s.clone()), l, "rms_norm")?;
-        super::cpu_result(rms_norm_reference(&x, &self.w, self.eps)?, "rms_norm")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let x = super::tensor_of(Storage::Cuda(s.try_clone(l)?), l, "rms_norm")?;
-        super::cuda_result(rms_norm_cuda(&x, &self.w, None, self.eps)?, "rms_norm")
-    }
+    super::tensor_forward!(1, "rms_norm", fwd);
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         let _t = crate::util::phases::Span::start("bwd: rms_norm", x.device());
@@ -150,42 +145,22 @@ struct RmsNormBwd {
     eps: f64,
 }
 
+impl RmsNormBwd {
+    fn fwd(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return rms_norm_cuda(x, &self.w, Some(dy), self.eps);
+        }
+        rms_norm_bwd_ops(x, &self.w, dy, self.eps)
+    }
+}
+
 impl CustomOp2 for RmsNormBwd {
     fn name(&self) -> &'static str {
         "rms_norm_bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = super::tensor_of(Storage::Cpu(s1.clone()), l1, "rms_norm_bwd")?;
-        let dy = super::tensor_of(Storage::Cpu(s2.clone()), l2, "rms_norm_bwd")?;
-        super::cpu_result(
-            rms_norm_bwd_ops(&x, &self.w, &dy, self.eps)?,
-            "rms_norm_bwd",
-        )
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let x = super::tensor_of(Storage::Cuda(s1.try_clone(l1)?), l1, "rms_norm_bwd")?;
-        let dy = super::tensor_of(Storage::Cuda(s2.try_clone(l2)?), l2, "rms_norm_bwd")?;
-        super::cuda_result(
-            rms_norm_cuda(&x, &self.w, Some(&dy), self.eps)?,
-            "rms_norm_bwd",
-        )
-    }
+    super::tensor_forward!(2, "rms_norm_bwd", fwd);
 }
 
 /// RMSNorm of x with a frozen weight (no gradient for `w`).

@@ -7,9 +7,7 @@
 //! full parallelism over the output (candle's `index_add` runs one thread per column and loops
 //! over all rows: tens of milliseconds per layer at Qwen3-30B-A3B size).
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CustomOp1, CustomOp2, DType, Result, Tensor};
 
 /// The routing permutation of one micro-batch through one MoE layer.
 #[derive(Clone)]
@@ -101,21 +99,7 @@ impl CustomOp1 for GatherRows {
         "gather_rows"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = super::tensor_of(Storage::Cpu(s.clone()), l, "gather_rows")?;
-        super::cpu_result(self.fwd(&x)?, "gather_rows")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let x = super::tensor_of(Storage::Cuda(s.try_clone(l)?), l, "gather_rows")?;
-        super::cuda_result(self.fwd(&x)?, "gather_rows")
-    }
+    super::tensor_forward!(1, "gather_rows", fwd);
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let _t = crate::util::phases::Span::start("bwd: routing gather", x.device());
@@ -139,31 +123,7 @@ impl CustomOp2 for CombineRows {
         "combine_rows"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let y = super::tensor_of(Storage::Cpu(s1.clone()), l1, "combine_rows")?;
-        let w = super::tensor_of(Storage::Cpu(s2.clone()), l2, "combine_rows")?;
-        super::cpu_result(self.fwd(&y, &w)?, "combine_rows")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let y = super::tensor_of(Storage::Cuda(s1.try_clone(l1)?), l1, "combine_rows")?;
-        let w = super::tensor_of(Storage::Cuda(s2.try_clone(l2)?), l2, "combine_rows")?;
-        super::cuda_result(self.fwd(&y, &w)?, "combine_rows")
-    }
+    super::tensor_forward!(2, "combine_rows", fwd);
 
     fn bwd(
         &self,

@@ -290,30 +290,22 @@ fn packed_cuda(gu: &Tensor, dy: Option<&Tensor>) -> Result<Tensor> {
 
 struct Packed;
 
+impl Packed {
+    fn fwd(&self, gu: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if gu.device().is_cuda() {
+            return packed_cuda(gu, None);
+        }
+        packed_cpu(gu, None)
+    }
+}
+
 impl candle_core::CustomOp1 for Packed {
     fn name(&self) -> &'static str {
         "swiglu_packed"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let gu = super::tensor_of(candle_core::Storage::Cpu(s.clone()), l, "swiglu_packed")?;
-        super::cpu_result(packed_cpu(&gu, None)?, "swiglu_packed")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let gu = super::tensor_of(
-            candle_core::Storage::Cuda(s.try_clone(l)?),
-            l,
-            "swiglu_packed",
-        )?;
-        super::cuda_result(packed_cuda(&gu, None)?, "swiglu_packed")
-    }
+    super::tensor_forward!(1, "swiglu_packed", fwd);
 
     fn bwd(&self, gu: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let _t = crate::util::phases::Span::start("bwd: swiglu", gu.device());
@@ -325,42 +317,20 @@ impl candle_core::CustomOp1 for Packed {
 /// (gu, dy) → dgu.
 struct PackedBwd;
 
+impl PackedBwd {
+    fn fwd(&self, gu: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if gu.device().is_cuda() {
+            return packed_cuda(gu, Some(dy));
+        }
+        packed_cpu(gu, Some(dy))
+    }
+}
+
 impl CustomOp2 for PackedBwd {
     fn name(&self) -> &'static str {
         "swiglu_packed_bwd"
     }
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let gu = super::tensor_of(candle_core::Storage::Cpu(s1.clone()), l1, "swiglu_packed")?;
-        let dy = super::tensor_of(candle_core::Storage::Cpu(s2.clone()), l2, "swiglu_packed")?;
-        super::cpu_result(packed_cpu(&gu, Some(&dy))?, "swiglu_packed_bwd")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let t = |s: &candle_core::CudaStorage, l: &Layout| {
-            super::tensor_of(
-                candle_core::Storage::Cuda(s.try_clone(l)?),
-                l,
-                "swiglu_packed",
-            )
-        };
-        super::cuda_result(
-            packed_cuda(&t(s1, l1)?, Some(&t(s2, l2)?))?,
-            "swiglu_packed_bwd",
-        )
-    }
+    super::tensor_forward!(2, "swiglu_packed_bwd", fwd);
 }
