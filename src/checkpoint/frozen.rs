@@ -198,7 +198,8 @@ pub fn load(
             (None, None) => dir.read(&p.name),
         };
         let frozen = if !p.quantized {
-            let t = read(None, &candle_core::Device::Cpu)?;
+            // Dense tensors stay on the CPU; drawn ones are drawn on the quantizer's device.
+            let t = read(None, &quantizer.device())?.to_device(&candle_core::Device::Cpu)?;
             report.bytes_read += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
             report.dense_bytes += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
             Frozen::Dense(t)
