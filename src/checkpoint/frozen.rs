@@ -11,6 +11,7 @@ use super::{bnb, CheckpointError, ExpertParam, ModelDir};
 use crate::arch::Component;
 use crate::quant::sharded::{check_expert_alignment, global_absmax, quantize_slice, SliceQuant};
 use crate::quant::{QuantInput, QuantSettings, QuantizedParam};
+use crate::util::phases::timed;
 use crate::util::progress::Progress;
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
@@ -231,7 +232,8 @@ pub fn load(
                 .map_err(|e| err(dir, e.to_string()))?;
             let mut slices = Vec::with_capacity(owned.len());
             for e in owned.clone() {
-                let x = read(Some(e..e + 1), &quantizer.device())?;
+                let dev = quantizer.device();
+                let x = timed("load: read or draw", &dev, || read(Some(e..e + 1), &dev))?;
                 report.bytes_read += (x.elem_count() * x.dtype().size_in_bytes()) as u64;
                 progress.inc(2 * per_expert as u64);
                 slices.push(
@@ -240,17 +242,24 @@ pub fn load(
                         .map_err(|e| err(dir, e))?,
                 );
             }
-            let local: Vec<f32> = slices
-                .iter()
-                .flat_map(|s| s.absmax.iter().copied())
-                .collect();
-            let all = gather.gather(&p.name, local).map_err(|e| err(dir, e))?;
-            let param = QuantizedParam {
-                shape: p.shape.clone(),
-                settings,
-                packed: slices.into_iter().flat_map(|s| s.packed).collect(),
-                absmax: global_absmax(all, &settings),
-            };
+            let cpu = candle_core::Device::Cpu;
+            let param = timed("load: statistics and assembly", &cpu, || {
+                let local: Vec<f32> = slices
+                    .iter()
+                    .flat_map(|s| s.absmax.iter().copied())
+                    .collect();
+                let all = gather.gather(&p.name, local).map_err(|e| err(dir, e))?;
+                Ok::<_, CheckpointError>(QuantizedParam {
+                    shape: p.shape.clone(),
+                    settings,
+                    packed: slices
+                        .iter()
+                        .map(|s| s.packed.as_slice())
+                        .collect::<Vec<_>>()
+                        .concat(),
+                    absmax: global_absmax(all, &settings),
+                })
+            })?;
             report.quantized_bytes += quantized_size(&param);
             let full = owned == (0..spec.num_experts);
             Frozen::Quantized {
@@ -258,7 +267,8 @@ pub fn load(
                 experts: (!full).then(|| owned.clone()),
             }
         } else {
-            let x = read(None, &quantizer.device())?;
+            let dev = quantizer.device();
+            let x = timed("load: read or draw", &dev, || read(None, &dev))?;
             report.bytes_read += (x.elem_count() * x.dtype().size_in_bytes()) as u64;
             let slice = quantizer
                 .quantize(&p.name, &x, 0, p.numel(), &settings)
@@ -339,15 +349,21 @@ impl SliceQuantizer for CudaQuantizer {
         settings: &QuantSettings,
     ) -> Result<SliceQuant, String> {
         let mut run = || -> candle_core::Result<SliceQuant> {
-            let dev = x.flatten_all()?.to_device(&self.device)?;
-            let (packed, absmax) = crate::quant::cuda::quantize(&dev, settings)?;
+            let d = &self.device;
+            let dev = timed("load: upload", d, || x.flatten_all()?.to_device(d))?;
+            let (packed, absmax) = timed("load: quantize", d, || {
+                crate::quant::cuda::quantize(&dev, settings)
+            })?;
             self.device.synchronize()?;
             let used = Self::used().map_err(candle_core::Error::Msg)?;
             self.peak = self.peak.max(used.saturating_sub(self.baseline));
+            let (packed, absmax) = timed("load: download", d, || -> candle_core::Result<_> {
+                Ok((packed.to_vec1()?, absmax.to_vec1()?))
+            })?;
             Ok(SliceQuant {
                 elements: start..start + x.elem_count(),
-                packed: packed.to_vec1()?,
-                absmax: absmax.to_vec1()?,
+                packed,
+                absmax,
             })
         };
         if start % settings.blocksize != 0 {

@@ -197,6 +197,9 @@ pub fn train_ranks(
         base.report.dense_bytes as f64 / 1e6,
         base.report.seconds
     );
+    if let Some(r) = crate::util::phases::report(1) {
+        tracing::info!("loading: {r}");
+    }
     if let Some(d) = std::env::var_os("MOEQ_NF4_DIGEST") {
         write_digest(Path::new(&d), &base, rank, world)?;
     }
