@@ -230,33 +230,27 @@ pub fn load(
             let per_expert = p.shape[1] * p.shape[2];
             check_expert_alignment(&p.name, per_expert, &settings)
                 .map_err(|e| err(dir, e.to_string()))?;
-            let mut slices = Vec::with_capacity(owned.len());
+            // Codes and statistics go straight into the parameter's buffers (one host copy).
+            let mut packed = Vec::with_capacity(owned.len() * per_expert / 2);
+            let mut local = Vec::with_capacity(owned.len() * per_expert / settings.blocksize);
             for e in owned.clone() {
                 let dev = quantizer.device();
                 let x = timed("load: read or draw", &dev, || read(Some(e..e + 1), &dev))?;
                 report.bytes_read += (x.elem_count() * x.dtype().size_in_bytes()) as u64;
                 progress.inc(2 * per_expert as u64);
-                slices.push(
-                    quantizer
-                        .quantize(&p.name, &x, e * per_expert, p.numel(), &settings)
-                        .map_err(|e| err(dir, e))?,
-                );
+                let slice = quantizer
+                    .quantize(&p.name, &x, e * per_expert, p.numel(), &settings)
+                    .map_err(|e| err(dir, e))?;
+                packed.extend_from_slice(&slice.packed);
+                local.extend_from_slice(&slice.absmax);
             }
             let cpu = candle_core::Device::Cpu;
-            let param = timed("load: statistics and assembly", &cpu, || {
-                let local: Vec<f32> = slices
-                    .iter()
-                    .flat_map(|s| s.absmax.iter().copied())
-                    .collect();
+            let param = timed("load: statistics", &cpu, || {
                 let all = gather.gather(&p.name, local).map_err(|e| err(dir, e))?;
                 Ok::<_, CheckpointError>(QuantizedParam {
                     shape: p.shape.clone(),
                     settings,
-                    packed: slices
-                        .iter()
-                        .map(|s| s.packed.as_slice())
-                        .collect::<Vec<_>>()
-                        .concat(),
+                    packed,
                     absmax: global_absmax(all, &settings),
                 })
             })?;
