@@ -12,25 +12,6 @@
 
 constexpr int THREADS = 256;
 
-// Sum (or max) over the block; every thread gets the result.
-template <bool MAX>
-__device__ float block_reduce(float v, float* shared) {
-  for (int o = 16; o > 0; o >>= 1) {
-    const float w = __shfl_xor_sync(0xffffffff, v, o);
-    v = MAX ? fmaxf(v, w) : v + w;
-  }
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  __syncthreads();  // shared may still be read from a previous reduction
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  v = lane < THREADS / 32 ? shared[lane] : (MAX ? -INFINITY : 0.0f);
-  for (int o = 16; o > 0; o >>= 1) {
-    const float w = __shfl_xor_sync(0xffffffff, v, o);
-    v = MAX ? fmaxf(v, w) : v + w;
-  }
-  return v;
-}
-
 template <typename T>
 __device__ void masked_softmax_fwd(const T* scores, const uint32_t* segments, T* probs, const int heads,
                                    const int rows, const int keys, const int seq, const int q0,
@@ -47,12 +28,12 @@ __device__ void masked_softmax_fwd(const T* scores, const uint32_t* segments, T*
   for (int j = threadIdx.x; j <= i; j += THREADS) {
     if (seg[j] == mine) m = fmaxf(m, scale * to_f32(s[j]));
   }
-  m = block_reduce<true>(m, shared);
+  m = block_reduce<THREADS, true>(m, shared);
   float sum = 0.0f;
   for (int j = threadIdx.x; j <= i; j += THREADS) {
     if (seg[j] == mine) sum += expf(scale * to_f32(s[j]) - m);
   }
-  const float inv = 1.0f / block_reduce<false>(sum, shared);
+  const float inv = 1.0f / block_reduce<THREADS, false>(sum, shared);
   for (int j = threadIdx.x; j < keys; j += THREADS) {
     const bool visible = j <= i && seg[j] == mine;
     p[j] = from_f32<T>(visible ? expf(scale * to_f32(s[j]) - m) * inv : 0.0f);
@@ -70,7 +51,7 @@ __device__ void masked_softmax_bwd(const T* probs, const T* dprobs, T* dscores, 
   T* ds = dscores + row * keys;
   float dot = 0.0f;
   for (int j = threadIdx.x; j <= i; j += THREADS) dot += to_f32(p[j]) * to_f32(dp[j]);
-  dot = block_reduce<false>(dot, shared);
+  dot = block_reduce<THREADS, false>(dot, shared);
   for (int j = threadIdx.x; j < keys; j += THREADS) {
     const float pj = j <= i ? to_f32(p[j]) : 0.0f;
     ds[j] = from_f32<T>(j <= i ? scale * pj * (to_f32(dp[j]) - dot) : 0.0f);

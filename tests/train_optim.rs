@@ -1,6 +1,6 @@
 //! AdamW against a scalar transcription of `torch.optim.AdamW`'s update, on random data.
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use moeq::train::{AdamW, AdamWConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -204,4 +204,53 @@ fn chunked_cross_entropy_matches_autograd_on_full_logits() {
         err.contains("label 40 outside the vocabulary of 37"),
         "{err}"
     );
+}
+
+/// The fused cross-entropy rows (one pass per row, used by the chunked loss) against the
+/// primitive-op version: random logits with a wide range, ignored rows, f32 and bf16 inputs.
+#[test]
+fn cross_entropy_rows_match_the_primitive_op_reference() {
+    use moeq::ops::cross_entropy::{cross_entropy_rows, cross_entropy_rows_reference};
+    let cpu = &candle_core::Device::Cpu;
+    let (rows, vocab) = (13, 517);
+    let logits = (Tensor::randn(0f32, 1.0, (rows, vocab), cpu).unwrap() * 4.0).unwrap();
+    let targets: Vec<u32> = (0..rows as u32)
+        .map(|r| (r * 97 + 5) % vocab as u32)
+        .collect();
+    let weights: Vec<f32> = (0..rows)
+        .map(|r| if r % 4 == 3 { 0.0 } else { 1.0 })
+        .collect();
+    let t = Tensor::new(targets, cpu).unwrap();
+    let w = Tensor::new(weights, cpu).unwrap();
+    let max = |a: &Tensor, b: &Tensor| -> f32 {
+        let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+        d.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    for dtype in [DType::F32, DType::BF16] {
+        let x = logits.to_dtype(dtype).unwrap();
+        let (dx, loss) = cross_entropy_rows(&x, &t, &w, 0.1).unwrap();
+        let (dx_ref, loss_ref) = cross_entropy_rows_reference(&x, &t, &w, 0.1).unwrap();
+        assert_eq!(dx.dtype(), dtype);
+        // Both compute in f32 from the same inputs; sums of 517 exponentials in a different
+        // order: a few f32 ulps of the loss (≈ 10) and of the gradients (≤ 0.1); bf16 outputs
+        // may then round to neighbouring values (one bf16 step of 0.1 is 4e-4).
+        let tol = if dtype == DType::F32 { 1e-6 } else { 1e-3 };
+        assert!(max(&dx, &dx_ref) <= tol, "{dtype:?} dlogits");
+        assert!(max(&loss, &loss_ref) <= 1e-4, "{dtype:?} loss");
+        let l: Vec<f32> = loss.to_vec1().unwrap();
+        assert!(l
+            .iter()
+            .enumerate()
+            .all(|(r, &v)| (r % 4 == 3) == (v == 0.0)));
+    }
+    // A target outside the vocabulary is refused on the CPU.
+    let bad = Tensor::new(vec![vocab as u32; rows], cpu).unwrap();
+    assert!(cross_entropy_rows(&logits, &bad, &w, 1.0).is_err());
 }

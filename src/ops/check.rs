@@ -493,6 +493,44 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
     for dtype in [DType::F32, DType::BF16] {
         out.extend(check_model_ops(device, dtype)?);
     }
+    // Fused cross-entropy rows: 37 rows × 5000-word vocabulary (several strides of the 1024
+    // threads), every fifth row ignored; dlogits and per-row losses against the CPU loop in f32.
+    // Tolerance: the rows' sums in another order (f32) and, in bf16, one rounding step.
+    let logits = (Tensor::randn(0f32, 1.0, (37, 5000), &Device::Cpu)? * 3.0)?;
+    let targets: Vec<u32> = (0..37u32).map(|r| (r * 131 + 7) % 5000).collect();
+    let weights: Vec<f32> = (0..37)
+        .map(|r| if r % 5 == 4 { 0.0 } else { 1.0 })
+        .collect();
+    for dtype in [DType::F32, DType::BF16] {
+        let run = |d: &Device| -> Result<(Tensor, Tensor)> {
+            super::cross_entropy::cross_entropy_rows(
+                &logits.to_dtype(dtype)?.to_device(d)?,
+                &Tensor::from_slice(&targets, 37, d)?,
+                &Tensor::from_slice(&weights, 37, d)?,
+                0.5,
+            )
+        };
+        let ((dx, loss), (dx_ref, loss_ref)) = (run(device)?, run(&Device::Cpu)?);
+        let rtol = if dtype == DType::F32 {
+            1e-5
+        } else {
+            1.0 / 128.0
+        };
+        out.push(compare(
+            &format!("cross_entropy_rows {dtype:?} dlogits"),
+            &dx,
+            &dx_ref,
+            rtol,
+            1e-7,
+        )?);
+        out.push(compare(
+            &format!("cross_entropy_rows {dtype:?} loss"),
+            &loss,
+            &loss_ref,
+            1e-5,
+            1e-5,
+        )?);
+    }
     // Generated frozen weights (checkpoint::generated): the counter-based normal stream on the
     // device against its CPU twin, 3·10^6 values across several launch blocks. Both round the
     // same f32 formula to bf16; ln/cos may differ in the last f32 bit, which moves a value by at

@@ -17,3 +17,6 @@ pub const RMS_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"
 
 #[cfg(feature = "cuda")]
 pub const RANDOM: &str = include_str!(concat!(env!("OUT_DIR"), "/random.ptx"));
+
+#[cfg(feature = "cuda")]
+pub const CROSS_ENTROPY: &str = include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx"));

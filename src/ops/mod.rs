@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod attn_softmax;
 pub mod check;
+pub mod cross_entropy;
 pub mod experts;
 pub mod grouped_gemm;
 pub mod kernels;

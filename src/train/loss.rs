@@ -8,7 +8,8 @@
 //! dL/dh = (softmax(h·Wᵀ) − onehot(label)) · W / n_labelled (zero rows where ignored).
 
 use crate::data::IGNORE_INDEX;
-use candle_core::{DType, Result, Tensor, D};
+use crate::ops::cross_entropy::cross_entropy_rows;
+use candle_core::{DType, Result, Tensor};
 
 pub struct LossAndGrad {
     /// Mean over labelled tokens (0 when there are none).
@@ -36,24 +37,18 @@ pub fn chunked_cross_entropy(
     {
         candle_core::bail!("cross-entropy: label {bad} outside the vocabulary of {vocab}");
     }
-    // The head's products run in the compute dtype with the logits then taken to f32, as
+    // The head's products run in the compute dtype and the loss reads those logits in f32, as
     // transformers does (bf16 logits upcast for the loss); only f32 runs get f32 products.
     let w = lm_head.to_dtype(h.dtype())?;
     let denom = labelled.max(1) as f64;
-    let mut loss = 0f64;
+    let device = h.device();
+    let mut loss = Tensor::zeros((), DType::F32, device)?;
     let mut grads = Vec::new();
     let chunk = chunk.max(1);
     for start in (0..n).step_by(chunk) {
         let len = chunk.min(n - start);
-        let hc = h.narrow(0, start, len)?;
-        let logits = hc.matmul(&w.t()?)?.to_dtype(DType::F32)?; // [len, V], freed after this chunk
-        let max = logits.max_keepdim(D::Minus1)?;
-        let shifted = logits.broadcast_sub(&max)?;
-        let sum_exp = shifted.exp()?.sum_keepdim(D::Minus1)?;
-        let lse = (sum_exp.log()? + &max)?; // [len, 1]
-        let probs = logits.broadcast_sub(&lse)?.exp()?;
         let rows = &labels[start..start + len];
-        let mask: Vec<f32> = rows
+        let weights: Vec<f32> = rows
             .iter()
             .map(|&l| f32::from(u8::from(l != IGNORE_INDEX)))
             .collect();
@@ -61,19 +56,15 @@ pub fn chunked_cross_entropy(
             .iter()
             .map(|&l| if l == IGNORE_INDEX { 0 } else { l as u32 })
             .collect();
-        let device = h.device();
-        let targets = Tensor::from_vec(targets, len, device)?;
-        let mask = Tensor::from_vec(mask, (len, 1), device)?;
-        let target_logit = logits.gather(&targets.unsqueeze(1)?, 1)?; // [len, 1]
-        let per_row = ((&lse - &target_logit)? * &mask)?;
-        loss += per_row.sum_all()?.to_scalar::<f32>()? as f64;
-        let onehot = Tensor::zeros((len, vocab), DType::F32, device)?.scatter_add(
-            &targets.unsqueeze(1)?,
-            &Tensor::ones((len, 1), DType::F32, device)?,
-            1,
+        let logits = h.narrow(0, start, len)?.matmul(&w.t()?)?; // [len, V], freed after this chunk
+        let (dlogits, per_row) = cross_entropy_rows(
+            &logits,
+            &Tensor::from_vec(targets, len, device)?,
+            &Tensor::from_vec(weights, len, device)?,
+            (1.0 / denom) as f32,
         )?;
-        let dlogits = ((probs - onehot)?.broadcast_mul(&mask)? / denom)?;
-        grads.push(dlogits.to_dtype(h.dtype())?.matmul(&w)?);
+        loss = (loss + per_row.sum_all()?)?;
+        grads.push(dlogits.matmul(&w)?);
     }
     let grad_h = if grads.is_empty() {
         h.zeros_like()?
@@ -81,7 +72,7 @@ pub fn chunked_cross_entropy(
         Tensor::cat(&grads, 0)?
     };
     Ok(LossAndGrad {
-        loss: (loss / denom) as f32,
+        loss: (loss.to_scalar::<f32>()? as f64 / denom) as f32,
         grad_h,
         labelled,
     })
