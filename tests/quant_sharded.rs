@@ -214,3 +214,24 @@ fn tensor_ops_match_the_reference_functions() {
             .collect();
     assert_eq!(deq.flatten_all().unwrap().to_vec1::<bf16>().unwrap(), want);
 }
+
+/// Nested (double) quantization of a large statistics array is split over threads on block
+/// boundaries; every block's codes must be what quantizing that block alone gives.
+#[test]
+fn nested_statistics_split_over_threads_equal_block_by_block() {
+    use moeq::quant::nested::{quantize_absmax_with_offset, NESTED_BLOCKSIZE};
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    // 1000 blocks and a partial one: several threads' worth on any machine with 2+ cores.
+    let absmax: Vec<f32> = (0..1000 * NESTED_BLOCKSIZE + 77)
+        .map(|_| 0.02 + 0.01 * rng.sample::<f32, _>(StandardNormal).abs())
+        .collect();
+    let offset = 0.025;
+    let whole = quantize_absmax_with_offset(&absmax, offset);
+    for (b, block) in absmax.chunks(NESTED_BLOCKSIZE).enumerate() {
+        let alone = quantize_absmax_with_offset(block, offset);
+        let at = b * NESTED_BLOCKSIZE;
+        assert_eq!(whole.codes[at..at + block.len()], alone.codes[..], "block {b}");
+        assert_eq!(whole.nested_absmax[b], alone.nested_absmax[0], "block {b}");
+    }
+    assert!(whole.codes.iter().any(|&c| c != whole.codes[0]));
+}

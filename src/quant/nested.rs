@@ -39,21 +39,42 @@ pub fn quantize_absmax(absmax: &[f32]) -> NestedAbsmax {
 /// Nested quantization with a given offset (tests pin bitsandbytes' own offset this way).
 pub fn quantize_absmax_with_offset(absmax: &[f32], offset: f32) -> NestedAbsmax {
     let code = dynamic_map();
-    let shifted: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
-    let nested_absmax: Vec<f32> = shifted
+    let nested_absmax: Vec<f32> = absmax
         .chunks(NESTED_BLOCKSIZE)
-        .map(|block| block.iter().fold(0f32, |m, v| m.max(v.abs())))
+        .map(|block| block.iter().fold(0f32, |m, &v| m.max((v - offset).abs())))
         .collect();
-    let codes = shifted
-        .chunks(NESTED_BLOCKSIZE)
-        .zip(&nested_absmax)
-        .flat_map(|(block, &nabs)| {
+    // Every code depends on its own value and block only: a large parameter's statistics (3M
+    // values for one layer's experts) are split over threads on block boundaries.
+    let mut codes = vec![0u8; absmax.len()];
+    let quantize = |start_block: usize, out: &mut [u8]| {
+        let from = start_block * NESTED_BLOCKSIZE;
+        let blocks = out
+            .chunks_mut(NESTED_BLOCKSIZE)
+            .zip(absmax[from..].chunks(NESTED_BLOCKSIZE));
+        for ((out, block), &nabs) in blocks.zip(&nested_absmax[start_block..]) {
             let recip = rcp_approx_ftz(nabs);
-            block
-                .iter()
-                .map(move |&v| quantize_8bit(&code, mul_ftz(v, recip)))
-        })
-        .collect();
+            for (c, &a) in out.iter_mut().zip(block) {
+                *c = quantize_8bit(&code, mul_ftz(a - offset, recip));
+            }
+        }
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(16));
+    let per_thread = absmax
+        .len()
+        .div_ceil(NESTED_BLOCKSIZE)
+        .div_ceil(threads)
+        .max(1)
+        * NESTED_BLOCKSIZE;
+    if threads == 1 || absmax.len() <= per_thread {
+        quantize(0, &mut codes);
+    } else {
+        std::thread::scope(|s| {
+            for (k, out) in codes.chunks_mut(per_thread).enumerate() {
+                let q = &quantize;
+                s.spawn(move || q(k * per_thread / NESTED_BLOCKSIZE, out));
+            }
+        });
+    }
     NestedAbsmax {
         offset,
         codes,
