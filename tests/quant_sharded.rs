@@ -230,7 +230,11 @@ fn nested_statistics_split_over_threads_equal_block_by_block() {
     for (b, block) in absmax.chunks(NESTED_BLOCKSIZE).enumerate() {
         let alone = quantize_absmax_with_offset(block, offset);
         let at = b * NESTED_BLOCKSIZE;
-        assert_eq!(whole.codes[at..at + block.len()], alone.codes[..], "block {b}");
+        assert_eq!(
+            whole.codes[at..at + block.len()],
+            alone.codes[..],
+            "block {b}"
+        );
         assert_eq!(whole.nested_absmax[b], alone.nested_absmax[0], "block {b}");
     }
     assert!(whole.codes.iter().any(|&c| c != whole.codes[0]));

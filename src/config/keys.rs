@@ -6,7 +6,7 @@
 pub const SUPPORTED_KEYS: &[(&str, &str)] = &[
     (
         "base_model",
-        "model directory or synth://<arch>/<preset>?seed=N (required)",
+        "model directory or synth://<arch>/<preset>?seed=N[&layers=L][&layout=hub|fused][&init=disk|device] (required)",
     ),
     (
         "tokenizer_config",
