@@ -2,6 +2,9 @@
 //! masked softmax of attention scores (additive −∞ mask, f32 softmax) on random scores with
 //! packed sequences and padding, and RMSNorm with a frozen weight.
 
+mod common;
+use common::max_abs;
+
 use candle_core::{DType, Device, Tensor, Var};
 use moeq::ops::attn_softmax::{masked_softmax, masked_softmax_reference};
 
@@ -41,21 +44,9 @@ fn masked_softmax_matches_the_additive_mask_reference() {
     };
     let (p, g) = run(true);
     let (p_ref, g_ref) = run(false);
-    let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
     // Probabilities ≤ 1 and their gradients O(1): f32 rounding of sums of ≤ 19 terms.
-    assert!(max_diff(&p, &p_ref) < 1e-6, "forward");
-    assert!(max_diff(&g, &g_ref) < 1e-5, "backward");
+    assert!(max_abs(&(&p - &p_ref).unwrap()) < 1e-6, "forward");
+    assert!(max_abs(&(&g - &g_ref).unwrap()) < 1e-5, "backward");
     // Rows sum to one, and nothing leaks across samples or from the future.
     let rows: Vec<f32> = p.sum(3).unwrap().flatten_all().unwrap().to_vec1().unwrap();
     assert!(rows.iter().all(|r| (r - 1.0).abs() < 1e-5));
@@ -98,19 +89,9 @@ fn rms_norm_matches_the_primitive_op_reference() {
         (y, g.get(v.as_tensor()).unwrap().clone())
     };
     let ((y, g), (y_ref, g_ref)) = (run(true), run(false));
-    let max = |t: &Tensor| -> f32 {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
     // f32 throughout; the backward is the closed form vs autograd's chain: a few ulps of scale.
-    assert!(max(&(&y - &y_ref).unwrap()) <= 1e-6 * max(&y_ref));
-    assert!(max(&(&g - &g_ref).unwrap()) <= 1e-5 * max(&g_ref));
+    assert!(max_abs(&(&y - &y_ref).unwrap()) <= 1e-6 * max_abs(&y_ref));
+    assert!(max_abs(&(&g - &g_ref).unwrap()) <= 1e-5 * max_abs(&g_ref));
 }
 
 #[test]
@@ -152,29 +133,19 @@ fn blocked_attention_matches_the_whole_matrix_reference() {
         let grads = vars.map(|x| g.get(x.as_tensor()).unwrap().clone());
         (y, grads)
     };
-    let max = |t: &Tensor| -> f32 {
-        t.abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
     let (y_ref, g_ref) = run(None);
     for c in [37, 8, 5, 1] {
         let (y, g) = run(Some(c));
         assert_eq!(y.dims(), &[b, s, nh, hd]);
         // f32 throughout; sums of ≤ 37 products reordered by the blocking: a few ulps of scale.
         assert!(
-            max(&(&y - &y_ref).unwrap()) <= 1e-5 * max(&y_ref),
+            max_abs(&(&y - &y_ref).unwrap()) <= 1e-5 * max_abs(&y_ref),
             "block {c}: output"
         );
         for (name, (g, r)) in ["q", "k", "v"].iter().zip(g.iter().zip(&g_ref)) {
-            assert!(max(r) > 0.1, "d{name} is not trivially small");
-            let err = max(&(g - r).unwrap());
-            assert!(err <= 1e-5 * max(r), "block {c}: d{name} off by {err}");
+            assert!(max_abs(r) > 0.1, "d{name} is not trivially small");
+            let err = max_abs(&(g - r).unwrap());
+            assert!(err <= 1e-5 * max_abs(r), "block {c}: d{name} off by {err}");
         }
     }
     // Nothing crosses a sample boundary: output rows of sample 1 ignore sample 0's values.
@@ -187,6 +158,6 @@ fn blocked_attention_matches_the_whole_matrix_reference() {
     let y2 = attention(&q, &k, &v2, &seg_t, scale, 5).unwrap();
     let (y1, _) = run(Some(5));
     let tail = |t: &Tensor| t.narrow(0, 0, 1).unwrap().narrow(1, 11, 26).unwrap();
-    assert_eq!(max(&(tail(&y1) - tail(&y2)).unwrap()), 0.0);
-    assert!(max(&(y1.narrow(1, 0, 11).unwrap() - y2.narrow(1, 0, 11).unwrap()).unwrap()) > 0.0);
+    assert_eq!(max_abs(&(tail(&y1) - tail(&y2)).unwrap()), 0.0);
+    assert!(max_abs(&(y1.narrow(1, 0, 11).unwrap() - y2.narrow(1, 0, 11).unwrap()).unwrap()) > 0.0);
 }

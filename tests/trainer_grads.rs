@@ -3,6 +3,9 @@
 //! - per-layer recompute gives the gradients of one full autograd graph;
 //! - the gradients agree with central finite differences of the loss.
 
+mod common;
+use common::max_abs;
+
 use candle_core::{DType, Device, Tensor, Var, D};
 use moeq::arch::{Inputs, LoraCtx, Model, ModelType};
 use moeq::checkpoint::frozen::{self, CpuQuantizer, SingleProcess};
@@ -122,17 +125,6 @@ fn grads_of(s: &Setup, b: &Batch) -> BTreeMap<String, Tensor> {
     let mut grads = BTreeMap::new();
     forward_backward(&s.model, &s.adapters, b, b.num_targets(), None, &mut grads).unwrap();
     grads
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 #[test]
