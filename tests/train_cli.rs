@@ -142,3 +142,16 @@ fn save_total_limit_keeps_the_newest_checkpoints() {
     assert_eq!(kept, ["checkpoint-4", "checkpoint-6"]);
     assert!(out.join("adapter_model.safetensors").is_file());
 }
+
+/// `init=device`: the frozen weights are drawn at load time (here on the CPU) instead of read
+/// from a synthesized checkpoint; runs are deterministic and differ from the disk weights'.
+#[test]
+fn weights_drawn_at_load_time_train_deterministically() {
+    let short = "max_steps: 4\nwarmup_steps: 1\nlogging_steps: 1\neval_steps: 100\nsave_steps: 100";
+    let drawn = format!("{short}\nbase_model: synth://qwen3_moe/tiny?seed=0&init=device");
+    let a = losses_of(&drawn);
+    assert_eq!(a.len(), 4);
+    assert!(a.iter().all(|l| l.parse::<f64>().is_ok_and(f64::is_finite)), "{a:?}");
+    assert_eq!(a, losses_of(&drawn), "drawn weights, different losses");
+    assert_ne!(a, losses_of(short), "drawn weights equal the disk checkpoint's");
+}
