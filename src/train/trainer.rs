@@ -371,8 +371,7 @@ pub fn train_ranks(
     // Watchdog (multi-process jobs): the first step may include warm-up, later ones not.
     let watch = &crate::dist::store::WATCH;
     let steady = std::time::Duration::from_secs(config.collective_timeout_s);
-    // Loading's transients go back to the driver; every rank has loaded before the clocks start.
-    crate::util::mem::release_freed_gpu_memory(&device).map_err(failed)?;
+    // Every rank has loaded before the clocks start.
     comm.barrier().map_err(failed)?;
     watch.limit(steady.max(std::time::Duration::from_secs(300)));
     progress.set(start_step as u64, "");

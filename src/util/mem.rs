@@ -70,64 +70,26 @@ pub fn peak_gpu_bytes() -> u64 {
 /// The driver's "in use" figure therefore includes the pool, which is what the process holds.
 pub fn keep_freed_gpu_memory(device: &candle_core::Device) -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]
-    if let Some(pool) = pool::default_pool(device)? {
+    if let candle_core::Device::Cuda(d) = device {
         use candle_core::cuda_backend::cudarc::driver::sys;
-        let mut threshold: u64 = u64::MAX;
-        // SAFETY: a plain driver call on a valid pool; the attribute takes a u64.
-        let status = unsafe {
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                &mut threshold as *mut u64 as *mut std::ffi::c_void,
-            )
-        };
-        pool::check(status, "setting the release threshold")?;
-    }
-    let _ = device;
-    Ok(())
-}
-
-/// Returns the memory the pool holds but nothing uses to the driver (after the device's work
-/// so far): the trainer calls it once loading is done, so the transients of drawing, quantizing
-/// and stacking the frozen base are not held through training.
-pub fn release_freed_gpu_memory(device: &candle_core::Device) -> candle_core::Result<()> {
-    #[cfg(feature = "cuda")]
-    if let Some(pool) = pool::default_pool(device)? {
-        device.synchronize()?;
-        // SAFETY: a plain driver call on a valid pool.
-        let status =
-            unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuMemPoolTrimTo(pool, 0) };
-        pool::check(status, "trimming")?;
-    }
-    let _ = device;
-    Ok(())
-}
-
-#[cfg(feature = "cuda")]
-mod pool {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-
-    /// The default memory pool of a CUDA device; None on the CPU.
-    pub fn default_pool(
-        device: &candle_core::Device,
-    ) -> candle_core::Result<Option<sys::CUmemoryPool>> {
-        let candle_core::Device::Cuda(d) = device else {
-            return Ok(None);
-        };
         let cu_device = d.cuda_stream().context().cu_device();
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        // SAFETY: a plain driver call on a valid device handle.
-        check(
-            unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) },
-            "lookup",
-        )?;
-        Ok(Some(pool))
-    }
-
-    pub fn check(status: sys::CUresult, what: &str) -> candle_core::Result<()> {
+        let mut threshold: u64 = u64::MAX;
+        // SAFETY: plain driver calls on a valid device handle; the attribute takes a u64.
+        let status = unsafe {
+            match sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) {
+                sys::CUresult::CUDA_SUCCESS => sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut threshold as *mut u64 as *mut std::ffi::c_void,
+                ),
+                other => other,
+            }
+        };
         if status != sys::CUresult::CUDA_SUCCESS {
-            candle_core::bail!("CUDA memory pool ({what}): {status:?}");
+            candle_core::bail!("setting the CUDA memory pool's release threshold: {status:?}");
         }
-        Ok(())
     }
+    let _ = device;
+    Ok(())
 }
