@@ -31,9 +31,12 @@ fn config_steps(dir: &Path, mbs: usize, steps: usize, extra: &str) -> PathBuf {
     path
 }
 
+/// The complete records of metrics.jsonl (read while the trainer may be appending: a last line
+/// without its newline is not complete yet).
 fn records(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("out/metrics.jsonl"))
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(dir.join("out/metrics.jsonl")).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()

@@ -151,7 +151,14 @@ fn weights_drawn_at_load_time_train_deterministically() {
     let drawn = format!("{short}\nbase_model: synth://qwen3_moe/tiny?seed=0&init=device");
     let a = losses_of(&drawn);
     assert_eq!(a.len(), 4);
-    assert!(a.iter().all(|l| l.parse::<f64>().is_ok_and(f64::is_finite)), "{a:?}");
+    assert!(
+        a.iter().all(|l| l.parse::<f64>().is_ok_and(f64::is_finite)),
+        "{a:?}"
+    );
     assert_eq!(a, losses_of(&drawn), "drawn weights, different losses");
-    assert_ne!(a, losses_of(short), "drawn weights equal the disk checkpoint's");
+    assert_ne!(
+        a,
+        losses_of(short),
+        "drawn weights equal the disk checkpoint's"
+    );
 }

@@ -67,8 +67,12 @@ impl Metrics {
         Ok(Metrics { file })
     }
 
+    /// Appends one record as one write of the whole line, so a reader tailing the file (a
+    /// dashboard, a test) never sees half a record (`writeln!` on a file writes piece by piece).
     pub(crate) fn write(&mut self, v: &Value) -> Result<(), TrainError> {
-        writeln!(self.file, "{v}").map_err(failed)?;
+        self.file
+            .write_all(format!("{v}\n").as_bytes())
+            .map_err(failed)?;
         self.file.flush().map_err(failed)
     }
 }
