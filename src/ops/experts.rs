@@ -259,9 +259,6 @@ struct GroupedLora {
     first: usize,
     r: usize,
     scaling: f64,
-    /// The forward's factors in x's dtype and rank-r hidden `h` (`[M·r]`, small), taken by the
-    /// backward instead of recomputing them; the node (and these) live only while its graph does.
-    saved: std::sync::Mutex<Option<[Tensor; 3]>>,
 }
 
 impl GroupedLora {
@@ -305,9 +302,6 @@ impl GroupedLora {
         let (a3, b3) = lora_factors(a, b, self.r, x.dtype())?;
         let h = self.hidden(x, &a3)?;
         let (m, out, r) = (x.dim(0)?, b.dim(0)?, self.r);
-        if let Ok(mut saved) = self.saved.lock() {
-            *saved = Some([a3.clone(), b3.clone(), h.clone()]);
-        }
         let ps = self.products(|e, s, n| Product {
             a: s * r,
             b: e * out * r,
@@ -337,15 +331,8 @@ impl CustomOp3 for GroupedLora {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _t = crate::util::phases::Span::start("bwd: grouped_lora", x.device());
         let dy = dy.to_dtype(x.dtype())?.contiguous()?;
-        let saved = self.saved.lock().ok().and_then(|mut s| s.take());
-        let [a3, b3, h] = match saved {
-            Some(t) => t,
-            None => {
-                let (a3, b3) = lora_factors(a, b, self.r, x.dtype())?;
-                let h = self.hidden(x, &a3)?;
-                [a3, b3, h]
-            }
-        };
+        let (a3, b3) = lora_factors(a, b, self.r, x.dtype())?;
+        let h = self.hidden(x, &a3)?;
         let (m, inp) = x.dims2()?;
         let (out, r, num_experts) = (b.dim(0)?, self.r, a.dim(0)? / self.r);
         let s = self.scaling;
@@ -457,7 +444,6 @@ pub fn grouped_lora(
             first,
             r,
             scaling,
-            saved: std::sync::Mutex::new(None),
         },
     )
 }
