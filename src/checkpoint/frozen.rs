@@ -9,9 +9,11 @@
 
 use super::{bnb, CheckpointError, ExpertParam, ModelDir};
 use crate::arch::Component;
+use crate::arch::ParamInfo;
 use crate::quant::sharded::{check_expert_alignment, global_absmax, quantize_slice, SliceQuant};
 use crate::quant::{QuantInput, QuantSettings, QuantizedParam};
 use crate::util::phases::timed;
+use crate::util::prefetch::in_order;
 use crate::util::progress::Progress;
 use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
@@ -185,106 +187,184 @@ pub fn load(
     let progress = Progress::new(total_bytes, "loading and quantizing the frozen base");
     let mut report = LoadReport::default();
     let mut tensors = BTreeMap::new();
-    for p in &params {
-        // The bf16 values of `p` (experts: `experts`), read or drawn on `device`.
-        let read = |experts: Option<Range<usize>>, device: &candle_core::Device| match (
-            dir.generated(),
-            experts,
-        ) {
-            (Some(g), e) => g.param(spec, p, e.unwrap_or(0..0), device),
-            (None, Some(e)) => match ExpertParam::parse(&p.name) {
-                Some((layer, which)) => dir.read_experts(layer, which, e),
-                None => Err(err(dir, format!("'{}' is not an expert parameter", p.name))),
-            },
-            (None, None) => dir.read(&p.name),
-        };
-        let frozen = if !p.quantized {
-            // Dense tensors stay on the CPU; drawn ones are drawn on the quantizer's device.
-            let t = read(None, &quantizer.device())?.to_device(&candle_core::Device::Cpu)?;
-            report.bytes_read += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-            report.dense_bytes += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-            Frozen::Dense(t)
-        } else if pre.is_some() && dir.generated().is_none() {
-            let mut param = bnb::read(dir, &p.name)?;
-            if param.shape != p.shape {
-                return Err(err(
-                    dir,
-                    format!(
-                        "'{}' has shape {:?} but config.json implies {:?}",
-                        p.name, param.shape, p.shape
-                    ),
-                ));
-            }
-            let experts = if p.component == Component::Experts && owned != (0..spec.num_experts) {
-                let per_expert_bytes = p.shape[1] * p.shape[2] / 2;
-                param.packed = param.packed
-                    [owned.start * per_expert_bytes..owned.end * per_expert_bytes]
-                    .to_vec();
-                Some(owned.clone())
-            } else {
-                None
-            };
-            report.quantized_bytes += quantized_size(&param);
-            Frozen::Quantized { param, experts }
-        } else if p.component == Component::Experts {
-            let per_expert = p.shape[1] * p.shape[2];
-            check_expert_alignment(&p.name, per_expert, &settings)
-                .map_err(|e| err(dir, e.to_string()))?;
-            // Codes and statistics go straight into the parameter's buffers (one host copy).
-            let mut packed = Vec::with_capacity(owned.len() * per_expert / 2);
-            let mut local = Vec::with_capacity(owned.len() * per_expert / settings.blocksize);
-            for e in owned.clone() {
+    let generated = dir.generated().is_some();
+    let read_prequantized = |p: &ParamInfo| pre.is_some() && !generated && p.quantized;
+    let split_by_expert =
+        |p: &ParamInfo| p.quantized && p.component == Component::Experts && !read_prequantized(p);
+    // One item per bf16 read: one owned expert of an expert parameter, else the whole
+    // parameter (also an expert parameter of which this rank owns none: its statistics are
+    // still gathered).
+    let items: Vec<(usize, Option<usize>)> = params
+        .iter()
+        .enumerate()
+        .flat_map(|(k, p)| match split_by_expert(p) && !owned.is_empty() {
+            true => owned.clone().map(|e| (k, Some(e))).collect::<Vec<_>>(),
+            false => vec![(k, None)],
+        })
+        .collect();
+    for p in params.iter().filter(|p| split_by_expert(p)) {
+        check_expert_alignment(&p.name, p.shape[1] * p.shape[2], &settings)
+            .map_err(|e| err(dir, e.to_string()))?;
+    }
+    // The bf16 values of `p` (experts: `experts`), read from disk or drawn on `device`.
+    let read = |p: &ParamInfo, experts: Option<Range<usize>>, device: &candle_core::Device| match (
+        dir.generated(),
+        experts,
+    ) {
+        (Some(g), e) => g.param(spec, p, e.unwrap_or(0..0), device),
+        (None, Some(e)) => match ExpertParam::parse(&p.name) {
+            Some((layer, which)) => dir.read_experts(layer, which, e),
+            None => Err(err(dir, format!("'{}' is not an expert parameter", p.name))),
+        },
+        (None, None) => dir.read(&p.name),
+    };
+    // Reads from disk run ahead on threads (reading and joining slices is CPU work) while
+    // this thread quantizes; weights drawn on the device and 4-bit reads are done in order
+    // here (None).
+    let cpu = candle_core::Device::Cpu;
+    let prefetch = |i: usize| {
+        let (k, e) = items[i];
+        let p = &params[k];
+        (!generated && !read_prequantized(p)).then(|| {
+            timed("load: read (summed over reader threads)", &cpu, || {
+                read(p, e.map(|e| e..e + 1), &cpu)
+            })
+        })
+    };
+    let threads = match generated {
+        true => 0,
+        false => std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, 8)),
+    };
+    // Codes and absmax of the expert parameter being assembled (straight into its buffers).
+    let mut assembling: Option<(Vec<u8>, Vec<f32>)> = None;
+    std::thread::scope(|scope| {
+        // The nested statistics of each expert parameter are computed on a thread while the
+        // next parameter loads.
+        let mut statistics = Vec::new();
+        in_order(
+            items.len(),
+            threads,
+            4 * threads,
+            prefetch,
+            |i, mut prefetched| {
+                let (k, e) = items[i];
+                let p = &params[k];
                 let dev = quantizer.device();
-                let x = timed("load: read or draw", &dev, || read(Some(e..e + 1), &dev))?;
-                report.bytes_read += (x.elem_count() * x.dtype().size_in_bytes()) as u64;
-                progress.inc(2 * per_expert as u64);
-                let slice = quantizer
-                    .quantize(&p.name, &x, e * per_expert, p.numel(), &settings)
-                    .map_err(|e| err(dir, e))?;
-                packed.extend_from_slice(&slice.packed);
-                local.extend_from_slice(&slice.absmax);
-            }
-            let cpu = candle_core::Device::Cpu;
-            let param = timed("load: statistics", &cpu, || {
-                let all = gather.gather(&p.name, local).map_err(|e| err(dir, e))?;
-                Ok::<_, CheckpointError>(QuantizedParam {
-                    shape: p.shape.clone(),
-                    settings,
-                    packed,
-                    absmax: global_absmax(all, &settings),
-                })
-            })?;
-            report.quantized_bytes += quantized_size(&param);
-            let full = owned == (0..spec.num_experts);
-            Frozen::Quantized {
-                param,
-                experts: (!full).then(|| owned.clone()),
-            }
-        } else {
-            let dev = quantizer.device();
-            let x = timed("load: read or draw", &dev, || read(None, &dev))?;
-            report.bytes_read += (x.elem_count() * x.dtype().size_in_bytes()) as u64;
-            let slice = quantizer
-                .quantize(&p.name, &x, 0, p.numel(), &settings)
-                .map_err(|e| err(dir, e))?;
+                let mut take = |experts: Option<Range<usize>>| match prefetched.take() {
+                    Some(x) => x,
+                    None => timed("load: read or draw", &dev, || read(p, experts, &dev)),
+                };
+                let frozen = if !p.quantized {
+                    // Dense tensors stay on the CPU; drawn ones are drawn on the quantizer's device.
+                    let t = take(None)?.to_device(&cpu)?;
+                    report.bytes_read += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+                    report.dense_bytes += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+                    Some(Frozen::Dense(t))
+                } else if read_prequantized(p) {
+                    let mut param = bnb::read(dir, &p.name)?;
+                    if param.shape != p.shape {
+                        return Err(err(
+                            dir,
+                            format!(
+                                "'{}' has shape {:?} but config.json implies {:?}",
+                                p.name, param.shape, p.shape
+                            ),
+                        ));
+                    }
+                    let experts =
+                        if p.component == Component::Experts && owned != (0..spec.num_experts) {
+                            let per_expert_bytes = p.shape[1] * p.shape[2] / 2;
+                            param.packed = param.packed
+                                [owned.start * per_expert_bytes..owned.end * per_expert_bytes]
+                                .to_vec();
+                            Some(owned.clone())
+                        } else {
+                            None
+                        };
+                    report.quantized_bytes += quantized_size(&param);
+                    Some(Frozen::Quantized { param, experts })
+                } else if split_by_expert(p) {
+                    let per_expert = p.shape[1] * p.shape[2];
+                    let (packed, local) = assembling.get_or_insert_with(|| {
+                        (
+                            Vec::with_capacity(owned.len() * per_expert / 2),
+                            Vec::with_capacity(owned.len() * per_expert / settings.blocksize),
+                        )
+                    });
+                    if let Some(e) = e {
+                        let x = take(Some(e..e + 1))?;
+                        report.bytes_read += (x.elem_count() * x.dtype().size_in_bytes()) as u64;
+                        let slice = quantizer
+                            .quantize(&p.name, &x, e * per_expert, p.numel(), &settings)
+                            .map_err(|e| err(dir, e))?;
+                        packed.extend_from_slice(&slice.packed);
+                        local.extend_from_slice(&slice.absmax);
+                    }
+                    if e.is_none_or(|e| e + 1 == owned.end) {
+                        let (packed, local) = assembling.take().unwrap_or_default();
+                        let all = timed("load: statistics (gather)", &cpu, || {
+                            gather.gather(&p.name, local).map_err(|e| err(dir, e))
+                        })?;
+                        let job = scope.spawn(move || {
+                            timed(
+                                "load: statistics (background)",
+                                &candle_core::Device::Cpu,
+                                || global_absmax(all, &settings),
+                            )
+                        });
+                        statistics.push((k, packed, job));
+                    }
+                    None
+                } else {
+                    let x = take(None)?;
+                    report.bytes_read += (x.elem_count() * x.dtype().size_in_bytes()) as u64;
+                    let slice = quantizer
+                        .quantize(&p.name, &x, 0, p.numel(), &settings)
+                        .map_err(|e| err(dir, e))?;
+                    let param = QuantizedParam {
+                        shape: p.shape.clone(),
+                        settings,
+                        packed: slice.packed,
+                        absmax: global_absmax(slice.absmax, &settings),
+                    };
+                    report.quantized_bytes += quantized_size(&param);
+                    Some(Frozen::Quantized {
+                        param,
+                        experts: None,
+                    })
+                };
+                progress.inc(match e {
+                    Some(_) => p.numel() as u64 * 2 / spec.num_experts as u64,
+                    None if split_by_expert(p) => 0,
+                    None => p.numel() as u64 * 2,
+                });
+                if let Some(frozen) = frozen {
+                    tensors.insert(p.name.clone(), frozen);
+                }
+                crate::util::mem::sample_peak();
+                Ok::<(), CheckpointError>(())
+            },
+        )?;
+        let full = owned == (0..spec.num_experts);
+        for (k, packed, job) in statistics {
+            let p = &params[k];
+            let absmax = timed("load: statistics (waiting at the end)", &cpu, || job.join())
+                .map_err(|_| err(dir, format!("{}: computing the statistics failed", p.name)))?;
             let param = QuantizedParam {
                 shape: p.shape.clone(),
                 settings,
-                packed: slice.packed,
-                absmax: global_absmax(slice.absmax, &settings),
+                packed,
+                absmax,
             };
             report.quantized_bytes += quantized_size(&param);
-            Frozen::Quantized {
+            let frozen = Frozen::Quantized {
                 param,
-                experts: None,
-            }
-        };
-        if !(p.component == Component::Experts && pre.is_none()) {
-            progress.inc(p.numel() as u64 * 2);
+                experts: (!full).then(|| owned.clone()),
+            };
+            tensors.insert(p.name.clone(), frozen);
         }
-        tensors.insert(p.name.clone(), frozen);
-        crate::util::mem::sample_peak();
-    }
+        Ok::<(), CheckpointError>(())
+    })?;
     progress.finish();
     report.seconds = started.elapsed().as_secs_f64();
     report.peak_device_bytes = quantizer.peak_device_bytes();

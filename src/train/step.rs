@@ -91,6 +91,7 @@ pub fn forward_backward(
         x = out;
     }
 
+    crate::util::phases::mark_memory("3 forward", &device);
     // Head: dL/dx_L through the final norm.
     let leaf = Var::from_tensor(&x)?;
     let normed = model.final_norm(leaf.as_tensor())?;
@@ -102,6 +103,7 @@ pub fn forward_backward(
             loss_chunk(model.spec.vocab_size),
         )
     })?;
+    crate::util::phases::mark_memory("4 head + cross-entropy", &device);
     let scale = ce.labelled as f64 / denom.max(1) as f64;
     let grad_normed = (ce.grad_h * scale)?;
     let g = normed.mul(&grad_normed)?.sum_all()?.backward()?;
@@ -118,6 +120,7 @@ pub fn forward_backward(
     for l in (0..layers).rev() {
         let leaf = Var::from_tensor(&saved[l])?;
         let (out, _) = model.layer(l, leaf.as_tensor(), &inputs, &live)?;
+        crate::util::phases::mark_memory("5a layer recompute", &device);
         let store = timed("layer backward (autograd)", &device, || {
             out.mul(&g_out)?.sum_all()?.backward()
         })?;
@@ -133,6 +136,7 @@ pub fn forward_backward(
             candle_core::Error::Msg(format!("no gradient reached the input of layer {l}"))
         })?;
         saved.pop();
+        crate::util::phases::mark_memory("5b layer backward", &device);
     }
     Ok(MicroStats {
         loss_sum: ce.loss as f64 * ce.labelled as f64,

@@ -200,6 +200,8 @@ pub fn train_ranks(
     if let Some(r) = crate::util::phases::report(1) {
         tracing::info!("loading: {r}");
     }
+    crate::util::phases::mark_memory("1 load", &device);
+    let building = std::time::Instant::now();
     if let Some(d) = std::env::var_os("MOEQ_NF4_DIGEST") {
         write_digest(Path::new(&d), &base, rank, world)?;
     }
@@ -213,6 +215,16 @@ pub fn train_ranks(
         })
         .map_err(|e| TrainError::Input(e.to_string()))?;
     drop(base);
+    tracing::info!(
+        "model on {}: built in {:.1} s",
+        if device.is_cuda() {
+            "the GPU"
+        } else {
+            "the CPU"
+        },
+        building.elapsed().as_secs_f64()
+    );
+    crate::util::phases::mark_memory("2 model built", &device);
     let adapters = Adapters::for_experts(
         spec,
         setup::lora_settings(config),
@@ -485,6 +497,7 @@ pub fn train_ranks(
         }
         let lr = schedule.lr(step);
         timed("optimizer", &device, || opt.step(&store, lr)).map_err(failed)?;
+        crate::util::phases::mark_memory("6 optimizer", &device);
         if step == start_step {
             crate::util::phases::reset();
         }
@@ -568,6 +581,9 @@ pub fn train_ranks(
     }
     progress.finish();
     if let Some(r) = crate::util::phases::report(total_steps - start_step - 1) {
+        tracing::info!("{r}");
+    }
+    if let Some(r) = crate::util::phases::memory_report() {
         tracing::info!("{r}");
     }
     let full = whole_adapter(&adapters, comm.as_ref(), ep)?;

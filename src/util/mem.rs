@@ -93,3 +93,40 @@ pub fn keep_freed_gpu_memory(device: &candle_core::Device) -> candle_core::Resul
     let _ = device;
     Ok(())
 }
+
+/// The stream-ordered pool's high-water mark of memory in use since the previous call (which
+/// resets it), and the device memory outside the pool (driver view minus the pool's
+/// reservation), in bytes; None without CUDA.
+pub fn pool_high_since_last(device: &candle_core::Device) -> Option<(u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let _ = device.synchronize();
+        let cu_device = d.cuda_stream().context().cu_device();
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let (mut high, mut reserved, mut zero) = (0u64, 0u64, 0u64);
+        let used = gpu_used_bytes(device)?;
+        // SAFETY: plain driver calls on a valid device handle; these attributes are u64s.
+        let ok = unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) == sys::CUresult::CUDA_SUCCESS
+                && sys::cuMemPoolGetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    &mut high as *mut u64 as *mut std::ffi::c_void,
+                ) == sys::CUresult::CUDA_SUCCESS
+                && sys::cuMemPoolGetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                    &mut reserved as *mut u64 as *mut std::ffi::c_void,
+                ) == sys::CUresult::CUDA_SUCCESS
+                && sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    &mut zero as *mut u64 as *mut std::ffi::c_void,
+                ) == sys::CUresult::CUDA_SUCCESS
+        };
+        return ok.then(|| (high, used.saturating_sub(reserved)));
+    }
+    let _ = device;
+    None
+}

@@ -3,4 +3,5 @@
 pub mod logging;
 pub mod mem;
 pub mod phases;
+pub mod prefetch;
 pub mod progress;

@@ -90,3 +90,40 @@ pub fn report(steps: usize) -> Option<String> {
     }
     Some(s)
 }
+
+/// Highest device-pool memory in use per mark label (bytes), and the rest of the device memory
+/// (context, modules, cuBLAS workspaces: driver view minus the pool's reservation) at the mark.
+static MEMORY: Mutex<BTreeMap<&'static str, (u64, u64)>> = Mutex::new(BTreeMap::new());
+
+/// When profiling is on, records under `label` the stream-ordered pool's high-water mark of
+/// memory in use since the previous mark (then resets it): where in a step the peak is.
+pub fn mark_memory(label: &'static str, device: &Device) {
+    if !enabled() {
+        return;
+    }
+    if let Some((high, other)) = crate::util::mem::pool_high_since_last(device) {
+        let mut m = MEMORY.lock().unwrap_or_else(|e| e.into_inner());
+        let e = m.entry(label).or_insert((0, 0));
+        e.0 = e.0.max(high);
+        e.1 = e.1.max(other);
+    }
+}
+
+/// The table of memory marks (None when profiling is off or nothing was marked).
+pub fn memory_report() -> Option<String> {
+    let m = MEMORY.lock().unwrap_or_else(|e| e.into_inner());
+    if !enabled() || m.is_empty() {
+        return None;
+    }
+    let mut s = String::from(
+        "device memory (MOEQ_PHASE_TIMES=1): pool in use, highest up to each mark | outside the pool",
+    );
+    for (label, (high, other)) in m.iter() {
+        s += &format!(
+            "\n  {label:<28} {:>8.3} GB | {:>6.3} GB",
+            *high as f64 / 1e9,
+            *other as f64 / 1e9
+        );
+    }
+    Some(s)
+}
