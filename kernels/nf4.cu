@@ -308,12 +308,13 @@ __device__ void dequantize_vec(const unsigned int* __restrict__ packed, const fl
   }
 }
 
-// Nested statistics back to f32 absmax: f32(code8[q] * nested[i / 256]) + offset.
+// Nested statistics back to f32 absmax: f32(code8[q] * nested[(start + i) / 256]) + offset, where
+// q[0] is block `start` of the parameter (a slice of a parameter's codes, nested array whole).
 extern "C" __global__ void dequantize_absmax(const unsigned char* __restrict__ q, const float* __restrict__ code8,
                                              const float* __restrict__ nested, const float offset,
-                                             float* __restrict__ out, const size_t n) {
+                                             float* __restrict__ out, const size_t n, const size_t start) {
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-    out[i] = __fadd_rn(mul_ftz(code8[q[i]], nested[i >> 8]), offset);
+    out[i] = __fadd_rn(mul_ftz(code8[q[i]], nested[(start + i) >> 8]), offset);
 }
 
 #define QUANT(NAME, T, NF4)                                                                          \

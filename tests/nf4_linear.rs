@@ -71,7 +71,12 @@ fn forward_and_backward_match_the_dequantized_reference() {
             .unwrap()
             > 0.0
     );
-    assert!(grads.get(&weight.packed).is_none() && grads.get(&weight.absmax).is_none());
+    assert!(grads.get(&weight.packed).is_none());
+    assert!(weight
+        .absmax
+        .tensors()
+        .iter()
+        .all(|t| grads.get(t).is_none()));
     assert_eq!(
         weight.dequantize(DType::F32).unwrap().dims(),
         &[out_f, in_f]
@@ -90,4 +95,57 @@ fn feature_mismatch_is_an_error() {
         err.contains("nf4_linear: input has 32 features, weight expects 64"),
         "{err}"
     );
+}
+
+/// Nested statistics kept on the device (`Scales::Nested`) expand to exactly the host's f32
+/// scales for any range of blocks, including ranges that start or end inside a 256-block
+/// nested group (a rank's or a chunk's experts). Exact: same formula, same roundings.
+#[test]
+fn nested_scales_expand_to_the_host_values_for_any_block_range() {
+    use moeq::ops::nf4_linear::Scales;
+    use moeq::quant::nested::{dequantize_absmax, quantize_absmax};
+    use moeq::quant::Absmax;
+    let dev = Device::Cpu;
+    let n = 7 * 256 + 77;
+    // Positive block maxima spread over two orders of magnitude, as real weights give.
+    let absmax: Vec<f32> = Tensor::randn(0f32, 1.0, n, &dev)
+        .and_then(|t| t.exp())
+        .and_then(|t| t.to_vec1())
+        .unwrap();
+    let nested = quantize_absmax(&absmax);
+    let want = dequantize_absmax(&nested);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let stats = Absmax::Nested(nested);
+    let whole = Scales::from_absmax(&stats, 0..n, &dev).unwrap();
+    assert_eq!(whole.len(), n);
+    for (from, len) in [
+        (0, n),
+        (5, 300),
+        (256, 512),
+        (1000, n - 1000),
+        (n - 1, 1),
+        (255, 2),
+    ] {
+        let got: Vec<f32> = whole
+            .narrow(from, len)
+            .unwrap()
+            .values()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(
+            bits(&got),
+            bits(&want[from..from + len]),
+            "narrow {from}+{len}"
+        );
+        let part = Scales::from_absmax(&stats, from..from + len, &dev).unwrap();
+        let got: Vec<f32> = part.values().unwrap().to_vec1().unwrap();
+        assert_eq!(
+            bits(&got),
+            bits(&want[from..from + len]),
+            "built from {from}+{len}"
+        );
+    }
+    // Values differ from block to block (the check above compares real data).
+    assert!(want.windows(2).any(|w| w[0] != w[1]));
 }

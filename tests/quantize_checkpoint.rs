@@ -33,7 +33,7 @@ fn load(dir: &ModelDir, settings: QuantSettings) -> FrozenBase {
 /// Bytes that identify a frozen tensor completely.
 fn fingerprint(f: &Frozen) -> Vec<u8> {
     match f {
-        Frozen::Quantized { param, experts } => {
+        Frozen::Quantized { param, experts, .. } => {
             let mut v = format!("{:?}{:?}{:?}", param.shape, param.settings, experts).into_bytes();
             v.extend(&param.packed);
             v.extend(format!("{:?}", param.absmax).into_bytes());
@@ -261,6 +261,7 @@ fn ranks_match_the_single_process(dir: &ModelDir) {
                         Frozen::Quantized {
                             param,
                             experts: Some(owned),
+                            ..
                         },
                         Frozen::Quantized { param: w, .. },
                     ) => {

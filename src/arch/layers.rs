@@ -45,6 +45,8 @@ pub struct Moe {
     pub shared: Option<([Proj; 3], Option<Tensor>)>,
 }
 
+// One per layer: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Mlp {
     /// gate, up, down
     Dense([Proj; 3]),

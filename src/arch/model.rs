@@ -12,7 +12,7 @@ use super::ArchSpec;
 use crate::checkpoint::frozen::{Frozen, FrozenBase};
 use crate::lora::Adapters;
 use crate::ops::experts::ExpertWeights;
-use crate::ops::nf4_linear::Nf4Weight;
+use crate::ops::nf4_linear::{Nf4Weight, Scales};
 use crate::ops::norm::rms_norm;
 use crate::ops::rope::Rope;
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -89,8 +89,12 @@ struct Weights<'a> {
 
 impl Weights<'_> {
     fn dense(&self, name: &str) -> Result<Tensor> {
+        self.dense_on(name, self.device)
+    }
+
+    fn dense_on(&self, name: &str, device: &Device) -> Result<Tensor> {
         match self.base.tensors.get(name) {
-            Some(Frozen::Dense(t)) => t.to_device(self.device)?.to_dtype(self.dtype),
+            Some(Frozen::Dense(t)) => t.to_device(device)?.to_dtype(self.dtype),
             Some(Frozen::Quantized { .. }) => candle_core::bail!("{name}: expected a dense tensor"),
             None => candle_core::bail!("{name}: missing from the checkpoint"),
         }
@@ -105,7 +109,9 @@ impl Weights<'_> {
 
     fn quantized(&self, name: &str) -> Result<Nf4Weight> {
         match self.base.tensors.get(name) {
-            Some(Frozen::Quantized { param, .. }) => Nf4Weight::from_param(param, self.device),
+            Some(Frozen::Quantized { param, codes, .. }) => {
+                Nf4Weight::from_param_codes(param, codes.as_ref(), self.device)
+            }
             Some(Frozen::Dense(_)) => candle_core::bail!("{name}: expected a 4-bit weight"),
             None => candle_core::bail!("{name}: missing from the checkpoint"),
         }
@@ -125,7 +131,12 @@ impl Weights<'_> {
 
     /// The held experts of a 3-D expert parameter `[E, out, in]` as one stacked 4-bit weight.
     fn experts(&self, name: &str) -> Result<(ExpertWeights, usize)> {
-        let Some(Frozen::Quantized { param, experts }) = self.base.tensors.get(name) else {
+        let Some(Frozen::Quantized {
+            param,
+            experts,
+            codes,
+        }) = self.base.tensors.get(name)
+        else {
             candle_core::bail!("{name}: missing 4-bit expert parameter");
         };
         let [num, out, inp] = param.shape[..] else {
@@ -139,15 +150,27 @@ impl Weights<'_> {
                 "{name}: one expert ({per} values) is not a whole number of {bs}-blocks"
             );
         }
-        let scales = param.absmax.values();
         let (lo, hi) = (held.start, held.end);
         // The codes of the held experts only (a rank loads only its slices), scales of all.
-        let packed = &param.packed[..held.len() * per / 2];
-        let absmax = &scales[lo * per / bs..hi * per / bs];
+        let bytes = held.len() * per / 2;
+        let packed = match codes {
+            Some(c) if c.elem_count() == bytes => c.to_device(self.device)?,
+            Some(c) => candle_core::bail!(
+                "{name}: {} codes on the device for {} experts",
+                c.elem_count(),
+                held.len()
+            ),
+            None => Tensor::from_slice(&param.packed[..bytes], bytes, self.device)?,
+        };
+
         Ok((
             ExpertWeights {
-                packed: Tensor::from_slice(packed, packed.len(), self.device)?,
-                absmax: Tensor::from_slice(absmax, absmax.len(), self.device)?,
+                packed,
+                absmax: Scales::from_absmax(
+                    &param.absmax,
+                    lo * per / bs..hi * per / bs,
+                    self.device,
+                )?,
                 num_experts: held.len(),
                 out_features: out,
                 in_features: inp,
@@ -232,7 +255,12 @@ impl Model {
                 mlp,
             });
         }
-        let embed = w.dense("model.embed_tokens.weight")?;
+        // An untied input embedding is only gathered from: it stays in host memory (vocab × H,
+        // 622 MB for Qwen3-30B-A3B) and a micro-batch uploads its rows (`embed`).
+        let embed = match spec.tie_word_embeddings {
+            true => w.dense("model.embed_tokens.weight")?,
+            false => w.dense_on("model.embed_tokens.weight", &Device::Cpu)?,
+        };
         let lm_head = if spec.tie_word_embeddings {
             embed.clone()
         } else {
@@ -327,9 +355,10 @@ impl Model {
         })
     }
 
-    /// ids → x: [N, H].
+    /// ids → x: [N, H] on the model's device (rows gathered where the embedding is held).
     pub fn embed(&self, inputs: &Inputs) -> Result<Tensor> {
-        self.embed.index_select(&inputs.input_ids, 0)
+        let ids = inputs.input_ids.to_device(self.embed.device())?;
+        self.embed.index_select(&ids, 0)?.to_device(&self.device)
     }
 
     /// Decoder layer `l`: x [N, H] → [N, H].

@@ -25,6 +25,9 @@ pub enum Frozen {
     Quantized {
         param: QuantizedParam,
         experts: Option<Range<usize>>,
+        /// The packed codes on the GPU when the quantizer kept them there for training
+        /// (`SliceQuantizer::take_device_codes`); `param.packed` is then empty.
+        codes: Option<Tensor>,
     },
     /// Kept in the checkpoint's dtype, on the CPU.
     Dense(Tensor),
@@ -67,6 +70,32 @@ pub trait SliceQuantizer {
     /// Where weights drawn at load time (`ModelDir::generate_weights`) are best generated.
     fn device(&self) -> candle_core::Device {
         candle_core::Device::Cpu
+    }
+
+    /// Whether codes (and drawn dense tensors) stay on `device()` for training instead of
+    /// being copied to the host.
+    fn keeps_on_device(&self) -> bool {
+        false
+    }
+
+    /// With `keeps_on_device`, the codes of the slices quantized since the last call, in
+    /// order, as one device tensor (the slices' `packed` are then empty).
+    fn take_device_codes(&mut self) -> Result<Option<Tensor>, String> {
+        Ok(None)
+    }
+}
+
+impl Frozen {
+    /// The packed codes of a quantized parameter on the host (downloaded when they were kept
+    /// on the GPU); None for a dense tensor.
+    pub fn host_codes(&self) -> candle_core::Result<Option<std::borrow::Cow<'_, [u8]>>> {
+        match self {
+            Frozen::Quantized { codes: Some(c), .. } => {
+                Ok(Some(std::borrow::Cow::Owned(c.to_vec1()?)))
+            }
+            Frozen::Quantized { param, .. } => Ok(Some(std::borrow::Cow::Borrowed(&param.packed))),
+            Frozen::Dense(_) => Ok(None),
+        }
     }
 }
 
@@ -256,7 +285,11 @@ pub fn load(
                 };
                 let frozen = if !p.quantized {
                     // Dense tensors stay on the CPU; drawn ones are drawn on the quantizer's device.
-                    let t = take(None)?.to_device(&cpu)?;
+                    let t = take(None)?;
+                    let t = match quantizer.keeps_on_device() {
+                        true => t,
+                        false => t.to_device(&cpu)?,
+                    };
                     report.bytes_read += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
                     report.dense_bytes += (t.elem_count() * t.dtype().size_in_bytes()) as u64;
                     Some(Frozen::Dense(t))
@@ -281,8 +314,12 @@ pub fn load(
                         } else {
                             None
                         };
-                    report.quantized_bytes += quantized_size(&param);
-                    Some(Frozen::Quantized { param, experts })
+                    report.quantized_bytes += quantized_size(&param, None);
+                    Some(Frozen::Quantized {
+                        param,
+                        experts,
+                        codes: None,
+                    })
                 } else if split_by_expert(p) {
                     let per_expert = p.shape[1] * p.shape[2];
                     let (packed, local) = assembling.get_or_insert_with(|| {
@@ -302,6 +339,7 @@ pub fn load(
                     }
                     if e.is_none_or(|e| e + 1 == owned.end) {
                         let (packed, local) = assembling.take().unwrap_or_default();
+                        let codes = quantizer.take_device_codes().map_err(|e| err(dir, e))?;
                         let all = timed("load: statistics (gather)", &cpu, || {
                             gather.gather(&p.name, local).map_err(|e| err(dir, e))
                         })?;
@@ -312,7 +350,7 @@ pub fn load(
                                 || global_absmax(all, &settings),
                             )
                         });
-                        statistics.push((k, packed, job));
+                        statistics.push((k, packed, codes, job));
                     }
                     None
                 } else {
@@ -327,10 +365,12 @@ pub fn load(
                         packed: slice.packed,
                         absmax: global_absmax(slice.absmax, &settings),
                     };
-                    report.quantized_bytes += quantized_size(&param);
+                    let codes = quantizer.take_device_codes().map_err(|e| err(dir, e))?;
+                    report.quantized_bytes += quantized_size(&param, codes.as_ref());
                     Some(Frozen::Quantized {
                         param,
                         experts: None,
+                        codes,
                     })
                 };
                 progress.inc(match e {
@@ -341,12 +381,15 @@ pub fn load(
                 if let Some(frozen) = frozen {
                     tensors.insert(p.name.clone(), frozen);
                 }
-                crate::util::mem::sample_peak();
+                if e.is_none_or(|e| e + 1 == owned.end) {
+                    // Once per parameter: reading /proc per slice costs more than the slice.
+                    crate::util::mem::sample_peak();
+                }
                 Ok::<(), CheckpointError>(())
             },
         )?;
         let full = owned == (0..spec.num_experts);
-        for (k, packed, job) in statistics {
+        for (k, packed, codes, job) in statistics {
             let p = &params[k];
             let absmax = timed("load: statistics (waiting at the end)", &cpu, || job.join())
                 .map_err(|_| err(dir, format!("{}: computing the statistics failed", p.name)))?;
@@ -356,10 +399,11 @@ pub fn load(
                 packed,
                 absmax,
             };
-            report.quantized_bytes += quantized_size(&param);
+            report.quantized_bytes += quantized_size(&param, codes.as_ref());
             let frozen = Frozen::Quantized {
                 param,
                 experts: (!full).then(|| owned.clone()),
+                codes,
             };
             tensors.insert(p.name.clone(), frozen);
         }
@@ -375,26 +419,34 @@ pub fn load(
     })
 }
 
-/// Bytes of codes plus statistics of a quantized parameter.
-pub fn quantized_size(q: &QuantizedParam) -> u64 {
+/// Bytes of codes (on the host, or `codes` on the device) plus statistics of a quantized
+/// parameter.
+pub fn quantized_size(q: &QuantizedParam, codes: Option<&Tensor>) -> u64 {
+    let packed = codes.map_or(q.packed.len(), |c| c.elem_count());
     let stats = match &q.absmax {
         crate::quant::Absmax::Plain(a) => 4 * a.len(),
         crate::quant::Absmax::Nested(n) => n.codes.len() + 4 * n.nested_absmax.len() + 4 + 4 * 256,
     };
-    (q.packed.len() + stats + 4 * 16) as u64
+    (packed + stats + 4 * 16) as u64
 }
 
-/// Quantizes slices on a GPU: upload, `kernels/nf4.cu`, download. Tracks the peak device
-/// memory in use (driver view, relative to when it was created).
+/// Quantizes slices on a GPU: upload, `kernels/nf4.cu`, then the codes are downloaded, or with
+/// `resident` kept on the GPU for training (`take_device_codes`). Tracks the peak device
+/// memory in use (driver view, relative to when it was created), sampled once per parameter
+/// (the driver query costs more than a slice).
 #[cfg(feature = "cuda")]
 pub struct CudaQuantizer {
     device: candle_core::Device,
     baseline: u64,
     peak: u64,
+    resident: bool,
+    /// Codes of the slices quantized since the last `take_device_codes` (resident only).
+    pending: Vec<Tensor>,
 }
 
 #[cfg(feature = "cuda")]
 impl CudaQuantizer {
+    /// Codes are downloaded to the host (`moeq quantize` writes them out).
     pub fn new(ordinal: usize) -> Result<CudaQuantizer, String> {
         let device = candle_core::Device::new_cuda(ordinal).map_err(|e| e.to_string())?;
         let baseline = Self::used()?;
@@ -402,6 +454,16 @@ impl CudaQuantizer {
             device,
             baseline,
             peak: 0,
+            resident: false,
+            pending: Vec::new(),
+        })
+    }
+
+    /// Codes and drawn dense tensors stay on the GPU (training).
+    pub fn resident(ordinal: usize) -> Result<CudaQuantizer, String> {
+        Ok(CudaQuantizer {
+            resident: true,
+            ..Self::new(ordinal)?
         })
     }
 
@@ -419,20 +481,27 @@ impl SliceQuantizer for CudaQuantizer {
         name: &str,
         x: &Tensor,
         start: usize,
-        total: usize,
+        _total: usize,
         settings: &QuantSettings,
     ) -> Result<SliceQuant, String> {
+        if start % settings.blocksize != 0 {
+            return Err(format!(
+                "{name}: slice at {start} is not on a block boundary"
+            ));
+        }
         let mut run = || -> candle_core::Result<SliceQuant> {
             let d = &self.device;
             let dev = timed("load: upload", d, || x.flatten_all()?.to_device(d))?;
             let (packed, absmax) = timed("load: quantize", d, || {
                 crate::quant::cuda::quantize(&dev, settings)
             })?;
-            self.device.synchronize()?;
-            let used = Self::used().map_err(candle_core::Error::Msg)?;
-            self.peak = self.peak.max(used.saturating_sub(self.baseline));
             let (packed, absmax) = timed("load: download", d, || -> candle_core::Result<_> {
-                Ok((packed.to_vec1()?, absmax.to_vec1()?))
+                let absmax = absmax.to_vec1()?;
+                if self.resident {
+                    self.pending.push(packed);
+                    return Ok((Vec::new(), absmax));
+                }
+                Ok((packed.to_vec1()?, absmax))
             })?;
             Ok(SliceQuant {
                 elements: start..start + x.elem_count(),
@@ -440,12 +509,6 @@ impl SliceQuantizer for CudaQuantizer {
                 absmax,
             })
         };
-        if start % settings.blocksize != 0 {
-            return Err(format!(
-                "{name}: slice at {start} is not on a block boundary"
-            ));
-        }
-        let _ = total;
         run().map_err(|e| format!("{name}: {e}"))
     }
 
@@ -455,6 +518,25 @@ impl SliceQuantizer for CudaQuantizer {
 
     fn device(&self) -> candle_core::Device {
         self.device.clone()
+    }
+
+    fn keeps_on_device(&self) -> bool {
+        self.resident
+    }
+
+    fn take_device_codes(&mut self) -> Result<Option<Tensor>, String> {
+        let codes = match self.pending.len() {
+            0 => None,
+            1 => self.pending.pop(),
+            _ => {
+                let all = Tensor::cat(&self.pending, 0).map_err(|e| e.to_string())?;
+                self.pending.clear();
+                Some(all)
+            }
+        };
+        self.device.synchronize().map_err(|e| e.to_string())?;
+        self.peak = self.peak.max(Self::used()?.saturating_sub(self.baseline));
+        Ok(codes)
     }
 }
 
@@ -470,12 +552,13 @@ fn sha_hex(parts: &[&[u8]]) -> String {
 /// Digests of the 4-bit codes and statistics, to compare loads across world sizes: per
 /// quantized parameter `{"stats": sha}` plus `{"codes": sha}`, or for expert parameters
 /// `{"experts": {"<global expert>": sha}}` over the experts held. Dense tensors are left out.
-pub fn digest(base: &FrozenBase) -> serde_json::Value {
+pub fn digest(base: &FrozenBase) -> candle_core::Result<serde_json::Value> {
     let mut out = serde_json::Map::new();
     for (name, t) in &base.tensors {
-        let Frozen::Quantized { param, experts } = t else {
+        let Frozen::Quantized { param, experts, .. } = t else {
             continue;
         };
+        let packed = t.host_codes()?.unwrap_or_default();
         let stats: Vec<u8> = match &param.absmax {
             crate::quant::Absmax::Plain(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             crate::quant::Absmax::Nested(n) => {
@@ -492,7 +575,7 @@ pub fn digest(base: &FrozenBase) -> serde_json::Value {
                 let per = param.shape[1] * param.shape[2] / 2;
                 let mut by_expert = serde_json::Map::new();
                 for (local, e) in range.clone().enumerate() {
-                    let codes = &param.packed[local * per..(local + 1) * per];
+                    let codes = &packed[local * per..(local + 1) * per];
                     by_expert.insert(e.to_string(), sha_hex(&[codes]).into());
                 }
                 entry.insert("experts".into(), by_expert.into());
@@ -500,16 +583,16 @@ pub fn digest(base: &FrozenBase) -> serde_json::Value {
             _ if param.shape.len() == 3 => {
                 let per = param.shape[1] * param.shape[2] / 2;
                 let mut by_expert = serde_json::Map::new();
-                for (e, codes) in param.packed.chunks(per.max(1)).enumerate() {
+                for (e, codes) in packed.chunks(per.max(1)).enumerate() {
                     by_expert.insert(e.to_string(), sha_hex(&[codes]).into());
                 }
                 entry.insert("experts".into(), by_expert.into());
             }
             _ => {
-                entry.insert("codes".into(), sha_hex(&[&param.packed]).into());
+                entry.insert("codes".into(), sha_hex(&[&packed]).into());
             }
         }
         out.insert(name.clone(), entry.into());
     }
-    out.into()
+    Ok(out.into())
 }

@@ -81,7 +81,13 @@ pub fn write(
     let mut groups: Vec<Vec<(TensorDecl, Data)>> = Vec::new();
     for (name, frozen) in &base.tensors {
         match frozen {
-            Frozen::Quantized { param, experts: None } => groups.push(
+            Frozen::Quantized { codes: Some(_), .. } => {
+                return Err(CheckpointError::Format {
+                    path: out.display().to_string(),
+                    problem: format!("'{name}': its codes were kept on the GPU for training; load with a quantizer that returns them to the host"),
+                })
+            }
+            Frozen::Quantized { param, experts: None, .. } => groups.push(
                 bnb::entries(name, param, &weights_dtype)
                     .into_iter()
                     .map(|(d, b)| (d, Data::Bytes(b)))

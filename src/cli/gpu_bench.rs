@@ -149,7 +149,7 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
         let (packed, absmax) = crate::quant::cuda::quantize(&w, &settings)?;
         Ok(ExpertWeights {
             packed,
-            absmax,
+            absmax: crate::ops::nf4_linear::Scales::Plain(absmax),
             num_experts: e,
             out_features: out,
             in_features: inp,

@@ -4,7 +4,7 @@
 //! first `counts[0]` rows go to local expert 0, the next `counts[1]` to expert 1, and so on.
 //! - `grouped_nf4`: `y[g] = x[g] · dequant(W_e)ᵀ` as one autograd node; its backward
 //!   re-dequantizes (`dL/dx[g] = dL/dy[g] · dequant(W_e)`) and gives the frozen weight nothing.
-//!   Experts are dequantized a chunk at a time (at most `DEQUANT_CHUNK_BYTES` of weights), and
+//!   Experts are dequantized a chunk at a time (`dequant_chunk_bytes` of weights), and
 //!   each chunk's products are one grouped GEMM (`grouped_gemm`): one launch per chunk instead
 //!   of one dequantize and one GEMM per expert.
 //! - `grouped_lora`: split LoRA `s · (x[g] · A_eᵀ) · B_eᵀ` with PEFT's 3-D layout
@@ -15,7 +15,7 @@
 //! against.
 
 use super::grouped_gemm::{grouped_gemm, Gemm, Product};
-use super::nf4_linear::Nf4Weight;
+use super::nf4_linear::{Nf4Weight, Scales};
 use crate::quant::{op::dequantize, QuantKind};
 use candle_core::{CustomOp1, CustomOp3, DType, Result, Tensor};
 use std::ops::Range;
@@ -25,14 +25,21 @@ use std::ops::Range;
 /// all experts at once (DESIGN).
 pub const DEQUANT_CHUNK_BYTES: usize = 256 << 20;
 
+/// The dequantization chunk for an input of `input_bytes`: no larger than the input itself
+/// (so the transient weights never dominate the activations at small micro-batches), between
+/// 64 MiB (a few launches more per layer) and `DEQUANT_CHUNK_BYTES`.
+pub fn dequant_chunk_bytes(input_bytes: usize) -> usize {
+    input_bytes.clamp(64 << 20, DEQUANT_CHUNK_BYTES)
+}
+
 /// The frozen 4-bit weights `[out, in]` of the experts this rank holds, in expert order, as
-/// one buffer of codes and one of block scales (nested statistics already expanded).
+/// one buffer of codes and one of block scales (nested statistics expanded per chunk).
 #[derive(Clone)]
 pub struct ExpertWeights {
     /// Packed codes, expert-major: `[E · out·in / 2]` u8.
     pub packed: Tensor,
-    /// Block scales, expert-major: `[E · out·in / blocksize]` f32.
-    pub absmax: Tensor,
+    /// Block scales, expert-major: `E · out·in / blocksize` blocks.
+    pub absmax: Scales,
     pub num_experts: usize,
     pub out_features: usize,
     pub in_features: usize,
@@ -61,10 +68,14 @@ impl ExpertWeights {
             }
         }
         let packed: Vec<Tensor> = experts.iter().map(|w| w.packed.clone()).collect();
-        let absmax: Vec<Tensor> = experts.iter().map(|w| w.absmax.clone()).collect();
+        // Each expert's statistics stand alone (own nested offset): stacked expanded.
+        let absmax = experts
+            .iter()
+            .map(|w| w.absmax.values())
+            .collect::<Result<Vec<_>>>()?;
         Ok(ExpertWeights {
             packed: Tensor::cat(&packed, 0)?,
-            absmax: Tensor::cat(&absmax, 0)?,
+            absmax: Scales::Plain(Tensor::cat(&absmax, 0)?),
             num_experts: experts.len(),
             out_features: first.out_features,
             in_features: first.in_features,
@@ -78,11 +89,10 @@ impl ExpertWeights {
         let per = self.out_features * self.in_features;
         let n = range.len();
         let packed = self.packed.narrow(0, range.start * per / 2, n * per / 2)?;
-        let absmax = self.absmax.narrow(
-            0,
-            range.start * per / self.blocksize,
-            n * per / self.blocksize,
-        )?;
+        let absmax = self
+            .absmax
+            .narrow(range.start * per / self.blocksize, n * per / self.blocksize)?
+            .values()?;
         let shape = [n, self.out_features, self.in_features];
         dequantize(&packed, &absmax, &shape, self.kind, self.blocksize, dtype)
     }
@@ -174,7 +184,8 @@ impl CustomOp1 for GroupedNf4 {
 
 /// x: [M, in] sorted by local expert, `counts[e]` rows each → [M, out].
 pub fn grouped_nf4(x: &Tensor, weights: &ExpertWeights, counts: &[usize]) -> Result<Tensor> {
-    grouped_nf4_chunked(x, weights, counts, DEQUANT_CHUNK_BYTES)
+    let chunk = dequant_chunk_bytes(x.elem_count() * x.dtype().size_in_bytes());
+    grouped_nf4_chunked(x, weights, counts, chunk)
 }
 
 /// `grouped_nf4` dequantizing at most `chunk_bytes` of weights per grouped GEMM (tests use a

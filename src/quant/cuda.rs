@@ -209,8 +209,14 @@ pub fn dequantize_storage(
     })
 }
 
-/// Nested statistics → f32 absmax on the device.
-pub fn dequantize_absmax(codes: &Tensor, nested_absmax: &Tensor, offset: f32) -> Result<Tensor> {
+/// Nested statistics → f32 absmax on the device. `codes[0]` is block `start` of the
+/// parameter; `nested_absmax` is the parameter's whole nested array.
+pub fn dequantize_absmax(
+    codes: &Tensor,
+    nested_absmax: &Tensor,
+    offset: f32,
+    start: usize,
+) -> Result<Tensor> {
     let dev = match codes.device() {
         candle_core::Device::Cuda(d) => d.clone(),
         _ => bail!("dequantize_absmax: tensors must be on a CUDA device"),
@@ -230,7 +236,7 @@ pub fn dequantize_absmax(codes: &Tensor, nested_absmax: &Tensor, offset: f32) ->
     let na = na.slice(nl.start_offset()..);
     let out = dev.alloc_zeros::<f32>(n)?;
     let f = dev.get_or_load_custom_func("dequantize_absmax", MODULE, crate::ops::kernels::NF4)?;
-    let n64 = n as u64;
+    let (n64, start64) = (n as u64, start as u64);
     let mut b = f.builder();
     b.arg(&q);
     b.arg(m);
@@ -238,6 +244,7 @@ pub fn dequantize_absmax(codes: &Tensor, nested_absmax: &Tensor, offset: f32) ->
     b.arg(&offset);
     b.arg(&out);
     b.arg(&n64);
+    b.arg(&start64);
     // SAFETY: matches `dequantize_absmax` in kernels/nf4.cu.
     unsafe { b.launch(grid(n, 256)) }.w()?;
     Ok(wrap(out, &dev, &[n]))

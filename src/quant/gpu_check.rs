@@ -133,10 +133,26 @@ fn check_one(
             nested.nested_absmax.len(),
             device,
         )?;
-        let gpu = cuda::dequantize_absmax(&codes, &na, nested.offset)?;
+        let gpu = cuda::dequantize_absmax(&codes, &na, nested.offset, 0)?;
         let cpu = nested::dequantize_absmax(&nested);
         let cpu = Tensor::from_vec(cpu.clone(), cpu.len(), &Device::Cpu)?;
         out.push(same_bits(format!("{label} nested absmax"), &gpu, &cpu)?);
+        // A slice starting off a 256-block boundary (what a layer's expert range reads).
+        let (start, len) = (nested.codes.len() / 3 + 5, nested.codes.len() / 2);
+        let gpu =
+            cuda::dequantize_absmax(&codes.narrow(0, start, len)?, &na, nested.offset, start)?;
+        let cpu = nested::dequantize_absmax_range(
+            &nested.codes[start..start + len],
+            &nested.nested_absmax,
+            nested.offset,
+            start,
+        );
+        let cpu = Tensor::from_vec(cpu.clone(), cpu.len(), &Device::Cpu)?;
+        out.push(same_bits(
+            format!("{label} nested absmax from block {start}"),
+            &gpu,
+            &cpu,
+        )?);
     }
     Ok(out)
 }

@@ -85,10 +85,26 @@ pub fn quantize_absmax_with_offset(absmax: &[f32], offset: f32) -> NestedAbsmax 
 /// The absmax values the 4-bit dequantization uses: `f32(code8 · nested_absmax) + offset`,
 /// two roundings.
 pub fn dequantize_absmax(n: &NestedAbsmax) -> Vec<f32> {
+    dequantize_absmax_range(&n.codes, &n.nested_absmax, n.offset, 0)
+}
+
+/// `dequantize_absmax` of a slice of the codes: `codes[0]` is block `start` of the parameter,
+/// `nested_absmax` the parameter's whole nested array.
+pub fn dequantize_absmax_range(
+    codes: &[u8],
+    nested_absmax: &[f32],
+    offset: f32,
+    start: usize,
+) -> Vec<f32> {
     let code = dynamic_map();
-    n.codes
+    codes
         .iter()
         .enumerate()
-        .map(|(i, &q)| mul_ftz(code[q as usize], n.nested_absmax[i / NESTED_BLOCKSIZE]) + n.offset)
+        .map(|(i, &q)| {
+            mul_ftz(
+                code[q as usize],
+                nested_absmax[(start + i) / NESTED_BLOCKSIZE],
+            ) + offset
+        })
         .collect()
 }

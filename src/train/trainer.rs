@@ -123,7 +123,8 @@ fn write_digest(
     std::fs::create_dir_all(dir).map_err(|e| failed(format!("{}: {e}", dir.display())))?;
     let path = dir.join(format!("nf4-rank{rank}-of-{world}.json"));
     let text =
-        serde_json::to_string_pretty(&crate::checkpoint::frozen::digest(base)).map_err(failed)?;
+        serde_json::to_string_pretty(&crate::checkpoint::frozen::digest(base).map_err(failed)?)
+            .map_err(failed)?;
     std::fs::write(&path, text).map_err(|e| failed(format!("{}: {e}", path.display())))
 }
 
