@@ -385,6 +385,42 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         rtol,
         k_tol,
     )?);
+    // One 3-D expert parameter [16, 96, 64] quantized whole (its nested statistics span all
+    // experts), a rank holding experts 3..14 as the model builds them: nested scales kept on
+    // the device and expanded per chunk of 4 experts from block 288 on (not a 256-boundary).
+    let (held, per) = (3..14usize, 96 * 64);
+    let whole: Vec<f32> = Tensor::randn(0f32, 0.05, 16 * per, cpu)?.to_vec1()?;
+    let param = QuantizedParam::quantize(&whole, &[16, 96, 64], QuantSettings::default())
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let held_counts: Vec<usize> = (0..held.len()).map(|e| (e * 37) % 50).collect();
+    let held_xs = Tensor::randn(0f32, 1.0, (held_counts.iter().sum::<usize>(), 64), cpu)?;
+    out.extend(device_vs_cpu(
+        "grouped_nf4 nested scales of experts 3..14",
+        device,
+        dtype,
+        std::slice::from_ref(&held_xs),
+        &|t| {
+            let d = t[0].device();
+            let bytes = &param.packed[held.start * per / 2..held.end * per / 2];
+            let ew = ExpertWeights {
+                packed: Tensor::from_slice(bytes, bytes.len(), d)?,
+                absmax: super::nf4_linear::Scales::from_absmax(
+                    &param.absmax,
+                    held.start * per / 64..held.end * per / 64,
+                    d,
+                )?,
+                num_experts: held.len(),
+                out_features: 96,
+                in_features: 64,
+                kind: param.settings.kind,
+                blocksize: 64,
+            };
+            let chunk = 4 * per * t[0].dtype().size_in_bytes();
+            super::experts::grouped_nf4_chunked(&t[0], &ew, &held_counts, chunk)
+        },
+        rtol,
+        k_tol,
+    )?);
     // Packed SwiGLU over a fused gate_up [rows, 2·I].
     let gu = (Tensor::randn(0f32, 1.0, (257, 2 * 192), cpu)? * 3.0)?;
     out.extend(device_vs_cpu(
