@@ -459,11 +459,18 @@ impl CudaQuantizer {
         })
     }
 
-    /// Codes and drawn dense tensors stay on the GPU (training).
-    pub fn resident(ordinal: usize) -> Result<CudaQuantizer, String> {
+    /// Codes and drawn dense tensors stay on `device`, the training device (the same candle
+    /// device: another handle to the GPU would make the model copy them).
+    pub fn resident(device: &candle_core::Device) -> Result<CudaQuantizer, String> {
+        if !device.is_cuda() {
+            return Err(format!("CudaQuantizer: {device:?} is not a CUDA device"));
+        }
         Ok(CudaQuantizer {
+            device: device.clone(),
+            baseline: Self::used()?,
+            peak: 0,
             resident: true,
-            ..Self::new(ordinal)?
+            pending: Vec::new(),
         })
     }
 

@@ -124,11 +124,7 @@ pub fn load_base(
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
-            let ordinal = match device.location() {
-                candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id,
-                _ => 0,
-            };
-            let mut q = frozen::CudaQuantizer::resident(ordinal).map_err(|e| e.to_string())?;
+            let mut q = frozen::CudaQuantizer::resident(device)?;
             frozen::load(dir, settings, experts, &mut q, gather).map_err(|e| e.to_string())
         }
         _ => frozen::load(dir, settings, experts, &mut CpuQuantizer, gather)
