@@ -70,63 +70,88 @@ pub fn peak_gpu_bytes() -> u64 {
 /// The driver's "in use" figure therefore includes the pool, which is what the process holds.
 pub fn keep_freed_gpu_memory(device: &candle_core::Device) -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(d) = device {
+    if let Some(pool) = pool::default_pool(device)? {
         use candle_core::cuda_backend::cudarc::driver::sys;
-        let cu_device = d.cuda_stream().context().cu_device();
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
         let mut threshold: u64 = u64::MAX;
-        // SAFETY: plain driver calls on a valid device handle; the attribute takes a u64.
+        // SAFETY: a plain driver call on a valid pool; the attribute takes a u64.
         let status = unsafe {
-            match sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) {
-                sys::CUresult::CUDA_SUCCESS => sys::cuMemPoolSetAttribute(
-                    pool,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                    &mut threshold as *mut u64 as *mut std::ffi::c_void,
-                ),
-                other => other,
-            }
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            )
         };
-        if status != sys::CUresult::CUDA_SUCCESS {
-            candle_core::bail!("setting the CUDA memory pool's release threshold: {status:?}");
-        }
+        pool::check(status, "setting the release threshold")?;
     }
     let _ = device;
     Ok(())
 }
 
-/// The stream-ordered pool's high-water mark of memory in use since the previous call (which
-/// resets it), and the device memory outside the pool (driver view minus the pool's
-/// reservation), in bytes; None without CUDA.
-pub fn pool_high_since_last(device: &candle_core::Device) -> Option<(u64, u64)> {
+/// The stream-ordered pool's high-water marks since the previous call (which resets them) of
+/// memory in use and of memory reserved, and the device memory outside the pool (driver view
+/// minus the pool's reservation), in bytes; None without CUDA.
+pub fn pool_high_since_last(device: &candle_core::Device) -> Option<(u64, u64, u64)> {
     #[cfg(feature = "cuda")]
-    if let candle_core::Device::Cuda(d) = device {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        let _ = device.synchronize();
-        let cu_device = d.cuda_stream().context().cu_device();
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        let (mut high, mut reserved, mut zero) = (0u64, 0u64, 0u64);
-        let used = gpu_used_bytes(device)?;
-        // SAFETY: plain driver calls on a valid device handle; these attributes are u64s.
-        let ok = unsafe {
-            sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) == sys::CUresult::CUDA_SUCCESS
-                && sys::cuMemPoolGetAttribute(
-                    pool,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                    &mut high as *mut u64 as *mut std::ffi::c_void,
-                ) == sys::CUresult::CUDA_SUCCESS
-                && sys::cuMemPoolGetAttribute(
-                    pool,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
-                    &mut reserved as *mut u64 as *mut std::ffi::c_void,
-                ) == sys::CUresult::CUDA_SUCCESS
-                && sys::cuMemPoolSetAttribute(
-                    pool,
-                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                    &mut zero as *mut u64 as *mut std::ffi::c_void,
-                ) == sys::CUresult::CUDA_SUCCESS
+    if let Ok(Some(pool)) = pool::default_pool(device) {
+        use candle_core::cuda_backend::cudarc::driver::sys::{
+            cuMemPoolGetAttribute as get, cuMemPoolSetAttribute as set, CUmemPool_attribute as A,
+            CUresult,
         };
-        return ok.then(|| (high, used.saturating_sub(reserved)));
+        let _ = device.synchronize();
+        let used = gpu_used_bytes(device)?;
+        let (mut high, mut reserved_high, mut reserved, mut zero) = (0u64, 0u64, 0u64, 0u64);
+        let at = |v: &mut u64| v as *mut u64 as *mut std::ffi::c_void;
+        // SAFETY: plain driver calls on a valid pool; these attributes are u64s.
+        let ok = unsafe {
+            [
+                get(pool, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, at(&mut high)),
+                get(
+                    pool,
+                    A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+                    at(&mut reserved_high),
+                ),
+                get(
+                    pool,
+                    A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+                    at(&mut reserved),
+                ),
+                set(pool, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, at(&mut zero)),
+                set(pool, A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, at(&mut zero)),
+            ]
+            .iter()
+            .all(|s| *s == CUresult::CUDA_SUCCESS)
+        };
+        return ok.then(|| (high, reserved_high, used.saturating_sub(reserved)));
     }
     let _ = device;
     None
+}
+
+#[cfg(feature = "cuda")]
+mod pool {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+
+    /// The default memory pool of a CUDA device; None on the CPU.
+    pub fn default_pool(
+        device: &candle_core::Device,
+    ) -> candle_core::Result<Option<sys::CUmemoryPool>> {
+        let candle_core::Device::Cuda(d) = device else {
+            return Ok(None);
+        };
+        let cu_device = d.cuda_stream().context().cu_device();
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: a plain driver call on a valid device handle.
+        check(
+            unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) },
+            "lookup",
+        )?;
+        Ok(Some(pool))
+    }
+
+    pub fn check(status: sys::CUresult, what: &str) -> candle_core::Result<()> {
+        if status != sys::CUresult::CUDA_SUCCESS {
+            candle_core::bail!("CUDA memory pool ({what}): {status:?}");
+        }
+        Ok(())
+    }
 }

@@ -91,9 +91,10 @@ pub fn report(steps: usize) -> Option<String> {
     Some(s)
 }
 
-/// Highest device-pool memory in use per mark label (bytes), and the rest of the device memory
-/// (context, modules, cuBLAS workspaces: driver view minus the pool's reservation) at the mark.
-static MEMORY: Mutex<BTreeMap<&'static str, (u64, u64)>> = Mutex::new(BTreeMap::new());
+/// Per mark label, the highest device-pool memory in use and reserved (bytes), and the rest of
+/// the device memory (context, modules, cuBLAS workspaces: driver view minus the pool's
+/// reservation) at the mark.
+static MEMORY: Mutex<BTreeMap<&'static str, (u64, u64, u64)>> = Mutex::new(BTreeMap::new());
 
 /// When profiling is on, records under `label` the stream-ordered pool's high-water mark of
 /// memory in use since the previous mark (then resets it): where in a step the peak is.
@@ -101,11 +102,12 @@ pub fn mark_memory(label: &'static str, device: &Device) {
     if !enabled() {
         return;
     }
-    if let Some((high, other)) = crate::util::mem::pool_high_since_last(device) {
+    if let Some((high, reserved, other)) = crate::util::mem::pool_high_since_last(device) {
         let mut m = MEMORY.lock().unwrap_or_else(|e| e.into_inner());
-        let e = m.entry(label).or_insert((0, 0));
+        let e = m.entry(label).or_insert((0, 0, 0));
         e.0 = e.0.max(high);
-        e.1 = e.1.max(other);
+        e.1 = e.1.max(reserved);
+        e.2 = e.2.max(other);
     }
 }
 
@@ -116,12 +118,13 @@ pub fn memory_report() -> Option<String> {
         return None;
     }
     let mut s = String::from(
-        "device memory (MOEQ_PHASE_TIMES=1): pool in use, highest up to each mark | outside the pool",
+        "device memory (MOEQ_PHASE_TIMES=1), highest up to each mark: pool in use | pool reserved | outside the pool",
     );
-    for (label, (high, other)) in m.iter() {
+    for (label, (high, reserved, other)) in m.iter() {
         s += &format!(
-            "\n  {label:<28} {:>8.3} GB | {:>6.3} GB",
+            "\n  {label:<28} {:>8.3} GB | {:>8.3} GB | {:>6.3} GB",
             *high as f64 / 1e9,
+            *reserved as f64 / 1e9,
             *other as f64 / 1e9
         );
     }
