@@ -20,3 +20,6 @@ pub const RANDOM: &str = include_str!(concat!(env!("OUT_DIR"), "/random.ptx"));
 
 #[cfg(feature = "cuda")]
 pub const CROSS_ENTROPY: &str = include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx"));
+
+#[cfg(feature = "cuda")]
+pub const ROPE: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));

@@ -146,12 +146,173 @@ impl Rope {
     }
 }
 
-/// x: [N, heads, hd], cos/sin: [N, 1, hd] → [N, heads, hd].
-pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+/// x: [N, heads, hd], cos/sin: [N, 1, hd] → [N, heads, hd], from primitive ops in x's dtype
+/// (transformers' arithmetic; what the fused `apply_rope` is tested against).
+pub fn apply_rope_reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let hd = x.dim(2)?;
     let (a, b) = (x.narrow(2, 0, hd / 2)?, x.narrow(2, hd / 2, hd / 2)?);
     let rotated = Tensor::cat(&[&b.neg()?, &a], 2)?;
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// x: [N, heads, hd], cos/sin: [N, 1, hd] → [N, heads, hd]: one op computed in f32 with one
+/// rounding (`kernels/rope.cu`; CPU: f32 candle ops), whose backward is the transposed
+/// rotation in one more pass. cos and sin are tables and get no gradient.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (n, _, hd) = x.dims3()?;
+    if hd % 2 != 0 || cos.dims() != [n, 1, hd] || sin.dims() != [n, 1, hd] {
+        candle_core::bail!(
+            "rope: x {:?} with cos {:?} and sin {:?}",
+            x.dims(),
+            cos.dims(),
+            sin.dims()
+        );
+    }
+    let table = |t: &Tensor| super::at_offset_zero(&t.to_dtype(x.dtype())?);
+    super::at_offset_zero(x)?.apply_op3(&table(cos)?, &table(sin)?, Rotary { backward: false })
+}
+
+/// The rotation (`backward`: its transpose) of `kernels/rope.cu` as an op on (x, cos, sin).
+struct Rotary {
+    backward: bool,
+}
+
+impl Rotary {
+    fn fwd(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return rope_cuda(x, cos, sin, self.backward);
+        }
+        rope_cpu(x, cos, sin, self.backward)
+    }
+}
+
+impl candle_core::CustomOp3 for Rotary {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+
+    super::tensor_forward!(3, "rope", fwd);
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _t = crate::util::phases::Span::start("bwd: rope", dy.device());
+        let dy = super::at_offset_zero(&dy.to_dtype(cos.dtype())?)?;
+        let dx = dy.apply_op3_no_bwd(cos, sin, &Rotary { backward: true })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+/// The CPU twin of `kernels/rope.cu`: the same f32 arithmetic with candle ops, one rounding.
+fn rope_cpu(x: &Tensor, cos: &Tensor, sin: &Tensor, backward: bool) -> Result<Tensor> {
+    let hd = x.dim(2)?;
+    let half = hd / 2;
+    let f = |t: &Tensor| t.to_dtype(DType::F32);
+    let (xf, c, s) = (f(x)?, f(cos)?, f(sin)?);
+    let (a, b) = (xf.narrow(2, 0, half)?, xf.narrow(2, half, half)?);
+    let (c1, c2) = (c.narrow(2, 0, half)?, c.narrow(2, half, half)?);
+    let (s1, s2) = (s.narrow(2, 0, half)?, s.narrow(2, half, half)?);
+    let (lo, hi) = if backward {
+        (
+            (a.broadcast_mul(&c1)? + b.broadcast_mul(&s2)?)?,
+            (b.broadcast_mul(&c2)? - a.broadcast_mul(&s1)?)?,
+        )
+    } else {
+        (
+            (a.broadcast_mul(&c1)? - b.broadcast_mul(&s1)?)?,
+            (b.broadcast_mul(&c2)? + a.broadcast_mul(&s2)?)?,
+        )
+    };
+    Tensor::cat(&[lo, hi], 2)?.to_dtype(x.dtype())
+}
+
+#[cfg(feature = "cuda")]
+fn rope_cuda(x: &Tensor, cos: &Tensor, sin: &Tensor, backward: bool) -> Result<Tensor> {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
+    use candle_core::Storage;
+    let candle_core::Device::Cuda(dev) = x.device() else {
+        candle_core::bail!("rope: not on CUDA")
+    };
+    let (n, heads, hd) = x.dims3()?;
+    let half = hd / 2;
+    let suffix = match x.dtype() {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        other => candle_core::bail!("rope: {other:?} not supported"),
+    };
+    let pass = if backward { "bwd" } else { "fwd" };
+    let func = dev.get_or_load_custom_func(
+        &format!("rope_{pass}_{suffix}"),
+        "moeq_rope",
+        super::kernels::ROPE,
+    )?;
+    let pairs = n * heads * half;
+    let cfg = LaunchConfig {
+        grid_dim: (pairs.div_ceil(256).clamp(1, 65_535 * 8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (gx, gc, gs) = (
+        x.storage_and_layout(),
+        cos.storage_and_layout(),
+        sin.storage_and_layout(),
+    );
+    macro_rules! run {
+        ($variant:path) => {{
+            macro_rules! view {
+                ($g:expr, $len:expr) => {
+                    match &*$g.0 {
+                        Storage::Cuda(c) => match &c.slice {
+                            $variant(v) => v.slice($g.1.start_offset()..$g.1.start_offset() + $len),
+                            _ => candle_core::bail!("rope: operands differ in dtype"),
+                        },
+                        _ => candle_core::bail!("rope: not on CUDA"),
+                    }
+                };
+            }
+            let (xv, cv, sv) = (
+                view!(gx, n * heads * hd),
+                view!(gc, n * hd),
+                view!(gs, n * hd),
+            );
+            // SAFETY: the kernel writes every element (every pair of every row).
+            let out = unsafe { dev.alloc(n * heads * hd)? };
+            let (n64, h64, half64) = (n as u64, heads as u64, half as u64);
+            let mut b = func.builder();
+            b.arg(&xv);
+            b.arg(&cv);
+            b.arg(&sv);
+            b.arg(&out);
+            b.arg(&n64);
+            b.arg(&h64);
+            b.arg(&half64);
+            // SAFETY: arguments match kernels/rope.cu.
+            unsafe { b.launch(cfg) }.w()?;
+            $variant(out)
+        }};
+    }
+    let slice = match x.dtype() {
+        DType::F32 => run!(S::F32),
+        DType::BF16 => run!(S::BF16),
+        _ => run!(S::F16),
+    };
+    Ok(Tensor::from_storage(
+        Storage::Cuda(candle_core::CudaStorage {
+            slice,
+            device: dev.clone(),
+        }),
+        x.shape().clone(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
 }
 
 #[cfg(test)]

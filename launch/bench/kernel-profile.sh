@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Which kernels a training step spends its GPU time in: the 12-layer Qwen3-30B-A3B bench config
+# (q/k/v/o LoRA, or expert LoRA with `expert`) at one micro-batch size, 2 steps, every kernel
+# timed by Nsight Compute (gpu__time_duration, clocks left alone; kernels run one at a time, so
+# this gives each kernel's own time, not the step's overlap). Prints the time per kernel name
+# over the steps (everything after the last loading kernel), largest first. GPU machine,
+# repository root, .device/ carried:
+#
+#   OUT=/tmp/out bash launch/bench/kernel-profile.sh [mbs] [attn|expert]
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source launch/device-env.sh
+export MOEQ_CACHE_DIR=${MOEQ_CACHE_DIR:-/tmp/moeq-cache}
+mbs=${1:-4}
+cfg=${2:-attn}
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+[ -n "$NCU" ] || { echo "ncu not found"; exit 1; }
+mkdir -p "$OUT/kprof"
+conf=$OUT/kprof/mbs$mbs-$cfg.yaml
+sed -e "s#^micro_batch_size:.*#micro_batch_size: $mbs#" -e "s#^max_steps:.*#max_steps: 2#" \
+    -e "s#^warmup_steps:.*#warmup_steps: 1#" -e "s#^output_dir:.*#output_dir: /tmp/moeq-bench/kprof#" \
+    configs/bench/qwen3-30b-a3b-12l-$cfg-lora.yaml > "$conf"
+rm -rf /tmp/moeq-bench/kprof
+"$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --log-file "$OUT/kprof/ncu.csv" \
+  .device/moeq train --config "$conf" > "$OUT/kprof/train.log" 2>&1
+echo "train exit $?"
+python3 - "$OUT/kprof/ncu.csv" <<'PY'
+import csv, collections, sys
+lines = open(sys.argv[1]).read().splitlines()
+start = next(i for i, l in enumerate(lines) if l.startswith('"ID"'))
+rows = [r for r in csv.DictReader(lines[start:]) if r.get("Metric Name") == "gpu__time_duration.sum"]
+def ns(r):
+    v = float(r["Metric Value"].replace(",", ""))
+    return {"nsecond": 1, "usecond": 1e3, "msecond": 1e6, "second": 1e9}.get(r["Metric Unit"], 1) * v
+loading = ("quantize", "draw", "random", "normal")
+last = max((i for i, r in enumerate(rows) if any(k in r["Kernel Name"] for k in loading)), default=-1)
+steps = rows[last + 1:]
+by = collections.defaultdict(lambda: [0.0, 0])
+for r in steps:
+    name = r["Kernel Name"].split("(")[0][:100]
+    by[name][0] += ns(r); by[name][1] += 1
+total = sum(v[0] for v in by.values())
+print(f"{len(rows)} kernels timed, {len(steps)} after loading: {total/1e6:.1f} ms of kernel time (2 steps + model build)")
+for name, (t, n) in sorted(by.items(), key=lambda kv: -kv[1][0])[:40]:
+    print(f"{t/2e6:8.2f} ms/step {100*t/total:5.1f}% {n//2:6d}x/step  {name}")
+PY
