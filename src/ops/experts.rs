@@ -120,6 +120,17 @@ fn expert_matmul(
     } else {
         Gemm::nn(1.0)
     };
+    // On CUDA the chunks write straight into one output (no concatenation copy: the output is
+    // the largest tensor of the call); the CPU reference assembles the chunks' outputs.
+    let into = if x.device().is_cuda() {
+        Some(super::grouped_gemm::output_for_products(
+            m * n,
+            x.dtype(),
+            x.device(),
+        )?)
+    } else {
+        None
+    };
     let mut parts = Vec::new();
     let mut row = 0;
     for lo in (0..counts.len()).step_by(chunk) {
@@ -129,6 +140,8 @@ fn expert_matmul(
             continue;
         }
         let wd = w.dequantize(lo..hi, x.dtype())?;
+        // Output rows from `row` in the shared output, from 0 in a chunk's own.
+        let first = if into.is_some() { row } else { 0 };
         let mut products = Vec::with_capacity(hi - lo);
         let mut r = 0;
         for (e, &c) in counts.iter().enumerate().take(hi).skip(lo) {
@@ -136,7 +149,7 @@ fn expert_matmul(
                 products.push(Product {
                     a: (row + r) * k,
                     b: (e - lo) * per,
-                    c: r * n,
+                    c: (first + r) * n,
                     m: c,
                     n,
                     k,
@@ -144,10 +157,16 @@ fn expert_matmul(
                 r += c;
             }
         }
-        parts.push(grouped_gemm(x, &wd, rows * n, &products, gemm)?);
+        match &into {
+            Some(out) => super::grouped_gemm::grouped_gemm_into(out, x, &wd, &products, gemm)?,
+            None => parts.push(grouped_gemm(x, &wd, rows * n, &products, gemm)?),
+        }
         row += rows;
     }
-    Tensor::cat(&parts, 0)?.reshape((m, n))
+    match into {
+        Some(out) => out.reshape((m, n)),
+        None => Tensor::cat(&parts, 0)?.reshape((m, n)),
+    }
 }
 
 struct GroupedNf4 {

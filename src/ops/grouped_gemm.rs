@@ -6,7 +6,7 @@
 //! The expert projections use it with one product per expert over that expert's rows of a
 //! token matrix sorted by expert (DESIGN: "grouped expert GEMMs over tokens sorted by expert").
 
-use candle_core::{bail, Device, Result, Tensor};
+use candle_core::{bail, DType, Device, Result, Tensor};
 
 /// One product in row-major terms: `C[m, n] = op(A)[m, k] · op(B)[k, n]`, where `op(A)` is A
 /// stored `[m, k]`, or `[k, m]` transposed; likewise B (`[k, n]` or `[n, k]`). The offsets are
@@ -112,6 +112,50 @@ pub fn grouped_gemm(
     }
 }
 
+/// `grouped_gemm` writing into `out` (flat, contiguous, the operands' dtype; CUDA only): the
+/// products land at their offsets, elements no product covers keep their values. Lets a caller
+/// assemble one output from several calls (the chunks of `ops::experts`) without a copy.
+pub fn grouped_gemm_into(
+    out: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    products: &[Product],
+    gemm: Gemm,
+) -> Result<()> {
+    if a.dtype() != b.dtype() || out.dtype() != a.dtype() {
+        bail!(
+            "grouped_gemm_into: operands in {:?} and {:?}, output in {:?}",
+            a.dtype(),
+            b.dtype(),
+            out.dtype()
+        );
+    }
+    if !out.is_contiguous() {
+        bail!("grouped_gemm_into: the output must be contiguous");
+    }
+    validate(products, a.elem_count(), b.elem_count(), out.elem_count())?;
+    let a = a.flatten_all()?.contiguous()?;
+    let b = b.flatten_all()?.contiguous()?;
+    match a.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::launch(out, &a, &b, products, gemm),
+        _ => {
+            let _ = (b, gemm);
+            bail!("grouped_gemm_into: CUDA only (the CPU reference is `grouped_gemm`)")
+        }
+    }
+}
+
+/// A flat output buffer of `len` elements for `grouped_gemm_into` whose every element will be
+/// written (uninitialised on CUDA, zeros elsewhere).
+pub fn output_for_products(len: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::uninit(len, dtype, device),
+        _ => Tensor::zeros(len, dtype, device),
+    }
+}
+
 /// The reference: one candle matmul per product, assembled in output order with zeros between.
 fn cpu(a: &Tensor, b: &Tensor, c_len: usize, products: &[Product], gemm: Gemm) -> Result<Tensor> {
     let block = |t: &Tensor, off: usize, rows: usize, cols: usize, trans: bool| -> Result<Tensor> {
@@ -159,7 +203,7 @@ mod cuda {
     use super::{Gemm, Product};
     use candle_core::{bail, DType, Result, Storage, Tensor};
     use cudarc::cublas::sys;
-    use cudarc::driver::{DevicePtr, DevicePtrMut};
+    use cudarc::driver::DevicePtr;
 
     /// Pointers into the three buffers and the per-group arguments of one cuBLAS call, in its
     /// column-major terms: row-major `C = op(A)·op(B)` is column-major `Cᵀ = op(B)ᵀ·op(A)ᵀ`,
@@ -227,6 +271,32 @@ mod cuda {
         Ok(c)
     }
 
+    /// Flat uninitialised memory of `len` elements on the CUDA `device`.
+    pub(super) fn uninit(len: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+        let candle_core::Device::Cuda(dev) = device else {
+            bail!("grouped_gemm: not a CUDA device")
+        };
+        macro_rules! alloc {
+            ($t:ty) => {{
+                // SAFETY: callers write every element before reading any.
+                let out = unsafe { dev.alloc::<$t>(len)? };
+                candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let storage = match dtype {
+            DType::BF16 => alloc!(half::bf16),
+            DType::F16 => alloc!(half::f16),
+            DType::F32 => alloc!(f32),
+            other => bail!("grouped_gemm: {other:?} not supported on CUDA"),
+        };
+        Ok(Tensor::from_storage(
+            Storage::Cuda(storage),
+            len,
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
+    }
+
     pub(super) fn grouped_gemm(
         a: &Tensor,
         b: &Tensor,
@@ -234,84 +304,98 @@ mod cuda {
         products: &[Product],
         gemm: Gemm,
     ) -> Result<Tensor> {
+        let covered: usize = products
+            .iter()
+            .filter(|p| p.m * p.n * p.k > 0)
+            .map(|p| p.m * p.n)
+            .sum();
+        // Every element no product writes must read as zero (products never overlap: validate).
+        let out = if covered == c_len {
+            uninit(c_len, a.dtype(), a.device())?
+        } else {
+            Tensor::zeros(c_len, a.dtype(), a.device())?
+        };
+        launch(&out, a, b, products, gemm)?;
+        Ok(out)
+    }
+
+    /// One `cublasGemmGroupedBatchedEx` call writing the products into `out`.
+    pub(super) fn launch(
+        out: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        products: &[Product],
+        gemm: Gemm,
+    ) -> Result<()> {
         let dev = match a.device() {
             candle_core::Device::Cuda(d) => d.clone(),
             _ => bail!("grouped_gemm: not a CUDA tensor"),
         };
         let live: Vec<&Product> = products.iter().filter(|p| p.m * p.n * p.k > 0).collect();
-        let covered: usize = live.iter().map(|p| p.m * p.n).sum();
+        if live.is_empty() {
+            return Ok(());
+        }
         let (sa, la) = a.storage_and_layout();
         let (sb, lb) = b.storage_and_layout();
-        let (Storage::Cuda(sa), Storage::Cuda(sb)) = (&*sa, &*sb) else {
+        let (so, lo) = out.storage_and_layout();
+        let (Storage::Cuda(sa), Storage::Cuda(sb), Storage::Cuda(so)) = (&*sa, &*sb, &*so) else {
             bail!("grouped_gemm: operands not on the GPU")
         };
         let stream = dev.cuda_stream();
         macro_rules! run {
             ($t:ty, $data_type:expr) => {{
                 let elem = std::mem::size_of::<$t>();
-                // Every element no product writes must read as zero.
-                let mut out = if covered == c_len {
-                    // SAFETY: the products cover every element (they do not overlap: validate).
-                    unsafe { dev.alloc::<$t>(c_len)? }
-                } else {
-                    dev.alloc_zeros::<$t>(c_len)?
+                let va = sa.as_cuda_slice::<$t>()?.slice(la.start_offset()..);
+                let vb = sb.as_cuda_slice::<$t>()?.slice(lb.start_offset()..);
+                let vo = so.as_cuda_slice::<$t>()?.slice(lo.start_offset()..);
+                let (pa, _ga) = va.device_ptr(&stream);
+                let (pb, _gb) = vb.device_ptr(&stream);
+                // cuBLAS writes through this pointer; the buffer is `out`'s, which the caller
+                // handed over for writing (a fresh buffer, or one it assembles from calls).
+                let (pc, _gc) = vo.device_ptr(&stream);
+                let c = call(&live, gemm, elem, (pa, pb, pc))?;
+                let table = dev.clone_htod(&c.ptrs)?;
+                let (pt, _gt) = table.device_ptr(&stream);
+                let g = live.len();
+                let group_size = vec![1i32; g];
+                let blas = dev.cublas_handle();
+                // SAFETY: `validate` checked every block against its buffer; the host arrays
+                // outlive the call, and the pointer table is freed in stream order.
+                let status = unsafe {
+                    sys::cublasGemmGroupedBatchedEx(
+                        *blas.handle(),
+                        c.transa.as_ptr(),
+                        c.transb.as_ptr(),
+                        c.m.as_ptr(),
+                        c.n.as_ptr(),
+                        c.k.as_ptr(),
+                        c.alpha.as_ptr() as *const _,
+                        pt as *const *const core::ffi::c_void,
+                        $data_type,
+                        c.lda.as_ptr(),
+                        (pt + (8 * g) as u64) as *const *const core::ffi::c_void,
+                        $data_type,
+                        c.ldb.as_ptr(),
+                        c.beta.as_ptr() as *const _,
+                        (pt + (16 * g) as u64) as *const *mut core::ffi::c_void,
+                        $data_type,
+                        c.ldc.as_ptr(),
+                        g as i32,
+                        group_size.as_ptr(),
+                        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    )
                 };
-                if !live.is_empty() {
-                    let va = sa.as_cuda_slice::<$t>()?.slice(la.start_offset()..);
-                    let vb = sb.as_cuda_slice::<$t>()?.slice(lb.start_offset()..);
-                    let (pa, _ga) = va.device_ptr(&stream);
-                    let (pb, _gb) = vb.device_ptr(&stream);
-                    let (pc, _gc) = out.device_ptr_mut(&stream);
-                    let c = call(&live, gemm, elem, (pa, pb, pc))?;
-                    let table = dev.clone_htod(&c.ptrs)?;
-                    let (pt, _gt) = table.device_ptr(&stream);
-                    let g = live.len();
-                    let group_size = vec![1i32; g];
-                    let blas = dev.cublas_handle();
-                    // SAFETY: `validate` checked every block against its buffer; the host
-                    // arrays outlive the call, and the pointer table is freed in stream order.
-                    let status = unsafe {
-                        sys::cublasGemmGroupedBatchedEx(
-                            *blas.handle(),
-                            c.transa.as_ptr(),
-                            c.transb.as_ptr(),
-                            c.m.as_ptr(),
-                            c.n.as_ptr(),
-                            c.k.as_ptr(),
-                            c.alpha.as_ptr() as *const _,
-                            pt as *const *const core::ffi::c_void,
-                            $data_type,
-                            c.lda.as_ptr(),
-                            (pt + (8 * g) as u64) as *const *const core::ffi::c_void,
-                            $data_type,
-                            c.ldb.as_ptr(),
-                            c.beta.as_ptr() as *const _,
-                            (pt + (16 * g) as u64) as *const *mut core::ffi::c_void,
-                            $data_type,
-                            c.ldc.as_ptr(),
-                            g as i32,
-                            group_size.as_ptr(),
-                            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        )
-                    };
-                    if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-                        bail!("grouped_gemm: cublasGemmGroupedBatchedEx failed: {status:?}");
-                    }
+                if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                    bail!("grouped_gemm: cublasGemmGroupedBatchedEx failed: {status:?}");
                 }
-                candle_core::CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
-        let out = match a.dtype() {
+        match a.dtype() {
             DType::BF16 => run!(half::bf16, sys::cudaDataType_t::CUDA_R_16BF),
             DType::F16 => run!(half::f16, sys::cudaDataType_t::CUDA_R_16F),
             DType::F32 => run!(f32, sys::cudaDataType_t::CUDA_R_32F),
             other => bail!("grouped_gemm: {other:?} not supported on CUDA"),
-        };
-        Ok(Tensor::from_storage(
-            Storage::Cuda(out),
-            c_len,
-            candle_core::op::BackpropOp::none(),
-            false,
-        ))
+        }
+        Ok(())
     }
 }
