@@ -116,7 +116,7 @@ fn nested_scales_expand_to_the_host_values_for_any_block_range() {
     let want = dequantize_absmax(&nested);
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     let stats = Absmax::Nested(nested);
-    let whole = Scales::from_absmax(&stats, 0..n, &dev).unwrap();
+    let whole = Scales::kept(&stats, 0..n, &dev).unwrap();
     assert_eq!(whole.len(), n);
     for (from, len) in [
         (0, n),
@@ -138,7 +138,7 @@ fn nested_scales_expand_to_the_host_values_for_any_block_range() {
             bits(&want[from..from + len]),
             "narrow {from}+{len}"
         );
-        let part = Scales::from_absmax(&stats, from..from + len, &dev).unwrap();
+        let part = Scales::kept(&stats, from..from + len, &dev).unwrap();
         let got: Vec<f32> = part.values().unwrap().to_vec1().unwrap();
         assert_eq!(
             bits(&got),
@@ -146,6 +146,11 @@ fn nested_scales_expand_to_the_host_values_for_any_block_range() {
             "built from {from}+{len}"
         );
     }
+    // On the CPU the model's scales are expanded once, to the same values.
+    let expanded = Scales::from_absmax(&stats, 5..305, &dev).unwrap();
+    assert!(matches!(expanded, Scales::Plain(_)));
+    let got: Vec<f32> = expanded.values().unwrap().to_vec1().unwrap();
+    assert_eq!(bits(&got), bits(&want[5..305]));
     // Values differ from block to block (the check above compares real data).
     assert!(want.windows(2).any(|w| w[0] != w[1]));
 }

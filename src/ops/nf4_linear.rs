@@ -26,8 +26,24 @@ pub enum Scales {
 }
 
 impl Scales {
-    /// Blocks `blocks` of a parameter's statistics, on `device`.
+    /// Blocks `blocks` of a parameter's statistics, on `device`. On the CPU nested statistics
+    /// are expanded once here (host memory is not the constraint, and every dequantization
+    /// would otherwise expand them again).
     pub fn from_absmax(absmax: &Absmax, blocks: Range<usize>, device: &Device) -> Result<Scales> {
+        if let (Absmax::Nested(n), Device::Cpu) = (absmax, device) {
+            let nested = Scales::Nested {
+                codes: Tensor::from_slice(&n.codes[blocks.clone()], blocks.len(), device)?,
+                nested: Tensor::from_slice(&n.nested_absmax, n.nested_absmax.len(), device)?,
+                offset: n.offset,
+                start: blocks.start,
+            };
+            return Ok(Scales::Plain(nested.values()?));
+        }
+        Self::kept(absmax, blocks, device)
+    }
+
+    /// `from_absmax` keeping nested statistics nested on any device (tests).
+    pub fn kept(absmax: &Absmax, blocks: Range<usize>, device: &Device) -> Result<Scales> {
         Ok(match absmax {
             Absmax::Plain(v) => Scales::Plain(Tensor::from_slice(
                 &v[blocks.clone()],
