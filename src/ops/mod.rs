@@ -173,6 +173,24 @@ pub(crate) fn cpu_result(
     }
 }
 
+/// A graph-free tensor of `shape` over a freshly written CUDA buffer (a kernel's output).
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_tensor(
+    slice: candle_core::cuda_backend::CudaStorageSlice,
+    device: &candle_core::CudaDevice,
+    shape: candle_core::Shape,
+) -> candle_core::Tensor {
+    candle_core::Tensor::from_storage(
+        candle_core::Storage::Cuda(candle_core::CudaStorage {
+            slice,
+            device: device.clone(),
+        }),
+        shape,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )
+}
+
 /// The CUDA storage of a result computed inside a custom op.
 #[cfg(feature = "cuda")]
 pub(crate) fn cuda_result(

@@ -100,15 +100,7 @@ fn rms_norm_cuda(x: &Tensor, w: &Tensor, dy: Option<&Tensor>, eps: f64) -> Resul
         DType::BF16 => run!(S::BF16),
         _ => run!(S::F16),
     };
-    Ok(Tensor::from_storage(
-        Storage::Cuda(candle_core::CudaStorage {
-            slice,
-            device: dev.clone(),
-        }),
-        x.shape().clone(),
-        candle_core::op::BackpropOp::none(),
-        false,
-    ))
+    Ok(super::cuda_tensor(slice, dev, x.shape().clone()))
 }
 
 impl RmsNorm {

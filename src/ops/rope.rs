@@ -304,15 +304,7 @@ fn rope_cuda(x: &Tensor, cos: &Tensor, sin: &Tensor, backward: bool) -> Result<T
         DType::BF16 => run!(S::BF16),
         _ => run!(S::F16),
     };
-    Ok(Tensor::from_storage(
-        Storage::Cuda(candle_core::CudaStorage {
-            slice,
-            device: dev.clone(),
-        }),
-        x.shape().clone(),
-        candle_core::op::BackpropOp::none(),
-        false,
-    ))
+    Ok(super::cuda_tensor(slice, dev, x.shape().clone()))
 }
 
 #[cfg(test)]
