@@ -48,6 +48,8 @@ pub struct Parallel {
 pub struct Inputs {
     /// [N] u32
     pub input_ids: Tensor,
+    /// The same ids on the host (a host-held embedding gathers its rows without a device read).
+    pub ids: Vec<u32>,
     /// cos, sin: [N, 1, head_dim] in the compute dtype.
     pub rope: (Tensor, Tensor),
     /// [B, S] u32: the packed sample of each position; a query attends to the keys of its
@@ -347,6 +349,7 @@ impl Model {
         let pos = Tensor::new(positions, &self.device)?;
         Ok(Inputs {
             input_ids: Tensor::new(ids, &self.device)?,
+            ids: ids.to_vec(),
             rope: self.rope.tables(&pos, self.dtype)?,
             segments: Tensor::from_slice(segments, (batch, seq), &self.device)?,
             batch,
@@ -361,8 +364,7 @@ impl Model {
         if self.embed.device().same_device(&self.device) {
             return self.embed.index_select(&inputs.input_ids, 0);
         }
-        let ids = inputs.input_ids.to_vec1::<u32>()?;
-        let rows = gather_host_rows(&self.embed, &ids)?;
+        let rows = gather_host_rows(&self.embed, &inputs.ids)?;
         rows.to_device(&self.device)
     }
 

@@ -254,7 +254,9 @@ pub fn load(
     let prefetch = |i: usize| {
         let (k, e) = items[i];
         let p = &params[k];
-        (!generated && !read_prequantized(p)).then(|| {
+        // An expert parameter of which this rank owns nothing is not read at all.
+        let nothing_to_read = split_by_expert(p) && e.is_none();
+        (!generated && !read_prequantized(p) && !nothing_to_read).then(|| {
             timed("load: read (summed over reader threads)", &cpu, || {
                 read(p, e.map(|e| e..e + 1), &cpu)
             })

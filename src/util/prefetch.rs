@@ -54,11 +54,24 @@ pub fn in_order<T: Send, E>(
         lock().ready.insert(i, item);
         changed.notify_all();
     };
+    // Stops the workers however the consumer leaves (returns, fails or panics): without it, a
+    // consumer panic would leave workers waiting on the window and the scope joining them.
+    struct StopOnExit<'a, F: Fn()>(&'a F);
+    impl<F: Fn()> Drop for StopOnExit<'_, F> {
+        fn drop(&mut self) {
+            (self.0)()
+        }
+    }
+    let stop = || {
+        lock().stop = true;
+        changed.notify_all();
+    };
     std::thread::scope(|scope| {
         for _ in 0..threads.min(n) {
             scope.spawn(worker);
         }
-        let result = (0..n).try_for_each(|i| {
+        let _stop = StopOnExit(&stop);
+        (0..n).try_for_each(|i| {
             let item = {
                 let mut s = lock();
                 loop {
@@ -72,16 +85,9 @@ pub fn in_order<T: Send, E>(
             changed.notify_all();
             match item {
                 Ok(item) => consume(i, item),
-                Err(panic) => {
-                    lock().stop = true;
-                    changed.notify_all();
-                    resume_unwind(panic)
-                }
+                Err(panic) => resume_unwind(panic),
             }
-        });
-        lock().stop = true;
-        changed.notify_all();
-        result
+        })
     })
 }
 
@@ -155,6 +161,30 @@ mod tests {
         );
         assert_eq!(r, Err("item 5".to_string()));
         assert!(produced.load(Ordering::SeqCst) <= 5 + 1 + 2 + 3);
+    }
+
+    #[test]
+    fn a_consumer_panic_stops_the_workers_and_reaches_the_caller() {
+        // Workers blocked on a full window must be released, or the scope never returns.
+        let r = std::panic::catch_unwind(|| {
+            let _ = in_order(
+                100,
+                4,
+                2,
+                |i| i,
+                |i, _| {
+                    if i == 3 {
+                        panic!("consumer failed on {i}");
+                    }
+                    Ok::<(), ()>(())
+                },
+            );
+        });
+        let msg = r.expect_err("the panic propagates");
+        assert_eq!(
+            msg.downcast_ref::<String>().map(String::as_str),
+            Some("consumer failed on 3")
+        );
     }
 
     #[test]
