@@ -4,6 +4,8 @@
 //! `down_proj [E, H, I]`, under transformers v5 runtime names.
 
 pub mod bnb;
+#[cfg(feature = "cuda")]
+mod cuda_quantizer;
 pub mod frozen;
 pub mod generated;
 mod layout;
