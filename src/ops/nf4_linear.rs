@@ -31,13 +31,13 @@ impl Scales {
     /// would otherwise expand them again).
     pub fn from_absmax(absmax: &Absmax, blocks: Range<usize>, device: &Device) -> Result<Scales> {
         if let (Absmax::Nested(n), Device::Cpu) = (absmax, device) {
-            let nested = Scales::Nested {
-                codes: Tensor::from_slice(&n.codes[blocks.clone()], blocks.len(), device)?,
-                nested: Tensor::from_slice(&n.nested_absmax, n.nested_absmax.len(), device)?,
-                offset: n.offset,
-                start: blocks.start,
-            };
-            return Ok(Scales::Plain(nested.values()?));
+            let v = crate::quant::nested::dequantize_absmax_range(
+                &n.codes[blocks.clone()],
+                &n.nested_absmax,
+                n.offset,
+                blocks.start,
+            );
+            return Ok(Scales::Plain(Tensor::from_vec(v, blocks.len(), device)?));
         }
         Self::kept(absmax, blocks, device)
     }
