@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Which kernels a training step spends its GPU time in: the 12-layer Qwen3-30B-A3B bench config
-# (q/k/v/o LoRA, or expert LoRA with `expert`) at one micro-batch size, 2 steps, every kernel
+# Which kernels a training step spends its GPU time in: the Qwen3-30B-A3B bench config cut to
+# LAYERS layers (default 2: a 12-layer step takes ~170 s under ncu) (q/k/v/o LoRA, or expert
+# LoRA with `expert`) at one micro-batch size, 2 steps, every kernel
 # timed by Nsight Compute (gpu__time_duration, clocks left alone; kernels run one at a time, so
 # this gives each kernel's own time, not the step's overlap). Prints the time per kernel name
-# over the steps (everything after the last loading kernel), largest first. GPU machine,
+# over the steps (everything after the last loading kernel), largest first, then the same run
+# without ncu with MOEQ_PHASE_TIMES=1 (wall time per phase, to compare against the kernel sum:
+# the difference is time the GPU waits on the host). GPU machine,
 # repository root, .device/ carried:
 #
 #   OUT=/tmp/out bash launch/bench/kernel-profile.sh [mbs] [attn|expert]
@@ -13,11 +16,12 @@ source launch/device-env.sh
 export MOEQ_CACHE_DIR=${MOEQ_CACHE_DIR:-/tmp/moeq-cache}
 mbs=${1:-4}
 cfg=${2:-attn}
+layers=${LAYERS:-2}
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 [ -n "$NCU" ] || { echo "ncu not found"; exit 1; }
 mkdir -p "$OUT/kprof"
 conf=$OUT/kprof/mbs$mbs-$cfg.yaml
-sed -e "s#^micro_batch_size:.*#micro_batch_size: $mbs#" -e "s#^max_steps:.*#max_steps: 2#" \
+sed -e "s#layers=12#layers=$layers#" -e "s#^micro_batch_size:.*#micro_batch_size: $mbs#" -e "s#^max_steps:.*#max_steps: 2#" \
     -e "s#^warmup_steps:.*#warmup_steps: 1#" -e "s#^output_dir:.*#output_dir: /tmp/moeq-bench/kprof#" \
     configs/bench/qwen3-30b-a3b-12l-$cfg-lora.yaml > "$conf"
 rm -rf /tmp/moeq-bench/kprof
@@ -44,3 +48,8 @@ print(f"{len(rows)} kernels timed, {len(steps)} after loading: {total/1e6:.1f} m
 for name, (t, n) in sorted(by.items(), key=lambda kv: -kv[1][0])[:40]:
     print(f"{t/2e6:8.2f} ms/step {100*t/total:5.1f}% {n//2:6d}x/step  {name}")
 PY
+sed -i -e "s#^max_steps:.*#max_steps: 6#" -e "s#^warmup_steps:.*#warmup_steps: 2#" "$conf"
+rm -rf /tmp/moeq-bench/kprof
+MOEQ_PHASE_TIMES=1 .device/moeq train --config "$conf" > "$OUT/kprof/phases.log" 2>&1
+echo "phase-timed run exit $? ($layers layers, mbs $mbs, 6 steps)"
+grep -A40 "phase times" "$OUT/kprof/phases.log" | cut -c1-140

@@ -189,7 +189,12 @@ pub fn attention(
         block,
     };
     let z = super::at_offset_zero;
-    z(q)?.apply_op3(&z(k)?, &z(v)?, op)
+    let (q, k, v) = (z(q)?, z(k)?, z(v)?);
+    if super::records_graph(&[&q, &k, &v]) {
+        q.apply_op3(&k, &v, op)
+    } else {
+        super::direct(op.forward(&q, &k, &v)?)
+    }
 }
 
 /// The primitive-op version the op is tested against: the whole `[B, nh, S, S]` score matrix,

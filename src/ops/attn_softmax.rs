@@ -278,8 +278,8 @@ impl CustomOp1 for MaskedSoftmax {
     fn bwd(&self, _x: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let _t = crate::util::phases::Span::start("bwd: attention softmax", probs.device());
         let grad = super::at_offset_zero(&grad.to_dtype(probs.dtype())?)?;
-        let ds =
-            super::at_offset_zero(probs)?.apply_op2_no_bwd(&grad, &MaskedSoftmaxBwd(self.scale))?;
+        let probs = super::at_offset_zero(&probs.detach())?;
+        let ds = super::direct(MaskedSoftmaxBwd(self.scale).fwd(&probs, &grad)?)?;
         Ok(Some(ds))
     }
 }
@@ -313,10 +313,16 @@ pub fn masked_softmax(scores: &Tensor, segments: &Tensor, scale: f64) -> Result<
             scores.dims()
         );
     }
-    super::at_offset_zero(scores)?.apply_op1(MaskedSoftmax {
+    let scores = super::at_offset_zero(scores)?;
+    let op = MaskedSoftmax {
         segments: segments.clone(),
         scale: scale as f32,
-    })
+    };
+    if super::records_graph(&[&scores]) {
+        scores.apply_op1(op)
+    } else {
+        super::direct(op.fwd(&scores)?)
+    }
 }
 
 /// The primitive-op version (additive −∞ mask, f32 softmax) the op is tested against.

@@ -234,11 +234,17 @@ pub fn grouped_nf4_chunked(
     if m == 0 {
         return Tensor::zeros((0, weights.out_features), x.dtype(), x.device());
     }
-    x.contiguous()?.apply_op1(GroupedNf4 {
+    let x = super::at_offset_zero(x)?;
+    let op = GroupedNf4 {
         weights: weights.clone(),
         counts: counts.to_vec(),
         chunk_bytes,
-    })
+    };
+    if super::records_graph(&[&x]) {
+        x.apply_op1(op)
+    } else {
+        super::direct(op.fwd(&x)?)
+    }
 }
 
 /// Applies `f` to each expert's rows of `x` and stacks the results in the same order.
@@ -466,16 +472,19 @@ pub fn grouped_lora(
     if m == 0 {
         return Tensor::zeros((0, out), x.dtype(), x.device());
     }
-    super::at_offset_zero(x)?.apply_op3(
-        &super::at_offset_zero(a)?,
-        &super::at_offset_zero(b)?,
-        GroupedLora {
-            counts: counts.to_vec(),
-            first,
-            r,
-            scaling,
-        },
-    )
+    let z = super::at_offset_zero;
+    let (x, a, b) = (z(x)?, z(a)?, z(b)?);
+    let op = GroupedLora {
+        counts: counts.to_vec(),
+        first,
+        r,
+        scaling,
+    };
+    if super::records_graph(&[&x, &a, &b]) {
+        x.apply_op3(&a, &b, op)
+    } else {
+        super::direct(op.forward(&x, &a, &b)?)
+    }
 }
 
 /// The reference: a loop over experts with candle's autograd.

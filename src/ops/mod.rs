@@ -150,6 +150,21 @@ pub(crate) fn at_offset_zero(t: &candle_core::Tensor) -> candle_core::Result<can
     }
 }
 
+/// Whether a tensor-written op (`tensor_forward!`) must go through candle's custom-op path:
+/// only when one of its inputs carries a gradient. That path copies each input and the output
+/// once more on CUDA (`CudaStorage::try_clone`), so otherwise (the forward pass before the
+/// recompute, and ops run inside a backward) the op's forward runs on the tensors themselves
+/// and its result goes through [`direct`].
+pub(crate) fn records_graph(inputs: &[&candle_core::Tensor]) -> bool {
+    inputs.iter().any(|t| t.track_op())
+}
+
+/// A tensor-written op's result computed outside the custom-op path, in the form that path
+/// returns (contiguous from offset 0).
+pub(crate) fn direct(y: candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+    owned(y)
+}
+
 /// `y` as a tensor that owns exactly its elements, row-major from offset 0.
 fn owned(y: candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
     let exact = y.layout().contiguous_offsets() == Some((0, y.elem_count()));

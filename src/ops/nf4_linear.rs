@@ -227,5 +227,11 @@ pub fn nf4_linear(x: &Tensor, w: &Nf4Weight) -> Result<Tensor> {
             w.in_features
         );
     }
-    x.contiguous()?.apply_op1(Nf4Linear(w.clone()))
+    let x = super::at_offset_zero(x)?;
+    let op = Nf4Linear(w.clone());
+    if super::records_graph(&[&x]) {
+        x.apply_op1(op)
+    } else {
+        super::direct(op.fwd(&x)?)
+    }
 }

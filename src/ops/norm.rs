@@ -127,7 +127,7 @@ impl CustomOp1 for RmsNorm {
             w: self.w.clone(),
             eps: self.eps,
         };
-        Ok(Some(x.apply_op2_no_bwd(&dy, &bwd)?))
+        Ok(Some(super::direct(bwd.fwd(&x.detach(), &dy)?)?))
     }
 }
 
@@ -163,7 +163,13 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         candle_core::bail!("rms_norm: weight {:?} for {d} features", w.dims());
     }
     let w = super::at_offset_zero(&w.to_dtype(x.dtype())?.detach())?;
-    super::at_offset_zero(x)?.apply_op1(RmsNorm { w, eps })
+    let x = super::at_offset_zero(x)?;
+    let op = RmsNorm { w, eps };
+    if super::records_graph(&[&x]) {
+        x.apply_op1(op)
+    } else {
+        super::direct(op.fwd(&x)?)
+    }
 }
 
 /// The primitive-op RMSNorm (gradients to x and w through candle's autograd).

@@ -169,7 +169,13 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         );
     }
     let table = |t: &Tensor| super::at_offset_zero(&t.to_dtype(x.dtype())?);
-    super::at_offset_zero(x)?.apply_op3(&table(cos)?, &table(sin)?, Rotary { backward: false })
+    let (x, cos, sin) = (super::at_offset_zero(x)?, table(cos)?, table(sin)?);
+    let op = Rotary { backward: false };
+    if super::records_graph(&[&x]) {
+        x.apply_op3(&cos, &sin, op)
+    } else {
+        super::direct(op.fwd(&x, &cos, &sin)?)
+    }
 }
 
 /// The rotation (`backward`: its transpose) of `kernels/rope.cu` as an op on (x, cos, sin).
@@ -204,7 +210,7 @@ impl candle_core::CustomOp3 for Rotary {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _t = crate::util::phases::Span::start("bwd: rope", dy.device());
         let dy = super::at_offset_zero(&dy.to_dtype(cos.dtype())?)?;
-        let dx = dy.apply_op3_no_bwd(cos, sin, &Rotary { backward: true })?;
+        let dx = super::direct(Rotary { backward: true }.fwd(&dy.detach(), cos, sin)?)?;
         Ok((Some(dx), None, None))
     }
 }

@@ -164,7 +164,13 @@ impl CustomOp2 for CombineRows {
 
 /// x `[N, H]` → the routed rows `[N·k, H]` in `order`.
 pub fn gather_rows(x: &Tensor, order: &RowOrder) -> Result<Tensor> {
-    super::at_offset_zero(x)?.apply_op1(GatherRows(order.clone()))
+    let x = super::at_offset_zero(x)?;
+    let op = GatherRows(order.clone());
+    if super::records_graph(&[&x]) {
+        x.apply_op1(op)
+    } else {
+        super::direct(op.fwd(&x)?)
+    }
 }
 
 /// Routed rows y `[N·k, H]` weighted by `w [N, k]` and summed per token → `[N, H]` in y's dtype.
@@ -177,7 +183,13 @@ pub fn combine_rows(y: &Tensor, w: &Tensor, order: &RowOrder) -> Result<Tensor> 
             order.k
         );
     }
-    super::at_offset_zero(y)?.apply_op2(&super::at_offset_zero(w)?, CombineRows(order.clone()))
+    let (y, w) = (super::at_offset_zero(y)?, super::at_offset_zero(w)?);
+    let op = CombineRows(order.clone());
+    if super::records_graph(&[&y, &w]) {
+        y.apply_op2(&w, op)
+    } else {
+        super::direct(op.fwd(&y, &w)?)
+    }
 }
 
 #[cfg(feature = "cuda")]

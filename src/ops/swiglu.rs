@@ -167,7 +167,12 @@ pub fn swiglu_packed(gu: &Tensor) -> Result<Tensor> {
     if two_i % 2 != 0 {
         candle_core::bail!("swiglu_packed: {two_i} columns do not split into gate and up");
     }
-    super::at_offset_zero(gu)?.apply_op1(Packed)
+    let gu = super::at_offset_zero(gu)?;
+    if super::records_graph(&[&gu]) {
+        gu.apply_op1(Packed)
+    } else {
+        super::direct(Packed.fwd(&gu)?)
+    }
 }
 
 /// The primitive-op reference of `swiglu_packed`.
@@ -310,7 +315,7 @@ impl candle_core::CustomOp1 for Packed {
     fn bwd(&self, gu: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let _t = crate::util::phases::Span::start("bwd: swiglu", gu.device());
         let dy = super::at_offset_zero(&grad.to_dtype(gu.dtype())?)?;
-        Ok(Some(gu.apply_op2_no_bwd(&dy, &PackedBwd)?))
+        Ok(Some(super::direct(PackedBwd.fwd(&gu.detach(), &dy)?)?))
     }
 }
 
