@@ -33,3 +33,13 @@ __device__ float block_reduce(float v, float* shared) {
   }
   return v;
 }
+
+// Sum (or max) of one float per lane over a warp; every lane gets the result.
+template <bool MAX>
+__device__ __forceinline__ float warp_reduce(float v) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float w = __shfl_xor_sync(0xffffffff, v, o);
+    v = MAX ? fmaxf(v, w) : v + w;
+  }
+  return v;
+}

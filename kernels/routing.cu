@@ -1,6 +1,9 @@
 // Routing gathers (src/ops/routing.rs has the CPU twins as candle ops).
 // gather_sum[_weighted]: out[t, c] = Σ_{j<k} w[t·k+j] · src[idx[t·k+j], c] (w = 1 unweighted),
 //   f32 accumulation, one rounding; src [M, h], idx/w [tokens·k], out [tokens, h]. Grid-stride.
+//   The _vec kernels move 16 bytes per load and store (h a multiple of 16 / sizeof(T), both
+//   buffers 16-byte aligned) and give the same values. With k = 1 and no weight it is a row
+//   gather (exact: every dtype converts to f32 and back unchanged).
 // combine_bwd: one block per routed row r (token t = tokens[r], slot s = slots[r]):
 //   dy[r, c] = w[s] · dout[t, c];  dw[s] = Σ_c dout[t, c] · y[r, c]  (f32).
 #include "common.cuh"
@@ -18,6 +21,33 @@ __device__ void gather_sum(const T* src, const uint32_t* idx, const float* w, T*
       acc += WEIGHTED ? w[slot] * v : v;
     }
     out[i] = from_f32<T>(acc);
+  }
+}
+
+template <typename T, bool WEIGHTED>
+__device__ void gather_sum_vec(const T* src, const uint32_t* idx, const float* w, T* out, const size_t tokens,
+                               const int k, const size_t h) {
+  constexpr int P = 16 / sizeof(T);
+  const size_t packs = h / P;
+  const size_t n = tokens * packs;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t t = i / packs, c = (i % packs) * P;
+    float acc[P];
+#pragma unroll
+    for (int e = 0; e < P; ++e) acc[e] = 0.0f;
+    for (int j = 0; j < k; ++j) {
+      const size_t slot = t * k + j;
+      const uint4 raw = *reinterpret_cast<const uint4*>(src + (size_t)idx[slot] * h + c);
+      const T* v = reinterpret_cast<const T*>(&raw);
+      const float wj = WEIGHTED ? w[slot] : 1.0f;
+#pragma unroll
+      for (int e = 0; e < P; ++e) acc[e] += WEIGHTED ? wj * to_f32(v[e]) : to_f32(v[e]);
+    }
+    uint4 packed;
+    T* o = reinterpret_cast<T*>(&packed);
+#pragma unroll
+    for (int e = 0; e < P; ++e) o[e] = from_f32<T>(acc[e]);
+    *reinterpret_cast<uint4*>(out + t * h + c) = packed;
   }
 }
 
@@ -56,6 +86,17 @@ __device__ void combine_bwd(const T* dout, const T* y, const float* w, const uin
                                                           const size_t tokens, const int k,          \
                                                           const size_t h) {                          \
     gather_sum<T, true>(src, idx, w, out, tokens, k, h);                                            \
+  }                                                                                                   \
+  extern "C" __global__ void gather_sum_vec_##SUFFIX(const T* src, const uint32_t* idx, T* out,      \
+                                                     const size_t tokens, const int k,               \
+                                                     const size_t h) {                               \
+    gather_sum_vec<T, false>(src, idx, nullptr, out, tokens, k, h);                                 \
+  }                                                                                                   \
+  extern "C" __global__ void gather_sum_weighted_vec_##SUFFIX(const T* src, const uint32_t* idx,     \
+                                                              const float* w, T* out,                \
+                                                              const size_t tokens, const int k,      \
+                                                              const size_t h) {                      \
+    gather_sum_vec<T, true>(src, idx, w, out, tokens, k, h);                                        \
   }                                                                                                   \
   extern "C" __global__ void combine_bwd_##SUFFIX(const T* dout, const T* y, const float* w,         \
                                                   const uint32_t* tokens, const uint32_t* slots,     \

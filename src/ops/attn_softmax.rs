@@ -112,8 +112,8 @@ mod cuda {
         })
     }
 
-    /// Runs `name_<dtype>(a, b, out, ints..., scale)` with one block per row; returns the
-    /// output in a's shape and dtype.
+    /// Runs `name_<dtype>(a, b, out, ints..., rows, scale)` with one warp per row (8 per
+    /// block); returns the output in a's shape and dtype.
     fn launch(
         name: &str,
         a: &Tensor,
@@ -136,11 +136,14 @@ mod cuda {
         let (Storage::Cuda(sa), Storage::Cuda(sb)) = (&*sa, &*sb) else {
             candle_core::bail!("masked_softmax: not on CUDA")
         };
+        const WARPS: usize = 8; // kernels/attn_softmax.cu
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
+            grid_dim: (rows.div_ceil(WARPS) as u32, 1, 1),
+            block_dim: (32 * WARPS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
+        let total = i32::try_from(rows)
+            .map_err(|_| candle_core::Error::Msg(format!("masked_softmax: {rows} rows")))?;
         macro_rules! run {
             ($x:expr, $y:expr, $wrap:path) => {{
                 let x = $x.slice(la.start_offset()..la.start_offset() + n);
@@ -154,6 +157,7 @@ mod cuda {
                 for v in ints {
                     args.arg(v);
                 }
+                args.arg(&total);
                 args.arg(scale);
                 // SAFETY: arguments match kernels/attn_softmax.cu.
                 unsafe { args.launch(cfg) }.w()?;

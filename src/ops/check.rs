@@ -432,8 +432,8 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         rtol,
         k_tol,
     )?);
-    // Masked attention softmax: 2 × 4 heads × 300 positions (more than one block's 256
-    // threads per row), batch 0 packed as samples of 120, 100 and 80 tokens.
+    // Masked attention softmax: 2 × 4 heads × 300 positions (more keys than a warp's 32
+    // lanes), batch 0 packed as samples of 120, 100 and 80 tokens.
     let seg: Vec<u32> = (0..600u32)
         .map(|p| match p {
             120..220 => 1,
@@ -449,6 +449,22 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         &[scores],
         &|t| {
             let segments = Tensor::from_slice(&seg, (2, 300), t[0].device())?;
+            super::attn_softmax::masked_softmax(&t[0], &segments, 0.125)
+        },
+        rtol,
+        k_tol,
+    )?);
+    // Rows longer than the kernel keeps in registers (2,048 keys): 1 × 2 heads × 2,100
+    // positions, packed as samples of 1,500 and 600 tokens.
+    let long_seg: Vec<u32> = (0..2100u32).map(|p| u32::from(p >= 1500)).collect();
+    let long = (Tensor::randn(0f32, 1.0, (1, 2, 2100, 2100), cpu)? * 3.0)?;
+    out.extend(device_vs_cpu(
+        "masked_softmax (rows over 2,048 keys)",
+        device,
+        dtype,
+        &[long],
+        &|t| {
+            let segments = Tensor::from_slice(&long_seg, (1, 2100), t[0].device())?;
             super::attn_softmax::masked_softmax(&t[0], &segments, 0.125)
         },
         rtol,
@@ -486,23 +502,26 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
     rows.sort_unstable();
     let tokens: Vec<u32> = rows.iter().map(|r| r.1).collect();
     let slots: Vec<u32> = rows.iter().map(|r| r.2).collect();
-    let xr = Tensor::randn(0f32, 1.0, (n, 128), cpu)?;
-    let wr = Tensor::rand(0f32, 1.0, (n, k), cpu)?;
-    out.extend(device_vs_cpu(
-        "routing gather/combine",
-        device,
-        dtype,
-        &[xr, wr],
-        &|t| {
-            use super::routing::{combine_rows, gather_rows, RowOrder};
-            let order = RowOrder::new(tokens.clone(), slots.clone(), k, t[0].device())?;
-            let y = gather_rows(&t[0], &order)?.sin()?;
-            // Routing weights stay f32 in the model (the CUDA kernels take them so).
-            combine_rows(&y, &t[1].to_dtype(DType::F32)?, &order)
-        },
-        rtol,
-        k_tol,
-    )?);
+    // Rows of 128 take the 16-byte kernels; rows of 36 the element-wise ones in bf16/f16.
+    for h in [128usize, 36] {
+        let xr = Tensor::randn(0f32, 1.0, (n, h), cpu)?;
+        let wr = Tensor::rand(0f32, 1.0, (n, k), cpu)?;
+        out.extend(device_vs_cpu(
+            &format!("routing gather/combine (rows of {h})"),
+            device,
+            dtype,
+            &[xr, wr],
+            &|t| {
+                use super::routing::{combine_rows, gather_rows, RowOrder};
+                let order = RowOrder::new(tokens.clone(), slots.clone(), k, t[0].device())?;
+                let y = gather_rows(&t[0], &order)?.sin()?;
+                // Routing weights stay f32 in the model (the CUDA kernels take them so).
+                combine_rows(&y, &t[1].to_dtype(DType::F32)?, &order)
+            },
+            rtol,
+            k_tol,
+        )?);
+    }
     // LoRA r 16 over experts 3..19 of 20 (a rank's slice).
     let a = Tensor::randn(0f32, 0.1, (16 * 20, 256), cpu)?;
     let b = Tensor::randn(0f32, 0.1, (384, 16 * 20), cpu)?;
