@@ -4,6 +4,11 @@
 //   The _vec kernels move 16 bytes per load and store (h a multiple of 16 / sizeof(T), both
 //   buffers 16-byte aligned) and give the same values. With k = 1 and no weight it is a row
 //   gather (exact: every dtype converts to f32 and back unchanged).
+// route_count: counts[e] += number of slots s < slots with top[s] == e (counts zeroed by the
+//   caller; experts <= 1024, a shared histogram per block). Grid-stride.
+// route_rows: one block per expert e (blockIdx.x), 1024 threads: the rows of expert e start
+//   after the rows of experts 0..e (counts from route_count) and follow slot order (token-major,
+//   as the CPU plan): tokens[row] = s / k, slots[row] = s, inv[s] = row.
 // combine_bwd: one block per routed row r (token t = tokens[r], slot s = slots[r]):
 //   dy[r, c] = w[s] · dout[t, c];  dw[s] = Σ_c dout[t, c] · y[r, c]  (f32).
 #include "common.cuh"
@@ -48,6 +53,59 @@ __device__ void gather_sum_vec(const T* src, const uint32_t* idx, const float* w
 #pragma unroll
     for (int e = 0; e < P; ++e) o[e] = from_f32<T>(acc[e]);
     *reinterpret_cast<uint4*>(out + t * h + c) = packed;
+  }
+}
+
+extern "C" __global__ void route_count(const uint32_t* top, uint32_t* counts, const size_t slots,
+                                       const int experts) {
+  extern __shared__ uint32_t hist[];
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+  for (size_t s = blockIdx.x * (size_t)blockDim.x + threadIdx.x; s < slots; s += (size_t)gridDim.x * blockDim.x) {
+    const uint32_t e = top[s];
+    if (e < (uint32_t)experts) atomicAdd(&hist[e], 1u);
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < experts; e += blockDim.x) {
+    if (hist[e]) atomicAdd(&counts[e], hist[e]);
+  }
+}
+
+constexpr int ROUTE_THREADS = 1024;
+
+extern "C" __global__ void route_rows(const uint32_t* top, const uint32_t* counts, uint32_t* tokens,
+                                      uint32_t* slot_of_row, uint32_t* inv, const size_t slots, const int k) {
+  __shared__ uint32_t warp_total[ROUTE_THREADS / 32];
+  __shared__ uint32_t start;
+  const uint32_t e = blockIdx.x;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (threadIdx.x == 0) {
+    uint32_t sum = 0;
+    for (uint32_t f = 0; f < e; ++f) sum += counts[f];
+    start = sum;
+  }
+  __syncthreads();
+  uint32_t row = start;
+  for (size_t base = 0; base < slots; base += ROUTE_THREADS) {
+    const size_t s = base + threadIdx.x;
+    const bool mine = s < slots && top[s] == e;
+    const uint32_t ballot = __ballot_sync(0xffffffff, mine);
+    if (lane == 0) warp_total[warp] = __popc(ballot);
+    __syncthreads();
+    uint32_t before = 0, total = 0;
+    for (int w = 0; w < ROUTE_THREADS / 32; ++w) {
+      const uint32_t c = warp_total[w];
+      before += w < warp ? c : 0;
+      total += c;
+    }
+    if (mine) {
+      const uint32_t r = row + before + __popc(ballot & ((1u << lane) - 1));
+      tokens[r] = (uint32_t)(s / k);
+      slot_of_row[r] = (uint32_t)s;
+      inv[s] = r;
+    }
+    row += total;
+    __syncthreads();  // warp_total is rewritten by the next chunk
   }
 }
 

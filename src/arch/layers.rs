@@ -171,8 +171,9 @@ impl Attention {
 }
 
 /// Routing of one micro-batch through one MoE layer: the top-k choices and, for each held
-/// expert, which (token, slot) pairs it serves. Built once per micro-batch (one device→host
-/// copy of the choices) and shared by the forward and the recompute.
+/// expert, which (token, slot) pairs it serves. Built once per micro-batch (`ops::routing::plan`:
+/// on CUDA on the device, one copy of the counts to the host) and shared by the forward and the
+/// recompute.
 pub struct Routing {
     /// Top-k expert choices [N, k] u32.
     top: Tensor,
@@ -187,31 +188,12 @@ pub struct Routing {
 }
 
 fn route(top: Tensor, num_experts: usize, held: std::ops::Range<usize>) -> Result<Routing> {
-    let device = top.device().clone();
-    let indices = top.to_vec2::<u32>()?;
-    let mut rows: Vec<Vec<(u32, u32)>> = vec![Vec::new(); num_experts];
-    for (t, choice) in indices.iter().enumerate() {
-        for (j, &e) in choice.iter().enumerate() {
-            rows[e as usize].push((t as u32, (t * choice.len() + j) as u32));
-        }
-    }
-    let per_expert = rows.iter().map(|r| r.len() as u64).collect();
-    let mut tokens = Vec::new();
-    let mut slots = Vec::new();
-    let mut counts = Vec::with_capacity(held.len());
-    for e in held {
-        counts.push(rows[e].len());
-        for &(t, s) in &rows[e] {
-            tokens.push(t);
-            slots.push(s);
-        }
-    }
-    let k = indices.first().map_or(1, |c| c.len());
+    let plan = crate::ops::routing::plan(&top, num_experts, held)?;
     Ok(Routing {
         top,
-        order: RowOrder::new(tokens, slots, k, &device)?,
-        counts,
-        per_expert,
+        order: plan.order,
+        counts: plan.counts,
+        per_expert: plan.per_expert,
         dispatch: None,
     })
 }

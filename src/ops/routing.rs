@@ -49,6 +49,60 @@ impl RowOrder {
     }
 }
 
+/// One micro-batch's routing through one MoE layer: the row order, the rows of each held
+/// expert, and the tokens of every expert.
+pub struct Plan {
+    pub order: RowOrder,
+    /// Rows per held expert.
+    pub counts: Vec<usize>,
+    /// Rows (token choices) per global expert.
+    pub per_expert: Vec<u64>,
+}
+
+/// The routing plan of top-k choices `top [N, k]` u32 over `experts` experts, rows for the
+/// `held` ones sorted by expert, then slot (t·k + j). When every expert is held and `top` is on
+/// CUDA it is built on the device and only the counts come to the host; otherwise from a host
+/// copy of the choices.
+pub fn plan(top: &Tensor, experts: usize, held: std::ops::Range<usize>) -> Result<Plan> {
+    #[cfg(feature = "cuda")]
+    if top.device().is_cuda() && held == (0..experts) && experts <= 1024 && top.elem_count() > 0 {
+        let (order, counts) = cuda::plan(top, experts)?;
+        let per_expert = counts.iter().map(|&c| c as u64).collect();
+        return Ok(Plan {
+            order,
+            counts,
+            per_expert,
+        });
+    }
+    let indices = top.to_vec2::<u32>()?;
+    let mut rows: Vec<Vec<(u32, u32)>> = vec![Vec::new(); experts];
+    for (t, choice) in indices.iter().enumerate() {
+        for (j, &e) in choice.iter().enumerate() {
+            match rows.get_mut(e as usize) {
+                Some(r) => r.push((t as u32, (t * choice.len() + j) as u32)),
+                None => candle_core::bail!("routing: expert {e} chosen of {experts}"),
+            }
+        }
+    }
+    let per_expert = rows.iter().map(|r| r.len() as u64).collect();
+    let mut tokens = Vec::new();
+    let mut slots = Vec::new();
+    let mut counts = Vec::with_capacity(held.len());
+    for e in held {
+        counts.push(rows[e].len());
+        for &(t, s) in &rows[e] {
+            tokens.push(t);
+            slots.push(s);
+        }
+    }
+    let k = indices.first().map_or(1, |c| c.len());
+    Ok(Plan {
+        order: RowOrder::new(tokens, slots, k, top.device())?,
+        counts,
+        per_expert,
+    })
+}
+
 /// `Σ_j src[idx[t·k + j]]` over the k rows of each token: src `[M, H]` → `[M / k, H]`, summed
 /// in f32 and returned in `dtype`, each term optionally weighted by `w [N, k]`. One kernel on
 /// CUDA (f32 weights); candle ops otherwise (the reference).
@@ -302,6 +356,85 @@ mod cuda {
             DType::F16 => run!(half::f16),
             other => candle_core::bail!("routing: {other:?} not supported"),
         })
+    }
+
+    /// The routing plan on the device: top-k choices `[N, k]` u32 (ids below `experts`) → the
+    /// row order and the rows per expert, the same as the host plan (`RowOrder::new` over rows
+    /// sorted by expert, then slot). Only the counts come back to the host (the grouped GEMMs
+    /// size their groups with them): one small copy instead of the choices, no uploads.
+    pub fn plan(top: &Tensor, experts: usize) -> Result<(RowOrder, Vec<usize>)> {
+        let candle_core::Device::Cuda(dev) = top.device() else {
+            candle_core::bail!("routing: not on CUDA")
+        };
+        if experts == 0 || experts > 1024 || top.dtype() != DType::U32 {
+            candle_core::bail!(
+                "routing: device plan for {experts} experts of {:?}",
+                top.dtype()
+            );
+        }
+        let top = top.contiguous()?;
+        let (n, k) = top.dims2()?;
+        let m = n * k;
+        let gt = top.storage_and_layout();
+        let tv = view::<u32>(&gt)?;
+        let load = |name: &str| {
+            dev.get_or_load_custom_func(name, "moeq_routing", crate::ops::kernels::ROUTING)
+        };
+        let counts = dev.alloc_zeros::<u32>(experts)?;
+        let count = load("route_count")?;
+        let cfg = LaunchConfig {
+            grid_dim: (m.div_ceil(256).clamp(1, 1024) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: (experts * 4) as u32,
+        };
+        let experts_i = experts as i32;
+        let mut b = count.builder();
+        b.arg(&tv);
+        b.arg(&counts);
+        b.arg(&m);
+        b.arg(&experts_i);
+        // SAFETY: arguments match kernels/routing.cu; the histogram fits the shared memory.
+        unsafe { b.launch(cfg) }.w()?;
+        // SAFETY: route_rows writes every row and every slot (each slot names one expert).
+        let (tokens, slots, inv) = unsafe {
+            (
+                dev.alloc::<u32>(m)?,
+                dev.alloc::<u32>(m)?,
+                dev.alloc::<u32>(m)?,
+            )
+        };
+        let rows = load("route_rows")?;
+        let cfg = LaunchConfig {
+            grid_dim: (experts as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let ki = k as i32;
+        let mut b = rows.builder();
+        b.arg(&tv);
+        b.arg(&counts);
+        b.arg(&tokens);
+        b.arg(&slots);
+        b.arg(&inv);
+        b.arg(&m);
+        b.arg(&ki);
+        // SAFETY: arguments match kernels/routing.cu.
+        unsafe { b.launch(cfg) }.w()?;
+        let counts: Vec<usize> = dev
+            .clone_dtoh(&counts)?
+            .into_iter()
+            .map(|c| c as usize)
+            .collect();
+        if counts.iter().sum::<usize>() != m {
+            candle_core::bail!("routing: a top-k choice names no expert below {experts}");
+        }
+        let order = RowOrder {
+            tokens: wrap(tokens, dev, (m, 1)).flatten_all()?,
+            slots: wrap(slots, dev, (m, 1)).flatten_all()?,
+            inv: wrap(inv, dev, (m, 1)).flatten_all()?,
+            k,
+        };
+        Ok((order, counts))
     }
 
     pub fn combine_bwd(
