@@ -5,6 +5,7 @@ use super::model::{Inputs, LayerStats, LoraCtx, Parallel};
 use super::{ArchSpec, QkNorm};
 use crate::ops::attention::{attention, query_block};
 use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
+use crate::ops::lora_linear::lora_linear;
 use crate::ops::nf4_linear::{nf4_linear, Nf4Weight};
 use crate::ops::norm::{rms_norm, softmax_last};
 use crate::ops::rope::apply_rope;
@@ -80,22 +81,29 @@ fn dropout_mask(x: &Tensor, p: f64, key: (u64, u64), module: &str) -> Result<Ten
 impl Proj {
     /// x: [N, in] → [N, out] = x·Wᵀ (+ b) (+ s·B(A(dropout(x)))).
     pub fn forward(&self, x: &Tensor, lora: &LoraCtx) -> Result<Tensor> {
-        let mut y = nf4_linear(x, &self.w)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some(l) = lora.adapters.linear.get(&self.name) {
-            let s = &lora.adapters.settings;
-            let xin = match lora.dropout {
-                Some(key) if s.dropout > 0.0 => (x * dropout_mask(x, s.dropout, key, &self.name)?)?,
-                _ => x.clone(),
+        let Some(l) = lora.adapters.linear.get(&self.name) else {
+            let y = nf4_linear(x, &self.w)?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
             };
-            let a = lora.weight(&l.a).to_dtype(x.dtype())?;
-            let b = lora.weight(&l.b).to_dtype(x.dtype())?;
-            let delta = xin.matmul(&a.t()?)?.matmul(&b.t()?)?;
-            y = (y + (delta * s.scaling())?)?;
-        }
-        Ok(y)
+        };
+        let s = &lora.adapters.settings;
+        let mask = match lora.dropout {
+            Some(key) if s.dropout > 0.0 => Some(dropout_mask(x, s.dropout, key, &self.name)?),
+            _ => None,
+        };
+        let a = lora.weight(&l.a).to_dtype(x.dtype())?;
+        let b = lora.weight(&l.b).to_dtype(x.dtype())?;
+        lora_linear(
+            x,
+            &self.w,
+            self.bias.as_ref(),
+            &a,
+            &b,
+            s.scaling(),
+            mask.as_ref(),
+        )
     }
 }
 

@@ -174,7 +174,7 @@ fn check_nf4_linear(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
     } else {
         (1e-2, 1e-2)
     };
-    Ok(vec![
+    let mut out = vec![
         compare(
             &format!("nf4_linear {dtype:?} forward"),
             &y,
@@ -189,7 +189,31 @@ fn check_nf4_linear(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
             rtol,
             k * scale(&gx_ref)?,
         )?,
-    ])
+    ];
+    // The same projection with a bias and a LoRA update (r 16, scaling 2) as one op: the same
+    // sums plus rank-16 products, so the same tolerance; gradients for x, A and B.
+    let cpu = &Device::Cpu;
+    let lora_inputs = [
+        Tensor::randn(0f32, 1.0, (tokens, in_f), cpu)?,
+        Tensor::randn(0f32, 0.3, (16, in_f), cpu)?,
+        Tensor::randn(0f32, 0.3, (out_f, 16), cpu)?,
+    ];
+    let bias = Tensor::randn(0f32, 1.0, out_f, cpu)?;
+    out.extend(device_vs_cpu(
+        "lora_linear (bias, r 16)",
+        device,
+        dtype,
+        &lora_inputs,
+        &|t| {
+            let d = t[0].device();
+            let weight = Nf4Weight::from_param(&q, d)?;
+            let bias = bias.to_dtype(t[0].dtype())?.to_device(d)?;
+            super::lora_linear::lora_linear(&t[0], &weight, Some(&bias), &t[1], &t[2], 2.0, None)
+        },
+        rtol,
+        k,
+    )?);
+    Ok(out)
 }
 
 fn max_scale(t: &Tensor) -> Result<f32> {

@@ -8,6 +8,7 @@ pub mod cross_entropy;
 pub mod experts;
 pub mod grouped_gemm;
 pub mod kernels;
+pub mod lora_linear;
 pub mod nf4_linear;
 pub mod norm;
 pub mod rope;

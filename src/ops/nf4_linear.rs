@@ -193,7 +193,7 @@ impl Nf4Weight {
 struct Nf4Linear(Nf4Weight);
 
 /// x [.., in] (contiguous) · Wᵀ with W dequantized in x's dtype.
-fn forward(x: &Tensor, w: &Nf4Weight) -> Result<Tensor> {
+pub(crate) fn forward(x: &Tensor, w: &Nf4Weight) -> Result<Tensor> {
     let wt = w.dequantize(x.dtype())?.t()?;
     x.broadcast_matmul(&wt)
 }
