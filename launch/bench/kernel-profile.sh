@@ -36,8 +36,10 @@ rows = [r for r in csv.DictReader(lines[start:]) if r.get("Metric Name") == "gpu
 def ns(r):
     v = float(r["Metric Value"].replace(",", ""))
     return {"nsecond": 1, "usecond": 1e3, "msecond": 1e6, "second": 1e9}.get(r["Metric Unit"], 1) * v
-loading = ("quantize", "draw", "random", "normal")
-last = max((i for i, r in enumerate(rows) if any(k in r["Kernel Name"] for k in loading)), default=-1)
+# Loading ends with the last quantize or weight-drawing kernel (training dequantizes, so match
+# the name's start).
+loading = ("quantize_", "normal_")
+last = max((i for i, r in enumerate(rows) if r["Kernel Name"].startswith(loading)), default=-1)
 steps = rows[last + 1:]
 by = collections.defaultdict(lambda: [0.0, 0])
 for r in steps:
