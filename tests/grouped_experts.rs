@@ -311,3 +311,66 @@ fn packed_swiglu_matches_the_primitive_op_reference() {
     assert!(rel_err(&y, &y_ref) < 1e-6);
     assert!(rel_err(&g[0], &g_ref[0]) < 1e-6);
 }
+
+/// The fused routed-experts op (gather, gate_up, SwiGLU, down, combine in one node) against the
+/// same five ops in sequence, forward and the gradients of x and the routing weights, f32 and
+/// bf16, with an expert no row chose. It calls the same functions in the same order, and a
+/// gradient's first contribution is added to zeros (exact), so the results are bit for bit
+/// equal (tolerance 0).
+#[test]
+fn routed_experts_op_equals_the_separate_ops() {
+    use moeq::ops::experts::grouped_nf4;
+    use moeq::ops::routed_experts::routed_experts;
+    use moeq::ops::routing::{combine_rows, gather_rows, RowOrder};
+    use moeq::ops::swiglu::swiglu_packed;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);
+    let (n, h, i, e, k) = (29, 64, 32, 6, 2);
+    // Top-k of experts 0..5; expert 5 is never chosen: an empty group.
+    let mut rows: Vec<(usize, u32, u32)> = Vec::new(); // (expert, token, slot)
+    for t in 0..n {
+        let mut chosen: Vec<usize> = Vec::new();
+        while chosen.len() < k {
+            let c = rng.random_range(0..e - 1);
+            if !chosen.contains(&c) {
+                chosen.push(c);
+            }
+        }
+        for (j, &c) in chosen.iter().enumerate() {
+            rows.push((c, t as u32, (t * k + j) as u32));
+        }
+    }
+    rows.sort_unstable();
+    let mut counts = vec![0usize; e];
+    for r in &rows {
+        counts[r.0] += 1;
+    }
+    let cpu = &Device::Cpu;
+    let order = RowOrder::new(
+        rows.iter().map(|r| r.1).collect(),
+        rows.iter().map(|r| r.2).collect(),
+        k,
+        cpu,
+    )
+    .unwrap();
+    let gate_up = quantized_experts(&mut rng, e, 2 * i, h);
+    let down = quantized_experts(&mut rng, e, h, i);
+    let x = Tensor::from_vec(rand_vec(&mut rng, n * h), (n, h), cpu).unwrap();
+    let w = Tensor::from_vec(rand_vec(&mut rng, n * k), (n, k), cpu).unwrap();
+    for dtype in [DType::F32, DType::BF16] {
+        let inputs = [x.to_dtype(dtype).unwrap(), w.clone()];
+        let (y, g) = run(&inputs, |t| {
+            routed_experts(&t[0], &t[1], &order, &gate_up, &down, &counts)?.to_dtype(DType::F32)
+        });
+        let (y_ref, g_ref) = run(&inputs, |t| {
+            let xs = gather_rows(&t[0], &order)?;
+            let gu = grouped_nf4(&xs, &gate_up, &counts)?;
+            let act = swiglu_packed(&gu)?;
+            let ys = grouped_nf4(&act, &down, &counts)?;
+            combine_rows(&ys, &t[1], &order)?.to_dtype(DType::F32)
+        });
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        assert_eq!(rel_err(&f(&y), &f(&y_ref)), 0.0, "{dtype:?} forward");
+        assert_eq!(rel_err(&f(&g[0]), &f(&g_ref[0])), 0.0, "{dtype:?} d_x");
+        assert_eq!(rel_err(&f(&g[1]), &f(&g_ref[1])), 0.0, "{dtype:?} d_w");
+    }
+}

@@ -9,6 +9,7 @@ use crate::ops::lora_linear::lora_linear;
 use crate::ops::nf4_linear::{nf4_linear, Nf4Weight};
 use crate::ops::norm::{rms_norm, softmax_last};
 use crate::ops::rope::apply_rope;
+use crate::ops::routed_experts::routed_experts;
 use crate::ops::routing::{combine_rows, gather_rows, RowOrder};
 use crate::ops::swiglu;
 use crate::ops::swiglu::swiglu_packed;
@@ -262,6 +263,45 @@ impl Moe {
         })?;
         let (routing, weights) = routed;
 
+        let experts = &lora.adapters.experts;
+        let adapted =
+            experts.contains_key(&self.gate_up_name) || experts.contains_key(&self.down_name);
+        let mut out = if routing.dispatch.is_none() && !adapted {
+            // Gather, both projections, SwiGLU and combine as one op (one graph node).
+            timed("moe: routed experts", dev, || {
+                routed_experts(
+                    x,
+                    &weights,
+                    &routing.order,
+                    &self.gate_up,
+                    &self.down,
+                    &routing.counts,
+                )
+            })?
+        } else {
+            self.routed_ops(x, &weights, &routing, lora, parallel)?
+        }; // [N, H]
+        if let Some((mlp, gate)) = &self.shared {
+            let mut shared = swiglu_mlp(mlp, x, lora)?;
+            if let Some(g) = gate {
+                shared = shared.broadcast_mul(&sigmoid(&x.matmul(&g.t()?)?)?)?;
+            }
+            out = (out + shared)?;
+        }
+        Ok((out, routing.per_expert.clone()))
+    }
+
+    /// The routed experts as separate ops (gather, experts, combine): with expert adapters or
+    /// expert parallelism (the rows travel to their experts' owners and back).
+    fn routed_ops(
+        &self,
+        x: &Tensor,
+        weights: &Tensor,
+        routing: &Routing,
+        lora: &LoraCtx,
+        parallel: Option<&Parallel>,
+    ) -> Result<Tensor> {
+        let dev = x.device();
         let xs = timed("moe: gather rows", dev, || gather_rows(x, &routing.order))?; // [M, H] by expert
         let y = match (&routing.dispatch, parallel) {
             (Some(d), Some(p)) => {
@@ -280,17 +320,9 @@ impl Moe {
             })?,
         };
         // Each token's k rows weighted by its (f32) routing weights and summed in f32.
-        let mut out = timed("moe: combine rows", dev, || {
-            combine_rows(&y, &weights, &routing.order)
-        })?; // [N, H]
-        if let Some((mlp, gate)) = &self.shared {
-            let mut shared = swiglu_mlp(mlp, x, lora)?;
-            if let Some(g) = gate {
-                shared = shared.broadcast_mul(&sigmoid(&x.matmul(&g.t()?)?)?)?;
-            }
-            out = (out + shared)?;
-        }
-        Ok((out, routing.per_expert.clone()))
+        timed("moe: combine rows", dev, || {
+            combine_rows(&y, weights, &routing.order)
+        }) // [N, H]
     }
 
     /// The held experts on their rows: xs [M, H] grouped by held expert, `counts[e]` rows

@@ -546,6 +546,53 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
             k_tol,
         )?);
     }
+    // The routed experts as one op over the same routing (16 experts, rows of 128, expert
+    // width 32): gather, gate_up, packed SwiGLU, down and combine, gradients for x and weights.
+    let mut expert_counts = vec![0usize; 16];
+    for r in &rows {
+        expert_counts[r.0 as usize] += 1;
+    }
+    let expert_params = |out_f: usize, in_f: usize| -> Result<Vec<QuantizedParam>> {
+        (0..16)
+            .map(|_| {
+                let w: Vec<f32> = Tensor::randn(0f32, 0.1, out_f * in_f, cpu)?.to_vec1()?;
+                QuantizedParam::quantize(&w, &[out_f, in_f], QuantSettings::default())
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))
+            })
+            .collect()
+    };
+    let (gate_up_params, down_params) = (expert_params(64, 128)?, expert_params(128, 32)?);
+    out.extend(device_vs_cpu(
+        "routed experts (one op)",
+        device,
+        dtype,
+        &[
+            Tensor::randn(0f32, 1.0, (n, 128), cpu)?,
+            Tensor::rand(0f32, 1.0, (n, k), cpu)?,
+        ],
+        &|t| {
+            use super::routing::RowOrder;
+            let d = t[0].device();
+            let stack = |ps: &[QuantizedParam]| -> Result<ExpertWeights> {
+                let ws = ps
+                    .iter()
+                    .map(|p| Nf4Weight::from_param(p, d))
+                    .collect::<Result<Vec<_>>>()?;
+                ExpertWeights::stack(&ws)
+            };
+            let order = RowOrder::new(tokens.clone(), slots.clone(), k, d)?;
+            super::routed_experts::routed_experts(
+                &t[0],
+                &t[1].to_dtype(DType::F32)?,
+                &order,
+                &stack(&gate_up_params)?,
+                &stack(&down_params)?,
+                &expert_counts,
+            )
+        },
+        rtol,
+        k_tol,
+    )?);
     // LoRA r 16 over experts 3..19 of 20 (a rank's slice).
     let a = Tensor::randn(0f32, 0.1, (16 * 20, 256), cpu)?;
     let b = Tensor::randn(0f32, 0.1, (384, 16 * 20), cpu)?;

@@ -100,7 +100,7 @@ impl ExpertWeights {
 
 /// `y[g] = x[g] · W_eᵀ` (`transpose`, x `[M, in]` → `[M, out]`) or `x[g] · W_e` (x `[M, out]`
 /// → `[M, in]`), experts dequantized `chunk_bytes` at a time.
-fn expert_matmul(
+pub(crate) fn expert_matmul(
     x: &Tensor,
     w: &ExpertWeights,
     counts: &[usize],

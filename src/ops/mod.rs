@@ -12,6 +12,7 @@ pub mod lora_linear;
 pub mod nf4_linear;
 pub mod norm;
 pub mod rope;
+pub mod routed_experts;
 pub mod routing;
 pub mod swiglu;
 

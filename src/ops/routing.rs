@@ -139,6 +139,21 @@ fn gather_sum_reference(
     rows.sum(1)?.to_dtype(dtype)
 }
 
+/// The row gather's forward on tensors, no graph: x `[N, H]` → `[N·k, H]` in `order`.
+pub(crate) fn gather_forward(x: &Tensor, order: &RowOrder) -> Result<Tensor> {
+    super::direct(GatherRows(order.clone()).fwd(x)?)
+}
+
+/// The row gather's backward: dxs `[N·k, H]` → dx `[N, H]` in `dtype`.
+pub(crate) fn gather_backward(dxs: &Tensor, order: &RowOrder, dtype: DType) -> Result<Tensor> {
+    gather_sum(&dxs.contiguous()?, &order.inv, order.k, None, dtype)
+}
+
+/// The weighted combine's forward on tensors, no graph: y `[N·k, H]`, w `[N, k]` → `[N, H]`.
+pub(crate) fn combine_forward(y: &Tensor, w: &Tensor, order: &RowOrder) -> Result<Tensor> {
+    super::direct(CombineRows(order.clone()).fwd(y, w)?)
+}
+
 /// `xs[r] = x[tokens[r]]`; backward: `dx[t] = Σ_j dxs[inv[t·k + j]]`.
 struct GatherRows(RowOrder);
 
@@ -163,8 +178,7 @@ impl CustomOp1 for GatherRows {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let _t = crate::util::phases::Span::start("bwd: routing gather", x.device());
-        let g = gather_sum(&grad.contiguous()?, &self.0.inv, self.0.k, None, x.dtype())?;
-        Ok(Some(g))
+        Ok(Some(gather_backward(grad, &self.0, x.dtype())?))
     }
 }
 
@@ -193,33 +207,43 @@ impl CustomOp2 for CombineRows {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let _t = crate::util::phases::Span::start("bwd: routing combine", y.device());
-        let o = &self.0;
-        #[cfg(feature = "cuda")]
-        if y.device().is_cuda() && w.dtype() == DType::F32 {
-            let grad = super::at_offset_zero(&grad.to_dtype(y.dtype())?)?;
-            let (dy, dw) = cuda::combine_bwd(&grad, y, w, o)?;
-            return Ok((Some(dy), Some(dw)));
-        }
-        let (m, h) = y.dims2()?;
-        let grad = grad.to_dtype(DType::F32)?.contiguous()?; // [N, H]
-        let w_rows = w
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .index_select(&o.slots, 0)?; // [M]
-        let dy = grad
-            .index_select(&o.tokens, 0)?
-            .broadcast_mul(&w_rows.unsqueeze(1)?)?
-            .to_dtype(y.dtype())?;
-        let y_tok = y
-            .index_select(&o.inv, 0)?
-            .to_dtype(DType::F32)?
-            .reshape((m / o.k, o.k, h))?; // [N, k, H]
-        let dw = y_tok
-            .broadcast_mul(&grad.unsqueeze(1)?)?
-            .sum(2)?
-            .to_dtype(w.dtype())?; // [N, k]
+        let (dy, dw) = combine_backward(y, w, &self.0, grad)?;
         Ok((Some(dy), Some(dw)))
     }
+}
+
+/// The weighted combine's backward: (y, w, dout `[N, H]`) → (dy `[N·k, H]` in y's dtype, dw
+/// `[N, k]` in w's dtype).
+pub(crate) fn combine_backward(
+    y: &Tensor,
+    w: &Tensor,
+    o: &RowOrder,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if y.device().is_cuda() && w.dtype() == DType::F32 {
+        let grad = super::at_offset_zero(&grad.to_dtype(y.dtype())?)?;
+        return cuda::combine_bwd(&grad, y, w, o);
+    }
+    let (m, h) = y.dims2()?;
+    let grad = grad.to_dtype(DType::F32)?.contiguous()?; // [N, H]
+    let w_rows = w
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .index_select(&o.slots, 0)?; // [M]
+    let dy = grad
+        .index_select(&o.tokens, 0)?
+        .broadcast_mul(&w_rows.unsqueeze(1)?)?
+        .to_dtype(y.dtype())?;
+    let y_tok = y
+        .index_select(&o.inv, 0)?
+        .to_dtype(DType::F32)?
+        .reshape((m / o.k, o.k, h))?; // [N, k, H]
+    let dw = y_tok
+        .broadcast_mul(&grad.unsqueeze(1)?)?
+        .sum(2)?
+        .to_dtype(w.dtype())?; // [N, k]
+    Ok((dy, dw))
 }
 
 /// x `[N, H]` → the routed rows `[N·k, H]` in `order`.

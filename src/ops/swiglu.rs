@@ -314,9 +314,20 @@ impl candle_core::CustomOp1 for Packed {
 
     fn bwd(&self, gu: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let _t = crate::util::phases::Span::start("bwd: swiglu", gu.device());
-        let dy = super::at_offset_zero(&grad.to_dtype(gu.dtype())?)?;
-        Ok(Some(super::direct(PackedBwd.fwd(&gu.detach(), &dy)?)?))
+        Ok(Some(packed_backward(gu, grad)?))
     }
+}
+
+/// The packed SwiGLU's forward on tensors, no graph: gu `[rows, 2·I]` → `[rows, I]`.
+pub(crate) fn packed_forward(gu: &Tensor) -> Result<Tensor> {
+    super::direct(Packed.fwd(gu)?)
+}
+
+/// The packed SwiGLU's backward, no graph: (gu, dy `[rows, I]`) → dgu `[rows, 2·I]` in gu's
+/// dtype.
+pub(crate) fn packed_backward(gu: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let dy = super::at_offset_zero(&dy.to_dtype(gu.dtype())?)?;
+    super::direct(PackedBwd.fwd(&gu.detach(), &dy)?)
 }
 
 /// (gu, dy) → dgu.
