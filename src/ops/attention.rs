@@ -6,7 +6,8 @@
 //! runs `dP = dO·vᵀ`, `dS = softmax_bwd(P, dP)`, `dq = dS·k`, `dk += dSᵀ·q`, `dv += Pᵀ·dO`
 //! (the FlashAttention recurrence, with cuBLAS GEMMs and the masked-softmax kernels between).
 //! The same code runs on the CPU; the primitive-op version it is tested against is
-//! [`attention_reference`].
+//! [`attention_reference`]. On CUDA in bf16 with head size 64 or 128, [`attention`] runs the
+//! fused kernels of `super::flash_attn` instead (the blocked op is their reference).
 
 use super::attn_softmax::{masked_softmax_reference, softmax_block, softmax_block_bwd};
 use candle_core::{CustomOp3, DType, Result, Tensor};
@@ -182,6 +183,11 @@ pub fn attention(
             segments.dtype(),
             q.dims()
         );
+    }
+    #[cfg(feature = "cuda")]
+    if super::flash_attn::serves(q, k, v, d.hd) {
+        let z = super::at_offset_zero;
+        return super::flash_attn::attention(&z(q)?, &z(k)?, &z(v)?, segments, scale as f32);
     }
     let op = BlockedAttention {
         segments: segments.clone(),

@@ -514,6 +514,36 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
             k_tol,
         )?);
     }
+    // Head size 128 (the fused kernels' other instance on CUDA in bf16): 2 × 600 positions,
+    // batch 0 packed as samples of 200, 150 and 250 tokens, 8 query heads on 2 kv heads; and one
+    // 2,048-token sample (32 key tiles, the causal skip at full length).
+    let seg600: Vec<u32> = (0..1200u32)
+        .map(|p| match p {
+            200..350 => 1,
+            350..600 => 2,
+            _ => 0,
+        })
+        .collect();
+    let one_sample: Vec<u32> = vec![0; 2048];
+    for (s, segs) in [(600usize, &seg600), (2048, &one_sample)] {
+        let b = segs.len() / s;
+        let qkv = [8usize, 2, 2]
+            .iter()
+            .map(|&h| Tensor::randn(0f32, 1.0, (b, s, h, 128), cpu))
+            .collect::<Result<Vec<_>>>()?;
+        out.extend(device_vs_cpu(
+            &format!("attention (head size 128, {b} × {s})"),
+            device,
+            dtype,
+            &qkv,
+            &|t| {
+                let segments = Tensor::from_slice(segs, (b, s), t[0].device())?;
+                super::attention::attention(&t[0], &t[1], &t[2], &segments, 0.088, 256)
+            },
+            rtol,
+            k_tol,
+        )?);
+    }
     // Routing gathers: 300 tokens, top-4 of 16 experts (token t picks t·7+j·5 mod 16, distinct
     // for j < 4), rows sorted by expert; gather, an elementwise stand-in for the experts,
     // combine.

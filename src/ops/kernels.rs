@@ -23,3 +23,6 @@ pub const CROSS_ENTROPY: &str = include_str!(concat!(env!("OUT_DIR"), "/cross_en
 
 #[cfg(feature = "cuda")]
 pub const ROPE: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
+
+#[cfg(feature = "cuda")]
+pub const FLASH_ATTN: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));

@@ -6,6 +6,8 @@ pub mod attn_softmax;
 pub mod check;
 pub mod cross_entropy;
 pub mod experts;
+#[cfg(feature = "cuda")]
+pub mod flash_attn;
 pub mod grouped_gemm;
 pub mod kernels;
 pub mod lora_linear;
