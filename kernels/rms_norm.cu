@@ -1,4 +1,5 @@
-// RMSNorm as transformers computes it, one block per row of x [rows, d]:
+// RMSNorm as transformers computes it, one block per row of x [rows, d] (rows of up to 1,024:
+// one warp per row, 8 rows per block — the per-head q/k norms have rows of 128):
 //   r = rsqrt(mean(x²) + eps);  n = x·r (f32) rounded to T;  y = n · w, rounded to T.
 // Backward (the weight is frozen: only dx):  g = dy·w;  dx = r · (g − n · mean(g·n))  (f32).
 // CPU twin: src/ops/norm.rs (rms_norm_cpu, rms_norm_bwd_cpu).
@@ -54,6 +55,48 @@ __device__ void rms_norm_bwd(const T* x, const T* w, const T* dy, T* dx, const s
   }
 }
 
+constexpr int ROWS_PER_BLOCK = THREADS / 32;
+
+template <typename T>
+__device__ void rms_norm_fwd_warp(const T* x, const T* w, T* y, const size_t rows, const int d, const float eps) {
+  const size_t row = (size_t)blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const T* xr = x + row * d;
+  T* yr = y + row * d;
+  float ss = 0.0f;
+  for (int c = lane; c < d; c += 32) {
+    const float v = to_f32(xr[c]);
+    ss += v * v;
+  }
+  const float r = rsqrtf(warp_reduce<false>(ss) / d + eps);
+  for (int c = lane; c < d; c += 32) {
+    const float n = to_f32(from_f32<T>(to_f32(xr[c]) * r));
+    yr[c] = from_f32<T>(n * to_f32(w[c]));
+  }
+}
+
+template <typename T>
+__device__ void rms_norm_bwd_warp(const T* x, const T* w, const T* dy, T* dx, const size_t rows, const int d,
+                                  const float eps) {
+  const size_t row = (size_t)blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32;
+  const size_t off = row * d;
+  float ss = 0.0f, gn = 0.0f;
+  for (int c = lane; c < d; c += 32) {
+    const float v = to_f32(x[off + c]);
+    ss += v * v;
+  }
+  const float r = rsqrtf(warp_reduce<false>(ss) / d + eps);
+  for (int c = lane; c < d; c += 32) gn += to_f32(dy[off + c]) * to_f32(w[c]) * to_f32(x[off + c]) * r;
+  const float mean_gn = warp_reduce<false>(gn) / d;
+  for (int c = lane; c < d; c += 32) {
+    const float n = to_f32(x[off + c]) * r;
+    dx[off + c] = from_f32<T>(r * (to_f32(dy[off + c]) * to_f32(w[c]) - n * mean_gn));
+  }
+}
+
 #define RMS_KERNELS(T, SUFFIX)                                                                       \
   extern "C" __global__ void rms_norm_fwd_##SUFFIX(const T* x, const T* w, T* y, const size_t d,    \
                                                    const float eps) {                               \
@@ -62,6 +105,14 @@ __device__ void rms_norm_bwd(const T* x, const T* w, const T* dy, T* dx, const s
   extern "C" __global__ void rms_norm_bwd_##SUFFIX(const T* x, const T* w, const T* dy, T* dx,      \
                                                    const size_t d, const float eps) {               \
     rms_norm_bwd(x, w, dy, dx, d, eps);                                                            \
+  }                                                                                                  \
+  extern "C" __global__ void rms_norm_fwd_warp_##SUFFIX(const T* x, const T* w, T* y, const size_t rows, \
+                                                        const int d, const float eps) {             \
+    rms_norm_fwd_warp(x, w, y, rows, d, eps);                                                      \
+  }                                                                                                  \
+  extern "C" __global__ void rms_norm_bwd_warp_##SUFFIX(const T* x, const T* w, const T* dy, T* dx, \
+                                                        const size_t rows, const int d, const float eps) { \
+    rms_norm_bwd_warp(x, w, dy, dx, rows, d, eps);                                                 \
   }
 
 RMS_KERNELS(float, f32)

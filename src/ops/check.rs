@@ -300,21 +300,24 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
     };
     let cpu = &Device::Cpu;
     let mut out = Vec::new();
-    let x = Tensor::randn(0f32, 1.0, (67, 96), cpu)?;
-    let w = (Tensor::randn(0f32, 0.2, 96, cpu)? + 1.0)?;
-    // The norm weight is frozen: the op gives x a gradient only.
-    out.extend(device_vs_cpu(
-        "rms_norm",
-        device,
-        dtype,
-        &[x],
-        &|t| {
-            let w = w.to_device(t[0].device())?.to_dtype(t[0].dtype())?;
-            super::norm::rms_norm(&t[0], &w, 1e-6)
-        },
-        rtol,
-        k_tol,
-    )?);
+    // Rows of 96 (one warp per row on CUDA) and of 2,048 (one block per row). The norm weight
+    // is frozen: the op gives x a gradient only.
+    for (rows, d) in [(67usize, 96usize), (37, 2048)] {
+        let x = Tensor::randn(0f32, 1.0, (rows, d), cpu)?;
+        let w = (Tensor::randn(0f32, 0.2, d, cpu)? + 1.0)?;
+        out.extend(device_vs_cpu(
+            &format!("rms_norm (rows of {d})"),
+            device,
+            dtype,
+            &[x],
+            &|t| {
+                let w = w.to_device(t[0].device())?.to_dtype(t[0].dtype())?;
+                super::norm::rms_norm(&t[0], &w, 1e-6)
+            },
+            rtol,
+            k_tol,
+        )?);
+    }
     let q = Tensor::randn(0f32, 1.0, (67, 4, 32), cpu)?;
     let positions: Vec<u32> = (0..67u32).map(|i| (i * 37) % 200).collect();
     let spec = crate::arch::RopeSpec {
@@ -445,17 +448,20 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         rtol,
         k_tol,
     )?);
-    // Packed SwiGLU over a fused gate_up [rows, 2·I].
-    let gu = (Tensor::randn(0f32, 1.0, (257, 2 * 192), cpu)? * 3.0)?;
-    out.extend(device_vs_cpu(
-        "swiglu_packed",
-        device,
-        dtype,
-        &[gu],
-        &|t| super::swiglu::swiglu_packed(&t[0]),
-        rtol,
-        k_tol,
-    )?);
+    // Packed SwiGLU over a fused gate_up [rows, 2·I]: I = 192 takes the 16-byte kernels on
+    // CUDA, I = 102 (not a whole number of packs) the element-wise ones.
+    for half in [192usize, 102] {
+        let gu = (Tensor::randn(0f32, 1.0, (257, 2 * half), cpu)? * 3.0)?;
+        out.extend(device_vs_cpu(
+            &format!("swiglu_packed (I = {half})"),
+            device,
+            dtype,
+            &[gu],
+            &|t| super::swiglu::swiglu_packed(&t[0]),
+            rtol,
+            k_tol,
+        )?);
+    }
     // Masked attention softmax: 2 × 4 heads × 300 positions (more keys than a warp's 32
     // lanes), batch 0 packed as samples of 120, 100 and 80 tokens.
     let seg: Vec<u32> = (0..600u32)

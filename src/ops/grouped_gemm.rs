@@ -138,10 +138,50 @@ pub fn grouped_gemm_into(
     let b = b.flatten_all()?.contiguous()?;
     match a.device() {
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::launch(out, &a, &b, products, gemm),
+        Device::Cuda(_) => cuda::launch(out, &a, &b, products, gemm, 0.0),
         _ => {
             let _ = (b, gemm);
             bail!("grouped_gemm_into: CUDA only (the CPU reference is `grouped_gemm`)")
+        }
+    }
+}
+
+/// `out += α · op(a) · op(b)` for 2-D operands and a 2-D `out` that owns its contiguous buffer
+/// (CUDA only): one cuBLAS call reading `out` as its C with β = 1, so the product is added
+/// without a separate pass over `out` and rounded once.
+pub fn accumulate(out: &Tensor, a: &Tensor, b: &Tensor, gemm: Gemm) -> Result<()> {
+    let (m, n) = out.dims2()?;
+    let (ar, ac) = a.dims2()?;
+    let (br, bc) = b.dims2()?;
+    let (am, k) = if gemm.trans_a { (ac, ar) } else { (ar, ac) };
+    let (bk, bn) = if gemm.trans_b { (bc, br) } else { (br, bc) };
+    if (am, bk, bn) != (m, k, n) || a.dtype() != b.dtype() || out.dtype() != a.dtype() {
+        bail!(
+            "accumulate: {:?} += {:?} · {:?} ({:?}) do not fit",
+            out.dims(),
+            a.dims(),
+            b.dims(),
+            gemm
+        );
+    }
+    if out.layout().contiguous_offsets() != Some((0, m * n)) {
+        bail!("accumulate: the output must own a contiguous buffer from offset 0");
+    }
+    let product = Product {
+        a: 0,
+        b: 0,
+        c: 0,
+        m,
+        n,
+        k,
+    };
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    match a.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::launch(out, &a, &b, &[product], gemm, 1.0),
+        _ => {
+            let _ = (b, product);
+            bail!("accumulate: CUDA only")
         }
     }
 }
@@ -226,7 +266,13 @@ mod cuda {
         i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("grouped_gemm: {v} > i32")))
     }
 
-    fn call(products: &[&Product], gemm: Gemm, elem: usize, base: (u64, u64, u64)) -> Result<Call> {
+    fn call(
+        products: &[&Product],
+        gemm: Gemm,
+        beta: f32,
+        elem: usize,
+        base: (u64, u64, u64),
+    ) -> Result<Call> {
         use sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
         let g = products.len();
         let mut c = Call {
@@ -253,7 +299,7 @@ mod cuda {
             ldb: Vec::with_capacity(g),
             ldc: Vec::with_capacity(g),
             alpha: vec![gemm.alpha as f32; g],
-            beta: vec![0.0; g],
+            beta: vec![beta; g],
             ptrs: vec![0; 3 * g],
         };
         for (i, p) in products.iter().enumerate() {
@@ -315,17 +361,19 @@ mod cuda {
         } else {
             Tensor::zeros(c_len, a.dtype(), a.device())?
         };
-        launch(&out, a, b, products, gemm)?;
+        launch(&out, a, b, products, gemm, 0.0)?;
         Ok(out)
     }
 
-    /// One `cublasGemmGroupedBatchedEx` call writing the products into `out`.
+    /// One `cublasGemmGroupedBatchedEx` call writing the products into `out` (β = 0) or adding
+    /// them to it (β = 1).
     pub(super) fn launch(
         out: &Tensor,
         a: &Tensor,
         b: &Tensor,
         products: &[Product],
         gemm: Gemm,
+        beta: f32,
     ) -> Result<()> {
         let dev = match a.device() {
             candle_core::Device::Cuda(d) => d.clone(),
@@ -353,7 +401,7 @@ mod cuda {
                 // cuBLAS writes through this pointer; the buffer is `out`'s, which the caller
                 // handed over for writing (a fresh buffer, or one it assembles from calls).
                 let (pc, _gc) = vo.device_ptr(&stream);
-                let c = call(&live, gemm, elem, (pa, pb, pc))?;
+                let c = call(&live, gemm, beta, elem, (pa, pb, pc))?;
                 let table = dev.clone_htod(&c.ptrs)?;
                 let (pt, _gt) = table.device_ptr(&stream);
                 let g = live.len();

@@ -1,12 +1,14 @@
 //! A frozen 4-bit projection with its LoRA adapter as one op:
-//! `y = (x·Wᵀ + bias) + s·((m⊙x)·Aᵀ)·Bᵀ` — PEFT's `base(x) + lora_B(lora_A(dropout(x)))·scaling`
-//! with the same rounding steps — and gradients for x, A and B (W, the bias and the dropout mask
-//! m are fixed). One graph node instead of about seven (base product, bias, two LoRA products,
-//! two transposes, scale, add): candle's backward gives every node's gradient a zero-filled
-//! buffer plus an add, a full pass over `[N, out]` per node.
+//! `y = (x·Wᵀ + bias) + s·((m⊙x)·Aᵀ)·Bᵀ` — PEFT's `base(x) + lora_B(lora_A(dropout(x)))·scaling`,
+//! with the LoRA product added to the base product before one rounding (PEFT rounds the product,
+//! the scaled product and the sum: at most an ulp apart) — and gradients for x, A and B (W, the
+//! bias and the dropout mask m are fixed). One graph node instead of about seven (base product,
+//! bias, two LoRA products, two transposes, scale, add): candle's backward gives every node's
+//! gradient a zero-filled buffer plus an add, a full pass over `[N, out]` per node.
 
+use super::grouped_gemm::Gemm;
 use super::nf4_linear::{forward as nf4_forward, Nf4Weight};
-use candle_core::{CustomOp3, Result, Tensor};
+use candle_core::{CustomOp3, DType, Result, Tensor};
 
 struct LoraLinear {
     w: Nf4Weight,
@@ -29,9 +31,23 @@ impl LoraLinear {
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
-        let delta = self.lora_input(x)?.matmul(&a.t()?)?.matmul(&b.t()?)?;
-        y + (delta * self.scaling)?
+        let xa = self.lora_input(x)?.matmul(&a.t()?)?; // [N, r]
+        add_product(y, &xa, b, Gemm::nt(self.scaling))
     }
+}
+
+/// `y + α·p·op(q)` with one rounding to y's dtype: on CUDA inside the product (cuBLAS with
+/// β = 1 on y's buffer, which the caller owns: no `[N, out]` product, scale or add pass), on
+/// the CPU in f32 — the same arithmetic, so both devices round alike.
+fn add_product(y: Tensor, p: &Tensor, q: &Tensor, gemm: Gemm) -> Result<Tensor> {
+    if y.device().is_cuda() {
+        super::grouped_gemm::accumulate(&y, p, q, gemm)?;
+        return Ok(y);
+    }
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let q = if gemm.trans_b { f32(q)?.t()? } else { f32(q)? };
+    let prod = (f32(p)?.matmul(&q)? * gemm.alpha)?;
+    (f32(&y)? + prod)?.to_dtype(y.dtype())
 }
 
 impl CustomOp3 for LoraLinear {
@@ -53,17 +69,17 @@ impl CustomOp3 for LoraLinear {
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
         let dy = dy.to_dtype(x.dtype())?;
         let xin = self.lora_input(&x)?;
-        let dd = (&dy * self.scaling)?; // d(delta)
         let xa = xin.matmul(&a.t()?)?; // [N, r]
-        let db = dd.t()?.matmul(&xa)?; // [out, r]
-        let dxa = dd.matmul(&b)?; // [N, r]
+                                       // The scale goes on the rank-r products, not on a [N, out] copy of dy.
+        let db = (dy.t()?.matmul(&xa)? * self.scaling)?; // [out, r]
+        let dxa = (dy.matmul(&b)? * self.scaling)?; // [N, r]
         let da = dxa.t()?.matmul(&xin)?; // [r, in]
-        let mut dx_lora = dxa.matmul(&a)?; // [N, in]
-        if let Some(m) = &self.mask {
-            dx_lora = (dx_lora * m)?;
-        }
-        let dx_base = dy.matmul(&self.w.dequantize(dy.dtype())?)?;
-        Ok((Some((dx_base + dx_lora)?), Some(da), Some(db)))
+        let dx = dy.matmul(&self.w.dequantize(dy.dtype())?)?; // [N, in]
+        let dx = match &self.mask {
+            None => add_product(dx, &dxa, &a, Gemm::nn(1.0))?,
+            Some(m) => (dx + (dxa.matmul(&a)? * m)?)?,
+        };
+        Ok((Some(dx), Some(da), Some(db)))
     }
 }
 

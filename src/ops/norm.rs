@@ -47,8 +47,11 @@ fn rms_norm_cuda(x: &Tensor, w: &Tensor, dy: Option<&Tensor>, eps: f64) -> Resul
         other => candle_core::bail!("rms_norm: {other:?} not supported"),
     };
     let pass = if dy.is_some() { "bwd" } else { "fwd" };
+    // Rows of up to 1,024 (the per-head q/k norms): one warp per row, 8 rows per block.
+    let per_warp = d <= 1024;
+    let kind = if per_warp { "_warp" } else { "" };
     let func = dev.get_or_load_custom_func(
-        &format!("rms_norm_{pass}_{suffix}"),
+        &format!("rms_norm_{pass}{kind}_{suffix}"),
         "moeq_rms_norm",
         super::kernels::RMS_NORM,
     )?;
@@ -56,11 +59,12 @@ fn rms_norm_cuda(x: &Tensor, w: &Tensor, dy: Option<&Tensor>, eps: f64) -> Resul
     let gw = w.storage_and_layout();
     let gd = dy.map(|t| t.storage_and_layout());
     let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
+        grid_dim: (if per_warp { rows.div_ceil(8) } else { rows } as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     };
     let eps32 = eps as f32;
+    let d32 = d as i32;
     macro_rules! run {
         ($variant:path) => {{
             macro_rules! view {
@@ -88,7 +92,12 @@ fn rms_norm_cuda(x: &Tensor, w: &Tensor, dy: Option<&Tensor>, eps: f64) -> Resul
                 b.arg(dv);
             }
             b.arg(&out);
-            b.arg(&d);
+            if per_warp {
+                b.arg(&rows);
+                b.arg(&d32);
+            } else {
+                b.arg(&d);
+            }
             b.arg(&eps32);
             // SAFETY: arguments match kernels/rms_norm.cu.
             unsafe { b.launch(cfg) }.w()?;

@@ -234,17 +234,24 @@ fn packed_cuda(gu: &Tensor, dy: Option<&Tensor>) -> Result<Tensor> {
         DType::F16 => "f16",
         other => candle_core::bail!("swiglu_packed: {other:?} not supported"),
     };
-    let func = dev.get_or_load_custom_func(
-        &format!("swiglu_packed_{pass}_{suffix}"),
-        "moeq_swiglu",
-        super::kernels::SWIGLU,
-    )?;
     let (sg, lg) = gu.storage_and_layout();
     let dy_guard = dy.map(|t| t.storage_and_layout());
     let Storage::Cuda(sg) = &*sg else {
         candle_core::bail!("swiglu_packed: not on CUDA")
     };
-    let cfg = LaunchConfig::for_num_elems((rows * half).min(1 << 30) as u32);
+    // 16-byte packs per thread when rows split into whole packs that start on 16 bytes (outputs
+    // are fresh allocations, 256-byte aligned).
+    let per_pack = 16 / gu.dtype().size_in_bytes();
+    let aligned = |l: &candle_core::Layout| l.start_offset() % per_pack == 0;
+    let vec =
+        half % per_pack == 0 && aligned(lg) && dy_guard.as_ref().is_none_or(|(_, l)| aligned(l));
+    let (kind, per_thread) = if vec { ("_vec", per_pack) } else { ("", 1) };
+    let func = dev.get_or_load_custom_func(
+        &format!("swiglu_packed_{pass}{kind}_{suffix}"),
+        "moeq_swiglu",
+        super::kernels::SWIGLU,
+    )?;
+    let cfg = LaunchConfig::for_num_elems((rows * half / per_thread).min(1 << 30) as u32);
     macro_rules! run {
         ($g:expr, $variant:path, $wrap:path) => {{
             let g = $g.slice(lg.start_offset()..lg.start_offset() + rows * two_i);

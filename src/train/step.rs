@@ -3,8 +3,8 @@
 //! Forward: LoRA detached, no graph; only each layer's input `x_l [N, H]` is kept.
 //! Head: final norm + chunked cross-entropy give `dL/dx_L` without the batch's logits.
 //! Backward, layer by layer in reverse: recompute layer `l` from a leaf copy of `x_l` with live
-//! LoRA `Var`s, backprop `sum(out · g)` (g = dL/dout, a constant), read `dL/dx_l` and the
-//! layer's adapter gradients, drop the graph. Peak activation memory: the L saved inputs plus
+//! LoRA `Var`s, backprop from `out` with upstream gradient `g = dL/dout` ([`backward_from`]),
+//! read `dL/dx_l` and the layer's adapter gradients, drop the graph. Peak activation memory: the L saved inputs plus
 //! one layer's graph.
 
 use crate::arch::{Inputs, LoraCtx, Model};
@@ -12,12 +12,63 @@ use crate::data::{Batch, IGNORE_INDEX};
 use crate::lora::Adapters;
 use crate::train::loss::chunked_cross_entropy;
 use crate::util::phases::timed;
-use candle_core::{DType, Result, Tensor, Var, D};
+use candle_core::{CustomOp1, DType, Layout, Result, Shape, Tensor, Var, D};
 use std::collections::BTreeMap;
 
 /// Tokens per cross-entropy chunk: about 64 M logits (256 MB in f32) at a time.
 pub fn loss_chunk(vocab: usize) -> usize {
     (64 * 1024 * 1024 / vocab.max(1)).max(1)
+}
+
+/// A scalar node whose backward hands `grad` to its input: `backward()` on it yields the
+/// gradients of `sum(x · grad)` without computing that sum (a one-block reduction over the
+/// whole activation) or broadcasting its scalar gradient back.
+struct SeedGradient {
+    grad: Tensor,
+}
+
+impl CustomOp1 for SeedGradient {
+    fn name(&self) -> &'static str {
+        "seed_gradient"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s: &candle_core::CpuStorage,
+        _l: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        Ok((candle_core::CpuStorage::F32(vec![0.0]), Shape::from(())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        _l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::{BackendDevice, BackendStorage};
+        let shape = Shape::from(());
+        Ok((s.device().zeros_impl(&shape, DType::F32)?, shape))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, _grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.grad.to_dtype(x.dtype())?))
+    }
+}
+
+/// Backpropagates from `x` with upstream gradient `grad` (x's shape).
+fn backward_from(x: &Tensor, grad: &Tensor) -> Result<candle_core::backprop::GradStore> {
+    if x.dims() != grad.dims() {
+        candle_core::bail!(
+            "backward_from: gradient {:?} for a {:?} tensor",
+            grad.dims(),
+            x.dims()
+        );
+    }
+    x.apply_op1(SeedGradient {
+        grad: grad.detach(),
+    })?
+    .backward()
 }
 
 /// What a micro-batch contributes to the step's metrics.
@@ -106,7 +157,7 @@ pub fn forward_backward(
     crate::util::phases::mark_memory("4 head + cross-entropy", &device);
     let scale = ce.labelled as f64 / denom.max(1) as f64;
     let grad_normed = (ce.grad_h * scale)?;
-    let g = normed.mul(&grad_normed)?.sum_all()?.backward()?;
+    let g = backward_from(&normed, &grad_normed)?;
     let mut g_out = g.get(leaf.as_tensor()).cloned().ok_or_else(|| {
         candle_core::Error::Msg("no gradient reached the last hidden state".into())
     })?;
@@ -122,7 +173,7 @@ pub fn forward_backward(
         let (out, _) = model.layer(l, leaf.as_tensor(), &inputs, &live)?;
         crate::util::phases::mark_memory("5a layer recompute", &device);
         let store = timed("layer backward (autograd)", &device, || {
-            out.mul(&g_out)?.sum_all()?.backward()
+            backward_from(&out, &g_out)
         })?;
         timed("gradient accumulation", &device, || -> Result<()> {
             for (name, v) in &vars {
