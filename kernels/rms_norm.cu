@@ -1,5 +1,6 @@
 // RMSNorm as transformers computes it, one block per row of x [rows, d] (rows of up to 1,024:
-// one warp per row, 8 rows per block — the per-head q/k norms have rows of 128):
+// one warp per row, 8 rows per block, same sums in the same order — the per-head q/k norms
+// have rows of 128):
 //   r = rsqrt(mean(x²) + eps);  n = x·r (f32) rounded to T;  y = n · w, rounded to T.
 // Backward (the weight is frozen: only dx):  g = dy·w;  dx = r · (g − n · mean(g·n))  (f32).
 // CPU twin: src/ops/norm.rs (rms_norm_cpu, rms_norm_bwd_cpu).
@@ -57,6 +58,23 @@ __device__ void rms_norm_bwd(const T* x, const T* w, const T* dy, T* dx, const s
 
 constexpr int ROWS_PER_BLOCK = THREADS / 32;
 
+// Σ term(c) over c < d by one warp, added in exactly the order block_sum adds them (thread t of
+// THREADS sums c = t, t + THREADS, ...; each warp's 32 partials are reduced; warp 0 reduces the
+// THREADS / 32 warp sums), so the warp kernels give the block kernels' results bit for bit.
+template <typename F>
+__device__ float block_order_sum(const F& term, const int d) {
+  const int lane = threadIdx.x % 32;
+  float v = 0.0f;
+#pragma unroll
+  for (int w = 0; w < THREADS / 32; ++w) {
+    float part = 0.0f;
+    for (int c = lane + 32 * w; c < d; c += THREADS) part += term(c);
+    part = warp_reduce<false>(part);
+    if (lane == w) v = part;
+  }
+  return warp_reduce<false>(v);
+}
+
 template <typename T>
 __device__ void rms_norm_fwd_warp(const T* x, const T* w, T* y, const size_t rows, const int d, const float eps) {
   const size_t row = (size_t)blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / 32;
@@ -64,12 +82,8 @@ __device__ void rms_norm_fwd_warp(const T* x, const T* w, T* y, const size_t row
   const int lane = threadIdx.x % 32;
   const T* xr = x + row * d;
   T* yr = y + row * d;
-  float ss = 0.0f;
-  for (int c = lane; c < d; c += 32) {
-    const float v = to_f32(xr[c]);
-    ss += v * v;
-  }
-  const float r = rsqrtf(warp_reduce<false>(ss) / d + eps);
+  const float ss = block_order_sum([&](int c) { const float v = to_f32(xr[c]); return v * v; }, d);
+  const float r = rsqrtf(ss / d + eps);
   for (int c = lane; c < d; c += 32) {
     const float n = to_f32(from_f32<T>(to_f32(xr[c]) * r));
     yr[c] = from_f32<T>(n * to_f32(w[c]));
@@ -83,14 +97,10 @@ __device__ void rms_norm_bwd_warp(const T* x, const T* w, const T* dy, T* dx, co
   if (row >= rows) return;
   const int lane = threadIdx.x % 32;
   const size_t off = row * d;
-  float ss = 0.0f, gn = 0.0f;
-  for (int c = lane; c < d; c += 32) {
-    const float v = to_f32(x[off + c]);
-    ss += v * v;
-  }
-  const float r = rsqrtf(warp_reduce<false>(ss) / d + eps);
-  for (int c = lane; c < d; c += 32) gn += to_f32(dy[off + c]) * to_f32(w[c]) * to_f32(x[off + c]) * r;
-  const float mean_gn = warp_reduce<false>(gn) / d;
+  const float ss = block_order_sum([&](int c) { const float v = to_f32(x[off + c]); return v * v; }, d);
+  const float r = rsqrtf(ss / d + eps);
+  const float mean_gn =
+      block_order_sum([&](int c) { return to_f32(dy[off + c]) * to_f32(w[c]) * to_f32(x[off + c]) * r; }, d) / d;
   for (int c = lane; c < d; c += 32) {
     const float n = to_f32(x[off + c]) * r;
     dx[off + c] = from_f32<T>(r * (to_f32(dy[off + c]) * to_f32(w[c]) - n * mean_gn));

@@ -26,3 +26,6 @@ pub const ROPE: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
 
 #[cfg(feature = "cuda")]
 pub const FLASH_ATTN: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
+
+#[cfg(feature = "cuda")]
+pub const LORA: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
