@@ -217,3 +217,111 @@ fn fused_rope_matches_the_primitive_op_reference() {
         assert!(max_abs(&(&y - &x0.to_dtype(DType::F32).unwrap()).unwrap()) > 0.1);
     }
 }
+
+#[test]
+fn attention_block_equals_the_separate_ops_bit_for_bit() {
+    use moeq::ops::attention::attention;
+    use moeq::ops::attention_block::{attention_block, BlockArgs};
+    use moeq::ops::norm::rms_norm;
+    use moeq::ops::rope::apply_rope;
+    let cpu = &Device::Cpu;
+    // 2 × 21 positions (batch 0 packed as samples of 8 and 13), 6 query heads on 2 kv heads of
+    // 8, blocks of 5 query positions; random q, k, v, norm weights, rotary tables, upstream.
+    let (b, s, nh, kvh, hd) = (2usize, 21usize, 6usize, 2usize, 8usize);
+    let n = b * s;
+    let seg: Vec<u32> = (0..n as u32)
+        .map(|p| u32::from(p < s as u32 && p >= 8))
+        .collect();
+    let segments = Tensor::from_vec(seg, (b, s), cpu).unwrap();
+    let rand = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, cpu).unwrap();
+    let (q, k, v) = (
+        rand(&[n, nh * hd]),
+        rand(&[n, kvh * hd]),
+        rand(&[n, kvh * hd]),
+    );
+    let (wq, wk) = (
+        (rand(&[hd]) * 0.2).unwrap().affine(1.0, 1.0).unwrap(),
+        (rand(&[hd]) * 0.2).unwrap().affine(1.0, 1.0).unwrap(),
+    );
+    let angle = rand(&[n, 1, hd]);
+    let (cos, sin) = (angle.cos().unwrap(), angle.sin().unwrap());
+    let upstream = rand(&[n, nh * hd]);
+    let (scale, block, eps) = (0.35, 5, 1e-6);
+    for dtype in [DType::F32, DType::BF16] {
+        for with_norms in [false, true] {
+            let run = |fused: bool| {
+                let vars: Vec<Var> = [&q, &k, &v]
+                    .iter()
+                    .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap())
+                    .collect();
+                let (qv, kv, vv) = (
+                    vars[0].as_tensor(),
+                    vars[1].as_tensor(),
+                    vars[2].as_tensor(),
+                );
+                let (c, sn) = (cos.to_dtype(dtype).unwrap(), sin.to_dtype(dtype).unwrap());
+                let out = if fused {
+                    let args = BlockArgs {
+                        batch: b,
+                        seq: s,
+                        heads: nh,
+                        kv_heads: kvh,
+                        head_dim: hd,
+                        norms: with_norms.then_some((&wq, &wk, eps)),
+                        cos: &c,
+                        sin: &sn,
+                        segments: &segments,
+                        scale,
+                        block,
+                    };
+                    attention_block(qv, kv, vv, &args).unwrap()
+                } else {
+                    let mut qh = qv.reshape((n, nh, hd)).unwrap();
+                    let mut kh = kv.reshape((n, kvh, hd)).unwrap();
+                    if with_norms {
+                        qh = rms_norm(&qh, &wq, eps).unwrap();
+                        kh = rms_norm(&kh, &wk, eps).unwrap();
+                    }
+                    let qr = apply_rope(&qh, &c, &sn).unwrap();
+                    let kr = apply_rope(&kh, &c, &sn).unwrap();
+                    attention(
+                        &qr.reshape((b, s, nh, hd)).unwrap(),
+                        &kr.reshape((b, s, kvh, hd)).unwrap(),
+                        &vv.reshape((b, s, kvh, hd)).unwrap(),
+                        &segments,
+                        scale,
+                        block,
+                    )
+                    .unwrap()
+                    .reshape((n, nh * hd))
+                    .unwrap()
+                };
+                let g = (out.to_dtype(DType::F32).unwrap() * &upstream)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let mut all = vec![out];
+                all.extend(vars.iter().map(|v| g.get(v.as_tensor()).unwrap().clone()));
+                all
+            };
+            let (fused, separate) = (run(true), run(false));
+            for (what, (a, r)) in ["out", "dq", "dk", "dv"]
+                .iter()
+                .zip(fused.iter().zip(&separate))
+            {
+                let rows = |t: &Tensor| {
+                    t.to_dtype(DType::F32)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap()
+                };
+                assert_eq!(rows(a), rows(r), "{dtype:?} norms {with_norms}: {what}");
+                assert!(max_abs(r) > 0.01, "{what} is not exercised");
+            }
+        }
+    }
+}

@@ -3,12 +3,12 @@
 
 use super::model::{Inputs, LayerStats, LoraCtx, Parallel};
 use super::{ArchSpec, QkNorm};
-use crate::ops::attention::{attention, query_block};
+use crate::ops::attention::query_block;
+use crate::ops::attention_block::{attention_block, BlockArgs};
 use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
 use crate::ops::lora_linear::lora_linear;
 use crate::ops::nf4_linear::{nf4_linear, Nf4Weight};
 use crate::ops::norm::{rms_norm, softmax_last};
-use crate::ops::rope::apply_rope;
 use crate::ops::routed_experts::routed_experts;
 use crate::ops::routing::{combine_rows, gather_rows, RowOrder};
 use crate::ops::swiglu;
@@ -150,31 +150,28 @@ impl Attention {
             k = k.clamp(-c, c)?;
             v = v.clamp(-c, c)?;
         }
-        let n = b * s;
-        let mut q = q.reshape((n, nh, hd))?;
-        let mut k = k.reshape((n, kvh, hd))?;
-        let v = v.reshape((n, kvh, hd))?;
-        if spec.qk_norm == QkNorm::PerHead {
-            if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-                q = rms_norm(&q, qn, eps)?;
-                k = rms_norm(&k, kn, eps)?;
-            }
-        }
+        let per_head = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) if spec.qk_norm == QkNorm::PerHead => Some((qn, kn, eps)),
+            _ => None,
+        };
         let (cos, sin) = &inputs.rope;
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
-        let block = query_block(b, nh, s, q.dtype());
+        let args = BlockArgs {
+            batch: b,
+            seq: s,
+            heads: nh,
+            kv_heads: kvh,
+            head_dim: hd,
+            norms: per_head,
+            cos,
+            sin,
+            segments: &inputs.segments,
+            scale: 1.0 / (hd as f64).sqrt(),
+            block: query_block(b, nh, s, q.dtype()),
+        };
+        // Per-head norms, rotary embedding and attention as one op.
         let ctx = timed("attn: attention", dev, || {
-            attention(
-                &q.reshape((b, s, nh, hd))?,
-                &k.reshape((b, s, kvh, hd))?,
-                &v.reshape((b, s, kvh, hd))?,
-                &inputs.segments,
-                1.0 / (hd as f64).sqrt(),
-                block,
-            )
-        })?
-        .reshape((n, nh * hd))?;
+            attention_block(&q, &k, &v, &args)
+        })?;
         timed("attn: o projection", dev, || self.o.forward(&ctx, lora))
     }
 }

@@ -164,6 +164,59 @@ impl CustomOp3 for BlockedAttention {
     }
 }
 
+/// The forward of [`attention`] without a graph on q, k, v contiguous from offset 0: the output
+/// and, from the fused kernels, the per-row log-sum-exp their backward takes.
+pub(crate) fn attention_forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &Tensor,
+    scale: f64,
+    block: usize,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let d = Dims::of(q, k, v)?;
+    #[cfg(feature = "cuda")]
+    if super::flash_attn::serves(q, k, v, d.hd) {
+        let (out, lse) =
+            super::flash_attn::forward(q, k, v, &super::at_offset_zero(segments)?, scale as f32)?;
+        return Ok((out, Some(lse)));
+    }
+    let _ = d;
+    let op = BlockedAttention {
+        segments: segments.clone(),
+        scale: scale as f32,
+        block,
+    };
+    Ok((op.forward(q, k, v)?, None))
+}
+
+/// The backward of [`attention_forward`]: `[dq, dk, dv]` from its inputs, output and lse and
+/// the output's gradient `dout` (contiguous from offset 0).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &Tensor,
+    scale: f64,
+    block: usize,
+    forward: (&Tensor, Option<&Tensor>),
+    dout: &Tensor,
+) -> Result<[Tensor; 3]> {
+    #[cfg(feature = "cuda")]
+    if let (out, Some(lse)) = forward {
+        let segments = super::at_offset_zero(segments)?;
+        return super::flash_attn::backward(q, k, v, &segments, out, dout, lse, scale as f32);
+    }
+    let _ = forward;
+    let op = BlockedAttention {
+        segments: segments.clone(),
+        scale: scale as f32,
+        block,
+    };
+    op.backward(q, k, v, dout)
+}
+
 /// Causal attention within packed sequences: q `[B, S, nh, hd]`, k and v `[B, S, kvh, hd]`
 /// (query head `h` uses kv head `h / (nh / kvh)`), `segments [B, S]` u32 on the same device →
 /// `[B, S, nh, hd]`, computed `block` query positions at a time (see [`query_block`]).

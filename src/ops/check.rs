@@ -550,6 +550,48 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
             k_tol,
         )?);
     }
+    // The attention block (per-head norms, rotary embedding, attention as one op) on the
+    // 2 × 300 packing above, 8 query heads on 2 kv heads of 128.
+    let (b, s, hd) = (2usize, 300usize, 128usize);
+    let n = b * s;
+    let qkv = [8usize, 2, 2]
+        .iter()
+        .map(|&h| Tensor::randn(0f32, 1.0, (n, h * hd), cpu))
+        .collect::<Result<Vec<_>>>()?;
+    let norm_w = [
+        Tensor::randn(0f32, 0.2, hd, cpu)?.affine(1.0, 1.0)?,
+        Tensor::randn(0f32, 0.2, hd, cpu)?.affine(1.0, 1.0)?,
+    ];
+    let angle = Tensor::randn(0f32, 1.0, (n, 1, hd), cpu)?;
+    out.extend(device_vs_cpu(
+        "attention block (norms, rotary, attention)",
+        device,
+        dtype,
+        &qkv,
+        &|t| {
+            let dev = t[0].device();
+            let to = |x: &Tensor| x.to_device(dev)?.to_dtype(t[0].dtype());
+            let (wq, wk) = (to(&norm_w[0])?, to(&norm_w[1])?);
+            let (cos, sin) = (to(&angle.cos()?)?, to(&angle.sin()?)?);
+            let segments = Tensor::from_slice(&seg, (b, s), dev)?;
+            let args = super::attention_block::BlockArgs {
+                batch: b,
+                seq: s,
+                heads: 8,
+                kv_heads: 2,
+                head_dim: hd,
+                norms: Some((&wq, &wk, 1e-6)),
+                cos: &cos,
+                sin: &sin,
+                segments: &segments,
+                scale: 0.088,
+                block: 64,
+            };
+            super::attention_block::attention_block(&t[0], &t[1], &t[2], &args)
+        },
+        rtol,
+        k_tol,
+    )?);
     // Routing gathers: 300 tokens, top-4 of 16 experts (token t picks t·7+j·5 mod 16, distinct
     // for j < 4), rows sorted by expert; gather, an elementwise stand-in for the experts,
     // combine.

@@ -110,7 +110,7 @@ fn load(
 }
 
 /// `(out [B, S, nh, hd], lse [B, S, nh] f32)`; inputs contiguous from offset 0.
-fn forward(
+pub(crate) fn forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
@@ -152,7 +152,7 @@ fn forward(
 
 /// `[dq, dk, dv]` from the forward's inputs, output and lse and the output's gradient.
 #[allow(clippy::too_many_arguments)]
-fn backward(
+pub(crate) fn backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,

@@ -2,6 +2,7 @@
 //! with a backward pass, tested against each other.
 
 pub mod attention;
+pub mod attention_block;
 pub mod attn_softmax;
 pub mod check;
 pub mod cross_entropy;

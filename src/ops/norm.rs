@@ -164,6 +164,16 @@ impl CustomOp2 for RmsNormBwd {
     super::tensor_forward!(2, "rms_norm_bwd", fwd);
 }
 
+/// The op's forward on any device, no graph: x `[.., d]`, w `[d]` in x's dtype, contiguous.
+pub(crate) fn rms_norm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    RmsNorm { w: w.clone(), eps }.fwd(x)
+}
+
+/// The op's backward on any device, no graph: dx from x and dy (x's dtype, contiguous).
+pub(crate) fn rms_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
+    RmsNormBwd { w: w.clone(), eps }.fwd(x, dy)
+}
+
 /// RMSNorm of x with a frozen weight (no gradient for `w`).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let _t = crate::util::phases::Span::start("rms_norm", x.device());

@@ -178,6 +178,17 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// The rotation (`backward`: its transpose) on any device, no graph: x `[N, heads, hd]`,
+/// cos/sin `[N, 1, hd]` in x's dtype, all contiguous from offset 0.
+pub(crate) fn rope_forward(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    backward: bool,
+) -> Result<Tensor> {
+    Rotary { backward }.fwd(x, cos, sin)
+}
+
 /// The rotation (`backward`: its transpose) of `kernels/rope.cu` as an op on (x, cos, sin).
 struct Rotary {
     backward: bool,

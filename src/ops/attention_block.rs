@@ -1,0 +1,213 @@
+//! The attention block between the projections as one op: per-head RMSNorm of q and k (for the
+//! architectures that have it), the rotary embedding of q and k, and causal attention within
+//! packed sequences — q `[N, nh·hd]`, k and v `[N, kvh·hd]` → `[N, nh·hd]`. The same functions
+//! as the separate ops (`rms_norm`, `apply_rope`, `attention`) run in the same order, so the
+//! results are equal bit for bit (tests/attention_ops.rs), in one graph node: the separate ops
+//! put six reshape, norm and rotary edges on q and k, and candle's backward gives each edge's
+//! gradient a zero-filled buffer plus an add — a full pass over q per edge.
+//! The backward reuses the rotated q and k, the attention output and (fused kernels) its
+//! log-sum-exp from the forward that recorded the node (in training, the recompute just before).
+
+use super::attention::{attention_backward, attention_forward};
+use super::norm::{rms_norm_backward, rms_norm_forward};
+use super::rope::rope_forward;
+use candle_core::{CustomOp3, Result, Tensor};
+use std::sync::Mutex;
+
+/// What the block needs besides q, k and v.
+pub struct BlockArgs<'a> {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Per-head RMSNorm weights of q and k (`[head_dim]`) and epsilon.
+    pub norms: Option<(&'a Tensor, &'a Tensor, f64)>,
+    /// Rotary tables `[N, 1, head_dim]`.
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    /// `[B, S]` u32 on the inputs' device.
+    pub segments: &'a Tensor,
+    pub scale: f64,
+    /// Query block of the blocked attention (see `attention::query_block`).
+    pub block: usize,
+}
+
+/// The forward's rotated q and k (`[B, S, heads, hd]`), attention output and lse.
+type Saved = (Tensor, Tensor, Tensor, Option<Tensor>);
+
+struct AttentionBlock {
+    dims: (usize, usize, usize, usize, usize),
+    norms: Option<(Tensor, Tensor, f64)>,
+    cos: Tensor,
+    sin: Tensor,
+    segments: Tensor,
+    scale: f64,
+    block: usize,
+    /// Whether the forward keeps what the backward reuses.
+    keep: bool,
+    saved: Mutex<Option<Saved>>,
+}
+
+impl AttentionBlock {
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, s, nh, kvh, hd) = self.dims;
+        let n = b * s;
+        let z = super::at_offset_zero;
+        let (mut qh, mut kh) = (q.reshape((n, nh, hd))?, k.reshape((n, kvh, hd))?);
+        if let Some((wq, wk, eps)) = &self.norms {
+            qh = rms_norm_forward(&qh, wq, *eps)?;
+            kh = rms_norm_forward(&kh, wk, *eps)?;
+        }
+        let qr = rope_forward(&z(&qh)?, &self.cos, &self.sin, false)?.reshape((b, s, nh, hd))?;
+        let kr = rope_forward(&z(&kh)?, &self.cos, &self.sin, false)?.reshape((b, s, kvh, hd))?;
+        let v4 = z(&v.reshape((b, s, kvh, hd))?)?;
+        let (out, lse) = attention_forward(&qr, &kr, &v4, &self.segments, self.scale, self.block)?;
+        let ctx = out.reshape((n, nh * hd))?;
+        if self.keep {
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((qr, kr, out, lse));
+        }
+        Ok(ctx)
+    }
+
+    fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, dctx: &Tensor) -> Result<[Tensor; 3]> {
+        let (b, s, nh, kvh, hd) = self.dims;
+        let n = b * s;
+        let z = super::at_offset_zero;
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let (qr, kr, out, lse) = match saved {
+            Some(saved) => saved,
+            None => {
+                let again = AttentionBlock {
+                    dims: self.dims,
+                    norms: self.norms.clone(),
+                    cos: self.cos.clone(),
+                    sin: self.sin.clone(),
+                    segments: self.segments.clone(),
+                    scale: self.scale,
+                    block: self.block,
+                    keep: true,
+                    saved: Mutex::new(None),
+                };
+                again.forward(q, k, v)?;
+                let saved = again.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
+                saved.ok_or_else(|| {
+                    candle_core::Error::Msg("attention block: nothing saved".into())
+                })?
+            }
+        };
+        let v4 = z(&v.reshape((b, s, kvh, hd))?)?;
+        let dout = z(&dctx.to_dtype(q.dtype())?.reshape((b, s, nh, hd))?)?;
+        let [dqr, dkr, dv] = attention_backward(
+            &qr,
+            &kr,
+            &v4,
+            &self.segments,
+            self.scale,
+            self.block,
+            (&out, lse.as_ref()),
+            &dout,
+        )?;
+        let mut dq = rope_forward(&z(&dqr.reshape((n, nh, hd))?)?, &self.cos, &self.sin, true)?;
+        let mut dk = rope_forward(&z(&dkr.reshape((n, kvh, hd))?)?, &self.cos, &self.sin, true)?;
+        if let Some((wq, wk, eps)) = &self.norms {
+            dq = rms_norm_backward(&q.reshape((n, nh, hd))?, wq, &dq, *eps)?;
+            dk = rms_norm_backward(&k.reshape((n, kvh, hd))?, wk, &dk, *eps)?;
+        }
+        Ok([
+            dq.reshape((n, nh * hd))?,
+            dk.reshape((n, kvh * hd))?,
+            dv.reshape((n, kvh * hd))?,
+        ])
+    }
+}
+
+impl CustomOp3 for AttentionBlock {
+    fn name(&self) -> &'static str {
+        "attention_block"
+    }
+
+    super::tensor_forward!(3, "attention_block", forward);
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        dctx: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _t = crate::util::phases::Span::start("bwd: attention", q.device());
+        let [dq, dk, dv] = self.backward(&q.detach(), &k.detach(), &v.detach(), dctx)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+/// q `[N, nh·hd]`, k and v `[N, kvh·hd]` (N = batch·seq) → the attention output `[N, nh·hd]`:
+/// per-head RMSNorm of q and k (`args.norms`), rotary embedding, causal attention within the
+/// packed sequences of `args.segments`.
+pub fn attention_block(q: &Tensor, k: &Tensor, v: &Tensor, args: &BlockArgs) -> Result<Tensor> {
+    let (b, s, nh, kvh, hd) = (
+        args.batch,
+        args.seq,
+        args.heads,
+        args.kv_heads,
+        args.head_dim,
+    );
+    let n = b * s;
+    if q.dims() != [n, nh * hd]
+        || k.dims() != [n, kvh * hd]
+        || v.dims() != [n, kvh * hd]
+        || kvh == 0
+        || nh % kvh != 0
+        || hd % 2 != 0
+        || args.cos.dims() != [n, 1, hd]
+        || args.sin.dims() != [n, 1, hd]
+        || args.segments.dims() != [b, s]
+        || args.segments.dtype() != candle_core::DType::U32
+        || args.block == 0
+    {
+        candle_core::bail!(
+            "attention block: q {:?}, k {:?}, v {:?}, rotary {:?}, segments {:?} for {b}×{s} positions of {nh}/{kvh} heads of {hd}",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            args.cos.dims(),
+            args.segments.dims()
+        );
+    }
+    let z = super::at_offset_zero;
+    let dtype = q.dtype();
+    let weight = |w: &Tensor| -> Result<Tensor> {
+        if w.dims() != [hd] {
+            candle_core::bail!(
+                "attention block: norm weight {:?} for heads of {hd}",
+                w.dims()
+            );
+        }
+        z(&w.to_dtype(dtype)?.detach())
+    };
+    let norms = match args.norms {
+        Some((wq, wk, eps)) => Some((weight(wq)?, weight(wk)?, eps)),
+        None => None,
+    };
+    let table = |t: &Tensor| z(&t.to_dtype(dtype)?.detach());
+    let (q, k, v) = (z(q)?, z(k)?, z(v)?);
+    let graph = super::records_graph(&[&q, &k, &v]);
+    let op = AttentionBlock {
+        dims: (b, s, nh, kvh, hd),
+        norms,
+        cos: table(args.cos)?,
+        sin: table(args.sin)?,
+        segments: z(args.segments)?,
+        scale: args.scale,
+        block: args.block,
+        keep: graph,
+        saved: Mutex::new(None),
+    };
+    if graph {
+        q.apply_op3(&k, &v, op)
+    } else {
+        super::direct(op.forward(&q, &k, &v)?)
+    }
+}
