@@ -261,6 +261,9 @@ fn attention_block_equals_the_separate_ops_bit_for_bit() {
                 );
                 let (c, sn) = (cos.to_dtype(dtype).unwrap(), sin.to_dtype(dtype).unwrap());
                 let out = if fused {
+                    // A pass without a graph leaves the attention output in the memo; the pass
+                    // with a graph takes it (the training step's forward, then recompute).
+                    let memo = std::cell::RefCell::new(None);
                     let args = BlockArgs {
                         batch: b,
                         seq: s,
@@ -273,8 +276,29 @@ fn attention_block_equals_the_separate_ops_bit_for_bit() {
                         segments: &segments,
                         scale,
                         block,
+                        memo: Some(&memo),
                     };
-                    attention_block(qv, kv, vv, &args).unwrap()
+                    let (qd, kd, vd) = (qv.detach(), kv.detach(), vv.detach());
+                    let first = attention_block(&qd, &kd, &vd, &args).unwrap();
+                    assert!(memo.borrow().is_some(), "the first pass keeps its output");
+                    let out = attention_block(qv, kv, vv, &args).unwrap();
+                    assert!(memo.borrow().is_none(), "the recompute takes it");
+                    assert_eq!(
+                        first
+                            .flatten_all()
+                            .unwrap()
+                            .to_dtype(DType::F32)
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap(),
+                        out.flatten_all()
+                            .unwrap()
+                            .to_dtype(DType::F32)
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap()
+                    );
+                    out
                 } else {
                     let mut qh = qv.reshape((n, nh, hd)).unwrap();
                     let mut kh = kv.reshape((n, kvh, hd)).unwrap();

@@ -120,10 +120,11 @@ fn swiglu_mlp(p: &[Proj; 3], x: &Tensor, lora: &LoraCtx) -> Result<Tensor> {
 }
 
 impl Attention {
-    /// x [N, H] → [N, H].
+    /// x [N, H] → [N, H] in decoder layer `layer`.
     fn forward(
         &self,
         spec: &ArchSpec,
+        layer: usize,
         x: &Tensor,
         inputs: &Inputs,
         lora: &LoraCtx,
@@ -167,6 +168,7 @@ impl Attention {
             segments: &inputs.segments,
             scale: 1.0 / (hd as f64).sqrt(),
             block: query_block(b, nh, s, q.dtype()),
+            memo: inputs.keep_attention.then(|| &inputs.attention[layer]),
         };
         // Per-head norms, rotary embedding and attention as one op.
         let ctx = timed("attn: attention", dev, || {
@@ -368,7 +370,7 @@ impl Layer {
         let pass = if lora.live { "recompute" } else { "forward" };
         let x = timed(phase("attention", pass), dev, || {
             let h = rms_norm(x, &self.input_norm, eps)?;
-            x + self.attn.forward(spec, &h, inputs, lora)?
+            x + self.attn.forward(spec, index, &h, inputs, lora)?
         })?;
         let (m, stats) = timed(phase("mlp", pass), dev, || -> Result<_> {
             let h = rms_norm(&x, &self.post_norm, eps)?;

@@ -61,6 +61,12 @@ pub struct Inputs {
     /// later ones: the recompute routes exactly as the forward did (routing is piecewise
     /// constant, so replaying changes no gradient), without sorting or copying to the host again.
     pub routes: std::cell::RefCell<Vec<Option<std::rc::Rc<super::layers::Routing>>>>,
+    /// Attention output (and lse) per layer, when `keep_attention`: left by the first forward,
+    /// taken by the recompute (`ops::attention_block`), so the recompute does not run attention.
+    pub attention: Vec<std::cell::RefCell<Option<crate::ops::attention_block::Memo>>>,
+    /// Whether the first forward keeps each layer's attention output for the recompute (a
+    /// training step; `[B, S, heads, head_dim]` per layer until its backward).
+    pub keep_attention: bool,
 }
 
 /// What a layer's forward reports besides its output.
@@ -355,6 +361,8 @@ impl Model {
             batch,
             seq,
             routes: std::cell::RefCell::new(vec![None; self.layers.len()]),
+            attention: (0..self.layers.len()).map(|_| Default::default()).collect(),
+            keep_attention: false,
         })
     }
 

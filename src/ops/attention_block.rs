@@ -6,12 +6,14 @@
 //! put six reshape, norm and rotary edges on q and k, and candle's backward gives each edge's
 //! gradient a zero-filled buffer plus an add — a full pass over q per edge.
 //! The backward reuses the rotated q and k, the attention output and (fused kernels) its
-//! log-sum-exp from the forward that recorded the node (in training, the recompute just before).
+//! log-sum-exp from the forward that recorded the node (in training, the recompute just before),
+//! and that recompute takes the attention output of the first forward (`BlockArgs::memo`).
 
 use super::attention::{attention_backward, attention_forward};
 use super::norm::{rms_norm_backward, rms_norm_forward};
 use super::rope::rope_forward;
 use candle_core::{CustomOp3, Result, Tensor};
+use std::cell::RefCell;
 use std::sync::Mutex;
 
 /// What the block needs besides q, k and v.
@@ -31,7 +33,14 @@ pub struct BlockArgs<'a> {
     pub scale: f64,
     /// Query block of the blocked attention (see `attention::query_block`).
     pub block: usize,
+    /// Where a pass without a graph leaves its attention output (and lse) and a later pass
+    /// over the same inputs takes it instead of computing it again (the layer recompute right
+    /// before the backward: same inputs, deterministic kernels, so the same values).
+    pub memo: Option<&'a RefCell<Option<Memo>>>,
 }
+
+/// An attention output `[B, S, heads, hd]` and, from the fused kernels, its lse.
+pub type Memo = (Tensor, Option<Tensor>);
 
 /// The forward's rotated q and k (`[B, S, heads, hd]`), attention output and lse.
 type Saved = (Tensor, Tensor, Tensor, Option<Tensor>);
@@ -44,6 +53,8 @@ struct AttentionBlock {
     segments: Tensor,
     scale: f64,
     block: usize,
+    /// The attention output (and lse) of an earlier pass over the same inputs.
+    reuse: Option<Memo>,
     /// Whether the forward keeps what the backward reuses.
     keep: bool,
     saved: Mutex<Option<Saved>>,
@@ -62,7 +73,10 @@ impl AttentionBlock {
         let qr = rope_forward(&z(&qh)?, &self.cos, &self.sin, false)?.reshape((b, s, nh, hd))?;
         let kr = rope_forward(&z(&kh)?, &self.cos, &self.sin, false)?.reshape((b, s, kvh, hd))?;
         let v4 = z(&v.reshape((b, s, kvh, hd))?)?;
-        let (out, lse) = attention_forward(&qr, &kr, &v4, &self.segments, self.scale, self.block)?;
+        let (out, lse) = match &self.reuse {
+            Some((out, lse)) => (out.clone(), lse.clone()),
+            None => attention_forward(&qr, &kr, &v4, &self.segments, self.scale, self.block)?,
+        };
         let ctx = out.reshape((n, nh * hd))?;
         if self.keep {
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((qr, kr, out, lse));
@@ -86,6 +100,7 @@ impl AttentionBlock {
                     segments: self.segments.clone(),
                     scale: self.scale,
                     block: self.block,
+                    reuse: self.reuse.clone(),
                     keep: true,
                     saved: Mutex::new(None),
                 };
@@ -194,6 +209,13 @@ pub fn attention_block(q: &Tensor, k: &Tensor, v: &Tensor, args: &BlockArgs) -> 
     let table = |t: &Tensor| z(&t.to_dtype(dtype)?.detach());
     let (q, k, v) = (z(q)?, z(k)?, z(v)?);
     let graph = super::records_graph(&[&q, &k, &v]);
+    let reuse = match args.memo {
+        Some(memo) if graph => memo
+            .borrow_mut()
+            .take()
+            .filter(|(out, _)| out.dims() == [b, s, nh, hd]),
+        _ => None,
+    };
     let op = AttentionBlock {
         dims: (b, s, nh, kvh, hd),
         norms,
@@ -202,12 +224,17 @@ pub fn attention_block(q: &Tensor, k: &Tensor, v: &Tensor, args: &BlockArgs) -> 
         segments: z(args.segments)?,
         scale: args.scale,
         block: args.block,
-        keep: graph,
+        reuse,
+        keep: graph || args.memo.is_some(),
         saved: Mutex::new(None),
     };
     if graph {
-        q.apply_op3(&k, &v, op)
-    } else {
-        super::direct(op.forward(&q, &k, &v)?)
+        return q.apply_op3(&k, &v, op);
     }
+    let ctx = super::direct(op.forward(&q, &k, &v)?)?;
+    if let Some(memo) = args.memo {
+        let saved = op.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
+        *memo.borrow_mut() = saved.map(|(_, _, out, lse)| (out, lse));
+    }
+    Ok(ctx)
 }

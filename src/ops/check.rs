@@ -586,6 +586,7 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
                 segments: &segments,
                 scale: 0.088,
                 block: 64,
+                memo: None,
             };
             super::attention_block::attention_block(&t[0], &t[1], &t[2], &args)
         },

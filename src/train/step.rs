@@ -124,7 +124,8 @@ pub fn forward_backward(
     dropout_key: Option<(u64, u64)>,
     grads: &mut BTreeMap<String, Tensor>,
 ) -> Result<MicroStats> {
-    let inputs = inputs(model, batch)?;
+    let mut inputs = inputs(model, batch)?;
+    inputs.keep_attention = true;
     let frozen = LoraCtx {
         adapters,
         live: false,
