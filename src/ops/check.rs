@@ -700,7 +700,10 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
     }
     // Fused cross-entropy rows: 37 rows × 5000-word vocabulary (several strides of the 1024
     // threads), every fifth row ignored; dlogits and per-row losses against the CPU loop in f32.
-    // Tolerance: the rows' sums in another order (f32) and, in bf16, one rounding step.
+    // Tolerance: the rows' sums in another order (f32) and, in bf16, one rounding step. A row's
+    // log-sum-exp summed in another order moves by up to ~1e-5 in f32 (the loss comparison
+    // below sees 4e-6 to 1e-5 over runs on random logits), and that scales every probability by
+    // e^{Δ}: f32 dlogits get rtol 3e-5 (1e-5 failed once at 1.04× on H100).
     let logits = (Tensor::randn(0f32, 1.0, (37, 5000), &Device::Cpu)? * 3.0)?;
     let targets: Vec<u32> = (0..37u32).map(|r| (r * 131 + 7) % 5000).collect();
     let weights: Vec<f32> = (0..37)
@@ -717,7 +720,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
         };
         let ((dx, loss), (dx_ref, loss_ref)) = (run(device)?, run(&Device::Cpu)?);
         let rtol = if dtype == DType::F32 {
-            1e-5
+            3e-5
         } else {
             1.0 / 128.0
         };
