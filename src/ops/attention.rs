@@ -78,6 +78,14 @@ fn block_rows(y: &Tensor, d: &Dims, c: usize) -> Result<Tensor> {
 }
 
 impl BlockedAttention {
+    fn new(segments: &Tensor, scale: f64, block: usize) -> Self {
+        BlockedAttention {
+            segments: segments.clone(),
+            scale: scale as f32,
+            block,
+        }
+    }
+
     /// `(q0, c)` of every block.
     fn blocks(&self, s: usize) -> impl Iterator<Item = (usize, usize)> {
         let c = self.block;
@@ -182,11 +190,7 @@ pub(crate) fn attention_forward(
         return Ok((out, Some(lse)));
     }
     let _ = d;
-    let op = BlockedAttention {
-        segments: segments.clone(),
-        scale: scale as f32,
-        block,
-    };
+    let op = BlockedAttention::new(segments, scale, block);
     Ok((op.forward(q, k, v)?, None))
 }
 
@@ -209,11 +213,7 @@ pub(crate) fn attention_backward(
         return super::flash_attn::backward(q, k, v, &segments, out, dout, lse, scale as f32);
     }
     let _ = forward;
-    let op = BlockedAttention {
-        segments: segments.clone(),
-        scale: scale as f32,
-        block,
-    };
+    let op = BlockedAttention::new(segments, scale, block);
     op.backward(q, k, v, dout)
 }
 
@@ -242,11 +242,7 @@ pub fn attention(
         let z = super::at_offset_zero;
         return super::flash_attn::attention(&z(q)?, &z(k)?, &z(v)?, segments, scale as f32);
     }
-    let op = BlockedAttention {
-        segments: segments.clone(),
-        scale: scale as f32,
-        block,
-    };
+    let op = BlockedAttention::new(segments, scale, block);
     let z = super::at_offset_zero;
     let (q, k, v) = (z(q)?, z(k)?, z(v)?);
     if super::records_graph(&[&q, &k, &v]) {

@@ -213,41 +213,27 @@ pub(crate) fn backward(
     let dk = unsafe { dev.alloc::<half::bf16>(k.elem_count())? };
     let dv = unsafe { dev.alloc::<half::bf16>(v.elem_count())? };
     let stream = dev.cuda_stream();
-    let (func, cfg) = load(dev, "flash_bwd_dq", &d, d.nh)?;
-    let mut a = stream.launch_builder(&func);
-    a.arg(&vq)
-        .arg(&vk)
-        .arg(&vv)
-        .arg(&vs)
-        .arg(&vdo)
-        .arg(&vl)
-        .arg(&dot);
-    a.arg(&dq)
-        .arg(&s)
-        .arg(&nh)
-        .arg(&kvh)
-        .arg(&scale_log2)
-        .arg(&scale);
-    // SAFETY: arguments match kernels/flash_attn.cu.
-    unsafe { a.launch(cfg) }.w()?;
-    let (func, cfg) = load(dev, "flash_bwd_dkv", &d, d.kvh)?;
-    let mut a = stream.launch_builder(&func);
-    a.arg(&vq)
-        .arg(&vk)
-        .arg(&vv)
-        .arg(&vs)
-        .arg(&vdo)
-        .arg(&vl)
-        .arg(&dot);
-    a.arg(&dk)
-        .arg(&dv)
-        .arg(&s)
-        .arg(&nh)
-        .arg(&kvh)
-        .arg(&scale_log2)
-        .arg(&scale);
-    // SAFETY: arguments match kernels/flash_attn.cu.
-    unsafe { a.launch(cfg) }.w()?;
+    // dq over the query heads' tiles, then dk/dv over the kv heads' tiles: the same inputs,
+    // then their outputs and the shapes.
+    for (kernel, heads) in [("flash_bwd_dq", d.nh), ("flash_bwd_dkv", d.kvh)] {
+        let (func, cfg) = load(dev, kernel, &d, heads)?;
+        let mut a = stream.launch_builder(&func);
+        a.arg(&vq)
+            .arg(&vk)
+            .arg(&vv)
+            .arg(&vs)
+            .arg(&vdo)
+            .arg(&vl)
+            .arg(&dot);
+        if kernel == "flash_bwd_dq" {
+            a.arg(&dq);
+        } else {
+            a.arg(&dk).arg(&dv);
+        }
+        a.arg(&s).arg(&nh).arg(&kvh).arg(&scale_log2).arg(&scale);
+        // SAFETY: arguments match kernels/flash_attn.cu.
+        unsafe { a.launch(cfg) }.w()?;
+    }
     let wrap = super::cuda_tensor;
     Ok([
         wrap(S::BF16(dq), dev, q.shape().clone()),
