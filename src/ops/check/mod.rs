@@ -2,6 +2,8 @@
 //! random data. `moeq gpu-check` runs it on CUDA; the CPU test suite runs the same code on the
 //! CPU so the machinery itself is exercised in CI.
 
+mod attention;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::fmt;
 
@@ -462,137 +464,7 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
             k_tol,
         )?);
     }
-    // Masked attention softmax: 2 × 4 heads × 300 positions (more keys than a warp's 32
-    // lanes), batch 0 packed as samples of 120, 100 and 80 tokens.
-    let seg: Vec<u32> = (0..600u32)
-        .map(|p| match p {
-            120..220 => 1,
-            220..300 => 2,
-            _ => 0,
-        })
-        .collect();
-    let scores = (Tensor::randn(0f32, 1.0, (2, 4, 300, 300), cpu)? * 3.0)?;
-    out.extend(device_vs_cpu(
-        "masked_softmax",
-        device,
-        dtype,
-        &[scores],
-        &|t| {
-            let segments = Tensor::from_slice(&seg, (2, 300), t[0].device())?;
-            super::attn_softmax::masked_softmax(&t[0], &segments, 0.125)
-        },
-        rtol,
-        k_tol,
-    )?);
-    // Rows longer than the kernel keeps in registers (2,048 keys): 1 × 2 heads × 2,100
-    // positions, packed as samples of 1,500 and 600 tokens.
-    let long_seg: Vec<u32> = (0..2100u32).map(|p| u32::from(p >= 1500)).collect();
-    let long = (Tensor::randn(0f32, 1.0, (1, 2, 2100, 2100), cpu)? * 3.0)?;
-    out.extend(device_vs_cpu(
-        "masked_softmax (rows over 2,048 keys)",
-        device,
-        dtype,
-        &[long],
-        &|t| {
-            let segments = Tensor::from_slice(&long_seg, (1, 2100), t[0].device())?;
-            super::attn_softmax::masked_softmax(&t[0], &segments, 0.125)
-        },
-        rtol,
-        k_tol,
-    )?);
-    // Blocked attention over the same packing: 8 query heads on 2 kv heads, head size 64, in
-    // blocks of 64 query positions (the last one 44) and as one block.
-    let qkv = [8usize, 2, 2]
-        .iter()
-        .map(|&h| Tensor::randn(0f32, 1.0, (2, 300, h, 64), cpu))
-        .collect::<Result<Vec<_>>>()?;
-    for block in [64, 300] {
-        out.extend(device_vs_cpu(
-            &format!("attention (blocks of {block})"),
-            device,
-            dtype,
-            &qkv,
-            &|t| {
-                let segments = Tensor::from_slice(&seg, (2, 300), t[0].device())?;
-                super::attention::attention(&t[0], &t[1], &t[2], &segments, 0.125, block)
-            },
-            rtol,
-            k_tol,
-        )?);
-    }
-    // Head size 128 (the fused kernels' other instance on CUDA in bf16): 2 × 600 positions,
-    // batch 0 packed as samples of 200, 150 and 250 tokens, 8 query heads on 2 kv heads; and one
-    // 2,048-token sample (32 key tiles, the causal skip at full length).
-    let seg600: Vec<u32> = (0..1200u32)
-        .map(|p| match p {
-            200..350 => 1,
-            350..600 => 2,
-            _ => 0,
-        })
-        .collect();
-    let one_sample: Vec<u32> = vec![0; 2048];
-    for (s, segs) in [(600usize, &seg600), (2048, &one_sample)] {
-        let b = segs.len() / s;
-        let qkv = [8usize, 2, 2]
-            .iter()
-            .map(|&h| Tensor::randn(0f32, 1.0, (b, s, h, 128), cpu))
-            .collect::<Result<Vec<_>>>()?;
-        out.extend(device_vs_cpu(
-            &format!("attention (head size 128, {b} × {s})"),
-            device,
-            dtype,
-            &qkv,
-            &|t| {
-                let segments = Tensor::from_slice(segs, (b, s), t[0].device())?;
-                super::attention::attention(&t[0], &t[1], &t[2], &segments, 0.088, 256)
-            },
-            rtol,
-            k_tol,
-        )?);
-    }
-    // The attention block (per-head norms, rotary embedding, attention as one op) on the
-    // 2 × 300 packing above, 8 query heads on 2 kv heads of 128.
-    let (b, s, hd) = (2usize, 300usize, 128usize);
-    let n = b * s;
-    let qkv = [8usize, 2, 2]
-        .iter()
-        .map(|&h| Tensor::randn(0f32, 1.0, (n, h * hd), cpu))
-        .collect::<Result<Vec<_>>>()?;
-    let norm_w = [
-        Tensor::randn(0f32, 0.2, hd, cpu)?.affine(1.0, 1.0)?,
-        Tensor::randn(0f32, 0.2, hd, cpu)?.affine(1.0, 1.0)?,
-    ];
-    let angle = Tensor::randn(0f32, 1.0, (n, 1, hd), cpu)?;
-    out.extend(device_vs_cpu(
-        "attention block (norms, rotary, attention)",
-        device,
-        dtype,
-        &qkv,
-        &|t| {
-            let dev = t[0].device();
-            let to = |x: &Tensor| x.to_device(dev)?.to_dtype(t[0].dtype());
-            let (wq, wk) = (to(&norm_w[0])?, to(&norm_w[1])?);
-            let (cos, sin) = (to(&angle.cos()?)?, to(&angle.sin()?)?);
-            let segments = Tensor::from_slice(&seg, (b, s), dev)?;
-            let args = super::attention_block::BlockArgs {
-                batch: b,
-                seq: s,
-                heads: 8,
-                kv_heads: 2,
-                head_dim: hd,
-                norms: Some((&wq, &wk, 1e-6)),
-                cos: &cos,
-                sin: &sin,
-                segments: &segments,
-                scale: 0.088,
-                block: 64,
-                memo: None,
-            };
-            super::attention_block::attention_block(&t[0], &t[1], &t[2], &args)
-        },
-        rtol,
-        k_tol,
-    )?);
+    out.extend(attention::check_attention(device, dtype, rtol, k_tol)?);
     // Routing gathers: 300 tokens, top-4 of 16 experts (token t picks t·7+j·5 mod 16, distinct
     // for j < 4), rows sorted by expert; gather, an elementwise stand-in for the experts,
     // combine.
