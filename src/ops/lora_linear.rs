@@ -144,8 +144,8 @@ impl CustomOp3 for LoraLinear {
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
         let dy = dy.to_dtype(x.dtype())?;
         let xin = self.lora_input(&x)?;
+        // The scale goes on the rank-r products, not on a [N, out] copy of dy.
         let xa = xin.matmul(&a.t()?)?; // [N, r]
-                                       // The scale goes on the rank-r products, not on a [N, out] copy of dy.
         let db = (dy.t()?.matmul(&xa)? * self.scaling)?; // [out, r]
         let dxa = (dy.matmul(&b)? * self.scaling)?; // [N, r]
         let da = dxa.t()?.matmul(&xin)?; // [r, in]

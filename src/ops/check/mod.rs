@@ -3,6 +3,9 @@
 //! CPU so the machinery itself is exercised in CI.
 
 mod attention;
+mod nf4;
+
+use nf4::check_nf4_linear;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::fmt;
@@ -139,83 +142,6 @@ fn check_swiglu(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
             atol,
         )?,
     ])
-}
-
-/// The 4-bit linear op on `device` vs the same op on the CPU, forward and input gradient.
-fn check_nf4_linear(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
-    use super::nf4_linear::{nf4_linear, Nf4Weight};
-    use crate::quant::{QuantSettings, QuantizedParam};
-    let (out_f, in_f, tokens) = (384, 256, 129);
-    let w: Vec<f32> = Tensor::randn(0f32, 0.05, out_f * in_f, &Device::Cpu)?.to_vec1()?;
-    let q = QuantizedParam::quantize(&w, &[out_f, in_f], QuantSettings::default())
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    let x = Tensor::randn(0f32, 1.0, (tokens, in_f), &Device::Cpu)?.to_dtype(dtype)?;
-    let upstream = Tensor::randn(0f32, 1.0, (tokens, out_f), &Device::Cpu)?;
-    let run = |dev: &Device| -> Result<(Tensor, Tensor)> {
-        let weight = Nf4Weight::from_param(&q, dev)?;
-        let xv = Var::from_tensor(&x.to_device(dev)?)?;
-        let y = nf4_linear(xv.as_tensor(), &weight)?;
-        let loss = (y.to_dtype(DType::F32)? * upstream.to_device(dev)?)?.sum_all()?;
-        let grads = loss.backward()?;
-        let gx = grads
-            .get(xv.as_tensor())
-            .cloned()
-            .ok_or_else(|| candle_core::Error::Msg("nf4_linear: no gradient".into()))?;
-        Ok((y.to_device(&Device::Cpu)?, gx.to_device(&Device::Cpu)?))
-    };
-    let (y, gx) = run(device)?;
-    let (y_ref, gx_ref) = run(&Device::Cpu)?;
-    // Sums of 256 (forward) or 384 (backward) products: f32 accumulation order differs between
-    // cuBLAS and the CPU gemm (≈1e-6 relative); bf16 results differ by one bf16 rounding of
-    // outputs and of the bf16 weight copy (≈1e-2 relative to the output scale).
-    let scale = |t: &Tensor| -> Result<f32> {
-        t.to_dtype(DType::F32)?.abs()?.max_all()?.to_scalar::<f32>()
-    };
-    let (rtol, k) = if dtype == DType::F32 {
-        (1e-5, 1e-5)
-    } else {
-        (1e-2, 1e-2)
-    };
-    let mut out = vec![
-        compare(
-            &format!("nf4_linear {dtype:?} forward"),
-            &y,
-            &y_ref,
-            rtol,
-            k * scale(&y_ref)?,
-        )?,
-        compare(
-            &format!("nf4_linear {dtype:?} d_x"),
-            &gx,
-            &gx_ref,
-            rtol,
-            k * scale(&gx_ref)?,
-        )?,
-    ];
-    // The same projection with a bias and a LoRA update (r 16, scaling 2) as one op: the same
-    // sums plus rank-16 products, so the same tolerance; gradients for x, A and B.
-    let cpu = &Device::Cpu;
-    let lora_inputs = [
-        Tensor::randn(0f32, 1.0, (tokens, in_f), cpu)?,
-        Tensor::randn(0f32, 0.3, (16, in_f), cpu)?,
-        Tensor::randn(0f32, 0.3, (out_f, 16), cpu)?,
-    ];
-    let bias = Tensor::randn(0f32, 1.0, out_f, cpu)?;
-    out.extend(device_vs_cpu(
-        "lora_linear (bias, r 16)",
-        device,
-        dtype,
-        &lora_inputs,
-        &|t| {
-            let d = t[0].device();
-            let weight = Nf4Weight::from_param(&q, d)?;
-            let bias = bias.to_dtype(t[0].dtype())?.to_device(d)?;
-            super::lora_linear::lora_linear(&t[0], &weight, Some(&bias), &t[1], &t[2], 2.0, None)
-        },
-        rtol,
-        k,
-    )?);
-    Ok(out)
 }
 
 fn max_scale(t: &Tensor) -> Result<f32> {
