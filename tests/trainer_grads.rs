@@ -14,7 +14,7 @@ use moeq::data::{Batch, IGNORE_INDEX};
 use moeq::lora::{Adapters, LoraSettings};
 use moeq::quant::QuantSettings;
 use moeq::synth::{self, SynthOptions};
-use moeq::train::step::{evaluate_inputs, forward_backward, inputs};
+use moeq::train::step::{evaluate_inputs, forward_backward, inputs, Activations};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 
@@ -34,6 +34,10 @@ struct Setup {
 /// A tiny f32 checkpoint of `arch`, quantized to NF4, with adapters on every target and
 /// random B (PEFT starts B at zero, which would leave A without a gradient).
 fn setup(arch: ModelType) -> Setup {
+    setup_with(arch, 0.0)
+}
+
+fn setup_with(arch: ModelType, dropout: f64) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let opts = SynthOptions {
         model_type: arch,
@@ -55,7 +59,7 @@ fn setup(arch: ModelType) -> Setup {
     let settings = LoraSettings {
         r: 4,
         alpha: 8.0,
-        dropout: 0.0,
+        dropout,
         use_rslora: false,
         target_modules: vec!["all-linear".into()],
         target_parameters: vec![
@@ -122,8 +126,26 @@ fn batch(vocab: usize, seed: u64) -> Batch {
 }
 
 fn grads_of(s: &Setup, b: &Batch) -> BTreeMap<String, Tensor> {
+    grads_with(s, b, None, Activations::Recompute)
+}
+
+fn grads_with(
+    s: &Setup,
+    b: &Batch,
+    key: Option<(u64, u64)>,
+    activations: Activations,
+) -> BTreeMap<String, Tensor> {
     let mut grads = BTreeMap::new();
-    forward_backward(&s.model, &s.adapters, b, b.num_targets(), None, &mut grads).unwrap();
+    forward_backward(
+        &s.model,
+        &s.adapters,
+        b,
+        b.num_targets(),
+        key,
+        activations,
+        &mut grads,
+    )
+    .unwrap();
     grads
 }
 
@@ -214,6 +236,34 @@ fn recompute_matches_one_full_graph() {
             assert!(
                 err <= 1e-4 * scale + 1e-9,
                 "{arch:?} {name}: max error {err:e}, scale {scale:e}"
+            );
+        }
+    }
+}
+
+/// Keeping every layer's graph (gradient_checkpointing: false) runs the same ops on the same
+/// values as the recompute, so the gradients are equal bit for bit (tolerance 0) — with LoRA
+/// dropout on, whose masks both ways draw from the same key.
+#[test]
+fn kept_activations_match_the_recompute_exactly() {
+    for arch in ARCHS {
+        let s = setup_with(arch, 0.1);
+        let b = batch(s.model.spec.vocab_size, 3);
+        let key = Some((7, 3));
+        let recomputed = grads_with(&s, &b, key, Activations::Recompute);
+        let kept = grads_with(&s, &b, key, Activations::Keep);
+        assert_eq!(
+            recomputed.keys().collect::<Vec<_>>(),
+            kept.keys().collect::<Vec<_>>(),
+            "{arch:?}"
+        );
+        for (name, want) in &recomputed {
+            let got = &kept[name];
+            assert!(max_abs(want) > 0.0, "{arch:?} {name}: zero gradient");
+            let err = max_abs(&(got - want).unwrap());
+            assert_eq!(
+                err, 0.0,
+                "{arch:?} {name}: kept vs recomputed differ by {err:e}"
             );
         }
     }

@@ -182,8 +182,16 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
             seq_len: n,
         };
         if args.dump_grads.is_some() {
-            step::forward_backward(&model, &adapters, &batch, total_predicted, None, &mut grads)
-                .map_err(CliError::failed)?;
+            step::forward_backward(
+                &model,
+                &adapters,
+                &batch,
+                total_predicted,
+                None,
+                step::Activations::Recompute,
+                &mut grads,
+            )
+            .map_err(CliError::failed)?;
         }
         let inputs = step::inputs(&model, &batch).map_err(CliError::failed)?;
         let h = step::hidden(&model, &adapters, &inputs).map_err(CliError::failed)?;

@@ -59,13 +59,6 @@ pub(crate) fn check(
     if c.save_total_limit.is_some() && c.save_steps.is_none() {
         warn("key 'save_total_limit' has no effect without save_steps (only the final adapter is saved)".into());
     }
-    if !c.gradient_checkpointing {
-        warn(
-            "key 'gradient_checkpointing' is false, but moeq always recomputes activations per layer; \
-             the setting has no effect"
-                .into(),
-        );
-    }
     if let Some(m) = c.max_steps {
         if let Some(e) = c.eval_steps.filter(|&e| e > m) {
             warn(format!(

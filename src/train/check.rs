@@ -1,9 +1,10 @@
 //! The whole training step on a device vs the CPU: for a tiny synthesized model of each
 //! architecture, loss and every LoRA gradient of one micro-batch (per-layer recompute), on
-//! `device` in f32 and bf16 against the CPU in f32. Run by `moeq gpu-check`; the CPU test
-//! suite runs it on the CPU to exercise the machinery.
+//! `device` in f32 and bf16 against the CPU in f32, and kept activations (no recompute) against
+//! the recompute on `device`. Run by `moeq gpu-check`; the CPU test suite runs it on the CPU to
+//! exercise the machinery.
 
-use super::step::forward_backward;
+use super::step::{forward_backward, Activations};
 use crate::arch::{Model, ModelType};
 use crate::checkpoint::frozen::{self, CpuQuantizer, SingleProcess};
 use crate::checkpoint::ModelDir;
@@ -65,6 +66,7 @@ fn step(
     device: &Device,
     dtype: DType,
     b: &Batch,
+    activations: Activations,
 ) -> Result<(f64, BTreeMap<String, Tensor>)> {
     let base = frozen::load(
         dir,
@@ -98,7 +100,15 @@ fn step(
         }
     }
     let mut grads = BTreeMap::new();
-    let s = forward_backward(&model, &adapters, b, b.num_targets(), None, &mut grads)?;
+    let s = forward_backward(
+        &model,
+        &adapters,
+        b,
+        b.num_targets(),
+        None,
+        activations,
+        &mut grads,
+    )?;
     let grads = grads
         .into_iter()
         .map(|(k, g)| Ok((k, g.to_device(&Device::Cpu)?)))
@@ -136,8 +146,9 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
         let dir = ModelDir::open(&tmp).map_err(err)?;
         let b = batch(dir.spec.vocab_size);
         for (dtype, k) in [(DType::F32, 1e-4f32), (DType::BF16, 5e-2)] {
-            let (loss_ref, grads_ref) = step(&dir, &Device::Cpu, dtype, &b)?;
-            let (loss, grads) = step(&dir, device, dtype, &b)?;
+            let (loss_ref, grads_ref) =
+                step(&dir, &Device::Cpu, dtype, &b, Activations::Recompute)?;
+            let (loss, grads) = step(&dir, device, dtype, &b, Activations::Recompute)?;
             let l = Tensor::new(&[loss as f32], &Device::Cpu)?;
             let lr = Tensor::new(&[loss_ref as f32], &Device::Cpu)?;
             out.push(compare(
@@ -163,6 +174,30 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                     want,
                     0.0,
                     k * scale,
+                )?;
+                if worst.as_ref().is_none_or(|w| c.worst_ratio > w.worst_ratio) {
+                    worst = Some(c);
+                }
+            }
+            out.extend(worst);
+            // gradient_checkpointing: false runs the same kernels on the same values on the
+            // device: equal bit for bit (tolerance 0).
+            let (_, kept) = step(&dir, device, dtype, &b, Activations::Keep)?;
+            let mut worst: Option<Comparison> = None;
+            for (name, want) in &grads {
+                let got = kept
+                    .get(name)
+                    .ok_or_else(|| err(format!("{name}: no gradient with kept activations")))?;
+                let c = compare(
+                    &format!(
+                        "train step {} {dtype:?} kept = recomputed (worst of {})",
+                        arch.as_str(),
+                        grads.len()
+                    ),
+                    got,
+                    want,
+                    0.0,
+                    0.0,
                 )?;
                 if worst.as_ref().is_none_or(|w| c.worst_ratio > w.worst_ratio) {
                     worst = Some(c);

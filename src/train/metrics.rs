@@ -1,7 +1,7 @@
 //! What a run records per step: `metrics.jsonl` (truncated to the resume point when a run
 //! resumes) and the FLOP accounting behind its MFU figure.
 
-use super::trainer::{failed, TrainError};
+use super::error::{failed, TrainError};
 use candle_core::Device;
 use serde_json::Value;
 use std::io::Write;

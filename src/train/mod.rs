@@ -4,6 +4,7 @@
 pub mod adamw;
 pub mod check;
 pub mod checkpoint;
+mod error;
 pub mod loss;
 mod metrics;
 pub mod output;

@@ -1,7 +1,7 @@
 //! The trainer's collectives over the ranks: host statistics, replicated gradients, the whole
 //! adapter from its owners.
 
-use super::trainer::{failed, TrainError};
+use super::error::{failed, TrainError};
 use crate::dist::Communicator;
 use crate::lora::Adapters;
 use candle_core::{Device, Tensor};

@@ -4,7 +4,7 @@
 
 use super::checkpoint;
 use super::ranks::whole_adapter;
-use super::trainer::{failed, TrainError};
+use super::error::{failed, TrainError};
 use super::AdamW;
 use crate::config::TrainConfig;
 use crate::dist::Communicator;

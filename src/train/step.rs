@@ -1,11 +1,16 @@
-//! One micro-batch through the model with explicit per-layer recompute (DESIGN decision 3).
+//! One micro-batch through the model, by default with explicit per-layer recompute (DESIGN
+//! decision 3).
 //!
 //! Forward: LoRA detached, no graph; only each layer's input `x_l [N, H]` is kept.
 //! Head: final norm + chunked cross-entropy give `dL/dx_L` without the batch's logits.
 //! Backward, layer by layer in reverse: recompute layer `l` from a leaf copy of `x_l` with live
 //! LoRA `Var`s, backprop from `out` with upstream gradient `g = dL/dout` ([`backward_from`]),
-//! read `dL/dx_l` and the layer's adapter gradients, drop the graph. Peak activation memory: the L saved inputs plus
-//! one layer's graph.
+//! read `dL/dx_l` and the layer's adapter gradients, drop the graph. Peak activation memory: the
+//! L saved inputs plus one layer's graph.
+//!
+//! [`Activations::Keep`] (`gradient_checkpointing: false`) runs the forward with live LoRA and
+//! keeps every layer's graph instead: no recompute (one forward pass in three of the frozen
+//! base's work), for the activations of all L layers at once.
 
 use crate::arch::{Inputs, LoraCtx, Model};
 use crate::data::{Batch, IGNORE_INDEX};
@@ -113,6 +118,34 @@ fn accumulate(acc: &mut BTreeMap<String, Tensor>, name: &str, grad: &Tensor) -> 
     Ok(())
 }
 
+/// What the forward keeps for the backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// Each layer's input; the backward recomputes the layer (gradient checkpointing).
+    Recompute,
+    /// Each layer's whole graph; no recompute.
+    Keep,
+}
+
+impl Activations {
+    /// The axolotl/transformers key `gradient_checkpointing`.
+    pub fn from_checkpointing(gradient_checkpointing: bool) -> Self {
+        if gradient_checkpointing {
+            Activations::Recompute
+        } else {
+            Activations::Keep
+        }
+    }
+}
+
+/// What the forward left for one layer's backward.
+enum Saved {
+    /// The layer's input x_l [N, H] (no graph).
+    Input(Tensor),
+    /// The layer's leaf input and its output, with the graph between them.
+    Graph(Var, Tensor),
+}
+
 /// Forward and backward of one micro-batch. The loss is normalised by `denom` labelled
 /// tokens (all micro-batches of the optimizer step together), so accumulated gradients
 /// equal those of one big batch. Adds the adapter gradients into `grads` (by PEFT name).
@@ -122,13 +155,20 @@ pub fn forward_backward(
     batch: &Batch,
     denom: usize,
     dropout_key: Option<(u64, u64)>,
+    activations: Activations,
     grads: &mut BTreeMap<String, Tensor>,
 ) -> Result<MicroStats> {
     let mut inputs = inputs(model, batch)?;
-    inputs.keep_attention = true;
+    // The recompute reuses the forward's attention output; without a recompute nothing does.
+    inputs.keep_attention = activations == Activations::Recompute;
     let frozen = LoraCtx {
         adapters,
         live: false,
+        dropout: dropout_key,
+    };
+    let live = LoraCtx {
+        adapters,
+        live: true,
         dropout: dropout_key,
     };
     let layers = model.num_layers();
@@ -137,8 +177,19 @@ pub fn forward_backward(
     let device = batch_device(model);
     let mut x = timed("embed", &device, || model.embed(&inputs))?;
     for l in 0..layers {
-        let (out, stats) = model.layer(l, &x, &inputs, &frozen)?;
-        saved.push(x);
+        let (out, stats) = match activations {
+            Activations::Recompute => {
+                let (out, stats) = model.layer(l, &x, &inputs, &frozen)?;
+                saved.push(Saved::Input(x));
+                (out, stats)
+            }
+            Activations::Keep => {
+                let leaf = Var::from_tensor(&x)?;
+                let (out, stats) = model.layer(l, leaf.as_tensor(), &inputs, &live)?;
+                saved.push(Saved::Graph(leaf, out.clone()));
+                (out.detach(), stats)
+            }
+        };
         expert_tokens.push(stats.expert_tokens);
         x = out;
     }
@@ -164,15 +215,17 @@ pub fn forward_backward(
     })?;
 
     let vars = adapters.vars();
-    let live = LoraCtx {
-        adapters,
-        live: true,
-        dropout: dropout_key,
-    };
     for l in (0..layers).rev() {
-        let leaf = Var::from_tensor(&saved[l])?;
-        let (out, _) = model.layer(l, leaf.as_tensor(), &inputs, &live)?;
-        crate::util::phases::mark_memory("5a layer recompute", &device);
+        let (leaf, out) = match saved.pop() {
+            Some(Saved::Input(x)) => {
+                let leaf = Var::from_tensor(&x)?;
+                let (out, _) = model.layer(l, leaf.as_tensor(), &inputs, &live)?;
+                crate::util::phases::mark_memory("5a layer recompute", &device);
+                (leaf, out)
+            }
+            Some(Saved::Graph(leaf, out)) => (leaf, out),
+            None => candle_core::bail!("layer {l} has nothing saved for its backward"),
+        };
         let store = timed("layer backward (autograd)", &device, || {
             backward_from(&out, &g_out)
         })?;
@@ -187,7 +240,6 @@ pub fn forward_backward(
         g_out = store.get(leaf.as_tensor()).cloned().ok_or_else(|| {
             candle_core::Error::Msg(format!("no gradient reached the input of layer {l}"))
         })?;
-        saved.pop();
         crate::util::phases::mark_memory("5b layer backward", &device);
     }
     Ok(MicroStats {

@@ -5,11 +5,13 @@
 //! output directory checks in `output`.
 
 use super::checkpoint;
+pub use super::error::TrainError;
+use super::error::{failed, step_failed};
 use super::metrics::{flops_per_token, peak_flops, Metrics};
 use super::ranks::{all_reduce_grads, squares, sum_over_ranks, whole_adapter};
 use super::resume::{restore, resume_point, save_checkpoint};
 use super::setup;
-use super::step::{evaluate, forward_backward, EvalStats, MicroStats};
+use super::step::{evaluate, forward_backward, Activations, EvalStats, MicroStats};
 use super::{AdamW, AdamWConfig, Schedule};
 use crate::arch::Model;
 use crate::checkpoint::ModelDir;
@@ -25,20 +27,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
-
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    /// The input (config, model, data) cannot be trained on.
-    #[error("{0}")]
-    Input(String),
-    /// Training failed while running.
-    #[error("{0}")]
-    Failed(String),
-}
-
-pub(crate) fn failed(e: impl std::fmt::Display) -> TrainError {
-    TrainError::Failed(e.to_string())
-}
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -380,6 +368,7 @@ pub fn train_ranks(
             hidden_size: spec.hidden_size,
         };
     let (mut skipped, mut consecutive_skips) = (0usize, 0usize);
+    let activations = Activations::from_checkpointing(config.gradient_checkpointing);
     let injected_nonfinite = injected_nonfinite_steps()?;
     // Watchdog (multi-process jobs): the first step may include warm-up, later ones not.
     let watch = &crate::dist::store::WATCH;
@@ -396,8 +385,16 @@ pub fn train_ranks(
         let mut stats = MicroStats::default();
         for (micro, batch) in batches.iter().enumerate() {
             let key = Some((config.seed, ((step * gas + micro) * world + rank) as u64));
-            let s = forward_backward(&model, &adapters, batch, denom, key, &mut grads)
-                .map_err(failed)?;
+            let s = forward_backward(
+                &model,
+                &adapters,
+                batch,
+                denom,
+                key,
+                activations,
+                &mut grads,
+            )
+            .map_err(|e| step_failed(e, config.gradient_checkpointing))?;
             watch.progress();
             stats.loss_sum += s.loss_sum;
             stats.labelled += s.labelled;

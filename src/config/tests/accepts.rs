@@ -269,8 +269,6 @@ fn cross_field_warnings() {
         out.warnings,
         vec![
             "t.yaml: key 'save_total_limit' has no effect without save_steps (only the final adapter is saved)",
-            "t.yaml: key 'gradient_checkpointing' is false, but moeq always recomputes activations per layer; the \
-             setting has no effect",
             "t.yaml: key 'eval_steps' (100) is larger than max_steps (50), so no evaluation runs during training",
         ]
     );
