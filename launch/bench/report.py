@@ -75,12 +75,13 @@ def table(runs, matmul, idle, gpu, date, layers, seq, prefix):
     fpt = flops_per_token(SimpleNamespace(**FULL_SHAPE, num_hidden_layers=layers), seq)
     rows = []
     loads = []
-    seeds = sorted(glob.glob(os.path.join(runs, "seed-mbs*.json"))) if layers == 12 else []
+    seeds = sorted(glob.glob(os.path.join(runs, "seed-*mbs*.json"))) if layers == 12 else []
     for path in seeds:
         r = json.load(open(path))
         name = os.path.basename(path)[: -len(".json")]
         rows.append(dict(
-            run=f"seed stack, LoRA q/k/v/o (experts: {r.get('experts_implementation')})",
+            run=f"seed stack, LoRA q/k/v/o (experts: {r.get('experts_implementation')})"
+                + ("" if r.get("gradient_checkpointing", True) else ", no checkpointing"),
             mbs=r["mbs"], tokens_per_step=r["tokens_per_step"], oom=r.get("oom"),
             tokens_per_s=r.get("tokens_per_s"),
             peak_gb=r.get("peak_gpu_mem_gb_driver"),
@@ -94,7 +95,9 @@ def table(runs, matmul, idle, gpu, date, layers, seq, prefix):
         if line:
             loads.append(f"{name}: {line}")
         r = moeq_row(path)
-        targets = "q/k/v/o" if m.group(1) == "attn-lora" else "q/k/v/o + experts"
+        targets = "q/k/v/o" if m.group(1).startswith("attn-lora") else "q/k/v/o + experts"
+        if m.group(1).endswith("-keep"):
+            targets += ", no recompute"
         rows.append(dict(
             run=f"moeq, LoRA {targets}", mbs=int(m.group(2)),
             tokens_per_step=r and r["tokens_per_step"], oom=r is None,

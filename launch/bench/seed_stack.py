@@ -71,6 +71,8 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=3, help="first steps left out of the steady-state median")
     p.add_argument("--expert-lora", action="store_true",
                    help="also pass PEFT target_parameters for the expert tensors and count what it adds")
+    p.add_argument("--no-checkpointing", action="store_true",
+                   help="keep all activations (no gradient checkpointing)")
     p.add_argument("--out", help="path of the JSON result file")
     p.add_argument("--matmul-only", action="store_true", help="only measure the bf16 matmul rate")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a dry run with --tiny")
@@ -203,7 +205,9 @@ def build(args, device, result):
     for p in model.parameters():
         p.requires_grad_(False)
     model.config.use_cache = False
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    result["gradient_checkpointing"] = not args.no_checkpointing
+    if not args.no_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     lora = LoraConfig(
         r=16, lora_alpha=32, lora_dropout=0.0, target_modules=list(ATTN_PROJS), bias="none",

@@ -7,7 +7,8 @@
 #   OUT=/tmp/out bash launch/bench/side-by-side.sh [both|seed|moeq|full] [micro-batch sizes...]
 #
 # `full` runs moeq alone at full depth (configs/bench/qwen3-30b-a3b-48l-*.yaml, weights drawn on
-# the GPU), reported in a table of its own.
+# the GPU), reported in a table of its own. `keep` runs both stacks without activation
+# recompute (seed: no gradient checkpointing; moeq: gradient_checkpointing: false), q/k/v/o LoRA.
 #
 # Each run's device memory is sampled by nvidia-smi every 100 ms (the driver's view, the same
 # for both stacks); launch/bench/report.py turns the results into the BENCHMARKS.md table
@@ -45,7 +46,18 @@ for mbs in $mbs_list; do
   if [ "$which" = both ] || [ "$which" = seed ]; then
     sampled "seed-mbs$mbs" python3 launch/bench/seed_stack.py --mbs "$mbs" --out "$runs/seed-mbs$mbs.json"
   fi
-  if [ "$which" = full ]; then
+  if [ "$which" = keep ]; then
+    sampled "seed-keep-mbs$mbs" python3 launch/bench/seed_stack.py --mbs "$mbs" --no-checkpointing \
+      --out "$runs/seed-keep-mbs$mbs.json"
+    conf=$runs/moeq-attn-lora-keep-mbs$mbs.yaml
+    sed -e "s/^micro_batch_size:.*/micro_batch_size: $mbs/" -e "s|^output_dir: *\(.*\)|output_dir: \1-keep|" \
+      configs/bench/qwen3-30b-a3b-12l-attn-lora.yaml > "$conf"
+    echo "gradient_checkpointing: false" >> "$conf"
+    dir=$(sed -n 's/^output_dir: *//p' "$conf")
+    rm -rf "$dir"
+    sampled "moeq-attn-lora-keep-mbs$mbs" .device/moeq train --config "$conf"
+    cp "$dir/metrics.jsonl" "$runs/moeq-attn-lora-keep-mbs$mbs.jsonl" 2>/dev/null || true
+  elif [ "$which" = full ]; then
     for cfg in attn-lora expert-lora; do
       conf=$runs/moeq48-$cfg-mbs$mbs.yaml
       sed "s/^micro_batch_size:.*/micro_batch_size: $mbs/" configs/bench/qwen3-30b-a3b-48l-$cfg.yaml > "$conf"
