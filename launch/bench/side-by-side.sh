@@ -4,11 +4,12 @@
 # repository root, .device/ carried (MOEQ_CUDA_ENV=... launch/gpu-check.sh build; bitsandbytes:
 # ../shared/gpu/fetch-bnb.sh .device/py):
 #
-#   OUT=/tmp/out bash launch/bench/side-by-side.sh [both|seed|moeq|full] [micro-batch sizes...]
+#   OUT=/tmp/out bash launch/bench/side-by-side.sh [both|seed|moeq|keep|full|fullkeep] [micro-batch sizes...]
 #
 # `full` runs moeq alone at full depth (configs/bench/qwen3-30b-a3b-48l-*.yaml, weights drawn on
 # the GPU), reported in a table of its own. `keep` runs both stacks without activation
-# recompute (seed: no gradient checkpointing; moeq: gradient_checkpointing: false), q/k/v/o LoRA.
+# recompute (seed: no gradient checkpointing; moeq: gradient_checkpointing: false), q/k/v/o LoRA;
+# `fullkeep` moeq alone at full depth without recompute.
 #
 # Each run's device memory is sampled by nvidia-smi every 100 ms (the driver's view, the same
 # for both stacks); launch/bench/report.py turns the results into the BENCHMARKS.md table
@@ -42,41 +43,48 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits > "$runs/idle.mem"
 date -u +%Y-%m-%d > "$runs/date.txt"
 python3 launch/bench/seed_stack.py --matmul-only --out "$runs/matmul.json" > /dev/null
+# moeq_run NAME CONFIG MBS [YAML LINE]: moeq on CONFIG at micro-batch MBS (plus the line, own
+# output_dir), metrics into $runs/NAME.jsonl.
+moeq_run() {
+  local name=$1 src=$2 mbs=$3 extra=${4:-} conf=$runs/$1.yaml
+  sed -e "s/^micro_batch_size:.*/micro_batch_size: $mbs/" -e "s|^output_dir: *\(.*\)|output_dir: \1-$name|" \
+    "$src" > "$conf"
+  [ -n "$extra" ] && echo "$extra" >> "$conf"
+  local dir
+  dir=$(sed -n 's/^output_dir: *//p' "$conf")
+  rm -rf "$dir"
+  sampled "$name" .device/moeq train --config "$conf"
+  cp "$dir/metrics.jsonl" "$runs/$name.jsonl" 2>/dev/null || true
+  rm -rf "$dir"
+}
+
+keep="gradient_checkpointing: false"
 for mbs in $mbs_list; do
-  if [ "$which" = both ] || [ "$which" = seed ]; then
+  case "$which" in
+  both | seed)
     sampled "seed-mbs$mbs" python3 launch/bench/seed_stack.py --mbs "$mbs" --out "$runs/seed-mbs$mbs.json"
-  fi
-  if [ "$which" = keep ]; then
+    ;;
+  keep)
     sampled "seed-keep-mbs$mbs" python3 launch/bench/seed_stack.py --mbs "$mbs" --no-checkpointing \
       --out "$runs/seed-keep-mbs$mbs.json"
-    conf=$runs/moeq-attn-lora-keep-mbs$mbs.yaml
-    sed -e "s/^micro_batch_size:.*/micro_batch_size: $mbs/" -e "s|^output_dir: *\(.*\)|output_dir: \1-keep|" \
-      configs/bench/qwen3-30b-a3b-12l-attn-lora.yaml > "$conf"
-    echo "gradient_checkpointing: false" >> "$conf"
-    dir=$(sed -n 's/^output_dir: *//p' "$conf")
-    rm -rf "$dir"
-    sampled "moeq-attn-lora-keep-mbs$mbs" .device/moeq train --config "$conf"
-    cp "$dir/metrics.jsonl" "$runs/moeq-attn-lora-keep-mbs$mbs.jsonl" 2>/dev/null || true
-  elif [ "$which" = full ]; then
+    moeq_run "moeq-attn-lora-keep-mbs$mbs" configs/bench/qwen3-30b-a3b-12l-attn-lora.yaml "$mbs" "$keep"
+    ;;
+  full)
     for cfg in attn-lora expert-lora; do
-      conf=$runs/moeq48-$cfg-mbs$mbs.yaml
-      sed "s/^micro_batch_size:.*/micro_batch_size: $mbs/" configs/bench/qwen3-30b-a3b-48l-$cfg.yaml > "$conf"
-      dir=$(sed -n 's/^output_dir: *//p' "$conf")
-      rm -rf "$dir"
-      sampled "moeq48-$cfg-mbs$mbs" .device/moeq train --config "$conf"
-      cp "$dir/metrics.jsonl" "$runs/moeq48-$cfg-mbs$mbs.jsonl" 2>/dev/null || true
+      moeq_run "moeq48-$cfg-mbs$mbs" configs/bench/qwen3-30b-a3b-48l-$cfg.yaml "$mbs"
     done
-  elif [ "$which" != seed ]; then
+    ;;
+  fullkeep)
+    moeq_run "moeq48-attn-lora-keep-mbs$mbs" configs/bench/qwen3-30b-a3b-48l-attn-lora.yaml "$mbs" "$keep"
+    ;;
+  esac
+  case "$which" in
+  both | moeq)
     for cfg in attn-lora expert-lora; do
-      src=configs/bench/qwen3-30b-a3b-12l-$cfg.yaml
-      conf=$runs/moeq-$cfg-mbs$mbs.yaml
-      sed "s/^micro_batch_size:.*/micro_batch_size: $mbs/" "$src" > "$conf"
-      dir=$(sed -n 's/^output_dir: *//p' "$conf")
-      rm -rf "$dir"
-      sampled "moeq-$cfg-mbs$mbs" .device/moeq train --config "$conf"
-      cp "$dir/metrics.jsonl" "$runs/moeq-$cfg-mbs$mbs.jsonl" 2>/dev/null || true
+      moeq_run "moeq-$cfg-mbs$mbs" configs/bench/qwen3-30b-a3b-12l-$cfg.yaml "$mbs"
     done
-  fi
+    ;;
+  esac
 done
 python3 launch/bench/report.py "$runs" | tee "$OUT/table.md"
 tar -czf "$OUT/bench-logs.tar.gz" -C "$OUT" runs && rm -rf "$runs"
