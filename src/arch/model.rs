@@ -11,6 +11,7 @@ use super::layers::{Attention, Layer, Mlp, Moe, Proj};
 use super::ArchSpec;
 use crate::checkpoint::frozen::{Frozen, FrozenBase};
 use crate::lora::Adapters;
+use crate::ops::embedding::Embedding;
 use crate::ops::experts::ExpertWeights;
 use crate::ops::nf4_linear::{Nf4Weight, Scales};
 use crate::ops::norm::rms_norm;
@@ -80,7 +81,7 @@ pub struct Model {
     pub spec: ArchSpec,
     pub dtype: DType,
     pub device: Device,
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<Layer>,
     final_norm: Tensor,
     lm_head: Tensor,
@@ -264,15 +265,13 @@ impl Model {
             });
         }
         // An untied input embedding is only gathered from: it stays in host memory (vocab × H,
-        // 622 MB for Qwen3-30B-A3B) and a micro-batch uploads its rows (`embed`).
-        let embed = match spec.tie_word_embeddings {
-            true => w.dense("model.embed_tokens.weight")?,
-            false => w.dense_on("model.embed_tokens.weight", &Device::Cpu)?,
-        };
-        let lm_head = if spec.tie_word_embeddings {
-            embed.clone()
+        // 622 MB for Qwen3-30B-A3B; `ops::embedding`).
+        let (embed, lm_head) = if spec.tie_word_embeddings {
+            let table = w.dense("model.embed_tokens.weight")?;
+            (Embedding::new(table.clone(), device)?, table)
         } else {
-            w.dense("lm_head.weight")?
+            let table = w.dense_on("model.embed_tokens.weight", &Device::Cpu)?;
+            (Embedding::new(table, device)?, w.dense("lm_head.weight")?)
         };
         Ok(Model {
             spec: spec.clone(),
@@ -369,11 +368,7 @@ impl Model {
     /// ids → x: [N, H] on the model's device (rows gathered where the embedding is held: a
     /// host-held one row by row, then uploaded).
     pub fn embed(&self, inputs: &Inputs) -> Result<Tensor> {
-        if self.embed.device().same_device(&self.device) {
-            return self.embed.index_select(&inputs.input_ids, 0);
-        }
-        let rows = gather_host_rows(&self.embed, &inputs.ids)?;
-        rows.to_device(&self.device)
+        self.embed.rows(&inputs.ids, &inputs.input_ids)
     }
 
     /// Decoder layer `l`: x [N, H] → [N, H].
@@ -390,100 +385,5 @@ impl Model {
     /// Final RMSNorm: x [N, H] → [N, H].
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         rms_norm(x, &self.final_norm, self.spec.rms_norm_eps)
-    }
-}
-
-/// Rows `ids` of a host tensor `[V, H]` (row copies; candle's CPU `index_select` goes element
-/// by element, 4× slower for a micro-batch of 8k tokens), split over up to 8 threads when the
-/// rows are many (a micro-batch of 8k tokens is 32 MB of bf16; one thread took ~15 ms).
-fn gather_host_rows(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
-    fn rows<T: Copy + Send + Sync>(table: &[T], h: usize, ids: &[u32]) -> Result<Vec<T>> {
-        let vocab = table.len() / h.max(1);
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
-            candle_core::bail!("token id {id} is outside the embedding");
-        }
-        let n = ids.len() * h;
-        let threads = if n < (1 << 20) {
-            1
-        } else {
-            std::thread::available_parallelism().map_or(1, |p| p.get().min(8))
-        };
-        let per = ids.len().div_ceil(threads).max(1);
-        let mut out = Vec::with_capacity(n);
-        std::thread::scope(|s| {
-            let spare = &mut out.spare_capacity_mut()[..n];
-            for (ids, dst) in ids.chunks(per).zip(spare.chunks_mut(per * h)) {
-                s.spawn(move || {
-                    for (&id, dst) in ids.iter().zip(dst.chunks_mut(h)) {
-                        let row = &table[id as usize * h..(id as usize + 1) * h];
-                        for (d, &v) in dst.iter_mut().zip(row) {
-                            d.write(v);
-                        }
-                    }
-                });
-            }
-        });
-        // SAFETY: every id is in range (checked above), so the chunks above wrote all
-        // `ids.len()` rows of `h` elements.
-        unsafe { out.set_len(n) };
-        Ok(out)
-    }
-    let (_, h) = table.dims2()?;
-    let table = table.contiguous()?;
-    let shape = (ids.len(), h);
-    let (storage, layout) = table.storage_and_layout();
-    let from = layout.start_offset();
-    match &*storage {
-        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(v)) => {
-            Tensor::from_vec(rows(&v[from..], h, ids)?, shape, &Device::Cpu)
-        }
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(v)) => {
-            Tensor::from_vec(rows(&v[from..], h, ids)?, shape, &Device::Cpu)
-        }
-        _ => table.index_select(&Tensor::new(ids, table.device())?, 0),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::gather_host_rows;
-    use candle_core::{DType, Device, Tensor};
-
-    #[test]
-    fn host_rows_match_index_select_and_refuse_unknown_ids() {
-        let table = Tensor::randn(0f32, 1.0, (50, 24), &Device::Cpu).unwrap();
-        let ids = [3u32, 49, 0, 3, 17];
-        for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let t = table.to_dtype(dtype).unwrap();
-            let want = t
-                .index_select(&Tensor::new(&ids, &Device::Cpu).unwrap(), 0)
-                .unwrap();
-            let got = gather_host_rows(&t, &ids).unwrap();
-            let rows = |t: Tensor| t.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
-            assert_eq!(rows(got), rows(want), "{dtype:?}");
-        }
-        let err = gather_host_rows(&table, &[50]).unwrap_err().to_string();
-        assert!(err.contains("token id 50"), "{err}");
-    }
-
-    #[test]
-    fn many_host_rows_split_over_threads_match_index_select() {
-        // 2,501 rows of 512 (over the 2^20 elements where the copy is split; an odd count so
-        // the last thread's share is shorter).
-        let table = Tensor::randn(0f32, 1.0, (1000, 512), &Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let ids: Vec<u32> = (0..2501u32).map(|i| (i * 7919 + 13) % 1000).collect();
-        let want = table
-            .index_select(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap(), 0)
-            .unwrap();
-        let got = gather_host_rows(&table, &ids).unwrap();
-        let rows = |t: Tensor| t.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap();
-        assert_eq!(rows(got), rows(want));
-        let mut bad = ids.clone();
-        bad[2000] = 1000;
-        let err = gather_host_rows(&table, &bad).unwrap_err().to_string();
-        assert!(err.contains("token id 1000"), "{err}");
     }
 }

@@ -6,6 +6,7 @@ pub mod attention_block;
 pub mod attn_softmax;
 pub mod check;
 pub mod cross_entropy;
+pub mod embedding;
 pub mod experts;
 #[cfg(feature = "cuda")]
 pub mod flash_attn;

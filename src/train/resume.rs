@@ -3,8 +3,8 @@
 //! one from every rank's parts.
 
 use super::checkpoint;
-use super::ranks::whole_adapter;
 use super::error::{failed, TrainError};
+use super::ranks::whole_adapter;
 use super::AdamW;
 use crate::config::TrainConfig;
 use crate::dist::Communicator;

@@ -4,6 +4,7 @@
 
 mod attention;
 mod nf4;
+mod rows;
 
 use nf4::check_nf4_linear;
 
@@ -537,39 +538,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
             1e-5,
         )?);
     }
-    // Routing plan built on the device against the host plan: 3,001 tokens, top-8 of 128
-    // experts (distinct per token: a hashed base plus 16·j), so some groups get a partial last
-    // chunk of the device kernel's 1,024 slots. Integer outputs: any difference fails.
-    let (n, k, experts) = (3001usize, 8usize, 128usize);
-    let top: Vec<u32> = (0..n)
-        .flat_map(|t| {
-            let base = (t as u64 * 2_654_435_761 % 128) as usize;
-            (0..k).map(move |j| ((base + 16 * j) % experts) as u32)
-        })
-        .collect();
-    let plan = |d: &Device| {
-        let t = Tensor::from_slice(&top, (n, k), d)?;
-        super::routing::plan(&t, experts, 0..experts)
-    };
-    let (got, want) = (plan(device)?, plan(&Device::Cpu)?);
-    let count = |c: &[usize]| {
-        let v: Vec<u32> = c.iter().map(|&x| x as u32).collect();
-        Tensor::from_vec(v, c.len(), &Device::Cpu)
-    };
-    for (what, g, w) in [
-        ("tokens", &got.order.tokens, &want.order.tokens),
-        ("slots", &got.order.slots, &want.order.slots),
-        ("inverse", &got.order.inv, &want.order.inv),
-    ] {
-        out.push(compare(&format!("routing plan {what}"), g, w, 0.0, 0.5)?);
-    }
-    out.push(compare(
-        "routing plan counts",
-        &count(&got.counts)?,
-        &count(&want.counts)?,
-        0.0,
-        0.5,
-    )?);
+    out.extend(rows::check_rows(device)?);
     // Generated frozen weights (checkpoint::generated): the counter-based normal stream on the
     // device against its CPU twin, 3·10^6 values across several launch blocks. Both round the
     // same f32 formula to bf16; ln/cos may differ in the last f32 bit, which moves a value by at

@@ -1,0 +1,66 @@
+//! gpu-check entries whose outputs are rows or indices, compared exactly: the routing plan built
+//! on the device, and embedding rows gathered by the device from page-locked host memory.
+
+use super::{compare, Comparison};
+use candle_core::{DType, Device, Result, Tensor};
+
+pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
+    let mut out = Vec::new();
+    // Routing plan built on the device against the host plan: 3,001 tokens, top-8 of 128
+    // experts (distinct per token: a hashed base plus 16·j), so some groups get a partial last
+    // chunk of the device kernel's 1,024 slots. Integer outputs: any difference fails.
+    let (n, k, experts) = (3001usize, 8usize, 128usize);
+    let top: Vec<u32> = (0..n)
+        .flat_map(|t| {
+            let base = (t as u64 * 2_654_435_761 % 128) as usize;
+            (0..k).map(move |j| ((base + 16 * j) % experts) as u32)
+        })
+        .collect();
+    let plan = |d: &Device| {
+        let t = Tensor::from_slice(&top, (n, k), d)?;
+        crate::ops::routing::plan(&t, experts, 0..experts)
+    };
+    let (got, want) = (plan(device)?, plan(&Device::Cpu)?);
+    let count = |c: &[usize]| {
+        let v: Vec<u32> = c.iter().map(|&x| x as u32).collect();
+        Tensor::from_vec(v, c.len(), &Device::Cpu)
+    };
+    for (what, g, w) in [
+        ("tokens", &got.order.tokens, &want.order.tokens),
+        ("slots", &got.order.slots, &want.order.slots),
+        ("inverse", &got.order.inv, &want.order.inv),
+    ] {
+        out.push(compare(&format!("routing plan {what}"), g, w, 0.0, 0.5)?);
+    }
+    out.push(compare(
+        "routing plan counts",
+        &count(&got.counts)?,
+        &count(&want.counts)?,
+        0.0,
+        0.5,
+    )?);
+    // Embedding rows: the table on the host, gathered by `device` (page-locked on CUDA) vs
+    // the host gather. A copy: any difference fails. Rows of 64 (16-byte packs) and of 36
+    // bf16 values (not whole packs: the element kernel), 5,000 ids with repeats, and the first
+    // and last row.
+    for (dtype, h) in [(DType::BF16, 64usize), (DType::BF16, 36), (DType::F32, 64)] {
+        let vocab = 3001usize;
+        let table = Tensor::randn(0f32, 1.0, (vocab, h), &Device::Cpu)?.to_dtype(dtype)?;
+        let mut ids: Vec<u32> = (0..5000u64)
+            .map(|i| (i * 2_654_435_761 % vocab as u64) as u32)
+            .collect();
+        ids[0] = 0;
+        ids[4999] = vocab as u32 - 1;
+        let emb = crate::ops::embedding::Embedding::new(table.clone(), device)?;
+        let got = emb.rows(&ids, &Tensor::new(ids.as_slice(), device)?)?;
+        let want = crate::ops::embedding::gather_host_rows(&table, &ids)?;
+        out.push(compare(
+            &format!("embedding rows {dtype:?} h={h} (host table, device gather)"),
+            &got,
+            &want,
+            0.0,
+            0.0,
+        )?);
+    }
+    Ok(out)
+}
