@@ -17,7 +17,8 @@ pub(crate) fn failed(e: impl std::fmt::Display) -> TrainError {
 
 /// A failed forward/backward; a device out of memory says which settings lower the peak.
 pub(crate) fn step_failed(e: impl std::fmt::Display, gradient_checkpointing: bool) -> TrainError {
-    let msg = e.to_string();
+    // One line: the device error's text may end in a newline.
+    let msg = e.to_string().trim_end().to_string();
     if !msg.to_ascii_lowercase().contains("out of memory") {
         return TrainError::Failed(msg);
     }
@@ -38,7 +39,8 @@ mod tests {
     #[test]
     fn out_of_memory_names_the_settings_that_lower_the_peak() {
         let oom = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
-        let kept = step_failed(oom, false).to_string();
+        let kept = step_failed(format!("{oom}\n"), false).to_string();
+        assert!(!kept.contains('\n'), "{kept}");
         assert!(kept.starts_with(oom), "{kept}");
         assert!(kept.contains("set gradient_checkpointing: true"), "{kept}");
         let recomputed = step_failed(oom, true).to_string();
