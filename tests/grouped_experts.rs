@@ -359,7 +359,8 @@ fn routed_experts_op_equals_the_separate_ops() {
     for dtype in [DType::F32, DType::BF16] {
         let inputs = [x.to_dtype(dtype).unwrap(), w.clone()];
         let (y, g) = run(&inputs, |t| {
-            routed_experts(&t[0], &t[1], &order, &gate_up, &down, &counts)?.to_dtype(DType::F32)
+            routed_experts(&t[0], &t[1], &order, &gate_up, &down, &counts, None)?
+                .to_dtype(DType::F32)
         });
         let (y_ref, g_ref) = run(&inputs, |t| {
             let xs = gather_rows(&t[0], &order)?;
@@ -372,5 +373,104 @@ fn routed_experts_op_equals_the_separate_ops() {
         assert_eq!(rel_err(&f(&y), &f(&y_ref)), 0.0, "{dtype:?} forward");
         assert_eq!(rel_err(&f(&g[0]), &f(&g_ref[0])), 0.0, "{dtype:?} d_x");
         assert_eq!(rel_err(&f(&g[1]), &f(&g_ref[1])), 0.0, "{dtype:?} d_w");
+    }
+}
+
+/// With expert adapters on gate_up, down or both, the one op equals gather → grouped_nf4 +
+/// grouped_lora → SwiGLU → grouped_nf4 + grouped_lora → combine with candle's autograd, bit
+/// for bit (the same functions in the same order; the adapters' gradients leave the op as
+/// one flat tensor and are cut back apart), for every input and factor.
+#[test]
+fn routed_experts_op_with_adapters_equals_the_separate_ops() {
+    use moeq::ops::experts::{grouped_lora, grouped_nf4};
+    use moeq::ops::routed_experts::{routed_experts, ExpertLora};
+    use moeq::ops::routing::{combine_rows, gather_rows, RowOrder};
+    use moeq::ops::swiglu::swiglu_packed;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(29);
+    let (n, h, i, e, k, r) = (23, 64, 32, 5, 2, 4);
+    let mut rows: Vec<(usize, u32, u32)> = Vec::new(); // (expert, token, slot); expert 4 unused
+    for t in 0..n {
+        let first = rng.random_range(0..e - 1);
+        let second = (first + 1 + rng.random_range(0..e - 2)) % (e - 1);
+        for (j, c) in [first, second].into_iter().enumerate() {
+            rows.push((c, t as u32, (t * k + j) as u32));
+        }
+    }
+    rows.sort_unstable();
+    let mut counts = vec![0usize; e];
+    for row in &rows {
+        counts[row.0] += 1;
+    }
+    let cpu = &Device::Cpu;
+    let order = RowOrder::new(
+        rows.iter().map(|x| x.1).collect(),
+        rows.iter().map(|x| x.2).collect(),
+        k,
+        cpu,
+    )
+    .unwrap();
+    let gate_up = quantized_experts(&mut rng, e, 2 * i, h);
+    let down = quantized_experts(&mut rng, e, h, i);
+    let mut t = |rows: usize, cols: usize, scale: f32| {
+        let v: Vec<f32> = rand_vec(&mut rng, rows * cols)
+            .iter()
+            .map(|x| x * scale)
+            .collect();
+        Tensor::from_vec(v, (rows, cols), cpu).unwrap()
+    };
+    let x = t(n, h, 1.0);
+    let w = t(n, k, 1.0);
+    let factors = [
+        t(r * e, h, 0.1),
+        t(2 * i, r * e, 0.1),
+        t(r * e, i, 0.1),
+        t(h, r * e, 0.1),
+    ];
+    let s = 2.0;
+    for (on_gate_up, on_down) in [(true, true), (true, false), (false, true)] {
+        for dtype in [DType::F32, DType::BF16] {
+            // Inputs: x, w, then the factors of the adapted projections (gate_up's first).
+            let mut inputs = vec![x.to_dtype(dtype).unwrap(), w.clone()];
+            if on_gate_up {
+                inputs.extend(factors[..2].iter().cloned());
+            }
+            if on_down {
+                inputs.extend(factors[2..].iter().cloned());
+            }
+            let down_at = if on_gate_up { 4 } else { 2 };
+            let pair =
+                |t: &[Tensor], at: usize, on: bool| on.then(|| (t[at].clone(), t[at + 1].clone()));
+            let (y, g) = run(&inputs, |t| {
+                let l = ExpertLora {
+                    gate_up: pair(t, 2, on_gate_up),
+                    down: pair(t, down_at, on_down),
+                    r,
+                    scaling: s,
+                };
+                routed_experts(&t[0], &t[1], &order, &gate_up, &down, &counts, Some(&l))?
+                    .to_dtype(DType::F32)
+            });
+            let (y_ref, g_ref) = run(&inputs, |t| {
+                let xs = gather_rows(&t[0], &order)?;
+                let mut gu = grouped_nf4(&xs, &gate_up, &counts)?;
+                if on_gate_up {
+                    gu = (gu + grouped_lora(&xs, &t[2], &t[3], &counts, 0, r, s)?)?;
+                }
+                let act = swiglu_packed(&gu)?;
+                let mut ys = grouped_nf4(&act, &down, &counts)?;
+                if on_down {
+                    let (a, b) = (&t[down_at], &t[down_at + 1]);
+                    ys = (ys + grouped_lora(&act, a, b, &counts, 0, r, s)?)?;
+                }
+                combine_rows(&ys, &t[1], &order)?.to_dtype(DType::F32)
+            });
+            let what = format!("{dtype:?} gate_up {on_gate_up} down {on_down}");
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            assert_eq!(rel_err(&f(&y), &f(&y_ref)), 0.0, "{what} forward");
+            assert_eq!(g.len(), inputs.len());
+            for (j, (got, want)) in g.iter().zip(&g_ref).enumerate() {
+                assert_eq!(rel_err(&f(got), &f(want)), 0.0, "{what} d_input{j}");
+            }
+        }
     }
 }

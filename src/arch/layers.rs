@@ -9,7 +9,7 @@ use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
 use crate::ops::lora_linear::lora_linear;
 use crate::ops::nf4_linear::{nf4_linear, Nf4Weight};
 use crate::ops::norm::{rms_norm, softmax_last};
-use crate::ops::routed_experts::routed_experts;
+use crate::ops::routed_experts::{routed_experts, ExpertLora};
 use crate::ops::routing::{combine_rows, gather_rows, RowOrder};
 use crate::ops::swiglu;
 use crate::ops::swiglu::swiglu_packed;
@@ -262,11 +262,21 @@ impl Moe {
         })?;
         let (routing, weights) = routed;
 
-        let experts = &lora.adapters.experts;
-        let adapted =
-            experts.contains_key(&self.gate_up_name) || experts.contains_key(&self.down_name);
-        let mut out = if routing.dispatch.is_none() && !adapted {
-            // Gather, both projections, SwiGLU and combine as one op (one graph node).
+        let mut out = if routing.dispatch.is_none() {
+            // Gather, both projections with their adapters, SwiGLU and combine as one op (one
+            // graph node).
+            let ad = lora.adapters;
+            let factors = |name: &str| {
+                ad.experts
+                    .get(name)
+                    .map(|l| (lora.weight(&l.a), lora.weight(&l.b)))
+            };
+            let adapters = ExpertLora {
+                gate_up: factors(&self.gate_up_name),
+                down: factors(&self.down_name),
+                r: ad.settings.r,
+                scaling: ad.settings.scaling(),
+            };
             timed("moe: routed experts", dev, || {
                 routed_experts(
                     x,
@@ -275,6 +285,7 @@ impl Moe {
                     &self.gate_up,
                     &self.down,
                     &routing.counts,
+                    Some(&adapters),
                 )
             })?
         } else {
@@ -290,8 +301,8 @@ impl Moe {
         Ok((out, routing.per_expert.clone()))
     }
 
-    /// The routed experts as separate ops (gather, experts, combine): with expert adapters or
-    /// expert parallelism (the rows travel to their experts' owners and back).
+    /// The routed experts as separate ops (gather, experts, combine): with expert parallelism
+    /// (the rows travel to their experts' owners and back).
     fn routed_ops(
         &self,
         x: &Tensor,

@@ -290,7 +290,7 @@ fn lora_factors(a: &Tensor, b: &Tensor, r: usize, dtype: DType) -> Result<(Tenso
     Ok((a3, b3))
 }
 
-struct GroupedLora {
+pub(crate) struct GroupedLora {
     counts: Vec<usize>,
     first: usize,
     r: usize,
@@ -298,6 +298,16 @@ struct GroupedLora {
 }
 
 impl GroupedLora {
+    /// The adapters of the local experts `first..first+counts.len()`, `counts[e]` rows each.
+    pub(crate) fn new(counts: &[usize], first: usize, r: usize, scaling: f64) -> GroupedLora {
+        GroupedLora {
+            counts: counts.to_vec(),
+            first,
+            r,
+            scaling,
+        }
+    }
+
     /// (global expert, first row, rows) of each local expert that has rows.
     fn groups(&self) -> Vec<(usize, usize, usize)> {
         let mut start = 0;
@@ -334,7 +344,8 @@ impl GroupedLora {
         grouped_gemm(x, a3, m * r, &ps, Gemm::nt(1.0))
     }
 
-    fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    /// x [M, in], A [r·E, in], B [out, r·E] → the update [M, out] (× scaling).
+    pub(crate) fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let (a3, b3) = lora_factors(a, b, self.r, x.dtype())?;
         let h = self.hidden(x, &a3)?;
         let (m, out, r) = (x.dim(0)?, b.dim(0)?, self.r);
@@ -365,6 +376,20 @@ impl CustomOp3 for GroupedLora {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, da, db) = self.backward(x, a, b, dy)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+impl GroupedLora {
+    /// Gradients (dx [M, in] in x's dtype, dA, dB in theirs) of the update for upstream `dy`.
+    pub(crate) fn backward(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let _t = crate::util::phases::Span::start("bwd: grouped_lora", x.device());
         let dy = dy.to_dtype(x.dtype())?.contiguous()?;
         let (a3, b3) = lora_factors(a, b, self.r, x.dtype())?;
@@ -433,9 +458,9 @@ impl CustomOp3 for GroupedLora {
             .permute((1, 2, 0))?
             .reshape((out, r * num_experts))?;
         Ok((
-            Some(dx.reshape((m, inp))?),
-            Some(da3.reshape((r * num_experts, inp))?.to_dtype(a.dtype())?),
-            Some(db.to_dtype(b.dtype())?),
+            dx.reshape((m, inp))?,
+            da3.reshape((r * num_experts, inp))?.to_dtype(a.dtype())?,
+            db.to_dtype(b.dtype())?,
         ))
     }
 }
@@ -474,12 +499,7 @@ pub fn grouped_lora(
     }
     let z = super::at_offset_zero;
     let (x, a, b) = (z(x)?, z(a)?, z(b)?);
-    let op = GroupedLora {
-        counts: counts.to_vec(),
-        first,
-        r,
-        scaling,
-    };
+    let op = GroupedLora::new(counts, first, r, scaling);
     if super::records_graph(&[&x, &a, &b]) {
         x.apply_op3(&a, &b, op)
     } else {

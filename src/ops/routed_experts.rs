@@ -1,26 +1,97 @@
 //! The routed experts of one MoE layer as one op: gather the rows by expert, gate_up (grouped
-//! NF4), packed SwiGLU, down (grouped NF4), weighted combine — x `[N, H]` and the routing
-//! weights `[N, k]` (f32) → `[N, H]`. The arithmetic is that of the five ops in sequence (their
-//! own forward and backward functions run here, in the same order), in one graph node: candle's
-//! backward gives each node's input gradient a zero-filled buffer plus an add, and its custom-op
-//! path copies each op's input and output — for the four `[N·k, ·]` tensors between the five
-//! ops both go. Expert adapters and expert parallelism keep the separate ops.
-//! The backward reuses gate_up's output and the expert outputs of the forward that recorded the
-//! node (in training, the recompute right before it).
+//! NF4, plus its expert adapter), packed SwiGLU, down (grouped NF4, plus its adapter), weighted
+//! combine — x `[N, H]` and the routing weights `[N, k]` (f32) → `[N, H]`. The arithmetic is
+//! that of the separate ops in sequence (their own forward and backward functions run here, in
+//! the same order), in one graph node: candle's backward gives each node's input gradient a
+//! zero-filled buffer plus an add, and its custom-op path copies each op's input and output —
+//! for the `[N·k, ·]` tensors between the ops both go. Expert parallelism keeps the separate
+//! ops. The expert adapters (PEFT `target_parameters`) enter as one flat tensor (their A and B
+//! factors concatenated), since a node has at most three inputs.
+//! The backward reuses the forward's intermediates (gate_up's output, the expert outputs, and
+//! the adapters' inputs) from the forward that recorded the node (in training, the recompute
+//! right before it).
 
-use super::experts::{dequant_chunk_bytes, expert_matmul, ExpertWeights};
+use super::experts::{dequant_chunk_bytes, expert_matmul, ExpertWeights, GroupedLora};
 use super::routing::RowOrder;
-use candle_core::{CustomOp2, Result, Tensor};
+use candle_core::{CustomOp2, CustomOp3, Result, Shape, Tensor};
 use std::sync::Mutex;
+
+/// LoRA on the expert projections: for each, A `[r·E, in]` and B `[out, r·E]` (PEFT's 3-D
+/// parameter layout), rank `r`, update scaled by `scaling`.
+pub struct ExpertLora {
+    pub gate_up: Option<(Tensor, Tensor)>,
+    pub down: Option<(Tensor, Tensor)>,
+    pub r: usize,
+    pub scaling: f64,
+}
+
+impl ExpertLora {
+    /// The factors present, in packing order (gate_up A, B, down A, B).
+    fn factors(&self) -> Vec<&Tensor> {
+        [&self.gate_up, &self.down]
+            .into_iter()
+            .flatten()
+            .flat_map(|(a, b)| [a, b])
+            .collect()
+    }
+}
+
+/// Where each factor sits in the flat adapter tensor.
+struct Packing {
+    gate_up: bool,
+    down: bool,
+    shapes: Vec<Shape>,
+    r: usize,
+    scaling: f64,
+}
+
+impl Packing {
+    /// (gate_up (A, B), down (A, B)) cut out of `flat`.
+    #[allow(clippy::type_complexity)]
+    fn unpack(
+        &self,
+        flat: &Tensor,
+    ) -> Result<(Option<(Tensor, Tensor)>, Option<(Tensor, Tensor)>)> {
+        let mut at = 0;
+        let mut parts = Vec::with_capacity(self.shapes.len());
+        for shape in &self.shapes {
+            let n = shape.elem_count();
+            parts.push(flat.narrow(0, at, n)?.reshape(shape)?);
+            at += n;
+        }
+        let mut parts = parts.into_iter();
+        let mut pair = |on: bool| -> Option<(Tensor, Tensor)> {
+            if on {
+                Some((parts.next()?, parts.next()?))
+            } else {
+                None
+            }
+        };
+        let gate_up = pair(self.gate_up);
+        Ok((gate_up, pair(self.down)))
+    }
+}
+
+/// What the forward leaves for the backward.
+struct Saved {
+    /// gate_up's output [M, 2I] and the expert outputs [M, H].
+    gu: Tensor,
+    y: Tensor,
+    /// The adapters' inputs: the gathered rows [M, H] (gate_up) and the activations [M, I]
+    /// (down), where that projection has an adapter.
+    xs: Option<Tensor>,
+    act: Option<Tensor>,
+}
 
 struct RoutedExperts {
     order: RowOrder,
     gate_up: ExpertWeights,
     down: ExpertWeights,
     counts: Vec<usize>,
-    /// Whether the forward keeps (gate_up output, expert outputs) for the backward.
+    lora: Option<Packing>,
+    /// Whether the forward keeps its intermediates for the backward.
     keep: bool,
-    saved: Mutex<Option<(Tensor, Tensor)>>,
+    saved: Mutex<Option<Saved>>,
 }
 
 /// `x · Wᵀ` (`forward`) or `x · W` over grouped rows, dequantizing chunks sized by the input.
@@ -30,18 +101,101 @@ fn grouped(x: &Tensor, w: &ExpertWeights, counts: &[usize], forward: bool) -> Re
 }
 
 impl RoutedExperts {
+    fn adapter(&self) -> Option<GroupedLora> {
+        self.lora
+            .as_ref()
+            .map(|p| GroupedLora::new(&self.counts, 0, p.r, p.scaling))
+    }
+
     fn forward(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, w, None, None)
+    }
+
+    fn forward_lora(&self, x: &Tensor, w: &Tensor, flat: &Tensor) -> Result<Tensor> {
+        let packing = self.lora.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("routed_experts: adapters without their packing".into())
+        })?;
+        let (gate_up, down) = packing.unpack(flat)?;
+        self.forward_with(x, w, gate_up.as_ref(), down.as_ref())
+    }
+
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        gate_up_lora: Option<&(Tensor, Tensor)>,
+        down_lora: Option<&(Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let adapter = self.adapter();
         let xs = super::routing::gather_forward(x, &self.order)?; // [M, H]
-        let gu = grouped(&xs, &self.gate_up, &self.counts, true)?; // [M, 2I]
-        drop(xs);
+        let mut gu = grouped(&xs, &self.gate_up, &self.counts, true)?; // [M, 2I]
+        if let (Some((a, b)), Some(l)) = (gate_up_lora, &adapter) {
+            gu = (gu + l.forward(&xs, a, b)?)?;
+        }
+        let xs = gate_up_lora.map(|_| xs);
         let act = super::swiglu::packed_forward(&gu)?; // [M, I]
-        let y = grouped(&act, &self.down, &self.counts, true)?; // [M, H]
-        drop(act);
+        let mut y = grouped(&act, &self.down, &self.counts, true)?; // [M, H]
+        if let (Some((a, b)), Some(l)) = (down_lora, &adapter) {
+            y = (y + l.forward(&act, a, b)?)?;
+        }
+        let act = down_lora.map(|_| act);
         let out = super::routing::combine_forward(&y, w, &self.order)?;
         if self.keep {
-            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((gu, y));
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { gu, y, xs, act });
         }
         Ok(out)
+    }
+
+    /// (dx, dw, gradient of the flat adapters) for upstream `grad` [N, H].
+    fn backward(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        flat: Option<&Tensor>,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+        let _t = crate::util::phases::Span::start("bwd: routed experts", x.device());
+        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(Saved { gu, y, xs, act }) = saved else {
+            candle_core::bail!("routed_experts: backward without its forward's outputs")
+        };
+        let (gate_up_lora, down_lora) = match (&self.lora, flat) {
+            (Some(p), Some(flat)) => p.unpack(flat)?,
+            _ => (None, None),
+        };
+        let adapter = self.adapter();
+        let mut dflat = Vec::new();
+        let (dy, dw) = super::routing::combine_backward(&y, w, &self.order, grad)?;
+        drop(y);
+        let mut dact = grouped(&dy, &self.down, &self.counts, false)?.to_dtype(x.dtype())?;
+        if let (Some((a, b)), Some(act), Some(l)) = (&down_lora, &act, &adapter) {
+            let (dx_l, da, db) = l.backward(act, a, b, &dy)?;
+            dact = (dact + dx_l)?;
+            dflat.extend([da, db]);
+        }
+        drop((dy, act));
+        let dgu = super::swiglu::packed_backward(&gu, &dact)?;
+        drop((gu, dact));
+        let mut dxs = grouped(&dgu, &self.gate_up, &self.counts, false)?.to_dtype(x.dtype())?;
+        if let (Some((a, b)), Some(xs), Some(l)) = (&gate_up_lora, &xs, &adapter) {
+            let (dx_l, da, db) = l.backward(xs, a, b, &dgu)?;
+            dxs = (dxs + dx_l)?;
+            // Packing order: gate_up's factors first.
+            dflat.splice(0..0, [da, db]);
+        }
+        drop((dgu, xs));
+        let dx = super::routing::gather_backward(&dxs, &self.order, x.dtype())?;
+        let dflat = match flat {
+            Some(f) => {
+                let parts = dflat
+                    .iter()
+                    .map(|t| t.to_dtype(f.dtype())?.flatten_all())
+                    .collect::<Result<Vec<_>>>()?;
+                Some(Tensor::cat(&parts, 0)?)
+            }
+            None => None,
+        };
+        Ok((dx, dw, dflat))
     }
 }
 
@@ -59,27 +213,34 @@ impl CustomOp2 for RoutedExperts {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let _t = crate::util::phases::Span::start("bwd: routed experts", x.device());
-        let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let (gu, y) = match saved {
-            Some(s) => s,
-            None => candle_core::bail!("routed_experts: backward without its forward's outputs"),
-        };
-        let (dy, dw) = super::routing::combine_backward(&y, w, &self.order, grad)?;
-        drop(y);
-        let dact = grouped(&dy, &self.down, &self.counts, false)?.to_dtype(x.dtype())?;
-        drop(dy);
-        let dgu = super::swiglu::packed_backward(&gu, &dact)?;
-        drop((gu, dact));
-        let dxs = grouped(&dgu, &self.gate_up, &self.counts, false)?.to_dtype(x.dtype())?;
-        drop(dgu);
-        let dx = super::routing::gather_backward(&dxs, &self.order, x.dtype())?;
+        let (dx, dw, _) = self.backward(x, w, None, grad)?;
         Ok((Some(dx), Some(dw)))
     }
 }
 
+impl CustomOp3 for RoutedExperts {
+    fn name(&self) -> &'static str {
+        "routed_experts_lora"
+    }
+
+    super::tensor_forward!(3, "routed_experts_lora", forward_lora);
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        flat: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw, dflat) = self.backward(x, w, Some(flat), grad)?;
+        Ok((Some(dx), Some(dw), dflat))
+    }
+}
+
 /// The held experts on the routed rows of x `[N, H]` (`order`, `counts[e]` rows per held
-/// expert), weighted by `w [N, k]` (f32) and summed per token → `[N, H]`; gradients for x and w.
+/// expert), weighted by `w [N, k]` (f32) and summed per token → `[N, H]`, with the expert
+/// adapters `lora` if any; gradients for x, w and the adapters.
 pub fn routed_experts(
     x: &Tensor,
     w: &Tensor,
@@ -87,6 +248,7 @@ pub fn routed_experts(
     gate_up: &ExpertWeights,
     down: &ExpertWeights,
     counts: &[usize],
+    lora: Option<&ExpertLora>,
 ) -> Result<Tensor> {
     let (n, h) = x.dims2()?;
     let m: usize = counts.iter().sum();
@@ -106,20 +268,63 @@ pub fn routed_experts(
             order.k
         );
     }
+    let lora = lora.filter(|l| l.gate_up.is_some() || l.down.is_some());
+    if let Some(l) = lora {
+        let e = counts.len();
+        for ((a, b), (inp, out)) in [
+            (&l.gate_up, (h, gate_up.out_features)),
+            (&l.down, (down.in_features, h)),
+        ]
+        .into_iter()
+        .filter_map(|(p, dims)| p.as_ref().map(|p| (p, dims)))
+        {
+            if a.dims2()? != (l.r * e, inp) || b.dims2()? != (out, l.r * e) {
+                candle_core::bail!(
+                    "routed_experts: adapter A {:?}, B {:?} for {e} experts of {inp} → {out}, r {}",
+                    a.dims(),
+                    b.dims(),
+                    l.r
+                );
+            }
+        }
+    }
     let z = super::at_offset_zero;
     let (x, w) = (z(x)?, z(w)?);
-    let keep = super::records_graph(&[&x, &w]);
+    let factors: Vec<Tensor> = match lora {
+        Some(l) => l.factors().into_iter().map(z).collect::<Result<_>>()?,
+        None => Vec::new(),
+    };
+    let mut inputs: Vec<&Tensor> = vec![&x, &w];
+    inputs.extend(factors.iter());
+    let keep = super::records_graph(&inputs);
     let op = RoutedExperts {
         order: order.clone(),
         gate_up: gate_up.clone(),
         down: down.clone(),
         counts: counts.to_vec(),
+        lora: lora.map(|l| Packing {
+            gate_up: l.gate_up.is_some(),
+            down: l.down.is_some(),
+            shapes: factors.iter().map(|t| t.shape().clone()).collect(),
+            r: l.r,
+            scaling: l.scaling,
+        }),
         keep,
         saved: Mutex::new(None),
     };
-    if keep {
-        x.apply_op2(&w, op)
-    } else {
-        super::direct(op.forward(&x, &w)?)
+    match (lora, keep) {
+        (None, true) => x.apply_op2(&w, op),
+        (None, false) => super::direct(op.forward(&x, &w)?),
+        (Some(_), true) => {
+            // One graph input for all factors (a node takes three).
+            let flat = factors
+                .iter()
+                .map(|t| t.flatten_all())
+                .collect::<Result<Vec<_>>>()?;
+            x.apply_op3(&w, &Tensor::cat(&flat, 0)?, op)
+        }
+        (Some(l), false) => {
+            super::direct(op.forward_with(&x, &w, l.gate_up.as_ref(), l.down.as_ref())?)
+        }
     }
 }

@@ -466,6 +466,7 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
                 &stack(&gate_up_params)?,
                 &stack(&down_params)?,
                 &expert_counts,
+                None,
             )
         },
         rtol,
