@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Two moeq binaries on the same 12-layer bench config (q/k/v/o LoRA), alternating A B A B, per
+# Two moeq binaries on the same 12-layer bench config (q/k/v/o LoRA by default), alternating A B A B, per
 # micro-batch size: steady-state tokens/s (median of steps 3..8) and nvidia-smi's peak memory
 # for each run — to tell a change's effect from run-to-run noise. GPU machine, repository root,
 # .device/ carried with both binaries (A: .device/old/moeq.xz, B: .device/moeq.xz, packed as
 # launch/gpu-check.sh build packs them):
 #
-#   OUT=/tmp/out bash launch/bench/ab.sh [micro-batch sizes...]
+#   OUT=/tmp/out [CFG=expert] bash launch/bench/ab.sh [micro-batch sizes...]
+#
+# CFG=expert runs the q/k/v/o + expert LoRA config instead.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source launch/device-env.sh
@@ -21,7 +23,7 @@ for mbs in ${*:-1}; do
       name=mbs$mbs-$side$round
       conf=$OUT/ab/$name.yaml
       sed -e "s#^micro_batch_size:.*#micro_batch_size: $mbs#" -e "s#^output_dir:.*#output_dir: /tmp/moeq-bench/ab#" \
-        configs/bench/qwen3-30b-a3b-12l-attn-lora.yaml > "$conf"
+        "configs/bench/qwen3-30b-a3b-12l-${CFG:-attn}-lora.yaml" > "$conf"
       rm -rf /tmp/moeq-bench/ab
       nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/ab/$name.mem" &
       smi=$!
