@@ -317,15 +317,14 @@ fn packed_swiglu_matches_the_primitive_op_reference() {
 /// bf16, with an expert no row chose. It calls the same functions in the same order, and a
 /// gradient's first contribution is added to zeros (exact), so the results are bit for bit
 /// equal (tolerance 0).
-#[test]
-fn routed_experts_op_equals_the_separate_ops() {
-    use moeq::ops::experts::grouped_nf4;
-    use moeq::ops::routed_experts::routed_experts;
-    use moeq::ops::routing::{combine_rows, gather_rows, RowOrder};
-    use moeq::ops::swiglu::swiglu_packed;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);
-    let (n, h, i, e, k) = (29, 64, 32, 6, 2);
-    // Top-k of experts 0..5; expert 5 is never chosen: an empty group.
+/// Random top-k routing of `n` tokens over experts `0..e-1` (expert `e - 1` is never chosen: an
+/// empty group): the row order by expert and the rows per expert.
+fn random_routing(
+    rng: &mut impl Rng,
+    n: usize,
+    e: usize,
+    k: usize,
+) -> (moeq::ops::routing::RowOrder, Vec<usize>) {
     let mut rows: Vec<(usize, u32, u32)> = Vec::new(); // (expert, token, slot)
     for t in 0..n {
         let mut chosen: Vec<usize> = Vec::new();
@@ -344,14 +343,26 @@ fn routed_experts_op_equals_the_separate_ops() {
     for r in &rows {
         counts[r.0] += 1;
     }
-    let cpu = &Device::Cpu;
-    let order = RowOrder::new(
+    let order = moeq::ops::routing::RowOrder::new(
         rows.iter().map(|r| r.1).collect(),
         rows.iter().map(|r| r.2).collect(),
         k,
-        cpu,
+        &Device::Cpu,
     )
     .unwrap();
+    (order, counts)
+}
+
+#[test]
+fn routed_experts_op_equals_the_separate_ops() {
+    use moeq::ops::experts::grouped_nf4;
+    use moeq::ops::routed_experts::routed_experts;
+    use moeq::ops::routing::{combine_rows, gather_rows};
+    use moeq::ops::swiglu::swiglu_packed;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);
+    let (n, h, i, e, k) = (29, 64, 32, 6, 2);
+    let (order, counts) = random_routing(&mut rng, n, e, k);
+    let cpu = &Device::Cpu;
     let gate_up = quantized_experts(&mut rng, e, 2 * i, h);
     let down = quantized_experts(&mut rng, e, h, i);
     let x = Tensor::from_vec(rand_vec(&mut rng, n * h), (n, h), cpu).unwrap();
@@ -384,31 +395,12 @@ fn routed_experts_op_equals_the_separate_ops() {
 fn routed_experts_op_with_adapters_equals_the_separate_ops() {
     use moeq::ops::experts::{grouped_lora, grouped_nf4};
     use moeq::ops::routed_experts::{routed_experts, ExpertLora};
-    use moeq::ops::routing::{combine_rows, gather_rows, RowOrder};
+    use moeq::ops::routing::{combine_rows, gather_rows};
     use moeq::ops::swiglu::swiglu_packed;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(29);
     let (n, h, i, e, k, r) = (23, 64, 32, 5, 2, 4);
-    let mut rows: Vec<(usize, u32, u32)> = Vec::new(); // (expert, token, slot); expert 4 unused
-    for t in 0..n {
-        let first = rng.random_range(0..e - 1);
-        let second = (first + 1 + rng.random_range(0..e - 2)) % (e - 1);
-        for (j, c) in [first, second].into_iter().enumerate() {
-            rows.push((c, t as u32, (t * k + j) as u32));
-        }
-    }
-    rows.sort_unstable();
-    let mut counts = vec![0usize; e];
-    for row in &rows {
-        counts[row.0] += 1;
-    }
+    let (order, counts) = random_routing(&mut rng, n, e, k);
     let cpu = &Device::Cpu;
-    let order = RowOrder::new(
-        rows.iter().map(|x| x.1).collect(),
-        rows.iter().map(|x| x.2).collect(),
-        k,
-        cpu,
-    )
-    .unwrap();
     let gate_up = quantized_experts(&mut rng, e, 2 * i, h);
     let down = quantized_experts(&mut rng, e, h, i);
     let mut t = |rows: usize, cols: usize, scale: f32| {
