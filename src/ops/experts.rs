@@ -14,7 +14,7 @@
 //! `*_reference` are the per-expert loops with candle's autograd that the ops are tested
 //! against.
 
-use super::grouped_gemm::{grouped_gemm, Gemm, Product};
+use super::grouped_gemm::{grouped_gemm, grouped_outer, Gemm, Product};
 use super::nf4_linear::{Nf4Weight, Scales};
 use crate::quant::{op::dequantize, QuantKind};
 use candle_core::{CustomOp1, CustomOp3, DType, Result, Tensor};
@@ -411,34 +411,12 @@ impl GroupedLora {
             }),
             Gemm::nn(s),
         )?;
-        let db3 = grouped_gemm(
-            &dy,
-            &h,
-            num_experts * out * r,
-            &self.products(|e, st, n| Product {
-                a: st * out,
-                b: st * r,
-                c: e * out * r,
-                m: out,
-                n: r,
-                k: n,
-            }),
-            Gemm::tn(s),
-        )?;
-        let da3 = grouped_gemm(
-            &dh,
-            x,
-            num_experts * r * inp,
-            &self.products(|e, st, n| Product {
-                a: st * r,
-                b: st * inp,
-                c: e * r * inp,
-                m: r,
-                n: inp,
-                k: n,
-            }),
-            Gemm::tn(1.0),
-        )?;
+        // Weight gradients, reduced over each expert's rows: dBᵀ_e = s · h_eᵀ·dy_e [r, out],
+        // dA_e = dh_eᵀ·x_e [r, in].
+        let groups = self.groups();
+        let h2 = h.reshape((m, r))?;
+        let dbt3 = grouped_outer(&h2, &dy.reshape((m, out))?, &groups, num_experts, s)?;
+        let da3 = grouped_outer(&dh.reshape((m, r))?, x, &groups, num_experts, 1.0)?;
         let dx = grouped_gemm(
             &dh,
             &a3,
@@ -453,9 +431,9 @@ impl GroupedLora {
             }),
             Gemm::nn(1.0),
         )?;
-        let db = db3
-            .reshape((num_experts, out, r))?
-            .permute((1, 2, 0))?
+        let db = dbt3
+            .reshape((num_experts, r, out))?
+            .permute((2, 1, 0))?
             .reshape((out, r * num_experts))?;
         Ok((
             dx.reshape((m, inp))?,

@@ -197,6 +197,56 @@ pub fn output_for_products(len: usize, dtype: DType, device: &Device) -> Result<
 }
 
 /// The reference: one candle matmul per product, assembled in output order with zeros between.
+/// Per-group products reduced over each group's rows, as the weight gradients of grouped LoRA
+/// factors need: for each group `(e, first row, rows)`, block `e` of the output (`[E, r, n]`
+/// flat, E = `num_experts`; blocks of experts without a group are zero) is
+/// `alpha · R_gᵀ · X_g`, with R `[M, r]` and X `[M, n]` (one dtype) and R_g, X_g the group's
+/// rows. CPU: these products through `grouped_gemm` (the reference); CUDA: one launch of
+/// `kernels/lora.cu` `lora_outer` (cuBLAS's grouped GEMM runs these k = rows products as one
+/// kernel per group).
+pub fn grouped_outer(
+    rm: &Tensor,
+    x: &Tensor,
+    groups: &[(usize, usize, usize)],
+    num_experts: usize,
+    alpha: f64,
+) -> Result<Tensor> {
+    let (m, r) = rm.dims2()?;
+    let (mx, n) = x.dims2()?;
+    if m != mx
+        || rm.dtype() != x.dtype()
+        || groups
+            .iter()
+            .any(|&(e, first, rows)| e >= num_experts || first + rows > m)
+    {
+        bail!(
+            "grouped_outer: R {:?} {:?}, X {:?} {:?}, groups beyond {num_experts} experts or {m} rows",
+            rm.dims(),
+            rm.dtype(),
+            x.dims(),
+            x.dtype()
+        );
+    }
+    match rm.device() {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::grouped_outer(rm, x, groups, num_experts, alpha),
+        _ => {
+            let products: Vec<Product> = groups
+                .iter()
+                .map(|&(e, first, rows)| Product {
+                    a: first * r,
+                    b: first * n,
+                    c: e * r * n,
+                    m: r,
+                    n,
+                    k: rows,
+                })
+                .collect();
+            grouped_gemm(rm, x, num_experts * r * n, &products, Gemm::tn(alpha))
+        }
+    }
+}
+
 fn cpu(a: &Tensor, b: &Tensor, c_len: usize, products: &[Product], gemm: Gemm) -> Result<Tensor> {
     let block = |t: &Tensor, off: usize, rows: usize, cols: usize, trans: bool| -> Result<Tensor> {
         let s = t.narrow(0, off, rows * cols)?.reshape((rows, cols))?;
@@ -315,6 +365,90 @@ mod cuda {
             c.ptrs[2 * g + i] = base.2 + (p.c * elem) as u64;
         }
         Ok(c)
+    }
+
+    /// `super::grouped_outer` on CUDA: `lora_outer` over all groups in one launch.
+    pub(super) fn grouped_outer(
+        rm: &Tensor,
+        x: &Tensor,
+        groups: &[(usize, usize, usize)],
+        num_experts: usize,
+        alpha: f64,
+    ) -> Result<Tensor> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let candle_core::Device::Cuda(dev) = rm.device() else {
+            bail!("grouped_outer: not a CUDA tensor")
+        };
+        let (r, n) = (rm.dim(1)?, x.dim(1)?);
+        let out = Tensor::zeros(num_experts * r * n, rm.dtype(), rm.device())?;
+        let live: Vec<u32> = groups
+            .iter()
+            .filter(|g| g.2 > 0)
+            .flat_map(|&(e, first, rows)| [e as u32, first as u32, rows as u32])
+            .collect();
+        if live.is_empty() || r == 0 || n == 0 {
+            return Ok(out);
+        }
+        let (rm, x) = (rm.contiguous()?, x.contiguous()?);
+        let table = dev.clone_htod(&live)?;
+        let suffix = match rm.dtype() {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            other => bail!("grouped_outer: {other:?} not supported on CUDA"),
+        };
+        let func = dev.get_or_load_custom_func(
+            &format!("lora_outer_{suffix}"),
+            "moeq_lora",
+            crate::ops::kernels::LORA,
+        )?;
+        // Matches kernels/lora.cu: OUTER_COLS columns and OUTER_RANK of r per block.
+        let cfg = LaunchConfig {
+            grid_dim: (
+                n.div_ceil(128) as u32,
+                (live.len() / 3) as u32,
+                r.div_ceil(16) as u32,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (ri, ni, a) = (r as i32, n as i32, alpha as f32);
+        {
+            let (sr, lr) = rm.storage_and_layout();
+            let (sx, lx) = x.storage_and_layout();
+            let (so, _) = out.storage_and_layout();
+            let (Storage::Cuda(sr), Storage::Cuda(sx), Storage::Cuda(so)) = (&*sr, &*sx, &*so)
+            else {
+                bail!("grouped_outer: operands not on the GPU")
+            };
+            macro_rules! run {
+                ($t:ty) => {{
+                    let vr = sr.as_cuda_slice::<$t>()?.slice(lr.start_offset()..);
+                    let vx = sx.as_cuda_slice::<$t>()?.slice(lx.start_offset()..);
+                    let vo = so.as_cuda_slice::<$t>()?;
+                    let mut b = func.builder();
+                    b.arg(&vr);
+                    b.arg(&vx);
+                    b.arg(&table);
+                    // The kernel writes the groups' blocks of `out`, a fresh buffer.
+                    b.arg(vo);
+                    b.arg(&ri);
+                    b.arg(&ni);
+                    b.arg(&a);
+                    // SAFETY: arguments match kernels/lora.cu; `super::grouped_outer` checked that
+                    // every group's rows lie in R and X and every expert block in `out`.
+                    unsafe { b.launch(cfg) }.w()?;
+                }};
+            }
+            match rm.dtype() {
+                DType::F32 => run!(f32),
+                DType::BF16 => run!(half::bf16),
+                DType::F16 => run!(half::f16),
+                other => bail!("grouped_outer: {other:?} not supported on CUDA"),
+            }
+        }
+        Ok(out)
     }
 
     /// Flat uninitialised memory of `len` elements on the CUDA `device`.
