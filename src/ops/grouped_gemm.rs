@@ -197,13 +197,17 @@ pub fn output_for_products(len: usize, dtype: DType, device: &Device) -> Result<
 }
 
 /// The reference: one candle matmul per product, assembled in output order with zeros between.
+/// Mean rows per group below which CUDA's `grouped_outer` uses its own kernel.
+pub const OUTER_KERNEL_ROWS: usize = 320;
+
 /// Per-group products reduced over each group's rows, as the weight gradients of grouped LoRA
 /// factors need: for each group `(e, first row, rows)`, block `e` of the output (`[E, r, n]`
 /// flat, E = `num_experts`; blocks of experts without a group are zero) is
 /// `alpha · R_gᵀ · X_g`, with R `[M, r]` and X `[M, n]` (one dtype) and R_g, X_g the group's
-/// rows. CPU: these products through `grouped_gemm` (the reference); CUDA: one launch of
+/// rows. CPU: these products through `grouped_gemm` (the reference); CUDA: the same for large
+/// groups, and for small ones (under `OUTER_KERNEL_ROWS` rows on average) one launch of
 /// `kernels/lora.cu` `lora_outer` (cuBLAS's grouped GEMM runs these k = rows products as one
-/// kernel per group).
+/// kernel per group, whose launches dominate when the groups are small).
 pub fn grouped_outer(
     rm: &Tensor,
     x: &Tensor,
@@ -227,24 +231,30 @@ pub fn grouped_outer(
             x.dtype()
         );
     }
-    match rm.device() {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cuda::grouped_outer(rm, x, groups, num_experts, alpha),
-        _ => {
-            let products: Vec<Product> = groups
-                .iter()
-                .map(|&(e, first, rows)| Product {
-                    a: first * r,
-                    b: first * n,
-                    c: e * r * n,
-                    m: r,
-                    n,
-                    k: rows,
-                })
-                .collect();
-            grouped_gemm(rm, x, num_experts * r * n, &products, Gemm::tn(alpha))
+    // The kernel wins where groups are small and cuBLAS's per-group launches dominate (128
+    // rows per expert: +16% per training step with expert adapters at micro-batch 1); from
+    // ~512 rows per group cuBLAS's kernels are as fast or faster (−2% with the kernel at 512
+    // and 1,024; launch/bench/NOTES.md item 33).
+    #[cfg(feature = "cuda")]
+    if rm.device().is_cuda() {
+        let live = groups.iter().filter(|g| g.2 > 0).count();
+        let rows: usize = groups.iter().map(|g| g.2).sum();
+        if rows < OUTER_KERNEL_ROWS * live.max(1) {
+            return cuda::grouped_outer(rm, x, groups, num_experts, alpha);
         }
     }
+    let products: Vec<Product> = groups
+        .iter()
+        .map(|&(e, first, rows)| Product {
+            a: first * r,
+            b: first * n,
+            c: e * r * n,
+            m: r,
+            n,
+            k: rows,
+        })
+        .collect();
+    grouped_gemm(rm, x, num_experts * r * n, &products, Gemm::tn(alpha))
 }
 
 fn cpu(a: &Tensor, b: &Tensor, c_len: usize, products: &[Product], gemm: Gemm) -> Result<Tensor> {

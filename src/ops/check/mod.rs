@@ -484,44 +484,54 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         rtol,
         k_tol,
     )?);
-    // The expert adapters' weight gradients (`grouped_outer`; a kernel of its own on CUDA) at a
-    // rank that is not whole chunks of 16 (24), 200 columns (a partial 128-column tile), and
-    // groups of 45 and 70 rows (partial 32-row tiles), one of one row, one empty. Tolerance:
-    // sums of ≤ 70 products in another order, f32 (1e-5 of the largest value); bf16 adds one
-    // rounding of the output (one bf16 step, ≤ 2^-7 relative).
-    let (rk, cols, rows) = (24usize, 200usize, 116usize);
-    let groups = [
-        (1usize, 0usize, 45usize),
-        (2, 45, 0),
-        (4, 45, 1),
-        (5, 46, 70),
-    ];
-    let rm = Tensor::randn(0f32, 1.0, (rows, rk), cpu)?;
-    let xm = Tensor::randn(0f32, 1.0, (rows, cols), cpu)?;
-    let outer = |d: &Device| {
-        let (r2, x2) = (
-            rm.to_dtype(dtype)?.to_device(d)?,
-            xm.to_dtype(dtype)?.to_device(d)?,
-        );
-        super::grouped_gemm::grouped_outer(&r2, &x2, &groups, 6, 0.5)
-    };
-    let want = outer(&Device::Cpu)?;
-    let scale = want
-        .to_dtype(DType::F32)?
-        .abs()?
-        .max(0)?
-        .to_scalar::<f32>()?;
-    out.push(compare(
-        &format!("grouped_outer r{rk} × {cols} over 4 groups {dtype:?}"),
-        &outer(device)?,
-        &want,
-        if dtype == DType::F32 {
-            0.0
-        } else {
-            1.0 / 256.0
-        },
-        1e-5 * scale,
-    )?);
+    // The expert adapters' weight gradients (`grouped_outer`) at a rank that is not whole
+    // chunks of 16 (24) and 200 columns (a partial 128-column tile): groups of 45 and 70 rows
+    // (partial 32-row tiles), one of one row and one empty, which CUDA runs with its own
+    // kernel; then groups of 700 and 900 rows, which it leaves to cuBLAS (`OUTER_KERNEL_ROWS`).
+    // Tolerance: sums of ≤ 900 products in another order, f32 (1e-5 of the largest value);
+    // bf16 adds one rounding of the output (one bf16 step, ≤ 2^-7 relative).
+    let (rk, cols) = (24usize, 200usize);
+    for (what, groups) in [
+        (
+            "kernel",
+            vec![
+                (1usize, 0usize, 45usize),
+                (2, 45, 0),
+                (4, 45, 1),
+                (5, 46, 70),
+            ],
+        ),
+        ("cuBLAS", vec![(0, 0, 700), (3, 700, 900)]),
+    ] {
+        let rows: usize = groups.iter().map(|g| g.2).sum();
+        let rm = Tensor::randn(0f32, 1.0, (rows, rk), cpu)?;
+        let xm = Tensor::randn(0f32, 1.0, (rows, cols), cpu)?;
+        let outer = |d: &Device| {
+            let r2 = rm.to_dtype(dtype)?.to_device(d)?;
+            let x2 = xm.to_dtype(dtype)?.to_device(d)?;
+            super::grouped_gemm::grouped_outer(&r2, &x2, &groups, 6, 0.5)
+        };
+        let want = outer(&Device::Cpu)?;
+        let scale = want
+            .to_dtype(DType::F32)?
+            .abs()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        out.push(compare(
+            &format!(
+                "grouped_outer r{rk} × {cols}, {} groups ({what}) {dtype:?}",
+                groups.len()
+            ),
+            &outer(device)?,
+            &want,
+            if dtype == DType::F32 {
+                0.0
+            } else {
+                1.0 / 128.0
+            },
+            1e-5 * scale,
+        )?);
+    }
     Ok(out)
 }
 
