@@ -489,7 +489,9 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
     // (partial 32-row tiles), one of one row and one empty, which CUDA runs with its own
     // kernel; then groups of 700 and 900 rows, which it leaves to cuBLAS (`OUTER_KERNEL_ROWS`).
     // Tolerance: sums of ≤ 900 products in another order, f32 (1e-5 of the largest value);
-    // bf16 adds one rounding of the output (one bf16 step, ≤ 2^-7 relative).
+    // bf16 adds one rounding of the output on each side: one bf16 step apart, which is up to
+    // 2^-7 of the value (exactly that just above a power of two, where the H100 run met 0.88
+    // of it), so 1.5 · 2^-7 leaves room for f32 sums that differ in their last bits.
     let (rk, cols) = (24usize, 200usize);
     for (what, groups) in [
         (
@@ -527,7 +529,7 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
             if dtype == DType::F32 {
                 0.0
             } else {
-                1.0 / 128.0
+                1.5 / 128.0
             },
             1e-5 * scale,
         )?);
