@@ -11,7 +11,7 @@ use super::layers::{Attention, Layer, Mlp, Moe, Proj};
 use super::ArchSpec;
 use crate::checkpoint::frozen::{Frozen, FrozenBase};
 use crate::lora::Adapters;
-use crate::ops::embedding::Embedding;
+use crate::ops::embedding::{Embedding, TokenIds};
 use crate::ops::experts::ExpertWeights;
 use crate::ops::nf4_linear::{Nf4Weight, Scales};
 use crate::ops::norm::rms_norm;
@@ -47,10 +47,8 @@ pub struct Parallel {
 
 /// Per-micro-batch inputs shared by every layer.
 pub struct Inputs {
-    /// [N] u32
-    pub input_ids: Tensor,
-    /// The same ids on the host (a host-held embedding gathers its rows without a device read).
-    pub ids: Vec<u32>,
+    /// The token ids on the host and on the device.
+    pub ids: TokenIds,
     /// cos, sin: [N, 1, head_dim] in the compute dtype.
     pub rope: (Tensor, Tensor),
     /// [B, S] u32: the packed sample of each position; a query attends to the keys of its
@@ -353,8 +351,7 @@ impl Model {
         }
         let pos = Tensor::new(positions, &self.device)?;
         Ok(Inputs {
-            input_ids: Tensor::new(ids, &self.device)?,
-            ids: ids.to_vec(),
+            ids: TokenIds::new(ids, &self.device)?,
             rope: self.rope.tables(&pos, self.dtype)?,
             segments: Tensor::from_slice(segments, (batch, seq), &self.device)?,
             batch,
@@ -368,7 +365,7 @@ impl Model {
     /// ids → x: [N, H] on the model's device (rows gathered where the embedding is held: a
     /// host-held one row by row, then uploaded).
     pub fn embed(&self, inputs: &Inputs) -> Result<Tensor> {
-        self.embed.rows(&inputs.ids, &inputs.input_ids)
+        self.embed.rows(&inputs.ids)
     }
 
     /// Decoder layer `l`: x [N, H] → [N, H].

@@ -10,6 +10,32 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
+/// A micro-batch's token ids on the host and, the same values, on the model's device (built
+/// together, so a gather that checks the host copy reads only rows it checked).
+pub struct TokenIds {
+    host: Vec<u32>,
+    /// [N] u32
+    device: Tensor,
+}
+
+impl TokenIds {
+    pub fn new(ids: &[u32], device: &Device) -> Result<TokenIds> {
+        Ok(TokenIds {
+            host: ids.to_vec(),
+            device: Tensor::new(ids, device)?,
+        })
+    }
+
+    pub fn host(&self) -> &[u32] {
+        &self.host
+    }
+
+    /// [N] u32 on the model's device.
+    pub fn on_device(&self) -> &Tensor {
+        &self.device
+    }
+}
+
 pub enum Embedding {
     /// [V, H] on the model's device.
     Device(Tensor),
@@ -39,13 +65,15 @@ impl Embedding {
         Ok(Embedding::Host(table.to_device(&Device::Cpu)?))
     }
 
-    /// Rows `ids` (also as `ids_on_device`, [N] u32 on the model's device) → [N, H] there.
-    pub fn rows(&self, ids: &[u32], ids_on_device: &Tensor) -> Result<Tensor> {
+    /// Rows `ids` → [N, H] on the ids' device.
+    pub fn rows(&self, ids: &TokenIds) -> Result<Tensor> {
         match self {
-            Embedding::Device(t) => t.index_select(ids_on_device, 0),
-            Embedding::Host(t) => gather_host_rows(t, ids)?.to_device(ids_on_device.device()),
+            Embedding::Device(t) => t.index_select(ids.on_device(), 0),
+            Embedding::Host(t) => {
+                gather_host_rows(t, ids.host())?.to_device(ids.on_device().device())
+            }
             #[cfg(feature = "cuda")]
-            Embedding::Pinned(p) => p.rows(ids, ids_on_device),
+            Embedding::Pinned(p) => p.rows(ids),
         }
     }
 }
@@ -121,7 +149,8 @@ fn suffix(dtype: DType) -> Option<&'static str> {
 
 #[cfg(feature = "cuda")]
 pub mod cuda {
-    use super::{check_ids, suffix};
+    use super::{check_ids, suffix, TokenIds};
+    use candle_core::backend::BackendDevice;
     use candle_core::cuda_backend::cudarc::driver::{
         sys, LaunchConfig, PinnedHostSlice, PushKernelArg,
     };
@@ -132,8 +161,8 @@ pub mod cuda {
     /// platform) page-locked host memory is readable by kernels at its host address.
     pub struct PinnedTable {
         bytes: PinnedHostSlice<u8>,
-        /// The stream the gathers run on: drained before the memory is freed.
-        stream: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+        /// The device whose stream the gathers run on (drained before the memory is freed).
+        dev: CudaDevice,
         /// `bytes`' address, as kernels read it.
         addr: u64,
         vocab: usize,
@@ -150,10 +179,9 @@ pub mod cuda {
             }
             let host = table.to_device(&candle_core::Device::Cpu)?.contiguous()?;
             let n = vocab * h * dtype.size_in_bytes();
-            let stream = dev.cuda_stream();
             // SAFETY: every byte is written below before any kernel reads it.
             let mut bytes = unsafe {
-                stream
+                dev.cuda_stream()
                     .context()
                     .alloc_pinned_with_flags::<u8>(n, sys::CU_MEMHOSTALLOC_DEVICEMAP)
             }
@@ -169,7 +197,7 @@ pub mod cuda {
             let addr = bytes.as_ptr().w()? as u64;
             Ok(PinnedTable {
                 bytes,
-                stream,
+                dev: dev.clone(),
                 addr,
                 vocab,
                 h,
@@ -177,20 +205,21 @@ pub mod cuda {
             })
         }
 
-        pub fn rows(&self, ids: &[u32], ids_on_device: &Tensor) -> Result<Tensor> {
-            let candle_core::Device::Cuda(dev) = ids_on_device.device() else {
+        pub fn rows(&self, ids: &TokenIds) -> Result<Tensor> {
+            let candle_core::Device::Cuda(dev) = ids.on_device().device() else {
                 candle_core::bail!("embedding: ids not on CUDA")
             };
-            check_ids(ids, self.vocab)?;
-            let tokens = ids.len();
-            if ids_on_device.elem_count() != tokens || ids_on_device.dtype() != DType::U32 {
-                candle_core::bail!(
-                    "embedding: {} device ids of {:?} for {tokens} tokens",
-                    ids_on_device.elem_count(),
-                    ids_on_device.dtype()
-                );
+            // The gathers must run on the stream that `drop` drains.
+            if !dev.same_device(&self.dev) {
+                candle_core::bail!("embedding: ids on another device than the table's");
             }
-            let idx = ids_on_device.contiguous()?;
+            // The device ids hold the host values (`TokenIds`): checking these bounds the reads.
+            check_ids(ids.host(), self.vocab)?;
+            let tokens = ids.host().len();
+            if tokens == 0 {
+                return Tensor::zeros((0, self.h), self.dtype, ids.on_device().device());
+            }
+            let idx = ids.on_device().contiguous()?;
             let (gi, li) = idx.storage_and_layout();
             let Storage::Cuda(ci) = &*gi else {
                 candle_core::bail!("embedding: ids not on CUDA")
@@ -253,7 +282,7 @@ pub mod cuda {
     impl Drop for PinnedTable {
         fn drop(&mut self) {
             // Gathers still queued read this memory.
-            let _ = self.stream.synchronize();
+            let _ = self.dev.cuda_stream().synchronize();
         }
     }
 

@@ -196,8 +196,7 @@ pub fn output_for_products(len: usize, dtype: DType, device: &Device) -> Result<
     }
 }
 
-/// The reference: one candle matmul per product, assembled in output order with zeros between.
-/// Mean rows per group below which CUDA's `grouped_outer` uses its own kernel.
+/// Rows of the largest group below which CUDA's `grouped_outer` uses its own kernel.
 pub const OUTER_KERNEL_ROWS: usize = 320;
 
 /// Per-group products reduced over each group's rows, as the weight gradients of grouped LoRA
@@ -205,7 +204,7 @@ pub const OUTER_KERNEL_ROWS: usize = 320;
 /// flat, E = `num_experts`; blocks of experts without a group are zero) is
 /// `alpha · R_gᵀ · X_g`, with R `[M, r]` and X `[M, n]` (one dtype) and R_g, X_g the group's
 /// rows. CPU: these products through `grouped_gemm` (the reference); CUDA: the same for large
-/// groups, and for small ones (under `OUTER_KERNEL_ROWS` rows on average) one launch of
+/// groups, and for small ones (all under `OUTER_KERNEL_ROWS` rows) one launch of
 /// `kernels/lora.cu` `lora_outer` (cuBLAS's grouped GEMM runs these k = rows products as one
 /// kernel per group, whose launches dominate when the groups are small).
 pub fn grouped_outer(
@@ -217,31 +216,34 @@ pub fn grouped_outer(
 ) -> Result<Tensor> {
     let (m, r) = rm.dims2()?;
     let (mx, n) = x.dims2()?;
+    let mut seen = vec![false; num_experts];
+    let overlapping = groups
+        .iter()
+        .any(|&(e, _, _)| e < num_experts && std::mem::replace(&mut seen[e], true));
     if m != mx
+        || m > u32::MAX as usize
         || rm.dtype() != x.dtype()
+        || overlapping
         || groups
             .iter()
             .any(|&(e, first, rows)| e >= num_experts || first + rows > m)
     {
         bail!(
-            "grouped_outer: R {:?} {:?}, X {:?} {:?}, groups beyond {num_experts} experts or {m} rows",
+            "grouped_outer: R {:?} {:?}, X {:?} {:?}, groups beyond {num_experts} experts or {m} rows, or two for one expert",
             rm.dims(),
             rm.dtype(),
             x.dims(),
             x.dtype()
         );
     }
-    // The kernel wins where groups are small and cuBLAS's per-group launches dominate (128
+    // The kernel wins where groups are small and cuBLAS's per-group launches dominate (≈ 128
     // rows per expert: +16% per training step with expert adapters at micro-batch 1); from
-    // ~512 rows per group cuBLAS's kernels are as fast or faster (−2% with the kernel at 512
-    // and 1,024; launch/bench/NOTES.md item 33).
+    // ≈ 512 rows per group cuBLAS's kernels are as fast or faster (−2% with the kernel at 512
+    // and 1,024; launch/bench/NOTES.md item 33). The largest group decides: one block walks a
+    // group's rows one after another, so one large group would hold up the kernel.
     #[cfg(feature = "cuda")]
-    if rm.device().is_cuda() {
-        let live = groups.iter().filter(|g| g.2 > 0).count();
-        let rows: usize = groups.iter().map(|g| g.2).sum();
-        if rows < OUTER_KERNEL_ROWS * live.max(1) {
-            return cuda::grouped_outer(rm, x, groups, num_experts, alpha);
-        }
+    if rm.device().is_cuda() && groups.iter().all(|g| g.2 < OUTER_KERNEL_ROWS) {
+        return cuda::grouped_outer(rm, x, groups, num_experts, alpha);
     }
     let products: Vec<Product> = groups
         .iter()
@@ -257,6 +259,7 @@ pub fn grouped_outer(
     grouped_gemm(rm, x, num_experts * r * n, &products, Gemm::tn(alpha))
 }
 
+/// The reference: one candle matmul per product, assembled in output order with zeros between.
 fn cpu(a: &Tensor, b: &Tensor, c_len: usize, products: &[Product], gemm: Gemm) -> Result<Tensor> {
     let block = |t: &Tensor, off: usize, rows: usize, cols: usize, trans: bool| -> Result<Tensor> {
         let s = t.narrow(0, off, rows * cols)?.reshape((rows, cols))?;

@@ -17,11 +17,13 @@ pub(crate) fn failed(e: impl std::fmt::Display) -> TrainError {
 
 /// A failed forward/backward; a device out of memory says which settings lower the peak.
 pub(crate) fn step_failed(e: impl std::fmt::Display, gradient_checkpointing: bool) -> TrainError {
-    // One line: the device error's text may end in a newline.
-    let msg = e.to_string().trim_end().to_string();
-    if !msg.to_ascii_lowercase().contains("out of memory") {
+    let msg = e.to_string();
+    let lower = msg.to_ascii_lowercase();
+    if !lower.contains("out of memory") && !lower.contains("alloc_failed") {
         return TrainError::Failed(msg);
     }
+    // One line: the device error's first (a backtrace may follow).
+    let msg = msg.lines().next().unwrap_or_default().trim_end();
     let fix = if gradient_checkpointing {
         "lower micro_batch_size or sequence_len"
     } else {
@@ -39,7 +41,7 @@ mod tests {
     #[test]
     fn out_of_memory_names_the_settings_that_lower_the_peak() {
         let oom = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
-        let kept = step_failed(format!("{oom}\n"), false).to_string();
+        let kept = step_failed(format!("{oom}\n   0: backtrace frame\n"), false).to_string();
         assert!(!kept.contains('\n'), "{kept}");
         assert!(kept.starts_with(oom), "{kept}");
         assert!(kept.contains("set gradient_checkpointing: true"), "{kept}");
@@ -52,6 +54,8 @@ mod tests {
             !recomputed.contains("gradient_checkpointing"),
             "{recomputed}"
         );
+        let cublas = step_failed("cuBLAS: CUBLAS_STATUS_ALLOC_FAILED", false).to_string();
+        assert!(cublas.contains("ran out of memory"), "{cublas}");
         let other = step_failed("shape mismatch", false).to_string();
         assert_eq!(other, "shape mismatch");
     }
