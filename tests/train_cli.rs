@@ -78,14 +78,20 @@ fn default_config_learns_the_task() {
 }
 
 fn losses_of(extra: &str) -> Vec<String> {
+    losses_and_log(extra).0
+}
+
+/// The logged losses of a run and its stderr.
+fn losses_and_log(extra: &str) -> (Vec<String>, String) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), extra);
     let (code, _, err) = moeq(&["train", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    metrics(dir.path())
+    let losses = metrics(dir.path())
         .iter()
         .filter_map(|r| r.get("loss").map(|l| l.to_string()))
-        .collect()
+        .collect();
+    (losses, err)
 }
 
 #[test]
@@ -97,6 +103,19 @@ fn same_seed_same_losses_bit_for_bit() {
     assert_eq!(a, b, "same seed, different losses");
     let c = losses_of(&format!("{short}\nseed: 1"));
     assert_ne!(a, c, "another seed gave the same losses");
+}
+
+/// `gradient_checkpointing: false` keeps every layer's graph instead of recomputing it: the
+/// same arithmetic, so the same losses bit for bit (with LoRA dropout and accumulation on).
+#[test]
+fn kept_activations_train_exactly_like_the_recompute() {
+    let short = "max_steps: 6\nwarmup_steps: 2\nlogging_steps: 1\neval_steps: 100\nsave_steps: 100\nlora_dropout: 0.1\ngradient_accumulation_steps: 2";
+    let (recomputed, log) = losses_and_log(short);
+    assert!(log.contains("activations: each layer recomputed"), "{log}");
+    let (kept, log) = losses_and_log(&format!("{short}\ngradient_checkpointing: false"));
+    assert!(log.contains("activations: every layer's kept"), "{log}");
+    assert_eq!(recomputed.len(), 6);
+    assert_eq!(recomputed, kept);
 }
 
 #[test]

@@ -369,6 +369,17 @@ pub fn train_ranks(
         };
     let (mut skipped, mut consecutive_skips) = (0usize, 0usize);
     let activations = Activations::from_checkpointing(config.gradient_checkpointing);
+    if lead {
+        tracing::info!(
+            "activations: {}",
+            match activations {
+                Activations::Recompute =>
+                    "each layer recomputed in the backward (gradient_checkpointing: true)",
+                Activations::Keep =>
+                    "every layer's kept for the backward (gradient_checkpointing: false)",
+            }
+        );
+    }
     let injected_nonfinite = injected_nonfinite_steps()?;
     // Watchdog (multi-process jobs): the first step may include warm-up, later ones not.
     let watch = &crate::dist::store::WATCH;
