@@ -75,3 +75,23 @@ pub fn output_bytes_needed(config: &TrainConfig, spec: &crate::arch::ArchSpec) -
     };
     adapter * (1 + 3 * keep) + (1 << 20)
 }
+
+/// Writes the final adapter into `output_dir` itself, as axolotl/PEFT users expect: saved to a
+/// temporary folder first, then moved file by file.
+pub(crate) fn save_final_adapter(
+    config: &TrainConfig,
+    adapters: &crate::lora::Adapters,
+) -> Result<(), super::error::TrainError> {
+    use super::error::failed;
+    let files = ["adapter_config.json", "adapter_model.safetensors"];
+    let tmp = config.output_dir.join(".final-adapter.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    crate::lora::peft::save(adapters, &config.base_model, &tmp)
+        .map_err(|e| failed(format!("{}: {e}", tmp.display())))?;
+    for f in files {
+        std::fs::rename(tmp.join(f), config.output_dir.join(f)).map_err(failed)?;
+    }
+    let _ = std::fs::remove_dir_all(&tmp);
+    tracing::info!("saved adapter to {}", config.output_dir.display());
+    Ok(())
+}

@@ -136,6 +136,18 @@ impl Activations {
             Activations::Keep
         }
     }
+
+    /// For the run's log.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Activations::Recompute => {
+                "each layer recomputed in the backward (gradient_checkpointing: true)"
+            }
+            Activations::Keep => {
+                "every layer's kept for the backward (gradient_checkpointing: false)"
+            }
+        }
+    }
 }
 
 /// What the forward left for one layer's backward.

@@ -18,7 +18,7 @@ use crate::checkpoint::ModelDir;
 use crate::config::TrainConfig;
 use crate::data::{Loader, LoaderOptions, PreparedData, Sample};
 use crate::dist::Communicator;
-use crate::lora::{peft, Adapters};
+use crate::lora::Adapters;
 use crate::util::phases::timed;
 use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
@@ -370,15 +370,7 @@ pub fn train_ranks(
     let (mut skipped, mut consecutive_skips) = (0usize, 0usize);
     let activations = Activations::from_checkpointing(config.gradient_checkpointing);
     if lead {
-        tracing::info!(
-            "activations: {}",
-            match activations {
-                Activations::Recompute =>
-                    "each layer recomputed in the backward (gradient_checkpointing: true)",
-                Activations::Keep =>
-                    "every layer's kept for the backward (gradient_checkpointing: false)",
-            }
-        );
+        tracing::info!("activations: {}", activations.describe());
     }
     let injected_nonfinite = injected_nonfinite_steps()?;
     // Watchdog (multi-process jobs): the first step may include warm-up, later ones not.
@@ -597,17 +589,7 @@ pub fn train_ranks(
     }
     let full = whole_adapter(&adapters, comm.as_ref(), ep)?;
     if lead {
-        // The final adapter goes into output_dir itself, as axolotl/PEFT users expect.
-        let files = ["adapter_config.json", "adapter_model.safetensors"];
-        let tmp = config.output_dir.join(".final-adapter.tmp");
-        let _ = std::fs::remove_dir_all(&tmp);
-        peft::save(full.as_ref().unwrap_or(&adapters), &config.base_model, &tmp)
-            .map_err(|e| failed(format!("{}: {e}", tmp.display())))?;
-        for f in files {
-            std::fs::rename(tmp.join(f), config.output_dir.join(f)).map_err(failed)?;
-        }
-        let _ = std::fs::remove_dir_all(&tmp);
-        tracing::info!("saved adapter to {}", config.output_dir.display());
+        super::output::save_final_adapter(config, full.as_ref().unwrap_or(&adapters))?;
     }
     comm.barrier().map_err(failed)?;
     Ok(Summary {
