@@ -4,6 +4,7 @@
 
 mod attention;
 mod nf4;
+mod outer;
 mod rows;
 
 use nf4::check_nf4_linear;
@@ -484,56 +485,7 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         rtol,
         k_tol,
     )?);
-    // The expert adapters' weight gradients (`grouped_outer`) at a rank that is not whole
-    // chunks of 16 (24) and 200 columns (a partial 128-column tile): groups of 45 and 70 rows
-    // (partial 32-row tiles), one of one row and one empty, which CUDA runs with its own
-    // kernel; then groups of 700 and 900 rows, which it leaves to cuBLAS (`OUTER_KERNEL_ROWS`).
-    // Tolerance: sums of ≤ 900 products in another order, f32 (1e-5 of the largest value);
-    // bf16 adds one rounding of the output on each side: one bf16 step apart, which is up to
-    // 2^-7 of the value (exactly that just above a power of two, where the H100 run met 0.88
-    // of it), so 1.5 · 2^-7 leaves room for f32 sums that differ in their last bits.
-    let (rk, cols) = (24usize, 200usize);
-    for (what, groups) in [
-        (
-            "kernel",
-            vec![
-                (1usize, 0usize, 45usize),
-                (2, 45, 0),
-                (4, 45, 1),
-                (5, 46, 70),
-            ],
-        ),
-        ("cuBLAS", vec![(0, 0, 700), (3, 700, 900)]),
-    ] {
-        let rows: usize = groups.iter().map(|g| g.2).sum();
-        let rm = Tensor::randn(0f32, 1.0, (rows, rk), cpu)?;
-        let xm = Tensor::randn(0f32, 1.0, (rows, cols), cpu)?;
-        let outer = |d: &Device| {
-            let r2 = rm.to_dtype(dtype)?.to_device(d)?;
-            let x2 = xm.to_dtype(dtype)?.to_device(d)?;
-            super::grouped_gemm::grouped_outer(&r2, &x2, &groups, 6, 0.5)
-        };
-        let want = outer(&Device::Cpu)?;
-        let scale = want
-            .to_dtype(DType::F32)?
-            .abs()?
-            .max(0)?
-            .to_scalar::<f32>()?;
-        out.push(compare(
-            &format!(
-                "grouped_outer r{rk} × {cols}, {} groups ({what}) {dtype:?}",
-                groups.len()
-            ),
-            &outer(device)?,
-            &want,
-            if dtype == DType::F32 {
-                0.0
-            } else {
-                1.5 / 128.0
-            },
-            1e-5 * scale,
-        )?);
-    }
+    out.extend(outer::check_grouped_outer(device, dtype)?);
     Ok(out)
 }
 
