@@ -10,6 +10,7 @@
 // longer rows are read again for each pass. Launch: grid ceil(total / WARPS), block 32·WARPS,
 // total = B·H·C rows.
 // CPU twin: src/ops/attn_softmax.rs (masked_softmax_cpu, masked_softmax_bwd_cpu).
+// Checked: src/gpu_check/ops/attention.rs (the "masked_softmax" and, in f32, "attention" entries).
 #include "common.cuh"
 
 constexpr int WARPS = 8;

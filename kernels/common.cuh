@@ -1,5 +1,7 @@
 // Shared helpers for moeq's CUDA kernels: conversions between storage dtypes and the f32
 // that every kernel computes in.
+// CPU twin: none of its own; from_f32 rounds to nearest even as half's bf16/f16::from_f32 do in
+// the CPU twins. Checked through every kernel that includes it (src/gpu_check/).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -6,6 +6,7 @@
 // Three passes over the row (max, sum, write), so the f32 probabilities never exist in memory.
 // A target outside the vocabulary gives a NaN loss (and no one-hot term) instead of a stray read.
 // Launch: grid R, block 1024. CPU twin: src/ops/cross_entropy.rs (cross_entropy_rows_cpu).
+// Checked: src/gpu_check/ops/mod.rs (the "cross_entropy_rows" entries: loss and dlogits).
 #include "common.cuh"
 
 constexpr int THREADS = 1024;

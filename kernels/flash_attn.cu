@@ -13,7 +13,9 @@
 // queries in dkv) is double-buffered with cp.async. Launch: 128 threads; grid (ceil(S/64),
 // nh, B) for fwd/dq, (ceil(S/64), kvh, B) for dkv, dynamic shared memory from smem_bytes below
 // (src/ops/flash_attn.rs); flash_bwd_dot: grid ceil(B·S·nh / 4), 128 threads.
-// CPU twin: the blocked attention of src/ops/attention.rs.
+// CPU twin: the blocked attention of src/ops/attention.rs (BlockedAttention::forward, ::backward).
+// Checked: src/gpu_check/ops/attention.rs (the bf16 "attention" entries at head sizes 64 and 128,
+// and "attention_block").
 #include "common.cuh"
 
 typedef __nv_bfloat16 bf16;

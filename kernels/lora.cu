@@ -2,7 +2,8 @@
 //   y[i] = T(y[i] + T(delta[i] · scale))      (delta = lora_B(lora_A(x)) in T)
 // 16-byte packs of VEC = 16 / sizeof(T) elements per thread (n % VEC == 0 and both buffers
 // 16-byte aligned: the caller checks). Launch: 1-D grid-stride loop over n / VEC packs.
-// CPU twin: src/ops/lora_linear.rs (the same two roundings with candle ops).
+// CPU twin: src/ops/lora_linear.rs (add_scaled: the same two roundings with candle ops).
+// Checked: src/gpu_check/ops/nf4.rs (the "lora_linear" entries).
 //
 // lora_outer: the weight gradients of grouped (per-expert) LoRA factors, where the reduction
 // runs over each expert's rows:
@@ -13,7 +14,8 @@
 // accumulators per thread (one column), staging 32 rows of R in shared memory at a time: X
 // is read once per 16 of r, coalesced. f32 accumulation in row order, one rounding.
 // Launch: grid (ceil(n/128), groups, ceil(r/16)), block 128. CPU twin: src/ops/grouped_gemm.rs
-// (`grouped_outer`, the same products as candle matmuls).
+// (`grouped_outer`, the same products as candle matmuls through `grouped_gemm`).
+// Checked: src/gpu_check/ops/outer.rs (the "grouped_outer" entries).
 #include "common.cuh"
 
 constexpr int OUTER_COLS = 128;

@@ -1,6 +1,8 @@
 // Blockwise 4-bit (NF4 / FP4) quantization and dequantization, bit-exact with bitsandbytes'
 // CUDA kernels (kQuantizeBlockwise, kDequantizeBlockwise, built with --use_fast_math).
-// CPU twin: src/quant/blockwise.rs. Golden data: tests/fixtures/nf4/.
+// CPU twin: src/quant/blockwise.rs (quantize_4bit, dequantize_4bit); dequantize_absmax:
+// src/quant/nested.rs (dequantize_absmax, dequantize_absmax_range). Golden data:
+// tests/fixtures/nf4/. Checked: src/gpu_check/quant.rs (the "nf4-kernels" entries, byte for byte).
 //
 // Layout: x is the row-major flattened tensor of n elements; block b = [b*bs, (b+1)*bs);
 // packed[j] = code(x[2j]) << 4 | code(x[2j+1]) (odd tail: low nibble codes 0.0); absmax[b] f32.

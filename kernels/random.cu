@@ -1,8 +1,10 @@
-// Counter-based normal values for frozen weights drawn at load time (src/checkpoint/generated.rs).
+// Counter-based normal values for frozen weights drawn at load time (src/model_files/generated.rs).
 // Value i of the stream `key` is offset + std·z with z the Box–Muller transform of the two 32-bit
 // halves of mix64(key + (i + 1)·φ) (SplitMix64's finaliser, φ = 0x9e3779b97f4a7c15), computed in
 // f32 and rounded to bf16. Stateless, so any slice of a stream is drawn on its own and the values
-// do not depend on the launch. Launch: any grid (grid-stride loop). CPU twin: generated.rs normal().
+// do not depend on the launch. Launch: any grid (grid-stride loop).
+// CPU twin: src/model_files/generated.rs (normal). Checked: src/gpu_check/ops/mod.rs (the
+// "generated weights" entries).
 #include "common.cuh"
 
 __device__ __forceinline__ uint64_t mix64(uint64_t z) {

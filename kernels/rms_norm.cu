@@ -3,7 +3,9 @@
 // have rows of 128):
 //   r = rsqrt(mean(x²) + eps);  n = x·r (f32) rounded to T;  y = n · w, rounded to T.
 // Backward (the weight is frozen: only dx):  g = dy·w;  dx = r · (g − n · mean(g·n))  (f32).
-// CPU twin: src/ops/norm.rs (rms_norm_cpu, rms_norm_bwd_cpu).
+// CPU twin: src/ops/norm.rs (rms_norm_reference, rms_norm_bwd_ops).
+// Checked: src/gpu_check/ops/mod.rs (the "rms_norm" entries) and src/gpu_check/ops/attention.rs
+// ("attention_block": the per-head norms).
 #include "common.cuh"
 
 constexpr int THREADS = 256;

@@ -7,6 +7,8 @@
 //   dx[i]       = dy[i]·cos[i]              + dy[i+half]·sin[i+half]
 //   dx[i+half]  = dy[i+half]·cos[i+half]    − dy[i]·sin[i]
 // Launch: 1-D grid-stride over N·H·half pairs. CPU twin: src/ops/rope.rs (rope_cpu).
+// Checked: src/gpu_check/ops/mod.rs (the "rope" entries) and src/gpu_check/ops/attention.rs
+// ("attention_block").
 #include "common.cuh"
 
 template <typename T, bool BWD>

@@ -1,6 +1,8 @@
 // SwiGLU forward: out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)).
 // Layout: gate, up, out contiguous with n elements each; computed in f32, one rounding to T.
-// Launch: 1-D grid-stride loop, any grid size. CPU twin: src/ops/swiglu.rs (swiglu_cpu).
+// Launch: 1-D grid-stride loop, any grid size. CPU twin: src/ops/swiglu.rs (SwiGlu::cpu_fwd,
+// i.e. silu_mul; primitive-op reference swiglu_reference). Checked: src/gpu_check/ops/mod.rs
+// (check_swiglu: the "swiglu" entries, forward, d_gate and d_up).
 #include "common.cuh"
 
 template <typename T>
@@ -27,7 +29,8 @@ extern "C" __global__ void swiglu_fwd_f16(const __half* g, const __half* u, __ha
 // Packed SwiGLU over the fused gate_up projection: gu [rows, 2·half] holds gate in columns
 // [0, half) and up in [half, 2·half); out [rows, half] = silu(gate) · up.
 // Backward: dgu = [dy·up·σ(g)·(1 + g·(1 − σ(g))), dy·silu(g)] in the same packed layout.
-// CPU twin: src/ops/swiglu.rs (packed_cpu, packed_bwd_cpu).
+// CPU twin: src/ops/swiglu.rs (packed_cpu, forward and with dy backward).
+// Checked: src/gpu_check/ops/mod.rs (the "swiglu_packed" entries) and "routed experts".
 template <typename T>
 __device__ void swiglu_packed_fwd(const T* gu, T* out, const size_t rows, const size_t half) {
   const size_t n = rows * half;

@@ -1,7 +1,7 @@
 //! Damaged or inconsistent model directories fail with one line naming the file and problem.
 
 use moeq::arch::ModelType;
-use moeq::checkpoint::ModelDir;
+use moeq::model_files::ModelDir;
 use moeq::synth::{self, DiskLayout, SynthOptions};
 use std::path::Path;
 
@@ -126,7 +126,7 @@ fn shapes_inconsistent_with_config_are_reported() {
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let dir = ModelDir::open(tmp.path()).unwrap();
     let err = dir
-        .read_experts(0, moeq::checkpoint::ExpertParam::Down, 0..1)
+        .read_experts(0, moeq::model_files::ExpertParam::Down, 0..1)
         .unwrap_err()
         .to_string();
     assert_eq!(

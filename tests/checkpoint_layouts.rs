@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Tensor};
 use moeq::arch::{Component, ModelType};
-use moeq::checkpoint::{ExpertParam, ModelDir};
+use moeq::model_files::{ExpertParam, ModelDir};
 use moeq::synth::{self, DiskLayout, SynthOptions};
 use std::path::Path;
 

@@ -8,9 +8,10 @@
 //! movement and one multiplication per element: results are exact, compared bit for bit.
 
 use candle_core::{Device, Tensor, Var};
-use moeq::dist::dispatch::{expert_ranges, Dispatch};
-use moeq::dist::store::{StoreClient, StoreOptions, StoreServer};
-use moeq::dist::{Communicator, TcpComm};
+use moeq::arch::ExchangePlan;
+use moeq::distributed::dispatch::{expert_ranges, Dispatch};
+use moeq::distributed::store::{StoreClient, StoreOptions, StoreServer};
+use moeq::distributed::{Communicator, TcpComm};
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,9 +59,9 @@ fn on_rank(r: usize, comm: Arc<dyn Communicator>) -> RankResult {
     let c = counts(r);
     let n: usize = c.iter().sum();
     let x = Var::from_tensor(&rows(r, n)).unwrap();
-    let d = Dispatch::plan(comm.as_ref(), &c, &ranges, &Device::Cpu).unwrap();
-    let xr = d.dispatch(&comm, x.as_tensor()).unwrap(); // grouped by local expert
-                                                        // The expert: scale the rows of local expert k by (global expert + 1).
+    let d = Dispatch::plan(&comm, &c, &ranges, &Device::Cpu).unwrap();
+    let xr = d.dispatch(x.as_tensor()).unwrap(); // grouped by local expert
+                                                 // The expert: scale the rows of local expert k by (global expert + 1).
     let mine = ranges[r].clone();
     let factors: Vec<f32> = d
         .local_counts
@@ -70,7 +71,7 @@ fn on_rank(r: usize, comm: Arc<dyn Communicator>) -> RankResult {
         .collect();
     let f = Tensor::from_vec(factors.clone(), (factors.len(), 1), &Device::Cpu).unwrap();
     let yr = xr.broadcast_mul(&f).unwrap();
-    let y = d.combine(&comm, &yr).unwrap();
+    let y = d.combine(&yr).unwrap();
     let g = rows(50 + r, n);
     let grads = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
     let grad = grads.get(x.as_tensor()).unwrap().clone();

@@ -1,7 +1,7 @@
 //! Rank resolution from flags, torchrun and SLURM environments, host-list expansion, and the
 //! one-line errors for incomplete or contradictory environments.
 
-use moeq::dist::{expand_hostlist, resolve, DistEnv, EnvSource, RankFlags};
+use moeq::distributed::{expand_hostlist, resolve, DistEnv, EnvSource, RankFlags};
 use std::collections::HashMap;
 
 fn run(vars: &[(&str, &str)], flags: RankFlags) -> Result<DistEnv, String> {

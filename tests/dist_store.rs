@@ -3,8 +3,8 @@
 //! results (uneven all-to-all splits, a rank that receives nothing, deterministic sums).
 
 use candle_core::{DType, Device, Tensor};
-use moeq::dist::store::{StoreClient, StoreError, StoreOptions, StoreServer, OBSERVER};
-use moeq::dist::{Communicator, TcpComm};
+use moeq::distributed::store::{StoreClient, StoreError, StoreOptions, StoreServer, OBSERVER};
+use moeq::distributed::{Communicator, TcpComm};
 use rand::{Rng, SeedableRng};
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -4,7 +4,7 @@
 mod common;
 use candle_core::{Device, Tensor, D};
 use common::moeq;
-use moeq::checkpoint::ModelDir;
+use moeq::model_files::ModelDir;
 use moeq::lora::{peft, Adapters, LoraSettings};
 use moeq::synth::{self, SynthOptions};
 use rand::{Rng, SeedableRng};

@@ -5,10 +5,10 @@ mod common;
 use common::moeq;
 
 use moeq::arch::ModelType;
-use moeq::checkpoint::frozen::{
+use moeq::model_files::frozen::{
     self, CpuQuantizer, Frozen, FrozenBase, SingleProcess, StatsGather,
 };
-use moeq::checkpoint::ModelDir;
+use moeq::model_files::ModelDir;
 use moeq::quant::{QuantKind, QuantSettings};
 use moeq::synth::{self, DiskLayout, SynthOptions};
 use std::collections::BTreeMap;
@@ -341,7 +341,7 @@ fn mismatching_settings_for_a_prequantized_checkpoint_are_an_error() {
 /// shape the loader knows.
 #[test]
 fn generated_weights_have_the_synth_scales_and_are_deterministic() {
-    use moeq::checkpoint::generated::draw;
+    use moeq::model_files::generated::draw;
     let settings = QuantSettings {
         kind: QuantKind::Nf4,
         blocksize: 64,

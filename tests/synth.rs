@@ -267,7 +267,7 @@ fn custom_ops_match_their_references_on_the_cpu() {
     // the same CPU path on both sides, so here they only exercise the harness (the op itself
     // is tested against its reference in tests/nf4_linear.rs). RMSNorm, RoPE and the grouped
     // expert ops compare bf16 against the f32 reference within the stated bf16 tolerance.
-    let results = moeq::ops::check::run_all(&candle_core::Device::Cpu).unwrap();
+    let results = moeq::gpu_check::ops::run_all(&candle_core::Device::Cpu).unwrap();
     assert_eq!(results.len(), 152);
     for r in results {
         assert!(r.passed(), "{r}");

@@ -8,8 +8,8 @@ use common::max_abs;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use moeq::arch::{Inputs, LoraCtx, Model, ModelType};
-use moeq::checkpoint::frozen::{self, CpuQuantizer, SingleProcess};
-use moeq::checkpoint::ModelDir;
+use moeq::model_files::frozen::{self, CpuQuantizer, SingleProcess};
+use moeq::model_files::ModelDir;
 use moeq::data::{Batch, IGNORE_INDEX};
 use moeq::lora::{Adapters, LoraSettings};
 use moeq::quant::QuantSettings;
@@ -342,8 +342,8 @@ fn gradients_match_finite_differences() {
 /// the CPU: f32 must agree with itself and bf16 within the stated tolerances.
 #[test]
 fn gpu_check_machinery_on_the_cpu() {
-    let mut results = moeq::train::check::run_all(&Device::Cpu).unwrap();
-    results.extend(moeq::ops::check::run_all(&Device::Cpu).unwrap());
+    let mut results = moeq::gpu_check::train_step::run_all(&Device::Cpu).unwrap();
+    results.extend(moeq::gpu_check::ops::run_all(&Device::Cpu).unwrap());
     assert!(results.len() >= 16 + 30);
     for r in &results {
         assert!(r.passed(), "{r}");

@@ -1,8 +1,8 @@
 //! A decoder layer: pre-norm attention and pre-norm MLP (dense SwiGLU or MoE), each added to
 //! the residual stream. Shapes are token-major, `N = B·S`.
 
-use super::model::{Inputs, LayerStats, LoraCtx, Parallel};
-use super::{ArchSpec, QkNorm};
+use super::model::{Inputs, LayerStats, LoraCtx};
+use super::{ArchSpec, ExchangePlan, ExpertExchange, QkNorm};
 use crate::ops::attention::query_block;
 use crate::ops::attention_block::{attention_block, BlockArgs};
 use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
@@ -191,8 +191,8 @@ pub struct Routing {
     counts: Vec<usize>,
     /// Tokens per global expert.
     per_expert: Vec<u64>,
-    /// With expert parallelism: the row exchange with the experts' owners.
-    dispatch: Option<crate::dist::dispatch::Dispatch>,
+    /// With an expert exchange: the rows' trip to their experts' holders and back.
+    exchange: Option<Box<dyn ExchangePlan>>,
 }
 
 fn route(top: Tensor, num_experts: usize, held: std::ops::Range<usize>) -> Result<Routing> {
@@ -202,19 +202,19 @@ fn route(top: Tensor, num_experts: usize, held: std::ops::Range<usize>) -> Resul
         order: plan.order,
         counts: plan.counts,
         per_expert: plan.per_expert,
-        dispatch: None,
+        exchange: None,
     })
 }
 
 impl Moe {
     /// x [N, H] → [N, H]: routed experts (weighted by the router) plus the shared expert.
-    /// With `parallel`, this rank's routed rows go to their experts' owners and come back.
+    /// With an `exchange`, the routed rows go to their experts' holders and come back.
     fn forward(
         &self,
         spec: &ArchSpec,
         x: &Tensor,
         lora: &LoraCtx,
-        parallel: Option<&Parallel>,
+        exchange: Option<&dyn ExpertExchange>,
         recorded: &mut Option<Rc<Routing>>,
     ) -> Result<(Tensor, Vec<u64>)> {
         let k = spec.router.top_k;
@@ -232,20 +232,15 @@ impl Moe {
                         .narrow(1, 0, k)?
                         .contiguous()?; // [N, k]
                     let num_experts = self.router.dim(0)?;
-                    let r = match parallel {
+                    let r = match exchange {
                         None => {
                             let held =
                                 self.first_expert..self.first_expert + self.gate_up.num_experts;
                             route(top, num_experts, held)?
                         }
-                        Some(p) => {
+                        Some(ex) => {
                             let mut r = route(top, num_experts, 0..num_experts)?;
-                            r.dispatch = Some(crate::dist::dispatch::Dispatch::plan(
-                                p.comm.as_ref(),
-                                &r.counts,
-                                &p.expert_ranges,
-                                x.device(),
-                            )?);
+                            r.exchange = Some(ex.plan(&r.counts, x.device())?);
                             r
                         }
                     };
@@ -262,7 +257,7 @@ impl Moe {
         })?;
         let (routing, weights) = routed;
 
-        let mut out = if routing.dispatch.is_none() {
+        let mut out = if routing.exchange.is_none() {
             // Gather, both projections with their adapters, SwiGLU and combine as one op (one
             // graph node).
             let ad = lora.adapters;
@@ -289,7 +284,7 @@ impl Moe {
                 )
             })?
         } else {
-            self.routed_ops(x, &weights, &routing, lora, parallel)?
+            self.routed_ops(x, &weights, &routing, lora)?
         }; // [N, H]
         if let Some((mlp, gate)) = &self.shared {
             let mut shared = swiglu_mlp(mlp, x, lora)?;
@@ -301,31 +296,30 @@ impl Moe {
         Ok((out, routing.per_expert.clone()))
     }
 
-    /// The routed experts as separate ops (gather, experts, combine): with expert parallelism
-    /// (the rows travel to their experts' owners and back).
+    /// The routed experts as separate ops (gather, experts, combine): with an expert exchange
+    /// (the rows travel to their experts' holders and back).
     fn routed_ops(
         &self,
         x: &Tensor,
         weights: &Tensor,
         routing: &Routing,
         lora: &LoraCtx,
-        parallel: Option<&Parallel>,
     ) -> Result<Tensor> {
         let dev = x.device();
         let xs = timed("moe: gather rows", dev, || gather_rows(x, &routing.order))?; // [M, H] by expert
-        let y = match (&routing.dispatch, parallel) {
-            (Some(d), Some(p)) => {
-                let xr = d.dispatch(&p.comm, &xs)?; // [R, H] grouped by local expert
-                                                    // A rank that receives nothing still takes part in the backward's exchange,
-                                                    // so its (empty) output stays connected to its input.
+        let y = match &routing.exchange {
+            Some(plan) => {
+                let xr = plan.dispatch(&xs)?; // [R, H] grouped by held expert
+                                              // A process that receives nothing still takes part in the backward's exchange,
+                                              // so its (empty) output stays connected to its input.
                 let yr = if xr.dim(0)? == 0 {
                     xr.clone() // [0, H]: no rows, but the same node
                 } else {
-                    self.experts(&xr, &d.local_counts, lora)?
+                    self.experts(&xr, plan.held_counts(), lora)?
                 };
-                d.combine(&p.comm, &yr)? // [M, H] in xs order
+                plan.combine(&yr)? // [M, H] in xs order
             }
-            _ => timed("moe: experts", dev, || {
+            None => timed("moe: experts", dev, || {
                 self.experts(&xs, &routing.counts, lora)
             })?,
         };
@@ -374,7 +368,7 @@ impl Layer {
         x: &Tensor,
         inputs: &Inputs,
         lora: &LoraCtx,
-        parallel: Option<&Parallel>,
+        exchange: Option<&dyn ExpertExchange>,
     ) -> Result<(Tensor, LayerStats)> {
         let eps = spec.rms_norm_eps;
         let dev = x.device();
@@ -390,7 +384,7 @@ impl Layer {
                 Mlp::Moe(moe) => {
                     let mut routes = inputs.routes.borrow_mut();
                     let (m, per_expert) =
-                        moe.forward(spec, &h, lora, parallel, &mut routes[index])?;
+                        moe.forward(spec, &h, lora, exchange, &mut routes[index])?;
                     (
                         m,
                         LayerStats {

@@ -1,11 +1,13 @@
 //! Architectures as data: `ArchSpec` from config.json and the canonical parameter list.
 
+pub mod exchange;
 mod layers;
 mod memory;
 pub mod model;
 mod params;
 mod spec;
 
+pub use exchange::{ExchangePlan, ExpertExchange};
 pub use memory::{estimate, nf4_bytes, LoraPlan, MemoryEstimate};
 pub use model::{Inputs, LayerStats, LoraCtx, Model};
 pub use params::{down_name, gate_up_name, Component, ParamInfo};

@@ -1,4 +1,4 @@
-//! The model: one implementation for every `ArchSpec` (DESIGN decision 6).
+//! The model: one implementation for every `ArchSpec` (docs/ARCHITECTURE.md, decision 6).
 //!
 //! Frozen weights: attention, shared-expert, dense-MLP and expert projections are 4-bit
 //! (`Nf4Weight`, used through `nf4_linear` / `grouped_nf4`); embeddings, norms, router and
@@ -8,14 +8,14 @@
 //! Activations are token-major: a micro-batch of B rows × S tokens is `x: [N = B·S, H]`.
 
 use super::layers::{Attention, Layer, Mlp, Moe, Proj};
-use super::ArchSpec;
-use crate::checkpoint::frozen::{Frozen, FrozenBase};
+use super::{ArchSpec, ExpertExchange};
 use crate::lora::Adapters;
 use crate::ops::embedding::{Embedding, TokenIds};
 use crate::ops::experts::ExpertWeights;
 use crate::ops::nf4_linear::{Nf4Weight, Scales};
 use crate::ops::norm::rms_norm;
 use crate::ops::rope::Rope;
+use crate::quant::frozen::{Frozen, FrozenBase};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::sync::Arc;
 
@@ -37,12 +37,6 @@ impl LoraCtx<'_> {
             v.as_tensor().detach()
         }
     }
-}
-
-/// Expert parallelism: the ranks' collectives and which experts each rank owns.
-pub struct Parallel {
-    pub comm: Arc<dyn crate::dist::Communicator>,
-    pub expert_ranges: Vec<std::ops::Range<usize>>,
 }
 
 /// Per-micro-batch inputs shared by every layer.
@@ -84,8 +78,8 @@ pub struct Model {
     final_norm: Tensor,
     lm_head: Tensor,
     rope: Rope,
-    /// Set when experts are spread over ranks (world size > 1).
-    parallel: Option<Parallel>,
+    /// Set when experts are spread over processes: routed rows travel to their owners.
+    exchange: Option<Arc<dyn ExpertExchange>>,
 }
 
 struct Weights<'a> {
@@ -286,30 +280,25 @@ impl Model {
             layers,
             final_norm: w.dense("model.norm.weight")?,
             lm_head,
-            parallel: None,
+            exchange: None,
         })
     }
 
-    /// Spreads the experts over `comm`'s ranks: this model must hold exactly the experts
-    /// `expert_ranges[rank]` (all of them with one rank, where the exchange is with itself).
-    pub fn with_parallel(mut self, comm: Arc<dyn crate::dist::Communicator>) -> Result<Model> {
-        let ranges = crate::dist::dispatch::expert_ranges(self.spec.num_experts, comm.world_size());
-        let mine = ranges[comm.rank()].clone();
+    /// Routed rows go through `exchange` to the experts' holders and back. This model must
+    /// hold exactly the experts `exchange.held()`.
+    pub fn with_exchange(mut self, exchange: Arc<dyn ExpertExchange>) -> Result<Model> {
+        let mine = exchange.held();
         for layer in &self.layers {
             if let Mlp::Moe(m) = &layer.mlp {
                 let held = m.first_expert..m.first_expert + m.gate_up.num_experts;
                 if held != mine {
                     candle_core::bail!(
-                        "rank {} holds experts {held:?} but owns {mine:?}",
-                        comm.rank()
+                        "this model holds experts {held:?} but the exchange gives it {mine:?}"
                     );
                 }
             }
         }
-        self.parallel = Some(Parallel {
-            comm,
-            expert_ranges: ranges,
-        });
+        self.exchange = Some(exchange);
         Ok(self)
     }
 
@@ -362,8 +351,8 @@ impl Model {
         })
     }
 
-    /// ids → x: [N, H] on the model's device (rows gathered where the embedding is held: a
-    /// host-held one row by row, then uploaded).
+    /// ids → x: [N, H] on the model's device (`ops::embedding`: on CUDA an untied table stays
+    /// in page-locked host memory and the GPU gathers its rows; on the CPU rows are copied).
     pub fn embed(&self, inputs: &Inputs) -> Result<Tensor> {
         self.embed.rows(&inputs.ids)
     }
@@ -376,7 +365,7 @@ impl Model {
         inputs: &Inputs,
         lora: &LoraCtx,
     ) -> Result<(Tensor, LayerStats)> {
-        self.layers[l].forward(l, &self.spec, x, inputs, lora, self.parallel.as_ref())
+        self.layers[l].forward(l, &self.spec, x, inputs, lora, self.exchange.as_deref())
     }
 
     /// Final RMSNorm: x [N, H] → [N, H].

@@ -1,5 +1,5 @@
 //! `ArchSpec`: everything the model code needs to know about an architecture, read from a
-//! Hugging Face `config.json`. Architectures are rows of data (DESIGN decision 6): one
+//! Hugging Face `config.json`. Architectures are rows of data (docs/ARCHITECTURE.md, decision 6): one
 //! `ModelType` row says which config keys name what and which defaults apply; the model
 //! implementation reads only the resulting spec.
 
@@ -64,16 +64,7 @@ pub struct RouterSpec {
     pub renormalize: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct RopeSpec {
-    pub theta: f64,
-    /// `default`, `linear`, `dynamic`, `yarn`, `llama3` or `longrope`.
-    pub rope_type: String,
-    pub factor: Option<f64>,
-    pub original_max_position_embeddings: Option<usize>,
-    /// The remaining rope parameters as written in config.json (yarn betas, llama3 freq factors…).
-    pub extra: Map<String, Value>,
-}
+pub use crate::ops::rope::RopeSpec;
 
 /// The shared expert of qwen2_moe: a dense SwiGLU MLP added to every token's expert output,
 /// scaled by `sigmoid(shared_expert_gate(x))`.
@@ -141,6 +132,11 @@ struct Row {
     /// Reads `attention_bias` (bias on q, k, v and o); qwen2_moe has `qkv_bias` instead and
     /// Mixtral has no attention biases.
     reads_attention_bias: bool,
+    /// Reads `qkv_bias` (bias on q, k and v only, default `default_qkv_bias`); without it the
+    /// q, k, v biases follow `attention_bias`.
+    reads_qkv_bias: bool,
+    /// Reads `clip_qkv` (q, k, v clamped to ±clip after projection).
+    reads_clip_qkv: bool,
     /// Other spellings transformers' `attribute_map` accepts for the expert count.
     experts_alias: Option<&'static str>,
 }
@@ -190,6 +186,8 @@ impl ModelType {
                 default_eps: 1e-6,
                 default_max_positions: 32768,
                 reads_attention_bias: true,
+                reads_qkv_bias: false,
+                reads_clip_qkv: false,
                 experts_alias: Some("num_local_experts"),
             },
             ModelType::Qwen2Moe => Row {
@@ -205,6 +203,8 @@ impl ModelType {
                 default_eps: 1e-6,
                 default_max_positions: 32768,
                 reads_attention_bias: false,
+                reads_qkv_bias: true,
+                reads_clip_qkv: false,
                 experts_alias: None,
             },
             ModelType::Mixtral => Row {
@@ -220,6 +220,8 @@ impl ModelType {
                 default_eps: 1e-5,
                 default_max_positions: 131072,
                 reads_attention_bias: false,
+                reads_qkv_bias: false,
+                reads_clip_qkv: false,
                 experts_alias: Some("num_experts"),
             },
             ModelType::Olmoe => Row {
@@ -235,6 +237,8 @@ impl ModelType {
                 default_eps: 1e-5,
                 default_max_positions: 4096,
                 reads_attention_bias: true,
+                reads_qkv_bias: false,
+                reads_clip_qkv: true,
                 experts_alias: Some("num_local_experts"),
             },
         }
@@ -414,7 +418,7 @@ impl ArchSpec {
             None
         };
         let attention_bias = row.reads_attention_bias && cfg.bool_or("attention_bias", false)?;
-        let qkv_bias = if model_type == ModelType::Qwen2Moe {
+        let qkv_bias = if row.reads_qkv_bias {
             cfg.bool_or("qkv_bias", row.default_qkv_bias)?
         } else {
             attention_bias
@@ -437,7 +441,7 @@ impl ArchSpec {
                 .collect(),
             _ => vec![],
         };
-        let clip_qkv = if model_type == ModelType::Olmoe {
+        let clip_qkv = if row.reads_clip_qkv {
             cfg.f64_opt("clip_qkv")?
         } else {
             None

@@ -1,8 +1,8 @@
 //! `moeq-launch --nproc N -- moeq train --config x.yaml`: the torchrun-style launcher. The
 //! flags are torchrun's (`--nproc-per-node`, `--nnodes`, `--node-rank`, `--master-addr`,
-//! `--master-port`, `--max-restarts`); the work is in `moeq::dist::launch`.
+//! `--master-port`, `--max-restarts`); the work is in `moeq::distributed::launch`.
 use clap::Parser;
-use moeq::dist::launch::{self, LaunchOptions};
+use moeq::distributed::launch::{self, LaunchOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -5,9 +5,9 @@
 
 use super::{CliError, QuantFlags};
 use crate::arch::Model;
-use crate::checkpoint::{CheckpointError, ModelDir};
 use crate::data::{Batch, TokenizerBundle};
 use crate::lora::{peft, Adapters, LoraSettings};
+use crate::model_files::{ModelDir, ModelFilesError};
 use crate::train::{setup, step};
 use candle_core::DType;
 use std::path::PathBuf;
@@ -96,8 +96,8 @@ fn read_lines(args: &EvalArgs, dir: &std::path::Path) -> Result<Vec<Vec<u32>>, C
 }
 
 pub fn run(args: EvalArgs) -> Result<(), CliError> {
-    let input_err = |e: CheckpointError| match e {
-        CheckpointError::Io { .. } => CliError::failed(e),
+    let input_err = |e: ModelFilesError| match e {
+        ModelFilesError::Io { .. } => CliError::failed(e),
         other => CliError::input(other),
     };
     let dir = ModelDir::open(&args.model).map_err(input_err)?;
@@ -120,9 +120,10 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
             "--dump-logits needs lines of equal length".into(),
         ));
     }
-    let device = setup::device(&super::parse_device(&args.device)?).map_err(CliError::Input)?;
+    let device = crate::util::device::device(&super::parse_device(&args.device)?)
+        .map_err(CliError::Input)?;
     let dtype = match args.dtype.as_str() {
-        "auto" => setup::compute_dtype(crate::config::Bf16Mode::Auto, &device),
+        "auto" => crate::util::device::compute_dtype(crate::config::Bf16Mode::Auto, &device),
         "f32" => DType::F32,
         "bf16" => DType::BF16,
         other => {
@@ -137,7 +138,7 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
         settings,
         &device,
         None,
-        &mut crate::checkpoint::frozen::SingleProcess,
+        &mut crate::model_files::frozen::SingleProcess,
     )
     .map_err(CliError::Input)?;
     let model = Model::new(spec, &base, dtype, &device, seq_max).map_err(CliError::input)?;

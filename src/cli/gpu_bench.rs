@@ -34,7 +34,7 @@ pub fn run(args: GpuBenchArgs) -> Result<(), CliError> {
     use candle_core::{DType, Tensor};
     use std::time::Instant;
 
-    let dev = crate::train::setup::cuda_device(args.device).map_err(CliError::failed)?;
+    let dev = crate::util::device::cuda_device(args.device).map_err(CliError::failed)?;
     if let Some(tokens) = args.experts {
         return experts(&dev, tokens, args.iters);
     }
@@ -69,8 +69,8 @@ pub fn run(args: GpuBenchArgs) -> Result<(), CliError> {
             blocksize: bs,
             double_quant: false,
         };
-        let q_s = time(&|| cuda::quantize(&x, &settings).map(|_| ()))?;
-        let (packed, absmax) = cuda::quantize(&x, &settings).map_err(CliError::failed)?;
+        let q_s = time(&|| cuda::quantize_on_gpu(&x, &settings).map(|_| ()))?;
+        let (packed, absmax) = cuda::quantize_on_gpu(&x, &settings).map_err(CliError::failed)?;
         let stats = 4.0 * n.div_ceil(bs) as f64;
         let q_bw = (2.0 * n as f64 + n as f64 / 2.0 + stats) / q_s / 1e9;
         println!(
@@ -79,7 +79,8 @@ pub fn run(args: GpuBenchArgs) -> Result<(), CliError> {
             100.0 * q_bw / copy_bw
         );
         let d_s = time(&|| {
-            cuda::dequantize(&packed, &absmax, &[n], QuantKind::Nf4, bs, DType::BF16).map(|_| ())
+            cuda::dequantize_on_gpu(&packed, &absmax, &[n], QuantKind::Nf4, bs, DType::BF16)
+                .map(|_| ())
         })?;
         let d_bw = (n as f64 / 2.0 + stats + 2.0 * n as f64) / d_s / 1e9;
         println!(
@@ -146,7 +147,7 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
     };
     let weights = |out: usize, inp: usize| -> candle_core::Result<ExpertWeights> {
         let w = Tensor::randn(0f32, 0.02, e * out * inp, dev)?.to_dtype(DType::BF16)?;
-        let (packed, absmax) = crate::quant::cuda::quantize(&w, &settings)?;
+        let (packed, absmax) = crate::quant::cuda::quantize_on_gpu(&w, &settings)?;
         Ok(ExpertWeights {
             packed,
             absmax: crate::ops::nf4_linear::Scales::Plain(absmax),

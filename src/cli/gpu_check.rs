@@ -1,28 +1,42 @@
-//! `moeq gpu-check`: runs every CUDA op on random data and compares it with its CPU reference,
-//! forward and backward. Exit code 0 only if all comparisons are within tolerance.
+//! `moeq gpu-check`: prints the tolerance table, then runs every GPU path on random data against
+//! its CPU reference (`gpu_check::run_all`: the ops forward and backward, the quantization
+//! kernels, the training step). Exit code 0 only if all comparisons are within tolerance.
+//! `--tolerances` prints the table only (any build).
 
 use super::CliError;
+use crate::gpu_check::tolerance;
 
 #[derive(clap::Args, Debug)]
 pub struct GpuCheckArgs {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// Print the tolerance table (op, dtype, pass, rtol, atol, why) and exit.
+    #[arg(long)]
+    tolerances: bool,
+}
+
+pub fn run(args: GpuCheckArgs) -> Result<(), CliError> {
+    if args.tolerances {
+        print!("{}", tolerance::table());
+        return Ok(());
+    }
+    check(args.device)
 }
 
 #[cfg(not(feature = "cuda"))]
-pub fn run(_args: GpuCheckArgs) -> Result<(), CliError> {
+fn check(_device: usize) -> Result<(), CliError> {
     Err(CliError::Input(
         "gpu-check: this moeq was built without CUDA; rebuild with `cargo build --release --features cuda`".into(),
     ))
 }
 
 #[cfg(feature = "cuda")]
-pub fn run(args: GpuCheckArgs) -> Result<(), CliError> {
-    let device = candle_core::Device::new_cuda(args.device).map_err(CliError::failed)?;
-    let mut results = crate::ops::check::run_all(&device).map_err(CliError::failed)?;
-    results.extend(crate::quant::gpu_check::run_all(&device).map_err(CliError::failed)?);
-    results.extend(crate::train::check::run_all(&device).map_err(CliError::failed)?);
+fn check(device: usize) -> Result<(), CliError> {
+    let device = candle_core::Device::new_cuda(device).map_err(CliError::failed)?;
+    print!("{}", tolerance::table());
+    println!();
+    let results = crate::gpu_check::run_all(&device).map_err(CliError::failed)?;
     let mut failed = 0;
     for r in &results {
         println!("{r}");

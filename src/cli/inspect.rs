@@ -3,8 +3,8 @@
 
 use super::{human_bytes, human_count, CliError};
 use crate::arch::{estimate, ArchSpec, Component, LoraPlan};
-use crate::checkpoint::{CheckpointError, ModelDir};
 use crate::config::{TargetModules, TrainConfig};
+use crate::model_files::{ModelDir, ModelFilesError};
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::PathBuf;
@@ -59,14 +59,14 @@ fn settings(config: Option<&PathBuf>) -> Result<Settings, CliError> {
 pub fn run(args: InspectArgs) -> Result<(), CliError> {
     let settings = settings(args.config.as_ref())?;
     let dir = ModelDir::open(&args.dir).map_err(|e| match e {
-        CheckpointError::Io { .. } => CliError::failed(e),
+        ModelFilesError::Io { .. } => CliError::failed(e),
         other => CliError::input(other),
     })?;
     print!("{}", report(&dir, &settings).map_err(CliError::input)?);
     Ok(())
 }
 
-fn report(dir: &ModelDir, s: &Settings) -> Result<String, CheckpointError> {
+fn report(dir: &ModelDir, s: &Settings) -> Result<String, ModelFilesError> {
     let spec: &ArchSpec = &dir.spec;
     let mut o = String::new();
     let arch = spec

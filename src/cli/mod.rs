@@ -147,15 +147,12 @@ pub struct QuantFlags {
 
 impl QuantFlags {
     pub fn settings(&self) -> Result<crate::quant::QuantSettings, CliError> {
-        let kind = match self.quant_type.as_str() {
-            "nf4" => crate::quant::QuantKind::Nf4,
-            "fp4" => crate::quant::QuantKind::Fp4,
-            other => {
-                return Err(CliError::Input(format!(
-                    "--quant-type '{other}': must be nf4 or fp4"
-                )))
-            }
-        };
+        let kind = crate::quant::QuantKind::parse(&self.quant_type).ok_or_else(|| {
+            CliError::Input(format!(
+                "--quant-type '{}': must be nf4 or fp4",
+                self.quant_type
+            ))
+        })?;
         let s = crate::quant::QuantSettings {
             kind,
             blocksize: self.blocksize,
@@ -167,18 +164,9 @@ impl QuantFlags {
 }
 
 /// `cpu`, `cuda`, `cuda:N` or `auto` as a config device.
-pub fn parse_device(s: &str) -> Result<crate::config::Device, CliError> {
-    use crate::config::Device as D;
-    match s {
-        "auto" => Ok(D::Auto),
-        "cpu" => Ok(D::Cpu),
-        "cuda" => Ok(D::Cuda(None)),
-        _ => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(|n| D::Cuda(Some(n)))
-            .ok_or_else(|| {
-                CliError::Input(format!("--device '{s}': use cpu, cuda, cuda:N or auto"))
-            }),
-    }
+pub fn parse_device(s: &str) -> Result<crate::config::DeviceChoice, CliError> {
+    crate::config::DeviceChoice::parse(s).ok_or_else(|| {
+        let spellings = crate::config::DeviceChoice::SPELLINGS.join(", ");
+        CliError::Input(format!("--device '{s}': use one of {spellings}"))
+    })
 }

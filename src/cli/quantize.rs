@@ -2,8 +2,8 @@
 //! v5 names) that `moeq train` loads without quantizing again: quantize once, train many times.
 
 use super::{human_bytes, CliError};
-use crate::checkpoint::frozen::{self, CpuQuantizer, SingleProcess, SliceQuantizer};
-use crate::checkpoint::{prequantized, CheckpointError, ModelDir};
+use crate::model_files::frozen::{self, CpuQuantizer, SingleProcess, SliceQuantizer};
+use crate::model_files::{prequantized, ModelDir, ModelFilesError};
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -69,8 +69,8 @@ pub fn run(args: QuantizeArgs) -> Result<(), CliError> {
         )));
     }
     let started = std::time::Instant::now();
-    let input_err = |e: CheckpointError| match e {
-        CheckpointError::Io { .. } => CliError::failed(e),
+    let input_err = |e: ModelFilesError| match e {
+        ModelFilesError::Io { .. } => CliError::failed(e),
         other => CliError::input(other),
     };
     let dir = ModelDir::open(&args.model).map_err(input_err)?;

@@ -1,9 +1,11 @@
-//! `moeq train`: validate the config, resolve the base model, prepare the data, then train
-//! (`train::trainer`) and write the PEFT adapter into `output_dir`.
+//! `moeq train`: read the config and this process's place in the job, set up logging, run
+//! (`train::run`: the model, the data, the loop, the PEFT adapter in `output_dir`) and print
+//! the summary.
 
 use super::CliError;
-use crate::checkpoint::{CheckpointError, ModelDir};
 use crate::config::{TrainConfig, TINY_CPU_SOURCE, TINY_CPU_YAML};
+use crate::distributed::{resolve, EnvSource, RankFlags};
+use crate::train::TrainError;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -20,12 +22,9 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
     }
     .map_err(CliError::input)?;
     let config = outcome.config;
-    let env = crate::dist::resolve(&crate::dist::RankFlags::default(), &|k| {
-        std::env::var(k).ok()
-    })
-    .map_err(CliError::input)?;
-    // Started by a launcher (moeq-launch, torchrun, srun): join the job, even with one rank.
-    let multi = env.source != crate::dist::EnvSource::Single;
+    let env =
+        resolve(&RankFlags::default(), &|k| std::env::var(k).ok()).map_err(CliError::input)?;
+    let multi = env.source != EnvSource::Single;
     // Rank 0 keeps the run's log file; every rank logs to stderr with its rank.
     let log_file = config.output_dir.join("moeq.log");
     let _guard = crate::util::logging::init(crate::util::logging::LogSetup {
@@ -37,79 +36,9 @@ pub fn run(args: TrainArgs, log_level: Option<&str>) -> Result<(), CliError> {
     for w in &outcome.warnings {
         tracing::warn!("{w}");
     }
-    let model_dir =
-        crate::synth::resolve_base_model(&config.base_model).map_err(CliError::input)?;
-    let mut dir = ModelDir::open(&model_dir).map_err(|e| match e {
-        CheckpointError::Io { .. } => CliError::failed(e),
-        other => CliError::input(other),
-    })?;
-    if let Some(seed) = crate::synth::generated_seed(&config.base_model).map_err(CliError::input)? {
-        tracing::info!("frozen weights are drawn at load time (init=device, seed {seed})");
-        dir.generate_weights(seed);
-    } else if !dir.has_weights() {
-        return Err(CliError::Input(format!(
-            "{}: no safetensors weights (model.safetensors or {}) to train from",
-            model_dir.display(),
-            crate::checkpoint::INDEX_FILE
-        )));
-    }
-    tracing::info!(
-        "config OK; base model {} ({}, {} layers)",
-        model_dir.display(),
-        dir.spec.model_type.as_str(),
-        dir.spec.num_layers
-    );
-    crate::train::output::check_output_dir(
-        &config.output_dir,
-        crate::train::output::output_bytes_needed(&config, &dir.spec),
-    )
-    .map_err(CliError::Input)?;
-    if config.sequence_len > dir.spec.max_position_embeddings {
-        return Err(CliError::Input(format!(
-            "sequence_len {} is beyond this model's max_position_embeddings {} ({}): lower sequence_len, or use a model configured for longer contexts",
-            config.sequence_len,
-            dir.spec.max_position_embeddings,
-            model_dir.join("config.json").display()
-        )));
-    }
-    let tok = crate::data::TokenizerBundle::load(&model_dir, config.tokenizer_config.as_deref())
-        .map_err(CliError::input)?;
-    // Ids past the embedding table would fail mid-run: the tokenizer must fit the model.
-    let tok_vocab = tok.tokenizer.get_vocab_size(true);
-    if tok_vocab > dir.spec.vocab_size {
-        return Err(CliError::Input(format!(
-            "the tokenizer has {tok_vocab} tokens (with added tokens) but the model's vocab_size is {}: the tokenizer does not belong to {} (set tokenizer_config to the model's tokenizer)",
-            dir.spec.vocab_size,
-            model_dir.display()
-        )));
-    }
-    let data = crate::data::prepare(&config, &tok).map_err(CliError::input)?;
-    for w in &data.warnings {
-        tracing::warn!("{w}");
-    }
-    tracing::info!("{}", data.stats.summary());
-    let job = if multi {
-        Some(crate::dist::job::Job::join(&env).map_err(CliError::failed)?)
-    } else {
-        None
-    };
-    let ctx = match &job {
-        Some(j) => j.rank_ctx(&config).map_err(CliError::failed)?,
-        None => crate::train::trainer::RankCtx::solo(),
-    };
-    let result = crate::train::trainer::train_ranks(&config, &dir, &data, tok.pad.id, &ctx);
-    match &result {
-        // The other ranks stop with this as the cause instead of waiting for a timeout.
-        Err(e) => ctx.comm.abort(&e.to_string()),
-        Ok(_) => ctx.comm.finish(),
-    }
-    drop(ctx);
-    if let Some(j) = job {
-        j.finish();
-    }
-    let summary = result.map_err(|e| match e {
-        crate::train::trainer::TrainError::Input(m) => CliError::Input(m),
-        crate::train::trainer::TrainError::Failed(m) => CliError::Failed(m),
+    let summary = crate::train::run(&config, &env).map_err(|e| match e {
+        TrainError::Input(m) => CliError::Input(m),
+        TrainError::Failed(m) => CliError::Failed(m),
     })?;
     if env.rank != 0 {
         return Ok(());

@@ -22,8 +22,8 @@ pub use keys::{
     UNSUPPORTED_AXOLOTL_KEYS,
 };
 pub use types::{
-    Adapter, Bf16Mode, ComputeDtype, DatasetType, Device, LrScheduler, Optimizer, QuantType,
-    ResumeFrom, TargetModules, TrainOnEos, ValSetSize,
+    Adapter, Bf16Mode, ComputeDtype, DatasetType, DeviceChoice, LrScheduler, Optimizer, ResumeFrom,
+    TargetModules, TrainOnEos, ValSetSize,
 };
 
 use serde::Serialize;
@@ -110,12 +110,12 @@ pub struct TrainConfig {
     pub base_model: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokenizer_config: Option<PathBuf>,
-    pub device: Device,
+    pub device: DeviceChoice,
 
     // --- quantization ---
     /// Defaults to `adapter == qlora`.
     pub load_in_4bit: bool,
-    pub bnb_4bit_quant_type: QuantType,
+    pub bnb_4bit_quant_type: crate::quant::QuantKind,
     pub bnb_4bit_use_double_quant: bool,
     /// `None` follows `bf16`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -217,17 +217,6 @@ impl TrainConfig {
     /// The embedded [`TINY_CPU_YAML`], parsed.
     pub fn embedded_default() -> Result<ConfigOutcome, ConfigError> {
         Self::from_yaml_str(TINY_CPU_YAML, TINY_CPU_SOURCE)
-    }
-
-    /// The factor applied to the LoRA product: rsLoRA keeps updates stable
-    /// at high rank by dividing by sqrt(r) instead of r.
-    pub fn lora_scaling(&self) -> f64 {
-        let r = self.lora_r as f64;
-        if self.peft_use_rslora {
-            self.lora_alpha / r.sqrt()
-        } else {
-            self.lora_alpha / r
-        }
     }
 
     /// Warmup length in optimizer steps once the total is known, since

@@ -12,8 +12,6 @@ use std::path::PathBuf;
 
 type R<T> = Result<T, ConfigError>;
 
-const QUANT_BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
-
 pub(crate) fn parse(text: &str, origin: &str) -> R<ConfigOutcome> {
     let mut root: Value = serde_yaml::from_str(text).map_err(|e| yaml::error(origin, text, &e))?;
     root.apply_merge()
@@ -161,7 +159,9 @@ fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
         tokenizer_config: f.string("tokenizer_config")?.map(PathBuf::from),
         device: device(f)?,
         load_in_4bit: f.bool("load_in_4bit")?.unwrap_or(adapter == Adapter::Qlora),
-        bnb_4bit_quant_type: f.choice("bnb_4bit_quant_type")?.unwrap_or(QuantType::Nf4),
+        bnb_4bit_quant_type: f
+            .choice("bnb_4bit_quant_type")?
+            .unwrap_or(crate::quant::QuantKind::Nf4),
         bnb_4bit_use_double_quant: f.bool("bnb_4bit_use_double_quant")?.unwrap_or(true),
         bnb_4bit_compute_dtype: f.choice("bnb_4bit_compute_dtype")?,
         quant_blocksize: quant_blocksize(f)?,
@@ -266,33 +266,25 @@ fn target_modules(f: &Fields) -> R<TargetModules> {
     Ok(TargetModules::Named(names))
 }
 
-fn device(f: &Fields) -> R<Device> {
+fn device(f: &Fields) -> R<DeviceChoice> {
     let Some(v) = f.get("device") else {
-        return Ok(Device::Auto);
+        return Ok(DeviceChoice::Auto);
     };
     let parsed = match v {
-        Value::String(s) => match s.as_str() {
-            "auto" => Some(Device::Auto),
-            "cpu" => Some(Device::Cpu),
-            "cuda" => Some(Device::Cuda(None)),
-            other => other
-                .strip_prefix("cuda:")
-                .and_then(|n| n.parse::<usize>().ok())
-                .map(|n| Device::Cuda(Some(n))),
-        },
+        Value::String(s) => DeviceChoice::parse(s),
         _ => None,
     };
-    parsed.ok_or_else(|| f.err("device", one_of(&["auto", "cpu", "cuda", "cuda:N"], v)))
+    parsed.ok_or_else(|| f.err("device", one_of(&DeviceChoice::SPELLINGS, v)))
 }
 
 fn quant_blocksize(f: &Fields) -> R<usize> {
     let Some(n) = f.usize_min("quant_blocksize", 0)? else {
         return Ok(64);
     };
-    if QUANT_BLOCKSIZES.contains(&n) {
+    if crate::quant::BLOCKSIZES.contains(&n) {
         Ok(n)
     } else {
-        let list = QUANT_BLOCKSIZES.map(|b| b.to_string()).join(", ");
+        let list = crate::quant::blocksize_list();
         Err(f.err("quant_blocksize", format!("must be one of {list}; got {n}")))
     }
 }

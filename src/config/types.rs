@@ -68,11 +68,15 @@ choice_enum! {
     }
 }
 
-choice_enum! {
-    /// 4-bit code book for the frozen base weights (bitsandbytes naming).
-    QuantType {
-        Nf4 => "nf4",
-        Fp4 => "fp4",
+/// The 4-bit code book of the frozen base weights is `quant::QuantKind` (bitsandbytes naming).
+impl Choice for crate::quant::QuantKind {
+    fn accepted() -> &'static [(&'static str, Self)] {
+        use crate::quant::QuantKind;
+        const ACCEPTED: [(&str, QuantKind); 2] = [
+            (QuantKind::Nf4.as_str(), QuantKind::Nf4),
+            (QuantKind::Fp4.as_str(), QuantKind::Fp4),
+        ];
+        &ACCEPTED
     }
 }
 
@@ -135,7 +139,7 @@ choice_enum! {
 /// Where to run. `Cuda(None)` means "the GPU this process was given", which
 /// under `moeq-launch` is the local rank's device, not necessarily GPU 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Device {
+pub enum DeviceChoice {
     /// CUDA when a device is available, otherwise the CPU.
     Auto,
     Cpu,
@@ -143,18 +147,36 @@ pub enum Device {
     Cuda(Option<usize>),
 }
 
-impl fmt::Display for Device {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Device::Auto => f.write_str("auto"),
-            Device::Cpu => f.write_str("cpu"),
-            Device::Cuda(None) => f.write_str("cuda"),
-            Device::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+impl DeviceChoice {
+    /// What a config or flag may say.
+    pub const SPELLINGS: [&'static str; 4] = ["auto", "cpu", "cuda", "cuda:N"];
+
+    /// `auto`, `cpu`, `cuda` or `cuda:N`; None for anything else.
+    pub fn parse(s: &str) -> Option<DeviceChoice> {
+        match s {
+            "auto" => Some(DeviceChoice::Auto),
+            "cpu" => Some(DeviceChoice::Cpu),
+            "cuda" => Some(DeviceChoice::Cuda(None)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .map(|n| DeviceChoice::Cuda(Some(n))),
         }
     }
 }
 
-impl Serialize for Device {
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceChoice::Auto => f.write_str("auto"),
+            DeviceChoice::Cpu => f.write_str("cpu"),
+            DeviceChoice::Cuda(None) => f.write_str("cuda"),
+            DeviceChoice::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl Serialize for DeviceChoice {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(self)
     }

@@ -1,4 +1,4 @@
-//! LoRA adapters with PEFT's shapes, initialisation and names (FORMATS.md):
+//! LoRA adapters with PEFT's shapes, initialisation and names (docs/ARCHITECTURE.md, "Formats"):
 //! - linear target `[out, in]`: `A [r, in]`, `B [out, r]`, `y = base(x) + s·B(A(x))`;
 //! - 3-D expert parameter `[E, out, in]` (`target_parameters`, PEFT `ParamWrapper`):
 //!   `A [r·E, in]` with expert-major rows (`A_e = A[e·r..(e+1)·r]`) and `B [out, r·E]` with
@@ -69,44 +69,8 @@ pub enum ExpertPart {
 }
 
 impl ExpertLora {
-    /// The whole-parameter tensor (all experts) from this rank's part `local` of layout
-    /// `part`, all-gathered in global expert order. Every rank must call it.
-    pub fn gather(
-        &self,
-        part: ExpertPart,
-        local: &Tensor,
-        comm: &dyn crate::dist::Communicator,
-    ) -> Result<Tensor> {
-        let full = match part {
-            ExpertPart::A => Tensor::cat(&comm.all_gather(local)?, 0)?,
-            ExpertPart::B => {
-                // Columns are expert-minor: gather [E_held, out, r] blocks, then back.
-                let out = local.dim(0)?;
-                let blocks = local
-                    .reshape((out, self.r, self.num_experts))?
-                    .permute((2, 0, 1))?
-                    .contiguous()?;
-                Tensor::cat(&comm.all_gather(&blocks)?, 0)? // [E, out, r]
-                    .permute((1, 2, 0))?
-                    .contiguous()?
-                    .reshape((out, self.r * self.total))?
-            }
-        };
-        let n = match part {
-            ExpertPart::A => full.dim(0)?,
-            ExpertPart::B => full.dim(1)?,
-        };
-        if n != self.r * self.total {
-            candle_core::bail!(
-                "expert adapter: gathered {} of {} rows/columns",
-                n,
-                self.r * self.total
-            );
-        }
-        Ok(full)
-    }
-
-    /// This rank's part of a whole-parameter tensor of layout `part` (the inverse of `gather`).
+    /// This rank's part of a whole-parameter tensor of layout `part` (the inverse of
+    /// `train::ranks::gather_expert_part`).
     pub fn local(&self, part: ExpertPart, full: &Tensor) -> Result<Tensor> {
         let (r, first, held) = (self.r, self.first, self.num_experts);
         match part {
@@ -303,44 +267,5 @@ impl Adapters {
             }
         }
         out
-    }
-
-    /// The whole adapter on every rank: expert adapters all-gathered from their owners in
-    /// global expert order (the others are replicated already). Every rank must call it.
-    pub fn gathered(&self, comm: &dyn crate::dist::Communicator) -> Result<Adapters> {
-        let linear = self
-            .linear
-            .iter()
-            .map(|(k, l)| {
-                Ok((
-                    k.clone(),
-                    LinearLora {
-                        a: Var::from_tensor(l.a.as_tensor())?,
-                        b: Var::from_tensor(l.b.as_tensor())?,
-                    },
-                ))
-            })
-            .collect::<Result<BTreeMap<_, _>>>()?;
-        let mut experts = BTreeMap::new();
-        for (k, e) in &self.experts {
-            let a = e.gather(ExpertPart::A, e.a.as_tensor(), comm)?;
-            let b = e.gather(ExpertPart::B, e.b.as_tensor(), comm)?;
-            experts.insert(
-                k.clone(),
-                ExpertLora {
-                    a: Var::from_tensor(&a)?,
-                    b: Var::from_tensor(&b)?,
-                    num_experts: e.total,
-                    r: e.r,
-                    first: 0,
-                    total: e.total,
-                },
-            );
-        }
-        Ok(Adapters {
-            settings: self.settings.clone(),
-            linear,
-            experts,
-        })
     }
 }

@@ -8,7 +8,7 @@
 //! PEFT 0.21 on the GPU machine, with the trainer).
 
 use super::Adapters;
-use crate::checkpoint::writer::{StreamWriter, TensorDecl};
+use crate::model_files::writer::{StreamWriter, TensorDecl};
 use candle_core::Var;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;

@@ -1,4 +1,4 @@
-//! Expert projections over tokens grouped by expert (DESIGN decisions 2 and 8).
+//! Expert projections over tokens grouped by expert (docs/ARCHITECTURE.md, decisions 2 and 8).
 //!
 //! The tokens routed to the local experts arrive sorted by expert: `x [M, in]`, where the
 //! first `counts[0]` rows go to local expert 0, the next `counts[1]` to expert 1, and so on.
@@ -22,7 +22,7 @@ use std::ops::Range;
 
 /// Dequantized weights of one grouped GEMM call stay under this size (bf16: 256 MiB = 40
 /// experts of Qwen3-30B-A3B's gate_up, so a layer's 128 take 4 calls). Never a bf16 copy of
-/// all experts at once (DESIGN).
+/// all experts at once (docs/ARCHITECTURE.md, decision 2).
 pub const DEQUANT_CHUNK_BYTES: usize = 256 << 20;
 
 /// The dequantization chunk for an input of `input_bytes`: no larger than the input itself

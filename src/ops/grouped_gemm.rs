@@ -4,7 +4,7 @@
 //! is the reference the GPU path is checked against (`moeq gpu-check`).
 //!
 //! The expert projections use it with one product per expert over that expert's rows of a
-//! token matrix sorted by expert (DESIGN: "grouped expert GEMMs over tokens sorted by expert").
+//! token matrix sorted by expert (docs/ARCHITECTURE.md, "FLOPs and memory").
 
 use candle_core::{bail, DType, Device, Result, Tensor};
 

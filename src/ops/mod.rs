@@ -4,7 +4,6 @@
 pub mod attention;
 pub mod attention_block;
 pub mod attn_softmax;
-pub mod check;
 pub mod cross_entropy;
 pub mod embedding;
 pub mod experts;

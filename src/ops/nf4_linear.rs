@@ -2,7 +2,7 @@
 //! x: [.., in] → y = x · dequant(W)ᵀ : [.., out]; backward: dL/dx = dL/dy · dequant(W),
 //! dequantized again (nothing kept between forward and backward), and no gradient for W.
 //! The dequantized weight exists only inside each call, so the autograd graph holds the
-//! 4-bit codes, never a bf16/f32 copy of the weight (DESIGN decision 2).
+//! 4-bit codes, never a bf16/f32 copy of the weight (docs/ARCHITECTURE.md, decision 2).
 
 use crate::quant::{op::dequantize, Absmax, QuantKind, QuantizedParam};
 use candle_core::{bail, CustomOp1, DType, Device, Result, Tensor};
@@ -101,7 +101,7 @@ impl Scales {
                 offset,
                 start,
             } if codes.device().is_cuda() => {
-                crate::quant::cuda::dequantize_absmax(codes, nested, *offset, *start)
+                crate::quant::cuda::dequantize_absmax_on_gpu(codes, nested, *offset, *start)
             }
             Scales::Nested {
                 codes,

@@ -3,7 +3,7 @@
 //! x: [.., D], w: [D] → [.., D] in x's dtype. One op with its own backward
 //! (`kernels/rms_norm.cu` on CUDA, candle ops on the CPU); the weight is frozen (norms are not
 //! trained), so only x gets a gradient. `rms_norm_reference` is the primitive-op version it is
-//! tested against (candle-nn's `rms_norm` records no backward; DESIGN pitfalls).
+//! tested against (candle-nn's `rms_norm` records no backward; docs/ARCHITECTURE.md, decision 1).
 
 use candle_core::{CustomOp1, CustomOp2, DType, Result, Tensor, D};
 

@@ -5,8 +5,20 @@
 //! position id (positions restart inside packed rows), and applied with primitive ops so the
 //! gradient reaches q and k.
 
-use crate::arch::RopeSpec;
 use candle_core::{DType, Device, Result, Tensor};
+use serde_json::{Map, Value};
+
+/// Rotary embedding parameters from config.json (`arch::ArchSpec::rope`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RopeSpec {
+    pub theta: f64,
+    /// `default`, `linear`, `dynamic`, `yarn`, `llama3` or `longrope`.
+    pub rope_type: String,
+    pub factor: Option<f64>,
+    pub original_max_position_embeddings: Option<usize>,
+    /// The remaining rope parameters as written in config.json (yarn betas, llama3 freq factors…).
+    pub extra: Map<String, Value>,
+}
 
 pub struct Rope {
     /// [max, head_dim] f32

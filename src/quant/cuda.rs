@@ -34,7 +34,7 @@ fn kind_name(kind: QuantKind) -> &'static str {
 }
 
 /// Quantizes a contiguous CUDA tensor: (packed codes u8 [ceil(n/2)], absmax f32 [nblocks]).
-pub fn quantize(x: &Tensor, settings: &QuantSettings) -> Result<(Tensor, Tensor)> {
+pub fn quantize_on_gpu(x: &Tensor, settings: &QuantSettings) -> Result<(Tensor, Tensor)> {
     settings
         .validate()
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
@@ -44,7 +44,7 @@ pub fn quantize(x: &Tensor, settings: &QuantSettings) -> Result<(Tensor, Tensor)
     let nblocks = n.div_ceil(bs);
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cuda(cs) = &*storage else {
-        bail!("quant::cuda::quantize: tensor is not on a CUDA device")
+        bail!("quant::cuda::quantize_on_gpu: tensor is not on a CUDA device")
     };
     let dev = cs.device().clone();
     let off = layout.start_offset();
@@ -114,7 +114,7 @@ pub fn quantize(x: &Tensor, settings: &QuantSettings) -> Result<(Tensor, Tensor)
 }
 
 /// Dequantizes packed codes with f32 block absmax into a new tensor of `shape` and `dtype`.
-pub fn dequantize(
+pub fn dequantize_on_gpu(
     packed: &Tensor,
     absmax: &Tensor,
     shape: &[usize],
@@ -211,7 +211,7 @@ pub fn dequantize_storage(
 
 /// Nested statistics → f32 absmax on the device. `codes[0]` is block `start` of the
 /// parameter; `nested_absmax` is the parameter's whole nested array.
-pub fn dequantize_absmax(
+pub fn dequantize_absmax_on_gpu(
     codes: &Tensor,
     nested_absmax: &Tensor,
     offset: f32,

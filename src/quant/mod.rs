@@ -8,8 +8,7 @@ pub mod blockwise;
 pub mod codebook;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-#[cfg(feature = "cuda")]
-pub mod gpu_check;
+pub mod frozen;
 pub mod nested;
 pub mod op;
 pub mod rcp;
@@ -18,7 +17,13 @@ pub mod sharded;
 pub use blockwise::{dequantize_4bit, quantize_4bit, QuantInput};
 pub use nested::{NestedAbsmax, NESTED_BLOCKSIZE};
 
+/// The blocksizes bitsandbytes quantizes with.
 pub const BLOCKSIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
+
+/// `BLOCKSIZES` as a list for messages: "32, 64, …, 4096".
+pub fn blocksize_list() -> String {
+    BLOCKSIZES.map(|b| b.to_string()).join(", ")
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -28,11 +33,20 @@ pub enum QuantKind {
 }
 
 impl QuantKind {
-    pub fn as_str(self) -> &'static str {
+    /// Every kind, in the order error messages list them.
+    pub const ALL: [QuantKind; 2] = [QuantKind::Nf4, QuantKind::Fp4];
+
+    /// bitsandbytes' name (`quant_type`, `bnb_4bit_quant_type`).
+    pub const fn as_str(self) -> &'static str {
         match self {
             QuantKind::Nf4 => "nf4",
             QuantKind::Fp4 => "fp4",
         }
+    }
+
+    /// The kind bitsandbytes names `s`, if any.
+    pub fn parse(s: &str) -> Option<QuantKind> {
+        QuantKind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 
     /// The 16-entry code book bitsandbytes stores as `quant_map` (`get_4bit_type`). Its FP4
@@ -66,7 +80,7 @@ impl Default for QuantSettings {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum QuantError {
-    #[error("quantization blocksize {0} is not supported (use one of 32, 64, 128, 256, 512, 1024, 2048, 4096)")]
+    #[error("quantization blocksize {0} is not supported (use one of {list})", list = blocksize_list())]
     Blocksize(usize),
     #[error("{name}: {problem}")]
     Layout { name: String, problem: String },

@@ -35,7 +35,7 @@ pub fn quantize(x: &Tensor, settings: &QuantSettings) -> Result<(Tensor, Tensor)
             ))
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => super::cuda::quantize(x, settings),
+        Device::Cuda(_) => super::cuda::quantize_on_gpu(x, settings),
         _ => bail!("quantize: unsupported device"),
     }
 }

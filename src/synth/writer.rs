@@ -4,7 +4,7 @@
 
 use super::{config_json, tokenizer, SynthError};
 use crate::arch::{ArchSpec, Component, ModelType, ParamInfo};
-use crate::checkpoint::writer::{
+use crate::model_files::writer::{
     group_into_shards, shard_name, write_index, StreamWriter, TensorDecl,
 };
 use crate::util::progress::Progress;

@@ -1,4 +1,4 @@
-//! Resumable checkpoints (DESIGN decision 13): `output_dir/checkpoint-<step>/` holds
+//! Resumable checkpoints (docs/ARCHITECTURE.md, decision 13): `output_dir/checkpoint-<step>/` holds
 //! - the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`), whole: expert
 //!   adapters gathered from their owners, so it is keyed by global expert index;
 //! - `optimizer.safetensors`: AdamW's fp32 moments `<PEFT name>.exp_avg` / `.exp_avg_sq`, in
@@ -10,8 +10,8 @@
 //!
 //! Rank 0 writes everything into `.checkpoint-<step>.tmp/`, syncs it, renames it, and after a
 //! barrier (every rank has passed the step) writes the marker. A directory without the marker
-//! is not a checkpoint: it is ignored and cleaned up. Dropout masks are keyed by (seed, step),
-//! so no random-number state needs saving.
+//! is not a checkpoint: it is ignored and cleaned up. Dropout masks are keyed by the seed, the
+//! micro-batch's global index and the module name, so no random-number state needs saving.
 
 use crate::arch::ArchSpec;
 use crate::data::DataCursor;

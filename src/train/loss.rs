@@ -1,7 +1,7 @@
 //! Cross-entropy over the vocabulary, computed a chunk of tokens at a time together with its
 //! gradient w.r.t. the final hidden states, so logits for the whole batch never exist (fp32
 //! logits of 16k tokens × 152k vocabulary would be 10 GB). The frozen `lm_head` gets no
-//! gradient. The trainer feeds `dL/dh` into the per-layer backward (DESIGN decision 3).
+//! gradient. The trainer feeds `dL/dh` into the per-layer backward (docs/ARCHITECTURE.md, decision 3).
 //!
 //! h: [N, H], W (lm_head): [V, H], labels: N targets (−100 = ignored) →
 //! loss = mean over labelled rows of (logsumexp(h·Wᵀ) − (h·Wᵀ)[label]),

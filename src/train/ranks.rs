@@ -2,9 +2,9 @@
 //! adapter from its owners.
 
 use super::error::{failed, TrainError};
-use crate::dist::Communicator;
-use crate::lora::Adapters;
-use candle_core::{Device, Tensor};
+use crate::distributed::Communicator;
+use crate::lora::{Adapters, ExpertLora, ExpertPart, LinearLora};
+use candle_core::{Device, Tensor, Var};
 use std::collections::BTreeMap;
 
 /// Sums host values over the ranks (f64; identical on every rank).
@@ -80,5 +80,82 @@ pub(crate) fn whole_adapter(
     if !ep {
         return Ok(None);
     }
-    adapters.gathered(comm).map(Some).map_err(failed)
+    gathered(adapters, comm).map(Some).map_err(failed)
+}
+
+/// The whole adapter on every rank: expert adapters all-gathered from their owners in global
+/// expert order (the others are replicated already). Every rank must call it.
+fn gathered(adapters: &Adapters, comm: &dyn Communicator) -> candle_core::Result<Adapters> {
+    let linear = adapters
+        .linear
+        .iter()
+        .map(|(k, l)| {
+            Ok((
+                k.clone(),
+                LinearLora {
+                    a: Var::from_tensor(l.a.as_tensor())?,
+                    b: Var::from_tensor(l.b.as_tensor())?,
+                },
+            ))
+        })
+        .collect::<candle_core::Result<BTreeMap<_, _>>>()?;
+    let mut experts = BTreeMap::new();
+    for (k, e) in &adapters.experts {
+        let a = gather_expert_part(e, ExpertPart::A, e.a.as_tensor(), comm)?;
+        let b = gather_expert_part(e, ExpertPart::B, e.b.as_tensor(), comm)?;
+        experts.insert(
+            k.clone(),
+            ExpertLora {
+                a: Var::from_tensor(&a)?,
+                b: Var::from_tensor(&b)?,
+                num_experts: e.total,
+                r: e.r,
+                first: 0,
+                total: e.total,
+            },
+        );
+    }
+    Ok(Adapters {
+        settings: adapters.settings.clone(),
+        linear,
+        experts,
+    })
+}
+
+/// The whole-parameter tensor (all experts) of expert adapter `e` from this rank's part
+/// `local` of layout `part`, all-gathered in global expert order (the inverse of
+/// `ExpertLora::local`). Every rank must call it.
+pub(crate) fn gather_expert_part(
+    e: &ExpertLora,
+    part: ExpertPart,
+    local: &Tensor,
+    comm: &dyn Communicator,
+) -> candle_core::Result<Tensor> {
+    let full = match part {
+        ExpertPart::A => Tensor::cat(&comm.all_gather(local)?, 0)?,
+        ExpertPart::B => {
+            // Columns are expert-minor: gather [E_held, out, r] blocks, then back.
+            let out = local.dim(0)?;
+            let blocks = local
+                .reshape((out, e.r, e.num_experts))?
+                .permute((2, 0, 1))?
+                .contiguous()?;
+            Tensor::cat(&comm.all_gather(&blocks)?, 0)? // [E, out, r]
+                .permute((1, 2, 0))?
+                .contiguous()?
+                .reshape((out, e.r * e.total))?
+        }
+    };
+    let n = match part {
+        ExpertPart::A => full.dim(0)?,
+        ExpertPart::B => full.dim(1)?,
+    };
+    if n != e.r * e.total {
+        candle_core::bail!(
+            "expert adapter: gathered {} of {} rows/columns",
+            n,
+            e.r * e.total
+        );
+    }
+    Ok(full)
 }

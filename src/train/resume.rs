@@ -4,10 +4,10 @@
 
 use super::checkpoint;
 use super::error::{failed, TrainError};
-use super::ranks::whole_adapter;
+use super::ranks::{gather_expert_part, whole_adapter};
 use super::AdamW;
 use crate::config::TrainConfig;
-use crate::dist::Communicator;
+use crate::distributed::Communicator;
 use crate::lora::Adapters;
 use candle_core::Tensor;
 use std::collections::BTreeMap;
@@ -143,7 +143,7 @@ pub(crate) fn save_checkpoint(
     ep: bool,
 ) -> Result<(), TrainError> {
     // Writing gigabytes may take longer than a collective may: no stall limit meanwhile.
-    let watch = &crate::dist::store::WATCH;
+    let watch = &crate::distributed::store::WATCH;
     let paused = watch.pause();
     let full = whole_adapter(adapters, comm, ep)?;
     let parts = adapters.expert_parts();
@@ -152,7 +152,7 @@ pub(crate) fn save_checkpoint(
         let name = key.rsplit_once('.').map_or(key.as_str(), |(n, _)| n);
         let name = name.strip_suffix(".exp_avg").unwrap_or(name);
         let whole = match (ep, parts.get(name)) {
-            (true, Some((e, part))) => e.gather(*part, &t, comm).map_err(failed)?,
+            (true, Some((e, part))) => gather_expert_part(e, *part, &t, comm).map_err(failed)?,
             _ => t,
         };
         moments.insert(key, whole);

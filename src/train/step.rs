@@ -1,5 +1,5 @@
-//! One micro-batch through the model, by default with explicit per-layer recompute (DESIGN
-//! decision 3).
+//! One micro-batch through the model, by default with explicit per-layer recompute
+//! (docs/ARCHITECTURE.md, decision 3).
 //!
 //! Forward: LoRA detached, no graph; only each layer's input `x_l [N, H]` is kept.
 //! Head: final norm + chunked cross-entropy give `dL/dx_L` without the batch's logits.

@@ -1,5 +1,7 @@
-//! Logging and progress reporting shared by every command.
+//! Shared by every command: the compute device, logging, memory accounting, phase timing,
+//! ordered prefetch and progress reporting.
 
+pub mod device;
 pub mod logging;
 pub mod mem;
 pub mod phases;

@@ -9,7 +9,7 @@ fn embedded_default_parses_cleanly() {
     assert_eq!(out.warnings, Vec::<String>::new());
     let c = out.config;
     assert_eq!(c.base_model, "synth://qwen3_moe/tiny?seed=0");
-    assert_eq!(c.device, Device::Cpu);
+    assert_eq!(c.device, DeviceChoice::Cpu);
     assert!(c.load_in_4bit);
     assert_eq!(c.adapter, Adapter::Qlora);
     assert_eq!((c.lora_r, c.lora_alpha), (8, 16.0));
@@ -44,7 +44,7 @@ fn embedded_default_parses_cleanly() {
         (10, Some(100), Some(100))
     );
     assert_eq!(c.seed, 0);
-    assert_eq!(c.lora_scaling(), 2.0);
+    assert_eq!(crate::train::setup::lora_settings(&c).scaling(), 2.0);
     assert_eq!(c.warmup_steps_for(300), 20);
 }
 
@@ -54,9 +54,9 @@ fn defaults_are_applied() {
     assert_eq!(out.warnings, Vec::<String>::new());
     let c = out.config;
     assert_eq!(c.tokenizer_config, None);
-    assert_eq!(c.device, Device::Auto);
+    assert_eq!(c.device, DeviceChoice::Auto);
     assert!(c.load_in_4bit);
-    assert_eq!(c.bnb_4bit_quant_type, QuantType::Nf4);
+    assert_eq!(c.bnb_4bit_quant_type, crate::quant::QuantKind::Nf4);
     assert!(c.bnb_4bit_use_double_quant);
     assert_eq!(c.bnb_4bit_compute_dtype, None);
     assert_eq!(c.quant_blocksize, 64);
@@ -211,11 +211,14 @@ fn target_module_forms() {
 fn device_forms() {
     assert_eq!(
         ok_with("device: cuda:1\n").config.device,
-        Device::Cuda(Some(1))
+        DeviceChoice::Cuda(Some(1))
     );
-    assert_eq!(ok_with("device: cuda\n").config.device, Device::Cuda(None));
-    assert_eq!(ok_with("device: cpu\n").config.device, Device::Cpu);
-    assert_eq!(Device::Cuda(Some(3)).to_string(), "cuda:3");
+    assert_eq!(
+        ok_with("device: cuda\n").config.device,
+        DeviceChoice::Cuda(None)
+    );
+    assert_eq!(ok_with("device: cpu\n").config.device, DeviceChoice::Cpu);
+    assert_eq!(DeviceChoice::Cuda(Some(3)).to_string(), "cuda:3");
 }
 
 #[test]
@@ -256,7 +259,7 @@ fn value_forms() {
     let c =
         ok_with("warmup_ratio: 0.1\nlora_r: 64\nlora_alpha: 16\npeft_use_rslora: true\n").config;
     assert_eq!(c.warmup_steps_for(95), 10);
-    assert_eq!(c.lora_scaling(), 2.0);
+    assert_eq!(crate::train::setup::lora_settings(&c).scaling(), 2.0);
 }
 
 #[test]

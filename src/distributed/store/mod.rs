@@ -1,4 +1,4 @@
-//! The rendezvous store (DESIGN decision 10): rank 0 hosts it at the master address; every
+//! The rendezvous store (docs/ARCHITECTURE.md, decision 10): rank 0 hosts it at the master address; every
 //! rank connects, presents the job token, and uses it for key/value, barriers, the exchange
 //! of byte chunks the CPU collective is built on (`comm::TcpComm`), the NCCL unique id, and
 //! heartbeats.

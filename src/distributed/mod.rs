@@ -12,3 +12,4 @@ pub mod store;
 
 pub use comm::{Communicator, Solo, TcpComm};
 pub use env::{expand_hostlist, resolve, DistEnv, DistError, EnvSource, RankFlags};
+pub use job::RankCtx;

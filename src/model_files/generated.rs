@@ -8,7 +8,7 @@
 //! the last bit of `ln`/`cos`, before rounding to bf16). They are not the disk checkpoint's
 //! values for the same seed.
 
-use super::CheckpointError;
+use super::ModelFilesError;
 use crate::arch::{ArchSpec, Component, ParamInfo};
 use crate::synth::writer::{chunks_of, stream_seed, Chunk};
 use candle_core::{Device, Tensor};
@@ -102,7 +102,7 @@ impl GeneratedWeights {
         p: &ParamInfo,
         experts: Range<usize>,
         device: &Device,
-    ) -> Result<Tensor, CheckpointError> {
+    ) -> Result<Tensor, ModelFilesError> {
         let mut shape = p.shape.clone();
         if p.component == Component::Experts {
             shape[0] = experts.len();

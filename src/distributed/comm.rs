@@ -1,4 +1,4 @@
-//! Collectives between ranks (DESIGN decision 9): one trait, three engines.
+//! Collectives between ranks (docs/ARCHITECTURE.md, decision 9): one trait, three engines.
 //! - `Solo`: one rank; every collective is the identity.
 //! - `TcpComm`: the CPU collective through the rendezvous store over TCP, for tests and CPU
 //!   runs (not a production path). Deterministic: a reduction adds the ranks' tensors in rank

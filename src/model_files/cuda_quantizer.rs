@@ -74,7 +74,7 @@ impl SliceQuantizer for CudaQuantizer {
             let d = &self.device;
             let dev = timed("load: upload", d, || x.flatten_all()?.to_device(d))?;
             let (packed, absmax) = timed("load: quantize", d, || {
-                crate::quant::cuda::quantize(&dev, settings)
+                crate::quant::cuda::quantize_on_gpu(&dev, settings)
             })?;
             let (packed, absmax) = timed("load: download", d, || -> candle_core::Result<_> {
                 let absmax = absmax.to_vec1()?;

@@ -1,20 +1,12 @@
 //! `moeq gpu-check` for quantization: the CUDA kernels against the CPU reference on random
-//! data, which must agree byte for byte (tolerance 0): packed codes, absmax, dequantized
-//! values, and the nested absmax reconstruction.
+//! data, which must agree byte for byte: packed codes, absmax, dequantized values, and the
+//! nested absmax reconstruction. CUDA builds only.
 
-use super::{cuda, nested, quantize_4bit, QuantKind, QuantSettings};
-use crate::ops::check::{compare, Comparison};
+use super::tolerance::{lookup, Pass};
+use super::{compare, Comparison};
+use crate::quant::cuda::{dequantize_absmax_on_gpu, quantize_on_gpu};
+use crate::quant::{dequantize_4bit, nested, op, quantize_4bit, QuantKind, QuantSettings};
 use candle_core::{DType, Device, Result, Tensor};
-
-fn exact(what: String, got: &Tensor, want: &Tensor) -> Result<Comparison> {
-    compare(
-        &what,
-        &got.to_dtype(DType::F32)?,
-        &want.to_dtype(DType::F32)?,
-        0.0,
-        0.0,
-    )
-}
 
 fn bytes_of(t: &Tensor) -> Result<Vec<u8>> {
     let t = t.to_device(&Device::Cpu)?;
@@ -41,8 +33,9 @@ fn bytes_of(t: &Tensor) -> Result<Vec<u8>> {
     })
 }
 
-/// Compares bit patterns (as u8 values), so NaN or -0.0 differences are caught too.
-fn same_bits(what: String, got: &Tensor, want: &Tensor) -> Result<Comparison> {
+/// Compares bit patterns (as u8 values) within the exact row of `op`, so NaN or -0.0
+/// differences are caught too.
+fn same_bits(what: String, op: &str, got: &Tensor, want: &Tensor) -> Result<Comparison> {
     let (g, w) = (bytes_of(got)?, bytes_of(want)?);
     let g = Tensor::from_vec(
         g.iter().map(|&b| b as f32).collect::<Vec<_>>(),
@@ -54,8 +47,12 @@ fn same_bits(what: String, got: &Tensor, want: &Tensor) -> Result<Comparison> {
         w.len(),
         &Device::Cpu,
     )?;
-    exact(what, &g, &w)
+    compare(&what, &g, &w, lookup(op, "any", Pass::Exact)?)
 }
+
+/// The table's op names of the kernels.
+const QUANTIZE: &str = "quantize_on_gpu";
+const NESTED: &str = "dequantize_absmax_on_gpu";
 
 fn check_one(
     device: &Device,
@@ -80,7 +77,7 @@ fn check_one(
         settings.kind.as_str(),
         settings.blocksize
     );
-    let (packed_gpu, absmax_gpu) = cuda::quantize(&x.to_device(device)?, &settings)?;
+    let (packed_gpu, absmax_gpu) = quantize_on_gpu(&x.to_device(device)?, &settings)?;
     let (packed_cpu, absmax_cpu) = match dtype {
         DType::BF16 => quantize_4bit(
             &x.to_vec1::<half::bf16>()?,
@@ -97,10 +94,20 @@ fn check_one(
     let packed_cpu_t = Tensor::from_vec(packed_cpu.clone(), packed_cpu.len(), &Device::Cpu)?;
     let absmax_cpu_t = Tensor::from_vec(absmax_cpu.clone(), absmax_cpu.len(), &Device::Cpu)?;
     let mut out = vec![
-        same_bits(format!("{label} codes"), &packed_gpu, &packed_cpu_t)?,
-        same_bits(format!("{label} absmax"), &absmax_gpu, &absmax_cpu_t)?,
+        same_bits(
+            format!("{label} codes"),
+            QUANTIZE,
+            &packed_gpu,
+            &packed_cpu_t,
+        )?,
+        same_bits(
+            format!("{label} absmax"),
+            QUANTIZE,
+            &absmax_gpu,
+            &absmax_cpu_t,
+        )?,
     ];
-    let deq_gpu = super::op::dequantize(
+    let deq_gpu = op::dequantize(
         &packed_gpu,
         &absmax_gpu,
         &[n],
@@ -109,7 +116,7 @@ fn check_one(
         dtype,
     )?;
     let deq_cpu = Tensor::from_vec(
-        super::dequantize_4bit(
+        dequantize_4bit(
             &packed_cpu,
             &absmax_cpu,
             n,
@@ -122,6 +129,7 @@ fn check_one(
     .to_dtype(dtype)?;
     out.push(same_bits(
         format!("{label} dequantized"),
+        "dequantize",
         &deq_gpu,
         &deq_cpu,
     )?);
@@ -133,15 +141,20 @@ fn check_one(
             nested.nested_absmax.len(),
             device,
         )?;
-        let gpu = cuda::dequantize_absmax(&codes, &na, nested.offset, 0)?;
+        let gpu = dequantize_absmax_on_gpu(&codes, &na, nested.offset, 0)?;
         let cpu = nested::dequantize_absmax(&nested);
         let cpu = Tensor::from_vec(cpu.clone(), cpu.len(), &Device::Cpu)?;
-        out.push(same_bits(format!("{label} nested absmax"), &gpu, &cpu)?);
+        out.push(same_bits(
+            format!("{label} nested absmax"),
+            NESTED,
+            &gpu,
+            &cpu,
+        )?);
         // A slice starting off a 256-block boundary (what a layer's expert range reads).
         let start = nested.codes.len() / 3 + 1;
         let len = nested.codes.len().saturating_sub(start);
         let gpu =
-            cuda::dequantize_absmax(&codes.narrow(0, start, len)?, &na, nested.offset, start)?;
+            dequantize_absmax_on_gpu(&codes.narrow(0, start, len)?, &na, nested.offset, start)?;
         let cpu = nested::dequantize_absmax_range(
             &nested.codes[start..start + len],
             &nested.nested_absmax,
@@ -151,6 +164,7 @@ fn check_one(
         let cpu = Tensor::from_vec(cpu.clone(), cpu.len(), &Device::Cpu)?;
         out.push(same_bits(
             format!("{label} nested absmax from block {start}"),
+            NESTED,
             &gpu,
             &cpu,
         )?);
@@ -219,11 +233,12 @@ fn check_thresholds(device: &Device) -> Result<Vec<Comparison>> {
             double_quant: false,
         };
         let x = Tensor::from_vec(values.clone(), values.len(), device)?;
-        let (gpu, _) = cuda::quantize(&x, &settings)?;
+        let (gpu, _) = quantize_on_gpu(&x, &settings)?;
         let (cpu, _) = quantize_4bit(&values, 64, kind);
         let cpu = Tensor::from_vec(cpu.clone(), cpu.len(), &Device::Cpu)?;
         out.push(same_bits(
             format!("nf4-kernels thresholds {} codes", kind.as_str()),
+            QUANTIZE,
             &gpu,
             &cpu,
         )?);
@@ -231,6 +246,7 @@ fn check_thresholds(device: &Device) -> Result<Vec<Comparison>> {
     Ok(out)
 }
 
+/// The quantization comparisons on `device` (CUDA), in the order `moeq gpu-check` prints them.
 pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
     let mut out = check_thresholds(device)?;
     for (n, dtype) in [

@@ -1,4 +1,4 @@
-//! `NcclComm`: the production `Communicator` (DESIGN decision 9) — NCCL on the GPU, one
+//! `NcclComm`: the production `Communicator` (docs/ARCHITECTURE.md, decision 9) — NCCL on the GPU, one
 //! process per GPU. Semantics match `comm::TcpComm`, the CPU reference `moeq nccl-check`
 //! compares it with.
 //!
@@ -24,119 +24,19 @@
 //! counts; NCCL cannot detect a mismatch, it hangs or moves the wrong bytes. If another rank
 //! dies mid-collective, NCCL blocks: the launcher's group stop ends this process.
 
+mod engine;
+
 use super::store::StoreClient;
 use super::Communicator;
-use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Device, Result, Storage, Tensor};
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, DeviceRepr};
-use cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
-use std::sync::{Arc, Mutex};
+use cudarc::driver::{CudaSlice, CudaView};
+use cudarc::nccl::{Comm, Id, ReduceOp};
+use engine::{alloc, by_dtype, cuda_err, nccl_err, Elem, Engine, OwnedStream, Staged};
+use std::sync::Mutex;
 
 /// The store key under which rank 0 publishes the NCCL unique id.
 pub const UNIQUE_ID_KEY: &str = "nccl_unique_id";
-
-fn nccl_err(what: &str, e: cudarc::nccl::result::NcclError) -> candle_core::Error {
-    // SAFETY: ncclGetErrorString returns a pointer to a static NUL-terminated string.
-    let text = unsafe {
-        let p = cudarc::nccl::sys::ncclGetErrorString(e.0);
-        if p.is_null() {
-            String::new()
-        } else {
-            std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
-        }
-    };
-    let debug = if text.contains("NCCL_DEBUG") {
-        ""
-    } else {
-        "; rerun with NCCL_DEBUG=WARN for NCCL's own account"
-    };
-    candle_core::Error::Msg(format!("NCCL {what}: {:?} ({text}){debug}", e.0))
-}
-
-fn cuda_err(what: &str, e: cudarc::driver::DriverError) -> candle_core::Error {
-    candle_core::Error::Msg(format!("NCCL communicator, {what}: {e:?}"))
-}
-
-/// A stream created with the driver directly (see the module doc for why), destroyed on drop.
-struct OwnedStream {
-    stream: Arc<CudaStream>,
-}
-
-impl OwnedStream {
-    fn new(ctx: &Arc<cudarc::driver::CudaContext>) -> Result<OwnedStream> {
-        use cudarc::driver::result::stream::{create, StreamKind};
-        ctx.bind_to_thread()
-            .map_err(|e| cuda_err("binding the context", e))?;
-        let raw = create(StreamKind::NonBlocking).map_err(|e| cuda_err("creating a stream", e))?;
-        // SAFETY: `raw` belongs to `ctx` and lives until this struct's drop, after the
-        // communicator that uses it (field order in `Engine`).
-        let stream = unsafe { ctx.wrap_borrowed_stream(raw) };
-        Ok(OwnedStream { stream })
-    }
-}
-
-impl Drop for OwnedStream {
-    fn drop(&mut self) {
-        let ctx = self.stream.context();
-        if ctx.bind_to_thread().is_ok() {
-            // SAFETY: created in `new`, used by nothing else; pending work still completes.
-            let _ = unsafe { cudarc::driver::result::stream::destroy(self.stream.cu_stream()) };
-        }
-    }
-}
-
-/// NCCL state used under the lock. Field order is drop order: the communicator goes first,
-/// its stream last.
-struct Engine {
-    comm: Comm,
-    /// Recorded on candle's stream, waited on by the NCCL stream.
-    ready: CudaEvent,
-    /// Recorded on the NCCL stream, waited on by candle's stream.
-    done: CudaEvent,
-    stream: OwnedStream,
-}
-
-// SAFETY: an NCCL communicator may be used from any thread as long as calls do not overlap;
-// `NcclComm` only touches it under a mutex.
-unsafe impl Send for Engine {}
-
-impl Engine {
-    /// Runs `f` (NCCL calls on the NCCL stream) ordered after everything queued on `compute`
-    /// so far, and orders later work on `compute` after it. `grouped` wraps `f` in
-    /// ncclGroupStart/End (point-to-point calls must be grouped to not deadlock).
-    fn run(
-        &self,
-        compute: &CudaStream,
-        what: &str,
-        grouped: bool,
-        f: impl FnOnce(&Comm) -> Result<()>,
-    ) -> Result<()> {
-        let nccl = &self.stream.stream;
-        self.ready
-            .record(compute)
-            .map_err(|e| cuda_err("recording an event", e))?;
-        nccl.wait(&self.ready)
-            .map_err(|e| cuda_err("waiting on an event", e))?;
-        let out = if grouped {
-            cudarc::nccl::group_start().map_err(|e| nccl_err(what, e))?;
-            let r = f(&self.comm);
-            // The group must be closed even when a call inside failed.
-            let end = cudarc::nccl::group_end().map_err(|e| nccl_err(what, e));
-            r.and(end.map(|_| ()))
-        } else {
-            f(&self.comm)
-        };
-        // Even after a failure, later compute must not overtake what was queued.
-        self.done
-            .record(nccl)
-            .map_err(|e| cuda_err("recording an event", e))?;
-        compute
-            .wait(&self.done)
-            .map_err(|e| cuda_err("waiting on an event", e))?;
-        out
-    }
-}
 
 /// The NCCL collective (`nccl` feature). Build one per process with `NcclComm::new`.
 pub struct NcclComm {
@@ -146,64 +46,6 @@ pub struct NcclComm {
     engine: Mutex<Engine>,
     store: Mutex<StoreClient>,
 }
-
-/// A tensor's elements on the communicator's GPU: borrowed from a CUDA tensor, or uploaded
-/// from a host tensor.
-enum Staged<T> {
-    Device(Tensor),
-    Uploaded(CudaSlice<T>),
-}
-
-/// Device buffer of `n` elements. One more when `n` is 0: the driver refuses empty
-/// allocations, and a tensor may own more storage than its shape covers.
-///
-/// SAFETY: the memory is uninitialised; every caller has NCCL write all `n` elements.
-unsafe fn alloc<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
-    dev.alloc::<T>(n.max(1))
-}
-
-macro_rules! by_dtype {
-    ($dtype:expr, $what:expr, |$t:ident| $body:expr) => {
-        match $dtype {
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            DType::F64 => {
-                type $t = f64;
-                $body
-            }
-            DType::BF16 => {
-                type $t = half::bf16;
-                $body
-            }
-            DType::F16 => {
-                type $t = half::f16;
-                $body
-            }
-            DType::U32 => {
-                type $t = u32;
-                $body
-            }
-            DType::I64 => {
-                type $t = i64;
-                $body
-            }
-            DType::U8 => {
-                type $t = u8;
-                $body
-            }
-            other => candle_core::bail!(
-                "{}: dtype {other:?} is not supported by the NCCL communicator (F32, F64, BF16, F16, U32, I64, U8)",
-                $what
-            ),
-        }
-    };
-}
-
-/// The element types NCCL and candle's CUDA storage both know.
-trait Elem: NcclType + CudaDType + DeviceRepr + candle_core::WithDType {}
-impl<T: NcclType + CudaDType + DeviceRepr + candle_core::WithDType> Elem for T {}
 
 impl NcclComm {
     /// Joins the NCCL communicator of the job. `device` must be this rank's GPU (a

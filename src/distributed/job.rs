@@ -10,10 +10,29 @@
 use super::env::DistEnv;
 use super::store::{StoreClient, StoreOptions, StoreServer};
 use super::{Communicator, TcpComm};
-use crate::config::TrainConfig;
-use crate::train::trainer::RankCtx;
+use crate::config::DeviceChoice;
+use crate::util::device;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Where this process stands in the job: its collectives and its GPU slot on the node.
+pub struct RankCtx {
+    pub comm: Arc<dyn Communicator>,
+    pub local_rank: usize,
+    /// Started as part of a job (launcher, torchrun, srun): the distributed path runs even
+    /// with one rank, so its collectives are exercised the same way on any world size.
+    pub joined: bool,
+}
+
+impl RankCtx {
+    pub fn solo() -> RankCtx {
+        RankCtx {
+            comm: Arc::new(super::Solo),
+            local_rank: 0,
+            joined: false,
+        }
+    }
+}
 
 pub struct Job {
     env: DistEnv,
@@ -91,7 +110,7 @@ impl Job {
     }
 
     /// This rank's communicator for the trainer.
-    pub fn rank_ctx(&self, config: &TrainConfig) -> Result<RankCtx, String> {
+    pub fn rank_ctx(&self, choice: &DeviceChoice) -> Result<RankCtx, String> {
         let mut client = self.client()?;
         super::store::WATCH.set_rank(self.env.rank);
         client
@@ -101,13 +120,13 @@ impl Job {
                 Some(&super::store::WATCH),
             )
             .map_err(|e| e.to_string())?;
-        let comm: Arc<dyn Communicator> = self.communicator(config, client)?;
+        let comm: Arc<dyn Communicator> = self.communicator(choice, client)?;
         tracing::info!(
             "joined the job as rank {} of {} (store {}, {})",
             self.env.rank,
             self.env.world_size,
             self.addr,
-            if self.uses_nccl(config) {
+            if self.uses_nccl(choice) {
                 "NCCL"
             } else {
                 "CPU collective"
@@ -120,21 +139,19 @@ impl Job {
         })
     }
 
-    fn uses_nccl(&self, config: &TrainConfig) -> bool {
-        cfg!(feature = "nccl")
-            && !matches!(config.device, crate::config::Device::Cpu)
-            && crate::train::setup::visible_gpus() > 0
+    fn uses_nccl(&self, choice: &DeviceChoice) -> bool {
+        cfg!(feature = "nccl") && *choice != DeviceChoice::Cpu && device::visible_gpus() > 0
     }
 
     #[allow(unused_variables)]
     fn communicator(
         &self,
-        config: &TrainConfig,
+        choice: &DeviceChoice,
         client: StoreClient,
     ) -> Result<Arc<dyn Communicator>, String> {
         #[cfg(feature = "nccl")]
-        if self.uses_nccl(config) {
-            let device = crate::train::setup::device_for_rank(&config.device, self.env.local_rank)?;
+        if self.uses_nccl(choice) {
+            let device = device::device_for_rank(choice, self.env.local_rank)?;
             let comm =
                 super::nccl::NcclComm::new(client, self.env.rank, self.env.world_size, &device)
                     .map_err(|e| e.to_string())?;

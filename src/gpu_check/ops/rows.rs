@@ -1,7 +1,9 @@
 //! gpu-check entries whose outputs are rows or indices, compared exactly: the routing plan built
 //! on the device, and embedding rows gathered by the device from page-locked host memory.
 
-use super::{compare, Comparison};
+use super::{compare, lookup, Comparison, Pass};
+use crate::ops::embedding::{gather_host_rows, Embedding, TokenIds};
+use crate::ops::routing::plan;
 use candle_core::{DType, Device, Result, Tensor};
 
 pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
@@ -9,6 +11,7 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
     // Routing plan built on the device against the host plan: 3,001 tokens, top-8 of 128
     // experts (distinct per token: a hashed base plus 16·j), so some groups get a partial last
     // chunk of the device kernel's 1,024 slots. Integer outputs: any difference fails.
+    let exact = lookup("routing plan", "u32", Pass::Exact)?;
     let (n, k, experts) = (3001usize, 8usize, 128usize);
     let top: Vec<u32> = (0..n)
         .flat_map(|t| {
@@ -16,11 +19,11 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
             (0..k).map(move |j| ((base + 16 * j) % experts) as u32)
         })
         .collect();
-    let plan = |d: &Device| {
+    let plan_on = |d: &Device| {
         let t = Tensor::from_slice(&top, (n, k), d)?;
-        crate::ops::routing::plan(&t, experts, 0..experts)
+        plan(&t, experts, 0..experts)
     };
-    let (got, want) = (plan(device)?, plan(&Device::Cpu)?);
+    let (got, want) = (plan_on(device)?, plan_on(&Device::Cpu)?);
     let count = |c: &[usize]| {
         let v: Vec<u32> = c.iter().map(|&x| x as u32).collect();
         Tensor::from_vec(v, c.len(), &Device::Cpu)
@@ -30,14 +33,13 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
         ("slots", &got.order.slots, &want.order.slots),
         ("inverse", &got.order.inv, &want.order.inv),
     ] {
-        out.push(compare(&format!("routing plan {what}"), g, w, 0.0, 0.5)?);
+        out.push(compare(&format!("routing plan {what}"), g, w, exact)?);
     }
     out.push(compare(
         "routing plan counts",
         &count(&got.counts)?,
         &count(&want.counts)?,
-        0.0,
-        0.5,
+        exact,
     )?);
     // Embedding rows: the table on the host, gathered by `device` (page-locked on CUDA) vs
     // the host gather. A copy: any difference fails. Rows of 64 (16-byte packs) and of 36
@@ -51,15 +53,14 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
             .collect();
         ids[0] = 0;
         ids[4999] = vocab as u32 - 1;
-        let emb = crate::ops::embedding::Embedding::new(table.clone(), device)?;
-        let got = emb.rows(&crate::ops::embedding::TokenIds::new(&ids, device)?)?;
-        let want = crate::ops::embedding::gather_host_rows(&table, &ids)?;
+        let emb = Embedding::new(table.clone(), device)?;
+        let got = emb.rows(&TokenIds::new(&ids, device)?)?;
+        let want = gather_host_rows(&table, &ids)?;
         out.push(compare(
             &format!("embedding rows {dtype:?} h={h} (host table, device gather)"),
             &got,
             &want,
-            0.0,
-            0.0,
+            lookup("embedding rows", dtype.as_str(), Pass::Exact)?,
         )?);
     }
     Ok(out)

@@ -1,6 +1,6 @@
 //! Reading Hugging Face checkpoints: `config.json` → `ArchSpec`, memory-mapped safetensors
 //! (one file or sharded with an index), and every on-disk expert layout mapped to the one
-//! canonical layout (DESIGN decision 5): `gate_up_proj [E, 2I, H]` (gate rows first) and
+//! canonical layout (docs/ARCHITECTURE.md, decision 5): `gate_up_proj [E, 2I, H]` (gate rows first) and
 //! `down_proj [E, H, I]`, under transformers v5 runtime names.
 
 pub mod bnb;
@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
+pub enum ModelFilesError {
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -53,26 +53,26 @@ pub struct ModelDir {
 }
 
 impl ModelDir {
-    pub fn open(root: &Path) -> Result<ModelDir, CheckpointError> {
+    pub fn open(root: &Path) -> Result<ModelDir, ModelFilesError> {
         if !root.is_dir() {
-            return Err(CheckpointError::Format {
+            return Err(ModelFilesError::Format {
                 path: root.display().to_string(),
                 problem: "model directory does not exist (give a Hugging Face model directory or synth://<arch>/<preset>)".into(),
             });
         }
         let config_path = root.join("config.json");
         if !config_path.is_file() {
-            return Err(CheckpointError::Format {
+            return Err(ModelFilesError::Format {
                 path: root.display().to_string(),
                 problem: "no config.json: not a Hugging Face model directory".into(),
             });
         }
-        let text = std::fs::read_to_string(&config_path).map_err(|source| CheckpointError::Io {
+        let text = std::fs::read_to_string(&config_path).map_err(|source| ModelFilesError::Io {
             path: config_path.display().to_string(),
             source,
         })?;
         let config_json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| CheckpointError::Format {
+            serde_json::from_str(&text).map_err(|e| ModelFilesError::Format {
                 path: config_path.display().to_string(),
                 problem: format!("not valid JSON: {e}"),
             })?;
@@ -119,8 +119,8 @@ impl ModelDir {
         self.locations.get(disk_name).map(|&i| &self.shards[i])
     }
 
-    fn require_layout(&self) -> Result<ExpertLayout, CheckpointError> {
-        self.layout.ok_or_else(|| CheckpointError::Format {
+    fn require_layout(&self) -> Result<ExpertLayout, ModelFilesError> {
+        self.layout.ok_or_else(|| ModelFilesError::Format {
             path: self.root.display().to_string(),
             problem: "no weights in this directory (only config.json): cannot read tensors".into(),
         })
@@ -128,7 +128,7 @@ impl ModelDir {
 
     /// A non-expert parameter by canonical name, in its on-disk dtype, on the CPU. Expert
     /// parameters are read whole through `read_experts`.
-    pub fn read(&self, canonical: &str) -> Result<Tensor, CheckpointError> {
+    pub fn read(&self, canonical: &str) -> Result<Tensor, ModelFilesError> {
         let layout = self.require_layout()?;
         let info = self.param_info(canonical)?;
         if let Some((layer, which)) = ExpertParam::parse(canonical) {
@@ -147,10 +147,10 @@ impl ModelDir {
         layer: usize,
         which: ExpertParam,
         range: std::ops::Range<usize>,
-    ) -> Result<Tensor, CheckpointError> {
+    ) -> Result<Tensor, ModelFilesError> {
         let layout = self.require_layout()?;
         if range.start >= range.end || range.end > self.spec.num_experts {
-            return Err(CheckpointError::Format {
+            return Err(ModelFilesError::Format {
                 path: self.root.display().to_string(),
                 problem: format!(
                     "expert range {range:?} is outside 0..{} experts",
@@ -159,7 +159,7 @@ impl ModelDir {
             });
         }
         if !self.spec.moe_layers.get(layer).copied().unwrap_or(false) {
-            return Err(CheckpointError::Format {
+            return Err(ModelFilesError::Format {
                 path: self.root.display().to_string(),
                 problem: format!("layer {layer} is not an MoE layer"),
             });
@@ -167,12 +167,12 @@ impl ModelDir {
         layout::read_experts(self, layout, layer, which, range)
     }
 
-    fn param_info(&self, canonical: &str) -> Result<ParamInfo, CheckpointError> {
+    fn param_info(&self, canonical: &str) -> Result<ParamInfo, ModelFilesError> {
         self.spec
             .params()
             .into_iter()
             .find(|p| p.name == canonical)
-            .ok_or_else(|| CheckpointError::Format {
+            .ok_or_else(|| ModelFilesError::Format {
                 path: self.root.display().to_string(),
                 problem: format!(
                     "'{canonical}' is not a parameter of this {} model",
@@ -186,16 +186,16 @@ impl ModelDir {
         &self,
         disk_name: &str,
         within: Option<std::ops::Range<usize>>,
-    ) -> Result<(&[u8], DType, Vec<usize>), CheckpointError> {
+    ) -> Result<(&[u8], DType, Vec<usize>), ModelFilesError> {
         let shard = self
             .locate(disk_name)
-            .ok_or_else(|| CheckpointError::Format {
+            .ok_or_else(|| ModelFilesError::Format {
                 path: self.root.display().to_string(),
                 problem: format!("tensor '{disk_name}' is missing from the checkpoint"),
             })?;
         let info = shard
             .info(disk_name)
-            .ok_or_else(|| CheckpointError::Format {
+            .ok_or_else(|| ModelFilesError::Format {
                 path: shard.path.display().to_string(),
                 problem: format!(
                     "tensor '{disk_name}' is listed in the index but not in this file"
@@ -211,13 +211,13 @@ impl ModelDir {
         disk_name: &str,
         found: &[usize],
         expected: &[usize],
-    ) -> Result<(), CheckpointError> {
+    ) -> Result<(), ModelFilesError> {
         if found != expected {
             let path = self
                 .locate(disk_name)
                 .map(|s| s.path.display().to_string())
                 .unwrap_or_else(|| self.root.display().to_string());
-            return Err(CheckpointError::Format {
+            return Err(ModelFilesError::Format {
                 path,
                 problem: format!(
                     "tensor '{disk_name}' has shape {found:?} but config.json implies {expected:?}"
@@ -228,13 +228,13 @@ impl ModelDir {
     }
 
     /// On-disk bytes per tensor name (for `inspect`), summed by canonical parameter.
-    pub fn disk_bytes(&self) -> Result<BTreeMap<String, u64>, CheckpointError> {
+    pub fn disk_bytes(&self) -> Result<BTreeMap<String, u64>, ModelFilesError> {
         let layout = self.require_layout()?;
         let mut out = BTreeMap::new();
         for p in self.spec.params() {
             let mut total = 0u64;
             for disk in layout.disk_names(&p.name, self.spec.num_experts) {
-                let shard = self.locate(&disk).ok_or_else(|| CheckpointError::Format {
+                let shard = self.locate(&disk).ok_or_else(|| ModelFilesError::Format {
                     path: self.root.display().to_string(),
                     problem: format!("tensor '{disk}' is missing from the checkpoint"),
                 })?;
@@ -262,32 +262,32 @@ impl ModelDir {
     }
 }
 
-fn open_weights(root: &Path) -> Result<(Vec<Shard>, HashMap<String, usize>), CheckpointError> {
+fn open_weights(root: &Path) -> Result<(Vec<Shard>, HashMap<String, usize>), ModelFilesError> {
     let index_path = root.join(INDEX_FILE);
     let single = root.join(SINGLE_FILE);
     let mut shards = Vec::new();
     let mut locations = HashMap::new();
     if index_path.is_file() {
         let shown = index_path.display().to_string();
-        let text = std::fs::read_to_string(&index_path).map_err(|source| CheckpointError::Io {
+        let text = std::fs::read_to_string(&index_path).map_err(|source| ModelFilesError::Io {
             path: shown.clone(),
             source,
         })?;
         let index: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| CheckpointError::Format {
+            serde_json::from_str(&text).map_err(|e| ModelFilesError::Format {
                 path: shown.clone(),
                 problem: format!("not valid JSON: {e}"),
             })?;
         let map = index
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .ok_or_else(|| CheckpointError::Format {
+            .ok_or_else(|| ModelFilesError::Format {
                 path: shown.clone(),
                 problem: "no 'weight_map' object".into(),
             })?;
         let mut files: BTreeMap<String, usize> = BTreeMap::new();
         for file in map.values() {
-            let file = file.as_str().ok_or_else(|| CheckpointError::Format {
+            let file = file.as_str().ok_or_else(|| ModelFilesError::Format {
                 path: shown.clone(),
                 problem: "weight_map values must be file names".into(),
             })?;
@@ -300,14 +300,14 @@ fn open_weights(root: &Path) -> Result<(Vec<Shard>, HashMap<String, usize>), Che
         let mut file_index = HashMap::new();
         for name in ordered {
             if name.contains('/') || name.contains("..") {
-                return Err(CheckpointError::Format {
+                return Err(ModelFilesError::Format {
                     path: shown.clone(),
                     problem: format!("shard name '{name}' must be a plain file name"),
                 });
             }
             let path = root.join(name);
             if !path.is_file() {
-                return Err(CheckpointError::Format {
+                return Err(ModelFilesError::Format {
                     path: shown.clone(),
                     problem: format!(
                         "lists shard '{name}', which is missing: the download is incomplete"
@@ -320,7 +320,7 @@ fn open_weights(root: &Path) -> Result<(Vec<Shard>, HashMap<String, usize>), Che
         for (tensor, file) in map {
             let i = file_index[file.as_str().unwrap_or_default()];
             if shards[i].info(tensor).is_none() {
-                return Err(CheckpointError::Format {
+                return Err(ModelFilesError::Format {
                     path: shards[i].path.display().to_string(),
                     problem: format!(
                         "index lists tensor '{tensor}' in this file, but it is not there"

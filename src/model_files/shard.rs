@@ -2,7 +2,7 @@
 //! which records every byte range it hands out: loading a rank's expert slice must touch only
 //! that slice's bytes, and the record is how tests prove it.
 
-use super::CheckpointError;
+use super::ModelFilesError;
 use candle_core::DType;
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, SafeTensors, TensorInfo};
@@ -22,13 +22,13 @@ pub struct Shard {
 }
 
 /// Element type of a tensor on disk, restricted to what moeq reads.
-pub fn candle_dtype(path: &Path, name: &str, dtype: StDtype) -> Result<DType, CheckpointError> {
+pub fn candle_dtype(path: &Path, name: &str, dtype: StDtype) -> Result<DType, ModelFilesError> {
     match dtype {
         StDtype::BF16 => Ok(DType::BF16),
         StDtype::F16 => Ok(DType::F16),
         StDtype::F32 => Ok(DType::F32),
         StDtype::U8 => Ok(DType::U8),
-        other => Err(CheckpointError::Format {
+        other => Err(ModelFilesError::Format {
             path: path.display().to_string(),
             problem: format!(
                 "tensor '{name}' has dtype {other:?}; moeq reads bf16, f16 and f32 weights (and u8 for pre-quantized NF4)"
@@ -38,20 +38,20 @@ pub fn candle_dtype(path: &Path, name: &str, dtype: StDtype) -> Result<DType, Ch
 }
 
 impl Shard {
-    pub fn open(path: &Path) -> Result<Shard, CheckpointError> {
+    pub fn open(path: &Path) -> Result<Shard, ModelFilesError> {
         let shown = path.display().to_string();
-        let file = File::open(path).map_err(|source| CheckpointError::Io {
+        let file = File::open(path).map_err(|source| ModelFilesError::Io {
             path: shown.clone(),
             source,
         })?;
         // SAFETY: the mapping is read-only; a checkpoint modified by another process while
         // we read it is outside what any loader can guard against.
-        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| CheckpointError::Io {
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| ModelFilesError::Io {
             path: shown.clone(),
             source,
         })?;
         let (header_len, metadata) =
-            SafeTensors::read_metadata(&mmap).map_err(|e| CheckpointError::Format {
+            SafeTensors::read_metadata(&mmap).map_err(|e| ModelFilesError::Format {
                 path: shown.clone(),
                 problem: describe_safetensors_error(&e, mmap.len()),
             })?;
@@ -83,8 +83,8 @@ impl Shard {
         &self,
         name: &str,
         within: Option<Range<usize>>,
-    ) -> Result<&[u8], CheckpointError> {
-        let info = self.info(name).ok_or_else(|| CheckpointError::Format {
+    ) -> Result<&[u8], ModelFilesError> {
+        let info = self.info(name).ok_or_else(|| ModelFilesError::Format {
             path: self.path.display().to_string(),
             problem: format!("tensor '{name}' is not in this file"),
         })?;
@@ -93,7 +93,7 @@ impl Shard {
             None => start..end,
             Some(r) if r.end <= end - start => start + r.start..start + r.end,
             Some(r) => {
-                return Err(CheckpointError::Format {
+                return Err(ModelFilesError::Format {
                     path: self.path.display().to_string(),
                     problem: format!(
                         "read of bytes {r:?} is outside tensor '{name}' ({} bytes)",

@@ -9,7 +9,7 @@
 //!   Mixtral   — `block_sparse_moe.experts.{e}.{w1,w3,w2}.weight` (w1 gate, w3 up, w2 down) and the
 //!               router at `block_sparse_moe.gate.weight` (canonical `mlp.gate.weight`).
 
-use super::{CheckpointError, ModelDir};
+use super::{ModelDir, ModelFilesError};
 use candle_core::{DType, Device, Tensor};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,7 +102,7 @@ impl ExpertLayout {
 }
 
 /// Looks at the first MoE layer to tell the layouts apart.
-pub(super) fn detect(dir: &ModelDir) -> Result<ExpertLayout, CheckpointError> {
+pub(super) fn detect(dir: &ModelDir) -> Result<ExpertLayout, ModelFilesError> {
     let Some(layer) = dir.spec.moe_layers.iter().position(|m| *m) else {
         return Ok(ExpertLayout::Fused);
     };
@@ -125,7 +125,7 @@ pub(super) fn detect(dir: &ModelDir) -> Result<ExpertLayout, CheckpointError> {
             return Ok(*layout);
         }
     }
-    Err(CheckpointError::Format {
+    Err(ModelFilesError::Format {
         path: dir.root.display().to_string(),
         problem: format!(
             "no expert weights found for layer {layer}: expected one of {}",
@@ -144,7 +144,7 @@ pub(super) fn read_experts(
     layer: usize,
     which: ExpertParam,
     range: std::ops::Range<usize>,
-) -> Result<Tensor, CheckpointError> {
+) -> Result<Tensor, ModelFilesError> {
     let spec = &dir.spec;
     let (h, i) = (spec.hidden_size, spec.expert_intermediate_size);
     let per_expert: [usize; 2] = match which {
@@ -187,7 +187,7 @@ pub(super) fn read_experts(
                     buffer.reserve(n * per_expert[0] * per_expert[1] * dt.size_in_bytes());
                 }
                 Some(first) if first != dt => {
-                    return Err(CheckpointError::Format {
+                    return Err(ModelFilesError::Format {
                         path: dir.root.display().to_string(),
                         problem: format!(
                             "expert tensors of layer {layer} mix dtypes ({first:?} and {dt:?} in '{name}')"

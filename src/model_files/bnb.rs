@@ -14,7 +14,7 @@
 //! The JSON is `QuantState.as_dict(packed=True)`'s, written by Python's `json.dumps`.
 
 use super::writer::TensorDecl;
-use super::{CheckpointError, ModelDir};
+use super::{ModelDir, ModelFilesError};
 use crate::quant::codebook::dynamic_map;
 use crate::quant::{
     Absmax, NestedAbsmax, QuantKind, QuantSettings, QuantizedParam, NESTED_BLOCKSIZE,
@@ -162,18 +162,18 @@ pub fn quantization_config(settings: &QuantSettings, compute_dtype: &str) -> ser
     })
 }
 
-fn format_err(dir: &ModelDir, name: &str, problem: impl std::fmt::Display) -> CheckpointError {
+fn format_err(dir: &ModelDir, name: &str, problem: impl std::fmt::Display) -> ModelFilesError {
     let path = dir
         .locate(name)
         .map(|s| s.path.display().to_string())
         .unwrap_or_else(|| dir.root.display().to_string());
-    CheckpointError::Format {
+    ModelFilesError::Format {
         path,
         problem: format!("'{name}': {problem}"),
     }
 }
 
-fn read_f32s(dir: &ModelDir, name: &str) -> Result<Vec<f32>, CheckpointError> {
+fn read_f32s(dir: &ModelDir, name: &str) -> Result<Vec<f32>, ModelFilesError> {
     let (bytes, dtype, _) = dir.raw(name, None)?;
     if dtype != candle_core::DType::F32 {
         return Err(format_err(
@@ -189,10 +189,10 @@ fn read_f32s(dir: &ModelDir, name: &str) -> Result<Vec<f32>, CheckpointError> {
 }
 
 /// Reads one bitsandbytes 4-bit parameter of a pre-quantized checkpoint.
-pub fn read(dir: &ModelDir, name: &str) -> Result<QuantizedParam, CheckpointError> {
-    let state_key = ["nf4", "fp4"]
+pub fn read(dir: &ModelDir, name: &str) -> Result<QuantizedParam, ModelFilesError> {
+    let state_key = QuantKind::ALL
         .iter()
-        .map(|k| format!("{name}.quant_state.bitsandbytes__{k}"))
+        .map(|k| format!("{name}.quant_state.bitsandbytes__{}", k.as_str()))
         .find(|k| dir.locate(k).is_some())
         .ok_or_else(|| {
             format_err(
@@ -204,15 +204,15 @@ pub fn read(dir: &ModelDir, name: &str) -> Result<QuantizedParam, CheckpointErro
     let (json, _, _) = dir.raw(&state_key, None)?;
     let state: serde_json::Value = serde_json::from_slice(json)
         .map_err(|e| format_err(dir, &state_key, format!("invalid JSON: {e}")))?;
-    let kind = match state["quant_type"].as_str() {
-        Some("nf4") => QuantKind::Nf4,
-        Some("fp4") => QuantKind::Fp4,
-        other => {
+    let kind = match state["quant_type"].as_str().and_then(QuantKind::parse) {
+        Some(k) => k,
+        None => {
+            let other = state["quant_type"].as_str();
             return Err(format_err(
                 dir,
                 &state_key,
                 format!("unsupported quant_type {other:?}"),
-            ))
+            ));
         }
     };
     let blocksize = state["blocksize"]

@@ -1,11 +1,12 @@
-//! Expert parallelism (DESIGN decisions 4 and 11): which rank owns which experts, and the
-//! token dispatcher that moves routed tokens to their experts' owner and back.
+//! Expert parallelism (docs/ARCHITECTURE.md, decisions 4 and 11): which rank owns which experts, and the
+//! token dispatcher that moves routed tokens to their experts' owner and back: the model's
+//! `arch::ExpertExchange`, implemented over a communicator (`ExpertParallel`).
 //!
 //! Ownership: contiguous expert ranges in rank order; with E = q·W + m, the first m ranks own
 //! q + 1 experts and the rest q (a rank may own none when W > E).
 //!
 //! One MoE layer on rank r, with tokens already sorted by global expert (so by owner too):
-//! 1. `Dispatch::plan`: per-expert counts are exchanged (one host round trip per layer and
+//! 1. `ExpertParallel::plan` (`Dispatch::plan`): per-expert counts are exchanged (one host round trip per layer and
 //!    micro-batch, replayed by the recompute); rank r learns how many rows each source sends
 //!    to each of its experts.
 //! 2. `dispatch`: all-to-all of the rows `xs [M, H]` → `[R, H]` ordered by source, then by
@@ -18,7 +19,8 @@
 //! routed row is computed.
 
 use super::Communicator;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use crate::arch::{ExchangePlan, ExpertExchange};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Storage, Tensor};
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -36,8 +38,37 @@ pub fn expert_ranges(num_experts: usize, world: usize) -> Vec<Range<usize>> {
     out
 }
 
+/// Experts spread over the ranks of `comm` in contiguous ranges (`expert_ranges`).
+pub struct ExpertParallel {
+    comm: Arc<dyn Communicator>,
+    ranges: Vec<Range<usize>>,
+}
+
+impl ExpertParallel {
+    pub fn new(comm: Arc<dyn Communicator>, num_experts: usize) -> ExpertParallel {
+        let ranges = expert_ranges(num_experts, comm.world_size());
+        ExpertParallel { comm, ranges }
+    }
+}
+
+impl ExpertExchange for ExpertParallel {
+    fn held(&self) -> Range<usize> {
+        self.ranges[self.comm.rank()].clone()
+    }
+
+    fn plan(&self, counts: &[usize], device: &Device) -> Result<Box<dyn ExchangePlan>> {
+        Ok(Box::new(Dispatch::plan(
+            &self.comm,
+            counts,
+            &self.ranges,
+            device,
+        )?))
+    }
+}
+
 /// The row exchange of one MoE layer for one micro-batch.
 pub struct Dispatch {
+    comm: Arc<dyn Communicator>,
     /// Rows sent to each rank / received from each rank.
     pub send: Vec<usize>,
     pub recv: Vec<usize>,
@@ -52,10 +83,10 @@ pub struct Dispatch {
 impl Dispatch {
     /// `counts[e]`: this rank's rows for global expert e (rows sorted by expert).
     pub fn plan(
-        comm: &dyn Communicator,
+        comm: &Arc<dyn Communicator>,
         counts: &[usize],
         ranges: &[Range<usize>],
-        device: &candle_core::Device,
+        device: &Device,
     ) -> Result<Dispatch> {
         let world = comm.world_size();
         if ranges.len() != world {
@@ -76,7 +107,7 @@ impl Dispatch {
         let n = flat.len();
         let got = comm
             .all_to_all(
-                &Tensor::from_vec(flat, n, &candle_core::Device::Cpu)?,
+                &Tensor::from_vec(flat, n, &Device::Cpu)?,
                 &ranges.iter().map(|r| r.len()).collect::<Vec<_>>(),
                 &vec![local; world],
             )?
@@ -123,6 +154,7 @@ impl Dispatch {
         }
         let n = perm.len();
         Ok(Dispatch {
+            comm: comm.clone(),
             send,
             recv,
             perm: Tensor::from_vec(perm, n, device)?,
@@ -130,15 +162,26 @@ impl Dispatch {
             local_counts,
         })
     }
+}
 
+impl ExchangePlan for Dispatch {
     /// xs [M, H] sorted by global expert → [R, H] grouped by local expert.
-    pub fn dispatch(&self, comm: &Arc<dyn Communicator>, xs: &Tensor) -> Result<Tensor> {
-        all_to_all(comm, xs, &self.send, &self.recv)?.index_select(&self.perm, 0)
+    fn dispatch(&self, xs: &Tensor) -> Result<Tensor> {
+        all_to_all(&self.comm, xs, &self.send, &self.recv)?.index_select(&self.perm, 0)
     }
 
     /// y [R, H] grouped by local expert → [M, H] in the order of the dispatched `xs`.
-    pub fn combine(&self, comm: &Arc<dyn Communicator>, y: &Tensor) -> Result<Tensor> {
-        all_to_all(comm, &y.index_select(&self.inv, 0)?, &self.recv, &self.send)
+    fn combine(&self, y: &Tensor) -> Result<Tensor> {
+        all_to_all(
+            &self.comm,
+            &y.index_select(&self.inv, 0)?,
+            &self.recv,
+            &self.send,
+        )
+    }
+
+    fn held_counts(&self) -> &[usize] {
+        &self.local_counts
     }
 }
 

@@ -2,16 +2,14 @@
 //! on CUDA in bf16 the fused kernels) at head sizes 64 and 128, and the attention block.
 
 use super::{device_vs_cpu, Comparison};
+use crate::ops::attention::attention;
+use crate::ops::attention_block::{attention_block, BlockArgs};
+use crate::ops::attn_softmax::masked_softmax;
 use candle_core::{DType, Device, Result, Tensor};
 
-/// The attention-path comparisons on `device` in `dtype` against the CPU in f32, within
-/// `rtol` relative plus `k_tol` of each tensor's largest reference value (see `device_vs_cpu`).
-pub(super) fn check_attention(
-    device: &Device,
-    dtype: DType,
-    rtol: f32,
-    k_tol: f32,
-) -> Result<Vec<Comparison>> {
+/// The attention-path comparisons on `device` in `dtype` against the CPU in f32 (see
+/// `device_vs_cpu`).
+pub(super) fn check_attention(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
     let cpu = &Device::Cpu;
     let mut out = Vec::new();
     // Masked attention softmax: 2 × 4 heads × 300 positions (more keys than a warp's 32
@@ -26,15 +24,14 @@ pub(super) fn check_attention(
     let scores = (Tensor::randn(0f32, 1.0, (2, 4, 300, 300), cpu)? * 3.0)?;
     out.extend(device_vs_cpu(
         "masked_softmax",
+        "masked_softmax",
         device,
         dtype,
         &[scores],
         &|t| {
             let segments = Tensor::from_slice(&seg, (2, 300), t[0].device())?;
-            crate::ops::attn_softmax::masked_softmax(&t[0], &segments, 0.125)
+            masked_softmax(&t[0], &segments, 0.125)
         },
-        rtol,
-        k_tol,
     )?);
     // Rows longer than the kernel keeps in registers (2,048 keys): 1 × 2 heads × 2,100
     // positions, packed as samples of 1,500 and 600 tokens.
@@ -42,15 +39,14 @@ pub(super) fn check_attention(
     let long = (Tensor::randn(0f32, 1.0, (1, 2, 2100, 2100), cpu)? * 3.0)?;
     out.extend(device_vs_cpu(
         "masked_softmax (rows over 2,048 keys)",
+        "masked_softmax",
         device,
         dtype,
         &[long],
         &|t| {
             let segments = Tensor::from_slice(&long_seg, (1, 2100), t[0].device())?;
-            crate::ops::attn_softmax::masked_softmax(&t[0], &segments, 0.125)
+            masked_softmax(&t[0], &segments, 0.125)
         },
-        rtol,
-        k_tol,
     )?);
     // Blocked attention over the same packing: 8 query heads on 2 kv heads, head size 64, in
     // blocks of 64 query positions (the last one 44) and as one block.
@@ -61,15 +57,14 @@ pub(super) fn check_attention(
     for block in [64, 300] {
         out.extend(device_vs_cpu(
             &format!("attention (blocks of {block})"),
+            "attention",
             device,
             dtype,
             &qkv,
             &|t| {
                 let segments = Tensor::from_slice(&seg, (2, 300), t[0].device())?;
-                crate::ops::attention::attention(&t[0], &t[1], &t[2], &segments, 0.125, block)
+                attention(&t[0], &t[1], &t[2], &segments, 0.125, block)
             },
-            rtol,
-            k_tol,
         )?);
     }
     // Head size 128 (the fused kernels' other instance on CUDA in bf16): 2 × 600 positions,
@@ -91,15 +86,14 @@ pub(super) fn check_attention(
             .collect::<Result<Vec<_>>>()?;
         out.extend(device_vs_cpu(
             &format!("attention (head size 128, {b} × {s})"),
+            "attention",
             device,
             dtype,
             &qkv,
             &|t| {
                 let segments = Tensor::from_slice(segs, (b, s), t[0].device())?;
-                crate::ops::attention::attention(&t[0], &t[1], &t[2], &segments, 0.088, 256)
+                attention(&t[0], &t[1], &t[2], &segments, 0.088, 256)
             },
-            rtol,
-            k_tol,
         )?);
     }
     // The attention block (per-head norms, rotary embedding, attention as one op) on the
@@ -117,6 +111,7 @@ pub(super) fn check_attention(
     let angle = Tensor::randn(0f32, 1.0, (n, 1, hd), cpu)?;
     out.extend(device_vs_cpu(
         "attention block (norms, rotary, attention)",
+        "attention_block",
         device,
         dtype,
         &qkv,
@@ -126,7 +121,7 @@ pub(super) fn check_attention(
             let (wq, wk) = (to(&norm_w[0])?, to(&norm_w[1])?);
             let (cos, sin) = (to(&angle.cos()?)?, to(&angle.sin()?)?);
             let segments = Tensor::from_slice(&seg, (b, s), dev)?;
-            let args = crate::ops::attention_block::BlockArgs {
+            let args = BlockArgs {
                 batch: b,
                 seq: s,
                 heads: 8,
@@ -140,10 +135,8 @@ pub(super) fn check_attention(
                 block: 64,
                 memo: None,
             };
-            crate::ops::attention_block::attention_block(&t[0], &t[1], &t[2], &args)
+            attention_block(&t[0], &t[1], &t[2], &args)
         },
-        rtol,
-        k_tol,
     )?);
     Ok(out)
 }

@@ -7,7 +7,7 @@
 use super::bnb;
 use super::frozen::{Frozen, FrozenBase};
 use super::writer::{group_into_shards, shard_name, write_index, StreamWriter, TensorDecl};
-use super::{CheckpointError, ModelDir};
+use super::{ModelDir, ModelFilesError};
 use candle_core::DType;
 use std::path::Path;
 
@@ -21,8 +21,8 @@ const COPIED: &[&str] = &[
     "merges.txt",
 ];
 
-fn io(path: &Path) -> impl Fn(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io {
+fn io(path: &Path) -> impl Fn(std::io::Error) -> ModelFilesError + '_ {
+    move |source| ModelFilesError::Io {
         path: path.display().to_string(),
         source,
     }
@@ -37,7 +37,7 @@ fn st_dtype(dtype: DType) -> &'static str {
     }
 }
 
-fn dense_bytes(t: &candle_core::Tensor) -> Result<Vec<u8>, CheckpointError> {
+fn dense_bytes(t: &candle_core::Tensor) -> Result<Vec<u8>, ModelFilesError> {
     let t = t.flatten_all()?;
     Ok(match t.dtype() {
         DType::F32 => t
@@ -70,7 +70,7 @@ pub fn write(
     base: &FrozenBase,
     out: &Path,
     shard_bytes: u64,
-) -> Result<u64, CheckpointError> {
+) -> Result<u64, ModelFilesError> {
     let weights_dtype = src
         .spec
         .torch_dtype
@@ -82,7 +82,7 @@ pub fn write(
     for (name, frozen) in &base.tensors {
         match frozen {
             Frozen::Quantized { codes: Some(_), .. } => {
-                return Err(CheckpointError::Format {
+                return Err(ModelFilesError::Format {
                     path: out.display().to_string(),
                     problem: format!("'{name}': its codes were kept on the GPU for training; load with a quantizer that returns them to the host"),
                 })
@@ -94,7 +94,7 @@ pub fn write(
                     .collect(),
             ),
             Frozen::Quantized { experts: Some(r), .. } => {
-                return Err(CheckpointError::Format {
+                return Err(ModelFilesError::Format {
                     path: out.display().to_string(),
                     problem: format!("'{name}' holds only experts {r:?}: a pre-quantized checkpoint needs all experts"),
                 })
@@ -156,7 +156,7 @@ pub fn write(
             );
         }
         let cfg_path = tmp.join("config.json");
-        let text = serde_json::to_string_pretty(&config).map_err(|e| CheckpointError::Format {
+        let text = serde_json::to_string_pretty(&config).map_err(|e| ModelFilesError::Format {
             path: cfg_path.display().to_string(),
             problem: e.to_string(),
         })?;

@@ -7,7 +7,7 @@
 //! (`StatsGather`), so the bytes do not depend on the world size.
 //! A pre-quantized checkpoint (`moeq quantize` output) is read as it is.
 
-use super::{bnb, CheckpointError, ExpertParam, ModelDir};
+use super::{bnb, ExpertParam, ModelDir, ModelFilesError};
 use crate::arch::Component;
 use crate::arch::ParamInfo;
 use crate::quant::sharded::{check_expert_alignment, global_absmax, quantize_slice, SliceQuant};
@@ -22,38 +22,7 @@ use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-pub enum Frozen {
-    /// Packed codes of the whole parameter, or for an expert parameter of the owned experts
-    /// only (`experts`); statistics always cover the whole parameter.
-    Quantized {
-        param: QuantizedParam,
-        experts: Option<Range<usize>>,
-        /// The packed codes on the GPU when the quantizer kept them there for training
-        /// (`SliceQuantizer::take_device_codes`); `param.packed` is then empty.
-        codes: Option<Tensor>,
-    },
-    /// Kept in the checkpoint's dtype, on the CPU.
-    Dense(Tensor),
-}
-
-#[derive(Debug, Default, Clone)]
-pub struct LoadReport {
-    /// Bytes of unquantized weights read from the checkpoint.
-    pub bytes_read: u64,
-    /// Bytes of 4-bit codes and statistics produced or read.
-    pub quantized_bytes: u64,
-    pub dense_bytes: u64,
-    pub seconds: f64,
-    /// Peak device memory used by quantization, when it ran on a GPU.
-    pub peak_device_bytes: Option<u64>,
-}
-
-pub struct FrozenBase {
-    /// By transformers v5 runtime name, in name order.
-    pub tensors: BTreeMap<String, Frozen>,
-    pub settings: QuantSettings,
-    pub report: LoadReport,
-}
+pub use crate::quant::frozen::{Frozen, FrozenBase, LoadReport};
 
 /// Quantizes one contiguous slice of a parameter: on the CPU, or uploaded to a GPU.
 pub trait SliceQuantizer {
@@ -150,8 +119,8 @@ impl SliceQuantizer for CpuQuantizer {
     }
 }
 
-fn err(dir: &ModelDir, problem: String) -> CheckpointError {
-    CheckpointError::Format {
+fn err(dir: &ModelDir, problem: String) -> ModelFilesError {
+    ModelFilesError::Format {
         path: dir.root.display().to_string(),
         problem,
     }
@@ -192,7 +161,7 @@ pub fn load(
     experts: Option<Range<usize>>,
     quantizer: &mut dyn SliceQuantizer,
     gather: &mut dyn StatsGather,
-) -> Result<FrozenBase, CheckpointError> {
+) -> Result<FrozenBase, ModelFilesError> {
     let started = std::time::Instant::now();
     let spec = &dir.spec;
     let owned = experts.unwrap_or(0..spec.num_experts);
@@ -390,7 +359,7 @@ pub fn load(
                     // Once per parameter: reading /proc per slice costs more than the slice.
                     crate::util::mem::sample_peak();
                 }
-                Ok::<(), CheckpointError>(())
+                Ok::<(), ModelFilesError>(())
             },
         )?;
         let full = owned == (0..spec.num_experts);
@@ -412,7 +381,7 @@ pub fn load(
             };
             tensors.insert(p.name.clone(), frozen);
         }
-        Ok::<(), CheckpointError>(())
+        Ok::<(), ModelFilesError>(())
     })?;
     progress.finish();
     report.seconds = started.elapsed().as_secs_f64();
