@@ -21,13 +21,13 @@
 //! - `cli`: the subcommands.
 //! - `util`: device selection, logging, memory accounting, phase timing, prefetch, progress.
 pub mod arch;
-pub mod model_files;
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod distributed;
 pub mod gpu_check;
 pub mod lora;
+pub mod model_files;
 pub mod ops;
 pub mod quant;
 pub mod synth;

@@ -4,8 +4,8 @@
 mod common;
 use candle_core::{Device, Tensor, D};
 use common::moeq;
-use moeq::model_files::ModelDir;
 use moeq::lora::{peft, Adapters, LoraSettings};
+use moeq::model_files::ModelDir;
 use moeq::synth::{self, SynthOptions};
 use rand::{Rng, SeedableRng};
 

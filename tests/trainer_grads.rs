@@ -8,10 +8,10 @@ use common::max_abs;
 
 use candle_core::{DType, Device, Tensor, Var, D};
 use moeq::arch::{Inputs, LoraCtx, Model, ModelType};
-use moeq::model_files::frozen::{self, CpuQuantizer, SingleProcess};
-use moeq::model_files::ModelDir;
 use moeq::data::{Batch, IGNORE_INDEX};
 use moeq::lora::{Adapters, LoraSettings};
+use moeq::model_files::frozen::{self, CpuQuantizer, SingleProcess};
+use moeq::model_files::ModelDir;
 use moeq::quant::QuantSettings;
 use moeq::synth::{self, SynthOptions};
 use moeq::train::step::{evaluate_inputs, forward_backward, inputs, Activations};

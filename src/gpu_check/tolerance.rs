@@ -166,13 +166,13 @@ pub fn table() -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:<6} {:<w$} {:<5} {:<8} {:<9} {:<26} why",
+        "{:<6} {:<w$} {:<5} {:<8} {:<9} {:<24} why",
         "check", "op", "dtype", "pass", "rtol", "atol"
     );
     for t in TOLERANCES {
         let _ = writeln!(
             s,
-            "{:<6} {:<w$} {:<5} {:<8} {:<9} {:<26} {}",
+            "{:<6} {:<w$} {:<5} {:<8} {:<9} {:<24} {}",
             t.check.as_str(),
             t.op,
             t.dtype,

@@ -3,7 +3,7 @@
 //! builds its own; they agree on the step they start from.
 
 use super::error::{failed, TrainError};
-use super::resume::{restore, resume_point};
+use super::resume::{restore, resume_point, save_checkpoint};
 use super::setup;
 use super::step::Activations;
 use super::{checkpoint, AdamW, AdamWConfig, Schedule};
@@ -170,8 +170,21 @@ impl<'a> Run<'a> {
         })
     }
 
+    /// Writes `checkpoint-<step>` after `step` steps (every rank must call this).
+    pub fn save_checkpoint(&self, step: usize) -> Result<(), TrainError> {
+        let state = self.trainer_state(step);
+        save_checkpoint(
+            self.config,
+            &self.adapters,
+            &self.opt,
+            &state,
+            self.comm.as_ref(),
+            self.ep,
+        )
+    }
+
     /// The resume state of a checkpoint written after `step` steps.
-    pub fn trainer_state(&self, step: usize) -> checkpoint::TrainerState {
+    fn trainer_state(&self, step: usize) -> checkpoint::TrainerState {
         checkpoint::TrainerState {
             step,
             optimizer_step: self.opt.steps(),

@@ -7,7 +7,6 @@ use super::error::{failed, TrainError};
 use super::metrics::{flops_per_token, peak_flops, Metrics};
 use super::optimizer_step::StepResult;
 use super::ranks::sum_over_ranks;
-use super::resume::save_checkpoint;
 use super::step::{evaluate, EvalStats};
 use super::{checkpoint, EvalResult};
 use crate::arch::Model;
@@ -121,14 +120,7 @@ impl Report {
         }
         if self.consecutive_skips >= config.max_consecutive_skipped_steps {
             // Adapters and optimizer are as the last good step left them.
-            save_checkpoint(
-                config,
-                &run.adapters,
-                &run.opt,
-                &run.trainer_state(done),
-                run.comm.as_ref(),
-                run.ep,
-            )?;
+            run.save_checkpoint(done)?;
             return Err(failed(format!(
                 "{} consecutive steps (up to step {done}) had a non-finite loss or gradient: stopped; the last good state (optimizer step {}) is in {}; lower learning_rate, set max_grad_norm, or check the data",
                 self.consecutive_skips,
@@ -245,14 +237,7 @@ impl Report {
     pub fn save_if_due(&self, run: &Run, done: usize) -> Result<(), TrainError> {
         let every = run.config.save_steps;
         if every.is_some_and(|s| s > 0 && done % s == 0) && done != run.total_steps {
-            save_checkpoint(
-                run.config,
-                &run.adapters,
-                &run.opt,
-                &run.trainer_state(done),
-                run.comm.as_ref(),
-                run.ep,
-            )?;
+            run.save_checkpoint(done)?;
         }
         Ok(())
     }

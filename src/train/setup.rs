@@ -66,3 +66,28 @@ pub fn load_base(
             .map_err(|e| e.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::TrainConfig;
+
+    /// `lora_alpha / r`, or `lora_alpha / √r` with `peft_use_rslora` (PEFT's rule), from the
+    /// config keys through `lora_settings`.
+    #[test]
+    fn lora_scaling_follows_the_config() {
+        let scaling = |extra: &str| {
+            let yaml = format!("base_model: synth://qwen3_moe/tiny\ndatasets:\n  - path: data.jsonl\n    type: completion\n{extra}");
+            let c = TrainConfig::from_yaml_str(&yaml, "t.yaml").unwrap().config;
+            super::lora_settings(&c).scaling()
+        };
+        assert_eq!(scaling("lora_r: 8\nlora_alpha: 16\n"), 2.0);
+        assert_eq!(
+            scaling("lora_r: 64\nlora_alpha: 16\npeft_use_rslora: true\n"),
+            2.0
+        );
+        assert_eq!(
+            scaling("lora_r: 16\nlora_alpha: 16\npeft_use_rslora: true\n"),
+            4.0
+        );
+    }
+}

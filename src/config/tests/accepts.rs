@@ -44,7 +44,10 @@ fn embedded_default_parses_cleanly() {
         (10, Some(100), Some(100))
     );
     assert_eq!(c.seed, 0);
-    assert_eq!(crate::train::setup::lora_settings(&c).scaling(), 2.0);
+    assert_eq!(
+        (c.lora_r, c.lora_alpha, c.peft_use_rslora),
+        (8, 16.0, false)
+    );
     assert_eq!(c.warmup_steps_for(300), 20);
 }
 
@@ -259,7 +262,10 @@ fn value_forms() {
     let c =
         ok_with("warmup_ratio: 0.1\nlora_r: 64\nlora_alpha: 16\npeft_use_rslora: true\n").config;
     assert_eq!(c.warmup_steps_for(95), 10);
-    assert_eq!(crate::train::setup::lora_settings(&c).scaling(), 2.0);
+    assert_eq!(
+        (c.lora_r, c.lora_alpha, c.peft_use_rslora),
+        (64, 16.0, true)
+    );
 }
 
 #[test]
