@@ -1,7 +1,9 @@
 //! README.md stays true: every config key moeq knows is documented, and the two newcomer
 //! commands are there.
 
-use moeq::config::{IGNORED_AXOLOTL_KEYS, SUPPORTED_KEYS, UNSUPPORTED_AXOLOTL_KEYS};
+use moeq::config::{
+    IGNORED_AXOLOTL_KEYS, IGNORED_AXOLOTL_PREFIXES, SUPPORTED_KEYS, UNSUPPORTED_AXOLOTL_KEYS,
+};
 
 #[test]
 fn readme_documents_every_config_key() {
@@ -18,6 +20,15 @@ fn readme_documents_every_config_key() {
         .filter(|k| !readme.contains(&format!("| `{k}` |")))
         .collect();
     assert!(missing.is_empty(), "README.md lacks rows for: {missing:?}");
+    let prefixes: Vec<&str> = IGNORED_AXOLOTL_PREFIXES
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| !readme.contains(&format!("| `{p}*` |")))
+        .collect();
+    assert!(
+        prefixes.is_empty(),
+        "README.md lacks rows for: {prefixes:?}"
+    );
 }
 
 #[test]

@@ -181,3 +181,37 @@ fn weights_drawn_at_load_time_train_deterministically() {
         "drawn weights equal the disk checkpoint's"
     );
 }
+
+/// axolotl's schedule keys reach the optimizer: a fractional `warmup_steps` is a ratio of the
+/// run (0.25 of 8 steps: 2), and the cosine ends at `cosine_min_lr_ratio` of the peak. The
+/// metrics record each step's learning rate.
+#[test]
+fn axolotl_schedule_keys_set_the_learning_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "max_steps: 8\nwarmup_steps: 0.25\ncosine_min_lr_ratio: 0.5\nlogging_steps: 1\neval_steps: 100\nsave_steps: 100",
+    );
+    let (code, _, err) = moeq(&["train", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let lrs: Vec<f64> = metrics(dir.path())
+        .iter()
+        .filter_map(|r| r["lr"].as_f64())
+        .collect();
+    let peak = 3.0e-3;
+    // Steps 0 and 1 warm up (0, peak/2); then cosine from the peak down towards peak/2.
+    let want: Vec<f64> = (0..8)
+        .map(|k| {
+            if k < 2 {
+                peak * k as f64 / 2.0
+            } else {
+                let progress = (k - 2) as f64 / 6.0;
+                peak * (0.5 + 0.5 * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()))
+            }
+        })
+        .collect();
+    assert_eq!(lrs.len(), 8, "{lrs:?}");
+    for (got, want) in lrs.iter().zip(&want) {
+        assert!((got - want).abs() < 1e-12, "{lrs:?} vs {want:?}");
+    }
+}

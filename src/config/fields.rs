@@ -33,6 +33,11 @@ impl Bounds {
         lo: Some((0.0, true)),
         hi: Some((1.0, false)),
     };
+    /// [0, 1]
+    pub const UNIT_CLOSED: Bounds = Bounds {
+        lo: Some((0.0, true)),
+        hi: Some((1.0, true)),
+    };
     /// (0, 1]
     pub const UNIT_POSITIVE: Bounds = Bounds {
         lo: Some((0.0, false)),

@@ -31,6 +31,14 @@ pub const SUPPORTED_KEYS: &[(&str, &str)] = &[
         "weights per quantization block: 32..4096, a power of two (64)",
     ),
     ("adapter", "qlora | lora (qlora)"),
+    (
+        "quantize_moe_experts",
+        "true: the experts are quantized with the rest of the frozen base, as moeq always does; false is refused",
+    ),
+    (
+        "bnb_config_kwargs",
+        "bitsandbytes settings as a mapping: bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype act as the top-level keys (which must agree); llm_int8_has_fp16_weight and bnb_4bit_quant_storage do not change 4-bit values",
+    ),
     ("lora_r", "LoRA rank, >= 1 (16)"),
     ("lora_alpha", "LoRA scale numerator, > 0 (2 * lora_r)"),
     ("lora_dropout", "dropout on the LoRA input, in [0, 1) (0.0)"),
@@ -91,10 +99,17 @@ pub const SUPPORTED_KEYS: &[(&str, &str)] = &[
     ),
     ("max_steps", "optimizer steps, >= 1 (from num_epochs)"),
     ("learning_rate", "peak learning rate, in (0, 1] (2e-4)"),
-    ("lr_scheduler", "constant | linear | cosine (cosine)"),
+    (
+        "lr_scheduler",
+        "constant | constant_with_warmup | linear | cosine (cosine); constant ignores warmup, as in transformers",
+    ),
+    (
+        "cosine_min_lr_ratio",
+        "with cosine: decay to this fraction of learning_rate instead of 0, in [0, 1] (0)",
+    ),
     (
         "warmup_steps",
-        "linear warmup steps, >= 0 (0); exclusive with warmup_ratio",
+        "linear warmup steps, >= 0 (0); a fraction in (0, 1) is a ratio of all steps, as in transformers; exclusive with warmup_ratio",
     ),
     (
         "warmup_ratio",
@@ -299,6 +314,72 @@ pub const IGNORED_AXOLOTL_KEYS: &[(&str, &str)] = &[
     ("eval_strategy", "use eval_steps"),
     ("evaluation_strategy", "use eval_steps"),
     ("eval_causal_lm_metrics", "moeq reports eval loss only"),
+    // Kernel and implementation choices: moeq runs its own kernels, the same arithmetic.
+    ("attn_implementation", "moeq picks its attention kernel itself"),
+    ("fused_attn_kernel", "moeq picks its attention kernel itself"),
+    (
+        "gemma4_hybrid_attn_impl",
+        "moeq picks its attention kernel itself",
+    ),
+    ("flex_attn_compile_kwargs", "moeq does not use PyTorch"),
+    ("use_kernels", "moeq uses its own kernels"),
+    (
+        "lora_mlp_kernel",
+        "moeq fuses each projection with its adapter itself",
+    ),
+    (
+        "lora_qkv_kernel",
+        "moeq fuses each projection with its adapter itself",
+    ),
+    (
+        "lora_o_kernel",
+        "moeq fuses each projection with its adapter itself",
+    ),
+    (
+        "use_scattermoe",
+        "moeq runs the experts as grouped GEMMs over tokens sorted by expert",
+    ),
+    (
+        "use_sonicmoe",
+        "moeq runs the experts as grouped GEMMs over tokens sorted by expert",
+    ),
+    (
+        "experts_implementation",
+        "moeq runs the experts as grouped GEMMs over tokens sorted by expert",
+    ),
+    (
+        "llama4_linearized_experts",
+        "moeq reads fused experts as they are",
+    ),
+    ("liger_rms_norm_gated", "moeq uses its own fused kernels"),
+    (
+        "experimental_skip_move_to_device",
+        "moeq places each weight where it is used",
+    ),
+    (
+        "ddp_find_unused_parameters",
+        "every adapter takes part in moeq's gradient reduction",
+    ),
+    (
+        "fsdp_version",
+        "moeq does its own distribution (fsdp itself is refused)",
+    ),
+    (
+        "expert_parallel_size",
+        "moeq spreads the experts over all ranks (expert_parallel: false keeps them on every rank); the training is the same",
+    ),
+    (
+        "activation_offloading",
+        "the saved layer inputs stay in GPU memory (no offload yet); the training is the same",
+    ),
+];
+
+/// Key prefixes accepted and ignored, for families of keys (one warning per key).
+pub const IGNORED_AXOLOTL_PREFIXES: &[(&str, &str)] = &[
+    ("trackio_", "moeq has no Trackio integration"),
+    ("wandb_", "moeq has no Weights & Biases integration"),
+    ("mlflow_", "moeq has no MLflow integration"),
+    ("comet_", "moeq has no Comet integration"),
 ];
 
 /// Ignored keys inside a `datasets:` entry.
@@ -323,9 +404,13 @@ pub const UNSUPPORTED_AXOLOTL_KEYS: &[(&str, &str)] = &[
     ("rl", "moeq does supervised fine-tuning only; remove 'rl'"),
     ("unfrozen_parameters", "moeq trains adapters only; remove 'unfrozen_parameters'"),
     ("lora_fan_in_fan_out", "moeq stores every linear weight as (out, in); remove 'lora_fan_in_fan_out'"),
-    ("cosine_min_lr_ratio", "moeq's cosine schedule decays to 0; remove 'cosine_min_lr_ratio'"),
     ("neftune_noise_alpha", "moeq does not implement NEFTune; remove 'neftune_noise_alpha'"),
     ("test_datasets", "moeq splits validation data off with val_set_size; remove 'test_datasets'"),
+    ("nvfp4_merge_aware", "moeq's frozen base is bitsandbytes NF4/FP4, not NVFP4; remove 'nvfp4_merge_aware'"),
+    ("eot_tokens", "moeq does not yet train extra end-of-turn tokens; remove 'eot_tokens' (train_on_eos applies to the template's end of turn)"),
+    ("model_config", "moeq reads the model's config.json as it is; edit config.json instead of 'model_config'"),
+    ("model_quantization_config", "moeq quantizes with bitsandbytes 4-bit settings only (bnb_4bit_* keys); remove 'model_quantization_config'"),
+    ("model_quantization_config_kwargs", "moeq quantizes with bitsandbytes 4-bit settings only (bnb_4bit_* keys); remove 'model_quantization_config_kwargs'"),
 ];
 
 /// The nearest candidate to a misspelt word, if any is close enough that

@@ -18,8 +18,8 @@ mod yaml;
 mod tests;
 
 pub use keys::{
-    DATASET_KEYS, IGNORED_AXOLOTL_KEYS, IGNORED_DATASET_KEYS, SUPPORTED_KEYS,
-    UNSUPPORTED_AXOLOTL_KEYS,
+    DATASET_KEYS, IGNORED_AXOLOTL_KEYS, IGNORED_AXOLOTL_PREFIXES, IGNORED_DATASET_KEYS,
+    SUPPORTED_KEYS, UNSUPPORTED_AXOLOTL_KEYS,
 };
 pub use types::{
     Adapter, Bf16Mode, ComputeDtype, DatasetType, DeviceChoice, LrScheduler, Optimizer, ResumeFrom,
@@ -156,6 +156,10 @@ pub struct TrainConfig {
     pub max_steps: Option<usize>,
     pub learning_rate: f64,
     pub lr_scheduler: LrScheduler,
+    /// The cosine schedule decays to this fraction of the peak instead of 0 (axolotl's
+    /// `cosine_min_lr_ratio`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cosine_min_lr_ratio: Option<f64>,
     /// At most one of `warmup_steps` and `warmup_ratio` is set; see
     /// [`TrainConfig::warmup_steps_for`].
     #[serde(skip_serializing_if = "Option::is_none")]

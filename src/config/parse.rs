@@ -2,8 +2,8 @@
 
 use super::fields::{describe, invalid, one_of, quote_word, Bounds, Fields};
 use super::keys::{
-    lookup, suggest_key, DATASET_KEYS, IGNORED_AXOLOTL_KEYS, IGNORED_DATASET_KEYS, SUPPORTED_KEYS,
-    UNSUPPORTED_AXOLOTL_KEYS,
+    lookup, suggest_key, DATASET_KEYS, IGNORED_AXOLOTL_KEYS, IGNORED_AXOLOTL_PREFIXES,
+    IGNORED_DATASET_KEYS, SUPPORTED_KEYS, UNSUPPORTED_AXOLOTL_KEYS,
 };
 use super::types::*;
 use super::{validate, yaml, ConfigError, ConfigOutcome, DatasetConfig, TrainConfig};
@@ -43,6 +43,7 @@ pub(crate) fn parse(text: &str, origin: &str) -> R<ConfigOutcome> {
         &KeySet {
             supported: SUPPORTED_KEYS,
             ignored: IGNORED_AXOLOTL_KEYS,
+            ignored_prefixes: IGNORED_AXOLOTL_PREFIXES,
             unsupported: UNSUPPORTED_AXOLOTL_KEYS,
             readme_what: "keys",
         },
@@ -63,6 +64,8 @@ pub(crate) fn parse(text: &str, origin: &str) -> R<ConfigOutcome> {
 struct KeySet {
     supported: &'static [(&'static str, &'static str)],
     ignored: &'static [(&'static str, &'static str)],
+    /// Families of ignored keys, by prefix.
+    ignored_prefixes: &'static [(&'static str, &'static str)],
     unsupported: &'static [(&'static str, &'static str)],
     /// Completes "see README.md for the supported ...".
     readme_what: &'static str,
@@ -103,7 +106,12 @@ fn check_keys(
         if lookup(set.supported, key).is_some() {
             continue;
         }
-        if let Some(reason) = lookup(set.ignored, key) {
+        let by_prefix = set
+            .ignored_prefixes
+            .iter()
+            .find(|(p, _)| key.starts_with(p))
+            .map(|(_, why)| *why);
+        if let Some(reason) = lookup(set.ignored, key).or(by_prefix) {
             if !v.is_null() {
                 warnings.push(format!(
                     "{origin}: key '{prefix}{key}' is accepted for axolotl compatibility but ignored by moeq ({reason})"
@@ -146,6 +154,14 @@ fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
         lora_target_modules = TargetModules::AllLinear;
     }
 
+    let (warmup_steps, warmup_ratio) = warmup(f)?;
+    if f.bool("quantize_moe_experts")? == Some(false) {
+        return Err(f.err(
+            "quantize_moe_experts",
+            "is false, but moeq always quantizes the experts with the rest of the frozen base (that is what fits MoE models in memory); remove it or set it to true",
+        ));
+    }
+    let bnb = BnbKwargs::read(f)?;
     let fp16 = f.bool("fp16")?.unwrap_or(false);
     if fp16 {
         return Err(f.err(
@@ -159,11 +175,9 @@ fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
         tokenizer_config: f.string("tokenizer_config")?.map(PathBuf::from),
         device: device(f)?,
         load_in_4bit: f.bool("load_in_4bit")?.unwrap_or(adapter == Adapter::Qlora),
-        bnb_4bit_quant_type: f
-            .choice("bnb_4bit_quant_type")?
-            .unwrap_or(crate::quant::QuantKind::Nf4),
-        bnb_4bit_use_double_quant: f.bool("bnb_4bit_use_double_quant")?.unwrap_or(true),
-        bnb_4bit_compute_dtype: f.choice("bnb_4bit_compute_dtype")?,
+        bnb_4bit_quant_type: bnb.quant_type.unwrap_or(crate::quant::QuantKind::Nf4),
+        bnb_4bit_use_double_quant: bnb.double_quant.unwrap_or(true),
+        bnb_4bit_compute_dtype: bnb.compute_dtype,
         quant_blocksize: quant_blocksize(f)?,
         adapter,
         lora_r,
@@ -194,8 +208,9 @@ fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
             .number("learning_rate", Bounds::UNIT_POSITIVE)?
             .unwrap_or(2e-4),
         lr_scheduler: f.choice("lr_scheduler")?.unwrap_or(LrScheduler::Cosine),
-        warmup_steps: f.usize_min("warmup_steps", 0)?,
-        warmup_ratio: f.number("warmup_ratio", Bounds::UNIT)?,
+        cosine_min_lr_ratio: f.number("cosine_min_lr_ratio", Bounds::UNIT_CLOSED)?,
+        warmup_steps,
+        warmup_ratio,
         optimizer: optimizer(f)?,
         weight_decay: f
             .number("weight_decay", Bounds::NON_NEGATIVE)?
@@ -208,7 +223,7 @@ fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
             .unwrap_or(1.0),
         bf16: bf16(f)?,
         fp16,
-        gradient_checkpointing: f.bool("gradient_checkpointing")?.unwrap_or(true),
+        gradient_checkpointing: gradient_checkpointing(f, warnings)?,
         output_dir: f
             .string("output_dir")?
             .map(PathBuf::from)
@@ -275,6 +290,136 @@ fn device(f: &Fields) -> R<DeviceChoice> {
         _ => None,
     };
     parsed.ok_or_else(|| f.err("device", one_of(&DeviceChoice::SPELLINGS, v)))
+}
+
+/// `gradient_checkpointing`: true or false, or axolotl's `offload` (recompute, with the saved
+/// layer inputs in host memory: moeq recomputes and keeps them on the device, with a warning).
+fn gradient_checkpointing(f: &Fields, warnings: &mut Vec<String>) -> R<bool> {
+    match f.get("gradient_checkpointing") {
+        Some(Value::String(s)) if s == "offload" => {
+            warnings.push(format!(
+                "{}: gradient_checkpointing: offload recomputes each layer as `true` does; the saved layer inputs stay in GPU memory (no offload yet); the training is the same",
+                f.origin()
+            ));
+            Ok(true)
+        }
+        Some(Value::String(_)) => {
+            Err(f.err("gradient_checkpointing", "must be true, false or offload"))
+        }
+        _ => Ok(f.bool("gradient_checkpointing")?.unwrap_or(true)),
+    }
+}
+
+/// The bitsandbytes settings from the top-level keys and `bnb_config_kwargs` (axolotl passes the
+/// mapping to `BitsAndBytesConfig`): a setting given in both places must agree.
+struct BnbKwargs {
+    quant_type: Option<crate::quant::QuantKind>,
+    double_quant: Option<bool>,
+    compute_dtype: Option<ComputeDtype>,
+}
+
+impl BnbKwargs {
+    fn read(f: &Fields) -> R<BnbKwargs> {
+        let top = BnbKwargs {
+            quant_type: f.choice("bnb_4bit_quant_type")?,
+            double_quant: f.bool("bnb_4bit_use_double_quant")?,
+            compute_dtype: f.choice("bnb_4bit_compute_dtype")?,
+        };
+        let map = match f.get("bnb_config_kwargs") {
+            None => return Ok(top),
+            Some(Value::Mapping(m)) => m,
+            Some(v) => {
+                return Err(f.err(
+                    "bnb_config_kwargs",
+                    format!(
+                        "must be a mapping of bitsandbytes settings, got {}",
+                        describe(v)
+                    ),
+                ))
+            }
+        };
+        let inner = Fields::new(f.origin(), "bnb_config_kwargs.".into(), map);
+        for (k, _) in map {
+            let key = k.as_str().unwrap_or_default();
+            let known = [
+                "bnb_4bit_quant_type",
+                "bnb_4bit_use_double_quant",
+                "bnb_4bit_compute_dtype",
+                // Neither changes a 4-bit value: the int8 path and the packed codes' storage type.
+                "llm_int8_has_fp16_weight",
+                "bnb_4bit_quant_storage",
+                "load_in_4bit",
+            ];
+            if !known.contains(&key) {
+                return Err(inner.err(
+                    key,
+                    "is not a bitsandbytes 4-bit setting moeq knows (bnb_4bit_quant_type, bnb_4bit_use_double_quant, bnb_4bit_compute_dtype, llm_int8_has_fp16_weight, bnb_4bit_quant_storage); remove it",
+                ));
+            }
+        }
+        if inner.bool("load_in_4bit")? == Some(false) {
+            return Err(inner.err(
+                "load_in_4bit",
+                "must not be false: moeq's frozen base is 4-bit",
+            ));
+        }
+        let kwargs = BnbKwargs {
+            quant_type: inner.choice("bnb_4bit_quant_type")?,
+            double_quant: inner.bool("bnb_4bit_use_double_quant")?,
+            compute_dtype: inner.choice("bnb_4bit_compute_dtype")?,
+        };
+        fn agree<T: PartialEq + Copy>(
+            f: &Fields,
+            key: &str,
+            top: Option<T>,
+            kw: Option<T>,
+        ) -> R<Option<T>> {
+            match (top, kw) {
+                (Some(a), Some(b)) if a != b => Err(f.err(
+                    key,
+                    format!("and bnb_config_kwargs.{key} disagree; keep one"),
+                )),
+                (a, b) => Ok(a.or(b)),
+            }
+        }
+        Ok(BnbKwargs {
+            quant_type: agree(f, "bnb_4bit_quant_type", top.quant_type, kwargs.quant_type)?,
+            double_quant: agree(
+                f,
+                "bnb_4bit_use_double_quant",
+                top.double_quant,
+                kwargs.double_quant,
+            )?,
+            compute_dtype: agree(
+                f,
+                "bnb_4bit_compute_dtype",
+                top.compute_dtype,
+                kwargs.compute_dtype,
+            )?,
+        })
+    }
+}
+
+/// `warmup_steps` and `warmup_ratio`. A `warmup_steps` fraction in (0, 1) is a ratio of all
+/// steps, as transformers' `TrainingArguments` reads it (axolotl passes it through).
+fn warmup(f: &Fields) -> R<(Option<usize>, Option<f64>)> {
+    let ratio = f.number("warmup_ratio", Bounds::UNIT)?;
+    let fraction = match f.get("warmup_steps") {
+        Some(Value::Number(n)) if n.as_u64().is_none() && n.as_i64().is_none() => {
+            let x = n.as_f64().filter(|x| *x > 0.0 && *x < 1.0);
+            let what = "must be a whole number of steps or a fraction in (0, 1) of all steps";
+            Some(x.ok_or_else(|| f.err("warmup_steps", format!("{what}, got {n}")))?)
+        }
+        _ => None,
+    };
+    match fraction {
+        Some(_) if ratio.is_some() => Err(f.err(
+            "warmup_steps",
+            "and 'warmup_ratio' are both set; keep only one",
+        )),
+        Some(r) => Ok((None, Some(r))),
+        None => Ok((f.usize_min("warmup_steps", 0)?, ratio)),
+    }
 }
 
 fn quant_blocksize(f: &Fields) -> R<usize> {
@@ -378,6 +523,7 @@ fn datasets(f: &Fields, warnings: &mut Vec<String>) -> R<Vec<DatasetConfig>> {
     let set = KeySet {
         supported: DATASET_KEYS,
         ignored: IGNORED_DATASET_KEYS,
+        ignored_prefixes: &[],
         unsupported: &[],
         readme_what: "dataset keys",
     };

@@ -83,7 +83,10 @@ impl Choice for crate::quant::QuantKind {
 choice_enum! {
     /// Learning-rate schedule applied after warmup.
     LrScheduler {
+        /// The peak rate throughout; warmup does not apply (transformers' `constant`).
         Constant => "constant",
+        /// Linear warmup, then the peak rate.
+        ConstantWithWarmup => "constant_with_warmup",
         Linear => "linear",
         Cosine => "cosine",
     }

@@ -2,7 +2,7 @@
 //! its own, so the messages can rely on typed values.
 
 use super::fields::{invalid, Fields};
-use super::types::Adapter;
+use super::types::{Adapter, LrScheduler};
 use super::{ConfigError, TrainConfig};
 
 pub(crate) fn check(
@@ -31,6 +31,16 @@ pub(crate) fn check(
 
     if c.warmup_steps.is_some() && c.warmup_ratio.is_some() {
         return err("keys 'warmup_steps' and 'warmup_ratio' are both set; keep only one".into());
+    }
+    let warms_up = c.warmup_steps.is_some_and(|w| w > 0) || c.warmup_ratio.is_some_and(|r| r > 0.0);
+    if c.lr_scheduler == LrScheduler::Constant && warms_up {
+        warn("lr_scheduler 'constant' ignores warmup, as in transformers; use constant_with_warmup to warm up".into());
+    }
+    if c.cosine_min_lr_ratio.is_some() && c.lr_scheduler != LrScheduler::Cosine {
+        warn(format!(
+            "key 'cosine_min_lr_ratio' applies to lr_scheduler cosine only; it has no effect with {}",
+            c.lr_scheduler
+        ));
     }
 
     if c.lora_target_modules.is_empty() && c.lora_target_parameters.is_empty() {

@@ -117,6 +117,7 @@ impl<'a> Run<'a> {
             peak_lr: config.learning_rate,
             warmup_steps: config.warmup_steps_for(total_steps),
             total_steps,
+            min_lr_ratio: config.cosine_min_lr_ratio.unwrap_or(0.0),
         };
         let mut opt = AdamW::new(
             adapters.vars(),

@@ -432,3 +432,69 @@ fn key_tables_are_consistent() {
     ds.dedup();
     assert_eq!(ds.len(), n, "a dataset key is listed twice");
 }
+
+/// axolotl's schedule keys: `constant_with_warmup`, `cosine_min_lr_ratio`, and a fractional
+/// `warmup_steps`, which transformers reads as a ratio of all steps (rounded up).
+#[test]
+fn axolotl_schedule_keys() {
+    let c = ok_with("lr_scheduler: constant_with_warmup\nwarmup_steps: 5\n").config;
+    assert_eq!(c.lr_scheduler, LrScheduler::ConstantWithWarmup);
+    assert_eq!(c.warmup_steps_for(100), 5);
+    let c = ok_with("lr_scheduler: cosine\ncosine_min_lr_ratio: 0.1\n").config;
+    assert_eq!(c.cosine_min_lr_ratio, Some(0.1));
+    let c = ok_with("warmup_steps: 0.1\n").config;
+    assert_eq!((c.warmup_steps, c.warmup_ratio), (None, Some(0.1)));
+    assert_eq!(c.warmup_steps_for(95), 10);
+    let c = ok_with("warmup_steps: 0\n").config;
+    assert_eq!((c.warmup_steps, c.warmup_ratio), (Some(0), None));
+    // Settings that have no effect say so.
+    let out = ok_with("lr_scheduler: constant\nwarmup_steps: 3\n");
+    assert_eq!(
+        out.warnings,
+        vec!["t.yaml: lr_scheduler 'constant' ignores warmup, as in transformers; use constant_with_warmup to warm up"]
+    );
+    let out = ok_with("lr_scheduler: linear\ncosine_min_lr_ratio: 0.1\n");
+    assert_eq!(
+        out.warnings,
+        vec!["t.yaml: key 'cosine_min_lr_ratio' applies to lr_scheduler cosine only; it has no effect with linear"]
+    );
+}
+
+/// Kernel-choice and tracking keys of axolotl's MoE examples load with one warning each;
+/// key families go by prefix.
+#[test]
+fn kernel_choice_and_tracking_keys_are_accepted() {
+    let out = ok_with(
+        "attn_implementation: flash_attention_2\nlora_mlp_kernel: true\nuse_scattermoe: true\n\
+         trackio_project_name: demo\nexpert_parallel_size: 4\n",
+    );
+    assert_eq!(out.warnings.len(), 5, "{:?}", out.warnings);
+    assert!(out.warnings[3].contains("'trackio_project_name'"));
+    assert!(out.warnings[3].contains("no Trackio integration"));
+    assert!(out.warnings[4].contains("the training is the same"));
+}
+
+#[test]
+fn quantize_moe_experts_true_and_gradient_checkpointing_offload() {
+    let out = ok_with("quantize_moe_experts: true\ngradient_checkpointing: offload\n");
+    assert!(out.config.gradient_checkpointing);
+    assert_eq!(out.warnings.len(), 1, "{:?}", out.warnings);
+    assert!(out.warnings[0].contains("no offload yet"));
+    // Features left off (false or blank) are no request.
+    ok_with("nvfp4_merge_aware: false\neot_tokens:\n");
+}
+
+/// `bnb_config_kwargs` (passed by axolotl to `BitsAndBytesConfig`) act as the bnb_4bit_* keys.
+#[test]
+fn bnb_config_kwargs_act_as_the_bnb_keys() {
+    let c = ok_with(
+        "bnb_config_kwargs:\n  llm_int8_has_fp16_weight: false\n  bnb_4bit_quant_type: fp4\n  bnb_4bit_use_double_quant: false\n",
+    )
+    .config;
+    assert_eq!(c.bnb_4bit_quant_type, crate::quant::QuantKind::Fp4);
+    assert!(!c.bnb_4bit_use_double_quant);
+    let c = ok_with("bnb_4bit_quant_type: nf4\nbnb_config_kwargs:\n  bnb_4bit_quant_type: nf4\n")
+        .config;
+    assert_eq!(c.bnb_4bit_quant_type, crate::quant::QuantKind::Nf4);
+    assert!(c.bnb_4bit_use_double_quant);
+}

@@ -170,7 +170,7 @@ fn val_set_size_not_fraction_or_count() {
 fn bad_enum_with_suggestion() {
     assert_eq!(
         err_with("lr_scheduler: cosin\n"),
-        "t.yaml: key 'lr_scheduler' must be one of constant, linear, cosine; got 'cosin' (did you mean 'cosine'?)"
+        "t.yaml: key 'lr_scheduler' must be one of constant, constant_with_warmup, linear, cosine; got 'cosin' (did you mean 'cosine'?)"
     );
 }
 
@@ -409,7 +409,7 @@ fn missing_file() {
 }
 
 /// Proves every supported key is actually read: a mapping is the wrong type
-/// for all of them, so each must produce an error that names it.
+/// for all of them (a list for the one mapping-valued key), so each must produce an error that names it.
 #[test]
 fn every_supported_key_is_parsed() {
     for (key, _) in SUPPORTED_KEYS {
@@ -418,6 +418,8 @@ fn every_supported_key_is_parsed() {
                 "base_model: {x: 1}\ndatasets: [{path: a, type: completion}]\n".to_string()
             }
             "datasets" => "base_model: /m\ndatasets: {x: 1}\n".to_string(),
+            // Its value is a mapping: a list is the wrong type.
+            "bnb_config_kwargs" => format!("{BASE}{key}: [1]\n"),
             _ => format!("{BASE}{key}: {{x: 1}}\n"),
         };
         let msg = match parse(&yaml) {
@@ -429,4 +431,34 @@ fn every_supported_key_is_parsed() {
             "{key}: {msg}"
         );
     }
+}
+
+#[test]
+fn axolotl_values_moeq_refuses() {
+    assert_eq!(
+        err_with("warmup_steps: 1.5\n"),
+        "t.yaml: key 'warmup_steps' must be a whole number of steps or a fraction in (0, 1) of all steps, got 1.5"
+    );
+    assert_eq!(
+        err_with("warmup_steps: 0.1\nwarmup_ratio: 0.1\n"),
+        "t.yaml: key 'warmup_steps' and 'warmup_ratio' are both set; keep only one"
+    );
+    assert!(
+        err_with("cosine_min_lr_ratio: 1.5\n").starts_with("t.yaml: key 'cosine_min_lr_ratio' ")
+    );
+    assert!(err_with("quantize_moe_experts: false\n").contains("moeq always quantizes the experts"));
+    assert_eq!(
+        err_with("gradient_checkpointing: unsloth\n"),
+        "t.yaml: key 'gradient_checkpointing' must be true, false or offload"
+    );
+    assert!(err_with("nvfp4_merge_aware: true\n").contains("not NVFP4"));
+    assert!(err_with("eot_tokens: ['<|im_end|>']\n").contains("'eot_tokens' is not supported"));
+    assert!(err_with("model_config:\n  rope_theta: 1000\n").contains("edit config.json"));
+    assert_eq!(
+        err_with("bnb_4bit_quant_type: nf4\nbnb_config_kwargs:\n  bnb_4bit_quant_type: fp4\n"),
+        "t.yaml: key 'bnb_4bit_quant_type' and bnb_config_kwargs.bnb_4bit_quant_type disagree; keep one"
+    );
+    assert!(err_with("bnb_config_kwargs:\n  llm_int8_threshold: 6.0\n")
+        .starts_with("t.yaml: key 'bnb_config_kwargs.llm_int8_threshold' is not a bitsandbytes 4-bit setting"));
+    assert!(err_with("bnb_config_kwargs: nf4\n").contains("must be a mapping"));
 }
