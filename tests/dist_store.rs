@@ -3,7 +3,10 @@
 //! results (uneven all-to-all splits, a rank that receives nothing, deterministic sums).
 
 use candle_core::{DType, Device, Tensor};
-use moeq::distributed::store::{StoreClient, StoreError, StoreOptions, StoreServer, OBSERVER};
+use moeq::distributed::store::{
+    StoreClient, StoreError, StoreOptions, StoreServer, HELLO_MAX_FRAME, MAX_FRAME,
+    MAX_UNAUTHENTICATED, OBSERVER,
+};
 use moeq::distributed::{Communicator, TcpComm};
 use rand::{Rng, SeedableRng};
 use std::io::{Read, Write};
@@ -170,6 +173,96 @@ fn oversized_and_garbage_frames_are_refused_while_others_keep_working() {
     assert!(s.failure().is_none(), "{:?}", s.failure());
     // Rank numbers outside the world are refused.
     assert!(StoreClient::connect(&addr, TOKEN, 2, Duration::from_secs(1)).is_err());
+}
+
+/// This process's resident memory in bytes (/proc/self/statm: pages).
+fn resident_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4096
+}
+
+/// Nothing before the token check costs the store memory: strangers that declare big first
+/// frames (and send their bodies), that say nothing, or that come in crowds are refused or
+/// closed, the store's memory stays flat, and the ranks of the job keep working.
+#[test]
+fn strangers_cost_the_store_nothing_before_the_token() {
+    let mut opts = StoreOptions::new(2, TOKEN);
+    opts.hello_timeout = Duration::from_secs(2);
+    let s = StoreServer::start("127.0.0.1:0", opts).unwrap();
+    let addr = s.addr.to_string();
+    let mut good = client(&s, 0);
+    good.set("before", b"1").unwrap();
+    let body = std::sync::Arc::new(vec![7u8; 8 << 20]);
+    let before = resident_bytes();
+
+    // 10 connections each declaring a 50 MB first frame (allowed after the hello, not before)
+    // and sending 8 MB of it. The store refuses at the length and reads none of the body; had
+    // it read them, the 80 MB would sit in this process until the hello timeout. Measured
+    // while the strangers wait for their answer.
+    const { assert!(50 << 20 < MAX_FRAME && 50 << 20 > HELLO_MAX_FRAME) };
+    let sent = std::sync::Arc::new(std::sync::Barrier::new(11));
+    let measured = std::sync::Arc::new(std::sync::Barrier::new(11));
+    let handles: Vec<_> = (0..10)
+        .map(|_| {
+            let (addr, body) = (addr.clone(), body.clone());
+            let (sent, measured) = (sent.clone(), measured.clone());
+            std::thread::spawn(move || {
+                let mut raw = TcpStream::connect(&addr).unwrap();
+                raw.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+                raw.write_all(&(50u32 << 20).to_le_bytes()).unwrap();
+                // Refused: writing the rest fails part way (or is discarded).
+                let _ = raw.write_all(&body);
+                sent.wait();
+                measured.wait();
+                let mut rest = Vec::new();
+                raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let _ = raw.read_to_end(&mut rest);
+                rest
+            })
+        })
+        .collect();
+    sent.wait();
+    std::thread::sleep(Duration::from_millis(200));
+    let grown = resident_bytes().saturating_sub(before);
+    measured.wait();
+    assert!(
+        grown < 24 << 20,
+        "resident memory grew by {} MB",
+        grown >> 20
+    );
+    for h in handles {
+        let rest = h.join().unwrap();
+        // An error reply (status 1) or a reset: never accepted.
+        let head = &rest[..rest.len().min(16)];
+        assert!(rest.is_empty() || rest.get(4) == Some(&1), "{head:?}");
+    }
+
+    // Silent connections beyond the limit: all closed within the hello timeout, and a crowd
+    // larger than the limit does not keep a rank out for long.
+    let started = Instant::now();
+    let mut idle: Vec<TcpStream> = (0..MAX_UNAUTHENTICATED + 20)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    for raw in idle.iter_mut() {
+        // Closed by the store, after an error reply or at once (a reset counts as closed).
+        raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut rest = Vec::new();
+        let end = raw.read_to_end(&mut rest);
+        let timed_out = matches!(&end, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+        assert!(!timed_out, "an idle stranger was kept open");
+        assert!(rest.is_empty() || rest.get(4) == Some(&1), "{rest:?}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let mut other = client(&s, 1);
+    other.set("after", b"2").unwrap();
+    assert_eq!(good.get("after").unwrap(), b"2");
+    assert_eq!(good.get("before").unwrap(), b"1");
+    assert!(s.failure().is_none(), "{:?}", s.failure());
 }
 
 #[test]

@@ -9,9 +9,10 @@
 use candle_core::{Device, Result, Tensor};
 use std::ops::Range;
 
-/// The experts this process holds and how routed rows reach them.
-pub trait ExpertExchange {
-    /// Global indices of the experts held here (all of them with one rank).
+/// The experts this process holds and how routed rows reach them. `Send + Sync` like the
+/// model that holds it.
+pub trait ExpertExchange: Send + Sync {
+    /// Global indices of the experts held here (all of them when nothing is spread).
     fn held(&self) -> Range<usize>;
 
     /// The exchange of one layer for one micro-batch: `counts[e]` is this process's rows for
@@ -19,8 +20,9 @@ pub trait ExpertExchange {
     fn plan(&self, counts: &[usize], device: &Device) -> Result<Box<dyn ExchangePlan>>;
 }
 
-/// One planned exchange. Both directions are differentiable: the backward of `dispatch` is the
-/// mirror of `dispatch`, so a layer's backward runs the same exchanges in reverse everywhere.
+/// One planned exchange. Both directions are differentiable: the gradient of each travels back
+/// the way its rows came (the backward of `dispatch` is a `combine`-shaped exchange and vice
+/// versa), so a layer's backward runs the same exchanges in reverse on every process.
 pub trait ExchangePlan {
     /// xs [M, H] sorted by global expert → [R, H] grouped by held expert.
     fn dispatch(&self, xs: &Tensor) -> Result<Tensor>;

@@ -152,7 +152,7 @@ impl Weights<'_> {
             );
         }
         let (lo, hi) = (held.start, held.end);
-        // The codes of the held experts only (a rank loads only its slices), scales of all.
+        // The codes of the held experts only (only their slices were loaded), scales of all.
         let bytes = held.len() * per / 2;
         let packed = match codes {
             Some(c) if c.elem_count() == bytes => c.to_device(self.device)?,
@@ -371,5 +371,16 @@ impl Model {
     /// Final RMSNorm: x [N, H] → [N, H].
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         rms_norm(x, &self.final_norm, self.spec.rms_norm_eps)
+    }
+}
+
+#[cfg(test)]
+mod send_sync {
+    /// A model may be shared with other threads (as it could before expert parallelism went
+    /// behind `ExpertExchange`): the compiler checks it.
+    #[test]
+    fn model_is_send_and_sync() {
+        fn shared<T: Send + Sync>() {}
+        shared::<super::Model>();
     }
 }

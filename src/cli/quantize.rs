@@ -28,18 +28,11 @@ pub struct QuantizeArgs {
 }
 
 fn quantizer(device: &str) -> Result<Box<dyn SliceQuantizer>, CliError> {
-    if device == "cpu" {
-        return Ok(Box::new(CpuQuantizer));
-    }
-    let ordinal = match device.strip_prefix("cuda") {
-        Some("") => 0,
-        Some(rest) => rest
-            .strip_prefix(':')
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| {
-                CliError::Input(format!("--device '{device}': use cpu, cuda or cuda:N"))
-            })?,
-        None => {
+    // Quantization runs where it is told: no `auto`.
+    let ordinal = match crate::config::DeviceChoice::parse(device) {
+        Some(crate::config::DeviceChoice::Cpu) => return Ok(Box::new(CpuQuantizer)),
+        Some(crate::config::DeviceChoice::Cuda(n)) => n.unwrap_or(0),
+        _ => {
             return Err(CliError::Input(format!(
                 "--device '{device}': use cpu, cuda or cuda:N"
             )))

@@ -85,7 +85,7 @@ pub fn config_json(
 
 /// A parsed `synth://<arch>/<preset>?seed=N[&layers=L][&layout=hub|fused][&init=disk|device]`
 /// reference. `init=device` writes only config.json and the tokenizer; the trainer draws the
-/// weights where it quantizes them (`checkpoint::generated`).
+/// weights where it quantizes them (`model_files::generated`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SynthUri {
     pub model_type: ModelType,

@@ -16,7 +16,7 @@ use crate::lora::Adapters;
 use crate::model_files::frozen::{FrozenBase, SingleProcess};
 use crate::model_files::ModelDir;
 use crate::util::{device, phases};
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -65,6 +65,10 @@ impl<'a> Run<'a> {
         let comm = &ctx.comm;
         let (rank, world) = (comm.rank(), comm.world_size());
         let spec = &dir.spec;
+        let device =
+            device::device_for_rank(&config.device, ctx.local_rank).map_err(TrainError::Input)?;
+        let dtype = device::compute_dtype(config.bf16, &device);
+        tracing::info!("device {:?}, compute dtype {:?}", device, dtype);
         if data.train.is_empty() {
             return Err(TrainError::Input(
                 "no training samples: check `datasets` and `val_set_size`".into(),
@@ -84,7 +88,7 @@ impl<'a> Run<'a> {
         } else {
             0..spec.num_experts
         };
-        let (model, device) = load_model(config, dir, ctx, ep.then(|| held.clone()))?;
+        let model = load_model(config, dir, ctx, &device, dtype, ep.then(|| held.clone()))?;
         let adapters = make_adapters(config, spec, &device, held, rank == 0)?;
         let vars = adapters.vars();
         let expert_names = adapters.expert_var_names();
@@ -203,21 +207,19 @@ impl<'a> Run<'a> {
     }
 }
 
-/// The rank's device, and the model on it built from the frozen base: all experts, or with
-/// expert parallelism only `held` (their quantization statistics gathered over the ranks).
+/// The model on `device` built from the frozen base: all experts, or with expert parallelism
+/// only `held` (their quantization statistics gathered over the ranks).
 fn load_model(
     config: &TrainConfig,
     dir: &ModelDir,
     ctx: &RankCtx,
+    device: &Device,
+    dtype: DType,
     held: Option<Range<usize>>,
-) -> Result<(Model, Device), TrainError> {
+) -> Result<Model, TrainError> {
     let comm = &ctx.comm;
     let (rank, world) = (comm.rank(), comm.world_size());
     let spec = &dir.spec;
-    let device =
-        device::device_for_rank(&config.device, ctx.local_rank).map_err(TrainError::Input)?;
-    let dtype = device::compute_dtype(config.bf16, &device);
-    tracing::info!("device {:?}, compute dtype {:?}", device, dtype);
     let settings = setup::quant_settings(config);
     let base = match &held {
         Some(held) => {
@@ -228,9 +230,9 @@ fn load_model(
                 spec.num_experts
             );
             let mut gather = setup::CommGather(comm.as_ref());
-            setup::load_base(dir, settings, &device, Some(held.clone()), &mut gather)
+            setup::load_base(dir, settings, device, Some(held.clone()), &mut gather)
         }
-        None => setup::load_base(dir, settings, &device, None, &mut SingleProcess),
+        None => setup::load_base(dir, settings, device, None, &mut SingleProcess),
     }
     .map_err(TrainError::Input)?;
     tracing::info!(
@@ -242,12 +244,12 @@ fn load_model(
     if let Some(r) = phases::report(1) {
         tracing::info!("loading: {r}");
     }
-    phases::mark_memory("1 load", &device);
+    phases::mark_memory("1 load", device);
     let building = Instant::now();
     if let Some(d) = std::env::var_os("MOEQ_NF4_DIGEST") {
         write_digest(Path::new(&d), &base, rank, world)?;
     }
-    let model = Model::new(spec, &base, dtype, &device, config.sequence_len + 1)
+    let model = Model::new(spec, &base, dtype, device, config.sequence_len + 1)
         .and_then(|m| match held {
             Some(_) => m.with_exchange(Arc::new(ExpertParallel::new(
                 comm.clone(),
@@ -266,8 +268,8 @@ fn load_model(
         "model on {on}: built in {:.1} s",
         building.elapsed().as_secs_f64()
     );
-    phases::mark_memory("2 model built", &device);
-    Ok((model, device))
+    phases::mark_memory("2 model built", device);
+    Ok(model)
 }
 
 /// The adapters of the configured targets (expert adapters for the `held` experts); warns

@@ -29,6 +29,12 @@ use std::time::Duration;
 
 /// Default frame limit: large enough for the CPU collective's payloads in tests and CPU runs.
 pub const MAX_FRAME: usize = 256 << 20;
+/// The largest first frame of a connection (the hello: job token and rank). Until the token is
+/// checked, nothing larger is read, so a stranger costs the store at most this much memory.
+pub const HELLO_MAX_FRAME: usize = 64 << 10;
+/// Connections that have not passed the token check yet, at most; more are closed at once
+/// (a rank's client retries until its rendezvous timeout).
+pub const MAX_UNAUTHENTICATED: usize = 64;
 /// Rank number of a connection that is not a rank (the launcher, monitoring).
 pub const OBSERVER: u32 = u32::MAX;
 
@@ -111,6 +117,8 @@ pub struct StoreOptions {
     pub heartbeat_timeout: Duration,
     /// Every rank must have connected within this time of the store's start.
     pub join_timeout: Duration,
+    /// A connection must send its hello within this time, or it is closed.
+    pub hello_timeout: Duration,
 }
 
 impl StoreOptions {
@@ -121,6 +129,7 @@ impl StoreOptions {
             max_frame: MAX_FRAME,
             heartbeat_timeout: Duration::from_secs(60),
             join_timeout: Duration::from_secs(300),
+            hello_timeout: Duration::from_secs(10),
         }
     }
 }

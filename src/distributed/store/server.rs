@@ -3,6 +3,7 @@
 
 use super::*;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -53,6 +54,28 @@ impl State {
 struct Shared {
     opts: StoreOptions,
     state: Mutex<State>,
+    /// Connections not yet past the token check (at most `MAX_UNAUTHENTICATED`).
+    unauthenticated: AtomicUsize,
+}
+
+/// Holds one of the `MAX_UNAUTHENTICATED` places until the hello is answered.
+struct Unauthenticated<'a>(&'a AtomicUsize);
+
+impl<'a> Unauthenticated<'a> {
+    fn enter(count: &'a AtomicUsize) -> Option<Unauthenticated<'a>> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_UNAUTHENTICATED).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Unauthenticated(count))
+    }
+}
+
+impl Drop for Unauthenticated<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Shared {
@@ -93,6 +116,7 @@ impl StoreServer {
                 ..State::default()
             }),
             opts,
+            unauthenticated: AtomicUsize::new(0),
         });
         let (tx, rx) = oneshot::channel();
         let s = shared.clone();
@@ -256,8 +280,18 @@ fn token_matches(given: &[u8], want: &str) -> bool {
 
 async fn connection(mut s: tokio::net::TcpStream, shared: Arc<Shared>) {
     let max = shared.opts.max_frame;
-    // Handshake: Hello(token, rank).
-    let rank = match read_frame(&mut s, max).await {
+    // Handshake: Hello(token, rank). Until the token is checked, a connection holds one of a
+    // few places, may send one small frame, and has `hello_timeout` to do it.
+    let Some(place) = Unauthenticated::enter(&shared.unauthenticated) else {
+        return;
+    };
+    let hello = tokio::time::timeout(
+        shared.opts.hello_timeout,
+        read_frame(&mut s, HELLO_MAX_FRAME.min(max)),
+    )
+    .await
+    .unwrap_or_else(|_| Err("no hello within the time allowed".into()));
+    let rank = match hello {
         Ok(Some(body)) => match decode(&body) {
             Some((op, f)) if op == Op::Hello as u8 && f.len() == 2 && f[1].len() == 4 => {
                 if !token_matches(&f[0], &shared.opts.token) {
@@ -300,6 +334,7 @@ async fn connection(mut s: tokio::net::TcpStream, shared: Arc<Shared>) {
             return;
         }
     };
+    drop(place);
     let mut said_bye = false;
     loop {
         let body = match read_frame(&mut s, max).await {
