@@ -129,11 +129,9 @@ struct Row {
     default_rope_theta: f64,
     default_eps: f64,
     default_max_positions: usize,
-    /// Reads `attention_bias` (bias on q, k, v and o); qwen2_moe has `qkv_bias` instead and
-    /// Mixtral has no attention biases.
+    /// Reads `attention_bias` (bias on q, k, v and o; Mixtral has no attention biases).
     reads_attention_bias: bool,
-    /// Reads `qkv_bias` (bias on q, k and v only, default `default_qkv_bias`); without it the
-    /// q, k, v biases follow `attention_bias`.
+    /// Reads `qkv_bias` (q, k, v only; default `default_qkv_bias`), else they follow the above.
     reads_qkv_bias: bool,
     /// Reads `clip_qkv` (q, k, v clamped to ±clip after projection).
     reads_clip_qkv: bool,
