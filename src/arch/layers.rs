@@ -309,9 +309,9 @@ impl Moe {
         let xs = timed("moe: gather rows", dev, || gather_rows(x, &routing.order))?; // [M, H] by expert
         let y = match &routing.exchange {
             Some(plan) => {
+                // A process that receives nothing still takes part in the backward's exchange,
+                // so its (empty) output stays connected to its input.
                 let xr = plan.dispatch(&xs)?; // [R, H] grouped by held expert
-                                              // A process that receives nothing still takes part in the backward's exchange,
-                                              // so its (empty) output stays connected to its input.
                 let yr = if xr.dim(0)? == 0 {
                     xr.clone() // [0, H]: no rows, but the same node
                 } else {
