@@ -1,7 +1,11 @@
 //! With the `cuda` feature, compiles every `kernels/*.cu` to PTX in OUT_DIR (included by
 //! `src/ops/kernels.rs`). The target architecture comes from CUDA_COMPUTE_CAP (default 80);
 //! PTX is JIT-compiled by the driver for newer GPUs.
-use std::path::PathBuf;
+//!
+//! `kernels/sm90/*.cu` are CUTLASS kernels for Hopper with their host code: compiled for
+//! sm_90a into a static library linked with the CUDA runtime (headers from MOEQ_CUTLASS_DIR,
+//! default `~/.cache/moeq-cutlass-4.2.0`; `launch/fetch-cutlass.sh` puts them there).
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
@@ -9,6 +13,8 @@ fn main() {
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
+    println!("cargo:rerun-if-env-changed=MOEQ_CUTLASS_DIR");
+    println!("cargo:rerun-if-env-changed=CUDA_ROOT");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -39,4 +45,85 @@ fn main() {
             .unwrap_or_else(|e| panic!("cannot run {nvcc} (set NVCC or put nvcc on PATH): {e}"));
         assert!(status.success(), "nvcc failed on {}", src.display());
     }
+    sm90_library(&nvcc, &out);
+}
+
+/// `kernels/sm90/*.cu` → `libmoeq_sm90.a`, linked with the static CUDA runtime.
+fn sm90_library(nvcc: &str, out: &Path) {
+    let cutlass = std::env::var_os("MOEQ_CUTLASS_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/moeq-cutlass-4.2.0")))
+        .filter(|d| d.join("include/cutlass/cutlass.h").is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "CUTLASS headers not found: run `eval \"$(launch/fetch-cutlass.sh)\"` \
+                 (or set MOEQ_CUTLASS_DIR to a CUTLASS 4.2 checkout) before building with --features cuda"
+            )
+        });
+    let mut objects = Vec::new();
+    let mut sources: Vec<PathBuf> = std::fs::read_dir("kernels/sm90")
+        .expect("kernels/sm90 exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    sources.sort();
+    for src in sources {
+        let obj = out.join(format!(
+            "sm90_{}.o",
+            src.file_stem().and_then(|s| s.to_str()).expect("utf-8 name")
+        ));
+        let status = Command::new(nvcc)
+            .args(["-c", "-O3", "-std=c++17", "-arch=sm_90a", "--expt-relaxed-constexpr"])
+            .args(["-DNDEBUG", "-Xcompiler", "-fPIC"])
+            .arg(format!("-I{}", cutlass.join("include").display()))
+            .arg(format!("-I{}", cutlass.join("tools/util/include").display()))
+            .arg(&src)
+            .arg("-o")
+            .arg(&obj)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {nvcc}: {e}"));
+        assert!(status.success(), "nvcc failed on {}", src.display());
+        objects.push(obj);
+    }
+    let lib = out.join("libmoeq_sm90.a");
+    let _ = std::fs::remove_file(&lib);
+    let status = Command::new("ar")
+        .arg("crs")
+        .arg(&lib)
+        .args(&objects)
+        .status()
+        .expect("ar runs");
+    assert!(status.success(), "ar failed on {}", lib.display());
+    println!("cargo:rustc-link-search=native={}", out.display());
+    println!("cargo:rustc-link-lib=static=moeq_sm90");
+    let cudart = cudart_static_dir(nvcc).unwrap_or_else(|| {
+        panic!("libcudart_static.a not found next to {nvcc} (set CUDA_ROOT to the CUDA toolkit)")
+    });
+    println!("cargo:rustc-link-search=native={}", cudart.display());
+    println!("cargo:rustc-link-lib=static=cudart_static");
+    for lib in ["stdc++", "dl", "rt", "pthread"] {
+        println!("cargo:rustc-link-lib=dylib={lib}");
+    }
+}
+
+/// The folder holding `libcudart_static.a`: `$CUDA_ROOT/lib64` or `lib`, or beside nvcc's real
+/// location (toolkits unpacked from PyPI keep it in `../lib`).
+fn cudart_static_dir(nvcc: &str) -> Option<PathBuf> {
+    let nvcc_path = if nvcc.contains('/') {
+        PathBuf::from(nvcc)
+    } else {
+        std::env::var_os("PATH")
+            .and_then(|p| std::env::split_paths(&p).map(|d| d.join(nvcc)).find(|p| p.is_file()))?
+    };
+    let real_bin = std::fs::canonicalize(&nvcc_path).ok()?.parent()?.to_path_buf();
+    let mut candidates = Vec::new();
+    if let Some(root) = std::env::var_os("CUDA_ROOT").map(PathBuf::from) {
+        candidates.push(root.join("lib64"));
+        candidates.push(root.join("lib"));
+    }
+    for bin in [nvcc_path.parent().map(Path::to_path_buf), Some(real_bin)].into_iter().flatten() {
+        candidates.push(bin.join("../lib64"));
+        candidates.push(bin.join("../lib"));
+    }
+    candidates.into_iter().find(|d| d.join("libcudart_static.a").is_file())
 }

@@ -7,19 +7,24 @@
 #
 #   OUT=/tmp/out [CFG=expert] bash launch/bench/ab.sh [micro-batch sizes...]
 #
-# CFG=expert runs the q/k/v/o + expert LoRA config instead.
+# CFG=expert runs the q/k/v/o + expert LoRA config instead. A_ENV="NAME=value ..." makes A the
+# same binary as B run with those environment variables (e.g. A_ENV=MOEQ_GROUPED_GEMM=cublas:
+# one binary, a switch's A/B; no .device/old needed).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source launch/device-env.sh
 export MOEQ_CACHE_DIR=${MOEQ_CACHE_DIR:-/tmp/moeq-cache}
-xz -dkf .device/old/moeq.xz && chmod +x .device/old/moeq
+a_env=${A_ENV:-}
+if [ -z "$a_env" ]; then xz -dkf .device/old/moeq.xz && chmod +x .device/old/moeq; fi
 mkdir -p "$OUT/ab"
 idle=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
 for mbs in ${*:-1}; do
   for round in 1 2; do
     for side in A B; do
       bin=.device/moeq
-      [ "$side" = A ] && bin=.device/old/moeq
+      envs=()
+      [ "$side" = A ] && [ -z "$a_env" ] && bin=.device/old/moeq
+      [ "$side" = A ] && [ -n "$a_env" ] && read -ra envs <<< "$a_env"
       name=mbs$mbs-$side$round
       conf=$OUT/ab/$name.yaml
       sed -e "s#^micro_batch_size:.*#micro_batch_size: $mbs#" -e "s#^output_dir:.*#output_dir: /tmp/moeq-bench/ab#" \
@@ -27,7 +32,7 @@ for mbs in ${*:-1}; do
       rm -rf /tmp/moeq-bench/ab
       nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/ab/$name.mem" &
       smi=$!
-      "$bin" train --config "$conf" > "$OUT/ab/$name.log" 2>&1
+      env "${envs[@]}" "$bin" train --config "$conf" > "$OUT/ab/$name.log" 2>&1
       rc=$?
       kill $smi; wait $smi 2>/dev/null
       python3 - "$name" "$rc" "$OUT/ab/$name.mem" "$idle" /tmp/moeq-bench/ab/metrics.jsonl <<'PY'

@@ -119,6 +119,7 @@ fn median_time(
 #[cfg(feature = "cuda")]
 fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(), CliError> {
     use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
+    use crate::ops::grouped_gemm::sm90::{set_backend, Backend, Backend::*};
     use crate::ops::grouped_gemm::{grouped_gemm, Gemm, Product};
     use crate::quant::{QuantKind, QuantSettings};
     use candle_core::{DType, Tensor};
@@ -182,7 +183,26 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
             row += c;
         }
     }
+    let transposed: Vec<Product> = products
+        .iter()
+        .map(|p| Product {
+            a: p.c,
+            b: p.b,
+            c: p.a,
+            m: p.m,
+            n: h,
+            k: 2 * i,
+        })
+        .collect();
+    let dgu = bf(Tensor::randn(0f32, 1.0, (m, 2 * i), dev)).map_err(f)?;
     let gu_flops = 2.0 * (m * h * 2 * i) as f64;
+    // One row on one grouped GEMM backend (the default, Auto, restored after).
+    let on = |b: Backend, run: &dyn Fn() -> Result<f64, CliError>| {
+        set_backend(b);
+        let r = run();
+        set_backend(Auto);
+        r
+    };
     let rows: Vec<(&str, f64, f64)> = vec![
         (
             "dense bf16 GEMM [M, 2048] x [2048, 1536] (same FLOPs)",
@@ -197,24 +217,75 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
             })?,
         ),
         (
-            "grouped GEMM gate_up on dequantized weights (one call)",
+            "grouped GEMM gate_up x·Wᵀ, dequantized weights, cuBLAS",
             gu_flops,
-            median_time(dev, iters, &|| {
-                grouped_gemm(&x, &wd, m * 2 * i, &products, Gemm::nt(1.0)).map(|_| ())
+            on(Cublas, &|| {
+                median_time(dev, iters, &|| {
+                    grouped_gemm(&x, &wd, m * 2 * i, &products, Gemm::nt(1.0)).map(|_| ())
+                })
             })?,
         ),
         (
-            "grouped_nf4 gate_up (chunked dequantize + grouped GEMM)",
+            "grouped GEMM gate_up x·Wᵀ, dequantized weights, Hopper kernel",
             gu_flops,
-            median_time(dev, iters, &|| {
-                grouped_nf4(&x, &gate_up, &counts).map(|_| ())
+            on(Auto, &|| {
+                median_time(dev, iters, &|| {
+                    grouped_gemm(&x, &wd, m * 2 * i, &products, Gemm::nt(1.0)).map(|_| ())
+                })
             })?,
         ),
         (
-            "grouped_nf4 down",
+            "grouped GEMM gate_up dy·W (input gradient), cuBLAS",
+            gu_flops,
+            on(Cublas, &|| {
+                median_time(dev, iters, &|| {
+                    grouped_gemm(&dgu, &wd, m * h, &transposed, Gemm::nn(1.0)).map(|_| ())
+                })
+            })?,
+        ),
+        (
+            "grouped GEMM gate_up dy·W (input gradient), Hopper kernel",
+            gu_flops,
+            on(Auto, &|| {
+                median_time(dev, iters, &|| {
+                    grouped_gemm(&dgu, &wd, m * h, &transposed, Gemm::nn(1.0)).map(|_| ())
+                })
+            })?,
+        ),
+        (
+            "grouped_nf4 gate_up (chunked dequantize + grouped GEMM), cuBLAS",
+            gu_flops,
+            on(Cublas, &|| {
+                median_time(dev, iters, &|| {
+                    grouped_nf4(&x, &gate_up, &counts).map(|_| ())
+                })
+            })?,
+        ),
+        (
+            "grouped_nf4 gate_up (chunked dequantize + grouped GEMM), Hopper kernel",
+            gu_flops,
+            on(Auto, &|| {
+                median_time(dev, iters, &|| {
+                    grouped_nf4(&x, &gate_up, &counts).map(|_| ())
+                })
+            })?,
+        ),
+        (
+            "grouped_nf4 down, cuBLAS",
             gu_flops / 2.0,
-            median_time(dev, iters, &|| {
-                grouped_nf4(&act, &down, &counts).map(|_| ())
+            on(Cublas, &|| {
+                median_time(dev, iters, &|| {
+                    grouped_nf4(&act, &down, &counts).map(|_| ())
+                })
+            })?,
+        ),
+        (
+            "grouped_nf4 down, Hopper kernel",
+            gu_flops / 2.0,
+            on(Auto, &|| {
+                median_time(dev, iters, &|| {
+                    grouped_nf4(&act, &down, &counts).map(|_| ())
+                })
             })?,
         ),
         (

@@ -7,6 +7,8 @@ mod attention;
 mod nf4;
 mod outer;
 mod rows;
+#[cfg(feature = "cuda")]
+mod sm90;
 
 use nf4::check_nf4_linear;
 
@@ -424,6 +426,8 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
         )?);
     }
     out.extend(rows::check_rows(device)?);
+    #[cfg(feature = "cuda")]
+    out.extend(sm90::check_sm90_grouped(device)?);
     // Generated frozen weights (model_files::generated): the counter-based normal stream on the
     // device against its CPU twin (bf16), 3·10^6 values across several launch blocks.
     let row = lookup("generated weights", "bf16", Pass::Forward)?;
