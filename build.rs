@@ -70,13 +70,24 @@ fn sm90_library(nvcc: &str, out: &Path) {
     for src in sources {
         let obj = out.join(format!(
             "sm90_{}.o",
-            src.file_stem().and_then(|s| s.to_str()).expect("utf-8 name")
+            src.file_stem()
+                .and_then(|s| s.to_str())
+                .expect("utf-8 name")
         ));
         let status = Command::new(nvcc)
-            .args(["-c", "-O3", "-std=c++17", "-arch=sm_90a", "--expt-relaxed-constexpr"])
+            .args([
+                "-c",
+                "-O3",
+                "-std=c++20",
+                "-arch=sm_90a",
+                "--expt-relaxed-constexpr",
+            ])
             .args(["-DNDEBUG", "-Xcompiler", "-fPIC"])
             .arg(format!("-I{}", cutlass.join("include").display()))
-            .arg(format!("-I{}", cutlass.join("tools/util/include").display()))
+            .arg(format!(
+                "-I{}",
+                cutlass.join("tools/util/include").display()
+            ))
             .arg(&src)
             .arg("-o")
             .arg(&obj)
@@ -112,18 +123,29 @@ fn cudart_static_dir(nvcc: &str) -> Option<PathBuf> {
     let nvcc_path = if nvcc.contains('/') {
         PathBuf::from(nvcc)
     } else {
-        std::env::var_os("PATH")
-            .and_then(|p| std::env::split_paths(&p).map(|d| d.join(nvcc)).find(|p| p.is_file()))?
+        std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(nvcc))
+                .find(|p| p.is_file())
+        })?
     };
-    let real_bin = std::fs::canonicalize(&nvcc_path).ok()?.parent()?.to_path_buf();
+    let real_bin = std::fs::canonicalize(&nvcc_path)
+        .ok()?
+        .parent()?
+        .to_path_buf();
     let mut candidates = Vec::new();
     if let Some(root) = std::env::var_os("CUDA_ROOT").map(PathBuf::from) {
         candidates.push(root.join("lib64"));
         candidates.push(root.join("lib"));
     }
-    for bin in [nvcc_path.parent().map(Path::to_path_buf), Some(real_bin)].into_iter().flatten() {
+    for bin in [nvcc_path.parent().map(Path::to_path_buf), Some(real_bin)]
+        .into_iter()
+        .flatten()
+    {
         candidates.push(bin.join("../lib64"));
         candidates.push(bin.join("../lib"));
     }
-    candidates.into_iter().find(|d| d.join("libcudart_static.a").is_file())
+    candidates
+        .into_iter()
+        .find(|d| d.join("libcudart_static.a").is_file())
 }

@@ -4,7 +4,7 @@
 // [n, k] row-major ("nt": a token block times a weight stored [out, in]) or [k, n] row-major
 // ("nn": the input gradient through that weight). f32 accumulation, bf16 out, no C operand.
 //
-// Host side (src/ops/grouped_gemm.rs, `sm90`): `moeq_sm90_grouped_scratch` sizes the device
+// Host side (src/ops/grouped_gemm/sm90.rs): `moeq_sm90_grouped_scratch` sizes the device
 // scratch for a call of `groups` products; `moeq_sm90_grouped_run` writes the per-group tables
 // (shapes, pointers, strides) into it with one host-to-device copy on `stream` and launches.
 // docs/ARCHITECTURE.md decision 25 says why and where the cuBLAS path stays.
@@ -56,16 +56,27 @@ struct Kernel {
   using StrideD = typename GemmKernel::InternalStrideD;
 };
 
-// 128×128 tiles (a group's last M tile wastes at most 127 rows: experts see ~100–2,000 rows),
-// two consumer warp groups taking turns (ping-pong), no clusters.
+// Candidate configurations (measured with `moeq gpu-bench --experts`, MOEQ_SM90_VARIANT; the
+// default, 1, was fastest at 2k–16k tokens: BENCHMARKS.md, "Expert GEMMs on Hopper"):
+// 0: 128×128 tiles, two consumer warp groups taking turns (ping-pong), no clusters;
+// 1: 128×256 tiles, both consumer warp groups on one tile (cooperative);
+// 2: ping-pong 128×128 in clusters of 2 along M (the B tile multicast to both CTAs);
+// 3: cooperative 128×128.
+using PP = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+using PPEpi = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+using Coop = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+using CoopEpi = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
 template <class LayoutB>
-using Chosen =
-    Kernel<LayoutB, Shape<_128, _128, _64>, Shape<_1, _1, _1>,
-           cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong,
-           cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
+using V0 = Kernel<LayoutB, Shape<_128, _128, _64>, Shape<_1, _1, _1>, PP, PPEpi>;
+template <class LayoutB>
+using V1 = Kernel<LayoutB, Shape<_128, _256, _64>, Shape<_1, _1, _1>, Coop, CoopEpi>;
+template <class LayoutB>
+using V2 = Kernel<LayoutB, Shape<_128, _128, _64>, Shape<_2, _1, _1>, PP, PPEpi>;
+template <class LayoutB>
+using V3 = Kernel<LayoutB, Shape<_128, _128, _64>, Shape<_1, _1, _1>, Coop, CoopEpi>;
 
-using Nt = Chosen<cutlass::layout::ColumnMajor>;  // B [n, k] row-major = k×n column-major
-using Nn = Chosen<cutlass::layout::RowMajor>;     // B [k, n] row-major
+using Nt = cutlass::layout::ColumnMajor;  // B [n, k] row-major = k×n column-major
+using Nn = cutlass::layout::RowMajor;     // B [k, n] row-major
 
 size_t align_up(size_t v) { return (v + 255) & ~size_t(255); }
 
@@ -166,23 +177,40 @@ int run(int groups, const int32_t *mnk, const uint64_t *ptrs, float alpha, void 
   return cudaGetLastError() == cudaSuccess ? 0 : -6;
 }
 
+// Calls `f.template operator()<K>()` with the kernel of (layout, variant).
+template <class F>
+auto dispatch(int layout, int variant, F f) {
+  switch (variant * 2 + (layout == 0 ? 0 : 1)) {
+    case 2: return f.template operator()<V1<Nt>>();
+    case 3: return f.template operator()<V1<Nn>>();
+    case 4: return f.template operator()<V2<Nt>>();
+    case 5: return f.template operator()<V2<Nn>>();
+    case 6: return f.template operator()<V3<Nt>>();
+    case 7: return f.template operator()<V3<Nn>>();
+    case 1: return f.template operator()<V0<Nn>>();
+    default: return f.template operator()<V0<Nt>>();
+  }
+}
+
 }  // namespace
 
 extern "C" {
 
-// layout: 0 = nt (B [n, k]), 1 = nn (B [k, n]).
-size_t moeq_sm90_grouped_scratch(int layout, int groups, int sm_count) {
-  return layout == 0 ? scratch_bytes<Nt>(groups, sm_count) : scratch_bytes<Nn>(groups, sm_count);
+// layout: 0 = nt (B [n, k]), 1 = nn (B [k, n]); variant: see the candidates above.
+size_t moeq_sm90_grouped_scratch(int layout, int variant, int groups, int sm_count) {
+  return dispatch(layout, variant,
+                  [&]<class K>() { return scratch_bytes<K>(groups, sm_count); });
 }
 
 // 0 on success; negative: -1 scratch too small, -2 copy failed, -3 CUTLASS cannot run these
 // shapes, -4 initialisation failed, -5/-6 the launch failed.
-int moeq_sm90_grouped_run(int layout, int groups, const int32_t *mnk, const uint64_t *ptrs,
-                          float alpha, void *scratch, size_t scratch_len, int sm_count,
-                          void *stream) {
+int moeq_sm90_grouped_run(int layout, int variant, int groups, const int32_t *mnk,
+                          const uint64_t *ptrs, float alpha, void *scratch, size_t scratch_len,
+                          int sm_count, void *stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  return layout == 0 ? run<Nt>(groups, mnk, ptrs, alpha, scratch, scratch_len, sm_count, s)
-                     : run<Nn>(groups, mnk, ptrs, alpha, scratch, scratch_len, sm_count, s);
+  return dispatch(layout, variant, [&]<class K>() {
+    return run<K>(groups, mnk, ptrs, alpha, scratch, scratch_len, sm_count, s);
+  });
 }
 
 // The last CUDA runtime error as text (for the caller's error message).

@@ -2,9 +2,10 @@
 """Turns the results of launch/bench/side-by-side.sh (a runs/ folder) into the markdown table of
 BENCHMARKS.md: tokens/s (median over the steps after the warm-up), MFU against the bf16 matmul
 rate measured in the same command (and against 989 TFLOP/s), and peak GPU memory as the driver
-saw it (total − free), for both stacks with one FLOP count. moeq: nvidia-smi every 100 ms over
-the whole run (load and quantization included) minus the idle baseline; seed stack: sampled
-every 50 ms by the script during training only (its bf16 random init before quantization is an
+saw it (total − free), for the three stacks with one FLOP count. moeq: nvidia-smi every 100 ms over
+the whole run (load and quantization included) minus the idle baseline; seed stack and Unsloth:
+sampled every 50 ms by the script during training only (Unsloth: per micro-batch size, after
+emptying the allocator's cache) (its bf16 random init before quantization is an
 artifact of the benchmark: a checkpoint load quantizes tensor by tensor).
 
     python3 launch/bench/report.py RUNS_DIR
@@ -87,6 +88,15 @@ def table(runs, matmul, idle, gpu, date, layers, seq, prefix):
             peak_gb=r.get("peak_gpu_mem_gb_driver"),
             own=f"reserved {r['peak_reserved_gb']:.2f} GB" if r.get("peak_reserved_gb") else "",
             losses=[round(v, 3) for v in r.get("losses", [])],
+        ))
+    for path in sorted(glob.glob(os.path.join(runs, "unsloth-*-lora-mbs*.json"))) if layers == 12 else []:
+        r = json.load(open(path))
+        targets = "q/k/v/o" if r.get("targets") == "attn" else "q/k/v/o + experts"
+        rows.append(dict(
+            run=f"Unsloth {r['versions']['unsloth']}, LoRA {targets}",
+            mbs=r["mbs"], tokens_per_step=r["tokens_per_step"], oom=r.get("oom"),
+            tokens_per_s=r.get("tokens_per_s"), peak_gb=r.get("peak_gpu_mem_gb_driver"),
+            own="driver peak during its steps", losses=[round(v, 3) for v in r.get("losses", [])],
         ))
     for path in sorted(glob.glob(os.path.join(runs, f"{prefix}-*-mbs*.jsonl"))):
         name = os.path.basename(path)[: -len(".jsonl")]

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# The seed stack (transformers + bitsandbytes + PEFT, launch/bench/seed_stack.py) and moeq
-# (configs/bench/*.yaml) on one GPU, same shapes and settings, in one command. GPU machine,
-# repository root, .device/ carried (MOEQ_CUDA_ENV=... launch/gpu-check.sh build; bitsandbytes:
-# ../shared/gpu/fetch-bnb.sh .device/py):
+# The seed stack (transformers + bitsandbytes + PEFT, launch/bench/seed_stack.py), Unsloth
+# (launch/bench/unsloth_stack.py) and moeq (configs/bench/*.yaml) on one GPU, same shapes and
+# settings, in one command. GPU machine, repository root, .device/ carried (MOEQ_CUDA_ENV=...
+# launch/gpu-check.sh build; bitsandbytes: ../shared/gpu/fetch-bnb.sh .device/py; Unsloth:
+# launch/bench/fetch-unsloth.sh):
 #
-#   OUT=/tmp/out bash launch/bench/side-by-side.sh [both|seed|moeq|keep|full|fullkeep] [micro-batch sizes...]
+#   OUT=/tmp/out bash launch/bench/side-by-side.sh [all|both|seed|unsloth|moeq|keep|full|fullkeep] [micro-batch sizes...]
 #
+# `all` runs the three stacks, `both` the seed stack and moeq. Unsloth loads its model once per
+# adapter set and runs every micro-batch size in that process (its import alone takes ~35 s);
+# its checkpoint (random bf16 weights, the shape of moeq's synth config) is written once into
+# /tmp/moeq-unsloth-model by transformers on the GPU.
 # `full` runs moeq alone at full depth (configs/bench/qwen3-30b-a3b-48l-*.yaml, weights drawn on
 # the GPU), reported in a table of its own. `keep` runs both stacks without activation
 # recompute (seed: no gradient checkpointing; moeq: gradient_checkpointing: false), q/k/v/o LoRA;
@@ -59,9 +64,24 @@ moeq_run() {
 }
 
 keep="gradient_checkpointing: false"
+case "$which" in
+all | unsloth)
+  site=/tmp/moeq-unsloth-site model=/tmp/moeq-unsloth-model
+  [ -d "$site/unsloth-site" ] || { mkdir -p "$site" && xz -dc .device/unsloth.tar.xz | tar -C "$site" -xf -; }
+  if [ ! -f "$model/model.safetensors.index.json" ]; then
+    .device/moeq synth --arch qwen3_moe --preset qwen3-30b-a3b --layers 12 --config-only --force --out "$model"
+    python3 launch/bench/unsloth_stack.py --model "$model" --write-model
+  fi
+  for targets in attn expert; do
+    # shellcheck disable=SC2086
+    HF_HUB_OFFLINE=1 PYTHONPATH=$site/unsloth-site sampled "unsloth-$targets" \
+      python3 launch/bench/unsloth_stack.py --model "$model" --targets "$targets" --mbs $mbs_list --outdir "$runs"
+  done
+  ;;
+esac
 for mbs in $mbs_list; do
   case "$which" in
-  both | seed)
+  both | all | seed)
     sampled "seed-mbs$mbs" python3 launch/bench/seed_stack.py --mbs "$mbs" --out "$runs/seed-mbs$mbs.json"
     ;;
   keep)
@@ -79,7 +99,7 @@ for mbs in $mbs_list; do
     ;;
   esac
   case "$which" in
-  both | moeq)
+  both | all | moeq)
     for cfg in attn-lora expert-lora; do
       moeq_run "moeq-$cfg-mbs$mbs" configs/bench/qwen3-30b-a3b-12l-$cfg.yaml "$mbs"
     done

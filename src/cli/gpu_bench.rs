@@ -119,7 +119,9 @@ fn median_time(
 #[cfg(feature = "cuda")]
 fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(), CliError> {
     use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
-    use crate::ops::grouped_gemm::sm90::{set_backend, Backend, Backend::*};
+    use crate::ops::grouped_gemm::sm90::{
+        self, set_backend, set_variant, Backend, Backend::*, VARIANTS,
+    };
     use crate::ops::grouped_gemm::{grouped_gemm, Gemm, Product};
     use crate::quant::{QuantKind, QuantSettings};
     use candle_core::{DType, Tensor};
@@ -203,7 +205,28 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
         set_backend(Auto);
         r
     };
-    let rows: Vec<(&str, f64, f64)> = vec![
+    let mut rows: Vec<(String, f64, f64)> = Vec::new();
+    let chosen = sm90::variant();
+    for (v, name) in VARIANTS.iter().enumerate() {
+        set_variant(v);
+        for (what, a, len, ps, gemm) in [
+            ("x·Wᵀ", &x, m * 2 * i, &products, Gemm::nt(1.0)),
+            ("dy·W", &dgu, m * h, &transposed, Gemm::nn(1.0)),
+        ] {
+            let secs = on(Auto, &|| {
+                median_time(dev, iters, &|| {
+                    grouped_gemm(a, &wd, len, ps, gemm).map(|_| ())
+                })
+            })?;
+            rows.push((
+                format!("grouped GEMM gate_up {what}, dequantized weights, Hopper {v}: {name}"),
+                gu_flops,
+                secs,
+            ));
+        }
+    }
+    set_variant(chosen);
+    let listed: Vec<(&str, f64, f64)> = vec![
         (
             "dense bf16 GEMM [M, 2048] x [2048, 1536] (same FLOPs)",
             gu_flops,
@@ -226,27 +249,9 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
             })?,
         ),
         (
-            "grouped GEMM gate_up x·Wᵀ, dequantized weights, Hopper kernel",
-            gu_flops,
-            on(Auto, &|| {
-                median_time(dev, iters, &|| {
-                    grouped_gemm(&x, &wd, m * 2 * i, &products, Gemm::nt(1.0)).map(|_| ())
-                })
-            })?,
-        ),
-        (
             "grouped GEMM gate_up dy·W (input gradient), cuBLAS",
             gu_flops,
             on(Cublas, &|| {
-                median_time(dev, iters, &|| {
-                    grouped_gemm(&dgu, &wd, m * h, &transposed, Gemm::nn(1.0)).map(|_| ())
-                })
-            })?,
-        ),
-        (
-            "grouped GEMM gate_up dy·W (input gradient), Hopper kernel",
-            gu_flops,
-            on(Auto, &|| {
                 median_time(dev, iters, &|| {
                     grouped_gemm(&dgu, &wd, m * h, &transposed, Gemm::nn(1.0)).map(|_| ())
                 })
@@ -303,7 +308,8 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
     );
     println!("| op | time ms | TFLOP/s |");
     println!("|---|---|---|");
-    for (name, flops, secs) in rows {
+    let listed = listed.into_iter().map(|(n, f, s)| (n.to_string(), f, s));
+    for (name, flops, secs) in listed.chain(rows) {
         let rate = if flops > 0.0 {
             format!("{:.0}", flops / secs / 1e12)
         } else {

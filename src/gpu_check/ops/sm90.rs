@@ -75,14 +75,19 @@ pub(super) fn check_sm90_grouped(device: &Device) -> Result<Vec<Comparison>> {
             let got = grouped_gemm(&ad, &bd, rows * n, &products, gemm)?;
             let took = launches() > before;
             if took != (backend == Backend::Auto) {
-                candle_core::bail!("grouped_gemm {what}: {backend:?} took the Hopper kernel: {took}");
+                candle_core::bail!(
+                    "grouped_gemm {what}: {backend:?} took the Hopper kernel: {took}"
+                );
             }
             let name = match backend {
                 Backend::Auto => "Hopper kernel",
                 Backend::Cublas => "cuBLAS",
             };
             out.push(compare(
-                &format!("grouped_gemm {what}, {} experts, {rows} rows ({name})", counts.len()),
+                &format!(
+                    "grouped_gemm {what}, {} experts, {rows} rows ({name})",
+                    counts.len()
+                ),
                 &got,
                 &want,
                 row,

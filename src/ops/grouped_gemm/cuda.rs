@@ -129,8 +129,7 @@ pub(super) fn grouped_outer(
         let (sr, lr) = rm.storage_and_layout();
         let (sx, lx) = x.storage_and_layout();
         let (so, _) = out.storage_and_layout();
-        let (Storage::Cuda(sr), Storage::Cuda(sx), Storage::Cuda(so)) = (&*sr, &*sx, &*so)
-        else {
+        let (Storage::Cuda(sr), Storage::Cuda(sx), Storage::Cuda(so)) = (&*sr, &*sx, &*so) else {
             bail!("grouped_outer: operands not on the GPU")
         };
         macro_rules! run {

@@ -11,9 +11,10 @@ use std::ffi::{c_char, c_void, CStr};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
 extern "C" {
-    fn moeq_sm90_grouped_scratch(layout: i32, groups: i32, sm_count: i32) -> usize;
+    fn moeq_sm90_grouped_scratch(layout: i32, variant: i32, groups: i32, sm_count: i32) -> usize;
     fn moeq_sm90_grouped_run(
         layout: i32,
+        variant: i32,
         groups: i32,
         mnk: *const i32,
         ptrs: *const u64,
@@ -37,6 +38,39 @@ pub enum Backend {
 
 /// 0 = not read yet, 1 = Auto, 2 = Cublas.
 static BACKEND: AtomicU8 = AtomicU8::new(0);
+
+/// The kernel configurations compiled in (`kernels/sm90/grouped_gemm.cu`), by index.
+pub const VARIANTS: [&str; 4] = [
+    "ping-pong 128×128",
+    "cooperative 128×256",
+    "ping-pong 128×128, clusters of 2 along M",
+    "cooperative 128×128",
+];
+
+/// The configuration in use: `set_variant`'s, else `MOEQ_SM90_VARIANT` (for measurements),
+/// else `DEFAULT_VARIANT`: cooperative 128×256 measured fastest on the H200 at 2k, 8k and 16k
+/// tokens, both layouts (335 / 510 / 542 TFLOP/s against 297 / 482 / 514 for ping-pong 128×128;
+/// BENCHMARKS.md, "Expert GEMMs on Hopper").
+const DEFAULT_VARIANT: u8 = 1;
+static VARIANT: AtomicU8 = AtomicU8::new(u8::MAX);
+
+pub fn variant() -> usize {
+    let v = VARIANT.load(Ordering::Relaxed);
+    if v != u8::MAX {
+        return v as usize;
+    }
+    let v = std::env::var("MOEQ_SM90_VARIANT")
+        .ok()
+        .and_then(|v| v.parse::<u8>().ok())
+        .filter(|v| (*v as usize) < VARIANTS.len())
+        .unwrap_or(DEFAULT_VARIANT);
+    VARIANT.store(v, Ordering::Relaxed);
+    v as usize
+}
+
+pub fn set_variant(v: usize) {
+    VARIANT.store(v.min(VARIANTS.len() - 1) as u8, Ordering::Relaxed);
+}
 
 /// Launches of the Hopper kernel in this process (gpu-check asserts its twin check took it).
 static LAUNCHES: AtomicU64 = AtomicU64::new(0);
@@ -122,6 +156,7 @@ pub(super) fn launch(
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(|e| candle_core::Error::Msg(format!("grouped_gemm: {e:?}")))?;
     let layout = if gemm.trans_b { 0 } else { 1 };
+    let variant = variant() as i32;
     let groups = live.len() as i32;
     let mut mnk = Vec::with_capacity(3 * live.len());
     let mut ptrs = Vec::with_capacity(3 * live.len());
@@ -134,7 +169,7 @@ pub(super) fn launch(
         ]);
     }
     // SAFETY: a pure size computation on the host.
-    let bytes = unsafe { moeq_sm90_grouped_scratch(layout, groups, sm_count) };
+    let bytes = unsafe { moeq_sm90_grouped_scratch(layout, variant, groups, sm_count) };
     // SAFETY: the kernel's tables and workspace; written by the call before any read.
     let scratch = unsafe { dev.alloc::<u8>(bytes)? };
     let (ps, _gs) = scratch.device_ptr(&stream);
@@ -144,6 +179,7 @@ pub(super) fn launch(
     let status = unsafe {
         moeq_sm90_grouped_run(
             layout,
+            variant,
             groups,
             mnk.as_ptr(),
             ptrs.as_ptr(),
