@@ -18,6 +18,17 @@ pub fn nf4_bytes(n: usize, blocksize: usize, double_quant: bool) -> u64 {
     codes + stats + 4 * 16
 }
 
+/// Whether a LoRA target names the module or parameter `key` (a dotted path without
+/// `.weight`) as PEFT decides it: the whole path, or a suffix starting at a dot — `q_proj` and
+/// `self_attn.q_proj` match `model.layers.0.self_attn.q_proj`, `experts.gate_up_proj` matches
+/// `model.layers.0.mlp.experts.gate_up_proj`, `proj` matches neither.
+pub fn target_matches(key: &str, target: &str) -> bool {
+    key == target
+        || key
+            .strip_suffix(target)
+            .is_some_and(|head| head.ends_with('.'))
+}
+
 /// Which LoRA adapters a run trains (PEFT `target_modules` / `target_parameters`).
 #[derive(Debug, Clone)]
 pub struct LoraPlan {
@@ -33,20 +44,15 @@ impl LoraPlan {
         if !p.quantized || p.component == Component::Experts || !p.name.ends_with(".weight") {
             return false;
         }
-        let module = p
-            .name
-            .trim_end_matches(".weight")
-            .rsplit('.')
-            .next()
-            .unwrap_or_default();
+        let module = p.name.trim_end_matches(".weight");
         self.modules
             .iter()
-            .any(|m| m == "all-linear" || m == module)
+            .any(|m| m == "all-linear" || target_matches(module, m))
     }
 
     fn targets_parameter(&self, p: &ParamInfo) -> bool {
         p.component == Component::Experts
-            && self.parameters.iter().any(|t| p.name.ends_with(t.as_str()))
+            && self.parameters.iter().any(|t| target_matches(&p.name, t))
     }
 
     /// Trainable LoRA parameters: `r·(in+out)` per linear target; `r·E·(in+out)` per 3-D expert
@@ -102,4 +108,32 @@ pub fn estimate(
     est.lora_params_experts = experts;
     est.lora_and_optimizer = 16 * (linear + experts);
     est
+}
+
+#[cfg(test)]
+mod tests {
+    use super::target_matches;
+
+    /// PEFT's rule: the whole name or a suffix starting at a dot, never part of a component.
+    #[test]
+    fn targets_match_whole_names_and_dotted_suffixes() {
+        let q = "model.layers.3.self_attn.q_proj";
+        for t in ["q_proj", "self_attn.q_proj", "layers.3.self_attn.q_proj", q] {
+            assert!(target_matches(q, t), "{t}");
+        }
+        for t in [
+            "proj",
+            "_proj",
+            "attn.q_proj",
+            "k_proj",
+            "self_attn",
+            "x.model.layers.3.self_attn.q_proj",
+        ] {
+            assert!(!target_matches(q, t), "{t}");
+        }
+        let gu = "model.layers.0.mlp.experts.gate_up_proj";
+        assert!(target_matches(gu, "experts.gate_up_proj"));
+        assert!(target_matches(gu, "mlp.experts.gate_up_proj"));
+        assert!(!target_matches(gu, "up_proj"));
+    }
 }

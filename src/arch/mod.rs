@@ -8,7 +8,7 @@ mod params;
 mod spec;
 
 pub use exchange::{ExchangePlan, ExpertExchange};
-pub use memory::{estimate, nf4_bytes, LoraPlan, MemoryEstimate};
+pub use memory::{estimate, nf4_bytes, target_matches, LoraPlan, MemoryEstimate};
 pub use model::{Inputs, LayerStats, LoraCtx, Model};
 pub use params::{down_name, gate_up_name, Component, ParamInfo};
 pub use spec::{

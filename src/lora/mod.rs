@@ -10,7 +10,7 @@
 
 pub mod peft;
 
-use crate::arch::{ArchSpec, Component};
+use crate::arch::{target_matches, ArchSpec, Component};
 use candle_core::{Device, Result, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -126,15 +126,6 @@ fn kaiming(seed: u64, name: &str, rows: usize, fan_in: usize, device: &Device) -
     Var::from_vec(v, (rows, fan_in), device)
 }
 
-fn module_of(param: &str) -> &str {
-    param
-        .strip_suffix(".weight")
-        .unwrap_or(param)
-        .rsplit('.')
-        .next()
-        .unwrap_or_default()
-}
-
 impl Adapters {
     /// Adapters for every targeted weight of `spec`, initialised as PEFT does.
     pub fn new(
@@ -167,7 +158,7 @@ impl Adapters {
                 if settings
                     .target_parameters
                     .iter()
-                    .any(|t| p.name.ends_with(t.as_str()))
+                    .any(|t| target_matches(&p.name, t))
                 {
                     let (e, out, inp) = (p.shape[0], p.shape[1], p.shape[2]);
                     if held.end > e {
@@ -198,8 +189,13 @@ impl Adapters {
                 }
                 continue;
             }
-            let module = module_of(&p.name);
-            if all_linear || settings.target_modules.iter().any(|m| m == module) {
+            let module = p.name.strip_suffix(".weight").unwrap_or(&p.name);
+            if all_linear
+                || settings
+                    .target_modules
+                    .iter()
+                    .any(|m| target_matches(module, m))
+            {
                 let path = p.name.trim_end_matches(".weight").to_string();
                 let (out, inp) = (p.shape[0], p.shape[1]);
                 let a = kaiming(seed, &format!("{path}.lora_A"), r, inp, device)?;

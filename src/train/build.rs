@@ -298,7 +298,7 @@ fn make_adapters(
         let matched = adapters
             .linear
             .keys()
-            .any(|p| p.rsplit('.').next() == Some(m.as_str()));
+            .any(|p| crate::arch::target_matches(p, m));
         if !lead || m == "all-linear" || matched {
             continue;
         }
