@@ -82,6 +82,9 @@ pub fn run(args: QuantizeArgs) -> Result<(), CliError> {
     let mut q = quantizer(&args.device)?;
     let base =
         frozen::load(&dir, settings, None, q.as_mut(), &mut SingleProcess).map_err(input_err)?;
+    for (name, n) in &base.report.nonfinite {
+        tracing::warn!("'{name}' holds {n} NaN/Inf values: quantized as the checkpoint has them");
+    }
     if args.force && args.out.exists() {
         std::fs::remove_dir_all(&args.out)
             .map_err(|e| CliError::Failed(format!("{}: {e}", args.out.display())))?;

@@ -19,6 +19,10 @@ pub const SUPPORTED_KEYS: &[(&str, &str)] = &[
     ),
     ("bnb_4bit_quant_type", "nf4 | fp4 (nf4)"),
     (
+        "strict_weights",
+        "stop before training when a frozen weight holds NaN or Inf (false: a warning naming each)",
+    ),
+    (
         "bnb_4bit_use_double_quant",
         "quantize the block scales too (true)",
     ),

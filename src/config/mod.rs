@@ -115,6 +115,8 @@ pub struct TrainConfig {
     // --- quantization ---
     /// Defaults to `adapter == qlora`.
     pub load_in_4bit: bool,
+    /// A frozen weight holding NaN or Inf stops the run before training (else a warning).
+    pub strict_weights: bool,
     pub bnb_4bit_quant_type: crate::quant::QuantKind,
     pub bnb_4bit_use_double_quant: bool,
     /// `None` follows `bf16`.

@@ -175,6 +175,7 @@ fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
         tokenizer_config: f.string("tokenizer_config")?.map(PathBuf::from),
         device: device(f)?,
         load_in_4bit: f.bool("load_in_4bit")?.unwrap_or(adapter == Adapter::Qlora),
+        strict_weights: f.bool("strict_weights")?.unwrap_or(false),
         bnb_4bit_quant_type: bnb.quant_type.unwrap_or(crate::quant::QuantKind::Nf4),
         bnb_4bit_use_double_quant: bnb.double_quant.unwrap_or(true),
         bnb_4bit_compute_dtype: bnb.compute_dtype,

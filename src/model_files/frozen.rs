@@ -230,7 +230,10 @@ pub fn load(
         let nothing_to_read = split_by_expert(p) && e.is_none();
         (!generated && !read_prequantized(p) && !nothing_to_read).then(|| {
             timed("load: read (summed over reader threads)", &cpu, || {
-                read(p, e.map(|e| e..e + 1), &cpu)
+                read(p, e.map(|e| e..e + 1), &cpu).map(|t| {
+                    let bad = nonfinite(&t);
+                    (t, bad)
+                })
             })
         })
     };
@@ -253,9 +256,20 @@ pub fn load(
                 let (k, e) = items[i];
                 let p = &params[k];
                 let dev = quantizer.device();
-                let mut take = |experts: Option<Range<usize>>| match prefetched.take() {
-                    Some(x) => x,
-                    None => timed("load: read or draw", &dev, || read(p, experts, &dev)),
+                // The tensor, with its NaN/Inf count added to the report.
+                let mut take = |experts: Option<Range<usize>>| {
+                    let (t, bad) = match prefetched.take() {
+                        Some(x) => x?,
+                        None => {
+                            let t = timed("load: read or draw", &dev, || read(p, experts, &dev))?;
+                            let bad = nonfinite(&t);
+                            (t, bad)
+                        }
+                    };
+                    if bad > 0 {
+                        *report.nonfinite.entry(p.name.clone()).or_default() += bad;
+                    }
+                    Ok::<_, ModelFilesError>(t)
                 };
                 let frozen = if !p.quantized {
                     // Dense tensors stay on the CPU; drawn ones are drawn on the quantizer's device.
@@ -269,6 +283,19 @@ pub fn load(
                     Some(Frozen::Dense(t))
                 } else if read_prequantized(p) {
                     let mut param = bnb::read(dir, &p.name)?;
+                    let bad = match &param.absmax {
+                        crate::quant::Absmax::Plain(a) => {
+                            a.iter().filter(|v| !v.is_finite()).count()
+                        }
+                        crate::quant::Absmax::Nested(n) => {
+                            let mut bad = n.nested_absmax.iter().filter(|v| !v.is_finite()).count();
+                            bad += usize::from(!n.offset.is_finite());
+                            bad
+                        }
+                    };
+                    if bad > 0 {
+                        report.nonfinite.insert(p.name.clone(), bad);
+                    }
                     if param.shape != p.shape {
                         return Err(err(
                             dir,
@@ -391,6 +418,22 @@ pub fn load(
         settings,
         report,
     })
+}
+
+/// NaN and ±Inf values of a tensor on the host (0 for one on a device: those are drawn, finite).
+fn nonfinite(t: &Tensor) -> usize {
+    use candle_core::{CpuStorage, Storage};
+    let (storage, layout) = t.storage_and_layout();
+    let (Storage::Cpu(s), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {
+        return 0;
+    };
+    match s {
+        CpuStorage::BF16(v) => v[a..b].iter().filter(|x| !x.is_finite()).count(),
+        CpuStorage::F16(v) => v[a..b].iter().filter(|x| !x.is_finite()).count(),
+        CpuStorage::F32(v) => v[a..b].iter().filter(|x| !x.is_finite()).count(),
+        CpuStorage::F64(v) => v[a..b].iter().filter(|x| !x.is_finite()).count(),
+        _ => 0,
+    }
 }
 
 /// Bytes of codes (on the host, or `codes` on the device) plus statistics of a quantized

@@ -31,6 +31,9 @@ pub struct LoadReport {
     pub seconds: f64,
     /// Peak device memory used by quantization, when it ran on a GPU.
     pub peak_device_bytes: Option<u64>,
+    /// NaN and ±Inf values per tensor, as read from the checkpoint (a pre-quantized one: in its
+    /// statistics); tensors without any are absent. bitsandbytes quantizes them silently.
+    pub nonfinite: BTreeMap<String, usize>,
 }
 
 pub struct FrozenBase {

@@ -207,6 +207,32 @@ impl<'a> Run<'a> {
     }
 }
 
+/// Names every frozen weight that holds NaN or Inf (bitsandbytes quantizes them without a word):
+/// a warning each, or with `strict_weights` an error before training.
+fn nonfinite_weights(
+    counts: &std::collections::BTreeMap<String, usize>,
+    strict: bool,
+) -> Result<(), TrainError> {
+    let Some((first, n)) = counts.iter().next() else {
+        return Ok(());
+    };
+    if strict {
+        let more = match counts.len() {
+            1 => String::new(),
+            k => format!(" (and {} more tensors)", k - 1),
+        };
+        return Err(TrainError::Input(format!(
+            "frozen weight '{first}' holds {n} NaN/Inf values{more}: repair the checkpoint, or set strict_weights: false to train with them"
+        )));
+    }
+    for (name, n) in counts {
+        tracing::warn!(
+            "frozen weight '{name}' holds {n} NaN/Inf values: they are quantized as the checkpoint has them (set strict_weights: true to stop instead)"
+        );
+    }
+    Ok(())
+}
+
 /// The model on `device` built from the frozen base: all experts, or with expert parallelism
 /// only `held` (their quantization statistics gathered over the ranks).
 fn load_model(
@@ -241,6 +267,7 @@ fn load_model(
         base.report.dense_bytes as f64 / 1e6,
         base.report.seconds
     );
+    nonfinite_weights(&base.report.nonfinite, config.strict_weights)?;
     if let Some(r) = phases::report(1) {
         tracing::info!("loading: {r}");
     }
