@@ -2,10 +2,11 @@
 //! SOURCE.md names the commit and license) through `moeq train`, with only `base_model` (a tiny
 //! synthetic model of a supported type), the dataset paths, `output_dir`,
 //! `dataset_prepared_path` and a two-step limit changed. Each example either trains or stops
-//! with a one-line error naming what moeq does not do; the stops behind the first are pinned
-//! too: the test applies each stop's fix in turn (an 8-bit optimizer becomes `adamw_torch`, a
-//! refused key is removed, ...) and expects the next stop, down to a config that trains or to a
-//! stop that ends the chain. When moeq learns a feature, its line here changes.
+//! with one error line per problem naming what moeq does not do (a config's problems come
+//! together); the stops behind the first are pinned too: the test applies each stop's fixes (an
+//! 8-bit optimizer becomes `adamw_torch`, a refused key is removed, ...) and expects the next
+//! stop, down to a config that trains or to a stop that ends the chain. When moeq learns a
+//! feature, its line here changes.
 
 mod common;
 use common::moeq;
@@ -16,8 +17,9 @@ use std::path::{Path, PathBuf};
 enum Next {
     /// Exit 0 after two steps, with an adapter written.
     Trains,
-    /// Exit 2 with one error line containing the text; then apply the fix and run again.
-    Stops(&'static str, Fix),
+    /// Exit 2 with one error line per problem, each containing its text (a config's problems
+    /// are reported together); then apply the fixes and run again.
+    Stops(Vec<(&'static str, Fix)>),
     /// Exit 2 with one error line containing the text, and the chain ends here.
     Ends(&'static str),
 }
@@ -37,119 +39,112 @@ const DISTRIBUTION: &str = "moeq does its own distribution";
 
 /// The expected chain of every example, by fixture file name.
 fn chains() -> Vec<(&'static str, Vec<Next>)> {
-    let adamw = || Set("optimizer", "adamw_torch");
+    let adamw = || (LOW_BIT_OPTIMIZER, Set("optimizer", "adamw_torch"));
+    let template = |text| Stops(vec![(text, Remove("chat_template"))]);
+    let refused = |key| match key {
+        "fsdp" | "fsdp_config" | "deepspeed" => (DISTRIBUTION, Remove(key)),
+        "eot_tokens" => ("key 'eot_tokens' is not supported", Remove(key)),
+        "model_config" => ("key 'model_config' is not supported", Remove(key)),
+        "nvfp4_merge_aware" => ("key 'nvfp4_merge_aware' is not supported", Remove(key)),
+        "model_quantization_config" => (
+            "key 'model_quantization_config' is not supported",
+            Remove(key),
+        ),
+        "model_quantization_config_kwargs" => (
+            "key 'model_quantization_config_kwargs' is not supported",
+            Remove(key),
+        ),
+        other => panic!("no refusal text for {other}"),
+    };
     vec![
         (
             "deepseek-v2--qlora-fsdp-2_5.yaml",
             vec![
-                Stops(DISTRIBUTION, Remove("fsdp")),
-                Stops(DISTRIBUTION, Remove("fsdp_config")),
-                Stops(
-                    "unknown chat template 'deepseek_v2'",
-                    Remove("chat_template"),
-                ),
+                Stops(vec![refused("fsdp"), refused("fsdp_config")]),
+                template("unknown chat template 'deepseek_v2'"),
                 Trains,
             ],
         ),
         (
             "expert_parallel--qwen3_30ba3b_ep_lora_4gpu.yaml",
-            vec![Stops(LOW_BIT_OPTIMIZER, adamw()), Ends(SIXTEEN_BIT)],
+            vec![Stops(vec![adamw()]), Ends(SIXTEEN_BIT)],
         ),
         (
             "gemma4--26b-a4b-moe-qlora.yaml",
             vec![
-                Stops("key 'eot_tokens' is not supported", Remove("eot_tokens")),
-                Stops(LOW_BIT_OPTIMIZER, adamw()),
-                Stops("unknown chat template 'gemma4'", Remove("chat_template")),
+                Stops(vec![refused("eot_tokens"), adamw()]),
+                template("unknown chat template 'gemma4'"),
                 Trains,
             ],
         ),
         (
             "glm45--glm-45-air-qlora.yaml",
-            vec![Stops(LOW_BIT_OPTIMIZER, adamw()), Trains],
+            vec![Stops(vec![adamw()]), Trains],
         ),
         (
             "glm47-flash--qlora.yaml",
-            vec![Stops(LOW_BIT_OPTIMIZER, adamw()), Trains],
+            vec![Stops(vec![adamw()]), Trains],
         ),
         (
             "gpt-oss--gpt-oss-20b-sft-lora-singlegpu.yaml",
             vec![
-                Stops(
-                    "key 'model_quantization_config' is not supported",
-                    Remove("model_quantization_config"),
-                ),
-                Stops(
-                    "key 'model_quantization_config_kwargs' is not supported",
-                    Remove("model_quantization_config_kwargs"),
-                ),
-                Stops("key 'eot_tokens' is not supported", Remove("eot_tokens")),
-                Stops(
-                    "unknown key 'datasets[0].field_thinking'",
-                    RemoveDatasetKey("field_thinking"),
-                ),
-                Stops(
-                    "unknown key 'datasets[0].template_thinking_key'",
-                    RemoveDatasetKey("template_thinking_key"),
-                ),
-                Stops(LOW_BIT_OPTIMIZER, adamw()),
+                Stops(vec![
+                    refused("model_quantization_config"),
+                    refused("model_quantization_config_kwargs"),
+                    refused("eot_tokens"),
+                    (
+                        "unknown key 'datasets[0].field_thinking'",
+                        RemoveDatasetKey("field_thinking"),
+                    ),
+                    (
+                        "unknown key 'datasets[0].template_thinking_key'",
+                        RemoveDatasetKey("template_thinking_key"),
+                    ),
+                    adamw(),
+                ]),
                 Ends(SIXTEEN_BIT),
             ],
         ),
         (
             "llama-4--scout-qlora-single-h100-flex.yaml",
             vec![
-                Stops(LOW_BIT_OPTIMIZER, adamw()),
-                Stops("unknown chat template 'llama4'", Remove("chat_template")),
+                Stops(vec![adamw()]),
+                template("unknown chat template 'llama4'"),
                 Trains,
             ],
         ),
         (
             "minimax--m2-qlora.yaml",
-            vec![
-                Stops(DISTRIBUTION, Remove("fsdp_config")),
-                Ends(SIXTEEN_BIT),
-            ],
+            vec![Stops(vec![refused("fsdp_config")]), Ends(SIXTEEN_BIT)],
         ),
         (
             "mistral--mixtral--mixtral.yml",
             vec![
-                Stops(
-                    "key 'model_config' is not supported",
-                    Remove("model_config"),
-                ),
-                Stops(DISTRIBUTION, Remove("deepspeed")),
-                Stops(LOW_BIT_OPTIMIZER, adamw()),
+                Stops(vec![refused("model_config"), refused("deepspeed"), adamw()]),
                 Trains,
             ],
         ),
         (
             "qwen--qwen2-moe-lora.yaml",
-            vec![Stops(LOW_BIT_OPTIMIZER, adamw()), Ends(SIXTEEN_BIT)],
+            vec![Stops(vec![adamw()]), Ends(SIXTEEN_BIT)],
         ),
         (
             "qwen--qwen2-moe-qlora.yaml",
-            vec![Stops(LOW_BIT_OPTIMIZER, adamw()), Trains],
+            vec![Stops(vec![adamw()]), Trains],
         ),
         (
             "qwen3--30b-a3b-nvfp4-lora.yaml",
-            vec![
-                Stops(
-                    "key 'nvfp4_merge_aware' is not supported",
-                    Remove("nvfp4_merge_aware"),
-                ),
-                Ends(SIXTEEN_BIT),
-            ],
+            vec![Stops(vec![refused("nvfp4_merge_aware")]), Ends(SIXTEEN_BIT)],
         ),
         (
             "qwen3-next--qwen3-next-80b-a3b-qlora.yaml",
-            vec![Stops(LOW_BIT_OPTIMIZER, adamw()), Trains],
+            vec![Stops(vec![adamw()]), Trains],
         ),
         (
             "qwen3.5--35b-a3b-moe-qlora.yaml",
             vec![
-                Stops(LOW_BIT_OPTIMIZER, adamw()),
-                Stops("unknown chat template 'qwen3_5'", Remove("chat_template")),
+                Stops(vec![adamw()]),
+                template("unknown chat template 'qwen3_5'"),
                 Trains,
             ],
         ),
@@ -318,15 +313,32 @@ fn axolotl_moe_examples_train_or_stop_with_a_named_reason() {
                         "{at}: no adapter"
                     );
                 }
-                Stops(text, _) | Ends(text) => {
+                Stops(problems) => {
+                    assert_eq!(code, 2, "{at}: expected to stop\n{err}");
+                    assert_eq!(
+                        errors.len(),
+                        problems.len(),
+                        "{at}: one line per problem\n{err}"
+                    );
+                    for (text, _) in problems {
+                        assert!(
+                            errors.iter().any(|l| l.contains(text)),
+                            "{at}: expected '{text}'\n{err}"
+                        );
+                    }
+                    assert!(!out.join("adapter_model.safetensors").exists());
+                }
+                Ends(text) => {
                     assert_eq!(code, 2, "{at}: expected to stop on '{text}'\n{err}");
                     assert_eq!(errors.len(), 1, "{at}: one error line\n{err}");
                     assert!(errors[0].contains(text), "{at}: expected '{text}'\n{err}");
                     assert!(!out.join("adapter_model.safetensors").exists());
                 }
             }
-            if let Stops(_, fix) = next {
-                apply(&mut config, fix);
+            if let Stops(problems) = next {
+                for (_, fix) in problems {
+                    apply(&mut config, fix);
+                }
             }
         }
     }

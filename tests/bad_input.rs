@@ -603,3 +603,26 @@ fn output_dir_on_a_read_only_or_full_filesystem() {
         assert!(leftover.is_empty(), "{opts}: left {leftover:?}");
     }
 }
+
+/// A config with several problems reports each on its own `error:` line, exit 2, no output.
+#[test]
+fn every_config_problem_is_reported_at_once() {
+    let root = tempfile::tempdir().unwrap();
+    let mut setup = Setup::new(root.path());
+    setup
+        .set("lora_r", "sixteen")
+        .set("learning_rate", "-1")
+        .set("lr_sheduler", "cosine");
+    let (code, err) = setup.run();
+    assert_eq!(code, 2, "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
+    assert_eq!(lines.len(), 3, "{err}");
+    for text in [
+        "'lora_r' must be an integer",
+        "'learning_rate' must be in",
+        "unknown key 'lr_sheduler'",
+    ] {
+        assert!(lines.iter().any(|l| l.contains(text)), "{text}\n{err}");
+    }
+    assert!(!root.path().join("out").exists());
+}

@@ -84,12 +84,13 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // A message of several problems (a config's) prints one `error:` line per problem.
         Err(CliError::Input(msg)) => {
-            eprintln!("error: {msg}");
+            msg.lines().for_each(|l| eprintln!("error: {l}"));
             ExitCode::from(2)
         }
         Err(CliError::Failed(msg)) => {
-            eprintln!("error: {msg}");
+            msg.lines().for_each(|l| eprintln!("error: {l}"));
             ExitCode::from(1)
         }
     }

@@ -7,6 +7,7 @@ use super::keys::suggest;
 use super::types::Choice;
 use super::ConfigError;
 use serde_yaml::{Mapping, Number, Value};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -113,22 +114,50 @@ pub(crate) fn invalid(origin: &str, message: impl Into<String>) -> ConfigError {
 }
 
 /// A mapping whose keys have already been checked against the key tables.
+///
+/// The typed accessors (`bool`, `string`, `choice`, ...) record a value's problem in `errors`
+/// and answer "absent", so one run reports every bad value of a config at once; the `strict_`
+/// variants return the problem instead, for callers that rework its message.
 pub(crate) struct Fields<'a> {
     origin: &'a str,
     /// `""` at the top level, `"datasets[3]."` inside a dataset entry.
     prefix: String,
     map: &'a Mapping,
+    errors: &'a RefCell<Vec<ConfigError>>,
 }
 
 type R<T> = Result<T, ConfigError>;
 
 impl<'a> Fields<'a> {
-    pub fn new(origin: &'a str, prefix: String, map: &'a Mapping) -> Self {
+    pub fn new(
+        origin: &'a str,
+        prefix: String,
+        map: &'a Mapping,
+        errors: &'a RefCell<Vec<ConfigError>>,
+    ) -> Self {
         Fields {
             origin,
             prefix,
             map,
+            errors,
         }
+    }
+
+    /// A nested mapping (a dataset entry, `bnb_config_kwargs`) reporting into the same list.
+    pub fn child(&self, prefix: String, map: &'a Mapping) -> Fields<'a> {
+        Fields::new(self.origin, prefix, map, self.errors)
+    }
+
+    /// Records a problem found outside the typed accessors and goes on.
+    pub fn record(&self, e: ConfigError) {
+        self.errors.borrow_mut().push(e);
+    }
+
+    fn soft<T>(&self, r: R<Option<T>>) -> R<Option<T>> {
+        r.or_else(|e| {
+            self.record(e);
+            Ok(None)
+        })
     }
 
     pub fn origin(&self) -> &'a str {
@@ -163,6 +192,10 @@ impl<'a> Fields<'a> {
     }
 
     pub fn bool(&self, key: &str) -> R<Option<bool>> {
+        self.soft(self.strict_bool(key))
+    }
+
+    pub fn strict_bool(&self, key: &str) -> R<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
@@ -194,6 +227,10 @@ impl<'a> Fields<'a> {
     }
 
     pub fn usize_min(&self, key: &str, min: usize) -> R<Option<usize>> {
+        self.soft(self.strict_usize_min(key, min))
+    }
+
+    pub fn strict_usize_min(&self, key: &str, min: usize) -> R<Option<usize>> {
         match self.int(key, min as i128)? {
             None => Ok(None),
             Some((i, n)) => usize::try_from(i)
@@ -203,6 +240,10 @@ impl<'a> Fields<'a> {
     }
 
     pub fn u64_min(&self, key: &str, min: u64) -> R<Option<u64>> {
+        self.soft(self.strict_u64_min(key, min))
+    }
+
+    pub fn strict_u64_min(&self, key: &str, min: u64) -> R<Option<u64>> {
         match self.int(key, i128::from(min))? {
             None => Ok(None),
             Some((i, n)) => u64::try_from(i)
@@ -213,6 +254,10 @@ impl<'a> Fields<'a> {
 
     /// A number (integers included) within `bounds`.
     pub fn number(&self, key: &str, bounds: Bounds) -> R<Option<f64>> {
+        self.soft(self.strict_number(key, bounds))
+    }
+
+    pub fn strict_number(&self, key: &str, bounds: Bounds) -> R<Option<f64>> {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
@@ -228,6 +273,10 @@ impl<'a> Fields<'a> {
 
     /// A non-empty string.
     pub fn string(&self, key: &str) -> R<Option<String>> {
+        self.soft(self.strict_string(key))
+    }
+
+    pub fn strict_string(&self, key: &str) -> R<Option<String>> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) if s.trim().is_empty() => {
@@ -241,6 +290,10 @@ impl<'a> Fields<'a> {
     /// A list of non-empty strings; a lone string counts as a one-element
     /// list, as axolotl allows for most list keys.
     pub fn string_list(&self, key: &str) -> R<Option<Vec<String>>> {
+        self.soft(self.strict_string_list(key))
+    }
+
+    pub fn strict_string_list(&self, key: &str) -> R<Option<Vec<String>>> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) if s.trim().is_empty() => {
@@ -273,6 +326,10 @@ impl<'a> Fields<'a> {
 
     /// A mapping from strings to strings, such as `message_property_mappings`.
     pub fn string_map(&self, key: &str) -> R<Option<BTreeMap<String, String>>> {
+        self.soft(self.strict_string_map(key))
+    }
+
+    pub fn strict_string_map(&self, key: &str) -> R<Option<BTreeMap<String, String>>> {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };
@@ -298,6 +355,10 @@ impl<'a> Fields<'a> {
 
     /// One of the spellings `T` accepts.
     pub fn choice<T: Choice>(&self, key: &str) -> R<Option<T>> {
+        self.soft(self.strict_choice(key))
+    }
+
+    pub fn strict_choice<T: Choice>(&self, key: &str) -> R<Option<T>> {
         let Some(v) = self.get(key) else {
             return Ok(None);
         };

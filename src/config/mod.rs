@@ -55,6 +55,14 @@ pub enum ConfigError {
     /// Valid YAML that is not a valid moeq config.
     #[error("{origin}: {message}")]
     Invalid { origin: String, message: String },
+    /// Several problems, one line each.
+    #[error("{}", several(.0))]
+    Several(Vec<ConfigError>),
+}
+
+fn several(errors: &[ConfigError]) -> String {
+    let lines: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    lines.join("\n")
 }
 
 fn at_line_col(line: &Option<usize>, column: &Option<usize>) -> String {

@@ -8,6 +8,7 @@ use super::keys::{
 use super::types::*;
 use super::{validate, yaml, ConfigError, ConfigOutcome, DatasetConfig, TrainConfig};
 use serde_yaml::{Mapping, Value};
+use std::cell::RefCell;
 use std::path::PathBuf;
 
 type R<T> = Result<T, ConfigError>;
@@ -36,8 +37,10 @@ pub(crate) fn parse(text: &str, origin: &str) -> R<ConfigOutcome> {
     };
 
     let mut warnings = Vec::new();
-    check_keys(
-        origin,
+    let errors = RefCell::new(Vec::new());
+    let f = Fields::new(origin, String::new(), map, &errors);
+    let suggested = check_keys(
+        &f,
         "",
         map,
         &KeySet {
@@ -48,17 +51,41 @@ pub(crate) fn parse(text: &str, origin: &str) -> R<ConfigOutcome> {
             readme_what: "keys",
         },
         &mut warnings,
-    )?;
-    let f = Fields::new(origin, String::new(), map);
-    if !f.present("base_model") {
-        return Err(f.missing("base_model", "a model directory or synth://<arch>/<preset>"));
+    );
+    let misspelt = |key: &str| suggested.iter().any(|s| s == key);
+    if !f.present("base_model") && !misspelt("base_model") {
+        f.record(f.missing("base_model", "a model directory or synth://<arch>/<preset>"));
     }
     if !f.present("datasets") {
-        return Err(f.missing("datasets", "a list of entries with 'path' and 'type'"));
+        if !misspelt("datasets") {
+            f.record(f.missing("datasets", "a list of entries with 'path' and 'type'"));
+        }
+        return Err(all_errors(errors.into_inner()));
     }
-    let config = build(&f, &mut warnings)?;
-    validate::check(&config, &f, &mut warnings)?;
-    Ok(ConfigOutcome { config, warnings })
+    // Every bad value is recorded and parsing goes on, so a config with several problems
+    // reports them all (one line each); a problem that leaves nothing to go on stops at once.
+    match build(&f, &mut warnings) {
+        Ok(config) if errors.borrow().is_empty() => {
+            match validate::check(&config, &f, &mut warnings) {
+                Ok(()) if errors.borrow().is_empty() => {
+                    return Ok(ConfigOutcome { config, warnings })
+                }
+                Ok(()) => {}
+                Err(e) => f.record(e),
+            }
+        }
+        Ok(_) => {}
+        Err(e) => f.record(e),
+    }
+    Err(all_errors(errors.into_inner()))
+}
+
+/// One error, or all of them as one (one line each when printed).
+fn all_errors(mut errors: Vec<ConfigError>) -> ConfigError {
+    match errors.len() {
+        1 => errors.remove(0),
+        _ => ConfigError::Several(errors),
+    }
 }
 
 struct KeySet {
@@ -85,23 +112,28 @@ fn is_set(v: &Value) -> bool {
 
 /// Rejects unknown and unsupported keys and warns about ignored ones, in
 /// file order so the first complaint is the first one in the file.
+/// Returns the keys suggested for misspelt ones: a "missing" complaint about one of them
+/// would repeat the misspelling's.
 fn check_keys(
-    origin: &str,
+    f: &Fields,
     prefix: &str,
     map: &Mapping,
     set: &KeySet,
     warnings: &mut Vec<String>,
-) -> R<()> {
+) -> Vec<String> {
+    let origin = f.origin();
+    let mut suggested = Vec::new();
     for (k, v) in map {
         let Value::String(key) = k else {
             let place = match prefix.trim_end_matches('.') {
                 "" => String::new(),
                 p => format!(" in '{p}'"),
             };
-            return Err(invalid(
+            f.record(invalid(
                 origin,
                 format!("every key{place} must be a string, got {}", describe(k)),
             ));
+            continue;
         };
         if lookup(set.supported, key).is_some() {
             continue;
@@ -121,7 +153,7 @@ fn check_keys(
         }
         if let Some(why) = lookup(set.unsupported, key) {
             if is_set(v) {
-                return Err(invalid(
+                f.record(invalid(
                     origin,
                     format!("key '{prefix}{key}' is not supported: {why}"),
                 ));
@@ -130,6 +162,7 @@ fn check_keys(
         }
         let near = suggest_key(key, set.supported, &[set.ignored, set.unsupported]);
         let shown = quote_word(&format!("{prefix}{key}"));
+        suggested.extend(near.map(str::to_string));
         let msg = match near {
             Some(n) => format!("unknown key {shown} (did you mean '{n}'?)"),
             None => format!(
@@ -137,9 +170,9 @@ fn check_keys(
                 set.readme_what
             ),
         };
-        return Err(invalid(origin, msg));
+        f.record(invalid(origin, msg));
     }
-    Ok(())
+    suggested
 }
 
 fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
@@ -339,7 +372,7 @@ impl BnbKwargs {
                 ))
             }
         };
-        let inner = Fields::new(f.origin(), "bnb_config_kwargs.".into(), map);
+        let inner = f.child("bnb_config_kwargs.".into(), map);
         for (k, _) in map {
             let key = k.as_str().unwrap_or_default();
             let known = [
@@ -462,7 +495,7 @@ fn val_set_size(f: &Fields) -> R<ValSetSize> {
 }
 
 fn optimizer(f: &Fields) -> R<Optimizer> {
-    match f.choice::<Optimizer>("optimizer") {
+    match f.strict_choice::<Optimizer>("optimizer") {
         Ok(o) => Ok(o.unwrap_or(Optimizer::AdamW)),
         Err(ConfigError::Invalid {
             origin,
@@ -471,7 +504,8 @@ fn optimizer(f: &Fields) -> R<Optimizer> {
             if matches!(f.get("optimizer"), Some(Value::String(s)) if s.contains("adam")) {
                 message.push_str(" (moeq has one optimizer: AdamW with fp32 state)");
             }
-            Err(ConfigError::Invalid { origin, message })
+            f.record(ConfigError::Invalid { origin, message });
+            Ok(Optimizer::AdamW)
         }
         Err(e) => Err(e),
     }
@@ -540,11 +574,15 @@ fn datasets(f: &Fields, warnings: &mut Vec<String>) -> R<Vec<DatasetConfig>> {
             ));
         };
         let prefix = format!("datasets[{i}].");
-        check_keys(f.origin(), &prefix, m, &set, warnings)?;
-        let d = Fields::new(f.origin(), prefix, m);
-        let path = d
-            .string("path")?
-            .ok_or_else(|| d.missing("path", "a data file, a directory or synth://<task>"))?;
+        let suggested = check_keys(f, &prefix, m, &set, warnings);
+        let misspelt = |key: &str| suggested.iter().any(|s| s == key);
+        let d = f.child(prefix, m);
+        // A present but bad value is recorded by the accessor; only an absent one is "missing".
+        let path = match d.string("path")? {
+            Some(p) => p,
+            None if d.present("path") || misspelt("path") => String::new(),
+            None => return Err(d.missing("path", "a data file, a directory or synth://<task>")),
+        };
         if path
             .strip_prefix("synth://")
             .is_some_and(|t| t.split('?').next().unwrap_or_default().is_empty())
@@ -557,12 +595,16 @@ fn datasets(f: &Fields, warnings: &mut Vec<String>) -> R<Vec<DatasetConfig>> {
                 ),
             ));
         }
-        let ds_type = d.choice::<DatasetType>("type")?.ok_or_else(|| {
-            d.missing(
-                "type",
-                "one of completion, alpaca, chat_template, input_output",
-            )
-        })?;
+        let ds_type = match d.choice::<DatasetType>("type")? {
+            Some(t) => t,
+            None if d.present("type") || misspelt("type") => DatasetType::Completion,
+            None => {
+                return Err(d.missing(
+                    "type",
+                    "one of completion, alpaca, chat_template, input_output",
+                ))
+            }
+        };
         out.push(DatasetConfig {
             path,
             ds_type,

@@ -302,7 +302,7 @@ fn dataset_missing_type() {
 #[test]
 fn dataset_unknown_key() {
     assert_eq!(
-        err("base_model: /models/m\ndatasets:\n  - path: a.jsonl\n    type: completion\n  - pth: b.jsonl\n"),
+        err("base_model: /models/m\ndatasets:\n  - path: a.jsonl\n    type: completion\n  - pth: b.jsonl\n    type: completion\n"),
         "t.yaml: unknown key 'datasets[1].pth' (did you mean 'path'?)"
     );
     assert_eq!(
@@ -461,4 +461,31 @@ fn axolotl_values_moeq_refuses() {
     assert!(err_with("bnb_config_kwargs:\n  llm_int8_threshold: 6.0\n")
         .starts_with("t.yaml: key 'bnb_config_kwargs.llm_int8_threshold' is not a bitsandbytes 4-bit setting"));
     assert!(err_with("bnb_config_kwargs: nf4\n").contains("must be a mapping"));
+}
+
+/// Every problem of a config at once, one line each, in file order for the keys and then in
+/// reading order for the values; a misspelt key is not also reported as missing.
+#[test]
+fn every_problem_is_reported_at_once() {
+    let yaml = "base_model: /models/m\ndatasets:\n  - pth: a.jsonl\n    type: completion\n    feild: text\n\
+                lora_r: sixteen\nlearning_rate: -1.0\nlr_sheduler: cosine\nmicro_batch_size: 0\n\
+                optimizer: sgd\n";
+    let msg = match parse(yaml) {
+        Ok(o) => panic!("expected errors, got {:?}", o.config),
+        Err(e) => e.to_string(),
+    };
+    let lines: Vec<&str> = msg.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "t.yaml: unknown key 'lr_sheduler' (did you mean 'lr_scheduler'?)",
+            "t.yaml: key 'lora_r' must be an integer, got string \"sixteen\"",
+            "t.yaml: unknown key 'datasets[0].pth' (did you mean 'path'?)",
+            "t.yaml: unknown key 'datasets[0].feild' (did you mean 'field'?)",
+            "t.yaml: key 'micro_batch_size' must be at least 1, got 0",
+            "t.yaml: key 'learning_rate' must be in (0, 1], got -1.0",
+            "t.yaml: key 'optimizer' must be one of adamw_torch, adamw_torch_fused, adamw; got 'sgd'",
+        ],
+        "{msg}"
+    );
 }
