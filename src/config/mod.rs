@@ -8,6 +8,7 @@
 //! reproduce are errors, because ignoring them would train something else.
 
 mod fields;
+mod key_check;
 mod keys;
 mod parse;
 mod types;
