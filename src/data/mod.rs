@@ -37,7 +37,7 @@ pub use loader::{Batch, DataCursor, Loader, LoaderOptions};
 pub use pack::{pack_rows, PackingStats};
 pub use prepare::{prepare, prepare_cached, DataStats, DatasetStats, PreparedData};
 pub use synth_task::ReverseTask;
-pub use template::{ChatTemplate, Rendered, CHATML};
+pub use template::{ChatTemplate, Rendered, CHATML, NAMED_TEMPLATES};
 pub use tokenizer::{SpecialToken, TokenizerBundle};
 
 /// The label of a token that does not count towards the loss (PyTorch's

@@ -14,7 +14,7 @@ use super::formats;
 use super::pack::{pack_rows, PackingStats};
 use super::source::{dataset_files, read_records};
 use super::synth_task::ReverseTask;
-use super::template::{ChatTemplate, CHATML};
+use super::template::{ChatTemplate, CHATML, NAMED_TEMPLATES};
 use super::tokenizer::TokenizerBundle;
 use super::{permutation, rng_stream, Sample};
 use crate::config::{DatasetConfig, DatasetType, TrainConfig, ValSetSize};
@@ -173,9 +173,16 @@ pub(crate) fn template_source(
             ),
         })
     };
+    let named = |t: &str| {
+        NAMED_TEMPLATES
+            .iter()
+            .find(|(n, _)| *n == t)
+            .map(|(_, src)| src.to_string())
+    };
     let source = match choice {
         None | Some("tokenizer_default") => from_tokenizer()?,
         Some("chatml") => CHATML.to_string(),
+        Some(t) if named(t).is_some() => named(t).unwrap_or_default(),
         Some(t) if t.contains("{{") || t.contains("{%") => t.to_string(),
         Some(t) if Path::new(t).is_file() => {
             std::fs::read_to_string(t).map_err(|e| DataError::Read {
@@ -187,7 +194,8 @@ pub(crate) fn template_source(
             return Err(DataError::ChatTemplate {
                 origin,
                 problem: format!(
-                    "unknown chat template '{t}' (use tokenizer_default, chatml, Jinja source, or the path of a .jinja file)"
+                    "unknown chat template '{t}' (use tokenizer_default, chatml, {}, Jinja source, or the path of a .jinja file)",
+                    NAMED_TEMPLATES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
                 ),
             })
         }

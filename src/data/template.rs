@@ -26,6 +26,30 @@ use std::cell::RefCell;
 const GEN_OPEN: char = '\u{F0001}';
 const GEN_CLOSE: char = '\u{F0002}';
 
+/// The chat templates a config may name, as axolotl names them (`chat_template: llama4`):
+/// axolotl's copies of the published templates (src/data/templates/SOURCE.md), rendered as
+/// transformers renders them (tests/data_named_templates.rs).
+pub const NAMED_TEMPLATES: &[(&str, &str)] = &[
+    ("deepseek_v2", include_str!("templates/deepseek_v2.jinja")),
+    ("deepseek_v3", include_str!("templates/deepseek_v3.jinja")),
+    ("gemma", include_str!("templates/gemma.jinja")),
+    ("gemma3", include_str!("templates/gemma3.jinja")),
+    ("gemma4", include_str!("templates/gemma4.jinja")),
+    ("llama3", include_str!("templates/llama3.jinja")),
+    ("llama4", include_str!("templates/llama4.jinja")),
+    ("mistral_v1", include_str!("templates/mistral_v1.jinja")),
+    ("mistral_v2v3", include_str!("templates/mistral_v2v3.jinja")),
+    (
+        "mistral_v7_tekken",
+        include_str!("templates/mistral_v7_tekken.jinja"),
+    ),
+    ("phi_3", include_str!("templates/phi_3.jinja")),
+    ("phi_4", include_str!("templates/phi_4.jinja")),
+    ("qwen3", include_str!("templates/qwen3.jinja")),
+    ("qwen3_5", include_str!("templates/qwen3_5.jinja")),
+    ("qwen_25", include_str!("templates/qwen_25.jinja")),
+];
+
 /// ChatML, for `chat_template: chatml` (the Qwen family's format).
 pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
