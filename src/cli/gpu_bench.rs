@@ -258,42 +258,6 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
             })?,
         ),
         (
-            "grouped_nf4 gate_up (chunked dequantize + grouped GEMM), cuBLAS",
-            gu_flops,
-            on(Cublas, &|| {
-                median_time(dev, iters, &|| {
-                    grouped_nf4(&x, &gate_up, &counts).map(|_| ())
-                })
-            })?,
-        ),
-        (
-            "grouped_nf4 gate_up (chunked dequantize + grouped GEMM), Hopper kernel",
-            gu_flops,
-            on(Auto, &|| {
-                median_time(dev, iters, &|| {
-                    grouped_nf4(&x, &gate_up, &counts).map(|_| ())
-                })
-            })?,
-        ),
-        (
-            "grouped_nf4 down, cuBLAS",
-            gu_flops / 2.0,
-            on(Cublas, &|| {
-                median_time(dev, iters, &|| {
-                    grouped_nf4(&act, &down, &counts).map(|_| ())
-                })
-            })?,
-        ),
-        (
-            "grouped_nf4 down, Hopper kernel",
-            gu_flops / 2.0,
-            on(Auto, &|| {
-                median_time(dev, iters, &|| {
-                    grouped_nf4(&act, &down, &counts).map(|_| ())
-                })
-            })?,
-        ),
-        (
             "grouped_lora gate_up r16 forward",
             2.0 * (m * 16 * (h + 2 * i)) as f64,
             median_time(dev, iters, &|| {
@@ -308,6 +272,24 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
     );
     println!("| op | time ms | TFLOP/s |");
     println!("|---|---|---|");
+    // The 4-bit expert op (chunked dequantize + grouped GEMM) on each backend.
+    for (backend, label) in [(Cublas, "cuBLAS"), (Auto, "Hopper kernel")] {
+        for (what, input, weights, flops) in [
+            ("gate_up", &x, &gate_up, gu_flops),
+            ("down", &act, &down, gu_flops / 2.0),
+        ] {
+            let secs = on(backend, &|| {
+                median_time(dev, iters, &|| {
+                    grouped_nf4(input, weights, &counts).map(|_| ())
+                })
+            })?;
+            rows.push((
+                format!("grouped_nf4 {what} (chunked dequantize + grouped GEMM), {label}"),
+                flops,
+                secs,
+            ));
+        }
+    }
     let listed = listed.into_iter().map(|(n, f, s)| (n.to_string(), f, s));
     for (name, flops, secs) in listed.chain(rows) {
         let rate = if flops > 0.0 {
