@@ -1,7 +1,7 @@
 //! The named chat templates (`chat_template: llama4`, ...) render as transformers renders them:
-//! each embedded template and conversation against the text Jinja2 produced with transformers'
-//! settings (tests/fixtures/data/named_templates.json, from gen_named_templates.py), byte for
-//! byte, errors included (a template that refuses a system turn refuses it here too).
+//! each embedded template and conversation against transformers' `render_jinja_template`
+//! (tests/fixtures/data/named_templates.json, from gen_named_templates.py), byte for byte, and a
+//! conversation a template refuses (gemma: a system turn) is refused here too.
 
 mod data_common;
 

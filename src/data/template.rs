@@ -28,7 +28,7 @@ const GEN_CLOSE: char = '\u{F0002}';
 
 /// The chat templates a config may name, as axolotl names them (`chat_template: llama4`):
 /// axolotl's copies of the published templates (src/data/templates/SOURCE.md), rendered as
-/// transformers renders them (tests/data_named_templates.rs).
+/// transformers renders them (tests/data_named_templates.rs checks against transformers).
 pub const NAMED_TEMPLATES: &[(&str, &str)] = &[
     ("deepseek_v2", include_str!("templates/deepseek_v2.jinja")),
     ("deepseek_v3", include_str!("templates/deepseek_v3.jinja")),
