@@ -347,7 +347,7 @@ fn chat_template_missing_or_unknown() {
     );
     assert_eq!(
         r.err().unwrap().to_string(),
-        "chat_template: unknown chat template 'llama9' (use tokenizer_default, chatml, Jinja source, or the path of a .jinja file)"
+        "chat_template: unknown chat template 'llama9' (use tokenizer_default, chatml, deepseek_v2, deepseek_v3, gemma, gemma3, gemma4, llama3, llama4, mistral_v1, mistral_v2v3, mistral_v7_tekken, phi_3, phi_4, qwen3, qwen3_5, qwen_25, Jinja source, or the path of a .jinja file)"
     );
     let r = run(
         tmp.path(),
