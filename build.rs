@@ -22,13 +22,7 @@ fn main() {
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let cap: String = cap.chars().filter(|c| c.is_ascii_digit()).collect();
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
-    let mut sources: Vec<PathBuf> = std::fs::read_dir("kernels")
-        .expect("kernels/ exists")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-        .collect();
-    sources.sort();
-    for src in sources {
+    for src in cu_files("kernels") {
         let stem = src
             .file_stem()
             .and_then(|s| s.to_str())
@@ -48,6 +42,17 @@ fn main() {
     sm90_library(&nvcc, &out);
 }
 
+/// The `.cu` files directly in `dir`, sorted.
+fn cu_files(dir: &str) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{dir}: {e}"))
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    files.sort();
+    files
+}
+
 /// `kernels/sm90/*.cu` → `libmoeq_sm90.a`, linked with the static CUDA runtime.
 fn sm90_library(nvcc: &str, out: &Path) {
     let cutlass = std::env::var_os("MOEQ_CUTLASS_DIR")
@@ -61,13 +66,7 @@ fn sm90_library(nvcc: &str, out: &Path) {
             )
         });
     let mut objects = Vec::new();
-    let mut sources: Vec<PathBuf> = std::fs::read_dir("kernels/sm90")
-        .expect("kernels/sm90 exists")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
-        .collect();
-    sources.sort();
-    for src in sources {
+    for src in cu_files("kernels/sm90") {
         let obj = out.join(format!(
             "sm90_{}.o",
             src.file_stem()
