@@ -2,9 +2,12 @@
 //! `src/ops/kernels.rs`). The target architecture comes from CUDA_COMPUTE_CAP (default 80);
 //! PTX is JIT-compiled by the driver for newer GPUs.
 //!
-//! `kernels/sm90/*.cu` are CUTLASS kernels for Hopper with their host code: compiled for
-//! sm_90a into a static library linked with the CUDA runtime (headers from MOEQ_CUTLASS_DIR,
-//! default `~/.cache/moeq-cutlass-4.2.0`; `launch/fetch-cutlass.sh` puts them there).
+//! `kernels/sm90/*.cu` are CUTLASS kernels for Hopper with their host code, compiled for sm_90a
+//! (headers from MOEQ_CUTLASS_DIR, default `~/.cache/moeq-cutlass-4.2.0`;
+//! `launch/fetch-cutlass.sh` puts them there). `kernels/cudnn/*.cpp` drive cuDNN through
+//! cudnn-frontend, which opens cuDNN at run time (headers from MOEQ_CUDNN_DIR, default
+//! `~/.cache/moeq-cudnn-9.19-fe1.32`; `launch/fetch-cudnn.sh`). Both go into one static
+//! library linked with the static CUDA runtime.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -14,6 +17,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=MOEQ_CUTLASS_DIR");
+    println!("cargo:rerun-if-env-changed=MOEQ_CUDNN_DIR");
     println!("cargo:rerun-if-env-changed=CUDA_ROOT");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
@@ -39,32 +43,54 @@ fn main() {
             .unwrap_or_else(|e| panic!("cannot run {nvcc} (set NVCC or put nvcc on PATH): {e}"));
         assert!(status.success(), "nvcc failed on {}", src.display());
     }
-    sm90_library(&nvcc, &out);
+    native_library(&nvcc, &out);
 }
 
 /// The `.cu` files directly in `dir`, sorted.
 fn cu_files(dir: &str) -> Vec<PathBuf> {
+    files_ending(dir, "cu")
+}
+
+/// The files directly in `dir` with extension `ext`, sorted.
+fn files_ending(dir: &str, ext: &str) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("{dir}: {e}"))
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
         .collect();
     files.sort();
     files
 }
 
-/// `kernels/sm90/*.cu` → `libmoeq_sm90.a`, linked with the static CUDA runtime.
-fn sm90_library(nvcc: &str, out: &Path) {
-    let cutlass = std::env::var_os("MOEQ_CUTLASS_DIR")
+/// `$var`, else `~/{default}`, when it holds `probe`; else a panic naming the fetch script.
+fn header_dir(var: &str, default: &str, probe: &str, fetch: &str) -> PathBuf {
+    std::env::var_os(var)
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/moeq-cutlass-4.2.0")))
-        .filter(|d| d.join("include/cutlass/cutlass.h").is_file())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(default)))
+        .filter(|d| d.join(probe).is_file())
         .unwrap_or_else(|| {
             panic!(
-                "CUTLASS headers not found: run `eval \"$(launch/fetch-cutlass.sh)\"` \
-                 (or set MOEQ_CUTLASS_DIR to a CUTLASS 4.2 checkout) before building with --features cuda"
+                "{probe} not found: run `eval \"$({fetch})\"` (or set {var}) before building \
+                 with --features cuda"
             )
-        });
+        })
+}
+
+/// `kernels/sm90/*.cu` and `kernels/cudnn/*.cpp` → `libmoeq_native.a`, linked with the static
+/// CUDA runtime.
+fn native_library(nvcc: &str, out: &Path) {
+    let cutlass = header_dir(
+        "MOEQ_CUTLASS_DIR",
+        ".cache/moeq-cutlass-4.2.0",
+        "include/cutlass/cutlass.h",
+        "launch/fetch-cutlass.sh",
+    );
+    let cudnn = header_dir(
+        "MOEQ_CUDNN_DIR",
+        ".cache/moeq-cudnn-9.19-fe1.32",
+        "include/cudnn_frontend.h",
+        "launch/fetch-cudnn.sh",
+    );
     let mut objects = Vec::new();
     for src in cu_files("kernels/sm90") {
         let obj = out.join(format!(
@@ -95,7 +121,30 @@ fn sm90_library(nvcc: &str, out: &Path) {
         assert!(status.success(), "nvcc failed on {}", src.display());
         objects.push(obj);
     }
-    let lib = out.join("libmoeq_sm90.a");
+    for src in files_ending("kernels/cudnn", "cpp") {
+        let obj = out.join(format!(
+            "cudnn_{}.o",
+            src.file_stem()
+                .and_then(|s| s.to_str())
+                .expect("utf-8 name")
+        ));
+        let status = Command::new(nvcc)
+            .args(["-c", "-O2", "-std=c++17", "-DNDEBUG"])
+            .args([
+                "-DNV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING",
+                "-Xcompiler",
+                "-fPIC",
+            ])
+            .arg(format!("-I{}", cudnn.join("include").display()))
+            .arg(&src)
+            .arg("-o")
+            .arg(&obj)
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run {nvcc}: {e}"));
+        assert!(status.success(), "nvcc failed on {}", src.display());
+        objects.push(obj);
+    }
+    let lib = out.join("libmoeq_native.a");
     let _ = std::fs::remove_file(&lib);
     let status = Command::new("ar")
         .arg("crs")
@@ -105,7 +154,7 @@ fn sm90_library(nvcc: &str, out: &Path) {
         .expect("ar runs");
     assert!(status.success(), "ar failed on {}", lib.display());
     println!("cargo:rustc-link-search=native={}", out.display());
-    println!("cargo:rustc-link-lib=static=moeq_sm90");
+    println!("cargo:rustc-link-lib=static=moeq_native");
     let cudart = cudart_static_dir(nvcc).unwrap_or_else(|| {
         panic!("libcudart_static.a not found next to {nvcc} (set CUDA_ROOT to the CUDA toolkit)")
     });

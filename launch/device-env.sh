@@ -10,3 +10,7 @@ fi
 for f in .device/*.xz; do [ -e "$f" ] && xz -dkf "$f"; done
 chmod +x .device/moeq
 [ -e .device/moeq-launch ] && chmod +x .device/moeq-launch || true
+# cuDNN for the fused attention (ops::cudnn_attn): the PyTorch wheel's, required by gpu-check.
+if [ -d "$SP/cudnn/lib" ]; then
+  export MOEQ_CUDNN_LIB=${MOEQ_CUDNN_LIB:-$SP/cudnn/lib} MOEQ_REQUIRE_CUDNN=${MOEQ_REQUIRE_CUDNN:-1}
+fi

@@ -23,6 +23,7 @@ case "$mode" in
 build)
   if [ -n "${MOEQ_CUDA_ENV:-}" ]; then eval "$(bash "$MOEQ_CUDA_ENV")"; fi
   eval "$(bash launch/fetch-cutlass.sh)"
+  eval "$(bash launch/fetch-cudnn.sh)"
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/moeq-target-cuda}
   cargo build --profile "$profile" --features cuda,nccl --bin moeq --bin moeq-launch
   dir=$([ "$profile" = dev ] && echo debug || echo "$profile")

@@ -274,6 +274,7 @@ fn attention_block_equals_the_separate_ops_bit_for_bit() {
                         cos: &c,
                         sin: &sn,
                         segments: &segments,
+                        whole_rows: false,
                         scale,
                         block,
                         memo: Some(&memo),

@@ -131,11 +131,47 @@ fn synth_needs_input_output() {
     let cfg = config("datasets:\n  - path: synth://reverse?n=10\n    type: completion\n");
     assert_eq!(
         prepare(&cfg, &tok).err().unwrap().to_string(),
-        "synth://reverse?n=10: synth://reverse makes input_output records; set datasets[0].type to input_output (it is completion)"
+        "synth://reverse?n=10: synthetic tasks make input_output records; set datasets[0].type to input_output (it is completion)"
     );
     let cfg = config("datasets:\n  - path: synth://reverse?n=999999\n    type: input_output\n");
     assert_eq!(
         prepare(&cfg, &tok).err().unwrap().to_string(),
         "synth://reverse?n=999999: n = 999999 is too many distinct sequences for these settings (at most 93600); raise symbols or max_len"
+    );
+}
+
+/// synth://random: records of exactly `len` tokens, every one after the first a target; with
+/// `len = sequence_len` each packed row is one whole sample (the benchmarks' shape).
+#[test]
+fn random_rows_are_whole_samples() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = synth_bundle(tmp.path());
+    let cfg = config(
+        "datasets:\n  - path: synth://random?n=12&len=64&seed=5\n    type: input_output\nsequence_len: 64\nsample_packing: true\nmicro_batch_size: 2\n",
+    );
+    let out = prepare(&cfg, &tok).unwrap();
+    assert_eq!(out.train.len() + out.val.len(), 12);
+    for s in &out.train {
+        assert_eq!(s.len(), 64, "one token per symbol");
+        assert_eq!(s.num_targets(), 63, "every next token is a target");
+    }
+    let distinct: std::collections::HashSet<_> = out.train.iter().map(|s| &s.input_ids).collect();
+    assert_eq!(distinct.len(), out.train.len(), "random rows differ");
+    let opts = LoaderOptions::from_config(&cfg, tok.pad.id, 0, 1);
+    let mut loader = Loader::new(out.train.clone(), opts).unwrap();
+    let b = loader.next_batch();
+    assert!(
+        b.segment_ids().iter().all(|&id| id == 0),
+        "one sample per row"
+    );
+    let e = prepare(
+        &config("datasets:\n  - path: synth://random?len=0\n    type: input_output\n"),
+        &tok,
+    )
+    .err()
+    .unwrap();
+    assert_eq!(
+        e.to_string(),
+        "synth://random?len=0: need n >= 1, len >= 1 and symbols in 1..=23, got n 1000 len 0 symbols 23"
     );
 }

@@ -48,6 +48,9 @@ pub struct Inputs {
     /// [B, S] u32: the packed sample of each position; a query attends to the keys of its
     /// own sample up to itself.
     pub segments: Tensor,
+    /// Whether every row is one sample (no packing, no padding): attention is then plain
+    /// causal, which cuDNN's fused kernels serve (`ops::cudnn_attn`).
+    pub whole_rows: bool,
     pub batch: usize,
     pub seq: usize,
     /// Routing per MoE layer, recorded by the first pass over these inputs and replayed by
@@ -343,6 +346,7 @@ impl Model {
             ids: TokenIds::new(ids, &self.device)?,
             rope: self.rope.tables(&pos, self.dtype)?,
             segments: Tensor::from_slice(segments, (batch, seq), &self.device)?,
+            whole_rows: segments.iter().all(|&id| id == 0),
             batch,
             seq,
             routes: std::cell::RefCell::new(vec![None; self.layers.len()]),

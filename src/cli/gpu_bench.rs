@@ -19,6 +19,11 @@ pub struct GpuBenchArgs {
     /// same FLOPs.
     #[arg(long)]
     experts: Option<usize>,
+    /// Instead: causal attention at Qwen3-30B-A3B's shape (32 query heads on 4 kv heads of 128,
+    /// 2,048 positions) for this many rows, forward and backward on each kernel set: moeq's,
+    /// cuDNN's (atomic backward; deterministic over the whole batch; deterministic by rows).
+    #[arg(long)]
+    attention: Option<usize>,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -37,6 +42,9 @@ pub fn run(args: GpuBenchArgs) -> Result<(), CliError> {
     let dev = crate::util::device::cuda_device(args.device).map_err(CliError::failed)?;
     if let Some(tokens) = args.experts {
         return experts(&dev, tokens, args.iters);
+    }
+    if let Some(rows) = args.attention {
+        return attention(&dev, rows, args.iters);
     }
     let n = args.elements;
     let x = Tensor::randn(0f32, 0.02, n, &dev)
@@ -299,5 +307,82 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
         };
         println!("| {name} | {:.3} | {rate} |", secs * 1e3);
     }
+    Ok(())
+}
+
+/// Causal attention of `rows` whole rows of 2,048 positions, 32 query heads on 4 kv heads of
+/// 128: forward and backward times and TFLOP/s per kernel set (FLOPs: 4·B·S²·H·D / 2 forward,
+/// 2.5× that backward, as FlashAttention counts them).
+#[cfg(feature = "cuda")]
+fn attention(dev: &candle_core::Device, rows: usize, iters: usize) -> Result<(), CliError> {
+    use crate::ops::attention::{attention_backward, attention_forward};
+    use crate::ops::cudnn_attn::{self, Backend};
+    use candle_core::{DType, Tensor};
+    let (s, nh, kvh, hd) = (2048usize, 32usize, 4usize, 128usize);
+    let bf = |h: usize| {
+        Tensor::randn(0f32, 1.0, (rows, s, h, hd), dev).and_then(|t| t.to_dtype(DType::BF16))
+    };
+    let (q, k, v, dout) =
+        (|| Ok::<_, candle_core::Error>((bf(nh)?, bf(kvh)?, bf(kvh)?, bf(nh)?)))()
+            .map_err(CliError::failed)?;
+    let segments = Tensor::zeros((rows, s), DType::U32, dev).map_err(CliError::failed)?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let flops = 4.0 * (rows * s * s * nh * hd) as f64 / 2.0;
+    println!("causal attention: {rows} × {s} positions, {nh}/{kvh} heads of {hd} (bf16)");
+    match cudnn_attn::library() {
+        Ok(v) => println!("cuDNN {v}"),
+        Err(why) => println!("cuDNN not loaded: {why}"),
+    }
+    println!("| kernels | forward ms | TFLOP/s | backward ms | TFLOP/s |");
+    println!("|---|---|---|---|---|");
+    let default_dp = 256 << 20;
+    for (name, backend, deterministic, dp) in [
+        ("moeq", Backend::Moeq, true, default_dp),
+        ("cuDNN, atomic backward", Backend::Auto, false, default_dp),
+        (
+            "cuDNN, deterministic backward, whole batch",
+            Backend::Auto,
+            true,
+            i64::MAX,
+        ),
+        (
+            "cuDNN, deterministic backward, 256 MiB of rows (default)",
+            Backend::Auto,
+            true,
+            default_dp,
+        ),
+    ] {
+        cudnn_attn::set_backend(backend);
+        cudnn_attn::set_deterministic(deterministic);
+        cudnn_attn::set_dp_workspace(dp);
+        if backend == Backend::Auto && !cudnn_attn::serves(&q, &k, &v, scale as f32) {
+            println!("| {name} | - | - | - | - |");
+            continue;
+        }
+        let fwd = || attention_forward(&q, &k, &v, (&segments, true), scale, 256);
+        let f_s = median_time(dev, iters, &|| fwd().map(|_| ()))?;
+        let (out, lse) = fwd().map_err(CliError::failed)?;
+        let b_s = median_time(dev, iters, &|| {
+            attention_backward(
+                &q,
+                &k,
+                &v,
+                &segments,
+                scale,
+                256,
+                (&out, lse.as_ref()),
+                &dout,
+            )
+            .map(|_| ())
+        })?;
+        println!(
+            "| {name} | {:.3} | {:.0} | {:.3} | {:.0} |",
+            f_s * 1e3,
+            flops / f_s / 1e12,
+            b_s * 1e3,
+            2.5 * flops / b_s / 1e12
+        );
+    }
+    cudnn_attn::set_backend(Backend::Auto);
     Ok(())
 }

@@ -13,7 +13,7 @@ use super::error::{DataError, Location, RecordProblem};
 use super::formats;
 use super::pack::{pack_rows, PackingStats};
 use super::source::{dataset_files, read_records};
-use super::synth_task::ReverseTask;
+use super::synth_task::{RandomTask, ReverseTask};
 use super::template::{ChatTemplate, CHATML, NAMED_TEMPLATES};
 use super::tokenizer::TokenizerBundle;
 use super::{permutation, rng_stream, Sample};
@@ -263,17 +263,20 @@ fn build_dataset(
         }
     };
     if ds.path.starts_with("synth://") {
-        let task = ReverseTask::parse(&ds.path)?;
+        let records = match RandomTask::parse(&ds.path) {
+            Some(task) => task?.records(),
+            None => ReverseTask::parse(&ds.path)?.records(&tok.eos.text),
+        };
         if ds.ds_type != DatasetType::InputOutput {
             return Err(DataError::Synth {
                 uri: ds.path.clone(),
                 problem: format!(
-                    "synth://reverse makes input_output records; set datasets[{i}].type to input_output (it is {})",
+                    "synthetic tasks make input_output records; set datasets[{i}].type to input_output (it is {})",
                     ds.ds_type
                 ),
             });
         }
-        for (k, r) in task.records(&tok.eos.text).into_iter().enumerate() {
+        for (k, r) in records.into_iter().enumerate() {
             let at = Location {
                 file: ds.path.clone(),
                 line: k + 1,

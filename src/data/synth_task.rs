@@ -22,6 +22,12 @@
 //!
 //! Query keys: `n` (records, default 4000), `seed` (0), `min_len` (3),
 //! `max_len` (6), `symbols` (10, at most 23).
+//!
+//! `synth://random?n=N&len=L`: records of `L` symbols drawn uniformly (with
+//! repeats) from the first `symbols` (default 23), every token a target —
+//! rows of exactly `sequence_len` tokens with `len = sequence_len`, the
+//! shape benchmarks compare against stacks fed random token ids. Keys: `n`
+//! (1000), `seed` (0), `len` (2048), `symbols` (23).
 
 use super::error::DataError;
 use super::rng_stream;
@@ -68,7 +74,7 @@ impl ReverseTask {
         if task != "reverse" {
             return Err(bad(
                 uri,
-                format!("unknown synthetic task '{task}' (moeq has synth://reverse?n=N)"),
+                format!("unknown synthetic task '{task}' (moeq has synth://reverse?n=N and synth://random?n=N&len=L)"),
             ));
         }
         let mut t = ReverseTask::default();
@@ -161,6 +167,87 @@ impl ReverseTask {
     }
 }
 
+/// `synth://random`: rows of random symbols, every token a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RandomTask {
+    pub n: usize,
+    pub seed: u64,
+    pub len: usize,
+    pub symbols: usize,
+}
+
+impl RandomTask {
+    /// Parses `synth://random?n=...&len=...`; `None` when `uri` names another task.
+    pub fn parse(uri: &str) -> Option<Result<RandomTask, DataError>> {
+        let rest = uri.strip_prefix("synth://").unwrap_or(uri);
+        let (task, query) = rest.split_once('?').unwrap_or((rest, ""));
+        if task != "random" {
+            return None;
+        }
+        let mut t = RandomTask {
+            n: 1000,
+            seed: 0,
+            len: 2048,
+            symbols: ALPHABET.len(),
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let Ok(num) = v.parse::<u64>() else {
+                return Some(Err(bad(
+                    uri,
+                    format!("'{k}' must be a non-negative integer, got '{v}'"),
+                )));
+            };
+            match k {
+                "n" => t.n = num as usize,
+                "seed" => t.seed = num,
+                "len" => t.len = num as usize,
+                "symbols" => t.symbols = num as usize,
+                _ => {
+                    return Some(Err(bad(
+                        uri,
+                        format!("unknown key '{k}' (synth://random takes n, seed, len, symbols)"),
+                    )))
+                }
+            }
+        }
+        if t.n == 0 || t.len == 0 || !(1..=ALPHABET.len()).contains(&t.symbols) {
+            return Some(Err(bad(
+                uri,
+                format!(
+                    "need n >= 1, len >= 1 and symbols in 1..={}, got n {} len {} symbols {}",
+                    ALPHABET.len(),
+                    t.n,
+                    t.len,
+                    t.symbols
+                ),
+            )));
+        }
+        Some(Ok(t))
+    }
+
+    /// The records, as `input_output` records of one labelled segment.
+    pub fn records(&self) -> Vec<Map<String, Json>> {
+        let mut rng = rng_stream(self.seed, "synth/random", 0);
+        (0..self.n)
+            .filter_map(|_| {
+                let text: String = (0..self.len)
+                    .map(|_| {
+                        format!(
+                            " {}",
+                            ALPHABET[super::uniform(&mut rng, self.symbols)] as char
+                        )
+                    })
+                    .collect();
+                match json!({"segments": [{"text": text, "label": true}]}) {
+                    Json::Object(m) => Some(m),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,7 +272,7 @@ mod tests {
         let e = ReverseTask::parse("synth://sort?n=3").unwrap_err();
         assert_eq!(
             e.to_string(),
-            "synth://sort?n=3: unknown synthetic task 'sort' (moeq has synth://reverse?n=N)"
+            "synth://sort?n=3: unknown synthetic task 'sort' (moeq has synth://reverse?n=N and synth://random?n=N&len=L)"
         );
     }
 

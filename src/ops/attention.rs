@@ -173,16 +173,24 @@ impl CustomOp3 for BlockedAttention {
 }
 
 /// The forward of [`attention`] without a graph on q, k, v contiguous from offset 0: the output
-/// and, from the fused kernels, the per-row log-sum-exp their backward takes.
+/// and, from the fused kernels, the per-row log-sum-exp their backward takes. `segments` comes
+/// with whether every row is one sample (all ids 0): then cuDNN may serve it (`cudnn_attn`).
 pub(crate) fn attention_forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    segments: &Tensor,
+    (segments, whole_rows): (&Tensor, bool),
     scale: f64,
     block: usize,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let d = Dims::of(q, k, v)?;
+    #[cfg(feature = "cuda")]
+    if whole_rows && super::cudnn_attn::serves(q, k, v, scale as f32) {
+        let (out, lse) = super::cudnn_attn::forward(q, k, v, scale as f32)?;
+        return Ok((out, Some(lse)));
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = whole_rows;
     #[cfg(feature = "cuda")]
     if super::flash_attn::serves(q, k, v, d.hd) {
         let (out, lse) =
@@ -209,6 +217,9 @@ pub(crate) fn attention_backward(
 ) -> Result<[Tensor; 3]> {
     #[cfg(feature = "cuda")]
     if let (out, Some(lse)) = forward {
+        if super::cudnn_attn::is_its_lse(lse) {
+            return super::cudnn_attn::backward(q, k, v, out, dout, lse, scale as f32);
+        }
         let segments = super::at_offset_zero(segments)?;
         return super::flash_attn::backward(q, k, v, &segments, out, dout, lse, scale as f32);
     }

@@ -30,6 +30,8 @@ pub struct BlockArgs<'a> {
     pub sin: &'a Tensor,
     /// `[B, S]` u32 on the inputs' device.
     pub segments: &'a Tensor,
+    /// Whether every row is one sample (all of `segments` 0): plain causal attention.
+    pub whole_rows: bool,
     pub scale: f64,
     /// Query block of the blocked attention (see `attention::query_block`).
     pub block: usize,
@@ -51,6 +53,7 @@ struct AttentionBlock {
     cos: Tensor,
     sin: Tensor,
     segments: Tensor,
+    whole_rows: bool,
     scale: f64,
     block: usize,
     /// The attention output (and lse) of an earlier pass over the same inputs.
@@ -75,7 +78,14 @@ impl AttentionBlock {
         let v4 = z(&v.reshape((b, s, kvh, hd))?)?;
         let (out, lse) = match &self.reuse {
             Some((out, lse)) => (out.clone(), lse.clone()),
-            None => attention_forward(&qr, &kr, &v4, &self.segments, self.scale, self.block)?,
+            None => attention_forward(
+                &qr,
+                &kr,
+                &v4,
+                (&self.segments, self.whole_rows),
+                self.scale,
+                self.block,
+            )?,
         };
         let ctx = out.reshape((n, nh * hd))?;
         if self.keep {
@@ -98,6 +108,7 @@ impl AttentionBlock {
                     cos: self.cos.clone(),
                     sin: self.sin.clone(),
                     segments: self.segments.clone(),
+                    whole_rows: self.whole_rows,
                     scale: self.scale,
                     block: self.block,
                     reuse: self.reuse.clone(),
@@ -222,6 +233,7 @@ pub fn attention_block(q: &Tensor, k: &Tensor, v: &Tensor, args: &BlockArgs) -> 
         cos: table(args.cos)?,
         sin: table(args.sin)?,
         segments: z(args.segments)?,
+        whole_rows: args.whole_rows,
         scale: args.scale,
         block: args.block,
         reuse,

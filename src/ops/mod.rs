@@ -5,6 +5,8 @@ pub mod attention;
 pub mod attention_block;
 pub mod attn_softmax;
 pub mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub mod cudnn_attn;
 pub mod embedding;
 pub mod experts;
 #[cfg(feature = "cuda")]

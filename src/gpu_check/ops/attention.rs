@@ -131,6 +131,7 @@ pub(super) fn check_attention(device: &Device, dtype: DType) -> Result<Vec<Compa
                 cos: &cos,
                 sin: &sin,
                 segments: &segments,
+                whole_rows: false,
                 scale: 0.088,
                 block: 64,
                 memo: None,

@@ -4,6 +4,8 @@
 //! takes its tolerance from `tolerance::TOLERANCES` by op, dtype and pass.
 
 mod attention;
+#[cfg(feature = "cuda")]
+mod cudnn;
 mod nf4;
 mod outer;
 mod rows;
@@ -428,6 +430,8 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
     out.extend(rows::check_rows(device)?);
     #[cfg(feature = "cuda")]
     out.extend(sm90::check_sm90_grouped(device)?);
+    #[cfg(feature = "cuda")]
+    out.extend(cudnn::check_cudnn_attention(device)?);
     // Generated frozen weights (model_files::generated): the counter-based normal stream on the
     // device against its CPU twin (bf16), 3·10^6 values across several launch blocks.
     let row = lookup("generated weights", "bf16", Pass::Forward)?;

@@ -1,0 +1,431 @@
+//! cuDNN's fused causal attention (`kernels/cudnn/sdpa.cpp`, through cudnn-frontend) for bf16
+//! batches whose rows are one sample each (no packing, no padding: attention is plain causal
+//! there). cuDNN is opened at run time — `MOEQ_CUDNN_LIB` (a folder holding
+//! `libcudnn_graph.so.9`, or the file), else the loader's search path — and when it is missing
+//! or refuses a shape, moeq's own kernels (`super::flash_attn`) serve instead, as they do for
+//! packed rows (docs/ARCHITECTURE.md, decision 26). gpu-check compares both with the CPU.
+//!
+//! The log-sum-exp a forward leaves for its backward is `[B, heads, S, 1]` here and
+//! `[B, S, heads]` from moeq's kernels: `attention_backward` dispatches on it, so a forward and
+//! its backward always run on the same kernels.
+
+use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+use candle_core::cuda_backend::CudaStorageSlice as S;
+use candle_core::{CudaDevice, DType, Result, Storage, Tensor};
+use std::collections::HashSet;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+/// One call's shape, as `Shape` in kernels/cudnn/sdpa.cpp.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Shape {
+    b: i64,
+    s: i64,
+    h: i64,
+    kvh: i64,
+    d: i64,
+    dv: i64,
+    scale: f32,
+    backward: i32,
+    deterministic: i32,
+    device: i32,
+}
+
+extern "C" {
+    fn moeq_cudnn_load(path: *const c_char) -> i64;
+    fn moeq_sdpa_plan(shape: *const Shape, workspace: *mut i64) -> i32;
+    fn moeq_sdpa_run(
+        shape: *const Shape,
+        ptrs: *const *mut c_void,
+        workspace: *mut c_void,
+        stream: *mut c_void,
+    ) -> i32;
+    fn moeq_cudnn_last_error() -> *const c_char;
+}
+
+fn last_error() -> String {
+    // SAFETY: the wrapper returns its thread's NUL-terminated message, valid until its next call.
+    unsafe { CStr::from_ptr(moeq_cudnn_last_error()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Which kernels causal attention of whole rows uses on CUDA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// cuDNN where it is loaded and takes the shape, moeq's kernels elsewhere (the default).
+    Auto,
+    /// moeq's kernels always (the A/B reference).
+    Moeq,
+}
+
+/// 0 = not read yet, 1 = Auto, 2 = Moeq.
+static BACKEND: AtomicU8 = AtomicU8::new(0);
+
+/// The backend in force: `set_backend`'s, else `MOEQ_ATTENTION` (`moeq` or `auto`, for A/B
+/// runs), else `Auto`.
+pub fn backend() -> Backend {
+    match BACKEND.load(Ordering::Relaxed) {
+        1 => Backend::Auto,
+        2 => Backend::Moeq,
+        _ => {
+            let b = match std::env::var("MOEQ_ATTENTION").as_deref() {
+                Ok("moeq") => Backend::Moeq,
+                _ => Backend::Auto,
+            };
+            set_backend(b);
+            b
+        }
+    }
+}
+
+pub fn set_backend(b: Backend) {
+    let v = match b {
+        Backend::Auto => 1,
+        Backend::Moeq => 2,
+    };
+    BACKEND.store(v, Ordering::Relaxed);
+}
+
+/// 0 = not read yet, 1 = deterministic, 2 = not.
+static DETERMINISTIC: AtomicU8 = AtomicU8::new(0);
+
+/// Whether the backward accumulates dq in a fixed order, so reruns are bit-identical (cuDNN's
+/// dP-workspace algorithm: a bf16 `[rows, heads, S, S]` workspace, which the backward bounds by
+/// running [`DP_WORKSPACE`] bytes' worth of rows per call): `set_deterministic`'s, else
+/// `MOEQ_CUDNN_DETERMINISTIC` (`0` or `1`), else yes. Measured on the H200 at 4 × 2,048
+/// positions, 32/4 heads of 128: the same speed as the atomic algorithm's (BENCHMARKS.md,
+/// "Attention on cuDNN").
+pub fn deterministic() -> bool {
+    match DETERMINISTIC.load(Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let d = std::env::var("MOEQ_CUDNN_DETERMINISTIC").as_deref() != Ok("0");
+            set_deterministic(d);
+            d
+        }
+    }
+}
+
+pub fn set_deterministic(d: bool) {
+    DETERMINISTIC.store(if d { 1 } else { 2 }, Ordering::Relaxed);
+}
+
+/// The dP workspace one deterministic backward call may take: 256 MiB, one row of 2,048
+/// positions × 32 heads (whole batches took 1.1 GB more peak memory at 4 rows, 2.5 GB at 8).
+const DP_WORKSPACE: i64 = 256 << 20;
+static DP_LIMIT: AtomicI64 = AtomicI64::new(DP_WORKSPACE);
+
+/// Sets the dP workspace bound (gpu-check lowers it to split a small batch into calls).
+pub fn set_dp_workspace(bytes: i64) {
+    DP_LIMIT.store(bytes, Ordering::Relaxed);
+}
+
+/// Calls that ran on cuDNN in this process (gpu-check asserts its twin took it).
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+
+pub fn launches() -> u64 {
+    LAUNCHES.load(Ordering::Relaxed)
+}
+
+/// cuDNN's version once loaded (e.g. 91900), or why it is not.
+pub fn library() -> &'static std::result::Result<i64, String> {
+    static LIB: OnceLock<std::result::Result<i64, String>> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let path = std::env::var("MOEQ_CUDNN_LIB")
+            .ok()
+            .filter(|p| !p.is_empty());
+        let c = path.as_deref().map(CString::new).transpose();
+        let Ok(c) = c else {
+            return Err("MOEQ_CUDNN_LIB holds a NUL byte".into());
+        };
+        // SAFETY: a NUL-terminated path or null; the wrapper copies it.
+        let v = unsafe { moeq_cudnn_load(c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())) };
+        if v > 0 {
+            tracing::info!(
+                "attention: cuDNN {}.{}.{} fused kernels for rows of one sample",
+                v / 10000,
+                v / 100 % 100,
+                v % 100
+            );
+            Ok(v)
+        } else {
+            let why = last_error();
+            tracing::info!(
+                "attention: moeq's kernels (cuDNN not loaded: {why}; set MOEQ_CUDNN_LIB to the \
+                 folder holding libcudnn_graph.so.9 to use it)"
+            );
+            Err(why)
+        }
+    })
+}
+
+/// Shapes cuDNN refused (planned once, then left to moeq's kernels).
+static REFUSED: Mutex<Option<HashSet<[i64; 7]>>> = Mutex::new(None);
+
+fn cuda_device(t: &Tensor) -> Result<&CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(dev) => Ok(dev),
+        _ => candle_core::bail!("cuDNN attention: not on CUDA"),
+    }
+}
+
+impl Shape {
+    /// q `[B, S, H, D]`, k `[B, S, KVH, D]`, v `[B, S, KVH, DV]`.
+    fn of(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, backward: bool) -> Result<Self> {
+        let (b, s, h, d) = q.dims4()?;
+        let (_, _, kvh, _) = k.dims4()?;
+        let dv = v.dim(3)?;
+        let device = cuda_device(q)?.cuda_stream().context().ordinal() as i32;
+        let i = |x: usize| x as i64;
+        Ok(Shape {
+            b: i(b),
+            s: i(s),
+            h: i(h),
+            kvh: i(kvh),
+            d: i(d),
+            dv: i(dv),
+            scale,
+            backward: backward as i32,
+            deterministic: deterministic() as i32,
+            device,
+        })
+    }
+
+    fn key(&self) -> [i64; 7] {
+        [
+            self.b,
+            self.s,
+            self.h,
+            self.kvh,
+            self.d,
+            self.dv,
+            i64::from(self.scale.to_bits()) << 8 | i64::from(self.deterministic) << 1,
+        ]
+    }
+
+    /// Builds the graph (once) and returns the workspace a run needs.
+    fn plan(&self) -> std::result::Result<usize, String> {
+        let mut ws = 0i64;
+        // SAFETY: a plain struct read by the wrapper; `ws` outlives the call.
+        if unsafe { moeq_sdpa_plan(self, &mut ws) } != 0 {
+            return Err(last_error());
+        }
+        Ok(ws.max(0) as usize)
+    }
+}
+
+/// Whether cuDNN serves causal attention over q, k, v (`[B, S, heads, hd]`, contiguous from
+/// offset 0) of rows that are one sample each: the backend is `Auto`, cuDNN is loaded, bf16 on
+/// a device of compute capability 8.0 or newer, head sizes multiples of 8 up to 256, and cuDNN
+/// builds both the forward and the backward graph of the shape.
+pub(crate) fn serves(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> bool {
+    if backend() != Backend::Auto
+        || !q.device().is_cuda()
+        || [q, k, v]
+            .iter()
+            .any(|t| t.dtype() != DType::BF16 || t.rank() != 4)
+    {
+        return false;
+    }
+    let Ok(dev) = cuda_device(q) else {
+        return false;
+    };
+    let cc = dev.cuda_stream().context().compute_capability();
+    if !matches!(cc, Ok((major, _)) if major >= 8) || library().is_err() {
+        return false;
+    }
+    let Ok(fwd) = Shape::of(q, k, v, scale, false) else {
+        return false;
+    };
+    let head_ok = |d: i64| d % 8 == 0 && (8..=256).contains(&d);
+    if !head_ok(fwd.d) || !head_ok(fwd.dv) || fwd.kvh == 0 || fwd.h % fwd.kvh != 0 {
+        return false;
+    }
+    let mut refused = REFUSED.lock().unwrap_or_else(|e| e.into_inner());
+    let refused = refused.get_or_insert_with(HashSet::new);
+    if refused.contains(&fwd.key()) {
+        return false;
+    }
+    let planned = fwd.plan().and_then(|_| {
+        backward_calls(&Shape { backward: 1, ..fwd })
+            .iter()
+            .try_for_each(|(_, call)| call.plan().map(|_| ()))
+    });
+    match planned {
+        Ok(()) => true,
+        Err(why) => {
+            tracing::warn!(
+                "attention: cuDNN refused {} × {} positions of {}/{} heads of {}/{} ({why}); \
+                 moeq's kernels serve this shape",
+                fwd.b,
+                fwd.s,
+                fwd.h,
+                fwd.kvh,
+                fwd.d,
+                fwd.dv
+            );
+            refused.insert(fwd.key());
+            false
+        }
+    }
+}
+
+/// Device address of a contiguous tensor's first element.
+fn address<T: candle_core::cuda_backend::CudaDType>(
+    t: &Tensor,
+    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
+) -> Result<u64> {
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cuda(c) = &*st else {
+        candle_core::bail!("cuDNN attention: tensor not on CUDA")
+    };
+    let slice = c.as_cuda_slice::<T>()?.slice(l.start_offset()..);
+    let (p, _sync) = slice.device_ptr(stream);
+    Ok(p)
+}
+
+/// Runs `shape`'s graph over `ptrs` with a fresh workspace on the device's stream.
+fn run(dev: &CudaDevice, shape: &Shape, ptrs: &[u64]) -> Result<()> {
+    let bytes = shape
+        .plan()
+        .map_err(|why| candle_core::Error::Msg(format!("cuDNN attention: {why}")))?;
+    let stream = dev.cuda_stream();
+    // SAFETY: cuDNN's scratch, written before it is read; freed in stream order after the call.
+    let mut ws = unsafe { dev.alloc::<u8>(bytes.max(1))? };
+    let (wp, _ws_sync) = ws.device_ptr_mut(&stream);
+    let raw: Vec<*mut c_void> = ptrs.iter().map(|&p| p as *mut c_void).collect();
+    // SAFETY: `serves` checked the shapes against cuDNN; every pointer addresses a live
+    // contiguous buffer of the shape `shape` describes, and the graph runs on candle's stream.
+    let status = unsafe {
+        moeq_sdpa_run(
+            shape,
+            raw.as_ptr(),
+            wp as *mut c_void,
+            stream.cu_stream() as *mut c_void,
+        )
+    };
+    if status != 0 {
+        candle_core::bail!("cuDNN attention failed: {}", last_error());
+    }
+    LAUNCHES.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// `(out [B, S, H, DV], lse [B, H, S, 1] f32)`; inputs contiguous from offset 0.
+pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<(Tensor, Tensor)> {
+    let dev = cuda_device(q)?;
+    let shape = Shape::of(q, k, v, scale, false)?;
+    let (b, s, h, _) = q.dims4()?;
+    let dv = v.dim(3)?;
+    let stream = dev.cuda_stream();
+    // SAFETY: cuDNN writes every element of both outputs.
+    let out = unsafe { dev.alloc::<half::bf16>(b * s * h * dv)? };
+    let lse = unsafe { dev.alloc::<f32>(b * h * s)? };
+    let wrap = super::cuda_tensor;
+    let out = wrap(S::BF16(out), dev, (b, s, h, dv).into());
+    let lse = wrap(S::F32(lse), dev, (b, h, s, 1).into());
+    let ptrs = [
+        address::<half::bf16>(q, &stream)?,
+        address::<half::bf16>(k, &stream)?,
+        address::<half::bf16>(v, &stream)?,
+        address::<half::bf16>(&out, &stream)?,
+        address::<f32>(&lse, &stream)?,
+    ];
+    run(dev, &shape, &ptrs)?;
+    Ok((out, lse))
+}
+
+/// The backward of `shape` as calls over consecutive rows: `(first row, call shape)`. The
+/// deterministic algorithm's workspace grows with the rows of a call, so it takes as many rows
+/// as fit [`DP_WORKSPACE`] (at least one; `set_dp_workspace`); the atomic one takes the whole
+/// batch.
+fn backward_calls(shape: &Shape) -> Vec<(i64, Shape)> {
+    let per_row = shape.h * (shape.s + 63) / 64 * 64 * ((shape.s + 63) / 64 * 64) * 2;
+    let rows = if shape.deterministic != 0 {
+        (DP_LIMIT.load(Ordering::Relaxed) / per_row.max(1)).clamp(1, shape.b)
+    } else {
+        shape.b
+    };
+    (0..shape.b)
+        .step_by(rows as usize)
+        .map(|r0| {
+            let call = Shape {
+                b: rows.min(shape.b - r0),
+                ..*shape
+            };
+            (r0, call)
+        })
+        .collect()
+}
+
+/// Whether `lse` came from [`forward`] (its `[B, H, S, 1]` shape).
+pub(crate) fn is_its_lse(lse: &Tensor) -> bool {
+    lse.rank() == 4
+}
+
+/// `[dq, dk, dv]` from the forward's inputs, output and lse and the output's gradient.
+pub(crate) fn backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    dout: &Tensor,
+    lse: &Tensor,
+    scale: f32,
+) -> Result<[Tensor; 3]> {
+    let dev = cuda_device(q)?;
+    let shape = Shape::of(q, k, v, scale, true)?;
+    let z = super::at_offset_zero;
+    let dout = z(&dout.to_dtype(DType::BF16)?)?;
+    let (out, lse) = (z(out)?, z(lse)?);
+    let stream = dev.cuda_stream();
+    // SAFETY: cuDNN writes every element of the three gradients.
+    let (dq, dk, dv) = unsafe {
+        (
+            dev.alloc::<half::bf16>(q.elem_count())?,
+            dev.alloc::<half::bf16>(k.elem_count())?,
+            dev.alloc::<half::bf16>(v.elem_count())?,
+        )
+    };
+    let wrap = super::cuda_tensor;
+    let dq = wrap(S::BF16(dq), dev, q.shape().clone());
+    let dk = wrap(S::BF16(dk), dev, k.shape().clone());
+    let dv = wrap(S::BF16(dv), dev, v.shape().clone());
+    let bf = |t: &Tensor| address::<half::bf16>(t, &stream);
+    let base = [
+        bf(q)?,
+        bf(k)?,
+        bf(v)?,
+        bf(&out)?,
+        address::<f32>(&lse, &stream)?,
+        bf(&dout)?,
+        bf(&dq)?,
+        bf(&dk)?,
+        bf(&dv)?,
+    ];
+    // Bytes per row of each buffer, in `base`'s order (rows are the outermost dimension).
+    let (s, h, kvh, d, dvh) = (shape.s, shape.h, shape.kvh, shape.d, shape.dv);
+    let row = [
+        s * h * d * 2,
+        s * kvh * d * 2,
+        s * kvh * dvh * 2,
+        s * h * dvh * 2,
+        h * s * 4,
+        s * h * dvh * 2,
+        s * h * d * 2,
+        s * kvh * d * 2,
+        s * kvh * dvh * 2,
+    ];
+    for (r0, call) in backward_calls(&shape) {
+        let mut ptrs = base;
+        for (p, bytes) in ptrs.iter_mut().zip(row) {
+            *p += (r0 * bytes) as u64;
+        }
+        run(dev, &call, &ptrs)?;
+    }
+    Ok([dq, dk, dv])
+}
