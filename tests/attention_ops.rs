@@ -274,7 +274,7 @@ fn attention_block_equals_the_separate_ops_bit_for_bit() {
                         cos: &c,
                         sin: &sn,
                         segments: &segments,
-                        whole_rows: false,
+                        samples: &Default::default(),
                         scale,
                         block,
                         memo: Some(&memo),

@@ -166,7 +166,7 @@ impl Attention {
             cos,
             sin,
             segments: &inputs.segments,
-            whole_rows: inputs.whole_rows,
+            samples: &inputs.samples,
             scale: 1.0 / (hd as f64).sqrt(),
             block: query_block(b, nh, s, q.dtype()),
             memo: inputs.keep_attention.then(|| &inputs.attention[layer]),

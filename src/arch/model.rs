@@ -48,9 +48,9 @@ pub struct Inputs {
     /// [B, S] u32: the packed sample of each position; a query attends to the keys of its
     /// own sample up to itself.
     pub segments: Tensor,
-    /// Whether every row is one sample (no packing, no padding): attention is then plain
-    /// causal, which cuDNN's fused kernels serve (`ops::cudnn_attn`).
-    pub whole_rows: bool,
+    /// Whether every row is one sample (no packing, no padding: plain causal attention) and,
+    /// for packed rows on CUDA, the samples in cuDNN's ragged layout (`ops::cudnn_attn`).
+    pub samples: crate::ops::attention::RowSamples,
     pub batch: usize,
     pub seq: usize,
     /// Routing per MoE layer, recorded by the first pass over these inputs and replayed by
@@ -346,13 +346,44 @@ impl Model {
             ids: TokenIds::new(ids, &self.device)?,
             rope: self.rope.tables(&pos, self.dtype)?,
             segments: Tensor::from_slice(segments, (batch, seq), &self.device)?,
-            whole_rows: segments.iter().all(|&id| id == 0),
+            samples: self.row_samples(segments, batch, seq)?,
             batch,
             seq,
             routes: std::cell::RefCell::new(vec![None; self.layers.len()]),
             attention: (0..self.layers.len()).map(|_| Default::default()).collect(),
             keep_attention: false,
         })
+    }
+
+    /// Whether each row is one sample and, for packed rows that cuDNN may serve (CUDA, bf16),
+    /// the samples in its ragged layout.
+    fn row_samples(
+        &self,
+        segments: &[u32],
+        batch: usize,
+        seq: usize,
+    ) -> Result<crate::ops::attention::RowSamples> {
+        let whole = segments.iter().all(|&id| id == 0);
+        #[cfg(feature = "cuda")]
+        let ragged = match whole || self.dtype != DType::BF16 {
+            true => None,
+            false => crate::ops::cudnn_attn::ragged(
+                segments,
+                (batch, seq),
+                (
+                    self.spec.num_heads,
+                    self.spec.num_kv_heads,
+                    self.spec.head_dim,
+                ),
+                &self.device,
+            )?,
+        };
+        #[cfg(not(feature = "cuda"))]
+        let ragged = {
+            let _ = (batch, seq);
+            None
+        };
+        Ok(crate::ops::attention::RowSamples { whole, ragged })
     }
 
     /// ids → x: [N, H] on the model's device (`ops::embedding`: on CUDA an untied table stays

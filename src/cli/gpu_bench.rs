@@ -326,6 +326,10 @@ fn attention(dev: &candle_core::Device, rows: usize, iters: usize) -> Result<(),
         (|| Ok::<_, candle_core::Error>((bf(nh)?, bf(kvh)?, bf(kvh)?, bf(nh)?)))()
             .map_err(CliError::failed)?;
     let segments = Tensor::zeros((rows, s), DType::U32, dev).map_err(CliError::failed)?;
+    let whole = crate::ops::attention::RowSamples {
+        whole: true,
+        ragged: None,
+    };
     let scale = 1.0 / (hd as f64).sqrt();
     let flops = 4.0 * (rows * s * s * nh * hd) as f64 / 2.0;
     println!("causal attention: {rows} × {s} positions, {nh}/{kvh} heads of {hd} (bf16)");
@@ -355,11 +359,11 @@ fn attention(dev: &candle_core::Device, rows: usize, iters: usize) -> Result<(),
         cudnn_attn::set_backend(backend);
         cudnn_attn::set_deterministic(deterministic);
         cudnn_attn::set_dp_workspace(dp);
-        if backend == Backend::Auto && !cudnn_attn::serves(&q, &k, &v, scale as f32) {
+        if backend == Backend::Auto && !cudnn_attn::serves(&q, &k, &v, scale as f32, None) {
             println!("| {name} | - | - | - | - |");
             continue;
         }
-        let fwd = || attention_forward(&q, &k, &v, (&segments, true), scale, 256);
+        let fwd = || attention_forward(&q, &k, &v, (&segments, &whole), scale, 256);
         let f_s = median_time(dev, iters, &|| fwd().map(|_| ()))?;
         let (out, lse) = fwd().map_err(CliError::failed)?;
         let b_s = median_time(dev, iters, &|| {
@@ -367,7 +371,7 @@ fn attention(dev: &candle_core::Device, rows: usize, iters: usize) -> Result<(),
                 &q,
                 &k,
                 &v,
-                &segments,
+                (&segments, &whole),
                 scale,
                 256,
                 (&out, lse.as_ref()),

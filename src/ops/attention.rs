@@ -12,6 +12,35 @@
 use super::attn_softmax::{masked_softmax_reference, softmax_block, softmax_block_bwd};
 use candle_core::{CustomOp3, DType, Result, Tensor};
 
+/// What the host knows of a micro-batch's samples, built once per micro-batch (`Model::inputs`)
+/// for the kernels that take it on the host side (`cudnn_attn`).
+#[derive(Clone, Debug, Default)]
+pub struct RowSamples {
+    /// Every row is one sample (no packing, no padding): plain causal attention.
+    pub whole: bool,
+    /// Packed rows as cuDNN's ragged layout takes them (CUDA, when cuDNN may serve them).
+    pub ragged: Option<Ragged>,
+}
+
+/// Packed rows as cuDNN's ragged layout takes them: every sample and every padding run of the
+/// micro-batch, in token order, is one sequence — attended causally within itself, as the
+/// segments mask does. Counts are rounded up to powers of two so a few graphs serve every batch;
+/// the sequences past the real ones are empty.
+#[derive(Clone, Debug)]
+pub struct Ragged {
+    /// Sequences the graphs are built for: the real count rounded up to a power of two.
+    pub seqs: usize,
+    /// The longest sequence rounded up to a power of two, at least 64 and at most the row length.
+    pub max_len: usize,
+    /// `[seqs + 1]` u32 (read as int32) on the device: each sequence's first element in q (and
+    /// the output) — its first token × heads × head size; the empty ones at the end.
+    pub q_offsets: Tensor,
+    /// `[seqs + 1]`: the same in k and v (× kv heads × head size).
+    pub kv_offsets: Tensor,
+    /// `[seqs]`: each sequence's length, 0 for the empty ones.
+    pub lens: Tensor,
+}
+
 /// Bytes of one block's scores the block size is chosen for (each of the backward's four
 /// block tensors is this large).
 const BLOCK_SCORE_BYTES: usize = 256 << 20;
@@ -174,23 +203,33 @@ impl CustomOp3 for BlockedAttention {
 
 /// The forward of [`attention`] without a graph on q, k, v contiguous from offset 0: the output
 /// and, from the fused kernels, the per-row log-sum-exp their backward takes. `segments` comes
-/// with whether every row is one sample (all ids 0): then cuDNN may serve it (`cudnn_attn`).
+/// with what the host knows of the samples: rows of one sample, or packed rows in cuDNN's
+/// ragged layout, may run on cuDNN (`cudnn_attn`).
 pub(crate) fn attention_forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    (segments, whole_rows): (&Tensor, bool),
+    (segments, samples): (&Tensor, &RowSamples),
     scale: f64,
     block: usize,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let d = Dims::of(q, k, v)?;
     #[cfg(feature = "cuda")]
-    if whole_rows && super::cudnn_attn::serves(q, k, v, scale as f32) {
-        let (out, lse) = super::cudnn_attn::forward(q, k, v, scale as f32)?;
-        return Ok((out, Some(lse)));
+    {
+        let ragged = if samples.whole {
+            None
+        } else {
+            samples.ragged.as_ref()
+        };
+        if (samples.whole || ragged.is_some())
+            && super::cudnn_attn::serves(q, k, v, scale as f32, ragged)
+        {
+            let (out, lse) = super::cudnn_attn::forward(q, k, v, scale as f32, ragged)?;
+            return Ok((out, Some(lse)));
+        }
     }
     #[cfg(not(feature = "cuda"))]
-    let _ = whole_rows;
+    let _ = samples;
     #[cfg(feature = "cuda")]
     if super::flash_attn::serves(q, k, v, d.hd) {
         let (out, lse) =
@@ -209,7 +248,7 @@ pub(crate) fn attention_backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    segments: &Tensor,
+    (segments, samples): (&Tensor, &RowSamples),
     scale: f64,
     block: usize,
     forward: (&Tensor, Option<&Tensor>),
@@ -218,12 +257,18 @@ pub(crate) fn attention_backward(
     #[cfg(feature = "cuda")]
     if let (out, Some(lse)) = forward {
         if super::cudnn_attn::is_its_lse(lse) {
-            return super::cudnn_attn::backward(q, k, v, out, dout, lse, scale as f32);
+            let ragged = if samples.whole {
+                None
+            } else {
+                samples.ragged.as_ref()
+            };
+            let grads = (out, dout, lse);
+            return super::cudnn_attn::backward(q, k, v, grads, scale as f32, ragged);
         }
         let segments = super::at_offset_zero(segments)?;
         return super::flash_attn::backward(q, k, v, &segments, out, dout, lse, scale as f32);
     }
-    let _ = forward;
+    let _ = (forward, samples);
     let op = BlockedAttention::new(segments, scale, block);
     op.backward(q, k, v, dout)
 }

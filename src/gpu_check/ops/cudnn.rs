@@ -1,11 +1,13 @@
 //! gpu-check entry for cuDNN's fused attention (`ops::cudnn_attn`): the attention block over rows
-//! of one sample each — the batches cuDNN serves — through cuDNN (both backward algorithms) and
-//! through moeq's kernels, all against the CPU in f32.
+//! of one sample each and over packed rows (cuDNN's ragged layout), through cuDNN (both backward
+//! algorithms, and the deterministic one split into calls) and through moeq's kernels, all
+//! against the CPU in f32.
 
 use super::{device_vs_cpu, Comparison};
+use crate::ops::attention::RowSamples;
 use crate::ops::attention_block::{attention_block, BlockArgs};
 use crate::ops::cudnn_attn::{
-    launches, library, set_backend, set_deterministic, set_dp_workspace, Backend,
+    launches, library, ragged, set_backend, set_deterministic, set_dp_workspace, Backend,
 };
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -20,12 +22,24 @@ impl Drop for Restore {
     }
 }
 
-/// Skipped without cuDNN, unless `MOEQ_REQUIRE_CUDNN=1` (launch/gpu-check.sh sets it where
+/// One case: rows × positions, the sample of each position, heads, kv heads, head size, per-head
+/// norms.
+struct Case {
+    b: usize,
+    s: usize,
+    segments: Vec<u32>,
+    nh: usize,
+    kvh: usize,
+    hd: usize,
+    norms: bool,
+}
+
+/// Skipped without cuDNN, unless `MOEQ_REQUIRE_CUDNN=1` (launch/device-env.sh sets it where
 /// cuDNN is installed), which makes a missing cuDNN a failure.
 pub(super) fn check_cudnn_attention(device: &Device) -> Result<Vec<Comparison>> {
-    if !device.is_cuda() {
+    let Device::Cuda(dev) = device else {
         return Ok(Vec::new());
-    }
+    };
     if let Err(why) = library() {
         if std::env::var("MOEQ_REQUIRE_CUDNN").as_deref() == Ok("1") {
             candle_core::bail!(
@@ -35,79 +49,154 @@ pub(super) fn check_cudnn_attention(device: &Device) -> Result<Vec<Comparison>> 
         println!("attention (cuDNN): skipped, cuDNN not loaded ({why})");
         return Ok(Vec::new());
     }
+    let hopper = matches!(dev.cuda_stream().context().compute_capability(), Ok((m, _)) if m >= 9);
     let _restore = Restore;
-    let cpu = &Device::Cpu;
-    let mut out = Vec::new();
     // Rows of one sample: 2 × 1,024 positions; 8 query heads on 2 kv heads of 128 with per-head
-    // norms (Qwen3's layout), and 4 heads on 4 of 64 without.
-    for (nh, kvh, hd, norms) in [(8usize, 2usize, 128usize, true), (4, 4, 64, false)] {
-        let (b, s) = (2usize, 1024usize);
-        let n = b * s;
-        let qkv = [nh, kvh, kvh]
-            .iter()
-            .map(|&h| Tensor::randn(0f32, 1.0, (n, h * hd), cpu))
-            .collect::<Result<Vec<_>>>()?;
-        let norm_w = [
-            Tensor::randn(0f32, 0.2, hd, cpu)?.affine(1.0, 1.0)?,
-            Tensor::randn(0f32, 0.2, hd, cpu)?.affine(1.0, 1.0)?,
-        ];
-        let angle = Tensor::randn(0f32, 1.0, (n, 1, hd), cpu)?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let block = |t: &[Tensor]| -> Result<Tensor> {
-            let dev = t[0].device();
-            let to = |x: &Tensor| x.to_device(dev)?.to_dtype(t[0].dtype());
-            let (wq, wk) = (to(&norm_w[0])?, to(&norm_w[1])?);
-            let (cos, sin) = (to(&angle.cos()?)?, to(&angle.sin()?)?);
-            let segments = Tensor::zeros((b, s), DType::U32, dev)?;
-            let args = BlockArgs {
-                batch: b,
-                seq: s,
-                heads: nh,
-                kv_heads: kvh,
-                head_dim: hd,
-                norms: norms.then_some((&wq, &wk, 1e-6)),
-                cos: &cos,
-                sin: &sin,
-                segments: &segments,
-                whole_rows: true,
-                scale,
-                block: 256,
-                memo: None,
-            };
-            attention_block(&t[0], &t[1], &t[2], &args)
+    // norms (Qwen3's layout), and 4 heads on 4 of 64 without. Packed rows (Hopper): 2 × 600
+    // positions, row 0 samples of 200, 150 and 250 tokens, row 1 one of 500 and 100 of padding.
+    let packed: Vec<u32> = (0..1200u32)
+        .map(|p| match p {
+            200..350 => 1,
+            350..600 => 2,
+            1100.. => 1,
+            _ => 0,
+        })
+        .collect();
+    let mut cases = vec![
+        Case {
+            b: 2,
+            s: 1024,
+            segments: vec![0; 2048],
+            nh: 8,
+            kvh: 2,
+            hd: 128,
+            norms: true,
+        },
+        Case {
+            b: 2,
+            s: 1024,
+            segments: vec![0; 2048],
+            nh: 4,
+            kvh: 4,
+            hd: 64,
+            norms: false,
+        },
+    ];
+    if hopper {
+        cases.push(Case {
+            b: 2,
+            s: 600,
+            segments: packed,
+            nh: 8,
+            kvh: 2,
+            hd: 128,
+            norms: true,
+        });
+    }
+    let mut out = Vec::new();
+    for case in &cases {
+        out.extend(check_case(device, case)?);
+    }
+    Ok(out)
+}
+
+fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
+    let cpu = &Device::Cpu;
+    let (b, s, nh, kvh, hd) = (c.b, c.s, c.nh, c.kvh, c.hd);
+    let n = b * s;
+    let whole = c.segments.iter().all(|&id| id == 0);
+    let qkv = [nh, kvh, kvh]
+        .iter()
+        .map(|&h| Tensor::randn(0f32, 1.0, (n, h * hd), cpu))
+        .collect::<Result<Vec<_>>>()?;
+    let norm_w = [
+        Tensor::randn(0f32, 0.2, hd, cpu)?.affine(1.0, 1.0)?,
+        Tensor::randn(0f32, 0.2, hd, cpu)?.affine(1.0, 1.0)?,
+    ];
+    let angle = Tensor::randn(0f32, 1.0, (n, 1, hd), cpu)?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let block = |t: &[Tensor]| -> Result<Tensor> {
+        let dev = t[0].device();
+        let to = |x: &Tensor| x.to_device(dev)?.to_dtype(t[0].dtype());
+        let (wq, wk) = (to(&norm_w[0])?, to(&norm_w[1])?);
+        let (cos, sin) = (to(&angle.cos()?)?, to(&angle.sin()?)?);
+        let segments = Tensor::from_slice(&c.segments, (b, s), dev)?;
+        let samples = RowSamples {
+            whole,
+            ragged: match whole {
+                true => None,
+                false => ragged(&c.segments, (b, s), (nh, kvh, hd), dev)?,
+            },
         };
-        // cuDNN calls: the forward and one backward; the deterministic backward bounded to one
-        // row's dP workspace runs one call per row.
-        let row_dp = (nh * s * s * 2) as i64;
-        for (name, backend, deterministic, calls) in [
-            ("cuDNN", Backend::Auto, false, 2),
-            ("cuDNN, deterministic backward", Backend::Auto, true, 2),
-            (
-                "cuDNN, deterministic backward by rows",
-                Backend::Auto,
-                true,
-                1 + b as u64,
-            ),
-            ("moeq's kernels", Backend::Moeq, true, 0),
-        ] {
-            set_backend(backend);
-            set_deterministic(deterministic);
-            set_dp_workspace(if calls > 2 { row_dp } else { 256 << 20 });
-            let before = launches();
-            out.extend(device_vs_cpu(
-                &format!("attention block, whole rows, {nh}/{kvh} heads of {hd} ({name})"),
-                "attention_block",
-                device,
-                DType::BF16,
-                &qkv,
-                &block,
-            )?);
-            let took = launches() - before;
-            if took != calls {
-                candle_core::bail!(
-                    "cuDNN attention ({name}, head size {hd}): {took} cuDNN calls, expected {calls}"
-                );
+        let args = BlockArgs {
+            batch: b,
+            seq: s,
+            heads: nh,
+            kv_heads: kvh,
+            head_dim: hd,
+            norms: c.norms.then_some((&wq, &wk, 1e-6)),
+            cos: &cos,
+            sin: &sin,
+            segments: &segments,
+            samples: &samples,
+            scale,
+            block: 256,
+            memo: None,
+        };
+        attention_block(&t[0], &t[1], &t[2], &args)
+    };
+    // What a deterministic call covers: a row, or a sequence of the ragged layout (whose
+    // longest is rounded up to a power of two); and how many there are.
+    let (unit_len, units) = if whole {
+        (s, b)
+    } else {
+        let mut runs = 0usize;
+        let mut longest = 0;
+        for row in c.segments.chunks(s) {
+            for run in row.chunk_by(|x, y| x == y) {
+                runs += 1;
+                longest = longest.max(run.len());
             }
+        }
+        (
+            longest.next_power_of_two().max(64).min(s),
+            runs.next_power_of_two(),
+        )
+    };
+    let pad = unit_len.div_ceil(64) * 64;
+    let unit_dp = (nh * pad * pad * 2) as i64;
+    let layout = if whole { "whole rows" } else { "packed rows" };
+    let mut out = Vec::new();
+    // cuDNN calls: the forward and one backward; the deterministic backward bounded to one
+    // row's (sequence's) dP workspace runs one call per row (sequence).
+    for (name, backend, deterministic, calls) in [
+        ("cuDNN", Backend::Auto, false, 2),
+        ("cuDNN, deterministic backward", Backend::Auto, true, 2),
+        (
+            "cuDNN, deterministic backward by rows",
+            Backend::Auto,
+            true,
+            1 + units as u64,
+        ),
+        ("moeq's kernels", Backend::Moeq, true, 0),
+    ] {
+        set_backend(backend);
+        set_deterministic(deterministic);
+        set_dp_workspace(if calls > 2 { unit_dp } else { 256 << 20 });
+        let before = launches();
+        out.extend(device_vs_cpu(
+            &format!("attention block, {layout}, {nh}/{kvh} heads of {hd} ({name})"),
+            "attention_block",
+            device,
+            DType::BF16,
+            &qkv,
+            &block,
+        )?);
+        let took = launches() - before;
+        if took != calls {
+            candle_core::bail!(
+                "cuDNN attention ({layout}, {name}, head size {hd}): {took} cuDNN calls, expected {calls}"
+            );
         }
     }
     Ok(out)
