@@ -154,7 +154,7 @@ pub fn library() -> &'static std::result::Result<i64, String> {
         let v = unsafe { moeq_cudnn_load(c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr())) };
         if v > 0 {
             tracing::info!(
-                "attention: cuDNN {}.{}.{} fused kernels for rows of one sample",
+                "attention: cuDNN {}.{}.{} fused kernels",
                 v / 10000,
                 v / 100 % 100,
                 v % 100
