@@ -7,6 +7,7 @@ mod gpu_bench;
 mod gpu_check;
 mod inspect;
 mod nccl_check;
+mod preprocess;
 mod quantize;
 mod synth;
 mod train;
@@ -34,6 +35,9 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Loss and perplexity of a model (+ adapter) on JSONL data; can dump logits.
     Eval(eval::EvalArgs),
+    /// Run the data pipeline as train would, without weights: statistics, the samples as JSONL
+    /// (--out), samples with their trained tokens marked (--show N).
+    Preprocess(preprocess::PreprocessArgs),
     /// Write a deterministic random-init Hugging Face checkpoint.
     Synth(synth::SynthArgs),
     /// Write a pre-quantized (bitsandbytes 4-bit) checkpoint that train loads directly.
@@ -73,6 +77,9 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train::run(args, cli.log_level.as_deref()),
         Command::Eval(args) => with_logging(cli.log_level.as_deref(), || eval::run(args)),
+        Command::Preprocess(args) => {
+            with_logging(cli.log_level.as_deref(), || preprocess::run(args))
+        }
         Command::Synth(args) => with_logging(cli.log_level.as_deref(), || synth::run(args)),
         Command::Quantize(args) => with_logging(cli.log_level.as_deref(), || quantize::run(args)),
         Command::Inspect(args) => with_logging(cli.log_level.as_deref(), || inspect::run(args)),
