@@ -70,3 +70,35 @@ fn bad_out_is_one_line() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("is a folder"), "{stderr}");
 }
+
+/// `dataset_prepared_path`: preprocess tokenizes and keeps the samples there; train reuses
+/// them ("from cache" in its data line) and trains as it would have.
+#[test]
+fn prepared_samples_are_reused_by_train() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prepared = tmp.path().join("prepared");
+    let yaml = moeq::config::TINY_CPU_YAML
+        .replace(
+            "output_dir: outputs/tiny-cpu",
+            &format!("output_dir: {}", tmp.path().join("out").display()),
+        )
+        .replace("max_steps:", "max_steps: 30\n#")
+        + &format!("dataset_prepared_path: {}\n", prepared.display());
+    let config = tmp.path().join("c.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let cfg = config.to_str().unwrap();
+    let (code, stdout, stderr) = moeq(&["preprocess", "--config", cfg]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stdout.contains("(from cache)"), "{stdout}");
+    let files: Vec<_> = std::fs::read_dir(&prepared).unwrap().collect();
+    assert_eq!(files.len(), 1, "one cache file");
+    let (code, stdout, stderr) = moeq(&["preprocess", "--config", cfg]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("(from cache)"), "{stdout}");
+    let (code, _, stderr) = moeq(&["train", "--config", cfg]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("data: 3800 train samples") && stderr.contains("(from cache)"),
+        "{stderr}"
+    );
+}

@@ -1,11 +1,12 @@
 //! `moeq preprocess`: the data pipeline exactly as `train` runs it (formats, chat templates,
 //! label masks, truncation, the validation split, packing statistics) without loading any
 //! weights; prints the statistics, writes the samples as JSONL (`--out`) and shows samples with
-//! their trained tokens marked (`--show N`), as axolotl's `preprocess --debug` does.
+//! their trained tokens marked (`--show N`), as axolotl's `preprocess --debug` does. With
+//! `dataset_prepared_path` the tokenized samples are kept there for `train` to reuse.
 
 use super::CliError;
 use crate::config::{TrainConfig, TINY_CPU_SOURCE, TINY_CPU_YAML};
-use crate::data::{prepare, Sample, TokenizerBundle, IGNORE_INDEX};
+use crate::data::{Sample, TokenizerBundle, IGNORE_INDEX};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
@@ -50,7 +51,7 @@ pub fn run(args: PreprocessArgs) -> Result<(), CliError> {
             );
         }
     }
-    let data = prepare(&config, &tok).map_err(CliError::input)?;
+    let data = crate::data::prepare_configured(&config, &tok).map_err(CliError::input)?;
     for w in &data.warnings {
         tracing::warn!("{w}");
     }

@@ -12,6 +12,10 @@ pub const SUPPORTED_KEYS: &[(&str, &str)] = &[
         "tokenizer_config",
         "tokenizer directory or tokenizer.json (default: from base_model)",
     ),
+    (
+        "dataset_prepared_path",
+        "folder for the tokenized samples: preprocess and train write them, train reuses them while the datasets, tokenizer and data settings are unchanged (none: tokenize on every run)",
+    ),
     ("device", "auto | cpu | cuda | cuda:N (auto)"),
     (
         "load_in_4bit",
@@ -238,10 +242,6 @@ pub const IGNORED_AXOLOTL_KEYS: &[(&str, &str)] = &[
     (
         "special_tokens",
         "moeq uses the tokenizer's special tokens as shipped",
-    ),
-    (
-        "dataset_prepared_path",
-        "moeq tokenizes in memory on every run",
     ),
     ("dataset_processes", "moeq tokenizes in-process"),
     ("early_stopping_patience", "moeq has no early stopping"),

@@ -147,6 +147,9 @@ pub struct TrainConfig {
 
     // --- data ---
     pub datasets: Vec<DatasetConfig>,
+    /// Where the tokenized samples are kept between runs (`data::prepare_cached`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dataset_prepared_path: Option<PathBuf>,
     /// Default template for chat_template datasets; `None` uses the tokenizer's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chat_template: Option<String>,

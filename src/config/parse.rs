@@ -138,6 +138,7 @@ fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
         lora_target_parameters: f.string_list("lora_target_parameters")?.unwrap_or_default(),
         peft_use_rslora: f.bool("peft_use_rslora")?.unwrap_or(false),
         datasets: datasets(f, warnings)?,
+        dataset_prepared_path: f.string("dataset_prepared_path")?.map(PathBuf::from),
         chat_template: f.string("chat_template")?,
         val_set_size: val_set_size(f)?,
         sequence_len: f.usize_min("sequence_len", 16)?.unwrap_or(2048),

@@ -35,7 +35,9 @@ pub use error::{DataError, Location, RecordProblem};
 pub use formats::{ALPACA_NO_INPUT, ALPACA_WITH_INPUT};
 pub use loader::{Batch, DataCursor, Loader, LoaderOptions};
 pub use pack::{pack_rows, PackingStats};
-pub use prepare::{prepare, prepare_cached, DataStats, DatasetStats, PreparedData};
+pub use prepare::{
+    prepare, prepare_cached, prepare_configured, DataStats, DatasetStats, PreparedData,
+};
 pub use synth_task::ReverseTask;
 pub use template::{ChatTemplate, Rendered, CHATML, NAMED_TEMPLATES};
 pub use tokenizer::{SpecialToken, TokenizerBundle};

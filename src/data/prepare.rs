@@ -91,6 +91,19 @@ pub fn prepare(config: &TrainConfig, tok: &TokenizerBundle) -> Result<PreparedDa
     finish(config, built, false)
 }
 
+/// The samples of `config` as `train` takes them: [`prepare_cached`] in `dataset_prepared_path`
+/// when it is set (reused while the datasets, tokenizer and settings are unchanged), else
+/// [`prepare`].
+pub fn prepare_configured(
+    config: &TrainConfig,
+    tok: &TokenizerBundle,
+) -> Result<PreparedData, DataError> {
+    match &config.dataset_prepared_path {
+        Some(dir) => prepare_cached(config, tok, dir),
+        None => prepare(config, tok),
+    }
+}
+
 /// Like [`prepare`], reusing the samples of an earlier run with the same
 /// datasets (file contents), tokenizer and settings from `cache_dir`.
 pub fn prepare_cached(

@@ -6,7 +6,7 @@ use super::error::TrainError;
 use super::output::{check_output_dir, output_bytes_needed};
 use super::trainer::{train_ranks, Summary};
 use crate::config::TrainConfig;
-use crate::data::{prepare, PreparedData, TokenizerBundle};
+use crate::data::{prepare_configured, PreparedData, TokenizerBundle};
 use crate::distributed::job::Job;
 use crate::distributed::{DistEnv, EnvSource, RankCtx};
 use crate::model_files::{ModelDir, ModelFilesError, INDEX_FILE};
@@ -95,7 +95,7 @@ fn prepare_data(
             model_dir.display()
         )));
     }
-    let data = prepare(config, &tok).map_err(|e| input(e.to_string()))?;
+    let data = prepare_configured(config, &tok).map_err(|e| input(e.to_string()))?;
     for w in &data.warnings {
         tracing::warn!("{w}");
     }
