@@ -58,6 +58,8 @@ pub(crate) struct Report {
     consecutive_skips: usize,
     /// Steps since the last log line: summed mean losses, steps, tokens, start time.
     window: (f64, usize, usize, Instant),
+    /// Steps and tokens since the loop started, for the bar's rates.
+    run_rate: (u64, u64, Instant),
 }
 
 impl Report {
@@ -90,6 +92,7 @@ impl Report {
             skipped: 0,
             consecutive_skips: 0,
             window: (0.0, 0, 0, Instant::now()),
+            run_rate: (0, 0, Instant::now()),
         })
     }
 
@@ -149,8 +152,19 @@ impl Report {
         *loss_sum += r.loss;
         *steps += 1;
         *tokens += r.tokens;
-        self.progress
-            .set(done as u64, &format!("loss {:.4} lr {lr:.2e}", r.loss));
+        let (done_here, tokens_here, since_open) = &mut self.run_rate;
+        *done_here += 1;
+        *tokens_here += r.tokens as u64;
+        let secs = since_open.elapsed().as_secs_f64().max(1e-9);
+        self.progress.set(
+            done as u64,
+            &format!(
+                "loss {:.4} lr {lr:.2e} {} tok/s {} steps/s",
+                r.loss,
+                progress::rate(*tokens_here as f64 / secs),
+                progress::rate(*done_here as f64 / secs)
+            ),
+        );
         if done % run.config.logging_steps.max(1) != 0 && done != run.total_steps {
             return Ok(());
         }

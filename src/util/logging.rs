@@ -30,7 +30,7 @@ pub fn init(setup: LogSetup) -> Result<Option<tracing::span::EnteredSpan>, Strin
         }
     };
     let stderr_layer = fmt::layer()
-        .with_writer(std::io::stderr)
+        .with_writer(|| LineToTerminal(Vec::new()))
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .with_filter(filter(setup.level)?);
@@ -127,4 +127,31 @@ pub fn open_log_file() -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))?;
     d.file = Some(file);
     Ok(())
+}
+
+/// One log line for stderr, written when the formatter is done with it, with the progress bars
+/// taken off the terminal meanwhile (`util::progress::suspend`): the bars stay below the log.
+struct LineToTerminal(Vec<u8>);
+
+impl std::io::Write for LineToTerminal {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for LineToTerminal {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let line = std::mem::take(&mut self.0);
+        super::progress::suspend(|| {
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), &line);
+        });
+    }
 }

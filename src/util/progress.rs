@@ -1,7 +1,10 @@
 //! Progress of long work: an indicatif bar on a terminal, periodic log lines otherwise (CI
-//! logs, SLURM output files), so a long job never looks hung.
+//! logs, SLURM output files), so a long job never looks hung. Every bar is drawn through one
+//! [`MultiProgress`]; log lines go to the terminal through [`suspend`] (`util::logging`), which
+//! takes the bars off the screen, prints the line and draws them again below it — so the bars
+//! stay at the bottom and the scrollback holds log lines only.
 
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -16,6 +19,15 @@ pub struct Progress {
     last_log: Mutex<Instant>,
 }
 
+/// The bars on the terminal.
+static BARS: std::sync::LazyLock<MultiProgress> =
+    std::sync::LazyLock::new(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr()));
+
+/// Runs `f` (a write to the terminal) with the bars hidden, then draws them again.
+pub fn suspend<R>(f: impl FnOnce() -> R) -> R {
+    BARS.suspend(f)
+}
+
 /// Without a terminal, a line at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -23,7 +35,7 @@ impl Progress {
     /// `total` is in bytes.
     pub fn new(total: u64, label: &str) -> Progress {
         let bar = (std::io::stderr().is_terminal() && total > 0).then(|| {
-            let bar = ProgressBar::new(total);
+            let bar = BARS.add(ProgressBar::new(total));
             let style = ProgressStyle::with_template(
                 "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
             )
@@ -63,6 +75,7 @@ impl Progress {
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
+            BARS.remove(bar);
         }
         let secs = self.started.elapsed().as_secs_f64();
         let done = self.done.load(Ordering::Relaxed);
@@ -74,8 +87,8 @@ impl Progress {
     }
 }
 
-/// Progress of a run in steps: a bar with a message (loss, lr) and ETA on a terminal; the
-/// trainer logs its own lines otherwise.
+/// Progress of a run in steps: a bar with a message (loss, lr, rates) and ETA on a terminal;
+/// the trainer logs its own lines otherwise.
 pub struct Steps {
     bar: Option<ProgressBar>,
 }
@@ -83,12 +96,11 @@ pub struct Steps {
 impl Steps {
     pub fn new(total: u64, label: &str) -> Steps {
         let bar = (std::io::stderr().is_terminal() && total > 0).then(|| {
-            let bar = ProgressBar::new(total);
-            let style = ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {pos}/{len} {msg} {per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> ");
+            let bar = BARS.add(ProgressBar::new(total));
+            let style =
+                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} eta {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> ");
             bar.set_style(style);
             bar.set_prefix(label.to_string());
             bar
@@ -106,6 +118,52 @@ impl Steps {
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
+            BARS.remove(bar);
         }
+    }
+}
+
+/// A rate with the precision a reader wants: three significant digits below 100, whole numbers
+/// with thousands separators above (`0.482`, `11.6`, `42,180`).
+pub fn rate(per_s: f64) -> String {
+    if !per_s.is_finite() || per_s < 0.0 {
+        return "-".into();
+    }
+    if per_s < 1.0 {
+        format!("{per_s:.3}")
+    } else if per_s < 10.0 {
+        format!("{per_s:.2}")
+    } else if per_s < 100.0 {
+        format!("{per_s:.1}")
+    } else {
+        let digits = format!("{:.0}", per_s);
+        let mut out = String::new();
+        for (i, c) in digits.chars().enumerate() {
+            if i > 0 && (digits.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rates_read_well() {
+        let r = super::rate;
+        assert_eq!(
+            [
+                r(0.48213),
+                r(3.14159),
+                r(11.5983),
+                r(999.4),
+                r(42180.2),
+                r(1234567.0)
+            ],
+            ["0.482", "3.14", "11.6", "999", "42,180", "1,234,567"]
+        );
+        assert_eq!(r(f64::NAN), "-");
     }
 }
