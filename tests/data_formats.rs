@@ -548,3 +548,64 @@ fn a_corrupt_cache_is_rebuilt() {
         );
     }
 }
+
+/// Pre-tokenized records (a dataset without `type:`, as axolotl reads it): ids taken as they
+/// are, labels as given (default: every token), positions masked out by `attention_mask`
+/// dropped; no special tokens added.
+#[test]
+fn pretokenized_records_are_taken_as_they_are() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = synth_bundle(tmp.path());
+    let p = write(
+        tmp.path(),
+        "t.jsonl",
+        concat!(
+            r#"{"input_ids": [5, 6, 7, 8]}"#,
+            "\n",
+            r#"{"input_ids": [9, 10, 11, 12], "labels": [-100, -100, 11, 12]}"#,
+            "\n",
+            r#"{"input_ids": [13, 14, 0, 0], "labels": [13, 14, -100, -100], "attention_mask": [1, 1, 0, 0]}"#,
+            "\n"
+        ),
+    );
+    let cfg = config(&format!("datasets:\n  - path: {}\n", p.display()));
+    let out = prepare(&cfg, &tok).unwrap();
+    let got: Vec<(Vec<u32>, Vec<i32>)> = out
+        .train
+        .iter()
+        .map(|s| (s.input_ids.clone(), s.labels.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (vec![5, 6, 7, 8], vec![5, 6, 7, 8]),
+            (vec![9, 10, 11, 12], vec![-100, -100, 11, 12]),
+            (vec![13, 14], vec![13, 14]),
+        ]
+    );
+    let bad = |line: &str| {
+        let p = write(tmp.path(), "bad.jsonl", line);
+        let cfg = config(&format!("datasets:\n  - path: {}\n", p.display()));
+        let e = prepare(&cfg, &tok).err().unwrap().to_string();
+        e.strip_prefix(&format!("{}:1: ", p.display()))
+            .unwrap_or(&e)
+            .to_string()
+    };
+    assert_eq!(
+        bad(r#"{"text": "words"}"#),
+        "missing field 'input_ids' (datasets[0] has no type:, so its records must be pre-tokenized; for text set datasets[0].type to completion, alpaca, chat_template or input_output)"
+    );
+    assert_eq!(
+        bad(r#"{"input_ids": [1, 2], "labels": [1]}"#),
+        "labels has 1 entries for 2 input_ids: they must align one to one"
+    );
+    let vocab = tok.tokenizer.get_vocab_size(true);
+    assert_eq!(
+        bad(&format!(r#"{{"input_ids": [1, {vocab}]}}"#)),
+        format!("input_ids[1] = {vocab} is not a token id of this tokenizer (0..{vocab})")
+    );
+    assert_eq!(
+        bad(r#"{"input_ids": [1, "a"]}"#),
+        "field 'input_ids' must be an array of integers, found a string"
+    );
+}

@@ -178,7 +178,7 @@ pub const DATASET_KEYS: &[(&str, &str)] = &[
     ),
     (
         "type",
-        "completion | alpaca | chat_template | input_output (required)",
+        "completion | alpaca | chat_template | input_output | pretokenized (default: pretokenized — records of `input_ids`, optional `labels` and `attention_mask`)",
     ),
     ("split", "split to read from a directory dataset (train)"),
     ("field", "text field for completion records (text)"),

@@ -513,12 +513,8 @@ fn datasets(f: &Fields, warnings: &mut Vec<String>) -> R<Vec<DatasetConfig>> {
         let ds_type = match d.choice::<DatasetType>("type")? {
             Some(t) => t,
             None if d.present("type") || misspelt("type") => DatasetType::Completion,
-            None => {
-                return Err(d.missing(
-                    "type",
-                    "one of completion, alpaca, chat_template, input_output",
-                ))
-            }
+            // axolotl reads a dataset without `type:` as already tokenized.
+            None => DatasetType::Pretokenized,
         };
         out.push(DatasetConfig {
             path,

@@ -121,6 +121,9 @@ choice_enum! {
         ChatTemplate => "chat_template",
         /// Segments with per-segment `label` flags, no template.
         InputOutput => "input_output",
+        /// Records already tokenized: `input_ids`, optional `labels` and `attention_mask`
+        /// (what axolotl reads from a dataset given without `type:`, moeq's default too).
+        Pretokenized => "pretokenized",
     }
 }
 

@@ -39,6 +39,8 @@ pub enum RecordProblem {
     NothingTrainedAfterTruncation { sequence_len: usize },
     /// The tokenizer failed on the text.
     Tokenize { detail: String },
+    /// A pre-tokenized record's ids, labels or mask do not fit together or the vocabulary.
+    Tokens { detail: String },
 }
 
 impl fmt::Display for RecordProblem {
@@ -80,6 +82,7 @@ impl fmt::Display for RecordProblem {
                 "no trained token is left after truncation to sequence_len {sequence_len} (the prompt fills the sequence; raise sequence_len or shorten the record)"
             ),
             Tokenize { detail } => write!(f, "tokenizer failed: {detail}"),
+            Tokens { detail } => write!(f, "{detail}"),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The template-free dataset types: completion, alpaca and input_output.
+//! The template-free dataset types: completion, alpaca, input_output and pre-tokenized records.
 //! Each turns one JSON record into token ids and aligned labels (see
 //! [`Sample`]); chat_template lives in chat.rs.
 
@@ -192,4 +192,84 @@ fn prefix_field(p: RecordProblem, here: &str) -> RecordProblem {
         },
         other => other,
     }
+}
+
+/// A pre-tokenized record (axolotl's datasets without `type:`): `input_ids`, optional `labels`
+/// (aligned with the ids, -100 where not trained; default every token trained) and optional
+/// `attention_mask` (positions with 0 are dropped, as padding). Taken as it is: no special
+/// tokens are added. Ids must lie in the tokenizer's `vocab` (dataset `index` for the hint).
+pub fn pretokenized(
+    record: &Map<String, Json>,
+    vocab: usize,
+    index: usize,
+) -> Result<Sample, RecordProblem> {
+    let ints = |field: &str| -> Result<Option<Vec<i64>>, RecordProblem> {
+        let Some(v) = record.get(field) else {
+            return Ok(None);
+        };
+        let wrong = |found| RecordProblem::WrongType {
+            field: field.to_string(),
+            expected: "an array of integers",
+            found,
+        };
+        let Json::Array(items) = v else {
+            return Err(wrong(json_kind(v)));
+        };
+        items
+            .iter()
+            .map(|x| x.as_i64().ok_or_else(|| wrong(json_kind(x))))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    };
+    let ids = ints("input_ids")?.ok_or_else(|| RecordProblem::MissingField {
+        field: "input_ids".into(),
+        hint: format!(
+            "datasets[{index}] has no type:, so its records must be pre-tokenized; for text set datasets[{index}].type to completion, alpaca, chat_template or input_output"
+        ),
+    })?;
+    let bad = |detail: String| RecordProblem::Tokens { detail };
+    let n = ids.len();
+    let labels = ints("labels")?.unwrap_or_else(|| ids.clone());
+    let mask = ints("attention_mask")?.unwrap_or_else(|| vec![1; n]);
+    for (field, len) in [("labels", labels.len()), ("attention_mask", mask.len())] {
+        if len != n {
+            return Err(bad(format!(
+                "{field} has {len} entries for {n} input_ids: they must align one to one"
+            )));
+        }
+    }
+    let mut sample = Sample {
+        input_ids: Vec::with_capacity(n),
+        labels: Vec::with_capacity(n),
+    };
+    for (k, ((&id, &label), &m)) in ids.iter().zip(&labels).zip(&mask).enumerate() {
+        let in_vocab = |t: i64| (0..vocab as i64).contains(&t);
+        if !in_vocab(id) {
+            return Err(bad(format!(
+                "input_ids[{k}] = {id} is not a token id of this tokenizer (0..{vocab})"
+            )));
+        }
+        if label != IGNORE_INDEX as i64 && !in_vocab(label) {
+            return Err(bad(format!(
+                "labels[{k}] = {label} is neither -100 nor a token id of this tokenizer (0..{vocab})"
+            )));
+        }
+        match m {
+            0 => continue,
+            1 => {}
+            _ => {
+                return Err(bad(format!(
+                    "attention_mask[{k}] = {m}: a mask holds 0 and 1 only"
+                )))
+            }
+        }
+        sample.input_ids.push(id as u32);
+        sample.labels.push(label as i32);
+    }
+    if sample.input_ids.is_empty() {
+        return Err(RecordProblem::EmptyText {
+            field: "input_ids".into(),
+        });
+    }
+    Ok(sample)
 }

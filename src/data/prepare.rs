@@ -148,6 +148,7 @@ enum Format {
     Completion,
     Alpaca,
     InputOutput,
+    Pretokenized,
     Chat(Box<ChatTemplate>),
 }
 
@@ -227,6 +228,7 @@ fn build_dataset(
         DatasetType::Completion => Format::Completion,
         DatasetType::Alpaca => Format::Alpaca,
         DatasetType::InputOutput => Format::InputOutput,
+        DatasetType::Pretokenized => Format::Pretokenized,
         DatasetType::ChatTemplate => Format::Chat(Box::new(resolve_template(i, ds, config, tok)?)),
     };
     let chat = match &format {
@@ -245,6 +247,9 @@ fn build_dataset(
         Format::Completion => formats::completion(tok, fields, &ds.field),
         Format::Alpaca => formats::alpaca(tok, fields, config.train_on_inputs),
         Format::InputOutput => formats::input_output(tok, fields),
+        Format::Pretokenized => {
+            formats::pretokenized(fields, tok.tokenizer.get_vocab_size(true), i)
+        }
         Format::Chat(_) => chat
             .as_ref()
             .map_or(Err(RecordProblem::EmptyAfterMasking), |c| c.sample(fields)),

@@ -291,11 +291,18 @@ fn dataset_missing_path() {
     );
 }
 
+/// As in axolotl, a dataset without `type:` holds pre-tokenized records.
 #[test]
-fn dataset_missing_type() {
+fn dataset_without_type_is_pretokenized() {
+    let c = crate::config::TrainConfig::from_yaml_str(
+        "base_model: /models/m\ndatasets:\n  - path: a.jsonl\n    type: completion\n  - path: b.jsonl\n",
+        "t.yaml",
+    )
+    .unwrap()
+    .config;
     assert_eq!(
-        err("base_model: /models/m\ndatasets:\n  - path: a.jsonl\n    type: completion\n  - path: b.jsonl\n"),
-        "t.yaml: missing required key 'datasets[1].type' (one of completion, alpaca, chat_template, input_output)"
+        c.datasets[1].ds_type,
+        crate::config::DatasetType::Pretokenized
     );
 }
 
@@ -315,7 +322,7 @@ fn dataset_unknown_key() {
 fn dataset_bad_type() {
     assert_eq!(
         err("base_model: /models/m\ndatasets:\n  - path: a.jsonl\n    type: sharegpt\n"),
-        "t.yaml: key 'datasets[0].type' must be one of completion, alpaca, chat_template, input_output; got 'sharegpt'"
+        "t.yaml: key 'datasets[0].type' must be one of completion, alpaca, chat_template, input_output, pretokenized; got 'sharegpt'"
     );
 }
 
