@@ -215,3 +215,56 @@ fn axolotl_schedule_keys_set_the_learning_rate() {
         assert!((got - want).abs() < 1e-12, "{lrs:?} vs {want:?}");
     }
 }
+
+/// `lora_model_dir`: a second run starting from the first run's adapter begins at the first
+/// run's loss, not at the untrained one; an adapter of another rank is refused in one line.
+#[test]
+fn training_continues_from_an_adapter() {
+    let first = tempfile::tempdir().unwrap();
+    let cfg = config(
+        first.path(),
+        "max_steps: 40\nlogging_steps: 1\nwarmup_steps: 5",
+    );
+    let (code, _, stderr) = moeq(&["train", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    // Training records (the others are evaluations and the run header).
+    let steps = |dir: &Path| -> Vec<f64> {
+        metrics(dir)
+            .iter()
+            .filter(|r| r.get("tokens_per_s").is_some())
+            .map(|r| r["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let m1 = steps(first.path());
+    let (start, end) = (m1[0], m1[m1.len() - 1]);
+    assert!(end < start - 1.0, "the first run learns: {start} → {end}");
+    let adapter = first.path().join("out");
+    assert!(adapter.join("adapter_model.safetensors").is_file());
+    let second = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "max_steps: 5\nlogging_steps: 1\nwarmup_steps: 1\nlora_model_dir: {}",
+        adapter.display()
+    );
+    let cfg = config(second.path(), &extra);
+    let (code, _, stderr) = moeq(&["train", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("starting from the adapter"), "{stderr}");
+    let again = steps(second.path())[0];
+    assert!(
+        again < (start + end) / 2.0,
+        "the second run starts from the first's adapter: {again} vs {start} → {end}"
+    );
+    let third = tempfile::tempdir().unwrap();
+    let cfg = config(
+        third.path(),
+        &format!(
+            "lora_r: 4\nlora_alpha: 8\nlora_model_dir: {}",
+            adapter.display()
+        ),
+    );
+    let (code, _, stderr) = moeq(&["train", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains("set lora_r: "), "{stderr}");
+}

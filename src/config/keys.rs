@@ -63,6 +63,10 @@ pub const SUPPORTED_KEYS: &[(&str, &str)] = &[
         "fused expert weights to adapt, e.g. mlp.experts.gate_up_proj (none)",
     ),
     (
+        "lora_model_dir",
+        "a LoRA adapter directory (moeq's or PEFT's) to continue training from, with a fresh optimizer; its r, alpha and targets must be the config's (none: new adapters)",
+    ),
+    (
         "peft_use_rslora",
         "scale by alpha / sqrt(r) instead of alpha / r (false)",
     ),
@@ -400,7 +404,6 @@ pub const UNSUPPORTED_AXOLOTL_KEYS: &[(&str, &str)] = &[
     ("deepspeed", "moeq does its own distribution; remove 'deepspeed' and launch with moeq-launch"),
     ("fsdp", "moeq does its own distribution; remove 'fsdp' and launch with moeq-launch"),
     ("fsdp_config", "moeq does its own distribution; remove 'fsdp_config' and launch with moeq-launch"),
-    ("lora_model_dir", "moeq cannot yet start from an existing adapter; remove 'lora_model_dir' to train a new one"),
     ("load_in_8bit", "moeq quantizes to 4 bits only; use load_in_4bit: true"),
     ("peft_use_dora", "moeq does not implement DoRA; remove 'peft_use_dora'"),
     ("lora_modules_to_save", "moeq trains adapters only, never full modules; remove 'lora_modules_to_save'"),
@@ -452,6 +455,7 @@ const SYNONYMS: &[(&str, &str)] = &[
     ("per_device_train_batch_size", "micro_batch_size"),
     ("num_train_epochs", "num_epochs"),
     ("model_name_or_path", "base_model"),
+    ("model", "base_model"),
     ("optim", "optimizer"),
 ];
 

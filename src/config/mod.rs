@@ -144,6 +144,9 @@ pub struct TrainConfig {
     pub lora_target_linear: bool,
     pub lora_target_parameters: Vec<String>,
     pub peft_use_rslora: bool,
+    /// An adapter to start from (`train::build`); `None` initialises new ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora_model_dir: Option<PathBuf>,
 
     // --- data ---
     pub datasets: Vec<DatasetConfig>,

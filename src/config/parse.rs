@@ -136,6 +136,7 @@ fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
         lora_target_modules,
         lora_target_linear,
         lora_target_parameters: f.string_list("lora_target_parameters")?.unwrap_or_default(),
+        lora_model_dir: f.string("lora_model_dir")?.map(PathBuf::from),
         peft_use_rslora: f.bool("peft_use_rslora")?.unwrap_or(false),
         datasets: datasets(f, warnings)?,
         dataset_prepared_path: f.string("dataset_prepared_path")?.map(PathBuf::from),

@@ -348,6 +348,10 @@ fn make_adapters(
         adapters.num_params_global(),
         adapters.num_params()
     );
+    if let Some(dir) = &config.lora_model_dir {
+        super::resume::start_from_adapter(&adapters, dir, spec)?;
+        tracing::info!("LoRA: starting from the adapter in {}", dir.display());
+    }
     Ok(adapters)
 }
 

@@ -185,3 +185,57 @@ pub(crate) fn save_checkpoint(
     watch.resume(paused);
     Ok(())
 }
+
+/// Puts the adapter in `dir` (`lora_model_dir`: moeq's or PEFT's files) into this rank's
+/// adapters (expert parts cut to the experts it holds). Its rank, alpha, scaling and targets
+/// must be the config's, so training continues the same function.
+pub(crate) fn start_from_adapter(
+    adapters: &Adapters,
+    dir: &std::path::Path,
+    spec: &crate::arch::ArchSpec,
+) -> Result<(), TrainError> {
+    let bad = |m: String| TrainError::Input(format!("lora_model_dir {}: {m}", dir.display()));
+    let loaded = crate::lora::peft::load(dir, spec, &candle_core::Device::Cpu).map_err(bad)?;
+    let (have, want) = (&loaded.settings, &adapters.settings);
+    if have.r != want.r {
+        return Err(bad(format!(
+            "the adapter has r = {}, this config lora_r {}: set lora_r: {}",
+            have.r, want.r, have.r
+        )));
+    }
+    if have.alpha != want.alpha || have.use_rslora != want.use_rslora {
+        return Err(bad(format!(
+            "the adapter scales by lora_alpha {} (rslora {}), this config by {} (rslora {}): set lora_alpha and peft_use_rslora as the adapter's",
+            have.alpha, have.use_rslora, want.alpha, want.use_rslora
+        )));
+    }
+    let saved = loaded.vars();
+    let names: Vec<&String> = saved.iter().map(|(n, _)| n).collect();
+    let vars = adapters.vars();
+    let ours: Vec<&String> = vars.iter().map(|(n, _)| n).collect();
+    if names != ours {
+        let only = |a: &[&String], b: &[&String]| -> Vec<String> {
+            a.iter()
+                .filter(|n| !b.contains(n))
+                .take(2)
+                .map(|n| n.to_string())
+                .collect()
+        };
+        return Err(bad(format!(
+            "its LoRA targets differ from this config's (only in the adapter: {:?}; only in the config: {:?}): set lora_target_modules and lora_target_parameters as in its adapter_config.json",
+            only(&names, &ours),
+            only(&ours, &names)
+        )));
+    }
+    let parts = adapters.expert_parts();
+    for ((name, v), (_, w)) in vars.iter().zip(&saved) {
+        let full = w.as_tensor();
+        let t = match parts.get(name) {
+            Some((e, part)) => e.local(*part, full).map_err(failed)?,
+            None => full.clone(),
+        };
+        v.set(&t.to_device(v.device()).map_err(failed)?)
+            .map_err(failed)?;
+    }
+    Ok(())
+}

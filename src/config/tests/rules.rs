@@ -63,15 +63,6 @@ fn fsdp_present() {
 }
 
 #[test]
-fn lora_model_dir_present() {
-    assert_eq!(
-        err_with("lora_model_dir: ./old-adapter\n"),
-        "t.yaml: key 'lora_model_dir' is not supported: moeq cannot yet start from an existing adapter; remove \
-         'lora_model_dir' to train a new one"
-    );
-}
-
-#[test]
 fn load_in_8bit_true() {
     assert_eq!(
         err_with("load_in_8bit: true\n"),
