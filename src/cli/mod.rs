@@ -3,6 +3,7 @@
 //! 0 success, 1 failure while working, 2 bad input (flags, config, data, checkpoint files).
 
 mod eval;
+mod export_adapter;
 mod gpu_bench;
 mod gpu_check;
 mod inspect;
@@ -38,6 +39,8 @@ pub enum Command {
     /// Run the data pipeline as train would, without weights: statistics, the samples as JSONL
     /// (--out), samples with their trained tokens marked (--show N).
     Preprocess(preprocess::PreprocessArgs),
+    /// Rewrite an adapter in a serving layout (per-expert 2-D LoRA tensors).
+    ExportAdapter(export_adapter::ExportAdapterArgs),
     /// Write a deterministic random-init Hugging Face checkpoint.
     Synth(synth::SynthArgs),
     /// Write a pre-quantized (bitsandbytes 4-bit) checkpoint that train loads directly.
@@ -81,6 +84,9 @@ pub fn main() -> ExitCode {
             with_logging(cli.log_level.as_deref(), || preprocess::run(args))
         }
         Command::Synth(args) => with_logging(cli.log_level.as_deref(), || synth::run(args)),
+        Command::ExportAdapter(args) => {
+            with_logging(cli.log_level.as_deref(), || export_adapter::run(args))
+        }
         Command::Quantize(args) => with_logging(cli.log_level.as_deref(), || quantize::run(args)),
         Command::Inspect(args) => with_logging(cli.log_level.as_deref(), || inspect::run(args)),
         Command::GpuCheck(args) => with_logging(cli.log_level.as_deref(), || gpu_check::run(args)),

@@ -8,6 +8,7 @@
 //! B is zero, so training starts from the base model exactly. Values are drawn from a ChaCha
 //! stream per adapter name, so initialisation does not depend on iteration order.
 
+pub mod export;
 pub mod peft;
 
 use crate::arch::{target_matches, ArchSpec, Component};
