@@ -93,56 +93,30 @@ fn native_library(nvcc: &str, out: &Path) {
     );
     let mut objects = Vec::new();
     for src in cu_files("kernels/sm90") {
-        let obj = out.join(format!(
-            "sm90_{}.o",
-            src.file_stem()
-                .and_then(|s| s.to_str())
-                .expect("utf-8 name")
-        ));
-        let status = Command::new(nvcc)
-            .args([
-                "-c",
-                "-O3",
-                "-std=c++20",
-                "-arch=sm_90a",
-                "--expt-relaxed-constexpr",
-            ])
-            .args(["-DNDEBUG", "-Xcompiler", "-fPIC"])
-            .arg(format!("-I{}", cutlass.join("include").display()))
-            .arg(format!(
-                "-I{}",
-                cutlass.join("tools/util/include").display()
-            ))
-            .arg(&src)
-            .arg("-o")
-            .arg(&obj)
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run {nvcc}: {e}"));
-        assert!(status.success(), "nvcc failed on {}", src.display());
-        objects.push(obj);
+        let flags = [
+            "-O3",
+            "-std=c++20",
+            "-arch=sm_90a",
+            "--expt-relaxed-constexpr",
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain([
+            format!("-I{}", cutlass.join("include").display()),
+            format!("-I{}", cutlass.join("tools/util/include").display()),
+        ]);
+        objects.push(object(nvcc, out, "sm90", &src, flags.collect()));
     }
     for src in files_ending("kernels/cudnn", "cpp") {
-        let obj = out.join(format!(
-            "cudnn_{}.o",
-            src.file_stem()
-                .and_then(|s| s.to_str())
-                .expect("utf-8 name")
-        ));
-        let status = Command::new(nvcc)
-            .args(["-c", "-O2", "-std=c++17", "-DNDEBUG"])
-            .args([
-                "-DNV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING",
-                "-Xcompiler",
-                "-fPIC",
-            ])
-            .arg(format!("-I{}", cudnn.join("include").display()))
-            .arg(&src)
-            .arg("-o")
-            .arg(&obj)
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run {nvcc}: {e}"));
-        assert!(status.success(), "nvcc failed on {}", src.display());
-        objects.push(obj);
+        let flags = [
+            "-O2",
+            "-std=c++17",
+            "-DNV_CUDNN_FRONTEND_USE_DYNAMIC_LOADING",
+        ]
+        .map(String::from)
+        .into_iter()
+        .chain([format!("-I{}", cudnn.join("include").display())]);
+        objects.push(object(nvcc, out, "cudnn", &src, flags.collect()));
     }
     let lib = out.join("libmoeq_native.a");
     let _ = std::fs::remove_file(&lib);
@@ -163,6 +137,25 @@ fn native_library(nvcc: &str, out: &Path) {
     for lib in ["stdc++", "dl", "rt", "pthread"] {
         println!("cargo:rustc-link-lib=dylib={lib}");
     }
+}
+
+/// `src` compiled by nvcc with `flags` (plus `-c -DNDEBUG -fPIC`) into `{out}/{prefix}_{stem}.o`.
+fn object(nvcc: &str, out: &Path, prefix: &str, src: &Path, flags: Vec<String>) -> PathBuf {
+    let stem = src
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .expect("utf-8 name");
+    let obj = out.join(format!("{prefix}_{stem}.o"));
+    let status = Command::new(nvcc)
+        .args(["-c", "-DNDEBUG", "-Xcompiler", "-fPIC"])
+        .args(&flags)
+        .arg(src)
+        .arg("-o")
+        .arg(&obj)
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {nvcc}: {e}"));
+    assert!(status.success(), "nvcc failed on {}", src.display());
+    obj
 }
 
 /// The folder holding `libcudart_static.a`: `$CUDA_ROOT/lib64` or `lib`, or beside nvcc's real

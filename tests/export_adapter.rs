@@ -47,16 +47,7 @@ fn random_adapter(md: &ModelDir) -> Adapters {
 }
 
 fn max_diff(x: &Tensor, y: &Tensor) -> f32 {
-    (x - y)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    common::max_abs(&(x - y).unwrap())
 }
 
 #[test]
@@ -79,15 +70,18 @@ fn per_expert_tensors_give_the_3d_adapters_outputs() {
         let src = tmp.path().join("adapter");
         peft::save(&a, "m", &src).unwrap();
         let out = tmp.path().join("exported");
-        let (code, _, stderr) = moeq(&[
-            "export-adapter",
-            "--model",
-            tmp.path().join("m").to_str().unwrap(),
-            "--adapter",
-            src.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let export = || {
+            moeq(&[
+                "export-adapter",
+                "--model",
+                tmp.path().join("m").to_str().unwrap(),
+                "--adapter",
+                src.to_str().unwrap(),
+                "--out",
+                out.to_str().unwrap(),
+            ])
+        };
+        let (code, _, stderr) = export();
         assert_eq!(code, 0, "{stderr}");
         let got =
             candle_core::safetensors::load(out.join("adapter_model.safetensors"), &Device::Cpu)
@@ -172,15 +166,7 @@ fn per_expert_tensors_give_the_3d_adapters_outputs() {
         }
         assert_eq!(cfg["r"], 4);
         // An existing --out is refused in one line, nothing written.
-        let (code, _, stderr) = moeq(&[
-            "export-adapter",
-            "--model",
-            tmp.path().join("m").to_str().unwrap(),
-            "--adapter",
-            src.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+        let (code, _, stderr) = export();
         assert_eq!(code, 2, "{stderr}");
         assert!(stderr.contains("already exists"), "{stderr}");
     }
