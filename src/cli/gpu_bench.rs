@@ -126,7 +126,7 @@ fn median_time(
 /// a uniform random top-8 routing: each piece on its own, with TFLOP/s.
 #[cfg(feature = "cuda")]
 fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(), CliError> {
-    use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
+    use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights, GroupedLora};
     use crate::ops::grouped_gemm::sm90::{
         self, set_backend, set_variant, Backend, Backend::*, VARIANTS,
     };
@@ -270,6 +270,15 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
             2.0 * (m * 16 * (h + 2 * i)) as f64,
             median_time(dev, iters, &|| {
                 grouped_lora(&x, &a, &b, &counts, 0, 16, 2.0).map(|_| ())
+            })?,
+        ),
+        (
+            "grouped_lora gate_up r16 backward (dx, dA, dB)",
+            4.0 * (m * 16 * (h + 2 * i)) as f64,
+            median_time(dev, iters, &|| {
+                GroupedLora::new(&counts, 0, 16, 2.0)
+                    .backward(&x, &a, &b, &dgu)
+                    .map(|_| ())
             })?,
         ),
     ];

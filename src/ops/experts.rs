@@ -16,6 +16,7 @@
 
 use super::grouped_gemm::{grouped_gemm, grouped_outer, Gemm, Product};
 use super::nf4_linear::{Nf4Weight, Scales};
+use super::thin_gemm::{self, ThinPlan};
 use crate::quant::{op::dequantize, QuantKind};
 use candle_core::{CustomOp1, CustomOp3, DType, Result, Tensor};
 use std::ops::Range;
@@ -295,17 +296,22 @@ pub(crate) struct GroupedLora {
     first: usize,
     r: usize,
     scaling: f64,
+    /// The grouping for the tensor-core kernels (`ops::thin_gemm`), where they apply.
+    plan: ThinPlan,
 }
 
 impl GroupedLora {
     /// The adapters of the local experts `first..first+counts.len()`, `counts[e]` rows each.
     pub(crate) fn new(counts: &[usize], first: usize, r: usize, scaling: f64) -> GroupedLora {
-        GroupedLora {
+        let mut l = GroupedLora {
             counts: counts.to_vec(),
             first,
             r,
             scaling,
-        }
+            plan: ThinPlan::new(Vec::new()),
+        };
+        l.plan = ThinPlan::new(l.groups());
+        l
     }
 
     /// (global expert, first row, rows) of each local expert that has rows.
@@ -346,9 +352,38 @@ impl GroupedLora {
 
     /// x [M, in], A [r·E, in], B [out, r·E] → the update [M, out] (× scaling).
     pub(crate) fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(self.apply(x, a, b, None)?.0)
+    }
+
+    /// `y` plus the update (in y's buffer where the kernels apply: y must be a tensor nothing
+    /// else reads), and the rank-r hidden `x · A_eᵀ` [M, r] for the backward.
+    pub(crate) fn forward_into(
+        &self,
+        y: Tensor,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        self.apply(x, a, b, Some(y))
+    }
+
+    /// (the update, added into `into` when given; the hidden [M, r]).
+    fn apply(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        into: Option<Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
         let (a3, b3) = lora_factors(a, b, self.r, x.dtype())?;
+        let (m, inp) = x.dims2()?;
+        let (out, r) = (b.dim(0)?, self.r);
+        if self.plan.applies(x, r, &[inp, out]) {
+            let h = thin_gemm::project(x, &a3, &self.plan, 1.0)?;
+            let y = thin_gemm::expand(&h, &b3, &self.plan, self.scaling, into)?;
+            return Ok((y, h));
+        }
         let h = self.hidden(x, &a3)?;
-        let (m, out, r) = (x.dim(0)?, b.dim(0)?, self.r);
         let ps = self.products(|e, s, n| Product {
             a: s * r,
             b: e * out * r,
@@ -357,7 +392,12 @@ impl GroupedLora {
             n: out,
             k: r,
         });
-        grouped_gemm(&h, &b3, m * out, &ps, Gemm::nt(self.scaling))?.reshape((m, out))
+        let u = grouped_gemm(&h, &b3, m * out, &ps, Gemm::nt(self.scaling))?.reshape((m, out))?;
+        let y = match into {
+            Some(y) => (y + u)?,
+            None => u,
+        };
+        Ok((y, h.reshape((m, r))?))
     }
 }
 
@@ -390,13 +430,58 @@ impl GroupedLora {
         b: &Tensor,
         dy: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        self.backward_into(x, a, b, dy, None, None)
+    }
+
+    /// `backward` with the forward's hidden `h` [M, r] where kept (else recomputed) and dx
+    /// added into `dx_into` where given (in its buffer where the kernels apply).
+    pub(crate) fn backward_into(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+        h: Option<&Tensor>,
+        dx_into: Option<Tensor>,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let _t = crate::util::phases::Span::start("bwd: grouped_lora", x.device());
         let dy = dy.to_dtype(x.dtype())?.contiguous()?;
-        let (a3, b3) = lora_factors(a, b, self.r, x.dtype())?;
-        let h = self.hidden(x, &a3)?;
         let (m, inp) = x.dims2()?;
         let (out, r, num_experts) = (b.dim(0)?, self.r, a.dim(0)? / self.r);
         let s = self.scaling;
+        if self.plan.applies(x, r, &[inp, out]) {
+            let dt = x.dtype();
+            let h = match h {
+                Some(h) => h.clone(),
+                None => {
+                    let a3 = a.to_dtype(dt)?.reshape((num_experts, r, inp))?;
+                    thin_gemm::project(x, &a3, &self.plan, 1.0)?
+                }
+            };
+            // Bᵀ per expert [E, r, out] (B's column k·E + e is expert e's k) and Aᵀ [E, in, r].
+            let bt = b
+                .to_dtype(dt)?
+                .reshape((out, r, num_experts))?
+                .permute((2, 1, 0))?
+                .contiguous()?;
+            let dh = thin_gemm::project(&dy, &bt, &self.plan, s)?;
+            let dbt3 = thin_gemm::outer(&h, &dy, &self.plan, num_experts, s)?;
+            let da3 = thin_gemm::outer(&dh, x, &self.plan, num_experts, 1.0)?;
+            let at = a
+                .to_dtype(dt)?
+                .reshape((num_experts, r, inp))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let dx = thin_gemm::expand(&dh, &at, &self.plan, 1.0, dx_into)?;
+            let db = dbt3.permute((2, 1, 0))?.reshape((out, r * num_experts))?;
+            return Ok((
+                dx,
+                da3.reshape((r * num_experts, inp))?.to_dtype(a.dtype())?,
+                db.to_dtype(b.dtype())?,
+            ));
+        }
+        let (a3, b3) = lora_factors(a, b, self.r, x.dtype())?;
+        let h = self.hidden(x, &a3)?;
         let dh = grouped_gemm(
             &dy,
             &b3,
@@ -430,13 +515,18 @@ impl GroupedLora {
                 k: r,
             }),
             Gemm::nn(1.0),
-        )?;
+        )?
+        .reshape((m, inp))?;
+        let dx = match dx_into {
+            Some(base) => (base + dx)?,
+            None => dx,
+        };
         let db = dbt3
             .reshape((num_experts, r, out))?
             .permute((2, 1, 0))?
             .reshape((out, r * num_experts))?;
         Ok((
-            dx.reshape((m, inp))?,
+            dx,
             da3.reshape((r * num_experts, inp))?.to_dtype(a.dtype())?,
             db.to_dtype(b.dtype())?,
         ))

@@ -29,3 +29,9 @@ pub const FLASH_ATTN: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.
 
 #[cfg(feature = "cuda")]
 pub const LORA: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
+
+#[cfg(feature = "cuda")]
+pub const ADAMW: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
+
+#[cfg(feature = "cuda")]
+pub const GROUPED_LORA: &str = include_str!(concat!(env!("OUT_DIR"), "/grouped_lora.ptx"));

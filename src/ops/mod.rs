@@ -1,6 +1,7 @@
 //! Custom ops with a CPU reference and a CUDA implementation (kernels in `kernels/`), each
 //! with a backward pass, tested against each other.
 
+pub mod adamw;
 pub mod attention;
 pub mod attention_block;
 pub mod attn_softmax;
@@ -20,6 +21,7 @@ pub mod rope;
 pub mod routed_experts;
 pub mod routing;
 pub mod swiglu;
+pub mod thin_gemm;
 
 pub use swiglu::swiglu;
 

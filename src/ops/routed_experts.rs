@@ -42,8 +42,6 @@ struct Packing {
     gate_up: bool,
     down: bool,
     shapes: Vec<Shape>,
-    r: usize,
-    scaling: f64,
 }
 
 impl Packing {
@@ -78,10 +76,11 @@ struct Saved {
     /// gate_up's output [M, 2I] and the expert outputs [M, H].
     gu: Tensor,
     y: Tensor,
-    /// The adapters' inputs: the gathered rows [M, H] (gate_up) and the activations [M, I]
-    /// (down), where that projection has an adapter.
-    xs: Option<Tensor>,
-    act: Option<Tensor>,
+    /// The adapters' inputs and rank-r hiddens: the gathered rows [M, H] (gate_up) and the
+    /// activations [M, I] (down), with `x · A_eᵀ` [M, r] of each, where that projection has
+    /// an adapter.
+    xs: Option<(Tensor, Tensor)>,
+    act: Option<(Tensor, Tensor)>,
 }
 
 struct RoutedExperts {
@@ -90,6 +89,8 @@ struct RoutedExperts {
     down: ExpertWeights,
     counts: Vec<usize>,
     lora: Option<Packing>,
+    /// The adapters' products over `counts` (one plan for the forward and the backward).
+    adapter: Option<GroupedLora>,
     /// Whether the forward keeps its intermediates for the backward.
     keep: bool,
     saved: Mutex<Option<Saved>>,
@@ -102,12 +103,6 @@ fn grouped(x: &Tensor, w: &ExpertWeights, counts: &[usize], forward: bool) -> Re
 }
 
 impl RoutedExperts {
-    fn adapter(&self) -> Option<GroupedLora> {
-        self.lora
-            .as_ref()
-            .map(|p| GroupedLora::new(&self.counts, 0, p.r, p.scaling))
-    }
-
     fn forward(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         self.forward_with(x, w, None, None)
     }
@@ -127,19 +122,23 @@ impl RoutedExperts {
         gate_up_lora: Option<&(Tensor, Tensor)>,
         down_lora: Option<&(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let adapter = self.adapter();
         let xs = super::routing::gather_forward(x, &self.order)?; // [M, H]
         let mut gu = grouped(&xs, &self.gate_up, &self.counts, true)?; // [M, 2I]
-        if let (Some((a, b)), Some(l)) = (gate_up_lora, &adapter) {
-            gu = (gu + l.forward(&xs, a, b)?)?;
+        let mut xs_h = None;
+        if let (Some((a, b)), Some(l)) = (gate_up_lora, &self.adapter) {
+            let (sum, h) = l.forward_into(gu, &xs, a, b)?;
+            gu = sum;
+            xs_h = Some((xs, h));
         }
-        let xs = gate_up_lora.map(|_| xs);
         let act = super::swiglu::packed_forward(&gu)?; // [M, I]
         let mut y = grouped(&act, &self.down, &self.counts, true)?; // [M, H]
-        if let (Some((a, b)), Some(l)) = (down_lora, &adapter) {
-            y = (y + l.forward(&act, a, b)?)?;
+        let mut act_h = None;
+        if let (Some((a, b)), Some(l)) = (down_lora, &self.adapter) {
+            let (sum, h) = l.forward_into(y, &act, a, b)?;
+            y = sum;
+            act_h = Some((act, h));
         }
-        let act = down_lora.map(|_| act);
+        let (xs, act) = (xs_h, act_h);
         let out = super::routing::combine_forward(&y, w, &self.order)?;
         if self.keep {
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { gu, y, xs, act });
@@ -164,23 +163,22 @@ impl RoutedExperts {
             (Some(p), Some(flat)) => p.unpack(flat)?,
             _ => (None, None),
         };
-        let adapter = self.adapter();
         let mut dflat = Vec::new();
         let (dy, dw) = super::routing::combine_backward(&y, w, &self.order, grad)?;
         drop(y);
         let mut dact = grouped(&dy, &self.down, &self.counts, false)?.to_dtype(x.dtype())?;
-        if let (Some((a, b)), Some(act), Some(l)) = (&down_lora, &act, &adapter) {
-            let (dx_l, da, db) = l.backward(act, a, b, &dy)?;
-            dact = (dact + dx_l)?;
+        if let (Some((a, b)), Some((act, h)), Some(l)) = (&down_lora, &act, &self.adapter) {
+            let (sum, da, db) = l.backward_into(act, a, b, &dy, Some(h), Some(dact))?;
+            dact = sum;
             dflat.extend([da, db]);
         }
         drop((dy, act));
         let dgu = super::swiglu::packed_backward(&gu, &dact)?;
         drop((gu, dact));
         let mut dxs = grouped(&dgu, &self.gate_up, &self.counts, false)?.to_dtype(x.dtype())?;
-        if let (Some((a, b)), Some(xs), Some(l)) = (&gate_up_lora, &xs, &adapter) {
-            let (dx_l, da, db) = l.backward(xs, a, b, &dgu)?;
-            dxs = (dxs + dx_l)?;
+        if let (Some((a, b)), Some((xs, h)), Some(l)) = (&gate_up_lora, &xs, &self.adapter) {
+            let (sum, da, db) = l.backward_into(xs, a, b, &dgu, Some(h), Some(dxs))?;
+            dxs = sum;
             // Packing order: gate_up's factors first.
             dflat.splice(0..0, [da, db]);
         }
@@ -303,12 +301,11 @@ pub fn routed_experts(
         gate_up: gate_up.clone(),
         down: down.clone(),
         counts: counts.to_vec(),
+        adapter: lora.map(|l| GroupedLora::new(counts, 0, l.r, l.scaling)),
         lora: lora.map(|l| Packing {
             gate_up: l.gate_up.is_some(),
             down: l.down.is_some(),
             shapes: factors.iter().map(|t| t.shape().clone()).collect(),
-            r: l.r,
-            scaling: l.scaling,
         }),
         keep,
         saved: Mutex::new(None),

@@ -7,6 +7,7 @@
 //!   p ← p·(1 − lr·wd);  m ← β1·m + (1−β1)·g;  v ← β2·v + (1−β2)·g²
 //!   p ← p − (lr / (1−β1ᵗ)) · m / (√v / √(1−β2ᵗ) + ε)
 
+use crate::ops::adamw::{fused_step, StepScalars};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Result, Tensor, Var};
 
@@ -55,11 +56,11 @@ impl AdamW {
                         var.dtype()
                     );
                 }
-                let zeros = var.as_tensor().zeros_like()?;
+                // Two buffers: the CUDA update writes the moments in place.
                 Ok(Slot {
                     name,
-                    m: zeros.clone(),
-                    v: zeros,
+                    m: var.as_tensor().zeros_like()?,
+                    v: var.as_tensor().zeros_like()?,
                     var,
                 })
             })
@@ -79,21 +80,41 @@ impl AdamW {
     /// One update with learning rate `lr`. Parameters without a gradient are left alone, as
     /// PyTorch does; their moments do not advance.
     pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        self.step_clipped(grads, lr, 1.0)
+    }
+
+    /// `step` with every gradient scaled by `clip` first (gradient clipping; 1: unscaled). On
+    /// CUDA each parameter's update is one kernel (`ops::adamw`), equal bit for bit to these
+    /// tensor ops.
+    pub fn step_clipped(&mut self, grads: &GradStore, lr: f64, clip: f64) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let t = self.step as i32;
-        let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2 = 1.0 - c.beta2.powi(t);
+        let s = StepScalars {
+            clip: (clip < 1.0).then_some(clip),
+            beta1: c.beta1,
+            beta2: c.beta2,
+            decay: 1.0 - lr * c.weight_decay,
+            inv_sqrt_bias2: 1.0 / (1.0 - c.beta2.powi(t)).sqrt(),
+            eps: c.eps,
+            step_size: lr / (1.0 - c.beta1.powi(t)),
+        };
         for slot in &mut self.slots {
             let Some(g) = grads.get(slot.var.as_tensor()) else {
                 continue;
             };
-            let g = g.to_dtype(DType::F32)?;
+            if fused_step(slot.var.as_tensor(), g, &slot.m, &slot.v, &s)? {
+                continue;
+            }
+            let mut g = g.to_dtype(DType::F32)?;
+            if let Some(k) = s.clip {
+                g = (g * k)?;
+            }
             slot.m = ((&slot.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
             slot.v = ((&slot.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let decayed = (slot.var.as_tensor() * (1.0 - lr * c.weight_decay))?;
-            let denom = ((slot.v.sqrt()? / bias2.sqrt())? + c.eps)?;
-            let update = ((&slot.m / denom)? * (lr / bias1))?;
+            let decayed = (slot.var.as_tensor() * s.decay)?;
+            let denom = ((slot.v.sqrt()? * s.inv_sqrt_bias2)? + c.eps)?;
+            let update = ((&slot.m / denom)? * s.step_size)?;
             slot.var.set(&(decayed - update)?)?;
         }
         Ok(())
@@ -131,7 +152,8 @@ impl AdamW {
                         dst.dims()
                     );
                 }
-                *dst = t.to_dtype(DType::F32)?.to_device(dst.device())?;
+                // An own buffer: the CUDA update writes the moments in place.
+                *dst = t.to_dtype(DType::F32)?.to_device(dst.device())?.copy()?;
             }
         }
         self.step = step;

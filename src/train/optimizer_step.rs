@@ -173,14 +173,12 @@ impl Run<'_> {
         let mut store = GradStore::default();
         for (name, v) in &self.vars {
             if let Some(g) = grads.get(name) {
-                let g: Tensor = if clip < 1.0 {
-                    (g * clip).map_err(failed)?
-                } else {
-                    g.clone()
-                };
-                store.insert(v.as_tensor(), g);
+                store.insert(v.as_tensor(), g.clone());
             }
         }
-        timed("optimizer", &self.device, || self.opt.step(&store, lr)).map_err(failed)
+        timed("optimizer", &self.device, || {
+            self.opt.step_clipped(&store, lr, clip)
+        })
+        .map_err(failed)
     }
 }

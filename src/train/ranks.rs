@@ -51,7 +51,9 @@ pub(crate) fn all_reduce_grads(
     Ok(())
 }
 
-/// Sum of squares of each gradient in `names` order, one host copy.
+/// Sum of squares of each gradient in `names` order, one host copy. Each gradient is summed
+/// over its last dimension first: candle reduces a whole tensor to one value in a single
+/// block (≈ 0.4 ms for a 4M-element expert adapter on an H200), a row at a time in parallel.
 pub(crate) fn squares(
     grads: &BTreeMap<String, Tensor>,
     names: &[String],
@@ -61,7 +63,15 @@ pub(crate) fn squares(
     }
     let sq = names
         .iter()
-        .map(|n| grads[n].sqr()?.sum_all())
+        .map(|n| {
+            let g = &grads[n];
+            let rows = if g.rank() >= 2 {
+                g.sqr()?.sum(candle_core::D::Minus1)?
+            } else {
+                g.sqr()?
+            };
+            rows.sum_all()
+        })
         .collect::<candle_core::Result<Vec<_>>>()?;
     Ok(Tensor::stack(&sq, 0)?
         .to_vec1::<f32>()?

@@ -3,6 +3,7 @@
 //! (fused cross-entropy rows, the routing plan, embedding rows, drawn weights). Each comparison
 //! takes its tolerance from `tolerance::TOLERANCES` by op, dtype and pass.
 
+mod adamw;
 mod attention;
 #[cfg(feature = "cuda")]
 mod cudnn;
@@ -11,6 +12,7 @@ mod outer;
 mod rows;
 #[cfg(feature = "cuda")]
 mod sm90;
+mod thin;
 
 use nf4::check_nf4_linear;
 
@@ -428,6 +430,8 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
         )?);
     }
     out.extend(rows::check_rows(device)?);
+    out.extend(adamw::check_adamw(device)?);
+    out.extend(thin::check_thin_gemm(device)?);
     #[cfg(feature = "cuda")]
     out.extend(sm90::check_sm90_grouped(device)?);
     #[cfg(feature = "cuda")]
