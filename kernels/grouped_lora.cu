@@ -9,16 +9,21 @@
 //                  H [M, r], V [E, N, r] (the update s·h·Bᵀ added to the base projection's
 //                  output, and dx = dh·A through A stored [E, in, r] added to the base dx)
 //   lora_outer_mma: D[e, j, n] = T(α · Σ_{rows of e} R[row, j] · X[row, n])   R [M, r], X [M, N]
-//                  (the factors' weight gradients, reduced over each expert's rows)
+//                  (the factors' weight gradients, reduced over each expert's rows), in two
+//                  kernels: f32 partial sums over chunks of ≤ 256 rows of a group into a
+//                  workspace [chunks, r, N], then `lora_outer_reduce` sums each group's
+//                  partials in chunk order — a long group (routing is rarely even) does not
+//                  leave one CTA walking thousands of rows while the others idle.
 //
 // project and expand take a table of row tiles (expert, first row, rows ≤ 64), outer one of
-// groups (expert, first row, rows); every CTA reduces in a fixed order (no atomics), so
-// results repeat bit for bit. K and N are multiples of 8 and all buffers 16-byte aligned (the
+// row chunks (first row, rows ≤ 256, workspace slot) and its reduction one of groups (expert,
+// first slot, slots); every sum runs in a fixed order (no atomics), so results repeat bit for
+// bit. K and N are multiples of 8 and all buffers 16-byte aligned (the
 // host checks): tiles move in 16-byte chunks. Rows past a tile's or group's end read zeros and
 // are not written. expand stages its tile in shared memory so Y is read and written in
 // coalesced 16-byte chunks; its two roundings are those of a separate bf16 GEMM and add.
-// Launch: project grid (tiles), expand grid (tiles, ⌈N/128⌉), outer grid (groups, ⌈N/128⌉);
-// 128 threads. CPU twin: src/ops/experts.rs (GroupedLora through `grouped_gemm`'s candle
+// Launch: project grid (tiles), expand grid (tiles, ⌈N/128⌉), outer grid (chunks, ⌈N/128⌉),
+// reduce grid (⌈r·N/512⌉ capped, groups); 128 threads. CPU twin: src/ops/experts.rs (GroupedLora through `grouped_gemm`'s candle
 // matmuls). Checked: src/gpu_check/ops/thin.rs (the "thin_gemm" entries) and through
 // "grouped_lora" / "routed_experts" in bf16.
 #include "common.cuh"
@@ -181,11 +186,10 @@ __device__ void expand(const bf16* Hm, const bf16* V, const uint32_t* tiles, bf1
 }
 
 template <int RP>
-__device__ void outer(const bf16* R, const bf16* X, const uint32_t* groups, bf16* D, int r, int N,
-                      float alpha) {
+__device__ void outer(const bf16* R, const bf16* X, const uint32_t* chunks, float* P, int r, int N) {
   __shared__ __align__(16) bf16 rs[OUTER_ROWS][RP + PAD];  // [row][j]: A = Rᵀ, loaded transposed
   __shared__ __align__(16) bf16 xs[OUTER_ROWS][BN + PAD];  // [row][n]: B, loaded transposed
-  const int e = groups[3 * blockIdx.x], first = groups[3 * blockIdx.x + 1], rows = groups[3 * blockIdx.x + 2];
+  const int first = chunks[3 * blockIdx.x], rows = chunks[3 * blockIdx.x + 1], slot = chunks[3 * blockIdx.x + 2];
   const int n0 = blockIdx.y * BN;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
   const int q = lane >> 3, i8 = lane & 7;
@@ -235,12 +239,34 @@ __device__ void outer(const bf16* R, const bf16* X, const uint32_t* groups, bf16
       for (int half = 0; half < 2; ++half) {
         const int j = m * 16 + g + 8 * half;
         if (j >= r) continue;
-        __nv_bfloat162 v;
-        v.x = __float2bfloat16_rn(alpha * acc[m][t][2 * half]);
-        v.y = __float2bfloat16_rn(alpha * acc[m][t][2 * half + 1]);
-        *reinterpret_cast<__nv_bfloat162*>(D + ((size_t)e * r + j) * N + n) = v;
+        *reinterpret_cast<float2*>(P + ((size_t)slot * r + j) * N + n) =
+            make_float2(acc[m][t][2 * half], acc[m][t][2 * half + 1]);
       }
     }
+}
+
+// D[e] = T(α · Σ_s P[s]) over a group's chunk partials s = first..first+count, in order.
+__device__ void outer_reduce(const float* P, const uint32_t* groups, bf16* D, int r, int N, float alpha) {
+  const size_t e = groups[3 * blockIdx.y], s0 = groups[3 * blockIdx.y + 1], count = groups[3 * blockIdx.y + 2];
+  const size_t len = (size_t)r * N;
+  for (size_t i = (blockIdx.x * (size_t)THREADS + threadIdx.x) * 4; i < len; i += (size_t)gridDim.x * THREADS * 4) {
+    float4 s = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    for (size_t k = 0; k < count; ++k) {
+      const float4 v = *reinterpret_cast<const float4*>(P + (s0 + k) * len + i);
+      s.x += v.x;
+      s.y += v.y;
+      s.z += v.z;
+      s.w += v.w;
+    }
+    __nv_bfloat162 lo, hi;
+    lo.x = __float2bfloat16_rn(alpha * s.x);
+    lo.y = __float2bfloat16_rn(alpha * s.y);
+    hi.x = __float2bfloat16_rn(alpha * s.z);
+    hi.y = __float2bfloat16_rn(alpha * s.w);
+    __nv_bfloat162* d = reinterpret_cast<__nv_bfloat162*>(D + e * len + i);
+    d[0] = lo;
+    d[1] = hi;
+  }
 }
 
 }  // namespace
@@ -259,9 +285,13 @@ __device__ void outer(const bf16* R, const bf16* X, const uint32_t* groups, bf16
     expand<RP, true>(Hm, V, tiles, Y, N, r, alpha);                                                         \
   }                                                                                                         \
   extern "C" __global__ void __launch_bounds__(THREADS) lora_outer_mma_r##RP(                               \
-      const bf16* R, const bf16* X, const uint32_t* groups, bf16* D, int r, int N, float alpha) {           \
-    outer<RP>(R, X, groups, D, r, N, alpha);                                                                \
+      const bf16* R, const bf16* X, const uint32_t* chunks, float* P, int r, int N) {                       \
+    outer<RP>(R, X, chunks, P, r, N);                                                                       \
   }
+extern "C" __global__ void __launch_bounds__(THREADS)
+    lora_outer_reduce(const float* P, const uint32_t* groups, bf16* D, int r, int N, float alpha) {
+  outer_reduce(P, groups, D, r, N, alpha);
+}
 THIN_KERNELS(16)
 THIN_KERNELS(32)
 THIN_KERNELS(64)

@@ -36,8 +36,13 @@ pub(crate) struct ThinPlan {
 
 #[cfg(feature = "cuda")]
 struct Tables {
+    /// (expert, first row, rows ≤ 64) per row tile of `project` and `expand`.
     tiles: candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>,
     tile_count: usize,
+    /// (first row, rows ≤ 256, workspace slot) per row chunk of `outer`.
+    chunks: candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>,
+    chunk_count: usize,
+    /// (expert, first slot, slots) per group, for `outer`'s reduction.
     groups: candle_core::cuda_backend::cudarc::driver::CudaSlice<u32>,
 }
 
@@ -169,6 +174,8 @@ mod cuda {
 
     /// Rows per tile of `project` and `expand` (kernels/grouped_lora.cu `BM`).
     const TILE_ROWS: usize = 64;
+    /// Rows per partial sum of `outer` (8 of its 32-row steps).
+    const CHUNK_ROWS: usize = 256;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::{bail, DType, Result, Storage, Tensor};
@@ -193,14 +200,20 @@ mod cuda {
                     tiles.extend([e as u32, (first + start) as u32, n as u32]);
                 }
             }
-            let groups: Vec<u32> = self
-                .groups
-                .iter()
-                .flat_map(|&(e, f, r)| [e as u32, f as u32, r as u32])
-                .collect();
+            let (mut chunks, mut groups) = (Vec::new(), Vec::new());
+            for &(e, first, rows) in &self.groups {
+                let slot = chunks.len() / 3;
+                for start in (0..rows).step_by(CHUNK_ROWS) {
+                    let n = (rows - start).min(CHUNK_ROWS);
+                    chunks.extend([(first + start) as u32, n as u32, (chunks.len() / 3) as u32]);
+                }
+                groups.extend([e as u32, slot as u32, (chunks.len() / 3 - slot) as u32]);
+            }
             let t = Tables {
                 tile_count: tiles.len() / 3,
                 tiles: dev.clone_htod(&tiles)?,
+                chunk_count: chunks.len() / 3,
+                chunks: dev.clone_htod(&chunks)?,
                 groups: dev.clone_htod(&groups)?,
             };
             Ok(self.tables.get_or_init(|| t))
@@ -358,6 +371,9 @@ mod cuda {
                 crate::ops::at_offset_zero(rm)?,
                 crate::ops::at_offset_zero(x)?,
             );
+            // SAFETY: the outer kernel writes every chunk's [r, n] partial before the
+            // reduction reads it (same stream).
+            let partial = unsafe { dev.alloc::<f32>(t.chunk_count * r * n)? };
             let (sr, _) = rm.storage_and_layout();
             let (sx, _) = x.storage_and_layout();
             let (so, _) = out.storage_and_layout();
@@ -365,23 +381,36 @@ mod cuda {
             else {
                 bail!("thin_gemm outer: operands not on the GPU")
             };
-            let name = format!("lora_outer_mma_r{}", padded(r));
-            let func = dev.get_or_load_custom_func(
-                &name,
-                "moeq_grouped_lora",
-                crate::ops::kernels::GROUPED_LORA,
-            )?;
+            let load = |name: &str| {
+                dev.get_or_load_custom_func(
+                    name,
+                    "moeq_grouped_lora",
+                    crate::ops::kernels::GROUPED_LORA,
+                )
+            };
+            let func = load(&format!("lora_outer_mma_r{}", padded(r)))?;
             let (ri, ni, a) = (r as i32, n as i32, alpha as f32);
             let mut b = func.builder();
             b.arg(bf16_slice(sr, "outer")?);
             b.arg(bf16_slice(sx, "outer")?);
+            b.arg(&t.chunks);
+            b.arg(&partial);
+            b.arg(&ri);
+            b.arg(&ni);
+            // SAFETY: as in `project`; the workspace holds chunk_count × r × n f32.
+            unsafe { b.launch(cfg((t.chunk_count as u32, n.div_ceil(128) as u32))) }.w()?;
+            let func = load("lora_outer_reduce")?;
+            let mut b = func.builder();
+            b.arg(&partial);
             b.arg(&t.groups);
             b.arg(bf16_slice(so, "outer")?);
             b.arg(&ri);
             b.arg(&ni);
             b.arg(&a);
-            // SAFETY: as in `project`; the output is a fresh [e, r, n].
-            unsafe { b.launch(cfg((groups as u32, n.div_ceil(128) as u32))) }.w()?;
+            // SAFETY: r·n is a multiple of 8 (`applies`), so the float4 reads and bf16 pair
+            // writes stay inside each [r, n] block; the output is a fresh [e, r, n].
+            let blocks = (r * n).div_ceil(512).min(64) as u32;
+            unsafe { b.launch(cfg((blocks, groups as u32))) }.w()?;
             super::LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         out.reshape((e, r, n))

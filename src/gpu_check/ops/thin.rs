@@ -2,9 +2,10 @@
 //! `kernels/grouped_lora.cu`) as the routed experts use them: `GroupedLora::forward_into`
 //! (the update added onto a base output) and `backward_into` (dx added onto a base dx, dA,
 //! dB) in bf16 on the device against the same calls on the CPU in f32 (the `grouped_gemm`
-//! formulation). Shapes cross every tile edge: groups of 1, 63, 64, 65 and 130 rows and an
-//! empty one, reductions of 200 and 264 (not whole 64-wide slices), outputs of 72, 136 and
-//! 264 columns (partial 128-column tiles), ranks 8, 16 and 40 (zero-padded to 16, 16, 64).
+//! formulation). Shapes cross every tile edge: groups of 1, 63, 64, 65 and 600 rows (three
+//! 256-row partial sums in `outer`) and an empty one, reductions of 200 and 264 (not whole
+//! 64-wide slices), outputs of 72, 136 and 264 columns (partial 128-column tiles), ranks 8, 16
+//! and 40 (zero-padded to 16, 16, 64).
 
 use super::{compare, lookup, Comparison, Pass};
 use crate::ops::experts::GroupedLora;
@@ -14,7 +15,7 @@ use candle_core::{DType, Device, Result, Tensor};
 pub(super) fn check_thin_gemm(device: &Device) -> Result<Vec<Comparison>> {
     let cpu = &Device::Cpu;
     // Local experts 2..9 of 10 (a rank's slice), rows per expert:
-    let counts = [1usize, 0, 63, 64, 65, 130, 7];
+    let counts = [1usize, 0, 63, 64, 65, 600, 7];
     let (experts, first) = (10usize, 2usize);
     let m: usize = counts.iter().sum();
     let mut out = Vec::new();
