@@ -129,7 +129,7 @@ pub const SUPPORTED_KEYS: &[(&str, &str)] = &[
     ),
     (
         "optimizer",
-        "adamw_torch | adamw_torch_fused | adamw, all the same fp32 AdamW (adamw_torch)",
+        "adamw_torch | adamw_torch_fused | adamw: AdamW with fp32 moments (adamw_torch); adamw_bnb_8bit | paged_adamw_8bit | adamw_8bit | adamw_torch_8bit: AdamW with 8-bit blockwise moments (bitsandbytes' scheme; parameters under 4,096 elements keep fp32)",
     ),
     ("weight_decay", "decoupled weight decay, >= 0 (0.0)"),
     ("adam_beta1", "in [0, 1) (0.9)"),

@@ -418,7 +418,9 @@ fn optimizer(f: &Fields) -> R<Optimizer> {
             mut message,
         }) => {
             if matches!(f.get("optimizer"), Some(Value::String(s)) if s.contains("adam")) {
-                message.push_str(" (moeq has one optimizer: AdamW with fp32 state)");
+                message.push_str(
+                    " (moeq's AdamW keeps fp32 or 8-bit moments; for 4-bit state use adamw_bnb_8bit)",
+                );
             }
             f.record(ConfigError::Invalid { origin, message });
             Ok(Optimizer::AdamW)

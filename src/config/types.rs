@@ -93,10 +93,13 @@ choice_enum! {
 }
 
 choice_enum! {
-    /// moeq has a single optimizer, AdamW with fp32 state; the axolotl names
-    /// for the same algorithm are accepted so configs carry over unchanged.
+    /// AdamW with fp32 moments, or with 8-bit blockwise moments (bitsandbytes' 8-bit Adam
+    /// scheme, `train::adamw8`); axolotl's names for each are accepted so configs carry over
+    /// unchanged (`paged_adamw_8bit`'s paging of the state to host memory under pressure is
+    /// not done: the 8-bit state is a quarter of the fp32 one and stays on the GPU).
     Optimizer {
         AdamW => "adamw_torch" | "adamw_torch_fused" | "adamw",
+        AdamW8bit => "adamw_bnb_8bit" | "paged_adamw_8bit" | "adamw_8bit" | "adamw_torch_8bit",
     }
 }
 

@@ -35,3 +35,6 @@ pub const ADAMW: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
 
 #[cfg(feature = "cuda")]
 pub const GROUPED_LORA: &str = include_str!(concat!(env!("OUT_DIR"), "/grouped_lora.ptx"));
+
+#[cfg(feature = "cuda")]
+pub const ADAMW8: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw8.ptx"));

@@ -8,7 +8,7 @@ use super::setup;
 use super::step::Activations;
 use super::{checkpoint, AdamW, AdamWConfig, Schedule};
 use crate::arch::{ArchSpec, Model};
-use crate::config::TrainConfig;
+use crate::config::{Optimizer, TrainConfig};
 use crate::data::{Loader, LoaderOptions, PreparedData};
 use crate::distributed::dispatch::{expert_ranges, ExpertParallel};
 use crate::distributed::{Communicator, RankCtx};
@@ -130,9 +130,19 @@ impl<'a> Run<'a> {
                 beta2: config.adam_beta2,
                 eps: config.adam_epsilon,
                 weight_decay: config.weight_decay,
+                eight_bit: config.optimizer == Optimizer::AdamW8bit,
             },
         )
         .map_err(failed)?;
+        tracing::info!(
+            "optimizer: AdamW with {} moments, {:.1} MB of state",
+            if config.optimizer == Optimizer::AdamW8bit {
+                "8-bit blockwise"
+            } else {
+                "fp32"
+            },
+            opt.state_bytes() as f64 / 1e6
+        );
         let start_step = match &resume {
             Some(r) => restore(r, &adapters, &mut opt, config, world)?,
             None => 0,

@@ -4,6 +4,7 @@
 //! state, schedules, the chunked loss, training checkpoints and resume, the final adapter.
 
 pub mod adamw;
+pub mod adamw8;
 mod build;
 pub mod checkpoint;
 mod error;

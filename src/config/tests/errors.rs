@@ -193,9 +193,10 @@ fn bad_enum_not_a_string() {
 #[test]
 fn unsupported_optimizer() {
     assert_eq!(
-        err_with("optimizer: paged_adamw_8bit\n"),
-        "t.yaml: key 'optimizer' must be one of adamw_torch, adamw_torch_fused, adamw; got 'paged_adamw_8bit' \
-         (moeq has one optimizer: AdamW with fp32 state)"
+        err_with("optimizer: adamw_torch_4bit\n"),
+        "t.yaml: key 'optimizer' must be one of adamw_torch, adamw_torch_fused, adamw, adamw_bnb_8bit, \
+         paged_adamw_8bit, adamw_8bit, adamw_torch_8bit; got 'adamw_torch_4bit' \
+         (moeq's AdamW keeps fp32 or 8-bit moments; for 4-bit state use adamw_bnb_8bit)"
     );
 }
 
