@@ -4,7 +4,7 @@
 //! `dataset_prepared_path` and a two-step limit changed. Each example either trains or stops
 //! with one error line per problem naming what moeq does not do (a config's problems come
 //! together); the stops behind the first are pinned too: the test applies each stop's fixes (an
-//! 8-bit optimizer becomes `adamw_torch`, a refused key is removed, ...) and expects the next
+//! 4-bit optimizer becomes `adamw_bnb_8bit`, a refused key is removed, ...) and expects the next
 //! stop, down to a config that trains or to a stop that ends the chain. When moeq learns a
 //! feature, its line here changes.
 
@@ -39,7 +39,7 @@ const DISTRIBUTION: &str = "moeq does its own distribution";
 
 /// The expected chain of every example, by fixture file name.
 fn chains() -> Vec<(&'static str, Vec<Next>)> {
-    let adamw = || (LOW_BIT_OPTIMIZER, Set("optimizer", "adamw_torch"));
+    let eight_bit = || (LOW_BIT_OPTIMIZER, Set("optimizer", "adamw_bnb_8bit"));
     let refused = |key| match key {
         "fsdp" | "fsdp_config" | "deepspeed" => (DISTRIBUTION, Remove(key)),
         "eot_tokens" => ("key 'eot_tokens' is not supported", Remove(key)),
@@ -62,20 +62,14 @@ fn chains() -> Vec<(&'static str, Vec<Next>)> {
         ),
         (
             "expert_parallel--qwen3_30ba3b_ep_lora_4gpu.yaml",
-            vec![Stops(vec![adamw()]), Ends(SIXTEEN_BIT)],
+            vec![Ends(SIXTEEN_BIT)],
         ),
         (
             "gemma4--26b-a4b-moe-qlora.yaml",
-            vec![Stops(vec![refused("eot_tokens"), adamw()]), Trains],
+            vec![Stops(vec![refused("eot_tokens")]), Trains],
         ),
-        (
-            "glm45--glm-45-air-qlora.yaml",
-            vec![Stops(vec![adamw()]), Trains],
-        ),
-        (
-            "glm47-flash--qlora.yaml",
-            vec![Stops(vec![adamw()]), Trains],
-        ),
+        ("glm45--glm-45-air-qlora.yaml", vec![Trains]),
+        ("glm47-flash--qlora.yaml", vec![Trains]),
         (
             "gpt-oss--gpt-oss-20b-sft-lora-singlegpu.yaml",
             vec![
@@ -91,14 +85,13 @@ fn chains() -> Vec<(&'static str, Vec<Next>)> {
                         "unknown key 'datasets[0].template_thinking_key'",
                         RemoveDatasetKey("template_thinking_key"),
                     ),
-                    adamw(),
                 ]),
                 Ends(SIXTEEN_BIT),
             ],
         ),
         (
             "llama-4--scout-qlora-single-h100-flex.yaml",
-            vec![Stops(vec![adamw()]), Trains],
+            vec![Stops(vec![eight_bit()]), Trains],
         ),
         (
             "minimax--m2-qlora.yaml",
@@ -107,30 +100,18 @@ fn chains() -> Vec<(&'static str, Vec<Next>)> {
         (
             "mistral--mixtral--mixtral.yml",
             vec![
-                Stops(vec![refused("model_config"), refused("deepspeed"), adamw()]),
+                Stops(vec![refused("model_config"), refused("deepspeed")]),
                 Trains,
             ],
         ),
-        (
-            "qwen--qwen2-moe-lora.yaml",
-            vec![Stops(vec![adamw()]), Ends(SIXTEEN_BIT)],
-        ),
-        (
-            "qwen--qwen2-moe-qlora.yaml",
-            vec![Stops(vec![adamw()]), Trains],
-        ),
+        ("qwen--qwen2-moe-lora.yaml", vec![Ends(SIXTEEN_BIT)]),
+        ("qwen--qwen2-moe-qlora.yaml", vec![Trains]),
         (
             "qwen3--30b-a3b-nvfp4-lora.yaml",
             vec![Stops(vec![refused("nvfp4_merge_aware")]), Ends(SIXTEEN_BIT)],
         ),
-        (
-            "qwen3-next--qwen3-next-80b-a3b-qlora.yaml",
-            vec![Stops(vec![adamw()]), Trains],
-        ),
-        (
-            "qwen3.5--35b-a3b-moe-qlora.yaml",
-            vec![Stops(vec![adamw()]), Trains],
-        ),
+        ("qwen3-next--qwen3-next-80b-a3b-qlora.yaml", vec![Trains]),
+        ("qwen3.5--35b-a3b-moe-qlora.yaml", vec![Trains]),
     ]
 }
 
