@@ -417,7 +417,10 @@ fn optimizer(f: &Fields) -> R<Optimizer> {
             origin,
             mut message,
         }) => {
-            if matches!(f.get("optimizer"), Some(Value::String(s)) if s.contains("adam")) {
+            let suggested = message.contains("did you mean");
+            if !suggested
+                && matches!(f.get("optimizer"), Some(Value::String(s)) if s.contains("adam"))
+            {
                 message.push_str(
                     " (moeq's AdamW keeps fp32 or 8-bit moments; for 4-bit state use adamw_bnb_8bit)",
                 );

@@ -196,7 +196,7 @@ fn unsupported_optimizer() {
         err_with("optimizer: adamw_torch_4bit\n"),
         "t.yaml: key 'optimizer' must be one of adamw_torch, adamw_torch_fused, adamw, adamw_bnb_8bit, \
          paged_adamw_8bit, adamw_8bit, adamw_torch_8bit; got 'adamw_torch_4bit' \
-         (moeq's AdamW keeps fp32 or 8-bit moments; for 4-bit state use adamw_bnb_8bit)"
+         (did you mean 'adamw_torch_8bit'?)"
     );
 }
 
@@ -492,7 +492,7 @@ fn every_problem_is_reported_at_once() {
             "t.yaml: unknown key 'datasets[0].feild' (did you mean 'field'?)",
             "t.yaml: key 'micro_batch_size' must be at least 1, got 0",
             "t.yaml: key 'learning_rate' must be in (0, 1], got -1.0",
-            "t.yaml: key 'optimizer' must be one of adamw_torch, adamw_torch_fused, adamw; got 'sgd'",
+            "t.yaml: key 'optimizer' must be one of adamw_torch, adamw_torch_fused, adamw, adamw_bnb_8bit, paged_adamw_8bit, adamw_8bit, adamw_torch_8bit; got 'sgd'",
         ],
         "{msg}"
     );
