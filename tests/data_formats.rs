@@ -609,3 +609,70 @@ fn pretokenized_records_are_taken_as_they_are() {
         "field 'input_ids' must be an array of integers, found a string"
     );
 }
+
+#[test]
+fn eot_tokens_name_the_end_of_turn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = synth_bundle(tmp.path());
+    let rec = json!({"messages": [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]});
+    let p = write(tmp.path(), "chat.jsonl", &rec.to_string());
+    let im_end = tok.tokenizer.token_to_id("<|im_end|>").unwrap();
+    let yaml = |top: &str| {
+        format!(
+            "val_set_size: 0\n{top}datasets:\n  - path: {}\n    type: chat_template\n",
+            p.display()
+        )
+    };
+    // Which <|im_end|> (one per turn) are trained.
+    let ends = |top: &str| -> Vec<bool> {
+        let s = prepare(&config(&yaml(top)), &tok).unwrap().train.remove(0);
+        s.input_ids
+            .iter()
+            .zip(&s.labels)
+            .filter(|(&i, _)| i == im_end)
+            .map(|(_, &l)| l != IGNORE_INDEX)
+            .collect()
+    };
+    // Naming the template's end of turn changes nothing; naming another token (here the
+    // tokenizer's <|endoftext|>, which follows no turn) leaves every turn without a trained end.
+    assert_eq!(ends(""), [false, true, false, true]);
+    assert_eq!(
+        ends("eot_tokens: ['<|im_end|>']\n"),
+        [false, true, false, true]
+    );
+    assert_eq!(ends("eot_tokens: ['<|endoftext|>']\n"), [false; 4]);
+    // A text the tokenizer splits is refused, naming it.
+    let err = prepare(
+        &config(&yaml("eot_tokens: ['<|im_end|> and more']\n")),
+        &tok,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("eot_tokens: '<|im_end|> and more' is") && err.contains("not one"),
+        "{err}"
+    );
+    // The cache keys on it.
+    let cache = tmp.path().join("cache");
+    let plain = config(&yaml(""));
+    prepare_cached(&plain, &tok, &cache).unwrap();
+    assert!(
+        prepare_cached(&plain, &tok, &cache)
+            .unwrap()
+            .stats
+            .from_cache
+    );
+    let named = config(&yaml("eot_tokens: ['<|endoftext|>']\n"));
+    assert!(
+        !prepare_cached(&named, &tok, &cache)
+            .unwrap()
+            .stats
+            .from_cache
+    );
+}

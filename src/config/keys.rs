@@ -90,6 +90,10 @@ pub const SUPPORTED_KEYS: &[(&str, &str)] = &[
     ),
     ("train_on_inputs", "also train on prompt tokens (false)"),
     (
+        "eot_tokens",
+        "chat templates: the end-of-turn token texts; a turn ends with one of these (trained per train_on_eos) instead of any special token; each must be one token of the tokenizer (none: any special token)",
+    ),
+    (
         "skip_bad_samples",
         "skip records that fail to parse or tokenize instead of stopping (false)",
     ),
@@ -414,7 +418,6 @@ pub const UNSUPPORTED_AXOLOTL_KEYS: &[(&str, &str)] = &[
     ("neftune_noise_alpha", "moeq does not implement NEFTune; remove 'neftune_noise_alpha'"),
     ("test_datasets", "moeq splits validation data off with val_set_size; remove 'test_datasets'"),
     ("nvfp4_merge_aware", "moeq's frozen base is bitsandbytes NF4/FP4, not NVFP4; remove 'nvfp4_merge_aware'"),
-    ("eot_tokens", "moeq does not yet train extra end-of-turn tokens; remove 'eot_tokens' (train_on_eos applies to the template's end of turn)"),
     ("model_config", "moeq reads the model's config.json as it is; edit config.json instead of 'model_config'"),
     ("model_quantization_config", "moeq quantizes with bitsandbytes 4-bit settings only (bnb_4bit_* keys); remove 'model_quantization_config'"),
     ("model_quantization_config_kwargs", "moeq quantizes with bitsandbytes 4-bit settings only (bnb_4bit_* keys); remove 'model_quantization_config_kwargs'"),

@@ -161,6 +161,9 @@ pub struct TrainConfig {
     pub sample_packing: bool,
     pub pad_to_sequence_len: bool,
     pub train_on_inputs: bool,
+    /// Chat templates: the texts that end a turn (none: any special token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eot_tokens: Option<Vec<String>>,
     pub skip_bad_samples: bool,
     pub max_consecutive_skipped_steps: usize,
 

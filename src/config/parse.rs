@@ -146,6 +146,7 @@ fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
         sample_packing: f.bool("sample_packing")?.unwrap_or(false),
         pad_to_sequence_len: f.bool("pad_to_sequence_len")?.unwrap_or(false),
         train_on_inputs: f.bool("train_on_inputs")?.unwrap_or(false),
+        eot_tokens: f.string_list("eot_tokens")?,
         skip_bad_samples: f.bool("skip_bad_samples")?.unwrap_or(false),
         max_consecutive_skipped_steps: f
             .usize_min("max_consecutive_skipped_steps", 1)?

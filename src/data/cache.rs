@@ -2,7 +2,7 @@
 //! the tokenizer files, each dataset entry and the text of its chat template
 //! (read from its file, plus today's date when the template calls
 //! `strftime_now`), the bytes of every data file, `sequence_len`,
-//! `train_on_inputs`, `skip_bad_samples`. The
+//! `train_on_inputs`, `skip_bad_samples`, `eot_tokens`. The
 //! validation split and packing are recomputed (they are cheap), so changing
 //! `val_set_size` or `seed` reuses the cache.
 //!
@@ -47,6 +47,9 @@ pub(crate) fn key(config: &TrainConfig, tok: &TokenizerBundle) -> Result<String,
         u8::from(config.train_on_inputs),
         u8::from(config.skip_bad_samples),
     ]);
+    if let Some(eot) = &config.eot_tokens {
+        put(format!("eot:{}", serde_json::to_string(eot).unwrap_or_default()).as_bytes());
+    }
     for (i, ds) in config.datasets.iter().enumerate() {
         // Tagged, so the Debug fallback can never collide with a JSON form.
         match serde_json::to_string(ds) {

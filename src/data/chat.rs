@@ -23,7 +23,8 @@
 //!     template transforms it (`.strip()`, Qwen3's `<think>` handling,
 //!     tool calls) without guessing its text.
 //!   - end of turn: a special token (`<|im_end|>`, `</s>`…) right after the
-//!     end is the turn's EOS; `train_on_eos` decides whether it is trained.
+//!     end is the turn's EOS — or, with `eot_tokens`, one of those texts —;
+//!     `train_on_eos` decides whether it is trained.
 //!
 //! tests/data_chat_fixtures.rs checks both paths against transformers for the
 //! Qwen3, Qwen2.5, Mixtral and OLMoE templates.
@@ -47,6 +48,8 @@ pub struct ChatFormat<'a> {
     pub tok: &'a TokenizerBundle,
     pub ds: &'a DatasetConfig,
     pub train_on_inputs: bool,
+    /// The texts that end a turn (`eot_tokens`); none: any special token.
+    pub eot_tokens: Option<&'a [String]>,
 }
 
 /// A conversation ready for the template.
@@ -262,11 +265,14 @@ impl ChatFormat<'_> {
         Ok(spans)
     }
 
-    /// Length of the longest special token that `rest` starts with.
+    /// Length of the longest end-of-turn text that `rest` starts with: one of `eot_tokens`
+    /// where set, else any special token.
     fn special_at(&self, rest: &str) -> Option<usize> {
-        self.tok
-            .special_texts
-            .iter()
+        let texts: Box<dyn Iterator<Item = &String>> = match self.eot_tokens {
+            Some(eot) => Box::new(eot.iter()),
+            None => Box::new(self.tok.special_texts.iter()),
+        };
+        texts
             .filter(|s| !s.is_empty() && rest.starts_with(s.as_str()))
             .map(String::len)
             .max()

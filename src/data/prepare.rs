@@ -124,6 +124,23 @@ pub fn prepare_cached(
     Ok(out)
 }
 
+/// Each of `eot_tokens` must be one token of the tokenizer: a turn's end is matched as text,
+/// and a text the tokenizer splits would mark pieces of other tokens.
+fn check_eot_tokens(config: &TrainConfig, tok: &TokenizerBundle) -> Result<(), DataError> {
+    for text in config.eot_tokens.iter().flatten() {
+        let n = tok.encode_plain(text)?.len();
+        if n != 1 {
+            return Err(DataError::Tokenizer {
+                path: tok.source.display().to_string(),
+                problem: format!(
+                    "eot_tokens: '{text}' is {n} tokens of this tokenizer, not one (list the end-of-turn token as the tokenizer spells it, or remove it)"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Samples of all datasets, before the validation split.
 #[derive(Clone)]
 pub(crate) struct Built {
@@ -133,6 +150,7 @@ pub(crate) struct Built {
 }
 
 fn build_all(config: &TrainConfig, tok: &TokenizerBundle) -> Result<Built, DataError> {
+    check_eot_tokens(config, tok)?;
     let mut built = Built {
         samples: Vec::new(),
         datasets: Vec::new(),
@@ -237,6 +255,7 @@ fn build_dataset(
             tok,
             ds,
             train_on_inputs: config.train_on_inputs,
+            eot_tokens: config.eot_tokens.as_deref(),
         }),
         _ => None,
     };

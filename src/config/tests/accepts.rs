@@ -482,6 +482,11 @@ fn quantize_moe_experts_true_and_gradient_checkpointing_offload() {
     assert!(out.warnings[0].contains("no offload yet"));
     // Features left off (false or blank) are no request.
     ok_with("nvfp4_merge_aware: false\neot_tokens:\n");
+    let eot = ok_with("eot_tokens: ['<|im_end|>', '<|endoftext|>']\n");
+    assert_eq!(
+        eot.config.eot_tokens.as_deref(),
+        Some(&["<|im_end|>".to_string(), "<|endoftext|>".to_string()][..])
+    );
 }
 
 /// `bnb_config_kwargs` (passed by axolotl to `BitsAndBytesConfig`) act as the bnb_4bit_* keys.

@@ -460,7 +460,9 @@ fn axolotl_values_moeq_refuses() {
         "t.yaml: key 'gradient_checkpointing' must be true, false or offload"
     );
     assert!(err_with("nvfp4_merge_aware: true\n").contains("not NVFP4"));
-    assert!(err_with("eot_tokens: ['<|im_end|>']\n").contains("'eot_tokens' is not supported"));
+    assert!(
+        err_with("eot_tokens: [1]\n").starts_with("t.yaml: key 'eot_tokens[0]' must be a string")
+    );
     assert!(err_with("model_config:\n  rope_theta: 1000\n").contains("edit config.json"));
     assert_eq!(
         err_with("bnb_4bit_quant_type: nf4\nbnb_config_kwargs:\n  bnb_4bit_quant_type: fp4\n"),
