@@ -338,7 +338,6 @@ fn eight_bit_moments_follow_fp32_and_round_trip_exactly() {
     resumed.load_state(o5.steps(), &saved).unwrap();
     run_steps(&mut resumed, &var, &gs[5..], lr);
     assert_eq!(var.as_tensor().to_vec1::<f32>().unwrap(), b);
-    let _ = o8;
     // fp32 state does not load into 8-bit moments.
     let fp32: std::collections::HashMap<_, _> = o32.state().into_iter().collect();
     let err = resumed.load_state(8, &fp32).err().unwrap().to_string();
