@@ -64,7 +64,7 @@ pub struct Layer {
 
 /// Inverted-dropout mask [N, in] (values 0 or 1/(1−p)), drawn from a stream keyed by the
 /// run seed, the pass and the module, so forward and recompute see the same mask.
-fn dropout_mask(x: &Tensor, p: f64, key: (u64, u64), module: &str) -> Result<Tensor> {
+pub(super) fn dropout_mask(x: &Tensor, p: f64, key: (u64, u64), module: &str) -> Result<Tensor> {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(key.0.to_le_bytes());
@@ -120,6 +120,40 @@ fn swiglu_mlp(p: &[Proj; 3], x: &Tensor, lora: &LoraCtx) -> Result<Tensor> {
 }
 
 impl Attention {
+    /// The attention block's arguments in decoder layer `layer` for q of `dtype`.
+    pub(super) fn block_args<'a>(
+        &'a self,
+        spec: &ArchSpec,
+        layer: usize,
+        inputs: &'a Inputs,
+        dtype: DType,
+    ) -> BlockArgs<'a> {
+        let (b, s) = (inputs.batch, inputs.seq);
+        let (nh, kvh, hd) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
+        let per_head = match (&self.q_norm, &self.k_norm) {
+            (Some(qn), Some(kn)) if spec.qk_norm == QkNorm::PerHead => {
+                Some((qn, kn, spec.rms_norm_eps))
+            }
+            _ => None,
+        };
+        let (cos, sin) = &inputs.rope;
+        BlockArgs {
+            batch: b,
+            seq: s,
+            heads: nh,
+            kv_heads: kvh,
+            head_dim: hd,
+            norms: per_head,
+            cos,
+            sin,
+            segments: &inputs.segments,
+            samples: &inputs.samples,
+            scale: 1.0 / (hd as f64).sqrt(),
+            block: query_block(b, nh, s, dtype),
+            memo: inputs.keep_attention.then(|| &inputs.attention[layer]),
+        }
+    }
+
     /// x [N, H] → [N, H] in decoder layer `layer`.
     fn forward(
         &self,
@@ -129,8 +163,6 @@ impl Attention {
         inputs: &Inputs,
         lora: &LoraCtx,
     ) -> Result<Tensor> {
-        let (b, s) = (inputs.batch, inputs.seq);
-        let (nh, kvh, hd) = (spec.num_heads, spec.num_kv_heads, spec.head_dim);
         let eps = spec.rms_norm_eps;
         let dev = x.device();
         let (mut q, mut k, mut v) = timed("attn: q/k/v projections", dev, || -> Result<_> {
@@ -151,26 +183,7 @@ impl Attention {
             k = k.clamp(-c, c)?;
             v = v.clamp(-c, c)?;
         }
-        let per_head = match (&self.q_norm, &self.k_norm) {
-            (Some(qn), Some(kn)) if spec.qk_norm == QkNorm::PerHead => Some((qn, kn, eps)),
-            _ => None,
-        };
-        let (cos, sin) = &inputs.rope;
-        let args = BlockArgs {
-            batch: b,
-            seq: s,
-            heads: nh,
-            kv_heads: kvh,
-            head_dim: hd,
-            norms: per_head,
-            cos,
-            sin,
-            segments: &inputs.segments,
-            samples: &inputs.samples,
-            scale: 1.0 / (hd as f64).sqrt(),
-            block: query_block(b, nh, s, q.dtype()),
-            memo: inputs.keep_attention.then(|| &inputs.attention[layer]),
-        };
+        let args = self.block_args(spec, layer, inputs, q.dtype());
         // Per-head norms, rotary embedding and attention as one op.
         let ctx = timed("attn: attention", dev, || {
             attention_block(&q, &k, &v, &args)
@@ -185,15 +198,15 @@ impl Attention {
 /// recompute.
 pub struct Routing {
     /// Top-k expert choices [N, k] u32.
-    top: Tensor,
+    pub(super) top: Tensor,
     /// The routed rows (sorted by expert then token) and their inverse.
-    order: RowOrder,
+    pub(super) order: RowOrder,
     /// Rows per held expert.
-    counts: Vec<usize>,
+    pub(super) counts: Vec<usize>,
     /// Tokens per global expert.
-    per_expert: Vec<u64>,
+    pub(super) per_expert: Vec<u64>,
     /// With an expert exchange: the rows' trip to their experts' holders and back.
-    exchange: Option<Box<dyn ExchangePlan>>,
+    pub(super) exchange: Option<Box<dyn ExchangePlan>>,
 }
 
 fn route(top: Tensor, num_experts: usize, held: std::ops::Range<usize>) -> Result<Routing> {
@@ -208,20 +221,20 @@ fn route(top: Tensor, num_experts: usize, held: std::ops::Range<usize>) -> Resul
 }
 
 impl Moe {
-    /// x [N, H] → [N, H]: routed experts (weighted by the router) plus the shared expert.
-    /// With an `exchange`, the routed rows go to their experts' holders and come back.
-    fn forward(
+    /// The router on x [N, H]: (the routing, recorded by the first pass over these inputs and
+    /// replayed by later ones; the f32 probabilities [N, E]; the routing weights [N, k], a
+    /// function of x through the probabilities).
+    pub(super) fn route(
         &self,
         spec: &ArchSpec,
         x: &Tensor,
-        lora: &LoraCtx,
         exchange: Option<&dyn ExpertExchange>,
         recorded: &mut Option<Rc<Routing>>,
-    ) -> Result<(Tensor, Vec<u64>)> {
+    ) -> Result<(Rc<Routing>, Tensor, Tensor)> {
         let k = spec.router.top_k;
         // Router in f32: softmax over all experts, then top-k, then (optionally) renormalise.
         let dev = x.device();
-        let routed = timed("moe: router + routing", dev, || -> Result<_> {
+        timed("moe: router + routing", dev, || -> Result<_> {
             let logits = x.matmul(&self.router.t()?)?.to_dtype(DType::F32)?; // [N, E]
             let probs = softmax_last(&logits)?;
             let routing = match recorded {
@@ -254,25 +267,27 @@ impl Moe {
             if spec.router.renormalize {
                 weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
             }
-            Ok((routing, weights))
-        })?;
-        let (routing, weights) = routed;
+            Ok((routing, probs, weights))
+        })
+    }
+
+    /// x [N, H] → [N, H]: routed experts (weighted by the router) plus the shared expert.
+    /// With an `exchange`, the routed rows go to their experts' holders and come back.
+    fn forward(
+        &self,
+        spec: &ArchSpec,
+        x: &Tensor,
+        lora: &LoraCtx,
+        exchange: Option<&dyn ExpertExchange>,
+        recorded: &mut Option<Rc<Routing>>,
+    ) -> Result<(Tensor, Vec<u64>)> {
+        let dev = x.device();
+        let (routing, _, weights) = self.route(spec, x, exchange, recorded)?;
 
         let mut out = if routing.exchange.is_none() {
             // Gather, both projections with their adapters, SwiGLU and combine as one op (one
             // graph node).
-            let ad = lora.adapters;
-            let factors = |name: &str| {
-                ad.experts
-                    .get(name)
-                    .map(|l| (lora.weight(&l.a), lora.weight(&l.b)))
-            };
-            let adapters = ExpertLora {
-                gate_up: factors(&self.gate_up_name),
-                down: factors(&self.down_name),
-                r: ad.settings.r,
-                scaling: ad.settings.scaling(),
-            };
+            let adapters = self.expert_lora(lora);
             timed("moe: routed experts", dev, || {
                 routed_experts(
                     x,
@@ -315,6 +330,10 @@ impl Moe {
                 let xr = plan.dispatch(&xs)?; // [R, H] grouped by held expert
                 let yr = if xr.dim(0)? == 0 {
                     xr.clone() // [0, H]: no rows, but the same node
+                } else if !lora.live {
+                    // The hand-written backward's forward (`arch::backward`), so a pass
+                    // without a graph computes what a taped pass does.
+                    self.held_taped(&xr, plan.held_counts(), lora)?.0
                 } else {
                     self.experts(&xr, plan.held_counts(), lora)?
                 };
@@ -328,6 +347,22 @@ impl Moe {
         timed("moe: combine rows", dev, || {
             combine_rows(&y, weights, &routing.order)
         }) // [N, H]
+    }
+
+    /// The expert adapters' factors (live or detached as `lora` says).
+    pub(super) fn expert_lora(&self, lora: &LoraCtx) -> ExpertLora {
+        let ad = lora.adapters;
+        let factors = |name: &str| {
+            ad.experts
+                .get(name)
+                .map(|l| (lora.weight(&l.a), lora.weight(&l.b)))
+        };
+        ExpertLora {
+            gate_up: factors(&self.gate_up_name),
+            down: factors(&self.down_name),
+            r: ad.settings.r,
+            scaling: ad.settings.scaling(),
+        }
     }
 
     /// The held experts on their rows: xs [M, H] grouped by held expert, `counts[e]` rows

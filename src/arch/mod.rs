@@ -1,5 +1,6 @@
 //! Architectures as data: `ArchSpec` from config.json and the canonical parameter list.
 
+mod backward;
 pub mod exchange;
 mod layers;
 mod memory;
@@ -7,6 +8,7 @@ pub mod model;
 mod params;
 mod spec;
 
+pub use backward::{AdapterGrads, LayerTape};
 pub use exchange::{ExchangePlan, ExpertExchange};
 pub use memory::{estimate, nf4_bytes, target_matches, LoraPlan, MemoryEstimate};
 pub use model::{Inputs, LayerStats, LoraCtx, Model};

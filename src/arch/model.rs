@@ -403,9 +403,38 @@ impl Model {
         self.layers[l].forward(l, &self.spec, x, inputs, lora, self.exchange.as_deref())
     }
 
+    /// Decoder layer `l` without a graph, keeping what [`Model::layer_backward`] needs
+    /// (`arch::backward`). The output equals `layer`'s.
+    pub fn layer_taped(
+        &self,
+        l: usize,
+        x: &Tensor,
+        inputs: &Inputs,
+        lora: &LoraCtx,
+    ) -> Result<(Tensor, LayerStats, super::LayerTape)> {
+        self.layers[l].forward_taped(l, &self.spec, x, inputs, lora, self.exchange.as_deref())
+    }
+
+    /// Decoder layer `l`'s backward from its tape for upstream `g` = dL/d(output): dL/dx and
+    /// the adapter gradients by factor.
+    pub fn layer_backward(
+        &self,
+        l: usize,
+        tape: super::LayerTape,
+        g: &Tensor,
+        lora: &LoraCtx,
+    ) -> Result<(Tensor, super::AdapterGrads)> {
+        self.layers[l].backward(&self.spec, tape, g, lora)
+    }
+
     /// Final RMSNorm: x [N, H] → [N, H].
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
         rms_norm(x, &self.final_norm, self.spec.rms_norm_eps)
+    }
+
+    /// The final norm's backward: dL/dx from its input x and dL/d(output) `dy`.
+    pub fn final_norm_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        super::backward::norm_backward(x, &self.final_norm, dy, self.spec.rms_norm_eps)
     }
 }
 

@@ -6,7 +6,7 @@
 
 use super::tolerance::{lookup, Pass};
 use super::{compare, Comparison};
-use crate::arch::{Model, ModelType};
+use crate::arch::{LoraCtx, Model, ModelType};
 use crate::data::{Batch, IGNORE_INDEX};
 use crate::lora::{Adapters, LoraSettings};
 use crate::model_files::frozen::{self, CpuQuantizer, SingleProcess};
@@ -63,13 +63,8 @@ fn batch(vocab: usize) -> Batch {
     }
 }
 
-fn step(
-    dir: &ModelDir,
-    device: &Device,
-    dtype: DType,
-    b: &Batch,
-    activations: Activations,
-) -> Result<(f64, BTreeMap<String, Tensor>)> {
+/// The tiny model on `device` in `dtype`, with adapters on every target and B random.
+fn setup(dir: &ModelDir, device: &Device, dtype: DType) -> Result<(Model, Adapters)> {
     let base = frozen::load(
         dir,
         QuantSettings::default(),
@@ -101,6 +96,17 @@ fn step(
             v.set(&Tensor::from_vec(vals, v.shape(), device)?)?;
         }
     }
+    Ok((model, adapters))
+}
+
+fn step(
+    dir: &ModelDir,
+    device: &Device,
+    dtype: DType,
+    b: &Batch,
+    activations: Activations,
+) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    let (model, adapters) = setup(dir, device, dtype)?;
     let mut grads = BTreeMap::new();
     let s = forward_backward(
         &model,
@@ -116,6 +122,73 @@ fn step(
         .map(|(k, g)| Ok((k, g.to_device(&Device::Cpu)?)))
         .collect::<Result<_>>()?;
     Ok((s.loss_sum / s.labelled as f64, grads))
+}
+
+/// The reference for the layers' hand-written backward (`arch::backward`): the LoRA
+/// gradients of one autograd graph through every layer (live LoRA, candle's backward), the
+/// loss from whole f32 logits.
+fn autograd_step(
+    dir: &ModelDir,
+    device: &Device,
+    dtype: DType,
+    b: &Batch,
+) -> Result<BTreeMap<String, Tensor>> {
+    let (model, adapters) = setup(dir, device, dtype)?;
+    let inputs = crate::train::step::inputs(&model, b)?;
+    let ctx = LoraCtx {
+        adapters: &adapters,
+        live: true,
+        dropout: None,
+    };
+    let mut x = model.embed(&inputs)?;
+    for l in 0..model.num_layers() {
+        x = model.layer(l, &x, &inputs, &ctx)?.0;
+    }
+    let h = model.final_norm(&x)?.to_dtype(DType::F32)?;
+    let logits = h.matmul(&model.lm_head().to_dtype(DType::F32)?.t()?)?; // [N, V]
+    let logp = candle_nn::ops::log_softmax(&logits, candle_core::D::Minus1)?;
+    let (rows, targets): (Vec<u32>, Vec<u32>) = b
+        .labels
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l != IGNORE_INDEX)
+        .map(|(i, &l)| (i as u32, l as u32))
+        .unzip();
+    let n = rows.len();
+    let rows = Tensor::new(rows.as_slice(), device)?;
+    let targets = Tensor::from_vec(targets, (n, 1), device)?;
+    let picked = logp.index_select(&rows, 0)?.gather(&targets, 1)?;
+    let store = (picked.sum_all()?.neg()? / n as f64)?.backward()?;
+    adapters
+        .vars()
+        .into_iter()
+        .map(|(name, v)| {
+            let g = store
+                .get(v.as_tensor())
+                .ok_or_else(|| err(format!("{name}: no autograd gradient")))?;
+            Ok((name, g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?))
+        })
+        .collect()
+}
+
+/// The worst of `got` against `want` over every gradient tensor, labelled `label`.
+fn worst_of(
+    label: &str,
+    got: &BTreeMap<String, Tensor>,
+    want: &BTreeMap<String, Tensor>,
+    tol: &'static super::tolerance::Tolerance,
+) -> Result<Option<Comparison>> {
+    let mut worst: Option<Comparison> = None;
+    for (name, w) in want {
+        let g = got
+            .get(name)
+            .ok_or_else(|| err(format!("{name}: no gradient ({label})")))?;
+        let c = compare(&format!("{label} (worst of {})", want.len()), g, w, tol)?;
+        if worst.as_ref().is_none_or(|w| c.worst_ratio > w.worst_ratio) {
+            worst = Some(c);
+        }
+    }
+    Ok(worst)
 }
 
 /// Per architecture and dtype: the loss (the step's forward) and the worst LoRA gradient tensor
@@ -157,49 +230,30 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                 &lr,
                 row("train step", Pass::Forward)?,
             )?);
-            let mut worst: Option<Comparison> = None;
-            for (name, want) in &grads_ref {
-                let got = grads
-                    .get(name)
-                    .ok_or_else(|| err(format!("{name}: no gradient on the device")))?;
-                let c = compare(
-                    &format!(
-                        "train step {} {dtype:?} grads (worst of {})",
-                        arch.as_str(),
-                        grads_ref.len()
-                    ),
-                    got,
-                    want,
-                    row("train step", Pass::Backward)?,
-                )?;
-                if worst.as_ref().is_none_or(|w| c.worst_ratio > w.worst_ratio) {
-                    worst = Some(c);
-                }
-            }
-            out.extend(worst);
+            let name = arch.as_str();
+            out.extend(worst_of(
+                &format!("train step {name} {dtype:?} grads"),
+                &grads,
+                &grads_ref,
+                row("train step", Pass::Backward)?,
+            )?);
             // gradient_checkpointing: false runs the same kernels on the same values on the
             // device: equal bit for bit.
             let (_, kept) = step(&dir, device, dtype, &b, Activations::Keep)?;
-            let mut worst: Option<Comparison> = None;
-            for (name, want) in &grads {
-                let got = kept
-                    .get(name)
-                    .ok_or_else(|| err(format!("{name}: no gradient with kept activations")))?;
-                let c = compare(
-                    &format!(
-                        "train step {} {dtype:?} kept = recomputed (worst of {})",
-                        arch.as_str(),
-                        grads.len()
-                    ),
-                    got,
-                    want,
-                    row("kept = recomputed", Pass::Exact)?,
-                )?;
-                if worst.as_ref().is_none_or(|w| c.worst_ratio > w.worst_ratio) {
-                    worst = Some(c);
-                }
-            }
-            out.extend(worst);
+            out.extend(worst_of(
+                &format!("train step {name} {dtype:?} kept = recomputed"),
+                &kept,
+                &grads,
+                row("kept = recomputed", Pass::Exact)?,
+            )?);
+            // The hand-written layer backward against candle's autograd on the device.
+            let reference = autograd_step(&dir, device, dtype, &b)?;
+            out.extend(worst_of(
+                &format!("train step {name} {dtype:?} written = autograd"),
+                &grads,
+                &reference,
+                row("written = autograd", Pass::Backward)?,
+            )?);
         }
         let _ = std::fs::remove_dir_all(&tmp);
     }

@@ -173,6 +173,67 @@ impl CustomOp3 for AttentionBlock {
 /// per-head RMSNorm of q and k (`args.norms`), rotary embedding, causal attention within the
 /// packed sequences of `args.segments`.
 pub fn attention_block(q: &Tensor, k: &Tensor, v: &Tensor, args: &BlockArgs) -> Result<Tensor> {
+    let (q, k, v) = (
+        super::at_offset_zero(q)?,
+        super::at_offset_zero(k)?,
+        super::at_offset_zero(v)?,
+    );
+    let graph = super::records_graph(&[&q, &k, &v]);
+    let op = block_op(&q, &k, &v, args, graph, graph || args.memo.is_some())?;
+    if graph {
+        return q.apply_op3(&k, &v, op);
+    }
+    let ctx = super::direct(op.forward(&q, &k, &v)?)?;
+    if let Some(memo) = args.memo {
+        let saved = op.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
+        *memo.borrow_mut() = saved.map(|(_, _, out, lse)| (out, lse));
+    }
+    Ok(ctx)
+}
+
+/// The block's forward for a hand-written backward (`arch::backward`), no graph: the output
+/// (taken from `args.memo` when an earlier pass left it there) and what [`BlockTape::backward`]
+/// needs.
+pub(crate) fn attention_block_taped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    args: &BlockArgs,
+) -> Result<(Tensor, BlockTape)> {
+    let z = super::at_offset_zero;
+    let (q, k, v) = (z(q)?, z(k)?, z(v)?);
+    let op = block_op(&q, &k, &v, args, true, true)?;
+    let ctx = super::direct(op.forward(&q, &k, &v)?)?;
+    Ok((ctx, BlockTape(op)))
+}
+
+/// What the block's forward kept (rotated q and k, output, lse).
+pub(crate) struct BlockTape(AttentionBlock);
+
+impl BlockTape {
+    /// [dq, dk, dv] for upstream `dctx`, given the forward's q, k and v.
+    pub(crate) fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        dctx: &Tensor,
+    ) -> Result<[Tensor; 3]> {
+        let _t = crate::util::phases::Span::start("bwd: attention", q.device());
+        self.0.backward(q, k, v, dctx)
+    }
+}
+
+/// The op for q, k, v (contiguous from offset 0): `reuse` takes the memo's output, `keep` makes
+/// the forward keep what the backward needs.
+fn block_op(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    args: &BlockArgs,
+    reuse: bool,
+    keep: bool,
+) -> Result<AttentionBlock> {
     let (b, s, nh, kvh, hd) = (
         args.batch,
         args.seq,
@@ -218,16 +279,14 @@ pub fn attention_block(q: &Tensor, k: &Tensor, v: &Tensor, args: &BlockArgs) -> 
         None => None,
     };
     let table = |t: &Tensor| z(&t.to_dtype(dtype)?.detach());
-    let (q, k, v) = (z(q)?, z(k)?, z(v)?);
-    let graph = super::records_graph(&[&q, &k, &v]);
     let reuse = match args.memo {
-        Some(memo) if graph => memo
+        Some(memo) if reuse => memo
             .borrow_mut()
             .take()
             .filter(|(out, _)| out.dims() == [b, s, nh, hd]),
         _ => None,
     };
-    let op = AttentionBlock {
+    Ok(AttentionBlock {
         dims: (b, s, nh, kvh, hd),
         norms,
         cos: table(args.cos)?,
@@ -237,16 +296,7 @@ pub fn attention_block(q: &Tensor, k: &Tensor, v: &Tensor, args: &BlockArgs) -> 
         scale: args.scale,
         block: args.block,
         reuse,
-        keep: graph || args.memo.is_some(),
+        keep,
         saved: Mutex::new(None),
-    };
-    if graph {
-        return q.apply_op3(&k, &v, op);
-    }
-    let ctx = super::direct(op.forward(&q, &k, &v)?)?;
-    if let Some(memo) = args.memo {
-        let saved = op.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
-        *memo.borrow_mut() = saved.map(|(_, _, out, lse)| (out, lse));
-    }
-    Ok(ctx)
+    })
 }

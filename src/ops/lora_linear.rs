@@ -5,7 +5,7 @@
 //! two transposes, scale, add): candle's backward gives every node's gradient a zero-filled
 //! buffer plus an add, a full pass over `[N, out]` per node.
 
-use super::grouped_gemm::Gemm;
+use super::grouped_gemm::{add_product, Gemm};
 use super::nf4_linear::{forward as nf4_forward, Nf4Weight};
 use candle_core::{CustomOp3, DType, Result, Tensor};
 
@@ -26,13 +26,92 @@ impl LoraLinear {
     }
 
     fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_keeping(x, a, b)?.0)
+    }
+
+    /// The output and the rank-r hidden `(m⊙x)·Aᵀ` `[N, r]`.
+    fn forward_keeping(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
         let mut y = nf4_forward(x, &self.w)?;
         if let Some(bias) = &self.bias {
             y = y.broadcast_add(bias)?;
         }
-        let delta = self.lora_input(x)?.matmul(&a.t()?)?.matmul(&b.t()?)?;
-        add_scaled(y, &delta, self.scaling)
+        let xa = self.lora_input(x)?.matmul(&a.t()?)?;
+        let y = add_scaled(y, &xa.matmul(&b.t()?)?, self.scaling)?;
+        Ok((y, xa))
     }
+}
+
+/// What a LoRA projection's forward leaves for [`backward_into`] (a hand-written backward,
+/// `arch::backward`): the factors in x's dtype, the rank-r hidden, the dropout mask.
+pub(crate) struct LinearTape {
+    a: Tensor,
+    b: Tensor,
+    xa: Tensor,
+    mask: Option<Tensor>,
+    scaling: f64,
+}
+
+/// `lora_linear`'s forward without a graph (the same arithmetic, so the same values) and what
+/// its backward needs. x, a, b carry no gradient.
+pub(crate) fn forward_taped(
+    x: &Tensor,
+    w: &Nf4Weight,
+    bias: Option<&Tensor>,
+    (a, b): (&Tensor, &Tensor),
+    scaling: f64,
+    mask: Option<&Tensor>,
+) -> Result<(Tensor, LinearTape)> {
+    check(x, w, a, b, mask)?;
+    let z = super::at_offset_zero;
+    let (x, a, b) = (z(x)?, z(a)?, z(b)?);
+    let op = LoraLinear {
+        w: w.clone(),
+        bias: bias.cloned(),
+        mask: mask.cloned(),
+        scaling,
+    };
+    let (y, xa) = op.forward_keeping(&x, &a, &b)?;
+    let tape = LinearTape {
+        a,
+        b,
+        xa,
+        mask: op.mask,
+        scaling,
+    };
+    Ok((super::direct(y)?, tape))
+}
+
+/// The backward of a frozen projection `x·Wᵀ` (+ its LoRA update when `lora` is given) for
+/// upstream `dy`: dx, added into `dx_into` where given (which must own its buffer; on CUDA the
+/// products accumulate in it, each rounded once), and (dA, dB) in the factors' dtype.
+pub(crate) fn backward_into(
+    x: &Tensor,
+    w: &Nf4Weight,
+    lora: Option<&LinearTape>,
+    dy: &Tensor,
+    dx_into: Option<Tensor>,
+) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    let dy = dy.to_dtype(x.dtype())?;
+    let wd = w.dequantize(dy.dtype())?;
+    let dx = match dx_into {
+        None => dy.matmul(&wd)?,
+        Some(acc) => add_product(acc, &dy, &wd, Gemm::nn(1.0))?,
+    };
+    let Some(t) = lora else {
+        return Ok((dx, None));
+    };
+    let xin = match &t.mask {
+        Some(m) => (x * m)?,
+        None => x.clone(),
+    };
+    let db = (dy.t()?.matmul(&t.xa)? * t.scaling)?; // [out, r]
+    let dxa = (dy.matmul(&t.b)? * t.scaling)?; // [N, r]
+    let da = dxa.t()?.matmul(&xin)?; // [r, in]
+    let dx = match &t.mask {
+        None => add_product(dx, &dxa, &t.a, Gemm::nn(1.0))?,
+        Some(m) => (dx + (dxa.matmul(&t.a)? * m)?)?,
+    };
+    Ok((dx, Some((da, db))))
 }
 
 /// `y + T(delta·s)` rounded to T as PEFT does (`result + lora_B(lora_A(x)) * scaling`: the
@@ -111,20 +190,6 @@ mod cuda {
     }
 }
 
-/// `y + α·p·op(q)` with one rounding to y's dtype: on CUDA inside the product (cuBLAS with
-/// β = 1 on y's buffer, which the caller owns: no `[N, out]` product, scale or add pass), on
-/// the CPU in f32 — the same arithmetic, so both devices round alike.
-fn add_product(y: Tensor, p: &Tensor, q: &Tensor, gemm: Gemm) -> Result<Tensor> {
-    if y.device().is_cuda() {
-        super::grouped_gemm::accumulate(&y, p, q, gemm)?;
-        return Ok(y);
-    }
-    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-    let q = if gemm.trans_b { f32(q)?.t()? } else { f32(q)? };
-    let prod = (f32(p)?.matmul(&q)? * gemm.alpha)?;
-    (f32(&y)? + prod)?.to_dtype(y.dtype())
-}
-
 impl CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
         "lora_linear"
@@ -169,6 +234,23 @@ pub fn lora_linear(
     scaling: f64,
     mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    check(x, w, a, b, mask)?;
+    let z = super::at_offset_zero;
+    let (x, a, b) = (z(x)?, z(a)?, z(b)?);
+    let op = LoraLinear {
+        w: w.clone(),
+        bias: bias.map(|t| t.detach()),
+        mask: mask.map(|t| t.detach()),
+        scaling,
+    };
+    if super::records_graph(&[&x, &a, &b]) {
+        x.apply_op3(&a, &b, op)
+    } else {
+        super::direct(op.forward(&x, &a, &b)?)
+    }
+}
+
+fn check(x: &Tensor, w: &Nf4Weight, a: &Tensor, b: &Tensor, mask: Option<&Tensor>) -> Result<()> {
     let (n, inf) = x.dims2()?;
     let (r, ain) = a.dims2()?;
     if inf != w.in_features || ain != inf || b.dims2()? != (w.out_features, r) {
@@ -184,17 +266,5 @@ pub fn lora_linear(
     if mask.is_some_and(|m| m.dims() != [n, inf]) {
         candle_core::bail!("lora_linear: dropout mask does not match x {:?}", x.dims());
     }
-    let z = super::at_offset_zero;
-    let (x, a, b) = (z(x)?, z(a)?, z(b)?);
-    let op = LoraLinear {
-        w: w.clone(),
-        bias: bias.map(|t| t.detach()),
-        mask: mask.map(|t| t.detach()),
-        scaling,
-    };
-    if super::records_graph(&[&x, &a, &b]) {
-        x.apply_op3(&a, &b, op)
-    } else {
-        super::direct(op.forward(&x, &a, &b)?)
-    }
+    Ok(())
 }

@@ -14,7 +14,7 @@
 
 use super::experts::{dequant_chunk_bytes, expert_matmul, ExpertWeights, GroupedLora};
 use super::routing::RowOrder;
-use candle_core::{CustomOp2, CustomOp3, Result, Shape, Tensor};
+use candle_core::{CustomOp2, CustomOp3, DType, Result, Shape, Tensor};
 use std::sync::Mutex;
 
 /// LoRA on the expert projections: for each, A `[r·E, in]` and B `[out, r·E]` (PEFT's 3-D
@@ -71,16 +71,87 @@ impl Packing {
     }
 }
 
-/// What the forward leaves for the backward.
-struct Saved {
-    /// gate_up's output [M, 2I] and the expert outputs [M, H].
+/// What the held experts' forward leaves for their backward: gate_up's output [M, 2I] and
+/// the adapters' inputs with their rank-r hiddens — the gathered rows [M, H] (gate_up) and
+/// the activations [M, I] (down), with `x · A_eᵀ` [M, r] of each, where that projection has
+/// an adapter.
+struct Kept {
     gu: Tensor,
-    y: Tensor,
-    /// The adapters' inputs and rank-r hiddens: the gathered rows [M, H] (gate_up) and the
-    /// activations [M, I] (down), with `x · A_eᵀ` [M, r] of each, where that projection has
-    /// an adapter.
     xs: Option<(Tensor, Tensor)>,
     act: Option<(Tensor, Tensor)>,
+}
+
+/// The held experts' weights, rows and adapters, for their forward and backward.
+struct Held<'a> {
+    gate_up: &'a ExpertWeights,
+    down: &'a ExpertWeights,
+    counts: &'a [usize],
+    /// The adapters' products over `counts` (one plan for the forward and the backward).
+    adapter: Option<&'a GroupedLora>,
+    gate_up_lora: Option<&'a (Tensor, Tensor)>,
+    down_lora: Option<&'a (Tensor, Tensor)>,
+}
+
+/// (gate_up's adapter gradients (dA, dB), down's), where present.
+pub(crate) type FactorGrads = (Option<(Tensor, Tensor)>, Option<(Tensor, Tensor)>);
+
+impl Held<'_> {
+    /// xs [M, H] grouped by held expert → the expert outputs [M, H].
+    fn forward(&self, xs: &Tensor) -> Result<(Tensor, Kept)> {
+        let mut gu = grouped(xs, self.gate_up, self.counts, true)?; // [M, 2I]
+        let mut xs_h = None;
+        if let (Some((a, b)), Some(l)) = (self.gate_up_lora, self.adapter) {
+            let (sum, h) = l.forward_into(gu, xs, a, b)?;
+            gu = sum;
+            xs_h = Some((xs.clone(), h));
+        }
+        let act = super::swiglu::packed_forward(&gu)?; // [M, I]
+        let mut y = grouped(&act, self.down, self.counts, true)?; // [M, H]
+        let mut act_h = None;
+        if let (Some((a, b)), Some(l)) = (self.down_lora, self.adapter) {
+            let (sum, h) = l.forward_into(y, &act, a, b)?;
+            y = sum;
+            act_h = Some((act, h));
+        }
+        Ok((
+            y,
+            Kept {
+                gu,
+                xs: xs_h,
+                act: act_h,
+            },
+        ))
+    }
+
+    /// dy [M, H] → (dxs [M, H] in `dtype`, the adapters' gradients).
+    fn backward(&self, kept: Kept, dy: Tensor, dtype: DType) -> Result<(Tensor, FactorGrads)> {
+        let Kept { gu, xs, act } = kept;
+        let mut dact = grouped(&dy, self.down, self.counts, false)?.to_dtype(dtype)?;
+        let mut down = None;
+        if let (Some((a, b)), Some((act, h)), Some(l)) = (self.down_lora, &act, self.adapter) {
+            let (sum, da, db) = l.backward_into(act, a, b, &dy, Some(h), Some(dact))?;
+            dact = sum;
+            down = Some((da, db));
+        }
+        drop((dy, act));
+        let dgu = super::swiglu::packed_backward(&gu, &dact)?;
+        drop((gu, dact));
+        let mut dxs = grouped(&dgu, self.gate_up, self.counts, false)?.to_dtype(dtype)?;
+        let mut gate_up = None;
+        if let (Some((a, b)), Some((xs, h)), Some(l)) = (self.gate_up_lora, &xs, self.adapter) {
+            let (sum, da, db) = l.backward_into(xs, a, b, &dgu, Some(h), Some(dxs))?;
+            dxs = sum;
+            gate_up = Some((da, db));
+        }
+        Ok((dxs, (gate_up, down)))
+    }
+}
+
+/// What the forward leaves for the backward: the expert outputs [M, H] (the combine's weight
+/// gradient reads them) and what the held experts keep.
+struct Saved {
+    y: Tensor,
+    kept: Kept,
 }
 
 struct RoutedExperts {
@@ -89,7 +160,6 @@ struct RoutedExperts {
     down: ExpertWeights,
     counts: Vec<usize>,
     lora: Option<Packing>,
-    /// The adapters' products over `counts` (one plan for the forward and the backward).
     adapter: Option<GroupedLora>,
     /// Whether the forward keeps its intermediates for the backward.
     keep: bool,
@@ -115,6 +185,21 @@ impl RoutedExperts {
         self.forward_with(x, w, gate_up.as_ref(), down.as_ref())
     }
 
+    fn held<'a>(
+        &'a self,
+        gate_up_lora: Option<&'a (Tensor, Tensor)>,
+        down_lora: Option<&'a (Tensor, Tensor)>,
+    ) -> Held<'a> {
+        Held {
+            gate_up: &self.gate_up,
+            down: &self.down,
+            counts: &self.counts,
+            adapter: self.adapter.as_ref(),
+            gate_up_lora,
+            down_lora,
+        }
+    }
+
     fn forward_with(
         &self,
         x: &Tensor,
@@ -123,25 +208,11 @@ impl RoutedExperts {
         down_lora: Option<&(Tensor, Tensor)>,
     ) -> Result<Tensor> {
         let xs = super::routing::gather_forward(x, &self.order)?; // [M, H]
-        let mut gu = grouped(&xs, &self.gate_up, &self.counts, true)?; // [M, 2I]
-        let mut xs_h = None;
-        if let (Some((a, b)), Some(l)) = (gate_up_lora, &self.adapter) {
-            let (sum, h) = l.forward_into(gu, &xs, a, b)?;
-            gu = sum;
-            xs_h = Some((xs, h));
-        }
-        let act = super::swiglu::packed_forward(&gu)?; // [M, I]
-        let mut y = grouped(&act, &self.down, &self.counts, true)?; // [M, H]
-        let mut act_h = None;
-        if let (Some((a, b)), Some(l)) = (down_lora, &self.adapter) {
-            let (sum, h) = l.forward_into(y, &act, a, b)?;
-            y = sum;
-            act_h = Some((act, h));
-        }
-        let (xs, act) = (xs_h, act_h);
+        let (y, kept) = self.held(gate_up_lora, down_lora).forward(&xs)?;
+        drop(xs);
         let out = super::routing::combine_forward(&y, w, &self.order)?;
         if self.keep {
-            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { gu, y, xs, act });
+            *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { y, kept });
         }
         Ok(out)
     }
@@ -156,38 +227,25 @@ impl RoutedExperts {
     ) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let _t = crate::util::phases::Span::start("bwd: routed experts", x.device());
         let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let Some(Saved { gu, y, xs, act }) = saved else {
+        let Some(Saved { y, kept }) = saved else {
             candle_core::bail!("routed_experts: backward without its forward's outputs")
         };
         let (gate_up_lora, down_lora) = match (&self.lora, flat) {
             (Some(p), Some(flat)) => p.unpack(flat)?,
             _ => (None, None),
         };
-        let mut dflat = Vec::new();
         let (dy, dw) = super::routing::combine_backward(&y, w, &self.order, grad)?;
         drop(y);
-        let mut dact = grouped(&dy, &self.down, &self.counts, false)?.to_dtype(x.dtype())?;
-        if let (Some((a, b)), Some((act, h)), Some(l)) = (&down_lora, &act, &self.adapter) {
-            let (sum, da, db) = l.backward_into(act, a, b, &dy, Some(h), Some(dact))?;
-            dact = sum;
-            dflat.extend([da, db]);
-        }
-        drop((dy, act));
-        let dgu = super::swiglu::packed_backward(&gu, &dact)?;
-        drop((gu, dact));
-        let mut dxs = grouped(&dgu, &self.gate_up, &self.counts, false)?.to_dtype(x.dtype())?;
-        if let (Some((a, b)), Some((xs, h)), Some(l)) = (&gate_up_lora, &xs, &self.adapter) {
-            let (sum, da, db) = l.backward_into(xs, a, b, &dgu, Some(h), Some(dxs))?;
-            dxs = sum;
-            // Packing order: gate_up's factors first.
-            dflat.splice(0..0, [da, db]);
-        }
-        drop((dgu, xs));
+        let held = self.held(gate_up_lora.as_ref(), down_lora.as_ref());
+        let (dxs, (gate_up, down)) = held.backward(kept, dy, x.dtype())?;
         let dx = super::routing::gather_backward(&dxs, &self.order, x.dtype())?;
         let dflat = match flat {
             Some(f) => {
-                let parts = dflat
-                    .iter()
+                // Packing order: gate_up's factors first.
+                let parts = [gate_up, down]
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|(da, db)| [da, db])
                     .map(|t| t.to_dtype(f.dtype())?.flatten_all())
                     .collect::<Result<Vec<_>>>()?;
                 Some(Tensor::cat(&parts, 0)?)
@@ -195,6 +253,78 @@ impl RoutedExperts {
             None => None,
         };
         Ok((dx, dw, dflat))
+    }
+}
+
+/// The held experts of one MoE layer on their grouped rows, for a hand-written backward
+/// (`arch::backward`; with expert parallelism the rows arrive from the exchange): what the
+/// forward keeps and the backward.
+pub(crate) struct ExpertsTape {
+    gate_up: ExpertWeights,
+    down: ExpertWeights,
+    counts: Vec<usize>,
+    adapter: Option<GroupedLora>,
+    factors: (Option<(Tensor, Tensor)>, Option<(Tensor, Tensor)>),
+    /// None when no rows came (nothing to differentiate).
+    kept: Option<Kept>,
+}
+
+/// xs `[M, H]` grouped by held expert (`counts[e]` rows each) → the expert outputs `[M, H]`,
+/// no graph, and what [`ExpertsTape::backward`] needs.
+pub(crate) fn held_experts_taped(
+    xs: &Tensor,
+    gate_up: &ExpertWeights,
+    down: &ExpertWeights,
+    counts: &[usize],
+    lora: Option<&ExpertLora>,
+) -> Result<(Tensor, ExpertsTape)> {
+    let m: usize = counts.iter().sum();
+    if xs.dim(0)? != m || counts.len() != gate_up.num_experts {
+        candle_core::bail!(
+            "held experts: {:?} rows for counts summing to {m} over {} experts",
+            xs.dims(),
+            counts.len()
+        );
+    }
+    let lora = lora.filter(|l| l.gate_up.is_some() || l.down.is_some());
+    let mut tape = ExpertsTape {
+        gate_up: gate_up.clone(),
+        down: down.clone(),
+        counts: counts.to_vec(),
+        adapter: lora.map(|l| GroupedLora::new(counts, 0, l.r, l.scaling)),
+        factors: match lora {
+            Some(l) => (l.gate_up.clone(), l.down.clone()),
+            None => (None, None),
+        },
+        kept: None,
+    };
+    if m == 0 {
+        return Ok((xs.clone(), tape));
+    }
+    let (y, kept) = tape.held().forward(&super::at_offset_zero(xs)?)?;
+    tape.kept = Some(kept);
+    Ok((y, tape))
+}
+
+impl ExpertsTape {
+    fn held(&self) -> Held<'_> {
+        Held {
+            gate_up: &self.gate_up,
+            down: &self.down,
+            counts: &self.counts,
+            adapter: self.adapter.as_ref(),
+            gate_up_lora: self.factors.0.as_ref(),
+            down_lora: self.factors.1.as_ref(),
+        }
+    }
+
+    /// dy `[M, H]` → (dxs `[M, H]` in `dtype`, the adapters' gradients in their dtype).
+    pub(crate) fn backward(mut self, dy: Tensor, dtype: DType) -> Result<(Tensor, FactorGrads)> {
+        let _t = crate::util::phases::Span::start("bwd: routed experts", dy.device());
+        match self.kept.take() {
+            None => Ok((dy.to_dtype(dtype)?, (None, None))),
+            Some(kept) => self.held().backward(kept, dy.contiguous()?, dtype),
+        }
     }
 }
 

@@ -140,6 +140,15 @@ impl CustomOp2 for SwiGlu {
     }
 }
 
+/// The backward of [`swiglu`] on tensors, no graph: (d gate, d up) for upstream `dy`.
+pub(crate) fn swiglu_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (dg, du) = SwiGlu.bwd(gate, up, dy, dy)?;
+    match (dg, du) {
+        (Some(dg), Some(du)) => Ok((dg, du)),
+        _ => candle_core::bail!("swiglu: backward gave no gradient"),
+    }
+}
+
 /// `silu(gate) * up`, with gradients to both inputs.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.shape() != up.shape() {

@@ -3,77 +3,26 @@
 //!
 //! Forward: LoRA detached, no graph; only each layer's input `x_l [N, H]` is kept.
 //! Head: final norm + chunked cross-entropy give `dL/dx_L` without the batch's logits.
-//! Backward, layer by layer in reverse: recompute layer `l` from a leaf copy of `x_l` with live
-//! LoRA `Var`s, backprop from `out` with upstream gradient `g = dL/dout` ([`backward_from`]),
-//! read `dL/dx_l` and the layer's adapter gradients, drop the graph. Peak activation memory: the
-//! L saved inputs plus one layer's graph.
+//! Backward, layer by layer in reverse: run layer `l` again from `x_l`, taped (each op keeps
+//! what its backward needs), then the layer's hand-written backward (`arch::backward`,
+//! decision 27) from upstream `g = dL/dout` gives `dL/dx_l` and the layer's adapter gradients;
+//! the tape is dropped. Peak activation memory: the L saved inputs plus one layer's tape.
 //!
-//! [`Activations::Keep`] (`gradient_checkpointing: false`) runs the forward with live LoRA and
-//! keeps every layer's graph instead: no recompute (one forward pass in three of the frozen
-//! base's work), for the activations of all L layers at once.
+//! [`Activations::Keep`] (`gradient_checkpointing: false`) runs the forward taped and keeps
+//! every layer's tape instead: no recompute (one forward pass in three of the frozen base's
+//! work), for the activations of all L layers at once.
 
-use crate::arch::{Inputs, LoraCtx, Model};
+use crate::arch::{Inputs, LayerTape, LoraCtx, Model};
 use crate::data::{Batch, IGNORE_INDEX};
 use crate::lora::Adapters;
 use crate::train::loss::chunked_cross_entropy;
 use crate::util::phases::timed;
-use candle_core::{CustomOp1, DType, Layout, Result, Shape, Tensor, Var, D};
-use std::collections::BTreeMap;
+use candle_core::{DType, Result, Tensor, TensorId, D};
+use std::collections::{BTreeMap, HashMap};
 
 /// Tokens per cross-entropy chunk: about 64 M logits (256 MB in f32) at a time.
 pub fn loss_chunk(vocab: usize) -> usize {
     (64 * 1024 * 1024 / vocab.max(1)).max(1)
-}
-
-/// A scalar node whose backward hands `grad` to its input: `backward()` on it yields the
-/// gradients of `sum(x · grad)` without computing that sum (a one-block reduction over the
-/// whole activation) or broadcasting its scalar gradient back.
-struct SeedGradient {
-    grad: Tensor,
-}
-
-impl CustomOp1 for SeedGradient {
-    fn name(&self) -> &'static str {
-        "seed_gradient"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _s: &candle_core::CpuStorage,
-        _l: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        Ok((candle_core::CpuStorage::F32(vec![0.0]), Shape::from(())))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        _l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::{BackendDevice, BackendStorage};
-        let shape = Shape::from(());
-        Ok((s.device().zeros_impl(&shape, DType::F32)?, shape))
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, _grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.grad.to_dtype(x.dtype())?))
-    }
-}
-
-/// Backpropagates from `x` with upstream gradient `grad` (x's shape).
-fn backward_from(x: &Tensor, grad: &Tensor) -> Result<candle_core::backprop::GradStore> {
-    if x.dims() != grad.dims() {
-        candle_core::bail!(
-            "backward_from: gradient {:?} for a {:?} tensor",
-            grad.dims(),
-            x.dims()
-        );
-    }
-    x.apply_op1(SeedGradient {
-        grad: grad.detach(),
-    })?
-    .backward()
 }
 
 /// What a micro-batch contributes to the step's metrics.
@@ -152,10 +101,10 @@ impl Activations {
 
 /// What the forward left for one layer's backward.
 enum Saved {
-    /// The layer's input x_l [N, H] (no graph).
+    /// The layer's input x_l [N, H]; the backward runs the layer again, taped.
     Input(Tensor),
-    /// The layer's leaf input and its output, with the graph between them.
-    Graph(Var, Tensor),
+    /// The layer's tape from the forward.
+    Tape(Box<LayerTape>),
 }
 
 /// Forward and backward of one micro-batch. The loss is normalised by `denom` labelled
@@ -173,14 +122,11 @@ pub fn forward_backward(
     let mut inputs = inputs(model, batch)?;
     // The recompute reuses the forward's attention output; without a recompute nothing does.
     inputs.keep_attention = activations == Activations::Recompute;
-    let frozen = LoraCtx {
+    // LoRA enters detached: the layers' hand-written backward (`arch::backward`) computes the
+    // adapter gradients.
+    let lora = LoraCtx {
         adapters,
         live: false,
-        dropout: dropout_key,
-    };
-    let live = LoraCtx {
-        adapters,
-        live: true,
         dropout: dropout_key,
     };
     let layers = model.num_layers();
@@ -191,15 +137,14 @@ pub fn forward_backward(
     for l in 0..layers {
         let (out, stats) = match activations {
             Activations::Recompute => {
-                let (out, stats) = model.layer(l, &x, &inputs, &frozen)?;
+                let (out, stats) = model.layer(l, &x, &inputs, &lora)?;
                 saved.push(Saved::Input(x));
                 (out, stats)
             }
             Activations::Keep => {
-                let leaf = Var::from_tensor(&x)?;
-                let (out, stats) = model.layer(l, leaf.as_tensor(), &inputs, &live)?;
-                saved.push(Saved::Graph(leaf, out.clone()));
-                (out.detach(), stats)
+                let (out, stats, tape) = model.layer_taped(l, &x, &inputs, &lora)?;
+                saved.push(Saved::Tape(Box::new(tape)));
+                (out, stats)
             }
         };
         expert_tokens.push(stats.expert_tokens);
@@ -208,11 +153,10 @@ pub fn forward_backward(
 
     crate::util::phases::mark_memory("3 forward", &device);
     // Head: dL/dx_L through the final norm.
-    let leaf = Var::from_tensor(&x)?;
-    let normed = model.final_norm(leaf.as_tensor())?;
+    let normed = model.final_norm(&x)?;
     let ce = timed("head + cross-entropy", &device, || {
         chunked_cross_entropy(
-            &normed.detach(),
+            &normed,
             model.lm_head(),
             &batch.labels,
             loss_chunk(model.spec.vocab_size),
@@ -221,37 +165,40 @@ pub fn forward_backward(
     crate::util::phases::mark_memory("4 head + cross-entropy", &device);
     let scale = ce.labelled as f64 / denom.max(1) as f64;
     let grad_normed = (ce.grad_h * scale)?;
-    let g = backward_from(&normed, &grad_normed)?;
-    let mut g_out = g.get(leaf.as_tensor()).cloned().ok_or_else(|| {
-        candle_core::Error::Msg("no gradient reached the last hidden state".into())
-    })?;
+    drop(normed);
+    let mut g_out = model.final_norm_backward(&x, &grad_normed)?;
+    drop(x);
 
-    let vars = adapters.vars();
+    let names: HashMap<TensorId, String> = adapters
+        .vars()
+        .into_iter()
+        .map(|(name, v)| (v.as_tensor().id(), name))
+        .collect();
     for l in (0..layers).rev() {
-        let (leaf, out) = match saved.pop() {
+        let tape = match saved.pop() {
             Some(Saved::Input(x)) => {
-                let leaf = Var::from_tensor(&x)?;
-                let (out, _) = model.layer(l, leaf.as_tensor(), &inputs, &live)?;
+                let (_, _, tape) = timed("layer recompute", &device, || {
+                    model.layer_taped(l, &x, &inputs, &lora)
+                })?;
                 crate::util::phases::mark_memory("5a layer recompute", &device);
-                (leaf, out)
+                tape
             }
-            Some(Saved::Graph(leaf, out)) => (leaf, out),
+            Some(Saved::Tape(tape)) => *tape,
             None => candle_core::bail!("layer {l} has nothing saved for its backward"),
         };
-        let store = timed("layer backward (autograd)", &device, || {
-            backward_from(&out, &g_out)
+        let (dx, layer_grads) = timed("layer backward", &device, || {
+            model.layer_backward(l, tape, &g_out, &lora)
         })?;
         timed("gradient accumulation", &device, || -> Result<()> {
-            for (name, v) in &vars {
-                if let Some(gv) = store.get(v.as_tensor()) {
-                    accumulate(grads, name, gv)?;
+            for (id, g) in &layer_grads {
+                match names.get(id) {
+                    Some(name) => accumulate(grads, name, g)?,
+                    None => candle_core::bail!("layer {l}: a gradient for no adapter"),
                 }
             }
             Ok(())
         })?;
-        g_out = store.get(leaf.as_tensor()).cloned().ok_or_else(|| {
-            candle_core::Error::Msg(format!("no gradient reached the input of layer {l}"))
-        })?;
+        g_out = dx;
         crate::util::phases::mark_memory("5b layer backward", &device);
     }
     Ok(MicroStats {

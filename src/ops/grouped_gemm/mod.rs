@@ -186,6 +186,21 @@ pub fn accumulate(out: &Tensor, a: &Tensor, b: &Tensor, gemm: Gemm) -> Result<()
     }
 }
 
+/// `y + α·p·op(q)` with one rounding to y's dtype: on CUDA inside the product (cuBLAS with
+/// β = 1 on y's buffer, which the caller owns: no `[N, out]` product, scale or add pass), on
+/// the CPU in f32 — the same arithmetic, so both devices round alike.
+pub fn add_product(y: Tensor, p: &Tensor, q: &Tensor, gemm: Gemm) -> Result<Tensor> {
+    if y.device().is_cuda() {
+        let y = crate::ops::at_offset_zero(&y)?;
+        accumulate(&y, p, q, gemm)?;
+        return Ok(y);
+    }
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let q = if gemm.trans_b { f32(q)?.t()? } else { f32(q)? };
+    let prod = (f32(p)?.matmul(&q)? * gemm.alpha)?;
+    (f32(&y)? + prod)?.to_dtype(y.dtype())
+}
+
 /// A flat output buffer of `len` elements for `grouped_gemm_into` whose every element will be
 /// written (uninitialised on CUDA, zeros elsewhere).
 pub fn output_for_products(len: usize, dtype: DType, device: &Device) -> Result<Tensor> {

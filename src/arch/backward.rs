@@ -1,0 +1,479 @@
+//! A decoder layer's backward written out (docs/ARCHITECTURE.md decision 22): the layer's
+//! forward runs without a graph and keeps, in a [`LayerTape`], what each op's backward needs;
+//! [`LayerTape::backward`] walks the layer in reverse with the ops' own backward functions
+//! and hands out the adapter gradients by factor. Against candle's autograd over the same
+//! forward (`Layer::forward` with live LoRA, the reference this is tested against) it saves,
+//! per graph edge, a zero-filled gradient buffer and an add over it, and per custom op a copy
+//! of each input and of the output; and the gradients of a tensor read by several projections
+//! (the normed input of q, k and v) are summed inside their products (`add_product`: cuBLAS
+//! with β = 1, one rounding each) instead of by separate adds.
+//!
+//! The taped forward computes the same values as a plain forward (`Layer::forward` without
+//! a graph) — the same functions in the same order — so a step's losses do not depend on
+//! whether the backward recomputes the layer or keeps its tape from the forward.
+
+use super::layers::{dropout_mask, Attention, Layer, Mlp, Moe, Proj, Routing};
+use super::model::{Inputs, LayerStats, LoraCtx};
+use super::{ArchSpec, ExpertExchange, QkNorm};
+use crate::ops::attention_block::{attention_block_taped, BlockTape};
+use crate::ops::grouped_gemm::{add_product, Gemm};
+use crate::ops::lora_linear::{backward_into, forward_taped, LinearTape};
+use crate::ops::nf4_linear::nf4_linear;
+use crate::ops::norm::{rms_norm, rms_norm_backward};
+use crate::ops::routed_experts::{held_experts_taped, ExpertsTape};
+use crate::ops::routing::{combine_backward, combine_forward, gather_backward, gather_forward};
+use crate::ops::swiglu::{swiglu, swiglu_backward};
+use crate::util::phases::timed;
+use candle_core::{DType, Result, Tensor, TensorId, D};
+use std::rc::Rc;
+
+/// Adapter gradients by the id of the factor's `Var` tensor (`Var::as_tensor().id()`).
+pub type AdapterGrads = Vec<(TensorId, Tensor)>;
+
+/// A projection's input and, with an adapter, what its backward needs and its factors' ids.
+struct ProjTape {
+    x: Tensor,
+    lora: Option<(LinearTape, TensorId, TensorId)>,
+}
+
+/// `Proj::forward`'s arithmetic, keeping its tape.
+fn proj(p: &Proj, x: &Tensor, lora: &LoraCtx) -> Result<(Tensor, ProjTape)> {
+    let Some(l) = lora.adapters.linear.get(&p.name) else {
+        let y = nf4_linear(x, &p.w)?;
+        let y = match &p.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let tape = ProjTape {
+            x: x.clone(),
+            lora: None,
+        };
+        return Ok((y, tape));
+    };
+    let s = &lora.adapters.settings;
+    let mask = match lora.dropout {
+        Some(key) if s.dropout > 0.0 => Some(dropout_mask(x, s.dropout, key, &p.name)?),
+        _ => None,
+    };
+    let a = l.a.as_tensor().detach().to_dtype(x.dtype())?;
+    let b = l.b.as_tensor().detach().to_dtype(x.dtype())?;
+    let (y, t) = forward_taped(x, &p.w, p.bias.as_ref(), (&a, &b), s.scaling(), mask.as_ref())?;
+    let ids = (l.a.as_tensor().id(), l.b.as_tensor().id());
+    let tape = ProjTape {
+        x: x.clone(),
+        lora: Some((t, ids.0, ids.1)),
+    };
+    Ok((y, tape))
+}
+
+impl ProjTape {
+    /// dx for upstream `dy`, added into `dx_into` where given.
+    fn backward(
+        self,
+        p: &Proj,
+        dy: &Tensor,
+        dx_into: Option<Tensor>,
+        grads: &mut AdapterGrads,
+    ) -> Result<Tensor> {
+        let lora = self.lora.as_ref().map(|(t, _, _)| t);
+        let (dx, factors) = backward_into(&self.x, &p.w, lora, dy, dx_into)?;
+        if let (Some((_, a, b)), Some((da, db))) = (self.lora, factors) {
+            grads.push((a, da));
+            grads.push((b, db));
+        }
+        Ok(dx)
+    }
+}
+
+/// RMSNorm's backward with a frozen weight: dx from the norm's input x and dy.
+pub(super) fn norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
+    let z = crate::ops::at_offset_zero;
+    let w = z(&w.to_dtype(x.dtype())?)?;
+    rms_norm_backward(&z(x)?, &w, &z(&dy.to_dtype(x.dtype())?)?, eps)
+}
+
+/// gate, up, down of a SwiGLU MLP.
+struct MlpTape {
+    gate: ProjTape,
+    up: ProjTape,
+    g: Tensor,
+    u: Tensor,
+    down: ProjTape,
+}
+
+fn swiglu_mlp(p: &[Proj; 3], x: &Tensor, lora: &LoraCtx) -> Result<(Tensor, MlpTape)> {
+    let (g, gate) = proj(&p[0], x, lora)?;
+    let (u, up) = proj(&p[1], x, lora)?;
+    let (y, down) = proj(&p[2], &swiglu(&g, &u)?, lora)?;
+    Ok((
+        y,
+        MlpTape {
+            gate,
+            up,
+            g,
+            u,
+            down,
+        },
+    ))
+}
+
+impl MlpTape {
+    fn backward(
+        self,
+        p: &[Proj; 3],
+        dy: &Tensor,
+        dx_into: Option<Tensor>,
+        grads: &mut AdapterGrads,
+    ) -> Result<Tensor> {
+        let dact = self.down.backward(&p[2], dy, None, grads)?;
+        let (dg, du) = swiglu_backward(&self.g, &self.u, &dact)?;
+        let dx = self.gate.backward(&p[0], &dg, dx_into, grads)?;
+        self.up.backward(&p[1], &du, Some(dx), grads)
+    }
+}
+
+struct AttnTape {
+    q: ProjTape,
+    k: ProjTape,
+    v: ProjTape,
+    /// q and k before the norm over the whole projection (`QkNorm::FullProjection`).
+    pre_norm: Option<(Tensor, Tensor)>,
+    /// q, k and v before `clip_qkv`.
+    pre_clip: Option<[Tensor; 3]>,
+    /// The attention block's inputs.
+    qkv: [Tensor; 3],
+    block: BlockTape,
+    o: ProjTape,
+}
+
+/// `Attention::forward`'s arithmetic, keeping its tape.
+fn attention(
+    a: &Attention,
+    spec: &ArchSpec,
+    layer: usize,
+    x: &Tensor,
+    inputs: &Inputs,
+    lora: &LoraCtx,
+) -> Result<(Tensor, AttnTape)> {
+    let eps = spec.rms_norm_eps;
+    let (mut q, qt) = proj(&a.q, x, lora)?;
+    let (mut k, kt) = proj(&a.k, x, lora)?;
+    let (mut v, vt) = proj(&a.v, x, lora)?;
+    let mut pre_norm = None;
+    if spec.qk_norm == QkNorm::FullProjection {
+        if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
+            let (nq, nk) = (rms_norm(&q, qn, eps)?, rms_norm(&k, kn, eps)?);
+            pre_norm = Some((std::mem::replace(&mut q, nq), std::mem::replace(&mut k, nk)));
+        }
+    }
+    let mut pre_clip = None;
+    if let Some(c) = spec.clip_qkv {
+        let clipped = [q.clamp(-c, c)?, k.clamp(-c, c)?, v.clamp(-c, c)?];
+        let [cq, ck, cv] = clipped;
+        pre_clip = Some([
+            std::mem::replace(&mut q, cq),
+            std::mem::replace(&mut k, ck),
+            std::mem::replace(&mut v, cv),
+        ]);
+    }
+    let args = a.block_args(spec, layer, inputs, q.dtype());
+    let (ctx, block) = attention_block_taped(&q, &k, &v, &args)?;
+    let (out, o) = proj(&a.o, &ctx, lora)?;
+    let tape = AttnTape {
+        q: qt,
+        k: kt,
+        v: vt,
+        pre_norm,
+        pre_clip,
+        qkv: [q, k, v],
+        block,
+        o,
+    };
+    Ok((out, tape))
+}
+
+impl AttnTape {
+    /// d(normed input) for upstream `dy` [N, H].
+    fn backward(
+        self,
+        a: &Attention,
+        spec: &ArchSpec,
+        dy: &Tensor,
+        grads: &mut AdapterGrads,
+    ) -> Result<Tensor> {
+        let dctx = self.o.backward(&a.o, dy, None, grads)?;
+        let [q, k, v] = &self.qkv;
+        let [mut dq, mut dk, mut dv] = self.block.backward(q, k, v, &dctx)?;
+        drop((dctx, self.block));
+        if let (Some(pre), Some(c)) = (&self.pre_clip, spec.clip_qkv) {
+            // The clamp passes the gradient where its input lies within [−c, c].
+            let pass = |x: &Tensor, d: &Tensor| -> Result<Tensor> {
+                let inside = x.ge(-c)?.mul(&x.le(c)?)?.to_dtype(d.dtype())?;
+                d * inside
+            };
+            dq = pass(&pre[0], &dq)?;
+            dk = pass(&pre[1], &dk)?;
+            dv = pass(&pre[2], &dv)?;
+        }
+        if let (Some((q0, k0)), Some(qn), Some(kn)) = (&self.pre_norm, &a.q_norm, &a.k_norm) {
+            dq = norm_backward(q0, qn, &dq, spec.rms_norm_eps)?;
+            dk = norm_backward(k0, kn, &dk, spec.rms_norm_eps)?;
+        }
+        let dx = self.q.backward(&a.q, &dq, None, grads)?;
+        let dx = self.k.backward(&a.k, &dk, Some(dx), grads)?;
+        self.v.backward(&a.v, &dv, Some(dx), grads)
+    }
+}
+
+/// The shared expert's MLP and, where it is gated, its output and gate `sigmoid(x·gᵀ)` [N, 1].
+struct SharedTape {
+    mlp: MlpTape,
+    gated: Option<(Tensor, Tensor)>,
+}
+
+struct MoeTape {
+    routing: Rc<Routing>,
+    /// f32 router probabilities [N, E] and routing weights [N, k].
+    probs: Tensor,
+    weights: Tensor,
+    /// The expert outputs [N·k, H] in the order of the gathered rows.
+    y: Tensor,
+    experts: ExpertsTape,
+    shared: Option<SharedTape>,
+}
+
+impl Moe {
+    /// The held experts on their grouped rows, keeping their tape.
+    pub(super) fn held_taped(
+        &self,
+        xs: &Tensor,
+        counts: &[usize],
+        lora: &LoraCtx,
+    ) -> Result<(Tensor, ExpertsTape)> {
+        let adapters = self.expert_lora(&LoraCtx {
+            adapters: lora.adapters,
+            live: false,
+            dropout: lora.dropout,
+        });
+        held_experts_taped(xs, &self.gate_up, &self.down, counts, Some(&adapters))
+    }
+
+    /// `Moe::forward`'s arithmetic, keeping its tape.
+    fn taped(
+        &self,
+        spec: &ArchSpec,
+        x: &Tensor,
+        lora: &LoraCtx,
+        exchange: Option<&dyn ExpertExchange>,
+        recorded: &mut Option<Rc<Routing>>,
+    ) -> Result<(Tensor, MoeTape)> {
+        let (routing, probs, weights) = self.route(spec, x, exchange, recorded)?;
+        let z = crate::ops::at_offset_zero;
+        let (x, weights) = (z(x)?, z(&weights)?);
+        let xs = gather_forward(&x, &routing.order)?; // [N·k, H] by expert
+        let (y, experts) = match &routing.exchange {
+            None => self.held_taped(&xs, &routing.counts, lora)?,
+            Some(plan) => {
+                let (yr, tape) = self.held_taped(&plan.dispatch(&xs)?, plan.held_counts(), lora)?;
+                (plan.combine(&yr)?, tape)
+            }
+        };
+        drop(xs);
+        let mut out = combine_forward(&y, &weights, &routing.order)?;
+        let shared = match &self.shared {
+            None => None,
+            Some((mlp, gate)) => {
+                let (mut sh, tape) = swiglu_mlp(mlp, &x, lora)?;
+                let mut gated = None;
+                if let Some(g) = gate {
+                    let s = sigmoid(&x.matmul(&g.t()?)?)?;
+                    let out = sh.broadcast_mul(&s)?;
+                    gated = Some((std::mem::replace(&mut sh, out), s));
+                }
+                out = (out + sh)?;
+                Some(SharedTape { mlp: tape, gated })
+            }
+        };
+        let tape = MoeTape {
+            routing,
+            probs,
+            weights,
+            y,
+            experts,
+            shared,
+        };
+        Ok((out, tape))
+    }
+}
+
+fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}
+
+impl MoeTape {
+    /// d(normed input) [N, H] for upstream `dy` [N, H].
+    fn backward(
+        self,
+        moe: &Moe,
+        spec: &ArchSpec,
+        dy: &Tensor,
+        lora: &LoraCtx,
+        grads: &mut AdapterGrads,
+    ) -> Result<Tensor> {
+        let dtype = dy.dtype();
+        let order = &self.routing.order;
+        let (dys, dw) = combine_backward(&self.y, &self.weights, order, dy)?;
+        drop(self.y);
+        let (dxs, (gate_up, down)) = match &self.routing.exchange {
+            None => self.experts.backward(dys, dtype)?,
+            Some(plan) => {
+                let dyr = plan.dispatch(&dys)?;
+                drop(dys);
+                let (dxr, factors) = self.experts.backward(dyr, dtype)?;
+                (plan.combine(&dxr)?, factors)
+            }
+        };
+        for (name, factors) in [(&moe.gate_up_name, gate_up), (&moe.down_name, down)] {
+            if let (Some(l), Some((da, db))) = (lora.adapters.experts.get(name), factors) {
+                grads.push((l.a.as_tensor().id(), da));
+                grads.push((l.b.as_tensor().id(), db));
+            }
+        }
+        let dx = gather_backward(&dxs, order, dtype)?;
+        drop(dxs);
+        let dx = router_backward(moe, spec, &self.routing, &self.probs, &dw, dx)?;
+        match (self.shared, &moe.shared) {
+            (Some(t), Some((mlp, gate))) => {
+                let (dsh, dx) = match (t.gated, gate) {
+                    (Some((sh, s)), Some(g)) => {
+                        // out = sh·s, s = sigmoid(x·gᵀ): ds = Σ dy·sh, dz = ds·s·(1 − s).
+                        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+                        let ds = (f32(dy)? * f32(&sh)?)?.sum_keepdim(D::Minus1)?;
+                        let sf = f32(&s)?;
+                        let dz = (ds * (&sf * sf.affine(-1.0, 1.0)?)?)?.to_dtype(dtype)?;
+                        let dx = add_product(dx, &dz, g, Gemm::nn(1.0))?;
+                        (dy.broadcast_mul(&s)?, dx)
+                    }
+                    _ => (dy.clone(), dx),
+                };
+                t.mlp.backward(mlp, &dsh, Some(dx), grads)
+            }
+            _ => Ok(dx),
+        }
+    }
+}
+
+/// The router's backward: dx += dlogits · W_router, from the routing weights' gradient `dw`
+/// [N, k] through the (optional) renormalisation, the top-k selection and the f32 softmax.
+fn router_backward(
+    moe: &Moe,
+    spec: &ArchSpec,
+    routing: &Routing,
+    probs: &Tensor,
+    dw: &Tensor,
+    dx: Tensor,
+) -> Result<Tensor> {
+    let dw = dw.to_dtype(DType::F32)?;
+    let sel = probs.gather(&routing.top, 1)?; // [N, k]
+    let dsel = if spec.router.renormalize {
+        // w = sel / Σ sel: dsel = (dw − Σ dw·w) / Σ sel.
+        let total = sel.sum_keepdim(D::Minus1)?;
+        let w = sel.broadcast_div(&total)?;
+        dw.broadcast_sub(&(&dw * w)?.sum_keepdim(D::Minus1)?)?
+            .broadcast_div(&total)?
+    } else {
+        dw
+    };
+    let dprobs = probs.zeros_like()?.scatter_add(&routing.top, &dsel, 1)?;
+    // Softmax: dlogits = p · (dp − Σ dp·p).
+    let dot = (&dprobs * probs)?.sum_keepdim(D::Minus1)?;
+    let dlogits = (probs * dprobs.broadcast_sub(&dot)?)?;
+    add_product(
+        dx,
+        &dlogits.to_dtype(moe.router.dtype())?,
+        &moe.router,
+        Gemm::nn(1.0),
+    )
+}
+
+enum MlpPart {
+    Dense(MlpTape),
+    Moe(MoeTape),
+}
+
+/// What a layer's taped forward leaves for its backward.
+pub struct LayerTape {
+    /// The layer's input and the residual after attention (the norms' inputs).
+    x: Tensor,
+    x1: Tensor,
+    attn: AttnTape,
+    mlp: MlpPart,
+}
+
+impl Layer {
+    /// `Layer::forward`'s arithmetic without a graph, keeping the tape for [`Layer::backward`].
+    pub fn forward_taped(
+        &self,
+        index: usize,
+        spec: &ArchSpec,
+        x: &Tensor,
+        inputs: &Inputs,
+        lora: &LoraCtx,
+        exchange: Option<&dyn ExpertExchange>,
+    ) -> Result<(Tensor, LayerStats, LayerTape)> {
+        let eps = spec.rms_norm_eps;
+        let x = x.detach();
+        let (a, attn) = attention(
+            &self.attn,
+            spec,
+            index,
+            &rms_norm(&x, &self.input_norm, eps)?,
+            inputs,
+            lora,
+        )?;
+        let x1 = (&x + a)?;
+        let h = rms_norm(&x1, &self.post_norm, eps)?;
+        let (m, stats, mlp) = match &self.mlp {
+            Mlp::Dense(p) => {
+                let (m, t) = swiglu_mlp(p, &h, lora)?;
+                (m, LayerStats::default(), MlpPart::Dense(t))
+            }
+            Mlp::Moe(moe) => {
+                let mut routes = inputs.routes.borrow_mut();
+                let (m, t) = moe.taped(spec, &h, lora, exchange, &mut routes[index])?;
+                let stats = LayerStats {
+                    expert_tokens: t.routing.per_expert.clone(),
+                };
+                (m, stats, MlpPart::Moe(t))
+            }
+        };
+        let out = (&x1 + m)?;
+        Ok((out, stats, LayerTape { x, x1, attn, mlp }))
+    }
+
+    /// dL/dx of the layer's input for upstream `g` = dL/d(output), and the adapter gradients.
+    pub fn backward(
+        &self,
+        spec: &ArchSpec,
+        tape: LayerTape,
+        g: &Tensor,
+        lora: &LoraCtx,
+    ) -> Result<(Tensor, AdapterGrads)> {
+        let dev = g.device().clone();
+        let eps = spec.rms_norm_eps;
+        let mut grads = AdapterGrads::new();
+        let LayerTape { x, x1, attn, mlp } = tape;
+        let dh = timed("bwd: mlp", &dev, || match (mlp, &self.mlp) {
+            (MlpPart::Dense(t), Mlp::Dense(p)) => t.backward(p, g, None, &mut grads),
+            (MlpPart::Moe(t), Mlp::Moe(moe)) => t.backward(moe, spec, g, lora, &mut grads),
+            _ => candle_core::bail!("layer backward: the tape is of another layer"),
+        })?;
+        let dx1 = (g + norm_backward(&x1, &self.post_norm, &dh, eps)?)?;
+        drop((dh, x1));
+        let dh = timed("bwd: attention", &dev, || {
+            attn.backward(&self.attn, spec, &dx1, &mut grads)
+        })?;
+        let dx = (dx1 + norm_backward(&x, &self.input_norm, &dh, eps)?)?;
+        Ok((dx, grads))
+    }
+}
