@@ -33,19 +33,22 @@ __device__ void gather_sum(const T* src, const uint32_t* idx, const float* w, T*
   }
 }
 
-template <typename T, bool WEIGHTED>
-__device__ void gather_sum_vec(const T* src, const uint32_t* idx, const float* w, T* out, const size_t tokens,
-                               const int k, const size_t h) {
+// I: the index type of the element loop (32-bit when tokens·h fits: a 64-bit division per pack
+// cost as much as the k = 1 gather's memory traffic).
+template <typename T, bool WEIGHTED, typename I>
+__device__ void gather_sum_vec_by(const T* src, const uint32_t* idx, const float* w, T* out, const I tokens,
+                                  const int k, const I h) {
   constexpr int P = 16 / sizeof(T);
-  const size_t packs = h / P;
-  const size_t n = tokens * packs;
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    const size_t t = i / packs, c = (i % packs) * P;
+  const I packs = h / P;
+  const I n = tokens * packs;
+  for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < n; i += (I)gridDim.x * blockDim.x) {
+    const I t = i / packs, c = (i - t * packs) * P;
     float acc[P];
 #pragma unroll
     for (int e = 0; e < P; ++e) acc[e] = 0.0f;
+#pragma unroll 4
     for (int j = 0; j < k; ++j) {
-      const size_t slot = t * k + j;
+      const size_t slot = (size_t)t * k + j;
       const uint4 raw = *reinterpret_cast<const uint4*>(src + (size_t)idx[slot] * h + c);
       const T* v = reinterpret_cast<const T*>(&raw);
       const float wj = WEIGHTED ? w[slot] : 1.0f;
@@ -56,7 +59,18 @@ __device__ void gather_sum_vec(const T* src, const uint32_t* idx, const float* w
     T* o = reinterpret_cast<T*>(&packed);
 #pragma unroll
     for (int e = 0; e < P; ++e) o[e] = from_f32<T>(acc[e]);
-    *reinterpret_cast<uint4*>(out + t * h + c) = packed;
+    *reinterpret_cast<uint4*>(out + (size_t)t * h + c) = packed;
+  }
+}
+
+template <typename T, bool WEIGHTED>
+__device__ void gather_sum_vec(const T* src, const uint32_t* idx, const float* w, T* out, const size_t tokens,
+                               const int k, const size_t h) {
+  const size_t reach = (size_t)gridDim.x * blockDim.x;
+  if (tokens * h < (1ull << 31) && reach < (1ull << 31)) {
+    gather_sum_vec_by<T, WEIGHTED, uint32_t>(src, idx, w, out, (uint32_t)tokens, k, (uint32_t)h);
+  } else {
+    gather_sum_vec_by<T, WEIGHTED, size_t>(src, idx, w, out, tokens, k, h);
   }
 }
 

@@ -397,37 +397,40 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
     for dtype in [DType::F32, DType::BF16] {
         out.extend(check_model_ops(device, dtype)?);
     }
-    // Fused cross-entropy rows: 37 rows × 5000-word vocabulary (several strides of the 1024
-    // threads), every fifth row ignored; dlogits and per-row losses against the CPU loop in f32.
-    // The loss is the op's forward, dlogits its backward.
-    let logits = (Tensor::randn(0f32, 1.0, (37, 5000), &Device::Cpu)? * 3.0)?;
-    let targets: Vec<u32> = (0..37u32).map(|r| (r * 131 + 7) % 5000).collect();
-    let weights: Vec<f32> = (0..37)
-        .map(|r| if r % 5 == 4 { 0.0 } else { 1.0 })
-        .collect();
-    for dtype in [DType::F32, DType::BF16] {
-        let run = |d: &Device| -> Result<(Tensor, Tensor)> {
-            cross_entropy_rows(
-                &logits.to_dtype(dtype)?.to_device(d)?,
-                &Tensor::from_slice(&targets, 37, d)?,
-                &Tensor::from_slice(&weights, 37, d)?,
-                0.5,
-            )
-        };
-        let ((dx, loss), (dx_ref, loss_ref)) = (run(device)?, run(&Device::Cpu)?);
-        let row = |pass| lookup("cross_entropy_rows", dtype.as_str(), pass);
-        out.push(compare(
-            &format!("cross_entropy_rows {dtype:?} dlogits"),
-            &dx,
-            &dx_ref,
-            row(Pass::Backward)?,
-        )?);
-        out.push(compare(
-            &format!("cross_entropy_rows {dtype:?} loss"),
-            &loss,
-            &loss_ref,
-            row(Pass::Forward)?,
-        )?);
+    // Fused cross-entropy rows: 37 rows × a 5,000-word vocabulary (several strides of the 1,024
+    // threads; rows of whole 16-byte packs) and × 4,999 (the scalar path), every fifth row
+    // ignored; dlogits and per-row losses against the CPU loop in f32. The loss is the op's
+    // forward, dlogits its backward.
+    for vocab in [5000u32, 4999] {
+        let logits = (Tensor::randn(0f32, 1.0, (37, vocab as usize), &Device::Cpu)? * 3.0)?;
+        let targets: Vec<u32> = (0..37u32).map(|r| (r * 131 + 7) % vocab).collect();
+        let weights: Vec<f32> = (0..37)
+            .map(|r| if r % 5 == 4 { 0.0 } else { 1.0 })
+            .collect();
+        for dtype in [DType::F32, DType::BF16] {
+            let run = |d: &Device| -> Result<(Tensor, Tensor)> {
+                cross_entropy_rows(
+                    &logits.to_dtype(dtype)?.to_device(d)?,
+                    &Tensor::from_slice(&targets, 37, d)?,
+                    &Tensor::from_slice(&weights, 37, d)?,
+                    0.5,
+                )
+            };
+            let ((dx, loss), (dx_ref, loss_ref)) = (run(device)?, run(&Device::Cpu)?);
+            let row = |pass| lookup("cross_entropy_rows", dtype.as_str(), pass);
+            out.push(compare(
+                &format!("cross_entropy_rows V {vocab} {dtype:?} dlogits"),
+                &dx,
+                &dx_ref,
+                row(Pass::Backward)?,
+            )?);
+            out.push(compare(
+                &format!("cross_entropy_rows V {vocab} {dtype:?} loss"),
+                &loss,
+                &loss_ref,
+                row(Pass::Forward)?,
+            )?);
+        }
     }
     out.extend(rows::check_rows(device)?);
     out.extend(adamw::check_adamw(device)?);
