@@ -252,19 +252,21 @@ fn kept_activations_match_the_recompute_exactly() {
         let key = Some((7, 3));
         let recomputed = grads_with(&s, &b, key, Activations::Recompute);
         let kept = grads_with(&s, &b, key, Activations::Keep);
+        let offloaded = grads_with(&s, &b, key, Activations::Offload);
         assert_eq!(
             recomputed.keys().collect::<Vec<_>>(),
             kept.keys().collect::<Vec<_>>(),
             "{arch:?}"
         );
         for (name, want) in &recomputed {
-            let got = &kept[name];
             assert!(max_abs(want) > 0.0, "{arch:?} {name}: zero gradient");
-            let err = max_abs(&(got - want).unwrap());
-            assert_eq!(
-                err, 0.0,
-                "{arch:?} {name}: kept vs recomputed differ by {err:e}"
-            );
+            for (how, got) in [("kept", &kept[name]), ("offloaded", &offloaded[name])] {
+                let err = max_abs(&(got - want).unwrap());
+                assert_eq!(
+                    err, 0.0,
+                    "{arch:?} {name}: {how} vs recomputed differ by {err:e}"
+                );
+            }
         }
     }
 }

@@ -57,7 +57,14 @@ fn proj(p: &Proj, x: &Tensor, lora: &LoraCtx) -> Result<(Tensor, ProjTape)> {
     };
     let a = l.a.as_tensor().detach().to_dtype(x.dtype())?;
     let b = l.b.as_tensor().detach().to_dtype(x.dtype())?;
-    let (y, t) = forward_taped(x, &p.w, p.bias.as_ref(), (&a, &b), s.scaling(), mask.as_ref())?;
+    let (y, t) = forward_taped(
+        x,
+        &p.w,
+        p.bias.as_ref(),
+        (&a, &b),
+        s.scaling(),
+        mask.as_ref(),
+    )?;
     let ids = (l.a.as_tensor().id(), l.b.as_tensor().id());
     let tape = ProjTape {
         x: x.clone(),
@@ -398,7 +405,7 @@ fn router_backward(
 
 enum MlpPart {
     Dense(MlpTape),
-    Moe(MoeTape),
+    Moe(Box<MoeTape>),
 }
 
 /// What a layer's taped forward leaves for its backward.
@@ -444,7 +451,7 @@ impl Layer {
                 let stats = LayerStats {
                     expert_tokens: t.routing.per_expert.clone(),
                 };
-                (m, stats, MlpPart::Moe(t))
+                (m, stats, MlpPart::Moe(Box::new(t)))
             }
         };
         let out = (&x1 + m)?;

@@ -147,7 +147,11 @@ pub const SUPPORTED_KEYS: &[(&str, &str)] = &[
     ("fp16", "must be false: moeq trains in bf16 or f32"),
     (
         "gradient_checkpointing",
-        "accepted; moeq always recomputes per layer (true)",
+        "true | false | offload: recompute each layer in the backward (true); offload also parks the saved layer inputs in host memory",
+    ),
+    (
+        "activation_offloading",
+        "true | false | legacy: park the recompute's saved layer inputs and attention outputs in page-locked host memory (false)",
     ),
     (
         "output_dir",
@@ -379,10 +383,6 @@ pub const IGNORED_AXOLOTL_KEYS: &[(&str, &str)] = &[
     (
         "expert_parallel_size",
         "moeq spreads the experts over all ranks (expert_parallel: false keeps them on every rank); the training is the same",
-    ),
-    (
-        "activation_offloading",
-        "the saved layer inputs stay in GPU memory (no offload yet); the training is the same",
     ),
 ];
 

@@ -196,8 +196,12 @@ pub struct TrainConfig {
     pub bf16: Bf16Mode,
     /// Always false once validated; kept so a saved config shows the choice.
     pub fp16: bool,
-    /// Informational: moeq always recomputes activations per layer.
+    /// Recompute each layer in the backward (true) or keep every layer's tape (false).
     pub gradient_checkpointing: bool,
+    /// With recompute: the saved layer inputs and attention outputs wait in page-locked host
+    /// memory (`activation_offloading: true`, or `gradient_checkpointing: offload`).
+    #[serde(default)]
+    pub activation_offloading: bool,
 
     // --- outputs ---
     pub output_dir: PathBuf,

@@ -174,7 +174,10 @@ fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
             .unwrap_or(1.0),
         bf16: bf16(f)?,
         fp16,
-        gradient_checkpointing: gradient_checkpointing(f, warnings)?,
+        gradient_checkpointing: f
+            .get("gradient_checkpointing")
+            .is_none_or(|v| !matches!(v, Value::Bool(false))),
+        activation_offloading: activation_offloading(f)?,
         output_dir: f
             .string("output_dir")?
             .map(PathBuf::from)
@@ -243,22 +246,37 @@ fn device(f: &Fields) -> R<DeviceChoice> {
     parsed.ok_or_else(|| f.err("device", one_of(&DeviceChoice::SPELLINGS, v)))
 }
 
-/// `gradient_checkpointing`: true or false, or axolotl's `offload` (recompute, with the saved
-/// layer inputs in host memory: moeq recomputes and keeps them on the device, with a warning).
-fn gradient_checkpointing(f: &Fields, warnings: &mut Vec<String>) -> R<bool> {
-    match f.get("gradient_checkpointing") {
-        Some(Value::String(s)) if s == "offload" => {
-            warnings.push(format!(
-                "{}: gradient_checkpointing: offload recomputes each layer as `true` does; the saved layer inputs stay in GPU memory (no offload yet); the training is the same",
-                f.origin()
-            ));
-            Ok(true)
+/// `gradient_checkpointing` (true, false or axolotl's `offload`: recompute with the saved layer
+/// inputs in host memory) and `activation_offloading` (true, false or axolotl's `legacy`; `disk`
+/// is refused): whether the recompute's saved tensors wait in host memory.
+fn activation_offloading(f: &Fields) -> R<bool> {
+    let checkpointing = match f.get("gradient_checkpointing") {
+        Some(Value::String(s)) if s == "offload" => Some(true),
+        Some(Value::String(_)) => {
+            return Err(f.err("gradient_checkpointing", "must be true, false or offload"))
+        }
+        _ => f.bool("gradient_checkpointing")?.map(|_| false),
+    };
+    let offload = match f.get("activation_offloading") {
+        Some(Value::String(s)) if s == "legacy" => true,
+        Some(Value::String(s)) if s == "disk" => {
+            return Err(f.err(
+                "activation_offloading",
+                "disk is not supported: moeq parks activations in host memory (use true)",
+            ))
         }
         Some(Value::String(_)) => {
-            Err(f.err("gradient_checkpointing", "must be true, false or offload"))
+            return Err(f.err("activation_offloading", "must be true, false or legacy"))
         }
-        _ => Ok(f.bool("gradient_checkpointing")?.unwrap_or(true)),
+        _ => f.bool("activation_offloading")?.unwrap_or(false),
+    };
+    if offload && f.get("gradient_checkpointing") == Some(&Value::Bool(false)) {
+        return Err(f.err(
+            "activation_offloading",
+            "offloads what the per-layer recompute keeps: set gradient_checkpointing: true, or activation_offloading: false",
+        ));
     }
+    Ok(offload || checkpointing == Some(true))
 }
 
 /// The bitsandbytes settings from the top-level keys and `bnb_config_kwargs` (axolotl passes the

@@ -223,7 +223,9 @@ const TRAIN_F32: &str = "cuBLAS vs CPU accumulation order through the layers and
 const TRAIN_BF16: &str = "both sides round to bf16 after every op from f32 sums in other orders: \
     an ulp (0.4%) here and there; vs the CPU in bf16, not f32 (top-k flips near ties)";
 const TRAIN_KEPT: &str = "gradient_checkpointing: false runs the same kernels on the same values";
-const WRITTEN_F32: &str = "the same functions; f32 sums in other orders (chunked vs whole-vocabulary \
+const TRAIN_OFFLOADED: &str = "the same tensors, copied to host memory and back";
+const WRITTEN_F32: &str =
+    "the same functions; f32 sums in other orders (chunked vs whole-vocabulary \
     softmax, gradients summed inside products): 1e-4 of the tensor's largest, as the CPU test";
 const WRITTEN_BF16: &str = "the hand-written backward rounds a summed gradient once per product \
     (β = 1), autograd after each add: an ulp (0.4%) here and there, as the train step's bf16 row";
@@ -341,6 +343,7 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Train, "train step",               "bf16", Forward,  5e-2,         Abs(0.0),               TRAIN_BF16),
     row(Train, "train step",               "bf16", Backward, 0.0,          OfMax(5e-2),            TRAIN_BF16),
     row(Train, "kept = recomputed",        "any",  Exact,    0.0,          Abs(0.0),               TRAIN_KEPT),
+    row(Train, "offloaded = recomputed",   "any",  Exact,    0.0,          Abs(0.0),               TRAIN_OFFLOADED),
     row(Train, "written = autograd",       "f32",  Backward, 0.0,          OfMax(1e-4),            WRITTEN_F32),
     row(Train, "written = autograd",       "bf16", Backward, 0.0,          OfMax(5e-2),            WRITTEN_BF16),
     row(Nccl,  "all_reduce_sum",           "f32",  Forward,  0.0,          OfMax(1e-6),            NCCL_SUM_F32),

@@ -246,6 +246,15 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                 &grads,
                 row("kept = recomputed", Pass::Exact)?,
             )?);
+            // Activation offloading parks the same tensors in host memory and brings them
+            // back: equal bit for bit.
+            let (_, offloaded) = step(&dir, device, dtype, &b, Activations::Offload)?;
+            out.extend(worst_of(
+                &format!("train step {name} {dtype:?} offloaded = recomputed"),
+                &offloaded,
+                &grads,
+                row("offloaded = recomputed", Pass::Exact)?,
+            )?);
             // The hand-written layer backward against candle's autograd on the device.
             let reference = autograd_step(&dir, device, dtype, &b)?;
             out.extend(worst_of(

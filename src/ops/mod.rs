@@ -17,6 +17,7 @@ pub mod kernels;
 pub mod lora_linear;
 pub mod nf4_linear;
 pub mod norm;
+pub mod offload;
 pub mod rope;
 pub mod routed_experts;
 pub mod routing;

@@ -92,8 +92,8 @@ struct Held<'a> {
     down_lora: Option<&'a (Tensor, Tensor)>,
 }
 
-/// (gate_up's adapter gradients (dA, dB), down's), where present.
-pub(crate) type FactorGrads = (Option<(Tensor, Tensor)>, Option<(Tensor, Tensor)>);
+/// (gate_up's adapter factors or their gradients (A, B), down's), where present.
+pub(crate) type FactorPairs = (Option<(Tensor, Tensor)>, Option<(Tensor, Tensor)>);
 
 impl Held<'_> {
     /// xs [M, H] grouped by held expert → the expert outputs [M, H].
@@ -124,7 +124,7 @@ impl Held<'_> {
     }
 
     /// dy [M, H] → (dxs [M, H] in `dtype`, the adapters' gradients).
-    fn backward(&self, kept: Kept, dy: Tensor, dtype: DType) -> Result<(Tensor, FactorGrads)> {
+    fn backward(&self, kept: Kept, dy: Tensor, dtype: DType) -> Result<(Tensor, FactorPairs)> {
         let Kept { gu, xs, act } = kept;
         let mut dact = grouped(&dy, self.down, self.counts, false)?.to_dtype(dtype)?;
         let mut down = None;
@@ -264,7 +264,8 @@ pub(crate) struct ExpertsTape {
     down: ExpertWeights,
     counts: Vec<usize>,
     adapter: Option<GroupedLora>,
-    factors: (Option<(Tensor, Tensor)>, Option<(Tensor, Tensor)>),
+    /// gate_up's and down's adapter factors (A, B), where present.
+    factors: FactorPairs,
     /// None when no rows came (nothing to differentiate).
     kept: Option<Kept>,
 }
@@ -319,7 +320,7 @@ impl ExpertsTape {
     }
 
     /// dy `[M, H]` → (dxs `[M, H]` in `dtype`, the adapters' gradients in their dtype).
-    pub(crate) fn backward(mut self, dy: Tensor, dtype: DType) -> Result<(Tensor, FactorGrads)> {
+    pub(crate) fn backward(mut self, dy: Tensor, dtype: DType) -> Result<(Tensor, FactorPairs)> {
         let _t = crate::util::phases::Span::start("bwd: routed experts", dy.device());
         match self.kept.take() {
             None => Ok((dy.to_dtype(dtype)?, (None, None))),

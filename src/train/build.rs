@@ -154,7 +154,8 @@ impl<'a> Run<'a> {
             )));
         }
         let tokens_seen = resume.as_ref().map_or(0, |r| r.state.tokens_seen);
-        let activations = Activations::from_checkpointing(config.gradient_checkpointing);
+        let activations =
+            Activations::from_config(config.gradient_checkpointing, config.activation_offloading);
         if rank == 0 {
             tracing::info!("activations: {}", activations.describe());
         }

@@ -15,6 +15,7 @@
 use crate::arch::{Inputs, LayerTape, LoraCtx, Model};
 use crate::data::{Batch, IGNORE_INDEX};
 use crate::lora::Adapters;
+use crate::ops::offload::{Fetching, Offloader, Parked};
 use crate::train::loss::chunked_cross_entropy;
 use crate::util::phases::timed;
 use candle_core::{DType, Result, Tensor, TensorId, D};
@@ -72,17 +73,20 @@ fn accumulate(acc: &mut BTreeMap<String, Tensor>, name: &str, grad: &Tensor) -> 
 pub enum Activations {
     /// Each layer's input; the backward recomputes the layer (gradient checkpointing).
     Recompute,
-    /// Each layer's whole graph; no recompute.
+    /// As `Recompute`, with each layer's input and attention output parked in page-locked host
+    /// memory until its backward (`activation_offloading`; `ops::offload`).
+    Offload,
+    /// Each layer's whole tape; no recompute.
     Keep,
 }
 
 impl Activations {
-    /// The axolotl/transformers key `gradient_checkpointing`.
-    pub fn from_checkpointing(gradient_checkpointing: bool) -> Self {
-        if gradient_checkpointing {
-            Activations::Recompute
-        } else {
-            Activations::Keep
+    /// The axolotl/transformers keys `gradient_checkpointing` and `activation_offloading`.
+    pub fn from_config(gradient_checkpointing: bool, activation_offloading: bool) -> Self {
+        match (gradient_checkpointing, activation_offloading) {
+            (true, true) => Activations::Offload,
+            (true, false) => Activations::Recompute,
+            (false, _) => Activations::Keep,
         }
     }
 
@@ -92,6 +96,9 @@ impl Activations {
             Activations::Recompute => {
                 "each layer recomputed in the backward (gradient_checkpointing: true)"
             }
+            Activations::Offload => {
+                "each layer recomputed in the backward, its input and attention output waiting in host memory (activation_offloading: true)"
+            }
             Activations::Keep => {
                 "every layer's kept for the backward (gradient_checkpointing: false)"
             }
@@ -99,12 +106,47 @@ impl Activations {
     }
 }
 
+/// A layer's attention output and its log-sum-exp (`ops::attention_block::Memo`), parked or
+/// on the way back.
+type ParkedMemo = Option<(Parked, Option<Parked>)>;
+type FetchingMemo = Option<(Fetching, Option<Fetching>)>;
+
 /// What the forward left for one layer's backward.
 enum Saved {
     /// The layer's input x_l [N, H]; the backward runs the layer again, taped.
     Input(Tensor),
+    /// The layer's input and attention output in host memory.
+    Parked(Parked, ParkedMemo),
+    /// The same on their way back to the device.
+    Fetching(Fetching, FetchingMemo),
     /// The layer's tape from the forward.
     Tape(Box<LayerTape>),
+}
+
+/// Parks layer `l`'s input and the attention output its forward left in the memo.
+fn park_layer(off: &mut Offloader, x: Tensor, inputs: &Inputs, l: usize) -> Result<Saved> {
+    let memo = inputs.attention[l].borrow_mut().take();
+    let memo = match memo {
+        Some((out, lse)) => Some((off.park(out)?, lse.map(|t| off.park(t)).transpose()?)),
+        None => None,
+    };
+    Ok(Saved::Parked(off.park(x)?, memo))
+}
+
+/// Starts bringing back the last parked layer of `saved` (the next the backward walks), so
+/// its copy overlaps the work before it.
+fn fetch_next(off: &mut Offloader, saved: &mut Vec<Saved>) -> Result<()> {
+    if !matches!(saved.last(), Some(Saved::Parked(..))) {
+        return Ok(());
+    }
+    if let Some(Saved::Parked(x, memo)) = saved.pop() {
+        let memo = match memo {
+            Some((out, lse)) => Some((off.fetch(out)?, lse.map(|t| off.fetch(t)).transpose()?)),
+            None => None,
+        };
+        saved.push(Saved::Fetching(off.fetch(x)?, memo));
+    }
+    Ok(())
 }
 
 /// Forward and backward of one micro-batch. The loss is normalised by `denom` labelled
@@ -121,7 +163,8 @@ pub fn forward_backward(
 ) -> Result<MicroStats> {
     let mut inputs = inputs(model, batch)?;
     // The recompute reuses the forward's attention output; without a recompute nothing does.
-    inputs.keep_attention = activations == Activations::Recompute;
+    inputs.keep_attention = activations != Activations::Keep;
+    let mut off = Offloader::new(&batch_device(model))?;
     // LoRA enters detached: the layers' hand-written backward (`arch::backward`) computes the
     // adapter gradients.
     let lora = LoraCtx {
@@ -141,6 +184,11 @@ pub fn forward_backward(
                 saved.push(Saved::Input(x));
                 (out, stats)
             }
+            Activations::Offload => {
+                let (out, stats) = model.layer(l, &x, &inputs, &lora)?;
+                saved.push(park_layer(&mut off, x, &inputs, l)?);
+                (out, stats)
+            }
             Activations::Keep => {
                 let (out, stats, tape) = model.layer_taped(l, &x, &inputs, &lora)?;
                 saved.push(Saved::Tape(Box::new(tape)));
@@ -151,6 +199,8 @@ pub fn forward_backward(
         x = out;
     }
 
+    off.release_finished()?;
+    fetch_next(&mut off, &mut saved)?;
     crate::util::phases::mark_memory("3 forward", &device);
     // Head: dL/dx_L through the final norm.
     let normed = model.final_norm(&x)?;
@@ -175,7 +225,21 @@ pub fn forward_backward(
         .map(|(name, v)| (v.as_tensor().id(), name))
         .collect();
     for l in (0..layers).rev() {
-        let tape = match saved.pop() {
+        // Normally started already (by the forward's end or the layer before): then a no-op.
+        fetch_next(&mut off, &mut saved)?;
+        let entry = match saved.pop() {
+            Some(Saved::Fetching(x, memo)) => {
+                *inputs.attention[l].borrow_mut() = match memo {
+                    Some((out, lse)) => Some((out.ready()?, lse.map(|t| t.ready()).transpose()?)),
+                    None => None,
+                };
+                let x = x.ready()?;
+                fetch_next(&mut off, &mut saved)?;
+                Some(Saved::Input(x))
+            }
+            other => other,
+        };
+        let tape = match entry {
             Some(Saved::Input(x)) => {
                 let (_, _, tape) = timed("layer recompute", &device, || {
                     model.layer_taped(l, &x, &inputs, &lora)
@@ -184,7 +248,9 @@ pub fn forward_backward(
                 tape
             }
             Some(Saved::Tape(tape)) => *tape,
-            None => candle_core::bail!("layer {l} has nothing saved for its backward"),
+            Some(Saved::Parked(..) | Saved::Fetching(..)) | None => {
+                candle_core::bail!("layer {l} has nothing saved for its backward")
+            }
         };
         let (dx, layer_grads) = timed("layer backward", &device, || {
             model.layer_backward(l, tape, &g_out, &lora)

@@ -475,11 +475,29 @@ fn kernel_choice_and_tracking_keys_are_accepted() {
 }
 
 #[test]
+fn activation_offloading_values() {
+    for (yaml, offload) in [
+        ("activation_offloading: true\n", true),
+        ("activation_offloading: legacy\n", true),
+        ("activation_offloading: false\n", false),
+        ("gradient_checkpointing: true\n", false),
+        ("", false),
+    ] {
+        let out = ok_with(yaml);
+        assert_eq!(out.config.activation_offloading, offload, "{yaml}");
+        assert!(out.config.gradient_checkpointing, "{yaml}");
+        assert!(out.warnings.is_empty(), "{yaml}: {:?}", out.warnings);
+    }
+    let kept = ok_with("gradient_checkpointing: false\n");
+    assert!(!kept.config.gradient_checkpointing && !kept.config.activation_offloading);
+}
+
+#[test]
 fn quantize_moe_experts_true_and_gradient_checkpointing_offload() {
     let out = ok_with("quantize_moe_experts: true\ngradient_checkpointing: offload\n");
     assert!(out.config.gradient_checkpointing);
-    assert_eq!(out.warnings.len(), 1, "{:?}", out.warnings);
-    assert!(out.warnings[0].contains("no offload yet"));
+    assert!(out.config.activation_offloading);
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
     // Features left off (false or blank) are no request.
     ok_with("nvfp4_merge_aware: false\neot_tokens:\n");
     let eot = ok_with("eot_tokens: ['<|im_end|>', '<|endoftext|>']\n");

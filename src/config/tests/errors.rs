@@ -459,6 +459,18 @@ fn axolotl_values_moeq_refuses() {
         err_with("gradient_checkpointing: unsloth\n"),
         "t.yaml: key 'gradient_checkpointing' must be true, false or offload"
     );
+    assert_eq!(
+        err_with("activation_offloading: disk\n"),
+        "t.yaml: key 'activation_offloading' disk is not supported: moeq parks activations in host memory (use true)"
+    );
+    assert_eq!(
+        err_with("activation_offloading: true\ngradient_checkpointing: false\n"),
+        "t.yaml: key 'activation_offloading' offloads what the per-layer recompute keeps: set gradient_checkpointing: true, or activation_offloading: false"
+    );
+    assert_eq!(
+        err_with("activation_offloading: cpu\n"),
+        "t.yaml: key 'activation_offloading' must be true, false or legacy"
+    );
     assert!(err_with("nvfp4_merge_aware: true\n").contains("not NVFP4"));
     assert!(
         err_with("eot_tokens: [1]\n").starts_with("t.yaml: key 'eot_tokens[0]' must be a string")
