@@ -1,16 +1,13 @@
-//! The routed experts of one MoE layer as one op: gather the rows by expert, gate_up (grouped
-//! NF4, plus its expert adapter), packed SwiGLU, down (grouped NF4, plus its adapter), weighted
-//! combine — x `[N, H]` and the routing weights `[N, k]` (f32) → `[N, H]`. The arithmetic is
-//! that of the separate ops in sequence (their own forward and backward functions run here, in
-//! the same order), in one graph node: candle's backward gives each node's input gradient a
-//! zero-filled buffer plus an add, and its custom-op path copies each op's input and output —
-//! for the `[N·k, ·]` tensors between the ops both go. Expert parallelism keeps the separate
-//! ops. The expert adapters (PEFT `target_parameters`) enter as one flat tensor (their A and B
-//! factors concatenated), since a node has at most three inputs; that copy (f32, ≈ 52 MB per
-//! layer for Qwen3-30B-A3B at r 16) lives as long as the layer's graph.
-//! The backward reuses the forward's intermediates (gate_up's output, the expert outputs, and
-//! the adapters' inputs) from the forward that recorded the node (in training, the recompute
-//! right before it).
+//! The routed experts of one MoE layer: gather the rows by expert, gate_up (grouped NF4, plus
+//! its expert adapter), packed SwiGLU, down (grouped NF4, plus its adapter), weighted combine —
+//! x `[N, H]` and the routing weights `[N, k]` (f32) → `[N, H]`.
+//! Training runs the held experts' part taped ([`held_experts_taped`], called by the layer's
+//! hand-written backward, `arch::backward`, with the gather and combine around it and, with
+//! expert parallelism, the exchange in between). The same functions also form one graph node
+//! ([`routed_experts`]) for candle's autograd, the reference the hand-written backward is
+//! tested against; there the expert adapters enter as one flat tensor (their A and B factors
+//! concatenated), since a node has at most three inputs. Either way the backward reuses the
+//! forward's intermediates (gate_up's output, the expert outputs, and the adapters' inputs).
 
 use super::experts::{dequant_chunk_bytes, expert_matmul, ExpertWeights, GroupedLora};
 use super::routing::RowOrder;
