@@ -6,8 +6,8 @@
 mod common;
 use common::max_abs;
 
-use candle_core::{DType, Device, Tensor, Var, D};
-use moeq::arch::{Inputs, LoraCtx, Model, ModelType};
+use candle_core::{DType, Device, Tensor, Var};
+use moeq::arch::{Inputs, Model, ModelType};
 use moeq::data::{Batch, IGNORE_INDEX};
 use moeq::lora::{Adapters, LoraSettings};
 use moeq::model_files::frozen::{self, CpuQuantizer, SingleProcess};
@@ -188,35 +188,7 @@ fn every_lora_tensor_gets_a_gradient() {
 
 /// Loss of the batch from one autograd graph through every layer (live LoRA, full logits).
 fn full_graph_loss(s: &Setup, b: &Batch) -> Tensor {
-    let inp = inputs(&s.model, b).unwrap();
-    let ctx = LoraCtx {
-        adapters: &s.adapters,
-        live: true,
-        dropout: None,
-    };
-    let mut x = s.model.embed(&inp).unwrap();
-    for l in 0..s.model.num_layers() {
-        x = s.model.layer(l, &x, &inp, &ctx).unwrap().0;
-    }
-    let h = s.model.final_norm(&x).unwrap();
-    let logits = h.matmul(&s.model.lm_head().t().unwrap()).unwrap(); // [N, V]
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap();
-    let (rows, targets): (Vec<u32>, Vec<u32>) = b
-        .labels
-        .iter()
-        .enumerate()
-        .filter(|(_, &l)| l != IGNORE_INDEX)
-        .map(|(i, &l)| (i as u32, l as u32))
-        .unzip();
-    let n = rows.len();
-    let rows = Tensor::new(rows.as_slice(), &Device::Cpu).unwrap();
-    let targets = Tensor::from_vec(targets, (n, 1), &Device::Cpu).unwrap();
-    let picked = logp
-        .index_select(&rows, 0)
-        .unwrap()
-        .gather(&targets, 1)
-        .unwrap();
-    (picked.sum_all().unwrap().neg().unwrap() / n as f64).unwrap()
+    moeq::gpu_check::train_step::autograd_loss(&s.model, &s.adapters, b).unwrap()
 }
 
 /// Recompute reorders nothing but the graph: gradients equal the full graph's up to f32

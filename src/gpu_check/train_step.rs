@@ -124,19 +124,14 @@ fn step(
     Ok((s.loss_sum / s.labelled as f64, grads))
 }
 
-/// The reference for the layers' hand-written backward (`arch::backward`): the LoRA
-/// gradients of one autograd graph through every layer (live LoRA, candle's backward), the
-/// loss from whole f32 logits.
-fn autograd_step(
-    dir: &ModelDir,
-    device: &Device,
-    dtype: DType,
-    b: &Batch,
-) -> Result<BTreeMap<String, Tensor>> {
-    let (model, adapters) = setup(dir, device, dtype)?;
-    let inputs = crate::train::step::inputs(&model, b)?;
+/// The mean loss of `b` from one autograd graph through every layer (live LoRA, candle's
+/// backward through `Layer::forward`) and whole f32 logits: the reference the layers'
+/// hand-written backward (`arch::backward`) is tested against, here and in tests/trainer_grads.rs.
+pub fn autograd_loss(model: &Model, adapters: &Adapters, b: &Batch) -> Result<Tensor> {
+    let device = model.lm_head().device();
+    let inputs = crate::train::step::inputs(model, b)?;
     let ctx = LoraCtx {
-        adapters: &adapters,
+        adapters,
         live: true,
         dropout: None,
     };
@@ -158,7 +153,20 @@ fn autograd_step(
     let rows = Tensor::new(rows.as_slice(), device)?;
     let targets = Tensor::from_vec(targets, (n, 1), device)?;
     let picked = logp.index_select(&rows, 0)?.gather(&targets, 1)?;
-    let store = (picked.sum_all()?.neg()? / n as f64)?.backward()?;
+    picked.sum_all()?.neg()? / n as f64
+}
+
+/// The reference for the layers' hand-written backward (`arch::backward`): the LoRA
+/// gradients of one autograd graph through every layer (live LoRA, candle's backward), the
+/// loss from whole f32 logits.
+fn autograd_step(
+    dir: &ModelDir,
+    device: &Device,
+    dtype: DType,
+    b: &Batch,
+) -> Result<BTreeMap<String, Tensor>> {
+    let (model, adapters) = setup(dir, device, dtype)?;
+    let store = autograd_loss(&model, &adapters, b)?.backward()?;
     adapters
         .vars()
         .into_iter()
