@@ -16,6 +16,13 @@ template <> __device__ __forceinline__ float from_f32<float>(float x) { return x
 template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
 
+// 16 bytes as one load or store, or as 16 / sizeof(T) elements.
+template <typename T>
+union Pack {
+  uint4 v;
+  T e[16 / sizeof(T)];
+};
+
 // Sum (or max) of one float per thread over a block of THREADS threads (a multiple of 32);
 // every thread gets the result. `shared` holds THREADS / 32 floats.
 template <int THREADS, bool MAX>

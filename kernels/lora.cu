@@ -60,12 +60,6 @@ __device__ void lora_outer(const T* R, const T* X, const uint32_t* groups, T* ou
 }
 
 template <typename T>
-union Pack {
-  uint4 v;
-  T e[16 / sizeof(T)];
-};
-
-template <typename T>
 __device__ void lora_add(T* y, const T* delta, const size_t n, const float scale) {
   constexpr int VEC = 16 / sizeof(T);
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n / VEC; i += (size_t)gridDim.x * blockDim.x) {

@@ -14,7 +14,8 @@
 //   after the rows of experts 0..e (counts from route_count) and follow slot order (token-major,
 //   as the CPU plan): tokens[row] = s / k, slots[row] = s, inv[s] = row.
 // combine_bwd: one block per routed row r (token t = tokens[r], slot s = slots[r]):
-//   dy[r, c] = w[s] · dout[t, c];  dw[s] = Σ_c dout[t, c] · y[r, c]  (f32).
+//   dy[r, c] = w[s] · dout[t, c];  dw[s] = Σ_c dout[t, c] · y[r, c]  (f32). combine_bwd_vec: the
+//   same in 16-byte packs.
 #include "common.cuh"
 
 template <typename T, bool WEIGHTED>
@@ -71,6 +72,34 @@ __device__ void gather_sum_vec(const T* src, const uint32_t* idx, const float* w
     gather_sum_vec_by<T, WEIGHTED, uint32_t>(src, idx, w, out, (uint32_t)tokens, k, (uint32_t)h);
   } else {
     gather_sum_vec_by<T, WEIGHTED, size_t>(src, idx, w, out, tokens, k, h);
+  }
+}
+
+// gather_rows_vec: out[t] = src[idx[t]] (the k = 1, unweighted gather_sum: a row copy), one
+// warp per output row, 16-byte packs, ROW_UNROLL packs per lane loaded before any is stored
+// (the rows are random reads: more loads in flight than one pack per thread keeps). h a
+// multiple of 16 / sizeof(T), both buffers 16-byte aligned. Grid-stride over rows, 8 per block.
+constexpr int ROW_UNROLL = 4;
+
+template <typename T>
+__device__ void gather_rows_vec(const T* src, const uint32_t* idx, T* out, const size_t rows, const size_t h) {
+  const size_t packs = h / (16 / sizeof(T));
+  const int lane = threadIdx.x % 32;
+  for (size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32; t < rows;
+       t += (size_t)gridDim.x * (blockDim.x / 32)) {
+    const uint4* from = reinterpret_cast<const uint4*>(src + (size_t)idx[t] * h);
+    uint4* to = reinterpret_cast<uint4*>(out + t * h);
+    for (size_t p = lane; p < packs; p += 32 * ROW_UNROLL) {
+      uint4 v[ROW_UNROLL];
+#pragma unroll
+      for (int u = 0; u < ROW_UNROLL; ++u) {
+        if (p + 32 * u < packs) v[u] = from[p + 32 * u];
+      }
+#pragma unroll
+      for (int u = 0; u < ROW_UNROLL; ++u) {
+        if (p + 32 * u < packs) to[p + 32 * u] = v[u];
+      }
+    }
   }
 }
 
@@ -152,6 +181,36 @@ __device__ void combine_bwd(const T* dout, const T* y, const float* w, const uin
   }
 }
 
+// combine_bwd over 16-byte packs (h a multiple of 16 / sizeof(T), all rows 16-byte aligned):
+// the same values, the dot product's terms summed in another order.
+template <typename T>
+__device__ void combine_bwd_vec(const T* dout, const T* y, const float* w, const uint32_t* tokens,
+                                const uint32_t* slots, T* dy, float* dw, const size_t h) {
+  __shared__ float shared[THREADS / 32];
+  constexpr int P = 16 / sizeof(T);
+  const size_t r = blockIdx.x;
+  const size_t t = tokens[r], s = slots[r];
+  const float wv = w[s];
+  const uint4* d_row = reinterpret_cast<const uint4*>(dout + t * h);
+  const uint4* y_row = reinterpret_cast<const uint4*>(y + r * h);
+  uint4* dy_row = reinterpret_cast<uint4*>(dy + r * h);
+  float dot = 0.0f;
+  for (size_t p = threadIdx.x; p < h / P; p += THREADS) {
+    Pack<T> d, yv, o;
+    d.v = d_row[p];
+    yv.v = y_row[p];
+#pragma unroll
+    for (int e = 0; e < P; ++e) {
+      const float dv = to_f32(d.e[e]);
+      o.e[e] = from_f32<T>(wv * dv);
+      dot += dv * to_f32(yv.e[e]);
+    }
+    dy_row[p] = o.v;
+  }
+  dot = block_reduce<THREADS, false>(dot, shared);
+  if (threadIdx.x == 0) dw[s] = dot;
+}
+
 #define ROUTING_KERNELS(T, SUFFIX)                                                                    \
   extern "C" __global__ void gather_sum_##SUFFIX(const T* src, const uint32_t* idx, T* out,          \
                                                  const size_t tokens, const int k, const size_t h) { \
@@ -178,6 +237,15 @@ __device__ void combine_bwd(const T* dout, const T* y, const float* w, const uin
                                                   const uint32_t* tokens, const uint32_t* slots,     \
                                                   T* dy, float* dw, const size_t h) {                \
     combine_bwd(dout, y, w, tokens, slots, dy, dw, h);                                              \
+  }                                                                                                   \
+  extern "C" __global__ void combine_bwd_vec_##SUFFIX(const T* dout, const T* y, const float* w,     \
+                                                      const uint32_t* tokens, const uint32_t* slots, \
+                                                      T* dy, float* dw, const size_t h) {            \
+    combine_bwd_vec(dout, y, w, tokens, slots, dy, dw, h);                                          \
+  }                                                                                                   \
+  extern "C" __global__ void gather_rows_vec_##SUFFIX(const T* src, const uint32_t* idx, T* out,     \
+                                                      const size_t rows, const size_t h) {           \
+    gather_rows_vec(src, idx, out, rows, h);                                                        \
   }
 
 ROUTING_KERNELS(float, f32)

@@ -59,12 +59,6 @@ __device__ void swiglu_packed_bwd(const T* gu, const T* dy, T* dgu, const size_t
 // The same over 16-byte packs of VEC = 16 / sizeof(T) columns per thread (half % VEC == 0 and
 // gu, dy 16-byte aligned: the caller checks): one index division per pack, vector loads.
 template <typename T>
-union Pack {
-  uint4 v;
-  T e[16 / sizeof(T)];
-};
-
-template <typename T>
 __device__ void swiglu_packed_fwd_vec(const T* gu, T* out, const size_t rows, const size_t half) {
   constexpr int VEC = 16 / sizeof(T);
   const size_t per_row = half / VEC, n = rows * per_row;

@@ -15,6 +15,7 @@
 use super::layers::{dropout_mask, Attention, Layer, Mlp, Moe, Proj, Routing};
 use super::model::{Inputs, LayerStats, LoraCtx};
 use super::{ArchSpec, ExpertExchange, QkNorm};
+use crate::ops::add::add;
 use crate::ops::attention_block::{attention_block_taped, BlockTape};
 use crate::ops::grouped_gemm::{add_product, Gemm};
 use crate::ops::lora_linear::{backward_into, forward_taped, LinearTape};
@@ -438,7 +439,7 @@ impl Layer {
             inputs,
             lora,
         )?;
-        let x1 = (&x + a)?;
+        let x1 = add(&x, &a)?;
         let h = rms_norm(&x1, &self.post_norm, eps)?;
         let (m, stats, mlp) = match &self.mlp {
             Mlp::Dense(p) => {
@@ -454,7 +455,7 @@ impl Layer {
                 (m, stats, MlpPart::Moe(Box::new(t)))
             }
         };
-        let out = (&x1 + m)?;
+        let out = add(&x1, &m)?;
         Ok((out, stats, LayerTape { x, x1, attn, mlp }))
     }
 
@@ -475,12 +476,12 @@ impl Layer {
             (MlpPart::Moe(t), Mlp::Moe(moe)) => t.backward(moe, spec, g, lora, &mut grads),
             _ => candle_core::bail!("layer backward: the tape is of another layer"),
         })?;
-        let dx1 = (g + norm_backward(&x1, &self.post_norm, &dh, eps)?)?;
+        let dx1 = add(g, &norm_backward(&x1, &self.post_norm, &dh, eps)?)?;
         drop((dh, x1));
         let dh = timed("bwd: attention", &dev, || {
             attn.backward(&self.attn, spec, &dx1, &mut grads)
         })?;
-        let dx = (dx1 + norm_backward(&x, &self.input_norm, &dh, eps)?)?;
+        let dx = add(&dx1, &norm_backward(&x, &self.input_norm, &dh, eps)?)?;
         Ok((dx, grads))
     }
 }

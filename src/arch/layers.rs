@@ -3,6 +3,7 @@
 
 use super::model::{Inputs, LayerStats, LoraCtx};
 use super::{ArchSpec, ExchangePlan, ExpertExchange, QkNorm};
+use crate::ops::add::add;
 use crate::ops::attention::query_block;
 use crate::ops::attention_block::{attention_block, BlockArgs};
 use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
@@ -411,7 +412,7 @@ impl Layer {
         let pass = if lora.live { "recompute" } else { "forward" };
         let x = timed(phase("attention", pass), dev, || {
             let h = rms_norm(x, &self.input_norm, eps)?;
-            x + self.attn.forward(spec, index, &h, inputs, lora)?
+            add(x, &self.attn.forward(spec, index, &h, inputs, lora)?)
         })?;
         let (m, stats) = timed(phase("mlp", pass), dev, || -> Result<_> {
             let h = rms_norm(&x, &self.post_norm, eps)?;
@@ -430,7 +431,7 @@ impl Layer {
                 }
             })
         })?;
-        Ok(((x + m)?, stats))
+        Ok((add(&x, &m)?, stats))
     }
 }
 

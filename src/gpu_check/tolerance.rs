@@ -214,6 +214,7 @@ const ADAMW: &str =
     rounded on its own (no FMA contraction): any difference is a bug";
 const ROUTING_PLAN: &str = "integer outputs (tokens, slots, inverse, counts): any difference \
     fails";
+const ADD: &str = "one rounding of the exact sum on both sides (bf16 sums rounded through f32 round alike: 24 ≥ 2·8 + 2 bits)";
 const EMBEDDING: &str = "a copy of the host rows: any difference fails";
 const GENERATED: &str = "both round the same f32 formula to bf16; ln/cos may differ in the last \
     f32 bit, one bf16 step (≤ 2^-7) when a value sits on a rounding boundary";
@@ -290,6 +291,10 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Ops,   "rope",                     "f32",  Backward, 1e-5,         OfMax(1e-5),            MODEL_F32),
     row(Ops,   "rope",                     "bf16", Forward,  2e-2,         OfMax(2e-2),            MODEL_BF16),
     row(Ops,   "rope",                     "bf16", Backward, 2e-2,         OfMax(2e-2),            MODEL_BF16),
+    row(Ops,   "norm_rope",                "f32",  Forward,  1e-5,         OfMax(1e-5),            MODEL_F32),
+    row(Ops,   "norm_rope",                "f32",  Backward, 1e-5,         OfMax(1e-5),            MODEL_F32),
+    row(Ops,   "norm_rope",                "bf16", Forward,  2e-2,         OfMax(2e-2),            MODEL_BF16),
+    row(Ops,   "norm_rope",                "bf16", Backward, 2e-2,         OfMax(2e-2),            MODEL_BF16),
     row(Ops,   "grouped_nf4",              "f32",  Forward,  1e-5,         OfMax(1e-5),            MODEL_F32),
     row(Ops,   "grouped_nf4",              "f32",  Backward, 1e-5,         OfMax(1e-5),            MODEL_F32),
     row(Ops,   "grouped_nf4",              "bf16", Forward,  2e-2,         OfMax(2e-2),            MODEL_BF16),
@@ -334,6 +339,7 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Ops,   "adamw",                    "f32",  Exact,    0.0,          Abs(0.0),               ADAMW),
     row(Ops,   "routing plan",             "u32",  Exact,    0.0,          Abs(0.5),               ROUTING_PLAN),
     row(Ops,   "embedding rows",           "any",  Exact,    0.0,          Abs(0.0),               EMBEDDING),
+    row(Ops,   "add",                      "any",  Exact,    0.0,          Abs(0.0),               ADD),
     row(Ops,   "generated weights",        "bf16", Forward,  1.0 / 128.0,  Abs(0.0),               GENERATED),
     row(Quant, "quantize_on_gpu",          "any",  Exact,    0.0,          Abs(0.0),               QUANT),
     row(Quant, "dequantize",               "any",  Exact,    0.0,          Abs(0.0),               QUANT),

@@ -4,14 +4,14 @@
 //! as the separate ops (`rms_norm`, `apply_rope`, `attention`) run in the same order, so the
 //! results are equal bit for bit (tests/attention_ops.rs), in one graph node: the separate ops
 //! put six reshape, norm and rotary edges on q and k, and candle's backward gives each edge's
-//! gradient a zero-filled buffer plus an add — a full pass over q per edge.
+//! gradient a zero-filled buffer plus an add — a full pass over q per edge. On CUDA the norm and
+//! the rotation of q and of k run as one kernel each way (`ops::norm_rope`).
 //! The backward reuses the rotated q and k, the attention output and (fused kernels) its
 //! log-sum-exp from the forward that recorded the node (in training, the recompute just before),
 //! and that recompute takes the attention output of the first forward (`BlockArgs::memo`).
 
 use super::attention::{attention_backward, attention_forward, RowSamples};
-use super::norm::{rms_norm_backward, rms_norm_forward};
-use super::rope::rope_forward;
+use super::norm_rope::{norm_rope_backward, norm_rope_forward, HeadNorm};
 use candle_core::{CustomOp3, Result, Tensor};
 use std::cell::RefCell;
 use std::sync::Mutex;
@@ -64,17 +64,22 @@ struct AttentionBlock {
 }
 
 impl AttentionBlock {
+    /// The per-head norms of q and k, if the architecture has them.
+    fn head_norms(&self) -> (HeadNorm<'_>, HeadNorm<'_>) {
+        match &self.norms {
+            Some((wq, wk, eps)) => (Some((wq, *eps)), Some((wk, *eps))),
+            None => (None, None),
+        }
+    }
+
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (b, s, nh, kvh, hd) = self.dims;
         let n = b * s;
         let z = super::at_offset_zero;
-        let (mut qh, mut kh) = (q.reshape((n, nh, hd))?, k.reshape((n, kvh, hd))?);
-        if let Some((wq, wk, eps)) = &self.norms {
-            qh = rms_norm_forward(&qh, wq, *eps)?;
-            kh = rms_norm_forward(&kh, wk, *eps)?;
-        }
-        let qr = rope_forward(&z(&qh)?, &self.cos, &self.sin, false)?.reshape((b, s, nh, hd))?;
-        let kr = rope_forward(&z(&kh)?, &self.cos, &self.sin, false)?.reshape((b, s, kvh, hd))?;
+        let (qh, kh) = (z(&q.reshape((n, nh, hd))?)?, z(&k.reshape((n, kvh, hd))?)?);
+        let (nq, nk) = self.head_norms();
+        let qr = norm_rope_forward(&qh, nq, &self.cos, &self.sin)?.reshape((b, s, nh, hd))?;
+        let kr = norm_rope_forward(&kh, nk, &self.cos, &self.sin)?.reshape((b, s, kvh, hd))?;
         let v4 = z(&v.reshape((b, s, kvh, hd))?)?;
         let (out, lse) = match &self.reuse {
             Some((out, lse)) => (out.clone(), lse.clone()),
@@ -134,12 +139,22 @@ impl AttentionBlock {
             (&out, lse.as_ref()),
             &dout,
         )?;
-        let mut dq = rope_forward(&z(&dqr.reshape((n, nh, hd))?)?, &self.cos, &self.sin, true)?;
-        let mut dk = rope_forward(&z(&dkr.reshape((n, kvh, hd))?)?, &self.cos, &self.sin, true)?;
-        if let Some((wq, wk, eps)) = &self.norms {
-            dq = rms_norm_backward(&q.reshape((n, nh, hd))?, wq, &dq, *eps)?;
-            dk = rms_norm_backward(&k.reshape((n, kvh, hd))?, wk, &dk, *eps)?;
-        }
+        let (nq, nk) = self.head_norms();
+        let (qh, kh) = (z(&q.reshape((n, nh, hd))?)?, z(&k.reshape((n, kvh, hd))?)?);
+        let dq = norm_rope_backward(
+            &qh,
+            nq,
+            &self.cos,
+            &self.sin,
+            &z(&dqr.reshape((n, nh, hd))?)?,
+        )?;
+        let dk = norm_rope_backward(
+            &kh,
+            nk,
+            &self.cos,
+            &self.sin,
+            &z(&dkr.reshape((n, kvh, hd))?)?,
+        )?;
         Ok([
             dq.reshape((n, nh * hd))?,
             dk.reshape((n, kvh * hd))?,

@@ -1,6 +1,9 @@
 //! PTX of `kernels/*.cu`, compiled by build.rs when the `cuda` feature is on.
 
 #[cfg(feature = "cuda")]
+pub const ADD: &str = include_str!(concat!(env!("OUT_DIR"), "/add.ptx"));
+
+#[cfg(feature = "cuda")]
 pub const SWIGLU: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
 
 #[cfg(feature = "cuda")]
@@ -20,6 +23,9 @@ pub const RANDOM: &str = include_str!(concat!(env!("OUT_DIR"), "/random.ptx"));
 
 #[cfg(feature = "cuda")]
 pub const CROSS_ENTROPY: &str = include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx"));
+
+#[cfg(feature = "cuda")]
+pub const NORM_ROPE: &str = include_str!(concat!(env!("OUT_DIR"), "/norm_rope.ptx"));
 
 #[cfg(feature = "cuda")]
 pub const ROPE: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));

@@ -2,6 +2,7 @@
 //! with a backward pass, tested against each other.
 
 pub mod adamw;
+pub mod add;
 pub mod attention;
 pub mod attention_block;
 pub mod attn_softmax;
@@ -17,6 +18,7 @@ pub mod kernels;
 pub mod lora_linear;
 pub mod nf4_linear;
 pub mod norm;
+pub mod norm_rope;
 pub mod offload;
 pub mod rope;
 pub mod routed_experts;

@@ -337,17 +337,27 @@ mod cuda {
         // fresh allocations, 256-byte aligned).
         let per_pack = 16 / src.dtype().size_in_bytes();
         let vec = h % per_pack == 0 && gs.1.start_offset() % per_pack == 0;
-        let (name, per_thread) = if vec {
-            (format!("{name}_vec"), per_pack)
-        } else {
-            (name.to_string(), 1)
+        // A plain row gather (k = 1, no weight): one warp per row (kernels/routing.cu).
+        let rows_only = vec && k == 1 && w.is_none();
+        let (name, per_thread) = match (rows_only, vec) {
+            (true, _) => ("gather_rows_vec".to_string(), per_pack),
+            (false, true) => (format!("{name}_vec"), per_pack),
+            (false, false) => (name.to_string(), 1),
         };
         let func = dev.get_or_load_custom_func(
             &format!("{name}_{}", suffix(src.dtype())?),
             "moeq_routing",
             crate::ops::kernels::ROUTING,
         )?;
-        let cfg = LaunchConfig::for_num_elems((tokens * h / per_thread).min(1 << 30) as u32);
+        let cfg = if rows_only {
+            LaunchConfig {
+                grid_dim: (tokens.div_ceil(8).clamp(1, 65_535) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        } else {
+            LaunchConfig::for_num_elems((tokens * h / per_thread).min(1 << 30) as u32)
+        };
         let ki = k as i32;
         macro_rules! run {
             ($t:ty) => {{
@@ -367,7 +377,9 @@ mod cuda {
                 }
                 b.arg(&out);
                 b.arg(&tokens);
-                b.arg(&ki);
+                if !rows_only {
+                    b.arg(&ki);
+                }
                 b.arg(&h);
                 // SAFETY: arguments match kernels/routing.cu.
                 unsafe { b.launch(cfg) }.w()?;
@@ -471,12 +483,23 @@ mod cuda {
             candle_core::bail!("routing: not on CUDA")
         };
         let (m, h) = y.dims2()?;
+        let (y, w) = (y.contiguous()?, w.contiguous()?);
+        // 16-byte packs when rows are whole packs and both row sets start on one.
+        let per_pack = 16 / y.dtype().size_in_bytes();
+        let vec = h % per_pack == 0
+            && dout.layout().start_offset() % per_pack == 0
+            && y.layout().start_offset() % per_pack == 0
+            && dout.is_contiguous();
+        let kind = if vec {
+            "combine_bwd_vec"
+        } else {
+            "combine_bwd"
+        };
         let func = dev.get_or_load_custom_func(
-            &format!("combine_bwd_{}", suffix(y.dtype())?),
+            &format!("{kind}_{}", suffix(y.dtype())?),
             "moeq_routing",
             crate::ops::kernels::ROUTING,
         )?;
-        let (y, w) = (y.contiguous()?, w.contiguous()?);
         let (gd, gy, gw) = (
             dout.storage_and_layout(),
             y.storage_and_layout(),

@@ -23,6 +23,7 @@ use crate::ops::cross_entropy::cross_entropy_rows;
 use crate::ops::experts::{grouped_lora, grouped_nf4, grouped_nf4_chunked, ExpertWeights};
 use crate::ops::nf4_linear::{Nf4Weight, Scales};
 use crate::ops::norm::rms_norm;
+use crate::ops::norm_rope::norm_rope;
 use crate::ops::rope::{apply_rope, Rope, RopeSpec};
 use crate::ops::routed_experts::routed_experts;
 use crate::ops::routing::{combine_rows, gather_rows, RowOrder};
@@ -177,6 +178,32 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         let (c, s) = rope.tables(&pos, t[0].dtype())?;
         apply_rope(&t[0], &c, &s)
     })?);
+    // The per-head norm and rotation as one op (one kernel each way on CUDA for heads of 64,
+    // 128 and 256; 128 is in the attention block's entry): 67 tokens × 3 heads, with and
+    // without the norm.
+    for (hd, with_norm) in [(64usize, true), (256, true), (64, false)] {
+        let x = Tensor::randn(0f32, 1.0, (67, 3, hd), cpu)?;
+        let w = (Tensor::randn(0f32, 0.2, hd, cpu)? + 1.0)?;
+        let angle = Tensor::randn(0f32, 2.0, (67, 1, hd), cpu)?;
+        let norm = if with_norm {
+            "norm and rotation"
+        } else {
+            "rotation"
+        };
+        out.extend(device_vs_cpu(
+            &format!("norm_rope (heads of {hd}, {norm})"),
+            "norm_rope",
+            device,
+            dtype,
+            &[x],
+            &|t| {
+                let to = |x: &Tensor| x.to_device(t[0].device())?.to_dtype(t[0].dtype());
+                let w = to(&w)?;
+                let (c, s) = (to(&angle.cos()?)?, to(&angle.sin()?)?);
+                norm_rope(&t[0], with_norm.then_some((&w, 1e-6)), &c, &s)
+            },
+        )?);
+    }
     // Five experts [96, 64], one of them without tokens.
     let counts = [10usize, 0, 7, 30, 4];
     let params: Vec<QuantizedParam> = (0..counts.len())

@@ -1,7 +1,8 @@
-//! gpu-check entries whose outputs are rows or indices, compared exactly: the routing plan built
-//! on the device, and embedding rows gathered by the device from page-locked host memory.
+//! gpu-check entries compared exactly: the routing plan built on the device, embedding rows
+//! gathered by the device from page-locked host memory, and the element-wise add.
 
 use super::{compare, lookup, Comparison, Pass};
+use crate::ops::add::add;
 use crate::ops::embedding::{gather_host_rows, Embedding, TokenIds};
 use crate::ops::routing::plan;
 use candle_core::{DType, Device, Result, Tensor};
@@ -61,6 +62,24 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
             &got,
             &want,
             lookup("embedding rows", dtype.as_str(), Pass::Exact)?,
+        )?);
+    }
+    // The element-wise add of the residuals and their gradients: the 16-byte kernel (whole
+    // packs: 3 × 4,096 elements, bf16 and f32) and candle's (1,001 bf16 elements) against the
+    // host's add. One rounding of the exact sum on both sides: any difference fails.
+    for (dtype, n) in [
+        (DType::BF16, 3 * 4096usize),
+        (DType::F32, 3 * 4096),
+        (DType::BF16, 1001),
+    ] {
+        let a = Tensor::randn(0f32, 1.0, n, &Device::Cpu)?.to_dtype(dtype)?;
+        let b = (Tensor::randn(0f32, 1.0, n, &Device::Cpu)? * 1e-2)?.to_dtype(dtype)?;
+        let got = add(&a.to_device(device)?, &b.to_device(device)?)?;
+        out.push(compare(
+            &format!("add {dtype:?}, {n} elements"),
+            &got,
+            &add(&a, &b)?,
+            lookup("add", dtype.as_str(), Pass::Exact)?,
         )?);
     }
     Ok(out)
