@@ -10,9 +10,10 @@
 //   gather (exact: every dtype converts to f32 and back unchanged).
 // route_count: counts[e] += number of slots s < slots with top[s] == e (counts zeroed by the
 //   caller; experts <= 1024, a shared histogram per block). Grid-stride.
-// route_rows: one block per expert e (blockIdx.x), 1024 threads: the rows of expert e start
-//   after the rows of experts 0..e (counts from route_count) and follow slot order (token-major,
-//   as the CPU plan): tokens[row] = s / k, slots[row] = s, inv[s] = row.
+// route_rows: one block per expert e (blockIdx.x), 1024 threads, 4 consecutive slots per thread
+//   per step: the rows of expert e start after the rows of experts 0..e (counts from
+//   route_count) and follow slot order (token-major, as the CPU plan): tokens[row] = s / k,
+//   slots[row] = s, inv[s] = row.
 // combine_bwd: one block per routed row r (token t = tokens[r], slot s = slots[r]):
 //   dy[r, c] = w[s] · dout[t, c];  dw[s] = Σ_c dout[t, c] · y[r, c]  (f32). combine_bwd_vec: the
 //   same in 16-byte packs.
@@ -119,6 +120,7 @@ extern "C" __global__ void route_count(const uint32_t* top, uint32_t* counts, co
 }
 
 constexpr int ROUTE_THREADS = 1024;
+constexpr int ROUTE_SLOTS = 4;  // consecutive slots per thread per step
 
 extern "C" __global__ void route_rows(const uint32_t* top, const uint32_t* counts, uint32_t* tokens,
                                       uint32_t* slot_of_row, uint32_t* inv, const size_t slots, const int k) {
@@ -133,11 +135,24 @@ extern "C" __global__ void route_rows(const uint32_t* top, const uint32_t* count
   }
   __syncthreads();
   uint32_t row = start;
-  for (size_t base = 0; base < slots; base += ROUTE_THREADS) {
-    const size_t s = base + threadIdx.x;
-    const bool mine = s < slots && top[s] == e;
-    const uint32_t ballot = __ballot_sync(0xffffffff, mine);
-    if (lane == 0) warp_total[warp] = __popc(ballot);
+  // Each step covers ROUTE_THREADS · ROUTE_SLOTS slots, thread t the ROUTE_SLOTS from
+  // base + t · ROUTE_SLOTS: a thread's matches follow the matches of all lower threads, so an
+  // exclusive scan of the per-thread counts keeps slot order.
+  for (size_t base = 0; base < slots; base += ROUTE_THREADS * ROUTE_SLOTS) {
+    const size_t first = base + (size_t)threadIdx.x * ROUTE_SLOTS;
+    uint32_t mine = 0;  // bit u: slot first + u is expert e's
+#pragma unroll
+    for (int u = 0; u < ROUTE_SLOTS; ++u) {
+      if (first + u < slots && top[first + u] == e) mine |= 1u << u;
+    }
+    const uint32_t count = __popc(mine);
+    uint32_t incl = count;  // inclusive scan over the warp's lanes
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const uint32_t v = __shfl_up_sync(0xffffffff, incl, o);
+      if (lane >= o) incl += v;
+    }
+    if (lane == 31) warp_total[warp] = incl;
     __syncthreads();
     uint32_t before = 0, total = 0;
     for (int w = 0; w < ROUTE_THREADS / 32; ++w) {
@@ -145,14 +160,19 @@ extern "C" __global__ void route_rows(const uint32_t* top, const uint32_t* count
       before += w < warp ? c : 0;
       total += c;
     }
-    if (mine) {
-      const uint32_t r = row + before + __popc(ballot & ((1u << lane) - 1));
-      tokens[r] = (uint32_t)(s / k);
-      slot_of_row[r] = (uint32_t)s;
-      inv[s] = r;
+    uint32_t r = row + before + incl - count;
+#pragma unroll
+    for (int u = 0; u < ROUTE_SLOTS; ++u) {
+      if (mine >> u & 1) {
+        const size_t s = first + u;
+        tokens[r] = (uint32_t)(s / k);
+        slot_of_row[r] = (uint32_t)s;
+        inv[s] = r;
+        ++r;
+      }
     }
     row += total;
-    __syncthreads();  // warp_total is rewritten by the next chunk
+    __syncthreads();  // warp_total is rewritten by the next step
   }
 }
 
@@ -211,6 +231,76 @@ __device__ void combine_bwd_vec(const T* dout, const T* y, const float* w, const
   if (threadIdx.x == 0) dw[s] = dot;
 }
 
+// router_softmax_topk: one warp per token row of the router's logits [N, E] (any E): probs[t] =
+// softmax(logits[t]) in f32 (exp(x − max) / Σ exp(x − max), expf, IEEE division), and, when
+// `top` is not null, the k largest probabilities' experts in descending order, ties to the
+// lower expert (a stable descending sort's first k), as u32 [N, k]: k rounds of a warp arg-max
+// over each lane's best unpicked probability. E ≤ 32 · ROUTER_PER_LANE, k ≤ E (the caller
+// checks). CPU twin: src/ops/router.rs (softmax_last, then arg_sort). Checked:
+// src/gpu_check/ops/rows.rs (the "router" entries).
+constexpr int ROUTER_PER_LANE = 32;
+
+template <typename T>
+__device__ void router_softmax_topk(const T* logits, float* probs, uint32_t* top, const size_t n, const int e,
+                                    const int k) {
+  const size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32;
+  if (t >= n) return;
+  const int lane = threadIdx.x % 32;
+  const T* row = logits + t * e;
+  float v[ROUTER_PER_LANE];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < ROUTER_PER_LANE; ++j) {
+    const int c = lane + 32 * j;
+    v[j] = c < e ? to_f32(row[c]) : -INFINITY;
+    mx = fmaxf(mx, v[j]);
+  }
+  mx = warp_reduce<true>(mx);
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < ROUTER_PER_LANE; ++j) {
+    const int c = lane + 32 * j;
+    v[j] = c < e ? expf(v[j] - mx) : 0.0f;
+    sum += v[j];
+  }
+  sum = warp_reduce<false>(sum);
+  float* out = probs + t * e;
+#pragma unroll
+  for (int j = 0; j < ROUTER_PER_LANE; ++j) {
+    const int c = lane + 32 * j;
+    if (c < e) {
+      v[j] = v[j] / sum;
+      out[c] = v[j];
+    } else {
+      v[j] = -INFINITY;
+    }
+  }
+  if (top == nullptr) return;
+  uint32_t picked = 0;  // bit j: this lane's element j is taken
+  for (int p = 0; p < k; ++p) {
+    float best = -INFINITY;
+    int best_c = e;
+#pragma unroll
+    for (int j = 0; j < ROUTER_PER_LANE; ++j) {
+      const int c = lane + 32 * j;
+      if (c < e && !(picked >> j & 1) && (v[j] > best || best_c == e)) {
+        best = v[j];
+        best_c = c;
+      }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffff, best, o);
+      const int oc = __shfl_xor_sync(0xffffffff, best_c, o);
+      if (ob > best || (ob == best && oc < best_c)) {
+        best = ob;
+        best_c = oc;
+      }
+    }
+    if (best_c % 32 == lane) picked |= 1u << (best_c / 32);
+    if (lane == 0) top[t * k + p] = (uint32_t)best_c;
+  }
+}
+
 #define ROUTING_KERNELS(T, SUFFIX)                                                                    \
   extern "C" __global__ void gather_sum_##SUFFIX(const T* src, const uint32_t* idx, T* out,          \
                                                  const size_t tokens, const int k, const size_t h) { \
@@ -242,6 +332,10 @@ __device__ void combine_bwd_vec(const T* dout, const T* y, const float* w, const
                                                       const uint32_t* tokens, const uint32_t* slots, \
                                                       T* dy, float* dw, const size_t h) {            \
     combine_bwd_vec(dout, y, w, tokens, slots, dy, dw, h);                                          \
+  }                                                                                                   \
+  extern "C" __global__ void router_softmax_topk_##SUFFIX(const T* logits, float* probs, uint32_t* top,  \
+                                                          const size_t n, const int e, const int k) {    \
+    router_softmax_topk(logits, probs, top, n, e, k);                                               \
   }                                                                                                   \
   extern "C" __global__ void gather_rows_vec_##SUFFIX(const T* src, const uint32_t* idx, T* out,     \
                                                       const size_t rows, const size_t h) {           \

@@ -9,8 +9,9 @@ use crate::ops::attention_block::{attention_block, BlockArgs};
 use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
 use crate::ops::lora_linear::lora_linear;
 use crate::ops::nf4_linear::{nf4_linear, Nf4Weight};
-use crate::ops::norm::{rms_norm, softmax_last};
+use crate::ops::norm::rms_norm;
 use crate::ops::routed_experts::{routed_experts, ExpertLora};
+use crate::ops::router::router_probs;
 use crate::ops::routing::{combine_rows, gather_rows, RowOrder};
 use crate::ops::swiglu;
 use crate::ops::swiglu::swiglu_packed;
@@ -236,16 +237,11 @@ impl Moe {
         // Router in f32: softmax over all experts, then top-k, then (optionally) renormalise.
         let dev = x.device();
         timed("moe: router + routing", dev, || -> Result<_> {
-            let logits = x.matmul(&self.router.t()?)?.to_dtype(DType::F32)?; // [N, E]
-            let probs = softmax_last(&logits)?;
-            let routing = match recorded {
-                Some(r) => r.clone(),
-                None => {
-                    let top = probs
-                        .detach()
-                        .arg_sort_last_dim(false)?
-                        .narrow(1, 0, k)?
-                        .contiguous()?; // [N, k]
+            let logits = x.matmul(&self.router.t()?)?; // [N, E]
+            let (probs, top) = router_probs(&logits, recorded.is_none().then_some(k))?;
+            let routing = match (recorded.as_ref(), top) {
+                (Some(r), _) => r.clone(),
+                (None, Some(top)) => {
                     let num_experts = self.router.dim(0)?;
                     let r = match exchange {
                         None => {
@@ -263,6 +259,7 @@ impl Moe {
                     *recorded = Some(r.clone());
                     r
                 }
+                (None, None) => candle_core::bail!("router: no routing recorded or chosen"),
             };
             let mut weights = probs.gather(&routing.top, 1)?; // [N, k], differentiable w.r.t. x
             if spec.router.renormalize {

@@ -215,6 +215,10 @@ const ADAMW: &str =
 const ROUTING_PLAN: &str = "integer outputs (tokens, slots, inverse, counts): any difference \
     fails";
 const ADD: &str = "one rounding of the exact sum on both sides (bf16 sums rounded through f32 round alike: 24 ≥ 2·8 + 2 bits)";
+const ROUTER: &str =
+    "exp(x − max) / Σ in f32 on both sides: expf ulps and the sum's order (≈ 1e-7 relative)";
+const ROUTER_TOP: &str =
+    "expert ids from logits at least a bf16 spacing apart: any difference fails";
 const EMBEDDING: &str = "a copy of the host rows: any difference fails";
 const GENERATED: &str = "both round the same f32 formula to bf16; ln/cos may differ in the last \
     f32 bit, one bf16 step (≤ 2^-7) when a value sits on a rounding boundary";
@@ -340,6 +344,8 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Ops,   "routing plan",             "u32",  Exact,    0.0,          Abs(0.5),               ROUTING_PLAN),
     row(Ops,   "embedding rows",           "any",  Exact,    0.0,          Abs(0.0),               EMBEDDING),
     row(Ops,   "add",                      "any",  Exact,    0.0,          Abs(0.0),               ADD),
+    row(Ops,   "router probs",             "f32",  Forward,  1e-6,         Abs(1e-9),              ROUTER),
+    row(Ops,   "router top-k",             "u32",  Exact,    0.0,          Abs(0.5),               ROUTER_TOP),
     row(Ops,   "generated weights",        "bf16", Forward,  1.0 / 128.0,  Abs(0.0),               GENERATED),
     row(Quant, "quantize_on_gpu",          "any",  Exact,    0.0,          Abs(0.0),               QUANT),
     row(Quant, "dequantize",               "any",  Exact,    0.0,          Abs(0.0),               QUANT),

@@ -22,6 +22,7 @@ pub mod norm_rope;
 pub mod offload;
 pub mod rope;
 pub mod routed_experts;
+pub mod router;
 pub mod routing;
 pub mod swiglu;
 pub mod thin_gemm;

@@ -1,9 +1,11 @@
 //! gpu-check entries compared exactly: the routing plan built on the device, embedding rows
-//! gathered by the device from page-locked host memory, and the element-wise add.
+//! gathered by the device from page-locked host memory, the element-wise add, and the router's
+//! softmax and top-k.
 
 use super::{compare, lookup, Comparison, Pass};
 use crate::ops::add::add;
 use crate::ops::embedding::{gather_host_rows, Embedding, TokenIds};
+use crate::ops::router::router_probs;
 use crate::ops::routing::plan;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -80,6 +82,42 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
             &got,
             &add(&a, &b)?,
             lookup("add", dtype.as_str(), Pass::Exact)?,
+        )?);
+    }
+    // The router's softmax and top-k (one warp per token on CUDA) against candle's softmax and
+    // arg-sort on the host: 300 tokens, 128 experts top-8, 60 experts top-6 (rows not a
+    // multiple of 32), 256 top-8; logits a per-token permutation of steps of 6/E over [−3, 3)
+    // (steps wider than a bf16 spacing there: no ties after rounding), in bf16 and f32.
+    for (dtype, e, k) in [
+        (DType::BF16, 128usize, 8usize),
+        (DType::F32, 60, 6),
+        (DType::BF16, 256, 8),
+    ] {
+        let n = 300usize;
+        let logits: Vec<f32> = (0..n * e)
+            .map(|i| {
+                let (t, j) = (i / e, i % e);
+                ((j * 37 + t * 11) % e) as f32 * (6.0 / e as f32) - 3.0
+            })
+            .collect();
+        let logits = Tensor::from_vec(logits, (n, e), &Device::Cpu)?.to_dtype(dtype)?;
+        let (got_p, got_top) = router_probs(&logits.to_device(device)?, Some(k))?;
+        let (want_p, want_top) = router_probs(&logits, Some(k))?;
+        let what = format!("router {dtype:?}, {e} experts top-{k}");
+        out.push(compare(
+            &format!("{what}: probabilities"),
+            &got_p,
+            &want_p,
+            lookup("router probs", "f32", Pass::Forward)?,
+        )?);
+        let (Some(got_top), Some(want_top)) = (got_top, want_top) else {
+            candle_core::bail!("{what}: no top-k choice");
+        };
+        out.push(compare(
+            &format!("{what}: choices"),
+            &got_top,
+            &want_top,
+            lookup("router top-k", "u32", Pass::Exact)?,
         )?);
     }
     Ok(out)
