@@ -210,7 +210,8 @@ pub(super) fn grouped_gemm(
 }
 
 /// One grouped GEMM launch writing the products into `out` (β = 0) or adding them to it
-/// (β = 1): the Hopper kernel where `sm90::applies`, else `cublasGemmGroupedBatchedEx`.
+/// (β = 1): the Hopper kernel where `sm90::applies`, else `cublasGemmEx` for one product and
+/// `cublasGemmGroupedBatchedEx` for several.
 pub(super) fn launch(
     out: &Tensor,
     a: &Tensor,
@@ -249,6 +250,41 @@ pub(super) fn launch(
                 return super::sm90::launch(&dev, &live, gemm, (pa, pb, pc));
             }
             let c = call(&live, gemm, beta, elem, (pa, pb, pc))?;
+            if live.len() == 1 {
+                // One product: cuBLAS's plain GEMM (its Hopper kernels); the grouped API runs
+                // an sm80 kernel at about half their rate (the β = 1 accumulations of the
+                // layer backward: launch/bench/NOTES.md item 43).
+                let blas = dev.cublas_handle();
+                // SAFETY: `validate` checked the block against its buffers; the scalars are
+                // read during the call.
+                let status = unsafe {
+                    sys::cublasGemmEx(
+                        *blas.handle(),
+                        c.transa[0],
+                        c.transb[0],
+                        c.m[0],
+                        c.n[0],
+                        c.k[0],
+                        c.alpha.as_ptr() as *const _,
+                        c.ptrs[0] as *const core::ffi::c_void,
+                        $data_type,
+                        c.lda[0],
+                        c.ptrs[1] as *const core::ffi::c_void,
+                        $data_type,
+                        c.ldb[0],
+                        c.beta.as_ptr() as *const _,
+                        c.ptrs[2] as *mut core::ffi::c_void,
+                        $data_type,
+                        c.ldc[0],
+                        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                };
+                if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                    bail!("grouped_gemm: cublasGemmEx failed: {status:?}");
+                }
+                return Ok(());
+            }
             let table = dev.clone_htod(&c.ptrs)?;
             let (pt, _gt) = table.device_ptr(&stream);
             let g = live.len();
