@@ -1,5 +1,5 @@
-//! `moeq train` end to end on the CPU: the embedded default learns its task, runs are
-//! deterministic, and bad LoRA targets are refused.
+//! `moeq train` end to end on the CPU: the embedded default learns its task and draws its
+//! curves, runs are deterministic, and bad LoRA targets are refused.
 
 mod common;
 use common::moeq;
@@ -72,9 +72,69 @@ fn default_config_learns_the_task() {
     ] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
+    // The curves: a 1,600 × 1,000 PNG at the end of training, and again from `moeq plot`.
+    assert_eq!(png_size(&out.join("training.png")), (1600, 1000));
+    let again = dir.path().join("again.png");
+    let (code, stdout, err) = moeq(&[
+        "plot",
+        out.to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(stdout.trim(), again.display().to_string());
+    assert_eq!(png_size(&again), (1600, 1000));
     eprintln!(
         "default config: {secs:.1} s, loss {first:.3} -> {last:.3}, held-out accuracy {acc:.3}"
     );
+}
+
+/// Width and height of a PNG file (its signature and IHDR chunk checked).
+fn png_size(path: &Path) -> (u32, u32) {
+    let b = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(b.len() > 1000, "{}: {} bytes", path.display(), b.len());
+    assert_eq!(
+        &b[..8],
+        b"\x89PNG\r\n\x1a\n",
+        "{}: not a PNG",
+        path.display()
+    );
+    assert_eq!(&b[12..16], b"IHDR");
+    let be = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    (be(16), be(20))
+}
+
+/// `moeq plot` on what is not a run: one line naming the problem and the fix, exit 2.
+#[test]
+fn plot_refuses_what_is_not_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cases = [
+        (d.join("missing"), None, "not a directory"),
+        (d.to_path_buf(), None, "no metrics.jsonl"),
+        (
+            d.to_path_buf(),
+            Some(d.join("no/such/folder/x.png")),
+            "its folder does not exist",
+        ),
+    ];
+    for (run, out, want) in cases {
+        let mut args = vec!["plot".to_string(), run.display().to_string()];
+        if let Some(o) = &out {
+            args.extend(["--out".to_string(), o.display().to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, _, err) = moeq(&args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    // A metrics file with no step recorded yet (a run stopped before its first log line).
+    std::fs::write(d.join("metrics.jsonl"), "").unwrap();
+    let (code, _, err) = moeq(&["plot", d.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no training steps recorded yet"), "{err}");
+    assert!(!d.join("training.png").exists());
 }
 
 fn losses_of(extra: &str) -> Vec<String> {

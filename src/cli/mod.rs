@@ -8,6 +8,7 @@ mod gpu_bench;
 mod gpu_check;
 mod inspect;
 mod nccl_check;
+mod plot;
 mod preprocess;
 mod quantize;
 mod synth;
@@ -41,6 +42,9 @@ pub enum Command {
     Preprocess(preprocess::PreprocessArgs),
     /// Rewrite an adapter in a serving layout (per-expert 2-D LoRA tensors).
     ExportAdapter(export_adapter::ExportAdapterArgs),
+    /// Draw a run's curves and tokens per expert as a PNG (RUN_DIR/training.png; training
+    /// writes it at its end too).
+    Plot(plot::PlotArgs),
     /// Write a deterministic random-init Hugging Face checkpoint.
     Synth(synth::SynthArgs),
     /// Write a pre-quantized (bitsandbytes 4-bit) checkpoint that train loads directly.
@@ -87,6 +91,7 @@ pub fn main() -> ExitCode {
         Command::ExportAdapter(args) => {
             with_logging(cli.log_level.as_deref(), || export_adapter::run(args))
         }
+        Command::Plot(args) => with_logging(cli.log_level.as_deref(), || plot::run(args)),
         Command::Quantize(args) => with_logging(cli.log_level.as_deref(), || quantize::run(args)),
         Command::Inspect(args) => with_logging(cli.log_level.as_deref(), || inspect::run(args)),
         Command::GpuCheck(args) => with_logging(cli.log_level.as_deref(), || gpu_check::run(args)),

@@ -12,6 +12,7 @@ pub mod loss;
 mod metrics;
 mod optimizer_step;
 pub mod output;
+pub mod plot;
 mod ranks;
 mod report;
 mod resume;

@@ -75,6 +75,11 @@ pub fn train_ranks(
     let full = whole_adapter(&run.adapters, run.comm.as_ref(), run.ep)?;
     if run.rank == 0 {
         super::output::save_final_adapter(config, full.as_ref().unwrap_or(&run.adapters))?;
+        // The curves are a convenience: a plot that cannot be drawn costs a warning, not the run.
+        match super::plot::plot_run(&config.output_dir, None) {
+            Ok(path) => tracing::info!("curves in {}", path.display()),
+            Err(e) => tracing::warn!("{e}"),
+        }
     }
     run.comm.barrier().map_err(failed)?;
     Ok(Summary {
