@@ -42,7 +42,6 @@ fn chains() -> Vec<(&'static str, Vec<Next>)> {
     let eight_bit = || (LOW_BIT_OPTIMIZER, Set("optimizer", "adamw_bnb_8bit"));
     let refused = |key| match key {
         "fsdp" | "fsdp_config" | "deepspeed" => (DISTRIBUTION, Remove(key)),
-        "model_config" => ("key 'model_config' is not supported", Remove(key)),
         "nvfp4_merge_aware" => ("key 'nvfp4_merge_aware' is not supported", Remove(key)),
         "model_quantization_config" => (
             "key 'model_quantization_config' is not supported",
@@ -103,7 +102,11 @@ fn chains() -> Vec<(&'static str, Vec<Next>)> {
         (
             "mistral--mixtral--mixtral.yml",
             vec![
-                Stops(vec![refused("model_config"), refused("deepspeed")]),
+                Stops(vec![refused("deepspeed")]),
+                Stops(vec![(
+                    "model_config.output_router_logits: true adds the router's load-balancing loss",
+                    Remove("model_config"),
+                )]),
                 Trains,
             ],
         ),

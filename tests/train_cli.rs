@@ -178,6 +178,32 @@ fn kept_activations_train_exactly_like_the_recompute() {
     assert_eq!(recomputed, kept);
 }
 
+/// `model_config` overrides what moeq reads of config.json (a changed rope base changes the
+/// losses), and refuses a key that sets a weight's shape before training, with exit 2.
+#[test]
+fn model_config_overrides_config_json() {
+    let (base, _) = losses_and_log("max_steps: 3\nwarmup_steps: 1");
+    let (over, log) =
+        losses_and_log("max_steps: 3\nwarmup_steps: 1\nmodel_config:\n  rope_theta: 50.0");
+    assert!(
+        log.contains("model_config overrides config.json: rope_theta"),
+        "{log}"
+    );
+    assert_eq!(base.len(), over.len());
+    assert_ne!(base, over, "a rope base of 50 trained like the file's");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "max_steps: 3\nwarmup_steps: 1\nmodel_config:\n  hidden_size: 4096",
+    );
+    let (code, _, err) = moeq(&["train", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("model_config.hidden_size: it sets the shape of the checkpoint's weights"),
+        "{err}"
+    );
+}
+
 #[test]
 fn lora_targets_that_match_nothing_are_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -16,6 +16,10 @@ pub const SUPPORTED_KEYS: &[(&str, &str)] = &[
         "dataset_prepared_path",
         "folder for the tokenized samples: preprocess and train write them, train reuses them while the datasets, tokenizer and data settings are unchanged (none: tokenize on every run)",
     ),
+    (
+        "model_config",
+        "overrides of the base model's config.json (rope, norm epsilon, top-k, ...): settings that keep the weights' shapes and that moeq reads; others are refused with the reason",
+    ),
     ("device", "auto | cpu | cuda | cuda:N (auto)"),
     (
         "load_in_4bit",
@@ -418,7 +422,6 @@ pub const UNSUPPORTED_AXOLOTL_KEYS: &[(&str, &str)] = &[
     ("neftune_noise_alpha", "moeq does not implement NEFTune; remove 'neftune_noise_alpha'"),
     ("test_datasets", "moeq splits validation data off with val_set_size; remove 'test_datasets'"),
     ("nvfp4_merge_aware", "moeq's frozen base is bitsandbytes NF4/FP4, not NVFP4; remove 'nvfp4_merge_aware'"),
-    ("model_config", "moeq reads the model's config.json as it is; edit config.json instead of 'model_config'"),
     ("model_quantization_config", "moeq quantizes with bitsandbytes 4-bit settings only (bnb_4bit_* keys); remove 'model_quantization_config'"),
     ("model_quantization_config_kwargs", "moeq quantizes with bitsandbytes 4-bit settings only (bnb_4bit_* keys); remove 'model_quantization_config_kwargs'"),
 ];

@@ -119,6 +119,10 @@ pub struct TrainConfig {
     pub base_model: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokenizer_config: Option<PathBuf>,
+    /// Overrides of the base model's config.json (`model_config`), applied when the model is
+    /// opened (`model_files::overrides`).
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    pub model_config: serde_json::Map<String, serde_json::Value>,
     pub device: DeviceChoice,
 
     // --- quantization ---

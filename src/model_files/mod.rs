@@ -9,6 +9,7 @@ mod cuda_quantizer;
 pub mod frozen;
 pub mod generated;
 mod layout;
+mod overrides;
 pub mod prequantized;
 mod shard;
 pub mod writer;

@@ -58,6 +58,14 @@ fn open_model(config: &TrainConfig, model_dir: &Path) -> Result<ModelDir, TrainE
         ModelFilesError::Io { .. } => TrainError::Failed(e.to_string()),
         other => TrainError::Input(other.to_string()),
     })?;
+    if !config.model_config.is_empty() {
+        let taken = dir
+            .apply_overrides(&config.model_config)
+            .map_err(TrainError::Input)?;
+        if !taken.is_empty() {
+            tracing::info!("model_config overrides config.json: {}", taken.join(", "));
+        }
+    }
     let seed = generated_seed(&config.base_model).map_err(|e| TrainError::Input(e.to_string()))?;
     if let Some(seed) = seed {
         tracing::info!("frozen weights are drawn at load time (init=device, seed {seed})");

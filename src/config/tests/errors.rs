@@ -417,7 +417,7 @@ fn missing_file() {
 }
 
 /// Proves every supported key is actually read: a mapping is the wrong type
-/// for all of them (a list for the one mapping-valued key), so each must produce an error that names it.
+/// for all of them (a list for the mapping-valued keys), so each must produce an error that names it.
 #[test]
 fn every_supported_key_is_parsed() {
     for (key, _) in SUPPORTED_KEYS {
@@ -427,7 +427,7 @@ fn every_supported_key_is_parsed() {
             }
             "datasets" => "base_model: /m\ndatasets: {x: 1}\n".to_string(),
             // Its value is a mapping: a list is the wrong type.
-            "bnb_config_kwargs" => format!("{BASE}{key}: [1]\n"),
+            "bnb_config_kwargs" | "model_config" => format!("{BASE}{key}: [1]\n"),
             _ => format!("{BASE}{key}: {{x: 1}}\n"),
         };
         let msg = match parse(&yaml) {
@@ -475,7 +475,10 @@ fn axolotl_values_moeq_refuses() {
     assert!(
         err_with("eot_tokens: [1]\n").starts_with("t.yaml: key 'eot_tokens[0]' must be a string")
     );
-    assert!(err_with("model_config:\n  rope_theta: 1000\n").contains("edit config.json"));
+    assert_eq!(
+        err_with("model_config: 3\n"),
+        "t.yaml: key 'model_config' must be a mapping of config.json keys to values"
+    );
     assert_eq!(
         err_with("bnb_4bit_quant_type: nf4\nbnb_config_kwargs:\n  bnb_4bit_quant_type: fp4\n"),
         "t.yaml: key 'bnb_4bit_quant_type' and bnb_config_kwargs.bnb_4bit_quant_type disagree; keep one"
