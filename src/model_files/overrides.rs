@@ -29,7 +29,7 @@ fn weights(s: &ArchSpec) -> impl PartialEq + std::fmt::Debug {
         (s.model_type, s.vocab_size, s.hidden_size, s.num_layers),
         (s.num_heads, s.num_kv_heads, s.head_dim, s.num_experts),
         (s.expert_intermediate_size, s.dense_intermediate_size),
-        (s.shared_expert.clone(), s.moe_layers.clone()),
+        (s.shared_expert, s.moe_layers.clone()),
         (s.tie_word_embeddings, s.qkv_bias, s.o_bias, s.qk_norm),
     )
 }
