@@ -27,7 +27,6 @@ enum Next {
 enum Fix {
     Remove(&'static str),
     Set(&'static str, &'static str),
-    RemoveDatasetKey(&'static str),
 }
 
 use Fix::*;
@@ -78,14 +77,6 @@ fn chains() -> Vec<(&'static str, Vec<Next>)> {
                 Stops(vec![
                     refused("model_quantization_config"),
                     refused("model_quantization_config_kwargs"),
-                    (
-                        "unknown key 'datasets[0].field_thinking'",
-                        RemoveDatasetKey("field_thinking"),
-                    ),
-                    (
-                        "unknown key 'datasets[0].template_thinking_key'",
-                        RemoveDatasetKey("template_thinking_key"),
-                    ),
                 ]),
                 Stops(vec![("eot_tokens: '<|end|>' is", Remove("eot_tokens"))]),
                 Ends(SIXTEEN_BIT),
@@ -233,16 +224,6 @@ fn apply(c: &mut Mapping, fix: &Fix) {
         }
         Set(key, value) => {
             c.insert(key.into(), value.into());
-        }
-        RemoveDatasetKey(key) => {
-            let Some(Value::Sequence(sets)) = c.get_mut("datasets") else {
-                panic!()
-            };
-            for set in sets {
-                if let Value::Mapping(set) = set {
-                    set.remove(key);
-                }
-            }
         }
     }
 }

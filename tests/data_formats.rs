@@ -676,3 +676,46 @@ fn eot_tokens_name_the_end_of_turn() {
             .from_cache
     );
 }
+
+/// axolotl's reasoning fields: the trace under `field_thinking` reaches the template as
+/// `template_thinking_key` (both `reasoning_content` by default), the field's own name does not.
+#[test]
+fn thinking_fields_hand_the_trace_to_the_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = synth_bundle(tmp.path());
+    let rec = json!({"messages": [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b", "thinking": "why"},
+    ]});
+    let p = write(tmp.path(), "chat.jsonl", &rec.to_string());
+    let t = write(
+        tmp.path(),
+        "think.jinja",
+        "{% for m in messages %}{{ m.role }}:{% if m.reasoning_content %} <{{ m.reasoning_content }}>{% endif %}{% if m.thinking %} ({{ m.thinking }}){% endif %} {{ m.content }}\n{% endfor %}",
+    );
+    let text = |extra: &str| {
+        let yaml = format!(
+            "val_set_size: 0\nchat_template: {}\ndatasets:\n  - path: {}\n    type: chat_template\n{extra}",
+            t.display(),
+            p.display()
+        );
+        prepare(&config(&yaml), &tok)
+            .unwrap()
+            .train
+            .remove(0)
+            .input_ids
+    };
+    let ids = |s: &str| tok.encode_plain(s).unwrap();
+    // Defaults: the record's `thinking` is not the trace's field; it passes as itself.
+    assert_eq!(text(""), ids("user: a\nassistant: (why) b\n"));
+    // Renamed to the template's `reasoning_content`, and no longer under its own name.
+    assert_eq!(
+        text("    field_thinking: thinking\n"),
+        ids("user: a\nassistant: <why> b\n")
+    );
+    // gpt-oss's example: the template reads `thinking` itself.
+    assert_eq!(
+        text("    field_thinking: thinking\n    template_thinking_key: thinking\n"),
+        ids("user: a\nassistant: (why) b\n")
+    );
+}

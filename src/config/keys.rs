@@ -207,6 +207,14 @@ pub const DATASET_KEYS: &[(&str, &str)] = &[
         "map moeq's role/content names to the record's",
     ),
     (
+        "field_thinking",
+        "message field holding a reasoning trace, for chat_template records (reasoning_content)",
+    ),
+    (
+        "template_thinking_key",
+        "the name the chat template reads that trace under (reasoning_content; gpt-oss: thinking)",
+    ),
+    (
         "roles_to_train",
         "roles whose tokens count towards the loss (assistant)",
     ),

@@ -98,6 +98,10 @@ pub struct DatasetConfig {
     /// moeq's property name (`role`, `content`) to the record's name.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub message_property_mappings: BTreeMap<String, String>,
+    /// The message field holding a reasoning trace (`reasoning_content`), handed to the chat
+    /// template as `template_thinking_key` (`reasoning_content`), as axolotl does.
+    pub field_thinking: String,
+    pub template_thinking_key: String,
     pub roles_to_train: Vec<String>,
     pub train_on_eos: TrainOnEos,
     /// Overrides the top-level `chat_template` for this dataset.

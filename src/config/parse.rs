@@ -584,6 +584,12 @@ fn datasets(f: &Fields, warnings: &mut Vec<String>) -> R<Vec<DatasetConfig>> {
             message_property_mappings: d
                 .string_map("message_property_mappings")?
                 .unwrap_or_default(),
+            field_thinking: d
+                .string("field_thinking")?
+                .unwrap_or_else(|| "reasoning_content".to_string()),
+            template_thinking_key: d
+                .string("template_thinking_key")?
+                .unwrap_or_else(|| "reasoning_content".to_string()),
             roles_to_train: d
                 .string_list("roles_to_train")?
                 .unwrap_or_else(|| vec!["assistant".to_string()]),

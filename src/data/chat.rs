@@ -196,8 +196,19 @@ impl ChatFormat<'_> {
             let mut msg = Map::new();
             msg.insert("role".into(), Json::String(role.to_string()));
             msg.insert("content".into(), content.cloned().unwrap_or(Json::Null));
+            // The reasoning trace under the name the template reads (axolotl's
+            // field_thinking → template_thinking_key); the field's own name is dropped then.
+            let (thinking, thinking_key) =
+                (&self.ds.field_thinking, &self.ds.template_thinking_key);
+            let renamed = thinking != thinking_key
+                && *thinking != role_key
+                && *thinking != content_key
+                && m.get(thinking).is_some_and(|v| !v.is_null());
+            if renamed {
+                msg.insert(thinking_key.clone(), m[thinking].clone());
+            }
             for (k, v) in m {
-                if *k != role_key && *k != content_key {
+                if *k != role_key && *k != content_key && !(renamed && k == thinking) {
                     msg.entry(k.clone()).or_insert_with(|| v.clone());
                 }
             }
