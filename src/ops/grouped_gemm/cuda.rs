@@ -253,7 +253,7 @@ pub(super) fn launch(
             if live.len() == 1 {
                 // One product: cuBLAS's plain GEMM (its Hopper kernels); the grouped API runs
                 // an sm80 kernel at about half their rate (the β = 1 accumulations of the
-                // layer backward: launch/bench/NOTES.md item 43).
+                // layer backward: launch/bench/NOTES.md item 44).
                 let blas = dev.cublas_handle();
                 // SAFETY: `validate` checked the block against its buffers; the scalars are
                 // read during the call.
