@@ -354,7 +354,9 @@ fn kill_during_checkpoint_writes_never_leaves_a_corrupt_complete_checkpoint() {
     let text = std::fs::read_to_string(&cfg)
         .unwrap()
         .replace("save_steps: 20", "save_steps: 1")
-        .replace("max_steps: 40", "max_steps: 400")
+        // Far more steps than 20 runs of at most 2.5 s reach (≈ 20 steps/s on an idle machine:
+        // 400 were done by the 18th kill once), so every kill lands mid-run.
+        .replace("max_steps: 40", "max_steps: 4000")
         + "save_total_limit: 3\n";
     std::fs::write(&cfg, text).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(20);
