@@ -196,6 +196,36 @@ fn inspect_from_config_only_reports_qwen3_30b_sizes() {
         "{stdout}"
     );
     assert!(stdout.contains("NF4 frozen weights"), "{stdout}");
+    // A training config's model_config applies as in `train`; a shape is not overridable.
+    let cfg = tmp.path().join("c.yaml");
+    let write = |extra: &str| {
+        let base = format!(
+            "base_model: {}\ndatasets:\n  - path: d.jsonl\n    type: completion\nmodel_config:\n",
+            out.display()
+        );
+        std::fs::write(&cfg, base + extra).unwrap();
+    };
+    write("  num_experts_per_tok: 4\n");
+    let (code, stdout, err) = moeq(&[
+        "inspect",
+        out.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("128 per MoE layer, top-4"), "{stdout}");
+    write("  moe_intermediate_size: 1024\n");
+    let (code, _, err) = moeq(&[
+        "inspect",
+        out.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("model_config.moe_intermediate_size: it sets the shape"),
+        "{err}"
+    );
 }
 
 #[test]

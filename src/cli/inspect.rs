@@ -22,6 +22,8 @@ struct Settings {
     lora: LoraPlan,
     blocksize: usize,
     double_quant: bool,
+    /// The config's `model_config` overrides of config.json (applied as `train` applies them).
+    model_config: serde_json::Map<String, serde_json::Value>,
     source: String,
 }
 
@@ -35,6 +37,7 @@ fn settings(config: Option<&PathBuf>) -> Result<Settings, CliError> {
             },
             blocksize: 64,
             double_quant: true,
+            model_config: Default::default(),
             source: "defaults: r=16 on q/k/v/o and both expert parameters; pass --config for a run's settings".into(),
         });
     };
@@ -52,16 +55,21 @@ fn settings(config: Option<&PathBuf>) -> Result<Settings, CliError> {
         },
         blocksize: c.quant_blocksize,
         double_quant: c.bnb_4bit_use_double_quant,
+        model_config: c.model_config.clone(),
         source: format!("from {}", path.display()),
     })
 }
 
 pub fn run(args: InspectArgs) -> Result<(), CliError> {
     let settings = settings(args.config.as_ref())?;
-    let dir = ModelDir::open(&args.dir).map_err(|e| match e {
+    let mut dir = ModelDir::open(&args.dir).map_err(|e| match e {
         ModelFilesError::Io { .. } => CliError::failed(e),
         other => CliError::input(other),
     })?;
+    if !settings.model_config.is_empty() {
+        dir.apply_overrides(&settings.model_config)
+            .map_err(CliError::Input)?;
+    }
     print!("{}", report(&dir, &settings).map_err(CliError::input)?);
     Ok(())
 }

@@ -353,6 +353,27 @@ impl<'a> Fields<'a> {
         Ok(Some(out))
     }
 
+    /// A mapping of names to any values, as JSON (`model_config`: config.json overrides, which
+    /// the model directory judges).
+    pub fn json_map(&self, key: &str) -> R<Option<serde_json::Map<String, serde_json::Value>>> {
+        let Some(v) = self.get(key).filter(|v| !matches!(v, Value::Null)) else {
+            return Ok(None);
+        };
+        let Value::Mapping(m) = v else {
+            return Err(self.err(key, "must be a mapping of config.json keys to values"));
+        };
+        let mut out = serde_json::Map::new();
+        for (k, val) in m {
+            let Value::String(k) = k else {
+                return Err(self.err(key, format!("must have string keys, got {}", describe(k))));
+            };
+            let json = serde_json::to_value(val)
+                .map_err(|e| self.err(&format!("{key}.{k}"), format!("not a JSON value: {e}")))?;
+            out.insert(k.clone(), json);
+        }
+        Ok(Some(out))
+    }
+
     /// One of the spellings `T` accepts.
     pub fn choice<T: Choice>(&self, key: &str) -> R<Option<T>> {
         self.soft(self.strict_choice(key))

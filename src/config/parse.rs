@@ -120,7 +120,7 @@ fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
     Ok(TrainConfig {
         base_model,
         tokenizer_config: f.string("tokenizer_config")?.map(PathBuf::from),
-        model_config: model_config(f)?,
+        model_config: f.json_map("model_config")?.unwrap_or_default(),
         device: device(f)?,
         load_in_4bit: f.bool("load_in_4bit")?.unwrap_or(adapter == Adapter::Qlora),
         strict_weights: f.bool("strict_weights")?.unwrap_or(false),
@@ -192,37 +192,6 @@ fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
         expert_parallel: f.bool("expert_parallel")?.unwrap_or(true),
         collective_timeout_s: f.u64_min("collective_timeout_s", 1)?.unwrap_or(120),
     })
-}
-
-/// `model_config`: a mapping of config.json keys to values, kept as JSON for the model
-/// directory to apply (which keys it takes is decided there, against the model's config).
-fn model_config(f: &Fields) -> R<serde_json::Map<String, serde_json::Value>> {
-    let Some(v) = f.get("model_config") else {
-        return Ok(Default::default());
-    };
-    let Value::Mapping(m) = v else {
-        if matches!(v, Value::Null) {
-            return Ok(Default::default());
-        }
-        return Err(f.err(
-            "model_config",
-            "must be a mapping of config.json keys to values",
-        ));
-    };
-    let mut out = serde_json::Map::new();
-    for (k, val) in m {
-        let Value::String(k) = k else {
-            return Err(f.err("model_config", "must have string keys"));
-        };
-        let json = serde_json::to_value(val).map_err(|e| {
-            f.err(
-                &format!("model_config.{k}"),
-                format!("not a JSON value: {e}"),
-            )
-        })?;
-        out.insert(k.clone(), json);
-    }
-    Ok(out)
 }
 
 /// Catches a malformed synth:// address here rather than after the run has
