@@ -267,3 +267,48 @@ fn qwen2_moe_tiny_has_a_dense_layer_and_shared_experts() {
     assert!(err.ends_with("layer 1 is not an MoE layer"), "{err}");
     assert!(dir.read("model.layers.0.self_attn.q_proj.bias").is_ok());
 }
+
+/// A 16-bit base (`load_in_4bit: false`) holds the checkpoint's values unchanged: every dense
+/// tensor, and of each expert parameter exactly the owned experts — also when they are read a
+/// slice at a time into one buffer (slices of one expert here, so experts 1..7 take six reads).
+#[test]
+fn sixteen_bit_base_holds_the_owned_experts_as_read() {
+    use moeq::model_files::dense::load_sliced;
+    use moeq::quant::frozen::Frozen;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = synth_into(tmp.path(), ModelType::Qwen3Moe, DiskLayout::Hub, 5, 40_000);
+    let owned = 1..7;
+    for slice_bytes in [1, 1 << 30] {
+        let base = load_sliced(
+            &dir,
+            Some(owned.clone()),
+            &candle_core::Device::Cpu,
+            DType::BF16,
+            slice_bytes,
+        )
+        .unwrap();
+        assert!(base.settings.is_none());
+        let mut experts = 0;
+        for p in dir.spec.params() {
+            let full = dir.read(&p.name).unwrap();
+            let (held, want) = match &base.tensors[&p.name] {
+                Frozen::DenseExperts { weights, held } => {
+                    assert_eq!(held, &owned, "{}", p.name);
+                    experts += 1;
+                    (
+                        weights.clone(),
+                        full.narrow(0, owned.start, owned.len()).unwrap(),
+                    )
+                }
+                Frozen::Dense(t) => {
+                    assert_ne!(p.component, Component::Experts, "{}", p.name);
+                    (t.clone(), full)
+                }
+                Frozen::Quantized { .. } => panic!("{}: quantized in a 16-bit base", p.name),
+            };
+            assert_eq!(held.dims(), want.dims(), "{}", p.name);
+            assert_eq!(bytes_of(&held), bytes_of(&want), "{}", p.name);
+        }
+        assert_eq!(experts, 2 * dir.spec.num_moe_layers());
+    }
+}

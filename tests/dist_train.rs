@@ -20,8 +20,19 @@ use std::process::Command;
 const DEFAULT: &str = include_str!("../configs/tiny-cpu.yaml");
 const GLOBAL_ROWS: usize = 12;
 
+/// The default config for `world` ranks; each line of `extra` replaces the line of its key, or
+/// is added.
 fn config(dir: &Path, world: usize, extra: &str) -> PathBuf {
-    let text = DEFAULT
+    let mut base = DEFAULT.to_string();
+    let mut added = String::new();
+    for line in extra.lines() {
+        let key = line.split(':').next().unwrap();
+        match base.lines().find(|l| l.starts_with(&format!("{key}:"))) {
+            Some(old) => base = base.replace(&old.to_string(), line),
+            None => added += &format!("{line}\n"),
+        }
+    }
+    let text = base
         .replace("output_dir: outputs/tiny-cpu", &format!("output_dir: {}", dir.join("out").display()))
         .replace("max_steps: 300", "max_steps: 20")
         .replace("micro_batch_size: 8", &format!("micro_batch_size: {}", GLOBAL_ROWS / world))
@@ -33,7 +44,7 @@ fn config(dir: &Path, world: usize, extra: &str) -> PathBuf {
         // Rows padded to the full length in every run, so the per-expert counts (which
         // include padding rows) can be compared too.
         + "pad_to_sequence_len: true\n"
-        + extra;
+        + &added;
     assert!(text.contains("max_steps: 20") && text.contains("save_steps: 10"));
     let path = dir.join("config.yaml");
     std::fs::write(&path, text).unwrap();
@@ -232,6 +243,40 @@ fn one_to_four_ranks_train_like_one_process() {
         &one.join("out/adapter_model.safetensors"),
         "expert_parallel false",
     );
+}
+
+/// A 16-bit base (`adapter: lora`, `load_in_4bit: false`) under expert parallelism: each of
+/// 3 ranks reads only its experts (3+3+2) unquantized, and the run trains like one process
+/// (tolerances as above) — and not like the 4-bit base (its first loss differs).
+#[test]
+fn sixteen_bit_base_trains_like_one_process_on_three_ranks() {
+    let root = tempfile::tempdir().unwrap();
+    let sixteen = "adapter: lora\nload_in_4bit: false";
+    let quantized = losses(&run(root.path(), 0, ""));
+    let sixteen_root = root.path().join("16");
+    let one = run(&sixteen_root, 0, sixteen);
+    let three = run(&sixteen_root, 3, sixteen);
+    let (l1, l3) = (losses(&one), losses(&three));
+    assert_eq!(l1.len(), 20);
+    assert!(l1[19] < l1[0], "{l1:?}");
+    assert_ne!(
+        l1[0], quantized[0],
+        "the 16-bit base trained like the 4-bit one"
+    );
+    for (step, (a, b)) in l3.iter().zip(&l1).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs(),
+            "16-bit, 3 ranks, step {}: loss {a} vs {b}",
+            step + 1
+        );
+    }
+    assert_adapters_close(
+        &three.join("out/adapter_model.safetensors"),
+        &one.join("out/adapter_model.safetensors"),
+        "16-bit, 3 ranks",
+    );
+    let log = std::fs::read_to_string(three.join("out/moeq.log")).unwrap();
+    assert!(log.contains("unquantized"), "{log}");
 }
 
 /// `moeq train` started directly by SLURM (`srun`, one task per GPU) finds its rank, the world

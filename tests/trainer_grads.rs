@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use moeq::arch::{Inputs, Model, ModelType};
 use moeq::data::{Batch, IGNORE_INDEX};
 use moeq::lora::{Adapters, LoraSettings};
+use moeq::model_files::dense;
 use moeq::model_files::frozen::{self, CpuQuantizer, SingleProcess};
 use moeq::model_files::ModelDir;
 use moeq::quant::QuantSettings;
@@ -34,10 +35,15 @@ struct Setup {
 /// A tiny f32 checkpoint of `arch`, quantized to NF4, with adapters on every target and
 /// random B (PEFT starts B at zero, which would leave A without a gradient).
 fn setup(arch: ModelType) -> Setup {
-    setup_with(arch, 0.0)
+    setup_with(arch, 0.0, false)
 }
 
-fn setup_with(arch: ModelType, dropout: f64) -> Setup {
+/// The same checkpoint and adapters over the unquantized base (`load_in_4bit: false`).
+fn setup_16bit(arch: ModelType) -> Setup {
+    setup_with(arch, 0.0, true)
+}
+
+fn setup_with(arch: ModelType, dropout: f64, sixteen_bit: bool) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let opts = SynthOptions {
         model_type: arch,
@@ -47,13 +53,16 @@ fn setup_with(arch: ModelType, dropout: f64) -> Setup {
     };
     synth::write(&opts, dir.path()).unwrap();
     let md = ModelDir::open(dir.path()).unwrap();
-    let base = frozen::load(
-        &md,
-        QuantSettings::default(),
-        None,
-        &mut CpuQuantizer,
-        &mut SingleProcess,
-    )
+    let base = match sixteen_bit {
+        true => dense::load(&md, None, &Device::Cpu, DType::F32),
+        false => frozen::load(
+            &md,
+            QuantSettings::default(),
+            None,
+            &mut CpuQuantizer,
+            &mut SingleProcess,
+        ),
+    }
     .unwrap();
     let model = Model::new(&md.spec, &base, DType::F32, &Device::Cpu, 64).unwrap();
     let settings = LoraSettings {
@@ -193,10 +202,13 @@ fn full_graph_loss(s: &Setup, b: &Batch) -> Tensor {
 
 /// Recompute reorders nothing but the graph: gradients equal the full graph's up to f32
 /// summation order (chunked vs whole-vocabulary softmax): relative 1e-4 of the tensor's scale.
+/// Over the 4-bit base and the unquantized one.
 #[test]
 fn recompute_matches_one_full_graph() {
-    for arch in ARCHS {
-        let s = setup(arch);
+    for (arch, s) in ARCHS
+        .into_iter()
+        .flat_map(|a| [(a, setup(a)), (a, setup_16bit(a))])
+    {
         let b = batch(s.model.spec.vocab_size, 2);
         let grads = grads_of(&s, &b);
         let store = full_graph_loss(&s, &b).backward().unwrap();
@@ -219,7 +231,7 @@ fn recompute_matches_one_full_graph() {
 #[test]
 fn kept_activations_match_the_recompute_exactly() {
     for arch in ARCHS {
-        let s = setup_with(arch, 0.1);
+        let s = setup_with(arch, 0.1, false);
         let b = batch(s.model.spec.vocab_size, 3);
         let key = Some((7, 3));
         let recomputed = grads_with(&s, &b, key, Activations::Recompute);
@@ -252,11 +264,12 @@ fn loss_of(s: &Setup, inp: &Inputs, b: &Batch) -> f64 {
 /// Top-k routing is piecewise constant, and tiny random routers have near-ties, so the
 /// routing of the unperturbed point is replayed at θ ± εd (what the trainer's recompute does
 /// too); each step size must then agree with the gradient. Tolerance: 3% of |g·d| + 2e-3
-/// (truncation error O(ε²) and the f32 rounding of the loss, ~1e-6, over 2ε).
+/// (truncation error O(ε²) and the f32 rounding of the loss, ~1e-6, over 2ε). Over the 4-bit
+/// base, and the unquantized one for Qwen2-MoE (dense MLP and shared expert too).
 #[test]
 fn gradients_match_finite_differences() {
-    for arch in ARCHS {
-        let s = setup(arch);
+    let sixteen = (ModelType::Qwen2Moe, setup_16bit(ModelType::Qwen2Moe));
+    for (arch, s) in ARCHS.into_iter().map(|a| (a, setup(a))).chain([sixteen]) {
         let b = batch(s.model.spec.vocab_size, 3);
         let grads = grads_of(&s, &b);
         let inp = inputs(&s.model, &b).unwrap();
@@ -321,5 +334,27 @@ fn gpu_check_machinery_on_the_cpu() {
     assert!(results.len() >= 16 + 30);
     for r in &results {
         assert!(r.passed(), "{r}");
+    }
+}
+
+/// The unquantized base is what the model multiplies by: its loss differs from the 4-bit
+/// base's by the quantization error (not zero), and both are finite and close (NF4 of a tiny
+/// random model moves the loss by a few percent at most).
+#[test]
+fn sixteen_bit_base_is_not_quantized() {
+    for arch in [ModelType::Qwen3Moe, ModelType::Mixtral] {
+        let (q, d) = (setup(arch), setup_16bit(arch));
+        let b = batch(q.model.spec.vocab_size, 4);
+        let loss = |s: &Setup| {
+            let inp = inputs(&s.model, &b).unwrap();
+            loss_of(s, &inp, &b)
+        };
+        let (lq, ld) = (loss(&q), loss(&d));
+        assert!(lq.is_finite() && ld.is_finite(), "{arch:?}: {lq} {ld}");
+        assert!(
+            lq != ld,
+            "{arch:?}: 4-bit and 16-bit losses are equal ({lq})"
+        );
+        assert!((lq - ld).abs() < 0.05 * ld.abs(), "{arch:?}: {lq} vs {ld}");
     }
 }

@@ -8,7 +8,7 @@ use crate::ops::attention::query_block;
 use crate::ops::attention_block::{attention_block, BlockArgs};
 use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
 use crate::ops::lora_linear::lora_linear;
-use crate::ops::nf4_linear::{nf4_linear, Nf4Weight};
+use crate::ops::nf4_linear::{nf4_linear, FrozenWeight};
 use crate::ops::norm::rms_norm;
 use crate::ops::routed_experts::{routed_experts, ExpertLora};
 use crate::ops::router::router_probs;
@@ -20,10 +20,10 @@ use candle_core::{DType, Result, Tensor, D};
 use rand::{Rng, SeedableRng};
 use std::rc::Rc;
 
-/// A frozen 4-bit projection with its module path (the LoRA key) and optional bias.
+/// A frozen projection with its module path (the LoRA key) and optional bias.
 pub struct Proj {
     pub name: String,
-    pub w: Nf4Weight,
+    pub w: FrozenWeight,
     pub bias: Option<Tensor>,
 }
 

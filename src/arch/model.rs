@@ -1,7 +1,8 @@
 //! The model: one implementation for every `ArchSpec` (docs/ARCHITECTURE.md, decision 6).
 //!
 //! Frozen weights: attention, shared-expert, dense-MLP and expert projections are 4-bit
-//! (`Nf4Weight`, used through `nf4_linear` / `grouped_nf4`); embeddings, norms, router and
+//! (`FrozenWeight::Nf4`, `ExpertStore::Nf4`, used through `nf4_linear` / `grouped_nf4`), or
+//! unquantized in the compute dtype for a 16-bit base; embeddings, norms, router and
 //! `lm_head` are dense in the compute dtype (bf16 on a GPU, f32 on the CPU). LoRA adapters
 //! come in through `LoraCtx`, either live (gradients flow into them) or detached.
 //!
@@ -11,8 +12,8 @@ use super::layers::{Attention, Layer, Mlp, Moe, Proj};
 use super::{ArchSpec, ExpertExchange};
 use crate::lora::Adapters;
 use crate::ops::embedding::{Embedding, TokenIds};
-use crate::ops::experts::ExpertWeights;
-use crate::ops::nf4_linear::{Nf4Weight, Scales};
+use crate::ops::experts::{ExpertStore, ExpertWeights};
+use crate::ops::nf4_linear::{FrozenWeight, Nf4Weight, Scales};
 use crate::ops::norm::rms_norm;
 use crate::ops::rope::Rope;
 use crate::quant::frozen::{Frozen, FrozenBase};
@@ -99,7 +100,9 @@ impl Weights<'_> {
     fn dense_on(&self, name: &str, device: &Device) -> Result<Tensor> {
         match self.base.tensors.get(name) {
             Some(Frozen::Dense(t)) => t.to_device(device)?.to_dtype(self.dtype),
-            Some(Frozen::Quantized { .. }) => candle_core::bail!("{name}: expected a dense tensor"),
+            Some(Frozen::Quantized { .. } | Frozen::DenseExperts { .. }) => {
+                candle_core::bail!("{name}: expected a dense tensor")
+            }
             None => candle_core::bail!("{name}: missing from the checkpoint"),
         }
     }
@@ -111,12 +114,16 @@ impl Weights<'_> {
         }
     }
 
-    fn quantized(&self, name: &str) -> Result<Nf4Weight> {
+    /// A frozen linear weight: 4-bit, or dense for a 16-bit base.
+    fn linear(&self, name: &str) -> Result<FrozenWeight> {
         match self.base.tensors.get(name) {
-            Some(Frozen::Quantized { param, codes, .. }) => {
-                Nf4Weight::from_param_codes(param, codes.as_ref(), self.device)
+            Some(Frozen::Quantized { param, codes, .. }) => Ok(FrozenWeight::Nf4(
+                Nf4Weight::from_param_codes(param, codes.as_ref(), self.device)?,
+            )),
+            Some(Frozen::Dense(_)) => Ok(FrozenWeight::Dense(self.dense(name)?)),
+            Some(Frozen::DenseExperts { .. }) => {
+                candle_core::bail!("{name}: expected a 2-D weight, found experts")
             }
-            Some(Frozen::Dense(_)) => candle_core::bail!("{name}: expected a 4-bit weight"),
             None => candle_core::bail!("{name}: missing from the checkpoint"),
         }
     }
@@ -124,7 +131,7 @@ impl Weights<'_> {
     fn proj(&self, module: &str, bias: bool) -> Result<Proj> {
         Ok(Proj {
             name: module.to_string(),
-            w: self.quantized(&format!("{module}.weight"))?,
+            w: self.linear(&format!("{module}.weight"))?,
             bias: if bias {
                 Some(self.dense(&format!("{module}.bias"))?)
             } else {
@@ -133,15 +140,20 @@ impl Weights<'_> {
         })
     }
 
-    /// The held experts of a 3-D expert parameter `[E, out, in]` as one stacked 4-bit weight.
+    /// The held experts of a 3-D expert parameter `[E, out, in]` as one stacked weight, and
+    /// the first held expert.
     fn experts(&self, name: &str) -> Result<(ExpertWeights, usize)> {
-        let Some(Frozen::Quantized {
-            param,
-            experts,
-            codes,
-        }) = self.base.tensors.get(name)
-        else {
-            candle_core::bail!("{name}: missing 4-bit expert parameter");
+        let (param, experts, codes) = match self.base.tensors.get(name) {
+            Some(Frozen::Quantized {
+                param,
+                experts,
+                codes,
+            }) => (param, experts, codes),
+            Some(Frozen::DenseExperts { weights, held }) => {
+                let weights = weights.to_device(self.device)?.to_dtype(self.dtype)?;
+                return Ok((ExpertWeights::dense(weights)?, held.start));
+            }
+            _ => candle_core::bail!("{name}: missing expert parameter"),
         };
         let [num, out, inp] = param.shape[..] else {
             candle_core::bail!("{name}: expected [E, out, in], got {:?}", param.shape);
@@ -169,17 +181,19 @@ impl Weights<'_> {
 
         Ok((
             ExpertWeights {
-                packed,
-                absmax: Scales::from_absmax(
-                    &param.absmax,
-                    lo * per / bs..hi * per / bs,
-                    self.device,
-                )?,
+                store: ExpertStore::Nf4 {
+                    packed,
+                    absmax: Scales::from_absmax(
+                        &param.absmax,
+                        lo * per / bs..hi * per / bs,
+                        self.device,
+                    )?,
+                    kind: param.settings.kind,
+                    blocksize: bs,
+                },
                 num_experts: held.len(),
                 out_features: out,
                 in_features: inp,
-                kind: param.settings.kind,
-                blocksize: bs,
             },
             held.start,
         ))

@@ -160,13 +160,15 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
         let w = Tensor::randn(0f32, 0.02, e * out * inp, dev)?.to_dtype(DType::BF16)?;
         let (packed, absmax) = crate::quant::cuda::quantize_on_gpu(&w, &settings)?;
         Ok(ExpertWeights {
-            packed,
-            absmax: crate::ops::nf4_linear::Scales::Plain(absmax),
+            store: crate::ops::experts::ExpertStore::Nf4 {
+                packed,
+                absmax: crate::ops::nf4_linear::Scales::Plain(absmax),
+                kind: QuantKind::Nf4,
+                blocksize: 64,
+            },
             num_experts: e,
             out_features: out,
             in_features: inp,
-            kind: QuantKind::Nf4,
-            blocksize: 64,
         })
     };
     let gate_up = weights(2 * i, h).map_err(f)?;

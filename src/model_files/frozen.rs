@@ -66,7 +66,7 @@ impl Frozen {
                 Ok(Some(std::borrow::Cow::Owned(c.to_vec1()?)))
             }
             Frozen::Quantized { param, .. } => Ok(Some(std::borrow::Cow::Borrowed(&param.packed))),
-            Frozen::Dense(_) => Ok(None),
+            Frozen::Dense(_) | Frozen::DenseExperts { .. } => Ok(None),
         }
     }
 }
@@ -415,13 +415,13 @@ pub fn load(
     report.peak_device_bytes = quantizer.peak_device_bytes();
     Ok(FrozenBase {
         tensors,
-        settings,
+        settings: Some(settings),
         report,
     })
 }
 
 /// NaN and ±Inf values of a tensor on the host (0 for one on a device: those are drawn, finite).
-fn nonfinite(t: &Tensor) -> usize {
+pub(super) fn nonfinite(t: &Tensor) -> usize {
     use candle_core::{CpuStorage, Storage};
     let (storage, layout) = t.storage_and_layout();
     let (Storage::Cpu(s), Some((a, b))) = (&*storage, layout.contiguous_offsets()) else {

@@ -6,6 +6,7 @@
 pub mod bnb;
 #[cfg(feature = "cuda")]
 mod cuda_quantizer;
+pub mod dense;
 pub mod frozen;
 pub mod generated;
 mod layout;

@@ -71,6 +71,12 @@ pub fn write(
     out: &Path,
     shard_bytes: u64,
 ) -> Result<u64, ModelFilesError> {
+    let Some(settings) = &base.settings else {
+        return Err(ModelFilesError::Format {
+            path: out.display().to_string(),
+            problem: "the base was loaded unquantized (16-bit): nothing 4-bit to write".into(),
+        });
+    };
     let weights_dtype = src
         .spec
         .torch_dtype
@@ -97,6 +103,12 @@ pub fn write(
                 return Err(ModelFilesError::Format {
                     path: out.display().to_string(),
                     problem: format!("'{name}' holds only experts {r:?}: a pre-quantized checkpoint needs all experts"),
+                })
+            }
+            Frozen::DenseExperts { .. } => {
+                return Err(ModelFilesError::Format {
+                    path: out.display().to_string(),
+                    problem: format!("'{name}' was loaded unquantized (16-bit): a pre-quantized checkpoint needs it 4-bit"),
                 })
             }
             Frozen::Dense(t) => {
@@ -152,7 +164,7 @@ pub fn write(
         if let Some(obj) = config.as_object_mut() {
             obj.insert(
                 "quantization_config".into(),
-                bnb::quantization_config(&base.settings, &weights_dtype),
+                bnb::quantization_config(settings, &weights_dtype),
             );
         }
         let cfg_path = tmp.join("config.json");

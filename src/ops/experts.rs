@@ -33,23 +33,32 @@ pub fn dequant_chunk_bytes(input_bytes: usize) -> usize {
     input_bytes.clamp(64 << 20, DEQUANT_CHUNK_BYTES)
 }
 
-/// The frozen 4-bit weights `[out, in]` of the experts this rank holds, in expert order, as
-/// one buffer of codes and one of block scales (nested statistics expanded per chunk).
+/// The frozen weights `[out, in]` of the experts this rank holds, in expert order.
 #[derive(Clone)]
 pub struct ExpertWeights {
-    /// Packed codes, expert-major: `[E · out·in / 2]` u8.
-    pub packed: Tensor,
-    /// Block scales, expert-major: `E · out·in / blocksize` blocks.
-    pub absmax: Scales,
+    pub store: ExpertStore,
     pub num_experts: usize,
     pub out_features: usize,
     pub in_features: usize,
-    pub kind: QuantKind,
-    pub blocksize: usize,
+}
+
+#[derive(Clone)]
+pub enum ExpertStore {
+    /// 4-bit: one buffer of codes and one of block scales (nested statistics expanded per
+    /// chunk). `packed` is expert-major `[E · out·in / 2]` u8, the scales `E · out·in /
+    /// blocksize` blocks.
+    Nf4 {
+        packed: Tensor,
+        absmax: Scales,
+        kind: QuantKind,
+        blocksize: usize,
+    },
+    /// Unquantized `[E, out, in]` in the compute dtype (a 16-bit base).
+    Dense(Tensor),
 }
 
 impl ExpertWeights {
-    /// Stacks per-expert weights of one shape (each a whole number of blocks).
+    /// Stacks per-expert 4-bit weights of one shape (each a whole number of blocks).
     pub fn stack(experts: &[Nf4Weight]) -> Result<ExpertWeights> {
         let Some(first) = experts.first() else {
             candle_core::bail!("ExpertWeights: no experts")
@@ -75,27 +84,62 @@ impl ExpertWeights {
             .map(|w| w.absmax.values())
             .collect::<Result<Vec<_>>>()?;
         Ok(ExpertWeights {
-            packed: Tensor::cat(&packed, 0)?,
-            absmax: Scales::Plain(Tensor::cat(&absmax, 0)?),
+            store: ExpertStore::Nf4 {
+                packed: Tensor::cat(&packed, 0)?,
+                absmax: Scales::Plain(Tensor::cat(&absmax, 0)?),
+                kind: first.kind,
+                blocksize: first.blocksize,
+            },
             num_experts: experts.len(),
             out_features: first.out_features,
             in_features: first.in_features,
-            kind: first.kind,
-            blocksize: first.blocksize,
         })
     }
 
-    /// Experts `range` (local indices) dequantized: `[n, out, in]` in `dtype`.
+    /// Unquantized experts `[E, out, in]`.
+    pub fn dense(weights: Tensor) -> Result<ExpertWeights> {
+        let (num_experts, out_features, in_features) = weights.dims3()?;
+        Ok(ExpertWeights {
+            store: ExpertStore::Dense(weights),
+            num_experts,
+            out_features,
+            in_features,
+        })
+    }
+
+    /// Experts `range` (local indices) as `[n, out, in]` in `dtype`: dequantized, or a view
+    /// of the unquantized weights (cast if the dtype differs).
     pub fn dequantize(&self, range: Range<usize>, dtype: DType) -> Result<Tensor> {
         let per = self.out_features * self.in_features;
         let n = range.len();
-        let packed = self.packed.narrow(0, range.start * per / 2, n * per / 2)?;
-        let absmax = self
-            .absmax
-            .narrow(range.start * per / self.blocksize, n * per / self.blocksize)?
-            .values()?;
-        let shape = [n, self.out_features, self.in_features];
-        dequantize(&packed, &absmax, &shape, self.kind, self.blocksize, dtype)
+        match &self.store {
+            ExpertStore::Nf4 {
+                packed,
+                absmax,
+                kind,
+                blocksize,
+            } => {
+                let packed = packed.narrow(0, range.start * per / 2, n * per / 2)?;
+                let absmax = absmax
+                    .narrow(range.start * per / blocksize, n * per / blocksize)?
+                    .values()?;
+                let shape = [n, self.out_features, self.in_features];
+                dequantize(&packed, &absmax, &shape, *kind, *blocksize, dtype)
+            }
+            ExpertStore::Dense(t) => t.narrow(0, range.start, n)?.to_dtype(dtype),
+        }
+    }
+
+    /// Experts per `dequantize` call for chunks of `chunk_bytes` of weights in `dtype`: all
+    /// at once when nothing is dequantized.
+    fn experts_per_chunk(&self, chunk_bytes: usize, dtype: DType) -> usize {
+        match &self.store {
+            ExpertStore::Dense(t) if t.dtype() == dtype => self.num_experts.max(1),
+            _ => {
+                let per = self.out_features * self.in_features;
+                (chunk_bytes / (per * dtype.size_in_bytes())).max(1)
+            }
+        }
     }
 }
 
@@ -115,7 +159,7 @@ pub(crate) fn expert_matmul(
         (w.out_features, w.in_features)
     };
     let per = w.out_features * w.in_features;
-    let chunk = (chunk_bytes / (per * x.dtype().size_in_bytes())).max(1);
+    let chunk = w.experts_per_chunk(chunk_bytes, x.dtype());
     let gemm = if transpose {
         Gemm::nt(1.0)
     } else {

@@ -1,4 +1,4 @@
-//! A frozen 4-bit projection with its LoRA adapter as one op:
+//! A frozen projection (4-bit or 16-bit) with its LoRA adapter as one op:
 //! `y = (x·Wᵀ + bias) + s·((m⊙x)·Aᵀ)·Bᵀ` — PEFT's `base(x) + lora_B(lora_A(dropout(x)))·scaling`
 //! with the same rounding steps — and gradients for x, A and B (W, the bias and the dropout mask
 //! m are fixed). One graph node instead of about seven (base product, bias, two LoRA products,
@@ -6,11 +6,11 @@
 //! buffer plus an add, a full pass over `[N, out]` per node.
 
 use super::grouped_gemm::{add_product, Gemm};
-use super::nf4_linear::{forward as nf4_forward, Nf4Weight};
+use super::nf4_linear::{forward as nf4_forward, FrozenWeight};
 use candle_core::{CustomOp3, DType, Result, Tensor};
 
 struct LoraLinear {
-    w: Nf4Weight,
+    w: FrozenWeight,
     bias: Option<Tensor>,
     /// Inverted-dropout mask `[N, in]` in x's dtype.
     mask: Option<Tensor>,
@@ -55,7 +55,7 @@ pub(crate) struct LinearTape {
 /// its backward needs. x, a, b carry no gradient.
 pub(crate) fn forward_taped(
     x: &Tensor,
-    w: &Nf4Weight,
+    w: &FrozenWeight,
     bias: Option<&Tensor>,
     (a, b): (&Tensor, &Tensor),
     scaling: f64,
@@ -86,13 +86,13 @@ pub(crate) fn forward_taped(
 /// products accumulate in it, each rounded once), and (dA, dB) in the factors' dtype.
 pub(crate) fn backward_into(
     x: &Tensor,
-    w: &Nf4Weight,
+    w: &FrozenWeight,
     lora: Option<&LinearTape>,
     dy: &Tensor,
     dx_into: Option<Tensor>,
 ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
     let dy = dy.to_dtype(x.dtype())?;
-    let wd = w.dequantize(dy.dtype())?;
+    let wd = w.values(dy.dtype())?;
     let dx = match dx_into {
         None => dy.matmul(&wd)?,
         Some(acc) => add_product(acc, &dy, &wd, Gemm::nn(1.0))?,
@@ -214,7 +214,7 @@ impl CustomOp3 for LoraLinear {
         let db = (dy.t()?.matmul(&xa)? * self.scaling)?; // [out, r]
         let dxa = (dy.matmul(&b)? * self.scaling)?; // [N, r]
         let da = dxa.t()?.matmul(&xin)?; // [r, in]
-        let dx = dy.matmul(&self.w.dequantize(dy.dtype())?)?; // [N, in]
+        let dx = dy.matmul(&self.w.values(dy.dtype())?)?; // [N, in]
         let dx = match &self.mask {
             None => add_product(dx, &dxa, &a, Gemm::nn(1.0))?,
             Some(m) => (dx + (dxa.matmul(&a)? * m)?)?,
@@ -227,7 +227,7 @@ impl CustomOp3 for LoraLinear {
 /// `scaling·((mask⊙x)·aᵀ)·bᵀ`, `a [r, in]` and `b [out, r]` in x's dtype.
 pub fn lora_linear(
     x: &Tensor,
-    w: &Nf4Weight,
+    w: &FrozenWeight,
     bias: Option<&Tensor>,
     a: &Tensor,
     b: &Tensor,
@@ -250,17 +250,23 @@ pub fn lora_linear(
     }
 }
 
-fn check(x: &Tensor, w: &Nf4Weight, a: &Tensor, b: &Tensor, mask: Option<&Tensor>) -> Result<()> {
+fn check(
+    x: &Tensor,
+    w: &FrozenWeight,
+    a: &Tensor,
+    b: &Tensor,
+    mask: Option<&Tensor>,
+) -> Result<()> {
     let (n, inf) = x.dims2()?;
     let (r, ain) = a.dims2()?;
-    if inf != w.in_features || ain != inf || b.dims2()? != (w.out_features, r) {
+    if inf != w.in_features() || ain != inf || b.dims2()? != (w.out_features(), r) {
         candle_core::bail!(
             "lora_linear: x {:?}, a {:?}, b {:?} for a [{}, {}] weight",
             x.dims(),
             a.dims(),
             b.dims(),
-            w.out_features,
-            w.in_features
+            w.out_features(),
+            w.in_features()
         );
     }
     if mask.is_some_and(|m| m.dims() != [n, inf]) {

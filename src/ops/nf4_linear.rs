@@ -3,6 +3,8 @@
 //! dequantized again (nothing kept between forward and backward), and no gradient for W.
 //! The dequantized weight exists only inside each call, so the autograd graph holds the
 //! 4-bit codes, never a bf16/f32 copy of the weight (docs/ARCHITECTURE.md, decision 2).
+//! A 16-bit base (`load_in_4bit: false`) holds its weights as they are (`FrozenWeight::Dense`)
+//! and the same op multiplies by them directly.
 
 use crate::quant::{op::dequantize, Absmax, QuantKind, QuantizedParam};
 use candle_core::{bail, CustomOp1, DType, Device, Result, Tensor};
@@ -190,11 +192,50 @@ impl Nf4Weight {
     }
 }
 
-struct Nf4Linear(Nf4Weight);
+/// A frozen weight `[out, in]` as a projection holds it.
+#[derive(Clone)]
+pub enum FrozenWeight {
+    /// 4-bit (`load_in_4bit: true`).
+    Nf4(Nf4Weight),
+    /// Unquantized, in the compute dtype (a 16-bit base).
+    Dense(Tensor),
+}
 
-/// x [.., in] (contiguous) · Wᵀ with W dequantized in x's dtype.
-pub(crate) fn forward(x: &Tensor, w: &Nf4Weight) -> Result<Tensor> {
-    let wt = w.dequantize(x.dtype())?.t()?;
+impl From<Nf4Weight> for FrozenWeight {
+    fn from(w: Nf4Weight) -> FrozenWeight {
+        FrozenWeight::Nf4(w)
+    }
+}
+
+impl FrozenWeight {
+    pub fn out_features(&self) -> usize {
+        match self {
+            FrozenWeight::Nf4(w) => w.out_features,
+            FrozenWeight::Dense(t) => t.dims()[0],
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        match self {
+            FrozenWeight::Nf4(w) => w.in_features,
+            FrozenWeight::Dense(t) => t.dims()[1],
+        }
+    }
+
+    /// The weight `[out, in]` in `dtype`: dequantized, or as held (cast if it differs).
+    pub fn values(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            FrozenWeight::Nf4(w) => w.dequantize(dtype),
+            FrozenWeight::Dense(t) => t.to_dtype(dtype),
+        }
+    }
+}
+
+struct Nf4Linear(FrozenWeight);
+
+/// x [.., in] (contiguous) · Wᵀ with W in x's dtype.
+pub(crate) fn forward(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
+    let wt = w.values(x.dtype())?.t()?;
     x.broadcast_matmul(&wt)
 }
 
@@ -213,18 +254,18 @@ impl CustomOp1 for Nf4Linear {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let _t = crate::util::phases::Span::start("bwd: nf4_linear", x.device());
-        let w = self.0.dequantize(grad.dtype())?;
+        let w = self.0.values(grad.dtype())?;
         Ok(Some(grad.broadcast_matmul(&w)?.to_dtype(x.dtype())?))
     }
 }
 
 /// `x · dequant(W)ᵀ` with a gradient for `x` only.
-pub fn nf4_linear(x: &Tensor, w: &Nf4Weight) -> Result<Tensor> {
-    if x.dim(candle_core::D::Minus1)? != w.in_features {
+pub fn nf4_linear(x: &Tensor, w: &FrozenWeight) -> Result<Tensor> {
+    if x.dim(candle_core::D::Minus1)? != w.in_features() {
         bail!(
             "nf4_linear: input has {} features, weight expects {}",
             x.dim(candle_core::D::Minus1)?,
-            w.in_features
+            w.in_features()
         );
     }
     let x = super::at_offset_zero(x)?;

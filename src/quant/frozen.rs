@@ -1,6 +1,7 @@
 //! The frozen base as the model receives it: each parameter either quantized (bitsandbytes
-//! 4-bit, for this process's experts) or dense. Loading it is `model_files::frozen`; the model
-//! is built from it (`arch::Model::new`).
+//! 4-bit, for this process's experts) or dense (a 16-bit base, `load_in_4bit: false`, keeps
+//! every weight dense). Loading it is `model_files::frozen` (4-bit) or `model_files::dense`
+//! (16-bit); the model is built from it (`arch::Model::new`).
 
 use super::{QuantSettings, QuantizedParam};
 use candle_core::Tensor;
@@ -17,8 +18,11 @@ pub enum Frozen {
         /// (`SliceQuantizer::take_device_codes`); `param.packed` is then empty.
         codes: Option<Tensor>,
     },
-    /// Kept in the checkpoint's dtype, on the CPU.
+    /// Kept in the checkpoint's dtype on the CPU (4-bit base), or in the compute dtype on the
+    /// training device (16-bit base).
     Dense(Tensor),
+    /// An expert parameter of a 16-bit base: `[held, out, in]`, the owned experts only.
+    DenseExperts { weights: Tensor, held: Range<usize> },
 }
 
 #[derive(Debug, Default, Clone)]
@@ -39,6 +43,7 @@ pub struct LoadReport {
 pub struct FrozenBase {
     /// By transformers v5 runtime name, in name order.
     pub tensors: BTreeMap<String, Frozen>,
-    pub settings: QuantSettings,
+    /// The 4-bit settings; None for a 16-bit base.
+    pub settings: Option<QuantSettings>,
     pub report: LoadReport,
 }

@@ -14,7 +14,7 @@ use crate::distributed::dispatch::{expert_ranges, ExpertParallel};
 use crate::distributed::{Communicator, RankCtx};
 use crate::lora::Adapters;
 use crate::model_files::frozen::{FrozenBase, SingleProcess};
-use crate::model_files::ModelDir;
+use crate::model_files::{dense, ModelDir};
 use crate::util::{device, phases};
 use candle_core::{DType, Device, Tensor, Var};
 use std::ops::Range;
@@ -72,11 +72,6 @@ impl<'a> Run<'a> {
         if data.train.is_empty() {
             return Err(TrainError::Input(
                 "no training samples: check `datasets` and `val_set_size`".into(),
-            ));
-        }
-        if !config.load_in_4bit {
-            return Err(TrainError::Input(
-                "load_in_4bit: false (a 16-bit frozen base, `adapter: lora`) is not supported yet: set `load_in_4bit: true` and `adapter: qlora`".into(),
             ));
         }
         // Expert parallelism spreads the experts over the ranks; without it (`expert_parallel:
@@ -258,26 +253,38 @@ fn load_model(
     let (rank, world) = (comm.rank(), comm.world_size());
     let spec = &dir.spec;
     let settings = setup::quant_settings(config);
+    if let Some(held) = &held {
+        tracing::info!(
+            "rank {rank} of {world}: experts {}..{} of {}",
+            held.start,
+            held.end,
+            spec.num_experts
+        );
+    }
     let base = match &held {
+        _ if !config.load_in_4bit => {
+            dense::load(dir, held.clone(), device, dtype).map_err(|e| e.to_string())
+        }
         Some(held) => {
-            tracing::info!(
-                "rank {rank} of {world}: experts {}..{} of {}",
-                held.start,
-                held.end,
-                spec.num_experts
-            );
             let mut gather = setup::CommGather(comm.as_ref());
             setup::load_base(dir, settings, device, Some(held.clone()), &mut gather)
         }
         None => setup::load_base(dir, settings, device, None, &mut SingleProcess),
     }
     .map_err(TrainError::Input)?;
-    tracing::info!(
-        "frozen base: {:.1} MB 4-bit + {:.1} MB dense in {:.1} s",
-        base.report.quantized_bytes as f64 / 1e6,
-        base.report.dense_bytes as f64 / 1e6,
-        base.report.seconds
-    );
+    match base.settings {
+        Some(_) => tracing::info!(
+            "frozen base: {:.1} MB 4-bit + {:.1} MB dense in {:.1} s",
+            base.report.quantized_bytes as f64 / 1e6,
+            base.report.dense_bytes as f64 / 1e6,
+            base.report.seconds
+        ),
+        None => tracing::info!(
+            "frozen base: {:.1} MB unquantized ({dtype:?}, load_in_4bit: false) in {:.1} s",
+            base.report.dense_bytes as f64 / 1e6,
+            base.report.seconds
+        ),
+    }
     nonfinite_weights(&base.report.nonfinite, config.strict_weights)?;
     if let Some(r) = phases::report(1) {
         tracing::info!("loading: {r}");

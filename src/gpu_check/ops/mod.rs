@@ -20,7 +20,9 @@ use super::tolerance::{lookup, Pass};
 use super::{compare, Comparison};
 use crate::model_files::generated;
 use crate::ops::cross_entropy::cross_entropy_rows;
-use crate::ops::experts::{grouped_lora, grouped_nf4, grouped_nf4_chunked, ExpertWeights};
+use crate::ops::experts::{
+    grouped_lora, grouped_nf4, grouped_nf4_chunked, ExpertStore, ExpertWeights,
+};
 use crate::ops::nf4_linear::{Nf4Weight, Scales};
 use crate::ops::norm::rms_norm;
 use crate::ops::norm_rope::norm_rope;
@@ -291,17 +293,19 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
             let d = t[0].device();
             let bytes = &param.packed[held.start * per / 2..held.end * per / 2];
             let ew = ExpertWeights {
-                packed: Tensor::from_slice(bytes, bytes.len(), d)?,
-                absmax: Scales::from_absmax(
-                    &param.absmax,
-                    held.start * per / 64..held.end * per / 64,
-                    d,
-                )?,
+                store: ExpertStore::Nf4 {
+                    packed: Tensor::from_slice(bytes, bytes.len(), d)?,
+                    absmax: Scales::from_absmax(
+                        &param.absmax,
+                        held.start * per / 64..held.end * per / 64,
+                        d,
+                    )?,
+                    kind: param.settings.kind,
+                    blocksize: 64,
+                },
                 num_experts: held.len(),
                 out_features: 96,
                 in_features: 64,
-                kind: param.settings.kind,
-                blocksize: 64,
             };
             let chunk = 4 * per * t[0].dtype().size_in_bytes();
             grouped_nf4_chunked(&t[0], &ew, &held_counts, chunk)

@@ -16,7 +16,7 @@ pub(super) fn check_nf4_linear(device: &Device, dtype: DType) -> Result<Vec<Comp
     let x = Tensor::randn(0f32, 1.0, (tokens, in_f), &Device::Cpu)?.to_dtype(dtype)?;
     let upstream = Tensor::randn(0f32, 1.0, (tokens, out_f), &Device::Cpu)?;
     let run = |dev: &Device| -> Result<(Tensor, Tensor)> {
-        let weight = Nf4Weight::from_param(&q, dev)?;
+        let weight = Nf4Weight::from_param(&q, dev)?.into();
         let xv = Var::from_tensor(&x.to_device(dev)?)?;
         let y = nf4_linear(xv.as_tensor(), &weight)?;
         let loss = (y.to_dtype(DType::F32)? * upstream.to_device(dev)?)?.sum_all()?;
@@ -61,7 +61,7 @@ pub(super) fn check_nf4_linear(device: &Device, dtype: DType) -> Result<Vec<Comp
         &lora_inputs,
         &|t| {
             let d = t[0].device();
-            let weight = Nf4Weight::from_param(&q, d)?;
+            let weight = Nf4Weight::from_param(&q, d)?.into();
             let bias = bias.to_dtype(t[0].dtype())?.to_device(d)?;
             lora_linear(&t[0], &weight, Some(&bias), &t[1], &t[2], 2.0, None)
         },
