@@ -33,7 +33,6 @@ use Fix::*;
 use Next::*;
 
 const LOW_BIT_OPTIMIZER: &str = "key 'optimizer' must be one of";
-const SIXTEEN_BIT: &str = "a 16-bit frozen base, `adapter: lora`) is not supported yet";
 const DISTRIBUTION: &str = "moeq does its own distribution";
 
 /// The expected chain of every example, by fixture file name.
@@ -59,7 +58,7 @@ fn chains() -> Vec<(&'static str, Vec<Next>)> {
         ),
         (
             "expert_parallel--qwen3_30ba3b_ep_lora_4gpu.yaml",
-            vec![Ends(SIXTEEN_BIT)],
+            vec![Trains],
         ),
         (
             "gemma4--26b-a4b-moe-qlora.yaml",
@@ -79,7 +78,7 @@ fn chains() -> Vec<(&'static str, Vec<Next>)> {
                     refused("model_quantization_config_kwargs"),
                 ]),
                 Stops(vec![("eot_tokens: '<|end|>' is", Remove("eot_tokens"))]),
-                Ends(SIXTEEN_BIT),
+                Trains,
             ],
         ),
         (
@@ -88,7 +87,7 @@ fn chains() -> Vec<(&'static str, Vec<Next>)> {
         ),
         (
             "minimax--m2-qlora.yaml",
-            vec![Stops(vec![refused("fsdp_config")]), Ends(SIXTEEN_BIT)],
+            vec![Stops(vec![refused("fsdp_config")]), Trains],
         ),
         (
             "mistral--mixtral--mixtral.yml",
@@ -101,11 +100,11 @@ fn chains() -> Vec<(&'static str, Vec<Next>)> {
                 Trains,
             ],
         ),
-        ("qwen--qwen2-moe-lora.yaml", vec![Ends(SIXTEEN_BIT)]),
+        ("qwen--qwen2-moe-lora.yaml", vec![Trains]),
         ("qwen--qwen2-moe-qlora.yaml", vec![Trains]),
         (
             "qwen3--30b-a3b-nvfp4-lora.yaml",
-            vec![Stops(vec![refused("nvfp4_merge_aware")]), Ends(SIXTEEN_BIT)],
+            vec![Stops(vec![refused("nvfp4_merge_aware")]), Trains],
         ),
         ("qwen3-next--qwen3-next-80b-a3b-qlora.yaml", vec![Trains]),
         ("qwen3.5--35b-a3b-moe-qlora.yaml", vec![Trains]),

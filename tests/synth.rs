@@ -226,6 +226,49 @@ fn inspect_from_config_only_reports_qwen3_30b_sizes() {
         err.contains("model_config.moe_intermediate_size: it sets the shape"),
         "{err}"
     );
+    // 16-bit LoRA: the unquantized base (≈ 30.5B × 2 bytes), and per GPU of 8 its experts'
+    // share (16 of 128 experts each) with their adapters.
+    std::fs::write(
+        &cfg,
+        format!(
+            "base_model: {}\nadapter: lora\nload_in_4bit: false\ndatasets:\n  - path: d.jsonl\n    type: completion\nlora_target_parameters: [mlp.experts.gate_up_proj]\n",
+            out.display()
+        ),
+    )
+    .unwrap();
+    let inspect = |extra: &[&str]| {
+        let mut args = vec![
+            "inspect",
+            out.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let (code, stdout, err) = moeq(&args);
+        assert_eq!(code, 0, "{err}");
+        stdout
+    };
+    let one = inspect(&[]);
+    assert!(one.contains("16-bit LoRA memory estimate"), "{one}");
+    assert!(
+        one.contains("bf16 frozen weights              59.79 GB"),
+        "{one}"
+    );
+    assert!(one.contains("48 GB no, 80 GB yes"), "{one}");
+    let eight = inspect(&["--nproc", "8"]);
+    assert!(
+        eight.contains("per GPU of 8, each holding at most 16 of 128 experts"),
+        "{eight}"
+    );
+    assert!(
+        eight.contains("bf16 frozen weights               9.06 GB"),
+        "{eight}"
+    );
+    assert!(eight.contains("+ 44.04M expert params"), "{eight}");
+    assert!(eight.contains("24 GB yes"), "{eight}");
+    let (code, _, err) = moeq(&["inspect", out.to_str().unwrap(), "--nproc", "0"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--nproc 0"), "{err}");
 }
 
 #[test]

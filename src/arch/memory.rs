@@ -1,5 +1,5 @@
-//! Memory accounting for QLoRA: NF4 sizes exactly as bitsandbytes stores them, LoRA adapter
-//! sizes as PEFT shapes them, and AdamW state. Activations are not included: they depend on
+//! Memory accounting for QLoRA and 16-bit LoRA: NF4 sizes exactly as bitsandbytes stores them,
+//! LoRA adapter sizes as PEFT shapes them, and AdamW state, per GPU under expert parallelism. Activations are not included: they depend on
 //! tokens per step and are measured, not estimated.
 
 use super::{ArchSpec, Component, ParamInfo};
@@ -70,10 +70,24 @@ impl LoraPlan {
     }
 }
 
+/// How the frozen linear weights are held.
+#[derive(Debug, Clone, Copy)]
+pub enum FrozenFormat {
+    /// bitsandbytes 4-bit with this blocksize and double quantization.
+    FourBit {
+        blocksize: usize,
+        double_quant: bool,
+    },
+    /// Unquantized in the compute dtype (`load_in_4bit: false`).
+    SixteenBit,
+}
+
+/// Memory of one GPU before activations.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryEstimate {
-    /// NF4 codes and statistics of every quantized parameter.
-    pub nf4_weights: u64,
+    /// The frozen linear weights (attention, experts, shared expert, dense MLP): 4-bit codes and
+    /// statistics, or 16-bit values.
+    pub frozen_linear: u64,
     /// Embeddings, norms, routers, biases and lm_head in the compute dtype.
     pub dense_weights: u64,
     pub lora_params_linear: u64,
@@ -84,29 +98,44 @@ pub struct MemoryEstimate {
 
 impl MemoryEstimate {
     pub fn total(&self) -> u64 {
-        self.nf4_weights + self.dense_weights + self.lora_and_optimizer
+        self.frozen_linear + self.dense_weights + self.lora_and_optimizer
     }
 }
 
+/// One GPU's share when `ranks` GPUs spread the experts (expert parallelism: each holds at most
+/// ⌈E / ranks⌉ experts and their adapters; everything else on every GPU). `ranks` 1: one GPU.
 pub fn estimate(
     spec: &ArchSpec,
-    blocksize: usize,
-    double_quant: bool,
+    format: FrozenFormat,
     compute_dtype_bytes: u64,
     lora: &LoraPlan,
+    ranks: usize,
 ) -> MemoryEstimate {
+    // The largest rank's experts out of E, as a fraction.
+    let experts = spec.num_experts.max(1);
+    let share = |bytes: u64| bytes * experts.div_ceil(ranks.max(1)) as u64 / experts as u64;
     let mut est = MemoryEstimate::default();
     for p in spec.params() {
-        if p.quantized {
-            est.nf4_weights += nf4_bytes(p.numel(), blocksize, double_quant);
-        } else {
-            est.dense_weights += p.numel() as u64 * compute_dtype_bytes;
+        let bytes = match (p.quantized, format) {
+            (
+                true,
+                FrozenFormat::FourBit {
+                    blocksize,
+                    double_quant,
+                },
+            ) => nf4_bytes(p.numel(), blocksize, double_quant),
+            _ => p.numel() as u64 * compute_dtype_bytes,
+        };
+        match (p.quantized, p.component == Component::Experts) {
+            (true, true) => est.frozen_linear += share(bytes),
+            (true, false) => est.frozen_linear += bytes,
+            (false, _) => est.dense_weights += bytes,
         }
     }
     let (linear, experts) = lora.lora_params(spec);
     est.lora_params_linear = linear;
-    est.lora_params_experts = experts;
-    est.lora_and_optimizer = 16 * (linear + experts);
+    est.lora_params_experts = share(experts);
+    est.lora_and_optimizer = 16 * (linear + est.lora_params_experts);
     est
 }
 

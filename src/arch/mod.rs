@@ -10,7 +10,7 @@ mod spec;
 
 pub use backward::{AdapterGrads, LayerTape};
 pub use exchange::{ExchangePlan, ExpertExchange};
-pub use memory::{estimate, nf4_bytes, target_matches, LoraPlan, MemoryEstimate};
+pub use memory::{estimate, nf4_bytes, target_matches, FrozenFormat, LoraPlan, MemoryEstimate};
 pub use model::{Inputs, LayerStats, LoraCtx, Model};
 pub use params::{down_name, gate_up_name, Component, ParamInfo};
 pub use spec::{

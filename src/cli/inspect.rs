@@ -2,7 +2,7 @@
 //! Works from config.json alone (weights absent) and from full checkpoints.
 
 use super::{human_bytes, human_count, CliError};
-use crate::arch::{estimate, ArchSpec, Component, LoraPlan};
+use crate::arch::{estimate, ArchSpec, Component, FrozenFormat, LoraPlan};
 use crate::config::{TargetModules, TrainConfig};
 use crate::model_files::{ModelDir, ModelFilesError};
 use std::collections::BTreeMap;
@@ -16,12 +16,17 @@ pub struct InspectArgs {
     /// Take LoRA targets, rank and quantization settings from this training config.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// GPUs the run spreads the experts over (as `moeq-launch --nproc`): the memory estimate
+    /// is per GPU.
+    #[arg(long, default_value_t = 1)]
+    nproc: usize,
 }
 
 struct Settings {
     lora: LoraPlan,
-    blocksize: usize,
-    double_quant: bool,
+    format: FrozenFormat,
+    /// Whether the experts are spread over the GPUs (`expert_parallel`).
+    expert_parallel: bool,
     /// The config's `model_config` overrides of config.json (applied as `train` applies them).
     model_config: serde_json::Map<String, serde_json::Value>,
     source: String,
@@ -35,8 +40,11 @@ fn settings(config: Option<&PathBuf>) -> Result<Settings, CliError> {
                 modules: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
                 parameters: ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"].map(String::from).to_vec(),
             },
-            blocksize: 64,
-            double_quant: true,
+            format: FrozenFormat::FourBit {
+                blocksize: 64,
+                double_quant: true,
+            },
+            expert_parallel: true,
             model_config: Default::default(),
             source: "defaults: r=16 on q/k/v/o and both expert parameters; pass --config for a run's settings".into(),
         });
@@ -53,14 +61,25 @@ fn settings(config: Option<&PathBuf>) -> Result<Settings, CliError> {
             modules,
             parameters: c.lora_target_parameters.clone(),
         },
-        blocksize: c.quant_blocksize,
-        double_quant: c.bnb_4bit_use_double_quant,
+        format: match c.load_in_4bit {
+            true => FrozenFormat::FourBit {
+                blocksize: c.quant_blocksize,
+                double_quant: c.bnb_4bit_use_double_quant,
+            },
+            false => FrozenFormat::SixteenBit,
+        },
+        expert_parallel: c.expert_parallel,
         model_config: c.model_config.clone(),
         source: format!("from {}", path.display()),
     })
 }
 
 pub fn run(args: InspectArgs) -> Result<(), CliError> {
+    if args.nproc == 0 {
+        return Err(CliError::Input(
+            "--nproc 0: give the number of GPUs, 1 or more".into(),
+        ));
+    }
     let settings = settings(args.config.as_ref())?;
     let mut dir = ModelDir::open(&args.dir).map_err(|e| match e {
         ModelFilesError::Io { .. } => CliError::failed(e),
@@ -70,11 +89,14 @@ pub fn run(args: InspectArgs) -> Result<(), CliError> {
         dir.apply_overrides(&settings.model_config)
             .map_err(CliError::Input)?;
     }
-    print!("{}", report(&dir, &settings).map_err(CliError::input)?);
+    print!(
+        "{}",
+        report(&dir, &settings, args.nproc).map_err(CliError::input)?
+    );
     Ok(())
 }
 
-fn report(dir: &ModelDir, s: &Settings) -> Result<String, ModelFilesError> {
+fn report(dir: &ModelDir, s: &Settings, nproc: usize) -> Result<String, ModelFilesError> {
     let spec: &ArchSpec = &dir.spec;
     let mut o = String::new();
     let arch = spec
@@ -162,17 +184,32 @@ fn report(dir: &ModelDir, s: &Settings) -> Result<String, ModelFilesError> {
             human_bytes(*b)
         );
     }
-    let est = estimate(spec, s.blocksize, s.double_quant, 2, &s.lora);
-    let _ = writeln!(
-        o,
-        "\nQLoRA memory estimate (NF4 blocksize {}, double quant {}, compute bf16; {})",
-        s.blocksize, s.double_quant, s.source
-    );
-    let _ = writeln!(
-        o,
-        "  NF4 frozen weights           {:>12}",
-        human_bytes(est.nf4_weights)
-    );
+    let ranks = if s.expert_parallel { nproc } else { 1 };
+    let est = estimate(spec, s.format, 2, &s.lora, ranks);
+    let (what, frozen_label) = match s.format {
+        FrozenFormat::FourBit {
+            blocksize,
+            double_quant,
+        } => (
+            format!("QLoRA memory estimate (NF4 blocksize {blocksize}, double quant {double_quant}, compute bf16"),
+            "NF4 frozen weights          ",
+        ),
+        FrozenFormat::SixteenBit => (
+            "16-bit LoRA memory estimate (load_in_4bit: false: unquantized base, compute bf16".to_string(),
+            "bf16 frozen weights         ",
+        ),
+    };
+    let gpus = match (nproc, s.expert_parallel) {
+        (1, _) => "one GPU".to_string(),
+        (n, true) => format!(
+            "per GPU of {n}, each holding at most {} of {} experts",
+            spec.num_experts.div_ceil(n),
+            spec.num_experts
+        ),
+        (n, false) => format!("per GPU of {n}, each holding every expert (expert_parallel: false)"),
+    };
+    let _ = writeln!(o, "\n{what}; {gpus}; {})", s.source);
+    let _ = writeln!(o, "  {frozen_label} {:>12}", human_bytes(est.frozen_linear));
     let _ = writeln!(
         o,
         "  bf16 embeddings/norms/router {:>12}",
@@ -191,5 +228,14 @@ fn report(dir: &ModelDir, s: &Settings) -> Result<String, ModelFilesError> {
         "  total before activations     {:>12}",
         human_bytes(est.total())
     );
+    // Activations come on top (measured, not estimated: BENCHMARKS.md).
+    let fits: Vec<String> = [24u64, 48, 80, 141]
+        .iter()
+        .map(|&gb| {
+            let ok = est.total() < gb * 1_000_000_000;
+            format!("{gb} GB {}", if ok { "yes" } else { "no" })
+        })
+        .collect();
+    let _ = writeln!(o, "  weights fit a GPU of          {}", fits.join(", "));
     Ok(o)
 }
