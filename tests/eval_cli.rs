@@ -109,6 +109,13 @@ fn eval_loss_logits_and_adapter() {
         (lb - la).abs() > 1e-3,
         "the adapter changed nothing: {lb} vs {la}"
     );
+    // The unquantized base (`--quant-type none`, as 16-bit LoRA trains it): a different loss
+    // from the NF4 base's, by its quantization error only.
+    let plain = run(&["--quant-type", "none"])["loss"].as_f64().unwrap();
+    assert!(
+        plain != lb && (plain - lb).abs() < 0.05 * lb,
+        "{plain} vs {lb}"
+    );
     // The dumped logits give the same loss (f32 log-softmax; 1e-5 relative).
     let t = candle_core::safetensors::load(&logits, &Device::Cpu).unwrap();
     let l = &t["logits"];
@@ -168,6 +175,11 @@ fn eval_rejects_bad_input() {
             "{\"input_ids\": [1, 2, 3]}",
             vec!["--blocksize", "48"],
             "blocksize",
+        ),
+        (
+            "{\"input_ids\": [1, 2, 3]}",
+            vec!["--quant-type", "int8"],
+            "--quant-type 'int8': must be nf4, fp4 or none",
         ),
     ];
     for (text, extra, want) in cases {

@@ -132,14 +132,18 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
             )))
         }
     };
-    let settings = args.quant.settings()?;
-    let base = setup::load_base(
-        &dir,
-        settings,
-        &device,
-        None,
-        &mut crate::model_files::frozen::SingleProcess,
-    )
+    let base = match args.quant.base()? {
+        Some(settings) => setup::load_base(
+            &dir,
+            settings,
+            &device,
+            None,
+            &mut crate::model_files::frozen::SingleProcess,
+        ),
+        None => {
+            crate::model_files::dense::load(&dir, None, &device, dtype).map_err(|e| e.to_string())
+        }
+    }
     .map_err(CliError::Input)?;
     let model = Model::new(spec, &base, dtype, &device, seq_max).map_err(CliError::input)?;
     drop(base);

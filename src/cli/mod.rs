@@ -153,7 +153,8 @@ pub fn human_count(n: u64) -> String {
 /// the same defaults as the config keys: NF4, blocksize 64, double quantization on.
 #[derive(clap::Args, Debug, Clone)]
 pub struct QuantFlags {
-    /// nf4 or fp4 (as `bnb_4bit_quant_type`).
+    /// nf4 or fp4 (as `bnb_4bit_quant_type`); `moeq eval` also takes none (the unquantized
+    /// base, as `load_in_4bit: false` trains it).
     #[arg(long, default_value = "nf4")]
     quant_type: String,
     /// Values per absmax block (as `quant_blocksize`).
@@ -165,6 +166,17 @@ pub struct QuantFlags {
 }
 
 impl QuantFlags {
+    /// The 4-bit settings, or None for `--quant-type none`.
+    pub fn base(&self) -> Result<Option<crate::quant::QuantSettings>, CliError> {
+        match self.quant_type.as_str() {
+            "none" => Ok(None),
+            t if crate::quant::QuantKind::parse(t).is_none() => Err(CliError::Input(format!(
+                "--quant-type '{t}': must be nf4, fp4 or none (the unquantized base)"
+            ))),
+            _ => self.settings().map(Some),
+        }
+    }
+
     pub fn settings(&self) -> Result<crate::quant::QuantSettings, CliError> {
         let kind = crate::quant::QuantKind::parse(&self.quant_type).ok_or_else(|| {
             CliError::Input(format!(

@@ -1,7 +1,8 @@
 //! The whole training step on a device vs the CPU: for a tiny synthesized model of each
 //! architecture, loss and every LoRA gradient of one micro-batch (per-layer recompute), on
 //! `device` in f32 and bf16 against the CPU in the same dtype, and kept activations (no
-//! recompute) against the recompute on `device`. Run by `moeq gpu-check`; the CPU test suite
+//! recompute) against the recompute on `device`; the same step over the unquantized base (16-bit
+//! LoRA) against the CPU too. Run by `moeq gpu-check`; the CPU test suite
 //! runs it on the CPU to exercise the machinery.
 
 use super::tolerance::{lookup, Pass};
@@ -63,15 +64,25 @@ fn batch(vocab: usize) -> Batch {
     }
 }
 
+/// How the frozen base is held: 4-bit, or unquantized (`load_in_4bit: false`).
+#[derive(Clone, Copy, PartialEq)]
+enum Base {
+    Nf4,
+    SixteenBit,
+}
+
 /// The tiny model on `device` in `dtype`, with adapters on every target and B random.
-fn setup(dir: &ModelDir, device: &Device, dtype: DType) -> Result<(Model, Adapters)> {
-    let base = frozen::load(
-        dir,
-        QuantSettings::default(),
-        None,
-        &mut CpuQuantizer,
-        &mut SingleProcess,
-    )
+fn setup(dir: &ModelDir, device: &Device, dtype: DType, base: Base) -> Result<(Model, Adapters)> {
+    let base = match base {
+        Base::Nf4 => frozen::load(
+            dir,
+            QuantSettings::default(),
+            None,
+            &mut CpuQuantizer,
+            &mut SingleProcess,
+        ),
+        Base::SixteenBit => crate::model_files::dense::load(dir, None, device, dtype),
+    }
     .map_err(err)?;
     let model = Model::new(&dir.spec, &base, dtype, device, 32)?;
     let settings = LoraSettings {
@@ -101,12 +112,11 @@ fn setup(dir: &ModelDir, device: &Device, dtype: DType) -> Result<(Model, Adapte
 
 fn step(
     dir: &ModelDir,
-    device: &Device,
-    dtype: DType,
+    (device, dtype, base): (&Device, DType, Base),
     b: &Batch,
     activations: Activations,
 ) -> Result<(f64, BTreeMap<String, Tensor>)> {
-    let (model, adapters) = setup(dir, device, dtype)?;
+    let (model, adapters) = setup(dir, device, dtype, base)?;
     let mut grads = BTreeMap::new();
     let s = forward_backward(
         &model,
@@ -165,7 +175,7 @@ fn autograd_step(
     dtype: DType,
     b: &Batch,
 ) -> Result<BTreeMap<String, Tensor>> {
-    let (model, adapters) = setup(dir, device, dtype)?;
+    let (model, adapters) = setup(dir, device, dtype, Base::Nf4)?;
     let store = autograd_loss(&model, &adapters, b)?.backward()?;
     adapters
         .vars()
@@ -227,27 +237,39 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
         let b = batch(dir.spec.vocab_size);
         for dtype in [DType::F32, DType::BF16] {
             let row = |op, pass| lookup(op, dtype.as_str(), pass);
-            let (loss_ref, grads_ref) =
-                step(&dir, &Device::Cpu, dtype, &b, Activations::Recompute)?;
-            let (loss, grads) = step(&dir, device, dtype, &b, Activations::Recompute)?;
-            let l = Tensor::new(&[loss as f32], &Device::Cpu)?;
-            let lr = Tensor::new(&[loss_ref as f32], &Device::Cpu)?;
-            out.push(compare(
-                &format!("train step {} {dtype:?} loss", arch.as_str()),
-                &l,
-                &lr,
-                row("train step", Pass::Forward)?,
-            )?);
             let name = arch.as_str();
-            out.extend(worst_of(
-                &format!("train step {name} {dtype:?} grads"),
-                &grads,
-                &grads_ref,
-                row("train step", Pass::Backward)?,
-            )?);
+            let mut grads = BTreeMap::new();
+            // The unquantized base (16-bit LoRA) runs the same ops without dequantizing.
+            for (base, what) in [(Base::Nf4, ""), (Base::SixteenBit, " 16-bit base")] {
+                let (loss_ref, grads_ref) = step(
+                    &dir,
+                    (&Device::Cpu, dtype, base),
+                    &b,
+                    Activations::Recompute,
+                )?;
+                let (loss, got) = step(&dir, (device, dtype, base), &b, Activations::Recompute)?;
+                let l = Tensor::new(&[loss as f32], &Device::Cpu)?;
+                let lr = Tensor::new(&[loss_ref as f32], &Device::Cpu)?;
+                out.push(compare(
+                    &format!("train step {name} {dtype:?}{what} loss"),
+                    &l,
+                    &lr,
+                    row("train step", Pass::Forward)?,
+                )?);
+                out.extend(worst_of(
+                    &format!("train step {name} {dtype:?}{what} grads"),
+                    &got,
+                    &grads_ref,
+                    row("train step", Pass::Backward)?,
+                )?);
+                if base == Base::Nf4 {
+                    grads = got;
+                }
+            }
             // gradient_checkpointing: false runs the same kernels on the same values on the
             // device: equal bit for bit.
-            let (_, kept) = step(&dir, device, dtype, &b, Activations::Keep)?;
+            let on_device = (device, dtype, Base::Nf4);
+            let (_, kept) = step(&dir, on_device, &b, Activations::Keep)?;
             out.extend(worst_of(
                 &format!("train step {name} {dtype:?} kept = recomputed"),
                 &kept,
@@ -256,7 +278,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
             )?);
             // Activation offloading parks the same tensors in host memory and brings them
             // back: equal bit for bit.
-            let (_, offloaded) = step(&dir, device, dtype, &b, Activations::Offload)?;
+            let (_, offloaded) = step(&dir, on_device, &b, Activations::Offload)?;
             out.extend(worst_of(
                 &format!("train step {name} {dtype:?} offloaded = recomputed"),
                 &offloaded,
