@@ -144,8 +144,17 @@ fn assert_adapters_close(a: &Path, b: &Path, what: &str) {
 
 /// Per parameter: statistics digest and, per global expert (or whole), the codes' digest.
 fn nf4(dir: &Path, world: usize) -> BTreeMap<String, (String, BTreeMap<String, String>)> {
+    nf4_of(dir, world, 0..world)
+}
+
+/// `nf4` over the ranks `ranks` of a world of `world` (one expert-parallel group).
+fn nf4_of(
+    dir: &Path,
+    world: usize,
+    ranks: std::ops::Range<usize>,
+) -> BTreeMap<String, (String, BTreeMap<String, String>)> {
     let mut out: BTreeMap<String, (String, BTreeMap<String, String>)> = BTreeMap::new();
-    for r in 0..world {
+    for r in ranks {
         let text =
             std::fs::read_to_string(dir.join(format!("nf4/nf4-rank{r}-of-{world}.json"))).unwrap();
         let v: Value = serde_json::from_str(&text).unwrap();
@@ -242,6 +251,76 @@ fn one_to_four_ranks_train_like_one_process() {
         &dir.join("out/adapter_model.safetensors"),
         &one.join("out/adapter_model.safetensors"),
         "expert_parallel false",
+    );
+}
+
+/// `expert_parallel_size` smaller than the world: 4 ranks as 2 groups of 2 (experts 4 + 4 in
+/// each) and 6 ranks as 2 groups of 3 (3 + 3 + 2): each group quantizes every expert once, to
+/// the same bytes as one process, and the run trains like one process (tolerances as above;
+/// the replicas' expert gradients are summed).
+#[test]
+fn expert_parallel_groups_train_like_one_process() {
+    let root = tempfile::tempdir().unwrap();
+    let one = run(root.path(), 0, "");
+    let base_losses = losses(&one);
+    let base_nf4 = nf4(&one, 1);
+    for (world, size) in [(4, 2), (6, 3)] {
+        let at = root.path().join(format!("groups-{world}"));
+        let dir = run(&at, world, &format!("expert_parallel_size: {size}"));
+        for g in 0..world / size {
+            assert_eq!(
+                nf4_of(&dir, world, g * size..(g + 1) * size),
+                base_nf4,
+                "world {world}, group {g}: NF4 bytes differ"
+            );
+        }
+        for (step, (a, b)) in losses(&dir).iter().zip(&base_losses).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs(),
+                "world {world}, groups of {size}, step {}: loss {a} vs {b}",
+                step + 1
+            );
+        }
+        assert_eq!(losses(&dir).len(), base_losses.len());
+        for file in [
+            "adapter_model.safetensors",
+            "checkpoint-10/adapter_model.safetensors",
+        ] {
+            assert_adapters_close(
+                &dir.join("out").join(file),
+                &one.join("out").join(file),
+                &format!("world {world}, groups of {size}: {file}"),
+            );
+        }
+        let log = std::fs::read_to_string(dir.join("out/moeq.log")).unwrap();
+        assert!(
+            log.contains(&format!("{} groups of {size} ranks", world / size)),
+            "{log}"
+        );
+    }
+    // A size that does not divide the ranks stops before training, naming the fix.
+    let at = root.path().join("bad");
+    std::fs::create_dir_all(&at).unwrap();
+    let cfg = config(&at, 3, "expert_parallel_size: 2");
+    let out = Command::new(env!("CARGO_BIN_EXE_moeq-launch"))
+        .args([
+            "--nproc",
+            "3",
+            "--",
+            env!("CARGO_BIN_EXE_moeq"),
+            "train",
+            "--config",
+        ])
+        .arg(&cfg)
+        .env_remove("RANK")
+        .env_remove("WORLD_SIZE")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("expert_parallel_size 2 does not divide the 3 ranks"),
+        "{err}"
     );
 }
 

@@ -24,7 +24,7 @@ fn fused_lora_projection_matches_primitive_ops() {
         .to_vec1()
         .unwrap();
     let q = QuantizedParam::quantize(&w, &[out_f, in_f], QuantSettings::default()).unwrap();
-    let weight = Nf4Weight::from_param(&q, &dev).unwrap();
+    let weight = Nf4Weight::from_param(&q, &dev).unwrap().into();
     let x0 = Tensor::randn(0f32, 1.0, (n, in_f), &dev).unwrap();
     let a0 = Tensor::randn(0f32, 0.3, (r, in_f), &dev).unwrap();
     let b0 = Tensor::randn(0f32, 0.3, (out_f, r), &dev).unwrap();

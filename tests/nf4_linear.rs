@@ -18,7 +18,7 @@ fn forward_and_backward_match_the_dequantized_reference() {
     let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 5, in_f), &dev).unwrap()).unwrap();
     let upstream = Tensor::randn(0f32, 1.0, (2, 5, out_f), &dev).unwrap();
 
-    let y = nf4_linear(x.as_tensor(), &weight).unwrap();
+    let y = nf4_linear(x.as_tensor(), &weight.clone().into()).unwrap();
     let grads = (&y * &upstream)
         .unwrap()
         .sum_all()
@@ -88,7 +88,7 @@ fn feature_mismatch_is_an_error() {
     let dev = Device::Cpu;
     let w = vec![0.5f32; 64 * 64];
     let q = QuantizedParam::quantize(&w, &[64, 64], QuantSettings::default()).unwrap();
-    let weight = Nf4Weight::from_param(&q, &dev).unwrap();
+    let weight = Nf4Weight::from_param(&q, &dev).unwrap().into();
     let x = Tensor::zeros((3, 32), DType::F32, &dev).unwrap();
     let err = nf4_linear(&x, &weight).unwrap_err().to_string();
     assert!(

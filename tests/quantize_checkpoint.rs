@@ -39,6 +39,7 @@ fn fingerprint(f: &Frozen) -> Vec<u8> {
             v.extend(format!("{:?}", param.absmax).into_bytes());
             v
         }
+        Frozen::DenseExperts { .. } => panic!("a 16-bit expert parameter in a 4-bit base"),
         Frozen::Dense(t) => {
             let t = t
                 .to_dtype(candle_core::DType::F32)

@@ -257,7 +257,7 @@ fn inspect_from_config_only_reports_qwen3_30b_sizes() {
     assert!(one.contains("48 GB no, 80 GB yes"), "{one}");
     let eight = inspect(&["--nproc", "8"]);
     assert!(
-        eight.contains("per GPU of 8, each holding at most 16 of 128 experts"),
+        eight.contains("per GPU of 8, each holding at most 16 of 128 experts (groups of 8)"),
         "{eight}"
     );
     assert!(
@@ -266,6 +266,19 @@ fn inspect_from_config_only_reports_qwen3_30b_sizes() {
     );
     assert!(eight.contains("+ 44.04M expert params"), "{eight}");
     assert!(eight.contains("24 GB yes"), "{eight}");
+    // Groups of 2 of the 8 GPUs: each holds half the experts.
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text += "expert_parallel_size: 2\n";
+    std::fs::write(&cfg, text).unwrap();
+    let pairs = inspect(&["--nproc", "8"]);
+    assert!(
+        pairs.contains("at most 64 of 128 experts (groups of 2)"),
+        "{pairs}"
+    );
+    assert!(
+        pairs.contains("bf16 frozen weights              30.80 GB"),
+        "{pairs}"
+    );
     let (code, _, err) = moeq(&["inspect", out.to_str().unwrap(), "--nproc", "0"]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--nproc 0"), "{err}");

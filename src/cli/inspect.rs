@@ -25,8 +25,10 @@ pub struct InspectArgs {
 struct Settings {
     lora: LoraPlan,
     format: FrozenFormat,
-    /// Whether the experts are spread over the GPUs (`expert_parallel`).
+    /// Whether the experts are spread over the GPUs (`expert_parallel`), and over how many
+    /// (`expert_parallel_size`; None: all).
     expert_parallel: bool,
+    expert_parallel_size: Option<usize>,
     /// The config's `model_config` overrides of config.json (applied as `train` applies them).
     model_config: serde_json::Map<String, serde_json::Value>,
     source: String,
@@ -45,6 +47,7 @@ fn settings(config: Option<&PathBuf>) -> Result<Settings, CliError> {
                 double_quant: true,
             },
             expert_parallel: true,
+            expert_parallel_size: None,
             model_config: Default::default(),
             source: "defaults: r=16 on q/k/v/o and both expert parameters; pass --config for a run's settings".into(),
         });
@@ -69,6 +72,7 @@ fn settings(config: Option<&PathBuf>) -> Result<Settings, CliError> {
             false => FrozenFormat::SixteenBit,
         },
         expert_parallel: c.expert_parallel,
+        expert_parallel_size: c.expert_parallel_size,
         model_config: c.model_config.clone(),
         source: format!("from {}", path.display()),
     })
@@ -184,7 +188,10 @@ fn report(dir: &ModelDir, s: &Settings, nproc: usize) -> Result<String, ModelFil
             human_bytes(*b)
         );
     }
-    let ranks = if s.expert_parallel { nproc } else { 1 };
+    let ranks = match s.expert_parallel {
+        true => s.expert_parallel_size.unwrap_or(nproc).min(nproc),
+        false => 1,
+    };
     let est = estimate(spec, s.format, 2, &s.lora, ranks);
     let (what, frozen_label) = match s.format {
         FrozenFormat::FourBit {
@@ -199,14 +206,14 @@ fn report(dir: &ModelDir, s: &Settings, nproc: usize) -> Result<String, ModelFil
             "bf16 frozen weights         ",
         ),
     };
-    let gpus = match (nproc, s.expert_parallel) {
+    let gpus = match (nproc, ranks) {
         (1, _) => "one GPU".to_string(),
-        (n, true) => format!(
-            "per GPU of {n}, each holding at most {} of {} experts",
-            spec.num_experts.div_ceil(n),
+        (n, 1) => format!("per GPU of {n}, each holding every expert"),
+        (n, g) => format!(
+            "per GPU of {n}, each holding at most {} of {} experts (groups of {g})",
+            spec.num_experts.div_ceil(g),
             spec.num_experts
         ),
-        (n, false) => format!("per GPU of {n}, each holding every expert (expert_parallel: false)"),
     };
     let _ = writeln!(o, "\n{what}; {gpus}; {})", s.source);
     let _ = writeln!(o, "  {frozen_label} {:>12}", human_bytes(est.frozen_linear));

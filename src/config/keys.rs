@@ -181,6 +181,10 @@ pub const SUPPORTED_KEYS: &[(&str, &str)] = &[
         "shard experts across ranks when launched on several GPUs (true)",
     ),
     (
+        "expert_parallel_size",
+        "ranks per expert-parallel group, dividing the number of ranks: each group holds every expert once, spread over its ranks, and the groups are replicas whose expert gradients are summed (all ranks)",
+    ),
+    (
         "collective_timeout_s",
         "seconds before a stuck collective aborts, >= 1 (120)",
     ),
@@ -343,8 +347,14 @@ pub const IGNORED_AXOLOTL_KEYS: &[(&str, &str)] = &[
     ("evaluation_strategy", "use eval_steps"),
     ("eval_causal_lm_metrics", "moeq reports eval loss only"),
     // Kernel and implementation choices: moeq runs its own kernels, the same arithmetic.
-    ("attn_implementation", "moeq picks its attention kernel itself"),
-    ("fused_attn_kernel", "moeq picks its attention kernel itself"),
+    (
+        "attn_implementation",
+        "moeq picks its attention kernel itself",
+    ),
+    (
+        "fused_attn_kernel",
+        "moeq picks its attention kernel itself",
+    ),
     (
         "gemma4_hybrid_attn_impl",
         "moeq picks its attention kernel itself",
@@ -391,10 +401,6 @@ pub const IGNORED_AXOLOTL_KEYS: &[(&str, &str)] = &[
     (
         "fsdp_version",
         "moeq does its own distribution (fsdp itself is refused)",
-    ),
-    (
-        "expert_parallel_size",
-        "moeq spreads the experts over all ranks (expert_parallel: false keeps them on every rank); the training is the same",
     ),
 ];
 

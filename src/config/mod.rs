@@ -229,6 +229,9 @@ pub struct TrainConfig {
 
     // --- distribution ---
     pub expert_parallel: bool,
+    /// Ranks per expert-parallel group (None: all ranks form one group).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_parallel_size: Option<usize>,
     pub collective_timeout_s: u64,
 }
 

@@ -190,6 +190,7 @@ fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
         seed: f.u64_min("seed", 0)?.unwrap_or(42),
         resume_from_checkpoint: resume_from(f)?,
         expert_parallel: f.bool("expert_parallel")?.unwrap_or(true),
+        expert_parallel_size: f.usize_min("expert_parallel_size", 1)?,
         collective_timeout_s: f.u64_min("collective_timeout_s", 1)?.unwrap_or(120),
     })
 }

@@ -29,6 +29,12 @@ pub(crate) fn check(
         _ => {}
     }
 
+    if c.expert_parallel_size.is_some_and(|s| s > 1) && !c.expert_parallel {
+        return err("key 'expert_parallel_size' spreads the experts over groups of ranks, but expert_parallel is false; \
+                    remove one of them"
+            .into());
+    }
+
     if c.warmup_steps.is_some() && c.warmup_ratio.is_some() {
         return err("keys 'warmup_steps' and 'warmup_ratio' are both set; keep only one".into());
     }

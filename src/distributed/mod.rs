@@ -1,9 +1,11 @@
 //! Distribution: who this process is (`env`), the rendezvous store (`store`), collectives
-//! (`comm`; `nccl` with the `nccl` feature), and the launcher's logic (`launch`).
+//! (`comm`; `nccl` with the `nccl` feature; among some ranks: `group`), and the launcher's
+//! logic (`launch`).
 
 pub mod comm;
 pub mod dispatch;
 pub mod env;
+pub mod group;
 pub mod job;
 pub mod launch;
 #[cfg(feature = "nccl")]

@@ -11,6 +11,7 @@ use crate::arch::{ArchSpec, Model};
 use crate::config::{Optimizer, TrainConfig};
 use crate::data::{Loader, LoaderOptions, PreparedData};
 use crate::distributed::dispatch::{expert_ranges, ExpertParallel};
+use crate::distributed::group::{Layout, Subgroup};
 use crate::distributed::{Communicator, RankCtx};
 use crate::lora::Adapters;
 use crate::model_files::frozen::{FrozenBase, SingleProcess};
@@ -35,6 +36,8 @@ pub(crate) struct Run<'a> {
     pub distributed: bool,
     /// Experts spread over the ranks (each holds and trains its own range).
     pub ep: bool,
+    /// With `ep`: the expert-parallel group and the replicas (`ExpertRanks`).
+    pub experts: ExpertRanks,
     pub model: Model,
     pub adapters: Adapters,
     /// The adapters' variables by PEFT name, and which of them every rank holds alike
@@ -76,14 +79,26 @@ impl<'a> Run<'a> {
         }
         // Expert parallelism spreads the experts over the ranks; without it (`expert_parallel:
         // false`) every rank holds all experts and only the data is split.
+        // `expert_parallel_size: 1` is a group of one rank: every rank holds all experts.
         let distributed = ctx.joined || world > 1;
-        let ep = distributed && config.expert_parallel && spec.num_experts > 0;
+        let ep = distributed
+            && config.expert_parallel
+            && spec.num_experts > 0
+            && config.expert_parallel_size != Some(1);
+        let experts = expert_ranks(config, comm, ep)?;
         let held = if ep {
-            expert_ranges(spec.num_experts, world)[rank].clone()
+            let group = &experts.group;
+            expert_ranges(spec.num_experts, group.world_size())[group.rank()].clone()
         } else {
             0..spec.num_experts
         };
-        let model = load_model(config, dir, ctx, &device, dtype, ep.then(|| held.clone()))?;
+        let model = load_model(
+            config,
+            dir,
+            ctx,
+            (&device, dtype),
+            ep.then(|| (held.clone(), experts.group.clone())),
+        )?;
         let adapters = make_adapters(config, spec, &device, held, rank == 0)?;
         let vars = adapters.vars();
         let expert_names = adapters.expert_var_names();
@@ -164,6 +179,7 @@ impl<'a> Run<'a> {
             device,
             distributed,
             ep,
+            experts,
             model,
             adapters,
             vars,
@@ -190,7 +206,7 @@ impl<'a> Run<'a> {
             &self.opt,
             &state,
             self.comm.as_ref(),
-            self.ep,
+            self.ep.then(|| self.experts.group.as_ref()),
         )
     }
 
@@ -245,12 +261,11 @@ fn load_model(
     config: &TrainConfig,
     dir: &ModelDir,
     ctx: &RankCtx,
-    device: &Device,
-    dtype: DType,
-    held: Option<Range<usize>>,
+    (device, dtype): (&Device, DType),
+    spread: Option<(Range<usize>, Arc<dyn Communicator>)>,
 ) -> Result<Model, TrainError> {
-    let comm = &ctx.comm;
-    let (rank, world) = (comm.rank(), comm.world_size());
+    let (rank, world) = (ctx.comm.rank(), ctx.comm.world_size());
+    let held = spread.as_ref().map(|(h, _)| h.clone());
     let spec = &dir.spec;
     let settings = setup::quant_settings(config);
     if let Some(held) = &held {
@@ -266,7 +281,12 @@ fn load_model(
             dense::load(dir, held.clone(), device, dtype).map_err(|e| e.to_string())
         }
         Some(held) => {
-            let mut gather = setup::CommGather(comm.as_ref());
+            // The statistics of a parameter come from every expert: from the group's ranks.
+            let group = spread
+                .as_ref()
+                .map(|(_, g)| g.as_ref())
+                .unwrap_or(ctx.comm.as_ref());
+            let mut gather = setup::CommGather(group);
             setup::load_base(dir, settings, device, Some(held.clone()), &mut gather)
         }
         None => setup::load_base(dir, settings, device, None, &mut SingleProcess),
@@ -295,11 +315,10 @@ fn load_model(
         write_digest(Path::new(&d), &base, rank, world)?;
     }
     let model = Model::new(spec, &base, dtype, device, config.sequence_len + 1)
-        .and_then(|m| match held {
-            Some(_) => m.with_exchange(Arc::new(ExpertParallel::new(
-                comm.clone(),
-                spec.num_experts,
-            ))),
+        .and_then(|m| match spread {
+            Some((_, group)) => {
+                m.with_exchange(Arc::new(ExpertParallel::new(group, spec.num_experts)))
+            }
             None => Ok(m),
         })
         .map_err(|e| TrainError::Input(e.to_string()))?;
@@ -315,6 +334,45 @@ fn load_model(
     );
     phases::mark_memory("2 model built", device);
     Ok(model)
+}
+
+/// Expert parallelism's communicators: the group that spreads the experts (the whole world
+/// unless `expert_parallel_size` is smaller) and, with several groups, the ranks that hold the
+/// same experts as this one (their expert gradients are summed).
+pub(crate) struct ExpertRanks {
+    pub group: Arc<dyn Communicator>,
+    pub replicas: Option<Arc<dyn Communicator>>,
+}
+
+fn expert_ranks(
+    config: &TrainConfig,
+    comm: &Arc<dyn Communicator>,
+    ep: bool,
+) -> Result<ExpertRanks, TrainError> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let size = match config.expert_parallel_size {
+        Some(size) if ep => size,
+        _ => world,
+    };
+    if size == world {
+        return Ok(ExpertRanks {
+            group: comm.clone(),
+            replicas: None,
+        });
+    }
+    let layout = Layout::new(size, world).map_err(TrainError::Input)?;
+    let group = Subgroup::new(comm.clone(), layout.group_of(rank)).map_err(failed)?;
+    let replicas = Subgroup::new(comm.clone(), layout.replicas_of(rank)).map_err(failed)?;
+    if rank == 0 {
+        tracing::info!(
+            "expert parallel: {} groups of {size} ranks, each holding every expert once; expert gradients summed over the groups",
+            world / size
+        );
+    }
+    Ok(ExpertRanks {
+        group: Arc::new(group),
+        replicas: Some(Arc::new(replicas)),
+    })
 }
 
 /// The adapters of the configured targets (expert adapters for the `held` experts); warns

@@ -129,6 +129,14 @@ impl Run<'_> {
             }
         }
         all_reduce_grads(self.comm.as_ref(), grads, &self.replicated).map_err(failed)?;
+        // Expert gradients: summed over the ranks holding the same experts, one tensor at a
+        // time (the groups' parts differ in size when the experts do not divide evenly).
+        if let Some(replicas) = &self.experts.replicas {
+            for name in &self.owned {
+                let g = replicas.all_reduce_sum(&grads[name]).map_err(failed)?;
+                grads.insert(name.clone(), g);
+            }
+        }
         let mut v = vec![stats.loss_sum, stats.labelled as f64, stats.tokens as f64];
         v.extend(stats.expert_tokens.iter().flatten().map(|&c| c as f64));
         let g = sum_over_ranks(self.comm.as_ref(), v)?;
@@ -145,15 +153,15 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Global gradient norm: replicated gradients (equal on every rank) plus every rank's own
-    /// expert gradients.
+    /// Global gradient norm: replicated gradients (equal on every rank) plus the expert
+    /// gradients of every rank of the expert-parallel group (each expert once).
     fn global_norm(&self, grads: &BTreeMap<String, Tensor>) -> Result<f64, TrainError> {
         let replicated = timed("gradient norm", &self.device, || {
             squares(grads, &self.replicated)
         })
         .map_err(failed)?;
         let owned = squares(grads, &self.owned).map_err(failed)?;
-        let owned = sum_over_ranks(self.comm.as_ref(), vec![owned])?[0];
+        let owned = sum_over_ranks(self.experts.group.as_ref(), vec![owned])?[0];
         Ok((replicated + owned).sqrt())
     }
 

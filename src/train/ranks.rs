@@ -80,17 +80,17 @@ pub(crate) fn squares(
         .sum())
 }
 
-/// The whole adapter when experts are spread over ranks (every rank must call this); None
-/// otherwise, where `adapters` already is the whole adapter.
+/// The whole adapter when experts are spread over the ranks of `spread_over` (the
+/// expert-parallel group; every rank must call this); None otherwise, where `adapters` already
+/// is the whole adapter.
 pub(crate) fn whole_adapter(
     adapters: &Adapters,
-    comm: &dyn Communicator,
-    ep: bool,
+    spread_over: Option<&dyn Communicator>,
 ) -> Result<Option<Adapters>, TrainError> {
-    if !ep {
-        return Ok(None);
+    match spread_over {
+        None => Ok(None),
+        Some(group) => gathered(adapters, group).map(Some).map_err(failed),
     }
-    gathered(adapters, comm).map(Some).map_err(failed)
 }
 
 /// The whole adapter on every rank: expert adapters all-gathered from their owners in global

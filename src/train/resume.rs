@@ -140,19 +140,21 @@ pub(crate) fn save_checkpoint(
     opt: &AdamW,
     state: &checkpoint::TrainerState,
     comm: &dyn Communicator,
-    ep: bool,
+    spread_over: Option<&dyn Communicator>,
 ) -> Result<(), TrainError> {
     // Writing gigabytes may take longer than a collective may: no stall limit meanwhile.
     let watch = &crate::distributed::store::WATCH;
     let paused = watch.pause();
-    let full = whole_adapter(adapters, comm, ep)?;
+    let full = whole_adapter(adapters, spread_over)?;
     let parts = adapters.expert_parts();
     let mut moments = BTreeMap::new();
     for (key, t) in opt.state() {
         let name = key.rsplit_once('.').map_or(key.as_str(), |(n, _)| n);
         let name = name.strip_suffix(".exp_avg").unwrap_or(name);
-        let whole = match (ep, parts.get(name)) {
-            (true, Some((e, part))) => gather_expert_part(e, *part, &t, comm).map_err(failed)?,
+        let whole = match (spread_over, parts.get(name)) {
+            (Some(group), Some((e, part))) => {
+                gather_expert_part(e, *part, &t, group).map_err(failed)?
+            }
             _ => t,
         };
         moments.insert(key, whole);

@@ -72,7 +72,7 @@ pub fn train_ranks(
     if let Some(r) = phases::memory_report() {
         tracing::info!("{r}");
     }
-    let full = whole_adapter(&run.adapters, run.comm.as_ref(), run.ep)?;
+    let full = whole_adapter(&run.adapters, run.ep.then(|| run.experts.group.as_ref()))?;
     if run.rank == 0 {
         super::output::save_final_adapter(config, full.as_ref().unwrap_or(&run.adapters))?;
         // The curves are a convenience: a plot that cannot be drawn costs a warning, not the run.

@@ -21,6 +21,19 @@ fn lora_with_4bit() {
 }
 
 #[test]
+fn expert_parallel_size_needs_expert_parallel() {
+    assert_eq!(
+        err_with("expert_parallel: false\nexpert_parallel_size: 2\n"),
+        "t.yaml: key 'expert_parallel_size' spreads the experts over groups of ranks, but expert_parallel is \
+         false; remove one of them"
+    );
+    assert_eq!(
+        err_with("expert_parallel_size: 0\n"),
+        "t.yaml: key 'expert_parallel_size' must be at least 1, got 0"
+    );
+}
+
+#[test]
 fn warmup_conflict() {
     assert_eq!(
         err_with("warmup_steps: 10\nwarmup_ratio: 0.1\n"),
