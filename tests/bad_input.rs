@@ -248,11 +248,12 @@ fn cases() -> Vec<(&'static str, Break, &'static str)> {
             "cuda",
         ),
         (
-            "16-bit base",
+            "expert_parallel_size without expert_parallel",
             |s| {
-                s.set("load_in_4bit", "false").set("adapter", "lora");
+                s.set("expert_parallel", "false")
+                    .set("expert_parallel_size", "2");
             },
-            "load_in_4bit",
+            "expert_parallel_size",
         ),
         (
             "no LoRA target matches",

@@ -93,6 +93,21 @@ fn quantized_checkpoint_loads_back_identically_for_every_arch() {
             .tensors
             .values()
             .any(|f| matches!(f, Frozen::Quantized { .. })));
+        // A 16-bit base cannot come from 4-bit codes: refused, naming both ways out.
+        let e = moeq::model_files::dense::load(
+            &pre,
+            None,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("pre-quantized (4-bit), but the run asks for a 16-bit base")
+                && e.contains("adapter: qlora"),
+            "{e}"
+        );
     }
 }
 
