@@ -7,6 +7,7 @@ mod export_adapter;
 mod gpu_bench;
 mod gpu_check;
 mod inspect;
+mod merge;
 mod nccl_check;
 mod plot;
 mod preprocess;
@@ -42,6 +43,8 @@ pub enum Command {
     Preprocess(preprocess::PreprocessArgs),
     /// Rewrite an adapter in a serving layout (per-expert 2-D LoRA tensors).
     ExportAdapter(export_adapter::ExportAdapterArgs),
+    /// Add an adapter's updates to the base weights: a checkpoint in the base's own layout.
+    Merge(merge::MergeArgs),
     /// Draw a run's curves and tokens per expert as a PNG (RUN_DIR/training.png; training
     /// writes it at its end too).
     Plot(plot::PlotArgs),
@@ -91,6 +94,7 @@ pub fn main() -> ExitCode {
         Command::ExportAdapter(args) => {
             with_logging(cli.log_level.as_deref(), || export_adapter::run(args))
         }
+        Command::Merge(args) => with_logging(cli.log_level.as_deref(), || merge::run(args)),
         Command::Plot(args) => with_logging(cli.log_level.as_deref(), || plot::run(args)),
         Command::Quantize(args) => with_logging(cli.log_level.as_deref(), || quantize::run(args)),
         Command::Inspect(args) => with_logging(cli.log_level.as_deref(), || inspect::run(args)),

@@ -9,6 +9,7 @@
 //! stream per adapter name, so initialisation does not depend on iteration order.
 
 pub mod export;
+pub mod merge;
 pub mod peft;
 
 use crate::arch::{target_matches, ArchSpec, Component};

@@ -6,58 +6,12 @@
 
 use super::bnb;
 use super::frozen::{Frozen, FrozenBase};
-use super::writer::{group_into_shards, shard_name, write_index, StreamWriter, TensorDecl};
+use super::writer::{
+    dense_bytes, group_into_shards, io, shard_name, st_dtype, write_index, write_side_files,
+    written_atomically, StreamWriter, TensorDecl,
+};
 use super::{ModelDir, ModelFilesError};
-use candle_core::DType;
 use std::path::Path;
-
-const COPIED: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "generation_config.json",
-    "vocab.json",
-    "merges.txt",
-];
-
-fn io(path: &Path) -> impl Fn(std::io::Error) -> ModelFilesError + '_ {
-    move |source| ModelFilesError::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
-fn st_dtype(dtype: DType) -> &'static str {
-    match dtype {
-        DType::F32 => "F32",
-        DType::F16 => "F16",
-        DType::U8 => "U8",
-        _ => "BF16",
-    }
-}
-
-fn dense_bytes(t: &candle_core::Tensor) -> Result<Vec<u8>, ModelFilesError> {
-    let t = t.flatten_all()?;
-    Ok(match t.dtype() {
-        DType::F32 => t
-            .to_vec1::<f32>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::F16 => t
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        DType::U8 => t.to_vec1::<u8>()?,
-        _ => t
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-    })
-}
 
 enum Data<'a> {
     Bytes(std::borrow::Cow<'a, [u8]>),
@@ -123,19 +77,7 @@ pub fn write(
     let total: u64 = sizes.iter().sum();
     let shards = group_into_shards(&sizes, shard_bytes);
 
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    let result = (|| {
+    written_atomically(out, |tmp| {
         let mut weight_map = serde_json::Map::new();
         for (k, range) in shards.iter().enumerate() {
             let file = shard_name(k, shards.len());
@@ -158,7 +100,7 @@ pub fn write(
             w.finish().map_err(io(&path))?;
         }
         if shards.len() > 1 {
-            write_index(&tmp, total, &weight_map).map_err(io(&tmp))?;
+            write_index(tmp, total, &weight_map).map_err(io(tmp))?;
         }
         let mut config = src.config_json.clone();
         if let Some(obj) = config.as_object_mut() {
@@ -167,24 +109,7 @@ pub fn write(
                 bnb::quantization_config(settings, &weights_dtype),
             );
         }
-        let cfg_path = tmp.join("config.json");
-        let text = serde_json::to_string_pretty(&config).map_err(|e| ModelFilesError::Format {
-            path: cfg_path.display().to_string(),
-            problem: e.to_string(),
-        })?;
-        std::fs::write(&cfg_path, text + "\n").map_err(io(&cfg_path))?;
-        for f in COPIED {
-            let from = src.root.join(f);
-            if from.is_file() {
-                std::fs::copy(&from, tmp.join(f)).map_err(io(&from))?;
-            }
-        }
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    std::fs::rename(&tmp, out).map_err(io(out))?;
+        write_side_files(src, tmp, &config)
+    })?;
     Ok(total)
 }

@@ -1,7 +1,11 @@
 //! Writing safetensors files as a stream: the header is computed from the declared tensors up
 //! front, then data is appended in declaration order, so a file of any size is written with
-//! memory for one piece at a time. Used by `moeq synth` and `moeq quantize`.
+//! memory for one piece at a time. Used by `moeq synth`, `moeq quantize` and `moeq merge`; a
+//! checkpoint directory is written beside its destination and renamed into place once complete
+//! (`written_atomically`), so a failed run leaves nothing behind.
 
+use super::{ModelDir, ModelFilesError};
+use candle_core::DType;
 use serde_json::{json, Map, Value};
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -149,4 +153,99 @@ pub fn write_index(
     let index = json!({"metadata": {"total_size": total_size}, "weight_map": weight_map});
     let text = serde_json::to_string_pretty(&index).map_err(std::io::Error::other)?;
     std::fs::write(dir.join(super::INDEX_FILE), text + "\n")
+}
+
+/// Files of a model directory besides its weights and config.json that a written checkpoint
+/// carries over unchanged.
+const SIDE_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+];
+
+/// An I/O error at `path`.
+pub fn io(path: &Path) -> impl Fn(std::io::Error) -> ModelFilesError + '_ {
+    move |source| ModelFilesError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The safetensors name of a dtype moeq writes.
+pub fn st_dtype(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "F32",
+        DType::F16 => "F16",
+        DType::U8 => "U8",
+        _ => "BF16",
+    }
+}
+
+/// A tensor's little-endian bytes (f32, f16, u8, else bf16).
+pub fn dense_bytes(t: &candle_core::Tensor) -> Result<Vec<u8>, ModelFilesError> {
+    let t = t.flatten_all()?;
+    Ok(match t.dtype() {
+        DType::F32 => t
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::U8 => t.to_vec1::<u8>()?,
+        _ => t
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+    })
+}
+
+/// Writes the directory `out` through `fill`, which gets a temporary directory beside it; the
+/// temporary one becomes `out` only when `fill` succeeds, and is removed when it fails.
+pub fn written_atomically(
+    out: &Path,
+    fill: impl FnOnce(&Path) -> Result<(), ModelFilesError>,
+) -> Result<(), ModelFilesError> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, out).map_err(io(out))
+}
+
+/// `config` as `dir/config.json`, and the side files (tokenizer, generation config) of `src`.
+pub fn write_side_files(src: &ModelDir, dir: &Path, config: &Value) -> Result<(), ModelFilesError> {
+    let cfg_path = dir.join("config.json");
+    let text = serde_json::to_string_pretty(config).map_err(|e| ModelFilesError::Format {
+        path: cfg_path.display().to_string(),
+        problem: e.to_string(),
+    })?;
+    std::fs::write(&cfg_path, text + "\n").map_err(io(&cfg_path))?;
+    for f in SIDE_FILES {
+        let from = src.root.join(f);
+        if from.is_file() {
+            std::fs::copy(&from, dir.join(f)).map_err(io(&from))?;
+        }
+    }
+    Ok(())
 }

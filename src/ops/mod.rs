@@ -10,6 +10,7 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cudnn_attn;
 pub mod embedding;
+pub mod expert_weights;
 pub mod experts;
 #[cfg(feature = "cuda")]
 pub mod flash_attn;

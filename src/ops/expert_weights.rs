@@ -1,0 +1,117 @@
+//! The frozen weights of the experts a rank holds, 4-bit or unquantized, and their
+//! dequantization a range of experts at a time (for `experts::expert_matmul`).
+
+use super::nf4_linear::{Nf4Weight, Scales};
+use crate::quant::{op::dequantize, QuantKind};
+use candle_core::{DType, Result, Tensor};
+use std::ops::Range;
+
+/// The frozen weights `[out, in]` of the experts this rank holds, in expert order.
+#[derive(Clone)]
+pub struct ExpertWeights {
+    pub store: ExpertStore,
+    pub num_experts: usize,
+    pub out_features: usize,
+    pub in_features: usize,
+}
+
+#[derive(Clone)]
+pub enum ExpertStore {
+    /// 4-bit: one buffer of codes and one of block scales (nested statistics expanded per
+    /// chunk). `packed` is expert-major `[E · out·in / 2]` u8, the scales `E · out·in /
+    /// blocksize` blocks.
+    Nf4 {
+        packed: Tensor,
+        absmax: Scales,
+        kind: QuantKind,
+        blocksize: usize,
+    },
+    /// Unquantized `[E, out, in]` in the compute dtype (a 16-bit base).
+    Dense(Tensor),
+}
+
+impl ExpertWeights {
+    /// Stacks per-expert 4-bit weights of one shape (each a whole number of blocks).
+    pub fn stack(experts: &[Nf4Weight]) -> Result<ExpertWeights> {
+        let Some(first) = experts.first() else {
+            candle_core::bail!("ExpertWeights: no experts")
+        };
+        let per = first.out_features * first.in_features;
+        for w in experts {
+            if (w.out_features, w.in_features, w.kind, w.blocksize)
+                != (
+                    first.out_features,
+                    first.in_features,
+                    first.kind,
+                    first.blocksize,
+                )
+                || per % w.blocksize != 0
+            {
+                candle_core::bail!("ExpertWeights: experts differ in shape or quantization");
+            }
+        }
+        let packed: Vec<Tensor> = experts.iter().map(|w| w.packed.clone()).collect();
+        // Each expert's statistics stand alone (own nested offset): stacked expanded.
+        let absmax = experts
+            .iter()
+            .map(|w| w.absmax.values())
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ExpertWeights {
+            store: ExpertStore::Nf4 {
+                packed: Tensor::cat(&packed, 0)?,
+                absmax: Scales::Plain(Tensor::cat(&absmax, 0)?),
+                kind: first.kind,
+                blocksize: first.blocksize,
+            },
+            num_experts: experts.len(),
+            out_features: first.out_features,
+            in_features: first.in_features,
+        })
+    }
+
+    /// Unquantized experts `[E, out, in]`.
+    pub fn dense(weights: Tensor) -> Result<ExpertWeights> {
+        let (num_experts, out_features, in_features) = weights.dims3()?;
+        Ok(ExpertWeights {
+            store: ExpertStore::Dense(weights),
+            num_experts,
+            out_features,
+            in_features,
+        })
+    }
+
+    /// Experts `range` (local indices) as `[n, out, in]` in `dtype`: dequantized, or a view
+    /// of the unquantized weights (cast if the dtype differs).
+    pub fn dequantize(&self, range: Range<usize>, dtype: DType) -> Result<Tensor> {
+        let per = self.out_features * self.in_features;
+        let n = range.len();
+        match &self.store {
+            ExpertStore::Nf4 {
+                packed,
+                absmax,
+                kind,
+                blocksize,
+            } => {
+                let packed = packed.narrow(0, range.start * per / 2, n * per / 2)?;
+                let absmax = absmax
+                    .narrow(range.start * per / blocksize, n * per / blocksize)?
+                    .values()?;
+                let shape = [n, self.out_features, self.in_features];
+                dequantize(&packed, &absmax, &shape, *kind, *blocksize, dtype)
+            }
+            ExpertStore::Dense(t) => t.narrow(0, range.start, n)?.to_dtype(dtype),
+        }
+    }
+
+    /// Experts per `dequantize` call for chunks of `chunk_bytes` of weights in `dtype`: all
+    /// at once when nothing is dequantized.
+    pub(crate) fn experts_per_chunk(&self, chunk_bytes: usize, dtype: DType) -> usize {
+        match &self.store {
+            ExpertStore::Dense(t) if t.dtype() == dtype => self.num_experts.max(1),
+            _ => {
+                let per = self.out_features * self.in_features;
+                (chunk_bytes / (per * dtype.size_in_bytes())).max(1)
+            }
+        }
+    }
+}
