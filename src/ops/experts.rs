@@ -21,14 +21,20 @@ use candle_core::{CustomOp1, CustomOp3, DType, Result, Tensor};
 
 /// Dequantized weights of one grouped GEMM call stay under this size (bf16: 256 MiB = 40
 /// experts of Qwen3-30B-A3B's gate_up, so a layer's 128 take 4 calls). Never a bf16 copy of
-/// all experts at once (docs/ARCHITECTURE.md, decision 2).
+/// all experts at once (docs/ARCHITECTURE.md, decision 2). Whatever the input: at micro-batch
+/// 1 a chunk sized by the input (64 MiB) gave each grouped GEMM ≈ 60 tiles for 132 SMs and
+/// three times the launches, for 0.07 GB less peak memory (launch/bench/NOTES.md item 46).
 pub const DEQUANT_CHUNK_BYTES: usize = 256 << 20;
 
-/// The dequantization chunk for an input of `input_bytes`: no larger than the input itself
-/// (so the transient weights never dominate the activations at small micro-batches), between
-/// 64 MiB (a few launches more per layer) and `DEQUANT_CHUNK_BYTES`.
-pub fn dequant_chunk_bytes(input_bytes: usize) -> usize {
-    input_bytes.clamp(64 << 20, DEQUANT_CHUNK_BYTES)
+/// The dequantization chunk: `DEQUANT_CHUNK_BYTES`, or `MOEQ_DEQUANT_CHUNK_MB` (A/B).
+pub fn dequant_chunk_bytes() -> usize {
+    static CHUNK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CHUNK.get_or_init(|| {
+        std::env::var("MOEQ_DEQUANT_CHUNK_MB")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(DEQUANT_CHUNK_BYTES, |mb| mb << 20)
+    })
 }
 
 /// `y[g] = x[g] · W_eᵀ` (`transpose`, x `[M, in]` → `[M, out]`) or `x[g] · W_e` (x `[M, out]`
@@ -136,7 +142,7 @@ impl CustomOp1 for GroupedNf4 {
 
 /// x: [M, in] sorted by local expert, `counts[e]` rows each → [M, out].
 pub fn grouped_nf4(x: &Tensor, weights: &ExpertWeights, counts: &[usize]) -> Result<Tensor> {
-    let chunk = dequant_chunk_bytes(x.elem_count() * x.dtype().size_in_bytes());
+    let chunk = dequant_chunk_bytes();
     grouped_nf4_chunked(x, weights, counts, chunk)
 }
 

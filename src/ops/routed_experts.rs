@@ -163,10 +163,9 @@ struct RoutedExperts {
     saved: Mutex<Option<Saved>>,
 }
 
-/// `x · Wᵀ` (`forward`) or `x · W` over grouped rows, dequantizing chunks sized by the input.
+/// `x · Wᵀ` (`forward`) or `x · W` over grouped rows, dequantizing a chunk of experts at a time.
 fn grouped(x: &Tensor, w: &ExpertWeights, counts: &[usize], forward: bool) -> Result<Tensor> {
-    let chunk = dequant_chunk_bytes(x.elem_count() * x.dtype().size_in_bytes());
-    expert_matmul(&x.contiguous()?, w, counts, forward, chunk)
+    expert_matmul(&x.contiguous()?, w, counts, forward, dequant_chunk_bytes())
 }
 
 impl RoutedExperts {
