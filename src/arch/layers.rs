@@ -115,7 +115,7 @@ fn sigmoid(x: &Tensor) -> Result<Tensor> {
 }
 
 /// gate, up, down: x [N, H] → down(silu(gate(x)) · up(x)) [N, H].
-fn swiglu_mlp(p: &[Proj; 3], x: &Tensor, lora: &LoraCtx) -> Result<Tensor> {
+pub(super) fn swiglu_mlp(p: &[Proj; 3], x: &Tensor, lora: &LoraCtx) -> Result<Tensor> {
     let g = p[0].forward(x, lora)?;
     let u = p[1].forward(x, lora)?;
     p[2].forward(&swiglu(&g, &u)?, lora)
@@ -271,7 +271,7 @@ impl Moe {
 
     /// x [N, H] → [N, H]: routed experts (weighted by the router) plus the shared expert.
     /// With an `exchange`, the routed rows go to their experts' holders and come back.
-    fn forward(
+    pub(super) fn forward(
         &self,
         spec: &ArchSpec,
         x: &Tensor,

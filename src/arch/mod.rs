@@ -1,6 +1,7 @@
 //! Architectures as data: `ArchSpec` from config.json and the canonical parameter list.
 
 mod backward;
+mod decode;
 pub mod exchange;
 mod layers;
 mod memory;
@@ -9,6 +10,7 @@ mod params;
 mod spec;
 
 pub use backward::{AdapterGrads, LayerTape};
+pub use decode::KvCache;
 pub use exchange::{ExchangePlan, ExpertExchange};
 pub use memory::{estimate, nf4_bytes, target_matches, FrozenFormat, LoraPlan, MemoryEstimate};
 pub use model::{Inputs, LayerStats, LoraCtx, Model};

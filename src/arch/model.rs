@@ -77,13 +77,13 @@ pub struct Model {
     pub spec: ArchSpec,
     pub dtype: DType,
     pub device: Device,
-    embed: Embedding,
-    layers: Vec<Layer>,
-    final_norm: Tensor,
-    lm_head: Tensor,
-    rope: Rope,
+    pub(super) embed: Embedding,
+    pub(super) layers: Vec<Layer>,
+    pub(super) final_norm: Tensor,
+    pub(super) lm_head: Tensor,
+    pub(super) rope: Rope,
     /// Set when experts are spread over processes: routed rows travel to their owners.
-    exchange: Option<Arc<dyn ExpertExchange>>,
+    pub(super) exchange: Option<Arc<dyn ExpertExchange>>,
 }
 
 struct Weights<'a> {

@@ -120,50 +120,12 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
             "--dump-logits needs lines of equal length".into(),
         ));
     }
-    let device = crate::util::device::device(&super::parse_device(&args.device)?)
-        .map_err(CliError::Input)?;
-    let dtype = match args.dtype.as_str() {
-        "auto" => crate::util::device::compute_dtype(crate::config::Bf16Mode::Auto, &device),
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        other => {
-            return Err(CliError::Input(format!(
-                "--dtype '{other}': use auto, f32 or bf16"
-            )))
-        }
-    };
-    let base = match args.quant.base()? {
-        Some(settings) => setup::load_base(
-            &dir,
-            settings,
-            &device,
-            None,
-            &mut crate::model_files::frozen::SingleProcess,
-        ),
-        None => {
-            crate::model_files::dense::load(&dir, None, &device, dtype).map_err(|e| e.to_string())
-        }
-    }
-    .map_err(CliError::Input)?;
-    let model = Model::new(spec, &base, dtype, &device, seq_max).map_err(CliError::input)?;
-    drop(base);
-    let adapters = match &args.adapter {
-        Some(a) => peft::load(a, spec, &device).map_err(CliError::Input)?,
-        None => Adapters::new(
-            spec,
-            LoraSettings {
-                r: 1,
-                alpha: 1.0,
-                dropout: 0.0,
-                use_rslora: false,
-                target_modules: vec![],
-                target_parameters: vec![],
-            },
-            0,
-            &device,
-        )
-        .map_err(CliError::failed)?,
-    };
+    let (model, adapters) = open_model(
+        &dir,
+        args.adapter.as_deref(),
+        (&args.device, &args.dtype, &args.quant),
+        seq_max,
+    )?;
     if args.dump_grads.is_some() && args.adapter.is_none() {
         return Err(CliError::Input(
             "--dump-grads needs --adapter (the gradients are the adapter's)".into(),
@@ -256,4 +218,62 @@ pub fn run(args: EvalArgs) -> Result<(), CliError> {
         serde_json::json!({"lines": lines.len(), "predicted_tokens": predicted, "loss": loss, "perplexity": loss.exp()})
     );
     Ok(())
+}
+
+/// The model of `dir` on `device` in `dtype` (`auto`, `f32` or `bf16`) over the base the
+/// quantization flags ask for (4-bit, or unquantized with `--quant-type none`), for sequences
+/// of up to `positions` tokens, and the adapter in `adapter` (none: no adapter) — shared by
+/// `eval` and `generate`.
+pub(super) fn open_model(
+    dir: &ModelDir,
+    adapter: Option<&std::path::Path>,
+    (device, dtype, quant): (&str, &str, &QuantFlags),
+    positions: usize,
+) -> Result<(Model, Adapters), CliError> {
+    let spec = &dir.spec;
+    let device =
+        crate::util::device::device(&super::parse_device(device)?).map_err(CliError::Input)?;
+    let dtype = match dtype {
+        "auto" => crate::util::device::compute_dtype(crate::config::Bf16Mode::Auto, &device),
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => {
+            return Err(CliError::Input(format!(
+                "--dtype '{other}': use auto, f32 or bf16"
+            )))
+        }
+    };
+    let base = match quant.base()? {
+        Some(settings) => setup::load_base(
+            dir,
+            settings,
+            &device,
+            None,
+            &mut crate::model_files::frozen::SingleProcess,
+        ),
+        None => {
+            crate::model_files::dense::load(dir, None, &device, dtype).map_err(|e| e.to_string())
+        }
+    }
+    .map_err(CliError::Input)?;
+    let model = Model::new(spec, &base, dtype, &device, positions).map_err(CliError::input)?;
+    drop(base);
+    let adapters = match adapter {
+        Some(a) => peft::load(a, spec, &device).map_err(CliError::Input)?,
+        None => Adapters::new(
+            spec,
+            LoraSettings {
+                r: 1,
+                alpha: 1.0,
+                dropout: 0.0,
+                use_rslora: false,
+                target_modules: vec![],
+                target_parameters: vec![],
+            },
+            0,
+            &device,
+        )
+        .map_err(CliError::failed)?,
+    };
+    Ok((model, adapters))
 }

@@ -4,6 +4,7 @@
 
 mod eval;
 mod export_adapter;
+mod generate;
 mod gpu_bench;
 mod gpu_check;
 mod inspect;
@@ -38,6 +39,8 @@ pub enum Command {
     Train(train::TrainArgs),
     /// Loss and perplexity of a model (+ adapter) on JSONL data; can dump logits.
     Eval(eval::EvalArgs),
+    /// Text from a model (+ adapter): greedy or sampled, with a key/value cache.
+    Generate(generate::GenerateArgs),
     /// Run the data pipeline as train would, without weights: statistics, the samples as JSONL
     /// (--out), samples with their trained tokens marked (--show N).
     Preprocess(preprocess::PreprocessArgs),
@@ -87,6 +90,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(args) => train::run(args, cli.log_level.as_deref()),
         Command::Eval(args) => with_logging(cli.log_level.as_deref(), || eval::run(args)),
+        Command::Generate(args) => with_logging(cli.log_level.as_deref(), || generate::run(args)),
         Command::Preprocess(args) => {
             with_logging(cli.log_level.as_deref(), || preprocess::run(args))
         }

@@ -227,6 +227,10 @@ const QUANT: &str = "the reference's arithmetic (bitsandbytes): equal byte for b
 const TRAIN_F32: &str = "cuBLAS vs CPU accumulation order through the layers and the recompute";
 const TRAIN_BF16: &str = "both sides round to bf16 after every op from f32 sums in other orders: \
     an ulp (0.4%) here and there; vs the CPU in bf16, not f32 (top-k flips near ties)";
+const DECODE_F32: &str = "the cached decoding's logits through every layer: cuBLAS vs CPU \
+    accumulation order, as the train step's loss";
+const DECODE_BF16: &str = "bf16 after every op on both sides, sums in other orders: as the train \
+    step's bf16 rows, of the largest logit";
 const TRAIN_KEPT: &str = "gradient_checkpointing: false runs the same kernels on the same values";
 const TRAIN_OFFLOADED: &str = "the same tensors, copied to host memory and back";
 const WRITTEN_F32: &str =
@@ -354,6 +358,8 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Train, "train step",               "f32",  Backward, 0.0,          OfMax(1e-4),            TRAIN_F32),
     row(Train, "train step",               "bf16", Forward,  5e-2,         Abs(0.0),               TRAIN_BF16),
     row(Train, "train step",               "bf16", Backward, 0.0,          OfMax(5e-2),            TRAIN_BF16),
+    row(Train, "decode",                   "f32",  Forward,  0.0,          OfMax(1e-4),            DECODE_F32),
+    row(Train, "decode",                   "bf16", Forward,  0.0,          OfMax(5e-2),            DECODE_BF16),
     row(Train, "kept = recomputed",        "any",  Exact,    0.0,          Abs(0.0),               TRAIN_KEPT),
     row(Train, "offloaded = recomputed",   "any",  Exact,    0.0,          Abs(0.0),               TRAIN_OFFLOADED),
     row(Train, "written = autograd",       "f32",  Backward, 0.0,          OfMax(1e-4),            WRITTEN_F32),

@@ -134,6 +134,24 @@ fn step(
     Ok((s.loss_sum / s.labelled as f64, grads))
 }
 
+/// Logits of cached decoding (`Model::decode`, `moeq generate`): the first 5 tokens of `b` as a
+/// prompt, then 3 tokens one at a time → `[4, V]` on the CPU.
+fn decode(dir: &ModelDir, device: &Device, dtype: DType, b: &Batch) -> Result<Tensor> {
+    let (model, adapters) = setup(dir, device, dtype, Base::Nf4)?;
+    let ctx = LoraCtx {
+        adapters: &adapters,
+        live: false,
+        dropout: None,
+    };
+    let mut cache = model.kv_cache();
+    let ids = &b.input_ids;
+    let mut rows = vec![model.decode(&ids[..5], &mut cache, &ctx)?];
+    for i in 5..8 {
+        rows.push(model.decode(&ids[i..i + 1], &mut cache, &ctx)?);
+    }
+    Tensor::stack(&rows, 0)?.to_device(&Device::Cpu)
+}
+
 /// The mean loss of `b` from one autograd graph through every layer (live LoRA, candle's
 /// backward through `Layer::forward`) and whole f32 logits: the reference the layers'
 /// hand-written backward (`arch::backward`) is tested against, here and in tests/trainer_grads.rs.
@@ -268,6 +286,13 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
             }
             // gradient_checkpointing: false runs the same kernels on the same values on the
             // device: equal bit for bit.
+            // Generation's cached decoding on the device against the CPU's.
+            out.push(compare(
+                &format!("decode {name} {dtype:?} (prompt 5, then 3 tokens)"),
+                &decode(&dir, device, dtype, &b)?,
+                &decode(&dir, &Device::Cpu, dtype, &b)?,
+                row("decode", Pass::Forward)?,
+            )?);
             let on_device = (device, dtype, Base::Nf4);
             let (_, kept) = step(&dir, on_device, &b, Activations::Keep)?;
             out.extend(worst_of(

@@ -85,9 +85,9 @@ fn plan<'a>(
                 continue;
             }
             // Per expert: gate_up as [gate, up] halves, down whole.
-            let parts = match which {
+            let parts: Vec<Range<usize>> = match which {
                 ExpertParam::GateUp => vec![0..out / 2, out / 2..out],
-                ExpertParam::Down => vec![0..out],
+                ExpertParam::Down => std::iter::once(0..out).collect(),
             };
             let names = layout.disk_names(&p.name, spec.num_experts);
             for (k, name) in names.into_iter().enumerate() {

@@ -1,0 +1,155 @@
+//! Generation with a key/value cache (`moeq generate`): the same layers and weights as training
+//! (frozen projections with their adapters, detached; MoE routing; q/k norms and rotary
+//! embeddings as the architecture sets them), with attention written for a few new queries
+//! against every cached key. Attention is transformers' eager arithmetic: scores and softmax in
+//! f32, grouped-query heads sharing their key/value head.
+
+use super::layers::{swiglu_mlp, Layer, Mlp};
+use super::model::{LoraCtx, Model};
+use super::{ArchSpec, QkNorm};
+use crate::ops::add::add;
+use crate::ops::embedding::TokenIds;
+use crate::ops::norm::rms_norm;
+use crate::ops::rope::apply_rope;
+use candle_core::{DType, Result, Tensor};
+
+/// Keys and values of every position seen so far, per layer: `[T, kv_heads, head_dim]`.
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Positions cached.
+    pub len: usize,
+}
+
+impl Model {
+    /// An empty cache for this model.
+    pub fn kv_cache(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.num_layers()],
+            len: 0,
+        }
+    }
+
+    /// The logits `[V]` (f32) after `ids`, which continue the sequence in `cache` (a prompt, or
+    /// one new token); their keys and values join the cache.
+    pub fn decode(&self, ids: &[u32], cache: &mut KvCache, lora: &LoraCtx) -> Result<Tensor> {
+        let (n, start) = (ids.len(), cache.len);
+        if n == 0 {
+            candle_core::bail!("decode: no tokens");
+        }
+        if start + n > self.rope.max_positions {
+            candle_core::bail!(
+                "decode: {} positions, the model was set up for {}",
+                start + n,
+                self.rope.max_positions
+            );
+        }
+        if let Some(&t) = ids.iter().find(|&&t| t as usize >= self.spec.vocab_size) {
+            candle_core::bail!(
+                "token id {t} outside the vocabulary of {}",
+                self.spec.vocab_size
+            );
+        }
+        let positions: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
+        let pos = Tensor::new(positions.as_slice(), &self.device)?;
+        let rope = self.rope.tables(&pos, self.dtype)?;
+        let mut x = self.embed.rows(&TokenIds::new(ids, &self.device)?)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let slot = &mut cache.layers[l];
+            x = layer.decode(&self.spec, &x, (&rope, start), slot, lora, self)?;
+        }
+        cache.len += n;
+        let h = self.final_norm(&x.narrow(0, n - 1, 1)?)?;
+        h.matmul(&self.lm_head.t()?)?
+            .to_dtype(DType::F32)?
+            .squeeze(0)
+    }
+}
+
+impl Layer {
+    /// x `[n, H]` at positions `start..start + n` → `[n, H]`, appending the new keys and values
+    /// to `slot`.
+    fn decode(
+        &self,
+        spec: &ArchSpec,
+        x: &Tensor,
+        ((cos, sin), start): (&(Tensor, Tensor), usize),
+        slot: &mut Option<(Tensor, Tensor)>,
+        lora: &LoraCtx,
+        model: &Model,
+    ) -> Result<Tensor> {
+        let eps = spec.rms_norm_eps;
+        let (n, nh, kvh, hd) = (x.dim(0)?, spec.num_heads, spec.num_kv_heads, spec.head_dim);
+        let a = &self.attn;
+        let h = rms_norm(x, &self.input_norm, eps)?;
+        let (mut q, mut k, mut v) = (
+            a.q.forward(&h, lora)?,
+            a.k.forward(&h, lora)?,
+            a.v.forward(&h, lora)?,
+        );
+        if let (QkNorm::FullProjection, Some(qn), Some(kn)) = (spec.qk_norm, &a.q_norm, &a.k_norm) {
+            q = rms_norm(&q, qn, eps)?;
+            k = rms_norm(&k, kn, eps)?;
+        }
+        if let Some(c) = spec.clip_qkv {
+            q = q.clamp(-c, c)?;
+            k = k.clamp(-c, c)?;
+            v = v.clamp(-c, c)?;
+        }
+        let (mut q, mut k) = (q.reshape((n, nh, hd))?, k.reshape((n, kvh, hd))?);
+        let v = v.reshape((n, kvh, hd))?;
+        if let (QkNorm::PerHead, Some(qn), Some(kn)) = (spec.qk_norm, &a.q_norm, &a.k_norm) {
+            q = rms_norm(&q, qn, eps)?;
+            k = rms_norm(&k, kn, eps)?;
+        }
+        let (q, k) = (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?);
+        let (k, v) = match slot.take() {
+            None => (k, v),
+            Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 0)?, Tensor::cat(&[&cv, &v], 0)?),
+        };
+        *slot = Some((k.clone(), v.clone()));
+        let ctx = attend(&q, &k, &v, start, nh / kvh)?.to_dtype(x.dtype())?;
+        let x = add(x, &a.o.forward(&ctx.reshape((n, nh * hd))?, lora)?)?;
+        let h = rms_norm(&x, &self.post_norm, eps)?;
+        let m = match &self.mlp {
+            Mlp::Dense(p) => swiglu_mlp(p, &h, lora)?,
+            Mlp::Moe(moe) => {
+                moe.forward(spec, &h, lora, model.exchange.as_deref(), &mut None)?
+                    .0
+            }
+        };
+        add(&x, &m)
+    }
+}
+
+/// q `[n, heads, hd]` at positions `start..start + n` against k, v `[T, kv_heads, hd]` (T =
+/// start + n), causal, `groups` query heads per key/value head → `[n, heads, hd]` in f32.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, start: usize, groups: usize) -> Result<Tensor> {
+    let (n, nh, hd) = q.dims3()?;
+    let (t, kvh, _) = k.dims3()?;
+    let f = |x: &Tensor| x.to_dtype(DType::F32);
+    let q = f(q)?.transpose(0, 1)?.contiguous()?; // [nh, n, hd]
+                                                  // Key/value head j serves query heads j·groups .. (j + 1)·groups.
+    let heads = |x: &Tensor| -> Result<Tensor> {
+        f(x)?
+            .transpose(0, 1)? // [kvh, T, hd]
+            .unsqueeze(1)?
+            .expand((kvh, groups, t, hd))?
+            .reshape((nh, t, hd))
+    };
+    let (k, v) = (heads(k)?, heads(v)?);
+    let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?; // [nh, n, T]
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                if j <= start + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (1, n, t), q.device())?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+    probs.matmul(&v)?.transpose(0, 1) // [n, nh, hd]
+}
