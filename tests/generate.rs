@@ -5,10 +5,11 @@
 //! with transformers). Tolerance: relative 1e-4 of the largest logit (f32; eager attention in
 //! another order than the training kernel's).
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+use candle_core::{DType, Device};
+use common::{max_abs, random_adapters, EXPERT_PARAMETERS};
 use moeq::arch::{LoraCtx, Model, ModelType};
 use moeq::data::{Batch, IGNORE_INDEX};
-use moeq::lora::{Adapters, LoraSettings};
 use moeq::model_files::frozen::{self, CpuQuantizer, SingleProcess};
 use moeq::model_files::ModelDir;
 use moeq::quant::QuantSettings;
@@ -42,26 +43,8 @@ fn cached_decoding_matches_the_whole_sequence() {
         )
         .unwrap();
         let model = Model::new(&md.spec, &base, DType::F32, &Device::Cpu, 64).unwrap();
-        let settings = LoraSettings {
-            r: 4,
-            alpha: 8.0,
-            dropout: 0.0,
-            use_rslora: false,
-            target_modules: vec!["all-linear".into()],
-            target_parameters: vec![
-                "mlp.experts.gate_up_proj".into(),
-                "mlp.experts.down_proj".into(),
-            ],
-        };
-        let adapters = Adapters::new(&md.spec, settings, 2, &Device::Cpu).unwrap();
+        let adapters = random_adapters(&md.spec, &["all-linear"], &EXPERT_PARAMETERS, 3, 0.2);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        for (_, v) in adapters.vars() {
-            let vals: Vec<f32> = (0..v.elem_count())
-                .map(|_| rng.random_range(-0.2..0.2))
-                .collect();
-            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
-                .unwrap();
-        }
         let n = 12;
         let ids: Vec<u32> = (0..n)
             .map(|_| rng.random_range(0..md.spec.vocab_size as u32))
@@ -91,21 +74,7 @@ fn cached_decoding_matches_the_whole_sequence() {
         for (k, g) in got.iter().enumerate() {
             let pos = k + 4;
             let want = whole.get(pos).unwrap();
-            let err = (g - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let scale = want
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let (err, scale) = (max_abs(&(g - &want).unwrap()), max_abs(&want));
             assert!(
                 err <= 1e-4 * scale,
                 "{arch:?} position {pos}: {err} of {scale}"

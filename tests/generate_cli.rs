@@ -5,9 +5,9 @@
 //! tests/fixtures/hf/verify_hf.py on the GPU machine.
 
 mod common;
-use candle_core::{Device, Tensor};
-use common::moeq;
-use moeq::lora::{peft, Adapters, LoraSettings};
+use candle_core::Device;
+use common::{moeq, random_adapters};
+use moeq::lora::peft;
 use moeq::model_files::ModelDir;
 use moeq::synth::{self, SynthOptions};
 use rand::{Rng, SeedableRng};
@@ -45,28 +45,14 @@ fn greedy_follows_the_training_forward_and_sampling_repeats() {
     .unwrap();
     let md = ModelDir::open(&model).unwrap();
     let adapter = tmp.path().join("a");
-    let a = Adapters::new(
+    let a = random_adapters(
         &md.spec,
-        LoraSettings {
-            r: 4,
-            alpha: 8.0,
-            dropout: 0.0,
-            use_rslora: false,
-            target_modules: vec!["q_proj".into(), "o_proj".into()],
-            target_parameters: vec!["mlp.experts.gate_up_proj".into()],
-        },
-        1,
-        &Device::Cpu,
-    )
-    .unwrap();
+        &["q_proj", "o_proj"],
+        &["mlp.experts.gate_up_proj"],
+        2,
+        0.3,
+    );
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
-    for (_, v) in a.vars() {
-        let vals: Vec<f32> = (0..v.elem_count())
-            .map(|_| rng.random_range(-0.3..0.3))
-            .collect();
-        v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
-            .unwrap();
-    }
     peft::save(&a, "m", &adapter).unwrap();
     let prompts = tmp.path().join("p.jsonl");
     let lines: Vec<String> = (0..2)

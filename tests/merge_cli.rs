@@ -8,9 +8,9 @@
 
 mod common;
 use candle_core::{Device, Tensor};
-use common::moeq;
+use common::{moeq, random_adapters, EXPERT_PARAMETERS};
 use moeq::arch::ModelType;
-use moeq::lora::{peft, Adapters, LoraSettings};
+use moeq::lora::peft;
 use moeq::model_files::ModelDir;
 use moeq::synth::{self, DiskLayout, SynthOptions};
 use rand::{Rng, SeedableRng};
@@ -32,26 +32,7 @@ fn synth_into(dir: &Path, arch: ModelType, layout: DiskLayout, shard_bytes: u64)
 
 /// Random A and B on every linear target and both expert parameters, saved as PEFT files.
 fn random_adapter(md: &ModelDir, out: &Path) {
-    let s = LoraSettings {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        use_rslora: false,
-        target_modules: vec!["all-linear".into()],
-        target_parameters: vec![
-            "mlp.experts.gate_up_proj".into(),
-            "mlp.experts.down_proj".into(),
-        ],
-    };
-    let a = Adapters::new(&md.spec, s, 1, &Device::Cpu).unwrap();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-    for (_, v) in a.vars() {
-        let vals: Vec<f32> = (0..v.elem_count())
-            .map(|_| rng.random_range(-0.2..0.2))
-            .collect();
-        v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
-            .unwrap();
-    }
+    let a = random_adapters(&md.spec, &["all-linear"], &EXPERT_PARAMETERS, 5, 0.2);
     peft::save(&a, "base", out).unwrap();
 }
 

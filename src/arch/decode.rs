@@ -81,20 +81,7 @@ impl Layer {
         let (n, nh, kvh, hd) = (x.dim(0)?, spec.num_heads, spec.num_kv_heads, spec.head_dim);
         let a = &self.attn;
         let h = rms_norm(x, &self.input_norm, eps)?;
-        let (mut q, mut k, mut v) = (
-            a.q.forward(&h, lora)?,
-            a.k.forward(&h, lora)?,
-            a.v.forward(&h, lora)?,
-        );
-        if let (QkNorm::FullProjection, Some(qn), Some(kn)) = (spec.qk_norm, &a.q_norm, &a.k_norm) {
-            q = rms_norm(&q, qn, eps)?;
-            k = rms_norm(&k, kn, eps)?;
-        }
-        if let Some(c) = spec.clip_qkv {
-            q = q.clamp(-c, c)?;
-            k = k.clamp(-c, c)?;
-            v = v.clamp(-c, c)?;
-        }
+        let (q, k, v) = a.qkv(spec, &h, lora)?;
         let (mut q, mut k) = (q.reshape((n, nh, hd))?, k.reshape((n, kvh, hd))?);
         let v = v.reshape((n, kvh, hd))?;
         if let (QkNorm::PerHead, Some(qn), Some(kn)) = (spec.qk_norm, &a.q_norm, &a.k_norm) {

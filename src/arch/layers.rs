@@ -156,24 +156,23 @@ impl Attention {
         }
     }
 
-    /// x [N, H] → [N, H] in decoder layer `layer`.
-    fn forward(
+    /// q, k, v `[N, heads·hd]` of x `[N, H]`: the projections (with their adapters), the norm
+    /// over the whole projection where the architecture has it (OLMoE), `clip_qkv`.
+    pub(super) fn qkv(
         &self,
         spec: &ArchSpec,
-        layer: usize,
         x: &Tensor,
-        inputs: &Inputs,
         lora: &LoraCtx,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let eps = spec.rms_norm_eps;
-        let dev = x.device();
-        let (mut q, mut k, mut v) = timed("attn: q/k/v projections", dev, || -> Result<_> {
-            Ok((
-                self.q.forward(x, lora)?, // [N, nh·hd]
-                self.k.forward(x, lora)?, // [N, kvh·hd]
-                self.v.forward(x, lora)?,
-            ))
-        })?;
+        let (mut q, mut k, mut v) =
+            timed("attn: q/k/v projections", x.device(), || -> Result<_> {
+                Ok((
+                    self.q.forward(x, lora)?, // [N, nh·hd]
+                    self.k.forward(x, lora)?, // [N, kvh·hd]
+                    self.v.forward(x, lora)?,
+                ))
+            })?;
         if spec.qk_norm == QkNorm::FullProjection {
             if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
                 q = rms_norm(&q, qn, eps)?;
@@ -185,6 +184,20 @@ impl Attention {
             k = k.clamp(-c, c)?;
             v = v.clamp(-c, c)?;
         }
+        Ok((q, k, v))
+    }
+
+    /// x [N, H] → [N, H] in decoder layer `layer`.
+    fn forward(
+        &self,
+        spec: &ArchSpec,
+        layer: usize,
+        x: &Tensor,
+        inputs: &Inputs,
+        lora: &LoraCtx,
+    ) -> Result<Tensor> {
+        let dev = x.device();
+        let (q, k, v) = self.qkv(spec, x, lora)?;
         let args = self.block_args(spec, layer, inputs, q.dtype());
         // Per-head norms, rotary embedding and attention as one op.
         let ctx = timed("attn: attention", dev, || {

@@ -30,3 +30,40 @@ pub fn moeq(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).to_string(),
     )
 }
+
+/// Adapters of `spec` at rank 4 (α 8) on `modules` and the expert `parameters`, every A and B
+/// drawn uniformly from ±`bound` by `seed` (PEFT starts B at zero, an adapter that changes
+/// nothing).
+#[allow(dead_code)]
+pub fn random_adapters(
+    spec: &moeq::arch::ArchSpec,
+    modules: &[&str],
+    parameters: &[&str],
+    seed: u64,
+    bound: f32,
+) -> moeq::lora::Adapters {
+    use rand::{Rng, SeedableRng};
+    let cpu = candle_core::Device::Cpu;
+    let settings = moeq::lora::LoraSettings {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        use_rslora: false,
+        target_modules: modules.iter().map(|m| m.to_string()).collect(),
+        target_parameters: parameters.iter().map(|p| p.to_string()).collect(),
+    };
+    let a = moeq::lora::Adapters::new(spec, settings, 1, &cpu).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    for (_, v) in a.vars() {
+        let vals: Vec<f32> = (0..v.elem_count())
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        v.set(&candle_core::Tensor::from_vec(vals, v.shape(), &cpu).unwrap())
+            .unwrap();
+    }
+    a
+}
+
+/// Both expert parameters, as `lora_target_parameters` names them.
+#[allow(dead_code)]
+pub const EXPERT_PARAMETERS: [&str; 2] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"];
