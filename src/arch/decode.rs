@@ -114,8 +114,9 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, start: usize, groups: usize) -> Re
     let (n, nh, hd) = q.dims3()?;
     let (t, kvh, _) = k.dims3()?;
     let f = |x: &Tensor| x.to_dtype(DType::F32);
-    let q = f(q)?.transpose(0, 1)?.contiguous()?; // [nh, n, hd]
-                                                  // Key/value head j serves query heads j·groups .. (j + 1)·groups.
+    // [nh, n, hd]
+    let q = f(q)?.transpose(0, 1)?.contiguous()?;
+    // Key/value head j serves query heads j·groups .. (j + 1)·groups.
     let heads = |x: &Tensor| -> Result<Tensor> {
         f(x)?
             .transpose(0, 1)? // [kvh, T, hd]
