@@ -52,10 +52,11 @@ impl Model {
         let positions: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
         let pos = Tensor::new(positions.as_slice(), &self.device)?;
         let rope = self.rope.tables(&pos, self.dtype)?;
+        let mask = causal_mask(n, start, &self.device)?;
         let mut x = self.embed.rows(&TokenIds::new(ids, &self.device)?)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let slot = &mut cache.layers[l];
-            x = layer.decode(&self.spec, &x, (&rope, start), slot, lora, self)?;
+            x = layer.decode(&self.spec, &x, (&rope, mask.as_ref()), slot, lora, self)?;
         }
         cache.len += n;
         let h = self.final_norm(&x.narrow(0, n - 1, 1)?)?;
@@ -66,13 +67,13 @@ impl Model {
 }
 
 impl Layer {
-    /// x `[n, H]` at positions `start..start + n` → `[n, H]`, appending the new keys and values
-    /// to `slot`.
+    /// x `[n, H]` → `[n, H]` (rotary tables and attention mask of their positions), appending
+    /// the new keys and values to `slot`.
     fn decode(
         &self,
         spec: &ArchSpec,
         x: &Tensor,
-        ((cos, sin), start): (&(Tensor, Tensor), usize),
+        ((cos, sin), mask): (&(Tensor, Tensor), Option<&Tensor>),
         slot: &mut Option<(Tensor, Tensor)>,
         lora: &LoraCtx,
         model: &Model,
@@ -94,7 +95,7 @@ impl Layer {
             Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 0)?, Tensor::cat(&[&cv, &v], 0)?),
         };
         *slot = Some((k.clone(), v.clone()));
-        let ctx = attend(&q, &k, &v, start, nh / kvh)?.to_dtype(x.dtype())?;
+        let ctx = attend(&q, &k, &v, mask, nh / kvh)?.to_dtype(x.dtype())?;
         let x = add(x, &a.o.forward(&ctx.reshape((n, nh * hd))?, lora)?)?;
         let h = rms_norm(&x, &self.post_norm, eps)?;
         let m = match &self.mlp {
@@ -108,10 +109,38 @@ impl Layer {
     }
 }
 
-/// q `[n, heads, hd]` at positions `start..start + n` against k, v `[T, kv_heads, hd]` (T =
-/// start + n), causal, `groups` query heads per key/value head → `[n, heads, hd]` in f32.
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, start: usize, groups: usize) -> Result<Tensor> {
-    let (n, nh, hd) = q.dims3()?;
+/// The additive causal mask `[1, n, T]` (T = start + n) of n new queries at positions
+/// `start..start + n`, built once per call for every layer; None for one query (it sees every
+/// key).
+fn causal_mask(n: usize, start: usize, device: &candle_core::Device) -> Result<Option<Tensor>> {
+    if n == 1 {
+        return Ok(None);
+    }
+    let t = start + n;
+    let mask: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                if j <= start + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Tensor::from_vec(mask, (1, n, t), device).map(Some)
+}
+
+/// q `[n, heads, hd]` against k, v `[T, kv_heads, hd]` with the causal `mask`, `groups` query
+/// heads per key/value head → `[n, heads, hd]` in f32.
+fn attend(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    groups: usize,
+) -> Result<Tensor> {
+    let (_, nh, hd) = q.dims3()?;
     let (t, kvh, _) = k.dims3()?;
     let f = |x: &Tensor| x.to_dtype(DType::F32);
     // [nh, n, hd]
@@ -125,19 +154,10 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, start: usize, groups: usize) -> Re
             .reshape((nh, t, hd))
     };
     let (k, v) = (heads(k)?, heads(v)?);
-    let scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?; // [nh, n, T]
-    let mask: Vec<f32> = (0..n)
-        .flat_map(|i| {
-            (0..t).map(move |j| {
-                if j <= start + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (1, n, t), q.device())?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+    let mut scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?; // [nh, n, T]
+    if let Some(m) = mask {
+        scores = scores.broadcast_add(m)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     probs.matmul(&v)?.transpose(0, 1) // [n, nh, hd]
 }
