@@ -267,11 +267,7 @@ pub fn merge(
         if let Some(obj) = config.as_object_mut() {
             obj.remove("quantization_config");
             if let Some(d) = dtype {
-                let name = match d {
-                    DType::F32 => "float32",
-                    DType::F16 => "float16",
-                    _ => "bfloat16",
-                };
+                let name = crate::model_files::bnb::torch_dtype_name(d);
                 for key in ["torch_dtype", "dtype"] {
                     if obj.contains_key(key) {
                         obj.insert(key.into(), name.into());
