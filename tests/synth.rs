@@ -55,20 +55,69 @@ fn spec(arch: ModelType, preset: &str) -> ArchSpec {
 
 #[test]
 fn real_presets_match_published_parameter_counts() {
-    // (arch, preset, total B, active B, tolerance on each in B). Published figures are
-    // rounded to 0.1B; the tolerance covers the rounding and, for Mixtral, whether the
-    // embeddings are counted in "active".
-    let cases = [
-        (ModelType::Qwen3Moe, "qwen3-30b-a3b", 30.5, 3.3, 0.2),
-        (ModelType::Qwen3Moe, "qwen3-235b-a22b", 235.0, 22.0, 1.0),
-        (ModelType::Qwen2Moe, "qwen1.5-moe-a2.7b", 14.3, 2.7, 0.2),
-        (ModelType::Mixtral, "mixtral-8x7b", 46.7, 12.9, 0.2),
-        (ModelType::Olmoe, "olmoe-1b-7b", 6.9, 1.3, 0.2),
+    use moeq::arch::Component::{Embedding, LmHead};
+    // (arch, preset, total B, active B, tolerance on each in B, what the publisher leaves out
+    // of "active"). Published figures are rounded (to 0.1B, or to 1B for the large models); the
+    // tolerance covers the rounding and, for Mixtral, whether the embeddings are counted.
+    // Totals leave out the multi-token-prediction layers, as DeepSeek's 671B does.
+    let cases: [(ModelType, &str, f64, f64, f64, &[moeq::arch::Component]); 10] = [
+        (ModelType::Qwen3Moe, "qwen3-30b-a3b", 30.5, 3.3, 0.2, &[]),
+        (
+            ModelType::Qwen3Moe,
+            "qwen3-235b-a22b",
+            235.0,
+            22.0,
+            1.0,
+            &[],
+        ),
+        (
+            ModelType::Qwen2Moe,
+            "qwen1.5-moe-a2.7b",
+            14.3,
+            2.7,
+            0.2,
+            &[],
+        ),
+        (ModelType::Mixtral, "mixtral-8x7b", 46.7, 12.9, 0.2, &[]),
+        (ModelType::Olmoe, "olmoe-1b-7b", 6.9, 1.3, 0.2, &[]),
+        (
+            ModelType::DeepseekV2,
+            "deepseek-v2-lite",
+            15.7,
+            2.4,
+            0.1,
+            &[Embedding],
+        ),
+        (
+            ModelType::DeepseekV3,
+            "deepseek-v3",
+            671.0,
+            37.0,
+            1.0,
+            &[Embedding],
+        ),
+        (
+            ModelType::Glm4Moe,
+            "glm-4.5-air",
+            106.0,
+            12.0,
+            1.0,
+            &[Embedding, LmHead],
+        ),
+        (
+            ModelType::Glm4MoeLite,
+            "glm-4.7-flash",
+            30.0,
+            3.0,
+            0.3,
+            &[Embedding, LmHead],
+        ),
+        (ModelType::KimiK2, "kimi-k2", 1000.0, 32.0, 30.0, &[]),
     ];
-    for (arch, preset, total, active, tol) in cases {
+    for (arch, preset, total, active, tol, left_out) in cases {
         let s = spec(arch, preset);
         let t = s.total_params() as f64 / 1e9;
-        let a = s.active_params() as f64 / 1e9;
+        let a = s.active_params_without(left_out) as f64 / 1e9;
         assert!(
             (t - total).abs() <= tol,
             "{preset}: total {t:.3}B vs {total}B"
@@ -130,7 +179,7 @@ fn synth_uri_parses_and_rejects() {
         .to_string();
     assert_eq!(
         err,
-        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe)"
+        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2)"
     );
 }
 

@@ -1,12 +1,14 @@
 //! Architectures as data: `ArchSpec` from config.json and the canonical parameter list.
 
 mod backward;
+mod cfg;
 mod decode;
 pub mod exchange;
 mod layers;
 mod memory;
 pub mod model;
 mod params;
+mod rows;
 mod spec;
 
 pub use backward::{AdapterGrads, LayerTape};
@@ -16,6 +18,6 @@ pub use memory::{estimate, nf4_bytes, target_matches, FrozenFormat, LoraPlan, Me
 pub use model::{Inputs, LayerStats, LoraCtx, Model};
 pub use params::{down_name, gate_up_name, Component, ParamInfo};
 pub use spec::{
-    ArchSpec, ModelType, QkNorm, RopeSpec, RouterSpec, SharedExpertSpec, SpecError,
-    SUPPORTED_MODEL_TYPES,
+    ArchSpec, GroupLimit, GroupScore, LatentSpec, ModelType, QkNorm, RopeSpec, Rotary, RouterSpec,
+    Scoring, SharedExpertSpec, SpecError, LATENT_NORM_EPS, SUPPORTED_MODEL_TYPES,
 };

@@ -2,7 +2,7 @@
 //! name, shape and role. Synthesis writes it, the checkpoint reader checks against it,
 //! `inspect` counts it, and quantization decides from `Component` what becomes NF4.
 
-use super::spec::{ArchSpec, QkNorm};
+use super::spec::{ArchSpec, LatentSpec, QkNorm};
 
 /// What a tensor is, for accounting and for the quantize-or-not decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -65,7 +65,120 @@ pub fn down_name(layer: usize) -> String {
     format!("model.layers.{layer}.mlp.experts.down_proj")
 }
 
+/// Adds one parameter: name, shape, component, quantized.
+type Push<'a> = dyn FnMut(String, Vec<usize>, Component, bool) + 'a;
+
 impl ArchSpec {
+    /// q/k/v/o projections (with their biases) and the q/k norms of ordinary attention.
+    fn head_params(&self, a: &str, push: &mut Push) {
+        let h = self.hidden_size;
+        let (qd, kvd) = (self.q_dim(), self.kv_dim());
+        for (proj, out_dim, in_dim) in [("q", qd, h), ("k", kvd, h), ("v", kvd, h), ("o", h, qd)] {
+            push(
+                format!("{a}.{proj}_proj.weight"),
+                vec![out_dim, in_dim],
+                Component::Attention,
+                true,
+            );
+            let has_bias = if proj == "o" {
+                self.o_bias
+            } else {
+                self.qkv_bias
+            };
+            if has_bias {
+                push(
+                    format!("{a}.{proj}_proj.bias"),
+                    vec![out_dim],
+                    Component::Attention,
+                    false,
+                );
+            }
+        }
+        match self.qk_norm {
+            QkNorm::None => {}
+            QkNorm::PerHead => {
+                push(
+                    format!("{a}.q_norm.weight"),
+                    vec![self.head_dim],
+                    Component::Norm,
+                    false,
+                );
+                push(
+                    format!("{a}.k_norm.weight"),
+                    vec![self.head_dim],
+                    Component::Norm,
+                    false,
+                );
+            }
+            QkNorm::FullProjection => {
+                push(
+                    format!("{a}.q_norm.weight"),
+                    vec![qd],
+                    Component::Norm,
+                    false,
+                );
+                push(
+                    format!("{a}.k_norm.weight"),
+                    vec![kvd],
+                    Component::Norm,
+                    false,
+                );
+            }
+        }
+    }
+
+    /// Latent attention's projections and norms (`attention_bias` puts biases on `q_a_proj`,
+    /// `kv_a_proj_with_mqa` and `o_proj`).
+    fn latent_params(&self, a: &str, l: LatentSpec, push: &mut Push) {
+        let (h, nh) = (self.hidden_size, self.num_heads);
+        let bias = self.o_bias;
+        let mut linear = |name: &str, out: usize, inp: usize, with_bias: bool| {
+            push(
+                format!("{a}.{name}.weight"),
+                vec![out, inp],
+                Component::Attention,
+                true,
+            );
+            if with_bias {
+                push(
+                    format!("{a}.{name}.bias"),
+                    vec![out],
+                    Component::Attention,
+                    false,
+                );
+            }
+        };
+        match l.q_lora_rank {
+            None => linear("q_proj", nh * self.head_dim, h, false),
+            Some(r) => {
+                linear("q_a_proj", r, h, bias);
+                linear("q_b_proj", nh * self.head_dim, r, false);
+            }
+        }
+        linear("kv_a_proj_with_mqa", l.kv_lora_rank + l.rope_dim, h, bias);
+        linear(
+            "kv_b_proj",
+            nh * (l.nope_dim + l.v_head_dim),
+            l.kv_lora_rank,
+            false,
+        );
+        linear("o_proj", h, nh * l.v_head_dim, bias);
+        if let Some(r) = l.q_lora_rank {
+            push(
+                format!("{a}.q_a_layernorm.weight"),
+                vec![r],
+                Component::Norm,
+                false,
+            );
+        }
+        push(
+            format!("{a}.kv_a_layernorm.weight"),
+            vec![l.kv_lora_rank],
+            Component::Norm,
+            false,
+        );
+    }
+
     /// All parameters in a fixed order (embedding, layers in order, final norm, lm_head).
     pub fn params(&self) -> Vec<ParamInfo> {
         let h = self.hidden_size;
@@ -94,60 +207,9 @@ impl ArchSpec {
                 false,
             );
             let a = format!("{p}.self_attn");
-            let (qd, kvd) = (self.q_dim(), self.kv_dim());
-            for (proj, out_dim, in_dim) in
-                [("q", qd, h), ("k", kvd, h), ("v", kvd, h), ("o", h, qd)]
-            {
-                push(
-                    format!("{a}.{proj}_proj.weight"),
-                    vec![out_dim, in_dim],
-                    Component::Attention,
-                    true,
-                );
-                let has_bias = if proj == "o" {
-                    self.o_bias
-                } else {
-                    self.qkv_bias
-                };
-                if has_bias {
-                    push(
-                        format!("{a}.{proj}_proj.bias"),
-                        vec![out_dim],
-                        Component::Attention,
-                        false,
-                    );
-                }
-            }
-            match self.qk_norm {
-                QkNorm::None => {}
-                QkNorm::PerHead => {
-                    push(
-                        format!("{a}.q_norm.weight"),
-                        vec![self.head_dim],
-                        Component::Norm,
-                        false,
-                    );
-                    push(
-                        format!("{a}.k_norm.weight"),
-                        vec![self.head_dim],
-                        Component::Norm,
-                        false,
-                    );
-                }
-                QkNorm::FullProjection => {
-                    push(
-                        format!("{a}.q_norm.weight"),
-                        vec![qd],
-                        Component::Norm,
-                        false,
-                    );
-                    push(
-                        format!("{a}.k_norm.weight"),
-                        vec![kvd],
-                        Component::Norm,
-                        false,
-                    );
-                }
+            match self.latent {
+                Some(l) => self.latent_params(&a, l, &mut push),
+                None => self.head_params(&a, &mut push),
             }
             push(
                 format!("{p}.post_attention_layernorm.weight"),
@@ -163,11 +225,19 @@ impl ArchSpec {
                     Component::Router,
                     false,
                 );
+                if self.router.correction_bias {
+                    push(
+                        format!("{p}.mlp.gate.e_score_correction_bias"),
+                        vec![e],
+                        Component::Router,
+                        false,
+                    );
+                }
                 push(gate_up_name(l), vec![e, 2 * i, h], Component::Experts, true);
                 push(down_name(l), vec![e, h, i], Component::Experts, true);
                 if let Some(shared) = self.shared_expert {
                     let si = shared.intermediate_size;
-                    let s = format!("{p}.mlp.shared_expert");
+                    let s = format!("{p}.mlp.{}", shared.module);
                     push(
                         format!("{s}.gate_proj.weight"),
                         vec![si, h],
@@ -240,8 +310,16 @@ impl ArchSpec {
     /// Parameters touched per token: routed experts count `top_k` of `E`; embeddings and
     /// `lm_head` count in full, as the published "active" figures do.
     pub fn active_params(&self) -> u64 {
+        self.active_params_without(&[])
+    }
+
+    /// Active parameters without the given components. Publishers count differently: Qwen and
+    /// Mixtral include both embedding tables, DeepSeek leaves out the input embedding (a
+    /// lookup), GLM both tables.
+    pub fn active_params_without(&self, left_out: &[Component]) -> u64 {
         self.params()
             .iter()
+            .filter(|p| !left_out.contains(&p.component))
             .map(|p| (p.numel() as f64 * p.active_fraction).round() as u64)
             .sum()
     }

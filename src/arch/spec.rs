@@ -3,7 +3,10 @@
 //! `ModelType` row says which config keys name what and which defaults apply; the model
 //! implementation reads only the resulting spec.
 
-use serde_json::{Map, Value};
+use super::cfg::{moe_layer_pattern, rope_spec, Cfg};
+use super::rows::{AttentionRow, Row, SharedRow};
+pub use super::rows::{ModelType, SUPPORTED_MODEL_TYPES};
+use serde_json::Value;
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,17 +37,6 @@ pub enum SpecError {
     },
 }
 
-/// The model families moeq implements. Adding one is a row in `ModelType::row` plus, at most,
-/// a small hook in the model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelType {
-    Qwen3Moe,
-    Qwen2Moe,
-    Mixtral,
-    Olmoe,
-}
-
 /// How q/k are normalised before RoPE.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -56,23 +48,102 @@ pub enum QkNorm {
     FullProjection,
 }
 
-/// Router: `softmax(logits)` over all experts, then top-k; weights renormalised to sum 1 when
-/// `renormalize` (qwen `norm_topk_prob`, always for Mixtral).
+/// How the router turns logits into scores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scoring {
+    /// `softmax` over all experts (Qwen, Mixtral, OLMoE, DeepSeek-V2).
+    Softmax,
+    /// `sigmoid` per expert (DeepSeek-V3, GLM-4.5, GLM-4.7-Flash).
+    Sigmoid,
+}
+
+/// How a group of experts is scored for group-limited routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupScore {
+    /// Its best expert's score (DeepSeek-V2 `group_limited_greedy`).
+    Max,
+    /// The sum of its two best (bias-corrected) scores (DeepSeek-V3 `noaux_tc`).
+    TopTwoSum,
+}
+
+/// Group-limited routing: the experts form `groups` equal groups, a token keeps its `keep`
+/// best groups and chooses its top-k among their experts only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct GroupLimit {
+    pub groups: usize,
+    pub keep: usize,
+    pub score: GroupScore,
+}
+
+/// The router: scores from the logits (in f32), the top-k choice (over the scores plus the
+/// correction bias where there is one, within the kept groups where routing is group-limited),
+/// then the chosen experts' scores as weights — renormalised to sum 1 when `renormalize` (qwen
+/// `norm_topk_prob`, always for Mixtral) — times `scaling` (`routed_scaling_factor`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct RouterSpec {
     pub top_k: usize,
     pub renormalize: bool,
+    pub scoring: Scoring,
+    /// `e_score_correction_bias [E]` (f32) added to the scores for the choice only.
+    pub correction_bias: bool,
+    pub group_limit: Option<GroupLimit>,
+    pub scaling: f64,
+}
+
+impl RouterSpec {
+    /// Softmax then top-k, no groups, bias or scaling: what the fused router kernel computes.
+    pub fn is_plain_softmax(&self) -> bool {
+        self.scoring == Scoring::Softmax
+            && !self.correction_bias
+            && self.group_limit.is_none()
+            && self.scaling == 1.0
+    }
 }
 
 pub use crate::ops::rope::RopeSpec;
 
-/// The shared expert of qwen2_moe: a dense SwiGLU MLP added to every token's expert output,
-/// scaled by `sigmoid(shared_expert_gate(x))`.
+/// The shared expert: a dense SwiGLU MLP added to every token's expert output — qwen2_moe's
+/// (`mlp.shared_expert`) scaled by `sigmoid(shared_expert_gate(x))`, DeepSeek's and GLM's
+/// (`mlp.shared_experts`, `n_shared_experts` experts as one MLP) summed as it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct SharedExpertSpec {
     pub intermediate_size: usize,
     pub gated: bool,
+    /// The module under `mlp.`: `shared_expert` or `shared_experts`.
+    pub module: &'static str,
 }
+
+/// Which dims of a head the rotary embedding turns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Rotary {
+    /// Rotated dims per head: the first `dim` of an ordinary head (`partial_rotary_factor`;
+    /// equal to `head_dim` for most models), the `qk_rope_head_dim` part of a latent one.
+    pub dim: usize,
+    /// DeepSeek: the rotated pairs are adjacent dims `(2i, 2i + 1)`, and the rotated part comes
+    /// out as its even dims then its odd dims (transformers' `apply_rotary_pos_emb_interleave`);
+    /// otherwise the pairs are `(i, i + dim/2)` (`rotate_half`).
+    pub interleaved: bool,
+}
+
+/// Multi-head latent attention (DeepSeek-V2): q from `q_proj`, or through the low-rank
+/// `q_a_proj` → `q_a_layernorm` → `q_b_proj`; keys and values from one latent
+/// `kv_a_proj_with_mqa` → (`kv_a_layernorm` on its first `kv_lora_rank` dims) → `kv_b_proj`,
+/// plus one rotated key part shared by all heads. A query/key head is `nope_dim` dims without
+/// position then `rope_dim` rotated dims; a value head is `v_head_dim`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LatentSpec {
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub nope_dim: usize,
+    pub rope_dim: usize,
+    pub v_head_dim: usize,
+}
+
+/// The epsilon of the latent norms (`q_a_layernorm`, `kv_a_layernorm`): transformers builds
+/// them with the RMSNorm default, not `rms_norm_eps`.
+pub const LATENT_NORM_EPS: f64 = 1e-6;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct ArchSpec {
@@ -83,10 +154,16 @@ pub struct ArchSpec {
     pub num_layers: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
+    /// The query/key head size (`qk_nope_head_dim + qk_rope_head_dim` for latent attention).
     pub head_dim: usize,
     pub max_position_embeddings: usize,
     pub rms_norm_eps: f64,
     pub rope: RopeSpec,
+    pub rotary: Rotary,
+    /// The softmax scale: `head_dim^-1/2`, times YaRN's `mscale_all_dim` correction squared for
+    /// latent attention.
+    pub attention_scale: f64,
+    pub latent: Option<LatentSpec>,
     pub qk_norm: QkNorm,
     /// Biases on q, k and v projections (qwen2_moe, or `attention_bias`).
     pub qkv_bias: bool,
@@ -103,6 +180,9 @@ pub struct ArchSpec {
     pub dense_intermediate_size: usize,
     /// Per layer: true for an MoE block, false for a dense MLP.
     pub moe_layers: Vec<bool>,
+    /// Multi-token-prediction layers stored after the decoder layers (`num_nextn_predict_layers`):
+    /// not trained, their weights are skipped at load.
+    pub mtp_layers: usize,
     pub tie_word_embeddings: bool,
     pub hidden_act: String,
     /// The checkpoint's declared dtype (`torch_dtype` / `dtype`), e.g. `bfloat16`.
@@ -111,216 +191,6 @@ pub struct ArchSpec {
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
     pub initializer_range: f64,
-}
-
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"];
-
-/// One architecture as data: where its config.json keeps each quantity and what the
-/// transformers config class defaults to when a key is absent.
-struct Row {
-    experts_key: &'static str,
-    expert_intermediate_key: &'static str,
-    default_norm_topk: bool,
-    always_renormalize: bool,
-    qk_norm: QkNorm,
-    default_qkv_bias: bool,
-    has_shared_expert: bool,
-    has_sparse_step: bool,
-    default_rope_theta: f64,
-    default_eps: f64,
-    default_max_positions: usize,
-    /// Reads `attention_bias` (bias on q, k, v and o; Mixtral has no attention biases).
-    reads_attention_bias: bool,
-    /// Reads `qkv_bias` (q, k, v only; default `default_qkv_bias`), else they follow the above.
-    reads_qkv_bias: bool,
-    /// Reads `clip_qkv` (q, k, v clamped to ±clip after projection).
-    reads_clip_qkv: bool,
-    /// Other spellings transformers' `attribute_map` accepts for the expert count.
-    experts_alias: Option<&'static str>,
-}
-
-impl ModelType {
-    pub fn parse(s: &str) -> Option<ModelType> {
-        match s {
-            "qwen3_moe" => Some(ModelType::Qwen3Moe),
-            "qwen2_moe" => Some(ModelType::Qwen2Moe),
-            "mixtral" => Some(ModelType::Mixtral),
-            "olmoe" => Some(ModelType::Olmoe),
-            _ => None,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModelType::Qwen3Moe => "qwen3_moe",
-            ModelType::Qwen2Moe => "qwen2_moe",
-            ModelType::Mixtral => "mixtral",
-            ModelType::Olmoe => "olmoe",
-        }
-    }
-
-    /// The class name transformers writes into `architectures`.
-    pub fn architecture_class(self) -> &'static str {
-        match self {
-            ModelType::Qwen3Moe => "Qwen3MoeForCausalLM",
-            ModelType::Qwen2Moe => "Qwen2MoeForCausalLM",
-            ModelType::Mixtral => "MixtralForCausalLM",
-            ModelType::Olmoe => "OlmoeForCausalLM",
-        }
-    }
-
-    fn row(self) -> Row {
-        match self {
-            ModelType::Qwen3Moe => Row {
-                experts_key: "num_experts",
-                expert_intermediate_key: "moe_intermediate_size",
-                default_norm_topk: false,
-                always_renormalize: false,
-                qk_norm: QkNorm::PerHead,
-                default_qkv_bias: false,
-                has_shared_expert: false,
-                has_sparse_step: true,
-                default_rope_theta: 10000.0,
-                default_eps: 1e-6,
-                default_max_positions: 32768,
-                reads_attention_bias: true,
-                reads_qkv_bias: false,
-                reads_clip_qkv: false,
-                experts_alias: Some("num_local_experts"),
-            },
-            ModelType::Qwen2Moe => Row {
-                experts_key: "num_experts",
-                expert_intermediate_key: "moe_intermediate_size",
-                default_norm_topk: false,
-                always_renormalize: false,
-                qk_norm: QkNorm::None,
-                default_qkv_bias: true,
-                has_shared_expert: true,
-                has_sparse_step: true,
-                default_rope_theta: 10000.0,
-                default_eps: 1e-6,
-                default_max_positions: 32768,
-                reads_attention_bias: false,
-                reads_qkv_bias: true,
-                reads_clip_qkv: false,
-                experts_alias: None,
-            },
-            ModelType::Mixtral => Row {
-                experts_key: "num_local_experts",
-                expert_intermediate_key: "intermediate_size",
-                default_norm_topk: true,
-                always_renormalize: true,
-                qk_norm: QkNorm::None,
-                default_qkv_bias: false,
-                has_shared_expert: false,
-                has_sparse_step: false,
-                default_rope_theta: 1e6,
-                default_eps: 1e-5,
-                default_max_positions: 131072,
-                reads_attention_bias: false,
-                reads_qkv_bias: false,
-                reads_clip_qkv: false,
-                experts_alias: Some("num_experts"),
-            },
-            ModelType::Olmoe => Row {
-                experts_key: "num_experts",
-                expert_intermediate_key: "intermediate_size",
-                default_norm_topk: false,
-                always_renormalize: false,
-                qk_norm: QkNorm::FullProjection,
-                default_qkv_bias: false,
-                has_shared_expert: false,
-                has_sparse_step: false,
-                default_rope_theta: 10000.0,
-                default_eps: 1e-5,
-                default_max_positions: 4096,
-                reads_attention_bias: true,
-                reads_qkv_bias: false,
-                reads_clip_qkv: true,
-                experts_alias: Some("num_local_experts"),
-            },
-        }
-    }
-}
-
-/// Typed access to config.json values with errors that name the file and key.
-struct Cfg<'a> {
-    path: &'a str,
-    map: &'a Map<String, Value>,
-}
-
-impl Cfg<'_> {
-    fn err(&self, key: &str, problem: impl Into<String>) -> SpecError {
-        SpecError::Key {
-            path: self.path.to_string(),
-            key: key.to_string(),
-            problem: problem.into(),
-        }
-    }
-
-    fn present(&self, key: &str) -> Option<&Value> {
-        self.map.get(key).filter(|v| !v.is_null())
-    }
-
-    fn usize_opt(&self, key: &str) -> Result<Option<usize>, SpecError> {
-        match self.present(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| self.err(key, format!("must be a non-negative integer, got {v}"))),
-        }
-    }
-
-    fn usize_req(&self, key: &str) -> Result<usize, SpecError> {
-        let n = self
-            .usize_opt(key)?
-            .ok_or_else(|| self.err(key, "is required"))?;
-        if n == 0 {
-            return Err(self.err(key, "must be at least 1, got 0"));
-        }
-        Ok(n)
-    }
-
-    fn f64_opt(&self, key: &str) -> Result<Option<f64>, SpecError> {
-        match self.present(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.err(key, format!("must be a number, got {v}"))),
-        }
-    }
-
-    fn bool_or(&self, key: &str, default: bool) -> Result<bool, SpecError> {
-        match self.present(key) {
-            None => Ok(default),
-            Some(v) => v
-                .as_bool()
-                .ok_or_else(|| self.err(key, format!("must be true or false, got {v}"))),
-        }
-    }
-
-    fn str_opt(&self, key: &str) -> Result<Option<String>, SpecError> {
-        match self.present(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(self.err(key, format!("must be a string, got {v}"))),
-        }
-    }
-
-    /// Token ids may be an integer or a list of integers (`eos_token_id: [1, 2]`).
-    fn ids(&self, key: &str) -> Result<Vec<u32>, SpecError> {
-        let bad = || self.err(key, "must be an integer or a list of integers");
-        match self.present(key) {
-            None => Ok(vec![]),
-            Some(Value::Array(items)) => items
-                .iter()
-                .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(bad))
-                .collect(),
-            Some(v) => Ok(vec![v.as_u64().ok_or_else(bad)? as u32]),
-        }
-    }
 }
 
 impl ArchSpec {
@@ -361,24 +231,23 @@ impl ArchSpec {
         let hidden_size = cfg.usize_req("hidden_size")?;
         let num_layers = cfg.usize_req("num_hidden_layers")?;
         let num_heads = cfg.usize_req("num_attention_heads")?;
-        let num_kv_heads = cfg.usize_opt("num_key_value_heads")?.unwrap_or(num_heads);
+        let latent = match row.attention {
+            AttentionRow::Heads => None,
+            AttentionRow::Latent => Some(latent_spec(&cfg)?),
+        };
+        let num_kv_heads = match latent {
+            Some(_) => num_heads,
+            None => cfg.usize_opt("num_key_value_heads")?.unwrap_or(num_heads),
+        };
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             return Err(cfg.err(
                 "num_key_value_heads",
                 format!("must divide num_attention_heads ({num_heads}), got {num_kv_heads}"),
             ));
         }
-        let head_dim = match cfg.usize_opt("head_dim")? {
-            Some(d) if d > 0 => d,
-            _ => {
-                if hidden_size % num_heads != 0 {
-                    return Err(cfg.err(
-                        "head_dim",
-                        format!("is absent and hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_heads})"),
-                    ));
-                }
-                hidden_size / num_heads
-            }
+        let head_dim = match latent {
+            Some(l) => l.nope_dim + l.rope_dim,
+            None => heads_dim(&cfg, hidden_size, num_heads)?,
         };
         let experts_key = match row.experts_alias {
             Some(alias)
@@ -400,21 +269,9 @@ impl ArchSpec {
         let dense_intermediate_size = cfg
             .usize_opt("intermediate_size")?
             .unwrap_or(expert_intermediate_size);
-        let renormalize =
-            row.always_renormalize || cfg.bool_or("norm_topk_prob", row.default_norm_topk)?;
-
+        let router = router_spec(&cfg, &row, top_k, num_experts)?;
         let moe_layers = moe_layer_pattern(&cfg, &row, num_layers)?;
-        let shared_expert = if row.has_shared_expert {
-            match cfg.usize_opt("shared_expert_intermediate_size")? {
-                Some(i) if i > 0 => Some(SharedExpertSpec {
-                    intermediate_size: i,
-                    gated: true,
-                }),
-                _ => None,
-            }
-        } else {
-            None
-        };
+        let shared_expert = shared_expert(&cfg, &row, expert_intermediate_size)?;
         let attention_bias = row.reads_attention_bias && cfg.bool_or("attention_bias", false)?;
         let qkv_bias = if row.reads_qkv_bias {
             cfg.bool_or("qkv_bias", row.default_qkv_bias)?
@@ -444,6 +301,14 @@ impl ArchSpec {
         } else {
             None
         };
+        let qk_norm = if row.reads_use_qk_norm && cfg.bool_or("use_qk_norm", false)? {
+            QkNorm::PerHead
+        } else {
+            row.qk_norm
+        };
+        let rope = rope_spec(&cfg, row.default_rope_theta)?;
+        let rotary = rotary(&cfg, &row, &rope, head_dim, latent)?;
+        let attention_scale = attention_scale(&rope, head_dim, latent.is_some());
 
         let spec = ArchSpec {
             model_type,
@@ -458,17 +323,21 @@ impl ArchSpec {
                 .usize_opt("max_position_embeddings")?
                 .unwrap_or(row.default_max_positions),
             rms_norm_eps: cfg.f64_opt("rms_norm_eps")?.unwrap_or(row.default_eps),
-            rope: rope_spec(&cfg, row.default_rope_theta)?,
-            qk_norm: row.qk_norm,
+            rope,
+            rotary,
+            attention_scale,
+            latent,
+            qk_norm,
             qkv_bias,
-            o_bias: attention_bias,
+            o_bias: attention_bias && row.o_bias_follows,
             clip_qkv,
             num_experts,
-            router: RouterSpec { top_k, renormalize },
+            router,
             expert_intermediate_size,
             shared_expert,
             dense_intermediate_size,
             moe_layers,
+            mtp_layers: cfg.usize_opt("num_nextn_predict_layers")?.unwrap_or(0),
             tie_word_embeddings: cfg.bool_or("tie_word_embeddings", false)?,
             hidden_act,
             torch_dtype,
@@ -491,109 +360,184 @@ impl ArchSpec {
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
     }
+
+    /// A value head's size (`v_head_dim` for latent attention).
+    pub fn v_head_dim(&self) -> usize {
+        self.latent.map_or(self.head_dim, |l| l.v_head_dim)
+    }
 }
 
-/// Which layers are MoE. Qwen: layer `l` is sparse iff it is not in `mlp_only_layers` and
-/// `(l + 1) % decoder_sparse_step == 0`; Mixtral and OLMoE: every layer.
-fn moe_layer_pattern(cfg: &Cfg, row: &Row, num_layers: usize) -> Result<Vec<bool>, SpecError> {
-    if !row.has_sparse_step {
-        return Ok(vec![true; num_layers]);
+/// `head_dim`, or `hidden_size / num_attention_heads` when absent.
+fn heads_dim(cfg: &Cfg, hidden_size: usize, num_heads: usize) -> Result<usize, SpecError> {
+    match cfg.usize_opt("head_dim")? {
+        Some(d) if d > 0 => Ok(d),
+        _ if hidden_size % num_heads != 0 => Err(cfg.err(
+            "head_dim",
+            format!("is absent and hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_heads})"),
+        )),
+        _ => Ok(hidden_size / num_heads),
     }
-    let step = cfg.usize_opt("decoder_sparse_step")?.unwrap_or(1);
-    if step == 0 {
-        return Err(cfg.err("decoder_sparse_step", "must be at least 1, got 0"));
+}
+
+fn latent_spec(cfg: &Cfg) -> Result<LatentSpec, SpecError> {
+    let q_lora_rank = cfg.usize_opt("q_lora_rank")?.filter(|&r| r > 0);
+    let rope_dim = cfg.usize_req("qk_rope_head_dim")?;
+    if rope_dim % 2 != 0 {
+        return Err(cfg.err("qk_rope_head_dim", format!("must be even, got {rope_dim}")));
     }
-    let dense_only: Vec<usize> = match cfg.present("mlp_only_layers") {
-        None => vec![],
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|v| {
-                v.as_u64()
-                    .map(|n| n as usize)
-                    .ok_or_else(|| cfg.err("mlp_only_layers", "must be a list of layer indices"))
+    Ok(LatentSpec {
+        q_lora_rank,
+        kv_lora_rank: cfg.usize_req("kv_lora_rank")?,
+        nope_dim: cfg.usize_req("qk_nope_head_dim")?,
+        rope_dim,
+        v_head_dim: cfg.usize_req("v_head_dim")?,
+    })
+}
+
+fn router_spec(
+    cfg: &Cfg,
+    row: &Row,
+    top_k: usize,
+    num_experts: usize,
+) -> Result<RouterSpec, SpecError> {
+    let r = row.router;
+    let renormalize = r.always_renormalize
+        || (r.reads_norm_topk && cfg.bool_or("norm_topk_prob", r.default_norm_topk)?);
+    // A softmax router limits groups only under `topk_method: group_limited_greedy`.
+    let grouped = match (r.groups, r.correction_bias) {
+        (None, _) => None,
+        (Some(score), true) => Some(score),
+        (Some(score), false) => match cfg.str_opt("topk_method")?.as_deref() {
+            None | Some("greedy") => None,
+            Some("group_limited_greedy") => Some(score),
+            Some(other) => {
+                return Err(cfg.err(
+                    "topk_method",
+                    format!("'{other}' is not supported (greedy, group_limited_greedy)"),
+                ))
+            }
+        },
+    };
+    let group_limit = match grouped {
+        None => None,
+        Some(score) => {
+            let groups = cfg.usize_opt("n_group")?.unwrap_or(1).max(1);
+            let keep = cfg.usize_opt("topk_group")?.unwrap_or(groups);
+            if num_experts % groups != 0 || keep == 0 || keep > groups {
+                return Err(cfg.err(
+                    "n_group",
+                    format!("{groups} groups keeping {keep} (topk_group) do not fit {num_experts} experts"),
+                ));
+            }
+            if score == GroupScore::TopTwoSum && num_experts / groups < 2 {
+                return Err(cfg.err(
+                    "n_group",
+                    format!("{groups} groups of {num_experts} experts: each needs at least 2"),
+                ));
+            }
+            if keep * (num_experts / groups) < top_k {
+                return Err(cfg.err(
+                    "topk_group",
+                    format!("{keep} of {groups} groups hold fewer experts than num_experts_per_tok ({top_k})"),
+                ));
+            }
+            // Keeping every group is no limit.
+            (keep < groups).then_some(GroupLimit {
+                groups,
+                keep,
+                score,
             })
-            .collect::<Result<_, _>>()?,
-        Some(_) => return Err(cfg.err("mlp_only_layers", "must be a list of layer indices")),
+        }
     };
-    Ok((0..num_layers)
-        .map(|l| !dense_only.contains(&l) && (l + 1) % step == 0)
-        .collect())
+    let scaling = match r.reads_scaling {
+        true => cfg.f64_opt("routed_scaling_factor")?.unwrap_or(1.0),
+        false => 1.0,
+    };
+    Ok(RouterSpec {
+        top_k,
+        renormalize,
+        scoring: r.scoring,
+        correction_bias: r.correction_bias,
+        group_limit,
+        scaling,
+    })
 }
 
-/// Rope settings from transformers v5 `rope_parameters` or the older `rope_theta` +
-/// `rope_scaling` keys (both appear in published config.json files).
-fn rope_spec(cfg: &Cfg, default_theta: f64) -> Result<RopeSpec, SpecError> {
-    const KINDS: &[&str] = &["default", "linear", "dynamic", "yarn", "llama3", "longrope"];
-    let (key, params) = match (cfg.present("rope_parameters"), cfg.present("rope_scaling")) {
-        (Some(Value::Object(p)), _) => ("rope_parameters", Some(p)),
-        (Some(_), _) => return Err(cfg.err("rope_parameters", "must be an object")),
-        (None, Some(Value::Object(p))) => ("rope_scaling", Some(p)),
-        (None, Some(_)) => return Err(cfg.err("rope_scaling", "must be an object or null")),
-        (None, None) => ("rope_scaling", None),
+fn shared_expert(
+    cfg: &Cfg,
+    row: &Row,
+    expert_intermediate: usize,
+) -> Result<Option<SharedExpertSpec>, SpecError> {
+    Ok(match row.shared {
+        SharedRow::None => None,
+        SharedRow::QwenGated => match cfg.usize_opt("shared_expert_intermediate_size")? {
+            Some(i) if i > 0 => Some(SharedExpertSpec {
+                intermediate_size: i,
+                gated: true,
+                module: "shared_expert",
+            }),
+            _ => None,
+        },
+        SharedRow::Summed => match cfg.usize_opt("n_shared_experts")? {
+            Some(0) => None,
+            n => Some(SharedExpertSpec {
+                intermediate_size: expert_intermediate * n.unwrap_or(1),
+                gated: false,
+                module: "shared_experts",
+            }),
+        },
+    })
+}
+
+/// The rotated dims: `partial_rotary_factor` (in `rope_parameters`, else at the top level, else
+/// the row's default) of an ordinary head, the `qk_rope_head_dim` part of a latent one.
+fn rotary(
+    cfg: &Cfg,
+    row: &Row,
+    rope: &RopeSpec,
+    head_dim: usize,
+    latent: Option<LatentSpec>,
+) -> Result<Rotary, SpecError> {
+    let interleaved = match (latent, row.reads_rope_interleave) {
+        (None, _) => false,
+        (Some(_), true) => cfg.bool_or("rope_interleave", row.default_rope_interleave)?,
+        (Some(_), false) => row.default_rope_interleave,
     };
-    let mut theta = cfg.f64_opt("rope_theta")?.unwrap_or(default_theta);
-    let mut spec = RopeSpec {
-        theta,
-        rope_type: "default".into(),
-        factor: None,
-        original_max_position_embeddings: None,
-        extra: Map::new(),
+    let factor = match rope.extra.get("partial_rotary_factor") {
+        Some(v) => v.as_f64(),
+        None => cfg.f64_opt("partial_rotary_factor")?,
     };
-    let Some(params) = params else {
-        return Ok(spec);
+    let factor = match (row.default_partial_rotary, latent) {
+        (Some(default), None) => factor.unwrap_or(default),
+        _ => 1.0,
     };
-    for (k, v) in params {
-        match k.as_str() {
-            "rope_type" | "type" => {
-                let kind = v.as_str().unwrap_or_default();
-                if !KINDS.contains(&kind) {
-                    return Err(cfg.err(
-                        key,
-                        format!(
-                            "has unsupported rope type {v} (supported: {})",
-                            KINDS.join(", ")
-                        ),
-                    ));
-                }
-                spec.rope_type = kind.to_string();
-            }
-            "rope_theta" => {
-                theta = v
-                    .as_f64()
-                    .ok_or_else(|| cfg.err(key, "rope_theta must be a number"))?;
-            }
-            "factor" => {
-                spec.factor = Some(
-                    v.as_f64()
-                        .ok_or_else(|| cfg.err(key, "factor must be a number"))?,
-                );
-            }
-            "original_max_position_embeddings" => {
-                spec.original_max_position_embeddings = Some(v.as_u64().ok_or_else(|| {
-                    cfg.err(key, "original_max_position_embeddings must be an integer")
-                })? as usize);
-            }
-            _ => {
-                spec.extra.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    spec.theta = theta;
-    // A top-level original_max_position_embeddings (Phi-3 style) takes priority, as in
-    // transformers' `standardize_rope_params`.
-    if let Some(v) = cfg.present("original_max_position_embeddings") {
-        if ["llama3", "yarn", "longrope"].contains(&spec.rope_type.as_str()) {
-            spec.original_max_position_embeddings =
-                Some(v.as_u64().ok_or_else(|| {
-                    cfg.err("original_max_position_embeddings", "must be an integer")
-                })? as usize);
-        }
-    }
-    if spec.rope_type != "default" && spec.factor.is_none() {
+    let base = latent.map_or(head_dim, |l| l.rope_dim);
+    let dim = (base as f64 * factor) as usize;
+    if dim == 0 || dim % 2 != 0 || dim > base {
         return Err(cfg.err(
-            key,
-            format!("rope type '{}' needs a 'factor'", spec.rope_type),
+            "partial_rotary_factor",
+            format!(
+                "{factor} of {base} dims gives {dim} rotated dims: must be even and at least 2"
+            ),
         ));
     }
-    Ok(spec)
+    Ok(Rotary { dim, interleaved })
+}
+
+/// `head_dim^-1/2`; latent attention with YaRN multiplies it by `mscale(factor,
+/// mscale_all_dim)²` (transformers' `yarn_apply_mscale`).
+fn attention_scale(rope: &RopeSpec, head_dim: usize, latent: bool) -> f64 {
+    let base = 1.0 / (head_dim as f64).sqrt();
+    let all_dim = rope
+        .extra
+        .get("mscale_all_dim")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(0.0);
+    match (latent, rope.rope_type.as_str(), rope.factor) {
+        (true, t, Some(factor)) if t != "default" && all_dim != 0.0 && factor > 1.0 => {
+            let m = 0.1 * all_dim * factor.ln() + 1.0;
+            base * m * m
+        }
+        _ => base,
+    }
 }

@@ -2,7 +2,7 @@
 //! Works from config.json alone (weights absent) and from full checkpoints.
 
 use super::{human_bytes, human_count, CliError};
-use crate::arch::{estimate, ArchSpec, Component, FrozenFormat, LoraPlan};
+use crate::arch::{estimate, ArchSpec, Component, FrozenFormat, LoraPlan, RouterSpec, Scoring};
 use crate::config::{TargetModules, TrainConfig};
 use crate::model_files::{ModelDir, ModelFilesError};
 use std::collections::BTreeMap;
@@ -18,7 +18,7 @@ pub struct InspectArgs {
     config: Option<PathBuf>,
     /// GPUs the run spreads the experts over (as `moeq-launch --nproc`): the memory estimate
     /// is per GPU.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, alias = "gpus", default_value_t = 1)]
     nproc: usize,
 }
 
@@ -121,37 +121,35 @@ fn report(dir: &ModelDir, s: &Settings, nproc: usize) -> Result<String, ModelFil
         spec.num_layers, spec.num_moe_layers(), spec.hidden_size, spec.num_heads, spec.num_kv_heads,
         spec.head_dim, spec.vocab_size, spec.tie_word_embeddings
     );
-    let shared = spec
-        .shared_expert
-        .map(|x| format!("I={} with sigmoid gate", x.intermediate_size))
-        .unwrap_or_else(|| "none".into());
+    let shared = match spec.shared_expert {
+        None => "none".to_string(),
+        Some(x) if x.gated => format!("I={} with sigmoid gate", x.intermediate_size),
+        Some(x) => format!("I={} summed", x.intermediate_size),
+    };
     let _ = writeln!(
         o,
         "experts     {} per MoE layer, top-{} ({}), expert I={}; shared expert: {shared}",
         spec.num_experts,
         spec.router.top_k,
-        if spec.router.renormalize {
-            "renormalised"
-        } else {
-            "not renormalised"
-        },
+        router_words(&spec.router),
         spec.expert_intermediate_size
     );
+    let _ = writeln!(o, "attention   {}", attention_words(spec));
     let _ = writeln!(
         o,
-        "attention   q/k norm {:?}, qkv bias {}, rope theta {} ({}), max positions {}",
-        spec.qk_norm,
-        spec.qkv_bias,
-        spec.rope.theta,
-        spec.rope.rope_type,
-        spec.max_position_embeddings
-    );
-    let _ = writeln!(
-        o,
-        "parameters  {} total, {} active per token",
+        "parameters  {} total, {} active per token ({} without the input embedding, {} without both embedding tables)",
         human_count(spec.total_params()),
-        human_count(spec.active_params())
+        human_count(spec.active_params()),
+        human_count(spec.active_params_without(&[Component::Embedding])),
+        human_count(spec.active_params_without(&[Component::Embedding, Component::LmHead]))
     );
+    if spec.mtp_layers > 0 {
+        let _ = writeln!(
+            o,
+            "mtp         {} multi-token-prediction layer(s) in the checkpoint: not counted, not loaded, not trained",
+            spec.mtp_layers
+        );
+    }
     let on_disk: Option<BTreeMap<String, u64>> = if dir.has_weights() {
         let layout = dir.layout().map(|l| l.label()).unwrap_or("-");
         let dtype = spec.torch_dtype.as_deref().unwrap_or("unknown dtype");
@@ -245,4 +243,57 @@ fn report(dir: &ModelDir, s: &Settings, nproc: usize) -> Result<String, ModelFil
         .collect();
     let _ = writeln!(o, "  weights fit a GPU of          {}", fits.join(", "));
     Ok(o)
+}
+
+/// The router in words: scoring, choice and weights.
+fn router_words(r: &RouterSpec) -> String {
+    let mut words = vec![match r.scoring {
+        Scoring::Softmax => "softmax".to_string(),
+        Scoring::Sigmoid => "sigmoid".to_string(),
+    }];
+    if r.correction_bias {
+        words.push("bias-corrected choice".into());
+    }
+    if let Some(g) = r.group_limit {
+        words.push(format!("best {} of {} groups", g.keep, g.groups));
+    }
+    words.push(match r.renormalize {
+        true => "renormalised".into(),
+        false => "not renormalised".into(),
+    });
+    if r.scaling != 1.0 {
+        words.push(format!("scaled by {}", r.scaling));
+    }
+    words.join(", ")
+}
+
+/// The attention in words: its form, norms, biases and rotary embedding.
+fn attention_words(spec: &ArchSpec) -> String {
+    let rope = format!(
+        "rope theta {} ({}, {} of {} dims{}), max positions {}",
+        spec.rope.theta,
+        spec.rope.rope_type,
+        spec.rotary.dim,
+        spec.latent.map_or(spec.head_dim, |l| l.rope_dim),
+        if spec.rotary.interleaved {
+            ", interleaved"
+        } else {
+            ""
+        },
+        spec.max_position_embeddings
+    );
+    match spec.latent {
+        Some(l) => format!(
+            "latent (MLA): q rank {}, kv rank {}, q/k head {}+{}, v head {}; {rope}",
+            l.q_lora_rank.map_or("full".to_string(), |r| r.to_string()),
+            l.kv_lora_rank,
+            l.nope_dim,
+            l.rope_dim,
+            l.v_head_dim
+        ),
+        None => format!(
+            "q/k norm {:?}, qkv bias {}, {rope}",
+            spec.qk_norm, spec.qkv_bias
+        ),
+    }
 }

@@ -35,6 +35,31 @@ pub const PRESETS: &[Preset] = &[
         config: tiny_olmoe,
     },
     Preset {
+        name: "tiny",
+        model_type: ModelType::Glm4Moe,
+        config: tiny_glm4_moe,
+    },
+    Preset {
+        name: "tiny",
+        model_type: ModelType::Glm4MoeLite,
+        config: tiny_glm4_moe_lite,
+    },
+    Preset {
+        name: "tiny",
+        model_type: ModelType::DeepseekV2,
+        config: tiny_deepseek_v2,
+    },
+    Preset {
+        name: "tiny",
+        model_type: ModelType::DeepseekV3,
+        config: tiny_deepseek_v3,
+    },
+    Preset {
+        name: "tiny",
+        model_type: ModelType::KimiK2,
+        config: tiny_deepseek_v3,
+    },
+    Preset {
         name: "qwen3-30b-a3b",
         model_type: ModelType::Qwen3Moe,
         config: qwen3_30b_a3b,
@@ -58,6 +83,31 @@ pub const PRESETS: &[Preset] = &[
         name: "olmoe-1b-7b",
         model_type: ModelType::Olmoe,
         config: olmoe_1b_7b,
+    },
+    Preset {
+        name: "glm-4.5-air",
+        model_type: ModelType::Glm4Moe,
+        config: glm45_air,
+    },
+    Preset {
+        name: "glm-4.7-flash",
+        model_type: ModelType::Glm4MoeLite,
+        config: glm47_flash,
+    },
+    Preset {
+        name: "deepseek-v2-lite",
+        model_type: ModelType::DeepseekV2,
+        config: deepseek_v2_lite,
+    },
+    Preset {
+        name: "deepseek-v3",
+        model_type: ModelType::DeepseekV3,
+        config: deepseek_v3,
+    },
+    Preset {
+        name: "kimi-k2",
+        model_type: ModelType::KimiK2,
+        config: kimi_k2,
     },
 ];
 
@@ -182,5 +232,149 @@ fn olmoe_1b_7b() -> Value {
         "num_experts": 64, "num_experts_per_tok": 8, "norm_topk_prob": false,
         "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
         "attention_bias": false, "clip_qkv": null, "tie_word_embeddings": false, "vocab_size": 50304
+    })
+}
+
+// The tiny shapes of the DeepSeek/GLM family have a dense first layer, group-limited routing
+// where the family has it and a rotated part narrower than the head, so every hook of these
+// architectures runs in seconds on the CPU.
+
+fn tiny_glm4_moe() -> Value {
+    json!({
+        "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "partial_rotary_factor": 0.5, "use_qk_norm": true, "attention_bias": true,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
+        "n_group": 2, "topk_group": 1, "norm_topk_prob": true, "routed_scaling_factor": 2.5,
+        "first_k_dense_replace": 1, "num_nextn_predict_layers": 0,
+        "max_position_embeddings": 2048, "rope_theta": 1000000.0, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": false
+    })
+}
+
+fn tiny_glm4_moe_lite() -> Value {
+    json!({
+        "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "q_lora_rank": 32, "kv_lora_rank": 32,
+        "qk_nope_head_dim": 24, "qk_rope_head_dim": 8, "v_head_dim": 32,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
+        "n_group": 1, "topk_group": 1, "norm_topk_prob": true, "routed_scaling_factor": 1.8,
+        "topk_method": "noaux_tc", "first_k_dense_replace": 1, "num_nextn_predict_layers": 0,
+        "partial_rotary_factor": 1.0, "rope_interleave": true, "attention_bias": false,
+        "max_position_embeddings": 2048, "rope_theta": 1000000.0, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": false
+    })
+}
+
+fn tiny_deepseek_v2() -> Value {
+    json!({
+        "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "q_lora_rank": null, "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 2,
+        "topk_method": "group_limited_greedy", "n_group": 4, "topk_group": 2,
+        "norm_topk_prob": false, "routed_scaling_factor": 1.0,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1,
+        "max_position_embeddings": 2048, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+        "attention_bias": false, "tie_word_embeddings": false
+    })
+}
+
+fn tiny_deepseek_v3() -> Value {
+    json!({
+        "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "q_lora_rank": 32, "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
+        "topk_method": "noaux_tc", "n_group": 4, "topk_group": 2,
+        "norm_topk_prob": true, "routed_scaling_factor": 2.5,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "num_nextn_predict_layers": 0,
+        "rope_interleave": true,
+        "max_position_embeddings": 2048, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+        "attention_bias": false, "tie_word_embeddings": false
+    })
+}
+
+// Published shapes, as the models' hub config.json files give them.
+
+fn glm45_air() -> Value {
+    json!({
+        "hidden_size": 4096, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+        "num_hidden_layers": 46, "num_attention_heads": 96, "num_key_value_heads": 8, "head_dim": 128,
+        "partial_rotary_factor": 0.5, "use_qk_norm": false, "attention_bias": true,
+        "n_routed_experts": 128, "num_experts_per_tok": 8, "n_shared_experts": 1,
+        "n_group": 1, "topk_group": 1, "norm_topk_prob": true, "routed_scaling_factor": 1.0,
+        "first_k_dense_replace": 1, "num_nextn_predict_layers": 1,
+        "max_position_embeddings": 131072, "rope_theta": 1000000, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": false, "vocab_size": 151552
+    })
+}
+
+fn glm47_flash() -> Value {
+    json!({
+        "hidden_size": 2048, "intermediate_size": 10240, "moe_intermediate_size": 1536,
+        "num_hidden_layers": 47, "num_attention_heads": 20, "num_key_value_heads": 20,
+        "q_lora_rank": 768, "kv_lora_rank": 512,
+        "qk_nope_head_dim": 192, "qk_rope_head_dim": 64, "v_head_dim": 256,
+        "n_routed_experts": 64, "num_experts_per_tok": 4, "n_shared_experts": 1,
+        "n_group": 1, "topk_group": 1, "norm_topk_prob": true, "routed_scaling_factor": 1.8,
+        "topk_method": "noaux_tc", "first_k_dense_replace": 1, "num_nextn_predict_layers": 1,
+        "partial_rotary_factor": 1.0, "rope_interleave": true, "attention_bias": false,
+        "max_position_embeddings": 202752, "rope_theta": 1000000, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": false, "vocab_size": 154880
+    })
+}
+
+fn deepseek_v2_lite() -> Value {
+    json!({
+        "hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+        "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16,
+        "q_lora_rank": null, "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "n_routed_experts": 64, "num_experts_per_tok": 6, "n_shared_experts": 2,
+        "topk_method": "greedy", "n_group": 1, "topk_group": 1,
+        "norm_topk_prob": false, "routed_scaling_factor": 1.0,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1,
+        "max_position_embeddings": 163840, "rope_theta": 10000, "rms_norm_eps": 1e-6,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+            "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096, "type": "yarn"},
+        "attention_bias": false, "tie_word_embeddings": false, "vocab_size": 102400
+    })
+}
+
+fn deepseek_v3() -> Value {
+    json!({
+        "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
+        "q_lora_rank": 1536, "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "n_routed_experts": 256, "num_experts_per_tok": 8, "n_shared_experts": 1,
+        "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4,
+        "norm_topk_prob": true, "routed_scaling_factor": 2.5,
+        "first_k_dense_replace": 3, "moe_layer_freq": 1, "num_nextn_predict_layers": 1,
+        "max_position_embeddings": 163840, "rope_theta": 10000, "rms_norm_eps": 1e-6,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+        "attention_bias": false, "tie_word_embeddings": false, "vocab_size": 129280
+    })
+}
+
+fn kimi_k2() -> Value {
+    json!({
+        "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+        "num_hidden_layers": 61, "num_attention_heads": 64, "num_key_value_heads": 64,
+        "q_lora_rank": 1536, "kv_lora_rank": 512,
+        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+        "n_routed_experts": 384, "num_experts_per_tok": 8, "n_shared_experts": 1,
+        "topk_method": "noaux_tc", "n_group": 1, "topk_group": 1,
+        "norm_topk_prob": true, "routed_scaling_factor": 2.827,
+        "first_k_dense_replace": 1, "moe_layer_freq": 1, "num_nextn_predict_layers": 0,
+        "max_position_embeddings": 131072, "rope_theta": 50000.0, "rms_norm_eps": 1e-6,
+        "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0,
+            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+        "attention_bias": false, "tie_word_embeddings": false, "vocab_size": 163840
     })
 }

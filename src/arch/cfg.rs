@@ -1,0 +1,227 @@
+//! Reading config.json: typed values with errors that name the file and key, the rope
+//! settings, and which layers are MoE.
+
+use super::rows::{MoeLayers, Row};
+use super::spec::{RopeSpec, SpecError};
+use serde_json::{Map, Value};
+
+/// Typed access to config.json values with errors that name the file and key.
+pub(super) struct Cfg<'a> {
+    pub path: &'a str,
+    pub map: &'a Map<String, Value>,
+}
+
+impl Cfg<'_> {
+    pub(super) fn err(&self, key: &str, problem: impl Into<String>) -> SpecError {
+        SpecError::Key {
+            path: self.path.to_string(),
+            key: key.to_string(),
+            problem: problem.into(),
+        }
+    }
+
+    pub(super) fn present(&self, key: &str) -> Option<&Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    pub(super) fn usize_opt(&self, key: &str) -> Result<Option<usize>, SpecError> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.err(key, format!("must be a non-negative integer, got {v}"))),
+        }
+    }
+
+    pub(super) fn usize_req(&self, key: &str) -> Result<usize, SpecError> {
+        let n = self
+            .usize_opt(key)?
+            .ok_or_else(|| self.err(key, "is required"))?;
+        if n == 0 {
+            return Err(self.err(key, "must be at least 1, got 0"));
+        }
+        Ok(n)
+    }
+
+    pub(super) fn f64_opt(&self, key: &str) -> Result<Option<f64>, SpecError> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("must be a number, got {v}"))),
+        }
+    }
+
+    pub(super) fn bool_or(&self, key: &str, default: bool) -> Result<bool, SpecError> {
+        match self.present(key) {
+            None => Ok(default),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(key, format!("must be true or false, got {v}"))),
+        }
+    }
+
+    pub(super) fn str_opt(&self, key: &str) -> Result<Option<String>, SpecError> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(self.err(key, format!("must be a string, got {v}"))),
+        }
+    }
+
+    /// Token ids may be an integer or a list of integers (`eos_token_id: [1, 2]`).
+    pub(super) fn ids(&self, key: &str) -> Result<Vec<u32>, SpecError> {
+        let bad = || self.err(key, "must be an integer or a list of integers");
+        match self.present(key) {
+            None => Ok(vec![]),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_u64().map(|n| n as u32).ok_or_else(bad))
+                .collect(),
+            Some(v) => Ok(vec![v.as_u64().ok_or_else(bad)? as u32]),
+        }
+    }
+}
+
+/// Which layers are MoE, as the row says: Qwen's `decoder_sparse_step` and `mlp_only_layers`
+/// (layer `l` is sparse iff it is not listed and `(l + 1) % step == 0`), DeepSeek's
+/// `first_k_dense_replace` and `moe_layer_freq` (sparse iff `l >= k` and `l % freq == 0`),
+/// GLM-4.7-Flash's `mlp_layer_types`; Mixtral and OLMoE: every layer.
+pub(super) fn moe_layer_pattern(
+    cfg: &Cfg,
+    row: &Row,
+    num_layers: usize,
+) -> Result<Vec<bool>, SpecError> {
+    match row.moe_layers {
+        MoeLayers::All => Ok(vec![true; num_layers]),
+        MoeLayers::SparseStep => sparse_step(cfg, num_layers),
+        MoeLayers::FirstKDense { default_k } => {
+            let k = cfg.usize_opt("first_k_dense_replace")?.unwrap_or(default_k);
+            let freq = cfg.usize_opt("moe_layer_freq")?.unwrap_or(1);
+            if freq == 0 {
+                return Err(cfg.err("moe_layer_freq", "must be at least 1, got 0"));
+            }
+            Ok((0..num_layers).map(|l| l >= k && l % freq == 0).collect())
+        }
+        MoeLayers::LayerTypes => match cfg.present("mlp_layer_types") {
+            None => Ok((0..num_layers).map(|l| l > 0).collect()),
+            Some(Value::Array(items)) if items.len() == num_layers => items
+                .iter()
+                .map(|v| match v.as_str() {
+                    Some("sparse") => Ok(true),
+                    Some("dense") => Ok(false),
+                    _ => Err(cfg.err(
+                        "mlp_layer_types",
+                        format!("entries must be \"dense\" or \"sparse\", got {v}"),
+                    )),
+                })
+                .collect(),
+            Some(_) => Err(cfg.err(
+                "mlp_layer_types",
+                format!("must be a list of {num_layers} \"dense\"/\"sparse\" entries (num_hidden_layers)"),
+            )),
+        },
+    }
+}
+
+fn sparse_step(cfg: &Cfg, num_layers: usize) -> Result<Vec<bool>, SpecError> {
+    let step = cfg.usize_opt("decoder_sparse_step")?.unwrap_or(1);
+    if step == 0 {
+        return Err(cfg.err("decoder_sparse_step", "must be at least 1, got 0"));
+    }
+    let dense_only: Vec<usize> = match cfg.present("mlp_only_layers") {
+        None => vec![],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .map(|n| n as usize)
+                    .ok_or_else(|| cfg.err("mlp_only_layers", "must be a list of layer indices"))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(cfg.err("mlp_only_layers", "must be a list of layer indices")),
+    };
+    Ok((0..num_layers)
+        .map(|l| !dense_only.contains(&l) && (l + 1) % step == 0)
+        .collect())
+}
+
+/// Rope settings from transformers v5 `rope_parameters` or the older `rope_theta` +
+/// `rope_scaling` keys (both appear in published config.json files).
+pub(super) fn rope_spec(cfg: &Cfg, default_theta: f64) -> Result<RopeSpec, SpecError> {
+    const KINDS: &[&str] = &["default", "linear", "dynamic", "yarn", "llama3", "longrope"];
+    let (key, params) = match (cfg.present("rope_parameters"), cfg.present("rope_scaling")) {
+        (Some(Value::Object(p)), _) => ("rope_parameters", Some(p)),
+        (Some(_), _) => return Err(cfg.err("rope_parameters", "must be an object")),
+        (None, Some(Value::Object(p))) => ("rope_scaling", Some(p)),
+        (None, Some(_)) => return Err(cfg.err("rope_scaling", "must be an object or null")),
+        (None, None) => ("rope_scaling", None),
+    };
+    let mut theta = cfg.f64_opt("rope_theta")?.unwrap_or(default_theta);
+    let mut spec = RopeSpec {
+        theta,
+        rope_type: "default".into(),
+        factor: None,
+        original_max_position_embeddings: None,
+        extra: Map::new(),
+    };
+    let Some(params) = params else {
+        return Ok(spec);
+    };
+    for (k, v) in params {
+        match k.as_str() {
+            "rope_type" | "type" => {
+                let kind = v.as_str().unwrap_or_default();
+                if !KINDS.contains(&kind) {
+                    return Err(cfg.err(
+                        key,
+                        format!(
+                            "has unsupported rope type {v} (supported: {})",
+                            KINDS.join(", ")
+                        ),
+                    ));
+                }
+                spec.rope_type = kind.to_string();
+            }
+            "rope_theta" => {
+                theta = v
+                    .as_f64()
+                    .ok_or_else(|| cfg.err(key, "rope_theta must be a number"))?;
+            }
+            "factor" => {
+                spec.factor = Some(
+                    v.as_f64()
+                        .ok_or_else(|| cfg.err(key, "factor must be a number"))?,
+                );
+            }
+            "original_max_position_embeddings" => {
+                spec.original_max_position_embeddings = Some(v.as_u64().ok_or_else(|| {
+                    cfg.err(key, "original_max_position_embeddings must be an integer")
+                })? as usize);
+            }
+            _ => {
+                spec.extra.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    spec.theta = theta;
+    // A top-level original_max_position_embeddings (Phi-3 style) takes priority, as in
+    // transformers' `standardize_rope_params`.
+    if let Some(v) = cfg.present("original_max_position_embeddings") {
+        if ["llama3", "yarn", "longrope"].contains(&spec.rope_type.as_str()) {
+            spec.original_max_position_embeddings =
+                Some(v.as_u64().ok_or_else(|| {
+                    cfg.err("original_max_position_embeddings", "must be an integer")
+                })? as usize);
+        }
+    }
+    if spec.rope_type != "default" && spec.factor.is_none() {
+        return Err(cfg.err(
+            key,
+            format!("rope type '{}' needs a 'factor'", spec.rope_type),
+        ));
+    }
+    Ok(spec)
+}

@@ -1,0 +1,302 @@
+//! The architectures as rows of data (docs/ARCHITECTURE.md, decision 6): for each model type,
+//! which config.json keys name what and what the transformers config class defaults to when a
+//! key is absent. `spec::ArchSpec::from_json` reads a config through its row; the model reads
+//! only the resulting spec.
+
+use super::spec::{GroupScore, QkNorm, Scoring};
+
+/// The model families moeq implements. Adding one is a row in `ModelType::row` plus, at most,
+/// a small hook in the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelType {
+    Qwen3Moe,
+    Qwen2Moe,
+    Mixtral,
+    Olmoe,
+    Glm4Moe,
+    Glm4MoeLite,
+    DeepseekV2,
+    DeepseekV3,
+    KimiK2,
+}
+
+/// Every model type with its config.json name and transformers class.
+const TYPES: &[(ModelType, &str, &str)] = &[
+    (ModelType::Qwen3Moe, "qwen3_moe", "Qwen3MoeForCausalLM"),
+    (ModelType::Qwen2Moe, "qwen2_moe", "Qwen2MoeForCausalLM"),
+    (ModelType::Mixtral, "mixtral", "MixtralForCausalLM"),
+    (ModelType::Olmoe, "olmoe", "OlmoeForCausalLM"),
+    (ModelType::Glm4Moe, "glm4_moe", "Glm4MoeForCausalLM"),
+    (
+        ModelType::Glm4MoeLite,
+        "glm4_moe_lite",
+        "Glm4MoeLiteForCausalLM",
+    ),
+    (
+        ModelType::DeepseekV2,
+        "deepseek_v2",
+        "DeepseekV2ForCausalLM",
+    ),
+    (
+        ModelType::DeepseekV3,
+        "deepseek_v3",
+        "DeepseekV3ForCausalLM",
+    ),
+    // Kimi K2 is the DeepSeek-V3 architecture under its own model_type (its hub config names
+    // DeepSeek-V3's classes through auto_map).
+    (ModelType::KimiK2, "kimi_k2", "DeepseekV3ForCausalLM"),
+];
+
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
+    "qwen3_moe",
+    "qwen2_moe",
+    "mixtral",
+    "olmoe",
+    "glm4_moe",
+    "glm4_moe_lite",
+    "deepseek_v2",
+    "deepseek_v3",
+    "kimi_k2",
+];
+
+/// Which layers are MoE.
+#[derive(Clone, Copy)]
+pub(super) enum MoeLayers {
+    /// Every layer.
+    All,
+    /// Qwen: `decoder_sparse_step` and `mlp_only_layers`.
+    SparseStep,
+    /// DeepSeek and GLM: the first `first_k_dense_replace` layers are dense (then every
+    /// `moe_layer_freq`-th).
+    FirstKDense { default_k: usize },
+    /// GLM-4.7-Flash: `mlp_layer_types` ("dense" / "sparse" per layer), by default the first
+    /// layer dense.
+    LayerTypes,
+}
+
+/// How the router chooses and weighs experts.
+#[derive(Clone, Copy)]
+pub(super) struct RouterRow {
+    pub scoring: Scoring,
+    /// Reads `norm_topk_prob` (default below); DeepSeek-V2's router ignores it.
+    pub reads_norm_topk: bool,
+    pub default_norm_topk: bool,
+    pub always_renormalize: bool,
+    /// `e_score_correction_bias` added to the scores for the choice only (`noaux_tc`).
+    pub correction_bias: bool,
+    /// Reads `n_group` / `topk_group`; for softmax routers only when `topk_method` is
+    /// `group_limited_greedy`.
+    pub groups: Option<GroupScore>,
+    /// Reads `routed_scaling_factor`.
+    pub reads_scaling: bool,
+}
+
+/// Attention's form.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum AttentionRow {
+    /// q/k/v/o projections with grouped-query heads.
+    Heads,
+    /// Multi-head latent attention (DeepSeek-V2).
+    Latent,
+}
+
+/// The shared expert's form.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum SharedRow {
+    None,
+    /// qwen2_moe: `shared_expert_intermediate_size`, sigmoid-gated, `mlp.shared_expert`.
+    QwenGated,
+    /// DeepSeek / GLM: `n_shared_experts` × `moe_intermediate_size`, summed, `mlp.shared_experts`.
+    Summed,
+}
+
+/// One architecture as data.
+pub(super) struct Row {
+    pub experts_key: &'static str,
+    /// Other spellings transformers' `attribute_map` accepts for the expert count.
+    pub experts_alias: Option<&'static str>,
+    pub expert_intermediate_key: &'static str,
+    pub router: RouterRow,
+    pub moe_layers: MoeLayers,
+    pub shared: SharedRow,
+    pub attention: AttentionRow,
+    pub qk_norm: QkNorm,
+    /// Reads `use_qk_norm` (GLM-4.5): per-head q/k norms when true.
+    pub reads_use_qk_norm: bool,
+    pub default_qkv_bias: bool,
+    /// Reads `attention_bias` (bias on q, k, v and, where `o_bias_follows`, o).
+    pub reads_attention_bias: bool,
+    pub o_bias_follows: bool,
+    /// Reads `qkv_bias` (q, k, v only; default `default_qkv_bias`), else they follow the above.
+    pub reads_qkv_bias: bool,
+    /// Reads `clip_qkv` (q, k, v clamped to ±clip after projection).
+    pub reads_clip_qkv: bool,
+    /// `partial_rotary_factor` when absent (GLM-4.5: 0.5); None: not read (whole heads).
+    pub default_partial_rotary: Option<f64>,
+    /// Reads `rope_interleave` (DeepSeek-V3: rotary pairs are adjacent dims); the value when
+    /// absent. DeepSeek-V2 always interleaves.
+    pub default_rope_interleave: bool,
+    pub reads_rope_interleave: bool,
+    pub default_rope_theta: f64,
+    pub default_eps: f64,
+    pub default_max_positions: usize,
+}
+
+const SOFTMAX: RouterRow = RouterRow {
+    scoring: Scoring::Softmax,
+    reads_norm_topk: true,
+    default_norm_topk: false,
+    always_renormalize: false,
+    correction_bias: false,
+    groups: None,
+    reads_scaling: false,
+};
+
+/// DeepSeek-V3's `noaux_tc` router (GLM-4.5 and GLM-4.7-Flash too): sigmoid scores, the
+/// correction bias in the choice, groups scored by their two best experts.
+const NOAUX_TC: RouterRow = RouterRow {
+    scoring: Scoring::Sigmoid,
+    reads_norm_topk: true,
+    default_norm_topk: true,
+    always_renormalize: false,
+    correction_bias: true,
+    groups: Some(GroupScore::TopTwoSum),
+    reads_scaling: true,
+};
+
+const QWEN3: Row = Row {
+    experts_key: "num_experts",
+    experts_alias: Some("num_local_experts"),
+    expert_intermediate_key: "moe_intermediate_size",
+    router: SOFTMAX,
+    moe_layers: MoeLayers::SparseStep,
+    shared: SharedRow::None,
+    attention: AttentionRow::Heads,
+    qk_norm: QkNorm::PerHead,
+    reads_use_qk_norm: false,
+    default_qkv_bias: false,
+    reads_attention_bias: true,
+    o_bias_follows: true,
+    reads_qkv_bias: false,
+    reads_clip_qkv: false,
+    default_partial_rotary: None,
+    default_rope_interleave: false,
+    reads_rope_interleave: false,
+    default_rope_theta: 10000.0,
+    default_eps: 1e-6,
+    default_max_positions: 32768,
+};
+
+const DEEPSEEK_V3: Row = Row {
+    experts_key: "n_routed_experts",
+    experts_alias: Some("num_local_experts"),
+    expert_intermediate_key: "moe_intermediate_size",
+    router: NOAUX_TC,
+    moe_layers: MoeLayers::FirstKDense { default_k: 3 },
+    shared: SharedRow::Summed,
+    attention: AttentionRow::Latent,
+    qk_norm: QkNorm::None,
+    reads_use_qk_norm: false,
+    default_qkv_bias: false,
+    reads_attention_bias: true,
+    o_bias_follows: true,
+    reads_qkv_bias: false,
+    reads_clip_qkv: false,
+    default_partial_rotary: None,
+    default_rope_interleave: true,
+    reads_rope_interleave: true,
+    default_rope_theta: 10000.0,
+    default_eps: 1e-6,
+    default_max_positions: 4096,
+};
+
+impl ModelType {
+    pub fn parse(s: &str) -> Option<ModelType> {
+        TYPES.iter().find(|t| t.1 == s).map(|t| t.0)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        TYPES.iter().find(|t| t.0 == self).map_or("?", |t| t.1)
+    }
+
+    /// The class name transformers writes into `architectures`.
+    pub fn architecture_class(self) -> &'static str {
+        TYPES.iter().find(|t| t.0 == self).map_or("?", |t| t.2)
+    }
+
+    pub(super) fn row(self) -> Row {
+        match self {
+            ModelType::Qwen3Moe => QWEN3,
+            ModelType::Qwen2Moe => Row {
+                experts_alias: None,
+                shared: SharedRow::QwenGated,
+                qk_norm: QkNorm::None,
+                default_qkv_bias: true,
+                reads_attention_bias: false,
+                reads_qkv_bias: true,
+                ..QWEN3
+            },
+            ModelType::Mixtral => Row {
+                experts_key: "num_local_experts",
+                experts_alias: Some("num_experts"),
+                expert_intermediate_key: "intermediate_size",
+                router: RouterRow {
+                    default_norm_topk: true,
+                    always_renormalize: true,
+                    ..SOFTMAX
+                },
+                moe_layers: MoeLayers::All,
+                qk_norm: QkNorm::None,
+                reads_attention_bias: false,
+                default_rope_theta: 1e6,
+                default_eps: 1e-5,
+                default_max_positions: 131072,
+                ..QWEN3
+            },
+            ModelType::Olmoe => Row {
+                expert_intermediate_key: "intermediate_size",
+                moe_layers: MoeLayers::All,
+                qk_norm: QkNorm::FullProjection,
+                reads_clip_qkv: true,
+                default_eps: 1e-5,
+                default_max_positions: 4096,
+                ..QWEN3
+            },
+            ModelType::Glm4Moe => Row {
+                experts_key: "n_routed_experts",
+                router: NOAUX_TC,
+                moe_layers: MoeLayers::FirstKDense { default_k: 1 },
+                shared: SharedRow::Summed,
+                qk_norm: QkNorm::None,
+                reads_use_qk_norm: true,
+                o_bias_follows: false,
+                default_partial_rotary: Some(0.5),
+                default_eps: 1e-5,
+                default_max_positions: 131072,
+                ..QWEN3
+            },
+            ModelType::Glm4MoeLite => Row {
+                moe_layers: MoeLayers::LayerTypes,
+                default_eps: 1e-5,
+                default_max_positions: 202752,
+                ..DEEPSEEK_V3
+            },
+            ModelType::DeepseekV2 => Row {
+                experts_alias: Some("num_experts"),
+                router: RouterRow {
+                    reads_norm_topk: false,
+                    correction_bias: false,
+                    scoring: Scoring::Softmax,
+                    groups: Some(GroupScore::Max),
+                    ..NOAUX_TC
+                },
+                moe_layers: MoeLayers::FirstKDense { default_k: 0 },
+                reads_rope_interleave: false,
+                default_max_positions: 2048,
+                ..DEEPSEEK_V3
+            },
+            ModelType::DeepseekV3 | ModelType::KimiK2 => DEEPSEEK_V3,
+        }
+    }
+}
