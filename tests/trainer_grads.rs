@@ -19,11 +19,15 @@ use moeq::train::step::{evaluate_inputs, forward_backward, inputs, Activations};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 
-const ARCHS: [ModelType; 4] = [
+const ARCHS: [ModelType; 8] = [
     ModelType::Qwen3Moe,
     ModelType::Qwen2Moe,
     ModelType::Mixtral,
     ModelType::Olmoe,
+    ModelType::Glm4Moe,
+    ModelType::Glm4MoeLite,
+    ModelType::DeepseekV2,
+    ModelType::DeepseekV3,
 ];
 
 struct Setup {
@@ -183,9 +187,23 @@ fn every_lora_tensor_gets_a_gradient() {
         // Each kind of target is present for the architectures that have it.
         let has = |part: &str| vars.iter().any(|(n, _)| n.contains(part));
         assert!(
-            has("self_attn.q_proj") && has("self_attn.o_proj") && has("mlp.experts"),
+            (has("self_attn.q_proj") || has("self_attn.q_b_proj"))
+                && has("self_attn.o_proj")
+                && has("mlp.experts"),
             "{arch:?}"
         );
+        if s.model.spec.latent.is_some() {
+            assert!(
+                has("kv_a_proj_with_mqa") && has("kv_b_proj"),
+                "{arch:?}: latent targets"
+            );
+        }
+        if s.model.spec.shared_expert.is_some_and(|x| !x.gated) {
+            assert!(
+                has("shared_experts.up_proj") && has("mlp.gate_proj"),
+                "{arch:?}"
+            );
+        }
         if arch == ModelType::Qwen2Moe {
             assert!(
                 has("shared_expert.up_proj") && has("mlp.gate_proj"),
@@ -276,15 +294,25 @@ fn gradients_match_finite_differences() {
         loss_of(&s, &inp, &b); // records the routing
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
         let vars: Vec<(String, Var)> = s.adapters.vars();
-        // Both adapter matrices of an attention, an MLP and both expert targets of layer 0.
+        // Both adapter matrices of attention and MLP projections of layer 0 and both expert
+        // targets of the first MoE layer.
+        let first_moe = s.model.spec.moe_layers.iter().position(|m| *m).unwrap();
+        let experts = format!("layers.{first_moe}.mlp.experts");
         let picked: Vec<&(String, Var)> = vars
             .iter()
             .filter(|(n, _)| {
-                n.contains("layers.0.")
-                    && (n.contains("q_proj")
-                        || n.contains("v_proj")
-                        || n.contains("mlp.experts")
-                        || n.contains("down_proj"))
+                (n.contains("layers.0.")
+                    && [
+                        "q_proj",
+                        "v_proj",
+                        "q_b_proj",
+                        "kv_a_proj",
+                        "kv_b_proj",
+                        "down_proj",
+                    ]
+                    .iter()
+                    .any(|p| n.contains(p)))
+                    || n.contains(&experts)
             })
             .collect();
         assert!(

@@ -12,15 +12,19 @@
 //! a graph) — the same functions in the same order — so a step's losses do not depend on
 //! whether the backward recomputes the layer or keeps its tape from the forward.
 
-use super::layers::{dropout_mask, Attention, Layer, Mlp, Moe, Proj, Routing};
+use super::latent::LatentTape;
+use super::layers::{
+    dropout_mask, part, whole_heads, Attention, Attn, Layer, Mlp, Moe, Proj, Routing,
+};
 use super::model::{Inputs, LayerStats, LoraCtx};
-use super::{ArchSpec, ExpertExchange, QkNorm};
+use super::{ArchSpec, ExpertExchange, QkNorm, Scoring};
 use crate::ops::add::add;
 use crate::ops::attention_block::{attention_block_taped, BlockTape};
 use crate::ops::grouped_gemm::{add_product, Gemm};
 use crate::ops::lora_linear::{backward_into, forward_taped, LinearTape};
 use crate::ops::nf4_linear::nf4_linear;
 use crate::ops::norm::{rms_norm, rms_norm_backward};
+use crate::ops::rope_part::rope_part_backward;
 use crate::ops::routed_experts::{held_experts_taped, ExpertsTape};
 use crate::ops::routing::{combine_backward, combine_forward, gather_backward, gather_forward};
 use crate::ops::swiglu::{swiglu, swiglu_backward};
@@ -32,13 +36,13 @@ use std::rc::Rc;
 pub type AdapterGrads = Vec<(TensorId, Tensor)>;
 
 /// A projection's input and, with an adapter, what its backward needs and its factors' ids.
-struct ProjTape {
+pub(super) struct ProjTape {
     x: Tensor,
     lora: Option<(LinearTape, TensorId, TensorId)>,
 }
 
 /// `Proj::forward`'s arithmetic, keeping its tape.
-fn proj(p: &Proj, x: &Tensor, lora: &LoraCtx) -> Result<(Tensor, ProjTape)> {
+pub(super) fn proj(p: &Proj, x: &Tensor, lora: &LoraCtx) -> Result<(Tensor, ProjTape)> {
     let Some(l) = lora.adapters.linear.get(&p.name) else {
         let y = nf4_linear(x, &p.w)?;
         let y = match &p.bias {
@@ -76,7 +80,7 @@ fn proj(p: &Proj, x: &Tensor, lora: &LoraCtx) -> Result<(Tensor, ProjTape)> {
 
 impl ProjTape {
     /// dx for upstream `dy`, added into `dx_into` where given.
-    fn backward(
+    pub(super) fn backward(
         self,
         p: &Proj,
         dy: &Tensor,
@@ -148,6 +152,9 @@ struct AttnTape {
     pre_norm: Option<(Tensor, Tensor)>,
     /// q, k and v before `clip_qkv`.
     pre_clip: Option<[Tensor; 3]>,
+    /// q and k before the layer's norms and rotation of part of each head, with the rotary
+    /// tables (`Attention::prepare`).
+    pre_rotary: Option<([Tensor; 2], (Tensor, Tensor))>,
     /// The attention block's inputs.
     qkv: [Tensor; 3],
     block: BlockTape,
@@ -184,6 +191,12 @@ fn attention(
             std::mem::replace(&mut v, cv),
         ]);
     }
+    let mut pre_rotary = None;
+    if !whole_heads(spec) {
+        let (pq, pk) = a.prepare(spec, &q, &k, inputs)?;
+        let pre = [std::mem::replace(&mut q, pq), std::mem::replace(&mut k, pk)];
+        pre_rotary = Some((pre, inputs.rope.clone()));
+    }
     let args = a.block_args(spec, layer, inputs, q.dtype());
     let (ctx, block) = attention_block_taped(&q, &k, &v, &args)?;
     let (out, o) = proj(&a.o, &ctx, lora)?;
@@ -193,6 +206,7 @@ fn attention(
         v: vt,
         pre_norm,
         pre_clip,
+        pre_rotary,
         qkv: [q, k, v],
         block,
         o,
@@ -213,6 +227,10 @@ impl AttnTape {
         let [q, k, v] = &self.qkv;
         let [mut dq, mut dk, mut dv] = self.block.backward(q, k, v, &dctx)?;
         drop((dctx, self.block));
+        if let Some(([q0, k0], (cos, sin))) = &self.pre_rotary {
+            dq = prepare_backward(spec, q0, a.q_norm.as_ref(), (cos, sin), &dq)?;
+            dk = prepare_backward(spec, k0, a.k_norm.as_ref(), (cos, sin), &dk)?;
+        }
         if let (Some(pre), Some(c)) = (&self.pre_clip, spec.clip_qkv) {
             // The clamp passes the gradient where its input lies within [−c, c].
             let pass = |x: &Tensor, d: &Tensor| -> Result<Tensor> {
@@ -231,6 +249,25 @@ impl AttnTape {
         let dx = self.k.backward(&a.k, &dk, Some(dx), grads)?;
         self.v.backward(&a.v, &dv, Some(dx), grads)
     }
+}
+
+/// The transpose of `Attention::prepare` for one of q and k: x `[N, heads·hd]` its input, `d`
+/// the gradient of its output.
+fn prepare_backward(
+    spec: &ArchSpec,
+    x: &Tensor,
+    norm: Option<&Tensor>,
+    (cos, sin): (&Tensor, &Tensor),
+    d: &Tensor,
+) -> Result<Tensor> {
+    let (n, width) = x.dims2()?;
+    let heads = (n, width / spec.head_dim, spec.head_dim);
+    let z = crate::ops::at_offset_zero;
+    let mut d = rope_part_backward(&d.reshape(heads)?, cos, sin, part(spec, 0))?;
+    if let (Some(w), QkNorm::PerHead) = (norm, spec.qk_norm) {
+        d = norm_backward(&z(&x.reshape(heads)?)?, w, &z(&d)?, spec.rms_norm_eps)?;
+    }
+    d.reshape((n, width))
 }
 
 /// The shared expert's MLP and, where it is gated, its output and gate `sigmoid(x·gᵀ)` [N, 1].
@@ -372,7 +409,8 @@ impl MoeTape {
 }
 
 /// The router's backward: dx += dlogits · W_router, from the routing weights' gradient `dw`
-/// [N, k] through the (optional) renormalisation, the top-k selection and the f32 softmax.
+/// [N, k] through the scaling, the (optional) renormalisation, the top-k selection and the f32
+/// softmax or sigmoid.
 fn router_backward(
     moe: &Moe,
     spec: &ArchSpec,
@@ -381,7 +419,7 @@ fn router_backward(
     dw: &Tensor,
     dx: Tensor,
 ) -> Result<Tensor> {
-    let dw = dw.to_dtype(DType::F32)?;
+    let dw = (dw.to_dtype(DType::F32)? * spec.router.scaling)?;
     let sel = probs.gather(&routing.top, 1)?; // [N, k]
     let dsel = if spec.router.renormalize {
         // w = sel / Σ sel: dsel = (dw − Σ dw·w) / Σ sel.
@@ -393,9 +431,15 @@ fn router_backward(
         dw
     };
     let dprobs = probs.zeros_like()?.scatter_add(&routing.top, &dsel, 1)?;
-    // Softmax: dlogits = p · (dp − Σ dp·p).
-    let dot = (&dprobs * probs)?.sum_keepdim(D::Minus1)?;
-    let dlogits = (probs * dprobs.broadcast_sub(&dot)?)?;
+    let dlogits = match spec.router.scoring {
+        // Softmax: dlogits = p · (dp − Σ dp·p).
+        Scoring::Softmax => {
+            let dot = (&dprobs * probs)?.sum_keepdim(D::Minus1)?;
+            (probs * dprobs.broadcast_sub(&dot)?)?
+        }
+        // Sigmoid: dlogits = dp · s · (1 − s).
+        Scoring::Sigmoid => (dprobs * (probs * probs.affine(-1.0, 1.0)?)?)?,
+    };
     add_product(
         dx,
         &dlogits.to_dtype(moe.router.dtype())?,
@@ -414,8 +458,13 @@ pub struct LayerTape {
     /// The layer's input and the residual after attention (the norms' inputs).
     x: Tensor,
     x1: Tensor,
-    attn: AttnTape,
+    attn: AttnPart,
     mlp: MlpPart,
+}
+
+enum AttnPart {
+    Heads(Box<AttnTape>),
+    Latent(Box<LatentTape>, (Tensor, Tensor)),
 }
 
 impl Layer {
@@ -431,14 +480,18 @@ impl Layer {
     ) -> Result<(Tensor, LayerStats, LayerTape)> {
         let eps = spec.rms_norm_eps;
         let x = x.detach();
-        let (a, attn) = attention(
-            &self.attn,
-            spec,
-            index,
-            &rms_norm(&x, &self.input_norm, eps)?,
-            inputs,
-            lora,
-        )?;
+        let h = rms_norm(&x, &self.input_norm, eps)?;
+        let (a, attn) = match &self.attn {
+            Attn::Heads(heads) => {
+                let (a, t) = attention(heads, spec, index, &h, inputs, lora)?;
+                (a, AttnPart::Heads(Box::new(t)))
+            }
+            Attn::Latent(latent) => {
+                let (a, t) = latent.taped(spec, index, &h, inputs, lora)?;
+                (a, AttnPart::Latent(Box::new(t), inputs.rope.clone()))
+            }
+        };
+        drop(h);
         let x1 = add(&x, &a)?;
         let h = rms_norm(&x1, &self.post_norm, eps)?;
         let (m, stats, mlp) = match &self.mlp {
@@ -478,8 +531,12 @@ impl Layer {
         })?;
         let dx1 = add(g, &norm_backward(&x1, &self.post_norm, &dh, eps)?)?;
         drop((dh, x1));
-        let dh = timed("bwd: attention", &dev, || {
-            attn.backward(&self.attn, spec, &dx1, &mut grads)
+        let dh = timed("bwd: attention", &dev, || match (attn, &self.attn) {
+            (AttnPart::Heads(t), Attn::Heads(a)) => t.backward(a, spec, &dx1, &mut grads),
+            (AttnPart::Latent(t, (cos, sin)), Attn::Latent(a)) => {
+                t.backward(a, spec, (&cos, &sin), &dx1, &mut grads)
+            }
+            _ => candle_core::bail!("layer backward: the attention tape is of another layer"),
         })?;
         let dx = add(&dx1, &norm_backward(&x, &self.input_norm, &dh, eps)?)?;
         Ok((dx, grads))

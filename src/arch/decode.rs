@@ -6,11 +6,10 @@
 
 use super::layers::{swiglu_mlp, Layer, Mlp};
 use super::model::{LoraCtx, Model};
-use super::{ArchSpec, QkNorm};
+use super::ArchSpec;
 use crate::ops::add::add;
 use crate::ops::embedding::TokenIds;
 use crate::ops::norm::rms_norm;
-use crate::ops::rope::apply_rope;
 use candle_core::{DType, Result, Tensor};
 
 /// Keys and values of every position seen so far, per layer: `[T, kv_heads, head_dim]`.
@@ -79,24 +78,17 @@ impl Layer {
         model: &Model,
     ) -> Result<Tensor> {
         let eps = spec.rms_norm_eps;
-        let (n, nh, kvh, hd) = (x.dim(0)?, spec.num_heads, spec.num_kv_heads, spec.head_dim);
-        let a = &self.attn;
+        let (n, nh, kvh) = (x.dim(0)?, spec.num_heads, spec.num_kv_heads);
         let h = rms_norm(x, &self.input_norm, eps)?;
-        let (q, k, v) = a.qkv(spec, &h, lora)?;
-        let (mut q, mut k) = (q.reshape((n, nh, hd))?, k.reshape((n, kvh, hd))?);
-        let v = v.reshape((n, kvh, hd))?;
-        if let (QkNorm::PerHead, Some(qn), Some(kn)) = (spec.qk_norm, &a.q_norm, &a.k_norm) {
-            q = rms_norm(&q, qn, eps)?;
-            k = rms_norm(&k, kn, eps)?;
-        }
-        let (q, k) = (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?);
+        let (q, k, v) = self.attn.heads(spec, &h, (cos, sin), lora)?;
         let (k, v) = match slot.take() {
             None => (k, v),
             Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 0)?, Tensor::cat(&[&cv, &v], 0)?),
         };
         *slot = Some((k.clone(), v.clone()));
-        let ctx = attend(&q, &k, &v, mask, nh / kvh)?.to_dtype(x.dtype())?;
-        let x = add(x, &a.o.forward(&ctx.reshape((n, nh * hd))?, lora)?)?;
+        let ctx = attend(&q, &k, &v, mask, nh / kvh, spec.attention_scale)?.to_dtype(x.dtype())?;
+        let width = nh * spec.v_head_dim();
+        let x = add(x, &self.attn.o().forward(&ctx.reshape((n, width))?, lora)?)?;
         let h = rms_norm(&x, &self.post_norm, eps)?;
         let m = match &self.mlp {
             Mlp::Dense(p) => swiglu_mlp(p, &h, lora)?,
@@ -131,30 +123,33 @@ fn causal_mask(n: usize, start: usize, device: &candle_core::Device) -> Result<O
     Tensor::from_vec(mask, (1, n, t), device).map(Some)
 }
 
-/// q `[n, heads, hd]` against k, v `[T, kv_heads, hd]` with the causal `mask`, `groups` query
-/// heads per key/value head → `[n, heads, hd]` in f32.
+/// q `[n, heads, hd]` against k `[T, kv_heads, hd]` and v `[T, kv_heads, vd]` with the
+/// causal `mask`, `groups` query heads per key/value head, softmax scale `scale` → `[n, heads,
+/// vd]` in f32.
 fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     mask: Option<&Tensor>,
     groups: usize,
+    scale: f64,
 ) -> Result<Tensor> {
-    let (_, nh, hd) = q.dims3()?;
+    let nh = q.dim(1)?;
     let (t, kvh, _) = k.dims3()?;
     let f = |x: &Tensor| x.to_dtype(DType::F32);
     // [nh, n, hd]
     let q = f(q)?.transpose(0, 1)?.contiguous()?;
     // Key/value head j serves query heads j·groups .. (j + 1)·groups.
     let heads = |x: &Tensor| -> Result<Tensor> {
+        let d = x.dim(2)?;
         f(x)?
-            .transpose(0, 1)? // [kvh, T, hd]
+            .transpose(0, 1)? // [kvh, T, d]
             .unsqueeze(1)?
-            .expand((kvh, groups, t, hd))?
-            .reshape((nh, t, hd))
+            .expand((kvh, groups, t, d))?
+            .reshape((nh, t, d))
     };
     let (k, v) = (heads(k)?, heads(v)?);
-    let mut scores = (q.matmul(&k.t()?)? / (hd as f64).sqrt())?; // [nh, n, T]
+    let mut scores = (q.matmul(&k.t()?)? * scale)?; // [nh, n, T]
     if let Some(m) = mask {
         scores = scores.broadcast_add(m)?;
     }

@@ -1,8 +1,9 @@
 //! A decoder layer: pre-norm attention and pre-norm MLP (dense SwiGLU or MoE), each added to
 //! the residual stream. Shapes are token-major, `N = B·S`.
 
+use super::latent::LatentAttention;
 use super::model::{Inputs, LayerStats, LoraCtx};
-use super::{ArchSpec, ExchangePlan, ExpertExchange, QkNorm};
+use super::{ArchSpec, ExchangePlan, ExpertExchange, QkNorm, Scoring};
 use crate::ops::add::add;
 use crate::ops::attention::query_block;
 use crate::ops::attention_block::{attention_block, BlockArgs};
@@ -10,8 +11,10 @@ use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
 use crate::ops::lora_linear::lora_linear;
 use crate::ops::nf4_linear::{nf4_linear, FrozenWeight};
 use crate::ops::norm::rms_norm;
+use crate::ops::rope::apply_rope;
+use crate::ops::rope_part::{rope_part, Part};
 use crate::ops::routed_experts::{routed_experts, ExpertLora};
-use crate::ops::router::router_probs;
+use crate::ops::router::{router_choose, router_probs, Choice};
 use crate::ops::routing::{combine_rows, gather_rows, RowOrder};
 use crate::ops::swiglu;
 use crate::ops::swiglu::swiglu_packed;
@@ -39,6 +42,8 @@ pub struct Attention {
 pub struct Moe {
     /// [E, H]
     pub router: Tensor,
+    /// `e_score_correction_bias [E]` f32: added to the router's scores for the choice only.
+    pub correction_bias: Option<Tensor>,
     pub gate_up_name: String,
     pub down_name: String,
     pub gate_up: ExpertWeights,
@@ -57,10 +62,79 @@ pub enum Mlp {
     Moe(Moe),
 }
 
+/// A layer's attention: q/k/v/o heads, or latent attention.
+// One per layer: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Attn {
+    Heads(Attention),
+    Latent(LatentAttention),
+}
+
+impl Attn {
+    /// x [N, H] → [N, H] in decoder layer `layer`.
+    fn forward(
+        &self,
+        spec: &ArchSpec,
+        layer: usize,
+        x: &Tensor,
+        inputs: &Inputs,
+        lora: &LoraCtx,
+    ) -> Result<Tensor> {
+        match self {
+            Attn::Heads(a) => a.forward(spec, layer, x, inputs, lora),
+            Attn::Latent(a) => a.forward(spec, layer, x, inputs, lora),
+        }
+    }
+
+    /// q `[n, heads, hd]`, k `[n, kv_heads, hd]` (normed and rotated) and v `[n, kv_heads,
+    /// v_head_dim]` of x `[n, H]`, given the rotary tables of its positions.
+    pub(super) fn heads(
+        &self,
+        spec: &ArchSpec,
+        x: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        lora: &LoraCtx,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (n, nh, kvh, hd) = (x.dim(0)?, spec.num_heads, spec.num_kv_heads, spec.head_dim);
+        let (q, k, v) = match self {
+            Attn::Latent(a) => a.qkv(spec, x, (cos, sin), lora)?,
+            Attn::Heads(a) => {
+                let (q, k, v) = a.qkv(spec, x, lora)?;
+                if whole_heads(spec) {
+                    let (mut q, mut k) = (q.reshape((n, nh, hd))?, k.reshape((n, kvh, hd))?);
+                    if let (QkNorm::PerHead, Some(qn), Some(kn)) =
+                        (spec.qk_norm, &a.q_norm, &a.k_norm)
+                    {
+                        q = rms_norm(&q, qn, spec.rms_norm_eps)?;
+                        k = rms_norm(&k, kn, spec.rms_norm_eps)?;
+                    }
+                    (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v)
+                } else {
+                    let (q, k) = a.prepare_with(spec, &q, &k, (cos, sin))?;
+                    (q, k, v)
+                }
+            }
+        };
+        Ok((
+            q.reshape((n, nh, hd))?,
+            k.reshape((n, kvh, hd))?,
+            v.reshape((n, kvh, spec.v_head_dim()))?,
+        ))
+    }
+
+    /// The output projection.
+    pub(super) fn o(&self) -> &Proj {
+        match self {
+            Attn::Heads(a) => &a.o,
+            Attn::Latent(a) => &a.o,
+        }
+    }
+}
+
 pub struct Layer {
     pub input_norm: Tensor,
     pub post_norm: Tensor,
-    pub attn: Attention,
+    pub attn: Attn,
     pub mlp: Mlp,
 }
 
@@ -110,6 +184,20 @@ impl Proj {
     }
 }
 
+/// Whether the attention block turns whole heads (the rotation's pairs `(i, i + hd/2)`).
+pub(super) fn whole_heads(spec: &ArchSpec) -> bool {
+    spec.rotary.dim == spec.head_dim && !spec.rotary.interleaved
+}
+
+/// The rotated part of a head whose rotated dims start at `at`.
+pub(super) fn part(spec: &ArchSpec, at: usize) -> Part {
+    Part {
+        at,
+        dim: spec.rotary.dim,
+        interleaved: spec.rotary.interleaved,
+    }
+}
+
 fn sigmoid(x: &Tensor) -> Result<Tensor> {
     (x.neg()?.exp()? + 1.0)?.recip()
 }
@@ -122,7 +210,9 @@ pub(super) fn swiglu_mlp(p: &[Proj; 3], x: &Tensor, lora: &LoraCtx) -> Result<Te
 }
 
 impl Attention {
-    /// The attention block's arguments in decoder layer `layer` for q of `dtype`.
+    /// The attention block's arguments in decoder layer `layer` for q of `dtype`. The block
+    /// norms and turns whole heads; an architecture that turns part of each head has q and k
+    /// prepared by [`Attention::prepare`] and the block only attends.
     pub(super) fn block_args<'a>(
         &'a self,
         spec: &ArchSpec,
@@ -139,21 +229,58 @@ impl Attention {
             _ => None,
         };
         let (cos, sin) = &inputs.rope;
+        let whole = whole_heads(spec);
         BlockArgs {
             batch: b,
             seq: s,
             heads: nh,
             kv_heads: kvh,
             head_dim: hd,
-            norms: per_head,
-            cos,
-            sin,
+            v_head_dim: hd,
+            norms: per_head.filter(|_| whole),
+            rotary: whole.then_some((cos, sin)),
             segments: &inputs.segments,
             samples: &inputs.samples,
-            scale: 1.0 / (hd as f64).sqrt(),
+            scale: spec.attention_scale,
             block: query_block(b, nh, s, dtype),
             memo: inputs.keep_attention.then(|| &inputs.attention[layer]),
         }
+    }
+
+    /// q and k `[N, heads·hd]` of an architecture that turns part of each head (GLM-4.5): the
+    /// per-head norms, then the rotation of the first `rotary.dim` dims; unchanged where the
+    /// attention block turns whole heads.
+    pub(super) fn prepare(
+        &self,
+        spec: &ArchSpec,
+        q: &Tensor,
+        k: &Tensor,
+        inputs: &Inputs,
+    ) -> Result<(Tensor, Tensor)> {
+        if whole_heads(spec) {
+            return Ok((q.clone(), k.clone()));
+        }
+        let (cos, sin) = &inputs.rope;
+        self.prepare_with(spec, q, k, (cos, sin))
+    }
+
+    /// [`Attention::prepare`] with the rotary tables of q's and k's positions.
+    pub(super) fn prepare_with(
+        &self,
+        spec: &ArchSpec,
+        q: &Tensor,
+        k: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+    ) -> Result<(Tensor, Tensor)> {
+        let one = |x: &Tensor, norm: &Option<Tensor>| -> Result<Tensor> {
+            let (n, width) = x.dims2()?;
+            let mut h = x.reshape((n, width / spec.head_dim, spec.head_dim))?;
+            if let (Some(w), QkNorm::PerHead) = (norm, spec.qk_norm) {
+                h = rms_norm(&h, w, spec.rms_norm_eps)?;
+            }
+            rope_part(&h, cos, sin, part(spec, 0))?.reshape((n, width))
+        };
+        Ok((one(q, &self.q_norm)?, one(k, &self.k_norm)?))
     }
 
     /// q, k, v `[N, heads·hd]` of x `[N, H]`: the projections (with their adapters), the norm
@@ -198,6 +325,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let dev = x.device();
         let (q, k, v) = self.qkv(spec, x, lora)?;
+        let (q, k) = self.prepare(spec, &q, &k, inputs)?;
         let args = self.block_args(spec, layer, inputs, q.dtype());
         // Per-head norms, rotary embedding and attention as one op.
         let ctx = timed("attn: attention", dev, || {
@@ -247,11 +375,16 @@ impl Moe {
         recorded: &mut Option<Rc<Routing>>,
     ) -> Result<(Rc<Routing>, Tensor, Tensor)> {
         let k = spec.router.top_k;
-        // Router in f32: softmax over all experts, then top-k, then (optionally) renormalise.
+        // Router in f32: scores (softmax over all experts, or sigmoid), top-k, then (optionally)
+        // renormalise and scale.
         let dev = x.device();
         timed("moe: router + routing", dev, || -> Result<_> {
             let logits = x.matmul(&self.router.t()?)?; // [N, E]
-            let (probs, top) = router_probs(&logits, recorded.is_none().then_some(k))?;
+            let choose = recorded.is_none().then_some(k);
+            let (probs, top) = match spec.router.is_plain_softmax() {
+                true => router_probs(&logits, choose)?,
+                false => router_choose(&logits, &self.choice(spec), choose)?,
+            };
             let routing = match (recorded.as_ref(), top) {
                 (Some(r), _) => r.clone(),
                 (None, Some(top)) => {
@@ -278,8 +411,20 @@ impl Moe {
             if spec.router.renormalize {
                 weights = weights.broadcast_div(&weights.sum_keepdim(D::Minus1)?)?;
             }
+            if spec.router.scaling != 1.0 {
+                weights = (weights * spec.router.scaling)?;
+            }
             Ok((routing, probs, weights))
         })
+    }
+
+    /// The router's scoring and choice beyond softmax-then-top-k.
+    fn choice<'a>(&'a self, spec: &ArchSpec) -> Choice<'a> {
+        Choice {
+            sigmoid: spec.router.scoring == Scoring::Sigmoid,
+            bias: self.correction_bias.as_ref(),
+            groups: spec.router.group_limit.map(|g| (g.groups, g.keep, g.score)),
+        }
     }
 
     /// x [N, H] → [N, H]: routed experts (weighted by the router) plus the shared expert.

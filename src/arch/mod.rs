@@ -4,6 +4,7 @@ mod backward;
 mod cfg;
 mod decode;
 pub mod exchange;
+mod latent;
 mod layers;
 mod memory;
 pub mod model;

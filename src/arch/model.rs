@@ -8,7 +8,8 @@
 //!
 //! Activations are token-major: a micro-batch of B rows × S tokens is `x: [N = B·S, H]`.
 
-use super::layers::{Attention, Layer, Mlp, Moe, Proj};
+use super::latent::{LatentAttention, LatentQ};
+use super::layers::{Attention, Attn, Layer, Mlp, Moe, Proj};
 use super::{ArchSpec, ExpertExchange};
 use crate::lora::Adapters;
 use crate::ops::embedding::{Embedding, TokenIds};
@@ -105,6 +106,16 @@ impl Weights<'_> {
             }
             None => candle_core::bail!("{name}: missing from the checkpoint"),
         }
+    }
+
+    /// A dense tensor in f32 whatever the compute dtype (the router's correction bias, which
+    /// transformers keeps in f32).
+    fn dense_f32(&self, name: &str) -> Result<Tensor> {
+        Weights {
+            dtype: DType::F32,
+            ..*self
+        }
+        .dense(name)
     }
 
     fn dense_opt(&self, name: &str) -> Result<Option<Tensor>> {
@@ -224,13 +235,29 @@ impl Model {
         for l in 0..spec.num_layers {
             let p = format!("model.layers.{l}");
             let a = format!("{p}.self_attn");
-            let attn = Attention {
-                q: w.proj(&format!("{a}.q_proj"), spec.qkv_bias)?,
-                k: w.proj(&format!("{a}.k_proj"), spec.qkv_bias)?,
-                v: w.proj(&format!("{a}.v_proj"), spec.qkv_bias)?,
-                o: w.proj(&format!("{a}.o_proj"), spec.o_bias)?,
-                q_norm: w.dense_opt(&format!("{a}.q_norm.weight"))?,
-                k_norm: w.dense_opt(&format!("{a}.k_norm.weight"))?,
+            let attn = match spec.latent {
+                None => Attn::Heads(Attention {
+                    q: w.proj(&format!("{a}.q_proj"), spec.qkv_bias)?,
+                    k: w.proj(&format!("{a}.k_proj"), spec.qkv_bias)?,
+                    v: w.proj(&format!("{a}.v_proj"), spec.qkv_bias)?,
+                    o: w.proj(&format!("{a}.o_proj"), spec.o_bias)?,
+                    q_norm: w.dense_opt(&format!("{a}.q_norm.weight"))?,
+                    k_norm: w.dense_opt(&format!("{a}.k_norm.weight"))?,
+                }),
+                Some(lat) => Attn::Latent(LatentAttention {
+                    q: match lat.q_lora_rank {
+                        None => LatentQ::Full(w.proj(&format!("{a}.q_proj"), false)?),
+                        Some(_) => LatentQ::LowRank {
+                            a: w.proj(&format!("{a}.q_a_proj"), spec.o_bias)?,
+                            norm: w.dense(&format!("{a}.q_a_layernorm.weight"))?,
+                            b: w.proj(&format!("{a}.q_b_proj"), false)?,
+                        },
+                    },
+                    kv_a: w.proj(&format!("{a}.kv_a_proj_with_mqa"), spec.o_bias)?,
+                    kv_norm: w.dense(&format!("{a}.kv_a_layernorm.weight"))?,
+                    kv_b: w.proj(&format!("{a}.kv_b_proj"), false)?,
+                    o: w.proj(&format!("{a}.o_proj"), spec.o_bias)?,
+                }),
             };
             let mlp = if spec.moe_layers[l] {
                 let (gate_up, first) = w.experts(&super::gate_up_name(l))?;
@@ -239,9 +266,9 @@ impl Model {
                     None => None,
                     Some(s) => Some((
                         [
-                            w.proj(&format!("{p}.mlp.shared_expert.gate_proj"), false)?,
-                            w.proj(&format!("{p}.mlp.shared_expert.up_proj"), false)?,
-                            w.proj(&format!("{p}.mlp.shared_expert.down_proj"), false)?,
+                            w.proj(&format!("{p}.mlp.{}.gate_proj", s.module), false)?,
+                            w.proj(&format!("{p}.mlp.{}.up_proj", s.module), false)?,
+                            w.proj(&format!("{p}.mlp.{}.down_proj", s.module), false)?,
                         ],
                         if s.gated {
                             Some(w.dense(&format!("{p}.mlp.shared_expert_gate.weight"))?)
@@ -250,8 +277,13 @@ impl Model {
                         },
                     )),
                 };
+                let bias = format!("{p}.mlp.gate.e_score_correction_bias");
                 Mlp::Moe(Moe {
                     router: w.dense(&format!("{p}.mlp.gate.weight"))?,
+                    correction_bias: match spec.router.correction_bias {
+                        true => Some(w.dense_f32(&bias)?),
+                        false => None,
+                    },
                     gate_up_name: super::gate_up_name(l),
                     down_name: super::down_name(l),
                     gate_up,
@@ -288,7 +320,7 @@ impl Model {
             device: device.clone(),
             rope: Rope::new(
                 &spec.rope,
-                spec.head_dim,
+                spec.rotary.dim,
                 spec.max_position_embeddings,
                 max_positions,
                 device,
@@ -387,7 +419,7 @@ impl Model {
                 (
                     self.spec.num_heads,
                     self.spec.num_kv_heads,
-                    self.spec.head_dim,
+                    self.spec.head_dim.max(self.spec.v_head_dim()),
                 ),
                 &self.device,
             )?,

@@ -58,15 +58,7 @@ pub enum Scoring {
     Sigmoid,
 }
 
-/// How a group of experts is scored for group-limited routing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum GroupScore {
-    /// Its best expert's score (DeepSeek-V2 `group_limited_greedy`).
-    Max,
-    /// The sum of its two best (bias-corrected) scores (DeepSeek-V3 `noaux_tc`).
-    TopTwoSum,
-}
+pub use crate::ops::router::GroupScore;
 
 /// Group-limited routing: the experts form `groups` equal groups, a token keeps its `keep`
 /// best groups and chooses its top-k among their experts only.
@@ -93,12 +85,9 @@ pub struct RouterSpec {
 }
 
 impl RouterSpec {
-    /// Softmax then top-k, no groups, bias or scaling: what the fused router kernel computes.
+    /// Softmax then top-k, no groups or bias: what the fused router kernel computes.
     pub fn is_plain_softmax(&self) -> bool {
-        self.scoring == Scoring::Softmax
-            && !self.correction_bias
-            && self.group_limit.is_none()
-            && self.scaling == 1.0
+        self.scoring == Scoring::Softmax && !self.correction_bias && self.group_limit.is_none()
     }
 }
 

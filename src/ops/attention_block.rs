@@ -23,11 +23,13 @@ pub struct BlockArgs<'a> {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// A value head's size (`head_dim` but for latent attention).
+    pub v_head_dim: usize,
     /// Per-head RMSNorm weights of q and k (`[head_dim]`) and epsilon.
     pub norms: Option<(&'a Tensor, &'a Tensor, f64)>,
-    /// Rotary tables `[N, 1, head_dim]`.
-    pub cos: &'a Tensor,
-    pub sin: &'a Tensor,
+    /// Rotary tables `[N, 1, head_dim]` (cos, sin); None when q and k come rotated (a rotation
+    /// of part of the head, done by the layer; then `norms` is None too).
+    pub rotary: Option<(&'a Tensor, &'a Tensor)>,
     /// `[B, S]` u32 on the inputs' device.
     pub segments: &'a Tensor,
     /// What the host knows of the samples in the rows (whole rows, cuDNN's ragged layout).
@@ -48,10 +50,10 @@ pub type Memo = (Tensor, Option<Tensor>);
 type Saved = (Tensor, Tensor, Tensor, Option<Tensor>);
 
 struct AttentionBlock {
-    dims: (usize, usize, usize, usize, usize),
+    /// batch, seq, heads, kv heads, q/k head, v head.
+    dims: (usize, usize, usize, usize, usize, usize),
     norms: Option<(Tensor, Tensor, f64)>,
-    cos: Tensor,
-    sin: Tensor,
+    rotary: Option<(Tensor, Tensor)>,
     segments: Tensor,
     samples: RowSamples,
     scale: f64,
@@ -72,15 +74,31 @@ impl AttentionBlock {
         }
     }
 
+    /// q or k `[N, heads, hd]` normed and rotated (when the block does it).
+    fn prepare(&self, x: &Tensor, norm: HeadNorm) -> Result<Tensor> {
+        match &self.rotary {
+            Some((cos, sin)) => norm_rope_forward(x, norm, cos, sin),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// The transpose of [`Self::prepare`] for upstream `dy`.
+    fn prepare_backward(&self, x: &Tensor, norm: HeadNorm, dy: &Tensor) -> Result<Tensor> {
+        match &self.rotary {
+            Some((cos, sin)) => norm_rope_backward(x, norm, cos, sin, dy),
+            None => Ok(dy.clone()),
+        }
+    }
+
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (b, s, nh, kvh, hd) = self.dims;
+        let (b, s, nh, kvh, hd, vd) = self.dims;
         let n = b * s;
         let z = super::at_offset_zero;
         let (qh, kh) = (z(&q.reshape((n, nh, hd))?)?, z(&k.reshape((n, kvh, hd))?)?);
         let (nq, nk) = self.head_norms();
-        let qr = norm_rope_forward(&qh, nq, &self.cos, &self.sin)?.reshape((b, s, nh, hd))?;
-        let kr = norm_rope_forward(&kh, nk, &self.cos, &self.sin)?.reshape((b, s, kvh, hd))?;
-        let v4 = z(&v.reshape((b, s, kvh, hd))?)?;
+        let qr = pad_last(&self.prepare(&qh, nq)?.reshape((b, s, nh, hd))?, vd)?;
+        let kr = pad_last(&self.prepare(&kh, nk)?.reshape((b, s, kvh, hd))?, vd)?;
+        let v4 = pad_last(&z(&v.reshape((b, s, kvh, vd))?)?, hd)?;
         let (out, lse) = match &self.reuse {
             Some((out, lse)) => (out.clone(), lse.clone()),
             None => attention_forward(
@@ -92,7 +110,7 @@ impl AttentionBlock {
                 self.block,
             )?,
         };
-        let ctx = out.reshape((n, nh * hd))?;
+        let ctx = out.narrow(3, 0, vd)?.reshape((n, nh * vd))?;
         if self.keep {
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some((qr, kr, out, lse));
         }
@@ -100,7 +118,7 @@ impl AttentionBlock {
     }
 
     fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, dctx: &Tensor) -> Result<[Tensor; 3]> {
-        let (b, s, nh, kvh, hd) = self.dims;
+        let (b, s, nh, kvh, hd, vd) = self.dims;
         let n = b * s;
         let z = super::at_offset_zero;
         let saved = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -110,8 +128,7 @@ impl AttentionBlock {
                 let again = AttentionBlock {
                     dims: self.dims,
                     norms: self.norms.clone(),
-                    cos: self.cos.clone(),
-                    sin: self.sin.clone(),
+                    rotary: self.rotary.clone(),
                     segments: self.segments.clone(),
                     samples: self.samples.clone(),
                     scale: self.scale,
@@ -127,8 +144,8 @@ impl AttentionBlock {
                 })?
             }
         };
-        let v4 = z(&v.reshape((b, s, kvh, hd))?)?;
-        let dout = z(&dctx.to_dtype(q.dtype())?.reshape((b, s, nh, hd))?)?;
+        let v4 = pad_last(&z(&v.reshape((b, s, kvh, vd))?)?, hd)?;
+        let dout = pad_last(&z(&dctx.to_dtype(q.dtype())?.reshape((b, s, nh, vd))?)?, hd)?;
         let [dqr, dkr, dv] = attention_backward(
             &qr,
             &kr,
@@ -141,24 +158,13 @@ impl AttentionBlock {
         )?;
         let (nq, nk) = self.head_norms();
         let (qh, kh) = (z(&q.reshape((n, nh, hd))?)?, z(&k.reshape((n, kvh, hd))?)?);
-        let dq = norm_rope_backward(
-            &qh,
-            nq,
-            &self.cos,
-            &self.sin,
-            &z(&dqr.reshape((n, nh, hd))?)?,
-        )?;
-        let dk = norm_rope_backward(
-            &kh,
-            nk,
-            &self.cos,
-            &self.sin,
-            &z(&dkr.reshape((n, kvh, hd))?)?,
-        )?;
+        let unpad = |t: &Tensor, d: usize| z(&t.narrow(3, 0, d)?);
+        let dq = self.prepare_backward(&qh, nq, &unpad(&dqr, hd)?.reshape((n, nh, hd))?)?;
+        let dk = self.prepare_backward(&kh, nk, &unpad(&dkr, hd)?.reshape((n, kvh, hd))?)?;
         Ok([
             dq.reshape((n, nh * hd))?,
             dk.reshape((n, kvh * hd))?,
-            dv.reshape((n, kvh * hd))?,
+            unpad(&dv, vd)?.reshape((n, kvh * vd))?,
         ])
     }
 }
@@ -249,32 +255,39 @@ fn block_op(
     reuse: bool,
     keep: bool,
 ) -> Result<AttentionBlock> {
-    let (b, s, nh, kvh, hd) = (
+    let (b, s, nh, kvh, hd, vd) = (
         args.batch,
         args.seq,
         args.heads,
         args.kv_heads,
         args.head_dim,
+        args.v_head_dim,
     );
     let n = b * s;
+    let table_dims = args
+        .rotary
+        .map(|(c, s)| (c.dims().to_vec(), s.dims().to_vec()));
     if q.dims() != [n, nh * hd]
         || k.dims() != [n, kvh * hd]
-        || v.dims() != [n, kvh * hd]
+        || v.dims() != [n, kvh * vd]
         || kvh == 0
         || nh % kvh != 0
         || hd % 2 != 0
-        || args.cos.dims() != [n, 1, hd]
-        || args.sin.dims() != [n, 1, hd]
+        || table_dims
+            .as_ref()
+            .is_some_and(|(c, s)| c != &[n, 1, hd] || s != &[n, 1, hd])
+        || (args.rotary.is_none() && args.norms.is_some())
         || args.segments.dims() != [b, s]
         || args.segments.dtype() != candle_core::DType::U32
         || args.block == 0
     {
         candle_core::bail!(
-            "attention block: q {:?}, k {:?}, v {:?}, rotary {:?}, segments {:?} for {b}×{s} positions of {nh}/{kvh} heads of {hd}",
+            "attention block: q {:?}, k {:?}, v {:?}, rotary {:?} (norms {}), segments {:?} for {b}×{s} positions of {nh}/{kvh} heads of {hd} (values {vd})",
             q.dims(),
             k.dims(),
             v.dims(),
-            args.cos.dims(),
+            table_dims,
+            args.norms.is_some(),
             args.segments.dims()
         );
     }
@@ -298,14 +311,16 @@ fn block_op(
         Some(memo) if reuse => memo
             .borrow_mut()
             .take()
-            .filter(|(out, _)| out.dims() == [b, s, nh, hd]),
+            .filter(|(out, _)| out.dims() == [b, s, nh, hd.max(vd)]),
         _ => None,
     };
     Ok(AttentionBlock {
-        dims: (b, s, nh, kvh, hd),
+        dims: (b, s, nh, kvh, hd, vd),
         norms,
-        cos: table(args.cos)?,
-        sin: table(args.sin)?,
+        rotary: match args.rotary {
+            Some((c, s)) => Some((table(c)?, table(s)?)),
+            None => None,
+        },
         segments: z(args.segments)?,
         samples: args.samples.clone(),
         scale: args.scale,
@@ -314,4 +329,16 @@ fn block_op(
         keep,
         saved: Mutex::new(None),
     })
+}
+
+/// x `[B, S, heads, d]` with zeros after its last dim up to `to` (contiguous from offset 0):
+/// q and k of a smaller head than v, or v of a smaller one than q and k, meet in one attention
+/// of the larger size (zeros add nothing to q·k, and the output's extra dims are dropped).
+fn pad_last(x: &Tensor, to: usize) -> Result<Tensor> {
+    let (b, s, h, d) = x.dims4()?;
+    if d >= to {
+        return super::at_offset_zero(x);
+    }
+    let zeros = Tensor::zeros((b, s, h, to - d), x.dtype(), x.device())?;
+    Tensor::cat(&[x, &zeros], 3)
 }

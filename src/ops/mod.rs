@@ -22,6 +22,7 @@ pub mod norm;
 pub mod norm_rope;
 pub mod offload;
 pub mod rope;
+pub mod rope_part;
 pub mod routed_experts;
 pub mod router;
 pub mod routing;

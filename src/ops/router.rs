@@ -7,7 +7,7 @@
 //! arg-sort: the reference (`moeq gpu-check`, the "router" entries).
 
 use super::norm::softmax_last;
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, D};
 
 /// (probabilities `[N, E]` f32, the top-`k` experts `[N, k]` u32 when `k` is given).
 pub fn router_probs(logits: &Tensor, k: Option<usize>) -> Result<(Tensor, Option<Tensor>)> {
@@ -31,6 +31,91 @@ pub fn router_probs(logits: &Tensor, k: Option<usize>) -> Result<(Tensor, Option
         None => None,
     };
     Ok((probs, top))
+}
+
+/// How a group of experts is scored for group-limited routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupScore {
+    /// Its best expert's score (DeepSeek-V2 `group_limited_greedy`).
+    Max,
+    /// The sum of its two best (bias-corrected) scores (DeepSeek-V3 `noaux_tc`).
+    TopTwoSum,
+}
+
+/// A router beyond softmax-then-top-k: how scores come from the logits and how the top-k is
+/// chosen from them.
+pub struct Choice<'a> {
+    /// `sigmoid` per expert, else `softmax` over the experts.
+    pub sigmoid: bool,
+    /// A per-expert bias `[E]` added to the scores for the choice only (`noaux_tc`).
+    pub bias: Option<&'a Tensor>,
+    /// Group-limited choice: (groups, groups kept, how a group is scored).
+    pub groups: Option<(usize, usize, GroupScore)>,
+}
+
+/// (scores `[N, E]` f32 with the logits' graph, the top-`k` experts `[N, k]` u32 when `k` is
+/// given) as transformers' DeepSeek and GLM routers compute them: scores by sigmoid or
+/// softmax; for the choice the scores plus the bias, the experts outside a token's `keep`
+/// best groups left out (a group scored by its best, or its two best, choice scores), then the
+/// k best (ties to the lower expert). Candle's ops on the CPU and on CUDA.
+pub fn router_choose(
+    logits: &Tensor,
+    choice: &Choice,
+    k: Option<usize>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (n, e) = logits.dims2()?;
+    if k.is_some_and(|k| k == 0 || k > e) {
+        candle_core::bail!("router: top-{} of {e} experts", k.unwrap_or(0));
+    }
+    let logits = logits.to_dtype(DType::F32)?;
+    let scores = match choice.sigmoid {
+        true => (logits.neg()?.exp()? + 1.0)?.recip()?,
+        false => softmax_last(&logits)?,
+    };
+    let Some(k) = k else {
+        return Ok((scores, None));
+    };
+    let mut pick = scores.detach();
+    if let Some(b) = choice.bias {
+        pick = pick.broadcast_add(&b.to_dtype(DType::F32)?.reshape((1, e))?)?;
+    }
+    if let Some((groups, keep, rule)) = choice.groups {
+        if groups == 0 || e % groups != 0 || keep == 0 || keep > groups {
+            candle_core::bail!("router: {keep} of {groups} groups of {e} experts");
+        }
+        let per = e / groups;
+        let grouped = pick.reshape((n, groups, per))?;
+        let group_scores = match rule {
+            GroupScore::Max => grouped.max(D::Minus1)?,
+            GroupScore::TopTwoSum => grouped
+                .sort_last_dim(false)?
+                .0
+                .narrow(2, 0, per.min(2))?
+                .sum(D::Minus1)?,
+        }; // [N, groups]
+        let best = group_scores
+            .arg_sort_last_dim(false)?
+            .narrow(1, 0, keep)?
+            .contiguous()?;
+        let kept = Tensor::zeros((n, groups), DType::F32, logits.device())?.scatter_add(
+            &best,
+            &Tensor::ones((n, keep), DType::F32, logits.device())?,
+            1,
+        )?;
+        let kept = kept
+            .unsqueeze(2)?
+            .broadcast_as((n, groups, per))?
+            .reshape((n, e))?
+            .ge(0.5)?;
+        let out = Tensor::full(f32::NEG_INFINITY, (n, e), logits.device())?;
+        pick = kept.where_cond(&pick, &out)?;
+    }
+    let top = pick
+        .arg_sort_last_dim(false)?
+        .narrow(1, 0, k)?
+        .contiguous()?;
+    Ok((scores, Some(top)))
 }
 
 #[cfg(feature = "cuda")]
