@@ -7,11 +7,16 @@ use moeq::model_files::{ExpertParam, ModelDir};
 use moeq::synth::{self, DiskLayout, SynthOptions};
 use std::path::Path;
 
-const ARCHS: [ModelType; 4] = [
+const ARCHS: [ModelType; 9] = [
     ModelType::Qwen3Moe,
     ModelType::Qwen2Moe,
     ModelType::Mixtral,
     ModelType::Olmoe,
+    ModelType::Glm4Moe,
+    ModelType::Glm4MoeLite,
+    ModelType::DeepseekV2,
+    ModelType::DeepseekV3,
+    ModelType::KimiK2,
 ];
 
 fn synth_into(

@@ -254,6 +254,34 @@ fn one_to_four_ranks_train_like_one_process() {
     );
 }
 
+/// Latent attention and grouped sigmoid routing (DeepSeek-V3's tiny preset: 8 experts in 4
+/// groups, a dense first layer, a shared expert) over 2 ranks of 4 experts each train like one
+/// process, to the same NF4 bytes (tolerances as above).
+#[test]
+fn two_ranks_train_deepseek_v3_like_one_process() {
+    let root = tempfile::tempdir().unwrap();
+    let extra = "base_model: synth://deepseek_v3/tiny?seed=0\n\
+                 lora_target_modules: [q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj, gate_proj, up_proj, down_proj]";
+    let one = run(&root.path().join("one"), 0, extra);
+    let two = run(&root.path().join("two"), 2, extra);
+    assert_eq!(nf4(&two, 2), nf4(&one, 1), "NF4 bytes differ with 2 ranks");
+    let (a, b) = (losses(&two), losses(&one));
+    assert_eq!(a.len(), 20);
+    assert!(b[19] < b[0], "{b:?}");
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() <= 1e-5 * y.abs(),
+            "step {}: loss {x} vs {y}",
+            step + 1
+        );
+    }
+    assert_adapters_close(
+        &two.join("out/adapter_model.safetensors"),
+        &one.join("out/adapter_model.safetensors"),
+        "deepseek_v3, 2 ranks",
+    );
+}
+
 /// `expert_parallel_size` smaller than the world: 4 ranks as 2 groups of 2 (experts 4 + 4 in
 /// each) and 6 ranks as 2 groups of 3 (3 + 3 + 2): each group quantizes every expert once, to
 /// the same bytes as one process, and the run trains like one process (tolerances as above;

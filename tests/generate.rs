@@ -24,6 +24,10 @@ fn cached_decoding_matches_the_whole_sequence() {
         ModelType::Qwen2Moe,
         ModelType::Mixtral,
         ModelType::Olmoe,
+        ModelType::Glm4Moe,
+        ModelType::Glm4MoeLite,
+        ModelType::DeepseekV2,
+        ModelType::DeepseekV3,
     ] {
         let dir = tempfile::tempdir().unwrap();
         let opts = SynthOptions {

@@ -246,6 +246,38 @@ fn model_config_overrides_config_json() {
     );
 }
 
+/// The tiny preset of each DeepSeek/GLM-family type trains from the CLI (dense first layer,
+/// grouped or sigmoid routing, latent or partially rotated attention, summed shared experts):
+/// adapters on every attention projection it has, the dense MLP and shared experts, and the
+/// experts; over 40 steps the logged loss falls by a third.
+#[test]
+fn deepseek_and_glm_tiny_presets_learn() {
+    for arch in [
+        "glm4_moe",
+        "glm4_moe_lite",
+        "deepseek_v2",
+        "deepseek_v3",
+        "kimi_k2",
+    ] {
+        let extra = format!(
+            "base_model: synth://{arch}/tiny?seed=0\n\
+             lora_target_modules: [q_proj, k_proj, v_proj, q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj, gate_proj, up_proj, down_proj]\n\
+             max_steps: 40\nwarmup_steps: 4\nlogging_steps: 5\neval_steps: 100\nsave_steps: 100"
+        );
+        let (losses, log) = losses_and_log(&extra);
+        let losses: Vec<f64> = losses.iter().map(|l| l.parse().unwrap()).collect();
+        assert_eq!(losses.len(), 8, "{arch}: {log}");
+        assert!(
+            losses[7] < losses[0] * 2.0 / 3.0,
+            "{arch}: losses {losses:?}"
+        );
+        assert!(
+            log.contains(&format!("({arch}, 3 layers)")),
+            "{arch}: {log}"
+        );
+    }
+}
+
 #[test]
 fn lora_targets_that_match_nothing_are_refused() {
     let dir = tempfile::tempdir().unwrap();

@@ -237,6 +237,10 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
         ModelType::Qwen2Moe,
         ModelType::Mixtral,
         ModelType::Olmoe,
+        ModelType::Glm4Moe,
+        ModelType::Glm4MoeLite,
+        ModelType::DeepseekV2,
+        ModelType::DeepseekV3,
     ] {
         let tmp = std::env::temp_dir().join(format!(
             "moeq-train-check-{}-{}",

@@ -91,8 +91,34 @@ impl ModelDir {
         };
         if dir.has_weights() {
             dir.layout = Some(layout::detect(&dir)?);
+            dir.note_layers_beyond();
         }
         Ok(dir)
+    }
+
+    /// One info line for tensors of layers past `num_hidden_layers` (the multi-token-prediction
+    /// layers DeepSeek-V3 and GLM-4.5 ship): they are not read.
+    fn note_layers_beyond(&self) {
+        let layers = self.spec.num_layers;
+        let beyond = self
+            .locations
+            .keys()
+            .filter_map(|n| {
+                n.strip_prefix("model.layers.")?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .filter(|&l| l >= layers)
+            .count();
+        if beyond > 0 {
+            tracing::info!(
+                "{}: {beyond} tensors of layers from {layers} on (multi-token prediction, num_nextn_predict_layers: {}) are not loaded: moeq trains the {layers} decoder layers",
+                self.root.display(),
+                self.spec.mtp_layers
+            );
+        }
     }
 
     pub fn has_weights(&self) -> bool {

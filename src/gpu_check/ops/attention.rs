@@ -139,5 +139,40 @@ pub(super) fn check_attention(device: &Device, dtype: DType) -> Result<Vec<Compa
             attention_block(&t[0], &t[1], &t[2], &args)
         },
     )?);
+    // Latent attention's block: q and k come rotated (no norms, no rotation in the block),
+    // heads of 192 with values of 128 (DeepSeek) — the values padded to the q/k size inside —
+    // and heads of 64 with values of 96 (q and k padded), 4 heads.
+    for (hd, vd) in [(192usize, 128usize), (64, 96)] {
+        let qkv = [hd, hd, vd]
+            .iter()
+            .map(|&d| Tensor::randn(0f32, 1.0, (n, 4 * d), cpu))
+            .collect::<Result<Vec<_>>>()?;
+        out.extend(device_vs_cpu(
+            &format!("attention block, q/k heads of {hd}, values of {vd}, no rotation"),
+            "attention_block",
+            device,
+            dtype,
+            &qkv,
+            &|t| {
+                let segments = Tensor::from_slice(&seg, (b, s), t[0].device())?;
+                let args = BlockArgs {
+                    batch: b,
+                    seq: s,
+                    heads: 4,
+                    kv_heads: 4,
+                    head_dim: hd,
+                    v_head_dim: vd,
+                    norms: None,
+                    rotary: None,
+                    segments: &segments,
+                    samples: &Default::default(),
+                    scale: 0.072,
+                    block: 64,
+                    memo: None,
+                };
+                attention_block(&t[0], &t[1], &t[2], &args)
+            },
+        )?);
+    }
     Ok(out)
 }

@@ -27,6 +27,7 @@ use crate::ops::nf4_linear::{Nf4Weight, Scales};
 use crate::ops::norm::rms_norm;
 use crate::ops::norm_rope::norm_rope;
 use crate::ops::rope::{apply_rope, Rope, RopeSpec};
+use crate::ops::rope_part::{rope_part, Part};
 use crate::ops::routed_experts::routed_experts;
 use crate::ops::routing::{combine_rows, gather_rows, RowOrder};
 use crate::ops::swiglu::{swiglu, swiglu_packed, swiglu_reference};
@@ -180,6 +181,33 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         let (c, s) = rope.tables(&pos, t[0].dtype())?;
         apply_rope(&t[0], &c, &s)
     })?);
+    // The rotation of part of each head: GLM-4.5's first half of heads of 64, DeepSeek's
+    // interleaved last 16 dims of heads of 48.
+    for (hd, at, dim, interleaved) in [(64usize, 0usize, 32usize, false), (48, 32, 16, true)] {
+        let x = Tensor::randn(0f32, 1.0, (67, 4, hd), cpu)?;
+        let angle = Tensor::randn(0f32, 2.0, (67, 1, dim), cpu)?;
+        let p = Part {
+            at,
+            dim,
+            interleaved,
+        };
+        out.extend(device_vs_cpu(
+            &format!(
+                "rope of dims {at}..{} of heads of {hd}{}",
+                at + dim,
+                if interleaved { ", interleaved" } else { "" }
+            ),
+            "rope",
+            device,
+            dtype,
+            &[x],
+            &|t| {
+                let dev = t[0].device();
+                let to = |x: &Tensor| x.to_device(dev)?.to_dtype(t[0].dtype());
+                rope_part(&t[0], &to(&angle.cos()?)?, &to(&angle.sin()?)?, p)
+            },
+        )?);
+    }
     // The per-head norm and rotation as one op (one kernel each way on CUDA for heads of 64,
     // 128 and 256; 128 is in the attention block's entry): 67 tokens × 3 heads, with and
     // without the norm.

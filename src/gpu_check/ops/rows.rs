@@ -5,7 +5,7 @@
 use super::{compare, lookup, Comparison, Pass};
 use crate::ops::add::add;
 use crate::ops::embedding::{gather_host_rows, Embedding, TokenIds};
-use crate::ops::router::router_probs;
+use crate::ops::router::{router_choose, router_probs, Choice, GroupScore};
 use crate::ops::routing::plan;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -117,6 +117,56 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
             &format!("{what}: choices"),
             &got_top,
             &want_top,
+            lookup("router top-k", "u32", Pass::Exact)?,
+        )?);
+    }
+    // DeepSeek-V3's choice (sigmoid scores, a per-expert bias, the best 4 of 8 groups by their
+    // two best scores) and DeepSeek-V2's (softmax, the best 3 of 8 groups by their best score):
+    // candle's ops on both sides; logits as above, bias steps of 1e-4 per expert.
+    for (sigmoid, rule, keep) in [
+        (true, GroupScore::TopTwoSum, 4usize),
+        (false, GroupScore::Max, 3),
+    ] {
+        let (n, e, k) = (300usize, 256usize, 8usize);
+        let logits: Vec<f32> = (0..n * e)
+            .map(|i| {
+                let (t, j) = (i / e, i % e);
+                ((j * 37 + t * 11) % e) as f32 * (6.0 / e as f32) - 3.0
+            })
+            .collect();
+        let logits = Tensor::from_vec(logits, (n, e), &Device::Cpu)?;
+        let bias: Vec<f32> = (0..e).map(|j| ((j * 13) % e) as f32 * 1e-4).collect();
+        let bias = Tensor::from_vec(bias, e, &Device::Cpu)?;
+        let choose = |dev: &Device| -> Result<(Tensor, Option<Tensor>)> {
+            let bias = bias.to_device(dev)?;
+            let choice = Choice {
+                sigmoid,
+                bias: sigmoid.then_some(&bias),
+                groups: Some((8, keep, rule)),
+            };
+            router_choose(&logits.to_device(dev)?, &choice, Some(k))
+        };
+        let ((got_p, got_top), (want_p, want_top)) = (choose(device)?, choose(&Device::Cpu)?);
+        let what = format!("router {rule:?} groups, best {keep} of 8, 256 experts top-{k}");
+        out.push(compare(
+            &format!("{what}: scores"),
+            &got_p,
+            &want_p,
+            lookup("router probs", "f32", Pass::Forward)?,
+        )?);
+        let (Some(got_top), Some(want_top)) = (got_top, want_top) else {
+            candle_core::bail!("{what}: no top-k choice");
+        };
+        // The choice's order among equal picks may differ; the set may not.
+        let sorted = |t: &Tensor| {
+            t.to_device(&Device::Cpu)?
+                .to_dtype(DType::F32)?
+                .sort_last_dim(true)
+        };
+        out.push(compare(
+            &format!("{what}: choices"),
+            &sorted(&got_top)?.0,
+            &sorted(&want_top)?.0,
             lookup("router top-k", "u32", Pass::Exact)?,
         )?);
     }
