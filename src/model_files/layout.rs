@@ -156,6 +156,12 @@ pub(super) fn read_experts(
     if layout == ExpertLayout::Fused {
         let name = which.canonical_name(layer);
         let (_, dtype, shape) = dir.raw(&name, Some(0..0))?;
+        if dtype == DType::F8E4M3 {
+            return Err(ModelFilesError::Format {
+                path: dir.root.display().to_string(),
+                problem: format!("'{name}': FP8 fused expert tensors are not supported (moeq reads FP8 experts stored one tensor per expert, as the hub releases are)"),
+            });
+        }
         dir.check_shape(
             &name,
             &shape,
@@ -181,6 +187,11 @@ pub(super) fn read_experts(
         for name in &parts {
             let (bytes, dt, shape) = dir.raw(name, None)?;
             dir.check_shape(name, &shape, &[rows, per_expert[1]])?;
+            // FP8 parts come back in bf16 (`model_files::fp8`), one expert at a time.
+            let (bytes, dt): (std::borrow::Cow<[u8]>, DType) = match dt {
+                DType::F8E4M3 => (raw_bytes(&dir.tensor(name)?)?.into(), DType::BF16),
+                _ => (bytes.into(), dt),
+            };
             match dtype {
                 None => {
                     dtype = Some(dt);
@@ -196,7 +207,7 @@ pub(super) fn read_experts(
                 }
                 Some(_) => {}
             }
-            buffer.extend_from_slice(bytes);
+            buffer.extend_from_slice(&bytes);
         }
     }
     let dtype = dtype.unwrap_or(DType::F32);
@@ -206,4 +217,36 @@ pub(super) fn read_experts(
         &out_shape,
         &Device::Cpu,
     )?)
+}
+
+/// The little-endian bytes of a CPU tensor (contiguous).
+fn raw_bytes(t: &Tensor) -> Result<Vec<u8>, ModelFilesError> {
+    use half::bf16;
+    Ok(match t.dtype() {
+        DType::BF16 => t
+            .flatten_all()?
+            .to_vec1::<bf16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F16 => t
+            .flatten_all()?
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F32 => t
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::U8 => t.flatten_all()?.to_vec1::<u8>()?,
+        other => {
+            return Err(ModelFilesError::Format {
+                path: String::new(),
+                problem: format!("expert tensor of dtype {other:?}"),
+            })
+        }
+    })
 }

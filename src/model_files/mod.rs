@@ -7,6 +7,7 @@ pub mod bnb;
 #[cfg(feature = "cuda")]
 mod cuda_quantizer;
 pub mod dense;
+mod fp8;
 pub mod frozen;
 pub mod generated;
 mod layout;
@@ -165,7 +166,35 @@ impl ModelDir {
         let disk = layout.disk_name(canonical);
         let (bytes, dtype, shape) = self.raw(&disk, None)?;
         self.check_shape(&disk, &shape, &info.shape)?;
-        Ok(Tensor::from_raw_buffer(bytes, dtype, &shape, &Device::Cpu)?)
+        match dtype {
+            DType::F8E4M3 => self.tensor(&disk),
+            _ => Ok(Tensor::from_raw_buffer(bytes, dtype, &shape, &Device::Cpu)?),
+        }
+    }
+
+    /// An on-disk tensor whole, on the CPU: in its dtype, or in bf16 for block-scaled FP8.
+    pub(crate) fn tensor(&self, disk_name: &str) -> Result<Tensor, ModelFilesError> {
+        let (bytes, dtype, shape) = self.raw(disk_name, None)?;
+        if dtype != DType::F8E4M3 {
+            return Ok(Tensor::from_raw_buffer(bytes, dtype, &shape, &Device::Cpu)?);
+        }
+        let scale_name = fp8::scale_name(disk_name);
+        if self.locate(&scale_name).is_none() {
+            return Err(ModelFilesError::Format {
+                path: self.root.display().to_string(),
+                problem: format!("FP8 tensor '{disk_name}' has no '{scale_name}' beside it (moeq reads block-scaled FP8)"),
+            });
+        }
+        let (sb, sdt, sshape) = self.raw(&scale_name, None)?;
+        let scale = Tensor::from_raw_buffer(sb, sdt, &sshape, &Device::Cpu)?;
+        let block = fp8::block_size(
+            &self.config_json,
+            &self.root.join("config.json").display().to_string(),
+        )?;
+        fp8::dequantize(bytes, &shape, &scale, block).map_err(|e| ModelFilesError::Format {
+            path: self.root.display().to_string(),
+            problem: format!("'{disk_name}': {e}"),
+        })
     }
 
     /// Experts `[range.start, range.end)` of one layer's expert parameter in the canonical

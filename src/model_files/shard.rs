@@ -28,10 +28,12 @@ pub fn candle_dtype(path: &Path, name: &str, dtype: StDtype) -> Result<DType, Mo
         StDtype::F16 => Ok(DType::F16),
         StDtype::F32 => Ok(DType::F32),
         StDtype::U8 => Ok(DType::U8),
+        // Block-scaled FP8 (DeepSeek-V3 and others): `model_files::fp8` turns it into bf16.
+        StDtype::F8_E4M3 => Ok(DType::F8E4M3),
         other => Err(ModelFilesError::Format {
             path: path.display().to_string(),
             problem: format!(
-                "tensor '{name}' has dtype {other:?}; moeq reads bf16, f16 and f32 weights (and u8 for pre-quantized NF4)"
+                "tensor '{name}' has dtype {other:?}; moeq reads bf16, f16, f32 and block-scaled FP8 e4m3 weights (and u8 for pre-quantized NF4)"
             ),
         }),
     }
