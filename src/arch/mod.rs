@@ -1,5 +1,6 @@
 //! Architectures as data: `ArchSpec` from config.json and the canonical parameter list.
 
+mod attn;
 mod backward;
 mod cfg;
 mod decode;

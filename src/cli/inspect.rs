@@ -39,7 +39,11 @@ fn settings(config: Option<&PathBuf>) -> Result<Settings, CliError> {
         return Ok(Settings {
             lora: LoraPlan {
                 r: 16,
-                modules: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
+                // Every attention projection either form has (latent attention: q_proj or
+                // q_a/q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj).
+                modules: ["q_proj", "k_proj", "v_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+                    .map(String::from)
+                    .to_vec(),
                 parameters: ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"].map(String::from).to_vec(),
             },
             format: FrozenFormat::FourBit {
@@ -49,7 +53,7 @@ fn settings(config: Option<&PathBuf>) -> Result<Settings, CliError> {
             expert_parallel: true,
             expert_parallel_size: None,
             model_config: Default::default(),
-            source: "defaults: r=16 on q/k/v/o and both expert parameters; pass --config for a run's settings".into(),
+            source: "defaults: r=16 on the attention projections and both expert parameters; pass --config for a run's settings".into(),
         });
     };
     let outcome = TrainConfig::from_file(path).map_err(CliError::input)?;

@@ -82,6 +82,22 @@ impl AttentionBlock {
         }
     }
 
+    /// Whether q/k and v of different head sizes go to the attention as they are: cuDNN takes
+    /// them for rows of one sample; elsewhere the smaller side is zero-padded ([`pad_last`]).
+    fn native(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+        if q.dims().last() == v.dims().last() {
+            return true;
+        }
+        // The same shapes get the same answer, so the recompute, the backward and a pass that
+        // takes the first forward's output (`reuse`) all agree with that forward.
+        #[cfg(feature = "cuda")]
+        if self.samples.whole {
+            return super::cudnn_attn::serves(q, k, v, self.scale as f32, None);
+        }
+        let _ = k;
+        false
+    }
+
     /// The transpose of [`Self::prepare`] for upstream `dy`.
     fn prepare_backward(&self, x: &Tensor, norm: HeadNorm, dy: &Tensor) -> Result<Tensor> {
         match &self.rotary {
@@ -96,9 +112,13 @@ impl AttentionBlock {
         let z = super::at_offset_zero;
         let (qh, kh) = (z(&q.reshape((n, nh, hd))?)?, z(&k.reshape((n, kvh, hd))?)?);
         let (nq, nk) = self.head_norms();
-        let qr = pad_last(&self.prepare(&qh, nq)?.reshape((b, s, nh, hd))?, vd)?;
-        let kr = pad_last(&self.prepare(&kh, nk)?.reshape((b, s, kvh, hd))?, vd)?;
-        let v4 = pad_last(&z(&v.reshape((b, s, kvh, vd))?)?, hd)?;
+        let qr = self.prepare(&qh, nq)?.reshape((b, s, nh, hd))?;
+        let kr = self.prepare(&kh, nk)?.reshape((b, s, kvh, hd))?;
+        let v4 = z(&v.reshape((b, s, kvh, vd))?)?;
+        let (qr, kr, v4) = match self.native(&qr, &kr, &v4) {
+            true => (qr, kr, v4),
+            false => (pad_last(&qr, vd)?, pad_last(&kr, vd)?, pad_last(&v4, hd)?),
+        };
         let (out, lse) = match &self.reuse {
             Some((out, lse)) => (out.clone(), lse.clone()),
             None => attention_forward(
@@ -144,8 +164,11 @@ impl AttentionBlock {
                 })?
             }
         };
-        let v4 = pad_last(&z(&v.reshape((b, s, kvh, vd))?)?, hd)?;
-        let dout = pad_last(&z(&dctx.to_dtype(q.dtype())?.reshape((b, s, nh, vd))?)?, hd)?;
+        // Padded in the forward unless q/k and v kept their sizes (`native`).
+        let padded = qr.dim(3)? != hd || out.dim(3)? != vd;
+        let pad = |x: Tensor, to: usize| if padded { pad_last(&x, to) } else { Ok(x) };
+        let v4 = pad(z(&v.reshape((b, s, kvh, vd))?)?, hd)?;
+        let dout = pad(z(&dctx.to_dtype(q.dtype())?.reshape((b, s, nh, vd))?)?, hd)?;
         let [dqr, dkr, dv] = attention_backward(
             &qr,
             &kr,
@@ -308,10 +331,9 @@ fn block_op(
     };
     let table = |t: &Tensor| z(&t.to_dtype(dtype)?.detach());
     let reuse = match args.memo {
-        Some(memo) if reuse => memo
-            .borrow_mut()
-            .take()
-            .filter(|(out, _)| out.dims() == [b, s, nh, hd.max(vd)]),
+        Some(memo) if reuse => memo.borrow_mut().take().filter(|(out, _)| {
+            out.dims()[..3] == [b, s, nh] && [vd, hd.max(vd)].contains(&out.dims()[3])
+        }),
         _ => None,
     };
     Ok(AttentionBlock {

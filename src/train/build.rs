@@ -375,6 +375,34 @@ fn expert_ranks(
     })
 }
 
+/// Model types whose checkpoints transformers 5 converts with qwen2_moe's pattern: for them
+/// PEFT 0.21 reads `gate_proj`/`up_proj`/`down_proj` in `target_modules` as the fused experts.
+const PEFT_CONVERTS: &[&str] = &[
+    "qwen3_moe",
+    "olmoe",
+    "glm4_moe",
+    "glm4_moe_lite",
+    "deepseek_v2",
+    "deepseek_v3",
+];
+
+/// One warning when adapters on dense MLPs or shared experts (`gate_proj`, `up_proj`,
+/// `down_proj`) of such a model would not load in PEFT.
+fn warn_peft_conversion(spec: &ArchSpec, adapters: &Adapters) {
+    let mlp = |n: &str| {
+        ["gate_proj", "up_proj", "down_proj"]
+            .iter()
+            .any(|p| n.ends_with(p))
+    };
+    let hit = adapters.linear.keys().filter(|n| mlp(n)).count();
+    if hit > 0 && PEFT_CONVERTS.contains(&spec.model_type.as_str()) {
+        tracing::warn!(
+            "lora_target_modules: {hit} adapters on dense-MLP and shared-expert projections (gate_proj, up_proj, down_proj): moeq trains and loads them, but PEFT 0.21 on transformers 5 reads those names of a {} model as its fused experts and will not load this adapter; leave them out for a PEFT-loadable adapter and target the experts with lora_target_parameters",
+            spec.model_type.as_str()
+        );
+    }
+}
+
 /// The adapters of the configured targets (expert adapters for the `held` experts); warns
 /// (on the lead rank) about target modules that match nothing.
 fn make_adapters(
@@ -396,6 +424,9 @@ fn make_adapters(
         return Err(TrainError::Input(
             "no LoRA targets matched: set lora_target_modules (q_proj, k_proj, …) and/or lora_target_parameters (mlp.experts.gate_up_proj, mlp.experts.down_proj)".into(),
         ));
+    }
+    if lead {
+        warn_peft_conversion(spec, &adapters);
     }
     for m in &adapters.settings.target_modules {
         let matched = adapters

@@ -21,11 +21,12 @@ pub(crate) fn peak_flops(device: &Device) -> Option<f64> {
 }
 
 /// FLOPs per trained token with a frozen base and full recompute: 6·N_active (forward,
-/// recompute, input gradient) plus attention (3 passes × 2 matmuls × 2·S·d per layer, causal
-/// half counted in full as the kernel computes it).
+/// recompute, input gradient) plus attention (3 passes × 2·S·(d_qk + d_v) per head and layer:
+/// the q·kᵀ and p·v products, causal half counted in full as the kernel computes it).
 pub fn flops_per_token(spec: &crate::arch::ArchSpec, seq: usize) -> f64 {
     let n_active = spec.active_params() as f64 - (spec.vocab_size * spec.hidden_size) as f64;
-    let attn = 3.0 * 2.0 * 2.0 * (seq * spec.num_heads * spec.head_dim * spec.num_layers) as f64;
+    let per_head = 2 * seq * (spec.head_dim + spec.v_head_dim());
+    let attn = 3.0 * (per_head * spec.num_heads * spec.num_layers) as f64;
     6.0 * n_active + attn
 }
 

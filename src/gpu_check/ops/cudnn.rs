@@ -31,6 +31,8 @@ struct Case {
     nh: usize,
     kvh: usize,
     hd: usize,
+    /// Value head size (latent attention: other than `hd`).
+    vd: usize,
     norms: bool,
 }
 
@@ -70,6 +72,7 @@ pub(super) fn check_cudnn_attention(device: &Device) -> Result<Vec<Comparison>> 
             nh: 8,
             kvh: 2,
             hd: 128,
+            vd: 128,
             norms: true,
         },
         Case {
@@ -79,6 +82,19 @@ pub(super) fn check_cudnn_attention(device: &Device) -> Result<Vec<Comparison>> 
             nh: 4,
             kvh: 4,
             hd: 64,
+            vd: 64,
+            norms: false,
+        },
+        // DeepSeek's latent attention: q/k heads of 192, values of 128, passed to cuDNN as
+        // they are.
+        Case {
+            b: 2,
+            s: 1024,
+            segments: vec![0; 2048],
+            nh: 4,
+            kvh: 4,
+            hd: 192,
+            vd: 128,
             norms: false,
         },
     ];
@@ -90,6 +106,7 @@ pub(super) fn check_cudnn_attention(device: &Device) -> Result<Vec<Comparison>> 
             nh: 8,
             kvh: 2,
             hd: 128,
+            vd: 128,
             norms: true,
         });
     }
@@ -102,12 +119,12 @@ pub(super) fn check_cudnn_attention(device: &Device) -> Result<Vec<Comparison>> 
 
 fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
     let cpu = &Device::Cpu;
-    let (b, s, nh, kvh, hd) = (c.b, c.s, c.nh, c.kvh, c.hd);
+    let (b, s, nh, kvh, hd, vd) = (c.b, c.s, c.nh, c.kvh, c.hd, c.vd);
     let n = b * s;
     let whole = c.segments.iter().all(|&id| id == 0);
-    let qkv = [nh, kvh, kvh]
+    let qkv = [(nh, hd), (kvh, hd), (kvh, vd)]
         .iter()
-        .map(|&h| Tensor::randn(0f32, 1.0, (n, h * hd), cpu))
+        .map(|&(h, d)| Tensor::randn(0f32, 1.0, (n, h * d), cpu))
         .collect::<Result<Vec<_>>>()?;
     let norm_w = [
         Tensor::randn(0f32, 0.2, hd, cpu)?.affine(1.0, 1.0)?,
@@ -134,7 +151,7 @@ fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
             heads: nh,
             kv_heads: kvh,
             head_dim: hd,
-            v_head_dim: hd,
+            v_head_dim: vd,
             norms: c.norms.then_some((&wq, &wk, 1e-6)),
             rotary: Some((&cos, &sin)),
             segments: &segments,
@@ -185,7 +202,7 @@ fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
         set_dp_workspace(if calls > 2 { unit_dp } else { 256 << 20 });
         let before = launches();
         out.extend(device_vs_cpu(
-            &format!("attention block, {layout}, {nh}/{kvh} heads of {hd} ({name})"),
+            &format!("attention block, {layout}, {nh}/{kvh} heads of {hd} (values {vd}) ({name})"),
             "attention_block",
             device,
             DType::BF16,

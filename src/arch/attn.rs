@@ -1,0 +1,94 @@
+//! A decoder layer's attention in either form — q/k/v/o heads (`layers::Attention`) or latent
+//! attention (`latent::LatentAttention`) — and which dims of a head the rotation turns.
+
+use super::latent::LatentAttention;
+use super::layers::{Attention, Proj};
+use super::model::{Inputs, LoraCtx};
+use super::{ArchSpec, QkNorm};
+use crate::ops::norm::rms_norm;
+use crate::ops::rope::apply_rope;
+use crate::ops::rope_part::Part;
+use candle_core::{Result, Tensor};
+
+/// A layer's attention: q/k/v/o heads, or latent attention.
+// One per layer: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum Attn {
+    Heads(Attention),
+    Latent(LatentAttention),
+}
+
+impl Attn {
+    /// x [N, H] → [N, H] in decoder layer `layer`.
+    pub(super) fn forward(
+        &self,
+        spec: &ArchSpec,
+        layer: usize,
+        x: &Tensor,
+        inputs: &Inputs,
+        lora: &LoraCtx,
+    ) -> Result<Tensor> {
+        match self {
+            Attn::Heads(a) => a.forward(spec, layer, x, inputs, lora),
+            Attn::Latent(a) => a.forward(spec, layer, x, inputs, lora),
+        }
+    }
+
+    /// q `[n, heads, hd]`, k `[n, kv_heads, hd]` (normed and rotated) and v `[n, kv_heads,
+    /// v_head_dim]` of x `[n, H]`, given the rotary tables of its positions.
+    pub(super) fn heads(
+        &self,
+        spec: &ArchSpec,
+        x: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        lora: &LoraCtx,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (n, nh, kvh, hd) = (x.dim(0)?, spec.num_heads, spec.num_kv_heads, spec.head_dim);
+        let (q, k, v) = match self {
+            Attn::Latent(a) => a.qkv(spec, x, (cos, sin), lora)?,
+            Attn::Heads(a) => {
+                let (q, k, v) = a.qkv(spec, x, lora)?;
+                if whole_heads(spec) {
+                    let (mut q, mut k) = (q.reshape((n, nh, hd))?, k.reshape((n, kvh, hd))?);
+                    if let (QkNorm::PerHead, Some(qn), Some(kn)) =
+                        (spec.qk_norm, &a.q_norm, &a.k_norm)
+                    {
+                        q = rms_norm(&q, qn, spec.rms_norm_eps)?;
+                        k = rms_norm(&k, kn, spec.rms_norm_eps)?;
+                    }
+                    (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v)
+                } else {
+                    let (q, k) = a.prepare_with(spec, &q, &k, (cos, sin))?;
+                    (q, k, v)
+                }
+            }
+        };
+        Ok((
+            q.reshape((n, nh, hd))?,
+            k.reshape((n, kvh, hd))?,
+            v.reshape((n, kvh, spec.v_head_dim()))?,
+        ))
+    }
+
+    /// The output projection.
+    pub(super) fn o(&self) -> &Proj {
+        match self {
+            Attn::Heads(a) => &a.o,
+            Attn::Latent(a) => &a.o,
+        }
+    }
+}
+
+/// Whether the attention block turns whole heads (the rotation's pairs `(i, i + hd/2)`).
+pub(super) fn whole_heads(spec: &ArchSpec) -> bool {
+    spec.rotary.dim == spec.head_dim && !spec.rotary.interleaved
+}
+
+/// The rotated part of a head whose rotated dims start at `at`.
+pub(super) fn part(spec: &ArchSpec, at: usize) -> Part {
+    Part {
+        at,
+        dim: spec.rotary.dim,
+        interleaved: spec.rotary.interleaved,
+    }
+}
