@@ -60,7 +60,14 @@ fn real_presets_match_published_parameter_counts() {
     // of "active"). Published figures are rounded (to 0.1B, or to 1B for the large models); the
     // tolerance covers the rounding and, for Mixtral, whether the embeddings are counted.
     // Totals leave out the multi-token-prediction layers, as DeepSeek's 671B does.
-    type Case<'a> = (ModelType, &'a str, f64, f64, f64, &'a [moeq::arch::Component]);
+    type Case<'a> = (
+        ModelType,
+        &'a str,
+        f64,
+        f64,
+        f64,
+        &'a [moeq::arch::Component],
+    );
     let cases: [Case; 10] = [
         (ModelType::Qwen3Moe, "qwen3-30b-a3b", 30.5, 3.3, 0.2, &[]),
         (

@@ -82,20 +82,10 @@ impl AttentionBlock {
         }
     }
 
-    /// Whether q/k and v of different head sizes go to the attention as they are: cuDNN takes
-    /// them for rows of one sample; elsewhere the smaller side is zero-padded ([`pad_last`]).
-    fn native(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-        if q.dims().last() == v.dims().last() {
-            return true;
-        }
-        // The same shapes get the same answer, so the recompute, the backward and a pass that
-        // takes the first forward's output (`reuse`) all agree with that forward.
-        #[cfg(feature = "cuda")]
-        if self.samples.whole {
-            return super::cudnn_attn::serves(q, k, v, self.scale as f32, None);
-        }
-        let _ = k;
-        false
+    /// Whether q/k and v go to the attention as they are (equal head sizes); otherwise the
+    /// smaller side is zero-padded ([`pad_last`]).
+    fn native(&self, q: &Tensor, _k: &Tensor, v: &Tensor) -> bool {
+        q.dims().last() == v.dims().last()
     }
 
     /// The transpose of [`Self::prepare`] for upstream `dy`.

@@ -85,18 +85,6 @@ pub(super) fn check_cudnn_attention(device: &Device) -> Result<Vec<Comparison>> 
             vd: 64,
             norms: false,
         },
-        // DeepSeek's latent attention: q/k heads of 192, values of 128, passed to cuDNN as
-        // they are.
-        Case {
-            b: 2,
-            s: 1024,
-            segments: vec![0; 2048],
-            nh: 4,
-            kvh: 4,
-            hd: 192,
-            vd: 128,
-            norms: false,
-        },
     ];
     if hopper {
         cases.push(Case {
