@@ -113,53 +113,61 @@ fn blocked_attention_matches_the_whole_matrix_reference() {
     let seg_t = Tensor::from_vec(segments.concat(), (b, s), cpu).unwrap();
     let q = (Tensor::randn(0f32, 1.0, (b, s, nh, hd), cpu).unwrap() * 2.0).unwrap();
     let k = (Tensor::randn(0f32, 1.0, (b, s, kvh, hd), cpu).unwrap() * 2.0).unwrap();
-    let v = Tensor::randn(0f32, 1.0, (b, s, kvh, hd), cpu).unwrap();
-    let upstream = Tensor::randn(0f32, 1.0, (b, s, nh, hd), cpu).unwrap();
     let scale = 1.0 / (hd as f64).sqrt();
-    // None: the reference; Some(c): blocks of c query positions (all, uneven, one).
-    let run = |block: Option<usize>| {
-        let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
-        let [vq, vk, vv] = vars.each_ref().map(|x| x.as_tensor());
-        let y = match block {
-            Some(c) => attention(vq, vk, vv, &seg_t, scale, c).unwrap(),
-            None => attention_reference(vq, vk, vv, &segments, scale).unwrap(),
+    // Value heads of the q/k size, and of other sizes (latent attention: values of their own).
+    for vd in [hd, 12, 5] {
+        let v = Tensor::randn(0f32, 1.0, (b, s, kvh, vd), cpu).unwrap();
+        let upstream = Tensor::randn(0f32, 1.0, (b, s, nh, vd), cpu).unwrap();
+        // None: the reference; Some(c): blocks of c query positions (all, uneven, one).
+        let run = |block: Option<usize>| {
+            let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
+            let [vq, vk, vv] = vars.each_ref().map(|x| x.as_tensor());
+            let y = match block {
+                Some(c) => attention(vq, vk, vv, &seg_t, scale, c).unwrap(),
+                None => attention_reference(vq, vk, vv, &segments, scale).unwrap(),
+            };
+            let g = (&y * &upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let grads = vars.map(|x| g.get(x.as_tensor()).unwrap().clone());
+            (y, grads)
         };
-        let g = (&y * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let grads = vars.map(|x| g.get(x.as_tensor()).unwrap().clone());
-        (y, grads)
-    };
-    let (y_ref, g_ref) = run(None);
-    for c in [37, 8, 5, 1] {
-        let (y, g) = run(Some(c));
-        assert_eq!(y.dims(), &[b, s, nh, hd]);
-        // f32 throughout; sums of ≤ 37 products reordered by the blocking: a few ulps of scale.
-        assert!(
-            max_abs(&(&y - &y_ref).unwrap()) <= 1e-5 * max_abs(&y_ref),
-            "block {c}: output"
-        );
-        for (name, (g, r)) in ["q", "k", "v"].iter().zip(g.iter().zip(&g_ref)) {
-            assert!(max_abs(r) > 0.1, "d{name} is not trivially small");
-            let err = max_abs(&(g - r).unwrap());
-            assert!(err <= 1e-5 * max_abs(r), "block {c}: d{name} off by {err}");
+        let (y_ref, g_ref) = run(None);
+        for c in [37, 8, 5, 1] {
+            let (y, g) = run(Some(c));
+            assert_eq!(y.dims(), &[b, s, nh, vd]);
+            // f32 throughout; sums of ≤ 37 products reordered by the blocking: a few ulps of
+            // scale.
+            assert!(
+                max_abs(&(&y - &y_ref).unwrap()) <= 1e-5 * max_abs(&y_ref),
+                "values of {vd}, block {c}: output"
+            );
+            for (name, (g, r)) in ["q", "k", "v"].iter().zip(g.iter().zip(&g_ref)) {
+                assert!(max_abs(r) > 0.1, "d{name} is not trivially small");
+                let err = max_abs(&(g - r).unwrap());
+                assert!(
+                    err <= 1e-5 * max_abs(r),
+                    "values of {vd}, block {c}: d{name} off by {err}"
+                );
+            }
         }
+        // Nothing crosses a sample boundary: output rows of sample 1 ignore sample 0's values.
+        let v2 = v
+            .slice_assign(
+                &[0..1, 0..11, 0..kvh, 0..vd],
+                &Tensor::zeros((1, 11, kvh, vd), DType::F32, cpu).unwrap(),
+            )
+            .unwrap();
+        let y2 = attention(&q, &k, &v2, &seg_t, scale, 5).unwrap();
+        let (y1, _) = run(Some(5));
+        let tail = |t: &Tensor| t.narrow(0, 0, 1).unwrap().narrow(1, 11, 26).unwrap();
+        assert_eq!(max_abs(&(tail(&y1) - tail(&y2)).unwrap()), 0.0);
+        let head = |t: &Tensor| t.narrow(1, 0, 11).unwrap();
+        assert!(max_abs(&(head(&y1) - head(&y2)).unwrap()) > 0.0);
     }
-    // Nothing crosses a sample boundary: output rows of sample 1 ignore sample 0's values.
-    let v2 = v
-        .slice_assign(
-            &[0..1, 0..11, 0..kvh, 0..hd],
-            &Tensor::zeros((1, 11, kvh, hd), DType::F32, cpu).unwrap(),
-        )
-        .unwrap();
-    let y2 = attention(&q, &k, &v2, &seg_t, scale, 5).unwrap();
-    let (y1, _) = run(Some(5));
-    let tail = |t: &Tensor| t.narrow(0, 0, 1).unwrap().narrow(1, 11, 26).unwrap();
-    assert_eq!(max_abs(&(tail(&y1) - tail(&y2)).unwrap()), 0.0);
-    assert!(max_abs(&(y1.narrow(1, 0, 11).unwrap() - y2.narrow(1, 0, 11).unwrap()).unwrap()) > 0.0);
 }
 
 /// The fused rotary embedding against transformers' primitive-op arithmetic, forward and
@@ -347,6 +355,79 @@ fn attention_block_equals_the_separate_ops_bit_for_bit() {
                 assert_eq!(rows(a), rows(r), "{dtype:?} norms {with_norms}: {what}");
                 assert!(max_abs(r) > 0.01, "{what} is not exercised");
             }
+        }
+    }
+}
+
+/// Latent attention's block (q and k rotated by the layer, values of their own size) takes both
+/// sides at their sizes, or — where cuDNN's packed layout would serve the rows — zero-pads the
+/// smaller side to the larger: both give the same output and gradients. The padded path is
+/// asked for on the CPU by describing the rows as cuDNN's ragged layout (the CPU ignores it).
+#[test]
+fn attention_block_with_values_of_another_size_pads_or_not_alike() {
+    use moeq::ops::attention::{Ragged, RowSamples};
+    use moeq::ops::attention_block::{attention_block, BlockArgs};
+    let cpu = &Device::Cpu;
+    let (b, s, nh) = (2, 23, 3);
+    let seg: Vec<u32> = (0..(b * s) as u32)
+        .map(|p| u32::from(p % 23 >= 9))
+        .collect();
+    let segments = Tensor::from_vec(seg, (b, s), cpu).unwrap();
+    let dummy = |n: usize| Tensor::zeros(n, DType::U32, cpu).unwrap();
+    let packed = RowSamples {
+        whole: false,
+        ragged: Some(Ragged {
+            seqs: 4,
+            max_len: 64,
+            q_offsets: dummy(5),
+            kv_offsets: dummy(5),
+            lens: dummy(4),
+        }),
+    };
+    // q/k larger than the values (DeepSeek: 192 and 128) and smaller.
+    for (hd, vd) in [(12usize, 8usize), (6, 10)] {
+        let n = b * s;
+        let rand = |w: usize| Tensor::randn(0f32, 1.0, (n, nh * w), cpu).unwrap();
+        let (q, k, v, upstream) = (rand(hd), rand(hd), rand(vd), rand(vd));
+        let run = |samples: &RowSamples| {
+            let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
+            let [vq, vk, vv] = vars.each_ref().map(|x| x.as_tensor());
+            let args = BlockArgs {
+                batch: b,
+                seq: s,
+                heads: nh,
+                kv_heads: nh,
+                head_dim: hd,
+                v_head_dim: vd,
+                norms: None,
+                rotary: None,
+                segments: &segments,
+                samples,
+                scale: 0.3,
+                block: 7,
+                memo: None,
+            };
+            let y = attention_block(vq, vk, vv, &args).unwrap();
+            let g = (&y * &upstream)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let mut all = vec![y];
+            all.extend(vars.map(|x| g.get(x.as_tensor()).unwrap().clone()));
+            all
+        };
+        let (native, padded) = (run(&RowSamples::default()), run(&packed));
+        // f32; the padded sums add exact zeros, in GEMMs whose inner sizes differ: a few ulps.
+        for (what, (a, r)) in ["out", "dq", "dk", "dv"]
+            .iter()
+            .zip(native.iter().zip(&padded))
+        {
+            assert_eq!(a.dims(), r.dims(), "{hd}/{vd}: {what}");
+            assert!(max_abs(r) > 0.01, "{hd}/{vd}: {what} is not exercised");
+            let err = max_abs(&(a - r).unwrap());
+            assert!(err <= 1e-5 * max_abs(r), "{hd}/{vd}: {what} off by {err}");
         }
     }
 }

@@ -68,7 +68,7 @@ fn adamw_matches_the_pytorch_update() {
     }
     assert_eq!(opt.steps(), 3);
     // No gradient, no change (PyTorch skips such parameters).
-    let state = opt.state();
+    let state = opt.state().unwrap();
     let names: Vec<&str> = state.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
@@ -100,7 +100,7 @@ fn state_round_trips() {
         .backward()
         .unwrap();
     a.step(&grads, 1e-3).unwrap();
-    let saved: std::collections::HashMap<_, _> = a.state().into_iter().collect();
+    let saved: std::collections::HashMap<_, _> = a.state().unwrap().into_iter().collect();
     let var2 = Var::from_tensor(var.as_tensor()).unwrap();
     let mut b = AdamW::new(vec![("w".into(), var2.clone())], AdamWConfig::default()).unwrap();
     b.load_state(a.steps(), &saved).unwrap();
@@ -324,11 +324,13 @@ fn eight_bit_moments_follow_fp32_and_round_trip_exactly() {
         "8-bit vs fp32 after {} steps: max |Δp| {worst}",
         gs.len()
     );
-    // Saved after 5 steps and restored into a fresh optimizer: the next 3 steps are those of
-    // the uninterrupted run, bit for bit.
+    // Saved after 5 steps (the moments as the f32 values their codes stand for) and restored
+    // into a fresh optimizer, which quantizes them again: the next 3 steps are those of the
+    // uninterrupted run, bit for bit.
     let (v5, o5) = run(true, &gs[..5]);
-    let saved: std::collections::HashMap<_, _> = o5.state().into_iter().collect();
-    assert!(saved.contains_key("w.exp_avg.q8") && saved.contains_key("w.exp_avg_sq.absmax"));
+    let saved: std::collections::HashMap<_, _> = o5.state().unwrap().into_iter().collect();
+    assert_eq!(saved["w.exp_avg"].dims(), &[n]);
+    assert_eq!(saved["w.exp_avg_sq"].dtype(), candle_core::DType::F32);
     let var = Var::from_tensor(v5.as_tensor()).unwrap();
     let cfg = AdamWConfig {
         eight_bit: true,
@@ -336,10 +338,39 @@ fn eight_bit_moments_follow_fp32_and_round_trip_exactly() {
     };
     let mut resumed = AdamW::new(vec![("w".into(), var.clone())], cfg).unwrap();
     resumed.load_state(o5.steps(), &saved).unwrap();
+    let again: std::collections::HashMap<_, _> = resumed.state().unwrap().into_iter().collect();
+    for key in ["w.exp_avg", "w.exp_avg_sq"] {
+        assert_eq!(
+            again[key].to_vec1::<f32>().unwrap(),
+            saved[key].to_vec1::<f32>().unwrap(),
+            "{key} after a round trip"
+        );
+    }
     run_steps(&mut resumed, &var, &gs[5..], lr);
     assert_eq!(var.as_tensor().to_vec1::<f32>().unwrap(), b);
-    // fp32 state does not load into 8-bit moments.
-    let fp32: std::collections::HashMap<_, _> = o32.state().into_iter().collect();
-    let err = resumed.load_state(8, &fp32).err().unwrap().to_string();
-    assert!(err.contains("lacks 'w.exp_avg.q8'"), "{err}");
+    // Gradients of the other sign: blocks whose largest first moment is negative (the signed
+    // map's most negative code is above −1) round-trip as exactly.
+    let neg: Vec<Vec<f32>> = gs.iter().map(|g| g.iter().map(|x| -x).collect()).collect();
+    let (_, on) = run(true, &neg[..5]);
+    let saved_neg: std::collections::HashMap<_, _> = on.state().unwrap().into_iter().collect();
+    let var_n = Var::from_vec(p0.clone(), n, &Device::Cpu).unwrap();
+    let mut back = AdamW::new(vec![("w".into(), var_n)], cfg).unwrap();
+    back.load_state(on.steps(), &saved_neg).unwrap();
+    let again: std::collections::HashMap<_, _> = back.state().unwrap().into_iter().collect();
+    assert_eq!(
+        again["w.exp_avg"].to_vec1::<f32>().unwrap(),
+        saved_neg["w.exp_avg"].to_vec1::<f32>().unwrap(),
+        "negative first moments after a round trip"
+    );
+    // The same format either way: fp32 moments load into 8-bit ones (quantized).
+    let fp32: std::collections::HashMap<_, _> = o32.state().unwrap().into_iter().collect();
+    resumed.load_state(8, &fp32).unwrap();
+    let wrong: std::collections::HashMap<_, _> = [(
+        "w.exp_avg".to_string(),
+        Tensor::zeros(3, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    )]
+    .into_iter()
+    .collect();
+    let err = resumed.load_state(8, &wrong).err().unwrap().to_string();
+    assert!(err.contains("'w.exp_avg' is [3]"), "{err}");
 }

@@ -59,28 +59,38 @@ struct BlockedAttention {
     block: usize,
 }
 
-/// Shapes of one call: batch, positions, query heads, kv heads, head size.
+/// Shapes of one call: batch, positions, query heads, kv heads, q/k head size, value head size.
 struct Dims {
     b: usize,
     s: usize,
     nh: usize,
     kvh: usize,
     hd: usize,
+    vd: usize,
 }
 
 impl Dims {
     fn of(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Self> {
         let (b, s, nh, hd) = q.dims4()?;
         let (kb, ks, kvh, khd) = k.dims4()?;
-        if (kb, ks, khd) != (b, s, hd) || v.dims() != k.dims() || kvh == 0 || nh % kvh != 0 {
+        let (vb, vs, vkvh, vd) = v.dims4()?;
+        if (kb, ks, khd) != (b, s, hd) || (vb, vs, vkvh) != (b, s, kvh) || kvh == 0 || nh % kvh != 0
+        {
             candle_core::bail!(
-                "attention: q {:?}, k {:?}, v {:?} are not [B, S, heads, head_dim] with kv heads dividing query heads",
+                "attention: q {:?}, k {:?}, v {:?} are not [B, S, heads, head size] with kv heads dividing query heads",
                 q.dims(),
                 k.dims(),
                 v.dims()
             );
         }
-        Ok(Dims { b, s, nh, kvh, hd })
+        Ok(Dims {
+            b,
+            s,
+            nh,
+            kvh,
+            hd,
+            vd,
+        })
     }
 
     fn rep(&self) -> usize {
@@ -88,22 +98,25 @@ impl Dims {
     }
 }
 
-/// Rows `q0..q0 + c` of `x [B, S, nh, hd]` as `[B, kvh, rep·c, hd]`: the `rep` query heads of
-/// one kv head stacked along the rows, so one batched GEMM serves a whole group.
+/// Rows `q0..q0 + c` of `x [B, S, nh, w]` (w: a q/k or a value head's size) as
+/// `[B, kvh, rep·c, w]`: the `rep` query heads of one kv head stacked along the rows, so one
+/// batched GEMM serves a whole group.
 fn query_rows(x: &Tensor, d: &Dims, q0: usize, c: usize) -> Result<Tensor> {
-    x.reshape((d.b, d.s, d.kvh, d.rep(), d.hd))?
+    let w = x.dim(3)?;
+    x.reshape((d.b, d.s, d.kvh, d.rep(), w))?
         .narrow(1, q0, c)?
         .permute((0, 2, 3, 1, 4))?
         .contiguous()?
-        .reshape((d.b, d.kvh, d.rep() * c, d.hd))
+        .reshape((d.b, d.kvh, d.rep() * c, w))
 }
 
-/// The inverse of [`query_rows`] for a block's result: `[B, kvh, rep·c, hd]` → `[B, c, nh, hd]`.
+/// The inverse of [`query_rows`] for a block's result: `[B, kvh, rep·c, w]` → `[B, c, nh, w]`.
 fn block_rows(y: &Tensor, d: &Dims, c: usize) -> Result<Tensor> {
-    y.reshape((d.b, d.kvh, d.rep(), c, d.hd))?
+    let w = y.dim(3)?;
+    y.reshape((d.b, d.kvh, d.rep(), c, w))?
         .permute((0, 3, 1, 2, 4))?
         .contiguous()?
-        .reshape((d.b, c, d.nh, d.hd))
+        .reshape((d.b, c, d.nh, w))
 }
 
 impl BlockedAttention {
@@ -121,7 +134,7 @@ impl BlockedAttention {
         (0..s).step_by(c).map(move |q0| (q0, c.min(s - q0)))
     }
 
-    /// Keys (or values) `0..q1` as `[B, kvh, q1, hd]` from `[B, kvh, S, hd]`.
+    /// Keys (or values) `0..q1` as `[B, kvh, q1, w]` from `[B, kvh, S, w]`.
     fn prefix(kv: &Tensor, q1: usize) -> Result<Tensor> {
         kv.narrow(2, 0, q1)?.contiguous()
     }
@@ -159,7 +172,7 @@ impl BlockedAttention {
         let vt = v.transpose(1, 2)?.contiguous()?;
         let mut dq = Vec::new();
         let mut dk = Tensor::zeros((d.b, d.kvh, d.s, d.hd), DType::F32, q.device())?;
-        let mut dv = dk.clone();
+        let mut dv = Tensor::zeros((d.b, d.kvh, d.s, d.vd), DType::F32, q.device())?;
         for (q0, c) in self.blocks(d.s) {
             let q1 = q0 + c;
             let qc = query_rows(q, &d, q0, c)?;
@@ -231,7 +244,7 @@ pub(crate) fn attention_forward(
     #[cfg(not(feature = "cuda"))]
     let _ = samples;
     #[cfg(feature = "cuda")]
-    if super::flash_attn::serves(q, k, v, d.hd) {
+    if d.hd == d.vd && super::flash_attn::serves(q, k, v, d.hd) {
         let (out, lse) =
             super::flash_attn::forward(q, k, v, &super::at_offset_zero(segments)?, scale as f32)?;
         return Ok((out, Some(lse)));
@@ -273,9 +286,9 @@ pub(crate) fn attention_backward(
     op.backward(q, k, v, dout)
 }
 
-/// Causal attention within packed sequences: q `[B, S, nh, hd]`, k and v `[B, S, kvh, hd]`
-/// (query head `h` uses kv head `h / (nh / kvh)`), `segments [B, S]` u32 on the same device →
-/// `[B, S, nh, hd]`, computed `block` query positions at a time (see [`query_block`]).
+/// Causal attention within packed sequences: q `[B, S, nh, hd]`, k `[B, S, kvh, hd]`, v
+/// `[B, S, kvh, vd]` (query head `h` uses kv head `h / (nh / kvh)`), `segments [B, S]` u32 on
+/// the same device → `[B, S, nh, vd]`, computed `block` query positions at a time (see [`query_block`]).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -294,7 +307,7 @@ pub fn attention(
         );
     }
     #[cfg(feature = "cuda")]
-    if super::flash_attn::serves(q, k, v, d.hd) {
+    if d.hd == d.vd && super::flash_attn::serves(q, k, v, d.hd) {
         let z = super::at_offset_zero;
         return super::flash_attn::attention(&z(q)?, &z(k)?, &z(v)?, segments, scale as f32);
     }

@@ -82,10 +82,12 @@ impl AttentionBlock {
         }
     }
 
-    /// Whether q/k and v go to the attention as they are (equal head sizes); otherwise the
-    /// smaller side is zero-padded ([`pad_last`]).
+    /// Whether q/k and v go to the attention as they are: equal head sizes, or rows the
+    /// attention takes with heads of two sizes (every kernel but cuDNN's ragged layout of packed
+    /// rows, whose offsets are of one head size). Otherwise the smaller side is zero-padded
+    /// ([`pad_last`]): zeros add nothing to q·k and give zero columns in the output.
     fn native(&self, q: &Tensor, _k: &Tensor, v: &Tensor) -> bool {
-        q.dims().last() == v.dims().last()
+        q.dims().last() == v.dims().last() || self.samples.whole || self.samples.ragged.is_none()
     }
 
     /// The transpose of [`Self::prepare`] for upstream `dy`.

@@ -162,72 +162,69 @@ impl AdamW {
             .sum()
     }
 
-    /// The moments by PyTorch's names, sorted: `{name}.exp_avg` / `{name}.exp_avg_sq` (f32),
-    /// or for 8-bit moments each as `.q8` (u8 codes) and `.absmax` (f32 per 256-element block).
-    pub fn state(&self) -> Vec<(String, Tensor)> {
+    /// The moments by PyTorch's names, sorted: `{name}.exp_avg` / `{name}.exp_avg_sq`, f32 in
+    /// the parameter's shape — 8-bit moments as the values their codes stand for, so a
+    /// checkpoint is the same for either optimizer and expert parts can be cut and joined.
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for s in &self.slots {
-            match &s.moments {
-                Moments::F32 { m, v } => {
-                    out.push((format!("{}.exp_avg", s.name), m.clone()));
-                    out.push((format!("{}.exp_avg_sq", s.name), v.clone()));
-                }
+            let (m, v) = match &s.moments {
+                Moments::F32 { m, v } => (m.clone(), v.clone()),
                 Moments::Q8(q) => {
-                    for (suffix, t) in [
-                        ("exp_avg.q8", &q.m_codes),
-                        ("exp_avg.absmax", &q.m_absmax),
-                        ("exp_avg_sq.q8", &q.v_codes),
-                        ("exp_avg_sq.absmax", &q.v_absmax),
-                    ] {
-                        out.push((format!("{}.{suffix}", s.name), t.clone()));
-                    }
+                    let (m, v) = q.dequantized(self.maps()?)?;
+                    (m.reshape(s.var.shape())?, v.reshape(s.var.shape())?)
                 }
-            }
+            };
+            out.push((format!("{}.exp_avg", s.name), m));
+            out.push((format!("{}.exp_avg_sq", s.name), v));
         }
-        out
+        Ok(out)
     }
 
-    /// Restores moments saved by `state` (of an optimizer with the same 8-bit setting) and
-    /// the step count.
+    fn maps(&self) -> Result<&Maps> {
+        self.maps.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg("AdamW: 8-bit moments without their maps".into())
+        })
+    }
+
+    /// Restores moments saved by `state` and the step count; 8-bit moments are quantized from
+    /// them (exactly what they were, when `state` came from 8-bit moments of the same
+    /// parameter).
     pub fn load_state(
         &mut self,
         step: usize,
         state: &std::collections::HashMap<String, Tensor>,
     ) -> Result<()> {
+        let maps = self.maps.as_ref();
         for slot in &mut self.slots {
-            let dsts: Vec<(&str, &mut Tensor)> = match &mut slot.moments {
-                Moments::F32 { m, v } => vec![("exp_avg", m), ("exp_avg_sq", v)],
-                Moments::Q8(q) => vec![
-                    ("exp_avg.q8", &mut q.m_codes),
-                    ("exp_avg.absmax", &mut q.m_absmax),
-                    ("exp_avg_sq.q8", &mut q.v_codes),
-                    ("exp_avg_sq.absmax", &mut q.v_absmax),
-                ],
-            };
-            for (suffix, dst) in dsts {
+            let mut got = Vec::new();
+            for suffix in ["exp_avg", "exp_avg_sq"] {
                 let key = format!("{}.{suffix}", slot.name);
                 let t = state.get(&key).ok_or_else(|| {
-                    candle_core::Error::Msg(format!(
-                        "optimizer state lacks '{key}' (written by the other AdamW? 8-bit and fp32 moments do not mix: keep the checkpoint's optimizer)"
-                    ))
+                    candle_core::Error::Msg(format!("optimizer state lacks '{key}'"))
                 })?;
-                let want = dst.dtype();
-                let t = if want == DType::F32 {
-                    t.to_dtype(DType::F32)?
-                } else {
-                    t.clone()
-                };
-                if t.dims() != dst.dims() || t.dtype() != want {
+                if t.dims() != slot.var.dims() {
                     candle_core::bail!(
-                        "optimizer state '{key}' is {:?} {:?}, this optimizer keeps {:?} {:?}",
-                        t.dtype(),
+                        "optimizer state '{key}' is {:?}, the parameter {:?}",
                         t.dims(),
-                        want,
-                        dst.dims()
+                        slot.var.dims()
                     );
                 }
-                // An own buffer: the CUDA update writes the moments in place.
-                *dst = t.to_device(dst.device())?.copy()?;
+                got.push(t.to_dtype(DType::F32)?);
+            }
+            let device = slot.var.device().clone();
+            match &mut slot.moments {
+                Moments::F32 { m, v } => {
+                    // Own buffers: the CUDA update writes the moments in place.
+                    *m = got[0].to_device(&device)?.copy()?;
+                    *v = got[1].to_device(&device)?.copy()?;
+                }
+                Moments::Q8(q) => {
+                    let maps = maps.ok_or_else(|| {
+                        candle_core::Error::Msg("AdamW: 8-bit moments without their maps".into())
+                    })?;
+                    *q = Moments8::quantized(&got[0], &got[1], maps, &device)?;
+                }
             }
         }
         self.step = step;

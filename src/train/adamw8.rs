@@ -103,6 +103,56 @@ impl Moments8 {
         2 * (self.m_codes.elem_count() + 4 * self.m_absmax.elem_count())
     }
 
+    /// Both moments in f32, `[n]` each: every code's value times its block's absmax (what a
+    /// step reads back), on the codes' device.
+    pub fn dequantized(&self, maps: &Maps) -> Result<(Tensor, Tensor)> {
+        let dev = self.m_codes.device();
+        let values = |codes: &Tensor, absmax: &Tensor, map: &[f32]| -> Result<Tensor> {
+            let c: Vec<u8> = codes.to_vec1()?;
+            let a: Vec<f32> = absmax.to_vec1()?;
+            let v: Vec<f32> = c
+                .iter()
+                .enumerate()
+                .map(|(i, &q)| map[q as usize] * a[i / BLOCK])
+                .collect();
+            Tensor::from_vec(v, c.len(), dev)
+        };
+        Ok((
+            values(&self.m_codes, &self.m_absmax, &maps.host.0)?,
+            values(&self.v_codes, &self.v_absmax, &maps.host.1)?,
+        ))
+    }
+
+    /// 8-bit moments of f32 moments `m` and `v` (`n` elements each), on `device`: per block
+    /// an absmax ([`block_scale`]) and each value's nearest code, as a step requantizes. On
+    /// what [`Self::dequantized`] gave it inverts that exactly: the codes and an absmax that
+    /// stand for the same f32 values, so the next step is the one the saved moments would take.
+    pub fn quantized(m: &Tensor, v: &Tensor, maps: &Maps, device: &Device) -> Result<Moments8> {
+        let codes = |x: &Tensor, map: &[f32]| -> Result<(Tensor, Tensor)> {
+            let x: Vec<f32> = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            let mut q = Vec::with_capacity(x.len());
+            let mut absmax = Vec::with_capacity(x.len().div_ceil(BLOCK));
+            for block in x.chunks(BLOCK) {
+                let a = block_scale(block, map);
+                q.extend(block.iter().map(|&y| nearest(map, y / a)));
+                absmax.push(a);
+            }
+            let (n, blocks) = (q.len(), absmax.len());
+            Ok((
+                Tensor::from_vec(q, n, device)?,
+                Tensor::from_vec(absmax, blocks, device)?,
+            ))
+        };
+        let (m_codes, m_absmax) = codes(m, &maps.host.0)?;
+        let (v_codes, v_absmax) = codes(v, &maps.host.1)?;
+        Ok(Moments8 {
+            m_codes,
+            m_absmax,
+            v_codes,
+            v_absmax,
+        })
+    }
+
     /// One step for parameter `p` with gradient `g` (f32, p's element count).
     pub fn update(&mut self, p: &Var, g: &Tensor, s: &StepScalars, maps: &Maps) -> Result<()> {
         let g = g.to_dtype(DType::F32)?;
@@ -139,6 +189,39 @@ impl Moments8 {
         self.v_absmax = Tensor::from_vec(va, blocks, &dev)?;
         Ok(())
     }
+}
+
+/// The absmax to quantize one block of moments with. A step leaves a block's largest
+/// magnitude as its absmax times code 1 (positive) or times the map's first code (negative:
+/// bitsandbytes' signed map stops short of −1), every other value as a code times the same
+/// absmax: the candidates are the largest magnitude and, divided by that first code, the
+/// values an ulp or two around it; the one under which every value is its nearest code's
+/// value again (`code · absmax` in f32, as a step reads it) is taken. Moments that no step
+/// wrote (fp32 ones) get the largest magnitude, as a step would give them; 1 for zeros.
+fn block_scale(block: &[f32], map: &[f32]) -> f32 {
+    let top = block.iter().fold(0f32, |a, &y| a.max(y.abs()));
+    if top == 0.0 {
+        return 1.0;
+    }
+    let reproduces = |a: f32| {
+        block
+            .iter()
+            .all(|&y| map[nearest(map, y / a) as usize] * a == y)
+    };
+    if reproduces(top) {
+        return top;
+    }
+    if map[0] < 0.0 {
+        let guess = top / -map[0];
+        let bits = guess.to_bits();
+        for delta in [0i32, 1, -1, 2, -2, 3, -3] {
+            let a = f32::from_bits(bits.wrapping_add_signed(delta));
+            if a.is_finite() && reproduces(a) {
+                return a;
+            }
+        }
+    }
+    top
 }
 
 /// The index of the code nearest to x in the ascending map (the lower one on a tie).

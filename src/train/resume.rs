@@ -148,9 +148,8 @@ pub(crate) fn save_checkpoint(
     let full = whole_adapter(adapters, spread_over)?;
     let parts = adapters.expert_parts();
     let mut moments = BTreeMap::new();
-    for (key, t) in opt.state() {
+    for (key, t) in opt.state().map_err(failed)? {
         let name = key.rsplit_once('.').map_or(key.as_str(), |(n, _)| n);
-        let name = name.strip_suffix(".exp_avg").unwrap_or(name);
         let whole = match (spread_over, parts.get(name)) {
             (Some(group), Some((e, part))) => {
                 gather_expert_part(e, *part, &t, group).map_err(failed)?

@@ -88,7 +88,7 @@ fn compare_steps(
             row,
         )?);
     }
-    let (ds, cs) = (dev_opt.state(), cpu_opt.state());
+    let (ds, cs) = (dev_opt.state()?, cpu_opt.state()?);
     if ds.len() != cs.len() {
         candle_core::bail!("adamw {kind}: {} state tensors vs {}", ds.len(), cs.len());
     }

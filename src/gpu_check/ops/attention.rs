@@ -140,8 +140,8 @@ pub(super) fn check_attention(device: &Device, dtype: DType) -> Result<Vec<Compa
         },
     )?);
     // Latent attention's block: q and k come rotated (no norms, no rotation in the block),
-    // heads of 192 with values of 128 (DeepSeek) — the values padded to the q/k size inside —
-    // and heads of 64 with values of 96 (q and k padded), 4 heads.
+    // heads of 192 with values of 128 (DeepSeek) and heads of 64 with values of 96, 4 heads,
+    // each side at its own size (cuDNN's packed layout, where they are padded: ops/cudnn.rs).
     for (hd, vd) in [(192usize, 128usize), (64, 96)] {
         let qkv = [hd, hd, vd]
             .iter()

@@ -86,7 +86,33 @@ pub(super) fn check_cudnn_attention(device: &Device) -> Result<Vec<Comparison>> 
             norms: false,
         },
     ];
+    // Latent attention: q/k heads of 192 with values of 128 (DeepSeek-V2/V3), and of 256 with
+    // values of 256 (GLM-4.7-Flash: 192 + 64 rotary), 2 × 512 positions, no norms.
+    for (hd, vd) in [(192, 128), (256, 256)] {
+        cases.push(Case {
+            b: 2,
+            s: 512,
+            segments: vec![0; 1024],
+            nh: 4,
+            kvh: 4,
+            hd,
+            vd,
+            norms: false,
+        });
+    }
     if hopper {
+        // Packed rows of heads of 192 with values of 128: the values padded to 192 (the ragged
+        // layout's offsets are of one head size).
+        cases.push(Case {
+            b: 2,
+            s: 600,
+            segments: packed.clone(),
+            nh: 4,
+            kvh: 4,
+            hd: 192,
+            vd: 128,
+            norms: false,
+        });
         cases.push(Case {
             b: 2,
             s: 600,
