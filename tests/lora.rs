@@ -182,3 +182,47 @@ fn saved_adapter_has_peft_files() {
     assert_eq!(t.shape(), &[4, 64]);
     assert_eq!(t.dtype(), safetensors::Dtype::F32);
 }
+
+/// Expert adapters written in parts (one file per rank's experts, `lora::parts`) join back into
+/// the whole tensors: `lora_A` rows expert-major, `lora_B` columns expert-minor, moments alike;
+/// a missing part is an error naming the damage.
+#[test]
+fn expert_parts_join_into_the_whole_tensors() {
+    use moeq::lora::parts;
+    let cpu = &Device::Cpu;
+    let (e, r, inp, out) = (8usize, 3usize, 5usize, 7usize);
+    let a = Tensor::randn(0f32, 1.0, (r * e, inp), cpu).unwrap();
+    let b = Tensor::randn(0f32, 1.0, (out, r * e), cpu).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (na, nb) = ("m.experts.lora_A.weight", "m.experts.lora_B.weight");
+    for experts in [0..3, 3..4, 4..8] {
+        let held = experts.len();
+        let pa = a.narrow(0, experts.start * r, held * r).unwrap();
+        let pb = b
+            .reshape((out, r, e))
+            .unwrap()
+            .narrow(2, experts.start, held)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((out, r * held))
+            .unwrap();
+        let tensors: std::collections::BTreeMap<String, Tensor> = [
+            (na.to_string(), pa.clone()),
+            (format!("{nb}.exp_avg"), pb.clone()),
+            (nb.to_string(), pb),
+        ]
+        .into_iter()
+        .collect();
+        let path = dir.path().join(parts::file_name(&experts, e));
+        peft::write_f32(&path, &tensors).unwrap();
+    }
+    let joined = parts::join(dir.path()).unwrap().unwrap();
+    let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(v(&joined[na]), v(&a));
+    assert_eq!(v(&joined[nb]), v(&b));
+    assert_eq!(v(&joined[&format!("{nb}.exp_avg")]), v(&b));
+    std::fs::remove_file(dir.path().join(parts::file_name(&(3..4), e))).unwrap();
+    let err = parts::join(dir.path()).unwrap_err();
+    assert!(err.contains("damaged"), "{err}");
+}

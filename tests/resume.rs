@@ -41,6 +41,10 @@ fn start(dir: &Path, world: usize) -> Child {
 }
 
 fn start_with(dir: &Path, world: usize, cfg: &Path) -> Child {
+    start_env(dir, world, cfg, &[])
+}
+
+fn start_env(dir: &Path, world: usize, cfg: &Path, env: &[(&str, &str)]) -> Child {
     let mut c = if world == 1 {
         Command::new(env!("CARGO_BIN_EXE_moeq"))
     } else {
@@ -55,6 +59,7 @@ fn start_with(dir: &Path, world: usize, cfg: &Path) -> Child {
     };
     c.args(["train", "--config"])
         .arg(cfg)
+        .envs(env.iter().copied())
         .env_remove("RANK")
         .env_remove("WORLD_SIZE")
         .stdout(std::process::Stdio::null())
@@ -136,6 +141,67 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A 2-rank run's checkpoints keep the expert adapters and moments in one part per rank
+/// (experts 0..4 and 4..8 of 8), not in the whole files; read as an adapter, its step-20
+/// checkpoint is the 1-rank run's (whole files) within 1e-4 of each tensor's largest value —
+/// the two runs differ by summation order only (1e-5 in the losses), a misplaced expert by
+/// the whole value.
+fn assert_split(out: &Path, one_rank_out: &Path) {
+    let ckpt = out.join("checkpoint-20");
+    let mut parts: Vec<String> = std::fs::read_dir(&ckpt)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with("experts-"))
+        .collect();
+    parts.sort();
+    assert_eq!(
+        parts,
+        [
+            "experts-00000-00004-of-00008.safetensors",
+            "experts-00004-00008-of-00008.safetensors"
+        ]
+    );
+    let names = |f: &Path| -> Vec<String> {
+        let bytes = std::fs::read(f).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        st.names().into_iter().map(String::from).collect()
+    };
+    let whole = names(&ckpt.join("adapter_model.safetensors"));
+    assert!(whole.iter().all(|n| !n.contains("experts")), "{whole:?}");
+    let part = names(&ckpt.join(&parts[0]));
+    assert!(
+        part.iter().any(|n| n.ends_with("lora_B.weight.exp_avg_sq")),
+        "{part:?}"
+    );
+    let cfg = moeq::synth::config_json(moeq::arch::ModelType::Qwen3Moe, "tiny", None, "bfloat16")
+        .unwrap();
+    let spec = moeq::arch::ArchSpec::from_json(&cfg, "tiny").unwrap();
+    let cpu = &candle_core::Device::Cpu;
+    let joined = moeq::lora::peft::load(&ckpt, &spec, cpu).unwrap();
+    let single = moeq::lora::peft::load(&one_rank_out.join("checkpoint-20"), &spec, cpu).unwrap();
+    let (a, b) = (joined.vars(), single.vars());
+    assert_eq!(a.len(), b.len());
+    assert!(a.iter().any(|(n, _)| n.contains("experts")));
+    for ((n, x), (m, y)) in a.iter().zip(&b) {
+        assert_eq!(n, m);
+        let v = |t: &candle_core::Var| {
+            t.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (x, y) = (v(x), v(y));
+        let top = y.iter().fold(0f32, |m, t| m.max(t.abs()));
+        let err = x
+            .iter()
+            .zip(&y)
+            .fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        assert!(top > 0.0 && err <= 1e-4 * top, "{n}: {err} of {top}");
+    }
+}
+
 fn straight_and_resumed(root: &Path, world: usize) -> (PathBuf, PathBuf) {
     let straight = root.join(format!("straight{world}"));
     let resumed = root.join(format!("resumed{world}"));
@@ -175,6 +241,7 @@ fn resumed_runs_end_where_uninterrupted_runs_end() {
             .count();
         assert_eq!(records, 40, "world {world}: one loss record per step");
         if world == 2 {
+            assert_split(&straight.join("out"), &root.path().join("straight1/out"));
             // The 2-rank checkpoint on 1 and 4 ranks: the same global batch of 12 rows.
             for other in [1, 4] {
                 let dir = root.path().join(format!("w2-on-{other}"));
@@ -407,7 +474,8 @@ fn kill_during_checkpoint_writes_never_leaves_a_corrupt_complete_checkpoint() {
 
 /// 8-bit AdamW (`adamw_bnb_8bit`) checkpoints resume like fp32 ones: a run resumed from its
 /// step-20 checkpoint ends where the uninterrupted run ends, losses and adapter bit for bit, on
-/// 1 rank and on 2 (expert moments gathered by global expert index, then cut again).
+/// 1 rank and on 2 — there with whole checkpoints (`MOEQ_GATHER_CHECKPOINTS=1`: expert moments
+/// gathered by global expert index by rank 0, then cut again).
 #[test]
 fn eight_bit_adamw_checkpoints_resume_bit_for_bit() {
     let root = tempfile::tempdir().unwrap();
@@ -418,10 +486,19 @@ fn eight_bit_adamw_checkpoints_resume_bit_for_bit() {
         let cfg = config(&straight, world);
         let text = std::fs::read_to_string(&cfg).unwrap() + "optimizer: adamw_bnb_8bit\n";
         std::fs::write(&cfg, text).unwrap();
+        let gather = [("MOEQ_GATHER_CHECKPOINTS", "1")];
         finish(
-            start_with(&straight, world, &cfg),
+            start_env(&straight, world, &cfg, &gather),
             &straight,
             "8-bit straight run",
+        );
+        let whole = std::fs::read_dir(straight.join("out/checkpoint-20"))
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with("experts-"));
+        assert!(
+            whole,
+            "world {world}: expert parts in a gathered checkpoint"
         );
         let log = std::fs::read_to_string(straight.join("out/moeq.log")).unwrap();
         assert!(log.contains("8-bit blockwise moments"), "{log}");

@@ -10,6 +10,7 @@
 
 pub mod export;
 pub mod merge;
+pub mod parts;
 pub mod peft;
 
 use crate::arch::{target_matches, ArchSpec, Component};

@@ -126,17 +126,51 @@ pub fn write_f32(
 
 /// Writes the adapter into `dir` (created if needed); files are synced.
 pub fn save(a: &Adapters, base_model: &str, dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
     let tensors: BTreeMap<String, candle_core::Tensor> = named_tensors(a)
         .into_iter()
         .map(|(k, v)| (k, v.as_tensor().clone()))
         .collect();
-    write_f32(&dir.join("adapter_model.safetensors"), &tensors)?;
+    save_with(a, base_model, dir, &tensors)
+}
+
+/// Writes `a`'s `adapter_config.json` and `tensors` (all of `a`'s, or part of them when the
+/// rest goes to expert parts: `lora::parts`) as `adapter_model.safetensors` into `dir`.
+pub fn save_with(
+    a: &Adapters,
+    base_model: &str,
+    dir: &Path,
+    tensors: &BTreeMap<String, candle_core::Tensor>,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    write_f32(&dir.join("adapter_model.safetensors"), tensors)?;
     let text = serde_json::to_string_pretty(&adapter_config(a, base_model))
         .map_err(std::io::Error::other)?;
     let path = dir.join("adapter_config.json");
     std::fs::write(&path, text + "\n")?;
     std::fs::File::open(&path)?.sync_all()
+}
+
+/// The tensors of a safetensors file written by [`write_f32`] (f32 only), by name, on the CPU.
+pub fn read_f32(path: &Path) -> Result<BTreeMap<String, candle_core::Tensor>, String> {
+    let io = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
+    let bytes = std::fs::read(path).map_err(|e| io(&e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| io(&format!("not a readable safetensors file: {e}")))?;
+    let mut out = BTreeMap::new();
+    for (name, t) in st.tensors() {
+        if t.dtype() != safetensors::Dtype::F32 {
+            return Err(io(&format!("'{name}' is {:?}, expected F32", t.dtype())));
+        }
+        let v: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let tensor = candle_core::Tensor::from_vec(v, t.shape(), &candle_core::Device::Cpu)
+            .map_err(|e| io(&e))?;
+        out.insert(name, tensor);
+    }
+    Ok(out)
 }
 
 /// Reads a PEFT LoRA adapter (written by moeq or by PEFT) for a model of `spec`: the settings
@@ -230,8 +264,33 @@ pub fn load(
         .map_err(|e| format!("{}: '{name}': {e}", st_path.display()))?;
         var.set(&t).map_err(|e| e.to_string())?;
     }
-    let have: std::collections::BTreeSet<String> =
+    let mut have: std::collections::BTreeSet<String> =
         names.iter().map(|n| n.replace(".default.", ".")).collect();
+    // A checkpoint of an expert-parallel run keeps the expert adapters in parts.
+    let parts = super::parts::join(dir)?.unwrap_or_default();
+    for (name, t) in parts {
+        if name.ends_with(".exp_avg") || name.ends_with(".exp_avg_sq") {
+            continue;
+        }
+        let Some(var) = ours.get(&name) else {
+            return Err(format!(
+                "{}: expert part '{name}' matches no LoRA target of this {} model",
+                dir.display(),
+                spec.model_type.as_str()
+            ));
+        };
+        if t.dims() != var.dims() || have.contains(&name) {
+            return Err(format!(
+                "{}: expert part '{name}' is {:?} (the model needs {:?}) or also in adapter_model.safetensors",
+                dir.display(),
+                t.dims(),
+                var.dims()
+            ));
+        }
+        var.set(&t.to_device(device).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+        have.insert(name);
+    }
     if let Some(missing) = ours.keys().find(|k| !have.contains(*k)) {
         return Err(format!(
             "{}: no tensor '{missing}' although adapter_config.json targets it",

@@ -1,6 +1,6 @@
 //! Resumable checkpoints (docs/ARCHITECTURE.md, decision 13): `output_dir/checkpoint-<step>/` holds
-//! - the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`), whole: expert
-//!   adapters gathered from their owners, so it is keyed by global expert index;
+//! - the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`), keyed by global
+//!   expert index: whole, or with the expert adapters in parts (below);
 //! - `optimizer.safetensors`: AdamW's fp32 moments `<PEFT name>.exp_avg` / `.exp_avg_sq`, in
 //!   the same whole-parameter layout;
 //! - `trainer_state.json`: step, optimizer step, tokens seen, the data cursor, the world size
@@ -8,8 +8,14 @@
 //! - `config.yaml`: the resolved config;
 //! - `COMPLETE`: the marker, written last.
 //!
-//! Rank 0 writes everything into `.checkpoint-<step>.tmp/`, syncs it, renames it, and after a
-//! barrier (every rank has passed the step) writes the marker. A directory without the marker
+//! With experts spread over the ranks and an output_dir every rank sees, the expert adapters
+//! and their moments are not gathered: each rank of the first expert-parallel group writes its
+//! own experts' part (`lora::parts`: `experts-<first>-<end>-of-<total>.safetensors`, keyed by
+//! global expert index) and `adapter_model.safetensors` / `optimizer.safetensors` hold the rest;
+//! readers join the parts, whatever world size resumes.
+//!
+//! Rank 0 makes `.checkpoint-<step>.tmp/`, every writer fills it and syncs its files, and after
+//! a barrier (every part written) rank 0 syncs it, renames it and writes the marker. A directory without the marker
 //! is not a checkpoint: it is ignored and cleaned up. Dropout masks are keyed by the seed, the
 //! micro-batch's global index and the module name, so no random-number state needs saving.
 
@@ -94,16 +100,80 @@ pub fn write_files(
     base_model: &str,
     config_yaml: &str,
 ) -> Result<PathBuf, String> {
-    let dir = path_for(output_dir, state.step);
-    let tmp = output_dir.join(format!(".checkpoint-{}.tmp", state.step));
+    let tmp = begin(output_dir, state.step)?;
+    let tensors: BTreeMap<String, Tensor> = peft::named_tensors(adapters)
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect();
+    write_lead(
+        &tmp,
+        adapters,
+        &tensors,
+        moments,
+        state,
+        (base_model, config_yaml),
+    )?;
+    finish(output_dir, state.step)
+}
+
+/// The temporary directory a checkpoint of `step` is written into.
+pub fn tmp_path(output_dir: &Path, step: usize) -> PathBuf {
+    output_dir.join(format!(".checkpoint-{}.tmp", step))
+}
+
+/// Makes the temporary directory of `step`'s checkpoint, empty but for moeq's mark (holding
+/// `token`: what the other ranks look for to know they see the same directory).
+pub fn begin_with(output_dir: &Path, step: usize, token: &str) -> Result<PathBuf, String> {
+    let tmp = tmp_path(output_dir, step);
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    write_synced(&tmp.join(OURS), b"")?;
-    peft::save(adapters, base_model, &tmp).map_err(|e| io(&tmp, e))?;
+    write_synced(&tmp.join(OURS), token.as_bytes())?;
+    sync_dir(output_dir);
+    Ok(tmp)
+}
+
+fn begin(output_dir: &Path, step: usize) -> Result<PathBuf, String> {
+    begin_with(output_dir, step, "")
+}
+
+/// What `begin_with` wrote as the token of `step`'s temporary directory, as this rank sees
+/// it (None: no such directory here).
+pub fn token(output_dir: &Path, step: usize) -> Option<String> {
+    std::fs::read_to_string(tmp_path(output_dir, step).join(OURS)).ok()
+}
+
+/// Rank 0's files: the adapter's config (from `adapters`, every target) with `tensors`, the
+/// optimizer `moments`, the trainer state and `(base model, resolved config)`.
+pub fn write_lead(
+    tmp: &Path,
+    adapters: &Adapters,
+    tensors: &BTreeMap<String, Tensor>,
+    moments: &BTreeMap<String, Tensor>,
+    state: &TrainerState,
+    (base_model, config_yaml): (&str, &str),
+) -> Result<(), String> {
+    peft::save_with(adapters, base_model, tmp, tensors).map_err(|e| io(tmp, e))?;
     peft::write_f32(&tmp.join(OPTIMIZER), moments).map_err(|e| io(&tmp.join(OPTIMIZER), e))?;
     let text = serde_json::to_string_pretty(state).map_err(|e| e.to_string())?;
     write_synced(&tmp.join(STATE), text.as_bytes())?;
-    write_synced(&tmp.join("config.yaml"), config_yaml.as_bytes())?;
+    write_synced(&tmp.join("config.yaml"), config_yaml.as_bytes())
+}
+
+/// One rank's expert part (`lora::parts`): its experts' adapter tensors and moments.
+pub fn write_part(
+    tmp: &Path,
+    experts: &std::ops::Range<usize>,
+    total: usize,
+    tensors: &BTreeMap<String, Tensor>,
+) -> Result<(), String> {
+    let path = tmp.join(crate::lora::parts::file_name(experts, total));
+    peft::write_f32(&path, tensors).map_err(|e| io(&path, e))
+}
+
+/// Syncs the temporary directory of `step` and renames it to `checkpoint-<step>` (replacing
+/// one of that name).
+pub fn finish(output_dir: &Path, step: usize) -> Result<PathBuf, String> {
+    let (tmp, dir) = (tmp_path(output_dir, step), path_for(output_dir, step));
     sync_dir(&tmp);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| io(&dir, e))?;
@@ -192,30 +262,6 @@ pub fn prune(output_dir: &Path, limit: usize, keep: &Path) {
     }
 }
 
-fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, String> {
-    let bytes = std::fs::read(path).map_err(|e| io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| io(path, format!("not a readable safetensors file: {e}")))?;
-    let mut out = BTreeMap::new();
-    for (name, t) in st.tensors() {
-        if t.dtype() != safetensors::Dtype::F32 {
-            return Err(io(
-                path,
-                format!("'{name}' is {:?}, expected F32", t.dtype()),
-            ));
-        }
-        let v: Vec<f32> = t
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let tensor =
-            Tensor::from_vec(v, t.shape(), &candle_core::Device::Cpu).map_err(|e| io(path, e))?;
-        out.insert(name, tensor);
-    }
-    Ok(out)
-}
-
 /// Reads a complete checkpoint and checks that it belongs to a model of `spec`.
 pub fn read(dir: &Path, spec: &ArchSpec) -> Result<Loaded, String> {
     if !dir.is_dir() {
@@ -252,10 +298,22 @@ pub fn read(dir: &Path, spec: &ArchSpec) -> Result<Loaded, String> {
             dir.display(), theirs.0, theirs.1, theirs.2, theirs.3, mine.0, mine.1, mine.2, mine.3
         ));
     }
+    let mut adapter = peft::read_f32(&dir.join("adapter_model.safetensors"))?;
+    let mut moments = peft::read_f32(&dir.join(OPTIMIZER))?;
+    for (name, t) in crate::lora::parts::join(dir)?.unwrap_or_default() {
+        let moment = name.ends_with(".exp_avg") || name.ends_with(".exp_avg_sq");
+        let into = if moment { &mut moments } else { &mut adapter };
+        if into.insert(name.clone(), t).is_some() {
+            return Err(format!(
+                "{}: '{name}' is both in an expert part and in the whole files: the checkpoint is damaged",
+                dir.display()
+            ));
+        }
+    }
     Ok(Loaded {
         dir: dir.to_path_buf(),
-        adapter: read_tensors(&dir.join("adapter_model.safetensors"))?,
-        moments: read_tensors(&dir.join(OPTIMIZER))?,
+        adapter,
+        moments,
         state,
     })
 }

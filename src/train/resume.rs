@@ -132,8 +132,11 @@ pub(crate) fn restore(
     Ok(r.state.step)
 }
 
-/// Writes `checkpoint-<step>` (every rank must call this): whole adapter and optimizer state
-/// gathered, files written by rank 0, marker after a barrier, then `save_total_limit`.
+/// Writes `checkpoint-<step>` (every rank must call this), then applies `save_total_limit`.
+/// With experts spread over ranks that all see output_dir, each rank of the first
+/// expert-parallel group writes its own experts' part (`checkpoint::write_part`) and rank 0 the
+/// rest; otherwise the expert adapters and moments are gathered and rank 0 writes everything.
+/// The marker is written after a barrier, once every part is synced.
 pub(crate) fn save_checkpoint(
     config: &TrainConfig,
     adapters: &Adapters,
@@ -145,46 +148,152 @@ pub(crate) fn save_checkpoint(
     // Writing gigabytes may take longer than a collective may: no stall limit meanwhile.
     let watch = &crate::distributed::store::WATCH;
     let paused = watch.pause();
-    let full = whole_adapter(adapters, spread_over)?;
-    let parts = adapters.expert_parts();
-    let mut moments = BTreeMap::new();
-    for (key, t) in opt.state().map_err(failed)? {
-        let name = key.rsplit_once('.').map_or(key.as_str(), |(n, _)| n);
-        let whole = match (spread_over, parts.get(name)) {
-            (Some(group), Some((e, part))) => {
-                gather_expert_part(e, *part, &t, group).map_err(failed)?
-            }
-            _ => t,
-        };
-        moments.insert(key, whole);
-    }
     let lead = comm.rank() == 0;
-    let written = if lead {
-        let yaml = serde_yaml::to_string(config).map_err(failed)?;
-        Some(
-            checkpoint::write_files(
-                &config.output_dir,
-                full.as_ref().unwrap_or(adapters),
-                &moments,
-                state,
-                &config.base_model,
-                &yaml,
-            )
-            .map_err(TrainError::Failed)?,
-        )
-    } else {
-        None
+    let yaml = serde_yaml::to_string(config).map_err(failed)?;
+    let texts = (config.base_model.as_str(), yaml.as_str());
+    let parts = adapters.expert_parts();
+    let moments = opt.state().map_err(failed)?;
+    let split = match spread_over {
+        Some(group) if group.world_size() > 1 => shares_output_dir(config, state.step, comm)?,
+        _ => false,
     };
-    comm.barrier().map_err(failed)?;
-    if let Some(dir) = written {
-        checkpoint::mark_complete(&dir).map_err(TrainError::Failed)?;
-        tracing::info!("saved checkpoint {}", dir.display());
-        if let Some(limit) = config.save_total_limit {
-            checkpoint::prune(&config.output_dir, limit, &dir);
+    if split {
+        let of_experts = |name: &str| {
+            let base = name.rsplit_once('.').map_or(name, |(n, _)| n);
+            parts.contains_key(name) || parts.contains_key(base)
+        };
+        let tmp = checkpoint::tmp_path(&config.output_dir, state.step);
+        let tensors: BTreeMap<String, Tensor> = adapters
+            .vars()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect();
+        let (mine, rest): (BTreeMap<_, _>, BTreeMap<_, _>) =
+            tensors.into_iter().partition(|(k, _)| of_experts(k));
+        let (my_moments, rest_moments): (BTreeMap<_, _>, BTreeMap<_, _>) =
+            moments.into_iter().partition(|(k, _)| of_experts(k));
+        let group = spread_over.map_or(1, |g| g.world_size());
+        if comm.rank() < group {
+            // The first expert-parallel group (ranks 0..G) holds every expert once.
+            let held = parts
+                .values()
+                .next()
+                .filter(|(e, _)| e.num_experts > 0)
+                .map(|(e, _)| (e.first..e.first + e.num_experts, e.total));
+            if let Some((experts, total)) = held {
+                let mut all = mine;
+                all.extend(my_moments);
+                checkpoint::write_part(&tmp, &experts, total, &all).map_err(TrainError::Failed)?;
+            }
+        }
+        if lead {
+            checkpoint::write_lead(&tmp, adapters, &rest, &rest_moments, state, texts)
+                .map_err(TrainError::Failed)?;
+        }
+        comm.barrier().map_err(failed)?;
+        if lead {
+            let dir =
+                checkpoint::finish(&config.output_dir, state.step).map_err(TrainError::Failed)?;
+            done(config, &dir)?;
+        }
+    } else {
+        let full = whole_adapter(adapters, spread_over)?;
+        let mut whole = BTreeMap::new();
+        for (key, t) in moments {
+            let name = key.rsplit_once('.').map_or(key.as_str(), |(n, _)| n);
+            let t = match (spread_over, parts.get(name)) {
+                (Some(group), Some((e, part))) => {
+                    gather_expert_part(e, *part, &t, group).map_err(failed)?
+                }
+                _ => t,
+            };
+            whole.insert(key, t);
+        }
+        let written = if lead {
+            Some(
+                checkpoint::write_files(
+                    &config.output_dir,
+                    full.as_ref().unwrap_or(adapters),
+                    &whole,
+                    state,
+                    texts.0,
+                    texts.1,
+                )
+                .map_err(TrainError::Failed)?,
+            )
+        } else {
+            None
+        };
+        comm.barrier().map_err(failed)?;
+        if let Some(dir) = written {
+            done(config, &dir)?;
         }
     }
     watch.resume(paused);
     Ok(())
+}
+
+/// Rank 0's end of a checkpoint: the marker, then `save_total_limit`.
+fn done(config: &TrainConfig, dir: &std::path::Path) -> Result<(), TrainError> {
+    checkpoint::mark_complete(dir).map_err(TrainError::Failed)?;
+    tracing::info!("saved checkpoint {}", dir.display());
+    if let Some(limit) = config.save_total_limit {
+        checkpoint::prune(&config.output_dir, limit, dir);
+    }
+    Ok(())
+}
+
+/// Whether every rank sees the checkpoint's temporary directory that rank 0 makes here (every
+/// rank must call this): rank 0 writes a token into it, each rank reads what it sees, and all
+/// compare. No: output_dir is not one shared filesystem, or `MOEQ_GATHER_CHECKPOINTS=1` asks
+/// for whole checkpoints (PEFT-loadable as they are): rank 0 then writes everything.
+fn shares_output_dir(
+    config: &TrainConfig,
+    step: usize,
+    comm: &dyn Communicator,
+) -> Result<bool, TrainError> {
+    let lead = comm.rank() == 0;
+    let token = format!(
+        "{step} {} {}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    );
+    if lead {
+        checkpoint::begin_with(&config.output_dir, step, &token).map_err(TrainError::Failed)?;
+    }
+    comm.barrier().map_err(failed)?;
+    // Rank 0's token as a number every rank compares its reading with.
+    let hash = |s: &str| {
+        let d = <sha2::Sha256 as sha2::Digest>::digest(s.as_bytes());
+        (u64::from_le_bytes(d[..8].try_into().unwrap_or_default()) >> 12) as f64
+    };
+    // MOEQ_GATHER_CHECKPOINTS=1 asks for whole checkpoints (every rank says no).
+    let gather = std::env::var("MOEQ_GATHER_CHECKPOINTS").is_ok_and(|v| v == "1");
+    let seen = match checkpoint::token(&config.output_dir, step) {
+        Some(t) if !gather => hash(&t),
+        _ => -1.0,
+    };
+    let all = comm
+        .all_gather(&Tensor::new(&[seen], &candle_core::Device::Cpu).map_err(failed)?)
+        .and_then(|v| {
+            v.iter()
+                .map(|t| t.to_vec1::<f64>())
+                .collect::<candle_core::Result<Vec<_>>>()
+        })
+        .map_err(failed)?;
+    let shared = all.iter().all(|v| v[0] == all[0][0] && v[0] >= 0.0);
+    if !shared && lead && !gather {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                "checkpoints: some ranks do not see {} as rank 0 does (not one shared filesystem): rank 0 gathers the expert adapters and writes every checkpoint alone",
+                config.output_dir.display()
+            )
+        });
+    }
+    Ok(shared)
 }
 
 /// Puts the adapter in `dir` (`lora_model_dir`: moeq's or PEFT's files) into this rank's
