@@ -100,18 +100,21 @@ fn losses(dir: &Path) -> Vec<f64> {
         .collect()
 }
 
+/// The adapter tensors of an `adapter_model.safetensors`, with those of expert parts beside it
+/// (checkpoints of expert-parallel runs) joined in.
 fn adapter(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
+    let mut tensors = moeq::lora::peft::read_f32(path).unwrap();
+    let parts = moeq::lora::parts::join(path.parent().unwrap()).unwrap();
+    for (name, t) in parts.unwrap_or_default() {
+        if !name.ends_with(".exp_avg") && !name.ends_with(".exp_avg_sq") {
+            assert!(tensors.insert(name.clone(), t).is_none(), "{name} twice");
+        }
+    }
+    tensors
         .into_iter()
         .map(|(name, t)| {
-            let v = t
-                .data()
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            (name, (t.shape().to_vec(), v))
+            let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (name, (t.dims().to_vec(), v))
         })
         .collect()
 }
