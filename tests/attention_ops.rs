@@ -6,6 +6,16 @@ mod common;
 use common::max_abs;
 
 use candle_core::{DType, Device, Tensor, Var};
+
+/// The gradients of `sum(y · upstream)`.
+fn backward_of(y: &Tensor, upstream: &Tensor) -> candle_core::backprop::GradStore {
+    (y * upstream)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap()
+}
 use moeq::ops::attn_softmax::{masked_softmax, masked_softmax_reference};
 
 #[test]
@@ -34,12 +44,7 @@ fn masked_softmax_matches_the_additive_mask_reference() {
         } else {
             masked_softmax_reference(v.as_tensor(), &segments, scale).unwrap()
         };
-        let g = (&p * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = backward_of(&p, &upstream);
         (p, g.get(v.as_tensor()).unwrap().clone())
     };
     let (p, g) = run(true);
@@ -80,12 +85,7 @@ fn rms_norm_matches_the_primitive_op_reference() {
         } else {
             rms_norm_reference(v.as_tensor(), &w, 1e-6).unwrap()
         };
-        let g = (&y * &upstream)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let g = backward_of(&y, &upstream);
         (y, g.get(v.as_tensor()).unwrap().clone())
     };
     let ((y, g), (y_ref, g_ref)) = (run(true), run(false));
@@ -126,12 +126,7 @@ fn blocked_attention_matches_the_whole_matrix_reference() {
                 Some(c) => attention(vq, vk, vv, &seg_t, scale, c).unwrap(),
                 None => attention_reference(vq, vk, vv, &segments, scale).unwrap(),
             };
-            let g = (&y * &upstream)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g = backward_of(&y, &upstream);
             let grads = vars.map(|x| g.get(x.as_tensor()).unwrap().clone());
             (y, grads)
         };
@@ -408,12 +403,7 @@ fn attention_block_with_values_of_another_size_pads_or_not_alike() {
                 memo: None,
             };
             let y = attention_block(vq, vk, vv, &args).unwrap();
-            let g = (&y * &upstream)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let g = backward_of(&y, &upstream);
             let mut all = vec![y];
             all.extend(vars.map(|x| g.get(x.as_tensor()).unwrap().clone()));
             all
