@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The SLURM templates on a real SLURM cluster, on CPUs (CI runs this after the tests): the
 # templates' own lines, with the GPU requests taken out, submitted with `sbatch --wait` to a
-# one-host cluster (started here unless `sinfo` already answers; needs root and Debian's
-# slurm-wlm and munge) and compared with one process of the same global batch:
+# one-host cluster (started here, with its own SLURM_CONF, unless `sinfo` already answers;
+# needs root and Debian's slurm-wlm and munge) and compared with one process of the same global batch:
 #   1. one-node-8gpu.sbatch with 2 and 4 tasks, multi-node.sbatch with 2 (one node): losses
 #      within 1e-5 relative of one process (summation order differs between world sizes);
 #   2. scancel mid-run: the job and every rank end, the last checkpoint stays complete;
@@ -21,8 +21,8 @@ start_cluster() {
   command -v slurmctld >/dev/null && command -v munged >/dev/null ||
     fail "SLURM is not installed (apt-get install slurm-wlm munge)"
   [ "$(id -u)" = 0 ] || fail "starting a SLURM cluster needs root"
-  local spool=/var/spool/moeq-slurm
-  mkdir -p /run/munge "$spool/ctld" "$spool/d" /etc/slurm
+  local spool=${OWN_CONF%/*}
+  mkdir -p /run/munge "$spool/ctld" "$spool/d"
   chown munge:munge /run/munge
   if [ ! -s /etc/munge/munge.key ]; then
     head -c 1024 /dev/urandom > /etc/munge/munge.key
@@ -31,7 +31,9 @@ start_cluster() {
   fi
   pgrep -x munged >/dev/null || runuser -u munge -- /usr/sbin/munged
   # One node of 4 CPUs whatever the machine has (config_overrides): ranks are CPU processes.
-  cat > /etc/slurm/slurm.conf <<EOF
+  # A configuration of its own (SLURM_CONF), so a site's /etc/slurm is never touched.
+  export SLURM_CONF=$OWN_CONF
+  cat > "$OWN_CONF" <<EOF
 ClusterName=moeqcheck
 SlurmctldHost=$(hostname)
 AuthType=auth/munge
@@ -62,6 +64,8 @@ EOF
   fail "the cluster did not come up: $(tail -3 $spool/slurmctld.log $spool/slurmd.log)"
 }
 
+OWN_CONF=/var/spool/moeq-slurm/slurm.conf
+if [ -z "${SLURM_CONF:-}" ] && [ -f "$OWN_CONF" ]; then export SLURM_CONF=$OWN_CONF; fi
 sinfo -h >/dev/null 2>&1 || start_cluster
 say "cluster: $(sinfo -h -o '%P %D nodes, %c CPUs, %t')"
 
