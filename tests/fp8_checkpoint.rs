@@ -1,7 +1,8 @@
-//! Block-scaled FP8 checkpoints (DeepSeek-V3's format): a tiny DeepSeek-V3 written with every
-//! quantized weight as `float8_e4m3fn` plus `weight_scale_inv` per block reads back as
-//! `fp8 · scale` in bf16 — checked against an e4m3 decoder written here from the format's
-//! definition — attention and expert slices alike, and trains.
+//! Block-scaled FP8 checkpoints (DeepSeek-V3's format, also Qwen3-MoE's `-FP8` releases): a tiny
+//! DeepSeek-V3 and a tiny Qwen3-MoE written with every quantized weight as `float8_e4m3fn` plus
+//! `weight_scale_inv` per block read back as `fp8 · scale` in bf16 — checked against an e4m3
+//! decoder written here from the format's definition — attention and expert slices alike, and
+//! train. (transformers' own dequantization is the reference in verify_hf.py, on the GPU.)
 
 mod common;
 use common::moeq;
@@ -118,10 +119,30 @@ fn bf16_of(v: &[f32]) -> Vec<f32> {
 
 #[test]
 fn fp8_block_scaled_weights_read_as_bf16_and_train() {
+    check(
+        ModelType::DeepseekV3,
+        "model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
+        "[q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj]",
+    );
+}
+
+/// Qwen3-MoE's `-FP8` releases use the same format (per-expert hub keys).
+#[test]
+fn qwen3_moe_fp8_checkpoints_read_and_train() {
+    check(
+        ModelType::Qwen3Moe,
+        "model.layers.1.self_attn.k_proj.weight",
+        "[q_proj, k_proj, v_proj, o_proj]",
+    );
+}
+
+/// A tiny `model_type` checkpoint in FP8: `attn` (an attention weight) and the first MoE
+/// layer's experts read back as the decoded FP8 in bf16; it trains with LoRA on `targets`.
+fn check(model_type: ModelType, attn: &str, targets: &str) {
     let root = tempfile::tempdir().unwrap();
     let (src, dst) = (root.path().join("f32"), root.path().join("fp8"));
     let opts = SynthOptions {
-        model_type: ModelType::DeepseekV3,
+        model_type,
         dtype: "float32".into(),
         seed: 3,
         ..SynthOptions::default()
@@ -149,7 +170,6 @@ fn fp8_block_scaled_weights_read_as_bf16_and_train() {
     to_fp8(&src, &dst, &quantized);
     let dir = ModelDir::open(&dst).unwrap();
 
-    let attn = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight";
     let got: Vec<f32> = dir
         .read(attn)
         .unwrap()
@@ -205,7 +225,7 @@ fn fp8_block_scaled_weights_read_as_bf16_and_train() {
         &cfg,
         format!(
             "base_model: {}\ndevice: cpu\nadapter: qlora\nload_in_4bit: true\nlora_r: 4\nlora_alpha: 8\n\
-             lora_target_modules: [q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj, o_proj]\n\
+             lora_target_modules: {targets}\n\
              lora_target_parameters: [mlp.experts.gate_up_proj, mlp.experts.down_proj]\n\
              datasets:\n  - path: synth://reverse?n=200\n    type: input_output\n\
              sequence_len: 64\nmicro_batch_size: 4\nmax_steps: 3\nlearning_rate: 1.0e-3\n\
