@@ -13,6 +13,11 @@ pub struct NcclCheckArgs {
     /// Seed of the random data (each rank draws its own streams from it).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Instead (one rank): queue a receive nobody sends, so the GPU waits in NCCL as behind a
+    /// dead peer, and check that aborting the communicator (what a stopped rank does before it
+    /// exits) releases it and that later collectives fail cleanly.
+    #[arg(long)]
+    stuck: bool,
 }
 
 #[cfg(not(feature = "nccl"))]
@@ -39,6 +44,48 @@ mod imp {
 
     /// The job token when MOEQ_JOB_TOKEN is not set (a check on one machine).
     const DEFAULT_TOKEN: &str = "moeq-nccl-check";
+
+    /// `--stuck`: a receive with no send holds the GPU; `abort_comm` must release it within
+    /// 30 s, and a collective after it must fail with the abort named.
+    fn stuck(nccl: &NcclComm, gpu: &Device) -> std::result::Result<(), CliError> {
+        use std::time::Instant;
+        let fail = |m: String| CliError::Failed(format!("nccl-check --stuck: {m}"));
+        nccl.queue_stuck_receive()
+            .map_err(|e| fail(format!("queueing the receive: {e}")))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let g = gpu.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(g.synchronize().map_err(|e| e.to_string()));
+        });
+        if let Ok(r) = rx.recv_timeout(Duration::from_secs(3)) {
+            return Err(fail(format!(
+                "the receive with no send did not hold the GPU (synchronize returned {r:?})"
+            )));
+        }
+        println!("nccl-check --stuck: the GPU waits in ncclRecv (3 s): aborting the communicator");
+        let t = Instant::now();
+        if !nccl.abort_comm() {
+            return Err(fail("the communicator could not be aborted".into()));
+        }
+        let released = rx
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| fail("ncclCommAbort did not release the GPU within 30 s".into()))?;
+        println!(
+            "nccl-check --stuck: released {:.2} s after ncclCommAbort (synchronize: {})",
+            t.elapsed().as_secs_f64(),
+            match &released {
+                Ok(()) => "ok".to_string(),
+                Err(e) => e.clone(),
+            }
+        );
+        match nccl.barrier() {
+            Err(e) if e.to_string().contains("aborted") => {
+                println!("nccl-check --stuck: a barrier after the abort fails: {e}");
+                Ok(())
+            }
+            other => Err(fail(format!("a barrier after the abort gave {other:?}"))),
+        }
+    }
 
     pub fn run(args: NcclCheckArgs) -> std::result::Result<(), CliError> {
         let env =
@@ -88,6 +135,14 @@ mod imp {
         );
         let nccl = NcclComm::new(connect()?, env.rank, env.world_size, &gpu)
             .map_err(|e| CliError::Failed(format!("nccl-check: {e}")))?;
+        if args.stuck {
+            if env.world_size != 1 {
+                return Err(CliError::Input(
+                    "nccl-check --stuck runs on one rank (no launcher)".into(),
+                ));
+            }
+            return stuck(&nccl, &gpu);
+        }
         let tcp = TcpComm::new(connect()?, env.rank);
         let checks = Collectives {
             nccl: &nccl,

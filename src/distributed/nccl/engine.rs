@@ -61,7 +61,8 @@ impl Drop for OwnedStream {
 /// NCCL state used under the lock. Field order is drop order: the communicator goes first,
 /// its stream last.
 pub(super) struct Engine {
-    pub(super) comm: Comm,
+    /// None once aborted (`NcclComm::abort_comm`).
+    pub(super) comm: Option<Comm>,
     /// Recorded on candle's stream, waited on by the NCCL stream.
     pub(super) ready: CudaEvent,
     /// Recorded on the NCCL stream, waited on by candle's stream.
@@ -90,14 +91,17 @@ impl Engine {
             .map_err(|e| cuda_err("recording an event", e))?;
         nccl.wait(&self.ready)
             .map_err(|e| cuda_err("waiting on an event", e))?;
+        let Some(comm) = &self.comm else {
+            candle_core::bail!("{what}: the NCCL communicator was aborted");
+        };
         let out = if grouped {
             cudarc::nccl::group_start().map_err(|e| nccl_err(what, e))?;
-            let r = f(&self.comm);
+            let r = f(comm);
             // The group must be closed even when a call inside failed.
             let end = cudarc::nccl::group_end().map_err(|e| nccl_err(what, e));
             r.and(end.map(|_| ()))
         } else {
-            f(&self.comm)
+            f(comm)
         };
         // Even after a failure, later compute must not overtake what was queued.
         self.done

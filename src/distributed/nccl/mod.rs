@@ -6,6 +6,9 @@
 //!   `nccl_unique_id`; the other ranks wait for it there, then all call ncclCommInitRank.
 //!   The store is used for nothing else (its exchanges are numbered per connection, so a
 //!   `TcpComm` may share the store), except `abort`, which marks the job failed there.
+//! - Abort: the communicator sits in an `Option` under the engine's lock; `abort_comm` (any
+//!   thread) takes and drops it (cudarc's drop is ncclCommAbort); later calls fail, naming it.
+//!   No thread holds the lock while it waits on the GPU.
 //! - Streams: collectives run on a stream of their own. Before one, that stream waits for an
 //!   event recorded on the input's candle stream; after it, the candle stream waits for an
 //!   event recorded on the NCCL stream. Results, and the frees of inputs dropped later, are
@@ -22,7 +25,10 @@
 //!
 //! Every rank must call the same collectives in the same order with matching shapes and
 //! counts; NCCL cannot detect a mismatch, it hangs or moves the wrong bytes. If another rank
-//! dies mid-collective, NCCL blocks: the launcher's group stop ends this process.
+//! dies mid-collective, NCCL blocks; the heartbeat thread's watchdog (no progress) or the
+//! store's failure report then stops this rank, and before it exits it aborts the communicator
+//! (`store::on_exit` → ncclCommAbort), which releases the GPU from the stuck collective
+//! (`moeq nccl-check --stuck` shows it on one GPU); the launcher's group stop is the last resort.
 
 mod engine;
 
@@ -33,7 +39,7 @@ use candle_core::{CudaDevice, CudaStorage, DType, Device, Result, Storage, Tenso
 use cudarc::driver::{CudaSlice, CudaView};
 use cudarc::nccl::{Comm, Id, ReduceOp};
 use engine::{alloc, by_dtype, cuda_err, nccl_err, Elem, Engine, OwnedStream, Staged};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// The store key under which rank 0 publishes the NCCL unique id.
 pub const UNIQUE_ID_KEY: &str = "nccl_unique_id";
@@ -43,7 +49,7 @@ pub struct NcclComm {
     rank: usize,
     world: usize,
     device: CudaDevice,
-    engine: Mutex<Engine>,
+    engine: Arc<Mutex<Engine>>,
     store: Mutex<StoreClient>,
 }
 
@@ -115,18 +121,46 @@ impl NcclComm {
             ctx.new_event(None)
                 .map_err(|e| cuda_err("creating an event", e))
         };
-        let engine = Engine {
-            comm,
+        let engine = Arc::new(Mutex::new(Engine {
+            comm: Some(comm),
             ready: event()?,
             done: event()?,
             stream,
-        };
+        }));
+        // A rank stopped by the watchdog or by a failed peer aborts its communicator first.
+        let weak = Arc::downgrade(&engine);
+        super::store::on_exit(Box::new(move || {
+            let engine = weak.upgrade()?;
+            abort_comm(&engine, std::time::Duration::from_secs(5))
+                .then(|| format!("rank {rank}: aborted the NCCL communicator (ncclCommAbort)"))
+        }));
         Ok(NcclComm {
             rank,
             world,
             device: dev.clone(),
-            engine: Mutex::new(engine),
+            engine,
             store: Mutex::new(store),
+        })
+    }
+
+    /// Aborts the communicator now (ncclCommAbort, from any thread): collectives stuck on the
+    /// GPU are released, every later call fails. True if this call aborted it.
+    pub fn abort_comm(&self) -> bool {
+        abort_comm(&self.engine, std::time::Duration::from_secs(5))
+    }
+
+    /// Queues a receive from this rank itself with no send to match: the NCCL stream, and
+    /// candle's stream after it, wait forever — a collective stuck on the GPU, for
+    /// `moeq nccl-check --stuck` (one rank) to show that `abort_comm` releases it.
+    pub fn queue_stuck_receive(&self) -> Result<()> {
+        let dev = &self.device;
+        // SAFETY: nothing reads the buffer.
+        let mut sink = unsafe { alloc::<f32>(dev, 1)? };
+        let engine = self.engine();
+        engine.run(&dev.cuda_stream(), "a receive with no send", true, |comm| {
+            comm.recv(&mut sink, self.rank as i32)
+                .map(|_| ())
+                .map_err(|e| nccl_err("ncclRecv", e))
         })
     }
 
@@ -138,7 +172,9 @@ impl NcclComm {
     fn engine(&self) -> std::sync::MutexGuard<'_, Engine> {
         self.engine.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
+impl NcclComm {
     /// The candle device whose stream orders a collective on `x`: `x`'s own for a tensor on
     /// this GPU, the communicator's for a host tensor.
     fn compute_device(&self, x: &Tensor, what: &str) -> Result<CudaDevice> {
@@ -431,12 +467,11 @@ impl Communicator for NcclComm {
                 .map(|_| ())
                 .map_err(|e| nccl_err("ncclAllReduce (barrier)", e))
         })?;
-        engine
-            .stream
-            .stream
-            .synchronize()
-            .map_err(|e| cuda_err("waiting for the barrier", e))?;
+        // Waited on without the lock, so an abort can take the communicator meanwhile.
+        let nccl = engine.stream.stream.clone();
         drop(engine);
+        nccl.synchronize()
+            .map_err(|e| cuda_err("waiting for the barrier", e))?;
         let got = dev.clone_dtoh(&sum)?;
         if got.first().copied() != Some(self.world as f32) {
             candle_core::bail!(
@@ -457,5 +492,31 @@ impl Communicator for NcclComm {
     fn finish(&self) {
         let mut s = self.store.lock().unwrap_or_else(|p| p.into_inner());
         s.finish();
+    }
+}
+
+/// Takes the communicator out of `engine` and aborts it (cudarc's drop of a `Comm` is
+/// ncclCommAbort), waiting at most `patience` for the lock. True if it was there to abort.
+fn abort_comm(engine: &Mutex<Engine>, patience: std::time::Duration) -> bool {
+    let until = std::time::Instant::now() + patience;
+    loop {
+        match engine.try_lock() {
+            Ok(mut e) => return abort_now(e.comm.take()),
+            Err(std::sync::TryLockError::Poisoned(p)) => {
+                return abort_now(p.into_inner().comm.take())
+            }
+            Err(std::sync::TryLockError::WouldBlock) if std::time::Instant::now() < until => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        }
+    }
+}
+
+/// Drops `comm` (ncclCommAbort), a panic of cudarc's drop on a failed abort included.
+fn abort_now(comm: Option<Comm>) -> bool {
+    match comm {
+        Some(c) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(c))).is_ok(),
+        None => false,
     }
 }

@@ -23,7 +23,7 @@ mod watch;
 
 pub use client::StoreClient;
 pub use server::StoreServer;
-pub use watch::{Watch, WATCH};
+pub use watch::{on_exit, run_exit_hooks, ExitHook, Watch, WATCH};
 
 use std::time::Duration;
 

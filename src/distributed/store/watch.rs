@@ -72,6 +72,43 @@ impl Watch {
 
     pub(super) fn exit(&self, msg: &str) -> ! {
         eprintln!("error: rank {}: job stopped: {msg}", self.rank());
+        run_exit_hooks(Duration::from_secs(10));
         std::process::exit(1)
+    }
+}
+
+/// What runs before a stopped rank exits (`Watch::exit`): the NCCL communicator's abort, so a
+/// GPU stuck in a collective is released rather than left to the process teardown.
+static EXIT_HOOKS: std::sync::Mutex<Vec<ExitHook>> = std::sync::Mutex::new(Vec::new());
+
+/// One hook; it says what it did (printed) or None.
+pub type ExitHook = Box<dyn FnOnce() -> Option<String> + Send>;
+
+/// Adds a hook run once when this rank is stopped (watchdog or a failed peer).
+pub fn on_exit(hook: ExitHook) {
+    EXIT_HOOKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(hook);
+}
+
+/// Runs the hooks on a thread of their own, waiting at most `limit` for them (an abort that
+/// itself hangs must not keep the rank alive).
+pub fn run_exit_hooks(limit: Duration) {
+    let hooks = std::mem::take(&mut *EXIT_HOOKS.lock().unwrap_or_else(|e| e.into_inner()));
+    if hooks.is_empty() {
+        return;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for hook in hooks {
+            if let Some(done) = hook() {
+                eprintln!("{done}");
+            }
+        }
+        let _ = tx.send(());
+    });
+    if rx.recv_timeout(limit).is_err() {
+        eprintln!("exit hooks did not finish in {} s", limit.as_secs());
     }
 }
