@@ -24,6 +24,11 @@ pub struct GpuBenchArgs {
     /// cuDNN's (atomic backward; deterministic over the whole batch; deterministic by rows).
     #[arg(long)]
     attention: Option<usize>,
+    /// The attention's shape for `--attention`: query heads, kv heads, q/k head size, value
+    /// head size (DeepSeek-V3's latent attention: 128,128,192,128; GLM-4.7-Flash's:
+    /// 20,20,256,256).
+    #[arg(long, default_value = "32,4,128,128")]
+    attention_shape: String,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -44,7 +49,30 @@ pub fn run(args: GpuBenchArgs) -> Result<(), CliError> {
         return experts(&dev, tokens, args.iters);
     }
     if let Some(rows) = args.attention {
-        return attention(&dev, rows, args.iters);
+        let shape: Vec<usize> = args
+            .attention_shape
+            .split(',')
+            .map(|x| x.trim().parse())
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| {
+                CliError::Input(format!(
+                    "--attention-shape {}: give four numbers, e.g. 32,4,128,128",
+                    args.attention_shape
+                ))
+            })?;
+        let [nh, kvh, hd, vd] = shape[..] else {
+            return Err(CliError::Input(format!(
+                "--attention-shape {}: give four numbers (heads, kv heads, q/k size, value size)",
+                args.attention_shape
+            )));
+        };
+        if kvh == 0 || nh % kvh != 0 || hd == 0 || vd == 0 {
+            return Err(CliError::Input(format!(
+                "--attention-shape {}: kv heads must divide the heads, sizes above 0",
+                args.attention_shape
+            )));
+        }
+        return attention(&dev, rows, (nh, kvh, hd, vd), args.iters);
     }
     let n = args.elements;
     let x = Tensor::randn(0f32, 0.02, n, &dev)
@@ -321,20 +349,26 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
     Ok(())
 }
 
-/// Causal attention of `rows` whole rows of 2,048 positions, 32 query heads on 4 kv heads of
-/// 128: forward and backward times and TFLOP/s per kernel set (FLOPs: 4·B·S²·H·D / 2 forward,
-/// 2.5× that backward, as FlashAttention counts them).
+/// Causal attention of `rows` whole rows of 2,048 positions, `nh` query heads on `kvh` kv heads,
+/// q/k heads of `hd` and values of `vd`: forward and backward times and TFLOP/s per kernel set
+/// (FLOPs: 2·B·S²·H·(hd + vd) / 2 forward — FlashAttention's 4·B·S²·H·D / 2 when the sizes
+/// match — and 2.5× that backward).
 #[cfg(feature = "cuda")]
-fn attention(dev: &candle_core::Device, rows: usize, iters: usize) -> Result<(), CliError> {
+fn attention(
+    dev: &candle_core::Device,
+    rows: usize,
+    (nh, kvh, hd, vd): (usize, usize, usize, usize),
+    iters: usize,
+) -> Result<(), CliError> {
     use crate::ops::attention::{attention_backward, attention_forward};
     use crate::ops::cudnn_attn::{self, Backend};
     use candle_core::{DType, Tensor};
-    let (s, nh, kvh, hd) = (2048usize, 32usize, 4usize, 128usize);
-    let bf = |h: usize| {
-        Tensor::randn(0f32, 1.0, (rows, s, h, hd), dev).and_then(|t| t.to_dtype(DType::BF16))
+    let s = 2048usize;
+    let bf = |h: usize, d: usize| {
+        Tensor::randn(0f32, 1.0, (rows, s, h, d), dev).and_then(|t| t.to_dtype(DType::BF16))
     };
     let (q, k, v, dout) =
-        (|| Ok::<_, candle_core::Error>((bf(nh)?, bf(kvh)?, bf(kvh)?, bf(nh)?)))()
+        (|| Ok::<_, candle_core::Error>((bf(nh, hd)?, bf(kvh, hd)?, bf(kvh, vd)?, bf(nh, vd)?)))()
             .map_err(CliError::failed)?;
     let segments = Tensor::zeros((rows, s), DType::U32, dev).map_err(CliError::failed)?;
     let whole = crate::ops::attention::RowSamples {
@@ -342,8 +376,10 @@ fn attention(dev: &candle_core::Device, rows: usize, iters: usize) -> Result<(),
         ragged: None,
     };
     let scale = 1.0 / (hd as f64).sqrt();
-    let flops = 4.0 * (rows * s * s * nh * hd) as f64 / 2.0;
-    println!("causal attention: {rows} × {s} positions, {nh}/{kvh} heads of {hd} (bf16)");
+    let flops = 2.0 * (rows * s * s * nh * (hd + vd)) as f64 / 2.0;
+    println!(
+        "causal attention: {rows} × {s} positions, {nh}/{kvh} heads of {hd} (values {vd}) (bf16)"
+    );
     match cudnn_attn::library() {
         Ok(v) => println!("cuDNN {v}"),
         Err(why) => println!("cuDNN not loaded: {why}"),
