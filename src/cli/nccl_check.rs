@@ -13,11 +13,11 @@ pub struct NcclCheckArgs {
     /// Seed of the random data (each rank draws its own streams from it).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Instead (one rank): queue a receive nobody sends, so the GPU waits in NCCL as behind a
-    /// dead peer, and check that aborting the communicator (what a stopped rank does before it
-    /// exits) releases it and that later collectives fail cleanly.
+    /// Instead (one rank): run collectives in a loop while another thread aborts the
+    /// communicator (what a stopped rank does before it exits): the loop's next collective must
+    /// fail naming the abort, within seconds, without a crash or a deadlock.
     #[arg(long)]
-    stuck: bool,
+    abort: bool,
 }
 
 #[cfg(not(feature = "nccl"))]
@@ -45,46 +45,45 @@ mod imp {
     /// The job token when MOEQ_JOB_TOKEN is not set (a check on one machine).
     const DEFAULT_TOKEN: &str = "moeq-nccl-check";
 
-    /// `--stuck`: a receive with no send holds the GPU; `abort_comm` must release it within
-    /// 30 s, and a collective after it must fail with the abort named.
-    fn stuck(nccl: &NcclComm, gpu: &Device) -> std::result::Result<(), CliError> {
+    /// `--abort`: all-reduces on this thread, `abort_comm` from another after one second; the
+    /// next collective must fail naming the abort within 10 s of it.
+    fn abort(nccl: &NcclComm, gpu: &Device) -> std::result::Result<(), CliError> {
         use std::time::Instant;
-        let fail = |m: String| CliError::Failed(format!("nccl-check --stuck: {m}"));
-        nccl.queue_stuck_receive()
-            .map_err(|e| fail(format!("queueing the receive: {e}")))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        let g = gpu.clone();
-        std::thread::spawn(move || {
-            let _ = tx.send(g.synchronize().map_err(|e| e.to_string()));
+        let fail = |m: String| CliError::Failed(format!("nccl-check --abort: {m}"));
+        let x = Tensor::ones(1 << 20, candle_core::DType::F32, gpu).map_err(CliError::failed)?;
+        let start = Instant::now();
+        let (done, err, aborted_at) = std::thread::scope(|s| {
+            let aborter = s.spawn(|| {
+                std::thread::sleep(Duration::from_secs(1));
+                (nccl.abort_comm(), Instant::now())
+            });
+            let mut done = 0usize;
+            let err = loop {
+                match nccl
+                    .all_reduce_sum(&x)
+                    .and_then(|y| y.sum_all()?.to_scalar::<f32>())
+                {
+                    Ok(_) => done += 1,
+                    Err(e) => break e.to_string(),
+                }
+                if start.elapsed() > Duration::from_secs(30) {
+                    break "no collective failed in 30 s".to_string();
+                }
+            };
+            (done, err, aborter.join().ok())
         });
-        if let Ok(r) = rx.recv_timeout(Duration::from_secs(3)) {
-            return Err(fail(format!(
-                "the receive with no send did not hold the GPU (synchronize returned {r:?})"
-            )));
-        }
-        println!("nccl-check --stuck: the GPU waits in ncclRecv (3 s): aborting the communicator");
-        let t = Instant::now();
-        if !nccl.abort_comm() {
+        let Some((true, at)) = aborted_at else {
             return Err(fail("the communicator could not be aborted".into()));
-        }
-        let released = rx
-            .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| fail("ncclCommAbort did not release the GPU within 30 s".into()))?;
+        };
+        let after = at.elapsed();
         println!(
-            "nccl-check --stuck: released {:.2} s after ncclCommAbort (synchronize: {})",
-            t.elapsed().as_secs_f64(),
-            match &released {
-                Ok(()) => "ok".to_string(),
-                Err(e) => e.clone(),
-            }
+            "nccl-check --abort: {done} all-reduces, then ncclCommAbort from another thread; the next one failed {:.2} s later: {err}",
+            after.as_secs_f64()
         );
-        match nccl.barrier() {
-            Err(e) if e.to_string().contains("aborted") => {
-                println!("nccl-check --stuck: a barrier after the abort fails: {e}");
-                Ok(())
-            }
-            other => Err(fail(format!("a barrier after the abort gave {other:?}"))),
+        if done == 0 || !err.contains("aborted") || after > Duration::from_secs(10) {
+            return Err(fail(format!("expected all-reduces, then a failure naming the abort within 10 s; got {done}, '{err}' after {after:?}")));
         }
+        Ok(())
     }
 
     pub fn run(args: NcclCheckArgs) -> std::result::Result<(), CliError> {
@@ -135,13 +134,13 @@ mod imp {
         );
         let nccl = NcclComm::new(connect()?, env.rank, env.world_size, &gpu)
             .map_err(|e| CliError::Failed(format!("nccl-check: {e}")))?;
-        if args.stuck {
+        if args.abort {
             if env.world_size != 1 {
                 return Err(CliError::Input(
-                    "nccl-check --stuck runs on one rank (no launcher)".into(),
+                    "nccl-check --abort runs on one rank (no launcher)".into(),
                 ));
             }
-            return stuck(&nccl, &gpu);
+            return abort(&nccl, &gpu);
         }
         let tcp = TcpComm::new(connect()?, env.rank);
         let checks = Collectives {

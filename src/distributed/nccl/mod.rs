@@ -27,8 +27,10 @@
 //! counts; NCCL cannot detect a mismatch, it hangs or moves the wrong bytes. If another rank
 //! dies mid-collective, NCCL blocks; the heartbeat thread's watchdog (no progress) or the
 //! store's failure report then stops this rank, and before it exits it aborts the communicator
-//! (`store::on_exit` → ncclCommAbort), which releases the GPU from the stuck collective
-//! (`moeq nccl-check --stuck` shows it on one GPU); the launcher's group stop is the last resort.
+//! (`store::on_exit` → ncclCommAbort), which releases the GPU from the stuck collective; the
+//! launcher's group stop is the last resort. `moeq nccl-check --abort` checks the abort from
+//! another thread on one GPU (a collective stuck on the GPU needs two: NCCL refuses two ranks
+//! on one GPU and a receive from itself without a send).
 
 mod engine;
 
@@ -147,21 +149,6 @@ impl NcclComm {
     /// GPU are released, every later call fails. True if this call aborted it.
     pub fn abort_comm(&self) -> bool {
         abort_comm(&self.engine, std::time::Duration::from_secs(5))
-    }
-
-    /// Queues a receive from this rank itself with no send to match: the NCCL stream, and
-    /// candle's stream after it, wait forever — a collective stuck on the GPU, for
-    /// `moeq nccl-check --stuck` (one rank) to show that `abort_comm` releases it.
-    pub fn queue_stuck_receive(&self) -> Result<()> {
-        let dev = &self.device;
-        // SAFETY: nothing reads the buffer.
-        let mut sink = unsafe { alloc::<f32>(dev, 1)? };
-        let engine = self.engine();
-        engine.run(&dev.cuda_stream(), "a receive with no send", true, |comm| {
-            comm.recv(&mut sink, self.rank as i32)
-                .map(|_| ())
-                .map_err(|e| nccl_err("ncclRecv", e))
-        })
     }
 
     /// The GPU this communicator's collectives run on.
