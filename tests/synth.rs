@@ -411,9 +411,10 @@ fn custom_ops_match_their_references_on_the_cpu() {
     // is tested against its reference in tests/nf4_linear.rs). RMSNorm, RoPE, the fused norm and
     // rotation (the separate ops on the CPU) and the grouped expert ops compare bf16 against the f32 reference within the stated bf16 tolerance; the
     // AdamW entries run the tensor ops on both sides (bit-identical), the expert adapters'
-    // products (`thin_gemm`) the `grouped_gemm` formulation in bf16 against f32.
+    // products (`thin_gemm`) the `grouped_gemm` formulation in bf16 against f32. (8-bit AdamW's
+    // state compares as its f32 moments, two entries per parameter.)
     let results = moeq::gpu_check::ops::run_all(&candle_core::Device::Cpu).unwrap();
-    assert_eq!(results.len(), 242);
+    assert_eq!(results.len(), 238);
     for r in results {
         assert!(r.passed(), "{r}");
     }
