@@ -1,8 +1,8 @@
 //! The CPU quantizer against golden data from the real bitsandbytes 0.50.2 CUDA path
 //! (tests/fixtures/nf4/gen_golden.py, run on an H100): packed codes, absmax, nested codes and
-//! nested absmax byte for byte; the offset within 2 ulp (torch's mean reduces in a different
-//! order; see nested.rs); nested codes bit-exact given bitsandbytes' own offset; dequantized
-//! values byte for byte.
+//! nested absmax byte for byte; the offset bit for bit (moeq adds in torch's CUDA order; see
+//! nested.rs, and the sweep of lengths below); nested codes bit-exact given bitsandbytes' own
+//! offset; dequantized values byte for byte.
 
 use half::{bf16, f16};
 use moeq::quant::codebook::dynamic_map;
@@ -128,10 +128,10 @@ fn quantization_matches_bitsandbytes_byte_for_byte() {
             );
             let offset = f32::from_bits(case["offset_bits"].as_u64().unwrap() as u32);
             let ours = mean_offset(&absmax);
-            let ulps = (ours.to_bits() as i64 - offset.to_bits() as i64).abs();
-            assert!(
-                ulps <= 2,
-                "{key}: offset {ours} vs bitsandbytes {offset} ({ulps} ulp)"
+            assert_eq!(
+                ours.to_bits(),
+                offset.to_bits(),
+                "{key}: offset {ours} vs bitsandbytes {offset}"
             );
             let nested = quantize_absmax_with_offset(&absmax, offset);
             if nested.codes != raw(&st, &format!("{key}.absmax")) {
@@ -162,5 +162,41 @@ fn quantization_matches_bitsandbytes_byte_for_byte() {
         "{} failures:\n{}",
         failures.len(),
         failures.join("\n")
+    );
+}
+
+/// `mean_offset` is torch.mean on CUDA bit for bit (tests/fixtures/nf4/gen_mean_golden.py, torch
+/// 2.11 on an H200): every length 1..5,000 — one block, vectorized or not, tails of 1–3 — and
+/// real parameters' absmax lengths up to 7.3M, where the sum is split over blocks.
+#[test]
+fn mean_offset_is_torchs_cuda_mean_bit_for_bit() {
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{DIR}/mean_golden.json")).unwrap())
+            .unwrap();
+    let lengths = meta["lengths"].as_array().unwrap();
+    let want = meta["mean_bits"].as_array().unwrap();
+    assert_eq!(lengths.len(), want.len());
+    assert!(lengths.len() > 5000);
+    let mut wrong = Vec::new();
+    for (n, bits) in lengths.iter().zip(want) {
+        let n = n.as_u64().unwrap() as usize;
+        // The generator's arrays: positive, 24-bit mantissas, magnitudes 2^-2 .. 2^2.
+        let x: Vec<f32> = (0..n as u64)
+            .map(|i| {
+                let h = (i * 2654435761 + n as u64 * 40503) % (1 << 32);
+                let base = ((h >> 8) + 1) as f32 * 2f32.powi(-24);
+                base * 2f32.powi(((7 * i + n as u64) % 5) as i32 - 2)
+            })
+            .collect();
+        let ours = mean_offset(&x).to_bits();
+        if ours != bits.as_u64().unwrap() as u32 {
+            wrong.push(n);
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} lengths differ: {:?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(20)]
     );
 }

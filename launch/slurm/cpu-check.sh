@@ -179,14 +179,20 @@ say "cancelled: job $id ended by scancel, no rank left, checkpoint-10 complete"
 start_long requeued 10
 id=$(cat "$WORK/requeued.id")
 scontrol requeue "$id"
-for _ in $(seq 1200); do
-  state=$(scontrol show job "$id" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
-  restarts=$(scontrol show job "$id" 2>/dev/null | grep -o 'Restarts=[0-9]*' | cut -d= -f2)
+# SLURM holds a requeued job back (BeginTime about two minutes on); let it start now.
+released=no
+for _ in $(seq 3000); do
+  info=$(scontrol show job "$id" 2>/dev/null)
+  state=$(grep -o 'JobState=[A-Z_]*' <<< "$info" | cut -d= -f2)
+  restarts=$(grep -o 'Restarts=[0-9]*' <<< "$info" | cut -d= -f2)
   [ "${restarts:-0}" -ge 1 ] && [ "$state" = COMPLETED ] && break
   [ "$state" = FAILED ] || [ "$state" = CANCELLED ] && fail "requeued: job $state: $(tail -5 "$WORK/requeued.out")"
+  if [ "$state" = PENDING ] && [ $released = no ] && grep -q 'Reason=BeginTime' <<< "$info"; then
+    scontrol update JobId="$id" StartTime=now && released=yes
+  fi
   sleep 0.1
 done
-[ "$state" = COMPLETED ] || fail "requeued: job $id is $state after 120 s"
+[ "$state" = COMPLETED ] || fail "requeued: job $id is $state after 300 s"
 grep -q 'resuming from .*checkpoint-' "$WORK/requeued.out" || fail "requeued: did not resume: $(tail -5 "$WORK/requeued.out")"
 losses requeued > "$WORK/requeued.losses"
 compare requeued long 0
