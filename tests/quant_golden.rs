@@ -165,38 +165,74 @@ fn quantization_matches_bitsandbytes_byte_for_byte() {
     );
 }
 
+/// The generator's arrays (tests/fixtures/nf4/gen_mean_golden.py): positive, 24-bit mantissas,
+/// magnitudes 2^-2 .. 2^2.
+fn golden_array(n: usize) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| {
+            let h = (i * 2654435761 + n as u64 * 40503) % (1 << 32);
+            let base = ((h >> 8) + 1) as f32 * 2f32.powi(-24);
+            base * 2f32.powi(((7 * i + n as u64) % 5) as i32 - 2)
+        })
+        .collect()
+}
+
+fn mean_golden() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(format!("{DIR}/mean_golden.json")).unwrap())
+        .unwrap()
+}
+
 /// `mean_offset` is torch.mean on CUDA bit for bit (tests/fixtures/nf4/gen_mean_golden.py, torch
 /// 2.11 on an H200): every length 1..5,000 — one block, vectorized or not, tails of 1–3 — and
 /// real parameters' absmax lengths up to 7.3M, where the sum is split over blocks.
 #[test]
 fn mean_offset_is_torchs_cuda_mean_bit_for_bit() {
-    let meta: Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{DIR}/mean_golden.json")).unwrap())
-            .unwrap();
+    let meta = mean_golden();
     let lengths = meta["lengths"].as_array().unwrap();
     let want = meta["mean_bits"].as_array().unwrap();
     assert_eq!(lengths.len(), want.len());
     assert!(lengths.len() > 5000);
-    let mut wrong = Vec::new();
-    for (n, bits) in lengths.iter().zip(want) {
-        let n = n.as_u64().unwrap() as usize;
-        // The generator's arrays: positive, 24-bit mantissas, magnitudes 2^-2 .. 2^2.
-        let x: Vec<f32> = (0..n as u64)
-            .map(|i| {
-                let h = (i * 2654435761 + n as u64 * 40503) % (1 << 32);
-                let base = ((h >> 8) + 1) as f32 * 2f32.powi(-24);
-                base * 2f32.powi(((7 * i + n as u64) % 5) as i32 - 2)
-            })
-            .collect();
-        let ours = mean_offset(&x).to_bits();
-        if ours != bits.as_u64().unwrap() as u32 {
-            wrong.push(n);
-        }
-    }
+    let wrong: Vec<usize> = lengths
+        .iter()
+        .zip(want)
+        .map(|(n, bits)| (n.as_u64().unwrap() as usize, bits.as_u64().unwrap() as u32))
+        .filter(|&(n, bits)| mean_offset(&golden_array(n)).to_bits() != bits)
+        .map(|(n, _)| n)
+        .collect();
     assert!(
         wrong.is_empty(),
         "{} lengths differ: {:?}",
         wrong.len(),
         &wrong[..wrong.len().min(20)]
+    );
+}
+
+/// The whole double quantization's offset against bitsandbytes 0.50.2 itself: moeq's NF4
+/// absmax of the generator's weights (64·n values, every third negated) and their mean equal
+/// the `offset` of bitsandbytes' `quantize_4bit(compress_statistics=True)`, for absmax lengths
+/// 1..600, 1,536, 4,096, 16,384 and 49,152.
+#[test]
+fn nested_offset_is_bitsandbytes_bit_for_bit() {
+    let meta = mean_golden();
+    let lengths = meta["bnb_lengths"].as_array().unwrap();
+    let want = meta["bnb_offset_bits"].as_array().unwrap();
+    assert_eq!(lengths.len(), want.len());
+    assert!(lengths.len() > 600);
+    let mut wrong = Vec::new();
+    for (n, bits) in lengths.iter().zip(want) {
+        let n = n.as_u64().unwrap() as usize;
+        let mut w = golden_array(64 * n);
+        for x in w.iter_mut().step_by(3) {
+            *x = -*x;
+        }
+        let (_, absmax) = quantize_4bit(&w, 64, QuantKind::Nf4);
+        if mean_offset(&absmax).to_bits() != bits.as_u64().unwrap() as u32 {
+            wrong.push(n);
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} lengths differ: {wrong:?}",
+        wrong.len()
     );
 }
