@@ -148,99 +148,130 @@ pub(crate) fn save_checkpoint(
     // Writing gigabytes may take longer than a collective may: no stall limit meanwhile.
     let watch = &crate::distributed::store::WATCH;
     let paused = watch.pause();
-    let lead = comm.rank() == 0;
-    let yaml = serde_yaml::to_string(config).map_err(failed)?;
-    let texts = (config.base_model.as_str(), yaml.as_str());
-    let parts = adapters.expert_parts();
     let moments = opt.state().map_err(failed)?;
     let split = match spread_over {
         Some(group) if group.world_size() > 1 => shares_output_dir(config, state.step, comm)?,
         _ => false,
     };
-    if split {
-        let of_experts = |name: &str| {
-            let base = name.rsplit_once('.').map_or(name, |(n, _)| n);
-            parts.contains_key(name) || parts.contains_key(base)
-        };
-        let tmp = checkpoint::tmp_path(&config.output_dir, state.step);
-        let tensors: BTreeMap<String, Tensor> = adapters
-            .vars()
-            .into_iter()
-            .map(|(k, v)| (k, v.as_tensor().clone()))
-            .collect();
-        let (mine, rest): (BTreeMap<_, _>, BTreeMap<_, _>) =
-            tensors.into_iter().partition(|(k, _)| of_experts(k));
-        let (my_moments, rest_moments): (BTreeMap<_, _>, BTreeMap<_, _>) =
-            moments.into_iter().partition(|(k, _)| of_experts(k));
-        let group = spread_over.map_or(1, |g| g.world_size());
-        if comm.rank() < group {
-            // The first expert-parallel group (ranks 0..G) holds every expert once.
-            let held = parts
-                .values()
-                .next()
-                .filter(|(e, _)| e.num_experts > 0)
-                .map(|(e, _)| (e.first..e.first + e.num_experts, e.total));
-            if let Some((experts, total)) = held {
-                let mut all = mine;
-                all.extend(my_moments);
-                checkpoint::write_part(&tmp, &experts, total, &all).map_err(TrainError::Failed)?;
-            }
-        }
-        if lead {
-            checkpoint::write_lead(&tmp, adapters, &rest, &rest_moments, state, texts)
-                .map_err(TrainError::Failed)?;
-        }
-        comm.barrier().map_err(failed)?;
-        if lead {
-            let dir =
-                checkpoint::finish(&config.output_dir, state.step).map_err(TrainError::Failed)?;
-            done(config, &dir)?;
-        }
+    let written = if split {
+        write_in_parts(config, adapters, moments, state, comm, spread_over)?
     } else {
-        let full = whole_adapter(adapters, spread_over)?;
-        let mut whole = BTreeMap::new();
-        for (key, t) in moments {
-            let name = key.rsplit_once('.').map_or(key.as_str(), |(n, _)| n);
-            let t = match (spread_over, parts.get(name)) {
-                (Some(group), Some((e, part))) => {
-                    gather_expert_part(e, *part, &t, group).map_err(failed)?
-                }
-                _ => t,
-            };
-            whole.insert(key, t);
-        }
-        let written = if lead {
-            Some(
-                checkpoint::write_files(
-                    &config.output_dir,
-                    full.as_ref().unwrap_or(adapters),
-                    &whole,
-                    state,
-                    texts.0,
-                    texts.1,
-                )
-                .map_err(TrainError::Failed)?,
-            )
-        } else {
-            None
+        write_gathered(
+            config,
+            adapters,
+            moments,
+            state,
+            comm.rank() == 0,
+            spread_over,
+        )?
+    };
+    comm.barrier().map_err(failed)?;
+    if let Some(dir) = written {
+        let dir = match dir {
+            Written::Renamed(dir) => dir,
+            Written::InTmp => {
+                checkpoint::finish(&config.output_dir, state.step).map_err(TrainError::Failed)?
+            }
         };
-        comm.barrier().map_err(failed)?;
-        if let Some(dir) = written {
-            done(config, &dir)?;
+        checkpoint::mark_complete(&dir).map_err(TrainError::Failed)?;
+        tracing::info!("saved checkpoint {}", dir.display());
+        if let Some(limit) = config.save_total_limit {
+            checkpoint::prune(&config.output_dir, limit, &dir);
         }
     }
     watch.resume(paused);
     Ok(())
 }
 
-/// Rank 0's end of a checkpoint: the marker, then `save_total_limit`.
-fn done(config: &TrainConfig, dir: &std::path::Path) -> Result<(), TrainError> {
-    checkpoint::mark_complete(dir).map_err(TrainError::Failed)?;
-    tracing::info!("saved checkpoint {}", dir.display());
-    if let Some(limit) = config.save_total_limit {
-        checkpoint::prune(&config.output_dir, limit, dir);
+/// Where rank 0's files of a checkpoint are before the marker.
+enum Written {
+    /// Still in the temporary directory (other ranks' parts join them there).
+    InTmp,
+    /// Renamed to `checkpoint-<step>`.
+    Renamed(std::path::PathBuf),
+}
+
+/// Each rank of the first expert-parallel group (ranks 0..G, every expert once) writes its
+/// experts' adapters and moments into the temporary directory; rank 0 the rest.
+fn write_in_parts(
+    config: &TrainConfig,
+    adapters: &Adapters,
+    moments: Vec<(String, Tensor)>,
+    state: &checkpoint::TrainerState,
+    comm: &dyn Communicator,
+    spread_over: Option<&dyn Communicator>,
+) -> Result<Option<Written>, TrainError> {
+    let parts = adapters.expert_parts();
+    let of_experts = |name: &String| {
+        let base = name.rsplit_once('.').map_or(name.as_str(), |(n, _)| n);
+        parts.contains_key(name) || parts.contains_key(base)
+    };
+    let tensors = adapters
+        .vars()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()));
+    let (mine, rest): (BTreeMap<_, _>, BTreeMap<_, _>) = tensors.partition(|(k, _)| of_experts(k));
+    let (my_moments, rest_moments): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        moments.into_iter().partition(|(k, _)| of_experts(k));
+    let tmp = checkpoint::tmp_path(&config.output_dir, state.step);
+    let group = spread_over.map_or(1, |g| g.world_size());
+    let held = parts
+        .values()
+        .next()
+        .filter(|(e, _)| e.num_experts > 0)
+        .map(|(e, _)| (e.first..e.first + e.num_experts, e.total));
+    if let (true, Some((experts, total))) = (comm.rank() < group, held) {
+        let mut all = mine;
+        all.extend(my_moments);
+        checkpoint::write_part(&tmp, &experts, total, &all).map_err(TrainError::Failed)?;
     }
-    Ok(())
+    if comm.rank() != 0 {
+        return Ok(None);
+    }
+    let yaml = serde_yaml::to_string(config).map_err(failed)?;
+    let texts = (config.base_model.as_str(), yaml.as_str());
+    checkpoint::write_lead(&tmp, adapters, &rest, &rest_moments, state, texts)
+        .map_err(TrainError::Failed)?;
+    Ok(Some(Written::InTmp))
+}
+
+/// Expert adapters and moments gathered over `spread_over` (every rank), then written whole
+/// by rank 0 (`lead`).
+fn write_gathered(
+    config: &TrainConfig,
+    adapters: &Adapters,
+    moments: Vec<(String, Tensor)>,
+    state: &checkpoint::TrainerState,
+    lead: bool,
+    spread_over: Option<&dyn Communicator>,
+) -> Result<Option<Written>, TrainError> {
+    let full = whole_adapter(adapters, spread_over)?;
+    let parts = adapters.expert_parts();
+    let mut whole = BTreeMap::new();
+    for (key, t) in moments {
+        let name = key.rsplit_once('.').map_or(key.as_str(), |(n, _)| n);
+        let t = match (spread_over, parts.get(name)) {
+            (Some(group), Some((e, part))) => {
+                gather_expert_part(e, *part, &t, group).map_err(failed)?
+            }
+            _ => t,
+        };
+        whole.insert(key, t);
+    }
+    if !lead {
+        return Ok(None);
+    }
+    let yaml = serde_yaml::to_string(config).map_err(failed)?;
+    let dir = checkpoint::write_files(
+        &config.output_dir,
+        full.as_ref().unwrap_or(adapters),
+        &whole,
+        state,
+        &config.base_model,
+        &yaml,
+    )
+    .map_err(TrainError::Failed)?;
+    Ok(Some(Written::Renamed(dir)))
 }
 
 /// Whether every rank sees the checkpoint's temporary directory that rank 0 makes here (every
