@@ -7,7 +7,7 @@ use moeq::model_files::{ExpertParam, ModelDir};
 use moeq::synth::{self, DiskLayout, SynthOptions};
 use std::path::Path;
 
-const ARCHS: [ModelType; 9] = [
+const ARCHS: [ModelType; 11] = [
     ModelType::Qwen3Moe,
     ModelType::Qwen2Moe,
     ModelType::Mixtral,
@@ -17,6 +17,8 @@ const ARCHS: [ModelType; 9] = [
     ModelType::DeepseekV2,
     ModelType::DeepseekV3,
     ModelType::KimiK2,
+    ModelType::FlexOlmo,
+    ModelType::MinimaxM2,
 ];
 
 fn synth_into(

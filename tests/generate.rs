@@ -28,6 +28,8 @@ fn cached_decoding_matches_the_whole_sequence() {
         ModelType::Glm4MoeLite,
         ModelType::DeepseekV2,
         ModelType::DeepseekV3,
+        ModelType::FlexOlmo,
+        ModelType::MinimaxM2,
     ] {
         let dir = tempfile::tempdir().unwrap();
         let opts = SynthOptions {

@@ -58,7 +58,8 @@ fn real_presets_match_published_parameter_counts() {
     use moeq::arch::Component::{Embedding, LmHead};
     // (arch, preset, total B, active B, tolerance on each in B, what the publisher leaves out
     // of "active"). Published figures are rounded (to 0.1B, or to 1B for the large models); the
-    // tolerance covers the rounding and, for Mixtral, whether the embeddings are counted.
+    // tolerance covers the rounding and, for Mixtral, whether the embeddings are counted;
+    // MiniMax-M2's "230B" is rounded to 10B (its safetensors hold 229B).
     // Totals leave out the multi-token-prediction layers, as DeepSeek's 671B does.
     type Case<'a> = (
         ModelType,
@@ -68,7 +69,7 @@ fn real_presets_match_published_parameter_counts() {
         f64,
         &'a [moeq::arch::Component],
     );
-    let cases: [Case; 10] = [
+    let cases: [Case; 11] = [
         (ModelType::Qwen3Moe, "qwen3-30b-a3b", 30.5, 3.3, 0.2, &[]),
         (
             ModelType::Qwen3Moe,
@@ -121,6 +122,7 @@ fn real_presets_match_published_parameter_counts() {
             &[Embedding, LmHead],
         ),
         (ModelType::KimiK2, "kimi-k2", 1000.0, 32.0, 30.0, &[]),
+        (ModelType::MinimaxM2, "minimax-m2", 230.0, 10.0, 1.5, &[]),
     ];
     for (arch, preset, total, active, tol, left_out) in cases {
         let s = spec(arch, preset);
@@ -135,6 +137,35 @@ fn real_presets_match_published_parameter_counts() {
             "{preset}: active {a:.3}B vs {active}B"
         );
     }
+}
+
+/// MiniMax-M2's hub config names its rotated dims `rotary_dim` (64 of 128) and no
+/// `partial_rotary_factor`; its q/k norms span the whole projections; FlexOlmo norms each
+/// block's output.
+#[test]
+fn minimax_m2_and_flex_olmo_specs_read_as_the_models_run() {
+    use moeq::arch::QkNorm;
+    let m = spec(ModelType::MinimaxM2, "minimax-m2");
+    assert_eq!(
+        (m.head_dim, m.rotary.dim, m.rotary.interleaved),
+        (128, 64, false)
+    );
+    assert_eq!(m.qk_norm, QkNorm::FullProjection);
+    assert!(m.router.correction_bias && m.router.renormalize && !m.post_norms);
+    assert_eq!(
+        m.correction_bias_name(3),
+        "model.layers.3.mlp.e_score_correction_bias"
+    );
+    let f = spec(ModelType::FlexOlmo, "tiny");
+    assert!(f.post_norms && !f.router.renormalize && !f.router.correction_bias);
+    assert_eq!(f.rotary.dim, f.head_dim);
+    assert_eq!(
+        f.layer_norm_names(1),
+        [
+            "model.layers.1.post_attention_layernorm.weight",
+            "model.layers.1.post_feedforward_layernorm.weight"
+        ]
+    );
 }
 
 #[test]
@@ -187,7 +218,7 @@ fn synth_uri_parses_and_rejects() {
         .to_string();
     assert_eq!(
         err,
-        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2)"
+        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2)"
     );
 }
 

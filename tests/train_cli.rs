@@ -246,18 +246,21 @@ fn model_config_overrides_config_json() {
     );
 }
 
-/// The tiny preset of each DeepSeek/GLM-family type trains from the CLI (dense first layer,
-/// grouped or sigmoid routing, latent or partially rotated attention, summed shared experts):
-/// adapters on every attention projection it has, the dense MLP and shared experts, and the
-/// experts; over 40 steps the logged loss falls by a third.
+/// The tiny preset of each DeepSeek/GLM-family type and of the later grouped-query types
+/// trains from the CLI (dense first layer, grouped or sigmoid routing, latent or partially
+/// rotated attention, summed shared experts; FlexOlmo's post-norm layers, MiniMax-M2's heads
+/// wider than the hidden size): adapters on every attention projection it has, the dense MLP
+/// and shared experts, and the experts; over 40 steps the logged loss falls by a third.
 #[test]
-fn deepseek_and_glm_tiny_presets_learn() {
-    for arch in [
-        "glm4_moe",
-        "glm4_moe_lite",
-        "deepseek_v2",
-        "deepseek_v3",
-        "kimi_k2",
+fn deepseek_glm_and_later_tiny_presets_learn() {
+    for (arch, layers) in [
+        ("glm4_moe", 3),
+        ("glm4_moe_lite", 3),
+        ("deepseek_v2", 3),
+        ("deepseek_v3", 3),
+        ("kimi_k2", 3),
+        ("flex_olmo", 2),
+        ("minimax_m2", 2),
     ] {
         let extra = format!(
             "base_model: synth://{arch}/tiny?seed=0\n\
@@ -272,7 +275,7 @@ fn deepseek_and_glm_tiny_presets_learn() {
             "{arch}: losses {losses:?}"
         );
         assert!(
-            log.contains(&format!("({arch}, 3 layers)")),
+            log.contains(&format!("({arch}, {layers} layers)")),
             "{arch}: {log}"
         );
     }

@@ -19,7 +19,7 @@ use moeq::train::step::{evaluate_inputs, forward_backward, inputs, Activations};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 
-const ARCHS: [ModelType; 8] = [
+const ARCHS: [ModelType; 10] = [
     ModelType::Qwen3Moe,
     ModelType::Qwen2Moe,
     ModelType::Mixtral,
@@ -28,6 +28,8 @@ const ARCHS: [ModelType; 8] = [
     ModelType::Glm4MoeLite,
     ModelType::DeepseekV2,
     ModelType::DeepseekV3,
+    ModelType::FlexOlmo,
+    ModelType::MinimaxM2,
 ];
 
 struct Setup {

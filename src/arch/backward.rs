@@ -18,7 +18,6 @@ use super::layers::{
 };
 use super::model::{Inputs, LayerStats, LoraCtx};
 use super::{ArchSpec, ExpertExchange, QkNorm, Scoring};
-use crate::ops::add::add;
 use crate::ops::attention_block::{attention_block_taped, BlockTape};
 use crate::ops::grouped_gemm::{add_product, Gemm};
 use crate::ops::lora_linear::{backward_into, forward_taped, LinearTape};
@@ -455,9 +454,10 @@ enum MlpPart {
 
 /// What a layer's taped forward leaves for its backward.
 pub struct LayerTape {
-    /// The layer's input and the residual after attention (the norms' inputs).
-    x: Tensor,
-    x1: Tensor,
+    /// What the attention side's and the MLP side's norms read ([`Side::normed`]): the
+    /// layer's input and the residual after attention, or (post-norms) the blocks' outputs.
+    attn_normed: Tensor,
+    mlp_normed: Tensor,
     attn: AttnPart,
     mlp: MlpPart,
 }
@@ -478,9 +478,9 @@ impl Layer {
         lora: &LoraCtx,
         exchange: Option<&dyn ExpertExchange>,
     ) -> Result<(Tensor, LayerStats, LayerTape)> {
-        let eps = spec.rms_norm_eps;
+        let [attn_side, mlp_side] = self.sides(spec);
         let x = x.detach();
-        let h = rms_norm(&x, &self.input_norm, eps)?;
+        let h = attn_side.input(&x)?;
         let (a, attn) = match &self.attn {
             Attn::Heads(heads) => {
                 let (a, t) = attention(heads, spec, index, &h, inputs, lora)?;
@@ -492,8 +492,10 @@ impl Layer {
             }
         };
         drop(h);
-        let x1 = add(&x, &a)?;
-        let h = rms_norm(&x1, &self.post_norm, eps)?;
+        let x1 = attn_side.join(&x, &a)?;
+        let attn_normed = attn_side.normed(&x, &a).clone();
+        drop((x, a));
+        let h = mlp_side.input(&x1)?;
         let (m, stats, mlp) = match &self.mlp {
             Mlp::Dense(p) => {
                 let (m, t) = swiglu_mlp(p, &h, lora)?;
@@ -508,8 +510,15 @@ impl Layer {
                 (m, stats, MlpPart::Moe(Box::new(t)))
             }
         };
-        let out = add(&x1, &m)?;
-        Ok((out, stats, LayerTape { x, x1, attn, mlp }))
+        let out = mlp_side.join(&x1, &m)?;
+        let mlp_normed = mlp_side.normed(&x1, &m).clone();
+        let tape = LayerTape {
+            attn_normed,
+            mlp_normed,
+            attn,
+            mlp,
+        };
+        Ok((out, stats, tape))
     }
 
     /// dL/dx of the layer's input for upstream `g` = dL/d(output), and the adapter gradients.
@@ -521,24 +530,33 @@ impl Layer {
         lora: &LoraCtx,
     ) -> Result<(Tensor, AdapterGrads)> {
         let dev = g.device().clone();
-        let eps = spec.rms_norm_eps;
         let mut grads = AdapterGrads::new();
-        let LayerTape { x, x1, attn, mlp } = tape;
+        let [attn_side, mlp_side] = self.sides(spec);
+        let LayerTape {
+            attn_normed,
+            mlp_normed,
+            attn,
+            mlp,
+        } = tape;
+        let dm = mlp_side.output_grad(&mlp_normed, g)?;
         let dh = timed("bwd: mlp", &dev, || match (mlp, &self.mlp) {
-            (MlpPart::Dense(t), Mlp::Dense(p)) => t.backward(p, g, None, &mut grads),
-            (MlpPart::Moe(t), Mlp::Moe(moe)) => t.backward(moe, spec, g, lora, &mut grads),
+            (MlpPart::Dense(t), Mlp::Dense(p)) => t.backward(p, &dm, None, &mut grads),
+            (MlpPart::Moe(t), Mlp::Moe(moe)) => t.backward(moe, spec, &dm, lora, &mut grads),
             _ => candle_core::bail!("layer backward: the tape is of another layer"),
         })?;
-        let dx1 = add(g, &norm_backward(&x1, &self.post_norm, &dh, eps)?)?;
-        drop((dh, x1));
+        drop(dm);
+        let dx1 = mlp_side.input_grad(&mlp_normed, g, &dh)?;
+        drop((dh, mlp_normed));
+        let da = attn_side.output_grad(&attn_normed, &dx1)?;
         let dh = timed("bwd: attention", &dev, || match (attn, &self.attn) {
-            (AttnPart::Heads(t), Attn::Heads(a)) => t.backward(a, spec, &dx1, &mut grads),
+            (AttnPart::Heads(t), Attn::Heads(a)) => t.backward(a, spec, &da, &mut grads),
             (AttnPart::Latent(t, (cos, sin)), Attn::Latent(a)) => {
-                t.backward(a, spec, (&cos, &sin), &dx1, &mut grads)
+                t.backward(a, spec, (&cos, &sin), &da, &mut grads)
             }
             _ => candle_core::bail!("layer backward: the attention tape is of another layer"),
         })?;
-        let dx = add(&dx1, &norm_backward(&x, &self.input_norm, &dh, eps)?)?;
+        drop(da);
+        let dx = attn_side.input_grad(&attn_normed, &dx1, &dh)?;
         Ok((dx, grads))
     }
 }

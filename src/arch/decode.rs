@@ -7,9 +7,7 @@
 use super::layers::{swiglu_mlp, Layer, Mlp};
 use super::model::{LoraCtx, Model};
 use super::ArchSpec;
-use crate::ops::add::add;
 use crate::ops::embedding::TokenIds;
-use crate::ops::norm::rms_norm;
 use candle_core::{DType, Result, Tensor};
 
 /// Keys and values of every position seen so far, per layer: `[T, kv_heads, head_dim]`.
@@ -77,9 +75,9 @@ impl Layer {
         lora: &LoraCtx,
         model: &Model,
     ) -> Result<Tensor> {
-        let eps = spec.rms_norm_eps;
         let (n, nh, kvh) = (x.dim(0)?, spec.num_heads, spec.num_kv_heads);
-        let h = rms_norm(x, &self.input_norm, eps)?;
+        let [attn_side, mlp_side] = self.sides(spec);
+        let h = attn_side.input(x)?;
         let (q, k, v) = self.attn.heads(spec, &h, (cos, sin), lora)?;
         let (k, v) = match slot.take() {
             None => (k, v),
@@ -88,8 +86,8 @@ impl Layer {
         *slot = Some((k.clone(), v.clone()));
         let ctx = attend(&q, &k, &v, mask, nh / kvh, spec.attention_scale)?.to_dtype(x.dtype())?;
         let width = nh * spec.v_head_dim();
-        let x = add(x, &self.attn.o().forward(&ctx.reshape((n, width))?, lora)?)?;
-        let h = rms_norm(&x, &self.post_norm, eps)?;
+        let x = attn_side.join(x, &self.attn.o().forward(&ctx.reshape((n, width))?, lora)?)?;
+        let h = mlp_side.input(&x)?;
         let m = match &self.mlp {
             Mlp::Dense(p) => swiglu_mlp(p, &h, lora)?,
             Mlp::Moe(moe) => {
@@ -97,7 +95,7 @@ impl Layer {
                     .0
             }
         };
-        add(&x, &m)
+        mlp_side.join(&x, &m)
     }
 }
 

@@ -62,10 +62,78 @@ pub enum Mlp {
 }
 
 pub struct Layer {
-    pub input_norm: Tensor,
-    pub post_norm: Tensor,
+    /// The norm on the attention side and the one on the MLP side (before each block, or after
+    /// it where the architecture has `post_norms`: [`Side`]).
+    pub attn_norm: Tensor,
+    pub mlp_norm: Tensor,
     pub attn: Attn,
     pub mlp: Mlp,
+}
+
+/// One side of a decoder layer (attention or MLP) and its norm: the usual pre-norm `x +
+/// block(norm(x))`, or OLMo-2's post-norm `x + norm(block(x))` (`ArchSpec::post_norms`).
+pub(super) struct Side<'a> {
+    pub norm: &'a Tensor,
+    pub post: bool,
+    pub eps: f64,
+}
+
+impl Side<'_> {
+    /// What the block reads of the residual stream x.
+    pub(super) fn input(&self, x: &Tensor) -> Result<Tensor> {
+        match self.post {
+            false => rms_norm(x, self.norm, self.eps),
+            true => Ok(x.clone()),
+        }
+    }
+
+    /// The residual stream after the block's output y joins x.
+    pub(super) fn join(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        match self.post {
+            false => add(x, y),
+            true => add(x, &rms_norm(y, self.norm, self.eps)?),
+        }
+    }
+
+    /// The tensor the side's norm reads: x before the block, y after it.
+    pub(super) fn normed<'t>(&self, x: &'t Tensor, y: &'t Tensor) -> &'t Tensor {
+        if self.post {
+            y
+        } else {
+            x
+        }
+    }
+
+    /// d(block output) for g = d(joined stream); `normed` as [`Side::normed`] kept it.
+    pub(super) fn output_grad(&self, normed: &Tensor, g: &Tensor) -> Result<Tensor> {
+        match self.post {
+            false => Ok(g.clone()),
+            true => super::backward::norm_backward(normed, self.norm, g, self.eps),
+        }
+    }
+
+    /// d(x) for g = d(joined stream) and dh = d(block input).
+    pub(super) fn input_grad(&self, normed: &Tensor, g: &Tensor, dh: &Tensor) -> Result<Tensor> {
+        match self.post {
+            false => add(
+                g,
+                &super::backward::norm_backward(normed, self.norm, dh, self.eps)?,
+            ),
+            true => add(g, dh),
+        }
+    }
+}
+
+impl Layer {
+    /// The attention side and the MLP side.
+    pub(super) fn sides(&self, spec: &ArchSpec) -> [Side<'_>; 2] {
+        let side = |norm| Side {
+            norm,
+            post: spec.post_norms,
+            eps: spec.rms_norm_eps,
+        };
+        [side(&self.attn_norm), side(&self.mlp_norm)]
+    }
 }
 
 /// Inverted-dropout mask [N, in] (values 0 or 1/(1−p)), drawn from a stream keyed by the
@@ -478,15 +546,15 @@ impl Layer {
         lora: &LoraCtx,
         exchange: Option<&dyn ExpertExchange>,
     ) -> Result<(Tensor, LayerStats)> {
-        let eps = spec.rms_norm_eps;
         let dev = x.device();
         let pass = if lora.live { "recompute" } else { "forward" };
+        let [attn_side, mlp_side] = self.sides(spec);
         let x = timed(phase("attention", pass), dev, || {
-            let h = rms_norm(x, &self.input_norm, eps)?;
-            add(x, &self.attn.forward(spec, index, &h, inputs, lora)?)
+            let h = attn_side.input(x)?;
+            attn_side.join(x, &self.attn.forward(spec, index, &h, inputs, lora)?)
         })?;
         let (m, stats) = timed(phase("mlp", pass), dev, || -> Result<_> {
-            let h = rms_norm(&x, &self.post_norm, eps)?;
+            let h = mlp_side.input(&x)?;
             Ok(match &self.mlp {
                 Mlp::Dense(p) => (swiglu_mlp(p, &h, lora)?, LayerStats::default()),
                 Mlp::Moe(moe) => {
@@ -502,7 +570,7 @@ impl Layer {
                 }
             })
         })?;
-        Ok((add(&x, &m)?, stats))
+        Ok((mlp_side.join(&x, &m)?, stats))
     }
 }
 

@@ -277,7 +277,7 @@ impl Model {
                         },
                     )),
                 };
-                let bias = format!("{p}.mlp.gate.e_score_correction_bias");
+                let bias = spec.correction_bias_name(l);
                 Mlp::Moe(Moe {
                     router: w.dense(&format!("{p}.mlp.gate.weight"))?,
                     correction_bias: match spec.router.correction_bias {
@@ -298,9 +298,10 @@ impl Model {
                     w.proj(&format!("{p}.mlp.down_proj"), false)?,
                 ])
             };
+            let [attn_norm, mlp_norm] = spec.layer_norm_names(l);
             layers.push(Layer {
-                input_norm: w.dense(&format!("{p}.input_layernorm.weight"))?,
-                post_norm: w.dense(&format!("{p}.post_attention_layernorm.weight"))?,
+                attn_norm: w.dense(&attn_norm)?,
+                mlp_norm: w.dense(&mlp_norm)?,
                 attn,
                 mlp,
             });

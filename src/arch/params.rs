@@ -200,23 +200,14 @@ impl ArchSpec {
         );
         for l in 0..self.num_layers {
             let p = format!("model.layers.{l}");
-            push(
-                format!("{p}.input_layernorm.weight"),
-                vec![h],
-                Component::Norm,
-                false,
-            );
+            let [attn_norm, mlp_norm] = self.layer_norm_names(l);
+            push(attn_norm, vec![h], Component::Norm, false);
             let a = format!("{p}.self_attn");
             match self.latent {
                 Some(l) => self.latent_params(&a, l, &mut push),
                 None => self.head_params(&a, &mut push),
             }
-            push(
-                format!("{p}.post_attention_layernorm.weight"),
-                vec![h],
-                Component::Norm,
-                false,
-            );
+            push(mlp_norm, vec![h], Component::Norm, false);
             if self.moe_layers[l] {
                 let (e, i) = (self.num_experts, self.expert_intermediate_size);
                 push(
@@ -227,7 +218,7 @@ impl ArchSpec {
                 );
                 if self.router.correction_bias {
                     push(
-                        format!("{p}.mlp.gate.e_score_correction_bias"),
+                        self.correction_bias_name(l),
                         vec![e],
                         Component::Router,
                         false,

@@ -19,6 +19,8 @@ pub enum ModelType {
     DeepseekV2,
     DeepseekV3,
     KimiK2,
+    FlexOlmo,
+    MinimaxM2,
 }
 
 /// Every model type with its config.json name and transformers class.
@@ -46,6 +48,8 @@ const TYPES: &[(ModelType, &str, &str)] = &[
     // Kimi K2 is the DeepSeek-V3 architecture under its own model_type (its hub config names
     // DeepSeek-V3's classes through auto_map).
     (ModelType::KimiK2, "kimi_k2", "DeepseekV3ForCausalLM"),
+    (ModelType::FlexOlmo, "flex_olmo", "FlexOlmoForCausalLM"),
+    (ModelType::MinimaxM2, "minimax_m2", "MiniMaxM2ForCausalLM"),
 ];
 
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
@@ -58,6 +62,8 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "deepseek_v2",
     "deepseek_v3",
     "kimi_k2",
+    "flex_olmo",
+    "minimax_m2",
 ];
 
 /// Which layers are MoE.
@@ -90,6 +96,9 @@ pub(super) struct RouterRow {
     pub groups: Option<GroupScore>,
     /// Reads `routed_scaling_factor`.
     pub reads_scaling: bool,
+    /// The module under the layer that holds `e_score_correction_bias`: the router
+    /// (`mlp.gate`, DeepSeek) or the MoE block (`mlp`, MiniMax-M2).
+    pub bias_owner: &'static str,
 }
 
 /// Attention's form.
@@ -138,6 +147,16 @@ pub(super) struct Row {
     /// absent. DeepSeek-V2 always interleaves.
     pub default_rope_interleave: bool,
     pub reads_rope_interleave: bool,
+    /// Reads `rotary_dim` (MiniMax-M2: the rotated dims of a head) when no
+    /// `partial_rotary_factor` is given.
+    pub reads_rotary_dim: bool,
+    /// OLMo-2's layer (FlexOlmo): no norm before attention or the MLP, a norm on each one's
+    /// output (`post_attention_layernorm`, `post_feedforward_layernorm`) before it joins the
+    /// residual stream.
+    pub post_norms: bool,
+    /// The hub checkpoint names the MoE block as Mixtral's does: `block_sparse_moe.gate`,
+    /// `block_sparse_moe.experts.{e}.w1/w3/w2` (gate, up, down).
+    pub mixtral_hub_names: bool,
     pub default_rope_theta: f64,
     pub default_eps: f64,
     pub default_max_positions: usize,
@@ -151,6 +170,7 @@ const SOFTMAX: RouterRow = RouterRow {
     correction_bias: false,
     groups: None,
     reads_scaling: false,
+    bias_owner: "mlp.gate",
 };
 
 /// DeepSeek-V3's `noaux_tc` router (GLM-4.5 and GLM-4.7-Flash too): sigmoid scores, the
@@ -163,6 +183,7 @@ const NOAUX_TC: RouterRow = RouterRow {
     correction_bias: true,
     groups: Some(GroupScore::TopTwoSum),
     reads_scaling: true,
+    bias_owner: "mlp.gate",
 };
 
 const QWEN3: Row = Row {
@@ -183,6 +204,9 @@ const QWEN3: Row = Row {
     default_partial_rotary: None,
     default_rope_interleave: false,
     reads_rope_interleave: false,
+    reads_rotary_dim: false,
+    post_norms: false,
+    mixtral_hub_names: false,
     default_rope_theta: 10000.0,
     default_eps: 1e-6,
     default_max_positions: 32768,
@@ -206,6 +230,9 @@ const DEEPSEEK_V3: Row = Row {
     default_partial_rotary: None,
     default_rope_interleave: true,
     reads_rope_interleave: true,
+    reads_rotary_dim: false,
+    post_norms: false,
+    mixtral_hub_names: false,
     default_rope_theta: 10000.0,
     default_eps: 1e-6,
     default_max_positions: 4096,
@@ -218,6 +245,12 @@ impl ModelType {
 
     pub fn as_str(self) -> &'static str {
         TYPES.iter().find(|t| t.0 == self).map_or("?", |t| t.1)
+    }
+
+    /// Whether hub checkpoints of this type name the MoE block as Mixtral's do
+    /// (`block_sparse_moe.…`, experts `w1/w3/w2`).
+    pub fn mixtral_hub_names(self) -> bool {
+        self.row().mixtral_hub_names
     }
 
     /// The class name transformers writes into `architectures`.
@@ -249,6 +282,7 @@ impl ModelType {
                 moe_layers: MoeLayers::All,
                 qk_norm: QkNorm::None,
                 reads_attention_bias: false,
+                mixtral_hub_names: true,
                 default_rope_theta: 1e6,
                 default_eps: 1e-5,
                 default_max_positions: 131072,
@@ -297,6 +331,40 @@ impl ModelType {
                 ..DEEPSEEK_V3
             },
             ModelType::DeepseekV3 | ModelType::KimiK2 => DEEPSEEK_V3,
+            ModelType::FlexOlmo => Row {
+                expert_intermediate_key: "intermediate_size",
+                moe_layers: MoeLayers::All,
+                qk_norm: QkNorm::FullProjection,
+                post_norms: true,
+                default_rope_theta: 500000.0,
+                default_max_positions: 4096,
+                ..QWEN3
+            },
+            // transformers 5.17 reads only `partial_rotary_factor` and rotates whole heads of
+            // a hub config, which gives `rotary_dim` (64 of 128); moeq rotates `rotary_dim` dims
+            // as the model was trained (docs/ARCHITECTURE.md decision 31).
+            ModelType::MinimaxM2 => Row {
+                experts_key: "num_local_experts",
+                experts_alias: Some("num_experts"),
+                expert_intermediate_key: "intermediate_size",
+                router: RouterRow {
+                    reads_norm_topk: false,
+                    always_renormalize: true,
+                    groups: None,
+                    reads_scaling: false,
+                    bias_owner: "mlp",
+                    ..NOAUX_TC
+                },
+                moe_layers: MoeLayers::All,
+                qk_norm: QkNorm::FullProjection,
+                reads_attention_bias: false,
+                default_partial_rotary: Some(1.0),
+                reads_rotary_dim: true,
+                mixtral_hub_names: true,
+                default_rope_theta: 5e6,
+                default_max_positions: 196608,
+                ..QWEN3
+            },
         }
     }
 }

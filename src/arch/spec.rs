@@ -160,6 +160,9 @@ pub struct ArchSpec {
     pub o_bias: bool,
     /// Clamp of q/k/v activations (OLMoE `clip_qkv`).
     pub clip_qkv: Option<f64>,
+    /// OLMo-2's layer (FlexOlmo): each block's output is normed before it joins the residual
+    /// stream (`post_attention_layernorm`, `post_feedforward_layernorm`), its input is not.
+    pub post_norms: bool,
     pub num_experts: usize,
     pub router: RouterSpec,
     /// Width of one expert's gate/up projection (`I` in `gate_up_proj [E, 2I, H]`).
@@ -320,6 +323,7 @@ impl ArchSpec {
             qkv_bias,
             o_bias: attention_bias && row.o_bias_follows,
             clip_qkv,
+            post_norms: row.post_norms,
             num_experts,
             router,
             expert_intermediate_size,
@@ -348,6 +352,29 @@ impl ArchSpec {
 
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
+    }
+
+    /// The name of MoE layer `layer`'s `e_score_correction_bias`: on the router
+    /// (`mlp.gate.…`, DeepSeek, GLM) or on the MoE block (`mlp.…`, MiniMax-M2).
+    pub fn correction_bias_name(&self, layer: usize) -> String {
+        let owner = self.model_type.row().router.bias_owner;
+        format!("model.layers.{layer}.{owner}.e_score_correction_bias")
+    }
+
+    /// The norm weights of decoder layer `layer`: the one on the attention block's side and the
+    /// one on the MLP's (before each block, or after it where `post_norms`).
+    pub fn layer_norm_names(&self, layer: usize) -> [String; 2] {
+        let p = format!("model.layers.{layer}");
+        match self.post_norms {
+            false => [
+                format!("{p}.input_layernorm.weight"),
+                format!("{p}.post_attention_layernorm.weight"),
+            ],
+            true => [
+                format!("{p}.post_attention_layernorm.weight"),
+                format!("{p}.post_feedforward_layernorm.weight"),
+            ],
+        }
     }
 
     /// A value head's size (`v_head_dim` for latent attention).
@@ -495,6 +522,12 @@ fn rotary(
     let factor = match rope.extra.get("partial_rotary_factor") {
         Some(v) => v.as_f64(),
         None => cfg.f64_opt("partial_rotary_factor")?,
+    };
+    let factor = match (factor, row.reads_rotary_dim) {
+        (None, true) => cfg
+            .usize_opt("rotary_dim")?
+            .map(|d| d as f64 / head_dim as f64),
+        _ => factor,
     };
     let factor = match (row.default_partial_rotary, latent) {
         (Some(default), None) => factor.unwrap_or(default),

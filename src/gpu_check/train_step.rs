@@ -241,6 +241,8 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
         ModelType::Glm4MoeLite,
         ModelType::DeepseekV2,
         ModelType::DeepseekV3,
+        ModelType::FlexOlmo,
+        ModelType::MinimaxM2,
     ] {
         let tmp = std::env::temp_dir().join(format!(
             "moeq-train-check-{}-{}",

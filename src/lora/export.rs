@@ -6,16 +6,16 @@
 //! splits into gate rows `0..I` and up rows `I..2I` of `B_e` over the same `A_e`.
 
 use super::Adapters;
-use crate::arch::{ArchSpec, ModelType};
+use crate::arch::ArchSpec;
 use candle_core::{Result, Tensor};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
 /// The module names of expert `e`'s three projections in layer-relative form (gate, up, down).
 fn projections(spec: &ArchSpec) -> (&'static str, [&'static str; 3]) {
-    match spec.model_type {
-        ModelType::Mixtral => ("block_sparse_moe.experts", ["w1", "w3", "w2"]),
-        _ => ("mlp.experts", ["gate_proj", "up_proj", "down_proj"]),
+    match spec.model_type.mixtral_hub_names() {
+        true => ("block_sparse_moe.experts", ["w1", "w3", "w2"]),
+        false => ("mlp.experts", ["gate_proj", "up_proj", "down_proj"]),
     }
 }
 

@@ -7,7 +7,8 @@
 //!   Fused     — exactly the canonical names (a v5 checkpoint saved without reverting).
 //!   PerExpert — the hub layout: `mlp.experts.{e}.{gate,up,down}_proj.weight` ([I,H], [I,H], [H,I]).
 //!   Mixtral   — `block_sparse_moe.experts.{e}.{w1,w3,w2}.weight` (w1 gate, w3 up, w2 down) and the
-//!               router at `block_sparse_moe.gate.weight` (canonical `mlp.gate.weight`).
+//!               rest of the block under `block_sparse_moe.` (canonical `mlp.`: the router's
+//!               `gate.weight`, MiniMax-M2's `e_score_correction_bias`).
 
 use super::{ModelDir, ModelFilesError};
 use candle_core::{DType, Device, Tensor};
@@ -60,7 +61,7 @@ impl ExpertLayout {
     /// On-disk name of a non-expert canonical parameter.
     pub fn disk_name(self, canonical: &str) -> String {
         match self {
-            ExpertLayout::Mixtral => canonical.replace(".mlp.gate.", ".block_sparse_moe.gate."),
+            ExpertLayout::Mixtral => canonical.replace(".mlp.", ".block_sparse_moe."),
             _ => canonical.to_string(),
         }
     }

@@ -60,6 +60,16 @@ pub const PRESETS: &[Preset] = &[
         config: tiny_deepseek_v3,
     },
     Preset {
+        name: "tiny",
+        model_type: ModelType::FlexOlmo,
+        config: tiny_flex_olmo,
+    },
+    Preset {
+        name: "tiny",
+        model_type: ModelType::MinimaxM2,
+        config: tiny_minimax_m2,
+    },
+    Preset {
         name: "qwen3-30b-a3b",
         model_type: ModelType::Qwen3Moe,
         config: qwen3_30b_a3b,
@@ -108,6 +118,11 @@ pub const PRESETS: &[Preset] = &[
         name: "kimi-k2",
         model_type: ModelType::KimiK2,
         config: kimi_k2,
+    },
+    Preset {
+        name: "minimax-m2",
+        model_type: ModelType::MinimaxM2,
+        config: minimax_m2,
     },
 ];
 
@@ -298,6 +313,30 @@ fn tiny_deepseek_v3() -> Value {
     })
 }
 
+/// OLMo-2's post-norm layer, q/k norms over the whole projections, softmax top-k.
+fn tiny_flex_olmo() -> Value {
+    json!({
+        "hidden_size": 64, "intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": false,
+        "max_position_embeddings": 2048, "rope_theta": 500000.0, "rms_norm_eps": 1e-6,
+        "attention_bias": false, "tie_word_embeddings": false
+    })
+}
+
+/// Heads wider than the hidden size (4 × 32 over 64), half of each rotated (`rotary_dim`; the
+/// factor too, which is all transformers 5.17 reads), sigmoid routing with the correction bias.
+fn tiny_minimax_m2() -> Value {
+    json!({
+        "hidden_size": 64, "intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "rotary_dim": 16, "partial_rotary_factor": 0.5,
+        "num_local_experts": 8, "num_experts_per_tok": 2,
+        "max_position_embeddings": 2048, "rope_theta": 5000000.0, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": false
+    })
+}
+
 // Published shapes, as the models' hub config.json files give them.
 
 fn glm45_air() -> Value {
@@ -376,5 +415,17 @@ fn kimi_k2() -> Value {
         "rope_scaling": {"beta_fast": 1.0, "beta_slow": 1.0, "factor": 32.0, "mscale": 1.0,
             "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
         "attention_bias": false, "tie_word_embeddings": false, "vocab_size": 163840
+    })
+}
+
+fn minimax_m2() -> Value {
+    json!({
+        "hidden_size": 3072, "intermediate_size": 1536,
+        "num_hidden_layers": 62, "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128,
+        "rotary_dim": 64, "num_local_experts": 256, "num_experts_per_tok": 8,
+        "use_qk_norm": true, "qk_norm_type": "per_layer", "scoring_func": "sigmoid",
+        "use_routing_bias": true,
+        "max_position_embeddings": 196608, "rope_theta": 5000000.0, "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": false, "vocab_size": 200064
     })
 }

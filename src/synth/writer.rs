@@ -138,11 +138,11 @@ pub(crate) fn chunks_of(spec: &ArchSpec, p: &ParamInfo, experts: Range<usize>) -
 
 fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
     let mut out = Vec::new();
-    let mixtral = spec.model_type == ModelType::Mixtral;
+    let mixtral = spec.model_type.mixtral_hub_names();
     for p in spec.params() {
         if p.component != Component::Experts {
             let name = if mixtral && layout == DiskLayout::Hub {
-                p.name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+                p.name.replace(".mlp.", ".block_sparse_moe.")
             } else {
                 p.name.clone()
             };
