@@ -7,7 +7,7 @@ use moeq::model_files::{ExpertParam, ModelDir};
 use moeq::synth::{self, DiskLayout, SynthOptions};
 use std::path::Path;
 
-const ARCHS: [ModelType; 11] = [
+const ARCHS: [ModelType; 12] = [
     ModelType::Qwen3Moe,
     ModelType::Qwen2Moe,
     ModelType::Mixtral,
@@ -19,6 +19,7 @@ const ARCHS: [ModelType; 11] = [
     ModelType::KimiK2,
     ModelType::FlexOlmo,
     ModelType::MinimaxM2,
+    ModelType::Ernie45Moe,
 ];
 
 fn synth_into(

@@ -30,6 +30,7 @@ fn cached_decoding_matches_the_whole_sequence() {
         ModelType::DeepseekV3,
         ModelType::FlexOlmo,
         ModelType::MinimaxM2,
+        ModelType::Ernie45Moe,
     ] {
         let dir = tempfile::tempdir().unwrap();
         let opts = SynthOptions {

@@ -59,7 +59,8 @@ fn real_presets_match_published_parameter_counts() {
     // (arch, preset, total B, active B, tolerance on each in B, what the publisher leaves out
     // of "active"). Published figures are rounded (to 0.1B, or to 1B for the large models); the
     // tolerance covers the rounding and, for Mixtral, whether the embeddings are counted;
-    // MiniMax-M2's "230B" is rounded to 10B (its safetensors hold 229B).
+    // MiniMax-M2's "230B" is rounded to 10B (its safetensors hold 229B), ERNIE-4.5's "21B"
+    // and "A3B" are cut to whole billions (21.8B).
     // Totals leave out the multi-token-prediction layers, as DeepSeek's 671B does.
     type Case<'a> = (
         ModelType,
@@ -69,7 +70,7 @@ fn real_presets_match_published_parameter_counts() {
         f64,
         &'a [moeq::arch::Component],
     );
-    let cases: [Case; 11] = [
+    let cases: [Case; 12] = [
         (ModelType::Qwen3Moe, "qwen3-30b-a3b", 30.5, 3.3, 0.2, &[]),
         (
             ModelType::Qwen3Moe,
@@ -123,6 +124,14 @@ fn real_presets_match_published_parameter_counts() {
         ),
         (ModelType::KimiK2, "kimi-k2", 1000.0, 32.0, 30.0, &[]),
         (ModelType::MinimaxM2, "minimax-m2", 230.0, 10.0, 1.5, &[]),
+        (
+            ModelType::Ernie45Moe,
+            "ernie-4.5-21b-a3b",
+            21.0,
+            3.0,
+            1.0,
+            &[],
+        ),
     ];
     for (arch, preset, total, active, tol, left_out) in cases {
         let s = spec(arch, preset);
@@ -141,9 +150,11 @@ fn real_presets_match_published_parameter_counts() {
 
 /// MiniMax-M2's hub config names its rotated dims `rotary_dim` (64 of 128) and no
 /// `partial_rotary_factor`; its q/k norms span the whole projections; FlexOlmo norms each
-/// block's output.
+/// block's output; ERNIE-4.5 picks its MoE layers by start, end and interval, keeps its
+/// correction bias as `[1, E]` under the router's statistics, rotates adjacent pairs, ties its
+/// embeddings unless told otherwise, and `use_bias: true` is refused by name.
 #[test]
-fn minimax_m2_and_flex_olmo_specs_read_as_the_models_run() {
+fn later_grouped_query_specs_read_as_the_models_run() {
     use moeq::arch::QkNorm;
     let m = spec(ModelType::MinimaxM2, "minimax-m2");
     assert_eq!(
@@ -155,6 +166,28 @@ fn minimax_m2_and_flex_olmo_specs_read_as_the_models_run() {
     assert_eq!(
         m.correction_bias_name(3),
         "model.layers.3.mlp.e_score_correction_bias"
+    );
+    let e = spec(ModelType::Ernie45Moe, "ernie-4.5-21b-a3b");
+    assert_eq!(e.moe_layers.iter().filter(|m| **m).count(), 27);
+    assert!(!e.moe_layers[0] && e.rotary.interleaved && e.tie_word_embeddings);
+    assert_eq!(e.correction_bias_shape(), vec![1, 64]);
+    assert_eq!(
+        e.correction_bias_name(1),
+        "model.layers.1.mlp.gate.moe_statics.e_score_correction_bias"
+    );
+    assert_eq!(
+        ModelType::Ernie45Moe.hub_name(&e.correction_bias_name(1)),
+        Some("model.layers.1.mlp.moe_statics.e_score_correction_bias".into())
+    );
+    let mut c = config_json(ModelType::Ernie45Moe, "tiny", None, "float32").unwrap();
+    c["moe_layer_interval"] = 2.into();
+    c["moe_layer_end_index"] = 1.into();
+    let every_other = ArchSpec::from_json(&c, "x").unwrap();
+    assert_eq!(every_other.moe_layers, [false, true, false]);
+    c["use_bias"] = true.into();
+    assert_eq!(
+        ArchSpec::from_json(&c, "x").unwrap_err().to_string(),
+        "x: key 'use_bias' true (biases on every projection and on lm_head) is not supported: published ERNIE-4.5 MoE checkpoints set it false"
     );
     let f = spec(ModelType::FlexOlmo, "tiny");
     assert!(f.post_norms && !f.router.renormalize && !f.router.correction_bias);
@@ -218,7 +251,7 @@ fn synth_uri_parses_and_rejects() {
         .to_string();
     assert_eq!(
         err,
-        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2)"
+        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe)"
     );
 }
 

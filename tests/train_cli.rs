@@ -261,6 +261,7 @@ fn deepseek_glm_and_later_tiny_presets_learn() {
         ("kimi_k2", 3),
         ("flex_olmo", 2),
         ("minimax_m2", 2),
+        ("ernie4_5_moe", 3),
     ] {
         let extra = format!(
             "base_model: synth://{arch}/tiny?seed=0\n\

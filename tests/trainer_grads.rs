@@ -19,7 +19,7 @@ use moeq::train::step::{evaluate_inputs, forward_backward, inputs, Activations};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 
-const ARCHS: [ModelType; 10] = [
+const ARCHS: [ModelType; 11] = [
     ModelType::Qwen3Moe,
     ModelType::Qwen2Moe,
     ModelType::Mixtral,
@@ -30,6 +30,7 @@ const ARCHS: [ModelType; 10] = [
     ModelType::DeepseekV3,
     ModelType::FlexOlmo,
     ModelType::MinimaxM2,
+    ModelType::Ernie45Moe,
 ];
 
 struct Setup {

@@ -88,7 +88,8 @@ impl Cfg<'_> {
 /// Which layers are MoE, as the row says: Qwen's `decoder_sparse_step` and `mlp_only_layers`
 /// (layer `l` is sparse iff it is not listed and `(l + 1) % step == 0`), DeepSeek's
 /// `first_k_dense_replace` and `moe_layer_freq` (sparse iff `l >= k` and `l % freq == 0`),
-/// GLM-4.7-Flash's `mlp_layer_types`; Mixtral and OLMoE: every layer.
+/// GLM-4.7-Flash's `mlp_layer_types`, ERNIE-4.5's start, end and interval; Mixtral and OLMoE:
+/// every layer.
 pub(super) fn moe_layer_pattern(
     cfg: &Cfg,
     row: &Row,
@@ -104,6 +105,30 @@ pub(super) fn moe_layer_pattern(
                 return Err(cfg.err("moe_layer_freq", "must be at least 1, got 0"));
             }
             Ok((0..num_layers).map(|l| l >= k && l % freq == 0).collect())
+        }
+        MoeLayers::Interval => {
+            let start = cfg.usize_opt("moe_layer_start_index")?.unwrap_or(1);
+            let interval = cfg.usize_opt("moe_layer_interval")?.unwrap_or(1);
+            if interval == 0 {
+                return Err(cfg.err("moe_layer_interval", "must be at least 1, got 0"));
+            }
+            // −1 (the default) is the last layer.
+            let end = match cfg.present("moe_layer_end_index") {
+                None => num_layers as i64 - 1,
+                Some(v) => match v.as_i64() {
+                    Some(-1) => num_layers as i64 - 1,
+                    Some(e) if e >= 0 => e,
+                    _ => {
+                        return Err(cfg.err(
+                            "moe_layer_end_index",
+                            format!("must be a layer index or -1, got {v}"),
+                        ))
+                    }
+                },
+            };
+            Ok((0..num_layers)
+                .map(|l| (l + 1) % interval == 0 && l >= start && l as i64 <= end)
+                .collect())
         }
         MoeLayers::LayerTypes => match cfg.present("mlp_layer_types") {
             None => Ok((0..num_layers).map(|l| l > 0).collect()),

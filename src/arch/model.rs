@@ -281,7 +281,7 @@ impl Model {
                 Mlp::Moe(Moe {
                     router: w.dense(&format!("{p}.mlp.gate.weight"))?,
                     correction_bias: match spec.router.correction_bias {
-                        true => Some(w.dense_f32(&bias)?),
+                        true => Some(w.dense_f32(&bias)?.flatten_all()?),
                         false => None,
                     },
                     gate_up_name: super::gate_up_name(l),

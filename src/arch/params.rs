@@ -219,7 +219,7 @@ impl ArchSpec {
                 if self.router.correction_bias {
                     push(
                         self.correction_bias_name(l),
-                        vec![e],
+                        self.correction_bias_shape(),
                         Component::Router,
                         false,
                     );

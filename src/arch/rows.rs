@@ -21,6 +21,7 @@ pub enum ModelType {
     KimiK2,
     FlexOlmo,
     MinimaxM2,
+    Ernie45Moe,
 }
 
 /// Every model type with its config.json name and transformers class.
@@ -50,6 +51,11 @@ const TYPES: &[(ModelType, &str, &str)] = &[
     (ModelType::KimiK2, "kimi_k2", "DeepseekV3ForCausalLM"),
     (ModelType::FlexOlmo, "flex_olmo", "FlexOlmoForCausalLM"),
     (ModelType::MinimaxM2, "minimax_m2", "MiniMaxM2ForCausalLM"),
+    (
+        ModelType::Ernie45Moe,
+        "ernie4_5_moe",
+        "Ernie4_5_MoeForCausalLM",
+    ),
 ];
 
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
@@ -64,6 +70,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "kimi_k2",
     "flex_olmo",
     "minimax_m2",
+    "ernie4_5_moe",
 ];
 
 /// Which layers are MoE.
@@ -79,6 +86,9 @@ pub(super) enum MoeLayers {
     /// GLM-4.7-Flash: `mlp_layer_types` ("dense" / "sparse" per layer), by default the first
     /// layer dense.
     LayerTypes,
+    /// ERNIE-4.5: layer `l` is MoE iff `(l + 1) % moe_layer_interval == 0` and
+    /// `moe_layer_start_index <= l <= moe_layer_end_index` (−1: the last layer).
+    Interval,
 }
 
 /// How the router chooses and weighs experts.
@@ -97,7 +107,8 @@ pub(super) struct RouterRow {
     /// Reads `routed_scaling_factor`.
     pub reads_scaling: bool,
     /// The module under the layer that holds `e_score_correction_bias`: the router
-    /// (`mlp.gate`, DeepSeek) or the MoE block (`mlp`, MiniMax-M2).
+    /// (`mlp.gate`, DeepSeek), the MoE block (`mlp`, MiniMax-M2) or the router's statistics
+    /// (`mlp.gate.moe_statics`, ERNIE-4.5, which stores it as `[1, E]`).
     pub bias_owner: &'static str,
 }
 
@@ -116,8 +127,12 @@ pub(super) enum SharedRow {
     None,
     /// qwen2_moe: `shared_expert_intermediate_size`, sigmoid-gated, `mlp.shared_expert`.
     QwenGated,
-    /// DeepSeek / GLM: `n_shared_experts` × `moe_intermediate_size`, summed, `mlp.shared_experts`.
-    Summed,
+    /// DeepSeek / GLM: `n_shared_experts` × `moe_intermediate_size`, summed, `mlp.shared_experts`
+    /// (ERNIE-4.5: `moe_num_shared_experts`); the count's key and its default.
+    Summed {
+        count_key: &'static str,
+        default_count: usize,
+    },
 }
 
 /// One architecture as data.
@@ -125,6 +140,18 @@ pub(super) struct Row {
     pub experts_key: &'static str,
     /// Other spellings transformers' `attribute_map` accepts for the expert count.
     pub experts_alias: Option<&'static str>,
+    /// The top-k key and another spelling of it (ERNIE-4.5: `moe_k`, `num_experts_per_tok`).
+    pub top_k_key: &'static str,
+    pub top_k_alias: Option<&'static str>,
+    /// `tie_word_embeddings` when absent.
+    pub default_tie: bool,
+    /// Reads `use_bias` (ERNIE-4.5: biases on every projection and on `lm_head`), which moeq
+    /// refuses when true.
+    pub reads_use_bias: bool,
+    /// (canonical, hub) spellings of name parts that differ in hub checkpoints beyond the
+    /// experts (ERNIE-4.5's statistics sit under the MoE block there, under its router in
+    /// transformers).
+    pub hub_renames: &'static [(&'static str, &'static str)],
     pub expert_intermediate_key: &'static str,
     pub router: RouterRow,
     pub moe_layers: MoeLayers,
@@ -186,9 +213,19 @@ const NOAUX_TC: RouterRow = RouterRow {
     bias_owner: "mlp.gate",
 };
 
+const DEEPSEEK_SHARED: SharedRow = SharedRow::Summed {
+    count_key: "n_shared_experts",
+    default_count: 1,
+};
+
 const QWEN3: Row = Row {
     experts_key: "num_experts",
     experts_alias: Some("num_local_experts"),
+    top_k_key: "num_experts_per_tok",
+    top_k_alias: None,
+    default_tie: false,
+    reads_use_bias: false,
+    hub_renames: &[],
     expert_intermediate_key: "moe_intermediate_size",
     router: SOFTMAX,
     moe_layers: MoeLayers::SparseStep,
@@ -215,10 +252,15 @@ const QWEN3: Row = Row {
 const DEEPSEEK_V3: Row = Row {
     experts_key: "n_routed_experts",
     experts_alias: Some("num_local_experts"),
+    top_k_key: "num_experts_per_tok",
+    top_k_alias: None,
+    default_tie: false,
+    reads_use_bias: false,
+    hub_renames: &[],
     expert_intermediate_key: "moe_intermediate_size",
     router: NOAUX_TC,
     moe_layers: MoeLayers::FirstKDense { default_k: 3 },
-    shared: SharedRow::Summed,
+    shared: DEEPSEEK_SHARED,
     attention: AttentionRow::Latent,
     qk_norm: QkNorm::None,
     reads_use_qk_norm: false,
@@ -251,6 +293,13 @@ impl ModelType {
     /// (`block_sparse_moe.…`, experts `w1/w3/w2`).
     pub fn mixtral_hub_names(self) -> bool {
         self.row().mixtral_hub_names
+    }
+
+    /// `name` as hub checkpoints of this type spell it, where they spell it otherwise.
+    pub fn hub_name(self, name: &str) -> Option<String> {
+        let renames = self.row().hub_renames;
+        let (from, to) = renames.iter().find(|(from, _)| name.contains(from))?;
+        Some(name.replace(from, to))
     }
 
     /// The class name transformers writes into `architectures`.
@@ -301,7 +350,7 @@ impl ModelType {
                 experts_key: "n_routed_experts",
                 router: NOAUX_TC,
                 moe_layers: MoeLayers::FirstKDense { default_k: 1 },
-                shared: SharedRow::Summed,
+                shared: DEEPSEEK_SHARED,
                 qk_norm: QkNorm::None,
                 reads_use_qk_norm: true,
                 o_bias_follows: false,
@@ -363,6 +412,36 @@ impl ModelType {
                 mixtral_hub_names: true,
                 default_rope_theta: 5e6,
                 default_max_positions: 196608,
+                ..QWEN3
+            },
+            // Rotary pairs are adjacent dims of whole heads; the router is softmax with the
+            // correction bias in the choice.
+            ModelType::Ernie45Moe => Row {
+                experts_key: "moe_num_experts",
+                experts_alias: Some("num_experts"),
+                top_k_key: "moe_k",
+                top_k_alias: Some("num_experts_per_tok"),
+                default_tie: true,
+                reads_use_bias: true,
+                hub_renames: &[(".mlp.gate.moe_statics.", ".mlp.moe_statics.")],
+                router: RouterRow {
+                    reads_norm_topk: false,
+                    always_renormalize: true,
+                    correction_bias: true,
+                    bias_owner: "mlp.gate.moe_statics",
+                    ..SOFTMAX
+                },
+                moe_layers: MoeLayers::Interval,
+                shared: SharedRow::Summed {
+                    count_key: "moe_num_shared_experts",
+                    default_count: 2,
+                },
+                qk_norm: QkNorm::None,
+                reads_attention_bias: false,
+                default_rope_interleave: true,
+                default_rope_theta: 500000.0,
+                default_eps: 1e-5,
+                default_max_positions: 131072,
                 ..QWEN3
             },
         }

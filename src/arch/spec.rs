@@ -110,9 +110,11 @@ pub struct Rotary {
     /// Rotated dims per head: the first `dim` of an ordinary head (`partial_rotary_factor`;
     /// equal to `head_dim` for most models), the `qk_rope_head_dim` part of a latent one.
     pub dim: usize,
-    /// DeepSeek: the rotated pairs are adjacent dims `(2i, 2i + 1)`, and the rotated part comes
-    /// out as its even dims then its odd dims (transformers' `apply_rotary_pos_emb_interleave`);
-    /// otherwise the pairs are `(i, i + dim/2)` (`rotate_half`).
+    /// DeepSeek and ERNIE-4.5: the rotated pairs are adjacent dims `(2i, 2i + 1)`, and the
+    /// rotated part comes out as its even dims then its odd dims (transformers'
+    /// `apply_rotary_pos_emb_interleave`; ERNIE's keeps each pair in place, which permutes q and
+    /// k alike and leaves every q·k as it is); otherwise the pairs are `(i, i + dim/2)`
+    /// (`rotate_half`).
     pub interleaved: bool,
 }
 
@@ -241,19 +243,17 @@ impl ArchSpec {
             Some(l) => l.nope_dim + l.rope_dim,
             None => heads_dim(&cfg, hidden_size, num_heads)?,
         };
-        let experts_key = match row.experts_alias {
-            Some(alias)
-                if cfg.present(row.experts_key).is_none() && cfg.present(alias).is_some() =>
-            {
-                alias
-            }
-            _ => row.experts_key,
+        let spelled = |key: &'static str, alias: Option<&'static str>| match alias {
+            Some(a) if cfg.present(key).is_none() && cfg.present(a).is_some() => a,
+            _ => key,
         };
+        let experts_key = spelled(row.experts_key, row.experts_alias);
         let num_experts = cfg.usize_req(experts_key)?;
-        let top_k = cfg.usize_req("num_experts_per_tok")?;
+        let top_k_key = spelled(row.top_k_key, row.top_k_alias);
+        let top_k = cfg.usize_req(top_k_key)?;
         if top_k > num_experts {
             return Err(cfg.err(
-                "num_experts_per_tok",
+                top_k_key,
                 format!("({top_k}) exceeds {experts_key} ({num_experts})"),
             ));
         }
@@ -270,6 +270,12 @@ impl ArchSpec {
         } else {
             attention_bias
         };
+        if row.reads_use_bias && cfg.bool_or("use_bias", false)? {
+            return Err(cfg.err(
+                "use_bias",
+                "true (biases on every projection and on lm_head) is not supported: published ERNIE-4.5 MoE checkpoints set it false",
+            ));
+        }
         let hidden_act = cfg.str_opt("hidden_act")?.unwrap_or_else(|| "silu".into());
         if hidden_act != "silu" {
             return Err(cfg.err(
@@ -331,7 +337,7 @@ impl ArchSpec {
             dense_intermediate_size,
             moe_layers,
             mtp_layers: cfg.usize_opt("num_nextn_predict_layers")?.unwrap_or(0),
-            tie_word_embeddings: cfg.bool_or("tie_word_embeddings", false)?,
+            tie_word_embeddings: cfg.bool_or("tie_word_embeddings", row.default_tie)?,
             hidden_act,
             torch_dtype,
             bos_token_id: cfg.ids("bos_token_id")?.first().copied(),
@@ -359,6 +365,14 @@ impl ArchSpec {
     pub fn correction_bias_name(&self, layer: usize) -> String {
         let owner = self.model_type.row().router.bias_owner;
         format!("model.layers.{layer}.{owner}.e_score_correction_bias")
+    }
+
+    /// The correction bias's stored shape: `[E]`, or `[1, E]` (ERNIE-4.5's statistics).
+    pub fn correction_bias_shape(&self) -> Vec<usize> {
+        match self.model_type.row().router.bias_owner {
+            "mlp.gate.moe_statics" => vec![1, self.num_experts],
+            _ => vec![self.num_experts],
+        }
     }
 
     /// The norm weights of decoder layer `layer`: the one on the attention block's side and the
@@ -494,10 +508,13 @@ fn shared_expert(
             }),
             _ => None,
         },
-        SharedRow::Summed => match cfg.usize_opt("n_shared_experts")? {
-            Some(0) => None,
+        SharedRow::Summed {
+            count_key,
+            default_count,
+        } => match cfg.usize_opt(count_key)?.unwrap_or(default_count) {
+            0 => None,
             n => Some(SharedExpertSpec {
-                intermediate_size: expert_intermediate * n.unwrap_or(1),
+                intermediate_size: expert_intermediate * n,
                 gated: false,
                 module: "shared_experts",
             }),
@@ -514,10 +531,9 @@ fn rotary(
     head_dim: usize,
     latent: Option<LatentSpec>,
 ) -> Result<Rotary, SpecError> {
-    let interleaved = match (latent, row.reads_rope_interleave) {
-        (None, _) => false,
-        (Some(_), true) => cfg.bool_or("rope_interleave", row.default_rope_interleave)?,
-        (Some(_), false) => row.default_rope_interleave,
+    let interleaved = match row.reads_rope_interleave {
+        true => cfg.bool_or("rope_interleave", row.default_rope_interleave)?,
+        false => row.default_rope_interleave,
     };
     let factor = match rope.extra.get("partial_rotary_factor") {
         Some(v) => v.as_f64(),

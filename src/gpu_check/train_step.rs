@@ -243,6 +243,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
         ModelType::DeepseekV3,
         ModelType::FlexOlmo,
         ModelType::MinimaxM2,
+        ModelType::Ernie45Moe,
     ] {
         let tmp = std::env::temp_dir().join(format!(
             "moeq-train-check-{}-{}",

@@ -163,12 +163,22 @@ impl ModelDir {
         if let Some((layer, which)) = ExpertParam::parse(canonical) {
             return self.read_experts(layer, which, 0..self.spec.num_experts);
         }
-        let disk = layout.disk_name(canonical);
+        let disk = self.disk_name(layout, canonical);
         let (bytes, dtype, shape) = self.raw(&disk, None)?;
         self.check_shape(&disk, &shape, &info.shape)?;
         match dtype {
             DType::F8E4M3 => self.tensor(&disk),
             _ => Ok(Tensor::from_raw_buffer(bytes, dtype, &shape, &Device::Cpu)?),
+        }
+    }
+
+    /// The on-disk name of non-expert parameter `canonical`: the layout's, or the type's hub
+    /// spelling where the checkpoint holds that one (`ModelType::hub_name`).
+    fn disk_name(&self, layout: ExpertLayout, canonical: &str) -> String {
+        let name = layout.disk_name(canonical);
+        match self.spec.model_type.hub_name(&name) {
+            Some(hub) if self.locate(&name).is_none() && self.locate(&hub).is_some() => hub,
+            _ => name,
         }
     }
 
@@ -290,7 +300,11 @@ impl ModelDir {
         let mut out = BTreeMap::new();
         for p in self.spec.params() {
             let mut total = 0u64;
-            for disk in layout.disk_names(&p.name, self.spec.num_experts) {
+            let names = match ExpertParam::parse(&p.name) {
+                Some(_) => layout.disk_names(&p.name, self.spec.num_experts),
+                None => vec![self.disk_name(layout, &p.name)],
+            };
+            for disk in names {
                 let shard = self.locate(&disk).ok_or_else(|| ModelFilesError::Format {
                     path: self.root.display().to_string(),
                     problem: format!("tensor '{disk}' is missing from the checkpoint"),

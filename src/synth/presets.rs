@@ -70,6 +70,11 @@ pub const PRESETS: &[Preset] = &[
         config: tiny_minimax_m2,
     },
     Preset {
+        name: "tiny",
+        model_type: ModelType::Ernie45Moe,
+        config: tiny_ernie45_moe,
+    },
+    Preset {
         name: "qwen3-30b-a3b",
         model_type: ModelType::Qwen3Moe,
         config: qwen3_30b_a3b,
@@ -123,6 +128,11 @@ pub const PRESETS: &[Preset] = &[
         name: "minimax-m2",
         model_type: ModelType::MinimaxM2,
         config: minimax_m2,
+    },
+    Preset {
+        name: "ernie-4.5-21b-a3b",
+        model_type: ModelType::Ernie45Moe,
+        config: ernie45_21b_a3b,
     },
 ];
 
@@ -337,6 +347,19 @@ fn tiny_minimax_m2() -> Value {
     })
 }
 
+/// A dense first layer, summed shared experts, softmax routing with the correction bias, rotary
+/// pairs of adjacent dims, tied embeddings (ERNIE's default).
+fn tiny_ernie45_moe() -> Value {
+    json!({
+        "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "moe_num_experts": 8, "moe_k": 2, "moe_num_shared_experts": 1,
+        "moe_layer_start_index": 1, "moe_layer_end_index": -1, "moe_layer_interval": 1,
+        "max_position_embeddings": 2048, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+        "use_bias": false, "tie_word_embeddings": true
+    })
+}
+
 // Published shapes, as the models' hub config.json files give them.
 
 fn glm45_air() -> Value {
@@ -427,5 +450,16 @@ fn minimax_m2() -> Value {
         "use_routing_bias": true,
         "max_position_embeddings": 196608, "rope_theta": 5000000.0, "rms_norm_eps": 1e-6,
         "tie_word_embeddings": false, "vocab_size": 200064
+    })
+}
+
+fn ernie45_21b_a3b() -> Value {
+    json!({
+        "hidden_size": 2560, "intermediate_size": 12288, "moe_intermediate_size": 1536,
+        "num_hidden_layers": 28, "num_attention_heads": 20, "num_key_value_heads": 4,
+        "moe_num_experts": 64, "moe_k": 6, "moe_num_shared_experts": 2,
+        "moe_layer_start_index": 1, "moe_layer_end_index": 27, "moe_layer_interval": 1,
+        "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+        "use_bias": false, "tie_word_embeddings": true, "vocab_size": 103424
     })
 }

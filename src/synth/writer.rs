@@ -141,10 +141,10 @@ fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
     let mixtral = spec.model_type.mixtral_hub_names();
     for p in spec.params() {
         if p.component != Component::Experts {
-            let name = if mixtral && layout == DiskLayout::Hub {
-                p.name.replace(".mlp.", ".block_sparse_moe.")
-            } else {
-                p.name.clone()
+            let name = match layout {
+                DiskLayout::Hub if mixtral => p.name.replace(".mlp.", ".block_sparse_moe."),
+                DiskLayout::Hub => spec.model_type.hub_name(&p.name).unwrap_or(p.name.clone()),
+                DiskLayout::Fused => p.name.clone(),
             };
             out.push(DiskTensor {
                 name,
