@@ -31,6 +31,7 @@ fn cached_decoding_matches_the_whole_sequence() {
         ModelType::FlexOlmo,
         ModelType::MinimaxM2,
         ModelType::Ernie45Moe,
+        ModelType::GraniteMoe,
     ] {
         let dir = tempfile::tempdir().unwrap();
         let opts = SynthOptions {

@@ -70,7 +70,7 @@ fn real_presets_match_published_parameter_counts() {
         f64,
         &'a [moeq::arch::Component],
     );
-    let cases: [Case; 12] = [
+    let cases: [Case; 13] = [
         (ModelType::Qwen3Moe, "qwen3-30b-a3b", 30.5, 3.3, 0.2, &[]),
         (
             ModelType::Qwen3Moe,
@@ -132,6 +132,14 @@ fn real_presets_match_published_parameter_counts() {
             1.0,
             &[],
         ),
+        (
+            ModelType::GraniteMoe,
+            "granite-3.1-1b-a400m",
+            1.3,
+            0.4,
+            0.05,
+            &[],
+        ),
     ];
     for (arch, preset, total, active, tol, left_out) in cases {
         let s = spec(arch, preset);
@@ -188,6 +196,22 @@ fn later_grouped_query_specs_read_as_the_models_run() {
     assert_eq!(
         ArchSpec::from_json(&c, "x").unwrap_err().to_string(),
         "x: key 'use_bias' true (biases on every projection and on lm_head) is not supported: published ERNIE-4.5 MoE checkpoints set it false"
+    );
+    let g = spec(ModelType::GraniteMoe, "granite-3.1-1b-a400m");
+    assert_eq!(g.attention_scale, 0.015625);
+    assert_eq!(
+        (g.mup.embedding, g.mup.residual, g.mup.logits),
+        (12.0, 0.22, 6.0)
+    );
+    assert!(g.router.renormalize && g.tie_word_embeddings);
+    let t = ModelType::GraniteMoe;
+    assert_eq!(
+        t.hub_name("model.layers.2.mlp.experts.gate_up_proj"),
+        Some("model.layers.2.block_sparse_moe.input_linear.weight".into())
+    );
+    assert_eq!(
+        t.canonical_target("block_sparse_moe.experts.down_proj"),
+        "mlp.experts.down_proj"
     );
     let f = spec(ModelType::FlexOlmo, "tiny");
     assert!(f.post_norms && !f.router.renormalize && !f.router.correction_bias);
@@ -251,7 +275,7 @@ fn synth_uri_parses_and_rejects() {
         .to_string();
     assert_eq!(
         err,
-        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe)"
+        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe, granitemoe)"
     );
 }
 

@@ -19,7 +19,7 @@ use moeq::train::step::{evaluate_inputs, forward_backward, inputs, Activations};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 
-const ARCHS: [ModelType; 11] = [
+const ARCHS: [ModelType; 12] = [
     ModelType::Qwen3Moe,
     ModelType::Qwen2Moe,
     ModelType::Mixtral,
@@ -31,6 +31,7 @@ const ARCHS: [ModelType; 11] = [
     ModelType::FlexOlmo,
     ModelType::MinimaxM2,
     ModelType::Ernie45Moe,
+    ModelType::GraniteMoe,
 ];
 
 struct Setup {
@@ -192,7 +193,7 @@ fn every_lora_tensor_gets_a_gradient() {
         assert!(
             (has("self_attn.q_proj") || has("self_attn.q_b_proj"))
                 && has("self_attn.o_proj")
-                && has("mlp.experts"),
+                && has(&format!("{}.experts", arch.moe_module())),
             "{arch:?}"
         );
         if s.model.spec.latent.is_some() {
@@ -300,7 +301,8 @@ fn gradients_match_finite_differences() {
         // Both adapter matrices of attention and MLP projections of layer 0 and both expert
         // targets of the first MoE layer.
         let first_moe = s.model.spec.moe_layers.iter().position(|m| *m).unwrap();
-        let experts = format!("layers.{first_moe}.mlp.experts");
+        // (Granite's MoE block is `block_sparse_moe` in PEFT's names.)
+        let experts = format!("layers.{first_moe}.{}.experts", arch.moe_module());
         let picked: Vec<&(String, Var)> = vars
             .iter()
             .filter(|(n, _)| {

@@ -50,7 +50,7 @@ impl Model {
         let pos = Tensor::new(positions.as_slice(), &self.device)?;
         let rope = self.rope.tables(&pos, self.dtype)?;
         let mask = causal_mask(n, start, &self.device)?;
-        let mut x = self.embed.rows(&TokenIds::new(ids, &self.device)?)?;
+        let mut x = self.embed_ids(&TokenIds::new(ids, &self.device)?)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let slot = &mut cache.layers[l];
             x = layer.decode(&self.spec, &x, (&rope, mask.as_ref()), slot, lora, self)?;

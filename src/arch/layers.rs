@@ -71,11 +71,13 @@ pub struct Layer {
 }
 
 /// One side of a decoder layer (attention or MLP) and its norm: the usual pre-norm `x +
-/// block(norm(x))`, or OLMo-2's post-norm `x + norm(block(x))` (`ArchSpec::post_norms`).
+/// block(norm(x))·s`, or OLMo-2's post-norm `x + norm(block(x))·s` (`ArchSpec::post_norms`),
+/// with s Granite's `residual_multiplier` (1 elsewhere).
 pub(super) struct Side<'a> {
     pub norm: &'a Tensor,
     pub post: bool,
     pub eps: f64,
+    pub scale: f64,
 }
 
 impl Side<'_> {
@@ -89,9 +91,17 @@ impl Side<'_> {
 
     /// The residual stream after the block's output y joins x.
     pub(super) fn join(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
-        match self.post {
-            false => add(x, y),
-            true => add(x, &rms_norm(y, self.norm, self.eps)?),
+        let y = match self.post {
+            false => y.clone(),
+            true => rms_norm(y, self.norm, self.eps)?,
+        };
+        add(x, &self.scaled(&y)?)
+    }
+
+    fn scaled(&self, t: &Tensor) -> Result<Tensor> {
+        match self.scale {
+            1.0 => Ok(t.clone()),
+            s => t.affine(s, 0.0),
         }
     }
 
@@ -106,9 +116,10 @@ impl Side<'_> {
 
     /// d(block output) for g = d(joined stream); `normed` as [`Side::normed`] kept it.
     pub(super) fn output_grad(&self, normed: &Tensor, g: &Tensor) -> Result<Tensor> {
+        let g = self.scaled(g)?;
         match self.post {
-            false => Ok(g.clone()),
-            true => super::backward::norm_backward(normed, self.norm, g, self.eps),
+            false => Ok(g),
+            true => super::backward::norm_backward(normed, self.norm, &g, self.eps),
         }
     }
 
@@ -131,6 +142,7 @@ impl Layer {
             norm,
             post: spec.post_norms,
             eps: spec.rms_norm_eps,
+            scale: spec.mup.residual,
         };
         [side(&self.attn_norm), side(&self.mlp_norm)]
     }

@@ -50,9 +50,12 @@ impl LoraPlan {
             .any(|m| m == "all-linear" || target_matches(module, m))
     }
 
-    fn targets_parameter(&self, p: &ParamInfo) -> bool {
+    fn targets_parameter(&self, spec: &ArchSpec, p: &ParamInfo) -> bool {
         p.component == Component::Experts
-            && self.parameters.iter().any(|t| target_matches(&p.name, t))
+            && self
+                .parameters
+                .iter()
+                .any(|t| target_matches(&p.name, &spec.model_type.canonical_target(t)))
     }
 
     /// Trainable LoRA parameters: `r·(in+out)` per linear target; `r·E·(in+out)` per 3-D expert
@@ -62,7 +65,7 @@ impl LoraPlan {
         for p in spec.params() {
             if self.targets_module(&p) {
                 linear += (self.r * (p.shape[0] + p.shape[1])) as u64;
-            } else if self.targets_parameter(&p) {
+            } else if self.targets_parameter(spec, &p) {
                 experts += (self.r * p.shape[0] * (p.shape[1] + p.shape[2])) as u64;
             }
         }

@@ -436,7 +436,16 @@ impl Model {
     /// ids → x: [N, H] on the model's device (`ops::embedding`: on CUDA an untied table stays
     /// in page-locked host memory and the GPU gathers its rows; on the CPU rows are copied).
     pub fn embed(&self, inputs: &Inputs) -> Result<Tensor> {
-        self.embed.rows(&inputs.ids)
+        self.embed_ids(&inputs.ids)
+    }
+
+    /// The rows of `ids`, times Granite's `embedding_multiplier`.
+    pub(super) fn embed_ids(&self, ids: &crate::ops::embedding::TokenIds) -> Result<Tensor> {
+        let x = self.embed.rows(ids)?;
+        match self.spec.mup.embedding {
+            1.0 => Ok(x),
+            m => x.affine(m, 0.0),
+        }
     }
 
     /// Decoder layer `l`: x [N, H] → [N, H].
@@ -474,14 +483,23 @@ impl Model {
         self.layers[l].backward(&self.spec, tape, g, lora)
     }
 
-    /// Final RMSNorm: x [N, H] → [N, H].
+    /// Final RMSNorm: x [N, H] → [N, H], divided by Granite's `logits_scaling` (the head is
+    /// linear: dividing its input divides the logits).
     pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(x, &self.final_norm, self.spec.rms_norm_eps)
+        let h = rms_norm(x, &self.final_norm, self.spec.rms_norm_eps)?;
+        match self.spec.mup.logits {
+            1.0 => Ok(h),
+            s => h.affine(1.0 / s, 0.0),
+        }
     }
 
     /// The final norm's backward: dL/dx from its input x and dL/d(output) `dy`.
     pub fn final_norm_backward(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-        super::backward::norm_backward(x, &self.final_norm, dy, self.spec.rms_norm_eps)
+        let dy = match self.spec.mup.logits {
+            1.0 => dy.clone(),
+            s => dy.affine(1.0 / s, 0.0)?,
+        };
+        super::backward::norm_backward(x, &self.final_norm, &dy, self.spec.rms_norm_eps)
     }
 }
 

@@ -22,6 +22,7 @@ pub enum ModelType {
     FlexOlmo,
     MinimaxM2,
     Ernie45Moe,
+    GraniteMoe,
 }
 
 /// Every model type with its config.json name and transformers class.
@@ -56,6 +57,7 @@ const TYPES: &[(ModelType, &str, &str)] = &[
         "ernie4_5_moe",
         "Ernie4_5_MoeForCausalLM",
     ),
+    (ModelType::GraniteMoe, "granitemoe", "GraniteMoeForCausalLM"),
 ];
 
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
@@ -71,6 +73,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "flex_olmo",
     "minimax_m2",
     "ernie4_5_moe",
+    "granitemoe",
 ];
 
 /// Which layers are MoE.
@@ -152,6 +155,12 @@ pub(super) struct Row {
     /// experts (ERNIE-4.5's statistics sit under the MoE block there, under its router in
     /// transformers).
     pub hub_renames: &'static [(&'static str, &'static str)],
+    /// The MoE block's module name in transformers (`mlp`; Granite: `block_sparse_moe`), which
+    /// PEFT's expert adapter names carry.
+    pub moe_module: &'static str,
+    /// Reads Granite's µP multipliers: `embedding_multiplier`, `residual_multiplier`,
+    /// `logits_scaling` (a divisor) and `attention_multiplier` (the softmax scale).
+    pub reads_mup: bool,
     pub expert_intermediate_key: &'static str,
     pub router: RouterRow,
     pub moe_layers: MoeLayers,
@@ -226,6 +235,8 @@ const QWEN3: Row = Row {
     default_tie: false,
     reads_use_bias: false,
     hub_renames: &[],
+    moe_module: "mlp",
+    reads_mup: false,
     expert_intermediate_key: "moe_intermediate_size",
     router: SOFTMAX,
     moe_layers: MoeLayers::SparseStep,
@@ -257,6 +268,8 @@ const DEEPSEEK_V3: Row = Row {
     default_tie: false,
     reads_use_bias: false,
     hub_renames: &[],
+    moe_module: "mlp",
+    reads_mup: false,
     expert_intermediate_key: "moe_intermediate_size",
     router: NOAUX_TC,
     moe_layers: MoeLayers::FirstKDense { default_k: 3 },
@@ -293,6 +306,30 @@ impl ModelType {
     /// (`block_sparse_moe.…`, experts `w1/w3/w2`).
     pub fn mixtral_hub_names(self) -> bool {
         self.row().mixtral_hub_names
+    }
+
+    /// The MoE block's module name in transformers (`mlp`; Granite: `block_sparse_moe`).
+    pub fn moe_module(self) -> &'static str {
+        self.row().moe_module
+    }
+
+    /// Expert parameter `canonical` (`….mlp.experts.gate_up_proj`) as transformers names it
+    /// (Granite: `….block_sparse_moe.experts.gate_up_proj`), which PEFT's names carry.
+    pub fn transformers_name(self, canonical: &str) -> String {
+        match self.row().moe_module {
+            "mlp" => canonical.to_string(),
+            module => canonical.replace(".mlp.experts", &format!(".{module}.experts")),
+        }
+    }
+
+    /// A LoRA target (`mlp.experts.gate_up_proj`, or transformers' own spelling of this type)
+    /// in moeq's canonical spelling.
+    pub fn canonical_target(self, target: &str) -> String {
+        let module = self.row().moe_module;
+        match target.strip_prefix(module) {
+            Some(rest) if module != "mlp" && rest.starts_with(".experts") => format!("mlp{rest}"),
+            _ => target.replace(&format!(".{module}.experts"), ".mlp.experts"),
+        }
     }
 
     /// `name` as hub checkpoints of this type spell it, where they spell it otherwise.
@@ -442,6 +479,35 @@ impl ModelType {
                 default_rope_theta: 500000.0,
                 default_eps: 1e-5,
                 default_max_positions: 131072,
+                ..QWEN3
+            },
+            // Top-k of the router's logits, then a softmax over those k: the renormalised
+            // top-k of the softmax. The hub stores each layer's experts fused.
+            ModelType::GraniteMoe => Row {
+                experts_key: "num_local_experts",
+                experts_alias: None,
+                expert_intermediate_key: "intermediate_size",
+                hub_renames: &[
+                    (
+                        ".mlp.experts.gate_up_proj",
+                        ".block_sparse_moe.input_linear.weight",
+                    ),
+                    (
+                        ".mlp.experts.down_proj",
+                        ".block_sparse_moe.output_linear.weight",
+                    ),
+                    (".mlp.gate.weight", ".block_sparse_moe.router.layer.weight"),
+                ],
+                moe_module: "block_sparse_moe",
+                reads_mup: true,
+                router: RouterRow {
+                    reads_norm_topk: false,
+                    always_renormalize: true,
+                    ..SOFTMAX
+                },
+                moe_layers: MoeLayers::All,
+                qk_norm: QkNorm::None,
+                default_max_positions: 2048,
                 ..QWEN3
             },
         }

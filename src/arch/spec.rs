@@ -118,6 +118,22 @@ pub struct Rotary {
     pub interleaved: bool,
 }
 
+/// Granite's µP multipliers (docs: `ArchSpec::mup`).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Mup {
+    pub embedding: f64,
+    pub residual: f64,
+    pub logits: f64,
+}
+
+impl Mup {
+    pub const NONE: Mup = Mup {
+        embedding: 1.0,
+        residual: 1.0,
+        logits: 1.0,
+    };
+}
+
 /// Multi-head latent attention (DeepSeek-V2): q from `q_proj`, or through the low-rank
 /// `q_a_proj` → `q_a_layernorm` → `q_b_proj`; keys and values from one latent
 /// `kv_a_proj_with_mqa` → (`kv_a_layernorm` on its first `kv_lora_rank` dims) → `kv_b_proj`,
@@ -162,6 +178,10 @@ pub struct ArchSpec {
     pub o_bias: bool,
     /// Clamp of q/k/v activations (OLMoE `clip_qkv`).
     pub clip_qkv: Option<f64>,
+    /// Granite's µP multipliers (1 elsewhere): the embeddings are scaled by `embedding`, each
+    /// block's output by `residual` before it joins the residual stream, the logits divided by
+    /// `logits` (`logits_scaling`).
+    pub mup: Mup,
     /// OLMo-2's layer (FlexOlmo): each block's output is normed before it joins the residual
     /// stream (`post_attention_layernorm`, `post_feedforward_layernorm`), its input is not.
     pub post_norms: bool,
@@ -306,7 +326,26 @@ impl ArchSpec {
         };
         let rope = rope_spec(&cfg, row.default_rope_theta)?;
         let rotary = rotary(&cfg, &row, &rope, head_dim, latent)?;
-        let attention_scale = attention_scale(&rope, head_dim, latent.is_some());
+        let (mup, attention_scale) = match row.reads_mup {
+            false => (
+                Mup::NONE,
+                attention_scale(&rope, head_dim, latent.is_some()),
+            ),
+            true => {
+                let m = |key: &str| -> Result<f64, SpecError> {
+                    match cfg.f64_opt(key)?.unwrap_or(1.0) {
+                        v if v > 0.0 && v.is_finite() => Ok(v),
+                        v => Err(cfg.err(key, format!("must be a positive number, got {v}"))),
+                    }
+                };
+                let mup = Mup {
+                    embedding: m("embedding_multiplier")?,
+                    residual: m("residual_multiplier")?,
+                    logits: m("logits_scaling")?,
+                };
+                (mup, m("attention_multiplier")?)
+            }
+        };
 
         let spec = ArchSpec {
             model_type,
@@ -330,6 +369,7 @@ impl ArchSpec {
             o_bias: attention_bias && row.o_bias_follows,
             clip_qkv,
             post_norms: row.post_norms,
+            mup,
             num_experts,
             router,
             expert_intermediate_size,

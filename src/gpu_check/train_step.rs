@@ -244,6 +244,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
         ModelType::FlexOlmo,
         ModelType::MinimaxM2,
         ModelType::Ernie45Moe,
+        ModelType::GraniteMoe,
     ] {
         let tmp = std::env::temp_dir().join(format!(
             "moeq-train-check-{}-{}",

@@ -22,6 +22,12 @@ fn projections(spec: &ArchSpec) -> (&'static str, [&'static str; 3]) {
 /// Every tensor of the per-expert layout by its PEFT name (f32, CPU), linear adapters as they
 /// are.
 pub fn per_expert(a: &Adapters, spec: &ArchSpec) -> Result<BTreeMap<String, Tensor>> {
+    if spec.model_type.moe_module() != "mlp" && !a.experts.is_empty() {
+        candle_core::bail!(
+            "{} checkpoints keep each layer's experts as one fused tensor: there are no per-expert projections to export adapters for (use the adapter as it is)",
+            spec.model_type.as_str()
+        );
+    }
     let mut out = BTreeMap::new();
     for (path, l) in &a.linear {
         let prefix = format!("base_model.model.{path}");

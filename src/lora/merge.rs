@@ -75,7 +75,7 @@ fn plan<'a>(
             let out = p.shape[1];
             if layout == ExpertLayout::Fused {
                 deltas.insert(
-                    p.name.clone(),
+                    dir.disk_name(layout, &p.name),
                     Delta::Expert {
                         lora,
                         expert: None,

@@ -110,6 +110,9 @@ pub struct Adapters {
     pub linear: BTreeMap<String, LinearLora>,
     /// Keyed by the parameter path, e.g. `model.layers.0.mlp.experts.gate_up_proj`.
     pub experts: BTreeMap<String, ExpertLora>,
+    /// The MoE block's module name in transformers, which PEFT's expert adapter names carry
+    /// (`ModelType::moe_module`).
+    pub moe_module: &'static str,
 }
 
 fn stream(seed: u64, name: &str) -> ChaCha8Rng {
@@ -161,7 +164,7 @@ impl Adapters {
                 if settings
                     .target_parameters
                     .iter()
-                    .any(|t| target_matches(&p.name, t))
+                    .any(|t| target_matches(&p.name, &spec.model_type.canonical_target(t)))
                 {
                     let (e, out, inp) = (p.shape[0], p.shape[1], p.shape[2]);
                     if held.end > e {
@@ -210,6 +213,7 @@ impl Adapters {
             settings,
             linear,
             experts,
+            moe_module: spec.model_type.moe_module(),
         })
     }
 

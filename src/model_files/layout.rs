@@ -107,11 +107,12 @@ pub(super) fn detect(dir: &ModelDir) -> Result<ExpertLayout, ModelFilesError> {
     let Some(layer) = dir.spec.moe_layers.iter().position(|m| *m) else {
         return Ok(ExpertLayout::Fused);
     };
-    let candidates = [
-        (
-            ExpertLayout::Fused,
-            ExpertParam::GateUp.canonical_name(layer),
-        ),
+    let fused = ExpertParam::GateUp.canonical_name(layer);
+    // Granite's hub checkpoints hold the fused experts under names of their own.
+    let hub_fused = dir.spec.model_type.hub_name(&fused);
+    let mut candidates = vec![(ExpertLayout::Fused, fused)];
+    candidates.extend(hub_fused.map(|name| (ExpertLayout::Fused, name)));
+    candidates.extend([
         (
             ExpertLayout::PerExpert,
             format!("model.layers.{layer}.mlp.experts.0.gate_proj.weight"),
@@ -120,7 +121,7 @@ pub(super) fn detect(dir: &ModelDir) -> Result<ExpertLayout, ModelFilesError> {
             ExpertLayout::Mixtral,
             format!("model.layers.{layer}.block_sparse_moe.experts.0.w1.weight"),
         ),
-    ];
+    ]);
     for (layout, name) in &candidates {
         if dir.locate(name).is_some() {
             return Ok(*layout);
@@ -155,7 +156,7 @@ pub(super) fn read_experts(
     let n = range.end - range.start;
     let out_shape = [n, per_expert[0], per_expert[1]];
     if layout == ExpertLayout::Fused {
-        let name = which.canonical_name(layer);
+        let name = dir.disk_name(layout, &which.canonical_name(layer));
         let (_, dtype, shape) = dir.raw(&name, Some(0..0))?;
         if dtype == DType::F8E4M3 {
             return Err(ModelFilesError::Format {

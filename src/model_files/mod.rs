@@ -174,7 +174,7 @@ impl ModelDir {
 
     /// The on-disk name of non-expert parameter `canonical`: the layout's, or the type's hub
     /// spelling where the checkpoint holds that one (`ModelType::hub_name`).
-    fn disk_name(&self, layout: ExpertLayout, canonical: &str) -> String {
+    pub(crate) fn disk_name(&self, layout: ExpertLayout, canonical: &str) -> String {
         let name = layout.disk_name(canonical);
         match self.spec.model_type.hub_name(&name) {
             Some(hub) if self.locate(&name).is_none() && self.locate(&hub).is_some() => hub,

@@ -149,9 +149,22 @@ impl SynthUri {
     }
 
     /// Directory name inside the cache: one per distinct checkpoint (and generator version,
-    /// so a cache written by an older moeq is not mistaken for the current weights).
+    /// and the preset's config: a cache written by an older moeq, or before a preset changed,
+    /// is not mistaken for the current weights).
     fn cache_name(&self) -> String {
-        let layers = self.layers.map(|l| format!("-L{l}")).unwrap_or_default();
+        use sha2::{Digest, Sha256};
+        let config = presets::find(self.model_type, &self.preset)
+            .map(|p| (p.config)().to_string())
+            .unwrap_or_default();
+        let hash = Sha256::digest(config.as_bytes());
+        let layers = format!(
+            "{}-c{:02x}{:02x}{:02x}{:02x}",
+            self.layers.map(|l| format!("-L{l}")).unwrap_or_default(),
+            hash[0],
+            hash[1],
+            hash[2],
+            hash[3]
+        );
         if self.generated {
             // Config and tokenizer only: the same for every seed and layout.
             return format!(

@@ -75,6 +75,11 @@ pub const PRESETS: &[Preset] = &[
         config: tiny_ernie45_moe,
     },
     Preset {
+        name: "tiny",
+        model_type: ModelType::GraniteMoe,
+        config: tiny_granitemoe,
+    },
+    Preset {
         name: "qwen3-30b-a3b",
         model_type: ModelType::Qwen3Moe,
         config: qwen3_30b_a3b,
@@ -133,6 +138,11 @@ pub const PRESETS: &[Preset] = &[
         name: "ernie-4.5-21b-a3b",
         model_type: ModelType::Ernie45Moe,
         config: ernie45_21b_a3b,
+    },
+    Preset {
+        name: "granite-3.1-1b-a400m",
+        model_type: ModelType::GraniteMoe,
+        config: granite_31_1b_a400m,
     },
 ];
 
@@ -360,6 +370,22 @@ fn tiny_ernie45_moe() -> Value {
     })
 }
 
+/// µP multipliers of the published shape's kind (the attention scale other than 1/√d; a
+/// logits divisor under 1, as a random tied head's logits are otherwise too flat to learn from
+/// in a few steps), top-k then softmax over the k, tied embeddings, experts fused on disk under
+/// Granite's names.
+fn tiny_granitemoe() -> Value {
+    json!({
+        "hidden_size": 64, "intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "num_local_experts": 8, "num_experts_per_tok": 2,
+        "embedding_multiplier": 12.0, "attention_multiplier": 0.0625,
+        "residual_multiplier": 0.22, "logits_scaling": 0.5,
+        "max_position_embeddings": 2048, "rope_theta": 1500000.0, "rms_norm_eps": 1e-6,
+        "attention_bias": false, "tie_word_embeddings": true
+    })
+}
+
 // Published shapes, as the models' hub config.json files give them.
 
 fn glm45_air() -> Value {
@@ -461,5 +487,17 @@ fn ernie45_21b_a3b() -> Value {
         "moe_layer_start_index": 1, "moe_layer_end_index": 27, "moe_layer_interval": 1,
         "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
         "use_bias": false, "tie_word_embeddings": true, "vocab_size": 103424
+    })
+}
+
+fn granite_31_1b_a400m() -> Value {
+    json!({
+        "hidden_size": 1024, "intermediate_size": 512,
+        "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 8,
+        "num_local_experts": 32, "num_experts_per_tok": 8,
+        "embedding_multiplier": 12.0, "attention_multiplier": 0.015625,
+        "residual_multiplier": 0.22, "logits_scaling": 6.0,
+        "max_position_embeddings": 131072, "rope_theta": 1500000.0, "rms_norm_eps": 1e-6,
+        "attention_bias": false, "tie_word_embeddings": true, "vocab_size": 49155
     })
 }

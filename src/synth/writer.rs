@@ -156,9 +156,16 @@ fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
         let (e_count, rows, cols) = (p.shape[0], p.shape[1], p.shape[2]);
         let gate_up = p.name.ends_with("gate_up_proj");
         let part_rows = if gate_up { rows / 2 } else { rows };
+        // Granite's hub layout keeps each layer's experts fused, under its own names.
+        let hub_fused = spec.model_type.hub_name(&p.name);
         match layout {
             DiskLayout::Fused => out.push(DiskTensor {
                 name: p.name.clone(),
+                shape: p.shape.clone(),
+                chunks: chunks_of(spec, &p, 0..e_count),
+            }),
+            DiskLayout::Hub if hub_fused.is_some() => out.push(DiskTensor {
+                name: hub_fused.unwrap_or_default(),
                 shape: p.shape.clone(),
                 chunks: chunks_of(spec, &p, 0..e_count),
             }),
