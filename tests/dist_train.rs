@@ -285,6 +285,47 @@ fn two_ranks_train_deepseek_v3_like_one_process() {
     );
 }
 
+/// Granite's µP multipliers and experts fused under its own names, and FlexOlmo's post-norm
+/// layers, over 2 ranks of 4 experts each train like one process, to the same NF4 bytes
+/// (tolerances as above); the expert-parallel checkpoint's adapter carries Granite's PEFT names.
+#[test]
+fn two_ranks_train_granite_and_flex_olmo_like_one_process() {
+    for arch in ["granitemoe", "flex_olmo"] {
+        let root = tempfile::tempdir().unwrap();
+        let extra = format!("base_model: synth://{arch}/tiny?seed=0");
+        let one = run(&root.path().join("one"), 0, &extra);
+        let two = run(&root.path().join("two"), 2, &extra);
+        assert_eq!(
+            nf4(&two, 2),
+            nf4(&one, 1),
+            "{arch}: NF4 bytes differ with 2 ranks"
+        );
+        let (a, b) = (losses(&two), losses(&one));
+        assert_eq!(a.len(), 20);
+        for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs(),
+                "{arch} step {}: loss {x} vs {y}",
+                step + 1
+            );
+        }
+        let adapter = two.join("out/adapter_model.safetensors");
+        assert_adapters_close(&adapter, &one.join("out/adapter_model.safetensors"), arch);
+        if arch == "granitemoe" {
+            let bytes = std::fs::read(&adapter).unwrap();
+            let names = safetensors::SafeTensors::deserialize(&bytes)
+                .unwrap()
+                .names()
+                .join(" ");
+            assert!(
+                names.contains("layers.0.block_sparse_moe.experts.base_layer.lora_A"),
+                "{names}"
+            );
+            assert!(!names.contains(".mlp."), "{names}");
+        }
+    }
+}
+
 /// `expert_parallel_size` smaller than the world: 4 ranks as 2 groups of 2 (experts 4 + 4 in
 /// each) and 6 ranks as 2 groups of 3 (3 + 3 + 2): each group quantizes every expert once, to
 /// the same bytes as one process, and the run trains like one process (tolerances as above;
