@@ -1,8 +1,8 @@
 //! Reading config.json: typed values with errors that name the file and key, the rope
-//! settings, and which layers are MoE.
+//! settings, which layers are MoE, the router and the shared expert.
 
-use super::rows::{MoeLayers, Row};
-use super::spec::{RopeSpec, SpecError};
+use super::rows::{MoeLayers, Row, SharedRow};
+use super::spec::{GroupLimit, GroupScore, RopeSpec, RouterSpec, SharedExpertSpec, SpecError};
 use serde_json::{Map, Value};
 
 /// Typed access to config.json values with errors that name the file and key.
@@ -249,4 +249,102 @@ pub(super) fn rope_spec(cfg: &Cfg, default_theta: f64) -> Result<RopeSpec, SpecE
         ));
     }
     Ok(spec)
+}
+
+pub(super) fn router_spec(
+    cfg: &Cfg,
+    row: &Row,
+    top_k: usize,
+    num_experts: usize,
+) -> Result<RouterSpec, SpecError> {
+    let r = row.router;
+    let renormalize = r.always_renormalize
+        || (r.reads_norm_topk && cfg.bool_or("norm_topk_prob", r.default_norm_topk)?);
+    // A softmax router limits groups only under `topk_method: group_limited_greedy`.
+    let grouped = match (r.groups, r.correction_bias) {
+        (None, _) => None,
+        (Some(score), true) => Some(score),
+        (Some(score), false) => match cfg.str_opt("topk_method")?.as_deref() {
+            None | Some("greedy") => None,
+            Some("group_limited_greedy") => Some(score),
+            Some(other) => {
+                return Err(cfg.err(
+                    "topk_method",
+                    format!("'{other}' is not supported (greedy, group_limited_greedy)"),
+                ))
+            }
+        },
+    };
+    let group_limit = match grouped {
+        None => None,
+        Some(score) => {
+            let groups = cfg.usize_opt("n_group")?.unwrap_or(1).max(1);
+            let keep = cfg.usize_opt("topk_group")?.unwrap_or(groups);
+            if num_experts % groups != 0 || keep == 0 || keep > groups {
+                return Err(cfg.err(
+                    "n_group",
+                    format!("{groups} groups keeping {keep} (topk_group) do not fit {num_experts} experts"),
+                ));
+            }
+            if score == GroupScore::TopTwoSum && num_experts / groups < 2 {
+                return Err(cfg.err(
+                    "n_group",
+                    format!("{groups} groups of {num_experts} experts: each needs at least 2"),
+                ));
+            }
+            if keep * (num_experts / groups) < top_k {
+                return Err(cfg.err(
+                    "topk_group",
+                    format!("{keep} of {groups} groups hold fewer experts than num_experts_per_tok ({top_k})"),
+                ));
+            }
+            // Keeping every group is no limit.
+            (keep < groups).then_some(GroupLimit {
+                groups,
+                keep,
+                score,
+            })
+        }
+    };
+    let scaling = match r.reads_scaling {
+        true => cfg.f64_opt("routed_scaling_factor")?.unwrap_or(1.0),
+        false => 1.0,
+    };
+    Ok(RouterSpec {
+        top_k,
+        renormalize,
+        scoring: r.scoring,
+        correction_bias: r.correction_bias,
+        group_limit,
+        scaling,
+    })
+}
+
+pub(super) fn shared_expert(
+    cfg: &Cfg,
+    row: &Row,
+    expert_intermediate: usize,
+) -> Result<Option<SharedExpertSpec>, SpecError> {
+    Ok(match row.shared {
+        SharedRow::None => None,
+        SharedRow::QwenGated => match cfg.usize_opt("shared_expert_intermediate_size")? {
+            Some(i) if i > 0 => Some(SharedExpertSpec {
+                intermediate_size: i,
+                gated: true,
+                module: "shared_expert",
+            }),
+            _ => None,
+        },
+        SharedRow::Summed {
+            count_key,
+            default_count,
+        } => match cfg.usize_opt(count_key)?.unwrap_or(default_count) {
+            0 => None,
+            n => Some(SharedExpertSpec {
+                intermediate_size: expert_intermediate * n,
+                gated: false,
+                module: "shared_experts",
+            }),
+        },
+    })
 }
