@@ -7,7 +7,7 @@ use moeq::model_files::{ExpertParam, ModelDir};
 use moeq::synth::{self, DiskLayout, SynthOptions};
 use std::path::Path;
 
-const ARCHS: [ModelType; 13] = [
+const ARCHS: [ModelType; 14] = [
     ModelType::Qwen3Moe,
     ModelType::Qwen2Moe,
     ModelType::Mixtral,
@@ -21,6 +21,7 @@ const ARCHS: [ModelType; 13] = [
     ModelType::MinimaxM2,
     ModelType::Ernie45Moe,
     ModelType::GraniteMoe,
+    ModelType::HunyuanV1Moe,
 ];
 
 fn synth_into(

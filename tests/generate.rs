@@ -32,6 +32,7 @@ fn cached_decoding_matches_the_whole_sequence() {
         ModelType::MinimaxM2,
         ModelType::Ernie45Moe,
         ModelType::GraniteMoe,
+        ModelType::HunyuanV1Moe,
     ] {
         let dir = tempfile::tempdir().unwrap();
         let opts = SynthOptions {

@@ -160,7 +160,9 @@ fn real_presets_match_published_parameter_counts() {
 /// `partial_rotary_factor`; its q/k norms span the whole projections; FlexOlmo norms each
 /// block's output; ERNIE-4.5 picks its MoE layers by start, end and interval, keeps its
 /// correction bias as `[1, E]` under the router's statistics, rotates adjacent pairs, ties its
-/// embeddings unless told otherwise, and `use_bias: true` is refused by name.
+/// embeddings unless told otherwise, and `use_bias: true` is refused by name; Hunyuan norms q
+/// and k after the rotation, routes through a linear (quantized) router, takes a per-layer
+/// `moe_topk` whose entries agree and `attention_head_dim` for a missing `head_dim`.
 #[test]
 fn later_grouped_query_specs_read_as_the_models_run() {
     use moeq::arch::QkNorm;
@@ -212,6 +214,21 @@ fn later_grouped_query_specs_read_as_the_models_run() {
     assert_eq!(
         t.canonical_target("block_sparse_moe.experts.down_proj"),
         "mlp.experts.down_proj"
+    );
+    let mut c = config_json(ModelType::HunyuanV1Moe, "tiny", None, "float32").unwrap();
+    let h = ArchSpec::from_json(&c, "x").unwrap();
+    assert_eq!((h.router.top_k, h.qk_norm), (2, QkNorm::PerHeadAfterRotary));
+    assert_eq!(
+        ModelType::HunyuanV1Moe.router_name(0),
+        ("model.layers.0.mlp.gate.wg.weight".into(), true)
+    );
+    c.as_object_mut().unwrap().remove("head_dim");
+    c["attention_head_dim"] = 32.into();
+    assert_eq!(ArchSpec::from_json(&c, "x").unwrap().head_dim, 32);
+    c["moe_topk"] = serde_json::json!([2, 3]);
+    assert_eq!(
+        ArchSpec::from_json(&c, "x").unwrap_err().to_string(),
+        "x: key 'moe_topk' must be a positive integer or a list of equal ones (moeq routes every layer alike), got [2,3]"
     );
     let f = spec(ModelType::FlexOlmo, "tiny");
     assert!(f.post_norms && !f.router.renormalize && !f.router.correction_bias);
@@ -275,7 +292,7 @@ fn synth_uri_parses_and_rejects() {
         .to_string();
     assert_eq!(
         err,
-        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe, granitemoe)"
+        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe, granitemoe, hunyuan_v1_moe)"
     );
 }
 

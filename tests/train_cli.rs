@@ -263,6 +263,7 @@ fn deepseek_glm_and_later_tiny_presets_learn() {
         ("minimax_m2", 2),
         ("ernie4_5_moe", 3),
         ("granitemoe", 2),
+        ("hunyuan_v1_moe", 2),
     ] {
         let extra = format!(
             "base_model: synth://{arch}/tiny?seed=0\n\

@@ -19,7 +19,7 @@ use moeq::train::step::{evaluate_inputs, forward_backward, inputs, Activations};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 
-const ARCHS: [ModelType; 12] = [
+const ARCHS: [ModelType; 13] = [
     ModelType::Qwen3Moe,
     ModelType::Qwen2Moe,
     ModelType::Mixtral,
@@ -32,6 +32,7 @@ const ARCHS: [ModelType; 12] = [
     ModelType::MinimaxM2,
     ModelType::Ernie45Moe,
     ModelType::GraniteMoe,
+    ModelType::HunyuanV1Moe,
 ];
 
 struct Setup {
@@ -202,11 +203,11 @@ fn every_lora_tensor_gets_a_gradient() {
                 "{arch:?}: latent targets"
             );
         }
-        if s.model.spec.shared_expert.is_some_and(|x| !x.gated) {
-            assert!(
-                has("shared_experts.up_proj") && has("mlp.gate_proj"),
-                "{arch:?}"
-            );
+        // Summed shared experts (with a dense first layer) or Hunyuan's unrouted MLP.
+        if let Some(shared) = s.model.spec.shared_expert.filter(|x| !x.gated) {
+            assert!(has(&format!("{}.up_proj", shared.module)), "{arch:?}");
+            let dense = s.model.spec.moe_layers.iter().any(|m| !m);
+            assert!(!dense || has("mlp.gate_proj"), "{arch:?}");
         }
         if arch == ModelType::Qwen2Moe {
             assert!(

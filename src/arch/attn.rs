@@ -79,9 +79,12 @@ impl Attn {
     }
 }
 
-/// Whether the attention block turns whole heads (the rotation's pairs `(i, i + hd/2)`).
+/// Whether the attention block turns whole heads (the rotation's pairs `(i, i + hd/2)`, and
+/// any per-head norm before it).
 pub(super) fn whole_heads(spec: &ArchSpec) -> bool {
-    spec.rotary.dim == spec.head_dim && !spec.rotary.interleaved
+    spec.rotary.dim == spec.head_dim
+        && !spec.rotary.interleaved
+        && spec.qk_norm != QkNorm::PerHeadAfterRotary
 }
 
 /// The rotated part of a head whose rotated dims start at `at`.

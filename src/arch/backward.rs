@@ -23,7 +23,7 @@ use crate::ops::grouped_gemm::{add_product, Gemm};
 use crate::ops::lora_linear::{backward_into, forward_taped, LinearTape};
 use crate::ops::nf4_linear::nf4_linear;
 use crate::ops::norm::{rms_norm, rms_norm_backward};
-use crate::ops::rope_part::rope_part_backward;
+use crate::ops::rope_part::{rope_part, rope_part_backward};
 use crate::ops::routed_experts::{held_experts_taped, ExpertsTape};
 use crate::ops::routing::{combine_backward, combine_forward, gather_backward, gather_forward};
 use crate::ops::swiglu::{swiglu, swiglu_backward};
@@ -262,7 +262,12 @@ fn prepare_backward(
     let (n, width) = x.dims2()?;
     let heads = (n, width / spec.head_dim, spec.head_dim);
     let z = crate::ops::at_offset_zero;
-    let mut d = rope_part_backward(&d.reshape(heads)?, cos, sin, part(spec, 0))?;
+    let mut d = d.reshape(heads)?;
+    if let (Some(w), QkNorm::PerHeadAfterRotary) = (norm, spec.qk_norm) {
+        let turned = rope_part(&x.reshape(heads)?, cos, sin, part(spec, 0))?;
+        d = norm_backward(&z(&turned)?, w, &z(&d)?, spec.rms_norm_eps)?;
+    }
+    let mut d = rope_part_backward(&d, cos, sin, part(spec, 0))?;
     if let (Some(w), QkNorm::PerHead) = (norm, spec.qk_norm) {
         d = norm_backward(&z(&x.reshape(heads)?)?, w, &z(&d)?, spec.rms_norm_eps)?;
     }

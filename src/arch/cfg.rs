@@ -44,6 +44,24 @@ impl Cfg<'_> {
         Ok(n)
     }
 
+    /// A positive integer, or a list of them that are all equal (Hunyuan's per-layer
+    /// `moe_topk`); required.
+    pub(super) fn usize_uniform(&self, key: &str) -> Result<usize, SpecError> {
+        let Some(Value::Array(items)) = self.present(key) else {
+            return self.usize_req(key);
+        };
+        let values: Vec<u64> = items.iter().filter_map(Value::as_u64).collect();
+        match values.first() {
+            Some(&v) if v > 0 && values.len() == items.len() && values.iter().all(|&x| x == v) => {
+                Ok(v as usize)
+            }
+            _ => Err(self.err(
+                key,
+                format!("must be a positive integer or a list of equal ones (moeq routes every layer alike), got {}", Value::Array(items.clone())),
+            )),
+        }
+    }
+
     pub(super) fn f64_opt(&self, key: &str) -> Result<Option<f64>, SpecError> {
         match self.present(key) {
             None => Ok(None),
@@ -327,6 +345,11 @@ pub(super) fn shared_expert(
 ) -> Result<Option<SharedExpertSpec>, SpecError> {
     Ok(match row.shared {
         SharedRow::None => None,
+        SharedRow::Plain { module } => Some(SharedExpertSpec {
+            intermediate_size: expert_intermediate,
+            gated: false,
+            module,
+        }),
         SharedRow::QwenGated => match cfg.usize_opt("shared_expert_intermediate_size")? {
             Some(i) if i > 0 => Some(SharedExpertSpec {
                 intermediate_size: i,

@@ -274,7 +274,11 @@ impl Attention {
             if let (Some(w), QkNorm::PerHead) = (norm, spec.qk_norm) {
                 h = rms_norm(&h, w, spec.rms_norm_eps)?;
             }
-            rope_part(&h, cos, sin, part(spec, 0))?.reshape((n, width))
+            h = rope_part(&h, cos, sin, part(spec, 0))?;
+            if let (Some(w), QkNorm::PerHeadAfterRotary) = (norm, spec.qk_norm) {
+                h = rms_norm(&h, w, spec.rms_norm_eps)?;
+            }
+            h.reshape((n, width))
         };
         Ok((one(q, &self.q_norm)?, one(k, &self.k_norm)?))
     }

@@ -41,7 +41,11 @@ pub struct LoraPlan {
 
 impl LoraPlan {
     fn targets_module(&self, p: &ParamInfo) -> bool {
-        if !p.quantized || p.component == Component::Experts || !p.name.ends_with(".weight") {
+        // A linear router (Hunyuan's) is quantized but never a LoRA target.
+        if !p.quantized
+            || matches!(p.component, Component::Experts | Component::Router)
+            || !p.name.ends_with(".weight")
+        {
             return false;
         }
         let module = p.name.trim_end_matches(".weight");

@@ -232,6 +232,7 @@ impl Model {
             device,
         };
         let mut layers = Vec::with_capacity(spec.num_layers);
+        let (qn, kn) = spec.model_type.qk_norm_names();
         for l in 0..spec.num_layers {
             let p = format!("model.layers.{l}");
             let a = format!("{p}.self_attn");
@@ -241,8 +242,8 @@ impl Model {
                     k: w.proj(&format!("{a}.k_proj"), spec.qkv_bias)?,
                     v: w.proj(&format!("{a}.v_proj"), spec.qkv_bias)?,
                     o: w.proj(&format!("{a}.o_proj"), spec.o_bias)?,
-                    q_norm: w.dense_opt(&format!("{a}.q_norm.weight"))?,
-                    k_norm: w.dense_opt(&format!("{a}.k_norm.weight"))?,
+                    q_norm: w.dense_opt(&format!("{a}.{qn}.weight"))?,
+                    k_norm: w.dense_opt(&format!("{a}.{kn}.weight"))?,
                 }),
                 Some(lat) => Attn::Latent(LatentAttention {
                     q: match lat.q_lora_rank {
@@ -278,8 +279,15 @@ impl Model {
                     )),
                 };
                 let bias = spec.correction_bias_name(l);
+                // A linear router (Hunyuan) is quantized with the other linear weights; its
+                // values are the 4-bit ones, held dense (E × H is small).
+                let (router, _) = spec.model_type.router_name(l);
+                let router = match w.linear(&router)? {
+                    FrozenWeight::Nf4(q) => q.dequantize(dtype)?,
+                    FrozenWeight::Dense(t) => t,
+                };
                 Mlp::Moe(Moe {
-                    router: w.dense(&format!("{p}.mlp.gate.weight"))?,
+                    router,
                     correction_bias: match spec.router.correction_bias {
                         true => Some(w.dense_f32(&bias)?.flatten_all()?),
                         false => None,

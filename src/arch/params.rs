@@ -94,36 +94,25 @@ impl ArchSpec {
                 );
             }
         }
-        match self.qk_norm {
-            QkNorm::None => {}
-            QkNorm::PerHead => {
-                push(
-                    format!("{a}.q_norm.weight"),
-                    vec![self.head_dim],
-                    Component::Norm,
-                    false,
-                );
-                push(
-                    format!("{a}.k_norm.weight"),
-                    vec![self.head_dim],
-                    Component::Norm,
-                    false,
-                );
-            }
-            QkNorm::FullProjection => {
-                push(
-                    format!("{a}.q_norm.weight"),
-                    vec![qd],
-                    Component::Norm,
-                    false,
-                );
-                push(
-                    format!("{a}.k_norm.weight"),
-                    vec![kvd],
-                    Component::Norm,
-                    false,
-                );
-            }
+        let (qn, kn) = self.model_type.qk_norm_names();
+        let widths = match self.qk_norm {
+            QkNorm::None => None,
+            QkNorm::PerHead | QkNorm::PerHeadAfterRotary => Some((self.head_dim, self.head_dim)),
+            QkNorm::FullProjection => Some((qd, kvd)),
+        };
+        if let Some((q_width, k_width)) = widths {
+            push(
+                format!("{a}.{qn}.weight"),
+                vec![q_width],
+                Component::Norm,
+                false,
+            );
+            push(
+                format!("{a}.{kn}.weight"),
+                vec![k_width],
+                Component::Norm,
+                false,
+            );
         }
     }
 
@@ -210,12 +199,8 @@ impl ArchSpec {
             push(mlp_norm, vec![h], Component::Norm, false);
             if self.moe_layers[l] {
                 let (e, i) = (self.num_experts, self.expert_intermediate_size);
-                push(
-                    format!("{p}.mlp.gate.weight"),
-                    vec![e, h],
-                    Component::Router,
-                    false,
-                );
+                let (router, quantized) = self.model_type.router_name(l);
+                push(router, vec![e, h], Component::Router, quantized);
                 if self.router.correction_bias {
                     push(
                         self.correction_bias_name(l),

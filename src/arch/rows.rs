@@ -23,6 +23,7 @@ pub enum ModelType {
     MinimaxM2,
     Ernie45Moe,
     GraniteMoe,
+    HunyuanV1Moe,
 }
 
 /// Every model type with its config.json name and transformers class.
@@ -58,6 +59,11 @@ const TYPES: &[(ModelType, &str, &str)] = &[
         "Ernie4_5_MoeForCausalLM",
     ),
     (ModelType::GraniteMoe, "granitemoe", "GraniteMoeForCausalLM"),
+    (
+        ModelType::HunyuanV1Moe,
+        "hunyuan_v1_moe",
+        "HunYuanMoEV1ForCausalLM",
+    ),
 ];
 
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
@@ -74,6 +80,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "minimax_m2",
     "ernie4_5_moe",
     "granitemoe",
+    "hunyuan_v1_moe",
 ];
 
 /// Which layers are MoE.
@@ -130,6 +137,10 @@ pub(super) enum SharedRow {
     None,
     /// qwen2_moe: `shared_expert_intermediate_size`, sigmoid-gated, `mlp.shared_expert`.
     QwenGated,
+    /// Hunyuan: one MLP of the experts' width under `mlp.<module>`, summed.
+    Plain {
+        module: &'static str,
+    },
     /// DeepSeek / GLM: `n_shared_experts` × `moe_intermediate_size`, summed, `mlp.shared_experts`
     /// (ERNIE-4.5: `moe_num_shared_experts`); the count's key and its default.
     Summed {
@@ -161,6 +172,15 @@ pub(super) struct Row {
     /// Reads Granite's µP multipliers: `embedding_multiplier`, `residual_multiplier`,
     /// `logits_scaling` (a divisor) and `attention_multiplier` (the softmax scale).
     pub reads_mup: bool,
+    /// The router is a linear layer at `mlp.gate.wg` (Hunyuan), quantized as every linear
+    /// layer is (transformers + bitsandbytes do); else a plain weight at `mlp.gate.weight`.
+    pub router_linear: bool,
+    /// The q/k norms' module names (`q_norm`, `k_norm`; Hunyuan `query_layernorm`,
+    /// `key_layernorm`).
+    pub qk_norm_names: (&'static str, &'static str),
+    /// Reads `attention_head_dim` when `head_dim` is absent (Hunyuan's own configs), and the
+    /// `alpha` of a `dynamic` rope (a larger base at every length).
+    pub hunyuan_keys: bool,
     pub expert_intermediate_key: &'static str,
     pub router: RouterRow,
     pub moe_layers: MoeLayers,
@@ -237,6 +257,9 @@ const QWEN3: Row = Row {
     hub_renames: &[],
     moe_module: "mlp",
     reads_mup: false,
+    router_linear: false,
+    qk_norm_names: ("q_norm", "k_norm"),
+    hunyuan_keys: false,
     expert_intermediate_key: "moe_intermediate_size",
     router: SOFTMAX,
     moe_layers: MoeLayers::SparseStep,
@@ -270,6 +293,9 @@ const DEEPSEEK_V3: Row = Row {
     hub_renames: &[],
     moe_module: "mlp",
     reads_mup: false,
+    router_linear: false,
+    qk_norm_names: ("q_norm", "k_norm"),
+    hunyuan_keys: false,
     expert_intermediate_key: "moe_intermediate_size",
     router: NOAUX_TC,
     moe_layers: MoeLayers::FirstKDense { default_k: 3 },
@@ -306,6 +332,20 @@ impl ModelType {
     /// (`block_sparse_moe.…`, experts `w1/w3/w2`).
     pub fn mixtral_hub_names(self) -> bool {
         self.row().mixtral_hub_names
+    }
+
+    /// The router's weight in MoE layer `layer`, and whether it is a linear layer's (quantized
+    /// as every linear layer is).
+    pub fn router_name(self, layer: usize) -> (String, bool) {
+        match self.row().router_linear {
+            true => (format!("model.layers.{layer}.mlp.gate.wg.weight"), true),
+            false => (format!("model.layers.{layer}.mlp.gate.weight"), false),
+        }
+    }
+
+    /// The q/k norms' module names.
+    pub fn qk_norm_names(self) -> (&'static str, &'static str) {
+        self.row().qk_norm_names
     }
 
     /// The MoE block's module name in transformers (`mlp`; Granite: `block_sparse_moe`).
@@ -507,6 +547,31 @@ impl ModelType {
                 },
                 moe_layers: MoeLayers::All,
                 qk_norm: QkNorm::None,
+                default_max_positions: 2048,
+                ..QWEN3
+            },
+            // Per-head q/k norms after the rotation, a linear router (quantized), an unrouted
+            // MLP of the experts' width beside them, every layer MoE, top-k always
+            // renormalised; `moe_topk` may be a list per layer.
+            ModelType::HunyuanV1Moe => Row {
+                experts_alias: Some("num_local_experts"),
+                top_k_key: "moe_topk",
+                top_k_alias: Some("num_experts_per_tok"),
+                expert_intermediate_key: "intermediate_size",
+                router: RouterRow {
+                    reads_norm_topk: false,
+                    always_renormalize: true,
+                    ..SOFTMAX
+                },
+                router_linear: true,
+                qk_norm: QkNorm::PerHeadAfterRotary,
+                qk_norm_names: ("query_layernorm", "key_layernorm"),
+                hunyuan_keys: true,
+                moe_layers: MoeLayers::All,
+                shared: SharedRow::Plain {
+                    module: "shared_mlp",
+                },
+                default_eps: 1e-5,
                 default_max_positions: 2048,
                 ..QWEN3
             },

@@ -46,6 +46,8 @@ pub enum QkNorm {
     PerHead,
     /// RMSNorm over the whole q (or k) projection output (OLMoE).
     FullProjection,
+    /// RMSNorm over each head's `head_dim` after the rotary embedding (Hunyuan).
+    PerHeadAfterRotary,
 }
 
 /// How the router turns logits into scores.
@@ -261,7 +263,7 @@ impl ArchSpec {
         }
         let head_dim = match latent {
             Some(l) => l.nope_dim + l.rope_dim,
-            None => heads_dim(&cfg, hidden_size, num_heads)?,
+            None => heads_dim(&cfg, &row, hidden_size, num_heads)?,
         };
         let spelled = |key: &'static str, alias: Option<&'static str>| match alias {
             Some(a) if cfg.present(key).is_none() && cfg.present(a).is_some() => a,
@@ -270,7 +272,7 @@ impl ArchSpec {
         let experts_key = spelled(row.experts_key, row.experts_alias);
         let num_experts = cfg.usize_req(experts_key)?;
         let top_k_key = spelled(row.top_k_key, row.top_k_alias);
-        let top_k = cfg.usize_req(top_k_key)?;
+        let top_k = cfg.usize_uniform(top_k_key)?;
         if top_k > num_experts {
             return Err(cfg.err(
                 top_k_key,
@@ -324,7 +326,11 @@ impl ArchSpec {
         } else {
             row.qk_norm
         };
-        let rope = rope_spec(&cfg, row.default_rope_theta)?;
+        let mut rope = rope_spec(&cfg, row.default_rope_theta)?;
+        if !row.hunyuan_keys {
+            // transformers reads a dynamic rope's `alpha` for Hunyuan only.
+            rope.extra.remove("alpha");
+        }
         let rotary = rotary(&cfg, &row, &rope, head_dim, latent)?;
         let (mup, attention_scale) = match row.reads_mup {
             false => (
@@ -437,9 +443,19 @@ impl ArchSpec {
     }
 }
 
-/// `head_dim`, or `hidden_size / num_attention_heads` when absent.
-fn heads_dim(cfg: &Cfg, hidden_size: usize, num_heads: usize) -> Result<usize, SpecError> {
-    match cfg.usize_opt("head_dim")? {
+/// `head_dim` (or Hunyuan's `attention_head_dim`), or `hidden_size / num_attention_heads`
+/// when absent.
+fn heads_dim(
+    cfg: &Cfg,
+    row: &Row,
+    hidden_size: usize,
+    num_heads: usize,
+) -> Result<usize, SpecError> {
+    let given = match (cfg.usize_opt("head_dim")?, row.hunyuan_keys) {
+        (None, true) => cfg.usize_opt("attention_head_dim")?,
+        (d, _) => d,
+    };
+    match given {
         Some(d) if d > 0 => Ok(d),
         _ if hidden_size % num_heads != 0 => Err(cfg.err(
             "head_dim",

@@ -245,6 +245,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
         ModelType::MinimaxM2,
         ModelType::Ernie45Moe,
         ModelType::GraniteMoe,
+        ModelType::HunyuanV1Moe,
     ] {
         let tmp = std::env::temp_dir().join(format!(
             "moeq-train-check-{}-{}",

@@ -157,7 +157,11 @@ impl Adapters {
         let mut linear = BTreeMap::new();
         let mut experts = BTreeMap::new();
         for p in spec.params() {
-            if !p.quantized || (p.component != Component::Experts && !p.name.ends_with(".weight")) {
+            // A linear router (Hunyuan's) is quantized but never a LoRA target.
+            if !p.quantized
+                || p.component == Component::Router
+                || (p.component != Component::Experts && !p.name.ends_with(".weight"))
+            {
                 continue;
             }
             if p.component == Component::Experts {

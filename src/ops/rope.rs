@@ -58,7 +58,14 @@ pub fn inv_freq(
         "linear" => Ok((base.into_iter().map(|x| x / factor).collect(), 1.0)),
         // Dynamic NTK changes the frequencies only for a batch longer than the model's
         // maximum, and then per batch; within the maximum it is the default rope.
-        "dynamic" if positions <= model_max => Ok((base, 1.0)),
+        // Hunyuan's `alpha`: a larger base, theta·alpha^(d/(d−2)), at every length.
+        "dynamic" if positions <= model_max => match spec.extra.get("alpha").and_then(|v| v.as_f64()) {
+            Some(alpha) => {
+                let theta = spec.theta * alpha.powf(dim / (dim - 2.0));
+                Ok(((0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / dim)).collect(), 1.0))
+            }
+            None => Ok((base, 1.0)),
+        },
         "dynamic" => candle_core::bail!(
             "rope type 'dynamic' beyond max_position_embeddings ({model_max}) changes the frequencies per batch, which moeq does not implement: set sequence_len <= {model_max}"
         ),

@@ -80,6 +80,11 @@ pub const PRESETS: &[Preset] = &[
         config: tiny_granitemoe,
     },
     Preset {
+        name: "tiny",
+        model_type: ModelType::HunyuanV1Moe,
+        config: tiny_hunyuan_v1_moe,
+    },
+    Preset {
         name: "qwen3-30b-a3b",
         model_type: ModelType::Qwen3Moe,
         config: qwen3_30b_a3b,
@@ -383,6 +388,19 @@ fn tiny_granitemoe() -> Value {
         "residual_multiplier": 0.22, "logits_scaling": 0.5,
         "max_position_embeddings": 2048, "rope_theta": 1500000.0, "rms_norm_eps": 1e-6,
         "attention_bias": false, "tie_word_embeddings": true
+    })
+}
+
+/// Per-head q/k norms after the rotation, a linear router, the unrouted MLP beside the experts,
+/// `moe_topk` per layer, the dynamic rope's `alpha` (Hunyuan-A13B's rope).
+fn tiny_hunyuan_v1_moe() -> Value {
+    json!({
+        "hidden_size": 64, "intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "num_experts": 8, "moe_topk": [2, 2],
+        "rope_scaling": {"type": "dynamic", "alpha": 1000.0, "factor": 1.0},
+        "max_position_embeddings": 2048, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+        "attention_bias": false, "tie_word_embeddings": false
     })
 }
 
