@@ -459,7 +459,7 @@ enum MlpPart {
 
 /// What a layer's taped forward leaves for its backward.
 pub struct LayerTape {
-    /// What the attention side's and the MLP side's norms read ([`Side::normed`]): the
+    /// What the attention side's and the MLP side's norms read (`side::Side::normed`): the
     /// layer's input and the residual after attention, or (post-norms) the blocks' outputs.
     attn_normed: Tensor,
     mlp_normed: Tensor,

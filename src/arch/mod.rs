@@ -11,6 +11,7 @@ mod memory;
 pub mod model;
 mod params;
 mod rows;
+mod side;
 mod spec;
 
 pub use backward::{AdapterGrads, LayerTape};
