@@ -330,21 +330,15 @@ impl ModelType {
         self.row().moe_module
     }
 
-    /// Expert parameter `canonical` (`….mlp.experts.gate_up_proj`) as transformers names it
-    /// (Granite: `….block_sparse_moe.experts.gate_up_proj`), which PEFT's names carry.
-    pub fn transformers_name(self, canonical: &str) -> String {
-        match self.row().moe_module {
-            "mlp" => canonical.to_string(),
-            module => canonical.replace(".mlp.experts", &format!(".{module}.experts")),
-        }
-    }
-
     /// A LoRA target (`mlp.experts.gate_up_proj`, or transformers' own spelling of this type)
     /// in moeq's canonical spelling.
     pub fn canonical_target(self, target: &str) -> String {
         let module = self.row().moe_module;
+        if module == "mlp" {
+            return target.to_string();
+        }
         match target.strip_prefix(module) {
-            Some(rest) if module != "mlp" && rest.starts_with(".experts") => format!("mlp{rest}"),
+            Some(rest) if rest.starts_with(".experts") => format!("mlp{rest}"),
             _ => target.replace(&format!(".{module}.experts"), ".mlp.experts"),
         }
     }
