@@ -2,7 +2,9 @@
 // head size HD of 64 or 128, on tensor cores (mma.sync m16n8k16, ldmatrix; sm_80 and later).
 // Layout: q, dq, out [B, S, nh, HD]; k, v, dk, dv [B, S, kvh, HD] (query head h uses kv head
 // h / (nh / kvh)); segments [B, S] u32; lse and dot [B, S, nh] f32. Query i sees key j when
-// j <= i and segments[b, j] == segments[b, i]; `scale_log2` is the softmax scale times log2(e)
+// j <= i, i − j < window (gpt-oss's sliding window; INT_MAX: none) and segments[b, j] ==
+// segments[b, i]; key tiles wholly left of every row's window are skipped, as are the query
+// tiles past a key tile's reach in dk/dv. `scale_log2` is the softmax scale times log2(e)
 // (exponentials are exp2), and lse is kept in that base-2 domain: P = exp2(scale_log2·qk − lse).
 //   flash_fwd:     out = softmax(scale·q·kᵀ)·v, lse = log2 Σ exp2(scale_log2·qk)
 //   flash_bwd_dot: dot = Σ_d dout·out (per row)
@@ -13,9 +15,12 @@
 // queries in dkv) is double-buffered with cp.async. Launch: 128 threads; grid (ceil(S/64),
 // nh, B) for fwd/dq, (ceil(S/64), kvh, B) for dkv, dynamic shared memory from smem_bytes below
 // (src/ops/flash_attn.rs); flash_bwd_dot: grid ceil(B·S·nh / 4), 128 threads.
+// Attention sinks (gpt-oss) stay outside the kernels: src/ops/attn_sinks.rs folds them into
+// out and lse after the forward, and the backward, given those, computes the sink attention's
+// gradients.
 // CPU twin: the blocked attention of src/ops/attention.rs (BlockedAttention::forward, ::backward).
 // Checked: src/gpu_check/ops/attention.rs (the bf16 "attention" entries at head sizes 64 and 128,
-// and "attention_block").
+// with a window of 128 and sinks at 64, and "attention_block").
 #include "common.cuh"
 
 typedef __nv_bfloat16 bf16;
@@ -149,7 +154,8 @@ __device__ __forceinline__ void gemm_pb(float (*acc)[4], float (*p)[4], const bf
 // Forward. Shared: Q tile, then two stages of (K tile, V tile, key segments).
 template <int HD>
 __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, const uint32_t* segments, bf16* out,
-                          float* lse, const int S, const int nh, const int kvh, const float scale_log2) {
+                          float* lse, const int S, const int nh, const int kvh, const int window,
+                          const float scale_log2) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int T = TILE * (HD + PAD);  // elements of one shared tile
   bf16* sq = reinterpret_cast<bf16*>(smem);
@@ -164,6 +170,7 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, const uin
   const uint32_t* seg = segments + (size_t)b * S;
   const int ldq = nh * HD, ldk = kvh * HD;
   const int tiles = min(q0 + TILE - 1, S - 1) / TILE + 1;
+  const int first = max(0, q0 - window + 1) / TILE;  // the first key tile row q0 sees
 
   auto load_kv = [&](int t) {
     const int s = t & 1;
@@ -172,7 +179,7 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, const uin
     load_vec(sseg + s * TILE, seg, t * TILE, S, 1);
   };
   load_rows<HD>(sq, qb, q0, S, ldq);
-  load_kv(0);
+  load_kv(first);
   cp_commit();
 
   int row[2];
@@ -188,7 +195,7 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, const uin
 #pragma unroll
   for (int nt = 0; nt < HD / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
 
-  for (int t = 0; t < tiles; ++t) {
+  for (int t = first; t < tiles; ++t) {
     if (t + 1 < tiles) load_kv(t + 1);
     cp_commit();
     cp_wait_all_but_one();
@@ -206,7 +213,7 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, const uin
       for (int e = 0; e < 4; ++e) {
         const int jt = nt * 8 + (lane % 4) * 2 + (e & 1);
         const int j = t * TILE + jt, i = e / 2;
-        const bool visible = j <= row[i] && row[i] < S && ks[jt] == rseg[i];
+        const bool visible = j <= row[i] && row[i] - j < window && row[i] < S && ks[jt] == rseg[i];
         p[nt][e] = visible ? p[nt][e] * scale_log2 : -INFINITY;
         mx[i] = fmaxf(mx[i], p[nt][e]);
       }
@@ -272,7 +279,8 @@ __device__ void flash_bwd_dot(const bf16* dout, const bf16* out, float* dot, con
 template <int HD>
 __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const uint32_t* segments,
                              const bf16* dout, const float* lse, const float* dot, bf16* dq, const int S,
-                             const int nh, const int kvh, const float scale_log2, const float scale) {
+                             const int nh, const int kvh, const int window, const float scale_log2,
+                             const float scale) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int T = TILE * (HD + PAD);  // elements of one shared tile
   bf16* sq = reinterpret_cast<bf16*>(smem);
@@ -287,6 +295,7 @@ __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const 
   const bf16* vb = v + ((size_t)b * S * kvh + kv) * HD;
   const uint32_t* seg = segments + (size_t)b * S;
   const int tiles = min(q0 + TILE - 1, S - 1) / TILE + 1;
+  const int first = max(0, q0 - window + 1) / TILE;  // the first key tile row q0 sees
 
   auto load_kv = [&](int t) {
     const int s = t & 1;
@@ -296,7 +305,7 @@ __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const 
   };
   load_rows<HD>(sq, q + ((size_t)b * S * nh + h) * HD, q0, S, ldq);
   load_rows<HD>(sdo, dout + ((size_t)b * S * nh + h) * HD, q0, S, ldq);
-  load_kv(0);
+  load_kv(first);
   cp_commit();
 
   int row[2];
@@ -313,7 +322,7 @@ __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const 
 #pragma unroll
   for (int nt = 0; nt < HD / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
 
-  for (int t = 0; t < tiles; ++t) {
+  for (int t = first; t < tiles; ++t) {
     if (t + 1 < tiles) load_kv(t + 1);
     cp_commit();
     cp_wait_all_but_one();
@@ -331,7 +340,7 @@ __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const 
       for (int e = 0; e < 4; ++e) {
         const int jt = nt * 8 + (lane % 4) * 2 + (e & 1);
         const int j = t * TILE + jt, i = e / 2;
-        const bool visible = j <= row[i] && row[i] < S && ks[jt] == rseg[i];
+        const bool visible = j <= row[i] && row[i] - j < window && row[i] < S && ks[jt] == rseg[i];
         const float pr = visible ? exp2f(p[nt][e] * scale_log2 - rl[i]) : 0.0f;
         p[nt][e] = pr * (dp[nt][e] - rd[i]);  // dS / scale
       }
@@ -357,8 +366,8 @@ __device__ void flash_bwd_dq(const bf16* q, const bf16* k, const bf16* v, const 
 template <int HD>
 __device__ void flash_bwd_dkv(const bf16* q, const bf16* k, const bf16* v, const uint32_t* segments,
                               const bf16* dout, const float* lse, const float* dot, bf16* dk, bf16* dv,
-                              const int S, const int nh, const int kvh, const float scale_log2,
-                              const float scale) {
+                              const int S, const int nh, const int kvh, const int window,
+                              const float scale_log2, const float scale) {
   extern __shared__ __align__(16) unsigned char smem[];
   constexpr int T = TILE * (HD + PAD);  // elements of one shared tile
   bf16* sk = reinterpret_cast<bf16*>(smem);
@@ -370,7 +379,10 @@ __device__ void flash_bwd_dkv(const bf16* q, const bf16* k, const bf16* v, const
   const int rep = nh / kvh;
   const int ldq = nh * HD, ldk = kvh * HD;
   const uint32_t* seg = segments + (size_t)b * S;
-  const int qtiles = (S + TILE - 1) / TILE - kt;  // causal: query tiles kt.. only
+  // Causal: query tiles kt.. only; windowed: up to the tile of the last query that sees key
+  // k0 + TILE − 1 (64-bit: window may be INT_MAX).
+  const int reach = (int)min((long long)S - 1, (long long)k0 + TILE - 2 + window);
+  const int qtiles = reach / TILE + 1 - kt;
   const int steps = rep * qtiles;
 
   auto load_q = [&](int it) {
@@ -419,7 +431,7 @@ __device__ void flash_bwd_dkv(const bf16* q, const bf16* k, const bf16* v, const
       for (int e = 0; e < 4; ++e) {
         const int it_ = nt * 8 + (lane % 4) * 2 + (e & 1);
         const int i = q0 + it_, r = e / 2;
-        const bool visible = key[r] <= i && i < S && key[r] < S && qs[it_] == kseg[r];
+        const bool visible = key[r] <= i && i - key[r] < window && i < S && key[r] < S && qs[it_] == kseg[r];
         p[nt][e] = visible ? exp2f(p[nt][e] * scale_log2 - ql[it_]) : 0.0f;
       }
     }
@@ -452,8 +464,8 @@ __device__ void flash_bwd_dkv(const bf16* q, const bf16* k, const bf16* v, const
 #define FLASH(HD)                                                                                            \
   extern "C" __global__ void __launch_bounds__(THREADS) flash_fwd_hd##HD(                                   \
       const bf16* q, const bf16* k, const bf16* v, const uint32_t* seg, bf16* out, float* lse, const int S,   \
-      const int nh, const int kvh, const float scale_log2) {                                                 \
-    flash_fwd<HD>(q, k, v, seg, out, lse, S, nh, kvh, scale_log2);                                           \
+      const int nh, const int kvh, const int window, const float scale_log2) {                               \
+    flash_fwd<HD>(q, k, v, seg, out, lse, S, nh, kvh, window, scale_log2);                                   \
   }                                                                                                          \
   extern "C" __global__ void __launch_bounds__(THREADS)                                                      \
       flash_bwd_dot_hd##HD(const bf16* dout, const bf16* out, float* dot, const size_t rows) {               \
@@ -461,15 +473,15 @@ __device__ void flash_bwd_dkv(const bf16* q, const bf16* k, const bf16* v, const
   }                                                                                                          \
   extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_dq_hd##HD(                                \
       const bf16* q, const bf16* k, const bf16* v, const uint32_t* seg, const bf16* dout, const float* lse,  \
-      const float* dot, bf16* dq, const int S, const int nh, const int kvh, const float scale_log2,          \
-      const float scale) {                                                                                   \
-    flash_bwd_dq<HD>(q, k, v, seg, dout, lse, dot, dq, S, nh, kvh, scale_log2, scale);                       \
+      const float* dot, bf16* dq, const int S, const int nh, const int kvh, const int window,                \
+      const float scale_log2, const float scale) {                                                           \
+    flash_bwd_dq<HD>(q, k, v, seg, dout, lse, dot, dq, S, nh, kvh, window, scale_log2, scale);               \
   }                                                                                                          \
   extern "C" __global__ void __launch_bounds__(THREADS) flash_bwd_dkv_hd##HD(                               \
       const bf16* q, const bf16* k, const bf16* v, const uint32_t* seg, const bf16* dout, const float* lse,  \
-      const float* dot, bf16* dk, bf16* dv, const int S, const int nh, const int kvh,                        \
+      const float* dot, bf16* dk, bf16* dv, const int S, const int nh, const int kvh, const int window,      \
       const float scale_log2, const float scale) {                                                           \
-    flash_bwd_dkv<HD>(q, k, v, seg, dout, lse, dot, dk, dv, S, nh, kvh, scale_log2, scale);                  \
+    flash_bwd_dkv<HD>(q, k, v, seg, dout, lse, dot, dk, dv, S, nh, kvh, window, scale_log2, scale);          \
   }
 
 FLASH(64)

@@ -119,3 +119,52 @@ __device__ void swiglu_packed_bwd_vec(const T* gu, const T* dy, T* dgu, const si
 PACKED(float, f32)
 PACKED(__nv_bfloat16, bf16)
 PACKED(__half, f16)
+
+// gpt-oss's clamped GLU over a fused gate_up row of interleaved pairs: gate in column 2c, up in
+// 2c + 1; g = min(gate, limit), u = clamp(up, -limit, limit), out[c] = g·σ(alpha·g)·(u + 1).
+// Backward: d gate = dy·(u + 1)·σ·(1 + alpha·g·(1 − σ)) where gate ≤ limit (else 0), d up =
+// dy·g·σ where |up| ≤ limit (else 0), in the same interleaved layout.
+// CPU twin: src/ops/swiglu.rs (packed_cpu with Glu::Clamped; primitive-op reference
+// clamped_glu_reference). Checked: src/gpu_check/ops/mod.rs (the "clamped_glu" entries).
+template <typename T>
+__device__ void clamped_glu_fwd(const T* gu, T* out, const size_t rows, const size_t half, const float alpha,
+                                const float limit) {
+  const size_t n = rows * half;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const float g = fminf(to_f32(gu[2 * i]), limit);
+    const float u = fminf(fmaxf(to_f32(gu[2 * i + 1]), -limit), limit);
+    out[i] = from_f32<T>(g / (1.0f + expf(-alpha * g)) * (u + 1.0f));
+  }
+}
+
+template <typename T>
+__device__ void clamped_glu_bwd(const T* gu, const T* dy, T* dgu, const size_t rows, const size_t half,
+                                const float alpha, const float limit) {
+  const size_t n = rows * half;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const float graw = to_f32(gu[2 * i]), uraw = to_f32(gu[2 * i + 1]), d = to_f32(dy[i]);
+    const float g = fminf(graw, limit);
+    const float u = fminf(fmaxf(uraw, -limit), limit);
+    const float sig = 1.0f / (1.0f + expf(-alpha * g));
+    const float dg = graw <= limit ? d * (u + 1.0f) * sig * (1.0f + alpha * g * (1.0f - sig)) : 0.0f;
+    const float du = fabsf(uraw) <= limit ? d * g * sig : 0.0f;
+    dgu[2 * i] = from_f32<T>(dg);
+    dgu[2 * i + 1] = from_f32<T>(du);
+  }
+}
+
+#define CLAMPED(T, SUFFIX)                                                                              \
+  extern "C" __global__ void clamped_glu_fwd_##SUFFIX(const T* gu, T* out, const size_t rows,          \
+                                                      const size_t half, const float alpha,             \
+                                                      const float limit) {                              \
+    clamped_glu_fwd(gu, out, rows, half, alpha, limit);                                                 \
+  }                                                                                                     \
+  extern "C" __global__ void clamped_glu_bwd_##SUFFIX(const T* gu, const T* dy, T* dgu, const size_t rows, \
+                                                      const size_t half, const float alpha,             \
+                                                      const float limit) {                              \
+    clamped_glu_bwd(gu, dy, dgu, rows, half, alpha, limit);                                             \
+  }
+
+CLAMPED(float, f32)
+CLAMPED(__nv_bfloat16, bf16)
+CLAMPED(__half, f16)

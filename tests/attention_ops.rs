@@ -16,6 +16,7 @@ fn backward_of(y: &Tensor, upstream: &Tensor) -> candle_core::backprop::GradStor
         .backward()
         .unwrap()
 }
+use moeq::ops::attention::WindowSinks;
 use moeq::ops::attn_softmax::{masked_softmax, masked_softmax_reference};
 
 #[test]
@@ -36,13 +37,14 @@ fn masked_softmax_matches_the_additive_mask_reference() {
     let scores = (Tensor::randn(0f32, 1.0, (b, h, s, s), cpu).unwrap() * 4.0).unwrap();
     let upstream = Tensor::randn(0f32, 1.0, (b, h, s, s), cpu).unwrap();
     let scale = 0.3;
+    let plain = WindowSinks::default();
 
     let run = |ours: bool| {
         let v = Var::from_tensor(&scores).unwrap();
         let p = if ours {
-            masked_softmax(v.as_tensor(), &seg_t, scale).unwrap()
+            masked_softmax(v.as_tensor(), &seg_t, scale, &plain).unwrap()
         } else {
-            masked_softmax_reference(v.as_tensor(), &segments, scale).unwrap()
+            masked_softmax_reference(v.as_tensor(), &segments, scale, &plain).unwrap()
         };
         let g = backward_of(&p, &upstream);
         (p, g.get(v.as_tensor()).unwrap().clone())
@@ -165,6 +167,150 @@ fn blocked_attention_matches_the_whole_matrix_reference() {
     }
 }
 
+/// gpt-oss's attention — a sliding window shorter than the samples and per-head sinks of both
+/// signs — on the blocked op (blocks past the window skip the keys left of it) against the
+/// whole-matrix reference (the window in the additive mask, the sinks as one more score column
+/// dropped after the softmax), forward and gradients through candle's autograd. 6 query heads
+/// on 2 kv heads, 37 positions; row 0 packs samples of 11, 20 and 4 tokens and 2 padding
+/// positions. Scores `scale·q·k` are about unit size, so sinks of 0.5 to 3 move a row's mass.
+#[test]
+fn blocked_attention_with_a_window_and_sinks_matches_the_reference() {
+    use moeq::ops::attention::{attention_reference_with, attention_with};
+    let cpu = &Device::Cpu;
+    let (b, s, nh, kvh, hd) = (2, 37, 6, 2, 8);
+    let seg0: Vec<u32> = (0..s as u32)
+        .map(|p| match p {
+            0..11 => 0,
+            11..31 => 1,
+            31..35 => 2,
+            _ => 3,
+        })
+        .collect();
+    let segments = vec![seg0, vec![0u32; s]];
+    let seg_t = Tensor::from_vec(segments.concat(), (b, s), cpu).unwrap();
+    let rand = |h: usize| Tensor::randn(0f32, 1.0, (b, s, h, hd), cpu).unwrap();
+    let (q, k, v, upstream) = (rand(nh), rand(kvh), rand(kvh), rand(nh));
+    let scale = 1.0 / (hd as f64).sqrt();
+    let sinks = Tensor::new(&[2.0f32, -1.5, 0.5, 3.0, -3.0, 1.0], cpu).unwrap();
+    let plain =
+        attention_reference_with(&q, &k, &v, &segments, scale, &WindowSinks::default()).unwrap();
+    // Windows of 5 (shorter than samples of 11 and 20, longer than one of 4), of 1 (a query
+    // sees itself: with sinks its weight is below one), and none (sinks only).
+    for (window, with_sinks) in [
+        (Some(5), true),
+        (Some(5), false),
+        (Some(1), true),
+        (None, true),
+    ] {
+        let extras = WindowSinks {
+            window,
+            sinks: with_sinks.then(|| sinks.clone()),
+        };
+        // None: the reference; Some(c): blocks of c query positions.
+        let run = |block: Option<usize>| {
+            let vars = [&q, &k, &v].map(|t| Var::from_tensor(t).unwrap());
+            let [vq, vk, vv] = vars.each_ref().map(|x| x.as_tensor());
+            let y = match block {
+                Some(c) => attention_with(vq, vk, vv, &seg_t, scale, c, &extras).unwrap(),
+                None => attention_reference_with(vq, vk, vv, &segments, scale, &extras).unwrap(),
+            };
+            let g = backward_of(&y, &upstream);
+            (y, vars.map(|x| g.get(x.as_tensor()).unwrap().clone()))
+        };
+        let (y_ref, g_ref) = run(None);
+        let case = format!("window {window:?}, sinks {with_sinks}");
+        assert!(
+            max_abs(&(&y_ref - &plain).unwrap()) > 0.1,
+            "{case}: the window or sinks change nothing"
+        );
+        for c in [37, 8, 5, 1] {
+            let (y, g) = run(Some(c));
+            // f32 throughout; sums of ≤ 37 products reordered by the blocking: a few ulps of
+            // scale.
+            let err = max_abs(&(&y - &y_ref).unwrap());
+            assert!(
+                err <= 1e-5 * max_abs(&y_ref),
+                "{case}, block {c}: output off by {err}"
+            );
+            for (name, (g, r)) in ["q", "k", "v"].iter().zip(g.iter().zip(&g_ref)) {
+                assert!(max_abs(r) > 0.01, "{case}: d{name} is not exercised");
+                let err = max_abs(&(g - r).unwrap());
+                assert!(
+                    err <= 1e-5 * max_abs(r),
+                    "{case}, block {c}: d{name} off by {err}"
+                );
+            }
+        }
+    }
+    // Outside the window nothing is seen: with a window of 5, changing row 1's value at
+    // position 3 changes the outputs at 3..=7 and no other.
+    let extras = WindowSinks {
+        window: Some(5),
+        sinks: Some(sinks.clone()),
+    };
+    let v2 = v
+        .slice_assign(
+            &[1..2, 3..4, 0..kvh, 0..hd],
+            &(v.narrow(0, 1, 1).unwrap().narrow(1, 3, 1).unwrap() + 1.0).unwrap(),
+        )
+        .unwrap();
+    let (y1, y2) = (
+        attention_with(&q, &k, &v, &seg_t, scale, 8, &extras).unwrap(),
+        attention_with(&q, &k, &v2, &seg_t, scale, 8, &extras).unwrap(),
+    );
+    let diff = (y1 - y2).unwrap().narrow(0, 1, 1).unwrap();
+    assert!(max_abs(&diff.narrow(1, 3, 5).unwrap()) > 0.0);
+    assert_eq!(max_abs(&diff.narrow(1, 0, 3).unwrap()), 0.0);
+    assert_eq!(max_abs(&diff.narrow(1, 8, s - 8).unwrap()), 0.0);
+}
+
+/// The masked softmax op with a window and sinks against the additive-mask reference (window
+/// in the mask, sink column concatenated, softmax, dropped), forward and backward; a row's
+/// probabilities then sum to less than one by the sink's share.
+#[test]
+fn masked_softmax_with_a_window_and_sinks_matches_the_reference() {
+    let cpu = &Device::Cpu;
+    let (b, h, s) = (2, 3, 19);
+    let seg0: Vec<u32> = (0..s as u32).map(|p| u32::from(p >= 12)).collect();
+    let segments = vec![seg0, vec![0u32; s]];
+    let seg_t = Tensor::from_vec(segments.concat(), (b, s), cpu).unwrap();
+    let scores = Tensor::randn(0f32, 1.0, (b, h, s, s), cpu).unwrap();
+    let upstream = Tensor::randn(0f32, 1.0, (b, h, s, s), cpu).unwrap();
+    let extras = WindowSinks {
+        window: Some(6),
+        sinks: Some(Tensor::new(&[1.0f32, -2.0, 2.5], cpu).unwrap()),
+    };
+    let run = |ours: bool| {
+        let v = Var::from_tensor(&scores).unwrap();
+        let p = if ours {
+            masked_softmax(v.as_tensor(), &seg_t, 0.7, &extras).unwrap()
+        } else {
+            masked_softmax_reference(v.as_tensor(), &segments, 0.7, &extras).unwrap()
+        };
+        let g = backward_of(&p, &upstream);
+        (p, g.get(v.as_tensor()).unwrap().clone())
+    };
+    let ((p, g), (p_ref, g_ref)) = (run(true), run(false));
+    // Probabilities ≤ 1 and their gradients O(1): f32 rounding of sums of ≤ 7 terms.
+    assert!(max_abs(&(&p - &p_ref).unwrap()) < 1e-6, "forward");
+    assert!(max_abs(&(&g - &g_ref).unwrap()) < 1e-5, "backward");
+    let rows: Vec<f32> = p.sum(3).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(
+        rows.iter().all(|&r| r < 1.0 - 1e-3 && r > 0.0),
+        "the sinks take a share"
+    );
+    let row: Vec<f32> = p
+        .get(1)
+        .unwrap()
+        .get(0)
+        .unwrap()
+        .get(10)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert!(row[..5].iter().all(|&x| x == 0.0) && row[5..=10].iter().all(|&x| x > 0.0));
+}
+
 /// The fused rotary embedding against transformers' primitive-op arithmetic, forward and
 /// backward (x's gradient through candle's autograd on the reference), with real frequency
 /// tables at scattered positions. f32: both sides compute in f32, differing only in rounding
@@ -223,13 +369,14 @@ fn fused_rope_matches_the_primitive_op_reference() {
 
 #[test]
 fn attention_block_equals_the_separate_ops_bit_for_bit() {
-    use moeq::ops::attention::attention;
+    use moeq::ops::attention::attention_with;
     use moeq::ops::attention_block::{attention_block, BlockArgs};
     use moeq::ops::norm::rms_norm;
     use moeq::ops::rope::apply_rope;
     let cpu = &Device::Cpu;
     // 2 × 21 positions (batch 0 packed as samples of 8 and 13), 6 query heads on 2 kv heads of
-    // 8, blocks of 5 query positions; random q, k, v, norm weights, rotary tables, upstream.
+    // 8, blocks of 5 query positions; random q, k, v, norm weights, rotary tables, upstream;
+    // plain causal attention, and gpt-oss's (a window of 4, sinks of both signs).
     let (b, s, nh, kvh, hd) = (2usize, 21usize, 6usize, 2usize, 8usize);
     let n = b * s;
     let seg: Vec<u32> = (0..n as u32)
@@ -250,7 +397,14 @@ fn attention_block_equals_the_separate_ops_bit_for_bit() {
     let (cos, sin) = (angle.cos().unwrap(), angle.sin().unwrap());
     let upstream = rand(&[n, nh * hd]);
     let (scale, block, eps) = (0.35, 5, 1e-6);
-    for dtype in [DType::F32, DType::BF16] {
+    let gpt_oss = WindowSinks {
+        window: Some(4),
+        sinks: Some(Tensor::new(&[1.5f32, -2.0, 0.5, 3.0, -1.0, 2.5], cpu).unwrap()),
+    };
+    for (dtype, extras) in [DType::F32, DType::BF16]
+        .into_iter()
+        .flat_map(|d| [(d, WindowSinks::default()), (d, gpt_oss.clone())])
+    {
         for with_norms in [false, true] {
             let run = |fused: bool| {
                 let vars: Vec<Var> = [&q, &k, &v]
@@ -278,6 +432,8 @@ fn attention_block_equals_the_separate_ops_bit_for_bit() {
                         rotary: Some((&c, &sn)),
                         segments: &segments,
                         samples: &Default::default(),
+                        window: extras.window,
+                        sinks: extras.sinks.as_ref(),
                         scale,
                         block,
                         memo: Some(&memo),
@@ -312,13 +468,14 @@ fn attention_block_equals_the_separate_ops_bit_for_bit() {
                     }
                     let qr = apply_rope(&qh, &c, &sn).unwrap();
                     let kr = apply_rope(&kh, &c, &sn).unwrap();
-                    attention(
+                    attention_with(
                         &qr.reshape((b, s, nh, hd)).unwrap(),
                         &kr.reshape((b, s, kvh, hd)).unwrap(),
                         &vv.reshape((b, s, kvh, hd)).unwrap(),
                         &segments,
                         scale,
                         block,
+                        &extras,
                     )
                     .unwrap()
                     .reshape((n, nh * hd))
@@ -347,7 +504,12 @@ fn attention_block_equals_the_separate_ops_bit_for_bit() {
                         .to_vec1::<f32>()
                         .unwrap()
                 };
-                assert_eq!(rows(a), rows(r), "{dtype:?} norms {with_norms}: {what}");
+                let window = extras.window;
+                assert_eq!(
+                    rows(a),
+                    rows(r),
+                    "{dtype:?} norms {with_norms} window {window:?}: {what}"
+                );
                 assert!(max_abs(r) > 0.01, "{what} is not exercised");
             }
         }
@@ -367,17 +529,10 @@ fn attention_block_with_values_of_another_size_pads_or_not_alike() {
     let seg: Vec<u32> = (0..(b * s) as u32)
         .map(|p| u32::from(p % 23 >= 9))
         .collect();
-    let segments = Tensor::from_vec(seg, (b, s), cpu).unwrap();
-    let dummy = |n: usize| Tensor::zeros(n, DType::U32, cpu).unwrap();
+    let segments = Tensor::from_slice(&seg, (b, s), cpu).unwrap();
     let packed = RowSamples {
         whole: false,
-        ragged: Some(Ragged {
-            seqs: 4,
-            max_len: 64,
-            q_offsets: dummy(5),
-            kv_offsets: dummy(5),
-            lens: dummy(4),
-        }),
+        ragged: Some(Ragged::of(&seg, (b, s), (nh, nh, 12), cpu).unwrap()),
     };
     // q/k larger than the values (DeepSeek: 192 and 128) and smaller.
     for (hd, vd) in [(12usize, 8usize), (6, 10)] {
@@ -398,6 +553,8 @@ fn attention_block_with_values_of_another_size_pads_or_not_alike() {
                 rotary: None,
                 segments: &segments,
                 samples,
+                window: None,
+                sinks: None,
                 scale: 0.3,
                 block: 7,
                 memo: None,

@@ -3,11 +3,11 @@
 
 use candle_core::{DType, Tensor};
 use moeq::arch::{Component, ModelType};
-use moeq::model_files::{ExpertParam, ModelDir};
+use moeq::model_files::{ExpertLayout, ExpertParam, ModelDir};
 use moeq::synth::{self, DiskLayout, SynthOptions};
 use std::path::Path;
 
-const ARCHS: [ModelType; 14] = [
+const ARCHS: [ModelType; 15] = [
     ModelType::Qwen3Moe,
     ModelType::Qwen2Moe,
     ModelType::Mixtral,
@@ -22,6 +22,7 @@ const ARCHS: [ModelType; 14] = [
     ModelType::Ernie45Moe,
     ModelType::GraniteMoe,
     ModelType::HunyuanV1Moe,
+    ModelType::GptOss,
 ];
 
 fn synth_into(
@@ -83,6 +84,11 @@ fn hub_and_fused_layouts_give_identical_canonical_tensors_for_every_arch() {
             Some(name) => {
                 assert!(hub.locate(&name).is_some() && hub.locate(&gate_up).is_none());
                 assert!(fused.locate(&gate_up).is_some());
+            }
+            // gpt-oss has one layout besides MXFP4: its experts `[E, in, out]`.
+            None if arch.experts_transposed() => {
+                assert_eq!(hub.layout(), Some(ExpertLayout::Transposed));
+                assert_eq!(fused.layout(), Some(ExpertLayout::Transposed));
             }
             None => assert_ne!(hub.layout(), fused.layout()),
         }
@@ -184,6 +190,7 @@ fn reading_an_expert_slice_touches_only_its_bytes() {
                     assert_eq!(reads[0].start, whole.start + 2 * per_expert * 2);
                     assert_eq!(reads[0].end, whole.start + 5 * per_expert * 2);
                 }
+                DiskLayout::Mxfp4 => unreachable!("Qwen3 checkpoints are not MXFP4"),
                 DiskLayout::Hub => {
                     let parts: &[&str] = match which {
                         ExpertParam::GateUp => &["gate_proj", "up_proj"],
@@ -328,5 +335,77 @@ fn sixteen_bit_base_holds_the_owned_experts_as_read() {
             assert_eq!(bytes_of(&held), bytes_of(&want), "{}", p.name);
         }
         assert_eq!(experts, 2 * dir.spec.num_moe_layers());
+    }
+}
+
+/// gpt-oss's release format: the experts as MXFP4 blocks and scales (u8), everything else as in
+/// the hub layout. Read back, the experts are the bf16 values to within MXFP4's rounding (half
+/// a step at the top of a group's range: at most a third of the group's largest magnitude),
+/// and every other tensor is bit for bit the hub checkpoint's.
+#[test]
+fn gpt_oss_mxfp4_experts_read_back_within_their_rounding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hub = synth_into(
+        &tmp.path().join("hub"),
+        ModelType::GptOss,
+        DiskLayout::Hub,
+        5,
+        u64::MAX,
+    );
+    let mx = synth_into(
+        &tmp.path().join("mx"),
+        ModelType::GptOss,
+        DiskLayout::Mxfp4,
+        5,
+        u64::MAX,
+    );
+    assert_eq!(mx.layout(), Some(ExpertLayout::Mxfp4));
+    let blocks = "model.layers.1.mlp.experts.down_proj_blocks";
+    let info = mx.locate(blocks).unwrap().info(blocks).unwrap().clone();
+    assert_eq!(info.shape, vec![8, 64, 1, 16]);
+    assert_eq!(
+        mx.locate("model.layers.1.mlp.experts.down_proj")
+            .map(|_| ()),
+        None
+    );
+    assert_eq!(
+        mx.config_json["quantization_config"]["quant_method"],
+        "mxfp4"
+    );
+    for p in hub.spec.params() {
+        let (a, b) = (hub.read(&p.name).unwrap(), mx.read(&p.name).unwrap());
+        assert_eq!(a.dims(), b.dims(), "{}", p.name);
+        if p.component != Component::Experts {
+            assert!(bytes_of(&a) == bytes_of(&b), "{} differs", p.name);
+            continue;
+        }
+        let f = |t: &Tensor| -> Vec<f32> {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        let (a, b) = (f(&a), f(&b));
+        let mut moved = 0;
+        for (ga, gb) in a.chunks(32).zip(b.chunks(32)) {
+            let max = ga.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (x, y) in ga.iter().zip(gb) {
+                assert!(
+                    (x - y).abs() <= max / 3.0 + 1e-6,
+                    "{}: {x} read as {y}",
+                    p.name
+                );
+                moved += usize::from(x != y);
+            }
+        }
+        // 4-bit values: most of them moved.
+        assert!(
+            moved > a.len() / 2,
+            "{}: only {moved} of {} values changed",
+            p.name,
+            a.len()
+        );
     }
 }

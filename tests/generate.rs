@@ -33,6 +33,7 @@ fn cached_decoding_matches_the_whole_sequence() {
         ModelType::Ernie45Moe,
         ModelType::GraniteMoe,
         ModelType::HunyuanV1Moe,
+        ModelType::GptOss,
     ] {
         let dir = tempfile::tempdir().unwrap();
         let opts = SynthOptions {

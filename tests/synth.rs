@@ -70,7 +70,7 @@ fn real_presets_match_published_parameter_counts() {
         f64,
         &'a [moeq::arch::Component],
     );
-    let cases: [Case; 13] = [
+    let cases: [Case; 15] = [
         (ModelType::Qwen3Moe, "qwen3-30b-a3b", 30.5, 3.3, 0.2, &[]),
         (
             ModelType::Qwen3Moe,
@@ -139,6 +139,23 @@ fn real_presets_match_published_parameter_counts() {
             0.4,
             0.05,
             &[],
+        ),
+        // OpenAI counts active parameters without the input embedding.
+        (
+            ModelType::GptOss,
+            "gpt-oss-20b",
+            20.9,
+            3.6,
+            0.05,
+            &[Embedding],
+        ),
+        (
+            ModelType::GptOss,
+            "gpt-oss-120b",
+            116.8,
+            5.1,
+            0.05,
+            &[Embedding],
         ),
     ];
     for (arch, preset, total, active, tol, left_out) in cases {
@@ -292,7 +309,7 @@ fn synth_uri_parses_and_rejects() {
         .to_string();
     assert_eq!(
         err,
-        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe, granitemoe, hunyuan_v1_moe)"
+        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe, granitemoe, hunyuan_v1_moe, gpt_oss)"
     );
 }
 
@@ -519,8 +536,82 @@ fn custom_ops_match_their_references_on_the_cpu() {
     // products (`thin_gemm`) the `grouped_gemm` formulation in bf16 against f32. (8-bit AdamW's
     // state compares as its f32 moments, two entries per parameter.)
     let results = moeq::gpu_check::ops::run_all(&candle_core::Device::Cpu).unwrap();
-    assert_eq!(results.len(), 238);
+    assert_eq!(results.len(), 294);
     for r in results {
         assert!(r.passed(), "{r}");
     }
+}
+
+/// gpt-oss: sliding-window and full attention layers by `layer_types` (alternating from a
+/// sliding first layer when absent), sinks, biases on attention, router and experts, the
+/// clamped GLU, yarn rope when none is given, the router under `mlp.router` on disk.
+#[test]
+fn gpt_oss_spec_reads_as_the_model_runs() {
+    use moeq::arch::{Component, Glu};
+    let s = spec(ModelType::GptOss, "gpt-oss-20b");
+    assert_eq!(s.attention_windows[..3], [Some(128), None, Some(128)]);
+    assert!(s.attention_sinks && s.expert_bias && s.qkv_bias && s.o_bias);
+    assert!(s.router.logit_bias && s.router.renormalize && !s.tie_word_embeddings);
+    assert_eq!(
+        s.glu,
+        Glu::Clamped {
+            alpha: 1.702,
+            limit: 7.0
+        }
+    );
+    assert_eq!(
+        (s.rope.rope_type.as_str(), s.rope.factor),
+        ("yarn", Some(32.0))
+    );
+    let names: Vec<(String, Component)> = s
+        .params()
+        .into_iter()
+        .filter(|p| p.name.starts_with("model.layers.0."))
+        .map(|p| (p.name, p.component))
+        .collect();
+    for (name, component) in [
+        ("model.layers.0.self_attn.sinks", Component::Attention),
+        ("model.layers.0.self_attn.o_proj.bias", Component::Attention),
+        ("model.layers.0.mlp.gate.bias", Component::Router),
+        (
+            "model.layers.0.mlp.experts.gate_up_proj_bias",
+            Component::ExpertBias,
+        ),
+        (
+            "model.layers.0.mlp.experts.down_proj_bias",
+            Component::ExpertBias,
+        ),
+    ] {
+        assert!(names.contains(&(name.into(), component)), "{name}");
+    }
+    assert_eq!(
+        ModelType::GptOss.hub_name("model.layers.0.mlp.gate.weight"),
+        Some("model.layers.0.mlp.router.weight".into())
+    );
+    let mut c = config_json(ModelType::GptOss, "tiny", None, "float32").unwrap();
+    let o = c.as_object_mut().unwrap();
+    for key in [
+        "layer_types",
+        "rope_scaling",
+        "sliding_window",
+        "attention_bias",
+    ] {
+        o.remove(key);
+    }
+    let d = ArchSpec::from_json(&c, "x").unwrap();
+    assert_eq!(d.attention_windows, [Some(128), None]);
+    assert!(d.qkv_bias && d.rope.rope_type == "yarn");
+    c["layer_types"] = serde_json::json!(["sliding_attention", "chunked_attention"]);
+    assert_eq!(
+        ArchSpec::from_json(&c, "x").unwrap_err().to_string(),
+        "x: key 'layer_types' entries must be \"sliding_attention\" or \"full_attention\", got \"chunked_attention\""
+    );
+    c["layer_types"] = serde_json::json!(["full_attention"]);
+    assert!(ArchSpec::from_json(&c, "x").is_err());
+    c.as_object_mut().unwrap().remove("layer_types");
+    c["swiglu_limit"] = (-1.0).into();
+    assert!(ArchSpec::from_json(&c, "x")
+        .unwrap_err()
+        .to_string()
+        .contains("swiglu_limit"));
 }

@@ -19,7 +19,7 @@ use moeq::train::step::{evaluate_inputs, forward_backward, inputs, Activations};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 
-const ARCHS: [ModelType; 13] = [
+const ARCHS: [ModelType; 14] = [
     ModelType::Qwen3Moe,
     ModelType::Qwen2Moe,
     ModelType::Mixtral,
@@ -33,6 +33,7 @@ const ARCHS: [ModelType; 13] = [
     ModelType::Ernie45Moe,
     ModelType::GraniteMoe,
     ModelType::HunyuanV1Moe,
+    ModelType::GptOss,
 ];
 
 struct Setup {

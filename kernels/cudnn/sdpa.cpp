@@ -6,7 +6,10 @@
 // per-row log-sum-exp the backward takes) are f32 [B, H, S]. Packed rows take cuDNN's ragged
 // layout instead: every sample (and padding run) is one of B sequences of at most S tokens,
 // placed by per-sequence element offsets into the same buffers and masked by per-sequence
-// lengths (int32 on the device); the statistics stay dense [B, H, S]. One graph per shape, built
+// lengths (int32 on the device); the statistics stay dense [B, H, S]. A sliding window of W keys
+// (gpt-oss) is the diagonal band's left bound W: the frontend keeps key j for query i when
+// j + W > i (top-left aligned, per sequence), i.e. i − j < W, on both graphs; the statistics are
+// the natural-log lse the caller folds attention sinks into. One graph per shape, built
 // once and kept; `moeq_sdpa_plan` builds it and says how much workspace a call needs,
 // `moeq_sdpa_run` runs it on the caller's stream with the caller's workspace.
 
@@ -39,13 +42,15 @@ struct Shape {
     int32_t device;         // CUDA ordinal: graphs and handles are per device
     int32_t ragged;         // b sequences of at most s tokens, placed by offsets (packed rows)
     int64_t total;          // ragged: at most this many tokens in all (sizes cuDNN's workspace)
+    int64_t window;         // keys a query sees, its own included (the band's left bound); 0: all
 };
 
 using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, int32_t, int32_t, int32_t, int32_t,
-                       int64_t>;
+                       int64_t, int64_t>;
 
 Key key_of(const Shape &s) {
-    return {s.b, s.s, s.h, s.kvh, s.d, s.dv, s.scale, s.backward, s.deterministic, s.device, s.ragged, s.total};
+    return {s.b,      s.s,    s.h,     s.kvh,         s.d,   s.dv, s.scale, s.backward, s.deterministic, s.device,
+            s.ragged, s.total, s.window};
 }
 
 // Pointer order of moeq_sdpa_run, and the graphs' tensor uids.
@@ -152,6 +157,7 @@ int build(const Shape &s, cudnnHandle_t handle, Plan **out) {
                         .set_generate_stats(true)
                         .set_causal_mask(true)
                         .set_attn_scale(s.scale);
+        if (s.window > 0) opts.set_diagonal_band_left_bound(int(s.window));
         if (s.ragged != 0) {
             opts.set_padding_mask(true).set_seq_len_q(seq_q).set_seq_len_kv(seq_kv);
             opts.set_max_total_seq_len_q(s.total).set_max_total_seq_len_kv(s.total);
@@ -173,6 +179,7 @@ int build(const Shape &s, cudnnHandle_t handle, Plan **out) {
                         .set_causal_mask(true)
                         .set_attn_scale(s.scale)
                         .set_deterministic_algorithm(s.deterministic != 0);
+        if (s.window > 0) opts.set_diagonal_band_left_bound(int(s.window));
         if (s.ragged != 0) {
             o->set_ragged_offset(o_off);
             dout->set_ragged_offset(o_off);

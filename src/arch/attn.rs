@@ -70,6 +70,14 @@ impl Attn {
         ))
     }
 
+    /// gpt-oss's sink logits `[heads]` (f32).
+    pub(super) fn sinks(&self) -> Option<&Tensor> {
+        match self {
+            Attn::Heads(a) => a.sinks.as_ref(),
+            Attn::Latent(_) => None,
+        }
+    }
+
     /// The output projection.
     pub(super) fn o(&self) -> &Proj {
         match self {

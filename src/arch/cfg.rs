@@ -2,7 +2,7 @@
 //! settings, which layers are MoE, the router and the shared expert.
 
 use super::rows::{MoeLayers, Row, SharedRow};
-use super::spec::{GroupLimit, GroupScore, RopeSpec, RouterSpec, SharedExpertSpec, SpecError};
+use super::spec::{Glu, GroupLimit, GroupScore, RopeSpec, RouterSpec, SharedExpertSpec, SpecError};
 use serde_json::{Map, Value};
 
 /// Typed access to config.json values with errors that name the file and key.
@@ -269,6 +269,88 @@ pub(super) fn rope_spec(cfg: &Cfg, default_theta: f64) -> Result<RopeSpec, SpecE
     Ok(spec)
 }
 
+/// Per layer: its attention's sliding window, None for full attention. gpt-oss reads
+/// `layer_types` (`sliding_attention` / `full_attention`; when absent, sliding on even layers)
+/// and `sliding_window` (128 when absent); every other type attends in full.
+pub(super) fn attention_windows(
+    cfg: &Cfg,
+    row: &Row,
+    num_layers: usize,
+) -> Result<Vec<Option<usize>>, SpecError> {
+    if !row.gpt_oss_keys {
+        return Ok(vec![None; num_layers]);
+    }
+    let window = match cfg.present("sliding_window") {
+        None | Some(Value::Null) => 128,
+        Some(v) => match v.as_u64() {
+            Some(w) if w > 0 => w as usize,
+            _ => {
+                return Err(cfg.err(
+                    "sliding_window",
+                    format!("must be a positive integer, got {v}"),
+                ))
+            }
+        },
+    };
+    let sliding: Vec<bool> = match cfg.present("layer_types") {
+        None | Some(Value::Null) => (0..num_layers).map(|l| l % 2 == 0).collect(),
+        Some(Value::Array(items)) if items.len() == num_layers => items
+            .iter()
+            .map(|v| match v.as_str() {
+                Some("sliding_attention") => Ok(true),
+                Some("full_attention") => Ok(false),
+                _ => Err(cfg.err(
+                    "layer_types",
+                    format!("entries must be \"sliding_attention\" or \"full_attention\", got {v}"),
+                )),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(cfg.err(
+                "layer_types",
+                format!("must be a list of {num_layers} attention types (num_hidden_layers)"),
+            ))
+        }
+    };
+    Ok(sliding.into_iter().map(|s| s.then_some(window)).collect())
+}
+
+/// The experts' gated activation: gpt-oss's clamped GLU (`swiglu_limit`, 7 when absent; its
+/// sigmoid's slope 1.702 is fixed in the model), SwiGLU elsewhere.
+pub(super) fn glu(cfg: &Cfg, row: &Row) -> Result<Glu, SpecError> {
+    if !row.gpt_oss_keys {
+        return Ok(Glu::Silu);
+    }
+    match cfg.f64_opt("swiglu_limit")?.unwrap_or(7.0) {
+        limit if limit > 0.0 && limit.is_finite() => Ok(Glu::Clamped {
+            alpha: 1.702,
+            limit: limit as f32,
+        }),
+        limit => Err(cfg.err(
+            "swiglu_limit",
+            format!("must be a positive number, got {limit}"),
+        )),
+    }
+}
+
+/// gpt-oss's rope when the config gives no scaling: yarn, factor 32 over 4096 positions
+/// (transformers' `GptOssConfig` default).
+pub(super) fn gpt_oss_rope(cfg: &Cfg, rope: &mut RopeSpec) {
+    let given = ["rope_parameters", "rope_scaling"]
+        .iter()
+        .any(|k| cfg.present(k).is_some_and(|v| !v.is_null()));
+    if given {
+        return;
+    }
+    rope.rope_type = "yarn".into();
+    rope.factor = Some(32.0);
+    rope.original_max_position_embeddings = Some(4096);
+    for (k, v) in [("beta_fast", 32.0), ("beta_slow", 1.0)] {
+        rope.extra.insert(k.into(), v.into());
+    }
+    rope.extra.insert("truncate".into(), false.into());
+}
+
 pub(super) fn router_spec(
     cfg: &Cfg,
     row: &Row,
@@ -335,6 +417,7 @@ pub(super) fn router_spec(
         correction_bias: r.correction_bias,
         group_limit,
         scaling,
+        logit_bias: row.gpt_oss_keys,
     })
 }
 

@@ -49,11 +49,21 @@ impl Model {
         let positions: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
         let pos = Tensor::new(positions.as_slice(), &self.device)?;
         let rope = self.rope.tables(&pos, self.dtype)?;
-        let mask = causal_mask(n, start, &self.device)?;
+        let mask = causal_mask(n, start, None, &self.device)?;
+        // Sliding-window layers (gpt-oss) share one window.
+        let window = self.spec.attention_windows.iter().flatten().next();
+        let window_mask = match window {
+            Some(&w) => causal_mask(n, start, Some(w), &self.device)?,
+            None => None,
+        };
         let mut x = self.embed_ids(&TokenIds::new(ids, &self.device)?)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let slot = &mut cache.layers[l];
-            x = layer.decode(&self.spec, &x, (&rope, mask.as_ref()), slot, lora, self)?;
+            let mask = match self.spec.attention_windows[l] {
+                Some(_) => window_mask.as_ref(),
+                None => mask.as_ref(),
+            };
+            x = layer.decode(&self.spec, &x, (&rope, mask), slot, lora, self)?;
         }
         cache.len += n;
         let h = self.final_norm(&x.narrow(0, n - 1, 1)?)?;
@@ -84,7 +94,9 @@ impl Layer {
             Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 0)?, Tensor::cat(&[&cv, &v], 0)?),
         };
         *slot = Some((k.clone(), v.clone()));
-        let ctx = attend(&q, &k, &v, mask, nh / kvh, spec.attention_scale)?.to_dtype(x.dtype())?;
+        let sinks = self.attn.sinks();
+        let ctx = attend(&q, &k, &v, (mask, sinks), nh / kvh, spec.attention_scale)?
+            .to_dtype(x.dtype())?;
         let width = nh * spec.v_head_dim();
         let x = attn_side.join(x, &self.attn.o().forward(&ctx.reshape((n, width))?, lora)?)?;
         let h = mlp_side.input(&x)?;
@@ -100,17 +112,24 @@ impl Layer {
 }
 
 /// The additive causal mask `[1, n, T]` (T = start + n) of n new queries at positions
-/// `start..start + n`, built once per call for every layer; None for one query (it sees every
-/// key).
-fn causal_mask(n: usize, start: usize, device: &candle_core::Device) -> Result<Option<Tensor>> {
-    if n == 1 {
+/// `start..start + n`, built once per call for every layer; with a `window`, a query sees only
+/// the last `window` positions, itself included. None when every query sees every key.
+fn causal_mask(
+    n: usize,
+    start: usize,
+    window: Option<usize>,
+    device: &candle_core::Device,
+) -> Result<Option<Tensor>> {
+    let t = start + n;
+    let window = window.unwrap_or(usize::MAX);
+    if n == 1 && t <= window {
         return Ok(None);
     }
-    let t = start + n;
     let mask: Vec<f32> = (0..n)
         .flat_map(|i| {
             (0..t).map(move |j| {
-                if j <= start + i {
+                let p = start + i;
+                if j <= p && p - j < window {
                     0.0
                 } else {
                     f32::NEG_INFINITY
@@ -122,13 +141,14 @@ fn causal_mask(n: usize, start: usize, device: &candle_core::Device) -> Result<O
 }
 
 /// q `[n, heads, hd]` against k `[T, kv_heads, hd]` and v `[T, kv_heads, vd]` with the
-/// causal `mask`, `groups` query heads per key/value head, softmax scale `scale` → `[n, heads,
-/// vd]` in f32.
+/// causal `mask` and the heads' sink logits `[heads]` (gpt-oss: one more softmax column whose
+/// probability is dropped), `groups` query heads per key/value head, softmax scale `scale` →
+/// `[n, heads, vd]` in f32.
 fn attend(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    mask: Option<&Tensor>,
+    (mask, sinks): (Option<&Tensor>, Option<&Tensor>),
     groups: usize,
     scale: f64,
 ) -> Result<Tensor> {
@@ -151,6 +171,16 @@ fn attend(
     if let Some(m) = mask {
         scores = scores.broadcast_add(m)?;
     }
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let probs = match sinks {
+        None => candle_nn::ops::softmax_last_dim(&scores)?,
+        Some(s) => {
+            let n = scores.dim(1)?;
+            let column = f(s)?.reshape((nh, 1, 1))?.expand((nh, n, 1))?;
+            let with_sink = Tensor::cat(&[&scores, &column], 2)?.contiguous()?;
+            candle_nn::ops::softmax_last_dim(&with_sink)?
+                .narrow(2, 0, t)?
+                .contiguous()?
+        }
+    };
     probs.matmul(&v)?.transpose(0, 1) // [n, nh, hd]
 }

@@ -62,6 +62,8 @@ fn block_args<'a>(
         rotary: None,
         segments: &inputs.segments,
         samples: &inputs.samples,
+        window: None,
+        sinks: None,
         scale: spec.attention_scale,
         block: query_block(b, nh, s, dtype),
         memo: inputs.keep_attention.then(|| &inputs.attention[layer]),

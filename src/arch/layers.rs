@@ -15,7 +15,7 @@ use crate::ops::routed_experts::{routed_experts, ExpertLora};
 use crate::ops::router::{router_choose, router_probs, Choice};
 use crate::ops::routing::{combine_rows, gather_rows, RowOrder};
 use crate::ops::swiglu;
-use crate::ops::swiglu::swiglu_packed;
+use crate::ops::swiglu::glu_packed;
 use crate::util::phases::timed;
 use candle_core::{DType, Result, Tensor, D};
 use rand::{Rng, SeedableRng};
@@ -35,11 +35,15 @@ pub struct Attention {
     pub o: Proj,
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
+    /// `[heads]` f32: gpt-oss's sink logits.
+    pub sinks: Option<Tensor>,
 }
 
 pub struct Moe {
     /// [E, H]
     pub router: Tensor,
+    /// `[E]`: added to the router's logits (gpt-oss).
+    pub router_bias: Option<Tensor>,
     /// `e_score_correction_bias [E]` f32: added to the router's scores for the choice only.
     pub correction_bias: Option<Tensor>,
     pub gate_up_name: String,
@@ -161,6 +165,8 @@ impl Attention {
             scale: spec.attention_scale,
             block: query_block(b, nh, s, dtype),
             memo: inputs.keep_attention.then(|| &inputs.attention[layer]),
+            window: spec.attention_windows[layer],
+            sinks: self.sinks.as_ref(),
         }
     }
 
@@ -300,7 +306,10 @@ impl Moe {
         // renormalise and scale.
         let dev = x.device();
         timed("moe: router + routing", dev, || -> Result<_> {
-            let logits = x.matmul(&self.router.t()?)?; // [N, E]
+            let mut logits = x.matmul(&self.router.t()?)?; // [N, E]
+            if let Some(b) = &self.router_bias {
+                logits = logits.broadcast_add(b)?;
+            }
             let choose = recorded.is_none().then_some(k);
             let (probs, top) = match spec.router.is_plain_softmax() {
                 true => router_probs(&logits, choose)?,
@@ -454,7 +463,7 @@ impl Moe {
             let delta = grouped_lora(xs, &lora.weight(&l.a), &lora.weight(&l.b), counts, 0, r, s)?;
             gu = (gu + delta)?;
         }
-        let act = swiglu_packed(&gu)?; // [M, I]
+        let act = glu_packed(&gu, self.gate_up.glu)?; // [M, I]
         let mut y = grouped_nf4(&act, &self.down, counts)?; // [M, H]
         if let Some(l) = ad.experts.get(&self.down_name) {
             let delta = grouped_lora(

@@ -21,6 +21,6 @@ pub use memory::{estimate, nf4_bytes, target_matches, FrozenFormat, LoraPlan, Me
 pub use model::{Inputs, LayerStats, LoraCtx, Model};
 pub use params::{down_name, gate_up_name, Component, ParamInfo};
 pub use spec::{
-    ArchSpec, GroupLimit, GroupScore, LatentSpec, ModelType, Mup, QkNorm, RopeSpec, Rotary,
+    ArchSpec, Glu, GroupLimit, GroupScore, LatentSpec, ModelType, Mup, QkNorm, RopeSpec, Rotary,
     RouterSpec, Scoring, SharedExpertSpec, SpecError, LATENT_NORM_EPS, SUPPORTED_MODEL_TYPES,
 };

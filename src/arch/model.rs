@@ -118,6 +118,23 @@ impl Weights<'_> {
         .dense(name)
     }
 
+    /// The held experts' biases `[held, out]` of expert parameter `name` (gpt-oss).
+    fn expert_bias(
+        &self,
+        spec: &ArchSpec,
+        name: &str,
+        held: &std::ops::Range<usize>,
+    ) -> Result<Option<Tensor>> {
+        match spec.expert_bias {
+            true => Ok(Some(self.dense(&format!("{name}_bias"))?.narrow(
+                0,
+                held.start,
+                held.len(),
+            )?)),
+            false => Ok(None),
+        }
+    }
+
     fn dense_opt(&self, name: &str) -> Result<Option<Tensor>> {
         match self.base.tensors.get(name) {
             None => Ok(None),
@@ -205,6 +222,8 @@ impl Weights<'_> {
                 num_experts: held.len(),
                 out_features: out,
                 in_features: inp,
+                bias: None,
+                glu: crate::ops::swiglu::Glu::Silu,
             },
             held.start,
         ))
@@ -244,6 +263,10 @@ impl Model {
                     o: w.proj(&format!("{a}.o_proj"), spec.o_bias)?,
                     q_norm: w.dense_opt(&format!("{a}.{qn}.weight"))?,
                     k_norm: w.dense_opt(&format!("{a}.{kn}.weight"))?,
+                    sinks: match spec.attention_sinks {
+                        true => Some(w.dense_f32(&format!("{a}.sinks"))?),
+                        false => None,
+                    },
                 }),
                 Some(lat) => Attn::Latent(LatentAttention {
                     q: match lat.q_lora_rank {
@@ -263,6 +286,14 @@ impl Model {
             let mlp = if spec.moe_layers[l] {
                 let (gate_up, first) = w.experts(&super::gate_up_name(l))?;
                 let (down, _) = w.experts(&super::down_name(l))?;
+                let held = first..first + gate_up.num_experts;
+                let gate_up = gate_up.with(
+                    w.expert_bias(spec, &super::gate_up_name(l), &held)?,
+                    spec.glu,
+                )?;
+                let down_glu = down.glu;
+                let down =
+                    down.with(w.expert_bias(spec, &super::down_name(l), &held)?, down_glu)?;
                 let shared = match spec.shared_expert {
                     None => None,
                     Some(s) => Some((
@@ -288,6 +319,10 @@ impl Model {
                 };
                 Mlp::Moe(Moe {
                     router,
+                    router_bias: match spec.router.logit_bias {
+                        true => Some(w.dense(&format!("{p}.mlp.gate.bias"))?),
+                        false => None,
+                    },
                     correction_bias: match spec.router.correction_bias {
                         true => Some(w.dense_f32(&bias)?.flatten_all()?),
                         false => None,

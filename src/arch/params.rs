@@ -15,6 +15,8 @@ pub enum Component {
     Router,
     /// The fused expert parameters `gate_up_proj [E, 2I, H]` and `down_proj [E, H, I]`.
     Experts,
+    /// gpt-oss's expert biases `gate_up_proj_bias [E, 2I]` and `down_proj_bias [E, H]`.
+    ExpertBias,
     /// qwen2_moe shared expert projections and its sigmoid gate.
     SharedExpert,
     /// MLP of dense (non-MoE) layers.
@@ -30,6 +32,7 @@ impl Component {
             Component::Attention => "attention",
             Component::Router => "routers",
             Component::Experts => "experts",
+            Component::ExpertBias => "expert biases",
             Component::SharedExpert => "shared experts",
             Component::DenseMlp => "dense MLPs",
         }
@@ -100,6 +103,14 @@ impl ArchSpec {
             QkNorm::PerHead | QkNorm::PerHeadAfterRotary => Some((self.head_dim, self.head_dim)),
             QkNorm::FullProjection => Some((qd, kvd)),
         };
+        if self.attention_sinks {
+            push(
+                format!("{a}.sinks"),
+                vec![self.num_heads],
+                Component::Attention,
+                false,
+            );
+        }
         if let Some((q_width, k_width)) = widths {
             push(
                 format!("{a}.{qn}.weight"),
@@ -201,6 +212,14 @@ impl ArchSpec {
                 let (e, i) = (self.num_experts, self.expert_intermediate_size);
                 let (router, quantized) = self.model_type.router_name(l);
                 push(router, vec![e, h], Component::Router, quantized);
+                if self.router.logit_bias {
+                    push(
+                        format!("{p}.mlp.gate.bias"),
+                        vec![e],
+                        Component::Router,
+                        false,
+                    );
+                }
                 if self.router.correction_bias {
                     push(
                         self.correction_bias_name(l),
@@ -211,6 +230,17 @@ impl ArchSpec {
                 }
                 push(gate_up_name(l), vec![e, 2 * i, h], Component::Experts, true);
                 push(down_name(l), vec![e, h, i], Component::Experts, true);
+                if self.expert_bias {
+                    let biases = [(gate_up_name(l), 2 * i), (down_name(l), h)];
+                    for (name, width) in biases {
+                        push(
+                            format!("{name}_bias"),
+                            vec![e, width],
+                            Component::ExpertBias,
+                            false,
+                        );
+                    }
+                }
                 if let Some(shared) = self.shared_expert {
                     let si = shared.intermediate_size;
                     let s = format!("{p}.mlp.{}", shared.module);
@@ -273,7 +303,8 @@ impl ArchSpec {
             );
         }
         let routed = self.router.top_k as f64 / self.num_experts as f64;
-        for p in out.iter_mut().filter(|p| p.component == Component::Experts) {
+        let per_expert = [Component::Experts, Component::ExpertBias];
+        for p in out.iter_mut().filter(|p| per_expert.contains(&p.component)) {
             p.active_fraction = routed;
         }
         out

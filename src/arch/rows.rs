@@ -24,6 +24,7 @@ pub enum ModelType {
     Ernie45Moe,
     GraniteMoe,
     HunyuanV1Moe,
+    GptOss,
 }
 
 /// Every model type with its config.json name and transformers class.
@@ -64,6 +65,7 @@ const TYPES: &[(ModelType, &str, &str)] = &[
         "hunyuan_v1_moe",
         "HunYuanMoEV1ForCausalLM",
     ),
+    (ModelType::GptOss, "gpt_oss", "GptOssForCausalLM"),
 ];
 
 pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
@@ -81,6 +83,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "ernie4_5_moe",
     "granitemoe",
     "hunyuan_v1_moe",
+    "gpt_oss",
 ];
 
 /// Which layers are MoE.
@@ -190,8 +193,10 @@ pub(super) struct Row {
     /// Reads `use_qk_norm` (GLM-4.5): per-head q/k norms when true.
     pub reads_use_qk_norm: bool,
     pub default_qkv_bias: bool,
-    /// Reads `attention_bias` (bias on q, k, v and, where `o_bias_follows`, o).
+    /// Reads `attention_bias` (bias on q, k, v and, where `o_bias_follows`, o), and its
+    /// value when absent.
     pub reads_attention_bias: bool,
+    pub default_attention_bias: bool,
     pub o_bias_follows: bool,
     /// Reads `qkv_bias` (q, k, v only; default `default_qkv_bias`), else they follow the above.
     pub reads_qkv_bias: bool,
@@ -213,6 +218,10 @@ pub(super) struct Row {
     /// The hub checkpoint names the MoE block as Mixtral's does: `block_sparse_moe.gate`,
     /// `block_sparse_moe.experts.{e}.w1/w3/w2` (gate, up, down).
     pub mixtral_hub_names: bool,
+    /// gpt-oss: `layer_types` of sliding-window and full attention (`sliding_window`), sinks
+    /// in every attention, biases on the experts and the router, the clamped GLU
+    /// (`swiglu_limit`), yarn rope when none is given, experts stored `[E, in, out]`.
+    pub gpt_oss_keys: bool,
     pub default_rope_theta: f64,
     pub default_eps: f64,
     pub default_max_positions: usize,
@@ -269,6 +278,7 @@ const QWEN3: Row = Row {
     reads_use_qk_norm: false,
     default_qkv_bias: false,
     reads_attention_bias: true,
+    default_attention_bias: false,
     o_bias_follows: true,
     reads_qkv_bias: false,
     reads_clip_qkv: false,
@@ -278,6 +288,7 @@ const QWEN3: Row = Row {
     reads_rotary_dim: false,
     post_norms: false,
     mixtral_hub_names: false,
+    gpt_oss_keys: false,
     default_rope_theta: 10000.0,
     default_eps: 1e-6,
     default_max_positions: 32768,
@@ -318,6 +329,12 @@ impl ModelType {
             true => (format!("model.layers.{layer}.mlp.gate.wg.weight"), true),
             false => (format!("model.layers.{layer}.mlp.gate.weight"), false),
         }
+    }
+
+    /// Whether checkpoints of this type store the fused experts `[E, in, out]` (gpt-oss), or
+    /// as MXFP4 blocks and scales.
+    pub fn experts_transposed(self) -> bool {
+        self.row().gpt_oss_keys
     }
 
     /// The q/k norms' module names.
@@ -544,6 +561,27 @@ impl ModelType {
                 },
                 default_eps: 1e-5,
                 default_max_positions: 2048,
+                ..QWEN3
+            },
+            // The router is a biased linear map (`mlp.router` in transformers): top-k of its
+            // logits, then a softmax over those k.
+            ModelType::GptOss => Row {
+                experts_key: "num_local_experts",
+                experts_alias: Some("num_experts"),
+                expert_intermediate_key: "intermediate_size",
+                hub_renames: &[(".mlp.gate.", ".mlp.router.")],
+                router: RouterRow {
+                    reads_norm_topk: false,
+                    always_renormalize: true,
+                    ..SOFTMAX
+                },
+                moe_layers: MoeLayers::All,
+                qk_norm: QkNorm::None,
+                default_attention_bias: true,
+                gpt_oss_keys: true,
+                default_rope_theta: 150000.0,
+                default_eps: 1e-5,
+                default_max_positions: 131072,
                 ..QWEN3
             },
         }

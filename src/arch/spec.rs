@@ -3,7 +3,10 @@
 //! `ModelType` row says which config keys name what and which defaults apply; the model
 //! implementation reads only the resulting spec.
 
-use super::cfg::{moe_layer_pattern, rope_spec, router_spec, shared_expert, Cfg};
+use super::cfg::{
+    attention_windows, glu, gpt_oss_rope, moe_layer_pattern, rope_spec, router_spec, shared_expert,
+    Cfg,
+};
 use super::rows::{AttentionRow, Row};
 pub use super::rows::{ModelType, SUPPORTED_MODEL_TYPES};
 use serde_json::Value;
@@ -84,6 +87,8 @@ pub struct RouterSpec {
     pub correction_bias: bool,
     pub group_limit: Option<GroupLimit>,
     pub scaling: f64,
+    /// A bias added to the router's logits (gpt-oss: `mlp.router.bias`).
+    pub logit_bias: bool,
 }
 
 impl RouterSpec {
@@ -94,6 +99,7 @@ impl RouterSpec {
 }
 
 pub use crate::ops::rope::RopeSpec;
+pub use crate::ops::swiglu::Glu;
 
 /// The shared expert: a dense SwiGLU MLP added to every token's expert output — qwen2_moe's
 /// (`mlp.shared_expert`) scaled by `sigmoid(shared_expert_gate(x))`, DeepSeek's and GLM's
@@ -187,6 +193,17 @@ pub struct ArchSpec {
     /// OLMo-2's layer (FlexOlmo): each block's output is normed before it joins the residual
     /// stream (`post_attention_layernorm`, `post_feedforward_layernorm`), its input is not.
     pub post_norms: bool,
+    /// Per layer: the sliding window of its attention (gpt-oss's `sliding_attention` layers: a
+    /// query sees the last `w` positions, itself included), None for full attention.
+    pub attention_windows: Vec<Option<usize>>,
+    /// gpt-oss: a learned logit per query head joins each softmax's denominator
+    /// (`self_attn.sinks [heads]`).
+    pub attention_sinks: bool,
+    /// gpt-oss: biases on the experts' projections (`gate_up_proj_bias [E, 2I]`,
+    /// `down_proj_bias [E, H]`).
+    pub expert_bias: bool,
+    /// The gated activation of the experts' gate_up output (and of every MLP).
+    pub glu: Glu,
     pub num_experts: usize,
     pub router: RouterSpec,
     /// Width of one expert's gate/up projection (`I` in `gate_up_proj [E, 2I, H]`).
@@ -286,7 +303,8 @@ impl ArchSpec {
         let router = router_spec(&cfg, &row, top_k, num_experts)?;
         let moe_layers = moe_layer_pattern(&cfg, &row, num_layers)?;
         let shared_expert = shared_expert(&cfg, &row, expert_intermediate_size)?;
-        let attention_bias = row.reads_attention_bias && cfg.bool_or("attention_bias", false)?;
+        let attention_bias = row.reads_attention_bias
+            && cfg.bool_or("attention_bias", row.default_attention_bias)?;
         let qkv_bias = if row.reads_qkv_bias {
             cfg.bool_or("qkv_bias", row.default_qkv_bias)?
         } else {
@@ -327,6 +345,9 @@ impl ArchSpec {
             row.qk_norm
         };
         let mut rope = rope_spec(&cfg, row.default_rope_theta)?;
+        if row.gpt_oss_keys {
+            gpt_oss_rope(&cfg, &mut rope);
+        }
         if !row.hunyuan_keys {
             // transformers reads a dynamic rope's `alpha` for Hunyuan only.
             rope.extra.remove("alpha");
@@ -375,6 +396,10 @@ impl ArchSpec {
             o_bias: attention_bias && row.o_bias_follows,
             clip_qkv,
             post_norms: row.post_norms,
+            attention_windows: attention_windows(&cfg, &row, num_layers)?,
+            attention_sinks: row.gpt_oss_keys,
+            expert_bias: row.gpt_oss_keys,
+            glu: glu(&cfg, &row)?,
             mup,
             num_experts,
             router,

@@ -197,6 +197,8 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
             num_experts: e,
             out_features: out,
             in_features: inp,
+            bias: None,
+            glu: crate::ops::swiglu::Glu::Silu,
         })
     };
     let gate_up = weights(2 * i, h).map_err(f)?;
@@ -360,7 +362,7 @@ fn attention(
     (nh, kvh, hd, vd): (usize, usize, usize, usize),
     iters: usize,
 ) -> Result<(), CliError> {
-    use crate::ops::attention::{attention_backward, attention_forward};
+    use crate::ops::attention::{attention_backward, attention_forward, WindowSinks};
     use crate::ops::cudnn_attn::{self, Backend};
     use candle_core::{DType, Tensor};
     let s = 2048usize;
@@ -406,11 +408,12 @@ fn attention(
         cudnn_attn::set_backend(backend);
         cudnn_attn::set_deterministic(deterministic);
         cudnn_attn::set_dp_workspace(dp);
-        if backend == Backend::Auto && !cudnn_attn::serves(&q, &k, &v, scale as f32, None) {
+        if backend == Backend::Auto && !cudnn_attn::serves(&q, &k, &v, scale as f32, None, None) {
             println!("| {name} | - | - | - | - |");
             continue;
         }
-        let fwd = || attention_forward(&q, &k, &v, (&segments, &whole), scale, 256);
+        let plain = WindowSinks::default();
+        let fwd = || attention_forward(&q, &k, &v, (&segments, &whole), &plain, scale, 256);
         let f_s = median_time(dev, iters, &|| fwd().map(|_| ()))?;
         let (out, lse) = fwd().map_err(CliError::failed)?;
         let b_s = median_time(dev, iters, &|| {
@@ -419,6 +422,7 @@ fn attention(
                 &k,
                 &v,
                 (&segments, &whole),
+                &plain,
                 scale,
                 256,
                 (&out, lse.as_ref()),

@@ -295,9 +295,20 @@ fn attention_words(spec: &ArchSpec) -> String {
             l.rope_dim,
             l.v_head_dim
         ),
-        None => format!(
-            "q/k norm {:?}, qkv bias {}, {rope}",
-            spec.qk_norm, spec.qkv_bias
-        ),
+        None => {
+            let windowed = spec.attention_windows.iter().flatten().count();
+            let window = match spec.attention_windows.iter().flatten().next() {
+                Some(w) => format!(
+                    ", sliding window {w} on {windowed} of {} layers",
+                    spec.num_layers
+                ),
+                None => String::new(),
+            };
+            let sinks = if spec.attention_sinks { ", sinks" } else { "" };
+            format!(
+                "q/k norm {:?}, qkv bias {}{window}{sinks}, {rope}",
+                spec.qk_norm, spec.qkv_bias
+            )
+        }
     }
 }

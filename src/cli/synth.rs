@@ -6,16 +6,17 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct SynthArgs {
-    /// model_type: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe, granitemoe or hunyuan_v1_moe.
+    /// model_type: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe, granitemoe, hunyuan_v1_moe or gpt_oss.
     #[arg(long)]
     arch: String,
-    /// `tiny`, or a real shape: qwen3-30b-a3b, qwen3-235b-a22b, qwen1.5-moe-a2.7b, mixtral-8x7b, olmoe-1b-7b, glm-4.5-air, glm-4.7-flash, deepseek-v2-lite, deepseek-v3, kimi-k2, minimax-m2, ernie-4.5-21b-a3b, granite-3.1-1b-a400m.
+    /// `tiny`, or a real shape: qwen3-30b-a3b, qwen3-235b-a22b, qwen1.5-moe-a2.7b, mixtral-8x7b, olmoe-1b-7b, glm-4.5-air, glm-4.7-flash, deepseek-v2-lite, deepseek-v3, kimi-k2, minimax-m2, ernie-4.5-21b-a3b, granite-3.1-1b-a400m, gpt-oss-20b, gpt-oss-120b.
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Keep only the first N layers.
     #[arg(long)]
     layers: Option<usize>,
-    /// Expert layout on disk: `hub` (one tensor per expert) or `fused` (transformers v5).
+    /// Expert layout on disk: `hub` (one tensor per expert), `fused` (transformers v5) or
+    /// `mxfp4` (gpt-oss as released: its experts as MXFP4 blocks and scales).
     #[arg(long, default_value = "hub", value_parser = DiskLayout::parse)]
     layout: DiskLayout,
     #[arg(long, default_value_t = 0)]

@@ -246,6 +246,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
         ModelType::Ernie45Moe,
         ModelType::GraniteMoe,
         ModelType::HunyuanV1Moe,
+        ModelType::GptOss,
     ] {
         let tmp = std::env::temp_dir().join(format!(
             "moeq-train-check-{}-{}",

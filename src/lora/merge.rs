@@ -24,11 +24,13 @@ use std::path::Path;
 enum Delta<'a> {
     Linear(&'a LinearLora),
     /// Rows `rows` of expert `expert`'s update (a per-expert tensor), or every expert's whole
-    /// update (`expert` None: a fused `[E, out, in]` tensor).
+    /// update (`expert` None: a fused `[E, out, in]` tensor, or `[E, in, out]` where
+    /// `transposed`).
     Expert {
         lora: &'a ExpertLora,
         expert: Option<usize>,
         rows: Range<usize>,
+        transposed: bool,
     },
 }
 
@@ -73,13 +75,20 @@ fn plan<'a>(
                 ));
             };
             let out = p.shape[1];
-            if layout == ExpertLayout::Fused {
+            if layout == ExpertLayout::Mxfp4 {
+                return Err(format_err(
+                    dir,
+                    "the experts are MXFP4 (4-bit): merge needs the unquantized weights; point --model at the bf16 release of this model".into(),
+                ));
+            }
+            if matches!(layout, ExpertLayout::Fused | ExpertLayout::Transposed) {
                 deltas.insert(
                     dir.disk_name(layout, &p.name),
                     Delta::Expert {
                         lora,
                         expert: None,
                         rows: 0..out,
+                        transposed: layout == ExpertLayout::Transposed,
                     },
                 );
                 continue;
@@ -99,6 +108,7 @@ fn plan<'a>(
                         lora,
                         expert: Some(expert),
                         rows,
+                        transposed: false,
                     },
                 );
             }
@@ -226,6 +236,7 @@ pub fn merge(
                         lora,
                         expert: Some(e),
                         rows,
+                        ..
                     }) => {
                         let b = lora.expert_b(*e)?.narrow(0, rows.start, rows.len())?;
                         let d = product(&lora.expert_a(*e)?, &b, scaling)?;
@@ -233,7 +244,10 @@ pub fn merge(
                         w.write(&dense_bytes(&t)?).map_err(io(&path))?
                     }
                     Some(Delta::Expert {
-                        lora, expert: None, ..
+                        lora,
+                        expert: None,
+                        transposed,
+                        ..
                     }) => {
                         let n = lora.num_experts;
                         if shape.len() != 3 || shape[0] != n {
@@ -246,6 +260,10 @@ pub fn merge(
                         let per = bytes.len() / n;
                         for (e, chunk) in bytes.chunks(per).enumerate() {
                             let d = product(&lora.expert_a(e)?, &lora.expert_b(e)?, scaling)?;
+                            let d = match transposed {
+                                true => d.t()?.contiguous()?,
+                                false => d,
+                            };
                             let t = merged(&tensor(chunk, &shape[1..])?, &d, want, name)?;
                             w.write(&dense_bytes(&t)?).map_err(io(&path))?;
                         }

@@ -9,6 +9,10 @@
 //!   Mixtral   — `block_sparse_moe.experts.{e}.{w1,w3,w2}.weight` (w1 gate, w3 up, w2 down) and the
 //!               rest of the block under `block_sparse_moe.` (canonical `mlp.`: the router's
 //!               `gate.weight`, MiniMax-M2's `e_score_correction_bias`).
+//!   Transposed — gpt-oss: the canonical names holding `[E, in, out]` (`gate_up_proj [E, H, 2I]`,
+//!               its gate and up columns interleaved, as moeq keeps them: `swiglu::Glu`).
+//!   Mxfp4     — gpt-oss as released: `{name}_blocks [E, out, in/32, 16]` and `{name}_scales
+//!               [E, out, in/32]` (`model_files::mxfp4`), decoded one expert at a time.
 
 use super::{ModelDir, ModelFilesError};
 use candle_core::{DType, Device, Tensor};
@@ -18,6 +22,8 @@ pub enum ExpertLayout {
     Fused,
     PerExpert,
     Mixtral,
+    Transposed,
+    Mxfp4,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +61,10 @@ impl ExpertLayout {
                 "per-expert (hub: mlp.experts.{e}.gate_proj/up_proj/down_proj)"
             }
             ExpertLayout::Mixtral => "per-expert Mixtral (block_sparse_moe.experts.{e}.w1/w3/w2)",
+            ExpertLayout::Transposed => {
+                "fused [E, in, out] (gpt-oss: mlp.experts.gate_up_proj / down_proj)"
+            }
+            ExpertLayout::Mxfp4 => "MXFP4 (gpt-oss: mlp.experts.gate_up_proj_blocks / _scales)",
         }
     }
 
@@ -69,9 +79,19 @@ impl ExpertLayout {
     /// On-disk names of the tensors that make up one canonical parameter.
     pub fn disk_names(self, canonical: &str, num_experts: usize) -> Vec<String> {
         match ExpertParam::parse(canonical) {
-            Some((layer, which)) if self != ExpertLayout::Fused => (0..num_experts)
-                .flat_map(|e| self.expert_parts(layer, which, e))
-                .collect(),
+            Some(_) if self == ExpertLayout::Mxfp4 => {
+                vec![
+                    super::mxfp4::blocks_name(canonical),
+                    super::mxfp4::scales_name(canonical),
+                ]
+            }
+            Some((layer, which))
+                if !matches!(self, ExpertLayout::Fused | ExpertLayout::Transposed) =>
+            {
+                (0..num_experts)
+                    .flat_map(|e| self.expert_parts(layer, which, e))
+                    .collect()
+            }
             _ => vec![self.disk_name(canonical)],
         }
     }
@@ -108,6 +128,23 @@ pub(super) fn detect(dir: &ModelDir) -> Result<ExpertLayout, ModelFilesError> {
         return Ok(ExpertLayout::Fused);
     };
     let fused = ExpertParam::GateUp.canonical_name(layer);
+    if dir.spec.model_type.experts_transposed() {
+        let blocks = super::mxfp4::blocks_name(&fused);
+        let candidates = [
+            (ExpertLayout::Mxfp4, blocks),
+            (ExpertLayout::Transposed, fused),
+        ];
+        return match candidates.iter().find(|(_, n)| dir.locate(n).is_some()) {
+            Some((layout, _)) => Ok(*layout),
+            None => Err(ModelFilesError::Format {
+                path: dir.root.display().to_string(),
+                problem: format!(
+                    "no expert weights found for layer {layer}: expected '{}' or '{}'",
+                    candidates[0].1, candidates[1].1
+                ),
+            }),
+        };
+    }
     // Granite's hub checkpoints hold the fused experts under names of their own.
     let hub_fused = dir.spec.model_type.hub_name(&fused);
     let mut candidates = vec![(ExpertLayout::Fused, fused)];
@@ -155,6 +192,11 @@ pub(super) fn read_experts(
     };
     let n = range.end - range.start;
     let out_shape = [n, per_expert[0], per_expert[1]];
+    match layout {
+        ExpertLayout::Transposed => return read_transposed(dir, layer, which, range, per_expert),
+        ExpertLayout::Mxfp4 => return read_mxfp4(dir, layer, which, range, per_expert),
+        _ => {}
+    }
     if layout == ExpertLayout::Fused {
         let name = dir.disk_name(layout, &which.canonical_name(layer));
         let (_, dtype, shape) = dir.raw(&name, Some(0..0))?;
@@ -219,6 +261,58 @@ pub(super) fn read_experts(
         &out_shape,
         &Device::Cpu,
     )?)
+}
+
+/// Experts `range` of a gpt-oss parameter stored `[E, in, out]`, as `[n, out, in]`.
+fn read_transposed(
+    dir: &ModelDir,
+    layer: usize,
+    which: ExpertParam,
+    range: std::ops::Range<usize>,
+    [out, inp]: [usize; 2],
+) -> Result<Tensor, ModelFilesError> {
+    let name = which.canonical_name(layer);
+    let (_, dtype, shape) = dir.raw(&name, Some(0..0))?;
+    dir.check_shape(&name, &shape, &[dir.spec.num_experts, inp, out])?;
+    let per = out * inp * dtype.size_in_bytes();
+    let (bytes, _, _) = dir.raw(&name, Some(range.start * per..range.end * per))?;
+    let stored = Tensor::from_raw_buffer(bytes, dtype, &[range.len(), inp, out], &Device::Cpu)?;
+    Ok(stored.transpose(1, 2)?.contiguous()?)
+}
+
+/// Experts `range` of a gpt-oss parameter stored as MXFP4 blocks and scales, decoded to bf16
+/// `[n, out, in]` one expert at a time.
+fn read_mxfp4(
+    dir: &ModelDir,
+    layer: usize,
+    which: ExpertParam,
+    range: std::ops::Range<usize>,
+    [out, inp]: [usize; 2],
+) -> Result<Tensor, ModelFilesError> {
+    let name = which.canonical_name(layer);
+    let (blocks, scales) = (
+        super::mxfp4::blocks_name(&name),
+        super::mxfp4::scales_name(&name),
+    );
+    let groups = inp / 32;
+    let e = dir.spec.num_experts;
+    let (_, _, shape) = dir.raw(&blocks, Some(0..0))?;
+    dir.check_shape(&blocks, &shape, &[e, out, groups, 16])?;
+    let (_, _, shape) = dir.raw(&scales, Some(0..0))?;
+    dir.check_shape(&scales, &shape, &[e, out, groups])?;
+    let (per_blocks, per_scales) = (out * groups * 16, out * groups);
+    let mut experts = Vec::with_capacity(range.len());
+    for x in range {
+        let (b, _, _) = dir.raw(&blocks, Some(x * per_blocks..(x + 1) * per_blocks))?;
+        let (s, _, _) = dir.raw(&scales, Some(x * per_scales..(x + 1) * per_scales))?;
+        let w =
+            super::mxfp4::dequantize(b, s, out, inp).map_err(|err| ModelFilesError::Format {
+                path: dir.root.display().to_string(),
+                problem: format!("'{blocks}' expert {x}: {err}"),
+            })?;
+        experts.push(w);
+    }
+    Ok(Tensor::stack(&experts, 0)?)
 }
 
 /// The little-endian bytes of a CPU tensor (contiguous).

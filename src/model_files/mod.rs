@@ -11,12 +11,16 @@ mod fp8;
 pub mod frozen;
 pub mod generated;
 mod layout;
+mod mxfp4;
 mod overrides;
 pub mod prequantized;
 mod shard;
 pub mod writer;
 
 pub use layout::{ExpertLayout, ExpertParam};
+pub(crate) use mxfp4::{
+    blocks_name as mxfp4_blocks_name, quantize as mxfp4_quantize, scales_name as mxfp4_scales_name,
+};
 pub use shard::Shard;
 
 use crate::arch::{ArchSpec, ParamInfo, SpecError};

@@ -1,7 +1,9 @@
 //! Causal attention over packed sequences in blocks of query rows, as one op with its own
 //! backward: `softmax(scale·q·kᵀ + mask)·v` with grouped-query heads, never holding more than one
-//! block's scores. A block of `C` query positions `q0..q1` only meets keys `0..q1` (later keys
-//! are masked), so the scores are `[B, H, C, q1]` and the causal half of the work is skipped.
+//! block's scores. A block of `C` query positions `q0..q1` only meets keys `k0..q1` (later keys
+//! are masked; `k0` is 0, or the first key a sliding window lets `q0` see), so the scores are
+//! `[B, H, C, q1 − k0]` and the causal half of the work (and what lies left of the window) is
+//! skipped. gpt-oss's additions, a sliding window and per-head sink logits, are [`WindowSinks`].
 //! Forward keeps nothing but its inputs; backward recomputes each block's probabilities and
 //! runs `dP = dO·vᵀ`, `dS = softmax_bwd(P, dP)`, `dq = dS·k`, `dk += dSᵀ·q`, `dv += Pᵀ·dO`
 //! (the FlashAttention recurrence, with cuBLAS GEMMs and the masked-softmax kernels between).
@@ -10,7 +12,61 @@
 //! fused kernels of `super::flash_attn` instead (the blocked op is their reference).
 
 use super::attn_softmax::{masked_softmax_reference, softmax_block, softmax_block_bwd};
-use candle_core::{CustomOp3, DType, Result, Tensor};
+use candle_core::{CustomOp3, DType, Device, Result, Tensor};
+
+/// What gpt-oss adds to causal attention: a sliding window over the keys and one sink logit per
+/// query head. With a window of `W`, query `i` sees key `j` only when `i − j < W` (`W` keys, `i`
+/// itself included), besides the causal, per-sample mask. A sink `s_h` joins each row's softmax
+/// denominator as one more logit, not scaled, whose probability is then dropped:
+/// `p_ij = exp(x_ij − m) / (Σ_l exp(x_il − m) + exp(s_h − m))` with `x = scale·q·kᵀ`, so a row's
+/// probabilities sum to less than one. Sinks are frozen: no gradient reaches them. The default
+/// (no window, no sinks) is plain causal attention.
+#[derive(Clone, Debug, Default)]
+pub struct WindowSinks {
+    /// Keys a query sees, its own included (gpt-oss: `sliding_window` on its sliding layers).
+    pub window: Option<usize>,
+    /// `[query heads]` f32 on the inputs' device.
+    pub sinks: Option<Tensor>,
+}
+
+impl WindowSinks {
+    /// A copy checked for `heads` query heads on `device`, the sinks as f32 without a graph,
+    /// contiguous from offset 0.
+    pub(crate) fn prepared(&self, heads: usize, device: &Device) -> Result<Self> {
+        if self.window == Some(0) {
+            candle_core::bail!(
+                "attention: a sliding window of 0 keys (a query sees at least itself)"
+            );
+        }
+        let sinks = match &self.sinks {
+            None => None,
+            Some(s) if s.dims() == [heads] && s.device().same_device(device) => {
+                Some(super::at_offset_zero(&s.detach().to_dtype(DType::F32)?)?)
+            }
+            Some(s) => candle_core::bail!(
+                "attention: sinks {:?} on {:?} for {heads} query heads on {device:?} (one per query head, on the inputs' device)",
+                s.dims(),
+                s.device()
+            ),
+        };
+        Ok(WindowSinks {
+            window: self.window,
+            sinks,
+        })
+    }
+
+    /// The first key that query `q0` (and so any later query) may see.
+    pub(crate) fn first_key(&self, q0: usize) -> usize {
+        self.window.map_or(0, |w| q0.saturating_sub(w.max(1) - 1))
+    }
+
+    /// The window as the kernels take it: `i32::MAX` for none.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn kernel_window(&self) -> i32 {
+        self.window
+            .map_or(i32::MAX, |w| i32::try_from(w).unwrap_or(i32::MAX))
+    }
+}
 
 /// What the host knows of a micro-batch's samples, built once per micro-batch (`Model::inputs`)
 /// for the kernels that take it on the host side (`cudnn_attn`).
@@ -39,6 +95,63 @@ pub struct Ragged {
     pub kv_offsets: Tensor,
     /// `[seqs]`: each sequence's length, 0 for the empty ones.
     pub lens: Tensor,
+    /// `[B·S]`: each token's row of the per-sequence statistics `[seqs, heads, max_len]` seen
+    /// as `[seqs·max_len, heads]` (sequence × max_len + position in it).
+    pub stats_rows: Tensor,
+}
+
+impl Ragged {
+    /// The layout of packed rows (`segments [B·S]`, the sample of each position) for heads of
+    /// `head_dim`, on `device` (`cudnn_attn::ragged` decides whether cuDNN takes them).
+    pub fn of(
+        segments: &[u32],
+        (b, s): (usize, usize),
+        (heads, kv_heads, head_dim): (usize, usize, usize),
+        device: &Device,
+    ) -> Result<Self> {
+        if segments.len() != b * s {
+            candle_core::bail!(
+                "ragged layout: {} segment ids for {b} × {s} positions",
+                segments.len()
+            );
+        }
+        // Runs of one segment id within a row, in token order: (first token, length).
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for row in 0..b {
+            let ids = &segments[row * s..(row + 1) * s];
+            let mut start = 0;
+            for t in 1..=s {
+                if t == s || ids[t] != ids[start] {
+                    runs.push((row * s + start, t - start));
+                    start = t;
+                }
+            }
+        }
+        let longest = runs.iter().map(|r| r.1).max().unwrap_or(1);
+        let seqs = runs.len().next_power_of_two();
+        let max_len = longest.next_power_of_two().max(64).min(s);
+        let mut stats_rows = vec![0u32; b * s];
+        for (seq, &(first, len)) in runs.iter().enumerate() {
+            for t in 0..len {
+                stats_rows[first + t] = (seq * max_len + t) as u32;
+            }
+        }
+        let offsets = |per_token: usize| -> Vec<u32> {
+            let mut o: Vec<u32> = runs.iter().map(|r| (r.0 * per_token) as u32).collect();
+            o.resize(seqs + 1, (b * s * per_token) as u32);
+            o
+        };
+        let mut lens: Vec<u32> = runs.iter().map(|r| r.1 as u32).collect();
+        lens.resize(seqs, 0);
+        Ok(Ragged {
+            seqs,
+            max_len,
+            q_offsets: Tensor::from_vec(offsets(heads * head_dim), seqs + 1, device)?,
+            kv_offsets: Tensor::from_vec(offsets(kv_heads * head_dim), seqs + 1, device)?,
+            lens: Tensor::from_vec(lens, seqs, device)?,
+            stats_rows: Tensor::from_vec(stats_rows, b * s, device)?,
+        })
+    }
 }
 
 /// Bytes of one block's scores the block size is chosen for (each of the backward's four
@@ -55,6 +168,8 @@ pub fn query_block(batch: usize, heads: usize, s: usize, dtype: DType) -> usize 
 struct BlockedAttention {
     /// `[B, S]` u32 on the inputs' device.
     segments: Tensor,
+    /// Checked (`WindowSinks::prepared`).
+    extras: WindowSinks,
     scale: f32,
     block: usize,
 }
@@ -120,35 +235,41 @@ fn block_rows(y: &Tensor, d: &Dims, c: usize) -> Result<Tensor> {
 }
 
 impl BlockedAttention {
-    fn new(segments: &Tensor, scale: f64, block: usize) -> Self {
+    /// `segments` and `extras` on the inputs' device, `extras` checked.
+    fn new(segments: &Tensor, extras: &WindowSinks, scale: f64, block: usize) -> Self {
         BlockedAttention {
             segments: segments.clone(),
+            extras: extras.clone(),
             scale: scale as f32,
             block,
         }
     }
 
-    /// `(q0, c)` of every block.
-    fn blocks(&self, s: usize) -> impl Iterator<Item = (usize, usize)> {
+    /// `(q0, c, k0)` of every block: its first query, its rows, its first key.
+    fn blocks(&self, s: usize) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
         let c = self.block;
-        (0..s).step_by(c).map(move |q0| (q0, c.min(s - q0)))
+        (0..s)
+            .step_by(c)
+            .map(move |q0| (q0, c.min(s - q0), self.extras.first_key(q0)))
     }
 
-    /// Keys (or values) `0..q1` as `[B, kvh, q1, w]` from `[B, kvh, S, w]`.
-    fn prefix(kv: &Tensor, q1: usize) -> Result<Tensor> {
-        kv.narrow(2, 0, q1)?.contiguous()
+    /// Keys (or values) `k0..q1` as `[B, kvh, q1 − k0, w]` from `[B, kvh, S, w]`.
+    fn span(kv: &Tensor, k0: usize, q1: usize) -> Result<Tensor> {
+        kv.narrow(2, k0, q1 - k0)?.contiguous()
     }
 
-    /// One block's probabilities `[B, kvh, rep·c, q1]` from its queries and key prefix.
-    fn probs(&self, d: &Dims, qc: &Tensor, kc: &Tensor, q0: usize, c: usize) -> Result<Tensor> {
-        let q1 = q0 + c;
-        let scores = qc.matmul(&kc.t()?)?.reshape((d.b, d.nh, c, q1))?;
-        softmax_block(&scores, &self.segments, q0, self.scale)?.reshape((
-            d.b,
-            d.kvh,
-            d.rep() * c,
-            q1,
-        ))
+    /// One block's probabilities `[B, kvh, rep·c, q1 − k0]` from its queries and keys.
+    fn probs(
+        &self,
+        d: &Dims,
+        qc: &Tensor,
+        kc: &Tensor,
+        (q0, c, k0): (usize, usize, usize),
+    ) -> Result<Tensor> {
+        let keys = q0 + c - k0;
+        let scores = qc.matmul(&kc.t()?)?.reshape((d.b, d.nh, c, keys))?;
+        let p = softmax_block(&scores, &self.segments, (q0, k0), self.scale, &self.extras)?;
+        p.reshape((d.b, d.kvh, d.rep() * c, keys))
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
@@ -156,11 +277,11 @@ impl BlockedAttention {
         let kt = k.transpose(1, 2)?.contiguous()?; // [B, kvh, S, hd]
         let vt = v.transpose(1, 2)?.contiguous()?;
         let mut out = Vec::new();
-        for (q0, c) in self.blocks(d.s) {
+        for (q0, c, k0) in self.blocks(d.s) {
             let q1 = q0 + c;
             let qc = query_rows(q, &d, q0, c)?;
-            let p = self.probs(&d, &qc, &Self::prefix(&kt, q1)?, q0, c)?;
-            out.push(block_rows(&p.matmul(&Self::prefix(&vt, q1)?)?, &d, c)?);
+            let p = self.probs(&d, &qc, &Self::span(&kt, k0, q1)?, (q0, c, k0))?;
+            out.push(block_rows(&p.matmul(&Self::span(&vt, k0, q1)?)?, &d, c)?);
         }
         Tensor::cat(&out, 1)
     }
@@ -173,18 +294,24 @@ impl BlockedAttention {
         let mut dq = Vec::new();
         let mut dk = Tensor::zeros((d.b, d.kvh, d.s, d.hd), DType::F32, q.device())?;
         let mut dv = Tensor::zeros((d.b, d.kvh, d.s, d.vd), DType::F32, q.device())?;
-        for (q0, c) in self.blocks(d.s) {
-            let q1 = q0 + c;
+        for (q0, c, k0) in self.blocks(d.s) {
+            let (q1, keys) = (q0 + c, q0 + c - k0);
             let qc = query_rows(q, &d, q0, c)?;
-            let kc = Self::prefix(&kt, q1)?;
-            let vc = Self::prefix(&vt, q1)?;
-            let p = self.probs(&d, &qc, &kc, q0, c)?;
+            let kc = Self::span(&kt, k0, q1)?;
+            let vc = Self::span(&vt, k0, q1)?;
+            let p = self.probs(&d, &qc, &kc, (q0, c, k0))?;
             let doc = query_rows(&dout, &d, q0, c)?;
-            let dp = doc.matmul(&vc.t()?)?.reshape((d.b, d.nh, c, q1))?;
-            let ds = softmax_block_bwd(&p.reshape((d.b, d.nh, c, q1))?, &dp, q0, self.scale)?
-                .reshape((d.b, d.kvh, d.rep() * c, q1))?;
+            let dp = doc.matmul(&vc.t()?)?.reshape((d.b, d.nh, c, keys))?;
+            // A sink's column has no value, so no dP: the softmax backward is unchanged.
+            let p4 = p.reshape((d.b, d.nh, c, keys))?;
+            let ds = softmax_block_bwd(&p4, &dp, (q0, k0), self.scale)?.reshape((
+                d.b,
+                d.kvh,
+                d.rep() * c,
+                keys,
+            ))?;
             dq.push(block_rows(&ds.matmul(&kc)?, &d, c)?);
-            let pad = |t: Tensor| t.to_dtype(DType::F32)?.pad_with_zeros(2, 0, d.s - q1);
+            let pad = |t: Tensor| t.to_dtype(DType::F32)?.pad_with_zeros(2, k0, d.s - q1);
             dk = (dk + pad(ds.t()?.matmul(&qc)?)?)?;
             dv = (dv + pad(p.t()?.matmul(&doc)?)?)?;
         }
@@ -214,15 +341,17 @@ impl CustomOp3 for BlockedAttention {
     }
 }
 
-/// The forward of [`attention`] without a graph on q, k, v contiguous from offset 0: the output
-/// and, from the fused kernels, the per-row log-sum-exp their backward takes. `segments` comes
-/// with what the host knows of the samples: rows of one sample, or packed rows in cuDNN's
-/// ragged layout, may run on cuDNN (`cudnn_attn`).
+/// The forward of [`attention_with`] without a graph on q, k, v contiguous from offset 0: the
+/// output and, from the fused kernels, the per-row log-sum-exp their backward takes (with the
+/// sinks in it). `segments` comes with what the host knows of the samples: rows of one sample,
+/// or packed rows in cuDNN's ragged layout, may run on cuDNN (`cudnn_attn`). `extras` checked
+/// (`WindowSinks::prepared`).
 pub(crate) fn attention_forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     (segments, samples): (&Tensor, &RowSamples),
+    extras: &WindowSinks,
     scale: f64,
     block: usize,
 ) -> Result<(Tensor, Option<Tensor>)> {
@@ -235,9 +364,9 @@ pub(crate) fn attention_forward(
             samples.ragged.as_ref()
         };
         if (samples.whole || ragged.is_some())
-            && super::cudnn_attn::serves(q, k, v, scale as f32, ragged)
+            && super::cudnn_attn::serves(q, k, v, scale as f32, ragged, extras.window)
         {
-            let (out, lse) = super::cudnn_attn::forward(q, k, v, scale as f32, ragged)?;
+            let (out, lse) = super::cudnn_attn::forward(q, k, v, scale as f32, ragged, extras)?;
             return Ok((out, Some(lse)));
         }
     }
@@ -245,12 +374,12 @@ pub(crate) fn attention_forward(
     let _ = samples;
     #[cfg(feature = "cuda")]
     if d.hd == d.vd && super::flash_attn::serves(q, k, v, d.hd) {
-        let (out, lse) =
-            super::flash_attn::forward(q, k, v, &super::at_offset_zero(segments)?, scale as f32)?;
+        let segments = super::at_offset_zero(segments)?;
+        let (out, lse) = super::flash_attn::forward(q, k, v, &segments, scale as f32, extras)?;
         return Ok((out, Some(lse)));
     }
     let _ = d;
-    let op = BlockedAttention::new(segments, scale, block);
+    let op = BlockedAttention::new(segments, extras, scale, block);
     Ok((op.forward(q, k, v)?, None))
 }
 
@@ -262,11 +391,14 @@ pub(crate) fn attention_backward(
     k: &Tensor,
     v: &Tensor,
     (segments, samples): (&Tensor, &RowSamples),
+    extras: &WindowSinks,
     scale: f64,
     block: usize,
     forward: (&Tensor, Option<&Tensor>),
     dout: &Tensor,
 ) -> Result<[Tensor; 3]> {
+    // The fused kernels' backward needs nothing of the sinks: their output and lse come with
+    // the sinks in them (`attn_sinks`).
     #[cfg(feature = "cuda")]
     if let (out, Some(lse)) = forward {
         if super::cudnn_attn::is_its_lse(lse) {
@@ -276,13 +408,15 @@ pub(crate) fn attention_backward(
                 samples.ragged.as_ref()
             };
             let grads = (out, dout, lse);
-            return super::cudnn_attn::backward(q, k, v, grads, scale as f32, ragged);
+            let (scale, window) = (scale as f32, extras.window);
+            return super::cudnn_attn::backward(q, k, v, grads, scale, ragged, window);
         }
         let segments = super::at_offset_zero(segments)?;
-        return super::flash_attn::backward(q, k, v, &segments, out, dout, lse, scale as f32);
+        let grads = (out, dout, lse);
+        return super::flash_attn::backward(q, k, v, &segments, grads, scale as f32, extras);
     }
     let _ = (forward, samples);
-    let op = BlockedAttention::new(segments, scale, block);
+    let op = BlockedAttention::new(segments, extras, scale, block);
     op.backward(q, k, v, dout)
 }
 
@@ -297,6 +431,19 @@ pub fn attention(
     scale: f64,
     block: usize,
 ) -> Result<Tensor> {
+    attention_with(q, k, v, segments, scale, block, &WindowSinks::default())
+}
+
+/// [`attention`] with a sliding window and sinks (`extras`, sinks on the inputs' device).
+pub fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &Tensor,
+    scale: f64,
+    block: usize,
+    extras: &WindowSinks,
+) -> Result<Tensor> {
     let d = Dims::of(q, k, v)?;
     if segments.dims2()? != (d.b, d.s) || segments.dtype() != DType::U32 || block == 0 {
         candle_core::bail!(
@@ -306,12 +453,14 @@ pub fn attention(
             q.dims()
         );
     }
+    let extras = extras.prepared(d.nh, q.device())?;
     #[cfg(feature = "cuda")]
     if d.hd == d.vd && super::flash_attn::serves(q, k, v, d.hd) {
         let z = super::at_offset_zero;
-        return super::flash_attn::attention(&z(q)?, &z(k)?, &z(v)?, segments, scale as f32);
+        let (q, k, v) = (z(q)?, z(k)?, z(v)?);
+        return super::flash_attn::attention(&q, &k, &v, segments, scale as f32, &extras);
     }
-    let op = BlockedAttention::new(segments, scale, block);
+    let op = BlockedAttention::new(segments, &extras, scale, block);
     let z = super::at_offset_zero;
     let (q, k, v) = (z(q)?, z(k)?, z(v)?);
     if super::records_graph(&[&q, &k, &v]) {
@@ -331,6 +480,19 @@ pub fn attention_reference(
     segments: &[Vec<u32>],
     scale: f64,
 ) -> Result<Tensor> {
+    attention_reference_with(q, k, v, segments, scale, &WindowSinks::default())
+}
+
+/// [`attention_reference`] with a sliding window and sinks: the window in the additive mask, the
+/// sinks as one more score column that the softmax normalises over and that is then dropped.
+pub fn attention_reference_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &[Vec<u32>],
+    scale: f64,
+    extras: &WindowSinks,
+) -> Result<Tensor> {
     let d = Dims::of(q, k, v)?;
     let heads = |t: &Tensor| -> Result<Tensor> {
         let t = t.transpose(1, 2)?.contiguous()?; // [B, kvh, S, hd]
@@ -339,6 +501,6 @@ pub fn attention_reference(
     };
     let qt = q.transpose(1, 2)?.contiguous()?; // [B, nh, S, hd]
     let scores = qt.matmul(&heads(k)?.t()?)?;
-    let p = masked_softmax_reference(&scores, segments, scale)?;
+    let p = masked_softmax_reference(&scores, segments, scale, extras)?;
     p.matmul(&heads(v)?)?.transpose(1, 2)?.contiguous()
 }

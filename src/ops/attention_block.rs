@@ -1,6 +1,7 @@
 //! The attention block between the projections as one op: per-head RMSNorm of q and k (for the
 //! architectures that have it), the rotary embedding of q and k, and causal attention within
-//! packed sequences — q `[N, nh·hd]`, k and v `[N, kvh·hd]` → `[N, nh·hd]`. The same functions
+//! packed sequences (with gpt-oss's sliding window and sinks where `BlockArgs` has them) —
+//! q `[N, nh·hd]`, k and v `[N, kvh·hd]` → `[N, nh·hd]`. The same functions
 //! as the separate ops (`rms_norm`, `apply_rope`, `attention`) run in the same order, so the
 //! results are equal bit for bit (tests/attention_ops.rs), in one graph node: the separate ops
 //! put six reshape, norm and rotary edges on q and k, and candle's backward gives each edge's
@@ -10,7 +11,7 @@
 //! log-sum-exp from the forward that recorded the node (in training, the recompute just before),
 //! and that recompute takes the attention output of the first forward (`BlockArgs::memo`).
 
-use super::attention::{attention_backward, attention_forward, RowSamples};
+use super::attention::{attention_backward, attention_forward, RowSamples, WindowSinks};
 use super::norm_rope::{norm_rope_backward, norm_rope_forward, HeadNorm};
 use candle_core::{CustomOp3, Result, Tensor};
 use std::cell::RefCell;
@@ -34,6 +35,12 @@ pub struct BlockArgs<'a> {
     pub segments: &'a Tensor,
     /// What the host knows of the samples in the rows (whole rows, cuDNN's ragged layout).
     pub samples: &'a RowSamples,
+    /// Keys a query sees, its own included (gpt-oss's sliding layers); None: all earlier keys
+    /// of its sample.
+    pub window: Option<usize>,
+    /// One logit per query head (`[heads]`, f32, on the inputs' device) in each row's softmax
+    /// denominator (gpt-oss); frozen. See `attention::WindowSinks`.
+    pub sinks: Option<&'a Tensor>,
     pub scale: f64,
     /// Query block of the blocked attention (see `attention::query_block`).
     pub block: usize,
@@ -56,6 +63,8 @@ struct AttentionBlock {
     rotary: Option<(Tensor, Tensor)>,
     segments: Tensor,
     samples: RowSamples,
+    /// Checked (`WindowSinks::prepared`).
+    extras: WindowSinks,
     scale: f64,
     block: usize,
     /// The attention output (and lse) of an earlier pass over the same inputs.
@@ -118,6 +127,7 @@ impl AttentionBlock {
                 &kr,
                 &v4,
                 (&self.segments, &self.samples),
+                &self.extras,
                 self.scale,
                 self.block,
             )?,
@@ -143,6 +153,7 @@ impl AttentionBlock {
                     rotary: self.rotary.clone(),
                     segments: self.segments.clone(),
                     samples: self.samples.clone(),
+                    extras: self.extras.clone(),
                     scale: self.scale,
                     block: self.block,
                     reuse: self.reuse.clone(),
@@ -166,6 +177,7 @@ impl AttentionBlock {
             &kr,
             &v4,
             (&self.segments, &self.samples),
+            &self.extras,
             self.scale,
             self.block,
             (&out, lse.as_ref()),
@@ -322,6 +334,11 @@ fn block_op(
         None => None,
     };
     let table = |t: &Tensor| z(&t.to_dtype(dtype)?.detach());
+    let extras = WindowSinks {
+        window: args.window,
+        sinks: args.sinks.cloned(),
+    }
+    .prepared(nh, q.device())?;
     let reuse = match args.memo {
         Some(memo) if reuse => memo.borrow_mut().take().filter(|(out, _)| {
             out.dims()[..3] == [b, s, nh] && [vd, hd.max(vd)].contains(&out.dims()[3])
@@ -337,6 +354,7 @@ fn block_op(
         },
         segments: z(args.segments)?,
         samples: args.samples.clone(),
+        extras,
         scale: args.scale,
         block: args.block,
         reuse,

@@ -12,8 +12,15 @@
 //! heads, longest, 1]` for packed rows) and `[B, S, heads]` from moeq's kernels:
 //! `attention_backward` dispatches on it, so a forward and its backward always run on the same
 //! kernels.
+//!
+//! gpt-oss: a sliding window of `W` keys is cuDNN's diagonal band with left bound `W` (it keeps
+//! key `j` for query `i` when `j + W > i`, i.e. `i − j < W`: the frontend's
+//! `sliding_window_mask`, top-left aligned, per sequence when ragged), on the forward's and the
+//! backward's graphs alike. Sinks go through the statistics (natural-log lse, the frontend's
+//! default) as for moeq's kernels (`super::attn_sinks`): the graphs never see them.
 
-use super::attention::Ragged;
+use super::attention::{Ragged, WindowSinks};
+use super::attn_sinks::{fold_sinks, Stats};
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::CudaStorageSlice as S;
 use candle_core::{CudaDevice, DType, Result, Storage, Tensor};
@@ -39,6 +46,8 @@ struct Shape {
     ragged: i32,
     /// Ragged: the tokens of all sequences, at most (sizes cuDNN's workspace by them).
     total: i64,
+    /// Keys a query sees (the diagonal band's left bound); 0: no window.
+    window: i64,
 }
 
 extern "C" {
@@ -172,7 +181,7 @@ pub fn library() -> &'static std::result::Result<i64, String> {
 }
 
 /// Shapes cuDNN refused (planned once, then left to moeq's kernels).
-static REFUSED: Mutex<Option<HashSet<[i64; 8]>>> = Mutex::new(None);
+static REFUSED: Mutex<Option<HashSet<[i64; 9]>>> = Mutex::new(None);
 
 fn cuda_device(t: &Tensor) -> Result<&CudaDevice> {
     match t.device() {
@@ -190,12 +199,12 @@ fn major(dev: &CudaDevice) -> i32 {
 
 impl Shape {
     /// q `[B, S, H, D]`, k `[B, S, KVH, D]`, v `[B, S, KVH, DV]`; packed rows as `ragged`'s
-    /// sequences.
+    /// sequences; a window no shorter than the (longest) sequence is none.
     fn of(
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        scale: f32,
+        (scale, window): (f32, Option<usize>),
         backward: bool,
         ragged: Option<&Ragged>,
     ) -> Result<Self> {
@@ -225,11 +234,13 @@ impl Shape {
             } else {
                 0
             } as i64,
+            window: window.filter(|&w| w < s).map_or(0, i),
         })
     }
 
-    fn key(&self) -> [i64; 8] {
+    fn key(&self) -> [i64; 9] {
         [
+            self.window,
             self.total,
             self.b,
             self.s,
@@ -276,48 +287,22 @@ pub fn ragged(
     {
         return Ok(None);
     }
-    // Runs of one segment id within a row, in token order: (first token, length).
-    let mut runs: Vec<(usize, usize)> = Vec::new();
-    for row in 0..b {
-        let ids = &segments[row * s..(row + 1) * s];
-        let mut start = 0;
-        for t in 1..=s {
-            if t == s || ids[t] != ids[start] {
-                runs.push((row * s + start, t - start));
-                start = t;
-            }
-        }
-    }
-    let longest = runs.iter().map(|r| r.1).max().unwrap_or(1);
-    let seqs = runs.len().next_power_of_two();
-    let max_len = longest.next_power_of_two().max(64).min(s);
-    let offsets = |per_token: usize| -> Vec<u32> {
-        let mut o: Vec<u32> = runs.iter().map(|r| (r.0 * per_token) as u32).collect();
-        o.resize(seqs + 1, (b * s * per_token) as u32);
-        o
-    };
-    let mut lens: Vec<u32> = runs.iter().map(|r| r.1 as u32).collect();
-    lens.resize(seqs, 0);
-    Ok(Some(Ragged {
-        seqs,
-        max_len,
-        q_offsets: Tensor::from_vec(offsets(heads * head_dim), seqs + 1, device)?,
-        kv_offsets: Tensor::from_vec(offsets(kv_heads * head_dim), seqs + 1, device)?,
-        lens: Tensor::from_vec(lens, seqs, device)?,
-    }))
+    Ragged::of(segments, (b, s), (heads, kv_heads, head_dim), device).map(Some)
 }
 
 /// Whether cuDNN serves causal attention over q, k, v (`[B, S, heads, hd]`, contiguous from
 /// offset 0) of rows that are one sample each, or of packed rows given as `ragged`: the backend
 /// is `Auto`, cuDNN is loaded, bf16 on a device of compute capability 8.0 or newer (9.0 for
 /// packed rows, whose query and value head sizes must match), head sizes multiples of 16 from
-/// 64 to 256, and cuDNN builds both the forward and the backward graphs of the shape.
+/// 64 to 256, and cuDNN builds both the forward and the backward graphs of the shape (with the
+/// sliding `window`, if any: where cuDNN refuses it, moeq's kernels serve).
 pub(crate) fn serves(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f32,
     ragged: Option<&Ragged>,
+    window: Option<usize>,
 ) -> bool {
     if backend() != Backend::Auto
         || !q.device().is_cuda()
@@ -334,7 +319,7 @@ pub(crate) fn serves(
     if major(dev) < min_major || library().is_err() {
         return false;
     }
-    let Ok(fwd) = Shape::of(q, k, v, scale, false, ragged) else {
+    let Ok(fwd) = Shape::of(q, k, v, (scale, window), false, ragged) else {
         return false;
     };
     // Real models' head sizes; the tiny test models' 16 stay on moeq's kernels (at 16 the
@@ -366,8 +351,12 @@ pub(crate) fn serves(
             } else {
                 "rows"
             };
+            let window = match fwd.window {
+                0 => String::new(),
+                w => format!(", window {w}"),
+            };
             tracing::warn!(
-                "attention: cuDNN refused {} {what} × {} positions of {}/{} heads of {}/{} \
+                "attention: cuDNN refused {} {what} × {} positions of {}/{} heads of {}/{}{window} \
                  ({why}); moeq's kernels serve this shape",
                 fwd.b,
                 fwd.s,
@@ -441,17 +430,19 @@ fn run(dev: &CudaDevice, shape: &Shape, ptrs: &Ptrs) -> Result<()> {
     Ok(())
 }
 
-/// `(out [B, S, H, DV], lse)`; inputs contiguous from offset 0. The lse is `[B, H, S, 1]` f32,
-/// or `[sequences, H, longest, 1]` for packed rows.
+/// `(out [B, S, H, DV], lse)`, the sinks of `extras` (checked) in both; inputs contiguous
+/// from offset 0. The lse is `[B, H, S, 1]` f32, or `[sequences, H, longest, 1]` for packed
+/// rows.
 pub(crate) fn forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f32,
     ragged: Option<&Ragged>,
+    extras: &WindowSinks,
 ) -> Result<(Tensor, Tensor)> {
     let dev = cuda_device(q)?;
-    let shape = Shape::of(q, k, v, scale, false, ragged)?;
+    let shape = Shape::of(q, k, v, (scale, extras.window), false, ragged)?;
     let (b, s, h, _) = q.dims4()?;
     let dv = v.dim(3)?;
     let stream = dev.cuda_stream();
@@ -474,7 +465,16 @@ pub(crate) fn forward(
         ragged_ptrs(&mut ptrs, r, &stream)?;
     }
     run(dev, &shape, &ptrs)?;
-    Ok((out, lse))
+    let stats = match ragged {
+        None => Stats::Cudnn,
+        Some(r) => Stats::CudnnRagged {
+            rows: &r.stats_rows,
+        },
+    };
+    match &extras.sinks {
+        None => Ok((out, lse)),
+        Some(sinks) => fold_sinks(&out, &lse, sinks, stats),
+    }
 }
 
 /// The backward of `shape` as calls over consecutive rows (sequences, when ragged): `(first,
@@ -510,7 +510,8 @@ pub(crate) fn is_its_lse(lse: &Tensor) -> bool {
 }
 
 /// `[dq, dk, dv]` from the forward's inputs, its output, the output's gradient and its lse
-/// (`grads`), for the same rows (`ragged`) as the forward.
+/// (`grads`; with the sinks in output and lse, as [`forward`] left them), for the same rows
+/// (`ragged`) and window as the forward.
 pub(crate) fn backward(
     q: &Tensor,
     k: &Tensor,
@@ -518,9 +519,10 @@ pub(crate) fn backward(
     (out, dout, lse): (&Tensor, &Tensor, &Tensor),
     scale: f32,
     ragged: Option<&Ragged>,
+    window: Option<usize>,
 ) -> Result<[Tensor; 3]> {
     let dev = cuda_device(q)?;
-    let shape = Shape::of(q, k, v, scale, true, ragged)?;
+    let shape = Shape::of(q, k, v, (scale, window), true, ragged)?;
     let z = super::at_offset_zero;
     let dout = z(&dout.to_dtype(DType::BF16)?)?;
     let (out, lse) = (z(out)?, z(lse)?);

@@ -2,6 +2,7 @@
 //! dequantization a range of experts at a time (for `experts::expert_matmul`).
 
 use super::nf4_linear::{Nf4Weight, Scales};
+use super::swiglu::Glu;
 use crate::quant::{op::dequantize, QuantKind};
 use candle_core::{DType, Result, Tensor};
 use std::ops::Range;
@@ -13,6 +14,10 @@ pub struct ExpertWeights {
     pub num_experts: usize,
     pub out_features: usize,
     pub in_features: usize,
+    /// `[E, out]`: each expert's bias, added to its rows of `x · Wᵀ` (gpt-oss).
+    pub bias: Option<Tensor>,
+    /// The activation of this (gate_up) projection's output (SwiGLU but for gpt-oss).
+    pub glu: Glu,
 }
 
 #[derive(Clone)]
@@ -66,6 +71,8 @@ impl ExpertWeights {
             num_experts: experts.len(),
             out_features: first.out_features,
             in_features: first.in_features,
+            bias: None,
+            glu: Glu::Silu,
         })
     }
 
@@ -77,7 +84,40 @@ impl ExpertWeights {
             num_experts,
             out_features,
             in_features,
+            bias: None,
+            glu: Glu::Silu,
         })
+    }
+
+    /// The same experts with biases `[E, out]` and the activation `glu` of their output.
+    pub fn with(self, bias: Option<Tensor>, glu: Glu) -> Result<ExpertWeights> {
+        if let Some(b) = &bias {
+            if b.dims() != [self.num_experts, self.out_features] {
+                candle_core::bail!(
+                    "ExpertWeights: bias {:?} for {} experts of {} outputs",
+                    b.dims(),
+                    self.num_experts,
+                    self.out_features
+                );
+            }
+        }
+        Ok(ExpertWeights { bias, glu, ..self })
+    }
+
+    /// `y + b_e` on each expert's rows of `y [M, out]` (`counts[e]` rows each), where the
+    /// experts have biases.
+    pub(crate) fn add_bias(&self, y: Tensor, counts: &[usize]) -> Result<Tensor> {
+        let Some(bias) = &self.bias else {
+            return Ok(y);
+        };
+        let ids: Vec<u32> = counts
+            .iter()
+            .enumerate()
+            .flat_map(|(e, &c)| std::iter::repeat_n(e as u32, c))
+            .collect();
+        let ids = Tensor::from_vec(ids, y.dim(0)?, y.device())?;
+        let rows = bias.to_dtype(y.dtype())?.index_select(&ids, 0)?;
+        y + rows
     }
 
     /// Experts `range` (local indices) as `[n, out, in]` in `dtype`: dequantized, or a view

@@ -102,9 +102,13 @@ pub(crate) fn expert_matmul(
         }
         row += rows;
     }
-    match into {
-        Some(out) => out.reshape((m, n)),
-        None => Tensor::cat(&parts, 0)?.reshape((m, n)),
+    let y = match into {
+        Some(out) => out.reshape((m, n))?,
+        None => Tensor::cat(&parts, 0)?.reshape((m, n))?,
+    };
+    match transpose {
+        true => w.add_bias(y, counts),
+        false => Ok(y),
     }
 }
 
@@ -212,7 +216,11 @@ pub fn grouped_nf4_reference(
 ) -> Result<Tensor> {
     per_group(x, counts, |xg, e| {
         let w = weights.dequantize(e..e + 1, xg.dtype())?.squeeze(0)?;
-        xg.matmul(&w.t()?)
+        let y = xg.matmul(&w.t()?)?;
+        match &weights.bias {
+            Some(b) => y.broadcast_add(&b.get(e)?.to_dtype(y.dtype())?),
+            None => Ok(y),
+        }
     })
 }
 

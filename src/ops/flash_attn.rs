@@ -3,9 +3,13 @@
 //! keeps one log-sum-exp per row for the backward, and the backward runs one kernel for dq
 //! (over key tiles) and one for dk/dv (over query tiles and the query heads of each kv head),
 //! so no gradient is accumulated with atomics and results are deterministic. Same masking and
-//! arguments as [`super::attention::attention`], whose blocked op is the CPU reference and the
-//! path for every other dtype or head size (gpu-check compares the two).
+//! arguments as [`super::attention::attention_with`], whose blocked op is the CPU reference and
+//! the path for every other dtype or head size (gpu-check compares the two). A sliding window is
+//! in the kernels' mask; sinks are folded into the output and lse after the forward
+//! (`super::attn_sinks`), and the backward needs nothing more.
 
+use super::attention::WindowSinks;
+use super::attn_sinks::{fold_sinks, Stats};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaView, LaunchConfig, PushKernelArg,
@@ -109,13 +113,15 @@ fn load(
     Ok((func.into_cuda_function(), cfg))
 }
 
-/// `(out [B, S, nh, hd], lse [B, S, nh] f32)`; inputs contiguous from offset 0.
+/// `(out [B, S, nh, hd], lse [B, S, nh] f32)`, the sinks of `extras` (checked) in both; inputs
+/// contiguous from offset 0.
 pub(crate) fn forward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     segments: &Tensor,
     scale: f32,
+    extras: &WindowSinks,
 ) -> Result<(Tensor, Tensor)> {
     let dev = cuda_device(q)?;
     let d = Dims::of(q, k)?;
@@ -132,6 +138,7 @@ pub(crate) fn forward(
     let out = unsafe { dev.alloc::<half::bf16>(q.elem_count())? };
     let lse = unsafe { dev.alloc::<f32>(d.b * d.s * d.nh)? };
     let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let window = extras.kernel_window();
     let (vq, vk, vv, vs) = (
         view::<half::bf16>(&gq)?,
         view::<half::bf16>(&gk)?,
@@ -140,27 +147,28 @@ pub(crate) fn forward(
     );
     let mut a = stream.launch_builder(&func);
     a.arg(&vq).arg(&vk).arg(&vv).arg(&vs).arg(&out).arg(&lse);
-    a.arg(&s).arg(&nh).arg(&kvh).arg(&scale_log2);
+    a.arg(&s).arg(&nh).arg(&kvh).arg(&window).arg(&scale_log2);
     // SAFETY: arguments match kernels/flash_attn.cu; shapes checked by the caller.
     unsafe { a.launch(cfg) }.w()?;
     let wrap = super::cuda_tensor;
-    Ok((
-        wrap(S::BF16(out), dev, q.shape().clone()),
-        wrap(S::F32(lse), dev, (d.b, d.s, d.nh).into()),
-    ))
+    let out = wrap(S::BF16(out), dev, q.shape().clone());
+    let lse = wrap(S::F32(lse), dev, (d.b, d.s, d.nh).into());
+    match &extras.sinks {
+        None => Ok((out, lse)),
+        Some(sinks) => fold_sinks(&out, &lse, sinks, Stats::Flash),
+    }
 }
 
-/// `[dq, dk, dv]` from the forward's inputs, output and lse and the output's gradient.
-#[allow(clippy::too_many_arguments)]
+/// `[dq, dk, dv]` from the forward's inputs, output, output's gradient and lse (`grads`; with
+/// the sinks in output and lse, as [`forward`] left them) and the forward's window.
 pub(crate) fn backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     segments: &Tensor,
-    out: &Tensor,
-    dout: &Tensor,
-    lse: &Tensor,
+    (out, dout, lse): (&Tensor, &Tensor, &Tensor),
     scale: f32,
+    extras: &WindowSinks,
 ) -> Result<[Tensor; 3]> {
     let dev = cuda_device(q)?;
     let d = Dims::of(q, k)?;
@@ -208,6 +216,7 @@ pub(crate) fn backward(
     // SAFETY: arguments match kernels/flash_attn.cu.
     unsafe { a.launch(cfg) }.w()?;
     let scale_log2 = scale * std::f32::consts::LOG2_E;
+    let window = extras.kernel_window();
     // SAFETY: the kernels write every row of dq, dk and dv.
     let dq = unsafe { dev.alloc::<half::bf16>(q.elem_count())? };
     let dk = unsafe { dev.alloc::<half::bf16>(k.elem_count())? };
@@ -230,7 +239,8 @@ pub(crate) fn backward(
         } else {
             a.arg(&dk).arg(&dv);
         }
-        a.arg(&s).arg(&nh).arg(&kvh).arg(&scale_log2).arg(&scale);
+        a.arg(&s).arg(&nh).arg(&kvh).arg(&window);
+        a.arg(&scale_log2).arg(&scale);
         // SAFETY: arguments match kernels/flash_attn.cu.
         unsafe { a.launch(cfg) }.w()?;
     }
@@ -244,6 +254,8 @@ pub(crate) fn backward(
 
 struct FlashAttention {
     segments: Tensor,
+    /// Checked (`WindowSinks::prepared`).
+    extras: WindowSinks,
     scale: f32,
     /// The lse of the forward that recorded the node, for its backward.
     lse: Mutex<Option<Tensor>>,
@@ -251,7 +263,7 @@ struct FlashAttention {
 
 impl FlashAttention {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (out, lse) = forward(q, k, v, &self.segments, self.scale)?;
+        let (out, lse) = forward(q, k, v, &self.segments, self.scale, &self.extras)?;
         *self.lse.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
         Ok(out)
     }
@@ -276,33 +288,36 @@ impl CustomOp3 for FlashAttention {
         let saved = self.lse.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let lse = match saved {
             Some(lse) => lse,
-            None => forward(q, k, v, &self.segments, self.scale)?.1,
+            None => forward(q, k, v, &self.segments, self.scale, &self.extras)?.1,
         };
-        let [dq, dk, dv] = backward(q, k, v, &self.segments, out, dout, &lse, self.scale)?;
+        let grads = (out, dout, &lse);
+        let [dq, dk, dv] = backward(q, k, v, &self.segments, grads, self.scale, &self.extras)?;
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
 
 /// Causal attention within packed sequences on the fused kernels; inputs as
-/// [`super::attention::attention`] (already checked there), contiguous from offset 0.
+/// [`super::attention::attention_with`] (already checked there), contiguous from offset 0.
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     segments: &Tensor,
     scale: f32,
+    extras: &WindowSinks,
 ) -> Result<Tensor> {
     if !segments.device().same_device(q.device()) {
         candle_core::bail!("flash attention: segments are not on the inputs' device");
     }
     let op = FlashAttention {
         segments: super::at_offset_zero(segments)?,
+        extras: extras.clone(),
         scale,
         lse: Mutex::new(None),
     };
     if super::records_graph(&[q, k, v]) {
         q.apply_op3(k, v, op)
     } else {
-        forward(q, k, v, &op.segments, scale).map(|(out, _)| out)
+        forward(q, k, v, &op.segments, scale, extras).map(|(out, _)| out)
     }
 }

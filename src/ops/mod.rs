@@ -5,6 +5,7 @@ pub mod adamw;
 pub mod add;
 pub mod attention;
 pub mod attention_block;
+pub mod attn_sinks;
 pub mod attn_softmax;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]

@@ -102,7 +102,7 @@ impl Held<'_> {
             gu = sum;
             xs_h = Some((xs.clone(), h));
         }
-        let act = super::swiglu::packed_forward(&gu)?; // [M, I]
+        let act = super::swiglu::packed_forward(&gu, self.gate_up.glu)?; // [M, I]
         let mut y = grouped(&act, self.down, self.counts, true)?; // [M, H]
         let mut act_h = None;
         if let (Some((a, b)), Some(l)) = (self.down_lora, self.adapter) {
@@ -131,7 +131,7 @@ impl Held<'_> {
             down = Some((da, db));
         }
         drop((dy, act));
-        let dgu = super::swiglu::packed_backward(&gu, &dact)?;
+        let dgu = super::swiglu::packed_backward(&gu, &dact, self.gate_up.glu)?;
         drop((gu, dact));
         let mut dxs = grouped(&dgu, self.gate_up, self.counts, false)?.to_dtype(dtype)?;
         let mut gate_up = None;

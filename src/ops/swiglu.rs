@@ -10,6 +10,62 @@ use half::{bf16, f16};
 
 struct SwiGlu;
 
+/// The gated activation of a fused gate_up projection's output `[rows, 2·I]` → `[rows, I]`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub enum Glu {
+    /// `silu(gate) · up`, gate in the first half of each row (transformers' fused experts).
+    Silu,
+    /// gpt-oss: (gate, up) pairs interleaved along the row, gate clamped above at `limit` and
+    /// up to `±limit`, then `gate · σ(alpha · gate) · (up + 1)`.
+    Clamped { alpha: f32, limit: f32 },
+}
+
+impl Glu {
+    /// Column of gate `c` and of up `c` in a row of `2·half`.
+    fn columns(self, c: usize, half: usize) -> (usize, usize) {
+        match self {
+            Glu::Silu => (c, half + c),
+            Glu::Clamped { .. } => (2 * c, 2 * c + 1),
+        }
+    }
+
+    /// The activation of one (gate, up) pair, in f32.
+    fn value(self, g: f32, u: f32) -> f32 {
+        match self {
+            Glu::Silu => silu_mul(g, u),
+            Glu::Clamped { alpha, limit } => {
+                let (g, u) = (g.min(limit), u.clamp(-limit, limit));
+                g / (1.0 + (-alpha * g).exp()) * (u + 1.0)
+            }
+        }
+    }
+
+    /// (∂/∂gate, ∂/∂up) of one pair times `d`, in f32 (zero where a clamp holds the input:
+    /// beyond the limits, the limits themselves included in the pass-through as a clamp's
+    /// gradient does).
+    fn grads(self, g: f32, u: f32, d: f32) -> (f32, f32) {
+        match self {
+            Glu::Silu => {
+                let sig = 1.0 / (1.0 + (-g).exp());
+                (d * u * sig * (1.0 + g * (1.0 - sig)), d * g * sig)
+            }
+            Glu::Clamped { alpha, limit } => {
+                let (gc, uc) = (g.min(limit), u.clamp(-limit, limit));
+                let sig = 1.0 / (1.0 + (-alpha * gc).exp());
+                let dg = match g <= limit {
+                    true => d * (uc + 1.0) * sig * (1.0 + alpha * gc * (1.0 - sig)),
+                    false => 0.0,
+                };
+                let du = match u.abs() <= limit {
+                    true => d * gc * sig,
+                    false => 0.0,
+                };
+                (dg, du)
+            }
+        }
+    }
+}
+
 fn silu_mul(g: f32, u: f32) -> f32 {
     g / (1.0 + (-g).exp()) * u
 }
@@ -172,15 +228,20 @@ pub fn swiglu_reference(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 /// transformers' fused experts) → `[rows, I]`, forward and backward each one pass (CUDA kernels
 /// in `kernels/swiglu.cu`): no narrow copies, and the gradient comes back packed.
 pub fn swiglu_packed(gu: &Tensor) -> Result<Tensor> {
+    glu_packed(gu, Glu::Silu)
+}
+
+/// The gated activation `glu` over a fused gate_up projection `[rows, 2·I]` → `[rows, I]`.
+pub fn glu_packed(gu: &Tensor, glu: Glu) -> Result<Tensor> {
     let (_, two_i) = gu.dims2()?;
     if two_i % 2 != 0 {
         candle_core::bail!("swiglu_packed: {two_i} columns do not split into gate and up");
     }
     let gu = super::at_offset_zero(gu)?;
     if super::records_graph(&[&gu]) {
-        gu.apply_op1(Packed)
+        gu.apply_op1(Packed(glu))
     } else {
-        super::direct(Packed.fwd(&gu)?)
+        super::direct(Packed(glu).fwd(&gu)?)
     }
 }
 
@@ -190,8 +251,20 @@ pub fn swiglu_packed_reference(gu: &Tensor) -> Result<Tensor> {
     swiglu_reference(&gu.narrow(1, 0, half)?, &gu.narrow(1, half, half)?)
 }
 
+/// The primitive-op reference of the clamped GLU (`Glu::Clamped`) over interleaved pairs.
+pub fn clamped_glu_reference(gu: &Tensor, alpha: f64, limit: f64) -> Result<Tensor> {
+    let (rows, two_i) = gu.dims2()?;
+    let pairs = gu.reshape((rows, two_i / 2, 2))?;
+    let g = pairs.narrow(2, 0, 1)?.squeeze(2)?;
+    let u = pairs.narrow(2, 1, 1)?.squeeze(2)?;
+    let g = g.minimum(limit)?;
+    let u = u.clamp(-limit, limit)?;
+    let sig = ((&g * -alpha)?.exp()? + 1.0)?.recip()?;
+    (g * sig)?.mul(&(u + 1.0)?)
+}
+
 /// f32 rows of the packed op on the CPU: `fwd` → out `[rows, I]`; with `dy`, → dgu.
-fn packed_cpu(gu: &Tensor, dy: Option<&Tensor>) -> Result<Tensor> {
+fn packed_cpu(gu: &Tensor, dy: Option<&Tensor>, glu: Glu) -> Result<Tensor> {
     let (rows, two_i) = gu.dims2()?;
     let half = two_i / 2;
     let v: Vec<f32> = gu.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
@@ -199,8 +272,10 @@ fn packed_cpu(gu: &Tensor, dy: Option<&Tensor>) -> Result<Tensor> {
         None => {
             let mut out = Vec::with_capacity(rows * half);
             for r in 0..rows {
+                let row = &v[r * two_i..(r + 1) * two_i];
                 for c in 0..half {
-                    out.push(silu_mul(v[r * two_i + c], v[r * two_i + half + c]));
+                    let (gc, uc) = glu.columns(c, half);
+                    out.push(glu.value(row[gc], row[uc]));
                 }
             }
             Tensor::from_vec(out, (rows, half), gu.device())?
@@ -210,10 +285,11 @@ fn packed_cpu(gu: &Tensor, dy: Option<&Tensor>) -> Result<Tensor> {
             let mut out = vec![0f32; rows * two_i];
             for r in 0..rows {
                 for c in 0..half {
-                    let (g, u, d) = (v[r * two_i + c], v[r * two_i + half + c], d[r * half + c]);
-                    let sig = 1.0 / (1.0 + (-g).exp());
-                    out[r * two_i + c] = d * u * sig * (1.0 + g * (1.0 - sig));
-                    out[r * two_i + half + c] = d * g * sig;
+                    let (gc, uc) = glu.columns(c, half);
+                    let (g, u) = (v[r * two_i + gc], v[r * two_i + uc]);
+                    let (dg, du) = glu.grads(g, u, d[r * half + c]);
+                    out[r * two_i + gc] = dg;
+                    out[r * two_i + uc] = du;
                 }
             }
             Tensor::from_vec(out, (rows, two_i), gu.device())?
@@ -224,7 +300,7 @@ fn packed_cpu(gu: &Tensor, dy: Option<&Tensor>) -> Result<Tensor> {
 
 /// Runs `swiglu_packed_{fwd,bwd}_<dtype>` (`inputs` then the output, rows, half).
 #[cfg(feature = "cuda")]
-fn packed_cuda(gu: &Tensor, dy: Option<&Tensor>) -> Result<Tensor> {
+fn packed_cuda(gu: &Tensor, dy: Option<&Tensor>, glu: Glu) -> Result<Tensor> {
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::Storage;
@@ -255,11 +331,11 @@ fn packed_cuda(gu: &Tensor, dy: Option<&Tensor>) -> Result<Tensor> {
     let vec =
         half % per_pack == 0 && aligned(lg) && dy_guard.as_ref().is_none_or(|(_, l)| aligned(l));
     let (kind, per_thread) = if vec { ("_vec", per_pack) } else { ("", 1) };
-    let func = dev.get_or_load_custom_func(
-        &format!("swiglu_packed_{pass}{kind}_{suffix}"),
-        "moeq_swiglu",
-        super::kernels::SWIGLU,
-    )?;
+    let (name, per_thread) = match glu {
+        Glu::Silu => (format!("swiglu_packed_{pass}{kind}_{suffix}"), per_thread),
+        Glu::Clamped { .. } => (format!("clamped_glu_{pass}_{suffix}"), 1),
+    };
+    let func = dev.get_or_load_custom_func(&name, "moeq_swiglu", super::kernels::SWIGLU)?;
     let cfg = LaunchConfig::for_num_elems((rows * half / per_thread).min(1 << 30) as u32);
     macro_rules! run {
         ($g:expr, $variant:path, $wrap:path) => {{
@@ -286,6 +362,14 @@ fn packed_cuda(gu: &Tensor, dy: Option<&Tensor>) -> Result<Tensor> {
             b.arg(&out);
             b.arg(&rows);
             b.arg(&half);
+            let clamps = match glu {
+                Glu::Clamped { alpha, limit } => Some((alpha, limit)),
+                Glu::Silu => None,
+            };
+            if let Some((alpha, limit)) = &clamps {
+                b.arg(alpha);
+                b.arg(limit);
+            }
             // SAFETY: arguments match kernels/swiglu.cu.
             unsafe { b.launch(cfg) }.w()?;
             $wrap(out)
@@ -309,15 +393,15 @@ fn packed_cuda(gu: &Tensor, dy: Option<&Tensor>) -> Result<Tensor> {
     ))
 }
 
-struct Packed;
+struct Packed(Glu);
 
 impl Packed {
     fn fwd(&self, gu: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if gu.device().is_cuda() {
-            return packed_cuda(gu, None);
+            return packed_cuda(gu, None, self.0);
         }
-        packed_cpu(gu, None)
+        packed_cpu(gu, None, self.0)
     }
 }
 
@@ -330,32 +414,32 @@ impl candle_core::CustomOp1 for Packed {
 
     fn bwd(&self, gu: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let _t = crate::util::phases::Span::start("bwd: swiglu", gu.device());
-        Ok(Some(packed_backward(gu, grad)?))
+        Ok(Some(packed_backward(gu, grad, self.0)?))
     }
 }
 
-/// The packed SwiGLU's forward on tensors, no graph: gu `[rows, 2·I]` → `[rows, I]`.
-pub(crate) fn packed_forward(gu: &Tensor) -> Result<Tensor> {
-    super::direct(Packed.fwd(gu)?)
+/// The packed activation's forward on tensors, no graph: gu `[rows, 2·I]` → `[rows, I]`.
+pub(crate) fn packed_forward(gu: &Tensor, glu: Glu) -> Result<Tensor> {
+    super::direct(Packed(glu).fwd(gu)?)
 }
 
-/// The packed SwiGLU's backward, no graph: (gu, dy `[rows, I]`) → dgu `[rows, 2·I]` in gu's
-/// dtype.
-pub(crate) fn packed_backward(gu: &Tensor, dy: &Tensor) -> Result<Tensor> {
+/// The packed activation's backward, no graph: (gu, dy `[rows, I]`) → dgu `[rows, 2·I]` in
+/// gu's dtype.
+pub(crate) fn packed_backward(gu: &Tensor, dy: &Tensor, glu: Glu) -> Result<Tensor> {
     let dy = super::at_offset_zero(&dy.to_dtype(gu.dtype())?)?;
-    super::direct(PackedBwd.fwd(&gu.detach(), &dy)?)
+    super::direct(PackedBwd(glu).fwd(&gu.detach(), &dy)?)
 }
 
 /// (gu, dy) → dgu.
-struct PackedBwd;
+struct PackedBwd(Glu);
 
 impl PackedBwd {
     fn fwd(&self, gu: &Tensor, dy: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if gu.device().is_cuda() {
-            return packed_cuda(gu, Some(dy));
+            return packed_cuda(gu, Some(dy), self.0);
         }
-        packed_cpu(gu, Some(dy))
+        packed_cpu(gu, Some(dy), self.0)
     }
 }
 

@@ -74,6 +74,11 @@ pub fn config_json(
         if let Some(Value::Array(dense)) = obj.get_mut("mlp_only_layers") {
             dense.retain(|l| l.as_u64().is_some_and(|l| (l as usize) < n));
         }
+        // Per-layer attention types repeat their pattern over the new depth.
+        if let Some(Value::Array(types)) = obj.get_mut("layer_types") {
+            let pattern = types.clone();
+            *types = (0..n).map(|l| pattern[l % pattern.len()].clone()).collect();
+        }
     }
     // Fail here, not in a later reader, if a preset ever disagrees with the spec parser.
     ArchSpec::from_json(

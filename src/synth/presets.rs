@@ -85,6 +85,11 @@ pub const PRESETS: &[Preset] = &[
         config: tiny_hunyuan_v1_moe,
     },
     Preset {
+        name: "tiny",
+        model_type: ModelType::GptOss,
+        config: tiny_gpt_oss,
+    },
+    Preset {
         name: "qwen3-30b-a3b",
         model_type: ModelType::Qwen3Moe,
         config: qwen3_30b_a3b,
@@ -148,6 +153,16 @@ pub const PRESETS: &[Preset] = &[
         name: "granite-3.1-1b-a400m",
         model_type: ModelType::GraniteMoe,
         config: granite_31_1b_a400m,
+    },
+    Preset {
+        name: "gpt-oss-20b",
+        model_type: ModelType::GptOss,
+        config: gpt_oss_20b,
+    },
+    Preset {
+        name: "gpt-oss-120b",
+        model_type: ModelType::GptOss,
+        config: gpt_oss_120b,
     },
 ];
 
@@ -404,6 +419,21 @@ fn tiny_hunyuan_v1_moe() -> Value {
     })
 }
 
+/// A sliding window shorter than the test lines, sinks, biases everywhere, gpt-oss's rope.
+fn tiny_gpt_oss() -> Value {
+    json!({
+        "hidden_size": 64, "intermediate_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "num_local_experts": 8, "num_experts_per_tok": 2,
+        "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 12,
+        "swiglu_limit": 7.0, "attention_bias": true,
+        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "truncate": false, "original_max_position_embeddings": 4096},
+        "max_position_embeddings": 131072, "rope_theta": 150000.0, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": false
+    })
+}
+
 // Published shapes, as the models' hub config.json files give them.
 
 fn glm45_air() -> Value {
@@ -518,4 +548,31 @@ fn granite_31_1b_a400m() -> Value {
         "max_position_embeddings": 131072, "rope_theta": 1500000.0, "rms_norm_eps": 1e-6,
         "attention_bias": false, "tie_word_embeddings": true, "vocab_size": 49155
     })
+}
+
+fn gpt_oss(layers: usize, experts: usize) -> Value {
+    let types: Vec<&str> = (0..layers)
+        .map(|l| match l % 2 {
+            0 => "sliding_attention",
+            _ => "full_attention",
+        })
+        .collect();
+    json!({
+        "hidden_size": 2880, "intermediate_size": 2880, "head_dim": 64,
+        "num_hidden_layers": layers, "num_attention_heads": 64, "num_key_value_heads": 8,
+        "num_local_experts": experts, "num_experts_per_tok": 4, "experts_per_token": 4,
+        "layer_types": types, "sliding_window": 128, "swiglu_limit": 7.0, "attention_bias": true,
+        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                         "truncate": false, "original_max_position_embeddings": 4096},
+        "max_position_embeddings": 131072, "rope_theta": 150000, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": false, "vocab_size": 201088
+    })
+}
+
+fn gpt_oss_20b() -> Value {
+    gpt_oss(24, 32)
+}
+
+fn gpt_oss_120b() -> Value {
+    gpt_oss(36, 128)
 }

@@ -23,6 +23,9 @@ pub enum DiskLayout {
     Hub,
     /// transformers v5 fused `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]`.
     Fused,
+    /// gpt-oss as released: the experts as MXFP4 blocks and scales (`model_files::mxfp4`),
+    /// everything else as `Hub`.
+    Mxfp4,
 }
 
 impl DiskLayout {
@@ -30,7 +33,10 @@ impl DiskLayout {
         match s {
             "hub" => Ok(DiskLayout::Hub),
             "fused" => Ok(DiskLayout::Fused),
-            _ => Err(format!("layout must be 'hub' or 'fused', got '{s}'")),
+            "mxfp4" => Ok(DiskLayout::Mxfp4),
+            _ => Err(format!(
+                "layout must be 'hub', 'fused' or 'mxfp4', got '{s}'"
+            )),
         }
     }
 
@@ -38,6 +44,7 @@ impl DiskLayout {
         match self {
             DiskLayout::Hub => "hub",
             DiskLayout::Fused => "fused",
+            DiskLayout::Mxfp4 => "mxfp4",
         }
     }
 }
@@ -98,6 +105,38 @@ struct DiskTensor {
     name: String,
     shape: Vec<usize>,
     chunks: Vec<Chunk>,
+    /// How each chunk's values (one expert's `[rows, cols]` where not `Plain`) are stored.
+    encoding: Encoding,
+}
+
+/// How a chunk of canonical values is written.
+#[derive(Clone, Copy, PartialEq)]
+enum Encoding {
+    /// As they are, in the checkpoint's dtype.
+    Plain,
+    /// Transposed (`[cols, rows]`), in the checkpoint's dtype: gpt-oss's experts.
+    Transposed {
+        rows: usize,
+        cols: usize,
+    },
+    /// MXFP4 blocks or scales (u8) of the values.
+    Mxfp4Blocks {
+        rows: usize,
+        cols: usize,
+    },
+    Mxfp4Scales {
+        rows: usize,
+        cols: usize,
+    },
+}
+
+impl Encoding {
+    fn is_u8(self) -> bool {
+        matches!(
+            self,
+            Encoding::Mxfp4Blocks { .. } | Encoding::Mxfp4Scales { .. }
+        )
+    }
 }
 
 /// The chunks of canonical parameter `p` in its canonical layout: the whole tensor, or for an
@@ -111,18 +150,26 @@ pub(crate) fn chunks_of(spec: &ArchSpec, p: &ParamInfo, experts: Range<usize>) -
         let head = p.component == Component::LmHead
             || (p.component == Component::Embedding && spec.tie_word_embeddings);
         let head_std = (1.0 / (spec.hidden_size as f64).sqrt()).max(spec.initializer_range) as f32;
+        // Attention sinks (gpt-oss) at unit scale, so they take a visible share of each
+        // softmax as a trained model's do.
+        let std = match (head, p.name.ends_with(".sinks")) {
+            (true, _) => head_std,
+            (false, true) => 1.0,
+            (false, false) => std,
+        };
         return vec![Chunk {
             key: p.name.clone(),
             numel: p.numel(),
             norm: p.component == Component::Norm,
-            std: if head { head_std } else { std },
+            std,
         }];
     }
     let (rows, cols) = (p.shape[1], p.shape[2]);
-    let parts: &[&str] = if p.name.ends_with("gate_up_proj") {
-        &["gate", "up"]
-    } else {
-        &["down"]
+    // gpt-oss interleaves gate and up rows: one chunk per expert.
+    let parts: &[&str] = match p.name.ends_with("gate_up_proj") {
+        true if spec.model_type.experts_transposed() => &["gate_up"],
+        true => &["gate", "up"],
+        false => &["down"],
     };
     experts
         .flat_map(|e| {
@@ -142,15 +189,24 @@ fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
     for p in spec.params() {
         if p.component != Component::Experts {
             let name = match layout {
-                DiskLayout::Hub if mixtral => p.name.replace(".mlp.", ".block_sparse_moe."),
-                DiskLayout::Hub => spec.model_type.hub_name(&p.name).unwrap_or(p.name.clone()),
+                DiskLayout::Hub | DiskLayout::Mxfp4 if mixtral => {
+                    p.name.replace(".mlp.", ".block_sparse_moe.")
+                }
+                DiskLayout::Hub | DiskLayout::Mxfp4 => {
+                    spec.model_type.hub_name(&p.name).unwrap_or(p.name.clone())
+                }
                 DiskLayout::Fused => p.name.clone(),
             };
             out.push(DiskTensor {
                 name,
                 shape: p.shape.clone(),
                 chunks: chunks_of(spec, &p, 0..0),
+                encoding: Encoding::Plain,
             });
+            continue;
+        }
+        if spec.model_type.experts_transposed() {
+            out.extend(gpt_oss_experts(spec, &p, layout));
             continue;
         }
         let (e_count, rows, cols) = (p.shape[0], p.shape[1], p.shape[2]);
@@ -163,13 +219,15 @@ fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
                 name: p.name.clone(),
                 shape: p.shape.clone(),
                 chunks: chunks_of(spec, &p, 0..e_count),
+                encoding: Encoding::Plain,
             }),
-            DiskLayout::Hub if hub_fused.is_some() => out.push(DiskTensor {
+            DiskLayout::Hub | DiskLayout::Mxfp4 if hub_fused.is_some() => out.push(DiskTensor {
                 name: hub_fused.unwrap_or_default(),
                 shape: p.shape.clone(),
                 chunks: chunks_of(spec, &p, 0..e_count),
+                encoding: Encoding::Plain,
             }),
-            DiskLayout::Hub => {
+            DiskLayout::Hub | DiskLayout::Mxfp4 => {
                 let layer_prefix =
                     p.name
                         .trim_end_matches(if gate_up { "gate_up_proj" } else { "down_proj" });
@@ -192,12 +250,42 @@ fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
                         name,
                         shape: vec![part_rows, cols],
                         chunks: vec![chunk],
+                        encoding: Encoding::Plain,
                     });
                 }
             }
         }
     }
     out
+}
+
+/// gpt-oss's expert parameter `p` (`[E, rows, cols]` canonical) as the releases store it:
+/// `[E, cols, rows]`, or MXFP4 blocks `[E, rows, cols/32, 16]` and scales `[E, rows, cols/32]`.
+fn gpt_oss_experts(spec: &ArchSpec, p: &ParamInfo, layout: DiskLayout) -> Vec<DiskTensor> {
+    let (e, rows, cols) = (p.shape[0], p.shape[1], p.shape[2]);
+    let chunks = chunks_of(spec, p, 0..e);
+    match layout {
+        DiskLayout::Mxfp4 => vec![
+            DiskTensor {
+                name: crate::model_files::mxfp4_blocks_name(&p.name),
+                shape: vec![e, rows, cols / 32, 16],
+                chunks: chunks.clone(),
+                encoding: Encoding::Mxfp4Blocks { rows, cols },
+            },
+            DiskTensor {
+                name: crate::model_files::mxfp4_scales_name(&p.name),
+                shape: vec![e, rows, cols / 32],
+                chunks,
+                encoding: Encoding::Mxfp4Scales { rows, cols },
+            },
+        ],
+        _ => vec![DiskTensor {
+            name: p.name.clone(),
+            shape: vec![e, cols, rows],
+            chunks,
+            encoding: Encoding::Transposed { rows, cols },
+        }],
+    }
 }
 
 /// The seed of chunk `key`'s stream.
@@ -208,13 +296,32 @@ pub(crate) fn stream_seed(seed: u64, key: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
-fn generate(seed: u64, chunk: &Chunk, dtype: &str) -> Vec<u8> {
+fn generate(seed: u64, chunk: &Chunk, dtype: &str, encoding: Encoding) -> Vec<u8> {
     let mut rng = ChaCha8Rng::from_seed(stream_seed(seed, &chunk.key));
     let base = if chunk.norm { 1.0 } else { 0.0 };
     let values = (0..chunk.numel).map(|_| {
         let z: f32 = StandardNormal.sample(&mut rng);
         base + chunk.std * z
     });
+    let values: Vec<f32> = match encoding {
+        Encoding::Plain => values.collect(),
+        Encoding::Transposed { rows, cols } => {
+            let v: Vec<f32> = values.collect();
+            (0..cols)
+                .flat_map(|c| (0..rows).map(move |r| (r, c)))
+                .map(|(r, c)| v[r * cols + c])
+                .collect()
+        }
+        Encoding::Mxfp4Blocks { rows, cols } | Encoding::Mxfp4Scales { rows, cols } => {
+            let v: Vec<f32> = values.collect();
+            let (blocks, scales) = crate::model_files::mxfp4_quantize(&v, rows, cols);
+            return match encoding {
+                Encoding::Mxfp4Blocks { .. } => blocks,
+                _ => scales,
+            };
+        }
+    };
+    let values = values.into_iter();
     match dtype {
         "float32" => values.flat_map(f32::to_le_bytes).collect(),
         "float16" => values
@@ -279,8 +386,23 @@ pub fn write(opts: &SynthOptions, out: &Path) -> Result<SynthReport, SynthError>
             )))
         }
     };
-    let config = config_json(opts.model_type, &opts.preset, opts.layers, dtype)?;
+    let mut config = config_json(opts.model_type, &opts.preset, opts.layers, dtype)?;
     let spec = ArchSpec::from_json(&config, "config.json")?;
+    if opts.layout == DiskLayout::Mxfp4 {
+        if !opts.model_type.experts_transposed() {
+            return Err(SynthError::Usage(format!(
+                "--layout mxfp4 is gpt-oss's release format; {} checkpoints are 'hub' or 'fused'",
+                opts.model_type.as_str()
+            )));
+        }
+        // As the gpt-oss releases declare it: the experts are MXFP4, nothing else.
+        config["quantization_config"] = serde_json::json!({
+            "quant_method": "mxfp4",
+            "modules_to_not_convert": [
+                "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"
+            ],
+        });
+    }
     let tmp = prepare_out(out, opts.force)?;
     let result = write_into(opts, &tmp, &config, &spec, dtype);
     match result {
@@ -330,7 +452,10 @@ fn write_into(
     let tensors = plan(spec, opts.layout);
     let sizes: Vec<u64> = tensors
         .iter()
-        .map(|t| (t.shape.iter().product::<usize>() * elem) as u64)
+        .map(|t| {
+            let elem = if t.encoding.is_u8() { 1 } else { elem };
+            (t.shape.iter().product::<usize>() * elem) as u64
+        })
         .collect();
     let total: u64 = sizes.iter().sum();
     let shards = group_into_shards(&sizes, opts.shard_bytes);
@@ -371,10 +496,16 @@ fn write_shard(
     };
     let decls: Vec<TensorDecl> = tensors
         .iter()
-        .map(|t| TensorDecl::new(t.name.clone(), st_dtype, t.shape.clone()))
+        .map(|t| {
+            let st = if t.encoding.is_u8() { "U8" } else { st_dtype };
+            TensorDecl::new(t.name.clone(), st, t.shape.clone())
+        })
         .collect();
     let mut w = StreamWriter::create(path, &decls).map_err(io_err(path))?;
-    let chunks: Vec<&Chunk> = tensors.iter().flat_map(|t| t.chunks.iter()).collect();
+    let chunks: Vec<(&Chunk, Encoding)> = tensors
+        .iter()
+        .flat_map(|t| t.chunks.iter().map(|c| (c, t.encoding)))
+        .collect();
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
@@ -383,7 +514,7 @@ fn write_shard(
         let generated: Vec<Vec<u8>> = std::thread::scope(|s| {
             let handles: Vec<_> = window
                 .iter()
-                .map(|c| s.spawn(move || generate(seed, c, dtype)))
+                .map(|&(c, enc)| s.spawn(move || generate(seed, c, dtype, enc)))
                 .collect();
             handles
                 .into_iter()

@@ -1,8 +1,9 @@
 //! gpu-check entries for the attention path: the masked softmax, the blocked attention (and
-//! on CUDA in bf16 the fused kernels) at head sizes 64 and 128, and the attention block.
+//! on CUDA in bf16 the fused kernels) at head sizes 64 and 128, gpt-oss's sliding window and
+//! sinks on both, and the attention block.
 
 use super::{device_vs_cpu, Comparison};
-use crate::ops::attention::attention;
+use crate::ops::attention::{attention, attention_with, WindowSinks};
 use crate::ops::attention_block::{attention_block, BlockArgs};
 use crate::ops::attn_softmax::masked_softmax;
 use candle_core::{DType, Device, Result, Tensor};
@@ -30,7 +31,23 @@ pub(super) fn check_attention(device: &Device, dtype: DType) -> Result<Vec<Compa
         &[scores],
         &|t| {
             let segments = Tensor::from_slice(&seg, (2, 300), t[0].device())?;
-            masked_softmax(&t[0], &segments, 0.125)
+            masked_softmax(&t[0], &segments, 0.125, &WindowSinks::default())
+        },
+    )?);
+    // The same with a window of 50 keys and sinks of both signs, one per head.
+    out.extend(device_vs_cpu(
+        "masked_softmax (window 50, sinks)",
+        "masked_softmax",
+        device,
+        dtype,
+        &[(Tensor::randn(0f32, 1.0, (2, 4, 300, 300), cpu)? * 3.0)?],
+        &|t| {
+            let segments = Tensor::from_slice(&seg, (2, 300), t[0].device())?;
+            let extras = WindowSinks {
+                window: Some(50),
+                sinks: Some(Tensor::new(&SINKS[..4], t[0].device())?),
+            };
+            masked_softmax(&t[0], &segments, 0.125, &extras)
         },
     )?);
     // Rows longer than the kernel keeps in registers (2,048 keys): 1 × 2 heads × 2,100
@@ -45,7 +62,7 @@ pub(super) fn check_attention(device: &Device, dtype: DType) -> Result<Vec<Compa
         &[long],
         &|t| {
             let segments = Tensor::from_slice(&long_seg, (1, 2100), t[0].device())?;
-            masked_softmax(&t[0], &segments, 0.125)
+            masked_softmax(&t[0], &segments, 0.125, &WindowSinks::default())
         },
     )?);
     // Blocked attention over the same packing: 8 query heads on 2 kv heads, head size 64, in
@@ -96,6 +113,7 @@ pub(super) fn check_attention(device: &Device, dtype: DType) -> Result<Vec<Compa
             },
         )?);
     }
+    out.extend(check_window_sinks(device, dtype)?);
     // The attention block (per-head norms, rotary embedding, attention as one op) on the
     // 2 × 300 packing above, 8 query heads on 2 kv heads of 128.
     let (b, s, hd) = (2usize, 300usize, 128usize);
@@ -132,6 +150,8 @@ pub(super) fn check_attention(device: &Device, dtype: DType) -> Result<Vec<Compa
                 rotary: Some((&cos, &sin)),
                 segments: &segments,
                 samples: &Default::default(),
+                window: None,
+                sinks: None,
                 scale: 0.088,
                 block: 64,
                 memo: None,
@@ -166,7 +186,95 @@ pub(super) fn check_attention(device: &Device, dtype: DType) -> Result<Vec<Compa
                     rotary: None,
                     segments: &segments,
                     samples: &Default::default(),
+                    window: None,
+                    sinks: None,
                     scale: 0.072,
+                    block: 64,
+                    memo: None,
+                };
+                attention_block(&t[0], &t[1], &t[2], &args)
+            },
+        )?);
+    }
+    Ok(out)
+}
+
+/// Sink logits of both signs and of the scores' size, one per query head (gpt-oss's are O(1)).
+const SINKS: [f32; 8] = [2.5, -3.0, 0.5, 4.0, -1.5, 1.0, 3.0, -0.5];
+
+/// gpt-oss's attention: a window of 128 keys, sinks, and both, on 2 × 640 positions (row 0
+/// packed as samples of 300, 200 and 140 tokens, row 1 one sample: the window slides past
+/// the sample starts and over whole 64-key tiles), 8 query heads on 2 kv heads of 64, through
+/// the attention op (on CUDA in bf16: the fused kernels, key tiles left of the window skipped;
+/// in f32: the blocked op's masked softmax) and through the attention block.
+fn check_window_sinks(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
+    let cpu = &Device::Cpu;
+    let (b, s, nh, kvh, hd) = (2usize, 640usize, 8usize, 2usize, 64usize);
+    let seg: Vec<u32> = (0..(b * s) as u32)
+        .map(|p| match p {
+            300..500 => 1,
+            500..640 => 2,
+            _ => 0,
+        })
+        .collect();
+    let qkv = [nh, kvh, kvh]
+        .iter()
+        .map(|&h| Tensor::randn(0f32, 1.0, (b, s, h, hd), cpu))
+        .collect::<Result<Vec<_>>>()?;
+    let flat = qkv
+        .iter()
+        .map(|t| t.reshape((b * s, ())))
+        .collect::<Result<Vec<_>>>()?;
+    let mut out = Vec::new();
+    for (window, sinks) in [(Some(128), false), (None, true), (Some(128), true)] {
+        let extras = |dev: &Device| -> Result<WindowSinks> {
+            let sinks = match sinks {
+                true => Some(Tensor::new(&SINKS, dev)?),
+                false => None,
+            };
+            Ok(WindowSinks { window, sinks })
+        };
+        let what = match (window, sinks) {
+            (Some(w), true) => format!("window {w}, sinks"),
+            (Some(w), false) => format!("window {w}"),
+            _ => "sinks".to_string(),
+        };
+        out.extend(device_vs_cpu(
+            &format!("attention ({what}, heads of {hd}, {b} × {s})"),
+            "attention",
+            device,
+            dtype,
+            &qkv,
+            &|t| {
+                let segments = Tensor::from_slice(&seg, (b, s), t[0].device())?;
+                let extras = extras(t[0].device())?;
+                attention_with(&t[0], &t[1], &t[2], &segments, 0.125, 64, &extras)
+            },
+        )?);
+        out.extend(device_vs_cpu(
+            &format!("attention block ({what}, heads of {hd}, {b} × {s})"),
+            "attention_block",
+            device,
+            dtype,
+            &flat,
+            &|t| {
+                let dev = t[0].device();
+                let segments = Tensor::from_slice(&seg, (b, s), dev)?;
+                let extras = extras(dev)?;
+                let args = BlockArgs {
+                    batch: b,
+                    seq: s,
+                    heads: nh,
+                    kv_heads: kvh,
+                    head_dim: hd,
+                    v_head_dim: hd,
+                    norms: None,
+                    rotary: None,
+                    segments: &segments,
+                    samples: &Default::default(),
+                    window: extras.window,
+                    sinks: extras.sinks.as_ref(),
+                    scale: 0.125,
                     block: 64,
                     memo: None,
                 };

@@ -1,7 +1,7 @@
 //! gpu-check entry for cuDNN's fused attention (`ops::cudnn_attn`): the attention block over rows
 //! of one sample each and over packed rows (cuDNN's ragged layout), through cuDNN (both backward
 //! algorithms, and the deterministic one split into calls) and through moeq's kernels, all
-//! against the CPU in f32.
+//! against the CPU in f32; with gpt-oss's sliding window and sinks too.
 
 use super::{device_vs_cpu, Comparison};
 use crate::ops::attention::RowSamples;
@@ -34,7 +34,14 @@ struct Case {
     /// Value head size (latent attention: other than `hd`).
     vd: usize,
     norms: bool,
+    /// gpt-oss's sliding window (the diagonal band on cuDNN).
+    window: Option<usize>,
+    /// gpt-oss's sinks, one per query head (folded into cuDNN's output and statistics).
+    sinks: bool,
 }
+
+/// Sink logits of both signs and of the scores' size, one per query head.
+const SINKS: [f32; 8] = [2.5, -3.0, 0.5, 4.0, -1.5, 1.0, 3.0, -0.5];
 
 /// Skipped without cuDNN, unless `MOEQ_REQUIRE_CUDNN=1` (launch/device-env.sh sets it where
 /// cuDNN is installed), which makes a missing cuDNN a failure.
@@ -74,6 +81,8 @@ pub(super) fn check_cudnn_attention(device: &Device) -> Result<Vec<Comparison>> 
             hd: 128,
             vd: 128,
             norms: true,
+            window: None,
+            sinks: false,
         },
         Case {
             b: 2,
@@ -84,6 +93,8 @@ pub(super) fn check_cudnn_attention(device: &Device) -> Result<Vec<Comparison>> 
             hd: 64,
             vd: 64,
             norms: false,
+            window: None,
+            sinks: false,
         },
     ];
     // Latent attention: q/k heads of 192 with values of 128 (DeepSeek-V2/V3), and of 256 with
@@ -98,6 +109,8 @@ pub(super) fn check_cudnn_attention(device: &Device) -> Result<Vec<Comparison>> 
             hd,
             vd,
             norms: false,
+            window: None,
+            sinks: false,
         });
     }
     if hopper {
@@ -112,16 +125,52 @@ pub(super) fn check_cudnn_attention(device: &Device) -> Result<Vec<Comparison>> 
             hd: 192,
             vd: 128,
             norms: false,
+            window: None,
+            sinks: false,
         });
+        cases.push(Case {
+            b: 2,
+            s: 600,
+            segments: packed.clone(),
+            nh: 8,
+            kvh: 2,
+            hd: 128,
+            vd: 128,
+            norms: true,
+            window: None,
+            sinks: false,
+        });
+    }
+    // gpt-oss (heads of 64, 8 query heads on 2 kv heads): a window of 128 keys, sinks, and
+    // both, over rows of one sample (2 × 1,024) and, on Hopper, both over packed rows (the
+    // 2 × 600 packing above: the window within each sequence, the sinks through the
+    // statistics' per-sequence layout).
+    for (window, sinks) in [(Some(128), false), (None, true), (Some(128), true)] {
+        cases.push(Case {
+            b: 2,
+            s: 1024,
+            segments: vec![0; 2048],
+            nh: 8,
+            kvh: 2,
+            hd: 64,
+            vd: 64,
+            norms: false,
+            window,
+            sinks,
+        });
+    }
+    if hopper {
         cases.push(Case {
             b: 2,
             s: 600,
             segments: packed,
             nh: 8,
             kvh: 2,
-            hd: 128,
-            vd: 128,
-            norms: true,
+            hd: 64,
+            vd: 64,
+            norms: false,
+            window: Some(128),
+            sinks: true,
         });
     }
     let mut out = Vec::new();
@@ -152,6 +201,10 @@ fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
         let (wq, wk) = (to(&norm_w[0])?, to(&norm_w[1])?);
         let (cos, sin) = (to(&angle.cos()?)?, to(&angle.sin()?)?);
         let segments = Tensor::from_slice(&c.segments, (b, s), dev)?;
+        let sinks = match c.sinks {
+            true => Some(Tensor::new(&SINKS[..nh], dev)?),
+            false => None,
+        };
         let samples = RowSamples {
             whole,
             ragged: match whole {
@@ -170,6 +223,8 @@ fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
             rotary: Some((&cos, &sin)),
             segments: &segments,
             samples: &samples,
+            window: c.window,
+            sinks: sinks.as_ref(),
             scale,
             block: 256,
             memo: None,
@@ -196,7 +251,13 @@ fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
     };
     let pad = unit_len.div_ceil(64) * 64;
     let unit_dp = (nh * pad * pad * 2) as i64;
-    let layout = if whole { "whole rows" } else { "packed rows" };
+    let mut layout = String::from(if whole { "whole rows" } else { "packed rows" });
+    if let Some(w) = c.window {
+        layout += &format!(", window {w}");
+    }
+    if c.sinks {
+        layout += ", sinks";
+    }
     let mut out = Vec::new();
     // cuDNN calls: the forward and one backward; the deterministic backward bounded to one
     // row's (sequence's) dP workspace runs one call per row (sequence).
@@ -226,7 +287,8 @@ fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
         let took = launches() - before;
         if took != calls {
             candle_core::bail!(
-                "cuDNN attention ({layout}, {name}, head size {hd}): {took} cuDNN calls, expected {calls}"
+                "cuDNN attention ({layout}, {name}, head size {hd}): {took} cuDNN calls, expected \
+                 {calls} (a shape cuDNN refused is logged as 'cuDNN refused')"
             );
         }
     }

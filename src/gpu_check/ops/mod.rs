@@ -334,6 +334,8 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
                 num_experts: held.len(),
                 out_features: 96,
                 in_features: 64,
+                bias: None,
+                glu: crate::ops::swiglu::Glu::Silu,
             };
             let chunk = 4 * per * t[0].dtype().size_in_bytes();
             grouped_nf4_chunked(&t[0], &ew, &held_counts, chunk)
@@ -352,6 +354,29 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
             &|t| swiglu_packed(&t[0]),
         )?);
     }
+    // gpt-oss's clamped GLU over interleaved pairs: values to ±21, a third beyond the limit,
+    // none within 0.1 of it (where rounding to bf16 could cross it: the gradient jumps there).
+    let gu: Vec<f32> = (Tensor::randn(0f32, 1.0, 257 * 2 * 90, cpu)? * 7.0)?.to_vec1()?;
+    let gu: Vec<f32> = gu
+        .into_iter()
+        .map(|v| match (v.abs() - 7.0).abs() < 0.1 {
+            true => v * 1.05,
+            false => v,
+        })
+        .collect();
+    let gu = Tensor::from_vec(gu, (257, 2 * 90), cpu)?;
+    let glu = crate::ops::swiglu::Glu::Clamped {
+        alpha: 1.702,
+        limit: 7.0,
+    };
+    out.extend(device_vs_cpu(
+        "clamped_glu (gpt-oss, I = 90)",
+        "clamped_glu",
+        device,
+        dtype,
+        &[gu],
+        &|t| crate::ops::swiglu::glu_packed(&t[0], glu),
+    )?);
     out.extend(attention::check_attention(device, dtype)?);
     // Routing gathers: 300 tokens, top-4 of 16 experts (token t picks t·7+j·5 mod 16, distinct
     // for j < 4), rows sorted by expert; gather, an elementwise stand-in for the experts,
