@@ -285,12 +285,13 @@ fn two_ranks_train_deepseek_v3_like_one_process() {
     );
 }
 
-/// Granite's µP multipliers and experts fused under its own names, and FlexOlmo's post-norm
-/// layers, over 2 ranks of 4 experts each train like one process, to the same NF4 bytes
+/// Granite's µP multipliers and experts fused under its own names, FlexOlmo's post-norm layers
+/// and gpt-oss's biased experts (each rank adds its own experts' biases) and windowed attention
+/// with sinks, over 2 ranks of 4 experts each train like one process, to the same NF4 bytes
 /// (tolerances as above); the expert-parallel checkpoint's adapter carries Granite's PEFT names.
 #[test]
-fn two_ranks_train_granite_and_flex_olmo_like_one_process() {
-    for arch in ["granitemoe", "flex_olmo"] {
+fn two_ranks_train_granite_flex_olmo_and_gpt_oss_like_one_process() {
+    for arch in ["granitemoe", "flex_olmo", "gpt_oss"] {
         let root = tempfile::tempdir().unwrap();
         let extra = format!("base_model: synth://{arch}/tiny?seed=0");
         let one = run(&root.path().join("one"), 0, &extra);
