@@ -93,6 +93,8 @@ fn merged_checkpoints_compute_base_plus_adapter_in_the_base_layout() {
         (ModelType::Qwen3Moe, DiskLayout::Fused, u64::MAX),
         (ModelType::Mixtral, DiskLayout::Hub, u64::MAX),
         (ModelType::Qwen2Moe, DiskLayout::Hub, u64::MAX),
+        // Experts stored `[E, in, out]`: each expert's update is added transposed.
+        (ModelType::GptOss, DiskLayout::Hub, u64::MAX),
     ];
     for (arch, layout, shard_bytes) in cases {
         let what = format!("{arch:?} {layout:?}");
@@ -141,6 +143,30 @@ fn merged_checkpoints_compute_base_plus_adapter_in_the_base_layout() {
             "{what}: the adapter changed nothing"
         );
     }
+}
+
+/// gpt-oss's MXFP4 release format holds 4-bit experts: merge refuses it by name, writes nothing.
+#[test]
+fn merge_refuses_mxfp4_experts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let md = synth_into(&base, ModelType::GptOss, DiskLayout::Mxfp4, u64::MAX);
+    let adapter = tmp.path().join("adapter");
+    random_adapter(&md, &adapter);
+    let out = tmp.path().join("out");
+    let (code, _, err) = moeq(&[
+        "merge",
+        "--model",
+        base.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("the experts are MXFP4"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!out.exists());
 }
 
 #[test]
