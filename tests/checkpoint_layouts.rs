@@ -7,7 +7,7 @@ use moeq::model_files::{ExpertLayout, ExpertParam, ModelDir};
 use moeq::synth::{self, DiskLayout, SynthOptions};
 use std::path::Path;
 
-const ARCHS: [ModelType; 15] = [
+const ARCHS: [ModelType; 16] = [
     ModelType::Qwen3Moe,
     ModelType::Qwen2Moe,
     ModelType::Mixtral,
@@ -23,6 +23,7 @@ const ARCHS: [ModelType; 15] = [
     ModelType::GraniteMoe,
     ModelType::HunyuanV1Moe,
     ModelType::GptOss,
+    ModelType::GraniteMoeShared,
 ];
 
 fn synth_into(

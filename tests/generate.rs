@@ -34,6 +34,7 @@ fn cached_decoding_matches_the_whole_sequence() {
         ModelType::GraniteMoe,
         ModelType::HunyuanV1Moe,
         ModelType::GptOss,
+        ModelType::GraniteMoeShared,
     ] {
         let dir = tempfile::tempdir().unwrap();
         let opts = SynthOptions {

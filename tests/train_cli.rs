@@ -264,6 +264,7 @@ fn deepseek_glm_and_later_tiny_presets_learn() {
         ("ernie4_5_moe", 3),
         ("granitemoe", 2),
         ("hunyuan_v1_moe", 2),
+        ("granitemoeshared", 2),
     ] {
         let extra = format!(
             "base_model: synth://{arch}/tiny?seed=0\n\

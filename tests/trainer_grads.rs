@@ -19,7 +19,7 @@ use moeq::train::step::{evaluate_inputs, forward_backward, inputs, Activations};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 
-const ARCHS: [ModelType; 14] = [
+const ARCHS: [ModelType; 15] = [
     ModelType::Qwen3Moe,
     ModelType::Qwen2Moe,
     ModelType::Mixtral,
@@ -34,6 +34,7 @@ const ARCHS: [ModelType; 14] = [
     ModelType::GraniteMoe,
     ModelType::HunyuanV1Moe,
     ModelType::GptOss,
+    ModelType::GraniteMoeShared,
 ];
 
 struct Setup {
@@ -204,9 +205,15 @@ fn every_lora_tensor_gets_a_gradient() {
                 "{arch:?}: latent targets"
             );
         }
-        // Summed shared experts (with a dense first layer) or Hunyuan's unrouted MLP.
+        // Summed shared experts (with a dense first layer), Hunyuan's unrouted MLP or Granite's
+        // fused one.
         if let Some(shared) = s.model.spec.shared_expert.filter(|x| !x.gated) {
-            assert!(has(&format!("{}.up_proj", shared.module)), "{arch:?}");
+            let up = if shared.fused {
+                "input_linear"
+            } else {
+                "up_proj"
+            };
+            assert!(has(&format!("{}.{up}", shared.module)), "{arch:?}");
             let dense = s.model.spec.moe_layers.iter().any(|m| !m);
             assert!(!dense || has("mlp.gate_proj"), "{arch:?}");
         }

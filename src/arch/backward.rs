@@ -16,6 +16,7 @@ use super::latent::LatentTape;
 use super::layers::{
     dropout_mask, part, whole_heads, Attention, Attn, Layer, Mlp, Moe, Proj, Routing,
 };
+use super::mlp_tape::{shared_mlp, swiglu_mlp, MlpTape, SharedMlpTape};
 use super::model::{Inputs, LayerStats, LoraCtx};
 use super::{ArchSpec, ExpertExchange, QkNorm, Scoring};
 use crate::ops::attention_block::{attention_block_taped, BlockTape};
@@ -26,7 +27,6 @@ use crate::ops::norm::{rms_norm, rms_norm_backward};
 use crate::ops::rope_part::{rope_part, rope_part_backward};
 use crate::ops::routed_experts::{held_experts_taped, ExpertsTape};
 use crate::ops::routing::{combine_backward, combine_forward, gather_backward, gather_forward};
-use crate::ops::swiglu::{swiglu, swiglu_backward};
 use crate::util::phases::timed;
 use candle_core::{DType, Result, Tensor, TensorId, D};
 use std::rc::Rc;
@@ -101,46 +101,6 @@ pub(super) fn norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Re
     let z = crate::ops::at_offset_zero;
     let w = z(&w.to_dtype(x.dtype())?)?;
     rms_norm_backward(&z(x)?, &w, &z(&dy.to_dtype(x.dtype())?)?, eps)
-}
-
-/// gate, up, down of a SwiGLU MLP.
-struct MlpTape {
-    gate: ProjTape,
-    up: ProjTape,
-    g: Tensor,
-    u: Tensor,
-    down: ProjTape,
-}
-
-fn swiglu_mlp(p: &[Proj; 3], x: &Tensor, lora: &LoraCtx) -> Result<(Tensor, MlpTape)> {
-    let (g, gate) = proj(&p[0], x, lora)?;
-    let (u, up) = proj(&p[1], x, lora)?;
-    let (y, down) = proj(&p[2], &swiglu(&g, &u)?, lora)?;
-    Ok((
-        y,
-        MlpTape {
-            gate,
-            up,
-            g,
-            u,
-            down,
-        },
-    ))
-}
-
-impl MlpTape {
-    fn backward(
-        self,
-        p: &[Proj; 3],
-        dy: &Tensor,
-        dx_into: Option<Tensor>,
-        grads: &mut AdapterGrads,
-    ) -> Result<Tensor> {
-        let dact = self.down.backward(&p[2], dy, None, grads)?;
-        let (dg, du) = swiglu_backward(&self.g, &self.u, &dact)?;
-        let dx = self.gate.backward(&p[0], &dg, dx_into, grads)?;
-        self.up.backward(&p[1], &du, Some(dx), grads)
-    }
 }
 
 struct AttnTape {
@@ -276,7 +236,7 @@ fn prepare_backward(
 
 /// The shared expert's MLP and, where it is gated, its output and gate `sigmoid(x·gᵀ)` [N, 1].
 struct SharedTape {
-    mlp: MlpTape,
+    mlp: SharedMlpTape,
     gated: Option<(Tensor, Tensor)>,
 }
 
@@ -332,7 +292,7 @@ impl Moe {
         let shared = match &self.shared {
             None => None,
             Some((mlp, gate)) => {
-                let (mut sh, tape) = swiglu_mlp(mlp, &x, lora)?;
+                let (mut sh, tape) = shared_mlp(mlp, &x, lora)?;
                 let mut gated = None;
                 if let Some(g) = gate {
                     let s = sigmoid(&x.matmul(&g.t()?)?)?;

@@ -432,14 +432,25 @@ pub(super) fn shared_expert(
             intermediate_size: expert_intermediate,
             gated: false,
             module,
+            fused: false,
         }),
         SharedRow::QwenGated => match cfg.usize_opt("shared_expert_intermediate_size")? {
             Some(i) if i > 0 => Some(SharedExpertSpec {
                 intermediate_size: i,
                 gated: true,
-                module: "shared_expert",
+                module: "mlp.shared_expert",
+                fused: false,
             }),
             _ => None,
+        },
+        SharedRow::Fused { module, size_key } => match cfg.usize_opt(size_key)?.unwrap_or(0) {
+            0 => None,
+            i => Some(SharedExpertSpec {
+                intermediate_size: i,
+                gated: false,
+                module,
+                fused: true,
+            }),
         },
         SharedRow::Summed {
             count_key,
@@ -449,7 +460,8 @@ pub(super) fn shared_expert(
             n => Some(SharedExpertSpec {
                 intermediate_size: expert_intermediate * n,
                 gated: false,
-                module: "shared_experts",
+                module: "mlp.shared_experts",
+                fused: false,
             }),
         },
     })

@@ -15,7 +15,7 @@ use crate::ops::routed_experts::{routed_experts, ExpertLora};
 use crate::ops::router::{router_choose, router_probs, Choice};
 use crate::ops::routing::{combine_rows, gather_rows, RowOrder};
 use crate::ops::swiglu;
-use crate::ops::swiglu::glu_packed;
+use crate::ops::swiglu::{glu_packed, swiglu_packed};
 use crate::util::phases::timed;
 use candle_core::{DType, Result, Tensor, D};
 use rand::{Rng, SeedableRng};
@@ -52,8 +52,27 @@ pub struct Moe {
     pub down: ExpertWeights,
     /// Global index of the first held expert.
     pub first_expert: usize,
-    /// gate, up, down of the shared expert, and its sigmoid gate [1, H].
-    pub shared: Option<([Proj; 3], Option<Tensor>)>,
+    /// The shared expert's projections, and its sigmoid gate [1, H].
+    pub shared: Option<(MlpProjs, Option<Tensor>)>,
+}
+
+/// A SwiGLU MLP's projections: gate, up, down; or gate and up as one linear layer (Granite's
+/// `input_linear`, gate rows first) and down.
+pub enum MlpProjs {
+    Split([Proj; 3]),
+    Fused([Proj; 2]),
+}
+
+impl MlpProjs {
+    /// x [N, H] → [N, H].
+    pub(super) fn forward(&self, x: &Tensor, lora: &LoraCtx) -> Result<Tensor> {
+        match self {
+            MlpProjs::Split(p) => swiglu_mlp(p, x, lora),
+            MlpProjs::Fused([gate_up, down]) => {
+                down.forward(&swiglu_packed(&gate_up.forward(x, lora)?)?, lora)
+            }
+        }
+    }
 }
 
 // One per layer: the variants' sizes do not matter.
@@ -389,7 +408,7 @@ impl Moe {
             self.routed_ops(x, &weights, &routing, lora)?
         }; // [N, H]
         if let Some((mlp, gate)) = &self.shared {
-            let mut shared = swiglu_mlp(mlp, x, lora)?;
+            let mut shared = mlp.forward(x, lora)?;
             if let Some(g) = gate {
                 shared = shared.broadcast_mul(&sigmoid(&x.matmul(&g.t()?)?)?)?;
             }

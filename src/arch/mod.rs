@@ -8,6 +8,7 @@ pub mod exchange;
 mod latent;
 mod layers;
 mod memory;
+mod mlp_tape;
 pub mod model;
 mod params;
 mod rows;
@@ -21,6 +22,6 @@ pub use memory::{estimate, nf4_bytes, target_matches, FrozenFormat, LoraPlan, Me
 pub use model::{Inputs, LayerStats, LoraCtx, Model};
 pub use params::{down_name, gate_up_name, Component, ParamInfo};
 pub use spec::{
-    ArchSpec, Glu, GroupLimit, GroupScore, LatentSpec, ModelType, Mup, QkNorm, RopeSpec, Rotary,
-    RouterSpec, Scoring, SharedExpertSpec, SpecError, LATENT_NORM_EPS, SUPPORTED_MODEL_TYPES,
+    supported_model_types, ArchSpec, Glu, GroupLimit, GroupScore, LatentSpec, ModelType, Mup,
+    QkNorm, RopeSpec, Rotary, RouterSpec, Scoring, SharedExpertSpec, SpecError, LATENT_NORM_EPS,
 };

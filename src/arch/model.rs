@@ -9,7 +9,7 @@
 //! Activations are token-major: a micro-batch of B rows × S tokens is `x: [N = B·S, H]`.
 
 use super::latent::{LatentAttention, LatentQ};
-use super::layers::{Attention, Attn, Layer, Mlp, Moe, Proj};
+use super::layers::{Attention, Attn, Layer, Mlp, MlpProjs, Moe, Proj};
 use super::{ArchSpec, ExpertExchange};
 use crate::lora::Adapters;
 use crate::ops::embedding::{Embedding, TokenIds};
@@ -297,11 +297,17 @@ impl Model {
                 let shared = match spec.shared_expert {
                     None => None,
                     Some(s) => Some((
-                        [
-                            w.proj(&format!("{p}.mlp.{}.gate_proj", s.module), false)?,
-                            w.proj(&format!("{p}.mlp.{}.up_proj", s.module), false)?,
-                            w.proj(&format!("{p}.mlp.{}.down_proj", s.module), false)?,
-                        ],
+                        match s.fused {
+                            false => MlpProjs::Split([
+                                w.proj(&format!("{p}.{}.gate_proj", s.module), false)?,
+                                w.proj(&format!("{p}.{}.up_proj", s.module), false)?,
+                                w.proj(&format!("{p}.{}.down_proj", s.module), false)?,
+                            ]),
+                            true => MlpProjs::Fused([
+                                w.proj(&format!("{p}.{}.input_linear", s.module), false)?,
+                                w.proj(&format!("{p}.{}.output_linear", s.module), false)?,
+                            ]),
+                        },
                         if s.gated {
                             Some(w.dense(&format!("{p}.mlp.shared_expert_gate.weight"))?)
                         } else {

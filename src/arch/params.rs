@@ -243,25 +243,26 @@ impl ArchSpec {
                 }
                 if let Some(shared) = self.shared_expert {
                     let si = shared.intermediate_size;
-                    let s = format!("{p}.mlp.{}", shared.module);
-                    push(
-                        format!("{s}.gate_proj.weight"),
-                        vec![si, h],
-                        Component::SharedExpert,
-                        true,
-                    );
-                    push(
-                        format!("{s}.up_proj.weight"),
-                        vec![si, h],
-                        Component::SharedExpert,
-                        true,
-                    );
-                    push(
-                        format!("{s}.down_proj.weight"),
-                        vec![h, si],
-                        Component::SharedExpert,
-                        true,
-                    );
+                    let s = format!("{p}.{}", shared.module);
+                    let projections = match shared.fused {
+                        false => vec![
+                            ("gate_proj", vec![si, h]),
+                            ("up_proj", vec![si, h]),
+                            ("down_proj", vec![h, si]),
+                        ],
+                        true => vec![
+                            ("input_linear", vec![2 * si, h]),
+                            ("output_linear", vec![h, si]),
+                        ],
+                    };
+                    for (name, shape) in projections {
+                        push(
+                            format!("{s}.{name}.weight"),
+                            shape,
+                            Component::SharedExpert,
+                            true,
+                        );
+                    }
                     if shared.gated {
                         push(
                             format!("{p}.mlp.shared_expert_gate.weight"),

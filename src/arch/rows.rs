@@ -25,6 +25,7 @@ pub enum ModelType {
     GraniteMoe,
     HunyuanV1Moe,
     GptOss,
+    GraniteMoeShared,
 }
 
 /// Every model type with its config.json name and transformers class.
@@ -66,25 +67,17 @@ const TYPES: &[(ModelType, &str, &str)] = &[
         "HunYuanMoEV1ForCausalLM",
     ),
     (ModelType::GptOss, "gpt_oss", "GptOssForCausalLM"),
+    (
+        ModelType::GraniteMoeShared,
+        "granitemoeshared",
+        "GraniteMoeSharedForCausalLM",
+    ),
 ];
 
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
-    "qwen3_moe",
-    "qwen2_moe",
-    "mixtral",
-    "olmoe",
-    "glm4_moe",
-    "glm4_moe_lite",
-    "deepseek_v2",
-    "deepseek_v3",
-    "kimi_k2",
-    "flex_olmo",
-    "minimax_m2",
-    "ernie4_5_moe",
-    "granitemoe",
-    "hunyuan_v1_moe",
-    "gpt_oss",
-];
+/// The supported `model_type` names, comma-separated (for messages).
+pub fn supported_model_types() -> String {
+    TYPES.iter().map(|t| t.1).collect::<Vec<_>>().join(", ")
+}
 
 /// Which layers are MoE.
 #[derive(Clone, Copy)]
@@ -140,9 +133,15 @@ pub(super) enum SharedRow {
     None,
     /// qwen2_moe: `shared_expert_intermediate_size`, sigmoid-gated, `mlp.shared_expert`.
     QwenGated,
-    /// Hunyuan: one MLP of the experts' width under `mlp.<module>`, summed.
+    /// Hunyuan: one MLP of the experts' width at `<module>` (under the layer), summed.
     Plain {
         module: &'static str,
+    },
+    /// Granite MoE (shared): one MLP of `size_key`'s width (none when 0) at `<module>`, gate and
+    /// up fused in `input_linear`, down `output_linear`, summed.
+    Fused {
+        module: &'static str,
+        size_key: &'static str,
     },
     /// DeepSeek / GLM: `n_shared_experts` × `moe_intermediate_size`, summed, `mlp.shared_experts`
     /// (ERNIE-4.5: `moe_num_shared_experts`); the count's key and its default.
@@ -304,6 +303,36 @@ const DEEPSEEK_V3: Row = Row {
     default_rope_interleave: true,
     reads_rope_interleave: true,
     default_max_positions: 4096,
+    ..QWEN3
+};
+
+/// Granite MoE: top-k of the router's logits, then a softmax over those k (the renormalised
+/// top-k of the softmax); the hub stores each layer's experts fused.
+const GRANITE: Row = Row {
+    experts_key: "num_local_experts",
+    experts_alias: None,
+    expert_intermediate_key: "intermediate_size",
+    hub_renames: &[
+        (
+            ".mlp.experts.gate_up_proj",
+            ".block_sparse_moe.input_linear.weight",
+        ),
+        (
+            ".mlp.experts.down_proj",
+            ".block_sparse_moe.output_linear.weight",
+        ),
+        (".mlp.gate.weight", ".block_sparse_moe.router.layer.weight"),
+    ],
+    moe_module: "block_sparse_moe",
+    reads_mup: true,
+    router: RouterRow {
+        reads_norm_topk: false,
+        always_renormalize: true,
+        ..SOFTMAX
+    },
+    moe_layers: MoeLayers::All,
+    qk_norm: QkNorm::None,
+    default_max_positions: 2048,
     ..QWEN3
 };
 
@@ -509,34 +538,14 @@ impl ModelType {
                 default_max_positions: 131072,
                 ..QWEN3
             },
-            // Top-k of the router's logits, then a softmax over those k: the renormalised
-            // top-k of the softmax. The hub stores each layer's experts fused.
-            ModelType::GraniteMoe => Row {
-                experts_key: "num_local_experts",
-                experts_alias: None,
-                expert_intermediate_key: "intermediate_size",
-                hub_renames: &[
-                    (
-                        ".mlp.experts.gate_up_proj",
-                        ".block_sparse_moe.input_linear.weight",
-                    ),
-                    (
-                        ".mlp.experts.down_proj",
-                        ".block_sparse_moe.output_linear.weight",
-                    ),
-                    (".mlp.gate.weight", ".block_sparse_moe.router.layer.weight"),
-                ],
-                moe_module: "block_sparse_moe",
-                reads_mup: true,
-                router: RouterRow {
-                    reads_norm_topk: false,
-                    always_renormalize: true,
-                    ..SOFTMAX
+            ModelType::GraniteMoe => GRANITE,
+            // Granite MoE with a shared MLP beside the experts (`shared_intermediate_size`).
+            ModelType::GraniteMoeShared => Row {
+                shared: SharedRow::Fused {
+                    module: "shared_mlp",
+                    size_key: "shared_intermediate_size",
                 },
-                moe_layers: MoeLayers::All,
-                qk_norm: QkNorm::None,
-                default_max_positions: 2048,
-                ..QWEN3
+                ..GRANITE
             },
             // Per-head q/k norms after the rotation, a linear router (quantized), an unrouted
             // MLP of the experts' width beside them, every layer MoE, top-k always
@@ -557,7 +566,7 @@ impl ModelType {
                 hunyuan_keys: true,
                 moe_layers: MoeLayers::All,
                 shared: SharedRow::Plain {
-                    module: "shared_mlp",
+                    module: "mlp.shared_mlp",
                 },
                 default_eps: 1e-5,
                 default_max_positions: 2048,

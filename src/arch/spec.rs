@@ -7,8 +7,8 @@ use super::cfg::{
     attention_windows, glu, gpt_oss_rope, moe_layer_pattern, rope_spec, router_spec, shared_expert,
     Cfg,
 };
+pub use super::rows::{supported_model_types, ModelType};
 use super::rows::{AttentionRow, Row};
-pub use super::rows::{ModelType, SUPPORTED_MODEL_TYPES};
 use serde_json::Value;
 use std::path::Path;
 
@@ -108,8 +108,12 @@ pub use crate::ops::swiglu::Glu;
 pub struct SharedExpertSpec {
     pub intermediate_size: usize,
     pub gated: bool,
-    /// The module under `mlp.`: `shared_expert` or `shared_experts`.
+    /// The module under the decoder layer: `mlp.shared_expert`, `mlp.shared_experts`,
+    /// `mlp.shared_mlp` or (Granite) `shared_mlp`.
     pub module: &'static str,
+    /// Gate and up as one linear layer (`input_linear [2·I, H]`, gate rows first) and down as
+    /// `output_linear` (Granite MoE's shared MLP); else `gate_proj`, `up_proj`, `down_proj`.
+    pub fused: bool,
 }
 
 /// Which dims of a head the rotary embedding turns.
@@ -257,7 +261,7 @@ impl ArchSpec {
             ModelType::parse(&model_type_str).ok_or_else(|| SpecError::Unsupported {
                 path: path.to_string(),
                 found: model_type_str.clone(),
-                supported: SUPPORTED_MODEL_TYPES.join(", "),
+                supported: supported_model_types(),
             })?;
         let row = model_type.row();
 

@@ -247,6 +247,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
         ModelType::GraniteMoe,
         ModelType::HunyuanV1Moe,
         ModelType::GptOss,
+        ModelType::GraniteMoeShared,
     ] {
         let tmp = std::env::temp_dir().join(format!(
             "moeq-train-check-{}-{}",

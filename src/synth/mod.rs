@@ -14,7 +14,7 @@ pub(crate) mod writer;
 pub use presets::{Preset, PRESETS};
 pub use writer::{DiskLayout, SynthOptions, SynthReport};
 
-use crate::arch::{ArchSpec, ModelType, SpecError, SUPPORTED_MODEL_TYPES};
+use crate::arch::{supported_model_types, ArchSpec, ModelType, SpecError};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
@@ -35,7 +35,7 @@ pub fn parse_model_type(arch: &str) -> Result<ModelType, SynthError> {
     ModelType::parse(arch).ok_or_else(|| {
         SynthError::Usage(format!(
             "unknown architecture '{arch}' (supported: {})",
-            SUPPORTED_MODEL_TYPES.join(", ")
+            supported_model_types()
         ))
     })
 }

@@ -90,6 +90,11 @@ pub const PRESETS: &[Preset] = &[
         config: tiny_gpt_oss,
     },
     Preset {
+        name: "tiny",
+        model_type: ModelType::GraniteMoeShared,
+        config: tiny_granitemoeshared,
+    },
+    Preset {
         name: "qwen3-30b-a3b",
         model_type: ModelType::Qwen3Moe,
         config: qwen3_30b_a3b,
@@ -417,6 +422,13 @@ fn tiny_hunyuan_v1_moe() -> Value {
         "max_position_embeddings": 2048, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
         "attention_bias": false, "tie_word_embeddings": false
     })
+}
+
+/// Granite MoE with its shared MLP (gate and up fused in `input_linear`) beside the experts.
+fn tiny_granitemoeshared() -> Value {
+    let mut c = tiny_granitemoe();
+    c["shared_intermediate_size"] = 48.into();
+    c
 }
 
 /// A sliding window shorter than the test lines, sinks, biases everywhere, gpt-oss's rope.
