@@ -96,13 +96,10 @@ fn rms_norm_matches_the_primitive_op_reference() {
     assert!(max_abs(&(&g - &g_ref).unwrap()) <= 1e-5 * max_abs(&g_ref));
 }
 
-#[test]
-fn blocked_attention_matches_the_whole_matrix_reference() {
-    use moeq::ops::attention::{attention, attention_reference};
-    let cpu = &Device::Cpu;
-    // 6 query heads over 2 kv heads (groups of 3), 37 positions; batch 0 packs samples of 11,
-    // 20 and 4 tokens and 2 padding positions, batch 1 is one sample.
-    let (b, s, nh, kvh, hd) = (2, 37, 6, 2, 8);
+/// Two rows of 37 positions: row 0 packs samples of 11, 20 and 4 tokens and 2 padding
+/// positions, row 1 is one sample; as rows of u32 and as the `[2, 37]` tensor.
+fn packed_segments(b: usize, s: usize) -> (Vec<Vec<u32>>, Tensor) {
+    assert_eq!((b, s), (2, 37));
     let seg0: Vec<u32> = (0..s as u32)
         .map(|p| match p {
             0..11 => 0,
@@ -112,7 +109,18 @@ fn blocked_attention_matches_the_whole_matrix_reference() {
         })
         .collect();
     let segments = vec![seg0, vec![0u32; s]];
-    let seg_t = Tensor::from_vec(segments.concat(), (b, s), cpu).unwrap();
+    let seg_t = Tensor::from_vec(segments.concat(), (b, s), &Device::Cpu).unwrap();
+    (segments, seg_t)
+}
+
+#[test]
+fn blocked_attention_matches_the_whole_matrix_reference() {
+    use moeq::ops::attention::{attention, attention_reference};
+    let cpu = &Device::Cpu;
+    // 6 query heads over 2 kv heads (groups of 3), 37 positions; batch 0 packs samples of 11,
+    // 20 and 4 tokens and 2 padding positions, batch 1 is one sample.
+    let (b, s, nh, kvh, hd) = (2, 37, 6, 2, 8);
+    let (segments, seg_t) = packed_segments(b, s);
     let q = (Tensor::randn(0f32, 1.0, (b, s, nh, hd), cpu).unwrap() * 2.0).unwrap();
     let k = (Tensor::randn(0f32, 1.0, (b, s, kvh, hd), cpu).unwrap() * 2.0).unwrap();
     let scale = 1.0 / (hd as f64).sqrt();
@@ -178,16 +186,7 @@ fn blocked_attention_with_a_window_and_sinks_matches_the_reference() {
     use moeq::ops::attention::{attention_reference_with, attention_with};
     let cpu = &Device::Cpu;
     let (b, s, nh, kvh, hd) = (2, 37, 6, 2, 8);
-    let seg0: Vec<u32> = (0..s as u32)
-        .map(|p| match p {
-            0..11 => 0,
-            11..31 => 1,
-            31..35 => 2,
-            _ => 3,
-        })
-        .collect();
-    let segments = vec![seg0, vec![0u32; s]];
-    let seg_t = Tensor::from_vec(segments.concat(), (b, s), cpu).unwrap();
+    let (segments, seg_t) = packed_segments(b, s);
     let rand = |h: usize| Tensor::randn(0f32, 1.0, (b, s, h, hd), cpu).unwrap();
     let (q, k, v, upstream) = (rand(nh), rand(kvh), rand(kvh), rand(nh));
     let scale = 1.0 / (hd as f64).sqrt();

@@ -169,3 +169,58 @@ fn bad_config_values_name_the_key() {
         assert_eq!(open_err(tmp.path()), format!("{}: {want}", cfg.display()));
     }
 }
+
+/// gpt-oss's MXFP4 experts: blocks that disagree with config.json, and a NaN scale byte, are
+/// named with the tensor (and the expert) at fault.
+#[test]
+fn mxfp4_experts_that_disagree_or_hold_nan_scales_are_reported() {
+    use moeq::model_files::ExpertParam;
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = SynthOptions {
+        model_type: ModelType::GptOss,
+        layout: DiskLayout::Mxfp4,
+        ..SynthOptions::default()
+    };
+    synth::write(&opts, tmp.path()).unwrap();
+    let cfg_path = tmp.path().join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    cfg["intermediate_size"] = 64.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let err = ModelDir::open(tmp.path())
+        .unwrap()
+        .read_experts(0, ExpertParam::Down, 0..1)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        format!(
+            "{}: tensor 'model.layers.0.mlp.experts.down_proj_blocks' has shape [8, 64, 1, 16] but config.json implies [8, 64, 2, 16]",
+            tmp.path().join("model.safetensors").display()
+        )
+    );
+    std::fs::write(&cfg_path, text).unwrap();
+    // Scale byte 255 (NaN in E8M0) in expert 3's scales of layer 1's down_proj.
+    let file = tmp.path().join("model.safetensors");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let dir = ModelDir::open(tmp.path()).unwrap();
+    let name = "model.layers.1.mlp.experts.down_proj_scales";
+    let info = dir.locate(name).unwrap().info(name).unwrap().clone();
+    let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[header + info.data_offsets.0 + 3 * 64] = 255;
+    drop(dir);
+    std::fs::write(&file, &bytes).unwrap();
+    let err = ModelDir::open(tmp.path())
+        .unwrap()
+        .read_experts(1, ExpertParam::Down, 2..5)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with(&format!(
+            "{}: 'model.layers.1.mlp.experts.down_proj_blocks' expert 3: ",
+            tmp.path().display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("NaN") && !err.contains('\n'), "{err}");
+}

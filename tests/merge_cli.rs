@@ -86,6 +86,21 @@ fn rel(a: &Tensor, b: &Tensor) -> f32 {
     d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap()
 }
 
+/// `moeq merge --model model --adapter adapter --out out` plus `extra`.
+fn merge(model: &Path, adapter: &Path, out: &Path, extra: &[&str]) -> (i32, String, String) {
+    let mut args = vec![
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    moeq(&args)
+}
+
 #[test]
 fn merged_checkpoints_compute_base_plus_adapter_in_the_base_layout() {
     let cases = [
@@ -104,15 +119,7 @@ fn merged_checkpoints_compute_base_plus_adapter_in_the_base_layout() {
         let adapter = tmp.path().join("adapter");
         random_adapter(&md, &adapter);
         let merged = tmp.path().join("merged");
-        let (code, _, err) = moeq(&[
-            "merge",
-            "--model",
-            base.to_str().unwrap(),
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--out",
-            merged.to_str().unwrap(),
-        ]);
+        let (code, _, err) = merge(&base, &adapter, &merged, &[]);
         assert_eq!(code, 0, "{what}: {err}");
         assert!(err.contains("merged"), "{what}: {err}");
         // The same files, names, dtypes and shapes; the index and tokenizer carried over.
@@ -154,15 +161,7 @@ fn merge_refuses_mxfp4_experts() {
     let adapter = tmp.path().join("adapter");
     random_adapter(&md, &adapter);
     let out = tmp.path().join("out");
-    let (code, _, err) = moeq(&[
-        "merge",
-        "--model",
-        base.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (code, _, err) = merge(&base, &adapter, &out, &[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("the experts are MXFP4"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -176,19 +175,7 @@ fn merge_to_bf16_and_bad_input() {
     let md = synth_into(&base, ModelType::Qwen3Moe, DiskLayout::Hub, u64::MAX);
     let adapter = tmp.path().join("adapter");
     random_adapter(&md, &adapter);
-    let run = |model: &Path, adapter: &Path, out: &Path, extra: &[&str]| {
-        let mut args = vec![
-            "merge",
-            "--model",
-            model.to_str().unwrap(),
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend(extra);
-        moeq(&args)
-    };
+    let run = merge;
     // --dtype bf16: every weight in bf16, config.json says so.
     let bf16 = tmp.path().join("bf16");
     let (code, _, err) = run(&base, &adapter, &bf16, &["--dtype", "bf16"]);

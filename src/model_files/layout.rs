@@ -308,11 +308,19 @@ fn read_mxfp4(
         let w =
             super::mxfp4::dequantize(b, s, out, inp).map_err(|err| ModelFilesError::Format {
                 path: dir.root.display().to_string(),
-                problem: format!("'{blocks}' expert {x}: {err}"),
+                problem: format!("'{blocks}' expert {x}: {}", without_backtrace(err)),
             })?;
         experts.push(w);
     }
     Ok(Tensor::stack(&experts, 0)?)
+}
+
+/// An error's message without the backtrace candle may carry (one line for the user).
+pub(super) fn without_backtrace(e: candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => inner.to_string(),
+        e => e.to_string(),
+    }
 }
 
 /// The little-endian bytes of a CPU tensor (contiguous).

@@ -207,7 +207,7 @@ impl ModelDir {
         )?;
         fp8::dequantize(bytes, &shape, &scale, block).map_err(|e| ModelFilesError::Format {
             path: self.root.display().to_string(),
-            problem: format!("'{disk_name}': {e}"),
+            problem: format!("'{disk_name}': {}", layout::without_backtrace(e)),
         })
     }
 
