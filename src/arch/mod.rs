@@ -11,6 +11,7 @@ mod memory;
 mod mlp_tape;
 pub mod model;
 mod params;
+mod row_fields;
 mod rows;
 mod side;
 mod spec;
