@@ -91,6 +91,14 @@ const SOFTMAX: RouterRow = RouterRow {
     bias_owner: "mlp.gate",
 };
 
+/// Top-k of the router's logits, then a softmax over those k: the renormalised softmax top-k
+/// (Granite, Hunyuan, gpt-oss; `norm_topk_prob` not read).
+const TOPK_THEN_SOFTMAX: RouterRow = RouterRow {
+    reads_norm_topk: false,
+    always_renormalize: true,
+    ..SOFTMAX
+};
+
 /// DeepSeek-V3's `noaux_tc` router (GLM-4.5 and GLM-4.7-Flash too): sigmoid scores, the
 /// correction bias in the choice, groups scored by their two best experts.
 const NOAUX_TC: RouterRow = RouterRow {
@@ -179,11 +187,7 @@ const GRANITE: Row = Row {
     ],
     moe_module: "block_sparse_moe",
     reads_mup: true,
-    router: RouterRow {
-        reads_norm_topk: false,
-        always_renormalize: true,
-        ..SOFTMAX
-    },
+    router: TOPK_THEN_SOFTMAX,
     moe_layers: MoeLayers::All,
     qk_norm: QkNorm::None,
     default_max_positions: 2048,
@@ -409,11 +413,7 @@ impl ModelType {
                 top_k_key: "moe_topk",
                 top_k_alias: Some("num_experts_per_tok"),
                 expert_intermediate_key: "intermediate_size",
-                router: RouterRow {
-                    reads_norm_topk: false,
-                    always_renormalize: true,
-                    ..SOFTMAX
-                },
+                router: TOPK_THEN_SOFTMAX,
                 router_linear: true,
                 qk_norm: QkNorm::PerHeadAfterRotary,
                 qk_norm_names: ("query_layernorm", "key_layernorm"),
@@ -433,11 +433,7 @@ impl ModelType {
                 experts_alias: Some("num_experts"),
                 expert_intermediate_key: "intermediate_size",
                 hub_renames: &[(".mlp.gate.", ".mlp.router.")],
-                router: RouterRow {
-                    reads_norm_topk: false,
-                    always_renormalize: true,
-                    ..SOFTMAX
-                },
+                router: TOPK_THEN_SOFTMAX,
                 moe_layers: MoeLayers::All,
                 qk_norm: QkNorm::None,
                 default_attention_bias: true,
