@@ -148,6 +148,7 @@ pub(super) fn moe_layer_pattern(
                 .map(|l| (l + 1) % interval == 0 && l >= start && l as i64 <= end)
                 .collect())
         }
+        MoeLayers::InterleaveStep => super::cfg_llama4::moe_layers(cfg, num_layers),
         MoeLayers::LayerTypes => match cfg.present("mlp_layer_types") {
             None => Ok((0..num_layers).map(|l| l > 0).collect()),
             Some(Value::Array(items)) if items.len() == num_layers => items
@@ -418,6 +419,7 @@ pub(super) fn router_spec(
         group_limit,
         scaling,
         logit_bias: row.gpt_oss_keys,
+        weights_input: row.llama4_keys,
     })
 }
 

@@ -3,6 +3,7 @@
 mod attn;
 mod backward;
 mod cfg;
+mod cfg_llama4;
 mod decode;
 pub mod exchange;
 mod latent;
@@ -24,5 +25,6 @@ pub use model::{Inputs, LayerStats, LoraCtx, Model};
 pub use params::{down_name, gate_up_name, Component, ParamInfo};
 pub use spec::{
     supported_model_types, ArchSpec, Glu, GroupLimit, GroupScore, LatentSpec, ModelType, Mup,
-    QkNorm, RopeSpec, Rotary, RouterSpec, Scoring, SharedExpertSpec, SpecError, LATENT_NORM_EPS,
+    NopeTemperature, QkNorm, RopeSpec, Rotary, RouterSpec, Scoring, SharedExpertSpec, SpecError,
+    LATENT_NORM_EPS,
 };

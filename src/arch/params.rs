@@ -99,7 +99,7 @@ impl ArchSpec {
         }
         let (qn, kn) = self.model_type.qk_norm_names();
         let widths = match self.qk_norm {
-            QkNorm::None => None,
+            QkNorm::None | QkNorm::L2AfterRotary => None,
             QkNorm::PerHead | QkNorm::PerHeadAfterRotary => Some((self.head_dim, self.head_dim)),
             QkNorm::FullProjection => Some((qd, kvd)),
         };

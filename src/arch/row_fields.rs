@@ -20,6 +20,9 @@ pub(super) enum MoeLayers {
     /// ERNIE-4.5: layer `l` is MoE iff `(l + 1) % moe_layer_interval == 0` and
     /// `moe_layer_start_index <= l <= moe_layer_end_index` (−1: the last layer).
     Interval,
+    /// Llama 4: the layers listed in `moe_layers`, by default every
+    /// `interleave_moe_layer_step`-th layer (the step's last: 1, 3, 5, … for a step of 2).
+    InterleaveStep,
 }
 
 /// How the router chooses and weighs experts.
@@ -109,6 +112,8 @@ pub(super) struct Row {
     /// `alpha` of a `dynamic` rope (a larger base at every length).
     pub hunyuan_keys: bool,
     pub expert_intermediate_key: &'static str,
+    /// The dense layers' MLP width (`intermediate_size`; Llama 4: `intermediate_size_mlp`).
+    pub dense_intermediate_key: &'static str,
     pub router: RouterRow,
     pub moe_layers: MoeLayers,
     pub shared: SharedRow,
@@ -146,6 +151,12 @@ pub(super) struct Row {
     /// in every attention, biases on the experts and the router, the clamped GLU
     /// (`swiglu_limit`), yarn rope when none is given, experts stored `[E, in, out]`.
     pub gpt_oss_keys: bool,
+    /// Llama 4: `no_rope_layers` (layers without rotary embedding, their q scaled by
+    /// `attn_temperature_tuning`), `attention_chunk_size` on the rotary layers (`layer_types`),
+    /// a weightless per-head q/k norm after the rotation on rotary layers (`use_qk_norm`), the
+    /// router's weight on each expert's input, experts stored `[E, in, out]` with gate and up
+    /// as halves, every MLP module under `feed_forward`.
+    pub llama4_keys: bool,
     pub default_rope_theta: f64,
     pub default_eps: f64,
     pub default_max_positions: usize,

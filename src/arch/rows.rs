@@ -27,6 +27,7 @@ pub enum ModelType {
     HunyuanV1Moe,
     GptOss,
     GraniteMoeShared,
+    Llama4Text,
 }
 
 /// Every model type with its config.json name and transformers class.
@@ -73,7 +74,16 @@ const TYPES: &[(ModelType, &str, &str)] = &[
         "granitemoeshared",
         "GraniteMoeSharedForCausalLM",
     ),
+    (ModelType::Llama4Text, "llama4_text", "Llama4ForCausalLM"),
 ];
+
+/// `name` with the module prefix `from` (at its start or after a dot) spelled `to`.
+fn respell(name: &str, from: &str, to: &str) -> String {
+    match name.strip_prefix(from) {
+        Some(rest) => format!("{to}{rest}"),
+        None => name.replace(&format!(".{from}"), &format!(".{to}")),
+    }
+}
 
 /// The supported `model_type` names, comma-separated (for messages).
 pub fn supported_model_types() -> String {
@@ -131,6 +141,7 @@ const QWEN3: Row = Row {
     qk_norm_names: ("q_norm", "k_norm"),
     hunyuan_keys: false,
     expert_intermediate_key: "moe_intermediate_size",
+    dense_intermediate_key: "intermediate_size",
     router: SOFTMAX,
     moe_layers: MoeLayers::SparseStep,
     shared: SharedRow::None,
@@ -150,6 +161,7 @@ const QWEN3: Row = Row {
     post_norms: false,
     mixtral_hub_names: false,
     gpt_oss_keys: false,
+    llama4_keys: false,
     default_rope_theta: 10000.0,
     default_eps: 1e-6,
     default_max_positions: 32768,
@@ -218,9 +230,15 @@ impl ModelType {
         }
     }
 
-    /// Whether checkpoints of this type store the fused experts `[E, in, out]` (gpt-oss), or
-    /// as MXFP4 blocks and scales.
+    /// Whether checkpoints of this type store the fused experts `[E, in, out]` (gpt-oss, or
+    /// as MXFP4 blocks and scales; Llama 4).
     pub fn experts_transposed(self) -> bool {
+        let row = self.row();
+        row.gpt_oss_keys || row.llama4_keys
+    }
+
+    /// Whether this type's releases ship MXFP4 experts (gpt-oss).
+    pub fn ships_mxfp4(self) -> bool {
         self.row().gpt_oss_keys
     }
 
@@ -234,16 +252,31 @@ impl ModelType {
         self.row().moe_module
     }
 
-    /// A LoRA target (`mlp.experts.gate_up_proj`, or transformers' own spelling of this type)
-    /// in moeq's canonical spelling.
-    pub fn canonical_target(self, target: &str) -> String {
-        let module = self.row().moe_module;
-        if module == "mlp" {
-            return target.to_string();
+    /// The module prefix transformers spells otherwise, and moeq's: Granite's experts
+    /// (`block_sparse_moe.experts`), every MLP module of Llama 4 (`feed_forward.`).
+    fn module_spelling(self) -> Option<(String, &'static str)> {
+        let row = self.row();
+        match (row.moe_module, row.llama4_keys) {
+            ("mlp", _) => None,
+            (m, true) => Some((format!("{m}."), "mlp.")),
+            (m, false) => Some((format!("{m}.experts"), "mlp.experts")),
         }
-        match target.strip_prefix(module) {
-            Some(rest) if rest.starts_with(".experts") => format!("mlp{rest}"),
-            _ => target.replace(&format!(".{module}.experts"), ".mlp.experts"),
+    }
+
+    /// A LoRA target or module path (`mlp.experts.gate_up_proj`, or transformers' own
+    /// spelling of this type) in moeq's canonical spelling.
+    pub fn canonical_target(self, target: &str) -> String {
+        match self.module_spelling() {
+            None => target.to_string(),
+            Some((theirs, ours)) => respell(target, &theirs, ours),
+        }
+    }
+
+    /// A canonical module path or target in transformers' spelling (PEFT's names).
+    pub fn transformers_name(self, canonical: &str) -> String {
+        match self.module_spelling() {
+            None => canonical.to_string(),
+            Some((theirs, ours)) => respell(canonical, ours, &theirs),
         }
     }
 
@@ -439,6 +472,36 @@ impl ModelType {
                 default_attention_bias: true,
                 gpt_oss_keys: true,
                 default_rope_theta: 150000.0,
+                default_eps: 1e-5,
+                default_max_positions: 131072,
+                ..QWEN3
+            },
+            // Top-1 sigmoid router whose weight scales the expert's input, a shared expert,
+            // NoPE and chunked-attention layers; transformers names the MLP `feed_forward`
+            // and the router `feed_forward.router`.
+            ModelType::Llama4Text => Row {
+                experts_key: "num_local_experts",
+                experts_alias: None,
+                expert_intermediate_key: "intermediate_size",
+                dense_intermediate_key: "intermediate_size_mlp",
+                hub_renames: &[
+                    (".mlp.gate.weight", ".feed_forward.router.weight"),
+                    (".mlp.", ".feed_forward."),
+                ],
+                moe_module: "feed_forward",
+                router: RouterRow {
+                    scoring: Scoring::Sigmoid,
+                    reads_norm_topk: false,
+                    ..SOFTMAX
+                },
+                moe_layers: MoeLayers::InterleaveStep,
+                shared: SharedRow::Plain {
+                    module: "mlp.shared_expert",
+                },
+                qk_norm: QkNorm::None,
+                default_rope_interleave: true,
+                llama4_keys: true,
+                default_rope_theta: 500000.0,
                 default_eps: 1e-5,
                 default_max_positions: 131072,
                 ..QWEN3

@@ -7,6 +7,7 @@ use super::cfg::{
     attention_windows, glu, gpt_oss_rope, moe_layer_pattern, rope_spec, router_spec, shared_expert,
     Cfg,
 };
+pub use super::cfg_llama4::NopeTemperature;
 pub use super::rows::{supported_model_types, ModelType};
 use super::rows::{AttentionRow, Row};
 use serde_json::Value;
@@ -51,6 +52,9 @@ pub enum QkNorm {
     FullProjection,
     /// RMSNorm over each head's `head_dim` after the rotary embedding (Hunyuan).
     PerHeadAfterRotary,
+    /// RMSNorm without a weight over each head after the rotation, on rotary layers only
+    /// (Llama 4's `use_qk_norm`).
+    L2AfterRotary,
 }
 
 /// How the router turns logits into scores.
@@ -89,6 +93,9 @@ pub struct RouterSpec {
     pub scaling: f64,
     /// A bias added to the router's logits (gpt-oss: `mlp.router.bias`).
     pub logit_bias: bool,
+    /// The routing weight multiplies the expert's input instead of its output, and the expert
+    /// outputs are summed unweighted (Llama 4).
+    pub weights_input: bool,
 }
 
 impl RouterSpec {
@@ -203,6 +210,13 @@ pub struct ArchSpec {
     /// gpt-oss: a learned logit per query head joins each softmax's denominator
     /// (`self_attn.sinks [heads]`).
     pub attention_sinks: bool,
+    /// Whether each layer turns q and k; the others (Llama 4's NoPE layers) attend without
+    /// positions, q scaled by `nope_temperature` where set.
+    pub rope_layers: Vec<bool>,
+    pub nope_temperature: Option<NopeTemperature>,
+    /// Llama 4's `attention_chunk_size` on its chunked layers: a query sees the keys of its own
+    /// chunk of positions (`⌊p / size⌋` equal) up to itself.
+    pub attention_chunks: Vec<Option<usize>>,
     /// gpt-oss: biases on the experts' projections (`gate_up_proj_bias [E, 2I]`,
     /// `down_proj_bias [E, H]`).
     pub expert_bias: bool,
@@ -302,7 +316,7 @@ impl ArchSpec {
         }
         let expert_intermediate_size = cfg.usize_req(row.expert_intermediate_key)?;
         let dense_intermediate_size = cfg
-            .usize_opt("intermediate_size")?
+            .usize_opt(row.dense_intermediate_key)?
             .unwrap_or(expert_intermediate_size);
         let router = router_spec(&cfg, &row, top_k, num_experts)?;
         let moe_layers = moe_layer_pattern(&cfg, &row, num_layers)?;
@@ -343,7 +357,13 @@ impl ArchSpec {
         } else {
             None
         };
-        let qk_norm = if row.reads_use_qk_norm && cfg.bool_or("use_qk_norm", false)? {
+        let llama4 = match row.llama4_keys {
+            true => Some(super::cfg_llama4::attention(&cfg, num_layers)?),
+            false => None,
+        };
+        let qk_norm = if llama4.as_ref().is_some_and(|a| a.qk_norm) {
+            QkNorm::L2AfterRotary
+        } else if row.reads_use_qk_norm && cfg.bool_or("use_qk_norm", false)? {
             QkNorm::PerHead
         } else {
             row.qk_norm
@@ -402,6 +422,13 @@ impl ArchSpec {
             post_norms: row.post_norms,
             attention_windows: attention_windows(&cfg, &row, num_layers)?,
             attention_sinks: row.gpt_oss_keys,
+            rope_layers: llama4
+                .as_ref()
+                .map_or_else(|| vec![true; num_layers], |a| a.rope_layers.clone()),
+            nope_temperature: llama4.as_ref().and_then(|a| a.temperature),
+            attention_chunks: llama4
+                .as_ref()
+                .map_or_else(|| vec![None; num_layers], |a| a.chunks.clone()),
             expert_bias: row.gpt_oss_keys,
             glu: glu(&cfg, &row)?,
             mup,

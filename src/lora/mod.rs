@@ -110,9 +110,9 @@ pub struct Adapters {
     pub linear: BTreeMap<String, LinearLora>,
     /// Keyed by the parameter path, e.g. `model.layers.0.mlp.experts.gate_up_proj`.
     pub experts: BTreeMap<String, ExpertLora>,
-    /// The MoE block's module name in transformers, which PEFT's expert adapter names carry
-    /// (`ModelType::moe_module`).
-    pub moe_module: &'static str,
+    /// The model type, whose module spelling in transformers PEFT's names carry
+    /// (`ModelType::transformers_name`: Granite's `block_sparse_moe`, Llama 4's `feed_forward`).
+    pub model_type: crate::arch::ModelType,
 }
 
 fn stream(seed: u64, name: &str) -> ChaCha8Rng {
@@ -217,7 +217,7 @@ impl Adapters {
             settings,
             linear,
             experts,
-            moe_module: spec.model_type.moe_module(),
+            model_type: spec.model_type,
         })
     }
 

@@ -17,22 +17,11 @@ use std::path::Path;
 /// PEFT registers target parameters in this order within a module.
 const PARAM_ORDER: [&str; 2] = ["gate_up_proj", "down_proj"];
 
-/// A canonical expert name or target (`….mlp.experts…`) in transformers' spelling for a model
-/// whose MoE block is `moe_module` (Granite: `block_sparse_moe`).
-fn transformers_spelling(name: &str, moe_module: &str) -> String {
-    if moe_module == "mlp" {
-        return name.to_string();
-    }
-    match name.strip_prefix("mlp.experts") {
-        Some(rest) => format!("{moe_module}.experts{rest}"),
-        None => name.replace(".mlp.experts", &format!(".{moe_module}.experts")),
-    }
-}
-
 /// Every adapter tensor by its PEFT name.
 pub fn named_tensors(a: &Adapters) -> BTreeMap<String, Var> {
     let mut out = BTreeMap::new();
     for (path, l) in &a.linear {
+        let path = a.model_type.transformers_name(path);
         out.insert(
             format!("base_model.model.{path}.lora_A.weight"),
             l.a.clone(),
@@ -61,7 +50,7 @@ pub fn named_tensors(a: &Adapters) -> BTreeMap<String, Var> {
             // The last registered wrapper is outermost; each earlier one sits one `base_layer` deeper.
             let depth = ".base_layer".repeat(n - 1 - i);
             let e = &a.experts[&format!("{module}.{param}")];
-            let module = transformers_spelling(module, a.moe_module);
+            let module = a.model_type.transformers_name(module);
             out.insert(
                 format!("base_model.model.{module}{depth}.lora_A.weight"),
                 e.a.clone(),
@@ -111,7 +100,7 @@ pub fn adapter_config(a: &Adapters, base_model: &str) -> Value {
     let parameters: Vec<String> = s
         .target_parameters
         .iter()
-        .map(|t| transformers_spelling(t, a.moe_module))
+        .map(|t| a.model_type.transformers_name(t))
         .collect();
     m.insert("target_parameters", json!(parameters));
     m.insert("task_type", json!("CAUSAL_LM"));

@@ -129,7 +129,7 @@ fn gathered(adapters: &Adapters, comm: &dyn Communicator) -> candle_core::Result
         settings: adapters.settings.clone(),
         linear,
         experts,
-        moe_module: adapters.moe_module,
+        model_type: adapters.model_type,
     })
 }
 
