@@ -35,6 +35,7 @@ fn cached_decoding_matches_the_whole_sequence() {
         ModelType::HunyuanV1Moe,
         ModelType::GptOss,
         ModelType::GraniteMoeShared,
+        ModelType::Llama4Text,
     ] {
         let dir = tempfile::tempdir().unwrap();
         let opts = SynthOptions {

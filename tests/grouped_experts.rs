@@ -401,7 +401,7 @@ fn random_routing(
 #[test]
 fn routed_experts_op_equals_the_separate_ops() {
     use moeq::ops::experts::grouped_nf4;
-    use moeq::ops::routed_experts::routed_experts;
+    use moeq::ops::routed_experts::{routed_experts, Weights};
     use moeq::ops::routing::{combine_rows, gather_rows};
     use moeq::ops::swiglu::swiglu_packed;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(23);
@@ -415,8 +415,16 @@ fn routed_experts_op_equals_the_separate_ops() {
     for dtype in [DType::F32, DType::BF16] {
         let inputs = [x.to_dtype(dtype).unwrap(), w.clone()];
         let (y, g) = run(&inputs, |t| {
-            routed_experts(&t[0], &t[1], &order, &gate_up, &down, &counts, None)?
-                .to_dtype(DType::F32)
+            routed_experts(
+                &t[0],
+                Weights::Output(&t[1]),
+                &order,
+                &gate_up,
+                &down,
+                &counts,
+                None,
+            )?
+            .to_dtype(DType::F32)
         });
         let (y_ref, g_ref) = run(&inputs, |t| {
             let xs = gather_rows(&t[0], &order)?;
@@ -439,7 +447,7 @@ fn routed_experts_op_equals_the_separate_ops() {
 #[test]
 fn routed_experts_op_with_adapters_equals_the_separate_ops() {
     use moeq::ops::experts::{grouped_lora, grouped_nf4};
-    use moeq::ops::routed_experts::{routed_experts, ExpertLora};
+    use moeq::ops::routed_experts::{routed_experts, ExpertLora, Weights};
     use moeq::ops::routing::{combine_rows, gather_rows};
     use moeq::ops::swiglu::swiglu_packed;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(29);
@@ -484,8 +492,16 @@ fn routed_experts_op_with_adapters_equals_the_separate_ops() {
                     r,
                     scaling: s,
                 };
-                routed_experts(&t[0], &t[1], &order, &gate_up, &down, &counts, Some(&l))?
-                    .to_dtype(DType::F32)
+                routed_experts(
+                    &t[0],
+                    Weights::Output(&t[1]),
+                    &order,
+                    &gate_up,
+                    &down,
+                    &counts,
+                    Some(&l),
+                )?
+                .to_dtype(DType::F32)
             });
             let (y_ref, g_ref) = run(&inputs, |t| {
                 let xs = gather_rows(&t[0], &order)?;

@@ -69,6 +69,7 @@ fn quantized_checkpoint_loads_back_identically_for_every_arch() {
         ModelType::Qwen2Moe,
         ModelType::Mixtral,
         ModelType::Olmoe,
+        ModelType::Llama4Text,
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let src = synth_into(&tmp.path().join("src"), arch, DiskLayout::Hub);
@@ -87,6 +88,16 @@ fn quantized_checkpoint_loads_back_identically_for_every_arch() {
         assert_eq!(code, 0, "{err}");
         let pre = ModelDir::open(&out).unwrap();
         assert_eq!(frozen::prequantized(&pre), Some(settings));
+        if arch == ModelType::Llama4Text {
+            // transformers' runtime names, as its bitsandbytes loader expects them.
+            for name in [
+                "model.layers.1.feed_forward.router.weight",
+                "model.layers.1.feed_forward.shared_expert.gate_proj.weight.absmax",
+                "model.layers.0.feed_forward.down_proj.weight.absmax",
+            ] {
+                assert!(pre.locate(name).is_some(), "{name}");
+            }
+        }
         let loaded = load(&pre, settings);
         assert_eq!(fingerprints(&direct), fingerprints(&loaded), "{arch:?}");
         assert!(direct

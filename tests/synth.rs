@@ -70,7 +70,7 @@ fn real_presets_match_published_parameter_counts() {
         f64,
         &'a [moeq::arch::Component],
     );
-    let cases: [Case; 15] = [
+    let cases: [Case; 17] = [
         (ModelType::Qwen3Moe, "qwen3-30b-a3b", 30.5, 3.3, 0.2, &[]),
         (
             ModelType::Qwen3Moe,
@@ -156,6 +156,25 @@ fn real_presets_match_published_parameter_counts() {
             5.1,
             0.05,
             &[Embedding],
+        ),
+        // Meta publishes 109B / 17B (Scout) and 400B / 17B (Maverick) for the multimodal
+        // checkpoints, vision encoder included; the text models alone are 107.8B / 17.2B and
+        // 400.7B / 17.2B (tests/llama4_files.rs).
+        (
+            ModelType::Llama4Text,
+            "llama4-scout",
+            107.8,
+            17.2,
+            0.05,
+            &[],
+        ),
+        (
+            ModelType::Llama4Text,
+            "llama4-maverick",
+            400.7,
+            17.2,
+            0.05,
+            &[],
         ),
     ];
     for (arch, preset, total, active, tol, left_out) in cases {
@@ -309,7 +328,7 @@ fn synth_uri_parses_and_rejects() {
         .to_string();
     assert_eq!(
         err,
-        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe, granitemoe, hunyuan_v1_moe, gpt_oss, granitemoeshared)"
+        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe, granitemoe, hunyuan_v1_moe, gpt_oss, granitemoeshared, llama4_text)"
     );
 }
 

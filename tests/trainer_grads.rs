@@ -19,7 +19,7 @@ use moeq::train::step::{evaluate_inputs, forward_backward, inputs, Activations};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 
-const ARCHS: [ModelType; 15] = [
+const ARCHS: [ModelType; 16] = [
     ModelType::Qwen3Moe,
     ModelType::Qwen2Moe,
     ModelType::Mixtral,
@@ -35,6 +35,7 @@ const ARCHS: [ModelType; 15] = [
     ModelType::HunyuanV1Moe,
     ModelType::GptOss,
     ModelType::GraniteMoeShared,
+    ModelType::Llama4Text,
 ];
 
 struct Setup {
@@ -213,9 +214,14 @@ fn every_lora_tensor_gets_a_gradient() {
             } else {
                 "up_proj"
             };
-            assert!(has(&format!("{}.{up}", shared.module)), "{arch:?}");
+            // PEFT's names carry transformers' module names (Llama 4: `feed_forward`).
+            let module = arch.transformers_name(shared.module);
+            assert!(has(&format!("{module}.{up}")), "{arch:?}");
             let dense = s.model.spec.moe_layers.iter().any(|m| !m);
-            assert!(!dense || has("mlp.gate_proj"), "{arch:?}");
+            assert!(
+                !dense || has(&arch.transformers_name("mlp.gate_proj")),
+                "{arch:?}"
+            );
         }
         if arch == ModelType::Qwen2Moe {
             assert!(

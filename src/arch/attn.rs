@@ -35,12 +35,15 @@ impl Attn {
     }
 
     /// q `[n, heads, hd]`, k `[n, kv_heads, hd]` (normed and rotated) and v `[n, kv_heads,
-    /// v_head_dim]` of x `[n, H]`, given the rotary tables of its positions.
+    /// v_head_dim]` of x `[n, H]` in decoder layer `layer`, given the rotary tables of its
+    /// positions and q's factor on NoPE layers.
     pub(super) fn heads(
         &self,
         spec: &ArchSpec,
+        layer: usize,
         x: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
+        nope_q_scale: Option<&Tensor>,
         lora: &LoraCtx,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (n, nh, kvh, hd) = (x.dim(0)?, spec.num_heads, spec.num_kv_heads, spec.head_dim);
@@ -58,7 +61,7 @@ impl Attn {
                     }
                     (apply_rope(&q, cos, sin)?, apply_rope(&k, cos, sin)?, v)
                 } else {
-                    let (q, k) = a.prepare_with(spec, &q, &k, (cos, sin))?;
+                    let (q, k) = a.prepare_with(spec, layer, &q, &k, (cos, sin), nope_q_scale)?;
                     (q, k, v)
                 }
             }
@@ -88,11 +91,12 @@ impl Attn {
 }
 
 /// Whether the attention block turns whole heads (the rotation's pairs `(i, i + hd/2)`, and
-/// any per-head norm before it).
+/// any per-head norm before it) on every layer.
 pub(super) fn whole_heads(spec: &ArchSpec) -> bool {
     spec.rotary.dim == spec.head_dim
         && !spec.rotary.interleaved
-        && spec.qk_norm != QkNorm::PerHeadAfterRotary
+        && !spec.qk_norm.after_rotary()
+        && spec.rope_layers.iter().all(|&r| r)
 }
 
 /// The rotated part of a head whose rotated dims start at `at`.

@@ -21,6 +21,7 @@ use super::model::{Inputs, LayerStats, LoraCtx};
 use super::{ArchSpec, ExpertExchange, QkNorm, Scoring};
 use crate::ops::attention_block::{attention_block_taped, BlockTape};
 use crate::ops::grouped_gemm::{add_product, Gemm};
+use crate::ops::input_weights::{scale_rows, scale_rows_backward};
 use crate::ops::lora_linear::{backward_into, forward_taped, LinearTape};
 use crate::ops::nf4_linear::nf4_linear;
 use crate::ops::norm::{rms_norm, rms_norm_backward};
@@ -111,13 +112,22 @@ struct AttnTape {
     pre_norm: Option<(Tensor, Tensor)>,
     /// q, k and v before `clip_qkv`.
     pre_clip: Option<[Tensor; 3]>,
-    /// q and k before the layer's norms and rotation of part of each head, with the rotary
-    /// tables (`Attention::prepare`).
-    pre_rotary: Option<([Tensor; 2], (Tensor, Tensor))>,
+    /// q and k before `Attention::prepare`, with what it read.
+    pre_rotary: Option<PreRotary>,
+    /// The decoder layer (whether it turns q and k: `ArchSpec::rope_layers`).
+    layer: usize,
     /// The attention block's inputs.
     qkv: [Tensor; 3],
     block: BlockTape,
     o: ProjTape,
+}
+
+/// q and k before the layer's norms and rotation of part of each head (`Attention::prepare`),
+/// the rotary tables and NoPE q's factor.
+struct PreRotary {
+    qk: [Tensor; 2],
+    rope: (Tensor, Tensor),
+    q_scale: Option<Tensor>,
 }
 
 /// `Attention::forward`'s arithmetic, keeping its tape.
@@ -152,9 +162,13 @@ fn attention(
     }
     let mut pre_rotary = None;
     if !whole_heads(spec) {
-        let (pq, pk) = a.prepare(spec, &q, &k, inputs)?;
+        let (pq, pk) = a.prepare(spec, layer, &q, &k, inputs)?;
         let pre = [std::mem::replace(&mut q, pq), std::mem::replace(&mut k, pk)];
-        pre_rotary = Some((pre, inputs.rope.clone()));
+        pre_rotary = Some(PreRotary {
+            qk: pre,
+            rope: inputs.rope.clone(),
+            q_scale: inputs.nope_q_scale.clone(),
+        });
     }
     let args = a.block_args(spec, layer, inputs, q.dtype());
     let (ctx, block) = attention_block_taped(&q, &k, &v, &args)?;
@@ -166,6 +180,7 @@ fn attention(
         pre_norm,
         pre_clip,
         pre_rotary,
+        layer,
         qkv: [q, k, v],
         block,
         o,
@@ -186,9 +201,22 @@ impl AttnTape {
         let [q, k, v] = &self.qkv;
         let [mut dq, mut dk, mut dv] = self.block.backward(q, k, v, &dctx)?;
         drop((dctx, self.block));
-        if let Some(([q0, k0], (cos, sin))) = &self.pre_rotary {
-            dq = prepare_backward(spec, q0, a.q_norm.as_ref(), (cos, sin), &dq)?;
-            dk = prepare_backward(spec, k0, a.k_norm.as_ref(), (cos, sin), &dk)?;
+        if let Some(PreRotary {
+            qk: [q0, k0],
+            rope: (cos, sin),
+            q_scale,
+        }) = &self.pre_rotary
+        {
+            if spec.rope_layers[self.layer] {
+                dq = prepare_backward(spec, q0, a.q_norm.as_ref(), (cos, sin), &dq)?;
+                dk = prepare_backward(spec, k0, a.k_norm.as_ref(), (cos, sin), &dk)?;
+            } else if let Some(s) = q_scale {
+                // NoPE: q was scaled per position (in f32).
+                dq = dq
+                    .to_dtype(DType::F32)?
+                    .broadcast_mul(s)?
+                    .to_dtype(dq.dtype())?;
+            }
         }
         if let (Some(pre), Some(c)) = (&self.pre_clip, spec.clip_qkv) {
             // The clamp passes the gradient where its input lies within [−c, c].
@@ -223,7 +251,7 @@ fn prepare_backward(
     let heads = (n, width / spec.head_dim, spec.head_dim);
     let z = crate::ops::at_offset_zero;
     let mut d = d.reshape(heads)?;
-    if let (Some(w), QkNorm::PerHeadAfterRotary) = (norm, spec.qk_norm) {
+    if let (Some(w), true) = (norm, spec.qk_norm.after_rotary()) {
         let turned = rope_part(&x.reshape(heads)?, cos, sin, part(spec, 0))?;
         d = norm_backward(&z(&turned)?, w, &z(&d)?, spec.rms_norm_eps)?;
     }
@@ -245,6 +273,10 @@ struct MoeTape {
     /// f32 router probabilities [N, E] and routing weights [N, k].
     probs: Tensor,
     weights: Tensor,
+    /// The combine's weights: the routing weights, or ones where they scaled the rows.
+    combine: Tensor,
+    /// The gathered rows before the weights scaled them (`RouterSpec::weights_input`).
+    unscaled: Option<Tensor>,
     /// The expert outputs [N·k, H] in the order of the gathered rows.
     y: Tensor,
     experts: ExpertsTape,
@@ -263,7 +295,7 @@ impl Moe {
             adapters: lora.adapters,
             live: false,
             dropout: lora.dropout,
-        });
+        })?;
         held_experts_taped(xs, &self.gate_up, &self.down, counts, Some(&adapters))
     }
 
@@ -280,15 +312,26 @@ impl Moe {
         let z = crate::ops::at_offset_zero;
         let (x, weights) = (z(x)?, z(&weights)?);
         let xs = gather_forward(&x, &routing.order)?; // [N·k, H] by expert
+                                                      // Llama 4: the weights scale the rows (kept for the weights' gradient), the outputs are
+                                                      // summed unweighted.
+        let (rows, unscaled, combine) = match spec.router.weights_input {
+            true => (
+                scale_rows(&xs, &weights, &routing.order)?,
+                Some(xs),
+                weights.ones_like()?,
+            ),
+            false => (xs, None, weights.clone()),
+        };
         let (y, experts) = match &routing.exchange {
-            None => self.held_taped(&xs, &routing.counts, lora)?,
+            None => self.held_taped(&rows, &routing.counts, lora)?,
             Some(plan) => {
-                let (yr, tape) = self.held_taped(&plan.dispatch(&xs)?, plan.held_counts(), lora)?;
+                let (yr, tape) =
+                    self.held_taped(&plan.dispatch(&rows)?, plan.held_counts(), lora)?;
                 (plan.combine(&yr)?, tape)
             }
         };
-        drop(xs);
-        let mut out = combine_forward(&y, &weights, &routing.order)?;
+        drop(rows);
+        let mut out = combine_forward(&y, &combine, &routing.order)?;
         let shared = match &self.shared {
             None => None,
             Some((mlp, gate)) => {
@@ -307,6 +350,8 @@ impl Moe {
             routing,
             probs,
             weights,
+            combine,
+            unscaled,
             y,
             experts,
             shared,
@@ -331,9 +376,9 @@ impl MoeTape {
     ) -> Result<Tensor> {
         let dtype = dy.dtype();
         let order = &self.routing.order;
-        let (dys, dw) = combine_backward(&self.y, &self.weights, order, dy)?;
+        let (dys, mut dw) = combine_backward(&self.y, &self.combine, order, dy)?;
         drop(self.y);
-        let (dxs, (gate_up, down)) = match &self.routing.exchange {
+        let (mut dxs, (gate_up, down)) = match &self.routing.exchange {
             None => self.experts.backward(dys, dtype)?,
             Some(plan) => {
                 let dyr = plan.dispatch(&dys)?;
@@ -344,9 +389,13 @@ impl MoeTape {
         };
         for (name, factors) in [(&moe.gate_up_name, gate_up), (&moe.down_name, down)] {
             if let (Some(l), Some((da, db))) = (lora.adapters.experts.get(name), factors) {
+                let (da, db) = l.unoriented(da, db)?;
                 grads.push((l.a.as_tensor().id(), da));
                 grads.push((l.b.as_tensor().id(), db));
             }
+        }
+        if let Some(xs) = &self.unscaled {
+            (dxs, dw) = scale_rows_backward(&dxs, xs, &self.weights, order)?;
         }
         let dx = gather_backward(&dxs, order, dtype)?;
         drop(dxs);

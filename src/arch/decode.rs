@@ -49,21 +49,37 @@ impl Model {
         let positions: Vec<u32> = (start..start + n).map(|p| p as u32).collect();
         let pos = Tensor::new(positions.as_slice(), &self.device)?;
         let rope = self.rope.tables(&pos, self.dtype)?;
-        let mask = causal_mask(n, start, None, &self.device)?;
-        // Sliding-window layers (gpt-oss) share one window.
+        let mask = causal_mask(n, start, (None, None), &self.device)?;
+        // Sliding-window layers (gpt-oss) share one window, chunked layers (Llama 4) one size.
         let window = self.spec.attention_windows.iter().flatten().next();
         let window_mask = match window {
-            Some(&w) => causal_mask(n, start, Some(w), &self.device)?,
+            Some(&w) => causal_mask(n, start, (Some(w), None), &self.device)?,
             None => None,
         };
+        let chunk = self.spec.attention_chunks.iter().flatten().next();
+        let chunk_mask = match chunk {
+            Some(&c) => causal_mask(n, start, (None, Some(c)), &self.device)?,
+            None => None,
+        };
+        let q_scale = self.nope_q_scale(&positions)?;
         let mut x = self.embed_ids(&TokenIds::new(ids, &self.device)?)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let slot = &mut cache.layers[l];
-            let mask = match self.spec.attention_windows[l] {
-                Some(_) => window_mask.as_ref(),
-                None => mask.as_ref(),
+            let mask = match (
+                self.spec.attention_windows[l],
+                self.spec.attention_chunks[l],
+            ) {
+                (Some(_), _) => window_mask.as_ref(),
+                (None, Some(_)) => chunk_mask.as_ref(),
+                (None, None) => mask.as_ref(),
             };
-            x = layer.decode(&self.spec, &x, (&rope, mask), slot, lora, self)?;
+            let at = Position {
+                layer: l,
+                rope: &rope,
+                mask,
+                q_scale: q_scale.as_ref(),
+            };
+            x = layer.decode(&self.spec, &x, at, slot, lora, self)?;
         }
         cache.len += n;
         let h = self.final_norm(&x.narrow(0, n - 1, 1)?)?;
@@ -73,14 +89,22 @@ impl Model {
     }
 }
 
+/// Where new tokens are: the decoder layer, and their positions' rotary tables, attention mask
+/// and NoPE q factor.
+struct Position<'a> {
+    layer: usize,
+    rope: &'a (Tensor, Tensor),
+    mask: Option<&'a Tensor>,
+    q_scale: Option<&'a Tensor>,
+}
+
 impl Layer {
-    /// x `[n, H]` → `[n, H]` (rotary tables and attention mask of their positions), appending
-    /// the new keys and values to `slot`.
+    /// x `[n, H]` → `[n, H]` at `at`, appending the new keys and values to `slot`.
     fn decode(
         &self,
         spec: &ArchSpec,
         x: &Tensor,
-        ((cos, sin), mask): (&(Tensor, Tensor), Option<&Tensor>),
+        at: Position,
         slot: &mut Option<(Tensor, Tensor)>,
         lora: &LoraCtx,
         model: &Model,
@@ -88,14 +112,17 @@ impl Layer {
         let (n, nh, kvh) = (x.dim(0)?, spec.num_heads, spec.num_kv_heads);
         let [attn_side, mlp_side] = self.sides(spec);
         let h = attn_side.input(x)?;
-        let (q, k, v) = self.attn.heads(spec, &h, (cos, sin), lora)?;
+        let (cos, sin) = at.rope;
+        let (q, k, v) = self
+            .attn
+            .heads(spec, at.layer, &h, (cos, sin), at.q_scale, lora)?;
         let (k, v) = match slot.take() {
             None => (k, v),
             Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 0)?, Tensor::cat(&[&cv, &v], 0)?),
         };
         *slot = Some((k.clone(), v.clone()));
         let sinks = self.attn.sinks();
-        let ctx = attend(&q, &k, &v, (mask, sinks), nh / kvh, spec.attention_scale)?
+        let ctx = attend(&q, &k, &v, (at.mask, sinks), nh / kvh, spec.attention_scale)?
             .to_dtype(x.dtype())?;
         let width = nh * spec.v_head_dim();
         let x = attn_side.join(x, &self.attn.o().forward(&ctx.reshape((n, width))?, lora)?)?;
@@ -113,23 +140,25 @@ impl Layer {
 
 /// The additive causal mask `[1, n, T]` (T = start + n) of n new queries at positions
 /// `start..start + n`, built once per call for every layer; with a `window`, a query sees only
-/// the last `window` positions, itself included. None when every query sees every key.
+/// the last `window` positions, itself included; with a `chunk` size, only the positions of its
+/// own chunk (`⌊p / chunk⌋` equal). None when every query sees every key.
 fn causal_mask(
     n: usize,
     start: usize,
-    window: Option<usize>,
+    (window, chunk): (Option<usize>, Option<usize>),
     device: &candle_core::Device,
 ) -> Result<Option<Tensor>> {
     let t = start + n;
     let window = window.unwrap_or(usize::MAX);
-    if n == 1 && t <= window {
+    let chunk = chunk.unwrap_or(usize::MAX);
+    if n == 1 && t <= window && t <= chunk {
         return Ok(None);
     }
     let mask: Vec<f32> = (0..n)
         .flat_map(|i| {
             (0..t).map(move |j| {
                 let p = start + i;
-                if j <= p && p - j < window {
+                if j <= p && p - j < window && j / chunk == p / chunk {
                     0.0
                 } else {
                     f32::NEG_INFINITY

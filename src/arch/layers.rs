@@ -7,11 +7,12 @@ use super::{ArchSpec, ExchangePlan, ExpertExchange, QkNorm, Scoring};
 use crate::ops::attention::query_block;
 use crate::ops::attention_block::{attention_block, BlockArgs};
 use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
+use crate::ops::input_weights::scale_rows;
 use crate::ops::lora_linear::lora_linear;
 use crate::ops::nf4_linear::{nf4_linear, FrozenWeight};
 use crate::ops::norm::rms_norm;
 use crate::ops::rope_part::rope_part;
-use crate::ops::routed_experts::{routed_experts, ExpertLora};
+use crate::ops::routed_experts::{routed_experts, ExpertLora, Weights};
 use crate::ops::router::{router_choose, router_probs, Choice};
 use crate::ops::routing::{combine_rows, gather_rows, RowOrder};
 use crate::ops::swiglu;
@@ -170,6 +171,10 @@ impl Attention {
         };
         let (cos, sin) = &inputs.rope;
         let whole = whole_heads(spec);
+        let (segments, samples) = match (spec.attention_chunks[layer], &inputs.chunked) {
+            (Some(_), Some((segments, samples))) => (segments, samples),
+            _ => (&inputs.segments, &inputs.samples),
+        };
         BlockArgs {
             batch: b,
             seq: s,
@@ -179,8 +184,8 @@ impl Attention {
             v_head_dim: hd,
             norms: per_head.filter(|_| whole),
             rotary: whole.then_some((cos, sin)),
-            segments: &inputs.segments,
-            samples: &inputs.samples,
+            segments,
+            samples,
             scale: spec.attention_scale,
             block: query_block(b, nh, s, dtype),
             memo: inputs.keep_attention.then(|| &inputs.attention[layer]),
@@ -189,12 +194,13 @@ impl Attention {
         }
     }
 
-    /// q and k `[N, heads·hd]` of an architecture that turns part of each head (GLM-4.5): the
-    /// per-head norms, then the rotation of the first `rotary.dim` dims; unchanged where the
-    /// attention block turns whole heads.
+    /// q and k `[N, heads·hd]` of an architecture whose attention block does not turn whole
+    /// heads itself (GLM-4.5's part of each head, interleaved pairs, norms after the rotation,
+    /// NoPE layers): prepared here, and the block only attends.
     pub(super) fn prepare(
         &self,
         spec: &ArchSpec,
+        layer: usize,
         q: &Tensor,
         k: &Tensor,
         inputs: &Inputs,
@@ -203,17 +209,31 @@ impl Attention {
             return Ok((q.clone(), k.clone()));
         }
         let (cos, sin) = &inputs.rope;
-        self.prepare_with(spec, q, k, (cos, sin))
+        self.prepare_with(spec, layer, q, k, (cos, sin), inputs.nope_q_scale.as_ref())
     }
 
-    /// [`Attention::prepare`] with the rotary tables of q's and k's positions.
+    /// [`Attention::prepare`] with the rotary tables of q's and k's positions and, for NoPE
+    /// layers, q's factor per position `[N, 1]` (f32).
     pub(super) fn prepare_with(
         &self,
         spec: &ArchSpec,
+        layer: usize,
         q: &Tensor,
         k: &Tensor,
         (cos, sin): (&Tensor, &Tensor),
+        nope_q_scale: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
+        if !spec.rope_layers[layer] {
+            // Llama 4's NoPE layers: no rotation and no norm; q times its temperature, in f32.
+            let q = match nope_q_scale {
+                None => q.clone(),
+                Some(s) => q
+                    .to_dtype(DType::F32)?
+                    .broadcast_mul(s)?
+                    .to_dtype(q.dtype())?,
+            };
+            return Ok((q, k.clone()));
+        }
         let one = |x: &Tensor, norm: &Option<Tensor>| -> Result<Tensor> {
             let (n, width) = x.dims2()?;
             let mut h = x.reshape((n, width / spec.head_dim, spec.head_dim))?;
@@ -221,7 +241,7 @@ impl Attention {
                 h = rms_norm(&h, w, spec.rms_norm_eps)?;
             }
             h = rope_part(&h, cos, sin, part(spec, 0))?;
-            if let (Some(w), QkNorm::PerHeadAfterRotary) = (norm, spec.qk_norm) {
+            if let (Some(w), true) = (norm, spec.qk_norm.after_rotary()) {
                 h = rms_norm(&h, w, spec.rms_norm_eps)?;
             }
             h.reshape((n, width))
@@ -271,7 +291,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let dev = x.device();
         let (q, k, v) = self.qkv(spec, x, lora)?;
-        let (q, k) = self.prepare(spec, &q, &k, inputs)?;
+        let (q, k) = self.prepare(spec, layer, &q, &k, inputs)?;
         let args = self.block_args(spec, layer, inputs, q.dtype());
         // Per-head norms, rotary embedding and attention as one op.
         let ctx = timed("attn: attention", dev, || {
@@ -392,11 +412,15 @@ impl Moe {
         let mut out = if routing.exchange.is_none() {
             // Gather, both projections with their adapters, SwiGLU and combine as one op (one
             // graph node).
-            let adapters = self.expert_lora(lora);
+            let adapters = self.expert_lora(lora)?;
             timed("moe: routed experts", dev, || {
+                let weights = match spec.router.weights_input {
+                    true => Weights::Input(&weights),
+                    false => Weights::Output(&weights),
+                };
                 routed_experts(
                     x,
-                    &weights,
+                    weights,
                     &routing.order,
                     &self.gate_up,
                     &self.down,
@@ -405,7 +429,7 @@ impl Moe {
                 )
             })?
         } else {
-            self.routed_ops(x, &weights, &routing, lora)?
+            self.routed_ops(spec, x, &weights, &routing, lora)?
         }; // [N, H]
         if let Some((mlp, gate)) = &self.shared {
             let mut shared = mlp.forward(x, lora)?;
@@ -421,13 +445,20 @@ impl Moe {
     /// (the rows travel to their experts' holders and back).
     fn routed_ops(
         &self,
+        spec: &ArchSpec,
         x: &Tensor,
         weights: &Tensor,
         routing: &Routing,
         lora: &LoraCtx,
     ) -> Result<Tensor> {
         let dev = x.device();
-        let xs = timed("moe: gather rows", dev, || gather_rows(x, &routing.order))?; // [M, H] by expert
+        let mut xs = timed("moe: gather rows", dev, || gather_rows(x, &routing.order))?; // [M, H] by expert
+        let mut weights = weights.clone();
+        if spec.router.weights_input {
+            // Llama 4: the weights scale the rows; the outputs are summed unweighted.
+            xs = scale_rows(&xs, &weights, &routing.order)?;
+            weights = weights.ones_like()?;
+        }
         let y = match &routing.exchange {
             Some(plan) => {
                 // A process that receives nothing still takes part in the backward's exchange,
@@ -450,51 +481,45 @@ impl Moe {
         };
         // Each token's k rows weighted by its (f32) routing weights and summed in f32.
         timed("moe: combine rows", dev, || {
-            combine_rows(&y, weights, &routing.order)
+            combine_rows(&y, &weights, &routing.order)
         }) // [N, H]
     }
 
-    /// The expert adapters' factors (live or detached as `lora` says).
-    pub(super) fn expert_lora(&self, lora: &LoraCtx) -> ExpertLora {
+    /// The expert adapters' factors in moeq's orientation (live or detached as `lora` says).
+    pub(super) fn expert_lora(&self, lora: &LoraCtx) -> Result<ExpertLora> {
         let ad = lora.adapters;
-        let factors = |name: &str| {
+        let factors = |name: &str| -> Result<Option<(Tensor, Tensor)>> {
             ad.experts
                 .get(name)
-                .map(|l| (lora.weight(&l.a), lora.weight(&l.b)))
+                .map(|l| l.oriented(lora.weight(&l.a), lora.weight(&l.b)))
+                .transpose()
         };
-        ExpertLora {
-            gate_up: factors(&self.gate_up_name),
-            down: factors(&self.down_name),
+        Ok(ExpertLora {
+            gate_up: factors(&self.gate_up_name)?,
+            down: factors(&self.down_name)?,
             r: ad.settings.r,
             scaling: ad.settings.scaling(),
-        }
+        })
     }
 
     /// The held experts on their rows: xs [M, H] grouped by held expert, `counts[e]` rows
     /// each → [M, H]. Expert adapters hold the same experts as the weights (local index 0 is
     /// `first_expert`).
     fn experts(&self, xs: &Tensor, counts: &[usize], lora: &LoraCtx) -> Result<Tensor> {
-        let ad = lora.adapters;
-        let r = ad.settings.r;
-        let s = ad.settings.scaling();
+        let ExpertLora {
+            gate_up: gate_up_lora,
+            down: down_lora,
+            r,
+            scaling: s,
+        } = self.expert_lora(lora)?;
         let mut gu = grouped_nf4(xs, &self.gate_up, counts)?; // [M, 2I]
-        if let Some(l) = ad.experts.get(&self.gate_up_name) {
-            let delta = grouped_lora(xs, &lora.weight(&l.a), &lora.weight(&l.b), counts, 0, r, s)?;
-            gu = (gu + delta)?;
+        if let Some((a, b)) = &gate_up_lora {
+            gu = (gu + grouped_lora(xs, a, b, counts, 0, r, s)?)?;
         }
         let act = glu_packed(&gu, self.gate_up.glu)?; // [M, I]
         let mut y = grouped_nf4(&act, &self.down, counts)?; // [M, H]
-        if let Some(l) = ad.experts.get(&self.down_name) {
-            let delta = grouped_lora(
-                &act,
-                &lora.weight(&l.a),
-                &lora.weight(&l.b),
-                counts,
-                0,
-                r,
-                s,
-            )?;
-            y = (y + delta)?;
+        if let Some((a, b)) = &down_lora {
+            y = (y + grouped_lora(&act, a, b, counts, 0, r, s)?)?;
         }
         Ok(y)
     }

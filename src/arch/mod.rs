@@ -3,9 +3,11 @@
 mod attn;
 mod backward;
 mod cfg;
+mod cfg_heads;
 mod cfg_llama4;
 mod decode;
 pub mod exchange;
+mod inputs;
 mod latent;
 mod layers;
 mod memory;

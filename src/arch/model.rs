@@ -8,11 +8,12 @@
 //!
 //! Activations are token-major: a micro-batch of B rows × S tokens is `x: [N = B·S, H]`.
 
+pub use super::inputs::Inputs;
 use super::latent::{LatentAttention, LatentQ};
 use super::layers::{Attention, Attn, Layer, Mlp, MlpProjs, Moe, Proj};
-use super::{ArchSpec, ExpertExchange};
+use super::{ArchSpec, ExpertExchange, QkNorm};
 use crate::lora::Adapters;
-use crate::ops::embedding::{Embedding, TokenIds};
+use crate::ops::embedding::Embedding;
 use crate::ops::experts::{ExpertStore, ExpertWeights};
 use crate::ops::nf4_linear::{FrozenWeight, Nf4Weight, Scales};
 use crate::ops::norm::rms_norm;
@@ -39,32 +40,6 @@ impl LoraCtx<'_> {
             v.as_tensor().detach()
         }
     }
-}
-
-/// Per-micro-batch inputs shared by every layer.
-pub struct Inputs {
-    /// The token ids on the host and on the device.
-    pub ids: TokenIds,
-    /// cos, sin: [N, 1, head_dim] in the compute dtype.
-    pub rope: (Tensor, Tensor),
-    /// [B, S] u32: the packed sample of each position; a query attends to the keys of its
-    /// own sample up to itself.
-    pub segments: Tensor,
-    /// Whether every row is one sample (no packing, no padding: plain causal attention) and,
-    /// for packed rows on CUDA, the samples in cuDNN's ragged layout (`ops::cudnn_attn`).
-    pub samples: crate::ops::attention::RowSamples,
-    pub batch: usize,
-    pub seq: usize,
-    /// Routing per MoE layer, recorded by the first pass over these inputs and replayed by
-    /// later ones: the recompute routes exactly as the forward did (routing is piecewise
-    /// constant, so replaying changes no gradient), without sorting or copying to the host again.
-    pub routes: std::cell::RefCell<Vec<Option<std::rc::Rc<super::layers::Routing>>>>,
-    /// Attention output (and lse) per layer, when `keep_attention`: left by the first forward,
-    /// taken by the recompute (`ops::attention_block`), so the recompute does not run attention.
-    pub attention: Vec<std::cell::RefCell<Option<crate::ops::attention_block::Memo>>>,
-    /// Whether the first forward keeps each layer's attention output for the recompute (a
-    /// training step; `[B, S, heads, head_dim]` per layer until its backward).
-    pub keep_attention: bool,
 }
 
 /// What a layer's forward reports besides its output.
@@ -252,6 +227,8 @@ impl Model {
         };
         let mut layers = Vec::with_capacity(spec.num_layers);
         let (qn, kn) = spec.model_type.qk_norm_names();
+        // A weightless norm (Llama 4's L2 q/k norm) is a norm with unit weights.
+        let unit = Tensor::ones(spec.head_dim, dtype, device)?;
         for l in 0..spec.num_layers {
             let p = format!("model.layers.{l}");
             let a = format!("{p}.self_attn");
@@ -261,8 +238,14 @@ impl Model {
                     k: w.proj(&format!("{a}.k_proj"), spec.qkv_bias)?,
                     v: w.proj(&format!("{a}.v_proj"), spec.qkv_bias)?,
                     o: w.proj(&format!("{a}.o_proj"), spec.o_bias)?,
-                    q_norm: w.dense_opt(&format!("{a}.{qn}.weight"))?,
-                    k_norm: w.dense_opt(&format!("{a}.{kn}.weight"))?,
+                    q_norm: match spec.qk_norm {
+                        QkNorm::L2AfterRotary => Some(unit.clone()),
+                        _ => w.dense_opt(&format!("{a}.{qn}.weight"))?,
+                    },
+                    k_norm: match spec.qk_norm {
+                        QkNorm::L2AfterRotary => Some(unit.clone()),
+                        _ => w.dense_opt(&format!("{a}.{kn}.weight"))?,
+                    },
                     sinks: match spec.attention_sinks {
                         true => Some(w.dense_f32(&format!("{a}.sinks"))?),
                         false => None,
@@ -408,78 +391,6 @@ impl Model {
     /// `lm_head` weight [V, H] in the compute dtype.
     pub fn lm_head(&self) -> &Tensor {
         &self.lm_head
-    }
-
-    /// Device inputs of a micro-batch of `batch` rows × `seq` tokens.
-    pub fn inputs(
-        &self,
-        ids: &[u32],
-        positions: &[u32],
-        segments: &[u32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<Inputs> {
-        let n = batch * seq;
-        if ids.len() != n || positions.len() != n || segments.len() != n {
-            candle_core::bail!("model inputs: expected {n} tokens ({batch} × {seq})");
-        }
-        if let Some(&p) = positions.iter().max() {
-            if p as usize >= self.rope.max_positions {
-                candle_core::bail!(
-                    "position {p} beyond the {} positions the model was set up for",
-                    self.rope.max_positions
-                );
-            }
-        }
-        if let Some(&t) = ids.iter().find(|&&t| t as usize >= self.spec.vocab_size) {
-            candle_core::bail!(
-                "token id {t} outside the vocabulary of {}",
-                self.spec.vocab_size
-            );
-        }
-        let pos = Tensor::new(positions, &self.device)?;
-        Ok(Inputs {
-            ids: TokenIds::new(ids, &self.device)?,
-            rope: self.rope.tables(&pos, self.dtype)?,
-            segments: Tensor::from_slice(segments, (batch, seq), &self.device)?,
-            samples: self.row_samples(segments, batch, seq)?,
-            batch,
-            seq,
-            routes: std::cell::RefCell::new(vec![None; self.layers.len()]),
-            attention: (0..self.layers.len()).map(|_| Default::default()).collect(),
-            keep_attention: false,
-        })
-    }
-
-    /// Whether each row is one sample and, for packed rows that cuDNN may serve (CUDA, bf16),
-    /// the samples in its ragged layout.
-    fn row_samples(
-        &self,
-        segments: &[u32],
-        batch: usize,
-        seq: usize,
-    ) -> Result<crate::ops::attention::RowSamples> {
-        let whole = segments.iter().all(|&id| id == 0);
-        #[cfg(feature = "cuda")]
-        let ragged = match whole || self.dtype != DType::BF16 {
-            true => None,
-            false => crate::ops::cudnn_attn::ragged(
-                segments,
-                (batch, seq),
-                (
-                    self.spec.num_heads,
-                    self.spec.num_kv_heads,
-                    self.spec.head_dim.max(self.spec.v_head_dim()),
-                ),
-                &self.device,
-            )?,
-        };
-        #[cfg(not(feature = "cuda"))]
-        let ragged = {
-            let _ = (batch, seq);
-            None
-        };
-        Ok(crate::ops::attention::RowSamples { whole, ragged })
     }
 
     /// ids → x: [N, H] on the model's device (`ops::embedding`: on CUDA an untied table stays

@@ -237,6 +237,12 @@ impl ModelType {
         row.gpt_oss_keys || row.llama4_keys
     }
 
+    /// Whether PEFT's expert adapters of this type are swapped (`lora::ExpertLora::swapped`):
+    /// Llama 4's experts are `[E, in, out]` without transformers' `is_transposed` mark.
+    pub fn peft_swaps_experts(self) -> bool {
+        self.row().llama4_keys
+    }
+
     /// Whether this type's releases ship MXFP4 experts (gpt-oss).
     pub fn ships_mxfp4(self) -> bool {
         self.row().gpt_oss_keys
@@ -285,6 +291,17 @@ impl ModelType {
         let renames = self.row().hub_renames;
         let (from, to) = renames.iter().find(|(from, _)| name.contains(from))?;
         Some(name.replace(from, to))
+    }
+
+    /// A canonical weight name as transformers names it at run time (what `moeq quantize`
+    /// writes): Llama 4's checkpoint spelling (`feed_forward`, its router `feed_forward.router`);
+    /// the canonical name for the other types.
+    pub fn runtime_weight_name(self, canonical: &str) -> String {
+        match self.row().llama4_keys {
+            true => self.hub_name(canonical),
+            false => None,
+        }
+        .unwrap_or_else(|| canonical.to_string())
     }
 
     /// The class name transformers writes into `architectures`.

@@ -268,6 +268,9 @@ fn router_words(r: &RouterSpec) -> String {
     if r.scaling != 1.0 {
         words.push(format!("scaled by {}", r.scaling));
     }
+    if r.weights_input {
+        words.push("weights on the expert input".into());
+    }
     words.join(", ")
 }
 
@@ -306,9 +309,36 @@ fn attention_words(spec: &ArchSpec) -> String {
             };
             let sinks = if spec.attention_sinks { ", sinks" } else { "" };
             format!(
-                "q/k norm {:?}, qkv bias {}{window}{sinks}, {rope}",
-                spec.qk_norm, spec.qkv_bias
+                "q/k norm {:?}, qkv bias {}{window}{sinks}{}, {rope}",
+                spec.qk_norm,
+                spec.qkv_bias,
+                llama4_words(spec)
             )
         }
     }
+}
+
+/// Llama 4's chunked attention and NoPE layers (empty for the other types).
+fn llama4_words(spec: &ArchSpec) -> String {
+    let mut words = String::new();
+    let chunked = spec.attention_chunks.iter().flatten().count();
+    if let Some(c) = spec.attention_chunks.iter().flatten().next() {
+        let _ = write!(
+            words,
+            ", chunks of {c} on {chunked} of {} layers",
+            spec.num_layers
+        );
+    }
+    let nope = spec.rope_layers.iter().filter(|r| !**r).count();
+    if nope > 0 {
+        let _ = write!(words, ", no rope on {nope} layers");
+        if let Some(t) = spec.nope_temperature {
+            let _ = write!(
+                words,
+                " (q temperature scale {}, floor {})",
+                t.scale, t.floor
+            );
+        }
+    }
+    words
 }

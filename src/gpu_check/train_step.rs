@@ -248,6 +248,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
         ModelType::HunyuanV1Moe,
         ModelType::GptOss,
         ModelType::GraniteMoeShared,
+        ModelType::Llama4Text,
     ] {
         let tmp = std::env::temp_dir().join(format!(
             "moeq-train-check-{}-{}",

@@ -2,10 +2,11 @@
 //! becomes `W + s·B·A` — attention and MLP projections, and each expert `e` of a 3-D expert
 //! parameter `W_e + s·B_e·A_e` (PEFT's layout: `A_e = A[e·r..(e+1)·r]`, `B_e = B[:, e::E]`) —
 //! written in the base checkpoint's own layout: the same files, tensor names, order and shapes
-//! (per-expert hub keys stay per expert, Mixtral's `w1/w3/w2` stay, fused stays fused), with the
-//! sum computed in f32 and rounded once to the output dtype. Tensors stream one at a time (an
-//! expert parameter one expert at a time), so memory stays at about one tensor however large
-//! the checkpoint.
+//! (per-expert hub keys stay per expert, Mixtral's `w1/w3/w2` stay, fused stays fused, gpt-oss's
+//! and Llama 4's `[E, in, out]` experts get each update as `[in, out]`, hub spellings such as
+//! Llama 4's `feed_forward.` stay), with the sum computed in f32 and rounded once to the output
+//! dtype. Tensors stream one at a time (an expert parameter one expert at a time), so memory
+//! stays at about one tensor however large the checkpoint.
 
 use super::{Adapters, ExpertLora, LinearLora};
 use crate::arch::Component;
@@ -118,7 +119,7 @@ fn plan<'a>(
             .and_then(|m| adapters.linear.get(m))
         {
             used += 1;
-            deltas.insert(layout.disk_name(&p.name), Delta::Linear(lora));
+            deltas.insert(dir.disk_name(layout, &p.name), Delta::Linear(lora));
         }
     }
     let total = adapters.linear.len() + adapters.experts.len();
@@ -138,6 +139,13 @@ fn plan<'a>(
         return Err(format_err(
             dir,
             format!("the adapter targets weights this model does not have ({missing:?}): is it an adapter of this model?"),
+        ));
+    }
+    // An update whose tensor the files lack would be dropped without a word.
+    if let Some(name) = deltas.keys().filter(|n| dir.locate(n).is_none()).min() {
+        return Err(format_err(
+            dir,
+            format!("tensor '{name}', which the adapter updates, is missing from the checkpoint"),
         ));
     }
     Ok(deltas)
@@ -217,7 +225,10 @@ pub fn merge(
             let mut w = StreamWriter::create(&path, &decls).map_err(io(&path))?;
             for ((name, decl), (have, want)) in names.iter().zip(&decls).zip(dtypes) {
                 let (bytes, _, shape) = dir.raw(name, None)?;
-                let delta = deltas.get(name.as_str());
+                // Deltas are keyed by the text model's names (without Llama 4's
+                // `language_model.`, `ArchSpec::weights_prefix`).
+                let key = name.strip_prefix(dir.spec.weights_prefix).unwrap_or(name);
+                let delta = deltas.get(key);
                 let tensor = |bytes: &[u8], shape: &[usize]| {
                     Tensor::from_raw_buffer(bytes, have, shape, &cpu)
                 };
@@ -259,8 +270,10 @@ pub fn merge(
                         // One expert at a time.
                         let per = bytes.len() / n;
                         for (e, chunk) in bytes.chunks(per).enumerate() {
+                            // `[out, in]`, or `[in, out]` from swapped factors (Llama 4's
+                            // PEFT layout: `ExpertLora::swapped`), as `[E, in, out]` is stored.
                             let d = product(&lora.expert_a(e)?, &lora.expert_b(e)?, scaling)?;
-                            let d = match transposed {
+                            let d = match *transposed != lora.swapped {
                                 true => d.t()?.contiguous()?,
                                 false => d,
                             };

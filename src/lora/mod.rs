@@ -51,7 +51,8 @@ pub struct LinearLora {
 
 /// Adapter of one 3-D expert parameter, for the experts `first..first + num_experts` this
 /// rank holds (all of them with one rank): `a [r·num_experts, in]`, `b [out, r·num_experts]`
-/// in PEFT's layout over the held experts.
+/// in PEFT's layout over the held experts — or, where `swapped`, `a [r·E, out]` and
+/// `b [in, r·E]` (see [`ExpertLora::swapped`]).
 pub struct ExpertLora {
     pub a: Var,
     pub b: Var,
@@ -61,6 +62,55 @@ pub struct ExpertLora {
     pub first: usize,
     /// Experts of the whole parameter.
     pub total: usize,
+    /// PEFT reads the transformers parameter as `[E, out, in]` unless its module says
+    /// `is_transposed` (gpt-oss's does); Llama 4's experts are `[E, in, out]` and do not, so
+    /// PEFT's `lora_A` spans the output side and `lora_B` the input side: expert e's update
+    /// (moeq's `[out, in]` orientation) is `s · A_eᵀ · B_eᵀ` (`ModelType::peft_swaps_experts`).
+    pub swapped: bool,
+}
+
+/// `[d, r·E]` (expert-minor columns, B's layout) → `[r·E, d]` (expert-major rows, A's), each
+/// expert's block transposed: column `k·E + e` becomes row `e·r + k`.
+pub fn rows_of_columns(t: &Tensor, r: usize, e: usize) -> Result<Tensor> {
+    let d = t.dim(0)?;
+    t.reshape((d, r, e))?
+        .permute((2, 1, 0))?
+        .contiguous()?
+        .reshape((e * r, d))
+}
+
+/// The inverse of [`rows_of_columns`]: `[r·E, d]` → `[d, r·E]`.
+pub fn columns_of_rows(t: &Tensor, r: usize, e: usize) -> Result<Tensor> {
+    let d = t.dim(1)?;
+    t.reshape((e, r, d))?
+        .permute((2, 1, 0))?
+        .contiguous()?
+        .reshape((d, r * e))
+}
+
+impl ExpertLora {
+    /// The factors in moeq's orientation, A `[r·E, in]` and B `[out, r·E]`, from `(a, b)` of
+    /// this adapter's layout (the tensors, or their detached or live copies).
+    pub fn oriented(&self, a: Tensor, b: Tensor) -> Result<(Tensor, Tensor)> {
+        match self.swapped {
+            false => Ok((a, b)),
+            true => Ok((
+                rows_of_columns(&b, self.r, self.num_experts)?,
+                columns_of_rows(&a, self.r, self.num_experts)?,
+            )),
+        }
+    }
+
+    /// Gradients of moeq's oriented factors `(dA, dB)` → those of this adapter's `(a, b)`.
+    pub fn unoriented(&self, da: Tensor, db: Tensor) -> Result<(Tensor, Tensor)> {
+        match self.swapped {
+            false => Ok((da, db)),
+            true => Ok((
+                rows_of_columns(&db, self.r, self.num_experts)?,
+                columns_of_rows(&da, self.r, self.num_experts)?,
+            )),
+        }
+    }
 }
 
 /// `A [r·E, in]` (expert-major rows) or `B [out, r·E]` (expert-minor columns) of an expert
@@ -171,6 +221,9 @@ impl Adapters {
                     .any(|t| target_matches(&p.name, &spec.model_type.canonical_target(t)))
                 {
                     let (e, out, inp) = (p.shape[0], p.shape[1], p.shape[2]);
+                    // PEFT's in and out of the parameter (`ExpertLora::swapped`).
+                    let swapped = spec.model_type.peft_swaps_experts();
+                    let (out, inp) = if swapped { (inp, out) } else { (out, inp) };
                     if held.end > e {
                         candle_core::bail!("{}: experts {held:?} outside 0..{e}", p.name);
                     }
@@ -194,6 +247,7 @@ impl Adapters {
                             r,
                             first: held.start,
                             total: e,
+                            swapped,
                         },
                     );
                 }

@@ -188,19 +188,27 @@ fn read_f32s(dir: &ModelDir, name: &str) -> Result<Vec<f32>, ModelFilesError> {
         .collect())
 }
 
-/// Reads one bitsandbytes 4-bit parameter of a pre-quantized checkpoint.
-pub fn read(dir: &ModelDir, name: &str) -> Result<QuantizedParam, ModelFilesError> {
-    let state_key = QuantKind::ALL
-        .iter()
-        .map(|k| format!("{name}.quant_state.bitsandbytes__{}", k.as_str()))
-        .find(|k| dir.locate(k).is_some())
-        .ok_or_else(|| {
-            format_err(
-                dir,
-                name,
-                "no quant_state entry: not a bitsandbytes 4-bit parameter",
-            )
-        })?;
+/// Reads one bitsandbytes 4-bit parameter of a pre-quantized checkpoint, by its canonical
+/// name or, where the checkpoint spells it so, transformers' runtime name.
+pub fn read(dir: &ModelDir, canonical: &str) -> Result<QuantizedParam, ModelFilesError> {
+    let runtime = dir.spec.model_type.runtime_weight_name(canonical);
+    let (name, state_key) = [canonical, runtime.as_str()]
+        .into_iter()
+        .flat_map(|n| {
+            QuantKind::ALL
+                .iter()
+                .map(move |k| (n, format!("{n}.quant_state.bitsandbytes__{}", k.as_str())))
+        })
+        .find(|(_, k)| dir.locate(k).is_some())
+        .unzip();
+    let name = name.unwrap_or(canonical);
+    let state_key = state_key.ok_or_else(|| {
+        format_err(
+            dir,
+            canonical,
+            "no quant_state entry: not a bitsandbytes 4-bit parameter",
+        )
+    })?;
     let (json, _, _) = dir.raw(&state_key, None)?;
     let state: serde_json::Value = serde_json::from_slice(json)
         .map_err(|e| format_err(dir, &state_key, format!("invalid JSON: {e}")))?;

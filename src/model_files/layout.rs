@@ -10,7 +10,9 @@
 //!               rest of the block under `block_sparse_moe.` (canonical `mlp.`: the router's
 //!               `gate.weight`, MiniMax-M2's `e_score_correction_bias`).
 //!   Transposed — gpt-oss: the canonical names holding `[E, in, out]` (`gate_up_proj [E, H, 2I]`,
-//!               its gate and up columns interleaved, as moeq keeps them: `swiglu::Glu`).
+//!               its gate and up columns interleaved, as moeq keeps them: `swiglu::Glu`);
+//!               Llama 4: the same under the canonical or the hub names
+//!               (`feed_forward.experts.gate_up_proj`, gate columns `0..I`, up `I..2I`).
 //!   Mxfp4     — gpt-oss as released: `{name}_blocks [E, out, in/32, 16]` and `{name}_scales
 //!               [E, out, in/32]` (`model_files::mxfp4`), decoded one expert at a time.
 
@@ -62,7 +64,7 @@ impl ExpertLayout {
             }
             ExpertLayout::Mixtral => "per-expert Mixtral (block_sparse_moe.experts.{e}.w1/w3/w2)",
             ExpertLayout::Transposed => {
-                "fused [E, in, out] (gpt-oss: mlp.experts.gate_up_proj / down_proj)"
+                "fused [E, in, out] (gpt-oss, Llama 4: experts.gate_up_proj / down_proj)"
             }
             ExpertLayout::Mxfp4 => "MXFP4 (gpt-oss: mlp.experts.gate_up_proj_blocks / _scales)",
         }
@@ -127,38 +129,32 @@ pub(super) fn detect(dir: &ModelDir) -> Result<ExpertLayout, ModelFilesError> {
     let Some(layer) = dir.spec.moe_layers.iter().position(|m| *m) else {
         return Ok(ExpertLayout::Fused);
     };
+    let model_type = dir.spec.model_type;
     let fused = ExpertParam::GateUp.canonical_name(layer);
-    if dir.spec.model_type.experts_transposed() {
-        let blocks = super::mxfp4::blocks_name(&fused);
-        let candidates = [
-            (ExpertLayout::Mxfp4, blocks),
-            (ExpertLayout::Transposed, fused),
-        ];
-        return match candidates.iter().find(|(_, n)| dir.locate(n).is_some()) {
-            Some((layout, _)) => Ok(*layout),
-            None => Err(ModelFilesError::Format {
-                path: dir.root.display().to_string(),
-                problem: format!(
-                    "no expert weights found for layer {layer}: expected '{}' or '{}'",
-                    candidates[0].1, candidates[1].1
-                ),
-            }),
-        };
+    let whole = match model_type.experts_transposed() {
+        true => ExpertLayout::Transposed,
+        false => ExpertLayout::Fused,
+    };
+    let mut candidates = Vec::new();
+    if model_type.ships_mxfp4() {
+        candidates.push((ExpertLayout::Mxfp4, super::mxfp4::blocks_name(&fused)));
     }
-    // Granite's hub checkpoints hold the fused experts under names of their own.
-    let hub_fused = dir.spec.model_type.hub_name(&fused);
-    let mut candidates = vec![(ExpertLayout::Fused, fused)];
-    candidates.extend(hub_fused.map(|name| (ExpertLayout::Fused, name)));
-    candidates.extend([
-        (
-            ExpertLayout::PerExpert,
-            format!("model.layers.{layer}.mlp.experts.0.gate_proj.weight"),
-        ),
-        (
-            ExpertLayout::Mixtral,
-            format!("model.layers.{layer}.block_sparse_moe.experts.0.w1.weight"),
-        ),
-    ]);
+    // Granite's and Llama 4's hub checkpoints hold the fused experts under names of their own.
+    let hub_fused = model_type.hub_name(&fused);
+    candidates.push((whole, fused));
+    candidates.extend(hub_fused.map(|name| (whole, name)));
+    if !model_type.experts_transposed() {
+        candidates.extend([
+            (
+                ExpertLayout::PerExpert,
+                format!("model.layers.{layer}.mlp.experts.0.gate_proj.weight"),
+            ),
+            (
+                ExpertLayout::Mixtral,
+                format!("model.layers.{layer}.block_sparse_moe.experts.0.w1.weight"),
+            ),
+        ]);
+    }
     for (layout, name) in &candidates {
         if dir.locate(name).is_some() {
             return Ok(*layout);
@@ -263,7 +259,8 @@ pub(super) fn read_experts(
     )?)
 }
 
-/// Experts `range` of a gpt-oss parameter stored `[E, in, out]`, as `[n, out, in]`.
+/// Experts `range` of a gpt-oss or Llama 4 parameter stored `[E, in, out]` (under the canonical
+/// name or the hub's), as `[n, out, in]`.
 fn read_transposed(
     dir: &ModelDir,
     layer: usize,
@@ -271,7 +268,7 @@ fn read_transposed(
     range: std::ops::Range<usize>,
     [out, inp]: [usize; 2],
 ) -> Result<Tensor, ModelFilesError> {
-    let name = which.canonical_name(layer);
+    let name = dir.disk_name(ExpertLayout::Transposed, &which.canonical_name(layer));
     let (_, dtype, shape) = dir.raw(&name, Some(0..0))?;
     dir.check_shape(&name, &shape, &[dir.spec.num_experts, inp, out])?;
     let per = out * inp * dtype.size_in_bytes();

@@ -54,6 +54,9 @@ pub struct ModelDir {
     shards: Vec<Shard>,
     /// On-disk tensor name → index into `shards`.
     locations: HashMap<String, usize>,
+    /// A name without `spec.weights_prefix` → the on-disk name that has it (Llama 4's
+    /// multimodal checkpoints keep the text model under `language_model.`).
+    unprefixed: HashMap<String, String>,
     layout: Option<ExpertLayout>,
     /// Weights drawn at load time instead of read (`synth://…?init=device`).
     generated: Option<generated::GeneratedWeights>,
@@ -85,12 +88,21 @@ impl ModelDir {
             })?;
         let spec = ArchSpec::from_json(&config_json, &config_path.display().to_string())?;
         let (shards, locations) = open_weights(root)?;
+        let prefix = spec.weights_prefix;
+        let unprefixed = match prefix {
+            "" => HashMap::new(),
+            _ => locations
+                .keys()
+                .filter_map(|n| Some((n.strip_prefix(prefix)?.to_string(), n.clone())))
+                .collect(),
+        };
         let mut dir = ModelDir {
             root: root.to_path_buf(),
             spec,
             config_json,
             shards,
             locations,
+            unprefixed,
             layout: None,
             generated: None,
         };
@@ -149,7 +161,17 @@ impl ModelDir {
 
     /// The shard holding an on-disk tensor name.
     pub fn locate(&self, disk_name: &str) -> Option<&Shard> {
-        self.locations.get(disk_name).map(|&i| &self.shards[i])
+        self.locations
+            .get(self.on_disk(disk_name))
+            .map(|&i| &self.shards[i])
+    }
+
+    /// The name a tensor has in its shard: `name`, or the prefixed one it stands for.
+    fn on_disk<'a>(&'a self, name: &'a str) -> &'a str {
+        match self.locations.contains_key(name) {
+            true => name,
+            false => self.unprefixed.get(name).map_or(name, String::as_str),
+        }
     }
 
     fn require_layout(&self) -> Result<ExpertLayout, ModelFilesError> {
@@ -264,6 +286,7 @@ impl ModelDir {
                 path: self.root.display().to_string(),
                 problem: format!("tensor '{disk_name}' is missing from the checkpoint"),
             })?;
+        let disk_name = self.on_disk(disk_name);
         let info = shard
             .info(disk_name)
             .ok_or_else(|| ModelFilesError::Format {
@@ -304,16 +327,19 @@ impl ModelDir {
         let mut out = BTreeMap::new();
         for p in self.spec.params() {
             let mut total = 0u64;
+            // Experts stored whole are one tensor like any other (Granite's and Llama 4's under
+            // their hub names).
+            let whole = matches!(layout, ExpertLayout::Fused | ExpertLayout::Transposed);
             let names = match ExpertParam::parse(&p.name) {
-                Some(_) => layout.disk_names(&p.name, self.spec.num_experts),
-                None => vec![self.disk_name(layout, &p.name)],
+                Some(_) if !whole => layout.disk_names(&p.name, self.spec.num_experts),
+                _ => vec![self.disk_name(layout, &p.name)],
             };
             for disk in names {
                 let shard = self.locate(&disk).ok_or_else(|| ModelFilesError::Format {
                     path: self.root.display().to_string(),
                     problem: format!("tensor '{disk}' is missing from the checkpoint"),
                 })?;
-                if let Some(info) = shard.info(&disk) {
+                if let Some(info) = shard.info(self.on_disk(&disk)) {
                     total += (info.data_offsets.1 - info.data_offsets.0) as u64;
                 }
             }

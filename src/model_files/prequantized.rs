@@ -39,7 +39,8 @@ pub fn write(
     // Every output tensor with its bytes, per frozen parameter, in name order. 4-bit codes are
     // borrowed; a dense tensor's bytes are made only when its shard is written.
     let mut groups: Vec<Vec<(TensorDecl, Data)>> = Vec::new();
-    for (name, frozen) in &base.tensors {
+    for (canonical, frozen) in &base.tensors {
+        let name = &src.spec.model_type.runtime_weight_name(canonical);
         match frozen {
             Frozen::Quantized { codes: Some(_), .. } => {
                 return Err(ModelFilesError::Format {

@@ -16,6 +16,7 @@ pub mod experts;
 #[cfg(feature = "cuda")]
 pub mod flash_attn;
 pub mod grouped_gemm;
+pub mod input_weights;
 pub mod kernels;
 pub mod lora_linear;
 pub mod nf4_linear;

@@ -151,8 +151,18 @@ struct Saved {
     kept: Kept,
 }
 
+/// How the routing weights `[N, k]` (f32) enter: on the expert outputs (their weighted sum),
+/// or on the expert inputs, the outputs then summed unweighted (Llama 4).
+#[derive(Clone, Copy)]
+pub enum Weights<'a> {
+    Output(&'a Tensor),
+    Input(&'a Tensor),
+}
+
 struct RoutedExperts {
     order: RowOrder,
+    /// The weights scale the gathered rows (`Weights::Input`).
+    weights_input: bool,
     gate_up: ExpertWeights,
     down: ExpertWeights,
     counts: Vec<usize>,
@@ -169,6 +179,14 @@ fn grouped(x: &Tensor, w: &ExpertWeights, counts: &[usize], forward: bool) -> Re
 }
 
 impl RoutedExperts {
+    /// The combine's weights: the routing weights, or ones where they scaled the inputs.
+    fn combine_weights(&self, w: &Tensor) -> Result<Tensor> {
+        match self.weights_input {
+            true => w.ones_like(),
+            false => Ok(w.clone()),
+        }
+    }
+
     fn forward(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         self.forward_with(x, w, None, None)
     }
@@ -203,10 +221,13 @@ impl RoutedExperts {
         gate_up_lora: Option<&(Tensor, Tensor)>,
         down_lora: Option<&(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let xs = super::routing::gather_forward(x, &self.order)?; // [M, H]
+        let mut xs = super::routing::gather_forward(x, &self.order)?; // [M, H]
+        if self.weights_input {
+            xs = super::input_weights::scale_rows(&xs, w, &self.order)?;
+        }
         let (y, kept) = self.held(gate_up_lora, down_lora).forward(&xs)?;
         drop(xs);
-        let out = super::routing::combine_forward(&y, w, &self.order)?;
+        let out = super::routing::combine_forward(&y, &self.combine_weights(w)?, &self.order)?;
         if self.keep {
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { y, kept });
         }
@@ -230,10 +251,15 @@ impl RoutedExperts {
             (Some(p), Some(flat)) => p.unpack(flat)?,
             _ => (None, None),
         };
-        let (dy, dw) = super::routing::combine_backward(&y, w, &self.order, grad)?;
+        let weights = self.combine_weights(w)?;
+        let (dy, mut dw) = super::routing::combine_backward(&y, &weights, &self.order, grad)?;
         drop(y);
         let held = self.held(gate_up_lora.as_ref(), down_lora.as_ref());
-        let (dxs, (gate_up, down)) = held.backward(kept, dy, x.dtype())?;
+        let (mut dxs, (gate_up, down)) = held.backward(kept, dy, x.dtype())?;
+        if self.weights_input {
+            let xs = super::routing::gather_forward(x, &self.order)?;
+            (dxs, dw) = super::input_weights::scale_rows_backward(&dxs, &xs, w, &self.order)?;
+        }
         let dx = super::routing::gather_backward(&dxs, &self.order, x.dtype())?;
         let dflat = match flat {
             Some(f) => {
@@ -365,11 +391,12 @@ impl CustomOp3 for RoutedExperts {
 }
 
 /// The held experts on the routed rows of x `[N, H]` (`order`, `counts[e]` rows per held
-/// expert), weighted by `w [N, k]` (f32) and summed per token → `[N, H]`, with the expert
-/// adapters `lora` if any; gradients for x, w and the adapters.
+/// expert), weighted by the routing weights `[N, k]` (f32; on the outputs or the inputs) and
+/// summed per token → `[N, H]`, with the expert adapters `lora` if any; gradients for x, the
+/// weights and the adapters.
 pub fn routed_experts(
     x: &Tensor,
-    w: &Tensor,
+    weights: Weights,
     order: &RowOrder,
     gate_up: &ExpertWeights,
     down: &ExpertWeights,
@@ -377,6 +404,10 @@ pub fn routed_experts(
     lora: Option<&ExpertLora>,
 ) -> Result<Tensor> {
     let (n, h) = x.dims2()?;
+    let (w, weights_input) = match weights {
+        Weights::Output(w) => (w, false),
+        Weights::Input(w) => (w, true),
+    };
     let m: usize = counts.iter().sum();
     if w.dims2()? != (n, order.k)
         || m != n * order.k
@@ -425,6 +456,7 @@ pub fn routed_experts(
     let keep = super::records_graph(&inputs);
     let op = RoutedExperts {
         order: order.clone(),
+        weights_input,
         gate_up: gate_up.clone(),
         down: down.clone(),
         counts: counts.to_vec(),

@@ -8,6 +8,8 @@
 //! the checkpoint size.
 
 mod presets;
+mod presets_gpt_oss;
+mod presets_llama4;
 pub mod tokenizer;
 pub(crate) mod writer;
 
@@ -62,9 +64,11 @@ pub fn config_json(
         .or_insert(tokenizer::VOCAB_SIZE.into());
     obj.insert("hidden_act".into(), "silu".into());
     obj.insert("initializer_range".into(), 0.02.into());
-    obj.insert("bos_token_id".into(), tok.endoftext_id.into());
-    obj.insert("eos_token_id".into(), tok.endoftext_id.into());
-    obj.insert("pad_token_id".into(), tok.endoftext_id.into());
+    // A release's own ids stay (Llama 4's) as metadata: the synthetic tokenizer_config.json
+    // names its end-of-text token as eos and pad, which wins over config.json's ids.
+    for key in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+        obj.entry(key).or_insert(tok.endoftext_id.into());
+    }
     obj.insert("torch_dtype".into(), dtype.into());
     if let Some(n) = layers {
         if n == 0 {
@@ -74,10 +78,13 @@ pub fn config_json(
         if let Some(Value::Array(dense)) = obj.get_mut("mlp_only_layers") {
             dense.retain(|l| l.as_u64().is_some_and(|l| (l as usize) < n));
         }
-        // Per-layer attention types repeat their pattern over the new depth.
-        if let Some(Value::Array(types)) = obj.get_mut("layer_types") {
-            let pattern = types.clone();
-            *types = (0..n).map(|l| pattern[l % pattern.len()].clone()).collect();
+        // Per-layer lists (attention types, Llama 4's NoPE layers) repeat their pattern over
+        // the new depth.
+        for key in ["layer_types", "no_rope_layers"] {
+            if let Some(Value::Array(types)) = obj.get_mut(key) {
+                let pattern = types.clone();
+                *types = (0..n).map(|l| pattern[l % pattern.len()].clone()).collect();
+            }
         }
     }
     // Fail here, not in a later reader, if a preset ever disagrees with the spec parser.

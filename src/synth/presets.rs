@@ -2,6 +2,8 @@
 //! seconds); the named presets carry the published shapes of real models so that memory
 //! estimates and benchmarks run at true size (`--layers N` cuts depth).
 
+use super::presets_gpt_oss::{gpt_oss_120b, gpt_oss_20b, tiny_gpt_oss};
+use super::presets_llama4::{llama4_maverick, llama4_scout, tiny_llama4};
 use super::SynthError;
 use crate::arch::ModelType;
 use serde_json::{json, Value};
@@ -9,7 +11,8 @@ use serde_json::{json, Value};
 pub struct Preset {
     pub name: &'static str,
     pub model_type: ModelType,
-    /// The architecture-specific config.json keys (everything but token ids and dtype).
+    /// The architecture-specific config.json keys (everything but dtype; token ids where the
+    /// preset keeps a release's own, else the synthetic tokenizer's).
     pub config: fn() -> Value,
 }
 
@@ -95,6 +98,11 @@ pub const PRESETS: &[Preset] = &[
         config: tiny_granitemoeshared,
     },
     Preset {
+        name: "tiny",
+        model_type: ModelType::Llama4Text,
+        config: tiny_llama4,
+    },
+    Preset {
         name: "qwen3-30b-a3b",
         model_type: ModelType::Qwen3Moe,
         config: qwen3_30b_a3b,
@@ -168,6 +176,16 @@ pub const PRESETS: &[Preset] = &[
         name: "gpt-oss-120b",
         model_type: ModelType::GptOss,
         config: gpt_oss_120b,
+    },
+    Preset {
+        name: "llama4-scout",
+        model_type: ModelType::Llama4Text,
+        config: llama4_scout,
+    },
+    Preset {
+        name: "llama4-maverick",
+        model_type: ModelType::Llama4Text,
+        config: llama4_maverick,
     },
 ];
 
@@ -431,21 +449,6 @@ fn tiny_granitemoeshared() -> Value {
     c
 }
 
-/// A sliding window shorter than the test lines, sinks, biases everywhere, gpt-oss's rope.
-fn tiny_gpt_oss() -> Value {
-    json!({
-        "hidden_size": 64, "intermediate_size": 32,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "num_local_experts": 8, "num_experts_per_tok": 2,
-        "layer_types": ["sliding_attention", "full_attention"], "sliding_window": 12,
-        "swiglu_limit": 7.0, "attention_bias": true,
-        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                         "truncate": false, "original_max_position_embeddings": 4096},
-        "max_position_embeddings": 131072, "rope_theta": 150000.0, "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": false
-    })
-}
-
 // Published shapes, as the models' hub config.json files give them.
 
 fn glm45_air() -> Value {
@@ -560,31 +563,4 @@ fn granite_31_1b_a400m() -> Value {
         "max_position_embeddings": 131072, "rope_theta": 1500000.0, "rms_norm_eps": 1e-6,
         "attention_bias": false, "tie_word_embeddings": true, "vocab_size": 49155
     })
-}
-
-fn gpt_oss(layers: usize, experts: usize) -> Value {
-    let types: Vec<&str> = (0..layers)
-        .map(|l| match l % 2 {
-            0 => "sliding_attention",
-            _ => "full_attention",
-        })
-        .collect();
-    json!({
-        "hidden_size": 2880, "intermediate_size": 2880, "head_dim": 64,
-        "num_hidden_layers": layers, "num_attention_heads": 64, "num_key_value_heads": 8,
-        "num_local_experts": experts, "num_experts_per_tok": 4, "experts_per_token": 4,
-        "layer_types": types, "sliding_window": 128, "swiglu_limit": 7.0, "attention_bias": true,
-        "rope_scaling": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
-                         "truncate": false, "original_max_position_embeddings": 4096},
-        "max_position_embeddings": 131072, "rope_theta": 150000, "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": false, "vocab_size": 201088
-    })
-}
-
-fn gpt_oss_20b() -> Value {
-    gpt_oss(24, 32)
-}
-
-fn gpt_oss_120b() -> Value {
-    gpt_oss(36, 128)
 }

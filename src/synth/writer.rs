@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 pub enum DiskLayout {
     /// As on the Hugging Face hub: one tensor per expert and projection (Mixtral: w1/w3/w2).
     Hub,
-    /// transformers v5 fused `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]`.
+    /// transformers v5 fused `gate_up_proj [E, 2I, H]` / `down_proj [E, H, I]` under moeq's
+    /// canonical names (`[E, in, out]` for the types whose releases store them so: gpt-oss,
+    /// Llama 4).
     Fused,
     /// gpt-oss as released: the experts as MXFP4 blocks and scales (`model_files::mxfp4`),
     /// everything else as `Hub`.
@@ -114,7 +116,7 @@ struct DiskTensor {
 enum Encoding {
     /// As they are, in the checkpoint's dtype.
     Plain,
-    /// Transposed (`[cols, rows]`), in the checkpoint's dtype: gpt-oss's experts.
+    /// Transposed (`[cols, rows]`), in the checkpoint's dtype: gpt-oss's and Llama 4's experts.
     Transposed {
         rows: usize,
         cols: usize,
@@ -165,7 +167,8 @@ pub(crate) fn chunks_of(spec: &ArchSpec, p: &ParamInfo, experts: Range<usize>) -
         }];
     }
     let (rows, cols) = (p.shape[1], p.shape[2]);
-    // gpt-oss interleaves gate and up rows: one chunk per expert.
+    // Experts stored `[E, in, out]` are drawn one chunk per expert, which transposes whole
+    // (gpt-oss's gate and up rows interleave; Llama 4's gate rows come first, as elsewhere).
     let parts: &[&str] = match p.name.ends_with("gate_up_proj") {
         true if spec.model_type.experts_transposed() => &["gate_up"],
         true => &["gate", "up"],
@@ -206,7 +209,7 @@ fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
             continue;
         }
         if spec.model_type.experts_transposed() {
-            out.extend(gpt_oss_experts(spec, &p, layout));
+            out.extend(transposed_experts(spec, &p, layout));
             continue;
         }
         let (e_count, rows, cols) = (p.shape[0], p.shape[1], p.shape[2]);
@@ -259,9 +262,11 @@ fn plan(spec: &ArchSpec, layout: DiskLayout) -> Vec<DiskTensor> {
     out
 }
 
-/// gpt-oss's expert parameter `p` (`[E, rows, cols]` canonical) as the releases store it:
-/// `[E, cols, rows]`, or MXFP4 blocks `[E, rows, cols/32, 16]` and scales `[E, rows, cols/32]`.
-fn gpt_oss_experts(spec: &ArchSpec, p: &ParamInfo, layout: DiskLayout) -> Vec<DiskTensor> {
+/// Expert parameter `p` (`[E, rows, cols]` canonical) as gpt-oss's and Llama 4's releases
+/// store it: `[E, cols, rows]` (under the hub name in the hub layout: Llama 4's
+/// `feed_forward.experts.*`), or gpt-oss's MXFP4 blocks `[E, rows, cols/32, 16]` and scales
+/// `[E, rows, cols/32]`.
+fn transposed_experts(spec: &ArchSpec, p: &ParamInfo, layout: DiskLayout) -> Vec<DiskTensor> {
     let (e, rows, cols) = (p.shape[0], p.shape[1], p.shape[2]);
     let chunks = chunks_of(spec, p, 0..e);
     match layout {
@@ -279,8 +284,11 @@ fn gpt_oss_experts(spec: &ArchSpec, p: &ParamInfo, layout: DiskLayout) -> Vec<Di
                 encoding: Encoding::Mxfp4Scales { rows, cols },
             },
         ],
-        _ => vec![DiskTensor {
-            name: p.name.clone(),
+        DiskLayout::Hub | DiskLayout::Fused => vec![DiskTensor {
+            name: match layout {
+                DiskLayout::Hub => spec.model_type.hub_name(&p.name).unwrap_or(p.name.clone()),
+                _ => p.name.clone(),
+            },
             shape: vec![e, cols, rows],
             chunks,
             encoding: Encoding::Transposed { rows, cols },
@@ -389,7 +397,7 @@ pub fn write(opts: &SynthOptions, out: &Path) -> Result<SynthReport, SynthError>
     let mut config = config_json(opts.model_type, &opts.preset, opts.layers, dtype)?;
     let spec = ArchSpec::from_json(&config, "config.json")?;
     if opts.layout == DiskLayout::Mxfp4 {
-        if !opts.model_type.experts_transposed() {
+        if !opts.model_type.ships_mxfp4() {
             return Err(SynthError::Usage(format!(
                 "--layout mxfp4 is gpt-oss's release format; {} checkpoints are 'hub' or 'fused'",
                 opts.model_type.as_str()

@@ -122,6 +122,7 @@ fn gathered(adapters: &Adapters, comm: &dyn Communicator) -> candle_core::Result
                 r: e.r,
                 first: 0,
                 total: e.total,
+                swapped: e.swapped,
             },
         );
     }

@@ -28,7 +28,7 @@ use crate::ops::norm::rms_norm;
 use crate::ops::norm_rope::norm_rope;
 use crate::ops::rope::{apply_rope, Rope, RopeSpec};
 use crate::ops::rope_part::{rope_part, Part};
-use crate::ops::routed_experts::routed_experts;
+use crate::ops::routed_experts::{routed_experts, Weights};
 use crate::ops::routing::{combine_rows, gather_rows, RowOrder};
 use crate::ops::swiglu::{swiglu, swiglu_packed, swiglu_reference};
 use crate::quant::{QuantSettings, QuantizedParam};
@@ -445,7 +445,7 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
             let order = RowOrder::new(tokens.clone(), slots.clone(), k, d)?;
             routed_experts(
                 &t[0],
-                &t[1].to_dtype(DType::F32)?,
+                Weights::Output(&t[1].to_dtype(DType::F32)?),
                 &order,
                 &stack(&gate_up_params)?,
                 &stack(&down_params)?,
