@@ -7,7 +7,8 @@
 #
 #   OUT=/tmp/out [CFG=expert] bash launch/bench/ab.sh [micro-batch sizes...]
 #
-# CFG=expert runs the q/k/v/o + expert LoRA config instead. A_ENV="NAME=value ..." makes A the
+# CFG=expert runs the q/k/v/o + expert LoRA config instead; CONFIG=file another config (BASE=dir
+# its base_model). A_ENV="NAME=value ..." makes A the
 # same binary as B run with those environment variables (e.g. A_ENV=MOEQ_GROUPED_GEMM=cublas:
 # one binary, a switch's A/B; no .device/old needed).
 set -uo pipefail
@@ -28,7 +29,8 @@ for mbs in ${*:-1}; do
       name=mbs$mbs-$side$round
       conf=$OUT/ab/$name.yaml
       sed -e "s#^micro_batch_size:.*#micro_batch_size: $mbs#" -e "s#^output_dir:.*#output_dir: /tmp/moeq-bench/ab#" \
-        "configs/bench/qwen3-30b-a3b-12l-${CFG:-attn}-lora.yaml" > "$conf"
+        -e "s#^base_model:\(.*\)#base_model: ${BASE:-\1}#" \
+        "${CONFIG:-configs/bench/qwen3-30b-a3b-12l-${CFG:-attn}-lora.yaml}" > "$conf"
       rm -rf /tmp/moeq-bench/ab
       nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/ab/$name.mem" &
       smi=$!

@@ -164,7 +164,10 @@ def quantize_like_axolotl(model, device):
 def flops_per_token(cfg, seq):
     """6 * active parameters (embedding excluded, norms left out) + the attention score and value
     matmuls (QK^T and PV, 2*S*nh*hd FLOPs each per token, no causal halving) in 3 passes."""
-    h, e, k, i = cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    # gpt-oss names the experts' count and width num_local_experts / intermediate_size.
+    e = getattr(cfg, "num_experts", None) or cfg.num_local_experts
+    i = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+    h, k = cfg.hidden_size, cfg.num_experts_per_tok
     nh, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     per_layer = h * nh * hd + 2 * h * kv * hd + nh * hd * h + h * e + k * 3 * h * i
     n_active = cfg.num_hidden_layers * per_layer + h * cfg.vocab_size

@@ -116,8 +116,8 @@ impl ExpertWeights {
             .flat_map(|(e, &c)| std::iter::repeat_n(e as u32, c))
             .collect();
         let ids = Tensor::from_vec(ids, y.dim(0)?, y.device())?;
-        let rows = bias.to_dtype(y.dtype())?.index_select(&ids, 0)?;
-        y + rows
+        let rows = super::routing::select_rows(&bias.to_dtype(y.dtype())?, &ids)?;
+        super::add::add(&y, &rows)
     }
 
     /// Experts `range` (local indices) as `[n, out, in]` in `dtype`: dequantized, or a view
