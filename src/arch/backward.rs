@@ -311,9 +311,9 @@ impl Moe {
         let (routing, probs, weights) = self.route(spec, x, exchange, recorded)?;
         let z = crate::ops::at_offset_zero;
         let (x, weights) = (z(x)?, z(&weights)?);
-        let xs = gather_forward(&x, &routing.order)?; // [N·k, H] by expert
-                                                      // Llama 4: the weights scale the rows (kept for the weights' gradient), the outputs are
-                                                      // summed unweighted.
+        // The routed rows [N·k, H] by expert. Llama 4: the weights scale the rows (kept for the
+        // weights' gradient), the outputs are summed unweighted.
+        let xs = gather_forward(&x, &routing.order)?;
         let (rows, unscaled, combine) = match spec.router.weights_input {
             true => (
                 scale_rows(&xs, &weights, &routing.order)?,
