@@ -10,6 +10,7 @@ pub mod attn_softmax;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cudnn_attn;
+pub mod delta_rule;
 pub mod embedding;
 pub mod expert_weights;
 pub mod experts;
