@@ -74,7 +74,12 @@ pub(super) fn attention(cfg: &Cfg, num_layers: usize) -> Result<Llama4Attention,
             (0..num_layers).map(|l| (l + 1) % interval != 0).collect()
         }
     };
-    let temperature = match cfg.bool_or("attn_temperature_tuning", true)? {
+    // Early Llama 4 configs wrote a number here (non-zero: on).
+    let tuning = match cfg.present("attn_temperature_tuning") {
+        Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+        _ => cfg.bool_or("attn_temperature_tuning", true)?,
+    };
+    let temperature = match tuning {
         false => None,
         true => {
             let scale = cfg.f64_opt("attn_scale")?.unwrap_or(0.1);

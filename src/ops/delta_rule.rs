@@ -79,7 +79,10 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, beta: &Tensor) -> Result
     }
     for (name, x) in [("g", g), ("beta", beta)] {
         if x.dims() != [b, t, h] {
-            bail!("delta_rule: {name} {:?} must be [B, T, H] = [{b}, {t}, {h}]", x.dims());
+            bail!(
+                "delta_rule: {name} {:?} must be [B, T, H] = [{b}, {t}, {h}]",
+                x.dims()
+            );
         }
     }
     Ok(Dims { b, t, h, dk, dv })
@@ -176,10 +179,26 @@ fn unit_lower_inverse(a: &Tensor) -> Result<Tensor> {
     let mut x = e(0)?; // [.., i, C], rows 0..i of the inverse
     for i in 1..c {
         let a_row = a.narrow(D::Minus2, i, 1)?.narrow(D::Minus1, 0, i)?; // [.., 1, i]
-        let row = (e(i)? - a_row.contiguous()?.matmul(&x)?)?;
+        let row = (e(i)? - bmm(&a_row, &x)?)?;
         x = Tensor::cat(&[&x, &row], D::Minus2)?;
     }
     Ok(x)
+}
+
+/// Batched matmul over any number of leading dimensions (candle's CPU matmul takes at most
+/// two): [.., M, K] × [.., K, N] → [.., M, N].
+fn bmm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (m, k) = (a.dim(D::Minus2)?, a.dim(D::Minus1)?);
+    let n = b.dim(D::Minus1)?;
+    let lead = &a.dims()[..a.rank() - 2];
+    let batch: usize = lead.iter().product();
+    let y = a
+        .contiguous()?
+        .reshape((batch, m, k))?
+        .matmul(&b.contiguous()?.reshape((batch, k, n))?)?;
+    let mut shape = lead.to_vec();
+    shape.extend([m, n]);
+    y.reshape(shape)
 }
 
 /// Lower-triangular mask [C, C] with ones on and below the diagonal.
@@ -230,13 +249,13 @@ pub fn chunked(
     let cum_exp = cum.exp()?.unsqueeze(4)?; // [B, H, N, C, 1]
 
     let kt = k.transpose(3, 4)?.contiguous()?; // [B, H, N, Dk, C]
-    // Its diagonal (β_i |k_i|²) is never read: the solve treats the triangle as unit.
-    let ut_system = (k_beta.matmul(&kt)? * &gamma)?;
-    let intra = (q.matmul(&kt)? * &gamma)?; // [B, H, N, C, C]
+                                               // Its diagonal (β_i |k_i|²) is never read: the solve treats the triangle as unit.
+    let ut_system = (bmm(&k_beta, &kt)? * &gamma)?;
+    let intra = (bmm(&q, &kt)? * &gamma)?; // [B, H, N, C, C]
     let decayed_k_beta = k_beta.broadcast_mul(&cum_exp)?;
     let inv = unit_lower_inverse(&ut_system)?;
-    let new_values = inv.matmul(&v_beta)?; // U: [B, H, N, C, Dv]
-    let k_cumdecay = inv.matmul(&decayed_k_beta)?; // W: [B, H, N, C, Dk]
+    let new_values = bmm(&inv, &v_beta)?; // U: [B, H, N, C, Dv]
+    let k_cumdecay = bmm(&inv, &decayed_k_beta)?; // W: [B, H, N, C, Dk]
 
     let q = q.broadcast_mul(&cum_exp)?;
     let last = cum.narrow(3, c - 1, 1)?; // [B, H, N, 1]: c_C
