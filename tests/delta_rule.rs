@@ -51,8 +51,11 @@ fn inputs(seed: u64, b: usize, t: usize, h: usize, dk: usize, dv: usize) -> Inpu
     let q = randn(&mut rng, &[b, t, h, dk]);
     let k = randn(&mut rng, &[b, t, h, dk]);
     let v = randn(&mut rng, &[b, t, h, dv]);
-    // A in [0.1, 1] per head, dt_bias = 1: decays of a chunk span several orders of magnitude.
-    let a_log: Vec<f32> = (0..h).map(|_| rng.random_range(0.1f32..1.0).ln()).collect();
+    // A in [0.02, 0.5] per head, dt_bias = 1: the decay across a 64-chunk spans several orders
+    // of magnitude, yet the initial state still reaches the last outputs of T = 70.
+    let a_log: Vec<f32> = (0..h)
+        .map(|_| rng.random_range(0.02f32..0.5).ln())
+        .collect();
     let a_log = Tensor::from_vec(a_log, h, &Device::Cpu).unwrap();
     let a = randn(&mut rng, &[b, t, h]);
     let softplus = ((a + 1.0).unwrap().exp().unwrap() + 1.0)
@@ -112,6 +115,13 @@ fn chunked_matches_recurrent_forward() {
         for with_state in [false, true] {
             let s0 = with_state.then(|| x.s0.as_tensor().clone());
             let (o_ref, s_ref) = run_recurrent(&x, s0.as_ref());
+            if with_state {
+                // The state reaches the outputs; its trace in the final state fades with T
+                // (decay and the (I − β k kᵀ) projections), which the gradient test covers.
+                let (o_zero, _) = run_recurrent(&x, None);
+                let e = rel_err(&o_zero, &o_ref);
+                assert!(e > 1e-2, "T={t}: the initial state barely changes o ({e})");
+            }
             assert_eq!(o_ref.dims(), [b, t, h, dv]);
             assert_eq!(s_ref.dims(), [b, h, dk, dv]);
             for chunk in [16, CHUNK] {

@@ -97,7 +97,8 @@ fn l2norm(x: &Tensor) -> Result<Tensor> {
 }
 
 /// The shared prologue: [B, T, H, ..] → [B, H, T, ..] in f32, q and k L2-normalised, q scaled
-/// by Dk^-½. Returns (q, k, v, g, beta, initial state or zeros).
+/// by Dk^-½ (a multiply, as the chunked path of transformers; its recurrent path divides by
+/// √Dk, which differs by at most an ulp). Returns (q, k, v, g, beta, initial state or zeros).
 #[allow(clippy::type_complexity)]
 fn prologue(
     q: &Tensor,
