@@ -2,7 +2,9 @@
 //! Works from config.json alone (weights absent) and from full checkpoints.
 
 use super::{human_bytes, human_count, CliError};
-use crate::arch::{estimate, ArchSpec, Component, FrozenFormat, LoraPlan, RouterSpec, Scoring};
+use crate::arch::{
+    estimate, ArchSpec, Component, FrozenFormat, LoraPlan, QkNorm, RouterSpec, Scoring,
+};
 use crate::config::{TargetModules, TrainConfig};
 use crate::model_files::{ModelDir, ModelFilesError};
 use std::collections::BTreeMap;
@@ -308,9 +310,15 @@ fn attention_words(spec: &ArchSpec) -> String {
                 None => String::new(),
             };
             let sinks = if spec.attention_sinks { ", sinks" } else { "" };
+            let qk_norm = match spec.qk_norm {
+                QkNorm::None => "none",
+                QkNorm::PerHead => "per head",
+                QkNorm::FullProjection => "over the whole projection",
+                QkNorm::PerHeadAfterRotary => "per head, after the rotation",
+                QkNorm::L2AfterRotary => "weightless (L2), per head, after the rotation",
+            };
             format!(
-                "q/k norm {:?}, qkv bias {}{window}{sinks}{}, {rope}",
-                spec.qk_norm,
+                "q/k norm {qk_norm}, qkv bias {}{window}{sinks}{}, {rope}",
                 spec.qkv_bias,
                 llama4_words(spec)
             )
