@@ -5,7 +5,7 @@
 
 mod common;
 use candle_core::{DType, Device, Tensor};
-use common::{moeq, random_adapters, EXPERT_PARAMETERS};
+use common::{eval_logits, moeq, random_adapters, rel, EXPERT_PARAMETERS};
 use moeq::arch::ModelType;
 use moeq::lora::peft;
 use moeq::model_files::{ExpertLayout, ExpertParam, ModelDir};
@@ -147,28 +147,6 @@ fn hub_and_fused_layouts_read_back_to_the_same_canonical_tensors() {
 }
 
 /// `moeq eval`'s logits of `model` (f32, unquantized), with `adapter` where given.
-fn logits(model: &Path, adapter: Option<&Path>, data: &Path, out: &Path) -> Tensor {
-    let mut args = vec![
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--quant-type",
-        "none",
-        "--device",
-        "cpu",
-        "--data",
-        data.to_str().unwrap(),
-        "--dump-logits",
-        out.to_str().unwrap(),
-    ];
-    if let Some(a) = adapter {
-        args.extend(["--adapter", a.to_str().unwrap()]);
-    }
-    let (code, _, err) = moeq(&args);
-    assert_eq!(code, 0, "{err}");
-    candle_core::safetensors::load(out, &Device::Cpu).unwrap()["logits"].clone()
-}
-
 /// The adapter's expert updates land in `[E, in, out]` as such, the shared expert's and the
 /// dense MLP's under `feed_forward.`; every file, name and shape stays the input's; the merged
 /// model computes what the base with the adapter computes (f32: relative 1e-5, as in
@@ -244,18 +222,9 @@ fn merge_keeps_the_hub_layout_and_adds_each_update() {
     let data = tmp.path().join("d.jsonl");
     let ids: Vec<u32> = (0..20).map(|k| (k * 37 + 11) % 512).collect();
     std::fs::write(&data, serde_json::json!({ "input_ids": ids }).to_string()).unwrap();
-    let want = logits(&base, Some(&adapter), &data, &tmp.path().join("a.st"));
-    let got = logits(&out, None, &data, &tmp.path().join("m.st"));
-    let plain = logits(&base, None, &data, &tmp.path().join("b.st"));
-    let rel = |x: &Tensor, y: &Tensor| {
-        max_diff(x, y)
-            / y.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-    };
+    let want = eval_logits(&base, Some(&adapter), &data, &tmp.path().join("a.st"));
+    let got = eval_logits(&out, None, &data, &tmp.path().join("m.st"));
+    let plain = eval_logits(&base, None, &data, &tmp.path().join("b.st"));
     assert!(rel(&got, &want) <= 1e-5, "{}", rel(&got, &want));
     assert!(rel(&plain, &want) > 1e-3, "the adapter changed nothing");
 }

@@ -5,7 +5,7 @@
 
 mod common;
 use candle_core::{DType, Device, Tensor};
-use common::{moeq, random_adapters, EXPERT_PARAMETERS};
+use common::{eval_logits, moeq, random_adapters, rel, EXPERT_PARAMETERS};
 use moeq::arch::ModelType;
 use moeq::lora::peft;
 use moeq::model_files::ModelDir;
@@ -55,24 +55,6 @@ fn both(text: &Path, multi: &Path) {
     std::fs::write(multi.join("config.json"), config.to_string()).unwrap();
 }
 
-fn logits(model: &Path, adapter: Option<&Path>, data: &Path, out: &Path) -> Tensor {
-    let mut args = vec![
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--quant-type",
-        "none",
-    ];
-    args.extend(["--device", "cpu", "--data", data.to_str().unwrap()]);
-    args.extend(["--dump-logits", out.to_str().unwrap()]);
-    if let Some(a) = adapter {
-        args.extend(["--adapter", a.to_str().unwrap()]);
-    }
-    let (code, _, err) = moeq(&args);
-    assert_eq!(code, 0, "{err}");
-    candle_core::safetensors::load(out, &Device::Cpu).unwrap()["logits"].clone()
-}
-
 fn max_diff(x: &Tensor, y: &Tensor) -> f32 {
     let d = (x - y).unwrap().abs().unwrap().max_all().unwrap();
     d.to_scalar().unwrap()
@@ -92,8 +74,8 @@ fn the_text_model_of_a_multimodal_checkpoint_trains_evaluates_and_merges() {
     let data = tmp.path().join("d.jsonl");
     let ids: Vec<u32> = (0..20).map(|k| (k * 41 + 7) % 512).collect();
     std::fs::write(&data, serde_json::json!({ "input_ids": ids }).to_string()).unwrap();
-    let a = logits(&text, None, &data, &tmp.path().join("t.st"));
-    let b = logits(&multi, None, &data, &tmp.path().join("m.st"));
+    let a = eval_logits(&text, None, &data, &tmp.path().join("t.st"));
+    let b = eval_logits(&multi, None, &data, &tmp.path().join("m.st"));
     assert_eq!(max_diff(&a, &b), 0.0);
 
     let adapters = random_adapters(&md.spec, &["all-linear"], &EXPERT_PARAMETERS, 5, 0.2);
@@ -119,20 +101,10 @@ fn the_text_model_of_a_multimodal_checkpoint_trains_evaluates_and_merges() {
     want.sort();
     assert_eq!(names, want);
     assert_eq!(max_diff(&merged[VISION], &original[VISION]), 0.0);
-    let with = logits(&multi, Some(&adapter), &data, &tmp.path().join("w.st"));
-    let got = logits(&out, None, &data, &tmp.path().join("g.st"));
-    let scale = with
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    assert!(max_diff(&got, &with) / scale <= 1e-5);
-    assert!(
-        max_diff(&a, &with) / scale > 1e-3,
-        "the adapter changed nothing"
-    );
+    let with = eval_logits(&multi, Some(&adapter), &data, &tmp.path().join("w.st"));
+    let got = eval_logits(&out, None, &data, &tmp.path().join("g.st"));
+    assert!(rel(&got, &with) <= 1e-5, "{}", rel(&got, &with));
+    assert!(rel(&a, &with) > 1e-3, "the adapter changed nothing");
     assert_eq!(merged[VISION].dtype(), DType::F32);
 
     // Training reads it too (CPU, a few steps of the tiny model).

@@ -7,8 +7,7 @@
 //! Against PEFT's `merge_and_unload`: tests/fixtures/hf/verify_hf.py on the GPU machine.
 
 mod common;
-use candle_core::{Device, Tensor};
-use common::{moeq, random_adapters, EXPERT_PARAMETERS};
+use common::{eval_logits, moeq, random_adapters, rel, EXPERT_PARAMETERS};
 use moeq::arch::ModelType;
 use moeq::lora::peft;
 use moeq::model_files::ModelDir;
@@ -56,34 +55,6 @@ fn layout_of(dir: &Path) -> BTreeMap<String, BTreeMap<String, (String, Vec<usize
         }
     }
     out
-}
-
-fn logits(model: &Path, adapter: Option<&Path>, data: &Path, out: &Path) -> Tensor {
-    let mut args = vec![
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--quant-type",
-        "none",
-        "--device",
-        "cpu",
-        "--data",
-        data.to_str().unwrap(),
-        "--dump-logits",
-        out.to_str().unwrap(),
-    ];
-    if let Some(a) = adapter {
-        args.extend(["--adapter", a.to_str().unwrap()]);
-    }
-    let (code, _, err) = moeq(&args);
-    assert_eq!(code, 0, "{err}");
-    candle_core::safetensors::load(out, &Device::Cpu).unwrap()["logits"].clone()
-}
-
-fn rel(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    let m = b.abs().unwrap().max_all().unwrap();
-    d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap()
 }
 
 /// `moeq merge --model model --adapter adapter --out out` plus `extra`.
@@ -141,9 +112,9 @@ fn merged_checkpoints_compute_base_plus_adapter_in_the_base_layout() {
             })
             .collect();
         std::fs::write(&data, lines.join("\n")).unwrap();
-        let want = logits(&base, Some(&adapter), &data, &tmp.path().join("a.st"));
-        let got = logits(&merged, None, &data, &tmp.path().join("m.st"));
-        let plain = logits(&base, None, &data, &tmp.path().join("b.st"));
+        let want = eval_logits(&base, Some(&adapter), &data, &tmp.path().join("a.st"));
+        let got = eval_logits(&merged, None, &data, &tmp.path().join("m.st"));
+        let plain = eval_logits(&base, None, &data, &tmp.path().join("b.st"));
         assert!(rel(&got, &want) <= 1e-5, "{what}: {}", rel(&got, &want));
         assert!(
             rel(&plain, &want) > 1e-3,

@@ -67,3 +67,37 @@ pub fn random_adapters(
 /// Both expert parameters, as `lora_target_parameters` names them.
 #[allow(dead_code)]
 pub const EXPERT_PARAMETERS: [&str; 2] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"];
+
+/// `moeq eval` logits of `model` (16-bit base, f32 on the CPU), with `adapter` if given, on the
+/// lines of `data`, dumped to `out`.
+#[allow(dead_code)]
+pub fn eval_logits(
+    model: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    data: &std::path::Path,
+    out: &std::path::Path,
+) -> candle_core::Tensor {
+    let mut args = vec![
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--quant-type",
+        "none",
+    ];
+    args.extend(["--device", "cpu", "--data", data.to_str().unwrap()]);
+    args.extend(["--dump-logits", out.to_str().unwrap()]);
+    if let Some(a) = adapter {
+        args.extend(["--adapter", a.to_str().unwrap()]);
+    }
+    let (code, _, err) = moeq(&args);
+    assert_eq!(code, 0, "{err}");
+    candle_core::safetensors::load(out, &candle_core::Device::Cpu).unwrap()["logits"].clone()
+}
+
+/// max|a − b| / max|b|.
+#[allow(dead_code)]
+pub fn rel(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    let m = b.abs().unwrap().max_all().unwrap();
+    d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap()
+}
