@@ -19,6 +19,7 @@ pub mod flash_attn;
 pub mod grouped_gemm;
 pub mod input_weights;
 pub mod kernels;
+pub mod linear_attn_parts;
 pub mod lora_linear;
 pub mod nf4_linear;
 pub mod norm;
