@@ -21,8 +21,11 @@ pub(super) fn tiny_llama4() -> Value {
     })
 }
 
-// The releases' `text_config`, as their hub config.json files give it (with the releases' token
-// ids). Every 4th layer is NoPE (`no_rope_layers` left to its default).
+// The releases' text shapes: Scout's is transformers' `Llama4TextConfig` default (documented
+// as meta-llama/Llama-4-Scout-17B-16E); Maverick's differences (128 experts on every other
+// layer, no q/k norm) are the ones transformers' modeling code names. Rope scaling and token ids
+// as Meta's releases are described; not read from the hub files here (no hub access). Every
+// 4th layer is NoPE (`no_rope_layers` left to its default).
 
 pub(super) fn llama4_scout() -> Value {
     json!({
