@@ -20,6 +20,31 @@ impl Cfg<'_> {
         }
     }
 
+    /// A list of `n` entries of `key` read by `entry`.
+    pub(super) fn per_layer<T>(
+        &self,
+        key: &str,
+        n: usize,
+        what: &str,
+        entry: impl Fn(&Value) -> Option<T>,
+    ) -> Result<Option<Vec<T>>, SpecError> {
+        match self.present(key) {
+            None => Ok(None),
+            Some(Value::Array(items)) if items.len() == n => items
+                .iter()
+                .map(|v| {
+                    entry(v)
+                        .ok_or_else(|| self.err(key, format!("entries must be {what}, got {v}")))
+                })
+                .collect::<Result<Vec<T>, _>>()
+                .map(Some),
+            Some(_) => Err(self.err(
+                key,
+                format!("must be a list of {n} entries (num_hidden_layers), each {what}"),
+            )),
+        }
+    }
+
     pub(super) fn present(&self, key: &str) -> Option<&Value> {
         self.map.get(key).filter(|v| !v.is_null())
     }
@@ -149,24 +174,18 @@ pub(super) fn moe_layer_pattern(
                 .collect())
         }
         MoeLayers::InterleaveStep => super::cfg_llama4::moe_layers(cfg, num_layers),
-        MoeLayers::LayerTypes => match cfg.present("mlp_layer_types") {
-            None => Ok((0..num_layers).map(|l| l > 0).collect()),
-            Some(Value::Array(items)) if items.len() == num_layers => items
-                .iter()
-                .map(|v| match v.as_str() {
-                    Some("sparse") => Ok(true),
-                    Some("dense") => Ok(false),
-                    _ => Err(cfg.err(
-                        "mlp_layer_types",
-                        format!("entries must be \"dense\" or \"sparse\", got {v}"),
-                    )),
-                })
-                .collect(),
-            Some(_) => Err(cfg.err(
+        MoeLayers::LayerTypes => Ok(cfg
+            .per_layer(
                 "mlp_layer_types",
-                format!("must be a list of {num_layers} \"dense\"/\"sparse\" entries (num_hidden_layers)"),
-            )),
-        },
+                num_layers,
+                "\"dense\" or \"sparse\"",
+                |v| match v.as_str() {
+                    Some("sparse") => Some(true),
+                    Some("dense") => Some(false),
+                    _ => None,
+                },
+            )?
+            .unwrap_or_else(|| (0..num_layers).map(|l| l > 0).collect())),
     }
 }
 
@@ -293,26 +312,18 @@ pub(super) fn attention_windows(
             }
         },
     };
-    let sliding: Vec<bool> = match cfg.present("layer_types") {
-        None | Some(Value::Null) => (0..num_layers).map(|l| l % 2 == 0).collect(),
-        Some(Value::Array(items)) if items.len() == num_layers => items
-            .iter()
-            .map(|v| match v.as_str() {
-                Some("sliding_attention") => Ok(true),
-                Some("full_attention") => Ok(false),
-                _ => Err(cfg.err(
-                    "layer_types",
-                    format!("entries must be \"sliding_attention\" or \"full_attention\", got {v}"),
-                )),
-            })
-            .collect::<Result<_, _>>()?,
-        Some(_) => {
-            return Err(cfg.err(
-                "layer_types",
-                format!("must be a list of {num_layers} attention types (num_hidden_layers)"),
-            ))
-        }
-    };
+    let sliding = cfg
+        .per_layer(
+            "layer_types",
+            num_layers,
+            "\"sliding_attention\" or \"full_attention\"",
+            |v| match v.as_str() {
+                Some("sliding_attention") => Some(true),
+                Some("full_attention") => Some(false),
+                _ => None,
+            },
+        )?
+        .unwrap_or_else(|| (0..num_layers).map(|l| l % 2 == 0).collect());
     Ok(sliding.into_iter().map(|s| s.then_some(window)).collect())
 }
 

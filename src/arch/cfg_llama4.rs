@@ -33,32 +33,8 @@ pub(super) struct Llama4Attention {
     pub qk_norm: bool,
 }
 
-/// A list of `n` entries of `key` read by `entry`.
-fn per_layer<T>(
-    cfg: &Cfg,
-    key: &str,
-    n: usize,
-    what: &str,
-    entry: impl Fn(&Value) -> Option<T>,
-) -> Result<Option<Vec<T>>, SpecError> {
-    match cfg.present(key) {
-        None => Ok(None),
-        Some(Value::Array(items)) if items.len() == n => items
-            .iter()
-            .map(|v| {
-                entry(v).ok_or_else(|| cfg.err(key, format!("entries must be {what}, got {v}")))
-            })
-            .collect::<Result<Vec<T>, _>>()
-            .map(Some),
-        Some(_) => Err(cfg.err(
-            key,
-            format!("must be a list of {n} entries (num_hidden_layers), each {what}"),
-        )),
-    }
-}
-
 pub(super) fn attention(cfg: &Cfg, num_layers: usize) -> Result<Llama4Attention, SpecError> {
-    let rope_layers = match per_layer(cfg, "no_rope_layers", num_layers, "0 or 1", |v| {
+    let rope_layers = match cfg.per_layer("no_rope_layers", num_layers, "0 or 1", |v| {
         match v.as_u64().or_else(|| v.as_bool().map(u64::from)) {
             Some(0) => Some(false),
             Some(1) => Some(true),
@@ -106,8 +82,7 @@ pub(super) fn attention(cfg: &Cfg, num_layers: usize) -> Result<Llama4Attention,
             }
         },
     };
-    let chunked = match per_layer(
-        cfg,
+    let chunked = match cfg.per_layer(
         "layer_types",
         num_layers,
         "\"chunked_attention\" or \"full_attention\"",
