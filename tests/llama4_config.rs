@@ -52,7 +52,7 @@ fn defaults_follow_llama4_text_config() {
     assert_eq!(s.dense_intermediate_size, 48);
     assert_eq!(s.expert_intermediate_size, 16);
     assert!(s.rotary.interleaved);
-    assert_eq!(s.weights_prefix, "");
+    assert_eq!(s.weights_prefix, ("", ""));
 }
 
 #[test]
@@ -91,7 +91,7 @@ fn the_multimodal_wrapper_reads_its_text_config() {
     let v = json!({"model_type": "llama4", "text_config": base(), "vision_config": {}});
     let s = spec(&v);
     assert_eq!(s.model_type, ModelType::Llama4Text);
-    assert_eq!(s.weights_prefix, "language_model.");
+    assert_eq!(s.weights_prefix, ("", "language_model."));
     assert_eq!(s.num_layers, 8);
     let e = error(&json!({"model_type": "llama4", "vision_config": {}}));
     assert!(e.contains("text_config") && !e.contains('\n'), "{e}");

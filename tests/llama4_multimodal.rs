@@ -70,7 +70,7 @@ fn the_text_model_of_a_multimodal_checkpoint_trains_evaluates_and_merges() {
     both(&text, &multi);
     let md = ModelDir::open(&multi).unwrap();
     assert_eq!(md.spec.model_type, ModelType::Llama4Text);
-    assert_eq!(md.spec.weights_prefix, "language_model.");
+    assert_eq!(md.spec.weights_prefix, ("", "language_model."));
     let data = tmp.path().join("d.jsonl");
     let ids: Vec<u32> = (0..20).map(|k| (k * 41 + 7) % 512).collect();
     std::fs::write(&data, serde_json::json!({ "input_ids": ids }).to_string()).unwrap();

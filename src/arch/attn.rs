@@ -3,6 +3,7 @@
 
 use super::latent::LatentAttention;
 use super::layers::{Attention, Proj};
+use super::linear_attn::LinearAttention;
 use super::model::{Inputs, LoraCtx};
 use super::{ArchSpec, QkNorm};
 use crate::ops::norm::rms_norm;
@@ -16,6 +17,8 @@ use candle_core::{Result, Tensor};
 pub enum Attn {
     Heads(Attention),
     Latent(LatentAttention),
+    /// Gated DeltaNet (Qwen3-Next's and Qwen3.5's `linear_attention` layers).
+    Linear(LinearAttention),
 }
 
 impl Attn {
@@ -31,12 +34,14 @@ impl Attn {
         match self {
             Attn::Heads(a) => a.forward(spec, layer, x, inputs, lora),
             Attn::Latent(a) => a.forward(spec, layer, x, inputs, lora),
+            Attn::Linear(a) => a.forward(spec, x, inputs, lora),
         }
     }
 
     /// q `[n, heads, hd]`, k `[n, kv_heads, hd]` (normed and rotated) and v `[n, kv_heads,
     /// v_head_dim]` of x `[n, H]` in decoder layer `layer`, given the rotary tables of its
-    /// positions and q's factor on NoPE layers.
+    /// positions and q's factor on NoPE layers; and the output gate `[n, heads·hd]` where
+    /// there is one.
     pub(super) fn heads(
         &self,
         spec: &ArchSpec,
@@ -45,12 +50,15 @@ impl Attn {
         (cos, sin): (&Tensor, &Tensor),
         nope_q_scale: Option<&Tensor>,
         lora: &LoraCtx,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
         let (n, nh, kvh, hd) = (x.dim(0)?, spec.num_heads, spec.num_kv_heads, spec.head_dim);
+        let mut gate = None;
         let (q, k, v) = match self {
+            Attn::Linear(_) => candle_core::bail!("a linear-attention layer has no heads"),
             Attn::Latent(a) => a.qkv(spec, x, (cos, sin), lora)?,
             Attn::Heads(a) => {
-                let (q, k, v) = a.qkv(spec, x, lora)?;
+                let (q, k, v, g) = a.qkv(spec, x, lora)?;
+                gate = g;
                 if whole_heads(spec) {
                     let (mut q, mut k) = (q.reshape((n, nh, hd))?, k.reshape((n, kvh, hd))?);
                     if let (QkNorm::PerHead, Some(qn), Some(kn)) =
@@ -70,6 +78,7 @@ impl Attn {
             q.reshape((n, nh, hd))?,
             k.reshape((n, kvh, hd))?,
             v.reshape((n, kvh, spec.v_head_dim()))?,
+            gate,
         ))
     }
 
@@ -77,7 +86,7 @@ impl Attn {
     pub(super) fn sinks(&self) -> Option<&Tensor> {
         match self {
             Attn::Heads(a) => a.sinks.as_ref(),
-            Attn::Latent(_) => None,
+            Attn::Latent(_) | Attn::Linear(_) => None,
         }
     }
 
@@ -86,6 +95,7 @@ impl Attn {
         match self {
             Attn::Heads(a) => &a.o,
             Attn::Latent(a) => &a.o,
+            Attn::Linear(a) => &a.out,
         }
     }
 }

@@ -479,6 +479,53 @@ pub struct LayerTape {
 enum AttnPart {
     Heads(Box<AttnTape>),
     Latent(Box<LatentTape>, (Tensor, Tensor)),
+    /// An attention without a written-out backward (Gated DeltaNet; gated full attention): its
+    /// input as a `Var` and its output with candle's graph over it and the live adapters.
+    Graph(candle_core::Var, Tensor),
+}
+
+/// Whether a layer's attention runs under candle's graph in the taped layer: Gated DeltaNet,
+/// and full attention with an output gate (no written-out backward yet).
+fn graph_attention(attn: &Attn, spec: &ArchSpec) -> bool {
+    match attn {
+        Attn::Linear(_) => true,
+        Attn::Heads(_) => spec.attn_output_gate,
+        Attn::Latent(_) => false,
+    }
+}
+
+/// dL/d(input) of an attention kept under a graph (`AttnPart::Graph`) for upstream `da`, and
+/// the gradients of the adapters it read.
+fn graph_backward(
+    attn: &Attn,
+    (input, out): (&candle_core::Var, &Tensor),
+    da: &Tensor,
+    lora: &LoraCtx,
+    grads: &mut AdapterGrads,
+) -> Result<Tensor> {
+    let store = out
+        .mul(&da.to_dtype(out.dtype())?.detach())?
+        .sum_all()?
+        .backward()?;
+    let projections = match attn {
+        Attn::Heads(a) => vec![&a.q, &a.k, &a.v, &a.o],
+        Attn::Linear(a) => a.projections(),
+        Attn::Latent(_) => vec![],
+    };
+    for p in projections {
+        let Some(l) = lora.adapters.linear.get(&p.name) else {
+            continue;
+        };
+        for var in [&l.a, &l.b] {
+            if let Some(g) = store.get(var.as_tensor()) {
+                grads.push((var.as_tensor().id(), g.clone()));
+            }
+        }
+    }
+    match store.get(input.as_tensor()) {
+        Some(g) => Ok(g.clone()),
+        None => candle_core::bail!("layer backward: no gradient reached the attention's input"),
+    }
 }
 
 impl Layer {
@@ -496,6 +543,15 @@ impl Layer {
         let x = x.detach();
         let h = attn_side.input(&x)?;
         let (a, attn) = match &self.attn {
+            attn if graph_attention(attn, spec) => {
+                let input = candle_core::Var::from_tensor(&h)?;
+                let live = LoraCtx {
+                    live: true,
+                    ..*lora
+                };
+                let a = attn.forward(spec, index, input.as_tensor(), inputs, &live)?;
+                (a.detach(), AttnPart::Graph(input, a))
+            }
             Attn::Heads(heads) => {
                 let (a, t) = attention(heads, spec, index, &h, inputs, lora)?;
                 (a, AttnPart::Heads(Box::new(t)))
@@ -504,6 +560,7 @@ impl Layer {
                 let (a, t) = latent.taped(spec, index, &h, inputs, lora)?;
                 (a, AttnPart::Latent(Box::new(t), inputs.rope.clone()))
             }
+            Attn::Linear(_) => candle_core::bail!("linear attention runs under a graph"),
         };
         drop(h);
         let x1 = attn_side.join(&x, &a)?;
@@ -566,6 +623,9 @@ impl Layer {
             (AttnPart::Heads(t), Attn::Heads(a)) => t.backward(a, spec, &da, &mut grads),
             (AttnPart::Latent(t, (cos, sin)), Attn::Latent(a)) => {
                 t.backward(a, spec, (&cos, &sin), &da, &mut grads)
+            }
+            (AttnPart::Graph(input, out), attn) => {
+                graph_backward(attn, (&input, &out), &da, lora, &mut grads)
             }
             _ => candle_core::bail!("layer backward: the attention tape is of another layer"),
         })?;

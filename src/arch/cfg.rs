@@ -2,7 +2,9 @@
 //! settings, which layers are MoE, the router and the shared expert.
 
 use super::rows::{MoeLayers, Row, SharedRow};
-use super::spec::{Glu, GroupLimit, GroupScore, RopeSpec, RouterSpec, SharedExpertSpec, SpecError};
+use super::spec::{
+    ArchSpec, Glu, GroupLimit, GroupScore, RopeSpec, RouterSpec, SharedExpertSpec, SpecError,
+};
 use serde_json::{Map, Value};
 
 /// Typed access to config.json values with errors that name the file and key.
@@ -478,4 +480,33 @@ pub(super) fn shared_expert(
             }),
         },
     })
+}
+
+/// The text model of a multimodal config (`llama4`, `qwen3_5_moe`), whose vision weights moeq
+/// does not read: its `text_config` read as a `text_type` config, and where its tensors sit
+/// (`ArchSpec::weights_prefix`).
+pub(super) fn text_part(cfg: &Cfg, outer: &str) -> Result<ArchSpec, SpecError> {
+    let (text_type, class, prefix) = match outer {
+        "llama4" => ("llama4_text", "Llama4ForCausalLM", ("", "language_model.")),
+        _ => (
+            "qwen3_5_moe_text",
+            "Qwen3_5MoeForCausalLM",
+            ("model.", "model.language_model."),
+        ),
+    };
+    let mut text = match cfg.present("text_config") {
+        Some(Value::Object(t)) => t.clone(),
+        _ => {
+            return Err(cfg.err(
+                "text_config",
+                format!("is required for model_type '{outer}' (the text model moeq trains)"),
+            ))
+        }
+    };
+    text.insert("model_type".into(), Value::from(text_type));
+    text.insert("architectures".into(), Value::from(vec![class]));
+    let path = format!("{} (text_config)", cfg.path);
+    let mut spec = ArchSpec::from_json(&Value::Object(text), &path)?;
+    spec.weights_prefix = prefix;
+    Ok(spec)
 }

@@ -3,7 +3,7 @@
 //! which layers are MoE (`moe_layers` or `interleave_moe_layer_step`).
 
 use super::cfg::Cfg;
-use super::spec::{ArchSpec, SpecError};
+use super::spec::SpecError;
 use serde_json::Value;
 
 /// NoPE layers scale q by `1 + scale · ln(1 + ⌊(p + 1) / floor⌋)` at position p
@@ -133,27 +133,4 @@ pub(super) fn moe_layers(cfg: &Cfg, num_layers: usize) -> Result<Vec<bool>, Spec
             Ok((0..num_layers).map(|l| (l + 1) % step == 0).collect())
         }
     }
-}
-
-/// The text model of a multimodal Llama 4 config (`llama4`): its `text_config` as a
-/// `llama4_text` config, the weights under `language_model.`.
-pub(super) fn llama4_text_part(cfg: &Cfg) -> Result<ArchSpec, SpecError> {
-    let mut text = match cfg.present("text_config") {
-        Some(Value::Object(t)) => t.clone(),
-        _ => {
-            return Err(cfg.err(
-                "text_config",
-                "is required for model_type 'llama4' (the text model moeq trains)",
-            ))
-        }
-    };
-    text.insert("model_type".into(), Value::from("llama4_text"));
-    text.insert(
-        "architectures".into(),
-        Value::from(vec!["Llama4ForCausalLM"]),
-    );
-    let path = format!("{} (text_config)", cfg.path);
-    let mut spec = ArchSpec::from_json(&Value::Object(text), &path)?;
-    spec.weights_prefix = "language_model.";
-    Ok(spec)
 }

@@ -4,13 +4,14 @@
 //! against every cached key. Attention is transformers' eager arithmetic: scores and softmax in
 //! f32, grouped-query heads sharing their key/value head.
 
-use super::layers::{swiglu_mlp, Layer, Mlp};
+use super::layers::{output_gate, swiglu_mlp, Attn, Layer, Mlp};
 use super::model::{LoraCtx, Model};
 use super::ArchSpec;
 use crate::ops::embedding::TokenIds;
 use candle_core::{DType, Result, Tensor};
 
-/// Keys and values of every position seen so far, per layer: `[T, kv_heads, head_dim]`.
+/// Keys and values of every position seen so far, per layer: `[T, kv_heads, head_dim]`; for a
+/// Gated DeltaNet layer, its state instead (`LinearAttention::step`).
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     /// Positions cached.
@@ -109,23 +110,13 @@ impl Layer {
         lora: &LoraCtx,
         model: &Model,
     ) -> Result<Tensor> {
-        let (n, nh, kvh) = (x.dim(0)?, spec.num_heads, spec.num_kv_heads);
         let [attn_side, mlp_side] = self.sides(spec);
         let h = attn_side.input(x)?;
-        let (cos, sin) = at.rope;
-        let (q, k, v) = self
-            .attn
-            .heads(spec, at.layer, &h, (cos, sin), at.q_scale, lora)?;
-        let (k, v) = match slot.take() {
-            None => (k, v),
-            Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 0)?, Tensor::cat(&[&cv, &v], 0)?),
+        let a = match &self.attn {
+            Attn::Linear(linear) => linear.step(spec, &h, slot, lora)?,
+            _ => self.attend_cached(spec, &h, &at, slot, lora)?,
         };
-        *slot = Some((k.clone(), v.clone()));
-        let sinks = self.attn.sinks();
-        let ctx = attend(&q, &k, &v, (at.mask, sinks), nh / kvh, spec.attention_scale)?
-            .to_dtype(x.dtype())?;
-        let width = nh * spec.v_head_dim();
-        let x = attn_side.join(x, &self.attn.o().forward(&ctx.reshape((n, width))?, lora)?)?;
+        let x = attn_side.join(x, &a)?;
         let h = mlp_side.input(&x)?;
         let m = match &self.mlp {
             Mlp::Dense(p) => swiglu_mlp(p, &h, lora)?,
@@ -135,6 +126,34 @@ impl Layer {
             }
         };
         mlp_side.join(&x, &m)
+    }
+
+    /// The attention of the normed input h `[n, H]` over the cached keys and values and its
+    /// own, which join `slot`.
+    fn attend_cached(
+        &self,
+        spec: &ArchSpec,
+        h: &Tensor,
+        at: &Position,
+        slot: &mut Option<(Tensor, Tensor)>,
+        lora: &LoraCtx,
+    ) -> Result<Tensor> {
+        let (n, nh, kvh) = (h.dim(0)?, spec.num_heads, spec.num_kv_heads);
+        let (cos, sin) = at.rope;
+        let (q, k, v, gate) = self
+            .attn
+            .heads(spec, at.layer, h, (cos, sin), at.q_scale, lora)?;
+        let (k, v) = match slot.take() {
+            None => (k, v),
+            Some((ck, cv)) => (Tensor::cat(&[&ck, &k], 0)?, Tensor::cat(&[&cv, &v], 0)?),
+        };
+        *slot = Some((k.clone(), v.clone()));
+        let sinks = self.attn.sinks();
+        let ctx = attend(&q, &k, &v, (at.mask, sinks), nh / kvh, spec.attention_scale)?
+            .to_dtype(h.dtype())?;
+        let width = nh * spec.v_head_dim();
+        let ctx = output_gate(ctx.reshape((n, width))?, gate.as_ref())?;
+        self.attn.o().forward(&ctx, lora)
     }
 }
 

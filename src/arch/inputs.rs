@@ -4,7 +4,7 @@
 
 use super::model::Model;
 use crate::ops::embedding::TokenIds;
-use candle_core::{Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 
 /// Per-micro-batch inputs shared by every layer.
 pub struct Inputs {
@@ -24,6 +24,9 @@ pub struct Inputs {
     /// q's factor `[N, 1]` (f32) on NoPE layers (Llama 4's temperature tuning), where one
     /// position's differs from 1.
     pub nope_q_scale: Option<Tensor>,
+    /// For Gated DeltaNet layers: the samples (and padding runs) grouped by length (the
+    /// recurrence restarts at each). None for models without them.
+    pub runs: Option<RunGroups>,
     pub batch: usize,
     pub seq: usize,
     /// Routing per MoE layer, recorded by the first pass over these inputs and replayed by
@@ -74,6 +77,10 @@ impl Model {
             samples: self.row_samples(segments, batch, seq)?,
             chunked: self.chunked(segments, positions, batch, seq)?,
             nope_q_scale: self.nope_q_scale(positions)?,
+            runs: match self.spec.linear_attn {
+                Some(_) => Some(RunGroups::new(segments, batch, seq, &self.device)?),
+                None => None,
+            },
             batch,
             seq,
             routes: std::cell::RefCell::new(vec![None; self.layers.len()]),
@@ -159,5 +166,55 @@ impl Model {
             None
         };
         Ok(crate::ops::attention::RowSamples { whole, ragged })
+    }
+}
+
+/// A micro-batch's samples grouped by length, so that each group is one `[runs, len]` block
+/// for the ops that run along each sample (Gated DeltaNet's convolution and delta rule).
+pub struct RunGroups {
+    /// The tokens in grouped order `[N]` and its inverse (u32), or None where the rows are
+    /// already the runs (one sample per row).
+    pub order: Option<(Tensor, Tensor)>,
+    /// (runs, length) of each group, in grouped order.
+    pub groups: Vec<(usize, usize)>,
+}
+
+impl RunGroups {
+    fn new(segments: &[u32], batch: usize, seq: usize, device: &Device) -> Result<RunGroups> {
+        if segments.iter().all(|&id| id == 0) {
+            return Ok(RunGroups {
+                order: None,
+                groups: vec![(batch, seq)],
+            });
+        }
+        // Runs of equal segment ids within each row.
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, &id) in segments.iter().enumerate() {
+            match runs.last_mut() {
+                Some(r) if i % seq != 0 && segments[i - 1] == id => r.end = i + 1,
+                _ => runs.push(i..i + 1),
+            }
+        }
+        let mut by_len: std::collections::BTreeMap<usize, Vec<std::ops::Range<usize>>> =
+            Default::default();
+        for r in runs {
+            by_len.entry(r.len()).or_default().push(r);
+        }
+        let order: Vec<u32> = by_len
+            .values()
+            .flatten()
+            .flat_map(|r| r.start as u32..r.end as u32)
+            .collect();
+        let mut inverse = vec![0u32; order.len()];
+        for (at, &token) in order.iter().enumerate() {
+            inverse[token as usize] = at as u32;
+        }
+        Ok(RunGroups {
+            order: Some((
+                Tensor::new(order.as_slice(), device)?,
+                Tensor::new(inverse.as_slice(), device)?,
+            )),
+            groups: by_len.iter().map(|(&len, rs)| (rs.len(), len)).collect(),
+        })
     }
 }

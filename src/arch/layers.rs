@@ -8,6 +8,7 @@ use crate::ops::attention::query_block;
 use crate::ops::attention_block::{attention_block, BlockArgs};
 use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
 use crate::ops::input_weights::scale_rows;
+use crate::ops::linear_attn_parts::sigmoid_rounded;
 use crate::ops::lora_linear::lora_linear;
 use crate::ops::nf4_linear::{nf4_linear, FrozenWeight};
 use crate::ops::norm::rms_norm;
@@ -143,6 +144,18 @@ fn sigmoid(x: &Tensor) -> Result<Tensor> {
     (x.neg()?.exp()? + 1.0)?.recip()
 }
 
+/// Attention's output `[N, heads·hd]` times `sigmoid(gate)` where there is a gate (each
+/// rounded to the compute dtype, as transformers multiplies them).
+pub(super) fn output_gate(ctx: Tensor, gate: Option<&Tensor>) -> Result<Tensor> {
+    match gate {
+        None => Ok(ctx),
+        Some(g) => {
+            let g = sigmoid_rounded(&g.reshape(ctx.shape())?)?;
+            ctx.mul(&g.to_dtype(ctx.dtype())?)
+        }
+    }
+}
+
 /// gate, up, down: x [N, H] → down(silu(gate(x)) · up(x)) [N, H].
 pub(super) fn swiglu_mlp(p: &[Proj; 3], x: &Tensor, lora: &LoraCtx) -> Result<Tensor> {
     let g = p[0].forward(x, lora)?;
@@ -250,13 +263,14 @@ impl Attention {
     }
 
     /// q, k, v `[N, heads·hd]` of x `[N, H]`: the projections (with their adapters), the norm
-    /// over the whole projection where the architecture has it (OLMoE), `clip_qkv`.
+    /// over the whole projection where the architecture has it (OLMoE), `clip_qkv`; and the
+    /// output gate `[N, heads·hd]` where q_proj yields one (`ArchSpec::attn_output_gate`).
     pub(super) fn qkv(
         &self,
         spec: &ArchSpec,
         x: &Tensor,
         lora: &LoraCtx,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
         let eps = spec.rms_norm_eps;
         let (mut q, mut k, mut v) =
             timed("attn: q/k/v projections", x.device(), || -> Result<_> {
@@ -266,6 +280,18 @@ impl Attention {
                     self.v.forward(x, lora)?,
                 ))
             })?;
+        let gate = match spec.attn_output_gate {
+            false => None,
+            true => {
+                // Each head's q then its gate (transformers' `chunk(2)` of `[.., heads, 2·hd]`).
+                let (n, hd) = (x.dim(0)?, spec.head_dim);
+                let both = q.reshape((n, spec.num_heads, 2 * hd))?;
+                let half = |at: usize| both.narrow(2, at, hd)?.reshape((n, spec.num_heads * hd));
+                let gate = half(hd)?;
+                q = half(0)?;
+                Some(gate)
+            }
+        };
         if spec.qk_norm == QkNorm::FullProjection {
             if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
                 q = rms_norm(&q, qn, eps)?;
@@ -277,7 +303,7 @@ impl Attention {
             k = k.clamp(-c, c)?;
             v = v.clamp(-c, c)?;
         }
-        Ok((q, k, v))
+        Ok((q, k, v, gate))
     }
 
     /// x [N, H] → [N, H] in decoder layer `layer`.
@@ -290,13 +316,14 @@ impl Attention {
         lora: &LoraCtx,
     ) -> Result<Tensor> {
         let dev = x.device();
-        let (q, k, v) = self.qkv(spec, x, lora)?;
+        let (q, k, v, gate) = self.qkv(spec, x, lora)?;
         let (q, k) = self.prepare(spec, layer, &q, &k, inputs)?;
         let args = self.block_args(spec, layer, inputs, q.dtype());
         // Per-head norms, rotary embedding and attention as one op.
         let ctx = timed("attn: attention", dev, || {
             attention_block(&q, &k, &v, &args)
         })?;
+        let ctx = output_gate(ctx, gate.as_ref())?;
         timed("attn: o projection", dev, || self.o.forward(&ctx, lora))
     }
 }

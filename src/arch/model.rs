@@ -11,6 +11,8 @@
 pub use super::inputs::Inputs;
 use super::latent::{LatentAttention, LatentQ};
 use super::layers::{Attention, Attn, Layer, Mlp, MlpProjs, Moe, Proj};
+use super::linear_attn::{LinearAttention, LinearIn};
+use super::spec::{LinearAttnSpec, LinearProjections};
 use super::{ArchSpec, ExpertExchange, QkNorm};
 use crate::lora::Adapters;
 use crate::ops::embedding::Embedding;
@@ -110,11 +112,45 @@ impl Weights<'_> {
         }
     }
 
-    fn dense_opt(&self, name: &str) -> Result<Option<Tensor>> {
+    /// A decoder RMSNorm's weight as moeq's norms apply it: `1 + w` for zero-centred weights
+    /// (`ArchSpec::norm_offset`; the sum in f32, then rounded to the compute dtype).
+    fn norm(&self, spec: &ArchSpec, name: &str) -> Result<Tensor> {
+        match spec.norm_offset {
+            false => self.dense(name),
+            true => (self.dense_f32(name)? + 1.0)?.to_dtype(self.dtype),
+        }
+    }
+
+    fn norm_opt(&self, spec: &ArchSpec, name: &str) -> Result<Option<Tensor>> {
         match self.base.tensors.get(name) {
             None => Ok(None),
-            Some(_) => self.dense(name).map(Some),
+            Some(_) => self.norm(spec, name).map(Some),
         }
+    }
+
+    /// A Gated DeltaNet layer's weights under module `m`.
+    fn linear_attention(&self, m: &str, l: LinearAttnSpec) -> Result<LinearAttention> {
+        let proj = |name: &str| self.proj(&format!("{m}.{name}"), false);
+        let conv = self.dense(&format!("{m}.conv1d.weight"))?;
+        Ok(LinearAttention {
+            input: match l.projections {
+                LinearProjections::Grouped => LinearIn::Grouped {
+                    qkvz: proj("in_proj_qkvz")?,
+                    ba: proj("in_proj_ba")?,
+                },
+                LinearProjections::Split => LinearIn::Split {
+                    qkv: proj("in_proj_qkv")?,
+                    z: proj("in_proj_z")?,
+                    b: proj("in_proj_b")?,
+                    a: proj("in_proj_a")?,
+                },
+            },
+            conv: conv.reshape((l.conv_dim(), l.conv_kernel))?,
+            a_log: self.dense(&format!("{m}.A_log"))?,
+            dt_bias: self.dense(&format!("{m}.dt_bias"))?,
+            norm: self.dense(&format!("{m}.norm.weight"))?,
+            out: proj("out_proj")?,
+        })
     }
 
     /// A frozen linear weight: 4-bit, or dense for a 16-bit base.
@@ -232,26 +268,29 @@ impl Model {
         for l in 0..spec.num_layers {
             let p = format!("model.layers.{l}");
             let a = format!("{p}.self_attn");
-            let attn = match spec.latent {
-                None => Attn::Heads(Attention {
+            let attn = match (spec.latent, spec.linear_attn) {
+                (_, Some(la)) if spec.linear_layers[l] => {
+                    Attn::Linear(w.linear_attention(&format!("{p}.linear_attn"), la)?)
+                }
+                (None, _) => Attn::Heads(Attention {
                     q: w.proj(&format!("{a}.q_proj"), spec.qkv_bias)?,
                     k: w.proj(&format!("{a}.k_proj"), spec.qkv_bias)?,
                     v: w.proj(&format!("{a}.v_proj"), spec.qkv_bias)?,
                     o: w.proj(&format!("{a}.o_proj"), spec.o_bias)?,
                     q_norm: match spec.qk_norm {
                         QkNorm::L2AfterRotary => Some(unit.clone()),
-                        _ => w.dense_opt(&format!("{a}.{qn}.weight"))?,
+                        _ => w.norm_opt(spec, &format!("{a}.{qn}.weight"))?,
                     },
                     k_norm: match spec.qk_norm {
                         QkNorm::L2AfterRotary => Some(unit.clone()),
-                        _ => w.dense_opt(&format!("{a}.{kn}.weight"))?,
+                        _ => w.norm_opt(spec, &format!("{a}.{kn}.weight"))?,
                     },
                     sinks: match spec.attention_sinks {
                         true => Some(w.dense_f32(&format!("{a}.sinks"))?),
                         false => None,
                     },
                 }),
-                Some(lat) => Attn::Latent(LatentAttention {
+                (Some(lat), _) => Attn::Latent(LatentAttention {
                     q: match lat.q_lora_rank {
                         None => LatentQ::Full(w.proj(&format!("{a}.q_proj"), false)?),
                         Some(_) => LatentQ::LowRank {
@@ -332,8 +371,8 @@ impl Model {
             };
             let [attn_norm, mlp_norm] = spec.layer_norm_names(l);
             layers.push(Layer {
-                attn_norm: w.dense(&attn_norm)?,
-                mlp_norm: w.dense(&mlp_norm)?,
+                attn_norm: w.norm(spec, &attn_norm)?,
+                mlp_norm: w.norm(spec, &mlp_norm)?,
                 attn,
                 mlp,
             });
@@ -360,7 +399,7 @@ impl Model {
             )?,
             embed,
             layers,
-            final_norm: w.dense("model.norm.weight")?,
+            final_norm: w.norm(spec, "model.norm.weight")?,
             lm_head,
             exchange: None,
         })

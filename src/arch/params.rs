@@ -2,7 +2,7 @@
 //! name, shape and role. Synthesis writes it, the checkpoint reader checks against it,
 //! `inspect` counts it, and quantization decides from `Component` what becomes NF4.
 
-use super::spec::{ArchSpec, LatentSpec, QkNorm};
+use super::spec::{ArchSpec, LatentSpec, LinearAttnSpec, LinearProjections, QkNorm};
 
 /// What a tensor is, for accounting and for the quantize-or-not decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -76,7 +76,10 @@ impl ArchSpec {
     fn head_params(&self, a: &str, push: &mut Push) {
         let h = self.hidden_size;
         let (qd, kvd) = (self.q_dim(), self.kv_dim());
-        for (proj, out_dim, in_dim) in [("q", qd, h), ("k", kvd, h), ("v", kvd, h), ("o", h, qd)] {
+        // With an output gate, q_proj also yields the gate: each head's q then its gate.
+        let q_out = qd * (1 + usize::from(self.attn_output_gate));
+        for (proj, out_dim, in_dim) in [("q", q_out, h), ("k", kvd, h), ("v", kvd, h), ("o", h, qd)]
+        {
             push(
                 format!("{a}.{proj}_proj.weight"),
                 vec![out_dim, in_dim],
@@ -179,6 +182,48 @@ impl ArchSpec {
         );
     }
 
+    /// A Gated DeltaNet layer's projections, convolution, decay parameters and output norm.
+    fn linear_attn_params(&self, a: &str, l: LinearAttnSpec, push: &mut Push) {
+        let (h, hv) = (self.hidden_size, l.value_heads);
+        let (kd, vd) = (l.key_dim(), l.value_dim());
+        let projections: &[(&str, usize, usize)] = match l.projections {
+            LinearProjections::Grouped => &[
+                ("in_proj_qkvz", 2 * kd + 2 * vd, h),
+                ("in_proj_ba", 2 * hv, h),
+                ("out_proj", h, vd),
+            ],
+            LinearProjections::Split => &[
+                ("in_proj_qkv", 2 * kd + vd, h),
+                ("in_proj_z", vd, h),
+                ("in_proj_b", hv, h),
+                ("in_proj_a", hv, h),
+                ("out_proj", h, vd),
+            ],
+        };
+        for &(name, out, inp) in projections {
+            push(
+                format!("{a}.{name}.weight"),
+                vec![out, inp],
+                Component::Attention,
+                true,
+            );
+        }
+        let dense = [
+            ("conv1d.weight", vec![l.conv_dim(), 1, l.conv_kernel]),
+            ("dt_bias", vec![hv]),
+            ("A_log", vec![hv]),
+        ];
+        for (name, shape) in dense {
+            push(format!("{a}.{name}"), shape, Component::Attention, false);
+        }
+        push(
+            format!("{a}.norm.weight"),
+            vec![l.value_head_dim],
+            Component::Norm,
+            false,
+        );
+    }
+
     /// All parameters in a fixed order (embedding, layers in order, final norm, lm_head).
     pub fn params(&self) -> Vec<ParamInfo> {
         let h = self.hidden_size;
@@ -202,10 +247,12 @@ impl ArchSpec {
             let p = format!("model.layers.{l}");
             let [attn_norm, mlp_norm] = self.layer_norm_names(l);
             push(attn_norm, vec![h], Component::Norm, false);
-            let a = format!("{p}.self_attn");
-            match self.latent {
-                Some(l) => self.latent_params(&a, l, &mut push),
-                None => self.head_params(&a, &mut push),
+            match (self.latent, self.linear_attn) {
+                (_, Some(la)) if self.linear_layers[l] => {
+                    self.linear_attn_params(&format!("{p}.linear_attn"), la, &mut push)
+                }
+                (Some(lat), _) => self.latent_params(&format!("{p}.self_attn"), lat, &mut push),
+                (None, _) => self.head_params(&format!("{p}.self_attn"), &mut push),
             }
             push(mlp_norm, vec![h], Component::Norm, false);
             if self.moe_layers[l] {
@@ -309,6 +356,12 @@ impl ArchSpec {
             p.active_fraction = routed;
         }
         out
+    }
+
+    /// Whether norm weight `name` is neutral at 1 (a plain scale), not at 0 (`norm_offset`'s
+    /// zero-centred weights; Gated DeltaNet's output norm keeps a plain scale).
+    pub fn unit_norm(&self, name: &str) -> bool {
+        !self.norm_offset || name.ends_with(".linear_attn.norm.weight")
     }
 
     pub fn total_params(&self) -> u64 {

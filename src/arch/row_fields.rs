@@ -157,6 +157,11 @@ pub(super) struct Row {
     /// router's weight on each expert's input, experts stored `[E, in, out]` with gate and up
     /// as halves, every MLP module under `feed_forward`.
     pub llama4_keys: bool,
+    /// Qwen3-Next and Qwen3.5: Gated DeltaNet (linear attention) layers with these input
+    /// projections between full-attention layers (`cfg_linear`), an output gate on full
+    /// attention (q_proj twice as wide: each head's q then its gate), and zero-centred norm
+    /// weights (every RMSNorm but the gated one scales by `1 + w`).
+    pub hybrid: Option<super::cfg_linear::LinearProjections>,
     pub default_rope_theta: f64,
     pub default_eps: f64,
     pub default_max_positions: usize,

@@ -3,6 +3,7 @@
 //! key is absent. `spec::ArchSpec::from_json` reads a config through its row; the model reads
 //! only the resulting spec. The row's fields are declared in `row_fields.rs`.
 
+use super::cfg_linear::LinearProjections;
 pub(super) use super::row_fields::{AttentionRow, MoeLayers, RouterRow, Row, SharedRow};
 use super::spec::{GroupScore, QkNorm, Scoring};
 
@@ -28,6 +29,8 @@ pub enum ModelType {
     GptOss,
     GraniteMoeShared,
     Llama4Text,
+    Qwen3Next,
+    Qwen35MoeText,
 }
 
 /// Every model type with its config.json name and transformers class.
@@ -75,6 +78,12 @@ const TYPES: &[(ModelType, &str, &str)] = &[
         "GraniteMoeSharedForCausalLM",
     ),
     (ModelType::Llama4Text, "llama4_text", "Llama4ForCausalLM"),
+    (ModelType::Qwen3Next, "qwen3_next", "Qwen3NextForCausalLM"),
+    (
+        ModelType::Qwen35MoeText,
+        "qwen3_5_moe_text",
+        "Qwen3_5MoeForCausalLM",
+    ),
 ];
 
 /// `name` with the module prefix `from` (at its start or after a dot) spelled `to`.
@@ -162,9 +171,26 @@ const QWEN3: Row = Row {
     mixtral_hub_names: false,
     gpt_oss_keys: false,
     llama4_keys: false,
+    hybrid: None,
     default_rope_theta: 10000.0,
     default_eps: 1e-6,
     default_max_positions: 32768,
+};
+
+/// Qwen3-Next: Gated DeltaNet layers between gated full-attention layers (`hybrid`), a
+/// quarter of each head rotated, qwen2_moe's gated shared expert.
+const QWEN3_NEXT: Row = Row {
+    shared: SharedRow::QwenGated,
+    default_partial_rotary: Some(0.25),
+    hybrid: Some(LinearProjections::Grouped),
+    ..QWEN3
+};
+
+/// The softmax's top-k renormalised to sum 1 whatever `norm_topk_prob` says (Qwen3.5).
+const TOPK_RENORMALIZED: RouterRow = RouterRow {
+    reads_norm_topk: false,
+    always_renormalize: true,
+    ..SOFTMAX
 };
 
 const DEEPSEEK_V3: Row = Row {
@@ -522,6 +548,15 @@ impl ModelType {
                 default_eps: 1e-5,
                 default_max_positions: 131072,
                 ..QWEN3
+            },
+            ModelType::Qwen3Next => QWEN3_NEXT,
+            // Qwen3.5: every layer MoE, the top-k always renormalised, the linear-attention
+            // projections split.
+            ModelType::Qwen35MoeText => Row {
+                router: TOPK_RENORMALIZED,
+                moe_layers: MoeLayers::All,
+                hybrid: Some(LinearProjections::Split),
+                ..QWEN3_NEXT
             },
         }
     }

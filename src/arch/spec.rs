@@ -5,10 +5,10 @@
 
 use super::cfg::{
     attention_windows, glu, gpt_oss_rope, moe_layer_pattern, rope_spec, router_spec, shared_expert,
-    Cfg,
+    text_part, Cfg,
 };
 use super::cfg_heads::{attention_scale, heads_dim, latent_spec, rotary};
-use super::cfg_llama4::llama4_text_part;
+pub use super::cfg_linear::{LinearAttnSpec, LinearProjections};
 pub use super::cfg_llama4::NopeTemperature;
 use super::rows::AttentionRow;
 pub use super::rows::{supported_model_types, ModelType};
@@ -251,9 +251,21 @@ pub struct ArchSpec {
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
     pub initializer_range: f64,
-    /// Prefix of the text model's tensor names in the checkpoint: `language_model.` in Llama
-    /// 4's multimodal checkpoints (`llama4`, whose vision weights moeq does not read), else empty.
-    pub weights_prefix: &'static str,
+    /// Where the text model's tensors sit in a multimodal checkpoint whose vision weights moeq
+    /// does not read: names starting `.0` are stored starting `.1` instead — Llama 4's (`llama4`)
+    /// under `language_model.`, Qwen3.5's (`qwen3_5_moe`) `model.` as `model.language_model.`.
+    /// `("", "")` elsewhere.
+    pub weights_prefix: (&'static str, &'static str),
+    /// Qwen3-Next / Qwen3.5: the Gated DeltaNet layers' shapes, and per layer whether it is one
+    /// (`cfg_linear`); the other layers attend in full.
+    pub linear_attn: Option<LinearAttnSpec>,
+    pub linear_layers: Vec<bool>,
+    /// Full attention's output times `sigmoid(gate)`, the gate from q_proj's second half of
+    /// each head (Qwen3-Next, Qwen3.5).
+    pub attn_output_gate: bool,
+    /// Zero-centred norm weights: the decoder's RMSNorms (layers', q/k's, the final one) scale
+    /// by `1 + w` (Qwen3-Next, Qwen3.5). moeq adds the 1 once at load.
+    pub norm_offset: bool,
 }
 
 impl ArchSpec {
@@ -283,8 +295,9 @@ impl ArchSpec {
             .ok_or_else(|| SpecError::NoModelType {
                 path: path.to_string(),
             })?;
-        if model_type_str == "llama4" {
-            return llama4_text_part(&cfg);
+        match model_type_str.as_str() {
+            outer @ ("llama4" | "qwen3_5_moe") => return text_part(&cfg, outer),
+            _ => {}
         }
         let model_type =
             ModelType::parse(&model_type_str).ok_or_else(|| SpecError::Unsupported {
@@ -383,6 +396,13 @@ impl ArchSpec {
         } else {
             row.qk_norm
         };
+        let (linear_attn, linear_layers) = match row.hybrid {
+            Some(p) => {
+                let (l, layers) = super::cfg_linear::linear_attention(&cfg, num_layers, p)?;
+                (Some(l), layers)
+            }
+            None => (None, vec![false; num_layers]),
+        };
         let mut rope = rope_spec(&cfg, row.default_rope_theta)?;
         if row.gpt_oss_keys {
             gpt_oss_rope(&cfg, &mut rope);
@@ -461,7 +481,11 @@ impl ArchSpec {
             eos_token_ids: cfg.ids("eos_token_id")?,
             pad_token_id: cfg.ids("pad_token_id")?.first().copied(),
             initializer_range: cfg.f64_opt("initializer_range")?.unwrap_or(0.02),
-            weights_prefix: "",
+            weights_prefix: ("", ""),
+            linear_attn,
+            linear_layers,
+            attn_output_gate: row.hybrid.is_some(),
+            norm_offset: row.hybrid.is_some(),
         };
         Ok(spec)
     }
@@ -507,6 +531,15 @@ impl ArchSpec {
                 format!("{p}.post_feedforward_layernorm.weight"),
             ],
         }
+    }
+
+    /// The text model's name of an on-disk tensor of a multimodal checkpoint
+    /// (`weights_prefix`), None for a tensor outside the text model.
+    pub fn text_name(&self, on_disk: &str) -> Option<String> {
+        let (text, disk) = self.weights_prefix;
+        on_disk
+            .strip_prefix(disk)
+            .map(|rest| format!("{text}{rest}"))
     }
 
     /// A value head's size (`v_head_dim` for latent attention).

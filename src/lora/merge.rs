@@ -225,10 +225,9 @@ pub fn merge(
             let mut w = StreamWriter::create(&path, &decls).map_err(io(&path))?;
             for ((name, decl), (have, want)) in names.iter().zip(&decls).zip(dtypes) {
                 let (bytes, _, shape) = dir.raw(name, None)?;
-                // Deltas are keyed by the text model's names (without Llama 4's
-                // `language_model.`, `ArchSpec::weights_prefix`).
-                let key = name.strip_prefix(dir.spec.weights_prefix).unwrap_or(name);
-                let delta = deltas.get(key);
+                // Deltas are keyed by the text model's names (`ArchSpec::weights_prefix`).
+                let key = dir.spec.text_name(name).unwrap_or_else(|| name.to_string());
+                let delta = deltas.get(&key);
                 let tensor = |bytes: &[u8], shape: &[usize]| {
                     Tensor::from_raw_buffer(bytes, have, shape, &cpu)
                 };

@@ -54,8 +54,8 @@ pub struct ModelDir {
     shards: Vec<Shard>,
     /// On-disk tensor name → index into `shards`.
     locations: HashMap<String, usize>,
-    /// A name without `spec.weights_prefix` → the on-disk name that has it (Llama 4's
-    /// multimodal checkpoints keep the text model under `language_model.`).
+    /// A text-model name → the on-disk name it has in a multimodal checkpoint
+    /// (`spec.weights_prefix`: Llama 4's `language_model.…`, Qwen3.5's `model.language_model.…`).
     unprefixed: HashMap<String, String>,
     layout: Option<ExpertLayout>,
     /// Weights drawn at load time instead of read (`synth://…?init=device`).
@@ -88,12 +88,11 @@ impl ModelDir {
             })?;
         let spec = ArchSpec::from_json(&config_json, &config_path.display().to_string())?;
         let (shards, locations) = open_weights(root)?;
-        let prefix = spec.weights_prefix;
-        let unprefixed = match prefix {
-            "" => HashMap::new(),
+        let unprefixed = match spec.weights_prefix {
+            ("", "") => HashMap::new(),
             _ => locations
                 .keys()
-                .filter_map(|n| Some((n.strip_prefix(prefix)?.to_string(), n.clone())))
+                .filter_map(|n| Some((spec.text_name(n)?, n.clone())))
                 .collect(),
         };
         let mut dir = ModelDir {

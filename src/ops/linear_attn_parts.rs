@@ -40,6 +40,13 @@ fn silu_rounded(v: &Tensor) -> Result<Tensor> {
     v.to_dtype(wide)?.silu()?.to_dtype(v.dtype())
 }
 
+/// `sigmoid(x)` computed in f32 and rounded once to x's dtype, as torch computes it for
+/// reduced-precision tensors (Gated DeltaNet's `beta`, gated attention's output gate).
+pub fn sigmoid_rounded(x: &Tensor) -> Result<Tensor> {
+    let f = x.to_dtype(DType::F32)?;
+    (f.neg()?.exp()? + 1.0)?.recip()?.to_dtype(x.dtype())
+}
+
 /// Depthwise causal conv1d over time followed by SiLU, as `Qwen3NextGatedDeltaNet` applies it to
 /// `mixed_qkv` on a prefill / training pass (no carried conv state).
 /// x: [B, T, C], weight: [C, K] (transformers' `conv1d.weight.squeeze(1)`) → [B, T, C] in x's

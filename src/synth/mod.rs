@@ -10,6 +10,7 @@
 mod presets;
 mod presets_gpt_oss;
 mod presets_llama4;
+mod presets_qwen3_next;
 pub mod tokenizer;
 pub(crate) mod writer;
 

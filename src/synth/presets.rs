@@ -4,6 +4,9 @@
 
 use super::presets_gpt_oss::{gpt_oss_120b, gpt_oss_20b, tiny_gpt_oss};
 use super::presets_llama4::{llama4_maverick, llama4_scout, tiny_llama4};
+use super::presets_qwen3_next::{
+    qwen35_35b_a3b, qwen3_next_80b_a3b, tiny_qwen35_moe, tiny_qwen3_next,
+};
 use super::SynthError;
 use crate::arch::ModelType;
 use serde_json::{json, Value};
@@ -103,6 +106,16 @@ pub const PRESETS: &[Preset] = &[
         config: tiny_llama4,
     },
     Preset {
+        name: "tiny",
+        model_type: ModelType::Qwen3Next,
+        config: tiny_qwen3_next,
+    },
+    Preset {
+        name: "tiny",
+        model_type: ModelType::Qwen35MoeText,
+        config: tiny_qwen35_moe,
+    },
+    Preset {
         name: "qwen3-30b-a3b",
         model_type: ModelType::Qwen3Moe,
         config: qwen3_30b_a3b,
@@ -186,6 +199,16 @@ pub const PRESETS: &[Preset] = &[
         name: "llama4-maverick",
         model_type: ModelType::Llama4Text,
         config: llama4_maverick,
+    },
+    Preset {
+        name: "qwen3-next-80b-a3b",
+        model_type: ModelType::Qwen3Next,
+        config: qwen3_next_80b_a3b,
+    },
+    Preset {
+        name: "qwen3.5-35b-a3b",
+        model_type: ModelType::Qwen35MoeText,
+        config: qwen35_35b_a3b,
     },
 ];
 

@@ -162,7 +162,7 @@ pub(crate) fn chunks_of(spec: &ArchSpec, p: &ParamInfo, experts: Range<usize>) -
         return vec![Chunk {
             key: p.name.clone(),
             numel: p.numel(),
-            norm: p.component == Component::Norm,
+            norm: p.component == Component::Norm && spec.unit_norm(&p.name),
             std,
         }];
     }
