@@ -141,6 +141,20 @@ fn report(dir: &ModelDir, s: &Settings, nproc: usize) -> Result<String, ModelFil
         spec.expert_intermediate_size
     );
     let _ = writeln!(o, "attention   {}", attention_words(spec));
+    if let Some(l) = spec.linear_attn {
+        let linear = spec.linear_layers.iter().filter(|&&x| x).count();
+        let _ = writeln!(
+            o,
+            "linear      Gated DeltaNet on {linear} of {} layers (full attention{} on the others): {} key heads x {}, {} value heads x {}, conv {}",
+            spec.num_layers,
+            if spec.attn_output_gate { " with an output gate" } else { "" },
+            l.key_heads,
+            l.key_head_dim,
+            l.value_heads,
+            l.value_head_dim,
+            l.conv_kernel
+        );
+    }
     let _ = writeln!(
         o,
         "parameters  {} total, {} active per token ({} without the input embedding, {} without both embedding tables)",

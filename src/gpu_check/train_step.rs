@@ -249,6 +249,8 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
         ModelType::GptOss,
         ModelType::GraniteMoeShared,
         ModelType::Llama4Text,
+        ModelType::Qwen3Next,
+        ModelType::Qwen35MoeText,
     ] {
         let tmp = std::env::temp_dir().join(format!(
             "moeq-train-check-{}-{}",
