@@ -53,7 +53,7 @@ fn unsupported_model_type_lists_supported_ones() {
     assert_eq!(
         open_err(tmp.path()),
         format!(
-            "{}: unsupported model_type 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe, granitemoe, hunyuan_v1_moe, gpt_oss, granitemoeshared, llama4_text)",
+            "{}: unsupported model_type 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe, granitemoe, hunyuan_v1_moe, gpt_oss, granitemoeshared, llama4_text, qwen3_next, qwen3_5_moe_text)",
             tmp.path().join("config.json").display()
         )
     );

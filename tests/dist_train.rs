@@ -291,7 +291,14 @@ fn two_ranks_train_deepseek_v3_like_one_process() {
 /// (tolerances as above); the expert-parallel checkpoint's adapter carries Granite's PEFT names.
 #[test]
 fn two_ranks_train_granite_flex_olmo_and_gpt_oss_like_one_process() {
-    for arch in ["granitemoe", "flex_olmo", "gpt_oss", "llama4_text"] {
+    for arch in [
+        "granitemoe",
+        "flex_olmo",
+        "gpt_oss",
+        "llama4_text",
+        "qwen3_next",
+        "qwen3_5_moe_text",
+    ] {
         let root = tempfile::tempdir().unwrap();
         let extra = format!("base_model: synth://{arch}/tiny?seed=0");
         let one = run(&root.path().join("one"), 0, &extra);

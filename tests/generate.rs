@@ -36,6 +36,8 @@ fn cached_decoding_matches_the_whole_sequence() {
         ModelType::GptOss,
         ModelType::GraniteMoeShared,
         ModelType::Llama4Text,
+        ModelType::Qwen3Next,
+        ModelType::Qwen35MoeText,
     ] {
         let dir = tempfile::tempdir().unwrap();
         let opts = SynthOptions {

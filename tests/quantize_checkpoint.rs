@@ -70,6 +70,8 @@ fn quantized_checkpoint_loads_back_identically_for_every_arch() {
         ModelType::Mixtral,
         ModelType::Olmoe,
         ModelType::Llama4Text,
+        ModelType::Qwen3Next,
+        ModelType::Qwen35MoeText,
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let src = synth_into(&tmp.path().join("src"), arch, DiskLayout::Hub);
@@ -96,6 +98,18 @@ fn quantized_checkpoint_loads_back_identically_for_every_arch() {
                 "model.layers.0.feed_forward.down_proj.weight.absmax",
             ] {
                 assert!(pre.locate(name).is_some(), "{name}");
+            }
+        }
+        if src.spec.linear_attn.is_some() {
+            // Gated DeltaNet: the projections in NF4 (bitsandbytes replaces `nn.Linear`s), the
+            // convolution, decay parameters and gated norm as they were.
+            let a = "model.layers.0.linear_attn";
+            let projection = format!("{a}.out_proj.weight.absmax");
+            assert!(pre.locate(&projection).is_some(), "{projection}");
+            for name in ["conv1d.weight", "A_log", "dt_bias", "norm.weight"] {
+                let name = format!("{a}.{name}");
+                assert!(pre.locate(&name).is_some(), "{name}");
+                assert!(pre.locate(&format!("{name}.absmax")).is_none(), "{name}");
             }
         }
         let loaded = load(&pre, settings);

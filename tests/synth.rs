@@ -70,7 +70,7 @@ fn real_presets_match_published_parameter_counts() {
         f64,
         &'a [moeq::arch::Component],
     );
-    let cases: [Case; 17] = [
+    let cases: [Case; 19] = [
         (ModelType::Qwen3Moe, "qwen3-30b-a3b", 30.5, 3.3, 0.2, &[]),
         (
             ModelType::Qwen3Moe,
@@ -173,6 +173,25 @@ fn real_presets_match_published_parameter_counts() {
             "llama4-maverick",
             400.7,
             17.2,
+            0.05,
+            &[],
+        ),
+        // Qwen publishes 80B / 3B (Qwen3-Next-80B-A3B) and 35B / 3B (Qwen3.5-35B-A3B, the
+        // multimodal checkpoint, vision encoder included); the text models count 79.67B /
+        // 3.87B and 34.66B / 3.45B with both embedding tables (tests/qwen3_next_config.rs).
+        (
+            ModelType::Qwen3Next,
+            "qwen3-next-80b-a3b",
+            79.67,
+            3.87,
+            0.05,
+            &[],
+        ),
+        (
+            ModelType::Qwen35MoeText,
+            "qwen3.5-35b-a3b",
+            34.66,
+            3.45,
             0.05,
             &[],
         ),
@@ -328,7 +347,7 @@ fn synth_uri_parses_and_rejects() {
         .to_string();
     assert_eq!(
         err,
-        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe, granitemoe, hunyuan_v1_moe, gpt_oss, granitemoeshared, llama4_text)"
+        "unknown architecture 'llama' (supported: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe, granitemoe, hunyuan_v1_moe, gpt_oss, granitemoeshared, llama4_text, qwen3_next, qwen3_5_moe_text)"
     );
 }
 

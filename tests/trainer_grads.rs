@@ -19,7 +19,7 @@ use moeq::train::step::{evaluate_inputs, forward_backward, inputs, Activations};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 
-const ARCHS: [ModelType; 16] = [
+const ARCHS: [ModelType; 18] = [
     ModelType::Qwen3Moe,
     ModelType::Qwen2Moe,
     ModelType::Mixtral,
@@ -36,6 +36,8 @@ const ARCHS: [ModelType; 16] = [
     ModelType::GptOss,
     ModelType::GraniteMoeShared,
     ModelType::Llama4Text,
+    ModelType::Qwen3Next,
+    ModelType::Qwen35MoeText,
 ];
 
 struct Setup {
@@ -206,6 +208,12 @@ fn every_lora_tensor_gets_a_gradient() {
                 "{arch:?}: latent targets"
             );
         }
+        if s.model.spec.linear_attn.is_some() {
+            assert!(
+                has("linear_attn.in_proj_") && has("linear_attn.out_proj"),
+                "{arch:?}: Gated DeltaNet targets"
+            );
+        }
         // Summed shared experts (with a dense first layer), Hunyuan's unrouted MLP or Granite's
         // fused one.
         if let Some(shared) = s.model.spec.shared_expert.filter(|x| !x.gated) {
@@ -329,6 +337,9 @@ fn gradients_match_finite_differences() {
                         "kv_a_proj",
                         "kv_b_proj",
                         "down_proj",
+                        // Gated DeltaNet (Qwen3-Next, Qwen3.5: layer 0 is linear attention).
+                        "in_proj_",
+                        "out_proj",
                     ]
                     .iter()
                     .any(|p| n.contains(p)))

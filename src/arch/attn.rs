@@ -1,17 +1,21 @@
-//! A decoder layer's attention in either form — q/k/v/o heads (`layers::Attention`) or latent
-//! attention (`latent::LatentAttention`) — and which dims of a head the rotation turns.
+//! A decoder layer's attention in any of its forms — q/k/v/o heads (`layers::Attention`),
+//! latent attention (`latent::LatentAttention`) or Gated DeltaNet (`linear_attn`) —, which dims
+//! of a head the rotation turns, the output gate, and the taped layer's graph for the forms
+//! without a written-out backward (docs/ARCHITECTURE.md decision 34).
 
+use super::backward::AdapterGrads;
 use super::latent::LatentAttention;
 use super::layers::{Attention, Proj};
 use super::linear_attn::LinearAttention;
 use super::model::{Inputs, LoraCtx};
 use super::{ArchSpec, QkNorm};
+use crate::ops::linear_attn_parts::sigmoid_rounded;
 use crate::ops::norm::rms_norm;
 use crate::ops::rope::apply_rope;
 use crate::ops::rope_part::Part;
 use candle_core::{Result, Tensor};
 
-/// A layer's attention: q/k/v/o heads, or latent attention.
+/// A layer's attention: q/k/v/o heads, latent attention, or Gated DeltaNet.
 // One per layer: the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 pub enum Attn {
@@ -115,5 +119,61 @@ pub(super) fn part(spec: &ArchSpec, at: usize) -> Part {
         at,
         dim: spec.rotary.dim,
         interleaved: spec.rotary.interleaved,
+    }
+}
+
+/// Attention's output `[N, heads·hd]` times `sigmoid(gate)` where there is a gate (each
+/// rounded to the compute dtype, as transformers multiplies them).
+pub(super) fn output_gate(ctx: Tensor, gate: Option<&Tensor>) -> Result<Tensor> {
+    match gate {
+        None => Ok(ctx),
+        Some(g) => {
+            let g = sigmoid_rounded(&g.reshape(ctx.shape())?)?;
+            ctx.mul(&g.to_dtype(ctx.dtype())?)
+        }
+    }
+}
+
+/// Whether a layer's attention runs under candle's graph in the taped layer: Gated DeltaNet,
+/// and full attention with an output gate (no written-out backward yet).
+pub(super) fn graph_attention(attn: &Attn, spec: &ArchSpec) -> bool {
+    match attn {
+        Attn::Linear(_) => true,
+        Attn::Heads(_) => spec.attn_output_gate,
+        Attn::Latent(_) => false,
+    }
+}
+
+/// dL/d(input) of an attention kept under a graph (`AttnPart::Graph`) for upstream `da`, and
+/// the gradients of the adapters it read.
+pub(super) fn graph_backward(
+    attn: &Attn,
+    (input, out): (&candle_core::Var, &Tensor),
+    da: &Tensor,
+    lora: &LoraCtx,
+    grads: &mut AdapterGrads,
+) -> Result<Tensor> {
+    let store = out
+        .mul(&da.to_dtype(out.dtype())?.detach())?
+        .sum_all()?
+        .backward()?;
+    let projections = match attn {
+        Attn::Heads(a) => vec![&a.q, &a.k, &a.v, &a.o],
+        Attn::Linear(a) => a.projections(),
+        Attn::Latent(_) => vec![],
+    };
+    for p in projections {
+        let Some(l) = lora.adapters.linear.get(&p.name) else {
+            continue;
+        };
+        for var in [&l.a, &l.b] {
+            if let Some(g) = store.get(var.as_tensor()) {
+                grads.push((var.as_tensor().id(), g.clone()));
+            }
+        }
+    }
+    match store.get(input.as_tensor()) {
+        Some(g) => Ok(g.clone()),
+        None => candle_core::bail!("layer backward: no gradient reached the attention's input"),
     }
 }

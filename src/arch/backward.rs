@@ -12,6 +12,7 @@
 //! a graph) — the same functions in the same order — so a step's losses do not depend on
 //! whether the backward recomputes the layer or keeps its tape from the forward.
 
+use super::attn::{graph_attention, graph_backward};
 use super::latent::LatentTape;
 use super::layers::{
     dropout_mask, part, whole_heads, Attention, Attn, Layer, Mlp, Moe, Proj, Routing,
@@ -482,50 +483,6 @@ enum AttnPart {
     /// An attention without a written-out backward (Gated DeltaNet; gated full attention): its
     /// input as a `Var` and its output with candle's graph over it and the live adapters.
     Graph(candle_core::Var, Tensor),
-}
-
-/// Whether a layer's attention runs under candle's graph in the taped layer: Gated DeltaNet,
-/// and full attention with an output gate (no written-out backward yet).
-fn graph_attention(attn: &Attn, spec: &ArchSpec) -> bool {
-    match attn {
-        Attn::Linear(_) => true,
-        Attn::Heads(_) => spec.attn_output_gate,
-        Attn::Latent(_) => false,
-    }
-}
-
-/// dL/d(input) of an attention kept under a graph (`AttnPart::Graph`) for upstream `da`, and
-/// the gradients of the adapters it read.
-fn graph_backward(
-    attn: &Attn,
-    (input, out): (&candle_core::Var, &Tensor),
-    da: &Tensor,
-    lora: &LoraCtx,
-    grads: &mut AdapterGrads,
-) -> Result<Tensor> {
-    let store = out
-        .mul(&da.to_dtype(out.dtype())?.detach())?
-        .sum_all()?
-        .backward()?;
-    let projections = match attn {
-        Attn::Heads(a) => vec![&a.q, &a.k, &a.v, &a.o],
-        Attn::Linear(a) => a.projections(),
-        Attn::Latent(_) => vec![],
-    };
-    for p in projections {
-        let Some(l) = lora.adapters.linear.get(&p.name) else {
-            continue;
-        };
-        for var in [&l.a, &l.b] {
-            if let Some(g) = store.get(var.as_tensor()) {
-                grads.push((var.as_tensor().id(), g.clone()));
-            }
-        }
-    }
-    match store.get(input.as_tensor()) {
-        Some(g) => Ok(g.clone()),
-        None => candle_core::bail!("layer backward: no gradient reached the attention's input"),
-    }
 }
 
 impl Layer {

@@ -1,14 +1,13 @@
 //! A decoder layer: pre-norm attention and pre-norm MLP (dense SwiGLU or MoE), each added to
 //! the residual stream. Shapes are token-major, `N = B·S`.
 
-pub(super) use super::attn::{part, whole_heads, Attn};
+pub(super) use super::attn::{output_gate, part, whole_heads, Attn};
 use super::model::{Inputs, LayerStats, LoraCtx};
 use super::{ArchSpec, ExchangePlan, ExpertExchange, QkNorm, Scoring};
 use crate::ops::attention::query_block;
 use crate::ops::attention_block::{attention_block, BlockArgs};
 use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights};
 use crate::ops::input_weights::scale_rows;
-use crate::ops::linear_attn_parts::sigmoid_rounded;
 use crate::ops::lora_linear::lora_linear;
 use crate::ops::nf4_linear::{nf4_linear, FrozenWeight};
 use crate::ops::norm::rms_norm;
@@ -142,18 +141,6 @@ impl Proj {
 
 fn sigmoid(x: &Tensor) -> Result<Tensor> {
     (x.neg()?.exp()? + 1.0)?.recip()
-}
-
-/// Attention's output `[N, heads·hd]` times `sigmoid(gate)` where there is a gate (each
-/// rounded to the compute dtype, as transformers multiplies them).
-pub(super) fn output_gate(ctx: Tensor, gate: Option<&Tensor>) -> Result<Tensor> {
-    match gate {
-        None => Ok(ctx),
-        Some(g) => {
-            let g = sigmoid_rounded(&g.reshape(ctx.shape())?)?;
-            ctx.mul(&g.to_dtype(ctx.dtype())?)
-        }
-    }
 }
 
 /// gate, up, down: x [N, H] → down(silu(gate(x)) · up(x)) [N, H].

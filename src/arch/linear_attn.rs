@@ -18,6 +18,8 @@ use crate::ops::linear_attn_parts::{causal_conv1d_silu, gated_rms_norm, sigmoid_
 use candle_core::{DType, Result, Tensor};
 
 /// The input projections, as the checkpoint lays them out (`LinearProjections`).
+// One per linear-attention layer: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum LinearIn {
     Grouped {
         qkvz: Proj,

@@ -41,11 +41,7 @@ pub struct LoraPlan {
 
 impl LoraPlan {
     fn targets_module(&self, p: &ParamInfo) -> bool {
-        // A linear router (Hunyuan's) is quantized but never a LoRA target.
-        if !p.quantized
-            || matches!(p.component, Component::Experts | Component::Router)
-            || !p.name.ends_with(".weight")
-        {
+        if !p.adaptable_linear() {
             return false;
         }
         let module = p.name.trim_end_matches(".weight");

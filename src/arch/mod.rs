@@ -28,7 +28,7 @@ pub use memory::{estimate, nf4_bytes, target_matches, FrozenFormat, LoraPlan, Me
 pub use model::{Inputs, LayerStats, LoraCtx, Model};
 pub use params::{down_name, gate_up_name, Component, ParamInfo};
 pub use spec::{
-    supported_model_types, ArchSpec, Glu, GroupLimit, GroupScore, LatentSpec, ModelType, Mup,
-    NopeTemperature, QkNorm, RopeSpec, Rotary, RouterSpec, Scoring, SharedExpertSpec, SpecError,
-    LATENT_NORM_EPS,
+    supported_model_types, ArchSpec, Glu, GroupLimit, GroupScore, LatentSpec, LinearAttnSpec,
+    LinearProjections, ModelType, Mup, NopeTemperature, QkNorm, RopeSpec, Rotary, RouterSpec,
+    Scoring, SharedExpertSpec, SpecError, LATENT_NORM_EPS,
 };

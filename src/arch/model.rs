@@ -153,6 +153,14 @@ impl Weights<'_> {
         })
     }
 
+    /// A frozen linear weight's values in the compute dtype (dequantized where 4-bit).
+    fn linear_values(&self, name: &str) -> Result<Tensor> {
+        match self.linear(name)? {
+            FrozenWeight::Nf4(q) => q.dequantize(self.dtype),
+            FrozenWeight::Dense(t) => Ok(t),
+        }
+    }
+
     /// A frozen linear weight: 4-bit, or dense for a 16-bit base.
     fn linear(&self, name: &str) -> Result<FrozenWeight> {
         match self.base.tensors.get(name) {
@@ -330,8 +338,9 @@ impl Model {
                                 w.proj(&format!("{p}.{}.output_linear", s.module), false)?,
                             ]),
                         },
+                        // 4-bit as every linear weight; its values held dense ([1, H]).
                         if s.gated {
-                            Some(w.dense(&format!("{p}.mlp.shared_expert_gate.weight"))?)
+                            Some(w.linear_values(&format!("{p}.mlp.shared_expert_gate.weight"))?)
                         } else {
                             None
                         },
@@ -341,10 +350,7 @@ impl Model {
                 // A linear router (Hunyuan) is quantized with the other linear weights; its
                 // values are the 4-bit ones, held dense (E × H is small).
                 let (router, _) = spec.model_type.router_name(l);
-                let router = match w.linear(&router)? {
-                    FrozenWeight::Nf4(q) => q.dequantize(dtype)?,
-                    FrozenWeight::Dense(t) => t,
-                };
+                let router = w.linear_values(&router)?;
                 Mlp::Moe(Moe {
                     router,
                     router_bias: match spec.router.logit_bias {

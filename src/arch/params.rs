@@ -57,6 +57,16 @@ impl ParamInfo {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
+
+    /// Whether this is a linear weight a LoRA adapter can target: 4-bit and 2-D, but neither a
+    /// router (Hunyuan's is linear) nor the shared expert's `[1, H]` gate, which are quantized
+    /// and never adapted.
+    pub fn adaptable_linear(&self) -> bool {
+        self.quantized
+            && !matches!(self.component, Component::Experts | Component::Router)
+            && self.name.ends_with(".weight")
+            && !self.name.ends_with(".shared_expert_gate.weight")
+    }
 }
 
 /// Canonical names of one layer's expert parameters.
@@ -311,11 +321,12 @@ impl ArchSpec {
                         );
                     }
                     if shared.gated {
+                        // An nn.Linear(H, 1): bitsandbytes' loader makes it 4-bit too.
                         push(
                             format!("{p}.mlp.shared_expert_gate.weight"),
                             vec![1, h],
                             Component::SharedExpert,
-                            false,
+                            true,
                         );
                     }
                 }

@@ -295,9 +295,8 @@ impl ArchSpec {
             .ok_or_else(|| SpecError::NoModelType {
                 path: path.to_string(),
             })?;
-        match model_type_str.as_str() {
-            outer @ ("llama4" | "qwen3_5_moe") => return text_part(&cfg, outer),
-            _ => {}
+        if let outer @ ("llama4" | "qwen3_5_moe") = model_type_str.as_str() {
+            return text_part(&cfg, outer);
         }
         let model_type =
             ModelType::parse(&model_type_str).ok_or_else(|| SpecError::Unsupported {
@@ -533,8 +532,9 @@ impl ArchSpec {
         }
     }
 
-    /// The text model's name of an on-disk tensor of a multimodal checkpoint
-    /// (`weights_prefix`), None for a tensor outside the text model.
+    /// The text model's name of an on-disk tensor of a multimodal checkpoint stored under
+    /// `weights_prefix`; None for a tensor not under it (stored under its own name, as Qwen3.5's
+    /// `lm_head.weight`, or outside the text model).
     pub fn text_name(&self, on_disk: &str) -> Option<String> {
         let (text, disk) = self.weights_prefix;
         on_disk

@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct SynthArgs {
-    /// model_type: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe, granitemoe, hunyuan_v1_moe, gpt_oss, granitemoeshared or llama4_text.
+    /// model_type: qwen3_moe, qwen2_moe, mixtral, olmoe, glm4_moe, glm4_moe_lite, deepseek_v2, deepseek_v3, kimi_k2, flex_olmo, minimax_m2, ernie4_5_moe, granitemoe, hunyuan_v1_moe, gpt_oss, granitemoeshared, llama4_text, qwen3_next or qwen3_5_moe_text.
     #[arg(long)]
     arch: String,
-    /// `tiny`, or a real shape: qwen3-30b-a3b, qwen3-235b-a22b, qwen1.5-moe-a2.7b, mixtral-8x7b, olmoe-1b-7b, glm-4.5-air, glm-4.7-flash, deepseek-v2-lite, deepseek-v3, kimi-k2, minimax-m2, ernie-4.5-21b-a3b, granite-3.1-1b-a400m, gpt-oss-20b, gpt-oss-120b, llama4-scout, llama4-maverick.
+    /// `tiny`, or a real shape: qwen3-30b-a3b, qwen3-235b-a22b, qwen1.5-moe-a2.7b, mixtral-8x7b, olmoe-1b-7b, glm-4.5-air, glm-4.7-flash, deepseek-v2-lite, deepseek-v3, kimi-k2, minimax-m2, ernie-4.5-21b-a3b, granite-3.1-1b-a400m, gpt-oss-20b, gpt-oss-120b, llama4-scout, llama4-maverick, qwen3-next-80b-a3b, qwen3.5-35b-a3b.
     #[arg(long, default_value = "tiny")]
     preset: String,
     /// Keep only the first N layers.

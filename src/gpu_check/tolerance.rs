@@ -231,6 +231,8 @@ const DECODE_F32: &str = "the cached decoding's logits through every layer: cuBL
     accumulation order, as the train step's loss";
 const DECODE_BF16: &str = "bf16 after every op on both sides, sums in other orders: as the train \
     step's bf16 rows, of the largest logit";
+const TRAIN_TAPED: &str =
+    "a layer's taped forward (arch::backward) runs the plain forward's kernels on the same values";
 const TRAIN_KEPT: &str = "gradient_checkpointing: false runs the same kernels on the same values";
 const TRAIN_OFFLOADED: &str = "the same tensors, copied to host memory and back";
 const WRITTEN_F32: &str =
@@ -366,6 +368,7 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Train, "decode",                   "bf16", Forward,  0.0,          OfMax(5e-2),            DECODE_BF16),
     row(Train, "kept = recomputed",        "any",  Exact,    0.0,          Abs(0.0),               TRAIN_KEPT),
     row(Train, "offloaded = recomputed",   "any",  Exact,    0.0,          Abs(0.0),               TRAIN_OFFLOADED),
+    row(Train, "taped = plain forward",    "any",  Exact,    0.0,          Abs(0.0),               TRAIN_TAPED),
     row(Train, "written = autograd",       "f32",  Backward, 0.0,          OfMax(1e-4),            WRITTEN_F32),
     row(Train, "written = autograd",       "bf16", Backward, 0.0,          OfMax(5e-2),            WRITTEN_BF16),
     row(Nccl,  "all_reduce_sum",           "f32",  Forward,  0.0,          OfMax(1e-6),            NCCL_SUM_F32),

@@ -207,6 +207,38 @@ fn autograd_step(
         .collect()
 }
 
+/// Each layer's taped forward (`arch::backward`) from the plain forward's input against the
+/// plain forward's output: the worst layer.
+fn taped_forward_agrees(
+    dir: &ModelDir,
+    device: &Device,
+    dtype: DType,
+    b: &Batch,
+) -> Result<Option<Comparison>> {
+    let (model, adapters) = setup(dir, device, dtype, Base::Nf4)?;
+    let inputs = crate::train::step::inputs(&model, b)?;
+    let ctx = LoraCtx {
+        adapters: &adapters,
+        live: false,
+        dropout: None,
+    };
+    let name = dir.spec.model_type.as_str();
+    let tol = lookup("taped = plain forward", "any", Pass::Exact)?;
+    let mut worst: Option<Comparison> = None;
+    let mut x = model.embed(&inputs)?;
+    for l in 0..model.num_layers() {
+        let plain = model.layer(l, &x, &inputs, &ctx)?.0;
+        let taped = model.layer_taped(l, &x, &inputs, &ctx)?.0;
+        let label = format!("train step {name} {dtype:?} taped = plain forward (layer {l})");
+        let c = compare(&label, &taped, &plain, tol)?;
+        if worst.as_ref().is_none_or(|w| c.worst_ratio > w.worst_ratio) {
+            worst = Some(c);
+        }
+        x = plain;
+    }
+    Ok(worst)
+}
+
 /// The worst of `got` against `want` over every gradient tensor, labelled `label`.
 fn worst_of(
     label: &str,
@@ -219,7 +251,12 @@ fn worst_of(
         let g = got
             .get(name)
             .ok_or_else(|| err(format!("{name}: no gradient ({label})")))?;
-        let c = compare(&format!("{label} (worst of {})", want.len()), g, w, tol)?;
+        let c = compare(
+            &format!("{label} (worst of {}: {name})", want.len()),
+            g,
+            w,
+            tol,
+        )?;
         if worst.as_ref().is_none_or(|w| c.worst_ratio > w.worst_ratio) {
             worst = Some(c);
         }
@@ -307,6 +344,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                 &decode(&dir, &Device::Cpu, dtype, &b)?,
                 row("decode", Pass::Forward)?,
             )?);
+            out.extend(taped_forward_agrees(&dir, device, dtype, &b)?);
             let on_device = (device, dtype, Base::Nf4);
             let (_, kept) = step(&dir, on_device, &b, Activations::Keep)?;
             out.extend(worst_of(

@@ -207,13 +207,6 @@ impl Adapters {
         let mut linear = BTreeMap::new();
         let mut experts = BTreeMap::new();
         for p in spec.params() {
-            // A linear router (Hunyuan's) is quantized but never a LoRA target.
-            if !p.quantized
-                || p.component == Component::Router
-                || (p.component != Component::Experts && !p.name.ends_with(".weight"))
-            {
-                continue;
-            }
             if p.component == Component::Experts {
                 if settings
                     .target_parameters
@@ -251,6 +244,9 @@ impl Adapters {
                         },
                     );
                 }
+                continue;
+            }
+            if !p.adaptable_linear() {
                 continue;
             }
             let module = p.name.strip_suffix(".weight").unwrap_or(&p.name);
