@@ -3,7 +3,9 @@
 //! `interleave_moe_layer_step`), explicit lists, the multimodal wrapper, and one-line errors for
 //! values that do not fit.
 
-use moeq::arch::{ArchSpec, ModelType, QkNorm};
+mod common;
+use common::{spec_error as error, spec_of as spec};
+use moeq::arch::{ModelType, QkNorm};
 use serde_json::{json, Value};
 
 fn base() -> Value {
@@ -21,16 +23,6 @@ fn with(changes: Value) -> Value {
         v[k] = x.clone();
     }
     v
-}
-
-fn spec(v: &Value) -> ArchSpec {
-    ArchSpec::from_json(v, "config.json").unwrap()
-}
-
-fn error(v: &Value) -> String {
-    ArchSpec::from_json(v, "config.json")
-        .unwrap_err()
-        .to_string()
 }
 
 #[test]

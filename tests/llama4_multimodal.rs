@@ -5,54 +5,34 @@
 
 mod common;
 use candle_core::{DType, Device, Tensor};
-use common::{eval_logits, moeq, random_adapters, rel, EXPERT_PARAMETERS};
+use common::{eval_logits, moeq, multimodal_of, random_adapters, rel, EXPERT_PARAMETERS};
 use moeq::arch::ModelType;
 use moeq::lora::peft;
 use moeq::model_files::ModelDir;
-use moeq::synth::{self, DiskLayout, SynthOptions};
-use std::collections::HashMap;
 use std::path::Path;
 
 const VISION: &str = "vision_model.patch_embedding.linear.weight";
 
-/// The tiny `llama4_text` checkpoint (f32, hub names) at `text`, and the same weights as a
-/// multimodal checkpoint at `multi` (plus one vision tensor).
+/// The tiny `llama4_text` checkpoint at `text`, and the same weights as a multimodal
+/// checkpoint at `multi` (under `language_model.`, plus one vision tensor).
 fn both(text: &Path, multi: &Path) {
-    let opts = SynthOptions {
-        model_type: ModelType::Llama4Text,
-        layout: DiskLayout::Hub,
-        seed: 3,
-        dtype: "float32".into(),
-        ..SynthOptions::default()
+    let config = |text_config| {
+        serde_json::json!({
+            "model_type": "llama4",
+            "architectures": ["Llama4ForConditionalGeneration"],
+            "text_config": text_config,
+            "vision_config": {"model_type": "llama4_vision_model", "hidden_size": 4},
+            "tie_word_embeddings": false,
+        })
     };
-    synth::write(&opts, text).unwrap();
-    std::fs::create_dir_all(multi).unwrap();
-    for f in std::fs::read_dir(text).unwrap() {
-        let f = f.unwrap().path();
-        let name = f.file_name().unwrap().to_string_lossy().to_string();
-        if name != "config.json" && !name.ends_with(".safetensors") {
-            std::fs::copy(&f, multi.join(&name)).unwrap();
-        }
-    }
-    let weights = candle_core::safetensors::load(text.join("model.safetensors"), &Device::Cpu);
-    let mut out: HashMap<String, Tensor> = weights
-        .unwrap()
-        .into_iter()
-        .map(|(k, v)| (format!("language_model.{k}"), v))
-        .collect();
-    let vision = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap();
-    out.insert(VISION.into(), vision.reshape((3, 4)).unwrap());
-    candle_core::safetensors::save(&out, multi.join("model.safetensors")).unwrap();
-    let text_config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(text.join("config.json")).unwrap()).unwrap();
-    let config = serde_json::json!({
-        "model_type": "llama4",
-        "architectures": ["Llama4ForConditionalGeneration"],
-        "text_config": text_config,
-        "vision_config": {"model_type": "llama4_vision_model", "hidden_size": 4},
-        "tie_word_embeddings": false,
-    });
-    std::fs::write(multi.join("config.json"), config.to_string()).unwrap();
+    let rename = |k: &str| format!("language_model.{k}");
+    multimodal_of(
+        ModelType::Llama4Text,
+        (text, multi),
+        rename,
+        &[(VISION, [3, 4])],
+        config,
+    );
 }
 
 fn max_diff(x: &Tensor, y: &Tensor) -> f32 {

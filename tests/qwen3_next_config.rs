@@ -5,7 +5,7 @@
 //! values that do not fit; the published shapes' sizes; which projections LoRA targets.
 
 mod common;
-use common::moeq;
+use common::{moeq, spec_error as error, spec_of as spec};
 use moeq::arch::{ArchSpec, LinearProjections, ModelType};
 use moeq::lora::{Adapters, LoraSettings};
 use moeq::synth::config_json;
@@ -28,16 +28,6 @@ fn with(model_type: &str, changes: Value) -> Value {
         v[k] = x.clone();
     }
     v
-}
-
-fn spec(v: &Value) -> ArchSpec {
-    ArchSpec::from_json(v, "config.json").unwrap()
-}
-
-fn error(v: &Value) -> String {
-    ArchSpec::from_json(v, "config.json")
-        .unwrap_err()
-        .to_string()
 }
 
 /// `layer_types` of `linear` (true: `linear_attention`).

@@ -6,13 +6,10 @@
 //! added, and `moeq train` reads it.
 
 mod common;
-use candle_core::{Device, Tensor};
-use common::{eval_logits, moeq, random_adapters, rel, EXPERT_PARAMETERS};
+use common::{eval_logits, moeq, multimodal_of, random_adapters, rel, EXPERT_PARAMETERS};
 use moeq::arch::ModelType;
 use moeq::lora::peft;
 use moeq::model_files::ModelDir;
-use moeq::synth::{self, DiskLayout, SynthOptions};
-use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -21,55 +18,30 @@ const VISION: [(&str, [usize; 2]); 2] = [
     ("model.visual.blocks.0.attn.qkv.weight", [24, 8]),
 ];
 
-/// The tiny `qwen3_5_moe_text` checkpoint (f32, hub names) at `text`, and the same weights as
-/// a multimodal checkpoint at `multi` (plus two random vision tensors).
+/// The tiny `qwen3_5_moe_text` checkpoint at `text`, and the same weights as a multimodal
+/// checkpoint at `multi` (`model.` as `model.language_model.`, plus two vision tensors).
 fn both(text: &Path, multi: &Path) {
-    let opts = SynthOptions {
-        model_type: ModelType::Qwen35MoeText,
-        layout: DiskLayout::Hub,
-        seed: 3,
-        dtype: "float32".into(),
-        ..SynthOptions::default()
-    };
-    synth::write(&opts, text).unwrap();
-    std::fs::create_dir_all(multi).unwrap();
-    for f in std::fs::read_dir(text).unwrap() {
-        let f = f.unwrap().path();
-        let name = f.file_name().unwrap().to_string_lossy().to_string();
-        if name != "config.json" && !name.ends_with(".safetensors") {
-            std::fs::copy(&f, multi.join(&name)).unwrap();
-        }
-    }
-    let weights = candle_core::safetensors::load(text.join("model.safetensors"), &Device::Cpu);
-    let mut out: HashMap<String, Tensor> = weights
-        .unwrap()
-        .into_iter()
-        .map(|(k, v)| match k.strip_prefix("model.") {
-            Some(rest) => (format!("model.language_model.{rest}"), v),
-            None => (k, v),
+    let config = |mut text_config: serde_json::Value| {
+        text_config["model_type"] = serde_json::json!("qwen3_5_moe_text");
+        serde_json::json!({
+            "model_type": "qwen3_5_moe",
+            "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+            "text_config": text_config,
+            "vision_config": {"model_type": "qwen3_5_moe", "hidden_size": 8, "depth": 1},
+            "tie_word_embeddings": false,
         })
-        .collect();
-    assert!(out.contains_key("lm_head.weight"));
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    for (name, shape) in VISION {
-        let values: Vec<f32> = (0..shape.iter().product())
-            .map(|_| rng.random_range(-1.0..1.0))
-            .collect();
-        let t = Tensor::from_vec(values, &shape, &Device::Cpu).unwrap();
-        out.insert(name.into(), t);
-    }
-    candle_core::safetensors::save(&out, multi.join("model.safetensors")).unwrap();
-    let mut text_config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(text.join("config.json")).unwrap()).unwrap();
-    text_config["model_type"] = serde_json::json!("qwen3_5_moe_text");
-    let config = serde_json::json!({
-        "model_type": "qwen3_5_moe",
-        "architectures": ["Qwen3_5MoeForConditionalGeneration"],
-        "text_config": text_config,
-        "vision_config": {"model_type": "qwen3_5_moe", "hidden_size": 8, "depth": 1},
-        "tie_word_embeddings": false,
-    });
-    std::fs::write(multi.join("config.json"), config.to_string()).unwrap();
+    };
+    let rename = |k: &str| match k.strip_prefix("model.") {
+        Some(rest) => format!("model.language_model.{rest}"),
+        None => k.to_string(),
+    };
+    multimodal_of(
+        ModelType::Qwen35MoeText,
+        (text, multi),
+        rename,
+        &VISION,
+        config,
+    );
 }
 
 /// Every tensor of a safetensors file: its raw bytes and shape, by name.

@@ -101,3 +101,68 @@ pub fn rel(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
     let m = b.abs().unwrap().max_all().unwrap();
     d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap()
 }
+
+/// The tiny f32 `arch` checkpoint (hub names) at `text`, and the same weights as a multimodal
+/// checkpoint at `multi`: the tokenizer files copied, every tensor renamed by `rename`, the
+/// `vision` tensors added with random values, and `config(text config.json)` as its config.
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub fn multimodal_of(
+    arch: moeq::arch::ModelType,
+    (text, multi): (&std::path::Path, &std::path::Path),
+    rename: impl Fn(&str) -> String,
+    vision: &[(&str, [usize; 2])],
+    config: impl Fn(serde_json::Value) -> serde_json::Value,
+) {
+    use candle_core::{Device, Tensor};
+    use rand::{Rng, SeedableRng};
+    let opts = moeq::synth::SynthOptions {
+        model_type: arch,
+        layout: moeq::synth::DiskLayout::Hub,
+        seed: 3,
+        dtype: "float32".into(),
+        ..Default::default()
+    };
+    moeq::synth::write(&opts, text).unwrap();
+    std::fs::create_dir_all(multi).unwrap();
+    for f in std::fs::read_dir(text).unwrap() {
+        let f = f.unwrap().path();
+        let name = f.file_name().unwrap().to_string_lossy().to_string();
+        if name != "config.json" && !name.ends_with(".safetensors") {
+            std::fs::copy(&f, multi.join(&name)).unwrap();
+        }
+    }
+    let weights = candle_core::safetensors::load(text.join("model.safetensors"), &Device::Cpu);
+    let mut out: std::collections::HashMap<String, Tensor> = weights
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| (rename(&k), v))
+        .collect();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+    for (name, shape) in vision {
+        let values: Vec<f32> = (0..shape.iter().product())
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        out.insert(
+            name.to_string(),
+            Tensor::from_vec(values, shape, &Device::Cpu).unwrap(),
+        );
+    }
+    candle_core::safetensors::save(&out, multi.join("model.safetensors")).unwrap();
+    let text_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(text.join("config.json")).unwrap()).unwrap();
+    std::fs::write(multi.join("config.json"), config(text_config).to_string()).unwrap();
+}
+
+/// `ArchSpec` of a config value (named `config.json` in messages).
+#[allow(dead_code)]
+pub fn spec_of(v: &serde_json::Value) -> moeq::arch::ArchSpec {
+    moeq::arch::ArchSpec::from_json(v, "config.json").unwrap()
+}
+
+/// The one-line error `ArchSpec` gives for a config value.
+#[allow(dead_code)]
+pub fn spec_error(v: &serde_json::Value) -> String {
+    moeq::arch::ArchSpec::from_json(v, "config.json")
+        .unwrap_err()
+        .to_string()
+}
