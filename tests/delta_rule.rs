@@ -1,6 +1,8 @@
 //! The gated delta rule (`moeq::ops::delta_rule`): the chunked (UT-transform) form against the
 //! token-by-token recurrence, outputs, final states and the gradients of every input, on
-//! seeded random data; and the recurrence itself against a hand computation in plain f32.
+//! seeded random data; the recurrence itself against a hand computation in plain f32; and the
+//! op of the CUDA kernels (`delta_rule_op::scan`, its CPU twin here: the kernels' loops) against
+//! the recurrence, forward and every gradient, which proves its written-out backward.
 //!
 //! Tolerances, all relative to the largest magnitude of the reference: 1e-5 forward, 1e-4 for
 //! gradients. Both forms compute in f32 but sum in different orders (a chunk's contributions
@@ -10,12 +12,16 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use moeq::ops::delta_rule::{chunked, recurrent, CHUNK};
+use moeq::ops::delta_rule_op::{scan, CKPT};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
 const FWD_TOL: f32 = 1e-5;
 const GRAD_TOL: f32 = 1e-4;
+/// The op's twin against the recurrence: the same rank-1 updates in the same order forward; the
+/// backward's equations against autograd's chain of the same steps (≈ 1e-6 measured).
+const SCAN_TOL: f32 = 1e-5;
 
 fn randn(rng: &mut ChaCha8Rng, shape: &[usize]) -> Tensor {
     let n = shape.iter().product();
@@ -143,6 +149,37 @@ fn chunked_matches_recurrent_forward() {
     }
 }
 
+/// o, the final state and the gradients of q, k, v, g, beta and the initial state of
+/// loss = Σ o·up_o + Σ S_T·up_s through `form`: every output and the final state carry gradient.
+fn with_grads(
+    form: Form,
+    x: &Inputs,
+    up_o: &Tensor,
+    up_s: &Tensor,
+) -> (Tensor, Tensor, [Tensor; 6]) {
+    let (o, s) = form(x, Some(x.s0.as_tensor()));
+    let loss = ((&o * up_o).unwrap().sum_all().unwrap() + (&s * up_s).unwrap().sum_all().unwrap())
+        .unwrap();
+    let store = loss.backward().unwrap();
+    let grads = [&x.q, &x.k, &x.v, &x.g, &x.beta, &x.s0].map(|v| {
+        store
+            .get(v.as_tensor())
+            .expect("input has no gradient")
+            .clone()
+    });
+    (o, s, grads)
+}
+
+/// Each gradient of `fast` within `tol` (relative) of `reference`'s.
+fn assert_grads(label: &str, reference: &[Tensor; 6], fast: &[Tensor; 6], tol: f32) {
+    let names = ["q", "k", "v", "g", "beta", "initial state"];
+    for ((name, r), f) in names.iter().zip(reference).zip(fast) {
+        let e = rel_err(f, r);
+        println!("{label}: d{name} {e:.2e}");
+        assert!(e < tol, "{label}: d{name} rel err {e}");
+    }
+}
+
 #[test]
 fn chunked_matches_recurrent_backward() {
     let (b, h, dk, dv) = (2, 3, 8, 12);
@@ -151,28 +188,10 @@ fn chunked_matches_recurrent_backward() {
         let mut rng = ChaCha8Rng::seed_from_u64(seed + 100);
         let up_o = randn(&mut rng, &[b, t, h, dv]);
         let up_s = randn(&mut rng, &[b, h, dk, dv]);
-        // loss = Σ o·up_o + Σ S_T·up_s: every output and the final state carry gradient.
-        let grads = |form: Form| {
-            let (o, s) = form(&x, Some(x.s0.as_tensor()));
-            let loss = ((o * &up_o).unwrap().sum_all().unwrap()
-                + (s * &up_s).unwrap().sum_all().unwrap())
-            .unwrap();
-            let store = loss.backward().unwrap();
-            [&x.q, &x.k, &x.v, &x.g, &x.beta, &x.s0].map(|v| {
-                store
-                    .get(v.as_tensor())
-                    .expect("input has no gradient")
-                    .clone()
-            })
-        };
-        let reference = grads(&run_recurrent);
-        let fast = grads(&|x: &Inputs, s0: Option<&Tensor>| run_chunked(x, s0, chunk));
-        let names = ["q", "k", "v", "g", "beta", "initial state"];
-        for ((name, r), f) in names.iter().zip(&reference).zip(&fast) {
-            let e = rel_err(f, r);
-            println!("T={t} chunk={chunk}: d{name} {e:.2e}");
-            assert!(e < GRAD_TOL, "T={t} chunk={chunk}: d{name} rel err {e}");
-        }
+        let (_, _, reference) = with_grads(&run_recurrent, &x, &up_o, &up_s);
+        let chunked = |x: &Inputs, s0: Option<&Tensor>| run_chunked(x, s0, chunk);
+        let (_, _, fast) = with_grads(&chunked, &x, &up_o, &up_s);
+        assert_grads(&format!("T={t} chunk={chunk}"), &reference, &fast, GRAD_TOL);
     }
 }
 
@@ -305,4 +324,48 @@ fn mismatched_shapes_are_named() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("g [1, 4, 3]"), "{err}");
+}
+
+/// The op's CPU twin (the CUDA kernels' loops, checkpoints every CKPT tokens and chunks
+/// recomputed in the backward) against autograd through `recurrent`: o, the final state and the
+/// gradients of q, k, v, g, beta and the initial state, with T one chunk, several chunks with
+/// a short last one, and Dk ≠ Dv.
+#[test]
+fn scan_matches_recurrent_forward_and_backward() {
+    let (b, h, dk, dv) = (2, 3, 8, 12);
+    for (seed, t) in [(41u64, 37usize), (42, 2 * CKPT + 22), (43, CKPT)] {
+        let x = inputs(seed, b, t, h, dk, dv);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed + 100);
+        let up_o = randn(&mut rng, &[b, t, h, dv]);
+        let up_s = randn(&mut rng, &[b, h, dk, dv]);
+        let (o_ref, s_ref, reference) = with_grads(&run_recurrent, &x, &up_o, &up_s);
+        let op = |x: &Inputs, s0: Option<&Tensor>| {
+            scan(
+                x.q.as_tensor(),
+                x.k.as_tensor(),
+                x.v.as_tensor(),
+                x.g.as_tensor(),
+                x.beta.as_tensor(),
+                s0,
+            )
+            .unwrap()
+        };
+        let (o, s, fast) = with_grads(&op, &x, &up_o, &up_s);
+        let (eo, es) = (rel_err(&o, &o_ref), rel_err(&s, &s_ref));
+        println!("scan T={t}: o {eo:.2e}, final state {es:.2e}");
+        assert!(eo < SCAN_TOL && es < SCAN_TOL, "T={t}: o {eo}, state {es}");
+        assert_grads(&format!("scan T={t}"), &reference, &fast, SCAN_TOL);
+    }
+}
+
+/// Without an initial state and without a graph (the inference path), the op equals the
+/// recurrence too.
+#[test]
+fn scan_without_state_or_graph() {
+    let x = inputs(51, 1, 70, 2, 8, 8);
+    let t = |v: &Var| v.as_tensor().detach();
+    let (q, k, v, g, beta) = (t(&x.q), t(&x.k), t(&x.v), t(&x.g), t(&x.beta));
+    let (o_ref, s_ref) = recurrent(&q, &k, &v, &g, &beta, None).unwrap();
+    let (o, s) = scan(&q, &k, &v, &g, &beta, None).unwrap();
+    assert!(rel_err(&o, &o_ref) < SCAN_TOL && rel_err(&s, &s_ref) < SCAN_TOL);
 }

@@ -572,9 +572,10 @@ fn custom_ops_match_their_references_on_the_cpu() {
     // rotation (the separate ops on the CPU) and the grouped expert ops compare bf16 against the f32 reference within the stated bf16 tolerance; the
     // AdamW entries run the tensor ops on both sides (bit-identical), the expert adapters'
     // products (`thin_gemm`) the `grouped_gemm` formulation in bf16 against f32. (8-bit AdamW's
-    // state compares as its f32 moments, two entries per parameter.)
+    // state compares as its f32 moments, two entries per parameter.) The delta rule's and the
+    // conv's ops compare their CPU twins with autograd through their references.
     let results = moeq::gpu_check::ops::run_all(&candle_core::Device::Cpu).unwrap();
-    assert_eq!(results.len(), 294);
+    assert_eq!(results.len(), 338); // 294 + the delta rule's 32 and the conv's 12 (f32 and bf16)
     for r in results {
         assert!(r.passed(), "{r}");
     }

@@ -13,8 +13,9 @@ use super::layers::Proj;
 use super::model::{Inputs, LoraCtx};
 use super::spec::LinearAttnSpec;
 use super::ArchSpec;
+use crate::ops::conv_silu_op::conv1d_silu;
 use crate::ops::delta_rule;
-use crate::ops::linear_attn_parts::{causal_conv1d_silu, gated_rms_norm, sigmoid_rounded};
+use crate::ops::linear_attn_parts::{gated_rms_norm, sigmoid_rounded};
 use candle_core::{DType, Result, Tensor};
 
 /// The input projections, as the checkpoint lays them out (`LinearProjections`).
@@ -44,9 +45,6 @@ pub struct LinearAttention {
     pub norm: Tensor,
     pub out: Proj,
 }
-
-/// Positions per chunk of the chunked delta rule (transformers' 64).
-const CHUNK: usize = 64;
 
 /// `softplus(x) = ln(1 + eˣ)` in the stable form `max(x, 0) + ln(1 + e^−|x|)`.
 fn softplus(x: &Tensor) -> Result<Tensor> {
@@ -122,7 +120,7 @@ impl LinearAttention {
                 let width = t.dim(1)?;
                 t.narrow(0, start, tokens)?.reshape((rows, len, width))
             };
-            let conv = causal_conv1d_silu(&block(&mixed)?, &self.conv)?;
+            let conv = conv1d_silu(&block(&mixed)?, &self.conv)?;
             let (o, _) = self.rule(&l, &conv, &block(&g)?, &block(&beta)?, None)?;
             outs.push(o.reshape((tokens, l.value_dim()))?);
             start += tokens;
@@ -156,7 +154,7 @@ impl LinearAttention {
             ),
         };
         let seen = Tensor::cat(&[&tail, &mixed], 0)?;
-        let conv = causal_conv1d_silu(&seen.unsqueeze(0)?, &self.conv)?.narrow(1, k - 1, n)?;
+        let conv = conv1d_silu(&seen.unsqueeze(0)?, &self.conv)?.narrow(1, k - 1, n)?;
         let row = |t: &Tensor| t.unsqueeze(0);
         let (o, s) = self.rule(&l, &conv, &row(&g)?, &row(&beta)?, s.as_ref())?;
         *state = Some((seen.narrow(0, n, k - 1)?, s));
@@ -211,8 +209,8 @@ impl LinearAttention {
         // One new token after a cached prefix: token by token, as transformers decodes.
         match (initial, len) {
             (Some(_), 1) => delta_rule::recurrent(&q, &k, &v, g, beta, initial),
-            // Chunks no longer than the sample: a short one is not padded to 64.
-            _ => delta_rule::chunked(&q, &k, &v, g, beta, initial, CHUNK.min(len)),
+            // The CUDA kernels on CUDA, the chunked reference elsewhere.
+            _ => delta_rule::fused(&q, &k, &v, g, beta, initial),
         }
     }
 

@@ -39,9 +39,10 @@
 //! Transformers solves with `torch.linalg.solve_triangular`; here (I + A)⁻¹ is built by forward
 //! substitution, row by row (as its export path does), from differentiable candle ops. Both
 //! functions are CPU references made only of candle ops with autograd, so `backward()` through
-//! them gives the gradients of q, k, v, g, beta and the initial state; a CUDA kernel of the
-//! chunked form is to be tested against them forward and backward (`tests/delta_rule.rs` holds
-//! the recurrent-vs-chunked proof).
+//! them gives the gradients of q, k, v, g, beta and the initial state (`tests/delta_rule.rs`
+//! holds the recurrent-vs-chunked proof). The CUDA path is the recurrent form as one op with a
+//! written-out backward ([`super::delta_rule_op`], `kernels/delta_rule.cu`), tested against
+//! [`recurrent`] forward and backward; [`fused`] picks it on CUDA and [`chunked`] elsewhere.
 
 use candle_core::{bail, DType, Result, Tensor, D};
 
@@ -52,15 +53,15 @@ pub const CHUNK: usize = 64;
 const L2_EPS: f64 = 1e-6;
 
 /// Dimensions of one call, checked once.
-struct Dims {
-    b: usize,
-    t: usize,
-    h: usize,
-    dk: usize,
-    dv: usize,
+pub(super) struct Dims {
+    pub(super) b: usize,
+    pub(super) t: usize,
+    pub(super) h: usize,
+    pub(super) dk: usize,
+    pub(super) dv: usize,
 }
 
-fn dims(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, beta: &Tensor) -> Result<Dims> {
+pub(super) fn dims(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, beta: &Tensor) -> Result<Dims> {
     let (b, t, h, dk) = k.dims4()?;
     let (vb, vt, vh, dv) = v.dims4()?;
     if q.dims() != k.dims() {
@@ -89,7 +90,7 @@ fn dims(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, beta: &Tensor) -> Result
 }
 
 /// `x · rsqrt(Σ_D x² + eps)` along the last dimension, as transformers' `l2norm`.
-fn l2norm(x: &Tensor) -> Result<Tensor> {
+pub(super) fn l2norm(x: &Tensor) -> Result<Tensor> {
     let inv = (x.sqr()?.sum_keepdim(D::Minus1)? + L2_EPS)?
         .sqrt()?
         .recip()?;
@@ -130,6 +131,32 @@ fn prologue(
         heads_first(beta)?,
         s,
     ))
+}
+
+/// The gated delta rule for training and prefill, with the arguments and results of
+/// [`recurrent`]: the CUDA kernels on CUDA ([`super::delta_rule_op::scan`]), [`chunked`] in
+/// chunks of min([`CHUNK`], T) elsewhere (a short sample is not padded to 64).
+/// `MOEQ_DELTA_RULE=chunked` keeps [`chunked`] on CUDA too (for A/B runs of the kernels), as do
+/// key heads over 256 (the kernels' limit).
+pub fn fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    beta: &Tensor,
+    initial_state: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    if v.device().is_cuda() && !chunked_forced() && q.dim(3)? <= 256 {
+        return super::delta_rule_op::scan(q, k, v, g, beta, initial_state);
+    }
+    let len = q.dim(1)?;
+    chunked(q, k, v, g, beta, initial_state, CHUNK.min(len).max(1))
+}
+
+/// `MOEQ_DELTA_RULE=chunked`, read once.
+fn chunked_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("MOEQ_DELTA_RULE").as_deref() == Ok("chunked"))
 }
 
 /// The gated delta rule token by token, in transformers' order of operations (see the module

@@ -7,10 +7,12 @@ pub mod attention;
 pub mod attention_block;
 pub mod attn_sinks;
 pub mod attn_softmax;
+pub mod conv_silu_op;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cudnn_attn;
 pub mod delta_rule;
+pub mod delta_rule_op;
 pub mod embedding;
 pub mod expert_weights;
 pub mod experts;

@@ -5,8 +5,10 @@
 
 mod adamw;
 mod attention;
+mod conv_silu;
 #[cfg(feature = "cuda")]
 mod cudnn;
+mod delta_rule;
 mod nf4;
 mod outer;
 mod rows;
@@ -466,6 +468,8 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
         &|t| grouped_lora(&t[0], &t[1], &t[2], &counts, 3, 16, 2.0),
     )?);
     out.extend(outer::check_grouped_outer(device, dtype)?);
+    out.extend(delta_rule::check_delta_rule(device, dtype)?);
+    out.extend(conv_silu::check_conv_silu(device, dtype)?);
     Ok(out)
 }
 

@@ -1,0 +1,98 @@
+//! gpu-check entry for the gated delta rule's op (`ops::delta_rule_op::scan`,
+//! `kernels/delta_rule.cu`) against autograd through its reference
+//! (`ops::delta_rule::recurrent`) on the CPU in f32: o, the final state and the gradients of q,
+//! k, v, g, beta and the initial state for loss = Σ o·up_o + Σ S_T·up_s. Shapes: the tiny model's
+//! heads (Dk = Dv = 8, T = 70: two chunks of the backward's checkpoints, the last short) and the
+//! real ones (Dk = Dv = 128, T = 512: eight chunks). q, k, v and beta arrive in the compared dtype
+//! (g and the state are f32, as in the model); the reference gets the same rounded values in f32
+//! and the upstream gradients are exact in bf16, so a bf16 row measures only the op's own
+//! roundings (o, dq, dk, dv, dbeta are rounded once to bf16; the state, dg and d state stay f32).
+
+use super::{compare, lookup, Comparison, Pass};
+use crate::ops::delta_rule::recurrent;
+use crate::ops::delta_rule_op::scan;
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+type Form =
+    fn(&Tensor, &Tensor, &Tensor, &Tensor, &Tensor, Option<&Tensor>) -> Result<(Tensor, Tensor)>;
+
+/// n values of (i·7919 mod 128 − 64) / 64: in [−1, 1), exact in bf16.
+fn upstream(shape: &[usize]) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 + 31) % 128) as f32 / 64.0 - 1.0)
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+pub(super) fn check_delta_rule(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
+    let cpu = &Device::Cpu;
+    let mut out = Vec::new();
+    for (b, t, h, dk, dv) in [
+        (2usize, 70usize, 4usize, 8usize, 8usize),
+        (1, 512, 4, 128, 128),
+    ] {
+        let q = Tensor::randn(0f32, 1.0, (b, t, h, dk), cpu)?;
+        let k = Tensor::randn(0f32, 1.0, (b, t, h, dk), cpu)?;
+        let v = Tensor::randn(0f32, 1.0, (b, t, h, dv), cpu)?;
+        // g = −A·softplus(a + 1) with A in [0.02, 0.5] per head, beta = sigmoid(·): as the layer
+        // makes them, decays from 0.97 to 0.2 per token.
+        let a_log = Tensor::rand(0.02f32, 0.5, h, cpu)?.log()?;
+        let a = Tensor::randn(0f32, 1.0, (b, t, h), cpu)?;
+        let softplus = ((a + 1.0)?.exp()? + 1.0)?.log()?;
+        let g = softplus.broadcast_mul(&a_log.exp()?)?.neg()?;
+        let beta = candle_nn::ops::sigmoid(&Tensor::randn(0f32, 1.0, (b, t, h), cpu)?)?;
+        let s0 = Tensor::randn(0f32, 1.0, (b, h, dk, dv), cpu)?;
+        let (up_o, up_s) = (upstream(&[b, t, h, dv])?, upstream(&[b, h, dk, dv])?);
+        let rounded = |x: &Tensor| x.to_dtype(dtype)?.to_dtype(DType::F32);
+        let (q, k, v, beta) = (rounded(&q)?, rounded(&k)?, rounded(&v)?, rounded(&beta)?);
+
+        // (o, final state, [dq, dk, dv, dg, dbeta, d state]) on the CPU.
+        let run = |d: &Device, dt: DType, form: Form| -> Result<Vec<Tensor>> {
+            let var = |x: &Tensor, dt: DType| Var::from_tensor(&x.to_dtype(dt)?.to_device(d)?);
+            let vars = [
+                var(&q, dt)?,
+                var(&k, dt)?,
+                var(&v, dt)?,
+                var(&g, DType::F32)?,
+                var(&beta, dt)?,
+                var(&s0, DType::F32)?,
+            ];
+            let [vq, vk, vv, vg, vb, vs] = vars.each_ref().map(|v| v.as_tensor());
+            let (o, s) = form(vq, vk, vv, vg, vb, Some(vs))?;
+            let loss = ((o.to_dtype(DType::F32)? * up_o.to_device(d)?)?.sum_all()?
+                + (&s * up_s.to_device(d)?)?.sum_all()?)?;
+            let grads = loss.backward()?;
+            let mut res = vec![o.to_device(cpu)?, s.to_device(cpu)?];
+            for v in &vars {
+                let gr = grads.get(v.as_tensor()).ok_or_else(|| {
+                    candle_core::Error::Msg("delta_rule: an input got no gradient".into())
+                })?;
+                res.push(gr.to_device(cpu)?);
+            }
+            Ok(res)
+        };
+        let got = run(device, dtype, scan)?;
+        let want = run(cpu, DType::F32, recurrent)?;
+        let parts = [
+            "o",
+            "final state",
+            "dq",
+            "dk",
+            "dv",
+            "dg",
+            "dbeta",
+            "d state",
+        ];
+        for (i, part) in parts.iter().enumerate() {
+            let pass = if i < 2 { Pass::Forward } else { Pass::Backward };
+            out.push(compare(
+                &format!("delta_rule B{b} T{t} H{h} Dk{dk} Dv{dv} {dtype:?} {part}"),
+                &got[i],
+                &want[i],
+                lookup("delta_rule", dtype.as_str(), pass)?,
+            )?);
+        }
+    }
+    Ok(out)
+}

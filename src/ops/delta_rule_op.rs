@@ -1,0 +1,526 @@
+//! The gated delta rule as one custom op with a written-out backward: the CUDA kernels of
+//! `kernels/delta_rule.cu` and their CPU twin (the same loops in the same order, here). The math
+//! and the reference are [`super::delta_rule`]'s (`recurrent`); `tests/delta_rule.rs` proves the
+//! twin's backward against autograd through it, `moeq gpu-check` ("delta_rule") the kernels.
+//!
+//! The L2 norm of q and k and q's Dk^-½ stay outside as candle ops (cheap, and autograd carries
+//! their gradients); the op takes, all f32 and packed so that it has three inputs and one output:
+//!
+//! ```text
+//! qkv  [B, T, H, 2Dk + Dv]   normalised, scaled q | normalised k | v
+//! gb   [B, T, H, 2]          g | beta
+//! s0   [B, H, Dk, Dv]        initial state (zeros when none)
+//! out  [B, H, T + Dk, Dv]    rows 0..T: o (heads first); rows T..: the final state
+//! ```
+//!
+//! Token by token: S' = exp(g)·S; p = S'ᵀk; δ = β(v − p); S = S' + k δᵀ; o = Sᵀq. The columns of
+//! the state are independent, so the kernels give each warp two of them in registers (lanes over
+//! Dk ≤ 256) and split a head's columns into tiles of 32 across blocks; the twin here walks the
+//! same equations column by column (its sums run in another order: f32 roundings differ, the
+//! math does not). The backward keeps no state from the forward: it reruns the forward saving the
+//! state every [`CKPT`] tokens, then walks each chunk backward from states recomputed out of its
+//! checkpoint (equations in `backward_cpu` and the kernel's header); the kernel's sums over the
+//! columns (dq, dk, dg, dβ) are added per tile, then over tiles in a fixed order (no atomics: the
+//! same bits at every run). Extra memory on the backward, f32: B·H·(⌈T/64⌉ + 64)·Dk·Dv for the
+//! states and B·T·H·(2Dk + 2)·⌈Dv/32⌉ for the tiles' sums (≈ 134 + 270 MB per sample of
+//! T = 2,048, H = 32, Dk = Dv = 128).
+
+use super::delta_rule::{dims, l2norm};
+use candle_core::{bail, CustomOp3, DType, Device, Result, Tensor};
+
+/// Tokens between the backward's state checkpoints (and the length of its recomputed chunks).
+pub const CKPT: usize = 64;
+
+/// The gated delta rule through the op: same arguments and results as
+/// [`super::delta_rule::recurrent`] (q, k: [B, T, H, Dk]; v: [B, T, H, Dv]; g, beta: [B, T, H];
+/// initial state [B, H, Dk, Dv] → o [B, T, H, Dv] in v's dtype, final state f32). The CUDA
+/// kernels on CUDA, the CPU twin's loops on the CPU.
+pub fn scan(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    beta: &Tensor,
+    initial_state: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let d = dims(q, k, v, g, beta)?;
+    let f32 = |x: &Tensor| x.to_dtype(DType::F32);
+    // [B, T, H, ·] → packed f32, q and k normalised, q scaled (as the reference's prologue).
+    let qn = (l2norm(&f32(q)?)? * (d.dk as f64).powf(-0.5))?;
+    let kn = l2norm(&f32(k)?)?;
+    let qkv = Tensor::cat(&[&qn, &kn, &f32(v)?], 3)?;
+    let gb = Tensor::stack(&[&f32(g)?, &f32(beta)?], 3)?;
+    let state_shape = (d.b, d.h, d.dk, d.dv);
+    let s0 = match initial_state {
+        Some(s) if s.dims() == [d.b, d.h, d.dk, d.dv] => f32(s)?,
+        Some(s) => bail!(
+            "delta_rule: initial state {:?} must be [B, H, Dk, Dv] = {state_shape:?}",
+            s.dims()
+        ),
+        None => Tensor::zeros(state_shape, DType::F32, v.device())?,
+    };
+    let at0 = super::at_offset_zero;
+    let (qkv, gb, s0) = (at0(&qkv)?, at0(&gb)?, at0(&s0)?);
+    let out = if super::records_graph(&[&qkv, &gb, &s0]) {
+        qkv.apply_op3(&gb, &s0, DeltaRuleOp)?
+    } else {
+        forward(&qkv, &gb, &s0)?
+    };
+    // out: [B, H, T + Dk, Dv] → o [B, T, H, Dv] in v's dtype, state [B, H, Dk, Dv].
+    let o = out.narrow(2, 0, d.t)?.transpose(1, 2)?.contiguous()?;
+    let s = out.narrow(2, d.t, d.dk)?.contiguous()?;
+    Ok((o.to_dtype(v.dtype())?, s))
+}
+
+/// The op's sizes, from its packed inputs (checked against each other).
+#[derive(Debug, Clone, Copy)]
+struct Geo {
+    b: usize,
+    t: usize,
+    h: usize,
+    dk: usize,
+    dv: usize,
+}
+
+impl Geo {
+    fn of(qkv: &Tensor, gb: &Tensor, s0: &Tensor) -> Result<Geo> {
+        let (b, t, h, w) = qkv.dims4()?;
+        let (_, _, dk, dv) = s0.dims4()?;
+        if w != 2 * dk + dv || gb.dims() != [b, t, h, 2] || s0.dims() != [b, h, dk, dv] {
+            bail!(
+                "delta_rule op: qkv {:?}, gb {:?}, s0 {:?} must be [B, T, H, 2Dk + Dv], \
+                 [B, T, H, 2], [B, H, Dk, Dv]",
+                qkv.dims(),
+                gb.dims(),
+                s0.dims()
+            );
+        }
+        for x in [qkv, gb, s0] {
+            if x.dtype() != DType::F32 {
+                bail!(
+                    "delta_rule op: packed inputs must be f32, got {:?}",
+                    x.dtype()
+                );
+            }
+        }
+        Ok(Geo { b, t, h, dk, dv })
+    }
+
+    fn w(&self) -> usize {
+        2 * self.dk + self.dv
+    }
+
+    /// Rows of `out` per (b, h).
+    fn rows(&self) -> usize {
+        self.t + self.dk
+    }
+
+    /// Checkpoints per (b, h).
+    fn ckpts(&self) -> usize {
+        self.t.div_ceil(CKPT)
+    }
+
+    /// Index of token t of head bh = b·H + h in the [B, T, H, ·] tensors.
+    fn tok(&self, bh: usize, t: usize) -> usize {
+        (bh / self.h * self.t + t) * self.h + bh % self.h
+    }
+}
+
+struct DeltaRuleOp;
+
+impl DeltaRuleOp {
+    fn forward(&self, qkv: &Tensor, gb: &Tensor, s0: &Tensor) -> Result<Tensor> {
+        forward(qkv, gb, s0)
+    }
+}
+
+impl CustomOp3 for DeltaRuleOp {
+    fn name(&self) -> &'static str {
+        "delta_rule"
+    }
+
+    super::tensor_forward!(3, "delta_rule", forward);
+
+    fn bwd(
+        &self,
+        qkv: &Tensor,
+        gb: &Tensor,
+        s0: &Tensor,
+        _out: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let _t = crate::util::phases::Span::start("bwd: delta rule", qkv.device());
+        let dout = super::at_offset_zero(&dout.to_dtype(DType::F32)?)?;
+        let [dqkv, dgb, ds0] = backward(qkv, gb, s0, &dout)?;
+        Ok((Some(dqkv), Some(dgb), Some(ds0)))
+    }
+}
+
+/// `out` [B, H, T + Dk, Dv] of the packed inputs (contiguous from offset 0), no graph.
+fn forward(qkv: &Tensor, gb: &Tensor, s0: &Tensor) -> Result<Tensor> {
+    let g = Geo::of(qkv, gb, s0)?;
+    match qkv.device() {
+        Device::Cpu => {
+            let mut out = vec![0f32; g.b * g.h * g.rows() * g.dv];
+            forward_cpu(g, &vec(qkv)?, &vec(gb)?, &vec(s0)?, &mut out, None);
+            Tensor::from_vec(out, (g.b, g.h, g.rows(), g.dv), &Device::Cpu)
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::forward(g, qkv, gb, s0),
+        _ => bail!("delta_rule op: CPU or CUDA only"),
+    }
+}
+
+/// [d qkv, d gb, d s0] for the gradient `dout` of `out`.
+fn backward(qkv: &Tensor, gb: &Tensor, s0: &Tensor, dout: &Tensor) -> Result<[Tensor; 3]> {
+    let g = Geo::of(qkv, gb, s0)?;
+    match qkv.device() {
+        Device::Cpu => {
+            let [dqkv, dgb, ds0] = backward_cpu(g, &vec(qkv)?, &vec(gb)?, &vec(s0)?, &vec(dout)?);
+            let cpu = &Device::Cpu;
+            Ok([
+                Tensor::from_vec(dqkv, qkv.shape(), cpu)?,
+                Tensor::from_vec(dgb, gb.shape(), cpu)?,
+                Tensor::from_vec(ds0, s0.shape(), cpu)?,
+            ])
+        }
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => cuda::backward(g, qkv, gb, s0, dout),
+        _ => bail!("delta_rule op: CPU or CUDA only"),
+    }
+}
+
+fn vec(x: &Tensor) -> Result<Vec<f32>> {
+    x.flatten_all()?.to_vec1()
+}
+
+/// The CPU twin of `delta_rule_fwd`: o and the final state into `out`; with `ckpt`, the state
+/// entering every [`CKPT`]-th token into it ([B, H, N, Dk, Dv]).
+fn forward_cpu(
+    g: Geo,
+    qkv: &[f32],
+    gb: &[f32],
+    s0: &[f32],
+    out: &mut [f32],
+    mut ckpt: Option<&mut [f32]>,
+) {
+    let (dk, dv, w, sz) = (g.dk, g.dv, g.w(), g.dk * g.dv);
+    for bh in 0..g.b * g.h {
+        let mut s = s0[bh * sz..(bh + 1) * sz].to_vec(); // [Dk, Dv]
+        let out = &mut out[bh * g.rows() * dv..(bh + 1) * g.rows() * dv];
+        for t in 0..g.t {
+            if let Some(c) = ckpt.as_deref_mut() {
+                if t % CKPT == 0 {
+                    let at = (bh * g.ckpts() + t / CKPT) * sz;
+                    c[at..at + sz].copy_from_slice(&s);
+                }
+            }
+            let tok = g.tok(bh, t);
+            let x = &qkv[tok * w..(tok + 1) * w];
+            let (q, k, v) = (&x[..dk], &x[dk..2 * dk], &x[2 * dk..]);
+            let (a, beta) = (gb[tok * 2].exp(), gb[tok * 2 + 1]);
+            for j in 0..dv {
+                let mut p = 0f32;
+                for i in 0..dk {
+                    s[i * dv + j] *= a;
+                    p += s[i * dv + j] * k[i];
+                }
+                let delta = (v[j] - p) * beta;
+                let mut o = 0f32;
+                for i in 0..dk {
+                    s[i * dv + j] += k[i] * delta;
+                    o += s[i * dv + j] * q[i];
+                }
+                out[t * dv + j] = o;
+            }
+        }
+        out[g.t * dv..].copy_from_slice(&s);
+    }
+}
+
+/// The CPU twin of `delta_rule_bwd`: [d qkv, d gb, d s0] for `dout` ([B, H, T + Dk, Dv]: do
+/// rows, then the final state's gradient). Per token t in reverse, with dS the gradient of S_t
+/// (decay a = exp(g), S' = a·S_{t−1}, S_t = S' + k δᵀ):
+///
+/// ```text
+/// o = S_tᵀq      → dS += q doᵀ;  dq = S_t do = S' do + k (δ·do)
+/// S_t = S' + kδᵀ → dk += dS δ;   dδ = dSᵀk
+/// δ = β(v − p)   → dv = β dδ;    dβ = Σ dδ (v − p);  dp = −β dδ
+/// p = S'ᵀk       → dk += S' dp;  dS' = dS + k dpᵀ
+/// S' = a S       → dS_{t−1} = a dS';  dg = a Σ dS' ⊙ S_{t−1} = Σ dS' ⊙ S'
+/// ```
+fn backward_cpu(g: Geo, qkv: &[f32], gb: &[f32], s0: &[f32], dout: &[f32]) -> [Vec<f32>; 3] {
+    let (dk, dv, w, sz) = (g.dk, g.dv, g.w(), g.dk * g.dv);
+    let mut ckpt = vec![0f32; g.b * g.h * g.ckpts() * sz];
+    let mut scratch_out = vec![0f32; g.b * g.h * g.rows() * dv];
+    forward_cpu(g, qkv, gb, s0, &mut scratch_out, Some(&mut ckpt));
+    let mut dqkv = vec![0f32; qkv.len()];
+    let mut dgb = vec![0f32; gb.len()];
+    let mut ds0 = vec![0f32; s0.len()];
+    let mut keep = vec![0f32; CKPT * sz]; // the state entering each token of a chunk
+    let (mut sp, mut delta, mut dp) = (vec![0f32; sz], vec![0f32; dv], vec![0f32; dv]);
+    for bh in 0..g.b * g.h {
+        let dout = &dout[bh * g.rows() * dv..(bh + 1) * g.rows() * dv];
+        let mut ds = dout[g.t * dv..].to_vec(); // [Dk, Dv]
+        for n in (0..g.ckpts()).rev() {
+            let (t0, t1) = (n * CKPT, g.t.min((n + 1) * CKPT));
+            let at = (bh * g.ckpts() + n) * sz;
+            let mut s = ckpt[at..at + sz].to_vec();
+            for t in t0..t1 {
+                keep[(t - t0) * sz..(t - t0 + 1) * sz].copy_from_slice(&s);
+                let tok = g.tok(bh, t);
+                let (k, v) = (
+                    &qkv[tok * w + dk..tok * w + 2 * dk],
+                    &qkv[tok * w + 2 * dk..],
+                );
+                let (a, beta) = (gb[tok * 2].exp(), gb[tok * 2 + 1]);
+                for j in 0..dv {
+                    let mut p = 0f32;
+                    for i in 0..dk {
+                        p += s[i * dv + j] * a * k[i];
+                        s[i * dv + j] *= a;
+                    }
+                    let d = (v[j] - p) * beta;
+                    for i in 0..dk {
+                        s[i * dv + j] += k[i] * d;
+                    }
+                }
+            }
+            for t in (t0..t1).rev() {
+                let tok = g.tok(bh, t);
+                let x = &qkv[tok * w..(tok + 1) * w];
+                let (q, k, v) = (&x[..dk], &x[dk..2 * dk], &x[2 * dk..]);
+                let (a, beta) = (gb[tok * 2].exp(), gb[tok * 2 + 1]);
+                let prev = &keep[(t - t0) * sz..(t - t0 + 1) * sz];
+                let d_o = &dout[t * dv..(t + 1) * dv];
+                let dx = &mut dqkv[tok * w..(tok + 1) * w];
+                // Columns: S', p, δ; dS += q doᵀ; dδ, dv, dβ, dp.
+                let mut dbeta = 0f32;
+                for j in 0..dv {
+                    let (mut p, mut dd) = (0f32, 0f32);
+                    for i in 0..dk {
+                        sp[i * dv + j] = prev[i * dv + j] * a;
+                        p += sp[i * dv + j] * k[i];
+                        ds[i * dv + j] += q[i] * d_o[j];
+                        dd += ds[i * dv + j] * k[i];
+                    }
+                    delta[j] = (v[j] - p) * beta;
+                    dx[2 * dk + j] = beta * dd;
+                    dbeta += dd * (v[j] - p);
+                    dp[j] = -beta * dd;
+                }
+                // Rows: dq, dk (sums over the columns).
+                for i in 0..dk {
+                    let (mut dq, mut dki, mut d_do) = (0f32, 0f32, 0f32);
+                    for c in 0..dv {
+                        dq += sp[i * dv + c] * d_o[c];
+                        dki += ds[i * dv + c] * delta[c] + sp[i * dv + c] * dp[c];
+                        d_do += delta[c] * d_o[c];
+                    }
+                    dx[i] = dq + k[i] * d_do;
+                    dx[dk + i] = dki;
+                }
+                // Columns: dS' = dS + k dpᵀ, dg, dS_{t−1}.
+                let mut dg = 0f32;
+                for j in 0..dv {
+                    for i in 0..dk {
+                        let d = ds[i * dv + j] + k[i] * dp[j];
+                        dg += d * sp[i * dv + j];
+                        ds[i * dv + j] = a * d;
+                    }
+                }
+                dgb[tok * 2] = dg;
+                dgb[tok * 2 + 1] = dbeta;
+            }
+        }
+        ds0[bh * sz..(bh + 1) * sz].copy_from_slice(&ds);
+    }
+    [dqkv, dgb, ds0]
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{Geo, CKPT};
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
+    use candle_core::{bail, CudaDevice, Result, Storage, Tensor};
+
+    /// Value columns per warp (`CPW` in the kernel) and the most warps per block.
+    const CPW: usize = 2;
+    const MAX_WARPS: usize = 16;
+
+    fn int(v: usize) -> Result<i32> {
+        i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("delta_rule kernel: {v}")))
+    }
+
+    fn cuda_device(t: &Tensor) -> Result<&CudaDevice> {
+        match t.device() {
+            candle_core::Device::Cuda(dev) => Ok(dev),
+            _ => bail!("delta_rule kernel: not on CUDA"),
+        }
+    }
+
+    /// How the kernels split the work: grid (B·H, tiles), `warps` warps of CPW columns per
+    /// block, `r` rows per lane. The forward that saves checkpoints and the backward must use
+    /// the same split (their checkpoints are private to each thread).
+    #[derive(Clone, Copy)]
+    struct Split {
+        r: usize,
+        warps: usize,
+        tiles: usize,
+    }
+
+    impl Split {
+        fn of(g: Geo) -> Result<Split> {
+            let Some(r) = [1usize, 2, 4, 8].into_iter().find(|r| 32 * r >= g.dk) else {
+                bail!(
+                    "delta_rule kernel: key head size {} is over 256; use the chunked reference \
+                     (delta_rule::chunked)",
+                    g.dk
+                )
+            };
+            let warps = g.dv.div_ceil(CPW).min(MAX_WARPS);
+            Ok(Split {
+                r,
+                warps,
+                tiles: g.dv.div_ceil(warps * CPW),
+            })
+        }
+
+        fn blocks(&self, g: Geo) -> usize {
+            g.b * g.h * self.tiles
+        }
+
+        fn threads(&self) -> usize {
+            self.warps * 32
+        }
+
+        /// Floats of a thread-private array of `slots` slots (one state slice per thread each).
+        fn private(&self, g: Geo, slots: usize) -> usize {
+            self.blocks(g) * slots * CPW * self.r * self.threads()
+        }
+
+        fn launch(&self, g: Geo, shared: usize) -> Result<LaunchConfig> {
+            Ok(LaunchConfig {
+                grid_dim: (int(g.b * g.h)? as u32, int(self.tiles)? as u32, 1),
+                block_dim: (self.threads() as u32, 1, 1),
+                shared_mem_bytes: shared as u32,
+            })
+        }
+    }
+
+    fn function(
+        dev: &CudaDevice,
+        kernel: &str,
+    ) -> Result<candle_core::cuda_backend::cudarc::driver::CudaFunction> {
+        let func = dev.get_or_load_custom_func(
+            kernel,
+            "moeq_delta_rule",
+            crate::ops::kernels::DELTA_RULE,
+        )?;
+        Ok(func.into_cuda_function())
+    }
+
+    type Guard<'a> = (candle_core::StorageRef<'a>, &'a candle_core::Layout);
+
+    fn view<'a>(g: &'a Guard<'_>) -> Result<CudaView<'a, f32>> {
+        let Storage::Cuda(c) = &*g.0 else {
+            bail!("delta_rule kernel: tensor not on CUDA")
+        };
+        Ok(c.as_cuda_slice::<f32>()?.slice(g.1.start_offset()..))
+    }
+
+    /// `out` [B, H, T + Dk, Dv] and, when `ckpt`, the checkpoints (thread-private, ⌈T/CKPT⌉
+    /// slots).
+    fn run_forward(
+        g: Geo,
+        split: Split,
+        qkv: &Tensor,
+        gb: &Tensor,
+        s0: &Tensor,
+        ckpt: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let dev = cuda_device(qkv)?;
+        let func = function(dev, &format!("delta_rule_fwd_r{}", split.r))?;
+        let (gq, gg, gs) = (
+            qkv.storage_and_layout(),
+            gb.storage_and_layout(),
+            s0.storage_and_layout(),
+        );
+        let (vq, vg, vs) = (view(&gq)?, view(&gg)?, view(&gs)?);
+        let saved_len = if ckpt { split.private(g, g.ckpts()) } else { 1 };
+        // SAFETY: the kernel writes every row of out and, when asked, every checkpoint.
+        let out = unsafe { dev.alloc::<f32>(g.b * g.h * g.rows() * g.dv)? };
+        let saved = unsafe { dev.alloc::<f32>(saved_len)? };
+        let every = if ckpt { int(CKPT)? } else { 0 };
+        let (t, h, dk, dv) = (int(g.t)?, int(g.h)?, int(g.dk)?, int(g.dv)?);
+        let stream = dev.cuda_stream();
+        let mut a = stream.launch_builder(&func);
+        a.arg(&vq).arg(&vg).arg(&vs).arg(&out).arg(&saved);
+        a.arg(&t).arg(&h).arg(&dk).arg(&dv).arg(&every);
+        // SAFETY: arguments match kernels/delta_rule.cu; shapes checked by Geo::of.
+        unsafe { a.launch(split.launch(g, 0)?) }.w()?;
+        let wrap = crate::ops::cuda_tensor;
+        let out = wrap(S::F32(out), dev, (g.b, g.h, g.rows(), g.dv).into());
+        Ok((
+            out,
+            ckpt.then(|| wrap(S::F32(saved), dev, saved_len.into())),
+        ))
+    }
+
+    pub(super) fn forward(g: Geo, qkv: &Tensor, gb: &Tensor, s0: &Tensor) -> Result<Tensor> {
+        Ok(run_forward(g, Split::of(g)?, qkv, gb, s0, false)?.0)
+    }
+
+    pub(super) fn backward(
+        g: Geo,
+        qkv: &Tensor,
+        gb: &Tensor,
+        s0: &Tensor,
+        dout: &Tensor,
+    ) -> Result<[Tensor; 3]> {
+        let dev = cuda_device(qkv)?;
+        let split = Split::of(g)?;
+        let (_, ckpt) = run_forward(g, split, qkv, gb, s0, true)?;
+        let ckpt = ckpt.expect("asked for checkpoints");
+        let p = 2 * g.dk + 2;
+        let tokens = g.b * g.t * g.h;
+        let (gq, gg, gc, gd) = (
+            qkv.storage_and_layout(),
+            gb.storage_and_layout(),
+            ckpt.storage_and_layout(),
+            dout.storage_and_layout(),
+        );
+        let (vq, vg, vc, vd) = (view(&gq)?, view(&gg)?, view(&gc)?, view(&gd)?);
+        // SAFETY: each thread writes its scratch before reading it; the backward writes dv, every
+        // partial sum and d s0, the sum kernel dq, dk and dgb: every element is written.
+        let scratch = unsafe { dev.alloc::<f32>(split.private(g, CKPT))? };
+        let part = unsafe { dev.alloc::<f32>(split.tiles * tokens * p)? };
+        let dqkv = unsafe { dev.alloc::<f32>(qkv.elem_count())? };
+        let dgb = unsafe { dev.alloc::<f32>(gb.elem_count())? };
+        let ds0 = unsafe { dev.alloc::<f32>(s0.elem_count())? };
+        let (t, h, dk, dv, c) = (int(g.t)?, int(g.h)?, int(g.dk)?, int(g.dv)?, int(CKPT)?);
+        let stream = dev.cuda_stream();
+        let func = function(dev, &format!("delta_rule_bwd_r{}", split.r))?;
+        let mut a = stream.launch_builder(&func);
+        a.arg(&vq).arg(&vg).arg(&vc).arg(&vd).arg(&scratch);
+        a.arg(&dqkv).arg(&part).arg(&ds0);
+        a.arg(&t).arg(&h).arg(&dk).arg(&dv).arg(&c);
+        // SAFETY: arguments match kernels/delta_rule.cu; shapes checked by Geo::of.
+        unsafe { a.launch(split.launch(g, 2 * 4 * split.warps * p)?) }.w()?;
+        let func = function(dev, "delta_rule_bwd_sum")?;
+        let n = tokens * p;
+        let (bth, tiles) = (tokens as i64, int(split.tiles)?);
+        let mut a = stream.launch_builder(&func);
+        a.arg(&part).arg(&dqkv).arg(&dgb);
+        a.arg(&bth).arg(&tiles).arg(&dk).arg(&dv);
+        // SAFETY: arguments match delta_rule_bwd_sum; part holds tiles·B·T·H·(2Dk + 2) floats.
+        unsafe { a.launch(LaunchConfig::for_num_elems(int(n)? as u32)) }.w()?;
+        let wrap = crate::ops::cuda_tensor;
+        Ok([
+            wrap(S::F32(dqkv), dev, qkv.shape().clone()),
+            wrap(S::F32(dgb), dev, gb.shape().clone()),
+            wrap(S::F32(ds0), dev, s0.shape().clone()),
+        ])
+    }
+}
