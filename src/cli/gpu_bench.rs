@@ -29,6 +29,12 @@ pub struct GpuBenchArgs {
     /// 20,20,256,256).
     #[arg(long, default_value = "32,4,128,128")]
     attention_shape: String,
+    /// Instead: the gated delta rule at Qwen3.5-35B-A3B's linear-attention shape (32 heads,
+    /// keys and values of 128, 2,048 positions) for this many rows, forward and forward +
+    /// backward: moeq's kernels, the chunked reference on candle ops, and the model's dense
+    /// gated-attention layer of the same width (16 query heads on 2 kv heads of 256).
+    #[arg(long)]
+    delta_rule: Option<usize>,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -47,6 +53,10 @@ pub fn run(args: GpuBenchArgs) -> Result<(), CliError> {
     let dev = crate::util::device::cuda_device(args.device).map_err(CliError::failed)?;
     if let Some(tokens) = args.experts {
         return experts(&dev, tokens, args.iters);
+    }
+    if let Some(rows) = args.delta_rule {
+        delta_rule(&dev, rows, args.iters)?;
+        return attention(&dev, rows, (16, 2, 256, 256), args.iters);
     }
     if let Some(rows) = args.attention {
         let shape: Vec<usize> = args
@@ -439,5 +449,92 @@ fn attention(
         );
     }
     cudnn_attn::set_backend(Backend::Auto);
+    Ok(())
+}
+
+/// The gated delta rule over `rows` rows of 2,048 positions at Qwen3.5-35B-A3B's shape (32 value
+/// heads, q/k repeated to them, Dk = Dv = 128; bf16 q, k, v, beta, f32 g): forward, and forward +
+/// backward through autograd, for the kernels and the chunked reference. FLOPs counted as the
+/// chunked form's (per chunk of C: 2·C·Dk·Dv for the state read, 2·C·Dk·Dv for the update,
+/// 2·C²·(Dk + Dv) inside the chunk, per head) so that the rate compares with attention's.
+#[cfg(feature = "cuda")]
+fn delta_rule(dev: &candle_core::Device, rows: usize, iters: usize) -> Result<(), CliError> {
+    use crate::ops::delta_rule::{chunked, CHUNK};
+    use crate::ops::delta_rule_op::scan;
+    use candle_core::{DType, Tensor, Var};
+    let (s, h, dk, dv) = (2048usize, 32usize, 128usize, 128usize);
+    let f = CliError::failed;
+    let bf = |d: usize| -> candle_core::Result<Var> {
+        Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, s, h, d), dev)?.to_dtype(DType::BF16)?)
+    };
+    let (q, k, v) = (bf(dk).map_err(f)?, bf(dk).map_err(f)?, bf(dv).map_err(f)?);
+    let inputs = (|| -> candle_core::Result<(Var, Var)> {
+        let a = Tensor::randn(0f32, 1.0, (rows, s, h), dev)?;
+        let g = (((a + 1.0)?.exp()? + 1.0)?.log()? * -0.1)?;
+        let beta = candle_nn::ops::sigmoid(&Tensor::randn(0f32, 1.0, (rows, s, h), dev)?)?;
+        Ok((
+            Var::from_tensor(&g)?,
+            Var::from_tensor(&beta.to_dtype(DType::BF16)?)?,
+        ))
+    })();
+    let (g, beta) = inputs.map_err(f)?;
+    let c = CHUNK as f64;
+    let chunk_flops = 2.0 * c * (2.0 * (dk * dv) as f64 + c * (dk + dv) as f64);
+    let flops = (rows * h) as f64 * (s as f64 / c) * chunk_flops;
+    println!(
+        "gated delta rule: {rows} × {s} positions, {h} heads, Dk {dk}, Dv {dv} (bf16 in, f32 state)"
+    );
+    println!("| form | forward ms | TFLOP/s | forward + backward ms | TFLOP/s |");
+    println!("|---|---|---|---|---|");
+    type Form<'a> = dyn Fn() -> candle_core::Result<Tensor> + 'a;
+    let scan_f: &Form<'_> = &|| {
+        let (o, _) = scan(&q, &k, &v, &g, &beta, None)?;
+        Ok(o)
+    };
+    let chunk_f: &Form<'_> = &|| {
+        let (o, _) = chunked(&q, &k, &v, &g, &beta, None, CHUNK)?;
+        Ok(o)
+    };
+    for (name, form) in [
+        ("moeq kernels", scan_f),
+        ("chunked reference (candle ops)", chunk_f),
+    ] {
+        let fwd = median_time(dev, iters, &|| {
+            let _ = form()?.detach();
+            Ok(())
+        })?;
+        let both = median_time(dev, iters, &|| {
+            let loss = form()?.to_dtype(DType::F32)?.sum_all()?;
+            loss.backward().map(|_| ())
+        })?;
+        println!(
+            "| {name} | {:.3} | {:.0} | {:.3} | {:.0} |",
+            fwd * 1e3,
+            flops / fwd / 1e12,
+            both * 1e3,
+            3.5 * flops / both / 1e12
+        );
+    }
+    // The causal conv + SiLU in front of it (8,192 channels of q, k, v; K = 4), bf16.
+    use crate::ops::conv_silu_op::apply;
+    use crate::ops::linear_attn_parts::causal_conv1d_silu;
+    let x = (|| {
+        Var::from_tensor(&Tensor::randn(0f32, 1.0, (rows, s, 8192), dev)?.to_dtype(DType::BF16)?)
+    })()
+    .map_err(f)?;
+    let w = (|| Tensor::randn(0f32, 0.5, (8192, 4), dev)?.to_dtype(DType::BF16))().map_err(f)?;
+    println!("| conv + SiLU (8,192 channels, K 4) | forward ms | | forward + backward ms | |");
+    type Conv = fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>;
+    for (name, conv) in [
+        ("moeq kernels", apply as Conv),
+        ("reference (candle ops)", causal_conv1d_silu as Conv),
+    ] {
+        let fwd = median_time(dev, iters, &|| conv(&x, &w).map(|_| ()))?;
+        let both = median_time(dev, iters, &|| {
+            let loss = conv(&x, &w)?.to_dtype(DType::F32)?.sum_all()?;
+            loss.backward().map(|_| ())
+        })?;
+        println!("| {name} | {:.3} | | {:.3} | |", fwd * 1e3, both * 1e3);
+    }
     Ok(())
 }
