@@ -86,7 +86,10 @@ fn template_key(source: &str, today: &str) -> String {
 }
 
 fn today() -> String {
-    chrono::Local::now().format("%Y-%m-%d").to_string()
+    match super::template::now() {
+        Ok(t) => t.format("%Y-%m-%d").to_string(),
+        Err(e) => e, // rendering reports it; here it only keys the cache
+    }
 }
 
 pub(crate) fn load(path: &Path) -> Option<Built> {

@@ -15,19 +15,25 @@
 //!   - start: where the assistant's turn begins, i.e. the end of
 //!     `render(messages[..i], add_generation_prompt=True)` when that is a
 //!     prefix of `T` (the header the generation prompt emits is not trained,
-//!     everything the model writes after it is). Otherwise, and for
-//!     non-assistant roles, the first byte of `T` that changes when the
-//!     message is replaced by a sentinel.
+//!     everything the model writes after it is); when it is not, where it
+//!     parts from `T`, if that is past the earlier turns' rendering (a prompt
+//!     that opens `<think>` where the turn holds `</think>`). Otherwise, and
+//!     for non-assistant roles, the first byte of `T` that changes when the
+//!     message is replaced by a sentinel (the earlier of the two).
 //!   - end: the last byte of `T` that changes when message `i` is replaced by
 //!     `{role, content: <sentinel>}`. This finds the content however the
 //!     template transforms it (`.strip()`, Qwen3's `<think>` handling,
-//!     tool calls) without guessing its text.
+//!     tool calls) without guessing its text. When the template raises on that
+//!     (a tool reply left without its tool call), the same on the conversation
+//!     cut after message `i`.
 //!   - end of turn: a special token (`<|im_end|>`, `</s>`…) right after the
 //!     end is the turn's EOS — or, with `eot_tokens`, one of those texts —;
 //!     `train_on_eos` decides whether it is trained.
 //!
-//! tests/data_chat_fixtures.rs checks both paths against transformers for the
-//! Qwen3, Qwen2.5, Mixtral and OLMoE templates.
+//! tests/data_chat_fixtures.rs checks both paths against transformers' masks for
+//! the Qwen3, Qwen2.5, Mixtral and OLMoE templates, and the texts and token ids
+//! of eight more published templates (GLM, DeepSeek-V3.1, gpt-oss, Kimi K2,
+//! MiniMax-M2, Granite) with their replies trained.
 
 use super::error::{json_kind, RecordProblem};
 use super::template::{ChatTemplate, Rendered};
@@ -250,16 +256,41 @@ impl ChatFormat<'_> {
             sentinel.insert("role".into(), Json::String(conv.roles[i].clone()));
             sentinel.insert("content".into(), Json::String(SENTINEL.to_string()));
             swapped[i] = Json::Object(sentinel);
-            let other = render(&swapped, false)?.text;
-            let (prefix, suffix) = common_ends(text, &other);
+            let (prefix, end) = match render(&swapped, false) {
+                Ok(other) => {
+                    let (prefix, suffix) = common_ends(text, &other.text);
+                    (prefix, text.len() - suffix)
+                }
+                // A template that raises on the swapped conversation (MiniMax-M2: a tool reply
+                // whose assistant tool call is gone): the conversation up to the message, when
+                // it renders as the start of the whole.
+                Err(e) => {
+                    let upto = render(&conv.messages[..=i], false)?.text;
+                    if !text.starts_with(&upto) {
+                        return Err(e);
+                    }
+                    let other = render(&swapped[..=i], false)?.text;
+                    let (prefix, suffix) = common_ends(&upto, &other);
+                    (prefix, upto.len() - suffix)
+                }
+            };
             let mut start = prefix;
             if conv.roles[i] == "assistant" && i > 0 {
                 let head = render(&conv.messages[..i], true)?.text;
                 if text.starts_with(&head) {
                     start = head.len();
+                } else {
+                    // The generation prompt is not the turn's own header (GLM-4.7-Flash's
+                    // prompt opens `<think>` where a finished turn writes `</think>`): the
+                    // turn starts where the two part, if that is past the earlier turns.
+                    let before = render(&conv.messages[..i], false)?.text;
+                    let shared = common_ends(text, &head).0;
+                    if text.starts_with(&before) && shared >= before.len() {
+                        start = start.min(shared);
+                    }
                 }
             }
-            let end = (text.len() - suffix).max(start);
+            let end = end.max(start);
             if trained[i] {
                 spans.push((start, end));
             }

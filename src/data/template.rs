@@ -4,7 +4,7 @@
 //! `trim_blocks` and `lstrip_blocks`, the `loopcontrols` extension, a
 //! `tojson` filter that is Python's `json.dumps` (no HTML escaping, `", "` and
 //! `": "` separators, non-ASCII kept), and the globals `raise_exception` and
-//! `strftime_now`. The special tokens (`bos_token`, `eos_token`, `pad_token`,
+//! `strftime_now` (pinned by `SOURCE_DATE_EPOCH`: [`now`]). The special tokens (`bos_token`, `eos_token`, `pad_token`,
 //! `unk_token`) are template variables; a token the tokenizer lacks is
 //! undefined, which renders as nothing. minijinja with the same settings, plus
 //! minijinja-contrib's pycompat (`.strip()`, `.startswith()`, `.split()`…),
@@ -49,6 +49,25 @@ pub const NAMED_TEMPLATES: &[(&str, &str)] = &[
     ("qwen3_5", include_str!("templates/qwen3_5.jinja")),
     ("qwen_25", include_str!("templates/qwen_25.jinja")),
 ];
+
+/// The time templates see through `strftime_now`: the local time, or, when
+/// `SOURCE_DATE_EPOCH` is set (the reproducible-builds convention: seconds
+/// since 1970, UTC), that time, so that templates which write the date (gpt-oss,
+/// Granite) render the same tokens on every day.
+pub(crate) fn now() -> Result<chrono::DateTime<chrono::FixedOffset>, String> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => v
+            .trim()
+            .parse::<i64>()
+            .ok()
+            .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+            .map(|t| t.fixed_offset())
+            .ok_or_else(|| {
+                format!("SOURCE_DATE_EPOCH={v}: not a number of seconds since 1970 (unset it to use today's date)")
+            }),
+        Err(_) => Ok(chrono::Local::now().fixed_offset()),
+    }
+}
 
 /// ChatML, for `chat_template: chatml` (the Qwen family's format).
 pub const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
@@ -201,8 +220,9 @@ impl ChatTemplate {
         // panic on it): a template error instead.
         env.add_function("strftime_now", |fmt: String| -> Result<String, Error> {
             use std::fmt::Write;
+            let now = now().map_err(|e| Error::new(ErrorKind::InvalidOperation, e))?;
             let mut out = String::new();
-            write!(out, "{}", chrono::Local::now().format(&fmt)).map_err(|_| {
+            write!(out, "{}", now.format(&fmt)).map_err(|_| {
                 Error::new(
                     ErrorKind::InvalidOperation,
                     format!("strftime_now('{fmt}'): not a valid strftime format (use chrono's specifiers, e.g. '%d %b %Y')"),
