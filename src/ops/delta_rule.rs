@@ -61,6 +61,23 @@ pub(super) struct Dims {
     pub(super) dv: usize,
 }
 
+/// The initial state [B, H, Dk, Dv] in f32, zeros when none.
+pub(super) fn state_or_zeros(
+    initial_state: Option<&Tensor>,
+    d: &Dims,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    let state_shape = (d.b, d.h, d.dk, d.dv);
+    match initial_state {
+        Some(s) if s.dims() == [d.b, d.h, d.dk, d.dv] => s.to_dtype(DType::F32),
+        Some(s) => bail!(
+            "delta_rule: initial state {:?} must be [B, H, Dk, Dv] = {state_shape:?}",
+            s.dims()
+        ),
+        None => Tensor::zeros(state_shape, DType::F32, device),
+    }
+}
+
 pub(super) fn dims(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, beta: &Tensor) -> Result<Dims> {
     let (b, t, h, dk) = k.dims4()?;
     let (vb, vt, vh, dv) = v.dims4()?;
@@ -114,15 +131,7 @@ fn prologue(
     let q = l2norm(&heads_first(q)?)?;
     let q = (q * (d.dk as f64).powf(-0.5))?;
     let k = l2norm(&heads_first(k)?)?;
-    let state_shape = (d.b, d.h, d.dk, d.dv);
-    let s = match initial_state {
-        Some(s) if s.dims() == [d.b, d.h, d.dk, d.dv] => s.to_dtype(DType::F32)?,
-        Some(s) => bail!(
-            "delta_rule: initial state {:?} must be [B, H, Dk, Dv] = {state_shape:?}",
-            s.dims()
-        ),
-        None => Tensor::zeros(state_shape, DType::F32, v.device())?,
-    };
+    let s = state_or_zeros(initial_state, d, v.device())?;
     Ok((
         q,
         k,

@@ -25,7 +25,7 @@
 //! states and B·T·H·(2Dk + 2)·⌈Dv/32⌉ for the tiles' sums (≈ 134 + 270 MB per sample of
 //! T = 2,048, H = 32, Dk = Dv = 128).
 
-use super::delta_rule::{dims, l2norm};
+use super::delta_rule::{dims, l2norm, state_or_zeros};
 use candle_core::{bail, CustomOp3, DType, Device, Result, Tensor};
 
 /// Tokens between the backward's state checkpoints (and the length of its recomputed chunks).
@@ -50,15 +50,7 @@ pub fn scan(
     let kn = l2norm(&f32(k)?)?;
     let qkv = Tensor::cat(&[&qn, &kn, &f32(v)?], 3)?;
     let gb = Tensor::stack(&[&f32(g)?, &f32(beta)?], 3)?;
-    let state_shape = (d.b, d.h, d.dk, d.dv);
-    let s0 = match initial_state {
-        Some(s) if s.dims() == [d.b, d.h, d.dk, d.dv] => f32(s)?,
-        Some(s) => bail!(
-            "delta_rule: initial state {:?} must be [B, H, Dk, Dv] = {state_shape:?}",
-            s.dims()
-        ),
-        None => Tensor::zeros(state_shape, DType::F32, v.device())?,
-    };
+    let s0 = state_or_zeros(initial_state, &d, v.device())?;
     let at0 = super::at_offset_zero;
     let (qkv, gb, s0) = (at0(&qkv)?, at0(&gb)?, at0(&s0)?);
     let out = if super::records_graph(&[&qkv, &gb, &s0]) {
