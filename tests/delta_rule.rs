@@ -2,7 +2,9 @@
 //! token-by-token recurrence, outputs, final states and the gradients of every input, on
 //! seeded random data; the recurrence itself against a hand computation in plain f32; and the
 //! op of the CUDA kernels (`delta_rule_op::scan`, its CPU twin here: the kernels' loops) against
-//! the recurrence, forward and every gradient, which proves its written-out backward.
+//! the recurrence, forward and every gradient, which proves its written-out backward; the same
+//! for the chunkwise form (`chunkwise`, what trains: its carry op's CPU twin is the kernels'
+//! loops).
 //!
 //! Tolerances, all relative to the largest magnitude of the reference: 1e-5 forward, 1e-4 for
 //! gradients. Both forms compute in f32 but sum in different orders (a chunk's contributions
@@ -11,7 +13,7 @@
 //! gradient bound.
 
 use candle_core::{DType, Device, Tensor, Var};
-use moeq::ops::delta_rule::{chunked, recurrent, CHUNK};
+use moeq::ops::delta_rule::{chunked, chunkwise, recurrent, CHUNK};
 use moeq::ops::delta_rule_op::{scan, CKPT};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -102,6 +104,19 @@ fn run_recurrent(x: &Inputs, s0: Option<&Tensor>) -> (Tensor, Tensor) {
 
 fn run_chunked(x: &Inputs, s0: Option<&Tensor>, chunk: usize) -> (Tensor, Tensor) {
     chunked(
+        x.q.as_tensor(),
+        x.k.as_tensor(),
+        x.v.as_tensor(),
+        x.g.as_tensor(),
+        x.beta.as_tensor(),
+        s0,
+        chunk,
+    )
+    .unwrap()
+}
+
+fn run_chunkwise(x: &Inputs, s0: Option<&Tensor>, chunk: usize) -> (Tensor, Tensor) {
+    chunkwise(
         x.q.as_tensor(),
         x.k.as_tensor(),
         x.v.as_tensor(),
@@ -216,6 +231,16 @@ fn strong_decay_stays_finite() {
             Some(c) => chunked(q, k, v, &g, beta, s0, c).unwrap(),
         }
     };
+    let whole = chunkwise(
+        x.q.as_tensor(),
+        x.k.as_tensor(),
+        x.v.as_tensor(),
+        &g,
+        x.beta.as_tensor(),
+        Some(x.s0.as_tensor()),
+        CHUNK,
+    )
+    .unwrap();
     let min_cum = g
         .sum(1)
         .unwrap()
@@ -242,6 +267,11 @@ fn strong_decay_stays_finite() {
         "chunked form produced a non-finite value"
     );
     assert!(rel_err(&o, &o_ref) < FWD_TOL && rel_err(&s, &s_ref) < FWD_TOL);
+    assert!(
+        finite(&whole.0) && finite(&whole.1),
+        "chunkwise form produced a non-finite value"
+    );
+    assert!(rel_err(&whole.0, &o_ref) < FWD_TOL && rel_err(&whole.1, &s_ref) < FWD_TOL);
 }
 
 /// The recurrence written out in plain f32 for B = H = 1, T = 2, Dk = 2, Dv = 3.
@@ -368,4 +398,48 @@ fn scan_without_state_or_graph() {
     let (o_ref, s_ref) = recurrent(&q, &k, &v, &g, &beta, None).unwrap();
     let (o, s) = scan(&q, &k, &v, &g, &beta, None).unwrap();
     assert!(rel_err(&o, &o_ref) < SCAN_TOL && rel_err(&s, &s_ref) < SCAN_TOL);
+}
+
+/// The chunkwise form (every chunk's terms batched, the inverse by doubling, the states carried
+/// by `delta_carry_op` — here its CPU twin, the kernels' loops — with its written-out backward)
+/// against autograd through `recurrent`: o, the final state and every gradient, with T one
+/// chunk, a short T as its own chunk, several chunks with a short last one, and Dk ≠ Dv.
+#[test]
+fn chunkwise_matches_recurrent_forward_and_backward() {
+    let (b, h, dk, dv) = (2, 3, 8, 12);
+    for (seed, t, chunk) in [
+        (61u64, 37usize, 16usize),
+        (62, 70, CHUNK),
+        (63, 5, 5),
+        (64, CHUNK, CHUNK),
+    ] {
+        let x = inputs(seed, b, t, h, dk, dv);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed + 100);
+        let up_o = randn(&mut rng, &[b, t, h, dv]);
+        let up_s = randn(&mut rng, &[b, h, dk, dv]);
+        let (o_ref, s_ref, reference) = with_grads(&run_recurrent, &x, &up_o, &up_s);
+        let form = |x: &Inputs, s0: Option<&Tensor>| run_chunkwise(x, s0, chunk);
+        let (o, s, fast) = with_grads(&form, &x, &up_o, &up_s);
+        let (eo, es) = (rel_err(&o, &o_ref), rel_err(&s, &s_ref));
+        println!("chunkwise T={t} chunk={chunk}: o {eo:.2e}, final state {es:.2e}");
+        assert!(eo < FWD_TOL && es < FWD_TOL, "T={t}: o {eo}, state {es}");
+        assert_grads(
+            &format!("chunkwise T={t} chunk={chunk}"),
+            &reference,
+            &fast,
+            GRAD_TOL,
+        );
+        // Without a graph (inference) and without an initial state, the same outputs.
+        let plain = |v: &Var| v.as_tensor().detach();
+        let (q, k, v, g, beta) = (
+            plain(&x.q),
+            plain(&x.k),
+            plain(&x.v),
+            plain(&x.g),
+            plain(&x.beta),
+        );
+        let (o_ref, s_ref) = recurrent(&q, &k, &v, &g, &beta, None).unwrap();
+        let (o, s) = chunkwise(&q, &k, &v, &g, &beta, None, chunk).unwrap();
+        assert!(rel_err(&o, &o_ref) < FWD_TOL && rel_err(&s, &s_ref) < FWD_TOL);
+    }
 }

@@ -31,7 +31,8 @@ pub struct GpuBenchArgs {
     attention_shape: String,
     /// Instead: the gated delta rule at Qwen3.5-35B-A3B's linear-attention shape (32 heads,
     /// keys and values of 128, 2,048 positions) for this many rows, forward and forward +
-    /// backward: moeq's kernels, the chunked reference on candle ops, and the model's dense
+    /// backward: the chunkwise form (what trains), the token-by-token kernels, the chunked
+    /// reference on candle ops, and the model's dense
     /// gated-attention layer of the same width (16 query heads on 2 kv heads of 256).
     #[arg(long)]
     delta_rule: Option<usize>,
@@ -454,12 +455,13 @@ fn attention(
 
 /// The gated delta rule over `rows` rows of 2,048 positions at Qwen3.5-35B-A3B's shape (32 value
 /// heads, q/k repeated to them, Dk = Dv = 128; bf16 q, k, v, beta, f32 g): forward, and forward +
-/// backward through autograd, for the kernels and the chunked reference. FLOPs counted as the
+/// backward through autograd, for the chunkwise form, the token-by-token kernels and the chunked
+/// reference. FLOPs counted as the
 /// chunked form's (per chunk of C: 2·C·Dk·Dv for the state read, 2·C·Dk·Dv for the update,
 /// 2·C²·(Dk + Dv) inside the chunk, per head) so that the rate compares with attention's.
 #[cfg(feature = "cuda")]
 fn delta_rule(dev: &candle_core::Device, rows: usize, iters: usize) -> Result<(), CliError> {
-    use crate::ops::delta_rule::{chunked, CHUNK};
+    use crate::ops::delta_rule::{chunked, chunkwise, CHUNK};
     use crate::ops::delta_rule_op::scan;
     use candle_core::{DType, Tensor, Var};
     let (s, h, dk, dv) = (2048usize, 32usize, 128usize, 128usize);
@@ -495,8 +497,13 @@ fn delta_rule(dev: &candle_core::Device, rows: usize, iters: usize) -> Result<()
         let (o, _) = chunked(&q, &k, &v, &g, &beta, None, CHUNK)?;
         Ok(o)
     };
+    let whole_f: &Form<'_> = &|| {
+        let (o, _) = chunkwise(&q, &k, &v, &g, &beta, None, CHUNK)?;
+        Ok(o)
+    };
     for (name, form) in [
-        ("moeq kernels", scan_f),
+        ("chunkwise (batched chunks + carry kernel)", whole_f),
+        ("token-by-token kernels", scan_f),
         ("chunked reference (candle ops)", chunk_f),
     ] {
         let fwd = median_time(dev, iters, &|| {

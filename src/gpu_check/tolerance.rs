@@ -206,6 +206,11 @@ const DELTA_F32: &str = "T rank-1 updates of each state element in f32, sums of 
 const DELTA_BF16: &str = "the reference gets the same bf16-rounded inputs: o, dq, dk, dv, dbeta \
     are rounded once to bf16 (≤ 2^-8 of the value, two such steps allowed), the state, dg and \
     d state stay f32 (the f32 row's absolute part)";
+const CHUNKWISE_F32: &str = "the chunked form against the recurrence: a chunk's terms go through \
+    a triangular inverse (by doubling) and matmuls (cuBLAS on the device) instead of T rank-1 \
+    updates, sums in another order (CPU chunked vs recurrent: ≤ 1e-5 forward, 1e-4 gradients)";
+const CHUNKWISE_BF16: &str = "as the token-by-token op's bf16 rows: the inputs are the same \
+    bf16-rounded values, o, dq, dk, dv, dbeta rounded once to bf16 (two steps allowed)";
 const CONV_F32: &str = "the same f32 products and sums as the reference (no FMA on the device), \
     expf vs exp in SiLU and its gradient (ulps); d weight sums B·T products in another order";
 const CONV_BF16: &str =
@@ -344,6 +349,10 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Ops,   "attention_block",          "f32",  Backward, 1e-5,         OfMax(1e-5),            MODEL_F32),
     row(Ops,   "attention_block",          "bf16", Forward,  2e-2,         OfMax(2e-2),            MODEL_BF16),
     row(Ops,   "attention_block",          "bf16", Backward, 2e-2,         OfMax(2e-2),            MODEL_BF16),
+    row(Ops,   "delta_chunkwise",          "f32",  Forward,  1e-4,         OfMax(1e-4),            CHUNKWISE_F32),
+    row(Ops,   "delta_chunkwise",          "f32",  Backward, 1e-4,         OfMax(2e-4),            CHUNKWISE_F32),
+    row(Ops,   "delta_chunkwise",          "bf16", Forward,  2.0 / 256.0,  OfMax(1e-4),            CHUNKWISE_BF16),
+    row(Ops,   "delta_chunkwise",          "bf16", Backward, 2.0 / 256.0,  OfMax(2e-4),            CHUNKWISE_BF16),
     row(Ops,   "delta_rule",               "f32",  Forward,  1e-4,         OfMax(1e-4),            DELTA_F32),
     row(Ops,   "delta_rule",               "f32",  Backward, 1e-4,         OfMax(1e-4),            DELTA_F32),
     row(Ops,   "delta_rule",               "bf16", Forward,  2.0 / 256.0,  OfMax(1e-4),            DELTA_BF16),

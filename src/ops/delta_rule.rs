@@ -40,9 +40,14 @@
 //! substitution, row by row (as its export path does), from differentiable candle ops. Both
 //! functions are CPU references made only of candle ops with autograd, so `backward()` through
 //! them gives the gradients of q, k, v, g, beta and the initial state (`tests/delta_rule.rs`
-//! holds the recurrent-vs-chunked proof). The CUDA path is the recurrent form as one op with a
-//! written-out backward ([`super::delta_rule_op`], `kernels/delta_rule.cu`), tested against
-//! [`recurrent`] forward and backward; [`fused`] picks it on CUDA and [`chunked`] elsewhere.
+//! holds the recurrent-vs-chunked proof).
+//!
+//! What trains ([`fused`]) is [`chunkwise`]: the same chunked equations with every chunk's
+//! terms as one batched matmul (the inverse by doubling), and only the pass over chunks
+//! sequential, as one op with a written-out backward ([`super::delta_carry_op`],
+//! `kernels/delta_carry.cu`); tested against [`recurrent`] forward and backward on the CPU and
+//! by `moeq gpu-check` on CUDA. The token-by-token kernels ([`super::delta_rule_op`]) remain
+//! for A/B runs (`MOEQ_DELTA_RULE=recurrent`).
 
 use candle_core::{bail, DType, Result, Tensor, D};
 
@@ -143,10 +148,11 @@ fn prologue(
 }
 
 /// The gated delta rule for training and prefill, with the arguments and results of
-/// [`recurrent`]: the CUDA kernels on CUDA ([`super::delta_rule_op::scan`]), [`chunked`] in
-/// chunks of min([`CHUNK`], T) elsewhere (a short sample is not padded to 64).
-/// `MOEQ_DELTA_RULE=chunked` keeps [`chunked`] on CUDA too (for A/B runs of the kernels), as do
-/// key heads over 256 (the kernels' limit).
+/// [`recurrent`]: [`chunkwise`] in chunks of min([`CHUNK`], T) (a short sample is not padded to
+/// 64) on every device. `MOEQ_DELTA_RULE` picks another form for A/B runs: `recurrent` (the
+/// token-by-token kernels of [`super::delta_rule_op::scan`] on CUDA, key heads ≤ 256) or
+/// `chunked` (the reference ops). Shapes the carry's kernels do not take (key heads over 256
+/// or not a multiple of 4) run [`chunked`] on CUDA.
 pub fn fused(
     q: &Tensor,
     k: &Tensor,
@@ -155,17 +161,35 @@ pub fn fused(
     beta: &Tensor,
     initial_state: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
-    if v.device().is_cuda() && !chunked_forced() && q.dim(3)? <= 256 {
-        return super::delta_rule_op::scan(q, k, v, g, beta, initial_state);
+    let chunk = CHUNK.min(q.dim(1)?).max(1);
+    let (cuda, dk) = (v.device().is_cuda(), q.dim(3)?);
+    match form() {
+        Form::Recurrent if cuda && dk <= 256 => {
+            super::delta_rule_op::scan(q, k, v, g, beta, initial_state)
+        }
+        Form::Chunkwise if !cuda || super::delta_carry_op::kernel_takes(dk, chunk) => {
+            chunkwise(q, k, v, g, beta, initial_state, chunk)
+        }
+        _ => chunked(q, k, v, g, beta, initial_state, chunk),
     }
-    let len = q.dim(1)?;
-    chunked(q, k, v, g, beta, initial_state, CHUNK.min(len).max(1))
 }
 
-/// `MOEQ_DELTA_RULE=chunked`, read once.
-fn chunked_forced() -> bool {
-    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FORCED.get_or_init(|| std::env::var("MOEQ_DELTA_RULE").as_deref() == Ok("chunked"))
+/// The forms [`fused`] can run.
+#[derive(Clone, Copy, PartialEq)]
+enum Form {
+    Chunkwise,
+    Recurrent,
+    Chunked,
+}
+
+/// `MOEQ_DELTA_RULE` (`recurrent`, `chunked`; anything else: chunkwise), read once.
+fn form() -> Form {
+    static FORM: std::sync::OnceLock<Form> = std::sync::OnceLock::new();
+    *FORM.get_or_init(|| match std::env::var("MOEQ_DELTA_RULE").as_deref() {
+        Ok("recurrent") => Form::Recurrent,
+        Ok("chunked") => Form::Chunked,
+        _ => Form::Chunkwise,
+    })
 }
 
 /// The gated delta rule token by token, in transformers' order of operations (see the module
@@ -243,26 +267,68 @@ fn causal_mask(c: usize, dev: &candle_core::Device) -> Result<Tensor> {
     Tensor::tril2(c, DType::F32, dev)
 }
 
-/// The gated delta rule in chunks of `chunk` positions (WY / UT-transform form), as
-/// transformers' `torch_chunk_gated_delta_rule`: T is padded with zeros to a multiple of
-/// `chunk`, intra-chunk terms are matmuls, and a sequential scan carries the state across
-/// chunks. Same inputs and outputs as [`recurrent`]; it is the blueprint of the CUDA kernel.
-pub fn chunked(
+/// Strictly lower-triangular mask [C, C]: ones below the diagonal.
+fn strict_lower_mask(c: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    causal_mask(c, dev)? - Tensor::eye(c, DType::F32, dev)?
+}
+
+/// (I + A)⁻¹ for A: [.., C, C] (only its strictly lower triangle is used) as the product
+/// (I − A)(I + A²)(I + A⁴)…(I + A^(2^(L−1))) with 2^L ≥ C: the Neumann series Σ (−A)^k, which
+/// ends at k = C − 1 because a strictly lower-triangular A is nilpotent. 2·(L − 1) batched
+/// matmuls (10 for C = 64) instead of C dependent rows: the same inverse, parallel over chunks.
+fn unit_lower_inverse_doubling(a: &Tensor) -> Result<Tensor> {
+    let c = a.dim(D::Minus1)?;
+    let a = a.broadcast_mul(&strict_lower_mask(c, a.device())?)?;
+    let eye = Tensor::eye(c, DType::F32, a.device())?;
+    let mut x = eye.broadcast_sub(&a)?; // I − A
+    let mut power = a; // A^(2^j)
+    let mut covered = 2; // powers 0..covered are in x
+    while covered < c {
+        power = bmm(&power, &power)?;
+        x = (&x + bmm(&x, &power)?)?;
+        covered *= 2;
+    }
+    Ok(x)
+}
+
+/// The chunked form's terms per chunk, [B, H, N, C, ·] in f32, before the pass over chunks.
+struct Blocks {
+    n: usize,
+    c: usize,
+    /// U = (I + A)⁻¹ (β v): [.., C, Dv].
+    u: Tensor,
+    /// W = (I + A)⁻¹ (β k ⊙ exp(c)): [.., C, Dk].
+    w: Tensor,
+    /// q ⊙ exp(c): [.., C, Dk].
+    q: Tensor,
+    /// (q kᵀ) ⊙ Γ, Γ with its diagonal: [.., C, C].
+    intra: Tensor,
+    /// K̃ = k ⊙ exp(c_C − c): [.., C, Dk].
+    k_tail: Tensor,
+    /// exp(c_C): [B, H, N, 1, 1].
+    chunk_decay: Tensor,
+    /// The state entering the first chunk: [B, H, Dk, Dv].
+    s: Tensor,
+}
+
+/// [`Blocks`] for chunks of `c` positions (T padded with zeros to a multiple of `c`), the
+/// triangular inverse computed by `inverse`.
+#[allow(clippy::too_many_arguments)]
+fn blocks(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     g: &Tensor,
     beta: &Tensor,
     initial_state: Option<&Tensor>,
-    chunk: usize,
-) -> Result<(Tensor, Tensor)> {
-    if chunk == 0 {
+    d: &Dims,
+    c: usize,
+    inverse: fn(&Tensor) -> Result<Tensor>,
+) -> Result<Blocks> {
+    if c == 0 {
         bail!("delta_rule: chunk must be at least 1 (transformers uses {CHUNK})");
     }
-    let d = dims(q, k, v, g, beta)?;
-    let out_dtype = v.dtype();
-    let (q, k, v, g, beta, mut s) = prologue(q, k, v, g, beta, initial_state, &d)?;
-    let c = chunk;
+    let (q, k, v, g, beta, s) = prologue(q, k, v, g, beta, initial_state, d)?;
     let pad = (c - d.t % c) % c;
     let n = (d.t + pad) / c;
     let dev = v.device();
@@ -286,29 +352,112 @@ pub fn chunked(
     let cum_exp = cum.exp()?.unsqueeze(4)?; // [B, H, N, C, 1]
 
     let kt = k.transpose(3, 4)?.contiguous()?; // [B, H, N, Dk, C]
-                                               // Its diagonal (β_i |k_i|²) is never read: the solve treats the triangle as unit.
+                                               // Its diagonal (β_i |k_i|²) is never read: the inverse treats the triangle as unit.
     let ut_system = (bmm(&k_beta, &kt)? * &gamma)?;
     let intra = (bmm(&q, &kt)? * &gamma)?; // [B, H, N, C, C]
     let decayed_k_beta = k_beta.broadcast_mul(&cum_exp)?;
-    let inv = unit_lower_inverse(&ut_system)?;
-    let new_values = bmm(&inv, &v_beta)?; // U: [B, H, N, C, Dv]
-    let k_cumdecay = bmm(&inv, &decayed_k_beta)?; // W: [B, H, N, C, Dk]
-
-    let q = q.broadcast_mul(&cum_exp)?;
+    let inv = inverse(&ut_system)?;
     let last = cum.narrow(3, c - 1, 1)?; // [B, H, N, 1]: c_C
-    let k_tail = k.broadcast_mul(&last.broadcast_sub(&cum)?.exp()?.unsqueeze(4)?)?;
-    let chunk_decay = last.exp()?.unsqueeze(4)?; // [B, H, N, 1, 1]
+    Ok(Blocks {
+        n,
+        c,
+        u: bmm(&inv, &v_beta)?,
+        w: bmm(&inv, &decayed_k_beta)?,
+        q: q.broadcast_mul(&cum_exp)?,
+        intra,
+        k_tail: k.broadcast_mul(&last.broadcast_sub(&cum)?.exp()?.unsqueeze(4)?)?,
+        chunk_decay: last.exp()?.unsqueeze(4)?,
+        s,
+    })
+}
 
+/// o [B, H, N·C, Dv] (f32, padded) → [B, T, H, Dv] in `dtype`.
+fn unblocked(o: &Tensor, d: &Dims, dtype: DType) -> Result<Tensor> {
+    o.narrow(2, 0, d.t)?
+        .transpose(1, 2)?
+        .contiguous()?
+        .to_dtype(dtype)
+}
+
+/// The gated delta rule in chunks of `chunk` positions (WY / UT-transform form), as
+/// transformers' `torch_chunk_gated_delta_rule`: T is padded with zeros to a multiple of
+/// `chunk`, intra-chunk terms are matmuls, and a sequential scan carries the state across
+/// chunks. Same inputs and outputs as [`recurrent`]; the reference of [`chunkwise`].
+pub fn chunked(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    beta: &Tensor,
+    initial_state: Option<&Tensor>,
+    chunk: usize,
+) -> Result<(Tensor, Tensor)> {
+    let d = dims(q, k, v, g, beta)?;
+    let x = blocks(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        initial_state,
+        &d,
+        chunk,
+        unit_lower_inverse,
+    )?;
+    let mut s = x.s.clone();
     let at = |x: &Tensor, i: usize| -> Result<Tensor> { x.narrow(2, i, 1)?.squeeze(2) };
-    let mut outs = Vec::with_capacity(n);
-    for i in 0..n {
-        let v_new = (at(&new_values, i)? - at(&k_cumdecay, i)?.matmul(&s)?)?; // [B, H, C, Dv]
-        let inter = at(&q, i)?.matmul(&s)?;
-        outs.push((inter + at(&intra, i)?.matmul(&v_new)?)?);
-        let k_i = at(&k_tail, i)?.transpose(2, 3)?.contiguous()?; // [B, H, Dk, C]
-        s = (s.broadcast_mul(&at(&chunk_decay, i)?)? + k_i.matmul(&v_new)?)?;
+    let mut outs = Vec::with_capacity(x.n);
+    for i in 0..x.n {
+        let v_new = (at(&x.u, i)? - at(&x.w, i)?.matmul(&s)?)?; // [B, H, C, Dv]
+        let inter = at(&x.q, i)?.matmul(&s)?;
+        outs.push((inter + at(&x.intra, i)?.matmul(&v_new)?)?);
+        let k_i = at(&x.k_tail, i)?.transpose(2, 3)?.contiguous()?; // [B, H, Dk, C]
+        s = (s.broadcast_mul(&at(&x.chunk_decay, i)?)? + k_i.matmul(&v_new)?)?;
     }
-    let o = Tensor::cat(&outs, 2)?.narrow(2, 0, d.t)?; // [B, H, T, Dv]
-    let o = o.transpose(1, 2)?.contiguous()?.to_dtype(out_dtype)?;
-    Ok((o, s))
+    Ok((unblocked(&Tensor::cat(&outs, 2)?, &d, v.dtype())?, s))
+}
+
+/// The chunked form for training and prefill, every chunk at once: the intra-chunk terms as
+/// batched matmuls over all chunks (the triangular inverse by doubling), the states carried
+/// across chunks by one op ([`super::delta_carry_op::carry`]: its kernel on CUDA, its twin's
+/// loops on the CPU), then every chunk's output as two batched matmuls
+/// (O = (q ⊙ exp(c)) S_n + ((q kᵀ) ⊙ Γ) V'). Same arguments and results as [`chunked`], whose
+/// equations it computes; autograd carries the gradients through all but the carry, whose
+/// backward is written out.
+pub fn chunkwise(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    beta: &Tensor,
+    initial_state: Option<&Tensor>,
+    chunk: usize,
+) -> Result<(Tensor, Tensor)> {
+    let d = dims(q, k, v, g, beta)?;
+    let x = blocks(
+        q,
+        k,
+        v,
+        g,
+        beta,
+        initial_state,
+        &d,
+        chunk,
+        unit_lower_inverse_doubling,
+    )?;
+    let (n, c, bh) = (x.n, x.c, d.b * d.h);
+    let (v_new, states) = super::delta_carry_op::carry(
+        &x.w.reshape((bh, n, c, d.dk))?,
+        &x.k_tail.reshape((bh, n, c, d.dk))?,
+        &x.u.reshape((bh, n, c, d.dv))?,
+        &x.chunk_decay.reshape((bh, n))?,
+        &x.s.reshape((bh, d.dk, d.dv))?,
+    )?; // [BH, N, C, Dv], [BH, N + 1, Dk, Dv]
+    let v_new = v_new.reshape((d.b, d.h, n, c, d.dv))?;
+    let states = states.reshape((d.b, d.h, n + 1, d.dk, d.dv))?;
+    let entering = states.narrow(2, 0, n)?;
+    let o = (bmm(&x.q, &entering)? + bmm(&x.intra, &v_new)?)?; // [B, H, N, C, Dv]
+    let o = o.reshape((d.b, d.h, n * c, d.dv))?;
+    let last = states.narrow(2, n, 1)?.squeeze(2)?.contiguous()?;
+    Ok((unblocked(&o, &d, v.dtype())?, last))
 }

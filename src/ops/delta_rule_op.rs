@@ -331,7 +331,7 @@ fn backward_cpu(g: Geo, qkv: &[f32], gb: &[f32], s0: &[f32], dout: &[f32]) -> [V
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(super) mod cuda {
     use super::{Geo, CKPT};
     use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
@@ -341,11 +341,11 @@ mod cuda {
     const CPW: usize = 2;
     const MAX_WARPS: usize = 16;
 
-    fn int(v: usize) -> Result<i32> {
+    pub(in crate::ops) fn int(v: usize) -> Result<i32> {
         i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("delta_rule kernel: {v}")))
     }
 
-    fn cuda_device(t: &Tensor) -> Result<&CudaDevice> {
+    pub(in crate::ops) fn cuda_device(t: &Tensor) -> Result<&CudaDevice> {
         match t.device() {
             candle_core::Device::Cuda(dev) => Ok(dev),
             _ => bail!("delta_rule kernel: not on CUDA"),
@@ -413,9 +413,9 @@ mod cuda {
         Ok(func.into_cuda_function())
     }
 
-    type Guard<'a> = (candle_core::StorageRef<'a>, &'a candle_core::Layout);
+    pub(in crate::ops) type Guard<'a> = (candle_core::StorageRef<'a>, &'a candle_core::Layout);
 
-    fn view<'a>(g: &'a Guard<'_>) -> Result<CudaView<'a, f32>> {
+    pub(in crate::ops) fn view<'a>(g: &'a Guard<'_>) -> Result<CudaView<'a, f32>> {
         let Storage::Cuda(c) = &*g.0 else {
             bail!("delta_rule kernel: tensor not on CUDA")
         };

@@ -46,6 +46,9 @@ pub const GROUPED_LORA: &str = include_str!(concat!(env!("OUT_DIR"), "/grouped_l
 pub const ADAMW8: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw8.ptx"));
 
 #[cfg(feature = "cuda")]
+pub const DELTA_CARRY: &str = include_str!(concat!(env!("OUT_DIR"), "/delta_carry.ptx"));
+
+#[cfg(feature = "cuda")]
 pub const DELTA_RULE: &str = include_str!(concat!(env!("OUT_DIR"), "/delta_rule.ptx"));
 
 #[cfg(feature = "cuda")]

@@ -11,6 +11,7 @@ pub mod conv_silu_op;
 pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cudnn_attn;
+pub mod delta_carry_op;
 pub mod delta_rule;
 pub mod delta_rule_op;
 pub mod embedding;

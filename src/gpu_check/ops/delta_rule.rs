@@ -1,5 +1,7 @@
-//! gpu-check entry for the gated delta rule's op (`ops::delta_rule_op::scan`,
-//! `kernels/delta_rule.cu`) against autograd through its reference
+//! gpu-check entries for the gated delta rule's two CUDA forms — the chunkwise form
+//! (`ops::delta_rule::chunkwise`: batched matmuls and the carry op of `kernels/delta_carry.cu`,
+//! what trains) and the token-by-token op (`ops::delta_rule_op::scan`, `kernels/delta_rule.cu`)
+//! — against autograd through their reference
 //! (`ops::delta_rule::recurrent`) on the CPU in f32: o, the final state and the gradients of q,
 //! k, v, g, beta and the initial state for loss = Σ o·up_o + Σ S_T·up_s. Shapes: the tiny model's
 //! heads (Dk = Dv = 8, T = 70: two chunks of the backward's checkpoints, the last short) and the
@@ -9,7 +11,7 @@
 //! roundings (o, dq, dk, dv, dbeta are rounded once to bf16; the state, dg and d state stay f32).
 
 use super::{compare, lookup, Comparison, Pass};
-use crate::ops::delta_rule::recurrent;
+use crate::ops::delta_rule::{chunkwise, recurrent, CHUNK};
 use crate::ops::delta_rule_op::scan;
 use candle_core::{DType, Device, Result, Tensor, Var};
 
@@ -23,6 +25,18 @@ fn upstream(shape: &[usize]) -> Result<Tensor> {
         .map(|i| ((i * 7919 + 31) % 128) as f32 / 64.0 - 1.0)
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// The chunkwise form in chunks of min(64, T), as training runs it.
+fn chunkwise_form(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    beta: &Tensor,
+    s0: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    chunkwise(q, k, v, g, beta, s0, CHUNK.min(q.dim(1)?))
 }
 
 pub(super) fn check_delta_rule(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
@@ -72,7 +86,6 @@ pub(super) fn check_delta_rule(device: &Device, dtype: DType) -> Result<Vec<Comp
             }
             Ok(res)
         };
-        let got = run(device, dtype, scan)?;
         let want = run(cpu, DType::F32, recurrent)?;
         let parts = [
             "o",
@@ -84,14 +97,20 @@ pub(super) fn check_delta_rule(device: &Device, dtype: DType) -> Result<Vec<Comp
             "dbeta",
             "d state",
         ];
-        for (i, part) in parts.iter().enumerate() {
-            let pass = if i < 2 { Pass::Forward } else { Pass::Backward };
-            out.push(compare(
-                &format!("delta_rule B{b} T{t} H{h} Dk{dk} Dv{dv} {dtype:?} {part}"),
-                &got[i],
-                &want[i],
-                lookup("delta_rule", dtype.as_str(), pass)?,
-            )?);
+        for (op, form) in [
+            ("delta_chunkwise", chunkwise_form as Form),
+            ("delta_rule", scan as Form),
+        ] {
+            let got = run(device, dtype, form)?;
+            for (i, part) in parts.iter().enumerate() {
+                let pass = if i < 2 { Pass::Forward } else { Pass::Backward };
+                out.push(compare(
+                    &format!("{op} B{b} T{t} H{h} Dk{dk} Dv{dv} {dtype:?} {part}"),
+                    &got[i],
+                    &want[i],
+                    lookup(op, dtype.as_str(), pass)?,
+                )?);
+            }
         }
     }
     Ok(out)
