@@ -13,7 +13,7 @@
 //
 // Work split: the columns of the state are independent in the recurrence, so a block takes one
 // (b, h) (blockIdx.x) and one tile of value columns (blockIdx.y); each warp owns CPW adjacent
-// columns and keeps them in registers, lane l holding rows l, l + 32, … (R = ⌈Dk / 32⌉ rounded
+// columns (1, 2 or 4: a template parameter, chosen by the host) and keeps them in registers, lane l holding rows l, l + 32, … (R = ⌈Dk / 32⌉ rounded
 // up to a power of two). Sums over Dk are warp shuffles. The backward's sums over the columns
 // (dq, dk, dg, dβ) go through shared memory within a block and through `part` ([tiles, B·T·H,
 // 2Dk + 2]) across tiles, which delta_rule_bwd_sum adds up in tile order: no atomics, the
@@ -23,8 +23,6 @@
 // threads touch consecutive floats): the forward, asked for checkpoints, and the backward must
 // be launched with the same grid and block.
 #include "common.cuh"
-
-constexpr int CPW = 2;  // value columns per warp
 
 // Sums each of N floats over the warp (offsets outer, so the N chains interleave).
 template <int N>
@@ -37,7 +35,7 @@ __device__ __forceinline__ void warp_sums(float (&v)[N]) {
 
 // One token's inputs as a warp needs them: its lane's rows of q and k, its columns of v (and of
 // do in the backward), the decay and beta.
-template <int R>
+template <int R, int CPW>
 struct Tok {
   float q[R], k[R], v[CPW], d_o[CPW], a, beta;
 };
@@ -49,18 +47,19 @@ struct Geo {
 };
 
 // Column c of this warp (may be ≥ Dv: such columns hold zeros and write nothing).
+template <int CPW>
 __device__ __forceinline__ int column(int c) {
   return (blockIdx.y * (blockDim.x / 32) + threadIdx.x / 32) * CPW + c;
 }
 
 __device__ __forceinline__ int row(int r) { return threadIdx.x % 32 + 32 * r; }
 
-template <int R>
-__device__ __forceinline__ Tok<R> load(const float* qkv, const float* gb, const float* dout, Geo g, int t) {
+template <int R, int CPW>
+__device__ __forceinline__ Tok<R, CPW> load(const float* qkv, const float* gb, const float* dout, Geo g, int t) {
   const int bh = blockIdx.x, b = bh / g.H, h = bh % g.H;
   const size_t tok = ((size_t)b * g.T + t) * g.H + h;
   const float* x = qkv + tok * g.W();
-  Tok<R> k;
+  Tok<R, CPW> k;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const bool in = row(r) < g.Dk;
@@ -69,7 +68,7 @@ __device__ __forceinline__ Tok<R> load(const float* qkv, const float* gb, const 
   }
 #pragma unroll
   for (int c = 0; c < CPW; ++c) {
-    const int j = column(c);
+    const int j = column<CPW>(c);
     k.v[c] = j < g.Dv ? x[2 * g.Dk + j] : 0.0f;
     k.d_o[c] = dout != nullptr && j < g.Dv ? dout[((size_t)bh * g.rows() + t) * g.Dv + j] : 0.0f;
   }
@@ -88,7 +87,7 @@ __device__ __forceinline__ float* slot(float* base, int slots, int n) {
 
 // o and the final state into `out`; with ckpt_every > 0 also the state entering every
 // ckpt_every-th token into `ckpt` (thread-private, ⌈T / ckpt_every⌉ slots).
-template <int R>
+template <int R, int CPW>
 __device__ void forward(const float* qkv, const float* gb, const float* s0, float* out, float* ckpt, Geo g,
                         int ckpt_every) {
   const int bh = blockIdx.x;
@@ -98,13 +97,13 @@ __device__ void forward(const float* qkv, const float* gb, const float* s0, floa
   for (int c = 0; c < CPW; ++c)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const int i = row(r), j = column(c);
+      const int i = row(r), j = column<CPW>(c);
       s[c][r] = i < g.Dk && j < g.Dv ? s0[((size_t)bh * g.Dk + i) * g.Dv + j] : 0.0f;
     }
-  Tok<R> next = load<R>(qkv, gb, nullptr, g, 0);
+  Tok<R, CPW> next = load<R, CPW>(qkv, gb, nullptr, g, 0);
   for (int t = 0; t < g.T; ++t) {
-    const Tok<R> x = next;  // the next token's loads are in flight during this one's step
-    if (t + 1 < g.T) next = load<R>(qkv, gb, nullptr, g, t + 1);
+    const Tok<R, CPW> x = next;  // the next token's loads are in flight during this one's step
+    if (t + 1 < g.T) next = load<R, CPW>(qkv, gb, nullptr, g, t + 1);
     if (ckpt_every > 0 && t % ckpt_every == 0) {
       float* keep = slot<CPW * R>(ckpt, N, t / ckpt_every);
 #pragma unroll
@@ -137,13 +136,13 @@ __device__ void forward(const float* qkv, const float* gb, const float* s0, floa
     if (threadIdx.x % 32 == 0)
 #pragma unroll
       for (int c = 0; c < CPW; ++c)
-        if (column(c) < g.Dv) out[((size_t)bh * g.rows() + t) * g.Dv + column(c)] = o[c];
+        if (column<CPW>(c) < g.Dv) out[((size_t)bh * g.rows() + t) * g.Dv + column<CPW>(c)] = o[c];
   }
 #pragma unroll
   for (int c = 0; c < CPW; ++c)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const int i = row(r), j = column(c);
+      const int i = row(r), j = column<CPW>(c);
       if (i < g.Dk && j < g.Dv) out[((size_t)bh * g.rows() + g.T + i) * g.Dv + j] = s[c][r];
     }
 }
@@ -159,7 +158,7 @@ __device__ void forward(const float* qkv, const float* gb, const float* s0, floa
 // dv goes to dqkv; dq, dk, dg, dβ summed over the block's columns go to `part` (tile
 // blockIdx.y). Shared: 2·(blockDim.x / 32)·(2Dk + 2) floats (a half per token parity: the
 // next token writes the other half, the one after waits on the next token's barrier).
-template <int R>
+template <int R, int CPW>
 __device__ void backward(const float* qkv, const float* gb, const float* ckpt, const float* dout, float* scratch,
                          float* dqkv, float* part, float* ds0, Geo g, int C) {
   extern __shared__ float red[];  // [2][warps][2Dk + 2]
@@ -172,7 +171,7 @@ __device__ void backward(const float* qkv, const float* gb, const float* ckpt, c
   for (int c = 0; c < CPW; ++c)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const int i = row(r), j = column(c);
+      const int i = row(r), j = column<CPW>(c);
       dS[c][r] = i < g.Dk && j < g.Dv ? dout[((size_t)bh * g.rows() + g.T + i) * g.Dv + j] : 0.0f;
     }
   for (int n = N - 1; n >= 0; --n) {
@@ -185,10 +184,10 @@ __device__ void backward(const float* qkv, const float* gb, const float* ckpt, c
 #pragma unroll
         for (int r = 0; r < R; ++r) s[c][r] = c0[(c * R + r) * blockDim.x];
     }
-    Tok<R> next = load<R>(qkv, gb, nullptr, g, t0);
+    Tok<R, CPW> next = load<R, CPW>(qkv, gb, nullptr, g, t0);
     for (int t = t0; t < t1; ++t) {
-      const Tok<R> x = next;
-      if (t + 1 < t1) next = load<R>(qkv, gb, nullptr, g, t + 1);
+      const Tok<R, CPW> x = next;
+      if (t + 1 < t1) next = load<R, CPW>(qkv, gb, nullptr, g, t + 1);
       float* keep = slot<CPW * R>(scratch, C, t - t0);
       float p[CPW];
 #pragma unroll
@@ -209,10 +208,10 @@ __device__ void backward(const float* qkv, const float* gb, const float* ckpt, c
         for (int r = 0; r < R; ++r) s[c][r] += x.k[r] * delta;
       }
     }
-    next = load<R>(qkv, gb, dout, g, t1 - 1);
+    next = load<R, CPW>(qkv, gb, dout, g, t1 - 1);
     for (int t = t1 - 1; t >= t0; --t) {
-      const Tok<R> x = next;
-      if (t > t0) next = load<R>(qkv, gb, dout, g, t - 1);
+      const Tok<R, CPW> x = next;
+      if (t > t0) next = load<R, CPW>(qkv, gb, dout, g, t - 1);
       const float* keep = slot<CPW * R>(scratch, C, t - t0);  // written by this thread above
       float sp[CPW][R], pd[2 * CPW];  // pd: p then dδ per column
 #pragma unroll
@@ -234,7 +233,7 @@ __device__ void backward(const float* qkv, const float* gb, const float* ckpt, c
         delta[c] = (x.v[c] - p) * x.beta;
         dp[c] = -x.beta * dd;
         dbeta += dd * (x.v[c] - p);
-        const int j = column(c);
+        const int j = column<CPW>(c);
         if (lane == 0 && j < g.Dv) dqkv[(((size_t)b * g.T + t) * g.H + h) * g.W() + 2 * g.Dk + j] = x.beta * dd;
       }
       float* half = red + (t & 1) * warps * P;  // alternate halves: one barrier per token
@@ -283,7 +282,7 @@ __device__ void backward(const float* qkv, const float* gb, const float* ckpt, c
   for (int c = 0; c < CPW; ++c)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const int i = row(r), j = column(c);
+      const int i = row(r), j = column<CPW>(c);
       if (i < g.Dk && j < g.Dv) ds0[((size_t)bh * g.Dk + i) * g.Dv + j] = dS[c][r];
     }
 }
@@ -305,21 +304,22 @@ extern "C" __global__ void delta_rule_bwd_sum(const float* part, float* dqkv, fl
     dgb[tok * 2 + e - 2 * Dk] = sum;
 }
 
-// Entry points per R (rows per lane): Dk ≤ 32·R. Grid (B·H, tiles), block a whole number of
-// warps (at most 16), CPW columns each.
-#define DELTA_RULE(R)                                                                                             \
-  extern "C" __global__ void delta_rule_fwd_r##R(const float* qkv, const float* gb, const float* s0, float* out, \
+// Entry points per R (rows per lane: Dk ≤ 32·R) and CPW. Grid (B·H, tiles), block a whole
+// number of warps (at most 16), CPW columns each.
+#define DELTA_RULE(R, CPW)                                                                                        \
+  extern "C" __global__ void delta_rule_fwd_r##R##_c##CPW(const float* qkv, const float* gb, const float* s0, float* out, \
                                                  float* ckpt, const int T, const int H, const int Dk,           \
                                                  const int Dv, const int ckpt_every) {                          \
-    forward<R>(qkv, gb, s0, out, ckpt, Geo{T, H, Dk, Dv}, ckpt_every);                                           \
+    forward<R, CPW>(qkv, gb, s0, out, ckpt, Geo{T, H, Dk, Dv}, ckpt_every);                                           \
   }                                                                                                              \
-  extern "C" __global__ void delta_rule_bwd_r##R(const float* qkv, const float* gb, const float* ckpt,          \
+  extern "C" __global__ void delta_rule_bwd_r##R##_c##CPW(const float* qkv, const float* gb, const float* ckpt,          \
                                                  const float* dout, float* scratch, float* dqkv, float* part,   \
                                                  float* ds0, const int T, const int H, const int Dk,            \
                                                  const int Dv, const int C) {                                   \
-    backward<R>(qkv, gb, ckpt, dout, scratch, dqkv, part, ds0, Geo{T, H, Dk, Dv}, C);                            \
+    backward<R, CPW>(qkv, gb, ckpt, dout, scratch, dqkv, part, ds0, Geo{T, H, Dk, Dv}, C);                            \
   }
-DELTA_RULE(1)
-DELTA_RULE(2)
-DELTA_RULE(4)
-DELTA_RULE(8)
+#define DELTA_RULE_CPW(R) DELTA_RULE(R, 1) DELTA_RULE(R, 2) DELTA_RULE(R, 4)
+DELTA_RULE_CPW(1)
+DELTA_RULE_CPW(2)
+DELTA_RULE_CPW(4)
+DELTA_RULE_CPW(8)

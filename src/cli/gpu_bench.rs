@@ -36,6 +36,9 @@ pub struct GpuBenchArgs {
     /// gated-attention layer of the same width (16 query heads on 2 kv heads of 256).
     #[arg(long)]
     delta_rule: Option<usize>,
+    /// With --delta-rule: which forms to time (chunkwise, recurrent, chunked), comma-separated.
+    #[arg(long, default_value = "chunkwise,recurrent,chunked")]
+    delta_forms: String,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -56,7 +59,7 @@ pub fn run(args: GpuBenchArgs) -> Result<(), CliError> {
         return experts(&dev, tokens, args.iters);
     }
     if let Some(rows) = args.delta_rule {
-        delta_rule(&dev, rows, args.iters)?;
+        delta_rule(&dev, rows, args.iters, &args.delta_forms)?;
         return attention(&dev, rows, (16, 2, 256, 256), args.iters);
     }
     if let Some(rows) = args.attention {
@@ -460,7 +463,12 @@ fn attention(
 /// chunked form's (per chunk of C: 2·C·Dk·Dv for the state read, 2·C·Dk·Dv for the update,
 /// 2·C²·(Dk + Dv) inside the chunk, per head) so that the rate compares with attention's.
 #[cfg(feature = "cuda")]
-fn delta_rule(dev: &candle_core::Device, rows: usize, iters: usize) -> Result<(), CliError> {
+fn delta_rule(
+    dev: &candle_core::Device,
+    rows: usize,
+    iters: usize,
+    forms: &str,
+) -> Result<(), CliError> {
     use crate::ops::delta_rule::{chunked, chunkwise, CHUNK};
     use crate::ops::delta_rule_op::scan;
     use candle_core::{DType, Tensor, Var};
@@ -501,11 +509,19 @@ fn delta_rule(dev: &candle_core::Device, rows: usize, iters: usize) -> Result<()
         let (o, _) = chunkwise(&q, &k, &v, &g, &beta, None, CHUNK)?;
         Ok(o)
     };
-    for (name, form) in [
-        ("chunkwise (batched chunks + carry kernel)", whole_f),
-        ("token-by-token kernels", scan_f),
-        ("chunked reference (candle ops)", chunk_f),
+    let wanted: Vec<&str> = forms.split(',').map(str::trim).collect();
+    for (key, name, form) in [
+        (
+            "chunkwise",
+            "chunkwise (batched chunks + carry kernel)",
+            whole_f,
+        ),
+        ("recurrent", "token-by-token kernels", scan_f),
+        ("chunked", "chunked reference (candle ops)", chunk_f),
     ] {
+        if !wanted.contains(&key) {
+            continue;
+        }
         let fwd = median_time(dev, iters, &|| {
             let _ = form()?.detach();
             Ok(())

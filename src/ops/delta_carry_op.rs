@@ -242,6 +242,7 @@ fn walk(g: Geo, wk: &[f32], us: &[f32], dout: Option<&[f32]>, out: &mut [f32]) {
 mod cuda {
     use super::{Geo, MAX_CHUNK};
     use crate::ops::delta_rule_op::cuda::{cuda_device, int, view};
+    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::{bail, Result, Tensor};
@@ -269,9 +270,18 @@ mod cuda {
             "delta_carry_{}_r{rg}",
             if dout.is_some() { "bwd" } else { "fwd" }
         );
-        let func = dev
-            .get_or_load_custom_func(&name, "moeq_delta_carry", crate::ops::kernels::DELTA_CARRY)?
-            .into_cuda_function();
+        let func = dev.get_or_load_custom_func(
+            &name,
+            "moeq_delta_carry",
+            crate::ops::kernels::DELTA_CARRY,
+        )?;
+        let smem = (2 * g.c * g.dk + (g.dk + g.c) * COLS) * 4;
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .w()?;
+        let func = func.into_cuda_function();
         let (gw, gu) = (wk.storage_and_layout(), us.storage_and_layout());
         let (vw, vu) = (view(&gw)?, view(&gu)?);
         // SAFETY: the kernel writes every row of out (Y rows and every slot).
@@ -280,7 +290,7 @@ mod cuda {
         let cfg = LaunchConfig {
             grid_dim: (int(g.bh)? as u32, int(g.dv.div_ceil(COLS))? as u32, 1),
             block_dim: (THREADS as u32, 1, 1),
-            shared_mem_bytes: ((g.dk + g.c) * COLS * 4) as u32,
+            shared_mem_bytes: smem as u32,
         };
         let stream = dev.cuda_stream();
         let mut a = stream.launch_builder(&func);

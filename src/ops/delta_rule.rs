@@ -42,12 +42,12 @@
 //! them gives the gradients of q, k, v, g, beta and the initial state (`tests/delta_rule.rs`
 //! holds the recurrent-vs-chunked proof).
 //!
-//! What trains ([`fused`]) is [`chunkwise`]: the same chunked equations with every chunk's
-//! terms as one batched matmul (the inverse by doubling), and only the pass over chunks
-//! sequential, as one op with a written-out backward ([`super::delta_carry_op`],
-//! `kernels/delta_carry.cu`); tested against [`recurrent`] forward and backward on the CPU and
-//! by `moeq gpu-check` on CUDA. The token-by-token kernels ([`super::delta_rule_op`]) remain
-//! for A/B runs (`MOEQ_DELTA_RULE=recurrent`).
+//! What trains ([`fused`]): on CUDA the recurrence token by token as one op with a written-out
+//! backward ([`super::delta_rule_op`], `kernels/delta_rule.cu`); elsewhere [`chunkwise`], the
+//! same chunked equations with every chunk's terms as one batched matmul (the inverse by
+//! doubling) and only the pass over chunks sequential, as one op with a written-out backward
+//! ([`super::delta_carry_op`], `kernels/delta_carry.cu` on CUDA). Both are tested against
+//! [`recurrent`], forward and backward, on the CPU and by `moeq gpu-check` on CUDA.
 
 use candle_core::{bail, DType, Result, Tensor, D};
 
@@ -148,11 +148,18 @@ fn prologue(
 }
 
 /// The gated delta rule for training and prefill, with the arguments and results of
-/// [`recurrent`]: [`chunkwise`] in chunks of min([`CHUNK`], T) (a short sample is not padded to
-/// 64) on every device. `MOEQ_DELTA_RULE` picks another form for A/B runs: `recurrent` (the
-/// token-by-token kernels of [`super::delta_rule_op::scan`] on CUDA, key heads ≤ 256) or
-/// `chunked` (the reference ops). Shapes the carry's kernels do not take (key heads over 256
-/// or not a multiple of 4) run [`chunked`] on CUDA.
+/// [`recurrent`]: on CUDA the token-by-token kernels of [`super::delta_rule_op::scan`] (key
+/// heads ≤ 256), elsewhere [`chunkwise`] in chunks of min([`CHUNK`], T) (a short sample is not
+/// padded to 64). `MOEQ_DELTA_RULE` picks another form for A/B runs: `chunkwise` (on CUDA: key
+/// heads ≤ 256 and a multiple of 4) or `chunked` (the reference ops); shapes a form's kernels
+/// do not take run [`chunked`].
+///
+/// Why not [`chunkwise`] on CUDA: measured at 32 heads × 2,048 positions (one H200,
+/// `launch/bench/delta-rule.sh`), its forward takes 5.2 ms and forward + backward 22.3 against
+/// the token-by-token kernels' 2.4 and 13.7. Its carry kernel's forward took 2.1 ms of it
+/// (Nsight) until it staged each chunk's rows in shared memory (then the forward: 6.5 → 5.2
+/// ms); the rest is candle's element-wise passes and copies between the batched matmuls —
+/// what fused intra-chunk kernels would remove.
 pub fn fused(
     q: &Tensor,
     k: &Tensor,
@@ -163,7 +170,12 @@ pub fn fused(
 ) -> Result<(Tensor, Tensor)> {
     let chunk = CHUNK.min(q.dim(1)?).max(1);
     let (cuda, dk) = (v.device().is_cuda(), q.dim(3)?);
-    match form() {
+    let form = match form() {
+        Some(f) => f,
+        None if cuda => Form::Recurrent,
+        None => Form::Chunkwise,
+    };
+    match form {
         Form::Recurrent if cuda && dk <= 256 => {
             super::delta_rule_op::scan(q, k, v, g, beta, initial_state)
         }
@@ -182,13 +194,14 @@ enum Form {
     Chunked,
 }
 
-/// `MOEQ_DELTA_RULE` (`recurrent`, `chunked`; anything else: chunkwise), read once.
-fn form() -> Form {
-    static FORM: std::sync::OnceLock<Form> = std::sync::OnceLock::new();
+/// `MOEQ_DELTA_RULE` (`chunkwise`, `recurrent`, `chunked`), read once; `None` when unset.
+fn form() -> Option<Form> {
+    static FORM: std::sync::OnceLock<Option<Form>> = std::sync::OnceLock::new();
     *FORM.get_or_init(|| match std::env::var("MOEQ_DELTA_RULE").as_deref() {
-        Ok("recurrent") => Form::Recurrent,
-        Ok("chunked") => Form::Chunked,
-        _ => Form::Chunkwise,
+        Ok("chunkwise") => Some(Form::Chunkwise),
+        Ok("recurrent") => Some(Form::Recurrent),
+        Ok("chunked") => Some(Form::Chunked),
+        _ => None,
     })
 }
 

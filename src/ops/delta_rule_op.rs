@@ -18,17 +18,19 @@
 //! Dk ≤ 256) and split a head's columns into tiles of 32 across blocks; the twin here walks the
 //! same equations column by column (its sums run in another order: f32 roundings differ, the
 //! math does not). The backward keeps no state from the forward: it reruns the forward saving the
-//! state every [`CKPT`] tokens, then walks each chunk backward from states recomputed out of its
-//! checkpoint (equations in `backward_cpu` and the kernel's header); the kernel's sums over the
-//! columns (dq, dk, dg, dβ) are added per tile, then over tiles in a fixed order (no atomics: the
-//! same bits at every run). Extra memory on the backward, f32: B·H·(⌈T/64⌉ + 64)·Dk·Dv for the
-//! states and B·T·H·(2Dk + 2)·⌈Dv/32⌉ for the tiles' sums (≈ 134 + 270 MB per sample of
-//! T = 2,048, H = 32, Dk = Dv = 128).
+//! state every C tokens (the twin: [`CKPT`]; the kernels: 16, or `MOEQ_DELTA_RULE_SPLIT`), then
+//! walks each chunk backward from states recomputed out of its checkpoint (equations in
+//! `backward_cpu` and the kernel's header); the kernel's sums over the columns (dq, dk, dg, dβ)
+//! are added per tile, then over tiles in a fixed order (no atomics: the same bits at every
+//! run). Extra memory on the backward, f32: B·H·(⌈T/C⌉ + C)·Dk·Dv for the states and
+//! B·T·H·(2Dk + 2)·⌈Dv/32⌉ for the tiles' sums (≈ 302 + 270 MB per sample of T = 2,048,
+//! H = 32, Dk = Dv = 128 at C = 16). C = 16 against 64: the recomputed chunk's states stay in L2,
+//! the backward 7% faster for 100 MB more per sample (`SPLITS=… launch/bench/delta-rule.sh`).
 
 use super::delta_rule::{dims, l2norm, state_or_zeros};
 use candle_core::{bail, CustomOp3, DType, Device, Result, Tensor};
 
-/// Tokens between the backward's state checkpoints (and the length of its recomputed chunks).
+/// Tokens between the CPU twin's state checkpoints (and the length of its recomputed chunks).
 pub const CKPT: usize = 64;
 
 /// The gated delta rule through the op: same arguments and results as
@@ -332,14 +334,17 @@ fn backward_cpu(g: Geo, qkv: &[f32], gb: &[f32], s0: &[f32], dout: &[f32]) -> [V
 
 #[cfg(feature = "cuda")]
 pub(super) mod cuda {
-    use super::{Geo, CKPT};
+    use super::Geo;
     use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::{bail, CudaDevice, Result, Storage, Tensor};
 
-    /// Value columns per warp (`CPW` in the kernel) and the most warps per block.
-    const CPW: usize = 2;
+    /// The most warps per block; half that for 4 columns per warp, whose registers 512 threads
+    /// cannot hold (CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES).
     const MAX_WARPS: usize = 16;
+
+    /// The kernels' tokens between checkpoints unless `MOEQ_DELTA_RULE_SPLIT` says otherwise.
+    const KERNEL_CKPT: usize = 16;
 
     pub(in crate::ops) fn int(v: usize) -> Result<i32> {
         i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("delta_rule kernel: {v}")))
@@ -352,14 +357,31 @@ pub(super) mod cuda {
         }
     }
 
-    /// How the kernels split the work: grid (B·H, tiles), `warps` warps of CPW columns per
-    /// block, `r` rows per lane. The forward that saves checkpoints and the backward must use
-    /// the same split (their checkpoints are private to each thread).
+    /// How the kernels split the work: grid (B·H, tiles), `warps` warps of `cpw` value columns
+    /// per block, `r` rows per lane, and the backward's chunk of `ckpt` tokens between the
+    /// forward's checkpoints. The forward that saves checkpoints and the backward must use the
+    /// same split (their checkpoints are private to each thread).
     #[derive(Clone, Copy)]
     struct Split {
         r: usize,
+        cpw: usize,
         warps: usize,
         tiles: usize,
+        ckpt: usize,
+    }
+
+    /// `MOEQ_DELTA_RULE_SPLIT=CPW,CHUNK` (columns per warp 1, 2 or 4; tokens per checkpoint),
+    /// read once; 2 and [`KERNEL_CKPT`] otherwise.
+    fn columns_and_chunk() -> (usize, usize) {
+        static SPLIT: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+        *SPLIT.get_or_init(|| {
+            let v = std::env::var("MOEQ_DELTA_RULE_SPLIT").unwrap_or_default();
+            let mut it = v.split(',').map(|x| x.trim().parse::<usize>().ok());
+            match (it.next().flatten(), it.next().flatten()) {
+                (Some(cpw @ (1 | 2 | 4)), Some(c)) if c > 0 => (cpw, c),
+                _ => (2, KERNEL_CKPT),
+            }
+        })
     }
 
     impl Split {
@@ -371,11 +393,15 @@ pub(super) mod cuda {
                     g.dk
                 )
             };
-            let warps = g.dv.div_ceil(CPW).min(MAX_WARPS);
+            let (cpw, ckpt) = columns_and_chunk();
+            let max_warps = if cpw > 2 { MAX_WARPS / 2 } else { MAX_WARPS };
+            let warps = g.dv.div_ceil(cpw).min(max_warps);
             Ok(Split {
                 r,
+                cpw,
                 warps,
-                tiles: g.dv.div_ceil(warps * CPW),
+                tiles: g.dv.div_ceil(warps * cpw),
+                ckpt,
             })
         }
 
@@ -387,9 +413,18 @@ pub(super) mod cuda {
             self.warps * 32
         }
 
+        /// Checkpoints per (b, h).
+        fn ckpts(&self, g: Geo) -> usize {
+            g.t.div_ceil(self.ckpt)
+        }
+
         /// Floats of a thread-private array of `slots` slots (one state slice per thread each).
         fn private(&self, g: Geo, slots: usize) -> usize {
-            self.blocks(g) * slots * CPW * self.r * self.threads()
+            self.blocks(g) * slots * self.cpw * self.r * self.threads()
+        }
+
+        fn kernel(&self, pass: &str) -> String {
+            format!("delta_rule_{pass}_r{}_c{}", self.r, self.cpw)
         }
 
         fn launch(&self, g: Geo, shared: usize) -> Result<LaunchConfig> {
@@ -422,7 +457,7 @@ pub(super) mod cuda {
         Ok(c.as_cuda_slice::<f32>()?.slice(g.1.start_offset()..))
     }
 
-    /// `out` [B, H, T + Dk, Dv] and, when `ckpt`, the checkpoints (thread-private, ⌈T/CKPT⌉
+    /// `out` [B, H, T + Dk, Dv] and, when `ckpt`, the checkpoints (thread-private, ⌈T/C⌉
     /// slots).
     fn run_forward(
         g: Geo,
@@ -433,18 +468,22 @@ pub(super) mod cuda {
         ckpt: bool,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let dev = cuda_device(qkv)?;
-        let func = function(dev, &format!("delta_rule_fwd_r{}", split.r))?;
+        let func = function(dev, &split.kernel("fwd"))?;
         let (gq, gg, gs) = (
             qkv.storage_and_layout(),
             gb.storage_and_layout(),
             s0.storage_and_layout(),
         );
         let (vq, vg, vs) = (view(&gq)?, view(&gg)?, view(&gs)?);
-        let saved_len = if ckpt { split.private(g, g.ckpts()) } else { 1 };
+        let saved_len = if ckpt {
+            split.private(g, split.ckpts(g))
+        } else {
+            1
+        };
         // SAFETY: the kernel writes every row of out and, when asked, every checkpoint.
         let out = unsafe { dev.alloc::<f32>(g.b * g.h * g.rows() * g.dv)? };
         let saved = unsafe { dev.alloc::<f32>(saved_len)? };
-        let every = if ckpt { int(CKPT)? } else { 0 };
+        let every = if ckpt { int(split.ckpt)? } else { 0 };
         let (t, h, dk, dv) = (int(g.t)?, int(g.h)?, int(g.dk)?, int(g.dv)?);
         let stream = dev.cuda_stream();
         let mut a = stream.launch_builder(&func);
@@ -486,14 +525,20 @@ pub(super) mod cuda {
         let (vq, vg, vc, vd) = (view(&gq)?, view(&gg)?, view(&gc)?, view(&gd)?);
         // SAFETY: each thread writes its scratch before reading it; the backward writes dv, every
         // partial sum and d s0, the sum kernel dq, dk and dgb: every element is written.
-        let scratch = unsafe { dev.alloc::<f32>(split.private(g, CKPT))? };
+        let scratch = unsafe { dev.alloc::<f32>(split.private(g, split.ckpt))? };
         let part = unsafe { dev.alloc::<f32>(split.tiles * tokens * p)? };
         let dqkv = unsafe { dev.alloc::<f32>(qkv.elem_count())? };
         let dgb = unsafe { dev.alloc::<f32>(gb.elem_count())? };
         let ds0 = unsafe { dev.alloc::<f32>(s0.elem_count())? };
-        let (t, h, dk, dv, c) = (int(g.t)?, int(g.h)?, int(g.dk)?, int(g.dv)?, int(CKPT)?);
+        let (t, h, dk, dv, c) = (
+            int(g.t)?,
+            int(g.h)?,
+            int(g.dk)?,
+            int(g.dv)?,
+            int(split.ckpt)?,
+        );
         let stream = dev.cuda_stream();
-        let func = function(dev, &format!("delta_rule_bwd_r{}", split.r))?;
+        let func = function(dev, &split.kernel("bwd"))?;
         let mut a = stream.launch_builder(&func);
         a.arg(&vq).arg(&vg).arg(&vc).arg(&vd).arg(&scratch);
         a.arg(&dqkv).arg(&part).arg(&ds0);

@@ -4,8 +4,8 @@
 //! — against autograd through their reference
 //! (`ops::delta_rule::recurrent`) on the CPU in f32: o, the final state and the gradients of q,
 //! k, v, g, beta and the initial state for loss = Σ o·up_o + Σ S_T·up_s. Shapes: the tiny model's
-//! heads (Dk = Dv = 8, T = 70: two chunks of the backward's checkpoints, the last short) and the
-//! real ones (Dk = Dv = 128, T = 512: eight chunks). q, k, v and beta arrive in the compared dtype
+//! heads (Dk = Dv = 8, T = 70: five chunks of the kernels' checkpoints, the last short) and the
+//! real ones (Dk = Dv = 128, T = 512: 32 chunks). q, k, v and beta arrive in the compared dtype
 //! (g and the state are f32, as in the model); the reference gets the same rounded values in f32
 //! and the upstream gradients are exact in bf16, so a bf16 row measures only the op's own
 //! roundings (o, dq, dk, dv, dbeta are rounded once to bf16; the state, dg and d state stay f32).
