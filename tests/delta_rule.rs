@@ -102,30 +102,35 @@ fn run_recurrent(x: &Inputs, s0: Option<&Tensor>) -> (Tensor, Tensor) {
     .unwrap()
 }
 
+/// `chunked` or `chunkwise` (same arguments) on the inputs, in chunks of `chunk`.
+type ChunkForm = fn(
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    &Tensor,
+    Option<&Tensor>,
+    usize,
+) -> candle_core::Result<(Tensor, Tensor)>;
+
+fn run_in_chunks(
+    form: ChunkForm,
+    x: &Inputs,
+    s0: Option<&Tensor>,
+    chunk: usize,
+) -> (Tensor, Tensor) {
+    fn t(v: &Var) -> &Tensor {
+        v.as_tensor()
+    }
+    form(t(&x.q), t(&x.k), t(&x.v), t(&x.g), t(&x.beta), s0, chunk).unwrap()
+}
+
 fn run_chunked(x: &Inputs, s0: Option<&Tensor>, chunk: usize) -> (Tensor, Tensor) {
-    chunked(
-        x.q.as_tensor(),
-        x.k.as_tensor(),
-        x.v.as_tensor(),
-        x.g.as_tensor(),
-        x.beta.as_tensor(),
-        s0,
-        chunk,
-    )
-    .unwrap()
+    run_in_chunks(chunked, x, s0, chunk)
 }
 
 fn run_chunkwise(x: &Inputs, s0: Option<&Tensor>, chunk: usize) -> (Tensor, Tensor) {
-    chunkwise(
-        x.q.as_tensor(),
-        x.k.as_tensor(),
-        x.v.as_tensor(),
-        x.g.as_tensor(),
-        x.beta.as_tensor(),
-        s0,
-        chunk,
-    )
-    .unwrap()
+    run_in_chunks(chunkwise, x, s0, chunk)
 }
 
 #[test]
