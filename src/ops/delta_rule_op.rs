@@ -370,16 +370,22 @@ pub(super) mod cuda {
         ckpt: usize,
     }
 
-    /// `MOEQ_DELTA_RULE_SPLIT=CPW,CHUNK` (columns per warp 1, 2 or 4; tokens per checkpoint),
-    /// read once; 2 and [`KERNEL_CKPT`] otherwise.
-    fn columns_and_chunk() -> (usize, usize) {
-        static SPLIT: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
+    /// `MOEQ_DELTA_RULE_SPLIT=CPW,CHUNK[,WARPS]` (columns per warp 1, 2 or 4; tokens per
+    /// checkpoint; the most warps per block, 1 to 16), read once; 2, [`KERNEL_CKPT`] and
+    /// [`MAX_WARPS`] otherwise (half that for 4 columns per warp).
+    fn columns_chunk_warps() -> (usize, usize, usize) {
+        static SPLIT: std::sync::OnceLock<(usize, usize, usize)> = std::sync::OnceLock::new();
         *SPLIT.get_or_init(|| {
             let v = std::env::var("MOEQ_DELTA_RULE_SPLIT").unwrap_or_default();
             let mut it = v.split(',').map(|x| x.trim().parse::<usize>().ok());
-            match (it.next().flatten(), it.next().flatten()) {
+            let (cpw, chunk) = match (it.next().flatten(), it.next().flatten()) {
                 (Some(cpw @ (1 | 2 | 4)), Some(c)) if c > 0 => (cpw, c),
                 _ => (2, KERNEL_CKPT),
+            };
+            let most = if cpw > 2 { MAX_WARPS / 2 } else { MAX_WARPS };
+            match it.next().flatten() {
+                Some(w) if (1..=most).contains(&w) => (cpw, chunk, w),
+                _ => (cpw, chunk, most),
             }
         })
     }
@@ -393,8 +399,7 @@ pub(super) mod cuda {
                     g.dk
                 )
             };
-            let (cpw, ckpt) = columns_and_chunk();
-            let max_warps = if cpw > 2 { MAX_WARPS / 2 } else { MAX_WARPS };
+            let (cpw, ckpt, max_warps) = columns_chunk_warps();
             let warps = g.dv.div_ceil(cpw).min(max_warps);
             Ok(Split {
                 r,
