@@ -24,8 +24,9 @@
 //! are added per tile, then over tiles in a fixed order (no atomics: the same bits at every
 //! run). Extra memory on the backward, f32: B·H·(⌈T/C⌉ + C)·Dk·Dv for the states and
 //! B·T·H·(2Dk + 2)·⌈Dv/32⌉ for the tiles' sums (≈ 302 + 270 MB per sample of T = 2,048,
-//! H = 32, Dk = Dv = 128 at C = 16). C = 16 against 64: the recomputed chunk's states stay in L2,
-//! the backward 7% faster for 100 MB more per sample (`SPLITS=… launch/bench/delta-rule.sh`).
+//! H = 32, Dk = Dv = 128 at C = 16). C = 16 against 64: the backward 7% faster for 100 MB more
+//! per sample (`SPLITS=… launch/bench/delta-rule.sh`; likely a quarter of the per-thread scratch
+//! of recomputed states fitting L2 where 64 slots did not — not measured directly).
 
 use super::delta_rule::{dims, l2norm, state_or_zeros};
 use candle_core::{bail, CustomOp3, DType, Device, Result, Tensor};
