@@ -9,7 +9,11 @@
 # the difference is time the GPU waits on the host). GPU machine,
 # repository root, .device/ carried:
 #
-#   OUT=/tmp/out bash launch/bench/kernel-profile.sh [mbs] [attn|expert]
+#   OUT=/tmp/out [CONFIG=file] bash launch/bench/kernel-profile.sh [mbs] [attn|expert]
+#
+# CONFIG profiles another config with a synth:// base instead, cut to LAYERS layers by the
+# URL's `layers=` (e.g. configs/bench/qwen3.5-35b-a3b.yaml with LAYERS=4: three linear-attention
+# layers and one full-attention layer).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source launch/device-env.sh
@@ -21,9 +25,12 @@ NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin
 [ -n "$NCU" ] || { echo "ncu not found"; exit 1; }
 mkdir -p "$OUT/kprof"
 conf=$OUT/kprof/mbs$mbs-$cfg.yaml
-sed -e "s#layers=12#layers=$layers#" -e "s#^micro_batch_size:.*#micro_batch_size: $mbs#" -e "s#^max_steps:.*#max_steps: 2#" \
+src=${CONFIG:-configs/bench/qwen3-30b-a3b-12l-$cfg-lora.yaml}
+cut="s#layers=12#layers=$layers#"
+[ -n "${CONFIG:-}" ] && cut="s#^\(base_model: synth://[^?]*?\)#\1layers=$layers\&#"
+sed -e "$cut" -e "s#^micro_batch_size:.*#micro_batch_size: $mbs#" -e "s#^max_steps:.*#max_steps: 2#" \
     -e "s#^warmup_steps:.*#warmup_steps: 1#" -e "s#^output_dir:.*#output_dir: /tmp/moeq-bench/kprof#" \
-    configs/bench/qwen3-30b-a3b-12l-$cfg-lora.yaml > "$conf"
+    "$src" > "$conf"
 rm -rf /tmp/moeq-bench/kprof
 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --log-file "$OUT/kprof/ncu.csv" \
   .device/moeq train --config "$conf" > "$OUT/kprof/train.log" 2>&1

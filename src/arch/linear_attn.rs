@@ -15,7 +15,8 @@ use super::spec::LinearAttnSpec;
 use super::ArchSpec;
 use crate::ops::conv_silu_op::conv1d_silu;
 use crate::ops::delta_rule;
-use crate::ops::linear_attn_parts::{gated_rms_norm, sigmoid_rounded};
+use crate::ops::gated_norm_op::gated_rms_norm;
+use crate::ops::linear_attn_parts::sigmoid_rounded;
 use candle_core::{DType, Result, Tensor};
 
 /// The input projections, as the checkpoint lays them out (`LinearProjections`).
@@ -52,24 +53,18 @@ fn softplus(x: &Tensor) -> Result<Tensor> {
 }
 
 impl LinearAttention {
-    /// q, k `[N, Kd]`, v `[N, Vd]` (before the convolution, in its channel order), z
-    /// `[N, Vd]`, b and a `[N, Hv]`.
-    fn project(&self, l: &LinearAttnSpec, x: &Tensor, lora: &LoraCtx) -> Result<[Tensor; 6]> {
+    /// q | k | v `[N, 2·Kd + Vd]` (the convolution's input, in its channel order), z `[N, Vd]`,
+    /// b and a `[N, Hv]`.
+    fn project(&self, l: &LinearAttnSpec, x: &Tensor, lora: &LoraCtx) -> Result<[Tensor; 4]> {
         let n = x.dim(0)?;
         let (kd, vd, r) = (l.key_head_dim, l.value_head_dim, l.group());
         match &self.input {
-            LinearIn::Split { qkv, z, b, a } => {
-                let mixed = qkv.forward(x, lora)?;
-                let (kw, vw) = (l.key_dim(), l.value_dim());
-                Ok([
-                    mixed.narrow(1, 0, kw)?,
-                    mixed.narrow(1, kw, kw)?,
-                    mixed.narrow(1, 2 * kw, vw)?,
-                    z.forward(x, lora)?,
-                    b.forward(x, lora)?,
-                    a.forward(x, lora)?,
-                ])
-            }
+            LinearIn::Split { qkv, z, b, a } => Ok([
+                qkv.forward(x, lora)?,
+                z.forward(x, lora)?,
+                b.forward(x, lora)?,
+                a.forward(x, lora)?,
+            ]),
             LinearIn::Grouped { qkvz, ba } => {
                 // Per key head: q [kd], k [kd], v [r·vd], z [r·vd]; then b [r], a [r].
                 let hk = l.key_heads;
@@ -80,10 +75,9 @@ impl LinearAttention {
                     g.narrow(2, at, width)?.reshape((n, hk * width))
                 };
                 let ba = ba.forward(x, lora)?.reshape((n, hk, 2 * r))?;
+                let mixed = Tensor::cat(&[part(0, kd)?, part(kd, kd)?, part(2 * kd, r * vd)?], 1)?;
                 Ok([
-                    part(0, kd)?,
-                    part(kd, kd)?,
-                    part(2 * kd, r * vd)?,
+                    mixed,
                     part(2 * kd + r * vd, r * vd)?,
                     ba.narrow(2, 0, r)?.reshape((n, hk * r))?,
                     ba.narrow(2, r, r)?.reshape((n, hk * r))?,
@@ -168,8 +162,7 @@ impl LinearAttention {
         x: &Tensor,
         lora: &LoraCtx,
     ) -> Result<(Tensor, Tensor, Tensor, Tensor)> {
-        let [q, k, v, z, b, a] = self.project(l, x, lora)?;
-        let mixed = Tensor::cat(&[&q, &k, &v], 1)?;
+        let [mixed, z, b, a] = self.project(l, x, lora)?;
         let beta = sigmoid_rounded(&b)?;
         let dt = self.dt_bias.to_dtype(DType::F32)?;
         let g = softplus(&a.to_dtype(DType::F32)?.broadcast_add(&dt)?)?
@@ -188,29 +181,20 @@ impl LinearAttention {
         beta: &Tensor,
         initial: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
-        let (rows, len, _) = conv.dims3()?;
-        let (hk, hv, dk, dv) = (l.key_heads, l.value_heads, l.key_head_dim, l.value_head_dim);
-        let heads = |at: usize, h: usize, d: usize| -> Result<Tensor> {
-            conv.narrow(2, at, h * d)?.reshape((rows, len, h, d))
+        let h = delta_rule::Heads {
+            key_heads: l.key_heads,
+            value_heads: l.value_heads,
+            dk: l.key_head_dim,
+            dv: l.value_head_dim,
         };
-        // q and k repeated to the value heads (transformers' `repeat_interleave`).
-        let repeat = |t: Tensor| -> Result<Tensor> {
-            match l.group() {
-                1 => Ok(t),
-                r => t
-                    .unsqueeze(3)?
-                    .broadcast_as((rows, len, hk, r, dk))?
-                    .reshape((rows, len, hv, dk)),
-            }
-        };
-        let q = repeat(heads(0, hk, dk)?)?;
-        let k = repeat(heads(hk * dk, hk, dk)?)?;
-        let v = heads(2 * hk * dk, hv, dv)?;
         // One new token after a cached prefix: token by token, as transformers decodes.
-        match (initial, len) {
-            (Some(_), 1) => delta_rule::recurrent(&q, &k, &v, g, beta, initial),
-            // The CUDA kernels on CUDA, the chunked reference elsewhere.
-            _ => delta_rule::fused(&q, &k, &v, g, beta, initial),
+        match (initial, conv.dim(1)?) {
+            (Some(_), 1) => {
+                let (q, k, v) = delta_rule::heads(conv, h)?;
+                delta_rule::recurrent(&q, &k, &v, g, beta, initial)
+            }
+            // The CUDA kernels on CUDA, the chunked form elsewhere.
+            _ => delta_rule::fused_conv(conv, h, g, beta, initial),
         }
     }
 

@@ -216,6 +216,17 @@ const CONV_F32: &str = "the same f32 products and sums as the reference (no FMA 
 const CONV_BF16: &str =
     "an ulp of expf can tip a bf16 rounding of y or of d v (2^-8 of the value); \
     d x and d weight round once more after a sum over d v: two steps allowed";
+const PREP_F32: &str = "the same equations, sums of Dk squares and products over lanes against \
+    the reference's order, the norm's backward written out (x·(x·d)/‖x‖³ against d/‖x‖ cancels: \
+    the absolute part is of the largest magnitude)";
+const PREP_BF16: &str = "f32 outputs of the same bf16 inputs (as f32); d conv rounded once to \
+    bf16 on both sides, an f32 ulp can tip it (two steps allowed)";
+const GATED_NORM_F32: &str = "sums of D squares in another order, expf vs exp in SiLU and \
+    σ (ulps); dx's r·(g − x·r·mean) cancels, so the absolute part is of the largest magnitude";
+const GATED_NORM_BF16: &str = "the reference's three bf16 roundings (n, p, y): an f32 ulp of the \
+    sum of squares can tip n's rounding, which carries into p and y: two bf16 steps of y (up to \
+    2^-6 of the value; the CPU twin met 1.5× one step over 8,192 rows); the gradients round \
+    once where autograd rounds at each bf16 tensor (two steps allowed)";
 const OUTER_F32: &str = "sums of ≤ 900 products in another order";
 const OUTER_BF16: &str = "plus one rounding of the output on each side: one bf16 step, up to 2^-7 \
     of the value (H100 met 0.88 of it); 1.5·2^-7 leaves room for f32 sums' last bits";
@@ -361,6 +372,14 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Ops,   "conv_silu",                "f32",  Backward, 1e-5,         OfMax(1e-5),            CONV_F32),
     row(Ops,   "conv_silu",                "bf16", Forward,  2.0 / 256.0,  OfMax(1e-5),            CONV_BF16),
     row(Ops,   "conv_silu",                "bf16", Backward, 2.0 / 256.0,  OfMax(2.0 / 256.0),     CONV_BF16),
+    row(Ops,   "delta_prep",               "f32",  Forward,  1e-5,         OfMax(1e-6),            PREP_F32),
+    row(Ops,   "delta_prep",               "f32",  Backward, 1e-5,         OfMax(1e-5),            PREP_F32),
+    row(Ops,   "delta_prep",               "bf16", Forward,  1e-5,         OfMax(1e-6),            PREP_BF16),
+    row(Ops,   "delta_prep",               "bf16", Backward, 2.0 / 256.0,  OfMax(2.0 / 256.0),     PREP_BF16),
+    row(Ops,   "gated_norm",               "f32",  Forward,  1e-5,         OfMax(1e-6),            GATED_NORM_F32),
+    row(Ops,   "gated_norm",               "f32",  Backward, 1e-5,         OfMax(1e-5),            GATED_NORM_F32),
+    row(Ops,   "gated_norm",               "bf16", Forward,  4.0 / 256.0,  OfMax(1e-5),            GATED_NORM_BF16),
+    row(Ops,   "gated_norm",               "bf16", Backward, 2.0 / 256.0,  OfMax(2.0 / 256.0),     GATED_NORM_BF16),
     row(Ops,   "gather_rows/combine_rows", "f32",  Forward,  1e-5,         OfMax(1e-5),            MODEL_F32),
     row(Ops,   "gather_rows/combine_rows", "f32",  Backward, 1e-5,         OfMax(1e-5),            MODEL_F32),
     row(Ops,   "gather_rows/combine_rows", "bf16", Forward,  2e-2,         OfMax(2e-2),            MODEL_BF16),

@@ -49,6 +49,7 @@
 //! ([`super::delta_carry_op`], `kernels/delta_carry.cu` on CUDA). Both are tested against
 //! [`recurrent`], forward and backward, on the CPU and by `moeq gpu-check` on CUDA.
 
+pub use super::delta_prep_op::Heads;
 use candle_core::{bail, DType, Result, Tensor, D};
 
 /// Default chunk length of transformers' `torch_chunk_gated_delta_rule`.
@@ -184,6 +185,56 @@ pub fn fused(
         }
         _ => chunked(q, k, v, g, beta, initial_state, chunk),
     }
+}
+
+/// [`fused`] over the heads of Gated DeltaNet's conv output `[B, T, 2·Hk·Dk + Hv·Dv]` (q heads,
+/// k heads, v heads), q and k repeated to the value heads as transformers' `repeat_interleave`:
+/// on CUDA with the token-by-token kernels (the default form), the repeat and the L2 norms run in
+/// one op ([`super::delta_rule_op::scan_conv`]); otherwise [`heads`], then [`fused`].
+pub fn fused_conv(
+    conv: &Tensor,
+    h: Heads,
+    g: &Tensor,
+    beta: &Tensor,
+    initial_state: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let recurrent = matches!(form(), None | Some(Form::Recurrent));
+    if conv.device().is_cuda() && recurrent && h.dk <= 256 {
+        return super::delta_rule_op::scan_conv(conv, h, g, beta, initial_state);
+    }
+    let (q, k, v) = heads(conv, h)?;
+    fused(&q, &k, &v, g, beta, initial_state)
+}
+
+/// q, k `[B, T, Hv, Dk]` (repeated to the value heads) and v `[B, T, Hv, Dv]` of the conv output
+/// `[B, T, 2·Hk·Dk + Hv·Dv]`, in its dtype.
+pub fn heads(conv: &Tensor, h: Heads) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, t, c) = conv.dims3()?;
+    let r = h.value_heads / h.key_heads.max(1);
+    if c != 2 * h.key_heads * h.dk + h.value_heads * h.dv || r * h.key_heads != h.value_heads {
+        bail!(
+            "delta_rule: conv {:?} must be [B, T, 2·Hk·Dk + Hv·Dv] with Hv a multiple of Hk ({h:?})",
+            conv.dims()
+        );
+    }
+    let part = |at: usize, n: usize, d: usize| -> Result<Tensor> {
+        conv.narrow(2, at, n * d)?.reshape((b, t, n, d))
+    };
+    let repeat = |x: Tensor| -> Result<Tensor> {
+        match r {
+            1 => Ok(x),
+            r => x
+                .unsqueeze(3)?
+                .broadcast_as((b, t, h.key_heads, r, h.dk))?
+                .reshape((b, t, h.value_heads, h.dk)),
+        }
+    };
+    let kd = h.key_heads * h.dk;
+    Ok((
+        repeat(part(0, h.key_heads, h.dk)?)?,
+        repeat(part(kd, h.key_heads, h.dk)?)?,
+        part(2 * kd, h.value_heads, h.dv)?,
+    ))
 }
 
 /// The forms [`fused`] can run.

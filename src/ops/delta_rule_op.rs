@@ -28,7 +28,8 @@
 //! per sample (`SPLITS=… launch/bench/delta-rule.sh`; likely a quarter of the per-thread scratch
 //! of recomputed states fitting L2 where 64 slots did not — not measured directly).
 
-use super::delta_rule::{dims, l2norm, state_or_zeros};
+use super::delta_prep_op::Heads;
+use super::delta_rule::{dims, l2norm, state_or_zeros, Dims};
 use candle_core::{bail, CustomOp3, DType, Device, Result, Tensor};
 
 /// Tokens between the CPU twin's state checkpoints (and the length of its recomputed chunks).
@@ -52,19 +53,58 @@ pub fn scan(
     let qn = (l2norm(&f32(q)?)? * (d.dk as f64).powf(-0.5))?;
     let kn = l2norm(&f32(k)?)?;
     let qkv = Tensor::cat(&[&qn, &kn, &f32(v)?], 3)?;
+    packed(&qkv, g, beta, initial_state, &d, v.dtype())
+}
+
+/// [`scan`] over the heads of Gated DeltaNet's conv output `[B, T, 2·Hk·Dk + Hv·Dv]` (q and k
+/// not yet repeated to the value heads nor normalised: [`super::delta_prep_op`] does both in one
+/// op), g and beta `[B, T, Hv]` → o `[B, T, Hv, Dv]` in conv's dtype and the final state.
+pub fn scan_conv(
+    conv: &Tensor,
+    heads: Heads,
+    g: &Tensor,
+    beta: &Tensor,
+    initial_state: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let (b, t, _) = conv.dims3()?;
+    let (h, dk, dv) = (heads.value_heads, heads.dk, heads.dv);
+    for (name, x) in [("g", g), ("beta", beta)] {
+        if x.dims() != [b, t, h] {
+            bail!(
+                "delta_rule: {name} {:?} must be [B, T, Hv] = [{b}, {t}, {h}]",
+                x.dims()
+            );
+        }
+    }
+    let qkv = super::delta_prep_op::apply(conv, heads)?;
+    let d = Dims { b, t, h, dk, dv };
+    packed(&qkv, g, beta, initial_state, &d, conv.dtype())
+}
+
+/// The op over packed q̂ | k̂ | v `[B, T, H, 2Dk + Dv]` (f32): o `[B, T, H, Dv]` in `dtype`,
+/// the final state f32.
+fn packed(
+    qkv: &Tensor,
+    g: &Tensor,
+    beta: &Tensor,
+    initial_state: Option<&Tensor>,
+    d: &Dims,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
+    let f32 = |x: &Tensor| x.to_dtype(DType::F32);
     let gb = Tensor::stack(&[&f32(g)?, &f32(beta)?], 3)?;
-    let s0 = state_or_zeros(initial_state, &d, v.device())?;
+    let s0 = state_or_zeros(initial_state, d, qkv.device())?;
     let at0 = super::at_offset_zero;
-    let (qkv, gb, s0) = (at0(&qkv)?, at0(&gb)?, at0(&s0)?);
+    let (qkv, gb, s0) = (at0(qkv)?, at0(&gb)?, at0(&s0)?);
     let out = if super::records_graph(&[&qkv, &gb, &s0]) {
         qkv.apply_op3(&gb, &s0, DeltaRuleOp)?
     } else {
         forward(&qkv, &gb, &s0)?
     };
-    // out: [B, H, T + Dk, Dv] → o [B, T, H, Dv] in v's dtype, state [B, H, Dk, Dv].
+    // out: [B, H, T + Dk, Dv] → o [B, T, H, Dv] in `dtype`, state [B, H, Dk, Dv].
     let o = out.narrow(2, 0, d.t)?.transpose(1, 2)?.contiguous()?;
     let s = out.narrow(2, d.t, d.dk)?.contiguous()?;
-    Ok((o.to_dtype(v.dtype())?, s))
+    Ok((o.to_dtype(dtype)?, s))
 }
 
 /// The op's sizes, from its packed inputs (checked against each other).

@@ -53,3 +53,9 @@ pub const DELTA_RULE: &str = include_str!(concat!(env!("OUT_DIR"), "/delta_rule.
 
 #[cfg(feature = "cuda")]
 pub const CONV_SILU: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_silu.ptx"));
+
+#[cfg(feature = "cuda")]
+pub const DELTA_PREP: &str = include_str!(concat!(env!("OUT_DIR"), "/delta_prep.ptx"));
+
+#[cfg(feature = "cuda")]
+pub const GATED_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/gated_norm.ptx"));

@@ -12,6 +12,7 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cudnn_attn;
 pub mod delta_carry_op;
+pub mod delta_prep_op;
 pub mod delta_rule;
 pub mod delta_rule_op;
 pub mod embedding;
@@ -19,6 +20,7 @@ pub mod expert_weights;
 pub mod experts;
 #[cfg(feature = "cuda")]
 pub mod flash_attn;
+pub mod gated_norm_op;
 pub mod grouped_gemm;
 pub mod input_weights;
 pub mod kernels;

@@ -9,6 +9,7 @@ mod conv_silu;
 #[cfg(feature = "cuda")]
 mod cudnn;
 mod delta_rule;
+mod linear_attn;
 mod nf4;
 mod outer;
 mod rows;
@@ -470,6 +471,8 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
     out.extend(outer::check_grouped_outer(device, dtype)?);
     out.extend(delta_rule::check_delta_rule(device, dtype)?);
     out.extend(conv_silu::check_conv_silu(device, dtype)?);
+    out.extend(linear_attn::check_delta_prep(device, dtype)?);
+    out.extend(linear_attn::check_gated_norm(device, dtype)?);
     Ok(out)
 }
 
