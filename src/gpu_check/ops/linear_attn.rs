@@ -75,7 +75,7 @@ pub(super) fn check_delta_prep(device: &Device, dtype: DType) -> Result<Vec<Comp
         let c = 2 * h.key_heads * h.dk + h.value_heads * h.dv;
         let conv = Tensor::randn(0f32, 1.0, (b, t, c), cpu)?.to_dtype(dtype)?;
         let up = Tensor::randn(0f32, 1.0, (b, t, h.value_heads, 2 * h.dk + h.dv), cpu)?;
-        let got = run(device, &[conv.clone()], &up, &|x| {
+        let got = run(device, std::slice::from_ref(&conv), &up, &|x| {
             delta_prep_op::apply(&x[0], h)
         })?;
         let want = run(cpu, &[conv], &up, &|x| delta_prep_op::reference(&x[0], h))?;
