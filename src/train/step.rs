@@ -15,6 +15,7 @@
 use crate::arch::{Inputs, LayerTape, LoraCtx, Model};
 use crate::data::{Batch, IGNORE_INDEX};
 use crate::lora::Adapters;
+use crate::ops::delta_rule_op::keeping_checkpoints;
 use crate::ops::offload::{Fetching, Offloader, Parked};
 use crate::train::loss::chunked_cross_entropy;
 use crate::util::phases::timed;
@@ -241,8 +242,9 @@ pub fn forward_backward(
         };
         let tape = match entry {
             Some(Saved::Input(x)) => {
+                // The layer's backward follows at once: ops may keep what it reads.
                 let (_, _, tape) = timed("layer recompute", &device, || {
-                    model.layer_taped(l, &x, &inputs, &lora)
+                    keeping_checkpoints(|| model.layer_taped(l, &x, &inputs, &lora))
                 })?;
                 crate::util::phases::mark_memory("5a layer recompute", &device);
                 tape

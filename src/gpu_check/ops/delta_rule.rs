@@ -1,6 +1,8 @@
 //! gpu-check entries for the gated delta rule's two CUDA forms — the chunkwise form
 //! (`ops::delta_rule::chunkwise`: batched matmuls and the carry op of `kernels/delta_carry.cu`,
-//! what trains) and the token-by-token op (`ops::delta_rule_op::scan`, `kernels/delta_rule.cu`)
+//! what trains) and the token-by-token op (`ops::delta_rule_op::scan`, `kernels/delta_rule.cu`;
+//! on CUDA also recorded under `keeping_checkpoints`, its backward reading the forward's own
+//! checkpoints)
 //! — against autograd through their reference
 //! (`ops::delta_rule::recurrent`) on the CPU in f32: o, the final state and the gradients of q,
 //! k, v, g, beta and the initial state for loss = Σ o·up_o + Σ S_T·up_s. Shapes: the tiny model's
@@ -12,7 +14,7 @@
 
 use super::{compare, lookup, Comparison, Pass};
 use crate::ops::delta_rule::{chunkwise, recurrent, CHUNK};
-use crate::ops::delta_rule_op::scan;
+use crate::ops::delta_rule_op::{keeping_checkpoints, scan};
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 type Form =
@@ -37,6 +39,18 @@ fn chunkwise_form(
     s0: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     chunkwise(q, k, v, g, beta, s0, CHUNK.min(q.dim(1)?))
+}
+
+/// The token-by-token op recorded as the layer recompute records it.
+fn scan_keeping(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    beta: &Tensor,
+    s0: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    keeping_checkpoints(|| scan(q, k, v, g, beta, s0))
 }
 
 pub(super) fn check_delta_rule(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
@@ -97,15 +111,20 @@ pub(super) fn check_delta_rule(device: &Device, dtype: DType) -> Result<Vec<Comp
             "dbeta",
             "d state",
         ];
-        for (op, form) in [
-            ("delta_chunkwise", chunkwise_form as Form),
-            ("delta_rule", scan as Form),
-        ] {
+        let mut forms = vec![
+            ("delta_chunkwise", "", chunkwise_form as Form),
+            ("delta_rule", "", scan as Form),
+        ];
+        // On CUDA also the backward reading the forward's own checkpoints (the recompute's way).
+        if device.is_cuda() {
+            forms.push(("delta_rule", " kept checkpoints", scan_keeping as Form));
+        }
+        for (op, how, form) in forms {
             let got = run(device, dtype, form)?;
             for (i, part) in parts.iter().enumerate() {
                 let pass = if i < 2 { Pass::Forward } else { Pass::Backward };
                 out.push(compare(
-                    &format!("{op} B{b} T{t} H{h} Dk{dk} Dv{dv} {dtype:?} {part}"),
+                    &format!("{op}{how} B{b} T{t} H{h} Dk{dk} Dv{dv} {dtype:?} {part}"),
                     &got[i],
                     &want[i],
                     lookup(op, dtype.as_str(), pass)?,
