@@ -7,7 +7,9 @@
 //! output projection.
 //!
 //! Built from differentiable ops, so candle's autograd gives its backward (the taped layer
-//! recomputes it under a graph: `backward::AttnPart::Graph`).
+//! recomputes it under a graph: `backward::AttnPart::Graph`); on CUDA the delta rule's inputs
+//! (`ops::delta_prep_op`), the rule (`ops::delta_rule_op`) and the gated norm
+//! (`ops::gated_norm_op`) are ops with written-out backwards inside that graph.
 
 use super::layers::Proj;
 use super::model::{Inputs, LoraCtx};
