@@ -284,3 +284,52 @@ fn all_linear_targets_the_linear_attention_projections() {
         }
     }
 }
+
+/// Targets that reach none of a hybrid model's linear-attention layers (the default q/k/v/o)
+/// train, with a warning that names the projections to add; all-linear gets no warning.
+#[test]
+fn targets_missing_the_linear_attention_layers_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    for (arch, targets, warned) in [
+        (
+            "qwen3_5_moe_text",
+            "[q_proj, k_proj, v_proj, o_proj]",
+            Some("in_proj_qkv, in_proj_z"),
+        ),
+        (
+            "qwen3_next",
+            "[q_proj, o_proj]",
+            Some("in_proj_qkvz, in_proj_ba, out_proj"),
+        ),
+        ("qwen3_5_moe_text", "all-linear", None),
+    ] {
+        let out = dir.path().join(format!("{arch}-{}", warned.is_some()));
+        let config = format!(
+            "base_model: synth://{arch}/tiny?seed=0\ndevice: cpu\nadapter: qlora\n\
+             load_in_4bit: true\nlora_r: 4\nlora_alpha: 8\nlora_target_modules: {targets}\n\
+             datasets:\n  - path: synth://reverse?n=64\n    type: input_output\n\
+             sequence_len: 32\nmicro_batch_size: 2\nmax_steps: 1\nlearning_rate: 1.0e-3\n\
+             save_steps: 100\noutput_dir: {}\nseed: 0\n",
+            out.display()
+        );
+        let path = dir.path().join(format!("{arch}-{}.yaml", warned.is_some()));
+        std::fs::write(&path, config).unwrap();
+        let (code, _, err) = moeq(&["train", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 0, "{arch}: {err}");
+        let line = err.lines().find(|l| l.contains("linear-attention layers"));
+        match warned {
+            Some(names) => {
+                let line = line.unwrap_or_else(|| panic!("{arch}: no warning in {err}"));
+                assert!(
+                    line.contains("none of this") && line.contains("2 linear-attention"),
+                    "{line}"
+                );
+                assert!(
+                    line.contains(names) && line.contains("2 full-attention"),
+                    "{line}"
+                );
+            }
+            None => assert!(line.is_none(), "{arch}: {line:?}"),
+        }
+    }
+}

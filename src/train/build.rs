@@ -403,6 +403,27 @@ fn warn_peft_conversion(spec: &ArchSpec, adapters: &Adapters) {
     }
 }
 
+/// Warns when a hybrid model's linear-attention layers get no adapter (the default targets,
+/// q/k/v/o, name only its full-attention layers' projections), naming the projections to add.
+fn warn_unadapted_linear_attention(spec: &ArchSpec, adapters: &Adapters) {
+    let Some(l) = spec.linear_attn else { return };
+    let linear = spec.linear_layers.iter().filter(|&&on| on).count();
+    if linear == 0 || adapters.linear.keys().any(|p| p.contains(".linear_attn.")) {
+        return;
+    }
+    let names = match l.projections {
+        crate::arch::LinearProjections::Split => {
+            "in_proj_qkv, in_proj_z, in_proj_b, in_proj_a, out_proj"
+        }
+        crate::arch::LinearProjections::Grouped => "in_proj_qkvz, in_proj_ba, out_proj",
+    };
+    tracing::warn!(
+        "lora_target_modules adapt none of this {} model's {linear} linear-attention layers (only its {} full-attention layers): add {names} to lora_target_modules, or use all-linear",
+        spec.model_type.as_str(),
+        spec.linear_layers.len() - linear
+    );
+}
+
 /// The adapters of the configured targets (expert adapters for the `held` experts); warns
 /// (on the lead rank) about target modules that match nothing.
 fn make_adapters(
@@ -447,6 +468,9 @@ fn make_adapters(
             "lora_target_modules: '{m}' matches no module of this {} model{hint}",
             spec.model_type.as_str()
         );
+    }
+    if lead {
+        warn_unadapted_linear_attention(spec, &adapters);
     }
     tracing::info!(
         "LoRA: {} linear and {} expert adapters, {} trainable parameters ({} on this rank)",
