@@ -15,6 +15,7 @@
 //! dw = round(Σ_{b,t} dv[b, t, c]·x[b, t + k − (K−1), c])   only when the weight takes a gradient
 //! ```
 
+use super::{f32s, rounding};
 use candle_core::{bail, CustomOp2, DType, Device, Result, Tensor};
 
 /// The convolution + SiLU for training and prefill: the op on CUDA (x and the weight of one
@@ -141,19 +142,6 @@ fn backward(
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => cuda::backward(g, x, w, dy, want_dw),
         _ => bail!("conv_silu op: CPU or CUDA only"),
-    }
-}
-
-fn f32s(x: &Tensor) -> Result<Vec<f32>> {
-    x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
-}
-
-/// Rounding of an f32 to `dtype` and back.
-fn rounding(dtype: DType) -> impl Fn(f32) -> f32 {
-    move |v| match dtype {
-        DType::BF16 => half::bf16::from_f32(v).to_f32(),
-        DType::F16 => half::f16::from_f32(v).to_f32(),
-        _ => v,
     }
 }
 

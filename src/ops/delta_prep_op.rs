@@ -21,6 +21,7 @@
 //! ulps apart). `tests/linear_attn_ops.rs` proves the twin against autograd through the
 //! reference ([`reference`]), `moeq gpu-check` ("delta_prep") the kernels.
 
+use super::f32s;
 use candle_core::{bail, CustomOp1, DType, Device, Result, Tensor};
 
 /// The eps of transformers' `l2norm`, inside the square root (as [`super::delta_rule`]'s).
@@ -192,10 +193,6 @@ fn backward(conv: &Tensor, dout: &Tensor, h: Heads) -> Result<Tensor> {
         Device::Cuda(_) => cuda::run(conv, Some(dout), h, (b, t)),
         _ => bail!("delta_prep: CPU or CUDA only"),
     }
-}
-
-fn f32s(x: &Tensor) -> Result<Vec<f32>> {
-    x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
 }
 
 /// Dk^-½ as the reference applies it (an f64 factor of an f32 tensor: rounded to f32).

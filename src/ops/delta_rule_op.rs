@@ -241,7 +241,6 @@ fn forward(qkv: &Tensor, gb: &Tensor, s0: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// [d qkv, d gb, d s0] for the gradient `dout` of `out`.
 /// [d qkv, d gb, d s0] for the gradient `dout` of `out`; `saved`: the CUDA forward's
 /// checkpoints when it kept them (the CPU twin always reruns its forward).
 fn backward(

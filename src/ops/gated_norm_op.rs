@@ -14,6 +14,7 @@
 //! index order; the kernels sum over lanes: f32 ulps). `tests/linear_attn_ops.rs` proves the
 //! twin against autograd through the reference, `moeq gpu-check` ("gated_norm") the kernels.
 
+use super::{f32s, rounding};
 use candle_core::{bail, CustomOp2, DType, Device, Result, Tensor, D};
 
 /// The gated RMSNorm for the layer: the op on CUDA when x, gate and the weight share a dtype
@@ -157,19 +158,6 @@ fn backward(
             }
         }
         _ => bail!("gated_norm op: CPU or CUDA only"),
-    }
-}
-
-fn f32s(x: &Tensor) -> Result<Vec<f32>> {
-    x.flatten_all()?.to_dtype(DType::F32)?.to_vec1()
-}
-
-/// Rounding of an f32 to `dtype` and back.
-fn rounding(dtype: DType) -> impl Fn(f32) -> f32 {
-    move |v| match dtype {
-        DType::BF16 => half::bf16::from_f32(v).to_f32(),
-        DType::F16 => half::f16::from_f32(v).to_f32(),
-        _ => v,
     }
 }
 

@@ -199,6 +199,22 @@ fn owned(y: candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
     }
 }
 
+/// A tensor's values as f32 on the host: what the ops' CPU twins compute on.
+pub(crate) fn f32s(x: &candle_core::Tensor) -> candle_core::Result<Vec<f32>> {
+    x.flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1()
+}
+
+/// Rounding of an f32 to `dtype` and back: the CPU twins' storage roundings.
+pub(crate) fn rounding(dtype: candle_core::DType) -> impl Fn(f32) -> f32 {
+    move |v| match dtype {
+        candle_core::DType::BF16 => half::bf16::from_f32(v).to_f32(),
+        candle_core::DType::F16 => half::f16::from_f32(v).to_f32(),
+        _ => v,
+    }
+}
+
 /// The CPU storage of a result computed inside a custom op.
 pub(crate) fn cpu_result(
     y: candle_core::Tensor,
