@@ -11,7 +11,8 @@
 //! - bf16 forward: the prep's output is f32 from bf16 inputs (1e-6, as f32); the norm rounds to
 //!   bf16 at the reference's three points, so an ulp of f32 can tip one rounding: 2⁻⁸.
 //! - bf16 backward: the twins round once at the end where autograd rounds every gradient that
-//!   passes a bf16 tensor (the norm's p and n, the prep's cast): up to two bf16 steps, 2⁻⁷.
+//!   passes a bf16 tensor (the norm's p and n; the prep's per-head casts, then their sum in
+//!   bf16): up to two bf16 steps of the largest value, 2⁻⁶ of it.
 
 mod common;
 
@@ -132,7 +133,9 @@ fn gated_norm_equals_autograd_through_the_reference() {
 }
 
 #[test]
-fn a_trained_weight_is_refused_by_the_op_and_sent_to_the_reference() {
+fn a_trained_weight_is_refused_by_the_op() {
+    // The op's backward gives the weight no gradient, so it refuses one that trains (the
+    // layer's dispatcher sends that case to the reference ops).
     let cpu = &Device::Cpu;
     let x = Tensor::randn(0f32, 1.0, (3, 8), cpu).unwrap();
     let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, 8, cpu).unwrap()).unwrap();
@@ -140,8 +143,6 @@ fn a_trained_weight_is_refused_by_the_op_and_sent_to_the_reference() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("frozen"), "{err}");
-    // The dispatcher takes the reference, which gives the weight its gradient.
-    let y = gated_norm_op::gated_rms_norm(&x, &x, w.as_tensor(), 1e-6).unwrap();
-    let grads = y.sum_all().unwrap().backward().unwrap();
-    assert!(grads.get(w.as_tensor()).is_some());
+    let frozen = w.as_tensor().detach();
+    assert!(gated_norm_op::apply(&x, &x, &frozen, 1e-6).is_ok());
 }

@@ -219,8 +219,9 @@ const CONV_BF16: &str =
 const PREP_F32: &str = "the same equations, sums of Dk squares and products over lanes against \
     the reference's order, the norm's backward written out (x·(x·d)/‖x‖³ against d/‖x‖ cancels: \
     the absolute part is of the largest magnitude)";
-const PREP_BF16: &str = "f32 outputs of the same bf16 inputs (as f32); d conv rounded once to \
-    bf16 on both sides, an f32 ulp can tip it (two steps allowed)";
+const PREP_BF16: &str = "f32 outputs of the same bf16 inputs (as f32); d conv: the op rounds \
+    once, autograd rounds each value head's gradient to bf16 and sums them in bf16 (two steps \
+    allowed)";
 const GATED_NORM_F32: &str = "sums of D squares in another order, expf vs exp in SiLU and \
     σ (ulps); dx's r·(g − x·r·mean) cancels, so the absolute part is of the largest magnitude";
 const GATED_NORM_BF16: &str = "the reference's three bf16 roundings (n, p, y): an f32 ulp of the \

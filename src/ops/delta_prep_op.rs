@@ -225,7 +225,7 @@ mod cuda {
         CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
-    use candle_core::{bail, CudaDevice, Result, Storage, Tensor};
+    use candle_core::{bail, CudaDevice, DType, Result, Storage, Tensor};
 
     const WARPS: usize = 8;
 
@@ -300,6 +300,12 @@ mod cuda {
             None => None,
         };
         let rows = b * t;
+        if rows == 0 {
+            return match dout {
+                None => Tensor::zeros((b, t, h.value_heads, h.width()), DType::F32, conv.device()),
+                Some(_) => conv.zeros_like(),
+            };
+        }
         macro_rules! go {
             ($variant:ident, $t:ty, $name:literal) => {{
                 let S::$variant(x) = &sc.slice else {

@@ -199,7 +199,8 @@ pub fn fused_conv(
     initial_state: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     let recurrent = matches!(form(), None | Some(Form::Recurrent));
-    if conv.device().is_cuda() && recurrent && h.dk <= 256 {
+    let dtype = matches!(conv.dtype(), DType::F32 | DType::BF16 | DType::F16);
+    if conv.device().is_cuda() && recurrent && dtype && h.dk <= 256 {
         return super::delta_rule_op::scan_conv(conv, h, g, beta, initial_state);
     }
     let (q, k, v) = heads(conv, h)?;

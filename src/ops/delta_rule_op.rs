@@ -3,8 +3,9 @@
 //! and the reference are [`super::delta_rule`]'s (`recurrent`); `tests/delta_rule.rs` proves the
 //! twin's backward against autograd through it, `moeq gpu-check` ("delta_rule") the kernels.
 //!
-//! The L2 norm of q and k and q's Dk^-½ stay outside as candle ops (cheap, and autograd carries
-//! their gradients); the op takes, all f32 and packed so that it has three inputs and one output:
+//! The L2 norm of q and k and q's Dk^-½ stay outside the op: candle ops in [`scan`], one op of
+//! their own in [`scan_conv`] ([`super::delta_prep_op`], what the layer uses on CUDA); the op
+//! takes, all f32 and packed so that it has three inputs and one output:
 //!
 //! ```text
 //! qkv  [B, T, H, 2Dk + Dv]   normalised, scaled q | normalised k | v
@@ -17,8 +18,9 @@
 //! the state are independent, so the kernels give each warp two of them in registers (lanes over
 //! Dk ≤ 256) and split a head's columns into tiles of 32 across blocks; the twin here walks the
 //! same equations column by column (its sums run in another order: f32 roundings differ, the
-//! math does not). The backward keeps no state from the forward: it reruns the forward saving the
-//! state every C tokens (the twin: [`CKPT`]; the kernels: 16, or `MOEQ_DELTA_RULE_SPLIT`), then
+//! math does not). The backward reruns the forward saving the state every C tokens (the twin:
+//! [`CKPT`]; the kernels: 16, or `MOEQ_DELTA_RULE_SPLIT`) — on CUDA under
+//! [`keeping_checkpoints`] it reads the ones its forward kept instead —, then
 //! walks each chunk backward from states recomputed out of its checkpoint (equations in
 //! `backward_cpu` and the kernel's header); the kernel's sums over the columns (dq, dk, dg, dβ)
 //! are added per tile, then over tiles in a fixed order (no atomics: the same bits at every
@@ -176,11 +178,25 @@ thread_local! {
 /// A graph kept for the whole step (`gradient_checkpointing: false`) does not keep them: every
 /// linear-attention layer would hold its own until the backward.
 pub fn keeping_checkpoints<R>(f: impl FnOnce() -> R) -> R {
-    let before = KEEP_CHECKPOINTS.with(|k| k.replace(true));
-    let out = f();
-    KEEP_CHECKPOINTS.with(|k| k.set(before));
-    out
+    /// Puts the flag back as it was, on return or unwinding.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            KEEP_CHECKPOINTS.with(|k| k.set(self.0));
+        }
+    }
+    let _restore = Restore(KEEP_CHECKPOINTS.with(|k| k.replace(true)));
+    f()
 }
+
+/// How many backward calls have read checkpoints their forward kept (on CUDA, this process):
+/// what gpu-check's "kept checkpoints" entries check moved, so that a silent fallback to the
+/// rerun cannot pass for the kept path.
+pub fn kept_checkpoints_read() -> usize {
+    KEPT_READ.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static KEPT_READ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 struct DeltaRuleOp {
     /// Whether the CUDA forward keeps its checkpoints in `saved` ([`keeping_checkpoints`]).

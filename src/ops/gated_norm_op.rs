@@ -161,7 +161,9 @@ fn backward(
     }
 }
 
-/// 1/√(mean(x²) + eps), as the reference (mean, + eps, sqrt, reciprocal).
+/// 1/√(mean(x²) + eps), as the reference (mean, + eps, sqrt, reciprocal; the mean as Σ/D where
+/// candle multiplies by 1/D: the same for a power-of-two D, as the models' heads, an ulp apart
+/// otherwise).
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
     let ss: f32 = x.iter().map(|v| v * v).sum();
     1.0 / (ss / x.len() as f32 + eps).sqrt()
@@ -194,6 +196,10 @@ mod cuda {
         eps: f32,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let (rows, d) = super::rows(x)?;
+        if rows == 0 {
+            let empty = || Tensor::zeros(x.shape(), x.dtype(), x.device());
+            return Ok((empty()?, dy.map(|_| empty()).transpose()?));
+        }
         let guards = [Some(x), Some(gate), Some(w), dy].map(|t| t.map(|t| t.storage_and_layout()));
         let mut cs = Vec::with_capacity(4);
         for g in guards.iter().flatten() {
@@ -211,7 +217,9 @@ mod cuda {
             block_dim: (32 * WARPS as u32, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (rows_i, d_i) = (rows as i64, d as i32);
+        let rows_i = rows as i64;
+        let d_i = i32::try_from(d)
+            .map_err(|_| candle_core::Error::Msg(format!("gated_norm kernel: rows of {d}")))?;
         macro_rules! go {
             ($variant:ident, $t:ty, $name:literal) => {{
                 let mut ins: Vec<&CudaSlice<$t>> = Vec::with_capacity(4);

@@ -417,10 +417,15 @@ fn warn_unadapted_linear_attention(spec: &ArchSpec, adapters: &Adapters) {
         }
         crate::arch::LinearProjections::Grouped => "in_proj_qkvz, in_proj_ba, out_proj",
     };
+    let full = spec.linear_layers.len() - linear;
+    let others = if adapters.linear.keys().any(|p| p.contains(".self_attn.")) {
+        format!(" (only its {full} full-attention layers)")
+    } else {
+        String::new()
+    };
     tracing::warn!(
-        "lora_target_modules adapt none of this {} model's {linear} linear-attention layers (only its {} full-attention layers): add {names} to lora_target_modules, or use all-linear",
+        "lora_target_modules adapt none of this {} model's {linear} linear-attention layers{others}: add {names} to lora_target_modules, or use all-linear",
         spec.model_type.as_str(),
-        spec.linear_layers.len() - linear
     );
 }
 

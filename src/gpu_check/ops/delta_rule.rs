@@ -14,7 +14,7 @@
 
 use super::{compare, lookup, Comparison, Pass};
 use crate::ops::delta_rule::{chunkwise, recurrent, CHUNK};
-use crate::ops::delta_rule_op::{keeping_checkpoints, scan};
+use crate::ops::delta_rule_op::{keeping_checkpoints, kept_checkpoints_read, scan};
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 type Form =
@@ -120,7 +120,14 @@ pub(super) fn check_delta_rule(device: &Device, dtype: DType) -> Result<Vec<Comp
             forms.push(("delta_rule", " kept checkpoints", scan_keeping as Form));
         }
         for (op, how, form) in forms {
+            let read = kept_checkpoints_read();
             let got = run(device, dtype, form)?;
+            if !how.is_empty() && kept_checkpoints_read() == read {
+                candle_core::bail!(
+                    "delta_rule{how} B{b} T{t}: the backward reran the forward instead of reading \
+                     the checkpoints the forward kept"
+                );
+            }
             for (i, part) in parts.iter().enumerate() {
                 let pass = if i < 2 { Pass::Forward } else { Pass::Backward };
                 out.push(compare(

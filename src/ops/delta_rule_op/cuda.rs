@@ -198,7 +198,10 @@ pub(super) fn backward(
     // The forward's checkpoints when it kept them (same split: the process's one), else a
     // rerun of the forward that writes them.
     let ckpt = match saved {
-        Some(c) if c.elem_count() == split.private(g, split.ckpts(g)) => c,
+        Some(c) if c.elem_count() == split.private(g, split.ckpts(g)) => {
+            super::KEPT_READ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            c
+        }
         _ => match run_forward(g, split, qkv, gb, s0, true)? {
             (_, Some(c)) => c,
             _ => bail!("delta_rule kernel: the forward kept no checkpoints"),
