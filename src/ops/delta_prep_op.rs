@@ -49,12 +49,13 @@ impl Heads {
         self.value_heads / self.key_heads
     }
 
-    fn check(&self, conv: &Tensor) -> Result<(usize, usize)> {
+    /// (B, T) of a conv output `[B, T, C]` that fits these heads.
+    pub(super) fn check(&self, conv: &Tensor) -> Result<(usize, usize)> {
         let (b, t, c) = conv.dims3()?;
         let h = *self;
         if h.key_heads == 0 || h.value_heads % h.key_heads != 0 || c != h.channels() {
             bail!(
-                "delta_prep: conv {:?} must be [B, T, 2·Hk·Dk + Hv·Dv] with Hv a multiple of Hk \
+                "delta rule: conv output {:?} must be [B, T, 2·Hk·Dk + Hv·Dv] with Hv a multiple of Hk \
                  ({h:?})",
                 conv.dims()
             );
@@ -65,22 +66,11 @@ impl Heads {
 
 /// The reference: candle ops with autograd (the layer's code before this op).
 pub fn reference(conv: &Tensor, h: Heads) -> Result<Tensor> {
-    let (b, t) = h.check(conv)?;
-    let heads = |at: usize, n: usize, d: usize| -> Result<Tensor> {
-        conv.narrow(2, at, n * d)?.reshape((b, t, n, d))
-    };
-    let repeat = |x: Tensor| -> Result<Tensor> {
-        x.unsqueeze(3)?
-            .broadcast_as((b, t, h.key_heads, h.group(), h.dk))?
-            .reshape((b, t, h.value_heads, h.dk))?
-            .to_dtype(DType::F32)
-    };
-    let q = repeat(heads(0, h.key_heads, h.dk)?)?;
-    let k = repeat(heads(h.key_heads * h.dk, h.key_heads, h.dk)?)?;
-    let v = heads(2 * h.key_heads * h.dk, h.value_heads, h.dv)?.to_dtype(DType::F32)?;
-    let q = (super::delta_rule::l2norm(&q)? * (h.dk as f64).powf(-0.5))?;
-    let k = super::delta_rule::l2norm(&k)?;
-    Tensor::cat(&[&q, &k, &v], 3)
+    let (q, k, v) = super::delta_rule::heads(conv, h)?;
+    let f32 = |x: Tensor| x.to_dtype(DType::F32);
+    let q = (super::delta_rule::l2norm(&f32(q)?)? * (h.dk as f64).powf(-0.5))?;
+    let k = super::delta_rule::l2norm(&f32(k)?)?;
+    Tensor::cat(&[&q, &k, &f32(v)?], 3)
 }
 
 /// The op on any device (the CPU twin on the CPU): conv `[B, T, C]` (f32, bf16 or f16) →

@@ -101,6 +101,12 @@ pub(super) fn dims(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, beta: &Tensor
             k.dims()
         );
     }
+    gates_fit(g, beta, (b, t, h))?;
+    Ok(Dims { b, t, h, dk, dv })
+}
+
+/// g and beta must be `[B, T, H]` (H: the value heads).
+pub(super) fn gates_fit(g: &Tensor, beta: &Tensor, (b, t, h): (usize, usize, usize)) -> Result<()> {
     for (name, x) in [("g", g), ("beta", beta)] {
         if x.dims() != [b, t, h] {
             bail!(
@@ -109,7 +115,7 @@ pub(super) fn dims(q: &Tensor, k: &Tensor, v: &Tensor, g: &Tensor, beta: &Tensor
             );
         }
     }
-    Ok(Dims { b, t, h, dk, dv })
+    Ok(())
 }
 
 /// `x · rsqrt(Σ_D x² + eps)` along the last dimension, as transformers' `l2norm`.
@@ -210,14 +216,8 @@ pub fn fused_conv(
 /// q, k `[B, T, Hv, Dk]` (repeated to the value heads) and v `[B, T, Hv, Dv]` of the conv output
 /// `[B, T, 2·Hk·Dk + Hv·Dv]`, in its dtype.
 pub fn heads(conv: &Tensor, h: Heads) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, t, c) = conv.dims3()?;
-    let r = h.value_heads / h.key_heads.max(1);
-    if c != 2 * h.key_heads * h.dk + h.value_heads * h.dv || r * h.key_heads != h.value_heads {
-        bail!(
-            "delta_rule: conv {:?} must be [B, T, 2·Hk·Dk + Hv·Dv] with Hv a multiple of Hk ({h:?})",
-            conv.dims()
-        );
-    }
+    let (b, t) = h.check(conv)?;
+    let r = h.value_heads / h.key_heads;
     let part = |at: usize, n: usize, d: usize| -> Result<Tensor> {
         conv.narrow(2, at, n * d)?.reshape((b, t, n, d))
     };

@@ -70,14 +70,7 @@ pub fn scan_conv(
 ) -> Result<(Tensor, Tensor)> {
     let (b, t, _) = conv.dims3()?;
     let (h, dk, dv) = (heads.value_heads, heads.dk, heads.dv);
-    for (name, x) in [("g", g), ("beta", beta)] {
-        if x.dims() != [b, t, h] {
-            bail!(
-                "delta_rule: {name} {:?} must be [B, T, Hv] = [{b}, {t}, {h}]",
-                x.dims()
-            );
-        }
-    }
+    super::delta_rule::gates_fit(g, beta, (b, t, h))?;
     let qkv = super::delta_prep_op::apply(conv, heads)?;
     let d = Dims { b, t, h, dk, dv };
     packed(&qkv, g, beta, initial_state, &d, conv.dtype())
