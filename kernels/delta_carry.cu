@@ -17,15 +17,15 @@
 //   the initial state's). The products over Dv (dW, dK̃, the decays') are the host's.
 //
 // The columns of the state are independent, so a block takes one head (blockIdx.x) and 32
-// columns (blockIdx.y), a lane per column; 8 warps split the rows: Y's C ≤ 64 rows in blocks of
-// 8, the state's Dk rows in blocks of RG (the state lives in registers, mirrored in shared
+// columns (blockIdx.y), a lane per column; 16 warps split the rows: Y's C ≤ 64 rows in blocks of
+// 4, the state's Dk rows in blocks of RG (the state lives in registers, mirrored in shared
 // memory for the products). Each chunk's rows of wk are first copied to shared memory by the
 // whole block (coalesced float4, Dk % 4 == 0), then read as float4 broadcasts (the same address
 // for every lane of a warp): read straight from global memory, the products waited on L2 with
 // only 8 warps per SM (2.1 ms per forward call at 32 heads × 2,048 positions, Nsight). Shared: (2·C·Dk + (Dk + C)·32) floats, 88 KiB at C = 64, Dk = 128.
 #include "common.cuh"
 
-constexpr int WARPS = 8, COLS = 32, RY = 8;  // C ≤ WARPS·RY = 64
+constexpr int WARPS = 16, COLS = 32, RY = 4;  // C ≤ WARPS·RY = 64
 
 template <int RG, bool BACK>
 __device__ void carry(const float* wk, const float* us, const float* dout, float* out, int N, int C, int Dk,
@@ -126,8 +126,8 @@ __device__ void carry(const float* wk, const float* us, const float* dout, float
   }
 }
 
-// Entry points per RG (state rows per warp, a multiple of 4): Dk ≤ 8·RG. Grid (BH, ⌈Dv/32⌉),
-// 256 threads, (2·C·Dk + (Dk + C)·32)·4 bytes of shared memory.
+// Entry points per RG (state rows per warp, a multiple of 4): Dk ≤ 16·RG. Grid (BH, ⌈Dv/32⌉),
+// 512 threads, (2·C·Dk + (Dk + C)·32)·4 bytes of shared memory.
 #define DELTA_CARRY(RG)                                                                                        \
   extern "C" __global__ void delta_carry_fwd_r##RG(const float* wk, const float* us, float* out, const int N,  \
                                                    const int C, const int Dk, const int Dv) {                 \
@@ -141,4 +141,3 @@ __device__ void carry(const float* wk, const float* us, const float* dout, float
 DELTA_CARRY(4)
 DELTA_CARRY(8)
 DELTA_CARRY(16)
-DELTA_CARRY(32)

@@ -14,7 +14,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use moeq::ops::delta_rule::{chunked, chunkwise, recurrent, CHUNK};
-use moeq::ops::delta_rule_op::{scan, CKPT};
+use moeq::ops::delta_rule_op::{scan, scan_by, Engine, CKPT};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -445,6 +445,48 @@ fn chunkwise_matches_recurrent_forward_and_backward() {
         );
         let (o_ref, s_ref) = recurrent(&q, &k, &v, &g, &beta, None).unwrap();
         let (o, s) = chunkwise(&q, &k, &v, &g, &beta, None, chunk).unwrap();
+        assert!(rel_err(&o, &o_ref) < FWD_TOL && rel_err(&s, &s_ref) < FWD_TOL);
+    }
+}
+
+/// The chunked op (`delta_rule_op::scan_by` with `Engine::Chunks`: its CPU twin here, each
+/// kernel block's loops, and the carry op's twin) against autograd through `recurrent`: o, the
+/// final state and every gradient — which proves the op's written-out backward — with T one
+/// chunk, a short T as its own chunk, several chunks with a short last one, and Dk ≠ Dv; then
+/// without a graph and without an initial state.
+#[test]
+fn chunk_op_matches_recurrent_forward_and_backward() {
+    let (b, h, dk, dv) = (2, 3, 8, 12);
+    for (seed, t, chunk) in [
+        (71u64, 37usize, 16usize),
+        (72, 70, CHUNK),
+        (73, 5, 5),
+        (74, 48, 16),
+    ] {
+        let x = inputs(seed, b, t, h, dk, dv);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed + 100);
+        let up_o = randn(&mut rng, &[b, t, h, dv]);
+        let up_s = randn(&mut rng, &[b, h, dk, dv]);
+        let (o_ref, s_ref, reference) = with_grads(&run_recurrent, &x, &up_o, &up_s);
+        let engine = Engine::Chunks(chunk);
+        let op = |x: &Inputs, s0: Option<&Tensor>| {
+            let [q, k, v, g, beta] = [&x.q, &x.k, &x.v, &x.g, &x.beta].map(|v| v.as_tensor());
+            scan_by(engine, q, k, v, g, beta, s0).unwrap()
+        };
+        let (o, s, fast) = with_grads(&op, &x, &up_o, &up_s);
+        let (eo, es) = (rel_err(&o, &o_ref), rel_err(&s, &s_ref));
+        println!("chunk op T={t} chunk={chunk}: o {eo:.2e}, final state {es:.2e}");
+        assert!(eo < FWD_TOL && es < FWD_TOL, "T={t}: o {eo}, state {es}");
+        assert_grads(
+            &format!("chunk op T={t} chunk={chunk}"),
+            &reference,
+            &fast,
+            GRAD_TOL,
+        );
+        let plain = |v: &Var| v.as_tensor().detach();
+        let [q, k, v, g, beta] = [&x.q, &x.k, &x.v, &x.g, &x.beta].map(plain);
+        let (o_ref, s_ref) = recurrent(&q, &k, &v, &g, &beta, None).unwrap();
+        let (o, s) = scan_by(engine, &q, &k, &v, &g, &beta, None).unwrap();
         assert!(rel_err(&o, &o_ref) < FWD_TOL && rel_err(&s, &s_ref) < FWD_TOL);
     }
 }

@@ -574,12 +574,12 @@ fn custom_ops_match_their_references_on_the_cpu() {
     // products (`thin_gemm`) the `grouped_gemm` formulation in bf16 against f32. (8-bit AdamW's
     // state compares as its f32 moments, two entries per parameter.) The delta rule's and the
     // conv's ops, and the linear-attention prep and gated norm, compare their CPU twins with
-    // autograd through their references (the delta rule's two forms: the chunkwise one and the
-    // token-by-token op).
+    // autograd through their references (the delta rule's three forms: the chunkwise one, the
+    // chunk op and the token-by-token op).
     let results = moeq::gpu_check::ops::run_all(&candle_core::Device::Cpu).unwrap();
-    // 294 + the delta rule's 2 × 32, the conv's 12, the linear-attention prep's 8 and gated
+    // 294 + the delta rule's 3 × 32, the conv's 12, the linear-attention prep's 8 and gated
     // norm's 12 (f32 and bf16)
-    assert_eq!(results.len(), 390);
+    assert_eq!(results.len(), 422);
     for r in results {
         assert!(r.passed(), "{r}");
     }

@@ -3,14 +3,16 @@
 # ROWS --iters 1` under Nsight Compute (every kernel timed alone, clocks left alone), summed per
 # kernel name, largest first. GPU machine, repository root, .device/ carried:
 #
-#   OUT=/tmp/out bash launch/bench/delta-profile.sh [rows]
+#   OUT=/tmp/out [FORMS=chunks,recurrent] bash launch/bench/delta-profile.sh [rows]
+#
+# FORMS: the forms gpu-bench times (--delta-forms; all of them by default).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source launch/device-env.sh
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
 [ -n "$NCU" ] || { echo "ncu not found"; exit 1; }
 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --log-file "$OUT/delta-ncu.csv" \
-  .device/moeq gpu-bench --delta-rule "${1:-1}" --iters 1 > "$OUT/delta-profile-bench.log" 2>&1
+  .device/moeq gpu-bench --delta-rule "${1:-1}" --iters 1 --delta-forms "${FORMS:-chunkwise,chunks,recurrent,chunked}" > "$OUT/delta-profile-bench.log" 2>&1
 echo "gpu-bench exit $?"
 python3 - "$OUT/delta-ncu.csv" <<'PY'
 import csv, collections, sys

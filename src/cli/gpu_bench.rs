@@ -36,8 +36,9 @@ pub struct GpuBenchArgs {
     /// gated-attention layer of the same width (16 query heads on 2 kv heads of 256).
     #[arg(long)]
     delta_rule: Option<usize>,
-    /// With --delta-rule: which forms to time (chunkwise, recurrent, chunked), comma-separated.
-    #[arg(long, default_value = "chunkwise,recurrent,chunked")]
+    /// With --delta-rule: which forms to time (chunkwise, chunks, recurrent, chunked),
+    /// comma-separated.
+    #[arg(long, default_value = "chunkwise,chunks,recurrent,chunked")]
     delta_forms: String,
 }
 
@@ -509,12 +510,22 @@ fn delta_rule(
         let (o, _) = chunkwise(&q, &k, &v, &g, &beta, None, CHUNK)?;
         Ok(o)
     };
+    let chunks_f: &Form<'_> = &|| {
+        let engine = crate::ops::delta_rule_op::Engine::Chunks(CHUNK);
+        let (o, _) = crate::ops::delta_rule_op::scan_by(engine, &q, &k, &v, &g, &beta, None)?;
+        Ok(o)
+    };
     let wanted: Vec<&str> = forms.split(',').map(str::trim).collect();
     for (key, name, form) in [
         (
             "chunkwise",
             "chunkwise (batched chunks + carry kernel)",
             whole_f,
+        ),
+        (
+            "chunks",
+            "chunk op (kernels per chunk + carry kernel)",
+            chunks_f,
         ),
         ("recurrent", "token-by-token kernels", scan_f),
         ("chunked", "chunked reference (candle ops)", chunk_f),

@@ -207,8 +207,8 @@ const DELTA_BF16: &str = "the reference gets the same bf16-rounded inputs: o, dq
     are rounded once to bf16 (≤ 2^-8 of the value, two such steps allowed), the state, dg and \
     d state stay f32 (the f32 row's absolute part)";
 const CHUNKWISE_F32: &str = "the chunked form against the recurrence: a chunk's terms go through \
-    a triangular inverse (by doubling) and matmuls (cuBLAS on the device) instead of T rank-1 \
-    updates, sums in another order (CPU chunked vs recurrent: ≤ 1e-5 forward, 1e-4 gradients)";
+    a triangular inverse (by doubling, or by substitution in the chunk op) and matmuls (cuBLAS, or \
+    the chunk op's own products) instead of T rank-1 updates, sums in another order (CPU chunked vs recurrent: ≤ 1e-5 forward, 1e-4 gradients)";
 const CHUNKWISE_BF16: &str = "as the token-by-token op's bf16 rows: the inputs are the same \
     bf16-rounded values, o, dq, dk, dv, dbeta rounded once to bf16 (two steps allowed)";
 const CONV_F32: &str = "the same f32 products and sums as the reference (no FMA on the device), \
@@ -365,6 +365,10 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Ops,   "delta_chunkwise",          "f32",  Backward, 1e-4,         OfMax(2e-4),            CHUNKWISE_F32),
     row(Ops,   "delta_chunkwise",          "bf16", Forward,  2.0 / 256.0,  OfMax(1e-4),            CHUNKWISE_BF16),
     row(Ops,   "delta_chunkwise",          "bf16", Backward, 2.0 / 256.0,  OfMax(2e-4),            CHUNKWISE_BF16),
+    row(Ops,   "delta_chunk",              "f32",  Forward,  1e-4,         OfMax(1e-4),            CHUNKWISE_F32),
+    row(Ops,   "delta_chunk",              "f32",  Backward, 1e-4,         OfMax(2e-4),            CHUNKWISE_F32),
+    row(Ops,   "delta_chunk",              "bf16", Forward,  2.0 / 256.0,  OfMax(1e-4),            CHUNKWISE_BF16),
+    row(Ops,   "delta_chunk",              "bf16", Backward, 2.0 / 256.0,  OfMax(2e-4),            CHUNKWISE_BF16),
     row(Ops,   "delta_rule",               "f32",  Forward,  1e-4,         OfMax(1e-4),            DELTA_F32),
     row(Ops,   "delta_rule",               "f32",  Backward, 1e-4,         OfMax(1e-4),            DELTA_F32),
     row(Ops,   "delta_rule",               "bf16", Forward,  2.0 / 256.0,  OfMax(1e-4),            DELTA_BF16),

@@ -167,7 +167,7 @@ impl CustomOp2 for DeltaCarry {
 
 /// `out` [BH, N·C + (N+1)·Dk, Dv] of the packed inputs: the forward's, or with `dout` the
 /// backward's (Y = dU, slots = the states' gradients).
-fn run(wk: &Tensor, us: &Tensor, dout: Option<&Tensor>) -> Result<Tensor> {
+pub(super) fn run(wk: &Tensor, us: &Tensor, dout: Option<&Tensor>) -> Result<Tensor> {
     let g = Geo::of(wk, us)?;
     match wk.device() {
         Device::Cpu => {
@@ -249,7 +249,7 @@ mod cuda {
 
     /// Columns per block and threads per block (`COLS`, `WARPS` in the kernel).
     const COLS: usize = 32;
-    const THREADS: usize = 256;
+    const THREADS: usize = 512;
 
     pub(super) fn run(g: Geo, wk: &Tensor, us: &Tensor, dout: Option<&Tensor>) -> Result<Tensor> {
         if !super::kernel_takes(g.dk, g.c) {
@@ -262,9 +262,9 @@ mod cuda {
             );
         }
         let dev = cuda_device(wk)?;
-        let rg = [4usize, 8, 16, 32]
+        let rg = [4usize, 8, 16]
             .into_iter()
-            .find(|r| 8 * r >= g.dk)
+            .find(|r| 16 * r >= g.dk)
             .expect("dk ≤ 256");
         let name = format!(
             "delta_carry_{}_r{rg}",

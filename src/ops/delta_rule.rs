@@ -189,6 +189,10 @@ pub fn fused(
         Form::Chunkwise if !cuda || super::delta_carry_op::kernel_takes(dk, chunk) => {
             chunkwise(q, k, v, g, beta, initial_state, chunk)
         }
+        Form::Chunks if !cuda || super::delta_chunk_op::kernel_takes(dk, v.dim(3)?) => {
+            let engine = super::delta_rule_op::Engine::Chunks(chunk);
+            super::delta_rule_op::scan_by(engine, q, k, v, g, beta, initial_state)
+        }
         _ => chunked(q, k, v, g, beta, initial_state, chunk),
     }
 }
@@ -204,10 +208,17 @@ pub fn fused_conv(
     beta: &Tensor,
     initial_state: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
-    let recurrent = matches!(form(), None | Some(Form::Recurrent));
+    use super::delta_rule_op::Engine;
+    let engine = match form() {
+        None | Some(Form::Recurrent) if h.dk <= 256 => Some(Engine::Tokens),
+        Some(Form::Chunks) if super::delta_chunk_op::kernel_takes(h.dk, h.dv) => {
+            Some(Engine::Chunks(CHUNK))
+        }
+        _ => None,
+    };
     let dtype = matches!(conv.dtype(), DType::F32 | DType::BF16 | DType::F16);
-    if conv.device().is_cuda() && recurrent && dtype && h.dk <= 256 {
-        return super::delta_rule_op::scan_conv(conv, h, g, beta, initial_state);
+    if let (true, true, Some(engine)) = (conv.device().is_cuda(), dtype, engine) {
+        return super::delta_rule_op::scan_conv(engine, conv, h, g, beta, initial_state);
     }
     let (q, k, v) = heads(conv, h)?;
     fused(&q, &k, &v, g, beta, initial_state)
@@ -242,15 +253,18 @@ pub fn heads(conv: &Tensor, h: Heads) -> Result<(Tensor, Tensor, Tensor)> {
 #[derive(Clone, Copy, PartialEq)]
 enum Form {
     Chunkwise,
+    Chunks,
     Recurrent,
     Chunked,
 }
 
-/// `MOEQ_DELTA_RULE` (`chunkwise`, `recurrent`, `chunked`), read once; `None` when unset.
+/// `MOEQ_DELTA_RULE` (`chunkwise`, `chunks`, `recurrent`, `chunked`), read once; `None` when
+/// unset.
 fn form() -> Option<Form> {
     static FORM: std::sync::OnceLock<Option<Form>> = std::sync::OnceLock::new();
     *FORM.get_or_init(|| match std::env::var("MOEQ_DELTA_RULE").as_deref() {
         Ok("chunkwise") => Some(Form::Chunkwise),
+        Ok("chunks") => Some(Form::Chunks),
         Ok("recurrent") => Some(Form::Recurrent),
         Ok("chunked") => Some(Form::Chunked),
         _ => None,

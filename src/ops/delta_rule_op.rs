@@ -49,19 +49,42 @@ pub fn scan(
     beta: &Tensor,
     initial_state: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
+    scan_by(Engine::Tokens, q, k, v, g, beta, initial_state)
+}
+
+/// Which op runs the packed rule: this module's token-by-token op, or
+/// [`super::delta_chunk_op`] in chunks of the given length (same inputs and output).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Engine {
+    Tokens,
+    Chunks(usize),
+}
+
+/// [`scan`] through the op `engine` names.
+pub fn scan_by(
+    engine: Engine,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    beta: &Tensor,
+    initial_state: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     let d = dims(q, k, v, g, beta)?;
     let f32 = |x: &Tensor| x.to_dtype(DType::F32);
     // [B, T, H, ·] → packed f32, q and k normalised, q scaled (as the reference's prologue).
     let qn = (l2norm(&f32(q)?)? * (d.dk as f64).powf(-0.5))?;
     let kn = l2norm(&f32(k)?)?;
     let qkv = Tensor::cat(&[&qn, &kn, &f32(v)?], 3)?;
-    packed(&qkv, g, beta, initial_state, &d, v.dtype())
+    packed(engine, &qkv, g, beta, initial_state, &d, v.dtype())
 }
 
 /// [`scan`] over the heads of Gated DeltaNet's conv output `[B, T, 2·Hk·Dk + Hv·Dv]` (q and k
 /// not yet repeated to the value heads nor normalised: [`super::delta_prep_op`] does both in one
-/// op), g and beta `[B, T, Hv]` → o `[B, T, Hv, Dv]` in conv's dtype and the final state.
+/// op), g and beta `[B, T, Hv]` → o `[B, T, Hv, Dv]` in conv's dtype and the final state, through
+/// the op `engine` names.
 pub fn scan_conv(
+    engine: Engine,
     conv: &Tensor,
     heads: Heads,
     g: &Tensor,
@@ -73,12 +96,13 @@ pub fn scan_conv(
     super::delta_rule::gates_fit(g, beta, (b, t, h))?;
     let qkv = super::delta_prep_op::apply(conv, heads)?;
     let d = Dims { b, t, h, dk, dv };
-    packed(&qkv, g, beta, initial_state, &d, conv.dtype())
+    packed(engine, &qkv, g, beta, initial_state, &d, conv.dtype())
 }
 
 /// The op over packed q̂ | k̂ | v `[B, T, H, 2Dk + Dv]` (f32): o `[B, T, H, Dv]` in `dtype`,
 /// the final state f32.
 fn packed(
+    engine: Engine,
     qkv: &Tensor,
     g: &Tensor,
     beta: &Tensor,
@@ -91,9 +115,11 @@ fn packed(
     let s0 = state_or_zeros(initial_state, d, qkv.device())?;
     let at0 = super::at_offset_zero;
     let (qkv, gb, s0) = (at0(qkv)?, at0(&gb)?, at0(&s0)?);
-    let out = if super::records_graph(&[&qkv, &gb, &s0]) {
+    let out = if let Engine::Chunks(c) = engine {
+        super::delta_chunk_op::apply(&qkv, &gb, &s0, c)?
+    } else if super::records_graph(&[&qkv, &gb, &s0]) {
         let op = DeltaRuleOp {
-            keep: KEEP_CHECKPOINTS.with(|k| k.get()),
+            keep: keeping(),
             saved: std::sync::Mutex::new(None),
         };
         qkv.apply_op3(&gb, &s0, op)?
@@ -180,6 +206,17 @@ pub fn keeping_checkpoints<R>(f: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(KEEP_CHECKPOINTS.with(|k| k.replace(true)));
     f()
+}
+
+/// Whether ops recorded now keep their forward's state for their backward
+/// ([`keeping_checkpoints`]).
+pub(super) fn keeping() -> bool {
+    KEEP_CHECKPOINTS.with(|k| k.get())
+}
+
+/// Counts one backward that read what its forward kept (see [`kept_checkpoints_read`]).
+pub(super) fn count_kept_read() {
+    KEPT_READ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// How many backward calls have read checkpoints their forward kept (on CUDA, this process):

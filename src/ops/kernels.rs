@@ -49,6 +49,9 @@ pub const ADAMW8: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw8.ptx"));
 pub const DELTA_CARRY: &str = include_str!(concat!(env!("OUT_DIR"), "/delta_carry.ptx"));
 
 #[cfg(feature = "cuda")]
+pub const DELTA_CHUNK: &str = include_str!(concat!(env!("OUT_DIR"), "/delta_chunk.ptx"));
+
+#[cfg(feature = "cuda")]
 pub const DELTA_RULE: &str = include_str!(concat!(env!("OUT_DIR"), "/delta_rule.ptx"));
 
 #[cfg(feature = "cuda")]

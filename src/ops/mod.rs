@@ -12,6 +12,7 @@ pub mod cross_entropy;
 #[cfg(feature = "cuda")]
 pub mod cudnn_attn;
 pub mod delta_carry_op;
+pub mod delta_chunk_op;
 pub mod delta_prep_op;
 pub mod delta_rule;
 pub mod delta_rule_op;

@@ -14,7 +14,9 @@
 
 use super::{compare, lookup, Comparison, Pass};
 use crate::ops::delta_rule::{chunkwise, recurrent, CHUNK};
-use crate::ops::delta_rule_op::{keeping_checkpoints, kept_checkpoints_read, scan};
+use crate::ops::delta_rule_op::{
+    keeping_checkpoints, kept_checkpoints_read, scan, scan_by, Engine,
+};
 use candle_core::{DType, Device, Result, Tensor, Var};
 
 type Form =
@@ -39,6 +41,32 @@ fn chunkwise_form(
     s0: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     chunkwise(q, k, v, g, beta, s0, CHUNK.min(q.dim(1)?))
+}
+
+/// The chunked op (`kernels/delta_chunk.cu` around the carry) in chunks of min(64, T).
+fn chunk_op(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    beta: &Tensor,
+    s0: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let engine = Engine::Chunks(CHUNK.min(q.dim(1)?));
+    scan_by(engine, q, k, v, g, beta, s0)
+}
+
+/// The chunked op recorded as the layer recompute records it (its backward reading the carry's
+/// inputs and output its forward kept).
+fn chunk_op_keeping(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    beta: &Tensor,
+    s0: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    keeping_checkpoints(|| chunk_op(q, k, v, g, beta, s0))
 }
 
 /// The token-by-token op recorded as the layer recompute records it.
@@ -113,19 +141,21 @@ pub(super) fn check_delta_rule(device: &Device, dtype: DType) -> Result<Vec<Comp
         ];
         let mut forms = vec![
             ("delta_chunkwise", "", chunkwise_form as Form),
+            ("delta_chunk", "", chunk_op as Form),
             ("delta_rule", "", scan as Form),
         ];
         // On CUDA also the backward reading the forward's own checkpoints (the recompute's way).
         if device.is_cuda() {
             forms.push(("delta_rule", " kept checkpoints", scan_keeping as Form));
+            forms.push(("delta_chunk", " kept carry", chunk_op_keeping as Form));
         }
         for (op, how, form) in forms {
             let read = kept_checkpoints_read();
             let got = run(device, dtype, form)?;
             if !how.is_empty() && kept_checkpoints_read() == read {
                 candle_core::bail!(
-                    "delta_rule{how} B{b} T{t}: the backward reran the forward instead of reading \
-                     the checkpoints the forward kept"
+                    "{op}{how} B{b} T{t}: the backward reran the forward instead of reading \
+                     what the forward kept"
                 );
             }
             for (i, part) in parts.iter().enumerate() {

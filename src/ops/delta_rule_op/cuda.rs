@@ -199,7 +199,7 @@ pub(super) fn backward(
     // rerun of the forward that writes them.
     let ckpt = match saved {
         Some(c) if c.elem_count() == split.private(g, split.ckpts(g)) => {
-            super::KEPT_READ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            super::count_kept_read();
             c
         }
         _ => match run_forward(g, split, qkv, gb, s0, true)? {
