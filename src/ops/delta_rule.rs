@@ -42,12 +42,13 @@
 //! them gives the gradients of q, k, v, g, beta and the initial state (`tests/delta_rule.rs`
 //! holds the recurrent-vs-chunked proof).
 //!
-//! What trains ([`fused`]): on CUDA the recurrence token by token as one op with a written-out
-//! backward ([`super::delta_rule_op`], `kernels/delta_rule.cu`); elsewhere [`chunkwise`], the
+//! What trains ([`fused`]): on CUDA the chunked equations as one op with a written-out backward
+//! ([`super::delta_chunk_op`]: each chunk's terms in one block of `kernels/delta_chunk.cu`, the
+//! pass over chunks in `kernels/delta_carry.cu`), or for key heads over 128 the recurrence token
+//! by token ([`super::delta_rule_op`], `kernels/delta_rule.cu`); elsewhere [`chunkwise`], the
 //! same chunked equations with every chunk's terms as one batched matmul (the inverse by
-//! doubling) and only the pass over chunks sequential, as one op with a written-out backward
-//! ([`super::delta_carry_op`], `kernels/delta_carry.cu` on CUDA). Both are tested against
-//! [`recurrent`], forward and backward, on the CPU and by `moeq gpu-check` on CUDA.
+//! doubling) and only the pass over chunks sequential ([`super::delta_carry_op`]). All are tested
+//! against [`recurrent`], forward and backward, on the CPU and by `moeq gpu-check` on CUDA.
 
 pub use super::delta_prep_op::Heads;
 use candle_core::{bail, DType, Result, Tensor, D};
@@ -155,18 +156,19 @@ fn prologue(
 }
 
 /// The gated delta rule for training and prefill, with the arguments and results of
-/// [`recurrent`]: on CUDA the token-by-token kernels of [`super::delta_rule_op::scan`] (key
-/// heads ≤ 256), elsewhere [`chunkwise`] in chunks of min([`CHUNK`], T) (a short sample is not
-/// padded to 64). `MOEQ_DELTA_RULE` picks another form for A/B runs: `chunkwise` (on CUDA: key
-/// heads ≤ 256 and a multiple of 4) or `chunked` (the reference ops); shapes a form's kernels
-/// do not take run [`chunked`].
+/// [`recurrent`]: on CUDA the chunk op ([`super::delta_chunk_op`]: per-chunk kernels around the
+/// carry kernel; key and value heads ≤ 128) or, for larger heads (≤ 256), the token-by-token
+/// kernels of [`super::delta_rule_op::scan`]; elsewhere [`chunkwise`]; chunks of
+/// min([`CHUNK`], T) (a short sample is not padded to 64). `MOEQ_DELTA_RULE` picks another form
+/// for A/B runs: `recurrent` (the token-by-token kernels), `chunks` (the chunk op, on the CPU its
+/// twin), `chunkwise` (on CUDA: key heads ≤ 256 and a multiple of 4) or `chunked` (the reference
+/// ops); shapes a form's kernels do not take run [`chunked`].
 ///
-/// Why not [`chunkwise`] on CUDA: measured at 32 heads × 2,048 positions (one H200,
-/// `launch/bench/delta-rule.sh`), its forward takes 5.2 ms and forward + backward 22.3 against
-/// the token-by-token kernels' 2.4 and 13.7. Its carry kernel's forward took 2.1 ms of it
-/// (Nsight) until it staged each chunk's rows in shared memory (then the forward: 6.5 → 5.2
-/// ms); the rest is candle's element-wise passes and copies between the batched matmuls —
-/// what fused intra-chunk kernels would remove.
+/// Measured at 32 heads × 2,048 positions (one H200, `launch/bench/delta-rule.sh`), forward +
+/// backward: the chunk op 10.8 ms, the token-by-token kernels 12.9, [`chunkwise`] 22.3 (its
+/// batched matmuls with candle's element-wise passes between them); in training (Qwen3.5-35B-A3B,
+/// the recompute keeping the carry for the backward) the chunk op is 5–7% faster than the
+/// token-by-token kernels (BENCHMARKS.md).
 pub fn fused(
     q: &Tensor,
     k: &Tensor,
@@ -176,9 +178,11 @@ pub fn fused(
     initial_state: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     let chunk = CHUNK.min(q.dim(1)?).max(1);
-    let (cuda, dk) = (v.device().is_cuda(), q.dim(3)?);
+    let (cuda, dk, dv) = (v.device().is_cuda(), q.dim(3)?, v.dim(3)?);
+    let chunks = super::delta_chunk_op::kernel_takes(dk, dv);
     let form = match form() {
         Some(f) => f,
+        None if cuda && chunks => Form::Chunks,
         None if cuda => Form::Recurrent,
         None => Form::Chunkwise,
     };
@@ -189,7 +193,7 @@ pub fn fused(
         Form::Chunkwise if !cuda || super::delta_carry_op::kernel_takes(dk, chunk) => {
             chunkwise(q, k, v, g, beta, initial_state, chunk)
         }
-        Form::Chunks if !cuda || super::delta_chunk_op::kernel_takes(dk, v.dim(3)?) => {
+        Form::Chunks if !cuda || chunks => {
             let engine = super::delta_rule_op::Engine::Chunks(chunk);
             super::delta_rule_op::scan_by(engine, q, k, v, g, beta, initial_state)
         }
@@ -199,8 +203,9 @@ pub fn fused(
 
 /// [`fused`] over the heads of Gated DeltaNet's conv output `[B, T, 2·Hk·Dk + Hv·Dv]` (q heads,
 /// k heads, v heads), q and k repeated to the value heads as transformers' `repeat_interleave`:
-/// on CUDA with the token-by-token kernels (the default form), the repeat and the L2 norms run in
-/// one op ([`super::delta_rule_op::scan_conv`]); otherwise [`heads`], then [`fused`].
+/// on CUDA with the chunk op or the token-by-token kernels (as [`fused`] picks them), the repeat
+/// and the L2 norms run in one op ([`super::delta_rule_op::scan_conv`]); otherwise [`heads`],
+/// then [`fused`].
 pub fn fused_conv(
     conv: &Tensor,
     h: Heads,
@@ -209,11 +214,10 @@ pub fn fused_conv(
     initial_state: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     use super::delta_rule_op::Engine;
+    let chunks = super::delta_chunk_op::kernel_takes(h.dk, h.dv);
     let engine = match form() {
+        None | Some(Form::Chunks) if chunks => Some(Engine::Chunks(CHUNK)),
         None | Some(Form::Recurrent) if h.dk <= 256 => Some(Engine::Tokens),
-        Some(Form::Chunks) if super::delta_chunk_op::kernel_takes(h.dk, h.dv) => {
-            Some(Engine::Chunks(CHUNK))
-        }
         _ => None,
     };
     let dtype = matches!(conv.dtype(), DType::F32 | DType::BF16 | DType::F16);
