@@ -15,8 +15,8 @@
 // ty + 16i and columns tx + 32j of the result, so a warp reads one row of A (a broadcast) and 32
 // consecutive columns of B: B and the result are laid out with consecutive columns adjacent (in
 // global memory) or at an odd stride (shared memory rows padded to an odd width: no bank
-// conflicts). Shared memory per block at C = 64, Dk = Dv = 128: 116 / 83 / 165 / 195 KiB for
-// prep / out / out_bwd / prep_bwd (one or two blocks per SM).
+// conflicts). Shared memory per block at C = 64, Dk = Dv = 128: 114 / 146 / 162 / 195 KiB for
+// prep / out / out_bwd / prep_bwd (one block per SM, 16 warps).
 #include "common.cuh"
 
 constexpr int THREADS = 512;
@@ -207,12 +207,18 @@ extern "C" __global__ void delta_chunk_out(const float* qkv, const float* gb, co
   extern __shared__ float sh[];
   const int ld = max(Dk, Dv) + 1, lc = C + 1, W = 2 * Dk + Dv;
   float* Q = sh;
-  float* K = Q + C * ld;
+  float* K = Q + C * ld;  // k, then V'
   float* p = K + C * ld;
-  float* cum = p + C * lc;
+  float* S = p + C * lc;  // S_n [Dk, Dv]
+  float* cum = S + Dk * Dv;
   float* beta = cum + C;
   const Chunk x = chunk_of(T, H, C);
   const float* base = qkv + x.tok0 * W;
+  const long long cout_rows = (long long)N * C + (long long)(N + 1) * Dk, slots = (long long)N * C;
+  const float* c = cout + x.bh * cout_rows * Dv;
+  // The products read the state and V' from shared memory: copied first by the whole block
+  // (many loads in flight) instead of one L2 round trip per step of k.
+  stage(S, Dv, c + (slots + (long long)x.n * Dk) * Dv, Dv, Dk, Dk, Dv);
   stage(Q, ld, base, x.stride * W, x.L, C, Dk);
   stage(K, ld, base + Dk, x.stride * W, x.L, C, Dk);
   gates(x, gb, cum, beta, C);
@@ -220,13 +226,12 @@ extern "C" __global__ void delta_chunk_out(const float* qkv, const float* gb, co
   __syncthreads();
   for (int e = threadIdx.x; e < C * C; e += THREADS) p[(e / C) * lc + e % C] *= decay(cum, e / C, e % C, true);
   for (int e = threadIdx.x; e < C * Dk; e += THREADS) Q[(e / Dk) * ld + e % Dk] *= expf(cum[e / Dk]);
+  stage(K, ld, c + (long long)x.n * C * Dv, Dv, C, C, Dv);
   __syncthreads();
-  const long long cout_rows = (long long)N * C + (long long)(N + 1) * Dk, slots = (long long)N * C;
-  const float* c = cout + x.bh * cout_rows * Dv;
   float* o = out + (long long)x.bh * (T + Dk) * Dv;
   float* rows_o = o + (long long)x.n * C * Dv;
-  mm(x.L, Dv, Dk, 1.0f, rows(Q, ld), rows(c + (slots + (long long)x.n * Dk) * Dv, Dv), rows_o, Dv, 1, false);
-  mm(x.L, Dv, C, 1.0f, rows(p, lc), rows(c + (long long)x.n * C * Dv, Dv), rows_o, Dv, 1, true);
+  mm(x.L, Dv, Dk, 1.0f, rows(Q, ld), rows(S, Dv), rows_o, Dv, 1, false);
+  mm(x.L, Dv, C, 1.0f, rows(p, lc), rows(K, ld), rows_o, Dv, 1, true);
   if (x.n == N - 1) {
     const float* s = c + (slots + (long long)N * Dk) * Dv;
     for (int e = threadIdx.x; e < Dk * Dv; e += THREADS) o[(long long)T * Dv + e] = s[e];
@@ -256,12 +261,12 @@ extern "C" __global__ void delta_chunk_out_bwd(const float* qkv, const float* gb
   stage(Q, ld, base, x.stride * W, x.L, C, Dk);
   stage(K, ld, base + Dk, x.stride * W, x.L, C, Dk);
   stage(dO, ld, d_out + (long long)x.n * C * Dv, Dv, x.L, C, Dv);
+  stage(dq, ld, c + (long long)x.n * C * Dv, Dv, C, C, Dv);  // V' until dQe is written there
   gates(x, gb, cum, beta, C);
-  const float* v_new = c + (long long)x.n * C * Dv;
   const float* s_n = c + (slots + (long long)x.n * Dk) * Dv;
   mm(C, C, Dk, 1.0f, rows(Q, ld), tr(rows(K, ld)), p, lc, 1, false);
   // F = (dO V'ᵀ) ⊙ Γ, stored transposed from V' dOᵀ.
-  mm(C, C, Dv, 1.0f, rows(v_new, Dv), tr(rows(dO, ld)), f, 1, lc, false);
+  mm(C, C, Dv, 1.0f, rows(dq, ld), tr(rows(dO, ld)), f, 1, lc, false);
   __syncthreads();
   for (int e = threadIdx.x; e < C * C; e += THREADS) f[(e / C) * lc + e % C] *= decay(cum, e / C, e % C, true);
   __syncthreads();

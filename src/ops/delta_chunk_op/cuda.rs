@@ -11,7 +11,8 @@ use candle_core::{bail, CudaDevice, Result, Tensor};
 const THREADS: u32 = 512;
 
 /// The kernels and their shared memory in floats: chunk-row buffers of the widest head (+1,
-/// odd), C × C buffers (C + 1 wide) and per-position scalars, as each kernel lays them out.
+/// odd), C × C buffers (C + 1 wide) and per-position scalars (and `out`'s copy of a state), as
+/// each kernel lays them out.
 #[derive(Clone, Copy)]
 enum Kernel {
     Prep,
@@ -34,7 +35,7 @@ impl Kernel {
         let (c, ld) = (g.c, g.dk.max(g.dv) + 1);
         let (rows, squares, scalars) = match self {
             Kernel::Prep => (2, 3, 2 * c),
-            Kernel::Out => (2, 1, 2 * c),
+            Kernel::Out => (2, 1, 2 * c + g.dk * g.dv),
             Kernel::OutBwd => (4, 2, 3 * c),
             Kernel::PrepBwd => (4, 4, 5 * c + THREADS as usize / 32),
         };
