@@ -22,7 +22,9 @@
 // memory for the products). Each chunk's rows of wk are first copied to shared memory by the
 // whole block (coalesced float4, Dk % 4 == 0), then read as float4 broadcasts (the same address
 // for every lane of a warp): read straight from global memory, the products waited on L2 with
-// only 8 warps per SM (2.1 ms per forward call at 32 heads × 2,048 positions, Nsight). Shared: (2·C·Dk + (Dk + C)·32) floats, 88 KiB at C = 64, Dk = 128.
+// only 8 warps per SM (2.1 ms per forward call at 32 heads × 2,048 positions, Nsight; 0.78 ms
+// staged, still with blocks of 8 warps, which have 16 since). Shared: (2·C·Dk + (Dk + C)·32) floats,
+// 88 KiB at C = 64, Dk = 128.
 #include "common.cuh"
 
 constexpr int WARPS = 16, COLS = 32, RY = 4;  // C ≤ WARPS·RY = 64

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The gated delta rule's kernels on the GPU machine (repository root, .device/ carried): the
-# chunkwise form (what trains), the token-by-token kernels, the chunked reference on candle ops
-# and the dense gated-attention layer of the same model (Qwen3.5-35B-A3B's shapes), for each
-# number of rows of 2,048 positions (default 1 4). Log in $OUT/delta-rule.log.
+# chunk op (what trains), the chunkwise form, the token-by-token kernels, the chunked reference
+# on candle ops and the dense gated-attention layer of the same model (Qwen3.5-35B-A3B's
+# shapes), for each number of rows of 2,048 positions (default 1 4). Log in $OUT/delta-rule.log.
 #
 #   OUT=/tmp/out bash launch/bench/delta-rule.sh [rows...]
 #

@@ -31,9 +31,9 @@ pub struct GpuBenchArgs {
     attention_shape: String,
     /// Instead: the gated delta rule at Qwen3.5-35B-A3B's linear-attention shape (32 heads,
     /// keys and values of 128, 2,048 positions) for this many rows, forward and forward +
-    /// backward: the chunkwise form (what trains), the token-by-token kernels, the chunked
-    /// reference on candle ops, and the model's dense
-    /// gated-attention layer of the same width (16 query heads on 2 kv heads of 256).
+    /// backward: the chunk op (what trains), the chunkwise form, the token-by-token kernels,
+    /// the chunked reference on candle ops, and the model's dense gated-attention layer of the
+    /// same width (16 query heads on 2 kv heads of 256).
     #[arg(long)]
     delta_rule: Option<usize>,
     /// With --delta-rule: which forms to time (chunkwise, chunks, recurrent, chunked),

@@ -205,7 +205,7 @@ fn carried(g: Geo, qkv: &Tensor, gb: &Tensor, s0: &Tensor) -> Result<Carried> {
             let mut us = vec![0f32; g.bh() * g.us_rows() * g.dv];
             for bh in 0..g.bh() {
                 for n in 0..g.n {
-                    twin::prep(&g, bh, n, (&qkv, &gb, &s0), &mut wk, &mut us);
+                    twin::prep(&g, bh, n, [&qkv, &gb, &s0], &mut wk, &mut us);
                 }
             }
             let cpu = &Device::Cpu;
@@ -236,7 +236,7 @@ fn output(g: Geo, qkv: &Tensor, gb: &Tensor, x: &Carried) -> Result<Tensor> {
             let mut out = vec![0f32; g.bh() * g.rows() * g.dv];
             for bh in 0..g.bh() {
                 for n in 0..g.n {
-                    twin::out(&g, bh, n, (&qkv, &gb, &cout), &mut out);
+                    twin::out(&g, bh, n, [&qkv, &gb, &cout], &mut out);
                 }
             }
             Tensor::from_vec(out, (g.b, g.h, g.rows(), g.dv), &Device::Cpu)
@@ -273,7 +273,7 @@ fn backward(
             let mut dc = vec![0f32; g.bh() * g.n * g.c];
             for bh in 0..g.bh() {
                 for n in 0..g.n {
-                    let io = (&qkv_v[..], &gb_v[..], &dout[..], &cout[..]);
+                    let io = [&qkv_v[..], &gb_v[..], &dout[..], &cout[..]];
                     twin::out_bwd(&g, bh, n, io, &mut dqkv, &mut cdout, &mut dc);
                 }
             }
@@ -284,7 +284,7 @@ fn backward(
             let mut dgb = vec![0f32; gb_v.len()];
             for bh in 0..g.bh() {
                 for n in 0..g.n {
-                    let io = (&qkv_v[..], &gb_v[..], &cout[..], &cg[..], &dc[..]);
+                    let io = [&qkv_v[..], &gb_v[..], &cout[..], &cg[..], &dc[..]];
                     twin::prep_bwd(&g, bh, n, io, &mut dqkv, &mut dgb);
                 }
             }

@@ -167,8 +167,8 @@ fn prologue(
 /// Measured at 32 heads × 2,048 positions (one H200, `launch/bench/delta-rule.sh`), forward +
 /// backward: the chunk op 10.8 ms, the token-by-token kernels 12.9, [`chunkwise`] 22.3 (its
 /// batched matmuls with candle's element-wise passes between them); in training (Qwen3.5-35B-A3B,
-/// the recompute keeping the carry for the backward) the chunk op is 5–7% faster than the
-/// token-by-token kernels (BENCHMARKS.md).
+/// the recompute keeping the carry for the backward) the chunk op is 6% (micro-batch 1) and 9%
+/// (micro-batch 4) faster than the token-by-token kernels (BENCHMARKS.md).
 pub fn fused(
     q: &Tensor,
     k: &Tensor,

@@ -1,8 +1,9 @@
-//! gpu-check entries for the gated delta rule's two CUDA forms — the chunkwise form
-//! (`ops::delta_rule::chunkwise`: batched matmuls and the carry op of `kernels/delta_carry.cu`,
-//! what trains) and the token-by-token op (`ops::delta_rule_op::scan`, `kernels/delta_rule.cu`;
-//! on CUDA also recorded under `keeping_checkpoints`, its backward reading the forward's own
-//! checkpoints)
+//! gpu-check entries for the gated delta rule's three CUDA forms — the chunk op
+//! (`ops::delta_chunk_op`: `kernels/delta_chunk.cu` around the carry kernel, what trains), the
+//! chunkwise form (`ops::delta_rule::chunkwise`: batched matmuls and the carry op of
+//! `kernels/delta_carry.cu`) and the token-by-token op (`ops::delta_rule_op::scan`,
+//! `kernels/delta_rule.cu`); on CUDA the chunk op and the token-by-token op also recorded under
+//! `keeping_checkpoints`, their backwards reading what their forwards kept
 //! — against autograd through their reference
 //! (`ops::delta_rule::recurrent`) on the CPU in f32: o, the final state and the gradients of q,
 //! k, v, g, beta and the initial state for loss = Σ o·up_o + Σ S_T·up_s. Shapes: the tiny model's

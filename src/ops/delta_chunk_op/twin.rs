@@ -132,15 +132,8 @@ fn kk_decayed(g: &Geo, x: &Chunk) -> Vec<f32> {
 
 /// `delta_chunk_prep`: chunk n's W | K̃ rows of `wk` and U rows and decay row of `us` (and, for
 /// chunk 0, the initial state's rows at the end of `us`).
-pub(super) fn prep(
-    g: &Geo,
-    bh: usize,
-    n: usize,
-    io: (&[f32], &[f32], &[f32]),
-    wk: &mut [f32],
-    us: &mut [f32],
-) {
-    let (qkv, gb, s0) = io;
+pub(super) fn prep(g: &Geo, bh: usize, n: usize, io: [&[f32]; 3], wk: &mut [f32], us: &mut [f32]) {
+    let [qkv, gb, s0] = io;
     let (c, dk, dv) = (g.c, g.dk, g.dv);
     let x = chunk(g, qkv, gb, bh, n);
     let t = unit_inverse(c, &kk_decayed(g, &x), &x.beta);
@@ -191,8 +184,8 @@ fn slot(g: &Geo, m: usize) -> usize {
 
 /// `delta_chunk_out`: chunk n's rows of o, O = (q ⊙ e^c) S_n + ((q kᵀ) ⊙ Γ) V'_n, and (last
 /// chunk) the final state.
-pub(super) fn out(g: &Geo, bh: usize, n: usize, io: (&[f32], &[f32], &[f32]), out: &mut [f32]) {
-    let (qkv, gb, cout) = io;
+pub(super) fn out(g: &Geo, bh: usize, n: usize, io: [&[f32]; 3], out: &mut [f32]) {
+    let [qkv, gb, cout] = io;
     let (c, dk, dv) = (g.c, g.dk, g.dv);
     let mut x = chunk(g, qkv, gb, bh, n);
     let cout = &cout[bh * g.cout_rows() * dv..(bh + 1) * g.cout_rows() * dv];
@@ -242,12 +235,12 @@ pub(super) fn out_bwd(
     g: &Geo,
     bh: usize,
     n: usize,
-    io: (&[f32], &[f32], &[f32], &[f32]),
+    io: [&[f32]; 4],
     dqkv: &mut [f32],
     cdout: &mut [f32],
     dc: &mut [f32],
 ) {
-    let (qkv, gb, dout, cout) = io;
+    let [qkv, gb, dout, cout] = io;
     let (c, dk, dv, w) = (g.c, g.dk, g.dv, g.w());
     let x = chunk(g, qkv, gb, bh, n);
     let rows = g.cout_rows() * dv;
@@ -353,11 +346,11 @@ pub(super) fn prep_bwd(
     g: &Geo,
     bh: usize,
     n: usize,
-    io: (&[f32], &[f32], &[f32], &[f32], &[f32]),
+    io: [&[f32]; 5],
     dqkv: &mut [f32],
     dgb: &mut [f32],
 ) {
-    let (qkv, gb, cout, cgrad, dc) = io;
+    let [qkv, gb, cout, cgrad, dc] = io;
     let (c, dk, dv, w) = (g.c, g.dk, g.dv, g.w());
     let x = chunk(g, qkv, gb, bh, n);
     let rows = g.cout_rows() * dv;
