@@ -1,7 +1,7 @@
 // The chunked gated delta rule's per-chunk terms, forward and backward, in f32 (the equations:
 // src/ops/delta_chunk_op.rs). One block of 512 threads per (head, chunk); the pass over chunks
 // between them is kernels/delta_carry.cu. CPU twin: src/ops/delta_chunk_op/twin.rs (each function
-// there is one kernel's block, its products in the same operands and order). Checked:
+// there is one kernel's block, the same products of the same operands; sums in another order). Checked:
 // src/gpu_check/ops/delta_rule.rs ("delta_chunk").
 //
 // Layouts (f32, row-major; BH = B·H heads, N chunks of C ≤ 64 positions, W = 2Dk + Dv):

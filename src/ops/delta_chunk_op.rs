@@ -16,7 +16,8 @@
 //! out   (every chunk at once)  O = (q ⊙ e^c) S_n + ((q kᵀ) ⊙ Γ) V'_n   (Γ with its diagonal)
 //! ```
 //!
-//! Backward (the forward's prep and carry rerun first; their products are small):
+//! Backward (from the carry the forward kept under [`super::delta_rule_op::keeping_checkpoints`],
+//! else the forward's prep and carry rerun first):
 //!
 //! ```text
 //! out_bwd   dQe = dO S_nᵀ;  F = (dO V'ᵀ) ⊙ Γ;  dq = e^c ⊙ dQe + F k;  dk = Fᵀ q;
@@ -36,8 +37,6 @@ mod twin;
 
 use candle_core::{bail, CustomOp3, DType, Device, Result, Tensor};
 
-/// Positions per chunk (transformers' `chunk_size` and the kernels' largest).
-pub const CHUNK: usize = 64;
 /// The largest key and value head the kernels take (shared memory per block).
 const MAX_HEAD: usize = 128;
 
@@ -62,25 +61,8 @@ struct Geo {
 
 impl Geo {
     fn of(qkv: &Tensor, gb: &Tensor, s0: &Tensor, c: usize) -> Result<Geo> {
-        let (b, t, h, w) = qkv.dims4()?;
-        let (_, _, dk, dv) = s0.dims4()?;
-        if w != 2 * dk + dv || gb.dims() != [b, t, h, 2] || s0.dims() != [b, h, dk, dv] {
-            bail!(
-                "delta_chunk op: qkv {:?}, gb {:?}, s0 {:?} must be [B, T, H, 2Dk + Dv], \
-                 [B, T, H, 2], [B, H, Dk, Dv]",
-                qkv.dims(),
-                gb.dims(),
-                s0.dims()
-            );
-        }
-        for x in [qkv, gb, s0] {
-            if x.dtype() != DType::F32 {
-                bail!(
-                    "delta_chunk op: packed inputs must be f32, got {:?}",
-                    x.dtype()
-                );
-            }
-        }
+        let super::delta_rule_op::Geo { b, t, h, dk, dv } =
+            super::delta_rule_op::Geo::of(qkv, gb, s0)?;
         if c == 0 || t == 0 {
             bail!("delta_chunk op: chunk {c} and length {t} must be at least 1");
         }

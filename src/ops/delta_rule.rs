@@ -44,8 +44,8 @@
 //!
 //! What trains ([`fused`]): on CUDA the chunked equations as one op with a written-out backward
 //! ([`super::delta_chunk_op`]: each chunk's terms in one block of `kernels/delta_chunk.cu`, the
-//! pass over chunks in `kernels/delta_carry.cu`), or for key heads over 128 the recurrence token
-//! by token ([`super::delta_rule_op`], `kernels/delta_rule.cu`); elsewhere [`chunkwise`], the
+//! pass over chunks in `kernels/delta_carry.cu`), or for heads its kernels do not take (over 128)
+//! the recurrence token by token ([`super::delta_rule_op`], `kernels/delta_rule.cu`); elsewhere [`chunkwise`], the
 //! same chunked equations with every chunk's terms as one batched matmul (the inverse by
 //! doubling) and only the pass over chunks sequential ([`super::delta_carry_op`]). All are tested
 //! against [`recurrent`], forward and backward, on the CPU and by `moeq gpu-check` on CUDA.
@@ -157,15 +157,16 @@ fn prologue(
 
 /// The gated delta rule for training and prefill, with the arguments and results of
 /// [`recurrent`]: on CUDA the chunk op ([`super::delta_chunk_op`]: per-chunk kernels around the
-/// carry kernel; key and value heads ≤ 128) or, for larger heads (≤ 256), the token-by-token
-/// kernels of [`super::delta_rule_op::scan`]; elsewhere [`chunkwise`]; chunks of
-/// min([`CHUNK`], T) (a short sample is not padded to 64). `MOEQ_DELTA_RULE` picks another form
+/// carry kernel; key and value heads ≤ 128, key heads a multiple of 4) or, for other heads (key
+/// heads ≤ 256), the token-by-token kernels of [`super::delta_rule_op::scan`]; elsewhere
+/// [`chunkwise`]; chunks of min([`CHUNK`], T) (a short sample is not padded to 64), but of 64 for
+/// the chunk op on CUDA. `MOEQ_DELTA_RULE` picks another form
 /// for A/B runs: `recurrent` (the token-by-token kernels), `chunks` (the chunk op, on the CPU its
 /// twin), `chunkwise` (on CUDA: key heads ≤ 256 and a multiple of 4) or `chunked` (the reference
 /// ops); shapes a form's kernels do not take run [`chunked`].
 ///
 /// Measured at 32 heads × 2,048 positions (one H200, `launch/bench/delta-rule.sh`), forward +
-/// backward: the chunk op 10.8 ms, the token-by-token kernels 12.9, [`chunkwise`] 22.3 (its
+/// backward: the chunk op 10.5 ms, the token-by-token kernels 12.9, [`chunkwise`] 22.3 (its
 /// batched matmuls with candle's element-wise passes between them); in training (Qwen3.5-35B-A3B,
 /// the recompute keeping the carry for the backward) the chunk op is 6% (micro-batch 1) and 9%
 /// (micro-batch 4) faster than the token-by-token kernels (BENCHMARKS.md).
@@ -181,9 +182,10 @@ pub fn fused(
     let (cuda, dk, dv) = (v.device().is_cuda(), q.dim(3)?, v.dim(3)?);
     let chunks = super::delta_chunk_op::kernel_takes(dk, dv);
     let form = match form() {
+        // Heads the chunk kernels do not take: the token-by-token kernels (up to 256).
+        None | Some(Form::Chunks) if cuda && !chunks => Form::Recurrent,
         Some(f) => f,
-        None if cuda && chunks => Form::Chunks,
-        None if cuda => Form::Recurrent,
+        None if cuda => Form::Chunks,
         None => Form::Chunkwise,
     };
     match form {
@@ -194,7 +196,9 @@ pub fn fused(
             chunkwise(q, k, v, g, beta, initial_state, chunk)
         }
         Form::Chunks if !cuda || chunks => {
-            let engine = super::delta_rule_op::Engine::Chunks(chunk);
+            // On CUDA chunks of 64 whatever T (a short sample padded), as gpu-check runs them.
+            let c = if cuda { CHUNK } else { chunk };
+            let engine = super::delta_rule_op::Engine::Chunks(c);
             super::delta_rule_op::scan_by(engine, q, k, v, g, beta, initial_state)
         }
         _ => chunked(q, k, v, g, beta, initial_state, chunk),
@@ -217,7 +221,7 @@ pub fn fused_conv(
     let chunks = super::delta_chunk_op::kernel_takes(h.dk, h.dv);
     let engine = match form() {
         None | Some(Form::Chunks) if chunks => Some(Engine::Chunks(CHUNK)),
-        None | Some(Form::Recurrent) if h.dk <= 256 => Some(Engine::Tokens),
+        None | Some(Form::Chunks | Form::Recurrent) if h.dk <= 256 => Some(Engine::Tokens),
         _ => None,
     };
     let dtype = matches!(conv.dtype(), DType::F32 | DType::BF16 | DType::F16);

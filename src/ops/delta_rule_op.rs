@@ -132,18 +132,18 @@ fn packed(
     Ok((o.to_dtype(dtype)?, s))
 }
 
-/// The op's sizes, from its packed inputs (checked against each other).
+/// The op's sizes, from its packed inputs (checked against each other; the chunk op's too).
 #[derive(Debug, Clone, Copy)]
-struct Geo {
-    b: usize,
-    t: usize,
-    h: usize,
-    dk: usize,
-    dv: usize,
+pub(super) struct Geo {
+    pub(super) b: usize,
+    pub(super) t: usize,
+    pub(super) h: usize,
+    pub(super) dk: usize,
+    pub(super) dv: usize,
 }
 
 impl Geo {
-    fn of(qkv: &Tensor, gb: &Tensor, s0: &Tensor) -> Result<Geo> {
+    pub(super) fn of(qkv: &Tensor, gb: &Tensor, s0: &Tensor) -> Result<Geo> {
         let (b, t, h, w) = qkv.dims4()?;
         let (_, _, dk, dv) = s0.dims4()?;
         if w != 2 * dk + dv || gb.dims() != [b, t, h, 2] || s0.dims() != [b, h, dk, dv] {

@@ -7,8 +7,10 @@
 //! — against autograd through their reference
 //! (`ops::delta_rule::recurrent`) on the CPU in f32: o, the final state and the gradients of q,
 //! k, v, g, beta and the initial state for loss = Σ o·up_o + Σ S_T·up_s. Shapes: the tiny model's
-//! heads (Dk = Dv = 8, T = 70: five chunks of the kernels' checkpoints, the last short) and the
-//! real ones (Dk = Dv = 128, T = 512: 32 chunks). q, k, v and beta arrive in the compared dtype
+//! heads (Dk = Dv = 8, T = 70: two chunks of 64, the last short; five of the token-by-token
+//! kernels' checkpoints), the real ones (Dk = Dv = 128, T = 512: eight full chunks, 32
+//! checkpoints) and Dv ≠ Dk at the real width with a short last chunk (Dk 128, Dv 64, T = 520:
+//! nine chunks, the last of 8 positions). q, k, v and beta arrive in the compared dtype
 //! (g and the state are f32, as in the model); the reference gets the same rounded values in f32
 //! and the upstream gradients are exact in bf16, so a bf16 row measures only the op's own
 //! roundings (o, dq, dk, dv, dbeta are rounded once to bf16; the state, dg and d state stay f32).
@@ -44,7 +46,7 @@ fn chunkwise_form(
     chunkwise(q, k, v, g, beta, s0, CHUNK.min(q.dim(1)?))
 }
 
-/// The chunked op (`kernels/delta_chunk.cu` around the carry) in chunks of min(64, T).
+/// The chunked op (`kernels/delta_chunk.cu` around the carry) in chunks of 64, as it trains.
 fn chunk_op(
     q: &Tensor,
     k: &Tensor,
@@ -53,8 +55,7 @@ fn chunk_op(
     beta: &Tensor,
     s0: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
-    let engine = Engine::Chunks(CHUNK.min(q.dim(1)?));
-    scan_by(engine, q, k, v, g, beta, s0)
+    scan_by(Engine::Chunks(CHUNK), q, k, v, g, beta, s0)
 }
 
 /// The chunked op recorded as the layer recompute records it (its backward reading the carry's
@@ -88,6 +89,7 @@ pub(super) fn check_delta_rule(device: &Device, dtype: DType) -> Result<Vec<Comp
     for (b, t, h, dk, dv) in [
         (2usize, 70usize, 4usize, 8usize, 8usize),
         (1, 512, 4, 128, 128),
+        (1, 520, 2, 128, 64),
     ] {
         let q = Tensor::randn(0f32, 1.0, (b, t, h, dk), cpu)?;
         let k = Tensor::randn(0f32, 1.0, (b, t, h, dk), cpu)?;

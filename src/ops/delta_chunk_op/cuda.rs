@@ -10,9 +10,9 @@ use candle_core::{bail, CudaDevice, Result, Tensor};
 
 const THREADS: u32 = 512;
 
-/// The kernels and their shared memory in floats: chunk-row buffers of the widest head (+1,
-/// odd), C × C buffers (C + 1 wide) and per-position scalars (and `out`'s copy of a state), as
-/// each kernel lays them out.
+/// The kernels and their shared memory: chunk-row buffers of the widest head (+1: an odd stride
+/// for even heads), C × C buffers (C + 1 wide) and per-position scalars (and `out`'s copy of a
+/// state), as each kernel lays them out.
 #[derive(Clone, Copy)]
 enum Kernel {
     Prep,
@@ -43,14 +43,15 @@ impl Kernel {
     }
 
     fn load(self, dev: &CudaDevice, g: Geo) -> Result<(CudaFunction, LaunchConfig)> {
-        if !super::kernel_takes(g.dk, g.dv) || g.c > super::CHUNK {
+        let most = crate::ops::delta_carry_op::MAX_CHUNK;
+        if !super::kernel_takes(g.dk, g.dv) || g.c > most {
             bail!(
                 "delta_chunk kernels: heads Dk {} / Dv {} (at most 128, Dk a multiple of 4) or \
-                 chunk {} (at most {}) out of range",
+                 chunk {} (at most {most}) out of range; MOEQ_DELTA_RULE=recurrent runs the \
+                 token-by-token kernels instead",
                 g.dk,
                 g.dv,
-                g.c,
-                super::CHUNK
+                g.c
             );
         }
         let func = dev.get_or_load_custom_func(

@@ -1,6 +1,7 @@
 //! The CPU twin of `kernels/delta_chunk.cu`: each kernel's block as one function over the same
-//! buffers, its products through [`mm`] with the kernel's operands (strides, transposes,
-//! masks) in the same order. The pass over chunks between them is
+//! buffers, its products through [`mm`] with the kernel's operands (strides, transposes, masks);
+//! the sums run in another order (the kernel's products use FMA, and it adds prep_bwd's dk terms
+//! to dqkv one at a time), so the two agree to f32 roundings, not bits. The pass over chunks between them is
 //! [`crate::ops::delta_carry_op`]'s (its twin on the CPU).
 
 use super::Geo;
@@ -35,7 +36,6 @@ impl<'a> Mat<'a> {
 /// `out(i, j) = alpha · Σ_k a(i, k) b(k, j)` (plus out's value when `acc`) for i < m, j < n;
 /// `out` row-major with leading dimension `ld` (a transposed store: `ld` 1 and `col` the row
 /// stride, as the kernel's `cm`, `cn`).
-#[allow(clippy::too_many_arguments)]
 pub(super) fn mm(
     (m, n, k): (usize, usize, usize),
     alpha: f32,
@@ -230,7 +230,6 @@ pub(super) fn out(g: &Geo, bh: usize, n: usize, io: [&[f32]; 3], out: &mut [f32]
 /// `delta_chunk_out_bwd`: from o's gradient, chunk n's dq (whole), dk (the part through o), the
 /// carry's incoming gradients (dV' rows, dS_n; the last chunk also dS_N) and the part of the
 /// log-decays' gradient through o (`dc` [BH, N, C]).
-#[allow(clippy::too_many_arguments)]
 pub(super) fn out_bwd(
     g: &Geo,
     bh: usize,
@@ -341,7 +340,6 @@ pub(super) fn out_bwd(
 
 /// `delta_chunk_prep_bwd`: from the carry's gradients (dU = the total gradient of V'_n, G the
 /// total gradient of S_{n+1}), chunk n's dk (added to the part through o), dv, dβ and dg.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn prep_bwd(
     g: &Geo,
     bh: usize,
@@ -365,8 +363,9 @@ pub(super) fn prep_bwd(
     let k = Mat::rows(&x.k, dk);
     let mut dci = dc[(bh * g.n + n) * c..(bh * g.n + n + 1) * c].to_vec();
     let last = x.cum[c - 1];
-    let mut dkk = vec![0f32; c * dk]; // this chunk's dk terms, added to dqkv at the end
-                                      // K̃ = e^(c_C − c) k: dK̃ = V' Gᵀ (stored transposed from G V'ᵀ).
+    // This chunk's dk terms, added to dqkv at the end (the kernel adds them there one by one).
+    let mut dkk = vec![0f32; c * dk];
+    // K̃ = e^(c_C − c) k: dK̃ = V' Gᵀ (stored transposed from G V'ᵀ).
     let mut buf = vec![0f32; c * dk];
     mm(
         (dk, c, dv),
