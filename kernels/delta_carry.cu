@@ -129,13 +129,15 @@ __device__ void carry(const float* wk, const float* us, const float* dout, float
 }
 
 // Entry points per RG (state rows per warp, a multiple of 4): Dk ≤ 16·RG. Grid (BH, ⌈Dv/32⌉),
-// 512 threads, (2·C·Dk + (Dk + C)·32)·4 bytes of shared memory.
+// 512 threads, (2·C·Dk + (Dk + C)·32)·4 bytes of shared memory. Compiled for 512 threads
+// (__launch_bounds__): without it ptxas gave the RG = 16 backward 142 registers a thread, more
+// than a 512-thread block can have.
 #define DELTA_CARRY(RG)                                                                                        \
-  extern "C" __global__ void delta_carry_fwd_r##RG(const float* wk, const float* us, float* out, const int N,  \
+  extern "C" __global__ void __launch_bounds__(WARPS * 32) delta_carry_fwd_r##RG(const float* wk, const float* us, float* out, const int N,  \
                                                    const int C, const int Dk, const int Dv) {                 \
     carry<RG, false>(wk, us, nullptr, out, N, C, Dk, Dv);                                                     \
   }                                                                                                           \
-  extern "C" __global__ void delta_carry_bwd_r##RG(const float* wk, const float* us, const float* dout,       \
+  extern "C" __global__ void __launch_bounds__(WARPS * 32) delta_carry_bwd_r##RG(const float* wk, const float* us, const float* dout,       \
                                                    float* out, const int N, const int C, const int Dk,       \
                                                    const int Dv) {                                            \
     carry<RG, true>(wk, us, dout, out, N, C, Dk, Dv);                                                         \

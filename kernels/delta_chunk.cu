@@ -19,6 +19,8 @@
 // prep / out / out_bwd / prep_bwd (one block per SM, 16 warps).
 #include "common.cuh"
 
+// Threads per block (the host's THREADS in src/ops/delta_chunk_op/cuda.rs); every kernel is
+// compiled for it (__launch_bounds__: at most 128 registers a thread, so a block always fits).
 constexpr int THREADS = 512;
 
 // A strided matrix: element (i, j) at p[i·r + j·c].
@@ -155,7 +157,7 @@ __device__ void unit_inverse(const float* K, int ld, const float* cum, const flo
   }
 }
 
-extern "C" __global__ void delta_chunk_prep(const float* qkv, const float* gb, const float* s0, float* wk, float* us,
+extern "C" __global__ void __launch_bounds__(THREADS) delta_chunk_prep(const float* qkv, const float* gb, const float* s0, float* wk, float* us,
                                             const int T, const int H, const int Dk, const int Dv, const int C,
                                             const int N) {
   extern __shared__ float sh[];
@@ -201,7 +203,7 @@ extern "C" __global__ void delta_chunk_prep(const float* qkv, const float* gb, c
   }
 }
 
-extern "C" __global__ void delta_chunk_out(const float* qkv, const float* gb, const float* cout, float* out,
+extern "C" __global__ void __launch_bounds__(THREADS) delta_chunk_out(const float* qkv, const float* gb, const float* cout, float* out,
                                            const int T, const int H, const int Dk, const int Dv, const int C,
                                            const int N) {
   extern __shared__ float sh[];
@@ -238,7 +240,7 @@ extern "C" __global__ void delta_chunk_out(const float* qkv, const float* gb, co
   }
 }
 
-extern "C" __global__ void delta_chunk_out_bwd(const float* qkv, const float* gb, const float* dout, const float* cout,
+extern "C" __global__ void __launch_bounds__(THREADS) delta_chunk_out_bwd(const float* qkv, const float* gb, const float* dout, const float* cout,
                                                float* dqkv, float* cdout, float* dc, const int T, const int H,
                                                const int Dk, const int Dv, const int C, const int N) {
   extern __shared__ float sh[];
@@ -311,7 +313,7 @@ extern "C" __global__ void delta_chunk_out_bwd(const float* qkv, const float* gb
   for (int i = threadIdx.x; i < C; i += THREADS) dc[((long long)x.bh * N + x.n) * C + i] = dci[i];
 }
 
-extern "C" __global__ void delta_chunk_prep_bwd(const float* qkv, const float* gb, const float* cout,
+extern "C" __global__ void __launch_bounds__(THREADS) delta_chunk_prep_bwd(const float* qkv, const float* gb, const float* cout,
                                                 const float* cgrad, const float* dc, float* dqkv, float* dgb,
                                                 const int T, const int H, const int Dk, const int Dv, const int C,
                                                 const int N) {
