@@ -93,6 +93,12 @@ fn chunk(g: &Geo, qkv: &[f32], gb: &[f32], bh: usize, n: usize) -> Chunk {
     x
 }
 
+/// Row i of two row-major matrices of width w, dotted.
+fn row_dot(a: &[f32], b: &[f32], i: usize, w: usize) -> f32 {
+    let r = i * w..(i + 1) * w;
+    a[r.clone()].iter().zip(&b[r]).map(|(x, y)| x * y).sum()
+}
+
 /// Γ_ij = exp(c_i − c_j) below the diagonal (and on it with `diagonal`), 0 elsewhere.
 fn decay(cum: &[f32], i: usize, j: usize, diagonal: bool) -> f32 {
     if i > j || (diagonal && i == j) {
@@ -306,9 +312,7 @@ pub(super) fn out_bwd(
     mm((dk, c, dv), 1.0, s_n, dom.t(), &mut dqe, (1, dk), false);
     for i in 0..c {
         let e = x.cum[i].exp();
-        dci[i] += (0..dk)
-            .map(|d| dqe[i * dk + d] * qe[i * dk + d])
-            .sum::<f32>();
+        dci[i] += row_dot(&dqe, &qe, i, dk);
         dqe[i * dk..(i + 1) * dk].iter_mut().for_each(|v| *v *= e);
     }
     mm(
@@ -378,10 +382,7 @@ pub(super) fn prep_bwd(
     );
     for i in 0..c {
         let tail = (last - x.cum[i]).exp();
-        let r: f32 = (0..dk)
-            .map(|d| buf[i * dk + d] * x.k[i * dk + d])
-            .sum::<f32>()
-            * tail;
+        let r = row_dot(&buf, &x.k, i, dk) * tail;
         dci[i] -= r;
         dci[c - 1] += r;
         for d in 0..dk {
@@ -441,9 +442,7 @@ pub(super) fn prep_bwd(
         (dv, 1),
         false,
     );
-    let mut dbeta: Vec<f32> = (0..c)
-        .map(|i| (0..dv).map(|e| dvb[i * dv + e] * x.v[i * dv + e]).sum())
-        .collect();
+    let mut dbeta: Vec<f32> = (0..c).map(|i| row_dot(&dvb, &x.v, i, dv)).collect();
     // dA = −Tᵀ dT Tᵀ below the diagonal.
     mm(
         (c, c, c),
@@ -506,7 +505,7 @@ pub(super) fn prep_bwd(
     );
     for i in 0..c {
         let e = x.cum[i].exp();
-        let s: f32 = (0..dk).map(|d| buf[i * dk + d] * x.k[i * dk + d]).sum();
+        let s = row_dot(&buf, &x.k, i, dk);
         dbeta[i] += e * s;
         dci[i] += x.beta[i] * e * s;
         for d in 0..dk {
