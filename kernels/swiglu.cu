@@ -98,6 +98,43 @@ __device__ void swiglu_packed_bwd_vec(const T* gu, const T* dy, T* dgu, const si
   }
 }
 
+// swiglu_packed_bwd_vec's arithmetic, one warp per row (16-byte packs, the same conditions),
+// also writing the row's dot product of dy with the forward's output as the forward stored it,
+// dot[r] = Σ_c dy[r, c] · T(silu(g) · u) in f32: the weight gradient of a routed row whose
+// output the routing weight scaled (src/ops/routed_experts.rs). Lanes take packs lane, lane +
+// 32, …; their sums are added by the warp's butterfly (no atomics: the same sum every run).
+// Launch: blocks of 256 threads (8 rows), any number of blocks.
+template <typename T>
+__device__ void swiglu_packed_bwd_dot_vec(const T* gu, const T* dy, T* dgu, float* dot, const size_t rows,
+                                          const size_t half) {
+  constexpr int VEC = 16 / sizeof(T);
+  const size_t per_row = half / VEC;
+  const int lane = threadIdx.x % 32;
+  for (size_t r = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) / 32; r < rows;
+       r += (size_t)gridDim.x * blockDim.x / 32) {
+    float sum = 0.0f;
+    for (size_t p = lane; p < per_row; p += 32) {
+      const size_t c = p * VEC;
+      Pack<T> g, u, d, dg, du;
+      g.v = *reinterpret_cast<const uint4*>(gu + r * 2 * half + c);
+      u.v = *reinterpret_cast<const uint4*>(gu + r * 2 * half + half + c);
+      d.v = *reinterpret_cast<const uint4*>(dy + r * half + c);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float x = to_f32(g.e[j]), up = to_f32(u.e[j]), dd = to_f32(d.e[j]);
+        const float sig = 1.0f / (1.0f + expf(-x));
+        dg.e[j] = from_f32<T>(dd * up * sig * (1.0f + x * (1.0f - sig)));
+        du.e[j] = from_f32<T>(dd * x * sig);
+        sum += dd * to_f32(from_f32<T>(x / (1.0f + expf(-x)) * up));
+      }
+      *reinterpret_cast<uint4*>(dgu + r * 2 * half + c) = dg.v;
+      *reinterpret_cast<uint4*>(dgu + r * 2 * half + half + c) = du.v;
+    }
+    sum = warp_reduce<false>(sum);
+    if (lane == 0) dot[r] = sum;
+  }
+}
+
 #define PACKED(T, SUFFIX)                                                                             \
   extern "C" __global__ void swiglu_packed_fwd_##SUFFIX(const T* gu, T* out, const size_t rows,      \
                                                         const size_t half) {                         \
@@ -114,6 +151,11 @@ __device__ void swiglu_packed_bwd_vec(const T* gu, const T* dy, T* dgu, const si
   extern "C" __global__ void swiglu_packed_bwd_vec_##SUFFIX(const T* gu, const T* dy, T* dgu,        \
                                                             const size_t rows, const size_t half) {  \
     swiglu_packed_bwd_vec(gu, dy, dgu, rows, half);                                                 \
+  }                                                                                                   \
+  extern "C" __global__ void swiglu_packed_bwd_dot_vec_##SUFFIX(const T* gu, const T* dy, T* dgu,    \
+                                                                float* dot, const size_t rows,       \
+                                                                const size_t half) {                 \
+    swiglu_packed_bwd_dot_vec(gu, dy, dgu, dot, rows, half);                                        \
   }
 
 PACKED(float, f32)

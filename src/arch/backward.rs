@@ -28,7 +28,9 @@ use crate::ops::nf4_linear::nf4_linear;
 use crate::ops::norm::{rms_norm, rms_norm_backward};
 use crate::ops::rope_part::{rope_part, rope_part_backward};
 use crate::ops::routed_experts::{held_experts_taped, ExpertsTape};
-use crate::ops::routing::{combine_backward, combine_forward, gather_backward, gather_forward};
+use crate::ops::routing::{
+    combine_backward_rows, combine_forward, gather_backward, gather_forward, weights_grad,
+};
 use crate::util::phases::timed;
 use candle_core::{DType, Result, Tensor, TensorId, D};
 use std::rc::Rc;
@@ -278,29 +280,36 @@ struct MoeTape {
     combine: Tensor,
     /// The gathered rows before the weights scaled them (`RouterSpec::weights_input`).
     unscaled: Option<Tensor>,
-    /// The expert outputs [N·k, H] in the order of the gathered rows.
-    y: Tensor,
     experts: ExpertsTape,
     shared: Option<SharedTape>,
 }
 
 impl Moe {
-    /// The held experts on their grouped rows, keeping their tape.
+    /// The held experts on their grouped rows, keeping their tape; their outputs with `output`.
     pub(super) fn held_taped(
         &self,
         xs: &Tensor,
         counts: &[usize],
         lora: &LoraCtx,
-    ) -> Result<(Tensor, ExpertsTape)> {
+        output: bool,
+    ) -> Result<(Option<Tensor>, ExpertsTape)> {
         let adapters = self.expert_lora(&LoraCtx {
             adapters: lora.adapters,
             live: false,
             dropout: lora.dropout,
         })?;
-        held_experts_taped(xs, &self.gate_up, &self.down, counts, Some(&adapters))
+        held_experts_taped(
+            xs,
+            &self.gate_up,
+            &self.down,
+            counts,
+            Some(&adapters),
+            output,
+        )
     }
 
-    /// `Moe::forward`'s arithmetic, keeping its tape.
+    /// `Moe::forward`'s arithmetic, keeping its tape; without `output` (a recompute) only
+    /// what the backward reads — no expert outputs, no combine.
     fn taped(
         &self,
         spec: &ArchSpec,
@@ -308,7 +317,8 @@ impl Moe {
         lora: &LoraCtx,
         exchange: Option<&dyn ExpertExchange>,
         recorded: &mut Option<Rc<Routing>>,
-    ) -> Result<(Tensor, MoeTape)> {
+        output: bool,
+    ) -> Result<(Option<Tensor>, MoeTape)> {
         let (routing, probs, weights) = self.route(spec, x, exchange, recorded)?;
         let z = crate::ops::at_offset_zero;
         let (x, weights) = (z(x)?, z(&weights)?);
@@ -324,15 +334,17 @@ impl Moe {
             false => (xs, None, weights.clone()),
         };
         let (y, experts) = match &routing.exchange {
-            None => self.held_taped(&rows, &routing.counts, lora)?,
+            None => self.held_taped(&rows, &routing.counts, lora, output)?,
             Some(plan) => {
-                let (yr, tape) =
-                    self.held_taped(&plan.dispatch(&rows)?, plan.held_counts(), lora)?;
-                (plan.combine(&yr)?, tape)
+                let rows = plan.dispatch(&rows)?;
+                let (yr, tape) = self.held_taped(&rows, plan.held_counts(), lora, output)?;
+                (yr.map(|yr| plan.combine(&yr)).transpose()?, tape)
             }
         };
         drop(rows);
-        let mut out = combine_forward(&y, &combine, &routing.order)?;
+        let mut out = y
+            .map(|y| combine_forward(&y, &combine, &routing.order))
+            .transpose()?;
         let shared = match &self.shared {
             None => None,
             Some((mlp, gate)) => {
@@ -343,7 +355,7 @@ impl Moe {
                     let out = sh.broadcast_mul(&s)?;
                     gated = Some((std::mem::replace(&mut sh, out), s));
                 }
-                out = (out + sh)?;
+                out = out.map(|out| out + sh).transpose()?;
                 Some(SharedTape { mlp: tape, gated })
             }
         };
@@ -353,7 +365,6 @@ impl Moe {
             weights,
             combine,
             unscaled,
-            y,
             experts,
             shared,
         };
@@ -377,15 +388,18 @@ impl MoeTape {
     ) -> Result<Tensor> {
         let dtype = dy.dtype();
         let order = &self.routing.order;
-        let (dys, mut dw) = combine_backward(&self.y, &self.combine, order, dy)?;
-        drop(self.y);
-        let (mut dxs, (gate_up, down)) = match &self.routing.exchange {
-            None => self.experts.backward(dys, dtype)?,
+        let dys = combine_backward_rows(&self.combine, order, dy, dtype)?;
+        // The weights' gradient from the experts' row dots, where the weights scaled the
+        // outputs (`Held::backward`); Llama 4's comes from the scaled rows below.
+        let dots = self.unscaled.is_none();
+        let (mut dxs, (gate_up, down), dots) = match &self.routing.exchange {
+            None => self.experts.backward(dys, dtype, dots)?,
             Some(plan) => {
                 let dyr = plan.dispatch(&dys)?;
                 drop(dys);
-                let (dxr, factors) = self.experts.backward(dyr, dtype)?;
-                (plan.combine(&dxr)?, factors)
+                let (dxr, factors, dots) = self.experts.backward(dyr, dtype, dots)?;
+                let back = |d: Tensor| plan.combine(&d.unsqueeze(1)?)?.flatten_all();
+                (plan.combine(&dxr)?, factors, dots.map(back).transpose()?)
             }
         };
         for (name, factors) in [(&moe.gate_up_name, gate_up), (&moe.down_name, down)] {
@@ -395,9 +409,15 @@ impl MoeTape {
                 grads.push((l.b.as_tensor().id(), db));
             }
         }
-        if let Some(xs) = &self.unscaled {
-            (dxs, dw) = scale_rows_backward(&dxs, xs, &self.weights, order)?;
-        }
+        let dw = match (&self.unscaled, dots) {
+            (Some(xs), _) => {
+                let dw;
+                (dxs, dw) = scale_rows_backward(&dxs, xs, &self.weights, order)?;
+                dw
+            }
+            (None, Some(dots)) => weights_grad(&dots, &self.combine, order)?,
+            (None, None) => candle_core::bail!("moe backward: no row dots for the weights"),
+        };
         let dx = gather_backward(&dxs, order, dtype)?;
         drop(dxs);
         let dx = router_backward(moe, spec, &self.routing, &self.probs, &dw, dx)?;
@@ -486,7 +506,11 @@ enum AttnPart {
 }
 
 impl Layer {
-    /// `Layer::forward`'s arithmetic without a graph, keeping the tape for [`Layer::backward`].
+    /// `Layer::forward`'s arithmetic without a graph, keeping the tape for [`Layer::backward`];
+    /// without `output` (a recompute: the backward follows) the layer's output is not formed,
+    /// and of the routed experts only what their backward reads (no down projection, no
+    /// combine).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_taped(
         &self,
         index: usize,
@@ -495,7 +519,8 @@ impl Layer {
         inputs: &Inputs,
         lora: &LoraCtx,
         exchange: Option<&dyn ExpertExchange>,
-    ) -> Result<(Tensor, LayerStats, LayerTape)> {
+        output: bool,
+    ) -> Result<(Option<Tensor>, LayerStats, LayerTape)> {
         let [attn_side, mlp_side] = self.sides(spec);
         let x = x.detach();
         let h = attn_side.input(&x)?;
@@ -527,19 +552,27 @@ impl Layer {
         let (m, stats, mlp) = match &self.mlp {
             Mlp::Dense(p) => {
                 let (m, t) = swiglu_mlp(p, &h, lora)?;
-                (m, LayerStats::default(), MlpPart::Dense(t))
+                (Some(m), LayerStats::default(), MlpPart::Dense(t))
             }
             Mlp::Moe(moe) => {
                 let mut routes = inputs.routes.borrow_mut();
-                let (m, t) = moe.taped(spec, &h, lora, exchange, &mut routes[index])?;
+                // A post-norm side's backward reads the block's output.
+                let output = output || mlp_side.post;
+                let (m, t) = moe.taped(spec, &h, lora, exchange, &mut routes[index], output)?;
                 let stats = LayerStats {
                     expert_tokens: t.routing.per_expert.clone(),
                 };
                 (m, stats, MlpPart::Moe(Box::new(t)))
             }
         };
-        let out = mlp_side.join(&x1, &m)?;
-        let mlp_normed = mlp_side.normed(&x1, &m).clone();
+        let out = match (&m, output) {
+            (Some(m), true) => Some(mlp_side.join(&x1, m)?),
+            _ => None,
+        };
+        let mlp_normed = match (&m, mlp_side.post) {
+            (Some(m), true) => m.clone(),
+            _ => x1,
+        };
         let tape = LayerTape {
             attn_normed,
             mlp_normed,

@@ -483,7 +483,8 @@ impl Moe {
                 } else if !lora.live {
                     // The hand-written backward's forward (`arch::backward`), so a pass
                     // without a graph computes what a taped pass does.
-                    self.held_taped(&xr, plan.held_counts(), lora)?.0
+                    let (yr, _) = self.held_taped(&xr, plan.held_counts(), lora, true)?;
+                    yr.ok_or_else(|| candle_core::Error::Msg("moe: no expert outputs".into()))?
                 } else {
                     self.experts(&xr, plan.held_counts(), lora)?
                 };

@@ -473,7 +473,29 @@ impl Model {
         inputs: &Inputs,
         lora: &LoraCtx,
     ) -> Result<(Tensor, LayerStats, super::LayerTape)> {
-        self.layers[l].forward_taped(l, &self.spec, x, inputs, lora, self.exchange.as_deref())
+        let exchange = self.exchange.as_deref();
+        let layer = &self.layers[l];
+        let (out, stats, tape) =
+            layer.forward_taped(l, &self.spec, x, inputs, lora, exchange, true)?;
+        let out = out.ok_or_else(|| candle_core::Error::Msg(format!("layer {l}: no output")))?;
+        Ok((out, stats, tape))
+    }
+
+    /// [`Model::layer_taped`]'s tape alone, for a backward that follows at once (the recompute):
+    /// the layer's output and what only it needs (the routed experts' down projection and
+    /// combine) are not computed. The tape equals `layer_taped`'s.
+    pub fn layer_tape(
+        &self,
+        l: usize,
+        x: &Tensor,
+        inputs: &Inputs,
+        lora: &LoraCtx,
+    ) -> Result<super::LayerTape> {
+        let exchange = self.exchange.as_deref();
+        let layer = &self.layers[l];
+        Ok(layer
+            .forward_taped(l, &self.spec, x, inputs, lora, exchange, false)?
+            .2)
     }
 
     /// Decoder layer `l`'s backward from its tape for upstream `g` = dL/d(output): dL/dx and

@@ -110,14 +110,20 @@ impl ExpertWeights {
         let Some(bias) = &self.bias else {
             return Ok(y);
         };
-        let ids: Vec<u32> = counts
-            .iter()
-            .enumerate()
-            .flat_map(|(e, &c)| std::iter::repeat_n(e as u32, c))
-            .collect();
-        let ids = Tensor::from_vec(ids, y.dim(0)?, y.device())?;
+        let ids = expert_of_rows(counts, y.device())?;
         let rows = super::routing::select_rows(&bias.to_dtype(y.dtype())?, &ids)?;
         super::add::add(&y, &rows)
+    }
+
+    /// Each row's dot product with its expert's bias, ⟨dy[m], bias[e(m)]⟩ `[M]` (f32), for rows
+    /// grouped by expert (`counts`); None without a bias.
+    pub(crate) fn bias_dots(&self, dy: &Tensor, counts: &[usize]) -> Result<Option<Tensor>> {
+        let Some(bias) = &self.bias else {
+            return Ok(None);
+        };
+        let ids = expert_of_rows(counts, dy.device())?;
+        let rows = super::routing::select_rows(&bias.to_dtype(DType::F32)?, &ids)?;
+        Ok(Some((dy.to_dtype(DType::F32)? * rows)?.sum(1)?))
     }
 
     /// Experts `range` (local indices) as `[n, out, in]` in `dtype`: dequantized, or a view
@@ -154,4 +160,15 @@ impl ExpertWeights {
             }
         }
     }
+}
+
+/// The local expert of each row of rows grouped by expert (`counts[e]` rows each), u32 `[M]`.
+fn expert_of_rows(counts: &[usize], device: &candle_core::Device) -> Result<Tensor> {
+    let ids: Vec<u32> = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(e, &c)| std::iter::repeat_n(e as u32, c))
+        .collect();
+    let n = ids.len();
+    Tensor::from_vec(ids, n, device)
 }

@@ -313,6 +313,17 @@ impl GroupedLora {
         self.apply(x, a, b, Some(y))
     }
 
+    /// The rank-r hidden `x · A_eᵀ` [M, r] alone, by the products `forward_into` computes it
+    /// with (the same values).
+    pub(crate) fn hidden_of(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let (a3, _) = lora_factors(a, b, self.r, x.dtype())?;
+        let (m, inp) = x.dims2()?;
+        if self.plan.applies(x, self.r, &[inp, b.dim(0)?]) {
+            return thin_gemm::project(x, &a3, &self.plan, 1.0);
+        }
+        self.hidden(x, &a3)?.reshape((m, self.r))
+    }
+
     /// (the update, added into `into` when given; the hidden [M, r]).
     fn apply(
         &self,

@@ -7,7 +7,11 @@
 //! ([`routed_experts`]) for candle's autograd, the reference the hand-written backward is
 //! tested against; there the expert adapters enter as one flat tensor (their A and B factors
 //! concatenated), since a node has at most three inputs. Either way the backward reuses the
-//! forward's intermediates (gate_up's output, the expert outputs, and the adapters' inputs).
+//! forward's intermediates (gate_up's output and the adapters' inputs). The graph node's
+//! backward takes the routing weights' gradient from the expert outputs it kept; the taped
+//! one from the experts' own backward (row dots of the activations' gradient, `Held::backward`),
+//! so the layer recompute skips the down projection and the combine
+//! (docs/ARCHITECTURE.md, decision 35).
 
 use super::experts::{dequant_chunk_bytes, expert_matmul, ExpertWeights, GroupedLora};
 use super::routing::RowOrder;
@@ -93,8 +97,9 @@ struct Held<'a> {
 pub(crate) type FactorPairs = (Option<(Tensor, Tensor)>, Option<(Tensor, Tensor)>);
 
 impl Held<'_> {
-    /// xs [M, H] grouped by held expert → the expert outputs [M, H].
-    fn forward(&self, xs: &Tensor) -> Result<(Tensor, Kept)> {
+    /// xs [M, H] grouped by held expert → the expert outputs [M, H], or only what the backward
+    /// needs (`output` false: a recompute; the down projection is then skipped, see `backward`).
+    fn forward(&self, xs: &Tensor, output: bool) -> Result<(Option<Tensor>, Kept)> {
         let mut gu = grouped(xs, self.gate_up, self.counts, true)?; // [M, 2I]
         let mut xs_h = None;
         if let (Some((a, b)), Some(l)) = (self.gate_up_lora, self.adapter) {
@@ -102,27 +107,49 @@ impl Held<'_> {
             gu = sum;
             xs_h = Some((xs.clone(), h));
         }
-        let act = super::swiglu::packed_forward(&gu, self.gate_up.glu)?; // [M, I]
+        let mut kept = Kept {
+            gu,
+            xs: xs_h,
+            act: None,
+        };
+        let glu = self.gate_up.glu;
+        let down_lora = self.down_lora.zip(self.adapter);
+        if !output {
+            // Of the down projection only its adapter's input and hidden, for the backward.
+            if let Some(((a, b), l)) = down_lora {
+                let act = super::swiglu::packed_forward(&kept.gu, glu)?; // [M, I]
+                let h = l.hidden_of(&act, a, b)?;
+                kept.act = Some((act, h));
+            }
+            return Ok((None, kept));
+        }
+        let act = super::swiglu::packed_forward(&kept.gu, glu)?; // [M, I]
         let mut y = grouped(&act, self.down, self.counts, true)?; // [M, H]
-        let mut act_h = None;
-        if let (Some((a, b)), Some(l)) = (self.down_lora, self.adapter) {
+        if let Some(((a, b), l)) = down_lora {
             let (sum, h) = l.forward_into(y, &act, a, b)?;
             y = sum;
-            act_h = Some((act, h));
+            kept.act = Some((act, h));
         }
-        Ok((
-            y,
-            Kept {
-                gu,
-                xs: xs_h,
-                act: act_h,
-            },
-        ))
+        Ok((Some(y), kept))
     }
 
-    /// dy [M, H] → (dxs [M, H] in `dtype`, the adapters' gradients).
-    fn backward(&self, kept: Kept, dy: Tensor, dtype: DType) -> Result<(Tensor, FactorPairs)> {
+    /// dy [M, H] → (dxs [M, H] in `dtype`, the adapters' gradients, and with `dots` each
+    /// row's ⟨dy, y⟩ [M] (f32) without y: y = act·W_dᵀ + s·(act·Aᵀ)·Bᵀ + bias is affine in act,
+    /// so ⟨dy, y⟩ = ⟨dL/d(act), act⟩ + ⟨dy, bias⟩. For rows whose output a routing weight w
+    /// scaled (dy = w·dL/d(output)) that is w times the weight's gradient.
+    fn backward(
+        &self,
+        kept: Kept,
+        dy: Tensor,
+        dtype: DType,
+        dots: bool,
+    ) -> Result<(Tensor, FactorPairs, Option<Tensor>)> {
         let Kept { gu, xs, act } = kept;
+        // y = act·W_dᵀ (+ the adapter's update) + the expert's bias: the bias's part of ⟨dy, y⟩.
+        let bias_dots = match dots {
+            true => self.down.bias_dots(&dy, self.counts)?,
+            false => None,
+        };
         let mut dact = grouped(&dy, self.down, self.counts, false)?.to_dtype(dtype)?;
         let mut down = None;
         if let (Some((a, b)), Some((act, h)), Some(l)) = (self.down_lora, &act, self.adapter) {
@@ -131,7 +158,18 @@ impl Held<'_> {
             down = Some((da, db));
         }
         drop((dy, act));
-        let dgu = super::swiglu::packed_backward(&gu, &dact, self.gate_up.glu)?;
+        let glu = self.gate_up.glu;
+        let (dgu, dot) = match dots {
+            true => {
+                let (dgu, dot) = super::swiglu::packed_backward_dot(&gu, &dact, glu)?;
+                let dot = match bias_dots {
+                    Some(b) => (dot + b)?,
+                    None => dot,
+                };
+                (dgu, Some(dot))
+            }
+            false => (super::swiglu::packed_backward(&gu, &dact, glu)?, None),
+        };
         drop((gu, dact));
         let mut dxs = grouped(&dgu, self.gate_up, self.counts, false)?.to_dtype(dtype)?;
         let mut gate_up = None;
@@ -140,7 +178,7 @@ impl Held<'_> {
             dxs = sum;
             gate_up = Some((da, db));
         }
-        Ok((dxs, (gate_up, down)))
+        Ok((dxs, (gate_up, down), dot))
     }
 }
 
@@ -225,8 +263,11 @@ impl RoutedExperts {
         if self.weights_input {
             xs = super::input_weights::scale_rows(&xs, w, &self.order)?;
         }
-        let (y, kept) = self.held(gate_up_lora, down_lora).forward(&xs)?;
+        let (y, kept) = self.held(gate_up_lora, down_lora).forward(&xs, true)?;
         drop(xs);
+        let Some(y) = y else {
+            candle_core::bail!("routed_experts: the forward gave no output")
+        };
         let out = super::routing::combine_forward(&y, &self.combine_weights(w)?, &self.order)?;
         if self.keep {
             *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(Saved { y, kept });
@@ -255,7 +296,7 @@ impl RoutedExperts {
         let (dy, mut dw) = super::routing::combine_backward(&y, &weights, &self.order, grad)?;
         drop(y);
         let held = self.held(gate_up_lora.as_ref(), down_lora.as_ref());
-        let (mut dxs, (gate_up, down)) = held.backward(kept, dy, x.dtype())?;
+        let (mut dxs, (gate_up, down), _) = held.backward(kept, dy, x.dtype(), false)?;
         if self.weights_input {
             let xs = super::routing::gather_forward(x, &self.order)?;
             (dxs, dw) = super::input_weights::scale_rows_backward(&dxs, &xs, w, &self.order)?;
@@ -292,15 +333,17 @@ pub(crate) struct ExpertsTape {
     kept: Option<Kept>,
 }
 
-/// xs `[M, H]` grouped by held expert (`counts[e]` rows each) → the expert outputs `[M, H]`,
-/// no graph, and what [`ExpertsTape::backward`] needs.
+/// xs `[M, H]` grouped by held expert (`counts[e]` rows each) → the expert outputs `[M, H]`
+/// (None without `output`: a recompute, which skips the down projection), no graph, and what
+/// [`ExpertsTape::backward`] needs.
 pub(crate) fn held_experts_taped(
     xs: &Tensor,
     gate_up: &ExpertWeights,
     down: &ExpertWeights,
     counts: &[usize],
     lora: Option<&ExpertLora>,
-) -> Result<(Tensor, ExpertsTape)> {
+    output: bool,
+) -> Result<(Option<Tensor>, ExpertsTape)> {
     let m: usize = counts.iter().sum();
     if xs.dim(0)? != m || counts.len() != gate_up.num_experts {
         candle_core::bail!(
@@ -322,9 +365,9 @@ pub(crate) fn held_experts_taped(
         kept: None,
     };
     if m == 0 {
-        return Ok((xs.clone(), tape));
+        return Ok((output.then(|| xs.clone()), tape));
     }
-    let (y, kept) = tape.held().forward(&super::at_offset_zero(xs)?)?;
+    let (y, kept) = tape.held().forward(&super::at_offset_zero(xs)?, output)?;
     tape.kept = Some(kept);
     Ok((y, tape))
 }
@@ -341,12 +384,24 @@ impl ExpertsTape {
         }
     }
 
-    /// dy `[M, H]` → (dxs `[M, H]` in `dtype`, the adapters' gradients in their dtype).
-    pub(crate) fn backward(mut self, dy: Tensor, dtype: DType) -> Result<(Tensor, FactorPairs)> {
+    /// dy `[M, H]` → (dxs `[M, H]` in `dtype`, the adapters' gradients in their dtype and,
+    /// with `dots`, each row's ⟨dL/d(act), act⟩ `[M]` (f32; see `Held::backward`).
+    pub(crate) fn backward(
+        mut self,
+        dy: Tensor,
+        dtype: DType,
+        dots: bool,
+    ) -> Result<(Tensor, FactorPairs, Option<Tensor>)> {
         let _t = crate::util::phases::Span::start("bwd: routed experts", dy.device());
         match self.kept.take() {
-            None => Ok((dy.to_dtype(dtype)?, (None, None))),
-            Some(kept) => self.held().backward(kept, dy.contiguous()?, dtype),
+            None => {
+                let none = match dots {
+                    true => Some(Tensor::zeros(0, DType::F32, dy.device())?),
+                    false => None,
+                };
+                Ok((dy.to_dtype(dtype)?, (None, None), none))
+            }
+            Some(kept) => self.held().backward(kept, dy.contiguous()?, dtype, dots),
         }
     }
 }

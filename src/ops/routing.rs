@@ -246,6 +246,45 @@ pub(crate) fn combine_backward(
     Ok((dy, dw))
 }
 
+/// The weighted combine's backward for the rows alone: dout `[N, H]` → dy `[N·k, H]` in
+/// `dtype`, `dy[r] = w[slot r] · dout[tokens[r]]` (one rounding, as [`combine_backward`]). The
+/// weights' gradient then comes from the experts' backward ([`weights_grad`]), which spares
+/// reading the expert outputs (and keeping them for the backward).
+pub(crate) fn combine_backward_rows(
+    w: &Tensor,
+    o: &RowOrder,
+    grad: &Tensor,
+    dtype: DType,
+) -> Result<Tensor> {
+    let w_rows = w
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .index_select(&o.slots, 0)?; // [M]
+    #[cfg(feature = "cuda")]
+    if grad.device().is_cuda() && matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        let grad = super::at_offset_zero(&grad.to_dtype(dtype)?)?;
+        return cuda::gather_sum(&grad, &o.tokens, 1, Some(&w_rows));
+    }
+    grad.to_dtype(DType::F32)?
+        .index_select(&o.tokens, 0)?
+        .broadcast_mul(&w_rows.unsqueeze(1)?)?
+        .to_dtype(dtype)
+}
+
+/// The weighted combine's weight gradient `[N, k]` (w's dtype) from the routed rows' dots
+/// `[N·k]` (f32, row order) of [`combine_backward_rows`]'s rows with what they scaled — each
+/// w times ⟨dout[t], y[r]⟩ (`ops::routed_experts`): `dw[s] = dots[inv[s]] / w[s]`, 0 where
+/// w[s] = 0 (its row's gradient is 0 there, and a zero weight passes no gradient to the
+/// router's logits: softmax and sigmoid scale theirs by the probability).
+pub(crate) fn weights_grad(dots: &Tensor, w: &Tensor, o: &RowOrder) -> Result<Tensor> {
+    let w32 = w.to_dtype(DType::F32)?;
+    let nonzero = w32
+        .eq(&w32.zeros_like()?)?
+        .where_cond(&w32.ones_like()?, &w32)?;
+    let dots = dots.flatten_all()?.index_select(&o.inv, 0)?;
+    (dots.reshape(w.shape())? / nonzero)?.to_dtype(w.dtype())
+}
+
 /// Rows `idx` (`[M]` u32) of src `[R, H]` → `[M, H]`, no graph: on CUDA the 16-byte row
 /// gather (candle's `index_select` moved ~0.27 TB/s there), elsewhere `index_select`.
 pub(crate) fn select_rows(src: &Tensor, idx: &Tensor) -> Result<Tensor> {

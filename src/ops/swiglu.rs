@@ -430,6 +430,120 @@ pub(crate) fn packed_backward(gu: &Tensor, dy: &Tensor, glu: Glu) -> Result<Tens
     super::direct(PackedBwd(glu).fwd(&gu.detach(), &dy)?)
 }
 
+/// `packed_backward` and, per row, the dot product of dy with the activation as the forward
+/// stored it: dot `[rows]` (f32) = Σ_c dy[c] · out[c]. A routed row's output is y = out · W_dᵀ
+/// (+ its adapter's update), so the routing weight's gradient ⟨dL/dy, y⟩ is this dot with dy =
+/// dL/d(out) — the weighted combine's backward need not read y (`ops::routed_experts`). CUDA
+/// with silu and rows of whole 16-byte packs: one kernel (`swiglu_packed_bwd_dot_vec`);
+/// elsewhere the activation recomputed and the dots summed by tensor ops (the kernel's twin).
+pub(crate) fn packed_backward_dot(gu: &Tensor, dy: &Tensor, glu: Glu) -> Result<(Tensor, Tensor)> {
+    let dy = super::at_offset_zero(&dy.to_dtype(gu.dtype())?)?;
+    #[cfg(feature = "cuda")]
+    if gu.device().is_cuda() && glu == Glu::Silu {
+        if let Some(both) = packed_dot_cuda(&super::at_offset_zero(gu)?, &dy)? {
+            return Ok(both);
+        }
+    }
+    packed_backward_dot_reference(gu, &dy, glu)
+}
+
+/// `packed_backward_dot` by tensor ops: the CPU's and the reference the kernel is checked
+/// against (gpu-check "swiglu_packed dot").
+pub fn packed_backward_dot_reference(
+    gu: &Tensor,
+    dy: &Tensor,
+    glu: Glu,
+) -> Result<(Tensor, Tensor)> {
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let dgu = packed_backward(gu, dy, glu)?;
+    let dot = (f32(dy)? * f32(&packed_forward(gu, glu)?)?)?.sum(1)?;
+    Ok((dgu, dot))
+}
+
+/// `swiglu_packed_bwd_dot_vec_<dtype>` on gu and dy at offset zero, or None where rows are not
+/// whole 16-byte packs.
+#[cfg(feature = "cuda")]
+fn packed_dot_cuda(gu: &Tensor, dy: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice as S, WrapErr};
+    use candle_core::Storage;
+    let candle_core::Device::Cuda(dev) = gu.device() else {
+        candle_core::bail!("swiglu_packed: not on CUDA")
+    };
+    let (rows, two_i) = gu.dims2()?;
+    let half = two_i / 2;
+    if half % (16 / gu.dtype().size_in_bytes()) != 0 || rows == 0 || dy.dims2()? != (rows, half) {
+        return Ok(None);
+    }
+    let suffix = match gu.dtype() {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => return Ok(None),
+    };
+    let func = dev.get_or_load_custom_func(
+        &format!("swiglu_packed_bwd_dot_vec_{suffix}"),
+        "moeq_swiglu",
+        super::kernels::SWIGLU,
+    )?;
+    // 8 rows (warps) per block of 256 threads.
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(8).min(1 << 20) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (sg, _) = gu.storage_and_layout();
+    let (sd, _) = dy.storage_and_layout();
+    let (Storage::Cuda(g), Storage::Cuda(d)) = (&*sg, &*sd) else {
+        candle_core::bail!("swiglu_packed: not on CUDA")
+    };
+    // SAFETY: the kernel writes every row's dot.
+    let dot = unsafe { dev.alloc::<f32>(rows)? };
+    macro_rules! run {
+        ($t:ty, $variant:path) => {{
+            let (gv, dv) = (g.as_cuda_slice::<$t>()?, d.as_cuda_slice::<$t>()?);
+            // SAFETY: the kernel writes every element of dgu.
+            let dgu = unsafe { dev.alloc::<$t>(rows * two_i)? };
+            let mut b = func.builder();
+            b.arg(gv);
+            b.arg(dv);
+            b.arg(&dgu);
+            b.arg(&dot);
+            b.arg(&rows);
+            b.arg(&half);
+            // SAFETY: arguments match kernels/swiglu.cu; both inputs start at offset zero.
+            unsafe { b.launch(cfg) }.w()?;
+            $variant(dgu)
+        }};
+    }
+    let slice = match gu.dtype() {
+        DType::F32 => run!(f32, S::F32),
+        DType::BF16 => run!(half::bf16, S::BF16),
+        DType::F16 => run!(half::f16, S::F16),
+        _ => return Ok(None),
+    };
+    let wrap = |storage: CudaStorage, shape: Shape| {
+        Tensor::from_storage(
+            Storage::Cuda(storage),
+            shape,
+            candle_core::op::BackpropOp::none(),
+            false,
+        )
+    };
+    let dgu = wrap(
+        CudaStorage {
+            slice,
+            device: dev.clone(),
+        },
+        Shape::from((rows, two_i)),
+    );
+    let dot = wrap(
+        CudaStorage::wrap_cuda_slice(dot, dev.clone()),
+        Shape::from(rows),
+    );
+    Ok(Some((dgu, dot)))
+}
+
 /// (gu, dy) → dgu.
 struct PackedBwd(Glu);
 

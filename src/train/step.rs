@@ -243,8 +243,8 @@ pub fn forward_backward(
         let tape = match entry {
             Some(Saved::Input(x)) => {
                 // The layer's backward follows at once: ops may keep what it reads.
-                let (_, _, tape) = timed("layer recompute", &device, || {
-                    keeping_checkpoints(|| model.layer_taped(l, &x, &inputs, &lora))
+                let tape = timed("layer recompute", &device, || {
+                    keeping_checkpoints(|| model.layer_tape(l, &x, &inputs, &lora))
                 })?;
                 crate::util::phases::mark_memory("5a layer recompute", &device);
                 tape
