@@ -76,25 +76,37 @@ __device__ void swiglu_packed_fwd_vec(const T* gu, T* out, const size_t rows, co
   }
 }
 
+// One 16-byte pack of the backward: row r, columns c … c + VEC − 1 of dy (c of gate, half + c of
+// up in gu). With DOT it returns the pack's share of Σ dy · T(silu(g) · u), the activation
+// rounded as the forward stored it (swiglu_packed_fwd's formula); else 0.
+template <typename T, bool DOT>
+__device__ __forceinline__ float swiglu_packed_bwd_pack(const T* gu, const T* dy, T* dgu, const size_t r,
+                                                        const size_t c, const size_t half) {
+  constexpr int VEC = 16 / sizeof(T);
+  Pack<T> g, u, d, dg, du;
+  g.v = *reinterpret_cast<const uint4*>(gu + r * 2 * half + c);
+  u.v = *reinterpret_cast<const uint4*>(gu + r * 2 * half + half + c);
+  d.v = *reinterpret_cast<const uint4*>(dy + r * half + c);
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const float x = to_f32(g.e[j]), up = to_f32(u.e[j]), dd = to_f32(d.e[j]);
+    const float sig = 1.0f / (1.0f + expf(-x));
+    dg.e[j] = from_f32<T>(dd * up * sig * (1.0f + x * (1.0f - sig)));
+    du.e[j] = from_f32<T>(dd * x * sig);
+    if (DOT) sum += dd * to_f32(from_f32<T>(x / (1.0f + expf(-x)) * up));
+  }
+  *reinterpret_cast<uint4*>(dgu + r * 2 * half + c) = dg.v;
+  *reinterpret_cast<uint4*>(dgu + r * 2 * half + half + c) = du.v;
+  return sum;
+}
+
 template <typename T>
 __device__ void swiglu_packed_bwd_vec(const T* gu, const T* dy, T* dgu, const size_t rows, const size_t half) {
   constexpr int VEC = 16 / sizeof(T);
   const size_t per_row = half / VEC, n = rows * per_row;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    const size_t r = i / per_row, c = (i % per_row) * VEC;
-    Pack<T> g, u, d, dg, du;
-    g.v = *reinterpret_cast<const uint4*>(gu + r * 2 * half + c);
-    u.v = *reinterpret_cast<const uint4*>(gu + r * 2 * half + half + c);
-    d.v = *reinterpret_cast<const uint4*>(dy + r * half + c);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float x = to_f32(g.e[j]), up = to_f32(u.e[j]), dd = to_f32(d.e[j]);
-      const float sig = 1.0f / (1.0f + expf(-x));
-      dg.e[j] = from_f32<T>(dd * up * sig * (1.0f + x * (1.0f - sig)));
-      du.e[j] = from_f32<T>(dd * x * sig);
-    }
-    *reinterpret_cast<uint4*>(dgu + r * 2 * half + c) = dg.v;
-    *reinterpret_cast<uint4*>(dgu + r * 2 * half + half + c) = du.v;
+    swiglu_packed_bwd_pack<T, false>(gu, dy, dgu, i / per_row, (i % per_row) * VEC, half);
   }
 }
 
@@ -114,21 +126,7 @@ __device__ void swiglu_packed_bwd_dot_vec(const T* gu, const T* dy, T* dgu, floa
        r += (size_t)gridDim.x * blockDim.x / 32) {
     float sum = 0.0f;
     for (size_t p = lane; p < per_row; p += 32) {
-      const size_t c = p * VEC;
-      Pack<T> g, u, d, dg, du;
-      g.v = *reinterpret_cast<const uint4*>(gu + r * 2 * half + c);
-      u.v = *reinterpret_cast<const uint4*>(gu + r * 2 * half + half + c);
-      d.v = *reinterpret_cast<const uint4*>(dy + r * half + c);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const float x = to_f32(g.e[j]), up = to_f32(u.e[j]), dd = to_f32(d.e[j]);
-        const float sig = 1.0f / (1.0f + expf(-x));
-        dg.e[j] = from_f32<T>(dd * up * sig * (1.0f + x * (1.0f - sig)));
-        du.e[j] = from_f32<T>(dd * x * sig);
-        sum += dd * to_f32(from_f32<T>(x / (1.0f + expf(-x)) * up));
-      }
-      *reinterpret_cast<uint4*>(dgu + r * 2 * half + c) = dg.v;
-      *reinterpret_cast<uint4*>(dgu + r * 2 * half + half + c) = du.v;
+      sum += swiglu_packed_bwd_pack<T, true>(gu, dy, dgu, r, p * VEC, half);
     }
     sum = warp_reduce<false>(sum);
     if (lane == 0) dot[r] = sum;
