@@ -111,11 +111,13 @@ __device__ void swiglu_packed_bwd_vec(const T* gu, const T* dy, T* dgu, const si
 }
 
 // swiglu_packed_bwd_vec's arithmetic, one warp per row (16-byte packs, the same conditions),
-// also writing the row's dot product of dy with the forward's output as the forward stored it,
-// dot[r] = Σ_c dy[r, c] · T(silu(g) · u) in f32: the weight gradient of a routed row whose
-// output the routing weight scaled (src/ops/routed_experts.rs). Lanes take packs lane, lane +
-// 32, …; their sums are added by the warp's butterfly (no atomics: the same sum every run).
-// Launch: blocks of 256 threads (8 rows), any number of blocks.
+// also writing the row's dot product of dy with the activation as the forward stored it,
+// dot[r] = Σ_c dy[r, c] · T(silu(g) · u) in f32: for a routed row whose output a routing weight
+// w scaled, w times that weight's gradient less the bias's part (src/ops/routed_experts.rs).
+// Lanes take packs lane, lane + 32, …; their sums are added by the warp's butterfly (no
+// atomics: the same sum every run). Launch: blocks of 256 threads (8 rows), any number of
+// blocks. CPU twin: src/ops/swiglu.rs (packed_backward_dot_reference). Checked:
+// src/gpu_check/ops/dots.rs (the "swiglu_packed dot" entries).
 template <typename T>
 __device__ void swiglu_packed_bwd_dot_vec(const T* gu, const T* dy, T* dgu, float* dot, const size_t rows,
                                           const size_t half) {

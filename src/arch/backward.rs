@@ -14,26 +14,18 @@
 
 use super::attn::{graph_attention, graph_backward};
 use super::latent::LatentTape;
-use super::layers::{
-    dropout_mask, part, whole_heads, Attention, Attn, Layer, Mlp, Moe, Proj, Routing,
-};
-use super::mlp_tape::{shared_mlp, swiglu_mlp, MlpTape, SharedMlpTape};
+use super::layers::{dropout_mask, part, whole_heads, Attention, Attn, Layer, Mlp, Proj};
+use super::mlp_tape::{swiglu_mlp, MlpTape};
 use super::model::{Inputs, LayerStats, LoraCtx};
-use super::{ArchSpec, ExpertExchange, QkNorm, Scoring};
+use super::moe_tape::MoeTape;
+use super::{ArchSpec, ExpertExchange, QkNorm};
 use crate::ops::attention_block::{attention_block_taped, BlockTape};
-use crate::ops::grouped_gemm::{add_product, Gemm};
-use crate::ops::input_weights::{scale_rows, scale_rows_backward};
 use crate::ops::lora_linear::{backward_into, forward_taped, LinearTape};
 use crate::ops::nf4_linear::nf4_linear;
 use crate::ops::norm::{rms_norm, rms_norm_backward};
 use crate::ops::rope_part::{rope_part, rope_part_backward};
-use crate::ops::routed_experts::{held_experts_taped, ExpertsTape};
-use crate::ops::routing::{
-    combine_backward_rows, combine_forward, gather_backward, gather_forward, weights_grad,
-};
 use crate::util::phases::timed;
-use candle_core::{DType, Result, Tensor, TensorId, D};
-use std::rc::Rc;
+use candle_core::{DType, Result, Tensor, TensorId};
 
 /// Adapter gradients by the id of the factor's `Var` tensor (`Var::as_tensor().id()`).
 pub type AdapterGrads = Vec<(TensorId, Tensor)>;
@@ -263,223 +255,6 @@ fn prepare_backward(
         d = norm_backward(&z(&x.reshape(heads)?)?, w, &z(&d)?, spec.rms_norm_eps)?;
     }
     d.reshape((n, width))
-}
-
-/// The shared expert's MLP and, where it is gated, its output and gate `sigmoid(x·gᵀ)` [N, 1].
-struct SharedTape {
-    mlp: SharedMlpTape,
-    gated: Option<(Tensor, Tensor)>,
-}
-
-struct MoeTape {
-    routing: Rc<Routing>,
-    /// f32 router probabilities [N, E] and routing weights [N, k].
-    probs: Tensor,
-    weights: Tensor,
-    /// The combine's weights: the routing weights, or ones where they scaled the rows.
-    combine: Tensor,
-    /// The gathered rows before the weights scaled them (`RouterSpec::weights_input`).
-    unscaled: Option<Tensor>,
-    experts: ExpertsTape,
-    shared: Option<SharedTape>,
-}
-
-impl Moe {
-    /// The held experts on their grouped rows, keeping their tape; their outputs with `output`.
-    pub(super) fn held_taped(
-        &self,
-        xs: &Tensor,
-        counts: &[usize],
-        lora: &LoraCtx,
-        output: bool,
-    ) -> Result<(Option<Tensor>, ExpertsTape)> {
-        let adapters = self.expert_lora(&LoraCtx {
-            adapters: lora.adapters,
-            live: false,
-            dropout: lora.dropout,
-        })?;
-        held_experts_taped(
-            xs,
-            &self.gate_up,
-            &self.down,
-            counts,
-            Some(&adapters),
-            output,
-        )
-    }
-
-    /// `Moe::forward`'s arithmetic, keeping its tape; without `output` (a recompute) only
-    /// what the backward reads — no expert outputs, no combine.
-    fn taped(
-        &self,
-        spec: &ArchSpec,
-        x: &Tensor,
-        lora: &LoraCtx,
-        exchange: Option<&dyn ExpertExchange>,
-        recorded: &mut Option<Rc<Routing>>,
-        output: bool,
-    ) -> Result<(Option<Tensor>, MoeTape)> {
-        let (routing, probs, weights) = self.route(spec, x, exchange, recorded)?;
-        let z = crate::ops::at_offset_zero;
-        let (x, weights) = (z(x)?, z(&weights)?);
-        // The routed rows [N·k, H] by expert. Llama 4: the weights scale the rows (kept for the
-        // weights' gradient), the outputs are summed unweighted.
-        let xs = gather_forward(&x, &routing.order)?;
-        let (rows, unscaled, combine) = match spec.router.weights_input {
-            true => (
-                scale_rows(&xs, &weights, &routing.order)?,
-                Some(xs),
-                weights.ones_like()?,
-            ),
-            false => (xs, None, weights.clone()),
-        };
-        let (y, experts) = match &routing.exchange {
-            None => self.held_taped(&rows, &routing.counts, lora, output)?,
-            Some(plan) => {
-                let rows = plan.dispatch(&rows)?;
-                let (yr, tape) = self.held_taped(&rows, plan.held_counts(), lora, output)?;
-                (yr.map(|yr| plan.combine(&yr)).transpose()?, tape)
-            }
-        };
-        drop(rows);
-        let mut out = y
-            .map(|y| combine_forward(&y, &combine, &routing.order))
-            .transpose()?;
-        let shared = match &self.shared {
-            None => None,
-            Some((mlp, gate)) => {
-                let (mut sh, tape) = shared_mlp(mlp, &x, lora)?;
-                let mut gated = None;
-                if let Some(g) = gate {
-                    let s = sigmoid(&x.matmul(&g.t()?)?)?;
-                    let out = sh.broadcast_mul(&s)?;
-                    gated = Some((std::mem::replace(&mut sh, out), s));
-                }
-                out = out.map(|out| out + sh).transpose()?;
-                Some(SharedTape { mlp: tape, gated })
-            }
-        };
-        let tape = MoeTape {
-            routing,
-            probs,
-            weights,
-            combine,
-            unscaled,
-            experts,
-            shared,
-        };
-        Ok((out, tape))
-    }
-}
-
-fn sigmoid(x: &Tensor) -> Result<Tensor> {
-    (x.neg()?.exp()? + 1.0)?.recip()
-}
-
-impl MoeTape {
-    /// d(normed input) [N, H] for upstream `dy` [N, H].
-    fn backward(
-        self,
-        moe: &Moe,
-        spec: &ArchSpec,
-        dy: &Tensor,
-        lora: &LoraCtx,
-        grads: &mut AdapterGrads,
-    ) -> Result<Tensor> {
-        let dtype = dy.dtype();
-        let order = &self.routing.order;
-        let dys = combine_backward_rows(&self.combine, order, dy, dtype)?;
-        // The weights' gradient from the experts' row dots, where the weights scaled the
-        // outputs (`Held::backward`); Llama 4's comes from the scaled rows below.
-        let dots = self.unscaled.is_none();
-        let (mut dxs, (gate_up, down), dots) = match &self.routing.exchange {
-            None => self.experts.backward(dys, dtype, dots)?,
-            Some(plan) => {
-                let dyr = plan.dispatch(&dys)?;
-                drop(dys);
-                let (dxr, factors, dots) = self.experts.backward(dyr, dtype, dots)?;
-                let back = |d: Tensor| plan.combine(&d.unsqueeze(1)?)?.flatten_all();
-                (plan.combine(&dxr)?, factors, dots.map(back).transpose()?)
-            }
-        };
-        for (name, factors) in [(&moe.gate_up_name, gate_up), (&moe.down_name, down)] {
-            if let (Some(l), Some((da, db))) = (lora.adapters.experts.get(name), factors) {
-                let (da, db) = l.unoriented(da, db)?;
-                grads.push((l.a.as_tensor().id(), da));
-                grads.push((l.b.as_tensor().id(), db));
-            }
-        }
-        let dw = match (&self.unscaled, dots) {
-            (Some(xs), _) => {
-                let dw;
-                (dxs, dw) = scale_rows_backward(&dxs, xs, &self.weights, order)?;
-                dw
-            }
-            (None, Some(dots)) => weights_grad(&dots, &self.combine, order)?,
-            (None, None) => candle_core::bail!("moe backward: no row dots for the weights"),
-        };
-        let dx = gather_backward(&dxs, order, dtype)?;
-        drop(dxs);
-        let dx = router_backward(moe, spec, &self.routing, &self.probs, &dw, dx)?;
-        match (self.shared, &moe.shared) {
-            (Some(t), Some((mlp, gate))) => {
-                let (dsh, dx) = match (t.gated, gate) {
-                    (Some((sh, s)), Some(g)) => {
-                        // out = sh·s, s = sigmoid(x·gᵀ): ds = Σ dy·sh, dz = ds·s·(1 − s).
-                        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-                        let ds = (f32(dy)? * f32(&sh)?)?.sum_keepdim(D::Minus1)?;
-                        let sf = f32(&s)?;
-                        let dz = (ds * (&sf * sf.affine(-1.0, 1.0)?)?)?.to_dtype(dtype)?;
-                        let dx = add_product(dx, &dz, g, Gemm::nn(1.0))?;
-                        (dy.broadcast_mul(&s)?, dx)
-                    }
-                    _ => (dy.clone(), dx),
-                };
-                t.mlp.backward(mlp, &dsh, Some(dx), grads)
-            }
-            _ => Ok(dx),
-        }
-    }
-}
-
-/// The router's backward: dx += dlogits · W_router, from the routing weights' gradient `dw`
-/// [N, k] through the scaling, the (optional) renormalisation, the top-k selection and the f32
-/// softmax or sigmoid.
-fn router_backward(
-    moe: &Moe,
-    spec: &ArchSpec,
-    routing: &Routing,
-    probs: &Tensor,
-    dw: &Tensor,
-    dx: Tensor,
-) -> Result<Tensor> {
-    let dw = (dw.to_dtype(DType::F32)? * spec.router.scaling)?;
-    let sel = probs.gather(&routing.top, 1)?; // [N, k]
-    let dsel = if spec.router.renormalize {
-        // w = sel / Σ sel: dsel = (dw − Σ dw·w) / Σ sel.
-        let total = sel.sum_keepdim(D::Minus1)?;
-        let w = sel.broadcast_div(&total)?;
-        dw.broadcast_sub(&(&dw * w)?.sum_keepdim(D::Minus1)?)?
-            .broadcast_div(&total)?
-    } else {
-        dw
-    };
-    let dprobs = probs.zeros_like()?.scatter_add(&routing.top, &dsel, 1)?;
-    let dlogits = match spec.router.scoring {
-        // Softmax: dlogits = p · (dp − Σ dp·p).
-        Scoring::Softmax => {
-            let dot = (&dprobs * probs)?.sum_keepdim(D::Minus1)?;
-            (probs * dprobs.broadcast_sub(&dot)?)?
-        }
-        // Sigmoid: dlogits = dp · s · (1 − s).
-        Scoring::Sigmoid => (dprobs * (probs * probs.affine(-1.0, 1.0)?)?)?,
-    };
-    add_product(
-        dx,
-        &dlogits.to_dtype(moe.router.dtype())?,
-        &moe.router,
-        Gemm::nn(1.0),
-    )
 }
 
 enum MlpPart {

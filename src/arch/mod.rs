@@ -15,6 +15,7 @@ mod linear_attn;
 mod memory;
 mod mlp_tape;
 pub mod model;
+mod moe_tape;
 mod params;
 mod row_fields;
 mod rows;

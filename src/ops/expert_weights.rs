@@ -121,9 +121,11 @@ impl ExpertWeights {
         let Some(bias) = &self.bias else {
             return Ok(None);
         };
-        let ids = expert_of_rows(counts, dy.device())?;
-        let rows = super::routing::select_rows(&bias.to_dtype(DType::F32)?, &ids)?;
-        Ok(Some((dy.to_dtype(DType::F32)? * rows)?.sum(1)?))
+        // dy · biasᵀ [M, E] in f32 (one product; E is small), then each row's own expert's column.
+        let ids = expert_of_rows(counts, dy.device())?.unsqueeze(1)?;
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let all = f32(dy)?.matmul(&f32(bias)?.t()?)?;
+        all.gather(&ids, 1)?.squeeze(1).map(Some)
     }
 
     /// Experts `range` (local indices) as `[n, out, in]` in `dtype`: dequantized, or a view

@@ -316,8 +316,11 @@ impl GroupedLora {
     /// The rank-r hidden `x · A_eᵀ` [M, r] alone, by the products `forward_into` computes it
     /// with (the same values).
     pub(crate) fn hidden_of(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let (a3, _) = lora_factors(a, b, self.r, x.dtype())?;
         let (m, inp) = x.dims2()?;
+        // `lora_factors`'s A.
+        let a3 = a
+            .to_dtype(x.dtype())?
+            .reshape((a.dim(0)? / self.r, self.r, inp))?;
         if self.plan.applies(x, self.r, &[inp, b.dim(0)?]) {
             return thin_gemm::project(x, &a3, &self.plan, 1.0);
         }

@@ -385,7 +385,7 @@ impl ExpertsTape {
     }
 
     /// dy `[M, H]` → (dxs `[M, H]` in `dtype`, the adapters' gradients in their dtype and,
-    /// with `dots`, each row's ⟨dL/d(act), act⟩ `[M]` (f32; see `Held::backward`).
+    /// with `dots`, each row's ⟨dy, y⟩ `[M]` (f32) without y: see `Held::backward`).
     pub(crate) fn backward(
         mut self,
         dy: Tensor,

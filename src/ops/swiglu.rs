@@ -430,11 +430,12 @@ pub(crate) fn packed_backward(gu: &Tensor, dy: &Tensor, glu: Glu) -> Result<Tens
     super::direct(PackedBwd(glu).fwd(&gu.detach(), &dy)?)
 }
 
-/// `packed_backward` and, per row, the dot product of dy with the activation as the forward
-/// stored it: dot `[rows]` (f32) = Σ_c dy[c] · out[c]. A routed row's output is y = out · W_dᵀ
-/// (+ its adapter's update), so the routing weight's gradient ⟨dL/dy, y⟩ is this dot with dy =
-/// dL/d(out) — the weighted combine's backward need not read y (`ops::routed_experts`). CUDA
-/// with silu and rows of whole 16-byte packs: one kernel (`swiglu_packed_bwd_dot_vec`);
+/// `packed_backward` and, per row, the dot product of dy with the activation `act` as the
+/// forward stored it: dot `[rows]` (f32) = Σ_c dy[c] · act[c]. A routed row's output y = act ·
+/// W_dᵀ (+ its adapter's update, + a bias) is affine in act, so with dy = dL/d(act) this dot is
+/// ⟨dL/dy, y⟩ less the bias's part — for a row a routing weight w scaled, w times that weight's
+/// gradient; the weighted combine's backward then need not read y (`ops::routed_experts`).
+/// CUDA with silu and rows of whole 16-byte packs: one kernel (`swiglu_packed_bwd_dot_vec`);
 /// elsewhere the activation recomputed and the dots summed by tensor ops (the kernel's twin).
 pub(crate) fn packed_backward_dot(gu: &Tensor, dy: &Tensor, glu: Glu) -> Result<(Tensor, Tensor)> {
     let dy = super::at_offset_zero(&dy.to_dtype(gu.dtype())?)?;

@@ -9,6 +9,7 @@ mod conv_silu;
 #[cfg(feature = "cuda")]
 mod cudnn;
 mod delta_rule;
+mod dots;
 mod linear_attn;
 mod nf4;
 mod outer;
@@ -32,9 +33,7 @@ use crate::ops::norm_rope::norm_rope;
 use crate::ops::rope::{apply_rope, Rope, RopeSpec};
 use crate::ops::rope_part::{rope_part, Part};
 use crate::ops::routed_experts::{routed_experts, Weights};
-use crate::ops::routing::{
-    combine_backward_rows, combine_rows, gather_rows, weights_grad, RowOrder,
-};
+use crate::ops::routing::{combine_rows, gather_rows, RowOrder};
 use crate::ops::swiglu::{swiglu, swiglu_packed, swiglu_reference};
 use crate::quant::{QuantSettings, QuantizedParam};
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -146,33 +145,6 @@ fn device_vs_cpu(
         )?);
     }
     Ok(v)
-}
-
-/// Runs `f` (no graph: a backward's own arithmetic) on the CPU in f32 and on `device` in
-/// `dtype` over the same random inputs and compares each of its outputs within the backward
-/// row of `op` in `dtype`.
-fn outputs_vs_cpu(
-    what: &str,
-    op: &str,
-    device: &Device,
-    dtype: DType,
-    inputs: &[Tensor],
-    f: &dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>,
-) -> Result<Vec<Comparison>> {
-    let row = lookup(op, dtype.as_str(), Pass::Backward)?;
-    let run = |dev: &Device, dt: DType| -> Result<Vec<Tensor>> {
-        let ts = inputs
-            .iter()
-            .map(|t| t.to_dtype(dt)?.to_device(dev))
-            .collect::<Result<Vec<_>>>()?;
-        f(&ts)?.iter().map(|t| t.to_device(&Device::Cpu)).collect()
-    };
-    let (got, want) = (run(device, dtype)?, run(&Device::Cpu, DType::F32)?);
-    got.iter()
-        .zip(&want)
-        .enumerate()
-        .map(|(i, (g, w))| compare(&format!("{what} {dtype:?} output{i}"), g, w, row))
-        .collect()
 }
 
 /// RMSNorm, RoPE, the grouped 4-bit expert matmul and grouped split LoRA, packed SwiGLU, the
@@ -386,25 +358,6 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
             &|t| swiglu_packed(&t[0]),
         )?);
     }
-    // Its backward with each row's dot of dy and the stored activation (the routing weights'
-    // gradient, `ops::routed_experts`): the one-warp-per-row kernel at I = 192, the tensor ops
-    // at I = 102.
-    for half in [192usize, 102] {
-        let gu = (Tensor::randn(0f32, 1.0, (257, 2 * half), cpu)? * 3.0)?;
-        let dy = Tensor::randn(0f32, 1.0, (257, half), cpu)?;
-        out.extend(outputs_vs_cpu(
-            &format!("swiglu_packed dot (I = {half})"),
-            "swiglu_packed",
-            device,
-            dtype,
-            &[gu, dy],
-            &|t| {
-                let silu = crate::ops::swiglu::Glu::Silu;
-                let (dgu, dot) = crate::ops::swiglu::packed_backward_dot(&t[0], &t[1], silu)?;
-                Ok(vec![dgu, dot])
-            },
-        )?);
-    }
     // gpt-oss's clamped GLU over interleaved pairs: values to ±21, a third beyond the limit,
     // none within 0.1 of it (where rounding to bf16 could cross it: the gradient jumps there).
     let gu: Vec<f32> = (Tensor::randn(0f32, 1.0, 257 * 2 * 90, cpu)? * 7.0)?.to_vec1()?;
@@ -459,28 +412,7 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
             },
         )?);
     }
-    // The combine's backward by rows (dy = w · dout) and the weights' gradient from row dots
-    // (here of dy with a stand-in for the expert outputs): what the layer backward runs.
-    for h in [128usize, 36] {
-        let dout = Tensor::randn(0f32, 1.0, (n, h), cpu)?;
-        let wr = Tensor::rand(0.1f32, 1.0, (n, k), cpu)?;
-        let ys = Tensor::randn(0f32, 1.0, (n * k, h), cpu)?;
-        out.extend(outputs_vs_cpu(
-            &format!("routing combine rows (rows of {h})"),
-            "gather_rows/combine_rows",
-            device,
-            dtype,
-            &[dout, wr, ys],
-            &|t| {
-                let order = RowOrder::new(tokens.clone(), slots.clone(), k, t[0].device())?;
-                let w = t[1].to_dtype(DType::F32)?;
-                let dys = combine_backward_rows(&w, &order, &t[0], t[0].dtype())?;
-                let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-                let dots = (f32(&dys)? * f32(&t[2])?)?.sum(1)?;
-                Ok(vec![dys, weights_grad(&dots, &w, &order)?])
-            },
-        )?);
-    }
+    out.extend(dots::check_row_dots(device, dtype, (&tokens, &slots), k)?);
     // The routed experts as one op over the same routing (16 experts, rows of 128, expert
     // width 32): gather, gate_up, packed SwiGLU, down and combine, gradients for x and weights.
     let mut expert_counts = vec![0usize; 16];

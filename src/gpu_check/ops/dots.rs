@@ -1,0 +1,89 @@
+//! The backward's row dots against their CPU twins: the packed SwiGLU backward with each row's
+//! dot of dy and the stored activation (the routing weights' gradient, `ops::routed_experts`),
+//! and the combine's backward by rows with the weights' gradient from such dots.
+
+use super::super::tolerance::{lookup, Pass};
+use super::super::{compare, Comparison};
+use crate::ops::routing::{combine_backward_rows, weights_grad, RowOrder};
+use crate::ops::swiglu::{packed_backward_dot, Glu};
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Runs `f` (no graph: a backward's own arithmetic) on the CPU in f32 and on `device` in
+/// `dtype` over the same random inputs and compares each of its outputs within the backward
+/// row of `op` in `dtype`.
+fn outputs_vs_cpu(
+    what: &str,
+    op: &str,
+    device: &Device,
+    dtype: DType,
+    inputs: &[Tensor],
+    f: &dyn Fn(&[Tensor]) -> Result<Vec<Tensor>>,
+) -> Result<Vec<Comparison>> {
+    let row = lookup(op, dtype.as_str(), Pass::Backward)?;
+    let run = |dev: &Device, dt: DType| -> Result<Vec<Tensor>> {
+        let ts = inputs
+            .iter()
+            .map(|t| t.to_dtype(dt)?.to_device(dev))
+            .collect::<Result<Vec<_>>>()?;
+        f(&ts)?.iter().map(|t| t.to_device(&Device::Cpu)).collect()
+    };
+    let (got, want) = (run(device, dtype)?, run(&Device::Cpu, DType::F32)?);
+    got.iter()
+        .zip(&want)
+        .enumerate()
+        .map(|(i, (g, w))| compare(&format!("{what} {dtype:?} output{i}"), g, w, row))
+        .collect()
+}
+
+/// The row-dot checks in `dtype`; the combine's over the routing of `check_model_ops` (rows
+/// sorted by expert: their tokens and slots, k slots per token).
+pub(super) fn check_row_dots(
+    device: &Device,
+    dtype: DType,
+    (tokens, slots): (&[u32], &[u32]),
+    k: usize,
+) -> Result<Vec<Comparison>> {
+    let cpu = &Device::Cpu;
+    let mut out = Vec::new();
+    // The packed SwiGLU's backward with each row's dot of dy and the stored activation: the
+    // one-warp-per-row kernel at I = 192, the tensor ops at I = 102.
+    for half in [192usize, 102] {
+        let gu = (Tensor::randn(0f32, 1.0, (257, 2 * half), cpu)? * 3.0)?;
+        let dy = Tensor::randn(0f32, 1.0, (257, half), cpu)?;
+        out.extend(outputs_vs_cpu(
+            &format!("swiglu_packed dot (I = {half})"),
+            "swiglu_packed",
+            device,
+            dtype,
+            &[gu, dy],
+            &|t| {
+                let (dgu, dot) = packed_backward_dot(&t[0], &t[1], Glu::Silu)?;
+                Ok(vec![dgu, dot])
+            },
+        )?);
+    }
+    let n = tokens.len() / k;
+    // The combine's backward by rows (dy = w · dout) and the weights' gradient from row dots
+    // (here of dy with a stand-in for the expert outputs): what the layer backward runs.
+    for h in [128usize, 36] {
+        let dout = Tensor::randn(0f32, 1.0, (n, h), cpu)?;
+        let wr = Tensor::rand(0.1f32, 1.0, (n, k), cpu)?;
+        let ys = Tensor::randn(0f32, 1.0, (n * k, h), cpu)?;
+        out.extend(outputs_vs_cpu(
+            &format!("routing combine rows (rows of {h})"),
+            "gather_rows/combine_rows",
+            device,
+            dtype,
+            &[dout, wr, ys],
+            &|t| {
+                let order = RowOrder::new(tokens.to_vec(), slots.to_vec(), k, t[0].device())?;
+                let w = t[1].to_dtype(DType::F32)?;
+                let dys = combine_backward_rows(&w, &order, &t[0], t[0].dtype())?;
+                let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+                let dots = (f32(&dys)? * f32(&t[2])?)?.sum(1)?;
+                Ok(vec![dys, weights_grad(&dots, &w, &order)?])
+            },
+        )?);
+    }
+    Ok(out)
+}
