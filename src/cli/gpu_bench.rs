@@ -403,7 +403,11 @@ fn attention(
     }
     println!("| kernels | forward ms | TFLOP/s | backward ms | TFLOP/s |");
     println!("|---|---|---|---|---|");
-    let default_dp = 256 << 20;
+    let default_dp = cudnn_attn::DP_WORKSPACE;
+    let by_rows = format!(
+        "cuDNN, deterministic backward, {} MiB of rows (default)",
+        default_dp >> 20
+    );
     for (name, backend, deterministic, dp) in [
         ("moeq", Backend::Moeq, true, default_dp),
         ("cuDNN, atomic backward", Backend::Auto, false, default_dp),
@@ -413,12 +417,7 @@ fn attention(
             true,
             i64::MAX,
         ),
-        (
-            "cuDNN, deterministic backward, 256 MiB of rows (default)",
-            Backend::Auto,
-            true,
-            default_dp,
-        ),
+        (by_rows.as_str(), Backend::Auto, true, default_dp),
     ] {
         cudnn_attn::set_backend(backend);
         cudnn_attn::set_deterministic(deterministic);

@@ -131,10 +131,23 @@ pub fn set_deterministic(d: bool) {
     DETERMINISTIC.store(if d { 1 } else { 2 }, Ordering::Relaxed);
 }
 
-/// The dP workspace one deterministic backward call may take: 256 MiB, one row of 2,048
-/// positions × 32 heads (whole batches took 1.1 GB more peak memory at 4 rows, 2.5 GB at 8).
-const DP_WORKSPACE: i64 = 256 << 20;
-static DP_LIMIT: AtomicI64 = AtomicI64::new(DP_WORKSPACE);
+/// The dP workspace one deterministic backward call may take: 512 MiB, two rows of 2,048
+/// positions × 32 heads (whole batches took 1.1 GB more peak memory at 4 rows, 2.5 GB at 8;
+/// two rows against one: +1.8% / +1.9% tokens/s at mbs 4 / 8, the same peak — the attention
+/// backward is not where a step's peak is; launch/bench/NOTES.md item 48).
+pub const DP_WORKSPACE: i64 = 512 << 20;
+/// 0 = not read yet: `set_dp_workspace`'s, else `MOEQ_CUDNN_DP_MB` (A/B), else `DP_WORKSPACE`.
+static DP_LIMIT: AtomicI64 = AtomicI64::new(0);
+
+fn dp_limit() -> i64 {
+    if DP_LIMIT.load(Ordering::Relaxed) == 0 {
+        let mb = std::env::var("MOEQ_CUDNN_DP_MB")
+            .ok()
+            .and_then(|v| v.parse::<i64>().ok());
+        set_dp_workspace(mb.filter(|&mb| mb > 0).map_or(DP_WORKSPACE, |mb| mb << 20));
+    }
+    DP_LIMIT.load(Ordering::Relaxed)
+}
 
 /// Sets the dP workspace bound (gpu-check lowers it to split a small batch into calls).
 pub fn set_dp_workspace(bytes: i64) {
@@ -485,7 +498,7 @@ fn backward_calls(shape: &Shape) -> Vec<(i64, Shape)> {
     let pad = (shape.s + 63) / 64 * 64;
     let per_row = shape.h * pad * pad * 2;
     let mut rows = if shape.deterministic != 0 {
-        (DP_LIMIT.load(Ordering::Relaxed) / per_row.max(1)).clamp(1, shape.b)
+        (dp_limit() / per_row.max(1)).clamp(1, shape.b)
     } else {
         shape.b
     };

@@ -505,11 +505,11 @@ mod cuda {
         b.arg(&ki);
         // SAFETY: arguments match kernels/routing.cu.
         unsafe { b.launch(cfg) }.w()?;
-        let counts: Vec<usize> = dev
-            .clone_dtoh(&counts)?
-            .into_iter()
-            .map(|c| c as usize)
-            .collect();
+        let counts =
+            crate::util::phases::waited("host waits: expert counts", top.device(), || {
+                dev.clone_dtoh(&counts)
+            })?;
+        let counts: Vec<usize> = counts.into_iter().map(|c| c as usize).collect();
         if counts.iter().sum::<usize>() != m {
             candle_core::bail!("routing: a top-k choice names no expert below {experts}");
         }

@@ -4,7 +4,7 @@
 
 use super::build::Run;
 use super::error::{failed, step_failed, TrainError};
-use super::ranks::{all_reduce_grads, squares, sum_over_ranks};
+use super::ranks::{all_reduce_grads, host_sum, square_sums, sum_over_ranks};
 use super::step::{forward_backward, MicroStats};
 use crate::distributed::store::WATCH;
 use crate::util::{mem, phases, phases::timed};
@@ -42,8 +42,15 @@ impl Run<'_> {
                 self.config.collective_timeout_s,
             ));
         }
+        let squares = timed("gradient norm", &self.device, || {
+            Ok::<_, candle_core::Error>((
+                square_sums(&grads, &self.replicated)?,
+                square_sums(&grads, &self.owned)?,
+            ))
+        })
+        .map_err(failed)?;
         mem::sample_gpu_peak(&self.device);
-        let grad_norm = self.global_norm(&grads)?;
+        let grad_norm = self.global_norm(squares)?;
         if nan_loss {
             stats.loss_sum = f64::NAN;
         }
@@ -155,12 +162,10 @@ impl Run<'_> {
 
     /// Global gradient norm: replicated gradients (equal on every rank) plus the expert
     /// gradients of every rank of the expert-parallel group (each expert once).
-    fn global_norm(&self, grads: &BTreeMap<String, Tensor>) -> Result<f64, TrainError> {
-        let replicated = timed("gradient norm", &self.device, || {
-            squares(grads, &self.replicated)
-        })
-        .map_err(failed)?;
-        let owned = squares(grads, &self.owned).map_err(failed)?;
+    /// `squares`: `square_sums` of (replicated, owned).
+    fn global_norm(&self, squares: (Option<Tensor>, Option<Tensor>)) -> Result<f64, TrainError> {
+        let replicated = host_sum(squares.0).map_err(failed)?;
+        let owned = host_sum(squares.1).map_err(failed)?;
         let owned = sum_over_ranks(self.experts.group.as_ref(), vec![owned])?[0];
         Ok((replicated + owned).sqrt())
     }

@@ -51,15 +51,18 @@ pub(crate) fn all_reduce_grads(
     Ok(())
 }
 
-/// Sum of squares of each gradient in `names` order, one host copy. Each gradient is summed
-/// over its last dimension first: candle reduces a whole tensor to one value in a single
-/// block (≈ 0.4 ms for a 4M-element expert adapter on an H200), a row at a time in parallel.
-pub(crate) fn squares(
+/// Sum of squares of each gradient in `names` order, on the device (f32 `[names]`; None for no
+/// names): launched before the step's end waits on the device, so their launches overlap the
+/// backward still running there (the GPU waited 2.9 ms a step on them after that wait;
+/// launch/bench/NOTES.md item 48). Each gradient is summed over its last dimension first:
+/// candle reduces a whole tensor to one value in a single block (≈ 0.4 ms for a 4M-element
+/// expert adapter on an H200), a row at a time in parallel.
+pub(crate) fn square_sums(
     grads: &BTreeMap<String, Tensor>,
     names: &[String],
-) -> candle_core::Result<f64> {
+) -> candle_core::Result<Option<Tensor>> {
     if names.is_empty() {
-        return Ok(0.0);
+        return Ok(None);
     }
     let sq = names
         .iter()
@@ -73,11 +76,15 @@ pub(crate) fn squares(
             rows.sum_all()
         })
         .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok(Tensor::stack(&sq, 0)?
-        .to_vec1::<f32>()?
-        .iter()
-        .map(|&x| x as f64)
-        .sum())
+    Tensor::stack(&sq, 0).map(Some)
+}
+
+/// `square_sums`' values summed on the host in f64 (one copy; 0 for None).
+pub(crate) fn host_sum(sums: Option<Tensor>) -> candle_core::Result<f64> {
+    match sums {
+        None => Ok(0.0),
+        Some(t) => Ok(t.to_vec1::<f32>()?.iter().map(|&x| x as f64).sum()),
+    }
 }
 
 /// The whole adapter when experts are spread over the ranks of `spread_over` (the

@@ -2,6 +2,7 @@
 //! ordered prefetch and progress reporting.
 
 pub mod device;
+pub mod gpu_lag;
 pub mod logging;
 pub mod mem;
 pub mod phases;

@@ -1,15 +1,43 @@
 //! Time per training phase for profiling, switched on by `MOEQ_PHASE_TIMES=1`: the device is
 //! synchronized before and after each timed region, so every phase gets exactly its own device
-//! time (the run itself gets slower by the lost overlap). Off, `timed` only calls the closure.
+//! time (the run itself gets slower by the lost overlap). `MOEQ_PHASE_TIMES=host` times the host
+//! instead, with no synchronization added: how long the host takes to enqueue each phase,
+//! including where it waits on the device (the expert counts' copy, `waited`), and at every
+//! boundary how much work the GPU has queued (`util::gpu_lag`: near zero, it waits on the
+//! host). Off, `timed` only calls the closure.
 
 use candle_core::Device;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Off,
+    /// Device time per phase (synchronized at each boundary).
+    Device,
+    /// Host time per phase, nothing synchronized.
+    Host,
+}
+
+fn mode() -> Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("MOEQ_PHASE_TIMES").as_deref() {
+        Ok("1") => Mode::Device,
+        Ok("host") => Mode::Host,
+        _ => Mode::Off,
+    })
+}
+
 fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MOEQ_PHASE_TIMES").is_ok_and(|v| v == "1"))
+    mode() != Mode::Off
+}
+
+/// Synchronizes `device` in device-time mode (host mode adds no synchronization).
+fn sync(device: &Device) {
+    if mode() == Mode::Device {
+        let _ = device.synchronize();
+    }
 }
 
 /// Seconds and calls per phase name.
@@ -21,10 +49,33 @@ pub fn timed<T>(phase: &'static str, device: &Device, f: impl FnOnce() -> T) -> 
     if !enabled() {
         return f();
     }
-    let _ = device.synchronize();
+    sync(device);
+    lag_mark(phase, true, device);
     let start = Instant::now();
     let out = f();
-    let _ = device.synchronize();
+    sync(device);
+    lag_mark(phase, false, device);
+    add(phase, start.elapsed().as_secs_f64());
+    out
+}
+
+/// In host mode, the GPU's lag at a phase boundary (`util::gpu_lag`).
+fn lag_mark(phase: &'static str, start: bool, device: &Device) {
+    if mode() == Mode::Host {
+        crate::util::gpu_lag::mark(phase, start, device);
+    }
+}
+
+/// Runs `f`, a host wait on the device (a copy to the host), adding its time to `phase` in
+/// host mode only (device mode's synchronization would make it nothing).
+pub fn waited<T>(phase: &'static str, device: &Device, f: impl FnOnce() -> T) -> T {
+    if mode() != Mode::Host {
+        return f();
+    }
+    lag_mark(phase, true, device);
+    let start = Instant::now();
+    let out = f();
+    lag_mark(phase, false, device);
     add(phase, start.elapsed().as_secs_f64());
     out
 }
@@ -39,7 +90,8 @@ pub struct Span {
 impl Span {
     pub fn start(phase: &'static str, device: &Device) -> Span {
         let start = enabled().then(|| {
-            let _ = device.synchronize();
+            sync(device);
+            lag_mark(phase, true, device);
             Instant::now()
         });
         Span {
@@ -53,7 +105,8 @@ impl Span {
 impl Drop for Span {
     fn drop(&mut self) {
         if let Some(start) = self.start {
-            let _ = self.device.synchronize();
+            sync(&self.device);
+            lag_mark(self.phase, false, &self.device);
             add(self.phase, start.elapsed().as_secs_f64());
         }
     }
@@ -69,6 +122,7 @@ fn add(phase: &'static str, secs: f64) {
 /// Forgets the times so far (the first step, with its one-time kernel loading, is left out).
 pub fn reset() {
     TOTALS.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    crate::util::gpu_lag::reset();
 }
 
 /// The table of phases, longest first, with time per optimizer step over `steps` steps; None
@@ -80,13 +134,21 @@ pub fn report(steps: usize) -> Option<String> {
     let t = TOTALS.lock().unwrap_or_else(|e| e.into_inner());
     let mut rows: Vec<_> = t.iter().collect();
     rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
-    let mut s = format!("phase times (MOEQ_PHASE_TIMES=1, {steps} steps):");
+    let what = match mode() {
+        Mode::Host => "host time, MOEQ_PHASE_TIMES=host",
+        _ => "MOEQ_PHASE_TIMES=1",
+    };
+    let mut s = format!("phase times ({what}, {steps} steps):");
     for (name, (secs, calls)) in rows {
         s += &format!(
             "\n  {name:<28} {:>9.1} ms/step {:>7} calls",
             secs * 1e3 / steps.max(1) as f64,
             calls
         );
+    }
+    if let Some(lag) = crate::util::gpu_lag::report() {
+        s += "\n";
+        s += &lag;
     }
     Some(s)
 }
@@ -96,10 +158,10 @@ pub fn report(steps: usize) -> Option<String> {
 /// reservation) at the mark.
 static MEMORY: Mutex<BTreeMap<&'static str, (u64, u64, u64)>> = Mutex::new(BTreeMap::new());
 
-/// When profiling is on, records under `label` the stream-ordered pool's high-water mark of
+/// When device times are on, records under `label` the stream-ordered pool's high-water mark of
 /// memory in use since the previous mark (then resets it): where in a step the peak is.
 pub fn mark_memory(label: &'static str, device: &Device) {
-    if !enabled() {
+    if mode() != Mode::Device {
         return;
     }
     if let Some((high, reserved, other)) = crate::util::mem::pool_high_since_last(device) {
@@ -114,7 +176,7 @@ pub fn mark_memory(label: &'static str, device: &Device) {
 /// The table of memory marks (None when profiling is off or nothing was marked).
 pub fn memory_report() -> Option<String> {
     let m = MEMORY.lock().unwrap_or_else(|e| e.into_inner());
-    if !enabled() || m.is_empty() {
+    if mode() != Mode::Device || m.is_empty() {
         return None;
     }
     let mut s = String::from(
