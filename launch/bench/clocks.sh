@@ -25,12 +25,14 @@ q=clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,utilization.gpu
 nvidia-smi --query-gpu=$q --format=csv,noheader,nounits -lms 100 > "$OUT/clocks/smi.csv" 2> "$OUT/clocks/smi.err" &
 smi=$!
 MOEQ_PHASE_TIMES=host .device/moeq train --config "$conf" > "$OUT/clocks/train.log" 2>&1
-echo "train exit $?"
+rc=$?
+echo "train exit $rc"
 kill $smi; wait $smi 2>/dev/null
 head -2 "$OUT/clocks/smi.err"
-python3 - "$OUT/clocks/smi.csv" /tmp/moeq-bench/clocks/metrics.jsonl <<'PY'
-import collections, json, statistics, sys
-steps = [json.loads(l) for l in open(sys.argv[2]) if '"step"' in l]
+python3 - "$OUT/clocks/smi.csv" /tmp/moeq-bench/clocks/metrics.jsonl "$rc" <<'PY'
+import collections, json, os, statistics, sys
+ok = sys.argv[3] == "0" and os.path.exists(sys.argv[2])
+steps = [json.loads(l) for l in open(sys.argv[2]) if '"step"' in l] if ok else []
 tps = [s["tokens_per_s"] for s in steps if s["step"] >= 3]
 print(f"tokens/s median of steps 3..{len(steps)}: {statistics.median(tps):,.0f}" if tps else "no steps")
 rows = []
@@ -50,4 +52,4 @@ if busy:
     for reason, n in collections.Counter(r[6] for r in busy).most_common(5):
         print(f"  clock-event reasons {reason}: {n} samples")
 PY
-sed -n '/INFO phase times (host time/,/saved adapter/p' "$OUT/clocks/train.log" | grep -v 'saved adapter' | head -80
+sed -n '/INFO phase times (host time/,/saved adapter/p' "$OUT/clocks/train.log" | grep -v 'saved adapter'

@@ -110,11 +110,9 @@ pub fn set_backend(b: Backend) {
 static DETERMINISTIC: AtomicU8 = AtomicU8::new(0);
 
 /// Whether the backward accumulates dq in a fixed order, so reruns are bit-identical (cuDNN's
-/// dP-workspace algorithm: a bf16 `[rows, heads, S, S]` workspace, which the backward bounds by
-/// running [`DP_WORKSPACE`] bytes' worth of rows per call): `set_deterministic`'s, else
-/// `MOEQ_CUDNN_DETERMINISTIC` (`0` or `1`), else yes. Measured on the H200 at 4 × 2,048
-/// positions, 32/4 heads of 128: the same speed as the atomic algorithm's (BENCHMARKS.md,
-/// "Attention on cuDNN").
+/// dP-workspace algorithm, its bf16 `[rows, heads, S, S]` workspace bounded by `dp_limit`):
+/// `set_deterministic`'s, else `MOEQ_CUDNN_DETERMINISTIC` (`0` or `1`), else yes — as fast as
+/// the atomic algorithm at 4 × 2,048 positions on the H200 (BENCHMARKS.md, "Attention on cuDNN").
 pub fn deterministic() -> bool {
     match DETERMINISTIC.load(Ordering::Relaxed) {
         1 => true,
@@ -132,24 +130,26 @@ pub fn set_deterministic(d: bool) {
 }
 
 /// The dP workspace one deterministic backward call may take: 512 MiB, two rows of 2,048
-/// positions × 32 heads (whole batches took 1.1 GB more peak memory at 4 rows, 2.5 GB at 8;
-/// two rows against one: +1.8% / +1.9% tokens/s at mbs 4 / 8, the same peak — the attention
-/// backward is not where a step's peak is; launch/bench/NOTES.md item 48).
+/// positions × 32 heads (whole batches took 1.1 / 2.5 GB more peak memory at 4 / 8 rows; two
+/// rows a call against one: +1.8% / +2.1% tokens/s at mbs 4 / 8; launch/bench/NOTES.md item 48).
 pub const DP_WORKSPACE: i64 = 512 << 20;
 /// 0 = not read yet: `set_dp_workspace`'s, else `MOEQ_CUDNN_DP_MB` (A/B), else `DP_WORKSPACE`.
 static DP_LIMIT: AtomicI64 = AtomicI64::new(0);
 
 fn dp_limit() -> i64 {
     if DP_LIMIT.load(Ordering::Relaxed) == 0 {
-        let mb = std::env::var("MOEQ_CUDNN_DP_MB")
+        let mb = std::env::var("MOEQ_CUDNN_DP_MB").map(|v| v.parse::<i64>());
+        let bytes = mb
             .ok()
-            .and_then(|v| v.parse::<i64>().ok());
-        set_dp_workspace(mb.filter(|&mb| mb > 0).map_or(DP_WORKSPACE, |mb| mb << 20));
+            .and_then(|mb| mb.ok()?.checked_mul(1 << 20))
+            .filter(|&b| b > 0);
+        let (v, r) = (bytes.unwrap_or(DP_WORKSPACE), Ordering::Relaxed);
+        let _ = DP_LIMIT.compare_exchange(0, v, r, r);
     }
     DP_LIMIT.load(Ordering::Relaxed)
 }
 
-/// Sets the dP workspace bound (gpu-check lowers it to split a small batch into calls).
+/// Sets the dP workspace bound (gpu-check: to split a small batch into calls; 0: the default).
 pub fn set_dp_workspace(bytes: i64) {
     DP_LIMIT.store(bytes, Ordering::Relaxed);
 }
@@ -492,8 +492,8 @@ pub(crate) fn forward(
 
 /// The backward of `shape` as calls over consecutive rows (sequences, when ragged): `(first,
 /// call shape)`. The deterministic algorithm's workspace grows with the rows of a call, so it
-/// takes as many as fit [`DP_WORKSPACE`] (at least one; `set_dp_workspace`) — a power of two of
-/// sequences when ragged, which divides their power-of-two count; the atomic one takes all.
+/// takes as many as fit its bound (`dp_limit`; at least one) — a power of two of sequences when
+/// ragged, which divides their power-of-two count; the atomic one takes all.
 fn backward_calls(shape: &Shape) -> Vec<(i64, Shape)> {
     let pad = (shape.s + 63) / 64 * 64;
     let per_row = shape.h * pad * pad * 2;

@@ -328,6 +328,7 @@ pub fn combine_rows(y: &Tensor, w: &Tensor, order: &RowOrder) -> Result<Tensor> 
 #[cfg(feature = "cuda")]
 mod cuda {
     use super::RowOrder;
+    use crate::util::phases;
     use candle_core::cuda_backend::cudarc::driver::{
         CudaSlice, CudaView, LaunchConfig, PushKernelArg,
     };
@@ -505,10 +506,9 @@ mod cuda {
         b.arg(&ki);
         // SAFETY: arguments match kernels/routing.cu.
         unsafe { b.launch(cfg) }.w()?;
-        let counts =
-            crate::util::phases::waited("host waits: expert counts", top.device(), || {
-                dev.clone_dtoh(&counts)
-            })?;
+        let counts = phases::waited("host waits: expert counts", top.device(), || {
+            dev.clone_dtoh(&counts)
+        })?;
         let counts: Vec<usize> = counts.into_iter().map(|c| c as usize).collect();
         if counts.iter().sum::<usize>() != m {
             candle_core::bail!("routing: a top-k choice names no expert below {experts}");

@@ -42,6 +42,9 @@ impl Run<'_> {
                 self.config.collective_timeout_s,
             ));
         }
+        // The norm's squares are launched before the wait below, so they queue behind the
+        // backward still running (after it, the GPU waited 2.9 ms a step for their launches;
+        // launch/bench/NOTES.md item 48).
         let squares = timed("gradient norm", &self.device, || {
             Ok::<_, candle_core::Error>((
                 square_sums(&grads, &self.replicated)?,

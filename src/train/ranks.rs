@@ -52,9 +52,7 @@ pub(crate) fn all_reduce_grads(
 }
 
 /// Sum of squares of each gradient in `names` order, on the device (f32 `[names]`; None for no
-/// names): launched before the step's end waits on the device, so their launches overlap the
-/// backward still running there (the GPU waited 2.9 ms a step on them after that wait;
-/// launch/bench/NOTES.md item 48). Each gradient is summed over its last dimension first:
+/// names), for `host_sum`. Each gradient is summed over its last dimension first:
 /// candle reduces a whole tensor to one value in a single block (≈ 0.4 ms for a 4M-element
 /// expert adapter on an H200), a row at a time in parallel.
 pub(crate) fn square_sums(

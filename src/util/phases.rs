@@ -6,6 +6,7 @@
 //! boundary how much work the GPU has queued (`util::gpu_lag`: near zero, it waits on the
 //! host). Off, `timed` only calls the closure.
 
+use crate::util::gpu_lag;
 use candle_core::Device;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
@@ -54,15 +55,15 @@ pub fn timed<T>(phase: &'static str, device: &Device, f: impl FnOnce() -> T) -> 
     let start = Instant::now();
     let out = f();
     sync(device);
-    lag_mark(phase, false, device);
     add(phase, start.elapsed().as_secs_f64());
+    lag_mark(phase, false, device);
     out
 }
 
 /// In host mode, the GPU's lag at a phase boundary (`util::gpu_lag`).
 fn lag_mark(phase: &'static str, start: bool, device: &Device) {
     if mode() == Mode::Host {
-        crate::util::gpu_lag::mark(phase, start, device);
+        gpu_lag::mark(phase, start, device);
     }
 }
 
@@ -75,8 +76,8 @@ pub fn waited<T>(phase: &'static str, device: &Device, f: impl FnOnce() -> T) ->
     lag_mark(phase, true, device);
     let start = Instant::now();
     let out = f();
-    lag_mark(phase, false, device);
     add(phase, start.elapsed().as_secs_f64());
+    lag_mark(phase, false, device);
     out
 }
 
@@ -106,8 +107,8 @@ impl Drop for Span {
     fn drop(&mut self) {
         if let Some(start) = self.start {
             sync(&self.device);
-            lag_mark(self.phase, false, &self.device);
             add(self.phase, start.elapsed().as_secs_f64());
+            lag_mark(self.phase, false, &self.device);
         }
     }
 }
@@ -122,7 +123,7 @@ fn add(phase: &'static str, secs: f64) {
 /// Forgets the times so far (the first step, with its one-time kernel loading, is left out).
 pub fn reset() {
     TOTALS.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    crate::util::gpu_lag::reset();
+    gpu_lag::reset();
 }
 
 /// The table of phases, longest first, with time per optimizer step over `steps` steps; None
@@ -146,7 +147,7 @@ pub fn report(steps: usize) -> Option<String> {
             calls
         );
     }
-    if let Some(lag) = crate::util::gpu_lag::report() {
+    if let Some(lag) = gpu_lag::report() {
         s += "\n";
         s += &lag;
     }
@@ -173,7 +174,7 @@ pub fn mark_memory(label: &'static str, device: &Device) {
     }
 }
 
-/// The table of memory marks (None when profiling is off or nothing was marked).
+/// The table of memory marks (None unless device times are on and something was marked).
 pub fn memory_report() -> Option<String> {
     let m = MEMORY.lock().unwrap_or_else(|e| e.into_inner());
     if mode() != Mode::Device || m.is_empty() {

@@ -8,6 +8,7 @@ use crate::ops::attention::RowSamples;
 use crate::ops::attention_block::{attention_block, BlockArgs};
 use crate::ops::cudnn_attn::{
     launches, library, ragged, set_backend, set_deterministic, set_dp_workspace, Backend,
+    DP_WORKSPACE,
 };
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -18,7 +19,7 @@ impl Drop for Restore {
     fn drop(&mut self) {
         set_backend(Backend::Auto);
         set_deterministic(true);
-        set_dp_workspace(256 << 20);
+        set_dp_workspace(DP_WORKSPACE);
     }
 }
 
@@ -274,7 +275,7 @@ fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
     ] {
         set_backend(backend);
         set_deterministic(deterministic);
-        set_dp_workspace(if calls > 2 { unit_dp } else { 256 << 20 });
+        set_dp_workspace(if calls > 2 { unit_dp } else { DP_WORKSPACE });
         let before = launches();
         out.extend(device_vs_cpu(
             &format!("attention block, {layout}, {nh}/{kvh} heads of {hd} (values {vd}) ({name})"),
