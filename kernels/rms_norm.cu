@@ -1,6 +1,7 @@
 // RMSNorm as transformers computes it, one block per row of x [rows, d] (rows of up to 1,024:
 // one warp per row, 8 rows per block, same sums in the same order — the per-head q/k norms
-// have rows of 128):
+// have rows of 128; longer rows whose 16-byte packs fit NP per lane: one warp per row, the row
+// held in registers, loaded once — the _vec kernels, sums in another order):
 //   r = rsqrt(mean(x²) + eps);  n = x·r (f32) rounded to T;  y = n · w, rounded to T.
 // Backward (the weight is frozen: only dx):  g = dy·w;  dx = r · (g − n · mean(g·n))  (f32).
 // CPU twin: src/ops/norm.rs (rms_norm_reference, rms_norm_bwd_ops).
@@ -109,6 +110,122 @@ __device__ void rms_norm_bwd_warp(const T* x, const T* w, const T* dy, T* dx, co
   }
 }
 
+// The _vec kernels: one warp per row of d = packs · P elements (P = 16 / sizeof(T)), lane l
+// holding packs l, l + 32, ... (at most NP: packs ≤ 32 · NP), rows 16-byte aligned. The row is
+// read once (the backward: x and dy once, the weight row twice from cache); the same formulas
+// as above, each lane's terms summed pack by pack, then across the warp.
+template <typename T, int NP>
+__device__ void rms_norm_fwd_vec(const T* x, const T* w, T* y, const size_t rows, const int d, const float eps) {
+  constexpr int P = 16 / sizeof(T);
+  const size_t row = (size_t)blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32, packs = d / P;
+  const uint4* xr = reinterpret_cast<const uint4*>(x + row * d);
+  const uint4* wr = reinterpret_cast<const uint4*>(w);
+  uint4* yr = reinterpret_cast<uint4*>(y + row * d);
+  Pack<T> xv[NP];
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    if (lane + 32 * j < packs) xv[j].v = xr[lane + 32 * j];
+  }
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    if (lane + 32 * j < packs) {
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        const float v = to_f32(xv[j].e[e]);
+        ss += v * v;
+      }
+    }
+  }
+  const float r = rsqrtf(warp_reduce<false>(ss) / d + eps);
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    const int p = lane + 32 * j;
+    if (p < packs) {
+      Pack<T> wv, o;
+      wv.v = wr[p];
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        const float n = to_f32(from_f32<T>(to_f32(xv[j].e[e]) * r));
+        o.e[e] = from_f32<T>(n * to_f32(wv.e[e]));
+      }
+      yr[p] = o.v;
+    }
+  }
+}
+
+template <typename T, int NP>
+__device__ void rms_norm_bwd_vec(const T* x, const T* w, const T* dy, T* dx, const size_t rows, const int d,
+                                 const float eps) {
+  constexpr int P = 16 / sizeof(T);
+  const size_t row = (size_t)blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / 32;
+  if (row >= rows) return;
+  const int lane = threadIdx.x % 32, packs = d / P;
+  const uint4* xr = reinterpret_cast<const uint4*>(x + row * d);
+  const uint4* dyr = reinterpret_cast<const uint4*>(dy + row * d);
+  const uint4* wr = reinterpret_cast<const uint4*>(w);
+  uint4* dxr = reinterpret_cast<uint4*>(dx + row * d);
+  Pack<T> xv[NP], gv[NP];
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    if (lane + 32 * j < packs) {
+      xv[j].v = xr[lane + 32 * j];
+      gv[j].v = dyr[lane + 32 * j];
+    }
+  }
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    if (lane + 32 * j < packs) {
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        const float v = to_f32(xv[j].e[e]);
+        ss += v * v;
+      }
+    }
+  }
+  const float r = rsqrtf(warp_reduce<false>(ss) / d + eps);
+  float gn = 0.0f;
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    const int p = lane + 32 * j;
+    if (p < packs) {
+      Pack<T> wv;
+      wv.v = wr[p];
+#pragma unroll
+      for (int e = 0; e < P; ++e) gn += to_f32(gv[j].e[e]) * to_f32(wv.e[e]) * to_f32(xv[j].e[e]) * r;
+    }
+  }
+  const float mean_gn = warp_reduce<false>(gn) / d;
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    const int p = lane + 32 * j;
+    if (p < packs) {
+      Pack<T> wv, o;
+      wv.v = wr[p];
+#pragma unroll
+      for (int e = 0; e < P; ++e) {
+        const float n = to_f32(xv[j].e[e]) * r;
+        o.e[e] = from_f32<T>(r * (to_f32(gv[j].e[e]) * to_f32(wv.e[e]) - n * mean_gn));
+      }
+      dxr[p] = o.v;
+    }
+  }
+}
+
+#define RMS_VEC_FWD(T, SUFFIX, NP)                                                                   \
+  extern "C" __global__ void rms_norm_fwd_vec##NP##_##SUFFIX(const T* x, const T* w, T* y, const size_t rows, \
+                                                             const int d, const float eps) {          \
+    rms_norm_fwd_vec<T, NP>(x, w, y, rows, d, eps);                                                \
+  }
+#define RMS_VEC_BWD(T, SUFFIX, NP)                                                                   \
+  extern "C" __global__ void rms_norm_bwd_vec##NP##_##SUFFIX(const T* x, const T* w, const T* dy, T* dx, \
+                                                             const size_t rows, const int d, const float eps) { \
+    rms_norm_bwd_vec<T, NP>(x, w, dy, dx, rows, d, eps);                                           \
+  }
+
 #define RMS_KERNELS(T, SUFFIX)                                                                       \
   extern "C" __global__ void rms_norm_fwd_##SUFFIX(const T* x, const T* w, T* y, const size_t d,    \
                                                    const float eps) {                               \
@@ -125,7 +242,10 @@ __device__ void rms_norm_bwd_warp(const T* x, const T* w, const T* dy, T* dx, co
   extern "C" __global__ void rms_norm_bwd_warp_##SUFFIX(const T* x, const T* w, const T* dy, T* dx, \
                                                         const size_t rows, const int d, const float eps) { \
     rms_norm_bwd_warp(x, w, dy, dx, rows, d, eps);                                                 \
-  }
+  }                                                                                                  \
+  RMS_VEC_FWD(T, SUFFIX, 8)                                                                          \
+  RMS_VEC_FWD(T, SUFFIX, 16)                                                                         \
+  RMS_VEC_BWD(T, SUFFIX, 8)
 
 RMS_KERNELS(float, f32)
 RMS_KERNELS(__nv_bfloat16, bf16)

@@ -48,8 +48,22 @@ fn rms_norm_cuda(x: &Tensor, w: &Tensor, dy: Option<&Tensor>, eps: f64) -> Resul
     };
     let pass = if dy.is_some() { "bwd" } else { "fwd" };
     // Rows of up to 1,024 (the per-head q/k norms): one warp per row, 8 rows per block.
-    let per_warp = d <= 1024;
-    let kind = if per_warp { "_warp" } else { "" };
+    // Longer rows of whole 16-byte packs, 16-byte aligned, at most 8 (the backward) or 16 (the
+    // forward) packs a lane: one warp per row holding it in registers (`_vec8`, `_vec16`).
+    let per_pack = 16 / x.dtype().size_in_bytes();
+    let aligned = [Some(x), Some(w), dy]
+        .into_iter()
+        .flatten()
+        .all(|t| t.layout().start_offset() % per_pack == 0);
+    let lanes_packs = (d / per_pack).div_ceil(32);
+    let most = if dy.is_some() { 8 } else { 16 };
+    let vec = d > 1024 && d % per_pack == 0 && aligned && lanes_packs <= most;
+    let per_warp = d <= 1024 || vec;
+    let kind = match (d <= 1024, vec) {
+        (true, _) => "_warp".to_string(),
+        (false, true) => format!("_vec{}", if lanes_packs <= 8 { 8 } else { 16 }),
+        (false, false) => String::new(),
+    };
     let func = dev.get_or_load_custom_func(
         &format!("rms_norm_{pass}{kind}_{suffix}"),
         "moeq_rms_norm",

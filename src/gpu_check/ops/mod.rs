@@ -153,9 +153,19 @@ fn device_vs_cpu(
 fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
     let cpu = &Device::Cpu;
     let mut out = Vec::new();
-    // Rows of 96 (one warp per row on CUDA) and of 2,048 (one block per row). The norm weight
-    // is frozen: the op gives x a gradient only.
-    for (rows, d) in [(67usize, 96usize), (37, 2048)] {
+    // Rows of 96 (one warp per row on CUDA); longer rows one warp per row in 16-byte packs
+    // where they fit (bf16: 2,048 and 1,544 — partial lanes — at 8 packs a lane, 2,880 and
+    // 4,096 at 16 in the forward; f32: 1,100 to 2,048 at 16 in the forward), one block per row
+    // otherwise (bf16 1,100: not whole packs; the backward past 8 packs a lane). The norm
+    // weight is frozen: the op gives x a gradient only.
+    for (rows, d) in [
+        (67usize, 96usize),
+        (37, 2048),
+        (33, 1544),
+        (29, 2880),
+        (19, 4096),
+        (23, 1100),
+    ] {
         let x = Tensor::randn(0f32, 1.0, (rows, d), cpu)?;
         let w = (Tensor::randn(0f32, 0.2, d, cpu)? + 1.0)?;
         out.extend(device_vs_cpu(
