@@ -310,6 +310,43 @@ __device__ void dequantize_vec(const unsigned int* __restrict__ packed, const fl
   }
 }
 
+// Dequantization with nested statistics in the same pass (dequantize_absmax's scale, then
+// dequantize_vec's values, bit for bit): the block scale of word w is
+// f32(map8[q[b]] · nested[(start + b) / 256]) + offset, b = (w · 8) / bs, with q[0] block
+// `start` of the parameter. The 256-entry 8-bit map comes by value (no upload per call) and
+// is copied to shared memory. Same requirements as dequantize_vec.
+struct Map8 {
+  float v[256];
+};
+
+template <bool NF4, typename T>
+__device__ void dequantize_vec_nested(const unsigned int* __restrict__ packed, const unsigned char* __restrict__ q,
+                                      const Map8 map8, const float* __restrict__ nested, const float offset,
+                                      const size_t start, T* __restrict__ out, const size_t n_vec, const int bs) {
+  __shared__ float lut[16];
+  __shared__ float map[256];
+  if (threadIdx.x < 16) lut[threadIdx.x] = code_value<NF4>((unsigned char)threadIdx.x);
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) map[i] = map8.v[i];
+  __syncthreads();
+  const size_t words = n_vec / 8;
+  for (size_t w = blockIdx.x * (size_t)blockDim.x + threadIdx.x; w < words; w += (size_t)gridDim.x * blockDim.x) {
+    const unsigned int codes = packed[w];
+    const size_t b = (w * 8) / bs;
+    const float scale = __fadd_rn(mul_ftz(map[q[b]], nested[(start + b) >> 8]), offset);
+    T vals[8];
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+      const unsigned char byte = (codes >> (8 * k)) & 0xff;
+      vals[2 * k] = from_f32<T>(mul_ftz(lut[byte >> 4], scale));
+      vals[2 * k + 1] = from_f32<T>(mul_ftz(lut[byte & 0x0f], scale));
+    }
+    uint4* dst = reinterpret_cast<uint4*>(out + w * 8);
+    const uint4* v = reinterpret_cast<const uint4*>(vals);
+#pragma unroll
+    for (int k = 0; k < (int)(8 * sizeof(T) / 16); k++) dst[k] = v[k];
+  }
+}
+
 // Nested statistics back to f32 absmax: f32(code8[q] * nested[(start + i) / 256]) + offset, where
 // q[0] is block `start` of the parameter (a slice of a parameter's codes, nested array whole).
 extern "C" __global__ void dequantize_absmax(const unsigned char* __restrict__ q, const float* __restrict__ code8,
@@ -366,3 +403,17 @@ DEQUANT_VEC(dequantize_vec_nf4_f16, __half, true)
 DEQUANT_VEC(dequantize_vec_fp4_f32, float, false)
 DEQUANT_VEC(dequantize_vec_fp4_bf16, __nv_bfloat16, false)
 DEQUANT_VEC(dequantize_vec_fp4_f16, __half, false)
+
+#define DEQUANT_VEC_NESTED(NAME, T, NF4)                                                                  \
+  extern "C" __global__ void NAME(const unsigned int* packed, const unsigned char* q, const Map8 map8,    \
+                                  const float* nested, const float offset, const size_t start, T* out,   \
+                                  const size_t n, const int bs) {                                        \
+    dequantize_vec_nested<NF4, T>(packed, q, map8, nested, offset, start, out, n, bs);                   \
+  }
+
+DEQUANT_VEC_NESTED(dequantize_vec_nested_nf4_f32, float, true)
+DEQUANT_VEC_NESTED(dequantize_vec_nested_nf4_bf16, __nv_bfloat16, true)
+DEQUANT_VEC_NESTED(dequantize_vec_nested_nf4_f16, __half, true)
+DEQUANT_VEC_NESTED(dequantize_vec_nested_fp4_f32, float, false)
+DEQUANT_VEC_NESTED(dequantize_vec_nested_fp4_bf16, __nv_bfloat16, false)
+DEQUANT_VEC_NESTED(dequantize_vec_nested_fp4_f16, __half, false)

@@ -4,7 +4,7 @@
 
 use super::tolerance::{lookup, Pass};
 use super::{compare, Comparison};
-use crate::quant::cuda::{dequantize_absmax_on_gpu, quantize_on_gpu};
+use crate::quant::cuda::{dequantize_absmax_on_gpu, dequantize_nested_on_gpu, quantize_on_gpu};
 use crate::quant::{dequantize_4bit, nested, op, quantize_4bit, QuantKind, QuantSettings};
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -168,6 +168,37 @@ fn check_one(
             &gpu,
             &cpu,
         )?);
+        // Dequantization with the nested scales expanded in the same kernel, whole and from the
+        // same off-boundary block, against the CPU's values from the CPU's expanded scales.
+        let full = nested::dequantize_absmax(&nested);
+        for from in [0, start] {
+            let len = n - from * settings.blocksize;
+            let got = dequantize_nested_on_gpu(
+                &packed_gpu.narrow(0, from * settings.blocksize / 2, len.div_ceil(2))?,
+                &codes.narrow(0, from, nested.codes.len() - from)?,
+                &na,
+                nested.offset,
+                from,
+                &[len],
+                settings.kind,
+                settings.blocksize,
+                dtype,
+            )?;
+            let want = dequantize_4bit(
+                &packed_cpu[from * settings.blocksize / 2..],
+                &full[from..],
+                len,
+                settings.blocksize,
+                settings.kind,
+            );
+            let want = Tensor::from_vec(want, len, &Device::Cpu)?.to_dtype(dtype)?;
+            out.push(same_bits(
+                format!("{label} dequantized with nested scales from block {from}"),
+                "dequantize",
+                &got,
+                &want,
+            )?);
+        }
     }
     Ok(out)
 }

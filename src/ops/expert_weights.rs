@@ -3,7 +3,7 @@
 
 use super::nf4_linear::{Nf4Weight, Scales};
 use super::swiglu::Glu;
-use crate::quant::{op::dequantize, QuantKind};
+use crate::quant::QuantKind;
 use candle_core::{DType, Result, Tensor};
 use std::ops::Range;
 
@@ -141,11 +141,10 @@ impl ExpertWeights {
                 blocksize,
             } => {
                 let packed = packed.narrow(0, range.start * per / 2, n * per / 2)?;
-                let absmax = absmax
-                    .narrow(range.start * per / blocksize, n * per / blocksize)?
-                    .values()?;
                 let shape = [n, self.out_features, self.in_features];
-                dequantize(&packed, &absmax, &shape, *kind, *blocksize, dtype)
+                absmax
+                    .narrow(range.start * per / blocksize, n * per / blocksize)?
+                    .dequantize(&packed, &shape, *kind, *blocksize, dtype)
             }
             ExpertStore::Dense(t) => t.narrow(0, range.start, n)?.to_dtype(dtype),
         }

@@ -122,6 +122,34 @@ impl Scales {
         }
     }
 
+    /// `packed` codes with these scales dequantized to `shape` in `dtype`: on CUDA with nested
+    /// statistics one kernel that expands the scales as it goes, elsewhere [`Self::values`]
+    /// then the dequantization (the same values).
+    pub fn dequantize(
+        &self,
+        packed: &Tensor,
+        shape: &[usize],
+        kind: QuantKind,
+        blocksize: usize,
+        dtype: DType,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Scales::Nested {
+            codes,
+            nested,
+            offset,
+            start,
+        } = self
+        {
+            if packed.device().is_cuda() {
+                return crate::quant::cuda::dequantize_nested_on_gpu(
+                    packed, codes, nested, *offset, *start, shape, kind, blocksize, dtype,
+                );
+            }
+        }
+        dequantize(packed, &self.values()?, shape, kind, blocksize, dtype)
+    }
+
     /// The tensors held (tests check that none of them gets a gradient).
     pub fn tensors(&self) -> Vec<&Tensor> {
         match self {
@@ -181,9 +209,8 @@ impl Nf4Weight {
 
     /// The weight `[out, in]` in `dtype`, freshly dequantized.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
-        dequantize(
+        self.absmax.dequantize(
             &self.packed,
-            &self.absmax.values()?,
             &[self.out_features, self.in_features],
             self.kind,
             self.blocksize,

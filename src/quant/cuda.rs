@@ -209,6 +209,77 @@ pub fn dequantize_storage(
     })
 }
 
+/// Packed codes whose block scales are nested statistics (the 8-bit `codes` of blocks
+/// `start..`, the parameter's whole `nested_absmax`, `offset`) dequantized into a new tensor of
+/// `shape` and `dtype`: one kernel that expands each block's scale as it goes
+/// (`dequantize_vec_nested`; the same values as [`dequantize_absmax_on_gpu`] then
+/// [`dequantize_on_gpu`]), where the codes are 4-byte aligned and the element count a multiple
+/// of 8; those two steps otherwise.
+#[allow(clippy::too_many_arguments)]
+pub fn dequantize_nested_on_gpu(
+    packed: &Tensor,
+    codes: &Tensor,
+    nested_absmax: &Tensor,
+    offset: f32,
+    start: usize,
+    shape: &[usize],
+    kind: QuantKind,
+    blocksize: usize,
+    dtype: DType,
+) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let (packed, codes) = (packed.contiguous()?, codes.contiguous()?);
+    if n % 8 != 0 || n == 0 || packed.layout().start_offset() % 4 != 0 {
+        let scales = dequantize_absmax_on_gpu(&codes, nested_absmax, offset, start)?;
+        return dequantize_on_gpu(&packed, &scales, shape, kind, blocksize, dtype);
+    }
+    let dev = match packed.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => bail!("dequantize: tensors must be on a CUDA device"),
+    };
+    let map = super::codebook::dynamic_map();
+    let (pk, pl) = packed.storage_and_layout();
+    let (q, ql) = codes.storage_and_layout();
+    let (na, nl) = nested_absmax.storage_and_layout();
+    let (Storage::Cuda(pk), Storage::Cuda(q), Storage::Cuda(na)) = (&*pk, &*q, &*na) else {
+        bail!("dequantize: tensors must be on a CUDA device")
+    };
+    let (S::U8(pk), S::U8(q), S::F32(na)) = (&pk.slice, &q.slice, &na.slice) else {
+        bail!("dequantize: packed and codes must be u8, the nested absmax f32")
+    };
+    let pk = pk.slice(pl.start_offset()..pl.start_offset() + n / 2);
+    let q = q.slice(ql.start_offset()..ql.start_offset() + n.div_ceil(blocksize));
+    let na = na.slice(nl.start_offset()..);
+    let (n64, start64, bs32) = (n as u64, start as u64, blocksize as i32);
+    macro_rules! launch {
+        ($t:ty, $suffix:literal) => {{
+            // SAFETY: the kernel writes every element (n is a multiple of 8).
+            let out = unsafe { dev.alloc::<$t>(n)? };
+            let name = format!("dequantize_vec_nested_{}_{}", kind_name(kind), $suffix);
+            let f = dev.get_or_load_custom_func(&name, MODULE, crate::ops::kernels::NF4)?;
+            let mut b = f.builder();
+            b.arg(&pk);
+            b.arg(&q);
+            b.arg(&map);
+            b.arg(&na);
+            b.arg(&offset);
+            b.arg(&start64);
+            b.arg(&out);
+            b.arg(&n64);
+            b.arg(&bs32);
+            // SAFETY: argument types and order match `DEQUANT_VEC_NESTED(...)` in kernels/nf4.cu.
+            unsafe { b.launch(grid(n / 8, 256)) }.w()?;
+            wrap(out, &dev, shape)
+        }};
+    }
+    Ok(match dtype {
+        DType::F32 => launch!(f32, "f32"),
+        DType::BF16 => launch!(half::bf16, "bf16"),
+        DType::F16 => launch!(half::f16, "f16"),
+        other => bail!("dequantize: output dtype must be f32, bf16 or f16, got {other:?}"),
+    })
+}
+
 /// Nested statistics → f32 absmax on the device. `codes[0]` is block `start` of the
 /// parameter; `nested_absmax` is the parameter's whole nested array.
 pub fn dequantize_absmax_on_gpu(
