@@ -10,7 +10,7 @@
 //   gather (exact: every dtype converts to f32 and back unchanged).
 // route_count: counts[e] += number of slots s < slots with top[s] == e (counts zeroed by the
 //   caller; experts <= 1024, a shared histogram per block). Grid-stride.
-// route_rows: one block per expert e (blockIdx.x), 1024 threads, 4 consecutive slots per thread
+// route_rows: one block per expert e (blockIdx.x), 1024 threads, 16 consecutive slots per thread
 //   per step: the rows of expert e start after the rows of experts 0..e (counts from
 //   route_count) and follow slot order (token-major, as the CPU plan): tokens[row] = s / k,
 //   slots[row] = s, inv[s] = row.
@@ -80,25 +80,36 @@ __device__ void gather_sum_vec(const T* src, const uint32_t* idx, const float* w
 // warp per output row, 16-byte packs, ROW_UNROLL packs per lane loaded before any is stored
 // (the rows are random reads: more loads in flight than one pack per thread keeps). h a
 // multiple of 16 / sizeof(T), both buffers 16-byte aligned. Grid-stride over rows, 8 per block.
+// WEIGHTED (gather_rows_weighted_vec): out[t] = w[t] · src[idx[t]] in f32, one rounding — the
+// k = 1 gather_sum_weighted's values (its sum starts at 0: 0 + w · v, so −0 becomes +0 alike).
 constexpr int ROW_UNROLL = 4;
 
-template <typename T>
-__device__ void gather_rows_vec(const T* src, const uint32_t* idx, T* out, const size_t rows, const size_t h) {
-  const size_t packs = h / (16 / sizeof(T));
+template <typename T, bool WEIGHTED>
+__device__ void gather_rows_vec(const T* src, const uint32_t* idx, const float* w, T* out, const size_t rows,
+                                const size_t h) {
+  constexpr int P = 16 / sizeof(T);
+  const size_t packs = h / P;
   const int lane = threadIdx.x % 32;
   for (size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32; t < rows;
        t += (size_t)gridDim.x * (blockDim.x / 32)) {
     const uint4* from = reinterpret_cast<const uint4*>(src + (size_t)idx[t] * h);
     uint4* to = reinterpret_cast<uint4*>(out + t * h);
+    const float wt = WEIGHTED ? w[t] : 1.0f;
     for (size_t p = lane; p < packs; p += 32 * ROW_UNROLL) {
-      uint4 v[ROW_UNROLL];
+      Pack<T> v[ROW_UNROLL];
 #pragma unroll
       for (int u = 0; u < ROW_UNROLL; ++u) {
-        if (p + 32 * u < packs) v[u] = from[p + 32 * u];
+        if (p + 32 * u < packs) v[u].v = from[p + 32 * u];
       }
 #pragma unroll
       for (int u = 0; u < ROW_UNROLL; ++u) {
-        if (p + 32 * u < packs) to[p + 32 * u] = v[u];
+        if (p + 32 * u < packs) {
+          if (WEIGHTED) {
+#pragma unroll
+            for (int e = 0; e < P; ++e) v[u].e[e] = from_f32<T>(0.0f + wt * to_f32(v[u].e[e]));
+          }
+          to[p + 32 * u] = v[u].v;
+        }
       }
     }
   }
@@ -120,7 +131,7 @@ extern "C" __global__ void route_count(const uint32_t* top, uint32_t* counts, co
 }
 
 constexpr int ROUTE_THREADS = 1024;
-constexpr int ROUTE_SLOTS = 4;  // consecutive slots per thread per step
+constexpr int ROUTE_SLOTS = 16;  // consecutive slots per thread per step (fewer barrier rounds)
 
 extern "C" __global__ void route_rows(const uint32_t* top, const uint32_t* counts, uint32_t* tokens,
                                       uint32_t* slot_of_row, uint32_t* inv, const size_t slots, const int k) {
@@ -236,11 +247,11 @@ __device__ void combine_bwd_vec(const T* dout, const T* y, const float* w, const
 // `top` is not null, the k largest probabilities' experts in descending order, ties to the
 // lower expert (a stable descending sort's first k), as u32 [N, k]: k rounds of a warp arg-max
 // over each lane's best unpicked probability. E ≤ 32 · ROUTER_PER_LANE, k ≤ E (the caller
-// checks). CPU twin: src/ops/router.rs (softmax_last, then arg_sort). Checked:
-// src/gpu_check/ops/rows.rs (the "router" entries).
-constexpr int ROUTER_PER_LANE = 32;
-
-template <typename T>
+// checks and picks the kernel: router_softmax_topk_{L}_T holds L = 1, 2, 4, 8, 16 or 32
+// experts a lane — fewer registers and steps than the largest size for every E, same values).
+// CPU twin: src/ops/router.rs (softmax_last, then arg_sort). Checked: src/gpu_check/ops/rows.rs
+// (the "router" entries).
+template <typename T, int ROUTER_PER_LANE>
 __device__ void router_softmax_topk(const T* logits, float* probs, uint32_t* top, const size_t n, const int e,
                                     const int k) {
   const size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32;
@@ -301,6 +312,12 @@ __device__ void router_softmax_topk(const T* logits, float* probs, uint32_t* top
   }
 }
 
+#define ROUTER(T, SUFFIX, L)                                                                          \
+  extern "C" __global__ void router_softmax_topk_##L##_##SUFFIX(const T* logits, float* probs, uint32_t* top, \
+                                                                const size_t n, const int e, const int k) { \
+    router_softmax_topk<T, L>(logits, probs, top, n, e, k);                                         \
+  }
+
 #define ROUTING_KERNELS(T, SUFFIX)                                                                    \
   extern "C" __global__ void gather_sum_##SUFFIX(const T* src, const uint32_t* idx, T* out,          \
                                                  const size_t tokens, const int k, const size_t h) { \
@@ -333,13 +350,16 @@ __device__ void router_softmax_topk(const T* logits, float* probs, uint32_t* top
                                                       T* dy, float* dw, const size_t h) {            \
     combine_bwd_vec(dout, y, w, tokens, slots, dy, dw, h);                                          \
   }                                                                                                   \
-  extern "C" __global__ void router_softmax_topk_##SUFFIX(const T* logits, float* probs, uint32_t* top,  \
-                                                          const size_t n, const int e, const int k) {    \
-    router_softmax_topk(logits, probs, top, n, e, k);                                               \
-  }                                                                                                   \
+  ROUTER(T, SUFFIX, 1) ROUTER(T, SUFFIX, 2) ROUTER(T, SUFFIX, 4) ROUTER(T, SUFFIX, 8)                 \
+  ROUTER(T, SUFFIX, 16) ROUTER(T, SUFFIX, 32)                                                         \
   extern "C" __global__ void gather_rows_vec_##SUFFIX(const T* src, const uint32_t* idx, T* out,     \
                                                       const size_t rows, const size_t h) {           \
-    gather_rows_vec(src, idx, out, rows, h);                                                        \
+    gather_rows_vec<T, false>(src, idx, nullptr, out, rows, h);                                    \
+  }                                                                                                   \
+  extern "C" __global__ void gather_rows_weighted_vec_##SUFFIX(const T* src, const uint32_t* idx,    \
+                                                               const float* w, T* out,               \
+                                                               const size_t rows, const size_t h) {  \
+    gather_rows_vec<T, true>(src, idx, w, out, rows, h);                                           \
   }
 
 ROUTING_KERNELS(float, f32)

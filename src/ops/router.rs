@@ -146,8 +146,10 @@ mod cuda {
             S::F16(_) => "f16",
             _ => candle_core::bail!("router: logits in {:?}", logits.dtype()),
         };
+        // Experts a lane: the fewest of 1, 2, 4, …, 32 that hold the row.
+        let per_lane = e.div_ceil(32).max(1).next_power_of_two();
         let func = dev.get_or_load_custom_func(
-            &format!("router_softmax_topk_{suffix}"),
+            &format!("router_softmax_topk_{per_lane}_{suffix}"),
             "moeq_routing",
             crate::ops::kernels::ROUTING,
         )?;

@@ -387,9 +387,10 @@ mod cuda {
         // fresh allocations, 256-byte aligned).
         let per_pack = 16 / src.dtype().size_in_bytes();
         let vec = h % per_pack == 0 && gs.1.start_offset() % per_pack == 0;
-        // A plain row gather (k = 1, no weight): one warp per row (kernels/routing.cu).
-        let rows_only = vec && k == 1 && w.is_none();
+        // A row gather (k = 1, weighted or not): one warp per row (kernels/routing.cu).
+        let rows_only = vec && k == 1;
         let (name, per_thread) = match (rows_only, vec) {
+            (true, _) if w.is_some() => ("gather_rows_weighted_vec".to_string(), per_pack),
             (true, _) => ("gather_rows_vec".to_string(), per_pack),
             (false, true) => (format!("{name}_vec"), per_pack),
             (false, false) => (name.to_string(), 1),

@@ -64,8 +64,10 @@ pub(super) fn check_row_dots(
     }
     let n = tokens.len() / k;
     // The combine's backward by rows (dy = w · dout) and the weights' gradient from row dots
-    // (here of dy with a stand-in for the expert outputs): what the layer backward runs.
-    for h in [128usize, 36] {
+    // (here of dy with a stand-in for the expert outputs): what the layer backward runs. Rows
+    // of 128 and 1,032 take the warp-per-row kernel (1,032 in bf16/f16: a second, partial
+    // round of packs), rows of 36 the element-wise one in bf16/f16.
+    for h in [128usize, 36, 1032] {
         let dout = Tensor::randn(0f32, 1.0, (n, h), cpu)?;
         let wr = Tensor::rand(0.1f32, 1.0, (n, k), cpu)?;
         let ys = Tensor::randn(0f32, 1.0, (n * k, h), cpu)?;

@@ -12,8 +12,9 @@ use candle_core::{DType, Device, Result, Tensor};
 pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
     let mut out = Vec::new();
     // Routing plan built on the device against the host plan: 3,001 tokens, top-8 of 128
-    // experts (distinct per token: a hashed base plus 16·j), so some groups get a partial last
-    // chunk of the device kernel's 1,024 slots. Integer outputs: any difference fails.
+    // experts (distinct per token: a hashed base plus 16·j): 24,008 slots, one whole step of
+    // `route_rows`' 16,384 (1,024 threads × 16) and a partial one, some threads' 16 slots cut
+    // by the end. Integer outputs: any difference fails.
     let exact = lookup("routing plan", "u32", Pass::Exact)?;
     let (n, k, experts) = (3001usize, 8usize, 128usize);
     let top: Vec<u32> = (0..n)
@@ -86,12 +87,16 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
     }
     // The router's softmax and top-k (one warp per token on CUDA) against candle's softmax and
     // arg-sort on the host: 300 tokens, 128 experts top-8, 60 experts top-6 (rows not a
-    // multiple of 32), 256 top-8; logits a per-token permutation of steps of 6/E over [−3, 3)
-    // (steps wider than a bf16 spacing there: no ties after rounding), in bf16 and f32.
+    // multiple of 32), 256 top-8, and 20 / 384 / 600 (1, 16 and 32 experts a lane: every
+    // kernel size but 4 is met); logits a per-token permutation of steps of 6/E over [−3, 3)
+    // (bf16 only where the steps are wider than its spacing there: no ties after rounding).
     for (dtype, e, k) in [
         (DType::BF16, 128usize, 8usize),
         (DType::F32, 60, 6),
         (DType::BF16, 256, 8),
+        (DType::F32, 20, 4),
+        (DType::F32, 384, 8),
+        (DType::F32, 600, 8),
     ] {
         let n = 300usize;
         let logits: Vec<f32> = (0..n * e)
