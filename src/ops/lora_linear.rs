@@ -1,7 +1,8 @@
 //! A frozen projection (4-bit or 16-bit) with its LoRA adapter as one op:
 //! `y = (x·Wᵀ + bias) + s·((m⊙x)·Aᵀ)·Bᵀ` — PEFT's `base(x) + lora_B(lora_A(dropout(x)))·scaling`
-//! with the same rounding steps — and gradients for x, A and B (W, the bias and the dropout mask
-//! m are fixed). One graph node instead of about seven (base product, bias, two LoRA products,
+//! (with its rounding steps on the CPU; on CUDA the update is added inside its product, the sum
+//! rounded once: [`add_update`]) — and gradients for x, A and B (W, the bias and the dropout
+//! mask m are fixed). One graph node instead of about seven (base product, bias, two LoRA products,
 //! two transposes, scale, add): candle's backward gives every node's gradient a zero-filled
 //! buffer plus an add, a full pass over `[N, out]` per node.
 
@@ -36,7 +37,7 @@ impl LoraLinear {
             y = y.broadcast_add(bias)?;
         }
         let xa = self.lora_input(x)?.matmul(&a.t()?)?;
-        let y = add_scaled(y, &xa.matmul(&b.t()?)?, self.scaling)?;
+        let y = add_update(y, &xa, b, self.scaling)?;
         Ok((y, xa))
     }
 }
@@ -114,80 +115,18 @@ pub(crate) fn backward_into(
     Ok((dx, Some((da, db))))
 }
 
-/// `y + T(delta·s)` rounded to T as PEFT does (`result + lora_B(lora_A(x)) * scaling`: the
-/// product in f32 rounded, then the sum rounded): on CUDA one in-place pass over y's buffer
-/// (`kernels/lora.cu`; y is the caller's fresh projection output), else with candle ops.
-fn add_scaled(y: Tensor, delta: &Tensor, s: f64) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if let Some(()) = cuda::add_scaled(&y, delta, s)? {
-        return Ok(y);
+/// `y + s·xa·bᵀ`: on CUDA inside the update's product (cuBLAS with β = 1 on y's buffer, the
+/// caller's fresh projection output: the sum rounded once, as Unsloth's `addmm_`, and no
+/// `[N, out]` update written and read back); on the CPU with PEFT's rounding steps
+/// (`result + lora_B(lora_A(x)) * scaling`: the product rounded, the scaled product rounded,
+/// the sum rounded) — ARCHITECTURE decision 8.
+fn add_update(y: Tensor, xa: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
+    if y.device().is_cuda() {
+        return add_product(y, xa, b, Gemm::nt(s));
     }
+    let delta = xa.matmul(&b.t()?)?;
     let scaled = (delta.to_dtype(DType::F32)? * s)?.to_dtype(y.dtype())?;
     y + scaled
-}
-
-#[cfg(feature = "cuda")]
-mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
-    use candle_core::{Result, Storage, Tensor};
-
-    /// The in-place kernel when it applies (CUDA, y owning a contiguous buffer, delta
-    /// contiguous, both in whole aligned 16-byte packs); `None` leaves it to the caller.
-    pub(super) fn add_scaled(y: &Tensor, delta: &Tensor, s: f64) -> Result<Option<()>> {
-        let candle_core::Device::Cuda(dev) = y.device() else {
-            return Ok(None);
-        };
-        let n = y.elem_count();
-        let per_pack = 16 / y.dtype().size_in_bytes();
-        let (sy, ly) = y.storage_and_layout();
-        let (sd, ld) = delta.storage_and_layout();
-        let fits = ly.contiguous_offsets() == Some((0, n))
-            && ld.contiguous_offsets().is_some_and(|(a, b)| b - a == n)
-            && ld.start_offset() % per_pack == 0
-            && n % per_pack == 0
-            && delta.dtype() == y.dtype();
-        let (Storage::Cuda(cy), Storage::Cuda(cd)) = (&*sy, &*sd) else {
-            return Ok(None);
-        };
-        if !fits {
-            return Ok(None);
-        }
-        let suffix = match &cy.slice {
-            S::F32(_) => "f32",
-            S::BF16(_) => "bf16",
-            S::F16(_) => "f16",
-            _ => return Ok(None),
-        };
-        let func = dev.get_or_load_custom_func(
-            &format!("lora_add_{suffix}"),
-            "moeq_lora",
-            crate::ops::kernels::LORA,
-        )?;
-        let cfg = LaunchConfig::for_num_elems((n / per_pack).min(1 << 30) as u32);
-        let scale = s as f32;
-        macro_rules! run {
-            ($y:expr, $d:expr) => {{
-                let d = $d.slice(ld.start_offset()..ld.start_offset() + n);
-                let mut b = func.builder();
-                // The kernel writes y's elements in place: y is the fresh output of the
-                // projection this op computed, referenced nowhere else yet.
-                b.arg($y);
-                b.arg(&d);
-                b.arg(&n);
-                b.arg(&scale);
-                // SAFETY: arguments match kernels/lora.cu; both spans hold n elements.
-                unsafe { b.launch(cfg) }.w()?;
-            }};
-        }
-        match (&cy.slice, &cd.slice) {
-            (S::F32(y), S::F32(d)) => run!(y, d),
-            (S::BF16(y), S::BF16(d)) => run!(y, d),
-            (S::F16(y), S::F16(d)) => run!(y, d),
-            _ => return Ok(None),
-        }
-        Ok(Some(()))
-    }
 }
 
 impl CustomOp3 for LoraLinear {
