@@ -156,9 +156,11 @@ __device__ void rms_norm_fwd_vec(const T* x, const T* w, T* y, const size_t rows
   }
 }
 
-template <typename T, int NP>
-__device__ void rms_norm_bwd_vec(const T* x, const T* w, const T* dy, T* dx, const size_t rows, const int d,
-                                 const float eps) {
+// PLUS (rms_norm_bwd_plus_vec8): dx = plus + (the norm's dx rounded to T), T's own addition —
+// the pre-norm residual's input gradient in the same pass, the values of a separate add.
+template <typename T, int NP, bool PLUS>
+__device__ void rms_norm_bwd_vec(const T* x, const T* w, const T* dy, const T* plus, T* dx, const size_t rows,
+                                 const int d, const float eps) {
   constexpr int P = 16 / sizeof(T);
   const size_t row = (size_t)blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / 32;
   if (row >= rows) return;
@@ -203,12 +205,14 @@ __device__ void rms_norm_bwd_vec(const T* x, const T* w, const T* dy, T* dx, con
   for (int j = 0; j < NP; ++j) {
     const int p = lane + 32 * j;
     if (p < packs) {
-      Pack<T> wv, o;
+      Pack<T> wv, o, pv;
       wv.v = wr[p];
+      if (PLUS) pv.v = reinterpret_cast<const uint4*>(plus + row * d)[p];
 #pragma unroll
       for (int e = 0; e < P; ++e) {
         const float n = to_f32(xv[j].e[e]) * r;
         o.e[e] = from_f32<T>(r * (to_f32(gv[j].e[e]) * to_f32(wv.e[e]) - n * mean_gn));
+        if (PLUS) o.e[e] = pv.e[e] + o.e[e];
       }
       dxr[p] = o.v;
     }
@@ -223,7 +227,12 @@ __device__ void rms_norm_bwd_vec(const T* x, const T* w, const T* dy, T* dx, con
 #define RMS_VEC_BWD(T, SUFFIX, NP)                                                                   \
   extern "C" __global__ void rms_norm_bwd_vec##NP##_##SUFFIX(const T* x, const T* w, const T* dy, T* dx, \
                                                              const size_t rows, const int d, const float eps) { \
-    rms_norm_bwd_vec<T, NP>(x, w, dy, dx, rows, d, eps);                                           \
+    rms_norm_bwd_vec<T, NP, false>(x, w, dy, nullptr, dx, rows, d, eps);                           \
+  }                                                                                                  \
+  extern "C" __global__ void rms_norm_bwd_plus_vec##NP##_##SUFFIX(const T* x, const T* w, const T* dy, \
+                                                                  const T* plus, T* dx, const size_t rows, \
+                                                                  const int d, const float eps) {     \
+    rms_norm_bwd_vec<T, NP, true>(x, w, dy, plus, dx, rows, d, eps);                               \
   }
 
 #define RMS_KERNELS(T, SUFFIX)                                                                       \

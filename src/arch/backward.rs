@@ -22,7 +22,7 @@ use super::{ArchSpec, ExpertExchange, QkNorm};
 use crate::ops::attention_block::{attention_block_taped, BlockTape};
 use crate::ops::lora_linear::{backward_into, forward_taped, LinearTape};
 use crate::ops::nf4_linear::nf4_linear;
-use crate::ops::norm::{rms_norm, rms_norm_backward};
+use crate::ops::norm::{rms_norm, rms_norm_backward, rms_norm_backward_plus};
 use crate::ops::rope_part::{rope_part, rope_part_backward};
 use crate::util::phases::timed;
 use candle_core::{DType, Result, Tensor, TensorId};
@@ -97,6 +97,20 @@ pub(super) fn norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Re
     let z = crate::ops::at_offset_zero;
     let w = z(&w.to_dtype(x.dtype())?)?;
     rms_norm_backward(&z(x)?, &w, &z(&dy.to_dtype(x.dtype())?)?, eps)
+}
+
+/// `plus + norm_backward(x, w, dy)` in x's dtype: one pass on CUDA where the norm's row
+/// kernels serve it (`ops::norm::rms_norm_backward_plus`; the same values).
+pub(super) fn norm_backward_plus(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    plus: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    let z = crate::ops::at_offset_zero;
+    let to = |t: &Tensor| z(&t.to_dtype(x.dtype())?);
+    rms_norm_backward_plus(&z(x)?, &to(w)?, &to(dy)?, &to(plus)?, eps)
 }
 
 struct AttnTape {

@@ -63,10 +63,7 @@ impl Side<'_> {
     /// d(x) for g = d(joined stream) and dh = d(block input).
     pub(super) fn input_grad(&self, normed: &Tensor, g: &Tensor, dh: &Tensor) -> Result<Tensor> {
         match self.post {
-            false => add(
-                g,
-                &super::backward::norm_backward(normed, self.norm, dh, self.eps)?,
-            ),
+            false => super::backward::norm_backward_plus(normed, self.norm, dh, g, self.eps),
             true => add(g, dh),
         }
     }

@@ -30,8 +30,32 @@ fn rms_norm_bwd_ops(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Ten
         .to_dtype(x.dtype())
 }
 
+/// The packs a lane of the `_vec` kernels holds (8 or 16) for rows of x (`[.., d]`, d > 1,024)
+/// when every operand is in whole 16-byte packs on pack boundaries and they fit: at most 8 in
+/// the backward (`backward`), 16 in the forward. `None`: the other kernels.
 #[cfg(feature = "cuda")]
-fn rms_norm_cuda(x: &Tensor, w: &Tensor, dy: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+fn vec_packs(x: &Tensor, operands: &[&Tensor], backward: bool) -> Option<usize> {
+    let d = x.dims().last().copied().unwrap_or(0);
+    let per_pack = 16 / x.dtype().size_in_bytes();
+    let aligned = operands
+        .iter()
+        .all(|t| t.layout().start_offset() % per_pack == 0 && t.dtype() == x.dtype());
+    let lanes_packs = (d / per_pack).div_ceil(32);
+    let most = if backward { 8 } else { 16 };
+    (d > 1024 && d % per_pack == 0 && aligned && lanes_packs <= most)
+        .then_some(if lanes_packs <= 8 { 8 } else { 16 })
+}
+
+/// The norm (no `dy`), its backward, or its backward plus `plus` (`x`'s shape; the `_vec`
+/// kernels only: [`vec_packs`] must serve it).
+#[cfg(feature = "cuda")]
+fn rms_norm_cuda(
+    x: &Tensor,
+    w: &Tensor,
+    dy: Option<&Tensor>,
+    plus: Option<&Tensor>,
+    eps: f64,
+) -> Result<Tensor> {
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::Storage;
@@ -46,23 +70,23 @@ fn rms_norm_cuda(x: &Tensor, w: &Tensor, dy: Option<&Tensor>, eps: f64) -> Resul
         DType::F16 => "f16",
         other => candle_core::bail!("rms_norm: {other:?} not supported"),
     };
-    let pass = if dy.is_some() { "bwd" } else { "fwd" };
+    let pass = match (dy, plus) {
+        (None, _) => "fwd",
+        (Some(_), None) => "bwd",
+        (Some(_), Some(_)) => "bwd_plus",
+    };
     // Rows of up to 1,024 (the per-head q/k norms): one warp per row, 8 rows per block.
-    // Longer rows of whole 16-byte packs, 16-byte aligned, at most 8 (the backward) or 16 (the
-    // forward) packs a lane: one warp per row holding it in registers (`_vec8`, `_vec16`).
-    let per_pack = 16 / x.dtype().size_in_bytes();
-    let aligned = [Some(x), Some(w), dy]
-        .into_iter()
-        .flatten()
-        .all(|t| t.layout().start_offset() % per_pack == 0);
-    let lanes_packs = (d / per_pack).div_ceil(32);
-    let most = if dy.is_some() { 8 } else { 16 };
-    let vec = d > 1024 && d % per_pack == 0 && aligned && lanes_packs <= most;
-    let per_warp = d <= 1024 || vec;
+    // Longer rows where `vec_packs` serves them: one warp per row holding it in registers.
+    let operands: Vec<&Tensor> = [Some(x), Some(w), dy, plus].into_iter().flatten().collect();
+    let vec = vec_packs(x, &operands, dy.is_some());
+    if plus.is_some() && vec.is_none() {
+        candle_core::bail!("rms_norm: the backward plus a residual needs the _vec kernels");
+    }
+    let per_warp = d <= 1024 || vec.is_some();
     let kind = match (d <= 1024, vec) {
         (true, _) => "_warp".to_string(),
-        (false, true) => format!("_vec{}", if lanes_packs <= 8 { 8 } else { 16 }),
-        (false, false) => String::new(),
+        (false, Some(packs)) => format!("_vec{packs}"),
+        (false, None) => String::new(),
     };
     let func = dev.get_or_load_custom_func(
         &format!("rms_norm_{pass}{kind}_{suffix}"),
@@ -72,6 +96,7 @@ fn rms_norm_cuda(x: &Tensor, w: &Tensor, dy: Option<&Tensor>, eps: f64) -> Resul
     let gx = x.storage_and_layout();
     let gw = w.storage_and_layout();
     let gd = dy.map(|t| t.storage_and_layout());
+    let gp = plus.map(|t| t.storage_and_layout());
     let cfg = LaunchConfig {
         grid_dim: (if per_warp { rows.div_ceil(8) } else { rows } as u32, 1, 1),
         block_dim: (256, 1, 1),
@@ -97,6 +122,10 @@ fn rms_norm_cuda(x: &Tensor, w: &Tensor, dy: Option<&Tensor>, eps: f64) -> Resul
                 Some(g) => Some(view!(g, rows * d)),
                 None => None,
             };
+            let pv = match &gp {
+                Some(g) => Some(view!(g, rows * d)),
+                None => None,
+            };
             // SAFETY: the kernel writes every row.
             let out = unsafe { dev.alloc(rows * d)? };
             let mut b = func.builder();
@@ -104,6 +133,9 @@ fn rms_norm_cuda(x: &Tensor, w: &Tensor, dy: Option<&Tensor>, eps: f64) -> Resul
             b.arg(&wv);
             if let Some(dv) = &dv {
                 b.arg(dv);
+            }
+            if let Some(pv) = &pv {
+                b.arg(pv);
             }
             b.arg(&out);
             if per_warp {
@@ -130,7 +162,7 @@ impl RmsNorm {
     fn fwd(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            return rms_norm_cuda(x, &self.w, None, self.eps);
+            return rms_norm_cuda(x, &self.w, None, None, self.eps);
         }
         rms_norm_reference(x, &self.w, self.eps)
     }
@@ -164,7 +196,7 @@ impl RmsNormBwd {
     fn fwd(&self, x: &Tensor, dy: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            return rms_norm_cuda(x, &self.w, Some(dy), self.eps);
+            return rms_norm_cuda(x, &self.w, Some(dy), None, self.eps);
         }
         rms_norm_bwd_ops(x, &self.w, dy, self.eps)
     }
@@ -186,6 +218,27 @@ pub(crate) fn rms_norm_forward(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tenso
 /// The op's backward on any device, no graph: dx from x and dy (x's dtype, contiguous).
 pub(crate) fn rms_norm_backward(x: &Tensor, w: &Tensor, dy: &Tensor, eps: f64) -> Result<Tensor> {
     RmsNormBwd { w: w.clone(), eps }.fwd(x, dy)
+}
+
+/// `plus + rms_norm_backward(x, w, dy)` (a pre-norm residual's input gradient), all in x's
+/// dtype, contiguous: on CUDA one pass where the `_vec` kernels serve the rows (the same values
+/// as the separate add), else the backward then [`super::add::add`].
+pub(crate) fn rms_norm_backward_plus(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    plus: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda()
+        && plus.dims() == x.dims()
+        && plus.is_contiguous()
+        && vec_packs(x, &[x, w, dy, plus], true).is_some()
+    {
+        return rms_norm_cuda(x, w, Some(dy), Some(plus), eps);
+    }
+    super::add::add(plus, &rms_norm_backward(x, w, dy, eps)?)
 }
 
 /// RMSNorm of x with a frozen weight (no gradient for `w`).

@@ -1,9 +1,12 @@
 //! The backward's row dots against their CPU twins: the packed SwiGLU backward with each row's
 //! dot of dy and the stored activation (the routing weights' gradient, `ops::routed_experts`),
-//! and the combine's backward by rows with the weights' gradient from such dots.
+//! the norm's backward plus a residual, and the combine's backward by rows with the weights'
+//! gradient from such dots.
 
 use super::super::tolerance::{lookup, Pass};
 use super::super::{compare, Comparison};
+use crate::ops::add::add;
+use crate::ops::norm::{rms_norm_backward, rms_norm_backward_plus};
 use crate::ops::routing::{combine_backward_rows, weights_grad, RowOrder};
 use crate::ops::swiglu::{packed_backward_dot, Glu};
 use candle_core::{DType, Device, Result, Tensor};
@@ -60,6 +63,39 @@ pub(super) fn check_row_dots(
                 let (dgu, dot) = packed_backward_dot(&t[0], &t[1], Glu::Silu)?;
                 Ok(vec![dgu, dot])
             },
+        )?);
+    }
+    // The pre-norm residual's input gradient, plus + the norm's dx, in one pass (CUDA bf16:
+    // rows of 2,048 and 1,544 in the norm's row kernels; f32 takes the separate add): against
+    // the CPU, and against the separate backward and add on the same device, which it must
+    // equal bit for bit.
+    for d in [2048usize, 1544] {
+        let inputs = [
+            Tensor::randn(0f32, 1.0, (21, d), cpu)?,
+            (Tensor::randn(0f32, 0.2, d, cpu)? + 1.0)?,
+            Tensor::randn(0f32, 1.0, (21, d), cpu)?,
+            Tensor::randn(0f32, 1.0, (21, d), cpu)?,
+        ];
+        let what = format!("rms_norm backward plus a residual (rows of {d})");
+        let fused = |t: &[Tensor]| rms_norm_backward_plus(&t[0], &t[1], &t[2], &t[3], 1e-6);
+        out.extend(outputs_vs_cpu(
+            &what,
+            "rms_norm",
+            device,
+            dtype,
+            &inputs,
+            &|t| Ok(vec![fused(t)?]),
+        )?);
+        let on = inputs
+            .iter()
+            .map(|t| t.to_dtype(dtype)?.to_device(device))
+            .collect::<Result<Vec<_>>>()?;
+        let separate = add(&on[3], &rms_norm_backward(&on[0], &on[1], &on[2], 1e-6)?)?;
+        out.push(compare(
+            &format!("{what} {dtype:?} = backward, then add"),
+            &fused(&on)?.to_device(cpu)?,
+            &separate.to_device(cpu)?,
+            lookup("add", "any", Pass::Exact)?,
         )?);
     }
     let n = tokens.len() / k;
