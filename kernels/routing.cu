@@ -312,10 +312,73 @@ __device__ void router_softmax_topk(const T* logits, float* probs, uint32_t* top
   }
 }
 
+// router_bwd: the router logits' gradient, one warp per token row (L experts a lane, as
+// router_softmax_topk; k ≤ 32: lane j < k holds choice j). From the routing weights' gradient
+// dw [N, k] (f32) through the scaling, the optional renormalisation (w = sel / Σ sel: dsel =
+// (dw − Σ dw·w) / Σ sel), the top-k selection (dprobs = dsel at the chosen experts, 0 elsewhere)
+// and the softmax (dlogits = p · (dprobs − Σ dprobs·p)) or the sigmoid (dprobs · p · (1 − p)) of
+// the f32 probabilities p [N, E]; dlogits [N, E] in T. The sums run over the warp (another
+// order than the CPU twin's). CPU twin: src/ops/router.rs (logits_grad's candle ops). Checked:
+// src/gpu_check/ops/rows.rs (the "router backward" entries).
+template <typename T, int L>
+__device__ void router_bwd(const float* probs, const uint32_t* top, const float* dw, T* dlogits, const size_t n,
+                           const int e, const int k, const float scaling, const int renormalize,
+                           const int sigmoid) {
+  const size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32;
+  if (t >= n) return;
+  const int lane = threadIdx.x % 32;
+  const float* p_row = probs + t * e;
+  uint32_t chosen = 0xffffffffu;
+  float dsel = 0.0f, sel = 0.0f;
+  if (lane < k) {
+    chosen = top[t * k + lane];
+    dsel = dw[t * k + lane] * scaling;
+    sel = p_row[chosen];
+  }
+  if (renormalize) {
+    const float total = warp_reduce<false>(sel);
+    const float s = warp_reduce<false>(lane < k ? dsel * (sel / total) : 0.0f);
+    dsel = (dsel - s) / total;
+  }
+  float p[L], dp[L];
+#pragma unroll
+  for (int i = 0; i < L; ++i) {
+    const int c = lane + 32 * i;
+    p[i] = c < e ? p_row[c] : 0.0f;
+    dp[i] = 0.0f;
+  }
+  for (int j = 0; j < k; ++j) {
+    const uint32_t cj = __shfl_sync(0xffffffff, chosen, j);
+    const float dj = __shfl_sync(0xffffffff, dsel, j);
+#pragma unroll
+    for (int i = 0; i < L; ++i) {
+      if (cj == (uint32_t)(lane + 32 * i)) dp[i] += dj;
+    }
+  }
+  float dot = 0.0f;
+  if (!sigmoid) {
+#pragma unroll
+    for (int i = 0; i < L; ++i) dot += dp[i] * p[i];
+    dot = warp_reduce<false>(dot);
+  }
+  T* out = dlogits + t * e;
+#pragma unroll
+  for (int i = 0; i < L; ++i) {
+    const int c = lane + 32 * i;
+    if (c < e) out[c] = from_f32<T>(sigmoid ? dp[i] * (p[i] * (1.0f - p[i])) : p[i] * (dp[i] - dot));
+  }
+}
+
 #define ROUTER(T, SUFFIX, L)                                                                          \
   extern "C" __global__ void router_softmax_topk_##L##_##SUFFIX(const T* logits, float* probs, uint32_t* top, \
                                                                 const size_t n, const int e, const int k) { \
     router_softmax_topk<T, L>(logits, probs, top, n, e, k);                                         \
+  }                                                                                                   \
+  extern "C" __global__ void router_bwd_##L##_##SUFFIX(const float* probs, const uint32_t* top, const float* dw, \
+                                                       T* dlogits, const size_t n, const int e, const int k, \
+                                                       const float scaling, const int renormalize,    \
+                                                       const int sigmoid) {                           \
+    router_bwd<T, L>(probs, top, dw, dlogits, n, e, k, scaling, renormalize, sigmoid);              \
   }
 
 #define ROUTING_KERNELS(T, SUFFIX)                                                                    \

@@ -12,6 +12,7 @@ use super::{ArchSpec, ExpertExchange, Scoring};
 use crate::ops::grouped_gemm::{add_product, Gemm};
 use crate::ops::input_weights::{scale_rows, scale_rows_backward};
 use crate::ops::routed_experts::{held_experts_taped, ExpertsTape};
+use crate::ops::router::logits_grad;
 use crate::ops::routing::{
     combine_backward_rows, combine_forward, gather_backward, gather_forward, weights_grad,
 };
@@ -206,31 +207,17 @@ fn router_backward(
     dw: &Tensor,
     dx: Tensor,
 ) -> Result<Tensor> {
-    let dw = (dw.to_dtype(DType::F32)? * spec.router.scaling)?;
-    let sel = probs.gather(&routing.top, 1)?; // [N, k]
-    let dsel = if spec.router.renormalize {
-        // w = sel / Σ sel: dsel = (dw − Σ dw·w) / Σ sel.
-        let total = sel.sum_keepdim(D::Minus1)?;
-        let w = sel.broadcast_div(&total)?;
-        dw.broadcast_sub(&(&dw * w)?.sum_keepdim(D::Minus1)?)?
-            .broadcast_div(&total)?
-    } else {
-        dw
-    };
-    let dprobs = probs.zeros_like()?.scatter_add(&routing.top, &dsel, 1)?;
-    let dlogits = match spec.router.scoring {
-        // Softmax: dlogits = p · (dp − Σ dp·p).
-        Scoring::Softmax => {
-            let dot = (&dprobs * probs)?.sum_keepdim(D::Minus1)?;
-            (probs * dprobs.broadcast_sub(&dot)?)?
-        }
-        // Sigmoid: dlogits = dp · s · (1 − s).
-        Scoring::Sigmoid => (dprobs * (probs * probs.affine(-1.0, 1.0)?)?)?,
-    };
-    add_product(
-        dx,
-        &dlogits.to_dtype(moe.router.dtype())?,
-        &moe.router,
-        Gemm::nn(1.0),
-    )
+    let router = &spec.router;
+    let dlogits = logits_grad(
+        probs,
+        &routing.top,
+        dw,
+        (
+            router.scaling,
+            router.renormalize,
+            router.scoring == Scoring::Sigmoid,
+        ),
+        moe.router.dtype(),
+    )?;
+    add_product(dx, &dlogits, &moe.router, Gemm::nn(1.0))
 }

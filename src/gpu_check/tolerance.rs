@@ -245,6 +245,8 @@ const ROUTING_PLAN: &str = "integer outputs (tokens, slots, inverse, counts): an
 const ADD: &str = "one rounding of the exact sum on both sides (bf16 sums rounded through f32 round alike: 24 ≥ 2·8 + 2 bits)";
 const ROUTER: &str =
     "exp(x − max) / Σ in f32 on both sides: expf ulps and the sum's order (≈ 1e-7 relative)";
+const ROUTER_BWD: &str = "f32 sums over ≤ 1,024 terms in another order (a warp's tree against \
+     candle's), then one rounding to the logits' dtype (bf16: 2⁻⁸ relative)";
 const ROUTER_TOP: &str =
     "expert ids from logits at least a bf16 spacing apart: any difference fails";
 const EMBEDDING: &str = "a copy of the host rows: any difference fails";
@@ -407,6 +409,8 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Ops,   "embedding rows",           "any",  Exact,    0.0,          Abs(0.0),               EMBEDDING),
     row(Ops,   "add",                      "any",  Exact,    0.0,          Abs(0.0),               ADD),
     row(Ops,   "router probs",             "f32",  Forward,  1e-6,         Abs(1e-9),              ROUTER),
+    row(Ops,   "router backward",          "f32",  Backward, 1e-5,         OfMax(1e-5),            ROUTER_BWD),
+    row(Ops,   "router backward",          "bf16", Backward, 1e-2,         OfMax(1e-2),            ROUTER_BWD),
     row(Ops,   "router top-k",             "u32",  Exact,    0.0,          Abs(0.5),               ROUTER_TOP),
     row(Ops,   "generated weights",        "bf16", Forward,  1.0 / 128.0,  Abs(0.0),               GENERATED),
     row(Quant, "quantize_on_gpu",          "any",  Exact,    0.0,          Abs(0.0),               QUANT),

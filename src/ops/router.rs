@@ -118,6 +118,57 @@ pub fn router_choose(
     Ok((scores, Some(top)))
 }
 
+/// The router logits' gradient `[N, E]` in `dtype` from the routing weights' gradient `dw`
+/// `[N, k]`: through the `scaling`, the optional renormalisation (w = sel / Σ sel), the top-k
+/// selection (`top` `[N, k]` u32) and the f32 softmax (or, with `sigmoid`, the sigmoid) that
+/// gave `probs` `[N, E]`. On CUDA one warp per token (`kernels/routing.cu` `router_bwd`, k ≤ 32,
+/// E ≤ 1,024); elsewhere candle's ops (the reference).
+pub fn logits_grad(
+    probs: &Tensor,
+    top: &Tensor,
+    dw: &Tensor,
+    (scaling, renormalize, sigmoid): (f64, bool, bool),
+    dtype: DType,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if probs.device().is_cuda()
+        && probs.dtype() == DType::F32
+        && top.dim(1)? <= 32
+        && probs.dim(1)? <= cuda::MAX_EXPERTS
+    {
+        let z = super::at_offset_zero;
+        let dw = z(&dw.to_dtype(DType::F32)?)?;
+        return cuda::logits_grad(
+            &z(probs)?,
+            &z(top)?,
+            &dw,
+            (scaling, renormalize, sigmoid),
+            dtype,
+        );
+    }
+    let dw = (dw.to_dtype(DType::F32)? * scaling)?;
+    let sel = probs.gather(top, 1)?; // [N, k]
+    let dsel = if renormalize {
+        // w = sel / Σ sel: dsel = (dw − Σ dw·w) / Σ sel.
+        let total = sel.sum_keepdim(D::Minus1)?;
+        let w = sel.broadcast_div(&total)?;
+        dw.broadcast_sub(&(&dw * w)?.sum_keepdim(D::Minus1)?)?
+            .broadcast_div(&total)?
+    } else {
+        dw
+    };
+    let dprobs = probs.zeros_like()?.scatter_add(top, &dsel, 1)?;
+    let dlogits = if sigmoid {
+        // Sigmoid: dlogits = dp · s · (1 − s).
+        (dprobs * (probs * probs.affine(-1.0, 1.0)?)?)?
+    } else {
+        // Softmax: dlogits = p · (dp − Σ dp·p).
+        let dot = (&dprobs * probs)?.sum_keepdim(D::Minus1)?;
+        (probs * dprobs.broadcast_sub(&dot)?)?
+    };
+    dlogits.to_dtype(dtype)
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -193,5 +244,84 @@ mod cuda {
         let probs = crate::ops::cuda_tensor(S::F32(probs), dev, (n, e).into());
         let top = top.map(|t| crate::ops::cuda_tensor(S::U32(t), dev, (n, k.unwrap_or(0)).into()));
         Ok((probs, top))
+    }
+
+    /// `super::logits_grad` by the kernel: probs `[N, E]` f32, top `[N, k]` u32, dw `[N, k]`
+    /// f32, each contiguous from offset 0; k ≤ 32, E ≤ [`MAX_EXPERTS`].
+    pub(super) fn logits_grad(
+        probs: &Tensor,
+        top: &Tensor,
+        dw: &Tensor,
+        (scaling, renormalize, sigmoid): (f64, bool, bool),
+        dtype: candle_core::DType,
+    ) -> Result<Tensor> {
+        let candle_core::Device::Cuda(dev) = probs.device() else {
+            candle_core::bail!("router: not on CUDA")
+        };
+        let (n, e) = probs.dims2()?;
+        let k = top.dim(1)?;
+        if top.dims2()? != (n, k) || dw.dims2()? != (n, k) || k > 32 || e > MAX_EXPERTS {
+            candle_core::bail!(
+                "router backward: probs {:?}, top {:?}, dw {:?}",
+                probs.dims(),
+                top.dims(),
+                dw.dims()
+            );
+        }
+        let suffix = match dtype {
+            candle_core::DType::F32 => "f32",
+            candle_core::DType::BF16 => "bf16",
+            candle_core::DType::F16 => "f16",
+            other => candle_core::bail!("router backward: logits in {other:?}"),
+        };
+        let per_lane = e.div_ceil(32).max(1).next_power_of_two();
+        let func = dev.get_or_load_custom_func(
+            &format!("router_bwd_{per_lane}_{suffix}"),
+            "moeq_routing",
+            crate::ops::kernels::ROUTING,
+        )?;
+        let (sp, _) = probs.storage_and_layout();
+        let (st, _) = top.storage_and_layout();
+        let (sw, _) = dw.storage_and_layout();
+        let (Storage::Cuda(cp), Storage::Cuda(ct), Storage::Cuda(cw)) = (&*sp, &*st, &*sw) else {
+            candle_core::bail!("router backward: not on CUDA")
+        };
+        let (S::F32(pv), S::U32(tv), S::F32(wv)) = (&cp.slice, &ct.slice, &cw.slice) else {
+            candle_core::bail!("router backward: probs f32, top u32, dw f32")
+        };
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(8).max(1) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (e32, k32, s32) = (e as i32, k as i32, scaling as f32);
+        let (renorm, sig) = (renormalize as i32, sigmoid as i32);
+        macro_rules! run {
+            ($t:ty, $variant:path) => {{
+                // SAFETY: the kernel writes every element of every row.
+                let out = unsafe { dev.alloc::<$t>(n * e)? };
+                let mut b = func.builder();
+                b.arg(pv);
+                b.arg(tv);
+                b.arg(wv);
+                b.arg(&out);
+                b.arg(&n);
+                b.arg(&e32);
+                b.arg(&k32);
+                b.arg(&s32);
+                b.arg(&renorm);
+                b.arg(&sig);
+                // SAFETY: arguments match kernels/routing.cu `router_bwd`; the operands hold
+                // [n, e] / [n, k] elements from offset 0 (the caller's `at_offset_zero`).
+                unsafe { b.launch(cfg) }.w()?;
+                $variant(out)
+            }};
+        }
+        let slice = match dtype {
+            candle_core::DType::F32 => run!(f32, S::F32),
+            candle_core::DType::BF16 => run!(half::bf16, S::BF16),
+            _ => run!(half::f16, S::F16),
+        };
+        Ok(crate::ops::cuda_tensor(slice, dev, (n, e).into()))
     }
 }

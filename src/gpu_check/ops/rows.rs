@@ -5,7 +5,7 @@
 use super::{compare, lookup, Comparison, Pass};
 use crate::ops::add::add;
 use crate::ops::embedding::{gather_host_rows, Embedding, TokenIds};
-use crate::ops::router::{router_choose, router_probs, Choice, GroupScore};
+use crate::ops::router::{logits_grad, router_choose, router_probs, Choice, GroupScore};
 use crate::ops::routing::plan;
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -124,6 +124,44 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
             &want_top,
             lookup("router top-k", "u32", Pass::Exact)?,
         )?);
+    }
+    // The router's backward (the logits' gradient from the routing weights' gradient) for
+    // softmax and sigmoid scores, renormalised or not, 128 experts top-8 and 60 top-6, the
+    // gradient in f32 and bf16: the device kernel against candle's ops on the CPU over the same
+    // f32 probabilities and choices (the CPU's), dw random.
+    for (e, k) in [(128usize, 8usize), (60, 6)] {
+        let n = 300usize;
+        let logits = Tensor::randn(0f32, 1.0, (n, e), &Device::Cpu)?;
+        let dw = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
+        for sigmoid in [false, true] {
+            let probs = if sigmoid {
+                candle_nn::ops::sigmoid(&logits)?
+            } else {
+                router_probs(&logits, None)?.0
+            };
+            let top = probs
+                .arg_sort_last_dim(false)?
+                .narrow(1, 0, k)?
+                .contiguous()?;
+            for renormalize in [false, true] {
+                for dtype in [DType::F32, DType::BF16] {
+                    let how = (2.5, renormalize, sigmoid);
+                    let on = |t: &Tensor| t.to_device(device);
+                    let got = logits_grad(&on(&probs)?, &on(&top)?, &on(&dw)?, how, dtype)?;
+                    let want = logits_grad(&probs, &top, &dw, how, DType::F32)?;
+                    let score = if sigmoid { "sigmoid" } else { "softmax" };
+                    out.push(compare(
+                        &format!(
+                            "router backward {dtype:?}, {score}{}, {e} experts top-{k}",
+                            if renormalize { ", renormalised" } else { "" }
+                        ),
+                        &got.to_dtype(DType::F32)?,
+                        &want,
+                        lookup("router backward", dtype.as_str(), Pass::Backward)?,
+                    )?);
+                }
+            }
+        }
     }
     // DeepSeek-V3's choice (sigmoid scores, a per-expert bias, the best 4 of 8 groups by their
     // two best scores) and DeepSeek-V2's (softmax, the best 3 of 8 groups by their best score):
