@@ -9,8 +9,10 @@
 # the difference is time the GPU waits on the host). GPU machine,
 # repository root, .device/ carried:
 #
-#   OUT=/tmp/out [CONFIG=file] bash launch/bench/kernel-profile.sh [mbs] [attn|expert]
+#   OUT=/tmp/out [CONFIG=file] [BIN=.device/old/moeq] bash launch/bench/kernel-profile.sh [mbs] [attn|expert]
 #
+# BIN profiles another binary (default .device/moeq; launch/bench/kernel-ab.sh profiles both
+# of an A/B pair).
 # CONFIG profiles another config with a synth:// base instead, cut to LAYERS layers by the
 # URL's `layers=` (e.g. configs/bench/qwen3.5-35b-a3b.yaml with LAYERS=4: three linear-attention
 # layers and one full-attention layer).
@@ -19,6 +21,8 @@ cd "$(dirname "$0")/../.."
 source launch/device-env.sh
 export MOEQ_CACHE_DIR=${MOEQ_CACHE_DIR:-/tmp/moeq-cache}
 mbs=${1:-4}
+bin=${BIN:-.device/moeq}
+[ -x "$bin" ] || { xz -dkf "$bin.xz" && chmod +x "$bin"; }
 cfg=${2:-attn}
 layers=${LAYERS:-2}
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
@@ -33,7 +37,7 @@ sed -e "$cut" -e "s#^micro_batch_size:.*#micro_batch_size: $mbs#" -e "s#^max_ste
     "$src" > "$conf"
 rm -rf /tmp/moeq-bench/kprof
 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --log-file "$OUT/kprof/ncu.csv" \
-  .device/moeq train --config "$conf" > "$OUT/kprof/train.log" 2>&1
+  "$bin" train --config "$conf" > "$OUT/kprof/train.log" 2>&1
 echo "train exit $?"
 python3 - "$OUT/kprof/ncu.csv" <<'PY'
 import csv, collections, sys
@@ -59,6 +63,6 @@ for name, (t, n) in sorted(by.items(), key=lambda kv: -kv[1][0])[:40]:
 PY
 sed -i -e "s#^max_steps:.*#max_steps: 6#" -e "s#^warmup_steps:.*#warmup_steps: 2#" "$conf"
 rm -rf /tmp/moeq-bench/kprof
-MOEQ_PHASE_TIMES=1 .device/moeq train --config "$conf" > "$OUT/kprof/phases.log" 2>&1
+MOEQ_PHASE_TIMES=1 "$bin" train --config "$conf" > "$OUT/kprof/phases.log" 2>&1
 echo "phase-timed run exit $? ($layers layers, mbs $mbs, 6 steps)"
 grep -A40 "phase times" "$OUT/kprof/phases.log" | cut -c1-140

@@ -1,14 +1,13 @@
 //! A frozen projection (4-bit or 16-bit) with its LoRA adapter as one op:
 //! `y = (x·Wᵀ + bias) + s·((m⊙x)·Aᵀ)·Bᵀ` — PEFT's `base(x) + lora_B(lora_A(dropout(x)))·scaling`
-//! (with its rounding steps on the CPU; on CUDA the update is added inside its product, the sum
-//! rounded once: [`add_update`]) — and gradients for x, A and B (W, the bias and the dropout
-//! mask m are fixed). One graph node instead of about seven (base product, bias, two LoRA products,
+//! (the sum rounded once, as Unsloth's `addmm_`, where PEFT rounds three times: [`add_update`])
+//! — and gradients for x, A and B (W, the bias and the dropout mask m are fixed). One graph node instead of about seven (base product, bias, two LoRA products,
 //! two transposes, scale, add): candle's backward gives every node's gradient a zero-filled
 //! buffer plus an add, a full pass over `[N, out]` per node.
 
 use super::grouped_gemm::{add_product, Gemm};
 use super::nf4_linear::{forward as nf4_forward, FrozenWeight};
-use candle_core::{CustomOp3, DType, Result, Tensor};
+use candle_core::{CustomOp3, Result, Tensor};
 
 struct LoraLinear {
     w: FrozenWeight,
@@ -115,18 +114,13 @@ pub(crate) fn backward_into(
     Ok((dx, Some((da, db))))
 }
 
-/// `y + s·xa·bᵀ`: on CUDA inside the update's product (cuBLAS with β = 1 on y's buffer, the
-/// caller's fresh projection output: the sum rounded once, as Unsloth's `addmm_`, and no
-/// `[N, out]` update written and read back); on the CPU with PEFT's rounding steps
-/// (`result + lora_B(lora_A(x)) * scaling`: the product rounded, the scaled product rounded,
-/// the sum rounded) — ARCHITECTURE decision 8.
+/// `y + s·xa·bᵀ` with one rounding of the sum to y's dtype, as Unsloth's `addmm_` (PEFT rounds
+/// the product, the scaled product and the sum: `result + lora_B(lora_A(x)) * scaling`): on
+/// CUDA inside the update's product (cuBLAS with β = 1 on y's buffer, the caller's fresh
+/// projection output: no `[N, out]` update written and read back), on the CPU the same
+/// arithmetic in f32 ([`add_product`]), so both devices round alike (ARCHITECTURE decision 8).
 fn add_update(y: Tensor, xa: &Tensor, b: &Tensor, s: f64) -> Result<Tensor> {
-    if y.device().is_cuda() {
-        return add_product(y, xa, b, Gemm::nt(s));
-    }
-    let delta = xa.matmul(&b.t()?)?;
-    let scaled = (delta.to_dtype(DType::F32)? * s)?.to_dtype(y.dtype())?;
-    y + scaled
+    add_product(y, xa, b, Gemm::nt(s))
 }
 
 impl CustomOp3 for LoraLinear {
