@@ -7,15 +7,13 @@
 // rescaled when the max grows; pairs combine as (m, s) ⊕ (m', s') = (M, s·e^(m−M) + s'·e^(m'−M))),
 // then the write; so the f32 probabilities never exist in memory. Rows whose start is 16-byte
 // aligned in both buffers with V a multiple of 16 / sizeof(T) move 16 bytes per load and store
-// (the same values: only the order of the sum's terms depends on it), U packs a thread in
-// flight.
+// (the same values: only the order of the sum's terms depends on it).
 // A target outside the vocabulary gives a NaN loss (and no one-hot term) instead of a stray read.
 // Launch: grid R, block 1024. CPU twin: src/ops/cross_entropy.rs (cross_entropy_rows_cpu).
 // Checked: src/gpu_check/ops/mod.rs (the "cross_entropy_rows" entries: loss and dlogits).
 #include "common.cuh"
 
 constexpr int THREADS = 1024;
-constexpr int U = 4;  // 16-byte packs a thread has in flight in the vectorised loops
 
 // Adds exp(x − m) to the running (m, s).
 __device__ __forceinline__ void online_add(float& m, float& s, const float x) {
@@ -66,22 +64,11 @@ __device__ void cross_entropy_rows(const T* logits, const uint32_t* targets, con
                    reinterpret_cast<uintptr_t>(dx) % 16 == 0;
   float m = -INFINITY, s = 0.0f;
   if (vec) {
-    // U packs loaded before any is used (more loads in flight), then taken in the same order
-    // as one at a time: the same sums.
-    for (int j0 = threadIdx.x * P; j0 < vocab; j0 += U * THREADS * P) {
-      Pack<T> v[U];
+    for (int j = threadIdx.x * P; j < vocab; j += THREADS * P) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(x + j);
+      const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int j = j0 + u * THREADS * P;
-        if (j < vocab) v[u].v = *reinterpret_cast<const uint4*>(x + j);
-      }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        if (j0 + u * THREADS * P < vocab) {
-#pragma unroll
-          for (int e = 0; e < P; ++e) online_add(m, s, to_f32(v[u].e[e]));
-        }
-      }
+      for (int e = 0; e < P; ++e) online_add(m, s, to_f32(v[e]));
     }
   } else {
     for (int j = threadIdx.x; j < vocab; j += THREADS) online_add(m, s, to_f32(x[j]));
@@ -92,26 +79,17 @@ __device__ void cross_entropy_rows(const T* logits, const uint32_t* targets, con
   const uint32_t t = targets[row];
   const float c = scale * w;
   if (vec) {
-    for (int j0 = threadIdx.x * P; j0 < vocab; j0 += U * THREADS * P) {
-      Pack<T> v[U];
+    for (int j = threadIdx.x * P; j < vocab; j += THREADS * P) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(x + j);
+      const T* v = reinterpret_cast<const T*>(&raw);
+      uint4 packed;
+      T* o = reinterpret_cast<T*>(&packed);
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int j = j0 + u * THREADS * P;
-        if (j < vocab) v[u].v = *reinterpret_cast<const uint4*>(x + j);
+      for (int e = 0; e < P; ++e) {
+        const float p = expf(to_f32(v[e]) - lse) - (j + e == (int)t ? 1.0f : 0.0f);
+        o[e] = from_f32<T>(c * p);
       }
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int j = j0 + u * THREADS * P;
-        if (j < vocab) {
-          Pack<T> o;
-#pragma unroll
-          for (int e = 0; e < P; ++e) {
-            const float p = expf(to_f32(v[u].e[e]) - lse) - (j + e == (int)t ? 1.0f : 0.0f);
-            o.e[e] = from_f32<T>(c * p);
-          }
-          *reinterpret_cast<uint4*>(dx + j) = o.v;
-        }
-      }
+      *reinterpret_cast<uint4*>(dx + j) = packed;
     }
   } else {
     for (int j = threadIdx.x; j < vocab; j += THREADS) {
