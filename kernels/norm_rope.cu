@@ -8,7 +8,7 @@
 // lanes per w, then the per-w sums), read back through shared memory:
 //   forward:   z = norm(x) (or x);           y = rope(z)
 //   backward:  dz = rope_bwd(dy), rounded;   dx = norm_bwd(x, dz) (or dz)
-// Launch: grid ceil(N·H / (8 · ROWS_PER_WARP)), block 256 (8 warps). CPU twin: src/ops/norm_rope.rs (the separate
+// Launch: grid ceil(N·H / 8), block 256 (8 rows). CPU twin: src/ops/norm_rope.rs (the separate
 // ops: ops::norm's and ops::rope's CPU paths). Checked: src/gpu_check/ops/mod.rs (the
 // "norm_rope" entries) and src/gpu_check/ops/attention.rs ("attention_block").
 #include "common.cuh"
@@ -86,114 +86,86 @@ __device__ __forceinline__ float row_sum(const float (&t)[C], float* row) {
   return warp_reduce<false>(v);
 }
 
-// Rows a warp: ROWS_PER_WARP<C> consecutive rows, every row's loads issued before any row's
-// arithmetic (one row of 64–256 bytes a warp left too few loads in flight to reach the memory's
-// rate). The host mirrors it (src/ops/norm_rope.rs, rows_per_warp).
-template <int C>
-constexpr int ROWS_PER_WARP = C >= 8 ? 2 : 4;
-
 template <typename T, int C>
 __device__ void norm_rope_fwd(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ cos,
                               const T* __restrict__ sin, T* __restrict__ y, const uint32_t rows, const uint32_t heads,
                               const float eps) {
-  constexpr int D = 32 * C, R = ROWS_PER_WARP<C>;
+  constexpr int D = 32 * C;
   __shared__ float shared[ROWS][D];
-  const uint32_t first = (blockIdx.x * ROWS + threadIdx.x / 32) * R;
-  if (first >= rows) return;
+  const uint32_t row = blockIdx.x * ROWS + threadIdx.x / 32;
+  if (row >= rows) return;
   const int lane = threadIdx.x % 32;
-  float z[R][C], c[R][C], s[R][C];
+  const size_t at = (size_t)row * D + lane * C;
+  const size_t table = (size_t)(row / heads) * D + lane * C;
+  float z[C];
+  load<T, C>(x + at, z);
+  if (w != nullptr) {
+    float sq[C], wv[C];
 #pragma unroll
-  for (int q = 0; q < R; ++q) {
-    const uint32_t row = first + q;
-    if (row < rows) {
-      const size_t table = (size_t)(row / heads) * D + lane * C;
-      load<T, C>(x + (size_t)row * D + lane * C, z[q]);
-      load<T, C>(cos + table, c[q]);
-      load<T, C>(sin + table, s[q]);
-    }
-  }
-  float wv[C];
-  if (w != nullptr) load<T, C>(w + lane * C, wv);
-  const bool low = lane < 16;
-#pragma unroll
-  for (int q = 0; q < R; ++q) {
-    const uint32_t row = first + q;
-    if (row >= rows) break;  // the same for every lane of the warp
-    if (w != nullptr) {
-      float sq[C];
-#pragma unroll
-      for (int e = 0; e < C; ++e) sq[e] = z[q][e] * z[q][e];
-      const float r = rsqrtf(row_sum<C>(sq, shared[threadIdx.x / 32]) / D + eps);
-#pragma unroll
-      for (int e = 0; e < C; ++e) {
-        const float n = to_f32(from_f32<T>(z[q][e] * r));
-        z[q][e] = to_f32(from_f32<T>(n * wv[e]));
-      }
-    }
-    float out[C];
+    for (int e = 0; e < C; ++e) sq[e] = z[e] * z[e];
+    const float r = rsqrtf(row_sum<C>(sq, shared[threadIdx.x / 32]) / D + eps);
+    load<T, C>(w + lane * C, wv);
 #pragma unroll
     for (int e = 0; e < C; ++e) {
-      const float other = __shfl_xor_sync(0xffffffff, z[q][e], 16);
-      // rope_fwd: y[i] = a·cos[i] − b·sin[i], y[i + half] = b·cos[i + half] + a·sin[i + half].
-      out[e] = low ? z[q][e] * c[q][e] - other * s[q][e] : z[q][e] * c[q][e] + other * s[q][e];
+      const float n = to_f32(from_f32<T>(z[e] * r));
+      z[e] = to_f32(from_f32<T>(n * wv[e]));
     }
-    store<T, C>(y + (size_t)row * D + lane * C, out);
   }
+  float c[C], s[C], out[C];
+  load<T, C>(cos + table, c);
+  load<T, C>(sin + table, s);
+  const bool low = lane < 16;
+#pragma unroll
+  for (int e = 0; e < C; ++e) {
+    const float other = __shfl_xor_sync(0xffffffff, z[e], 16);
+    // rope_fwd: y[i] = a·cos[i] − b·sin[i], y[i + half] = b·cos[i + half] + a·sin[i + half].
+    out[e] = low ? z[e] * c[e] - other * s[e] : z[e] * c[e] + other * s[e];
+  }
+  store<T, C>(y + at, out);
 }
 
 template <typename T, int C>
 __device__ void norm_rope_bwd(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ cos,
                               const T* __restrict__ sin, const T* __restrict__ dy, T* __restrict__ dx,
                               const uint32_t rows, const uint32_t heads, const float eps) {
-  constexpr int D = 32 * C, R = ROWS_PER_WARP<C>;
+  constexpr int D = 32 * C;
   __shared__ float shared[ROWS][D];
-  const uint32_t first = (blockIdx.x * ROWS + threadIdx.x / 32) * R;
-  if (first >= rows) return;
+  const uint32_t row = blockIdx.x * ROWS + threadIdx.x / 32;
+  if (row >= rows) return;
   const int lane = threadIdx.x % 32;
-  float g[R][C], c[R][C], s[R][C], xv[R][C], wv[C];
-#pragma unroll
-  for (int q = 0; q < R; ++q) {
-    const uint32_t row = first + q;
-    if (row < rows) {
-      const size_t at = (size_t)row * D + lane * C, table = (size_t)(row / heads) * D + lane * C;
-      load<T, C>(dy + at, g[q]);
-      load<T, C>(cos + table, c[q]);
-      load<T, C>(sin + table, s[q]);
-      if (w != nullptr) load<T, C>(x + at, xv[q]);
-    }
-  }
-  if (w != nullptr) load<T, C>(w + lane * C, wv);
+  const size_t at = (size_t)row * D + lane * C;
+  const size_t table = (size_t)(row / heads) * D + lane * C;
+  float g[C], c[C], s[C], dz[C];
+  load<T, C>(dy + at, g);
+  load<T, C>(cos + table, c);
+  load<T, C>(sin + table, s);
   const bool low = lane < 16;
 #pragma unroll
-  for (int q = 0; q < R; ++q) {
-    const uint32_t row = first + q;
-    if (row >= rows) break;  // the same for every lane of the warp
-    float dz[C];
+  for (int e = 0; e < C; ++e) {
+    const float other = __shfl_xor_sync(0xffffffff, g[e], 16);
+    const float other_sin = __shfl_xor_sync(0xffffffff, s[e], 16);
+    // rope_bwd: dx[i] = dy[i]·cos[i] + dy[i + half]·sin[i + half],
+    //           dx[i + half] = dy[i + half]·cos[i + half] − dy[i]·sin[i]; rounded to T.
+    dz[e] = to_f32(from_f32<T>(low ? g[e] * c[e] + other * other_sin : g[e] * c[e] - other * other_sin));
+  }
+  if (w != nullptr) {
+    float xv[C], wv[C], t[C];
+    load<T, C>(x + at, xv);
+    load<T, C>(w + lane * C, wv);
+    float* row_mem = shared[threadIdx.x / 32];
+#pragma unroll
+    for (int e = 0; e < C; ++e) t[e] = xv[e] * xv[e];
+    const float r = rsqrtf(row_sum<C>(t, row_mem) / D + eps);
+#pragma unroll
+    for (int e = 0; e < C; ++e) t[e] = dz[e] * wv[e] * xv[e] * r;
+    const float mean_gn = row_sum<C>(t, row_mem) / D;
 #pragma unroll
     for (int e = 0; e < C; ++e) {
-      const float other = __shfl_xor_sync(0xffffffff, g[q][e], 16);
-      const float other_sin = __shfl_xor_sync(0xffffffff, s[q][e], 16);
-      // rope_bwd: dx[i] = dy[i]·cos[i] + dy[i + half]·sin[i + half],
-      //           dx[i + half] = dy[i + half]·cos[i + half] − dy[i]·sin[i]; rounded to T.
-      dz[e] = to_f32(from_f32<T>(low ? g[q][e] * c[q][e] + other * other_sin : g[q][e] * c[q][e] - other * other_sin));
+      const float n = xv[e] * r;
+      dz[e] = r * (dz[e] * wv[e] - n * mean_gn);
     }
-    if (w != nullptr) {
-      float t[C];
-      float* row_mem = shared[threadIdx.x / 32];
-#pragma unroll
-      for (int e = 0; e < C; ++e) t[e] = xv[q][e] * xv[q][e];
-      const float r = rsqrtf(row_sum<C>(t, row_mem) / D + eps);
-#pragma unroll
-      for (int e = 0; e < C; ++e) t[e] = dz[e] * wv[e] * xv[q][e] * r;
-      const float mean_gn = row_sum<C>(t, row_mem) / D;
-#pragma unroll
-      for (int e = 0; e < C; ++e) {
-        const float n = xv[q][e] * r;
-        dz[e] = r * (dz[e] * wv[e] - n * mean_gn);
-      }
-    }
-    store<T, C>(dx + (size_t)row * D + lane * C, dz);
   }
+  store<T, C>(dx + at, dz);
 }
 
 #define NORM_ROPE(T, SUFFIX, C)                                                                          \

@@ -145,8 +145,7 @@ mod cuda {
         };
         let (n, heads, hd) = x.dims3()?;
         let rows = n * heads;
-        // The kernel's first row of a warp is (warp · rows a warp), in 32 bits.
-        if rows > (u32::MAX / 4) as usize {
+        if rows > u32::MAX as usize {
             candle_core::bail!("norm_rope: {rows} rows do not fit the kernel's 32-bit index");
         }
         let suffix = match x.dtype() {
@@ -161,11 +160,8 @@ mod cuda {
             "moeq_norm_rope",
             crate::ops::kernels::NORM_ROPE,
         )?;
-        // 8 warps a block, ROWS_PER_WARP rows a warp (kernels/norm_rope.cu: 2 for heads of
-        // 256, else 4).
-        let rows_per_warp = if hd / 32 >= 8 { 2 } else { 4 };
         let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(8 * rows_per_warp) as u32, 1, 1),
+            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
