@@ -16,8 +16,16 @@ pub fn router_probs(logits: &Tensor, k: Option<usize>) -> Result<(Tensor, Option
         candle_core::bail!("router: top-{} of {e} experts", k.unwrap_or(0));
     }
     #[cfg(feature = "cuda")]
-    if logits.device().is_cuda() && !super::records_graph(&[logits]) && e <= cuda::MAX_EXPERTS {
-        return cuda::softmax_topk(&super::at_offset_zero(logits)?, k);
+    if logits.device().is_cuda() && e <= cuda::MAX_EXPERTS {
+        let (probs, top) = cuda::softmax_topk(&super::at_offset_zero(&logits.detach())?, k)?;
+        if !super::records_graph(&[logits]) {
+            return Ok((probs, top));
+        }
+        // Probabilities with a graph from candle's softmax; the choice still the kernel's, so
+        // ties (equal bf16 logits are common) go to the lower expert on every path — candle's
+        // arg-sort on CUDA is not stable, and a graph forward that chose otherwise than the
+        // taped one routed tokens differently (gpu-check's olmoe train step, 2026-12-05).
+        return Ok((softmax_last(&logits.to_dtype(DType::F32)?)?, top));
     }
     let probs = softmax_last(&logits.to_dtype(DType::F32)?)?;
     let top = match k {

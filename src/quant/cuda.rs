@@ -209,6 +209,9 @@ pub fn dequantize_storage(
     })
 }
 
+/// Blocks of `dequantize_vec_nested` (each loops over words: its map copy is paid once).
+const NESTED_BLOCKS: u32 = 2048;
+
 /// Packed codes whose block scales are nested statistics (the 8-bit `codes` of blocks
 /// `start..`, the parameter's whole `nested_absmax`, `offset`) dequantized into a new tensor of
 /// `shape` and `dtype`: one kernel that expands each block's scale as it goes
@@ -267,8 +270,14 @@ pub fn dequantize_nested_on_gpu(
             b.arg(&out);
             b.arg(&n64);
             b.arg(&bs32);
+            // At most NESTED_BLOCKS blocks (grid-stride): each block first copies the 8-bit map
+            // from the parameter bank, whose reads at 256 addresses serialise. With the plain
+            // kernel's grid (a word a thread, one pass per block) it measured 1.9× the plain
+            // kernel's time (2026-12-05), that copy the likely cause.
+            let mut cfg = grid(n / 8, 256);
+            cfg.grid_dim.0 = cfg.grid_dim.0.min(NESTED_BLOCKS);
             // SAFETY: argument types and order match `DEQUANT_VEC_NESTED(...)` in kernels/nf4.cu.
-            unsafe { b.launch(grid(n / 8, 256)) }.w()?;
+            unsafe { b.launch(cfg) }.w()?;
             wrap(out, &dev, shape)
         }};
     }
