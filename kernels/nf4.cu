@@ -281,6 +281,23 @@ __device__ void quantize_full_blocks(const T* __restrict__ x, unsigned char* __r
   }
 }
 
+// The 8 values of one word of packed codes (4 bytes, high nibble first) times `scale`, stored
+// as 16-byte vectors at `dst` (16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void store_word(const float* lut, const unsigned int q, const float scale, T* dst) {
+  T vals[8];
+#pragma unroll
+  for (int k = 0; k < 4; k++) {
+    const unsigned char byte = (q >> (8 * k)) & 0xff;
+    vals[2 * k] = from_f32<T>(mul_ftz(lut[byte >> 4], scale));
+    vals[2 * k + 1] = from_f32<T>(mul_ftz(lut[byte & 0x0f], scale));
+  }
+  uint4* to = reinterpret_cast<uint4*>(dst);
+  const uint4* v = reinterpret_cast<const uint4*>(vals);
+#pragma unroll
+  for (int k = 0; k < (int)(8 * sizeof(T) / 16); k++) to[k] = v[k];
+}
+
 // Vectorised dequantization: each thread turns 4 packed bytes into 8 outputs (16 or 32 bytes
 // stored as 16-byte vectors). Requires n_vec a multiple of 8 and aligned pointers; the host
 // runs the scalar kernel for the tail.
@@ -296,17 +313,7 @@ __device__ void dequantize_vec(const unsigned int* __restrict__ packed, const fl
   for (size_t w = blockIdx.x * (size_t)blockDim.x + threadIdx.x; w < words; w += (size_t)gridDim.x * blockDim.x) {
     const unsigned int q = packed[w];
     const float scale = absmax[(w * 8) / bs];
-    T vals[8];
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-      const unsigned char byte = (q >> (8 * k)) & 0xff;
-      vals[2 * k] = from_f32<T>(mul_ftz(lut[byte >> 4], scale));
-      vals[2 * k + 1] = from_f32<T>(mul_ftz(lut[byte & 0x0f], scale));
-    }
-    uint4* dst = reinterpret_cast<uint4*>(out + w * 8);
-    const uint4* v = reinterpret_cast<const uint4*>(vals);
-#pragma unroll
-    for (int k = 0; k < (int)(8 * sizeof(T) / 16); k++) dst[k] = v[k];
+    store_word(lut, q, scale, out + w * 8);
   }
 }
 
@@ -333,17 +340,7 @@ __device__ void dequantize_vec_nested(const unsigned int* __restrict__ packed, c
     const unsigned int codes = packed[w];
     const size_t b = (w * 8) / bs;
     const float scale = __fadd_rn(mul_ftz(map[q[b]], nested[(start + b) >> 8]), offset);
-    T vals[8];
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-      const unsigned char byte = (codes >> (8 * k)) & 0xff;
-      vals[2 * k] = from_f32<T>(mul_ftz(lut[byte >> 4], scale));
-      vals[2 * k + 1] = from_f32<T>(mul_ftz(lut[byte & 0x0f], scale));
-    }
-    uint4* dst = reinterpret_cast<uint4*>(out + w * 8);
-    const uint4* v = reinterpret_cast<const uint4*>(vals);
-#pragma unroll
-    for (int k = 0; k < (int)(8 * sizeof(T) / 16); k++) dst[k] = v[k];
+    store_word(lut, codes, scale, out + w * 8);
   }
 }
 

@@ -114,6 +114,24 @@ __device__ void rms_norm_bwd_warp(const T* x, const T* w, const T* dy, T* dx, co
 // holding packs l, l + 32, ... (at most NP: packs ≤ 32 · NP), rows 16-byte aligned. The row is
 // read once (the backward: x and dy once, the weight row twice from cache); the same formulas
 // as above, each lane's terms summed pack by pack, then across the warp.
+// rsqrt(mean(x²) + eps) of the row whose packs lane, lane + 32, ... (< packs) this lane holds.
+template <typename T, int NP>
+__device__ __forceinline__ float row_rsqrt(const Pack<T> (&xv)[NP], const int lane, const int packs, const int d,
+                                           const float eps) {
+  float ss = 0.0f;
+#pragma unroll
+  for (int j = 0; j < NP; ++j) {
+    if (lane + 32 * j < packs) {
+#pragma unroll
+      for (int e = 0; e < 16 / (int)sizeof(T); ++e) {
+        const float v = to_f32(xv[j].e[e]);
+        ss += v * v;
+      }
+    }
+  }
+  return rsqrtf(warp_reduce<false>(ss) / d + eps);
+}
+
 template <typename T, int NP>
 __device__ void rms_norm_fwd_vec(const T* x, const T* w, T* y, const size_t rows, const int d, const float eps) {
   constexpr int P = 16 / sizeof(T);
@@ -128,18 +146,7 @@ __device__ void rms_norm_fwd_vec(const T* x, const T* w, T* y, const size_t rows
   for (int j = 0; j < NP; ++j) {
     if (lane + 32 * j < packs) xv[j].v = xr[lane + 32 * j];
   }
-  float ss = 0.0f;
-#pragma unroll
-  for (int j = 0; j < NP; ++j) {
-    if (lane + 32 * j < packs) {
-#pragma unroll
-      for (int e = 0; e < P; ++e) {
-        const float v = to_f32(xv[j].e[e]);
-        ss += v * v;
-      }
-    }
-  }
-  const float r = rsqrtf(warp_reduce<false>(ss) / d + eps);
+  const float r = row_rsqrt<T, NP>(xv, lane, packs, d, eps);
 #pragma unroll
   for (int j = 0; j < NP; ++j) {
     const int p = lane + 32 * j;
@@ -177,18 +184,7 @@ __device__ void rms_norm_bwd_vec(const T* x, const T* w, const T* dy, const T* p
       gv[j].v = dyr[lane + 32 * j];
     }
   }
-  float ss = 0.0f;
-#pragma unroll
-  for (int j = 0; j < NP; ++j) {
-    if (lane + 32 * j < packs) {
-#pragma unroll
-      for (int e = 0; e < P; ++e) {
-        const float v = to_f32(xv[j].e[e]);
-        ss += v * v;
-      }
-    }
-  }
-  const float r = rsqrtf(warp_reduce<false>(ss) / d + eps);
+  const float r = row_rsqrt<T, NP>(xv, lane, packs, d, eps);
   float gn = 0.0f;
 #pragma unroll
   for (int j = 0; j < NP; ++j) {

@@ -5,9 +5,9 @@
 # launch/gpu-check.sh build; bitsandbytes: ../shared/gpu/fetch-bnb.sh .device/py; Unsloth:
 # launch/bench/fetch-unsloth.sh):
 #
-#   OUT=/tmp/out bash launch/bench/side-by-side.sh [all|both|seed|unsloth|moeq|keep|full|fullkeep] [micro-batch sizes...]
+#   OUT=/tmp/out bash launch/bench/side-by-side.sh [all|both|pair|seed|unsloth|moeq|keep|full|fullkeep] [micro-batch sizes...]
 #
-# `all` runs the three stacks, `both` the seed stack and moeq. Unsloth loads its model once per
+# `all` runs the three stacks, `both` the seed stack and moeq, `pair` Unsloth and moeq. Unsloth loads its model once per
 # adapter set and runs every micro-batch size in that process (its import alone takes ~35 s);
 # its checkpoint (random bf16 weights, the shape of moeq's synth config) is written once into
 # /tmp/moeq-unsloth-model by transformers on the GPU.
@@ -65,7 +65,7 @@ moeq_run() {
 
 keep="gradient_checkpointing: false"
 case "$which" in
-all | unsloth)
+all | pair | unsloth)
   site=/tmp/moeq-unsloth-site model=/tmp/moeq-unsloth-model
   [ -d "$site/unsloth-site" ] || { mkdir -p "$site" && xz -dc .device/unsloth.tar.xz | tar -C "$site" -xf -; }
   if [ ! -f "$model/model.safetensors.index.json" ]; then
@@ -99,7 +99,7 @@ for mbs in $mbs_list; do
     ;;
   esac
   case "$which" in
-  both | all | moeq)
+  both | all | pair | moeq)
     for cfg in attn-lora expert-lora; do
       moeq_run "moeq-$cfg-mbs$mbs" configs/bench/qwen3-30b-a3b-12l-$cfg.yaml "$mbs"
     done
