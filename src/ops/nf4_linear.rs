@@ -122,9 +122,11 @@ impl Scales {
         }
     }
 
-    /// `packed` codes with these scales dequantized to `shape` in `dtype`: on CUDA with nested
-    /// statistics one kernel that expands the scales as it goes, elsewhere [`Self::values`]
-    /// then the dequantization (the same values).
+    /// `packed` codes with these scales dequantized to `shape` in `dtype`: [`Self::values`] then
+    /// the dequantization; with `MOEQ_NESTED_DEQUANT=fused`, on CUDA with nested statistics,
+    /// one kernel that expands the scales as it goes (the same values; off by default: its
+    /// first version measured slower, the mended one has not run — launch/bench/NOTES.md
+    /// item 49).
     pub fn dequantize(
         &self,
         packed: &Tensor,
@@ -141,7 +143,7 @@ impl Scales {
             start,
         } = self
         {
-            if packed.device().is_cuda() {
+            if packed.device().is_cuda() && fused_nested() {
                 return crate::quant::cuda::dequantize_nested_on_gpu(
                     packed, codes, nested, *offset, *start, shape, kind, blocksize, dtype,
                 );
@@ -157,6 +159,13 @@ impl Scales {
             Scales::Nested { codes, nested, .. } => vec![codes, nested],
         }
     }
+}
+
+/// Whether `MOEQ_NESTED_DEQUANT=fused` asks for the one-kernel nested dequantization.
+#[cfg(feature = "cuda")]
+fn fused_nested() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("MOEQ_NESTED_DEQUANT").is_ok_and(|v| v == "fused"))
 }
 
 /// A frozen 4-bit weight `[out, in]` on a device: packed codes and block scales.
