@@ -165,6 +165,11 @@ __device__ void rms_norm_fwd_vec(const T* x, const T* w, T* y, const size_t rows
 
 // PLUS (rms_norm_bwd_plus_vec8): dx = plus + (the norm's dx rounded to T), T's own addition —
 // the pre-norm residual's input gradient in the same pass, the values of a separate add.
+// add_rn: that addition, never contracted with the product before it into an fma (f32).
+__device__ __forceinline__ float add_rn(const float a, const float b) { return __fadd_rn(a, b); }
+template <typename T>
+__device__ __forceinline__ T add_rn(const T a, const T b) { return a + b; }
+
 template <typename T, int NP, bool PLUS>
 __device__ void rms_norm_bwd_vec(const T* x, const T* w, const T* dy, const T* plus, T* dx, const size_t rows,
                                  const int d, const float eps) {
@@ -208,7 +213,7 @@ __device__ void rms_norm_bwd_vec(const T* x, const T* w, const T* dy, const T* p
       for (int e = 0; e < P; ++e) {
         const float n = to_f32(xv[j].e[e]) * r;
         o.e[e] = from_f32<T>(r * (to_f32(gv[j].e[e]) * to_f32(wv.e[e]) - n * mean_gn));
-        if (PLUS) o.e[e] = pv.e[e] + o.e[e];
+        if (PLUS) o.e[e] = add_rn(pv.e[e], o.e[e]);
       }
       dxr[p] = o.v;
     }

@@ -285,6 +285,9 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
         (123_457, DType::F32),
         (4097, DType::F16),
         (8 * 1536 * 2048, DType::BF16),
+        // Whole words of 8 in f32 and f16 (the one-kernel nested dequantization's sizes).
+        (123_456, DType::F32),
+        (4096, DType::F16),
     ] {
         for kind in [QuantKind::Nf4, QuantKind::Fp4] {
             for blocksize in [32, 64, 128, 256, 4096] {

@@ -1,9 +1,10 @@
 //! A frozen projection (4-bit or 16-bit) with its LoRA adapter as one op:
 //! `y = (x·Wᵀ + bias) + s·((m⊙x)·Aᵀ)·Bᵀ` — PEFT's `base(x) + lora_B(lora_A(dropout(x)))·scaling`
 //! (the sum rounded once, as Unsloth's `addmm_`, where PEFT rounds three times: [`add_update`])
-//! — and gradients for x, A and B (W, the bias and the dropout mask m are fixed). One graph node instead of about seven (base product, bias, two LoRA products,
-//! two transposes, scale, add): candle's backward gives every node's gradient a zero-filled
-//! buffer plus an add, a full pass over `[N, out]` per node.
+//! — and gradients for x, A and B (W, the bias and the dropout mask m are fixed). One graph
+//! node instead of about seven (base product, bias, two LoRA products, two transposes, scale,
+//! add): candle's backward gives every node's gradient a zero-filled buffer plus an add, a full
+//! pass over `[N, out]` per node.
 
 use super::grouped_gemm::{add_product, Gemm};
 use super::nf4_linear::{forward as nf4_forward, FrozenWeight};

@@ -1,10 +1,11 @@
 //! The router's probabilities and top-k choice from its logits `[N, E]`: `softmax` over the
 //! experts in f32 and, when a pass records the routing, the k most probable experts per token
-//! in descending order (ties to the lower expert). On CUDA, where the logits record no graph,
-//! one warp per token does both (`kernels/routing.cu` `router_softmax_topk`): candle's softmax
-//! took six element-wise passes and its arg-sort sorted all E probabilities to keep k. Elsewhere,
-//! and for logits with a graph (the probabilities must then carry one), candle's softmax and
-//! arg-sort: the reference (`moeq gpu-check`, the "router" entries).
+//! in descending order (ties to the lower expert). On CUDA one warp per token does both
+//! (`kernels/routing.cu` `router_softmax_topk`): candle's softmax took six element-wise passes
+//! and its arg-sort sorted all E probabilities to keep k; where the logits record a graph the
+//! probabilities come from candle's softmax (they must carry one) and the choice still from the
+//! kernel. Elsewhere candle's softmax and arg-sort: the reference (`moeq gpu-check`, the
+//! "router" entries).
 
 use super::norm::softmax_last;
 use candle_core::{DType, Result, Tensor, D};
@@ -16,7 +17,10 @@ pub fn router_probs(logits: &Tensor, k: Option<usize>) -> Result<(Tensor, Option
         candle_core::bail!("router: top-{} of {e} experts", k.unwrap_or(0));
     }
     #[cfg(feature = "cuda")]
-    if logits.device().is_cuda() && e <= cuda::MAX_EXPERTS {
+    if logits.device().is_cuda()
+        && e <= cuda::MAX_EXPERTS
+        && (k.is_some() || !super::records_graph(&[logits]))
+    {
         let (probs, top) = cuda::softmax_topk(&super::at_offset_zero(&logits.detach())?, k)?;
         if !super::records_graph(&[logits]) {
             return Ok((probs, top));
@@ -183,7 +187,7 @@ mod cuda {
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::{Result, Storage, Tensor};
 
-    /// Experts per row the kernel keeps in registers (32 lanes × `ROUTER_PER_LANE`).
+    /// Experts per row the kernel keeps in registers (32 lanes × at most 32).
     pub(super) const MAX_EXPERTS: usize = 1024;
 
     /// The kernel over logits `[N, E]` contiguous from offset 0.

@@ -87,8 +87,8 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
     }
     // The router's softmax and top-k (one warp per token on CUDA) against candle's softmax and
     // arg-sort on the host: 300 tokens, 128 experts top-8, 60 experts top-6 (rows not a
-    // multiple of 32), 256 top-8, and 20 / 384 / 600 (1, 16 and 32 experts a lane: every
-    // kernel size but 4 is met); logits a per-token permutation of steps of 6/E over [−3, 3)
+    // multiple of 32), 256 top-8, and 20 / 384 / 600 (1, 16 and 32 experts a lane: with 60,
+    // 128 and 256 every kernel size is met); logits a per-token permutation of steps of 6/E over [−3, 3)
     // (bf16 only where the steps are wider than its spacing there: no ties after rounding).
     for (dtype, e, k) in [
         (DType::BF16, 128usize, 8usize),
@@ -126,10 +126,11 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
         )?);
     }
     // The router's backward (the logits' gradient from the routing weights' gradient) for
-    // softmax and sigmoid scores, renormalised or not, 128 experts top-8 and 60 top-6, the
+    // softmax and sigmoid scores, renormalised or not, 128 experts top-8, 60 top-6, 600 top-8
+    // (32 a lane, a partial last one) and 40 top-32 (the most choices the kernel takes), the
     // gradient in f32 and bf16: the device kernel against candle's ops on the CPU over the same
     // f32 probabilities and choices (the CPU's), dw random.
-    for (e, k) in [(128usize, 8usize), (60, 6)] {
+    for (e, k) in [(128usize, 8usize), (60, 6), (600, 8), (40, 32)] {
         let n = 300usize;
         let logits = Tensor::randn(0f32, 1.0, (n, e), &Device::Cpu)?;
         let dw = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu)?;
@@ -162,6 +163,29 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
                 }
             }
         }
+    }
+    // Ties: bf16 logits of four distinct values over 16 experts (ties in every row), the choice
+    // of logits that record a graph against the same logits without one — the same experts
+    // (on CUDA both from the kernel, ties to the lower expert; candle's CUDA arg-sort is not
+    // stable).
+    {
+        let (n, e, k) = (300usize, 16usize, 4usize);
+        let tied: Vec<f32> = (0..n * e)
+            .map(|i| ((i * 37 + i / e * 11) % 4) as f32)
+            .collect();
+        let logits = Tensor::from_vec(tied, (n, e), device)?.to_dtype(DType::BF16)?;
+        let var = candle_core::Var::from_tensor(&logits)?;
+        let (_, plain) = router_probs(&logits, Some(k))?;
+        let (_, graph) = router_probs(var.as_tensor(), Some(k))?;
+        let (Some(plain), Some(graph)) = (plain, graph) else {
+            candle_core::bail!("router: no top-k choice");
+        };
+        out.push(compare(
+            "router BF16, tied logits, 16 experts top-4: choices with a graph = without",
+            &graph.to_device(&Device::Cpu)?,
+            &plain.to_device(&Device::Cpu)?,
+            lookup("router top-k", "u32", Pass::Exact)?,
+        )?);
     }
     // DeepSeek-V3's choice (sigmoid scores, a per-expert bias, the best 4 of 8 groups by their
     // two best scores) and DeepSeek-V2's (softmax, the best 3 of 8 groups by their best score):
