@@ -409,6 +409,9 @@ pub(crate) fn attention_backward(
             };
             let grads = (out, dout, lse);
             let (scale, window) = (scale as f32, extras.window);
+            if samples.whole && super::attn_sm90::serves(q, k, v, window) {
+                return super::attn_sm90::backward(q, k, v, grads, scale);
+            }
             return super::cudnn_attn::backward(q, k, v, grads, scale, ragged, window);
         }
         let segments = super::at_offset_zero(segments)?;

@@ -6,6 +6,8 @@ pub mod add;
 pub mod attention;
 pub mod attention_block;
 pub mod attn_sinks;
+#[cfg(feature = "cuda")]
+pub mod attn_sm90;
 pub mod attn_softmax;
 pub mod conv_silu_op;
 pub mod cross_entropy;
