@@ -408,6 +408,10 @@ fn attention(
         "cuDNN, deterministic backward, {} MiB of rows (default)",
         default_dp >> 20
     );
+    let sm90 = "cuDNN forward, moeq's Hopper backward (MOEQ_ATTN_BWD=sm90)";
+    // The deterministic backwards' gradients (cuDNN's by rows, then the Hopper one), compared
+    // below at this shape.
+    let mut grads = Vec::new();
     for (name, backend, deterministic, dp) in [
         ("moeq", Backend::Moeq, true, default_dp),
         ("cuDNN, atomic backward", Backend::Auto, false, default_dp),
@@ -418,11 +422,16 @@ fn attention(
             i64::MAX,
         ),
         (by_rows.as_str(), Backend::Auto, true, default_dp),
+        (sm90, Backend::Auto, true, default_dp),
     ] {
         cudnn_attn::set_backend(backend);
         cudnn_attn::set_deterministic(deterministic);
         cudnn_attn::set_dp_workspace(dp);
-        if backend == Backend::Auto && !cudnn_attn::serves(&q, &k, &v, scale as f32, None, None) {
+        crate::ops::attn_sm90::set_enabled(name == sm90);
+        let hopper = name != sm90 || crate::ops::attn_sm90::serves(&q, &k, &v, None);
+        if backend == Backend::Auto
+            && !(hopper && cudnn_attn::serves(&q, &k, &v, scale as f32, None, None))
+        {
             println!("| {name} | - | - | - | - |");
             continue;
         }
@@ -430,20 +439,24 @@ fn attention(
         let fwd = || attention_forward(&q, &k, &v, (&segments, &whole), &plain, scale, 256);
         let f_s = median_time(dev, iters, &|| fwd().map(|_| ()))?;
         let (out, lse) = fwd().map_err(CliError::failed)?;
-        let b_s = median_time(dev, iters, &|| {
+        let rows = (&segments, &whole);
+        let bwd = || {
             attention_backward(
                 &q,
                 &k,
                 &v,
-                (&segments, &whole),
+                rows,
                 &plain,
                 scale,
                 256,
                 (&out, lse.as_ref()),
                 &dout,
             )
-            .map(|_| ())
-        })?;
+        };
+        let b_s = median_time(dev, iters, &|| bwd().map(|_| ()))?;
+        if dp == default_dp && deterministic && backend == Backend::Auto {
+            grads.push(bwd().map_err(CliError::failed)?);
+        }
         println!(
             "| {name} | {:.3} | {:.0} | {:.3} | {:.0} |",
             f_s * 1e3,
@@ -453,6 +466,19 @@ fn attention(
         );
     }
     cudnn_attn::set_backend(Backend::Auto);
+    crate::ops::attn_sm90::set_enabled(false);
+    if let [cudnn, own] = &grads[..] {
+        // max |Δ| / max |cuDNN| per gradient: both in bf16 from f32 sums in other orders.
+        for (name, (a, b)) in ["dq", "dk", "dv"].iter().zip(cudnn.iter().zip(own)) {
+            let rel = (|| {
+                let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+                let d = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                Ok::<_, candle_core::Error>(d / a.abs()?.max_all()?.to_scalar::<f32>()?)
+            })()
+            .map_err(CliError::failed)?;
+            println!("Hopper backward vs cuDNN's deterministic: {name} max |Δ| / max |cuDNN| = {rel:.2e}");
+        }
+    }
     Ok(())
 }
 

@@ -240,6 +240,8 @@ const CE_LOSS: &str = "a row's sums in another order: 4e-6 to 1e-5 over runs on 
 const ADAMW: &str =
     "the fused update performs the tensor ops' f32 operations in their order, each \
     rounded on its own (no FMA contraction): any difference is a bug";
+const ATTN_RERUN: &str = "the Hopper attention backward adds its dQ and dK/dV parts in a fixed \
+    order: a rerun over the same inputs gives the same bits, any difference is a race";
 const ROUTING_PLAN: &str = "integer outputs (tokens, slots, inverse, counts): any difference \
     fails";
 const ADD: &str = "one rounding of the exact sum on both sides (bf16 sums rounded through f32 round alike: 24 ≥ 2·8 + 2 bits)";
@@ -423,6 +425,7 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Train, "decode",                   "f32",  Forward,  0.0,          OfMax(1e-4),            DECODE_F32),
     row(Train, "decode",                   "bf16", Forward,  0.0,          OfMax(5e-2),            DECODE_BF16),
     row(Train, "kept = recomputed",        "any",  Exact,    0.0,          Abs(0.0),               TRAIN_KEPT),
+    row(Ops,   "attention backward rerun", "bf16", Exact,    0.0,          Abs(0.0),               ATTN_RERUN),
     row(Train, "offloaded = recomputed",   "any",  Exact,    0.0,          Abs(0.0),               TRAIN_OFFLOADED),
     row(Train, "taped = plain forward",    "any",  Exact,    0.0,          Abs(0.0),               TRAIN_TAPED),
     row(Train, "written = autograd",       "f32",  Backward, 0.0,          OfMax(1e-4),            WRITTEN_F32),

@@ -1,25 +1,32 @@
 //! gpu-check entry for cuDNN's fused attention (`ops::cudnn_attn`): the attention block over rows
 //! of one sample each and over packed rows (cuDNN's ragged layout), through cuDNN (both backward
 //! algorithms, and the deterministic one split into calls) and through moeq's kernels, all
-//! against the CPU in f32; with gpt-oss's sliding window and sinks too.
+//! against the CPU in f32; with gpt-oss's sliding window and sinks too. On Hopper, rows of one
+//! sample also take moeq's own backward (`ops::attn_sm90`) — with a kv head's query heads split
+//! over CTAs as the launch chooses and all in one CTA — and its rerun must give the same bits.
 
 use super::{device_vs_cpu, Comparison};
-use crate::ops::attention::RowSamples;
+use crate::gpu_check::compare;
+use crate::gpu_check::tolerance::{lookup, Pass};
+use crate::ops::attention::{attention_backward, attention_forward, RowSamples, WindowSinks};
 use crate::ops::attention_block::{attention_block, BlockArgs};
+use crate::ops::attn_sm90;
 use crate::ops::cudnn_attn::{
     launches, library, ragged, set_backend, set_deterministic, set_dp_workspace, Backend,
     DP_WORKSPACE,
 };
 use candle_core::{DType, Device, Result, Tensor};
 
-/// Restores the defaults however the check ends.
-struct Restore;
+/// Restores the defaults (and the Hopper backward's switch as it was) however the check ends.
+struct Restore(bool);
 
 impl Drop for Restore {
     fn drop(&mut self) {
         set_backend(Backend::Auto);
         set_deterministic(true);
         set_dp_workspace(DP_WORKSPACE);
+        attn_sm90::set_enabled(self.0);
+        attn_sm90::force_parts(None);
     }
 }
 
@@ -60,7 +67,7 @@ pub(super) fn check_cudnn_attention(device: &Device) -> Result<Vec<Comparison>> 
         return Ok(Vec::new());
     }
     let hopper = matches!(dev.cuda_stream().context().compute_capability(), Ok((m, _)) if m >= 9);
-    let _restore = Restore;
+    let _restore = Restore(attn_sm90::enabled());
     // Rows of one sample: 2 × 1,024 positions; 8 query heads on 2 kv heads of 128 with per-head
     // norms (Qwen3's layout), and 4 heads on 4 of 64 without. Packed rows (Hopper): 2 × 600
     // positions, row 0 samples of 200, 150 and 250 tokens, row 1 one of 500 and 100 of padding.
@@ -115,6 +122,20 @@ pub(super) fn check_cudnn_attention(device: &Device) -> Result<Vec<Comparison>> 
         });
     }
     if hopper {
+        // Heads of 256, 4 on 2 kv heads, over 1,024 positions: the Hopper backward's key
+        // blocks of 64 (16 of them) with a kv head's two query heads split over CTAs.
+        cases.push(Case {
+            b: 2,
+            s: 1024,
+            segments: vec![0; 2048],
+            nh: 4,
+            kvh: 2,
+            hd: 256,
+            vd: 256,
+            norms: false,
+            window: None,
+            sinks: false,
+        });
         // Packed rows of heads of 192 with values of 128: the values padded to 192 (the ragged
         // layout's offsets are of one head size).
         cases.push(Case {
@@ -261,22 +282,41 @@ fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
     }
     let mut out = Vec::new();
     // cuDNN calls: the forward and one backward; the deterministic backward bounded to one
-    // row's (sequence's) dP workspace runs one call per row (sequence).
-    for (name, backend, deterministic, calls) in [
-        ("cuDNN", Backend::Auto, false, 2),
-        ("cuDNN, deterministic backward", Backend::Auto, true, 2),
+    // row's (sequence's) dP workspace runs one call per row (sequence); the Hopper backward
+    // (`Some(parts)`: forced or chosen) leaves cuDNN the forward.
+    let mut variants = vec![
+        ("cuDNN", Backend::Auto, false, 2, None),
+        (
+            "cuDNN, deterministic backward",
+            Backend::Auto,
+            true,
+            2,
+            None,
+        ),
         (
             "cuDNN, deterministic backward by rows",
             Backend::Auto,
             true,
             1 + units as u64,
+            None,
         ),
-        ("moeq's kernels", Backend::Moeq, true, 0),
-    ] {
+        ("moeq's kernels", Backend::Moeq, true, 0, None),
+    ];
+    let sm90 = hopper_90(device) && whole && c.window.is_none();
+    if sm90 {
+        variants.push(("moeq's Hopper backward", Backend::Auto, true, 1, Some(None)));
+        if nh / kvh > 1 {
+            let one = "moeq's Hopper backward, a kv head's query heads in one CTA";
+            variants.push((one, Backend::Auto, true, 1, Some(Some(1))));
+        }
+    }
+    for (name, backend, deterministic, calls, parts) in variants {
         set_backend(backend);
         set_deterministic(deterministic);
         set_dp_workspace(if calls > 2 { unit_dp } else { DP_WORKSPACE });
-        let before = launches();
+        attn_sm90::set_enabled(parts.is_some());
+        attn_sm90::force_parts(parts.flatten());
+        let (before, sm90_before) = (launches(), attn_sm90::launches());
         out.extend(device_vs_cpu(
             &format!("attention block, {layout}, {nh}/{kvh} heads of {hd} (values {vd}) ({name})"),
             "attention_block",
@@ -292,6 +332,75 @@ fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
                  {calls} (a shape cuDNN refused is logged as 'cuDNN refused')"
             );
         }
+        let own = attn_sm90::launches() - sm90_before;
+        if own != u64::from(parts.is_some()) {
+            candle_core::bail!(
+                "attention ({layout}, {name}, head size {hd}): {own} launches of the Hopper \
+                 backward, expected {}",
+                u64::from(parts.is_some())
+            );
+        }
+        if let Some(parts) = parts {
+            let what = format!("attention backward, {nh}/{kvh} heads of {hd}/{vd} ({name})");
+            out.extend(rerun(device, c, parts, &what)?);
+        }
     }
+    attn_sm90::set_enabled(false);
     Ok(out)
+}
+
+/// A device of compute capability 9.0 (what the Hopper backward is built for).
+fn hopper_90(device: &Device) -> bool {
+    let Device::Cuda(dev) = device else {
+        return false;
+    };
+    matches!(dev.cuda_stream().context().compute_capability(), Ok((9, 0)))
+}
+
+/// The Hopper backward twice over the same inputs (cuDNN's forward, random dO): dq, dk and dv
+/// must be the same bits — its ordered accumulation is what makes them so.
+fn rerun(device: &Device, c: &Case, parts: Option<usize>, what: &str) -> Result<Vec<Comparison>> {
+    let (b, s) = (c.b, c.s);
+    let bf =
+        |h: usize, d: usize| Tensor::randn(0f32, 1.0, (b, s, h, d), device)?.to_dtype(DType::BF16);
+    let (q, k, v, dout) = (
+        bf(c.nh, c.hd)?,
+        bf(c.kvh, c.hd)?,
+        bf(c.kvh, c.vd)?,
+        bf(c.nh, c.vd)?,
+    );
+    let segments = Tensor::zeros((b, s), DType::U32, device)?;
+    let whole = RowSamples {
+        whole: true,
+        ragged: None,
+    };
+    let (plain, scale) = (WindowSinks::default(), 1.0 / (c.hd as f64).sqrt());
+    let rows = (&segments, &whole);
+    let (o, lse) = attention_forward(&q, &k, &v, rows, &plain, scale, 256)?;
+    attn_sm90::force_parts(parts);
+    let grads = || {
+        let before = attn_sm90::launches();
+        let g = attention_backward(
+            &q,
+            &k,
+            &v,
+            rows,
+            &plain,
+            scale,
+            256,
+            (&o, lse.as_ref()),
+            &dout,
+        )?;
+        if attn_sm90::launches() != before + 1 {
+            candle_core::bail!("{what}: the rerun did not take the Hopper backward");
+        }
+        Ok::<_, candle_core::Error>(g)
+    };
+    let (first, second) = (grads()?, grads()?);
+    let row = lookup("attention backward rerun", "bf16", Pass::Exact)?;
+    ["dq", "dk", "dv"]
+        .iter()
+        .zip(first.iter().zip(&second))
+        .map(|(name, (x, y))| compare(&format!("{what}: rerun {name}"), y, x, row))
+        .collect()
 }
