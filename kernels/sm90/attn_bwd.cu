@@ -49,6 +49,7 @@ struct Args {
   int *counters;                       // B·H·S/64 for dQ, then B·KVH·S/64 for dK/dV
   int b, s, h, kvh, hd, vd, parts;  // rows, positions, heads, kv heads, head sizes
   float scale;
+  int stage;  // 1: a step's dQ part is added during the next step's first products
 };
 
 // A tile's swizzle: its head dimension is split at `half` between the warp groups of the
@@ -66,7 +67,7 @@ struct Tile {
       Layout{}, make_layout(Shape<Int<Cols>, Int<Rows>>{}, Stride<Int<Rows>, _1>{})));
 };
 
-template <int D, int DV, int BN>
+template <int D, int DV, int BN, bool Staged>
 struct Config {
   static constexpr int WgN = BN / 64;  // warp groups along the key rows
   static constexpr int WgD = 2 / WgN;  // along the head dimension (and the queries of S)
@@ -107,6 +108,8 @@ struct Config {
     alignas(1024) Bf16 dst[cosize_v<typename Pt::Layout>];
     alignas(16) float lse[2][kBlockM];
     alignas(16) float delta[2][kBlockM];
+    // Staged: each thread's dQ part of the previous step, slot i · kThreads + thread.
+    alignas(16) float dq_stage[Staged ? kBlockM * D : 4];
   };
 };
 
@@ -169,16 +172,16 @@ __device__ void pass_turn(int *counter, int next) {
   if (threadIdx.x == 0) store_release(counter, next);
 }
 
-// Adds the CTA's part `acc` (of an (R, C) tile with coordinates `coord`) into the rows at
-// `base` (row stride `ld`): the first part writes f32 without reading, the last writes bf16 ×
-// `scale` to `out`, the others read-add-write f32.
-template <class TAcc, class TCoord>
-__device__ void add_part(TAcc const &acc, TCoord const &coord, float *base, Bf16 *out,
-                         int64_t ld, bool first, bool last, float scale) {
+// Adds the CTA's part (`value(i)` at coordinates `coord(i)` of a tile) into the rows at `base`
+// (row stride `ld`): the first part writes f32 without reading, the last writes bf16 × `scale`
+// to `out`, the others read-add-write f32.
+template <class Value, class TCoord>
+__device__ void add_part(Value value, TCoord const &coord, float *base, Bf16 *out, int64_t ld,
+                         bool first, bool last, float scale) {
   CUTE_UNROLL
-  for (int i = 0; i < size(acc); ++i) {
+  for (int i = 0; i < size(coord); ++i) {
     int64_t o = get<0>(coord(i)) * ld + get<1>(coord(i));
-    float x = acc(i);
+    float x = value(i);
     if (!first) x += __ldcg(base + o);
     if (last) {
       out[o] = Bf16(x * scale);
@@ -188,9 +191,9 @@ __device__ void add_part(TAcc const &acc, TCoord const &coord, float *base, Bf16
   }
 }
 
-template <int D, int DV, int BN>
+template <int D, int DV, int BN, bool Staged>
 __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const Args a) {
-  using C = Config<D, DV, BN>;
+  using C = Config<D, DV, BN, Staged>;
   using Smem = typename C::Smem;
   extern __shared__ char smem_raw[];
   Smem &sm = *reinterpret_cast<Smem *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
@@ -268,9 +271,23 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const Args a) {
   Tensor rdS = thr_dq.partition_fragment_A(sdS);
   Tensor rKt = thr_dq.partition_fragment_B(sKt);
 
+  // Step t's dQ part, in key-block order: blocks last_block … 0 of its tile add theirs in turn.
+  auto add_dq = [&](int t, auto value) {
+    const int h = h0 + t / per_head, mt = m_first + t % per_head, m0 = mt * kBlockM;
+    const int last_block = (m0 + kBlockM - 1) / BN;
+    int *counter = a.counters + (int64_t(b) * a.h + h) * tiles + mt;
+    const int turn = last_block - nb;
+    wait_turn(counter, turn);
+    const int64_t at = (int64_t(b) * a.s + m0) * a.h * D + int64_t(h) * D;
+    add_part(value, coord_dq, a.dq_acc + at, a.dq + at, int64_t(a.h) * D, turn == 0, nb == 0,
+             a.scale);
+    pass_turn(counter, turn + 1);
+  };
+  auto staged = [&](int i) { return sm.dq_stage[i * kThreads + tid]; };
+
   for (int t = 0; t < steps; ++t) {
     const int buf = t & 1;
-    const int h = h0 + t / per_head, mt = m_first + t % per_head, m0 = mt * kBlockM;
+    const int m0 = (m_first + t % per_head) * kBlockM;
     if (t + 1 < steps) {
       load_step(t + 1);
       cp_async_fence();
@@ -297,6 +314,10 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const Args a) {
     mma<true>(mma_sdp, rK, rQ, acc_s);
     mma<true>(mma_sdp, rV, rdO, acc_dp);
     warpgroup_commit_batch();
+    // Staged: the previous step's dQ part goes out while the tensor cores form Sᵀ and dPᵀ.
+    if constexpr (Staged) {
+      if (t > 0) add_dq(t - 1, staged);
+    }
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_s);
     warpgroup_fence_operand(acc_dp);
@@ -331,16 +352,14 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const Args a) {
     warpgroup_fence_operand(acc_dk);
     warpgroup_fence_operand(acc_dq);
 
-    // The dQ part, in key-block order: blocks last_block … 0 of this tile.
-    const int last_block = (m0 + kBlockM - 1) / BN;
-    int *counter = a.counters + (int64_t(b) * a.h + h) * tiles + mt;
-    const int turn = last_block - nb;
-    wait_turn(counter, turn);
-    const int64_t at = (int64_t(b) * a.s + m0) * a.h * D + int64_t(h) * D;
-    add_part(acc_dq, coord_dq, a.dq_acc + at, a.dq + at, int64_t(a.h) * D, turn == 0, nb == 0,
-             a.scale);
-    pass_turn(counter, turn + 1);
+    if constexpr (Staged) {
+      CUTE_UNROLL
+      for (int i = 0; i < size(acc_dq); ++i) sm.dq_stage[i * kThreads + tid] = acc_dq(i);
+    } else {
+      add_dq(t, [&](int i) { return acc_dq(i); });
+    }
   }
+  if constexpr (Staged) add_dq(steps - 1, staged);
 
   // dK (× scale) and dV: written, or added in part order.
   Tensor coord_dk = thr_dk.partition_C(make_identity_tensor(Shape<Int<BN>, Int<D>>{}));
@@ -350,8 +369,10 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const Args a) {
   int *counter = a.counters + int64_t(a.b) * a.h * tiles + (int64_t(b) * a.kvh + g) * tiles + nb;
   if (a.parts > 1) wait_turn(counter, part);
   const bool first = part == 0, last = part == a.parts - 1;
-  add_part(acc_dk, coord_dk, a.dk_acc + at_k, a.dk + at_k, int64_t(a.kvh) * D, first, last, a.scale);
-  add_part(acc_dv, coord_dv, a.dv_acc + at_v, a.dv + at_v, int64_t(a.kvh) * DV, first, last, 1.f);
+  add_part([&](int i) { return acc_dk(i); }, coord_dk, a.dk_acc + at_k, a.dk + at_k,
+           int64_t(a.kvh) * D, first, last, a.scale);
+  add_part([&](int i) { return acc_dv(i); }, coord_dv, a.dv_acc + at_v, a.dv + at_v,
+           int64_t(a.kvh) * DV, first, last, 1.f);
   if (a.parts > 1) pass_turn(counter, part + 1);
 }
 
@@ -381,16 +402,26 @@ __global__ void attn_delta(const Bf16 *out, const Bf16 *dout, float *delta, int 
   }
 }
 
-template <int D, int DV, int BN>
-int launch(const Args &a, cudaStream_t stream) {
-  using Smem = typename Config<D, DV, BN>::Smem;
+template <int D, int DV, int BN, bool Staged>
+int launch_as(const Args &a, cudaStream_t stream) {
+  using Smem = typename Config<D, DV, BN, Staged>::Smem;
   const int bytes = int(sizeof(Smem)) + 1024;
-  auto kernel = attn_bwd_kernel<D, DV, BN>;
+  auto kernel = attn_bwd_kernel<D, DV, BN, Staged>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e != cudaSuccess) return int(e);
   dim3 grid(a.s / BN, a.kvh * a.parts, a.b);
   kernel<<<grid, kThreads, bytes, stream>>>(a);
   return int(cudaGetLastError());
+}
+
+// Staged where its shared memory fits (not at 256/256).
+template <int D, int DV, int BN>
+int launch(const Args &a, cudaStream_t stream) {
+  constexpr bool fits = sizeof(typename Config<D, DV, BN, true>::Smem) + 1024 <= 227 * 1024;
+  if constexpr (fits) {
+    if (a.stage) return launch_as<D, DV, BN, true>(a, stream);
+  }
+  return launch_as<D, DV, BN, false>(a, stream);
 }
 
 // The key block of a head configuration; 0 where none is compiled.

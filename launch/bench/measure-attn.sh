@@ -3,9 +3,9 @@
 # attention part of gpu-check with it (every whole-row case against the CPU, its rerun bit for
 # bit; 240 s at most: a hang on its ordering counters must not take the call), the attention
 # bench at Qwen3-30B-A3B's, DeepSeek-V3's and GLM-4.7-Flash's shapes (cuDNN's backwards beside
-# it, its gradients against cuDNN's deterministic ones; 120 s each at most), then training with
-# and without it (ab.sh: A = MOEQ_ATTN_BWD=off, B = sm90, same binary). GPU machine, repository
-# root, .device carried:
+# it, its gradients against cuDNN's deterministic ones; 120 s each at most; Qwen3's also with
+# its dQ parts added at once, MOEQ_ATTN_BWD_STAGE=0), then training with and without it (ab.sh:
+# A = MOEQ_ATTN_BWD=off, B = sm90, same binary). GPU machine, repository root, .device carried:
 #
 #   OUT=/tmp/out bash launch/bench/measure-attn.sh [micro-batch sizes...]   (default 8)
 set -uo pipefail
@@ -17,10 +17,10 @@ MOEQ_ATTN_BWD=sm90 timeout 240 .device/moeq gpu-check > "$OUT/gpu-check.log" 2>&
 echo "gpu-check (MOEQ_ATTN_BWD=sm90): exit $?, $(( $(date +%s) - start )) s"
 grep -E "FAIL|Hopper backward|rerun" "$OUT/gpu-check.log" | head -60
 tail -3 "$OUT/gpu-check.log"
-for shape in "8 32,4,128,128" "2 128,128,192,128" "4 20,20,256,256"; do
-  read -r rows heads <<< "$shape"
-  timeout 120 .device/moeq gpu-bench --attention "$rows" --attention-shape "$heads" 2>&1 \
-    | tee -a "$OUT/attention.log"
-  echo "gpu-bench --attention $rows --attention-shape $heads: exit ${PIPESTATUS[0]}"
+for shape in "1 8 32,4,128,128" "0 8 32,4,128,128" "1 2 128,128,192,128" "1 4 20,20,256,256"; do
+  read -r stage rows heads <<< "$shape"
+  MOEQ_ATTN_BWD_STAGE=$stage timeout 120 .device/moeq gpu-bench --attention "$rows" \
+    --attention-shape "$heads" 2>&1 | tee -a "$OUT/attention.log"
+  echo "gpu-bench --attention $rows --attention-shape $heads (stage $stage): exit ${PIPESTATUS[0]}"
 done
 MOEQ_ATTN_BWD=sm90 A_ENV=MOEQ_ATTN_BWD=off bash launch/bench/ab.sh ${*:-8}

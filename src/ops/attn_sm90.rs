@@ -2,7 +2,8 @@
 //! warp groups a CTA, deterministic through an ordered dQ accumulation; docs/ARCHITECTURE.md
 //! decision 36), taking cuDNN's forward output and statistics in place of cuDNN's deterministic
 //! backward. **Off by default until measured**: `MOEQ_ATTN_BWD=sm90` (or [`set_enabled`])
-//! turns it on; gpu-check compares it with the CPU wherever it serves.
+//! turns it on; gpu-check compares it with the CPU wherever it serves, in both of its forms
+//! (`staged`).
 //!
 //! It serves rows of one sample each (packed rows stay on cuDNN's ragged path), bf16 on a 9.0
 //! device, positions a multiple of 128, no sliding window (sinks ride in the statistics), and
@@ -40,6 +41,7 @@ struct Args {
     vd: i32,
     parts: i32,
     scale: f32,
+    stage: i32,
 }
 
 extern "C" {
@@ -58,6 +60,8 @@ const CTAS_PER_SM: usize = 4;
 
 /// 0 = not read yet, 1 = off, 2 = on.
 static ENABLED: AtomicU8 = AtomicU8::new(0);
+/// 0 = not read yet, 1 = unstaged, 2 = staged.
+static STAGE: AtomicU8 = AtomicU8::new(0);
 /// Parts forced by gpu-check (0 = the heuristic).
 static FORCED_PARTS: AtomicUsize = AtomicUsize::new(0);
 static LAUNCHES: AtomicU64 = AtomicU64::new(0);
@@ -77,6 +81,26 @@ pub fn enabled() -> bool {
 
 pub fn set_enabled(on: bool) {
     ENABLED.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+}
+
+/// Whether a step's dQ part goes out during the next step's first products (through shared
+/// memory; where it fits, not at heads of 256) rather than at once: `set_staged`'s, else
+/// `MOEQ_ATTN_BWD_STAGE` (`0` for the unstaged form), else staged. Both forms give the same
+/// bits; which is faster is for the measurement to say.
+pub fn staged() -> bool {
+    match STAGE.load(Ordering::Relaxed) {
+        1 => false,
+        2 => true,
+        _ => {
+            let on = std::env::var("MOEQ_ATTN_BWD_STAGE").as_deref() != Ok("0");
+            set_staged(on);
+            on
+        }
+    }
+}
+
+pub fn set_staged(on: bool) {
+    STAGE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
 }
 
 /// Splits each kv head's query heads over `parts` CTAs (`None`: the heuristic) — gpu-check's
@@ -234,6 +258,7 @@ pub(crate) fn backward(
         vd: vd as i32,
         parts: parts as i32,
         scale,
+        stage: staged().into(),
     };
     // SAFETY: `serves` checked shapes, dtypes and the device; every address is a live buffer of
     // the size `Args` documents, all on candle's stream, which the launch uses.

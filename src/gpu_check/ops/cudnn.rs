@@ -27,6 +27,7 @@ impl Drop for Restore {
         set_dp_workspace(DP_WORKSPACE);
         attn_sm90::set_enabled(self.0);
         attn_sm90::force_parts(None);
+        attn_sm90::set_staged(true);
     }
 }
 
@@ -283,7 +284,7 @@ fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
     let mut out = Vec::new();
     // cuDNN calls: the forward and one backward; the deterministic backward bounded to one
     // row's (sequence's) dP workspace runs one call per row (sequence); the Hopper backward
-    // (`Some(parts)`: forced or chosen) leaves cuDNN the forward.
+    // (`Some((parts, staged))`: parts forced or chosen) leaves cuDNN the forward.
     let mut variants = vec![
         ("cuDNN", Backend::Auto, false, 2, None),
         (
@@ -304,18 +305,23 @@ fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
     ];
     let sm90 = hopper_90(device) && whole && c.window.is_none();
     if sm90 {
-        variants.push(("moeq's Hopper backward", Backend::Auto, true, 1, Some(None)));
+        let hopper = "moeq's Hopper backward";
+        variants.push((hopper, Backend::Auto, true, 1, Some((None, true))));
+        let at_once = "moeq's Hopper backward, dQ parts added at once";
+        variants.push((at_once, Backend::Auto, true, 1, Some((None, false))));
         if nh / kvh > 1 {
             let one = "moeq's Hopper backward, a kv head's query heads in one CTA";
-            variants.push((one, Backend::Auto, true, 1, Some(Some(1))));
+            variants.push((one, Backend::Auto, true, 1, Some((Some(1), true))));
         }
     }
-    for (name, backend, deterministic, calls, parts) in variants {
+    for (name, backend, deterministic, calls, sm90) in variants {
         set_backend(backend);
         set_deterministic(deterministic);
         set_dp_workspace(if calls > 2 { unit_dp } else { DP_WORKSPACE });
-        attn_sm90::set_enabled(parts.is_some());
-        attn_sm90::force_parts(parts.flatten());
+        attn_sm90::set_enabled(sm90.is_some());
+        let (parts, staged) = sm90.unwrap_or((None, true));
+        attn_sm90::force_parts(parts);
+        attn_sm90::set_staged(staged);
         let (before, sm90_before) = (launches(), attn_sm90::launches());
         out.extend(device_vs_cpu(
             &format!("attention block, {layout}, {nh}/{kvh} heads of {hd} (values {vd}) ({name})"),
@@ -333,14 +339,14 @@ fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
             );
         }
         let own = attn_sm90::launches() - sm90_before;
-        if own != u64::from(parts.is_some()) {
+        if own != u64::from(sm90.is_some()) {
             candle_core::bail!(
                 "attention ({layout}, {name}, head size {hd}): {own} launches of the Hopper \
                  backward, expected {}",
-                u64::from(parts.is_some())
+                u64::from(sm90.is_some())
             );
         }
-        if let Some(parts) = parts {
+        if sm90.is_some() {
             let what = format!("attention backward, {nh}/{kvh} heads of {hd}/{vd} ({name})");
             out.extend(rerun(device, c, parts, &what)?);
         }
