@@ -46,11 +46,12 @@ struct Args {
   float *delta;                        // [B, H, S], written here
   float *dq_acc;                       // [B, S, H, D]
   float *dk_acc, *dv_acc;              // [B, S, KVH, D | DV]; used when parts > 1
-  int *counters;                       // B·H·S/64 for dQ, then B·KVH·S/64 for dK/dV
+  int *counters;                       // B·H·S/64 for dQ, B·KVH·S/64 for dK/dV, a ticket
   int b, s, h, kvh, hd, vd, parts;  // rows, positions, heads, kv heads, head sizes
   float scale;
   int stage;  // 1: a step's dQ part is added during the next step's first products
 };
+static_assert(sizeof(Args) == 152, "Args must match AttnBwd in src/ops/attn_sm90.rs");
 
 // A tile's swizzle: its head dimension is split at `half` between the warp groups of the
 // products that read it N-major, and each group's slice must start on an atom boundary.
@@ -175,20 +176,48 @@ __device__ void pass_turn(int *counter, int next) {
 // Adds the CTA's part (`value(i)` at coordinates `coord(i)` of a tile) into the rows at `base`
 // (row stride `ld`): the first part writes f32 without reading, the last writes bf16 × `scale`
 // to `out`, the others read-add-write f32.
+// Elements come in pairs of adjacent columns (the wgmma accumulator's layout), moved as float2
+// / bf16×2 where the pair is adjacent and aligned, one by one otherwise.
 template <class Value, class TCoord>
 __device__ void add_part(Value value, TCoord const &coord, float *base, Bf16 *out, int64_t ld,
                          bool first, bool last, float scale) {
+  static_assert(size(TCoord{}) % 2 == 0, "pairs");
   CUTE_UNROLL
-  for (int i = 0; i < size(coord); ++i) {
-    int64_t o = get<0>(coord(i)) * ld + get<1>(coord(i));
-    float x = value(i);
-    if (!first) x += __ldcg(base + o);
-    if (last) {
-      out[o] = Bf16(x * scale);
+  for (int i = 0; i < size(coord); i += 2) {
+    const int64_t o = get<0>(coord(i)) * ld + get<1>(coord(i));
+    const int64_t o1 = get<0>(coord(i + 1)) * ld + get<1>(coord(i + 1));
+    float2 x = make_float2(value(i), value(i + 1));
+    if (o1 == o + 1 && o % 2 == 0) {
+      if (!first) {
+        const float2 y = __ldcg(reinterpret_cast<const float2 *>(base + o));
+        x.x += y.x;
+        x.y += y.y;
+      }
+      if (last) {
+        *reinterpret_cast<__nv_bfloat162 *>(out + o) =
+            __floats2bfloat162_rn(x.x * scale, x.y * scale);
+      } else {
+        __stcg(reinterpret_cast<float2 *>(base + o), x);
+      }
     } else {
-      __stcg(base + o, x);
+      if (!first) {
+        x.x += __ldcg(base + o);
+        x.y += __ldcg(base + o1);
+      }
+      if (last) {
+        out[o] = Bf16(x.x * scale);
+        out[o1] = Bf16(x.y * scale);
+      } else {
+        __stcg(base + o, x.x);
+        __stcg(base + o1, x.y);
+      }
     }
   }
+}
+
+// The counters: B·H·S/64 for dQ's tiles, B·KVH·S/64 for dK/dV's key blocks, then the ticket.
+__host__ __device__ inline int64_t ticket_index(const Args &a) {
+  return (int64_t(a.b) * a.h + int64_t(a.b) * a.kvh) * (a.s / kBlockM);
 }
 
 template <int D, int DV, int BN, bool Staged>
@@ -199,13 +228,19 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const Args a) {
   Smem &sm = *reinterpret_cast<Smem *>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
 
   const int tid = threadIdx.x;
+  // The CTA's place from a ticket taken as it starts, not from blockIdx: CTAs then wait only
+  // on CTAs that started before them, whatever order the hardware dispatches them in.
+  __shared__ int ticket;
+  if (tid == 0) ticket = atomicAdd(a.counters + ticket_index(a), 1);
+  __syncthreads();
+  const int x = ticket % gridDim.x, y = ticket / gridDim.x % gridDim.y;
+  const int b = ticket / (gridDim.x * gridDim.y);
   const int blocks = a.s / BN;
-  const int nb = blocks - 1 - blockIdx.x;  // last key block first
+  const int nb = blocks - 1 - x;  // last key block first
   const int group = a.h / a.kvh;
-  const int g = blockIdx.y / a.parts, part = blockIdx.y % a.parts;
+  const int g = y / a.parts, part = y % a.parts;
   const int heads = group / a.parts;
   const int h0 = g * group + part * heads;
-  const int b = blockIdx.z;
   const int n0 = nb * BN;
   const int m_first = n0 / kBlockM;
   const int tiles = a.s / kBlockM;
@@ -288,15 +323,15 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const Args a) {
   for (int t = 0; t < steps; ++t) {
     const int buf = t & 1;
     const int m0 = (m_first + t % per_head) * kBlockM;
+    // Step t's tiles arrived, and both warp groups are past step t − 1 (whose products read
+    // buffer (t + 1) % 2, Pᵀ and dSᵀ): only then the next step's loads into that buffer.
+    cp_async_wait<0>();
+    cutlass::arch::fence_view_async_shared();
+    __syncthreads();
     if (t + 1 < steps) {
       load_step(t + 1);
       cp_async_fence();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
     }
-    cutlass::arch::fence_view_async_shared();
-    __syncthreads();
 
     Tensor sQ = make_tensor(make_smem_ptr(sm.q[buf]), typename C::Q::Layout{});
     Tensor sQt = make_tensor(make_smem_ptr(sm.q[buf]), typename C::Q::Transposed{});
@@ -417,7 +452,8 @@ int launch_as(const Args &a, cudaStream_t stream) {
 // Staged where its shared memory fits (not at 256/256).
 template <int D, int DV, int BN>
 int launch(const Args &a, cudaStream_t stream) {
-  constexpr bool fits = sizeof(typename Config<D, DV, BN, true>::Smem) + 1024 <= 227 * 1024;
+  // (+ 1,024 for the alignment, + 64 for the static ticket)
+  constexpr bool fits = sizeof(typename Config<D, DV, BN, true>::Smem) + 1024 + 64 <= 227 * 1024;
   if constexpr (fits) {
     if (a.stage) return launch_as<D, DV, BN, true>(a, stream);
   }
@@ -427,7 +463,7 @@ int launch(const Args &a, cudaStream_t stream) {
 // The key block of a head configuration; 0 where none is compiled.
 int block_of(int d, int dv) {
   if ((d == 64 && dv == 64) || (d == 128 && dv == 128)) return 128;
-  if ((d == 192 && dv == 128) || (d == 192 && dv == 192) || (d == 256 && dv == 256)) return 64;
+  if ((d == 192 && dv == 128) || (d == 256 && dv == 256)) return 64;
   return 0;
 }
 
@@ -445,7 +481,7 @@ int moeq_sm90_attn_bwd_block(int d, int dv) { return block_of(d, dv); }
 // multiple of KVH·parts, every buffer of its documented size.
 int moeq_sm90_attn_bwd(const Args *a, void *stream_ptr) {
   auto stream = static_cast<cudaStream_t>(stream_ptr);
-  const size_t counters = (size_t(a->b) * a->h + size_t(a->b) * a->kvh) * (a->s / kBlockM);
+  const size_t counters = size_t(ticket_index(*a)) + 1;
   cudaError_t e = cudaMemsetAsync(a->counters, 0, counters * sizeof(int), stream);
   if (e != cudaSuccess) return int(e);
   const int64_t rows = int64_t(a->b) * a->s * a->h;
@@ -458,7 +494,6 @@ int moeq_sm90_attn_bwd(const Args *a, void *stream_ptr) {
     case 64064: return launch<64, 64, 128>(*a, stream);
     case 128128: return launch<128, 128, 128>(*a, stream);
     case 192128: return launch<192, 128, 64>(*a, stream);
-    case 192192: return launch<192, 192, 64>(*a, stream);
     case 256256: return launch<256, 256, 64>(*a, stream);
     default: return -1;
   }

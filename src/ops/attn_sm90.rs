@@ -7,7 +7,7 @@
 //!
 //! It serves rows of one sample each (packed rows stay on cuDNN's ragged path), bf16 on a 9.0
 //! device, positions a multiple of 128, no sliding window (sinks ride in the statistics), and
-//! the head sizes compiled in (`moeq_sm90_attn_bwd_block`: 64/64, 128/128, 192/128, 192/192,
+//! the head sizes compiled in (`moeq_sm90_attn_bwd_block`: 64/64, 128/128, 192/128,
 //! 256/256).
 
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
@@ -43,6 +43,9 @@ struct Args {
     scale: f32,
     stage: i32,
 }
+
+// The C side asserts the same size.
+const _: () = assert!(std::mem::size_of::<Args>() == 152);
 
 extern "C" {
     fn moeq_sm90_attn_bwd_block(hd: i32, vd: i32) -> i32;
@@ -141,6 +144,8 @@ pub(crate) fn serves(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) 
         return false;
     };
     (kb, vb, ks, vs, kd, vh) == (b, b, s, s, hd, kvh)
+        && b > 0
+        && s > 0
         && s % ALIGN == 0
         && kvh > 0
         && h % kvh == 0
@@ -206,6 +211,15 @@ pub(crate) fn backward(
     let dout = z(&dout.to_dtype(DType::BF16)?)?;
     let (b, s, h, hd) = q.dims4()?;
     let (kvh, vd) = (k.dim(2)?, v.dim(3)?);
+    if out.dtype() != DType::BF16 || lse.dtype() != DType::F32 || lse.dims() != [b, h, s, 1] {
+        bail!(
+            "attention backward (sm90): takes cuDNN's bf16 output and f32 [B, H, S, 1] \
+             statistics, got {:?} and {:?} {:?}",
+            out.dtype(),
+            lse.dtype(),
+            lse.dims()
+        );
+    }
     let Some(bn) = block(hd, vd) else {
         bail!("attention backward (sm90): heads of {hd}/{vd} not compiled")
     };
@@ -234,7 +248,8 @@ pub(crate) fn backward(
     let mut dq_acc = unsafe { dev.alloc::<f32>(q.elem_count())? };
     let kv_acc = |n: usize| unsafe { dev.alloc::<f32>(if parts > 1 { n } else { 1 }) };
     let (mut dk_acc, mut dv_acc) = (kv_acc(k.elem_count())?, kv_acc(v.elem_count())?);
-    let mut counters = unsafe { dev.alloc::<i32>((b * h + b * kvh) * tiles)? };
+    // dQ's tiles, dK/dV's key blocks (a tile's worth each), the CTAs' ticket.
+    let mut counters = unsafe { dev.alloc::<i32>((b * h + b * kvh) * tiles + 1)? };
     let args = Args {
         q: address(&q, &stream)?,
         k: address(&k, &stream)?,

@@ -17,8 +17,9 @@ use crate::ops::cudnn_attn::{
 };
 use candle_core::{DType, Device, Result, Tensor};
 
-/// Restores the defaults (and the Hopper backward's switch as it was) however the check ends.
-struct Restore(bool);
+/// Restores the defaults (and the Hopper backward's switches as they were: on, staged) however
+/// the check ends.
+struct Restore(bool, bool);
 
 impl Drop for Restore {
     fn drop(&mut self) {
@@ -27,7 +28,7 @@ impl Drop for Restore {
         set_dp_workspace(DP_WORKSPACE);
         attn_sm90::set_enabled(self.0);
         attn_sm90::force_parts(None);
-        attn_sm90::set_staged(true);
+        attn_sm90::set_staged(self.1);
     }
 }
 
@@ -68,7 +69,7 @@ pub(super) fn check_cudnn_attention(device: &Device) -> Result<Vec<Comparison>> 
         return Ok(Vec::new());
     }
     let hopper = matches!(dev.cuda_stream().context().compute_capability(), Ok((m, _)) if m >= 9);
-    let _restore = Restore(attn_sm90::enabled());
+    let _restore = Restore(attn_sm90::enabled(), attn_sm90::staged());
     // Rows of one sample: 2 × 1,024 positions; 8 query heads on 2 kv heads of 128 with per-head
     // norms (Qwen3's layout), and 4 heads on 4 of 64 without. Packed rows (Hopper): 2 × 600
     // positions, row 0 samples of 200, 150 and 250 tokens, row 1 one of 500 and 100 of padding.
@@ -430,15 +431,24 @@ fn rerun(device: &Device, c: &Case, parts: Option<usize>, what: &str) -> Result<
         Ok::<_, candle_core::Error>(g)
     };
     let (first, second, cudnn) = (grads(true)?, grads(true)?, grads(false)?);
+    // The other form (staged or not) adds the same parts in the same order.
+    let staged = attn_sm90::staged();
+    attn_sm90::set_staged(!staged);
+    let other = grads(true);
+    attn_sm90::set_staged(staged);
+    let other = other?;
     attn_sm90::set_enabled(true);
     let same = lookup("attention backward rerun", "bf16", Pass::Exact)?;
     let near = lookup("attention_block", "bf16", Pass::Backward)?;
     let mut out = Vec::new();
-    for (name, ((x, y), z)) in ["dq", "dk", "dv"]
+    let others = second.iter().zip(&other);
+    for (name, ((x, (y, o)), z)) in ["dq", "dk", "dv"]
         .iter()
-        .zip(first.iter().zip(&second).zip(&cudnn))
+        .zip(first.iter().zip(others).zip(&cudnn))
     {
         out.push(compare(&format!("{what}: rerun {name}"), y, x, same)?);
+        let form = format!("{what}: {name} of the other form (staged {})", !staged);
+        out.push(compare(&form, o, x, same)?);
         let vs = format!("{what}: {name} against cuDNN's deterministic backward");
         out.push(compare(&vs, x, z, near)?);
     }
