@@ -158,10 +158,24 @@ __device__ void store_release(int *p, int v) {
   asm volatile("st.release.gpu.global.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
+__device__ uint64_t now_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
+// A turn not given within this long is a bug in the ordering, never a slow GPU (a whole
+// backward takes milliseconds): the kernel traps — the launch fails — instead of hanging.
+constexpr uint64_t kWaitLimitNs = 20'000'000'000ull;
+
 // Waits until `*counter` is `turn` (one thread spins; the CTA then proceeds).
 __device__ void wait_turn(const int *counter, int turn) {
   if (threadIdx.x == 0) {
-    while (load_acquire(counter) != turn) __nanosleep(64);
+    const uint64_t start = now_ns();
+    while (load_acquire(counter) != turn) {
+      __nanosleep(64);
+      if (now_ns() - start > kWaitLimitNs) __trap();
+    }
   }
   __syncthreads();
 }
