@@ -10,11 +10,12 @@
 //! the head sizes compiled in (`moeq_sm90_attn_bwd_block`: 64/64, 128/128, 192/128,
 //! 256/256).
 
+use crate::util::switch::EnvSwitch;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::CudaStorageSlice as S;
 use candle_core::{bail, CudaDevice, DType, Result, Storage, Tensor};
 use std::ffi::{c_char, c_void, CStr};
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// One call, as `Args` in kernels/sm90/attn_bwd.cu.
 #[repr(C)]
@@ -61,29 +62,19 @@ const ALIGN: usize = 128;
 /// last wave stays short; a first guess, to be tuned once measured).
 const CTAS_PER_SM: usize = 4;
 
-/// 0 = not read yet, 1 = off, 2 = on.
-static ENABLED: AtomicU8 = AtomicU8::new(0);
-/// 0 = not read yet, 1 = unstaged, 2 = staged.
-static STAGE: AtomicU8 = AtomicU8::new(0);
+static ENABLED: EnvSwitch = EnvSwitch::new("MOEQ_ATTN_BWD", |v| v == Some("sm90"));
+static STAGED: EnvSwitch = EnvSwitch::new("MOEQ_ATTN_BWD_STAGE", |v| v != Some("0"));
 /// Parts forced by gpu-check (0 = the heuristic).
 static FORCED_PARTS: AtomicUsize = AtomicUsize::new(0);
 static LAUNCHES: AtomicU64 = AtomicU64::new(0);
 
 /// Whether the kernel may serve: `set_enabled`'s, else `MOEQ_ATTN_BWD=sm90`.
 pub fn enabled() -> bool {
-    match ENABLED.load(Ordering::Relaxed) {
-        1 => false,
-        2 => true,
-        _ => {
-            let on = std::env::var("MOEQ_ATTN_BWD").as_deref() == Ok("sm90");
-            set_enabled(on);
-            on
-        }
-    }
+    ENABLED.get()
 }
 
 pub fn set_enabled(on: bool) {
-    ENABLED.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    ENABLED.set(on);
 }
 
 /// Whether a step's dQ part goes out during the next step's first products (through shared
@@ -91,19 +82,11 @@ pub fn set_enabled(on: bool) {
 /// `MOEQ_ATTN_BWD_STAGE` (`0` for the unstaged form), else staged. Both forms give the same
 /// bits; which is faster is for the measurement to say.
 pub fn staged() -> bool {
-    match STAGE.load(Ordering::Relaxed) {
-        1 => false,
-        2 => true,
-        _ => {
-            let on = std::env::var("MOEQ_ATTN_BWD_STAGE").as_deref() != Ok("0");
-            set_staged(on);
-            on
-        }
-    }
+    STAGED.get()
 }
 
 pub fn set_staged(on: bool) {
-    STAGE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    STAGED.set(on);
 }
 
 /// Splits each kv head's query heads over `parts` CTAs (`None`: the heuristic) — gpu-check's

@@ -21,6 +21,7 @@
 
 use super::attention::{Ragged, WindowSinks};
 use super::attn_sinks::{fold_sinks, Stats};
+use crate::util::switch::EnvSwitch;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::CudaStorageSlice as S;
 use candle_core::{CudaDevice, DType, Result, Storage, Tensor};
@@ -107,26 +108,18 @@ pub fn set_backend(b: Backend) {
 }
 
 /// 0 = not read yet, 1 = deterministic, 2 = not.
-static DETERMINISTIC: AtomicU8 = AtomicU8::new(0);
+static DETERMINISTIC: EnvSwitch = EnvSwitch::new("MOEQ_CUDNN_DETERMINISTIC", |v| v != Some("0"));
 
 /// Whether the backward accumulates dq in a fixed order, so reruns are bit-identical (cuDNN's
 /// dP-workspace algorithm, its bf16 `[rows, heads, S, S]` workspace bounded by `dp_limit`):
 /// `set_deterministic`'s, else `MOEQ_CUDNN_DETERMINISTIC` (`0` or `1`), else yes — as fast as
 /// the atomic algorithm at 4 × 2,048 positions on the H200 (BENCHMARKS.md, "Attention on cuDNN").
 pub fn deterministic() -> bool {
-    match DETERMINISTIC.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let d = std::env::var("MOEQ_CUDNN_DETERMINISTIC").as_deref() != Ok("0");
-            set_deterministic(d);
-            d
-        }
-    }
+    DETERMINISTIC.get()
 }
 
 pub fn set_deterministic(d: bool) {
-    DETERMINISTIC.store(if d { 1 } else { 2 }, Ordering::Relaxed);
+    DETERMINISTIC.set(d);
 }
 
 /// The dP workspace one deterministic backward call may take: 512 MiB, two rows of 2,048

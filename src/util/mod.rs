@@ -8,3 +8,4 @@ pub mod mem;
 pub mod phases;
 pub mod prefetch;
 pub mod progress;
+pub mod switch;
