@@ -115,7 +115,8 @@ mod tests {
 
     /// Every row of the table is some comparison's tolerance: rows of the checks that run on the
     /// CPU are used by the CPU run; the CUDA- and NCCL-only rows (quant, nccl, the Hopper
-    /// kernel's twin check) are looked up by name in their check's source.
+    /// kernels' checks: the grouped GEMM's twin, the attention backward's rerun) are looked up
+    /// by name in their check's source.
     #[test]
     fn every_row_is_used() {
         let mut results = super::ops::run_all(&Device::Cpu).unwrap();
@@ -128,8 +129,10 @@ mod tests {
             let used = match sources.iter().find(|(c, _)| *c == t.check) {
                 Some((_, src)) => src.contains(&format!("\"{}\"", t.op)),
                 None => {
+                    let name = format!("\"{}\"", t.op);
                     results.iter().any(|r| r.row == t)
-                        || include_str!("ops/sm90.rs").contains(&format!("\"{}\"", t.op))
+                        || include_str!("ops/sm90.rs").contains(&name)
+                        || include_str!("ops/cudnn.rs").contains(&name)
                 }
             };
             assert!(used, "row {} {} {} is not used", t.op, t.dtype, t.pass);
