@@ -13,8 +13,10 @@
 // block down to block 0 (the diagonal block writes the accumulator without reading it, block 0
 // writes the bf16 result × scale), each CTA waiting on a per-(row, head, tile) counter for its
 // turn; where a kv head's query heads are split over several CTAs, their dK/dV parts are added
-// in part order the same way. Key blocks are dispatched last to first and parts in order, so a
-// CTA only ever waits on CTAs dispatched before it (no deadlock whatever the residency).
+// in part order the same way. Each CTA takes its place from a ticket drawn as it starts (key
+// blocks last to first, parts in order), so a CTA only ever waits on CTAs that started before
+// it (no deadlock whatever the residency or the order the hardware starts CTAs in).
+// launch/bench/attn_bwd_model.py models these loops and the ordering in numpy.
 //
 // Host side: src/ops/attn_sm90.rs (what it serves, scratch, the switch MOEQ_ATTN_BWD);
 // CPU twin: the blocked attention's backward (src/ops/attention.rs), compared in gpu-check's
@@ -38,7 +40,7 @@ using Bf16 = cutlass::bfloat16_t;
 constexpr int kBlockM = 64;  // query rows a tile
 constexpr int kThreads = 256;  // two warp groups
 
-// Must match `AttnBwd` in src/ops/attn_sm90.rs.
+// Must match `Args` in src/ops/attn_sm90.rs.
 struct Args {
   const Bf16 *q, *k, *v, *out, *dout;  // [B, S, H | KVH, D | DV]
   const float *lse;                    // [B, H, S], natural log (cuDNN's statistics)
@@ -51,7 +53,7 @@ struct Args {
   float scale;
   int stage;  // 1: a step's dQ part is added during the next step's first products
 };
-static_assert(sizeof(Args) == 152, "Args must match AttnBwd in src/ops/attn_sm90.rs");
+static_assert(sizeof(Args) == 152, "Args must match Args in src/ops/attn_sm90.rs");
 
 // A tile's swizzle: its head dimension is split at `half` between the warp groups of the
 // products that read it N-major, and each group's slice must start on an atom boundary.
@@ -165,16 +167,18 @@ __device__ uint64_t now_ns() {
 }
 
 // A turn not given within this long is a bug in the ordering, never a slow GPU (a whole
-// backward takes milliseconds): the kernel traps — the launch fails — instead of hanging.
+// backward takes milliseconds): the kernel traps instead of hanging — the next synchronising
+// CUDA call reports the error and the context is unusable, so the process exits with it.
 constexpr uint64_t kWaitLimitNs = 20'000'000'000ull;
 
 // Waits until `*counter` is `turn` (one thread spins; the CTA then proceeds).
 __device__ void wait_turn(const int *counter, int turn) {
   if (threadIdx.x == 0) {
-    const uint64_t start = now_ns();
+    // In units of 2^20 ns (≈ 1 ms), 32 bits: a 64-bit start spilled at heads of 256.
+    const uint32_t start = uint32_t(now_ns() >> 20);
     while (load_acquire(counter) != turn) {
       __nanosleep(64);
-      if (now_ns() - start > kWaitLimitNs) __trap();
+      if (uint32_t(now_ns() >> 20) - start > uint32_t(kWaitLimitNs >> 20)) __trap();
     }
   }
   __syncthreads();
@@ -321,16 +325,27 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const Args a) {
   Tensor rKt = thr_dq.partition_fragment_B(sKt);
 
   // Step t's dQ part, in key-block order: blocks last_block … 0 of its tile add theirs in turn.
-  auto add_dq = [&](int t, auto value) {
-    const int h = h0 + t / per_head, mt = m_first + t % per_head, m0 = mt * kBlockM;
-    const int last_block = (m0 + kBlockM - 1) / BN;
-    int *counter = a.counters + (int64_t(b) * a.h + h) * tiles + mt;
-    const int turn = last_block - nb;
-    wait_turn(counter, turn);
+  // Split in three so the staged form can keep the waiting (one thread spinning) out of the
+  // window where products are in flight: divergent code there makes ptxas serialise every
+  // wgmma of the kernel (warning C7518).
+  auto dq_counter = [&](int t) {
+    const int h = h0 + t / per_head, mt = m_first + t % per_head;
+    return a.counters + (int64_t(b) * a.h + h) * tiles + mt;
+  };
+  auto dq_turn = [&](int t) {
+    const int m0 = (m_first + t % per_head) * kBlockM;
+    return (m0 + kBlockM - 1) / BN - nb;  // last_block − nb
+  };
+  auto dq_add = [&](int t, auto value) {
+    const int h = h0 + t / per_head, m0 = (m_first + t % per_head) * kBlockM;
     const int64_t at = (int64_t(b) * a.s + m0) * a.h * D + int64_t(h) * D;
-    add_part(value, coord_dq, a.dq_acc + at, a.dq + at, int64_t(a.h) * D, turn == 0, nb == 0,
-             a.scale);
-    pass_turn(counter, turn + 1);
+    add_part(value, coord_dq, a.dq_acc + at, a.dq + at, int64_t(a.h) * D, dq_turn(t) == 0,
+             nb == 0, a.scale);
+  };
+  auto add_dq = [&](int t, auto value) {
+    wait_turn(dq_counter(t), dq_turn(t));
+    dq_add(t, value);
+    pass_turn(dq_counter(t), dq_turn(t) + 1);
   };
   auto staged = [&](int i) { return sm.dq_stage[i * kThreads + tid]; };
 
@@ -357,19 +372,26 @@ __global__ void __launch_bounds__(kThreads, 1) attn_bwd_kernel(const Args a) {
     Tensor acc_dp = partition_fragment_C(mma_sdp, Shape<Int<BN>, Int<kBlockM>>{});
     Tensor rQ = thr_sdp.partition_fragment_B(sQ);
     Tensor rdO = thr_sdp.partition_fragment_B(sdO);
+    // Staged: the previous step's dQ part goes out while the tensor cores form Sᵀ and dPᵀ (its
+    // turn awaited before they start, handed on after they end).
+    if constexpr (Staged) {
+      if (t > 0) wait_turn(dq_counter(t - 1), dq_turn(t - 1));
+    }
     warpgroup_fence_operand(acc_s);
     warpgroup_fence_operand(acc_dp);
     warpgroup_arrive();
     mma<true>(mma_sdp, rK, rQ, acc_s);
     mma<true>(mma_sdp, rV, rdO, acc_dp);
     warpgroup_commit_batch();
-    // Staged: the previous step's dQ part goes out while the tensor cores form Sᵀ and dPᵀ.
     if constexpr (Staged) {
-      if (t > 0) add_dq(t - 1, staged);
+      if (t > 0) dq_add(t - 1, staged);
     }
     warpgroup_wait<0>();
     warpgroup_fence_operand(acc_s);
     warpgroup_fence_operand(acc_dp);
+    if constexpr (Staged) {
+      if (t > 0) pass_turn(dq_counter(t - 1), dq_turn(t - 1) + 1);
+    }
 
     // Pᵀ and dSᵀ into shared memory.
     const bool diagonal = n0 + BN - 1 > m0;  // some key after some query
@@ -463,12 +485,16 @@ int launch_as(const Args &a, cudaStream_t stream) {
   return int(cudaGetLastError());
 }
 
-// Staged where its shared memory fits (not at 256/256).
+// Whether the staged form's shared memory fits (+ 1,024 for the alignment, + 64 for the
+// static variables): not at 256/256.
+template <int D, int DV, int BN>
+constexpr bool stages() {
+  return sizeof(typename Config<D, DV, BN, true>::Smem) + 1024 + 64 <= 227 * 1024;
+}
+
 template <int D, int DV, int BN>
 int launch(const Args &a, cudaStream_t stream) {
-  // (+ 1,024 for the alignment, + 64 for the static ticket)
-  constexpr bool fits = sizeof(typename Config<D, DV, BN, true>::Smem) + 1024 + 64 <= 227 * 1024;
-  if constexpr (fits) {
+  if constexpr (stages<D, DV, BN>()) {
     if (a.stage) return launch_as<D, DV, BN, true>(a, stream);
   }
   return launch_as<D, DV, BN, false>(a, stream);
@@ -489,6 +515,17 @@ extern "C" {
 
 // Key rows a CTA takes for heads of `d` (queries, keys) and `dv` (values); 0: not served.
 int moeq_sm90_attn_bwd_block(int d, int dv) { return block_of(d, dv); }
+
+// Whether `stage` = 1 takes the staged form at these heads (its shared memory fits).
+int moeq_sm90_attn_bwd_stages(int d, int dv) {
+  switch (block_of(d, dv) == 0 ? 0 : d * 1000 + dv) {
+    case 64064: return stages<64, 64, 128>();
+    case 128128: return stages<128, 128, 128>();
+    case 192128: return stages<192, 128, 64>();
+    case 256256: return stages<256, 256, 64>();
+    default: return 0;
+  }
+}
 
 // Zeroes the counters, computes Δ, runs the backward; 0 or a CUDA error code (-1: heads not
 // served). The caller checked the shapes (`attn_sm90::serves`): S a multiple of 128, H a

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call for moeq's Hopper attention backward (ops::attn_sm90, off by default): the
-# attention part of gpu-check with it (every whole-row case against the CPU, its rerun bit for
-# bit; 240 s at most: a hang on its ordering counters must not take the call), the attention
+# whole gpu-check with it on (its rows: every whole-row case without a window against the CPU,
+# its rerun and other form bit for bit, against cuDNN's deterministic backward; 420 s at most —
+# a stuck turn traps after 20 s, but a hang must not take the call), the attention
 # bench at Qwen3-30B-A3B's, DeepSeek-V3's and GLM-4.7-Flash's shapes (cuDNN's backwards beside
 # it, its gradients against cuDNN's deterministic ones; 120 s each at most; Qwen3's also with
 # its dQ parts added at once, MOEQ_ATTN_BWD_STAGE=0), then training with and without it (ab.sh:
@@ -13,9 +14,10 @@ cd "$(dirname "$0")/../.."
 source launch/device-env.sh
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } | tee "$OUT/gpu.txt"
 start=$(date +%s)
-MOEQ_ATTN_BWD=sm90 timeout 240 .device/moeq gpu-check > "$OUT/gpu-check.log" 2>&1
+MOEQ_ATTN_BWD=sm90 timeout 420 .device/moeq gpu-check > "$OUT/gpu-check.log" 2>&1
 echo "gpu-check (MOEQ_ATTN_BWD=sm90): exit $?, $(( $(date +%s) - start )) s"
-grep -E "FAIL|Hopper backward|rerun" "$OUT/gpu-check.log" | head -60
+grep -E "FAIL" "$OUT/gpu-check.log" | head -40
+echo "rows of the Hopper backward: $(grep -cE "Hopper backward|rerun" "$OUT/gpu-check.log")"
 tail -3 "$OUT/gpu-check.log"
 for shape in "1 8 32,4,128,128" "0 8 32,4,128,128" "1 2 128,128,192,128" "1 4 20,20,256,256"; do
   read -r stage rows heads <<< "$shape"

@@ -50,6 +50,7 @@ const _: () = assert!(std::mem::size_of::<Args>() == 152);
 
 extern "C" {
     fn moeq_sm90_attn_bwd_block(hd: i32, vd: i32) -> i32;
+    fn moeq_sm90_attn_bwd_stages(hd: i32, vd: i32) -> i32;
     fn moeq_sm90_attn_bwd(args: *const Args, stream: *mut c_void) -> i32;
     fn moeq_sm90_attn_bwd_error(status: i32) -> *const c_char;
 }
@@ -78,7 +79,7 @@ pub fn set_enabled(on: bool) {
 }
 
 /// Whether a step's dQ part goes out during the next step's first products (through shared
-/// memory; where it fits, not at heads of 256) rather than at once: `set_staged`'s, else
+/// memory, where it fits: [`stages`]) rather than at once: `set_staged`'s, else
 /// `MOEQ_ATTN_BWD_STAGE` (`0` for the unstaged form), else staged. Both forms give the same
 /// bits; which is faster is for the measurement to say.
 pub fn staged() -> bool {
@@ -87,6 +88,15 @@ pub fn staged() -> bool {
 
 pub fn set_staged(on: bool) {
     STAGED.set(on);
+}
+
+/// Whether heads of `hd`/`vd` have the staged form (its shared memory fits: not at 256/256).
+pub fn stages(hd: usize, vd: usize) -> bool {
+    match (i32::try_from(hd), i32::try_from(vd)) {
+        // SAFETY: a pure function of its arguments.
+        (Ok(hd), Ok(vd)) => (unsafe { moeq_sm90_attn_bwd_stages(hd, vd) }) != 0,
+        _ => false,
+    }
 }
 
 /// Splits each kv head's query heads over `parts` CTAs (`None`: the heuristic) — gpu-check's
@@ -129,6 +139,7 @@ pub(crate) fn serves(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) 
     (kb, vb, ks, vs, kd, vh) == (b, b, s, s, hd, kvh)
         && b > 0
         && s > 0
+        && h > 0
         && s % ALIGN == 0
         && kvh > 0
         && h % kvh == 0
@@ -145,7 +156,8 @@ fn capability(dev: &CudaDevice) -> Option<(i32, i32)> {
 }
 
 /// CTAs a kv head's query heads are split over: the forced count if it divides the group, else
-/// the fewest powers of two (dividing the group) that give the launch `CTAS_PER_SM` CTAs an SM.
+/// the fewest powers of two (dividing the group) that give the launch `CTAS_PER_SM` CTAs an SM
+/// (one is resident at a time: the rest are waves, and the causal tail is a CTA's length).
 fn parts(ctas: usize, group: usize, sms: usize) -> usize {
     let forced = FORCED_PARTS.load(Ordering::Relaxed);
     if forced > 0 && group % forced == 0 {
@@ -264,8 +276,21 @@ pub(crate) fn backward(
     if status != 0 {
         // SAFETY: a static NUL-terminated string.
         let why = unsafe { CStr::from_ptr(moeq_sm90_attn_bwd_error(status)) }.to_string_lossy();
-        bail!("attention backward (sm90) failed (status {status}: {why})");
+        bail!(
+            "attention backward (sm90) failed (status {status}: {why}); MOEQ_ATTN_BWD=off runs \
+             cuDNN's backward instead"
+        );
     }
-    LAUNCHES.fetch_add(1, Ordering::Relaxed);
+    if LAUNCHES.fetch_add(1, Ordering::Relaxed) == 0 {
+        tracing::info!(
+            "attention backward: moeq's Hopper kernel (MOEQ_ATTN_BWD=sm90; {} parts a kv head, {})",
+            parts,
+            if staged() && stages(hd, vd) {
+                "staged"
+            } else {
+                "unstaged"
+            }
+        );
+    }
     Ok([dq, dk, dv])
 }

@@ -107,7 +107,6 @@ pub fn set_backend(b: Backend) {
     BACKEND.store(v, Ordering::Relaxed);
 }
 
-/// 0 = not read yet, 1 = deterministic, 2 = not.
 static DETERMINISTIC: EnvSwitch = EnvSwitch::new("MOEQ_CUDNN_DETERMINISTIC", |v| v != Some("0"));
 
 /// Whether the backward accumulates dq in a fixed order, so reruns are bit-identical (cuDNN's

@@ -45,7 +45,7 @@ mod tests {
     static SWITCH: EnvSwitch = EnvSwitch::new("MOEQ_TEST_SWITCH_NEVER_SET", |v| v != Some("0"));
 
     #[test]
-    fn reads_the_variable_once_then_keeps_what_is_set() {
+    fn unset_gives_the_default_and_set_overrides_it() {
         // Unset: the reader's default (on); `set` overrides it either way.
         assert!(SWITCH.get());
         SWITCH.set(false);

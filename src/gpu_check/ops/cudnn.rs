@@ -219,14 +219,22 @@ pub(super) fn check_cudnn_attention(device: &Device) -> Result<Vec<Comparison>> 
         set_backend(Backend::Auto);
         set_deterministic(true);
         set_dp_workspace(DP_WORKSPACE);
-        for staged in [true, false] {
-            attn_sm90::set_staged(staged);
-            let what = format!("attention backward, 4 × 2,048 positions, 8/2 heads of 128 (moeq's Hopper backward, staged {staged})");
-            out.extend(rerun(device, &many, None, &what)?);
-        }
+        attn_sm90::set_staged(true);
+        let what = "attention backward, 4 × 2,048 positions, 8/2 heads of 128 (moeq's Hopper \
+                    backward)";
+        out.extend(rerun(device, &many, None, what)?);
         attn_sm90::set_enabled(false);
     }
     Ok(out)
+}
+
+/// The Hopper backward in a variant of a case: off; switched on where it must not serve (packed
+/// rows, a window); or serving, with the parts forced (`Some`) or chosen, staged or not.
+#[derive(Clone, Copy)]
+enum Own {
+    Off,
+    Refused,
+    Serves(Option<usize>, bool),
 }
 
 fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
@@ -310,44 +318,52 @@ fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
     let mut out = Vec::new();
     // cuDNN calls: the forward and one backward; the deterministic backward bounded to one
     // row's (sequence's) dP workspace runs one call per row (sequence); the Hopper backward
-    // (`Some((parts, staged))`: parts forced or chosen) leaves cuDNN the forward.
+    // leaves cuDNN the forward.
     let mut variants = vec![
-        ("cuDNN", Backend::Auto, false, 2, None),
+        ("cuDNN", Backend::Auto, false, 2, Own::Off),
         (
             "cuDNN, deterministic backward",
             Backend::Auto,
             true,
             2,
-            None,
+            Own::Off,
         ),
         (
             "cuDNN, deterministic backward by rows",
             Backend::Auto,
             true,
             1 + units as u64,
-            None,
+            Own::Off,
         ),
-        ("moeq's kernels", Backend::Moeq, true, 0, None),
+        ("moeq's kernels", Backend::Moeq, true, 0, Own::Off),
     ];
-    let sm90 = hopper_90(device) && whole && c.window.is_none();
-    if sm90 {
+    if hopper_90(device) && whole && c.window.is_none() {
         let hopper = "moeq's Hopper backward";
-        variants.push((hopper, Backend::Auto, true, 1, Some((None, true))));
-        let at_once = "moeq's Hopper backward, dQ parts added at once";
-        variants.push((at_once, Backend::Auto, true, 1, Some((None, false))));
+        variants.push((hopper, Backend::Auto, true, 1, Own::Serves(None, true)));
+        if attn_sm90::stages(hd, vd) {
+            let at_once = "moeq's Hopper backward, dQ parts added at once";
+            variants.push((at_once, Backend::Auto, true, 1, Own::Serves(None, false)));
+        }
         if nh / kvh > 1 {
             let one = "moeq's Hopper backward, a kv head's query heads in one CTA";
-            variants.push((one, Backend::Auto, true, 1, Some((Some(1), true))));
+            variants.push((one, Backend::Auto, true, 1, Own::Serves(Some(1), true)));
         }
+    } else if hopper_90(device) {
+        let refused = "cuDNN, deterministic backward, the Hopper one switched on (not for these)";
+        variants.push((refused, Backend::Auto, true, 2, Own::Refused));
     }
-    for (name, backend, deterministic, calls, sm90) in variants {
+    for (name, backend, deterministic, calls, own) in variants {
         set_backend(backend);
         set_deterministic(deterministic);
         set_dp_workspace(if calls > 2 { unit_dp } else { DP_WORKSPACE });
-        attn_sm90::set_enabled(sm90.is_some());
-        let (parts, staged) = sm90.unwrap_or((None, true));
+        attn_sm90::set_enabled(!matches!(own, Own::Off));
+        let (parts, staged) = match own {
+            Own::Serves(parts, staged) => (parts, staged),
+            _ => (None, true),
+        };
         attn_sm90::force_parts(parts);
         attn_sm90::set_staged(staged);
+        let serves = matches!(own, Own::Serves(..));
         let (before, sm90_before) = (launches(), attn_sm90::launches());
         out.extend(device_vs_cpu(
             &format!("attention block, {layout}, {nh}/{kvh} heads of {hd} (values {vd}) ({name})"),
@@ -364,15 +380,16 @@ fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
                  {calls} (a shape cuDNN refused is logged as 'cuDNN refused')"
             );
         }
-        let own = attn_sm90::launches() - sm90_before;
-        if own != u64::from(sm90.is_some()) {
+        let took = attn_sm90::launches() - sm90_before;
+        if took != u64::from(serves) {
             candle_core::bail!(
-                "attention ({layout}, {name}, head size {hd}): {own} launches of the Hopper \
-                 backward, expected {}",
-                u64::from(sm90.is_some())
+                "attention ({layout}, {name}, head size {hd}): {took} launches of the Hopper \
+                 backward, expected {} (attn_sm90::serves decides: 9.0 device, whole rows, no \
+                 window, S a multiple of 128, heads compiled)",
+                u64::from(serves)
             );
         }
-        if sm90.is_some() {
+        if serves {
             let what = format!("attention backward, {nh}/{kvh} heads of {hd}/{vd} ({name})");
             out.extend(rerun(device, c, parts, &what)?);
         }
@@ -426,31 +443,43 @@ fn rerun(device: &Device, c: &Case, parts: Option<usize>, what: &str) -> Result<
             &dout,
         )?;
         if attn_sm90::launches() != before + u64::from(sm90) {
-            candle_core::bail!("{what}: the backward did not take the kernel it was set to");
+            candle_core::bail!(
+                "{what}: the backward {} the Hopper kernel (attn_sm90::serves decides)",
+                if sm90 { "did not take" } else { "took" }
+            );
         }
         Ok::<_, candle_core::Error>(g)
     };
-    let (first, second, cudnn) = (grads(true)?, grads(true)?, grads(false)?);
-    // The other form (staged or not) adds the same parts in the same order.
+    let (first, second) = (grads(true)?, grads(true)?);
+    // The other form (staged or not), where these heads have both: the same parts in the same
+    // order.
     let staged = attn_sm90::staged();
-    attn_sm90::set_staged(!staged);
-    let other = grads(true);
-    attn_sm90::set_staged(staged);
-    let other = other?;
-    attn_sm90::set_enabled(true);
+    let other = match attn_sm90::stages(c.hd, c.vd) {
+        true => {
+            attn_sm90::set_staged(!staged);
+            let other = grads(true);
+            attn_sm90::set_staged(staged);
+            Some(other?)
+        }
+        false => None,
+    };
+    let cudnn = grads(false)?;
     let same = lookup("attention backward rerun", "bf16", Pass::Exact)?;
-    let near = lookup("attention_block", "bf16", Pass::Backward)?;
+    let near = lookup("attention backward vs cuDNN", "bf16", Pass::Backward)?;
     let mut out = Vec::new();
-    let others = second.iter().zip(&other);
-    for (name, ((x, (y, o)), z)) in ["dq", "dk", "dv"]
-        .iter()
-        .zip(first.iter().zip(others).zip(&cudnn))
-    {
-        out.push(compare(&format!("{what}: rerun {name}"), y, x, same)?);
-        let form = format!("{what}: {name} of the other form (staged {})", !staged);
-        out.push(compare(&form, o, x, same)?);
+    for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
+        out.push(compare(
+            &format!("{what}: rerun {name}"),
+            &second[i],
+            &first[i],
+            same,
+        )?);
+        if let Some(other) = &other {
+            let form = format!("{what}: {name} of the other form (staged {})", !staged);
+            out.push(compare(&form, &other[i], &first[i], same)?);
+        }
         let vs = format!("{what}: {name} against cuDNN's deterministic backward");
-        out.push(compare(&vs, x, z, near)?);
+        out.push(compare(&vs, &first[i], &cudnn[i], near)?);
     }
     Ok(out)
 }
