@@ -61,7 +61,9 @@ struct Kernel {
 // 0: 128×128 tiles, two consumer warp groups taking turns (ping-pong), no clusters;
 // 1: 128×256 tiles, both consumer warp groups on one tile (cooperative);
 // 2: ping-pong 128×128 in clusters of 2 along M (the B tile multicast to both CTAs);
-// 3: cooperative 128×128.
+// 3: cooperative 128×128;
+// 4: cooperative 128×256 in clusters of 2 along M (the B tile — the experts' weights — multicast
+//    to both CTAs: half the weight reads from L2; written 2026-12-05, not measured yet).
 using PP = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
 using PPEpi = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
 using Coop = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
@@ -74,6 +76,8 @@ template <class LayoutB>
 using V2 = Kernel<LayoutB, Shape<_128, _128, _64>, Shape<_2, _1, _1>, PP, PPEpi>;
 template <class LayoutB>
 using V3 = Kernel<LayoutB, Shape<_128, _128, _64>, Shape<_1, _1, _1>, Coop, CoopEpi>;
+template <class LayoutB>
+using V4 = Kernel<LayoutB, Shape<_128, _256, _64>, Shape<_2, _1, _1>, Coop, CoopEpi>;
 
 using Nt = cutlass::layout::ColumnMajor;  // B [n, k] row-major = k×n column-major
 using Nn = cutlass::layout::RowMajor;     // B [k, n] row-major
@@ -187,6 +191,8 @@ auto dispatch(int layout, int variant, F f) {
     case 5: return f.template operator()<V2<Nn>>();
     case 6: return f.template operator()<V3<Nt>>();
     case 7: return f.template operator()<V3<Nn>>();
+    case 8: return f.template operator()<V4<Nt>>();
+    case 9: return f.template operator()<V4<Nn>>();
     case 1: return f.template operator()<V0<Nn>>();
     default: return f.template operator()<V0<Nt>>();
   }

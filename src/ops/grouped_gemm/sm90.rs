@@ -40,11 +40,12 @@ pub enum Backend {
 static BACKEND: AtomicU8 = AtomicU8::new(0);
 
 /// The kernel configurations compiled in (`kernels/sm90/grouped_gemm.cu`), by index.
-pub const VARIANTS: [&str; 4] = [
+pub const VARIANTS: [&str; 5] = [
     "ping-pong 128×128",
     "cooperative 128×256",
     "ping-pong 128×128, clusters of 2 along M",
     "cooperative 128×128",
+    "cooperative 128×256, clusters of 2 along M",
 ];
 
 /// The configuration in use: `set_variant`'s, else `MOEQ_SM90_VARIANT` (for measurements),
