@@ -186,6 +186,17 @@ fn address(t: &Tensor, stream: &Stream) -> Result<u64> {
     Ok(p)
 }
 
+/// Unwritten bf16 tensors of the shapes of `ts` on `dev`, for a kernel that writes every
+/// element (the attention backwards' gradients).
+pub(super) fn unwritten_like(dev: &CudaDevice, ts: [&Tensor; 3]) -> Result<[Tensor; 3]> {
+    let one = |t: &Tensor| -> Result<Tensor> {
+        // SAFETY: the caller's kernel writes every element before anything reads one.
+        let slice = unsafe { dev.alloc::<half::bf16>(t.elem_count())? };
+        Ok(super::cuda_tensor(S::BF16(slice), dev, t.shape().clone()))
+    };
+    Ok([one(ts[0])?, one(ts[1])?, one(ts[2])?])
+}
+
 /// `[dq, dk, dv]` of causal attention over rows of one sample each, from the forward's inputs,
 /// cuDNN's output and statistics (`lse [B, H, S, 1]`, natural log, sinks in them) and the
 /// output's gradient; the caller checked [`serves`].
@@ -225,20 +236,11 @@ pub(crate) fn backward(
         .map_err(|e| candle_core::Error::Msg(format!("attention backward (sm90): {e:?}")))?;
     let parts = parts((s / bn) * kvh * b, h / kvh, sms.max(1) as usize);
     let tiles = s / TILE;
-    // SAFETY (every allocation below): the kernels write each element before reading it — the
-    // outputs and Δ fully, the accumulators' rows by their first part, the counters zeroed by
-    // the launcher — and everything is freed in stream order after the launch.
-    let (dq, dk, dv) = unsafe {
-        (
-            dev.alloc::<half::bf16>(q.elem_count())?,
-            dev.alloc::<half::bf16>(k.elem_count())?,
-            dev.alloc::<half::bf16>(v.elem_count())?,
-        )
-    };
-    let wrap = super::cuda_tensor;
-    let dq = wrap(S::BF16(dq), dev, q.shape().clone());
-    let dk = wrap(S::BF16(dk), dev, k.shape().clone());
-    let dv = wrap(S::BF16(dv), dev, v.shape().clone());
+    // The kernel writes every element of the gradients.
+    let [dq, dk, dv] = unwritten_like(dev, [&q, &k, &v])?;
+    // SAFETY (every allocation below): the kernels write each element before reading it — Δ
+    // fully, the accumulators' rows by their first part, the counters zeroed by the launcher —
+    // and everything is freed in stream order after the launch.
     let mut delta = unsafe { dev.alloc::<f32>(b * h * s)? };
     let mut dq_acc = unsafe { dev.alloc::<f32>(q.elem_count())? };
     let kv_acc = |n: usize| unsafe { dev.alloc::<f32>(if parts > 1 { n } else { 1 }) };

@@ -532,18 +532,8 @@ pub(crate) fn backward(
     let dout = z(&dout.to_dtype(DType::BF16)?)?;
     let (out, lse) = (z(out)?, z(lse)?);
     let stream = dev.cuda_stream();
-    // SAFETY: cuDNN writes every element of the three gradients.
-    let (dq, dk, dv) = unsafe {
-        (
-            dev.alloc::<half::bf16>(q.elem_count())?,
-            dev.alloc::<half::bf16>(k.elem_count())?,
-            dev.alloc::<half::bf16>(v.elem_count())?,
-        )
-    };
-    let wrap = super::cuda_tensor;
-    let dq = wrap(S::BF16(dq), dev, q.shape().clone());
-    let dk = wrap(S::BF16(dk), dev, k.shape().clone());
-    let dv = wrap(S::BF16(dv), dev, v.shape().clone());
+    // cuDNN writes every element of the three gradients.
+    let [dq, dk, dv] = super::attn_sm90::unwritten_like(dev, [q, k, v])?;
     let bf = |t: &Tensor| address::<half::bf16>(t, &stream);
     let mut base: Ptrs = [0; 15];
     base[Q..Q_OFF].copy_from_slice(&[
