@@ -242,6 +242,36 @@ __device__ void combine_bwd_vec(const T* dout, const T* y, const float* w, const
   if (threadIdx.x == 0) dw[s] = dot;
 }
 
+// The k largest of a warp's row (v[j] at column lane + 32·j, columns < e) in descending order,
+// ties to the lower column — a stable descending sort's first k — written by lane 0 to out[0..k]:
+// k rounds of a warp arg-max over each lane's best unpicked value.
+template <int L>
+__device__ void top_k_desc(const float (&v)[L], const int e, const int k, const int lane, uint32_t* out) {
+  uint32_t picked = 0;  // bit j: this lane's element j is taken
+  for (int p = 0; p < k; ++p) {
+    float best = -INFINITY;
+    int best_c = e;
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      const int c = lane + 32 * j;
+      if (c < e && !(picked >> j & 1) && (v[j] > best || best_c == e)) {
+        best = v[j];
+        best_c = c;
+      }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffff, best, o);
+      const int oc = __shfl_xor_sync(0xffffffff, best_c, o);
+      if (ob > best || (ob == best && oc < best_c)) {
+        best = ob;
+        best_c = oc;
+      }
+    }
+    if (best_c % 32 == lane) picked |= 1u << (best_c / 32);
+    if (lane == 0) out[p] = (uint32_t)best_c;
+  }
+}
+
 // router_softmax_topk: one warp per token row of the router's logits [N, E] (any E): probs[t] =
 // softmax(logits[t]) in f32 (exp(x − max) / Σ exp(x − max), expf, IEEE division), and, when
 // `top` is not null, the k largest probabilities' experts in descending order, ties to the
@@ -287,29 +317,107 @@ __device__ void router_softmax_topk(const T* logits, float* probs, uint32_t* top
     }
   }
   if (top == nullptr) return;
-  uint32_t picked = 0;  // bit j: this lane's element j is taken
-  for (int p = 0; p < k; ++p) {
-    float best = -INFINITY;
-    int best_c = e;
+  top_k_desc<ROUTER_PER_LANE>(v, e, k, lane, top + t * k);
+}
+
+// router_choose: DeepSeek's and GLM's routers, one warp per token row of the logits [N, E] (L
+// experts a lane, as router_softmax_topk): scores[t] = sigmoid (1 / (1 + exp(−x))) or softmax of
+// the logits in f32; for the choice the scores plus `bias` (null: none); with `groups` > 0 the
+// experts in groups of E / groups, each group scored by its best choice score (`rule` 0) or the
+// sum of its two best (`rule` 1), all but the `keep` best groups (ties to the lower group) left
+// out; then the k best experts, descending, ties to the lower expert (top [N, k]). groups ≤ 32.
+// CPU twin: src/ops/router.rs (router_choose's candle ops). Checked: src/gpu_check/ops/rows.rs
+// (the "router" entries, choose cases).
+template <typename T, int L>
+__device__ void router_choose(const T* logits, const float* bias, float* scores, uint32_t* top,
+                              const size_t n, const int e, const int k, const int sigmoid,
+                              const int groups, const int keep, const int rule) {
+  const size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32;
+  if (t >= n) return;
+  const int lane = threadIdx.x % 32;
+  const T* row = logits + t * e;
+  float v[L];
+  float mx = -INFINITY;
 #pragma unroll
-    for (int j = 0; j < ROUTER_PER_LANE; ++j) {
-      const int c = lane + 32 * j;
-      if (c < e && !(picked >> j & 1) && (v[j] > best || best_c == e)) {
-        best = v[j];
-        best_c = c;
-      }
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-      const float ob = __shfl_xor_sync(0xffffffff, best, o);
-      const int oc = __shfl_xor_sync(0xffffffff, best_c, o);
-      if (ob > best || (ob == best && oc < best_c)) {
-        best = ob;
-        best_c = oc;
-      }
-    }
-    if (best_c % 32 == lane) picked |= 1u << (best_c / 32);
-    if (lane == 0) top[t * k + p] = (uint32_t)best_c;
+  for (int j = 0; j < L; ++j) {
+    const int c = lane + 32 * j;
+    v[j] = c < e ? to_f32(row[c]) : -INFINITY;
+    mx = fmaxf(mx, v[j]);
   }
+  if (sigmoid) {
+#pragma unroll
+    for (int j = 0; j < L; ++j) v[j] = 1.0f / (expf(-v[j]) + 1.0f);
+  } else {
+    mx = warp_reduce<true>(mx);
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      const int c = lane + 32 * j;
+      v[j] = c < e ? expf(v[j] - mx) : 0.0f;
+      sum += v[j];
+    }
+    sum = warp_reduce<false>(sum);
+#pragma unroll
+    for (int j = 0; j < L; ++j) v[j] = v[j] / sum;
+  }
+  float* out = scores + t * e;
+#pragma unroll
+  for (int j = 0; j < L; ++j) {
+    const int c = lane + 32 * j;
+    if (c < e) {
+      out[c] = v[j];
+      if (bias != nullptr) v[j] += bias[c];
+    } else {
+      v[j] = -INFINITY;
+    }
+  }
+  if (groups > 0) {
+    const int per = e / groups;
+    float mine = -INFINITY;  // lane g: group g's score
+    for (int g = 0; g < groups; ++g) {
+      float a1 = -INFINITY, a2 = -INFINITY;  // the group's best two on this lane
+#pragma unroll
+      for (int j = 0; j < L; ++j) {
+        const int c = lane + 32 * j;
+        if (c < e && c / per == g) {
+          if (v[j] > a1) {
+            a2 = a1;
+            a1 = v[j];
+          } else if (v[j] > a2) {
+            a2 = v[j];
+          }
+        }
+      }
+      for (int o = 16; o > 0; o >>= 1) {
+        const float b1 = __shfl_xor_sync(0xffffffff, a1, o), b2 = __shfl_xor_sync(0xffffffff, a2, o);
+        const float hi = fmaxf(a1, b1);
+        a2 = fmaxf(fminf(a1, b1), fmaxf(a2, b2));
+        a1 = hi;
+      }
+      const float score = rule == 1 && per >= 2 ? a1 + a2 : a1;
+      if (lane == g) mine = score;
+    }
+    uint32_t kept = 0;  // bit g: group g kept
+    for (int p = 0; p < keep; ++p) {
+      float best = lane < groups && !(kept >> lane & 1) ? mine : -INFINITY;
+      int best_g = lane < groups && !(kept >> lane & 1) ? lane : 32;
+      for (int o = 16; o > 0; o >>= 1) {
+        const float ob = __shfl_xor_sync(0xffffffff, best, o);
+        const int og = __shfl_xor_sync(0xffffffff, best_g, o);
+        if (og < 32 && (best_g == 32 || ob > best || (ob == best && og < best_g))) {
+          best = ob;
+          best_g = og;
+        }
+      }
+      kept |= 1u << best_g;
+    }
+#pragma unroll
+    for (int j = 0; j < L; ++j) {
+      const int c = lane + 32 * j;
+      if (c < e && !(kept >> (c / per) & 1)) v[j] = -INFINITY;
+    }
+  }
+  top_k_desc<L>(v, e, k, lane, top + t * k);
 }
 
 // router_bwd: the router logits' gradient, one warp per token row (L experts a lane, as
@@ -379,6 +487,13 @@ __device__ void router_bwd(const float* probs, const uint32_t* top, const float*
                                                        const float scaling, const int renormalize,    \
                                                        const int sigmoid) {                           \
     router_bwd<T, L>(probs, top, dw, dlogits, n, e, k, scaling, renormalize, sigmoid);              \
+  }                                                                                                   \
+  extern "C" __global__ void router_choose_##L##_##SUFFIX(const T* logits, const float* bias,         \
+                                                          float* scores, uint32_t* top, const size_t n, \
+                                                          const int e, const int k, const int sigmoid, \
+                                                          const int groups, const int keep,           \
+                                                          const int rule) {                           \
+    router_choose<T, L>(logits, bias, scores, top, n, e, k, sigmoid, groups, keep, rule);           \
   }
 
 #define ROUTING_KERNELS(T, SUFFIX)                                                                    \

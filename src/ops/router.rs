@@ -70,7 +70,9 @@ pub struct Choice<'a> {
 /// given) as transformers' DeepSeek and GLM routers compute them: scores by sigmoid or
 /// softmax; for the choice the scores plus the bias, the experts outside a token's `keep`
 /// best groups left out (a group scored by its best, or its two best, choice scores), then the
-/// k best (ties to the lower expert). Candle's ops on the CPU and on CUDA.
+/// k best (ties to the lower expert). On CUDA one warp per token makes the choice
+/// (`kernels/routing.cu` `router_choose`; and the scores where the logits record no graph);
+/// elsewhere candle's ops: the reference (`moeq gpu-check`, the "router" entries).
 pub fn router_choose(
     logits: &Tensor,
     choice: &Choice,
@@ -79,6 +81,42 @@ pub fn router_choose(
     let (n, e) = logits.dims2()?;
     if k.is_some_and(|k| k == 0 || k > e) {
         candle_core::bail!("router: top-{} of {e} experts", k.unwrap_or(0));
+    }
+    if let Some((groups, keep, _)) = choice.groups {
+        if groups == 0 || e % groups != 0 || keep == 0 || keep > groups {
+            candle_core::bail!("router: {keep} of {groups} groups of {e} experts");
+        }
+    }
+    if let Some(b) = choice.bias {
+        if b.elem_count() != e {
+            candle_core::bail!("router: a bias of {} for {e} experts", b.elem_count());
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(k) = k {
+        if logits.device().is_cuda()
+            && e <= cuda::MAX_EXPERTS
+            && choice.groups.is_none_or(|(g, _, _)| g <= 32)
+            && matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        {
+            let bias = match choice.bias {
+                Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?),
+                None => None,
+            };
+            let plain = super::at_offset_zero(&logits.detach())?;
+            let (scores, top) = cuda::choose(&plain, bias.as_ref(), choice, k)?;
+            if !super::records_graph(&[logits]) {
+                return Ok((scores, Some(top)));
+            }
+            // Scores with a graph from candle's ops; the choice the kernel's, as for softmax
+            // routers (ties go alike on every path).
+            let logits = logits.to_dtype(DType::F32)?;
+            let scores = match choice.sigmoid {
+                true => (logits.neg()?.exp()? + 1.0)?.recip()?,
+                false => softmax_last(&logits)?,
+            };
+            return Ok((scores, Some(top)));
+        }
     }
     let logits = logits.to_dtype(DType::F32)?;
     let scores = match choice.sigmoid {
@@ -93,9 +131,6 @@ pub fn router_choose(
         pick = pick.broadcast_add(&b.to_dtype(DType::F32)?.reshape((1, e))?)?;
     }
     if let Some((groups, keep, rule)) = choice.groups {
-        if groups == 0 || e % groups != 0 || keep == 0 || keep > groups {
-            candle_core::bail!("router: {keep} of {groups} groups of {e} experts");
-        }
         let per = e / groups;
         let grouped = pick.reshape((n, groups, per))?;
         let group_scores = match rule {
@@ -256,6 +291,98 @@ mod cuda {
         let probs = crate::ops::cuda_tensor(S::F32(probs), dev, (n, e).into());
         let top = top.map(|t| crate::ops::cuda_tensor(S::U32(t), dev, (n, k.unwrap_or(0)).into()));
         Ok((probs, top))
+    }
+
+    /// `super::router_choose` by the kernel over logits `[N, E]` contiguous from offset 0 and
+    /// `bias` `[E]` f32 contiguous: (scores `[N, E]` f32 without a graph, the top `k` `[N, k]`
+    /// u32); E ≤ [`MAX_EXPERTS`], at most 32 groups, the groups and k checked by the caller.
+    pub(super) fn choose(
+        logits: &Tensor,
+        bias: Option<&Tensor>,
+        choice: &super::Choice,
+        k: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        let candle_core::Device::Cuda(dev) = logits.device() else {
+            candle_core::bail!("router: not on CUDA")
+        };
+        let (n, e) = logits.dims2()?;
+        let (st, lt) = logits.storage_and_layout();
+        let Storage::Cuda(cl) = &*st else {
+            candle_core::bail!("router: not on CUDA")
+        };
+        let suffix = match &cl.slice {
+            S::F32(_) => "f32",
+            S::BF16(_) => "bf16",
+            S::F16(_) => "f16",
+            _ => candle_core::bail!("router: logits in {:?}", logits.dtype()),
+        };
+        let bias_storage = bias.map(|b| b.storage_and_layout());
+        let bias_slice = match &bias_storage {
+            Some((bs, bl)) => match &**bs {
+                Storage::Cuda(c) => match &c.slice {
+                    S::F32(v) => Some(v.slice(bl.start_offset()..bl.start_offset() + e)),
+                    _ => candle_core::bail!("router: the bias must be f32 here"),
+                },
+                _ => candle_core::bail!("router: the bias must be on the logits' device"),
+            },
+            None => None,
+        };
+        let per_lane = e.div_ceil(32).max(1).next_power_of_two();
+        let func = dev.get_or_load_custom_func(
+            &format!("router_choose_{per_lane}_{suffix}"),
+            "moeq_routing",
+            crate::ops::kernels::ROUTING,
+        )?;
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(8).max(1) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the kernel writes every score and every choice.
+        let scores = unsafe { dev.alloc::<f32>(n * e)? };
+        let top = unsafe { dev.alloc::<u32>(n * k)? };
+        let (groups, keep, rule) = match choice.groups {
+            Some((g, keep, rule)) => {
+                let two = rule == super::GroupScore::TopTwoSum;
+                (g as i32, keep as i32, two as i32)
+            }
+            None => (0, 0, 0),
+        };
+        let (e32, k32, sig, null) = (e as i32, k as i32, choice.sigmoid as i32, 0u64);
+        macro_rules! run {
+            ($v:expr) => {{
+                let l = $v.slice(lt.start_offset()..lt.start_offset() + n * e);
+                let mut b = func.builder();
+                b.arg(&l);
+                match &bias_slice {
+                    Some(v) => b.arg(v),
+                    None => b.arg(&null),
+                };
+                b.arg(&scores);
+                b.arg(&top);
+                b.arg(&n);
+                b.arg(&e32);
+                b.arg(&k32);
+                b.arg(&sig);
+                b.arg(&groups);
+                b.arg(&keep);
+                b.arg(&rule);
+                // SAFETY: arguments match kernels/routing.cu `router_choose` (a null bias:
+                // none); E fits the kernel's registers, groups ≤ 32 divide E, keep ≤ groups,
+                // k ≤ E (`router_choose` checked).
+                unsafe { b.launch(cfg) }.w()?;
+            }};
+        }
+        match &cl.slice {
+            S::F32(v) => run!(v),
+            S::BF16(v) => run!(v),
+            S::F16(v) => run!(v),
+            _ => unreachable!("dtype matched above"),
+        }
+        drop(st);
+        let scores = crate::ops::cuda_tensor(S::F32(scores), dev, (n, e).into());
+        let top = crate::ops::cuda_tensor(S::U32(top), dev, (n, k).into());
+        Ok((scores, top))
     }
 
     /// `super::logits_grad` by the kernel: probs `[N, E]` f32, top `[N, k]` u32, dw `[N, k]`

@@ -188,33 +188,44 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
         )?);
     }
     // DeepSeek-V3's choice (sigmoid scores, a per-expert bias, the best 4 of 8 groups by their
-    // two best scores) and DeepSeek-V2's (softmax, the best 3 of 8 groups by their best score):
-    // candle's ops on both sides; logits as above, bias steps of 1e-4 per expert.
-    for (sigmoid, rule, keep) in [
-        (true, GroupScore::TopTwoSum, 4usize),
-        (false, GroupScore::Max, 3),
+    // two best scores), DeepSeek-V2's (softmax, the best 3 of 8 groups of 20 by their best
+    // score: 160 experts, not a multiple of 32) and GLM-4.7-Flash's (sigmoid, bias, one group of
+    // 64) on bf16 logits of five values (ties everywhere: the lower expert on both sides).
+    // The kernel on CUDA against candle's ops on the CPU; logits as above, bias steps of 1e-4.
+    for (sigmoid, rule, groups, keep, e, dtype) in [
+        (true, GroupScore::TopTwoSum, 8, 4usize, 256usize, DType::F32),
+        (false, GroupScore::Max, 8, 3, 160, DType::F32),
+        (true, GroupScore::TopTwoSum, 1, 1, 64, DType::BF16),
     ] {
-        let (n, e, k) = (300usize, 256usize, 8usize);
+        let (n, k) = (300usize, 8usize);
         let logits: Vec<f32> = (0..n * e)
             .map(|i| {
                 let (t, j) = (i / e, i % e);
-                ((j * 37 + t * 11) % e) as f32 * (6.0 / e as f32) - 3.0
+                match dtype {
+                    DType::BF16 => ((j * 7 + t) % 5) as f32 - 2.0,
+                    _ => ((j * 37 + t * 11) % e) as f32 * (6.0 / e as f32) - 3.0,
+                }
             })
             .collect();
-        let logits = Tensor::from_vec(logits, (n, e), &Device::Cpu)?;
+        let logits = Tensor::from_vec(logits, (n, e), &Device::Cpu)?.to_dtype(dtype)?;
         let bias: Vec<f32> = (0..e).map(|j| ((j * 13) % e) as f32 * 1e-4).collect();
-        let bias = Tensor::from_vec(bias, e, &Device::Cpu)?;
+        let bias = match dtype {
+            DType::BF16 => Tensor::zeros(e, DType::F32, &Device::Cpu)?,
+            _ => Tensor::from_vec(bias, e, &Device::Cpu)?,
+        };
         let choose = |dev: &Device| -> Result<(Tensor, Option<Tensor>)> {
             let bias = bias.to_device(dev)?;
             let choice = Choice {
                 sigmoid,
                 bias: sigmoid.then_some(&bias),
-                groups: Some((8, keep, rule)),
+                groups: Some((groups, keep, rule)),
             };
             router_choose(&logits.to_device(dev)?, &choice, Some(k))
         };
         let ((got_p, got_top), (want_p, want_top)) = (choose(device)?, choose(&Device::Cpu)?);
-        let what = format!("router {rule:?} groups, best {keep} of 8, 256 experts top-{k}");
+        let what = format!(
+            "router {dtype:?} {rule:?} groups, best {keep} of {groups}, {e} experts top-{k}"
+        );
         out.push(compare(
             &format!("{what}: scores"),
             &got_p,
@@ -224,16 +235,12 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
         let (Some(got_top), Some(want_top)) = (got_top, want_top) else {
             candle_core::bail!("{what}: no top-k choice");
         };
-        // The choice's order among equal picks may differ; the set may not.
-        let sorted = |t: &Tensor| {
-            t.to_device(&Device::Cpu)?
-                .to_dtype(DType::F32)?
-                .sort_last_dim(true)
-        };
+        // In order: descending, ties to the lower expert on both sides.
+        let f32s = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F32);
         out.push(compare(
             &format!("{what}: choices"),
-            &sorted(&got_top)?.0,
-            &sorted(&want_top)?.0,
+            &f32s(&got_top)?,
+            &f32s(&want_top)?,
             lookup("router top-k", "u32", Pass::Exact)?,
         )?);
     }
