@@ -225,6 +225,29 @@ mod cuda {
     /// Experts per row the kernel keeps in registers (32 lanes × at most 32).
     pub(super) const MAX_EXPERTS: usize = 1024;
 
+    /// The name of the kernel `{name}_{L}_{T}` for rows of E experts in `dtype` (L experts a
+    /// lane: the fewest of 1, 2, 4, …, 32 that hold a row), and its launch over `n` rows, one
+    /// warp each, eight a block.
+    fn row_kernel(
+        name: &str,
+        dtype: candle_core::DType,
+        (n, e): (usize, usize),
+    ) -> Result<(String, LaunchConfig)> {
+        let suffix = match dtype {
+            candle_core::DType::F32 => "f32",
+            candle_core::DType::BF16 => "bf16",
+            candle_core::DType::F16 => "f16",
+            other => candle_core::bail!("router: logits in {other:?}"),
+        };
+        let per_lane = e.div_ceil(32).max(1).next_power_of_two();
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(8).max(1) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        Ok((format!("{name}_{per_lane}_{suffix}"), cfg))
+    }
+
     /// The kernel over logits `[N, E]` contiguous from offset 0.
     pub(super) fn softmax_topk(
         logits: &Tensor,
@@ -238,24 +261,10 @@ mod cuda {
         let Storage::Cuda(cl) = &*st else {
             candle_core::bail!("router: not on CUDA")
         };
-        let suffix = match &cl.slice {
-            S::F32(_) => "f32",
-            S::BF16(_) => "bf16",
-            S::F16(_) => "f16",
-            _ => candle_core::bail!("router: logits in {:?}", logits.dtype()),
-        };
         // Experts a lane: the fewest of 1, 2, 4, …, 32 that hold the row.
-        let per_lane = e.div_ceil(32).max(1).next_power_of_two();
-        let func = dev.get_or_load_custom_func(
-            &format!("router_softmax_topk_{per_lane}_{suffix}"),
-            "moeq_routing",
-            crate::ops::kernels::ROUTING,
-        )?;
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(8).max(1) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let (kernel, cfg) = row_kernel("router_softmax_topk", logits.dtype(), (n, e))?;
+        let func =
+            dev.get_or_load_custom_func(&kernel, "moeq_routing", crate::ops::kernels::ROUTING)?;
         // SAFETY: the kernel writes every probability, and every choice when asked.
         let probs = unsafe { dev.alloc::<f32>(n * e)? };
         let top = match k {
@@ -285,7 +294,7 @@ mod cuda {
             S::F32(v) => run!(v),
             S::BF16(v) => run!(v),
             S::F16(v) => run!(v),
-            _ => unreachable!("dtype matched above"),
+            _ => unreachable!("row_kernel took only these dtypes"),
         }
         drop(st);
         let probs = crate::ops::cuda_tensor(S::F32(probs), dev, (n, e).into());
@@ -310,12 +319,6 @@ mod cuda {
         let Storage::Cuda(cl) = &*st else {
             candle_core::bail!("router: not on CUDA")
         };
-        let suffix = match &cl.slice {
-            S::F32(_) => "f32",
-            S::BF16(_) => "bf16",
-            S::F16(_) => "f16",
-            _ => candle_core::bail!("router: logits in {:?}", logits.dtype()),
-        };
         let bias_storage = bias.map(|b| b.storage_and_layout());
         let bias_slice = match &bias_storage {
             Some((bs, bl)) => match &**bs {
@@ -327,17 +330,9 @@ mod cuda {
             },
             None => None,
         };
-        let per_lane = e.div_ceil(32).max(1).next_power_of_two();
-        let func = dev.get_or_load_custom_func(
-            &format!("router_choose_{per_lane}_{suffix}"),
-            "moeq_routing",
-            crate::ops::kernels::ROUTING,
-        )?;
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(8).max(1) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let (kernel, cfg) = row_kernel("router_choose", logits.dtype(), (n, e))?;
+        let func =
+            dev.get_or_load_custom_func(&kernel, "moeq_routing", crate::ops::kernels::ROUTING)?;
         // SAFETY: the kernel writes every score and every choice.
         let scores = unsafe { dev.alloc::<f32>(n * e)? };
         let top = unsafe { dev.alloc::<u32>(n * k)? };
@@ -377,7 +372,7 @@ mod cuda {
             S::F32(v) => run!(v),
             S::BF16(v) => run!(v),
             S::F16(v) => run!(v),
-            _ => unreachable!("dtype matched above"),
+            _ => unreachable!("row_kernel took only these dtypes"),
         }
         drop(st);
         let scores = crate::ops::cuda_tensor(S::F32(scores), dev, (n, e).into());
@@ -407,18 +402,9 @@ mod cuda {
                 dw.dims()
             );
         }
-        let suffix = match dtype {
-            candle_core::DType::F32 => "f32",
-            candle_core::DType::BF16 => "bf16",
-            candle_core::DType::F16 => "f16",
-            other => candle_core::bail!("router backward: logits in {other:?}"),
-        };
-        let per_lane = e.div_ceil(32).max(1).next_power_of_two();
-        let func = dev.get_or_load_custom_func(
-            &format!("router_bwd_{per_lane}_{suffix}"),
-            "moeq_routing",
-            crate::ops::kernels::ROUTING,
-        )?;
+        let (kernel, cfg) = row_kernel("router_bwd", dtype, (n, e))?;
+        let func =
+            dev.get_or_load_custom_func(&kernel, "moeq_routing", crate::ops::kernels::ROUTING)?;
         let (sp, _) = probs.storage_and_layout();
         let (st, _) = top.storage_and_layout();
         let (sw, _) = dw.storage_and_layout();
@@ -427,11 +413,6 @@ mod cuda {
         };
         let (S::F32(pv), S::U32(tv), S::F32(wv)) = (&cp.slice, &ct.slice, &cw.slice) else {
             candle_core::bail!("router backward: probs f32, top u32, dw f32")
-        };
-        let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(8).max(1) as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
         };
         let (e32, k32, s32) = (e as i32, k as i32, scaling as f32);
         let (renorm, sig) = (renormalize as i32, sigmoid as i32);
