@@ -8,6 +8,7 @@
 //! "router" entries).
 
 use super::norm::softmax_last;
+use crate::util::switch::EnvSwitch;
 use candle_core::{DType, Result, Tensor, D};
 
 /// (probabilities `[N, E]` f32, the top-`k` experts `[N, k]` u32 when `k` is given).
@@ -70,9 +71,10 @@ pub struct Choice<'a> {
 /// given) as transformers' DeepSeek and GLM routers compute them: scores by sigmoid or
 /// softmax; for the choice the scores plus the bias, the experts outside a token's `keep`
 /// best groups left out (a group scored by its best, or its two best, choice scores), then the
-/// k best (ties to the lower expert). On CUDA one warp per token makes the choice
-/// (`kernels/routing.cu` `router_choose`; and the scores where the logits record no graph);
-/// elsewhere candle's ops: the reference (`moeq gpu-check`, the "router" entries).
+/// k best (ties to the lower expert). Candle's ops: the reference (`moeq gpu-check`, the
+/// "router" entries), and on CUDA what runs unless [`choose_kernel`] is on — then one warp per
+/// token makes the choice (`kernels/routing.cu` `router_choose`; and the scores where the
+/// logits record no graph).
 pub fn router_choose(
     logits: &Tensor,
     choice: &Choice,
@@ -95,6 +97,7 @@ pub fn router_choose(
     #[cfg(feature = "cuda")]
     if let Some(k) = k {
         if logits.device().is_cuda()
+            && choose_kernel()
             && e <= cuda::MAX_EXPERTS
             && choice.groups.is_none_or(|(g, _, _)| g <= 32)
             && matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16)
@@ -163,6 +166,19 @@ pub fn router_choose(
         .narrow(1, 0, k)?
         .contiguous()?;
     Ok((scores, Some(top)))
+}
+
+static CHOOSE_KERNEL: EnvSwitch = EnvSwitch::new("MOEQ_ROUTER_CHOOSE", |v| v == Some("kernel"));
+
+/// Whether [`router_choose`] runs its kernel on CUDA: `set_choose_kernel`'s, else
+/// `MOEQ_ROUTER_CHOOSE=kernel`. Off by default until gpu-check has run it (written 2026-12-05
+/// without a GPU; gpu-check turns it on for its choice rows).
+pub fn choose_kernel() -> bool {
+    CHOOSE_KERNEL.get()
+}
+
+pub fn set_choose_kernel(on: bool) {
+    CHOOSE_KERNEL.set(on);
 }
 
 /// The router logits' gradient `[N, E]` in `dtype` from the routing weights' gradient `dw`
