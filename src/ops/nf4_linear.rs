@@ -123,10 +123,9 @@ impl Scales {
     }
 
     /// `packed` codes with these scales dequantized to `shape` in `dtype`: [`Self::values`] then
-    /// the dequantization; with `MOEQ_NESTED_DEQUANT=fused`, on CUDA with nested statistics,
-    /// one kernel that expands the scales as it goes (the same values; off by default: its
-    /// first version measured slower, the mended one has not run — launch/bench/NOTES.md
-    /// item 49).
+    /// the dequantization; on CUDA with nested statistics one kernel that expands the scales
+    /// as it goes (the same values; `MOEQ_NESTED_DEQUANT=off` for the two kernels —
+    /// launch/bench/NOTES.md items 49 and 53).
     pub fn dequantize(
         &self,
         packed: &Tensor,
@@ -161,11 +160,13 @@ impl Scales {
     }
 }
 
-/// Whether `MOEQ_NESTED_DEQUANT=fused` asks for the one-kernel nested dequantization.
+/// Whether nested statistics are expanded inside the dequantization's kernel (on unless
+/// `MOEQ_NESTED_DEQUANT=off`: +1.7–9.8% tokens/s at micro-batch 8–1, 2026-12-05).
 #[cfg(feature = "cuda")]
 fn fused_nested() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MOEQ_NESTED_DEQUANT").is_ok_and(|v| v == "fused"))
+    static FUSED: crate::util::switch::EnvSwitch =
+        crate::util::switch::EnvSwitch::new("MOEQ_NESTED_DEQUANT", |v| v != Some("off"));
+    FUSED.get()
 }
 
 /// A frozen 4-bit weight `[out, in]` on a device: packed codes and block scales.

@@ -72,8 +72,8 @@ pub struct Choice<'a> {
 /// softmax; for the choice the scores plus the bias, the experts outside a token's `keep`
 /// best groups left out (a group scored by its best, or its two best, choice scores), then the
 /// k best (ties to the lower expert). Candle's ops: the reference (`moeq gpu-check`, the
-/// "router" entries), and on CUDA what runs unless [`choose_kernel`] is on — then one warp per
-/// token makes the choice (`kernels/routing.cu` `router_choose`; and the scores where the
+/// "router" entries), and on CUDA what runs where [`choose_kernel`] is off; by default one warp
+/// per token makes the choice (`kernels/routing.cu` `router_choose`; and the scores where the
 /// logits record no graph).
 pub fn router_choose(
     logits: &Tensor,
@@ -168,11 +168,11 @@ pub fn router_choose(
     Ok((scores, Some(top)))
 }
 
-static CHOOSE_KERNEL: EnvSwitch = EnvSwitch::new("MOEQ_ROUTER_CHOOSE", |v| v == Some("kernel"));
+static CHOOSE_KERNEL: EnvSwitch = EnvSwitch::new("MOEQ_ROUTER_CHOOSE", |v| v != Some("candle"));
 
-/// Whether [`router_choose`] runs its kernel on CUDA: `set_choose_kernel`'s, else
-/// `MOEQ_ROUTER_CHOOSE=kernel`. Off by default until gpu-check has run it (written 2026-12-05
-/// without a GPU; gpu-check turns it on for its choice rows).
+/// Whether [`router_choose`] runs its kernel on CUDA: `set_choose_kernel`'s, else on unless
+/// `MOEQ_ROUTER_CHOOSE=candle` (candle's ops, the reference). gpu-check's choice rows run it
+/// against the CPU whatever the setting (launch/bench/NOTES.md item 52).
 pub fn choose_kernel() -> bool {
     CHOOSE_KERNEL.get()
 }
