@@ -195,34 +195,50 @@ __device__ void pass_turn(int *counter, int next) {
 // (row stride `ld`): the first part writes f32 without reading, the last writes bf16 × `scale`
 // to `out`, the others read-add-write f32.
 // Elements come in pairs of adjacent columns (the wgmma accumulator's layout), moved as float2
-// / bf16×2 where the pair is adjacent and aligned, one by one otherwise.
+// / bf16×2 where the pair is adjacent and aligned, one by one otherwise. The reads go in
+// batches of `kBatch` pairs, all issued before the batch's stores: a store into `base` may
+// alias any later read as far as the compiler knows, so pair-by-pair code would wait one
+// L2/HBM round trip per pair (16 a step at heads of 128).
 template <class Value, class TCoord>
 __device__ void add_part(Value value, TCoord const &coord, float *base, Bf16 *out, int64_t ld,
                          bool first, bool last, float scale) {
+  constexpr int kPairs = size(TCoord{}) / 2;
   static_assert(size(TCoord{}) % 2 == 0, "pairs");
+  constexpr int kBatch = kPairs % 8 == 0 ? 8 : kPairs % 4 == 0 ? 4 : 2;
+  static_assert(kPairs % kBatch == 0, "whole batches");
+  auto offset = [&](int i) { return get<0>(coord(i)) * ld + get<1>(coord(i)); };
   CUTE_UNROLL
-  for (int i = 0; i < size(coord); i += 2) {
-    const int64_t o = get<0>(coord(i)) * ld + get<1>(coord(i));
-    const int64_t o1 = get<0>(coord(i + 1)) * ld + get<1>(coord(i + 1));
-    float2 x = make_float2(value(i), value(i + 1));
-    if (o1 == o + 1 && o % 2 == 0) {
-      if (!first) {
-        const float2 y = __ldcg(reinterpret_cast<const float2 *>(base + o));
-        x.x += y.x;
-        x.y += y.y;
-      }
-      if (last) {
-        *reinterpret_cast<__nv_bfloat162 *>(out + o) =
-            __floats2bfloat162_rn(x.x * scale, x.y * scale);
+  for (int p0 = 0; p0 < kPairs; p0 += kBatch) {
+    float2 y[kBatch];
+    CUTE_UNROLL
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = 2 * (p0 + j);
+      const int64_t o = offset(i), o1 = offset(i + 1);
+      if (first) {
+        y[j] = make_float2(0.f, 0.f);  // not read
+      } else if (o1 == o + 1 && o % 2 == 0) {
+        y[j] = __ldcg(reinterpret_cast<const float2 *>(base + o));
       } else {
-        __stcg(reinterpret_cast<float2 *>(base + o), x);
+        y[j] = make_float2(__ldcg(base + o), __ldcg(base + o1));
       }
-    } else {
+    }
+    CUTE_UNROLL
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = 2 * (p0 + j);
+      const int64_t o = offset(i), o1 = offset(i + 1);
+      float2 x = make_float2(value(i), value(i + 1));
       if (!first) {
-        x.x += __ldcg(base + o);
-        x.y += __ldcg(base + o1);
+        x.x += y[j].x;
+        x.y += y[j].y;
       }
-      if (last) {
+      if (o1 == o + 1 && o % 2 == 0) {
+        if (last) {
+          *reinterpret_cast<__nv_bfloat162 *>(out + o) =
+              __floats2bfloat162_rn(x.x * scale, x.y * scale);
+        } else {
+          __stcg(reinterpret_cast<float2 *>(base + o), x);
+        }
+      } else if (last) {
         out[o] = Bf16(x.x * scale);
         out[o1] = Bf16(x.y * scale);
       } else {
