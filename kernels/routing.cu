@@ -115,6 +115,48 @@ __device__ void gather_rows_vec(const T* src, const uint32_t* idx, const float* 
   }
 }
 
+// spread_rows_vec: the same rows as gather_rows_vec over idx = tokens, read token-major:
+// out[inv[t·k + j]] = src[t] for each token t and slot j < k — each source row read once and
+// written k times (row by row in expert order, each token row is read k times, far apart, and
+// mostly from HBM once the rows outgrow L2). One warp per token, ROW_UNROLL packs per lane in
+// registers while they go to the k rows. WEIGHTED: w [N·k] (f32, slot order),
+// out[inv[s]] = w[s] · src[t] in f32, one rounding — gather_rows_weighted_vec's values (its
+// weights are w in row order). A permutation's writes: no two slots share a row (RowOrder).
+template <typename T, bool WEIGHTED>
+__device__ void spread_rows_vec(const T* src, const uint32_t* inv, const float* w, T* out, const size_t tokens,
+                                const int k, const size_t h) {
+  constexpr int P = 16 / sizeof(T);
+  const size_t packs = h / P;
+  const int lane = threadIdx.x % 32;
+  for (size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32; t < tokens;
+       t += (size_t)gridDim.x * (blockDim.x / 32)) {
+    const uint4* from = reinterpret_cast<const uint4*>(src + t * h);
+    for (size_t p = lane; p < packs; p += 32 * ROW_UNROLL) {
+      Pack<T> v[ROW_UNROLL];
+#pragma unroll
+      for (int u = 0; u < ROW_UNROLL; ++u) {
+        if (p + 32 * u < packs) v[u].v = from[p + 32 * u];
+      }
+      for (int j = 0; j < k; ++j) {
+        const size_t s = t * k + j;
+        uint4* to = reinterpret_cast<uint4*>(out + (size_t)inv[s] * h);
+        const float wt = WEIGHTED ? w[s] : 1.0f;
+#pragma unroll
+        for (int u = 0; u < ROW_UNROLL; ++u) {
+          if (p + 32 * u < packs) {
+            Pack<T> x = v[u];
+            if (WEIGHTED) {
+#pragma unroll
+              for (int e = 0; e < P; ++e) x.e[e] = from_f32<T>(0.0f + wt * to_f32(v[u].e[e]));
+            }
+            to[p + 32 * u] = x.v;
+          }
+        }
+      }
+    }
+  }
+}
+
 extern "C" __global__ void route_count(const uint32_t* top, uint32_t* counts, const size_t slots,
                                        const int experts) {
   extern __shared__ uint32_t hist[];
@@ -538,6 +580,17 @@ __device__ void router_bwd(const float* probs, const uint32_t* top, const float*
                                                                const float* w, T* out,               \
                                                                const size_t rows, const size_t h) {  \
     gather_rows_vec<T, true>(src, idx, w, out, rows, h);                                           \
+  }                                                                                                   \
+  extern "C" __global__ void spread_rows_vec_##SUFFIX(const T* src, const uint32_t* inv, T* out,     \
+                                                      const size_t tokens, const int k,              \
+                                                      const size_t h) {                              \
+    spread_rows_vec<T, false>(src, inv, nullptr, out, tokens, k, h);                               \
+  }                                                                                                   \
+  extern "C" __global__ void spread_rows_weighted_vec_##SUFFIX(const T* src, const uint32_t* inv,    \
+                                                               const float* w, T* out,               \
+                                                               const size_t tokens, const int k,     \
+                                                               const size_t h) {                     \
+    spread_rows_vec<T, true>(src, inv, w, out, tokens, k, h);                                      \
   }
 
 ROUTING_KERNELS(float, f32)

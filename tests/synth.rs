@@ -583,8 +583,10 @@ fn custom_ops_match_their_references_on_the_cpu() {
     // 2,880 / 4,096 / 1,100 (16), the combine by rows at 1,032 (4), the router at 20 / 384 /
     // 600 experts (6) and on tied logits with and without a graph (1), the norm's backward plus
     // a residual (8), the router's backward (32: softmax/sigmoid × renormalised or not × four
-    // sizes × f32/bf16), the group-limited choices' third case (GLM-4.7-Flash's, bf16 ties; 2)
-    assert_eq!(results.len(), 555);
+    // sizes × f32/bf16), the group-limited choices' third case (GLM-4.7-Flash's, bf16 ties; 2),
+    // then the token-major row gathers (24: two gather/combine cases of 3 entries, two combine
+    // rows cases of 2, and the two bit-for-bit rows, × f32/bf16)
+    assert_eq!(results.len(), 579);
     for r in results {
         assert!(r.passed(), "{r}");
     }

@@ -58,6 +58,11 @@ fn setup_16bit(arch: ModelType) -> Setup {
 }
 
 fn setup_with(arch: ModelType, dropout: f64, sixteen_bit: bool) -> Setup {
+    setup_targets(arch, dropout, sixteen_bit, true)
+}
+
+/// `setup_with`, the experts' adapters only with `experts`.
+fn setup_targets(arch: ModelType, dropout: f64, sixteen_bit: bool, experts: bool) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let opts = SynthOptions {
         model_type: arch,
@@ -85,10 +90,13 @@ fn setup_with(arch: ModelType, dropout: f64, sixteen_bit: bool) -> Setup {
         dropout,
         use_rslora: false,
         target_modules: vec!["all-linear".into()],
-        target_parameters: vec![
-            "mlp.experts.gate_up_proj".into(),
-            "mlp.experts.down_proj".into(),
-        ],
+        target_parameters: match experts {
+            true => vec![
+                "mlp.experts.gate_up_proj".into(),
+                "mlp.experts.down_proj".into(),
+            ],
+            false => Vec::new(),
+        },
     };
     let adapters = Adapters::new(&md.spec, settings, 5, &Device::Cpu).unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
@@ -294,6 +302,46 @@ fn kept_activations_match_the_recompute_exactly() {
                 assert_eq!(
                     err, 0.0,
                     "{arch:?} {name}: {how} vs recomputed differ by {err:e}"
+                );
+            }
+        }
+    }
+}
+
+/// Without expert adapters, the recompute can form the experts' gate_up output in their
+/// backward, a chunk of experts at a time (`MOEQ_EXPERT_CHUNKS`): the same gradients as the
+/// separate passes and as kept activations, bit for bit. (The switch is process-wide; other
+/// tests running meanwhile take the same bits either way.)
+#[test]
+fn expert_chunks_match_the_separate_passes_exactly() {
+    use moeq::ops::expert_chunks::EXPERT_CHUNKS;
+    for arch in ARCHS {
+        let s = setup_targets(arch, 0.0, false, false);
+        let b = batch(s.model.spec.vocab_size, 4);
+        let separate = {
+            let _off = EXPERT_CHUNKS.scoped(false);
+            grads_with(&s, &b, None, Activations::Recompute)
+        };
+        let (chunked, kept) = {
+            let _on = EXPERT_CHUNKS.scoped(true);
+            let r = grads_with(&s, &b, None, Activations::Recompute);
+            (r, grads_with(&s, &b, None, Activations::Keep))
+        };
+        assert_eq!(
+            separate.keys().collect::<Vec<_>>(),
+            chunked.keys().collect::<Vec<_>>()
+        );
+        assert!(
+            !separate.keys().any(|k| k.contains(".mlp.experts.")),
+            "{arch:?}: no expert adapters"
+        );
+        for (name, want) in &separate {
+            assert!(max_abs(want) > 0.0, "{arch:?} {name}: zero gradient");
+            for (how, got) in [("chunked", &chunked[name]), ("kept", &kept[name])] {
+                let err = max_abs(&(got - want).unwrap());
+                assert_eq!(
+                    err, 0.0,
+                    "{arch:?} {name}: {how} vs separate differ by {err:e}"
                 );
             }
         }

@@ -247,6 +247,8 @@ const ATTN_VS_CUDNN: &str = "two bf16 gradients from f32 sums in different order
 const ROUTING_PLAN: &str = "integer outputs (tokens, slots, inverse, counts): any difference \
     fails";
 const ADD: &str = "one rounding of the exact sum on both sides (bf16 sums rounded through f32 round alike: 24 ≥ 2·8 + 2 bits)";
+const ROWS_BY_TOKEN: &str =
+    "the same values moved (weighted rows: w·x in f32, rounded once) in another order of reads";
 const ROUTER: &str =
     "exp(x − max) / Σ in f32 on both sides: expf ulps and the sum's order (≈ 1e-7 relative)";
 const ROUTER_BWD: &str = "f32 sums over ≤ 1,024 terms in another order (a warp's tree against \
@@ -413,6 +415,7 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Ops,   "attention backward vs cuDNN", "bf16", Backward, 2e-2,      OfMax(2e-2),            ATTN_VS_CUDNN),
     row(Ops,   "routing plan",             "u32",  Exact,    0.0,          Abs(0.5),               ROUTING_PLAN),
     row(Ops,   "embedding rows",           "any",  Exact,    0.0,          Abs(0.0),               EMBEDDING),
+    row(Ops,   "routing rows token-major", "any",  Exact,    0.0,          Abs(0.0),               ROWS_BY_TOKEN),
     row(Ops,   "add",                      "any",  Exact,    0.0,          Abs(0.0),               ADD),
     row(Ops,   "router probs",             "f32",  Forward,  1e-6,         Abs(1e-9),              ROUTER),
     row(Ops,   "router backward",          "f32",  Backward, 1e-5,         OfMax(1e-5),            ROUTER_BWD),

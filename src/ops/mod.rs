@@ -19,6 +19,7 @@ pub mod delta_prep_op;
 pub mod delta_rule;
 pub mod delta_rule_op;
 pub mod embedding;
+pub mod expert_chunks;
 pub mod expert_weights;
 pub mod experts;
 #[cfg(feature = "cuda")]

@@ -77,9 +77,16 @@ impl Packing {
 /// the activations [M, I] (down), with `x · A_eᵀ` [M, r] of each, where that projection has
 /// an adapter.
 struct Kept {
-    gu: Tensor,
+    gu: Gu,
     xs: Option<(Tensor, Tensor)>,
     act: Option<(Tensor, Tensor)>,
+}
+
+/// gate_up's output, or (a recompute without adapters, `expert_chunks::serves`) the gathered
+/// rows it is formed from in the backward, a chunk of experts at a time.
+enum Gu {
+    Formed(Tensor),
+    Deferred(Tensor),
 }
 
 /// The held experts' weights, rows and adapters, for their forward and backward.
@@ -100,6 +107,16 @@ impl Held<'_> {
     /// xs [M, H] grouped by held expert → the expert outputs [M, H], or only what the backward
     /// needs (`output` false: a recompute; the down projection is then skipped, see `backward`).
     fn forward(&self, xs: &Tensor, output: bool) -> Result<(Option<Tensor>, Kept)> {
+        let adapters =
+            self.adapter.is_some() && (self.gate_up_lora.is_some() || self.down_lora.is_some());
+        if !output && !adapters && super::expert_chunks::serves(self.gate_up) {
+            let kept = Kept {
+                gu: Gu::Deferred(xs.clone()),
+                xs: None,
+                act: None,
+            };
+            return Ok((None, kept));
+        }
         let mut gu = grouped(xs, self.gate_up, self.counts, true)?; // [M, 2I]
         let mut xs_h = None;
         if let (Some((a, b)), Some(l)) = (self.gate_up_lora, self.adapter) {
@@ -107,29 +124,35 @@ impl Held<'_> {
             gu = sum;
             xs_h = Some((xs.clone(), h));
         }
-        let mut kept = Kept {
-            gu,
-            xs: xs_h,
-            act: None,
-        };
         let glu = self.gate_up.glu;
         let down_lora = self.down_lora.zip(self.adapter);
+        let mut act_h = None;
         if !output {
             // Of the down projection only its adapter's input and hidden, for the backward.
             if let Some(((a, b), l)) = down_lora {
-                let act = super::swiglu::packed_forward(&kept.gu, glu)?; // [M, I]
+                let act = super::swiglu::packed_forward(&gu, glu)?; // [M, I]
                 let h = l.hidden_of(&act, a, b)?;
-                kept.act = Some((act, h));
+                act_h = Some((act, h));
             }
+            let kept = Kept {
+                gu: Gu::Formed(gu),
+                xs: xs_h,
+                act: act_h,
+            };
             return Ok((None, kept));
         }
-        let act = super::swiglu::packed_forward(&kept.gu, glu)?; // [M, I]
+        let act = super::swiglu::packed_forward(&gu, glu)?; // [M, I]
         let mut y = grouped(&act, self.down, self.counts, true)?; // [M, H]
         if let Some(((a, b), l)) = down_lora {
             let (sum, h) = l.forward_into(y, &act, a, b)?;
             y = sum;
-            kept.act = Some((act, h));
+            act_h = Some((act, h));
         }
+        let kept = Kept {
+            gu: Gu::Formed(gu),
+            xs: xs_h,
+            act: act_h,
+        };
         Ok((Some(y), kept))
     }
 
@@ -149,6 +172,26 @@ impl Held<'_> {
         let bias_dots = match dots {
             true => self.down.bias_dots(&dy, self.counts)?,
             false => None,
+        };
+        let gu = match gu {
+            Gu::Formed(gu) => gu,
+            Gu::Deferred(xs) => {
+                let (dxs, dot) = super::expert_chunks::backward_by_chunk(
+                    self.gate_up,
+                    self.down,
+                    self.counts,
+                    &xs,
+                    &dy,
+                    dtype,
+                    dots,
+                    dequant_chunk_bytes(),
+                )?;
+                let dot = match (dot, bias_dots) {
+                    (Some(d), Some(b)) => Some((d + b)?),
+                    (dot, _) => dot,
+                };
+                return Ok((dxs, (None, None), dot));
+            }
         };
         let mut dact = grouped(&dy, self.down, self.counts, false)?.to_dtype(dtype)?;
         let mut down = None;

@@ -72,7 +72,7 @@ pub struct Choice<'a> {
 /// softmax; for the choice the scores plus the bias, the experts outside a token's `keep`
 /// best groups left out (a group scored by its best, or its two best, choice scores), then the
 /// k best (ties to the lower expert). Candle's ops: the reference (`moeq gpu-check`, the
-/// "router" entries), and on CUDA what runs where [`choose_kernel`] is off; by default one warp
+/// "router" entries), and on CUDA what runs where [`CHOOSE_KERNEL`] is off; by default one warp
 /// per token makes the choice (`kernels/routing.cu` `router_choose`; and the scores where the
 /// logits record no graph).
 pub fn router_choose(
@@ -97,7 +97,7 @@ pub fn router_choose(
     #[cfg(feature = "cuda")]
     if let Some(k) = k {
         if logits.device().is_cuda()
-            && choose_kernel()
+            && CHOOSE_KERNEL.get()
             && e <= cuda::MAX_EXPERTS
             && choice.groups.is_none_or(|(g, _, _)| g <= 32)
             && matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16)
@@ -168,18 +168,10 @@ pub fn router_choose(
     Ok((scores, Some(top)))
 }
 
-static CHOOSE_KERNEL: EnvSwitch = EnvSwitch::new("MOEQ_ROUTER_CHOOSE", |v| v != Some("candle"));
-
-/// Whether [`router_choose`] runs its kernel on CUDA: `set_choose_kernel`'s, else on unless
-/// `MOEQ_ROUTER_CHOOSE=candle` (candle's ops, the reference). gpu-check's choice rows run it
-/// against the CPU whatever the setting (launch/bench/NOTES.md item 52).
-pub fn choose_kernel() -> bool {
-    CHOOSE_KERNEL.get()
-}
-
-pub fn set_choose_kernel(on: bool) {
-    CHOOSE_KERNEL.set(on);
-}
+/// Whether [`router_choose`] runs its kernel on CUDA: on unless `MOEQ_ROUTER_CHOOSE=candle`
+/// (candle's ops, the reference). gpu-check's choice rows run it against the CPU whatever the
+/// setting (launch/bench/NOTES.md item 52).
+pub static CHOOSE_KERNEL: EnvSwitch = EnvSwitch::new("MOEQ_ROUTER_CHOOSE", |v| v != Some("candle"));
 
 /// The router logits' gradient `[N, E]` in `dtype` from the routing weights' gradient `dw`
 /// `[N, k]`: through the `scaling`, the optional renormalisation (w = sel / Σ sel), the top-k

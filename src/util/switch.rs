@@ -36,6 +36,26 @@ impl EnvSwitch {
     pub fn set(&self, on: bool) {
         self.state.store(if on { 2 } else { 1 }, Ordering::Relaxed);
     }
+
+    /// Sets the switch until the guard drops, then puts back what it was (gpu-check turns a
+    /// kernel on for its rows however they end).
+    pub fn scoped(&'static self, on: bool) -> Scoped {
+        let was = self.get();
+        self.set(on);
+        Scoped { switch: self, was }
+    }
+}
+
+/// A switch's setting for a scope (`EnvSwitch::scoped`).
+pub struct Scoped {
+    switch: &'static EnvSwitch,
+    was: bool,
+}
+
+impl Drop for Scoped {
+    fn drop(&mut self) {
+        self.switch.set(self.was);
+    }
 }
 
 #[cfg(test)]
@@ -52,5 +72,10 @@ mod tests {
         assert!(!SWITCH.get());
         SWITCH.set(true);
         assert!(SWITCH.get());
+        {
+            let _off = SWITCH.scoped(false);
+            assert!(!SWITCH.get());
+        }
+        assert!(SWITCH.get(), "the scope's end puts the setting back");
     }
 }

@@ -7,7 +7,9 @@ use super::super::tolerance::{lookup, Pass};
 use super::super::{compare, Comparison};
 use crate::ops::add::add;
 use crate::ops::norm::{rms_norm_backward, rms_norm_backward_plus};
-use crate::ops::routing::{combine_backward_rows, weights_grad, RowOrder};
+use crate::ops::routing::{
+    combine_backward_rows, gather_rows, weights_grad, RowOrder, ROWS_BY_TOKEN,
+};
 use crate::ops::swiglu::{packed_backward_dot, Glu};
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -102,13 +104,22 @@ pub(super) fn check_row_dots(
     // The combine's backward by rows (dy = w · dout) and the weights' gradient from row dots
     // (here of dy with a stand-in for the expert outputs): what the layer backward runs. Rows
     // of 128 and 1,032 take the warp-per-row kernel (1,032 in bf16/f16: a second, partial
-    // round of packs), rows of 36 the element-wise one in bf16/f16.
-    for h in [128usize, 36, 1032] {
+    // round of packs), rows of 36 the element-wise one in bf16/f16; row by row and token-major
+    // (`ROWS_BY_TOKEN`).
+    for (h, by_token) in [
+        (128usize, false),
+        (36, false),
+        (1032, false),
+        (128, true),
+        (1032, true),
+    ] {
+        let _order = ROWS_BY_TOKEN.scoped(by_token);
         let dout = Tensor::randn(0f32, 1.0, (n, h), cpu)?;
         let wr = Tensor::rand(0.1f32, 1.0, (n, k), cpu)?;
         let ys = Tensor::randn(0f32, 1.0, (n * k, h), cpu)?;
+        let read = if by_token { ", token-major" } else { "" };
         out.extend(outputs_vs_cpu(
-            &format!("routing combine rows (rows of {h})"),
+            &format!("routing combine rows (rows of {h}{read})"),
             "gather_rows/combine_rows",
             device,
             dtype,
@@ -121,6 +132,29 @@ pub(super) fn check_row_dots(
                 let dots = (f32(&dys)? * f32(&t[2])?)?.sum(1)?;
                 Ok(vec![dys, weights_grad(&dots, &w, &order)?])
             },
+        )?);
+    }
+    // Token-major against row by row on the device, bit for bit: the row gather and the
+    // combine backward's weighted rows, rows of 1,032 (on the CPU both are `index_select`).
+    let x = Tensor::randn(0f32, 1.0, (n, 1032), cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?;
+    let w = Tensor::rand(0.1f32, 1.0, (n, k), cpu)?.to_device(device)?;
+    let order = RowOrder::new(tokens.to_vec(), slots.to_vec(), k, device)?;
+    let rows = |by_token: bool| -> Result<[Tensor; 2]> {
+        let _order = ROWS_BY_TOKEN.scoped(by_token);
+        let gathered = gather_rows(&x, &order)?.to_device(cpu)?;
+        let weighted = combine_backward_rows(&w, &order, &x, dtype)?.to_device(cpu)?;
+        Ok([gathered, weighted])
+    };
+    let (token_major, row_by_row) = (rows(true)?, rows(false)?);
+    let names = ["gather", "combine backward rows"];
+    for ((what, a), b) in names.into_iter().zip(token_major).zip(row_by_row) {
+        out.push(compare(
+            &format!("routing {what} {dtype:?}: token-major = row by row"),
+            &a,
+            &b,
+            lookup("routing rows token-major", "any", Pass::Exact)?,
         )?);
     }
     Ok(out)

@@ -33,7 +33,7 @@ use crate::ops::norm_rope::norm_rope;
 use crate::ops::rope::{apply_rope, Rope, RopeSpec};
 use crate::ops::rope_part::{rope_part, Part};
 use crate::ops::routed_experts::{routed_experts, Weights};
-use crate::ops::routing::{combine_rows, gather_rows, RowOrder};
+use crate::ops::routing::{combine_rows, gather_rows, RowOrder, ROWS_BY_TOKEN};
 use crate::ops::swiglu::{swiglu, swiglu_packed, swiglu_reference};
 use crate::quant::{QuantSettings, QuantizedParam};
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -404,12 +404,15 @@ fn check_model_ops(device: &Device, dtype: DType) -> Result<Vec<Comparison>> {
     rows.sort_unstable();
     let tokens: Vec<u32> = rows.iter().map(|r| r.1).collect();
     let slots: Vec<u32> = rows.iter().map(|r| r.2).collect();
-    // Rows of 128 take the 16-byte kernels; rows of 36 the element-wise ones in bf16/f16.
-    for h in [128usize, 36] {
+    // Rows of 128 take the 16-byte kernels; rows of 36 the element-wise ones in bf16/f16. The
+    // gather row by row and token-major (`ROWS_BY_TOKEN`, whatever its setting outside).
+    for (h, by_token) in [(128usize, false), (36, false), (128, true), (36, true)] {
+        let _order = ROWS_BY_TOKEN.scoped(by_token);
         let xr = Tensor::randn(0f32, 1.0, (n, h), cpu)?;
         let wr = Tensor::rand(0f32, 1.0, (n, k), cpu)?;
+        let read = if by_token { ", token-major" } else { "" };
         out.extend(device_vs_cpu(
-            &format!("routing gather/combine (rows of {h})"),
+            &format!("routing gather/combine (rows of {h}{read})"),
             "gather_rows/combine_rows",
             device,
             dtype,

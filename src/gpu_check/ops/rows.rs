@@ -6,7 +6,7 @@ use super::{compare, lookup, Comparison, Pass};
 use crate::ops::add::add;
 use crate::ops::embedding::{gather_host_rows, Embedding, TokenIds};
 use crate::ops::router::{
-    choose_kernel, logits_grad, router_choose, router_probs, set_choose_kernel, Choice, GroupScore,
+    logits_grad, router_choose, router_probs, Choice, GroupScore, CHOOSE_KERNEL,
 };
 use crate::ops::routing::plan;
 use candle_core::{DType, Device, Result, Tensor};
@@ -193,10 +193,9 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
     // two best scores), DeepSeek-V2's (softmax, the best 3 of 8 groups of 20 by their best
     // score: 160 experts, not a multiple of 32) and GLM-4.7-Flash's (sigmoid, bias, one group of
     // 64) on bf16 logits of five values (ties everywhere: the lower expert on both sides).
-    // The kernel on CUDA (switched on here: off by default until this has run) against
-    // candle's ops on the CPU; logits as above, bias steps of 1e-4.
-    let _restore = ChooseKernel(choose_kernel());
-    set_choose_kernel(true);
+    // The kernel on CUDA (switched on here whatever the setting) against candle's ops on the
+    // CPU; logits as above, bias steps of 1e-4.
+    let _kernel = CHOOSE_KERNEL.scoped(true);
     for (sigmoid, rule, groups, keep, e, dtype) in [
         (true, GroupScore::TopTwoSum, 8, 4usize, 256usize, DType::F32),
         (false, GroupScore::Max, 8, 3, 160, DType::F32),
@@ -250,13 +249,4 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
         )?);
     }
     Ok(out)
-}
-
-/// Puts the router-choice kernel's switch back as it was however the check ends.
-struct ChooseKernel(bool);
-
-impl Drop for ChooseKernel {
-    fn drop(&mut self) {
-        set_choose_kernel(self.0);
-    }
 }

@@ -1,0 +1,192 @@
+//! The routed experts' recompute and backward together, a chunk of experts at a time
+//! (`EXPERT_CHUNKS`, off unless `MOEQ_EXPERT_CHUNKS=1` until measured: launch/bench/NOTES.md
+//! item 56).
+//!
+//! With the layer recomputed and no expert adapters, the recompute forms gate_up's output only
+//! for the backward, which dequantizes gate_up again for the input gradient. Here each chunk of
+//! experts (the dequantization's chunk) is dequantized once for both: gu = xs·W_guᵀ, then
+//! dact = dy·W_d, dgu through the SwiGLU, dxs = dgu·W_gu with the same dequantized chunk — one
+//! gate_up dequantization a layer fewer, and gu, dact and dgu exist a chunk at a time. Each
+//! expert's products are those of the separate passes (same rows, same weights, same order),
+//! so the gradients are the same.
+
+use super::expert_weights::ExpertWeights;
+use super::grouped_gemm::{grouped_gemm, grouped_gemm_into, output_for_products, Gemm, Product};
+use super::swiglu::{packed_backward, packed_backward_dot};
+use crate::util::switch::EnvSwitch;
+use candle_core::{DType, Result, Tensor};
+use std::ops::Range;
+
+pub static EXPERT_CHUNKS: EnvSwitch = EnvSwitch::new("MOEQ_EXPERT_CHUNKS", |v| v == Some("1"));
+
+/// Whether [`backward_by_chunk`] serves these weights: the switch on, and no gate_up bias (its
+/// chunk would need the bias of its experts only).
+pub(crate) fn serves(gate_up: &ExpertWeights) -> bool {
+    EXPERT_CHUNKS.get() && gate_up.bias.is_none()
+}
+
+/// The products of experts `experts` over their rows (`counts`): A's rows from `a_row` (`k`
+/// wide), C's from `c_row` (`n` wide), expert e's weights at (e − start)·k·n of the chunk.
+fn products(
+    counts: &[usize],
+    experts: Range<usize>,
+    (a_row, c_row): (usize, usize),
+    k: usize,
+    n: usize,
+) -> Vec<Product> {
+    let mut out = Vec::with_capacity(experts.len());
+    let mut r = 0;
+    for e in experts.clone() {
+        let c = counts[e];
+        if c > 0 {
+            out.push(Product {
+                a: (a_row + r) * k,
+                b: (e - experts.start) * k * n,
+                c: (c_row + r) * n,
+                m: c,
+                n,
+                k,
+            });
+            r += c;
+        }
+    }
+    out
+}
+
+/// xs `[M, H]` and dy `[M, H]` grouped by expert → (dxs `[M, H]` in `dtype`, with `dots` each
+/// row's ⟨dy, act·W_dᵀ⟩ `[M]` f32 — the expert output's dot without its bias), as
+/// `Held::backward` gives them from a recompute's gu; gate_up dequantized `chunk_bytes` at a
+/// time (`dequant_chunk_bytes()`), down for the same experts.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_by_chunk(
+    gate_up: &ExpertWeights,
+    down: &ExpertWeights,
+    counts: &[usize],
+    xs: &Tensor,
+    dy: &Tensor,
+    dtype: DType,
+    dots: bool,
+    chunk_bytes: usize,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (m, h) = xs.dims2()?;
+    let (two_i, i) = (gate_up.out_features, down.in_features);
+    let (xs, dy) = (xs.contiguous()?, dy.contiguous()?);
+    let dt = xs.dtype();
+    let chunk = gate_up.experts_per_chunk(chunk_bytes, dt);
+    // On CUDA the chunks' input gradients go straight into one output; the CPU assembles them.
+    let into = match xs.device().is_cuda() {
+        true => Some(output_for_products(m * h, dt, xs.device())?),
+        false => None,
+    };
+    let (mut parts, mut dot_parts) = (Vec::new(), Vec::new());
+    let mut row = 0;
+    for lo in (0..counts.len()).step_by(chunk) {
+        let experts = lo..(lo + chunk).min(counts.len());
+        let rows: usize = counts[experts.clone()].iter().sum();
+        if rows == 0 {
+            continue;
+        }
+        let w_gu = gate_up.dequantize(experts.clone(), dt)?;
+        let gu = grouped_gemm(
+            &xs,
+            &w_gu,
+            rows * two_i,
+            &products(counts, experts.clone(), (row, 0), h, two_i),
+            Gemm::nt(1.0),
+        )?
+        .reshape((rows, two_i))?;
+        let w_d = down.dequantize(experts.clone(), dt)?;
+        let dact = grouped_gemm(
+            &dy,
+            &w_d,
+            rows * i,
+            &products(counts, experts.clone(), (row, 0), h, i),
+            Gemm::nn(1.0),
+        )?
+        .reshape((rows, i))?
+        .to_dtype(dtype)?;
+        drop(w_d);
+        let dgu = match dots {
+            true => {
+                let (dgu, dot) = packed_backward_dot(&gu, &dact, gate_up.glu)?;
+                dot_parts.push(dot);
+                dgu
+            }
+            false => packed_backward(&gu, &dact, gate_up.glu)?,
+        };
+        drop((gu, dact));
+        // The input gradient's rows: at the chunk's place in the shared output, or from 0 in
+        // the chunk's own.
+        let c_row = if into.is_some() { row } else { 0 };
+        let back = products(counts, experts, (0, c_row), two_i, h);
+        match &into {
+            Some(out) => grouped_gemm_into(out, &dgu, &w_gu, &back, Gemm::nn(1.0))?,
+            None => parts.push(grouped_gemm(&dgu, &w_gu, rows * h, &back, Gemm::nn(1.0))?),
+        }
+        row += rows;
+    }
+    let dxs = match into {
+        Some(out) => out.reshape((m, h))?,
+        None if parts.is_empty() => Tensor::zeros((m, h), dt, xs.device())?,
+        None => Tensor::cat(&parts, 0)?.reshape((m, h))?,
+    };
+    let dots = match (dots, dot_parts.is_empty()) {
+        (false, _) => None,
+        (true, true) => Some(Tensor::zeros(m, DType::F32, xs.device())?),
+        (true, false) => Some(Tensor::cat(&dot_parts, 0)?),
+    };
+    Ok((dxs.to_dtype(dtype)?, dots))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backward_by_chunk;
+    use crate::ops::expert_weights::ExpertWeights;
+    use crate::ops::experts::expert_matmul;
+    use crate::ops::nf4_linear::Nf4Weight;
+    use crate::ops::swiglu::packed_backward_dot;
+    use crate::quant::{QuantSettings, QuantizedParam};
+    use candle_core::{DType, Device, Result, Tensor};
+
+    fn experts(n: usize, out: usize, inp: usize) -> Result<ExpertWeights> {
+        let cpu = &Device::Cpu;
+        let ws = (0..n)
+            .map(|_| {
+                let w: Vec<f32> = Tensor::randn(0f32, 0.1, out * inp, cpu)?.to_vec1()?;
+                let q = QuantizedParam::quantize(&w, &[out, inp], QuantSettings::default())
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                Nf4Weight::from_param(&q, cpu)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        ExpertWeights::stack(&ws)
+    }
+
+    /// By chunks of 3 experts (one chunk without rows, experts without rows inside chunks)
+    /// against the separate passes over all experts: the same products, so the same bits.
+    #[test]
+    fn chunks_give_the_separate_passes_bits() -> Result<()> {
+        let (h, i) = (64usize, 32usize);
+        let counts = [5usize, 0, 7, 0, 0, 0, 3, 9, 0, 4];
+        let m: usize = counts.iter().sum();
+        let (gate_up, down) = (experts(10, 2 * i, h)?, experts(10, h, i)?);
+        for dtype in [DType::F32, DType::BF16] {
+            let cpu = &Device::Cpu;
+            let xs = Tensor::randn(0f32, 1.0, (m, h), cpu)?.to_dtype(dtype)?;
+            let dy = Tensor::randn(0f32, 1.0, (m, h), cpu)?.to_dtype(dtype)?;
+            let chunk = 3 * 2 * i * h * dtype.size_in_bytes();
+            let (dxs, dots) =
+                backward_by_chunk(&gate_up, &down, &counts, &xs, &dy, dtype, true, chunk)?;
+            let all = usize::MAX / 2;
+            let gu = expert_matmul(&xs, &gate_up, &counts, true, all)?;
+            let dact = expert_matmul(&dy, &down, &counts, false, all)?.to_dtype(dtype)?;
+            let (dgu, want_dots) = packed_backward_dot(&gu, &dact, gate_up.glu)?;
+            let want = expert_matmul(&dgu, &gate_up, &counts, false, all)?;
+            let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+            assert_eq!(f32s(&dxs)?, f32s(&want)?, "{dtype:?} dxs");
+            let dots = dots.expect("dots asked for");
+            assert_eq!(f32s(&dots)?, f32s(&want_dots)?, "{dtype:?} dots");
+            assert!(f32s(&dxs)?.iter().any(|v| *v != 0.0), "a real gradient");
+        }
+        Ok(())
+    }
+}
