@@ -6,7 +6,8 @@
 # bench at Qwen3-30B-A3B's, DeepSeek-V3's and GLM-4.7-Flash's shapes (cuDNN's backwards beside
 # it, its gradients against cuDNN's deterministic ones; 120 s each at most; Qwen3's also with
 # its dQ parts added at once, MOEQ_ATTN_BWD_STAGE=0), then training with and without it (ab.sh:
-# A = MOEQ_ATTN_BWD=off, B = sm90, same binary). GPU machine, repository root, .device carried:
+# A = MOEQ_ATTN_BWD=off, B = sm90, same binary), with one launch of the kernel under Nsight
+# Compute before it. GPU machine, repository root, .device carried:
 #
 #   OUT=/tmp/out bash launch/bench/measure-attn.sh [micro-batch sizes...]   (default 8)
 set -uo pipefail
@@ -25,4 +26,17 @@ for shape in "1 8 32,4,128,128" "0 8 32,4,128,128" "1 2 128,128,192,128" "1 4 20
     --attention-shape "$heads" 2>&1 | tee -a "$OUT/attention.log"
   echo "gpu-bench --attention $rows --attention-shape $heads (stage $stage): exit ${PIPESTATUS[0]}"
 done
+# Where the Hopper kernel's time goes: one launch at the Qwen3 shape under Nsight Compute (the
+# warp stall reasons say whether the turns, the dQ adds' memory or the products hold it up).
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+if [ -n "$NCU" ]; then
+  MOEQ_ATTN_BWD=sm90 timeout 180 "$NCU" --kernel-name regex:attn_bwd_kernel --launch-count 1 \
+    --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+    --section Occupancy .device/moeq gpu-bench --attention 8 --attention-shape 32,4,128,128 \
+    > "$OUT/attn-ncu.txt" 2>&1
+  echo "ncu of the Hopper backward: exit $?"
+  grep -E "Duration|Throughput|Stall|Warp Cycles|Issued|Registers|L2 Hit|Mem Busy" "$OUT/attn-ncu.txt" | head -40
+else
+  echo "ncu not found: no profile of the Hopper backward"
+fi
 MOEQ_ATTN_BWD=sm90 A_ENV=MOEQ_ATTN_BWD=off bash launch/bench/ab.sh ${*:-8}

@@ -56,27 +56,32 @@ fn products(
 /// xs `[M, H]` and dy `[M, H]` grouped by expert → (dxs `[M, H]` in `dtype`, with `dots` each
 /// row's ⟨dy, act·W_dᵀ⟩ `[M]` f32 — the expert output's dot without its bias), as
 /// `Held::backward` gives them from a recompute's gu; gate_up dequantized `chunk_bytes` at a
-/// time (`dequant_chunk_bytes()`), down for the same experts.
+/// time (`dequant_chunk_bytes()`), down for the same experts. dy is consumed: on CUDA its
+/// buffer takes dxs where the dtypes agree (a chunk's rows of dxs are written after its rows
+/// of dy were last read), so dy and dxs never take memory side by side.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_by_chunk(
     gate_up: &ExpertWeights,
     down: &ExpertWeights,
     counts: &[usize],
     xs: &Tensor,
-    dy: &Tensor,
+    dy: Tensor,
     dtype: DType,
     dots: bool,
     chunk_bytes: usize,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let (m, h) = xs.dims2()?;
     let (two_i, i) = (gate_up.out_features, down.in_features);
-    let (xs, dy) = (xs.contiguous()?, dy.contiguous()?);
+    let xs = xs.contiguous()?;
+    let dy = super::at_offset_zero(&dy)?;
     let dt = xs.dtype();
     let chunk = gate_up.experts_per_chunk(chunk_bytes, dt);
-    // On CUDA the chunks' input gradients go straight into one output; the CPU assembles them.
-    let into = match xs.device().is_cuda() {
-        true => Some(output_for_products(m * h, dt, xs.device())?),
-        false => None,
+    // On CUDA the chunks' input gradients go straight into one output — dy's own buffer where
+    // it can take them; the CPU assembles them.
+    let into = match (xs.device().is_cuda(), dy.dtype() == dt) {
+        (true, true) => Some(dy.clone()),
+        (true, false) => Some(output_for_products(m * h, dt, xs.device())?),
+        (false, _) => None,
     };
     let (mut parts, mut dot_parts) = (Vec::new(), Vec::new());
     let mut row = 0;
@@ -95,7 +100,7 @@ pub(crate) fn backward_by_chunk(
             Gemm::nt(1.0),
         )?
         .reshape((rows, two_i))?;
-        let w_d = down.dequantize(experts.clone(), dt)?;
+        let w_d = down.dequantize(experts.clone(), dy.dtype())?;
         let dact = grouped_gemm(
             &dy,
             &w_d,
@@ -174,8 +179,16 @@ mod tests {
             let xs = Tensor::randn(0f32, 1.0, (m, h), cpu)?.to_dtype(dtype)?;
             let dy = Tensor::randn(0f32, 1.0, (m, h), cpu)?.to_dtype(dtype)?;
             let chunk = 3 * 2 * i * h * dtype.size_in_bytes();
-            let (dxs, dots) =
-                backward_by_chunk(&gate_up, &down, &counts, &xs, &dy, dtype, true, chunk)?;
+            let (dxs, dots) = backward_by_chunk(
+                &gate_up,
+                &down,
+                &counts,
+                &xs,
+                dy.clone(),
+                dtype,
+                true,
+                chunk,
+            )?;
             let all = usize::MAX / 2;
             let gu = expert_matmul(&xs, &gate_up, &counts, true, all)?;
             let dact = expert_matmul(&dy, &down, &counts, false, all)?.to_dtype(dtype)?;

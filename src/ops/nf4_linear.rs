@@ -161,11 +161,13 @@ impl Scales {
 }
 
 /// Whether nested statistics are expanded inside the dequantization's kernel (on unless
-/// `MOEQ_NESTED_DEQUANT=off`: +1.7–9.8% tokens/s at micro-batch 8–1, 2026-12-05).
+/// `MOEQ_NESTED_DEQUANT=off` or `0`: +1.7–9.8% tokens/s at micro-batch 8–1, 2026-12-05).
 #[cfg(feature = "cuda")]
 fn fused_nested() -> bool {
     static FUSED: crate::util::switch::EnvSwitch =
-        crate::util::switch::EnvSwitch::new("MOEQ_NESTED_DEQUANT", |v| v != Some("off"));
+        crate::util::switch::EnvSwitch::new("MOEQ_NESTED_DEQUANT", |v| {
+            !matches!(v, Some("off" | "0"))
+        });
     FUSED.get()
 }
 

@@ -181,7 +181,7 @@ impl Held<'_> {
                     self.down,
                     self.counts,
                     &xs,
-                    &dy,
+                    dy,
                     dtype,
                     dots,
                     dequant_chunk_bytes(),

@@ -168,10 +168,11 @@ pub fn router_choose(
     Ok((scores, Some(top)))
 }
 
-/// Whether [`router_choose`] runs its kernel on CUDA: on unless `MOEQ_ROUTER_CHOOSE=candle`
-/// (candle's ops, the reference). gpu-check's choice rows run it against the CPU whatever the
+/// Whether [`router_choose`] runs its kernel on CUDA: on unless `MOEQ_ROUTER_CHOOSE=candle` (or
+/// `0`: candle's ops, the reference). gpu-check's choice rows run it against the CPU whatever the
 /// setting (launch/bench/NOTES.md item 52).
-pub static CHOOSE_KERNEL: EnvSwitch = EnvSwitch::new("MOEQ_ROUTER_CHOOSE", |v| v != Some("candle"));
+pub static CHOOSE_KERNEL: EnvSwitch =
+    EnvSwitch::new("MOEQ_ROUTER_CHOOSE", |v| !matches!(v, Some("candle" | "0")));
 
 /// The router logits' gradient `[N, E]` in `dtype` from the routing weights' gradient `dw`
 /// `[N, k]`: through the `scaling`, the optional renormalisation (w = sel / Σ sel), the top-k

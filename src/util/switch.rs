@@ -47,6 +47,7 @@ impl EnvSwitch {
 }
 
 /// A switch's setting for a scope (`EnvSwitch::scoped`).
+#[must_use = "the setting lasts only while the guard lives"]
 pub struct Scoped {
     switch: &'static EnvSwitch,
     was: bool,

@@ -263,13 +263,15 @@ pub fn combine_bwd(
     Ok((dy, wrap(dw, dev, (m / o.k, o.k))))
 }
 
-/// Whether [`spread_rows`] serves `src`: rows of whole 16-byte packs from a pack boundary.
-pub fn spreads(src: &Tensor) -> bool {
+/// Whether [`spread_rows`] serves `src` in `order`: rows of whole 16-byte packs from a pack
+/// boundary, one row per token of the order.
+pub fn spreads(src: &Tensor, order: &RowOrder) -> bool {
     let per_pack = 16 / src.dtype().size_in_bytes();
     matches!(src.dtype(), DType::F32 | DType::BF16 | DType::F16)
         && src.rank() == 2
         && src.dims()[1] % per_pack == 0
         && src.layout().start_offset() % per_pack == 0
+        && order.inv.elem_count() == src.dims()[0] * order.k
 }
 
 /// The routed rows `[N·k, H]` of src `[N, H]` in `order`, read token-major: row `inv[t·k + j]`
@@ -279,13 +281,10 @@ pub fn spread_rows(src: &Tensor, order: &RowOrder, w: Option<&Tensor>) -> Result
     let candle_core::Device::Cuda(dev) = src.device() else {
         candle_core::bail!("routing: not on CUDA")
     };
-    if !spreads(src) {
-        candle_core::bail!("routing: spread_rows needs rows of 16-byte packs")
-    }
     let (tokens, h) = src.dims2()?;
     let k = order.k;
-    if order.inv.elem_count() != tokens * k || w.is_some_and(|w| w.elem_count() != tokens * k) {
-        candle_core::bail!("routing: spread_rows of {tokens} tokens × {k} slots");
+    if !spreads(src, order) || w.is_some_and(|w| w.elem_count() != tokens * k) {
+        candle_core::bail!("routing: spread_rows of {tokens} rows of {h} over {k} slots each");
     }
     let src = src.contiguous()?;
     let w = w
@@ -300,7 +299,8 @@ pub fn spread_rows(src: &Tensor, order: &RowOrder, w: Option<&Tensor>) -> Result
         "moeq_routing",
         crate::ops::kernels::ROUTING,
     )?;
-    let (gs, gi) = (src.storage_and_layout(), order.inv.storage_and_layout());
+    let inv = order.inv.contiguous()?;
+    let (gs, gi) = (src.storage_and_layout(), inv.storage_and_layout());
     let gw = w.as_ref().map(|w| w.storage_and_layout());
     // One warp a token, 8 a block (as the row gather).
     let cfg = LaunchConfig {

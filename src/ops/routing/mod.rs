@@ -172,7 +172,7 @@ impl GatherRows {
         // index_select moved ~0.27 TB/s here).
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
-            if ROWS_BY_TOKEN.get() && cuda::spreads(x) {
+            if ROWS_BY_TOKEN.get() && cuda::spreads(x, &self.0) {
                 return cuda::spread_rows(x, &self.0, None);
             }
             return cuda::gather_sum(x, &self.0.tokens, 1, None);
@@ -271,7 +271,7 @@ pub(crate) fn combine_backward_rows(
     #[cfg(feature = "cuda")]
     if grad.device().is_cuda() && matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         let grad = super::at_offset_zero(&grad.to_dtype(dtype)?)?;
-        if ROWS_BY_TOKEN.get() && cuda::spreads(&grad) {
+        if ROWS_BY_TOKEN.get() && cuda::spreads(&grad, o) {
             return cuda::spread_rows(&grad, o, Some(&w.flatten_all()?));
         }
         let w_rows = w
