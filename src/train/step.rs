@@ -98,7 +98,7 @@ impl Activations {
                 "each layer recomputed in the backward (gradient_checkpointing: true)"
             }
             Activations::Offload => {
-                "each layer recomputed in the backward, its input and attention output waiting in host memory (activation_offloading: true)"
+                "each layer recomputed in the backward, its input and attention output (but the last layer's) waiting in host memory (activation_offloading: true)"
             }
             Activations::Keep => {
                 "every layer's kept for the backward (gradient_checkpointing: false)"
@@ -180,14 +180,16 @@ pub fn forward_backward(
     let mut x = timed("embed", &device, || model.embed(&inputs))?;
     for l in 0..layers {
         let (out, stats) = match activations {
-            Activations::Recompute => {
-                let (out, stats) = model.layer(l, &x, &inputs, &lora)?;
-                saved.push(Saved::Input(x));
-                (out, stats)
-            }
-            Activations::Offload => {
+            // The last layer stays: its backward comes first, right after the head (parking it
+            // only sent it out and straight back).
+            Activations::Offload if l + 1 < layers => {
                 let (out, stats) = model.layer(l, &x, &inputs, &lora)?;
                 saved.push(park_layer(&mut off, x, &inputs, l)?);
+                (out, stats)
+            }
+            Activations::Recompute | Activations::Offload => {
+                let (out, stats) = model.layer(l, &x, &inputs, &lora)?;
+                saved.push(Saved::Input(x));
                 (out, stats)
             }
             Activations::Keep => {
@@ -234,12 +236,12 @@ pub fn forward_backward(
                     Some((out, lse)) => Some((out.ready()?, lse.map(|t| t.ready()).transpose()?)),
                     None => None,
                 };
-                let x = x.ready()?;
-                fetch_next(&mut off, &mut saved)?;
-                Some(Saved::Input(x))
+                Some(Saved::Input(x.ready()?))
             }
             other => other,
         };
+        // The layer below starts coming back while this one runs.
+        fetch_next(&mut off, &mut saved)?;
         let tape = match entry {
             Some(Saved::Input(x)) => {
                 // The layer's backward follows at once: ops may keep what it reads.
