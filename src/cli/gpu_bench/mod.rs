@@ -8,6 +8,8 @@ use attention::attention;
 
 #[cfg(feature = "cuda")]
 mod attention;
+#[cfg(feature = "cuda")]
+mod rows;
 
 #[derive(clap::Args, Debug)]
 pub struct GpuBenchArgs {
@@ -21,7 +23,7 @@ pub struct GpuBenchArgs {
     iters: usize,
     /// Instead: the expert projections of one Qwen3-30B-A3B MoE layer (128 experts, top-8,
     /// hidden 2048, expert width 768) for this many tokens, next to a dense bf16 GEMM of the
-    /// same FLOPs.
+    /// same FLOPs; then the routed rows' gathers, row by row and token-major.
     #[arg(long)]
     experts: Option<usize>,
     /// Instead: causal attention at Qwen3-30B-A3B's shape (32 query heads on 4 kv heads of 128,
@@ -368,7 +370,7 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
         };
         println!("| {name} | {:.3} | {rate} |", secs * 1e3);
     }
-    Ok(())
+    rows::routed_rows(dev, (tokens, k, e, h), iters)
 }
 
 /// The gated delta rule over `rows` rows of 2,048 positions at Qwen3.5-35B-A3B's shape (32 value
