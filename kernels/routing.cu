@@ -314,6 +314,36 @@ __device__ void top_k_desc(const float (&v)[L], const int e, const int k, const 
   }
 }
 
+// A warp's row of E logits, L a lane (lane + 32·j; −∞ past E) in f32; returns this lane's max.
+template <typename T, int L>
+__device__ float load_row(const T* row, const int e, const int lane, float (&v)[L]) {
+  float mx = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < L; ++j) {
+    const int c = lane + 32 * j;
+    v[j] = c < e ? to_f32(row[c]) : -INFINITY;
+    mx = fmaxf(mx, v[j]);
+  }
+  return mx;
+}
+
+// The row's softmax in place, from each lane's max `mx` (0 past E): exp(v − max) / Σ, both over
+// the warp.
+template <int L>
+__device__ void softmax_in_place(float (&v)[L], float mx, const int e, const int lane) {
+  mx = warp_reduce<true>(mx);
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < L; ++j) {
+    const int c = lane + 32 * j;
+    v[j] = c < e ? expf(v[j] - mx) : 0.0f;
+    sum += v[j];
+  }
+  sum = warp_reduce<false>(sum);
+#pragma unroll
+  for (int j = 0; j < L; ++j) v[j] = v[j] / sum;
+}
+
 // router_softmax_topk: one warp per token row of the router's logits [N, E] (any E): probs[t] =
 // softmax(logits[t]) in f32 (exp(x − max) / Σ exp(x − max), expf, IEEE division), and, when
 // `top` is not null, the k largest probabilities' experts in descending order, ties to the
@@ -329,30 +359,13 @@ __device__ void router_softmax_topk(const T* logits, float* probs, uint32_t* top
   const size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32;
   if (t >= n) return;
   const int lane = threadIdx.x % 32;
-  const T* row = logits + t * e;
   float v[ROUTER_PER_LANE];
-  float mx = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < ROUTER_PER_LANE; ++j) {
-    const int c = lane + 32 * j;
-    v[j] = c < e ? to_f32(row[c]) : -INFINITY;
-    mx = fmaxf(mx, v[j]);
-  }
-  mx = warp_reduce<true>(mx);
-  float sum = 0.0f;
-#pragma unroll
-  for (int j = 0; j < ROUTER_PER_LANE; ++j) {
-    const int c = lane + 32 * j;
-    v[j] = c < e ? expf(v[j] - mx) : 0.0f;
-    sum += v[j];
-  }
-  sum = warp_reduce<false>(sum);
+  softmax_in_place<ROUTER_PER_LANE>(v, load_row<T, ROUTER_PER_LANE>(logits + t * e, e, lane, v), e, lane);
   float* out = probs + t * e;
 #pragma unroll
   for (int j = 0; j < ROUTER_PER_LANE; ++j) {
     const int c = lane + 32 * j;
     if (c < e) {
-      v[j] = v[j] / sum;
       out[c] = v[j];
     } else {
       v[j] = -INFINITY;
@@ -377,30 +390,13 @@ __device__ void router_choose(const T* logits, const float* bias, float* scores,
   const size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32;
   if (t >= n) return;
   const int lane = threadIdx.x % 32;
-  const T* row = logits + t * e;
   float v[L];
-  float mx = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < L; ++j) {
-    const int c = lane + 32 * j;
-    v[j] = c < e ? to_f32(row[c]) : -INFINITY;
-    mx = fmaxf(mx, v[j]);
-  }
+  const float mx = load_row<T, L>(logits + t * e, e, lane, v);
   if (sigmoid) {
 #pragma unroll
     for (int j = 0; j < L; ++j) v[j] = 1.0f / (expf(-v[j]) + 1.0f);
   } else {
-    mx = warp_reduce<true>(mx);
-    float sum = 0.0f;
-#pragma unroll
-    for (int j = 0; j < L; ++j) {
-      const int c = lane + 32 * j;
-      v[j] = c < e ? expf(v[j] - mx) : 0.0f;
-      sum += v[j];
-    }
-    sum = warp_reduce<false>(sum);
-#pragma unroll
-    for (int j = 0; j < L; ++j) v[j] = v[j] / sum;
+    softmax_in_place<L>(v, mx, e, lane);
   }
   float* out = scores + t * e;
 #pragma unroll
