@@ -1,8 +1,10 @@
-// Routing gathers. CPU twins in src/ops/routing.rs, as candle ops: gather_sum_reference
-// (gather_sum*), the host loop of `plan` (route_count, route_rows), combine_backward's candle
-// branch (combine_bwd); the embedding's host-table gather: src/ops/embedding.rs
-// (gather_host_rows). Checked: src/gpu_check/ops/mod.rs (the "routing gather/combine" and
-// "routed experts" entries) and src/gpu_check/ops/rows.rs ("routing plan", "embedding rows").
+// Routing gathers. CPU twins in src/ops/routing/mod.rs, as candle ops: gather_sum_reference
+// (gather_sum*), index_select (gather_rows*, spread_rows*), the host loop of `plan`
+// (route_count, route_rows), combine_backward's candle branch (combine_bwd); the embedding's
+// host-table gather: src/ops/embedding.rs (gather_host_rows). Checked: src/gpu_check/ops/mod.rs
+// (the "routing gather/combine" and "routed experts" entries), src/gpu_check/ops/dots.rs
+// ("routing combine rows", "token-major = row by row") and src/gpu_check/ops/rows.rs ("routing
+// plan", "embedding rows").
 // gather_sum[_weighted]: out[t, c] = Σ_{j<k} w[t·k+j] · src[idx[t·k+j], c] (w = 1 unweighted),
 //   f32 accumulation, one rounding; src [M, h], idx/w [tokens·k], out [tokens, h]. Grid-stride.
 //   The _vec kernels move 16 bytes per load and store (h a multiple of 16 / sizeof(T), both
