@@ -19,7 +19,10 @@
 // row chunks (first row, rows ≤ 256, workspace slot) and its reduction one of groups (expert,
 // first slot, slots); every sum runs in a fixed order (no atomics), so results repeat bit for
 // bit. K and N are multiples of 8 and all buffers 16-byte aligned (the
-// host checks): tiles move in 16-byte chunks. Rows past a tile's or group's end read zeros and
+// host checks): tiles move in 16-byte chunks. project's X and H and outer's R and X are rows
+// laid `ld…` elements apart (a multiple of 8; the row length for a plain matrix): the expert
+// adapters inside the base product's K keep x and its hidden in one buffer [M, K + r]
+// (src/ops/lora_in_k.rs). Rows past a tile's or group's end read zeros and
 // are not written. expand stages its tile in shared memory so Y is read and written in
 // coalesced 16-byte chunks; its two roundings are those of a separate bf16 GEMM and add.
 // Launch: project grid (tiles), expand grid (tiles, ⌈N/128⌉), outer grid (chunks, ⌈N/128⌉),
@@ -75,7 +78,7 @@ __device__ __forceinline__ void stage(bf16 (*dst)[SCOLS], const bf16* src, size_
 
 template <int RP>
 __device__ void project(const bf16* X, const bf16* W, const uint32_t* tiles, bf16* H, int K, int r,
-                        float alpha) {
+                        float alpha, int ldx, int ldh) {
   __shared__ __align__(16) bf16 xs[BM][BK + PAD];
   __shared__ __align__(16) bf16 ws[RP][BK + PAD];
   const int e = tiles[3 * blockIdx.x], row0 = tiles[3 * blockIdx.x + 1], rows = tiles[3 * blockIdx.x + 2];
@@ -86,7 +89,7 @@ __device__ void project(const bf16* X, const bf16* W, const uint32_t* tiles, bf1
 #pragma unroll
   for (int t = 0; t < RP / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.0f;
   for (int k0 = 0; k0 < K; k0 += BK) {
-    stage<BM, BK, BK + PAD>(xs, X + (size_t)row0 * K + k0, K, rows, K - k0);
+    stage<BM, BK, BK + PAD>(xs, X + (size_t)row0 * ldx + k0, ldx, rows, K - k0);
     stage<RP, BK, BK + PAD>(ws, we + k0, K, r, K - k0);
     __syncthreads();
 #pragma unroll
@@ -112,7 +115,7 @@ __device__ void project(const bf16* X, const bf16* W, const uint32_t* tiles, bf1
         __nv_bfloat162 v;
         v.x = __float2bfloat16_rn(alpha * acc[t][2 * half]);
         v.y = __float2bfloat16_rn(alpha * acc[t][2 * half + 1]);
-        *reinterpret_cast<__nv_bfloat162*>(H + (size_t)(row0 + row) * r + j) = v;
+        *reinterpret_cast<__nv_bfloat162*>(H + (size_t)(row0 + row) * ldh + j) = v;
       }
     }
   }
@@ -186,7 +189,8 @@ __device__ void expand(const bf16* Hm, const bf16* V, const uint32_t* tiles, bf1
 }
 
 template <int RP>
-__device__ void outer(const bf16* R, const bf16* X, const uint32_t* chunks, float* P, int r, int N) {
+__device__ void outer(const bf16* R, const bf16* X, const uint32_t* chunks, float* P, int r, int N, int ldr,
+                      int ldx) {
   __shared__ __align__(16) bf16 rs[OUTER_ROWS][RP + PAD];  // [row][j]: A = Rᵀ, loaded transposed
   __shared__ __align__(16) bf16 xs[OUTER_ROWS][BN + PAD];  // [row][n]: B, loaded transposed
   const int first = chunks[3 * blockIdx.x], rows = chunks[3 * blockIdx.x + 1], slot = chunks[3 * blockIdx.x + 2];
@@ -200,8 +204,8 @@ __device__ void outer(const bf16* R, const bf16* X, const uint32_t* chunks, floa
 #pragma unroll
     for (int t = 0; t < 4; ++t) acc[m][t][0] = acc[m][t][1] = acc[m][t][2] = acc[m][t][3] = 0.0f;
   for (int t0 = 0; t0 < rows; t0 += OUTER_ROWS) {
-    stage<OUTER_ROWS, RP, RP + PAD>(rs, R + (size_t)(first + t0) * r, r, rows - t0, r);
-    stage<OUTER_ROWS, BN, BN + PAD>(xs, X + (size_t)(first + t0) * N + n0, N, rows - t0, N - n0);
+    stage<OUTER_ROWS, RP, RP + PAD>(rs, R + (size_t)(first + t0) * ldr, ldr, rows - t0, r);
+    stage<OUTER_ROWS, BN, BN + PAD>(xs, X + (size_t)(first + t0) * ldx + n0, ldx, rows - t0, N - n0);
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < OUTER_ROWS; kk += 16) {
@@ -273,8 +277,9 @@ __device__ void outer_reduce(const float* P, const uint32_t* groups, bf16* D, in
 
 #define THIN_KERNELS(RP)                                                                                    \
   extern "C" __global__ void __launch_bounds__(THREADS) lora_project_r##RP(                                 \
-      const bf16* X, const bf16* W, const uint32_t* tiles, bf16* H, int K, int r, float alpha) {            \
-    project<RP>(X, W, tiles, H, K, r, alpha);                                                               \
+      const bf16* X, const bf16* W, const uint32_t* tiles, bf16* H, int K, int r, float alpha, int ldx,     \
+      int ldh) {                                                                                            \
+    project<RP>(X, W, tiles, H, K, r, alpha, ldx, ldh);                                                     \
   }                                                                                                         \
   extern "C" __global__ void __launch_bounds__(THREADS) lora_expand_r##RP(                                  \
       const bf16* Hm, const bf16* V, const uint32_t* tiles, bf16* Y, int N, int r, float alpha) {           \
@@ -285,8 +290,8 @@ __device__ void outer_reduce(const float* P, const uint32_t* groups, bf16* D, in
     expand<RP, true>(Hm, V, tiles, Y, N, r, alpha);                                                         \
   }                                                                                                         \
   extern "C" __global__ void __launch_bounds__(THREADS) lora_outer_mma_r##RP(                               \
-      const bf16* R, const bf16* X, const uint32_t* chunks, float* P, int r, int N) {                       \
-    outer<RP>(R, X, chunks, P, r, N);                                                                       \
+      const bf16* R, const bf16* X, const uint32_t* chunks, float* P, int r, int N, int ldr, int ldx) {     \
+    outer<RP>(R, X, chunks, P, r, N, ldr, ldx);                                                             \
   }
 extern "C" __global__ void __launch_bounds__(THREADS)
     lora_outer_reduce(const float* P, const uint32_t* groups, bf16* D, int r, int N, float alpha) {

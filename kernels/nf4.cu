@@ -298,12 +298,20 @@ __device__ __forceinline__ void store_word(const float* lut, const unsigned int 
   for (int k = 0; k < (int)(8 * sizeof(T) / 16); k++) to[k] = v[k];
 }
 
+// Where the values from element e of the codes go: at e (ld 0), or in rows of `row_len` values
+// (a multiple of 8, so a word's 8 values share a row) laid `ld` values apart — a weight
+// dequantized beside columns of its own (the expert adapters' factors, ops::lora_in_k).
+__device__ __forceinline__ size_t out_at(const size_t e, const size_t row_len, const size_t ld) {
+  return ld == 0 ? e : (e / row_len) * ld + e % row_len;
+}
+
 // Vectorised dequantization: each thread turns 4 packed bytes into 8 outputs (16 or 32 bytes
 // stored as 16-byte vectors). Requires n_vec a multiple of 8 and aligned pointers; the host
 // runs the scalar kernel for the tail.
 template <bool NF4, typename T>
 __device__ void dequantize_vec(const unsigned int* __restrict__ packed, const float* __restrict__ absmax,
-                               T* __restrict__ out, const size_t n_vec, const int bs) {
+                               T* __restrict__ out, const size_t n_vec, const int bs, const size_t row_len,
+                               const size_t ld) {
   // The 16-entry table in shared memory: constant memory serialises a warp whose lanes read
   // different entries, which is every warp here.
   __shared__ float lut[16];
@@ -313,7 +321,7 @@ __device__ void dequantize_vec(const unsigned int* __restrict__ packed, const fl
   for (size_t w = blockIdx.x * (size_t)blockDim.x + threadIdx.x; w < words; w += (size_t)gridDim.x * blockDim.x) {
     const unsigned int q = packed[w];
     const float scale = absmax[(w * 8) / bs];
-    store_word(lut, q, scale, out + w * 8);
+    store_word(lut, q, scale, out + out_at(w * 8, row_len, ld));
   }
 }
 
@@ -329,7 +337,8 @@ struct Map8 {
 template <bool NF4, typename T>
 __device__ void dequantize_vec_nested(const unsigned int* __restrict__ packed, const unsigned char* __restrict__ q,
                                       const Map8 map8, const float* __restrict__ nested, const float offset,
-                                      const size_t start, T* __restrict__ out, const size_t n_vec, const int bs) {
+                                      const size_t start, T* __restrict__ out, const size_t n_vec, const int bs,
+                                      const size_t row_len, const size_t ld) {
   __shared__ float lut[16];
   __shared__ float map[256];
   if (threadIdx.x < 16) lut[threadIdx.x] = code_value<NF4>((unsigned char)threadIdx.x);
@@ -340,7 +349,7 @@ __device__ void dequantize_vec_nested(const unsigned int* __restrict__ packed, c
     const unsigned int codes = packed[w];
     const size_t b = (w * 8) / bs;
     const float scale = __fadd_rn(mul_ftz(map[q[b]], nested[(start + b) >> 8]), offset);
-    store_word(lut, codes, scale, out + w * 8);
+    store_word(lut, codes, scale, out + out_at(w * 8, row_len, ld));
   }
 }
 
@@ -385,7 +394,12 @@ DEQUANT(dequantize_fp4_f16, __half, false)
 #define DEQUANT_VEC(NAME, T, NF4)                                                                         \
   extern "C" __global__ void NAME(const unsigned int* packed, const float* absmax, T* out, const size_t n, \
                                   const int bs) {                                                        \
-    dequantize_vec<NF4, T>(packed, absmax, out, n, bs);                                                  \
+    dequantize_vec<NF4, T>(packed, absmax, out, n, bs, 0, 0);                                            \
+  }                                                                                                       \
+  extern "C" __global__ void NAME##_rows(const unsigned int* packed, const float* absmax, T* out,         \
+                                         const size_t n, const int bs, const size_t row_len,             \
+                                         const size_t ld) {                                              \
+    dequantize_vec<NF4, T>(packed, absmax, out, n, bs, row_len, ld);                                     \
   }
 
 QUANT_VEC(quantize_vec_nf4_f32, float, true)
@@ -405,7 +419,13 @@ DEQUANT_VEC(dequantize_vec_fp4_f16, __half, false)
   extern "C" __global__ void NAME(const unsigned int* packed, const unsigned char* q, const Map8 map8,    \
                                   const float* nested, const float offset, const size_t start, T* out,   \
                                   const size_t n, const int bs) {                                        \
-    dequantize_vec_nested<NF4, T>(packed, q, map8, nested, offset, start, out, n, bs);                   \
+    dequantize_vec_nested<NF4, T>(packed, q, map8, nested, offset, start, out, n, bs, 0, 0);             \
+  }                                                                                                       \
+  extern "C" __global__ void NAME##_rows(const unsigned int* packed, const unsigned char* q,              \
+                                         const Map8 map8, const float* nested, const float offset,       \
+                                         const size_t start, T* out, const size_t n, const int bs,       \
+                                         const size_t row_len, const size_t ld) {                        \
+    dequantize_vec_nested<NF4, T>(packed, q, map8, nested, offset, start, out, n, bs, row_len, ld);      \
   }
 
 DEQUANT_VEC_NESTED(dequantize_vec_nested_nf4_f32, float, true)

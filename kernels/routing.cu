@@ -82,20 +82,22 @@ __device__ void gather_sum_vec(const T* src, const uint32_t* idx, const float* w
 // warp per output row, 16-byte packs, ROW_UNROLL packs per lane loaded before any is stored
 // (the rows are random reads: more loads in flight than one pack per thread keeps). h a
 // multiple of 16 / sizeof(T), both buffers 16-byte aligned. Grid-stride over rows, 8 per block.
+// Output rows lie `ldo` elements apart (h, or wider: the expert adapters' hidden goes in the
+// columns past h — src/ops/lora_in_k.rs; those are not written here).
 // WEIGHTED (gather_rows_weighted_vec): out[t] = w[t] · src[idx[t]] in f32, one rounding — the
 // k = 1 gather_sum_weighted's values (its sum starts at 0: 0 + w · v, so −0 becomes +0 alike).
 constexpr int ROW_UNROLL = 4;
 
 template <typename T, bool WEIGHTED>
 __device__ void gather_rows_vec(const T* src, const uint32_t* idx, const float* w, T* out, const size_t rows,
-                                const size_t h) {
+                                const size_t h, const size_t ldo) {
   constexpr int P = 16 / sizeof(T);
   const size_t packs = h / P;
   const int lane = threadIdx.x % 32;
   for (size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32; t < rows;
        t += (size_t)gridDim.x * (blockDim.x / 32)) {
     const uint4* from = reinterpret_cast<const uint4*>(src + (size_t)idx[t] * h);
-    uint4* to = reinterpret_cast<uint4*>(out + t * h);
+    uint4* to = reinterpret_cast<uint4*>(out + t * ldo);
     const float wt = WEIGHTED ? w[t] : 1.0f;
     for (size_t p = lane; p < packs; p += 32 * ROW_UNROLL) {
       Pack<T> v[ROW_UNROLL];
@@ -571,13 +573,15 @@ __device__ void router_bwd(const float* probs, const uint32_t* top, const float*
   ROUTER(T, SUFFIX, 1) ROUTER(T, SUFFIX, 2) ROUTER(T, SUFFIX, 4) ROUTER(T, SUFFIX, 8)                 \
   ROUTER(T, SUFFIX, 16) ROUTER(T, SUFFIX, 32)                                                         \
   extern "C" __global__ void gather_rows_vec_##SUFFIX(const T* src, const uint32_t* idx, T* out,     \
-                                                      const size_t rows, const size_t h) {           \
-    gather_rows_vec<T, false>(src, idx, nullptr, out, rows, h);                                    \
+                                                      const size_t rows, const size_t h,             \
+                                                      const size_t ldo) {                            \
+    gather_rows_vec<T, false>(src, idx, nullptr, out, rows, h, ldo);                               \
   }                                                                                                   \
   extern "C" __global__ void gather_rows_weighted_vec_##SUFFIX(const T* src, const uint32_t* idx,    \
                                                                const float* w, T* out,               \
-                                                               const size_t rows, const size_t h) {  \
-    gather_rows_vec<T, true>(src, idx, w, out, rows, h);                                           \
+                                                               const size_t rows, const size_t h,    \
+                                                               const size_t ldo) {                   \
+    gather_rows_vec<T, true>(src, idx, w, out, rows, h, ldo);                                      \
   }                                                                                                   \
   extern "C" __global__ void spread_rows_vec_##SUFFIX(const T* src, const uint32_t* inv, T* out,     \
                                                       const size_t tokens, const int k,              \

@@ -13,9 +13,7 @@ use crate::ops::grouped_gemm::{add_product, Gemm};
 use crate::ops::input_weights::{scale_rows, scale_rows_backward};
 use crate::ops::routed_experts::{held_experts_taped, ExpertsTape};
 use crate::ops::router::logits_grad;
-use crate::ops::routing::{
-    combine_backward_rows, combine_forward, gather_backward, gather_forward, weights_grad,
-};
+use crate::ops::routing::{combine_backward_rows, combine_forward, gather_backward, weights_grad};
 use candle_core::{DType, Result, Tensor, D};
 use std::rc::Rc;
 
@@ -76,9 +74,15 @@ impl Moe {
         let (routing, probs, weights) = self.route(spec, x, exchange, recorded)?;
         let z = crate::ops::at_offset_zero;
         let (x, weights) = (z(x)?, z(&weights)?);
-        // The routed rows [N·k, H] by expert. Llama 4: the weights scale the rows (kept for the
-        // weights' gradient), the outputs are summed unweighted.
-        let xs = gather_forward(&x, &routing.order)?;
+        // The routed rows [N·k, H] by expert — r columns wider where gate_up's adapter goes
+        // inside its product's K (`ops::lora_in_k`: one rank, no exchange, unscaled rows).
+        // Llama 4: the weights scale the rows (kept for the weights' gradient), the outputs
+        // are summed unweighted.
+        let in_k = routing.exchange.is_none()
+            && !spec.router.weights_input
+            && lora.adapters.experts.contains_key(&self.gate_up_name);
+        let r = in_k.then_some(lora.adapters.settings.r);
+        let xs = crate::ops::lora_in_k::gather_rows(&x, &routing.order, r)?;
         let (rows, unscaled, combine) = match spec.router.weights_input {
             true => (
                 scale_rows(&xs, &weights, &routing.order)?,

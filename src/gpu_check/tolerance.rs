@@ -247,6 +247,8 @@ const ATTN_VS_CUDNN: &str = "two bf16 gradients from f32 sums in different order
 const ROUTING_PLAN: &str = "integer outputs (tokens, slots, inverse, counts): any difference \
     fails";
 const ADD: &str = "one rounding of the exact sum on both sides (bf16 sums rounded through f32 round alike: 24 ≥ 2·8 + 2 bits)";
+const IN_K_PIECES: &str = "the same kernels moving or computing the same values into other \
+    addresses (rows laid wider, a view's columns)";
 const ROWS_BY_TOKEN: &str =
     "the same values moved (weighted rows: w·x in f32, rounded once) in another order of reads";
 const ROUTER: &str =
@@ -403,6 +405,9 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Ops,   "routed_experts",           "bf16", Backward, 2e-2,         OfMax(2e-2),            MODEL_BF16),
     row(Ops,   "thin_gemm",                "bf16", Forward,  2e-2,         OfMax(2e-2),            MODEL_BF16),
     row(Ops,   "thin_gemm",                "bf16", Backward, 2e-2,         OfMax(2e-2),            MODEL_BF16),
+    row(Ops,   "lora in K",                "bf16", Forward,  2e-2,         OfMax(2e-2),            MODEL_BF16),
+    row(Ops,   "lora in K",                "bf16", Backward, 2e-2,         OfMax(2e-2),            MODEL_BF16),
+    row(Ops,   "lora in K pieces",         "any",  Exact,    0.0,          Abs(0.0),               IN_K_PIECES),
     row(Ops,   "grouped_outer",            "f32",  Backward, 0.0,          OfMax(1e-5),            OUTER_F32),
     row(Ops,   "grouped_outer",            "bf16", Backward, 1.5 / 128.0,  OfMax(1e-5),            OUTER_BF16),
     row(Ops,   "grouped_gemm sm90",        "bf16", Forward,  1.0 / 256.0,  OfMax(1e-5),            SM90_GEMM),

@@ -150,6 +150,52 @@ impl ExpertWeights {
         }
     }
 
+    /// Experts `range` as `[n, out, in + c]` in `dtype`: each row's `in` dequantized values
+    /// followed by that row of `tail` `[n, out, c]` (an adapter's factor beside the weight,
+    /// `ops::lora_in_k`). On CUDA the dequantization writes the rows in place (the same values
+    /// as `dequantize`) and the tail is copied into the last columns; elsewhere a concatenation.
+    pub(crate) fn dequantize_beside(
+        &self,
+        range: Range<usize>,
+        dtype: DType,
+        tail: &Tensor,
+    ) -> Result<Tensor> {
+        let tail = tail.to_dtype(dtype)?.contiguous()?;
+        #[cfg(feature = "cuda")]
+        if let (
+            ExpertStore::Nf4 {
+                packed,
+                absmax,
+                kind,
+                blocksize,
+            },
+            candle_core::Device::Cuda(_),
+        ) = (&self.store, tail.device())
+        {
+            let (n, out, inp) = (range.len(), self.out_features, self.in_features);
+            let (c, per) = (tail.dim(2)?, out * inp);
+            let packed = packed.narrow(0, range.start * per / 2, n * per / 2)?;
+            if crate::quant::cuda::rows_into_applies(&packed, n * per, inp) && (inp + c) % 8 == 0 {
+                let scales = absmax.narrow(range.start * per / blocksize, n * per / blocksize)?;
+                let len = n * out * (inp + c);
+                let wide = super::grouped_gemm::output_for_products(len, dtype, tail.device())?
+                    .reshape((n, out, inp + c))?;
+                crate::quant::cuda::dequantize_rows_into(
+                    &packed,
+                    scales.row_scales(),
+                    &wide,
+                    n * per,
+                    (inp, inp + c),
+                    *kind,
+                    *blocksize,
+                )?;
+                wide.slice_set(&tail, 2, inp)?;
+                return Ok(wide);
+            }
+        }
+        Tensor::cat(&[self.dequantize(range, dtype)?, tail], 2)
+    }
+
     /// Experts per `dequantize` call for chunks of `chunk_bytes` of weights in `dtype`: all
     /// at once when nothing is dequantized.
     pub(crate) fn experts_per_chunk(&self, chunk_bytes: usize, dtype: DType) -> usize {

@@ -46,13 +46,41 @@ pub(crate) fn expert_matmul(
     transpose: bool,
     chunk_bytes: usize,
 ) -> Result<Tensor> {
+    chunked_matmul(x, w, counts, transpose, chunk_bytes, None)
+}
+
+/// `y[g] = x[g] · [W_e | T_e]ᵀ` for rows x `[M, in + c]` and `tail` `[E, out, c]` (T_e beside
+/// each expert's weight: an adapter inside the product's K, `ops::lora_in_k`) → `[M, out]`,
+/// experts dequantized `chunk_bytes` at a time.
+pub(crate) fn expert_matmul_beside(
+    x: &Tensor,
+    w: &ExpertWeights,
+    counts: &[usize],
+    chunk_bytes: usize,
+    tail: &Tensor,
+) -> Result<Tensor> {
+    chunked_matmul(x, w, counts, true, chunk_bytes, Some(tail))
+}
+
+fn chunked_matmul(
+    x: &Tensor,
+    w: &ExpertWeights,
+    counts: &[usize],
+    transpose: bool,
+    chunk_bytes: usize,
+    tail: Option<&Tensor>,
+) -> Result<Tensor> {
     let m = x.dim(0)?;
+    let c = match tail {
+        Some(t) => t.dim(2)?,
+        None => 0,
+    };
     let (k, n) = if transpose {
-        (w.in_features, w.out_features)
+        (w.in_features + c, w.out_features)
     } else {
         (w.out_features, w.in_features)
     };
-    let per = w.out_features * w.in_features;
+    let per = w.out_features * (w.in_features + c);
     let chunk = w.experts_per_chunk(chunk_bytes, x.dtype());
     let gemm = if transpose {
         Gemm::nt(1.0)
@@ -78,7 +106,10 @@ pub(crate) fn expert_matmul(
         if rows == 0 {
             continue;
         }
-        let wd = w.dequantize(lo..hi, x.dtype())?;
+        let wd = match tail {
+            Some(t) => w.dequantize_beside(lo..hi, x.dtype(), &t.narrow(0, lo, hi - lo)?)?,
+            None => w.dequantize(lo..hi, x.dtype())?,
+        };
         // Output rows from `row` in the shared output, from 0 in a chunk's own.
         let first = if into.is_some() { row } else { 0 };
         let mut products = Vec::with_capacity(hi - lo);
@@ -226,7 +257,12 @@ pub fn grouped_nf4_reference(
 
 /// PEFT's 3-D LoRA factors in x's dtype: A as `[E, r, in]`, B as `[E, out, r]` (B's columns
 /// are expert-minor: column k·E + e belongs to expert e).
-fn lora_factors(a: &Tensor, b: &Tensor, r: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+pub(super) fn lora_factors(
+    a: &Tensor,
+    b: &Tensor,
+    r: usize,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
     let (num_experts, inp, out) = (a.dim(0)? / r, a.dim(1)?, b.dim(0)?);
     let a3 = a.to_dtype(dtype)?.reshape((num_experts, r, inp))?;
     let b3 = b
@@ -238,12 +274,12 @@ fn lora_factors(a: &Tensor, b: &Tensor, r: usize, dtype: DType) -> Result<(Tenso
 }
 
 pub(crate) struct GroupedLora {
-    counts: Vec<usize>,
-    first: usize,
-    r: usize,
-    scaling: f64,
+    pub(super) counts: Vec<usize>,
+    pub(super) first: usize,
+    pub(super) r: usize,
+    pub(super) scaling: f64,
     /// The grouping for the tensor-core kernels (`ops::thin_gemm`), where they apply.
-    plan: ThinPlan,
+    pub(super) plan: ThinPlan,
 }
 
 impl GroupedLora {
@@ -282,7 +318,7 @@ impl GroupedLora {
     }
 
     /// The rank-r hidden `h = x · A_eᵀ` ([M·r] flat) of x [M, in].
-    fn hidden(&self, x: &Tensor, a3: &Tensor) -> Result<Tensor> {
+    pub(super) fn hidden(&self, x: &Tensor, a3: &Tensor) -> Result<Tensor> {
         let (m, inp) = x.dims2()?;
         let r = self.r;
         let ps = self.products(|e, s, n| Product {

@@ -151,6 +151,25 @@ impl Scales {
         dequantize(packed, &self.values()?, shape, kind, blocksize, dtype)
     }
 
+    /// These scales for `quant::cuda::dequantize_rows_into`.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn row_scales(&self) -> crate::quant::cuda::RowScales<'_> {
+        match self {
+            Scales::Plain(t) => crate::quant::cuda::RowScales::Plain(t),
+            Scales::Nested {
+                codes,
+                nested,
+                offset,
+                start,
+            } => crate::quant::cuda::RowScales::Nested {
+                codes,
+                nested,
+                offset: *offset,
+                start: *start,
+            },
+        }
+    }
+
     /// The tensors held (tests check that none of them gets a gradient).
     pub fn tensors(&self) -> Vec<&Tensor> {
         match self {

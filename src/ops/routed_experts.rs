@@ -117,13 +117,21 @@ impl Held<'_> {
             };
             return Ok((None, kept));
         }
-        let mut gu = grouped(xs, self.gate_up, self.counts, true)?; // [M, 2I]
-        let mut xs_h = None;
-        if let (Some((a, b)), Some(l)) = (self.gate_up_lora, self.adapter) {
-            let (sum, h) = l.forward_into(gu, xs, a, b)?;
-            gu = sum;
-            xs_h = Some((xs.clone(), h));
-        }
+        let inp = self.gate_up.in_features;
+        let (gu, xs_h) = match (self.gate_up_lora, self.adapter) {
+            // Rows gathered wide: the adapter inside the product's K (`ops::lora_in_k`).
+            (Some((a, b)), Some(l)) if xs.dim(1)? == inp + l.r && l.r > 0 => {
+                let chunk = dequant_chunk_bytes();
+                let (gu, h) = super::lora_in_k::forward(l, xs, self.gate_up, (a, b), chunk)?;
+                (gu, Some((xs.narrow(1, 0, inp)?, h)))
+            }
+            (Some((a, b)), Some(l)) => {
+                let gu = grouped(xs, self.gate_up, self.counts, true)?; // [M, 2I]
+                let (sum, h) = l.forward_into(gu, xs, a, b)?;
+                (sum, Some((xs.clone(), h)))
+            }
+            _ => (grouped(xs, self.gate_up, self.counts, true)?, None),
+        };
         let glu = self.gate_up.glu;
         let down_lora = self.down_lora.zip(self.adapter);
         let mut act_h = None;
@@ -302,7 +310,12 @@ impl RoutedExperts {
         gate_up_lora: Option<&(Tensor, Tensor)>,
         down_lora: Option<&(Tensor, Tensor)>,
     ) -> Result<Tensor> {
-        let mut xs = super::routing::gather_forward(x, &self.order)?; // [M, H]
+        // [M, H], or wider for gate_up's adapter inside its product's K (as `arch::moe_tape`).
+        let in_k = match (self.weights_input, gate_up_lora, &self.adapter) {
+            (false, Some(_), Some(l)) => Some(l.r),
+            _ => None,
+        };
+        let mut xs = super::lora_in_k::gather_rows(x, &self.order, in_k)?;
         if self.weights_input {
             xs = super::input_weights::scale_rows(&xs, w, &self.order)?;
         }
@@ -408,7 +421,10 @@ pub(crate) fn held_experts_taped(
         kept: None,
     };
     if m == 0 {
-        return Ok((output.then(|| xs.clone()), tape));
+        let y = output
+            .then(|| xs.narrow(1, 0, gate_up.in_features))
+            .transpose()?;
+        return Ok((y, tape));
     }
     let (y, kept) = tape.held().forward(&super::at_offset_zero(xs)?, output)?;
     tape.kept = Some(kept);

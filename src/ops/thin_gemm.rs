@@ -82,21 +82,61 @@ impl ThinPlan {
 
 /// `H [M, r] = α · X · W_eᵀ` over each group's rows; X `[M, K]`, W `[E, r, K]`.
 pub(crate) fn project(x: &Tensor, w: &Tensor, plan: &ThinPlan, alpha: f64) -> Result<Tensor> {
+    project_to(x, w, plan, alpha, None)
+}
+
+/// `project` written into `into`, an `[M, r]` view of rows (`row_layout`: e.g. the last r
+/// columns of the `[M, K + r]` buffer whose first K columns are X) — returned.
+pub(crate) fn project_into(
+    x: &Tensor,
+    w: &Tensor,
+    plan: &ThinPlan,
+    alpha: f64,
+    into: &Tensor,
+) -> Result<Tensor> {
+    project_to(x, w, plan, alpha, Some(into))
+}
+
+fn project_to(
+    x: &Tensor,
+    w: &Tensor,
+    plan: &ThinPlan,
+    alpha: f64,
+    into: Option<&Tensor>,
+) -> Result<Tensor> {
     let (m, k) = x.dims2()?;
     let (e, r, kw) = w.dims3()?;
     check(plan, m, e, "project")?;
     if kw != k || x.dtype() != w.dtype() {
         bail!("thin_gemm project: X {:?} and W {:?}", x.dims(), w.dims());
     }
+    if let Some(h) = into {
+        if h.dims2()? != (m, r) || h.dtype() != x.dtype() || row_layout(h).is_none() {
+            bail!("thin_gemm project: output {:?} for {m} × {r}", h.dims());
+        }
+    }
     #[cfg(feature = "cuda")]
     {
-        cuda::project(x, w, plan, (m, k, r), alpha)
+        cuda::project(x, w, plan, (m, k, r), alpha, into)
     }
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (r, alpha);
         bail!("thin_gemm: CUDA only")
     }
+}
+
+/// (offset of the first element, row stride) of a 2-D tensor whose rows the kernels can read
+/// and write in place: unit column stride, both counts multiples of 8 (16-byte aligned rows
+/// of bf16). A contiguous `[M, N]` from offset 0 gives (0, N); the last columns of a wider
+/// buffer (`narrow` along dim 1) give their start and the buffer's row length.
+pub(crate) fn row_layout(t: &Tensor) -> Option<(usize, usize)> {
+    let (m, c) = t.dims2().ok()?;
+    let l = t.layout();
+    let (stride, off) = (l.stride(), l.start_offset());
+    let ld = if m <= 1 { c } else { stride[0] };
+    let unit = c <= 1 || stride[1] == 1;
+    (unit && ld >= c && ld % 8 == 0 && off % 8 == 0).then_some((off, ld))
 }
 
 /// `α · H · V_eᵀ` over each group's rows, H `[M, r]`, V `[E, N, r]`: added into `into`
@@ -258,21 +298,36 @@ mod cuda {
         }
     }
 
+    /// t with (offset, row stride) the kernels read it at: in place where `row_layout` allows,
+    /// else a contiguous copy from offset 0.
+    fn rows_of(t: &Tensor) -> Result<(Tensor, usize, usize)> {
+        if let Some((off, ld)) = super::row_layout(t) {
+            return Ok((t.clone(), off, ld));
+        }
+        let t = crate::ops::at_offset_zero(t)?;
+        let c = t.dim(1)?;
+        Ok((t, 0, c))
+    }
+
     pub(super) fn project(
         x: &Tensor,
         w: &Tensor,
         plan: &ThinPlan,
         (m, k, r): (usize, usize, usize),
         alpha: f64,
+        into: Option<&Tensor>,
     ) -> Result<Tensor> {
         let dev = device(x)?;
-        let out = uninit(&dev, m * r)?;
+        let out = match into {
+            Some(h) => h.clone(),
+            None => uninit(&dev, m * r)?.reshape((m, r))?,
+        };
         let t = plan.tables(&dev)?;
         if t.tile_count > 0 {
-            let (x, w) = (
-                crate::ops::at_offset_zero(x)?,
-                crate::ops::at_offset_zero(w)?,
-            );
+            let ((x, xo, ldx), w) = (rows_of(x)?, crate::ops::at_offset_zero(w)?);
+            let Some((oo, ldh)) = super::row_layout(&out) else {
+                bail!("thin_gemm project: the output's rows are not in place")
+            };
             let (sx, _) = x.storage_and_layout();
             let (sw, _) = w.storage_and_layout();
             let (so, _) = out.storage_and_layout();
@@ -287,20 +342,26 @@ mod cuda {
                 crate::ops::kernels::GROUPED_LORA,
             )?;
             let (ki, ri, a) = (k as i32, r as i32, alpha as f32);
+            let (ldx, ldh) = (ldx as i32, ldh as i32);
+            let xv = bf16_slice(sx, "project")?.slice(xo..);
+            let ov = bf16_slice(so, "project")?.slice(oo..);
             let mut b = func.builder();
-            b.arg(bf16_slice(sx, "project")?);
+            b.arg(&xv);
             b.arg(bf16_slice(sw, "project")?);
             b.arg(&t.tiles);
-            b.arg(bf16_slice(so, "project")?);
+            b.arg(&ov);
             b.arg(&ki);
             b.arg(&ri);
             b.arg(&a);
+            b.arg(&ldx);
+            b.arg(&ldh);
             // SAFETY: `super::project` checked the shapes, the plan's rows and experts against
-            // them; `applies` the rank and the 16-byte rows; arguments as in the kernel.
+            // them; `applies` the rank and the 16-byte rows, `row_layout` the rows' alignment
+            // and strides; arguments as in the kernel.
             unsafe { b.launch(cfg((t.tile_count as u32, 1))) }.w()?;
             super::LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        out.reshape((m, r))
+        Ok(out)
     }
 
     pub(super) fn expand(
@@ -367,10 +428,7 @@ mod cuda {
         let t = plan.tables(&dev)?;
         let groups = plan.groups.len();
         if groups > 0 {
-            let (rm, x) = (
-                crate::ops::at_offset_zero(rm)?,
-                crate::ops::at_offset_zero(x)?,
-            );
+            let ((rm, ro, ldr), (x, xo, ldx)) = (rows_of(rm)?, rows_of(x)?);
             // SAFETY: the outer kernel writes every chunk's [r, n] partial before the
             // reduction reads it (same stream).
             let partial = unsafe { dev.alloc::<f32>(t.chunk_count * r * n)? };
@@ -390,13 +448,20 @@ mod cuda {
             };
             let func = load(&format!("lora_outer_mma_r{}", padded(r)))?;
             let (ri, ni, a) = (r as i32, n as i32, alpha as f32);
+            let (ldr, ldx) = (ldr as i32, ldx as i32);
+            let (rv, xv) = (
+                bf16_slice(sr, "outer")?.slice(ro..),
+                bf16_slice(sx, "outer")?.slice(xo..),
+            );
             let mut b = func.builder();
-            b.arg(bf16_slice(sr, "outer")?);
-            b.arg(bf16_slice(sx, "outer")?);
+            b.arg(&rv);
+            b.arg(&xv);
             b.arg(&t.chunks);
             b.arg(&partial);
             b.arg(&ri);
             b.arg(&ni);
+            b.arg(&ldr);
+            b.arg(&ldx);
             // SAFETY: as in `project`; the workspace holds chunk_count × r × n f32.
             unsafe { b.launch(cfg((t.chunk_count as u32, n.div_ceil(128) as u32))) }.w()?;
             let func = load("lora_outer_reduce")?;

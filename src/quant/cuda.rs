@@ -329,3 +329,142 @@ pub fn dequantize_absmax_on_gpu(
     unsafe { b.launch(grid(n, 256)) }.w()?;
     Ok(wrap(out, &dev, &[n]))
 }
+
+/// The block scales of [`dequantize_rows_into`]: f32 absmax, or nested statistics (the 8-bit
+/// `codes` of blocks `start..`, the parameter's whole `nested` array, `offset`).
+pub enum RowScales<'a> {
+    Plain(&'a Tensor),
+    Nested {
+        codes: &'a Tensor,
+        nested: &'a Tensor,
+        offset: f32,
+        start: usize,
+    },
+}
+
+/// Whether [`dequantize_rows_into`] takes `packed` codes of `n` values in rows of `row_len`:
+/// the vectorised kernels only (4-byte aligned codes, whole words in every row).
+pub fn rows_into_applies(packed: &Tensor, n: usize, row_len: usize) -> bool {
+    n > 0 && row_len % 8 == 0 && n % row_len == 0 && packed.layout().start_offset() % 4 == 0
+}
+
+/// `packed` codes (`n` values) dequantized into `out` (contiguous, f32, bf16 or f16, on the
+/// codes' device) as rows of `row_len` values laid `ld` apart from `out`'s first element — a
+/// weight beside columns of its own (the expert adapters' factors, `ops::lora_in_k`); the
+/// other columns are not written. The same values as [`dequantize_on_gpu`] /
+/// [`dequantize_nested_on_gpu`] (the same kernels, another address per word).
+#[allow(clippy::too_many_arguments)]
+pub fn dequantize_rows_into(
+    packed: &Tensor,
+    scales: RowScales,
+    out: &Tensor,
+    n: usize,
+    (row_len, ld): (usize, usize),
+    kind: QuantKind,
+    blocksize: usize,
+) -> Result<()> {
+    if !rows_into_applies(packed, n, row_len) || ld < row_len || ld % 8 != 0 {
+        bail!("dequantize into rows: {n} values in rows of {row_len} laid {ld} apart");
+    }
+    if !out.is_contiguous() || out.elem_count() < out.layout().start_offset() + n / row_len * ld {
+        bail!(
+            "dequantize into rows: the output {:?} does not hold the rows",
+            out.dims()
+        );
+    }
+    let candle_core::Device::Cuda(dev) = packed.device() else {
+        bail!("dequantize: tensors must be on a CUDA device")
+    };
+    let packed = packed.contiguous()?;
+    let (pk, pl) = packed.storage_and_layout();
+    let Storage::Cuda(pk) = &*pk else {
+        bail!("dequantize: tensors must be on a CUDA device")
+    };
+    let S::U8(pk) = &pk.slice else {
+        bail!("dequantize: packed must be u8")
+    };
+    let pk = pk.slice(pl.start_offset()..pl.start_offset() + n / 2);
+    let (n64, len64, ld64, bs32) = (n as u64, row_len as u64, ld as u64, blocksize as i32);
+    let (so, ol) = out.storage_and_layout();
+    let Storage::Cuda(so) = &*so else {
+        bail!("dequantize: the output must be on a CUDA device")
+    };
+    let map = super::codebook::dynamic_map();
+    let blocks = n.div_ceil(blocksize);
+    macro_rules! launch {
+        ($t:ty, $suffix:literal) => {{
+            let o = so.as_cuda_slice::<$t>()?.slice(ol.start_offset()..);
+            match &scales {
+                RowScales::Plain(absmax) => {
+                    let (am, al) = absmax.storage_and_layout();
+                    let Storage::Cuda(am) = &*am else {
+                        bail!("dequantize: tensors must be on a CUDA device")
+                    };
+                    let S::F32(am) = &am.slice else {
+                        bail!("dequantize: absmax must be f32")
+                    };
+                    let am = am.slice(al.start_offset()..al.start_offset() + blocks);
+                    let name = format!("dequantize_vec_{}_{}_rows", kind_name(kind), $suffix);
+                    let f = dev.get_or_load_custom_func(&name, MODULE, crate::ops::kernels::NF4)?;
+                    let mut b = f.builder();
+                    b.arg(&pk);
+                    b.arg(&am);
+                    b.arg(&o);
+                    b.arg(&n64);
+                    b.arg(&bs32);
+                    b.arg(&len64);
+                    b.arg(&ld64);
+                    // SAFETY: argument types and order match `DEQUANT_VEC(...)`'s `_rows` kernel
+                    // in kernels/nf4.cu; the rows fit `out` (checked above).
+                    unsafe { b.launch(grid(n / 8, 256)) }.w()?;
+                }
+                RowScales::Nested {
+                    codes,
+                    nested,
+                    offset,
+                    start,
+                } => {
+                    let codes = codes.contiguous()?;
+                    let (q, ql) = codes.storage_and_layout();
+                    let (na, nl) = nested.storage_and_layout();
+                    let (Storage::Cuda(q), Storage::Cuda(na)) = (&*q, &*na) else {
+                        bail!("dequantize: tensors must be on a CUDA device")
+                    };
+                    let (S::U8(q), S::F32(na)) = (&q.slice, &na.slice) else {
+                        bail!("dequantize: codes must be u8, the nested absmax f32")
+                    };
+                    let q = q.slice(ql.start_offset()..ql.start_offset() + blocks);
+                    let na = na.slice(nl.start_offset()..);
+                    let start64 = *start as u64;
+                    let name =
+                        format!("dequantize_vec_nested_{}_{}_rows", kind_name(kind), $suffix);
+                    let f = dev.get_or_load_custom_func(&name, MODULE, crate::ops::kernels::NF4)?;
+                    let mut b = f.builder();
+                    b.arg(&pk);
+                    b.arg(&q);
+                    b.arg(&map);
+                    b.arg(&na);
+                    b.arg(offset);
+                    b.arg(&start64);
+                    b.arg(&o);
+                    b.arg(&n64);
+                    b.arg(&bs32);
+                    b.arg(&len64);
+                    b.arg(&ld64);
+                    let mut cfg = grid(n / 8, 256);
+                    cfg.grid_dim.0 = cfg.grid_dim.0.min(NESTED_BLOCKS);
+                    // SAFETY: argument types and order match `DEQUANT_VEC_NESTED(...)`'s `_rows`
+                    // kernel in kernels/nf4.cu; the rows fit `out` (checked above).
+                    unsafe { b.launch(cfg) }.w()?;
+                }
+            }
+        }};
+    }
+    match out.dtype() {
+        DType::F32 => launch!(f32, "f32"),
+        DType::BF16 => launch!(half::bf16, "bf16"),
+        DType::F16 => launch!(half::f16, "f16"),
+        other => bail!("dequantize: output dtype must be f32, bf16 or f16, got {other:?}"),
+    }
+    Ok(())
+}

@@ -10,6 +10,7 @@ mod conv_silu;
 mod cudnn;
 mod delta_rule;
 mod dots;
+mod in_k;
 mod linear_attn;
 mod nf4;
 mod outer;
@@ -541,6 +542,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
     out.extend(rows::check_rows(device)?);
     out.extend(adamw::check_adamw(device)?);
     out.extend(thin::check_thin_gemm(device)?);
+    out.extend(in_k::check_lora_in_k(device)?);
     #[cfg(feature = "cuda")]
     out.extend(sm90::check_sm90_grouped(device)?);
     #[cfg(feature = "cuda")]

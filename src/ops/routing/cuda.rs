@@ -39,6 +39,23 @@ fn wrap<T: CudaDType>(
 }
 
 pub fn gather_sum(src: &Tensor, idx: &Tensor, k: usize, w: Option<&Tensor>) -> Result<Tensor> {
+    gather_sum_wide(src, idx, k, w, 0)
+}
+
+/// The row gather `out[r] = src[idx[r]]` into rows `extra` columns wider than src's: `[M, H +
+/// extra]`, the last `extra` columns not written (the expert adapters' hidden goes there,
+/// `ops::lora_in_k`). Needs 16-byte rows on both sides (H and H + extra whole packs).
+pub fn gather_rows_wide(src: &Tensor, idx: &Tensor, extra: usize) -> Result<Tensor> {
+    gather_sum_wide(src, idx, 1, None, extra)
+}
+
+fn gather_sum_wide(
+    src: &Tensor,
+    idx: &Tensor,
+    k: usize,
+    w: Option<&Tensor>,
+    extra: usize,
+) -> Result<Tensor> {
     let candle_core::Device::Cuda(dev) = src.device() else {
         candle_core::bail!("routing: not on CUDA")
     };
@@ -60,6 +77,10 @@ pub fn gather_sum(src: &Tensor, idx: &Tensor, k: usize, w: Option<&Tensor>) -> R
     let vec = h % per_pack == 0 && gs.1.start_offset() % per_pack == 0;
     // A row gather (k = 1, weighted or not): one warp per row (kernels/routing.cu).
     let rows_only = vec && k == 1;
+    let ldo = h + extra;
+    if extra > 0 && !(rows_only && ldo % per_pack == 0) {
+        candle_core::bail!("routing: a gather {extra} columns wide needs whole 16-byte rows");
+    }
     let (name, per_thread) = match (rows_only, vec) {
         (true, _) if w.is_some() => ("gather_rows_weighted_vec".to_string(), per_pack),
         (true, _) => ("gather_rows_vec".to_string(), per_pack),
@@ -89,8 +110,9 @@ pub fn gather_sum(src: &Tensor, idx: &Tensor, k: usize, w: Option<&Tensor>) -> R
                 Some(g) => Some(view::<f32>(g)?),
                 None => None,
             };
-            // SAFETY: the kernel writes every output element.
-            let out = unsafe { dev.alloc::<$t>(tokens * h)? };
+            // SAFETY: the kernel writes every output element (but the `extra` columns: the
+            // caller writes those before any read).
+            let out = unsafe { dev.alloc::<$t>(tokens * ldo)? };
             let mut b = func.builder();
             b.arg(&s);
             b.arg(&i);
@@ -103,9 +125,12 @@ pub fn gather_sum(src: &Tensor, idx: &Tensor, k: usize, w: Option<&Tensor>) -> R
                 b.arg(&ki);
             }
             b.arg(&h);
+            if rows_only {
+                b.arg(&ldo);
+            }
             // SAFETY: arguments match kernels/routing.cu.
             unsafe { b.launch(cfg) }.w()?;
-            wrap(out, dev, (tokens, h))
+            wrap(out, dev, (tokens, ldo))
         }};
     }
     Ok(match src.dtype() {

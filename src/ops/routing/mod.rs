@@ -153,6 +153,18 @@ pub(crate) fn gather_forward(x: &Tensor, order: &RowOrder) -> Result<Tensor> {
     super::direct(GatherRows(order.clone()).fwd(x)?)
 }
 
+/// `gather_forward` into rows `extra` columns wider, `[N·k, H + extra]`, for a caller that
+/// writes the last columns itself (`ops::lora_in_k`; zeros on the CPU, unwritten on CUDA).
+pub(crate) fn gather_forward_wide(x: &Tensor, order: &RowOrder, extra: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return cuda::gather_rows_wide(&super::at_offset_zero(x)?, &order.tokens, extra);
+    }
+    let xs = gather_forward(x, order)?;
+    let pad = Tensor::zeros((xs.dim(0)?, extra), xs.dtype(), xs.device())?;
+    Tensor::cat(&[&xs, &pad], 1)
+}
+
 /// The row gather's backward: dxs `[N·k, H]` → dx `[N, H]` in `dtype`.
 pub(crate) fn gather_backward(dxs: &Tensor, order: &RowOrder, dtype: DType) -> Result<Tensor> {
     gather_sum(&dxs.contiguous()?, &order.inv, order.k, None, dtype)

@@ -1,0 +1,121 @@
+//! gate_up's expert adapter inside the base product's K (`LORA_IN_K`, off unless
+//! `MOEQ_LORA_IN_K=1` until measured: launch/bench/NOTES.md item 58).
+//!
+//! The output with the adapter, x·Wᵀ + s·(x·Aᵀ)·Bᵀ, is one product over K + r:
+//! [x | h]·[W | s·B]ᵀ with h = x·Aᵀ. The routed rows are gathered r columns wider than the
+//! hidden size (`routing::gather_forward_wide`), h is projected into those last columns
+//! (`thin_gemm::project_into`), and each dequantized chunk of experts is laid `[E_c, 2I, H +
+//! r]` with s·B_e in the last r columns of each row (`ExpertWeights::dequantize_beside`). The
+//! update joins the base product's accumulation — one rounding of the sum, where the separate
+//! update rounds it and then the addition — and the pass that added it to the output is gone
+//! (a read and a write of gate_up's output: ≈ 0.8 GB at micro-batch 8, in the forward and in
+//! the recompute). The product's K grows by r. The backward reads x and h where they lie: both
+//! are row-strided views of the one buffer, which the thin kernels read in place.
+
+use super::experts::{expert_matmul_beside, lora_factors, ExpertWeights, GroupedLora};
+use super::routing::{gather_forward, gather_forward_wide, RowOrder};
+use super::thin_gemm::{self, MAX_RANK};
+use crate::util::switch::EnvSwitch;
+use candle_core::{bail, DType, Result, Tensor};
+
+pub static LORA_IN_K: EnvSwitch = EnvSwitch::new("MOEQ_LORA_IN_K", |v| v == Some("1"));
+
+/// The routed rows of `x` `[N, H]` by expert: `[N·k, H]`, or `[N·k, H + r]` for gate_up's
+/// adapter of rank r (`in_k`: Some(r) where the rows may take it — one rank, unscaled rows)
+/// where the switch is on and the thin kernels take the buffer (on CUDA: bf16, r and H
+/// multiples of 8, r ≤ `MAX_RANK`; the CPU takes any). The last r columns are left to
+/// [`forward`].
+pub(crate) fn gather_rows(x: &Tensor, order: &RowOrder, in_k: Option<usize>) -> Result<Tensor> {
+    let h = x.dim(1)?;
+    match in_k {
+        Some(r) if LORA_IN_K.get() && r > 0 => {
+            let fits = !x.device().is_cuda()
+                || (x.dtype() == DType::BF16 && r % 8 == 0 && r <= MAX_RANK && h % 8 == 0);
+            match fits {
+                true => gather_forward_wide(x, order, r),
+                false => gather_forward(x, order),
+            }
+        }
+        _ => gather_forward(x, order),
+    }
+}
+
+/// gate_up's output over wide rows `xw` `[M, in + r]` (the gathered rows in the first `in`
+/// columns; the last r are written here) with the adapter (A `[r·E, in]`, B `[out, r·E]`) in
+/// the product's K → (the output `[M, out]`, h = x·Aᵀ as a view `[M, r]` of xw's last
+/// columns: the hidden `GroupedLora::forward_into` gives, the same values).
+pub(crate) fn forward(
+    l: &GroupedLora,
+    xw: &Tensor,
+    w: &ExpertWeights,
+    (a, b): (&Tensor, &Tensor),
+    chunk_bytes: usize,
+) -> Result<(Tensor, Tensor)> {
+    let (m, wide) = xw.dims2()?;
+    let (inp, r) = (w.in_features, l.r);
+    if wide != inp + r || !xw.is_contiguous() {
+        bail!(
+            "lora in K: rows {:?} for {inp} inputs and rank {r}",
+            xw.dims()
+        );
+    }
+    let (a3, b3) = lora_factors(a, b, r, xw.dtype())?;
+    let (x, h) = (xw.narrow(1, 0, inp)?, xw.narrow(1, inp, r)?);
+    if l.plan.applies(&x, r, &[inp, b.dim(0)?]) {
+        thin_gemm::project_into(&x, &a3, &l.plan, 1.0, &h)?;
+    } else {
+        xw.slice_set(&l.hidden(&x, &a3)?.reshape((m, r))?, 1, inp)?;
+    }
+    let tail = (b3.narrow(0, l.first, l.counts.len())? * l.scaling)?;
+    let y = expert_matmul_beside(xw, w, &l.counts, chunk_bytes, &tail)?;
+    Ok((y, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::forward;
+    use crate::ops::experts::{ExpertWeights, GroupedLora};
+    use crate::ops::nf4_linear::Nf4Weight;
+    use crate::quant::{QuantSettings, QuantizedParam};
+    use candle_core::{DType, Device, Result, Tensor};
+
+    /// Against the separate update (`GroupedLora::forward_into` on the base product), f32 on
+    /// the CPU, chunks of 3 experts (some without rows): the same sums in another order, so
+    /// within f32 rounding (1e-5 of the output's scale: K = 64 + 8 terms of O(1)).
+    #[test]
+    fn the_update_in_k_is_the_separate_update() -> Result<()> {
+        let cpu = &Device::Cpu;
+        let (e, inp, out, r) = (7usize, 64usize, 48usize, 8usize);
+        let counts = [5usize, 0, 9, 3, 0, 0, 6];
+        let m: usize = counts.iter().sum();
+        let ws = (0..e)
+            .map(|_| {
+                let w: Vec<f32> = Tensor::randn(0f32, 0.1, out * inp, cpu)?.to_vec1()?;
+                let q = QuantizedParam::quantize(&w, &[out, inp], QuantSettings::default())
+                    .map_err(|err| candle_core::Error::Msg(err.to_string()))?;
+                Nf4Weight::from_param(&q, cpu)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let w = ExpertWeights::stack(&ws)?;
+        let a = Tensor::randn(0f32, 0.2, (r * e, inp), cpu)?;
+        let b = Tensor::randn(0f32, 0.2, (out, r * e), cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (m, inp), cpu)?;
+        let l = GroupedLora::new(&counts, 0, r, 2.0);
+        let chunk = 3 * out * (inp + r) * DType::F32.size_in_bytes();
+        let xw = Tensor::cat(&[&x, &Tensor::zeros((m, r), DType::F32, cpu)?], 1)?;
+        let (y, h) = forward(&l, &xw, &w, (&a, &b), chunk)?;
+        let base = crate::ops::experts::expert_matmul(&x, &w, &counts, true, chunk)?;
+        let (want, want_h) = l.forward_into(base, &x, &a, &b)?;
+        let diff = |p: &Tensor, q: &Tensor| -> Result<f32> {
+            (p - q)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(scale > 0.1, "a zero output checks nothing");
+        let d = diff(&y, &want)?;
+        assert!(d <= 1e-5 * scale, "output off by {d} (scale {scale})");
+        assert_eq!(diff(&h, &want_h)?, 0.0, "the hidden is the same product");
+        // The rows themselves are untouched.
+        assert_eq!(diff(&xw.narrow(1, 0, inp)?, &x)?, 0.0);
+        Ok(())
+    }
+}
