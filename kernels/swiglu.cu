@@ -57,9 +57,11 @@ __device__ void swiglu_packed_bwd(const T* gu, const T* dy, T* dgu, const size_t
 }
 
 // The same over 16-byte packs of VEC = 16 / sizeof(T) columns per thread (half % VEC == 0 and
-// gu, dy 16-byte aligned: the caller checks): one index division per pack, vector loads.
+// gu, dy 16-byte aligned: the caller checks): one index division per pack, vector loads. The
+// forward's output rows lie `ldo` apart (half, or wider: down's expert adapter then takes the
+// columns past half, src/ops/lora_in_k.rs; a multiple of VEC).
 template <typename T>
-__device__ void swiglu_packed_fwd_vec(const T* gu, T* out, const size_t rows, const size_t half) {
+__device__ void swiglu_packed_fwd_vec(const T* gu, T* out, const size_t rows, const size_t half, const size_t ldo) {
   constexpr int VEC = 16 / sizeof(T);
   const size_t per_row = half / VEC, n = rows * per_row;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -72,7 +74,7 @@ __device__ void swiglu_packed_fwd_vec(const T* gu, T* out, const size_t rows, co
       const float x = to_f32(g.e[j]);
       o.e[j] = from_f32<T>(x / (1.0f + expf(-x)) * to_f32(u.e[j]));
     }
-    *reinterpret_cast<uint4*>(out + r * half + c) = o.v;
+    *reinterpret_cast<uint4*>(out + r * ldo + c) = o.v;
   }
 }
 
@@ -146,7 +148,12 @@ __device__ void swiglu_packed_bwd_dot_vec(const T* gu, const T* dy, T* dgu, floa
   }                                                                                                   \
   extern "C" __global__ void swiglu_packed_fwd_vec_##SUFFIX(const T* gu, T* out, const size_t rows,  \
                                                             const size_t half) {                     \
-    swiglu_packed_fwd_vec(gu, out, rows, half);                                                     \
+    swiglu_packed_fwd_vec(gu, out, rows, half, half);                                               \
+  }                                                                                                   \
+  extern "C" __global__ void swiglu_packed_fwd_wide_vec_##SUFFIX(const T* gu, T* out,                \
+                                                                 const size_t rows, const size_t half, \
+                                                                 const size_t ldo) {                 \
+    swiglu_packed_fwd_vec(gu, out, rows, half, ldo);                                                \
   }                                                                                                   \
   extern "C" __global__ void swiglu_packed_bwd_vec_##SUFFIX(const T* gu, const T* dy, T* dgu,        \
                                                             const size_t rows, const size_t half) {  \

@@ -585,11 +585,11 @@ fn custom_ops_match_their_references_on_the_cpu() {
     // a residual (8), the router's backward (32: softmax/sigmoid × renormalised or not × four
     // sizes × f32/bf16), the group-limited choices' third case (GLM-4.7-Flash's, bf16 ties; 2),
     // then the token-major row gathers (24: two gather/combine cases of 3 entries, two combine
-    // rows cases of 2, and the two bit-for-bit rows, × f32/bf16), then gate_up's adapter in
-    // its product's K (13: five outputs and a chunk dequantized beside its tail, nested and
-    // plain statistics, and the wide row gather; the hidden projected into a view is a
-    // device-only row)
-    assert_eq!(results.len(), 592);
+    // rows cases of 2, and the two bit-for-bit rows, × f32/bf16), then the expert adapters in
+    // their products' K (14: five outputs and a chunk dequantized beside its tail, nested and
+    // plain statistics, the wide row gather and the wide activations; the hidden projected
+    // into a view is a device-only row)
+    assert_eq!(results.len(), 593);
     for r in results {
         assert!(r.passed(), "{r}");
     }

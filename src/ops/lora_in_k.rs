@@ -1,16 +1,18 @@
-//! gate_up's expert adapter inside the base product's K (`LORA_IN_K`, off unless
+//! The expert adapters inside the base products' K (`LORA_IN_K`, off unless
 //! `MOEQ_LORA_IN_K=1` until measured: launch/bench/NOTES.md item 58).
 //!
-//! The output with the adapter, x·Wᵀ + s·(x·Aᵀ)·Bᵀ, is one product over K + r:
-//! [x | h]·[W | s·B]ᵀ with h = x·Aᵀ. The routed rows are gathered r columns wider than the
-//! hidden size (`routing::gather_forward_wide`), h is projected into those last columns
-//! (`thin_gemm::project_into`), and each dequantized chunk of experts is laid `[E_c, 2I, H +
+//! A projection's output with its adapter, x·Wᵀ + s·(x·Aᵀ)·Bᵀ, is one product over K + r:
+//! [x | h]·[W | s·B]ᵀ with h = x·Aᵀ. gate_up's rows are gathered r columns wider than the
+//! hidden size (`routing::gather_forward_wide`), down's activations written r columns wider
+//! than I (`swiglu::packed_forward_wide`); h is projected into those last columns
+//! (`thin_gemm::project_into`), and each dequantized chunk of experts is laid `[E_c, out, in +
 //! r]` with s·B_e in the last r columns of each row (`ExpertWeights::dequantize_beside`). The
 //! update joins the base product's accumulation — one rounding of the sum, where the separate
 //! update rounds it and then the addition — and the pass that added it to the output is gone
-//! (a read and a write of gate_up's output: ≈ 0.8 GB at micro-batch 8, in the forward and in
-//! the recompute). The product's K grows by r. The backward reads x and h where they lie: both
-//! are row-strided views of the one buffer, which the thin kernels read in place.
+//! (a read and a write of the output: at micro-batch 8 ≈ 0.8 GB for gate_up, in the forward
+//! and the recompute, ≈ 1.1 GB for down, in the forward). The products' K grows by r. The
+//! backward reads x and h where they lie: row-strided views of the one buffer, which the thin
+//! kernels read in place.
 
 use super::experts::{expert_matmul_beside, lora_factors, ExpertWeights, GroupedLora};
 use super::routing::{gather_forward, gather_forward_wide, RowOrder};
@@ -22,25 +24,23 @@ pub static LORA_IN_K: EnvSwitch = EnvSwitch::new("MOEQ_LORA_IN_K", |v| v == Some
 
 /// The routed rows of `x` `[N, H]` by expert: `[N·k, H]`, or `[N·k, H + r]` for gate_up's
 /// adapter of rank r (`in_k`: Some(r) where the rows may take it — one rank, unscaled rows)
-/// where the switch is on and the thin kernels take the buffer (on CUDA: bf16, r and H
-/// multiples of 8, r ≤ `MAX_RANK`; the CPU takes any). The last r columns are left to
-/// [`forward`].
+/// where it [`fits`]. The last r columns are left to [`forward`].
 pub(crate) fn gather_rows(x: &Tensor, order: &RowOrder, in_k: Option<usize>) -> Result<Tensor> {
-    let h = x.dim(1)?;
     match in_k {
-        Some(r) if LORA_IN_K.get() && r > 0 => {
-            let fits = !x.device().is_cuda()
-                || (x.dtype() == DType::BF16 && r % 8 == 0 && r <= MAX_RANK && h % 8 == 0);
-            match fits {
-                true => gather_forward_wide(x, order, r),
-                false => gather_forward(x, order),
-            }
-        }
+        Some(r) if fits(x, r, x.dim(1)?) => gather_forward_wide(x, order, r),
         _ => gather_forward(x, order),
     }
 }
 
-/// gate_up's output over wide rows `xw` `[M, in + r]` (the gathered rows in the first `in`
+/// Whether an adapter of rank `r` goes inside the K of a product over rows of `cols` inputs
+/// in `x`'s dtype and device: the switch on, and on CUDA bf16 rows the thin kernels and the
+/// row-strided dequantization take (r and cols multiples of 8, r ≤ `MAX_RANK`).
+pub(crate) fn fits(x: &Tensor, r: usize, cols: usize) -> bool {
+    let kernels = x.dtype() == DType::BF16 && r % 8 == 0 && r <= MAX_RANK && cols % 8 == 0;
+    LORA_IN_K.get() && r > 0 && (!x.device().is_cuda() || kernels)
+}
+
+/// The output over wide rows `xw` `[M, in + r]` (the projection's input in the first `in`
 /// columns; the last r are written here) with the adapter (A `[r·E, in]`, B `[out, r·E]`) in
 /// the product's K → (the output `[M, out]`, h = x·Aᵀ as a view `[M, r]` of xw's last
 /// columns: the hidden `GroupedLora::forward_into` gives, the same values).

@@ -26,6 +26,7 @@ pub mod experts;
 pub mod flash_attn;
 pub mod gated_norm_op;
 pub mod grouped_gemm;
+mod held_experts;
 pub mod input_weights;
 pub mod kernels;
 pub mod linear_attn_parts;

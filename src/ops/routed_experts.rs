@@ -13,7 +13,9 @@
 //! so the layer recompute skips the down projection and the combine
 //! (docs/ARCHITECTURE.md, decision 35).
 
-use super::experts::{dequant_chunk_bytes, expert_matmul, ExpertWeights, GroupedLora};
+use super::experts::{ExpertWeights, GroupedLora};
+pub(crate) use super::held_experts::FactorPairs;
+use super::held_experts::{Held, Kept};
 use super::routing::RowOrder;
 use candle_core::{CustomOp2, CustomOp3, DType, Result, Shape, Tensor};
 use std::sync::Mutex;
@@ -72,167 +74,6 @@ impl Packing {
     }
 }
 
-/// What the held experts' forward leaves for their backward: gate_up's output [M, 2I] and
-/// the adapters' inputs with their rank-r hiddens — the gathered rows [M, H] (gate_up) and
-/// the activations [M, I] (down), with `x · A_eᵀ` [M, r] of each, where that projection has
-/// an adapter.
-struct Kept {
-    gu: Gu,
-    xs: Option<(Tensor, Tensor)>,
-    act: Option<(Tensor, Tensor)>,
-}
-
-/// gate_up's output, or (a recompute without adapters, `expert_chunks::serves`) the gathered
-/// rows it is formed from in the backward, a chunk of experts at a time.
-enum Gu {
-    Formed(Tensor),
-    Deferred(Tensor),
-}
-
-/// The held experts' weights, rows and adapters, for their forward and backward.
-struct Held<'a> {
-    gate_up: &'a ExpertWeights,
-    down: &'a ExpertWeights,
-    counts: &'a [usize],
-    /// The adapters' products over `counts` (one plan for the forward and the backward).
-    adapter: Option<&'a GroupedLora>,
-    gate_up_lora: Option<&'a (Tensor, Tensor)>,
-    down_lora: Option<&'a (Tensor, Tensor)>,
-}
-
-/// (gate_up's adapter factors or their gradients (A, B), down's), where present.
-pub(crate) type FactorPairs = (Option<(Tensor, Tensor)>, Option<(Tensor, Tensor)>);
-
-impl Held<'_> {
-    /// xs [M, H] grouped by held expert → the expert outputs [M, H], or only what the backward
-    /// needs (`output` false: a recompute; the down projection is then skipped, see `backward`).
-    fn forward(&self, xs: &Tensor, output: bool) -> Result<(Option<Tensor>, Kept)> {
-        let adapters =
-            self.adapter.is_some() && (self.gate_up_lora.is_some() || self.down_lora.is_some());
-        if !output && !adapters && super::expert_chunks::serves(self.gate_up) {
-            let kept = Kept {
-                gu: Gu::Deferred(xs.clone()),
-                xs: None,
-                act: None,
-            };
-            return Ok((None, kept));
-        }
-        let inp = self.gate_up.in_features;
-        let (gu, xs_h) = match (self.gate_up_lora, self.adapter) {
-            // Rows gathered wide: the adapter inside the product's K (`ops::lora_in_k`).
-            (Some((a, b)), Some(l)) if xs.dim(1)? == inp + l.r && l.r > 0 => {
-                let chunk = dequant_chunk_bytes();
-                let (gu, h) = super::lora_in_k::forward(l, xs, self.gate_up, (a, b), chunk)?;
-                (gu, Some((xs.narrow(1, 0, inp)?, h)))
-            }
-            (Some((a, b)), Some(l)) => {
-                let gu = grouped(xs, self.gate_up, self.counts, true)?; // [M, 2I]
-                let (sum, h) = l.forward_into(gu, xs, a, b)?;
-                (sum, Some((xs.clone(), h)))
-            }
-            _ => (grouped(xs, self.gate_up, self.counts, true)?, None),
-        };
-        let glu = self.gate_up.glu;
-        let down_lora = self.down_lora.zip(self.adapter);
-        let mut act_h = None;
-        if !output {
-            // Of the down projection only its adapter's input and hidden, for the backward.
-            if let Some(((a, b), l)) = down_lora {
-                let act = super::swiglu::packed_forward(&gu, glu)?; // [M, I]
-                let h = l.hidden_of(&act, a, b)?;
-                act_h = Some((act, h));
-            }
-            let kept = Kept {
-                gu: Gu::Formed(gu),
-                xs: xs_h,
-                act: act_h,
-            };
-            return Ok((None, kept));
-        }
-        let act = super::swiglu::packed_forward(&gu, glu)?; // [M, I]
-        let mut y = grouped(&act, self.down, self.counts, true)?; // [M, H]
-        if let Some(((a, b), l)) = down_lora {
-            let (sum, h) = l.forward_into(y, &act, a, b)?;
-            y = sum;
-            act_h = Some((act, h));
-        }
-        let kept = Kept {
-            gu: Gu::Formed(gu),
-            xs: xs_h,
-            act: act_h,
-        };
-        Ok((Some(y), kept))
-    }
-
-    /// dy [M, H] → (dxs [M, H] in `dtype`, the adapters' gradients, and with `dots` each
-    /// row's ⟨dy, y⟩ [M] (f32) without y: y = act·W_dᵀ + s·(act·Aᵀ)·Bᵀ + bias is affine in act,
-    /// so ⟨dy, y⟩ = ⟨dL/d(act), act⟩ + ⟨dy, bias⟩. For rows whose output a routing weight w
-    /// scaled (dy = w·dL/d(output)) that is w times the weight's gradient.
-    fn backward(
-        &self,
-        kept: Kept,
-        dy: Tensor,
-        dtype: DType,
-        dots: bool,
-    ) -> Result<(Tensor, FactorPairs, Option<Tensor>)> {
-        let Kept { gu, xs, act } = kept;
-        // y = act·W_dᵀ (+ the adapter's update) + the expert's bias: the bias's part of ⟨dy, y⟩.
-        let bias_dots = match dots {
-            true => self.down.bias_dots(&dy, self.counts)?,
-            false => None,
-        };
-        let gu = match gu {
-            Gu::Formed(gu) => gu,
-            Gu::Deferred(xs) => {
-                let (dxs, dot) = super::expert_chunks::backward_by_chunk(
-                    self.gate_up,
-                    self.down,
-                    self.counts,
-                    &xs,
-                    dy,
-                    dtype,
-                    dots,
-                    dequant_chunk_bytes(),
-                )?;
-                let dot = match (dot, bias_dots) {
-                    (Some(d), Some(b)) => Some((d + b)?),
-                    (dot, _) => dot,
-                };
-                return Ok((dxs, (None, None), dot));
-            }
-        };
-        let mut dact = grouped(&dy, self.down, self.counts, false)?.to_dtype(dtype)?;
-        let mut down = None;
-        if let (Some((a, b)), Some((act, h)), Some(l)) = (self.down_lora, &act, self.adapter) {
-            let (sum, da, db) = l.backward_into(act, a, b, &dy, Some(h), Some(dact))?;
-            dact = sum;
-            down = Some((da, db));
-        }
-        drop((dy, act));
-        let glu = self.gate_up.glu;
-        let (dgu, dot) = match dots {
-            true => {
-                let (dgu, dot) = super::swiglu::packed_backward_dot(&gu, &dact, glu)?;
-                let dot = match bias_dots {
-                    Some(b) => (dot + b)?,
-                    None => dot,
-                };
-                (dgu, Some(dot))
-            }
-            false => (super::swiglu::packed_backward(&gu, &dact, glu)?, None),
-        };
-        drop((gu, dact));
-        let mut dxs = grouped(&dgu, self.gate_up, self.counts, false)?.to_dtype(dtype)?;
-        let mut gate_up = None;
-        if let (Some((a, b)), Some((xs, h)), Some(l)) = (self.gate_up_lora, &xs, self.adapter) {
-            let (sum, da, db) = l.backward_into(xs, a, b, &dgu, Some(h), Some(dxs))?;
-            dxs = sum;
-            gate_up = Some((da, db));
-        }
-        Ok((dxs, (gate_up, down), dot))
-    }
-}
-
 /// What the forward leaves for the backward: the expert outputs [M, H] (the combine's weight
 /// gradient reads them) and what the held experts keep.
 struct Saved {
@@ -260,11 +101,6 @@ struct RoutedExperts {
     /// Whether the forward keeps its intermediates for the backward.
     keep: bool,
     saved: Mutex<Option<Saved>>,
-}
-
-/// `x · Wᵀ` (`forward`) or `x · W` over grouped rows, dequantizing a chunk of experts at a time.
-fn grouped(x: &Tensor, w: &ExpertWeights, counts: &[usize], forward: bool) -> Result<Tensor> {
-    expert_matmul(&x.contiguous()?, w, counts, forward, dequant_chunk_bytes())
 }
 
 impl RoutedExperts {

@@ -300,7 +300,7 @@ fn packed_cpu(gu: &Tensor, dy: Option<&Tensor>, glu: Glu) -> Result<Tensor> {
 
 /// Runs `swiglu_packed_{fwd,bwd}_<dtype>` (`inputs` then the output, rows, half).
 #[cfg(feature = "cuda")]
-fn packed_cuda(gu: &Tensor, dy: Option<&Tensor>, glu: Glu) -> Result<Tensor> {
+fn packed_cuda(gu: &Tensor, dy: Option<&Tensor>, glu: Glu, extra: usize) -> Result<Tensor> {
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::Storage;
@@ -310,7 +310,11 @@ fn packed_cuda(gu: &Tensor, dy: Option<&Tensor>, glu: Glu) -> Result<Tensor> {
     let (rows, two_i) = gu.dims2()?;
     let half = two_i / 2;
     let (pass, n_out, shape) = match dy {
-        None => ("fwd", rows * half, Shape::from((rows, half))),
+        None => (
+            "fwd",
+            rows * (half + extra),
+            Shape::from((rows, half + extra)),
+        ),
         Some(_) => ("bwd", rows * two_i, Shape::from((rows, two_i))),
     };
     let suffix = match gu.dtype() {
@@ -330,7 +334,18 @@ fn packed_cuda(gu: &Tensor, dy: Option<&Tensor>, glu: Glu) -> Result<Tensor> {
     let aligned = |l: &candle_core::Layout| l.start_offset() % per_pack == 0;
     let vec =
         half % per_pack == 0 && aligned(lg) && dy_guard.as_ref().is_none_or(|(_, l)| aligned(l));
-    let (kind, per_thread) = if vec { ("_vec", per_pack) } else { ("", 1) };
+    // Output rows `extra` wider (the forward only): the vectorised silu kernel's.
+    let wide = extra > 0;
+    if wide && !(vec && glu == Glu::Silu && dy.is_none() && extra % per_pack == 0) {
+        candle_core::bail!("swiglu_packed: rows {extra} wider need the vectorised silu forward");
+    }
+    let kind = match (wide, vec) {
+        (true, _) => "_wide_vec",
+        (false, true) => "_vec",
+        (false, false) => "",
+    };
+    let per_thread = if vec { per_pack } else { 1 };
+    let ldo = half + extra;
     let (name, per_thread) = match glu {
         Glu::Silu => (format!("swiglu_packed_{pass}{kind}_{suffix}"), per_thread),
         Glu::Clamped { .. } => (format!("clamped_glu_{pass}_{suffix}"), 1),
@@ -362,6 +377,9 @@ fn packed_cuda(gu: &Tensor, dy: Option<&Tensor>, glu: Glu) -> Result<Tensor> {
             b.arg(&out);
             b.arg(&rows);
             b.arg(&half);
+            if wide {
+                b.arg(&ldo);
+            }
             let clamps = match glu {
                 Glu::Clamped { alpha, limit } => Some((alpha, limit)),
                 Glu::Silu => None,
@@ -399,7 +417,7 @@ impl Packed {
     fn fwd(&self, gu: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if gu.device().is_cuda() {
-            return packed_cuda(gu, None, self.0);
+            return packed_cuda(gu, None, self.0, 0);
         }
         packed_cpu(gu, None, self.0)
     }
@@ -421,6 +439,23 @@ impl candle_core::CustomOp1 for Packed {
 /// The packed activation's forward on tensors, no graph: gu `[rows, 2·I]` → `[rows, I]`.
 pub(crate) fn packed_forward(gu: &Tensor, glu: Glu) -> Result<Tensor> {
     super::direct(Packed(glu).fwd(gu)?)
+}
+
+/// `packed_forward` into rows `extra` columns wider, `[rows, I + extra]`, for a caller that
+/// writes the last columns itself (`ops::lora_in_k`; zeros on the CPU, unwritten on CUDA,
+/// where silu's vectorised kernel takes the rows — else `packed_forward` and a concatenation).
+pub(crate) fn packed_forward_wide(gu: &Tensor, glu: Glu, extra: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let per_pack = 16 / gu.dtype().size_in_bytes();
+        let packs = (gu.dim(1)? / 2) % per_pack == 0 && extra % per_pack == 0;
+        if gu.device().is_cuda() && glu == Glu::Silu && packs {
+            return packed_cuda(&super::at_offset_zero(gu)?, None, glu, extra);
+        }
+    }
+    let act = packed_forward(gu, glu)?;
+    let pad = Tensor::zeros((act.dim(0)?, extra), act.dtype(), act.device())?;
+    Tensor::cat(&[&act, &pad], 1)
 }
 
 /// The packed activation's backward, no graph: (gu, dy `[rows, I]`) → dgu `[rows, 2·I]` in
@@ -552,7 +587,7 @@ impl PackedBwd {
     fn fwd(&self, gu: &Tensor, dy: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if gu.device().is_cuda() {
-            return packed_cuda(gu, Some(dy), self.0);
+            return packed_cuda(gu, Some(dy), self.0, 0);
         }
         packed_cpu(gu, Some(dy), self.0)
     }

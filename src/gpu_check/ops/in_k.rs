@@ -3,8 +3,8 @@
 //! columns, each chunk of experts dequantized beside s·B) and the adapter's backward reading
 //! x and h where they lie (row-strided views), bf16 on the device against the same calls on
 //! the CPU in f32, for nested and plain statistics; and, on the device, the pieces against
-//! their contiguous forms bit for bit: the wide row gather's first H columns, a chunk
-//! dequantized beside its tail, the hidden projected into a view.
+//! their contiguous forms bit for bit: the wide row gather's and the wide SwiGLU's first
+//! columns, a chunk dequantized beside its tail, the hidden projected into a view.
 
 use super::super::tolerance::{lookup, Pass};
 use super::super::{compare, Comparison};
@@ -12,6 +12,7 @@ use crate::ops::experts::{ExpertWeights, GroupedLora};
 use crate::ops::lora_in_k;
 use crate::ops::nf4_linear::Nf4Weight;
 use crate::ops::routing::{gather_forward, gather_forward_wide, RowOrder};
+use crate::ops::swiglu::{packed_forward, packed_forward_wide, Glu};
 use crate::ops::thin_gemm::{project, project_into, ThinPlan};
 use crate::quant::{QuantSettings, QuantizedParam};
 use candle_core::{DType, Device, Result, Tensor};
@@ -94,8 +95,9 @@ pub(super) fn check_lora_in_k(device: &Device) -> Result<Vec<Comparison>> {
     Ok(res)
 }
 
-/// On `device`, bit for bit: the wide gather's first columns against the plain gather, and
-/// the hidden projected into the last columns of a wide buffer against a new one.
+/// On `device`, bit for bit: the wide gather's and the wide activations' first columns against
+/// the plain ones, and the hidden projected into the last columns of a wide buffer against a
+/// new one.
 fn pieces(
     device: &Device,
     (x, a): (&Tensor, &Tensor),
@@ -123,6 +125,15 @@ fn pieces(
         &plain.to_device(cpu)?,
         exact,
     )?];
+    // The packed SwiGLU written into rows r wider (down's adapter in its K): its first columns.
+    let gu = Tensor::cat(&[&xd, &xd.affine(-0.5, 0.25)?], 1)?;
+    let wide = packed_forward_wide(&gu, Glu::Silu, r)?.narrow(1, 0, inp)?;
+    res.push(compare(
+        "lora in K wide activations",
+        &wide.to_device(cpu)?,
+        &packed_forward(&gu, Glu::Silu)?.to_device(cpu)?,
+        exact,
+    )?);
     let groups = vec![(0usize, 0usize, m / 3), (3, m / 3, m - m / 3)];
     let plan = ThinPlan::new(groups);
     let a3 = a
