@@ -150,17 +150,21 @@ impl ExpertWeights {
         }
     }
 
-    /// Experts `range` as `[n, out, in + c]` in `dtype`: each row's `in` dequantized values
-    /// followed by that row of `tail` `[n, out, c]` (an adapter's factor beside the weight,
-    /// `ops::lora_in_k`). On CUDA the dequantization writes the rows in place (the same values
-    /// as `dequantize`) and the tail is copied into the last columns; elsewhere a concatenation.
-    pub(crate) fn dequantize_beside(
+    /// Experts `range` in `dtype` with an adapter's factor `tail` beside each weight row
+    /// (`transpose`: `[n, out, in + c]` from tail `[n, out, c]`, for `x · Wᵀ`) or below each
+    /// expert's rows (`[n, out + c, in]` from tail `[n, c, in]`, for `x · W`) — the factor
+    /// inside the product's K (`ops::lora_in_k`). On CUDA the dequantization writes its rows
+    /// in place (the same values as `dequantize`) and the tail is copied in; elsewhere a
+    /// concatenation.
+    pub(crate) fn dequantize_with(
         &self,
         range: Range<usize>,
         dtype: DType,
         tail: &Tensor,
+        transpose: bool,
     ) -> Result<Tensor> {
         let tail = tail.to_dtype(dtype)?.contiguous()?;
+        let dim = if transpose { 2 } else { 1 };
         #[cfg(feature = "cuda")]
         if let (
             ExpertStore::Nf4 {
@@ -173,27 +177,33 @@ impl ExpertWeights {
         ) = (&self.store, tail.device())
         {
             let (n, out, inp) = (range.len(), self.out_features, self.in_features);
-            let (c, per) = (tail.dim(2)?, out * inp);
+            let (c, per) = (tail.dim(dim)?, out * inp);
+            // Rows of `inp` laid `inp + c` apart, or each expert's block laid `(out + c)·inp`.
+            let (row_len, ld, shape) = match transpose {
+                true => (inp, inp + c, (n, out, inp + c)),
+                false => (per, (out + c) * inp, (n, out + c, inp)),
+            };
             let packed = packed.narrow(0, range.start * per / 2, n * per / 2)?;
-            if crate::quant::cuda::rows_into_applies(&packed, n * per, inp) && (inp + c) % 8 == 0 {
+            if crate::quant::cuda::rows_into_applies(&packed, n * per, row_len) && ld % 8 == 0 {
                 let scales = absmax.narrow(range.start * per / blocksize, n * per / blocksize)?;
-                let len = n * out * (inp + c);
+                let len = n * ld * (per / row_len);
                 let wide = super::grouped_gemm::output_for_products(len, dtype, tail.device())?
-                    .reshape((n, out, inp + c))?;
+                    .reshape(shape)?;
                 crate::quant::cuda::dequantize_rows_into(
                     &packed,
                     scales.row_scales(),
                     &wide,
                     n * per,
-                    (inp, inp + c),
+                    (row_len, ld),
                     *kind,
                     *blocksize,
                 )?;
-                wide.slice_set(&tail, 2, inp)?;
+                let at = if transpose { inp } else { out };
+                wide.slice_set(&tail, dim, at)?;
                 return Ok(wide);
             }
         }
-        Tensor::cat(&[self.dequantize(range, dtype)?, tail], 2)
+        Tensor::cat(&[self.dequantize(range, dtype)?, tail], dim)
     }
 
     /// Experts per `dequantize` call for chunks of `chunk_bytes` of weights in `dtype`: all

@@ -6,7 +6,7 @@
 //! hidden size (`routing::gather_forward_wide`), down's activations written r columns wider
 //! than I (`swiglu::packed_forward_wide`); h is projected into those last columns
 //! (`thin_gemm::project_into`), and each dequantized chunk of experts is laid `[E_c, out, in +
-//! r]` with s·B_e in the last r columns of each row (`ExpertWeights::dequantize_beside`). The
+//! r]` with s·B_e in the last r columns of each row (`ExpertWeights::dequantize_with`). The
 //! update joins the base product's accumulation — one rounding of the sum, where the separate
 //! update rounds it and then the addition — and the pass that added it to the output is gone
 //! (a read and a write of the output: at micro-batch 8 ≈ 0.8 GB for gate_up, in the forward
@@ -14,7 +14,8 @@
 //! backward reads x and h where they lie: row-strided views of the one buffer, which the thin
 //! kernels read in place.
 
-use super::experts::{expert_matmul_beside, lora_factors, ExpertWeights, GroupedLora};
+use super::experts::{expert_matmul_with, ExpertWeights};
+use super::grouped_lora::{lora_factors, GroupedLora};
 use super::routing::{gather_forward, gather_forward_wide, RowOrder};
 use super::thin_gemm::{self, MAX_RANK};
 use crate::util::switch::EnvSwitch;
@@ -67,7 +68,7 @@ pub(crate) fn forward(
         xw.slice_set(&l.hidden(&x, &a3)?.reshape((m, r))?, 1, inp)?;
     }
     let tail = (b3.narrow(0, l.first, l.counts.len())? * l.scaling)?;
-    let y = expert_matmul_beside(xw, w, &l.counts, chunk_bytes, &tail)?;
+    let y = expert_matmul_with(xw, w, &l.counts, (true, chunk_bytes), &tail)?;
     Ok((y, h))
 }
 

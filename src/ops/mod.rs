@@ -26,6 +26,7 @@ pub mod experts;
 pub mod flash_attn;
 pub mod gated_norm_op;
 pub mod grouped_gemm;
+pub mod grouped_lora;
 mod held_experts;
 pub mod input_weights;
 pub mod kernels;

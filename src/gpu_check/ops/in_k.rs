@@ -84,7 +84,7 @@ pub(super) fn check_lora_in_k(device: &Device) -> Result<Vec<Comparison>> {
             .to_dtype(DType::BF16)?
             .to_device(device)?;
         let beside = w
-            .dequantize_beside(2..5, DType::BF16, &tail)?
+            .dequantize_with(2..5, DType::BF16, &tail, true)?
             .to_device(cpu)?;
         let cat = Tensor::cat(&[w.dequantize(2..5, DType::BF16)?, tail], 2)?.to_device(cpu)?;
         let exact = lookup("lora in K pieces", "any", Pass::Exact)?;
