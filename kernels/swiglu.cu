@@ -79,11 +79,12 @@ __device__ void swiglu_packed_fwd_vec(const T* gu, T* out, const size_t rows, co
 }
 
 // One 16-byte pack of the backward: row r, columns c … c + VEC − 1 of dy (c of gate, half + c of
-// up in gu). With DOT it returns the pack's share of Σ dy · T(silu(g) · u), the activation
+// up in gu; dgu's rows lie `ldg` apart: 2·half, or wider — gate_up's expert adapter then takes
+// the columns past 2·half, src/ops/lora_in_k.rs). With DOT it returns the pack's share of Σ dy · T(silu(g) · u), the activation
 // rounded as the forward stored it (swiglu_packed_fwd's formula); else 0.
 template <typename T, bool DOT>
 __device__ __forceinline__ float swiglu_packed_bwd_pack(const T* gu, const T* dy, T* dgu, const size_t r,
-                                                        const size_t c, const size_t half) {
+                                                        const size_t c, const size_t half, const size_t ldg) {
   constexpr int VEC = 16 / sizeof(T);
   Pack<T> g, u, d, dg, du;
   g.v = *reinterpret_cast<const uint4*>(gu + r * 2 * half + c);
@@ -98,17 +99,18 @@ __device__ __forceinline__ float swiglu_packed_bwd_pack(const T* gu, const T* dy
     du.e[j] = from_f32<T>(dd * x * sig);
     if (DOT) sum += dd * to_f32(from_f32<T>(x / (1.0f + expf(-x)) * up));
   }
-  *reinterpret_cast<uint4*>(dgu + r * 2 * half + c) = dg.v;
-  *reinterpret_cast<uint4*>(dgu + r * 2 * half + half + c) = du.v;
+  *reinterpret_cast<uint4*>(dgu + r * ldg + c) = dg.v;
+  *reinterpret_cast<uint4*>(dgu + r * ldg + half + c) = du.v;
   return sum;
 }
 
 template <typename T>
-__device__ void swiglu_packed_bwd_vec(const T* gu, const T* dy, T* dgu, const size_t rows, const size_t half) {
+__device__ void swiglu_packed_bwd_vec(const T* gu, const T* dy, T* dgu, const size_t rows, const size_t half,
+                                      const size_t ldg) {
   constexpr int VEC = 16 / sizeof(T);
   const size_t per_row = half / VEC, n = rows * per_row;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    swiglu_packed_bwd_pack<T, false>(gu, dy, dgu, i / per_row, (i % per_row) * VEC, half);
+    swiglu_packed_bwd_pack<T, false>(gu, dy, dgu, i / per_row, (i % per_row) * VEC, half, ldg);
   }
 }
 
@@ -122,7 +124,7 @@ __device__ void swiglu_packed_bwd_vec(const T* gu, const T* dy, T* dgu, const si
 // src/gpu_check/ops/dots.rs (the "swiglu_packed dot" entries).
 template <typename T>
 __device__ void swiglu_packed_bwd_dot_vec(const T* gu, const T* dy, T* dgu, float* dot, const size_t rows,
-                                          const size_t half) {
+                                          const size_t half, const size_t ldg) {
   constexpr int VEC = 16 / sizeof(T);
   const size_t per_row = half / VEC;
   const int lane = threadIdx.x % 32;
@@ -130,7 +132,7 @@ __device__ void swiglu_packed_bwd_dot_vec(const T* gu, const T* dy, T* dgu, floa
        r += (size_t)gridDim.x * blockDim.x / 32) {
     float sum = 0.0f;
     for (size_t p = lane; p < per_row; p += 32) {
-      sum += swiglu_packed_bwd_pack<T, true>(gu, dy, dgu, r, p * VEC, half);
+      sum += swiglu_packed_bwd_pack<T, true>(gu, dy, dgu, r, p * VEC, half, ldg);
     }
     sum = warp_reduce<false>(sum);
     if (lane == 0) dot[r] = sum;
@@ -157,12 +159,22 @@ __device__ void swiglu_packed_bwd_dot_vec(const T* gu, const T* dy, T* dgu, floa
   }                                                                                                   \
   extern "C" __global__ void swiglu_packed_bwd_vec_##SUFFIX(const T* gu, const T* dy, T* dgu,        \
                                                             const size_t rows, const size_t half) {  \
-    swiglu_packed_bwd_vec(gu, dy, dgu, rows, half);                                                 \
+    swiglu_packed_bwd_vec(gu, dy, dgu, rows, half, 2 * half);                                       \
+  }                                                                                                   \
+  extern "C" __global__ void swiglu_packed_bwd_wide_vec_##SUFFIX(const T* gu, const T* dy, T* dgu,   \
+                                                                 const size_t rows, const size_t half, \
+                                                                 const size_t ldg) {                 \
+    swiglu_packed_bwd_vec(gu, dy, dgu, rows, half, ldg);                                            \
   }                                                                                                   \
   extern "C" __global__ void swiglu_packed_bwd_dot_vec_##SUFFIX(const T* gu, const T* dy, T* dgu,    \
                                                                 float* dot, const size_t rows,       \
                                                                 const size_t half) {                 \
-    swiglu_packed_bwd_dot_vec(gu, dy, dgu, dot, rows, half);                                        \
+    swiglu_packed_bwd_dot_vec(gu, dy, dgu, dot, rows, half, 2 * half);                              \
+  }                                                                                                   \
+  extern "C" __global__ void swiglu_packed_bwd_dot_wide_vec_##SUFFIX(                                \
+      const T* gu, const T* dy, T* dgu, float* dot, const size_t rows, const size_t half,           \
+      const size_t ldg) {                                                                             \
+    swiglu_packed_bwd_dot_vec(gu, dy, dgu, dot, rows, half, ldg);                                   \
   }
 
 PACKED(float, f32)

@@ -11,9 +11,12 @@ use super::model::LoraCtx;
 use super::{ArchSpec, ExpertExchange, Scoring};
 use crate::ops::grouped_gemm::{add_product, Gemm};
 use crate::ops::input_weights::{scale_rows, scale_rows_backward};
+use crate::ops::lora_in_k;
 use crate::ops::routed_experts::{held_experts_taped, ExpertsTape};
 use crate::ops::router::logits_grad;
-use crate::ops::routing::{combine_backward_rows, combine_forward, gather_backward, weights_grad};
+use crate::ops::routing::{
+    combine_backward_rows_wide, combine_forward, gather_backward, weights_grad,
+};
 use candle_core::{DType, Result, Tensor, D};
 use std::rc::Rc;
 
@@ -82,7 +85,7 @@ impl Moe {
             && !spec.router.weights_input
             && lora.adapters.experts.contains_key(&self.gate_up_name);
         let r = in_k.then_some(lora.adapters.settings.r);
-        let xs = crate::ops::lora_in_k::gather_rows(&x, &routing.order, r)?;
+        let xs = lora_in_k::gather_rows(&x, &routing.order, r)?;
         let (rows, unscaled, combine) = match spec.router.weights_input {
             true => (
                 scale_rows(&xs, &weights, &routing.order)?,
@@ -146,7 +149,13 @@ impl MoeTape {
     ) -> Result<Tensor> {
         let dtype = dy.dtype();
         let order = &self.routing.order;
-        let dys = combine_backward_rows(&self.combine, order, dy, dtype)?;
+        // r columns wider where down's adapter takes its input gradient inside the product's
+        // K (`ops::lora_in_k`; one rank: the exchange's rows arrive plain).
+        let r = lora.adapters.settings.r;
+        let in_k = self.routing.exchange.is_none()
+            && lora.adapters.experts.contains_key(&moe.down_name)
+            && lora_in_k::fits(dy, r, dy.dim(1)?);
+        let dys = combine_backward_rows_wide(&self.combine, order, dy, dtype, r * in_k as usize)?;
         // The weights' gradient from the experts' row dots, where the weights scaled the
         // outputs (`Held::backward`); Llama 4's comes from the scaled rows below.
         let dots = self.unscaled.is_none();

@@ -125,7 +125,10 @@ impl Held<'_> {
         let Kept { gu, xs, act } = kept;
         // y = act·W_dᵀ (+ the adapter's update) + the expert's bias: the bias's part of ⟨dy, y⟩.
         let bias_dots = match dots {
-            true => self.down.bias_dots(&dy, self.counts)?,
+            true => {
+                let plain = dy.narrow(1, 0, self.down.out_features)?;
+                self.down.bias_dots(&plain, self.counts)?
+            }
             false => None,
         };
         let gu = match gu {
@@ -148,34 +151,57 @@ impl Held<'_> {
                 return Ok((dxs, (None, None), dot));
             }
         };
-        let mut dact = grouped(&dy, self.down, self.counts, false)?.to_dtype(dtype)?;
+        let chunk = dequant_chunk_bytes();
+        let (h_out, two_i) = (self.down.out_features, self.gate_up.out_features);
         let mut down = None;
-        if let (Some((a, b)), Some((act, h)), Some(l)) = (self.down_lora, &act, self.adapter) {
-            let (sum, da, db) = l.backward_into(act, a, b, &dy, Some(h), Some(dact))?;
-            dact = sum;
-            down = Some((da, db));
-        }
-        drop((dy, act));
-        let glu = self.gate_up.glu;
-        let (dgu, dot) = match dots {
-            true => {
-                let (dgu, dot) = super::swiglu::packed_backward_dot(&gu, &dact, glu)?;
-                let dot = match bias_dots {
-                    Some(b) => (dot + b)?,
-                    None => dot,
-                };
-                (dgu, Some(dot))
+        let dact = match (self.down_lora, &act, self.adapter) {
+            // dy's rows r wider (as the layer's combine backward writes them): the adapter's
+            // input gradient inside down's K (`ops::lora_in_k`).
+            (Some((a, b)), Some((act, h)), Some(l)) if super::lora_in_k::fits(&dy, l.r, h_out) => {
+                let dyw = super::lora_in_k::widen(dy, h_out, l.r)?;
+                let (dact, da, db) =
+                    super::lora_in_k::backward(l, &dyw, self.down, (a, b), (act, h), chunk)?;
+                down = Some((da, db));
+                dact.to_dtype(dtype)?
             }
-            false => (super::swiglu::packed_backward(&gu, &dact, glu)?, None),
+            (Some((a, b)), Some((act, h)), Some(l)) => {
+                let base = grouped(&dy, self.down, self.counts, false)?.to_dtype(dtype)?;
+                let (sum, da, db) = l.backward_into(act, a, b, &dy, Some(h), Some(base))?;
+                down = Some((da, db));
+                sum
+            }
+            _ => grouped(&dy, self.down, self.counts, false)?.to_dtype(dtype)?,
+        };
+        drop(act);
+        let glu = self.gate_up.glu;
+        // dgu's rows r wider where gate_up's adapter goes inside its input gradient's K.
+        let gate_up_lora = self.gate_up_lora.zip(xs.as_ref()).zip(self.adapter);
+        let extra = match gate_up_lora {
+            Some((_, l)) if super::lora_in_k::fits(&gu, l.r, two_i) => l.r,
+            _ => 0,
+        };
+        let (dgu, dot) = super::swiglu::packed_backward_wide(&gu, &dact, glu, extra, dots)?;
+        let dot = match (dot, bias_dots) {
+            (Some(d), Some(b)) => Some((d + b)?),
+            (dot, _) => dot,
         };
         drop((gu, dact));
-        let mut dxs = grouped(&dgu, self.gate_up, self.counts, false)?.to_dtype(dtype)?;
-        let mut gate_up = None;
-        if let (Some((a, b)), Some((xs, h)), Some(l)) = (self.gate_up_lora, &xs, self.adapter) {
-            let (sum, da, db) = l.backward_into(xs, a, b, &dgu, Some(h), Some(dxs))?;
-            dxs = sum;
-            gate_up = Some((da, db));
-        }
+        let (dxs, gate_up) = match gate_up_lora {
+            Some((((a, b), (xs, h)), l)) if extra > 0 => {
+                let (dxs, da, db) =
+                    super::lora_in_k::backward(l, &dgu, self.gate_up, (a, b), (xs, h), chunk)?;
+                (dxs.to_dtype(dtype)?, Some((da, db)))
+            }
+            Some((((a, b), (xs, h)), l)) => {
+                let base = grouped(&dgu, self.gate_up, self.counts, false)?.to_dtype(dtype)?;
+                let (sum, da, db) = l.backward_into(xs, a, b, &dgu, Some(h), Some(base))?;
+                (sum, Some((da, db)))
+            }
+            None => {
+                let dxs = grouped(&dgu, self.gate_up, self.counts, false)?.to_dtype(dtype)?;
+                (dxs, None)
+            }
+        };
         Ok((dxs, (gate_up, down), dot))
     }
 }

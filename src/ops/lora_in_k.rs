@@ -72,6 +72,45 @@ pub(crate) fn forward(
     Ok((y, h))
 }
 
+/// The input gradient through a projection whose adapter sat inside its K, and the
+/// adapter's gradients: dyw `[M, out + r]` (dy in the first `out` columns; dh = s·dy·B is
+/// written into the last r) → (dx = [dy | dh]·[W; A] `[M, in]`, dA, dB), with the forward's x
+/// `[M, in]` and h `[M, r]` (views where they lie). The same dh, dA and dB as
+/// `GroupedLora::backward_into`; dx summed in the product's accumulator.
+pub(crate) fn backward(
+    l: &GroupedLora,
+    dyw: &Tensor,
+    w: &ExpertWeights,
+    (a, b): (&Tensor, &Tensor),
+    (x, h): (&Tensor, &Tensor),
+    chunk_bytes: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (out, r) = (w.out_features, l.r);
+    if dyw.dim(1)? != out + r || !dyw.is_contiguous() {
+        bail!(
+            "lora in K: gradient rows {:?} for {out} outputs and rank {r}",
+            dyw.dims()
+        );
+    }
+    let dy = dyw.narrow(1, 0, out)?;
+    let dh = l.back_project(&dy, b, Some((dyw, out)))?;
+    let (da, db) = l.factor_grads(x, &dy, (h, &dh), (a, b))?;
+    let (a3, _) = lora_factors(a, b, r, dyw.dtype())?;
+    let tail = a3.narrow(0, l.first, l.counts.len())?;
+    let dx = expert_matmul_with(dyw, w, &l.counts, (false, chunk_bytes), &tail)?;
+    Ok((dx, da, db))
+}
+
+/// `t` `[M, c]` as rows `extra` wider for [`backward`]: itself where it already is, else a
+/// copy with room (the graph node's combine backward gives plain rows).
+pub(crate) fn widen(t: Tensor, c: usize, extra: usize) -> Result<Tensor> {
+    if t.dim(1)? == c + extra && t.is_contiguous() {
+        return Ok(t);
+    }
+    let pad = Tensor::zeros((t.dim(0)?, extra), t.dtype(), t.device())?;
+    Tensor::cat(&[&t.narrow(1, 0, c)?, &pad], 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::forward;

@@ -1,8 +1,9 @@
-//! gpu-check entry for gate_up's expert adapter inside its product's K (`ops::lora_in_k`,
+//! gpu-check entry for the expert adapters inside their products' K (`ops::lora_in_k`,
 //! `MOEQ_LORA_IN_K=1`): `lora_in_k::forward` (the hidden projected into the rows' last r
-//! columns, each chunk of experts dequantized beside s·B) and the adapter's backward reading
-//! x and h where they lie (row-strided views), bf16 on the device against the same calls on
-//! the CPU in f32, for nested and plain statistics; and, on the device, the pieces against
+//! columns, each chunk of experts dequantized beside s·B) and `lora_in_k::backward` (dh into
+//! the gradient rows' last columns, dx over [dy | dh]·[W; A] with A below each expert's rows,
+//! dA and dB reading x, h and dy where they lie), bf16 on the device against the same calls
+//! on the CPU in f32, for nested and plain statistics; and, on the device, the pieces against
 //! their contiguous forms bit for bit: the wide row gather's and the wide SwiGLU's first
 //! columns, a chunk dequantized beside its tail, the hidden projected into a view.
 
@@ -25,11 +26,7 @@ pub(super) fn check_lora_in_k(device: &Device) -> Result<Vec<Comparison>> {
     let (e, inp, out, r) = (8usize, 264usize, 136usize, 16usize);
     let m: usize = counts.iter().sum();
     let randn = |std: f32, shape: (usize, usize)| Tensor::randn(0f32, std, shape, cpu);
-    let (x, dy, dx0) = (
-        randn(1.0, (m, inp))?,
-        randn(1.0, (m, out))?,
-        randn(1.0, (m, inp))?,
-    );
+    let (x, dy) = (randn(1.0, (m, inp))?, randn(1.0, (m, out))?);
     let (a, b) = (randn(0.1, (r * e, inp))?, randn(0.1, (out, r * e))?);
     let fwd = lookup("lora in K", "bf16", Pass::Forward)?;
     let bwd = lookup("lora in K", "bf16", Pass::Backward)?;
@@ -61,16 +58,17 @@ pub(super) fn check_lora_in_k(device: &Device) -> Result<Vec<Comparison>> {
             let chunk = 3 * out * (inp + r) * dt.size_in_bytes();
             let (y, h) = lora_in_k::forward(&l, &xw, &w, (&ad, &bd), chunk)?;
             let xv = xw.narrow(1, 0, inp)?;
-            let (dx, da, db) =
-                l.backward_into(&xv, &ad, &bd, &on(&dy)?, Some(&h), Some(on(&dx0)?))?;
-            [y, h, dx, da, db]
+            let dyw = Tensor::cat(&[on(&dy)?, Tensor::zeros((m, r), dt, d)?], 1)?;
+            let (dx, da, db) = lora_in_k::backward(&l, &dyw, &w, (&ad, &bd), (&xv, &h), chunk)?;
+            let dh = dyw.narrow(1, out, r)?;
+            [y, h, dx, dh, da, db]
                 .iter()
                 .map(|t| t.to_device(cpu))
                 .collect()
         };
         let (got, want) = (run(device, DType::BF16)?, run(cpu, DType::F32)?);
         let stats = if double_quant { "nested" } else { "plain" };
-        for (i, name) in ["output", "hidden", "dx + base", "dA", "dB"]
+        for (i, name) in ["output", "hidden", "dx", "dh", "dA", "dB"]
             .iter()
             .enumerate()
         {

@@ -49,7 +49,9 @@ pub fn gather_rows_wide(src: &Tensor, idx: &Tensor, extra: usize) -> Result<Tens
     gather_sum_wide(src, idx, 1, None, extra)
 }
 
-fn gather_sum_wide(
+/// `gather_sum` with output rows `extra` columns wider (a row gather only, weighted or not;
+/// the last columns not written).
+pub fn gather_sum_wide(
     src: &Tensor,
     idx: &Tensor,
     k: usize,

@@ -280,26 +280,46 @@ pub(crate) fn combine_backward_rows(
     grad: &Tensor,
     dtype: DType,
 ) -> Result<Tensor> {
+    combine_backward_rows_wide(w, o, grad, dtype, 0)
+}
+
+/// `combine_backward_rows` into rows `extra` columns wider, `[N·k, H + extra]`, the last
+/// columns left to the caller (`ops::lora_in_k`; zeros on the CPU, unwritten on CUDA).
+pub(crate) fn combine_backward_rows_wide(
+    w: &Tensor,
+    o: &RowOrder,
+    grad: &Tensor,
+    dtype: DType,
+    extra: usize,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if grad.device().is_cuda() && matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
         let grad = super::at_offset_zero(&grad.to_dtype(dtype)?)?;
-        if ROWS_BY_TOKEN.get() && cuda::spreads(&grad, o) {
+        if extra == 0 && ROWS_BY_TOKEN.get() && cuda::spreads(&grad, o) {
             return cuda::spread_rows(&grad, o, Some(&w.flatten_all()?));
         }
         let w_rows = w
             .to_dtype(DType::F32)?
             .flatten_all()?
             .index_select(&o.slots, 0)?;
-        return cuda::gather_sum(&grad, &o.tokens, 1, Some(&w_rows));
+        return cuda::gather_sum_wide(&grad, &o.tokens, 1, Some(&w_rows), extra);
     }
     let w_rows = w
         .to_dtype(DType::F32)?
         .flatten_all()?
         .index_select(&o.slots, 0)?; // [M]
-    grad.to_dtype(DType::F32)?
+    let rows = grad
+        .to_dtype(DType::F32)?
         .index_select(&o.tokens, 0)?
         .broadcast_mul(&w_rows.unsqueeze(1)?)?
-        .to_dtype(dtype)
+        .to_dtype(dtype)?;
+    match extra {
+        0 => Ok(rows),
+        _ => {
+            let pad = Tensor::zeros((rows.dim(0)?, extra), dtype, rows.device())?;
+            Tensor::cat(&[&rows, &pad], 1)
+        }
+    }
 }
 
 /// The weighted combine's weight gradient `[N, k]` (w's dtype) from the routed rows' dots

@@ -8,6 +8,9 @@ use crate::ops::contiguous_slice;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use half::{bf16, f16};
 
+#[cfg(feature = "cuda")]
+mod cuda;
+
 struct SwiGlu;
 
 /// The gated activation of a fused gate_up projection's output `[rows, 2·I]` → `[rows, I]`.
@@ -298,126 +301,13 @@ fn packed_cpu(gu: &Tensor, dy: Option<&Tensor>, glu: Glu) -> Result<Tensor> {
     out.to_dtype(gu.dtype())
 }
 
-/// Runs `swiglu_packed_{fwd,bwd}_<dtype>` (`inputs` then the output, rows, half).
-#[cfg(feature = "cuda")]
-fn packed_cuda(gu: &Tensor, dy: Option<&Tensor>, glu: Glu, extra: usize) -> Result<Tensor> {
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
-    use candle_core::Storage;
-    let candle_core::Device::Cuda(dev) = gu.device() else {
-        candle_core::bail!("swiglu_packed: not on CUDA")
-    };
-    let (rows, two_i) = gu.dims2()?;
-    let half = two_i / 2;
-    let (pass, n_out, shape) = match dy {
-        None => (
-            "fwd",
-            rows * (half + extra),
-            Shape::from((rows, half + extra)),
-        ),
-        Some(_) => ("bwd", rows * two_i, Shape::from((rows, two_i))),
-    };
-    let suffix = match gu.dtype() {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        other => candle_core::bail!("swiglu_packed: {other:?} not supported"),
-    };
-    let (sg, lg) = gu.storage_and_layout();
-    let dy_guard = dy.map(|t| t.storage_and_layout());
-    let Storage::Cuda(sg) = &*sg else {
-        candle_core::bail!("swiglu_packed: not on CUDA")
-    };
-    // 16-byte packs per thread when rows split into whole packs that start on 16 bytes (outputs
-    // are fresh allocations, 256-byte aligned).
-    let per_pack = 16 / gu.dtype().size_in_bytes();
-    let aligned = |l: &candle_core::Layout| l.start_offset() % per_pack == 0;
-    let vec =
-        half % per_pack == 0 && aligned(lg) && dy_guard.as_ref().is_none_or(|(_, l)| aligned(l));
-    // Output rows `extra` wider (the forward only): the vectorised silu kernel's.
-    let wide = extra > 0;
-    if wide && !(vec && glu == Glu::Silu && dy.is_none() && extra % per_pack == 0) {
-        candle_core::bail!("swiglu_packed: rows {extra} wider need the vectorised silu forward");
-    }
-    let kind = match (wide, vec) {
-        (true, _) => "_wide_vec",
-        (false, true) => "_vec",
-        (false, false) => "",
-    };
-    let per_thread = if vec { per_pack } else { 1 };
-    let ldo = half + extra;
-    let (name, per_thread) = match glu {
-        Glu::Silu => (format!("swiglu_packed_{pass}{kind}_{suffix}"), per_thread),
-        Glu::Clamped { .. } => (format!("clamped_glu_{pass}_{suffix}"), 1),
-    };
-    let func = dev.get_or_load_custom_func(&name, "moeq_swiglu", super::kernels::SWIGLU)?;
-    let cfg = LaunchConfig::for_num_elems((rows * half / per_thread).min(1 << 30) as u32);
-    macro_rules! run {
-        ($g:expr, $variant:path, $wrap:path) => {{
-            let g = $g.slice(lg.start_offset()..lg.start_offset() + rows * two_i);
-            // SAFETY: the kernel writes every output element.
-            let out = unsafe { dev.alloc(n_out)? };
-            let mut b = func.builder();
-            b.arg(&g);
-            let d = match &dy_guard {
-                Some((s, l)) => match &**s {
-                    Storage::Cuda(c) => match &c.slice {
-                        $variant(d) => {
-                            Some(d.slice(l.start_offset()..l.start_offset() + rows * half))
-                        }
-                        _ => candle_core::bail!("swiglu_packed: gradient dtype differs"),
-                    },
-                    _ => candle_core::bail!("swiglu_packed: gradient not on CUDA"),
-                },
-                None => None,
-            };
-            if let Some(d) = &d {
-                b.arg(d);
-            }
-            b.arg(&out);
-            b.arg(&rows);
-            b.arg(&half);
-            if wide {
-                b.arg(&ldo);
-            }
-            let clamps = match glu {
-                Glu::Clamped { alpha, limit } => Some((alpha, limit)),
-                Glu::Silu => None,
-            };
-            if let Some((alpha, limit)) = &clamps {
-                b.arg(alpha);
-                b.arg(limit);
-            }
-            // SAFETY: arguments match kernels/swiglu.cu.
-            unsafe { b.launch(cfg) }.w()?;
-            $wrap(out)
-        }};
-    }
-    let slice = match &sg.slice {
-        S::F32(g) => run!(g, S::F32, S::F32),
-        S::BF16(g) => run!(g, S::BF16, S::BF16),
-        S::F16(g) => run!(g, S::F16, S::F16),
-        _ => candle_core::bail!("swiglu_packed: unsupported dtype"),
-    };
-    let storage = candle_core::CudaStorage {
-        slice,
-        device: dev.clone(),
-    };
-    Ok(Tensor::from_storage(
-        Storage::Cuda(storage),
-        shape,
-        candle_core::op::BackpropOp::none(),
-        false,
-    ))
-}
-
 struct Packed(Glu);
 
 impl Packed {
     fn fwd(&self, gu: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if gu.device().is_cuda() {
-            return packed_cuda(gu, None, self.0, 0);
+            return cuda::packed_cuda(gu, None, self.0, 0);
         }
         packed_cpu(gu, None, self.0)
     }
@@ -450,7 +340,7 @@ pub(crate) fn packed_forward_wide(gu: &Tensor, glu: Glu, extra: usize) -> Result
         let per_pack = 16 / gu.dtype().size_in_bytes();
         let packs = (gu.dim(1)? / 2) % per_pack == 0 && extra % per_pack == 0;
         if gu.device().is_cuda() && glu == Glu::Silu && packs {
-            return packed_cuda(&super::at_offset_zero(gu)?, None, glu, extra);
+            return cuda::packed_cuda(&super::at_offset_zero(gu)?, None, glu, extra);
         }
     }
     let act = packed_forward(gu, glu)?;
@@ -476,11 +366,50 @@ pub(crate) fn packed_backward_dot(gu: &Tensor, dy: &Tensor, glu: Glu) -> Result<
     let dy = super::at_offset_zero(&dy.to_dtype(gu.dtype())?)?;
     #[cfg(feature = "cuda")]
     if gu.device().is_cuda() && glu == Glu::Silu {
-        if let Some(both) = packed_dot_cuda(&super::at_offset_zero(gu)?, &dy)? {
+        if let Some(both) = cuda::packed_dot_cuda(&super::at_offset_zero(gu)?, &dy, 0)? {
             return Ok(both);
         }
     }
     packed_backward_dot_reference(gu, &dy, glu)
+}
+
+/// The packed backward into rows `extra` columns wider, `[rows, 2·I + extra]` (the last
+/// columns left to the caller: `ops::lora_in_k`; zeros on the CPU, unwritten on CUDA where
+/// silu's vectorised kernels take the rows — else the plain backward and a concatenation),
+/// with each row's dot where `dots` (as `packed_backward_dot`).
+pub(crate) fn packed_backward_wide(
+    gu: &Tensor,
+    dy: &Tensor,
+    glu: Glu,
+    extra: usize,
+    dots: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let dy = super::at_offset_zero(&dy.to_dtype(gu.dtype())?)?;
+    #[cfg(feature = "cuda")]
+    if gu.device().is_cuda() && glu == Glu::Silu {
+        let gu = super::at_offset_zero(gu)?;
+        let per_pack = 16 / gu.dtype().size_in_bytes();
+        match dots {
+            true => {
+                if let Some((dgu, dot)) = cuda::packed_dot_cuda(&gu, &dy, extra)? {
+                    return Ok((dgu, Some(dot)));
+                }
+            }
+            false if (gu.dim(1)? / 2) % per_pack == 0 && extra % per_pack == 0 => {
+                return Ok((cuda::packed_cuda(&gu, Some(&dy), glu, extra)?, None));
+            }
+            false => {}
+        }
+    }
+    let (dgu, dot) = match dots {
+        true => {
+            let (dgu, dot) = packed_backward_dot_reference(gu, &dy, glu)?;
+            (dgu, Some(dot))
+        }
+        false => (packed_backward(gu, &dy, glu)?, None),
+    };
+    let pad = Tensor::zeros((dgu.dim(0)?, extra), dgu.dtype(), dgu.device())?;
+    Ok((Tensor::cat(&[&dgu, &pad], 1)?, dot))
 }
 
 /// `packed_backward_dot` by tensor ops: the CPU's and the reference the kernel is checked
@@ -496,90 +425,6 @@ pub fn packed_backward_dot_reference(
     Ok((dgu, dot))
 }
 
-/// `swiglu_packed_bwd_dot_vec_<dtype>` on gu and dy at offset zero, or None where rows are not
-/// whole 16-byte packs.
-#[cfg(feature = "cuda")]
-fn packed_dot_cuda(gu: &Tensor, dy: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice as S, WrapErr};
-    use candle_core::Storage;
-    let candle_core::Device::Cuda(dev) = gu.device() else {
-        candle_core::bail!("swiglu_packed: not on CUDA")
-    };
-    let (rows, two_i) = gu.dims2()?;
-    let half = two_i / 2;
-    if half % (16 / gu.dtype().size_in_bytes()) != 0 || rows == 0 || dy.dims2()? != (rows, half) {
-        return Ok(None);
-    }
-    let suffix = match gu.dtype() {
-        DType::F32 => "f32",
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => return Ok(None),
-    };
-    let func = dev.get_or_load_custom_func(
-        &format!("swiglu_packed_bwd_dot_vec_{suffix}"),
-        "moeq_swiglu",
-        super::kernels::SWIGLU,
-    )?;
-    // 8 rows (warps) per block of 256 threads.
-    let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(8).min(1 << 20) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let (sg, _) = gu.storage_and_layout();
-    let (sd, _) = dy.storage_and_layout();
-    let (Storage::Cuda(g), Storage::Cuda(d)) = (&*sg, &*sd) else {
-        candle_core::bail!("swiglu_packed: not on CUDA")
-    };
-    // SAFETY: the kernel writes every row's dot.
-    let dot = unsafe { dev.alloc::<f32>(rows)? };
-    macro_rules! run {
-        ($t:ty, $variant:path) => {{
-            let (gv, dv) = (g.as_cuda_slice::<$t>()?, d.as_cuda_slice::<$t>()?);
-            // SAFETY: the kernel writes every element of dgu.
-            let dgu = unsafe { dev.alloc::<$t>(rows * two_i)? };
-            let mut b = func.builder();
-            b.arg(gv);
-            b.arg(dv);
-            b.arg(&dgu);
-            b.arg(&dot);
-            b.arg(&rows);
-            b.arg(&half);
-            // SAFETY: arguments match kernels/swiglu.cu; both inputs start at offset zero.
-            unsafe { b.launch(cfg) }.w()?;
-            $variant(dgu)
-        }};
-    }
-    let slice = match gu.dtype() {
-        DType::F32 => run!(f32, S::F32),
-        DType::BF16 => run!(half::bf16, S::BF16),
-        DType::F16 => run!(half::f16, S::F16),
-        _ => return Ok(None),
-    };
-    let wrap = |storage: CudaStorage, shape: Shape| {
-        Tensor::from_storage(
-            Storage::Cuda(storage),
-            shape,
-            candle_core::op::BackpropOp::none(),
-            false,
-        )
-    };
-    let dgu = wrap(
-        CudaStorage {
-            slice,
-            device: dev.clone(),
-        },
-        Shape::from((rows, two_i)),
-    );
-    let dot = wrap(
-        CudaStorage::wrap_cuda_slice(dot, dev.clone()),
-        Shape::from(rows),
-    );
-    Ok(Some((dgu, dot)))
-}
-
 /// (gu, dy) → dgu.
 struct PackedBwd(Glu);
 
@@ -587,7 +432,7 @@ impl PackedBwd {
     fn fwd(&self, gu: &Tensor, dy: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if gu.device().is_cuda() {
-            return packed_cuda(gu, Some(dy), self.0, 0);
+            return cuda::packed_cuda(gu, Some(dy), self.0, 0);
         }
         packed_cpu(gu, Some(dy), self.0)
     }
