@@ -302,7 +302,12 @@ __device__ __forceinline__ void store_word(const float* lut, const unsigned int 
 // (a multiple of 8, so a word's 8 values share a row) laid `ld` values apart — a weight
 // dequantized beside columns of its own (the expert adapters' factors, ops::lora_in_k).
 __device__ __forceinline__ size_t out_at(const size_t e, const size_t row_len, const size_t ld) {
-  return ld == 0 ? e : (e / row_len) * ld + e % row_len;
+  if (ld == 0) return e;
+  if ((e | row_len) >> 32 == 0) {  // a 32-bit division (a chunk holds < 2^32 values)
+    const unsigned int q = (unsigned int)e / (unsigned int)row_len;
+    return (size_t)q * ld + (e - (size_t)q * row_len);
+  }
+  return (e / row_len) * ld + e % row_len;
 }
 
 // Vectorised dequantization: each thread turns 4 packed bytes into 8 outputs (16 or 32 bytes
