@@ -34,11 +34,18 @@ pub(crate) fn gather_rows(x: &Tensor, order: &RowOrder, in_k: Option<usize>) -> 
 }
 
 /// Whether an adapter of rank `r` goes inside the K of a product over rows of `cols` inputs
-/// in `x`'s dtype and device: the switch on, and on CUDA bf16 rows the thin kernels and the
-/// row-strided dequantization take (r and cols multiples of 8, r ≤ `MAX_RANK`).
+/// in `x`'s dtype and device: the switch on, r and cols multiples of 8 and r ≤ `MAX_RANK` (the
+/// thin kernels' shapes, required on every device so that the CPU and the GPU take the same
+/// path for the same model), bf16 — or f32 on the CPU (the tests' reference; f32 on CUDA keeps
+/// the separate update: the thin kernels are bf16).
 pub(crate) fn fits(x: &Tensor, r: usize, cols: usize) -> bool {
-    let kernels = x.dtype() == DType::BF16 && r % 8 == 0 && r <= MAX_RANK && cols % 8 == 0;
-    LORA_IN_K.get() && r > 0 && (!x.device().is_cuda() || kernels)
+    let shapes = r > 0 && r % 8 == 0 && r <= MAX_RANK && cols % 8 == 0;
+    let dtype = match x.dtype() {
+        DType::BF16 => true,
+        DType::F32 => !x.device().is_cuda(),
+        _ => false,
+    };
+    LORA_IN_K.get() && shapes && dtype
 }
 
 /// The output over wide rows `xw` `[M, in + r]` (the projection's input in the first `in`

@@ -61,7 +61,19 @@ pub fn setup_with(arch: ModelType, dropout: f64, sixteen_bit: bool) -> Setup {
 }
 
 /// `setup_with`, the experts' adapters only with `experts`.
+#[allow(dead_code)] // not every test binary that includes this module uses it
 pub fn setup_targets(arch: ModelType, dropout: f64, sixteen_bit: bool, experts: bool) -> Setup {
+    setup_rank(arch, dropout, sixteen_bit, experts, 4)
+}
+
+/// `setup_targets` at LoRA rank `r` (alpha 2r).
+pub fn setup_rank(
+    arch: ModelType,
+    dropout: f64,
+    sixteen_bit: bool,
+    experts: bool,
+    r: usize,
+) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let opts = SynthOptions {
         model_type: arch,
@@ -84,8 +96,8 @@ pub fn setup_targets(arch: ModelType, dropout: f64, sixteen_bit: bool, experts: 
     .unwrap();
     let model = Model::new(&md.spec, &base, DType::F32, &Device::Cpu, 64).unwrap();
     let settings = LoraSettings {
-        r: 4,
-        alpha: 8.0,
+        r,
+        alpha: 2.0 * r as f64,
         dropout,
         use_rslora: false,
         target_modules: vec!["all-linear".into()],
