@@ -586,10 +586,11 @@ fn custom_ops_match_their_references_on_the_cpu() {
     // sizes × f32/bf16), the group-limited choices' third case (GLM-4.7-Flash's, bf16 ties; 2),
     // then the token-major row gathers (24: two gather/combine cases of 3 entries, two combine
     // rows cases of 2, and the two bit-for-bit rows, × f32/bf16), then the expert adapters in
-    // their products' K (16: six outputs and a chunk dequantized beside its tail, nested and
-    // plain statistics, the wide row gather and the wide activations; the hidden projected
-    // into a view is a device-only row)
-    assert_eq!(results.len(), 595);
+    // their products' K (22: six outputs and a chunk dequantized beside and below its factor,
+    // nested and plain statistics, then the wide producers bit for bit — row gather,
+    // activations, activation gradients with and without dots and the dots, weighted rows;
+    // the hidden projected into a view is a device-only row)
+    assert_eq!(results.len(), 601);
     for r in results {
         assert!(r.passed(), "{r}");
     }

@@ -203,7 +203,7 @@ impl GroupedLora {
             Some(h) => h.clone(),
             None => self.hidden_of(x, a, b)?,
         };
-        let dh = self.back_project(&dy, b, None)?;
+        let dh = self.back_project(&dy, (b, x.dim(1)?), None)?;
         let (da, db) = self.factor_grads(x, &dy, (&h, &dh), (a, b))?;
         let (m, inp, r) = (x.dim(0)?, x.dim(1)?, self.r);
         let num_experts = a.dim(0)? / r;
@@ -234,19 +234,20 @@ impl GroupedLora {
         Ok((dx, da, db))
     }
 
-    /// dh = s · dy · B_e [M, r] for dy [M, out] (rows in place where `row_layout` allows),
-    /// written into columns `col..col + r` of `into` (a contiguous `[M, ≥ col + r]` buffer;
-    /// the view is returned) where given.
+    /// dh = s · dy · B_e [M, r] for dy [M, out] (rows in place where `row_layout` allows) of
+    /// a projection with `inp` inputs, written into columns `col..col + r` of `into` (a
+    /// contiguous `[M, ≥ col + r]` buffer; the view is returned) where given. The thin kernel
+    /// where it takes the whole adapter (`applies` over inp and out, as the other products).
     pub(super) fn back_project(
         &self,
         dy: &Tensor,
-        b: &Tensor,
+        (b, inp): (&Tensor, usize),
         into: Option<(&Tensor, usize)>,
     ) -> Result<Tensor> {
         let (m, out) = dy.dims2()?;
         let (r, dt) = (self.r, dy.dtype());
         let num_experts = b.dim(1)? / r;
-        if self.plan.applies(dy, r, &[out]) {
+        if self.plan.applies(dy, r, &[inp, out]) {
             // Bᵀ per expert [E, r, out] (B's column k·E + e is expert e's k).
             let bt = b
                 .to_dtype(dt)?

@@ -167,10 +167,15 @@ impl Held<'_> {
             (Some((a, b)), Some((act, h)), Some(l)) => {
                 let base = grouped(&dy, self.down, self.counts, false)?.to_dtype(dtype)?;
                 let (sum, da, db) = l.backward_into(act, a, b, &dy, Some(h), Some(base))?;
+                drop(dy);
                 down = Some((da, db));
                 sum
             }
-            _ => grouped(&dy, self.down, self.counts, false)?.to_dtype(dtype)?,
+            _ => {
+                let dact = grouped(&dy, self.down, self.counts, false)?.to_dtype(dtype)?;
+                drop(dy);
+                dact
+            }
         };
         drop(act);
         let glu = self.gate_up.glu;

@@ -99,10 +99,11 @@ pub(crate) fn backward(
             dyw.dims()
         );
     }
-    let dy = dyw.narrow(1, 0, out)?;
-    let dh = l.back_project(&dy, b, Some((dyw, out)))?;
+    let (dy, inp) = (dyw.narrow(1, 0, out)?, w.in_features);
+    let dh = l.back_project(&dy, (b, inp), Some((dyw, out)))?;
     let (da, db) = l.factor_grads(x, &dy, (h, &dh), (a, b))?;
-    let (a3, _) = lora_factors(a, b, r, dyw.dtype())?;
+    // A per expert [E, r, in] (`lora_factors`' A), the local experts' below their rows.
+    let a3 = a.to_dtype(dyw.dtype())?.reshape((a.dim(0)? / r, r, inp))?;
     let tail = a3.narrow(0, l.first, l.counts.len())?;
     let dx = expert_matmul_with(dyw, w, &l.counts, (false, chunk_bytes), &tail)?;
     Ok((dx, da, db))

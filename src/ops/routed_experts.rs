@@ -294,7 +294,9 @@ impl ExpertsTape {
                     true => Some(Tensor::zeros(0, DType::F32, dy.device())?),
                     false => None,
                 };
-                Ok((dy.to_dtype(dtype)?, (None, None), none))
+                // Rows r wider for an adapter inside K come back as dxs's H columns.
+                let h = self.gate_up.in_features;
+                Ok((dy.narrow(1, 0, h)?.to_dtype(dtype)?, (None, None), none))
             }
             Some(kept) => self.held().backward(kept, dy.contiguous()?, dtype, dots),
         }

@@ -12,8 +12,14 @@ use super::super::{compare, Comparison};
 use crate::ops::experts::{ExpertWeights, GroupedLora};
 use crate::ops::lora_in_k;
 use crate::ops::nf4_linear::Nf4Weight;
-use crate::ops::routing::{gather_forward, gather_forward_wide, RowOrder};
-use crate::ops::swiglu::{packed_forward, packed_forward_wide, Glu};
+use crate::ops::routing::{
+    combine_backward_rows, combine_backward_rows_wide, gather_forward, gather_forward_wide,
+    RowOrder,
+};
+use crate::ops::swiglu::{
+    packed_backward, packed_backward_dot, packed_backward_wide, packed_forward,
+    packed_forward_wide, Glu,
+};
 use crate::ops::thin_gemm::{project, project_into, ThinPlan};
 use crate::quant::{QuantSettings, QuantizedParam};
 use candle_core::{DType, Device, Result, Tensor};
@@ -54,11 +60,13 @@ pub(super) fn check_lora_in_k(device: &Device) -> Result<Vec<Comparison>> {
             let (w, l) = (weights(d)?, GroupedLora::new(&counts, 0, r, 1.5));
             let on = |t: &Tensor| t.to_dtype(dt)?.to_device(d);
             let (ad, bd) = (a.to_device(d)?, b.to_device(d)?);
-            let xw = Tensor::cat(&[on(&x)?, Tensor::zeros((m, r), dt, d)?], 1)?;
+            // Tails of large values, not zeros: a tail left unwritten would show.
+            let junk = |rows: usize| Tensor::ones((rows, r), dt, d)? * 1e3;
+            let xw = Tensor::cat(&[on(&x)?, junk(m)?], 1)?;
             let chunk = 3 * out * (inp + r) * dt.size_in_bytes();
             let (y, h) = lora_in_k::forward(&l, &xw, &w, (&ad, &bd), chunk)?;
             let xv = xw.narrow(1, 0, inp)?;
-            let dyw = Tensor::cat(&[on(&dy)?, Tensor::zeros((m, r), dt, d)?], 1)?;
+            let dyw = Tensor::cat(&[on(&dy)?, junk(m)?], 1)?;
             let (dx, da, db) = lora_in_k::backward(&l, &dyw, &w, (&ad, &bd), (&xv, &h), chunk)?;
             let dh = dyw.narrow(1, out, r)?;
             [y, h, dx, dh, da, db]
@@ -88,14 +96,24 @@ pub(super) fn check_lora_in_k(device: &Device) -> Result<Vec<Comparison>> {
         let exact = lookup("lora in K pieces", "any", Pass::Exact)?;
         let what = format!("lora in K dequantized beside ({stats})");
         res.push(compare(&what, &beside, &cat, exact)?);
+        // A factor below each expert's rows (the input gradients' [W; A]).
+        let rows = Tensor::randn(0f32, 1.0, (3, r, inp), cpu)?
+            .to_dtype(DType::BF16)?
+            .to_device(device)?;
+        let below = w
+            .dequantize_with(2..5, DType::BF16, &rows, false)?
+            .to_device(cpu)?;
+        let cat = Tensor::cat(&[w.dequantize(2..5, DType::BF16)?, rows], 1)?.to_device(cpu)?;
+        let what = format!("lora in K dequantized below ({stats})");
+        res.push(compare(&what, &below, &cat, exact)?);
     }
     res.extend(pieces(device, (&x, &a), (m, inp, r))?);
     Ok(res)
 }
 
-/// On `device`, bit for bit: the wide gather's and the wide activations' first columns against
-/// the plain ones, and the hidden projected into the last columns of a wide buffer against a
-/// new one.
+/// On `device`, bit for bit: the first columns of the wide gather, activations, activation
+/// gradients (with and without row dots) and weighted rows against the plain ones, and the
+/// hidden projected into the last columns of a wide buffer against a new one.
 fn pieces(
     device: &Device,
     (x, a): (&Tensor, &Tensor),
@@ -130,6 +148,40 @@ fn pieces(
         "lora in K wide activations",
         &wide.to_device(cpu)?,
         &packed_forward(&gu, Glu::Silu)?.to_device(cpu)?,
+        exact,
+    )?);
+    // The packed SwiGLU's backward into rows r wider (gate_up's input gradient in its K),
+    // without and with the row dots; the combine backward's weighted rows r wider (down's).
+    let dy = xd.affine(0.5, -0.125)?;
+    let (dgu, _) = packed_backward_wide(&gu, &dy, Glu::Silu, r, false)?;
+    let (dgu_dot, dot) = packed_backward_wide(&gu, &dy, Glu::Silu, r, true)?;
+    let (want_dgu, want_dot) = packed_backward_dot(&gu, &dy, Glu::Silu)?;
+    let plain_dgu = packed_backward(&gu, &dy, Glu::Silu)?;
+    let two_i = 2 * inp;
+    let dot = dot.ok_or_else(|| candle_core::Error::Msg("lora in K: no row dots".into()))?;
+    for (what, got, want) in [
+        (
+            "wide activation gradients",
+            dgu.narrow(1, 0, two_i)?,
+            plain_dgu,
+        ),
+        (
+            "wide activation gradients with dots",
+            dgu_dot.narrow(1, 0, two_i)?,
+            want_dgu,
+        ),
+        ("wide activation gradients' dots", dot, want_dot),
+    ] {
+        let (got, want) = (got.to_device(cpu)?, want.to_device(cpu)?);
+        res.push(compare(&format!("lora in K {what}"), &got, &want, exact)?);
+    }
+    let w = Tensor::rand(0.1f32, 1.0, (n, k), cpu)?.to_device(device)?;
+    let wide = combine_backward_rows_wide(&w, &order, &src, DType::BF16, r)?.narrow(1, 0, inp)?;
+    let plain = combine_backward_rows(&w, &order, &src, DType::BF16)?;
+    res.push(compare(
+        "lora in K wide weighted rows",
+        &wide.to_device(cpu)?,
+        &plain.to_device(cpu)?,
         exact,
     )?);
     let groups = vec![(0usize, 0usize, m / 3), (3, m / 3, m - m / 3)];

@@ -408,6 +408,9 @@ pub(crate) fn packed_backward_wide(
         }
         false => (packed_backward(gu, &dy, glu)?, None),
     };
+    if extra == 0 {
+        return Ok((dgu, dot));
+    }
     let pad = Tensor::zeros((dgu.dim(0)?, extra), dgu.dtype(), dgu.device())?;
     Ok((Tensor::cat(&[&dgu, &pad], 1)?, dot))
 }
