@@ -26,7 +26,7 @@
 // are not written. expand stages its tile in shared memory so Y is read and written in
 // coalesced 16-byte chunks; its two roundings are those of a separate bf16 GEMM and add.
 // Launch: project grid (tiles), expand grid (tiles, ⌈N/128⌉), outer grid (chunks, ⌈N/128⌉),
-// reduce grid (⌈r·N/512⌉ capped, groups); 128 threads. CPU twin: src/ops/experts.rs (GroupedLora through `grouped_gemm`'s candle
+// reduce grid (⌈r·N/512⌉ capped, groups); 128 threads. CPU twin: src/ops/grouped_lora.rs (GroupedLora through `grouped_gemm`'s candle
 // matmuls). Checked: src/gpu_check/ops/thin.rs (the "thin_gemm" entries) and through
 // "grouped_lora" / "routed_experts" in bf16.
 #include "common.cuh"

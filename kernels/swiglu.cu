@@ -1,6 +1,6 @@
 // SwiGLU forward: out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)).
 // Layout: gate, up, out contiguous with n elements each; computed in f32, one rounding to T.
-// Launch: 1-D grid-stride loop, any grid size. CPU twin: src/ops/swiglu.rs (SwiGlu::cpu_fwd,
+// Launch: 1-D grid-stride loop, any grid size. CPU twin: src/ops/swiglu/mod.rs (SwiGlu::cpu_fwd,
 // i.e. silu_mul; primitive-op reference swiglu_reference). Checked: src/gpu_check/ops/mod.rs
 // (check_swiglu: the "swiglu" entries, forward, d_gate and d_up).
 #include "common.cuh"
@@ -29,7 +29,7 @@ extern "C" __global__ void swiglu_fwd_f16(const __half* g, const __half* u, __ha
 // Packed SwiGLU over the fused gate_up projection: gu [rows, 2·half] holds gate in columns
 // [0, half) and up in [half, 2·half); out [rows, half] = silu(gate) · up.
 // Backward: dgu = [dy·up·σ(g)·(1 + g·(1 − σ(g))), dy·silu(g)] in the same packed layout.
-// CPU twin: src/ops/swiglu.rs (packed_cpu, forward and with dy backward).
+// CPU twin: src/ops/swiglu/mod.rs (packed_cpu, forward and with dy backward).
 // Checked: src/gpu_check/ops/mod.rs (the "swiglu_packed" entries) and "routed experts".
 template <typename T>
 __device__ void swiglu_packed_fwd(const T* gu, T* out, const size_t rows, const size_t half) {
@@ -117,10 +117,10 @@ __device__ void swiglu_packed_bwd_vec(const T* gu, const T* dy, T* dgu, const si
 // swiglu_packed_bwd_vec's arithmetic, one warp per row (16-byte packs, the same conditions),
 // also writing the row's dot product of dy with the activation as the forward stored it,
 // dot[r] = Σ_c dy[r, c] · T(silu(g) · u) in f32: for a routed row whose output a routing weight
-// w scaled, w times that weight's gradient less the bias's part (src/ops/routed_experts.rs).
+// w scaled, w times that weight's gradient less the bias's part (src/ops/held_experts.rs).
 // Lanes take packs lane, lane + 32, …; their sums are added by the warp's butterfly (no
 // atomics: the same sum every run). Launch: blocks of 256 threads (8 rows), any number of
-// blocks. CPU twin: src/ops/swiglu.rs (packed_backward_dot_reference). Checked:
+// blocks. CPU twin: src/ops/swiglu/mod.rs (packed_backward_dot_reference). Checked:
 // src/gpu_check/ops/dots.rs (the "swiglu_packed dot" entries).
 template <typename T>
 __device__ void swiglu_packed_bwd_dot_vec(const T* gu, const T* dy, T* dgu, float* dot, const size_t rows,
@@ -185,7 +185,7 @@ PACKED(__half, f16)
 // 2c + 1; g = min(gate, limit), u = clamp(up, -limit, limit), out[c] = g·σ(alpha·g)·(u + 1).
 // Backward: d gate = dy·(u + 1)·σ·(1 + alpha·g·(1 − σ)) where gate ≤ limit (else 0), d up =
 // dy·g·σ where |up| ≤ limit (else 0), in the same interleaved layout.
-// CPU twin: src/ops/swiglu.rs (packed_cpu with Glu::Clamped; primitive-op reference
+// CPU twin: src/ops/swiglu/mod.rs (packed_cpu with Glu::Clamped; primitive-op reference
 // clamped_glu_reference). Checked: src/gpu_check/ops/mod.rs (the "clamped_glu" entries).
 template <typename T>
 __device__ void clamped_glu_fwd(const T* gu, T* out, const size_t rows, const size_t half, const float alpha,

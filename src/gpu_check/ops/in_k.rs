@@ -84,28 +84,30 @@ pub(super) fn check_lora_in_k(device: &Device) -> Result<Vec<Comparison>> {
             let what = format!("lora in K {inp}+{r}→{out} BF16 {stats} {name}");
             res.push(compare(&what, &got[i], &want[i], row)?);
         }
-        // A chunk dequantized beside its tail against the plain dequantization and the tail.
-        let w = weights(device)?;
-        let tail = Tensor::randn(0f32, 1.0, (3, out, r), cpu)?
-            .to_dtype(DType::BF16)?
-            .to_device(device)?;
-        let beside = w
-            .dequantize_with(2..5, DType::BF16, &tail, true)?
-            .to_device(cpu)?;
-        let cat = Tensor::cat(&[w.dequantize(2..5, DType::BF16)?, tail], 2)?.to_device(cpu)?;
-        let exact = lookup("lora in K pieces", "any", Pass::Exact)?;
-        let what = format!("lora in K dequantized beside ({stats})");
-        res.push(compare(&what, &beside, &cat, exact)?);
-        // A factor below each expert's rows (the input gradients' [W; A]).
-        let rows = Tensor::randn(0f32, 1.0, (3, r, inp), cpu)?
-            .to_dtype(DType::BF16)?
-            .to_device(device)?;
-        let below = w
-            .dequantize_with(2..5, DType::BF16, &rows, false)?
-            .to_device(cpu)?;
-        let cat = Tensor::cat(&[w.dequantize(2..5, DType::BF16)?, rows], 1)?.to_device(cpu)?;
-        let what = format!("lora in K dequantized below ({stats})");
-        res.push(compare(&what, &below, &cat, exact)?);
+        // Three experts dequantized with a factor beside each row (the forward's [W | s·B]) or
+        // below each expert's rows (the input gradients' [W; A]), against the plain
+        // dequantization and the factor concatenated.
+        let (w, exact) = (
+            weights(device)?,
+            lookup("lora in K pieces", "any", Pass::Exact)?,
+        );
+        for (transpose, shape, dim, side) in [
+            (true, (3, out, r), 2, "beside"),
+            (false, (3, r, inp), 1, "below"),
+        ] {
+            let factor = Tensor::randn(0f32, 1.0, shape, cpu)?
+                .to_dtype(DType::BF16)?
+                .to_device(device)?;
+            let with = w.dequantize_with(2..5, DType::BF16, &factor, transpose)?;
+            let cat = Tensor::cat(&[w.dequantize(2..5, DType::BF16)?, factor], dim)?;
+            let what = format!("lora in K dequantized {side} ({stats})");
+            res.push(compare(
+                &what,
+                &with.to_device(cpu)?,
+                &cat.to_device(cpu)?,
+                exact,
+            )?);
+        }
     }
     res.extend(pieces(device, (&x, &a), (m, inp, r))?);
     Ok(res)
