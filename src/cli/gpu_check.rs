@@ -14,6 +14,10 @@ pub struct GpuCheckArgs {
     /// Print the tolerance table (op, dtype, pass, rtol, atol, why) and exit.
     #[arg(long)]
     tolerances: bool,
+    /// Run one part only: the ops, the quantization kernels, or the training step
+    /// (default: all three, in that order).
+    #[arg(long, value_enum)]
+    only: Option<crate::gpu_check::Part>,
 }
 
 pub fn run(args: GpuCheckArgs) -> Result<(), CliError> {
@@ -21,22 +25,22 @@ pub fn run(args: GpuCheckArgs) -> Result<(), CliError> {
         print!("{}", tolerance::table());
         return Ok(());
     }
-    check(args.device)
+    check(args.device, args.only)
 }
 
 #[cfg(not(feature = "cuda"))]
-fn check(_device: usize) -> Result<(), CliError> {
+fn check(_device: usize, _only: Option<crate::gpu_check::Part>) -> Result<(), CliError> {
     Err(CliError::Input(
         "gpu-check: this moeq was built without CUDA; rebuild with `cargo build --release --features cuda`".into(),
     ))
 }
 
 #[cfg(feature = "cuda")]
-fn check(device: usize) -> Result<(), CliError> {
+fn check(device: usize, only: Option<crate::gpu_check::Part>) -> Result<(), CliError> {
     let device = candle_core::Device::new_cuda(device).map_err(CliError::failed)?;
     print!("{}", tolerance::table());
     println!();
-    let results = crate::gpu_check::run_all(&device).map_err(CliError::failed)?;
+    let results = crate::gpu_check::run_all(&device, only).map_err(CliError::failed)?;
     let mut failed = 0;
     for r in &results {
         println!("{r}");

@@ -98,13 +98,29 @@ pub fn compare(
     })
 }
 
-/// Everything `moeq gpu-check` compares on `device` (a CUDA device), in order: the ops, the
-/// quantization kernels, the training step.
-pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
-    let mut out = ops::run_all(device)?;
+/// One part of `moeq gpu-check` (`--only`).
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+pub enum Part {
+    Ops,
+    Quant,
+    TrainStep,
+}
+
+/// What `moeq gpu-check` compares on `device` (a CUDA device), in order: the ops, the
+/// quantization kernels, the training step; `only` picks one of them.
+pub fn run_all(device: &Device, only: Option<Part>) -> Result<Vec<Comparison>> {
+    let runs = |part| only.is_none_or(|o| o == part);
+    let mut out = Vec::new();
+    if runs(Part::Ops) {
+        out.extend(ops::run_all(device)?);
+    }
     #[cfg(feature = "cuda")]
-    out.extend(quant::run_all(device)?);
-    out.extend(train_step::run_all(device)?);
+    if runs(Part::Quant) {
+        out.extend(quant::run_all(device)?);
+    }
+    if runs(Part::TrainStep) {
+        out.extend(train_step::run_all(device)?);
+    }
     Ok(out)
 }
 

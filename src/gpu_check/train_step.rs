@@ -71,8 +71,19 @@ enum Base {
     SixteenBit,
 }
 
-/// The tiny model on `device` in `dtype`, with adapters on every target and B random.
-fn setup(dir: &ModelDir, device: &Device, dtype: DType, base: Base) -> Result<(Model, Adapters)> {
+/// The LoRA rank of every row but one: 4 keeps the adapters off `lora_in_k`'s path (it takes
+/// ranks that are multiples of 8), so the separate adapter products run.
+const RANK: usize = 4;
+/// The rank of the bf16 row that runs the adapters inside the base products' K when
+/// `MOEQ_LORA_IN_K=1` (ops/lora_in_k.rs).
+const RANK_IN_K: usize = 8;
+
+/// The tiny model on `device` in `dtype`, with rank-`r` adapters on every target and B random.
+fn setup(
+    dir: &ModelDir,
+    (device, dtype, base): (&Device, DType, Base),
+    r: usize,
+) -> Result<(Model, Adapters)> {
     let base = match base {
         Base::Nf4 => frozen::load(
             dir,
@@ -86,7 +97,7 @@ fn setup(dir: &ModelDir, device: &Device, dtype: DType, base: Base) -> Result<(M
     .map_err(err)?;
     let model = Model::new(&dir.spec, &base, dtype, device, 32)?;
     let settings = LoraSettings {
-        r: 4,
+        r,
         alpha: 8.0,
         dropout: 0.0,
         use_rslora: false,
@@ -112,11 +123,12 @@ fn setup(dir: &ModelDir, device: &Device, dtype: DType, base: Base) -> Result<(M
 
 fn step(
     dir: &ModelDir,
-    (device, dtype, base): (&Device, DType, Base),
+    on: (&Device, DType, Base),
+    r: usize,
     b: &Batch,
     activations: Activations,
 ) -> Result<(f64, BTreeMap<String, Tensor>)> {
-    let (model, adapters) = setup(dir, device, dtype, base)?;
+    let (model, adapters) = setup(dir, on, r)?;
     let mut grads = BTreeMap::new();
     let s = forward_backward(
         &model,
@@ -137,7 +149,7 @@ fn step(
 /// Logits of cached decoding (`Model::decode`, `moeq generate`): the first 5 tokens of `b` as a
 /// prompt, then 3 tokens one at a time → `[4, V]` on the CPU.
 fn decode(dir: &ModelDir, device: &Device, dtype: DType, b: &Batch) -> Result<Tensor> {
-    let (model, adapters) = setup(dir, device, dtype, Base::Nf4)?;
+    let (model, adapters) = setup(dir, (device, dtype, Base::Nf4), RANK)?;
     let ctx = LoraCtx {
         adapters: &adapters,
         live: false,
@@ -193,7 +205,7 @@ fn autograd_step(
     dtype: DType,
     b: &Batch,
 ) -> Result<BTreeMap<String, Tensor>> {
-    let (model, adapters) = setup(dir, device, dtype, Base::Nf4)?;
+    let (model, adapters) = setup(dir, (device, dtype, Base::Nf4), RANK)?;
     let store = autograd_loss(&model, &adapters, b)?.backward()?;
     adapters
         .vars()
@@ -215,7 +227,7 @@ fn taped_forward_agrees(
     dtype: DType,
     b: &Batch,
 ) -> Result<Option<Comparison>> {
-    let (model, adapters) = setup(dir, device, dtype, Base::Nf4)?;
+    let (model, adapters) = setup(dir, (device, dtype, Base::Nf4), RANK)?;
     let inputs = crate::train::step::inputs(&model, b)?;
     let ctx = LoraCtx {
         adapters: &adapters,
@@ -313,10 +325,12 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                 let (loss_ref, grads_ref) = step(
                     &dir,
                     (&Device::Cpu, dtype, base),
+                    RANK,
                     &b,
                     Activations::Recompute,
                 )?;
-                let (loss, got) = step(&dir, (device, dtype, base), &b, Activations::Recompute)?;
+                let on = (device, dtype, base);
+                let (loss, got) = step(&dir, on, RANK, &b, Activations::Recompute)?;
                 let l = Tensor::new(&[loss as f32], &Device::Cpu)?;
                 let lr = Tensor::new(&[loss_ref as f32], &Device::Cpu)?;
                 out.push(compare(
@@ -335,6 +349,20 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                     grads = got;
                 }
             }
+            if dtype == DType::BF16 {
+                // Rank 8: the expert adapters inside the base products' K where switched on,
+                // on the CPU and the device alike (`lora_in_k::fits`).
+                let recompute = Activations::Recompute;
+                let cpu = (&Device::Cpu, dtype, Base::Nf4);
+                let (_, grads_ref) = step(&dir, cpu, RANK_IN_K, &b, recompute)?;
+                let (_, got) = step(&dir, (device, dtype, Base::Nf4), RANK_IN_K, &b, recompute)?;
+                out.extend(worst_of(
+                    &format!("train step {name} {dtype:?} r{RANK_IN_K} grads"),
+                    &got,
+                    &grads_ref,
+                    row("train step", Pass::Backward)?,
+                )?);
+            }
             // gradient_checkpointing: false runs the same kernels on the same values on the
             // device: equal bit for bit.
             // Generation's cached decoding on the device against the CPU's.
@@ -346,7 +374,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
             )?);
             out.extend(taped_forward_agrees(&dir, device, dtype, &b)?);
             let on_device = (device, dtype, Base::Nf4);
-            let (_, kept) = step(&dir, on_device, &b, Activations::Keep)?;
+            let (_, kept) = step(&dir, on_device, RANK, &b, Activations::Keep)?;
             out.extend(worst_of(
                 &format!("train step {name} {dtype:?} kept = recomputed"),
                 &kept,
@@ -355,7 +383,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
             )?);
             // Activation offloading parks the same tensors in host memory and brings them
             // back: equal bit for bit.
-            let (_, offloaded) = step(&dir, on_device, &b, Activations::Offload)?;
+            let (_, offloaded) = step(&dir, on_device, RANK, &b, Activations::Offload)?;
             out.extend(worst_of(
                 &format!("train step {name} {dtype:?} offloaded = recomputed"),
                 &offloaded,
