@@ -75,7 +75,7 @@ pub(crate) fn backward_by_chunk(
     let xs = xs.contiguous()?;
     let dy = super::at_offset_zero(&dy)?;
     let dt = xs.dtype();
-    let chunk = gate_up.experts_per_chunk(chunk_bytes, dt);
+    let chunk = gate_up.experts_per_chunk(chunk_bytes, dt, 0);
     // On CUDA the chunks' input gradients go straight into one output — dy's own buffer where
     // it can take them; the CPU assembles them.
     let into = match (xs.device().is_cuda(), dy.dtype() == dt) {

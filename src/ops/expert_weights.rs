@@ -206,13 +206,19 @@ impl ExpertWeights {
         Tensor::cat(&[self.dequantize(range, dtype)?, tail], dim)
     }
 
-    /// Experts per `dequantize` call for chunks of `chunk_bytes` of weights in `dtype`: all
-    /// at once when nothing is dequantized.
-    pub(crate) fn experts_per_chunk(&self, chunk_bytes: usize, dtype: DType) -> usize {
+    /// Experts per `dequantize` call for chunks of `chunk_bytes` of weights in `dtype`, each
+    /// expert's matrix with `extra` columns of its own beside it (`dequantize_with`'s tail):
+    /// all at once when nothing is dequantized.
+    pub(crate) fn experts_per_chunk(
+        &self,
+        chunk_bytes: usize,
+        dtype: DType,
+        extra: usize,
+    ) -> usize {
         match &self.store {
             ExpertStore::Dense(t) if t.dtype() == dtype => self.num_experts.max(1),
             _ => {
-                let per = self.out_features * self.in_features;
+                let per = self.out_features * self.in_features + extra;
                 (chunk_bytes / (per * dtype.size_in_bytes())).max(1)
             }
         }

@@ -81,7 +81,7 @@ fn chunked_matmul(
         (w.out_features + c, w.in_features)
     };
     let per = k * n;
-    let chunk = w.experts_per_chunk(chunk_bytes, x.dtype());
+    let chunk = w.experts_per_chunk(chunk_bytes, x.dtype(), c * n);
     let gemm = if transpose {
         Gemm::nt(1.0)
     } else {
