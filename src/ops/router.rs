@@ -3,8 +3,8 @@
 //! in descending order (ties to the lower expert). On CUDA one warp per token does both
 //! (`kernels/routing.cu` `router_softmax_topk`): candle's softmax took six element-wise passes
 //! and its arg-sort sorted all E probabilities to keep k; where the logits record a graph the
-//! probabilities come from candle's softmax (they must carry one) and the choice still from the
-//! kernel. Elsewhere candle's softmax and arg-sort: the reference (`moeq gpu-check`, the
+//! kernel's probabilities and choice carry candle's softmax as their graph (the same values on
+//! every path). Elsewhere candle's softmax and arg-sort: the reference (`moeq gpu-check`, the
 //! "router" entries).
 
 use super::norm::softmax_last;
@@ -18,19 +18,18 @@ pub fn router_probs(logits: &Tensor, k: Option<usize>) -> Result<(Tensor, Option
         candle_core::bail!("router: top-{} of {e} experts", k.unwrap_or(0));
     }
     #[cfg(feature = "cuda")]
-    if logits.device().is_cuda()
-        && e <= cuda::MAX_EXPERTS
-        && (k.is_some() || !super::records_graph(&[logits]))
-    {
+    if logits.device().is_cuda() && e <= cuda::MAX_EXPERTS {
         let (probs, top) = cuda::softmax_topk(&super::at_offset_zero(&logits.detach())?, k)?;
         if !super::records_graph(&[logits]) {
             return Ok((probs, top));
         }
-        // Probabilities with a graph from candle's softmax; the choice still the kernel's, so
-        // ties (equal bf16 logits are common) go to the lower expert on every path — candle's
-        // arg-sort on CUDA is not stable, and a graph forward that chose otherwise than the
-        // taped one routed tokens differently (gpu-check's olmoe train step, 2026-12-05).
-        return Ok((softmax_last(&logits.to_dtype(DType::F32)?)?, top));
+        // Where the logits record a graph: the kernel's probabilities and choice with candle's
+        // softmax for the graph, so every path routes alike (ties — equal bf16 logits are
+        // common — to the lower expert; candle's arg-sort on CUDA is not stable: gpu-check's
+        // olmoe train step, 2026-12-05) and weighs alike (candle's sum runs in another order:
+        // deepseek_v2's and ernie4_5_moe's taped forward, 2026-12-05).
+        let graph = softmax_last(&logits.to_dtype(DType::F32)?)?;
+        return Ok((with_graph_of(&probs, &graph)?, top));
     }
     let probs = softmax_last(&logits.to_dtype(DType::F32)?)?;
     let top = match k {
@@ -73,8 +72,8 @@ pub struct Choice<'a> {
 /// best groups left out (a group scored by its best, or its two best, choice scores), then the
 /// k best (ties to the lower expert). Candle's ops: the reference (`moeq gpu-check`, the
 /// "router" entries), and on CUDA what runs where [`CHOOSE_KERNEL`] is off; by default one warp
-/// per token makes the choice (`kernels/routing.cu` `router_choose`; and the scores where the
-/// logits record no graph).
+/// per token computes the scores and makes the choice (`kernels/routing.cu` `router_choose`;
+/// where the logits record a graph, candle's ops give the scores' graph, not their values).
 pub fn router_choose(
     logits: &Tensor,
     choice: &Choice,
@@ -95,31 +94,31 @@ pub fn router_choose(
         }
     }
     #[cfg(feature = "cuda")]
-    if let Some(k) = k {
-        if logits.device().is_cuda()
-            && CHOOSE_KERNEL.get()
-            && e <= cuda::MAX_EXPERTS
-            && choice.groups.is_none_or(|(g, _, _)| g <= 32)
-            && matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16)
-        {
-            let bias = match choice.bias {
-                Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?),
-                None => None,
-            };
-            let plain = super::at_offset_zero(&logits.detach())?;
-            let (scores, top) = cuda::choose(&plain, bias.as_ref(), choice, k)?;
-            if !super::records_graph(&[logits]) {
-                return Ok((scores, Some(top)));
-            }
-            // Scores with a graph from candle's ops; the choice the kernel's, as for softmax
-            // routers (ties go alike on every path).
-            let logits = logits.to_dtype(DType::F32)?;
-            let scores = match choice.sigmoid {
-                true => (logits.neg()?.exp()? + 1.0)?.recip()?,
-                false => softmax_last(&logits)?,
-            };
-            return Ok((scores, Some(top)));
+    if logits.device().is_cuda()
+        && CHOOSE_KERNEL.get()
+        && e <= cuda::MAX_EXPERTS
+        && choice.groups.is_none_or(|(g, _, _)| g <= 32)
+        && matches!(logits.dtype(), DType::F32 | DType::BF16 | DType::F16)
+    {
+        let bias = match choice.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.contiguous()?),
+            None => None,
+        };
+        let plain = super::at_offset_zero(&logits.detach())?;
+        // Scores only (a replayed routing): the kernel's scores, its choice of one unused.
+        let (scores, top) = cuda::choose(&plain, bias.as_ref(), choice, k.unwrap_or(1))?;
+        let top = k.map(|_| top);
+        if !super::records_graph(&[logits]) {
+            return Ok((scores, top));
         }
+        // The kernel's scores and choice with candle's ops for the graph, as for softmax
+        // routers: every path routes and weighs alike.
+        let logits = logits.to_dtype(DType::F32)?;
+        let graph = match choice.sigmoid {
+            true => (logits.neg()?.exp()? + 1.0)?.recip()?,
+            false => softmax_last(&logits)?,
+        };
+        return Ok((with_graph_of(&scores, &graph)?, top));
     }
     let logits = logits.to_dtype(DType::F32)?;
     let scores = match choice.sigmoid {
@@ -166,6 +165,14 @@ pub fn router_choose(
         .narrow(1, 0, k)?
         .contiguous()?;
     Ok((scores, Some(top)))
+}
+
+/// `values` (no graph) with the graph of `graph` (the same function computed by ops that
+/// record one): values + (graph − graph), the difference exactly 0 for finite values, so the
+/// result is `values` bit for bit and its gradient flows into `graph`.
+#[cfg(feature = "cuda")]
+fn with_graph_of(values: &Tensor, graph: &Tensor) -> Result<Tensor> {
+    values.detach() + (graph - graph.detach())?
 }
 
 /// Whether [`router_choose`] runs its kernel on CUDA: on unless `MOEQ_ROUTER_CHOOSE=candle` (or

@@ -5,7 +5,7 @@
 //! formulation). Shapes cross every tile edge: groups of 1, 63, 64, 65 and 600 rows (three
 //! 256-row partial sums in `outer`) and an empty one, reductions of 200 and 264 (not whole
 //! 64-wide slices), outputs of 72, 136 and 264 columns (partial 128-column tiles), ranks 8, 16
-//! and 40 (zero-padded to 16, 16, 64).
+//! and 40 (zero-padded to 16, 16, 64); and the tiny models' shapes (32 and 64 wide, rank 8).
 
 use super::{compare, lookup, Comparison, Pass};
 use crate::ops::experts::GroupedLora;
@@ -23,6 +23,10 @@ pub(super) fn check_thin_gemm(device: &Device) -> Result<Vec<Comparison>> {
         (16usize, 200usize, 136usize, true),
         (8, 264, 72, false),
         (40, 128, 264, true),
+        // The tiny models' experts (gpu-check's train step): reductions shorter than one
+        // 64-wide slice, outputs narrower than one tile.
+        (8, 32, 64, false),
+        (8, 64, 32, true),
     ] {
         let randn = |std: f32, shape: (usize, usize)| Tensor::randn(0f32, std, shape, cpu);
         let (x, dy) = (randn(1.0, (m, inp))?, randn(1.0, (m, outf))?);
