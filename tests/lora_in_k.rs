@@ -1,4 +1,4 @@
-//! gate_up's expert adapter inside the base product's K (`MOEQ_LORA_IN_K=1`,
+//! gate_up's expert adapter inside the base product's K (`MOEQ_LORA_IN_K`, on by default,
 //! src/ops/lora_in_k.rs) on tiny models of every architecture, on the CPU in f32. A binary of
 //! its own: the switch is process-wide and changes the rounding, so the exact comparisons of
 //! tests/trainer_grads.rs must not run beside it.

@@ -1,5 +1,5 @@
-//! The expert adapters inside the base products' K (`LORA_IN_K`, off unless
-//! `MOEQ_LORA_IN_K=1` until measured: launch/bench/NOTES.md item 58).
+//! The expert adapters inside the base products' K (`LORA_IN_K`, on unless `MOEQ_LORA_IN_K=0`:
+//! +3.3% tokens/s with expert LoRA at micro-batch 8, launch/bench/NOTES.md items 58 and 59).
 //!
 //! A projection's output with its adapter, x·Wᵀ + s·(x·Aᵀ)·Bᵀ, is one product over K + r:
 //! [x | h]·[W | s·B]ᵀ with h = x·Aᵀ. gate_up's rows are gathered r columns wider than the
@@ -21,7 +21,8 @@ use super::thin_gemm::{self, MAX_RANK};
 use crate::util::switch::EnvSwitch;
 use candle_core::{bail, DType, Result, Tensor};
 
-pub static LORA_IN_K: EnvSwitch = EnvSwitch::new("MOEQ_LORA_IN_K", |v| v == Some("1"));
+pub static LORA_IN_K: EnvSwitch =
+    EnvSwitch::new("MOEQ_LORA_IN_K", |v| !matches!(v, Some("0" | "off")));
 
 /// The routed rows of `x` `[N, H]` by expert: `[N·k, H]`, or `[N·k, H + r]` for gate_up's
 /// adapter of rank r (`in_k`: Some(r) where the rows may take it — one rank, unscaled rows)

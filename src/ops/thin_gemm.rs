@@ -47,7 +47,7 @@ struct Tables {
 }
 
 /// Whether `MOEQ_GROUPED_LORA=cublas` asks for the cuBLAS path.
-fn disabled() -> bool {
+pub(crate) fn disabled() -> bool {
     static OFF: OnceLock<bool> = OnceLock::new();
     *OFF.get_or_init(|| std::env::var("MOEQ_GROUPED_LORA").is_ok_and(|v| v == "cublas"))
 }

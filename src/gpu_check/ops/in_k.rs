@@ -1,5 +1,5 @@
 //! gpu-check entry for the expert adapters inside their products' K (`ops::lora_in_k`,
-//! `MOEQ_LORA_IN_K=1`): `lora_in_k::forward` (the hidden projected into the rows' last r
+//! the default unless `MOEQ_LORA_IN_K=0`): `lora_in_k::forward` (the hidden projected into the rows' last r
 //! columns, each chunk of experts dequantized beside s·B) and `lora_in_k::backward` (dh into
 //! the gradient rows' last columns, dx over [dy | dh]·[W; A] with A below each expert's rows,
 //! dA and dB reading x, h and dy where they lie), bf16 on the device against the same calls

@@ -13,10 +13,10 @@ use candle_core::{CustomOp1, CustomOp2, DType, Result, Tensor};
 
 /// Whether the CUDA row gather and the combine backward's weighted rows read the source
 /// token-major (`cuda::spread_rows`: each token row read once, written to its k rows) rather
-/// than row by row. Off unless `MOEQ_ROWS_BY_TOKEN=1` until measured (launch/bench/NOTES.md
-/// item 55); gpu-check runs both.
+/// than row by row. On unless `MOEQ_ROWS_BY_TOKEN=0` (+1.9% tokens/s, q/k/v/o LoRA, micro-batch
+/// 8: launch/bench/NOTES.md items 55 and 59); gpu-check runs both.
 pub static ROWS_BY_TOKEN: crate::util::switch::EnvSwitch =
-    crate::util::switch::EnvSwitch::new("MOEQ_ROWS_BY_TOKEN", |v| v == Some("1"));
+    crate::util::switch::EnvSwitch::new("MOEQ_ROWS_BY_TOKEN", |v| !matches!(v, Some("0" | "off")));
 
 /// The routing permutation of one micro-batch through one MoE layer.
 #[derive(Clone)]
