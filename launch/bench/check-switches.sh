@@ -3,10 +3,11 @@
 # default changes: every setting's run starts together on the one GPU (the checks are small;
 # the CPU references share the cores), each limited to LIMIT seconds (default 500). Prints per
 # setting its exit, seconds, FAIL lines (20 at most) and summary; logs under $OUT/check-<i>.log.
-# GPU machine, repository root, .device carried:
+# Exits 1 if any setting's gpu-check failed or was cut off. GPU machine, repository root,
+# .device carried:
 #
 #   OUT=/tmp/out bash launch/bench/check-switches.sh - MOEQ_ROUTER_CHOOSE=candle \
-#     MOEQ_EXPERT_CHUNKS=1 "MOEQ_ROWS_BY_TOKEN=1 MOEQ_LORA_IN_K=1"
+#     MOEQ_EXPERT_CHUNKS=1 "MOEQ_ROWS_BY_TOKEN=0 MOEQ_LORA_IN_K=0"
 #
 # Each argument is one setting: `-` (the defaults) or space-separated NAME=VALUE pairs.
 # GPU_CHECK_ARGS passes arguments to every run (e.g. "--only train-step").
@@ -22,6 +23,7 @@ for s in "$@"; do
   done
 done
 source launch/device-env.sh
+mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } | tee "$OUT/gpu.txt"
 pids=()
 i=0
@@ -39,9 +41,13 @@ for s in "$@"; do
 done
 wait "${pids[@]}"
 i=0
+status=0
 for s in "$@"; do
   echo "== gpu-check [$s]: $(tail -1 "$OUT/check-$i.log")"
   grep -E "^FAIL" "$OUT/check-$i.log" | head -20
-  grep -E "passed, [0-9]+ failed" "$OUT/check-$i.log" || echo "(no summary: cut off or stopped)"
+  grep -E "passed, [0-9]+ failed" "$OUT/check-$i.log" ||
+    grep -E "^error: [a-z]" "$OUT/check-$i.log" | head -3 || echo "(no summary: cut off or stopped)"
+  grep -qE "passed, 0 failed" "$OUT/check-$i.log" || status=1
   i=$(( i + 1 ))
 done
+exit $status

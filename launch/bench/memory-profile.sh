@@ -6,7 +6,9 @@
 # the pool; nvidia-smi's peak for the run is printed next to it. GPU machine, repository root,
 # .device/ carried:
 #
-#   OUT=/tmp/out bash launch/bench/memory-profile.sh [micro-batch sizes...]
+#   OUT=/tmp/out [CFG=offload] bash launch/bench/memory-profile.sh [micro-batch sizes...]
+#
+# CFG picks another 12-layer bench config (offload: activation_offloading; expert: expert LoRA).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source launch/device-env.sh
@@ -17,7 +19,7 @@ for mbs in ${*:-1}; do
   conf=$OUT/memory/mbs$mbs.yaml
   sed -e "s#^micro_batch_size:.*#micro_batch_size: $mbs#" -e "s#^max_steps:.*#max_steps: 4#" \
       -e "s#^warmup_steps:.*#warmup_steps: 1#" -e "s#^output_dir:.*#output_dir: /tmp/moeq-bench/memory#" \
-      configs/bench/qwen3-30b-a3b-12l-attn-lora.yaml > "$conf"
+      "configs/bench/qwen3-30b-a3b-12l-${CFG:-attn}-lora.yaml" > "$conf"
   rm -rf /tmp/moeq-bench/memory
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$OUT/memory/mbs$mbs.mem" &
   smi=$!

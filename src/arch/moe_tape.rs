@@ -83,6 +83,7 @@ impl Moe {
         // are summed unweighted.
         let in_k = routing.exchange.is_none()
             && !spec.router.weights_input
+            && self.gate_up.takes_in_k()
             && lora.adapters.experts.contains_key(&self.gate_up_name);
         let r = in_k.then_some(lora.adapters.settings.r);
         let xs = lora_in_k::gather_rows(&x, &routing.order, r)?;
@@ -153,6 +154,7 @@ impl MoeTape {
         // K (`ops::lora_in_k`; one rank: the exchange's rows arrive plain).
         let r = lora.adapters.settings.r;
         let in_k = self.routing.exchange.is_none()
+            && moe.down.takes_in_k()
             && lora.adapters.experts.contains_key(&moe.down_name)
             && lora_in_k::fits(dy, r, dy.dim(1)?);
         let dys = combine_backward_rows_wide(&self.combine, order, dy, dtype, r * in_k as usize)?;

@@ -273,6 +273,8 @@ const TRAIN_TAPED: &str =
     "a layer's taped forward (arch::backward) runs the plain forward's kernels on the same values";
 const TRAIN_KEPT: &str = "gradient_checkpointing: false runs the same kernels on the same values";
 const TRAIN_OFFLOADED: &str = "the same tensors, copied to host memory and back";
+const TRAIN_CHUNKS: &str =
+    "each expert's products of the separate passes (same rows, weights, order), by chunks";
 const WRITTEN_F32: &str =
     "the same functions; f32 sums in other orders (chunked vs whole-vocabulary \
     softmax, gradients summed inside products): 1e-4 of the tensor's largest, as the CPU test";
@@ -437,6 +439,7 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Train, "decode",                   "f32",  Forward,  0.0,          OfMax(1e-4),            DECODE_F32),
     row(Train, "decode",                   "bf16", Forward,  0.0,          OfMax(5e-2),            DECODE_BF16),
     row(Train, "kept = recomputed",        "any",  Exact,    0.0,          Abs(0.0),               TRAIN_KEPT),
+    row(Train, "chunks = separate passes", "any",  Exact,    0.0,          Abs(0.0),               TRAIN_CHUNKS),
     row(Train, "offloaded = recomputed",   "any",  Exact,    0.0,          Abs(0.0),               TRAIN_OFFLOADED),
     row(Train, "taped = plain forward",    "any",  Exact,    0.0,          Abs(0.0),               TRAIN_TAPED),
     row(Train, "written = autograd",       "f32",  Backward, 0.0,          OfMax(1e-4),            WRITTEN_F32),

@@ -12,6 +12,7 @@ use crate::data::{Batch, IGNORE_INDEX};
 use crate::lora::{Adapters, LoraSettings};
 use crate::model_files::frozen::{self, CpuQuantizer, SingleProcess};
 use crate::model_files::ModelDir;
+use crate::ops::expert_chunks::EXPERT_CHUNKS;
 use crate::quant::QuantSettings;
 use crate::synth::{self, SynthOptions};
 use crate::train::step::{forward_backward, Activations};
@@ -71,18 +72,38 @@ enum Base {
     SixteenBit,
 }
 
-/// The LoRA rank of every row but one: 4 keeps the adapters off `lora_in_k`'s path (it takes
-/// ranks that are multiples of 8), so the separate adapter products run.
-const RANK: usize = 4;
-/// The rank of the bf16 row that runs the adapters inside the base products' K (unless
-/// `MOEQ_LORA_IN_K=0`, ops/lora_in_k.rs).
-const RANK_IN_K: usize = 8;
+/// The adapters of a row: their rank, and whether the experts have theirs.
+#[derive(Clone, Copy)]
+struct Lora {
+    r: usize,
+    experts: bool,
+}
 
-/// The tiny model on `device` in `dtype`, with rank-`r` adapters on every target and B random.
+/// Every row but two: rank 4 keeps the adapters off `lora_in_k`'s path (it takes ranks that
+/// are multiples of 8), so the separate adapter products run.
+const RANK: Lora = Lora {
+    r: 4,
+    experts: true,
+};
+/// The bf16 row that runs the expert adapters inside the base products' K (unless
+/// `MOEQ_LORA_IN_K=0`, ops/lora_in_k.rs).
+const RANK_IN_K: Lora = Lora {
+    r: 8,
+    experts: true,
+};
+/// The row of the experts' recompute and backward by chunks (ops/expert_chunks.rs: a
+/// recomputed layer without expert adapters).
+const NO_EXPERT_ADAPTERS: Lora = Lora {
+    r: 4,
+    experts: false,
+};
+
+/// The tiny model on `device` in `dtype`, with `lora`'s adapters on every target (the experts'
+/// where it says) and B random.
 fn setup(
     dir: &ModelDir,
     (device, dtype, base): (&Device, DType, Base),
-    r: usize,
+    lora: Lora,
 ) -> Result<(Model, Adapters)> {
     let base = match base {
         Base::Nf4 => frozen::load(
@@ -96,16 +117,20 @@ fn setup(
     }
     .map_err(err)?;
     let model = Model::new(&dir.spec, &base, dtype, device, 32)?;
+    let target_parameters = match lora.experts {
+        true => vec![
+            "mlp.experts.gate_up_proj".into(),
+            "mlp.experts.down_proj".into(),
+        ],
+        false => Vec::new(),
+    };
     let settings = LoraSettings {
-        r,
+        r: lora.r,
         alpha: 8.0,
         dropout: 0.0,
         use_rslora: false,
         target_modules: vec!["all-linear".into()],
-        target_parameters: vec![
-            "mlp.experts.gate_up_proj".into(),
-            "mlp.experts.down_proj".into(),
-        ],
+        target_parameters,
     };
     let adapters = Adapters::new(&dir.spec, settings, 3, device)?;
     // B random (deterministic), so A gets gradients too.
@@ -124,11 +149,11 @@ fn setup(
 fn step(
     dir: &ModelDir,
     on: (&Device, DType, Base),
-    r: usize,
+    lora: Lora,
     b: &Batch,
     activations: Activations,
 ) -> Result<(f64, BTreeMap<String, Tensor>)> {
-    let (model, adapters) = setup(dir, on, r)?;
+    let (model, adapters) = setup(dir, on, lora)?;
     let mut grads = BTreeMap::new();
     let s = forward_backward(
         &model,
@@ -351,28 +376,59 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
             }
             if dtype == DType::BF16 {
                 // Rank 8: the expert adapters inside the base products' K where switched on,
-                // on the CPU and the device alike (`lora_in_k::fits`). Every token goes to
-                // every expert (k = E, every group kept): at rank 8 this batch has tokens whose
-                // top-k the two devices' bf16 roundings choose differently (7 of 18
-                // architectures, 2026-12-05, the same with the thin kernels off), which moves
-                // an expert's gradients by O(1); with no choice to make, none flips.
+                // on the CPU and the device alike (`lora_in_k::fits`; Llama 4's scaled rows take
+                // the separate update). Every token goes to every expert (k = E, no group
+                // limit): at rank 8 this batch has tokens whose top-k the two devices' bf16
+                // roundings choose differently (7 of 18 architectures, 2026-12-05, the same
+                // with the thin kernels off), which moves an expert's gradients by O(1); with
+                // no choice to make, none flips.
                 let mut every = ModelDir::open(&tmp).map_err(err)?;
                 every.spec.router.top_k = every.spec.num_experts;
-                if let Some(g) = every.spec.router.group_limit.as_mut() {
-                    g.keep = g.groups;
-                }
+                every.spec.router.group_limit = None;
                 let recompute = Activations::Recompute;
                 let cpu = (&Device::Cpu, dtype, Base::Nf4);
                 let (_, grads_ref) = step(&every, cpu, RANK_IN_K, &b, recompute)?;
                 let on = (device, dtype, Base::Nf4);
                 let (_, got) = step(&every, on, RANK_IN_K, &b, recompute)?;
+                let (_, kept) = step(&every, on, RANK_IN_K, &b, Activations::Keep)?;
                 out.extend(worst_of(
-                    &format!("train step {name} {dtype:?} r{RANK_IN_K} every expert grads"),
+                    &format!(
+                        "train step {name} {dtype:?} r{} every expert kept = recomputed",
+                        RANK_IN_K.r
+                    ),
+                    &kept,
+                    &got,
+                    row("kept = recomputed", Pass::Exact)?,
+                )?);
+                out.extend(worst_of(
+                    &format!(
+                        "train step {name} {dtype:?} r{} every expert grads",
+                        RANK_IN_K.r
+                    ),
                     &got,
                     &grads_ref,
                     row("train step", Pass::Backward)?,
                 )?);
             }
+            // The experts' recompute and backward a chunk of experts at a time against the
+            // separate passes: the same products in the same order, equal bit for bit.
+            let on_device = (device, dtype, Base::Nf4);
+            let chunks = |on| {
+                let _chunks = EXPERT_CHUNKS.scoped(on);
+                step(
+                    &dir,
+                    on_device,
+                    NO_EXPERT_ADAPTERS,
+                    &b,
+                    Activations::Recompute,
+                )
+            };
+            out.extend(worst_of(
+                &format!("train step {name} {dtype:?} chunks = separate passes"),
+                &chunks(true)?.1,
+                &chunks(false)?.1,
+                row("chunks = separate passes", Pass::Exact)?,
+            )?);
             // gradient_checkpointing: false runs the same kernels on the same values on the
             // device: equal bit for bit.
             // Generation's cached decoding on the device against the CPU's.
@@ -383,7 +439,6 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                 row("decode", Pass::Forward)?,
             )?);
             out.extend(taped_forward_agrees(&dir, device, dtype, &b)?);
-            let on_device = (device, dtype, Base::Nf4);
             let (_, kept) = step(&dir, on_device, RANK, &b, Activations::Keep)?;
             out.extend(worst_of(
                 &format!("train step {name} {dtype:?} kept = recomputed"),

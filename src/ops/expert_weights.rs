@@ -185,7 +185,9 @@ impl ExpertWeights {
             };
             let packed = packed.narrow(0, range.start * per / 2, n * per / 2)?;
             if crate::quant::cuda::rows_into_applies(&packed, n * per, row_len) && ld % 8 == 0 {
-                let scales = absmax.narrow(range.start * per / blocksize, n * per / blocksize)?;
+                let scales = absmax
+                    .narrow(range.start * per / blocksize, n * per / blocksize)?
+                    .for_rows()?;
                 let len = n * ld * (per / row_len);
                 let wide = super::grouped_gemm::output_for_products(len, dtype, tail.device())?
                     .reshape(shape)?;
@@ -204,6 +206,13 @@ impl ExpertWeights {
             }
         }
         Tensor::cat(&[self.dequantize(range, dtype)?, tail], dim)
+    }
+
+    /// Whether an adapter may go inside these weights' products' K (`ops::lora_in_k`): 4-bit
+    /// weights, whose chunks are dequantized into a buffer anyway; a 16-bit base's products
+    /// read the weights in place, which a chunk r columns wider would copy.
+    pub(crate) fn takes_in_k(&self) -> bool {
+        matches!(self.store, ExpertStore::Nf4 { .. })
     }
 
     /// Experts per `dequantize` call for chunks of `chunk_bytes` of weights in `dtype`, each

@@ -151,6 +151,17 @@ impl Scales {
         dequantize(packed, &self.values()?, shape, kind, blocksize, dtype)
     }
 
+    /// These scales as `dequantize_rows_into` takes them under the nested-dequantization
+    /// switch: as they are, or, with `MOEQ_NESTED_DEQUANT=off`, nested statistics expanded
+    /// first (the two kernels, as [`Self::dequantize`]).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn for_rows(&self) -> Result<Scales> {
+        match self {
+            Scales::Nested { .. } if !fused_nested() => Ok(Scales::Plain(self.values()?)),
+            _ => Ok(self.clone()),
+        }
+    }
+
     /// These scales for `quant::cuda::dequantize_rows_into`.
     #[cfg(feature = "cuda")]
     pub(crate) fn row_scales(&self) -> crate::quant::cuda::RowScales<'_> {

@@ -148,7 +148,7 @@ impl RoutedExperts {
     ) -> Result<Tensor> {
         // [M, H], or wider for gate_up's adapter inside its product's K (as `arch::moe_tape`).
         let in_k = match (self.weights_input, gate_up_lora, &self.adapter) {
-            (false, Some(_), Some(l)) => Some(l.r),
+            (false, Some(_), Some(l)) if self.gate_up.takes_in_k() => Some(l.r),
             _ => None,
         };
         let mut xs = super::lora_in_k::gather_rows(x, &self.order, in_k)?;
