@@ -101,8 +101,11 @@ pub fn compare(
 /// One part of `moeq gpu-check` (`--only`).
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
 pub enum Part {
+    /// The ops forward and backward against their CPU references.
     Ops,
+    /// The quantization kernels (CUDA builds).
     Quant,
+    /// The whole training step of every model type.
     TrainStep,
 }
 

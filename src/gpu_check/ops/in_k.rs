@@ -1,8 +1,8 @@
-//! gpu-check entry for the expert adapters inside their products' K (`ops::lora_in_k`,
-//! the default unless `MOEQ_LORA_IN_K=0`): `lora_in_k::forward` (the hidden projected into the rows' last r
-//! columns, each chunk of experts dequantized beside s·B) and `lora_in_k::backward` (dh into
-//! the gradient rows' last columns, dx over [dy | dh]·[W; A] with A below each expert's rows,
-//! dA and dB reading x, h and dy where they lie), bf16 on the device against the same calls
+//! gpu-check entry for the expert adapters inside their products' K (`ops::lora_in_k`, the
+//! default unless `MOEQ_LORA_IN_K=0`): `lora_in_k::forward` (the hidden projected into the
+//! rows' last r columns, each chunk of experts dequantized beside s·B) and
+//! `lora_in_k::backward` (dh into the gradient rows' last columns, dx over [dy | dh]·[W; A]
+//! with A below each expert's rows, dA and dB reading x, h and dy where they lie), bf16 on the device against the same calls
 //! on the CPU in f32, for nested and plain statistics; and, on the device, the pieces against
 //! their contiguous forms bit for bit: the wide row gather's and the wide SwiGLU's first
 //! columns, a chunk dequantized beside its tail, the hidden projected into a view.

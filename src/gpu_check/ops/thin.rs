@@ -23,8 +23,8 @@ pub(super) fn check_thin_gemm(device: &Device) -> Result<Vec<Comparison>> {
         (16usize, 200usize, 136usize, true),
         (8, 264, 72, false),
         (40, 128, 264, true),
-        // The tiny models' experts (gpu-check's train step): reductions shorter than one
-        // 64-wide slice, outputs narrower than one tile.
+        // At the tiny models' widths (gpu-check's train step: H 64, I 32): reductions shorter
+        // than one 64-wide slice, outputs narrower than one tile.
         (8, 32, 64, false),
         (8, 64, 32, true),
     ] {
