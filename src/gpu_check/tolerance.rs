@@ -257,6 +257,8 @@ const ROUTER_BWD: &str = "f32 sums over ≤ 1,024 terms in another order (a warp
      candle's), then one rounding to the logits' dtype (bf16: 2⁻⁸ relative)";
 const ROUTER_TOP: &str =
     "expert ids from logits at least a bf16 spacing apart: any difference fails";
+const ROUTER_GRAPH: &str = "the same kernel's values on every path (a graph's ops only carry the \
+    gradient: values + (graph − graph)): any difference fails";
 const EMBEDDING: &str = "a copy of the host rows: any difference fails";
 const GENERATED: &str = "both round the same f32 formula to bf16; ln/cos may differ in the last \
     f32 bit, one bf16 step (≤ 2^-7) when a value sits on a rounding boundary";
@@ -428,6 +430,7 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Ops,   "router backward",          "f32",  Backward, 1e-5,         OfMax(1e-5),            ROUTER_BWD),
     row(Ops,   "router backward",          "bf16", Backward, 1e-2,         OfMax(1e-2),            ROUTER_BWD),
     row(Ops,   "router top-k",             "u32",  Exact,    0.0,          Abs(0.5),               ROUTER_TOP),
+    row(Ops,   "router graph = plain",     "f32",  Exact,    0.0,          Abs(0.0),               ROUTER_GRAPH),
     row(Ops,   "generated weights",        "bf16", Forward,  1.0 / 128.0,  Abs(0.0),               GENERATED),
     row(Quant, "quantize_on_gpu",          "any",  Exact,    0.0,          Abs(0.0),               QUANT),
     row(Quant, "dequantize",               "any",  Exact,    0.0,          Abs(0.0),               QUANT),

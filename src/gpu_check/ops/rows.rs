@@ -189,6 +189,42 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
             lookup("router top-k", "u32", Pass::Exact)?,
         )?);
     }
+    // The scores of logits that record a graph, and of a replay (no choice), against the same
+    // logits without a graph: bit for bit (the taped and the plain forward weigh tokens alike;
+    // an ulp between them failed gpu-check's f32 train steps, 2026-12-05). Random f32 logits
+    // over 128 experts (the sums' order matters); softmax, and DeepSeek-V2's group-limited
+    // softmax choice.
+    {
+        let (n, e, k) = (300usize, 128usize, 8usize);
+        let logits = Tensor::randn(0f32, 2.0, (n, e), &Device::Cpu)?.to_device(device)?;
+        let var = candle_core::Var::from_tensor(&logits)?;
+        let graph = var.as_tensor();
+        let row = lookup("router graph = plain", "f32", Pass::Exact)?;
+        let (plain, _) = router_probs(&logits, Some(k))?;
+        for (what, got) in [
+            ("with a graph", router_probs(graph, Some(k))?.0),
+            ("replayed with a graph", router_probs(graph, None)?.0),
+        ] {
+            let label = format!("router F32 softmax {e} experts: probabilities {what} = plain");
+            out.push(compare(&label, &got.detach(), &plain, row)?);
+        }
+        let choice = Choice {
+            sigmoid: false,
+            bias: None,
+            groups: Some((8, 3, GroupScore::Max)),
+        };
+        let (plain, _) = router_choose(&logits, &choice, Some(k))?;
+        for (what, got) in [
+            ("with a graph", router_choose(graph, &choice, Some(k))?.0),
+            (
+                "replayed with a graph",
+                router_choose(graph, &choice, None)?.0,
+            ),
+        ] {
+            let label = format!("router F32 group-limited {e} experts: scores {what} = plain");
+            out.push(compare(&label, &got.detach(), &plain, row)?);
+        }
+    }
     // DeepSeek-V3's choice (sigmoid scores, a per-expert bias, the best 4 of 8 groups by their
     // two best scores), DeepSeek-V2's (softmax, the best 3 of 8 groups of 20 by their best
     // score: 160 experts, not a multiple of 32) and GLM-4.7-Flash's (sigmoid, bias, one group of
