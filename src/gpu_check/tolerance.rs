@@ -275,6 +275,8 @@ const TRAIN_TAPED: &str =
     "a layer's taped forward (arch::backward) runs the plain forward's kernels on the same values";
 const TRAIN_KEPT: &str = "gradient_checkpointing: false runs the same kernels on the same values";
 const TRAIN_OFFLOADED: &str = "the same tensors, copied to host memory and back";
+const TRAIN_ATTENTION: &str =
+    "the recompute's attention forward: the same kernel on the same inputs as the first";
 const TRAIN_CHUNKS: &str =
     "each expert's products of the separate passes (same rows, weights, order), by chunks";
 const WRITTEN_F32: &str =
@@ -443,6 +445,7 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Train, "decode",                   "bf16", Forward,  0.0,          OfMax(5e-2),            DECODE_BF16),
     row(Train, "kept = recomputed",        "any",  Exact,    0.0,          Abs(0.0),               TRAIN_KEPT),
     row(Train, "chunks = separate passes", "any",  Exact,    0.0,          Abs(0.0),               TRAIN_CHUNKS),
+    row(Train, "attention rerun = kept",   "any",  Exact,    0.0,          Abs(0.0),               TRAIN_ATTENTION),
     row(Train, "offloaded = recomputed",   "any",  Exact,    0.0,          Abs(0.0),               TRAIN_OFFLOADED),
     row(Train, "taped = plain forward",    "any",  Exact,    0.0,          Abs(0.0),               TRAIN_TAPED),
     row(Train, "written = autograd",       "f32",  Backward, 0.0,          OfMax(1e-4),            WRITTEN_F32),

@@ -15,7 +15,7 @@ use crate::model_files::ModelDir;
 use crate::ops::expert_chunks::EXPERT_CHUNKS;
 use crate::quant::QuantSettings;
 use crate::synth::{self, SynthOptions};
-use crate::train::step::{forward_backward, Activations};
+use crate::train::step::{forward_backward, Activations, KEEP_ATTENTION};
 use candle_core::{DType, Device, Result, Tensor};
 use std::collections::BTreeMap;
 
@@ -445,6 +445,18 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                 &kept,
                 &grads,
                 row("kept = recomputed", Pass::Exact)?,
+            )?);
+            // The recompute's attention run again instead of taken from the first forward
+            // (`MOEQ_KEEP_ATTENTION=0`): the same gradients bit for bit.
+            let recomputed = {
+                let _drop = KEEP_ATTENTION.scoped(false);
+                step(&dir, on_device, RANK, &b, Activations::Recompute)?.1
+            };
+            out.extend(worst_of(
+                &format!("train step {name} {dtype:?} attention rerun = kept"),
+                &recomputed,
+                &grads,
+                row("attention rerun = kept", Pass::Exact)?,
             )?);
             // Activation offloading parks the same tensors in host memory and brings them
             // back: equal bit for bit.

@@ -69,6 +69,15 @@ fn accumulate(acc: &mut BTreeMap<String, Tensor>, name: &str, grad: &Tensor) -> 
     Ok(())
 }
 
+/// Whether a recomputed layer takes the attention output its first forward left (on unless
+/// `MOEQ_KEEP_ATTENTION=0`): kept, each layer holds it to its backward (or parks it, with
+/// offloading) — at micro-batch 8 of Qwen3-30B-A3B 134 MB a layer — and the recompute skips
+/// the attention forward; dropped, the recompute runs it again (the same kernel on the same
+/// inputs: the same gradients). Not measured yet: memory at the cost of one attention forward
+/// a layer (launch/bench/NOTES.md item 61).
+pub static KEEP_ATTENTION: crate::util::switch::EnvSwitch =
+    crate::util::switch::EnvSwitch::new("MOEQ_KEEP_ATTENTION", |v| !matches!(v, Some("0" | "off")));
+
 /// What the forward keeps for the backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activations {
@@ -163,8 +172,9 @@ pub fn forward_backward(
     grads: &mut BTreeMap<String, Tensor>,
 ) -> Result<MicroStats> {
     let mut inputs = inputs(model, batch)?;
-    // The recompute reuses the forward's attention output; without a recompute nothing does.
-    inputs.keep_attention = activations != Activations::Keep;
+    // The recompute reuses the forward's attention output (unless `KEEP_ATTENTION` is off);
+    // without a recompute nothing does.
+    inputs.keep_attention = activations != Activations::Keep && KEEP_ATTENTION.get();
     let mut off = Offloader::new(&batch_device(model))?;
     // LoRA enters detached: the layers' hand-written backward (`arch::backward`) computes the
     // adapter gradients.
