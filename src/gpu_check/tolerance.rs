@@ -240,6 +240,8 @@ const CE_LOSS: &str = "a row's sums in another order: 4e-6 to 1e-5 over runs on 
 const ADAMW: &str =
     "the fused update performs the tensor ops' f32 operations in their order, each \
     rounded on its own (no FMA contraction): any difference is a bug";
+const ATTN_FWD_RERUN: &str = "the same attention forward on the same inputs (no atomics): any \
+    difference fails (a recompute may run it again: MOEQ_KEEP_ATTENTION=0)";
 const ATTN_RERUN: &str = "the Hopper attention backward adds its dQ and dK/dV parts in a fixed \
     order: a rerun over the same inputs gives the same bits, any difference is a race";
 const ATTN_VS_CUDNN: &str = "two bf16 gradients from f32 sums in different orders (both round P \
@@ -423,6 +425,7 @@ pub const TOLERANCES: &[Tolerance] = &[
     row(Ops,   "cross_entropy_rows",       "bf16", Forward,  1e-5,         Abs(1e-5),              CE_LOSS),
     row(Ops,   "adamw",                    "f32",  Exact,    0.0,          Abs(0.0),               ADAMW),
     row(Ops,   "attention backward rerun", "bf16", Exact,    0.0,          Abs(0.0),               ATTN_RERUN),
+    row(Ops,   "attention forward rerun",  "bf16", Exact,    0.0,          Abs(0.0),               ATTN_FWD_RERUN),
     row(Ops,   "attention backward vs cuDNN", "bf16", Backward, 2e-2,      OfMax(2e-2),            ATTN_VS_CUDNN),
     row(Ops,   "routing plan",             "u32",  Exact,    0.0,          Abs(0.5),               ROUTING_PLAN),
     row(Ops,   "embedding rows",           "any",  Exact,    0.0,          Abs(0.0),               EMBEDDING),

@@ -447,17 +447,24 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                 row("kept = recomputed", Pass::Exact)?,
             )?);
             // The recompute's attention run again instead of taken from the first forward
-            // (`MOEQ_KEEP_ATTENTION=0`): the same gradients bit for bit.
-            let recomputed = {
-                let _drop = KEEP_ATTENTION.scoped(false);
-                step(&dir, on_device, RANK, &b, Activations::Recompute)?.1
+            // (`MOEQ_KEEP_ATTENTION=0`), with and without offloading, against it taken: the
+            // same gradients bit for bit.
+            let attention = |keep, activations| {
+                let _keep = KEEP_ATTENTION.scoped(keep);
+                step(&dir, on_device, RANK, &b, activations)
             };
-            out.extend(worst_of(
-                &format!("train step {name} {dtype:?} attention rerun = kept"),
-                &recomputed,
-                &grads,
-                row("attention rerun = kept", Pass::Exact)?,
-            )?);
+            let taken = attention(true, Activations::Recompute)?.1;
+            for (activations, what) in [
+                (Activations::Recompute, ""),
+                (Activations::Offload, ", offloaded"),
+            ] {
+                out.extend(worst_of(
+                    &format!("train step {name} {dtype:?} attention rerun{what} = kept"),
+                    &attention(false, activations)?.1,
+                    &taken,
+                    row("attention rerun = kept", Pass::Exact)?,
+                )?);
+            }
             // Activation offloading parks the same tensors in host memory and brings them
             // back: equal bit for bit.
             let (_, offloaded) = step(&dir, on_device, RANK, &b, Activations::Offload)?;

@@ -73,8 +73,8 @@ fn accumulate(acc: &mut BTreeMap<String, Tensor>, name: &str, grad: &Tensor) -> 
 /// `MOEQ_KEEP_ATTENTION=0`): kept, each layer holds it to its backward (or parks it, with
 /// offloading) — at micro-batch 8 of Qwen3-30B-A3B 134 MB a layer — and the recompute skips
 /// the attention forward; dropped, the recompute runs it again (the same kernel on the same
-/// inputs: the same gradients). Not measured yet: memory at the cost of one attention forward
-/// a layer (launch/bench/NOTES.md item 61).
+/// inputs: gpu-check "attention forward rerun" and "attention rerun = kept"). Not measured
+/// yet: memory at the cost of one attention forward a layer (launch/bench/NOTES.md item 61).
 pub static KEEP_ATTENTION: crate::util::switch::EnvSwitch =
     crate::util::switch::EnvSwitch::new("MOEQ_KEEP_ATTENTION", |v| !matches!(v, Some("0" | "off")));
 
@@ -83,8 +83,9 @@ pub static KEEP_ATTENTION: crate::util::switch::EnvSwitch =
 pub enum Activations {
     /// Each layer's input; the backward recomputes the layer (gradient checkpointing).
     Recompute,
-    /// As `Recompute`, with each layer's input and attention output parked in page-locked host
-    /// memory until its backward (`activation_offloading`; `ops::offload`).
+    /// As `Recompute`, with each layer's input and attention output (where kept:
+    /// `KEEP_ATTENTION`) parked in page-locked host memory until its backward
+    /// (`activation_offloading`; `ops::offload`).
     Offload,
     /// Each layer's whole tape; no recompute.
     Keep,
@@ -107,7 +108,7 @@ impl Activations {
                 "each layer recomputed in the backward (gradient_checkpointing: true)"
             }
             Activations::Offload => {
-                "each layer recomputed in the backward, its input and attention output (but the last layer's) waiting in host memory (activation_offloading: true)"
+                "each layer recomputed in the backward, its input and attention output (but the last layer's; the attention output unless MOEQ_KEEP_ATTENTION=0) waiting in host memory (activation_offloading: true)"
             }
             Activations::Keep => {
                 "every layer's kept for the backward (gradient_checkpointing: false)"

@@ -395,6 +395,21 @@ fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
         }
     }
     attn_sm90::set_enabled(false);
+    // The forward twice over the same inputs, cuDNN's and moeq's kernels: the same bits (a
+    // recompute that runs the attention again, `MOEQ_KEEP_ATTENTION=0`, relies on it).
+    let on = qkv
+        .iter()
+        .map(|t| t.to_dtype(DType::BF16)?.to_device(device))
+        .collect::<Result<Vec<_>>>()?;
+    let same = lookup("attention forward rerun", "bf16", Pass::Exact)?;
+    for (name, backend) in [("cuDNN", Backend::Auto), ("moeq's kernels", Backend::Moeq)] {
+        set_backend(backend);
+        let (first, second) = (block(&on)?, block(&on)?);
+        let what =
+            format!("attention block, {layout}, {nh}/{kvh} heads of {hd} ({name}): forward rerun");
+        out.push(compare(&what, &second, &first, same)?);
+    }
+    set_backend(Backend::Auto);
     Ok(out)
 }
 

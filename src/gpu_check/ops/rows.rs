@@ -195,6 +195,7 @@ pub(super) fn check_rows(device: &Device) -> Result<Vec<Comparison>> {
     // over 128 experts (the sums' order matters); softmax, and DeepSeek-V2's group-limited
     // softmax choice.
     {
+        let _kernel = CHOOSE_KERNEL.scoped(true);
         let (n, e, k) = (300usize, 128usize, 8usize);
         let logits = Tensor::randn(0f32, 2.0, (n, e), &Device::Cpu)?.to_device(device)?;
         let var = candle_core::Var::from_tensor(&logits)?;
