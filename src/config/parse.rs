@@ -179,6 +179,7 @@ fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
             .get("gradient_checkpointing")
             .is_none_or(|v| !matches!(v, Value::Bool(false))),
         activation_offloading: activation_offloading(f)?,
+        recompute_attention: recompute_attention(f)?,
         output_dir: f
             .string("output_dir")?
             .map(PathBuf::from)
@@ -279,6 +280,18 @@ fn activation_offloading(f: &Fields) -> R<bool> {
         ));
     }
     Ok(offload || checkpointing == Some(true))
+}
+
+/// `recompute_attention` (true by default): only with the per-layer recompute.
+fn recompute_attention(f: &Fields) -> R<bool> {
+    let given = f.bool("recompute_attention")?;
+    if given.is_some() && f.get("gradient_checkpointing") == Some(&Value::Bool(false)) {
+        return Err(f.err(
+            "recompute_attention",
+            "chooses what the per-layer recompute runs again: set gradient_checkpointing: true, or remove recompute_attention",
+        ));
+    }
+    Ok(given.unwrap_or(true))
 }
 
 /// The bitsandbytes settings from the top-level keys and `bnb_config_kwargs` (axolotl passes the

@@ -241,7 +241,7 @@ const ADAMW: &str =
     "the fused update performs the tensor ops' f32 operations in their order, each \
     rounded on its own (no FMA contraction): any difference is a bug";
 const ATTN_FWD_RERUN: &str = "the same attention forward on the same inputs (no atomics): any \
-    difference fails (a recompute may run it again: MOEQ_KEEP_ATTENTION=0)";
+    difference fails (the recompute runs it again: recompute_attention)";
 const ATTN_RERUN: &str = "the Hopper attention backward adds its dQ and dK/dV parts in a fixed \
     order: a rerun over the same inputs gives the same bits, any difference is a race";
 const ATTN_VS_CUDNN: &str = "two bf16 gradients from f32 sums in different orders (both round P \

@@ -447,7 +447,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                 row("kept = recomputed", Pass::Exact)?,
             )?);
             // The recompute's attention run again instead of taken from the first forward
-            // (`MOEQ_KEEP_ATTENTION=0`), with and without offloading, against it taken: the
+            // (`recompute_attention`, the default), with and without offloading, against it taken: the
             // same gradients bit for bit.
             let attention = |keep, activations| {
                 let _keep = KEEP_ATTENTION.scoped(keep);

@@ -1,7 +1,7 @@
 //! The routed experts' recompute and backward together, a chunk of experts at a time
-//! (`EXPERT_CHUNKS`, off unless `MOEQ_EXPERT_CHUNKS=1`: +1.4% tokens/s, q/k/v/o LoRA, micro-batch
-//! 8, launch/bench/NOTES.md items 56, 59 and 60 — the default once gpu-check's "chunks = separate
-//! passes" rows have passed on a GPU).
+//! (`EXPERT_CHUNKS`, on unless `MOEQ_EXPERT_CHUNKS=0`: +1.4% tokens/s and −0.54 GB peak,
+//! q/k/v/o LoRA, micro-batch 8, launch/bench/NOTES.md items 56, 59 and 60; gpu-check's "chunks =
+//! separate passes" rows pass on the H100, item 62).
 //!
 //! With the layer recomputed and no expert adapters, the recompute forms gate_up's output only
 //! for the backward, which dequantizes gate_up again for the input gradient. Here each chunk of
@@ -18,7 +18,8 @@ use crate::util::switch::EnvSwitch;
 use candle_core::{DType, Result, Tensor};
 use std::ops::Range;
 
-pub static EXPERT_CHUNKS: EnvSwitch = EnvSwitch::new("MOEQ_EXPERT_CHUNKS", |v| v == Some("1"));
+pub static EXPERT_CHUNKS: EnvSwitch =
+    EnvSwitch::new("MOEQ_EXPERT_CHUNKS", |v| !matches!(v, Some("0" | "off")));
 
 /// Whether [`backward_by_chunk`] serves these weights: the switch on, and no gate_up bias (its
 /// chunk would need the bias of its experts only).

@@ -166,8 +166,19 @@ impl<'a> Run<'a> {
         let tokens_seen = resume.as_ref().map_or(0, |r| r.state.tokens_seen);
         let activations =
             Activations::from_config(config.gradient_checkpointing, config.activation_offloading);
+        crate::train::step::KEEP_ATTENTION.set_unless_env(!config.recompute_attention);
         if rank == 0 {
             tracing::info!("activations: {}", activations.describe());
+            if activations != Activations::Keep {
+                tracing::info!(
+                    "attention: {}",
+                    if crate::train::step::KEEP_ATTENTION.get() {
+                        "each layer's output kept for its backward (recompute_attention: false)"
+                    } else {
+                        "run again in each layer's recompute (recompute_attention: true)"
+                    }
+                );
+            }
         }
         Ok(Run {
             config,

@@ -69,14 +69,16 @@ fn accumulate(acc: &mut BTreeMap<String, Tensor>, name: &str, grad: &Tensor) -> 
     Ok(())
 }
 
-/// Whether a recomputed layer takes the attention output its first forward left (on unless
-/// `MOEQ_KEEP_ATTENTION=0`): kept, each layer holds it to its backward (or parks it, with
-/// offloading) — at micro-batch 8 of Qwen3-30B-A3B 134 MB a layer — and the recompute skips
-/// the attention forward; dropped, the recompute runs it again (the same kernel on the same
-/// inputs: gpu-check "attention forward rerun" and "attention rerun = kept"). Not measured
-/// yet: memory at the cost of one attention forward a layer (launch/bench/NOTES.md item 61).
+/// Whether a recomputed layer takes the attention output its first forward left
+/// (`recompute_attention: false`; `MOEQ_KEEP_ATTENTION=1`/`0` overrides the key for A/B runs):
+/// kept, each layer holds it to its backward (or parks it, with offloading) — at micro-batch 8
+/// of Qwen3-30B-A3B 134 MB a layer — and the recompute skips the attention forward; dropped
+/// (the default), the recompute runs it again (the same kernel on the same inputs: gpu-check
+/// "attention forward rerun" and "attention rerun = kept"). Measured at micro-batch 8, 12
+/// layers, one H100: rerun −2.3% tokens/s and −2.5 GB peak; with offloading +2.8% and −1.3 GB
+/// (launch/bench/NOTES.md item 61).
 pub static KEEP_ATTENTION: crate::util::switch::EnvSwitch =
-    crate::util::switch::EnvSwitch::new("MOEQ_KEEP_ATTENTION", |v| !matches!(v, Some("0" | "off")));
+    crate::util::switch::EnvSwitch::new("MOEQ_KEEP_ATTENTION", |v| matches!(v, Some("1" | "on")));
 
 /// What the forward keeps for the backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +110,7 @@ impl Activations {
                 "each layer recomputed in the backward (gradient_checkpointing: true)"
             }
             Activations::Offload => {
-                "each layer recomputed in the backward, its input and attention output (but the last layer's; the attention output unless MOEQ_KEEP_ATTENTION=0) waiting in host memory (activation_offloading: true)"
+                "each layer recomputed in the backward, its input (and attention output, where kept: recompute_attention: false) waiting in host memory, but the last layer's (activation_offloading: true)"
             }
             Activations::Keep => {
                 "every layer's kept for the backward (gradient_checkpointing: false)"
@@ -173,7 +175,7 @@ pub fn forward_backward(
     grads: &mut BTreeMap<String, Tensor>,
 ) -> Result<MicroStats> {
     let mut inputs = inputs(model, batch)?;
-    // The recompute reuses the forward's attention output (unless `KEEP_ATTENTION` is off);
+    // The recompute reuses the forward's attention output where `KEEP_ATTENTION` is on;
     // without a recompute nothing does.
     inputs.keep_attention = activations != Activations::Keep && KEEP_ATTENTION.get();
     let mut off = Offloader::new(&batch_device(model))?;

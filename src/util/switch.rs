@@ -37,6 +37,14 @@ impl EnvSwitch {
         self.state.store(if on { 2 } else { 1 }, Ordering::Relaxed);
     }
 
+    /// Sets the switch unless its variable is given (a config key's setting, which an A/B run's
+    /// variable overrides).
+    pub fn set_unless_env(&self, on: bool) {
+        if std::env::var_os(self.var).is_none() {
+            self.set(on);
+        }
+    }
+
     /// Sets the switch until the guard drops, then puts back what it was (gpu-check turns a
     /// kernel on for its rows however they end).
     pub fn scoped(&'static self, on: bool) -> Scoped {

@@ -493,6 +493,23 @@ fn activation_offloading_values() {
 }
 
 #[test]
+fn recompute_attention_values() {
+    for (yaml, rerun) in [
+        ("", true),
+        ("recompute_attention: true\n", true),
+        ("recompute_attention: false\n", false),
+        (
+            "recompute_attention: false\nactivation_offloading: true\n",
+            false,
+        ),
+    ] {
+        let out = ok_with(yaml);
+        assert_eq!(out.config.recompute_attention, rerun, "{yaml}");
+        assert!(out.warnings.is_empty(), "{yaml}: {:?}", out.warnings);
+    }
+}
+
+#[test]
 fn quantize_moe_experts_true_and_gradient_checkpointing_offload() {
     let out = ok_with("quantize_moe_experts: true\ngradient_checkpointing: offload\n");
     assert!(out.config.gradient_checkpointing);

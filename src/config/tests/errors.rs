@@ -468,6 +468,12 @@ fn axolotl_values_moeq_refuses() {
         "t.yaml: key 'activation_offloading' offloads what the per-layer recompute keeps: set gradient_checkpointing: true, or activation_offloading: false"
     );
     assert_eq!(
+        err_with("recompute_attention: false\ngradient_checkpointing: false\n"),
+        "t.yaml: key 'recompute_attention' chooses what the per-layer recompute runs again: set gradient_checkpointing: true, or remove recompute_attention"
+    );
+    assert!(err_with("recompute_attention: sometimes\n")
+        .starts_with("t.yaml: key 'recompute_attention' "));
+    assert_eq!(
         err_with("activation_offloading: cpu\n"),
         "t.yaml: key 'activation_offloading' must be true, false or legacy"
     );

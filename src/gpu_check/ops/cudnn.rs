@@ -396,7 +396,7 @@ fn check_case(device: &Device, c: &Case) -> Result<Vec<Comparison>> {
     }
     attn_sm90::set_enabled(false);
     // The forward twice over the same inputs, cuDNN's and moeq's kernels: the same bits (a
-    // recompute that runs the attention again, `MOEQ_KEEP_ATTENTION=0`, relies on it).
+    // recompute that runs the attention again, the default `recompute_attention`, relies on it).
     let on = qkv
         .iter()
         .map(|t| t.to_dtype(DType::BF16)?.to_device(device))
