@@ -211,8 +211,9 @@ pub struct TrainConfig {
     #[serde(default)]
     pub activation_offloading: bool,
     /// With recompute: each layer's attention forward runs again in the recompute (true, the
-    /// default: least memory) or its first output waits for the backward (false: ≈ 2% faster
-    /// at micro-batch 8, one attention output a layer more held or parked).
+    /// default: least memory) or its first output waits for the backward, with the experts'
+    /// recompute and backward by chunks (false: ≈ 4% faster at micro-batch 8, one attention
+    /// output a layer more held or parked).
     pub recompute_attention: bool,
 
     // --- outputs ---

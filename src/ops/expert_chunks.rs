@@ -1,7 +1,10 @@
 //! The routed experts' recompute and backward together, a chunk of experts at a time
-//! (`EXPERT_CHUNKS`, on unless `MOEQ_EXPERT_CHUNKS=0`: +1.4% tokens/s and −0.54 GB peak,
-//! q/k/v/o LoRA, micro-batch 8, launch/bench/NOTES.md items 56, 59 and 60; gpu-check's "chunks =
-//! separate passes" rows pass on the H100, item 62).
+//! (`EXPERT_CHUNKS`: a training run sets it with `recompute_attention: false`, the faster
+//! setting, where it measured +2.1% tokens/s and −0.45 GB peak, q/k/v/o LoRA, micro-batch 8,
+//! one H100; with the attention rerun, the default, +1.0% for +0.4 GB of the driver's peak —
+//! the pool's reserve, not its high-water mark in use —, so off there; `MOEQ_EXPERT_CHUNKS=1`/`0`
+//! overrides either; launch/bench/NOTES.md items 56, 60 and 62. gpu-check's "chunks = separate
+//! passes" rows pass on the H100).
 //!
 //! With the layer recomputed and no expert adapters, the recompute forms gate_up's output only
 //! for the backward, which dequantizes gate_up again for the input gradient. Here each chunk of

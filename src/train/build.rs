@@ -166,7 +166,12 @@ impl<'a> Run<'a> {
         let tokens_seen = resume.as_ref().map_or(0, |r| r.state.tokens_seen);
         let activations =
             Activations::from_config(config.gradient_checkpointing, config.activation_offloading);
-        crate::train::step::KEEP_ATTENTION.set_unless_env(!config.recompute_attention);
+        // Keeping the attention outputs is the faster, larger setting; the experts' recompute
+        // and backward by chunks go with it (with the attention rerun they raise the driver's
+        // peak by 0.4 GB at micro-batch 8 for +1%: NOTES item 62).
+        let keep_attention = !config.recompute_attention;
+        crate::train::step::KEEP_ATTENTION.set_unless_env(keep_attention);
+        crate::ops::expert_chunks::EXPERT_CHUNKS.set_unless_env(keep_attention);
         if rank == 0 {
             tracing::info!("activations: {}", activations.describe());
             if activations != Activations::Keep {
