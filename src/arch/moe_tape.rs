@@ -154,9 +154,8 @@ impl MoeTape {
         // K (`ops::lora_in_k`; one rank: the exchange's rows arrive plain).
         let r = lora.adapters.settings.r;
         let in_k = self.routing.exchange.is_none()
-            && moe.down.takes_in_k()
             && lora.adapters.experts.contains_key(&moe.down_name)
-            && lora_in_k::fits(dy, r, dy.dim(1)?);
+            && lora_in_k::takes(&moe.down, dy, r, dy.dim(1)?);
         let dys = combine_backward_rows_wide(&self.combine, order, dy, dtype, r * in_k as usize)?;
         // The weights' gradient from the experts' row dots, where the weights scaled the
         // outputs (`Held::backward`); Llama 4's comes from the scaled rows below.

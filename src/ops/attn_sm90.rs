@@ -10,7 +10,7 @@
 //! the head sizes compiled in (`moeq_sm90_attn_bwd_block`: 64/64, 128/128, 192/128,
 //! 256/256).
 
-use crate::util::switch::EnvSwitch;
+use crate::util::switch::{EnvSwitch, Values, ON_OFF};
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::CudaStorageSlice as S;
 use candle_core::{bail, CudaDevice, DType, Result, Storage, Tensor};
@@ -63,8 +63,15 @@ const ALIGN: usize = 128;
 /// last wave stays short; a first guess, to be tuned once measured).
 const CTAS_PER_SM: usize = 4;
 
-static ENABLED: EnvSwitch = EnvSwitch::new("MOEQ_ATTN_BWD", |v| v == Some("sm90"));
-static STAGED: EnvSwitch = EnvSwitch::new("MOEQ_ATTN_BWD_STAGE", |v| v != Some("0"));
+static ENABLED: EnvSwitch = EnvSwitch::new(
+    "MOEQ_ATTN_BWD",
+    false,
+    Values {
+        on: &["sm90"],
+        off: &["cudnn", "off", "0"],
+    },
+);
+static STAGED: EnvSwitch = EnvSwitch::new("MOEQ_ATTN_BWD_STAGE", true, ON_OFF);
 /// Parts forced by gpu-check (0 = the heuristic).
 static FORCED_PARTS: AtomicUsize = AtomicUsize::new(0);
 static LAUNCHES: AtomicU64 = AtomicU64::new(0);

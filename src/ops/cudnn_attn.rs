@@ -21,7 +21,7 @@
 
 use super::attention::{Ragged, WindowSinks};
 use super::attn_sinks::{fold_sinks, Stats};
-use crate::util::switch::EnvSwitch;
+use crate::util::switch::{EnvSwitch, ON_OFF};
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
 use candle_core::cuda_backend::CudaStorageSlice as S;
 use candle_core::{CudaDevice, DType, Result, Storage, Tensor};
@@ -107,7 +107,7 @@ pub fn set_backend(b: Backend) {
     BACKEND.store(v, Ordering::Relaxed);
 }
 
-static DETERMINISTIC: EnvSwitch = EnvSwitch::new("MOEQ_CUDNN_DETERMINISTIC", |v| v != Some("0"));
+static DETERMINISTIC: EnvSwitch = EnvSwitch::new("MOEQ_CUDNN_DETERMINISTIC", true, ON_OFF);
 
 /// Whether the backward accumulates dq in a fixed order, so reruns are bit-identical (cuDNN's
 /// dP-workspace algorithm, its bf16 `[rows, heads, S, S]` workspace bounded by `dp_limit`):

@@ -22,7 +22,7 @@ use candle_core::{DType, Result, Tensor};
 use std::ops::Range;
 
 pub static EXPERT_CHUNKS: EnvSwitch =
-    EnvSwitch::new("MOEQ_EXPERT_CHUNKS", |v| !matches!(v, Some("0" | "off")));
+    EnvSwitch::new("MOEQ_EXPERT_CHUNKS", true, crate::util::switch::ON_OFF);
 
 /// Whether [`backward_by_chunk`] serves these weights: the switch on, and no gate_up bias (its
 /// chunk would need the bias of its experts only).

@@ -86,7 +86,7 @@ impl Held<'_> {
         let i = self.down.in_features;
         let (y, act_h) = match down_lora {
             // The activations written wide: the adapter inside down's K (`ops::lora_in_k`).
-            Some(((a, b), l)) if self.down.takes_in_k() && super::lora_in_k::fits(&gu, l.r, i) => {
+            Some(((a, b), l)) if super::lora_in_k::takes(self.down, &gu, l.r, i) => {
                 let aw = super::swiglu::packed_forward_wide(&gu, glu, l.r)?; // [M, I + r]
                 let chunk = dequant_chunk_bytes();
                 let (y, h) = super::lora_in_k::forward(l, &aw, self.down, (a, b), chunk)?;
@@ -158,7 +158,7 @@ impl Held<'_> {
             // dy's rows r wider (as the layer's combine backward writes them): the adapter's
             // input gradient inside down's K (`ops::lora_in_k`).
             (Some((a, b)), Some((act, h)), Some(l))
-                if self.down.takes_in_k() && super::lora_in_k::fits(&dy, l.r, h_out) =>
+                if super::lora_in_k::takes(self.down, &dy, l.r, h_out) =>
             {
                 let dyw = super::lora_in_k::widen(dy, h_out, l.r)?;
                 let (dact, da, db) =
@@ -184,11 +184,7 @@ impl Held<'_> {
         // dgu's rows r wider where gate_up's adapter goes inside its input gradient's K.
         let gate_up_lora = self.gate_up_lora.zip(xs.as_ref()).zip(self.adapter);
         let extra = match gate_up_lora {
-            Some((_, l))
-                if self.gate_up.takes_in_k() && super::lora_in_k::fits(&gu, l.r, two_i) =>
-            {
-                l.r
-            }
+            Some((_, l)) if super::lora_in_k::takes(self.gate_up, &gu, l.r, two_i) => l.r,
             _ => 0,
         };
         let (dgu, dot) = super::swiglu::packed_backward_wide(&gu, &dact, glu, extra, dots)?;

@@ -22,7 +22,7 @@ use crate::util::switch::EnvSwitch;
 use candle_core::{bail, DType, Result, Tensor};
 
 pub static LORA_IN_K: EnvSwitch =
-    EnvSwitch::new("MOEQ_LORA_IN_K", |v| !matches!(v, Some("0" | "off")));
+    EnvSwitch::new("MOEQ_LORA_IN_K", true, crate::util::switch::ON_OFF);
 
 /// The routed rows of `x` `[N, H]` by expert: `[N·k, H]`, or `[N·k, H + r]` for gate_up's
 /// adapter of rank r (`in_k`: Some(r) where the rows may take it — one rank, unscaled rows)
@@ -47,6 +47,13 @@ pub(crate) fn fits(x: &Tensor, r: usize, cols: usize) -> bool {
         _ => false,
     };
     LORA_IN_K.get() && shapes && dtype
+}
+
+/// Whether `w`'s adapter of rank `r` goes inside its product's K over rows of `cols` in `x`:
+/// the weights take it (`ExpertWeights::takes_in_k`: 4-bit) and `fits` — the one decision
+/// every caller makes, forward and backward alike.
+pub(crate) fn takes(w: &ExpertWeights, x: &Tensor, r: usize, cols: usize) -> bool {
+    w.takes_in_k() && fits(x, r, cols)
 }
 
 /// The output over wide rows `xw` `[M, in + r]` (the projection's input in the first `in`

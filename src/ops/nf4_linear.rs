@@ -194,10 +194,14 @@ impl Scales {
 /// `MOEQ_NESTED_DEQUANT=off` or `0`: +1.7–9.8% tokens/s at micro-batch 8–1, 2026-12-05).
 #[cfg(feature = "cuda")]
 fn fused_nested() -> bool {
-    static FUSED: crate::util::switch::EnvSwitch =
-        crate::util::switch::EnvSwitch::new("MOEQ_NESTED_DEQUANT", |v| {
-            !matches!(v, Some("off" | "0"))
-        });
+    static FUSED: crate::util::switch::EnvSwitch = crate::util::switch::EnvSwitch::new(
+        "MOEQ_NESTED_DEQUANT",
+        true,
+        crate::util::switch::Values {
+            on: &["fused", "1", "on"],
+            off: &["off", "0"],
+        },
+    );
     FUSED.get()
 }
 

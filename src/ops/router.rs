@@ -66,6 +66,18 @@ pub struct Choice<'a> {
     pub groups: Option<(usize, usize, GroupScore)>,
 }
 
+impl Choice<'_> {
+    /// The scores `[N, E]` f32 by candle's ops (sigmoid or softmax of the logits), with the
+    /// logits' graph: the CPU's values, and the graph of the kernel's values on CUDA.
+    fn scores(&self, logits: &Tensor) -> Result<Tensor> {
+        let logits = logits.to_dtype(DType::F32)?;
+        match self.sigmoid {
+            true => (logits.neg()?.exp()? + 1.0)?.recip(),
+            false => softmax_last(&logits),
+        }
+    }
+}
+
 /// (scores `[N, E]` f32 with the logits' graph, the top-`k` experts `[N, k]` u32 when `k` is
 /// given) as transformers' DeepSeek and GLM routers compute them: scores by sigmoid or
 /// softmax; for the choice the scores plus the bias, the experts outside a token's `keep`
@@ -113,18 +125,9 @@ pub fn router_choose(
         }
         // The kernel's scores and choice with candle's ops for the graph, as for softmax
         // routers: every path routes and weighs alike.
-        let logits = logits.to_dtype(DType::F32)?;
-        let graph = match choice.sigmoid {
-            true => (logits.neg()?.exp()? + 1.0)?.recip()?,
-            false => softmax_last(&logits)?,
-        };
-        return Ok((with_graph_of(&scores, &graph)?, top));
+        return Ok((with_graph_of(&scores, &choice.scores(logits)?)?, top));
     }
-    let logits = logits.to_dtype(DType::F32)?;
-    let scores = match choice.sigmoid {
-        true => (logits.neg()?.exp()? + 1.0)?.recip()?,
-        false => softmax_last(&logits)?,
-    };
+    let scores = choice.scores(logits)?;
     let Some(k) = k else {
         return Ok((scores, None));
     };
@@ -178,8 +181,14 @@ fn with_graph_of(values: &Tensor, graph: &Tensor) -> Result<Tensor> {
 /// Whether [`router_choose`] runs its kernel on CUDA: on unless `MOEQ_ROUTER_CHOOSE=candle` (or
 /// `0`: candle's ops, the reference). gpu-check's choice rows run it against the CPU whatever the
 /// setting (launch/bench/NOTES.md item 52).
-pub static CHOOSE_KERNEL: EnvSwitch =
-    EnvSwitch::new("MOEQ_ROUTER_CHOOSE", |v| !matches!(v, Some("candle" | "0")));
+pub static CHOOSE_KERNEL: EnvSwitch = EnvSwitch::new(
+    "MOEQ_ROUTER_CHOOSE",
+    true,
+    crate::util::switch::Values {
+        on: &["kernel", "1", "on"],
+        off: &["candle", "0", "off"],
+    },
+);
 
 /// The router logits' gradient `[N, E]` in `dtype` from the routing weights' gradient `dw`
 /// `[N, k]`: through the `scaling`, the optional renormalisation (w = sel / Σ sel), the top-k

@@ -78,7 +78,7 @@ fn accumulate(acc: &mut BTreeMap<String, Tensor>, name: &str, grad: &Tensor) -> 
 /// layers, one H100: rerun −2.3% tokens/s and −2.5 GB peak; with offloading +2.8% and −1.3 GB
 /// (launch/bench/NOTES.md item 61).
 pub static KEEP_ATTENTION: crate::util::switch::EnvSwitch =
-    crate::util::switch::EnvSwitch::new("MOEQ_KEEP_ATTENTION", |v| matches!(v, Some("1" | "on")));
+    crate::util::switch::EnvSwitch::new("MOEQ_KEEP_ATTENTION", false, crate::util::switch::ON_OFF);
 
 /// What the forward keeps for the backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,30 +3,65 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
+/// The values a switch's variable takes, beside its default.
+pub struct Values {
+    pub on: &'static [&'static str],
+    pub off: &'static [&'static str],
+}
+
+/// `1`/`on` and `0`/`off`.
+pub const ON_OFF: Values = Values {
+    on: &["1", "on"],
+    off: &["0", "off"],
+};
+
 pub struct EnvSwitch {
     /// 0 = not read yet, 1 = off, 2 = on.
     state: AtomicU8,
     var: &'static str,
-    /// The setting from the variable's value (`None`: unset or not UTF-8).
-    read: fn(Option<&str>) -> bool,
+    /// The setting when the variable is unset (or takes none of `values`).
+    default: bool,
+    values: Values,
 }
 
 impl EnvSwitch {
-    pub const fn new(var: &'static str, read: fn(Option<&str>) -> bool) -> Self {
+    pub const fn new(var: &'static str, default: bool, values: Values) -> Self {
         Self {
             state: AtomicU8::new(0),
             var,
-            read,
+            default,
+            values,
         }
     }
 
-    /// `set`'s value, else the variable's (read once).
+    /// The variable's setting: None when it is unset, or (with a warning) when its value is
+    /// none of the switch's.
+    fn variable(&self) -> Option<bool> {
+        let v = std::env::var(self.var).ok()?;
+        let (on, off) = (self.values.on, self.values.off);
+        if on.contains(&v.as_str()) {
+            return Some(true);
+        }
+        if off.contains(&v.as_str()) {
+            return Some(false);
+        }
+        tracing::warn!(
+            "{}={v:?} is neither on ({}) nor off ({}): the default ({}) holds",
+            self.var,
+            on.join(", "),
+            off.join(", "),
+            if self.default { "on" } else { "off" }
+        );
+        None
+    }
+
+    /// `set`'s value, else the variable's (read once), else the default.
     pub fn get(&self) -> bool {
         match self.state.load(Ordering::Relaxed) {
             1 => false,
             2 => true,
             _ => {
-                let on = (self.read)(std::env::var(self.var).ok().as_deref());
+                let on = self.variable().unwrap_or(self.default);
                 self.set(on);
                 on
             }
@@ -40,9 +75,7 @@ impl EnvSwitch {
     /// Sets the switch unless its variable is given (a config key's setting, which an A/B run's
     /// variable overrides).
     pub fn set_unless_env(&self, on: bool) {
-        if std::env::var_os(self.var).is_none() {
-            self.set(on);
-        }
+        self.set(self.variable().unwrap_or(on));
     }
 
     /// Sets the switch until the guard drops, then puts back what it was (gpu-check turns a
@@ -69,9 +102,9 @@ impl Drop for Scoped {
 
 #[cfg(test)]
 mod tests {
-    use super::EnvSwitch;
+    use super::{EnvSwitch, ON_OFF};
 
-    static SWITCH: EnvSwitch = EnvSwitch::new("MOEQ_TEST_SWITCH_NEVER_SET", |v| v != Some("0"));
+    static SWITCH: EnvSwitch = EnvSwitch::new("MOEQ_TEST_SWITCH_NEVER_SET", true, ON_OFF);
 
     #[test]
     fn unset_gives_the_default_and_set_overrides_it() {
@@ -86,5 +119,27 @@ mod tests {
             assert!(!SWITCH.get());
         }
         assert!(SWITCH.get(), "the scope's end puts the setting back");
+    }
+
+    /// The variable's values: on, off, and one of neither (the default holds); a config's
+    /// setting (`set_unless_env`) yields to a valid variable only. Each case its own variable
+    /// (tests run in parallel; no other code reads these names).
+    #[test]
+    fn the_variable_is_read_strictly() {
+        let cases = [
+            ("MOEQ_TEST_SWITCH_ON", "on", true, true),
+            ("MOEQ_TEST_SWITCH_ONE", "1", true, true),
+            ("MOEQ_TEST_SWITCH_OFF", "off", false, false),
+            ("MOEQ_TEST_SWITCH_ZERO", "0", false, false),
+            // Neither: get() gives the default (off here), set_unless_env the config's (on).
+            ("MOEQ_TEST_SWITCH_TYPO", "yes please", false, true),
+        ];
+        for (var, value, got, with_config) in cases {
+            std::env::set_var(var, value);
+            let s: &'static EnvSwitch = Box::leak(Box::new(EnvSwitch::new(var, false, ON_OFF)));
+            assert_eq!(s.get(), got, "{var}={value}");
+            s.set_unless_env(true);
+            assert_eq!(s.get(), with_config, "{var}={value} against a config's on");
+        }
     }
 }

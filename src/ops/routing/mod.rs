@@ -16,7 +16,7 @@ use candle_core::{CustomOp1, CustomOp2, DType, Result, Tensor};
 /// than row by row. On unless `MOEQ_ROWS_BY_TOKEN=0` (+1.9% tokens/s, q/k/v/o LoRA, micro-batch
 /// 8: launch/bench/NOTES.md items 55 and 59); gpu-check runs both.
 pub static ROWS_BY_TOKEN: crate::util::switch::EnvSwitch =
-    crate::util::switch::EnvSwitch::new("MOEQ_ROWS_BY_TOKEN", |v| !matches!(v, Some("0" | "off")));
+    crate::util::switch::EnvSwitch::new("MOEQ_ROWS_BY_TOKEN", true, crate::util::switch::ON_OFF);
 
 /// The routing permutation of one micro-batch through one MoE layer.
 #[derive(Clone)]
