@@ -6,6 +6,7 @@
 # launch/gpu-check.sh build packs them):
 #
 #   OUT=/tmp/out [CFG=expert] bash launch/bench/ab.sh [micro-batch sizes...]
+# Each run's log, config and memory samples are packed into $OUT/ab-logs.tar.gz.
 #
 # CFG=expert runs the q/k/v/o + expert LoRA config instead; CONFIG=file another config (BASE=dir
 # its base_model). A_ENV="NAME=value ..." makes A the
@@ -48,3 +49,5 @@ PY
     done
   done
 done
+# The device returns at most 8 files: the runs' logs, configs and memory samples as one archive.
+tar -czf "$OUT/ab-logs.tar.gz" -C "$OUT" ab && rm -rf "$OUT/ab"

@@ -2,7 +2,7 @@
 # gpu-check under several settings at once, to say which switch a failure belongs to before a
 # default changes: every setting's run starts together on the one GPU (the checks are small;
 # the CPU references share the cores), each limited to LIMIT seconds (default 500). Prints per
-# setting its exit, seconds, FAIL lines (20 at most) and summary; logs under $OUT/check-<i>.log.
+# setting its exit, seconds, FAIL lines (20 at most) and summary; logs (check-<i>.log) packed into $OUT/check-logs.tar.gz.
 # Exits 1 if any setting's gpu-check failed or was cut off. GPU machine, repository root,
 # .device carried:
 #
@@ -50,4 +50,6 @@ for s in "$@"; do
   grep -qE "passed, 0 failed" "$OUT/check-$i.log" || status=1
   i=$(( i + 1 ))
 done
+# The device returns at most 8 files: the logs as one archive.
+tar -czf "$OUT/check-logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls check-*.log gpu.txt) && rm -f "$OUT"/check-*.log
 exit $status
