@@ -282,13 +282,14 @@ fn activation_offloading(f: &Fields) -> R<bool> {
     Ok(offload || checkpointing == Some(true))
 }
 
-/// `recompute_attention` (true by default): only with the per-layer recompute.
+/// `recompute_attention` (true by default): `false` (keep the outputs) only with the per-layer
+/// recompute; `true` is what a run without recompute saves, and loads again.
 fn recompute_attention(f: &Fields) -> R<bool> {
     let given = f.bool("recompute_attention")?;
-    if given.is_some() && f.get("gradient_checkpointing") == Some(&Value::Bool(false)) {
+    if given == Some(false) && f.get("gradient_checkpointing") == Some(&Value::Bool(false)) {
         return Err(f.err(
             "recompute_attention",
-            "chooses what the per-layer recompute runs again: set gradient_checkpointing: true, or remove recompute_attention",
+            "false keeps what the per-layer recompute would run again: set gradient_checkpointing: true, or remove recompute_attention",
         ));
     }
     Ok(given.unwrap_or(true))

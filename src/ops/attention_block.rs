@@ -9,7 +9,8 @@
 //! the rotation of q and of k run as one kernel each way (`ops::norm_rope`).
 //! The backward reuses the rotated q and k, the attention output and (fused kernels) its
 //! log-sum-exp from the forward that recorded the node (in training, the recompute just before),
-//! and that recompute takes the attention output of the first forward (`BlockArgs::memo`).
+//! and that recompute runs the attention again — or, with `recompute_attention: false`, takes
+//! the attention output of the first forward (`BlockArgs::memo`).
 
 use super::attention::{attention_backward, attention_forward, RowSamples, WindowSinks};
 use super::norm_rope::{norm_rope_backward, norm_rope_forward, HeadNorm};

@@ -1,10 +1,10 @@
 //! The routed experts' recompute and backward together, a chunk of experts at a time
-//! (`EXPERT_CHUNKS`: a training run sets it with `recompute_attention: false`, the faster
-//! setting, where it measured +2.1% tokens/s and −0.45 GB peak, q/k/v/o LoRA, micro-batch 8,
-//! one H100; with the attention rerun, the default, +1.0% for +0.4 GB of the driver's peak —
-//! the pool's reserve, not its high-water mark in use —, so off there; `MOEQ_EXPERT_CHUNKS=1`/`0`
-//! overrides either; launch/bench/NOTES.md items 56, 60 and 62. gpu-check's "chunks = separate
-//! passes" rows pass on the H100).
+//! (`EXPERT_CHUNKS`, off by default: a training run turns it on with `recompute_attention:
+//! false`, the faster setting, where it measured +2.1% tokens/s and −0.45 GB peak, q/k/v/o
+//! LoRA, micro-batch 8, one H100; beside the attention rerun, the default, +1.0% for +0.4 GB of
+//! the driver's peak — the pool's reserve, not its high-water mark in use —, so off there;
+//! `MOEQ_EXPERT_CHUNKS=1`/`0` overrides either; launch/bench/NOTES.md items 56, 60 and 62.
+//! gpu-check's "chunks = separate passes" rows pass on the H100).
 //!
 //! With the layer recomputed and no expert adapters, the recompute forms gate_up's output only
 //! for the backward, which dequantizes gate_up again for the input gradient. Here each chunk of
@@ -17,12 +17,11 @@
 use super::expert_weights::ExpertWeights;
 use super::grouped_gemm::{grouped_gemm, grouped_gemm_into, output_for_products, Gemm, Product};
 use super::swiglu::{packed_backward, packed_backward_dot};
-use crate::util::switch::EnvSwitch;
+use crate::util::switch::{EnvSwitch, ON_OFF};
 use candle_core::{DType, Result, Tensor};
 use std::ops::Range;
 
-pub static EXPERT_CHUNKS: EnvSwitch =
-    EnvSwitch::new("MOEQ_EXPERT_CHUNKS", true, crate::util::switch::ON_OFF);
+pub static EXPERT_CHUNKS: EnvSwitch = EnvSwitch::new("MOEQ_EXPERT_CHUNKS", false, ON_OFF);
 
 /// Whether [`backward_by_chunk`] serves these weights: the switch on, and no gate_up bias (its
 /// chunk would need the bias of its experts only).

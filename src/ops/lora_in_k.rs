@@ -18,11 +18,10 @@ use super::experts::{expert_matmul_with, ExpertWeights};
 use super::grouped_lora::{lora_factors, GroupedLora};
 use super::routing::{gather_forward, gather_forward_wide, RowOrder};
 use super::thin_gemm::{self, MAX_RANK};
-use crate::util::switch::EnvSwitch;
+use crate::util::switch::{EnvSwitch, ON_OFF};
 use candle_core::{bail, DType, Result, Tensor};
 
-pub static LORA_IN_K: EnvSwitch =
-    EnvSwitch::new("MOEQ_LORA_IN_K", true, crate::util::switch::ON_OFF);
+pub static LORA_IN_K: EnvSwitch = EnvSwitch::new("MOEQ_LORA_IN_K", true, ON_OFF);
 
 /// The routed rows of `x` `[N, H]` by expert: `[N·k, H]`, or `[N·k, H + r]` for gate_up's
 /// adapter of rank r (`in_k`: Some(r) where the rows may take it — one rank, unscaled rows)
@@ -50,8 +49,8 @@ pub(crate) fn fits(x: &Tensor, r: usize, cols: usize) -> bool {
 }
 
 /// Whether `w`'s adapter of rank `r` goes inside its product's K over rows of `cols` in `x`:
-/// the weights take it (`ExpertWeights::takes_in_k`: 4-bit) and `fits` — the one decision
-/// every caller makes, forward and backward alike.
+/// the weights take it (`ExpertWeights::takes_in_k`: 4-bit) and `fits` (the row gathers ask
+/// the weights first and `fits` inside `gather_rows`: the same decision).
 pub(crate) fn takes(w: &ExpertWeights, x: &Tensor, r: usize, cols: usize) -> bool {
     w.takes_in_k() && fits(x, r, cols)
 }

@@ -1,6 +1,6 @@
 //! Tensors parked in page-locked host memory while the GPU works on, and fetched back before
-//! they are needed (activation offloading: the layer inputs and attention outputs a recompute
-//! step keeps, docs/ARCHITECTURE.md decision 28).
+//! they are needed (activation offloading: the layer inputs — and attention outputs, where
+//! kept — a recompute step keeps, docs/ARCHITECTURE.md decision 28).
 //!
 //! On CUDA the copies run on a stream of their own, ordered against the compute stream by
 //! events: a park waits for the tensor's producers (an event recorded on the compute stream

@@ -8,7 +8,7 @@
 //! "router" entries).
 
 use super::norm::softmax_last;
-use crate::util::switch::EnvSwitch;
+use crate::util::switch::{EnvSwitch, Values};
 use candle_core::{DType, Result, Tensor, D};
 
 /// (probabilities `[N, E]` f32, the top-`k` experts `[N, k]` u32 when `k` is given).
@@ -184,7 +184,7 @@ fn with_graph_of(values: &Tensor, graph: &Tensor) -> Result<Tensor> {
 pub static CHOOSE_KERNEL: EnvSwitch = EnvSwitch::new(
     "MOEQ_ROUTER_CHOOSE",
     true,
-    crate::util::switch::Values {
+    Values {
         on: &["kernel", "1", "on"],
         off: &["candle", "0", "off"],
     },

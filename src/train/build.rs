@@ -5,7 +5,7 @@
 use super::error::{failed, TrainError};
 use super::resume::{restore, resume_point, save_checkpoint};
 use super::setup;
-use super::step::Activations;
+use super::step::{Activations, KEEP_ATTENTION};
 use super::{checkpoint, AdamW, AdamWConfig, Schedule};
 use crate::arch::{ArchSpec, Model};
 use crate::config::{Optimizer, TrainConfig};
@@ -16,6 +16,7 @@ use crate::distributed::{Communicator, RankCtx};
 use crate::lora::Adapters;
 use crate::model_files::frozen::{FrozenBase, SingleProcess};
 use crate::model_files::{dense, ModelDir};
+use crate::ops::expert_chunks::EXPERT_CHUNKS;
 use crate::util::{device, phases};
 use candle_core::{DType, Device, Tensor, Var};
 use std::ops::Range;
@@ -170,14 +171,14 @@ impl<'a> Run<'a> {
         // and backward by chunks go with it (with the attention rerun they raise the driver's
         // peak by 0.4 GB at micro-batch 8 for +1%: NOTES item 62).
         let keep_attention = !config.recompute_attention;
-        crate::train::step::KEEP_ATTENTION.set_unless_env(keep_attention);
-        crate::ops::expert_chunks::EXPERT_CHUNKS.set_unless_env(keep_attention);
+        KEEP_ATTENTION.set_unless_env(keep_attention);
+        EXPERT_CHUNKS.set_unless_env(keep_attention);
         if rank == 0 {
             tracing::info!("activations: {}", activations.describe());
             if activations != Activations::Keep {
                 tracing::info!(
                     "attention: {}",
-                    if crate::train::step::KEEP_ATTENTION.get() {
+                    if KEEP_ATTENTION.get() {
                         "each layer's output kept for its backward (recompute_attention: false)"
                     } else {
                         "run again in each layer's recompute (recompute_attention: true)"

@@ -19,6 +19,7 @@ use crate::ops::delta_rule_op::keeping_checkpoints;
 use crate::ops::offload::{Fetching, Offloader, Parked};
 use crate::train::loss::chunked_cross_entropy;
 use crate::util::phases::timed;
+use crate::util::switch::{EnvSwitch, ON_OFF};
 use candle_core::{DType, Result, Tensor, TensorId, D};
 use std::collections::{BTreeMap, HashMap};
 
@@ -75,10 +76,9 @@ fn accumulate(acc: &mut BTreeMap<String, Tensor>, name: &str, grad: &Tensor) -> 
 /// of Qwen3-30B-A3B 134 MB a layer — and the recompute skips the attention forward; dropped
 /// (the default), the recompute runs it again (the same kernel on the same inputs: gpu-check
 /// "attention forward rerun" and "attention rerun = kept"). Measured at micro-batch 8, 12
-/// layers, one H100: rerun −2.3% tokens/s and −2.5 GB peak; with offloading +2.8% and −1.3 GB
-/// (launch/bench/NOTES.md item 61).
-pub static KEEP_ATTENTION: crate::util::switch::EnvSwitch =
-    crate::util::switch::EnvSwitch::new("MOEQ_KEEP_ATTENTION", false, crate::util::switch::ON_OFF);
+/// layers, one H100: rerun −2.4% tokens/s and −2.5 GB peak; with offloading +2.8% and −1.3 GB
+/// (launch/bench/NOTES.md items 61 and 62).
+pub static KEEP_ATTENTION: EnvSwitch = EnvSwitch::new("MOEQ_KEEP_ATTENTION", false, ON_OFF);
 
 /// What the forward keeps for the backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,10 +9,10 @@ pub struct Values {
     pub off: &'static [&'static str],
 }
 
-/// `1`/`on` and `0`/`off`.
+/// `1`/`on`/`true` and `0`/`off`/`false`.
 pub const ON_OFF: Values = Values {
-    on: &["1", "on"],
-    off: &["0", "off"],
+    on: &["1", "on", "true"],
+    off: &["0", "off", "false"],
 };
 
 pub struct EnvSwitch {
@@ -34,9 +34,9 @@ impl EnvSwitch {
         }
     }
 
-    /// The variable's setting: None when it is unset, or (with a warning) when its value is
-    /// none of the switch's.
-    fn variable(&self) -> Option<bool> {
+    /// The variable's setting: None when it is unset, or (with a warning naming `fallback`,
+    /// the setting that then holds) when its value is none of the switch's.
+    fn variable(&self, fallback: bool) -> Option<bool> {
         let v = std::env::var(self.var).ok()?;
         let (on, off) = (self.values.on, self.values.off);
         if on.contains(&v.as_str()) {
@@ -46,11 +46,11 @@ impl EnvSwitch {
             return Some(false);
         }
         tracing::warn!(
-            "{}={v:?} is neither on ({}) nor off ({}): the default ({}) holds",
+            "{}={v:?} is neither on ({}) nor off ({}): {} holds",
             self.var,
             on.join(", "),
             off.join(", "),
-            if self.default { "on" } else { "off" }
+            if fallback { "on" } else { "off" }
         );
         None
     }
@@ -61,7 +61,7 @@ impl EnvSwitch {
             1 => false,
             2 => true,
             _ => {
-                let on = self.variable().unwrap_or(self.default);
+                let on = self.variable(self.default).unwrap_or(self.default);
                 self.set(on);
                 on
             }
@@ -75,7 +75,7 @@ impl EnvSwitch {
     /// Sets the switch unless its variable is given (a config key's setting, which an A/B run's
     /// variable overrides).
     pub fn set_unless_env(&self, on: bool) {
-        self.set(self.variable().unwrap_or(on));
+        self.set(self.variable(on).unwrap_or(on));
     }
 
     /// Sets the switch until the guard drops, then puts back what it was (gpu-check turns a

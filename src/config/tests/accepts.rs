@@ -383,6 +383,8 @@ fn resolved_config_round_trips() {
             "{BASE}adapter: lora\nlora_target_modules: all-linear\ndevice: cuda:2\nval_set_size: 10\nbf16: false\n\
              resume_from_checkpoint: auto\nwarmup_ratio: 0.05\nbnb_4bit_compute_dtype: bfloat16\ntokenizer_config: tok\n"
         ),
+        format!("{BASE}gradient_checkpointing: false\n"),
+        format!("{BASE}recompute_attention: false\nactivation_offloading: true\n"),
     ];
     for yaml in configs {
         let first = ok(&yaml).config;
@@ -501,6 +503,10 @@ fn recompute_attention_values() {
         (
             "recompute_attention: false\nactivation_offloading: true\n",
             false,
+        ),
+        (
+            "recompute_attention: true\ngradient_checkpointing: false\n",
+            true,
         ),
     ] {
         let out = ok_with(yaml);

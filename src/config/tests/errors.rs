@@ -469,7 +469,7 @@ fn axolotl_values_moeq_refuses() {
     );
     assert_eq!(
         err_with("recompute_attention: false\ngradient_checkpointing: false\n"),
-        "t.yaml: key 'recompute_attention' chooses what the per-layer recompute runs again: set gradient_checkpointing: true, or remove recompute_attention"
+        "t.yaml: key 'recompute_attention' false keeps what the per-layer recompute would run again: set gradient_checkpointing: true, or remove recompute_attention"
     );
     assert!(err_with("recompute_attention: sometimes\n")
         .starts_with("t.yaml: key 'recompute_attention' "));

@@ -9,14 +9,14 @@
 //! can also read token-major (`ROWS_BY_TOKEN`): each token row read once and written to its k
 //! rows through `inv` — a permutation's writes, still no atomics.
 
+use crate::util::switch::{EnvSwitch, ON_OFF};
 use candle_core::{CustomOp1, CustomOp2, DType, Result, Tensor};
 
 /// Whether the CUDA row gather and the combine backward's weighted rows read the source
 /// token-major (`cuda::spread_rows`: each token row read once, written to its k rows) rather
 /// than row by row. On unless `MOEQ_ROWS_BY_TOKEN=0` (+1.9% tokens/s, q/k/v/o LoRA, micro-batch
 /// 8: launch/bench/NOTES.md items 55 and 59); gpu-check runs both.
-pub static ROWS_BY_TOKEN: crate::util::switch::EnvSwitch =
-    crate::util::switch::EnvSwitch::new("MOEQ_ROWS_BY_TOKEN", true, crate::util::switch::ON_OFF);
+pub static ROWS_BY_TOKEN: EnvSwitch = EnvSwitch::new("MOEQ_ROWS_BY_TOKEN", true, ON_OFF);
 
 /// The routing permutation of one micro-batch through one MoE layer.
 #[derive(Clone)]
