@@ -179,9 +179,9 @@ impl<'a> Run<'a> {
                 tracing::info!(
                     "attention: {}",
                     if KEEP_ATTENTION.get() {
-                        "each layer's output kept for its backward (recompute_attention: false)"
+                        "each layer's output kept for its backward"
                     } else {
-                        "run again in each layer's recompute (recompute_attention: true)"
+                        "run again in each layer's recompute"
                     }
                 );
             }

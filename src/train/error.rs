@@ -15,8 +15,46 @@ pub(crate) fn failed(e: impl std::fmt::Display) -> TrainError {
     TrainError::Failed(e.to_string())
 }
 
+/// What a run keeps for the backward, as the config sets it (the settings an out-of-memory
+/// error names, in the order they lower the peak for the least speed).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Memory {
+    pub gradient_checkpointing: bool,
+    pub recompute_attention: bool,
+    pub activation_offloading: bool,
+}
+
+impl Memory {
+    pub fn of(config: &crate::config::TrainConfig) -> Self {
+        Memory {
+            gradient_checkpointing: config.gradient_checkpointing,
+            recompute_attention: config.recompute_attention,
+            activation_offloading: config.activation_offloading,
+        }
+    }
+
+    /// The settings that would lower the peak, cheapest first.
+    fn fix(self) -> String {
+        let mut steps = Vec::new();
+        if !self.gradient_checkpointing {
+            steps.push("set gradient_checkpointing: true (recompute each layer in the backward)");
+        } else {
+            if !self.recompute_attention {
+                steps.push("set recompute_attention: true (run each layer's attention again)");
+            }
+            if !self.activation_offloading {
+                steps.push(
+                    "set activation_offloading: true (park the saved layer inputs in host memory)",
+                );
+            }
+        }
+        steps.push("lower micro_batch_size or sequence_len");
+        steps.join(", or ")
+    }
+}
+
 /// A failed forward/backward; a device out of memory says which settings lower the peak.
-pub(crate) fn step_failed(e: impl std::fmt::Display, gradient_checkpointing: bool) -> TrainError {
+pub(crate) fn step_failed(e: impl std::fmt::Display, memory: Memory) -> TrainError {
     let msg = e.to_string();
     let lower = msg.to_ascii_lowercase();
     if !lower.contains("out of memory") && !lower.contains("alloc_failed") {
@@ -24,39 +62,53 @@ pub(crate) fn step_failed(e: impl std::fmt::Display, gradient_checkpointing: boo
     }
     // One line: the device error's first (a backtrace may follow).
     let msg = msg.lines().next().unwrap_or_default().trim_end();
-    let fix = if gradient_checkpointing {
-        "lower micro_batch_size or sequence_len"
-    } else {
-        "set gradient_checkpointing: true (recompute each layer in the backward), or lower micro_batch_size or sequence_len"
-    };
     TrainError::Failed(format!(
-        "{msg}: the device ran out of memory in a training step; {fix}"
+        "{msg}: the device ran out of memory in a training step; {}",
+        memory.fix()
     ))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::step_failed;
+    use super::{step_failed, Memory};
+
+    const fn memory(checkpointing: bool, rerun: bool, offload: bool) -> Memory {
+        Memory {
+            gradient_checkpointing: checkpointing,
+            recompute_attention: rerun,
+            activation_offloading: offload,
+        }
+    }
 
     #[test]
     fn out_of_memory_names_the_settings_that_lower_the_peak() {
         let oom = "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
-        let kept = step_failed(format!("{oom}\n   0: backtrace frame\n"), false).to_string();
+        let frame = format!("{oom}\n   0: backtrace frame\n");
+        let kept = step_failed(frame, memory(false, true, false)).to_string();
         assert!(!kept.contains('\n'), "{kept}");
         assert!(kept.starts_with(oom), "{kept}");
         assert!(kept.contains("set gradient_checkpointing: true"), "{kept}");
-        let recomputed = step_failed(oom, true).to_string();
-        assert!(
-            recomputed.contains("lower micro_batch_size"),
-            "{recomputed}"
+        assert!(!kept.contains("recompute_attention"), "{kept}");
+        // The recompute with the attention outputs kept: first the rerun, then offloading.
+        let memo = step_failed(oom, memory(true, false, false)).to_string();
+        let (rerun, offload) = (
+            memo.find("set recompute_attention: true").expect(&memo),
+            memo.find("set activation_offloading: true").expect(&memo),
         );
+        assert!(rerun < offload, "{memo}");
+        assert!(!memo.contains("gradient_checkpointing"), "{memo}");
+        // Everything lowered already: only the batch's shape is left.
+        let lowest = step_failed(oom, memory(true, true, true)).to_string();
         assert!(
-            !recomputed.contains("gradient_checkpointing"),
-            "{recomputed}"
+            lowest.ends_with("training step; lower micro_batch_size or sequence_len"),
+            "{lowest}"
         );
-        let cublas = step_failed("cuBLAS: CUBLAS_STATUS_ALLOC_FAILED", false).to_string();
-        assert!(cublas.contains("ran out of memory"), "{cublas}");
-        let other = step_failed("shape mismatch", false).to_string();
+        let cublas = step_failed(
+            "cuBLAS: CUBLAS_STATUS_ALLOC_FAILED",
+            memory(true, true, false),
+        );
+        assert!(cublas.to_string().contains("ran out of memory"), "{cublas}");
+        let other = step_failed("shape mismatch", memory(false, true, false)).to_string();
         assert_eq!(other, "shape mismatch");
     }
 }

@@ -3,7 +3,7 @@
 //! gradient norm, then either a skip (non-finite loss or norm: no update) or clipping and AdamW.
 
 use super::build::Run;
-use super::error::{failed, step_failed, TrainError};
+use super::error::{failed, step_failed, Memory, TrainError};
 use super::ranks::{all_reduce_grads, host_sum, square_sums, sum_over_ranks};
 use super::step::{forward_backward, MicroStats};
 use crate::distributed::store::WATCH;
@@ -106,7 +106,7 @@ impl Run<'_> {
                 self.activations,
                 &mut grads,
             )
-            .map_err(|e| step_failed(e, self.config.gradient_checkpointing))?;
+            .map_err(|e| step_failed(e, Memory::of(self.config)))?;
             WATCH.progress();
             stats.loss_sum += s.loss_sum;
             stats.labelled += s.labelled;
