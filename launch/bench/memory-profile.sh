@@ -2,7 +2,8 @@
 # Where device memory peaks in a step: the 12-layer Qwen3-30B-A3B bench config (q/k/v/o LoRA,
 # weights drawn on the GPU) trained for 4 steps per micro-batch size with MOEQ_PHASE_TIMES=1,
 # whose log ends with the pool's high-water mark up to each point of the step (load, model
-# built, forward, head, each layer's recompute and backward, optimizer) and the memory outside
+# built, forward, head, each layer's recompute, its MLP's backward, its attention's backward,
+# optimizer) and the memory outside
 # the pool; nvidia-smi's peak for the run is printed next to it. GPU machine, repository root,
 # .device/ carried:
 #

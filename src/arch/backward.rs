@@ -24,7 +24,7 @@ use crate::ops::lora_linear::{backward_into, forward_taped, LinearTape};
 use crate::ops::nf4_linear::nf4_linear;
 use crate::ops::norm::{rms_norm, rms_norm_backward, rms_norm_backward_plus};
 use crate::ops::rope_part::{rope_part, rope_part_backward};
-use crate::util::phases::timed;
+use crate::util::phases::{mark_memory, timed};
 use candle_core::{DType, Result, Tensor, TensorId};
 
 /// Adapter gradients by the id of the factor's `Var` tensor (`Var::as_tensor().id()`).
@@ -395,6 +395,8 @@ impl Layer {
             _ => candle_core::bail!("layer backward: the tape is of another layer"),
         })?;
         drop(dm);
+        // Where in the layer backward the step's peak is (MOEQ_PHASE_TIMES=1 only).
+        mark_memory("5b layer backward: mlp", &dev);
         let dx1 = mlp_side.input_grad(&mlp_normed, g, &dh)?;
         drop((dh, mlp_normed));
         let da = attn_side.output_grad(&attn_normed, &dx1)?;
