@@ -2,10 +2,9 @@
 # Where device memory peaks in a step: the 12-layer Qwen3-30B-A3B bench config (q/k/v/o LoRA,
 # weights drawn on the GPU) trained for 4 steps per micro-batch size with MOEQ_PHASE_TIMES=1,
 # whose log ends with the pool's high-water mark up to each point of the step (load, model
-# built, forward, head, each layer's recompute, its MLP's backward, its attention's backward,
-# optimizer) and the memory outside
-# the pool; nvidia-smi's peak for the run is printed next to it. GPU machine, repository root,
-# .device/ carried:
+# built, forward, head, each layer's recompute, its MLP's backward, the rest of its backward,
+# the gradients' accumulation, optimizer) and the memory outside the pool; nvidia-smi's peak
+# for the run is printed next to it. GPU machine, repository root, .device/ carried:
 #
 #   OUT=/tmp/out [CFG=offload] bash launch/bench/memory-profile.sh [micro-batch sizes...]
 #
@@ -30,6 +29,6 @@ for mbs in ${*:-1}; do
   peak=$(sort -n "$OUT/memory/mbs$mbs.mem" | tail -1)
   echo "mbs $mbs: exit $rc, nvidia-smi peak $(( peak - idle )) MiB above idle ($idle MiB)"
   grep -E "frozen base:|model on" "$OUT/memory/mbs$mbs.log" | cut -c1-160
-  grep -A9 "device memory" "$OUT/memory/mbs$mbs.log" | cut -c1-160
+  grep -A14 "device memory" "$OUT/memory/mbs$mbs.log" | cut -c1-160
   grep -E '"step"' "/tmp/moeq-bench/memory/metrics.jsonl" | tail -1 | cut -c1-400
 done

@@ -395,7 +395,8 @@ impl Layer {
             _ => candle_core::bail!("layer backward: the tape is of another layer"),
         })?;
         drop(dm);
-        // Where in the layer backward the step's peak is (MOEQ_PHASE_TIMES=1 only).
+        // Where in the layer backward the step's peak is (MOEQ_PHASE_TIMES=1 only): the MLP's
+        // backward, then the rest (the MLP side's norm, the attention's backward and its norm).
         mark_memory("5b layer backward: mlp", &dev);
         let dx1 = mlp_side.input_grad(&mlp_normed, g, &dh)?;
         drop((dh, mlp_normed));
@@ -412,6 +413,7 @@ impl Layer {
         })?;
         drop(da);
         let dx = attn_side.input_grad(&attn_normed, &dx1, &dh)?;
+        mark_memory("5c layer backward: attention", &dev);
         Ok((dx, grads))
     }
 }

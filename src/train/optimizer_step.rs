@@ -5,7 +5,7 @@
 use super::build::Run;
 use super::error::{failed, step_failed, Memory, TrainError};
 use super::ranks::{all_reduce_grads, host_sum, square_sums, sum_over_ranks};
-use super::step::{forward_backward, MicroStats};
+use super::step::{forward_backward, MicroStats, KEEP_ATTENTION};
 use crate::distributed::store::WATCH;
 use crate::util::{mem, phases, phases::timed};
 use candle_core::backprop::GradStore;
@@ -106,7 +106,14 @@ impl Run<'_> {
                 self.activations,
                 &mut grads,
             )
-            .map_err(|e| step_failed(e, Memory::of(self.config)))?;
+            .map_err(|e| {
+                let memory = Memory {
+                    activations: self.activations,
+                    attention_kept: KEEP_ATTENTION.get(),
+                    micro_batch_size: self.config.micro_batch_size,
+                };
+                step_failed(e, memory)
+            })?;
             WATCH.progress();
             stats.loss_sum += s.loss_sum;
             stats.labelled += s.labelled;

@@ -282,7 +282,7 @@ pub fn forward_backward(
             Ok(())
         })?;
         g_out = dx;
-        crate::util::phases::mark_memory("5c layer backward: attention", &device);
+        crate::util::phases::mark_memory("5d gradient accumulation", &device);
     }
     Ok(MicroStats {
         loss_sum: ce.loss as f64 * ce.labelled as f64,
