@@ -220,6 +220,26 @@ fn kept_activations_train_exactly_like_the_recompute() {
     assert_eq!(recomputed, kept);
 }
 
+/// `recompute_attention: false` keeps each layer's attention output (and takes the experts a
+/// chunk at a time) instead of running the attention again: the same losses bit for bit, with
+/// offloading too; the log says which runs.
+#[test]
+fn kept_attention_outputs_train_exactly_like_the_rerun() {
+    let short = "max_steps: 6\nwarmup_steps: 2\nlogging_steps: 1\neval_steps: 100\nsave_steps: 100\nlora_dropout: 0.1\ngradient_accumulation_steps: 2";
+    let (rerun, log) = losses_and_log(short);
+    assert!(
+        log.contains("attention: run again in each layer's recompute"),
+        "{log}"
+    );
+    let (kept, log) = losses_and_log(&format!("{short}\nrecompute_attention: false"));
+    assert!(log.contains("attention: each layer's output kept"), "{log}");
+    let offload = "recompute_attention: false\nactivation_offloading: true";
+    let (parked, _) = losses_and_log(&format!("{short}\n{offload}"));
+    assert_eq!(rerun.len(), 6);
+    assert_eq!(rerun, kept);
+    assert_eq!(rerun, parked);
+}
+
 /// `model_config` overrides what moeq reads of config.json (a changed rope base changes the
 /// losses), and refuses a key that sets a weight's shape before training, with exit 2.
 #[test]
