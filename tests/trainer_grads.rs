@@ -268,18 +268,6 @@ fn gradients_match_finite_differences() {
     }
 }
 
-/// The device-vs-CPU machinery of `moeq gpu-check` (ops and the whole training step), run on
-/// the CPU: f32 must agree with itself and bf16 within the stated tolerances.
-#[test]
-fn gpu_check_machinery_on_the_cpu() {
-    let mut results = moeq::gpu_check::train_step::run_all(&Device::Cpu).unwrap();
-    results.extend(moeq::gpu_check::ops::run_all(&Device::Cpu).unwrap());
-    assert!(results.len() >= 16 + 30);
-    for r in &results {
-        assert!(r.passed(), "{r}");
-    }
-}
-
 /// The unquantized base is what the model multiplies by: its loss differs from the 4-bit
 /// base's by the quantization error (not zero), and both are finite and close (NF4 of a tiny
 /// random model moves the loss by a few percent at most).

@@ -13,6 +13,7 @@
 //! whether the backward recomputes the layer or keeps its tape from the forward.
 
 use super::attn::{graph_attention, graph_backward};
+use super::joint_qkv::{qkv_taped, QkvTape};
 use super::latent::LatentTape;
 use super::layers::{dropout_mask, part, whole_heads, Attention, Attn, Layer, Mlp, Proj};
 use super::mlp_tape::{swiglu_mlp, MlpTape};
@@ -114,9 +115,7 @@ pub(super) fn norm_backward_plus(
 }
 
 struct AttnTape {
-    q: ProjTape,
-    k: ProjTape,
-    v: ProjTape,
+    qkv_in: QkvTape,
     /// q and k before the norm over the whole projection (`QkNorm::FullProjection`).
     pre_norm: Option<(Tensor, Tensor)>,
     /// q, k and v before `clip_qkv`.
@@ -149,9 +148,7 @@ fn attention(
     lora: &LoraCtx,
 ) -> Result<(Tensor, AttnTape)> {
     let eps = spec.rms_norm_eps;
-    let (mut q, qt) = proj(&a.q, x, lora)?;
-    let (mut k, kt) = proj(&a.k, x, lora)?;
-    let (mut v, vt) = proj(&a.v, x, lora)?;
+    let ([mut q, mut k, mut v], qkv_in) = qkv_taped(a, spec, x, lora)?;
     let mut pre_norm = None;
     if spec.qk_norm == QkNorm::FullProjection {
         if let (Some(qn), Some(kn)) = (&a.q_norm, &a.k_norm) {
@@ -183,9 +180,7 @@ fn attention(
     let (ctx, block) = attention_block_taped(&q, &k, &v, &args)?;
     let (out, o) = proj(&a.o, &ctx, lora)?;
     let tape = AttnTape {
-        q: qt,
-        k: kt,
-        v: vt,
+        qkv_in,
         pre_norm,
         pre_clip,
         pre_rotary,
@@ -241,9 +236,7 @@ impl AttnTape {
             dq = norm_backward(q0, qn, &dq, spec.rms_norm_eps)?;
             dk = norm_backward(k0, kn, &dk, spec.rms_norm_eps)?;
         }
-        let dx = self.q.backward(&a.q, &dq, None, grads)?;
-        let dx = self.k.backward(&a.k, &dk, Some(dx), grads)?;
-        self.v.backward(&a.v, &dv, Some(dx), grads)
+        self.qkv_in.backward(a, [dq, dk, dv], grads)
     }
 }
 

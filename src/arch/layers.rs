@@ -259,14 +259,10 @@ impl Attention {
         lora: &LoraCtx,
     ) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
         let eps = spec.rms_norm_eps;
-        let (mut q, mut k, mut v) =
-            timed("attn: q/k/v projections", x.device(), || -> Result<_> {
-                Ok((
-                    self.q.forward(x, lora)?, // [N, nh·hd]
-                    self.k.forward(x, lora)?, // [N, kvh·hd]
-                    self.v.forward(x, lora)?,
-                ))
-            })?;
+        // q [N, nh·hd], k and v [N, kvh·hd].
+        let [mut q, mut k, mut v] = timed("attn: q/k/v projections", x.device(), || {
+            super::joint_qkv::qkv(self, spec, x, lora)
+        })?;
         let gate = match spec.attn_output_gate {
             false => None,
             true => {

@@ -13,6 +13,7 @@ use crate::lora::{Adapters, LoraSettings};
 use crate::model_files::frozen::{self, CpuQuantizer, SingleProcess};
 use crate::model_files::ModelDir;
 use crate::ops::expert_chunks::EXPERT_CHUNKS;
+use crate::ops::lora_joint::JOINT_LORA;
 use crate::quant::QuantSettings;
 use crate::synth::{self, SynthOptions};
 use crate::train::step::{forward_backward, Activations, KEEP_ATTENTION};
@@ -428,6 +429,26 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                 &chunks(true)?.1,
                 &chunks(false)?.1,
                 row("chunks = separate passes", Pass::Exact)?,
+            )?);
+            // q, k and v's adapters with their factor products joined (`MOEQ_JOINT_LORA`):
+            // the device against the CPU, both joined, and kept = recomputed on the device (the
+            // plain forward and the recompute take the same path).
+            let joint = |device, activations| {
+                let _joint = JOINT_LORA.scoped(true);
+                step(&dir, (device, dtype, Base::Nf4), RANK, &b, activations)
+            };
+            let joint_grads = joint(device, Activations::Recompute)?.1;
+            out.extend(worst_of(
+                &format!("train step {name} {dtype:?} joint q/k/v adapters grads"),
+                &joint_grads,
+                &joint(&Device::Cpu, Activations::Recompute)?.1,
+                row("train step", Pass::Backward)?,
+            )?);
+            out.extend(worst_of(
+                &format!("train step {name} {dtype:?} joint q/k/v adapters kept = recomputed"),
+                &joint(device, Activations::Keep)?.1,
+                &joint_grads,
+                row("kept = recomputed", Pass::Exact)?,
             )?);
             // gradient_checkpointing: false runs the same kernels on the same values on the
             // device: equal bit for bit.

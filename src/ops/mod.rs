@@ -32,6 +32,7 @@ pub mod input_weights;
 pub mod kernels;
 pub mod linear_attn_parts;
 pub mod lora_in_k;
+pub mod lora_joint;
 pub mod lora_linear;
 pub mod nf4_linear;
 pub mod norm;
