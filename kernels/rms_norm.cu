@@ -132,15 +132,17 @@ __device__ __forceinline__ float row_rsqrt(const Pack<T> (&xv)[NP], const int la
   return rsqrtf(warp_reduce<false>(ss) / d + eps);
 }
 
+// y's rows are laid ld apart (ld = d, or wider rows whose last columns the caller fills).
 template <typename T, int NP>
-__device__ void rms_norm_fwd_vec(const T* x, const T* w, T* y, const size_t rows, const int d, const float eps) {
+__device__ void rms_norm_fwd_vec(const T* x, const T* w, T* y, const size_t rows, const int d, const size_t ld,
+                                 const float eps) {
   constexpr int P = 16 / sizeof(T);
   const size_t row = (size_t)blockIdx.x * ROWS_PER_BLOCK + threadIdx.x / 32;
   if (row >= rows) return;
   const int lane = threadIdx.x % 32, packs = d / P;
   const uint4* xr = reinterpret_cast<const uint4*>(x + row * d);
   const uint4* wr = reinterpret_cast<const uint4*>(w);
-  uint4* yr = reinterpret_cast<uint4*>(y + row * d);
+  uint4* yr = reinterpret_cast<uint4*>(y + row * ld);
   Pack<T> xv[NP];
 #pragma unroll
   for (int j = 0; j < NP; ++j) {
@@ -223,7 +225,12 @@ __device__ void rms_norm_bwd_vec(const T* x, const T* w, const T* dy, const T* p
 #define RMS_VEC_FWD(T, SUFFIX, NP)                                                                   \
   extern "C" __global__ void rms_norm_fwd_vec##NP##_##SUFFIX(const T* x, const T* w, T* y, const size_t rows, \
                                                              const int d, const float eps) {          \
-    rms_norm_fwd_vec<T, NP>(x, w, y, rows, d, eps);                                                \
+    rms_norm_fwd_vec<T, NP>(x, w, y, rows, d, d, eps);                                             \
+  }                                                                                                  \
+  extern "C" __global__ void rms_norm_fwd_wide_vec##NP##_##SUFFIX(const T* x, const T* w, T* y,     \
+                                                                  const size_t rows, const int d,   \
+                                                                  const size_t ld, const float eps) { \
+    rms_norm_fwd_vec<T, NP>(x, w, y, rows, d, ld, eps);                                            \
   }
 #define RMS_VEC_BWD(T, SUFFIX, NP)                                                                   \
   extern "C" __global__ void rms_norm_bwd_vec##NP##_##SUFFIX(const T* x, const T* w, const T* dy, T* dx, \

@@ -6,9 +6,9 @@
 mod common;
 mod grads_common;
 use common::max_abs;
-use grads_common::{batch, grads_with, setup_targets, setup_with, ARCHS};
+use grads_common::{batch, grads_with, setup_rank, setup_targets, setup_with, ARCHS};
 use moeq::arch::ModelType;
-use moeq::ops::lora_joint::{forwards, JOINT_LORA};
+use moeq::ops::lora_joint::{forwards, wide_forwards, JOINT_IN_K, JOINT_LORA};
 use moeq::train::step::Activations;
 
 /// With the switch on, the gradients are the separate products' within f32 rounding (the same
@@ -21,6 +21,7 @@ use moeq::train::step::Activations;
 #[test]
 fn joined_q_k_v_adapters_give_the_separate_gradients() {
     dropout_keeps_the_products_apart();
+    updates_in_k_give_the_separate_gradients();
     for arch in ARCHS {
         let s = setup_targets(arch, 0.0, false, true);
         let b = batch(s.model.spec.vocab_size, 8);
@@ -85,4 +86,55 @@ fn dropout_keeps_the_products_apart() {
         assert!(max_abs(want) > 0.0, "{name}: zero gradient");
         assert_eq!(max_abs(&(&on[name] - want).unwrap()), 0.0, "{name}");
     }
+}
+
+/// With the updates inside the base products' K too (`MOEQ_JOINT_IN_K`; rank 8, so the
+/// hiddens take 24 columns, whole packs): the separate products' gradients within f32 rounding
+/// (as above), kept = recomputed bit for bit, and the wide rows used on every architecture
+/// whose joined q, k and v have no bias and sit behind a pre-norm.
+fn updates_in_k_give_the_separate_gradients() {
+    let mut wide = Vec::new();
+    for arch in ARCHS {
+        let s = setup_rank(arch, 0.0, false, true, 8);
+        let b = batch(s.model.spec.vocab_size, 10);
+        let separate = {
+            let _off = JOINT_LORA.scoped(false);
+            grads_with(&s, &b, None, Activations::Recompute)
+        };
+        let before = wide_forwards();
+        let (in_k, kept) = {
+            let (_on, _in_k) = (JOINT_LORA.scoped(true), JOINT_IN_K.scoped(true));
+            let r = grads_with(&s, &b, None, Activations::Recompute);
+            (r, grads_with(&s, &b, None, Activations::Keep))
+        };
+        if wide_forwards() > before {
+            wide.push(arch);
+        }
+        for (name, want) in &separate {
+            let scale = max_abs(want);
+            assert!(scale > 0.0, "{arch:?} {name}: zero gradient");
+            let err = max_abs(&(&in_k[name] - want).unwrap());
+            assert!(
+                err <= 1e-4 * scale,
+                "{arch:?} {name}: in K vs separate differ by {err:e} (scale {scale:e})"
+            );
+            let exact = max_abs(&(&kept[name] - &in_k[name]).unwrap());
+            assert_eq!(exact, 0.0, "{arch:?} {name}: kept vs recomputed in K");
+        }
+    }
+    // Apart from those: q/k/v biases (Qwen2-MoE, GLM-4.5, gpt-oss), the post-norm (FlexOlmo),
+    // latent attention and the gated attention (as in the test above).
+    use ModelType::*;
+    let want = [
+        Qwen3Moe,
+        Mixtral,
+        Olmoe,
+        MinimaxM2,
+        Ernie45Moe,
+        GraniteMoe,
+        HunyuanV1Moe,
+        GraniteMoeShared,
+        Llama4Text,
+    ];
+    assert_eq!(wide, want, "the architectures in K");
 }

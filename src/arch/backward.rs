@@ -305,7 +305,7 @@ impl Layer {
     ) -> Result<(Option<Tensor>, LayerStats, LayerTape)> {
         let [attn_side, mlp_side] = self.sides(spec);
         let x = x.detach();
-        let h = attn_side.input(&x)?;
+        let h = super::joint_qkv::attention_input(&attn_side, &self.attn, spec, &x, lora)?;
         let (a, attn) = match &self.attn {
             attn if graph_attention(attn, spec) => {
                 let input = candle_core::Var::from_tensor(&h)?;

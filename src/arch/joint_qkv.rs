@@ -3,12 +3,15 @@
 //! plain forward (`Attention::qkv`) and the taped forward (`arch::backward`) decide it, so a
 //! layer's recompute computes what its forward did.
 
+use super::attn::Attn;
 use super::backward::{proj, AdapterGrads, ProjTape};
 use super::layers::Attention;
 use super::model::LoraCtx;
+use super::side::Side;
 use super::ArchSpec;
 use crate::lora::LinearLora;
-use crate::ops::lora_joint::{self, JointTape, Member, JOINT_LORA};
+use crate::ops::lora_joint::{self, in_k_fits, JointTape, Member, JOINT_LORA};
+use crate::ops::norm::rms_norm_wide;
 use candle_core::{Result, Tensor, TensorId};
 
 /// The adapters of q, k and v where their products go joined: the switch on, all three
@@ -30,6 +33,38 @@ fn joined<'a>(
     Some([get(&a.q.name)?, get(&a.k.name)?, get(&a.v.name)?])
 }
 
+/// The ranks of q, k and v's adapters together, where their updates go inside the base
+/// products' K over wide rows of x (`lora_joint::forward_wide`).
+fn in_k_ranks(a: &Attention, ls: &[&LinearLora; 3], x: &Tensor) -> Result<Option<usize>> {
+    let ranks = ls
+        .iter()
+        .map(|l| l.a.as_tensor().dim(0))
+        .sum::<Result<usize>>()?;
+    let biased = [&a.q, &a.k, &a.v].iter().any(|p| p.bias.is_some());
+    Ok(in_k_fits(x, ranks, a.q.w.in_features(), biased).then_some(ranks))
+}
+
+/// What the attention side hands the attention of a layer: the side's input, in rows wide
+/// enough for q, k and v's hiddens where their updates go inside the base products' K (a
+/// pre-norm side: `norm::rms_norm_wide` writes the norm in place). [`qkv`] and [`qkv_taped`]
+/// tell the wide rows by their width.
+pub(super) fn attention_input(
+    side: &Side,
+    attn: &Attn,
+    spec: &ArchSpec,
+    x: &Tensor,
+    lora: &LoraCtx,
+) -> Result<Tensor> {
+    if let (Attn::Heads(a), false) = (attn, side.post) {
+        if let Some(ls) = joined(a, spec, x, lora) {
+            if let Some(ranks) = in_k_ranks(a, &ls, x)? {
+                return rms_norm_wide(x, side.norm, side.eps, ranks);
+            }
+        }
+    }
+    side.input(x)
+}
+
 /// The joined products' outputs and tape.
 fn joint(
     a: &Attention,
@@ -49,7 +84,11 @@ fn joint(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let (ys, tape) = lora_joint::forward(x, &members, lora.adapters.settings.scaling())?;
+    let scaling = lora.adapters.settings.scaling();
+    let (ys, tape) = match x.dim(1)? == a.q.w.in_features() {
+        true => lora_joint::forward(x, &members, scaling)?,
+        false => lora_joint::forward_wide(x, &members, scaling)?,
+    };
     let [q, k, v]: [Tensor; 3] = ys
         .try_into()
         .map_err(|_| candle_core::Error::Msg("joint lora: not three outputs".into()))?;

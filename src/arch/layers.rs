@@ -551,7 +551,7 @@ impl Layer {
         let pass = if lora.live { "recompute" } else { "forward" };
         let [attn_side, mlp_side] = self.sides(spec);
         let x = timed(phase("attention", pass), dev, || {
-            let h = attn_side.input(x)?;
+            let h = super::joint_qkv::attention_input(&attn_side, &self.attn, spec, x, lora)?;
             attn_side.join(x, &self.attn.forward(spec, index, &h, inputs, lora)?)
         })?;
         let (m, stats) = timed(phase("mlp", pass), dev, || -> Result<_> {

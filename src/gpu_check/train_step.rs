@@ -13,7 +13,7 @@ use crate::lora::{Adapters, LoraSettings};
 use crate::model_files::frozen::{self, CpuQuantizer, SingleProcess};
 use crate::model_files::ModelDir;
 use crate::ops::expert_chunks::EXPERT_CHUNKS;
-use crate::ops::lora_joint::JOINT_LORA;
+use crate::ops::lora_joint::{JOINT_IN_K, JOINT_LORA};
 use crate::quant::QuantSettings;
 use crate::synth::{self, SynthOptions};
 use crate::train::step::{forward_backward, Activations, KEEP_ATTENTION};
@@ -409,6 +409,32 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                     &got,
                     &grads_ref,
                     row("train step", Pass::Backward)?,
+                )?);
+                // q, k and v's joined updates inside the base products' K too (rank 8: the
+                // hiddens take whole packs; `MOEQ_JOINT_IN_K`), against the CPU, and kept =
+                // recomputed on the device.
+                let in_k = |device, activations| {
+                    let _on = (JOINT_LORA.scoped(true), JOINT_IN_K.scoped(true));
+                    step(
+                        &every,
+                        (device, dtype, Base::Nf4),
+                        RANK_IN_K,
+                        &b,
+                        activations,
+                    )
+                };
+                let got = in_k(device, recompute)?.1;
+                out.extend(worst_of(
+                    &format!("train step {name} {dtype:?} r8 every expert joint in K grads"),
+                    &got,
+                    &in_k(&Device::Cpu, recompute)?.1,
+                    row("train step", Pass::Backward)?,
+                )?);
+                out.extend(worst_of(
+                    &format!("train step {name} {dtype:?} r8 joint in K kept = recomputed"),
+                    &in_k(device, Activations::Keep)?.1,
+                    &got,
+                    row("kept = recomputed", Pass::Exact)?,
                 )?);
             }
             // The experts' recompute and backward a chunk of experts at a time against the

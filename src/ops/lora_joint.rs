@@ -16,17 +16,27 @@
 use super::grouped_gemm::{add_product, Gemm};
 use super::lora_linear::backward_into;
 use super::nf4_linear::{forward as nf4_forward, FrozenWeight};
+use super::thin_gemm::{self, ThinPlan, MAX_RANK};
 use crate::util::switch::{EnvSwitch, ON_OFF};
-use candle_core::{bail, Result, Tensor};
+use candle_core::{bail, DType, Result, Tensor};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub static JOINT_LORA: EnvSwitch = EnvSwitch::new("MOEQ_JOINT_LORA", false, ON_OFF);
 
+/// The joined updates inside the base products' K ([`forward_wide`]; with `JOINT_LORA` only).
+pub static JOINT_IN_K: EnvSwitch = EnvSwitch::new("MOEQ_JOINT_IN_K", false, ON_OFF);
+
 static FORWARDS: AtomicU64 = AtomicU64::new(0);
+static WIDE_FORWARDS: AtomicU64 = AtomicU64::new(0);
 
 /// How many joined forwards this process ran (what tests read to know the path was taken).
 pub fn forwards() -> u64 {
     FORWARDS.load(Ordering::Relaxed)
+}
+
+/// How many of them had the updates inside the base products' K ([`forward_wide`]).
+pub fn wide_forwards() -> u64 {
+    WIDE_FORWARDS.load(Ordering::Relaxed)
 }
 
 /// One projection of the group: its frozen weight and bias, and its factors A `[r, in]` and B
@@ -88,6 +98,79 @@ pub(crate) fn forward(
     Ok((ys, JointTape { a, parts, scaling }))
 }
 
+/// Whether the members' hiddens (ranks summing to `ranks`) go inside the base products' K
+/// over `x`'s rows of `inf` inputs: the switch on, no bias (its sum would come in another
+/// order), and the thin kernels' shapes — Σr a multiple of 8 up to `MAX_RANK`, `inf` a
+/// multiple of 8 — asked on every device so the CPU and the GPU take the same path; bf16, or
+/// f32 on the CPU (the tests' reference).
+pub(crate) fn in_k_fits(x: &Tensor, ranks: usize, inf: usize, biased: bool) -> bool {
+    let shapes = ranks > 0 && ranks % 8 == 0 && ranks <= MAX_RANK && inf % 8 == 0;
+    let dtype = match x.dtype() {
+        DType::BF16 => true,
+        DType::F32 => !x.device().is_cuda(),
+        _ => false,
+    };
+    JOINT_IN_K.get() && !biased && shapes && dtype
+}
+
+/// [`forward`] over wide rows `xw` `[N, in + Σr]` (the input in the first `in` columns, e.g.
+/// `norm::rms_norm_wide`'s; the hiddens are written into the last Σr here) with each update
+/// inside its base product's K: `y = [x | H]·[W | 0 … s·B … 0]ᵀ`, s·B in the member's own
+/// columns of H. The pass that added each update to its output is gone (a read and a write of
+/// the output), and the sum is rounded once in the product's accumulator.
+pub(crate) fn forward_wide(
+    xw: &Tensor,
+    members: &[Member],
+    scaling: f64,
+) -> Result<(Vec<Tensor>, JointTape)> {
+    let (n, wide) = xw.dims2()?;
+    let ranks: usize = members.iter().map(|m| m.a.dim(0)).sum::<Result<usize>>()?;
+    let inf = wide.checked_sub(ranks).unwrap_or(0);
+    for m in members {
+        let (r, ain) = m.a.dims2()?;
+        let (wo, wi) = (m.w.out_features(), m.w.in_features());
+        if wi != inf || ain != inf || m.b.dims2()? != (wo, r) || m.bias.is_some() {
+            bail!(
+                "joint lora in K: rows {:?}, a {:?}, b {:?} for a [{wo}, {wi}] weight",
+                xw.dims(),
+                m.a.dims(),
+                m.b.dims()
+            );
+        }
+    }
+    if !xw.is_contiguous() {
+        bail!("joint lora in K: the wide rows must be contiguous");
+    }
+    FORWARDS.fetch_add(1, Ordering::Relaxed);
+    WIDE_FORWARDS.fetch_add(1, Ordering::Relaxed);
+    let a = Tensor::cat(&members.iter().map(|m| &m.a).collect::<Vec<_>>(), 0)?;
+    let (x, h) = (xw.narrow(1, 0, inf)?, xw.narrow(1, inf, ranks)?);
+    let plan = ThinPlan::new(vec![(0, 0, n)]);
+    if plan.applies(&x, ranks, &[inf]) {
+        thin_gemm::project_into(&x, &a.unsqueeze(0)?, &plan, 1.0, &h)?;
+    } else {
+        xw.slice_set(&x.contiguous()?.matmul(&a.t()?)?, 1, inf)?;
+    }
+    let (mut ys, mut parts, mut at) = (Vec::new(), Vec::new(), 0);
+    for m in members {
+        let (out, r) = m.b.dims2()?;
+        let zeros = |c: usize| Tensor::zeros((out, c), xw.dtype(), xw.device());
+        let mut tail = Vec::new();
+        if at > 0 {
+            tail.push(zeros(at)?);
+        }
+        tail.push((&m.b * scaling)?);
+        if at + r < ranks {
+            tail.push(zeros(ranks - at - r)?);
+        }
+        let w = m.w.values_wide(xw.dtype(), &Tensor::cat(&tail, 1)?)?;
+        ys.push(super::direct(xw.matmul(&w.t()?)?)?);
+        parts.push((m.b.clone(), h.narrow(1, at, r)?.contiguous()?));
+        at += r;
+    }
+    Ok((ys, JointTape { a, parts, scaling }))
+}
+
 /// dx for the members' upstream gradients `dys` (in the members' order) and each member's
 /// (dA, dB), x the forward's input.
 pub(crate) fn backward(
@@ -116,7 +199,7 @@ pub(crate) fn backward(
         dh.push((dy.matmul(b)? * s)?); // [N, r]
     }
     let dh = Tensor::cat(&dh, 1)?; // [N, Σr]
-    let da = dh.t()?.matmul(x)?; // [Σr, in]
+    let da = factor_grad(&dh, x, ws[0].in_features())?; // [Σr, in]
     let dx = match dx {
         Some(dx) => add_product(dx, &dh, &tape.a, Gemm::nn(1.0))?,
         None => bail!("joint lora: no members"),
@@ -128,6 +211,21 @@ pub(crate) fn backward(
         at += r;
     }
     Ok((dx, grads))
+}
+
+/// dA = dHᵀ·x `[Σr, in]`: x the forward's input `[N, in]`, or its wide rows (`[N, in + Σr]`,
+/// [`forward_wide`]'s), read in place by the thin kernel where it serves them.
+fn factor_grad(dh: &Tensor, x: &Tensor, inf: usize) -> Result<Tensor> {
+    if x.dim(1)? == inf {
+        return dh.t()?.matmul(x);
+    }
+    let (n, ranks) = dh.dims2()?;
+    let x = x.narrow(1, 0, inf)?;
+    let plan = ThinPlan::new(vec![(0, 0, n)]);
+    if plan.applies(&x, ranks, &[inf]) {
+        return thin_gemm::outer(dh, &x, &plan, 1, 1.0)?.squeeze(0);
+    }
+    dh.t()?.matmul(&x.contiguous()?)
 }
 
 #[cfg(test)]

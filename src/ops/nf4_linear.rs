@@ -304,6 +304,46 @@ impl FrozenWeight {
     }
 }
 
+impl FrozenWeight {
+    /// The weight in `dtype` with `tail` `[out, c]` beside its rows: `[out, in + c]` — a
+    /// factor inside the product's K (`ops::lora_joint`). On CUDA a 4-bit weight's rows are
+    /// dequantized in place (the values of [`FrozenWeight::values`]; the kernel the expert
+    /// adapters' `ExpertWeights::dequantize_with` uses) and the tail copied in; otherwise a
+    /// concatenation.
+    pub(crate) fn values_wide(&self, dtype: DType, tail: &Tensor) -> Result<Tensor> {
+        let tail = tail.to_dtype(dtype)?.contiguous()?;
+        let (out, inp) = (self.out_features(), self.in_features());
+        if tail.dim(0)? != out {
+            bail!(
+                "values_wide: tail {:?} for a [{out}, {inp}] weight",
+                tail.dims()
+            );
+        }
+        #[cfg(feature = "cuda")]
+        if let (FrozenWeight::Nf4(w), Device::Cuda(_)) = (self, tail.device()) {
+            let (n, ld) = (out * inp, inp + tail.dim(1)?);
+            if crate::quant::cuda::rows_into_applies(&w.packed, n, inp) && ld % 8 == 0 {
+                let scales = w.absmax.for_rows()?;
+                let wide =
+                    super::grouped_gemm::output_for_products(out * ld, dtype, tail.device())?
+                        .reshape((out, ld))?;
+                crate::quant::cuda::dequantize_rows_into(
+                    &w.packed,
+                    scales.row_scales(),
+                    &wide,
+                    n,
+                    (inp, ld),
+                    w.kind,
+                    w.blocksize,
+                )?;
+                wide.slice_set(&tail, 1, inp)?;
+                return Ok(wide);
+            }
+        }
+        Tensor::cat(&[&self.values(dtype)?, &tail], 1)
+    }
+}
+
 struct Nf4Linear(FrozenWeight);
 
 /// x [.., in] (contiguous) · Wᵀ with W in x's dtype.

@@ -56,6 +56,20 @@ fn rms_norm_cuda(
     plus: Option<&Tensor>,
     eps: f64,
 ) -> Result<Tensor> {
+    rms_norm_cuda_wide(x, w, dy, plus, eps, 0)
+}
+
+/// [`rms_norm_cuda`] with the forward's rows `extra` wider (`rms_norm_fwd_wide_vec`: the
+/// `_vec` kernels only, `extra` whole packs), the last columns not written.
+#[cfg(feature = "cuda")]
+fn rms_norm_cuda_wide(
+    x: &Tensor,
+    w: &Tensor,
+    dy: Option<&Tensor>,
+    plus: Option<&Tensor>,
+    eps: f64,
+    extra: usize,
+) -> Result<Tensor> {
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::Storage;
@@ -82,14 +96,19 @@ fn rms_norm_cuda(
     if plus.is_some() && vec.is_none() {
         candle_core::bail!("rms_norm: the backward plus a residual needs the _vec kernels");
     }
+    let per_pack = 16 / x.dtype().size_in_bytes();
+    if extra > 0 && (dy.is_some() || vec.is_none() || extra % per_pack != 0) {
+        candle_core::bail!("rms_norm: rows {extra} wider need the _vec forward and whole packs");
+    }
     let per_warp = d <= 1024 || vec.is_some();
     let kind = match (d <= 1024, vec) {
         (true, _) => "_warp".to_string(),
         (false, Some(packs)) => format!("_vec{packs}"),
         (false, None) => String::new(),
     };
+    let wide = if extra > 0 { "_wide" } else { "" };
     let func = dev.get_or_load_custom_func(
-        &format!("rms_norm_{pass}{kind}_{suffix}"),
+        &format!("rms_norm_{pass}{wide}{kind}_{suffix}"),
         "moeq_rms_norm",
         super::kernels::RMS_NORM,
     )?;
@@ -126,8 +145,9 @@ fn rms_norm_cuda(
                 Some(g) => Some(view!(g, rows * d)),
                 None => None,
             };
-            // SAFETY: the kernel writes every row.
-            let out = unsafe { dev.alloc(rows * d)? };
+            // SAFETY: the kernel writes every row (a wide row's last `extra` columns are the
+            // caller's to write).
+            let out = unsafe { dev.alloc(rows * (d + extra))? };
             let mut b = func.builder();
             b.arg(&xv);
             b.arg(&wv);
@@ -138,9 +158,13 @@ fn rms_norm_cuda(
                 b.arg(pv);
             }
             b.arg(&out);
+            let ld = d + extra;
             if per_warp {
                 b.arg(&rows);
                 b.arg(&d32);
+                if extra > 0 {
+                    b.arg(&ld);
+                }
             } else {
                 b.arg(&d);
             }
@@ -155,7 +179,11 @@ fn rms_norm_cuda(
         DType::BF16 => run!(S::BF16),
         _ => run!(S::F16),
     };
-    Ok(super::cuda_tensor(slice, dev, x.shape().clone()))
+    let mut shape = x.dims().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last += extra;
+    }
+    Ok(super::cuda_tensor(slice, dev, shape.into()))
 }
 
 impl RmsNorm {
@@ -256,6 +284,29 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     } else {
         super::direct(op.fwd(&x)?)
     }
+}
+
+/// RMSNorm of x `[N, d]` (no graph) into rows `extra` columns wider, `[N, d + extra]`: the
+/// norm in the first d columns (the values of [`rms_norm`]), the last `extra` left for the
+/// caller to write — uninitialised on CUDA where the `_vec` kernels serve the rows (the norm
+/// written in place, no copy), zeros otherwise (the norm, then a concatenation).
+pub(crate) fn rms_norm_wide(x: &Tensor, w: &Tensor, eps: f64, extra: usize) -> Result<Tensor> {
+    let (n, d) = x.dims2()?;
+    if w.dims() != [d] {
+        candle_core::bail!("rms_norm: weight {:?} for {d} features", w.dims());
+    }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && extra % (16 / x.dtype().size_in_bytes()) == 0 {
+        let w = super::at_offset_zero(&w.to_dtype(x.dtype())?.detach())?;
+        let x = super::at_offset_zero(x)?;
+        if vec_packs(&x, &[&x, &w], false).is_some() {
+            let _t = crate::util::phases::Span::start("rms_norm", x.device());
+            return rms_norm_cuda_wide(&x, &w, None, None, eps, extra);
+        }
+    }
+    let normed = rms_norm(&x.detach(), w, eps)?;
+    let room = Tensor::zeros((n, extra), normed.dtype(), normed.device())?;
+    Tensor::cat(&[&normed, &room], 1)
 }
 
 /// The primitive-op RMSNorm (gradients to x and w through candle's autograd).

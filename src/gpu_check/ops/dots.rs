@@ -6,7 +6,7 @@
 use super::super::tolerance::{lookup, Pass};
 use super::super::{compare, Comparison};
 use crate::ops::add::add;
-use crate::ops::norm::{rms_norm_backward, rms_norm_backward_plus};
+use crate::ops::norm::{rms_norm, rms_norm_backward, rms_norm_backward_plus, rms_norm_wide};
 use crate::ops::routing::{
     combine_backward_rows, gather_rows, weights_grad, RowOrder, ROWS_BY_TOKEN,
 };
@@ -97,6 +97,22 @@ pub(super) fn check_row_dots(
             &format!("{what} {dtype:?} = backward, then add"),
             &fused(&on)?.to_device(cpu)?,
             &separate.to_device(cpu)?,
+            lookup("add", "any", Pass::Exact)?,
+        )?);
+    }
+    // The norm written into rows 24 columns wider (`rms_norm_wide`, the joined q/k/v updates'
+    // input: `ops::lora_joint::forward_wide`): its first columns equal the plain norm's on the
+    // same device bit for bit (the same kernel body, another row stride), rows of 2,048 (the
+    // `_vec` kernels on CUDA) and 1,544 (the concatenation).
+    for d in [2048usize, 1544] {
+        let on = |t: Tensor| t.to_dtype(dtype)?.to_device(device);
+        let x = on(Tensor::randn(0f32, 1.0, (21, d), cpu)?)?;
+        let w = on((Tensor::randn(0f32, 0.2, d, cpu)? + 1.0)?)?;
+        let wide = rms_norm_wide(&x, &w, 1e-6, 24)?;
+        out.push(compare(
+            &format!("rms_norm into wider rows (rows of {d}) {dtype:?} = rms_norm"),
+            &wide.narrow(1, 0, d)?.to_device(cpu)?,
+            &rms_norm(&x, &w, 1e-6)?.to_device(cpu)?,
             lookup("add", "any", Pass::Exact)?,
         )?);
     }
