@@ -125,7 +125,7 @@ pub(crate) fn forward_wide(
 ) -> Result<(Vec<Tensor>, JointTape)> {
     let (n, wide) = xw.dims2()?;
     let ranks: usize = members.iter().map(|m| m.a.dim(0)).sum::<Result<usize>>()?;
-    let inf = wide.checked_sub(ranks).unwrap_or(0);
+    let inf = wide.saturating_sub(ranks);
     for m in members {
         let (r, ain) = m.a.dims2()?;
         let (wo, wi) = (m.w.out_features(), m.w.in_features());
