@@ -12,7 +12,7 @@ use crate::data::{Batch, IGNORE_INDEX};
 use crate::lora::{Adapters, LoraSettings};
 use crate::model_files::frozen::{self, CpuQuantizer, SingleProcess};
 use crate::model_files::ModelDir;
-use crate::ops::expert_chunks::EXPERT_CHUNKS;
+use crate::ops::expert_chunks::{CHUNK_BUFFERS, EXPERT_CHUNKS};
 use crate::ops::lora_joint::{JOINT_IN_K, JOINT_LORA};
 use crate::quant::QuantSettings;
 use crate::synth::{self, SynthOptions};
@@ -440,8 +440,8 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
             // The experts' recompute and backward a chunk of experts at a time against the
             // separate passes: the same products in the same order, equal bit for bit.
             let on_device = (device, dtype, Base::Nf4);
-            let chunks = |on| {
-                let _chunks = EXPERT_CHUNKS.scoped(on);
+            let chunks = |on, buffers| {
+                let _chunks = (EXPERT_CHUNKS.scoped(on), CHUNK_BUFFERS.scoped(buffers));
                 step(
                     &dir,
                     on_device,
@@ -450,10 +450,19 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                     Activations::Recompute,
                 )
             };
+            let separate = chunks(false, false)?.1;
             out.extend(worst_of(
                 &format!("train step {name} {dtype:?} chunks = separate passes"),
-                &chunks(true)?.1,
-                &chunks(false)?.1,
+                &chunks(true, false)?.1,
+                &separate,
+                row("chunks = separate passes", Pass::Exact)?,
+            )?);
+            // The chunks' buffers reused and dgu written over gu (`MOEQ_CHUNK_BUFFERS`): the
+            // same products and activations' backward, so the same bits.
+            out.extend(worst_of(
+                &format!("train step {name} {dtype:?} chunks in reused buffers = separate passes"),
+                &chunks(true, true)?.1,
+                &separate,
                 row("chunks = separate passes", Pass::Exact)?,
             )?);
             // q, k and v's adapters with their factor products joined (`MOEQ_JOINT_LORA`):

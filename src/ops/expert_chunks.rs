@@ -16,12 +16,19 @@
 
 use super::expert_weights::ExpertWeights;
 use super::grouped_gemm::{grouped_gemm, grouped_gemm_into, output_for_products, Gemm, Product};
-use super::swiglu::{packed_backward, packed_backward_dot};
+use super::swiglu::{packed_backward, packed_backward_dot, packed_backward_in_place};
 use crate::util::switch::{EnvSwitch, ON_OFF};
 use candle_core::{DType, Result, Tensor};
 use std::ops::Range;
 
 pub static EXPERT_CHUNKS: EnvSwitch = EnvSwitch::new("MOEQ_EXPERT_CHUNKS", false, ON_OFF);
+
+/// The chunks' working buffers (gu, dact) allocated once a layer at the largest chunk's size
+/// and reused by every chunk, dgu written over gu (`swiglu::packed_backward_in_place`): on
+/// CUDA, off until measured (`MOEQ_CHUNK_BUFFERS=1`; launch/bench/NOTES.md item 63). Beside
+/// the attention rerun the chunks measured +1.0% for +0.43 GB of the pool's reserve — buffers
+/// sized by each chunk's rows, which fragment it; these take one size each a layer.
+pub static CHUNK_BUFFERS: EnvSwitch = EnvSwitch::new("MOEQ_CHUNK_BUFFERS", false, ON_OFF);
 
 /// Whether [`backward_by_chunk`] serves these weights: the switch on, and no gate_up bias (its
 /// chunk would need the bias of its experts only).
@@ -88,15 +95,34 @@ pub(crate) fn backward_by_chunk(
         (false, _) => None,
     };
     let (mut parts, mut dot_parts) = (Vec::new(), Vec::new());
-    let mut row = 0;
-    for lo in (0..counts.len()).step_by(chunk) {
-        let experts = lo..(lo + chunk).min(counts.len());
-        let rows: usize = counts[experts.clone()].iter().sum();
-        if rows == 0 {
-            continue;
+    let spans: Vec<(Range<usize>, usize)> = (0..counts.len())
+        .step_by(chunk)
+        .map(|lo| lo..(lo + chunk).min(counts.len()))
+        .map(|e| (e.clone(), counts[e].iter().sum()))
+        .filter(|(_, rows)| *rows > 0)
+        .collect();
+    let most = spans.iter().map(|s| s.1).max().unwrap_or(0);
+    let buffers = match CHUNK_BUFFERS.get() && into.is_some() {
+        true => Some((
+            output_for_products(most * two_i, dt, xs.device())?,
+            output_for_products(most * i, dy.dtype(), xs.device())?,
+        )),
+        false => None,
+    };
+    // A product's output: the first `len` elements of a reused buffer, or its own.
+    let product = |buf: Option<&Tensor>, a: &Tensor, w: &Tensor, len, ps: &[Product], g| match buf {
+        Some(b) => {
+            let out = b.narrow(0, 0, len)?;
+            grouped_gemm_into(&out, a, w, ps, g)?;
+            Ok(out)
         }
+        None => grouped_gemm(a, w, len, ps, g),
+    };
+    let mut row = 0;
+    for (experts, rows) in spans {
         let w_gu = gate_up.dequantize(experts.clone(), dt)?;
-        let gu = grouped_gemm(
+        let gu = product(
+            buffers.as_ref().map(|b| &b.0),
             &xs,
             &w_gu,
             rows * two_i,
@@ -105,7 +131,8 @@ pub(crate) fn backward_by_chunk(
         )?
         .reshape((rows, two_i))?;
         let w_d = down.dequantize(experts.clone(), dy.dtype())?;
-        let dact = grouped_gemm(
+        let dact = product(
+            buffers.as_ref().map(|b| &b.1),
             &dy,
             &w_d,
             rows * i,
@@ -115,15 +142,28 @@ pub(crate) fn backward_by_chunk(
         .reshape((rows, i))?
         .to_dtype(dtype)?;
         drop(w_d);
-        let dgu = match dots {
-            true => {
+        let in_place = match buffers.is_some() {
+            true => packed_backward_in_place(&gu, &dact, gate_up.glu, dots)?,
+            false => None,
+        };
+        let dgu = match (in_place, dots) {
+            (Some(dot), _) => {
+                dot_parts.extend(dot);
+                gu
+            }
+            (None, true) => {
                 let (dgu, dot) = packed_backward_dot(&gu, &dact, gate_up.glu)?;
                 dot_parts.push(dot);
+                drop(gu);
                 dgu
             }
-            false => packed_backward(&gu, &dact, gate_up.glu)?,
+            (None, false) => {
+                let dgu = packed_backward(&gu, &dact, gate_up.glu)?;
+                drop(gu);
+                dgu
+            }
         };
-        drop((gu, dact));
+        drop(dact);
         // The input gradient's rows: at the chunk's place in the shared output, or from 0 in
         // the chunk's own.
         let c_row = if into.is_some() { row } else { 0 };

@@ -222,3 +222,92 @@ pub(super) fn packed_dot_cuda(
     );
     Ok(Some((dgu, dot)))
 }
+
+/// The packed backward written over gu itself (dgu in gu's buffer; with `dots`, each row's dot
+/// too, returned): silu's vectorised kernels, whose threads each read a pack's gate, up and dy
+/// before writing that pack's dgate and dup over the same places, so no thread reads what
+/// another wrote. gu contiguous (a view from its buffer's start or not), dy `[rows, half]` at
+/// offset zero in gu's dtype; None where the rows are not whole 16-byte packs on pack
+/// boundaries (then nothing was written).
+pub(super) fn packed_bwd_in_place(
+    gu: &Tensor,
+    dy: &Tensor,
+    dots: bool,
+) -> Result<Option<Option<Tensor>>> {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorage, WrapErr};
+    use candle_core::Storage;
+    let candle_core::Device::Cuda(dev) = gu.device() else {
+        candle_core::bail!("swiglu_packed: not on CUDA")
+    };
+    let (rows, two_i) = gu.dims2()?;
+    let half = two_i / 2;
+    let per_pack = 16 / gu.dtype().size_in_bytes();
+    let off = gu.layout().start_offset();
+    let whole = half % per_pack == 0 && off % per_pack == 0 && gu.is_contiguous();
+    if !whole || rows == 0 || dy.dims2()? != (rows, half) || dy.dtype() != gu.dtype() {
+        return Ok(None);
+    }
+    let suffix = match gu.dtype() {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => return Ok(None),
+    };
+    let name = match dots {
+        true => format!("swiglu_packed_bwd_dot_vec_{suffix}"),
+        false => format!("swiglu_packed_bwd_vec_{suffix}"),
+    };
+    let func = dev.get_or_load_custom_func(&name, "moeq_swiglu", crate::ops::kernels::SWIGLU)?;
+    let cfg = match dots {
+        // 8 rows (warps) per block of 256 threads.
+        true => LaunchConfig {
+            grid_dim: (rows.div_ceil(8).min(1 << 20) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        },
+        false => LaunchConfig::for_num_elems((rows * half / per_pack).min(1 << 30) as u32),
+    };
+    let dy = crate::ops::at_offset_zero(dy)?;
+    let (sg, _) = gu.storage_and_layout();
+    let (sd, _) = dy.storage_and_layout();
+    let (Storage::Cuda(g), Storage::Cuda(d)) = (&*sg, &*sd) else {
+        candle_core::bail!("swiglu_packed: not on CUDA")
+    };
+    // SAFETY: the kernel writes every row's dot.
+    let dot = unsafe { dev.alloc::<f32>(if dots { rows } else { 1 })? };
+    macro_rules! run {
+        ($t:ty) => {{
+            let gv = g.as_cuda_slice::<$t>()?.slice(off..off + rows * two_i);
+            let dv = d.as_cuda_slice::<$t>()?.slice(0..rows * half);
+            let mut b = func.builder();
+            b.arg(&gv);
+            b.arg(&dv);
+            // dgu over gu: the same view as the input (see above).
+            b.arg(&gv);
+            if dots {
+                b.arg(&dot);
+            }
+            b.arg(&rows);
+            b.arg(&half);
+            // SAFETY: arguments match kernels/swiglu.cu; every pack is read before its thread
+            // writes it.
+            unsafe { b.launch(cfg) }.w()?;
+        }};
+    }
+    match gu.dtype() {
+        DType::F32 => run!(f32),
+        DType::BF16 => run!(half::bf16),
+        _ => run!(half::f16),
+    }
+    if !dots {
+        return Ok(Some(None));
+    }
+    let dot = Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(dot, dev.clone())),
+        candle_core::Shape::from(rows),
+        candle_core::op::BackpropOp::none(),
+        false,
+    );
+    Ok(Some(Some(dot)))
+}

@@ -373,6 +373,25 @@ pub(crate) fn packed_backward_dot(gu: &Tensor, dy: &Tensor, glu: Glu) -> Result<
     packed_backward_dot_reference(gu, &dy, glu)
 }
 
+/// The packed backward written over `gu` (consumed: its buffer then holds dgu) where CUDA's
+/// vectorised silu kernels serve the rows — Some(each row's dot where `dots`, as
+/// `packed_backward_dot`) — else None and `gu` untouched (the caller runs the allocating
+/// backward). The same values as `packed_backward` / `packed_backward_dot`.
+pub(crate) fn packed_backward_in_place(
+    gu: &Tensor,
+    dy: &Tensor,
+    glu: Glu,
+    dots: bool,
+) -> Result<Option<Option<Tensor>>> {
+    #[cfg(feature = "cuda")]
+    if gu.device().is_cuda() && glu == Glu::Silu {
+        let dy = dy.to_dtype(gu.dtype())?;
+        return cuda::packed_bwd_in_place(gu, &dy, dots);
+    }
+    let _ = (gu, dy, glu, dots);
+    Ok(None)
+}
+
 /// The packed backward into rows `extra` columns wider, `[rows, 2·I + extra]` (the last
 /// columns left to the caller: `ops::lora_in_k`; zeros on the CPU, unwritten on CUDA where
 /// silu's vectorised kernels take the rows — else the plain backward and a concatenation),
