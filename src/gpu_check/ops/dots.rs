@@ -10,7 +10,7 @@ use crate::ops::norm::{rms_norm, rms_norm_backward, rms_norm_backward_plus, rms_
 use crate::ops::routing::{
     combine_backward_rows, gather_rows, weights_grad, RowOrder, ROWS_BY_TOKEN,
 };
-use crate::ops::swiglu::{packed_backward_dot, Glu};
+use crate::ops::swiglu::{packed_backward_dot, packed_backward_in_place, Glu};
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Runs `f` (no graph: a backward's own arithmetic) on the CPU in f32 and on `device` in
@@ -66,6 +66,41 @@ pub(super) fn check_row_dots(
                 Ok(vec![dgu, dot])
             },
         )?);
+    }
+    // The same backward written over gu (`packed_backward_in_place`, the experts' chunks in
+    // reused buffers), with and without the dots, against the allocating kernels on the same
+    // device: equal bit for bit (rows of I = 192 take it; 102 are not whole packs in f32
+    // and bf16: None, gu untouched).
+    for (half, dots) in [(192usize, true), (192, false), (102, true)] {
+        let on = |t: Tensor| t.to_dtype(dtype)?.to_device(device);
+        let gu = on((Tensor::randn(0f32, 1.0, (257, 2 * half), cpu)? * 3.0)?)?;
+        let dy = on(Tensor::randn(0f32, 1.0, (257, half), cpu)?)?;
+        let (want, want_dot) = packed_backward_dot(&gu, &dy, Glu::Silu)?;
+        let over = gu.copy()?;
+        let served = packed_backward_in_place(&over, &dy, Glu::Silu, dots)?;
+        let what = format!("swiglu_packed backward in place (I = {half}, dots {dots}) {dtype:?}");
+        let exact = lookup("add", "any", Pass::Exact)?;
+        match served {
+            Some(dot) => {
+                out.push(compare(
+                    &what,
+                    &over.to_device(cpu)?,
+                    &want.to_device(cpu)?,
+                    exact,
+                )?);
+                if let Some(dot) = dot {
+                    let (g, w) = (dot.to_device(cpu)?, want_dot.to_device(cpu)?);
+                    out.push(compare(&format!("{what} dots"), &g, &w, exact)?);
+                }
+            }
+            // Not served (CPU; rows not whole packs): gu must be untouched.
+            None => out.push(compare(
+                &what,
+                &over.to_device(cpu)?,
+                &gu.to_device(cpu)?,
+                exact,
+            )?),
+        }
     }
     // The pre-norm residual's input gradient, plus + the norm's dx, in one pass (CUDA bf16:
     // rows of 2,048 and 1,544 in the norm's row kernels; f32 takes the separate add): against
