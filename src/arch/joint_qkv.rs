@@ -1,7 +1,7 @@
 //! q, k and v of an attention's input, their adapters' factor products joined where
-//! `ops::lora_joint` serves them (`MOEQ_JOINT_LORA`), apart otherwise — the one place the
-//! plain forward (`Attention::qkv`) and the taped forward (`arch::backward`) decide it, so a
-//! layer's recompute computes what its forward did.
+//! `ops::lora_joint` serves them (`MOEQ_JOINT_LORA`; docs/ARCHITECTURE.md decision 38), apart
+//! otherwise — the one place the plain forward (`Attention::qkv`) and the taped forward
+//! (`arch::backward`) decide it, so a layer's recompute computes what its forward did.
 
 use super::attn::Attn;
 use super::backward::{proj, AdapterGrads, ProjTape};

@@ -1,6 +1,6 @@
 //! The adapters of projections that read one input — an attention's q, k and v — with their
 //! factor products over that input joined (`JOINT_LORA`, off by default until measured:
-//! `MOEQ_JOINT_LORA=1`; launch/bench/NOTES.md item 63).
+//! `MOEQ_JOINT_LORA=1`; docs/ARCHITECTURE.md decision 38, launch/bench/NOTES.md item 63).
 //!
 //! Each projection is `lora_linear`'s `y = (x·Wᵀ + bias) + s·(x·Aᵀ)·Bᵀ`, the sum rounded once.
 //! Apart, each adapter reads x for its hidden `x·Aᵀ` in the forward (and in the recompute) and
