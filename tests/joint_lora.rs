@@ -1,5 +1,6 @@
-//! q, k and v's adapters with their factor products joined (`MOEQ_JOINT_LORA`, off by
-//! default, src/ops/lora_joint.rs) on tiny models of every architecture, on the CPU in f32. A
+//! The adapters of projections of one input — q, k and v; a dense MLP's or a shared expert's
+//! gate and up — with their factor products joined (`MOEQ_JOINT_LORA`, off by default,
+//! src/ops/lora_joint.rs) on tiny models of every architecture, on the CPU in f32. A
 //! binary of its own: the switch is process-wide and changes the rounding, so the exact
 //! comparisons of tests/trainer_grads.rs must not run beside it.
 
@@ -14,14 +15,16 @@ use moeq::train::step::Activations;
 /// With the switch on, the gradients are the separate products' within f32 rounding (the same
 /// sums in another order: 1e-4 of each tensor's largest gradient, which the tiny models' few
 /// terms keep far above the differences), kept activations give the recompute's bits (the
-/// plain forward and the recompute take the same path), and the joined path ran on every
+/// plain forward and the recompute take the same path), and q/k/v's joined path ran on every
 /// architecture with q/k/v heads written out (not latent attention's projections, not the
-/// gated attention candle's graph runs). One test: the switch is process-wide, and a second
-/// test flipping it meanwhile would move this one's rounding.
+/// gated attention candle's graph runs), gate/up's on those with a dense MLP or a split shared
+/// expert. One test: the switch is process-wide, and a second test flipping it meanwhile
+/// would move this one's rounding.
 #[test]
 fn joined_q_k_v_adapters_give_the_separate_gradients() {
     dropout_keeps_the_products_apart();
     updates_in_k_give_the_separate_gradients();
+    let mut gate_up = Vec::new();
     for arch in ARCHS {
         let s = setup_targets(arch, 0.0, false, true);
         let b = batch(s.model.spec.vocab_size, 8);
@@ -29,16 +32,16 @@ fn joined_q_k_v_adapters_give_the_separate_gradients() {
             let _off = JOINT_LORA.scoped(false);
             grads_with(&s, &b, None, Activations::Recompute)
         };
-        let before = forwards();
+        let before = (forwards(3), forwards(2));
         let (joined, kept) = {
             let _on = JOINT_LORA.scoped(true);
             let r = grads_with(&s, &b, None, Activations::Recompute);
             (r, grads_with(&s, &b, None, Activations::Keep))
         };
-        let ran = forwards() > before;
+        let ran = (forwards(3) > before.0, forwards(2) > before.1);
         // Latent attention's projections read different inputs; Qwen3-Next's and Qwen3.5's
         // full attention has an output gate and runs under candle's graph in the taped layer.
-        let apart = matches!(
+        let qkv_apart = matches!(
             arch,
             ModelType::Glm4MoeLite
                 | ModelType::DeepseekV2
@@ -46,7 +49,8 @@ fn joined_q_k_v_adapters_give_the_separate_gradients() {
                 | ModelType::Qwen3Next
                 | ModelType::Qwen35MoeText
         );
-        assert_eq!(ran, !apart, "{arch:?}: the joined path ran: {ran}");
+        assert_eq!(ran.0, !qkv_apart, "{arch:?}: q/k/v joined");
+        gate_up.extend(ran.1.then_some(arch));
         assert_eq!(
             separate.keys().collect::<Vec<_>>(),
             joined.keys().collect::<Vec<_>>()
@@ -63,6 +67,22 @@ fn joined_q_k_v_adapters_give_the_separate_gradients() {
             assert_eq!(exact, 0.0, "{arch:?} {name}: kept vs recomputed");
         }
     }
+    // Dense MLP layers or a shared expert with separate gate and up (Granite's shared MLP has
+    // them fused: one projection).
+    use ModelType::*;
+    let want = [
+        Qwen2Moe,
+        Glm4Moe,
+        Glm4MoeLite,
+        DeepseekV2,
+        DeepseekV3,
+        Ernie45Moe,
+        HunyuanV1Moe,
+        Llama4Text,
+        Qwen3Next,
+        Qwen35MoeText,
+    ];
+    assert_eq!(gate_up, want, "the architectures whose gate and up joined");
 }
 
 /// With LoRA dropout each projection draws its own mask, so q, k and v keep their separate
@@ -76,12 +96,16 @@ fn dropout_keeps_the_products_apart() {
         let _off = JOINT_LORA.scoped(false);
         grads_with(&s, &b, key, Activations::Recompute)
     };
-    let before = forwards();
+    let before = forwards(3) + forwards(2);
     let on = {
         let _on = JOINT_LORA.scoped(true);
         grads_with(&s, &b, key, Activations::Recompute)
     };
-    assert_eq!(forwards(), before, "with dropout the products stay apart");
+    assert_eq!(
+        forwards(3) + forwards(2),
+        before,
+        "with dropout the products stay apart"
+    );
     for (name, want) in &separate {
         assert!(max_abs(want) > 0.0, "{name}: zero gradient");
         assert_eq!(max_abs(&(&on[name] - want).unwrap()), 0.0, "{name}");
@@ -137,4 +161,13 @@ fn updates_in_k_give_the_separate_gradients() {
         Llama4Text,
     ];
     assert_eq!(wide, want, "the architectures in K");
+    // A 16-bit base keeps its products reading the weights in place: joined, not in K.
+    let s = setup_rank(Qwen3Moe, 0.0, true, true, 8);
+    let b = batch(s.model.spec.vocab_size, 11);
+    let before = (wide_forwards(), forwards(3));
+    let _on = (JOINT_LORA.scoped(true), JOINT_IN_K.scoped(true));
+    let grads = grads_with(&s, &b, None, Activations::Recompute);
+    assert!(grads.values().all(|g| max_abs(g) > 0.0));
+    assert_eq!(wide_forwards(), before.0, "a 16-bit base in K");
+    assert!(forwards(3) > before.1, "a 16-bit base's q/k/v joined");
 }

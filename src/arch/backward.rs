@@ -13,7 +13,7 @@
 //! whether the backward recomputes the layer or keeps its tape from the forward.
 
 use super::attn::{graph_attention, graph_backward};
-use super::joint_qkv::{qkv_taped, QkvTape};
+use super::joint::{qkv_taped, Tapes};
 use super::latent::LatentTape;
 use super::layers::{dropout_mask, part, whole_heads, Attention, Attn, Layer, Mlp, Proj};
 use super::mlp_tape::{swiglu_mlp, MlpTape};
@@ -115,7 +115,7 @@ pub(super) fn norm_backward_plus(
 }
 
 struct AttnTape {
-    qkv_in: QkvTape,
+    qkv_in: Tapes,
     /// q and k before the norm over the whole projection (`QkNorm::FullProjection`).
     pre_norm: Option<(Tensor, Tensor)>,
     /// q, k and v before `clip_qkv`.
@@ -236,7 +236,8 @@ impl AttnTape {
             dq = norm_backward(q0, qn, &dq, spec.rms_norm_eps)?;
             dk = norm_backward(k0, kn, &dk, spec.rms_norm_eps)?;
         }
-        self.qkv_in.backward(a, [dq, dk, dv], grads)
+        self.qkv_in
+            .backward(&[&a.q, &a.k, &a.v], &[dq, dk, dv], None, grads)
     }
 }
 
@@ -305,7 +306,7 @@ impl Layer {
     ) -> Result<(Option<Tensor>, LayerStats, LayerTape)> {
         let [attn_side, mlp_side] = self.sides(spec);
         let x = x.detach();
-        let h = super::joint_qkv::attention_input(&attn_side, &self.attn, spec, &x, lora)?;
+        let h = super::joint::attention_input(&attn_side, &self.attn, spec, &x, lora)?;
         let (a, attn) = match &self.attn {
             attn if graph_attention(attn, spec) => {
                 let input = candle_core::Var::from_tensor(&h)?;

@@ -145,8 +145,7 @@ fn sigmoid(x: &Tensor) -> Result<Tensor> {
 
 /// gate, up, down: x [N, H] → down(silu(gate(x)) · up(x)) [N, H].
 pub(super) fn swiglu_mlp(p: &[Proj; 3], x: &Tensor, lora: &LoraCtx) -> Result<Tensor> {
-    let g = p[0].forward(x, lora)?;
-    let u = p[1].forward(x, lora)?;
+    let [g, u] = super::joint::gate_up(p, x, lora)?;
     p[2].forward(&swiglu(&g, &u)?, lora)
 }
 
@@ -261,7 +260,7 @@ impl Attention {
         let eps = spec.rms_norm_eps;
         // q [N, nh·hd], k and v [N, kvh·hd].
         let [mut q, mut k, mut v] = timed("attn: q/k/v projections", x.device(), || {
-            super::joint_qkv::qkv(self, spec, x, lora)
+            super::joint::qkv(self, spec, x, lora)
         })?;
         let gate = match spec.attn_output_gate {
             false => None,
@@ -551,7 +550,7 @@ impl Layer {
         let pass = if lora.live { "recompute" } else { "forward" };
         let [attn_side, mlp_side] = self.sides(spec);
         let x = timed(phase("attention", pass), dev, || {
-            let h = super::joint_qkv::attention_input(&attn_side, &self.attn, spec, x, lora)?;
+            let h = super::joint::attention_input(&attn_side, &self.attn, spec, x, lora)?;
             attn_side.join(x, &self.attn.forward(spec, index, &h, inputs, lora)?)
         })?;
         let (m, stats) = timed(phase("mlp", pass), dev, || -> Result<_> {

@@ -3,6 +3,7 @@
 //! or gate and up as one fused projection (Granite MoE's shared MLP).
 
 use super::backward::{proj, AdapterGrads, ProjTape};
+use super::joint::{gate_up_taped, Tapes};
 use super::layers::{MlpProjs, Proj};
 use super::model::LoraCtx;
 use crate::ops::swiglu::{packed_backward, packed_forward, swiglu, swiglu_backward, Glu};
@@ -10,22 +11,19 @@ use candle_core::{Result, Tensor};
 
 /// gate, up, down of a SwiGLU MLP.
 pub(super) struct MlpTape {
-    gate: ProjTape,
-    up: ProjTape,
+    gate_up: Tapes,
     g: Tensor,
     u: Tensor,
     down: ProjTape,
 }
 
 pub(super) fn swiglu_mlp(p: &[Proj; 3], x: &Tensor, lora: &LoraCtx) -> Result<(Tensor, MlpTape)> {
-    let (g, gate) = proj(&p[0], x, lora)?;
-    let (u, up) = proj(&p[1], x, lora)?;
+    let ([g, u], gate_up) = gate_up_taped(p, x, lora)?;
     let (y, down) = proj(&p[2], &swiglu(&g, &u)?, lora)?;
     Ok((
         y,
         MlpTape {
-            gate,
-            up,
+            gate_up,
             g,
             u,
             down,
@@ -43,8 +41,8 @@ impl MlpTape {
     ) -> Result<Tensor> {
         let dact = self.down.backward(&p[2], dy, None, grads)?;
         let (dg, du) = swiglu_backward(&self.g, &self.u, &dact)?;
-        let dx = self.gate.backward(&p[0], &dg, dx_into, grads)?;
-        self.up.backward(&p[1], &du, Some(dx), grads)
+        self.gate_up
+            .backward(&[&p[0], &p[1]], &[dg, du], dx_into, grads)
     }
 }
 

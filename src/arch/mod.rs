@@ -9,7 +9,7 @@ mod cfg_llama4;
 mod decode;
 pub mod exchange;
 mod inputs;
-mod joint_qkv;
+mod joint;
 mod latent;
 mod layers;
 mod linear_attn;

@@ -26,12 +26,14 @@ pub static JOINT_LORA: EnvSwitch = EnvSwitch::new("MOEQ_JOINT_LORA", false, ON_O
 /// The joined updates inside the base products' K ([`forward_wide`]; with `JOINT_LORA` only).
 pub static JOINT_IN_K: EnvSwitch = EnvSwitch::new("MOEQ_JOINT_IN_K", false, ON_OFF);
 
-static FORWARDS: AtomicU64 = AtomicU64::new(0);
+/// Joined forwards so far, by their number of members (0 to 3, more counted as 3).
+static FORWARDS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 static WIDE_FORWARDS: AtomicU64 = AtomicU64::new(0);
 
-/// How many joined forwards this process ran (what tests read to know the path was taken).
-pub fn forwards() -> u64 {
-    FORWARDS.load(Ordering::Relaxed)
+/// How many joined forwards of `members` projections this process ran (what tests read to
+/// know the path was taken: 3 for q/k/v, 2 for gate/up).
+pub fn forwards(members: usize) -> u64 {
+    FORWARDS[members.min(3)].load(Ordering::Relaxed)
 }
 
 /// How many of them had the updates inside the base products' K ([`forward_wide`]).
@@ -74,7 +76,7 @@ pub(crate) fn forward(
             );
         }
     }
-    FORWARDS.fetch_add(1, Ordering::Relaxed);
+    FORWARDS[members.len().min(3)].fetch_add(1, Ordering::Relaxed);
     let x = super::at_offset_zero(x)?;
     let a = Tensor::cat(&members.iter().map(|m| &m.a).collect::<Vec<_>>(), 0)?;
     let h = x.matmul(&a.t()?)?; // [N, Σr]
@@ -98,19 +100,24 @@ pub(crate) fn forward(
     Ok((ys, JointTape { a, parts, scaling }))
 }
 
-/// Whether the members' hiddens (ranks summing to `ranks`) go inside the base products' K
-/// over `x`'s rows of `inf` inputs: the switch on, no bias (its sum would come in another
-/// order), and the thin kernels' shapes — Σr a multiple of 8 up to `MAX_RANK`, `inf` a
-/// multiple of 8 — asked on every device so the CPU and the GPU take the same path; bf16, or
-/// f32 on the CPU (the tests' reference).
-pub(crate) fn in_k_fits(x: &Tensor, ranks: usize, inf: usize, biased: bool) -> bool {
+/// Whether the hiddens of `members` go inside the base products' K over `x`'s rows: the
+/// switch on, 4-bit weights (a 16-bit base's product reads its weight in place; widened it
+/// would be copied every pass), no bias (its sum would come in another order), and the thin
+/// kernels' shapes — Σr a multiple of 8 up to `MAX_RANK`, the inputs a multiple of 8 — asked
+/// on every device so the CPU and the GPU take the same path; bf16, or f32 on the CPU (the
+/// tests' reference). Some(Σr) where they do.
+pub(crate) fn in_k_fits(x: &Tensor, members: &[(&FrozenWeight, bool, usize)]) -> Option<usize> {
+    let ranks: usize = members.iter().map(|m| m.2).sum();
+    let inf = x.dim(1).unwrap_or(0);
+    let four_bit = members.iter().all(|m| matches!(m.0, FrozenWeight::Nf4(_)));
+    let biased = members.iter().any(|m| m.1);
     let shapes = ranks > 0 && ranks % 8 == 0 && ranks <= MAX_RANK && inf % 8 == 0;
     let dtype = match x.dtype() {
         DType::BF16 => true,
         DType::F32 => !x.device().is_cuda(),
         _ => false,
     };
-    JOINT_IN_K.get() && !biased && shapes && dtype
+    (JOINT_IN_K.get() && four_bit && !biased && shapes && dtype).then_some(ranks)
 }
 
 /// [`forward`] over wide rows `xw` `[N, in + Σr]` (the input in the first `in` columns, e.g.
@@ -141,7 +148,7 @@ pub(crate) fn forward_wide(
     if !xw.is_contiguous() {
         bail!("joint lora in K: the wide rows must be contiguous");
     }
-    FORWARDS.fetch_add(1, Ordering::Relaxed);
+    FORWARDS[members.len().min(3)].fetch_add(1, Ordering::Relaxed);
     WIDE_FORWARDS.fetch_add(1, Ordering::Relaxed);
     let a = Tensor::cat(&members.iter().map(|m| &m.a).collect::<Vec<_>>(), 0)?;
     let (x, h) = (xw.narrow(1, 0, inf)?, xw.narrow(1, inf, ranks)?);
@@ -171,13 +178,15 @@ pub(crate) fn forward_wide(
     Ok((ys, JointTape { a, parts, scaling }))
 }
 
-/// dx for the members' upstream gradients `dys` (in the members' order) and each member's
-/// (dA, dB), x the forward's input.
+/// dx for the members' upstream gradients `dys` (in the members' order), added into `dx_into`
+/// where given (as `lora_linear::backward_into`), and each member's (dA, dB), x the forward's
+/// input.
 pub(crate) fn backward(
     x: &Tensor,
     ws: &[&FrozenWeight],
     tape: JointTape,
     dys: &[Tensor],
+    dx_into: Option<Tensor>,
 ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
     if ws.len() != dys.len() || ws.len() != tape.parts.len() || ws.is_empty() {
         bail!(
@@ -188,7 +197,7 @@ pub(crate) fn backward(
         );
     }
     let s = tape.scaling;
-    let mut dx = None;
+    let mut dx = dx_into;
     for (w, dy) in ws.iter().zip(dys) {
         dx = Some(backward_into(x, w, None, dy, dx)?.0);
     }
@@ -230,7 +239,7 @@ fn factor_grad(dh: &Tensor, x: &Tensor, inf: usize) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use super::{backward, forward, Member};
+    use super::{backward, forward, forward_wide, Member};
     use crate::ops::lora_linear::{backward_into, forward_taped};
     use crate::ops::nf4_linear::{FrozenWeight, Nf4Weight};
     use crate::quant::{QuantSettings, QuantizedParam};
@@ -244,77 +253,93 @@ mod tests {
             .to_scalar::<f32>()
     }
 
-    /// Three projections of one input (a q of 48 outputs, k and v of 16, one with a bias) on
-    /// the CPU, joined against `lora_linear`'s separate forward and backward with the same
-    /// factors: in f32 within 1e-5 of each tensor's scale (the same sums, dA and dx's update
-    /// over K = 3r instead of three products of r: f32 rounding of O(1) terms), in bf16 within
-    /// 2e-2 (one bf16 rounding of the hidden or of the dx sum placed differently: ≈ 2⁻⁸ of the
-    /// scale, twice).
+    /// Three projections of one input (a q of 48 outputs, k and v of 16) on the CPU, joined
+    /// against `lora_linear`'s separate forward and backward with the same factors, s = 1.7
+    /// (not a power of two: in K, s·B is rounded where the separate path scales in the
+    /// product): apart from K with rank 4 and a bias on k, in K with rank 8 (Σr = 24) over
+    /// wide rows. In f32 within 1e-5 of each tensor's scale (the same sums in another order,
+    /// f32 rounding of O(1) terms), in bf16 within 2e-2 (a bf16 rounding of the hidden, of s·B
+    /// or of the dx sum placed differently: ≈ 2⁻⁸ of the scale, a few times).
     #[test]
     fn joined_factor_products_give_the_separate_projections() -> Result<()> {
         let cpu = &Device::Cpu;
-        let (n, inf, r) = (11usize, 64usize, 4usize);
+        let (n, inf, s) = (11usize, 64usize, 1.7);
         let outs = [48usize, 16, 16];
-        for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 2e-2)] {
-            let ws = outs
-                .iter()
-                .map(|&o| {
-                    let w: Vec<f32> = Tensor::randn(0f32, 0.1, o * inf, cpu)?.to_vec1()?;
-                    let q = QuantizedParam::quantize(&w, &[o, inf], QuantSettings::default())
-                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-                    Ok(FrozenWeight::Nf4(Nf4Weight::from_param(&q, cpu)?))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let rnd =
-                |shape: (usize, usize), s: f32| Tensor::randn(0f32, s, shape, cpu)?.to_dtype(dtype);
-            let bias = rnd((1, outs[1]), 0.5)?.squeeze(0)?;
-            let x = rnd((n, inf), 1.0)?;
-            let factors = outs
-                .iter()
-                .map(|&o| Ok((rnd((r, inf), 0.2)?, rnd((o, r), 0.2)?)))
-                .collect::<Result<Vec<_>>>()?;
-            let members: Vec<Member> = ws
-                .iter()
-                .zip(&factors)
-                .enumerate()
-                .map(|(i, (w, (a, b)))| Member {
-                    w,
-                    bias: (i == 1).then_some(&bias),
-                    a: a.clone(),
-                    b: b.clone(),
-                })
-                .collect();
-            let (ys, tape) = forward(&x, &members, 2.0)?;
-            let dys = outs
-                .iter()
-                .map(|&o| rnd((n, o), 1.0))
-                .collect::<Result<Vec<_>>>()?;
-            let wr: Vec<&FrozenWeight> = ws.iter().collect();
-            let (dx, grads) = backward(&x, &wr, tape, &dys)?;
-            let mut want_dx: Option<Tensor> = None;
-            for (i, m) in members.iter().enumerate() {
-                let (y, t) = forward_taped(&x, m.w, m.bias, (&m.a, &m.b), 2.0, None)?;
-                let close = |got: &Tensor, want: &Tensor, what: &str| -> Result<()> {
-                    let scale = max_abs(want)?;
-                    assert!(scale > 0.05, "{what}: a zero tensor checks nothing");
-                    let d = max_abs(&(got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?)?;
-                    assert!(
-                        d <= tol * scale,
-                        "{dtype:?} {what} {i}: off by {d} ({scale})"
-                    );
-                    Ok(())
+        for (wide, r) in [(false, 4usize), (true, 8)] {
+            for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 2e-2)] {
+                let ws = outs
+                    .iter()
+                    .map(|&o| {
+                        let w: Vec<f32> = Tensor::randn(0f32, 0.1, o * inf, cpu)?.to_vec1()?;
+                        let q = QuantizedParam::quantize(&w, &[o, inf], QuantSettings::default())
+                            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                        Ok(FrozenWeight::Nf4(Nf4Weight::from_param(&q, cpu)?))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let rnd = |shape: (usize, usize), s: f32| {
+                    Tensor::randn(0f32, s, shape, cpu)?.to_dtype(dtype)
                 };
-                close(&ys[i], &y, "output")?;
-                let (d, f) = backward_into(&x, m.w, Some(&t), &dys[i], want_dx.take())?;
-                want_dx = Some(d);
-                let (da, db) = f.expect("an adapter's gradients");
-                close(&grads[i].0, &da, "dA")?;
-                close(&grads[i].1, &db, "dB")?;
+                let bias = rnd((1, outs[1]), 0.5)?.squeeze(0)?;
+                let x = rnd((n, inf), 1.0)?;
+                let factors = outs
+                    .iter()
+                    .map(|&o| Ok((rnd((r, inf), 0.2)?, rnd((o, r), 0.2)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                let members: Vec<Member> = ws
+                    .iter()
+                    .zip(&factors)
+                    .enumerate()
+                    .map(|(i, (w, (a, b)))| Member {
+                        w,
+                        bias: (i == 1 && !wide).then_some(&bias),
+                        a: a.clone(),
+                        b: b.clone(),
+                    })
+                    .collect();
+                // In K: the rows 3r wider, their tail ones (what the forward overwrites).
+                let xin = match wide {
+                    false => x.clone(),
+                    true => Tensor::cat(&[&x, &Tensor::ones((n, 3 * r), dtype, cpu)?], 1)?,
+                };
+                let (ys, tape) = match wide {
+                    false => forward(&xin, &members, s)?,
+                    true => forward_wide(&xin, &members, s)?,
+                };
+                let dys = outs
+                    .iter()
+                    .map(|&o| rnd((n, o), 1.0))
+                    .collect::<Result<Vec<_>>>()?;
+                let wr: Vec<&FrozenWeight> = ws.iter().collect();
+                let (dx, grads) = backward(&xin, &wr, tape, &dys, None)?;
+                let mut want_dx: Option<Tensor> = None;
+                for (i, m) in members.iter().enumerate() {
+                    let (y, t) = forward_taped(&x, m.w, m.bias, (&m.a, &m.b), s, None)?;
+                    let close = |got: &Tensor, want: &Tensor, what: &str| -> Result<()> {
+                        let scale = max_abs(want)?;
+                        assert!(scale > 0.05, "{what}: a zero tensor checks nothing");
+                        let (g, w) = (got.to_dtype(DType::F32)?, want.to_dtype(DType::F32)?);
+                        let d = max_abs(&(g - w)?)?;
+                        assert!(
+                            d <= tol * scale,
+                            "{dtype:?} in K {wide} {what} {i}: off by {d} ({scale})"
+                        );
+                        Ok(())
+                    };
+                    close(&ys[i], &y, "output")?;
+                    let (d, f) = backward_into(&x, m.w, Some(&t), &dys[i], want_dx.take())?;
+                    want_dx = Some(d);
+                    let (da, db) = f.expect("an adapter's gradients");
+                    close(&grads[i].0, &da, "dA")?;
+                    close(&grads[i].1, &db, "dB")?;
+                }
+                let want_dx = want_dx.expect("three members");
+                let scale = max_abs(&want_dx)?;
+                let d = max_abs(&(dx.to_dtype(DType::F32)? - want_dx.to_dtype(DType::F32)?)?)?;
+                assert!(
+                    d <= tol * scale,
+                    "{dtype:?} in K {wide} dx off by {d} ({scale})"
+                );
             }
-            let want_dx = want_dx.expect("three members");
-            let scale = max_abs(&want_dx)?;
-            let d = max_abs(&(dx.to_dtype(DType::F32)? - want_dx.to_dtype(DType::F32)?)?)?;
-            assert!(d <= tol * scale, "{dtype:?} dx off by {d} ({scale})");
         }
         Ok(())
     }

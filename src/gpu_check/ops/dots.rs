@@ -137,9 +137,9 @@ pub(super) fn check_row_dots(
     }
     // The norm written into rows 24 columns wider (`rms_norm_wide`, the joined q/k/v updates'
     // input: `ops::lora_joint::forward_wide`): its first columns equal the plain norm's on the
-    // same device bit for bit (the same kernel body, another row stride), rows of 2,048 (the
-    // `_vec` kernels on CUDA) and 1,544 (the concatenation).
-    for d in [2048usize, 1544] {
+    // same device bit for bit (the same kernel body, another row stride), rows of 2,048 and
+    // 1,544 (the `_vec` kernels on CUDA) and 1,000 (no `_vec` kernel: the concatenation).
+    for d in [2048usize, 1544, 1000] {
         let on = |t: Tensor| t.to_dtype(dtype)?.to_device(device);
         let x = on(Tensor::randn(0f32, 1.0, (21, d), cpu)?)?;
         let w = on((Tensor::randn(0f32, 0.2, d, cpu)? + 1.0)?)?;

@@ -5,6 +5,7 @@
 
 mod adamw;
 mod attention;
+mod chunks;
 mod conv_silu;
 #[cfg(feature = "cuda")]
 mod cudnn;
@@ -543,6 +544,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
     out.extend(adamw::check_adamw(device)?);
     out.extend(thin::check_thin_gemm(device)?);
     out.extend(in_k::check_lora_in_k(device)?);
+    out.extend(chunks::check_chunk_buffers(device)?);
     #[cfg(feature = "cuda")]
     out.extend(sm90::check_sm90_grouped(device)?);
     #[cfg(feature = "cuda")]

@@ -373,6 +373,14 @@ pub(crate) fn packed_backward_dot(gu: &Tensor, dy: &Tensor, glu: Glu) -> Result<
     packed_backward_dot_reference(gu, &dy, glu)
 }
 
+static IN_PLACE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many backwards [`packed_backward_in_place`] served in this process (gpu-check asserts
+/// its rows ran them).
+pub fn in_place_launches() -> u64 {
+    IN_PLACE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The packed backward written over `gu` (consumed: its buffer then holds dgu) where CUDA's
 /// vectorised silu kernels serve the rows — Some(each row's dot where `dots`, as
 /// `packed_backward_dot`) — else None and `gu` untouched (the caller runs the allocating
@@ -386,7 +394,11 @@ pub(crate) fn packed_backward_in_place(
     #[cfg(feature = "cuda")]
     if gu.device().is_cuda() && glu == Glu::Silu {
         let dy = dy.to_dtype(gu.dtype())?;
-        return cuda::packed_bwd_in_place(gu, &dy, dots);
+        let served = cuda::packed_bwd_in_place(gu, &dy, dots)?;
+        if served.is_some() {
+            IN_PLACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        return Ok(served);
     }
     let _ = (gu, dy, glu, dots);
     Ok(None)
