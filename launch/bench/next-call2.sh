@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The second device call after stop 56 (after next-call.sh, whose gpu-check runs the new
 # switches' rows): the A/B of each change stop 56 wrote behind a switch, no GPU having been lent
-# (launch/bench/NOTES.md item 63), at micro-batch 8 (MBS to change), each ≈ 100 s:
+# (launch/bench/NOTES.md item 63), at micro-batch 8 (MBS to change), each ≈ 100 s (all five
+# ≈ 500 s of the 600 a call may take):
 #   joint    q/k/v's adapters' factor products joined (MOEQ_JOINT_LORA), q/k/v/o config;
 #   in-k     their updates inside the base products' K too (MOEQ_JOINT_IN_K), against joint;
 #   buffers  the experts' chunks in reused buffers (MOEQ_EXPERT_CHUNKS + MOEQ_CHUNK_BUFFERS)
 #            beside the attention rerun, against the defaults (no chunks);
-#   expert   joint and in K with expert adapters (CFG=expert), against the defaults.
+#   expert   joint and in K with expert adapters (CFG=expert), against the defaults;
+#   atomic   `full_determinism: false` (cuDNN's atomic dq; MOEQ_CUDNN_DETERMINISTIC=0) against
+#            the default deterministic backward.
 # Everything under $OUT packed into $OUT/next-call2.tar.gz (the device returns at most 8
 # files). GPU machine, repository root, .device carried:
 #
-#   OUT=$OUT bash launch/bench/next-call2.sh [joint in-k buffers expert]
+#   OUT=$OUT bash launch/bench/next-call2.sh [joint in-k buffers expert atomic]
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ab() {
@@ -19,7 +22,7 @@ ab() {
   echo "== $name: $*"
   env "$@" OUT="$OUT/$name" timeout 130 bash launch/bench/ab.sh ${MBS:-8} | tail -8
 }
-for what in ${*:-joint in-k buffers expert}; do
+for what in ${*:-joint in-k buffers expert atomic}; do
   case "$what" in
   joint) ab joint MOEQ_JOINT_LORA=1 A_ENV=MOEQ_JOINT_LORA=0 ;;
   in-k) ab in-k MOEQ_JOINT_LORA=1 MOEQ_JOINT_IN_K=1 "A_ENV=MOEQ_JOINT_LORA=1 MOEQ_JOINT_IN_K=0" ;;
@@ -27,7 +30,8 @@ for what in ${*:-joint in-k buffers expert}; do
     "A_ENV=MOEQ_EXPERT_CHUNKS=0 MOEQ_CHUNK_BUFFERS=0" ;;
   expert) ab expert CFG=expert MOEQ_JOINT_LORA=1 MOEQ_JOINT_IN_K=1 \
     "A_ENV=MOEQ_JOINT_LORA=0 MOEQ_JOINT_IN_K=0" ;;
-  *) echo "error: '$what' is none of joint, in-k, buffers, expert" >&2; exit 2 ;;
+  atomic) ab atomic MOEQ_CUDNN_DETERMINISTIC=0 A_ENV=MOEQ_CUDNN_DETERMINISTIC=1 ;;
+  *) echo "error: '$what' is none of joint, in-k, buffers, expert, atomic" >&2; exit 2 ;;
   esac
 done
 tar -C "$OUT" -czf /tmp/next-call2.tar.gz . && mv /tmp/next-call2.tar.gz "$OUT/"

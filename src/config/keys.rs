@@ -162,6 +162,10 @@ pub const SUPPORTED_KEYS: &[(&str, &str)] = &[
         "true | false: with gradient_checkpointing, run each layer's attention again in the recompute (true: least memory) or keep its output for the backward, with the experts' recompute and backward by chunks where they have no adapters (false: about 4.5% faster, one attention output a layer more memory)",
     ),
     (
+        "full_determinism",
+        "true | false: bit-identical reruns and resumes (true); false lets attention's backward on the GPU add its query gradient atomically (faster, less memory; reruns differ in the last bits)",
+    ),
+    (
         "output_dir",
         "where checkpoints and the adapter go (./outputs/moeq)",
     ),

@@ -216,6 +216,10 @@ pub struct TrainConfig {
     /// recompute and backward by chunks where they have no adapters (false: ≈ 4.5% faster at
     /// micro-batch 8, one attention output a layer more held or parked).
     pub recompute_attention: bool,
+    /// Bit-identical reruns and resumes (true, the default); false lets attention's backward
+    /// add its query gradient atomically on the GPU (cuDNN's faster algorithm, no dP
+    /// workspace), so reruns differ in the last bits. transformers' `full_determinism`.
+    pub full_determinism: bool,
 
     // --- outputs ---
     pub output_dir: PathBuf,

@@ -180,6 +180,7 @@ fn build(f: &Fields, warnings: &mut Vec<String>) -> R<TrainConfig> {
             .is_none_or(|v| !matches!(v, Value::Bool(false))),
         activation_offloading: activation_offloading(f)?,
         recompute_attention: recompute_attention(f)?,
+        full_determinism: f.bool("full_determinism")?.unwrap_or(true),
         output_dir: f
             .string("output_dir")?
             .map(PathBuf::from)

@@ -121,6 +121,11 @@ pub fn set_deterministic(d: bool) {
     DETERMINISTIC.set(d);
 }
 
+/// A run's `full_determinism`, unless `MOEQ_CUDNN_DETERMINISTIC` names a setting (A/B runs).
+pub fn set_deterministic_unless_env(d: bool) {
+    DETERMINISTIC.set_unless_env(d);
+}
+
 /// The dP workspace one deterministic backward call may take: 512 MiB, two rows of 2,048
 /// positions × 32 heads (whole batches took 1.1 / 2.5 GB more peak memory at 4 / 8 rows; two
 /// rows a call against one: +1.8% / +2.1% tokens/s at mbs 4 / 8; launch/bench/NOTES.md item 48).

@@ -173,6 +173,9 @@ impl<'a> Run<'a> {
         let keep_attention = !config.recompute_attention;
         KEEP_ATTENTION.set_unless_env(keep_attention);
         EXPERT_CHUNKS.set_unless_env(keep_attention);
+        // The CPU's attention is deterministic either way.
+        #[cfg(feature = "cuda")]
+        crate::ops::cudnn_attn::set_deterministic_unless_env(config.full_determinism);
         if rank == 0 {
             tracing::info!("activations: {}", activations.describe());
             if activations != Activations::Keep {
@@ -183,6 +186,12 @@ impl<'a> Run<'a> {
                     } else {
                         "run again in each layer's recompute"
                     }
+                );
+            }
+            #[cfg(feature = "cuda")]
+            if !crate::ops::cudnn_attn::deterministic() {
+                tracing::info!(
+                    "full_determinism: false — attention's backward adds dq atomically on the GPU; reruns differ in the last bits"
                 );
             }
         }

@@ -385,6 +385,7 @@ fn resolved_config_round_trips() {
         ),
         format!("{BASE}gradient_checkpointing: false\n"),
         format!("{BASE}recompute_attention: false\nactivation_offloading: true\n"),
+        format!("{BASE}full_determinism: false\n"),
     ];
     for yaml in configs {
         let first = ok(&yaml).config;
@@ -492,6 +493,19 @@ fn activation_offloading_values() {
     }
     let kept = ok_with("gradient_checkpointing: false\n");
     assert!(!kept.config.gradient_checkpointing && !kept.config.activation_offloading);
+}
+
+#[test]
+fn full_determinism_values() {
+    for (yaml, exact) in [
+        ("", true),
+        ("full_determinism: true\n", true),
+        ("full_determinism: false\n", false),
+    ] {
+        let out = ok_with(yaml);
+        assert_eq!(out.config.full_determinism, exact, "{yaml}");
+        assert!(out.warnings.is_empty(), "{yaml}: {:?}", out.warnings);
+    }
 }
 
 #[test]
