@@ -57,25 +57,33 @@ pub(crate) struct JointTape {
     scaling: f64,
 }
 
+/// That every member fits `inf` inputs (A `[r, inf]`, B `[out, r]` for a `[out, inf]`
+/// weight), biases only where `biases`; x (the rows as given) for the message.
+fn check(x: &Tensor, members: &[Member], inf: usize, biases: bool) -> Result<()> {
+    for m in members {
+        let (r, ain) = m.a.dims2()?;
+        let (wo, wi) = (m.w.out_features(), m.w.in_features());
+        let bias = m.bias.is_some() && !biases;
+        if wi != inf || ain != inf || m.b.dims2()? != (wo, r) || bias {
+            bail!(
+                "joint lora: rows {:?}, a {:?}, b {:?}, bias {} for a [{wo}, {wi}] weight",
+                x.dims(),
+                m.a.dims(),
+                m.b.dims(),
+                m.bias.is_some()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Each member's output for x `[N, in]` (without a graph), and the tape.
 pub(crate) fn forward(
     x: &Tensor,
     members: &[Member],
     scaling: f64,
 ) -> Result<(Vec<Tensor>, JointTape)> {
-    let (_, inf) = x.dims2()?;
-    for m in members {
-        let (r, ain) = m.a.dims2()?;
-        let (wo, wi) = (m.w.out_features(), m.w.in_features());
-        if wi != inf || ain != inf || m.b.dims2()? != (wo, r) {
-            bail!(
-                "joint lora: x {:?}, a {:?}, b {:?} for a [{wo}, {wi}] weight",
-                x.dims(),
-                m.a.dims(),
-                m.b.dims()
-            );
-        }
-    }
+    check(x, members, x.dim(1)?, true)?;
     FORWARDS[members.len().min(3)].fetch_add(1, Ordering::Relaxed);
     let x = super::at_offset_zero(x)?;
     let a = Tensor::cat(&members.iter().map(|m| &m.a).collect::<Vec<_>>(), 0)?;
@@ -133,18 +141,7 @@ pub(crate) fn forward_wide(
     let (n, wide) = xw.dims2()?;
     let ranks: usize = members.iter().map(|m| m.a.dim(0)).sum::<Result<usize>>()?;
     let inf = wide.saturating_sub(ranks);
-    for m in members {
-        let (r, ain) = m.a.dims2()?;
-        let (wo, wi) = (m.w.out_features(), m.w.in_features());
-        if wi != inf || ain != inf || m.b.dims2()? != (wo, r) || m.bias.is_some() {
-            bail!(
-                "joint lora in K: rows {:?}, a {:?}, b {:?} for a [{wo}, {wi}] weight",
-                xw.dims(),
-                m.a.dims(),
-                m.b.dims()
-            );
-        }
-    }
+    check(xw, members, inf, false)?;
     if !xw.is_contiguous() {
         bail!("joint lora in K: the wide rows must be contiguous");
     }
