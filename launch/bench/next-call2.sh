@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The second device call after stop 56 (after next-call.sh, whose gpu-check runs the new
-# switches' rows): the A/B of each change stop 56 wrote behind a switch, no GPU having been lent
-# (launch/bench/NOTES.md item 63), at micro-batch 8 (MBS to change), each ≈ 100 s (all five
-# ≈ 500 s of the 600 a call may take):
+# The A/Bs of what stop 56 wrote behind switches, no GPU having been lent (launch/bench/NOTES.md
+# item 63), at micro-batch 8 (MBS to change), each ≈ 100–130 s: next-call.sh runs `joint`
+# after its gpu-check; the second device call runs the other four (≈ 500 s of the 600 a call
+# may take: `OUT=$OUT bash launch/bench/next-call2.sh in-k buffers expert atomic`):
 #   joint    q/k/v's adapters' factor products joined (MOEQ_JOINT_LORA), q/k/v/o config;
 #   in-k     their updates inside the base products' K too (MOEQ_JOINT_IN_K), against joint;
 #   buffers  the experts' chunks in reused buffers (MOEQ_EXPERT_CHUNKS + MOEQ_CHUNK_BUFFERS)
@@ -13,7 +13,7 @@
 # Everything under $OUT packed into $OUT/next-call2.tar.gz (the device returns at most 8
 # files). GPU machine, repository root, .device carried:
 #
-#   OUT=$OUT bash launch/bench/next-call2.sh [joint in-k buffers expert atomic]
+#   OUT=$OUT bash launch/bench/next-call2.sh [joint in-k buffers expert atomic]   (default: all)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ab() {
