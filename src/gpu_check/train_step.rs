@@ -13,7 +13,7 @@ use crate::lora::{Adapters, LoraSettings};
 use crate::model_files::frozen::{self, CpuQuantizer, SingleProcess};
 use crate::model_files::ModelDir;
 use crate::ops::expert_chunks::{CHUNK_BUFFERS, EXPERT_CHUNKS};
-use crate::ops::lora_joint::{JOINT_IN_K, JOINT_LORA};
+use crate::ops::lora_joint::{wide_forwards, JOINT_IN_K, JOINT_LORA};
 use crate::quant::QuantSettings;
 use crate::synth::{self, SynthOptions};
 use crate::train::step::{forward_backward, Activations, KEEP_ATTENTION};
@@ -423,7 +423,13 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                         activations,
                     )
                 };
+                let wide = wide_forwards();
                 let got = in_k(device, recompute)?.1;
+                // Qwen3-MoE's q/k/v take the wide rows (the others' may not: biases,
+                // post-norms, latent or gated attention; tests/joint_lora.rs names them).
+                if arch == ModelType::Qwen3Moe && wide_forwards() == wide {
+                    candle_core::bail!("joint in K: {name}'s q/k/v took no wide rows");
+                }
                 out.extend(worst_of(
                     &format!("train step {name} {dtype:?} r8 every expert joint in K grads"),
                     &got,
