@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # The A/Bs of what stop 56 wrote behind switches, no GPU having been lent (launch/bench/NOTES.md
-# item 63), at micro-batch 8 (MBS to change), each ≈ 100–130 s: next-call.sh runs `joint`
-# after its gpu-check; the second device call runs the other four (≈ 500 s of the 600 a call
-# may take: `OUT=$OUT bash launch/bench/next-call2.sh in-k buffers expert atomic`):
+# item 63), at micro-batch 8 (MBS to change), each ≈ 100–150 s (cut off at 170): next-call.sh
+# runs `joint` after its gpu-check; the second device call `in-k buffers expert` (≈ 450 s of
+# the 600 a call may take), the third `atomic` before the side by side:
 #   joint    q/k/v's adapters' factor products joined (MOEQ_JOINT_LORA), q/k/v/o config;
 #   in-k     their updates inside the base products' K too (MOEQ_JOINT_IN_K), against joint;
 #   buffers  the experts' chunks in reused buffers (MOEQ_EXPERT_CHUNKS + MOEQ_CHUNK_BUFFERS)
 #            beside the attention rerun, against the defaults (no chunks);
 #   expert   joint and in K with expert adapters (CFG=expert), against the defaults;
-#   atomic   `full_determinism: false` (cuDNN's atomic dq; MOEQ_CUDNN_DETERMINISTIC=0) against
-#            the default deterministic backward.
+#   atomic   `full_determinism: false` (cuDNN's atomic dq; B by the config key) against the
+#            default deterministic backward (A: MOEQ_CUDNN_DETERMINISTIC=1 over the key).
 # Everything under $OUT packed into $OUT/next-call2.tar.gz (the device returns at most 8
 # files). GPU machine, repository root, .device carried:
 #
@@ -20,7 +20,9 @@ ab() {
   local name=$1
   shift
   echo "== $name: $*"
-  env "$@" OUT="$OUT/$name" timeout 130 bash launch/bench/ab.sh ${MBS:-8} | tail -8
+  env "$@" OUT="$OUT/$name" timeout 170 bash launch/bench/ab.sh ${MBS:-8} | tail -8
+  # Cut off before its own archive: pack what it left (the device returns at most 8 files).
+  if [ -d "$OUT/$name/ab" ]; then tar -czf "$OUT/$name/ab-logs.tar.gz" -C "$OUT/$name" ab && rm -rf "$OUT/$name/ab"; fi
 }
 for what in ${*:-joint in-k buffers expert atomic}; do
   case "$what" in
@@ -30,8 +32,16 @@ for what in ${*:-joint in-k buffers expert atomic}; do
     "A_ENV=MOEQ_EXPERT_CHUNKS=0 MOEQ_CHUNK_BUFFERS=0" ;;
   expert) ab expert CFG=expert MOEQ_JOINT_LORA=1 MOEQ_JOINT_IN_K=1 \
     "A_ENV=MOEQ_JOINT_LORA=0 MOEQ_JOINT_IN_K=0" ;;
-  atomic) ab atomic MOEQ_CUDNN_DETERMINISTIC=0 A_ENV=MOEQ_CUDNN_DETERMINISTIC=1 ;;
+  atomic)
+    # B by the config key (its log says so), A forced deterministic by the variable.
+    mkdir -p "$OUT/atomic"
+    sed '$a full_determinism: false' configs/bench/qwen3-30b-a3b-12l-attn-lora.yaml > "$OUT/atomic/config.yaml"
+    ab atomic CONFIG="$OUT/atomic/config.yaml" A_ENV=MOEQ_CUDNN_DETERMINISTIC=1 ;;
   *) echo "error: '$what' is none of joint, in-k, buffers, expert, atomic" >&2; exit 2 ;;
   esac
 done
-tar -C "$OUT" -czf /tmp/next-call2.tar.gz . && mv /tmp/next-call2.tar.gz "$OUT/"
+# Inside next-call.sh (NESTED=1) that script packs everything.
+if [ -z "${NESTED:-}" ]; then
+  tar -C "$OUT" -czf /tmp/next-call2.tar.gz . && mv /tmp/next-call2.tar.gz "$OUT/"
+  find "$OUT" -mindepth 1 -maxdepth 1 ! -name next-call2.tar.gz -exec rm -rf {} +
+fi

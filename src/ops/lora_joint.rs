@@ -1,17 +1,18 @@
-//! The adapters of projections that read one input — an attention's q, k and v — with their
-//! factor products over that input joined (`JOINT_LORA`, off by default until measured:
+//! The adapters of projections that read one input — an attention's q, k and v, an MLP's gate
+//! and up — with their factor products over that input joined (`JOINT_LORA`, off by default until measured:
 //! `MOEQ_JOINT_LORA=1`; docs/ARCHITECTURE.md decision 38, launch/bench/NOTES.md item 63).
 //!
 //! Each projection is `lora_linear`'s `y = (x·Wᵀ + bias) + s·(x·Aᵀ)·Bᵀ`, the sum rounded once.
 //! Apart, each adapter reads x for its hidden `x·Aᵀ` in the forward (and in the recompute) and
 //! for `dA = dhᵀ·x` in the backward, and adds `dh·A` into dx with a pass of its own over dx.
 //! Joined, A stacked `[Σr, in]`: one product `x·Aᵀ` gives every hidden, one `dHᵀ·x` every dA,
-//! and one `dH·A` adds them all into dx — at micro-batch 8 of the Qwen3-30B-A3B shape (x
-//! `[16,384, 2,048]` bf16, 67 MB) two reads of x fewer in each forward and in the backward and
-//! two passes over dx fewer (≈ 0.7 GB a layer, ≈ 0.2 ms on an H100). The base products and
-//! each adapter's `s·h·Bᵀ` and `dH`'s parts are those of the separate path; what changes is
-//! where the hiddens, dA and the dx sum are rounded (one product over K = Σr instead of three
-//! over r), so the values agree within bf16 rounding, not bit for bit.
+//! and one `dH·A` adds them all into dx — for q, k and v at micro-batch 8 of the
+//! Qwen3-30B-A3B shape (x `[16,384, 2,048]` bf16, 67 MB) two reads of x fewer in each forward
+//! and in the backward and two passes over dx fewer (≈ 0.7 GB a layer, ≈ 0.2 ms predicted on
+//! an H100; gate and up save one of each). The base products and each adapter's `s·h·Bᵀ` and
+//! `dH`'s parts are those of the separate path; what changes is where the hiddens, dA and the
+//! dx sum are rounded (one product over K = Σr instead of one over each r), so the values
+//! agree within bf16 rounding, not bit for bit.
 
 use super::grouped_gemm::{add_product, Gemm};
 use super::lora_linear::backward_into;

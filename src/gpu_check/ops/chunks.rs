@@ -43,10 +43,11 @@ pub(super) fn check_chunk_buffers(device: &Device) -> Result<Vec<Comparison>> {
     let dy = Tensor::randn(0f32, 1.0, (m, h), cpu)?;
     let mut out = Vec::new();
     for dtype in [DType::F32, DType::BF16] {
-        let chunk = 3 * 2 * i * h * dtype.size_in_bytes();
         for dots in [true, false] {
             let run = |d: &Device, dt: DType, buffers: bool| -> Result<Vec<Tensor>> {
                 let _b = CHUNK_BUFFERS.scoped(buffers);
+                // Chunks of 3 experts in the run's own dtype (the CPU's f32 reference too).
+                let chunk = 3 * 2 * i * h * dt.size_in_bytes();
                 let (gu, dn) = (weights(&pgu, d)?, weights(&pd, d)?);
                 let on = |t: &Tensor| t.to_dtype(dt)?.to_device(d);
                 let (dxs, dot) =
