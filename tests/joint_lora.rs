@@ -1,5 +1,5 @@
 //! The adapters of projections of one input — q, k and v; a dense MLP's or a shared expert's
-//! gate and up — with their factor products joined (`MOEQ_JOINT_LORA`, off by default,
+//! gate and up — with their factor products joined (`MOEQ_JOINT_LORA`, on by default,
 //! src/ops/lora_joint.rs) on tiny models of every architecture, on the CPU in f32. A
 //! binary of its own: the switch is process-wide and changes the rounding, so the exact
 //! comparisons of tests/trainer_grads.rs must not run beside it.

@@ -1,6 +1,7 @@
 //! The adapters of projections that read one input — an attention's q, k and v, an MLP's gate
-//! and up — with their factor products over that input joined (`JOINT_LORA`, off by default until measured:
-//! `MOEQ_JOINT_LORA=1`; docs/ARCHITECTURE.md decision 38, launch/bench/NOTES.md item 63).
+//! and up — with their factor products over that input joined (`JOINT_LORA`, on by default:
+//! +1.3% at micro-batch 8 with `JOINT_IN_K`; `MOEQ_JOINT_LORA=0` turns it off for A/B runs;
+//! docs/ARCHITECTURE.md decision 38, launch/bench/NOTES.md item 63).
 //!
 //! Each projection is `lora_linear`'s `y = (x·Wᵀ + bias) + s·(x·Aᵀ)·Bᵀ`, the sum rounded once.
 //! Apart, each adapter reads x for its hidden `x·Aᵀ` in the forward (and in the recompute) and
@@ -22,10 +23,10 @@ use crate::util::switch::{EnvSwitch, ON_OFF};
 use candle_core::{bail, DType, Result, Tensor};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub static JOINT_LORA: EnvSwitch = EnvSwitch::new("MOEQ_JOINT_LORA", false, ON_OFF);
+pub static JOINT_LORA: EnvSwitch = EnvSwitch::new("MOEQ_JOINT_LORA", true, ON_OFF);
 
 /// The joined updates inside the base products' K ([`forward_wide`]; with `JOINT_LORA` only).
-pub static JOINT_IN_K: EnvSwitch = EnvSwitch::new("MOEQ_JOINT_IN_K", false, ON_OFF);
+pub static JOINT_IN_K: EnvSwitch = EnvSwitch::new("MOEQ_JOINT_IN_K", true, ON_OFF);
 
 /// Joined forwards so far, by their number of members (0 to 3, more counted as 3).
 static FORWARDS: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
