@@ -7,7 +7,14 @@
 //! `dlogits = scale · w · (softmax(x) − onehot(t))` in the logits' dtype and
 //! `loss = w · (logsumexp(x) − x[t])` f32 `[R]`, all arithmetic in f32.
 
+use crate::util::switch::{EnvSwitch, ON_OFF};
 use candle_core::{DType, Device, Result, Tensor, D};
+
+/// dlogits written over the logits' buffer by blocks that loop over rows, as many as the GPU
+/// holds one of at a time (`cross_entropy_rows_owned`; `kernels/cross_entropy.cu`): a row's
+/// second pass then reads it from L2. Off until measured (`MOEQ_CE_IN_PLACE=1`;
+/// launch/bench/NOTES.md item 65).
+pub static CE_IN_PLACE: EnvSwitch = EnvSwitch::new("MOEQ_CE_IN_PLACE", false, ON_OFF);
 
 fn check(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<(usize, usize)> {
     let (rows, vocab) = logits.dims2()?;
@@ -148,6 +155,112 @@ fn cross_entropy_rows_cuda(
         false,
     );
     Ok((wrap(dx), loss))
+}
+
+/// Launches of the in-place kernel so far (what gpu-check reads to know it ran).
+static IN_PLACE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times [`cross_entropy_rows_owned`] wrote dlogits over the logits.
+pub fn in_place_launches() -> u64 {
+    IN_PLACE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(feature = "cuda")]
+fn cross_entropy_rows_in_place(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
+    use candle_core::Storage;
+    let Device::Cuda(dev) = logits.device() else {
+        return Ok(None);
+    };
+    if !logits.is_contiguous() || logits.layout().start_offset() != 0 {
+        return Ok(None);
+    }
+    let (rows, vocab) = logits.dims2()?;
+    let targets = super::at_offset_zero(targets)?;
+    let weights = super::at_offset_zero(weights)?;
+    let (sx, _) = logits.storage_and_layout();
+    let (st, _) = targets.storage_and_layout();
+    let (sw, _) = weights.storage_and_layout();
+    let (Storage::Cuda(sx), Storage::Cuda(st), Storage::Cuda(sw)) = (&*sx, &*st, &*sw) else {
+        return Ok(None);
+    };
+    let (S::U32(t), S::F32(w)) = (&st.slice, &sw.slice) else {
+        candle_core::bail!("cross_entropy_rows: targets must be u32 and weights f32")
+    };
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .map_err(|e| candle_core::Error::Msg(format!("cross_entropy_rows: {e:?}")))?;
+    // SAFETY: the kernel writes every row's loss.
+    let loss = unsafe { dev.alloc::<f32>(rows)? };
+    let cfg = LaunchConfig {
+        grid_dim: (rows.min(sms.max(1) as usize) as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (rows32, vocab32) = (rows as i32, vocab as i32);
+    macro_rules! run {
+        ($x:expr, $suffix:literal) => {{
+            let func = dev.get_or_load_custom_func(
+                concat!("cross_entropy_rows_in_place_", $suffix),
+                "moeq_cross_entropy",
+                crate::ops::kernels::CROSS_ENTROPY,
+            )?;
+            let mut args = func.builder();
+            args.arg($x);
+            args.arg(t);
+            args.arg(w);
+            args.arg(&loss);
+            args.arg(&rows32);
+            args.arg(&vocab32);
+            args.arg(&scale);
+            // SAFETY: arguments match kernels/cross_entropy.cu; the buffer is the caller's
+            // to overwrite (`cross_entropy_rows_owned`).
+            unsafe { args.launch(cfg) }.w()?;
+        }};
+    }
+    match &sx.slice {
+        S::F32(x) => run!(x, "f32"),
+        S::BF16(x) => run!(x, "bf16"),
+        S::F16(x) => run!(x, "f16"),
+        _ => candle_core::bail!("cross_entropy_rows: logits must be f32, bf16 or f16"),
+    }
+    IN_PLACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    Ok(Some(Tensor::from_storage(
+        Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(loss, dev.clone())),
+        rows,
+        candle_core::op::BackpropOp::none(),
+        false,
+    )))
+}
+
+/// [`cross_entropy_rows`] of logits the caller gives up (the chunked loss's, used for nothing
+/// else): on CUDA with `CE_IN_PLACE` on, dlogits is written over their buffer (the returned
+/// dlogits is `logits` itself, now holding the gradient) — the same values as the allocating
+/// kernel, row by row the same arithmetic. `logits` must not be shared with anything that
+/// reads it afterwards (a clone sees the gradient).
+pub fn cross_entropy_rows_owned(
+    logits: Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+    scale: f32,
+) -> Result<(Tensor, Tensor)> {
+    check(&logits, targets, weights)?;
+    #[cfg(feature = "cuda")]
+    if CE_IN_PLACE.get() && logits.device().is_cuda() {
+        if let Some(loss) = cross_entropy_rows_in_place(&logits, targets, weights, scale)? {
+            return Ok((logits, loss));
+        }
+    }
+    cross_entropy_rows(&logits, targets, weights, scale)
 }
 
 /// `(dlogits, loss per row)` of logits `[R, V]` against `targets [R]` (u32) with row weights
