@@ -7,6 +7,7 @@ mod adamw;
 mod attention;
 mod chunks;
 mod conv_silu;
+mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cudnn;
 mod delta_rule;
@@ -25,10 +26,7 @@ use nf4::check_nf4_linear;
 use super::tolerance::{lookup, Pass};
 use super::{compare, Comparison};
 use crate::model_files::generated;
-use crate::ops::cross_entropy::{
-    cross_entropy_rows, cross_entropy_rows_owned, in_place_launches as ce_in_place_launches,
-    CE_IN_PLACE,
-};
+use crate::ops::cross_entropy::cross_entropy_rows;
 use crate::ops::experts::{
     grouped_lora, grouped_nf4, grouped_nf4_chunked, ExpertStore, ExpertWeights,
 };
@@ -528,26 +526,6 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                 )
             };
             let ((dx, loss), (dx_ref, loss_ref)) = (run(device)?, run(&Device::Cpu)?);
-            // dlogits written over the logits by blocks looping over rows (`MOEQ_CE_IN_PLACE`):
-            // the same arithmetic row by row as the allocating kernel, so the same bits.
-            let _on = CE_IN_PLACE.scoped(true);
-            let before = ce_in_place_launches();
-            let logits_dev = logits.to_dtype(dtype)?.to_device(device)?;
-            let (dx_in, loss_in) = cross_entropy_rows_owned(
-                logits_dev,
-                &Tensor::from_slice(&targets, 37, device)?,
-                &Tensor::from_slice(&weights, 37, device)?,
-                0.5,
-            )?;
-            if device.is_cuda() && ce_in_place_launches() != before + 1 {
-                candle_core::bail!("cross_entropy_rows: the in-place kernel did not run");
-            }
-            let exact = lookup("cross_entropy_rows in place", "any", Pass::Exact)?;
-            for (what, a, b) in [("dlogits", &dx_in, &dx), ("loss", &loss_in, &loss)] {
-                let name =
-                    format!("cross_entropy_rows V {vocab} {dtype:?} in place = apart {what}");
-                out.push(compare(&name, a, b, exact)?);
-            }
             let row = |pass| lookup("cross_entropy_rows", dtype.as_str(), pass);
             out.push(compare(
                 &format!("cross_entropy_rows V {vocab} {dtype:?} dlogits"),
@@ -563,6 +541,7 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
             )?);
         }
     }
+    out.extend(cross_entropy::check_in_place(device)?);
     out.extend(rows::check_rows(device)?);
     out.extend(adamw::check_adamw(device)?);
     out.extend(thin::check_thin_gemm(device)?);
