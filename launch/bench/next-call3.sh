@@ -13,7 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 deadline=$(( $(date +%s) + ${CALL_S:-500} ))
 LIMIT=${LIMIT:-200} OUT=$OUT/check bash launch/bench/check-switches.sh -
-tar -xzOf "$OUT/check/check-logs.tar.gz" check-0.log | grep -E "cross_entropy_rows V 5000 BF16 in place"
+tar -xzOf "$OUT/check/check-logs.tar.gz" check-0.log | grep -E "cross_entropy_rows 300 rows V 20000 BF16 in place"
 for cfg in attn expert; do
   echo "== ce $cfg: MOEQ_CE_IN_PLACE=1 against 0"
   CFG=$cfg MOEQ_CE_IN_PLACE=1 A_ENV=MOEQ_CE_IN_PLACE=0 OUT=$OUT/ce-$cfg timeout 120 bash launch/bench/ab.sh 8 | tail -4
