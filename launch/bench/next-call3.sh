@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stop 57's last device call (≈ 4 minutes, 8 with the side by side): gpu-check on the binary
+# The first device call after stop 57 (stop 57's device time ran out before it; ≈ 4 minutes,
+# 8 with the side by side): gpu-check on the binary
 # whose defaults join q/k/v's adapters and put their updates in K (NOTES item 63), then the
 # cross-entropy written over the logits (`MOEQ_CE_IN_PLACE=1`, NOTES item 65): its A/B at mbs
 # 8 with both adapter sets (its losses must equal A's to every digit: the same bits), the
