@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The first device call after stop 57 (stop 57's device time ran out before it; ≈ 4 minutes,
 # 8 with the side by side): gpu-check on the binary whose defaults join q/k/v's adapters and
-# put their updates in K (NOTES item 63), then the cross-entropy written over the logits (`MOEQ_CE_IN_PLACE=1`, NOTES item 65): its A/B at mbs
-# 8 with both adapter sets (its losses must equal A's to every digit: the same bits), the
-# kernel profile with it on (its kernel's time against the allocating kernel's 6.0 ms a
-# 2-layer step), and the side by side with it on where the call's time (CALL_S) allows.
-# Everything packed into $OUT/next-call3.tar.gz (the device returns at most 8 files). GPU
-# machine, repository root, .device carried:
+# put their updates in K (NOTES item 63), then the cross-entropy written over the logits
+# (`MOEQ_CE_IN_PLACE=1`, NOTES item 65): its A/B at mbs 8 with both adapter sets (its losses
+# must equal A's to every digit: the same bits), the kernel profile with it on (its kernel's
+# time against the allocating kernel's 6.0 ms a 2-layer step), and the side by side with it
+# on where the call's time (CALL_S) allows. Everything packed into $OUT/next-call3.tar.gz
+# (the device returns at most 8 files). GPU machine, repository root, .device carried:
 #
 #   OUT=$OUT bash launch/bench/next-call3.sh
 set -uo pipefail
