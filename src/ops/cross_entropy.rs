@@ -73,13 +73,19 @@ fn cross_entropy_rows_cpu(
     ))
 }
 
+/// The kernel on CUDA: `(dlogits, loss per row)` — dlogits in a buffer of its own, or
+/// (`in_place`) written over the logits' buffer by blocks that loop over rows, as many as the
+/// GPU has SMs (None then: the logits are the gradient; the caller checked they start at
+/// offset 0 and gives their buffer up).
 #[cfg(feature = "cuda")]
 fn cross_entropy_rows_cuda(
     logits: &Tensor,
     targets: &Tensor,
     weights: &Tensor,
     scale: f32,
-) -> Result<(Tensor, Tensor)> {
+    in_place: bool,
+) -> Result<(Option<Tensor>, Tensor)> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::Storage;
@@ -99,36 +105,56 @@ fn cross_entropy_rows_cuda(
     let (S::U32(t), S::F32(w)) = (&st.slice, &sw.slice) else {
         candle_core::bail!("cross_entropy_rows: targets must be u32 and weights f32")
     };
+    let blocks = match in_place {
+        true => dev
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| candle_core::Error::Msg(format!("cross_entropy_rows: {e:?}")))?
+            .max(1) as usize,
+        false => rows,
+    };
     // SAFETY: the kernel writes every row's loss.
     let loss = unsafe { dev.alloc::<f32>(rows)? };
-    let (vocab32, cfg) = (
-        vocab as i32,
-        LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        },
-    );
+    let cfg = LaunchConfig {
+        grid_dim: (blocks.min(rows) as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (rows32, vocab32) = (rows as i32, vocab as i32);
     macro_rules! run {
         ($x:expr, $suffix:literal, $wrap:path) => {{
+            let name = match in_place {
+                true => concat!("cross_entropy_rows_in_place_", $suffix),
+                false => concat!("cross_entropy_rows_", $suffix),
+            };
             let func = dev.get_or_load_custom_func(
-                concat!("cross_entropy_rows_", $suffix),
+                name,
                 "moeq_cross_entropy",
                 crate::ops::kernels::CROSS_ENTROPY,
             )?;
             // SAFETY: the kernel writes every element of the gradient.
-            let dx = unsafe { dev.alloc(rows * vocab)? };
+            let dx = match in_place {
+                true => None,
+                false => Some(unsafe { dev.alloc(rows * vocab)? }),
+            };
             let mut args = func.builder();
             args.arg($x);
             args.arg(t);
             args.arg(w);
-            args.arg(&dx);
+            if let Some(dx) = &dx {
+                args.arg(dx);
+            }
             args.arg(&loss);
+            if in_place {
+                args.arg(&rows32);
+            }
             args.arg(&vocab32);
             args.arg(&scale);
-            // SAFETY: arguments match kernels/cross_entropy.cu.
+            // SAFETY: arguments match kernels/cross_entropy.cu; in place, the buffer is the
+            // caller's to overwrite (`cross_entropy_rows_owned`).
             unsafe { args.launch(cfg) }.w()?;
-            $wrap(dx)
+            dx.map($wrap)
         }};
     }
     let dx = match &sx.slice {
@@ -137,7 +163,7 @@ fn cross_entropy_rows_cuda(
         S::F16(x) => run!(x, "f16", S::F16),
         _ => candle_core::bail!("cross_entropy_rows: logits must be f32, bf16 or f16"),
     };
-    let wrap = |slice| {
+    let dx = dx.map(|slice| {
         Tensor::from_storage(
             Storage::Cuda(candle_core::CudaStorage {
                 slice,
@@ -147,14 +173,14 @@ fn cross_entropy_rows_cuda(
             candle_core::op::BackpropOp::none(),
             false,
         )
-    };
+    });
     let loss = Tensor::from_storage(
         Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(loss, dev.clone())),
         rows,
         candle_core::op::BackpropOp::none(),
         false,
     );
-    Ok((wrap(dx), loss))
+    Ok((dx, loss))
 }
 
 /// Launches of the in-place kernel so far (what gpu-check reads to know it ran).
@@ -163,83 +189,6 @@ static IN_PLACE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::ne
 /// How many times [`cross_entropy_rows_owned`] wrote dlogits over the logits.
 pub fn in_place_launches() -> u64 {
     IN_PLACE.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-#[cfg(feature = "cuda")]
-fn cross_entropy_rows_in_place(
-    logits: &Tensor,
-    targets: &Tensor,
-    weights: &Tensor,
-    scale: f32,
-) -> Result<Option<Tensor>> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
-    use candle_core::Storage;
-    let Device::Cuda(dev) = logits.device() else {
-        return Ok(None);
-    };
-    if !logits.is_contiguous() || logits.layout().start_offset() != 0 {
-        return Ok(None);
-    }
-    let (rows, vocab) = logits.dims2()?;
-    let targets = super::at_offset_zero(targets)?;
-    let weights = super::at_offset_zero(weights)?;
-    let (sx, _) = logits.storage_and_layout();
-    let (st, _) = targets.storage_and_layout();
-    let (sw, _) = weights.storage_and_layout();
-    let (Storage::Cuda(sx), Storage::Cuda(st), Storage::Cuda(sw)) = (&*sx, &*st, &*sw) else {
-        return Ok(None);
-    };
-    let (S::U32(t), S::F32(w)) = (&st.slice, &sw.slice) else {
-        candle_core::bail!("cross_entropy_rows: targets must be u32 and weights f32")
-    };
-    let sms = dev
-        .cuda_stream()
-        .context()
-        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-        .map_err(|e| candle_core::Error::Msg(format!("cross_entropy_rows: {e:?}")))?;
-    // SAFETY: the kernel writes every row's loss.
-    let loss = unsafe { dev.alloc::<f32>(rows)? };
-    let cfg = LaunchConfig {
-        grid_dim: (rows.min(sms.max(1) as usize) as u32, 1, 1),
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let (rows32, vocab32) = (rows as i32, vocab as i32);
-    macro_rules! run {
-        ($x:expr, $suffix:literal) => {{
-            let func = dev.get_or_load_custom_func(
-                concat!("cross_entropy_rows_in_place_", $suffix),
-                "moeq_cross_entropy",
-                crate::ops::kernels::CROSS_ENTROPY,
-            )?;
-            let mut args = func.builder();
-            args.arg($x);
-            args.arg(t);
-            args.arg(w);
-            args.arg(&loss);
-            args.arg(&rows32);
-            args.arg(&vocab32);
-            args.arg(&scale);
-            // SAFETY: arguments match kernels/cross_entropy.cu; the buffer is the caller's
-            // to overwrite (`cross_entropy_rows_owned`).
-            unsafe { args.launch(cfg) }.w()?;
-        }};
-    }
-    match &sx.slice {
-        S::F32(x) => run!(x, "f32"),
-        S::BF16(x) => run!(x, "bf16"),
-        S::F16(x) => run!(x, "f16"),
-        _ => candle_core::bail!("cross_entropy_rows: logits must be f32, bf16 or f16"),
-    }
-    IN_PLACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    Ok(Some(Tensor::from_storage(
-        Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(loss, dev.clone())),
-        rows,
-        candle_core::op::BackpropOp::none(),
-        false,
-    )))
 }
 
 /// [`cross_entropy_rows`] of logits the caller gives up (the chunked loss's, used for nothing
@@ -255,8 +204,12 @@ pub fn cross_entropy_rows_owned(
 ) -> Result<(Tensor, Tensor)> {
     check(&logits, targets, weights)?;
     #[cfg(feature = "cuda")]
-    if CE_IN_PLACE.get() && logits.device().is_cuda() {
-        if let Some(loss) = cross_entropy_rows_in_place(&logits, targets, weights, scale)? {
+    {
+        // Where `at_offset_zero` hands the launcher this very buffer (no copy to write into).
+        let whole = logits.layout().contiguous_offsets() == Some((0, logits.elem_count()));
+        if CE_IN_PLACE.get() && logits.device().is_cuda() && whole {
+            let (_, loss) = cross_entropy_rows_cuda(&logits, targets, weights, scale, true)?;
+            IN_PLACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Ok((logits, loss));
         }
     }
@@ -277,7 +230,12 @@ pub fn cross_entropy_rows(
             cross_entropy_rows_cpu(logits, &targets.to_vec1()?, &weights.to_vec1()?, scale)
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => cross_entropy_rows_cuda(logits, targets, weights, scale),
+        Device::Cuda(_) => {
+            let (dx, loss) = cross_entropy_rows_cuda(logits, targets, weights, scale, false)?;
+            let dx =
+                dx.ok_or_else(|| candle_core::Error::Msg("cross_entropy_rows: no dx".into()))?;
+            Ok((dx, loss))
+        }
         #[allow(unreachable_patterns)]
         d => candle_core::bail!("cross_entropy_rows: device {d:?} not supported"),
     }
