@@ -471,24 +471,24 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                 &separate,
                 row("chunks = separate passes", Pass::Exact)?,
             )?);
-            // q, k and v's adapters with their factor products joined (`MOEQ_JOINT_LORA`):
-            // the device against the CPU, both joined, and kept = recomputed on the device (the
-            // plain forward and the recompute take the same path).
-            let joint = |device, activations| {
-                let _joint = JOINT_LORA.scoped(true);
+            // q, k and v's adapters apart (`MOEQ_JOINT_LORA=0`; joined is the default the rows
+            // above run): the device against the CPU, both apart, and kept = recomputed on the
+            // device (the plain forward and the recompute take the same path).
+            let apart = |device, activations| {
+                let _apart = JOINT_LORA.scoped(false);
                 step(&dir, (device, dtype, Base::Nf4), RANK, &b, activations)
             };
-            let joint_grads = joint(device, Activations::Recompute)?.1;
+            let apart_grads = apart(device, Activations::Recompute)?.1;
             out.extend(worst_of(
-                &format!("train step {name} {dtype:?} joint q/k/v adapters grads"),
-                &joint_grads,
-                &joint(&Device::Cpu, Activations::Recompute)?.1,
+                &format!("train step {name} {dtype:?} q/k/v adapters apart grads"),
+                &apart_grads,
+                &apart(&Device::Cpu, Activations::Recompute)?.1,
                 row("train step", Pass::Backward)?,
             )?);
             out.extend(worst_of(
-                &format!("train step {name} {dtype:?} joint q/k/v adapters kept = recomputed"),
-                &joint(device, Activations::Keep)?.1,
-                &joint_grads,
+                &format!("train step {name} {dtype:?} q/k/v adapters apart kept = recomputed"),
+                &apart(device, Activations::Keep)?.1,
+                &apart_grads,
                 row("kept = recomputed", Pass::Exact)?,
             )?);
             // gradient_checkpointing: false runs the same kernels on the same values on the

@@ -210,7 +210,8 @@ pub fn cross_entropy_rows_owned(
         if CE_IN_PLACE.get() && logits.device().is_cuda() && whole {
             let (_, loss) = cross_entropy_rows_cuda(&logits, targets, weights, scale, true)?;
             IN_PLACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Ok((logits, loss));
+            // Without the product's graph: the gradient holds no inputs of the logits alive.
+            return Ok((logits.detach(), loss));
         }
     }
     cross_entropy_rows(&logits, targets, weights, scale)

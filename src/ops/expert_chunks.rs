@@ -25,9 +25,10 @@ pub static EXPERT_CHUNKS: EnvSwitch = EnvSwitch::new("MOEQ_EXPERT_CHUNKS", false
 
 /// The chunks' working buffers (gu, dact) allocated once a layer at the largest chunk's size
 /// and reused by every chunk, dgu written over gu (`swiglu::packed_backward_in_place`): on
-/// CUDA, off until measured (`MOEQ_CHUNK_BUFFERS=1`; launch/bench/NOTES.md item 63). Beside
-/// the attention rerun the chunks measured +1.0% for +0.43 GB of the pool's reserve — buffers
-/// sized by each chunk's rows, which fragment it; these take one size each a layer.
+/// CUDA, off (`MOEQ_CHUNK_BUFFERS=1`; launch/bench/NOTES.md item 63). Beside the attention
+/// rerun the chunks measured +1.0% for +0.43 GB of the pool's reserve — buffers sized by each
+/// chunk's rows, which fragment it; these take one size each a layer and measured +1.1% for
+/// +0.16–0.26 GB: still over Unsloth's peak at micro-batch 8.
 pub static CHUNK_BUFFERS: EnvSwitch = EnvSwitch::new("MOEQ_CHUNK_BUFFERS", false, ON_OFF);
 
 /// Whether [`backward_by_chunk`] serves these weights: the switch on, and no gate_up bias (its
