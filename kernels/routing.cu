@@ -126,14 +126,24 @@ __device__ void gather_rows_vec(const T* src, const uint32_t* idx, const float* 
 // registers while they go to the k rows. WEIGHTED: w [N·k] (f32, slot order),
 // out[inv[s]] = w[s] · src[t] in f32, one rounding — gather_rows_weighted_vec's values (its
 // weights are w in row order). A permutation's writes: no two slots share a row (RowOrder).
+// Only the rows in [lo, hi) are written, row r at out + (r − lo)·h (spread_rows_range_vec: a
+// chunk of experts' rows, one range of the expert-sorted order — src/ops/expert_chunks.rs); a
+// token with no row there is not read.
 template <typename T, bool WEIGHTED>
 __device__ void spread_rows_vec(const T* src, const uint32_t* inv, const float* w, T* out, const size_t tokens,
-                                const int k, const size_t h) {
+                                const int k, const size_t h, const uint32_t lo = 0,
+                                const uint32_t hi = 0xffffffffu) {
   constexpr int P = 16 / sizeof(T);
   const size_t packs = h / P;
   const int lane = threadIdx.x % 32;
   for (size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32; t < tokens;
        t += (size_t)gridDim.x * (blockDim.x / 32)) {
+    bool any = false;
+    for (int j = 0; j < k; ++j) {
+      const uint32_t r = inv[t * k + j];
+      any |= r >= lo && r < hi;
+    }
+    if (!any) continue;
     const uint4* from = reinterpret_cast<const uint4*>(src + t * h);
     for (size_t p = lane; p < packs; p += 32 * ROW_UNROLL) {
       Pack<T> v[ROW_UNROLL];
@@ -143,7 +153,9 @@ __device__ void spread_rows_vec(const T* src, const uint32_t* inv, const float* 
       }
       for (int j = 0; j < k; ++j) {
         const size_t s = t * k + j;
-        uint4* to = reinterpret_cast<uint4*>(out + (size_t)inv[s] * h);
+        const uint32_t r = inv[s];
+        if (r < lo || r >= hi) continue;
+        uint4* to = reinterpret_cast<uint4*>(out + (size_t)(r - lo) * h);
         const float wt = WEIGHTED ? w[s] : 1.0f;
 #pragma unroll
         for (int u = 0; u < ROW_UNROLL; ++u) {
@@ -593,6 +605,12 @@ __device__ void router_bwd(const float* probs, const uint32_t* top, const float*
                                                                const size_t tokens, const int k,     \
                                                                const size_t h) {                     \
     spread_rows_vec<T, true>(src, inv, w, out, tokens, k, h);                                      \
+  }                                                                                                   \
+  extern "C" __global__ void spread_rows_range_vec_##SUFFIX(const T* src, const uint32_t* inv, T* out,\
+                                                            const size_t tokens, const int k,        \
+                                                            const size_t h, const uint32_t lo,       \
+                                                            const uint32_t hi) {                     \
+    spread_rows_vec<T, false>(src, inv, nullptr, out, tokens, k, h, lo, hi);                       \
   }
 
 ROUTING_KERNELS(float, f32)

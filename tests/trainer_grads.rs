@@ -146,11 +146,13 @@ fn kept_activations_match_the_recompute_exactly() {
 
 /// Without expert adapters, the recompute can form the experts' gate_up output in their
 /// backward, a chunk of experts at a time (`MOEQ_EXPERT_CHUNKS`): the same gradients as the
-/// separate passes and as kept activations, bit for bit. (The switch is process-wide; other
-/// tests running meanwhile take the same bits either way.)
+/// separate passes and as kept activations, bit for bit — the recompute's rows gathered a
+/// chunk at a time in the backward (`ChunkRows::ByToken`), but where the routing weights scale
+/// the rows (Llama 4: gathered whole). (The switch is process-wide; other tests running
+/// meanwhile take the same bits either way.)
 #[test]
 fn expert_chunks_match_the_separate_passes_exactly() {
-    use moeq::ops::expert_chunks::EXPERT_CHUNKS;
+    use moeq::ops::expert_chunks::{by_token_runs, EXPERT_CHUNKS};
     for arch in ARCHS {
         let s = setup_targets(arch, 0.0, false, false);
         let b = batch(s.model.spec.vocab_size, 4);
@@ -160,7 +162,14 @@ fn expert_chunks_match_the_separate_passes_exactly() {
         };
         let (chunked, kept) = {
             let _on = EXPERT_CHUNKS.scoped(true);
+            let before = by_token_runs();
             let r = grads_with(&s, &b, None, Activations::Recompute);
+            let by_token = by_token_runs() > before;
+            let scaled = s.model.spec.router.weights_input;
+            assert!(
+                by_token || scaled,
+                "{arch:?}: the recompute gathered its rows whole"
+            );
             (r, grads_with(&s, &b, None, Activations::Keep))
         };
         assert_eq!(

@@ -12,7 +12,9 @@ use super::{ArchSpec, ExpertExchange, Scoring};
 use crate::ops::grouped_gemm::{add_product, Gemm};
 use crate::ops::input_weights::{scale_rows, scale_rows_backward};
 use crate::ops::lora_in_k;
-use crate::ops::routed_experts::{held_experts_taped, ExpertsTape};
+use crate::ops::routed_experts::{
+    held_experts_by_token, held_experts_taped, ExpertLora, ExpertsTape,
+};
 use crate::ops::router::logits_grad;
 use crate::ops::routing::{
     combine_backward_rows_wide, combine_forward, gather_backward, weights_grad,
@@ -48,11 +50,7 @@ impl Moe {
         lora: &LoraCtx,
         output: bool,
     ) -> Result<(Option<Tensor>, ExpertsTape)> {
-        let adapters = self.expert_lora(&LoraCtx {
-            adapters: lora.adapters,
-            live: false,
-            dropout: lora.dropout,
-        })?;
+        let adapters = self.taped_adapters(lora)?;
         held_experts_taped(
             xs,
             &self.gate_up,
@@ -60,6 +58,34 @@ impl Moe {
             counts,
             Some(&adapters),
             output,
+        )
+    }
+
+    /// The expert adapters as the taped path reads them (not live: no graph).
+    fn taped_adapters(&self, lora: &LoraCtx) -> Result<ExpertLora> {
+        self.expert_lora(&LoraCtx {
+            adapters: lora.adapters,
+            live: false,
+            dropout: lora.dropout,
+        })
+    }
+
+    /// The held experts' recompute tape over x's rows gathered a chunk at a time in the
+    /// backward (`ops::routed_experts::held_experts_by_token`); None where it does not apply.
+    fn held_by_token(
+        &self,
+        x: &Tensor,
+        routing: &Routing,
+        lora: &LoraCtx,
+    ) -> Result<Option<ExpertsTape>> {
+        let adapters = self.taped_adapters(lora)?;
+        held_experts_by_token(
+            x,
+            &routing.order,
+            &self.gate_up,
+            &self.down,
+            &routing.counts,
+            Some(&adapters),
         )
     }
 
@@ -86,24 +112,40 @@ impl Moe {
             && self.gate_up.takes_in_k()
             && lora.adapters.experts.contains_key(&self.gate_up_name);
         let r = in_k.then_some(lora.adapters.settings.r);
-        let xs = lora_in_k::gather_rows(&x, &routing.order, r)?;
-        let (rows, unscaled, combine) = match spec.router.weights_input {
-            true => (
-                scale_rows(&xs, &weights, &routing.order)?,
-                Some(xs),
-                weights.ones_like()?,
-            ),
-            false => (xs, None, weights.clone()),
+        // A recompute on one rank over plain rows: where the experts' backward goes by chunks
+        // of experts, it gathers each chunk's rows itself — none gathered here.
+        let by_token = match !output
+            && routing.exchange.is_none()
+            && !spec.router.weights_input
+            && r.is_none()
+        {
+            true => self.held_by_token(&x, &routing, lora)?,
+            false => None,
         };
-        let (y, experts) = match &routing.exchange {
-            None => self.held_taped(&rows, &routing.counts, lora, output)?,
-            Some(plan) => {
-                let rows = plan.dispatch(&rows)?;
-                let (yr, tape) = self.held_taped(&rows, plan.held_counts(), lora, output)?;
-                (yr.map(|yr| plan.combine(&yr)).transpose()?, tape)
+        let (y, experts, unscaled, combine) = match by_token {
+            Some(tape) => (None, tape, None, weights.clone()),
+            None => {
+                let xs = lora_in_k::gather_rows(&x, &routing.order, r)?;
+                let (rows, unscaled, combine) = match spec.router.weights_input {
+                    true => (
+                        scale_rows(&xs, &weights, &routing.order)?,
+                        Some(xs),
+                        weights.ones_like()?,
+                    ),
+                    false => (xs, None, weights.clone()),
+                };
+                let (y, experts) = match &routing.exchange {
+                    None => self.held_taped(&rows, &routing.counts, lora, output)?,
+                    Some(plan) => {
+                        let rows = plan.dispatch(&rows)?;
+                        let (yr, tape) =
+                            self.held_taped(&rows, plan.held_counts(), lora, output)?;
+                        (yr.map(|yr| plan.combine(&yr)).transpose()?, tape)
+                    }
+                };
+                (y, experts, unscaled, combine)
             }
         };
-        drop(rows);
         let mut out = y
             .map(|y| combine_forward(&y, &combine, &routing.order))
             .transpose()?;

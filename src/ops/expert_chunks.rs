@@ -16,6 +16,7 @@
 
 use super::expert_weights::ExpertWeights;
 use super::grouped_gemm::{grouped_gemm, grouped_gemm_into, output_for_products, Gemm, Product};
+use super::routing::{gather_forward_rows, RowOrder};
 use super::swiglu::{packed_backward, packed_backward_dot, packed_backward_in_place};
 use crate::util::switch::{EnvSwitch, ON_OFF};
 use candle_core::{DType, Result, Tensor};
@@ -30,6 +31,39 @@ pub static EXPERT_CHUNKS: EnvSwitch = EnvSwitch::new("MOEQ_EXPERT_CHUNKS", false
 /// chunk's rows, which fragment it; these take one size each a layer and measured +1.1% for
 /// +0.16–0.26 GB: still over Unsloth's peak at micro-batch 8.
 pub static CHUNK_BUFFERS: EnvSwitch = EnvSwitch::new("MOEQ_CHUNK_BUFFERS", false, ON_OFF);
+
+/// The rows gate_up's product reads in [`backward_by_chunk`], grouped by expert: gathered
+/// whole, or (a recompute on one rank, `arch::moe_tape`) not gathered at all — the layer's
+/// input and the routing order, each chunk's rows gathered when the chunk runs (its rows are
+/// one range of the expert-sorted order): a chunk's rows in memory instead of all of them
+/// (at micro-batch 8 on Qwen3-30B-A3B ≈ 170 MB instead of 537).
+pub(crate) enum ChunkRows {
+    Gathered(Tensor),
+    ByToken { x: Tensor, order: RowOrder },
+}
+
+static BY_TOKEN_RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many [`backward_by_chunk`] calls in this process gathered their rows a chunk at a time
+/// (`ChunkRows::ByToken`; the tests assert the layer recompute takes that path).
+pub fn by_token_runs() -> u64 {
+    BY_TOKEN_RUNS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+impl ChunkRows {
+    /// (rows M, columns H, dtype, device).
+    fn shape(&self) -> Result<(usize, usize, DType, candle_core::Device)> {
+        Ok(match self {
+            ChunkRows::Gathered(xs) => (xs.dim(0)?, xs.dim(1)?, xs.dtype(), xs.device().clone()),
+            ChunkRows::ByToken { x, order } => (
+                order.tokens.elem_count(),
+                x.dim(1)?,
+                x.dtype(),
+                x.device().clone(),
+            ),
+        })
+    }
+}
 
 /// Whether [`backward_by_chunk`] serves these weights: the switch on, and no gate_up bias (its
 /// chunk would need the bias of its experts only).
@@ -65,34 +99,36 @@ fn products(
     out
 }
 
-/// xs `[M, H]` and dy `[M, H]` grouped by expert → (dxs `[M, H]` in `dtype`, with `dots` each
-/// row's ⟨dy, act·W_dᵀ⟩ `[M]` f32 — the expert output's dot without its bias), as
-/// `Held::backward` gives them from a recompute's gu; gate_up dequantized `chunk_bytes` at a
-/// time (`dequant_chunk_bytes()`), down for the same experts. dy is consumed: on CUDA its
-/// buffer takes dxs where the dtypes agree (a chunk's rows of dxs are written after its rows
-/// of dy were last read), so dy and dxs never take memory side by side.
+/// The rows xs `[M, H]` (`rows_in`) and dy `[M, H]` grouped by expert → (dxs `[M, H]` in
+/// `dtype`, with `dots` each row's ⟨dy, act·W_dᵀ⟩ `[M]` f32 — the expert output's dot without
+/// its bias), as `Held::backward` gives them from a recompute's gu; gate_up dequantized
+/// `chunk_bytes` at a time (`dequant_chunk_bytes()`), down for the same experts. dy is
+/// consumed: on CUDA its buffer takes dxs where the dtypes agree (a chunk's rows of dxs are
+/// written after its rows of dy were last read), so dy and dxs never take memory side by side.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_by_chunk(
     gate_up: &ExpertWeights,
     down: &ExpertWeights,
     counts: &[usize],
-    xs: &Tensor,
+    rows_in: &ChunkRows,
     dy: Tensor,
     dtype: DType,
     dots: bool,
     chunk_bytes: usize,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let (m, h) = xs.dims2()?;
+    let (m, h, dt, device) = rows_in.shape()?;
     let (two_i, i) = (gate_up.out_features, down.in_features);
-    let xs = xs.contiguous()?;
+    let by_token = matches!(rows_in, ChunkRows::ByToken { .. });
+    if by_token {
+        BY_TOKEN_RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     let dy = super::at_offset_zero(&dy)?;
-    let dt = xs.dtype();
     let chunk = gate_up.experts_per_chunk(chunk_bytes, dt, 0);
     // On CUDA the chunks' input gradients go straight into one output — dy's own buffer where
     // it can take them; the CPU assembles them.
-    let into = match (xs.device().is_cuda(), dy.dtype() == dt) {
+    let into = match (device.is_cuda(), dy.dtype() == dt) {
         (true, true) => Some(dy.clone()),
-        (true, false) => Some(output_for_products(m * h, dt, xs.device())?),
+        (true, false) => Some(output_for_products(m * h, dt, &device)?),
         (false, _) => None,
     };
     let (mut parts, mut dot_parts) = (Vec::new(), Vec::new());
@@ -105,8 +141,13 @@ pub(crate) fn backward_by_chunk(
     let most = spans.iter().map(|s| s.1).max().unwrap_or(0);
     let buffers = match CHUNK_BUFFERS.get() && into.is_some() {
         true => Some((
-            output_for_products(most * two_i, dt, xs.device())?,
-            output_for_products(most * i, dy.dtype(), xs.device())?,
+            output_for_products(most * two_i, dt, &device)?,
+            output_for_products(most * i, dy.dtype(), &device)?,
+            // A chunk's gathered rows, where they are gathered by chunk.
+            match by_token {
+                true => Some(output_for_products(most * h, dt, &device)?),
+                false => None,
+            },
         )),
         false => None,
     };
@@ -121,16 +162,25 @@ pub(crate) fn backward_by_chunk(
     };
     let mut row = 0;
     for (experts, rows) in spans {
+        // The chunk's rows: from `row` in the whole gather, or gathered now from row 0.
+        let (xs, a_row) = match rows_in {
+            ChunkRows::Gathered(xs) => (xs.contiguous()?, row),
+            ChunkRows::ByToken { x, order } => {
+                let buf = buffers.as_ref().and_then(|b| b.2.as_ref());
+                (gather_forward_rows(x, order, row..row + rows, buf)?, 0)
+            }
+        };
         let w_gu = gate_up.dequantize(experts.clone(), dt)?;
         let gu = product(
             buffers.as_ref().map(|b| &b.0),
             &xs,
             &w_gu,
             rows * two_i,
-            &products(counts, experts.clone(), (row, 0), h, two_i),
+            &products(counts, experts.clone(), (a_row, 0), h, two_i),
             Gemm::nt(1.0),
         )?
         .reshape((rows, two_i))?;
+        drop(xs);
         let w_d = down.dequantize(experts.clone(), dy.dtype())?;
         let dact = product(
             buffers.as_ref().map(|b| &b.1),
@@ -177,12 +227,12 @@ pub(crate) fn backward_by_chunk(
     }
     let dxs = match into {
         Some(out) => out.reshape((m, h))?,
-        None if parts.is_empty() => Tensor::zeros((m, h), dt, xs.device())?,
+        None if parts.is_empty() => Tensor::zeros((m, h), dt, &device)?,
         None => Tensor::cat(&parts, 0)?.reshape((m, h))?,
     };
     let dots = match (dots, dot_parts.is_empty()) {
         (false, _) => None,
-        (true, true) => Some(Tensor::zeros(m, DType::F32, xs.device())?),
+        (true, true) => Some(Tensor::zeros(m, DType::F32, &device)?),
         (true, false) => Some(Tensor::cat(&dot_parts, 0)?),
     };
     Ok((dxs.to_dtype(dtype)?, dots))
@@ -190,10 +240,11 @@ pub(crate) fn backward_by_chunk(
 
 #[cfg(test)]
 mod tests {
-    use super::backward_by_chunk;
+    use super::{backward_by_chunk, ChunkRows};
     use crate::ops::expert_weights::ExpertWeights;
     use crate::ops::experts::expert_matmul;
     use crate::ops::nf4_linear::Nf4Weight;
+    use crate::ops::routing::RowOrder;
     use crate::ops::swiglu::packed_backward_dot;
     use crate::quant::{QuantSettings, QuantizedParam};
     use candle_core::{DType, Device, Result, Tensor};
@@ -212,38 +263,54 @@ mod tests {
     }
 
     /// By chunks of 3 experts (one chunk without rows, experts without rows inside chunks)
-    /// against the separate passes over all experts: the same products, so the same bits.
+    /// against the separate passes over all experts: the same products, so the same bits —
+    /// from the rows gathered whole and from the layer's input gathered a chunk at a time
+    /// (7 tokens, 4 rows each, in a shuffled order).
     #[test]
     fn chunks_give_the_separate_passes_bits() -> Result<()> {
-        let (h, i) = (64usize, 32usize);
+        let (h, i, k) = (64usize, 32usize, 4usize);
         let counts = [5usize, 0, 7, 0, 0, 0, 3, 9, 0, 4];
         let m: usize = counts.iter().sum();
         let (gate_up, down) = (experts(10, 2 * i, h)?, experts(10, h, i)?);
+        // Slots in a shuffled order (a fixed odd stride modulo the 28 rows: a permutation).
+        let slots: Vec<u32> = (0..m).map(|r| ((r * 11 + 5) % m) as u32).collect();
+        let tokens: Vec<u32> = slots.iter().map(|s| s / k as u32).collect();
+        let cpu = &Device::Cpu;
+        let order = RowOrder::new(tokens, slots, k, cpu)?;
         for dtype in [DType::F32, DType::BF16] {
-            let cpu = &Device::Cpu;
-            let xs = Tensor::randn(0f32, 1.0, (m, h), cpu)?.to_dtype(dtype)?;
+            let x = Tensor::randn(0f32, 1.0, (m / k, h), cpu)?.to_dtype(dtype)?;
+            let xs = x.index_select(&order.tokens, 0)?;
             let dy = Tensor::randn(0f32, 1.0, (m, h), cpu)?.to_dtype(dtype)?;
             let chunk = 3 * 2 * i * h * dtype.size_in_bytes();
-            let (dxs, dots) = backward_by_chunk(
-                &gate_up,
-                &down,
-                &counts,
-                &xs,
-                dy.clone(),
-                dtype,
-                true,
-                chunk,
-            )?;
             let all = usize::MAX / 2;
             let gu = expert_matmul(&xs, &gate_up, &counts, true, all)?;
             let dact = expert_matmul(&dy, &down, &counts, false, all)?.to_dtype(dtype)?;
             let (dgu, want_dots) = packed_backward_dot(&gu, &dact, gate_up.glu)?;
             let want = expert_matmul(&dgu, &gate_up, &counts, false, all)?;
             let f32s = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-            assert_eq!(f32s(&dxs)?, f32s(&want)?, "{dtype:?} dxs");
-            let dots = dots.expect("dots asked for");
-            assert_eq!(f32s(&dots)?, f32s(&want_dots)?, "{dtype:?} dots");
-            assert!(f32s(&dxs)?.iter().any(|v| *v != 0.0), "a real gradient");
+            let by_token = ChunkRows::ByToken {
+                x: x.clone(),
+                order: order.clone(),
+            };
+            for (rows, name) in [
+                (ChunkRows::Gathered(xs), "gathered"),
+                (by_token, "by token"),
+            ] {
+                let (dxs, dots) = backward_by_chunk(
+                    &gate_up,
+                    &down,
+                    &counts,
+                    &rows,
+                    dy.clone(),
+                    dtype,
+                    true,
+                    chunk,
+                )?;
+                assert_eq!(f32s(&dxs)?, f32s(&want)?, "{dtype:?} {name} dxs");
+                let dots = dots.expect("dots asked for");
+                assert_eq!(f32s(&dots)?, f32s(&want_dots)?, "{dtype:?} {name} dots");
+                assert!(f32s(&dxs)?.iter().any(|v| *v != 0.0), "a real gradient");
+            }
         }
         Ok(())
     }

@@ -3,6 +3,7 @@
 //! adapter), packed SwiGLU, down (plus its adapter), and what the forward keeps for the
 //! backward (gate_up's output and the adapters' inputs with their hiddens).
 
+use super::expert_chunks::ChunkRows;
 use super::experts::{dequant_chunk_bytes, expert_matmul, ExpertWeights, GroupedLora};
 use candle_core::{DType, Result, Tensor};
 
@@ -16,11 +17,11 @@ pub(super) struct Kept {
     act: Option<(Tensor, Tensor)>,
 }
 
-/// gate_up's output, or (a recompute without adapters, `expert_chunks::serves`) the gathered
-/// rows it is formed from in the backward, a chunk of experts at a time.
+/// gate_up's output, or (a recompute without adapters, `expert_chunks::serves`) the rows it
+/// is formed from in the backward, a chunk of experts at a time.
 enum Gu {
     Formed(Tensor),
-    Deferred(Tensor),
+    Deferred(ChunkRows),
 }
 
 /// The held experts' weights, rows and adapters, for their forward and backward.
@@ -37,19 +38,31 @@ pub(super) struct Held<'a> {
 /// (gate_up's adapter factors or their gradients (A, B), down's), where present.
 pub(crate) type FactorPairs = (Option<(Tensor, Tensor)>, Option<(Tensor, Tensor)>);
 
+impl Kept {
+    /// A recompute's tape whose gate_up output the backward forms by chunks from `rows`.
+    pub(super) fn deferred(rows: ChunkRows) -> Kept {
+        Kept {
+            gu: Gu::Deferred(rows),
+            xs: None,
+            act: None,
+        }
+    }
+}
+
 impl Held<'_> {
+    /// Whether a recompute leaves gate_up's output to the backward's chunks of experts
+    /// (`expert_chunks::serves`; no expert adapters: theirs need the output whole).
+    pub(super) fn defers(&self) -> bool {
+        let adapters =
+            self.adapter.is_some() && (self.gate_up_lora.is_some() || self.down_lora.is_some());
+        !adapters && super::expert_chunks::serves(self.gate_up)
+    }
+
     /// xs [M, H] grouped by held expert → the expert outputs [M, H], or only what the backward
     /// needs (`output` false: a recompute; the down projection is then skipped, see `backward`).
     pub(super) fn forward(&self, xs: &Tensor, output: bool) -> Result<(Option<Tensor>, Kept)> {
-        let adapters =
-            self.adapter.is_some() && (self.gate_up_lora.is_some() || self.down_lora.is_some());
-        if !output && !adapters && super::expert_chunks::serves(self.gate_up) {
-            let kept = Kept {
-                gu: Gu::Deferred(xs.clone()),
-                xs: None,
-                act: None,
-            };
-            return Ok((None, kept));
+        if !output && self.defers() {
+            return Ok((None, Kept::deferred(ChunkRows::Gathered(xs.clone()))));
         }
         let inp = self.gate_up.in_features;
         let (gu, xs_h) = match (self.gate_up_lora, self.adapter) {
@@ -133,12 +146,12 @@ impl Held<'_> {
         };
         let gu = match gu {
             Gu::Formed(gu) => gu,
-            Gu::Deferred(xs) => {
+            Gu::Deferred(rows) => {
                 let (dxs, dot) = super::expert_chunks::backward_by_chunk(
                     self.gate_up,
                     self.down,
                     self.counts,
-                    &xs,
+                    &rows,
                     dy,
                     dtype,
                     dots,

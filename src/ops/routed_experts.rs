@@ -13,6 +13,7 @@
 //! so the layer recompute skips the down projection and the combine
 //! (docs/ARCHITECTURE.md, decision 35).
 
+use super::expert_chunks::ChunkRows;
 use super::experts::{ExpertWeights, GroupedLora};
 pub(crate) use super::held_experts::FactorPairs;
 use super::held_experts::{Held, Kept};
@@ -244,18 +245,7 @@ pub(crate) fn held_experts_taped(
             counts.len()
         );
     }
-    let lora = lora.filter(|l| l.gate_up.is_some() || l.down.is_some());
-    let mut tape = ExpertsTape {
-        gate_up: gate_up.clone(),
-        down: down.clone(),
-        counts: counts.to_vec(),
-        adapter: lora.map(|l| GroupedLora::new(counts, 0, l.r, l.scaling)),
-        factors: match lora {
-            Some(l) => (l.gate_up.clone(), l.down.clone()),
-            None => (None, None),
-        },
-        kept: None,
-    };
+    let mut tape = ExpertsTape::new(gate_up, down, counts, lora);
     if m == 0 {
         let y = output
             .then(|| xs.narrow(1, 0, gate_up.in_features))
@@ -267,7 +257,63 @@ pub(crate) fn held_experts_taped(
     Ok((y, tape))
 }
 
+/// [`held_experts_taped`]'s recompute (no output) without the gathered rows, where the held
+/// experts' backward forms gate_up's output a chunk of experts at a time (`Held::defers`):
+/// the tape keeps the layer's input x `[N, H]` and the routing order, and each chunk gathers
+/// its rows when it runs (`expert_chunks::ChunkRows::ByToken`). None where the backward needs
+/// the rows whole — the caller gathers them and calls `held_experts_taped`.
+pub(crate) fn held_experts_by_token(
+    x: &Tensor,
+    order: &RowOrder,
+    gate_up: &ExpertWeights,
+    down: &ExpertWeights,
+    counts: &[usize],
+    lora: Option<&ExpertLora>,
+) -> Result<Option<ExpertsTape>> {
+    let mut tape = ExpertsTape::new(gate_up, down, counts, lora);
+    let m: usize = counts.iter().sum();
+    if !tape.held().defers() {
+        return Ok(None);
+    }
+    if order.tokens.elem_count() != m || counts.len() != gate_up.num_experts {
+        candle_core::bail!(
+            "held experts: {} routed rows for counts summing to {m} over {} experts",
+            order.tokens.elem_count(),
+            counts.len()
+        );
+    }
+    if m > 0 {
+        let rows = ChunkRows::ByToken {
+            x: super::at_offset_zero(x)?,
+            order: order.clone(),
+        };
+        tape.kept = Some(Kept::deferred(rows));
+    }
+    Ok(Some(tape))
+}
+
 impl ExpertsTape {
+    /// Nothing kept yet; the adapters where `lora` has any on these experts.
+    fn new(
+        gate_up: &ExpertWeights,
+        down: &ExpertWeights,
+        counts: &[usize],
+        lora: Option<&ExpertLora>,
+    ) -> ExpertsTape {
+        let lora = lora.filter(|l| l.gate_up.is_some() || l.down.is_some());
+        ExpertsTape {
+            gate_up: gate_up.clone(),
+            down: down.clone(),
+            counts: counts.to_vec(),
+            adapter: lora.map(|l| GroupedLora::new(counts, 0, l.r, l.scaling)),
+            factors: match lora {
+                Some(l) => (l.gate_up.clone(), l.down.clone()),
+                None => (None, None),
+            },
+            kept: None,
+        }
+    }
+
     fn held(&self) -> Held<'_> {
         Held {
             gate_up: &self.gate_up,

@@ -368,3 +368,82 @@ pub fn spread_rows(src: &Tensor, order: &RowOrder, w: Option<&Tensor>) -> Result
         other => candle_core::bail!("routing: {other:?} not supported"),
     })
 }
+
+/// Rows `lo..hi` of `spread_rows(src, order, None)` — `[hi − lo, H]`, written into the first
+/// (hi − lo)·H elements of `into` where given (a contiguous buffer at offset zero in src's
+/// dtype; the returned tensor is that view), else into a fresh buffer. Each token with a row
+/// in the range is read once (`spread_rows_range_vec`). Needs [`spreads`].
+pub fn spread_rows_range(
+    src: &Tensor,
+    order: &RowOrder,
+    rows: std::ops::Range<usize>,
+    into: Option<&Tensor>,
+) -> Result<Tensor> {
+    let candle_core::Device::Cuda(dev) = src.device() else {
+        candle_core::bail!("routing: not on CUDA")
+    };
+    let (tokens, h) = src.dims2()?;
+    let (k, len) = (order.k, rows.len() * h);
+    let fits = |b: &Tensor| {
+        b.dtype() == src.dtype()
+            && b.is_contiguous()
+            && b.layout().start_offset() == 0
+            && b.elem_count() >= len
+    };
+    if !spreads(src, order) || rows.end > tokens * k || into.is_some_and(|b| !fits(b)) {
+        candle_core::bail!(
+            "routing: rows {rows:?} of {tokens} rows of {h} over {k} slots (into a buffer: {})",
+            into.is_some()
+        );
+    }
+    let src = src.contiguous()?;
+    let func = dev.get_or_load_custom_func(
+        &format!("spread_rows_range_vec_{}", suffix(src.dtype())?),
+        "moeq_routing",
+        crate::ops::kernels::ROUTING,
+    )?;
+    let inv = order.inv.contiguous()?;
+    let out = match into {
+        Some(b) => b.narrow(0, 0, len)?,
+        None => crate::ops::grouped_gemm::output_for_products(len, src.dtype(), src.device())?,
+    };
+    let (gs, gi, go) = (
+        src.storage_and_layout(),
+        inv.storage_and_layout(),
+        out.storage_and_layout(),
+    );
+    let cfg = LaunchConfig {
+        grid_dim: (tokens.div_ceil(8).clamp(1, 65_535) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (ki, lo, hi) = (k as i32, rows.start as u32, rows.end as u32);
+    macro_rules! run {
+        ($t:ty) => {{
+            let s = view::<$t>(&gs)?;
+            let i = view::<u32>(&gi)?;
+            // The rows of the range: every one is some slot's (RowOrder::new checked), so the
+            // kernel writes all `len` elements; the buffer's are the caller's to overwrite.
+            let o = view::<$t>(&go)?;
+            let mut b = func.builder();
+            b.arg(&s);
+            b.arg(&i);
+            b.arg(&o);
+            b.arg(&tokens);
+            b.arg(&ki);
+            b.arg(&h);
+            b.arg(&lo);
+            b.arg(&hi);
+            // SAFETY: arguments match kernels/routing.cu `spread_rows_range_vec`.
+            unsafe { b.launch(cfg) }.w()?;
+        }};
+    }
+    match src.dtype() {
+        DType::F32 => run!(f32),
+        DType::BF16 => run!(half::bf16),
+        DType::F16 => run!(half::f16),
+        other => candle_core::bail!("routing: {other:?} not supported"),
+    }
+    drop((gs, gi, go));
+    out.reshape((rows.len(), h))
+}

@@ -346,6 +346,25 @@ pub(crate) fn select_rows(src: &Tensor, idx: &Tensor) -> Result<Tensor> {
     src.index_select(idx, 0)
 }
 
+/// Rows `rows` of `gather_forward(x, order)` → `[rows.len(), H]`, the same values: a chunk of
+/// experts' rows, one range of the expert-sorted order (`ops::expert_chunks`). On CUDA read
+/// token-major where `ROWS_BY_TOKEN` and the order spreads (`cuda::spread_rows_range`, into
+/// `into`'s first elements where given — a contiguous buffer at offset zero), else the row
+/// gather over those rows' tokens into a fresh tensor; `index_select` on the CPU.
+pub(crate) fn gather_forward_rows(
+    x: &Tensor,
+    order: &RowOrder,
+    rows: std::ops::Range<usize>,
+    into: Option<&Tensor>,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && ROWS_BY_TOKEN.get() && cuda::spreads(x, order) {
+        return cuda::spread_rows_range(x, order, rows, into);
+    }
+    let _ = into;
+    select_rows(x, &order.tokens.narrow(0, rows.start, rows.len())?)
+}
+
 /// x `[N, H]` → the routed rows `[N·k, H]` in `order`.
 pub fn gather_rows(x: &Tensor, order: &RowOrder) -> Result<Tensor> {
     let x = super::at_offset_zero(x)?;

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# This session's device calls, as steps run in the order named, each skipped when the call's
+# time (CALL_S, default 570 s from the start) could not hold it:
+#   check      gpu-check on the defaults (its rows: the cross-entropy over the logits, the
+#              chunks' rows gathered a chunk at a time, q/k/v adapters apart) ≈ 140 s;
+#   ce-attn    `MOEQ_CE_IN_PLACE=1` against 0 at mbs 8, q/k/v/o config; its losses must equal
+#              A's to every digit (the same bits) ≈ 150 s;
+#   ce-expert  the same with expert adapters ≈ 150 s;
+#   buffers    the experts' chunks in reused buffers with their rows gathered a chunk at a
+#              time (`MOEQ_EXPERT_CHUNKS=1 MOEQ_CHUNK_BUFFERS=1`) against the defaults, mbs 8 —
+#              its peak must stay under Unsloth's 9.15 GB ≈ 150 s;
+#   kp         the kernel profile (2 layers, mbs 8) with the cross-entropy in place ≈ 60 s;
+#   sbs        the side by side (`side-by-side.sh pair 4 8`) with SBS_ENV's switches ≈ 230 s.
+# Everything packed into $OUT/next-call4.tar.gz (the device returns at most 8 files). GPU
+# machine, repository root, .device carried:
+#
+#   OUT=$OUT bash launch/bench/next-call4.sh check ce-attn buffers
+#   OUT=$OUT SBS_ENV="MOEQ_CE_IN_PLACE=1" bash launch/bench/next-call4.sh ce-expert sbs
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+deadline=$(( $(date +%s) + ${CALL_S:-570} ))
+fits() {
+  if [ $(( deadline - $(date +%s) )) -lt "$1" ]; then
+    echo "== $2: skipped ($(( deadline - $(date +%s) )) s of the call left, needs $1)"
+    return 1
+  fi
+}
+ab() {
+  local name=$1
+  shift
+  fits 170 "$name" || return
+  echo "== $name: $*"
+  env "$@" OUT="$OUT/$name" timeout 170 bash launch/bench/ab.sh 8 | tail -4
+  # Cut off before its own archive: pack what it left.
+  if [ -d "$OUT/$name/ab" ]; then tar -czf "$OUT/$name/ab-logs.tar.gz" -C "$OUT/$name" ab && rm -rf "$OUT/$name/ab"; fi
+  # The losses of each run (A and B of a change that keeps the bits must agree).
+  tar -xzf "$OUT/$name/ab-logs.tar.gz" -C /tmp 2>/dev/null &&
+    for f in /tmp/ab/mbs8-*.log; do echo "$name $(basename "$f"): $(grep -o 'loss [0-9.]*' "$f" | tr '\n' ' ')"; done
+  rm -rf /tmp/ab
+}
+for step in "$@"; do
+  case "$step" in
+  check)
+    fits 200 check || continue
+    LIMIT=200 OUT=$OUT/check bash launch/bench/check-switches.sh -
+    tar -xzOf "$OUT/check/check-logs.tar.gz" check-0.log |
+      grep -E "cross_entropy_rows 300 rows V 20000 BF16 in place|rows by token in reused buffers BF16 dots true dxs" ;;
+  ce-attn) ab ce-attn MOEQ_CE_IN_PLACE=1 A_ENV=MOEQ_CE_IN_PLACE=0 ;;
+  ce-expert) ab ce-expert CFG=expert MOEQ_CE_IN_PLACE=1 A_ENV=MOEQ_CE_IN_PLACE=0 ;;
+  buffers) ab buffers MOEQ_EXPERT_CHUNKS=1 MOEQ_CHUNK_BUFFERS=1 \
+    "A_ENV=MOEQ_EXPERT_CHUNKS=0 MOEQ_CHUNK_BUFFERS=0" ;;
+  kp)
+    fits 90 kp || continue
+    MOEQ_CE_IN_PLACE=1 LAYERS=2 OUT=$OUT/kp timeout 90 bash launch/bench/kernel-profile.sh 8 |
+      grep -E "cross_entropy|ms of kernel time" ;;
+  sbs)
+    fits 240 sbs || continue
+    read -ra envs <<< "${SBS_ENV:-MOEQ_UNSET=1}"
+    env "${envs[@]}" OUT=$OUT/sbs timeout $(( deadline - $(date +%s) )) \
+      bash launch/bench/side-by-side.sh pair 4 8 > "$OUT/sbs.log" 2>&1
+    grep -E "^\| (Unsloth|moeq)" "$OUT/sbs/table.md" || tail -5 "$OUT/sbs.log" ;;
+  *) echo "error: '$step' is none of check, ce-attn, ce-expert, buffers, kp, sbs" >&2; exit 2 ;;
+  esac
+done
+tar -C "$OUT" -czf /tmp/next-call4.tar.gz . && mv /tmp/next-call4.tar.gz "$OUT/"
+find "$OUT" -mindepth 1 -maxdepth 1 ! -name next-call4.tar.gz -exec rm -rf {} +
