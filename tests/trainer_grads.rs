@@ -146,10 +146,11 @@ fn kept_activations_match_the_recompute_exactly() {
 
 /// Without expert adapters, the recompute can form the experts' gate_up output in their
 /// backward, a chunk of experts at a time (`MOEQ_EXPERT_CHUNKS`): the same gradients as the
-/// separate passes and as kept activations, bit for bit — the recompute's rows gathered a
-/// chunk at a time in the backward (`ChunkRows::ByToken`), but where the routing weights scale
-/// the rows (Llama 4: gathered whole). (The switch is process-wide; other tests running
-/// meanwhile take the same bits either way.)
+/// separate passes and as kept activations, bit for bit. Each chunk gathers its own rows in
+/// the backward (`ChunkRows::ByToken`) except where the routing weights scale the rows (Llama
+/// 4: gathered whole); post-normed blocks (FlexOlmo) and expert biases (gpt-oss) take no
+/// chunks. (The switch is process-wide; other tests running meanwhile take the same bits
+/// either way.)
 #[test]
 fn expert_chunks_match_the_separate_passes_exactly() {
     use moeq::ops::expert_chunks::{by_token_runs, EXPERT_CHUNKS};
@@ -165,9 +166,13 @@ fn expert_chunks_match_the_separate_passes_exactly() {
             let before = by_token_runs();
             let r = grads_with(&s, &b, None, Activations::Recompute);
             let by_token = by_token_runs() > before;
-            let scaled = s.model.spec.router.weights_input;
+            // Gathered whole where the weights scale the rows, and no chunks where a post-norm
+            // block's backward reads the experts' output or gate_up has a bias (FlexOlmo's,
+            // gpt-oss's).
+            let spec = &s.model.spec;
+            let whole = spec.router.weights_input || spec.post_norms || spec.expert_bias;
             assert!(
-                by_token || scaled,
+                by_token || whole,
                 "{arch:?}: the recompute gathered its rows whole"
             );
             (r, grads_with(&s, &b, None, Activations::Keep))
