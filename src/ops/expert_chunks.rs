@@ -1,10 +1,10 @@
 //! The routed experts' recompute and backward together, a chunk of experts at a time
-//! (`EXPERT_CHUNKS`, off by default: a training run turns it on with `recompute_attention:
-//! false`, the faster setting, where it measured +2.1% tokens/s and −0.45 GB peak, q/k/v/o
-//! LoRA, micro-batch 8, one H100; beside the attention rerun, the default, +1.0% for +0.4 GB of
-//! the driver's peak — the pool's reserve, not its high-water mark in use —, so off there;
-//! `MOEQ_EXPERT_CHUNKS=1`/`0` overrides either; launch/bench/NOTES.md items 56, 60 and 62.
-//! gpu-check's "chunks = separate passes" rows pass on the H100).
+//! (`EXPERT_CHUNKS`, on unless `MOEQ_EXPERT_CHUNKS=0`). With the chunks' buffers reused and
+//! each chunk's rows gathered when it runs (`CHUNK_BUFFERS`, `ChunkRows::ByToken`) it measured
+//! +1.5% tokens/s and −0.07 GB of the driver's peak beside the attention rerun (q/k/v/o LoRA,
+//! micro-batch 8, one H100: launch/bench/NOTES.md item 66); with the attention outputs kept
+//! (`recompute_attention: false`) the chunks alone measured +2.1% and −0.45 GB (items 56, 60
+//! and 62). gpu-check's "chunks = separate passes" and "rows by token" rows pass on the H100.
 //!
 //! With the layer recomputed and no expert adapters, the recompute forms gate_up's output only
 //! for the backward, which dequantizes gate_up again for the input gradient. Here each chunk of
@@ -22,15 +22,15 @@ use crate::util::switch::{EnvSwitch, ON_OFF};
 use candle_core::{DType, Result, Tensor};
 use std::ops::Range;
 
-pub static EXPERT_CHUNKS: EnvSwitch = EnvSwitch::new("MOEQ_EXPERT_CHUNKS", false, ON_OFF);
+pub static EXPERT_CHUNKS: EnvSwitch = EnvSwitch::new("MOEQ_EXPERT_CHUNKS", true, ON_OFF);
 
-/// The chunks' working buffers (gu, dact) allocated once a layer at the largest chunk's size
-/// and reused by every chunk, dgu written over gu (`swiglu::packed_backward_in_place`): on
-/// CUDA, off (`MOEQ_CHUNK_BUFFERS=1`; launch/bench/NOTES.md item 63). Beside the attention
-/// rerun the chunks measured +1.0% for +0.43 GB of the pool's reserve — buffers sized by each
-/// chunk's rows, which fragment it; these take one size each a layer and measured +1.1% for
-/// +0.16–0.26 GB: still over Unsloth's peak at micro-batch 8.
-pub static CHUNK_BUFFERS: EnvSwitch = EnvSwitch::new("MOEQ_CHUNK_BUFFERS", false, ON_OFF);
+/// The chunks' working buffers (gu, dact, and the chunk's gathered rows) allocated once a
+/// layer at the largest chunk's size and reused by every chunk, dgu written over gu
+/// (`swiglu::packed_backward_in_place`): on CUDA, on unless `MOEQ_CHUNK_BUFFERS=0`
+/// (launch/bench/NOTES.md items 63 and 66). Buffers sized by each chunk's rows fragment the
+/// pool (+0.43 GB of its reserve beside the attention rerun); one size each a layer took
+/// +0.16–0.26 GB with the rows gathered whole, and −0.07 GB with each chunk gathering its own.
+pub static CHUNK_BUFFERS: EnvSwitch = EnvSwitch::new("MOEQ_CHUNK_BUFFERS", true, ON_OFF);
 
 /// The rows gate_up's product reads in [`backward_by_chunk`], grouped by expert: gathered
 /// whole, or (a recompute on one rank, `arch::moe_tape`) not gathered at all — the layer's

@@ -16,7 +16,6 @@ use crate::distributed::{Communicator, RankCtx};
 use crate::lora::Adapters;
 use crate::model_files::frozen::{FrozenBase, SingleProcess};
 use crate::model_files::{dense, ModelDir};
-use crate::ops::expert_chunks::EXPERT_CHUNKS;
 use crate::util::{device, phases};
 use candle_core::{DType, Device, Tensor, Var};
 use std::ops::Range;
@@ -167,12 +166,8 @@ impl<'a> Run<'a> {
         let tokens_seen = resume.as_ref().map_or(0, |r| r.state.tokens_seen);
         let activations =
             Activations::from_config(config.gradient_checkpointing, config.activation_offloading);
-        // Keeping the attention outputs is the faster, larger setting; the experts' recompute
-        // and backward by chunks go with it (with the attention rerun they raise the driver's
-        // peak by 0.4 GB at micro-batch 8 for +1%: NOTES item 62).
-        let keep_attention = !config.recompute_attention;
-        KEEP_ATTENTION.set_unless_env(keep_attention);
-        EXPERT_CHUNKS.set_unless_env(keep_attention);
+        // Keeping the attention outputs is the faster, larger setting.
+        KEEP_ATTENTION.set_unless_env(!config.recompute_attention);
         // The CPU's attention is deterministic either way.
         #[cfg(feature = "cuda")]
         crate::ops::cudnn_attn::set_deterministic_unless_env(config.full_determinism);
