@@ -6,6 +6,7 @@
 # launch/bench/fetch-unsloth.sh):
 #
 #   OUT=/tmp/out bash launch/bench/side-by-side.sh [all|both|pair|seed|unsloth|moeq|keep|full|fullkeep] [micro-batch sizes...]
+#   (TARGETS="attn" or "expert" runs one adapter set of the 12-layer runs; both by default)
 #
 # `all` runs the three stacks, `both` the seed stack and moeq, `pair` Unsloth and moeq. Unsloth loads its model once per
 # adapter set and runs every micro-batch size in that process (its import alone takes ~35 s);
@@ -27,6 +28,8 @@ export MOEQ_CACHE_DIR=${MOEQ_CACHE_DIR:-/tmp/moeq-cache}
 which=${1:-both}
 shift || true
 mbs_list=${*:-1 4}
+# TARGETS: the adapter sets of the 12-layer runs (attn: q/k/v/o LoRA; expert: with expert LoRA).
+targets_list=${TARGETS:-attn expert}
 runs=$OUT/runs
 mkdir -p "$runs"
 
@@ -72,7 +75,7 @@ all | pair | unsloth)
     .device/moeq synth --arch qwen3_moe --preset qwen3-30b-a3b --layers 12 --config-only --force --out "$model"
     python3 launch/bench/unsloth_stack.py --model "$model" --write-model
   fi
-  for targets in attn expert; do
+  for targets in $targets_list; do
     # shellcheck disable=SC2086
     HF_HUB_OFFLINE=1 PYTHONPATH=$site/unsloth-site sampled "unsloth-$targets" \
       python3 launch/bench/unsloth_stack.py --model "$model" --targets "$targets" --mbs $mbs_list --outdir "$runs"
@@ -100,7 +103,8 @@ for mbs in $mbs_list; do
   esac
   case "$which" in
   both | all | pair | moeq)
-    for cfg in attn-lora expert-lora; do
+    for targets in $targets_list; do
+      cfg=$targets-lora
       moeq_run "moeq-$cfg-mbs$mbs" configs/bench/qwen3-30b-a3b-12l-$cfg.yaml "$mbs"
     done
     ;;
