@@ -5,8 +5,7 @@
 
 mod common;
 mod grads_common;
-use common::max_abs;
-use grads_common::{batch, grads_with, setup_rank, ARCHS};
+use grads_common::{batch, grads_with, setup_rank, within_rounding, ARCHS};
 use moeq::ops::lora_in_k::LORA_IN_K;
 use moeq::train::step::Activations;
 
@@ -30,27 +29,11 @@ fn the_update_in_k_gives_the_separate_updates_gradients() {
             let r = grads_with(&s, &b, None, Activations::Recompute);
             (r, grads_with(&s, &b, None, Activations::Keep))
         };
-        assert_eq!(
-            separate.keys().collect::<Vec<_>>(),
-            in_k.keys().collect::<Vec<_>>()
-        );
         assert!(
             separate.keys().any(|k| k.contains(".experts.")),
             "{arch:?}: expert adapters"
         );
-        let mut moved = false;
-        for (name, want) in &separate {
-            let scale = max_abs(want);
-            assert!(scale > 0.0, "{arch:?} {name}: zero gradient");
-            let err = max_abs(&(&in_k[name] - want).unwrap());
-            assert!(
-                err <= 1e-4 * scale,
-                "{arch:?} {name}: in K vs separate differ by {err:e} (scale {scale:e})"
-            );
-            moved |= err > 0.0;
-            let exact = max_abs(&(&kept[name] - &in_k[name]).unwrap());
-            assert_eq!(exact, 0.0, "{arch:?} {name}: kept vs recomputed");
-        }
+        let moved = within_rounding(&format!("{arch:?} in K"), &separate, &in_k, &kept);
         // The switch took another path: some gradient's rounding moved (Llama 4 excepted).
         if arch != moeq::arch::ModelType::Llama4Text {
             assert!(moved, "{arch:?}: the switch changed nothing");

@@ -191,3 +191,37 @@ pub fn grads_with(
     .unwrap();
     grads
 }
+
+/// A switch's gradients `got` against the path without it (`separate`): the same tensors,
+/// each within 1e-4 of its separate gradient's largest element (the same sums in another
+/// order, which the tiny models' few terms keep far above the differences; every separate
+/// gradient non-zero), and the kept activations' gradients `kept` equal to `got` bit for bit.
+/// Whether any gradient moved at all (the switch took another path). Needs the binary's
+/// `mod common`.
+#[allow(dead_code)] // not every test binary that includes this module uses it
+pub fn within_rounding(
+    what: &str,
+    separate: &BTreeMap<String, Tensor>,
+    got: &BTreeMap<String, Tensor>,
+    kept: &BTreeMap<String, Tensor>,
+) -> bool {
+    assert_eq!(
+        separate.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>(),
+        "{what}"
+    );
+    let mut moved = false;
+    for (name, want) in separate {
+        let scale = crate::common::max_abs(want);
+        assert!(scale > 0.0, "{what} {name}: zero gradient");
+        let err = crate::common::max_abs(&(&got[name] - want).unwrap());
+        assert!(
+            err <= 1e-4 * scale,
+            "{what} {name}: against the separate path off by {err:e} (scale {scale:e})"
+        );
+        moved |= err > 0.0;
+        let exact = crate::common::max_abs(&(&kept[name] - &got[name]).unwrap());
+        assert_eq!(exact, 0.0, "{what} {name}: kept vs recomputed");
+    }
+    moved
+}
