@@ -126,10 +126,11 @@ __device__ void gather_rows_vec(const T* src, const uint32_t* idx, const float* 
 // registers while they go to the k rows. WEIGHTED: w [N·k] (f32, slot order),
 // out[inv[s]] = w[s] · src[t] in f32, one rounding — gather_rows_weighted_vec's values (its
 // weights are w in row order). A permutation's writes: no two slots share a row (RowOrder).
-// Only the rows in [lo, hi) are written, row r at out + (r − lo)·h (spread_rows_range_vec: a
-// chunk of experts' rows, one range of the expert-sorted order — src/ops/expert_chunks.rs); a
-// token with no row there is not read.
-template <typename T, bool WEIGHTED>
+// RANGE (spread_rows_range_vec): only the rows in [lo, hi) are written, row r at
+// out + (r − lo)·h — a chunk of experts' rows, one range of the expert-sorted order
+// (src/ops/expert_chunks.rs); a token with no row there is not read. Without RANGE the row
+// loads go out before any of the token's row indices is read.
+template <typename T, bool WEIGHTED, bool RANGE = false>
 __device__ void spread_rows_vec(const T* src, const uint32_t* inv, const float* w, T* out, const size_t tokens,
                                 const int k, const size_t h, const uint32_t lo = 0,
                                 const uint32_t hi = 0xffffffffu) {
@@ -138,12 +139,14 @@ __device__ void spread_rows_vec(const T* src, const uint32_t* inv, const float* 
   const int lane = threadIdx.x % 32;
   for (size_t t = blockIdx.x * (size_t)(blockDim.x / 32) + threadIdx.x / 32; t < tokens;
        t += (size_t)gridDim.x * (blockDim.x / 32)) {
-    bool any = false;
-    for (int j = 0; j < k; ++j) {
-      const uint32_t r = inv[t * k + j];
-      any |= r >= lo && r < hi;
+    if (RANGE) {
+      bool any = false;
+      for (int j = 0; j < k; ++j) {
+        const uint32_t r = inv[t * k + j];
+        any |= r >= lo && r < hi;
+      }
+      if (!any) continue;
     }
-    if (!any) continue;
     const uint4* from = reinterpret_cast<const uint4*>(src + t * h);
     for (size_t p = lane; p < packs; p += 32 * ROW_UNROLL) {
       Pack<T> v[ROW_UNROLL];
@@ -154,7 +157,7 @@ __device__ void spread_rows_vec(const T* src, const uint32_t* inv, const float* 
       for (int j = 0; j < k; ++j) {
         const size_t s = t * k + j;
         const uint32_t r = inv[s];
-        if (r < lo || r >= hi) continue;
+        if (RANGE && (r < lo || r >= hi)) continue;
         uint4* to = reinterpret_cast<uint4*>(out + (size_t)(r - lo) * h);
         const float wt = WEIGHTED ? w[s] : 1.0f;
 #pragma unroll
@@ -610,7 +613,7 @@ __device__ void router_bwd(const float* probs, const uint32_t* top, const float*
                                                             const size_t tokens, const int k,        \
                                                             const size_t h, const uint32_t lo,       \
                                                             const uint32_t hi) {                     \
-    spread_rows_vec<T, false>(src, inv, nullptr, out, tokens, k, h, lo, hi);                       \
+    spread_rows_vec<T, false, true>(src, inv, nullptr, out, tokens, k, h, lo, hi);                 \
   }
 
 ROUTING_KERNELS(float, f32)

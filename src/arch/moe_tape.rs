@@ -112,16 +112,16 @@ impl Moe {
             && self.gate_up.takes_in_k()
             && lora.adapters.experts.contains_key(&self.gate_up_name);
         let r = in_k.then_some(lora.adapters.settings.r);
-        // A recompute on one rank over plain rows: where the experts' backward goes by chunks
-        // of experts, it gathers each chunk's rows itself — none gathered here.
-        let by_token = match !output
-            && routing.exchange.is_none()
-            && !spec.router.weights_input
-            && r.is_none()
-        {
-            true => self.held_by_token(&x, &routing, lora)?,
-            false => None,
-        };
+        // A recompute on one rank over plain rows, no expert adapters: where the experts'
+        // backward goes by chunks of experts, it gathers each chunk's rows itself — none here.
+        let adapted = [&self.gate_up_name, &self.down_name]
+            .iter()
+            .any(|n| lora.adapters.experts.contains_key(*n));
+        let by_token =
+            match !output && routing.exchange.is_none() && !spec.router.weights_input && !adapted {
+                true => self.held_by_token(&x, &routing, lora)?,
+                false => None,
+            };
         let (y, experts, unscaled, combine) = match by_token {
             Some(tape) => (None, tape, None, weights.clone()),
             None => {

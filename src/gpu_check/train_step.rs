@@ -386,18 +386,19 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
                 let mut every = ModelDir::open(&tmp).map_err(err)?;
                 every.spec.router.top_k = every.spec.num_experts;
                 every.spec.router.group_limit = None;
+                // q, k and v's adapters joined with their updates inside the base products' K
+                // (rank 8: the hiddens take whole packs) — the defaults, held on here whatever
+                // the environment says: Qwen3-MoE's q/k/v must take the wide rows (the others'
+                // may not: biases, post-norms, latent or gated attention; tests/joint_lora.rs
+                // names them).
+                let _joint = (JOINT_LORA.scoped(true), JOINT_IN_K.scoped(true));
                 let recompute = Activations::Recompute;
                 let cpu = (&Device::Cpu, dtype, Base::Nf4);
                 let (_, grads_ref) = step(&every, cpu, RANK_IN_K, &b, recompute)?;
                 let on = (device, dtype, Base::Nf4);
                 let wide = wide_forwards();
                 let (_, got) = step(&every, on, RANK_IN_K, &b, recompute)?;
-                // q, k and v's adapters joined with their updates inside the base products' K
-                // (rank 8: the hiddens take whole packs) are the defaults: Qwen3-MoE's q/k/v
-                // must take the wide rows (the others' may not: biases, post-norms, latent or
-                // gated attention; tests/joint_lora.rs names them).
-                let joint_in_k = JOINT_LORA.get() && JOINT_IN_K.get();
-                if arch == ModelType::Qwen3Moe && joint_in_k && wide_forwards() == wide {
+                if arch == ModelType::Qwen3Moe && wide_forwards() == wide {
                     candle_core::bail!("joint in K: {name}'s q/k/v took no wide rows");
                 }
                 let (_, kept) = step(&every, on, RANK_IN_K, &b, Activations::Keep)?;

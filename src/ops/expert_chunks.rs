@@ -16,7 +16,7 @@
 
 use super::expert_weights::ExpertWeights;
 use super::grouped_gemm::{grouped_gemm, grouped_gemm_into, output_for_products, Gemm, Product};
-use super::routing::{gather_forward_rows, RowOrder};
+use super::routing::{gather_forward_rows, rows_into, RowOrder};
 use super::swiglu::{packed_backward, packed_backward_dot, packed_backward_in_place};
 use crate::util::switch::{EnvSwitch, ON_OFF};
 use candle_core::{DType, Result, Tensor};
@@ -42,12 +42,15 @@ pub(crate) enum ChunkRows {
     ByToken { x: Tensor, order: RowOrder },
 }
 
-static BY_TOKEN_RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+thread_local! {
+    static BY_TOKEN_RUNS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
-/// How many [`backward_by_chunk`] calls in this process gathered their rows a chunk at a time
-/// (`ChunkRows::ByToken`; the tests assert the layer recompute takes that path).
+/// How many [`backward_by_chunk`] calls on this thread gathered their rows a chunk at a time
+/// (`ChunkRows::ByToken`; the tests assert the layer recompute takes that path — per thread,
+/// so tests running beside it cannot count for it).
 pub fn by_token_runs() -> u64 {
-    BY_TOKEN_RUNS.load(std::sync::atomic::Ordering::Relaxed)
+    BY_TOKEN_RUNS.with(|c| c.get())
 }
 
 impl ChunkRows {
@@ -118,9 +121,8 @@ pub(crate) fn backward_by_chunk(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let (m, h, dt, device) = rows_in.shape()?;
     let (two_i, i) = (gate_up.out_features, down.in_features);
-    let by_token = matches!(rows_in, ChunkRows::ByToken { .. });
-    if by_token {
-        BY_TOKEN_RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if matches!(rows_in, ChunkRows::ByToken { .. }) {
+        BY_TOKEN_RUNS.with(|c| c.set(c.get() + 1));
     }
     let dy = super::at_offset_zero(&dy)?;
     let chunk = gate_up.experts_per_chunk(chunk_bytes, dt, 0);
@@ -143,10 +145,12 @@ pub(crate) fn backward_by_chunk(
         true => Some((
             output_for_products(most * two_i, dt, &device)?,
             output_for_products(most * i, dy.dtype(), &device)?,
-            // A chunk's gathered rows, where they are gathered by chunk.
-            match by_token {
-                true => Some(output_for_products(most * h, dt, &device)?),
-                false => None,
+            // A chunk's gathered rows, where they are gathered by chunk into a buffer.
+            match rows_in {
+                ChunkRows::ByToken { x, order } if rows_into(x, order) => {
+                    Some(output_for_products(most * h, dt, &device)?)
+                }
+                _ => None,
             },
         )),
         false => None,

@@ -275,10 +275,12 @@ pub(crate) fn held_experts_by_token(
     if !tape.held().defers() {
         return Ok(None);
     }
-    if order.tokens.elem_count() != m || counts.len() != gate_up.num_experts {
+    let routed = order.tokens.elem_count();
+    if routed != m || x.dim(0)? * order.k != m || counts.len() != gate_up.num_experts {
         candle_core::bail!(
-            "held experts: {} routed rows for counts summing to {m} over {} experts",
-            order.tokens.elem_count(),
+            "held experts: {routed} routed rows of {} tokens × {} for counts summing to {m} over {} experts",
+            x.dim(0)?,
+            order.k,
             counts.len()
         );
     }

@@ -370,7 +370,7 @@ pub fn spread_rows(src: &Tensor, order: &RowOrder, w: Option<&Tensor>) -> Result
 }
 
 /// Rows `lo..hi` of `spread_rows(src, order, None)` — `[hi − lo, H]`, written into the first
-/// (hi − lo)·H elements of `into` where given (a contiguous buffer at offset zero in src's
+/// (hi − lo)·H elements of `into` where given (a contiguous 1-D buffer at offset zero in src's
 /// dtype; the returned tensor is that view), else into a fresh buffer. Each token with a row
 /// in the range is read once (`spread_rows_range_vec`). Needs [`spreads`].
 pub fn spread_rows_range(
@@ -386,6 +386,7 @@ pub fn spread_rows_range(
     let (k, len) = (order.k, rows.len() * h);
     let fits = |b: &Tensor| {
         b.dtype() == src.dtype()
+            && b.rank() == 1
             && b.is_contiguous()
             && b.layout().start_offset() == 0
             && b.elem_count() >= len

@@ -358,11 +358,21 @@ pub(crate) fn gather_forward_rows(
     into: Option<&Tensor>,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if x.device().is_cuda() && ROWS_BY_TOKEN.get() && cuda::spreads(x, order) {
+    if rows_into(x, order) {
         return cuda::spread_rows_range(x, order, rows, into);
     }
     let _ = into;
     select_rows(x, &order.tokens.narrow(0, rows.start, rows.len())?)
+}
+
+/// Whether [`gather_forward_rows`] writes into a buffer it is given (CUDA, token-major).
+pub(crate) fn rows_into(x: &Tensor, order: &RowOrder) -> bool {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return ROWS_BY_TOKEN.get() && cuda::spreads(x, order);
+    }
+    let _ = (x, order);
+    false
 }
 
 /// x `[N, H]` → the routed rows `[N·k, H]` in `order`.
