@@ -10,13 +10,6 @@
 // (the same values: only the order of the sum's terms depends on it).
 // A target outside the vocabulary gives a NaN loss (and no one-hot term) instead of a stray read.
 // Launch: grid R, block 1024. CPU twin: src/ops/cross_entropy.rs (cross_entropy_rows_cpu).
-// `cross_entropy_rows_in_place_*` writes dx over x (the logits' buffer: the loss consumes them)
-// with as many blocks as the GPU holds one of at a time, each looping over rows: one row of a
-// 151,936-word vocabulary is 297 KB in bf16, so 132 rows in flight are 39 MB — within an
-// H100's 50 MB of L2, so the second pass's reads and the writes over them stay in L2, where
-// a block a row with two blocks an SM kept 78 MB in flight and a separate output (2 × 134 MB
-// a chunk of 441 rows) went to HBM for the second read (launch/bench/NOTES.md item 65).
-// The same arithmetic row by row: the same bits as the allocating entry.
 // Checked: src/gpu_check/ops/mod.rs (the "cross_entropy_rows" entries: loss and dlogits).
 #include "common.cuh"
 
@@ -59,34 +52,19 @@ __device__ void block_online(float& m, float& s, float* shared_m, float* shared_
   }
 }
 
-// One row: x and dx may be the same buffer (the in-place entry): every thread's reads of the
-// first pass end at block_online's barrier before any write of the second, each thread reads
-// a pack before writing it, and the target's logit is read before that barrier.
-// Each thread loads two packs before adding either (bytes in flight with one block an SM) and
-// adds them in the order of the one-pack loop, so the sum's terms, hence the bits, are the
-// same.
 template <typename T>
-__device__ void cross_entropy_row(const T* x, T* dx, const uint32_t t, const float w, float* loss,
-                                  const int vocab, const float scale, float* shared_m, float* shared_s) {
+__device__ void cross_entropy_rows(const T* logits, const uint32_t* targets, const float* weights, T* dlogits,
+                                   float* loss, const int vocab, const float scale) {
+  __shared__ float shared_m[THREADS / 32], shared_s[THREADS / 32];
   constexpr int P = 16 / sizeof(T);
-  constexpr int STRIDE = THREADS * P;
+  const size_t row = blockIdx.x;
+  const T* x = logits + row * vocab;
+  T* dx = dlogits + row * vocab;
   const bool vec = vocab % P == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(dx) % 16 == 0;
-  const float xt = threadIdx.x == 0 && t < (uint32_t)vocab ? to_f32(x[t]) : 0.0f;
   float m = -INFINITY, s = 0.0f;
   if (vec) {
-    int j = threadIdx.x * P;
-    for (; j + STRIDE < vocab; j += 2 * STRIDE) {
-      const uint4 raw0 = *reinterpret_cast<const uint4*>(x + j);
-      const uint4 raw1 = *reinterpret_cast<const uint4*>(x + j + STRIDE);
-      const T* v0 = reinterpret_cast<const T*>(&raw0);
-      const T* v1 = reinterpret_cast<const T*>(&raw1);
-#pragma unroll
-      for (int e = 0; e < P; ++e) online_add(m, s, to_f32(v0[e]));
-#pragma unroll
-      for (int e = 0; e < P; ++e) online_add(m, s, to_f32(v1[e]));
-    }
-    if (j < vocab) {
+    for (int j = threadIdx.x * P; j < vocab; j += THREADS * P) {
       const uint4 raw = *reinterpret_cast<const uint4*>(x + j);
       const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
@@ -97,9 +75,11 @@ __device__ void cross_entropy_row(const T* x, T* dx, const uint32_t t, const flo
   }
   block_online(m, s, shared_m, shared_s);
   const float lse = logf(s) + m;
+  const float w = weights[row];
+  const uint32_t t = targets[row];
   const float c = scale * w;
   if (vec) {
-    for (int j = threadIdx.x * P; j < vocab; j += STRIDE) {
+    for (int j = threadIdx.x * P; j < vocab; j += THREADS * P) {
       const uint4 raw = *reinterpret_cast<const uint4*>(x + j);
       const T* v = reinterpret_cast<const T*>(&raw);
       uint4 packed;
@@ -117,27 +97,13 @@ __device__ void cross_entropy_row(const T* x, T* dx, const uint32_t t, const flo
       dx[j] = from_f32<T>(c * p);
     }
   }
-  if (threadIdx.x == 0) *loss = t < (uint32_t)vocab ? w * (lse - xt) : NAN;
+  if (threadIdx.x == 0) loss[row] = t < (uint32_t)vocab ? w * (lse - to_f32(x[t])) : NAN;
 }
 
 #define CE_KERNEL(T, SUFFIX)                                                                              \
   extern "C" __global__ void cross_entropy_rows_##SUFFIX(const T* x, const uint32_t* t, const float* w, T* dx, \
                                                          float* loss, const int vocab, const float scale) {  \
-    __shared__ float shared_m[THREADS / 32], shared_s[THREADS / 32];                                     \
-    const size_t row = blockIdx.x;                                                                        \
-    cross_entropy_row(x + row * vocab, dx + row * vocab, t[row], w[row], loss + row, vocab, scale,        \
-                      shared_m, shared_s);                                                                \
-  }                                                                                                       \
-  extern "C" __global__ void cross_entropy_rows_in_place_##SUFFIX(T* x, const uint32_t* t, const float* w,  \
-                                                                  float* loss, const int rows,             \
-                                                                  const int vocab, const float scale) {    \
-    __shared__ float shared_m[THREADS / 32], shared_s[THREADS / 32];                                     \
-    for (int row = blockIdx.x; row < rows; row += gridDim.x) {                                            \
-      T* xr = x + (size_t)row * vocab;                                                                    \
-      cross_entropy_row(xr, xr, t[row], w[row], loss + row, vocab, scale, shared_m, shared_s);            \
-      /* The next row's partials go where this row's second reduction read them. */                      \
-      __syncthreads();                                                                                    \
-    }                                                                                                     \
+    cross_entropy_rows(x, t, w, dx, loss, vocab, scale);                                                  \
   }
 
 CE_KERNEL(float, f32)

@@ -7,14 +7,7 @@
 //! `dlogits = scale · w · (softmax(x) − onehot(t))` in the logits' dtype and
 //! `loss = w · (logsumexp(x) − x[t])` f32 `[R]`, all arithmetic in f32.
 
-use crate::util::switch::{EnvSwitch, ON_OFF};
 use candle_core::{DType, Device, Result, Tensor, D};
-
-/// dlogits written over the logits' buffer by blocks that loop over rows, as many as the GPU
-/// holds one of at a time (`cross_entropy_rows_owned`; `kernels/cross_entropy.cu`): a row's
-/// second pass then reads it from L2. Off (`MOEQ_CE_IN_PLACE=1`): measured no faster at
-/// micro-batch 8 on an H100, 0.03–0.06 GB more peak (launch/bench/NOTES.md item 65).
-pub static CE_IN_PLACE: EnvSwitch = EnvSwitch::new("MOEQ_CE_IN_PLACE", false, ON_OFF);
 
 fn check(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<(usize, usize)> {
     let (rows, vocab) = logits.dims2()?;
@@ -73,19 +66,13 @@ fn cross_entropy_rows_cpu(
     ))
 }
 
-/// The kernel on CUDA: `(dlogits, loss per row)` — dlogits in a buffer of its own, or
-/// (`in_place`) written over the logits' buffer by blocks that loop over rows, as many as the
-/// GPU has SMs (None then: the logits are the gradient; the caller checked they start at
-/// offset 0 and gives their buffer up).
 #[cfg(feature = "cuda")]
 fn cross_entropy_rows_cuda(
     logits: &Tensor,
     targets: &Tensor,
     weights: &Tensor,
     scale: f32,
-    in_place: bool,
-) -> Result<(Option<Tensor>, Tensor)> {
-    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+) -> Result<(Tensor, Tensor)> {
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorageSlice as S, WrapErr};
     use candle_core::Storage;
@@ -105,56 +92,36 @@ fn cross_entropy_rows_cuda(
     let (S::U32(t), S::F32(w)) = (&st.slice, &sw.slice) else {
         candle_core::bail!("cross_entropy_rows: targets must be u32 and weights f32")
     };
-    let blocks = match in_place {
-        true => dev
-            .cuda_stream()
-            .context()
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(|e| candle_core::Error::Msg(format!("cross_entropy_rows: {e:?}")))?
-            .max(1) as usize,
-        false => rows,
-    };
     // SAFETY: the kernel writes every row's loss.
     let loss = unsafe { dev.alloc::<f32>(rows)? };
-    let cfg = LaunchConfig {
-        grid_dim: (blocks.min(rows) as u32, 1, 1),
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let (rows32, vocab32) = (rows as i32, vocab as i32);
+    let (vocab32, cfg) = (
+        vocab as i32,
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        },
+    );
     macro_rules! run {
         ($x:expr, $suffix:literal, $wrap:path) => {{
-            let name = match in_place {
-                true => concat!("cross_entropy_rows_in_place_", $suffix),
-                false => concat!("cross_entropy_rows_", $suffix),
-            };
             let func = dev.get_or_load_custom_func(
-                name,
+                concat!("cross_entropy_rows_", $suffix),
                 "moeq_cross_entropy",
                 crate::ops::kernels::CROSS_ENTROPY,
             )?;
             // SAFETY: the kernel writes every element of the gradient.
-            let dx = match in_place {
-                true => None,
-                false => Some(unsafe { dev.alloc(rows * vocab)? }),
-            };
+            let dx = unsafe { dev.alloc(rows * vocab)? };
             let mut args = func.builder();
             args.arg($x);
             args.arg(t);
             args.arg(w);
-            if let Some(dx) = &dx {
-                args.arg(dx);
-            }
+            args.arg(&dx);
             args.arg(&loss);
-            if in_place {
-                args.arg(&rows32);
-            }
             args.arg(&vocab32);
             args.arg(&scale);
-            // SAFETY: arguments match kernels/cross_entropy.cu; in place, the buffer is the
-            // caller's to overwrite (`cross_entropy_rows_owned`).
+            // SAFETY: arguments match kernels/cross_entropy.cu.
             unsafe { args.launch(cfg) }.w()?;
-            dx.map($wrap)
+            $wrap(dx)
         }};
     }
     let dx = match &sx.slice {
@@ -163,7 +130,7 @@ fn cross_entropy_rows_cuda(
         S::F16(x) => run!(x, "f16", S::F16),
         _ => candle_core::bail!("cross_entropy_rows: logits must be f32, bf16 or f16"),
     };
-    let dx = dx.map(|slice| {
+    let wrap = |slice| {
         Tensor::from_storage(
             Storage::Cuda(candle_core::CudaStorage {
                 slice,
@@ -173,48 +140,14 @@ fn cross_entropy_rows_cuda(
             candle_core::op::BackpropOp::none(),
             false,
         )
-    });
+    };
     let loss = Tensor::from_storage(
         Storage::Cuda(candle_core::CudaStorage::wrap_cuda_slice(loss, dev.clone())),
         rows,
         candle_core::op::BackpropOp::none(),
         false,
     );
-    Ok((dx, loss))
-}
-
-/// Launches of the in-place kernel so far (what gpu-check reads to know it ran).
-static IN_PLACE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// How many times [`cross_entropy_rows_owned`] wrote dlogits over the logits.
-pub fn in_place_launches() -> u64 {
-    IN_PLACE.load(std::sync::atomic::Ordering::Relaxed)
-}
-
-/// [`cross_entropy_rows`] of logits the caller gives up (the chunked loss's, used for nothing
-/// else): on CUDA with `CE_IN_PLACE` on, dlogits is written over their buffer (the returned
-/// dlogits is `logits` itself, now holding the gradient) — the same values as the allocating
-/// kernel, row by row the same arithmetic. `logits` must not be shared with anything that
-/// reads it afterwards (a clone sees the gradient).
-pub fn cross_entropy_rows_owned(
-    logits: Tensor,
-    targets: &Tensor,
-    weights: &Tensor,
-    scale: f32,
-) -> Result<(Tensor, Tensor)> {
-    check(&logits, targets, weights)?;
-    #[cfg(feature = "cuda")]
-    {
-        // Where `at_offset_zero` hands the launcher this very buffer (no copy to write into).
-        let whole = logits.layout().contiguous_offsets() == Some((0, logits.elem_count()));
-        if CE_IN_PLACE.get() && logits.device().is_cuda() && whole {
-            let (_, loss) = cross_entropy_rows_cuda(&logits, targets, weights, scale, true)?;
-            IN_PLACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            // Without the product's graph: the gradient holds no inputs of the logits alive.
-            return Ok((logits.detach(), loss));
-        }
-    }
-    cross_entropy_rows(&logits, targets, weights, scale)
+    Ok((wrap(dx), loss))
 }
 
 /// `(dlogits, loss per row)` of logits `[R, V]` against `targets [R]` (u32) with row weights
@@ -231,12 +164,7 @@ pub fn cross_entropy_rows(
             cross_entropy_rows_cpu(logits, &targets.to_vec1()?, &weights.to_vec1()?, scale)
         }
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => {
-            let (dx, loss) = cross_entropy_rows_cuda(logits, targets, weights, scale, false)?;
-            let dx =
-                dx.ok_or_else(|| candle_core::Error::Msg("cross_entropy_rows: no dx".into()))?;
-            Ok((dx, loss))
-        }
+        Device::Cuda(_) => cross_entropy_rows_cuda(logits, targets, weights, scale),
         #[allow(unreachable_patterns)]
         d => candle_core::bail!("cross_entropy_rows: device {d:?} not supported"),
     }

@@ -8,7 +8,7 @@
 //! dL/dh = (softmax(h·Wᵀ) − onehot(label)) · W / n_labelled (zero rows where ignored).
 
 use crate::data::IGNORE_INDEX;
-use crate::ops::cross_entropy::cross_entropy_rows_owned;
+use crate::ops::cross_entropy::cross_entropy_rows;
 use candle_core::{DType, Result, Tensor};
 
 pub struct LossAndGrad {
@@ -57,8 +57,8 @@ pub fn chunked_cross_entropy(
             .map(|&l| if l == IGNORE_INDEX { 0 } else { l as u32 })
             .collect();
         let logits = h.narrow(0, start, len)?.matmul(&w.t()?)?; // [len, V], freed after this chunk
-        let (dlogits, per_row) = cross_entropy_rows_owned(
-            logits,
+        let (dlogits, per_row) = cross_entropy_rows(
+            &logits,
             &Tensor::from_vec(targets, len, device)?,
             &Tensor::from_vec(weights, len, device)?,
             (1.0 / denom) as f32,

@@ -7,7 +7,6 @@ mod adamw;
 mod attention;
 mod chunks;
 mod conv_silu;
-mod cross_entropy;
 #[cfg(feature = "cuda")]
 mod cudnn;
 mod delta_rule;
@@ -541,7 +540,6 @@ pub fn run_all(device: &Device) -> Result<Vec<Comparison>> {
             )?);
         }
     }
-    out.extend(cross_entropy::check_in_place(device)?);
     out.extend(rows::check_rows(device)?);
     out.extend(adamw::check_adamw(device)?);
     out.extend(thin::check_thin_gemm(device)?);
