@@ -32,18 +32,45 @@ fn main() {
             .and_then(|s| s.to_str())
             .expect("utf-8 kernel name");
         let ptx = out.join(format!("{stem}.ptx"));
-        let status = Command::new(&nvcc)
-            .args(["--ptx", "-O3", "-std=c++17"])
+        let mut cmd = Command::new(&nvcc);
+        cmd.args(["--ptx", "-O3", "-std=c++17"])
             .arg(format!("-arch=compute_{cap}"))
             .arg("-Ikernels")
             .arg(&src)
             .arg("-o")
-            .arg(&ptx)
-            .status()
-            .unwrap_or_else(|e| panic!("cannot run {nvcc} (set NVCC or put nvcc on PATH): {e}"));
-        assert!(status.success(), "nvcc failed on {}", src.display());
+            .arg(&ptx);
+        let mut inputs = files_ending("kernels", "cuh");
+        inputs.push(src.clone());
+        compile(cmd, &ptx, &inputs);
     }
     native_library(&nvcc, &out);
+}
+
+/// Runs `cmd` (nvcc) unless `output` is newer than every file of `inputs` and was made by the
+/// same command line (kept beside it in `{output}.cmd`): cargo reruns this script when any
+/// file under `kernels/` changes, and the CUTLASS objects take minutes each.
+fn compile(mut cmd: Command, output: &Path, inputs: &[PathBuf]) {
+    let line = format!("{cmd:?}");
+    let stamp = output.with_extension(format!(
+        "{}.cmd",
+        output.extension().and_then(|e| e.to_str()).unwrap_or("")
+    ));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let fresh = std::fs::read_to_string(&stamp).is_ok_and(|s| s == line)
+        && modified(output).is_some_and(|made| {
+            inputs
+                .iter()
+                .all(|i| modified(i).is_some_and(|changed| changed <= made))
+        });
+    if fresh {
+        return;
+    }
+    let _ = std::fs::remove_file(&stamp);
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {line} (set NVCC or put nvcc on PATH): {e}"));
+    assert!(status.success(), "nvcc failed: {line}");
+    std::fs::write(&stamp, line).expect("OUT_DIR is writable");
 }
 
 /// The `.cu` files directly in `dir`, sorted.
@@ -139,22 +166,21 @@ fn native_library(nvcc: &str, out: &Path) {
     }
 }
 
-/// `src` compiled by nvcc with `flags` (plus `-c -DNDEBUG -fPIC`) into `{out}/{prefix}_{stem}.o`.
+/// `src` compiled by nvcc with `flags` (plus `-c -DNDEBUG -fPIC`) into `{out}/{prefix}_{stem}.o`
+/// (unless that object is up to date: `compile`).
 fn object(nvcc: &str, out: &Path, prefix: &str, src: &Path, flags: Vec<String>) -> PathBuf {
     let stem = src
         .file_stem()
         .and_then(|s| s.to_str())
         .expect("utf-8 name");
     let obj = out.join(format!("{prefix}_{stem}.o"));
-    let status = Command::new(nvcc)
-        .args(["-c", "-DNDEBUG", "-Xcompiler", "-fPIC"])
+    let mut cmd = Command::new(nvcc);
+    cmd.args(["-c", "-DNDEBUG", "-Xcompiler", "-fPIC"])
         .args(&flags)
         .arg(src)
         .arg("-o")
-        .arg(&obj)
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run {nvcc}: {e}"));
-    assert!(status.success(), "nvcc failed on {}", src.display());
+        .arg(&obj);
+    compile(cmd, &obj, &[src.to_path_buf()]);
     obj
 }
 

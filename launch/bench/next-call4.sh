@@ -7,6 +7,8 @@
 #              time (the defaults) against none (`MOEQ_EXPERT_CHUNKS=0 MOEQ_CHUNK_BUFFERS=0`),
 #              mbs 8 — its peak must stay under Unsloth's 9.15 GB; the losses equal ≈ 150 s;
 #   kp         the kernel profile (2 layers, mbs 8) ≈ 65 s;
+#   gemm       every grouped GEMM variant on the four expert products, whole layer and one
+#              dequantization chunk of experts, at mbs 8, 4 and 1 (`expert-gemm.sh`) ≈ 60 s;
 #   sbs        the side by side (`side-by-side.sh pair 4 8`) with SBS_ENV's switches ≈ 400 s
 #              (Unsloth's first step compiles for ≈ 75 s an adapter set).
 # Everything packed into $OUT/next-call4.tar.gz (the device returns at most 8 files). GPU
@@ -47,13 +49,17 @@ for step in "$@"; do
   kp)
     fits 90 kp || continue
     LAYERS=2 OUT=$OUT/kp timeout 90 bash launch/bench/kernel-profile.sh 8 | head -30 ;;
+  gemm)
+    fits 100 gemm || continue
+    SKIP_CHECK=1 OUT=$OUT timeout 100 bash launch/bench/expert-gemm.sh 16384 8192 2048 |
+      grep -E "^expert|Hopper" ;;
   sbs)
     fits 400 sbs || continue
     read -ra envs <<< "${SBS_ENV:-MOEQ_UNSET=1}"
     env "${envs[@]}" OUT=$OUT/sbs timeout $(( deadline - $(date +%s) )) \
       bash launch/bench/side-by-side.sh pair 4 8 > "$OUT/sbs.log" 2>&1
     grep -E "^\| " "$OUT/sbs/table.md" || tail -5 "$OUT/sbs.log" ;;
-  *) echo "error: '$step' is none of check, buffers, kp, sbs" >&2; exit 2 ;;
+  *) echo "error: '$step' is none of check, buffers, kp, gemm, sbs" >&2; exit 2 ;;
   esac
 done
 tar -C "$OUT" -czf /tmp/next-call4.tar.gz . && mv /tmp/next-call4.tar.gz "$OUT/"

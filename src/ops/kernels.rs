@@ -16,6 +16,9 @@ pub const ATTN_SOFTMAX: &str = include_str!(concat!(env!("OUT_DIR"), "/attn_soft
 pub const ROUTING: &str = include_str!(concat!(env!("OUT_DIR"), "/routing.ptx"));
 
 #[cfg(feature = "cuda")]
+pub const ROUTER: &str = include_str!(concat!(env!("OUT_DIR"), "/router.ptx"));
+
+#[cfg(feature = "cuda")]
 pub const RMS_NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
 
 #[cfg(feature = "cuda")]

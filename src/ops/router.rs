@@ -1,7 +1,7 @@
 //! The router's probabilities and top-k choice from its logits `[N, E]`: `softmax` over the
 //! experts in f32 and, when a pass records the routing, the k most probable experts per token
 //! in descending order (ties to the lower expert). On CUDA one warp per token does both
-//! (`kernels/routing.cu` `router_softmax_topk`): candle's softmax took six element-wise passes
+//! (`kernels/router.cu` `router_softmax_topk`): candle's softmax took six element-wise passes
 //! and its arg-sort sorted all E probabilities to keep k; where the logits record a graph the
 //! kernel's probabilities and choice carry candle's softmax as their graph (the same values on
 //! every path). Elsewhere candle's softmax and arg-sort: the reference (`moeq gpu-check`, the
@@ -84,7 +84,7 @@ impl Choice<'_> {
 /// best groups left out (a group scored by its best, or its two best, choice scores), then the
 /// k best (ties to the lower expert). Candle's ops: the reference (`moeq gpu-check`, the
 /// "router" entries), and on CUDA what runs where [`CHOOSE_KERNEL`] is off; by default one warp
-/// per token computes the scores and makes the choice (`kernels/routing.cu` `router_choose`;
+/// per token computes the scores and makes the choice (`kernels/router.cu` `router_choose`;
 /// where the logits record a graph, candle's ops give the scores' graph, not their values).
 pub fn router_choose(
     logits: &Tensor,
@@ -193,7 +193,7 @@ pub static CHOOSE_KERNEL: EnvSwitch = EnvSwitch::new(
 /// The router logits' gradient `[N, E]` in `dtype` from the routing weights' gradient `dw`
 /// `[N, k]`: through the `scaling`, the optional renormalisation (w = sel / Σ sel), the top-k
 /// selection (`top` `[N, k]` u32) and the f32 softmax (or, with `sigmoid`, the sigmoid) that
-/// gave `probs` `[N, E]`. On CUDA one warp per token (`kernels/routing.cu` `router_bwd`, k ≤ 32,
+/// gave `probs` `[N, E]`. On CUDA one warp per token (`kernels/router.cu` `router_bwd`, k ≤ 32,
 /// E ≤ 1,024); elsewhere candle's ops (the reference).
 pub fn logits_grad(
     probs: &Tensor,
@@ -289,7 +289,7 @@ mod cuda {
         // Experts a lane: the fewest of 1, 2, 4, …, 32 that hold the row.
         let (kernel, cfg) = row_kernel("router_softmax_topk", logits.dtype(), (n, e))?;
         let func =
-            dev.get_or_load_custom_func(&kernel, "moeq_routing", crate::ops::kernels::ROUTING)?;
+            dev.get_or_load_custom_func(&kernel, "moeq_router", crate::ops::kernels::ROUTER)?;
         // SAFETY: the kernel writes every probability, and every choice when asked.
         let probs = unsafe { dev.alloc::<f32>(n * e)? };
         let top = match k {
@@ -310,7 +310,7 @@ mod cuda {
                 b.arg(&n);
                 b.arg(&e32);
                 b.arg(&k32);
-                // SAFETY: arguments match kernels/routing.cu (a null `top`: no choice); E fits
+                // SAFETY: arguments match kernels/router.cu (a null `top`: no choice); E fits
                 // the kernel's registers, k ≤ E (`router_probs` checked).
                 unsafe { b.launch(cfg) }.w()?;
             }};
@@ -357,7 +357,7 @@ mod cuda {
         };
         let (kernel, cfg) = row_kernel("router_choose", logits.dtype(), (n, e))?;
         let func =
-            dev.get_or_load_custom_func(&kernel, "moeq_routing", crate::ops::kernels::ROUTING)?;
+            dev.get_or_load_custom_func(&kernel, "moeq_router", crate::ops::kernels::ROUTER)?;
         // SAFETY: the kernel writes every score and every choice.
         let scores = unsafe { dev.alloc::<f32>(n * e)? };
         let top = unsafe { dev.alloc::<u32>(n * k)? };
@@ -387,7 +387,7 @@ mod cuda {
                 b.arg(&groups);
                 b.arg(&keep);
                 b.arg(&rule);
-                // SAFETY: arguments match kernels/routing.cu `router_choose` (a null bias:
+                // SAFETY: arguments match kernels/router.cu `router_choose` (a null bias:
                 // none); E fits the kernel's registers, groups ≤ 32 divide E, keep ≤ groups,
                 // k ≤ E (`router_choose` checked).
                 unsafe { b.launch(cfg) }.w()?;
@@ -429,7 +429,7 @@ mod cuda {
         }
         let (kernel, cfg) = row_kernel("router_bwd", dtype, (n, e))?;
         let func =
-            dev.get_or_load_custom_func(&kernel, "moeq_routing", crate::ops::kernels::ROUTING)?;
+            dev.get_or_load_custom_func(&kernel, "moeq_router", crate::ops::kernels::ROUTER)?;
         let (sp, _) = probs.storage_and_layout();
         let (st, _) = top.storage_and_layout();
         let (sw, _) = dw.storage_and_layout();
@@ -456,7 +456,7 @@ mod cuda {
                 b.arg(&s32);
                 b.arg(&renorm);
                 b.arg(&sig);
-                // SAFETY: arguments match kernels/routing.cu `router_bwd`; the operands hold
+                // SAFETY: arguments match kernels/router.cu `router_bwd`; the operands hold
                 // [n, e] / [n, k] elements from offset 0 (the caller's `at_offset_zero`).
                 unsafe { b.launch(cfg) }.w()?;
                 $variant(out)

@@ -232,32 +232,31 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
     let a = Tensor::randn(0f32, 0.02, (16 * e, h), dev).map_err(f)?;
     let b = Tensor::randn(0f32, 0.02, (2 * i, 16 * e), dev).map_err(f)?;
     let wd = gate_up.dequantize(0..e, DType::BF16).map_err(f)?;
-    let mut products = Vec::new();
-    let mut row = 0;
-    for (ex, &c) in counts.iter().enumerate() {
-        if c > 0 {
-            products.push(Product {
-                a: row * h,
-                b: ex * 2 * i * h,
-                c: row * 2 * i,
-                m: c,
-                n: 2 * i,
-                k: h,
-            });
-            row += c;
+    let wdd = down.dequantize(0..e, DType::BF16).map_err(f)?;
+    // The grouped products of the first `experts` experts that have rows, weights `[out, inp]`
+    // each: the forward (`nt`: rows of width inp times Wᵀ) or the input gradient (`nn`: rows
+    // of width out times W).
+    let grouped = |experts: usize, out: usize, inp: usize, input_grad: bool| -> Vec<Product> {
+        let (n, k) = if input_grad { (inp, out) } else { (out, inp) };
+        let mut row = 0;
+        let mut ps = Vec::new();
+        for (ex, &c) in counts.iter().enumerate().take(experts) {
+            if c > 0 {
+                ps.push(Product {
+                    a: row * k,
+                    b: ex * out * inp,
+                    c: row * n,
+                    m: c,
+                    n,
+                    k,
+                });
+                row += c;
+            }
         }
-    }
-    let transposed: Vec<Product> = products
-        .iter()
-        .map(|p| Product {
-            a: p.c,
-            b: p.b,
-            c: p.a,
-            m: p.m,
-            n: h,
-            k: 2 * i,
-        })
-        .collect();
+        ps
+    };
+    let products = grouped(e, 2 * i, h, false);
+    let transposed = grouped(e, 2 * i, h, true);
     let dgu = bf(Tensor::randn(0f32, 1.0, (m, 2 * i), dev)).map_err(f)?;
     let gu_flops = 2.0 * (m * h * 2 * i) as f64;
     // One row on one grouped GEMM backend (the default, Auto, restored after).
@@ -268,26 +267,44 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
         r
     };
     let mut rows: Vec<(String, f64, f64)> = Vec::new();
-    let chosen = sm90::variant();
+    let forced = sm90::forced();
+    // Every expert product of a layer on every compiled variant: all experts in one call, and
+    // the experts one 256 MiB chunk of gate_up weights holds (the training passes' calls).
+    let chunk = crate::ops::experts::DEQUANT_CHUNK_BYTES / (2 * i * h * 2);
+    let shapes = [
+        ("gate_up x·Wᵀ", &x, &wd, 2 * i, h, false),
+        ("gate_up dy·W", &dgu, &wd, 2 * i, h, true),
+        ("down x·Wᵀ", &act, &wdd, h, i, false),
+        ("down dy·W", &x, &wdd, h, i, true),
+    ];
     for (v, name) in VARIANTS.iter().enumerate() {
-        set_variant(v);
-        for (what, a, len, ps, gemm) in [
-            ("x·Wᵀ", &x, m * 2 * i, &products, Gemm::nt(1.0)),
-            ("dy·W", &dgu, m * h, &transposed, Gemm::nn(1.0)),
-        ] {
-            let secs = on(Auto, &|| {
-                median_time(dev, iters, &|| {
-                    grouped_gemm(a, &wd, len, ps, gemm).map(|_| ())
-                })
-            })?;
-            rows.push((
-                format!("grouped GEMM gate_up {what}, dequantized weights, Hopper {v}: {name}"),
-                gu_flops,
-                secs,
-            ));
+        set_variant(Some(v));
+        for (what, a, w, out, inp, input_grad) in shapes {
+            for experts in [e, chunk] {
+                let ps = grouped(experts, out, inp, input_grad);
+                let rows_in: usize = ps.iter().map(|p| p.m).sum();
+                let len = ps.last().map_or(0, |p| p.c + p.m * p.n);
+                let gemm = if input_grad {
+                    Gemm::nn(1.0)
+                } else {
+                    Gemm::nt(1.0)
+                };
+                let secs = on(Auto, &|| {
+                    median_time(dev, iters, &|| {
+                        grouped_gemm(a, w, len, &ps, gemm).map(|_| ())
+                    })
+                })?;
+                rows.push((
+                    format!(
+                        "grouped GEMM {what}, {experts} experts ({rows_in} rows), Hopper {v}: {name}"
+                    ),
+                    2.0 * (rows_in * out * inp) as f64,
+                    secs,
+                ));
+            }
         }
     }
-    set_variant(chosen);
+    set_variant(forced);
     let listed: Vec<(&str, f64, f64)> = vec![
         (
             "dense bf16 GEMM [M, 2048] x [2048, 1536] (same FLOPs)",

@@ -1,17 +1,21 @@
 //! gpu-check entry for Hopper's grouped GEMM (`ops::grouped_gemm::sm90`): the expert products
-//! at Qwen3-30B-A3B's shapes through it and through cuBLAS, both against the CPU in f32.
+//! at Qwen3-30B-A3B's shapes through each of its compiled variants and through cuBLAS, all
+//! against the CPU in f32.
 
 use super::{compare, lookup, Comparison, Pass};
-use crate::ops::grouped_gemm::sm90::{launches, set_backend, Backend};
+use crate::ops::grouped_gemm::sm90::{
+    forced, launches, set_backend, set_variant, Backend, VARIANTS,
+};
 use crate::ops::grouped_gemm::{grouped_gemm, Gemm, Product};
 use candle_core::{DType, Device, Result, Tensor};
 
-/// Restores the default backend however the check ends.
-struct Restore;
+/// Restores the default backend and the variant forced before (if any) however the check ends.
+struct Restore(Option<usize>);
 
 impl Drop for Restore {
     fn drop(&mut self) {
         set_backend(Backend::Auto);
+        set_variant(self.0);
     }
 }
 
@@ -24,7 +28,7 @@ pub(super) fn check_sm90_grouped(device: &Device) -> Result<Vec<Comparison>> {
         println!("grouped GEMM (Hopper kernel): skipped, compute capability {cc:?} is not 9.0");
         return Ok(Vec::new());
     }
-    let _restore = Restore;
+    let _restore = Restore(forced());
     let cpu = &Device::Cpu;
     let row = lookup("grouped_gemm sm90", "bf16", Pass::Forward)?;
     let mut out = Vec::new();
@@ -69,8 +73,13 @@ pub(super) fn check_sm90_grouped(device: &Device) -> Result<Vec<Comparison>> {
             gemm,
         )?;
         let (ad, bd) = (a.to_device(device)?, b.to_device(device)?);
-        for backend in [Backend::Auto, Backend::Cublas] {
+        let variants = (0..VARIANTS.len()).map(Some);
+        for (backend, variant) in variants
+            .map(|v| (Backend::Auto, v))
+            .chain([(Backend::Cublas, None)])
+        {
             set_backend(backend);
+            set_variant(variant);
             let before = launches();
             let got = grouped_gemm(&ad, &bd, rows * n, &products, gemm)?;
             let took = launches() > before;
@@ -79,9 +88,9 @@ pub(super) fn check_sm90_grouped(device: &Device) -> Result<Vec<Comparison>> {
                     "grouped_gemm {what}: {backend:?} took the Hopper kernel: {took}"
                 );
             }
-            let name = match backend {
-                Backend::Auto => "Hopper kernel",
-                Backend::Cublas => "cuBLAS",
+            let name = match variant {
+                Some(v) => format!("Hopper kernel {v}: {}", VARIANTS[v]),
+                None => "cuBLAS".into(),
             };
             out.push(compare(
                 &format!(

@@ -48,29 +48,40 @@ pub const VARIANTS: [&str; 5] = [
     "cooperative 128×256, clusters of 2 along M",
 ];
 
-/// The configuration in use: `set_variant`'s, else `MOEQ_SM90_VARIANT` (for measurements),
-/// else `DEFAULT_VARIANT`: cooperative 128×256 measured fastest on the H200 at 2k, 8k and 16k
-/// tokens, both layouts (335 / 510 / 542 TFLOP/s against 297 / 482 / 514 for ping-pong 128×128;
-/// BENCHMARKS.md, "Expert GEMMs on Hopper").
-const DEFAULT_VARIANT: u8 = 1;
-static VARIANT: AtomicU8 = AtomicU8::new(u8::MAX);
+/// The configuration a call takes unless one is forced (`forced`): cooperative 128×256 measured
+/// fastest on the H200 at 2k, 8k and 16k tokens for gate_up's products, both layouts (335 / 510
+/// / 542 TFLOP/s against 297 / 482 / 514 for ping-pong 128×128; BENCHMARKS.md, "Expert GEMMs on
+/// Hopper").
+const DEFAULT_VARIANT: usize = 1;
+/// `u8::MAX`: not read yet; `NOT_FORCED`: each call takes its shape's variant.
+const NOT_FORCED: u8 = u8::MAX - 1;
+static FORCED: AtomicU8 = AtomicU8::new(u8::MAX);
 
-pub fn variant() -> usize {
-    let v = VARIANT.load(Ordering::Relaxed);
-    if v != u8::MAX {
-        return v as usize;
+/// The variant every call takes: `set_variant`'s, else `MOEQ_SM90_VARIANT` (measurements and
+/// A/B runs), else none.
+pub fn forced() -> Option<usize> {
+    let mut v = FORCED.load(Ordering::Relaxed);
+    if v == u8::MAX {
+        v = std::env::var("MOEQ_SM90_VARIANT")
+            .ok()
+            .and_then(|v| v.parse::<u8>().ok())
+            .filter(|v| (*v as usize) < VARIANTS.len())
+            .unwrap_or(NOT_FORCED);
+        FORCED.store(v, Ordering::Relaxed);
     }
-    let v = std::env::var("MOEQ_SM90_VARIANT")
-        .ok()
-        .and_then(|v| v.parse::<u8>().ok())
-        .filter(|v| (*v as usize) < VARIANTS.len())
-        .unwrap_or(DEFAULT_VARIANT);
-    VARIANT.store(v, Ordering::Relaxed);
-    v as usize
+    (v != NOT_FORCED).then_some(v as usize)
 }
 
-pub fn set_variant(v: usize) {
-    VARIANT.store(v.min(VARIANTS.len() - 1) as u8, Ordering::Relaxed);
+/// Forces one variant on every call (`None`: each call its shape's).
+pub fn set_variant(v: Option<usize>) {
+    let v = v.map_or(NOT_FORCED, |v| v.min(VARIANTS.len() - 1) as u8);
+    FORCED.store(v, Ordering::Relaxed);
+}
+
+/// The variant of a call whose products are `n` columns wide over `k` (the first product's: an
+/// expert call's products share their shape).
+pub fn variant_for(_n: usize, _k: usize) -> usize {
+    forced().unwrap_or(DEFAULT_VARIANT)
 }
 
 /// Launches of the Hopper kernel in this process (gpu-check asserts its twin check took it).
@@ -157,7 +168,7 @@ pub(super) fn launch(
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(|e| candle_core::Error::Msg(format!("grouped_gemm: {e:?}")))?;
     let layout = if gemm.trans_b { 0 } else { 1 };
-    let variant = variant() as i32;
+    let variant = variant_for(live[0].n, live[0].k) as i32;
     let groups = live.len() as i32;
     let mut mnk = Vec::with_capacity(3 * live.len());
     let mut ptrs = Vec::with_capacity(3 * live.len());
