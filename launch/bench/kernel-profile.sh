@@ -60,6 +60,18 @@ total = sum(v[0] for v in by.values())
 print(f"{len(rows)} kernels timed, {len(steps)} after loading: {total/1e6:.1f} ms of kernel time (2 steps + model build)")
 for name, (t, n) in sorted(by.items(), key=lambda kv: -kv[1][0])[:40]:
     print(f"{t/2e6:8.2f} ms/step {100*t/total:5.1f}% {n//2:6d}x/step  {name}")
+# The matrix products by launch shape (grid and block tell the tile count and kernel): which
+# products run under the dense rate.
+gemm = ("nvjet", "cutlass", "gemm", "sm90", "Kernel", "splitK")
+shapes = collections.defaultdict(lambda: [0.0, 0])
+for r in steps:
+    name = r["Kernel Name"].split("(")[0]
+    if any(g in name for g in gemm):
+        key = (name[:70], r.get("Grid Size", "?"), r.get("Block Size", "?"))
+        shapes[key][0] += ns(r); shapes[key][1] += 1
+print("products by launch shape (ms/step, launches/step, µs a launch, grid, block, kernel):")
+for (name, grid, block), (t, n) in sorted(shapes.items(), key=lambda kv: -kv[1][0])[:40]:
+    print(f"{t/2e6:8.2f} {n//2:5d}x {t/max(n,1)/1e3:8.1f} µs  {grid:>16} {block:>12}  {name}")
 PY
 sed -i -e "s#^max_steps:.*#max_steps: 6#" -e "s#^warmup_steps:.*#warmup_steps: 2#" "$conf"
 rm -rf /tmp/moeq-bench/kprof

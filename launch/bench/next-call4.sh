@@ -48,7 +48,7 @@ for step in "$@"; do
   buffers) ab buffers "A_ENV=MOEQ_EXPERT_CHUNKS=0 MOEQ_CHUNK_BUFFERS=0" ;;
   kp)
     fits 90 kp || continue
-    LAYERS=2 OUT=$OUT/kp timeout 90 bash launch/bench/kernel-profile.sh 8 | head -30 ;;
+    LAYERS=2 OUT=$OUT/kp timeout 90 bash launch/bench/kernel-profile.sh 8 > "$OUT/kp.txt" 2>&1; head -30 "$OUT/kp.txt" ;;
   gemm)
     fits 100 gemm || continue
     SKIP_CHECK=1 OUT=$OUT timeout 100 bash launch/bench/expert-gemm.sh 16384 8192 2048 |
