@@ -48,12 +48,14 @@ pub const VARIANTS: [&str; 5] = [
     "cooperative 128×256, clusters of 2 along M",
 ];
 
-/// The configuration a call takes unless one is forced (`forced`): cooperative 128×256 measured
-/// fastest on the H200 at 2k, 8k and 16k tokens for gate_up's products, both layouts (335 / 510
-/// / 542 TFLOP/s against 297 / 482 / 514 for ping-pong 128×128; BENCHMARKS.md, "Expert GEMMs on
-/// Hopper").
+/// The configuration every call takes unless one is forced (`forced`): cooperative 128×256,
+/// fastest on the H200 at 2k, 8k and 16k tokens for gate_up's products (335 / 510 / 542 TFLOP/s
+/// against 297 / 482 / 514 for ping-pong 128×128); on the H100 the fastest or within 4% of the
+/// fastest for all four expert products (gate_up and down, forward and input gradient), whole
+/// layers and 256 MiB chunks of experts alike, at 2k–16k tokens — no shape gains enough from
+/// another to pick per shape (BENCHMARKS.md, "Expert GEMMs on Hopper" and "stop 59").
 const DEFAULT_VARIANT: usize = 1;
-/// `u8::MAX`: not read yet; `NOT_FORCED`: each call takes its shape's variant.
+/// `u8::MAX`: not read yet; `NOT_FORCED`: calls take `DEFAULT_VARIANT`.
 const NOT_FORCED: u8 = u8::MAX - 1;
 static FORCED: AtomicU8 = AtomicU8::new(u8::MAX);
 
@@ -72,15 +74,14 @@ pub fn forced() -> Option<usize> {
     (v != NOT_FORCED).then_some(v as usize)
 }
 
-/// Forces one variant on every call (`None`: each call its shape's).
+/// Forces one variant on every call (`None`: back to `DEFAULT_VARIANT`).
 pub fn set_variant(v: Option<usize>) {
     let v = v.map_or(NOT_FORCED, |v| v.min(VARIANTS.len() - 1) as u8);
     FORCED.store(v, Ordering::Relaxed);
 }
 
-/// The variant of a call whose products are `n` columns wide over `k` (the first product's: an
-/// expert call's products share their shape).
-pub fn variant_for(_n: usize, _k: usize) -> usize {
+/// The variant calls take: the forced one, else `DEFAULT_VARIANT`.
+fn variant() -> usize {
     forced().unwrap_or(DEFAULT_VARIANT)
 }
 
@@ -168,7 +169,7 @@ pub(super) fn launch(
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
         .map_err(|e| candle_core::Error::Msg(format!("grouped_gemm: {e:?}")))?;
     let layout = if gemm.trans_b { 0 } else { 1 };
-    let variant = variant_for(live[0].n, live[0].k) as i32;
+    let variant = variant() as i32;
     let groups = live.len() as i32;
     let mut mnk = Vec::with_capacity(3 * live.len());
     let mut ptrs = Vec::with_capacity(3 * live.len());
