@@ -76,7 +76,7 @@ pub(crate) fn serves(gate_up: &ExpertWeights) -> bool {
 
 /// The products of experts `experts` over their rows (`counts`): A's rows from `a_row` (`k`
 /// wide), C's from `c_row` (`n` wide), expert e's weights at (e − start)·k·n of the chunk.
-fn products(
+pub(crate) fn products(
     counts: &[usize],
     experts: Range<usize>,
     (a_row, c_row): (usize, usize),

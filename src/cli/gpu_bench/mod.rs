@@ -176,11 +176,12 @@ fn median_time(
 /// a uniform random top-8 routing: each piece on its own, with TFLOP/s.
 #[cfg(feature = "cuda")]
 fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(), CliError> {
+    use crate::ops::expert_chunks::products;
     use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights, GroupedLora};
     use crate::ops::grouped_gemm::sm90::{
         self, set_backend, set_variant, Backend, Backend::*, VARIANTS,
     };
-    use crate::ops::grouped_gemm::{grouped_gemm, Gemm, Product};
+    use crate::ops::grouped_gemm::{grouped_gemm, Gemm};
     use crate::quant::{QuantKind, QuantSettings};
     use candle_core::{DType, Tensor};
     use rand::{Rng, SeedableRng};
@@ -233,27 +234,12 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
     let b = Tensor::randn(0f32, 0.02, (2 * i, 16 * e), dev).map_err(f)?;
     let wd = gate_up.dequantize(0..e, DType::BF16).map_err(f)?;
     let wdd = down.dequantize(0..e, DType::BF16).map_err(f)?;
-    // The grouped products of the first `experts` experts that have rows, weights `[out, inp]`
-    // each: the forward (`nt`: rows of width inp times Wᵀ) or the input gradient (`nn`: rows
-    // of width out times W).
-    let grouped = |experts: usize, out: usize, inp: usize, input_grad: bool| -> Vec<Product> {
+    // The grouped products of the first `experts` experts, weights `[out, inp]` each: the
+    // forward (`nt`: rows of width inp times Wᵀ) or the input gradient (`nn`: rows of width
+    // out times W).
+    let grouped = |experts: usize, out: usize, inp: usize, input_grad: bool| {
         let (n, k) = if input_grad { (inp, out) } else { (out, inp) };
-        let mut row = 0;
-        let mut ps = Vec::new();
-        for (ex, &c) in counts.iter().enumerate().take(experts) {
-            if c > 0 {
-                ps.push(Product {
-                    a: row * k,
-                    b: ex * out * inp,
-                    c: row * n,
-                    m: c,
-                    n,
-                    k,
-                });
-                row += c;
-            }
-        }
-        ps
+        products(&counts, 0..experts, (0, 0), k, n)
     };
     let products = grouped(e, 2 * i, h, false);
     let transposed = grouped(e, 2 * i, h, true);
