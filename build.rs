@@ -26,6 +26,8 @@ fn main() {
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let cap: String = cap.chars().filter(|c| c.is_ascii_digit()).collect();
     let nvcc = std::env::var("NVCC").unwrap_or_else(|_| "nvcc".into());
+    let toolchain = toolchain(&nvcc);
+    let headers = files_ending("kernels", "cuh");
     for src in cu_files("kernels") {
         let stem = src
             .file_stem()
@@ -39,38 +41,54 @@ fn main() {
             .arg(&src)
             .arg("-o")
             .arg(&ptx);
-        let mut inputs = files_ending("kernels", "cuh");
-        inputs.push(src.clone());
-        compile(cmd, &ptx, &inputs);
+        let inputs: Vec<PathBuf> = headers.iter().chain([&src]).cloned().collect();
+        compile(cmd, &toolchain, &ptx, &inputs);
     }
-    native_library(&nvcc, &out);
+    native_library(&nvcc, &toolchain, &out);
 }
 
-/// Runs `cmd` (nvcc) unless `output` is newer than every file of `inputs` and was made by the
-/// same command line (kept beside it in `{output}.cmd`): cargo reruns this script when any
-/// file under `kernels/` changes, and the CUTLASS objects take minutes each.
-fn compile(mut cmd: Command, output: &Path, inputs: &[PathBuf]) {
-    let line = format!("{cmd:?}");
+/// What identifies the compiler: its resolved path and `--version` output.
+fn toolchain(nvcc: &str) -> String {
+    let version = Command::new(nvcc)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_else(|e| panic!("cannot run {nvcc} (set NVCC or put nvcc on PATH): {e}"));
+    let path = which(nvcc).and_then(|p| std::fs::canonicalize(p).ok());
+    format!("{path:?}\n{version}")
+}
+
+/// Runs `cmd` (nvcc) unless its last run made `output` with the same command line and
+/// `toolchain`, and no file of `inputs` changed since that run began: cargo reruns this script
+/// when any file under `kernels/` changes, and the CUTLASS objects take minutes each. The
+/// stamp `{output}.cmd` holds the line and is written before the run (its time is the run's
+/// start: an input edited while nvcc reads it is older than the output but newer than the
+/// stamp) and kept only if the run succeeds.
+fn compile(mut cmd: Command, toolchain: &str, output: &Path, inputs: &[PathBuf]) {
+    let line = format!("{cmd:?}\n{toolchain}");
     let stamp = output.with_extension(format!(
         "{}.cmd",
         output.extension().and_then(|e| e.to_str()).unwrap_or("")
     ));
     let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-    let fresh = std::fs::read_to_string(&stamp).is_ok_and(|s| s == line)
-        && modified(output).is_some_and(|made| {
+    let fresh = output.is_file()
+        && std::fs::read_to_string(&stamp).is_ok_and(|s| s == line)
+        && modified(&stamp).is_some_and(|began| {
             inputs
                 .iter()
-                .all(|i| modified(i).is_some_and(|changed| changed <= made))
+                .all(|i| modified(i).is_some_and(|changed| changed < began))
         });
     if fresh {
         return;
     }
+    let pending = stamp.with_extension("cmd.pending");
+    std::fs::write(&pending, &line).expect("OUT_DIR is writable");
     let _ = std::fs::remove_file(&stamp);
     let status = cmd
         .status()
         .unwrap_or_else(|e| panic!("cannot run {line} (set NVCC or put nvcc on PATH): {e}"));
     assert!(status.success(), "nvcc failed: {line}");
-    std::fs::write(&stamp, line).expect("OUT_DIR is writable");
+    std::fs::rename(&pending, &stamp).expect("OUT_DIR is writable");
 }
 
 /// The `.cu` files directly in `dir`, sorted.
@@ -105,7 +123,7 @@ fn header_dir(var: &str, default: &str, probe: &str, fetch: &str) -> PathBuf {
 
 /// `kernels/sm90/*.cu` and `kernels/cudnn/*.cpp` → `libmoeq_native.a`, linked with the static
 /// CUDA runtime.
-fn native_library(nvcc: &str, out: &Path) {
+fn native_library(nvcc: &str, toolchain: &str, out: &Path) {
     let cutlass = header_dir(
         "MOEQ_CUTLASS_DIR",
         ".cache/moeq-cutlass-4.2.0",
@@ -132,7 +150,13 @@ fn native_library(nvcc: &str, out: &Path) {
             format!("-I{}", cutlass.join("include").display()),
             format!("-I{}", cutlass.join("tools/util/include").display()),
         ]);
-        objects.push(object(nvcc, out, "sm90", &src, flags.collect()));
+        objects.push(object(
+            (nvcc, toolchain),
+            out,
+            "sm90",
+            &src,
+            flags.collect(),
+        ));
     }
     for src in files_ending("kernels/cudnn", "cpp") {
         let flags = [
@@ -143,7 +167,13 @@ fn native_library(nvcc: &str, out: &Path) {
         .map(String::from)
         .into_iter()
         .chain([format!("-I{}", cudnn.join("include").display())]);
-        objects.push(object(nvcc, out, "cudnn", &src, flags.collect()));
+        objects.push(object(
+            (nvcc, toolchain),
+            out,
+            "cudnn",
+            &src,
+            flags.collect(),
+        ));
     }
     let lib = out.join("libmoeq_native.a");
     let _ = std::fs::remove_file(&lib);
@@ -167,8 +197,15 @@ fn native_library(nvcc: &str, out: &Path) {
 }
 
 /// `src` compiled by nvcc with `flags` (plus `-c -DNDEBUG -fPIC`) into `{out}/{prefix}_{stem}.o`
-/// (unless that object is up to date: `compile`).
-fn object(nvcc: &str, out: &Path, prefix: &str, src: &Path, flags: Vec<String>) -> PathBuf {
+/// (unless that object is up to date: `compile`; its inputs are `src`, the project's headers
+/// beside it and `kernels/*.cuh`).
+fn object(
+    (nvcc, toolchain): (&str, &str),
+    out: &Path,
+    prefix: &str,
+    src: &Path,
+    flags: Vec<String>,
+) -> PathBuf {
     let stem = src
         .file_stem()
         .and_then(|s| s.to_str())
@@ -180,22 +217,31 @@ fn object(nvcc: &str, out: &Path, prefix: &str, src: &Path, flags: Vec<String>) 
         .arg(src)
         .arg("-o")
         .arg(&obj);
-    compile(cmd, &obj, &[src.to_path_buf()]);
+    let dir = src.parent().and_then(|d| d.to_str()).unwrap_or("kernels");
+    let mut inputs = vec![src.to_path_buf()];
+    for (d, ext) in [(dir, "cuh"), (dir, "h"), (dir, "hpp"), ("kernels", "cuh")] {
+        inputs.extend(files_ending(d, ext));
+    }
+    compile(cmd, toolchain, &obj, &inputs);
     obj
+}
+
+/// `program` as given when it names a path, else the first match on PATH.
+fn which(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        return Some(PathBuf::from(program));
+    }
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(program))
+            .find(|p| p.is_file())
+    })
 }
 
 /// The folder holding `libcudart_static.a`: `$CUDA_ROOT/lib64` or `lib`, or beside nvcc's real
 /// location (toolkits unpacked from PyPI keep it in `../lib`).
 fn cudart_static_dir(nvcc: &str) -> Option<PathBuf> {
-    let nvcc_path = if nvcc.contains('/') {
-        PathBuf::from(nvcc)
-    } else {
-        std::env::var_os("PATH").and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join(nvcc))
-                .find(|p| p.is_file())
-        })?
-    };
+    let nvcc_path = which(nvcc)?;
     let real_bin = std::fs::canonicalize(&nvcc_path)
         .ok()?
         .parent()?

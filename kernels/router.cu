@@ -1,7 +1,6 @@
-// The router's kernels: the softmax and top-k choice (Qwen/Mixtral-style routers), DeepSeek's and
-// GLM's scored, group-limited choice, and the router logits' gradient, one warp per token row.
-// CPU twins: src/ops/router.rs (softmax_last then arg_sort; router_choose's candle ops; the
-// logits' gradient in candle ops). Checked: src/gpu_check/ops/rows.rs (the "router" entries).
+// The router's kernels, one warp per token row: the softmax and top-k choice (Qwen/Mixtral-style
+// routers), DeepSeek's and GLM's scored, group-limited choice, and the logits' gradient. Each
+// names its CPU twin and its gpu-check entry below.
 #include "common.cuh"
 
 // The k largest of a warp's row (v[j] at column lane + 32·j, columns < e) in descending order,

@@ -4,7 +4,8 @@
 # LoRA with `expert`) at one micro-batch size, 2 steps, every kernel
 # timed by Nsight Compute (gpu__time_duration, clocks left alone; kernels run one at a time, so
 # this gives each kernel's own time, not the step's overlap). Prints the time per kernel name
-# over the steps (everything after the last loading kernel), largest first, then the same run
+# over the steps (everything after the last loading kernel), largest first, the matrix products
+# by launch shape (grid and block: which products run under the dense rate), then the same run
 # without ncu with MOEQ_PHASE_TIMES=1 (wall time per phase, to compare against the kernel sum:
 # the difference is time the GPU waits on the host). GPU machine,
 # repository root, .device/ carried:
@@ -62,16 +63,19 @@ for name, (t, n) in sorted(by.items(), key=lambda kv: -kv[1][0])[:40]:
     print(f"{t/2e6:8.2f} ms/step {100*t/total:5.1f}% {n//2:6d}x/step  {name}")
 # The matrix products by launch shape (grid and block tell the tile count and kernel): which
 # products run under the dense rate.
-gemm = ("nvjet", "cutlass", "gemm", "sm90", "Kernel", "splitK")
+# (CUTLASS's grouped kernel is persistent: its grid is the SM count whatever the shape, so its
+# rows split by the full name — tile and layout — only.)
+gemm = ("nvjet", "cutlass", "gemm", "splitK")
 shapes = collections.defaultdict(lambda: [0.0, 0])
 for r in steps:
-    name = r["Kernel Name"].split("(")[0]
-    if any(g in name for g in gemm):
-        key = (name[:70], r.get("Grid Size", "?"), r.get("Block Size", "?"))
+    name = r["Kernel Name"]
+    if any(g in name for g in gemm) and "sdpa" not in name:
+        key = (name, r.get("Grid Size", "?"), r.get("Block Size", "?"))
         shapes[key][0] += ns(r); shapes[key][1] += 1
 print("products by launch shape (ms/step, launches/step, µs a launch, grid, block, kernel):")
 for (name, grid, block), (t, n) in sorted(shapes.items(), key=lambda kv: -kv[1][0])[:40]:
-    print(f"{t/2e6:8.2f} {n//2:5d}x {t/max(n,1)/1e3:8.1f} µs  {grid:>16} {block:>12}  {name}")
+    short = name if len(name) <= 110 else name[:60] + " … " + name[-47:]
+    print(f"{t/2e6:8.2f} {n//2:5d}x {t/max(n,1)/1e3:8.1f} µs  {grid:>16} {block:>12}  {short}")
 PY
 sed -i -e "s#^max_steps:.*#max_steps: 6#" -e "s#^warmup_steps:.*#warmup_steps: 2#" "$conf"
 rm -rf /tmp/moeq-bench/kprof

@@ -176,8 +176,10 @@ fn median_time(
 /// a uniform random top-8 routing: each piece on its own, with TFLOP/s.
 #[cfg(feature = "cuda")]
 fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(), CliError> {
-    use crate::ops::expert_chunks::products;
-    use crate::ops::experts::{grouped_lora, grouped_nf4, ExpertWeights, GroupedLora};
+    use crate::ops::expert_chunks::products as chunk_products;
+    use crate::ops::experts::{
+        dequant_chunk_bytes, grouped_lora, grouped_nf4, ExpertWeights, GroupedLora,
+    };
     use crate::ops::grouped_gemm::sm90::{
         self, set_backend, set_variant, Backend, Backend::*, VARIANTS,
     };
@@ -239,24 +241,27 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
     // out times W).
     let grouped = |experts: usize, out: usize, inp: usize, input_grad: bool| {
         let (n, k) = if input_grad { (inp, out) } else { (out, inp) };
-        products(&counts, 0..experts, (0, 0), k, n)
+        chunk_products(&counts, 0..experts, (0, 0), k, n)
     };
-    let products = grouped(e, 2 * i, h, false);
+    let forward = grouped(e, 2 * i, h, false);
     let transposed = grouped(e, 2 * i, h, true);
     let dgu = bf(Tensor::randn(0f32, 1.0, (m, 2 * i), dev)).map_err(f)?;
     let gu_flops = 2.0 * (m * h * 2 * i) as f64;
-    // One row on one grouped GEMM backend (the default, Auto, restored after).
+    // One row on one grouped GEMM backend (the one in force restored after).
+    let before = sm90::backend();
     let on = |b: Backend, run: &dyn Fn() -> Result<f64, CliError>| {
         set_backend(b);
         let r = run();
-        set_backend(Auto);
+        set_backend(before);
         r
     };
     let mut rows: Vec<(String, f64, f64)> = Vec::new();
     let forced = sm90::forced();
     // Every expert product of a layer on every compiled variant: all experts in one call, and
-    // the experts one 256 MiB chunk of gate_up weights holds (the training passes' calls).
-    let chunk = crate::ops::experts::DEQUANT_CHUNK_BYTES / (2 * i * h * 2);
+    // the experts of one dequantization chunk of gate_up (the chunked backward's calls).
+    let chunk = gate_up
+        .experts_per_chunk(dequant_chunk_bytes(), DType::BF16, 0)
+        .min(e);
     let shapes = [
         ("gate_up x·Wᵀ", &x, &wd, 2 * i, h, false),
         ("gate_up dy·W", &dgu, &wd, 2 * i, h, true),
@@ -309,7 +314,7 @@ fn experts(dev: &candle_core::Device, tokens: usize, iters: usize) -> Result<(),
             gu_flops,
             on(Cublas, &|| {
                 median_time(dev, iters, &|| {
-                    grouped_gemm(&x, &wd, m * 2 * i, &products, Gemm::nt(1.0)).map(|_| ())
+                    grouped_gemm(&x, &wd, m * 2 * i, &forward, Gemm::nt(1.0)).map(|_| ())
                 })
             })?,
         ),

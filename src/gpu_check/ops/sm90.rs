@@ -4,18 +4,18 @@
 
 use super::{compare, lookup, Comparison, Pass};
 use crate::ops::grouped_gemm::sm90::{
-    forced, launches, set_backend, set_variant, Backend, VARIANTS,
+    backend, forced, launches, set_backend, set_variant, Backend, VARIANTS,
 };
 use crate::ops::grouped_gemm::{grouped_gemm, Gemm, Product};
 use candle_core::{DType, Device, Result, Tensor};
 
-/// Restores the default backend and the variant forced before (if any) however the check ends.
-struct Restore(Option<usize>);
+/// Restores the backend and the forced variant (if any) of before however the check ends.
+struct Restore(Backend, Option<usize>);
 
 impl Drop for Restore {
     fn drop(&mut self) {
-        set_backend(Backend::Auto);
-        set_variant(self.0);
+        set_backend(self.0);
+        set_variant(self.1);
     }
 }
 
@@ -28,7 +28,7 @@ pub(super) fn check_sm90_grouped(device: &Device) -> Result<Vec<Comparison>> {
         println!("grouped GEMM (Hopper kernel): skipped, compute capability {cc:?} is not 9.0");
         return Ok(Vec::new());
     }
-    let _restore = Restore(forced());
+    let _restore = Restore(backend(), forced());
     let cpu = &Device::Cpu;
     let row = lookup("grouped_gemm sm90", "bf16", Pass::Forward)?;
     let mut out = Vec::new();

@@ -59,8 +59,8 @@ const DEFAULT_VARIANT: usize = 1;
 const NOT_FORCED: u8 = u8::MAX - 1;
 static FORCED: AtomicU8 = AtomicU8::new(u8::MAX);
 
-/// The variant every call takes: `set_variant`'s, else `MOEQ_SM90_VARIANT` (measurements and
-/// A/B runs), else none.
+/// The variant forced on every call, if any: `set_variant`'s, else `MOEQ_SM90_VARIANT`
+/// (measurements and A/B runs).
 pub fn forced() -> Option<usize> {
     let mut v = FORCED.load(Ordering::Relaxed);
     if v == u8::MAX {
