@@ -64,11 +64,21 @@ static FORCED: AtomicU8 = AtomicU8::new(u8::MAX);
 pub fn forced() -> Option<usize> {
     let mut v = FORCED.load(Ordering::Relaxed);
     if v == u8::MAX {
-        v = std::env::var("MOEQ_SM90_VARIANT")
-            .ok()
-            .and_then(|v| v.parse::<u8>().ok())
-            .filter(|v| (*v as usize) < VARIANTS.len())
-            .unwrap_or(NOT_FORCED);
+        v = match std::env::var("MOEQ_SM90_VARIANT") {
+            Err(_) => NOT_FORCED,
+            Ok(s) => match s.parse::<u8>() {
+                Ok(n) if (n as usize) < VARIANTS.len() => n,
+                _ => {
+                    tracing::warn!(
+                        "MOEQ_SM90_VARIANT={s:?} names no compiled variant (0 to {}): the \
+                         default, {DEFAULT_VARIANT} ({}), holds",
+                        VARIANTS.len() - 1,
+                        VARIANTS[DEFAULT_VARIANT]
+                    );
+                    NOT_FORCED
+                }
+            },
+        };
         FORCED.store(v, Ordering::Relaxed);
     }
     (v != NOT_FORCED).then_some(v as usize)
